@@ -1,0 +1,794 @@
+// SPDX-License-Identifier: GPL-2.0
+//! Wire records between `trustbind.ko` (the PEM) and `trustbind-agent`.
+//!
+//! This one file is compiled twice: as the `trustbind-proto` crate for user
+//! space (tests, fuzzing, the agent) and, through a `#[path]` module, into the
+//! kernel module itself. So it is `no_std`, allocates nothing, never panics on
+//! any input, and refers to its own items only through `self::`/`super::`
+//! paths (never `crate::`), which resolve the same in both places.
+//!
+//! # Framing
+//!
+//! Every record is one `read()` or `write()` on `/dev/trustbind`: a fixed
+//! [`Header`] of [`HEADER_LEN`] bytes followed by a kind-specific body. All
+//! integers are little-endian. The header's `len` is the length of the whole
+//! record, header included, and must equal the number of bytes handed over;
+//! records are at most [`MAX_RECORD_LEN`] bytes.
+//!
+//! ```text
+//! 0      4        6      8      12      16             24
+//! | magic | version | kind | len | flags | request_id   | body ...
+//! ```
+//!
+//! Decoding checks, in order: length of the buffer against the header, magic,
+//! version, declared length, kind, then the body. Each failure is a distinct
+//! [`DecodeError`] so that the module and the agent can log what was wrong.
+#![cfg_attr(not(any(test, trustbind_kernel)), no_std)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic
+    )
+)]
+
+use core::fmt;
+
+/// `"TBND"` read as a little-endian `u32`.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"TBND");
+/// The protocol version this code speaks.
+pub const VERSION: u16 = 1;
+/// Size of the fixed [`Header`].
+pub const HEADER_LEN: usize = 24;
+/// Largest record either side may send or accept.
+pub const MAX_RECORD_LEN: usize = 8192;
+/// Longest path carried in a request (Linux `PATH_MAX`, including no NUL).
+pub const MAX_PATH_LEN: usize = 4096;
+/// Most ancestors (parent, grandparent, ...) whose program hashes are sent.
+pub const MAX_ANCESTRY: usize = 8;
+/// Length of a crypto driver name in [`HelloAck`] (`CRYPTO_MAX_ALG_NAME`).
+pub const DRIVER_NAME_LEN: usize = 128;
+/// SHA-256 digest length.
+pub const SHA256_LEN: usize = 32;
+/// SHA-1 digest length.
+pub const SHA1_LEN: usize = 20;
+
+/// What a record is. The numeric values are the wire values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    /// Agent → module: first record after `open()`, announces the agent.
+    Hello = 1,
+    /// Module → agent: answer to [`Kind::Hello`].
+    HelloAck = 2,
+    /// Module → agent: may this program run in this context?
+    ExecRequest = 3,
+    /// Agent → module: the appliance's answer to a request.
+    Verdict = 4,
+    /// Agent → module: enforcement mode and verdict wait.
+    Config = 5,
+}
+
+impl Kind {
+    /// Maps a wire value to a kind, or `None` for an unknown one.
+    pub const fn from_wire(v: u16) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::Hello),
+            2 => Some(Kind::HelloAck),
+            3 => Some(Kind::ExecRequest),
+            4 => Some(Kind::Verdict),
+            5 => Some(Kind::Config),
+            _ => None,
+        }
+    }
+}
+
+/// Why a buffer is not a valid record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than the header or the body needs.
+    Short {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// The first four bytes are not [`MAGIC`].
+    BadMagic(u32),
+    /// A version this code does not speak.
+    UnsupportedVersion(u16),
+    /// The header's length does not match the bytes handed over.
+    LengthMismatch {
+        /// Length declared in the header.
+        declared: u32,
+        /// Bytes actually present.
+        actual: usize,
+    },
+    /// The record is longer than [`MAX_RECORD_LEN`].
+    Oversized(usize),
+    /// A kind value this code does not know.
+    UnknownKind(u16),
+    /// A body field is out of range; the name says which.
+    InvalidField(&'static str),
+    /// Bytes left over after the body.
+    TrailingBytes(usize),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            DecodeError::Short { need, have } => {
+                write!(f, "record too short: need {need} bytes, have {have}")
+            }
+            DecodeError::BadMagic(m) => write!(f, "bad magic {m:#010x}"),
+            DecodeError::UnsupportedVersion(v) => {
+                write!(
+                    f,
+                    "unsupported protocol version {v} (this side speaks {VERSION})"
+                )
+            }
+            DecodeError::LengthMismatch { declared, actual } => write!(
+                f,
+                "header declares {declared} bytes but {actual} were given"
+            ),
+            DecodeError::Oversized(n) => {
+                write!(
+                    f,
+                    "record of {n} bytes exceeds the {MAX_RECORD_LEN}-byte limit"
+                )
+            }
+            DecodeError::UnknownKind(k) => write!(f, "unknown record kind {k}"),
+            DecodeError::InvalidField(name) => write!(f, "invalid field `{name}`"),
+            DecodeError::TrailingBytes(n) => write!(f, "{n} unexpected bytes after the body"),
+        }
+    }
+}
+
+/// Why a record could not be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EncodeError {
+    /// The output buffer is smaller than the record.
+    BufferTooSmall {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// The record would exceed [`MAX_RECORD_LEN`] or a field limit; the name
+    /// says which.
+    TooLong(&'static str),
+}
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            EncodeError::BufferTooSmall { need, have } => {
+                write!(f, "output buffer too small: need {need} bytes, have {have}")
+            }
+            EncodeError::TooLong(name) => write!(f, "field `{name}` too long"),
+        }
+    }
+}
+
+/// The fixed header at the start of every record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// What follows.
+    pub kind: Kind,
+    /// Total record length, header included.
+    pub len: u32,
+    /// Reserved; must be zero in version 1.
+    pub flags: u32,
+    /// Pairs a [`Kind::Verdict`] with the request it answers; 0 for records
+    /// that answer nothing.
+    pub request_id: u64,
+}
+
+/// A bounds-checked little-endian reader over a byte slice.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Short {
+            need: usize::MAX,
+            have: self.buf.len(),
+        })?;
+        let s = self.buf.get(self.pos..end).ok_or(DecodeError::Short {
+            need: end,
+            have: self.buf.len(),
+        })?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.bytes(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(u8::from_le_bytes(self.array()?))
+    }
+    fn i8(&mut self) -> Result<i8, DecodeError> {
+        Ok(i8::from_le_bytes(self.array()?))
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    fn finish(self) -> Result<(), DecodeError> {
+        match self.remaining() {
+            0 => Ok(()),
+            n => Err(DecodeError::TrailingBytes(n)),
+        }
+    }
+}
+
+/// A bounds-checked little-endian writer into a byte slice.
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn bytes(&mut self, b: &[u8]) {
+        // Callers size the buffer first (see `encode_record`), so a short
+        // write cannot happen; if it did, the length check at the end of
+        // `encode_record` would catch it rather than a panic here.
+        let end = self.pos.saturating_add(b.len());
+        if let Some(dst) = self.buf.get_mut(self.pos..end) {
+            dst.copy_from_slice(b);
+        }
+        self.pos = end;
+    }
+    fn u8(&mut self, v: u8) {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn i8(&mut self, v: i8) {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn u16(&mut self, v: u16) {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes())
+    }
+}
+
+/// Decodes and checks a header against the buffer it came in.
+///
+/// The buffer must be the whole record: the declared length has to match.
+pub fn decode_header(buf: &[u8]) -> Result<Header, DecodeError> {
+    if buf.len() > MAX_RECORD_LEN {
+        return Err(DecodeError::Oversized(buf.len()));
+    }
+    let mut r = Reader::new(buf);
+    let head = r.bytes(HEADER_LEN).map_err(|_| DecodeError::Short {
+        need: HEADER_LEN,
+        have: buf.len(),
+    })?;
+    let mut r = Reader::new(head);
+    let magic = r.u32()?;
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    let version = r.u16()?;
+    if version != VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    let kind = r.u16()?;
+    let len = r.u32()?;
+    if len as usize != buf.len() {
+        return Err(DecodeError::LengthMismatch {
+            declared: len,
+            actual: buf.len(),
+        });
+    }
+    let flags = r.u32()?;
+    let request_id = r.u64()?;
+    let kind = Kind::from_wire(kind).ok_or(DecodeError::UnknownKind(kind))?;
+    if flags != 0 {
+        return Err(DecodeError::InvalidField("flags"));
+    }
+    Ok(Header {
+        kind,
+        len,
+        flags,
+        request_id,
+    })
+}
+
+/// Agent → module: the agent introduces itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The agent's process id (the module exempts it from interception).
+    pub agent_pid: u32,
+    /// The agent's own version, `major << 16 | minor << 8 | patch`.
+    pub agent_version: u32,
+}
+
+/// Module → agent: the module's answer to [`Hello`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelloAck {
+    /// The module's version, `major << 16 | minor << 8 | patch`.
+    pub module_version: u32,
+    /// Largest record the module accepts.
+    pub max_record_len: u32,
+    /// Driver behind the SHA-256 transform (e.g. `sha256-avx2`), NUL padded.
+    pub sha256_driver: [u8; DRIVER_NAME_LEN],
+    /// Driver behind the SHA-1 transform, NUL padded.
+    pub sha1_driver: [u8; DRIVER_NAME_LEN],
+}
+
+impl HelloAck {
+    /// The SHA-256 driver name up to its first NUL.
+    pub fn sha256_driver_name(&self) -> &[u8] {
+        until_nul(&self.sha256_driver)
+    }
+    /// The SHA-1 driver name up to its first NUL.
+    pub fn sha1_driver_name(&self) -> &[u8] {
+        until_nul(&self.sha1_driver)
+    }
+}
+
+/// Copies `name` into a NUL-padded driver-name field, truncating if needed.
+pub fn driver_name_field(name: &[u8]) -> [u8; DRIVER_NAME_LEN] {
+    let mut out = [0u8; DRIVER_NAME_LEN];
+    for (dst, src) in out.iter_mut().zip(until_nul(name)) {
+        *dst = *src;
+    }
+    out
+}
+
+fn until_nul(b: &[u8]) -> &[u8] {
+    match b.iter().position(|&c| c == 0) {
+        Some(n) => b.get(..n).unwrap_or(b),
+        None => b,
+    }
+}
+
+/// The identity and context of one exec, as the kernel saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecRequest<'a> {
+    /// SHA-256 of the whole program file.
+    pub sha256: [u8; SHA256_LEN],
+    /// SHA-1 of the whole program file (NSRL and the seed's scheme).
+    pub sha1: [u8; SHA1_LEN],
+    /// File size in bytes.
+    pub size: u64,
+    /// Real user id.
+    pub uid: u32,
+    /// Effective user id.
+    pub euid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// Audit login uid (`u32::MAX` when unset).
+    pub loginuid: u32,
+    /// Audit session id (`u32::MAX` when unset).
+    pub sessionid: u32,
+    /// Thread group id of the exec'ing task.
+    pub pid: u32,
+    /// Thread group id of its parent.
+    pub ppid: u32,
+    /// SHA-256 of each ancestor's program, parent first; at most
+    /// [`MAX_ANCESTRY`] entries, each 32 bytes.
+    pub ancestry: Ancestry<'a>,
+    /// The path as the kernel opened it (no NUL), at most [`MAX_PATH_LEN`].
+    pub path: &'a [u8],
+}
+
+/// A borrowed list of ancestor program hashes: `n * 32` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ancestry<'a>(&'a [u8]);
+
+impl<'a> Ancestry<'a> {
+    /// The empty list.
+    pub const EMPTY: Ancestry<'static> = Ancestry(&[]);
+
+    /// Wraps `n * 32` bytes of hashes; `None` if the length is not a
+    /// multiple of 32 or holds more than [`MAX_ANCESTRY`] hashes.
+    pub fn from_bytes(b: &'a [u8]) -> Option<Self> {
+        if b.len().is_multiple_of(SHA256_LEN) && b.len() / SHA256_LEN <= MAX_ANCESTRY {
+            Some(Ancestry(b))
+        } else {
+            None
+        }
+    }
+
+    /// Number of hashes.
+    pub fn len(&self) -> usize {
+        self.0.len() / SHA256_LEN
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The raw `n * 32` bytes.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.0
+    }
+
+    /// The hashes, parent first.
+    pub fn iter(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.0.chunks_exact(SHA256_LEN)
+    }
+}
+
+/// What the appliance decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Decision {
+    /// Run it.
+    Allow = 1,
+    /// Run it, applying the [`Obligations`].
+    AllowWithConditions = 2,
+    /// Refuse with `EACCES`.
+    Deny = 3,
+}
+
+impl Decision {
+    fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Decision::Allow),
+            2 => Some(Decision::AllowWithConditions),
+            3 => Some(Decision::Deny),
+            _ => None,
+        }
+    }
+}
+
+/// Conditions attached to an allow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Obligations {
+    /// Nice level to set on the new process, if any (-20..=19).
+    pub nice: Option<i8>,
+    /// `RLIMIT_CPU` in seconds to set, if any.
+    pub cpu_limit_s: Option<u32>,
+    /// Audit verbosity for this process: 0 none .. 3 all.
+    pub log_level: u8,
+}
+
+/// Agent → module: the answer to the request with the header's `request_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The decision.
+    pub decision: Decision,
+    /// The appliance's policy generation the decision was taken under; the
+    /// module flushes its cache when this moves.
+    pub policy_generation: u64,
+    /// Whether the module may cache this verdict.
+    pub cacheable: bool,
+    /// Conditions, meaningful with [`Decision::AllowWithConditions`].
+    pub obligations: Obligations,
+}
+
+/// How the module enforces (DESIGN.md §4 "Modes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Nothing is intercepted (the state at load, before an agent says
+    /// otherwise).
+    Disabled = 0,
+    /// Everything is asked and reported; nothing is refused.
+    Permissive = 1,
+    /// Denied and unanswered requests are refused.
+    Enforce = 2,
+}
+
+impl Mode {
+    /// Maps a wire value to a mode.
+    pub const fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Mode::Disabled),
+            1 => Some(Mode::Permissive),
+            2 => Some(Mode::Enforce),
+            _ => None,
+        }
+    }
+}
+
+/// Longest verdict wait an agent may configure, in milliseconds.
+pub const MAX_VERDICT_TIMEOUT_MS: u32 = 60_000;
+
+/// Agent → module: how to enforce from now on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Enforcement mode.
+    pub mode: Mode,
+    /// How long an intercepted task waits for a verdict, in milliseconds
+    /// (1..=[`MAX_VERDICT_TIMEOUT_MS`]).
+    pub verdict_timeout_ms: u32,
+}
+
+/// A decoded record, borrowing variable-length fields from the buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`HelloAck`].
+    HelloAck(HelloAck),
+    /// See [`ExecRequest`].
+    ExecRequest(ExecRequest<'a>),
+    /// See [`Verdict`].
+    Verdict(Verdict),
+    /// See [`Config`].
+    Config(Config),
+}
+
+impl Record<'_> {
+    /// The kind of this record.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Record::Hello(_) => Kind::Hello,
+            Record::HelloAck(_) => Kind::HelloAck,
+            Record::ExecRequest(_) => Kind::ExecRequest,
+            Record::Verdict(_) => Kind::Verdict,
+            Record::Config(_) => Kind::Config,
+        }
+    }
+
+    /// Body length in bytes.
+    fn body_len(&self) -> usize {
+        match self {
+            Record::Hello(_) => 8,
+            Record::HelloAck(_) => 8 + 2 * DRIVER_NAME_LEN,
+            Record::ExecRequest(r) => EXEC_FIXED_LEN + r.ancestry.as_bytes().len() + r.path.len(),
+            Record::Verdict(_) => VERDICT_LEN,
+            Record::Config(_) => CONFIG_LEN,
+        }
+    }
+
+    /// Total encoded length, header included.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.body_len()
+    }
+
+    /// Writes the record with `request_id` into `out`; returns its length.
+    pub fn encode(&self, request_id: u64, out: &mut [u8]) -> Result<usize, EncodeError> {
+        if let Record::ExecRequest(r) = self {
+            if r.path.len() > MAX_PATH_LEN {
+                return Err(EncodeError::TooLong("path"));
+            }
+            if Ancestry::from_bytes(r.ancestry.as_bytes()).is_none() {
+                return Err(EncodeError::TooLong("ancestry"));
+            }
+        }
+        let len = self.encoded_len();
+        if len > MAX_RECORD_LEN {
+            return Err(EncodeError::TooLong("record"));
+        }
+        if out.len() < len {
+            return Err(EncodeError::BufferTooSmall {
+                need: len,
+                have: out.len(),
+            });
+        }
+        let mut w = Writer { buf: out, pos: 0 };
+        w.u32(MAGIC);
+        w.u16(VERSION);
+        w.u16(self.kind() as u16);
+        // CAST: `len <= MAX_RECORD_LEN`, which fits in a `u32`.
+        w.u32(len as u32);
+        w.u32(0);
+        w.u64(request_id);
+        match self {
+            Record::Hello(h) => {
+                w.u32(h.agent_pid);
+                w.u32(h.agent_version);
+            }
+            Record::HelloAck(a) => {
+                w.u32(a.module_version);
+                w.u32(a.max_record_len);
+                w.bytes(&a.sha256_driver);
+                w.bytes(&a.sha1_driver);
+            }
+            Record::ExecRequest(r) => {
+                w.bytes(&r.sha256);
+                w.bytes(&r.sha1);
+                w.u64(r.size);
+                w.u32(r.uid);
+                w.u32(r.euid);
+                w.u32(r.gid);
+                w.u32(r.loginuid);
+                w.u32(r.sessionid);
+                w.u32(r.pid);
+                w.u32(r.ppid);
+                // CAST: both bounded above (MAX_ANCESTRY, MAX_PATH_LEN).
+                w.u8(r.ancestry.len() as u8);
+                w.u8(0);
+                w.u16(r.path.len() as u16);
+                w.bytes(r.ancestry.as_bytes());
+                w.bytes(r.path);
+            }
+            Record::Verdict(v) => {
+                w.u8(v.decision as u8);
+                w.u8(v.cacheable as u8);
+                let mut present = 0u8;
+                if v.obligations.nice.is_some() {
+                    present |= OBL_NICE;
+                }
+                if v.obligations.cpu_limit_s.is_some() {
+                    present |= OBL_CPU;
+                }
+                w.u8(present);
+                w.u8(v.obligations.log_level);
+                w.u64(v.policy_generation);
+                w.i8(v.obligations.nice.unwrap_or(0));
+                w.u8(0);
+                w.u16(0);
+                w.u32(v.obligations.cpu_limit_s.unwrap_or(0));
+            }
+            Record::Config(c) => {
+                w.u8(c.mode as u8);
+                w.u8(0);
+                w.u16(0);
+                w.u32(c.verdict_timeout_ms);
+            }
+        }
+        if w.pos != len {
+            return Err(EncodeError::BufferTooSmall {
+                need: w.pos,
+                have: len,
+            });
+        }
+        Ok(len)
+    }
+}
+
+/// Fixed part of an exec request body: hashes, size, seven ids, counts.
+const EXEC_FIXED_LEN: usize = SHA256_LEN + SHA1_LEN + 8 + 7 * 4 + 1 + 1 + 2;
+/// Verdict body: decision, cacheable, present mask, log level, generation,
+/// nice, pad, pad, cpu limit.
+const VERDICT_LEN: usize = 4 + 8 + 4 + 4;
+/// Config body: mode, two pad fields, timeout.
+const CONFIG_LEN: usize = 8;
+const OBL_NICE: u8 = 1;
+const OBL_CPU: u8 = 2;
+
+/// Decodes one whole record.
+pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
+    let header = decode_header(buf)?;
+    let body = buf.get(HEADER_LEN..).unwrap_or(&[]);
+    let mut r = Reader::new(body);
+    let short = |e: DecodeError| match e {
+        DecodeError::Short { need, .. } => DecodeError::Short {
+            need: need.saturating_add(HEADER_LEN),
+            have: buf.len(),
+        },
+        other => other,
+    };
+    let record = match header.kind {
+        Kind::Hello => Record::Hello(Hello {
+            agent_pid: r.u32().map_err(short)?,
+            agent_version: r.u32().map_err(short)?,
+        }),
+        Kind::HelloAck => Record::HelloAck(HelloAck {
+            module_version: r.u32().map_err(short)?,
+            max_record_len: r.u32().map_err(short)?,
+            sha256_driver: r.array().map_err(short)?,
+            sha1_driver: r.array().map_err(short)?,
+        }),
+        Kind::ExecRequest => {
+            let sha256 = r.array().map_err(short)?;
+            let sha1 = r.array().map_err(short)?;
+            let size = r.u64().map_err(short)?;
+            let uid = r.u32().map_err(short)?;
+            let euid = r.u32().map_err(short)?;
+            let gid = r.u32().map_err(short)?;
+            let loginuid = r.u32().map_err(short)?;
+            let sessionid = r.u32().map_err(short)?;
+            let pid = r.u32().map_err(short)?;
+            let ppid = r.u32().map_err(short)?;
+            let n_anc = r.u8().map_err(short)? as usize;
+            if r.u8().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            let path_len = r.u16().map_err(short)? as usize;
+            if n_anc > MAX_ANCESTRY {
+                return Err(DecodeError::InvalidField("ancestry_count"));
+            }
+            if path_len > MAX_PATH_LEN {
+                return Err(DecodeError::InvalidField("path_len"));
+            }
+            let anc = r.bytes(n_anc * SHA256_LEN).map_err(short)?;
+            let path = r.bytes(path_len).map_err(short)?;
+            if path.contains(&0) {
+                return Err(DecodeError::InvalidField("path"));
+            }
+            Record::ExecRequest(ExecRequest {
+                sha256,
+                sha1,
+                size,
+                uid,
+                euid,
+                gid,
+                loginuid,
+                sessionid,
+                pid,
+                ppid,
+                ancestry: Ancestry(anc),
+                path,
+            })
+        }
+        Kind::Verdict => {
+            let decision = r.u8().map_err(short)?;
+            let decision =
+                Decision::from_wire(decision).ok_or(DecodeError::InvalidField("decision"))?;
+            let cacheable = match r.u8().map_err(short)? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::InvalidField("cacheable")),
+            };
+            let present = r.u8().map_err(short)?;
+            if present & !(OBL_NICE | OBL_CPU) != 0 {
+                return Err(DecodeError::InvalidField("obligations"));
+            }
+            let log_level = r.u8().map_err(short)?;
+            if log_level > 3 {
+                return Err(DecodeError::InvalidField("log_level"));
+            }
+            let policy_generation = r.u64().map_err(short)?;
+            let nice = r.i8().map_err(short)?;
+            let _pad = r.u8().map_err(short)?;
+            let _pad = r.u16().map_err(short)?;
+            let cpu = r.u32().map_err(short)?;
+            if present & OBL_NICE != 0 && !(-20..=19).contains(&nice) {
+                return Err(DecodeError::InvalidField("nice"));
+            }
+            Record::Verdict(Verdict {
+                decision,
+                policy_generation,
+                cacheable,
+                obligations: Obligations {
+                    nice: (present & OBL_NICE != 0).then_some(nice),
+                    cpu_limit_s: (present & OBL_CPU != 0).then_some(cpu),
+                    log_level,
+                },
+            })
+        }
+        Kind::Config => {
+            let mode = r.u8().map_err(short)?;
+            let mode = Mode::from_wire(mode).ok_or(DecodeError::InvalidField("mode"))?;
+            let _pad = r.u8().map_err(short)?;
+            let _pad = r.u16().map_err(short)?;
+            let verdict_timeout_ms = r.u32().map_err(short)?;
+            if !(1..=MAX_VERDICT_TIMEOUT_MS).contains(&verdict_timeout_ms) {
+                return Err(DecodeError::InvalidField("verdict_timeout_ms"));
+            }
+            Record::Config(Config {
+                mode,
+                verdict_timeout_ms,
+            })
+        }
+    };
+    r.finish()?;
+    Ok((header, record))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,426 @@
+// SPDX-License-Identifier: GPL-2.0
+//! `/dev/trustbind`: the record channel between the module and the agent.
+//!
+//! One agent at a time may hold the device open (a second `open()` gets
+//! `EBUSY`). Every `write()` is exactly one record from the agent; every
+//! `read()` returns exactly one record for the agent, oldest first, and
+//! blocks (or fails with `EAGAIN` under `O_NONBLOCK`) while none is queued.
+//! `poll()` reports readable while records are queued.
+//!
+//! The first record an agent writes must be a `Hello`; the module answers
+//! with a `HelloAck` naming its version and hash drivers. A `Config` sets
+//! the enforcement mode and how long a hooked task waits for a verdict.
+//! The hooks queue requests (`ExecRequest`) on the outbox with a fresh
+//! request id and sleep until the agent writes the `Verdict` with that id,
+//! the wait times out, or the agent goes away.
+//!
+//! Errors the agent sees from `write()`: `E2BIG` for a record longer than
+//! `MAX_RECORD_LEN`, `EINVAL` for a malformed record, a kind the agent may
+//! not send, or anything before `Hello`, `ENOENT` for a verdict that
+//! answers no pending request (it may have timed out), `ENOSPC` when the
+//! outbox is full. From `read()`: `EINVAL` when the buffer is shorter than
+//! the next record (the record stays queued; read with `MAX_RECORD_LEN`
+//! bytes).
+//!
+//! The mode outlives the agent: if the agent dies in enforce mode, hooked
+//! operations that need a verdict are refused until an agent returns.
+
+use core::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use kernel::prelude::*;
+use kernel::rbtree::RBTree;
+use kernel::sync::{new_condvar, new_mutex, CondVar, CondVarTimeoutResult, Mutex};
+use kernel::time::msecs_to_jiffies;
+use kernel::uaccess::UserSlice;
+
+use crate::proto::{self, DecodeError, HelloAck, Mode, Record, Verdict};
+use crate::sys::{self, Hashers};
+
+/// Most requests waiting for a verdict at once; more fail with `EBUSY`
+/// (and are then treated as unanswered).
+const MAX_PENDING: usize = 1024;
+
+/// Verdict wait until an agent configures one.
+const DEFAULT_VERDICT_TIMEOUT_MS: u32 = 5000;
+
+/// Most records queued for the agent at once.
+const OUTBOX_CAPACITY: usize = 256;
+
+/// The module version carried in `HelloAck` (`major << 16 | minor << 8 | patch`).
+const MODULE_VERSION: u32 = 0x00_01_00;
+
+/// A fixed-capacity FIFO of encoded records.
+struct Outbox {
+    slots: KVec<Option<KVec<u8>>>,
+    head: usize,
+    len: usize,
+}
+
+impl Outbox {
+    fn new() -> Result<Self> {
+        let mut slots = KVec::with_capacity(OUTBOX_CAPACITY, GFP_KERNEL)?;
+        for _ in 0..OUTBOX_CAPACITY {
+            slots.push(None, GFP_KERNEL)?;
+        }
+        Ok(Outbox {
+            slots,
+            head: 0,
+            len: 0,
+        })
+    }
+
+    fn push(&mut self, rec: KVec<u8>) -> Result {
+        if self.len == OUTBOX_CAPACITY {
+            return Err(ENOSPC);
+        }
+        let tail = (self.head + self.len) % OUTBOX_CAPACITY;
+        if let Some(slot) = self.slots.get_mut(tail) {
+            *slot = Some(rec);
+            self.len += 1;
+        }
+        Ok(())
+    }
+
+    fn front(&self) -> Option<&KVec<u8>> {
+        if self.len == 0 {
+            return None;
+        }
+        self.slots.get(self.head).and_then(|s| s.as_ref())
+    }
+
+    fn pop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        if let Some(slot) = self.slots.get_mut(self.head) {
+            *slot = None;
+        }
+        self.head = (self.head + 1) % OUTBOX_CAPACITY;
+        self.len -= 1;
+    }
+
+    fn clear(&mut self) {
+        while self.len > 0 {
+            self.pop();
+        }
+        self.head = 0;
+    }
+}
+
+/// Channel state behind the mutex.
+struct State {
+    /// Thread group id of the agent holding the device open.
+    agent: Option<u32>,
+    /// Whether that agent has said `Hello`.
+    greeted: bool,
+    /// Bumped whenever an agent goes away, so waiters notice.
+    epoch: u64,
+    outbox: Outbox,
+    /// Requests waiting for verdicts, by request id; `Some` once answered.
+    pending: RBTree<u64, Option<Verdict>>,
+    /// Number of entries in `pending`.
+    n_pending: usize,
+    next_id: u64,
+}
+
+impl State {
+    /// Removes request `id`, returning its verdict if it has one.
+    fn take_pending(&mut self, id: u64) -> Option<Verdict> {
+        let v = self.pending.remove(&id)?;
+        self.n_pending -= 1;
+        v
+    }
+}
+
+/// How a request ended.
+pub(crate) enum Answer {
+    /// The agent answered.
+    Verdict(Verdict),
+    /// No agent is connected (or it left before answering).
+    NoAgent,
+    /// The agent did not answer in time.
+    TimedOut,
+    /// The waiting task got a signal.
+    Interrupted,
+}
+
+/// The channel shared by the file operations.
+#[pin_data]
+pub(crate) struct Channel {
+    #[pin]
+    state: Mutex<State>,
+    /// Waiters for verdicts, on `state`.
+    #[pin]
+    verdicts: CondVar,
+    /// The current [`Mode`], readable without the mutex on every exec.
+    mode: AtomicU8,
+    verdict_timeout_ms: AtomicU32,
+    /// Thread group id of the connected agent, 0 when none, readable
+    /// without the mutex (the agent's own execs are exempt).
+    agent_tgid: AtomicU32,
+    /// Mirror of `outbox.len` readable without the (sleeping) mutex, for the
+    /// wait-queue condition and `poll()`.
+    queued: AtomicUsize,
+    sha256_driver: [u8; proto::DRIVER_NAME_LEN],
+    sha1_driver: [u8; proto::DRIVER_NAME_LEN],
+}
+
+impl Channel {
+    pub(crate) fn new(hashers: &Hashers) -> Result<impl PinInit<Self, Error> + use<>> {
+        let outbox = Outbox::new()?;
+        let sha256_driver = proto::driver_name_field(hashers.sha256_driver().as_bytes());
+        let sha1_driver = proto::driver_name_field(hashers.sha1_driver().as_bytes());
+        Ok(try_pin_init!(Channel {
+            state <- new_mutex!(State {
+                agent: None,
+                greeted: false,
+                epoch: 0,
+                outbox,
+                pending: RBTree::new(),
+                n_pending: 0,
+                next_id: 1,
+            }),
+            verdicts <- new_condvar!(),
+            mode: AtomicU8::new(Mode::Disabled as u8),
+            verdict_timeout_ms: AtomicU32::new(DEFAULT_VERDICT_TIMEOUT_MS),
+            agent_tgid: AtomicU32::new(0),
+            queued: AtomicUsize::new(0),
+            sha256_driver,
+            sha1_driver,
+        }? Error))
+    }
+
+    fn open(&self, tgid: u32) -> Result {
+        let mut st = self.state.lock();
+        if let Some(holder) = st.agent {
+            pr_warn!(
+                "refused open by pid {}: agent pid {} holds the device\n",
+                tgid,
+                holder
+            );
+            return Err(EBUSY);
+        }
+        st.agent = Some(tgid);
+        st.greeted = false;
+        st.outbox.clear();
+        self.queued.store(0, Ordering::Release);
+        self.agent_tgid.store(tgid, Ordering::Release);
+        pr_info!("agent pid {} connected\n", tgid);
+        Ok(())
+    }
+
+    fn release(&self) {
+        let mut st = self.state.lock();
+        if let Some(pid) = st.agent.take() {
+            pr_info!("agent pid {} disconnected\n", pid);
+        }
+        st.greeted = false;
+        st.epoch += 1;
+        st.outbox.clear();
+        self.queued.store(0, Ordering::Release);
+        self.agent_tgid.store(0, Ordering::Release);
+        // Waiters see the new epoch and give up on their requests.
+        self.verdicts.notify_all();
+    }
+
+    /// The current enforcement mode.
+    pub(crate) fn mode(&self) -> Mode {
+        Mode::from_wire(self.mode.load(Ordering::Acquire)).unwrap_or(Mode::Enforce)
+    }
+
+    /// Whether `tgid` is the connected agent.
+    pub(crate) fn is_agent(&self, tgid: u32) -> bool {
+        tgid != 0 && self.agent_tgid.load(Ordering::Acquire) == tgid
+    }
+
+    /// Queues `rec` for the agent and sleeps until its verdict, a timeout,
+    /// the agent's departure or a signal.
+    pub(crate) fn ask(&self, rec: &Record<'_>) -> Result<Answer> {
+        let timeout = self.verdict_timeout_ms.load(Ordering::Acquire);
+        let mut st = self.state.lock();
+        if st.agent.is_none() || !st.greeted {
+            return Ok(Answer::NoAgent);
+        }
+        if st.n_pending >= MAX_PENDING {
+            pr_warn!("{} requests already wait for verdicts\n", MAX_PENDING);
+            return Ok(Answer::TimedOut);
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let epoch = st.epoch;
+        st.pending.try_create_and_insert(id, None, GFP_KERNEL)?;
+        st.n_pending += 1;
+        if let Err(e) = self.enqueue(&mut st, rec, id) {
+            st.take_pending(id);
+            return Err(e);
+        }
+        let mut left = msecs_to_jiffies(timeout);
+        loop {
+            if st.epoch != epoch {
+                st.take_pending(id);
+                return Ok(Answer::NoAgent);
+            }
+            if matches!(st.pending.get(&id), Some(Some(_))) {
+                if let Some(v) = st.take_pending(id) {
+                    return Ok(Answer::Verdict(v));
+                }
+            }
+            match self.verdicts.wait_interruptible_timeout(&mut st, left) {
+                CondVarTimeoutResult::Woken { jiffies } => left = jiffies,
+                CondVarTimeoutResult::Timeout => {
+                    st.take_pending(id);
+                    return Ok(Answer::TimedOut);
+                }
+                CondVarTimeoutResult::Signal { .. } => {
+                    st.take_pending(id);
+                    return Ok(Answer::Interrupted);
+                }
+            }
+        }
+    }
+
+    fn readable(&self) -> bool {
+        self.queued.load(Ordering::Acquire) > 0
+    }
+
+    fn read(&self, ubuf: usize, len: usize) -> Result<usize> {
+        let mut st = self.state.lock();
+        let rec = st.outbox.front().ok_or(EAGAIN)?;
+        if len < rec.len() {
+            return Err(EINVAL);
+        }
+        let n = rec.len();
+        // The mutex may sleep, so holding it across the copy keeps records
+        // in order for threads sharing the descriptor; a fault leaves the
+        // record queued.
+        UserSlice::new(ubuf, len).writer().write_slice(rec)?;
+        st.outbox.pop();
+        self.queued.store(st.outbox.len, Ordering::Release);
+        Ok(n)
+    }
+
+    fn write(&self, ubuf: usize, len: usize) -> Result<usize> {
+        if len > proto::MAX_RECORD_LEN {
+            return Err(E2BIG);
+        }
+        let mut buf = KVec::with_capacity(len, GFP_KERNEL)?;
+        // Read once into a kernel copy, then only look at the copy.
+        UserSlice::new(ubuf, len).read_all(&mut buf, GFP_KERNEL)?;
+        let (header, record) = proto::decode(&buf).map_err(|e| reject(&e))?;
+
+        let mut st = self.state.lock();
+        match record {
+            Record::Hello(hello) => {
+                st.greeted = true;
+                pr_info!(
+                    "hello from agent pid {} version {:#08x}\n",
+                    hello.agent_pid,
+                    hello.agent_version
+                );
+                let ack = Record::HelloAck(HelloAck {
+                    module_version: MODULE_VERSION,
+                    // CAST: MAX_RECORD_LEN is 8192.
+                    max_record_len: proto::MAX_RECORD_LEN as u32,
+                    sha256_driver: self.sha256_driver,
+                    sha1_driver: self.sha1_driver,
+                });
+                self.enqueue(&mut st, &ack, header.request_id)?;
+            }
+            _ if !st.greeted => {
+                pr_warn!("agent sent {:?} before hello\n", record.kind());
+                return Err(EINVAL);
+            }
+            Record::Verdict(v) => {
+                let Some(slot) = st.pending.get_mut(&header.request_id) else {
+                    pr_warn!(
+                        "verdict {:?} for unknown or expired request {}\n",
+                        v.decision,
+                        header.request_id
+                    );
+                    return Err(ENOENT);
+                };
+                *slot = Some(v);
+                self.verdicts.notify_all();
+            }
+            Record::Config(c) => {
+                self.verdict_timeout_ms
+                    .store(c.verdict_timeout_ms, Ordering::Release);
+                self.mode.store(c.mode as u8, Ordering::Release);
+                pr_info!(
+                    "mode {:?}, verdict timeout {} ms\n",
+                    c.mode,
+                    c.verdict_timeout_ms
+                );
+            }
+            Record::HelloAck(_) | Record::ExecRequest(_) => {
+                pr_warn!("agent sent a module-only record kind {:?}\n", record.kind());
+                return Err(EINVAL);
+            }
+        }
+        Ok(len)
+    }
+
+    /// Encodes `rec` onto the outbox and wakes the reader.
+    fn enqueue(&self, st: &mut State, rec: &Record<'_>, request_id: u64) -> Result {
+        let mut out = KVec::new();
+        out.extend_with(rec.encoded_len(), 0u8, GFP_KERNEL)?;
+        rec.encode(request_id, &mut out).map_err(|e| {
+            pr_err!("cannot encode {:?}: {}\n", rec.kind(), e);
+            EINVAL
+        })?;
+        st.outbox.push(out)?;
+        self.queued.store(st.outbox.len, Ordering::Release);
+        sys::wake_readers();
+        Ok(())
+    }
+}
+
+fn reject(e: &DecodeError) -> Error {
+    pr_warn!("rejected record from agent: {}\n", e);
+    EINVAL
+}
+
+/// Runs `f` on the channel, or fails with `ENODEV` outside registration.
+fn with_channel<T>(f: impl FnOnce(&Channel) -> Result<T>) -> Result<T> {
+    crate::SHARED.with(|s| f(&s.channel)).unwrap_or(Err(ENODEV))
+}
+
+fn to_ssize(r: Result<usize>) -> isize {
+    match r {
+        // CAST: record lengths are at most MAX_RECORD_LEN.
+        Ok(n) => n as isize,
+        Err(e) => e.to_errno() as isize,
+    }
+}
+
+#[no_mangle]
+pub(crate) extern "C" fn trustbind_dev_open(tgid: u32) -> kernel::ffi::c_int {
+    match with_channel(|c| c.open(tgid)) {
+        Ok(()) => 0,
+        Err(e) => e.to_errno(),
+    }
+}
+
+#[no_mangle]
+pub(crate) extern "C" fn trustbind_dev_release() {
+    let _ = with_channel(|c| {
+        c.release();
+        Ok(())
+    });
+}
+
+#[no_mangle]
+pub(crate) extern "C" fn trustbind_dev_read(ubuf: usize, len: usize) -> isize {
+    to_ssize(with_channel(|c| c.read(ubuf, len)))
+}
+
+#[no_mangle]
+pub(crate) extern "C" fn trustbind_dev_write(ubuf: usize, len: usize) -> isize {
+    to_ssize(with_channel(|c| c.write(ubuf, len)))
+}
+
+#[no_mangle]
+pub(crate) extern "C" fn trustbind_dev_readable() -> bool {
+    crate::SHARED
+        .with(|s| s.channel.readable())
+        .unwrap_or(false)
+}

@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: GPL-2.0
+//! Exec qualification: the policy half of the binfmt handler.
+//!
+//! Every exec reaches [`check`] before any real binary handler (ELF,
+//! script, ...). It hashes the file being executed in the kernel, asks the
+//! agent through the channel, and enforces the answer according to the
+//! mode. A `#!` script comes through twice: first as the script, then as
+//! its interpreter (the kernel re-runs the handlers with `bprm->file` set
+//! to the interpreter), so both are qualified.
+//!
+//! What each outcome means, by mode (the one place this is decided):
+//!
+//! | outcome                     | enforce  | permissive         |
+//! |-----------------------------|----------|--------------------|
+//! | allow (with conditions)     | run      | run                |
+//! | deny                        | `EACCES` | run, "would deny"  |
+//! | no agent / no answer in time| `EACCES` | run, "would deny"  |
+//! | file cannot be read/hashed  | `EACCES` | run, "would deny"  |
+//! | signal while waiting        | restart the exec                |
+//!
+//! In disabled mode nothing is hashed or asked. The agent's own execs are
+//! exempt (it must be able to run while nothing answers).
+
+use kernel::prelude::*;
+
+use crate::device::Answer;
+use crate::proto::{Ancestry, Decision, ExecRequest, Mode, Record, MAX_PATH_LEN};
+use crate::sys::Bprm;
+use crate::Shared;
+
+/// Why an exec was refused (or would have been).
+enum Refusal {
+    Denied,
+    NoAgent,
+    TimedOut,
+    Unreadable(Error),
+}
+
+impl core::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Refusal::Denied => f.write_str("denied by policy"),
+            Refusal::NoAgent => f.write_str("no agent"),
+            Refusal::TimedOut => f.write_str("no verdict in time"),
+            Refusal::Unreadable(e) => write!(f, "cannot hash the file: errno {}", e.to_errno()),
+        }
+    }
+}
+
+/// Decides one exec: `Ok` lets it go on to the real binary handlers.
+pub(crate) fn check(s: &Shared, bprm: &Bprm<'_>) -> Result {
+    let mode = s.channel.mode();
+    if mode == Mode::Disabled {
+        return Ok(());
+    }
+    let path = bprm.path().as_bytes();
+    let outcome = qualify(s, bprm, path);
+    let refusal = match outcome {
+        Ok(()) => return Ok(()),
+        Err(Err(e)) => return Err(e),
+        Err(Ok(r)) => r,
+    };
+    let shown = &path[..path.len().min(256)];
+    let shown = core::str::from_utf8(shown).unwrap_or("<non-utf8 path>");
+    match mode {
+        Mode::Enforce => {
+            pr_info!("exec denied: {} ({})\n", shown, refusal);
+            Err(EACCES)
+        }
+        _ => {
+            pr_info!("exec would be denied: {} ({})\n", shown, refusal);
+            Ok(())
+        }
+    }
+}
+
+/// `Ok` to run; `Err(Ok(refusal))` for a refusal the mode decides on;
+/// `Err(Err(e))` to fail the exec with `e` whatever the mode.
+fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusal>> {
+    let info = bprm.info().map_err(|e| Ok(Refusal::Unreadable(e)))?;
+    if s.channel.is_agent(info.tgid) {
+        return Ok(());
+    }
+    let (sha256, sha1) = s
+        .hashers
+        .hash_file(bprm)
+        .map_err(|e| Ok(Refusal::Unreadable(e)))?;
+    let rec = Record::ExecRequest(ExecRequest {
+        sha256,
+        sha1,
+        size: info.size,
+        uid: info.uid,
+        euid: info.euid,
+        gid: info.gid,
+        loginuid: info.loginuid,
+        sessionid: info.sessionid,
+        pid: info.tgid,
+        ppid: info.ptgid,
+        ancestry: Ancestry::EMPTY,
+        path: &path[..path.len().min(MAX_PATH_LEN)],
+    });
+    match s.channel.ask(&rec).map_err(Err)? {
+        Answer::Verdict(v) => match v.decision {
+            Decision::Allow | Decision::AllowWithConditions => Ok(()),
+            Decision::Deny => Err(Ok(Refusal::Denied)),
+        },
+        Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
+        Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
+        Answer::Interrupted => Err(Err(ERESTARTNOINTR)),
+    }
+}

@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: GPL-2.0
+//! trustbind.ko, the Trustbind policy enforcement module (PEM).
+//!
+//! At load it allocates the SHA-256 and SHA-1 transforms it hashes programs
+//! with, checks them against known vectors, and registers `/dev/trustbind`,
+//! the channel to `trustbind-agent`. Hooks (exec, file, connect, accept)
+//! come on top of these in later parts.
+//!
+//! Layout: `sys` is the only module with `unsafe` (the flat C surface of
+//! `sys/helpers.c` and small safe types over it); `device` is the agent
+//! channel's logic; `proto` is the user-space `trustbind-proto` crate,
+//! compiled in so that both sides share one definition of the wire records.
+
+use kernel::prelude::*;
+
+mod device;
+mod exec;
+mod sys;
+
+// The wire records, shared with user space. Items the module does not use
+// yet (request kinds of later parts) are not dead in the agent.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../proto/src/lib.rs"]
+mod proto;
+
+use device::Channel;
+use sys::{ExecRegistration, Hashers, MiscRegistration, Slot};
+
+module! {
+    type: Trustbind,
+    name: "trustbind",
+    author: "Trustbind developers",
+    description: "Trustbind policy enforcement module",
+    license: "GPL",
+}
+
+/// What the hooks and the device share, published in [`SHARED`] while
+/// the module is loaded.
+#[pin_data]
+pub(crate) struct Shared {
+    pub(crate) hashers: Hashers,
+    #[pin]
+    pub(crate) channel: Channel,
+}
+
+/// The state the C callbacks (file operations, binfmt handler) reach.
+pub(crate) static SHARED: Slot<Shared> = Slot::new();
+
+/// The module; fields drop in declaration order: the exec handler is
+/// unregistered first, then the device, then the shared state is freed.
+struct Trustbind {
+    _exec: ExecRegistration,
+    _device: MiscRegistration<Shared>,
+}
+
+/// Known-answer vectors: SHA-256 and SHA-1 of `"abc"` (FIPS 180-2).
+const KAT_INPUT: &[u8] = b"abc";
+const KAT_SHA256: [u8; 32] = [
+    0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22, 0x23,
+    0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00, 0x15, 0xad,
+];
+const KAT_SHA1: [u8; 20] = [
+    0xa9, 0x99, 0x3e, 0x36, 0x47, 0x06, 0x81, 0x6a, 0xba, 0x3e, 0x25, 0x71, 0x78, 0x50, 0xc2, 0x6c,
+    0x9c, 0xd0, 0xd8, 0x9d,
+];
+
+/// Lower-case hex of a byte string, for log lines.
+struct Hex<'a>(&'a [u8]);
+
+impl core::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for b in self.0 {
+            write!(f, "{:02x}", b)?;
+        }
+        Ok(())
+    }
+}
+
+/// Hashes the known-answer input and compares; a module whose hashing is
+/// wrong must not load, since every verdict rests on it.
+fn self_test(h: &Hashers) -> Result {
+    let (sha256, sha1) = h.digest(KAT_INPUT)?;
+    let ok256 = sha256 == KAT_SHA256;
+    let ok1 = sha1 == KAT_SHA1;
+    let verdict = |ok| if ok { "ok" } else { "MISMATCH" };
+    pr_info!(
+        "self-test sha256(\"abc\") = {} {}\n",
+        Hex(&sha256),
+        verdict(ok256)
+    );
+    pr_info!(
+        "self-test sha1(\"abc\") = {} {}\n",
+        Hex(&sha1),
+        verdict(ok1)
+    );
+    if ok256 && ok1 {
+        Ok(())
+    } else {
+        pr_err!("hash self-test failed, refusing to load\n");
+        Err(EINVAL)
+    }
+}
+
+impl kernel::Module for Trustbind {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        let hashers = Hashers::new()?;
+        pr_info!(
+            "sha256 driver: {}, sha1 driver: {}\n",
+            hashers.sha256_driver(),
+            hashers.sha1_driver()
+        );
+        self_test(&hashers)?;
+        let channel = Channel::new(&hashers)?;
+        let shared = KBox::pin_init(
+            try_pin_init!(Shared {
+                hashers,
+                channel <- channel,
+            }? Error),
+            GFP_KERNEL,
+        )?;
+        let device = MiscRegistration::new(&SHARED, shared)?;
+        pr_info!("/dev/trustbind ready (protocol v{})\n", proto::VERSION);
+        let exec = ExecRegistration::new();
+        pr_info!("exec handler registered (mode disabled until an agent configures it)\n");
+        Ok(Trustbind {
+            _exec: exec,
+            _device: device,
+        })
+    }
+}
+
+impl Drop for Trustbind {
+    fn drop(&mut self) {
+        // Fields drop after this body: the device first, then the hashers.
+        pr_info!("unloaded\n");
+    }
+}

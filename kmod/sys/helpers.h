@@ -1,0 +1,81 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The flat C surface of trustbind.ko. Everything the Rust side calls in the
+ * kernel goes through these functions; every kernel struct, macro and static
+ * inline stays in helpers.c. Types here are only integers and opaque
+ * pointers, so the Rust declarations in sys/mod.rs cannot disagree with C
+ * about a struct layout.
+ */
+#ifndef TRUSTBIND_HELPERS_H
+#define TRUSTBIND_HELPERS_H
+
+#include <linux/types.h>
+
+/* --- Hashing (kernel crypto API, shash) -------------------------------- */
+
+struct tb_hashers;
+
+/* Allocates the "sha256" and "sha1" transforms; 0 or -errno. */
+int tb_hashers_alloc(struct tb_hashers **out);
+void tb_hashers_free(struct tb_hashers *h);
+/* Driver name behind the transform (e.g. "sha256-avx2"); which: 0 sha256, 1 sha1. */
+const char *tb_hashers_driver(const struct tb_hashers *h, int which);
+/* One pass over data updates both digests. 0 or -errno. */
+int tb_hashers_digest(struct tb_hashers *h, const u8 *data, size_t len,
+		      u8 *sha256_out, u8 *sha1_out);
+
+/* --- Exec interception (binfmt handler at the head of the list) -------- */
+
+struct linux_binprm;
+
+/* What the module knows about one exec, filled by tb_bprm_info(). */
+struct tb_exec_info {
+	u64 size;		/* i_size of the file being executed */
+	u64 dev;		/* s_dev of its superblock */
+	u64 ino;
+	u64 change_cookie;	/* valid if has_change_cookie */
+	u32 generation;
+	u32 has_change_cookie;
+	u32 uid, euid, gid;	/* of the exec'ing task, init user namespace */
+	u32 loginuid;		/* audit login uid, (u32)-1 if unset */
+	u32 sessionid;		/* audit session id, (u32)-1 if unset */
+	u32 tgid, ptgid;	/* thread group ids of the task and its parent */
+};
+
+/* Inserts the handler at the head of the binfmt list. */
+void tb_exec_register(void);
+void tb_exec_unregister(void);
+/* The path of the file this round of the exec opened (script, then its
+ * interpreter); NUL-terminated, valid during the handler. */
+const char *tb_bprm_path(const struct linux_binprm *bprm);
+/* Identity of the file and the task. 0 or -errno. */
+int tb_bprm_info(const struct linux_binprm *bprm, struct tb_exec_info *out);
+/* SHA-256 and SHA-1 of the whole file, from offset 0, in one pass of
+ * kernel_read. 0 or -errno (-EIO if the file is shorter than its size). */
+int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
+		 u8 *sha256_out, u8 *sha1_out);
+
+/* Implemented in Rust (exec.rs): 0 lets the exec go on to the next
+ * handler, -errno refuses it. */
+int trustbind_exec_check(const struct linux_binprm *bprm);
+
+/* --- /dev/trustbind (misc device) -------------------------------------- */
+
+/* Registers /dev/trustbind (mode 0600). 0 or -errno. */
+int tb_dev_register(void);
+void tb_dev_deregister(void);
+/* Wakes readers and pollers after a record was queued for the agent. */
+void tb_dev_wake_readers(void);
+
+/*
+ * Implemented in Rust (device.rs), called by the file operations in
+ * helpers.c. Read returns -EAGAIN when nothing is queued; helpers.c then
+ * sleeps (or returns -EAGAIN to an O_NONBLOCK reader).
+ */
+int trustbind_dev_open(u32 tgid);
+void trustbind_dev_release(void);
+ssize_t trustbind_dev_read(unsigned long ubuf, size_t len);
+ssize_t trustbind_dev_write(unsigned long ubuf, size_t len);
+bool trustbind_dev_readable(void);
+
+#endif /* TRUSTBIND_HELPERS_H */

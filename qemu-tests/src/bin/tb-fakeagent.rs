@@ -1,0 +1,204 @@
+//! `tb-fakeagent`: a stand-in for `trustbind-agent` in VM tests of the
+//! module's exec path. It answers the module itself from an allowlist of
+//! file hashes it computes in user space at start, so a test can check
+//! both the module's enforcement and that its in-kernel SHA-256/SHA-1 match
+//! user-space hashes of the same files.
+//!
+//! ```text
+//! tb-fakeagent --mode enforce|permissive [--timeout-ms N]
+//!              [--allow-dir DIR]... [--allow FILE]... --log FILE
+//! ```
+//!
+//! Every request becomes one line in the log:
+//! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> pid=<p> -> allow|deny`.
+//! On SIGTERM or SIGINT it sets the module to disabled mode before it
+//! exits, so the VM stays usable.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sha2::{Digest, Sha256};
+use trustbind_proto::{self as proto, Config, Decision, Hello, Mode, Obligations, Record, Verdict};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn hash_file(p: &Path) -> std::io::Result<[u8; 32]> {
+    let mut f = File::open(p)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+fn add_dir(
+    dir: &Path,
+    allow: &mut HashSet<[u8; 32]>,
+    seen: &mut HashSet<(u64, u64)>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        // Follow symlinks (the kernel hashes what a link points at), and
+        // hash each file once however many names it has.
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() && seen.insert((m.dev(), m.ino())) => {
+                if let Ok(h) = hash_file(&p) {
+                    allow.insert(h);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn send(dev: &mut File, rec: &Record<'_>, id: u64) -> Result<(), String> {
+    let mut buf = vec![0u8; rec.encoded_len()];
+    rec.encode(id, &mut buf).map_err(|e| e.to_string())?;
+    dev.write_all(&buf)
+        .map_err(|e| format!("write {:?}: {e}", rec.kind()))
+}
+
+fn run() -> Result<(), String> {
+    let mut mode = None;
+    let mut timeout_ms = 3000;
+    let mut allow = HashSet::new();
+    let mut seen = HashSet::new();
+    let mut log_path = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--mode" => {
+                mode = Some(match val()?.as_str() {
+                    "enforce" => Mode::Enforce,
+                    "permissive" => Mode::Permissive,
+                    m => return Err(format!("unknown mode {m}")),
+                })
+            }
+            "--timeout-ms" => timeout_ms = val()?.parse().map_err(|e| format!("{e}"))?,
+            "--allow-dir" => {
+                let d = val()?;
+                add_dir(Path::new(&d), &mut allow, &mut seen).map_err(|e| format!("{d}: {e}"))?
+            }
+            "--allow" => {
+                let f = val()?;
+                allow.insert(hash_file(Path::new(&f)).map_err(|e| format!("{f}: {e}"))?);
+            }
+            "--log" => log_path = Some(val()?),
+            _ => return Err(format!("unknown argument {a}")),
+        }
+    }
+    let mode = mode.ok_or("--mode is required")?;
+    let mut log = File::create(log_path.ok_or("--log is required")?).map_err(|e| e.to_string())?;
+
+    // No SA_RESTART: a signal must interrupt the blocking read().
+    // SAFETY: A zeroed sigaction is valid; the handler only stores to an
+    // atomic, which is async-signal-safe.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+    }
+    let mut dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/trustbind")
+        .map_err(|e| format!("open /dev/trustbind: {e}"))?;
+    let hello = Record::Hello(Hello {
+        agent_pid: std::process::id(),
+        agent_version: 0,
+    });
+    send(&mut dev, &hello, 1)?;
+    let mut buf = vec![0u8; proto::MAX_RECORD_LEN];
+    let n = dev
+        .read(&mut buf)
+        .map_err(|e| format!("read HelloAck: {e}"))?;
+    match proto::decode(&buf[..n]) {
+        Ok((_, Record::HelloAck(_))) => {}
+        other => return Err(format!("expected HelloAck, got {other:?}")),
+    }
+    let config = |mode| {
+        Record::Config(Config {
+            mode,
+            verdict_timeout_ms: timeout_ms,
+        })
+    };
+    send(&mut dev, &config(mode), 2)?;
+    writeln!(log, "ready mode={mode:?} allowlist={}", allow.len()).map_err(|e| e.to_string())?;
+    log.flush().ok();
+
+    while !STOP.load(Ordering::SeqCst) {
+        let n = match dev.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("read: {e}")),
+        };
+        let (h, rec) = proto::decode(&buf[..n]).map_err(|e| format!("decode: {e}"))?;
+        let Record::ExecRequest(r) = rec else {
+            continue;
+        };
+        let allowed = allow.contains(&r.sha256);
+        let verdict = Record::Verdict(Verdict {
+            decision: if allowed {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            },
+            policy_generation: 1,
+            cacheable: true,
+            obligations: Obligations::default(),
+        });
+        writeln!(
+            log,
+            "exec {} sha256={} sha1={} size={} uid={} pid={} -> {}",
+            String::from_utf8_lossy(r.path),
+            hex(&r.sha256),
+            hex(&r.sha1),
+            r.size,
+            r.uid,
+            r.pid,
+            if allowed { "allow" } else { "deny" }
+        )
+        .ok();
+        log.flush().ok();
+        match send(&mut dev, &verdict, h.request_id) {
+            Ok(()) => {}
+            // The requester gave up (timeout, signal): nothing to answer.
+            Err(e) if e.contains("No such file") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    send(&mut dev, &config(Mode::Disabled), 3)?;
+    writeln!(log, "stopped").ok();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tb-fakeagent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

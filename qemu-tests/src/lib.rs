@@ -1,0 +1,93 @@
+//! QEMU harness for Trustbind's VM integration tests.
+//!
+//! A test creates a [`Network`] (a private network namespace holding a
+//! Linux bridge; nothing in it routes anywhere else), boots VMs on it from
+//! the build [`Artifacts`] (kernel, module, Debian root filesystem), runs
+//! shell commands in them over a framed serial channel, captures the
+//! bridge's traffic, and shuts them down with a kernel health check.
+//!
+//! ```no_run
+//! # fn main() -> trustbind_qemu_tests::Result<()> {
+//! use trustbind_qemu_tests::{Artifacts, Network};
+//! let art = Artifacts::from_env()?;
+//! let net = Network::new()?;
+//! let mut vm = net.vm("a").boot(&art)?;
+//! vm.run_ok("insmod /tb/trustbind.ko")?;
+//! vm.shutdown()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Every VM boots `init=/sbin/tb-init` (a stub in the root filesystem) that
+//! mounts the per-VM payload disk at `/tb` and runs `/tb/init` from
+//! `guest/`; the kernel console (ttyS0) goes to a log file, ttyS1 carries
+//! the command channel (protocol in `guest/loop`).
+//!
+//! Host requirements: root (network namespaces, taps), `ip` (iproute2),
+//! `qemu-system-x86_64`, `mke2fs` (e2fsprogs ≥ 1.43), `tcpdump`.
+//!
+//! Environment: `TRUSTBIND_KERNEL`, `TRUSTBIND_KMOD`, `TRUSTBIND_ROOTFS`
+//! (required), `TRUSTBIND_ACCEL=tcg|kvm|auto` (default `auto`: KVM only if
+//! a boot probe shows it works), `TRUSTBIND_TIMEOUT_SCALE` (multiplies
+//! every timeout), `TRUSTBIND_KEEP=1` (keep the VMs' disk images too; logs
+//! and captures always stay until the next run).
+
+mod accel;
+mod artifacts;
+mod channel;
+mod err;
+mod health;
+mod net;
+mod payload;
+mod vm;
+
+pub use accel::{accel, Accel};
+pub use artifacts::Artifacts;
+pub use err::{Error, Result};
+pub use health::{check_console, check_taint, TAINT_OOT_MODULE};
+pub use net::{Capture, CaptureData, Network, SUBNET};
+pub use vm::{BgProcess, Output, Starting, Vm, VmBuilder};
+
+use std::time::Duration;
+
+/// `base` multiplied by `TRUSTBIND_TIMEOUT_SCALE` (default 1; values that
+/// do not parse as a positive number are ignored).
+pub fn scaled(base: Duration) -> Duration {
+    let scale = std::env::var("TRUSTBIND_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(1.0);
+    base.mul_f64(scale)
+}
+
+/// Renders a command line for messages.
+pub(crate) fn show(cmd: &std::process::Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs a host command to completion; fails with its stderr.
+pub(crate) fn host_run(step: &str, cmd: &mut std::process::Command) -> Result<String> {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(Error::io(format!("{step}: cannot start `{}`", show(cmd))))?;
+    if !out.status.success() {
+        return Err(Error::HostCommand {
+            step: step.to_owned(),
+            command: show(cmd),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether `TRUSTBIND_KEEP` asks to keep VM directories after the test.
+pub(crate) fn keep_files() -> bool {
+    std::env::var_os("TRUSTBIND_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
+}

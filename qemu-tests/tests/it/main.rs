@@ -1,0 +1,30 @@
+//! VM integration tests (one binary; `cargo xtask test` runs it with
+//! `--test-threads=1`). They need `TRUSTBIND_KERNEL`, `TRUSTBIND_KMOD` and
+//! `TRUSTBIND_ROOTFS` and fail, naming the variable, without them.
+
+mod exec;
+mod harness;
+mod module;
+mod network;
+
+/// A random hex string from the host's /dev/urandom, for canaries that
+/// cannot appear anywhere by chance.
+pub fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut b = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Kernel log lines without their `[ seconds.micros]` prefix.
+pub fn kernel_lines(dmesg: &str) -> Vec<&str> {
+    dmesg
+        .lines()
+        .map(
+            |l| match l.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+                Some((_, rest)) => rest,
+                None => l,
+            },
+        )
+        .collect()
+}

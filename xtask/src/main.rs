@@ -1,0 +1,220 @@
+//! `cargo xtask`: the one entry point for setting up, building, testing and
+//! demonstrating Trustbind. See https://github.com/matklad/cargo-xtask/.
+//!
+//! Long builds (the kernel, the guest root filesystem, the pinned bindgen)
+//! are cached under `~/.cache/trustbind/` (or `$TRUSTBIND_CACHE`), keyed by
+//! a hash of their inputs.
+
+mod kernel;
+mod rootfs;
+mod sh;
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const HELP: &str = "\
+cargo xtask <command>
+
+Commands:
+  setup         install missing Debian packages and the pinned bindgen, build
+                (or reuse) the kernel and the guest root filesystem
+  build         setup, then build trustbind.ko and the workspace
+  test          build, then run every test: unit tests, then the QEMU tests
+  demo [--shell]
+                build, boot a protected host VM with the module loaded and
+                show it working; --shell leaves you at a guest prompt
+  bench         run the benchmarks (cargo bench)
+  fuzz [SECS]   fuzz the proto record decoder with cargo-fuzz (default 60 s)
+  help          this text
+
+Environment:
+  TRUSTBIND_CACHE         cache root (default ~/.cache/trustbind)
+  TRUSTBIND_ACCEL         tcg | kvm | auto (default auto: KVM only if a boot
+                          probe shows it works)
+  TRUSTBIND_TIMEOUT_SCALE multiply every VM timeout (slow machines)
+";
+
+/// Paths every task needs.
+pub struct Ctx {
+    /// The repository root.
+    pub root: PathBuf,
+    /// The cargo target directory.
+    pub target: PathBuf,
+    /// The cache root for long builds.
+    pub cache: PathBuf,
+}
+
+impl Ctx {
+    fn new() -> Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask has no parent directory")?
+            .to_owned();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let cache = match std::env::var_os("TRUSTBIND_CACHE") {
+            Some(c) => PathBuf::from(c),
+            None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+                .join(".cache/trustbind"),
+        };
+        std::fs::create_dir_all(&cache)
+            .with_context(|| format!("cannot create cache {}", cache.display()))?;
+        Ok(Ctx {
+            root,
+            target,
+            cache,
+        })
+    }
+}
+
+/// What `build` produces for the VM tests and the demo.
+struct Artifacts {
+    kernel: PathBuf,
+    kmod: PathBuf,
+    rootfs: PathBuf,
+}
+
+impl Artifacts {
+    fn apply(&self, cmd: &mut Command) {
+        cmd.env("TRUSTBIND_KERNEL", &self.kernel)
+            .env("TRUSTBIND_KMOD", &self.kmod)
+            .env("TRUSTBIND_ROOTFS", &self.rootfs);
+    }
+}
+
+fn setup(ctx: &Ctx) -> Result<(kernel::Kernel, PathBuf)> {
+    kernel::ensure_packages()?;
+    let bindgen = kernel::ensure_bindgen(ctx)?;
+    let k = kernel::ensure_kernel(ctx, &bindgen)?;
+    let rootfs = rootfs::ensure(&ctx.cache)?;
+    Ok((k, rootfs))
+}
+
+fn build(ctx: &Ctx) -> Result<Artifacts> {
+    let (k, rootfs) = setup(ctx)?;
+    let kmod = kernel::build_kmod(ctx, &k)?;
+    sh::run(
+        "workspace: cargo build",
+        cargo().args(["build", "--workspace", "--all-targets"]),
+    )?;
+    Ok(Artifacts {
+        kernel: k.bzimage,
+        kmod,
+        rootfs,
+    })
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(ctx: &Ctx) -> Result<()> {
+    let a = build(ctx)?;
+    println!("test: unit tests");
+    sh::run(
+        "test: unit tests",
+        cargo().args(["test", "--workspace", "--exclude", "trustbind-qemu-tests"]),
+    )?;
+    println!("test: QEMU integration tests");
+    let mut c = cargo();
+    c.args([
+        "test",
+        "-p",
+        "trustbind-qemu-tests",
+        "--",
+        "--test-threads=1",
+    ]);
+    a.apply(&mut c);
+    sh::run("test: QEMU tests", &mut c)
+}
+
+fn demo(ctx: &Ctx, shell: bool) -> Result<()> {
+    let a = build(ctx)?;
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--quiet",
+        "-p",
+        "trustbind-qemu-tests",
+        "--bin",
+        "trustbind-demo",
+        "--",
+    ]);
+    if shell {
+        c.arg("--shell");
+    }
+    a.apply(&mut c);
+    sh::run("demo", &mut c)
+}
+
+/// cargo-fuzz version, pinned.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn fuzz(ctx: &Ctx, secs: Option<&str>) -> Result<()> {
+    let secs: u64 = secs
+        .unwrap_or("60")
+        .parse()
+        .context("fuzz: SECS must be a number")?;
+    let root = ctx
+        .cache
+        .join(format!("tools/cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    let bin = root.join("bin/cargo-fuzz");
+    if !bin.exists() {
+        println!("fuzz: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        sh::run(
+            "fuzz: cargo install cargo-fuzz",
+            cargo()
+                .args([
+                    "install",
+                    "--locked",
+                    "cargo-fuzz",
+                    "--version",
+                    CARGO_FUZZ_VERSION,
+                ])
+                .arg("--root")
+                .arg(&root),
+        )?;
+    }
+    // cargo-fuzz passes -Z sanitizer flags; the stable toolchain accepts
+    // them with RUSTC_BOOTSTRAP (its sanitizer runtimes ship with rust-std).
+    sh::run(
+        "fuzz: cargo fuzz run decode",
+        Command::new(&bin)
+            .current_dir(ctx.root.join("proto"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "decode", "--"])
+            .arg(format!("-max_total_time={secs}")),
+    )
+}
+
+fn main() {
+    let started = Instant::now();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = (|| -> Result<()> {
+        let ctx = Ctx::new()?;
+        match args.first().map(String::as_str) {
+            Some("setup") => setup(&ctx).map(|_| ()),
+            Some("build") => build(&ctx).map(|_| ()),
+            Some("test") => test(&ctx),
+            Some("demo") => demo(&ctx, args.iter().any(|a| a == "--shell")),
+            Some("fuzz") => fuzz(&ctx, args.get(1).map(String::as_str)),
+            Some("bench") => sh::run("bench", cargo().args(["bench", "--workspace"])),
+            Some("help" | "--help" | "-h") | None => {
+                print!("{HELP}");
+                Ok(())
+            }
+            Some(other) => bail!("unknown command `{other}`; see `cargo xtask help`"),
+        }
+    })();
+    match result {
+        Ok(()) => eprintln!("xtask: done in {:.1?}", started.elapsed()),
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            eprintln!("xtask: failed after {:.1?}", started.elapsed());
+            std::process::exit(1);
+        }
+    }
+}

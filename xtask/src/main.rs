@@ -57,7 +57,9 @@ impl Ctx {
             .unwrap_or_else(|| root.join("target"));
         let cache = match std::env::var_os("TRUSTBIND_CACHE") {
             Some(c) => PathBuf::from(c),
-            None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            // Without HOME (some CI environments) fall back to root's home:
+            // this tool installs Debian packages and so runs as root.
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
                 .join(".cache/trustbind"),
         };
         std::fs::create_dir_all(&cache)

@@ -23,7 +23,9 @@
 //! bytes).
 //!
 //! The mode outlives the agent: if the agent dies in enforce mode, hooked
-//! operations that need a verdict are refused until an agent returns.
+//! operations that need a verdict are refused until an agent returns. In
+//! enforce mode the module also holds a reference on itself, so `rmmod`
+//! fails with `EBUSY` until an agent sets another mode.
 
 use core::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use kernel::prelude::*;
@@ -33,7 +35,7 @@ use kernel::time::msecs_to_jiffies;
 use kernel::uaccess::UserSlice;
 
 use crate::proto::{self, DecodeError, HelloAck, Mode, Record, Verdict};
-use crate::sys::{self, Hashers};
+use crate::sys::{self, Hashers, ModulePin};
 
 /// Most requests waiting for a verdict at once; more fail with `EBUSY`
 /// (and are then treated as unanswered).
@@ -117,6 +119,9 @@ struct State {
     outbox: Outbox,
     /// Requests waiting for verdicts, by request id; `Some` once answered.
     pending: RBTree<u64, Option<Verdict>>,
+    /// Held while in enforce mode: the module may not be unloaded then,
+    /// until an agent sets another mode.
+    enforce_pin: Option<ModulePin>,
     /// Number of entries in `pending`.
     n_pending: usize,
     next_id: u64,
@@ -176,6 +181,7 @@ impl Channel {
                 epoch: 0,
                 outbox,
                 pending: RBTree::new(),
+                enforce_pin: None,
                 n_pending: 0,
                 next_id: 1,
             }),
@@ -342,6 +348,13 @@ impl Channel {
                 self.verdicts.notify_all();
             }
             Record::Config(c) => {
+                if c.mode == Mode::Enforce {
+                    if st.enforce_pin.is_none() {
+                        st.enforce_pin = Some(ModulePin::new().ok_or(ENODEV)?);
+                    }
+                } else {
+                    st.enforce_pin = None;
+                }
                 self.verdict_timeout_ms
                     .store(c.verdict_timeout_ms, Ordering::Release);
                 self.mode.store(c.mode as u8, Ordering::Release);

@@ -224,6 +224,18 @@ int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
 	return err;
 }
 
+/* --- Module pinning ----------------------------------------------------- */
+
+bool tb_module_pin(void)
+{
+	return try_module_get(THIS_MODULE);
+}
+
+void tb_module_unpin(void)
+{
+	module_put(THIS_MODULE);
+}
+
 /* --- /dev/trustbind ----------------------------------------------------- */
 
 static DECLARE_WAIT_QUEUE_HEAD(tb_readq);

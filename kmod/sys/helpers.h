@@ -59,6 +59,13 @@ int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
  * handler, -errno refuses it. */
 int trustbind_exec_check(const struct linux_binprm *bprm);
 
+/* --- Module pinning ------------------------------------------------------ */
+
+/* Takes (pin) or drops (unpin) a reference on this module, so that rmmod
+ * fails with EBUSY while it is held. */
+bool tb_module_pin(void);
+void tb_module_unpin(void);
+
 /* --- /dev/trustbind (misc device) -------------------------------------- */
 
 /* Registers /dev/trustbind (mode 0600). 0 or -errno. */

@@ -29,7 +29,7 @@ use bindings::{
     linux_binprm, tb_bprm_info, tb_bprm_path, tb_dev_deregister, tb_dev_register,
     tb_dev_wake_readers, tb_exec_register, tb_exec_unregister, tb_hash_file,
     tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
-    tb_hashers_free,
+    tb_hashers_free, tb_module_pin, tb_module_unpin,
 };
 
 pub(crate) use bindings::tb_exec_info as ExecInfo;
@@ -311,6 +311,33 @@ unsafe extern "C" fn trustbind_exec_check(bprm: *const linux_binprm) -> c_int {
     match verdict {
         Some(Ok(())) | None => 0,
         Some(Err(e)) => e.to_errno(),
+    }
+}
+
+/// A reference on this module that makes `rmmod` fail with `EBUSY` while
+/// it is held.
+///
+/// # Invariants
+///
+/// A reference taken by `try_module_get` is held for the life of this
+/// value.
+pub(crate) struct ModulePin {
+    _private: (),
+}
+
+impl ModulePin {
+    /// Takes the reference; `None` if the module is already being removed.
+    pub(crate) fn new() -> Option<Self> {
+        // SAFETY: `try_module_get` on our own module has no precondition.
+        // INVARIANT: Held from here when it succeeded.
+        unsafe { tb_module_pin() }.then_some(ModulePin { _private: () })
+    }
+}
+
+impl Drop for ModulePin {
+    fn drop(&mut self) {
+        // SAFETY: The reference is held by the type invariant.
+        unsafe { tb_module_unpin() }
     }
 }
 

@@ -6,7 +6,8 @@
 //! enforce mode and runs with a "would be denied" report in permissive
 //! mode; a `#!` script and its interpreter are qualified separately; the
 //! in-kernel SHA-256 and SHA-1 equal `sha256sum`/`sha1sum` of the file; the
-//! request carries the caller's uid; disabled mode asks nothing.
+//! request carries the caller's uid; disabled mode asks nothing; the module
+//! cannot be unloaded in enforce mode.
 
 use anyhow::{bail, ensure, Context, Result};
 use trustbind_qemu_tests::{Artifacts, Network, Vm};
@@ -94,6 +95,12 @@ fn exec_qualification() -> Result<()> {
     ensure!(
         out.status == 0 && out.stdout.trim() == "65534",
         "setpriv: {out:?}"
+    );
+    // Enforce mode pins the module: it cannot be unloaded behind policy.
+    let out = vm.run("rmmod trustbind")?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("in use"),
+        "rmmod succeeded or failed oddly in enforce mode: {out:?}"
     );
     let dmesg = vm.run_ok("dmesg")?.stdout;
     ensure!(

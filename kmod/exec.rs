@@ -19,14 +19,49 @@
 //! | signal while waiting        | restart the exec                |
 //!
 //! In disabled mode nothing is hashed or asked. The agent's own execs are
-//! exempt (it must be able to run while nothing answers).
+//! exempt (it must be able to run while nothing answers). Counters of all
+//! this are in `/sys/kernel/debug/trustbind/exec_*`.
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::prelude::*;
 
 use crate::device::Answer;
 use crate::proto::{Ancestry, Decision, ExecRequest, Mode, Record, MAX_PATH_LEN};
 use crate::sys::Bprm;
 use crate::Shared;
+
+/// What the exec path did since load (shown in debugfs, see `pem.rs`).
+pub(crate) struct Stats {
+    /// Execs hashed and asked about (not disabled mode, not the agent).
+    pub(crate) asked: AtomicU64,
+    /// Allowed by a verdict.
+    pub(crate) allowed: AtomicU64,
+    /// Refused with `EACCES` (enforce mode).
+    pub(crate) denied: AtomicU64,
+    /// Would have been refused (permissive mode).
+    pub(crate) would_deny: AtomicU64,
+    /// Of the refusals: no agent connected.
+    pub(crate) no_agent: AtomicU64,
+    /// Of the refusals: no verdict in time.
+    pub(crate) timeouts: AtomicU64,
+    /// Of the refusals: the file could not be hashed.
+    pub(crate) unreadable: AtomicU64,
+}
+
+/// The exec path's counters.
+pub(crate) static STATS: Stats = Stats {
+    asked: AtomicU64::new(0),
+    allowed: AtomicU64::new(0),
+    denied: AtomicU64::new(0),
+    would_deny: AtomicU64::new(0),
+    no_agent: AtomicU64::new(0),
+    timeouts: AtomicU64::new(0),
+    unreadable: AtomicU64::new(0),
+};
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Why an exec was refused (or would have been).
 enum Refusal {
@@ -60,14 +95,22 @@ pub(crate) fn check(s: &Shared, bprm: &Bprm<'_>) -> Result {
         Err(Err(e)) => return Err(e),
         Err(Ok(r)) => r,
     };
+    match refusal {
+        Refusal::Denied => {}
+        Refusal::NoAgent => bump(&STATS.no_agent),
+        Refusal::TimedOut => bump(&STATS.timeouts),
+        Refusal::Unreadable(_) => bump(&STATS.unreadable),
+    }
     let shown = &path[..path.len().min(256)];
     let shown = core::str::from_utf8(shown).unwrap_or("<non-utf8 path>");
     match mode {
         Mode::Enforce => {
+            bump(&STATS.denied);
             pr_info!("exec denied: {} ({})\n", shown, refusal);
             Err(EACCES)
         }
         _ => {
+            bump(&STATS.would_deny);
             pr_info!("exec would be denied: {} ({})\n", shown, refusal);
             Ok(())
         }
@@ -81,6 +124,7 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
     if s.channel.is_agent(info.tgid) {
         return Ok(());
     }
+    bump(&STATS.asked);
     let (sha256, sha1) = s
         .hashers
         .hash_file(bprm)
@@ -101,7 +145,10 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
     });
     match s.channel.ask(&rec).map_err(Err)? {
         Answer::Verdict(v) => match v.decision {
-            Decision::Allow | Decision::AllowWithConditions => Ok(()),
+            Decision::Allow | Decision::AllowWithConditions => {
+                bump(&STATS.allowed);
+                Ok(())
+            }
             Decision::Deny => Err(Ok(Refusal::Denied)),
         },
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),

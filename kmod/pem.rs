@@ -24,7 +24,8 @@ mod sys;
 mod proto;
 
 use device::Channel;
-use sys::{ExecRegistration, Hashers, MiscRegistration, Slot};
+use kernel::c_str;
+use sys::{DebugfsDir, ExecRegistration, Hashers, MiscRegistration, Slot};
 
 module! {
     type: Trustbind,
@@ -47,9 +48,11 @@ pub(crate) struct Shared {
 pub(crate) static SHARED: Slot<Shared> = Slot::new();
 
 /// The module; fields drop in declaration order: the exec handler is
-/// unregistered first, then the device, then the shared state is freed.
+/// unregistered first, then the statistics, then the device, then the
+/// shared state is freed.
 struct Trustbind {
     _exec: ExecRegistration,
+    _stats: DebugfsDir,
     _device: MiscRegistration<Shared>,
 }
 
@@ -120,10 +123,21 @@ impl kernel::Module for Trustbind {
         )?;
         let device = MiscRegistration::new(&SHARED, shared)?;
         pr_info!("/dev/trustbind ready (protocol v{})\n", proto::VERSION);
+        let st = &exec::STATS;
+        let stats = DebugfsDir::new(&[
+            (c_str!("exec_asked"), &st.asked),
+            (c_str!("exec_allowed"), &st.allowed),
+            (c_str!("exec_denied"), &st.denied),
+            (c_str!("exec_would_deny"), &st.would_deny),
+            (c_str!("exec_no_agent"), &st.no_agent),
+            (c_str!("exec_timeouts"), &st.timeouts),
+            (c_str!("exec_unreadable"), &st.unreadable),
+        ]);
         let exec = ExecRegistration::new();
         pr_info!("exec handler registered (mode disabled until an agent configures it)\n");
         Ok(Trustbind {
             _exec: exec,
+            _stats: stats,
             _device: device,
         })
     }

@@ -8,6 +8,7 @@
 #include <crypto/hash.h>
 #include <linux/audit.h>
 #include <linux/binfmts.h>
+#include <linux/debugfs.h>
 #include <linux/cred.h>
 #include <linux/fs.h>
 #include <linux/miscdevice.h>
@@ -222,6 +223,26 @@ int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
 	}
 	kvfree(buf);
 	return err;
+}
+
+/* --- Statistics in debugfs --------------------------------------------- */
+
+struct dentry *tb_debugfs_dir(void)
+{
+	struct dentry *d = debugfs_create_dir(KBUILD_MODNAME, NULL);
+
+	return IS_ERR(d) ? NULL : d;
+}
+
+void tb_debugfs_u64(struct dentry *dir, const char *name, u64 *value)
+{
+	if (dir)
+		debugfs_create_u64(name, 0400, dir, value);
+}
+
+void tb_debugfs_remove(struct dentry *dir)
+{
+	debugfs_remove(dir);
 }
 
 /* --- Module pinning ----------------------------------------------------- */

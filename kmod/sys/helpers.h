@@ -59,6 +59,17 @@ int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
  * handler, -errno refuses it. */
 int trustbind_exec_check(const struct linux_binprm *bprm);
 
+/* --- Statistics in debugfs (/sys/kernel/debug/trustbind/) --------------- */
+
+struct dentry;
+
+/* Creates the directory; NULL when debugfs is unavailable (not an error). */
+struct dentry *tb_debugfs_dir(void);
+/* A read-only file showing *value (a u64 the module updates atomically). */
+void tb_debugfs_u64(struct dentry *dir, const char *name, u64 *value);
+/* Removes the directory and its files; NULL is allowed. */
+void tb_debugfs_remove(struct dentry *dir);
+
 /* --- Module pinning ------------------------------------------------------ */
 
 /* Takes (pin) or drops (unpin) a reference on this module, so that rmmod

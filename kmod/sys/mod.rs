@@ -6,7 +6,7 @@
 
 use core::pin::Pin;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use kernel::error::to_result;
 use kernel::ffi::c_int;
 use kernel::prelude::*;
@@ -29,7 +29,8 @@ use bindings::{
     linux_binprm, tb_bprm_info, tb_bprm_path, tb_dev_deregister, tb_dev_register,
     tb_dev_wake_readers, tb_exec_register, tb_exec_unregister, tb_hash_file,
     tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
-    tb_hashers_free, tb_module_pin, tb_module_unpin,
+    tb_hashers_free, tb_module_pin, tb_module_unpin, tb_debugfs_dir, tb_debugfs_remove,
+    tb_debugfs_u64,
 };
 
 pub(crate) use bindings::tb_exec_info as ExecInfo;
@@ -311,6 +312,47 @@ unsafe extern "C" fn trustbind_exec_check(bprm: *const linux_binprm) -> c_int {
     match verdict {
         Some(Ok(())) | None => 0,
         Some(Err(e)) => e.to_errno(),
+    }
+}
+
+/// `/sys/kernel/debug/trustbind/`, one read-only file per counter.
+///
+/// # Invariants
+///
+/// `dir` is null (debugfs unavailable: nothing was created) or the
+/// directory this value created; its files point at `'static` counters.
+pub(crate) struct DebugfsDir {
+    dir: *mut bindings::dentry,
+}
+
+// SAFETY: The dentry pointer is only passed back to debugfs, which does
+// its own locking; the value holds no other state.
+unsafe impl Send for DebugfsDir {}
+// SAFETY: As above; `&DebugfsDir` allows nothing.
+unsafe impl Sync for DebugfsDir {}
+
+impl DebugfsDir {
+    /// Creates the directory with a file for each `(name, counter)`.
+    pub(crate) fn new(files: &[(&'static CStr, &'static AtomicU64)]) -> Self {
+        // SAFETY: Creating a top-level debugfs directory has no
+        // precondition; failure gives null, which the rest accepts.
+        let dir = unsafe { tb_debugfs_dir() };
+        for (name, counter) in files {
+            // SAFETY: `dir` is ours or null; `name` is NUL-terminated and
+            // copied by debugfs; `counter` is `'static`, so it outlives the
+            // file, which `Drop` removes before the module goes away.
+            unsafe { tb_debugfs_u64(dir, name.as_char_ptr(), counter.as_ptr()) };
+        }
+        // INVARIANT: Created (or null) with files on `'static` counters.
+        DebugfsDir { dir }
+    }
+}
+
+impl Drop for DebugfsDir {
+    fn drop(&mut self) {
+        // SAFETY: By the type invariant `dir` is ours or null, which
+        // `debugfs_remove` accepts.
+        unsafe { tb_debugfs_remove(self.dir) }
     }
 }
 

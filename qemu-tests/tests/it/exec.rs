@@ -7,7 +7,7 @@
 //! mode; a `#!` script and its interpreter are qualified separately; the
 //! in-kernel SHA-256 and SHA-1 equal `sha256sum`/`sha1sum` of the file; the
 //! request carries the caller's uid; disabled mode asks nothing; the module
-//! cannot be unloaded in enforce mode.
+//! cannot be unloaded in enforce mode; the debugfs counters add up.
 
 use anyhow::{bail, ensure, Context, Result};
 use trustbind_qemu_tests::{Artifacts, Network, Vm};
@@ -163,6 +163,32 @@ fn exec_qualification() -> Result<()> {
         "no would-deny line in dmesg:\n{dmesg}"
     );
     stop_agent(&mut vm)?;
+
+    // The counters in debugfs add up: one refusal in each mode, nothing
+    // unanswered, every asked exec accounted for.
+    vm.run_ok("mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")?;
+    let mut stat = |name: &str| -> Result<u64> {
+        let out = vm.run_ok(&format!("cat /sys/kernel/debug/trustbind/exec_{name}"))?;
+        out.stdout
+            .trim()
+            .parse()
+            .with_context(|| format!("exec_{name}: {:?}", out.stdout))
+    };
+    let (asked, allowed) = (stat("asked")?, stat("allowed")?);
+    let (denied, would_deny) = (stat("denied")?, stat("would_deny")?);
+    ensure!(
+        denied == 1 && would_deny == 1,
+        "denied {denied}, would_deny {would_deny}"
+    );
+    ensure!(allowed >= 4, "only {allowed} allowed execs counted");
+    ensure!(
+        asked == allowed + denied + would_deny,
+        "asked {asked} != allowed {allowed} + denied {denied} + would_deny {would_deny}"
+    );
+    for zero in ["no_agent", "timeouts", "unreadable"] {
+        let n = stat(zero)?;
+        ensure!(n == 0, "exec_{zero} is {n}");
+    }
 
     vm.run_ok("rmmod trustbind")?;
     vm.shutdown()?;

@@ -1,0 +1,108 @@
+//! Versioned schema migrations, tracked in `PRAGMA user_version`.
+//!
+//! Each entry of [`MIGRATIONS`] moves the schema from version `i` to `i + 1`
+//! and runs in its own transaction; a migration is never edited once
+//! released, only new ones are appended.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// The migrations, in order. Index `i` upgrades from version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    r#"
+CREATE TABLE signatures (
+    sha256   TEXT PRIMARY KEY CHECK (length(sha256) = 64),
+    sha1     TEXT CHECK (sha1 IS NULL OR length(sha1) = 40),
+    size     INTEGER NOT NULL CHECK (size >= 0),
+    name     TEXT NOT NULL,
+    source   TEXT NOT NULL,
+    added_ms INTEGER NOT NULL
+);
+CREATE INDEX signatures_sha1 ON signatures (sha1);
+CREATE TABLE ref_groups (
+    name        TEXT PRIMARY KEY,
+    description TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE ref_group_members (
+    group_name TEXT NOT NULL REFERENCES ref_groups (name) ON DELETE CASCADE,
+    sha256     TEXT NOT NULL REFERENCES signatures (sha256) ON DELETE CASCADE,
+    PRIMARY KEY (group_name, sha256)
+);
+CREATE INDEX ref_group_members_sha ON ref_group_members (sha256);
+CREATE TABLE policy_versions (
+    id         INTEGER PRIMARY KEY,
+    text       TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('draft', 'active', 'retired')),
+    created_ms INTEGER NOT NULL,
+    comment    TEXT NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX policy_one_active ON policy_versions (state) WHERE state = 'active';
+CREATE TABLE governing (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    active     INTEGER REFERENCES policy_versions (id),
+    previous   INTEGER REFERENCES policy_versions (id),
+    generation INTEGER NOT NULL
+);
+INSERT INTO governing (id, active, previous, generation) VALUES (1, NULL, NULL, 0);
+CREATE TABLE host_groups (
+    name TEXT PRIMARY KEY,
+    mode TEXT NOT NULL CHECK (mode IN ('enforce', 'permissive', 'disabled'))
+);
+CREATE TABLE hosts (
+    name         TEXT PRIMARY KEY,
+    host_group   TEXT NOT NULL REFERENCES host_groups (name),
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'enrolled', 'revoked')),
+    token_sha256 TEXT,
+    cert_serial  TEXT,
+    changed_ms   INTEGER NOT NULL
+);
+CREATE TABLE channels (
+    id        INTEGER PRIMARY KEY,
+    key_id    TEXT NOT NULL UNIQUE,
+    src_host  TEXT NOT NULL,
+    dst_host  TEXT NOT NULL,
+    tuple     TEXT NOT NULL,
+    opened_ms INTEGER NOT NULL,
+    closed_ms INTEGER
+);
+CREATE TABLE audit (
+    seq       INTEGER PRIMARY KEY,
+    at_ms     INTEGER NOT NULL,
+    kind      TEXT NOT NULL,
+    actor     TEXT NOT NULL,
+    detail    TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE TABLE audit_head (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    seq  INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+"#,
+];
+
+/// Newest schema version this build understands.
+pub fn latest() -> u32 {
+    u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX)
+}
+
+/// Brings `conn` to [`latest`], one transaction per step.
+pub fn migrate(conn: &mut Connection) -> Result<u32, StoreError> {
+    let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let supported = latest();
+    if found > supported {
+        return Err(StoreError::TooNew { found, supported });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let next = u32::try_from(i + 1).map_err(|_| StoreError::Unreachable("migration count"))?;
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", next)?;
+        tx.commit()?;
+    }
+    Ok(supported)
+}

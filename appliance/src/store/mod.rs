@@ -1,0 +1,721 @@
+//! Persistent state: signatures, reference groups, policy versions, hosts,
+//! channels and the audit chain, in one SQLite file in WAL mode.
+//!
+//! All access goes through one connection behind a mutex, so there is
+//! exactly one writer; every admin change is written in the same
+//! transaction as its audit row, so the two cannot diverge. The file is
+//! opened with `synchronous = FULL`: a call that returned `Ok` survives a
+//! crash (power loss included).
+
+mod audit;
+mod err;
+pub mod migrate;
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
+pub use err::{ChainError, StoreError};
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn check_hex(what: &'static str, s: &str, len: usize) -> Result<(), StoreError> {
+    if s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid {
+            what,
+            why: format!("expected {len} lower-case hex digits"),
+        })
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A known program file. SHA-256 is its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    /// SHA-256 of the file, lower-case hex (the identity).
+    pub sha256: String,
+    /// SHA-1 of the file, lower-case hex, when known (NSRL).
+    pub sha1: Option<String>,
+    /// File size in bytes.
+    pub size: u64,
+    /// File name as imported.
+    pub name: String,
+    /// Where it came from, e.g. `nsrl:2024.12.1` or `admin`.
+    pub source: String,
+}
+
+/// Lifecycle state of a policy version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyState {
+    /// Uploaded, not in force.
+    Draft,
+    /// The governing policy.
+    Active,
+    /// Was active once.
+    Retired,
+}
+
+impl PolicyState {
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "draft" => Ok(Self::Draft),
+            "active" => Ok(Self::Active),
+            "retired" => Ok(Self::Retired),
+            _ => Err(StoreError::Unreachable("unknown policy state in database")),
+        }
+    }
+}
+
+/// One stored policy-set text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    /// Row id.
+    pub id: i64,
+    /// Cedar policy-set text.
+    pub text: String,
+    /// SHA-256 of `text` (the ruleset identity).
+    pub sha256: String,
+    /// Lifecycle state.
+    pub state: PolicyState,
+}
+
+/// The governing policy and its generation counter, which moves on every
+/// switch and is pushed to agents so they drop cached verdicts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Governing {
+    /// Active version, if any (none means default deny).
+    pub active: Option<i64>,
+    /// The version that was active before, the target of a rollback.
+    pub previous: Option<i64>,
+    /// Incremented by every activation and rollback.
+    pub generation: i64,
+}
+
+/// Mode of a host group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Deny what the policy denies.
+    Enforce,
+    /// Allow, but audit "would deny".
+    Permissive,
+    /// No qualification.
+    Disabled,
+}
+
+impl Mode {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Permissive => "permissive",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+/// Enrolment state of a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    /// Token issued, not yet used.
+    Pending,
+    /// Holds a certificate.
+    Enrolled,
+    /// Refused from now on.
+    Revoked,
+}
+
+/// Handle on the store; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, sets WAL mode and
+    /// runs pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate::migrate(&mut conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Runs `f` in an immediate transaction, appending `ev` (if given) in the
+    /// same transaction, and commits.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, Option<AuditEvent>), StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (out, ev) = f(&tx)?;
+        if let Some(ev) = ev {
+            audit::append(&tx, now_ms(), &ev)?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Current schema version.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        Ok(self
+            .lock()?
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Journal mode in force (`wal` once opened).
+    pub fn journal_mode(&self) -> Result<String, StoreError> {
+        Ok(self
+            .lock()?
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))?)
+    }
+
+    /// Result of `PRAGMA integrity_check` (`ok` when sound).
+    pub fn integrity_check(&self) -> Result<String, StoreError> {
+        Ok(self
+            .lock()?
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+
+    // ---- audit ----
+
+    /// Appends one audit event; durable when this returns `Ok`.
+    pub fn append_audit(&self, ev: &AuditEvent) -> Result<AuditRow, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = audit::append(&tx, now_ms(), ev)?;
+        tx.commit()?;
+        Ok(row)
+    }
+
+    /// Walks the whole chain. `Ok(Ok(n))`: `n` rows, all sound;
+    /// `Ok(Err(e))`: the first break found.
+    pub fn verify_audit(&self) -> Result<Result<i64, ChainError>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit ORDER BY rowid",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut expected = 1_i64;
+        let mut prev = GENESIS.to_owned();
+        while let Some(r) = rows.next()? {
+            let row = row_from(r)?;
+            if let Err(e) = audit::check_row(&row, expected, &prev) {
+                return Ok(Err(e));
+            }
+            prev = row.hash;
+            expected = expected.saturating_add(1);
+        }
+        let last_seq = expected.saturating_sub(1);
+        let head: Option<(i64, String)> = conn
+            .query_row("SELECT seq, hash FROM audit_head WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let (head_seq, head_hash) = head.unwrap_or((0, GENESIS.to_owned()));
+        if head_seq != last_seq || head_hash != prev {
+            return Ok(Err(ChainError::Head { head_seq, last_seq }));
+        }
+        Ok(Ok(last_seq))
+    }
+
+    /// Writes rows with `seq > after` as JSON lines to `out`; returns how many.
+    pub fn export_audit(&self, after: i64, out: &mut impl Write) -> Result<u64, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq",
+        )?;
+        let mut rows = stmt.query([after])?;
+        let mut n = 0_u64;
+        while let Some(r) = rows.next()? {
+            serde_json::to_writer(&mut *out, &row_from(r)?)?;
+            out.write_all(b"\n")?;
+            n = n.saturating_add(1);
+        }
+        Ok(n)
+    }
+
+    /// Rows with `seq > after`, oldest first, at most `limit`.
+    pub fn audit_rows(&self, after: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit], row_from)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    // ---- signatures and reference groups ----
+
+    /// Inserts or replaces a signature, audited as `actor`.
+    pub fn put_signature(&self, sig: &Signature, actor: &str) -> Result<(), StoreError> {
+        check_hex("sha256", &sig.sha256, 64)?;
+        if let Some(s1) = &sig.sha1 {
+            check_hex("sha1", s1, 40)?;
+        }
+        let size = i64::try_from(sig.size).map_err(|_| StoreError::Invalid {
+            what: "size",
+            why: "too large".into(),
+        })?;
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO signatures (sha256, sha1, size, name, source, added_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (sha256) DO UPDATE SET sha1 = excluded.sha1, size = excluded.size,
+                   name = excluded.name, source = excluded.source",
+                params![sig.sha256, sig.sha1, size, sig.name, sig.source, now_ms()],
+            )?;
+            let ev = AuditEvent {
+                kind: "signature.put".into(),
+                actor: actor.into(),
+                detail: serde_json::json!({ "sha256": sig.sha256, "name": sig.name, "source": sig.source }),
+            };
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Looks up a signature by SHA-256.
+    pub fn signature(&self, sha256: &str) -> Result<Option<Signature>, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT sha256, sha1, size, name, source FROM signatures WHERE sha256 = ?1",
+                [sha256],
+                |r| {
+                    let size: i64 = r.get(2)?;
+                    Ok(Signature {
+                        sha256: r.get(0)?,
+                        sha1: r.get(1)?,
+                        size: u64::try_from(size).unwrap_or(0),
+                        name: r.get(3)?,
+                        source: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Creates a reference group (no-op if it exists).
+    pub fn create_group(
+        &self,
+        name: &str,
+        description: &str,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        if name.is_empty() {
+            return Err(StoreError::Invalid {
+                what: "group name",
+                why: "empty".into(),
+            });
+        }
+        self.write(|tx| {
+            let n = tx.execute(
+                "INSERT INTO ref_groups (name, description) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                params![name, description],
+            )?;
+            let ev = (n > 0).then(|| AuditEvent {
+                kind: "group.create".into(),
+                actor: actor.into(),
+                detail: serde_json::json!({ "group": name }),
+            });
+            Ok(((), ev))
+        })
+    }
+
+    /// Puts a known signature into a reference group.
+    pub fn add_member(&self, group: &str, sha256: &str, actor: &str) -> Result<(), StoreError> {
+        check_hex("sha256", sha256, 64)?;
+        self.write(|tx| {
+            let g: Option<String> =
+                tx.query_row("SELECT name FROM ref_groups WHERE name = ?1", [group], |r| r.get(0)).optional()?;
+            if g.is_none() {
+                return Err(StoreError::NotFound { what: "group", key: group.into() });
+            }
+            let s: Option<String> =
+                tx.query_row("SELECT sha256 FROM signatures WHERE sha256 = ?1", [sha256], |r| r.get(0)).optional()?;
+            if s.is_none() {
+                return Err(StoreError::NotFound { what: "signature", key: sha256.into() });
+            }
+            tx.execute(
+                "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                params![group, sha256],
+            )?;
+            let ev = AuditEvent {
+                kind: "group.add".into(),
+                actor: actor.into(),
+                detail: serde_json::json!({ "group": group, "sha256": sha256 }),
+            };
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Reference groups a program belongs to, sorted (empty for unknown programs).
+    pub fn groups_of(&self, sha256: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT group_name FROM ref_group_members WHERE sha256 = ?1 ORDER BY group_name",
+        )?;
+        let rows = stmt.query_map([sha256], |r| r.get(0))?;
+        Ok(rows.collect::<Result<Vec<String>, _>>()?)
+    }
+
+    // ---- policy versions ----
+
+    /// Stores `text` as a new draft; returns its id.
+    pub fn create_policy_draft(
+        &self,
+        text: &str,
+        comment: &str,
+        actor: &str,
+    ) -> Result<i64, StoreError> {
+        let sha = hex(&Sha256::digest(text.as_bytes()));
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO policy_versions (text, sha256, state, created_ms, comment) VALUES (?1, ?2, 'draft', ?3, ?4)",
+                params![text, sha, now_ms(), comment],
+            )?;
+            let id = tx.last_insert_rowid();
+            let ev = AuditEvent {
+                kind: "policy.draft".into(),
+                actor: actor.into(),
+                detail: serde_json::json!({ "id": id, "sha256": sha }),
+            };
+            Ok((id, Some(ev)))
+        })
+    }
+
+    /// One policy version.
+    pub fn policy(&self, id: i64) -> Result<Option<PolicyVersion>, StoreError> {
+        let conn = self.lock()?;
+        let row: Option<(i64, String, String, String)> = conn
+            .query_row(
+                "SELECT id, text, sha256, state FROM policy_versions WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        row.map(|(id, text, sha256, state)| {
+            Ok(PolicyVersion {
+                id,
+                text,
+                sha256,
+                state: PolicyState::parse(&state)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// The governing-policy pointer.
+    pub fn governing(&self) -> Result<Governing, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn.query_row(
+            "SELECT active, previous, generation FROM governing WHERE id = 1",
+            [],
+            |r| {
+                Ok(Governing {
+                    active: r.get(0)?,
+                    previous: r.get(1)?,
+                    generation: r.get(2)?,
+                })
+            },
+        )?)
+    }
+
+    /// The governing policy version, if any.
+    pub fn governing_policy(&self) -> Result<Option<PolicyVersion>, StoreError> {
+        match self.governing()?.active {
+            Some(id) => self.policy(id),
+            None => Ok(None),
+        }
+    }
+
+    /// Makes version `id` the governing policy, atomically: the old one is
+    /// retired, the new one activated, the generation moved and the change
+    /// audited in one transaction. Returns the new pointer.
+    pub fn activate_policy(&self, id: i64, actor: &str) -> Result<Governing, StoreError> {
+        self.write(|tx| {
+            let g = switch(tx, id)?;
+            let ev = AuditEvent {
+                kind: "policy.activate".into(),
+                actor: actor.into(),
+                detail: serde_json::json!({ "id": id, "previous": g.previous, "generation": g.generation }),
+            };
+            Ok((g, Some(ev)))
+        })
+    }
+
+    /// Switches back to the previously governing version, atomically.
+    pub fn rollback_policy(&self, actor: &str) -> Result<Governing, StoreError> {
+        self.write(|tx| {
+            let prev: Option<i64> = tx.query_row("SELECT previous FROM governing WHERE id = 1", [], |r| r.get(0))?;
+            let Some(prev) = prev else {
+                return Err(StoreError::Conflict("no previous policy version to roll back to".into()));
+            };
+            let g = switch(tx, prev)?;
+            let ev = AuditEvent {
+                kind: "policy.rollback".into(),
+                actor: actor.into(),
+                detail: serde_json::json!({ "id": prev, "previous": g.previous, "generation": g.generation }),
+            };
+            Ok((g, Some(ev)))
+        })
+    }
+
+    // ---- host groups and hosts ----
+
+    /// Creates or changes a host group's mode.
+    pub fn set_host_group(&self, name: &str, mode: Mode, actor: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO host_groups (name, mode) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET mode = excluded.mode",
+                params![name, mode.as_str()],
+            )?;
+            let ev = AuditEvent {
+                kind: "hostgroup.set".into(),
+                actor: actor.into(),
+                detail: serde_json::json!({ "group": name, "mode": mode }),
+            };
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Mode of a host group, if it exists.
+    pub fn host_group_mode(&self, name: &str) -> Result<Option<Mode>, StoreError> {
+        let conn = self.lock()?;
+        let m: Option<String> = conn
+            .query_row(
+                "SELECT mode FROM host_groups WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        m.map(|m| match m.as_str() {
+            "enforce" => Ok(Mode::Enforce),
+            "permissive" => Ok(Mode::Permissive),
+            "disabled" => Ok(Mode::Disabled),
+            _ => Err(StoreError::Unreachable("unknown mode in database")),
+        })
+        .transpose()
+    }
+
+    /// Registers `host` in `group` as pending with the SHA-256 of its
+    /// one-time enrolment token (the token itself is never stored).
+    pub fn add_pending_host(
+        &self,
+        host: &str,
+        group: &str,
+        token_sha256: &str,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        check_hex("token hash", token_sha256, 64)?;
+        self.write(|tx| {
+            let n = tx.execute(
+                "INSERT INTO hosts (name, host_group, state, token_sha256, changed_ms) VALUES (?1, ?2, 'pending', ?3, ?4)
+                 ON CONFLICT (name) DO NOTHING",
+                params![host, group, token_sha256, now_ms()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("host `{host}` already exists")));
+            }
+            let ev = AuditEvent {
+                kind: "host.add".into(),
+                actor: actor.into(),
+                detail: serde_json::json!({ "host": host, "group": group }),
+            };
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Consumes the one-time token of a pending host and records the serial
+    /// of the certificate issued to it. Fails unless the host is pending and
+    /// the token hash matches.
+    pub fn enrol_host(
+        &self,
+        host: &str,
+        token_sha256: &str,
+        cert_serial: &str,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE hosts SET state = 'enrolled', token_sha256 = NULL, cert_serial = ?3, changed_ms = ?4
+                 WHERE name = ?1 AND state = 'pending' AND token_sha256 = ?2",
+                params![host, token_sha256, cert_serial, now_ms()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("no pending enrolment for `{host}` with this token")));
+            }
+            let ev = AuditEvent {
+                kind: "host.enrol".into(),
+                actor: host.into(),
+                detail: serde_json::json!({ "host": host, "cert_serial": cert_serial }),
+            };
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Revokes a host; it is refused from then on.
+    pub fn revoke_host(&self, host: &str, actor: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE hosts SET state = 'revoked', token_sha256 = NULL, changed_ms = ?2 WHERE name = ?1",
+                params![host, now_ms()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound { what: "host", key: host.into() });
+            }
+            let ev = AuditEvent {
+                kind: "host.revoke".into(),
+                actor: actor.into(),
+                detail: serde_json::json!({ "host": host }),
+            };
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// State and group of a host.
+    pub fn host(&self, host: &str) -> Result<Option<(HostState, String)>, StoreError> {
+        let conn = self.lock()?;
+        let row: Option<(String, String)> = conn
+            .query_row(
+                "SELECT state, host_group FROM hosts WHERE name = ?1",
+                [host],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(s, g)| {
+            let s = match s.as_str() {
+                "pending" => HostState::Pending,
+                "enrolled" => HostState::Enrolled,
+                "revoked" => HostState::Revoked,
+                _ => return Err(StoreError::Unreachable("unknown host state in database")),
+            };
+            Ok((s, g))
+        })
+        .transpose()
+    }
+
+    // ---- channels ----
+
+    /// Records an opened channel by key id (never the key).
+    pub fn open_channel(
+        &self,
+        key_id: &str,
+        src_host: &str,
+        dst_host: &str,
+        tuple: &str,
+    ) -> Result<i64, StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO channels (key_id, src_host, dst_host, tuple, opened_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![key_id, src_host, dst_host, tuple, now_ms()],
+            )?;
+            let id = tx.last_insert_rowid();
+            let ev = AuditEvent {
+                kind: "channel.open".into(),
+                actor: "appliance".into(),
+                detail: serde_json::json!({ "key_id": key_id, "src": src_host, "dst": dst_host, "tuple": tuple }),
+            };
+            Ok((id, Some(ev)))
+        })
+    }
+}
+
+/// Retires the active version and activates `id` (inside `tx`).
+fn switch(tx: &rusqlite::Transaction<'_>, id: i64) -> Result<Governing, StoreError> {
+    let state: Option<String> = tx
+        .query_row(
+            "SELECT state FROM policy_versions WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match state.as_deref() {
+        None => {
+            return Err(StoreError::NotFound {
+                what: "policy version",
+                key: id.to_string(),
+            })
+        }
+        Some("active") => {
+            return Err(StoreError::Conflict(format!(
+                "policy version {id} is already active"
+            )))
+        }
+        Some(_) => {}
+    }
+    let old: Option<i64> = tx.query_row("SELECT active FROM governing WHERE id = 1", [], |r| {
+        r.get(0)
+    })?;
+    tx.execute(
+        "UPDATE policy_versions SET state = 'retired' WHERE state = 'active'",
+        [],
+    )?;
+    tx.execute(
+        "UPDATE policy_versions SET state = 'active' WHERE id = ?1",
+        [id],
+    )?;
+    tx.execute(
+        "UPDATE governing SET active = ?1, previous = ?2, generation = generation + 1 WHERE id = 1",
+        params![id, old],
+    )?;
+    Ok(tx.query_row(
+        "SELECT active, previous, generation FROM governing WHERE id = 1",
+        [],
+        |r| {
+            Ok(Governing {
+                active: r.get(0)?,
+                previous: r.get(1)?,
+                generation: r.get(2)?,
+            })
+        },
+    )?)
+}
+
+fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+    Ok(AuditRow {
+        seq: r.get(0)?,
+        at_ms: r.get(1)?,
+        kind: r.get(2)?,
+        actor: r.get(3)?,
+        detail: r.get(4)?,
+        prev_hash: r.get(5)?,
+        hash: r.get(6)?,
+    })
+}

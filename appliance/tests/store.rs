@@ -1,0 +1,452 @@
+//! Store tests on real SQLite files in temporary directories.
+
+use std::path::PathBuf;
+
+use rusqlite::Connection;
+use trustbind_appliance::store::{
+    migrate, AuditEvent, AuditRow, ChainError, HostState, Mode, PolicyState, Signature, Store,
+    StoreError,
+};
+
+fn fresh() -> (tempfile::TempDir, PathBuf, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("appliance.db");
+    let store = Store::open(&path).unwrap();
+    (dir, path, store)
+}
+
+fn ev(i: u32) -> AuditEvent {
+    AuditEvent {
+        kind: "decision".into(),
+        actor: format!("host{i}"),
+        detail: serde_json::json!({ "n": i }),
+    }
+}
+
+fn sha(c: char) -> String {
+    std::iter::repeat_n(c, 64).collect()
+}
+
+fn audit_count(store: &Store) -> usize {
+    store.audit_rows(0, 1_000_000).unwrap().len()
+}
+
+#[test]
+fn open_sets_wal_and_latest_schema_and_reopens() {
+    let (_d, path, store) = fresh();
+    assert_eq!(store.journal_mode().unwrap(), "wal");
+    assert_eq!(store.schema_version().unwrap(), migrate::latest());
+    store.append_audit(&ev(1)).unwrap();
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), migrate::latest());
+    assert_eq!(store.verify_audit().unwrap(), Ok(1));
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let (_d, path, store) = fresh();
+    drop(store);
+    let c = Connection::open(&path).unwrap();
+    c.pragma_update(None, "user_version", migrate::latest() + 1)
+        .unwrap();
+    drop(c);
+    match Store::open(&path) {
+        Err(StoreError::TooNew { found, supported }) => {
+            assert_eq!(found, migrate::latest() + 1);
+            assert_eq!(supported, migrate::latest());
+        }
+        other => panic!("expected TooNew, got {other:?}"),
+    }
+}
+
+#[test]
+fn audit_chain_links_and_verifies() {
+    let (_d, _p, store) = fresh();
+    assert_eq!(store.verify_audit().unwrap(), Ok(0));
+    let rows: Vec<AuditRow> = (1..=5)
+        .map(|i| store.append_audit(&ev(i)).unwrap())
+        .collect();
+    assert_eq!(rows[0].prev_hash, trustbind_appliance::store::GENESIS);
+    for w in rows.windows(2) {
+        assert_eq!(w[1].prev_hash, w[0].hash);
+        assert_eq!(w[1].seq, w[0].seq + 1);
+    }
+    assert_eq!(store.verify_audit().unwrap(), Ok(5));
+}
+
+fn tamper(path: &PathBuf, sql: &str) {
+    let c = Connection::open(path).unwrap();
+    c.execute_batch(sql).unwrap();
+}
+
+#[test]
+fn verify_detects_edited_row() {
+    let (_d, path, store) = fresh();
+    for i in 1..=4 {
+        store.append_audit(&ev(i)).unwrap();
+    }
+    tamper(
+        &path,
+        r#"UPDATE audit SET detail = '{"n":99}' WHERE seq = 2"#,
+    );
+    assert_eq!(
+        store.verify_audit().unwrap(),
+        Err(ChainError::HashMismatch { seq: 2 })
+    );
+}
+
+#[test]
+fn verify_detects_edited_actor() {
+    let (_d, path, store) = fresh();
+    for i in 1..=3 {
+        store.append_audit(&ev(i)).unwrap();
+    }
+    tamper(
+        &path,
+        "UPDATE audit SET actor = 'someone-else' WHERE seq = 3",
+    );
+    assert_eq!(
+        store.verify_audit().unwrap(),
+        Err(ChainError::HashMismatch { seq: 3 })
+    );
+}
+
+#[test]
+fn verify_detects_removed_row() {
+    let (_d, path, store) = fresh();
+    for i in 1..=4 {
+        store.append_audit(&ev(i)).unwrap();
+    }
+    tamper(&path, "DELETE FROM audit WHERE seq = 2");
+    assert_eq!(
+        store.verify_audit().unwrap(),
+        Err(ChainError::Gap {
+            seq: 3,
+            expected: 2
+        })
+    );
+}
+
+#[test]
+fn verify_detects_removed_tail() {
+    let (_d, path, store) = fresh();
+    for i in 1..=4 {
+        store.append_audit(&ev(i)).unwrap();
+    }
+    tamper(&path, "DELETE FROM audit WHERE seq = 4");
+    assert_eq!(
+        store.verify_audit().unwrap(),
+        Err(ChainError::Head {
+            head_seq: 4,
+            last_seq: 3
+        })
+    );
+}
+
+#[test]
+fn verify_detects_reordered_rows() {
+    let (_d, path, store) = fresh();
+    for i in 1..=4 {
+        store.append_audit(&ev(i)).unwrap();
+    }
+    // Swap the contents of rows 2 and 3 (keeping the sequence numbers in place).
+    tamper(
+        &path,
+        "CREATE TEMP TABLE t AS SELECT * FROM audit WHERE seq IN (2, 3);
+         UPDATE audit SET at_ms = (SELECT at_ms FROM t WHERE seq = 3), kind = (SELECT kind FROM t WHERE seq = 3),
+             actor = (SELECT actor FROM t WHERE seq = 3), detail = (SELECT detail FROM t WHERE seq = 3),
+             prev_hash = (SELECT prev_hash FROM t WHERE seq = 3), hash = (SELECT hash FROM t WHERE seq = 3)
+           WHERE seq = 2;
+         UPDATE audit SET at_ms = (SELECT at_ms FROM t WHERE seq = 2), kind = (SELECT kind FROM t WHERE seq = 2),
+             actor = (SELECT actor FROM t WHERE seq = 2), detail = (SELECT detail FROM t WHERE seq = 2),
+             prev_hash = (SELECT prev_hash FROM t WHERE seq = 2), hash = (SELECT hash FROM t WHERE seq = 2)
+           WHERE seq = 3;",
+    );
+    assert_eq!(
+        store.verify_audit().unwrap(),
+        Err(ChainError::BrokenLink { seq: 2 })
+    );
+}
+
+#[test]
+fn export_writes_json_lines_that_round_trip() {
+    let (_d, _p, store) = fresh();
+    for i in 1..=3 {
+        store.append_audit(&ev(i)).unwrap();
+    }
+    let mut out = Vec::new();
+    assert_eq!(store.export_audit(0, &mut out).unwrap(), 3);
+    let text = String::from_utf8(out).unwrap();
+    let rows: Vec<AuditRow> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows, store.audit_rows(0, 100).unwrap());
+    let mut tail = Vec::new();
+    assert_eq!(store.export_audit(2, &mut tail).unwrap(), 1);
+    // Recompute each hash from the exported fields alone.
+    let mut prev = trustbind_appliance::store::GENESIS.to_owned();
+    for r in &rows {
+        assert_eq!(r.prev_hash, prev);
+        let h = trustbind_appliance::store::row_hash(
+            &r.prev_hash,
+            r.seq,
+            r.at_ms,
+            &r.kind,
+            &r.actor,
+            &r.detail,
+        );
+        assert_eq!(h, r.hash);
+        prev = h;
+    }
+}
+
+#[test]
+fn signatures_and_groups() {
+    let (_d, _p, store) = fresh();
+    let sig = Signature {
+        sha256: sha('a'),
+        sha1: Some("b".repeat(40)),
+        size: 4096,
+        name: "ls".into(),
+        source: "admin".into(),
+    };
+    store.put_signature(&sig, "admin:test").unwrap();
+    assert_eq!(store.signature(&sig.sha256).unwrap(), Some(sig.clone()));
+    store.create_group("coreutils", "", "admin:test").unwrap();
+    store.create_group("shells", "", "admin:test").unwrap();
+    store
+        .add_member("shells", &sig.sha256, "admin:test")
+        .unwrap();
+    store
+        .add_member("coreutils", &sig.sha256, "admin:test")
+        .unwrap();
+    assert_eq!(
+        store.groups_of(&sig.sha256).unwrap(),
+        vec!["coreutils".to_owned(), "shells".to_owned()]
+    );
+    assert!(store.groups_of(&sha('c')).unwrap().is_empty());
+    // Unknown group or signature: refused.
+    assert!(matches!(
+        store.add_member("nope", &sig.sha256, "a"),
+        Err(StoreError::NotFound { what: "group", .. })
+    ));
+    assert!(matches!(
+        store.add_member("shells", &sha('d'), "a"),
+        Err(StoreError::NotFound {
+            what: "signature",
+            ..
+        })
+    ));
+    assert_eq!(store.verify_audit().unwrap(), Ok(5));
+}
+
+#[test]
+fn malformed_signature_is_refused_and_changes_nothing() {
+    let (_d, _p, store) = fresh();
+    let before = audit_count(&store);
+    for bad in ["", "xyz", &"A".repeat(64), &"a".repeat(63)] {
+        let sig = Signature {
+            sha256: bad.into(),
+            sha1: None,
+            size: 1,
+            name: "x".into(),
+            source: "t".into(),
+        };
+        assert!(matches!(
+            store.put_signature(&sig, "a"),
+            Err(StoreError::Invalid { what: "sha256", .. })
+        ));
+    }
+    let sig = Signature {
+        sha256: sha('a'),
+        sha1: Some("zz".into()),
+        size: 1,
+        name: "x".into(),
+        source: "t".into(),
+    };
+    assert!(matches!(
+        store.put_signature(&sig, "a"),
+        Err(StoreError::Invalid { what: "sha1", .. })
+    ));
+    assert_eq!(store.signature(&sha('a')).unwrap(), None);
+    assert_eq!(audit_count(&store), before);
+}
+
+#[test]
+fn policy_switch_and_rollback_are_atomic() {
+    let (_d, _p, store) = fresh();
+    assert_eq!(store.governing_policy().unwrap(), None);
+    let v1 = store
+        .create_policy_draft("permit(principal, action, resource);", "v1", "admin:t")
+        .unwrap();
+    let v2 = store
+        .create_policy_draft("forbid(principal, action, resource);", "v2", "admin:t")
+        .unwrap();
+    assert_eq!(store.policy(v1).unwrap().unwrap().state, PolicyState::Draft);
+
+    let g = store.activate_policy(v1, "admin:t").unwrap();
+    assert_eq!((g.active, g.previous, g.generation), (Some(v1), None, 1));
+    let g = store.activate_policy(v2, "admin:t").unwrap();
+    assert_eq!(
+        (g.active, g.previous, g.generation),
+        (Some(v2), Some(v1), 2)
+    );
+    assert_eq!(
+        store.policy(v1).unwrap().unwrap().state,
+        PolicyState::Retired
+    );
+    assert_eq!(store.governing_policy().unwrap().unwrap().id, v2);
+
+    // Failed switches change nothing, audit included.
+    let before = (store.governing().unwrap(), audit_count(&store));
+    assert!(matches!(
+        store.activate_policy(9999, "admin:t"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.activate_policy(v2, "admin:t"),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!((store.governing().unwrap(), audit_count(&store)), before);
+
+    let g = store.rollback_policy("admin:t").unwrap();
+    assert_eq!(
+        (g.active, g.previous, g.generation),
+        (Some(v1), Some(v2), 3)
+    );
+    assert_eq!(
+        store.policy(v1).unwrap().unwrap().state,
+        PolicyState::Active
+    );
+    assert_eq!(
+        store.policy(v2).unwrap().unwrap().state,
+        PolicyState::Retired
+    );
+    let kinds: Vec<String> = store
+        .audit_rows(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "policy.draft",
+            "policy.draft",
+            "policy.activate",
+            "policy.activate",
+            "policy.rollback"
+        ]
+    );
+    assert_eq!(store.verify_audit().unwrap(), Ok(5));
+}
+
+#[test]
+fn one_active_policy_is_enforced_by_the_schema() {
+    let (_d, path, store) = fresh();
+    let v1 = store.create_policy_draft("a", "", "t").unwrap();
+    let v2 = store.create_policy_draft("b", "", "t").unwrap();
+    store.activate_policy(v1, "t").unwrap();
+    let c = Connection::open(&path).unwrap();
+    assert!(c
+        .execute(
+            "UPDATE policy_versions SET state = 'active' WHERE id = ?1",
+            [v2]
+        )
+        .is_err());
+}
+
+#[test]
+fn rollback_without_previous_is_a_conflict() {
+    let (_d, _p, store) = fresh();
+    assert!(matches!(
+        store.rollback_policy("t"),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(audit_count(&store), 0);
+}
+
+#[test]
+fn host_enrolment_is_one_time_and_revocable() {
+    let (_d, _p, store) = fresh();
+    store
+        .set_host_group("web", Mode::Permissive, "admin:t")
+        .unwrap();
+    assert_eq!(
+        store.host_group_mode("web").unwrap(),
+        Some(Mode::Permissive)
+    );
+    store
+        .set_host_group("web", Mode::Enforce, "admin:t")
+        .unwrap();
+    assert_eq!(store.host_group_mode("web").unwrap(), Some(Mode::Enforce));
+    assert!(store
+        .add_pending_host("h1", "nogroup", &sha('1'), "admin:t")
+        .is_err());
+    store
+        .add_pending_host("h1", "web", &sha('1'), "admin:t")
+        .unwrap();
+    assert!(matches!(
+        store.add_pending_host("h1", "web", &sha('1'), "admin:t"),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.host("h1").unwrap(),
+        Some((HostState::Pending, "web".into()))
+    );
+    assert!(store.enrol_host("h1", &sha('2'), "01").is_err());
+    store.enrol_host("h1", &sha('1'), "01").unwrap();
+    assert!(
+        store.enrol_host("h1", &sha('1'), "02").is_err(),
+        "token is one-time"
+    );
+    assert_eq!(
+        store.host("h1").unwrap(),
+        Some((HostState::Enrolled, "web".into()))
+    );
+    store.revoke_host("h1", "admin:t").unwrap();
+    assert_eq!(
+        store.host("h1").unwrap(),
+        Some((HostState::Revoked, "web".into()))
+    );
+    assert!(matches!(
+        store.revoke_host("h2", "admin:t"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.verify_audit().unwrap(), Ok(5));
+}
+
+#[test]
+fn channels_are_recorded_by_key_id_only() {
+    let (_d, _p, store) = fresh();
+    store
+        .open_channel("k-0001", "a", "b", "tcp 10.0.0.1:4000 -> 10.0.0.2:443")
+        .unwrap();
+    assert!(store.open_channel("k-0001", "a", "b", "dup").is_err());
+    let rows = store.audit_rows(0, 10).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].detail.contains("k-0001"));
+}
+
+#[test]
+fn concurrent_appends_keep_one_chain() {
+    let (_d, _p, store) = fresh();
+    let store = std::sync::Arc::new(store);
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let s = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    s.append_audit(&ev(t * 100 + i)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(store.verify_audit().unwrap(), Ok(100));
+}

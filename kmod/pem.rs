@@ -54,6 +54,16 @@ struct Trustbind {
     _exec: ExecRegistration,
     _stats: DebugfsDir,
     _device: MiscRegistration<Shared>,
+    _last: Unloaded,
+}
+
+/// Logs the unload once everything before it in [`Trustbind`] is gone.
+struct Unloaded;
+
+impl Drop for Unloaded {
+    fn drop(&mut self) {
+        pr_info!("unloaded\n");
+    }
 }
 
 /// Known-answer vectors: SHA-256 and SHA-1 of `"abc"` (FIPS 180-2).
@@ -139,13 +149,7 @@ impl kernel::Module for Trustbind {
             _exec: exec,
             _stats: stats,
             _device: device,
+            _last: Unloaded,
         })
-    }
-}
-
-impl Drop for Trustbind {
-    fn drop(&mut self) {
-        // Fields drop after this body: the device first, then the hashers.
-        pr_info!("unloaded\n");
     }
 }

@@ -159,7 +159,14 @@ fn source_deb(ctx: &Ctx) -> Result<PathBuf> {
     sh::run(
         "kernel: apt-get download",
         Command::new("apt-get")
-            .args(["download", KERNEL_SOURCE_PKG])
+            // The cache may sit in a home that apt's `_apt` user cannot
+            // enter; download as the caller instead of warning about it.
+            .args([
+                "-o",
+                "APT::Sandbox::User=root",
+                "download",
+                KERNEL_SOURCE_PKG,
+            ])
             .current_dir(&dir),
     )
     .context("run `apt-get update` and check that Debian's package lists are reachable")?;

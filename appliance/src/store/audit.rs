@@ -26,6 +26,17 @@ pub struct AuditEvent {
     pub detail: serde_json::Value,
 }
 
+impl AuditEvent {
+    /// An event of `kind` caused by `actor`.
+    pub fn new(kind: &str, actor: &str, detail: serde_json::Value) -> Self {
+        AuditEvent {
+            kind: kind.to_owned(),
+            actor: actor.to_owned(),
+            detail,
+        }
+    }
+}
+
 /// A stored audit row, as exported (one JSON object per line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRow {

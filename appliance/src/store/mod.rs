@@ -302,11 +302,7 @@ impl Store {
                    name = excluded.name, source = excluded.source",
                 params![sig.sha256, sig.sha1, size, sig.name, sig.source, now_ms()],
             )?;
-            let ev = AuditEvent {
-                kind: "signature.put".into(),
-                actor: actor.into(),
-                detail: serde_json::json!({ "sha256": sig.sha256, "name": sig.name, "source": sig.source }),
-            };
+            let ev = AuditEvent::new("signature.put", actor, serde_json::json!({ "sha256": sig.sha256, "name": sig.name, "source": sig.source }));
             Ok(((), Some(ev)))
         })
     }
@@ -350,11 +346,8 @@ impl Store {
                 "INSERT INTO ref_groups (name, description) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
                 params![name, description],
             )?;
-            let ev = (n > 0).then(|| AuditEvent {
-                kind: "group.create".into(),
-                actor: actor.into(),
-                detail: serde_json::json!({ "group": name }),
-            });
+            let ev = (n > 0)
+                .then(|| AuditEvent::new("group.create", actor, serde_json::json!({ "group": name })));
             Ok(((), ev))
         })
     }
@@ -377,11 +370,7 @@ impl Store {
                 "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                 params![group, sha256],
             )?;
-            let ev = AuditEvent {
-                kind: "group.add".into(),
-                actor: actor.into(),
-                detail: serde_json::json!({ "group": group, "sha256": sha256 }),
-            };
+            let ev = AuditEvent::new("group.add", actor, serde_json::json!({ "group": group, "sha256": sha256 }));
             Ok(((), Some(ev)))
         })
     }
@@ -412,11 +401,7 @@ impl Store {
                 params![text, sha, now_ms(), comment],
             )?;
             let id = tx.last_insert_rowid();
-            let ev = AuditEvent {
-                kind: "policy.draft".into(),
-                actor: actor.into(),
-                detail: serde_json::json!({ "id": id, "sha256": sha }),
-            };
+            let ev = AuditEvent::new("policy.draft", actor, serde_json::json!({ "id": id, "sha256": sha }));
             Ok((id, Some(ev)))
         })
     }
@@ -472,11 +457,11 @@ impl Store {
     pub fn activate_policy(&self, id: i64, actor: &str) -> Result<Governing, StoreError> {
         self.write(|tx| {
             let g = switch(tx, id)?;
-            let ev = AuditEvent {
-                kind: "policy.activate".into(),
-                actor: actor.into(),
-                detail: serde_json::json!({ "id": id, "previous": g.previous, "generation": g.generation }),
-            };
+            let ev = AuditEvent::new(
+                "policy.activate",
+                actor,
+                serde_json::json!({ "id": id, "previous": g.previous, "generation": g.generation }),
+            );
             Ok((g, Some(ev)))
         })
     }
@@ -489,11 +474,7 @@ impl Store {
                 return Err(StoreError::Conflict("no previous policy version to roll back to".into()));
             };
             let g = switch(tx, prev)?;
-            let ev = AuditEvent {
-                kind: "policy.rollback".into(),
-                actor: actor.into(),
-                detail: serde_json::json!({ "id": prev, "previous": g.previous, "generation": g.generation }),
-            };
+            let ev = AuditEvent::new("policy.rollback", actor, serde_json::json!({ "id": prev, "previous": g.previous, "generation": g.generation }));
             Ok((g, Some(ev)))
         })
     }
@@ -507,11 +488,7 @@ impl Store {
                 "INSERT INTO host_groups (name, mode) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET mode = excluded.mode",
                 params![name, mode.as_str()],
             )?;
-            let ev = AuditEvent {
-                kind: "hostgroup.set".into(),
-                actor: actor.into(),
-                detail: serde_json::json!({ "group": name, "mode": mode }),
-            };
+            let ev = AuditEvent::new("hostgroup.set", actor, serde_json::json!({ "group": name, "mode": mode }));
             Ok(((), Some(ev)))
         })
     }
@@ -554,11 +531,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::Conflict(format!("host `{host}` already exists")));
             }
-            let ev = AuditEvent {
-                kind: "host.add".into(),
-                actor: actor.into(),
-                detail: serde_json::json!({ "host": host, "group": group }),
-            };
+            let ev = AuditEvent::new("host.add", actor, serde_json::json!({ "host": host, "group": group }));
             Ok(((), Some(ev)))
         })
     }
@@ -581,11 +554,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::Conflict(format!("no pending enrolment for `{host}` with this token")));
             }
-            let ev = AuditEvent {
-                kind: "host.enrol".into(),
-                actor: host.into(),
-                detail: serde_json::json!({ "host": host, "cert_serial": cert_serial }),
-            };
+            let ev = AuditEvent::new("host.enrol", host, serde_json::json!({ "host": host, "cert_serial": cert_serial }));
             Ok(((), Some(ev)))
         })
     }
@@ -600,11 +569,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::NotFound { what: "host", key: host.into() });
             }
-            let ev = AuditEvent {
-                kind: "host.revoke".into(),
-                actor: actor.into(),
-                detail: serde_json::json!({ "host": host }),
-            };
+            let ev = AuditEvent::new("host.revoke", actor, serde_json::json!({ "host": host }));
             Ok(((), Some(ev)))
         })
     }
@@ -647,11 +612,7 @@ impl Store {
                 params![key_id, src_host, dst_host, tuple, now_ms()],
             )?;
             let id = tx.last_insert_rowid();
-            let ev = AuditEvent {
-                kind: "channel.open".into(),
-                actor: "appliance".into(),
-                detail: serde_json::json!({ "key_id": key_id, "src": src_host, "dst": dst_host, "tuple": tuple }),
-            };
+            let ev = AuditEvent::new("channel.open", "appliance", serde_json::json!({ "key_id": key_id, "src": src_host, "dst": dst_host, "tuple": tuple }));
             Ok((id, Some(ev)))
         })
     }

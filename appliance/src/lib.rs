@@ -19,4 +19,5 @@
 )]
 
 pub mod policy;
+pub mod request;
 pub mod store;

@@ -18,6 +18,7 @@
     )
 )]
 
+pub mod channels;
 pub mod policy;
 pub mod request;
 pub mod store;

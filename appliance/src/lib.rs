@@ -18,6 +18,7 @@
     )
 )]
 
+pub mod metrics;
 pub mod policy;
 pub mod request;
 pub mod store;

@@ -18,6 +18,7 @@
     )
 )]
 
+pub mod channels;
 pub mod metrics;
 pub mod policy;
 pub mod request;

@@ -792,3 +792,5 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
 
 #[cfg(test)]
 mod tests;
+
+pub mod cache;

@@ -19,6 +19,7 @@
 )]
 
 pub mod channels;
+pub mod metrics;
 pub mod policy;
 pub mod request;
 pub mod store;

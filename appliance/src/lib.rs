@@ -19,6 +19,7 @@
     )
 )]
 
+pub mod admin;
 pub mod channels;
 pub mod metrics;
 pub mod policy;

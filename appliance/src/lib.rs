@@ -18,6 +18,8 @@
     )
 )]
 
+pub mod agent_api;
+pub mod pki;
 pub mod policy;
 pub mod request;
 pub mod store;

@@ -2,11 +2,13 @@
 //! connect and accept requests from enrolled hosts, issues channel keys and
 //! keeps the audit chain.
 //!
-//! Built so far: [`policy`] (verdicts with obligations and modes from a
-//! validated Cedar policy set) and [`store`] (SQLite in WAL mode, versioned migrations,
+//! Built so far: [`policy`] (the engine deciding requests against the
+//! governing Cedar policy set with entities from the store, verdicts with
+//! obligations and modes) and [`store`] (SQLite in WAL mode, versioned migrations,
 //! signatures and reference groups, policy versions with atomic switch and
 //! rollback, hosts, channels, and the hash-chained audit log with verify and
-//! JSON-lines export). The policy engine, the agent and admin APIs follow.
+//! JSON-lines export), [`pki`] (the CA, enrolment certificates, TLS configurations)
+//! and [`agent_api`] (gRPC over mutual TLS). The admin API follows.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -19,6 +21,8 @@
 )]
 
 pub mod agent_api;
+pub mod channels;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod request;

@@ -67,10 +67,11 @@ async fn good_token_gives_a_certificate_that_works_on_the_agent_port() {
         .unwrap()
         .into_inner();
     let first = stream.next().await.unwrap().unwrap();
+    let generation = app.api.store.governing().unwrap().generation;
     assert_eq!(
         first.kind,
         Some(push::Kind::Generation(
-            trustbind_appliance::agent_api::pb::PolicyGeneration { generation: 0 }
+            trustbind_appliance::agent_api::pb::PolicyGeneration { generation }
         ))
     );
     let rows = app.api.store.audit_rows(0, 1000).unwrap();

@@ -809,6 +809,17 @@ impl Store {
         .transpose()
     }
 
+    /// `(host, certificate serial)` of every enrolled host: the certificates
+    /// the agent port accepts.
+    pub fn enrolled_certs(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(
+            "SELECT name, cert_serial FROM hosts WHERE state = 'enrolled' AND cert_serial IS NOT NULL ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     // ---- channels ----
 
     /// Records an opened channel by key id (never the key).

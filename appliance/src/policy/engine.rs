@@ -1,6 +1,6 @@
 //! The policy engine: [`QualifyRequest`]s in, [`Decision`]s out.
 //!
-//! The engine keeps an immutable [`Snapshot`] of everything a verdict
+//! The engine keeps an immutable snapshot of everything a verdict
 //! depends on (the compiled governing policy, hosts with their groups and
 //! modes, users with their roles, and a lazily filled map of program
 //! memberships), all as of one verdict generation. Deciding takes no global

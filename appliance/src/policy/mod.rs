@@ -5,7 +5,7 @@
 //! obligations carried by annotations on the determining permit policies,
 //! the policy names (`@id`) used as reasons, and the host group's mode.
 //! [`engine`] builds Cedar requests from [`crate::request::QualifyRequest`]s
-//! and the store, with the slicing index ([`slice`]) and a decision cache.
+//! and the store, with the slicing index ([`mod@slice`]) and a decision cache.
 
 mod cache;
 pub mod engine;

@@ -23,6 +23,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 
 pub use error::{parse_json, ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+pub use hosts::token_sha256;
 pub use policies::{check_policy, PolicyDiagnostic};
 pub use tls::{peer_common_name, serve};
 

@@ -364,6 +364,10 @@ impl Channel {
                     c.verdict_timeout_ms
                 );
             }
+            Record::Generation(g) => {
+                crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
+                pr_info!("policy generation {}\n", g.policy_generation);
+            }
             Record::HelloAck(_) | Record::ExecRequest(_) => {
                 pr_warn!("agent sent a module-only record kind {:?}\n", record.kind());
                 return Err(EINVAL);

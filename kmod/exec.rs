@@ -21,14 +21,92 @@
 //! In disabled mode nothing is hashed or asked. The agent's own execs are
 //! exempt (it must be able to run while nothing answers). Counters of all
 //! this are in `/sys/kernel/debug/trustbind/exec_*`.
+//!
+//! Verdicts are cached ([`Cache`], logic in `proto/src/cache.rs`) by file
+//! identity and change cookie, context class and policy generation; a hit
+//! skips hashing and the agent. Files on a file system without a change
+//! cookie are never cached. Obligations: `nice` is applied here, to the
+//! exec'ing task (also on a cache hit); a CPU-time limit is applied by the
+//! agent with `prlimit(2)` while the exec waits for its verdict, so such
+//! verdicts are never cached.
 
 use core::sync::atomic::{AtomicU64, Ordering};
+use kernel::alloc::KVVec;
+use kernel::new_spinlock;
 use kernel::prelude::*;
+use kernel::sync::SpinLock;
 
 use crate::device::Answer;
-use crate::proto::{Ancestry, Decision, ExecRequest, Mode, Record, MAX_PATH_LEN};
-use crate::sys::Bprm;
+use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache};
+use crate::proto::{
+    Ancestry, Decision, ExecRequest, Mode, Obligations, Record, Verdict, MAX_PATH_LEN,
+};
+use crate::sys::{self, Bprm, ExecInfo};
 use crate::Shared;
+
+/// Cached verdicts at most (a power of two; ~100 bytes each).
+const CACHE_ENTRIES: usize = 4096;
+/// A cached verdict is asked again after this long.
+const CACHE_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// The exec verdict cache, shared by all execs.
+#[pin_data]
+pub(crate) struct Cache {
+    #[pin]
+    inner: SpinLock<VerdictCache<KVVec<CacheSlot>>>,
+}
+
+impl Cache {
+    /// An empty cache of [`CACHE_ENTRIES`] entries.
+    pub(crate) fn new() -> Result<impl PinInit<Self, Error>> {
+        let mut slots = KVVec::new();
+        slots.extend_with(CACHE_ENTRIES, CacheSlot::EMPTY, GFP_KERNEL)?;
+        let cache = VerdictCache::new(slots, CACHE_TTL_MS).map_err(|_| EINVAL)?;
+        Ok(try_pin_init!(Self {
+            inner <- new_spinlock!(cache, "trustbind_exec_cache"),
+        }? Error))
+    }
+
+    fn lookup(&self, key: &ExecKey) -> Option<Verdict> {
+        self.inner.lock().lookup(key, sys::now_ms())
+    }
+
+    /// Stores `v` if it may be cached. A verdict of a newer generation
+    /// moves the cache to it first (dropping older entries).
+    fn store(&self, key: &ExecKey, v: &Verdict) {
+        let mut c = self.inner.lock();
+        if v.policy_generation > c.generation() {
+            c.set_generation(v.policy_generation);
+            bump(&STATS.cache_flushes);
+        }
+        if c.insert(key, v, sys::now_ms()) {
+            bump(&STATS.cache_stored);
+        }
+    }
+
+    /// The appliance's generation is now `g` (pushed through the agent).
+    pub(crate) fn set_generation(&self, g: u64) {
+        if self.inner.lock().set_generation(g) {
+            bump(&STATS.cache_flushes);
+        }
+    }
+}
+
+/// The cache key of this exec, if its file system has a change cookie.
+fn cache_key(info: &ExecInfo) -> Option<ExecKey> {
+    (info.has_change_cookie != 0).then(|| ExecKey {
+        dev: info.dev,
+        ino: info.ino,
+        generation: info.generation,
+        change_cookie: info.change_cookie,
+        class: ContextClass {
+            uid: info.uid,
+            euid: info.euid,
+            gid: info.gid,
+            loginuid: info.loginuid,
+        },
+    })
+}
 
 /// What the exec path did since load (shown in debugfs, see `pem.rs`).
 pub(crate) struct Stats {
@@ -46,6 +124,14 @@ pub(crate) struct Stats {
     pub(crate) timeouts: AtomicU64,
     /// Of the refusals: the file could not be hashed.
     pub(crate) unreadable: AtomicU64,
+    /// Execs decided from the cache (not hashed, not asked).
+    pub(crate) cache_hits: AtomicU64,
+    /// Execs that looked in the cache and found nothing.
+    pub(crate) cache_misses: AtomicU64,
+    /// Verdicts stored in the cache.
+    pub(crate) cache_stored: AtomicU64,
+    /// Times the policy generation moved and the cache was emptied.
+    pub(crate) cache_flushes: AtomicU64,
 }
 
 /// The exec path's counters.
@@ -57,6 +143,10 @@ pub(crate) static STATS: Stats = Stats {
     no_agent: AtomicU64::new(0),
     timeouts: AtomicU64::new(0),
     unreadable: AtomicU64::new(0),
+    cache_hits: AtomicU64::new(0),
+    cache_misses: AtomicU64::new(0),
+    cache_stored: AtomicU64::new(0),
+    cache_flushes: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64) {
@@ -124,6 +214,14 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
     if s.channel.is_agent(info.tgid) {
         return Ok(());
     }
+    let key = cache_key(&info);
+    if let Some(key) = &key {
+        if let Some(v) = s.exec_cache.lookup(key) {
+            bump(&STATS.cache_hits);
+            return enforce(&v, path);
+        }
+        bump(&STATS.cache_misses);
+    }
     bump(&STATS.asked);
     let (sha256, sha1) = s
         .hashers
@@ -144,15 +242,46 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
         path: &path[..path.len().min(MAX_PATH_LEN)],
     });
     match s.channel.ask(&rec).map_err(Err)? {
-        Answer::Verdict(v) => match v.decision {
-            Decision::Allow | Decision::AllowWithConditions => {
-                bump(&STATS.allowed);
-                Ok(())
+        Answer::Verdict(v) => {
+            if let Some(key) = &key {
+                s.exec_cache.store(key, &v);
             }
-            Decision::Deny => Err(Ok(Refusal::Denied)),
-        },
+            enforce(&v, path)
+        }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
         Answer::Interrupted => Err(Err(ERESTARTNOINTR)),
+    }
+}
+
+/// Applies a verdict (fresh or cached) to the exec'ing task.
+fn enforce(v: &Verdict, path: &[u8]) -> Result<(), Result<Refusal>> {
+    match v.decision {
+        Decision::Allow => {
+            bump(&STATS.allowed);
+            Ok(())
+        }
+        Decision::AllowWithConditions => {
+            bump(&STATS.allowed);
+            apply(&v.obligations, path);
+            Ok(())
+        }
+        Decision::Deny => Err(Ok(Refusal::Denied)),
+    }
+}
+
+/// Applies the obligations the kernel carries out (see the module doc).
+fn apply(o: &Obligations, path: &[u8]) {
+    if let Some(nice) = o.nice {
+        sys::set_nice_current(nice);
+    }
+    if o.log_level >= 2 {
+        let shown = core::str::from_utf8(&path[..path.len().min(256)]).unwrap_or("<non-utf8 path>");
+        pr_info!(
+            "exec allowed with conditions: {} (nice {:?}, cpu limit {:?} s)\n",
+            shown,
+            o.nice,
+            o.cpu_limit_s
+        );
     }
 }

@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) hashers: Hashers,
     #[pin]
     pub(crate) channel: Channel,
+    #[pin]
+    pub(crate) exec_cache: exec::Cache,
 }
 
 /// The state the C callbacks (file operations, binfmt handler) reach.
@@ -124,10 +126,12 @@ impl kernel::Module for Trustbind {
         );
         self_test(&hashers)?;
         let channel = Channel::new(&hashers)?;
+        let exec_cache = exec::Cache::new()?;
         let shared = KBox::pin_init(
             try_pin_init!(Shared {
                 hashers,
                 channel <- channel,
+                exec_cache <- exec_cache,
             }? Error),
             GFP_KERNEL,
         )?;
@@ -142,6 +146,10 @@ impl kernel::Module for Trustbind {
             (c_str!("exec_no_agent"), &st.no_agent),
             (c_str!("exec_timeouts"), &st.timeouts),
             (c_str!("exec_unreadable"), &st.unreadable),
+            (c_str!("exec_cache_hits"), &st.cache_hits),
+            (c_str!("exec_cache_misses"), &st.cache_misses),
+            (c_str!("exec_cache_stored"), &st.cache_stored),
+            (c_str!("exec_cache_flushes"), &st.cache_flushes),
         ]);
         let exec = ExecRegistration::new();
         pr_info!("exec handler registered (mode disabled until an agent configures it)\n");

@@ -2,11 +2,12 @@
 //! connect and accept requests from enrolled hosts, issues channel keys and
 //! keeps the audit chain.
 //!
-//! Built so far: [`policy`] (verdicts with obligations and modes from a
-//! validated Cedar policy set) and [`store`] (SQLite in WAL mode, versioned migrations,
+//! Built so far: [`policy`] (the engine deciding requests against the
+//! governing Cedar policy set with entities from the store, verdicts with
+//! obligations and modes) and [`store`] (SQLite in WAL mode, versioned migrations,
 //! signatures and reference groups, policy versions with atomic switch and
 //! rollback, hosts, channels, and the hash-chained audit log with verify and
-//! JSON-lines export). The policy engine, the agent and admin APIs follow.
+//! JSON-lines export). The agent and admin APIs follow.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),

@@ -18,6 +18,7 @@
 #include <linux/slab.h>
 #include <linux/stat.h>
 #include <linux/wait.h>
+#include <linux/jiffies.h>
 
 #include "helpers.h"
 
@@ -331,4 +332,16 @@ void tb_dev_deregister(void)
 void tb_dev_wake_readers(void)
 {
 	wake_up_interruptible(&tb_readq);
+}
+
+/* --- Process and time ----------------------------------------------------- */
+
+u64 tb_now_ms(void)
+{
+	return jiffies64_to_msecs(get_jiffies_64());
+}
+
+void tb_set_nice_current(int nice)
+{
+	set_user_nice(current, nice);
 }

@@ -96,4 +96,11 @@ ssize_t trustbind_dev_read(unsigned long ubuf, size_t len);
 ssize_t trustbind_dev_write(unsigned long ubuf, size_t len);
 bool trustbind_dev_readable(void);
 
+/* --- Process and time ----------------------------------------------------- */
+
+/* Milliseconds since boot (jiffies resolution), for cache ages. */
+u64 tb_now_ms(void);
+/* set_user_nice(current, nice); nice is clamped to -20..19 by the caller. */
+void tb_set_nice_current(int nice);
+
 #endif /* TRUSTBIND_HELPERS_H */

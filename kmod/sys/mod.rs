@@ -30,7 +30,7 @@ use bindings::{
     tb_dev_wake_readers, tb_exec_register, tb_exec_unregister, tb_hash_file,
     tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
     tb_hashers_free, tb_module_pin, tb_module_unpin, tb_debugfs_dir, tb_debugfs_remove,
-    tb_debugfs_u64,
+    tb_debugfs_u64, tb_now_ms, tb_set_nice_current,
 };
 
 pub(crate) use bindings::tb_exec_info as ExecInfo;
@@ -388,4 +388,18 @@ pub(crate) fn wake_readers() {
     // SAFETY: The wait queue is a static of helpers.c; waking it is always
     // allowed, registered or not.
     unsafe { tb_dev_wake_readers() }
+}
+
+/// Milliseconds since boot, at jiffies resolution.
+pub(crate) fn now_ms() -> u64 {
+    // SAFETY: Reading jiffies has no precondition.
+    unsafe { tb_now_ms() }
+}
+
+/// Sets the nice level of the current task (the one exec'ing).
+pub(crate) fn set_nice_current(nice: i8) {
+    let nice = c_int::from(nice.clamp(-20, 19));
+    // SAFETY: `set_user_nice` on `current` is valid in process context,
+    // which every caller (the exec path) is in; the value is in range.
+    unsafe { tb_set_nice_current(nice) }
 }

@@ -69,6 +69,8 @@ pub enum Kind {
     Verdict = 4,
     /// Agent → module: enforcement mode and verdict wait.
     Config = 5,
+    /// Agent → module: the appliance's policy generation moved.
+    Generation = 6,
 }
 
 impl Kind {
@@ -80,6 +82,7 @@ impl Kind {
             3 => Some(Kind::ExecRequest),
             4 => Some(Kind::Verdict),
             5 => Some(Kind::Config),
+            6 => Some(Kind::Generation),
             _ => None,
         }
     }
@@ -525,6 +528,14 @@ pub struct Config {
     pub verdict_timeout_ms: u32,
 }
 
+/// Agent → module: the appliance's policy generation is now this; cached
+/// verdicts of any other generation are dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// The appliance's current policy generation.
+    pub policy_generation: u64,
+}
+
 /// A decoded record, borrowing variable-length fields from the buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record<'a> {
@@ -538,6 +549,8 @@ pub enum Record<'a> {
     Verdict(Verdict),
     /// See [`Config`].
     Config(Config),
+    /// See [`Generation`].
+    Generation(Generation),
 }
 
 impl Record<'_> {
@@ -549,6 +562,7 @@ impl Record<'_> {
             Record::ExecRequest(_) => Kind::ExecRequest,
             Record::Verdict(_) => Kind::Verdict,
             Record::Config(_) => Kind::Config,
+            Record::Generation(_) => Kind::Generation,
         }
     }
 
@@ -560,6 +574,7 @@ impl Record<'_> {
             Record::ExecRequest(r) => EXEC_FIXED_LEN + r.ancestry.as_bytes().len() + r.path.len(),
             Record::Verdict(_) => VERDICT_LEN,
             Record::Config(_) => CONFIG_LEN,
+            Record::Generation(_) => GENERATION_LEN,
         }
     }
 
@@ -649,6 +664,7 @@ impl Record<'_> {
                 w.u16(0);
                 w.u32(c.verdict_timeout_ms);
             }
+            Record::Generation(g) => w.u64(g.policy_generation),
         }
         if w.pos != len {
             return Err(EncodeError::BufferTooSmall {
@@ -667,6 +683,8 @@ const EXEC_FIXED_LEN: usize = SHA256_LEN + SHA1_LEN + 8 + 7 * 4 + 1 + 1 + 2;
 const VERDICT_LEN: usize = 4 + 8 + 4 + 4;
 /// Config body: mode, two pad fields, timeout.
 const CONFIG_LEN: usize = 8;
+/// Generation body: the generation.
+const GENERATION_LEN: usize = 8;
 const OBL_NICE: u8 = 1;
 const OBL_CPU: u8 = 2;
 
@@ -785,6 +803,9 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 verdict_timeout_ms,
             })
         }
+        Kind::Generation => Record::Generation(Generation {
+            policy_generation: r.u64().map_err(short)?,
+        }),
     };
     r.finish()?;
     Ok((header, record))

@@ -88,6 +88,9 @@ fn every_kind_round_trips() {
             mode: Mode::Enforce,
             verdict_timeout_ms: 2500,
         }),
+        Record::Generation(Generation {
+            policy_generation: 42,
+        }),
     ];
     for (i, rec) in records.iter().enumerate() {
         let buf = enc(rec, i as u64 + 100);
@@ -335,7 +338,7 @@ proptest! {
     /// Mutating one byte of a valid record never panics the decoder.
     #[test]
     fn decode_mutated_records(
-        which in 0usize..4,
+        which in 0usize..5,
         pos in any::<prop::sample::Index>(),
         val in any::<u8>(),
         path in proptest::collection::vec(1u8..=255, 0..64),
@@ -346,6 +349,7 @@ proptest! {
             0 => sample_exec(&path, &anc),
             1 => sample_verdict(),
             2 => Record::Config(Config { mode: Mode::Enforce, verdict_timeout_ms: 10 }),
+            3 => Record::Generation(Generation { policy_generation: 9 }),
             _ => Record::Hello(Hello { agent_pid: 3, agent_version: 4 }),
         };
         let mut buf = enc(&rec, 77);

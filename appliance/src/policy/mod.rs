@@ -4,9 +4,12 @@
 //! determining policies. This module adds what Cedar does not know: the
 //! obligations carried by annotations on the determining permit policies,
 //! the policy names (`@id`) used as reasons, and the host group's mode.
-//! The slicing index and the decision cache are not built yet.
+//! [`engine`] builds Cedar requests from [`crate::request::QualifyRequest`]s
+//! and the store. The slicing index and the decision cache are not built yet.
 
+pub mod engine;
 mod err;
+pub mod reads;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -35,6 +38,12 @@ pub struct LoadedPolicy {
 pub fn load(schema: &str, text: &str) -> Result<(Schema, LoadedPolicy), PolicyError> {
     let (schema, _warnings) =
         Schema::from_cedarschema_str(schema).map_err(|e| PolicyError::Schema(e.to_string()))?;
+    let loaded = validate(&schema, text)?;
+    Ok((schema, loaded))
+}
+
+/// Parses `text` and validates it in strict mode against an already parsed `schema`.
+pub fn validate(schema: &Schema, text: &str) -> Result<LoadedPolicy, PolicyError> {
     let set = PolicySet::from_str(text).map_err(|e| PolicyError::Syntax(e.to_string()))?;
     let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
     if !result.validation_passed() {
@@ -42,7 +51,7 @@ pub fn load(schema: &str, text: &str) -> Result<(Schema, LoadedPolicy), PolicyEr
         return Err(PolicyError::Validation(msgs.join("; ")));
     }
     let identity = hex(&Sha256::digest(text.as_bytes()));
-    Ok((schema, LoadedPolicy { set, identity }))
+    Ok(LoadedPolicy { set, identity })
 }
 
 /// What the appliance answers.

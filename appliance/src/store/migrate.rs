@@ -83,6 +83,18 @@ CREATE TABLE audit_head (
     hash TEXT NOT NULL
 );
 "#,
+    // 2: users and their roles (Cedar `User in [Role]`)
+    r#"
+CREATE TABLE users (
+    name       TEXT PRIMARY KEY,
+    changed_ms INTEGER NOT NULL
+);
+CREATE TABLE user_roles (
+    user_name TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+    role      TEXT NOT NULL,
+    PRIMARY KEY (user_name, role)
+);
+"#,
 ];
 
 /// Newest schema version this build understands.

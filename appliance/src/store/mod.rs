@@ -12,8 +12,10 @@ mod audit;
 mod err;
 pub mod migrate;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -108,15 +110,20 @@ pub struct PolicyVersion {
     pub state: PolicyState,
 }
 
-/// The governing policy and its generation counter, which moves on every
-/// switch and is pushed to agents so they drop cached verdicts.
+/// The governing policy and the verdict generation.
+///
+/// The generation moves, in the same transaction as the change, on
+/// everything that can change a verdict: policy activation and rollback,
+/// reference-group membership, signature removal, user roles, host-group
+/// modes and host registration. Agents are pushed the new value and drop
+/// their cached verdicts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Governing {
     /// Active version, if any (none means default deny).
     pub active: Option<i64>,
     /// The version that was active before, the target of a rollback.
     pub previous: Option<i64>,
-    /// Incremented by every activation and rollback.
+    /// Incremented by every change that can change a verdict.
     pub generation: i64,
 }
 
@@ -159,6 +166,22 @@ pub enum HostState {
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Last committed verdict generation, readable without the lock.
+    generation: AtomicI64,
+}
+
+/// Everything the policy engine needs besides program memberships, read in
+/// one consistent view by [`Store::engine_data`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineData {
+    /// Verdict generation of this view.
+    pub generation: i64,
+    /// The governing policy version, if any.
+    pub policy: Option<PolicyVersion>,
+    /// Host name -> (host group, the group's mode).
+    pub hosts: HashMap<String, (String, Mode)>,
+    /// User name -> roles, sorted.
+    pub users: HashMap<String, Vec<String>>,
 }
 
 impl Store {
@@ -171,9 +194,18 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", true)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate::migrate(&mut conn)?;
+        let generation = read_generation(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            generation: AtomicI64::new(generation),
         })
+    }
+
+    /// The last committed verdict generation, without touching SQLite.
+    /// Cheap enough for every decision; moves only after the change that
+    /// moved it has committed.
+    pub fn generation_hint(&self) -> i64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
@@ -193,6 +225,9 @@ impl Store {
             audit::append(&tx, now_ms(), &ev)?;
         }
         tx.commit()?;
+        // Still under the lock: the hint never runs ahead of the database.
+        let g = read_generation(&conn)?;
+        self.generation.store(g, Ordering::Release);
         Ok(out)
     }
 
@@ -368,12 +403,192 @@ impl Store {
             if s.is_none() {
                 return Err(StoreError::NotFound { what: "signature", key: sha256.into() });
             }
-            tx.execute(
+            let n = tx.execute(
                 "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                 params![group, sha256],
             )?;
+            if n > 0 {
+                bump_generation(tx)?;
+            }
             let ev = AuditEvent::new("group.add", actor, serde_json::json!({ "group": group, "sha256": sha256 }));
             Ok(((), Some(ev)))
+        })
+    }
+
+    /// Takes a signature out of a reference group (no-op if it was not in it).
+    pub fn remove_member(&self, group: &str, sha256: &str, actor: &str) -> Result<(), StoreError> {
+        check_hex("sha256", sha256, 64)?;
+        self.write(|tx| {
+            let n = tx.execute(
+                "DELETE FROM ref_group_members WHERE group_name = ?1 AND sha256 = ?2",
+                params![group, sha256],
+            )?;
+            if n == 0 {
+                return Ok(((), None));
+            }
+            bump_generation(tx)?;
+            let ev = AuditEvent::new(
+                "group.remove",
+                actor,
+                serde_json::json!({ "group": group, "sha256": sha256 }),
+            );
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Removes a signature and its group memberships.
+    pub fn remove_signature(&self, sha256: &str, actor: &str) -> Result<(), StoreError> {
+        check_hex("sha256", sha256, 64)?;
+        self.write(|tx| {
+            let n = tx.execute("DELETE FROM signatures WHERE sha256 = ?1", [sha256])?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    what: "signature",
+                    key: sha256.into(),
+                });
+            }
+            bump_generation(tx)?;
+            let ev = AuditEvent::new(
+                "signature.remove",
+                actor,
+                serde_json::json!({ "sha256": sha256 }),
+            );
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Reference groups of a program together with the verdict generation
+    /// they belong to, read in one consistent view.
+    pub fn groups_of_at(&self, sha256: &str) -> Result<(Vec<String>, i64), StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT group_name FROM ref_group_members WHERE sha256 = ?1 ORDER BY group_name",
+        )?;
+        let rows = stmt.query_map([sha256], |r| r.get(0))?;
+        let groups = rows.collect::<Result<Vec<String>, _>>()?;
+        Ok((groups, read_generation(&conn)?))
+    }
+
+    // ---- users and roles ----
+
+    /// Sets the roles of `user` (replacing the old ones; creates the user),
+    /// audited as `actor`. Moves the verdict generation.
+    pub fn set_user_roles(
+        &self,
+        user: &str,
+        roles: &[&str],
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        if user.is_empty() {
+            return Err(StoreError::Invalid {
+                what: "user name",
+                why: "empty".into(),
+            });
+        }
+        if roles.iter().any(|r| r.is_empty()) {
+            return Err(StoreError::Invalid {
+                what: "role name",
+                why: format!("empty role for user `{user}`"),
+            });
+        }
+        let mut sorted: Vec<&str> = roles.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO users (name, changed_ms) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET changed_ms = excluded.changed_ms",
+                params![user, now_ms()],
+            )?;
+            tx.execute("DELETE FROM user_roles WHERE user_name = ?1", [user])?;
+            for role in &sorted {
+                tx.execute(
+                    "INSERT INTO user_roles (user_name, role) VALUES (?1, ?2)",
+                    params![user, role],
+                )?;
+            }
+            bump_generation(tx)?;
+            let ev = AuditEvent::new(
+                "user.roles",
+                actor,
+                serde_json::json!({ "user": user, "roles": sorted }),
+            );
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Roles of `user`, sorted (empty for unknown users).
+    pub fn user_roles(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt =
+            conn.prepare_cached("SELECT role FROM user_roles WHERE user_name = ?1 ORDER BY role")?;
+        let rows = stmt.query_map([user], |r| r.get(0))?;
+        Ok(rows.collect::<Result<Vec<String>, _>>()?)
+    }
+
+    /// The governing policy, hosts with their groups' modes and users with
+    /// their roles, all as of one generation (one read under the lock).
+    pub fn engine_data(&self) -> Result<EngineData, StoreError> {
+        let conn = self.lock()?;
+        let tx = conn.unchecked_transaction()?;
+        let generation = read_generation(&tx)?;
+        let active: Option<i64> =
+            tx.query_row("SELECT active FROM governing WHERE id = 1", [], |r| {
+                r.get(0)
+            })?;
+        let policy = match active {
+            Some(id) => {
+                let row: Option<(i64, String, String, String)> = tx
+                    .query_row(
+                        "SELECT id, text, sha256, state FROM policy_versions WHERE id = ?1",
+                        [id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )
+                    .optional()?;
+                row.map(|(id, text, sha256, state)| {
+                    Ok::<_, StoreError>(PolicyVersion {
+                        id,
+                        text,
+                        sha256,
+                        state: PolicyState::parse(&state)?,
+                    })
+                })
+                .transpose()?
+            }
+            None => None,
+        };
+        let mut hosts = HashMap::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT h.name, h.host_group, g.mode FROM hosts h JOIN host_groups g ON g.name = h.host_group",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let mode: String = r.get(2)?;
+                hosts.insert(r.get(0)?, (r.get(1)?, parse_mode(&mode)?));
+            }
+        }
+        let mut users: HashMap<String, Vec<String>> = HashMap::new();
+        {
+            let mut stmt = tx.prepare("SELECT name FROM users")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                users.insert(r.get(0)?, Vec::new());
+            }
+            let mut stmt =
+                tx.prepare("SELECT user_name, role FROM user_roles ORDER BY user_name, role")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let u: String = r.get(0)?;
+                users.entry(u).or_default().push(r.get(1)?);
+            }
+        }
+        tx.commit()?;
+        Ok(EngineData {
+            generation,
+            policy,
+            hosts,
+            users,
         })
     }
 
@@ -490,6 +705,7 @@ impl Store {
                 "INSERT INTO host_groups (name, mode) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET mode = excluded.mode",
                 params![name, mode.as_str()],
             )?;
+            bump_generation(tx)?;
             let ev = AuditEvent::new("hostgroup.set", actor, serde_json::json!({ "group": name, "mode": mode }));
             Ok(((), Some(ev)))
         })
@@ -505,13 +721,7 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        m.map(|m| match m.as_str() {
-            "enforce" => Ok(Mode::Enforce),
-            "permissive" => Ok(Mode::Permissive),
-            "disabled" => Ok(Mode::Disabled),
-            _ => Err(StoreError::Unreachable("unknown mode in database")),
-        })
-        .transpose()
+        m.map(|m| parse_mode(&m)).transpose()
     }
 
     /// Registers `host` in `group` as pending with the SHA-256 of its
@@ -533,6 +743,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::Conflict(format!("host `{host}` already exists")));
             }
+            bump_generation(tx)?;
             let ev = AuditEvent::new("host.add", actor, serde_json::json!({ "host": host, "group": group }));
             Ok(((), Some(ev)))
         })
@@ -618,6 +829,32 @@ impl Store {
             Ok((id, Some(ev)))
         })
     }
+}
+
+fn parse_mode(m: &str) -> Result<Mode, StoreError> {
+    match m {
+        "enforce" => Ok(Mode::Enforce),
+        "permissive" => Ok(Mode::Permissive),
+        "disabled" => Ok(Mode::Disabled),
+        _ => Err(StoreError::Unreachable("unknown mode in database")),
+    }
+}
+
+fn read_generation(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(
+        conn.query_row("SELECT generation FROM governing WHERE id = 1", [], |r| {
+            r.get(0)
+        })?,
+    )
+}
+
+/// Moves the verdict generation inside `tx` (the caller commits).
+fn bump_generation(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE governing SET generation = generation + 1 WHERE id = 1",
+        [],
+    )?;
+    Ok(())
 }
 
 /// Retires the active version and activates `id` (inside `tx`).

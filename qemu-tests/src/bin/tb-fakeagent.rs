@@ -6,15 +6,20 @@
 //!
 //! ```text
 //! tb-fakeagent --mode enforce|permissive [--timeout-ms N]
-//!              [--allow-dir DIR]... [--allow FILE]... --log FILE
+//!              [--allow-dir DIR]... [--allow FILE]... [--no-cache]
+//!              [--nice-path PATH:N]... --log FILE
 //! ```
 //!
 //! Every request becomes one line in the log:
 //! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> pid=<p> -> allow|deny`.
+//! Verdicts are cacheable unless `--no-cache`; an allowed exec of a path
+//! named by `--nice-path` is allowed with the condition "nice N".
+//! SIGUSR1 moves the policy generation by one (a `Generation` record, logged
+//! as `generation <n>`), as the appliance does on a policy switch.
 //! On SIGTERM or SIGINT it sets the module to disabled mode before it
 //! exits, so the VM stays usable.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -22,12 +27,19 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
-use trustbind_proto::{self as proto, Config, Decision, Hello, Mode, Obligations, Record, Verdict};
+use trustbind_proto::{
+    self as proto, Config, Decision, Generation, Hello, Mode, Obligations, Record, Verdict,
+};
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static BUMP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGUSR1 {
+        BUMP.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -83,6 +95,8 @@ fn run() -> Result<(), String> {
     let mut allow = HashSet::new();
     let mut seen = HashSet::new();
     let mut log_path = None;
+    let mut cacheable = true;
+    let mut nice: HashMap<String, i8> = HashMap::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -104,6 +118,15 @@ fn run() -> Result<(), String> {
                 allow.insert(hash_file(Path::new(&f)).map_err(|e| format!("{f}: {e}"))?);
             }
             "--log" => log_path = Some(val()?),
+            "--no-cache" => cacheable = false,
+            "--nice-path" => {
+                let v = val()?;
+                let (p, n) = v
+                    .rsplit_once(':')
+                    .ok_or(format!("--nice-path {v}: want PATH:N"))?;
+                let n = n.parse().map_err(|e| format!("--nice-path {v}: {e}"))?;
+                nice.insert(p.to_owned(), n);
+            }
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -118,6 +141,7 @@ fn run() -> Result<(), String> {
         sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
         libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
         libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
     }
     let mut dev = OpenOptions::new()
         .read(true)
@@ -147,7 +171,17 @@ fn run() -> Result<(), String> {
     writeln!(log, "ready mode={mode:?} allowlist={}", allow.len()).map_err(|e| e.to_string())?;
     log.flush().ok();
 
+    let mut generation = 1u64;
     while !STOP.load(Ordering::SeqCst) {
+        if BUMP.swap(false, Ordering::SeqCst) {
+            generation += 1;
+            let rec = Record::Generation(Generation {
+                policy_generation: generation,
+            });
+            send(&mut dev, &rec, 4)?;
+            writeln!(log, "generation {generation}").ok();
+            log.flush().ok();
+        }
         let n = match dev.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -158,15 +192,19 @@ fn run() -> Result<(), String> {
             continue;
         };
         let allowed = allow.contains(&r.sha256);
+        let niced = nice.get(&*String::from_utf8_lossy(r.path)).copied();
         let verdict = Record::Verdict(Verdict {
-            decision: if allowed {
-                Decision::Allow
-            } else {
-                Decision::Deny
+            decision: match (allowed, niced) {
+                (false, _) => Decision::Deny,
+                (true, None) => Decision::Allow,
+                (true, Some(_)) => Decision::AllowWithConditions,
             },
-            policy_generation: 1,
-            cacheable: true,
-            obligations: Obligations::default(),
+            policy_generation: generation,
+            cacheable,
+            obligations: Obligations {
+                nice: niced.filter(|_| allowed),
+                ..Obligations::default()
+            },
         });
         writeln!(
             log,

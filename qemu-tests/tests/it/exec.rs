@@ -8,6 +8,11 @@
 //! in-kernel SHA-256 and SHA-1 equal `sha256sum`/`sha1sum` of the file; the
 //! request carries the caller's uid; disabled mode asks nothing; the module
 //! cannot be unloaded in enforce mode; the debugfs counters add up.
+//!
+//! `exec_verdict_cache` proves the in-kernel verdict cache: a repeated exec
+//! is decided without the agent; a modified binary is re-hashed and denied;
+//! another user is asked again; a policy generation change empties the
+//! cache; the nice obligation applies to fresh and cached verdicts alike.
 
 use anyhow::{bail, ensure, Context, Result};
 use trustbind_qemu_tests::{Artifacts, Network, Vm};
@@ -17,12 +22,18 @@ use crate::kernel_lines;
 const AGENT_LOG: &str = "/run/fakeagent.log";
 
 /// Starts the fake agent in `mode` and waits until it configured the module.
+/// Its verdicts are not cacheable, so every exec is asked.
 fn start_agent(vm: &mut Vm, mode: &str) -> Result<()> {
+    start_agent_with(vm, mode, "--no-cache --allow /tmp/x/ok.sh")
+}
+
+/// Same, with `extra` arguments for tb-fakeagent.
+fn start_agent_with(vm: &mut Vm, mode: &str, extra: &str) -> Result<()> {
     vm.run_ok(&format!("rm -f {AGENT_LOG}"))?;
     vm.spawn_bg(&format!(
         "exec /tb/tb-fakeagent --mode {mode} --timeout-ms 10000 \
          --allow-dir /usr/bin --allow-dir /usr/sbin --allow-dir /tb \
-         --allow /tmp/x/ok.sh --log {AGENT_LOG}"
+         {extra} --log {AGENT_LOG}"
     ))?;
     for _ in 0..120 {
         if vm.run(&format!("grep -q '^ready' {AGENT_LOG}"))?.status == 0 {
@@ -44,6 +55,25 @@ fn stop_agent(vm: &mut Vm) -> Result<()> {
         vm.run_ok("sleep 0.5")?;
     }
     bail!("tb-fakeagent did not stop")
+}
+
+/// How many requests about `path` the agent saw.
+fn requests_for(vm: &mut Vm, path: &str) -> Result<usize> {
+    let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
+    Ok(log
+        .lines()
+        .filter(|l| l.starts_with(&format!("exec {path} ")))
+        .count())
+}
+
+/// A debugfs counter of the exec path.
+fn stat(vm: &mut Vm, name: &str) -> Result<u64> {
+    vm.run_ok("mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")?;
+    let out = vm.run_ok(&format!("cat /sys/kernel/debug/trustbind/exec_{name}"))?;
+    out.stdout
+        .trim()
+        .parse()
+        .with_context(|| format!("exec_{name}: {:?}", out.stdout))
 }
 
 /// The agent's log line for the request about `path`, if any.
@@ -165,31 +195,127 @@ fn exec_qualification() -> Result<()> {
     stop_agent(&mut vm)?;
 
     // The counters in debugfs add up: one refusal in each mode, nothing
-    // unanswered, every asked exec accounted for.
-    vm.run_ok("mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")?;
-    let mut stat = |name: &str| -> Result<u64> {
-        let out = vm.run_ok(&format!("cat /sys/kernel/debug/trustbind/exec_{name}"))?;
-        out.stdout
-            .trim()
-            .parse()
-            .with_context(|| format!("exec_{name}: {:?}", out.stdout))
-    };
-    let (asked, allowed) = (stat("asked")?, stat("allowed")?);
-    let (denied, would_deny) = (stat("denied")?, stat("would_deny")?);
+    // unanswered, every exec either asked or answered from the cache.
+    let (asked, hits) = (stat(&mut vm, "asked")?, stat(&mut vm, "cache_hits")?);
+    let allowed = stat(&mut vm, "allowed")?;
+    let (denied, would_deny) = (stat(&mut vm, "denied")?, stat(&mut vm, "would_deny")?);
     ensure!(
         denied == 1 && would_deny == 1,
         "denied {denied}, would_deny {would_deny}"
     );
     ensure!(allowed >= 4, "only {allowed} allowed execs counted");
     ensure!(
-        asked == allowed + denied + would_deny,
-        "asked {asked} != allowed {allowed} + denied {denied} + would_deny {would_deny}"
+        asked + hits == allowed + denied + would_deny,
+        "asked {asked} + cache hits {hits} != allowed {allowed} + denied {denied} + would_deny {would_deny}"
     );
     for zero in ["no_agent", "timeouts", "unreadable"] {
-        let n = stat(zero)?;
+        let n = stat(&mut vm, zero)?;
         ensure!(n == 0, "exec_{zero} is {n}");
     }
 
+    vm.run_ok("rmmod trustbind")?;
+    vm.shutdown()?;
+    Ok(())
+}
+
+#[test]
+fn exec_verdict_cache() -> Result<()> {
+    let art = Artifacts::from_env()?;
+    let net = Network::new()?;
+    let mut vm = net
+        .vm("a")
+        .file("tb-fakeagent", env!("CARGO_BIN_EXE_tb-fakeagent"), 0o755)
+        .boot(&art)?;
+    vm.run_ok("insmod /tb/trustbind.ko")?;
+    // On the ext4 root, which has change cookies: copies of approved
+    // programs (same hash, so allowed) under new paths.
+    vm.run_ok(
+        "mkdir -p /root/c && cp /usr/bin/true /root/c/prog && cp /usr/bin/true /root/c/prog2 \
+         && cp /usr/bin/nice /root/c/niced",
+    )?;
+    start_agent_with(&mut vm, "enforce", "--nice-path /root/c/niced:10")?;
+
+    // Asked once, then answered from the cache.
+    vm.run_ok("/root/c/prog")?;
+    vm.run_ok("/root/c/prog")?;
+    vm.run_ok("/root/c/prog")?;
+    ensure!(
+        requests_for(&mut vm, "/root/c/prog")? == 1,
+        "repeated exec was asked again"
+    );
+    ensure!(stat(&mut vm, "cache_hits")? >= 2, "no cache hits counted");
+
+    // Modified after approval: re-hashed, re-decided, denied (and the denial
+    // is cached in turn).
+    vm.run_ok("printf x >>/root/c/prog")?;
+    for _ in 0..2 {
+        let out = vm.run("/root/c/prog")?;
+        ensure!(
+            out.status == 126 && out.stderr.contains("Permission denied"),
+            "modified binary not refused: {out:?}"
+        );
+    }
+    let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
+    let prog: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("exec /root/c/prog "))
+        .collect();
+    ensure!(
+        prog.len() == 2,
+        "modified binary asked {} times:\n{log}",
+        prog.len()
+    );
+    ensure!(
+        prog[1].ends_with("-> deny") && field(prog[0], "sha256")? != field(prog[1], "sha256")?,
+        "the modified binary was not re-hashed: {prog:?}"
+    );
+
+    // Another user is another context class: asked again.
+    vm.run_ok("/root/c/prog2")?;
+    vm.run_ok("setpriv --reuid=65534 --regid=65534 --clear-groups /root/c/prog2")?;
+    vm.run_ok("/root/c/prog2")?;
+    ensure!(
+        requests_for(&mut vm, "/root/c/prog2")? == 2,
+        "user change did not miss"
+    );
+
+    // A policy generation change empties the cache.
+    let flushes = stat(&mut vm, "cache_flushes")?;
+    vm.run_ok("pkill -USR1 -x tb-fakeagent")?;
+    let mut moved = false;
+    for _ in 0..60 {
+        if vm
+            .run(&format!("grep -q '^generation 2' {AGENT_LOG}"))?
+            .status
+            == 0
+        {
+            moved = true;
+            break;
+        }
+        vm.run_ok("sleep 0.5")?;
+    }
+    ensure!(moved, "tb-fakeagent did not move the generation");
+    vm.run_ok("/root/c/prog2")?;
+    ensure!(
+        requests_for(&mut vm, "/root/c/prog2")? == 3,
+        "no re-ask after a generation change"
+    );
+    ensure!(
+        stat(&mut vm, "cache_flushes")? > flushes,
+        "flush not counted"
+    );
+
+    // The nice obligation holds for the fresh verdict and the cached one.
+    for round in 0..2 {
+        let out = vm.run_ok("/root/c/niced")?;
+        ensure!(out.stdout.trim() == "10", "round {round}: niceness {out:?}");
+    }
+    ensure!(
+        requests_for(&mut vm, "/root/c/niced")? == 1,
+        "nice verdict not cached"
+    );
+
+    stop_agent(&mut vm)?;
     vm.run_ok("rmmod trustbind")?;
     vm.shutdown()?;
     Ok(())

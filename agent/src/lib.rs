@@ -1,0 +1,20 @@
+//! `trustbind-agent`: the user-space half of a protected host.
+//!
+//! It sits between the PEM (`/dev/trustbind`, records from
+//! `trustbind-proto`) and the appliance (gRPC over mutual TLS). Built so
+//! far: [`spool`] (audit records kept on disk while the appliance is
+//! unreachable, delivered later, nothing lost) and [`users`] (uid → name, as
+//! the policy's principals are user names).
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod spool;
+pub mod users;

@@ -1,0 +1,702 @@
+//! The policy engine: [`QualifyRequest`]s in, [`Decision`]s out.
+//!
+//! The engine keeps an immutable [`Snapshot`] of everything a verdict
+//! depends on (the compiled governing policy, hosts with their groups and
+//! modes, users with their roles, and a lazily filled map of program
+//! memberships), all as of one verdict generation. Deciding takes no global
+//! lock: the snapshot is read through an `ArcSwap`, and a decision uses one
+//! snapshot from start to end, so no decision sees half of a change.
+//!
+//! The store moves the generation in the same transaction as every change
+//! that can change a verdict and publishes it in
+//! [`Store::generation_hint`]; each decision compares it with its
+//! snapshot's and refreshes first when it moved. All writers must go through
+//! the same [`Store`] handle (the appliance has exactly one).
+//!
+//! Cedar entities built per request: `User::"<user>"` in its roles,
+//! `Host::"<host>"` in its host group, `Program::"<sha256>"` in its
+//! reference groups (unknown programs have none and fall to the default
+//! policy), `File::"<path>"`, `Service::"<dst_addr>:<dst_port>/<proto>"`.
+//! Context: `time` (seconds since the epoch), `hour` (0..23) and `weekday`
+//! (0 = Monday) **in UTC**, `session`, `ancestry`, `mode`, and for network
+//! actions the addresses, ports and (in pair decisions) the peer.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicySet, Request,
+    RestrictedExpression, Schema,
+};
+
+use super::reads::{self, Reads};
+use super::{outcome, Outcome, PolicyError, Verdict};
+use crate::request::{Action, Program, QualifyRequest, Target};
+use crate::store::{EngineData, Mode, Store};
+
+/// How often a decision restarts because the store moved under it before
+/// it gives up with [`PolicyError::Unstable`].
+const MAX_TRIES: u32 = 8;
+
+/// Shards of the program-membership map.
+const PROGRAM_SHARDS: usize = 16;
+
+/// Entries per shard of the program-membership map before it is emptied.
+const PROGRAM_SHARD_CAP: usize = 8192;
+
+/// What the engine answers for one request (or one pair).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Verdict, reasons, obligations, permissive-mode flag.
+    pub outcome: Outcome,
+    /// Verdict generation the decision was made at.
+    pub generation: i64,
+    /// Whether the kernel may cache the verdict (false when a policy that
+    /// could apply reads the clock).
+    pub cacheable: bool,
+    /// Whether the answer came from the engine's decision cache.
+    pub cache_hit: bool,
+    /// Reference groups of the program (for a pair: the connecting
+    /// program's groups, then the accepting program's not already listed).
+    pub groups: Vec<String>,
+}
+
+/// The governing policy, compiled.
+#[derive(Debug)]
+struct Compiled {
+    /// Policy version id (`None`: no governing policy, default deny).
+    version: Option<i64>,
+    /// SHA-256 of the text.
+    identity: Option<String>,
+    /// The whole set.
+    set: PolicySet,
+    /// Union of the context attributes read by any policy.
+    reads: Reads,
+}
+
+impl Compiled {
+    fn new(schema: &Schema, data: &EngineData) -> Result<Self, PolicyError> {
+        let Some(pv) = &data.policy else {
+            return Ok(Self {
+                version: None,
+                identity: None,
+                set: PolicySet::new(),
+                reads: Reads::NONE,
+            });
+        };
+        let loaded = super::validate(schema, &pv.text)?;
+        let reads = loaded
+            .set
+            .policies()
+            .fold(Reads::NONE, |r, p| r.with(reads::of_policy(p)));
+        Ok(Self {
+            version: Some(pv.id),
+            identity: Some(loaded.identity),
+            set: loaded.set,
+            reads,
+        })
+    }
+
+    fn same_as(&self, data: &EngineData) -> bool {
+        match &data.policy {
+            None => self.version.is_none(),
+            Some(pv) => {
+                self.version == Some(pv.id) && self.identity.as_deref() == Some(pv.sha256.as_str())
+            }
+        }
+    }
+}
+
+/// One shard of the program-membership map: SHA-256 -> reference groups.
+type GroupShard = Mutex<HashMap<String, Arc<[String]>>>;
+
+/// Program memberships as of one generation, filled on demand.
+#[derive(Debug)]
+struct ProgramGroups {
+    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<GroupShard>,
+}
+
+impl ProgramGroups {
+    fn new() -> Self {
+        Self {
+            hasher: std::collections::hash_map::RandomState::new(),
+            shards: (0..PROGRAM_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, sha: &str) -> Option<&GroupShard> {
+        let i = usize::try_from(self.hasher.hash_one(sha) % PROGRAM_SHARDS as u64).unwrap_or(0);
+        self.shards.get(i)
+    }
+
+    /// Groups of `sha` as of `generation`; `None` when the store has moved
+    /// past `generation` (the caller refreshes and retries).
+    fn get(
+        &self,
+        store: &Store,
+        sha: &str,
+        generation: i64,
+    ) -> Result<Option<Arc<[String]>>, PolicyError> {
+        let shard = self
+            .shard(sha)
+            .ok_or(PolicyError::Request("program shard out of range".into()))?;
+        if let Ok(map) = shard.lock() {
+            if let Some(g) = map.get(sha) {
+                return Ok(Some(Arc::clone(g)));
+            }
+        }
+        let (groups, at) = store.groups_of_at(sha)?;
+        if at != generation {
+            return Ok(None);
+        }
+        let groups: Arc<[String]> = groups.into();
+        if let Ok(mut map) = shard.lock() {
+            if map.len() >= PROGRAM_SHARD_CAP {
+                map.clear();
+            }
+            map.insert(sha.to_owned(), Arc::clone(&groups));
+        }
+        Ok(Some(groups))
+    }
+}
+
+/// Everything a decision depends on, as of one verdict generation.
+#[derive(Debug)]
+struct Snapshot {
+    generation: i64,
+    policy: Arc<Compiled>,
+    hosts: HashMap<String, (String, Mode)>,
+    users: HashMap<String, Vec<String>>,
+    programs: ProgramGroups,
+}
+
+/// Entity type names and action uids, parsed once.
+#[derive(Debug)]
+struct Names {
+    user: EntityTypeName,
+    role: EntityTypeName,
+    host: EntityTypeName,
+    host_group: EntityTypeName,
+    program: EntityTypeName,
+    program_group: EntityTypeName,
+    file: EntityTypeName,
+    service: EntityTypeName,
+    actions: Vec<(Action, EntityUid)>,
+}
+
+impl Names {
+    fn new() -> Result<Self, PolicyError> {
+        let ty = |n: &str| {
+            EntityTypeName::from_str(&format!("Trustbind::{n}"))
+                .map_err(|e| PolicyError::Schema(format!("entity type {n}: {e}")))
+        };
+        let action = ty("Action")?;
+        Ok(Self {
+            user: ty("User")?,
+            role: ty("Role")?,
+            host: ty("Host")?,
+            host_group: ty("HostGroup")?,
+            program: ty("Program")?,
+            program_group: ty("ProgramGroup")?,
+            file: ty("File")?,
+            service: ty("Service")?,
+            actions: Action::ALL
+                .iter()
+                .map(|a| {
+                    (
+                        *a,
+                        EntityUid::from_type_name_and_id(action.clone(), EntityId::new(a.as_str())),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    fn uid(ty: &EntityTypeName, id: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
+    }
+
+    fn action(&self, a: Action) -> Result<EntityUid, PolicyError> {
+        self.actions
+            .iter()
+            .find(|(x, _)| *x == a)
+            .map(|(_, u)| u.clone())
+            .ok_or(PolicyError::Request(format!(
+                "unknown action `{}`",
+                a.as_str()
+            )))
+    }
+}
+
+/// The other side of a correlated connection.
+struct Peer<'a> {
+    host: &'a str,
+    program: &'a Program,
+}
+
+/// `(time_s, hour, weekday)` of `at_ms`, in UTC; weekday 0 = Monday.
+pub fn clock(at_ms: i64) -> (i64, i64, i64) {
+    let secs = at_ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let hour = secs.rem_euclid(86_400) / 3600;
+    // 1970-01-01 was a Thursday (3 when Monday is 0).
+    let weekday = days.saturating_add(3).rem_euclid(7);
+    (secs, hour, weekday)
+}
+
+/// The policy engine. `Send + Sync`; share it behind an `Arc`.
+pub struct Engine {
+    store: Arc<Store>,
+    schema: Schema,
+    authorizer: Authorizer,
+    names: Names,
+    current: ArcSwap<Snapshot>,
+    refreshing: Mutex<()>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Loads the governing policy (none: default deny) and the host and
+    /// user data from `store`, validating the policy against `schema_text`.
+    pub fn new(store: Arc<Store>, schema_text: &str) -> Result<Engine, PolicyError> {
+        let (schema, _warnings) = Schema::from_cedarschema_str(schema_text)
+            .map_err(|e| PolicyError::Schema(e.to_string()))?;
+        let data = store.engine_data()?;
+        let policy = Arc::new(Compiled::new(&schema, &data)?);
+        let snap = Snapshot::new(data, policy);
+        Ok(Engine {
+            store,
+            schema,
+            authorizer: Authorizer::new(),
+            names: Names::new()?,
+            current: ArcSwap::from_pointee(snap),
+            refreshing: Mutex::new(()),
+        })
+    }
+
+    /// The verdict generation of the data the engine decides with.
+    pub fn generation(&self) -> i64 {
+        self.current.load().generation
+    }
+
+    /// Re-reads policy and data when the store's generation moved; returns
+    /// the generation now in use. Cheap (one atomic load) when it did not;
+    /// the compiled policy is reused when only data moved.
+    pub fn refresh(&self) -> Result<i64, PolicyError> {
+        let g = self.current.load().generation;
+        if g == self.store.generation_hint() {
+            return Ok(g);
+        }
+        let _one = self
+            .refreshing
+            .lock()
+            .map_err(|_| PolicyError::Store(crate::store::StoreError::Poisoned))?;
+        let cur = self.current.load_full();
+        if cur.generation == self.store.generation_hint() {
+            return Ok(cur.generation);
+        }
+        let data = self.store.engine_data()?;
+        let policy = if cur.policy.same_as(&data) {
+            Arc::clone(&cur.policy)
+        } else {
+            Arc::new(Compiled::new(&self.schema, &data)?)
+        };
+        let snap = Snapshot::new(data, policy);
+        let g = snap.generation;
+        self.current.store(Arc::new(snap));
+        Ok(g)
+    }
+
+    /// Decides one request.
+    pub fn decide(&self, req: &QualifyRequest) -> Result<Decision, PolicyError> {
+        self.with_snapshot(|snap| self.evaluate(snap, req, None))
+    }
+
+    /// Decides a correlated connection as one: each side is evaluated with
+    /// `peer_host`/`peer_program` set from the other, both against the same
+    /// snapshot. Allowed only if both sides allow; obligations are merged
+    /// (the connecting side's value wins when both set one); reasons from
+    /// both sides; `would_deny` if either side would deny.
+    pub fn decide_pair(
+        &self,
+        connect: &QualifyRequest,
+        accept: &QualifyRequest,
+    ) -> Result<Decision, PolicyError> {
+        for r in [connect, accept] {
+            if !matches!(r.target, Target::Net(_)) {
+                return Err(PolicyError::Request(format!(
+                    "pair decision: request from host `{}` for `{}` has no network target",
+                    r.host,
+                    r.action.as_str()
+                )));
+            }
+        }
+        self.with_snapshot(|snap| {
+            let a = self.evaluate(
+                snap,
+                connect,
+                Some(&Peer {
+                    host: &accept.host,
+                    program: &accept.program,
+                }),
+            )?;
+            let Some(a) = a else { return Ok(None) };
+            let b = self.evaluate(
+                snap,
+                accept,
+                Some(&Peer {
+                    host: &connect.host,
+                    program: &connect.program,
+                }),
+            )?;
+            Ok(b.map(|b| merge(a, b)))
+        })
+    }
+
+    fn with_snapshot(
+        &self,
+        f: impl Fn(&Snapshot) -> Result<Option<Decision>, PolicyError>,
+    ) -> Result<Decision, PolicyError> {
+        for _ in 0..MAX_TRIES {
+            self.refresh()?;
+            let snap = self.current.load();
+            if let Some(d) = f(&snap)? {
+                return Ok(d);
+            }
+        }
+        Err(PolicyError::Unstable(MAX_TRIES))
+    }
+
+    /// `Ok(None)`: the store moved past the snapshot; retry.
+    fn evaluate(
+        &self,
+        snap: &Snapshot,
+        req: &QualifyRequest,
+        peer: Option<&Peer<'_>>,
+    ) -> Result<Option<Decision>, PolicyError> {
+        let (host_group, mode) = snap
+            .hosts
+            .get(&req.host)
+            .ok_or_else(|| PolicyError::UnknownHost(req.host.clone()))?;
+        let Some(groups) = snap
+            .programs
+            .get(&self.store, &req.program.sha256, snap.generation)?
+        else {
+            return Ok(None);
+        };
+        if *mode == Mode::Disabled {
+            return Ok(Some(Decision {
+                outcome: Outcome {
+                    verdict: Verdict::Allow,
+                    reasons: Vec::new(),
+                    would_deny: false,
+                    errors: 0,
+                },
+                generation: snap.generation,
+                cacheable: true,
+                cache_hit: false,
+                groups: groups.to_vec(),
+            }));
+        }
+        let n = &self.names;
+        let cedar = |why: String| PolicyError::Cedar {
+            host: req.host.clone(),
+            why,
+        };
+        let mut ents: Vec<Entity> = Vec::with_capacity(6);
+        let mut seen: HashSet<EntityUid> = HashSet::with_capacity(6);
+
+        // Principal.
+        let user = Names::uid(&n.user, &req.subject.user);
+        let roles = snap
+            .users
+            .get(&req.subject.user)
+            .map(|r| r.iter().map(|r| Names::uid(&n.role, r)).collect())
+            .unwrap_or_default();
+        ents.push(
+            Entity::new(
+                user.clone(),
+                HashMap::from([(
+                    "name".to_owned(),
+                    RestrictedExpression::new_string(req.subject.user.clone()),
+                )]),
+                roles,
+            )
+            .map_err(|e| cedar(e.to_string()))?,
+        );
+        seen.insert(user.clone());
+
+        // Host and program (and the peer's).
+        let host = Names::uid(&n.host, &req.host);
+        push_plain(
+            &mut ents,
+            &mut seen,
+            host.clone(),
+            [Names::uid(&n.host_group, host_group)],
+        );
+        let program = Names::uid(&n.program, &req.program.sha256);
+        push_plain(
+            &mut ents,
+            &mut seen,
+            program.clone(),
+            groups.iter().map(|g| Names::uid(&n.program_group, g)),
+        );
+        let mut peer_uids = None;
+        if let Some(p) = peer {
+            let (pg, _) = snap
+                .hosts
+                .get(p.host)
+                .ok_or_else(|| PolicyError::UnknownHost(p.host.to_owned()))?;
+            let Some(pgroups) =
+                snap.programs
+                    .get(&self.store, &p.program.sha256, snap.generation)?
+            else {
+                return Ok(None);
+            };
+            let ph = Names::uid(&n.host, p.host);
+            push_plain(
+                &mut ents,
+                &mut seen,
+                ph.clone(),
+                [Names::uid(&n.host_group, pg)],
+            );
+            let pp = Names::uid(&n.program, &p.program.sha256);
+            push_plain(
+                &mut ents,
+                &mut seen,
+                pp.clone(),
+                pgroups.iter().map(|g| Names::uid(&n.program_group, g)),
+            );
+            peer_uids = Some((ph, pp));
+        }
+
+        // Resource and context.
+        let (time, hour, weekday) = clock(req.at_ms);
+        let mut ctx: Vec<(String, RestrictedExpression)> = vec![
+            ("host".into(), RestrictedExpression::new_entity_uid(host)),
+            ("time".into(), RestrictedExpression::new_long(time)),
+            ("hour".into(), RestrictedExpression::new_long(hour)),
+            ("weekday".into(), RestrictedExpression::new_long(weekday)),
+            (
+                "session".into(),
+                RestrictedExpression::new_long(i64::from(req.subject.session)),
+            ),
+            (
+                "ancestry".into(),
+                RestrictedExpression::new_set(
+                    req.subject
+                        .ancestry
+                        .iter()
+                        .map(|a| RestrictedExpression::new_string(a.clone())),
+                ),
+            ),
+            (
+                "mode".into(),
+                RestrictedExpression::new_string(mode.as_str().to_owned()),
+            ),
+        ];
+        let resource = match (&req.action, &req.target) {
+            (Action::Exec, Target::Exec) => program,
+            (
+                Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
+                Target::File { path, .. },
+            ) => {
+                let file = Names::uid(&n.file, path);
+                ents.push(
+                    Entity::new(
+                        file.clone(),
+                        HashMap::from([(
+                            "path".to_owned(),
+                            RestrictedExpression::new_string(path.clone()),
+                        )]),
+                        HashSet::new(),
+                    )
+                    .map_err(|e| cedar(e.to_string()))?,
+                );
+                ctx.push((
+                    "program".into(),
+                    RestrictedExpression::new_entity_uid(program),
+                ));
+                file
+            }
+            (Action::Connect | Action::Accept | Action::IpcConnect, Target::Net(t)) => {
+                let id = format!("{}:{}/{}", t.dst_addr, t.dst_port, t.proto.as_str());
+                let svc = Names::uid(&n.service, &id);
+                if seen.insert(svc.clone()) {
+                    ents.push(
+                        Entity::new(
+                            svc.clone(),
+                            HashMap::from([
+                                (
+                                    "host".to_owned(),
+                                    RestrictedExpression::new_string(t.dst_addr.clone()),
+                                ),
+                                (
+                                    "port".to_owned(),
+                                    RestrictedExpression::new_long(i64::from(t.dst_port)),
+                                ),
+                                (
+                                    "proto".to_owned(),
+                                    RestrictedExpression::new_string(t.proto.as_str().to_owned()),
+                                ),
+                            ]),
+                            HashSet::new(),
+                        )
+                        .map_err(|e| cedar(e.to_string()))?,
+                    );
+                }
+                ctx.push((
+                    "program".into(),
+                    RestrictedExpression::new_entity_uid(program),
+                ));
+                if let Some((ph, pp)) = peer_uids {
+                    ctx.push(("peer_host".into(), RestrictedExpression::new_entity_uid(ph)));
+                    ctx.push((
+                        "peer_program".into(),
+                        RestrictedExpression::new_entity_uid(pp),
+                    ));
+                }
+                ctx.push((
+                    "src_addr".into(),
+                    RestrictedExpression::new_string(t.src_addr.clone()),
+                ));
+                ctx.push((
+                    "src_port".into(),
+                    RestrictedExpression::new_long(i64::from(t.src_port)),
+                ));
+                ctx.push((
+                    "dst_addr".into(),
+                    RestrictedExpression::new_string(t.dst_addr.clone()),
+                ));
+                ctx.push((
+                    "dst_port".into(),
+                    RestrictedExpression::new_long(i64::from(t.dst_port)),
+                ));
+                svc
+            }
+            (a, _) => {
+                return Err(PolicyError::Request(format!(
+                    "host `{}`: action `{}` does not take this kind of target",
+                    req.host,
+                    a.as_str()
+                )))
+            }
+        };
+        let context = Context::from_pairs(ctx).map_err(|e| cedar(e.to_string()))?;
+        let request = Request::new(user, n.action(req.action)?, resource, context, None)
+            .map_err(|e| cedar(e.to_string()))?;
+        let entities = Entities::from_entities(ents, None).map_err(|e| cedar(e.to_string()))?;
+        let policy = &snap.policy;
+        let resp = self
+            .authorizer
+            .is_authorized(&request, &policy.set, &entities);
+        Ok(Some(Decision {
+            outcome: outcome(&policy.set, &resp, *mode),
+            generation: snap.generation,
+            cacheable: !policy.reads.clock(),
+            cache_hit: false,
+            groups: groups.to_vec(),
+        }))
+    }
+}
+
+/// Adds an attribute-less entity unless one with this uid is already there.
+fn push_plain(
+    ents: &mut Vec<Entity>,
+    seen: &mut HashSet<EntityUid>,
+    uid: EntityUid,
+    parents: impl IntoIterator<Item = EntityUid>,
+) {
+    if seen.insert(uid.clone()) {
+        ents.push(Entity::new_no_attrs(uid, parents.into_iter().collect()));
+    }
+}
+
+impl Snapshot {
+    fn new(data: EngineData, policy: Arc<Compiled>) -> Self {
+        Snapshot {
+            generation: data.generation,
+            policy,
+            hosts: data.hosts,
+            users: data.users,
+            programs: ProgramGroups::new(),
+        }
+    }
+}
+
+/// Combines the two sides of a pair decision.
+fn merge(a: Decision, b: Decision) -> Decision {
+    let obligations = |v: &Verdict| match v {
+        Verdict::AllowWithConditions { obligations } => Some(obligations.clone()),
+        Verdict::Allow => Some(Default::default()),
+        Verdict::Deny => None,
+    };
+    let verdict = match (
+        obligations(&a.outcome.verdict),
+        obligations(&b.outcome.verdict),
+    ) {
+        (Some(mut oa), Some(ob)) => {
+            for (k, v) in ob {
+                oa.entry(k).or_insert(v);
+            }
+            if oa.is_empty() {
+                Verdict::Allow
+            } else {
+                Verdict::AllowWithConditions { obligations: oa }
+            }
+        }
+        _ => Verdict::Deny,
+    };
+    let mut reasons = a.outcome.reasons;
+    for r in b.outcome.reasons {
+        if !reasons.contains(&r) {
+            reasons.push(r);
+        }
+    }
+    let mut groups = a.groups;
+    for g in b.groups {
+        if !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    Decision {
+        outcome: Outcome {
+            verdict,
+            reasons,
+            would_deny: a.outcome.would_deny || b.outcome.would_deny,
+            errors: a.outcome.errors.saturating_add(b.outcome.errors),
+        },
+        generation: a.generation,
+        cacheable: a.cacheable && b.cacheable,
+        cache_hit: a.cache_hit && b.cache_hit,
+        groups,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clock;
+
+    #[test]
+    fn clock_is_utc_with_monday_zero() {
+        // 1970-01-01T00:00:00Z was a Thursday.
+        assert_eq!(clock(0), (0, 0, 3));
+        // 2024-01-01T09:30:00Z was a Monday.
+        assert_eq!(clock(1_704_101_400_000), (1_704_101_400, 9, 0));
+        // One millisecond before the epoch: Wednesday 23h.
+        assert_eq!(clock(-1), (-1, 23, 2));
+    }
+}

@@ -1,0 +1,113 @@
+//! Which context attributes a policy reads.
+//!
+//! Used to tell whether a decision depends on the clock (then the kernel
+//! must not cache it) and, for the decision cache, which request fields
+//! belong in the cache key. Found by walking the policy's JSON form (EST):
+//! every `context.<attr>` and `context has <attr>` is recorded; any other use
+//! of `context` (as a whole) counts as reading everything.
+
+use cedar_policy::Policy;
+use serde_json::Value;
+
+/// A set of context attributes, as a bit set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Reads(u16);
+
+impl Reads {
+    /// Nothing read.
+    pub const NONE: Reads = Reads(0);
+    /// `context.time` (seconds; changes every second).
+    pub const TIME: Reads = Reads(1);
+    /// `context.hour`.
+    pub const HOUR: Reads = Reads(1 << 1);
+    /// `context.weekday`.
+    pub const WEEKDAY: Reads = Reads(1 << 2);
+    /// `context.session`.
+    pub const SESSION: Reads = Reads(1 << 3);
+    /// `context.ancestry`.
+    pub const ANCESTRY: Reads = Reads(1 << 4);
+    /// `context.src_addr`.
+    pub const SRC_ADDR: Reads = Reads(1 << 5);
+    /// `context.src_port`.
+    pub const SRC_PORT: Reads = Reads(1 << 6);
+    /// `context.dst_addr`.
+    pub const DST_ADDR: Reads = Reads(1 << 7);
+    /// `context.dst_port`.
+    pub const DST_PORT: Reads = Reads(1 << 8);
+    /// Everything (context used as a whole, or an attribute not listed
+    /// above that is not part of every cache key).
+    pub const ALL: Reads = Reads(u16::MAX);
+
+    /// Union.
+    #[must_use]
+    pub fn with(self, other: Reads) -> Reads {
+        Reads(self.0 | other.0)
+    }
+
+    /// Whether any attribute of `other` is in `self`.
+    pub fn any(self, other: Reads) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// Whether the decision depends on the clock (time, hour or weekday).
+    pub fn clock(self) -> bool {
+        self.any(Reads::TIME.with(Reads::HOUR).with(Reads::WEEKDAY))
+    }
+
+    fn attr(name: &str) -> Reads {
+        match name {
+            "time" => Reads::TIME,
+            "hour" => Reads::HOUR,
+            "weekday" => Reads::WEEKDAY,
+            "session" => Reads::SESSION,
+            "ancestry" => Reads::ANCESTRY,
+            "src_addr" => Reads::SRC_ADDR,
+            "src_port" => Reads::SRC_PORT,
+            "dst_addr" => Reads::DST_ADDR,
+            "dst_port" => Reads::DST_PORT,
+            // Always part of the cache key (host, program, peers) or
+            // derived from it (mode).
+            "host" | "program" | "peer_host" | "peer_program" | "mode" => Reads::NONE,
+            _ => Reads::ALL,
+        }
+    }
+}
+
+/// The context attributes `policy` reads (conservative: when in doubt, all).
+pub fn of_policy(policy: &Policy) -> Reads {
+    match policy.to_json() {
+        Ok(v) => walk(&v),
+        Err(_) => Reads::ALL,
+    }
+}
+
+fn is_context(v: &Value) -> bool {
+    v.get("Var").and_then(Value::as_str) == Some("context")
+}
+
+fn walk(v: &Value) -> Reads {
+    match v {
+        Value::Object(map) => {
+            if is_context(v) {
+                return Reads::ALL;
+            }
+            let mut r = Reads::NONE;
+            for (k, inner) in map {
+                if k == "." || k == "has" {
+                    if let (Some(left), Some(attr)) =
+                        (inner.get("left"), inner.get("attr").and_then(Value::as_str))
+                    {
+                        if is_context(left) {
+                            r = r.with(Reads::attr(attr));
+                            continue;
+                        }
+                    }
+                }
+                r = r.with(walk(inner));
+            }
+            r
+        }
+        Value::Array(items) => items.iter().fold(Reads::NONE, |r, i| r.with(walk(i))),
+        _ => Reads::NONE,
+    }
+}

@@ -694,6 +694,62 @@ async fn hosts_tokens_and_revocation() {
 }
 
 #[tokio::test]
+async fn users_and_roles() {
+    let h = start().await;
+    let g0 = h.store.generation_hint();
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/v1/users/alice",
+            json!({ "roles": ["ops", "admin", "ops"] }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["user"],
+        json!({ "name": "alice", "roles": ["admin", "ops"] })
+    );
+    assert!(h.store.generation_hint() > g0);
+    assert_eq!(h.changes(), vec![Change::Users]);
+    let (s, _) = h
+        .send("PUT", "/v1/users/bob", json!({ "roles": ["ops"] }))
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = h
+        .send("PUT", "/v1/users/carol", json!({ "roles": [] }))
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(h.store.user_roles("bob").unwrap(), ["ops"]);
+
+    let (_, v) = h.get("/v1/users?limit=2").await;
+    assert_eq!(v["users"][1], json!({ "name": "bob", "roles": ["ops"] }));
+    assert_eq!(v["next"], "bob");
+    let (_, v) = h.get("/v1/users?after=bob").await;
+    assert_eq!(v["users"], json!([{ "name": "carol", "roles": [] }]));
+    let (_, v) = h.get("/v1/roles").await;
+    assert_eq!(
+        v["roles"],
+        json!([{ "name": "admin", "users": 1 }, { "name": "ops", "users": 2 }])
+    );
+    let (s, v) = h
+        .send("PUT", "/v1/users/dave", json!({ "roles": [""] }))
+        .await;
+    assert_eq!((s, v["error"]["field"].as_str()), (400, Some("roles[0]")));
+
+    let r = h.call("DELETE", "/v1/users/bob", None).await;
+    assert_eq!(r.status, 204);
+    let (s, _) = h.get("/v1/users/bob").await;
+    assert_eq!(s, 404);
+    let r = h.call("DELETE", "/v1/users/bob", None).await;
+    assert_eq!(r.status, 404);
+    assert!(h.store.user_roles("bob").unwrap().is_empty());
+    let audit = h.audit();
+    assert!(audit
+        .iter()
+        .any(|r| r.kind == "user.delete" && r.actor == "admin:alice"));
+}
+
+#[tokio::test]
 async fn audit_tail_export_verify() {
     let h = start().await;
     for i in 0..5 {

@@ -13,6 +13,7 @@ mod hosts;
 mod policies;
 mod signatures;
 mod tls;
+mod users;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 
 pub use error::{parse_json, ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+pub use hosts::token_sha256;
 pub use policies::{check_policy, PolicyDiagnostic};
 pub use tls::{peer_common_name, serve};
 
@@ -56,6 +58,8 @@ pub enum Change {
         /// Its name.
         host: String,
     },
+    /// A user's roles were set, or a user removed.
+    Users,
     /// A license limit was set, changed or removed.
     Limits,
 }
@@ -185,6 +189,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/hosts", get(hosts::list).post(hosts::create))
         .route("/v1/hosts/{name}", get(hosts::show))
         .route("/v1/hosts/{name}/revoke", post(hosts::revoke))
+        .route("/v1/users", get(users::list))
+        .route(
+            "/v1/users/{name}",
+            get(users::show).put(users::set_roles).delete(users::delete),
+        )
+        .route("/v1/roles", get(users::roles))
         .route("/v1/audit", get(audit::tail))
         .route("/v1/audit/export", get(audit::export))
         .route("/v1/audit/verify", get(audit::verify))

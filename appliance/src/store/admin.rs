@@ -1,14 +1,16 @@
 //! Store methods used by the admin API: listings with keyset pagination,
 //! batch changes and removals. Kept apart from `mod.rs` so that the admin
 //! API's needs do not tangle with the decision path. Every change is
-//! audited in its own transaction through [`Store::write`].
+//! audited in its own transaction through `Store::write`, and every change
+//! that can alter a verdict moves the verdict generation in it.
 
 use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    check_hex, hex, now_ms, AuditEvent, HostState, Mode, PolicyState, Signature, Store, StoreError,
+    bump_generation, check_hex, hex, now_ms, AuditEvent, HostState, Mode, PolicyState, Signature,
+    Store, StoreError,
 };
 
 /// A policy version without its text, for listings.
@@ -59,6 +61,24 @@ pub struct HostGroupInfo {
     pub mode: Mode,
     /// Number of hosts in it (any state).
     pub hosts: u64,
+}
+
+/// A user with its roles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// User name as the agent reports it.
+    pub name: String,
+    /// Roles, sorted.
+    pub roles: Vec<String>,
+}
+
+/// A role with the number of users holding it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleInfo {
+    /// Role name.
+    pub name: String,
+    /// Number of users with the role.
+    pub users: u64,
 }
 
 /// A host as listed by the admin API (never its token hash).
@@ -231,6 +251,9 @@ impl Store {
                         .unwrap_or(0);
                 }
             }
+            if out.added_to_group > 0 {
+                bump_generation(tx)?;
+            }
             let ev = AuditEvent::new(
                 "signature.batch",
                 actor,
@@ -301,6 +324,9 @@ impl Store {
                 }
             }
             let removed = hashes.len().saturating_sub(missing.len());
+            if removed > 0 {
+                bump_generation(tx)?;
+            }
             let ev = (removed > 0).then(|| {
                 let detail = if removed == 1 {
                     let gone = hashes.iter().find(|h| !missing.contains(h));
@@ -385,6 +411,9 @@ impl Store {
                 }
                 added += u64::try_from(ins.execute(params![group, h])?).unwrap_or(0);
             }
+            if added > 0 {
+                bump_generation(tx)?;
+            }
             let ev = (added > 0).then(|| {
                 AuditEvent::new(
                     "group.add",
@@ -419,6 +448,9 @@ impl Store {
             for h in hashes {
                 removed += u64::try_from(del.execute(params![group, h])?).unwrap_or(0);
             }
+            if removed > 0 {
+                bump_generation(tx)?;
+            }
             let ev = (removed > 0).then(|| {
                 AuditEvent::new(
                     "group.remove",
@@ -444,6 +476,7 @@ impl Store {
                 [name],
             )?;
             tx.execute("DELETE FROM ref_groups WHERE name = ?1", [name])?;
+            bump_generation(tx)?;
             let ev = AuditEvent::new(
                 "group.delete",
                 actor,
@@ -568,6 +601,75 @@ impl Store {
                 })
             })
             .transpose()
+    }
+
+    // ---- users and roles ----
+
+    /// Users ordered by name after the cursor `after` (exclusive), at most
+    /// `limit`, with their roles.
+    pub fn list_users(&self, after: &str, limit: u32) -> Result<Vec<UserInfo>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt =
+            conn.prepare_cached("SELECT name FROM users WHERE name > ?1 ORDER BY name LIMIT ?2")?;
+        let names = stmt
+            .query_map(params![after, limit], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut roles =
+            conn.prepare_cached("SELECT role FROM user_roles WHERE user_name = ?1 ORDER BY role")?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let r = roles
+                .query_map([&name], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(UserInfo { name, roles: r });
+        }
+        Ok(out)
+    }
+
+    /// One user with its roles, if it is known.
+    pub fn user(&self, name: &str) -> Result<Option<UserInfo>, StoreError> {
+        let known = {
+            let conn = self.lock()?;
+            let mut stmt = conn.prepare_cached("SELECT 1 FROM users WHERE name = ?1")?;
+            stmt.exists([name])?
+        };
+        if !known {
+            return Ok(None);
+        }
+        Ok(Some(UserInfo {
+            name: name.to_owned(),
+            roles: self.user_roles(name)?,
+        }))
+    }
+
+    /// Forgets a user and its roles. Moves the verdict generation.
+    pub fn delete_user(&self, name: &str, actor: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM user_roles WHERE user_name = ?1", [name])?;
+            if tx.execute("DELETE FROM users WHERE name = ?1", [name])? == 0 {
+                return Err(StoreError::NotFound {
+                    what: "user",
+                    key: name.into(),
+                });
+            }
+            bump_generation(tx)?;
+            let ev = AuditEvent::new("user.delete", actor, serde_json::json!({ "user": name }));
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Every role held by at least one user, with its user count.
+    pub fn list_roles(&self) -> Result<Vec<RoleInfo>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt =
+            conn.prepare("SELECT role, count(*) FROM user_roles GROUP BY role ORDER BY role")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RoleInfo {
+                name: r.get(0)?,
+                users: to_u64(r.get(1)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     // ---- audit ----

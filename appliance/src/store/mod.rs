@@ -24,7 +24,9 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use admin::{GroupInfo, HostGroupInfo, HostInfo, PolicyInfo, SignatureBatch};
+pub use admin::{
+    GroupInfo, HostGroupInfo, HostInfo, PolicyInfo, RoleInfo, SignatureBatch, UserInfo,
+};
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 pub use err::{ChainError, StoreError};
 pub use writer::{AuditWriter, WriterStats, MAX_BATCH};

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use trustbind_appliance::agent_api::{self, AgentApi};
 use trustbind_appliance::pki::{self, Pki};
+use trustbind_appliance::policy::engine::Engine;
 use trustbind_appliance::store::Store;
 
 /// Default data directory.
@@ -279,19 +280,8 @@ fn listen_addr(args: &Args, flag: &str, env: &str, default: &str) -> Result<Sock
     })
 }
 
-/// Decider used until the policy engine is wired in: refuses to decide.
-struct NoEngine;
-
-impl agent_api::Decider for NoEngine {
-    fn decide(
-        &self,
-        _r: &trustbind_appliance::request::QualifyRequest,
-    ) -> Result<agent_api::Answer, agent_api::DecideError> {
-        Err(agent_api::DecideError(
-            "the policy engine is not built yet".into(),
-        ))
-    }
-}
+/// The Cedar schema every policy set is validated against.
+const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
 fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
     let agent_addr = listen_addr(
@@ -315,7 +305,8 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
     let store = Arc::new(open_store(data_dir)?);
     let names = server_names(args, &[agent_addr, enrol_addr, admin_addr]);
     let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);
-    let api = AgentApi::new(Arc::clone(&store), Arc::clone(&pki), Arc::new(NoEngine))?;
+    let engine = Arc::new(Engine::new(Arc::clone(&store), SCHEMA)?);
+    let api = AgentApi::new(Arc::clone(&store), Arc::clone(&pki), engine)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -7,6 +7,7 @@
 //! opened with `synchronous = FULL`: a call that returned `Ok` survives a
 //! crash (power loss included).
 
+mod agent;
 mod audit;
 mod err;
 pub mod migrate;
@@ -22,6 +23,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use agent::AgentRecord;
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 pub use err::{ChainError, StoreError};
 

@@ -20,6 +20,7 @@
     )
 )]
 
+pub mod admin;
 pub mod agent_api;
 pub mod channels;
 pub mod metrics;

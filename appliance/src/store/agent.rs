@@ -1,5 +1,4 @@
-//! What the agent API writes: decision audit rows in batches, and audit
-//! records agents deliver after being offline (idempotent by their id).
+//! Audit records agents deliver after being offline (idempotent by their id).
 
 use rusqlite::{params, TransactionBehavior};
 
@@ -19,24 +18,6 @@ pub struct AgentRecord {
 }
 
 impl Store {
-    /// Appends `events` in one transaction (one fsync): all or none are
-    /// durable when this returns. Returns the sequence number of the last
-    /// row (0 if `events` is empty).
-    pub fn append_audit_batch(&self, events: &[AuditEvent]) -> Result<i64, StoreError> {
-        if events.is_empty() {
-            return Ok(0);
-        }
-        let mut conn = self.lock()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let at = now_ms();
-        let mut last = 0;
-        for ev in events {
-            last = audit::append(&tx, at, ev)?.seq;
-        }
-        tx.commit()?;
-        Ok(last)
-    }
-
     /// Stores the records `host` delivered, in one transaction: each new
     /// `(host, id)` becomes an audit row of kind `agent.<what>` (actor =
     /// host, detail = the record's fields plus `report_id` and

@@ -7,10 +7,12 @@
 //! opened with `synchronous = FULL`: a call that returned `Ok` survives a
 //! crash (power loss included).
 
+mod admin;
 mod agent;
 mod audit;
 mod err;
 pub mod migrate;
+mod writer;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -23,9 +25,13 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use admin::{
+    GroupInfo, HostGroupInfo, HostInfo, PolicyInfo, RoleInfo, SignatureBatch, UserInfo,
+};
 pub use agent::AgentRecord;
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 pub use err::{ChainError, StoreError};
+pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -261,6 +267,20 @@ impl Store {
         let row = audit::append(&tx, now_ms(), ev)?;
         tx.commit()?;
         Ok(row)
+    }
+
+    /// Appends `events` in order in one transaction (one commit); all or
+    /// nothing, durable when this returns `Ok`. Used by [`AuditWriter`].
+    pub fn append_audit_batch(&self, events: &[AuditEvent]) -> Result<Vec<AuditRow>, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let at = now_ms();
+        let rows = events
+            .iter()
+            .map(|ev| audit::append(&tx, at, ev))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(rows)
     }
 
     /// Walks the whole chain. `Ok(Ok(n))`: `n` rows, all sound;

@@ -1,0 +1,193 @@
+//! Audit endpoints (tail, streamed JSON-lines export, verify), `/v1/status`
+//! and the Prometheus `/metrics`.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{page_limit, Actor, AdminState, ApiError, ApiQuery, PAGE_MAX};
+use crate::store::AuditRow;
+
+pub(super) async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        crate::metrics::metrics().render(),
+    )
+        .into_response()
+}
+
+pub(super) async fn status(
+    State(st): State<AdminState>,
+    actor: Actor,
+) -> Result<Json<Value>, ApiError> {
+    st.run(move |s| {
+        Ok(Json(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "schema_version": s.schema_version()?,
+            "governing": s.governing()?,
+            "audit_head": s.audit_head()?,
+            "you": actor.0,
+        })))
+    })
+    .await
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TailQuery {
+    /// Rows with a greater sequence number; absent: the newest `limit` rows.
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+pub(super) async fn tail(
+    State(st): State<AdminState>,
+    ApiQuery(q): ApiQuery<TailQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    if q.after.is_some_and(|a| a < 0) {
+        return Err(ApiError::invalid("after", "`after` must not be negative"));
+    }
+    st.run(move |s| {
+        let head = s.audit_head()?;
+        let after = q
+            .after
+            .unwrap_or_else(|| head.saturating_sub(i64::from(limit)).max(0));
+        let rows = s.audit_rows(after, limit)?;
+        let next = rows.last().map_or(after, |r| r.seq);
+        Ok(Json(json!({ "rows": rows, "next": next, "head": head })))
+    })
+    .await
+}
+
+/// Query of `GET /v1/audit/export`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExportQuery {
+    /// Rows written at or after this time (ms since the Unix epoch).
+    since_ms: Option<i64>,
+    /// Rows with a greater sequence number (combined with `since_ms`: both hold).
+    after: Option<i64>,
+    /// Only rows of this kind, or of kinds under it (`decision` matches `decision.exec`).
+    kind: Option<String>,
+}
+
+fn kind_matches(filter: Option<&str>, row: &AuditRow) -> bool {
+    match filter {
+        None => true,
+        Some(k) => {
+            row.kind == k
+                || row
+                    .kind
+                    .strip_prefix(k)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        }
+    }
+}
+
+/// Streams JSON lines, one audit row per line, up to the head as it was
+/// when the request arrived. Read in pages so the store lock is never held
+/// for the whole export.
+pub(super) async fn export(
+    State(st): State<AdminState>,
+    ApiQuery(q): ApiQuery<ExportQuery>,
+) -> Result<Response, ApiError> {
+    if q.after.is_some_and(|a| a < 0) {
+        return Err(ApiError::invalid("after", "`after` must not be negative"));
+    }
+    let since = q.since_ms;
+    let (start, head) = st
+        .run(move |s| {
+            let from_time = match since {
+                Some(t) => s.audit_cursor_since(t)?,
+                None => 0,
+            };
+            Ok((from_time, s.audit_head()?))
+        })
+        .await?;
+    let mut cursor = start.max(q.after.unwrap_or(0));
+    let kind = q.kind;
+    let store = std::sync::Arc::clone(&st.store);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        while cursor < head {
+            let rows = match store.audit_rows(cursor, PAGE_MAX) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    return;
+                }
+            };
+            let Some(last) = rows.last() else { return };
+            cursor = last.seq;
+            let mut buf = Vec::with_capacity(rows.len().saturating_mul(256));
+            for r in rows.iter().filter(|r| r.seq <= head) {
+                if !kind_matches(kind.as_deref(), r) {
+                    continue;
+                }
+                if serde_json::to_writer(&mut buf, r).is_err() {
+                    return;
+                }
+                buf.push(b'\n');
+            }
+            // The client went away: stop reading.
+            if !buf.is_empty() && tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                return;
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        )],
+        body,
+    )
+        .into_response())
+}
+
+pub(super) async fn verify(State(st): State<AdminState>) -> Result<Json<Value>, ApiError> {
+    st.run(|s| {
+        Ok(Json(match s.verify_audit()? {
+            Ok(rows) => json!({ "ok": true, "rows": rows }),
+            Err(broken) => json!({ "ok": false, "error": broken.to_string() }),
+        }))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: &str) -> AuditRow {
+        AuditRow {
+            seq: 1,
+            at_ms: 0,
+            kind: kind.into(),
+            actor: "a".into(),
+            detail: "{}".into(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn kind_filter_matches_subkinds_only_at_dots() {
+        assert!(kind_matches(None, &row("x")));
+        assert!(kind_matches(Some("policy"), &row("policy")));
+        assert!(kind_matches(Some("policy"), &row("policy.activate")));
+        assert!(!kind_matches(Some("policy"), &row("policyx")));
+        assert!(!kind_matches(Some("host"), &row("hostgroup.set")));
+    }
+}

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use trustbind_appliance::admin;
 use trustbind_appliance::agent_api::{self, AgentApi};
 use trustbind_appliance::pki::{self, Pki};
 use trustbind_appliance::policy::engine::Engine;
@@ -342,14 +343,16 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
             stopped(stop_rx.clone()),
         ));
         let admin_cfg = pki.admin_server_config()?;
-        let admin_router =
-            axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
-        let admin = tokio::spawn(agent_api::tls::serve_https(
-            admin_l,
-            admin_cfg,
-            admin_router,
-            stopped(stop_rx.clone()),
-        ));
+        let hook_api = Arc::clone(&api);
+        let hook: admin::ChangeHook = Arc::new(move |c: &admin::Change| {
+            if let admin::Change::HostRevoked { host } = c {
+                hook_api.disconnect_host(host);
+            }
+            // Generation changes reach agents through the agent port's
+            // generation watch; the engine refreshes on its next decision.
+        });
+        let router = admin::router(admin::AdminState::new(Arc::clone(&store)).with_hook(hook));
+        let admin = tokio::spawn(admin::serve(admin_l, admin_cfg, router));
         wait_for_signals(&pki).await?;
         eprintln!("trustbind-appliance: shutting down");
         let _ = stop_tx.send(true);
@@ -360,7 +363,7 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
                 Err(e) => eprintln!("trustbind-appliance: {name} port task: {e}"),
             }
         }
-        let _ = admin.await;
+        admin.abort();
         Ok::<(), Fail>(())
     })
 }

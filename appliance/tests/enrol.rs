@@ -192,12 +192,7 @@ async fn host_certificate_is_refused_by_the_admin_config() {
     let admin_addr = admin_l.local_addr().unwrap();
     let router = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
     let cfg = app.api.pki.admin_server_config().unwrap();
-    tokio::spawn(trustbind_appliance::agent_api::tls::serve_https(
-        admin_l,
-        cfg,
-        router,
-        std::future::pending(),
-    ));
+    tokio::spawn(trustbind_appliance::admin::serve(admin_l, cfg, router));
     assert!(common::raw_handshake(admin_addr, host_cfg).await.is_err());
     let (cert, key) = app.api.pki.issue_admin("alice").unwrap();
     assert!(

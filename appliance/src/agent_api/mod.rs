@@ -127,9 +127,15 @@ impl AgentApi {
     /// `Store::revoke_host`.
     pub fn revoke_host(&self, host: &str, actor: &str) -> Result<(), StoreError> {
         self.store.revoke_host(host, actor)?;
+        self.disconnect_host(host);
+        Ok(())
+    }
+
+    /// For a host the store already marks revoked (e.g. by the admin API):
+    /// refuses its certificate from now on and ends its push streams.
+    pub fn disconnect_host(&self, host: &str) {
         self.hosts.revoke(host);
         self.hub.revoke(host);
-        Ok(())
     }
 
     /// Tells every connected agent the policy generation moved (call after

@@ -356,7 +356,17 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
         wait_for_signals(&pki).await?;
         eprintln!("trustbind-appliance: shutting down");
         let _ = stop_tx.send(true);
-        for (name, r) in [("agent", agent.await), ("enrol", enrol.await)] {
+        // Open calls get a bounded time to finish.
+        let grace = std::time::Duration::from_secs(15);
+        let agent = tokio::time::timeout(grace, agent).await;
+        let enrol = tokio::time::timeout(grace, enrol).await;
+        for (name, r) in [("agent", agent), ("enrol", enrol)] {
+            let Ok(r) = r else {
+                eprintln!(
+                    "trustbind-appliance: {name} port: calls still open after {grace:?}, leaving"
+                );
+                continue;
+            };
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => eprintln!("trustbind-appliance: {name} port: {e}"),

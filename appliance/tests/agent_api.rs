@@ -639,3 +639,55 @@ async fn report_is_idempotent_and_audited_as_agent_kinds() {
     );
     assert_eq!(app.audit_count(), before);
 }
+
+/// Holds every decision until the test opens the gate.
+struct Gated(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl trustbind_appliance::agent_api::Decider for Gated {
+    fn decide(
+        &self,
+        _r: &trustbind_appliance::request::QualifyRequest,
+    ) -> Result<trustbind_appliance::agent_api::Answer, trustbind_appliance::agent_api::DecideError>
+    {
+        let _ = self.0.lock().unwrap().recv();
+        Ok(trustbind_appliance::agent_api::Answer {
+            outcome: trustbind_appliance::policy::Outcome {
+                verdict: trustbind_appliance::policy::Verdict::Allow,
+                reasons: vec![],
+                would_deny: false,
+                errors: 0,
+            },
+            generation: 0,
+            cacheable: false,
+            channel_id: None,
+            cache_hit: false,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_deadline_is_honoured() {
+    let (gate, rx) = std::sync::mpsc::channel();
+    let app = start(Arc::new(Gated(std::sync::Mutex::new(rx)))).await;
+    let cfg = app.enrolled("web1").await;
+    let mut client = app.agent_client(cfg).await.unwrap();
+    let mut req = tonic::Request::new(batch(vec![exec(1, LS)]));
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let err = client.qualify(req).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    // Once decisions flow again, calls with time left are answered.
+    gate.send(()).unwrap();
+    gate.send(()).unwrap();
+    let reply = client
+        .qualify(batch(vec![exec(2, LS)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.results[0].id, 2);
+}

@@ -157,6 +157,13 @@ pub async fn serve_agent(
 ) -> Result<(), ApiError> {
     let config = api.pki.agent_server_config(Arc::clone(&api.hosts))?;
     let watch = tokio::spawn(watch_generation(Arc::clone(&api)));
+    // Push streams never end on their own: end them so the graceful
+    // shutdown does not wait for agents to hang up.
+    let hub = Arc::clone(&api.hub);
+    let shutdown = async move {
+        shutdown.await;
+        hub.close_all();
+    };
     let svc = pb::agent_server::AgentServer::new(service::AgentService::new(api))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);

@@ -22,8 +22,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use trustbind_appliance::admin;
 use trustbind_appliance::agent_api::{self, AgentApi};
 use trustbind_appliance::pki::{self, Pki};
+use trustbind_appliance::policy::engine::Engine;
 use trustbind_appliance::store::Store;
 
 /// Default data directory.
@@ -279,19 +281,8 @@ fn listen_addr(args: &Args, flag: &str, env: &str, default: &str) -> Result<Sock
     })
 }
 
-/// Decider used until the policy engine is wired in: refuses to decide.
-struct NoEngine;
-
-impl agent_api::Decider for NoEngine {
-    fn decide(
-        &self,
-        _r: &trustbind_appliance::request::QualifyRequest,
-    ) -> Result<agent_api::Answer, agent_api::DecideError> {
-        Err(agent_api::DecideError(
-            "the policy engine is not built yet".into(),
-        ))
-    }
-}
+/// The Cedar schema every policy set is validated against.
+const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
 fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
     let agent_addr = listen_addr(
@@ -315,7 +306,8 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
     let store = Arc::new(open_store(data_dir)?);
     let names = server_names(args, &[agent_addr, enrol_addr, admin_addr]);
     let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);
-    let api = AgentApi::new(Arc::clone(&store), Arc::clone(&pki), Arc::new(NoEngine))?;
+    let engine = Arc::new(Engine::new(Arc::clone(&store), SCHEMA)?);
+    let api = AgentApi::new(Arc::clone(&store), Arc::clone(&pki), engine)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -351,25 +343,37 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
             stopped(stop_rx.clone()),
         ));
         let admin_cfg = pki.admin_server_config()?;
-        let admin_router =
-            axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
-        let admin = tokio::spawn(agent_api::tls::serve_https(
-            admin_l,
-            admin_cfg,
-            admin_router,
-            stopped(stop_rx.clone()),
-        ));
+        let hook_api = Arc::clone(&api);
+        let hook: admin::ChangeHook = Arc::new(move |c: &admin::Change| {
+            if let admin::Change::HostRevoked { host } = c {
+                hook_api.disconnect_host(host);
+            }
+            // Generation changes reach agents through the agent port's
+            // generation watch; the engine refreshes on its next decision.
+        });
+        let router = admin::router(admin::AdminState::new(Arc::clone(&store)).with_hook(hook));
+        let admin = tokio::spawn(admin::serve(admin_l, admin_cfg, router));
         wait_for_signals(&pki).await?;
         eprintln!("trustbind-appliance: shutting down");
         let _ = stop_tx.send(true);
-        for (name, r) in [("agent", agent.await), ("enrol", enrol.await)] {
+        // Open calls get a bounded time to finish.
+        let grace = std::time::Duration::from_secs(15);
+        let agent = tokio::time::timeout(grace, agent).await;
+        let enrol = tokio::time::timeout(grace, enrol).await;
+        for (name, r) in [("agent", agent), ("enrol", enrol)] {
+            let Ok(r) = r else {
+                eprintln!(
+                    "trustbind-appliance: {name} port: calls still open after {grace:?}, leaving"
+                );
+                continue;
+            };
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => eprintln!("trustbind-appliance: {name} port: {e}"),
                 Err(e) => eprintln!("trustbind-appliance: {name} port task: {e}"),
             }
         }
-        let _ = admin.await;
+        admin.abort();
         Ok::<(), Fail>(())
     })
 }

@@ -192,12 +192,7 @@ async fn host_certificate_is_refused_by_the_admin_config() {
     let admin_addr = admin_l.local_addr().unwrap();
     let router = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
     let cfg = app.api.pki.admin_server_config().unwrap();
-    tokio::spawn(trustbind_appliance::agent_api::tls::serve_https(
-        admin_l,
-        cfg,
-        router,
-        std::future::pending(),
-    ));
+    tokio::spawn(trustbind_appliance::admin::serve(admin_l, cfg, router));
     assert!(common::raw_handshake(admin_addr, host_cfg).await.is_err());
     let (cert, key) = app.api.pki.issue_admin("alice").unwrap();
     assert!(
@@ -224,8 +219,12 @@ async fn revoked_host_fails_the_handshake_and_loses_its_stream_and_calls() {
 
     app.api.revoke_host("web1", "admin:test").unwrap();
 
-    // The open stream gets Revoked, then ends.
-    let msg = stream.next().await.unwrap().unwrap();
+    // The open stream gets Revoked, then ends (a generation announcement
+    // from the enrolment may come first).
+    let mut msg = stream.next().await.unwrap().unwrap();
+    while matches!(msg.kind, Some(push::Kind::Generation(_))) {
+        msg = stream.next().await.unwrap().unwrap();
+    }
     assert_eq!(
         msg.kind,
         Some(push::Kind::Revoked(
@@ -271,4 +270,123 @@ async fn rotated_server_certificate_is_used_for_new_handshakes() {
     let pki2 = trustbind_appliance::pki::Pki::open_or_create(app.dir.path(), &[]).unwrap();
     assert_eq!(pki2.fingerprint(), app.api.pki.fingerprint());
     assert_eq!(pki2.server_serial(), after);
+}
+
+/// The `serve` binary end to end: ports from its output, the CA pinned by
+/// the printed fingerprint, an enrolment, a call on the agent port, and a
+/// clean exit on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binary_enrols_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    use rustls::pki_types::pem::PemObject;
+    use sha2::Digest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trustbind-appliance"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "serve",
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--enrol-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--server-name",
+            "localhost",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = |prefix: &str| -> String {
+        let l = lines.next().unwrap().unwrap();
+        assert!(l.starts_with(prefix), "{l}");
+        l.rsplit(' ').next().unwrap().to_owned()
+    };
+    let agent: std::net::SocketAddr = addr("agent port").parse().unwrap();
+    let enrol: std::net::SocketAddr = addr("enrol port").parse().unwrap();
+    let _admin: std::net::SocketAddr = addr("admin port").parse().unwrap();
+    let fingerprint = addr("CA fingerprint");
+
+    let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    assert_eq!(
+        trustbind_appliance::store::hex(&sha2::Sha256::digest(ca.as_ref())),
+        fingerprint
+    );
+    let store = trustbind_appliance::store::Store::open(&dir.path().join("appliance.db")).unwrap();
+    store
+        .set_host_group("web", trustbind_appliance::store::Mode::Enforce, "admin:t")
+        .unwrap();
+    store
+        .add_pending_host("web9", "web", &common::sha256_hex("tok-9"), "admin:t")
+        .unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+    };
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    let ch = common::connect(enrol, Arc::new(builder().with_no_client_auth()))
+        .await
+        .unwrap();
+    let reply = trustbind_appliance::agent_api::pb::enrolment_client::EnrolmentClient::new(ch)
+        .enrol(trustbind_appliance::agent_api::pb::EnrolRequest {
+            host: "web9".into(),
+            token: "tok-9".into(),
+            csr_pem: csr.pem().unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cfg = builder()
+        .with_client_auth_cert(
+            vec![
+                rustls::pki_types::CertificateDer::from_pem_slice(reply.cert_pem.as_bytes())
+                    .unwrap(),
+            ],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+    let ch = common::connect(agent, Arc::new(cfg)).await.unwrap();
+    let mut client = trustbind_appliance::agent_api::pb::agent_client::AgentClient::new(ch);
+    let mut stream = client
+        .subscribe(Hello::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        stream.next().await.unwrap().unwrap().kind,
+        Some(push::Kind::Generation(_))
+    ));
+    // SIGTERM with the stream still open: the stream ends, the process exits.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    while let Some(m) = stream.next().await {
+        if m.is_err() {
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(client);
 }

@@ -32,6 +32,7 @@ impl EnrolService {
     /// Audits a refused enrolment in its own write (so the refusal is kept
     /// even though nothing else changed) and returns `status`.
     fn refuse(&self, host: &str, remote: &str, status: Status) -> Status {
+        crate::metrics::metrics().record_enrolment(false);
         let host: String = host.chars().take(253).collect();
         let ev = AuditEvent::new(
             "host.enrol.refused",
@@ -142,6 +143,7 @@ impl EnrolService {
             Err(e) => return Err(Status::unavailable(format!("store: {e}"))),
         }
         api.hosts.allow(host, &issued.serial);
+        crate::metrics::metrics().record_enrolment(true);
         Ok(Response::new(EnrolReply {
             cert_pem: issued.cert_pem,
             ca_pem: api.pki.ca_pem().to_owned(),

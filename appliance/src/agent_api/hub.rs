@@ -115,6 +115,13 @@ impl Hub {
         }
     }
 
+    /// Ends every stream (appliance shutdown); agents reconnect later.
+    pub fn close_all(&self) {
+        if let Ok(mut m) = self.streams.lock() {
+            m.clear();
+        }
+    }
+
     /// Hosts with at least one open stream.
     pub fn connected_hosts(&self) -> Vec<String> {
         self.streams

@@ -13,6 +13,7 @@
 //!
 //! The host name is always the CN of the verified client certificate.
 
+pub mod convert;
 pub mod enrol;
 pub mod hub;
 pub mod service;
@@ -33,8 +34,10 @@ pub use service::{Answer, DecideError, Decider};
 use crate::pki::{EnrolledHosts, Pki, PkiError};
 use crate::store::{Store, StoreError};
 
-/// Largest gRPC message accepted on either port, in bytes.
-pub const MAX_MESSAGE: usize = 1024 * 1024;
+/// Largest gRPC message tonic decodes on the agent port, in bytes (a hard
+/// stop; `Qualify` refuses more than [`service::MAX_BATCH_BYTES`] with a
+/// clear INVALID_ARGUMENT).
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 /// Longest any unary call may run; a shorter `grpc-timeout` from the client
 /// is honoured.
 pub const MAX_CALL_TIME: Duration = Duration::from_secs(10);
@@ -86,12 +89,23 @@ impl AgentApi {
         pki: Arc<Pki>,
         decider: Arc<dyn Decider>,
     ) -> Result<Arc<Self>, ApiError> {
+        Self::with_hub(store, pki, Arc::new(Hub::new()), decider)
+    }
+
+    /// Like [`AgentApi::new`] with a hub made beforehand, for deciders that
+    /// push (the channel code pushes keys to both hosts of a pair).
+    pub fn with_hub(
+        store: Arc<Store>,
+        pki: Arc<Pki>,
+        hub: Arc<Hub>,
+        decider: Arc<dyn Decider>,
+    ) -> Result<Arc<Self>, ApiError> {
         let hosts = Arc::new(EnrolledHosts::new(store.enrolled_certs()?));
         Ok(Arc::new(Self {
             store,
             pki,
             hosts,
-            hub: Arc::new(Hub::new()),
+            hub,
             decider,
         }))
     }
@@ -102,9 +116,15 @@ impl AgentApi {
     /// `Store::revoke_host`.
     pub fn revoke_host(&self, host: &str, actor: &str) -> Result<(), StoreError> {
         self.store.revoke_host(host, actor)?;
+        self.disconnect_host(host);
+        Ok(())
+    }
+
+    /// For a host the store already marks revoked (e.g. by the admin API):
+    /// refuses its certificate from now on and ends its push streams.
+    pub fn disconnect_host(&self, host: &str) {
         self.hosts.revoke(host);
         self.hub.revoke(host);
-        Ok(())
     }
 
     /// Tells every connected agent the policy generation moved (call after
@@ -125,17 +145,48 @@ pub async fn serve_agent(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
     let config = api.pki.agent_server_config(Arc::clone(&api.hosts))?;
+    let watch = tokio::spawn(watch_generation(Arc::clone(&api)));
+    // Push streams never end on their own: end them so the graceful
+    // shutdown does not wait for agents to hang up.
+    let hub = Arc::clone(&api.hub);
+    let shutdown = async move {
+        shutdown.await;
+        hub.close_all();
+    };
     let svc = pb::agent_server::AgentServer::new(service::AgentService::new(api))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .timeout(MAX_CALL_TIME)
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .add_service(svc)
         .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown)
-        .await?;
+        .await;
+    watch.abort();
+    served?;
     Ok(())
+}
+
+/// How often the store's verdict generation is checked for changes.
+pub const GENERATION_POLL: Duration = Duration::from_millis(200);
+
+/// Broadcasts `PolicyGeneration` whenever the store's verdict generation
+/// moves (policy switch, membership, roles, modes...), whoever moved it.
+/// Also keeps the connected-agents gauge current.
+async fn watch_generation(api: Arc<AgentApi>) {
+    let mut seen = api.store.generation_hint();
+    let mut tick = tokio::time::interval(GENERATION_POLL);
+    loop {
+        tick.tick().await;
+        let g = api.store.generation_hint();
+        if g != seen {
+            seen = g;
+            api.announce_generation(g);
+        }
+        let n = api.hub.connected_hosts().len();
+        crate::metrics::metrics().set_agents_connected(u64::try_from(n).unwrap_or(u64::MAX));
+    }
 }
 
 /// Serves the enrol port on `listener` (server-authenticated TLS) until

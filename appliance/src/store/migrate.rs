@@ -95,6 +95,16 @@ CREATE TABLE user_roles (
     PRIMARY KEY (user_name, role)
 );
 "#,
+    // 3: audit records delivered by agents, for idempotent Report
+    r#"
+CREATE TABLE agent_reports (
+    host        TEXT NOT NULL,
+    report_id   TEXT NOT NULL,
+    host_at_ms  INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (host, report_id)
+);
+"#,
 ];
 
 /// Newest schema version this build understands.

@@ -8,6 +8,7 @@
 //! crash (power loss included).
 
 mod admin;
+mod agent;
 mod audit;
 mod err;
 pub mod migrate;
@@ -27,6 +28,7 @@ use sha2::{Digest, Sha256};
 pub use admin::{
     GroupInfo, HostGroupInfo, HostInfo, PolicyInfo, RoleInfo, SignatureBatch, UserInfo,
 };
+pub use agent::AgentRecord;
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 pub use err::{ChainError, StoreError};
 pub use writer::{AuditWriter, WriterStats, MAX_BATCH};

@@ -75,10 +75,13 @@ pub fn sha256_hex(s: &str) -> String {
 impl Appliance {
     /// Registers `host` (group `group`, enforce) as pending with `token`.
     pub fn add_pending(&self, host: &str, group: &str, token: &str) {
+        self.add_pending_mode(host, group, Mode::Enforce, token);
+    }
+
+    /// Registers `host` (group `group` in `mode`) as pending with `token`.
+    pub fn add_pending_mode(&self, host: &str, group: &str, mode: Mode, token: &str) {
         let store = &self.api.store;
-        store
-            .set_host_group(group, Mode::Enforce, "admin:test")
-            .unwrap();
+        store.set_host_group(group, mode, "admin:test").unwrap();
         store
             .add_pending_host(host, group, &sha256_hex(token), "admin:test")
             .unwrap();
@@ -137,8 +140,13 @@ impl Appliance {
 
     /// Pending + enrolled host; returns its agent client config.
     pub async fn enrolled(&self, host: &str) -> Arc<ClientConfig> {
+        self.enrolled_in(host, "web", Mode::Enforce).await
+    }
+
+    /// Pending + enrolled host in `group` (`mode`); returns its agent client config.
+    pub async fn enrolled_in(&self, host: &str, group: &str, mode: Mode) -> Arc<ClientConfig> {
         let token = format!("token-of-{host}-0123456789abcdef");
-        self.add_pending(host, "web", &token);
+        self.add_pending_mode(host, group, mode, &token);
         let (cert, key) = self.enrol(host, &token).await.unwrap();
         self.client_config(&cert, &key)
     }

@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod channels;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod request;

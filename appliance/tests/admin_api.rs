@@ -81,6 +81,7 @@ struct Harness {
     ca: Ca,
     client: Arc<ClientConfig>,
     store: Arc<Store>,
+    limits: Arc<trustbind_appliance::limits::Limits>,
     changes: Arc<Mutex<Vec<Change>>>,
     dir: tempfile::TempDir,
 }
@@ -130,9 +131,12 @@ async fn start() -> Harness {
         .unwrap();
     let changes = Arc::new(Mutex::new(Vec::new()));
     let c2 = Arc::clone(&changes);
-    let state = AdminState::new(Arc::clone(&store)).with_hook(Arc::new(move |c: &Change| {
-        c2.lock().unwrap().push(c.clone());
-    }));
+    let limits = Arc::new(trustbind_appliance::limits::Limits::new(Arc::clone(&store)).unwrap());
+    let state = AdminState::new(Arc::clone(&store))
+        .with_hook(Arc::new(move |c: &Change| {
+            c2.lock().unwrap().push(c.clone());
+        }))
+        .with_limits(Arc::clone(&limits));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(admin::serve(
@@ -146,6 +150,7 @@ async fn start() -> Harness {
         ca,
         client,
         store,
+        limits,
         changes,
         dir,
     }
@@ -747,6 +752,143 @@ async fn users_and_roles() {
     assert!(audit
         .iter()
         .any(|r| r.kind == "user.delete" && r.actor == "admin:alice"));
+}
+
+#[tokio::test]
+async fn limits_set_list_remove() {
+    use trustbind_appliance::limits::LicenseKey;
+    let h = start().await;
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/v1/limits",
+            json!({ "subject": { "kind": "host", "host": "web1" }, "max_calls": 2 }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["license"]["id"].as_i64().unwrap();
+    assert_eq!(
+        v["license"]["subject"],
+        json!({ "kind": "host", "host": "web1" })
+    );
+    assert_eq!(v["license"]["terms"]["max_calls"], 2);
+    assert_eq!(v["license"]["calls"], 0);
+    assert_eq!(h.changes(), vec![Change::Limits]);
+
+    let client = "A".repeat(64);
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/v1/limits",
+            json!({ "subject": { "kind": "pair", "client": client, "server": "b".repeat(64) },
+                    "max_per_minute": 1, "not_before_ms": 5, "not_after_ms": 9_000_000_000_000_i64 }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["license"]["subject"]["client"], "a".repeat(64));
+    let pair_id = v["license"]["id"].as_i64().unwrap();
+
+    // The decision path and the API share one table.
+    let web1 = LicenseKey::Host {
+        host: "web1".into(),
+    };
+    h.limits.check(&web1, 1).unwrap();
+    let (_, v) = h.get(&format!("/v1/limits/{id}")).await;
+    assert_eq!(v["license"]["calls"], 1);
+    h.limits.check(&web1, 2).unwrap();
+    assert!(h.limits.check(&web1, 3).is_err());
+    let (_, v) = h.get("/v1/limits").await;
+    let list = v["limits"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(
+        list[0]["exceeded"].as_str().unwrap().contains("2 calls"),
+        "{v}"
+    );
+    assert_eq!(list[1]["exceeded"], Value::Null);
+
+    // Reset re-activates.
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/v1/limits",
+            json!({ "subject": { "kind": "host", "host": "web1" }, "max_calls": 5, "reset": true }),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["license"]["exceeded"], Value::Null);
+    h.limits.check(&web1, 4).unwrap();
+
+    for (body, field) in [
+        (
+            json!({ "subject": { "kind": "host", "host": "a b" } }),
+            "subject.host",
+        ),
+        (
+            json!({ "subject": { "kind": "pair", "client": "x", "server": "y" } }),
+            "subject.client",
+        ),
+        (
+            json!({ "subject": { "kind": "host", "host": "h" }, "max_calls": 0 }),
+            "max_calls",
+        ),
+        (
+            json!({ "subject": { "kind": "host", "host": "h" }, "max_per_minute": 0 }),
+            "max_per_minute",
+        ),
+        (
+            json!({ "subject": { "kind": "host", "host": "h" }, "not_before_ms": 5, "not_after_ms": 5 }),
+            "not_after_ms",
+        ),
+        (
+            json!({ "subject": { "kind": "file", "path": "/" } }),
+            "subject.kind",
+        ),
+        (
+            json!({ "subject": { "kind": "host", "host": "h" }, "max_calls": -1 }),
+            "max_calls",
+        ),
+    ] {
+        let (s, v) = h.send("PUT", "/v1/limits", body.clone()).await;
+        assert_eq!(
+            (s, v["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{body} -> {v}"
+        );
+    }
+
+    let r = h
+        .call("DELETE", &format!("/v1/limits/{pair_id}"), None)
+        .await;
+    assert_eq!(r.status, 204);
+    let r = h
+        .call("DELETE", &format!("/v1/limits/{pair_id}"), None)
+        .await;
+    assert_eq!(r.status, 404);
+    let (_, v) = h.get("/v1/limits").await;
+    assert_eq!(v["limits"].as_array().unwrap().len(), 1);
+    let k: Vec<String> = h
+        .audit()
+        .into_iter()
+        .map(|r| format!("{} {}", r.kind, r.actor))
+        .collect();
+    assert!(k.contains(&"limit.set admin:alice".to_owned()), "{k:?}");
+    assert!(k.contains(&"limit.remove admin:alice".to_owned()), "{k:?}");
+    assert!(k.contains(&"limit.exceeded appliance".to_owned()), "{k:?}");
+}
+
+#[tokio::test]
+async fn limit_endpoints_without_limits_answer_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("a.db")).unwrap());
+    let router = admin::router(AdminState::new(store));
+    let mut req = axum::http::Request::builder()
+        .uri("/v1/limits")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(admin::AdminIdentity { cn: "alice".into() });
+    let resp = router.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 503);
 }
 
 #[tokio::test]

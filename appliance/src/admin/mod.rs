@@ -10,6 +10,7 @@
 mod audit;
 mod error;
 mod hosts;
+mod limits;
 mod policies;
 mod signatures;
 mod tls;
@@ -75,6 +76,9 @@ pub struct AdminState {
     pub store: Arc<Store>,
     /// Called after each committed change that can affect verdicts.
     pub on_change: ChangeHook,
+    /// License limits, when this appliance enforces them (the limit
+    /// endpoints answer 503 without).
+    pub limits: Option<Arc<crate::limits::Limits>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -91,12 +95,20 @@ impl AdminState {
         Self {
             store,
             on_change: Arc::new(|_| {}),
+            limits: None,
         }
     }
 
     /// Replaces the change hook.
     pub fn with_hook(mut self, hook: ChangeHook) -> Self {
         self.on_change = hook;
+        self
+    }
+
+    /// Serves the limit endpoints from `limits` (the same instance the
+    /// decision path checks).
+    pub fn with_limits(mut self, limits: Arc<crate::limits::Limits>) -> Self {
+        self.limits = Some(limits);
         self
     }
 
@@ -195,6 +207,8 @@ pub fn router(state: AdminState) -> Router {
             get(users::show).put(users::set_roles).delete(users::delete),
         )
         .route("/v1/roles", get(users::roles))
+        .route("/v1/limits", get(limits::list).put(limits::set))
+        .route("/v1/limits/{id}", get(limits::show).delete(limits::remove))
         .route("/v1/audit", get(audit::tail))
         .route("/v1/audit/export", get(audit::export))
         .route("/v1/audit/verify", get(audit::verify))

@@ -16,5 +16,6 @@
     )
 )]
 
+pub mod device;
 pub mod spool;
 pub mod users;

@@ -1,0 +1,235 @@
+//! `/dev/trustbind`: the agent's end of the module's channel.
+//!
+//! One opener at a time (the module answers `EBUSY` to a second); records
+//! as defined in `trustbind-proto`, one per `read()`/`write()`. The reader
+//! ([`Device`]) blocks in `read()` on its own thread; writers
+//! ([`DeviceWriter`], a duplicate of the same open file) answer from any
+//! thread. Closing the last descriptor tells the module the agent is gone.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use trustbind_proto::{
+    self as proto, Config, DecodeError, Generation, Hello, HelloAck, Mode, Record, Verdict,
+    MAX_RECORD_LEN,
+};
+
+/// The agent's protocol version, sent in `Hello`.
+pub const AGENT_VERSION: u32 = 0x0001_0000;
+
+/// Device failures, naming the device and the step.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A system call failed.
+    #[error("{path}: {what}: {source}", path = .path.display())]
+    Io {
+        /// The device path.
+        path: PathBuf,
+        /// What the agent was doing.
+        what: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// The module sent something that is not a valid record.
+    #[error("{path}: bad record from the module: {0}", path = .1.display())]
+    Decode(DecodeError, PathBuf),
+    /// The module answered `Hello` with something else.
+    #[error("{path}: expected HelloAck, got {kind}", path = .0.display(), kind = .1)]
+    Handshake(PathBuf, String),
+    /// A record could not be encoded (a bug).
+    #[error("cannot encode {0}")]
+    Encode(String),
+}
+
+/// An exec the module asks about, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecEvent {
+    /// Request id to answer with.
+    pub request_id: u64,
+    /// SHA-256 of the file.
+    pub sha256: [u8; 32],
+    /// SHA-1 of the file.
+    pub sha1: [u8; 20],
+    /// Size in bytes.
+    pub size: u64,
+    /// Real uid.
+    pub uid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// Real gid.
+    pub gid: u32,
+    /// Audit login uid.
+    pub loginuid: u32,
+    /// Audit session id.
+    pub sessionid: u32,
+    /// Thread group id of the exec'ing task.
+    pub pid: u32,
+    /// Its parent's.
+    pub ppid: u32,
+    /// SHA-256 of ancestors' programs, parent first.
+    pub ancestry: Vec<[u8; 32]>,
+    /// Path as opened (lossy UTF-8).
+    pub path: String,
+}
+
+/// The reading end (owns the descriptor the module sees as the agent).
+#[derive(Debug)]
+pub struct Device {
+    path: PathBuf,
+    file: File,
+    buf: Vec<u8>,
+    /// What the module said about itself.
+    pub ack: HelloAck,
+}
+
+/// A writing end; clone freely.
+#[derive(Debug)]
+pub struct DeviceWriter {
+    path: PathBuf,
+    file: File,
+}
+
+fn encode(rec: &Record<'_>, id: u64) -> Result<Vec<u8>, DeviceError> {
+    let mut buf = vec![0u8; rec.encoded_len()];
+    rec.encode(id, &mut buf)
+        .map_err(|e| DeviceError::Encode(format!("{:?}: {e}", rec.kind())))?;
+    Ok(buf)
+}
+
+impl Device {
+    /// Opens `path` and greets the module.
+    pub fn open(path: &Path) -> Result<Self, DeviceError> {
+        let io_err = |what| {
+            move |source| DeviceError::Io {
+                path: path.to_owned(),
+                what,
+                source,
+            }
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err("open"))?;
+        let hello = Record::Hello(Hello {
+            agent_pid: std::process::id(),
+            agent_version: AGENT_VERSION,
+        });
+        file.write_all(&encode(&hello, 1)?)
+            .map_err(io_err("write Hello"))?;
+        let mut buf = vec![0u8; MAX_RECORD_LEN];
+        let n = file.read(&mut buf).map_err(io_err("read HelloAck"))?;
+        let got = buf.get(..n).unwrap_or_default();
+        let ack = match proto::decode(got) {
+            Ok((_, Record::HelloAck(a))) => a,
+            Ok((_, other)) => {
+                return Err(DeviceError::Handshake(
+                    path.to_owned(),
+                    format!("{:?}", other.kind()),
+                ))
+            }
+            Err(e) => return Err(DeviceError::Decode(e, path.to_owned())),
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            buf,
+            ack,
+        })
+    }
+
+    /// A writer on the same open file.
+    pub fn writer(&self) -> Result<DeviceWriter, DeviceError> {
+        Ok(DeviceWriter {
+            path: self.path.clone(),
+            file: self.file.try_clone().map_err(|source| DeviceError::Io {
+                path: self.path.clone(),
+                what: "dup",
+                source,
+            })?,
+        })
+    }
+
+    /// Blocks until the module asks something. Records of kinds the agent
+    /// does not handle are skipped.
+    pub fn next_exec(&mut self) -> Result<ExecEvent, DeviceError> {
+        loop {
+            let n = match self.file.read(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(DeviceError::Io {
+                        path: self.path.clone(),
+                        what: "read",
+                        source,
+                    })
+                }
+            };
+            let got = self.buf.get(..n).unwrap_or_default();
+            let (h, rec) =
+                proto::decode(got).map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
+            if let Record::ExecRequest(r) = rec {
+                return Ok(ExecEvent {
+                    request_id: h.request_id,
+                    sha256: r.sha256,
+                    sha1: r.sha1,
+                    size: r.size,
+                    uid: r.uid,
+                    euid: r.euid,
+                    gid: r.gid,
+                    loginuid: r.loginuid,
+                    sessionid: r.sessionid,
+                    pid: r.pid,
+                    ppid: r.ppid,
+                    ancestry: r
+                        .ancestry
+                        .iter()
+                        .filter_map(|h| <[u8; 32]>::try_from(h).ok())
+                        .collect(),
+                    path: String::from_utf8_lossy(r.path).into_owned(),
+                });
+            }
+        }
+    }
+}
+
+impl DeviceWriter {
+    fn send(&mut self, rec: &Record<'_>, id: u64, what: &'static str) -> Result<(), DeviceError> {
+        let buf = encode(rec, id)?;
+        self.file
+            .write_all(&buf)
+            .map_err(|source| DeviceError::Io {
+                path: self.path.clone(),
+                what,
+                source,
+            })
+    }
+
+    /// Answers request `id`. `Ok(false)` if the module no longer waits for
+    /// it (timed out or interrupted: `ENOENT`).
+    pub fn verdict(&mut self, id: u64, v: Verdict) -> Result<bool, DeviceError> {
+        match self.send(&Record::Verdict(v), id, "write Verdict") {
+            Ok(()) => Ok(true),
+            Err(DeviceError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets the module's mode and verdict wait.
+    pub fn config(&mut self, mode: Mode, verdict_timeout_ms: u32) -> Result<(), DeviceError> {
+        let rec = Record::Config(Config {
+            mode,
+            verdict_timeout_ms,
+        });
+        self.send(&rec, 2, "write Config")
+    }
+
+    /// Tells the module the policy generation moved.
+    pub fn generation(&mut self, policy_generation: u64) -> Result<(), DeviceError> {
+        let rec = Record::Generation(Generation { policy_generation });
+        self.send(&rec, 3, "write Generation")
+    }
+}

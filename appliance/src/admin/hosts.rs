@@ -127,6 +127,7 @@ pub(super) async fn create(
                 "state": HostState::Pending,
             },
             "token": token.as_str(),
+            "ca_fingerprint": st.ca_fingerprint,
         })),
     ))
 }

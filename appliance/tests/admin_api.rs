@@ -951,6 +951,26 @@ async fn audit_tail_export_verify() {
     let (_, v) = h.get("/v1/status").await;
     assert_eq!(v["you"], "admin:alice");
     assert_eq!(v["audit_head"], 5);
+
+    // Long poll: a row appended while waiting is returned.
+    let store = Arc::clone(&h.store);
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        tokio::task::spawn_blocking(move || store.create_group("late", "", "admin:bob").unwrap())
+            .await
+            .unwrap();
+    });
+    let (s, v) = h.get("/v1/audit?after=5&wait_ms=20000").await;
+    writer.await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["rows"][0]["actor"], "admin:bob", "{v}");
+    assert_eq!(v["next"], 6);
+    let (s, _) = h.get("/v1/audit?wait_ms=10").await;
+    assert_eq!(s, 400);
+    let (s, _) = h.get("/v1/audit?after=1&wait_ms=30001").await;
+    assert_eq!(s, 400);
+    let (_, v) = h.get("/v1/audit?after=6&wait_ms=1").await;
+    assert_eq!(v["rows"], json!([]));
 }
 
 #[tokio::test]

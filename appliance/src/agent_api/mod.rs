@@ -18,19 +18,8 @@ pub mod hub;
 pub mod service;
 pub mod tls;
 
-/// Code generated from `proto/trustbind/agent/v1/agent.proto`.
-#[allow(
-    missing_docs,
-    clippy::all,
-    clippy::pedantic,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
-pub mod pb {
-    tonic::include_proto!("trustbind.agent.v1");
-}
+/// Code generated from `api/proto/trustbind/agent/v1/agent.proto`.
+pub use trustbind_api::pb;
 
 use std::future::Future;
 use std::sync::Arc;

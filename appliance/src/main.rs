@@ -307,11 +307,11 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
     let names = server_names(args, &[agent_addr, enrol_addr, admin_addr]);
     let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);
     let engine = Arc::new(Engine::new(Arc::clone(&store), SCHEMA)?);
-    let api = AgentApi::new(Arc::clone(&store), Arc::clone(&pki), engine)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let api = AgentApi::new(Arc::clone(&store), Arc::clone(&pki), engine)?;
         let agent_l = bind(agent_addr, "agent").await?;
         let enrol_l = bind(enrol_addr, "enrol").await?;
         let admin_l = bind(admin_addr, "admin").await?;

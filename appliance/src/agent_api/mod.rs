@@ -32,7 +32,7 @@ pub use hub::Hub;
 pub use service::{Answer, DecideError, Decider};
 
 use crate::pki::{EnrolledHosts, Pki, PkiError};
-use crate::store::{Store, StoreError};
+use crate::store::{AuditWriter, Store, StoreError};
 
 /// Largest gRPC message tonic decodes on the agent port, in bytes (a hard
 /// stop; `Qualify` refuses more than [`service::MAX_BATCH_BYTES`] with a
@@ -71,6 +71,8 @@ pub struct AgentApi {
     pub hub: Arc<Hub>,
     /// Where verdicts come from.
     pub decider: Arc<dyn Decider>,
+    /// Group-commit writer for decision audit rows.
+    pub audit: AuditWriter,
 }
 
 impl std::fmt::Debug for AgentApi {
@@ -83,7 +85,8 @@ impl std::fmt::Debug for AgentApi {
 }
 
 impl AgentApi {
-    /// Loads the enrolled hosts' certificate serials from `store`.
+    /// Loads the enrolled hosts' certificate serials from `store` and starts
+    /// an audit writer (call from within a tokio runtime).
     pub fn new(
         store: Arc<Store>,
         pki: Arc<Pki>,
@@ -101,12 +104,14 @@ impl AgentApi {
         decider: Arc<dyn Decider>,
     ) -> Result<Arc<Self>, ApiError> {
         let hosts = Arc::new(EnrolledHosts::new(store.enrolled_certs()?));
+        let audit = AuditWriter::spawn(Arc::clone(&store));
         Ok(Arc::new(Self {
             store,
             pki,
             hosts,
             hub,
             decider,
+            audit,
         }))
     }
 

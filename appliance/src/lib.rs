@@ -23,6 +23,7 @@
 pub mod admin;
 pub mod agent_api;
 pub mod channels;
+pub mod limits;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

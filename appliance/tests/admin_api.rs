@@ -1,5 +1,6 @@
-//! The admin API over real HTTPS on loopback with client certificates
-//! (rcgen), against a real SQLite file in a temporary directory.
+//! The admin API over real HTTPS on loopback with admin client
+//! certificates issued by the appliance's own CA (`Pki`), against a real
+//! SQLite file in a temporary directory.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -10,13 +11,15 @@ use hyper_util::rt::TokioIo;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tower::ServiceExt;
 use trustbind_appliance::admin::{self, AdminState, Change};
+use trustbind_appliance::pki::Pki;
 use trustbind_appliance::store::{HostState, Store};
 
 const EXAMPLE: &str = include_str!("../../policies/example.cedar");
@@ -25,10 +28,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A CA that signs server and client certificates.
+/// A CA other than the appliance's, for certificates that must be refused.
 struct Ca {
     issuer: Issuer<'static, KeyPair>,
-    der: CertificateDer<'static>,
 }
 
 impl Ca {
@@ -37,9 +39,7 @@ impl Ca {
         p.distinguished_name.push(DnType::CommonName, name);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
         Ca {
-            der: cert.der().clone(),
             issuer: Issuer::new(p, key),
         }
     }
@@ -68,19 +68,23 @@ impl Ca {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
     }
+}
 
-    fn roots(&self) -> Arc<RootCertStore> {
-        let mut r = RootCertStore::empty();
-        r.add(self.der.clone()).unwrap();
-        Arc::new(r)
-    }
+type Cred = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn from_pem(cert: &str, key: &str) -> Cred {
+    (
+        vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
 }
 
 struct Harness {
     addr: SocketAddr,
-    ca: Ca,
+    pki: Arc<Pki>,
     client: Arc<ClientConfig>,
     store: Arc<Store>,
+    limits: Arc<trustbind_appliance::limits::Limits>,
     changes: Arc<Mutex<Vec<Change>>>,
     dir: tempfile::TempDir,
 }
@@ -99,16 +103,15 @@ impl Resp {
     }
 }
 
-fn client_config(ca: &Ca, cert: Option<&Ca>) -> Arc<ClientConfig> {
+fn client_config(pki: &Pki, cred: Option<Cred>) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.ca_der().clone()).unwrap();
     let b = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(ca.roots());
-    Arc::new(match cert {
-        Some(issuer) => {
-            let (chain, key) = issuer.leaf("alice", false);
-            b.with_client_auth_cert(chain, key).unwrap()
-        }
+        .with_root_certificates(roots);
+    Arc::new(match cred {
+        Some((chain, key)) => b.with_client_auth_cert(chain, key).unwrap(),
         None => b.with_no_client_auth(),
     })
 }
@@ -116,36 +119,29 @@ fn client_config(ca: &Ca, cert: Option<&Ca>) -> Arc<ClientConfig> {
 async fn start() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("a.db")).unwrap());
-    let ca = Ca::new("Trustbind test CA");
-    let (chain, key) = ca.leaf("appliance", true);
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(ca.roots(), provider())
-            .build()
-            .unwrap();
-    let server = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .unwrap();
+    let pki =
+        Arc::new(Pki::open_or_create(&dir.path().join("pki"), &["localhost".to_owned()]).unwrap());
+    let server = pki.admin_server_config().unwrap();
     let changes = Arc::new(Mutex::new(Vec::new()));
     let c2 = Arc::clone(&changes);
-    let state = AdminState::new(Arc::clone(&store)).with_hook(Arc::new(move |c: &Change| {
-        c2.lock().unwrap().push(c.clone());
-    }));
+    let limits = Arc::new(trustbind_appliance::limits::Limits::new(Arc::clone(&store)).unwrap());
+    let state = AdminState::new(Arc::clone(&store))
+        .with_hook(Arc::new(move |c: &Change| {
+            c2.lock().unwrap().push(c.clone());
+        }))
+        .with_limits(Arc::clone(&limits))
+        .with_ca_fingerprint(pki.fingerprint().to_owned());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(admin::serve(
-        listener,
-        Arc::new(server),
-        admin::router(state),
-    ));
-    let client = client_config(&ca, Some(&ca));
+    tokio::spawn(admin::serve(listener, server, admin::router(state)));
+    let (cert, key) = pki.issue_admin("alice").unwrap();
+    let client = client_config(&pki, Some(from_pem(&cert, &key)));
     Harness {
         addr,
-        ca,
+        pki,
         client,
         store,
+        limits,
         changes,
         dir,
     }
@@ -608,6 +604,7 @@ async fn hosts_tokens_and_revocation() {
     let token = v["token"].as_str().unwrap().to_owned();
     assert_eq!(token.len(), 64);
     assert_eq!(v["host"]["state"], "pending");
+    assert_eq!(v["ca_fingerprint"], h.pki.fingerprint());
     let (s, v) = h
         .send(
             "POST",
@@ -750,6 +747,143 @@ async fn users_and_roles() {
 }
 
 #[tokio::test]
+async fn limits_set_list_remove() {
+    use trustbind_appliance::limits::LicenseKey;
+    let h = start().await;
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/v1/limits",
+            json!({ "subject": { "kind": "host", "host": "web1" }, "max_calls": 2 }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["license"]["id"].as_i64().unwrap();
+    assert_eq!(
+        v["license"]["subject"],
+        json!({ "kind": "host", "host": "web1" })
+    );
+    assert_eq!(v["license"]["terms"]["max_calls"], 2);
+    assert_eq!(v["license"]["calls"], 0);
+    assert_eq!(h.changes(), vec![Change::Limits]);
+
+    let client = "A".repeat(64);
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/v1/limits",
+            json!({ "subject": { "kind": "pair", "client": client, "server": "b".repeat(64) },
+                    "max_per_minute": 1, "not_before_ms": 5, "not_after_ms": 9_000_000_000_000_i64 }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["license"]["subject"]["client"], "a".repeat(64));
+    let pair_id = v["license"]["id"].as_i64().unwrap();
+
+    // The decision path and the API share one table.
+    let web1 = LicenseKey::Host {
+        host: "web1".into(),
+    };
+    h.limits.check(&web1, 1).unwrap();
+    let (_, v) = h.get(&format!("/v1/limits/{id}")).await;
+    assert_eq!(v["license"]["calls"], 1);
+    h.limits.check(&web1, 2).unwrap();
+    assert!(h.limits.check(&web1, 3).is_err());
+    let (_, v) = h.get("/v1/limits").await;
+    let list = v["limits"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(
+        list[0]["exceeded"].as_str().unwrap().contains("2 calls"),
+        "{v}"
+    );
+    assert_eq!(list[1]["exceeded"], Value::Null);
+
+    // Reset re-activates.
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/v1/limits",
+            json!({ "subject": { "kind": "host", "host": "web1" }, "max_calls": 5, "reset": true }),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["license"]["exceeded"], Value::Null);
+    h.limits.check(&web1, 4).unwrap();
+
+    for (body, field) in [
+        (
+            json!({ "subject": { "kind": "host", "host": "a b" } }),
+            "subject.host",
+        ),
+        (
+            json!({ "subject": { "kind": "pair", "client": "x", "server": "y" } }),
+            "subject.client",
+        ),
+        (
+            json!({ "subject": { "kind": "host", "host": "h" }, "max_calls": 0 }),
+            "max_calls",
+        ),
+        (
+            json!({ "subject": { "kind": "host", "host": "h" }, "max_per_minute": 0 }),
+            "max_per_minute",
+        ),
+        (
+            json!({ "subject": { "kind": "host", "host": "h" }, "not_before_ms": 5, "not_after_ms": 5 }),
+            "not_after_ms",
+        ),
+        (
+            json!({ "subject": { "kind": "file", "path": "/" } }),
+            "subject.kind",
+        ),
+        (
+            json!({ "subject": { "kind": "host", "host": "h" }, "max_calls": -1 }),
+            "max_calls",
+        ),
+    ] {
+        let (s, v) = h.send("PUT", "/v1/limits", body.clone()).await;
+        assert_eq!(
+            (s, v["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{body} -> {v}"
+        );
+    }
+
+    let r = h
+        .call("DELETE", &format!("/v1/limits/{pair_id}"), None)
+        .await;
+    assert_eq!(r.status, 204);
+    let r = h
+        .call("DELETE", &format!("/v1/limits/{pair_id}"), None)
+        .await;
+    assert_eq!(r.status, 404);
+    let (_, v) = h.get("/v1/limits").await;
+    assert_eq!(v["limits"].as_array().unwrap().len(), 1);
+    let k: Vec<String> = h
+        .audit()
+        .into_iter()
+        .map(|r| format!("{} {}", r.kind, r.actor))
+        .collect();
+    assert!(k.contains(&"limit.set admin:alice".to_owned()), "{k:?}");
+    assert!(k.contains(&"limit.remove admin:alice".to_owned()), "{k:?}");
+    assert!(k.contains(&"limit.exceeded appliance".to_owned()), "{k:?}");
+}
+
+#[tokio::test]
+async fn limit_endpoints_without_limits_answer_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("a.db")).unwrap());
+    let router = admin::router(AdminState::new(store));
+    let mut req = axum::http::Request::builder()
+        .uri("/v1/limits")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(admin::AdminIdentity { cn: "alice".into() });
+    let resp = router.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 503);
+}
+
+#[tokio::test]
 async fn audit_tail_export_verify() {
     let h = start().await;
     for i in 0..5 {
@@ -817,6 +951,26 @@ async fn audit_tail_export_verify() {
     let (_, v) = h.get("/v1/status").await;
     assert_eq!(v["you"], "admin:alice");
     assert_eq!(v["audit_head"], 5);
+
+    // Long poll: a row appended while waiting is returned.
+    let store = Arc::clone(&h.store);
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        tokio::task::spawn_blocking(move || store.create_group("late", "", "admin:bob").unwrap())
+            .await
+            .unwrap();
+    });
+    let (s, v) = h.get("/v1/audit?after=5&wait_ms=20000").await;
+    writer.await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["rows"][0]["actor"], "admin:bob", "{v}");
+    assert_eq!(v["next"], 6);
+    let (s, _) = h.get("/v1/audit?wait_ms=10").await;
+    assert_eq!(s, 400);
+    let (s, _) = h.get("/v1/audit?after=1&wait_ms=30001").await;
+    assert_eq!(s, 400);
+    let (_, v) = h.get("/v1/audit?after=6&wait_ms=1").await;
+    assert_eq!(v["rows"], json!([]));
 }
 
 #[tokio::test]
@@ -844,16 +998,59 @@ async fn metrics_are_prometheus_text() {
 #[tokio::test]
 async fn connections_without_a_trusted_client_cert_are_refused() {
     let h = start().await;
-    let none = client_config(&h.ca, None);
+    let none = client_config(&h.pki, None);
     let r = request_with(none, h.addr, "GET", "/v1/status", None).await;
     assert!(r.is_err(), "no client cert must get no answer");
     let stranger = Ca::new("Someone else");
-    let wrong = client_config(&h.ca, Some(&stranger));
+    let wrong = client_config(&h.pki, Some(stranger.leaf("alice", false)));
     let r = request_with(wrong, h.addr, "GET", "/v1/status", None).await;
     assert!(r.is_err(), "a cert from another CA must get no answer");
-    // The listener still serves trusted clients afterwards.
-    let (s, _) = h.get("/v1/status").await;
+    // A host certificate of the appliance's own CA is no admin certificate.
+    let key = KeyPair::generate().unwrap();
+    let csr = CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    let issued = h.pki.issue_host("web1", &csr.pem().unwrap()).unwrap();
+    let host_cred = from_pem(&issued.cert_pem, &key.serialize_pem());
+    let r = request_with(
+        client_config(&h.pki, Some(host_cred)),
+        h.addr,
+        "GET",
+        "/v1/status",
+        None,
+    )
+    .await;
+    assert!(r.is_err(), "a host cert must get no answer");
+    // The listener still serves admins afterwards.
+    let (s, v) = h.get("/v1/status").await;
     assert_eq!(s, 200);
+    assert_eq!(v["you"], "admin:alice");
+}
+
+#[tokio::test]
+async fn the_router_also_works_behind_the_agent_api_https_server() {
+    let h = start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = admin::router(AdminState::new(Arc::clone(&h.store)));
+    tokio::spawn(trustbind_appliance::agent_api::tls::serve_https(
+        listener,
+        h.pki.admin_server_config().unwrap(),
+        router,
+        std::future::pending(),
+    ));
+    let r = request_with(
+        Arc::clone(&h.client),
+        addr,
+        "POST",
+        "/v1/groups",
+        Some(br#"{"name":"g"}"#.to_vec()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(h.audit()[0].actor, "admin:alice");
 }
 
 #[tokio::test]

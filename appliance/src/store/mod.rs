@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use admin::{
-    GroupInfo, HostGroupInfo, HostInfo, PolicyInfo, RoleInfo, SignatureBatch, UserInfo,
+    GroupInfo, HostGroupInfo, HostInfo, LicenseKey, LicenseRow, LicenseTerms, PolicyInfo, RoleInfo,
+    SignatureBatch, UserInfo,
 };
 pub use agent::AgentRecord;
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};

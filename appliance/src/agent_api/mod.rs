@@ -32,7 +32,7 @@ pub use hub::Hub;
 pub use service::{Answer, DecideError, Decider};
 
 use crate::pki::{EnrolledHosts, Pki, PkiError};
-use crate::store::{AuditWriter, Store, StoreError};
+use crate::store::{AuditWriter, Mode, Store, StoreError};
 
 /// Largest gRPC message tonic decodes on the agent port, in bytes (a hard
 /// stop; `Qualify` refuses more than [`service::MAX_BATCH_BYTES`] with a
@@ -132,6 +132,15 @@ impl AgentApi {
         self.hub.revoke(host);
     }
 
+    /// The mode of `host`'s host group (`enforce` when the group has none
+    /// recorded: fail safe).
+    pub fn host_mode(&self, host: &str) -> Result<Mode, StoreError> {
+        let Some((_, group)) = self.store.host(host)? else {
+            return Ok(Mode::Enforce);
+        };
+        Ok(self.store.host_group_mode(&group)?.unwrap_or(Mode::Enforce))
+    }
+
     /// Tells every connected agent the policy generation moved (call after
     /// an activation or rollback).
     pub fn announce_generation(&self, generation: i64) -> usize {
@@ -177,8 +186,9 @@ pub async fn serve_agent(
 pub const GENERATION_POLL: Duration = Duration::from_millis(200);
 
 /// Broadcasts `PolicyGeneration` whenever the store's verdict generation
-/// moves (policy switch, membership, roles, modes...), whoever moved it.
-/// Also keeps the connected-agents gauge current.
+/// moves (policy switch, membership, roles, modes...), whoever moved it,
+/// preceded by `HostMode` to each connected host (a mode change moves the
+/// generation too; agents take a repeated mode as a no-op). Also keeps the connected-agents gauge current.
 async fn watch_generation(api: Arc<AgentApi>) {
     let mut seen = api.store.generation_hint();
     let mut tick = tokio::time::interval(GENERATION_POLL);
@@ -187,6 +197,24 @@ async fn watch_generation(api: Arc<AgentApi>) {
         let g = api.store.generation_hint();
         if g != seen {
             seen = g;
+            let a = Arc::clone(&api);
+            let hosts = api.hub.connected_hosts();
+            let now = tokio::task::spawn_blocking(move || {
+                hosts
+                    .into_iter()
+                    .filter_map(|h| a.host_mode(&h).ok().map(|m| (h, m)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            for (host, mode) in now {
+                api.hub.push(
+                    &host,
+                    pb::push::Kind::HostMode(pb::HostMode {
+                        mode: mode.as_str().to_owned(),
+                    }),
+                );
+            }
             api.announce_generation(g);
         }
         let n = api.hub.connected_hosts().len();

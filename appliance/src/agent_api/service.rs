@@ -155,9 +155,18 @@ impl Agent for AgentService {
             .governing()
             .map_err(|e| Status::unavailable(format!("store: {e}")))?
             .generation;
-        // First push: the current generation, so the agent knows where it
-        // stands even if it missed a change while disconnected.
-        let first = push::Kind::Generation(pb::PolicyGeneration { generation });
+        // First pushes: the host's mode and the current generation, so the
+        // agent knows where it stands even if it missed changes while away.
+        let mode = self
+            .api
+            .host_mode(&host)
+            .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+        let first = vec![
+            push::Kind::HostMode(pb::HostMode {
+                mode: mode.as_str().to_owned(),
+            }),
+            push::Kind::Generation(pb::PolicyGeneration { generation }),
+        ];
         let (weak, rx) = self.api.hub.subscribe(&host, first);
         let _ = hello;
         // Keepalive pings while the stream is open; stops when the hub drops

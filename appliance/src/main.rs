@@ -159,6 +159,15 @@ fn run() -> Result<(), Fail> {
         }
         ["ca-fingerprint"] => {
             args.check_known(&["data-dir"])?;
+            if !data_dir.join(pki::CA_CERT_FILE).exists() {
+                return Err(Fail(
+                    EXIT_FAILED,
+                    format!(
+                        "no CA in {} (it is created by the first `serve` or `admin-cert`)",
+                        data_dir.display()
+                    ),
+                ));
+            }
             let pki = Pki::open_or_create(&data_dir, &default_names(&[]))?;
             println!("{}", pki.fingerprint());
             Ok(())

@@ -141,6 +141,19 @@ impl AgentApi {
         Ok(self.store.host_group_mode(&group)?.unwrap_or(Mode::Enforce))
     }
 
+    /// Pushes `host`'s mode (its host group's) to its agent; `false` if the
+    /// host is not connected.
+    pub fn push_mode(&self, host: &str) -> bool {
+        self.host_mode(host).is_ok_and(|m| {
+            self.hub.push(
+                host,
+                pb::push::Kind::HostMode(pb::HostMode {
+                    mode: m.as_str().into(),
+                }),
+            )
+        })
+    }
+
     /// Tells every connected agent the policy generation moved (call after
     /// an activation or rollback).
     pub fn announce_generation(&self, generation: i64) -> usize {

@@ -457,12 +457,17 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
         .map(|(ev, u)| request_of(ev, u.clone()))
         .collect();
     let online = match qualify(shared, requests).await {
-        Ok(results) => Some(
-            results
-                .into_iter()
-                .map(|r| (r.id, r))
-                .collect::<HashMap<u64, pb::Result>>(),
-        ),
+        Ok(results) => {
+            if !shared.connected.swap(true, Ordering::Relaxed) {
+                log("appliance answering again");
+            }
+            Some(
+                results
+                    .into_iter()
+                    .map(|r| (r.id, r))
+                    .collect::<HashMap<u64, pb::Result>>(),
+            )
+        }
         Err(e) => {
             if shared.connected.swap(false, Ordering::Relaxed) {
                 shared.error(format!("appliance unreachable, answering offline: {e}"));

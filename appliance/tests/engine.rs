@@ -267,13 +267,32 @@ fn clock_free_policies_are_cacheable() {
     let f = fixture();
     activate(
         &f.store,
-        r#"permit (principal, action == Trustbind::Action::"exec", resource in Trustbind::ProgramGroup::"coreutils")
-           when { context.session == 7 };"#,
+        r#"permit (principal in Trustbind::Role::"ops", action == Trustbind::Action::"exec", resource in Trustbind::ProgramGroup::"coreutils");
+           permit (principal, action == Trustbind::Action::"exec", resource in Trustbind::ProgramGroup::"coreutils");"#,
     );
     let e = Engine::new(f.store.clone(), SCHEMA).unwrap();
     let d = e.decide(&exec("web1", "bob", LS, MON_0930)).unwrap();
     assert!(allowed(&d));
     assert!(d.cacheable);
+}
+
+/// The kernel's cache key has no session or ancestry: a verdict that reads
+/// either must be asked every time.
+#[test]
+fn session_or_ancestry_policies_are_not_kernel_cacheable() {
+    for cond in ["context.session == 7", "context.ancestry.isEmpty()"] {
+        let f = fixture();
+        activate(
+            &f.store,
+            &format!(
+                r#"permit (principal, action == Trustbind::Action::"exec", resource in Trustbind::ProgramGroup::"coreutils")
+                   when {{ {cond} }};"#
+            ),
+        );
+        let e = Engine::new(f.store.clone(), SCHEMA).unwrap();
+        let d = e.decide(&exec("web1", "bob", LS, MON_0930)).unwrap();
+        assert!(!d.cacheable, "{cond}");
+    }
 }
 
 #[test]

@@ -297,7 +297,7 @@ fn exec_control_end_to_end() -> Result<()> {
     ))?;
     host.run_ok("insmod /tb/trustbind.ko")?;
     host.spawn_bg(&format!(
-        "exec /tb/trustbind-agent --state {STATE} run --verdict-timeout-ms 5000 >>/run/agent.log 2>&1"
+        "exec /tb/trustbind-agent --state {STATE} run --verdict-timeout-ms 10000 --call-timeout-ms 8000 >>/run/agent.log 2>&1"
     ))?;
     wait_for(
         &mut host,
@@ -305,6 +305,10 @@ fn exec_control_end_to_end() -> Result<()> {
         &format!("grep -q '\"mode\": \"enforce\"' {STATE}/status.json && grep -q '\"connected\": true' {STATE}/status.json"),
         120,
     )?;
+
+    // `sleep` (used by the waits below) gets a verdict while the appliance
+    // answers, so it is in the agent's offline bundle later.
+    host.run_ok("sleep 0.1")?;
 
     // Approved, unknown, modified.
     host.run_ok("/usr/bin/true")?;

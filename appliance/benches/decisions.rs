@@ -266,6 +266,9 @@ fn thread_cpu() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// One worker's (action, latency ns) samples, allowed count and CPU time.
+type ThreadResult = (Vec<(Action, u64)>, usize, Duration);
+
 struct Run {
     name: &'static str,
     cpu: Duration,
@@ -311,7 +314,7 @@ fn run(
     per_thread: usize,
 ) -> Run {
     let start = Instant::now();
-    let results: Vec<(Vec<(Action, u64)>, usize, Duration)> = std::thread::scope(|s| {
+    let results: Vec<ThreadResult> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
                 let engine = Arc::clone(engine);

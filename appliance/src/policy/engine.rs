@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::cache::ClockCache;
 use super::reads::Reads;
 use super::slice::{Index, Keys};
-use super::{outcome, Outcome, PolicyError, Verdict};
+use super::{outcome_with, Outcome, PolicyError, Verdict};
 use crate::request::{Action, Program, Proto, QualifyRequest, Target};
 use crate::store::{AuditEvent, EngineData, Mode, Store};
 
@@ -618,7 +618,8 @@ impl Engine {
         let resp = self
             .authorizer
             .is_authorized(&request, &slice.set, &entities);
-        let mut out = outcome(&slice.set, &resp, *mode);
+        let index = &snap.policy.index;
+        let mut out = outcome_with(&resp, *mode, |id| index.meta(id));
         out.reasons.sort_unstable();
         out.reasons.dedup();
         let d = Decision {

@@ -84,26 +84,56 @@ pub struct Outcome {
     pub errors: usize,
 }
 
+/// The annotations of one policy that [`outcome`] uses, read once.
+///
+/// Reading an annotation parses its key each time; the engine reads every
+/// policy's once when it loads the set and keeps these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyMeta {
+    /// `@id`, else the Cedar policy id.
+    pub name: String,
+    /// Obligation annotations present on the policy, in [`OBLIGATIONS`] order.
+    pub obligations: Vec<(&'static str, String)>,
+}
+
+impl PolicyMeta {
+    /// Reads the annotations of `p`.
+    pub fn of(p: &cedar_policy::Policy) -> Self {
+        PolicyMeta {
+            name: p
+                .annotation("id")
+                .map_or_else(|| p.id().to_string(), str::to_owned),
+            obligations: OBLIGATIONS
+                .iter()
+                .filter_map(|k| p.annotation(k).map(|v| (*k, v.to_owned())))
+                .collect(),
+        }
+    }
+}
+
 /// Maps a Cedar response to an outcome under the host group's `mode`.
 pub fn outcome(set: &PolicySet, resp: &Response, mode: Mode) -> Outcome {
+    outcome_with(resp, mode, |id| set.policy(id).map(PolicyMeta::of))
+}
+
+/// [`outcome`] with the policies' annotations looked up by `meta`.
+pub fn outcome_with<M: std::borrow::Borrow<PolicyMeta>>(
+    resp: &Response,
+    mode: Mode,
+    meta: impl Fn(&cedar_policy::PolicyId) -> Option<M>,
+) -> Outcome {
     let mut reasons = Vec::new();
     let mut obligations = BTreeMap::new();
     // Sorted, so that obligations and reasons do not depend on hash order.
     let mut ids: Vec<&cedar_policy::PolicyId> = resp.diagnostics().reason().collect();
     ids.sort_unstable();
     for id in ids {
-        let name = set
-            .policy(id)
-            .and_then(|p| p.annotation("id"))
-            .map_or_else(|| id.to_string(), str::to_owned);
-        reasons.push(name);
+        let m = meta(id);
+        let m = m.as_ref().map(std::borrow::Borrow::borrow);
+        reasons.push(m.map_or_else(|| id.to_string(), |m| m.name.clone()));
         if resp.decision() == Decision::Allow {
-            if let Some(p) = set.policy(id) {
-                for key in OBLIGATIONS {
-                    if let Some(v) = p.annotation(key) {
-                        obligations.insert((*key).to_owned(), v.to_owned());
-                    }
-                }
+            for (k, v) in m.map(|m| m.obligations.as_slice()).unwrap_or_default() {
+                obligations.insert((*k).to_owned(), v.clone());
             }
         }
     }

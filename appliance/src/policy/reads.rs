@@ -83,9 +83,14 @@ impl Reads {
 /// The context attributes `policy` reads (conservative: when in doubt, all).
 pub fn of_policy(policy: &Policy) -> Reads {
     match policy.to_json() {
-        Ok(v) => walk(&v),
+        Ok(v) => of_json(&v),
         Err(_) => Reads::ALL,
     }
+}
+
+/// The context attributes a policy in JSON (EST) form reads.
+pub fn of_json(est: &Value) -> Reads {
+    walk(est)
 }
 
 fn is_context(v: &Value) -> bool {

@@ -25,10 +25,11 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 
-use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicySet, ResourceConstraint};
+use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicyId, PolicySet, ResourceConstraint};
 use serde_json::Value;
 
 use super::reads::{self, Reads};
+use super::PolicyMeta;
 use crate::request::Action;
 
 /// Shards of the union cache.
@@ -47,12 +48,16 @@ pub struct Slice {
     pub len: usize,
 }
 
+/// What each policy reads, computed once per policy set (turning a policy
+/// into JSON re-parses its text, far too slow for the request path).
+type ReadsOf = HashMap<PolicyId, Reads>;
+
 impl Slice {
-    fn of(policies: &[Policy]) -> Self {
+    fn of(policies: &[Policy], reads_of: &ReadsOf) -> Self {
         let mut set = PolicySet::new();
         let mut r = Reads::NONE;
         for p in policies {
-            r = r.with(reads::of_policy(p));
+            r = r.with(reads_of.get(p.id()).copied().unwrap_or(Reads::ALL));
             // Ids are unique in the source set, so adding cannot fail.
             let _ = set.add(p.clone());
         }
@@ -91,6 +96,7 @@ type UnionShard = Mutex<HashMap<Vec<u32>, Arc<Slice>>>;
 /// The sliced policy set.
 #[derive(Debug)]
 pub struct Index {
+    meta: HashMap<PolicyId, PolicyMeta>,
     full: Arc<Slice>,
     empty: Arc<Slice>,
     /// `None`: not sliced (disabled, or the set has templates).
@@ -99,6 +105,7 @@ pub struct Index {
 
 #[derive(Debug)]
 struct Sliced {
+    reads_of: ReadsOf,
     actions: Vec<(Action, ActionSlices)>,
     slices: Vec<Arc<Slice>>,
     hasher: RandomState,
@@ -118,14 +125,36 @@ impl Index {
     /// Indexes `set`; with `slicing` false every request gets the whole set.
     pub fn new(set: &PolicySet, slicing: bool) -> Self {
         let all: Vec<Policy> = set.policies().cloned().collect();
-        let full = Arc::new(Slice::of(&all));
-        let empty = Arc::new(Slice::of(&[]));
-        let sliced = (slicing && set.templates().next().is_none()).then(|| Sliced::new(&all));
+        let ests: Vec<Option<Value>> = all.iter().map(|p| p.to_json().ok()).collect();
+        let reads_of: ReadsOf = all
+            .iter()
+            .zip(&ests)
+            .map(|(p, e)| {
+                (
+                    p.id().clone(),
+                    e.as_ref().map_or(Reads::ALL, reads::of_json),
+                )
+            })
+            .collect();
+        let meta = all
+            .iter()
+            .map(|p| (p.id().clone(), PolicyMeta::of(p)))
+            .collect();
+        let full = Arc::new(Slice::of(&all, &reads_of));
+        let empty = Arc::new(Slice::of(&[], &reads_of));
+        let sliced = (slicing && set.templates().next().is_none())
+            .then(|| Sliced::new(&all, &ests, reads_of));
         Index {
+            meta,
             full,
             empty,
             sliced,
         }
+    }
+
+    /// Name and obligations of policy `id`.
+    pub fn meta(&self, id: &PolicyId) -> Option<&PolicyMeta> {
+        self.meta.get(id)
     }
 
     /// The whole set.
@@ -172,10 +201,10 @@ impl Index {
 }
 
 impl Sliced {
-    fn new(all: &[Policy]) -> Self {
+    fn new(all: &[Policy], ests: &[Option<Value>], reads_of: ReadsOf) -> Self {
         let mut filed: HashMap<(Action, Key), Vec<Policy>> = HashMap::new();
-        for p in all {
-            let key = key_of(p);
+        for (p, est) in all.iter().zip(ests) {
+            let key = key_of(p, est.as_ref());
             for a in actions_of(p) {
                 filed.entry((a, key.clone())).or_default().push(p.clone());
             }
@@ -187,7 +216,7 @@ impl Sliced {
         let mut slices = Vec::with_capacity(filed.len());
         for ((action, key), policies) in filed {
             let id = u32::try_from(slices.len()).unwrap_or(u32::MAX);
-            slices.push(Arc::new(Slice::of(&policies)));
+            slices.push(Arc::new(Slice::of(&policies, &reads_of)));
             if let Some((_, a)) = actions.iter_mut().find(|(x, _)| *x == action) {
                 match key {
                     Key::Any => a.any = Some(id),
@@ -204,6 +233,7 @@ impl Sliced {
             }
         }
         Sliced {
+            reads_of,
             actions,
             slices,
             hasher: RandomState::new(),
@@ -223,7 +253,7 @@ impl Sliced {
         for id in &ids {
             policies.extend(self.slices.get(*id as usize)?.set.policies().cloned());
         }
-        let u = Arc::new(Slice::of(&policies));
+        let u = Arc::new(Slice::of(&policies, &self.reads_of));
         let mut map = shard.lock().ok()?;
         if map.len() >= UNION_SHARD_CAP {
             map.clear();
@@ -249,14 +279,14 @@ fn actions_of(p: &Policy) -> Vec<Action> {
     found.unwrap_or_else(|| Action::ALL.to_vec())
 }
 
-fn key_of(p: &Policy) -> Key {
+fn key_of(p: &Policy, est: Option<&Value>) -> Key {
     match p.resource_constraint() {
         ResourceConstraint::Eq(u) | ResourceConstraint::In(u) | ResourceConstraint::IsIn(_, u) => {
             return Key::Resource(u)
         }
         ResourceConstraint::Any | ResourceConstraint::Is(_) => {}
     }
-    if let Some(u) = program_conjunct(p) {
+    if let Some(u) = est.and_then(program_conjunct) {
         return Key::Program(u);
     }
     match p.principal_constraint() {
@@ -271,8 +301,7 @@ fn key_of(p: &Policy) -> Key {
 
 /// An entity `e` such that the policy has a top-level `when` conjunct
 /// `context.program in e` or `context.program == e`.
-fn program_conjunct(p: &Policy) -> Option<EntityUid> {
-    let est = p.to_json().ok()?;
+fn program_conjunct(est: &Value) -> Option<EntityUid> {
     let conds = est.get("conditions")?.as_array()?;
     conds
         .iter()

@@ -25,7 +25,8 @@ Commands:
   demo [--shell]
                 build, boot a protected host VM with the module loaded and
                 show it working; --shell leaves you at a guest prompt
-  bench         run the benchmarks (cargo bench)
+  bench         build, run the cargo benchmarks (release), then the VM
+                benchmark of the PEM's exec overhead
   fuzz [SECS]   fuzz the proto record decoder with cargo-fuzz (default 60 s)
   help          this text
 
@@ -133,6 +134,28 @@ fn test(ctx: &Ctx) -> Result<()> {
     sh::run("test: QEMU tests", &mut c)
 }
 
+/// `cargo xtask bench`: the cargo benchmarks (release), then the VM
+/// benchmark of the PEM's exec overhead (one VM run, ratios).
+fn bench(ctx: &Ctx) -> Result<()> {
+    let a = build(ctx)?;
+    sh::run("bench: cargo bench", cargo().args(["bench", "--workspace"]))?;
+    let mut c = cargo();
+    c.args([
+        "test",
+        "-p",
+        "trustbind-qemu-tests",
+        "--test",
+        "it",
+        "bench_",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    a.apply(&mut c);
+    sh::run("bench: exec overhead in a VM", &mut c)
+}
+
 fn demo(ctx: &Ctx, shell: bool) -> Result<()> {
     let a = build(ctx)?;
     let mut c = cargo();
@@ -203,7 +226,7 @@ fn main() {
             Some("test") => test(&ctx),
             Some("demo") => demo(&ctx, args.iter().any(|a| a == "--shell")),
             Some("fuzz") => fuzz(&ctx, args.get(1).map(String::as_str)),
-            Some("bench") => sh::run("bench", cargo().args(["bench", "--workspace"])),
+            Some("bench") => bench(&ctx),
             Some("help" | "--help" | "-h") | None => {
                 print!("{HELP}");
                 Ok(())

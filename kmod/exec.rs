@@ -38,6 +38,7 @@ use kernel::sync::SpinLock;
 
 use crate::device::Answer;
 use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache};
+use crate::proto::lineage::{Chain, Image, Lineage as LineageTable, ProcId};
 use crate::proto::{
     Ancestry, Decision, ExecRequest, Mode, Obligations, Record, Verdict, MAX_PATH_LEN,
 };
@@ -67,19 +68,19 @@ impl Cache {
         }? Error))
     }
 
-    fn lookup(&self, key: &ExecKey) -> Option<Verdict> {
+    fn lookup(&self, key: &ExecKey) -> Option<(Verdict, [u8; 32])> {
         self.inner.lock().lookup(key, sys::now_ms())
     }
 
     /// Stores `v` if it may be cached. A verdict of a newer generation
     /// moves the cache to it first (dropping older entries).
-    fn store(&self, key: &ExecKey, v: &Verdict) {
+    fn store(&self, key: &ExecKey, v: &Verdict, sha256: &[u8; 32]) {
         let mut c = self.inner.lock();
         if v.policy_generation > c.generation() {
             c.set_generation(v.policy_generation);
             bump(&STATS.cache_flushes);
         }
-        if c.insert(key, v, sys::now_ms()) {
+        if c.insert(key, v, sha256, sys::now_ms()) {
             bump(&STATS.cache_stored);
         }
     }
@@ -89,6 +90,50 @@ impl Cache {
         if self.inner.lock().set_generation(g) {
             bump(&STATS.cache_flushes);
         }
+    }
+}
+
+/// Processes tracked for ancestry (direct-mapped by tgid; ~300 bytes each).
+const LINEAGE_SLOTS: usize = 4096;
+
+/// Which program each process runs (logic in `proto/src/lineage.rs`).
+#[pin_data]
+pub(crate) struct Lineage {
+    #[pin]
+    inner: SpinLock<LineageTable<KVVec<Image>>>,
+}
+
+impl Lineage {
+    /// An empty table of [`LINEAGE_SLOTS`] processes.
+    pub(crate) fn new() -> Result<impl PinInit<Self, Error>> {
+        let mut slots = KVVec::new();
+        slots.extend_with(LINEAGE_SLOTS, Image::EMPTY, GFP_KERNEL)?;
+        let table = LineageTable::new(slots).ok_or(EINVAL)?;
+        Ok(try_pin_init!(Self {
+            inner <- new_spinlock!(table, "trustbind_lineage"),
+        }? Error))
+    }
+
+    fn ancestry_of(&self, info: &ExecInfo) -> Chain {
+        self.inner.lock().ancestry(proc_of(info), parent_of(info))
+    }
+
+    fn record(&self, info: &ExecInfo, sha256: &[u8; 32], chain: &Chain) {
+        self.inner.lock().record(proc_of(info), sha256, chain)
+    }
+}
+
+fn proc_of(info: &ExecInfo) -> ProcId {
+    ProcId {
+        tgid: info.tgid,
+        start_ns: info.start_ns,
+    }
+}
+
+fn parent_of(info: &ExecInfo) -> ProcId {
+    ProcId {
+        tgid: info.ptgid,
+        start_ns: info.pstart_ns,
     }
 }
 
@@ -216,9 +261,10 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
     }
     let key = cache_key(&info);
     if let Some(key) = &key {
-        if let Some(v) = s.exec_cache.lookup(key) {
+        if let Some((v, sha256)) = s.exec_cache.lookup(key) {
             bump(&STATS.cache_hits);
-            return enforce(&v, path);
+            let chain = s.lineage.ancestry_of(&info);
+            return enforce(&v, path).inspect(|()| s.lineage.record(&info, &sha256, &chain));
         }
         bump(&STATS.cache_misses);
     }
@@ -227,6 +273,8 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
         .hashers
         .hash_file(bprm)
         .map_err(|e| Ok(Refusal::Unreadable(e)))?;
+    let chain = s.lineage.ancestry_of(&info);
+    let ancestry = Ancestry::from_bytes(chain.as_bytes()).unwrap_or(Ancestry::EMPTY);
     let rec = Record::ExecRequest(ExecRequest {
         sha256,
         sha1,
@@ -238,15 +286,15 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
         sessionid: info.sessionid,
         pid: info.tgid,
         ppid: info.ptgid,
-        ancestry: Ancestry::EMPTY,
+        ancestry,
         path: &path[..path.len().min(MAX_PATH_LEN)],
     });
     match s.channel.ask(&rec).map_err(Err)? {
         Answer::Verdict(v) => {
             if let Some(key) = &key {
-                s.exec_cache.store(key, &v);
+                s.exec_cache.store(key, &v, &sha256);
             }
-            enforce(&v, path)
+            enforce(&v, path).inspect(|()| s.lineage.record(&info, &sha256, &chain))
         }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) channel: Channel,
     #[pin]
     pub(crate) exec_cache: exec::Cache,
+    #[pin]
+    pub(crate) lineage: exec::Lineage,
 }
 
 /// The state the C callbacks (file operations, binfmt handler) reach.
@@ -127,11 +129,13 @@ impl kernel::Module for Trustbind {
         self_test(&hashers)?;
         let channel = Channel::new(&hashers)?;
         let exec_cache = exec::Cache::new()?;
+        let lineage = exec::Lineage::new()?;
         let shared = KBox::pin_init(
             try_pin_init!(Shared {
                 hashers,
                 channel <- channel,
                 exec_cache <- exec_cache,
+                lineage <- lineage,
             }? Error),
             GFP_KERNEL,
         )?;

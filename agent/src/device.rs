@@ -197,13 +197,11 @@ impl Device {
 impl DeviceWriter {
     fn send(&mut self, rec: &Record<'_>, id: u64, what: &'static str) -> Result<(), DeviceError> {
         let buf = encode(rec, id)?;
-        self.file
-            .write_all(&buf)
-            .map_err(|source| DeviceError::Io {
-                path: self.path.clone(),
-                what,
-                source,
-            })
+        self.file.write_all(&buf).map_err(|source| DeviceError::Io {
+            path: self.path.clone(),
+            what,
+            source,
+        })
     }
 
     /// Answers request `id`. `Ok(false)` if the module no longer waits for

@@ -1,10 +1,13 @@
 //! `trustbind-agent`: the user-space half of a protected host.
 //!
 //! It sits between the PEM (`/dev/trustbind`, records from
-//! `trustbind-proto`) and the appliance (gRPC over mutual TLS). Built so
-//! far: [`spool`] (audit records kept on disk while the appliance is
-//! unreachable, delivered later, nothing lost) and [`users`] (uid → name, as
-//! the policy's principals are user names).
+//! `trustbind-proto`) and the appliance (gRPC over mutual TLS):
+//! [`device`] (the module's channel), [`link`] (enrolment, credentials, the
+//! mTLS channel), [`run`] (the daemon: batching, offline answers, pushes,
+//! spool delivery, status), [`bundle`] (last-known verdicts for offline
+//! use), [`spool`] (audit records kept on disk while the appliance is
+//! unreachable, delivered later, nothing lost) and [`users`] (uid → name,
+//! as the policy's principals are user names).
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -16,6 +19,9 @@
     )
 )]
 
+pub mod bundle;
 pub mod device;
+pub mod link;
+pub mod run;
 pub mod spool;
 pub mod users;

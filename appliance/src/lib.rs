@@ -7,7 +7,8 @@
 //! obligations and modes) and [`store`] (SQLite in WAL mode, versioned migrations,
 //! signatures and reference groups, policy versions with atomic switch and
 //! rollback, hosts, channels, and the hash-chained audit log with verify and
-//! JSON-lines export). The agent and admin APIs follow.
+//! JSON-lines export), [`pki`] (the CA, enrolment certificates, TLS configurations)
+//! and [`agent_api`] (gRPC over mutual TLS). The admin API follows.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -20,8 +21,11 @@
 )]
 
 pub mod admin;
+pub mod agent_api;
 pub mod channels;
+pub mod limits;
 pub mod metrics;
+pub mod pki;
 pub mod policy;
 pub mod request;
 pub mod store;

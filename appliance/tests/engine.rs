@@ -573,3 +573,421 @@ fn policy_switch_and_rollback_are_atomic_for_decisions() {
     }
     assert!(checked >= 150);
 }
+
+// ---- slicing and the decision cache ----
+
+use trustbind_appliance::policy::engine::EngineOptions;
+
+const UNSLICED: EngineOptions = EngineOptions {
+    slicing: false,
+    cache_capacity: 0,
+};
+
+#[test]
+fn a_policy_in_another_slice_is_not_evaluated() {
+    let f = fixture();
+    // Cedar itself skips a policy whose scope does not match, so the
+    // erroring policy has an open scope and is filed by its conjunct
+    // `context.program in ProgramGroup::"netcat"`; its first conjunct
+    // overflows (an evaluation error) whenever it is evaluated.
+    let boom = r#"@id("boom") permit (principal, action == Trustbind::Action::"open_read", resource)
+                  when { context.time * 1000000000000 > 0 && context.program in Trustbind::ProgramGroup::"netcat" };
+                  @id("etc") permit (principal, action == Trustbind::Action::"open_read", resource)
+                  when { resource.path like "/etc/*" };"#;
+    activate(&f.store, &format!("{EXAMPLE}\n{boom}"));
+    let sliced = Engine::new(f.store.clone(), SCHEMA).unwrap();
+    let whole = Engine::with_options(f.store.clone(), SCHEMA, UNSLICED).unwrap();
+    assert!(sliced.slices() > 1);
+    assert_eq!(whole.slices(), 0);
+
+    let open = |prog: char| {
+        let mut q = exec("web1", "bob", prog, MON_0930);
+        q.action = Action::OpenRead;
+        q.target = Target::File {
+            path: "/etc/hosts".into(),
+            to: None,
+        };
+        q
+    };
+    let (s, w) = (
+        sliced.decide(&open(LS)).unwrap(),
+        whole.decide(&open(LS)).unwrap(),
+    );
+    assert_eq!(s.outcome.verdict, Verdict::Allow);
+    assert_eq!(s.outcome.verdict, w.outcome.verdict);
+    assert_eq!(s.outcome.reasons, w.outcome.reasons);
+    assert_eq!(w.outcome.errors, 1, "unsliced evaluates the netcat policy");
+    assert_eq!(s.outcome.errors, 0, "sliced does not");
+    // Where it can apply, it is evaluated (and errors) either way.
+    assert_eq!(sliced.decide(&open(NC)).unwrap().outcome.errors, 1);
+    assert_eq!(whole.decide(&open(NC)).unwrap().outcome.errors, 1);
+}
+
+/// xorshift64*: deterministic and good enough to generate test cases.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len() as u64) as usize]
+    }
+    fn chance(&mut self, pct: u64) -> bool {
+        self.below(100) < pct
+    }
+}
+
+const PROGS: [char; 8] = ['0', '1', '2', '3', '4', '5', '6', '7'];
+
+fn random_policy(r: &mut Rng, i: usize) -> String {
+    let g = |r: &mut Rng| format!("Trustbind::ProgramGroup::\"G{}\"", r.below(6));
+    let effect = if r.chance(25) { "forbid" } else { "permit" };
+    let principal = match r.below(4) {
+        0 => format!("principal in Trustbind::Role::\"R{}\"", r.below(4)),
+        1 => format!("principal == Trustbind::User::\"u{}\"", r.below(6)),
+        _ => "principal".to_owned(),
+    };
+    let mut conds: Vec<String> = Vec::new();
+    let (action, resource) = match r.below(4) {
+        0 | 1 => {
+            let res = match r.below(4) {
+                0 => "resource".to_owned(),
+                1 => format!(
+                    "resource == Trustbind::Program::\"{}\"",
+                    sha(*r.pick(&PROGS))
+                ),
+                _ => format!("resource in {}", g(r)),
+            };
+            (r#"action == Trustbind::Action::"exec""#.to_owned(), res)
+        }
+        2 => {
+            if r.chance(70) {
+                conds.push(format!("context.program in {}", g(r)));
+            }
+            if r.chance(50) {
+                conds.push(r#"resource.path like "/etc/*""#.to_owned());
+            }
+            let a = if r.chance(50) {
+                r#"action == Trustbind::Action::"open_read""#
+            } else {
+                r#"action in [Trustbind::Action::"open_read", Trustbind::Action::"open_write"]"#
+            };
+            (a.to_owned(), "resource".to_owned())
+        }
+        _ => {
+            if r.chance(70) {
+                conds.push(format!("context.program in {}", g(r)));
+            }
+            if r.chance(50) {
+                conds.push(format!(
+                    "context has peer_program && context.peer_program in {}",
+                    g(r)
+                ));
+            }
+            if r.chance(40) {
+                conds.push("resource.port == 5432".to_owned());
+            }
+            let a = *r.pick(&[
+                r#"action == Trustbind::Action::"connect""#,
+                r#"action == Trustbind::Action::"accept""#,
+                r#"action in [Trustbind::Action::"connect", Trustbind::Action::"accept"]"#,
+            ]);
+            (a.to_owned(), "resource".to_owned())
+        }
+    };
+    if r.chance(30) {
+        conds.push(format!("context.hour >= {}", r.below(24)));
+    }
+    if r.chance(20) {
+        conds.push(r#"context.host in Trustbind::HostGroup::"web""#.to_owned());
+    }
+    if r.chance(15) {
+        conds.push("context.session == 7".to_owned());
+    }
+    let when = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" when {{ {} }}", conds.join(" && "))
+    };
+    let nice = if effect == "permit" && r.chance(30) {
+        format!("@nice(\"{}\")\n", r.below(3))
+    } else {
+        String::new()
+    };
+    format!("@id(\"p{i}\")\n{nice}{effect} ({principal}, {action}, {resource}){when};\n")
+}
+
+fn random_request(r: &mut Rng) -> (QualifyRequest, Option<QualifyRequest>) {
+    let user = format!("u{}", r.below(7));
+    let host = *r.pick(&["web1", "db1", "lab1"]);
+    let prog = *r.pick(&['0', '1', '2', '3', '4', '5', '6', '7', '9']);
+    let at = MON_0930 + (r.below(7 * 24) as i64) * 3_600_000;
+    let mut q = exec(host, &user, prog, at);
+    q.subject.session = 7 + r.below(2) as u32;
+    match r.below(4) {
+        0 | 1 => (q, None),
+        2 => {
+            q.action = *r.pick(&[Action::OpenRead, Action::OpenWrite]);
+            q.target = Target::File {
+                path: r.pick(&["/etc/passwd", "/srv/data"]).to_string(),
+                to: None,
+            };
+            (q, None)
+        }
+        _ => {
+            let port = *r.pick(&[5432, 80]);
+            let mut c = net(host, Action::Connect, prog, port);
+            c.subject.user = user;
+            c.at_ms = at;
+            let acc = ["web1", "db1"][r.below(2) as usize];
+            let a = net(acc, Action::Accept, *r.pick(&PROGS), port);
+            if r.chance(50) {
+                (c, Some(a))
+            } else {
+                (c, None)
+            }
+        }
+    }
+}
+
+#[test]
+fn sliced_and_cached_decisions_equal_unsliced_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("appliance.db")).unwrap());
+    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+    for (g, m) in [
+        ("web", Mode::Enforce),
+        ("db", Mode::Enforce),
+        ("lab", Mode::Permissive),
+    ] {
+        store.set_host_group(g, m, "admin:t").unwrap();
+    }
+    for (h, g) in [("web1", "web"), ("db1", "db"), ("lab1", "lab")] {
+        store.add_pending_host(h, g, &sha('a'), "admin:t").unwrap();
+    }
+    for g in 0..6 {
+        store.create_group(&format!("G{g}"), "", "admin:t").unwrap();
+    }
+    for c in PROGS {
+        store
+            .put_signature(
+                &Signature {
+                    sha256: sha(c),
+                    sha1: None,
+                    size: 1,
+                    name: c.to_string(),
+                    source: "admin".into(),
+                },
+                "admin:t",
+            )
+            .unwrap();
+        for _ in 0..r.below(3) {
+            store
+                .add_member(&format!("G{}", r.below(6)), &sha(c), "admin:t")
+                .unwrap();
+        }
+    }
+    for u in 0..6 {
+        let roles: Vec<String> = (0..r.below(3))
+            .map(|_| format!("R{}", r.below(4)))
+            .collect();
+        let roles: Vec<&str> = roles.iter().map(String::as_str).collect();
+        store
+            .set_user_roles(&format!("u{u}"), &roles, "admin:t")
+            .unwrap();
+    }
+    let text: String = (0..80).map(|i| random_policy(&mut r, i)).collect();
+    activate(&store, &text);
+
+    let sliced = Engine::new(store.clone(), SCHEMA).unwrap();
+    let whole = Engine::with_options(store.clone(), SCHEMA, UNSLICED).unwrap();
+    assert!(sliced.slices() > 10, "only {} slices", sliced.slices());
+    let (mut allows, mut denies) = (0, 0);
+    for _ in 0..1500 {
+        let (q, peer) = random_request(&mut r);
+        let run = |e: &Engine| match &peer {
+            None => e.decide(&q).unwrap(),
+            Some(a) => e.decide_pair(&q, a).unwrap(),
+        };
+        let w = run(&whole);
+        for s in [run(&sliced), run(&sliced)] {
+            assert_eq!(
+                (&s.outcome.verdict, &s.outcome.reasons, s.outcome.would_deny),
+                (&w.outcome.verdict, &w.outcome.reasons, w.outcome.would_deny),
+                "request {q:?} peer {peer:?}\npolicies:\n{text}"
+            );
+            assert_eq!(s.groups, w.groups);
+            // Slicing is finer, never coarser, about the clock.
+            assert!(s.cacheable || !w.cacheable);
+        }
+        if allowed(&w) {
+            allows += 1;
+        } else {
+            denies += 1;
+        }
+    }
+    assert!(
+        allows > 100 && denies > 100,
+        "{allows} allows, {denies} denies"
+    );
+    let st = sliced.cache_stats();
+    assert!(st.hits > 500, "{st:?}");
+    assert_eq!(whole.cache_stats().hits, 0);
+}
+
+#[test]
+fn cache_hits_repeat_requests_and_flushes_on_generation_move() {
+    let (f, e) = engine_with_example();
+    let ls = exec("web1", "bob", LS, MON_0930);
+    let d1 = e.decide(&ls).unwrap();
+    assert!(!d1.cache_hit);
+    // Only exec-coreutils can apply to ls, and it does not read the clock.
+    assert!(d1.cacheable);
+    let d2 = e.decide(&ls).unwrap();
+    assert!(d2.cache_hit);
+    assert_eq!(d2.outcome, d1.outcome);
+    assert_eq!(e.cache_stats().hits, 1);
+    assert_eq!(e.cache_stats().misses, 1);
+    assert_eq!(e.cache_stats().entries, 1);
+
+    // Keyed by hour and weekday where a candidate policy reads them.
+    let t = exec("web1", "alice", TCPDUMP, MON_0930);
+    assert!(allowed(&e.decide(&t).unwrap()));
+    let mut t2 = t.clone();
+    t2.at_ms += 60_000; // same hour
+    let d = e.decide(&t2).unwrap();
+    assert!(d.cache_hit && allowed(&d));
+    let d = e.decide(&exec("web1", "alice", TCPDUMP, MON_2000)).unwrap();
+    assert!(!d.cache_hit);
+    assert_eq!(d.outcome.verdict, Verdict::Deny);
+
+    // A change that moves the generation empties the cache.
+    f.store
+        .remove_member("coreutils", &sha(LS), "admin:t")
+        .unwrap();
+    let d = e.decide(&ls).unwrap();
+    assert!(!d.cache_hit);
+    assert_eq!(d.outcome.verdict, Verdict::Deny);
+    assert!(e.decide(&ls).unwrap().cache_hit);
+}
+
+#[test]
+fn clock_reading_decisions_are_never_cached() {
+    let f = fixture();
+    activate(
+        &f.store,
+        r#"@id("t") permit (principal, action == Trustbind::Action::"exec", resource in Trustbind::ProgramGroup::"coreutils")
+           when { context.time > 0 };"#,
+    );
+    let e = Engine::new(f.store.clone(), SCHEMA).unwrap();
+    let ls = exec("web1", "bob", LS, MON_0930);
+    for _ in 0..3 {
+        let d = e.decide(&ls).unwrap();
+        assert!(allowed(&d) && !d.cache_hit && !d.cacheable);
+    }
+    assert_eq!(e.cache_stats().hits, 0);
+    // Without a cache nothing is ever a hit either.
+    let off = Engine::with_options(
+        f.store.clone(),
+        SCHEMA,
+        EngineOptions {
+            slicing: true,
+            cache_capacity: 0,
+        },
+    )
+    .unwrap();
+    let nc = exec("web1", "bob", NC, MON_0930);
+    for _ in 0..3 {
+        assert!(!off.decide(&nc).unwrap().cache_hit);
+    }
+}
+
+// ---- group-commit audit writer ----
+
+use trustbind_appliance::policy::engine::decision_event;
+use trustbind_appliance::store::AuditWriter;
+
+async fn concurrent_decisions_audited(n: i64) -> (Fixture, AuditWriter) {
+    let (f, e) = engine_with_example();
+    let e = Arc::new(e);
+    let before = f.store.verify_audit().unwrap().unwrap();
+    let w = AuditWriter::spawn(f.store.clone());
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (w, e) = (w.clone(), e.clone());
+        set.spawn(async move {
+            let q = exec("web1", &format!("u{i}"), LS, MON_0930 + i);
+            let d = e.decide(&q).unwrap();
+            let row = w.append(decision_event(&q, &d)).await.unwrap();
+            (q, d, row)
+        });
+    }
+    let mut seqs = Vec::new();
+    let mut acked = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (q, d, row) = r.unwrap();
+        assert_eq!(row.kind, "decision");
+        assert_eq!(row.actor, "web1");
+        seqs.push(row.seq);
+        acked.push((q, d, row));
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, ((before + 1)..=(before + n)).collect::<Vec<_>>());
+    assert_eq!(f.store.verify_audit().unwrap(), Ok(before + n));
+
+    // Acknowledged means stored: a fresh handle on the file reads every
+    // acknowledged row back, and the request round-trips for replay.
+    let other = Store::open(&f._dir.path().join("appliance.db")).unwrap();
+    let stored = other.audit_rows(before, u32::MAX).unwrap();
+    assert_eq!(stored.len() as i64, n);
+    for (q, d, row) in acked {
+        let s = stored.iter().find(|s| s.seq == row.seq).unwrap();
+        assert_eq!(s, &row);
+        let detail: serde_json::Value = serde_json::from_str(&s.detail).unwrap();
+        let back: QualifyRequest = serde_json::from_value(detail["request"].clone()).unwrap();
+        assert_eq!(back, q);
+        assert_eq!(detail["outcome"], serde_json::to_value(&d.outcome).unwrap());
+        assert_eq!(d.outcome.verdict, Verdict::Allow);
+        assert_eq!(detail["generation"], d.generation);
+    }
+    assert_eq!(w.stats().appended, n as u64);
+    (f, w)
+}
+
+#[tokio::test]
+async fn writer_batches_concurrent_appends_into_one_chain() {
+    let (_f, w) = concurrent_decisions_audited(200).await;
+    // All 200 tasks queue before the writer task runs again on this
+    // single-threaded runtime, so they share commits.
+    let st = w.stats();
+    assert!(st.batches < st.appended, "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_keeps_one_chain_on_two_workers() {
+    let (f, w) = concurrent_decisions_audited(300).await;
+    // Direct appends interleave with the writer's batches on one chain.
+    f.store
+        .append_audit(&trustbind_appliance::store::AuditEvent::new(
+            "test",
+            "appliance",
+            serde_json::json!({}),
+        ))
+        .unwrap();
+    let row = w
+        .append(trustbind_appliance::store::AuditEvent::new(
+            "test",
+            "appliance",
+            serde_json::json!({ "n": 2 }),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(f.store.verify_audit().unwrap(), Ok(row.seq));
+}

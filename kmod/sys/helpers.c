@@ -177,7 +177,15 @@ int tb_bprm_info(const struct linux_binprm *bprm, struct tb_exec_info *out)
 	out->loginuid = from_kuid(&init_user_ns, audit_get_loginuid(current));
 	out->sessionid = audit_get_sessionid(current);
 	out->tgid = task_tgid_nr(current);
-	out->ptgid = task_ppid_nr(current);
+	out->start_ns = current->group_leader->start_boottime;
+	rcu_read_lock();
+	{
+		struct task_struct *parent = rcu_dereference(current->real_parent);
+
+		out->ptgid = task_tgid_nr(parent);
+		out->pstart_ns = parent->group_leader->start_boottime;
+	}
+	rcu_read_unlock();
 	return 0;
 }
 

@@ -40,6 +40,8 @@ struct tb_exec_info {
 	u32 loginuid;		/* audit login uid, (u32)-1 if unset */
 	u32 sessionid;		/* audit session id, (u32)-1 if unset */
 	u32 tgid, ptgid;	/* thread group ids of the task and its parent */
+	u64 start_ns;		/* boot-based start time of the task's group leader */
+	u64 pstart_ns;		/* same, of the parent's group leader */
 };
 
 /* Inserts the handler at the head of the binfmt list. */

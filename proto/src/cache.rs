@@ -90,6 +90,7 @@ impl ExecKey {
 pub struct Slot {
     key: ExecKey,
     verdict: Verdict,
+    sha256: [u8; 32],
     epoch: u64,
     inserted: u64,
     used: u64,
@@ -121,6 +122,7 @@ impl Slot {
                 log_level: 0,
             },
         },
+        sha256: [0; 32],
         epoch: 0,
         inserted: 0,
         used: 0,
@@ -223,15 +225,16 @@ impl<S: DerefMut<Target = [Slot]>> VerdictCache<S> {
         self.slots.get_mut(start..start + WAYS).unwrap_or(&mut [])
     }
 
-    /// The cached verdict for `key` at time `now`, if any.
-    pub fn lookup(&mut self, key: &ExecKey, now: u64) -> Option<Verdict> {
+    /// The cached verdict for `key` at time `now`, with the file's SHA-256
+    /// (for the process lineage), if any.
+    pub fn lookup(&mut self, key: &ExecKey, now: u64) -> Option<(Verdict, [u8; 32])> {
         let epoch = self.epoch;
         let ttl = self.ttl;
         let mut found = None;
         for s in self.set(key) {
             if s.key == *key && live(s, epoch, ttl, now) {
                 s.used = now;
-                found = Some(s.verdict);
+                found = Some((s.verdict, s.sha256));
                 break;
             }
         }
@@ -249,10 +252,10 @@ impl<S: DerefMut<Target = [Slot]>> VerdictCache<S> {
         v.cacheable && v.policy_generation == self.generation && v.obligations.cpu_limit_s.is_none()
     }
 
-    /// Stores `v` for `key` at `now` if [`VerdictCache::admissible`];
+    /// Stores `v` (for a file hashing to `sha256`) for `key` at `now` if [`VerdictCache::admissible`];
     /// replaces the same key, else a free or expired slot, else the least
     /// recently used one in the set. Returns whether it was stored.
-    pub fn insert(&mut self, key: &ExecKey, v: &Verdict, now: u64) -> bool {
+    pub fn insert(&mut self, key: &ExecKey, v: &Verdict, sha256: &[u8; 32], now: u64) -> bool {
         if !self.admissible(v) {
             return false;
         }
@@ -286,6 +289,7 @@ impl<S: DerefMut<Target = [Slot]>> VerdictCache<S> {
         *slot = Slot {
             key: *key,
             verdict: *v,
+            sha256: *sha256,
             epoch,
             inserted: now,
             used: now,
@@ -343,6 +347,21 @@ mod tests {
         }
     }
 
+    const H: [u8; 32] = [0x5a; 32];
+
+    trait Get {
+        fn get(&mut self, key: &ExecKey, now: u64) -> Option<Verdict>;
+    }
+
+    impl Get for VerdictCache<Vec<Slot>> {
+        fn get(&mut self, key: &ExecKey, now: u64) -> Option<Verdict> {
+            self.lookup(key, now).map(|(v, h)| {
+                assert_eq!(h, H);
+                v
+            })
+        }
+    }
+
     fn cache(n: usize, ttl: u64) -> VerdictCache<Vec<Slot>> {
         VerdictCache::new(vec![Slot::EMPTY; n], ttl).unwrap()
     }
@@ -364,9 +383,9 @@ mod tests {
     fn miss_insert_hit() {
         let mut c = cache(64, 1000);
         let v = verdict(Decision::Allow, 0);
-        assert_eq!(c.lookup(&key(1), 0), None);
-        assert!(c.insert(&key(1), &v, 0));
-        assert_eq!(c.lookup(&key(1), 1), Some(v));
+        assert_eq!(c.get(&key(1), 0), None);
+        assert!(c.insert(&key(1), &v, &H, 0));
+        assert_eq!(c.get(&key(1), 1), Some(v));
         let s = c.stats();
         assert_eq!((s.hits, s.misses, s.inserts), (1, 1, 1));
         assert_eq!(c.live(1), 1);
@@ -376,17 +395,17 @@ mod tests {
     fn another_user_or_a_modified_file_misses() {
         let mut c = cache(64, 1000);
         let v = verdict(Decision::Allow, 0);
-        c.insert(&key(1), &v, 0);
+        c.insert(&key(1), &v, &H, 0);
         let mut other_user = key(1);
         other_user.class.euid = 0;
-        assert_eq!(c.lookup(&other_user, 1), None);
+        assert_eq!(c.get(&other_user, 1), None);
         let mut modified = key(1);
         modified.change_cookie += 1;
-        assert_eq!(c.lookup(&modified, 1), None);
+        assert_eq!(c.get(&modified, 1), None);
         let mut reused_inode = key(1);
         reused_inode.generation += 1;
-        assert_eq!(c.lookup(&reused_inode, 1), None);
-        assert_eq!(c.lookup(&key(1), 1), Some(v));
+        assert_eq!(c.get(&reused_inode, 1), None);
+        assert_eq!(c.get(&key(1), 1), Some(v));
     }
 
     #[test]
@@ -394,50 +413,50 @@ mod tests {
         let mut c = cache(64, 1000);
         let mut not_cacheable = verdict(Decision::Allow, 0);
         not_cacheable.cacheable = false;
-        assert!(!c.insert(&key(1), &not_cacheable, 0));
+        assert!(!c.insert(&key(1), &not_cacheable, &H, 0));
         let mut cpu_limited = verdict(Decision::AllowWithConditions, 0);
         cpu_limited.obligations.cpu_limit_s = Some(60);
-        assert!(!c.insert(&key(2), &cpu_limited, 0));
+        assert!(!c.insert(&key(2), &cpu_limited, &H, 0));
         let mut niced = verdict(Decision::AllowWithConditions, 0);
         niced.obligations.nice = Some(10);
-        assert!(c.insert(&key(3), &niced, 0));
+        assert!(c.insert(&key(3), &niced, &H, 0));
         assert!(
-            !c.insert(&key(4), &verdict(Decision::Deny, 5), 0),
+            !c.insert(&key(4), &verdict(Decision::Deny, 5), &H, 0),
             "other generation"
         );
         assert!(
-            c.insert(&key(5), &verdict(Decision::Deny, 0), 0),
+            c.insert(&key(5), &verdict(Decision::Deny, 0), &H, 0),
             "denials are cached too"
         );
-        assert_eq!(c.lookup(&key(1), 0), None);
-        assert_eq!(c.lookup(&key(2), 0), None);
-        assert_eq!(c.lookup(&key(3), 0), Some(niced));
+        assert_eq!(c.get(&key(1), 0), None);
+        assert_eq!(c.get(&key(2), 0), None);
+        assert_eq!(c.get(&key(3), 0), Some(niced));
     }
 
     #[test]
     fn a_new_generation_flushes_everything() {
         let mut c = cache(64, 1000);
         for i in 0..20 {
-            c.insert(&key(i), &verdict(Decision::Allow, 0), 0);
+            c.insert(&key(i), &verdict(Decision::Allow, 0), &H, 0);
         }
         assert_eq!(c.live(0), 20);
         assert!(!c.set_generation(0));
         assert!(c.set_generation(3));
         assert_eq!(c.live(0), 0);
-        assert_eq!(c.lookup(&key(1), 0), None);
-        assert!(c.insert(&key(1), &verdict(Decision::Deny, 3), 0));
-        assert_eq!(c.lookup(&key(1), 0), Some(verdict(Decision::Deny, 3)));
+        assert_eq!(c.get(&key(1), 0), None);
+        assert!(c.insert(&key(1), &verdict(Decision::Deny, 3), &H, 0));
+        assert_eq!(c.get(&key(1), 0), Some(verdict(Decision::Deny, 3)));
         assert_eq!(c.stats().flushes, 1);
         c.clear();
-        assert_eq!(c.lookup(&key(1), 0), None);
+        assert_eq!(c.get(&key(1), 0), None);
     }
 
     #[test]
     fn entries_expire_after_the_ttl() {
         let mut c = cache(64, 100);
-        c.insert(&key(1), &verdict(Decision::Allow, 0), 1000);
-        assert!(c.lookup(&key(1), 1099).is_some());
-        assert!(c.lookup(&key(1), 1100).is_none());
+        c.insert(&key(1), &verdict(Decision::Allow, 0), &H, 1000);
+        assert!(c.get(&key(1), 1099).is_some());
+        assert!(c.get(&key(1), 1100).is_none());
     }
 
     #[test]
@@ -445,20 +464,20 @@ mod tests {
         // One set: every key shares it.
         let mut c = cache(WAYS, 1_000_000);
         for i in 0..WAYS as u64 {
-            assert!(c.insert(&key(i), &verdict(Decision::Allow, 0), i));
+            assert!(c.insert(&key(i), &verdict(Decision::Allow, 0), &H, i));
         }
         // Touch key 0: key 1 is now the least recently used.
-        assert!(c.lookup(&key(0), 100).is_some());
-        assert!(c.insert(&key(99), &verdict(Decision::Allow, 0), 101));
+        assert!(c.get(&key(0), 100).is_some());
+        assert!(c.insert(&key(99), &verdict(Decision::Allow, 0), &H, 101));
         assert_eq!(c.stats().evictions, 1);
-        assert!(c.lookup(&key(1), 102).is_none());
+        assert!(c.get(&key(1), 102).is_none());
         for i in [0, 2, 3, 99] {
-            assert!(c.lookup(&key(i), 102).is_some(), "{i}");
+            assert!(c.get(&key(i), 102).is_some(), "{i}");
         }
         // Replacing the same key is not an eviction.
-        assert!(c.insert(&key(99), &verdict(Decision::Deny, 0), 103));
+        assert!(c.insert(&key(99), &verdict(Decision::Deny, 0), &H, 103));
         assert_eq!(c.stats().evictions, 1);
-        assert_eq!(c.lookup(&key(99), 104), Some(verdict(Decision::Deny, 0)));
+        assert_eq!(c.get(&key(99), 104), Some(verdict(Decision::Deny, 0)));
     }
 
     #[derive(Debug, Clone)]
@@ -494,12 +513,12 @@ mod tests {
                     Op::Insert(k, cacheable, d) => {
                         let mut v = verdict(Decision::from_wire(d).unwrap(), c.generation());
                         v.cacheable = cacheable;
-                        if c.insert(&key(k), &v, now) {
+                        if c.insert(&key(k), &v, &H, now) {
                             model.insert(k, (v, now));
                         }
                     }
                     Op::Lookup(k) => {
-                        if let Some(got) = c.lookup(&key(k), now) {
+                        if let Some(got) = c.get(&key(k), now) {
                             let (want, at) = model.get(&k).copied().expect("hit without insert");
                             prop_assert_eq!(got, want);
                             prop_assert_eq!(got.policy_generation, c.generation());

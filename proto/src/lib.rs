@@ -815,3 +815,4 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
 mod tests;
 
 pub mod cache;
+pub mod lineage;

@@ -47,7 +47,15 @@ pub(super) struct TailQuery {
     /// Rows with a greater sequence number; absent: the newest `limit` rows.
     after: Option<i64>,
     limit: Option<u32>,
+    /// With `after`: wait up to this long (ms, at most 30 000) for a row
+    /// newer than `after` before answering an empty page (long poll).
+    wait_ms: Option<u32>,
 }
+
+/// Longest long poll.
+const MAX_WAIT_MS: u32 = 30_000;
+/// Polling interval of a long poll.
+const POLL_MS: u64 = 100;
 
 pub(super) async fn tail(
     State(st): State<AdminState>,
@@ -56,6 +64,27 @@ pub(super) async fn tail(
     let limit = page_limit(q.limit)?;
     if q.after.is_some_and(|a| a < 0) {
         return Err(ApiError::invalid("after", "`after` must not be negative"));
+    }
+    let wait = match q.wait_ms {
+        Some(w) if w > MAX_WAIT_MS => {
+            return Err(ApiError::invalid(
+                "wait_ms",
+                format!("`wait_ms` {w} is over the maximum of {MAX_WAIT_MS}"),
+            ));
+        }
+        Some(_) if q.after.is_none() => {
+            return Err(ApiError::invalid("wait_ms", "`wait_ms` needs `after`"));
+        }
+        w => w.unwrap_or(0),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(u64::from(wait));
+    loop {
+        let head = st.run(|s| Ok(s.audit_head()?)).await?;
+        let waiting = q.after.is_some_and(|a| head <= a);
+        if !waiting || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(POLL_MS)).await;
     }
     st.run(move |s| {
         let head = s.audit_head()?;

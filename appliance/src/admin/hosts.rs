@@ -32,7 +32,7 @@ fn new_token() -> Result<Zeroizing<String>, ApiError> {
 }
 
 /// A host name: 1..=253 characters of `A-Z a-z 0-9 . - _`.
-fn check_host_name(field: &str, name: &str) -> Result<(), ApiError> {
+pub(super) fn check_host_name(field: &str, name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name
@@ -127,6 +127,7 @@ pub(super) async fn create(
                 "state": HostState::Pending,
             },
             "token": token.as_str(),
+            "ca_fingerprint": st.ca_fingerprint,
         })),
     ))
 }

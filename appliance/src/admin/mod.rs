@@ -10,9 +10,11 @@
 mod audit;
 mod error;
 mod hosts;
+mod limits;
 mod policies;
 mod signatures;
 mod tls;
+mod users;
 
 use std::sync::Arc;
 
@@ -23,8 +25,9 @@ use axum::routing::{get, post, put};
 use axum::Router;
 
 pub use error::{parse_json, ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+pub use hosts::token_sha256;
 pub use policies::{check_policy, PolicyDiagnostic};
-pub use tls::{peer_common_name, serve};
+pub use tls::{peer_admin_name, serve};
 
 use crate::store::Store;
 
@@ -56,6 +59,8 @@ pub enum Change {
         /// Its name.
         host: String,
     },
+    /// A user's roles were set, or a user removed.
+    Users,
     /// A license limit was set, changed or removed.
     Limits,
 }
@@ -71,6 +76,12 @@ pub struct AdminState {
     pub store: Arc<Store>,
     /// Called after each committed change that can affect verdicts.
     pub on_change: ChangeHook,
+    /// License limits, when this appliance enforces them (the limit
+    /// endpoints answer 503 without).
+    pub limits: Option<Arc<crate::limits::Limits>>,
+    /// SHA-256 of the CA certificate, returned with enrolment tokens so the
+    /// agent can pin the CA on first contact.
+    pub ca_fingerprint: Option<String>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -87,12 +98,27 @@ impl AdminState {
         Self {
             store,
             on_change: Arc::new(|_| {}),
+            limits: None,
+            ca_fingerprint: None,
         }
     }
 
     /// Replaces the change hook.
     pub fn with_hook(mut self, hook: ChangeHook) -> Self {
         self.on_change = hook;
+        self
+    }
+
+    /// Serves the limit endpoints from `limits` (the same instance the
+    /// decision path checks).
+    pub fn with_limits(mut self, limits: Arc<crate::limits::Limits>) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Returns `fingerprint` (`Pki::fingerprint`) with each enrolment token.
+    pub fn with_ca_fingerprint(mut self, fingerprint: String) -> Self {
+        self.ca_fingerprint = Some(fingerprint);
         self
     }
 
@@ -120,8 +146,9 @@ pub struct AdminIdentity {
     pub cn: String,
 }
 
-/// Extractor: the audit actor, `admin:<cn>`. Refuses (401) a request that
-/// did not come through the TLS layer.
+/// Extractor: the audit actor, `admin:<cn>`, from an [`AdminIdentity`]
+/// (set by [`serve`]) or an admin peer in the agent API's `ConnInfo` (set by
+/// `agent_api::tls::serve_https`). Refuses (401) any other request.
 #[derive(Debug, Clone)]
 pub struct Actor(pub String);
 
@@ -129,10 +156,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let from_conn = || {
+            // Also accept the agent API's HTTPS server (`serve_https`).
+            let peer = parts
+                .extensions
+                .get::<crate::agent_api::tls::ConnInfo>()?
+                .peer
+                .as_ref()?;
+            (peer.kind == crate::pki::CertKind::Admin).then(|| peer.name.clone())
+        };
         parts
             .extensions
             .get::<AdminIdentity>()
-            .map(|id| Actor(format!("admin:{}", id.cn)))
+            .map(|id| id.cn.clone())
+            .or_else(from_conn)
+            .map(|cn| Actor(format!("admin:{cn}")))
             .ok_or_else(|| {
                 ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -185,6 +223,14 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/hosts", get(hosts::list).post(hosts::create))
         .route("/v1/hosts/{name}", get(hosts::show))
         .route("/v1/hosts/{name}/revoke", post(hosts::revoke))
+        .route("/v1/users", get(users::list))
+        .route(
+            "/v1/users/{name}",
+            get(users::show).put(users::set_roles).delete(users::delete),
+        )
+        .route("/v1/roles", get(users::roles))
+        .route("/v1/limits", get(limits::list).put(limits::set))
+        .route("/v1/limits/{id}", get(limits::show).delete(limits::remove))
         .route("/v1/audit", get(audit::tail))
         .route("/v1/audit/export", get(audit::export))
         .route("/v1/audit/verify", get(audit::verify))

@@ -19,24 +19,26 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a client may take to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Common name of the first certificate the peer presented, if any.
+/// The admin name (CN) of the peer's certificate, if it is an admin
+/// certificate (subject OU `trustbind-admin`, see [`crate::pki::CertKind`]).
 ///
-/// The certificate chain was already verified by rustls against the
-/// server config's client verifier; this only reads the subject.
-pub fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String> {
+/// The chain was already verified by rustls against the server config's
+/// client verifier; this only reads the subject, and refuses host and
+/// server certificates even if a misconfigured verifier let them through.
+pub fn peer_admin_name(conn: &rustls::ServerConnection) -> Option<String> {
     let der = conn.peer_certificates()?.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_owned)
+    let peer = crate::pki::peer_cert(der.as_ref())?;
+    (peer.kind == crate::pki::CertKind::Admin).then_some(peer.name)
 }
 
 /// Accepts TLS connections on `listener` forever and serves `router` on
 /// each, HTTP/1.1 or HTTP/2.
 ///
-/// `tls` must require and verify a client certificate (e.g.
-/// `Pki::admin_server_config()`); a connection whose verified peer
-/// certificate carries no common name is closed without a response. The
-/// CN is handed to handlers as an [`AdminIdentity`] request extension.
+/// `tls` must require and verify a client certificate
+/// ([`crate::pki::Pki::admin_server_config`]); a connection whose peer
+/// certificate is not an admin certificate is closed without a response.
+/// The admin's name (CN) is handed to handlers as an [`AdminIdentity`]
+/// request extension.
 /// Returns only when accepting fails for a reason other than a transient
 /// per-connection error.
 pub async fn serve(
@@ -63,7 +65,7 @@ pub async fn serve(
             else {
                 return;
             };
-            let Some(cn) = peer_common_name(stream.get_ref().1) else {
+            let Some(cn) = peer_admin_name(stream.get_ref().1) else {
                 return;
             };
             let id = AdminIdentity { cn };

@@ -1,6 +1,6 @@
 //! The policy engine: [`QualifyRequest`]s in, [`Decision`]s out.
 //!
-//! The engine keeps an immutable [`Snapshot`] of everything a verdict
+//! The engine keeps an immutable snapshot of everything a verdict
 //! depends on (the compiled governing policy, hosts with their groups and
 //! modes, users with their roles, and a lazily filled map of program
 //! memberships), all as of one verdict generation. Deciding takes no global
@@ -32,10 +32,14 @@ use cedar_policy::{
     RestrictedExpression, Schema,
 };
 
-use super::reads::{self, Reads};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::cache::ClockCache;
+use super::reads::Reads;
+use super::slice::{Index, Keys};
 use super::{outcome, Outcome, PolicyError, Verdict};
-use crate::request::{Action, Program, QualifyRequest, Target};
-use crate::store::{EngineData, Mode, Store};
+use crate::request::{Action, Program, Proto, QualifyRequest, Target};
+use crate::store::{AuditEvent, EngineData, Mode, Store};
 
 /// How often a decision restarts because the store moved under it before
 /// it gives up with [`PolicyError::Unstable`].
@@ -64,39 +68,62 @@ pub struct Decision {
     pub groups: Vec<String>,
 }
 
-/// The governing policy, compiled.
+/// Tuning of an [`Engine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Evaluate only the slices of the policy set that can apply (default
+    /// true). False evaluates the whole set for every request (for
+    /// comparison and benchmarks).
+    pub slicing: bool,
+    /// Decisions kept in the decision cache (default 65 536; 0 disables it).
+    pub cache_capacity: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            slicing: true,
+            cache_capacity: 65_536,
+        }
+    }
+}
+
+/// Decision-cache counters since the engine was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    /// Decisions answered from the cache.
+    pub hits: u64,
+    /// Decisions evaluated (cache miss, cache off, or clock-dependent).
+    pub misses: u64,
+    /// Entries in the cache of the current generation.
+    pub entries: u64,
+}
+
+/// The governing policy, compiled and sliced.
 #[derive(Debug)]
 struct Compiled {
     /// Policy version id (`None`: no governing policy, default deny).
     version: Option<i64>,
     /// SHA-256 of the text.
     identity: Option<String>,
-    /// The whole set.
-    set: PolicySet,
-    /// Union of the context attributes read by any policy.
-    reads: Reads,
+    /// The slicing index (holds the whole set too).
+    index: Index,
 }
 
 impl Compiled {
-    fn new(schema: &Schema, data: &EngineData) -> Result<Self, PolicyError> {
+    fn new(schema: &Schema, data: &EngineData, slicing: bool) -> Result<Self, PolicyError> {
         let Some(pv) = &data.policy else {
             return Ok(Self {
                 version: None,
                 identity: None,
-                set: PolicySet::new(),
-                reads: Reads::NONE,
+                index: Index::new(&PolicySet::new(), slicing),
             });
         };
         let loaded = super::validate(schema, &pv.text)?;
-        let reads = loaded
-            .set
-            .policies()
-            .fold(Reads::NONE, |r, p| r.with(reads::of_policy(p)));
         Ok(Self {
             version: Some(pv.id),
             identity: Some(loaded.identity),
-            set: loaded.set,
-            reads,
+            index: Index::new(&loaded.set, slicing),
         })
     }
 
@@ -166,6 +193,62 @@ impl ProgramGroups {
     }
 }
 
+/// What a cached decision depends on besides the generation (each
+/// snapshot has its own cache, so a generation move flushes it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    action: Action,
+    user: String,
+    host: String,
+    program: String,
+    target: TargetKey,
+    peer: Option<(String, String)>,
+    /// Context fields, present only when a candidate policy reads them.
+    session: Option<u32>,
+    ancestry: Option<Vec<String>>,
+    hour: Option<i64>,
+    weekday: Option<i64>,
+    src_addr: Option<String>,
+    src_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum TargetKey {
+    Exec,
+    File(String),
+    Net(Proto, String, u16),
+}
+
+fn cache_key(req: &QualifyRequest, peer: Option<&PeerInfo<'_>>, reads: Reads) -> CacheKey {
+    let (_, hour, weekday) = clock(req.at_ms);
+    let (target, src) = match &req.target {
+        Target::Exec => (TargetKey::Exec, None),
+        Target::File { path, .. } => (TargetKey::File(path.clone()), None),
+        Target::Net(t) => (
+            TargetKey::Net(t.proto, t.dst_addr.clone(), t.dst_port),
+            Some((&t.src_addr, t.src_port)),
+        ),
+    };
+    CacheKey {
+        action: req.action,
+        user: req.subject.user.clone(),
+        host: req.host.clone(),
+        program: req.program.sha256.clone(),
+        target,
+        peer: peer.map(|p| (p.host.to_owned(), p.program.to_owned())),
+        session: reads.any(Reads::SESSION).then_some(req.subject.session),
+        ancestry: reads
+            .any(Reads::ANCESTRY)
+            .then(|| req.subject.ancestry.clone()),
+        hour: reads.any(Reads::HOUR).then_some(hour),
+        weekday: reads.any(Reads::WEEKDAY).then_some(weekday),
+        src_addr: src
+            .filter(|_| reads.any(Reads::SRC_ADDR))
+            .map(|(a, _)| a.clone()),
+        src_port: src.filter(|_| reads.any(Reads::SRC_PORT)).map(|(_, p)| p),
+    }
+}
+
 /// Everything a decision depends on, as of one verdict generation.
 #[derive(Debug)]
 struct Snapshot {
@@ -174,6 +257,7 @@ struct Snapshot {
     hosts: HashMap<String, (String, Mode)>,
     users: HashMap<String, Vec<String>>,
     programs: ProgramGroups,
+    cache: ClockCache<CacheKey, Decision>,
 }
 
 /// Entity type names and action uids, parsed once.
@@ -240,6 +324,14 @@ struct Peer<'a> {
     program: &'a Program,
 }
 
+/// The peer, resolved against a snapshot.
+struct PeerInfo<'a> {
+    host: &'a str,
+    group: &'a str,
+    program: &'a str,
+    groups: Arc<[String]>,
+}
+
 /// `(time_s, hour, weekday)` of `at_ms`, in UTC; weekday 0 = Monday.
 pub fn clock(at_ms: i64) -> (i64, i64, i64) {
     let secs = at_ms.div_euclid(1000);
@@ -254,10 +346,13 @@ pub fn clock(at_ms: i64) -> (i64, i64, i64) {
 pub struct Engine {
     store: Arc<Store>,
     schema: Schema,
+    options: EngineOptions,
     authorizer: Authorizer,
     names: Names,
     current: ArcSwap<Snapshot>,
     refreshing: Mutex<()>,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -272,19 +367,45 @@ impl Engine {
     /// Loads the governing policy (none: default deny) and the host and
     /// user data from `store`, validating the policy against `schema_text`.
     pub fn new(store: Arc<Store>, schema_text: &str) -> Result<Engine, PolicyError> {
+        Self::with_options(store, schema_text, EngineOptions::default())
+    }
+
+    /// [`Engine::new`] with explicit slicing and cache settings.
+    pub fn with_options(
+        store: Arc<Store>,
+        schema_text: &str,
+        options: EngineOptions,
+    ) -> Result<Engine, PolicyError> {
         let (schema, _warnings) = Schema::from_cedarschema_str(schema_text)
             .map_err(|e| PolicyError::Schema(e.to_string()))?;
         let data = store.engine_data()?;
-        let policy = Arc::new(Compiled::new(&schema, &data)?);
-        let snap = Snapshot::new(data, policy);
+        let policy = Arc::new(Compiled::new(&schema, &data, options.slicing)?);
+        let snap = Snapshot::new(data, policy, options.cache_capacity);
         Ok(Engine {
             store,
             schema,
+            options,
             authorizer: Authorizer::new(),
             names: Names::new()?,
             current: ArcSwap::from_pointee(snap),
             refreshing: Mutex::new(()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         })
+    }
+
+    /// Decision-cache hit and miss counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            entries: u64::try_from(self.current.load().cache.len()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Number of slices of the governing policy set (0 when not sliced).
+    pub fn slices(&self) -> usize {
+        self.current.load().policy.index.slices()
     }
 
     /// The verdict generation of the data the engine decides with.
@@ -312,9 +433,9 @@ impl Engine {
         let policy = if cur.policy.same_as(&data) {
             Arc::clone(&cur.policy)
         } else {
-            Arc::new(Compiled::new(&self.schema, &data)?)
+            Arc::new(Compiled::new(&self.schema, &data, self.options.slicing)?)
         };
-        let snap = Snapshot::new(data, policy);
+        let snap = Snapshot::new(data, policy, self.options.cache_capacity);
         let g = snap.generation;
         self.current.store(Arc::new(snap));
         Ok(g)
@@ -411,6 +532,120 @@ impl Engine {
                 groups: groups.to_vec(),
             }));
         }
+        let peer = match peer {
+            None => None,
+            Some(p) => {
+                let (group, _) = snap
+                    .hosts
+                    .get(p.host)
+                    .ok_or_else(|| PolicyError::UnknownHost(p.host.to_owned()))?;
+                let Some(groups) =
+                    snap.programs
+                        .get(&self.store, &p.program.sha256, snap.generation)?
+                else {
+                    return Ok(None);
+                };
+                Some(PeerInfo {
+                    host: p.host,
+                    group,
+                    program: &p.program.sha256,
+                    groups,
+                })
+            }
+        };
+        let n = &self.names;
+
+        // The entities that select slices.
+        let mut principal = Vec::with_capacity(2);
+        principal.push(Names::uid(&n.user, &req.subject.user));
+        if let Some(roles) = snap.users.get(&req.subject.user) {
+            principal.extend(roles.iter().map(|r| Names::uid(&n.role, r)));
+        }
+        let mut program = Vec::with_capacity(1 + groups.len());
+        program.push(Names::uid(&n.program, &req.program.sha256));
+        program.extend(groups.iter().map(|g| Names::uid(&n.program_group, g)));
+        let resource = match (&req.action, &req.target) {
+            (Action::Exec, Target::Exec) => None,
+            (
+                Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
+                Target::File { path, .. },
+            ) => Some(Names::uid(&n.file, path)),
+            (Action::Connect | Action::Accept | Action::IpcConnect, Target::Net(t)) => {
+                Some(Names::uid(
+                    &n.service,
+                    &format!("{}:{}/{}", t.dst_addr, t.dst_port, t.proto.as_str()),
+                ))
+            }
+            (a, _) => {
+                return Err(PolicyError::Request(format!(
+                    "host `{}`: action `{}` does not take this kind of target",
+                    req.host,
+                    a.as_str()
+                )))
+            }
+        };
+        let resource_keys: &[EntityUid] = match &resource {
+            Some(r) => std::slice::from_ref(r),
+            None => &program,
+        };
+        let slice = snap.policy.index.select(&Keys {
+            action: req.action,
+            principal: &principal,
+            resource: resource_keys,
+            program: &program,
+        });
+
+        // The decision cache.
+        let key = (snap.cache.enabled() && !slice.reads.any(Reads::TIME))
+            .then(|| cache_key(req, peer.as_ref(), slice.reads));
+        if let Some(k) = &key {
+            if let Some(mut d) = snap.cache.get(k) {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                d.cache_hit = true;
+                return Ok(Some(d));
+            }
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let (request, entities) = self.cedar(
+            req,
+            *mode,
+            host_group,
+            peer.as_ref(),
+            &principal,
+            &program,
+            resource,
+        )?;
+        let resp = self
+            .authorizer
+            .is_authorized(&request, &slice.set, &entities);
+        let mut out = outcome(&slice.set, &resp, *mode);
+        out.reasons.sort_unstable();
+        out.reasons.dedup();
+        let d = Decision {
+            outcome: out,
+            generation: snap.generation,
+            cacheable: !slice.reads.clock(),
+            cache_hit: false,
+            groups: groups.to_vec(),
+        };
+        if let Some(k) = key {
+            snap.cache.insert(k, d.clone());
+        }
+        Ok(Some(d))
+    }
+
+    /// The Cedar request and entities for `req`.
+    #[allow(clippy::too_many_arguments)]
+    fn cedar(
+        &self,
+        req: &QualifyRequest,
+        mode: Mode,
+        host_group: &str,
+        peer: Option<&PeerInfo<'_>>,
+        principal: &[EntityUid],
+        program: &[EntityUid],
+        resource: Option<EntityUid>,
+    ) -> Result<(Request, Entities), PolicyError> {
         let n = &self.names;
         let cedar = |why: String| PolicyError::Cedar {
             host: req.host.clone(),
@@ -418,14 +653,12 @@ impl Engine {
         };
         let mut ents: Vec<Entity> = Vec::with_capacity(6);
         let mut seen: HashSet<EntityUid> = HashSet::with_capacity(6);
-
-        // Principal.
-        let user = Names::uid(&n.user, &req.subject.user);
-        let roles = snap
-            .users
-            .get(&req.subject.user)
-            .map(|r| r.iter().map(|r| Names::uid(&n.role, r)).collect())
-            .unwrap_or_default();
+        let (user, roles) = principal
+            .split_first()
+            .ok_or(PolicyError::Request("no principal".into()))?;
+        let (prog, groups) = program
+            .split_first()
+            .ok_or(PolicyError::Request("no program".into()))?;
         ents.push(
             Entity::new(
                 user.clone(),
@@ -433,13 +666,11 @@ impl Engine {
                     "name".to_owned(),
                     RestrictedExpression::new_string(req.subject.user.clone()),
                 )]),
-                roles,
+                roles.iter().cloned().collect(),
             )
             .map_err(|e| cedar(e.to_string()))?,
         );
         seen.insert(user.clone());
-
-        // Host and program (and the peer's).
         let host = Names::uid(&n.host, &req.host);
         push_plain(
             &mut ents,
@@ -447,43 +678,26 @@ impl Engine {
             host.clone(),
             [Names::uid(&n.host_group, host_group)],
         );
-        let program = Names::uid(&n.program, &req.program.sha256);
-        push_plain(
-            &mut ents,
-            &mut seen,
-            program.clone(),
-            groups.iter().map(|g| Names::uid(&n.program_group, g)),
-        );
+        push_plain(&mut ents, &mut seen, prog.clone(), groups.iter().cloned());
         let mut peer_uids = None;
         if let Some(p) = peer {
-            let (pg, _) = snap
-                .hosts
-                .get(p.host)
-                .ok_or_else(|| PolicyError::UnknownHost(p.host.to_owned()))?;
-            let Some(pgroups) =
-                snap.programs
-                    .get(&self.store, &p.program.sha256, snap.generation)?
-            else {
-                return Ok(None);
-            };
             let ph = Names::uid(&n.host, p.host);
             push_plain(
                 &mut ents,
                 &mut seen,
                 ph.clone(),
-                [Names::uid(&n.host_group, pg)],
+                [Names::uid(&n.host_group, p.group)],
             );
-            let pp = Names::uid(&n.program, &p.program.sha256);
+            let pp = Names::uid(&n.program, p.program);
             push_plain(
                 &mut ents,
                 &mut seen,
                 pp.clone(),
-                pgroups.iter().map(|g| Names::uid(&n.program_group, g)),
+                p.groups.iter().map(|g| Names::uid(&n.program_group, g)),
             );
             peer_uids = Some((ph, pp));
         }
 
-        // Resource and context.
         let (time, hour, weekday) = clock(req.at_ms);
         let mut ctx: Vec<(String, RestrictedExpression)> = vec![
             ("host".into(), RestrictedExpression::new_entity_uid(host)),
@@ -508,13 +722,8 @@ impl Engine {
                 RestrictedExpression::new_string(mode.as_str().to_owned()),
             ),
         ];
-        let resource = match (&req.action, &req.target) {
-            (Action::Exec, Target::Exec) => program,
-            (
-                Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
-                Target::File { path, .. },
-            ) => {
-                let file = Names::uid(&n.file, path);
+        let resource = match (&req.target, resource) {
+            (Target::File { path, .. }, Some(file)) => {
                 ents.push(
                     Entity::new(
                         file.clone(),
@@ -528,13 +737,11 @@ impl Engine {
                 );
                 ctx.push((
                     "program".into(),
-                    RestrictedExpression::new_entity_uid(program),
+                    RestrictedExpression::new_entity_uid(prog.clone()),
                 ));
                 file
             }
-            (Action::Connect | Action::Accept | Action::IpcConnect, Target::Net(t)) => {
-                let id = format!("{}:{}/{}", t.dst_addr, t.dst_port, t.proto.as_str());
-                let svc = Names::uid(&n.service, &id);
+            (Target::Net(t), Some(svc)) => {
                 if seen.insert(svc.clone()) {
                     ents.push(
                         Entity::new(
@@ -560,7 +767,7 @@ impl Engine {
                 }
                 ctx.push((
                     "program".into(),
-                    RestrictedExpression::new_entity_uid(program),
+                    RestrictedExpression::new_entity_uid(prog.clone()),
                 ));
                 if let Some((ph, pp)) = peer_uids {
                     ctx.push(("peer_host".into(), RestrictedExpression::new_entity_uid(ph)));
@@ -587,30 +794,50 @@ impl Engine {
                 ));
                 svc
             }
-            (a, _) => {
-                return Err(PolicyError::Request(format!(
-                    "host `{}`: action `{}` does not take this kind of target",
-                    req.host,
-                    a.as_str()
-                )))
-            }
+            _ => prog.clone(),
         };
         let context = Context::from_pairs(ctx).map_err(|e| cedar(e.to_string()))?;
-        let request = Request::new(user, n.action(req.action)?, resource, context, None)
+        let request = Request::new(user.clone(), n.action(req.action)?, resource, context, None)
             .map_err(|e| cedar(e.to_string()))?;
         let entities = Entities::from_entities(ents, None).map_err(|e| cedar(e.to_string()))?;
-        let policy = &snap.policy;
-        let resp = self
-            .authorizer
-            .is_authorized(&request, &policy.set, &entities);
-        Ok(Some(Decision {
-            outcome: outcome(&policy.set, &resp, *mode),
-            generation: snap.generation,
-            cacheable: !policy.reads.clock(),
-            cache_hit: false,
-            groups: groups.to_vec(),
-        }))
+        Ok((request, entities))
     }
+}
+
+/// The audit event for one decision: kind `decision`, actor the asking
+/// host, detail `{ "request": <QualifyRequest>, "outcome": <Outcome>,
+/// "generation", "cacheable", "cache_hit", "groups" }`. The replay tool
+/// reads `request` back as a [`QualifyRequest`].
+pub fn decision_event(req: &QualifyRequest, d: &Decision) -> AuditEvent {
+    AuditEvent::new(
+        "decision",
+        &req.host,
+        serde_json::json!({
+            "request": req,
+            "outcome": d.outcome,
+            "generation": d.generation,
+            "cacheable": d.cacheable,
+            "cache_hit": d.cache_hit,
+            "groups": d.groups,
+        }),
+    )
+}
+
+/// The audit event for a pair decision: kind `decision.pair`, actor the
+/// connecting host, detail `{ "connect": …, "accept": …, "outcome": …,
+/// "generation", "groups" }`.
+pub fn pair_event(connect: &QualifyRequest, accept: &QualifyRequest, d: &Decision) -> AuditEvent {
+    AuditEvent::new(
+        "decision.pair",
+        &connect.host,
+        serde_json::json!({
+            "connect": connect,
+            "accept": accept,
+            "outcome": d.outcome,
+            "generation": d.generation,
+            "groups": d.groups,
+        }),
+    )
 }
 
 /// Adds an attribute-less entity unless one with this uid is already there.
@@ -626,13 +853,14 @@ fn push_plain(
 }
 
 impl Snapshot {
-    fn new(data: EngineData, policy: Arc<Compiled>) -> Self {
+    fn new(data: EngineData, policy: Arc<Compiled>, cache_capacity: usize) -> Self {
         Snapshot {
             generation: data.generation,
             policy,
             hosts: data.hosts,
             users: data.users,
             programs: ProgramGroups::new(),
+            cache: ClockCache::new(cache_capacity),
         }
     }
 }

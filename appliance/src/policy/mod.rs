@@ -5,11 +5,13 @@
 //! obligations carried by annotations on the determining permit policies,
 //! the policy names (`@id`) used as reasons, and the host group's mode.
 //! [`engine`] builds Cedar requests from [`crate::request::QualifyRequest`]s
-//! and the store. The slicing index and the decision cache are not built yet.
+//! and the store, with the slicing index ([`mod@slice`]) and a decision cache.
 
+mod cache;
 pub mod engine;
 mod err;
 pub mod reads;
+pub mod slice;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -86,7 +88,10 @@ pub struct Outcome {
 pub fn outcome(set: &PolicySet, resp: &Response, mode: Mode) -> Outcome {
     let mut reasons = Vec::new();
     let mut obligations = BTreeMap::new();
-    for id in resp.diagnostics().reason() {
+    // Sorted, so that obligations and reasons do not depend on hash order.
+    let mut ids: Vec<&cedar_policy::PolicyId> = resp.diagnostics().reason().collect();
+    ids.sort_unstable();
+    for id in ids {
         let name = set
             .policy(id)
             .and_then(|p| p.annotation("id"))

@@ -1,14 +1,16 @@
 //! Store methods used by the admin API: listings with keyset pagination,
 //! batch changes and removals. Kept apart from `mod.rs` so that the admin
 //! API's needs do not tangle with the decision path. Every change is
-//! audited in its own transaction through [`Store::write`].
+//! audited in its own transaction through `Store::write`, and every change
+//! that can alter a verdict moves the verdict generation in it.
 
 use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    check_hex, hex, now_ms, AuditEvent, HostState, Mode, PolicyState, Signature, Store, StoreError,
+    bump_generation, check_hex, hex, now_ms, AuditEvent, HostState, Mode, PolicyState, Signature,
+    Store, StoreError,
 };
 
 /// A policy version without its text, for listings.
@@ -61,6 +63,24 @@ pub struct HostGroupInfo {
     pub hosts: u64,
 }
 
+/// A user with its roles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// User name as the agent reports it.
+    pub name: String,
+    /// Roles, sorted.
+    pub roles: Vec<String>,
+}
+
+/// A role with the number of users holding it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleInfo {
+    /// Role name.
+    pub name: String,
+    /// Number of users with the role.
+    pub users: u64,
+}
+
 /// A host as listed by the admin API (never its token hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostInfo {
@@ -78,6 +98,120 @@ pub struct HostInfo {
 
 fn to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
+}
+
+/// What a license applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LicenseKey {
+    /// Every call qualified for one host.
+    Host {
+        /// Host name.
+        host: String,
+    },
+    /// Every connection from one program to another (lower-case hex SHA-256s).
+    Pair {
+        /// Program on the connecting side.
+        client: String,
+        /// Program on the accepting side.
+        server: String,
+    },
+}
+
+impl LicenseKey {
+    /// Unique text form: `host:<name>` or `pair:<client>:<server>`.
+    pub fn subject_id(&self) -> String {
+        match self {
+            Self::Host { host } => format!("host:{host}"),
+            Self::Pair { client, server } => format!("pair:{client}:{server}"),
+        }
+    }
+}
+
+impl std::fmt::Display for LicenseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Host { host } => write!(f, "host `{host}`"),
+            Self::Pair { client, server } => write!(
+                f,
+                "program pair {}.. -> {}..",
+                client.get(..12).unwrap_or(client),
+                server.get(..12).unwrap_or(server)
+            ),
+        }
+    }
+}
+
+/// The limits of a license; absent fields do not limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LicenseTerms {
+    /// Calls allowed in total; the next one exceeds the license.
+    #[serde(default)]
+    pub max_calls: Option<u64>,
+    /// No call is allowed before this time (ms since the epoch); not an excess.
+    #[serde(default)]
+    pub not_before_ms: Option<i64>,
+    /// A call at or after this time (ms since the epoch) exceeds the license.
+    #[serde(default)]
+    pub not_after_ms: Option<i64>,
+    /// Calls allowed in any 60-second window.
+    #[serde(default)]
+    pub max_per_minute: Option<u32>,
+}
+
+/// A stored license.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicenseRow {
+    /// Row id.
+    pub id: i64,
+    /// What it applies to.
+    pub subject: LicenseKey,
+    /// Its limits.
+    pub terms: LicenseTerms,
+    /// Calls reserved so far (at least the calls made).
+    pub calls_reserved: u64,
+    /// Why it was exceeded; `None` while active.
+    pub exceeded: Option<String>,
+    /// Last change, ms since the epoch.
+    pub changed_ms: i64,
+}
+
+const LICENSE_COLS: &str = "id, kind, host, client_sha256, server_sha256, max_calls, not_before_ms, not_after_ms, max_per_minute, calls, state, reason, changed_ms";
+
+fn license_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<LicenseRow, StoreError>> {
+    let kind: String = r.get(1)?;
+    let subject = match kind.as_str() {
+        "host" => LicenseKey::Host {
+            host: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+        },
+        "pair" => LicenseKey::Pair {
+            client: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+            server: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+        },
+        _ => {
+            return Ok(Err(StoreError::Unreachable(
+                "unknown license kind in database",
+            )))
+        }
+    };
+    let state: String = r.get(10)?;
+    let reason: Option<String> = r.get(11)?;
+    Ok(Ok(LicenseRow {
+        id: r.get(0)?,
+        subject,
+        terms: LicenseTerms {
+            max_calls: r.get::<_, Option<i64>>(5)?.map(to_u64),
+            not_before_ms: r.get(6)?,
+            not_after_ms: r.get(7)?,
+            max_per_minute: r
+                .get::<_, Option<i64>>(8)?
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        },
+        calls_reserved: to_u64(r.get(9)?),
+        exceeded: (state == "exceeded").then(|| reason.unwrap_or_default()),
+        changed_ms: r.get(12)?,
+    }))
 }
 
 fn sig_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Signature> {
@@ -231,6 +365,9 @@ impl Store {
                         .unwrap_or(0);
                 }
             }
+            if out.added_to_group > 0 {
+                bump_generation(tx)?;
+            }
             let ev = AuditEvent::new(
                 "signature.batch",
                 actor,
@@ -301,6 +438,9 @@ impl Store {
                 }
             }
             let removed = hashes.len().saturating_sub(missing.len());
+            if removed > 0 {
+                bump_generation(tx)?;
+            }
             let ev = (removed > 0).then(|| {
                 let detail = if removed == 1 {
                     let gone = hashes.iter().find(|h| !missing.contains(h));
@@ -385,6 +525,9 @@ impl Store {
                 }
                 added += u64::try_from(ins.execute(params![group, h])?).unwrap_or(0);
             }
+            if added > 0 {
+                bump_generation(tx)?;
+            }
             let ev = (added > 0).then(|| {
                 AuditEvent::new(
                     "group.add",
@@ -419,6 +562,9 @@ impl Store {
             for h in hashes {
                 removed += u64::try_from(del.execute(params![group, h])?).unwrap_or(0);
             }
+            if removed > 0 {
+                bump_generation(tx)?;
+            }
             let ev = (removed > 0).then(|| {
                 AuditEvent::new(
                     "group.remove",
@@ -444,6 +590,7 @@ impl Store {
                 [name],
             )?;
             tx.execute("DELETE FROM ref_groups WHERE name = ?1", [name])?;
+            bump_generation(tx)?;
             let ev = AuditEvent::new(
                 "group.delete",
                 actor,
@@ -568,6 +715,222 @@ impl Store {
                 })
             })
             .transpose()
+    }
+
+    // ---- users and roles ----
+
+    /// Users ordered by name after the cursor `after` (exclusive), at most
+    /// `limit`, with their roles.
+    pub fn list_users(&self, after: &str, limit: u32) -> Result<Vec<UserInfo>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt =
+            conn.prepare_cached("SELECT name FROM users WHERE name > ?1 ORDER BY name LIMIT ?2")?;
+        let names = stmt
+            .query_map(params![after, limit], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut roles =
+            conn.prepare_cached("SELECT role FROM user_roles WHERE user_name = ?1 ORDER BY role")?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let r = roles
+                .query_map([&name], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(UserInfo { name, roles: r });
+        }
+        Ok(out)
+    }
+
+    /// One user with its roles, if it is known.
+    pub fn user(&self, name: &str) -> Result<Option<UserInfo>, StoreError> {
+        let known = {
+            let conn = self.lock()?;
+            let mut stmt = conn.prepare_cached("SELECT 1 FROM users WHERE name = ?1")?;
+            stmt.exists([name])?
+        };
+        if !known {
+            return Ok(None);
+        }
+        Ok(Some(UserInfo {
+            name: name.to_owned(),
+            roles: self.user_roles(name)?,
+        }))
+    }
+
+    /// Forgets a user and its roles. Moves the verdict generation.
+    pub fn delete_user(&self, name: &str, actor: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM user_roles WHERE user_name = ?1", [name])?;
+            if tx.execute("DELETE FROM users WHERE name = ?1", [name])? == 0 {
+                return Err(StoreError::NotFound {
+                    what: "user",
+                    key: name.into(),
+                });
+            }
+            bump_generation(tx)?;
+            let ev = AuditEvent::new("user.delete", actor, serde_json::json!({ "user": name }));
+            Ok(((), Some(ev)))
+        })
+    }
+
+    /// Every role held by at least one user, with its user count.
+    pub fn list_roles(&self) -> Result<Vec<RoleInfo>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt =
+            conn.prepare("SELECT role, count(*) FROM user_roles GROUP BY role ORDER BY role")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RoleInfo {
+                name: r.get(0)?,
+                users: to_u64(r.get(1)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    // ---- licenses (limits) ----
+
+    /// Every license, by id.
+    pub fn licenses(&self) -> Result<Vec<LicenseRow>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(&format!("SELECT {LICENSE_COLS} FROM licenses ORDER BY id"))?;
+        let rows = stmt.query_map([], license_from)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+
+    /// Creates or replaces the terms of the license for `subject`. Keeps
+    /// its call count and state unless `reset`, which zeroes the count and
+    /// makes an exceeded license active again. Audited as `limit.set`.
+    pub fn put_license(
+        &self,
+        subject: &LicenseKey,
+        terms: &LicenseTerms,
+        reset: bool,
+        actor: &str,
+    ) -> Result<LicenseRow, StoreError> {
+        let (kind, host, client, server) = match subject {
+            LicenseKey::Host { host } => ("host", Some(host.as_str()), None, None),
+            LicenseKey::Pair { client, server } => {
+                check_hex("client sha256", client, 64)?;
+                check_hex("server sha256", server, 64)?;
+                ("pair", None, Some(client.as_str()), Some(server.as_str()))
+            }
+        };
+        let max_calls = terms
+            .max_calls
+            .map(|n| {
+                i64::try_from(n).map_err(|_| StoreError::Invalid {
+                    what: "max_calls",
+                    why: "too large".into(),
+                })
+            })
+            .transpose()?;
+        let sid = subject.subject_id();
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO licenses (subject, kind, host, client_sha256, server_sha256, max_calls,
+                   not_before_ms, not_after_ms, max_per_minute, changed_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (subject) DO UPDATE SET max_calls = excluded.max_calls,
+                   not_before_ms = excluded.not_before_ms, not_after_ms = excluded.not_after_ms,
+                   max_per_minute = excluded.max_per_minute, changed_ms = excluded.changed_ms",
+                params![
+                    sid,
+                    kind,
+                    host,
+                    client,
+                    server,
+                    max_calls,
+                    terms.not_before_ms,
+                    terms.not_after_ms,
+                    terms.max_per_minute,
+                    now_ms()
+                ],
+            )?;
+            if reset {
+                tx.execute(
+                    "UPDATE licenses SET calls = 0, state = 'active', reason = NULL WHERE subject = ?1",
+                    [&sid],
+                )?;
+            }
+            let row = tx
+                .query_row(
+                    &format!("SELECT {LICENSE_COLS} FROM licenses WHERE subject = ?1"),
+                    [&sid],
+                    license_from,
+                )??;
+            let ev = AuditEvent::new(
+                "limit.set",
+                actor,
+                serde_json::json!({ "id": row.id, "subject": subject, "terms": terms, "reset": reset }),
+            );
+            Ok((row, Some(ev)))
+        })
+    }
+
+    /// Removes a license; audited as `limit.remove`.
+    pub fn remove_license(&self, id: i64, actor: &str) -> Result<LicenseRow, StoreError> {
+        self.write(|tx| {
+            let row = tx
+                .query_row(
+                    &format!("SELECT {LICENSE_COLS} FROM licenses WHERE id = ?1"),
+                    [id],
+                    license_from,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "license",
+                    key: id.to_string(),
+                })??;
+            tx.execute("DELETE FROM licenses WHERE id = ?1", [id])?;
+            let ev = AuditEvent::new(
+                "limit.remove",
+                actor,
+                serde_json::json!({ "id": id, "subject": row.subject }),
+            );
+            Ok((row, Some(ev)))
+        })
+    }
+
+    /// Raises the reserved call count of license `id` to `calls` (never
+    /// lowers it). Not audited: a counter, not a change.
+    pub fn reserve_license_calls(&self, id: i64, calls: u64) -> Result<(), StoreError> {
+        let calls = i64::try_from(calls).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE licenses SET calls = ?2 WHERE id = ?1 AND calls < ?2",
+                params![id, calls],
+            )?;
+            Ok(((), None))
+        })
+    }
+
+    /// Marks license `id` exceeded for `reason`, audited as `limit.exceeded`
+    /// by `appliance`. Returns false if it was exceeded already.
+    pub fn license_exceeded(&self, id: i64, reason: &str) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE licenses SET state = 'exceeded', reason = ?2, changed_ms = ?3
+                 WHERE id = ?1 AND state = 'active'",
+                params![id, reason, now_ms()],
+            )?;
+            if n == 0 {
+                return Ok((false, None));
+            }
+            let subject: String =
+                tx.query_row("SELECT subject FROM licenses WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })?;
+            bump_generation(tx)?;
+            let ev = AuditEvent::new(
+                "limit.exceeded",
+                "appliance",
+                serde_json::json!({ "id": id, "subject": subject, "reason": reason }),
+            );
+            Ok((true, Some(ev)))
+        })
     }
 
     // ---- audit ----

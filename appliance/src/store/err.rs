@@ -43,6 +43,13 @@ pub enum StoreError {
     /// The store lock was poisoned by a panic in another thread.
     #[error("store lock poisoned")]
     Poisoned,
+    /// The audit writer task has stopped.
+    #[error("the audit writer has stopped")]
+    WriterClosed,
+    /// The audit batch this event was in could not be committed (nothing
+    /// of the batch was stored).
+    #[error("audit batch not committed: {0}")]
+    Batch(String),
     /// An internal invariant did not hold; please file a bug.
     #[error("internal error (please file a bug): {0}")]
     Unreachable(&'static str),

@@ -95,6 +95,36 @@ CREATE TABLE user_roles (
     PRIMARY KEY (user_name, role)
 );
 "#,
+    // 3: audit records delivered by agents, for idempotent Report
+    r#"
+CREATE TABLE agent_reports (
+    host        TEXT NOT NULL,
+    report_id   TEXT NOT NULL,
+    host_at_ms  INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (host, report_id)
+);
+"#,
+    // 4: licenses (per-host or per-program-pair limits; `calls` is reserved
+    // ahead of use so a restart never hands out calls twice)
+    r#"
+CREATE TABLE licenses (
+    id             INTEGER PRIMARY KEY,
+    subject        TEXT NOT NULL UNIQUE,
+    kind           TEXT NOT NULL CHECK (kind IN ('host', 'pair')),
+    host           TEXT,
+    client_sha256  TEXT,
+    server_sha256  TEXT,
+    max_calls      INTEGER CHECK (max_calls IS NULL OR max_calls >= 0),
+    not_before_ms  INTEGER,
+    not_after_ms   INTEGER,
+    max_per_minute INTEGER CHECK (max_per_minute IS NULL OR max_per_minute >= 0),
+    calls          INTEGER NOT NULL DEFAULT 0 CHECK (calls >= 0),
+    state          TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'exceeded')),
+    reason         TEXT,
+    changed_ms     INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Newest schema version this build understands.

@@ -8,9 +8,11 @@
 //! crash (power loss included).
 
 mod admin;
+mod agent;
 mod audit;
 mod err;
 pub mod migrate;
+mod writer;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -23,9 +25,14 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use admin::{GroupInfo, HostGroupInfo, HostInfo, PolicyInfo, SignatureBatch};
+pub use admin::{
+    GroupInfo, HostGroupInfo, HostInfo, LicenseKey, LicenseRow, LicenseTerms, PolicyInfo, RoleInfo,
+    SignatureBatch, UserInfo,
+};
+pub use agent::AgentRecord;
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 pub use err::{ChainError, StoreError};
+pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -261,6 +268,20 @@ impl Store {
         let row = audit::append(&tx, now_ms(), ev)?;
         tx.commit()?;
         Ok(row)
+    }
+
+    /// Appends `events` in order in one transaction (one commit); all or
+    /// nothing, durable when this returns `Ok`. Used by [`AuditWriter`].
+    pub fn append_audit_batch(&self, events: &[AuditEvent]) -> Result<Vec<AuditRow>, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let at = now_ms();
+        let rows = events
+            .iter()
+            .map(|ev| audit::append(&tx, at, ev))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(rows)
     }
 
     /// Walks the whole chain. `Ok(Ok(n))`: `n` rows, all sound;
@@ -807,6 +828,17 @@ impl Store {
             Ok((s, g))
         })
         .transpose()
+    }
+
+    /// `(host, certificate serial)` of every enrolled host: the certificates
+    /// the agent port accepts.
+    pub fn enrolled_certs(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(
+            "SELECT name, cert_serial FROM hosts WHERE state = 'enrolled' AND cert_serial IS NOT NULL ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     // ---- channels ----

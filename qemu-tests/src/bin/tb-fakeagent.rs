@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Every request becomes one line in the log:
-//! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> pid=<p> -> allow|deny`.
+//! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> pid=<p> anc=<hex,...> -> allow|deny`
+//! (`anc`: the ancestry, nearest first; `-` when empty).
 //! Verdicts are cacheable unless `--no-cache`; an allowed exec of a path
 //! named by `--nice-path` is allowed with the condition "nice N".
 //! SIGUSR1 moves the policy generation by one (a `Generation` record, logged
@@ -208,13 +209,18 @@ fn run() -> Result<(), String> {
         });
         writeln!(
             log,
-            "exec {} sha256={} sha1={} size={} uid={} pid={} -> {}",
+            "exec {} sha256={} sha1={} size={} uid={} pid={} anc={} -> {}",
             String::from_utf8_lossy(r.path),
             hex(&r.sha256),
             hex(&r.sha1),
             r.size,
             r.uid,
             r.pid,
+            if r.ancestry.is_empty() {
+                "-".to_owned()
+            } else {
+                r.ancestry.iter().map(hex).collect::<Vec<_>>().join(",")
+            },
             if allowed { "allow" } else { "deny" }
         )
         .ok();

@@ -6,7 +6,8 @@
 //! enforce mode and runs with a "would be denied" report in permissive
 //! mode; a `#!` script and its interpreter are qualified separately; the
 //! in-kernel SHA-256 and SHA-1 equal `sha256sum`/`sha1sum` of the file; the
-//! request carries the caller's uid; disabled mode asks nothing; the module
+//! request carries the caller's uid and the ancestry (the hash of the shell
+//! that ran the program first); disabled mode asks nothing; the module
 //! cannot be unloaded in enforce mode; the debugfs counters add up.
 //!
 //! `exec_verdict_cache` proves the in-kernel verdict cache: a repeated exec
@@ -175,6 +176,23 @@ fn exec_qualification() -> Result<()> {
     ensure!(interp.ends_with("-> allow"), "{interp}");
     let id = request_for(&mut vm, "/usr/bin/id")?.context("no request for id")?;
     ensure!(field(&id, "uid")? == "65534", "uid not carried: {id}");
+
+    // Ancestry: a program run by a shell names the shell's hash first (the
+    // trailing `:` makes the shell fork instead of exec'ing in place).
+    vm.run_ok("/bin/sh -c '/usr/bin/expr 1 >/dev/null; :'")?;
+    let expr = request_for(&mut vm, "/usr/bin/expr")?.context("no request for expr")?;
+    let sh = vm.run_ok("sha256sum /usr/bin/dash")?.stdout;
+    let sh = sh.split_whitespace().next().unwrap_or_default();
+    let anc: Vec<&str> = field(&expr, "anc")?.split(',').collect();
+    ensure!(
+        anc.first() == Some(&sh),
+        "ancestry does not start with /bin/sh ({sh}): {expr}"
+    );
+    ensure!(
+        anc.len() >= 2 && anc.len() <= 8,
+        "ancestry depth {}: {expr}",
+        anc.len()
+    );
 
     stop_agent(&mut vm)?;
     let out = vm.run("/tmp/x/evil")?;

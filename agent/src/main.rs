@@ -1,0 +1,222 @@
+//! `trustbind-agent`: the host daemon beside `trustbind.ko`.
+//!
+//! ```text
+//! trustbind-agent enrol --appliance HOST[:7444] --name NAME --token TOKEN --ca-fingerprint HEX
+//! trustbind-agent run [--mode enforce|permissive] ...
+//! trustbind-agent status [--json]
+//! ```
+//!
+//! Exit codes: 0 success; 1 failure (one sentence on stderr); 2 `status`
+//! found no running agent; 64 usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use trustbind_agent::link::{self, Enrolment};
+use trustbind_agent::run::{self, RunOptions, Status};
+
+#[derive(Parser)]
+#[command(name = "trustbind-agent", version, about = "Trustbind host agent")]
+struct Cli {
+    /// State directory: credentials, spool, offline bundle, status.
+    #[arg(
+        long,
+        env = "TRUSTBIND_AGENT_STATE",
+        default_value = "/var/lib/trustbind-agent",
+        global = true
+    )]
+    state: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Enrol this host with the appliance (once).
+    ///
+    /// Example: trustbind-agent enrol --appliance 10.99.0.10 --name web1
+    ///   --token 3f9c... --ca-fingerprint 8a1d...
+    Enrol {
+        /// Appliance enrol address, HOST[:PORT] (port 7444).
+        #[arg(long, env = "TRUSTBIND_APPLIANCE")]
+        appliance: String,
+        /// Appliance agent address if not the same host (port 7443).
+        #[arg(long)]
+        agent_address: Option<String>,
+        /// Name on the appliance's server certificate (default: the host part).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// This host's name as registered on the appliance.
+        #[arg(long)]
+        name: String,
+        /// The one-time enrolment token.
+        #[arg(long, env = "TRUSTBIND_TOKEN")]
+        token: String,
+        /// The CA fingerprint shown on the appliance console.
+        #[arg(long)]
+        ca_fingerprint: String,
+    },
+    /// Run the daemon.
+    Run {
+        /// The module's device.
+        #[arg(long, default_value = "/dev/trustbind")]
+        device: PathBuf,
+        /// passwd file for user names.
+        #[arg(long, default_value = "/etc/passwd")]
+        passwd: PathBuf,
+        /// Mode until the appliance sends the host's mode (and none was saved).
+        #[arg(long, default_value = "permissive", value_parser = ["enforce", "permissive", "disabled"])]
+        mode: String,
+        /// How long the kernel waits for a verdict, in ms.
+        #[arg(long, default_value_t = 3000)]
+        verdict_timeout_ms: u32,
+        /// Deadline of one appliance call, in ms.
+        #[arg(long, default_value_t = 1500)]
+        call_timeout_ms: u64,
+    },
+    /// Show the running agent's status.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trustbind-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.cmd {
+        Cmd::Enrol {
+            appliance,
+            agent_address,
+            server_name,
+            name,
+            token,
+            ca_fingerprint,
+        } => {
+            let e = Enrolment {
+                enrol_addr: appliance,
+                agent_addr: agent_address,
+                server_name,
+                name,
+                token,
+                ca_fingerprint,
+            };
+            match rt.block_on(link::enrol(&e, &cli.state)) {
+                Ok(cfg) => {
+                    println!(
+                        "enrolled as `{}`; credentials in {}; agent port {}",
+                        cfg.name,
+                        cli.state.display(),
+                        cfg.agent_addr
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("trustbind-agent: enrolment failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Run {
+            device,
+            passwd,
+            mode,
+            verdict_timeout_ms,
+            call_timeout_ms,
+        } => {
+            let opts = RunOptions {
+                state: cli.state,
+                device,
+                passwd,
+                mode: run::parse_mode(&mode).unwrap_or(trustbind_proto::Mode::Permissive),
+                verdict_timeout_ms,
+                batch_max: 64,
+                batch_wait: Duration::from_millis(2),
+                call_timeout: Duration::from_millis(call_timeout_ms),
+            };
+            match rt.block_on(run::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("trustbind-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Status { json } => status(&cli.state, json),
+    }
+}
+
+fn status(state: &std::path::Path, json: bool) -> ExitCode {
+    let p = state.join("status.json");
+    let Ok(text) = std::fs::read(&p) else {
+        eprintln!(
+            "trustbind-agent: no status at {} (is the agent running?)",
+            p.display()
+        );
+        return ExitCode::from(2);
+    };
+    let Ok(s) = serde_json::from_slice::<Status>(&text) else {
+        eprintln!("trustbind-agent: {} is not a status file", p.display());
+        return ExitCode::FAILURE;
+    };
+    let alive = std::path::Path::new(&format!("/proc/{}", s.pid)).exists();
+    if json {
+        println!("{}", String::from_utf8_lossy(&text));
+    } else {
+        println!("host:        {}", s.host);
+        println!(
+            "appliance:   {} ({})",
+            s.appliance,
+            if s.connected {
+                "connected"
+            } else {
+                "NOT connected"
+            }
+        );
+        println!("mode:        {}", s.mode);
+        println!("generation:  {}", s.generation);
+        println!(
+            "requests:    {} (appliance {}, offline {}, denied {}, late {})",
+            s.requests, s.answered_online, s.answered_offline, s.denied, s.late
+        );
+        println!(
+            "spool:       {} waiting, {} delivered",
+            s.spool_backlog, s.spool_delivered
+        );
+        println!("bundle:      {} verdicts", s.bundle_entries);
+        if !s.last_error.is_empty() {
+            println!("last error:  {}", s.last_error);
+        }
+        if !alive {
+            println!("agent:       NOT running (pid {} is gone)", s.pid);
+        }
+    }
+    if alive {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}

@@ -1,0 +1,672 @@
+//! `trustbind-agent run`: the daemon.
+//!
+//! ```text
+//!  /dev/trustbind ──read thread──▶ batcher ──Qualify (mTLS gRPC)──▶ appliance
+//!        ▲                            │  (offline: bundle, else the mode's default; spooled)
+//!        └──────── Verdict ◀──────────┘
+//!  appliance ──Subscribe stream──▶ generation → module cache flush, host mode → module mode
+//!  spool ──Report──▶ appliance (when connected)
+//! ```
+//!
+//! The module's mode follows the appliance's host mode (pushed on every
+//! subscription); until the first push the last known mode (saved in the
+//! state directory) or `--mode` applies. Stopping the agent leaves the mode
+//! as it is: in enforce mode the kernel keeps refusing what it cannot ask
+//! about, so killing the agent does not switch protection off.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, RwLock};
+use tonic::transport::Channel;
+use trustbind_api::pb::{self, agent_client::AgentClient, push};
+use trustbind_proto::{Decision, Mode, Obligations, Verdict};
+
+use crate::bundle::{Bundle, Remembered};
+use crate::device::{Device, DeviceWriter, ExecEvent};
+use crate::link::{self, write_atomic, AgentConfig};
+use crate::spool::{Spool, SpoolRecord};
+use crate::users::Users;
+
+/// Agent version string sent to the appliance.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Options of `run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// State directory (credentials, spool, bundle, status).
+    pub state: PathBuf,
+    /// The module's device.
+    pub device: PathBuf,
+    /// The passwd file for user names.
+    pub passwd: PathBuf,
+    /// Mode before the appliance says otherwise (when none was saved).
+    pub mode: Mode,
+    /// How long the kernel waits for a verdict.
+    pub verdict_timeout_ms: u32,
+    /// Requests per Qualify call at most.
+    pub batch_max: usize,
+    /// How long the first request of a batch waits for company.
+    pub batch_wait: Duration,
+    /// Deadline of one Qualify call.
+    pub call_timeout: Duration,
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Credentials or configuration.
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
+    /// The device.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    /// The spool.
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+}
+
+/// Counters and state shown by `trustbind-agent status`.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Status {
+    /// Daemon pid.
+    pub pid: u32,
+    /// Enrolled host name.
+    pub host: String,
+    /// Appliance agent address.
+    pub appliance: String,
+    /// Whether the gRPC session is up.
+    pub connected: bool,
+    /// Current module mode.
+    pub mode: String,
+    /// Last policy generation seen.
+    pub generation: i64,
+    /// Exec requests from the module.
+    pub requests: u64,
+    /// Answered by the appliance.
+    pub answered_online: u64,
+    /// Answered from the bundle or the mode's default (appliance away).
+    pub answered_offline: u64,
+    /// Denials sent to the module.
+    pub denied: u64,
+    /// Answers the module no longer waited for.
+    pub late: u64,
+    /// Records waiting in the spool.
+    pub spool_backlog: usize,
+    /// Spooled records delivered since start.
+    pub spool_delivered: u64,
+    /// Entries in the offline bundle.
+    pub bundle_entries: usize,
+    /// Last error, if any.
+    pub last_error: String,
+    /// When the status was written (ms since the epoch).
+    pub updated_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn log(msg: &str) {
+    eprintln!("trustbind-agent: {msg}");
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Enforce => "enforce",
+        Mode::Permissive => "permissive",
+        Mode::Disabled => "disabled",
+    }
+}
+
+/// Parses a mode name.
+pub fn parse_mode(s: &str) -> Option<Mode> {
+    match s {
+        "enforce" => Some(Mode::Enforce),
+        "permissive" => Some(Mode::Permissive),
+        "disabled" => Some(Mode::Disabled),
+        _ => None,
+    }
+}
+
+struct Inner {
+    writer: DeviceWriter,
+    bundle: Bundle,
+    spool: Spool,
+    users: Users,
+    mode: Mode,
+    status: Status,
+}
+
+struct Shared {
+    opts: RunOptions,
+    inner: Mutex<Inner>,
+    client: RwLock<Option<AgentClient<Channel>>>,
+    connected: AtomicBool,
+    generation: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock poisons it; the data is still
+        // consistent enough to keep answering the kernel.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn error(&self, msg: String) {
+        log(&msg);
+        self.lock().status.last_error = msg;
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        let mut g = self.lock();
+        if g.mode == mode {
+            return;
+        }
+        let timeout = self.opts.verdict_timeout_ms;
+        match g.writer.config(mode, timeout) {
+            Ok(()) => {
+                g.mode = mode;
+                g.status.mode = mode_name(mode).into();
+                drop(g);
+                log(&format!("mode {}", mode_name(mode)));
+                let _ = write_atomic(
+                    &self.opts.state.join("mode"),
+                    mode_name(mode).as_bytes(),
+                    0o644,
+                );
+            }
+            Err(e) => {
+                drop(g);
+                self.error(format!("cannot set mode: {e}"));
+            }
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or a fatal error.
+pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    let cfg = link::load_config(&opts.state)?;
+    let tls = link::agent_tls(&opts.state)?;
+    let mut spool = Spool::open(&opts.state.join("spool"))?;
+    let bundle = Bundle::load(&opts.state, |w| log(&w));
+    let mode = std::fs::read_to_string(opts.state.join("mode"))
+        .ok()
+        .and_then(|m| parse_mode(m.trim()))
+        .unwrap_or(opts.mode);
+    let mut device = Device::open(&opts.device)?;
+    let mut writer = device.writer()?;
+    writer.config(mode, opts.verdict_timeout_ms)?;
+    log(&format!(
+        "{}: module v{:#x}, mode {}, appliance {} as `{}`",
+        opts.device.display(),
+        device.ack.module_version,
+        mode_name(mode),
+        cfg.agent_addr,
+        cfg.name
+    ));
+    let start = SpoolRecord {
+        id: spool.next_id(),
+        at_ms: now_ms(),
+        what: "agent.start".into(),
+        detail: serde_json::json!({ "version": VERSION, "mode": mode_name(mode) }),
+    };
+    spool.append(&[start])?;
+    let status = Status {
+        pid: std::process::id(),
+        host: cfg.name.clone(),
+        appliance: cfg.agent_addr.clone(),
+        mode: mode_name(mode).into(),
+        ..Status::default()
+    };
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            writer,
+            bundle,
+            spool,
+            users: Users::new(&opts.passwd),
+            mode,
+            status,
+        }),
+        opts,
+        client: RwLock::new(None),
+        connected: AtomicBool::new(false),
+        generation: AtomicU64::new(0),
+    });
+
+    let (tx, rx) = mpsc::channel::<ExecEvent>(4096);
+    let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(1);
+    std::thread::Builder::new()
+        .name("device".into())
+        .spawn(move || loop {
+            match device.next_exec() {
+                Ok(ev) => {
+                    if tx.blocking_send(ev).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = fatal_tx.blocking_send(e.to_string());
+                    return;
+                }
+            }
+        })
+        .map_err(|e| {
+            RunError::Link(link::LinkError::Config(format!(
+                "cannot start the device thread: {e}"
+            )))
+        })?;
+
+    tokio::spawn(batcher(Arc::clone(&shared), rx));
+    tokio::spawn(connection(Arc::clone(&shared), cfg, tls));
+    tokio::spawn(housekeeping(Arc::clone(&shared)));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| link::LinkError::Config(format!("SIGTERM handler: {e}")))?;
+    let reason = tokio::select! {
+        _ = term.recv() => "SIGTERM".to_owned(),
+        _ = tokio::signal::ctrl_c() => "SIGINT".to_owned(),
+        m = fatal_rx.recv() => format!("device: {}", m.unwrap_or_default()),
+    };
+    log(&format!("stopping ({reason})"));
+    let mut g = shared.lock();
+    if let Err(e) = g.bundle.save() {
+        log(&format!("cannot save the bundle: {e}"));
+    }
+    g.status.connected = false;
+    g.status.last_error = format!("stopped: {reason}");
+    write_status(&shared.opts, &mut g);
+    Ok(())
+}
+
+fn write_status(opts: &RunOptions, g: &mut Inner) {
+    g.status.updated_ms = now_ms();
+    g.status.bundle_entries = g.bundle.len();
+    g.status.spool_backlog = g.spool.backlog().unwrap_or(0);
+    if let Ok(json) = serde_json::to_vec_pretty(&g.status) {
+        let _ = write_atomic(&opts.state.join("status.json"), &json, 0o644);
+    }
+}
+
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let mut g = shared.lock();
+        g.status.connected = shared.connected.load(Ordering::Relaxed);
+        g.status.generation = i64::try_from(shared.generation.load(Ordering::Relaxed)).unwrap_or(0);
+        if n.is_multiple_of(5) {
+            if let Err(e) = g.bundle.save() {
+                g.status.last_error = format!("cannot save the bundle: {e}");
+            }
+            g.users.refresh();
+        }
+        write_status(&shared.opts, &mut g);
+    }
+}
+
+/// Collects requests into batches and answers them.
+async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<ExecEvent>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + shared.opts.batch_wait;
+        while batch.len() < shared.opts.batch_max {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(ev)) => batch.push(ev),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        answer(&shared, batch).await;
+    }
+}
+
+fn request_of(ev: &ExecEvent, user: String) -> pb::Request {
+    pb::Request {
+        id: ev.request_id,
+        action: pb::Action::Exec as i32,
+        subject: Some(pb::Subject {
+            user,
+            uid: ev.uid,
+            euid: ev.euid,
+            gid: ev.gid,
+            loginuid: ev.loginuid,
+            session: ev.sessionid,
+            pid: ev.pid,
+            ancestry: ev.ancestry.iter().map(|h| h.to_vec()).collect(),
+        }),
+        program: Some(pb::Program {
+            sha256: ev.sha256.to_vec(),
+            sha1: ev.sha1.to_vec(),
+            size: ev.size,
+            path: ev.path.clone(),
+        }),
+        target: Some(pb::request::Target::Exec(pb::ExecTarget {})),
+    }
+}
+
+fn verdict_of(r: &pb::Result) -> Verdict {
+    let decision = match pb::Verdict::try_from(r.verdict) {
+        Ok(pb::Verdict::Allow) => Decision::Allow,
+        Ok(pb::Verdict::AllowWithConditions) => Decision::AllowWithConditions,
+        _ => Decision::Deny,
+    };
+    let nice = r
+        .obligations
+        .get("nice")
+        .and_then(|n| n.parse::<i8>().ok())
+        .map(|n| n.clamp(-20, 19));
+    let cpu_limit_s = r
+        .obligations
+        .get("cpu_limit_s")
+        .and_then(|n| n.parse::<u32>().ok());
+    let log_level = r
+        .obligations
+        .get("log_level")
+        .map_or(0, |l| l.parse::<u8>().unwrap_or(2).min(3));
+    Verdict {
+        decision,
+        policy_generation: u64::try_from(r.generation).unwrap_or(0),
+        cacheable: r.cacheable,
+        obligations: Obligations {
+            nice,
+            cpu_limit_s,
+            log_level,
+        },
+    }
+}
+
+fn remembered_of(v: &Verdict) -> Remembered {
+    Remembered {
+        decision: v.decision as u8,
+        nice: v.obligations.nice,
+        cpu_limit_s: v.obligations.cpu_limit_s,
+        log_level: v.obligations.log_level,
+        generation: i64::try_from(v.policy_generation).unwrap_or(0),
+        at_ms: now_ms(),
+    }
+}
+
+fn verdict_of_remembered(r: &Remembered) -> Verdict {
+    Verdict {
+        decision: match r.decision {
+            1 => Decision::Allow,
+            2 => Decision::AllowWithConditions,
+            _ => Decision::Deny,
+        },
+        policy_generation: u64::try_from(r.generation).unwrap_or(0),
+        // Offline answers never enter the kernel cache.
+        cacheable: false,
+        obligations: Obligations {
+            nice: r.nice,
+            cpu_limit_s: r.cpu_limit_s,
+            log_level: r.log_level,
+        },
+    }
+}
+
+/// Arms `RLIMIT_CPU` on `pid` before its exec is let go.
+fn apply_cpu_limit(pid: u32, seconds: u32) -> Result<(), String> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| format!("bad pid {pid}"))?;
+    let lim = rustix::process::Rlimit {
+        current: Some(u64::from(seconds)),
+        maximum: Some(u64::from(seconds) + 1),
+    };
+    rustix::process::prlimit(Some(pid), rustix::process::Resource::Cpu, lim)
+        .map(drop)
+        .map_err(|e| format!("prlimit(RLIMIT_CPU) on pid {pid:?}: {e}"))
+}
+
+async fn qualify(shared: &Shared, requests: Vec<pb::Request>) -> Result<Vec<pb::Result>, String> {
+    let client = shared.client.read().await.clone();
+    let Some(mut client) = client else {
+        return Err("not connected".into());
+    };
+    let mut req = tonic::Request::new(pb::QualifyBatch { requests });
+    req.set_timeout(shared.opts.call_timeout);
+    match tokio::time::timeout(shared.opts.call_timeout, client.qualify(req)).await {
+        Ok(Ok(r)) => Ok(r.into_inner().results),
+        Ok(Err(s)) => Err(format!("Qualify: {}: {}", s.code(), s.message())),
+        Err(_) => Err("Qualify: deadline exceeded".into()),
+    }
+}
+
+async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
+    let users: Vec<String> = {
+        let g = shared.lock();
+        batch.iter().map(|ev| g.users.name(ev.uid)).collect()
+    };
+    let requests = batch
+        .iter()
+        .zip(&users)
+        .map(|(ev, u)| request_of(ev, u.clone()))
+        .collect();
+    let online = match qualify(shared, requests).await {
+        Ok(results) => Some(
+            results
+                .into_iter()
+                .map(|r| (r.id, r))
+                .collect::<HashMap<u64, pb::Result>>(),
+        ),
+        Err(e) => {
+            if shared.connected.swap(false, Ordering::Relaxed) {
+                shared.error(format!("appliance unreachable, answering offline: {e}"));
+            }
+            None
+        }
+    };
+    let mut g = shared.lock();
+    let mut offline_records = Vec::new();
+    let mut answers = Vec::with_capacity(batch.len());
+    for (ev, user) in batch.iter().zip(users) {
+        g.status.requests += 1;
+        let sha = hex(&ev.sha256);
+        let from_appliance = online.as_ref().and_then(|m| m.get(&ev.request_id));
+        let v = match from_appliance {
+            Some(r) => {
+                let v = verdict_of(r);
+                if r.cacheable {
+                    g.bundle.put(&sha, &user, remembered_of(&v));
+                }
+                g.status.answered_online += 1;
+                v
+            }
+            None => {
+                let (v, source) = match g.bundle.get(&sha, &user) {
+                    Some(r) => (verdict_of_remembered(&r), "bundle"),
+                    None => {
+                        let decision = if g.mode == Mode::Enforce {
+                            Decision::Deny
+                        } else {
+                            Decision::Allow
+                        };
+                        let v = Verdict {
+                            decision,
+                            policy_generation: 0,
+                            cacheable: false,
+                            obligations: Obligations::default(),
+                        };
+                        (v, "default")
+                    }
+                };
+                g.status.answered_offline += 1;
+                let id = g.spool.next_id();
+                offline_records.push(SpoolRecord {
+                    id,
+                    at_ms: now_ms(),
+                    what: "exec.offline".into(),
+                    detail: serde_json::json!({
+                        "path": ev.path, "sha256": sha, "user": user, "uid": ev.uid,
+                        "pid": ev.pid, "decision": format!("{:?}", v.decision).to_lowercase(),
+                        "source": source, "mode": mode_name(g.mode),
+                    }),
+                });
+                v
+            }
+        };
+        if v.decision == Decision::Deny {
+            g.status.denied += 1;
+        }
+        answers.push((ev.request_id, ev.pid, v));
+    }
+    // The appliance learns of offline decisions only through the spool:
+    // make them durable before the kernel acts on them.
+    if let Err(e) = g.spool.append(&offline_records) {
+        g.status.last_error = format!("spool: {e}");
+        log(&g.status.last_error);
+    }
+    for (id, pid, v) in answers {
+        if let (Decision::Allow | Decision::AllowWithConditions, Some(s)) =
+            (v.decision, v.obligations.cpu_limit_s)
+        {
+            if let Err(e) = apply_cpu_limit(pid, s) {
+                g.status.last_error = e;
+            }
+        }
+        match g.writer.verdict(id, v) {
+            Ok(true) => {}
+            Ok(false) => g.status.late += 1,
+            Err(e) => g.status.last_error = e.to_string(),
+        }
+    }
+}
+
+/// Keeps the session up: connect, subscribe, deliver the spool, follow
+/// pushes; on any failure back off and start again.
+async fn connection(shared: Arc<Shared>, cfg: AgentConfig, tls: rustls::ClientConfig) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        match session(&shared, &cfg, tls.clone()).await {
+            Ok(()) => {}
+            Err(e) => {
+                shared.error(e);
+            }
+        }
+        *shared.client.write().await = None;
+        shared.connected.store(false, Ordering::Relaxed);
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(250);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn session(
+    shared: &Shared,
+    cfg: &AgentConfig,
+    tls: rustls::ClientConfig,
+) -> Result<(), String> {
+    let ch = link::channel(&cfg.agent_addr, &cfg.server_name, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = AgentClient::new(ch);
+    let hello = pb::Hello {
+        agent_version: VERSION.into(),
+        generation: i64::try_from(shared.generation.load(Ordering::Relaxed)).unwrap_or(0),
+    };
+    let mut stream = client
+        .subscribe(hello)
+        .await
+        .map_err(|s| format!("Subscribe: {}: {}", s.code(), s.message()))?
+        .into_inner();
+    *shared.client.write().await = Some(client.clone());
+    shared.connected.store(true, Ordering::Relaxed);
+    log(&format!("connected to {}", cfg.agent_addr));
+    let mut deliver = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            m = stream.message() => {
+                let Some(p) = m.map_err(|s| format!("push stream: {}: {}", s.code(), s.message()))? else {
+                    return Err("push stream ended".into());
+                };
+                if let Some(kind) = p.kind {
+                    on_push(shared, kind)?;
+                }
+            }
+            _ = deliver.tick() => deliver_spool(shared, &mut client).await?,
+        }
+    }
+}
+
+fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
+    match kind {
+        push::Kind::Generation(g) => {
+            let gen = u64::try_from(g.generation).unwrap_or(0);
+            let old = shared.generation.swap(gen, Ordering::Relaxed);
+            if old != gen {
+                let mut w = shared.lock();
+                if let Err(e) = w.writer.generation(gen) {
+                    w.status.last_error = e.to_string();
+                }
+                drop(w);
+                log(&format!("policy generation {gen}"));
+            }
+        }
+        push::Kind::HostMode(m) => match parse_mode(&m.mode) {
+            Some(mode) => shared.set_mode(mode),
+            None => shared.error(format!("appliance sent unknown mode `{}`", m.mode)),
+        },
+        push::Kind::Revoked(_) => {
+            return Err("this host's certificate was revoked by the appliance".into())
+        }
+        push::Kind::ChannelKey(k) => {
+            // Channel keys are for the kernel's kTLS (not built yet); never logged.
+            log(&format!(
+                "channel {} key {} (ignored: channels not built)",
+                k.channel_id, k.key_id
+            ));
+        }
+        push::Kind::ChannelDenied(d) => {
+            log(&format!("channel {} denied: {}", d.channel_id, d.reason));
+        }
+        push::Kind::Ping(_) => {}
+    }
+    Ok(())
+}
+
+async fn deliver_spool(shared: &Shared, client: &mut AgentClient<Channel>) -> Result<(), String> {
+    loop {
+        let seg = {
+            let mut g = shared.lock();
+            g.spool.oldest().map_err(|e| format!("spool: {e}"))?
+        };
+        let Some(seg) = seg else { return Ok(()) };
+        for chunk in seg.records.chunks(256) {
+            let records = chunk
+                .iter()
+                .map(|r| pb::AuditRecord {
+                    id: r.id.clone(),
+                    at_ms: r.at_ms,
+                    what: r.what.clone(),
+                    detail_json: r.detail.to_string(),
+                })
+                .collect();
+            let mut req = tonic::Request::new(pb::AuditBatch { records });
+            req.set_timeout(shared.opts.call_timeout);
+            client
+                .report(req)
+                .await
+                .map_err(|s| format!("Report: {}: {}", s.code(), s.message()))?;
+        }
+        let mut g = shared.lock();
+        g.spool.ack(seg.number).map_err(|e| format!("spool: {e}"))?;
+        g.status.spool_delivered += seg.records.len() as u64;
+    }
+}

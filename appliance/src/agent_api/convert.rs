@@ -1,0 +1,328 @@
+//! Wire messages <-> the appliance's own types, with strict validation.
+//!
+//! Every refusal names the field and the index in the batch, e.g.
+//! `requests[3].program.sha256: expected 32 bytes, got 31`.
+
+use std::net::IpAddr;
+
+use tonic::Status;
+
+use super::pb;
+use super::service::Answer;
+use crate::channels::{ChannelKey, Direction, Role};
+use crate::policy::Verdict;
+use crate::request::{Action, FiveTuple, Program, Proto, QualifyRequest, Subject, Target};
+use crate::store::{hex, AgentRecord};
+
+/// Longest path (program or file) accepted, in bytes.
+pub const MAX_PATH: usize = 4096;
+/// Longest user name accepted, in bytes.
+pub const MAX_USER: usize = 256;
+/// Longest address (IP text or UNIX socket path) accepted, in bytes.
+pub const MAX_ADDR: usize = 108;
+/// Most ancestry entries accepted per request.
+pub const MAX_ANCESTRY: usize = 16;
+/// Longest report id accepted, in bytes.
+pub const MAX_REPORT_ID: usize = 128;
+/// Longest report `what` accepted, in bytes.
+pub const MAX_REPORT_WHAT: usize = 64;
+/// Longest report detail accepted, in bytes.
+pub const MAX_REPORT_DETAIL: usize = 64 * 1024;
+
+fn bad(field: String, why: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {why}"))
+}
+
+fn digest(field: String, bytes: &[u8], len: usize) -> Result<String, Status> {
+    if bytes.len() == len {
+        Ok(hex(bytes))
+    } else {
+        Err(bad(
+            field,
+            format_args!("expected {len} bytes, got {}", bytes.len()),
+        ))
+    }
+}
+
+fn text(field: String, s: &str, max: usize, allow_empty: bool) -> Result<String, Status> {
+    if s.is_empty() && !allow_empty {
+        return Err(bad(field, "must not be empty"));
+    }
+    if s.len() > max {
+        return Err(bad(field, format_args!("{} bytes, at most {max}", s.len())));
+    }
+    if s.contains('\0') {
+        return Err(bad(field, "contains a NUL byte"));
+    }
+    Ok(s.to_owned())
+}
+
+fn action(at: &str, v: i32) -> Result<Action, Status> {
+    let a = pb::Action::try_from(v)
+        .map_err(|_| bad(format!("{at}.action"), format_args!("unknown action {v}")))?;
+    Ok(match a {
+        pb::Action::Unspecified => return Err(bad(format!("{at}.action"), "not set")),
+        pb::Action::Exec => Action::Exec,
+        pb::Action::OpenRead => Action::OpenRead,
+        pb::Action::OpenWrite => Action::OpenWrite,
+        pb::Action::Delete => Action::Delete,
+        pb::Action::Rename => Action::Rename,
+        pb::Action::Connect => Action::Connect,
+        pb::Action::Accept => Action::Accept,
+        pb::Action::IpcConnect => Action::IpcConnect,
+    })
+}
+
+fn subject(at: &str, s: Option<&pb::Subject>) -> Result<Subject, Status> {
+    let s = s.ok_or_else(|| bad(format!("{at}.subject"), "missing"))?;
+    if s.ancestry.len() > MAX_ANCESTRY {
+        return Err(bad(
+            format!("{at}.subject.ancestry"),
+            format_args!("{} entries, at most {MAX_ANCESTRY}", s.ancestry.len()),
+        ));
+    }
+    let ancestry = s
+        .ancestry
+        .iter()
+        .enumerate()
+        .map(|(j, h)| digest(format!("{at}.subject.ancestry[{j}]"), h, 32))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Subject {
+        user: text(format!("{at}.subject.user"), &s.user, MAX_USER, false)?,
+        uid: s.uid,
+        euid: s.euid,
+        gid: s.gid,
+        loginuid: s.loginuid,
+        session: s.session,
+        pid: s.pid,
+        ancestry,
+    })
+}
+
+fn program(at: &str, p: Option<&pb::Program>) -> Result<Program, Status> {
+    let p = p.ok_or_else(|| bad(format!("{at}.program"), "missing"))?;
+    Ok(Program {
+        sha256: digest(format!("{at}.program.sha256"), &p.sha256, 32)?,
+        sha1: digest(format!("{at}.program.sha1"), &p.sha1, 20)?,
+        size: p.size,
+        path: text(format!("{at}.program.path"), &p.path, MAX_PATH, true)?,
+    })
+}
+
+fn port(field: String, p: u32) -> Result<u16, Status> {
+    u16::try_from(p).map_err(|_| bad(field, format_args!("{p} is not a port (0..=65535)")))
+}
+
+fn net(at: &str, action: Action, n: &pb::NetTarget) -> Result<FiveTuple, Status> {
+    let proto = match pb::Proto::try_from(n.proto) {
+        Ok(pb::Proto::Tcp) => Proto::Tcp,
+        Ok(pb::Proto::Unix) => Proto::Unix,
+        Ok(pb::Proto::Unspecified) => return Err(bad(format!("{at}.net.proto"), "not set")),
+        Err(_) => {
+            return Err(bad(
+                format!("{at}.net.proto"),
+                format_args!("unknown protocol {}", n.proto),
+            ))
+        }
+    };
+    let want = if action == Action::IpcConnect {
+        Proto::Unix
+    } else {
+        Proto::Tcp
+    };
+    if proto != want {
+        return Err(bad(
+            format!("{at}.net.proto"),
+            format_args!("{} needs {}", action.as_str(), want.as_str()),
+        ));
+    }
+    let src_addr = text(
+        format!("{at}.net.src_addr"),
+        &n.src_addr,
+        MAX_ADDR,
+        proto == Proto::Unix,
+    )?;
+    let dst_addr = text(format!("{at}.net.dst_addr"), &n.dst_addr, MAX_ADDR, false)?;
+    let src_port = port(format!("{at}.net.src_port"), n.src_port)?;
+    let dst_port = port(format!("{at}.net.dst_port"), n.dst_port)?;
+    if proto == Proto::Tcp {
+        for (f, a) in [("src_addr", &src_addr), ("dst_addr", &dst_addr)] {
+            if a.parse::<IpAddr>().is_err() {
+                return Err(bad(
+                    format!("{at}.net.{f}"),
+                    format_args!("`{a}` is not an IP address"),
+                ));
+            }
+        }
+    }
+    Ok(FiveTuple {
+        proto,
+        src_addr,
+        src_port,
+        dst_addr,
+        dst_port,
+    })
+}
+
+/// Checks one wire request (index `i` of the batch) and builds the
+/// appliance's request for `host` at `at_ms`. Returns (agent's id, request).
+pub fn request(
+    i: usize,
+    r: &pb::Request,
+    host: &str,
+    at_ms: i64,
+) -> Result<(u64, QualifyRequest), Status> {
+    let at = format!("requests[{i}]");
+    let action = action(&at, r.action)?;
+    let subject = subject(&at, r.subject.as_ref())?;
+    let program = program(&at, r.program.as_ref())?;
+    let target = match (action, r.target.as_ref()) {
+        (Action::Exec, Some(pb::request::Target::Exec(_))) => Target::Exec,
+        (
+            Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
+            Some(pb::request::Target::File(f)),
+        ) => {
+            let path = text(format!("{at}.file.path"), &f.path, MAX_PATH, false)?;
+            let to = match (action, &f.to) {
+                (Action::Rename, Some(to)) => {
+                    Some(text(format!("{at}.file.to"), to, MAX_PATH, false)?)
+                }
+                (Action::Rename, None) => {
+                    return Err(bad(format!("{at}.file.to"), "missing (needed for rename)"))
+                }
+                (_, Some(_)) => return Err(bad(format!("{at}.file.to"), "only for rename")),
+                (_, None) => None,
+            };
+            Target::File { path, to }
+        }
+        (
+            Action::Connect | Action::Accept | Action::IpcConnect,
+            Some(pb::request::Target::Net(n)),
+        ) => Target::Net(net(&at, action, n)?),
+        (_, None) => return Err(bad(format!("{at}.target"), "missing")),
+        (a, Some(_)) => {
+            let want = match a {
+                Action::Exec => "exec",
+                Action::Connect | Action::Accept | Action::IpcConnect => "net",
+                _ => "file",
+            };
+            return Err(bad(
+                format!("{at}.target"),
+                format_args!("{} needs a `{want}` target", a.as_str()),
+            ));
+        }
+    };
+    Ok((
+        r.id,
+        QualifyRequest {
+            host: host.to_owned(),
+            action,
+            subject,
+            program,
+            target,
+            at_ms,
+        },
+    ))
+}
+
+/// The wire verdict of an answer.
+pub fn verdict_name(v: &Verdict) -> &'static str {
+    match v {
+        Verdict::Allow => "allow",
+        Verdict::AllowWithConditions { .. } => "allow_with_conditions",
+        Verdict::Deny => "deny",
+    }
+}
+
+/// The wire result for request `id`.
+pub fn result(id: u64, a: &Answer) -> pb::Result {
+    let (verdict, obligations) = match &a.outcome.verdict {
+        Verdict::Allow => (pb::Verdict::Allow, Default::default()),
+        Verdict::AllowWithConditions { obligations } => (
+            pb::Verdict::AllowWithConditions,
+            obligations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        Verdict::Deny => (pb::Verdict::Deny, Default::default()),
+    };
+    pb::Result {
+        id,
+        verdict: verdict.into(),
+        obligations,
+        reasons: a.outcome.reasons.clone(),
+        generation: a.generation,
+        cacheable: a.cacheable,
+        would_deny: a.outcome.would_deny,
+        channel_id: a.channel_id.unwrap_or(0),
+    }
+}
+
+/// The `ChannelKey` push for the side `role` of channel `channel_id`: the
+/// connecting side sends client-to-server and receives server-to-client,
+/// the accepting side the reverse. The returned message holds key bytes:
+/// hand it to [`super::Hub::push`] and drop it.
+pub fn channel_key_push(channel_id: u64, key: &ChannelKey, role: Role) -> pb::push::Kind {
+    let (tx, rx, role) = match role {
+        Role::Connect => (
+            key.material(Direction::ClientToServer),
+            key.material(Direction::ServerToClient),
+            pb::ChannelRole::Connect,
+        ),
+        Role::Accept => (
+            key.material(Direction::ServerToClient),
+            key.material(Direction::ClientToServer),
+            pb::ChannelRole::Accept,
+        ),
+    };
+    pb::push::Kind::ChannelKey(pb::ChannelKey {
+        channel_id,
+        key_id: key.key_id.clone(),
+        key: key.key.to_vec(),
+        tx_iv: tx.iv.to_vec(),
+        tx_salt: tx.salt.to_vec(),
+        rx_iv: rx.iv.to_vec(),
+        rx_salt: rx.salt.to_vec(),
+        role: role.into(),
+    })
+}
+
+/// Checks one delivered audit record (index `i`).
+pub fn record(i: usize, r: &pb::AuditRecord) -> Result<AgentRecord, Status> {
+    let at = format!("records[{i}]");
+    let id = text(format!("{at}.id"), &r.id, MAX_REPORT_ID, false)?;
+    if r.what.is_empty()
+        || r.what.len() > MAX_REPORT_WHAT
+        || !r
+            .what
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+    {
+        return Err(bad(
+            format!("{at}.what"),
+            format_args!("must be 1 to {MAX_REPORT_WHAT} characters of a-z 0-9 _ ."),
+        ));
+    }
+    if r.detail_json.len() > MAX_REPORT_DETAIL {
+        return Err(bad(
+            format!("{at}.detail_json"),
+            format_args!("{} bytes, at most {MAX_REPORT_DETAIL}", r.detail_json.len()),
+        ));
+    }
+    let detail: serde_json::Value = if r.detail_json.is_empty() {
+        serde_json::json!({})
+    } else {
+        serde_json::from_str(&r.detail_json)
+            .map_err(|e| bad(format!("{at}.detail_json"), format_args!("not JSON ({e})")))?
+    };
+    if !detail.is_object() {
+        return Err(bad(format!("{at}.detail_json"), "must be a JSON object"));
+    }
+    Ok(AgentRecord {
+        id,
+        host_at_ms: r.at_ms,
+        what: r.what.clone(),
+        detail,
+    })
+}

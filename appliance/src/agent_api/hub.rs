@@ -1,0 +1,137 @@
+//! Per-host push streams.
+//!
+//! Every `Subscribe` call registers a sender here under the host name from
+//! its certificate; [`Hub::push`] delivers to that host's streams,
+//! [`Hub::broadcast`] to all, [`Hub::revoke`] sends `Revoked` and ends the
+//! host's streams.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::pb::{push, Push, Revoked};
+
+/// Pushes buffered per stream; a stream that falls this far behind loses
+/// pushes (and `push` reports it).
+pub const STREAM_BUFFER: usize = 256;
+
+type Item = Result<Push, Status>;
+type Tx = mpsc::Sender<Item>;
+
+/// Host name -> open push streams.
+#[derive(Debug, Default)]
+pub struct Hub {
+    streams: Mutex<HashMap<String, Vec<(u64, Tx)>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a stream for `host` whose first message is `first`; returns
+    /// a weak sender (for keepalives: it stops working once the hub drops the
+    /// stream) and the receiver.
+    pub(crate) fn subscribe(
+        &self,
+        host: &str,
+        first: push::Kind,
+    ) -> (mpsc::WeakSender<Item>, mpsc::Receiver<Item>) {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let _ = tx.try_send(Ok(Push { kind: Some(first) }));
+        let weak = tx.downgrade();
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut m) = self.streams.lock() {
+            let v = m.entry(host.to_owned()).or_default();
+            v.retain(|(_, t)| !t.is_closed());
+            v.push((id, tx));
+        }
+        (weak, rx)
+    }
+
+    /// Sends `msg` to every open stream of `host`. `true` if at least one
+    /// stream took it; `false` if the host has no stream or all are full.
+    pub fn push(&self, host: &str, msg: push::Kind) -> bool {
+        let Ok(mut m) = self.streams.lock() else {
+            return false;
+        };
+        let Some(v) = m.get_mut(host) else {
+            return false;
+        };
+        v.retain(|(_, t)| !t.is_closed());
+        let mut any = false;
+        for (_, t) in v.iter() {
+            any |= t
+                .try_send(Ok(Push {
+                    kind: Some(msg.clone()),
+                }))
+                .is_ok();
+        }
+        if v.is_empty() {
+            m.remove(host);
+        }
+        any
+    }
+
+    /// Sends `msg` to every open stream; returns how many took it.
+    pub fn broadcast(&self, msg: push::Kind) -> usize {
+        let Ok(mut m) = self.streams.lock() else {
+            return 0;
+        };
+        let mut n = 0;
+        for v in m.values_mut() {
+            v.retain(|(_, t)| !t.is_closed());
+            for (_, t) in v.iter() {
+                if t.try_send(Ok(Push {
+                    kind: Some(msg.clone()),
+                }))
+                .is_ok()
+                {
+                    n += 1;
+                }
+            }
+        }
+        m.retain(|_, v| !v.is_empty());
+        n
+    }
+
+    /// Sends `Revoked` to every stream of `host` and ends them.
+    pub fn revoke(&self, host: &str) {
+        let Ok(mut m) = self.streams.lock() else {
+            return;
+        };
+        if let Some(v) = m.remove(host) {
+            for (_, t) in v {
+                let _ = t.try_send(Ok(Push {
+                    kind: Some(push::Kind::Revoked(Revoked {})),
+                }));
+            }
+        }
+    }
+
+    /// Ends every stream (appliance shutdown); agents reconnect later.
+    pub fn close_all(&self) {
+        if let Ok(mut m) = self.streams.lock() {
+            m.clear();
+        }
+    }
+
+    /// Hosts with at least one open stream.
+    pub fn connected_hosts(&self) -> Vec<String> {
+        self.streams
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, v)| v.iter().any(|(_, t)| !t.is_closed()))
+                    .map(|(h, _)| h.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}

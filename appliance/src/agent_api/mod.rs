@@ -1,0 +1,208 @@
+//! The agent API: gRPC (tonic) over rustls.
+//!
+//! Two listeners:
+//! - the **enrol port** (server-authenticated TLS) serves only
+//!   `Enrolment.Enrol`: a pending host's one-time token and CSR buy a host
+//!   certificate ([`enrol`]);
+//! - the **agent port** (mutual TLS) serves `Agent.Qualify`,
+//!   `Agent.Subscribe` and `Agent.Report` ([`service`]). Its verifier
+//!   refuses, at the handshake, any certificate that is not a host
+//!   certificate of this CA whose serial belongs to an enrolled host; every
+//!   call re-checks, so a host revoked while connected is refused on its
+//!   next call and its push stream ends.
+//!
+//! The host name is always the CN of the verified client certificate.
+
+pub mod convert;
+pub mod enrol;
+pub mod hub;
+pub mod service;
+pub mod tls;
+
+/// Code generated from `api/proto/trustbind/agent/v1/agent.proto`.
+pub use trustbind_api::pb;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use hub::Hub;
+pub use service::{Answer, DecideError, Decider};
+
+use crate::pki::{EnrolledHosts, Pki, PkiError};
+use crate::store::{Store, StoreError};
+
+/// Largest gRPC message tonic decodes on the agent port, in bytes (a hard
+/// stop; `Qualify` refuses more than [`service::MAX_BATCH_BYTES`] with a
+/// clear INVALID_ARGUMENT).
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// Longest any unary call may run; a shorter `grpc-timeout` from the client
+/// is honoured.
+pub const MAX_CALL_TIME: Duration = Duration::from_secs(10);
+/// HTTP/2 keepalive ping interval on the agent port.
+pub const KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// Why a listener could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The PKI failed.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Everything the agent API needs, shared by both listeners.
+pub struct AgentApi {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The CA.
+    pub pki: Arc<Pki>,
+    /// Certificates allowed on the agent port.
+    pub hosts: Arc<EnrolledHosts>,
+    /// Push streams.
+    pub hub: Arc<Hub>,
+    /// Where verdicts come from.
+    pub decider: Arc<dyn Decider>,
+}
+
+impl std::fmt::Debug for AgentApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentApi")
+            .field("pki", &self.pki)
+            .field("hosts", &self.hosts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentApi {
+    /// Loads the enrolled hosts' certificate serials from `store`.
+    pub fn new(
+        store: Arc<Store>,
+        pki: Arc<Pki>,
+        decider: Arc<dyn Decider>,
+    ) -> Result<Arc<Self>, ApiError> {
+        Self::with_hub(store, pki, Arc::new(Hub::new()), decider)
+    }
+
+    /// Like [`AgentApi::new`] with a hub made beforehand, for deciders that
+    /// push (the channel code pushes keys to both hosts of a pair).
+    pub fn with_hub(
+        store: Arc<Store>,
+        pki: Arc<Pki>,
+        hub: Arc<Hub>,
+        decider: Arc<dyn Decider>,
+    ) -> Result<Arc<Self>, ApiError> {
+        let hosts = Arc::new(EnrolledHosts::new(store.enrolled_certs()?));
+        Ok(Arc::new(Self {
+            store,
+            pki,
+            hosts,
+            hub,
+            decider,
+        }))
+    }
+
+    /// Revokes `host` (audited as `actor`): the store marks it revoked, its
+    /// certificate fails every new handshake and every further call, and its
+    /// push streams get `Revoked` and end. The admin API calls this, not
+    /// `Store::revoke_host`.
+    pub fn revoke_host(&self, host: &str, actor: &str) -> Result<(), StoreError> {
+        self.store.revoke_host(host, actor)?;
+        self.disconnect_host(host);
+        Ok(())
+    }
+
+    /// For a host the store already marks revoked (e.g. by the admin API):
+    /// refuses its certificate from now on and ends its push streams.
+    pub fn disconnect_host(&self, host: &str) {
+        self.hosts.revoke(host);
+        self.hub.revoke(host);
+    }
+
+    /// Tells every connected agent the policy generation moved (call after
+    /// an activation or rollback).
+    pub fn announce_generation(&self, generation: i64) -> usize {
+        self.hub
+            .broadcast(pb::push::Kind::Generation(pb::PolicyGeneration {
+                generation,
+            }))
+    }
+}
+
+/// Serves the agent port on `listener` (mutual TLS) until `shutdown`
+/// completes, then waits for open calls to finish.
+pub async fn serve_agent(
+    api: Arc<AgentApi>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ApiError> {
+    let config = api.pki.agent_server_config(Arc::clone(&api.hosts))?;
+    let watch = tokio::spawn(watch_generation(Arc::clone(&api)));
+    // Push streams never end on their own: end them so the graceful
+    // shutdown does not wait for agents to hang up.
+    let hub = Arc::clone(&api.hub);
+    let shutdown = async move {
+        shutdown.await;
+        hub.close_all();
+    };
+    let svc = pb::agent_server::AgentServer::new(service::AgentService::new(api))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let served = tonic::transport::Server::builder()
+        .timeout(MAX_CALL_TIME)
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown)
+        .await;
+    watch.abort();
+    served?;
+    Ok(())
+}
+
+/// How often the store's verdict generation is checked for changes.
+pub const GENERATION_POLL: Duration = Duration::from_millis(200);
+
+/// Broadcasts `PolicyGeneration` whenever the store's verdict generation
+/// moves (policy switch, membership, roles, modes...), whoever moved it.
+/// Also keeps the connected-agents gauge current.
+async fn watch_generation(api: Arc<AgentApi>) {
+    let mut seen = api.store.generation_hint();
+    let mut tick = tokio::time::interval(GENERATION_POLL);
+    loop {
+        tick.tick().await;
+        let g = api.store.generation_hint();
+        if g != seen {
+            seen = g;
+            api.announce_generation(g);
+        }
+        let n = api.hub.connected_hosts().len();
+        crate::metrics::metrics().set_agents_connected(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+}
+
+/// Serves the enrol port on `listener` (server-authenticated TLS) until
+/// `shutdown` completes.
+pub async fn serve_enrol(
+    api: Arc<AgentApi>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ApiError> {
+    let config = api.pki.enrol_server_config()?;
+    let svc = pb::enrolment_server::EnrolmentServer::new(enrol::EnrolService::new(api))
+        .max_decoding_message_size(64 * 1024);
+    tonic::transport::Server::builder()
+        .timeout(MAX_CALL_TIME)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown)
+        .await?;
+    Ok(())
+}

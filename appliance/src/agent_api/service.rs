@@ -1,0 +1,369 @@
+//! The `Agent` service (agent port): Qualify, Subscribe, Report.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::pb::agent_server::Agent;
+use super::pb::{self, push, AuditBatch, Hello, Push, QualifyBatch, QualifyReply, ReportReply};
+use super::tls::ConnInfo;
+use super::{convert, AgentApi};
+use crate::metrics;
+use crate::pki::CertKind;
+use crate::policy::engine::Engine;
+use crate::policy::Outcome;
+use crate::request::QualifyRequest;
+use crate::store::AuditEvent;
+
+/// Most requests in one `Qualify` batch.
+pub const MAX_BATCH: usize = 256;
+/// Largest `Qualify` batch, encoded, in bytes (larger ones up to
+/// [`super::MAX_MESSAGE`] get INVALID_ARGUMENT, beyond that tonic refuses).
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Most records in one `Report` batch.
+pub const MAX_REPORT: usize = 1024;
+
+/// Interval of `Ping` pushes on an idle stream.
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A decision for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Verdict, reasons, would-deny.
+    pub outcome: Outcome,
+    /// Policy generation the decision was made under.
+    pub generation: i64,
+    /// Whether the PEM may cache the verdict until the generation moves.
+    pub cacheable: bool,
+    /// For connect / accept: the channel this half belongs to.
+    pub channel_id: Option<u64>,
+    /// Whether the answer came from a decision cache (for metrics).
+    pub cache_hit: bool,
+}
+
+/// Why no decision could be made (the whole batch fails with UNAVAILABLE).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecideError(pub String);
+
+/// Where verdicts come from: the policy engine (and, for connect/accept,
+/// the channel correlator behind it).
+pub trait Decider: Send + Sync + 'static {
+    /// Decides one request. Called on a blocking thread.
+    fn decide(&self, r: &QualifyRequest) -> Result<Answer, DecideError>;
+}
+
+impl Decider for Engine {
+    fn decide(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {
+        let d = Engine::decide(self, r).map_err(|e| DecideError(e.to_string()))?;
+        Ok(Answer {
+            outcome: d.outcome,
+            generation: d.generation,
+            cacheable: d.cacheable,
+            channel_id: None,
+            cache_hit: d.cache_hit,
+        })
+    }
+}
+
+/// Implementation of the `Agent` gRPC service.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    api: Arc<AgentApi>,
+}
+
+impl AgentService {
+    /// The service over `api`.
+    pub fn new(api: Arc<AgentApi>) -> Self {
+        Self { api }
+    }
+
+    /// The enrolled host behind this call, from the verified certificate,
+    /// re-checked against the enrolled set (a host revoked while connected
+    /// is refused here).
+    fn host<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let peer = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.peer.as_ref())
+            .filter(|p| p.kind == CertKind::Host)
+            .ok_or_else(|| Status::unauthenticated("no host certificate on this connection"))?;
+        if !self.api.hosts.is_allowed(&peer.name, &peer.serial) {
+            return Err(Status::permission_denied(format!(
+                "host `{}` is revoked or no longer enrolled",
+                peer.name
+            )));
+        }
+        Ok(peer.name.clone())
+    }
+}
+
+type PushStream = Pin<Box<dyn Stream<Item = Result<Push, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn qualify(&self, req: Request<QualifyBatch>) -> Result<Response<QualifyReply>, Status> {
+        let host = self.host(&req)?;
+        let deadline = Instant::now() + call_budget(&req);
+        let batch = req.into_inner();
+        let n = batch.requests.len();
+        if n > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "requests: {n} in one batch, at most {MAX_BATCH}"
+            )));
+        }
+        let size = batch.encoded_len();
+        if size > MAX_BATCH_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "QualifyBatch is {size} bytes, at most {MAX_BATCH_BYTES}"
+            )));
+        }
+        let at_ms = now_ms();
+        // Validate the whole batch before deciding anything.
+        let reqs = batch
+            .requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| convert::request(i, r, &host, at_ms))
+            .collect::<Result<Vec<_>, _>>()?;
+        let api = Arc::clone(&self.api);
+        let results =
+            tokio::task::spawn_blocking(move || decide_batch(&api, &host, &reqs, deadline))
+                .await
+                .map_err(|e| Status::internal(format!("decision task failed: {e}")))??;
+        Ok(Response::new(QualifyReply { results }))
+    }
+
+    type SubscribeStream = PushStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<Hello>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let host = self.host(&req)?;
+        let hello = req.into_inner();
+        let generation = self
+            .api
+            .store
+            .governing()
+            .map_err(|e| Status::unavailable(format!("store: {e}")))?
+            .generation;
+        // First push: the current generation, so the agent knows where it
+        // stands even if it missed a change while disconnected.
+        let first = push::Kind::Generation(pb::PolicyGeneration { generation });
+        let (weak, rx) = self.api.hub.subscribe(&host, first);
+        let _ = hello;
+        // Keepalive pings while the stream is open; stops when the hub drops
+        // the stream (revocation) or the agent goes away.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PING_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(tx) = weak.upgrade() else { break };
+                let ping = Push {
+                    kind: Some(push::Kind::Ping(pb::Ping { at_ms: now_ms() })),
+                };
+                if tx.send(Ok(ping)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report(&self, req: Request<AuditBatch>) -> Result<Response<ReportReply>, Status> {
+        let host = self.host(&req)?;
+        let batch = req.into_inner();
+        let n = batch.records.len();
+        if n > MAX_REPORT {
+            return Err(Status::invalid_argument(format!(
+                "records: {n} in one batch, at most {MAX_REPORT}"
+            )));
+        }
+        let records = batch
+            .records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| convert::record(i, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = Arc::clone(&self.api.store);
+        let (stored, duplicates) =
+            tokio::task::spawn_blocking(move || store.record_agent_reports(&host, &records))
+                .await
+                .map_err(|e| Status::internal(format!("report task failed: {e}")))?
+                .map_err(|e| Status::unavailable(format!("cannot write the audit log: {e}")))?;
+        Ok(Response::new(ReportReply { stored, duplicates }))
+    }
+}
+
+/// Decides `reqs` for `host` and audits every decision in one write before
+/// returning the results; nothing is returned if the audit write fails.
+/// If `deadline` passes before the audit write, nothing is audited and the
+/// call fails with DEADLINE_EXCEEDED (the agent would not see the answer).
+fn decide_batch(
+    api: &AgentApi,
+    host: &str,
+    reqs: &[(u64, QualifyRequest)],
+    deadline: Instant,
+) -> Result<Vec<pb::Result>, Status> {
+    let m = metrics::metrics();
+    let mut results = Vec::with_capacity(reqs.len());
+    let mut events = Vec::with_capacity(reqs.len());
+    for (id, r) in reqs {
+        let t = Instant::now();
+        let a = api
+            .decider
+            .decide(r)
+            .map_err(|e| Status::unavailable(format!("no decision for request {id}: {e}")))?;
+        m.record_decision(
+            r.action.as_str(),
+            convert::verdict_name(&a.outcome.verdict),
+            a.outcome.would_deny,
+            t.elapsed(),
+        );
+        m.record_cache(a.cache_hit);
+        events.push(AuditEvent::new(
+            "decision",
+            host,
+            serde_json::json!({
+                "id": id,
+                "request": r,
+                "outcome": a.outcome,
+                "generation": a.generation,
+                "cacheable": a.cacheable,
+                "channel_id": a.channel_id,
+            }),
+        ));
+        results.push(convert::result(*id, &a));
+    }
+    if Instant::now() >= deadline {
+        return Err(Status::deadline_exceeded(format!(
+            "deciding {} requests took longer than the call's deadline; nothing was recorded",
+            reqs.len()
+        )));
+    }
+    api.store
+        .append_audit_batch(&events)
+        .map_err(|e| Status::unavailable(format!("cannot write the audit log: {e}")))?;
+    Ok(results)
+}
+
+/// Time this call may take: the client's `grpc-timeout` if given and
+/// shorter than [`super::MAX_CALL_TIME`], else that cap.
+fn call_budget<T>(req: &Request<T>) -> Duration {
+    req.metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(super::MAX_CALL_TIME, |d| d.min(super::MAX_CALL_TIME))
+}
+
+/// Parses a `grpc-timeout` header value: 1 to 8 digits and a unit
+/// (`H`, `M`, `S`, `m`, `u`, `n`).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let unit = v.chars().last()?;
+    let digits = v.get(..v.len().checked_sub(unit.len_utf8())?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        'H' => Duration::from_secs(n.checked_mul(3600)?),
+        'M' => Duration::from_secs(n.checked_mul(60)?),
+        'S' => Duration::from_secs(n),
+        'm' => Duration::from_millis(n),
+        'u' => Duration::from_micros(n),
+        'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Appliance clock, milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec_request() -> QualifyRequest {
+        use crate::request::{Action, Program, Subject, Target};
+        QualifyRequest {
+            host: "web1".into(),
+            action: Action::Exec,
+            subject: Subject {
+                user: "bob".into(),
+                uid: 1,
+                euid: 1,
+                gid: 1,
+                loginuid: 1,
+                session: 1,
+                pid: 1,
+                ancestry: vec![],
+            },
+            program: Program {
+                sha256: "1".repeat(64),
+                sha1: "2".repeat(40),
+                size: 1,
+                path: "/bin/x".into(),
+            },
+            target: Target::Exec,
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn past_deadline_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::Store::open(&dir.path().join("a.db")).unwrap());
+        let pki = Arc::new(crate::pki::Pki::open_or_create(dir.path(), &[]).unwrap());
+        store
+            .set_host_group("web", crate::store::Mode::Enforce, "t")
+            .unwrap();
+        store
+            .add_pending_host("web1", "web", &"0".repeat(64), "t")
+            .unwrap();
+        let engine = Arc::new(
+            Engine::new(
+                Arc::clone(&store),
+                include_str!("../../../policies/trustbind.cedarschema"),
+            )
+            .unwrap(),
+        );
+        let api = AgentApi::new(Arc::clone(&store), pki, engine).unwrap();
+        let before = store.audit_rows(0, 1000).unwrap().len();
+        let reqs = vec![(1, exec_request())];
+        let err = decide_batch(&api, "web1", &reqs, Instant::now()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
+        // With time left the same batch is decided (default deny) and audited.
+        let far = Instant::now() + Duration::from_secs(3600);
+        let results = decide_batch(&api, "web1", &reqs, far).unwrap();
+        assert_eq!(results[0].verdict(), pb::Verdict::Deny);
+        assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before + 1);
+    }
+
+    #[test]
+    fn grpc_timeout_values() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("-1S"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+}

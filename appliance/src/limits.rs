@@ -1,0 +1,347 @@
+//! License limits (issue 3 item 8, from seed 000): a license is a host, or
+//! a program pair (client program SHA-256 -> server program SHA-256), with
+//! optional limits on total calls, a validity window and calls per minute.
+//!
+//! [`Limits::check`] is called once per qualified call of a licensed
+//! subject (a subject without a license is not limited). Exceeding a limit
+//! revokes: the license is marked exceeded (audited as `limit.exceeded`);
+//! a host license also revokes the host (`Store::revoke_host`, audited as
+//! `host.revoke`), a pair license denies the pair from then on. Calling
+//! before `not_before_ms` is refused without revoking.
+//!
+//! Counters live in memory. The total-call count is persisted by reserving
+//! calls ahead in the store (1 % of `max_calls`, at least 1, at most 1000),
+//! so a restart never grants more than `max_calls` in all; a crash can at
+//! most forfeit one unused reservation. The per-minute window restarts
+//! empty after a restart.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::admin::{Change, ChangeHook};
+use crate::store::{HostState, LicenseRow, LicenseTerms, Store, StoreError};
+
+pub use crate::store::LicenseKey;
+
+/// Width of the rate window.
+const MINUTE_MS: i64 = 60_000;
+/// Most calls reserved in the store at once.
+const MAX_RESERVATION: u64 = 1000;
+/// Actor of the revocations done here.
+const ACTOR: &str = "appliance:limits";
+
+/// Why a call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LimitExceeded {
+    /// The license is not valid yet; refused, not revoked.
+    #[error("license {id} for {subject} is not valid before {not_before_ms} ms")]
+    NotYetValid {
+        /// License id.
+        id: i64,
+        /// Its subject.
+        subject: String,
+        /// Start of validity.
+        not_before_ms: i64,
+    },
+    /// The license expired; this call revoked it.
+    #[error("license {id} for {subject} expired at {not_after_ms} ms")]
+    Expired {
+        /// License id.
+        id: i64,
+        /// Its subject.
+        subject: String,
+        /// End of validity.
+        not_after_ms: i64,
+    },
+    /// All calls were used; this call revoked it.
+    #[error("license {id} for {subject} allows {max_calls} calls in all; all were used")]
+    MaxCalls {
+        /// License id.
+        id: i64,
+        /// Its subject.
+        subject: String,
+        /// The limit.
+        max_calls: u64,
+    },
+    /// Too many calls within a minute; this call revoked it.
+    #[error("license {id} for {subject} allows {max_per_minute} calls per minute; exceeded")]
+    Rate {
+        /// License id.
+        id: i64,
+        /// Its subject.
+        subject: String,
+        /// The limit.
+        max_per_minute: u32,
+    },
+    /// The license was exceeded earlier.
+    #[error("license {id} for {subject} was revoked: {reason}")]
+    Revoked {
+        /// License id.
+        id: i64,
+        /// Its subject.
+        subject: String,
+        /// The excess that revoked it.
+        reason: String,
+    },
+    /// The call count could not be persisted; refused (fail closed).
+    #[error("license {id} for {subject}: call count not persisted: {why}")]
+    Unavailable {
+        /// License id.
+        id: i64,
+        /// Its subject.
+        subject: String,
+        /// The store error.
+        why: String,
+    },
+}
+
+/// A license with its live call count, as listed by the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LicenseView {
+    /// The stored license.
+    #[serde(flatten)]
+    pub license: LicenseRow,
+    /// Calls counted so far (since the last reset).
+    pub calls: u64,
+    /// Calls within the last minute, as of the last call.
+    pub calls_last_minute: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    row: LicenseRow,
+    calls: u64,
+    reserved: u64,
+    recent: VecDeque<i64>,
+}
+
+impl Entry {
+    fn new(row: LicenseRow) -> Self {
+        Self {
+            calls: row.calls_reserved,
+            reserved: row.calls_reserved,
+            recent: VecDeque::new(),
+            row,
+        }
+    }
+
+    fn view(&self) -> LicenseView {
+        LicenseView {
+            license: self.row.clone(),
+            calls: self.calls,
+            calls_last_minute: u64::try_from(self.recent.len()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// The in-memory license table in front of the store.
+pub struct Limits {
+    store: Arc<Store>,
+    on_change: Option<ChangeHook>,
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits").finish_non_exhaustive()
+    }
+}
+
+impl Limits {
+    /// Loads every license from `store`. A host whose license is exceeded
+    /// but which is not revoked (a crash between the two writes) is revoked now.
+    pub fn new(store: Arc<Store>) -> Result<Self, StoreError> {
+        let mut entries = HashMap::new();
+        for row in store.licenses()? {
+            if let (Some(_), LicenseKey::Host { host }) = (&row.exceeded, &row.subject) {
+                if matches!(store.host(host)?, Some((s, _)) if s != HostState::Revoked) {
+                    store.revoke_host(host, ACTOR)?;
+                }
+            }
+            entries.insert(row.subject.subject_id(), Entry::new(row));
+        }
+        Ok(Self {
+            store,
+            on_change: None,
+            entries: Mutex::new(entries),
+        })
+    }
+
+    /// Calls `hook` with `HostRevoked` or `Limits` when a limit revokes.
+    pub fn with_hook(mut self, hook: ChangeHook) -> Self {
+        self.on_change = Some(hook);
+        self
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, HashMap<String, Entry>>, StoreError> {
+        self.entries.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Counts one call of `subject` at `now_ms`, or refuses it. Unlicensed
+    /// subjects are always allowed. May write to the store (a reservation
+    /// every 1 % of `max_calls`, or a revocation), so call it where a short
+    /// blocking write is acceptable.
+    pub fn check(&self, subject: &LicenseKey, now_ms: i64) -> Result<(), LimitExceeded> {
+        let sid = subject.subject_id();
+        let mut map = match self.lock() {
+            Ok(m) => m,
+            Err(e) => {
+                return Err(LimitExceeded::Unavailable {
+                    id: 0,
+                    subject: subject.to_string(),
+                    why: e.to_string(),
+                });
+            }
+        };
+        let Some(e) = map.get_mut(&sid) else {
+            return Ok(());
+        };
+        let id = e.row.id;
+        let name = subject.to_string();
+        if let Some(reason) = &e.row.exceeded {
+            return Err(LimitExceeded::Revoked {
+                id,
+                subject: name,
+                reason: reason.clone(),
+            });
+        }
+        let t = e.row.terms;
+        if let Some(nb) = t.not_before_ms.filter(|nb| now_ms < *nb) {
+            return Err(LimitExceeded::NotYetValid {
+                id,
+                subject: name,
+                not_before_ms: nb,
+            });
+        }
+        while e
+            .recent
+            .front()
+            .is_some_and(|f| *f <= now_ms.saturating_sub(MINUTE_MS))
+        {
+            e.recent.pop_front();
+        }
+        let excess = if let Some(na) = t.not_after_ms.filter(|na| now_ms >= *na) {
+            Some(LimitExceeded::Expired {
+                id,
+                subject: name.clone(),
+                not_after_ms: na,
+            })
+        } else if let Some(m) = t.max_calls.filter(|m| e.calls >= *m) {
+            Some(LimitExceeded::MaxCalls {
+                id,
+                subject: name.clone(),
+                max_calls: m,
+            })
+        } else {
+            t.max_per_minute
+                .filter(|m| e.recent.len() >= usize::try_from(*m).unwrap_or(usize::MAX))
+                .map(|m| LimitExceeded::Rate {
+                    id,
+                    subject: name.clone(),
+                    max_per_minute: m,
+                })
+        };
+        if let Some(x) = excess {
+            let reason = x.to_string();
+            e.row.exceeded = Some(reason.clone());
+            drop(map);
+            self.revoke(id, subject, &reason);
+            return Err(x);
+        }
+        let calls = e.calls.saturating_add(1);
+        if calls > e.reserved {
+            let chunk = t
+                .max_calls
+                .map_or(MAX_RESERVATION, |m| (m / 100).clamp(1, MAX_RESERVATION));
+            let mut upto = calls.saturating_add(chunk).saturating_sub(1);
+            if let Some(m) = t.max_calls {
+                upto = upto.min(m).max(calls);
+            }
+            if let Err(err) = self.store.reserve_license_calls(id, upto) {
+                return Err(LimitExceeded::Unavailable {
+                    id,
+                    subject: name,
+                    why: err.to_string(),
+                });
+            }
+            e.reserved = upto;
+        }
+        e.calls = calls;
+        if t.max_per_minute.is_some() {
+            e.recent.push_back(now_ms);
+        }
+        Ok(())
+    }
+
+    /// Persists an excess and revokes. Failures leave the in-memory mark,
+    /// so the subject stays refused until restart.
+    fn revoke(&self, id: i64, subject: &LicenseKey, reason: &str) {
+        crate::metrics::metrics().record_limit_exceeded();
+        let _ = self.store.license_exceeded(id, reason);
+        let change = match subject {
+            LicenseKey::Host { host } => {
+                // A license may name a host that is not (yet) registered.
+                let _ = self.store.revoke_host(host, ACTOR);
+                Change::HostRevoked { host: host.clone() }
+            }
+            LicenseKey::Pair { .. } => Change::Limits,
+        };
+        if let Some(h) = &self.on_change {
+            h(&change);
+        }
+    }
+
+    /// Creates or changes the license of `subject` (see [`Store::put_license`]).
+    pub fn set(
+        &self,
+        subject: &LicenseKey,
+        terms: &LicenseTerms,
+        reset: bool,
+        actor: &str,
+    ) -> Result<LicenseView, StoreError> {
+        let mut map = self.lock()?;
+        let row = self.store.put_license(subject, terms, reset, actor)?;
+        let sid = subject.subject_id();
+        let view = match map.get_mut(&sid) {
+            Some(e) if !reset => {
+                e.row = row;
+                // Keep an excess found in memory but not yet persisted.
+                e.view()
+            }
+            _ => {
+                let e = Entry::new(row);
+                let v = e.view();
+                map.insert(sid, e);
+                v
+            }
+        };
+        Ok(view)
+    }
+
+    /// Removes license `id`; its subject is unlimited from then on.
+    pub fn remove(&self, id: i64, actor: &str) -> Result<LicenseView, StoreError> {
+        let mut map = self.lock()?;
+        let row = self.store.remove_license(id, actor)?;
+        let view = map
+            .remove(&row.subject.subject_id())
+            .map_or_else(|| Entry::new(row).view(), |e| e.view());
+        Ok(view)
+    }
+
+    /// Every license with its live counters, by id.
+    pub fn list(&self) -> Result<Vec<LicenseView>, StoreError> {
+        let map = self.lock()?;
+        let mut v: Vec<LicenseView> = map.values().map(Entry::view).collect();
+        v.sort_by_key(|l| l.license.id);
+        Ok(v)
+    }
+
+    /// One license by id.
+    pub fn get(&self, id: i64) -> Result<Option<LicenseView>, StoreError> {
+        let map = self.lock()?;
+        Ok(map.values().find(|e| e.row.id == id).map(Entry::view))
+    }
+}

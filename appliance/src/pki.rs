@@ -1,0 +1,738 @@
+//! The appliance's own certificate authority.
+//!
+//! On first start [`Pki::open_or_create`] makes an ECDSA P-256 CA and a
+//! server certificate in the data directory:
+//!
+//! ```text
+//! DIR/ca.pem       CA certificate (its SHA-256 is the fingerprint agents pin)
+//! DIR/ca.key       CA private key, mode 0600
+//! DIR/server.pem   server certificate of the agent, enrolment and admin ports
+//! DIR/server.key   its private key, mode 0600
+//! ```
+//!
+//! Every file is written atomically (temporary file, fsync, rename, fsync of
+//! the directory), so a crash leaves either the old or the new file.
+//!
+//! Every certificate the CA issues carries its kind in the subject's
+//! organizational unit ([`CertKind`]): `trustbind-host` for host certificates
+//! (issued from the host's CSR, CN = host name, client-auth EKU),
+//! `trustbind-admin` for admin client certificates (CN = admin name,
+//! client-auth EKU) and `trustbind-server` for the server certificate
+//! (server-auth EKU). The agent port accepts host certificates only, the admin
+//! port admin certificates only, so one cannot stand in for the other.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    PKCS_ECDSA_P256_SHA256,
+};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::store::hex;
+
+/// CA certificate file name in the data directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// CA key file name in the data directory (mode 0600).
+pub const CA_KEY_FILE: &str = "ca.key";
+/// Server certificate file name in the data directory.
+pub const SERVER_CERT_FILE: &str = "server.pem";
+/// Server key file name in the data directory (mode 0600).
+pub const SERVER_KEY_FILE: &str = "server.key";
+
+/// Validity of the CA certificate, in days.
+const CA_DAYS: i64 = 20 * 366;
+/// Validity of host, admin and server certificates, in days.
+const LEAF_DAYS: i64 = 2 * 366;
+
+/// What went wrong in the PKI. Never carries key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PkiError {
+    /// Reading or writing a file of the data directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file of the data directory does not hold what it should.
+    #[error("{path}: {why}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The certificate signing request is unusable.
+    #[error("certificate signing request: {0}")]
+    Csr(String),
+    /// A name is not acceptable in a certificate.
+    #[error("invalid name `{name}`: {why}")]
+    Name {
+        /// The name.
+        name: String,
+        /// Why.
+        why: String,
+    },
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// Building a TLS configuration failed.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    /// A lock was poisoned by a panic in another thread.
+    #[error("PKI lock poisoned")]
+    Poisoned,
+}
+
+/// The kind of a certificate issued by this CA, carried as the subject OU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CertKind {
+    /// An enrolled host (agent port).
+    Host,
+    /// An administrator (admin port).
+    Admin,
+    /// The appliance's own server certificate.
+    Server,
+}
+
+impl CertKind {
+    /// The OU value marking this kind.
+    pub fn marker(self) -> &'static str {
+        match self {
+            Self::Host => "trustbind-host",
+            Self::Admin => "trustbind-admin",
+            Self::Server => "trustbind-server",
+        }
+    }
+
+    fn from_marker(s: &str) -> Option<Self> {
+        [Self::Host, Self::Admin, Self::Server]
+            .into_iter()
+            .find(|k| k.marker() == s)
+    }
+}
+
+/// What a verified peer certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// Kind marker (subject OU).
+    pub kind: CertKind,
+    /// Subject CN: the host name or admin name.
+    pub name: String,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+}
+
+/// Reads kind, CN and serial from a DER certificate (no signature check:
+/// call it on certificates rustls has already verified).
+pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let mut kinds = subject
+        .iter_organizational_unit()
+        .filter_map(|a| a.as_str().ok())
+        .filter_map(CertKind::from_marker);
+    let kind = kinds.next()?;
+    if kinds.next().is_some() {
+        return None;
+    }
+    let mut cns = subject.iter_common_name().filter_map(|a| a.as_str().ok());
+    let name = cns.next()?.to_owned();
+    if cns.next().is_some() {
+        return None;
+    }
+    Some(PeerCert {
+        kind,
+        name,
+        serial: serial_hex(cert.raw_serial()),
+    })
+}
+
+/// Lower-case hex of a serial number, without leading zero bytes.
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    hex(raw.get(start..).unwrap_or_default())
+}
+
+/// The set of host certificates allowed on the agent port: serial -> host
+/// name of every enrolled (not revoked) host. Loaded from the store at start,
+/// updated on enrolment and revocation; the agent port's verifier consults it
+/// at every handshake and the handlers at every call.
+#[derive(Debug, Default)]
+pub struct EnrolledHosts {
+    by_serial: RwLock<HashMap<String, String>>,
+}
+
+impl EnrolledHosts {
+    /// A set holding `(host, serial)` pairs.
+    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
+        let by_serial = pairs.into_iter().map(|(h, s)| (s, h)).collect();
+        Self {
+            by_serial: RwLock::new(by_serial),
+        }
+    }
+
+    /// Allows the certificate `serial` for `host` (and drops any other serial
+    /// of that host).
+    pub fn allow(&self, host: &str, serial: &str) {
+        if let Ok(mut m) = self.by_serial.write() {
+            m.retain(|_, h| h != host);
+            m.insert(serial.to_owned(), host.to_owned());
+        }
+    }
+
+    /// Refuses every certificate of `host` from now on.
+    pub fn revoke(&self, host: &str) {
+        if let Ok(mut m) = self.by_serial.write() {
+            m.retain(|_, h| h != host);
+        }
+    }
+
+    /// Whether the certificate `serial` is currently valid for `host`.
+    /// A poisoned lock refuses (fail closed).
+    pub fn is_allowed(&self, host: &str, serial: &str) -> bool {
+        self.by_serial
+            .read()
+            .map(|m| m.get(serial).is_some_and(|h| h == host))
+            .unwrap_or(false)
+    }
+
+    /// Number of allowed certificates.
+    pub fn len(&self) -> usize {
+        self.by_serial.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no certificate is allowed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A certificate issued to a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Its serial, lower-case hex.
+    pub serial: String,
+}
+
+/// Swappable server certificate: listeners keep this resolver, rotation
+/// replaces what it hands to new handshakes.
+struct SwapResolver {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for SwapResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SwapResolver")
+    }
+}
+
+impl ResolvesServerCert for SwapResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|c| Arc::clone(&c))
+    }
+}
+
+/// The CA, its issuing operations and the TLS configurations of the
+/// appliance's listeners.
+pub struct Pki {
+    dir: PathBuf,
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    fingerprint: String,
+    server_names: Vec<String>,
+    server: Arc<SwapResolver>,
+    server_serial: RwLock<String>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl fmt::Debug for Pki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pki")
+            .field("dir", &self.dir)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    /// Opens the CA in `dir`, creating the CA and a server certificate for
+    /// `server_names` (DNS names or IP addresses) on first start. An existing
+    /// server certificate is kept; `server_names` is used when it is missing
+    /// and by [`Pki::rotate_server_cert`].
+    pub fn open_or_create(dir: &Path, server_names: &[String]) -> Result<Self, PkiError> {
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let ca_cert_path = dir.join(CA_CERT_FILE);
+        let ca_key_path = dir.join(CA_KEY_FILE);
+        let (ca_pem, ca_key) = if ca_cert_path.exists() || ca_key_path.exists() {
+            let pem = read_string(&ca_cert_path)?;
+            let key_pem = Zeroizing::new(read_string(&ca_key_path)?);
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadFile {
+                path: ca_key_path.clone(),
+                why: format!("not a usable private key ({e})"),
+            })?;
+            (pem, key)
+        } else {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "Trustbind appliance CA");
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, "Trustbind");
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            params.serial_number = Some(random_serial()?);
+            set_validity(&mut params, CA_DAYS);
+            let cert = params.self_signed(&key)?;
+            let key_pem = Zeroizing::new(key.serialize_pem());
+            write_atomic(&ca_key_path, key_pem.as_bytes(), true)?;
+            write_atomic(&ca_cert_path, cert.pem().as_bytes(), false)?;
+            (cert.pem(), key)
+        };
+        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(|e| PkiError::BadFile {
+                path: ca_cert_path.clone(),
+                why: format!("not a PEM certificate ({e})"),
+            })?
+            .into_owned();
+        let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key).map_err(|e| PkiError::BadFile {
+            path: ca_cert_path.clone(),
+            why: format!("not a usable CA certificate ({e})"),
+        })?;
+        let fingerprint = hex(&Sha256::digest(ca_der.as_ref()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+        let server_cert_path = dir.join(SERVER_CERT_FILE);
+        let server_key_path = dir.join(SERVER_KEY_FILE);
+        let pki = Self {
+            dir: dir.to_owned(),
+            ca_pem,
+            ca_der,
+            issuer,
+            fingerprint,
+            server_names: server_names.to_vec(),
+            server: Arc::new(SwapResolver {
+                current: RwLock::new(Arc::new(placeholder_key()?)),
+            }),
+            server_serial: RwLock::new(String::new()),
+            provider,
+        };
+        if server_cert_path.exists() && server_key_path.exists() {
+            let cert_pem = read_string(&server_cert_path)?;
+            let key_pem = Zeroizing::new(read_string(&server_key_path)?);
+            pki.install_server(&cert_pem, &key_pem, &server_cert_path)?;
+        } else {
+            pki.rotate_server_cert()?;
+        }
+        Ok(pki)
+    }
+
+    /// SHA-256 of the CA certificate (DER), lower-case hex without colons.
+    /// Agents pin it before enrolment.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca_der
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Serial (hex) of the server certificate new handshakes get.
+    pub fn server_serial(&self) -> String {
+        self.server_serial
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Issues a new server certificate for the configured names, writes it
+    /// to the data directory and hands it to every listener for new
+    /// handshakes (connections already open keep theirs). Returns its serial.
+    pub fn rotate_server_cert(&self) -> Result<String, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let names = if self.server_names.is_empty() {
+            vec!["localhost".to_owned()]
+        } else {
+            self.server_names.clone()
+        };
+        let mut params = CertificateParams::new(names)?;
+        let cn = params
+            .subject_alt_names
+            .first()
+            .map(|n| match n {
+                rcgen::SanType::DnsName(d) => d.as_str().to_owned(),
+                rcgen::SanType::IpAddress(ip) => ip.to_string(),
+                _ => "trustbind-appliance".to_owned(),
+            })
+            .unwrap_or_default();
+        params.distinguished_name = marked_name(CertKind::Server, &cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, LEAF_DAYS);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key_pem = Zeroizing::new(key.serialize_pem());
+        let cert_path = self.dir.join(SERVER_CERT_FILE);
+        write_atomic(&self.dir.join(SERVER_KEY_FILE), key_pem.as_bytes(), true)?;
+        write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
+        self.install_server(&cert.pem(), &key_pem, &cert_path)
+    }
+
+    /// Re-reads `server.pem` and `server.key` from the data directory (after
+    /// `trustbind-appliance rotate-server-cert` replaced them) and hands them
+    /// to new handshakes. Returns the serial.
+    pub fn reload_server_cert(&self) -> Result<String, PkiError> {
+        let cert_path = self.dir.join(SERVER_CERT_FILE);
+        let cert_pem = read_string(&cert_path)?;
+        let key_pem = Zeroizing::new(read_string(&self.dir.join(SERVER_KEY_FILE))?);
+        self.install_server(&cert_pem, &key_pem, &cert_path)
+    }
+
+    fn install_server(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+        path: &Path,
+    ) -> Result<String, PkiError> {
+        let bad = |why: String| PkiError::BadFile {
+            path: path.to_owned(),
+            why,
+        };
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| bad(format!("not a PEM certificate ({e})")))?
+            .into_owned();
+        let serial = peer_cert(cert.as_ref())
+            .filter(|p| p.kind == CertKind::Server)
+            .map(|p| p.serial)
+            .ok_or_else(|| bad("not a Trustbind server certificate".into()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|_| bad("server key is not a PEM private key".into()))?;
+        let signer = self
+            .provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| bad(format!("server key unusable ({e})")))?;
+        let ck = CertifiedKey::new(vec![cert, self.ca_der.clone()], signer);
+        let mut cur = self
+            .server
+            .current
+            .write()
+            .map_err(|_| PkiError::Poisoned)?;
+        *cur = Arc::new(ck);
+        drop(cur);
+        let mut s = self.server_serial.write().map_err(|_| PkiError::Poisoned)?;
+        s.clone_from(&serial);
+        Ok(serial)
+    }
+
+    /// Issues a host certificate for `host` from the host's PKCS#10 CSR
+    /// (PEM). Only the CSR's public key is used (its signature is checked);
+    /// subject and extensions are the appliance's: CN = `host`,
+    /// OU = `trustbind-host`, client-auth EKU.
+    pub fn issue_host(&self, host: &str, csr_pem: &str) -> Result<IssuedCert, PkiError> {
+        check_name(host)?;
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Csr(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = marked_name(CertKind::Host, host);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let serial = random_serial()?;
+        let serial_text = serial_hex(&serial.to_bytes());
+        params.serial_number = Some(serial);
+        set_validity(&mut params, LEAF_DAYS);
+        csr.params = params;
+        let cert = csr.signed_by(&self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            serial: serial_text,
+        })
+    }
+
+    /// Issues an admin client certificate for `name` with a fresh key:
+    /// returns (certificate PEM, private key PEM).
+    pub fn issue_admin(&self, name: &str) -> Result<(String, Zeroizing<String>), PkiError> {
+        check_name(name)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = marked_name(CertKind::Admin, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial()?);
+        set_validity(&mut params, LEAF_DAYS);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
+    }
+
+    fn config_with(
+        &self,
+        verifier: Option<Arc<dyn ClientCertVerifier>>,
+    ) -> Result<Arc<ServerConfig>, PkiError> {
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        let builder = match verifier {
+            Some(v) => builder.with_client_cert_verifier(v),
+            None => builder.with_no_client_auth(),
+        };
+        let mut cfg = builder.with_cert_resolver(Arc::clone(&self.server) as _);
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed TLS 1.3 session skips the client
+        // certificate check, which would let a revoked host back in.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+        Ok(Arc::new(cfg))
+    }
+
+    fn marked_verifier(
+        &self,
+        kind: CertKind,
+        hosts: Option<Arc<EnrolledHosts>>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.ca_der.clone())
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        let inner = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&self.provider),
+        )
+        .build()
+        .map_err(|e| PkiError::Tls(e.to_string()))?;
+        Ok(Arc::new(MarkedVerifier { inner, kind, hosts }))
+    }
+
+    /// TLS configuration of the agent port: TLS 1.3, a client certificate
+    /// is required, it must be a host certificate of this CA whose serial is
+    /// currently in `hosts` (enrolled, not revoked); anything else fails the
+    /// handshake.
+    pub fn agent_server_config(
+        &self,
+        hosts: Arc<EnrolledHosts>,
+    ) -> Result<Arc<ServerConfig>, PkiError> {
+        let v = self.marked_verifier(CertKind::Host, Some(hosts))?;
+        self.config_with(Some(v))
+    }
+
+    /// TLS configuration of the admin port: TLS 1.3 and an admin client
+    /// certificate of this CA is required (host certificates are refused).
+    pub fn admin_server_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
+        let v = self.marked_verifier(CertKind::Admin, None)?;
+        let cfg = self.config_with(Some(v))?;
+        // The admin API is HTTP/1.1 or HTTP/2 (axum): offer both.
+        let mut cfg = Arc::unwrap_or_clone(cfg);
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// TLS configuration of the enrolment port: server authentication only
+    /// (the host has no certificate yet).
+    pub fn enrol_server_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
+        self.config_with(None)
+    }
+}
+
+/// Client certificate verifier: WebPKI chain check against the CA, then the
+/// kind marker, then (agent port) the enrolled-serial set.
+#[derive(Debug)]
+struct MarkedVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    kind: CertKind,
+    hosts: Option<Arc<EnrolledHosts>>,
+}
+
+impl ClientCertVerifier for MarkedVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let peer = peer_cert(end_entity.as_ref()).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::ApplicationVerificationFailure,
+        ))?;
+        if peer.kind != self.kind {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose,
+            ));
+        }
+        if let Some(hosts) = &self.hosts {
+            if !hosts.is_allowed(&peer.name, &peer.serial) {
+                return Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Revoked,
+                ));
+            }
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Subject `CN = cn, OU = <kind marker>, O = Trustbind`.
+fn marked_name(kind: CertKind, cn: &str) -> rcgen::DistinguishedName {
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn.push(DnType::OrganizationalUnitName, kind.marker());
+    dn.push(DnType::OrganizationName, "Trustbind");
+    dn
+}
+
+/// Host and admin names: 1..=253 characters of `[A-Za-z0-9._-]`, not
+/// starting with `-` or `.`.
+fn check_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::Name {
+            name: name.chars().take(64).collect(),
+            why: "use 1 to 253 characters of A-Z a-z 0-9 . _ -, not starting with - or .".into(),
+        })
+    }
+}
+
+/// 16 random bytes, positive and without a leading zero byte, so the DER
+/// encoding is exactly these bytes.
+fn random_serial() -> Result<SerialNumber, PkiError> {
+    let mut b = [0_u8; 16];
+    getrandom::fill(&mut b).map_err(|e| PkiError::Tls(format!("OS random source: {e}")))?;
+    if let Some(first) = b.first_mut() {
+        *first = (*first & 0x7f) | 0x40;
+    }
+    Ok(SerialNumber::from_slice(&b))
+}
+
+fn set_validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days);
+}
+
+/// A throwaway self-signed key, replaced before any listener starts.
+fn placeholder_key() -> Result<CertifiedKey, PkiError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&key)?;
+    let der =
+        PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| PkiError::Tls(e.to_owned()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+        .map_err(|e| PkiError::Tls(e.to_string()))?;
+    Ok(CertifiedKey::new(vec![cert.der().clone()], signer))
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> PkiError {
+    PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn read_string(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|e| io_err(path, e))
+}
+
+/// Writes `data` to `path` atomically: a temporary file in the same
+/// directory (mode 0600 if `private`, else 0644), fsync, rename, fsync of
+/// the directory.
+pub fn write_atomic(path: &Path, data: &[u8], private: bool) -> Result<(), PkiError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let mode = if private { 0o600 } else { 0o644 };
+    // A stale temporary file from a crash may have other permissions.
+    let _ = fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(|e| io_err(path, e))
+}

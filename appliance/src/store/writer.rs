@@ -1,0 +1,118 @@
+//! Group-commit audit writer.
+//!
+//! Appends from many tasks are queued to one writer task, which takes
+//! everything queued (up to a bound), appends it to the chain in one
+//! transaction and commits once (one fsync for the whole batch). Each
+//! caller's `append` resolves only after that commit: an acknowledged row
+//! is durable. While one batch commits, the next one gathers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AuditEvent, AuditRow, Store, StoreError};
+
+/// Appends waiting for the writer before `append` itself waits.
+const QUEUE: usize = 65_536;
+
+/// Most events committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+
+struct Pending {
+    ev: AuditEvent,
+    done: oneshot::Sender<Result<AuditRow, StoreError>>,
+}
+
+/// Counters of an [`AuditWriter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriterStats {
+    /// Events committed.
+    pub appended: u64,
+    /// Transactions committed.
+    pub batches: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    appended: AtomicU64,
+    batches: AtomicU64,
+}
+
+/// Handle on the writer task; cheap to clone, share it freely.
+#[derive(Debug, Clone)]
+pub struct AuditWriter {
+    tx: mpsc::Sender<Pending>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("kind", &self.ev.kind)
+            .finish()
+    }
+}
+
+impl AuditWriter {
+    /// Starts the writer task on the current tokio runtime (must be called
+    /// from within one). The task ends when every handle is dropped.
+    pub fn spawn(store: Arc<Store>) -> AuditWriter {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(run(store, rx, Arc::clone(&counters)));
+        AuditWriter { tx, counters }
+    }
+
+    /// Appends `ev` to the audit chain; returns the stored row once the
+    /// transaction holding it has committed.
+    pub async fn append(&self, ev: AuditEvent) -> Result<AuditRow, StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Pending { ev, done })
+            .await
+            .map_err(|_| StoreError::WriterClosed)?;
+        wait.await.map_err(|_| StoreError::WriterClosed)?
+    }
+
+    /// Events and transactions committed so far.
+    pub fn stats(&self) -> WriterStats {
+        WriterStats {
+            appended: self.counters.appended.load(Ordering::Relaxed),
+            batches: self.counters.batches.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Pending>, counters: Arc<Counters>) {
+    let mut batch: Vec<Pending> = Vec::new();
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (events, dones): (Vec<AuditEvent>, Vec<_>) =
+            batch.drain(..).map(|p| (p.ev, p.done)).unzip();
+        let s = Arc::clone(&store);
+        let n = events.len() as u64;
+        let result = tokio::task::spawn_blocking(move || s.append_audit_batch(&events)).await;
+        match result {
+            Ok(Ok(rows)) => {
+                counters.appended.fetch_add(n, Ordering::Relaxed);
+                counters.batches.fetch_add(1, Ordering::Relaxed);
+                for (done, row) in dones.into_iter().zip(rows) {
+                    // The caller may have gone away; the row is stored anyway.
+                    let _ = done.send(Ok(row));
+                }
+            }
+            Ok(Err(e)) => {
+                let why = e.to_string();
+                for done in dones {
+                    let _ = done.send(Err(StoreError::Batch(why.clone())));
+                }
+            }
+            Err(join) => {
+                let why = format!("audit writer thread failed: {join}");
+                for done in dones {
+                    let _ = done.send(Err(StoreError::Batch(why.clone())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,693 @@
+//! The agent service over real mutual TLS on 127.0.0.1, deciding with the
+//! real policy engine over a real SQLite store: allow/deny round trips,
+//! batches, obligations, permissive mode, strict refusal of malformed,
+//! oversized and mistyped requests (nothing audited), pushes (generation
+//! change, channel keys), revocation, and idempotent Report.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{start, Appliance};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use trustbind_appliance::agent_api::convert::channel_key_push;
+use trustbind_appliance::agent_api::pb::agent_client::AgentClient;
+use trustbind_appliance::agent_api::pb::{
+    self, push, request::Target, Action, AuditBatch, AuditRecord, Hello, QualifyBatch, Verdict,
+};
+use trustbind_appliance::channels::{ChannelKey, Role};
+use trustbind_appliance::policy::engine::Engine;
+use trustbind_appliance::store::{Mode, Signature, Store};
+
+const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
+
+const POLICY: &str = r#"
+@id("exec-coreutils")
+permit (principal, action == Trustbind::Action::"exec", resource in Trustbind::ProgramGroup::"coreutils");
+
+@id("exec-tools-nice")
+@nice("10")
+@alert("soc")
+permit (principal, action == Trustbind::Action::"exec", resource in Trustbind::ProgramGroup::"admin-tools");
+
+@id("read-etc")
+permit (principal, action == Trustbind::Action::"open_read", resource)
+when { resource.path like "/etc/*" };
+"#;
+
+const LS: [u8; 32] = [0x11; 32];
+const TOOL: [u8; 32] = [0x22; 32];
+const UNKNOWN: [u8; 32] = [0x99; 32];
+
+fn sig(store: &Store, sha: [u8; 32], group: &str) {
+    let hex = trustbind_appliance::store::hex(&sha);
+    store
+        .put_signature(
+            &Signature {
+                sha256: hex.clone(),
+                sha1: None,
+                size: 1,
+                name: group.into(),
+                source: "test".into(),
+            },
+            "admin:test",
+        )
+        .unwrap();
+    store.create_group(group, "", "admin:test").unwrap();
+    store.add_member(group, &hex, "admin:test").unwrap();
+}
+
+/// An appliance deciding with the engine over `POLICY`, and a client for
+/// `web1` (group web, enforce).
+async fn setup() -> (Appliance, AgentClient<Channel>) {
+    setup_mode(Mode::Enforce).await
+}
+
+async fn setup_mode(mode: Mode) -> (Appliance, AgentClient<Channel>) {
+    let app = start_with_policy().await;
+    let cfg = app.enrolled_in("web1", "web", mode).await;
+    let client = app.agent_client(cfg).await.unwrap();
+    (app, client)
+}
+
+/// An appliance whose decider is the real engine over the appliance's own
+/// store, with `LS` in coreutils, `TOOL` in admin-tools and `POLICY` active.
+async fn start_with_policy() -> Appliance {
+    // The engine needs the appliance's store, which `start` creates: install
+    // it once the store exists.
+    let late = Arc::new(LateEngine::default());
+    let app = start(late.clone()).await;
+    let store = &app.api.store;
+    sig(store, LS, "coreutils");
+    sig(store, TOOL, "admin-tools");
+    let id = store
+        .create_policy_draft(POLICY, "test", "admin:test")
+        .unwrap();
+    store.activate_policy(id, "admin:test").unwrap();
+    late.set(Engine::new(Arc::clone(store), SCHEMA).unwrap());
+    app
+}
+
+/// The real engine, installed once the appliance's store exists.
+#[derive(Default)]
+struct LateEngine(std::sync::OnceLock<Engine>);
+
+impl LateEngine {
+    fn set(&self, e: Engine) {
+        assert!(self.0.set(e).is_ok());
+    }
+}
+
+impl trustbind_appliance::agent_api::Decider for LateEngine {
+    fn decide(
+        &self,
+        r: &trustbind_appliance::request::QualifyRequest,
+    ) -> Result<trustbind_appliance::agent_api::Answer, trustbind_appliance::agent_api::DecideError>
+    {
+        let e = self.0.get().ok_or_else(|| {
+            trustbind_appliance::agent_api::DecideError("engine not installed".into())
+        })?;
+        trustbind_appliance::agent_api::Decider::decide(e, r)
+    }
+}
+
+fn subject(user: &str) -> pb::Subject {
+    pb::Subject {
+        user: user.into(),
+        uid: 1000,
+        euid: 1000,
+        gid: 1000,
+        loginuid: 1000,
+        session: 7,
+        pid: 4242,
+        ancestry: vec![vec![0xab; 32]],
+    }
+}
+
+fn exec(id: u64, sha: [u8; 32]) -> pb::Request {
+    pb::Request {
+        id,
+        action: Action::Exec.into(),
+        subject: Some(subject("bob")),
+        program: Some(pb::Program {
+            sha256: sha.to_vec(),
+            sha1: vec![0x01; 20],
+            size: 1234,
+            path: "/usr/bin/x".into(),
+        }),
+        target: Some(Target::Exec(pb::ExecTarget {})),
+    }
+}
+
+fn open_read(id: u64, path: &str) -> pb::Request {
+    pb::Request {
+        action: Action::OpenRead.into(),
+        target: Some(Target::File(pb::FileTarget {
+            path: path.into(),
+            to: None,
+        })),
+        ..exec(id, LS)
+    }
+}
+
+fn batch(requests: Vec<pb::Request>) -> QualifyBatch {
+    QualifyBatch { requests }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_and_deny_round_trip_in_one_batch_and_are_audited() {
+    let (app, mut client) = setup().await;
+    let before = app.audit_count();
+    let reply = client
+        .qualify(batch(vec![
+            exec(10, LS),
+            exec(11, UNKNOWN),
+            open_read(12, "/etc/hosts"),
+            open_read(13, "/root/secret"),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = &reply.results;
+    assert_eq!(r.len(), 4);
+    assert_eq!(
+        r.iter().map(|x| x.id).collect::<Vec<_>>(),
+        vec![10, 11, 12, 13]
+    );
+    assert_eq!(r[0].verdict(), Verdict::Allow);
+    assert_eq!(r[0].reasons, vec!["exec-coreutils".to_owned()]);
+    assert_eq!(r[1].verdict(), Verdict::Deny);
+    assert!(r[1].reasons.is_empty());
+    assert_eq!(r[2].verdict(), Verdict::Allow);
+    assert_eq!(r[2].reasons, vec!["read-etc".to_owned()]);
+    assert_eq!(r[3].verdict(), Verdict::Deny);
+    let generation = app.api.store.governing().unwrap().generation;
+    assert!(r
+        .iter()
+        .all(|x| x.generation == app.api.store.generation_hint() && x.generation >= generation));
+    assert!(r
+        .iter()
+        .all(|x| x.cacheable && !x.would_deny && x.channel_id == 0));
+
+    // Four decision rows, by web1, with the request and the outcome.
+    let rows = app.api.store.audit_rows(0, 10_000).unwrap();
+    assert_eq!(rows.len(), before + 4);
+    let decisions: Vec<_> = rows.iter().filter(|r| r.kind == "decision").collect();
+    assert_eq!(decisions.len(), 4);
+    assert!(decisions.iter().all(|r| r.actor == "web1"));
+    let d: serde_json::Value = serde_json::from_str(&decisions[1].detail).unwrap();
+    assert_eq!(d["id"], 11);
+    assert_eq!(d["request"]["host"], "web1");
+    assert_eq!(
+        d["request"]["program"]["sha256"],
+        trustbind_appliance::store::hex(&UNKNOWN)
+    );
+    assert_eq!(d["outcome"]["verdict"]["verdict"], "deny");
+    assert!(app.api.store.verify_audit().unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn obligations_are_delivered() {
+    let (_app, mut client) = setup().await;
+    let reply = client
+        .qualify(batch(vec![exec(1, TOOL)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = &reply.results[0];
+    assert_eq!(r.verdict(), Verdict::AllowWithConditions);
+    assert_eq!(r.obligations.get("nice").map(String::as_str), Some("10"));
+    assert_eq!(r.obligations.get("alert").map(String::as_str), Some("soc"));
+    assert_eq!(r.reasons, vec!["exec-tools-nice".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_host_gets_allow_with_would_deny() {
+    let (_app, mut client) = setup_mode(Mode::Permissive).await;
+    let reply = client
+        .qualify(batch(vec![exec(1, UNKNOWN)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.results[0].verdict(), Verdict::Allow);
+    assert!(reply.results[0].would_deny);
+}
+
+/// Sends `b`, expects INVALID_ARGUMENT whose message contains `needle`, and
+/// checks that nothing was audited.
+async fn refused(
+    app: &Appliance,
+    client: &mut AgentClient<Channel>,
+    b: QualifyBatch,
+    needle: &str,
+) {
+    let before = app.audit_count();
+    let err = client.qualify(b).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains(needle),
+        "`{}` does not contain `{needle}`",
+        err.message()
+    );
+    assert_eq!(
+        app.audit_count(),
+        before,
+        "a refused batch wrote audit rows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
+    let (app, mut client) = setup().await;
+    let mut short = exec(2, LS);
+    short.program.as_mut().unwrap().sha256.pop();
+    refused(
+        &app,
+        &mut client,
+        batch(vec![exec(1, LS), short]),
+        "requests[1].program.sha256: expected 32 bytes, got 31",
+    )
+    .await;
+
+    let mut sha1 = exec(1, LS);
+    sha1.program.as_mut().unwrap().sha1 = vec![1; 19];
+    refused(
+        &app,
+        &mut client,
+        batch(vec![sha1]),
+        "requests[0].program.sha1",
+    )
+    .await;
+
+    let mut anc = exec(1, LS);
+    anc.subject.as_mut().unwrap().ancestry.push(vec![1; 3]);
+    refused(
+        &app,
+        &mut client,
+        batch(vec![anc]),
+        "requests[0].subject.ancestry[1]",
+    )
+    .await;
+
+    let mut unknown_action = exec(1, LS);
+    unknown_action.action = 99;
+    refused(
+        &app,
+        &mut client,
+        batch(vec![unknown_action]),
+        "requests[0].action: unknown action 99",
+    )
+    .await;
+
+    let mut unset = exec(1, LS);
+    unset.action = 0;
+    refused(
+        &app,
+        &mut client,
+        batch(vec![unset]),
+        "requests[0].action: not set",
+    )
+    .await;
+
+    let mut no_subject = exec(1, LS);
+    no_subject.subject = None;
+    refused(
+        &app,
+        &mut client,
+        batch(vec![no_subject]),
+        "requests[0].subject: missing",
+    )
+    .await;
+
+    let mut wrong_target = exec(1, LS);
+    wrong_target.target = Some(Target::File(pb::FileTarget {
+        path: "/x".into(),
+        to: None,
+    }));
+    refused(
+        &app,
+        &mut client,
+        batch(vec![wrong_target]),
+        "requests[0].target: exec needs a `exec` target",
+    )
+    .await;
+
+    let mut connect = exec(1, LS);
+    connect.action = Action::Connect.into();
+    connect.target = Some(Target::Net(pb::NetTarget {
+        proto: pb::Proto::Tcp.into(),
+        src_addr: "10.0.0.1".into(),
+        src_port: 70000,
+        dst_addr: "10.0.0.2".into(),
+        dst_port: 5432,
+    }));
+    refused(
+        &app,
+        &mut client,
+        batch(vec![connect.clone()]),
+        "requests[0].net.src_port: 70000 is not a port",
+    )
+    .await;
+    if let Some(Target::Net(n)) = connect.target.as_mut() {
+        n.src_port = 40000;
+        n.dst_addr = "not-an-ip".into();
+    }
+    refused(
+        &app,
+        &mut client,
+        batch(vec![connect]),
+        "requests[0].net.dst_addr: `not-an-ip` is not an IP address",
+    )
+    .await;
+
+    let mut rename = open_read(1, "/etc/a");
+    rename.action = Action::Rename.into();
+    refused(
+        &app,
+        &mut client,
+        batch(vec![rename]),
+        "requests[0].file.to: missing",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_batches_are_refused_and_change_nothing() {
+    let (app, mut client) = setup().await;
+    let many: Vec<_> = (0..257).map(|i| exec(i, LS)).collect();
+    refused(
+        &app,
+        &mut client,
+        batch(many),
+        "requests: 257 in one batch, at most 256",
+    )
+    .await;
+
+    let long = "/".repeat(4096);
+    let big: Vec<_> = (0..256)
+        .map(|i| {
+            let mut r = open_read(i, &long);
+            r.program.as_mut().unwrap().path = long.clone();
+            r
+        })
+        .collect();
+    refused(&app, &mut client, batch(big), "bytes, at most 1048576").await;
+
+    let mut too_long = open_read(1, &"/".repeat(4097));
+    too_long.id = 5;
+    refused(
+        &app,
+        &mut client,
+        batch(vec![too_long]),
+        "requests[0].file.path: 4097 bytes, at most 4096",
+    )
+    .await;
+
+    // Beyond the transport limit tonic itself refuses; still nothing stored.
+    let before = app.audit_count();
+    let huge = pb::Request {
+        program: Some(pb::Program {
+            sha256: vec![0; 32],
+            sha1: vec![0; 20],
+            size: 0,
+            path: "x".repeat(5 * 1024 * 1024),
+        }),
+        ..exec(1, LS)
+    };
+    let err = client.qualify(batch(vec![huge])).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+    assert_eq!(app.audit_count(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_change_is_pushed_on_the_stream() {
+    let (app, mut client) = setup().await;
+    let mut stream = client
+        .subscribe(Hello {
+            agent_version: "test".into(),
+            generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let g0 = match stream.next().await.unwrap().unwrap().kind {
+        Some(push::Kind::Generation(g)) => g.generation,
+        other => panic!("first push is {other:?}"),
+    };
+    assert_eq!(g0, app.api.store.governing().unwrap().generation);
+    let id = app
+        .api
+        .store
+        .create_policy_draft("// nothing allowed\n", "empty", "admin:test")
+        .unwrap();
+    let g1 = app
+        .api
+        .store
+        .activate_policy(id, "admin:test")
+        .unwrap()
+        .generation;
+    assert!(g1 > g0);
+    loop {
+        match stream.next().await.unwrap().unwrap().kind {
+            // A change made just before subscribing may be announced
+            // after the first push: the same generation again is fine.
+            Some(push::Kind::Generation(g)) if g.generation == g0 => {}
+            Some(push::Kind::Generation(g)) => {
+                assert_eq!(g.generation, g1);
+                break;
+            }
+            Some(push::Kind::Ping(_)) => {}
+            other => panic!("unexpected push {other:?}"),
+        }
+    }
+    // And decisions now run under the new generation: everything denied.
+    let reply = client
+        .qualify(batch(vec![exec(1, LS)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.results[0].verdict(), Verdict::Deny);
+    assert_eq!(reply.results[0].generation, g1);
+}
+
+/// The next push that is not a generation announcement or a ping (those
+/// may arrive at any time: enrolling a host moves the generation).
+async fn next_other(s: &mut tonic::Streaming<pb::Push>) -> Option<push::Kind> {
+    loop {
+        match s.next().await.unwrap().unwrap().kind {
+            Some(push::Kind::Generation(_) | push::Kind::Ping(_)) => {}
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_keys_reach_both_hosts_crossed() {
+    let (app, mut a) = setup().await;
+    let cfg_b = app.enrolled_in("db1", "db", Mode::Enforce).await;
+    let mut b = app.agent_client(cfg_b).await.unwrap();
+    let mut sa = a.subscribe(Hello::default()).await.unwrap().into_inner();
+    let mut sb = b.subscribe(Hello::default()).await.unwrap().into_inner();
+    sa.next().await.unwrap().unwrap();
+    sb.next().await.unwrap().unwrap();
+
+    let key = ChannelKey::generate().unwrap();
+    assert!(app
+        .api
+        .hub
+        .push("web1", channel_key_push(7, &key, Role::Connect)));
+    assert!(app
+        .api
+        .hub
+        .push("db1", channel_key_push(7, &key, Role::Accept)));
+    assert!(!app
+        .api
+        .hub
+        .push("nobody", channel_key_push(7, &key, Role::Accept)));
+    let ka = match next_other(&mut sa).await {
+        Some(push::Kind::ChannelKey(k)) => k,
+        other => panic!("{other:?}"),
+    };
+    let kb = match next_other(&mut sb).await {
+        Some(push::Kind::ChannelKey(k)) => k,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(ka.channel_id, 7);
+    assert_eq!(ka.key_id, key.key_id);
+    assert_eq!(ka.key, kb.key);
+    assert_eq!(ka.key.len(), 32);
+    assert_eq!((ka.tx_iv.len(), ka.tx_salt.len()), (8, 4));
+    assert_eq!(ka.tx_iv, kb.rx_iv);
+    assert_eq!(ka.tx_salt, kb.rx_salt);
+    assert_eq!(ka.rx_iv, kb.tx_iv);
+    assert_ne!(ka.tx_salt, ka.rx_salt);
+    assert_eq!(ka.role(), pb::ChannelRole::Connect);
+    assert_eq!(kb.role(), pb::ChannelRole::Accept);
+
+    // Broadcast reaches both.
+    assert_eq!(
+        app.api
+            .hub
+            .broadcast(push::Kind::ChannelDenied(pb::ChannelDenied {
+                channel_id: 8,
+                reason: "test".into()
+            })),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_host_stream_ends_and_qualify_is_refused() {
+    let (app, mut client) = setup().await;
+    let mut stream = client
+        .subscribe(Hello::default())
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    app.api.revoke_host("web1", "admin:test").unwrap();
+    let mut saw_revoked = false;
+    while let Some(m) = stream.next().await {
+        if let Some(push::Kind::Revoked(_)) = m.unwrap().kind {
+            saw_revoked = true;
+        }
+    }
+    assert!(saw_revoked);
+    let before = app.audit_count();
+    let err = client.qualify(batch(vec![exec(1, LS)])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(app.audit_count(), before);
+}
+
+fn record(id: &str, what: &str) -> AuditRecord {
+    AuditRecord {
+        id: id.into(),
+        at_ms: 1_700_000_000_000,
+        what: what.into(),
+        detail_json: r#"{"path":"/usr/bin/nc","verdict":"deny"}"#.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_is_idempotent_and_audited_as_agent_kinds() {
+    let (app, mut client) = setup().await;
+    let r = client
+        .report(AuditBatch {
+            records: vec![
+                record("boot1:1", "offline_deny"),
+                record("boot1:2", "offline_allow"),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.stored, r.duplicates), (2, 0));
+    let r = client
+        .report(AuditBatch {
+            records: vec![
+                record("boot1:2", "offline_allow"),
+                record("boot1:1", "offline_deny"),
+                record("boot1:3", "offline_deny"),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.stored, r.duplicates), (1, 2));
+    let rows = app.api.store.audit_rows(0, 10_000).unwrap();
+    let agent: Vec<_> = rows
+        .iter()
+        .filter(|r| r.kind.starts_with("agent."))
+        .collect();
+    assert_eq!(agent.len(), 3);
+    assert_eq!(
+        agent.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(),
+        vec![
+            "agent.offline_deny",
+            "agent.offline_allow",
+            "agent.offline_deny"
+        ]
+    );
+    assert!(agent.iter().all(|r| r.actor == "web1"));
+    let d: serde_json::Value = serde_json::from_str(&agent[0].detail).unwrap();
+    assert_eq!(d["report_id"], "boot1:1");
+    assert_eq!(d["host_at_ms"], 1_700_000_000_000_i64);
+    assert_eq!(d["detail"]["path"], "/usr/bin/nc");
+
+    // Malformed records are refused whole, naming the field.
+    let before = app.audit_count();
+    let mut bad = record("boot1:9", "Bad Kind");
+    let err = client
+        .report(AuditBatch {
+            records: vec![record("boot1:8", "ok"), bad.clone()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("records[1].what"), "{err:?}");
+    bad.what = "ok".into();
+    bad.detail_json = "[1,2]".into();
+    let err = client
+        .report(AuditBatch { records: vec![bad] })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("records[0].detail_json: must be a JSON object"),
+        "{err:?}"
+    );
+    assert_eq!(app.audit_count(), before);
+}
+
+/// Holds every decision until the test opens the gate.
+struct Gated(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl trustbind_appliance::agent_api::Decider for Gated {
+    fn decide(
+        &self,
+        _r: &trustbind_appliance::request::QualifyRequest,
+    ) -> Result<trustbind_appliance::agent_api::Answer, trustbind_appliance::agent_api::DecideError>
+    {
+        let _ = self.0.lock().unwrap().recv();
+        Ok(trustbind_appliance::agent_api::Answer {
+            outcome: trustbind_appliance::policy::Outcome {
+                verdict: trustbind_appliance::policy::Verdict::Allow,
+                reasons: vec![],
+                would_deny: false,
+                errors: 0,
+            },
+            generation: 0,
+            cacheable: false,
+            channel_id: None,
+            cache_hit: false,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_deadline_is_honoured() {
+    let (gate, rx) = std::sync::mpsc::channel();
+    let app = start(Arc::new(Gated(std::sync::Mutex::new(rx)))).await;
+    let cfg = app.enrolled("web1").await;
+    let mut client = app.agent_client(cfg).await.unwrap();
+    let mut req = tonic::Request::new(batch(vec![exec(1, LS)]));
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let err = client.qualify(req).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    // Once decisions flow again, calls with time left are answered.
+    gate.send(()).unwrap();
+    gate.send(()).unwrap();
+    let reply = client
+        .qualify(batch(vec![exec(2, LS)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.results[0].id, 2);
+}

@@ -1,0 +1,210 @@
+//! Shared test harness: a real appliance (store in a temp dir, PKI, agent
+//! and enrol ports on 127.0.0.1) and real TLS clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use trustbind_appliance::agent_api::pb::agent_client::AgentClient;
+use trustbind_appliance::agent_api::pb::enrolment_client::EnrolmentClient;
+use trustbind_appliance::agent_api::pb::EnrolRequest;
+use trustbind_appliance::agent_api::{self, AgentApi, Decider};
+use trustbind_appliance::pki::Pki;
+use trustbind_appliance::store::{hex, Mode, Store};
+
+/// A running appliance.
+pub struct Appliance {
+    pub dir: tempfile::TempDir,
+    pub api: Arc<AgentApi>,
+    pub agent: SocketAddr,
+    pub enrol: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+pub async fn start(decider: Arc<dyn Decider>) -> Appliance {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("appliance.db")).unwrap());
+    let pki = Arc::new(
+        Pki::open_or_create(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap(),
+    );
+    let api = AgentApi::new(store, pki, decider).unwrap();
+    let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let enrol_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = agent_l.local_addr().unwrap();
+    let enrol = enrol_l.local_addr().unwrap();
+    let (stop, rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::spawn(agent_api::serve_agent(
+        Arc::clone(&api),
+        agent_l,
+        stopped(rx.clone()),
+    ));
+    tokio::spawn(agent_api::serve_enrol(
+        Arc::clone(&api),
+        enrol_l,
+        stopped(rx),
+    ));
+    Appliance {
+        dir,
+        api,
+        agent,
+        enrol,
+        stop,
+    }
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex(&Sha256::digest(s.as_bytes()))
+}
+
+impl Appliance {
+    /// Registers `host` (group `group`, enforce) as pending with `token`.
+    pub fn add_pending(&self, host: &str, group: &str, token: &str) {
+        self.add_pending_mode(host, group, Mode::Enforce, token);
+    }
+
+    /// Registers `host` (group `group` in `mode`) as pending with `token`.
+    pub fn add_pending_mode(&self, host: &str, group: &str, mode: Mode, token: &str) {
+        let store = &self.api.store;
+        store.set_host_group(group, mode, "admin:test").unwrap();
+        store
+            .add_pending_host(host, group, &sha256_hex(token), "admin:test")
+            .unwrap();
+    }
+
+    pub fn ca_roots(&self) -> RootCertStore {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.api.pki.ca_der().clone()).unwrap();
+        roots
+    }
+
+    /// A client config trusting the CA, without a client certificate.
+    pub fn anon_config(&self) -> Arc<ClientConfig> {
+        Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(self.ca_roots())
+                .with_no_client_auth(),
+        )
+    }
+
+    /// A client config trusting the CA and presenting `cert_pem`/`key_pem`.
+    pub fn client_config(&self, cert_pem: &str, key_pem: &str) -> Arc<ClientConfig> {
+        let certs = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(self.ca_roots())
+                .with_client_auth_cert(certs, key)
+                .unwrap(),
+        )
+    }
+
+    /// Sends an enrolment with a fresh key; returns (cert PEM, key PEM) or the status.
+    pub async fn enrol(&self, host: &str, token: &str) -> Result<(String, String), tonic::Status> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap();
+        let ch = connect(self.enrol, self.anon_config()).await.unwrap();
+        let reply = EnrolmentClient::new(ch)
+            .enrol(EnrolRequest {
+                host: host.into(),
+                token: token.into(),
+                csr_pem: csr.pem().unwrap(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(reply.ca_pem, self.api.pki.ca_pem());
+        Ok((reply.cert_pem, key.serialize_pem()))
+    }
+
+    /// Pending + enrolled host; returns its agent client config.
+    pub async fn enrolled(&self, host: &str) -> Arc<ClientConfig> {
+        self.enrolled_in(host, "web", Mode::Enforce).await
+    }
+
+    /// Pending + enrolled host in `group` (`mode`); returns its agent client config.
+    pub async fn enrolled_in(&self, host: &str, group: &str, mode: Mode) -> Arc<ClientConfig> {
+        let token = format!("token-of-{host}-0123456789abcdef");
+        self.add_pending_mode(host, group, mode, &token);
+        let (cert, key) = self.enrol(host, &token).await.unwrap();
+        self.client_config(&cert, &key)
+    }
+
+    /// An agent client over mutual TLS with `cfg`.
+    pub async fn agent_client(
+        &self,
+        cfg: Arc<ClientConfig>,
+    ) -> Result<AgentClient<Channel>, tonic::transport::Error> {
+        Ok(AgentClient::new(connect(self.agent, cfg).await?))
+    }
+
+    pub fn audit_count(&self) -> usize {
+        self.api.store.audit_rows(0, u32::MAX).unwrap().len()
+    }
+}
+
+/// A gRPC channel over TLS (`cfg`) to `addr`, server name `localhost`.
+pub async fn connect(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut cfg = Arc::unwrap_or_clone(cfg);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = TcpStream::connect(addr).await?;
+                let name = ServerName::try_from("localhost").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+}
+
+/// Does a raw TLS handshake with `cfg` and reads once: `Err(text)` if the
+/// server refused (alert or close), `Ok(())` if it kept the connection open
+/// waiting for the HTTP/2 preface.
+pub async fn raw_handshake(addr: SocketAddr, cfg: Arc<ClientConfig>) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0_u8; 16];
+    // TLS 1.3: the server judges the client certificate after the client's
+    // Finished, so the refusal arrives as an alert on the first read. An
+    // accepted connection sends nothing and the read waits; the bound turns a
+    // hang into an answer.
+    match tokio::time::timeout(std::time::Duration::from_secs(3), tls.read(&mut buf)).await {
+        Err(_) => Ok(()),
+        Ok(Ok(0)) => Err("closed".into()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
+}

@@ -1,0 +1,392 @@
+//! Enrolment and the agent port's TLS gate, over real TLS on 127.0.0.1 with
+//! a real SQLite store: a good token buys a certificate that works on the
+//! agent port; bad, reused, unknown and revoked are refused and audited; no
+//! client certificate, a revoked host's certificate and an admin
+//! certificate fail the handshake; a connected host loses its stream and
+//! its next call on revocation.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{start, Appliance};
+use tokio_stream::StreamExt;
+use trustbind_appliance::agent_api::pb::{push, Hello};
+use trustbind_appliance::agent_api::{Answer, DecideError, Decider};
+use trustbind_appliance::request::QualifyRequest;
+use trustbind_appliance::store::HostState;
+
+/// These tests never reach a decision.
+struct Unused;
+impl Decider for Unused {
+    fn decide(&self, _r: &QualifyRequest) -> Result<Answer, DecideError> {
+        Err(DecideError("no decisions in enrolment tests".into()))
+    }
+}
+
+async fn appliance() -> Appliance {
+    start(Arc::new(Unused)).await
+}
+
+fn refusals(app: &Appliance) -> Vec<String> {
+    app.api
+        .store
+        .audit_rows(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == "host.enrol.refused")
+        .map(|r| r.detail)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn good_token_gives_a_certificate_that_works_on_the_agent_port() {
+    let app = appliance().await;
+    app.add_pending("web1", "web", "s3cret-token-web1");
+    let (cert, key) = app.enrol("web1", "s3cret-token-web1").await.unwrap();
+    assert!(matches!(
+        app.api.store.host("web1").unwrap(),
+        Some((HostState::Enrolled, _))
+    ));
+    let info = trustbind_appliance::pki::peer_cert(&rustls::pki_types::CertificateDer::from(
+        x509_der(&cert),
+    ))
+    .unwrap();
+    assert_eq!(info.kind, trustbind_appliance::pki::CertKind::Host);
+    assert_eq!(info.name, "web1");
+    let mut client = app
+        .agent_client(app.client_config(&cert, &key))
+        .await
+        .unwrap();
+    let mut stream = client
+        .subscribe(Hello {
+            agent_version: "test".into(),
+            generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    let generation = app.api.store.governing().unwrap().generation;
+    assert_eq!(
+        first.kind,
+        Some(push::Kind::Generation(
+            trustbind_appliance::agent_api::pb::PolicyGeneration { generation }
+        ))
+    );
+    let rows = app.api.store.audit_rows(0, 1000).unwrap();
+    assert!(rows
+        .iter()
+        .any(|r| r.kind == "host.enrol" && r.actor == "web1"));
+    // The token is never in the audit log.
+    assert!(rows.iter().all(|r| !r.detail.contains("s3cret")));
+}
+
+fn x509_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_token_is_refused_and_audited() {
+    let app = appliance().await;
+    app.add_pending("web1", "web", "right-token");
+    let err = app.enrol("web1", "wrong-token").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("wrong enrolment token for host `web1`"),
+        "{err:?}"
+    );
+    assert!(matches!(
+        app.api.store.host("web1").unwrap(),
+        Some((HostState::Pending, _))
+    ));
+    let r = refusals(&app);
+    assert_eq!(r.len(), 1);
+    assert!(r[0].contains("wrong enrolment token"));
+    assert!(!r[0].contains("wrong-token") && !r[0].contains("right-token"));
+    // The right token still works afterwards.
+    app.enrol("web1", "right-token").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_token_is_refused() {
+    let app = appliance().await;
+    app.add_pending("web1", "web", "once");
+    app.enrol("web1", "once").await.unwrap();
+    let err = app.enrol("web1", "once").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("already enrolled"), "{err:?}");
+    assert_eq!(refusals(&app).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_revoked_hosts_cannot_enrol() {
+    let app = appliance().await;
+    let err = app.enrol("ghost", "whatever").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("`ghost`"), "{err:?}");
+    app.add_pending("web2", "web", "tok");
+    app.api.revoke_host("web2", "admin:test").unwrap();
+    let err = app.enrol("web2", "tok").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("revoked"), "{err:?}");
+    assert_eq!(refusals(&app).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_csr_is_refused_and_token_not_consumed() {
+    let app = appliance().await;
+    app.add_pending("web1", "web", "tok");
+    let ch = common::connect(app.enrol, app.anon_config()).await.unwrap();
+    let err = trustbind_appliance::agent_api::pb::enrolment_client::EnrolmentClient::new(ch)
+        .enrol(trustbind_appliance::agent_api::pb::EnrolRequest {
+            host: "web1".into(),
+            token: "tok".into(),
+            csr_pem:
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                    .into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("csr_pem"), "{err:?}");
+    app.enrol("web1", "tok").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_certificate_fails_the_handshake() {
+    let app = appliance().await;
+    let refused = common::raw_handshake(app.agent, app.anon_config()).await;
+    assert!(
+        refused.is_err(),
+        "agent port accepted a client without certificate"
+    );
+    let ch = common::connect(app.agent, app.anon_config()).await;
+    if let Ok(ch) = ch {
+        let r = trustbind_appliance::agent_api::pb::agent_client::AgentClient::new(ch)
+            .subscribe(Hello::default())
+            .await;
+        assert!(r.is_err());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_certificate_is_refused_on_the_agent_port() {
+    let app = appliance().await;
+    let (cert, key) = app.api.pki.issue_admin("alice").unwrap();
+    let cfg = app.client_config(&cert, &key);
+    let refused = common::raw_handshake(app.agent, cfg).await;
+    let err = refused.unwrap_err();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_certificate_is_refused_by_the_admin_config() {
+    let app = appliance().await;
+    let host_cfg = app.enrolled("web1").await;
+    let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_l.local_addr().unwrap();
+    let router = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+    let cfg = app.api.pki.admin_server_config().unwrap();
+    tokio::spawn(trustbind_appliance::admin::serve(admin_l, cfg, router));
+    assert!(common::raw_handshake(admin_addr, host_cfg).await.is_err());
+    let (cert, key) = app.api.pki.issue_admin("alice").unwrap();
+    assert!(
+        common::raw_handshake(admin_addr, app.client_config(&cert, &key))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_host_fails_the_handshake_and_loses_its_stream_and_calls() {
+    let app = appliance().await;
+    let cfg = app.enrolled("web1").await;
+    let mut client = app.agent_client(Arc::clone(&cfg)).await.unwrap();
+    let mut stream = client
+        .subscribe(Hello::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        stream.next().await.unwrap().unwrap().kind,
+        Some(push::Kind::Generation(_))
+    ));
+
+    app.api.revoke_host("web1", "admin:test").unwrap();
+
+    // The open stream gets Revoked, then ends (a generation announcement
+    // from the enrolment may come first).
+    let mut msg = stream.next().await.unwrap().unwrap();
+    while matches!(msg.kind, Some(push::Kind::Generation(_))) {
+        msg = stream.next().await.unwrap().unwrap();
+    }
+    assert_eq!(
+        msg.kind,
+        Some(push::Kind::Revoked(
+            trustbind_appliance::agent_api::pb::Revoked {}
+        ))
+    );
+    assert!(stream.next().await.is_none());
+    // The next call on the same connection is refused.
+    let err = client.subscribe(Hello::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("web1"), "{err:?}");
+    // A new connection fails at the handshake.
+    let err = common::raw_handshake(app.agent, cfg).await.unwrap_err();
+    assert!(err.to_lowercase().contains("revoked"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_hosts_survive_a_restart_of_the_api() {
+    let app = appliance().await;
+    let _cfg = app.enrolled("web1").await;
+    // A fresh AgentApi over the same store allows the same certificate.
+    let store = Arc::clone(&app.api.store);
+    let api2 = trustbind_appliance::agent_api::AgentApi::new(
+        store,
+        Arc::clone(&app.api.pki),
+        Arc::new(Unused),
+    )
+    .unwrap();
+    assert_eq!(api2.hosts.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_server_certificate_is_used_for_new_handshakes() {
+    let app = appliance().await;
+    let cfg = app.enrolled("web1").await;
+    let before = app.api.pki.server_serial();
+    let after = app.api.pki.rotate_server_cert().unwrap();
+    assert_ne!(before, after);
+    // A new connection still verifies (same CA) and works.
+    let mut client = app.agent_client(cfg).await.unwrap();
+    client.subscribe(Hello::default()).await.unwrap();
+    // The CA persisted: reopening gives the same fingerprint and new serial.
+    let pki2 = trustbind_appliance::pki::Pki::open_or_create(app.dir.path(), &[]).unwrap();
+    assert_eq!(pki2.fingerprint(), app.api.pki.fingerprint());
+    assert_eq!(pki2.server_serial(), after);
+}
+
+/// The `serve` binary end to end: ports from its output, the CA pinned by
+/// the printed fingerprint, an enrolment, a call on the agent port, and a
+/// clean exit on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binary_enrols_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    use rustls::pki_types::pem::PemObject;
+    use sha2::Digest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trustbind-appliance"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "serve",
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--enrol-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--server-name",
+            "localhost",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = |prefix: &str| -> String {
+        let l = lines.next().unwrap().unwrap();
+        assert!(l.starts_with(prefix), "{l}");
+        l.rsplit(' ').next().unwrap().to_owned()
+    };
+    let agent: std::net::SocketAddr = addr("agent port").parse().unwrap();
+    let enrol: std::net::SocketAddr = addr("enrol port").parse().unwrap();
+    let _admin: std::net::SocketAddr = addr("admin port").parse().unwrap();
+    let fingerprint = addr("CA fingerprint");
+
+    let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    assert_eq!(
+        trustbind_appliance::store::hex(&sha2::Sha256::digest(ca.as_ref())),
+        fingerprint
+    );
+    let store = trustbind_appliance::store::Store::open(&dir.path().join("appliance.db")).unwrap();
+    store
+        .set_host_group("web", trustbind_appliance::store::Mode::Enforce, "admin:t")
+        .unwrap();
+    store
+        .add_pending_host("web9", "web", &common::sha256_hex("tok-9"), "admin:t")
+        .unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+    };
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    let ch = common::connect(enrol, Arc::new(builder().with_no_client_auth()))
+        .await
+        .unwrap();
+    let reply = trustbind_appliance::agent_api::pb::enrolment_client::EnrolmentClient::new(ch)
+        .enrol(trustbind_appliance::agent_api::pb::EnrolRequest {
+            host: "web9".into(),
+            token: "tok-9".into(),
+            csr_pem: csr.pem().unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cfg = builder()
+        .with_client_auth_cert(
+            vec![
+                rustls::pki_types::CertificateDer::from_pem_slice(reply.cert_pem.as_bytes())
+                    .unwrap(),
+            ],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+    let ch = common::connect(agent, Arc::new(cfg)).await.unwrap();
+    let mut client = trustbind_appliance::agent_api::pb::agent_client::AgentClient::new(ch);
+    let mut stream = client
+        .subscribe(Hello::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        stream.next().await.unwrap().unwrap().kind,
+        Some(push::Kind::Generation(_))
+    ));
+    // SIGTERM with the stream still open: the stream ends, the process exits.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    while let Some(m) = stream.next().await {
+        if m.is_err() {
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(client);
+}

@@ -214,7 +214,29 @@ impl Client {
                 )
             }
             _ if e.is_timeout() => "timed out".to_owned(),
-            _ => root_cause(e),
+            _ => {
+                // The rustls error may arrive only as text (wrapped by the connector).
+                let root = root_cause(e);
+                if root.starts_with("invalid peer certificate") {
+                    return CliError::new(
+                        Exit::Connect,
+                        format!(
+                            "the appliance at {url} presented a certificate that the CA in {} does not vouch for ({root})",
+                            self.cfg.ca.display()
+                        ),
+                    );
+                }
+                if root.starts_with("received fatal alert") {
+                    return CliError::new(
+                        Exit::Connect,
+                        format!(
+                            "the appliance at {url} rejected the admin certificate {} ({root}); was it issued by this appliance's CA?",
+                            self.cfg.cert.display()
+                        ),
+                    );
+                }
+                root
+            }
         };
         CliError::new(
             Exit::Connect,
@@ -226,7 +248,7 @@ impl Client {
         let url = &self.cfg.url;
         let msg = match t {
             rustls::Error::InvalidCertificate(why) => format!(
-                "the appliance at {url} presented a certificate that the CA in {} does not vouch for ({why:?})",
+                "the appliance at {url} presented a certificate that the CA in {} does not vouch for (invalid peer certificate: {why:?})",
                 self.cfg.ca.display()
             ),
             rustls::Error::AlertReceived(alert) => format!(

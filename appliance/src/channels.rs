@@ -287,6 +287,31 @@ impl Correlator {
         Ok(Offer::Waiting { channel_id })
     }
 
+    /// Pairs `request` with a waiting half of the other role, without ever
+    /// making it wait itself: `Ok(None)` when no partner waits.
+    pub fn pair_with(&mut self, request: QualifyRequest) -> Result<Option<Box<Pair>>, OfferError> {
+        let role = Role::of(&request).ok_or(OfferError::NotAChannelHalf)?;
+        let Target::Net(tuple) = &request.target else {
+            return Err(OfferError::NotAChannelHalf);
+        };
+        if !matches!(self.waiting.get(tuple), Some(w) if w.role == role.other()) {
+            return Ok(None);
+        }
+        let Some(w) = self.waiting.remove(tuple) else {
+            return Ok(None);
+        };
+        self.deadlines.remove(&(w.deadline, w.channel_id));
+        let (connect, accept) = match role {
+            Role::Accept => (w.request, request),
+            Role::Connect => (request, w.request),
+        };
+        Ok(Some(Box::new(Pair {
+            channel_id: w.channel_id,
+            connect,
+            accept,
+        })))
+    }
+
     /// Removes and returns every half whose deadline is not after `now`,
     /// oldest first.
     pub fn expire(&mut self, now: Instant) -> Vec<Expired> {
@@ -457,6 +482,22 @@ mod tests {
         assert_eq!(c.offer(exec, t0), Err(OfferError::NotAChannelHalf));
         let ipc = half(Action::IpcConnect, "a", 5);
         assert_eq!(c.offer(ipc, t0), Err(OfferError::NotAChannelHalf));
+    }
+
+    #[test]
+    fn pair_with_never_waits() {
+        let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 16);
+        let t0 = Instant::now();
+        assert_eq!(c.pair_with(half(Action::Accept, "b", 7)), Ok(None));
+        assert_eq!(c.pending(), 0);
+        c.offer(half(Action::Connect, "a", 7), t0).unwrap();
+        let p = c.pair_with(half(Action::Accept, "b", 7)).unwrap().unwrap();
+        assert_eq!(
+            (p.connect.host.as_str(), p.accept.host.as_str()),
+            ("a", "b")
+        );
+        assert_eq!(c.pending(), 0);
+        assert!(c.expire(t0 + DEFAULT_PAIR_TIMEOUT).is_empty());
     }
 
     #[test]

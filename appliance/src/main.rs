@@ -20,10 +20,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use trustbind_appliance::admin;
-use trustbind_appliance::agent_api::{self, AgentApi};
+use trustbind_appliance::agent_api::{self, AgentApi, Hub};
+use trustbind_appliance::channels;
+use trustbind_appliance::gate::Gate;
+use trustbind_appliance::limits::Limits;
 use trustbind_appliance::pki::{self, Pki};
 use trustbind_appliance::policy::engine::Engine;
 use trustbind_appliance::store::Store;
@@ -307,7 +310,34 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
     let names = server_names(args, &[agent_addr, enrol_addr, admin_addr]);
     let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);
     let engine = Arc::new(Engine::new(Arc::clone(&store), SCHEMA)?);
-    let api = AgentApi::new(Arc::clone(&store), Arc::clone(&pki), engine)?;
+    let hub = Arc::new(Hub::new());
+    // The hook needs the API, the API needs the gate, the gate the limits,
+    // the limits the hook: the API is filled in once built.
+    let api_slot: Arc<OnceLock<Arc<AgentApi>>> = Arc::new(OnceLock::new());
+    let slot = Arc::clone(&api_slot);
+    let hook: admin::ChangeHook = Arc::new(move |c: &admin::Change| {
+        if let (admin::Change::HostRevoked { host }, Some(api)) = (c, slot.get()) {
+            api.disconnect_host(host);
+        }
+        // Generation changes reach agents through the agent port's
+        // generation watch; the engine refreshes on its next decision.
+    });
+    let limits = Arc::new(Limits::new(Arc::clone(&store))?.with_hook(Arc::clone(&hook)));
+    let gate = Arc::new(Gate::new(
+        engine,
+        Arc::clone(&store),
+        Arc::clone(&hub),
+        Some(Arc::clone(&limits)),
+        channels::DEFAULT_PAIR_TIMEOUT,
+        channels::DEFAULT_MAX_PENDING,
+    ));
+    let api = AgentApi::with_hub(
+        Arc::clone(&store),
+        Arc::clone(&pki),
+        hub,
+        Arc::clone(&gate) as Arc<dyn agent_api::Decider>,
+    )?;
+    let _ = api_slot.set(Arc::clone(&api));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -343,15 +373,13 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
             stopped(stop_rx.clone()),
         ));
         let admin_cfg = pki.admin_server_config()?;
-        let hook_api = Arc::clone(&api);
-        let hook: admin::ChangeHook = Arc::new(move |c: &admin::Change| {
-            if let admin::Change::HostRevoked { host } = c {
-                hook_api.disconnect_host(host);
-            }
-            // Generation changes reach agents through the agent port's
-            // generation watch; the engine refreshes on its next decision.
-        });
-        let router = admin::router(admin::AdminState::new(Arc::clone(&store)).with_hook(hook));
+        let expiry = tokio::spawn(Arc::clone(&gate).run_expiry());
+        let router = admin::router(
+            admin::AdminState::new(Arc::clone(&store))
+                .with_hook(hook)
+                .with_limits(limits)
+                .with_ca_fingerprint(pki.fingerprint().into()),
+        );
         let admin = tokio::spawn(admin::serve(admin_l, admin_cfg, router));
         wait_for_signals(&pki).await?;
         eprintln!("trustbind-appliance: shutting down");
@@ -374,6 +402,7 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
             }
         }
         admin.abort();
+        expiry.abort();
         Ok::<(), Fail>(())
     })
 }

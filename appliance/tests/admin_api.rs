@@ -1029,31 +1029,6 @@ async fn connections_without_a_trusted_client_cert_are_refused() {
 }
 
 #[tokio::test]
-async fn the_router_also_works_behind_the_agent_api_https_server() {
-    let h = start().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = admin::router(AdminState::new(Arc::clone(&h.store)));
-    tokio::spawn(trustbind_appliance::agent_api::tls::serve_https(
-        listener,
-        h.pki.admin_server_config().unwrap(),
-        router,
-        std::future::pending(),
-    ));
-    let r = request_with(
-        Arc::clone(&h.client),
-        addr,
-        "POST",
-        "/v1/groups",
-        Some(br#"{"name":"g"}"#.to_vec()),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(h.audit()[0].actor, "admin:alice");
-}
-
-#[tokio::test]
 async fn requests_without_the_tls_layer_get_401() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("a.db")).unwrap());

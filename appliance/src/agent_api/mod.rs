@@ -127,6 +127,23 @@ impl AgentApi {
         self.hub.revoke(host);
     }
 
+    /// Pushes `host`'s mode (its host group's) to its agent; `false` if the
+    /// host or its group is unknown or it is not connected.
+    pub fn push_mode(&self, host: &str) -> bool {
+        let mode = match self.store.host(host) {
+            Ok(Some((_, group))) => self.store.host_group_mode(&group).ok().flatten(),
+            _ => None,
+        };
+        mode.is_some_and(|m| {
+            self.hub.push(
+                host,
+                pb::push::Kind::HostMode(pb::HostMode {
+                    mode: m.as_str().into(),
+                }),
+            )
+        })
+    }
+
     /// Tells every connected agent the policy generation moved (call after
     /// an activation or rollback).
     pub fn announce_generation(&self, generation: i64) -> usize {
@@ -183,6 +200,10 @@ async fn watch_generation(api: Arc<AgentApi>) {
         if g != seen {
             seen = g;
             api.announce_generation(g);
+            // A host-group mode change moves the generation too.
+            for host in api.hub.connected_hosts() {
+                api.push_mode(&host);
+            }
         }
         let n = api.hub.connected_hosts().len();
         crate::metrics::metrics().set_agents_connected(u64::try_from(n).unwrap_or(u64::MAX));

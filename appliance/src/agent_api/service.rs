@@ -158,6 +158,8 @@ impl Agent for AgentService {
         // stands even if it missed a change while disconnected.
         let first = push::Kind::Generation(pb::PolicyGeneration { generation });
         let (weak, rx) = self.api.hub.subscribe(&host, first);
+        // Second push: the host's mode, which the agent sets in its module.
+        self.api.push_mode(&host);
         let _ = hello;
         // Keepalive pings while the stream is open; stops when the hub drops
         // the stream (revocation) or the agent goes away.

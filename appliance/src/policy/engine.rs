@@ -624,7 +624,7 @@ impl Engine {
         let d = Decision {
             outcome: out,
             generation: snap.generation,
-            cacheable: !slice.reads.clock(),
+            cacheable: slice.reads.kernel_cacheable(),
             cache_hit: false,
             groups: groups.to_vec(),
         };

@@ -54,6 +54,13 @@ impl Reads {
         self.any(Reads::TIME.with(Reads::HOUR).with(Reads::WEEKDAY))
     }
 
+    /// Whether the PEM may cache the verdict: its cache key is the file,
+    /// the uids and the policy generation, so a decision that reads the
+    /// clock, the login session or the ancestry must be asked every time.
+    pub fn kernel_cacheable(self) -> bool {
+        !self.clock() && !self.any(Reads::SESSION.with(Reads::ANCESTRY))
+    }
+
     fn attr(name: &str) -> Reads {
         match name {
             "time" => Reads::TIME,
@@ -109,5 +116,35 @@ fn walk(v: &Value) -> Reads {
         }
         Value::Array(items) => items.iter().fold(Reads::NONE, |r, i| r.with(walk(i))),
         _ => Reads::NONE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_cacheable_excludes_clock_session_and_ancestry() {
+        assert!(Reads::NONE.kernel_cacheable());
+        assert!(Reads::SRC_ADDR.with(Reads::DST_PORT).kernel_cacheable());
+        for r in [
+            Reads::TIME,
+            Reads::HOUR,
+            Reads::WEEKDAY,
+            Reads::SESSION,
+            Reads::ANCESTRY,
+            Reads::ALL,
+        ] {
+            assert!(!r.kernel_cacheable(), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_policy_reading_the_session_is_seen() {
+        let p: Policy = r#"permit (principal, action, resource) when { context.session == 3 };"#
+            .parse()
+            .unwrap();
+        assert!(of_policy(&p).any(Reads::SESSION));
+        assert!(!of_policy(&p).kernel_cacheable());
     }
 }

@@ -35,12 +35,22 @@ impl Drop for Appliance {
 }
 
 pub async fn start(decider: Arc<dyn Decider>) -> Appliance {
+    start_with(|_, _| decider).await
+}
+
+/// Starts an appliance whose decider is made from its store and hub
+/// (deciders that push, such as the channel gate).
+pub async fn start_with(
+    make: impl FnOnce(Arc<Store>, Arc<trustbind_appliance::agent_api::Hub>) -> Arc<dyn Decider>,
+) -> Appliance {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("appliance.db")).unwrap());
     let pki = Arc::new(
         Pki::open_or_create(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap(),
     );
-    let api = AgentApi::new(store, pki, decider).unwrap();
+    let hub = Arc::new(trustbind_appliance::agent_api::Hub::new());
+    let decider = make(Arc::clone(&store), Arc::clone(&hub));
+    let api = AgentApi::with_hub(store, pki, hub, decider).unwrap();
     let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let enrol_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = agent_l.local_addr().unwrap();

@@ -278,7 +278,7 @@ fn policy(p: PolicyCmd, c: &Client, out: &Out) -> Result<u8> {
             });
             Ok(0)
         }
-        PolicyCmd::Test { draft, since, .. } => crate::cmd::replay(c, &draft, &since, out),
+        PolicyCmd::Test { draft, since, .. } => crate::replay::run(c, &draft, &since, out),
     }
 }
 
@@ -310,11 +310,6 @@ fn local_diff(c: &Client, file: &Path, against: Option<i64>) -> Result<Value> {
         "changed": old_text != text,
         "diff": unified,
     }))
-}
-
-/// Placeholder until the replay lands.
-pub fn replay(c: &Client, draft: &str, since: &str, out: &Out) -> Result<u8> {
-    crate::replay::run(c, draft, since, out)
 }
 
 fn sig(s: SigCmd, c: &Client, out: &Out) -> Result<u8> {

@@ -106,12 +106,14 @@ fn filter_sql(filters: &[String]) -> Result<(String, Vec<rusqlite::types::Value>
                 conds.push("file_size <= ?".to_owned());
                 params.push(V::Integer(num("size")?));
             }
-            other => return Err(CliError::new(
-                Exit::Usage,
-                format!(
+            other => {
+                return Err(CliError::new(
+                    Exit::Usage,
+                    format!(
                     "filter `{f}`: unknown key `{other}` (keys: name, package, min-size, max-size)"
                 ),
-            )),
+                ))
+            }
         }
     }
     if !packages.is_empty() {

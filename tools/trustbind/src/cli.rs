@@ -92,6 +92,9 @@ pub enum Cmd {
     /// Protected hosts and host groups.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Users and their roles (Cedar `principal in Role::"..."`).
+    #[command(subcommand)]
+    User(UserCmd),
     /// The hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -347,6 +350,33 @@ pub enum HostGroupCmd {
     /// Deletes an empty host group.
     Rm {
         /// Host group name.
+        name: String,
+    },
+}
+
+/// `trustbind user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Lists users with roles.
+    #[command(alias = "list")]
+    Ls,
+    /// Shows a user.
+    Show {
+        /// User name as the agent reports it (`uid:<n>` when unknown on the host).
+        name: String,
+    },
+    /// Sets a user's roles (replaces them; no --role clears them).
+    #[command(after_help = "Example: trustbind user set alice --role admin --role dba")]
+    Set {
+        /// User name.
+        name: String,
+        /// A role (repeatable).
+        #[arg(long = "role", short = 'r')]
+        roles: Vec<String>,
+    },
+    /// Forgets a user and its roles.
+    Rm {
+        /// User name.
         name: String,
     },
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::cli::UserCmd;
 use crate::cli::{AuditCmd, Cli, Cmd, GroupCmd, HostCmd, HostGroupCmd, ModeArg, PolicyCmd, SigCmd};
 use crate::client::Client;
 use crate::config::{self, Overrides};
@@ -36,6 +37,7 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
         Cmd::Group(gc) => group(gc, &connect()?, out),
         Cmd::Host(h) => host(h, &connect()?, out),
         Cmd::Audit(a) => audit(a, &connect()?, out),
+        Cmd::User(u) => user(u, &connect()?, out),
         Cmd::Status => {
             let c = connect()?;
             let v = c.get("/v1/status")?;
@@ -667,6 +669,57 @@ fn host(h: HostCmd, c: &Client, out: &Out) -> Result<u8> {
             Ok(0)
         }
     }
+}
+
+fn user(u: UserCmd, c: &Client, out: &Out) -> Result<u8> {
+    let roles_of = |u: &Value| {
+        u.get("roles")
+            .and_then(Value::as_array)
+            .map(|r| {
+                r.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    match u {
+        UserCmd::Ls => {
+            let users = crate::replay::list_all(c, "/v1/users", "users")?;
+            let v = json!({ "users": users });
+            out.emit(&v, || {
+                let rows: Vec<Vec<String>> = users
+                    .iter()
+                    .map(|u| vec![field(u, "name"), roles_of(u)])
+                    .collect();
+                table(&["NAME", "ROLES"], &rows)
+            });
+        }
+        UserCmd::Show { name } => {
+            let v = c.get(&format!("/v1/users/{}", enc(&name)))?;
+            out.emit(&v, || {
+                let u = v.get("user").cloned().unwrap_or(Value::Null);
+                format!("name   {}\nroles  {}\n", field(&u, "name"), roles_of(&u))
+            });
+        }
+        UserCmd::Set { name, roles } => {
+            let v = c.json(
+                c.request(Method::PUT, &format!("/v1/users/{}", enc(&name)))
+                    .json(&json!({ "roles": roles })),
+            )?;
+            out.emit(&v, || {
+                let u = v.get("user").cloned().unwrap_or(Value::Null);
+                format!("{name}: roles [{}]\n", roles_of(&u))
+            });
+        }
+        UserCmd::Rm { name } => {
+            c.json(c.request(Method::DELETE, &format!("/v1/users/{}", enc(&name))))?;
+            out.emit(&json!({ "deleted": name }), || {
+                format!("deleted user {name}\n")
+            });
+        }
+    }
+    Ok(0)
 }
 
 /// One audit row as a text line.

@@ -148,7 +148,7 @@ fn parse_row(line: &str) -> Option<Row> {
 }
 
 /// Pages through a listing endpoint whose answer has `key` and `next`.
-fn list_all(c: &Client, path: &str, key: &str) -> Result<Vec<Value>> {
+pub fn list_all(c: &Client, path: &str, key: &str) -> Result<Vec<Value>> {
     let mut all = Vec::new();
     let mut after: Option<String> = None;
     loop {

@@ -221,6 +221,24 @@ fn hosts() {
 }
 
 #[test]
+fn users_and_roles() {
+    let a = Appliance::start();
+    let v = a.json(&["user", "set", "alice", "--role", "admin", "-r", "dba"]);
+    assert_eq!(v["user"]["roles"], serde_json::json!(["admin", "dba"]));
+    a.text(&["user", "set", "bob"]);
+    let l = a.json(&["user", "ls"]);
+    assert_eq!(l["users"].as_array().unwrap().len(), 2);
+    let t = a.text(&["user", "show", "alice"]);
+    assert!(t.contains("roles  admin, dba"), "{t}");
+    a.text(&["user", "rm", "bob"]);
+    a.tb()
+        .args(["user", "show", "bob"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("no user `bob`"));
+}
+
+#[test]
 fn audit_tail_export_verify_and_follow() {
     let a = Appliance::start();
     a.text(&["group", "create", "g1"]);

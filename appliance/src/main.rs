@@ -162,6 +162,15 @@ fn run() -> Result<(), Fail> {
         }
         ["ca-fingerprint"] => {
             args.check_known(&["data-dir"])?;
+            if !data_dir.join(pki::CA_CERT_FILE).exists() {
+                return Err(Fail(
+                    EXIT_FAILED,
+                    format!(
+                        "no CA in {} (it is created by the first `serve` or `admin-cert`)",
+                        data_dir.display()
+                    ),
+                ));
+            }
             let pki = Pki::open_or_create(&data_dir, &default_names(&[]))?;
             println!("{}", pki.fingerprint());
             Ok(())
@@ -310,6 +319,11 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
     let names = server_names(args, &[agent_addr, enrol_addr, admin_addr]);
     let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);
     let engine = Arc::new(Engine::new(Arc::clone(&store), SCHEMA)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // The API starts its audit writer task: build it inside the runtime.
+    let _in_runtime = rt.enter();
     let hub = Arc::new(Hub::new());
     // The hook needs the API, the API needs the gate, the gate the limits,
     // the limits the hook: the API is filled in once built.
@@ -338,9 +352,6 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
         Arc::clone(&gate) as Arc<dyn agent_api::Decider>,
     )?;
     let _ = api_slot.set(Arc::clone(&api));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async move {
         let agent_l = bind(agent_addr, "agent").await?;
         let enrol_l = bind(enrol_addr, "enrol").await?;

@@ -431,6 +431,10 @@ async fn generation_change_is_pushed_on_the_stream() {
         .await
         .unwrap()
         .into_inner();
+    assert!(matches!(
+        stream.next().await.unwrap().unwrap().kind,
+        Some(push::Kind::HostMode(_))
+    ));
     let g0 = match stream.next().await.unwrap().unwrap().kind {
         Some(push::Kind::Generation(g)) => g.generation,
         other => panic!("first push is {other:?}"),
@@ -457,7 +461,7 @@ async fn generation_change_is_pushed_on_the_stream() {
                 assert_eq!(g.generation, g1);
                 break;
             }
-            Some(push::Kind::Ping(_)) => {}
+            Some(push::Kind::Ping(_) | push::Kind::HostMode(_)) => {}
             other => panic!("unexpected push {other:?}"),
         }
     }
@@ -471,12 +475,12 @@ async fn generation_change_is_pushed_on_the_stream() {
     assert_eq!(reply.results[0].generation, g1);
 }
 
-/// The next push that is not a generation announcement or a ping (those
-/// may arrive at any time: enrolling a host moves the generation).
+/// The next push that is not a generation announcement, host mode or ping
+/// (those may arrive at any time: enrolling a host moves the generation).
 async fn next_other(s: &mut tonic::Streaming<pb::Push>) -> Option<push::Kind> {
     loop {
         match s.next().await.unwrap().unwrap().kind {
-            Some(push::Kind::Generation(_) | push::Kind::Ping(_)) => {}
+            Some(push::Kind::Generation(_) | push::Kind::Ping(_) | push::Kind::HostMode(_)) => {}
             other => return other,
         }
     }
@@ -690,4 +694,32 @@ async fn client_deadline_is_honoured() {
         .unwrap()
         .into_inner();
     assert_eq!(reply.results[0].id, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_mode_is_pushed_first_and_on_change() {
+    let (app, mut client) = setup().await;
+    let mut stream = client
+        .subscribe(Hello::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stream.next().await.unwrap().unwrap().kind,
+        Some(push::Kind::HostMode(pb::HostMode {
+            mode: "enforce".into()
+        }))
+    );
+    app.api
+        .store
+        .set_host_group("web", Mode::Permissive, "admin:test")
+        .unwrap();
+    loop {
+        match stream.next().await.unwrap().unwrap().kind {
+            Some(push::Kind::HostMode(m)) if m.mode == "permissive" => break,
+            Some(push::Kind::HostMode(m)) => assert_eq!(m.mode, "enforce"),
+            Some(push::Kind::Generation(_) | push::Kind::Ping(_)) => {}
+            other => panic!("unexpected push {other:?}"),
+        }
+    }
 }

@@ -182,10 +182,7 @@ async fn channels_pair_key_deny_and_expire() {
     assert_eq!(ka.key_id, kb.key_id);
     assert_eq!(ka.role, pb::ChannelRole::Connect as i32);
     assert_eq!(kb.role, pb::ChannelRole::Accept as i32);
-    assert_eq!(
-        (ka.key.len(), ka.tx_iv.len(), ka.tx_salt.len()),
-        (32, 8, 4)
-    );
+    assert_eq!((ka.key.len(), ka.tx_iv.len(), ka.tx_salt.len()), (32, 8, 4));
     assert_eq!(ka.key, kb.key);
     assert_eq!(ka.tx_iv, kb.rx_iv);
     assert_eq!(ka.tx_salt, kb.rx_salt);

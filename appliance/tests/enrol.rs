@@ -66,10 +66,20 @@ async fn good_token_gives_a_certificate_that_works_on_the_agent_port() {
         .await
         .unwrap()
         .into_inner();
+    // First the host's mode, then the current generation.
     let first = stream.next().await.unwrap().unwrap();
-    let generation = app.api.store.governing().unwrap().generation;
     assert_eq!(
         first.kind,
+        Some(push::Kind::HostMode(
+            trustbind_appliance::agent_api::pb::HostMode {
+                mode: "enforce".into()
+            }
+        ))
+    );
+    let second = stream.next().await.unwrap().unwrap();
+    let generation = app.api.store.governing().unwrap().generation;
+    assert_eq!(
+        second.kind,
         Some(push::Kind::Generation(
             trustbind_appliance::agent_api::pb::PolicyGeneration { generation }
         ))
@@ -214,7 +224,7 @@ async fn revoked_host_fails_the_handshake_and_loses_its_stream_and_calls() {
         .into_inner();
     assert!(matches!(
         stream.next().await.unwrap().unwrap().kind,
-        Some(push::Kind::Generation(_))
+        Some(push::Kind::HostMode(_))
     ));
 
     app.api.revoke_host("web1", "admin:test").unwrap();
@@ -222,7 +232,10 @@ async fn revoked_host_fails_the_handshake_and_loses_its_stream_and_calls() {
     // The open stream gets Revoked, then ends (a generation announcement
     // from the enrolment may come first).
     let mut msg = stream.next().await.unwrap().unwrap();
-    while matches!(msg.kind, Some(push::Kind::Generation(_))) {
+    while matches!(
+        msg.kind,
+        Some(push::Kind::Generation(_) | push::Kind::HostMode(_))
+    ) {
         msg = stream.next().await.unwrap().unwrap();
     }
     assert_eq!(
@@ -372,7 +385,7 @@ async fn serve_binary_enrols_and_stops_on_sigterm() {
         .into_inner();
     assert!(matches!(
         stream.next().await.unwrap().unwrap().kind,
-        Some(push::Kind::Generation(_))
+        Some(push::Kind::HostMode(_))
     ));
     // SIGTERM with the stream still open: the stream ends, the process exits.
     let pid = child.id().to_string();

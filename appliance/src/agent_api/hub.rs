@@ -33,16 +33,18 @@ impl Hub {
         Self::default()
     }
 
-    /// Registers a stream for `host` whose first message is `first`; returns
+    /// Registers a stream for `host` whose first messages are `first`; returns
     /// a weak sender (for keepalives: it stops working once the hub drops the
     /// stream) and the receiver.
     pub(crate) fn subscribe(
         &self,
         host: &str,
-        first: push::Kind,
+        first: Vec<push::Kind>,
     ) -> (mpsc::WeakSender<Item>, mpsc::Receiver<Item>) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let _ = tx.try_send(Ok(Push { kind: Some(first) }));
+        for kind in first {
+            let _ = tx.try_send(Ok(Push { kind: Some(kind) }));
+        }
         let weak = tx.downgrade();
         let id = self
             .next_id

@@ -32,7 +32,7 @@ pub use hub::Hub;
 pub use service::{Answer, DecideError, Decider};
 
 use crate::pki::{EnrolledHosts, Pki, PkiError};
-use crate::store::{Store, StoreError};
+use crate::store::{AuditWriter, Mode, Store, StoreError};
 
 /// Largest gRPC message tonic decodes on the agent port, in bytes (a hard
 /// stop; `Qualify` refuses more than [`service::MAX_BATCH_BYTES`] with a
@@ -71,6 +71,8 @@ pub struct AgentApi {
     pub hub: Arc<Hub>,
     /// Where verdicts come from.
     pub decider: Arc<dyn Decider>,
+    /// Group-commit writer for decision audit rows.
+    pub audit: AuditWriter,
 }
 
 impl std::fmt::Debug for AgentApi {
@@ -83,7 +85,8 @@ impl std::fmt::Debug for AgentApi {
 }
 
 impl AgentApi {
-    /// Loads the enrolled hosts' certificate serials from `store`.
+    /// Loads the enrolled hosts' certificate serials from `store` and starts
+    /// an audit writer (call from within a tokio runtime).
     pub fn new(
         store: Arc<Store>,
         pki: Arc<Pki>,
@@ -101,12 +104,14 @@ impl AgentApi {
         decider: Arc<dyn Decider>,
     ) -> Result<Arc<Self>, ApiError> {
         let hosts = Arc::new(EnrolledHosts::new(store.enrolled_certs()?));
+        let audit = AuditWriter::spawn(Arc::clone(&store));
         Ok(Arc::new(Self {
             store,
             pki,
             hosts,
             hub,
             decider,
+            audit,
         }))
     }
 
@@ -127,14 +132,19 @@ impl AgentApi {
         self.hub.revoke(host);
     }
 
-    /// Pushes `host`'s mode (its host group's) to its agent; `false` if the
-    /// host or its group is unknown or it is not connected.
-    pub fn push_mode(&self, host: &str) -> bool {
-        let mode = match self.store.host(host) {
-            Ok(Some((_, group))) => self.store.host_group_mode(&group).ok().flatten(),
-            _ => None,
+    /// The mode of `host`'s host group (`enforce` when the group has none
+    /// recorded: fail safe).
+    pub fn host_mode(&self, host: &str) -> Result<Mode, StoreError> {
+        let Some((_, group)) = self.store.host(host)? else {
+            return Ok(Mode::Enforce);
         };
-        mode.is_some_and(|m| {
+        Ok(self.store.host_group_mode(&group)?.unwrap_or(Mode::Enforce))
+    }
+
+    /// Pushes `host`'s mode (its host group's) to its agent; `false` if the
+    /// host is not connected.
+    pub fn push_mode(&self, host: &str) -> bool {
+        self.host_mode(host).is_ok_and(|m| {
             self.hub.push(
                 host,
                 pb::push::Kind::HostMode(pb::HostMode {
@@ -189,8 +199,9 @@ pub async fn serve_agent(
 pub const GENERATION_POLL: Duration = Duration::from_millis(200);
 
 /// Broadcasts `PolicyGeneration` whenever the store's verdict generation
-/// moves (policy switch, membership, roles, modes...), whoever moved it.
-/// Also keeps the connected-agents gauge current.
+/// moves (policy switch, membership, roles, modes...), whoever moved it,
+/// preceded by `HostMode` to each connected host (a mode change moves the
+/// generation too; agents take a repeated mode as a no-op). Also keeps the connected-agents gauge current.
 async fn watch_generation(api: Arc<AgentApi>) {
     let mut seen = api.store.generation_hint();
     let mut tick = tokio::time::interval(GENERATION_POLL);
@@ -199,11 +210,25 @@ async fn watch_generation(api: Arc<AgentApi>) {
         let g = api.store.generation_hint();
         if g != seen {
             seen = g;
-            api.announce_generation(g);
-            // A host-group mode change moves the generation too.
-            for host in api.hub.connected_hosts() {
-                api.push_mode(&host);
+            let a = Arc::clone(&api);
+            let hosts = api.hub.connected_hosts();
+            let now = tokio::task::spawn_blocking(move || {
+                hosts
+                    .into_iter()
+                    .filter_map(|h| a.host_mode(&h).ok().map(|m| (h, m)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            for (host, mode) in now {
+                api.hub.push(
+                    &host,
+                    pb::push::Kind::HostMode(pb::HostMode {
+                        mode: mode.as_str().to_owned(),
+                    }),
+                );
             }
+            api.announce_generation(g);
         }
         let n = api.hub.connected_hosts().len();
         crate::metrics::metrics().set_agents_connected(u64::try_from(n).unwrap_or(u64::MAX));

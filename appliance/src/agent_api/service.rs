@@ -133,10 +133,11 @@ impl Agent for AgentService {
             .map(|(i, r)| convert::request(i, r, &host, at_ms))
             .collect::<Result<Vec<_>, _>>()?;
         let api = Arc::clone(&self.api);
-        let results =
+        let (results, events) =
             tokio::task::spawn_blocking(move || decide_batch(&api, &host, &reqs, deadline))
                 .await
                 .map_err(|e| Status::internal(format!("decision task failed: {e}")))??;
+        record(&self.api, events).await?;
         Ok(Response::new(QualifyReply { results }))
     }
 
@@ -154,12 +155,19 @@ impl Agent for AgentService {
             .governing()
             .map_err(|e| Status::unavailable(format!("store: {e}")))?
             .generation;
-        // First push: the current generation, so the agent knows where it
-        // stands even if it missed a change while disconnected.
-        let first = push::Kind::Generation(pb::PolicyGeneration { generation });
+        // First pushes: the host's mode and the current generation, so the
+        // agent knows where it stands even if it missed changes while away.
+        let mode = self
+            .api
+            .host_mode(&host)
+            .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+        let first = vec![
+            push::Kind::HostMode(pb::HostMode {
+                mode: mode.as_str().to_owned(),
+            }),
+            push::Kind::Generation(pb::PolicyGeneration { generation }),
+        ];
         let (weak, rx) = self.api.hub.subscribe(&host, first);
-        // Second push: the host's mode, which the agent sets in its module.
-        self.api.push_mode(&host);
         let _ = hello;
         // Keepalive pings while the stream is open; stops when the hub drops
         // the stream (revocation) or the agent goes away.
@@ -205,16 +213,15 @@ impl Agent for AgentService {
     }
 }
 
-/// Decides `reqs` for `host` and audits every decision in one write before
-/// returning the results; nothing is returned if the audit write fails.
-/// If `deadline` passes before the audit write, nothing is audited and the
-/// call fails with DEADLINE_EXCEEDED (the agent would not see the answer).
+/// Decides `reqs` for `host`: the results and their audit events. If
+/// `deadline` has passed by the end, fails with DEADLINE_EXCEEDED so that
+/// nothing is audited (the agent would not see the answer).
 fn decide_batch(
     api: &AgentApi,
     host: &str,
     reqs: &[(u64, QualifyRequest)],
     deadline: Instant,
-) -> Result<Vec<pb::Result>, Status> {
+) -> Result<(Vec<pb::Result>, Vec<AuditEvent>), Status> {
     let m = metrics::metrics();
     let mut results = Vec::with_capacity(reqs.len());
     let mut events = Vec::with_capacity(reqs.len());
@@ -251,10 +258,19 @@ fn decide_batch(
             reqs.len()
         )));
     }
-    api.store
-        .append_audit_batch(&events)
-        .map_err(|e| Status::unavailable(format!("cannot write the audit log: {e}")))?;
-    Ok(results)
+    Ok((results, events))
+}
+
+/// Appends `events` through the group-commit audit writer (concurrent calls
+/// share one commit) and returns once every one is durable. The reply is
+/// sent only after this.
+async fn record(api: &AgentApi, events: Vec<AuditEvent>) -> Result<(), Status> {
+    let rows =
+        futures_util::future::join_all(events.into_iter().map(|e| api.audit.append(e))).await;
+    for r in rows {
+        r.map_err(|e| Status::unavailable(format!("cannot write the audit log: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Time this call may take: the client's `grpc-timeout` if given and
@@ -325,8 +341,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn past_deadline_records_nothing() {
+    #[tokio::test]
+    async fn past_deadline_records_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::store::Store::open(&dir.path().join("a.db")).unwrap());
         let pki = Arc::new(crate::pki::Pki::open_or_create(dir.path(), &[]).unwrap());
@@ -351,8 +367,10 @@ mod tests {
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
         // With time left the same batch is decided (default deny) and audited.
         let far = Instant::now() + Duration::from_secs(3600);
-        let results = decide_batch(&api, "web1", &reqs, far).unwrap();
+        let (results, events) = decide_batch(&api, "web1", &reqs, far).unwrap();
         assert_eq!(results[0].verdict(), pb::Verdict::Deny);
+        assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
+        record(&api, events).await.unwrap();
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before + 1);
     }
 

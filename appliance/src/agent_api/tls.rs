@@ -143,3 +143,35 @@ pub fn incoming(
     });
     ReceiverStream::new(rx)
 }
+
+/// Serves `router` over HTTPS (HTTP/1.1 and HTTP/2) on `listener` with
+/// `config` (e.g. [`crate::pki::Pki::admin_server_config`]) until `shutdown`
+/// completes. Each request carries the connection's [`ConnInfo`] as an
+/// `axum::Extension`, so handlers can read the verified admin name.
+pub async fn serve_https(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use tokio_stream::StreamExt as _;
+    let mut conns = incoming(listener, config);
+    tokio::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            () = &mut shutdown => break,
+            c = conns.next() => c,
+        };
+        let Some(Ok(conn)) = conn else { break };
+        let svc = hyper_util::service::TowerToHyperService::new(
+            router.clone().layer(axum::Extension(conn.info.clone())),
+        );
+        tokio::spawn(async move {
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let _ = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
+                .await;
+        });
+    }
+}

@@ -187,6 +187,7 @@ pub async fn connect(
             let connector = connector.clone();
             async move {
                 let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
                 let name = ServerName::try_from("localhost").unwrap();
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))

@@ -2,6 +2,7 @@
 //! `--test-threads=1`). They need `TRUSTBIND_KERNEL`, `TRUSTBIND_KMOD` and
 //! `TRUSTBIND_ROOTFS` and fail, naming the variable, without them.
 
+mod e2e;
 mod exec;
 mod harness;
 mod module;

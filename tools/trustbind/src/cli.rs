@@ -1,0 +1,413 @@
+//! The command line, declared with clap's derive API.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  trustbind policy validate policies/baseline.cedar      # offline, no appliance needed
+  trustbind policy upload policies/baseline.cedar -m 'baseline v1'
+  trustbind policy diff 7                                 # draft 7 vs the active policy
+  trustbind policy activate 7
+  trustbind sig add /usr/bin /usr/sbin --group system     # hash executables recursively
+  trustbind sig import-nsrl RDS_2024.12.1_modern.db --group nsrl --filter name='*.so*'
+  trustbind host enroll-token web1 --host-group web
+  trustbind audit tail --follow
+  trustbind -o json host list | jq '.hosts[].name'
+
+Configuration (~/.config/trustbind/config.toml; flags and environment win):
+  url  = \"https://appliance.example:8443\"
+  cert = \"admin.pem\"        # relative to the config file's directory
+  key  = \"admin.key\"
+  ca   = \"ca.pem\"
+Credentials come from `trustbind-appliance admin-cert --name NAME --out DIR`.
+
+Exit codes:
+  0  success
+  1  the check failed (invalid policy, broken audit chain, replay found changes)
+  2  usage error
+  3  configuration or credentials missing, unreadable or rejected
+  4  the appliance cannot be reached, or TLS with it fails
+  5  the appliance refused the request (not found, invalid, conflict)
+  6  the appliance failed or answered something unexpected
+  7  a local file could not be read or written";
+
+/// Trustbind administration: policies, signatures, hosts and audit.
+#[derive(Debug, Parser)]
+#[command(name = "trustbind", version, after_long_help = EXAMPLES, after_help = "Run `trustbind --help` for examples, configuration and exit codes.")]
+pub struct Cli {
+    /// Options shared by every command.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// For people.
+    Text,
+    /// One JSON document (or JSON lines for streams), for scripts.
+    Json,
+}
+
+/// Options valid with every command.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Config file [default: ~/.config/trustbind/config.toml].
+    #[arg(long, global = true, env = "TRUSTBIND_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Admin API URL, e.g. https://appliance:8443.
+    #[arg(long, global = true, env = "TRUSTBIND_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// Admin client certificate (PEM).
+    #[arg(long, global = true, env = "TRUSTBIND_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Admin client key (PEM).
+    #[arg(long, global = true, env = "TRUSTBIND_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Appliance CA certificate (PEM).
+    #[arg(long, global = true, env = "TRUSTBIND_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Cedar policy sets: validate, upload, diff, activate, roll back.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Program signatures (SHA-256 identities) in the appliance.
+    #[command(subcommand)]
+    Sig(SigCmd),
+    /// Reference groups of signatures (Cedar `ProgramGroup`s).
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Protected hosts and host groups.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Users and their roles (Cedar `principal in Role::"..."`).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// The hash-chained audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Shows the appliance's version, governing policy and audit head.
+    Status,
+    /// Prints a shell completion script.
+    #[command(
+        after_help = "Example: trustbind completions bash > /etc/bash_completion.d/trustbind"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `trustbind policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Checks policy files offline: Cedar syntax and strict schema validation.
+    #[command(after_help = "Example: trustbind policy validate policies/*.cedar")]
+    Validate {
+        /// Policy files (`-` for standard input).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Uploads a policy file as a new draft version.
+    Upload {
+        /// The policy file.
+        file: PathBuf,
+        /// A comment stored with the version.
+        #[arg(long, short = 'm', default_value = "")]
+        comment: String,
+        /// Activate the new version right away.
+        #[arg(long)]
+        activate: bool,
+    },
+    /// Lists policy versions.
+    #[command(alias = "ls")]
+    List,
+    /// Shows a policy version (default: the active one).
+    Show {
+        /// Version id, or `active`.
+        #[arg(default_value = "active")]
+        version: String,
+        /// Print only the policy text.
+        #[arg(long)]
+        text: bool,
+    },
+    /// Diffs a version (or a local file) against the active policy.
+    #[command(
+        after_help = "Examples:\n  trustbind policy diff 7\n  trustbind policy diff 7 --against 5\n  trustbind policy diff policies/baseline.cedar"
+    )]
+    Diff {
+        /// Version id, or a local policy file.
+        draft: String,
+        /// Version to compare with [default: the active one].
+        #[arg(long)]
+        against: Option<i64>,
+    },
+    /// Makes a version the governing policy.
+    Activate {
+        /// Version id.
+        version: i64,
+    },
+    /// Switches back to the previously active version.
+    Rollback,
+    /// What-if: replays recorded decisions against a draft.
+    #[command(
+        after_help = "Example: trustbind policy test policies/new.cedar --replay-audit --since 24h"
+    )]
+    Test {
+        /// Version id, or a local policy file.
+        draft: String,
+        /// Replay the `decision` audit rows of the window.
+        #[arg(long, required = true)]
+        replay_audit: bool,
+        /// Start of the window: 24h, 7d, 2026-11-22, 2026-11-22T08:00Z.
+        #[arg(long, default_value = "24h")]
+        since: String,
+    },
+}
+
+/// `trustbind sig ...`
+#[derive(Debug, Subcommand)]
+pub enum SigCmd {
+    /// Hashes executables (recursively) and adds them to a group.
+    #[command(
+        after_help = "Regular files with an execute bit are hashed (SHA-256 and SHA-1 in one pass);\nother files are skipped and counted. Symbolic links are not followed.\n\nExample: trustbind sig add /usr/bin /usr/local/bin --group system"
+    )]
+    Add {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Reference group to add them to (created when missing).
+        #[arg(long, short = 'g')]
+        group: String,
+        /// Source label stored with each signature.
+        #[arg(long, default_value = "trustbind sig add")]
+        source: String,
+    },
+    /// Lists signatures.
+    #[command(alias = "list")]
+    Ls {
+        /// Only members of this group.
+        #[arg(long, short = 'g')]
+        group: Option<String>,
+        /// At most this many (0: all).
+        #[arg(long, short = 'n', default_value_t = 100)]
+        limit: u64,
+    },
+    /// Shows one signature and its groups.
+    Show {
+        /// SHA-256.
+        sha256: String,
+    },
+    /// Removes signatures (from every group).
+    #[command(alias = "remove")]
+    Rm {
+        /// SHA-256 values.
+        #[arg(required = true)]
+        sha256: Vec<String>,
+    },
+    /// Imports a NIST NSRL RDSv3 SQLite database into a group.
+    #[command(
+        name = "import-nsrl",
+        after_help = "Reads the FILE view/table (sha256, sha1, file_name, file_size, package_id) in rowid\norder and sends batches. Resumable: progress is remembered in a state file next to the\ndatabase (RDS.db.trustbind-import.json); run the same command again to continue.\nIdempotent: re-importing changes nothing.\n\nFilters (repeatable, all must hold):\n  name=GLOB        file_name matches the glob (SQLite GLOB, case-sensitive)\n  package=ID       package_id equals ID (repeat for several)\n  min-size=N       file_size >= N\n  max-size=N       file_size <= N\n\nExample: trustbind sig import-nsrl RDS_2024.12.1_modern.db --group nsrl --filter 'name=*.exe'"
+    )]
+    ImportNsrl {
+        /// The RDSv3 database file.
+        db: PathBuf,
+        /// Reference group to add the signatures to.
+        #[arg(long, short = 'g')]
+        group: String,
+        /// Row filter (see below).
+        #[arg(long = "filter", value_name = "KEY=VALUE")]
+        filters: Vec<String>,
+        /// Rows per request (at most 10000).
+        #[arg(long, default_value_t = 5000)]
+        batch: usize,
+        /// Ignore the saved progress and start from the first row.
+        #[arg(long)]
+        restart: bool,
+        /// Stop after this many source rows (useful to sample; progress is saved).
+        #[arg(long)]
+        max_rows: Option<u64>,
+        /// State file [default: DB.trustbind-import.json].
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+}
+
+/// `trustbind group ...`
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Lists reference groups.
+    #[command(alias = "list")]
+    Ls,
+    /// Creates a group (no-op when it exists).
+    Create {
+        /// Group name.
+        name: String,
+        /// Description.
+        #[arg(long, short = 'd', default_value = "")]
+        description: String,
+    },
+    /// Shows a group.
+    Show {
+        /// Group name.
+        name: String,
+    },
+    /// Deletes a group (signatures stay).
+    #[command(alias = "delete")]
+    Rm {
+        /// Group name.
+        name: String,
+    },
+    /// Adds known signatures to a group.
+    Add {
+        /// Group name.
+        name: String,
+        /// SHA-256 values.
+        #[arg(required = true)]
+        sha256: Vec<String>,
+    },
+    /// Removes signatures from a group.
+    Remove {
+        /// Group name.
+        name: String,
+        /// SHA-256 values.
+        #[arg(required = true)]
+        sha256: Vec<String>,
+    },
+}
+
+/// Host group modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Deny what the policy does not allow.
+    Enforce,
+    /// Allow everything, audit what would have been denied.
+    Permissive,
+    /// No qualification.
+    Disabled,
+}
+
+/// `trustbind host ...`
+#[derive(Debug, Subcommand)]
+pub enum HostCmd {
+    /// Registers a host and prints its one-time enrolment token.
+    #[command(
+        name = "enroll-token",
+        after_help = "The token is shown once; give it to the host's agent (trustbind-agent enroll).\n\nExample: trustbind host enroll-token web1 --host-group web"
+    )]
+    EnrollToken {
+        /// Host name.
+        name: String,
+        /// Host group (must exist: `trustbind host group set NAME --mode enforce`).
+        #[arg(long, short = 'g')]
+        host_group: String,
+    },
+    /// Lists hosts.
+    #[command(alias = "ls")]
+    List,
+    /// Shows a host.
+    Show {
+        /// Host name.
+        name: String,
+    },
+    /// Revokes a host: its certificate is refused from now on.
+    Revoke {
+        /// Host name.
+        name: String,
+    },
+    /// Host groups and their modes.
+    #[command(subcommand)]
+    Group(HostGroupCmd),
+}
+
+/// `trustbind host group ...`
+#[derive(Debug, Subcommand)]
+pub enum HostGroupCmd {
+    /// Lists host groups.
+    #[command(alias = "list")]
+    Ls,
+    /// Creates a host group or changes its mode.
+    Set {
+        /// Host group name.
+        name: String,
+        /// Mode.
+        #[arg(long, value_enum)]
+        mode: ModeArg,
+    },
+    /// Deletes an empty host group.
+    Rm {
+        /// Host group name.
+        name: String,
+    },
+}
+
+/// `trustbind user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Lists users with roles.
+    #[command(alias = "list")]
+    Ls,
+    /// Shows a user.
+    Show {
+        /// User name as the agent reports it (`uid:<n>` when unknown on the host).
+        name: String,
+    },
+    /// Sets a user's roles (replaces them; no --role clears them).
+    #[command(after_help = "Example: trustbind user set alice --role admin --role dba")]
+    Set {
+        /// User name.
+        name: String,
+        /// A role (repeatable).
+        #[arg(long = "role", short = 'r')]
+        roles: Vec<String>,
+    },
+    /// Forgets a user and its roles.
+    Rm {
+        /// User name.
+        name: String,
+    },
+}
+
+/// `trustbind audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Shows the newest audit rows.
+    Tail {
+        /// How many rows.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: u32,
+        /// Keep printing new rows as they arrive (Ctrl-C to stop).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Poll interval with --follow, in milliseconds.
+        #[arg(long, default_value_t = 1000, hide = true)]
+        interval_ms: u64,
+    },
+    /// Exports audit rows as JSON lines.
+    Export {
+        /// Start: 24h, 7d, 2026-11-22, 2026-11-22T08:00Z, @SECONDS [default: everything].
+        #[arg(long)]
+        since: Option<String>,
+        /// Only rows of this kind (and its sub-kinds), e.g. `decision`.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Write to this file instead of standard output.
+        #[arg(long = "out", short = 'O')]
+        out: Option<PathBuf>,
+    },
+    /// Verifies the hash chain of the whole log.
+    Verify,
+}

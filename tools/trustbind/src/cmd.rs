@@ -1,0 +1,857 @@
+//! Running the commands.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::cli::UserCmd;
+use crate::cli::{AuditCmd, Cli, Cmd, GroupCmd, HostCmd, HostGroupCmd, ModeArg, PolicyCmd, SigCmd};
+use crate::client::Client;
+use crate::config::{self, Overrides};
+use crate::error::{io_err, CliError, Exit, Result};
+use crate::out::{field, table, Out};
+use crate::{time, validate};
+
+/// Runs the parsed command line; returns the exit code on success.
+pub fn run(cli: Cli, out: &Out) -> Result<u8> {
+    let g = &cli.global;
+    let ov = Overrides {
+        config: g.config.clone(),
+        url: g.url.clone(),
+        cert: g.cert.clone(),
+        key: g.key.clone(),
+        ca: g.ca.clone(),
+    };
+    let connect = || -> Result<Client> { Client::new(config::resolve(&ov)?) };
+    match cli.cmd {
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "trustbind", &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Policy(PolicyCmd::Validate { files }) => policy_validate(&files, out),
+        Cmd::Policy(p) => policy(p, &connect()?, out),
+        Cmd::Sig(s) => sig(s, &connect()?, out),
+        Cmd::Group(gc) => group(gc, &connect()?, out),
+        Cmd::Host(h) => host(h, &connect()?, out),
+        Cmd::Audit(a) => audit(a, &connect()?, out),
+        Cmd::User(u) => user(u, &connect()?, out),
+        Cmd::Status => {
+            let c = connect()?;
+            let v = c.get("/v1/status")?;
+            out.emit(&v, || {
+                let gv = v.get("governing").cloned().unwrap_or(Value::Null);
+                format!(
+                    "appliance  {}\nversion    {}\nyou        {}\npolicy     active {} (previous {}, generation {})\naudit      {} rows\n",
+                    c.url(),
+                    field(&v, "version"),
+                    field(&v, "you"),
+                    field(&gv, "active"),
+                    field(&gv, "previous"),
+                    field(&gv, "generation"),
+                    field(&v, "audit_head"),
+                )
+            });
+            Ok(0)
+        }
+    }
+}
+
+/// Reads a policy file, `-` meaning standard input.
+fn read_policy(path: &Path) -> Result<(String, String)> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| io_err("read", Path::new("standard input"), &e))?;
+        Ok(("<stdin>".to_owned(), s))
+    } else {
+        let s = std::fs::read_to_string(path).map_err(|e| io_err("read", path, &e))?;
+        Ok((path.display().to_string(), s))
+    }
+}
+
+fn policy_validate(files: &[PathBuf], out: &Out) -> Result<u8> {
+    let mut reports = Vec::new();
+    for f in files {
+        let (name, text) = read_policy(f)?;
+        reports.push(validate::check_text(&name, text)?);
+    }
+    let bad = reports.iter().filter(|r| r.result.is_err()).count();
+    let v = json!({
+        "ok": bad == 0,
+        "files": reports.iter().map(validate::report_json).collect::<Vec<_>>(),
+    });
+    out.emit(&v, || {
+        let mut s = String::new();
+        for r in &reports {
+            match &r.result {
+                Ok(n) => s.push_str(&format!("ok: {} ({n} policies)\n", r.file)),
+                Err(diags) => {
+                    for d in diags {
+                        s.push_str(&validate::render(&r.file, &r.text, d));
+                    }
+                }
+            }
+        }
+        if bad > 0 {
+            let problems: usize = reports
+                .iter()
+                .filter_map(|r| r.result.as_ref().err())
+                .map(Vec::len)
+                .sum();
+            s.push_str(&format!(
+                "{problems} problem(s) in {bad} of {} file(s)\n",
+                reports.len()
+            ));
+        }
+        s
+    });
+    Ok(if bad == 0 { 0 } else { Exit::CheckFailed as u8 })
+}
+
+/// Renders the appliance's `invalid_policy` details with carets when the text is at hand.
+fn explain_policy_error(mut e: CliError, file: &str, text: &str, out: &Out) -> CliError {
+    if e.code == "invalid_policy" && !out.is_json() {
+        if let Some(d) = e
+            .details
+            .clone()
+            .and_then(|d| serde_json::from_value::<Vec<validate::Diag>>(d).ok())
+        {
+            for x in &d {
+                eprint!("{}", validate::render(file, text, x));
+            }
+            e.message = format!(
+                "the appliance refused {file}: {} problem(s) (shown above)",
+                d.len()
+            );
+        }
+    }
+    e
+}
+
+fn policy_id(s: &str) -> Result<i64> {
+    s.parse().map_err(|_| {
+        CliError::new(
+            Exit::Usage,
+            format!("`{s}` is not a policy version id (a number, see `trustbind policy list`)"),
+        )
+    })
+}
+
+fn policy(p: PolicyCmd, c: &Client, out: &Out) -> Result<u8> {
+    match p {
+        PolicyCmd::Validate { .. } => Ok(0),
+        PolicyCmd::Upload {
+            file,
+            comment,
+            activate,
+        } => {
+            let (name, text) = read_policy(&file)?;
+            let v = c
+                .post("/v1/policies", &json!({ "text": text, "comment": comment }))
+                .map_err(|e| explain_policy_error(e, &name, &text, out))?;
+            let id = v.get("id").and_then(Value::as_i64).ok_or_else(|| {
+                CliError::new(
+                    Exit::Server,
+                    "the appliance answered an upload without an id",
+                )
+            })?;
+            let mut result = json!({ "upload": v });
+            if activate {
+                let a = c.post(&format!("/v1/policies/{id}/activate"), &json!({}))?;
+                if let Some(o) = result.as_object_mut() {
+                    o.insert("activate".into(), a);
+                }
+            }
+            out.emit(&result, || {
+                let mut s = format!(
+                    "uploaded {name} as draft v{id} ({} policies, sha256 {})\n",
+                    field(&v, "policies"),
+                    field(&v, "sha256")
+                );
+                if activate {
+                    s.push_str(&format!("activated v{id}\n"));
+                } else {
+                    s.push_str(&format!(
+                        "review: trustbind policy diff {id}; then: trustbind policy activate {id}\n"
+                    ));
+                }
+                s
+            });
+            Ok(0)
+        }
+        PolicyCmd::List => {
+            let v = c.get("/v1/policies")?;
+            out.emit(&v, || {
+                let active = v.pointer("/governing/active").and_then(Value::as_i64);
+                let rows: Vec<Vec<String>> = v
+                    .get("policies")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|p| {
+                                let id = p.get("id").and_then(Value::as_i64);
+                                vec![
+                                    format!(
+                                        "{}{}",
+                                        if id == active && id.is_some() {
+                                            "*"
+                                        } else {
+                                            " "
+                                        },
+                                        field(p, "id")
+                                    ),
+                                    field(p, "state"),
+                                    p.get("created_ms")
+                                        .and_then(Value::as_i64)
+                                        .map_or_else(|| "-".into(), time::fmt_ms),
+                                    field(p, "comment"),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&[" ID", "STATE", "CREATED (UTC)", "COMMENT"], &rows)
+            });
+            Ok(0)
+        }
+        PolicyCmd::Show { version, text } => {
+            let path = if version == "active" {
+                "/v1/policies/active".to_owned()
+            } else {
+                format!("/v1/policies/{}", policy_id(&version)?)
+            };
+            let v = c.get(&path)?;
+            out.emit(&v, || {
+                let body = field(&v, "text");
+                if text {
+                    return body;
+                }
+                format!(
+                    "# version {}  state {}  sha256 {}\n# comment: {}\n{body}",
+                    field(&v, "id"),
+                    field(&v, "state"),
+                    field(&v, "sha256"),
+                    field(&v, "comment"),
+                )
+            });
+            Ok(0)
+        }
+        PolicyCmd::Diff { draft, against } => {
+            let v = if let Ok(id) = draft.parse::<i64>() {
+                let q = against.map_or_else(String::new, |a| format!("?against={a}"));
+                c.get(&format!("/v1/policies/{id}/diff{q}"))?
+            } else {
+                local_diff(c, Path::new(&draft), against)?
+            };
+            out.emit(&v, || {
+                if v.get("changed").and_then(Value::as_bool) == Some(false) {
+                    "no changes\n".to_owned()
+                } else {
+                    field(&v, "diff")
+                }
+            });
+            Ok(0)
+        }
+        PolicyCmd::Activate { version } => {
+            let v = c.post(&format!("/v1/policies/{version}/activate"), &json!({}))?;
+            out.emit(&v, || {
+                format!(
+                    "v{version} is now active (generation {})\n",
+                    v.pointer("/governing/generation")
+                        .map_or_else(|| "-".into(), Value::to_string)
+                )
+            });
+            Ok(0)
+        }
+        PolicyCmd::Rollback => {
+            let v = c.post("/v1/policies/rollback", &json!({}))?;
+            out.emit(&v, || {
+                format!(
+                    "rolled back: v{} is active again (generation {})\n",
+                    v.pointer("/governing/active")
+                        .map_or_else(|| "-".into(), Value::to_string),
+                    v.pointer("/governing/generation")
+                        .map_or_else(|| "-".into(), Value::to_string)
+                )
+            });
+            Ok(0)
+        }
+        PolicyCmd::Test { draft, since, .. } => crate::replay::run(c, &draft, &since, out),
+    }
+}
+
+/// Diff of a local file against a stored version (default: the active one).
+fn local_diff(c: &Client, file: &Path, against: Option<i64>) -> Result<Value> {
+    let (name, text) = read_policy(file)?;
+    let old = match against {
+        Some(a) => c.get(&format!("/v1/policies/{a}"))?,
+        None => match c.get("/v1/policies/active") {
+            Ok(v) => v,
+            Err(e) if e.code == "not_found" => json!({ "id": null, "text": "" }),
+            Err(e) => return Err(e),
+        },
+    };
+    let old_text = old.get("text").and_then(Value::as_str).unwrap_or("");
+    let old_name = old
+        .get("id")
+        .and_then(Value::as_i64)
+        .map_or_else(|| "none".to_owned(), |i| format!("v{i}"));
+    let d = similar::TextDiff::from_lines(old_text, text.as_str());
+    let unified = d
+        .unified_diff()
+        .context_radius(3)
+        .header(&old_name, &name)
+        .to_string();
+    Ok(json!({
+        "from": old.get("id"),
+        "to": { "file": name },
+        "changed": old_text != text,
+        "diff": unified,
+    }))
+}
+
+fn sig(s: SigCmd, c: &Client, out: &Out) -> Result<u8> {
+    match s {
+        SigCmd::Add {
+            paths,
+            group,
+            source,
+        } => crate::hashing::add(c, &paths, &group, &source, out),
+        SigCmd::Ls { group, limit } => {
+            let mut all = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let want = if limit == 0 {
+                    1000
+                } else {
+                    limit.saturating_sub(all.len() as u64).min(1000)
+                };
+                if want == 0 {
+                    break;
+                }
+                let mut q: Vec<(&str, String)> = vec![("limit", want.to_string())];
+                if let Some(g) = &group {
+                    q.push(("group", g.clone()));
+                }
+                if let Some(a) = &after {
+                    q.push(("after", a.clone()));
+                }
+                let v = c.json(c.request(Method::GET, "/v1/signatures").query(&q))?;
+                if let Some(a) = v.get("signatures").and_then(Value::as_array) {
+                    all.extend(a.iter().cloned());
+                }
+                match v.get("next").and_then(Value::as_str) {
+                    Some(n) => after = Some(n.to_owned()),
+                    None => break,
+                }
+            }
+            let v = json!({ "signatures": all });
+            out.emit(&v, || {
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            field(s, "sha256"),
+                            field(s, "size"),
+                            field(s, "name"),
+                            field(s, "source"),
+                        ]
+                    })
+                    .collect();
+                table(&["SHA256", "SIZE", "NAME", "SOURCE"], &rows)
+            });
+            Ok(0)
+        }
+        SigCmd::Show { sha256 } => {
+            let v = c.get(&format!("/v1/signatures/{}", enc(&sha256)))?;
+            out.emit(&v, || {
+                format!(
+                    "sha256  {}\nsha1    {}\nsize    {}\nname    {}\nsource  {}\ngroups  {}\n",
+                    field(&v, "sha256"),
+                    field(&v, "sha1"),
+                    field(&v, "size"),
+                    field(&v, "name"),
+                    field(&v, "source"),
+                    v.get("groups")
+                        .and_then(Value::as_array)
+                        .map(|g| g
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default()
+                )
+            });
+            Ok(0)
+        }
+        SigCmd::Rm { sha256 } => {
+            let mut removed = 0_u64;
+            let mut missing: Vec<Value> = Vec::new();
+            for chunk in sha256.chunks(trustbind_appliance::admin::MAX_BATCH) {
+                let v = c.post("/v1/signatures/remove", &json!({ "sha256": chunk }))?;
+                removed += v.get("removed").and_then(Value::as_u64).unwrap_or(0);
+                if let Some(m) = v.get("missing").and_then(Value::as_array) {
+                    missing.extend(m.iter().cloned());
+                }
+            }
+            let v = json!({ "removed": removed, "missing": missing });
+            out.emit(&v, || {
+                let mut s = format!("removed {removed} signature(s)\n");
+                for m in &missing {
+                    s.push_str(&format!("not found: {}\n", m.as_str().unwrap_or("?")));
+                }
+                s
+            });
+            Ok(if missing.is_empty() {
+                0
+            } else {
+                Exit::Refused as u8
+            })
+        }
+        SigCmd::ImportNsrl {
+            db,
+            group,
+            filters,
+            batch,
+            restart,
+            max_rows,
+            state,
+        } => crate::nsrl::import(
+            c,
+            &crate::nsrl::Options {
+                db,
+                group,
+                filters,
+                batch,
+                restart,
+                max_rows,
+                state,
+            },
+            out,
+        ),
+    }
+}
+
+/// Percent-encodes a path segment.
+pub fn enc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            o.push(char::from(b));
+        } else {
+            o.push_str(&format!("%{b:02X}"));
+        }
+    }
+    o
+}
+
+fn group(gc: GroupCmd, c: &Client, out: &Out) -> Result<u8> {
+    match gc {
+        GroupCmd::Ls => {
+            let v = c.get("/v1/groups")?;
+            out.emit(&v, || {
+                let rows: Vec<Vec<String>> = v
+                    .get("groups")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|g| {
+                                vec![
+                                    field(g, "name"),
+                                    field(g, "members"),
+                                    field(g, "description"),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["NAME", "MEMBERS", "DESCRIPTION"], &rows)
+            });
+            Ok(0)
+        }
+        GroupCmd::Create { name, description } => {
+            let v = c.post(
+                "/v1/groups",
+                &json!({ "name": name, "description": description }),
+            )?;
+            out.emit(&v, || {
+                if v.get("created").and_then(Value::as_bool) == Some(true) {
+                    format!("created group {name}\n")
+                } else {
+                    format!("group {name} already exists\n")
+                }
+            });
+            Ok(0)
+        }
+        GroupCmd::Show { name } => {
+            let v = c.get(&format!("/v1/groups/{}", enc(&name)))?;
+            out.emit(&v, || {
+                let g = v.get("group").cloned().unwrap_or(Value::Null);
+                format!(
+                    "name         {}\nmembers      {}\ndescription  {}\n",
+                    field(&g, "name"),
+                    field(&g, "members"),
+                    field(&g, "description")
+                )
+            });
+            Ok(0)
+        }
+        GroupCmd::Rm { name } => {
+            let v = c.json(c.request(Method::DELETE, &format!("/v1/groups/{}", enc(&name))))?;
+            out.emit(&v, || {
+                format!(
+                    "deleted group {name} ({} membership(s) removed)\n",
+                    field(&v, "members_removed")
+                )
+            });
+            Ok(0)
+        }
+        GroupCmd::Add { name, sha256 } => {
+            let mut added = 0;
+            let mut already = 0;
+            for chunk in sha256.chunks(trustbind_appliance::admin::MAX_BATCH) {
+                let v = c.post(
+                    &format!("/v1/groups/{}/members", enc(&name)),
+                    &json!({ "sha256": chunk }),
+                )?;
+                added += v.get("added").and_then(Value::as_u64).unwrap_or(0);
+                already += v
+                    .get("already_members")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+            }
+            let v = json!({ "added": added, "already_members": already });
+            out.emit(&v, || {
+                format!("added {added} to {name} ({already} already members)\n")
+            });
+            Ok(0)
+        }
+        GroupCmd::Remove { name, sha256 } => {
+            let mut removed = 0;
+            let mut not = 0;
+            for chunk in sha256.chunks(trustbind_appliance::admin::MAX_BATCH) {
+                let v = c.post(
+                    &format!("/v1/groups/{}/members/remove", enc(&name)),
+                    &json!({ "sha256": chunk }),
+                )?;
+                removed += v.get("removed").and_then(Value::as_u64).unwrap_or(0);
+                not += v.get("not_members").and_then(Value::as_u64).unwrap_or(0);
+            }
+            let v = json!({ "removed": removed, "not_members": not });
+            out.emit(&v, || {
+                format!("removed {removed} from {name} ({not} were not members)\n")
+            });
+            Ok(0)
+        }
+    }
+}
+
+fn host_rows(v: &Value) -> Vec<Vec<String>> {
+    v.get("hosts")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|h| {
+                    vec![
+                        field(h, "name"),
+                        field(h, "host_group"),
+                        field(h, "state"),
+                        h.get("changed_ms")
+                            .and_then(Value::as_i64)
+                            .map_or_else(|| "-".into(), time::fmt_ms),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn host(h: HostCmd, c: &Client, out: &Out) -> Result<u8> {
+    match h {
+        HostCmd::EnrollToken { name, host_group } => {
+            let v = c.post(
+                "/v1/hosts",
+                &json!({ "name": name, "host_group": host_group }),
+            )?;
+            out.emit(&v, || {
+                format!(
+                    "host {name} registered in {host_group} (pending enrolment)\n\
+                     one-time enrolment token (shown once, keep it secret):\n{}\n",
+                    field(&v, "token")
+                )
+            });
+            Ok(0)
+        }
+        HostCmd::List => {
+            let mut all = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let mut q = vec![("limit", "1000".to_owned())];
+                if let Some(a) = &after {
+                    q.push(("after", a.clone()));
+                }
+                let v = c.json(c.request(Method::GET, "/v1/hosts").query(&q))?;
+                if let Some(a) = v.get("hosts").and_then(Value::as_array) {
+                    all.extend(a.iter().cloned());
+                }
+                match v.get("next").and_then(Value::as_str) {
+                    Some(n) => after = Some(n.to_owned()),
+                    None => break,
+                }
+            }
+            let v = json!({ "hosts": all });
+            out.emit(&v, || {
+                table(
+                    &["NAME", "HOST GROUP", "STATE", "CHANGED (UTC)"],
+                    &host_rows(&v),
+                )
+            });
+            Ok(0)
+        }
+        HostCmd::Show { name } => {
+            let v = c.get(&format!("/v1/hosts/{}", enc(&name)))?;
+            out.emit(&v, || {
+                let h = v.get("host").cloned().unwrap_or(Value::Null);
+                format!(
+                    "name         {}\nhost group   {}\nstate        {}\ncert serial  {}\n",
+                    field(&h, "name"),
+                    field(&h, "host_group"),
+                    field(&h, "state"),
+                    field(&h, "cert_serial"),
+                )
+            });
+            Ok(0)
+        }
+        HostCmd::Revoke { name } => {
+            let v = c.post(&format!("/v1/hosts/{}/revoke", enc(&name)), &json!({}))?;
+            out.emit(&v, || format!("revoked host {name}\n"));
+            Ok(0)
+        }
+        HostCmd::Group(HostGroupCmd::Ls) => {
+            let v = c.get("/v1/host-groups")?;
+            out.emit(&v, || {
+                let rows: Vec<Vec<String>> = v
+                    .get("host_groups")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|g| vec![field(g, "name"), field(g, "mode"), field(g, "hosts")])
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["NAME", "MODE", "HOSTS"], &rows)
+            });
+            Ok(0)
+        }
+        HostCmd::Group(HostGroupCmd::Set { name, mode }) => {
+            let m = match mode {
+                ModeArg::Enforce => "enforce",
+                ModeArg::Permissive => "permissive",
+                ModeArg::Disabled => "disabled",
+            };
+            let v = c.json(
+                c.request(Method::PUT, &format!("/v1/host-groups/{}", enc(&name)))
+                    .json(&json!({ "mode": m })),
+            )?;
+            out.emit(&v, || format!("host group {name}: mode {m}\n"));
+            Ok(0)
+        }
+        HostCmd::Group(HostGroupCmd::Rm { name }) => {
+            let v =
+                c.json(c.request(Method::DELETE, &format!("/v1/host-groups/{}", enc(&name))))?;
+            out.emit(&json!({ "deleted": name, "result": v }), || {
+                format!("deleted host group {name}\n")
+            });
+            Ok(0)
+        }
+    }
+}
+
+fn user(u: UserCmd, c: &Client, out: &Out) -> Result<u8> {
+    let roles_of = |u: &Value| {
+        u.get("roles")
+            .and_then(Value::as_array)
+            .map(|r| {
+                r.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    match u {
+        UserCmd::Ls => {
+            let users = crate::replay::list_all(c, "/v1/users", "users")?;
+            let v = json!({ "users": users });
+            out.emit(&v, || {
+                let rows: Vec<Vec<String>> = users
+                    .iter()
+                    .map(|u| vec![field(u, "name"), roles_of(u)])
+                    .collect();
+                table(&["NAME", "ROLES"], &rows)
+            });
+        }
+        UserCmd::Show { name } => {
+            let v = c.get(&format!("/v1/users/{}", enc(&name)))?;
+            out.emit(&v, || {
+                let u = v.get("user").cloned().unwrap_or(Value::Null);
+                format!("name   {}\nroles  {}\n", field(&u, "name"), roles_of(&u))
+            });
+        }
+        UserCmd::Set { name, roles } => {
+            let v = c.json(
+                c.request(Method::PUT, &format!("/v1/users/{}", enc(&name)))
+                    .json(&json!({ "roles": roles })),
+            )?;
+            out.emit(&v, || {
+                let u = v.get("user").cloned().unwrap_or(Value::Null);
+                format!("{name}: roles [{}]\n", roles_of(&u))
+            });
+        }
+        UserCmd::Rm { name } => {
+            c.json(c.request(Method::DELETE, &format!("/v1/users/{}", enc(&name))))?;
+            out.emit(&json!({ "deleted": name }), || {
+                format!("deleted user {name}\n")
+            });
+        }
+    }
+    Ok(0)
+}
+
+/// One audit row as a text line.
+fn audit_line(r: &Value) -> String {
+    format!(
+        "{:>6}  {}  {:<18} {:<22} {}",
+        field(r, "seq"),
+        r.get("at_ms")
+            .and_then(Value::as_i64)
+            .map_or_else(|| "-".into(), time::fmt_ms),
+        field(r, "kind"),
+        field(r, "actor"),
+        field(r, "detail"),
+    )
+}
+
+fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
+    match a {
+        AuditCmd::Tail {
+            lines,
+            follow,
+            interval_ms,
+        } => {
+            let lines = lines.clamp(1, trustbind_appliance::admin::PAGE_MAX);
+            let v = c.json(
+                c.request(Method::GET, "/v1/audit")
+                    .query(&[("limit", lines)]),
+            )?;
+            let print = |rows: &Value| {
+                for r in rows.as_array().into_iter().flatten() {
+                    if out.is_json() {
+                        out.line(&r.to_string());
+                    } else {
+                        out.line(&audit_line(r));
+                    }
+                }
+            };
+            if !follow {
+                if out.is_json() {
+                    out.emit(&v, String::new);
+                } else {
+                    print(v.get("rows").unwrap_or(&Value::Null));
+                }
+                return Ok(0);
+            }
+            print(v.get("rows").unwrap_or(&Value::Null));
+            let mut next = v.get("next").and_then(Value::as_i64).unwrap_or(0);
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(interval_ms));
+                let v = c.json(c.request(Method::GET, "/v1/audit").query(&[
+                    ("after", next),
+                    ("limit", i64::from(trustbind_appliance::admin::PAGE_MAX)),
+                ]))?;
+                print(v.get("rows").unwrap_or(&Value::Null));
+                next = v.get("next").and_then(Value::as_i64).unwrap_or(next);
+            }
+        }
+        AuditCmd::Export {
+            since,
+            kind,
+            out: file,
+        } => {
+            let mut q: Vec<(&str, String)> = Vec::new();
+            if let Some(s) = &since {
+                q.push((
+                    "since_ms",
+                    time::parse_since(s, time::now_ms())?.to_string(),
+                ));
+            }
+            if let Some(k) = &kind {
+                q.push(("kind", k.clone()));
+            }
+            let mut resp = c.send(c.request(Method::GET, "/v1/audit/export").query(&q))?;
+            let n = match &file {
+                Some(path) => {
+                    let f = std::fs::File::create(path).map_err(|e| io_err("create", path, &e))?;
+                    let mut w = CountingWriter {
+                        inner: std::io::BufWriter::new(f),
+                        lines: 0,
+                    };
+                    resp.copy_to(&mut w).map_err(|e| {
+                        CliError::new(Exit::Connect, format!("the audit export broke off: {e}"))
+                    })?;
+                    std::io::Write::flush(&mut w.inner).map_err(|e| io_err("write", path, &e))?;
+                    w.lines
+                }
+                None => {
+                    let mut w = CountingWriter {
+                        inner: std::io::stdout().lock(),
+                        lines: 0,
+                    };
+                    resp.copy_to(&mut w).map_err(|e| {
+                        CliError::new(Exit::Connect, format!("the audit export broke off: {e}"))
+                    })?;
+                    w.lines
+                }
+            };
+            if let Some(path) = &file {
+                out.note(&format!("exported {n} audit row(s) to {}", path.display()));
+            }
+            Ok(0)
+        }
+        AuditCmd::Verify => {
+            let v = c.get("/v1/audit/verify")?;
+            let ok = v.get("ok").and_then(Value::as_bool) == Some(true);
+            out.emit(&v, || {
+                if ok {
+                    format!("audit chain intact: {} rows verified\n", field(&v, "rows"))
+                } else {
+                    format!("audit chain BROKEN: {}\n", field(&v, "error"))
+                }
+            });
+            Ok(if ok { 0 } else { Exit::CheckFailed as u8 })
+        }
+    }
+}
+
+/// Counts the lines written through it.
+struct CountingWriter<W> {
+    inner: W,
+    lines: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.lines += buf
+            .get(..n)
+            .map_or(0, |b| b.iter().filter(|&&x| x == b'\n').count() as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,125 @@
+//! A real appliance admin API on 127.0.0.1 (real store in a temp dir, the
+//! appliance's own PKI, real TLS) and a `trustbind` command configured for it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use assert_cmd::Command;
+use trustbind_appliance::admin::{self, AdminState};
+use trustbind_appliance::pki::Pki;
+use trustbind_appliance::store::Store;
+
+/// A running admin API and the files a CLI user needs.
+pub struct Appliance {
+    /// Holds the store, the PKI and the CLI files.
+    pub dir: tempfile::TempDir,
+    /// The store behind the API (for checks and for seeding audit rows).
+    pub store: Arc<Store>,
+    /// The PKI.
+    pub pki: Arc<Pki>,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// The config file pointing at admin.pem / admin.key / ca.pem.
+    pub config: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Appliance {
+    /// Starts the admin API.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("appliance.db")).unwrap());
+        let pki = Arc::new(
+            Pki::open_or_create(
+                &dir.path().join("pki"),
+                &["127.0.0.1".to_owned(), "localhost".to_owned()],
+            )
+            .unwrap(),
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_l.set_nonblocking(true).unwrap();
+        let addr = std_l.local_addr().unwrap();
+        let server = pki.admin_server_config().unwrap();
+        let state = AdminState::new(Arc::clone(&store));
+        {
+            let _g = rt.enter();
+            let l = tokio::net::TcpListener::from_std(std_l).unwrap();
+            rt.spawn(admin::serve(l, server, admin::router(state)));
+        }
+        let cli = dir.path().join("cli");
+        std::fs::create_dir_all(&cli).unwrap();
+        let (cert, key) = pki.issue_admin("alice").unwrap();
+        std::fs::write(cli.join("admin.pem"), cert).unwrap();
+        std::fs::write(cli.join("admin.key"), key.as_bytes()).unwrap();
+        std::fs::write(cli.join("ca.pem"), pki.ca_pem()).unwrap();
+        let url = format!("https://{addr}");
+        let config = cli.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "url = \"{url}\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\nca = \"ca.pem\"\n"
+            ),
+        )
+        .unwrap();
+        Self {
+            dir,
+            store,
+            pki,
+            url,
+            config,
+            rt,
+        }
+    }
+
+    /// The directory with admin.pem, admin.key, ca.pem, config.toml.
+    pub fn cli_dir(&self) -> PathBuf {
+        self.dir.path().join("cli")
+    }
+
+    /// `trustbind` with a clean environment and this appliance's config.
+    pub fn tb(&self) -> Command {
+        let mut c = Command::cargo_bin("trustbind").unwrap();
+        c.env_clear()
+            .env("HOME", self.dir.path())
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TRUSTBIND_CONFIG", &self.config);
+        c
+    }
+
+    /// Runs `trustbind -o json ARGS`, expects success, returns the JSON.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let a = self.tb().arg("-o").arg("json").args(args).assert();
+        let out = a.get_output();
+        assert!(
+            out.status.success(),
+            "trustbind {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{e}: {}", String::from_utf8_lossy(&out.stdout));
+        })
+    }
+
+    /// Runs `trustbind ARGS` (text), expects success, returns stdout.
+    pub fn text(&self, args: &[&str]) -> String {
+        let a = self.tb().args(args).assert();
+        let out = a.get_output();
+        assert!(
+            out.status.success(),
+            "trustbind {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout.clone()).unwrap()
+    }
+}
+
+/// The repository's `policies/` directory.
+pub fn policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
+}

@@ -1,0 +1,379 @@
+//! `trustbind` end to end against a real admin API on loopback.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::os::unix::fs::PermissionsExt as _;
+
+use common::{policies, Appliance};
+use predicates::prelude::*;
+use serde_json::Value;
+
+#[test]
+fn policy_lifecycle() {
+    let a = Appliance::start();
+    let st = a.json(&["status"]);
+    assert_eq!(st["you"], "admin:alice");
+
+    // An invalid upload is refused with the offending line shown.
+    let bad = a.dir.path().join("bad.cedar");
+    std::fs::write(
+        &bad,
+        "permit(principal, action == Trustbind::Action::\"exec\", resource)\nwhen { context.nope == 1 };\n",
+    )
+    .unwrap();
+    let out = a
+        .tb()
+        .args(["policy", "upload"])
+        .arg(&bad)
+        .assert()
+        .code(5)
+        .get_output()
+        .stderr
+        .clone();
+    let err = String::from_utf8(out).unwrap();
+    assert!(
+        err.contains(&format!("error: {}:2:", bad.display())),
+        "{err}"
+    );
+    assert!(err.contains("2 | when { context.nope == 1 };"), "{err}");
+    assert!(err.contains("the appliance refused"), "{err}");
+
+    // Upload baseline as a draft; diff against nothing active; activate.
+    let baseline = policies().join("baseline.cedar");
+    let up = a.json(&["policy", "upload", baseline.to_str().unwrap(), "-m", "base"]);
+    let v1 = up["upload"]["id"].as_i64().unwrap();
+    assert_eq!(up["upload"]["state"], "draft");
+    let d = a.text(&["policy", "diff", &v1.to_string()]);
+    assert!(d.contains("+@id(\"exec-approved-system-programs\")"), "{d}");
+    a.text(&["policy", "activate", &v1.to_string()]);
+    let shown = a.text(&["policy", "show", "--text"]);
+    assert_eq!(shown, std::fs::read_to_string(&baseline).unwrap());
+
+    // A local file diffs against the active version, without uploading.
+    let office = policies().join("office-hours.cedar");
+    let d = a.json(&["policy", "diff", office.to_str().unwrap()]);
+    assert_eq!(d["changed"], true);
+    assert!(d["diff"]
+        .as_str()
+        .unwrap()
+        .contains("+@id(\"maintenance-tools-in-office-hours\")"));
+    let same = a.text(&["policy", "diff", baseline.to_str().unwrap()]);
+    assert_eq!(same, "no changes\n");
+
+    // Upload and activate in one go, then roll back.
+    let up2 = a.json(&["policy", "upload", office.to_str().unwrap(), "--activate"]);
+    let v2 = up2["upload"]["id"].as_i64().unwrap();
+    assert_eq!(up2["activate"]["governing"]["active"], v2);
+    let list = a.json(&["policy", "list"]);
+    assert_eq!(list["governing"]["active"], v2);
+    assert_eq!(list["policies"].as_array().unwrap().len(), 2);
+    let text = a.text(&["policy", "list"]);
+    assert!(text.contains(&format!("*{v2}")), "{text}");
+    let rb = a.json(&["policy", "rollback"]);
+    assert_eq!(rb["governing"]["active"], v1);
+    let show = a.json(&["policy", "show", &v2.to_string()]);
+    assert_eq!(show["id"], v2);
+
+    // Errors: unknown version, not a number.
+    a.tb()
+        .args(["policy", "activate", "999"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("no policy version 999"));
+    a.tb()
+        .args(["policy", "show", "latest"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "`latest` is not a policy version id",
+        ));
+}
+
+#[test]
+fn signatures_and_groups() {
+    let a = Appliance::start();
+    let root = a.dir.path().join("tree");
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    let mk = |p: &str, body: &[u8], mode: u32| {
+        let f = root.join(p);
+        std::fs::write(&f, body).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mk("tool", b"abc", 0o755);
+    mk("sub/other", b"other tool", 0o700);
+    mk("sub/deeper/third", b"third", 0o555);
+    mk("README", b"text", 0o644);
+    mk("sub/data.json", b"{}", 0o600);
+    std::os::unix::fs::symlink(root.join("tool"), root.join("link")).unwrap();
+
+    let v = a.json(&["sig", "add", root.to_str().unwrap(), "--group", "system"]);
+    assert_eq!(v["hashed"], 3);
+    assert_eq!(v["skipped_non_executable"], 2);
+    assert_eq!(v["skipped_other"], 1);
+    assert_eq!(v["inserted"], 3);
+    assert_eq!(v["added_to_group"], 3);
+    let text = a.text(&["sig", "add", root.to_str().unwrap(), "-g", "system"]);
+    assert!(text.contains("hashed 3 executable(s); skipped 2 non-executable file(s) and 1 link(s)/special file(s)"), "{text}");
+    assert!(
+        text.contains("0 new, 0 updated, 3 unchanged; 0 added to group system"),
+        "{text}"
+    );
+
+    // The SHA-256 and SHA-1 of "abc".
+    let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    let s = a.json(&["sig", "show", abc]);
+    assert_eq!(s["sha1"], "a9993e364706816aba3e25717850c26c9cd0d89d");
+    assert_eq!(s["groups"], serde_json::json!(["system"]));
+    assert_eq!(s["size"], 3);
+
+    // Listing, with paging through the API (limit 2 per page inside is not
+    // configurable, so check totals and the group filter).
+    let all = a.json(&["sig", "ls", "--group", "system", "--limit", "0"]);
+    assert_eq!(all["signatures"].as_array().unwrap().len(), 3);
+    let two = a.json(&["sig", "ls", "-n", "2"]);
+    assert_eq!(two["signatures"].as_array().unwrap().len(), 2);
+
+    // Groups.
+    a.text(&["group", "create", "admin-tools", "-d", "only for admins"]);
+    let again = a.text(&["group", "create", "admin-tools"]);
+    assert_eq!(again, "group admin-tools already exists\n");
+    let add = a.json(&["group", "add", "admin-tools", abc]);
+    assert_eq!(add["added"], 1);
+    let g = a.json(&["group", "show", "admin-tools"]);
+    assert_eq!(g["group"]["members"], 1);
+    assert_eq!(g["group"]["description"], "only for admins");
+    let ls = a.json(&["group", "ls"]);
+    let names: Vec<&str> = ls["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["admin-tools", "system"]);
+    let rm = a.json(&["group", "remove", "admin-tools", abc]);
+    assert_eq!(rm["removed"], 1);
+    a.text(&["group", "rm", "admin-tools"]);
+    a.tb()
+        .args(["group", "show", "admin-tools"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("no group `admin-tools`"));
+
+    // Removing: one known, one unknown.
+    let unknown = "0".repeat(64);
+    let out = a
+        .tb()
+        .args(["sig", "rm", abc, &unknown])
+        .assert()
+        .code(5)
+        .get_output()
+        .stdout
+        .clone();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("removed 1 signature(s)"), "{out}");
+    assert!(out.contains(&format!("not found: {unknown}")), "{out}");
+    a.tb()
+        .args(["sig", "show", "xyz"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("is not a SHA-256"));
+    // A path that does not exist: a local error naming it.
+    a.tb()
+        .args(["sig", "add", "/nonexistent/bin", "--group", "system"])
+        .assert()
+        .code(7)
+        .stderr(predicate::str::contains("cannot inspect /nonexistent/bin"));
+}
+
+#[test]
+fn hosts() {
+    let a = Appliance::start();
+    a.tb()
+        .args(["host", "enroll-token", "web1", "--host-group", "web"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("no host group `web`"));
+    a.text(&["host", "group", "set", "web", "--mode", "enforce"]);
+    let t = a.json(&["host", "enroll-token", "web1", "--host-group", "web"]);
+    let token = t["token"].as_str().unwrap();
+    assert_eq!(token.len(), 64);
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+    let text = a.text(&["host", "enroll-token", "web2", "-g", "web"]);
+    assert!(text.contains("shown once"), "{text}");
+    let l = a.json(&["host", "list"]);
+    assert_eq!(l["hosts"].as_array().unwrap().len(), 2);
+    assert_eq!(l["hosts"][0]["state"], "pending");
+    let hg = a.json(&["host", "group", "ls"]);
+    assert_eq!(hg["host_groups"][0]["mode"], "enforce");
+    a.text(&["host", "group", "set", "web", "--mode", "permissive"]);
+    let hg = a.json(&["host", "group", "ls"]);
+    assert_eq!(hg["host_groups"][0]["mode"], "permissive");
+    a.text(&["host", "revoke", "web1"]);
+    let h = a.json(&["host", "show", "web1"]);
+    assert_eq!(h["host"]["state"], "revoked");
+    let listing = a.text(&["host", "list"]);
+    assert!(
+        listing.contains("web1") && listing.contains("revoked"),
+        "{listing}"
+    );
+    a.tb().args(["host", "revoke", "nope"]).assert().code(5);
+}
+
+#[test]
+fn users_and_roles() {
+    let a = Appliance::start();
+    let v = a.json(&["user", "set", "alice", "--role", "admin", "-r", "dba"]);
+    assert_eq!(v["user"]["roles"], serde_json::json!(["admin", "dba"]));
+    a.text(&["user", "set", "bob"]);
+    let l = a.json(&["user", "ls"]);
+    assert_eq!(l["users"].as_array().unwrap().len(), 2);
+    let t = a.text(&["user", "show", "alice"]);
+    assert!(t.contains("roles  admin, dba"), "{t}");
+    a.text(&["user", "rm", "bob"]);
+    a.tb()
+        .args(["user", "show", "bob"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("no user `bob`"));
+}
+
+#[test]
+fn audit_tail_export_verify_and_follow() {
+    let a = Appliance::start();
+    a.text(&["group", "create", "g1"]);
+    a.text(&["group", "create", "g2"]);
+    let tail = a.json(&["audit", "tail", "-n", "5"]);
+    let rows = tail["rows"].as_array().unwrap();
+    assert!(!rows.is_empty());
+    assert!(rows.iter().all(|r| r["actor"] == "admin:alice"));
+    let text = a.text(&["audit", "tail"]);
+    assert!(text.contains("admin:alice"), "{text}");
+
+    // Export to a file: JSON lines, every row since an hour ago.
+    let file = a.dir.path().join("audit.jsonl");
+    a.tb()
+        .args(["audit", "export", "--since", "1h", "-O"])
+        .arg(&file)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("exported"));
+    let body = std::fs::read_to_string(&file).unwrap();
+    let head = a.store.audit_head().unwrap();
+    assert_eq!(body.lines().count() as i64, head);
+    for l in body.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        assert!(v["seq"].as_i64().unwrap() >= 1);
+    }
+    // Nothing in the future.
+    let none = a.text(&["audit", "export", "--since", "2999-01-01"]);
+    assert_eq!(none, "");
+    a.tb()
+        .args(["audit", "export", "--since", "yesterday"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("`yesterday` is not a time"));
+
+    let v = a.json(&["audit", "verify"]);
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["rows"], head);
+
+    // --follow prints rows written after it started.
+    let bin = assert_cmd::cargo::cargo_bin("trustbind");
+    let mut child = std::process::Command::new(bin)
+        .env("TRUSTBIND_CONFIG", &a.config)
+        .args([
+            "-o",
+            "json",
+            "audit",
+            "tail",
+            "-n",
+            "1",
+            "--follow",
+            "--interval-ms",
+            "50",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["seq"], head);
+    a.text(&["group", "create", "followed"]);
+    let next: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(next["seq"], head + 1);
+    assert!(next["detail"].as_str().unwrap().contains("followed"));
+}
+
+#[test]
+fn credential_and_connection_errors() {
+    let a = Appliance::start();
+    let cli = a.cli_dir();
+    // An admin certificate from another CA: the appliance refuses it.
+    let other = tempfile::tempdir().unwrap();
+    let pki2 =
+        trustbind_appliance::pki::Pki::open_or_create(other.path(), &["127.0.0.1".to_owned()])
+            .unwrap();
+    let (c2, k2) = pki2.issue_admin("mallory").unwrap();
+    std::fs::write(other.path().join("m.pem"), c2).unwrap();
+    std::fs::write(other.path().join("m.key"), k2.as_bytes()).unwrap();
+    std::fs::write(other.path().join("ca2.pem"), pki2.ca_pem()).unwrap();
+    let a1 = a
+        .tb()
+        .arg("status")
+        .arg("--cert")
+        .arg(other.path().join("m.pem"))
+        .arg("--key")
+        .arg(other.path().join("m.key"))
+        .assert()
+        .code(4);
+    let err = String::from_utf8(a1.get_output().stderr.clone()).unwrap();
+    assert!(err.contains("rejected the admin certificate"), "{err}");
+    assert!(err.contains("m.pem"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!err.contains("PRIVATE KEY"), "{err}");
+
+    // The wrong CA: the server certificate is not trusted.
+    a.tb()
+        .arg("status")
+        .env("TRUSTBIND_CA", other.path().join("ca2.pem"))
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains(
+            "presented a certificate that the CA in",
+        ));
+
+    // A key that does not fit the certificate.
+    a.tb()
+        .arg("status")
+        .arg("--key")
+        .arg(other.path().join("m.key"))
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("does not fit the certificate"));
+
+    // A key file that is not a key; the message names the file only.
+    std::fs::write(cli.join("junk.key"), "-----BEGIN NOTHING-----\n").unwrap();
+    a.tb()
+        .arg("status")
+        .arg("--key")
+        .arg(cli.join("junk.key"))
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("holds no PEM private key"));
+
+    // Nobody listening.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    a.tb()
+        .arg("status")
+        .env("TRUSTBIND_URL", format!("https://127.0.0.1:{port}"))
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains("connection refused"));
+}

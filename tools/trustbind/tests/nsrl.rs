@@ -142,7 +142,12 @@ fn import_reimport_and_resume() {
     assert_eq!(v["inserted"], want.len() as u64);
     assert_eq!(members(&a, "nsrl"), want);
     eprintln!(
-        "NSRL import (debug build, appliance in-process): {} rows/s",
+        "NSRL import ({} build, appliance in-process, batch 5000): {} rows/s",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         v["rows_per_second"]
     );
     // The SHA-1 and the name come along.

@@ -28,7 +28,12 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
     match cli.cmd {
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "trustbind", &mut std::io::stdout());
+            // Into a buffer first: clap_complete panics on a write error
+            // (e.g. a closed pipe), a plain write does not.
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "trustbind", &mut buf);
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(&buf);
             Ok(0)
         }
         Cmd::Policy(PolicyCmd::Validate { files }) => policy_validate(&files, out),

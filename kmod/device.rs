@@ -35,7 +35,7 @@ use kernel::time::msecs_to_jiffies;
 use kernel::uaccess::UserSlice;
 
 use crate::proto::{self, DecodeError, HelloAck, Mode, Record, Verdict};
-use crate::sys::{self, Hashers, ModulePin};
+use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin};
 
 /// Most requests waiting for a verdict at once; more fail with `EBUSY`
 /// (and are then treated as unanswered).
@@ -125,6 +125,10 @@ struct State {
     /// Number of entries in `pending`.
     n_pending: usize,
     next_id: u64,
+    /// The executable of the last agent that opened the device (kept after
+    /// it leaves): exec'ing exactly that file is allowed while no agent is
+    /// connected, so a dead agent can be restarted in enforce mode.
+    pinned_agent: Option<FileId>,
 }
 
 impl State {
@@ -184,6 +188,7 @@ impl Channel {
                 enforce_pin: None,
                 n_pending: 0,
                 next_id: 1,
+                pinned_agent: None,
             }),
             verdicts <- new_condvar!(),
             mode: AtomicU8::new(Mode::Disabled as u8),
@@ -206,6 +211,8 @@ impl Channel {
             return Err(EBUSY);
         }
         st.agent = Some(tgid);
+        // Only a file whose changes the kernel can see may be pinned.
+        st.pinned_agent = sys::current_exe_id().filter(|id| id.has_change_cookie != 0);
         st.greeted = false;
         st.outbox.clear();
         self.queued.store(0, Ordering::Release);
@@ -236,6 +243,18 @@ impl Channel {
     /// Whether `tgid` is the connected agent.
     pub(crate) fn is_agent(&self, tgid: u32) -> bool {
         tgid != 0 && self.agent_tgid.load(Ordering::Acquire) == tgid
+    }
+
+    /// Whether `info` is the pinned agent binary, unchanged since the agent
+    /// opened the device.
+    pub(crate) fn is_pinned_agent(&self, info: &ExecInfo) -> bool {
+        self.state.lock().pinned_agent.is_some_and(|p| {
+            info.has_change_cookie != 0
+                && p.dev == info.dev
+                && p.ino == info.ino
+                && p.generation == info.generation
+                && p.change_cookie == info.change_cookie
+        })
     }
 
     /// Queues `rec` for the agent and sleeps until its verdict, a timeout,

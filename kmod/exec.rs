@@ -19,7 +19,9 @@
 //! | signal while waiting        | restart the exec                |
 //!
 //! In disabled mode nothing is hashed or asked. The agent's own execs are
-//! exempt (it must be able to run while nothing answers). Counters of all
+//! exempt (it must be able to run while nothing answers), and so is an exec
+//! of the agent's own binary, unchanged, while no agent is connected (the
+//! "pinned agent binary": a dead agent can be restarted in enforce mode). Counters of all
 //! this are in `/sys/kernel/debug/trustbind/exec_*`.
 //!
 //! Verdicts are cached ([`Cache`], logic in `proto/src/cache.rs`) by file
@@ -177,6 +179,8 @@ pub(crate) struct Stats {
     pub(crate) cache_stored: AtomicU64,
     /// Times the policy generation moved and the cache was emptied.
     pub(crate) cache_flushes: AtomicU64,
+    /// Execs of the pinned agent binary allowed with no agent connected.
+    pub(crate) pinned_agent: AtomicU64,
 }
 
 /// The exec path's counters.
@@ -192,6 +196,7 @@ pub(crate) static STATS: Stats = Stats {
     cache_misses: AtomicU64::new(0),
     cache_stored: AtomicU64::new(0),
     cache_flushes: AtomicU64::new(0),
+    pinned_agent: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64) {
@@ -295,6 +300,15 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
                 s.exec_cache.store(key, &v, &sha256);
             }
             enforce(&v, path).inspect(|()| s.lineage.record(&info, &sha256, &chain))
+        }
+        Answer::NoAgent if s.channel.is_pinned_agent(&info) => {
+            // The agent itself must be able to start again in enforce mode.
+            bump(&STATS.pinned_agent);
+            pr_info!(
+                "exec of the pinned agent binary allowed with no agent connected: {}\n",
+                core::str::from_utf8(&path[..path.len().min(256)]).unwrap_or("<non-utf8 path>")
+            );
+            Ok(())
         }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),

@@ -154,6 +154,7 @@ impl kernel::Module for Trustbind {
             (c_str!("exec_cache_misses"), &st.cache_misses),
             (c_str!("exec_cache_stored"), &st.cache_stored),
             (c_str!("exec_cache_flushes"), &st.cache_flushes),
+            (c_str!("exec_pinned_agent"), &st.pinned_agent),
         ]);
         let exec = ExecRegistration::new();
         pr_info!("exec handler registered (mode disabled until an agent configures it)\n");

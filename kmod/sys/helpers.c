@@ -19,6 +19,9 @@
 #include <linux/stat.h>
 #include <linux/wait.h>
 #include <linux/jiffies.h>
+#include <linux/file.h>
+#include <linux/rcupdate.h>
+#include <linux/sched/mm.h>
 
 #include "helpers.h"
 
@@ -343,6 +346,38 @@ void tb_dev_wake_readers(void)
 }
 
 /* --- Process and time ----------------------------------------------------- */
+
+int tb_current_exe_id(struct tb_file_id *out)
+{
+	struct mm_struct *mm = current->mm;
+	struct inode *inode;
+	struct kstat stat;
+	struct file *f;
+	int err;
+
+	memset(out, 0, sizeof(*out));
+	if (!mm)
+		return -ENOENT;
+	rcu_read_lock();
+	f = get_file_rcu(&mm->exe_file);
+	rcu_read_unlock();
+	if (!f)
+		return -ENOENT;
+	err = vfs_getattr_nosec(&f->f_path, &stat, STATX_CHANGE_COOKIE,
+				AT_STATX_SYNC_AS_STAT);
+	if (!err) {
+		inode = file_inode(f);
+		out->dev = inode->i_sb->s_dev;
+		out->ino = inode->i_ino;
+		out->generation = inode->i_generation;
+		if (stat.result_mask & STATX_CHANGE_COOKIE) {
+			out->has_change_cookie = 1;
+			out->change_cookie = stat.change_cookie;
+		}
+	}
+	fput(f);
+	return err;
+}
 
 u64 tb_now_ms(void)
 {

@@ -100,6 +100,18 @@ bool trustbind_dev_readable(void);
 
 /* --- Process and time ----------------------------------------------------- */
 
+/* Identity of a file, as the verdict cache and the agent pin compare it. */
+struct tb_file_id {
+	u64 dev;
+	u64 ino;
+	u64 change_cookie;	/* valid if has_change_cookie */
+	u32 generation;
+	u32 has_change_cookie;
+};
+
+/* The identity of the current task's executable (mm->exe_file). 0 or -errno. */
+int tb_current_exe_id(struct tb_file_id *out);
+
 /* Milliseconds since boot (jiffies resolution), for cache ages. */
 u64 tb_now_ms(void);
 /* set_user_nice(current, nice); nice is clamped to -20..19 by the caller. */

@@ -30,8 +30,11 @@ use bindings::{
     tb_dev_wake_readers, tb_exec_register, tb_exec_unregister, tb_hash_file,
     tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
     tb_hashers_free, tb_module_pin, tb_module_unpin, tb_debugfs_dir, tb_debugfs_remove,
-    tb_debugfs_u64, tb_now_ms, tb_set_nice_current,
+    tb_current_exe_id, tb_debugfs_u64, tb_now_ms, tb_set_nice_current,
 };
+
+/// A file's identity (device, inode, generation, change cookie).
+pub(crate) use bindings::tb_file_id as FileId;
 
 pub(crate) use bindings::tb_exec_info as ExecInfo;
 
@@ -402,4 +405,13 @@ pub(crate) fn set_nice_current(nice: i8) {
     // SAFETY: `set_user_nice` on `current` is valid in process context,
     // which every caller (the exec path) is in; the value is in range.
     unsafe { tb_set_nice_current(nice) }
+}
+
+/// The identity of the current task's executable, if it has one.
+pub(crate) fn current_exe_id() -> Option<FileId> {
+    let mut id = FileId::default();
+    // SAFETY: `id` is a valid place for the C struct of the same
+    // (generated) layout; the helper runs in the caller's process context.
+    let err = unsafe { tb_current_exe_id(&mut id) };
+    (err == 0).then_some(id)
 }

@@ -9,8 +9,9 @@
 //! not; switching the host group to permissive reaches the module and
 //! allows with a "would deny" audit; with the appliance gone a cached
 //! verdict still works and an uncached exec is denied (enforce), the agent
-//! spools that decision and delivers it once the appliance is back; `rmmod`
-//! is refused in enforce mode; no kernel warning anywhere.
+//! spools that decision and delivers it once the appliance is back; with the
+//! agent killed the kernel keeps enforcing and a restarted agent resumes;
+//! `rmmod` is refused in enforce mode; no kernel warning anywhere.
 
 use std::path::PathBuf;
 
@@ -297,7 +298,7 @@ fn exec_control_end_to_end() -> Result<()> {
     ))?;
     host.run_ok("insmod /tb/trustbind.ko")?;
     host.spawn_bg(&format!(
-        "exec /tb/trustbind-agent --state {STATE} run --verdict-timeout-ms 10000 --call-timeout-ms 8000 >>/run/agent.log 2>&1"
+        "exec /tb/trustbind-agent --state {STATE} run --verdict-timeout-ms 30000 --call-timeout-ms 25000 >>/run/agent.log 2>&1"
     ))?;
     wait_for(
         &mut host,
@@ -422,6 +423,31 @@ fn exec_control_end_to_end() -> Result<()> {
         "/tb/trustbind-appliance --data-dir {DATA} audit verify"
     ))?;
     ensure!(out.stdout.contains("ok"), "audit chain: {out:?}");
+
+    // The agent dies: the kernel keeps enforcing (cached verdicts run,
+    // anything it would have to ask is refused), and a restarted agent
+    // picks up where it left.
+    // What the harness itself runs next must be in the kernel's cache.
+    host.run_ok(
+        "/usr/bin/true; echo eA== | base64 -d >/dev/null; setsid true; pidof init >/dev/null || :",
+    )?;
+    host.run_ok("kill -KILL $(pidof trustbind-agent)")?;
+    host.run_ok("/usr/bin/true")?;
+    let out = host.run("/usr/bin/nproc")?;
+    ensure!(
+        denied(&out),
+        "uncached exec allowed without an agent: {out:?}"
+    );
+    host.spawn_bg(&format!(
+        "exec /tb/trustbind-agent --state {STATE} run --verdict-timeout-ms 30000 --call-timeout-ms 25000 >>/run/agent.log 2>&1"
+    ))?;
+    wait_for(
+        &mut host,
+        "the restarted agent",
+        &format!("grep -q '\"connected\": true' {STATE}/status.json && grep -q '\"pid\": [0-9]' {STATE}/status.json && test \"$(pidof trustbind-agent)\" != ''"),
+        120,
+    )?;
+    host.run_ok("/usr/bin/nproc")?;
 
     host.check_health()?;
     appl.check_health()?;

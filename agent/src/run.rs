@@ -432,17 +432,21 @@ fn apply_cpu_limit(pid: u32, seconds: u32) -> Result<(), String> {
         .map_err(|e| format!("prlimit(RLIMIT_CPU) on pid {pid:?}: {e}"))
 }
 
-async fn qualify(shared: &Shared, requests: Vec<pb::Request>) -> Result<Vec<pb::Result>, String> {
+/// Asks the appliance. `Err(None)`: no session at the moment of asking.
+async fn qualify(
+    shared: &Shared,
+    requests: Vec<pb::Request>,
+) -> Result<Vec<pb::Result>, Option<String>> {
     let client = shared.client.read().await.clone();
     let Some(mut client) = client else {
-        return Err("not connected".into());
+        return Err(None);
     };
     let mut req = tonic::Request::new(pb::QualifyBatch { requests });
     req.set_timeout(shared.opts.call_timeout);
     match tokio::time::timeout(shared.opts.call_timeout, client.qualify(req)).await {
         Ok(Ok(r)) => Ok(r.into_inner().results),
-        Ok(Err(s)) => Err(format!("Qualify: {}: {}", s.code(), s.message())),
-        Err(_) => Err("Qualify: deadline exceeded".into()),
+        Ok(Err(s)) => Err(Some(format!("Qualify: {}: {}", s.code(), s.message()))),
+        Err(_) => Err(Some("Qualify: deadline exceeded".into())),
     }
 }
 
@@ -451,12 +455,18 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
         let g = shared.lock();
         batch.iter().map(|ev| g.users.name(ev.uid)).collect()
     };
-    let requests = batch
+    let requests: Vec<pb::Request> = batch
         .iter()
         .zip(&users)
         .map(|(ev, u)| request_of(ev, u.clone()))
         .collect();
-    let online = match qualify(shared, requests).await {
+    let mut asked = qualify(shared, requests.clone()).await;
+    if matches!(asked, Err(None)) && shared.client.read().await.is_some() {
+        // The session came up (and may have changed the mode) while this
+        // batch was being prepared: ask it rather than answer offline.
+        asked = qualify(shared, requests).await;
+    }
+    let online = match asked.map_err(|e| e.unwrap_or_else(|| "not connected".into())) {
         Ok(results) => {
             if !shared.connected.swap(true, Ordering::Relaxed) {
                 log("appliance answering again");

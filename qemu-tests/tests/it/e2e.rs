@@ -103,10 +103,39 @@ fn wait_for(vm: &mut Vm, what: &str, cmd: &str, tries: usize) -> Result<()> {
         if vm.run(cmd)?.status == 0 {
             return Ok(());
         }
-        vm.run_ok("sleep 0.5")?;
+        // Wait on the harness side: an exec in the guest would itself be
+        // qualified, and may be refused while the agent is (re)connecting.
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
     let status = vm.run(&format!("cat {STATE}/status.json; cat /run/agent.log"))?;
     bail!("timed out waiting for {what}:\n{}", status.stdout)
+}
+
+/// Sets the host group's mode through the admin API and waits until the
+/// agent has put the module in it.
+fn switch_mode(appl: &mut Vm, host: &mut Vm, ip: &str, mode: &str) -> Result<()> {
+    admin(
+        appl,
+        ip,
+        "PUT",
+        "/v1/host-groups/hosts",
+        Some(&format!(r#"{{"mode":"{mode}"}}"#)),
+    )?;
+    wait_for(
+        host,
+        &format!("{mode} mode"),
+        &format!("grep -q '\"mode\": \"{mode}\"' {STATE}/status.json"),
+        60,
+    )
+}
+
+/// The appliance's audit log as JSON lines.
+fn export_audit(appl: &mut Vm) -> Result<String> {
+    Ok(appl
+        .run_ok(&format!(
+            "/tb/trustbind-appliance --data-dir {DATA} audit export"
+        ))?
+        .stdout)
 }
 
 fn start_appliance(vm: &mut Vm, ip: &str) -> Result<()> {
@@ -319,11 +348,7 @@ fn exec_control_end_to_end() -> Result<()> {
     host.run_ok("printf z >>/root/ok")?;
     let out = host.run("/root/ok")?;
     ensure!(denied(&out), "modified binary not refused: {out:?}");
-    let audit = appl
-        .run_ok(&format!(
-            "/tb/trustbind-appliance --data-dir {DATA} audit export"
-        ))?
-        .stdout;
+    let audit = export_audit(&mut appl)?;
     ensure!(
         audit
             .lines()
@@ -337,45 +362,17 @@ fn exec_control_end_to_end() -> Result<()> {
     ensure!(denied(&out), "nobody ran the admin tool: {out:?}");
 
     // Permissive reaches the module: the unknown program runs, audited.
-    admin(
-        &mut appl,
-        &ip,
-        "PUT",
-        "/v1/host-groups/hosts",
-        Some(r#"{"mode":"permissive"}"#),
-    )?;
-    wait_for(
-        &mut host,
-        "permissive mode",
-        &format!("grep -q '\"mode\": \"permissive\"' {STATE}/status.json"),
-        60,
-    )?;
+    switch_mode(&mut appl, &mut host, &ip, "permissive")?;
     let out = host.run("/root/evil")?;
     ensure!(out.status == 0, "permissive mode refused: {out:?}");
-    let audit = appl
-        .run_ok(&format!(
-            "/tb/trustbind-appliance --data-dir {DATA} audit export"
-        ))?
-        .stdout;
+    let audit = export_audit(&mut appl)?;
     ensure!(
         audit
             .lines()
             .any(|l| l.contains(&evil) && says_true(l, "would_deny")),
         "no would-deny audit row for {evil}"
     );
-    admin(
-        &mut appl,
-        &ip,
-        "PUT",
-        "/v1/host-groups/hosts",
-        Some(r#"{"mode":"enforce"}"#),
-    )?;
-    wait_for(
-        &mut host,
-        "enforce mode again",
-        &format!("grep -q '\"mode\": \"enforce\"' {STATE}/status.json"),
-        60,
-    )?;
+    switch_mode(&mut appl, &mut host, &ip, "enforce")?;
     let out = host.run("rmmod trustbind")?;
     ensure!(out.status != 0, "rmmod succeeded in enforce mode");
     host.run_ok("/usr/bin/true")?; // into the kernel's cache again
@@ -403,11 +400,7 @@ fn exec_control_end_to_end() -> Result<()> {
         &format!("grep -q '\"connected\": true' {STATE}/status.json && grep -q '\"spool_backlog\": 0' {STATE}/status.json"),
         120,
     )?;
-    let audit = appl
-        .run_ok(&format!(
-            "/tb/trustbind-appliance --data-dir {DATA} audit export"
-        ))?
-        .stdout;
+    let audit = export_audit(&mut appl)?;
     ensure!(
         audit
             .lines()
@@ -444,7 +437,9 @@ fn exec_control_end_to_end() -> Result<()> {
     wait_for(
         &mut host,
         "the restarted agent",
-        &format!("grep -q '\"connected\": true' {STATE}/status.json && grep -q '\"pid\": [0-9]' {STATE}/status.json && test \"$(pidof trustbind-agent)\" != ''"),
+        // status.json still holds the dead agent's last state until the new
+        // one writes: wait for the new pid, connected.
+        &format!("p=$(pidof trustbind-agent) && grep -q \"pid.: $p,\" {STATE}/status.json && grep -q '\"connected\": true' {STATE}/status.json"),
         120,
     )?;
     host.run_ok("/usr/bin/nproc")?;

@@ -31,9 +31,18 @@
 //! exec'ing task (also on a cache hit); a CPU-time limit is applied by the
 //! agent with `prlimit(2)` while the exec waits for its verdict, so such
 //! verdicts are never cached.
+//!
+//! The loader gate ([`check_loader`], an fsnotify `FS_OPEN_EXEC_PERM` mark
+//! on every file system a program was exec'd from) qualifies what an exec
+//! opens itself once under way: the ELF loader (`PT_INTERP`), a `#!`
+//! interpreter and a binfmt_misc interpreter, with the same table of
+//! outcomes. An interpreter the gate allowed is not asked again when the
+//! binfmt handler sees it in the next round ([`LoaderState`]). `ld.so
+//! ./prog` is not an exec to the kernel: the loader is qualified as the
+//! program, and `./prog` is only read and mapped by it.
 
 use core::sync::atomic::{AtomicU64, Ordering};
-use kernel::alloc::KVVec;
+use kernel::alloc::{KVVec, KVec};
 use kernel::new_spinlock;
 use kernel::prelude::*;
 use kernel::sync::SpinLock;
@@ -44,7 +53,7 @@ use crate::proto::lineage::{Chain, Image, Lineage as LineageTable, ProcId};
 use crate::proto::{
     Ancestry, Decision, ExecRequest, Mode, Obligations, Record, Verdict, MAX_PATH_LEN,
 };
-use crate::sys::{self, Bprm, ExecInfo};
+use crate::sys::{self, Bprm, ExecInfo, ExecOpen};
 use crate::Shared;
 
 /// Cached verdicts at most (a power of two; ~100 bytes each).
@@ -139,6 +148,171 @@ fn parent_of(info: &ExecInfo) -> ProcId {
     }
 }
 
+/// Remembered loader-gate approvals (direct-mapped by thread id).
+const SEEN_SLOTS: usize = 256;
+
+/// A file the loader gate allowed a thread to open during its exec.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Seen {
+    pid: u32,
+    dev: u64,
+    ino: u64,
+    generation: u32,
+    change_cookie: u64,
+}
+
+impl Seen {
+    fn of(info: &ExecInfo) -> Seen {
+        Seen {
+            pid: info.pid,
+            dev: info.dev,
+            ino: info.ino,
+            generation: info.generation,
+            change_cookie: if info.has_change_cookie != 0 {
+                info.change_cookie
+            } else {
+                // Without a cookie a rewrite in place cannot be told apart:
+                // never match (the interpreter is asked again).
+                u64::MAX
+            },
+        }
+    }
+}
+
+struct LoaderInner {
+    seen: KVVec<Seen>,
+    /// The exec of the pinned agent binary allowed with no agent connected
+    /// (thread id, group leader start): its loader is let through too.
+    pinned: Option<(u32, u64)>,
+}
+
+/// State the loader gate shares with the binfmt handler.
+#[pin_data]
+pub(crate) struct LoaderState {
+    #[pin]
+    inner: SpinLock<LoaderInner>,
+}
+
+impl LoaderState {
+    /// Empty.
+    pub(crate) fn new() -> Result<impl PinInit<Self, Error>> {
+        let mut seen = KVVec::new();
+        seen.extend_with(SEEN_SLOTS, Seen::default(), GFP_KERNEL)?;
+        Ok(try_pin_init!(Self {
+            inner <- new_spinlock!(LoaderInner { seen, pinned: None }, "trustbind_loader"),
+        }? Error))
+    }
+
+    fn slot(pid: u32) -> usize {
+        pid as usize % SEEN_SLOTS
+    }
+
+    /// The gate allowed `info`'s file for its thread.
+    fn allowed(&self, info: &ExecInfo) {
+        let seen = Seen::of(info);
+        if seen.change_cookie == u64::MAX {
+            return;
+        }
+        if let Some(e) = self.inner.lock().seen.get_mut(Self::slot(info.pid)) {
+            *e = seen;
+        }
+    }
+
+    /// Whether the gate just allowed exactly this file for this thread
+    /// (consumed: one approval covers one round).
+    fn take(&self, info: &ExecInfo) -> bool {
+        let want = Seen::of(info);
+        let mut g = self.inner.lock();
+        match g.seen.get_mut(Self::slot(info.pid)) {
+            Some(e) if want.change_cookie != u64::MAX && *e == want => {
+                *e = Seen::default();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn set_pinned(&self, info: &ExecInfo) {
+        self.inner.lock().pinned = Some((info.pid, info.start_ns));
+    }
+
+    fn is_pinned_exec(&self, info: &ExecInfo) -> bool {
+        self.inner.lock().pinned == Some((info.pid, info.start_ns))
+    }
+}
+
+/// What one check is about: the file the binfmt handler sees, or a file
+/// the exec opens itself (loader gate).
+trait Subject {
+    /// The file's identity and the exec'ing task's context.
+    fn info(&self) -> Result<ExecInfo>;
+    /// SHA-256 and SHA-1 of the whole file.
+    fn hash(&self, h: &sys::Hashers) -> Result<([u8; 32], [u8; 20])>;
+    /// The path shown to the agent and in logs.
+    fn path(&mut self) -> &[u8];
+    /// Whether an allowed file becomes the process's program (recorded
+    /// for ancestry). A loader or interpreter opened by the gate does not.
+    fn is_program(&self) -> bool;
+}
+
+struct ByHandler<'a, 'b>(&'a Bprm<'b>);
+
+impl Subject for ByHandler<'_, '_> {
+    fn info(&self) -> Result<ExecInfo> {
+        self.0.info()
+    }
+    fn hash(&self, h: &sys::Hashers) -> Result<([u8; 32], [u8; 20])> {
+        h.hash_file(self.0)
+    }
+    fn path(&mut self) -> &[u8] {
+        self.0.path().as_bytes()
+    }
+    fn is_program(&self) -> bool {
+        true
+    }
+}
+
+struct ByGate<'a, 'b> {
+    open: &'a ExecOpen<'b>,
+    /// The name, resolved on first use: (buffer, start, end).
+    name: Option<(KVec<u8>, usize, usize)>,
+}
+
+const UNKNOWN_PATH: &[u8] = b"<path unavailable>";
+
+impl Subject for ByGate<'_, '_> {
+    fn info(&self) -> Result<ExecInfo> {
+        self.open.info()
+    }
+    fn hash(&self, h: &sys::Hashers) -> Result<([u8; 32], [u8; 20])> {
+        h.hash_path(self.open)
+    }
+    fn path(&mut self) -> &[u8] {
+        if self.name.is_none() {
+            let mut buf = KVec::new();
+            if buf.extend_with(sys::PATH_BUF, 0u8, GFP_KERNEL).is_err() {
+                return UNKNOWN_PATH;
+            }
+            let base = buf.as_ptr() as usize;
+            let range = match self.open.name(&mut buf) {
+                Ok(n) => {
+                    let start = n.as_ptr() as usize - base;
+                    (start, start + n.len())
+                }
+                Err(_) => return UNKNOWN_PATH,
+            };
+            self.name = Some((buf, range.0, range.1));
+        }
+        match &self.name {
+            Some((buf, a, b)) => &buf[*a..*b],
+            None => UNKNOWN_PATH,
+        }
+    }
+    fn is_program(&self) -> bool {
+        false
+    }
+}
+
 /// The cache key of this exec, if its file system has a change cookie.
 fn cache_key(info: &ExecInfo) -> Option<ExecKey> {
     (info.has_change_cookie != 0).then(|| ExecKey {
@@ -179,8 +353,13 @@ pub(crate) struct Stats {
     pub(crate) cache_stored: AtomicU64,
     /// Times the policy generation moved and the cache was emptied.
     pub(crate) cache_flushes: AtomicU64,
-    /// Execs of the pinned agent binary allowed with no agent connected.
+    /// Execs of the pinned agent binary (and its loader) allowed with no
+    /// agent connected.
     pub(crate) pinned_agent: AtomicU64,
+    /// Exec-time opens (ELF loader, interpreters) seen by the loader gate.
+    pub(crate) loader_opens: AtomicU64,
+    /// Interpreter rounds the gate had already decided (not asked again).
+    pub(crate) loader_dedup: AtomicU64,
 }
 
 /// The exec path's counters.
@@ -197,6 +376,8 @@ pub(crate) static STATS: Stats = Stats {
     cache_stored: AtomicU64::new(0),
     cache_flushes: AtomicU64::new(0),
     pinned_agent: AtomicU64::new(0),
+    loader_opens: AtomicU64::new(0),
+    loader_dedup: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64) {
@@ -228,9 +409,25 @@ pub(crate) fn check(s: &Shared, bprm: &Bprm<'_>) -> Result {
     if mode == Mode::Disabled {
         return Ok(());
     }
-    let path = bprm.path().as_bytes();
-    let outcome = qualify(s, bprm, path);
-    let refusal = match outcome {
+    // What this exec opens next from the same file system (its ELF
+    // loader) reaches the loader gate.
+    bprm.watch_file_system();
+    decide(s, mode, &mut ByHandler(bprm), bprm.is_interp())
+}
+
+/// Decides one exec-time open seen by the loader gate: `Ok` lets it go on.
+pub(crate) fn check_loader(s: &Shared, open: &ExecOpen<'_>) -> Result {
+    let mode = s.channel.mode();
+    if mode == Mode::Disabled {
+        return Ok(());
+    }
+    bump(&STATS.loader_opens);
+    decide(s, mode, &mut ByGate { open, name: None }, false)
+}
+
+/// Qualifies `subj` and applies the mode to a refusal.
+fn decide(s: &Shared, mode: Mode, subj: &mut impl Subject, interp_round: bool) -> Result {
+    let refusal = match qualify(s, subj, interp_round) {
         Ok(()) => return Ok(()),
         Err(Err(e)) => return Err(e),
         Err(Ok(r)) => r,
@@ -241,17 +438,23 @@ pub(crate) fn check(s: &Shared, bprm: &Bprm<'_>) -> Result {
         Refusal::TimedOut => bump(&STATS.timeouts),
         Refusal::Unreadable(_) => bump(&STATS.unreadable),
     }
+    let what = if subj.is_program() {
+        "exec"
+    } else {
+        "exec (loader)"
+    };
+    let path = subj.path();
     let shown = &path[..path.len().min(256)];
     let shown = core::str::from_utf8(shown).unwrap_or("<non-utf8 path>");
     match mode {
         Mode::Enforce => {
             bump(&STATS.denied);
-            pr_info!("exec denied: {} ({})\n", shown, refusal);
+            pr_info!("{} denied: {} ({})\n", what, shown, refusal);
             Err(EACCES)
         }
         _ => {
             bump(&STATS.would_deny);
-            pr_info!("exec would be denied: {} ({})\n", shown, refusal);
+            pr_info!("{} would be denied: {} ({})\n", what, shown, refusal);
             Ok(())
         }
     }
@@ -259,9 +462,14 @@ pub(crate) fn check(s: &Shared, bprm: &Bprm<'_>) -> Result {
 
 /// `Ok` to run; `Err(Ok(refusal))` for a refusal the mode decides on;
 /// `Err(Err(e))` to fail the exec with `e` whatever the mode.
-fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusal>> {
-    let info = bprm.info().map_err(|e| Ok(Refusal::Unreadable(e)))?;
+fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<(), Result<Refusal>> {
+    let info = subj.info().map_err(|e| Ok(Refusal::Unreadable(e)))?;
     if s.channel.is_agent(info.tgid) {
+        return Ok(());
+    }
+    if interp_round && s.loader.take(&info) {
+        // The gate allowed this very interpreter when the exec opened it.
+        bump(&STATS.loader_dedup);
         return Ok(());
     }
     let key = cache_key(&info);
@@ -269,17 +477,22 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
         if let Some((v, sha256)) = s.exec_cache.lookup(key) {
             bump(&STATS.cache_hits);
             let chain = s.lineage.ancestry_of(&info);
-            return enforce(&v, path).inspect(|()| s.lineage.record(&info, &sha256, &chain));
+            let r = enforce(&v, subj);
+            if r.is_ok() {
+                allowed(s, &*subj, &info, &sha256, &chain);
+            }
+            return r;
         }
         bump(&STATS.cache_misses);
     }
     bump(&STATS.asked);
-    let (sha256, sha1) = s
-        .hashers
-        .hash_file(bprm)
+    let (sha256, sha1) = subj
+        .hash(&s.hashers)
         .map_err(|e| Ok(Refusal::Unreadable(e)))?;
     let chain = s.lineage.ancestry_of(&info);
     let ancestry = Ancestry::from_bytes(chain.as_bytes()).unwrap_or(Ancestry::EMPTY);
+    let program = subj.is_program();
+    let path = subj.path();
     let rec = Record::ExecRequest(ExecRequest {
         sha256,
         sha1,
@@ -299,15 +512,21 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
             if let Some(key) = &key {
                 s.exec_cache.store(key, &v, &sha256);
             }
-            enforce(&v, path).inspect(|()| s.lineage.record(&info, &sha256, &chain))
+            let r = enforce(&v, subj);
+            if r.is_ok() {
+                allowed(s, &*subj, &info, &sha256, &chain);
+            }
+            r
         }
-        Answer::NoAgent if s.channel.is_pinned_agent(&info) => {
+        Answer::NoAgent if program && s.channel.is_pinned_agent(&info) => {
             // The agent itself must be able to start again in enforce mode.
-            bump(&STATS.pinned_agent);
-            pr_info!(
-                "exec of the pinned agent binary allowed with no agent connected: {}\n",
-                core::str::from_utf8(&path[..path.len().min(256)]).unwrap_or("<non-utf8 path>")
-            );
+            s.loader.set_pinned(&info);
+            pinned_allowed(subj);
+            Ok(())
+        }
+        Answer::NoAgent if !program && s.loader.is_pinned_exec(&info) => {
+            // ... and so must its ELF loader.
+            pinned_allowed(subj);
             Ok(())
         }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
@@ -316,8 +535,27 @@ fn qualify(s: &Shared, bprm: &Bprm<'_>, path: &[u8]) -> Result<(), Result<Refusa
     }
 }
 
+fn pinned_allowed(subj: &mut impl Subject) {
+    bump(&STATS.pinned_agent);
+    let path = subj.path();
+    pr_info!(
+        "exec of the pinned agent binary allowed with no agent connected: {}\n",
+        core::str::from_utf8(&path[..path.len().min(256)]).unwrap_or("<non-utf8 path>")
+    );
+}
+
+/// Bookkeeping after an allow: a program becomes the process's image (for
+/// ancestry); a file the gate allowed is remembered for the next round.
+fn allowed(s: &Shared, subj: &impl Subject, info: &ExecInfo, sha256: &[u8; 32], chain: &Chain) {
+    if subj.is_program() {
+        s.lineage.record(info, sha256, chain);
+    } else {
+        s.loader.allowed(info);
+    }
+}
+
 /// Applies a verdict (fresh or cached) to the exec'ing task.
-fn enforce(v: &Verdict, path: &[u8]) -> Result<(), Result<Refusal>> {
+fn enforce(v: &Verdict, subj: &mut impl Subject) -> Result<(), Result<Refusal>> {
     match v.decision {
         Decision::Allow => {
             bump(&STATS.allowed);
@@ -325,7 +563,7 @@ fn enforce(v: &Verdict, path: &[u8]) -> Result<(), Result<Refusal>> {
         }
         Decision::AllowWithConditions => {
             bump(&STATS.allowed);
-            apply(&v.obligations, path);
+            apply(&v.obligations, subj);
             Ok(())
         }
         Decision::Deny => Err(Ok(Refusal::Denied)),
@@ -333,11 +571,12 @@ fn enforce(v: &Verdict, path: &[u8]) -> Result<(), Result<Refusal>> {
 }
 
 /// Applies the obligations the kernel carries out (see the module doc).
-fn apply(o: &Obligations, path: &[u8]) {
+fn apply(o: &Obligations, subj: &mut impl Subject) {
     if let Some(nice) = o.nice {
         sys::set_nice_current(nice);
     }
     if o.log_level >= 2 {
+        let path = subj.path();
         let shown = core::str::from_utf8(&path[..path.len().min(256)]).unwrap_or("<non-utf8 path>");
         pr_info!(
             "exec allowed with conditions: {} (nice {:?}, cpu limit {:?} s)\n",

@@ -25,7 +25,7 @@ mod proto;
 
 use device::Channel;
 use kernel::c_str;
-use sys::{DebugfsDir, ExecRegistration, Hashers, MiscRegistration, Slot};
+use sys::{DebugfsDir, ExecRegistration, Hashers, LoaderGate, MiscRegistration, Slot};
 
 module! {
     type: Trustbind,
@@ -46,16 +46,20 @@ pub(crate) struct Shared {
     pub(crate) exec_cache: exec::Cache,
     #[pin]
     pub(crate) lineage: exec::Lineage,
+    #[pin]
+    pub(crate) loader: exec::LoaderState,
 }
 
 /// The state the C callbacks (file operations, binfmt handler) reach.
 pub(crate) static SHARED: Slot<Shared> = Slot::new();
 
 /// The module; fields drop in declaration order: the exec handler is
-/// unregistered first, then the statistics, then the device, then the
-/// shared state is freed.
+/// unregistered first, then the loader gate stopped (waiting for its
+/// handlers), then the statistics, then the device, then the shared state
+/// is freed.
 struct Trustbind {
     _exec: ExecRegistration,
+    _loader: LoaderGate,
     _stats: DebugfsDir,
     _device: MiscRegistration<Shared>,
     _last: Unloaded,
@@ -130,12 +134,14 @@ impl kernel::Module for Trustbind {
         let channel = Channel::new(&hashers)?;
         let exec_cache = exec::Cache::new()?;
         let lineage = exec::Lineage::new()?;
+        let loader = exec::LoaderState::new()?;
         let shared = KBox::pin_init(
             try_pin_init!(Shared {
                 hashers,
                 channel <- channel,
                 exec_cache <- exec_cache,
                 lineage <- lineage,
+                loader <- loader,
             }? Error),
             GFP_KERNEL,
         )?;
@@ -155,11 +161,15 @@ impl kernel::Module for Trustbind {
             (c_str!("exec_cache_stored"), &st.cache_stored),
             (c_str!("exec_cache_flushes"), &st.cache_flushes),
             (c_str!("exec_pinned_agent"), &st.pinned_agent),
+            (c_str!("exec_loader_opens"), &st.loader_opens),
+            (c_str!("exec_loader_dedup"), &st.loader_dedup),
         ]);
+        let loader = LoaderGate::new()?;
         let exec = ExecRegistration::new();
         pr_info!("exec handler registered (mode disabled until an agent configures it)\n");
         Ok(Trustbind {
             _exec: exec,
+            _loader: loader,
             _stats: stats,
             _device: device,
             _last: Unloaded,

@@ -22,6 +22,10 @@
 #include <linux/file.h>
 #include <linux/rcupdate.h>
 #include <linux/sched/mm.h>
+#include <linux/fsnotify_backend.h>
+#include <linux/fs_struct.h>
+#include <linux/mutex.h>
+#include <linux/dcache.h>
 
 #include "helpers.h"
 
@@ -153,16 +157,15 @@ const char *tb_bprm_path(const struct linux_binprm *bprm)
 	return bprm->interp;
 }
 
-int tb_bprm_info(const struct linux_binprm *bprm, struct tb_exec_info *out)
+static int tb_fill_info(const struct path *path, struct tb_exec_info *out)
 {
-	struct file *file = bprm->file;
-	struct inode *inode = file_inode(file);
+	struct inode *inode = d_inode(path->dentry);
 	const struct cred *cred = current_cred();
 	struct kstat stat;
 	int err;
 
 	memset(out, 0, sizeof(*out));
-	err = vfs_getattr_nosec(&file->f_path, &stat, STATX_CHANGE_COOKIE,
+	err = vfs_getattr_nosec(path, &stat, STATX_CHANGE_COOKIE,
 				AT_STATX_SYNC_AS_STAT);
 	if (err)
 		return err;
@@ -180,6 +183,7 @@ int tb_bprm_info(const struct linux_binprm *bprm, struct tb_exec_info *out)
 	out->loginuid = from_kuid(&init_user_ns, audit_get_loginuid(current));
 	out->sessionid = audit_get_sessionid(current);
 	out->tgid = task_tgid_nr(current);
+	out->pid = task_pid_nr(current);
 	out->start_ns = current->group_leader->start_boottime;
 	rcu_read_lock();
 	{
@@ -192,14 +196,25 @@ int tb_bprm_info(const struct linux_binprm *bprm, struct tb_exec_info *out)
 	return 0;
 }
 
+int tb_bprm_info(const struct linux_binprm *bprm, struct tb_exec_info *out)
+{
+	return tb_fill_info(&bprm->file->f_path, out);
+}
+
+bool tb_bprm_is_interp(const struct linux_binprm *bprm)
+{
+	/* bprm_change_interp() replaces interp when a handler swaps in an
+	 * interpreter; until then it is the very filename pointer. */
+	return bprm->interp != bprm->filename;
+}
+
 #define TB_HASH_CHUNK (32 * 1024)
 
-int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
-		 u8 *sha256_out, u8 *sha1_out)
+static int tb_hash_opened(struct tb_hashers *h, struct file *file,
+			  u8 *sha256_out, u8 *sha1_out)
 {
 	SHASH_DESC_ON_STACK(d256, h->sha256);
 	SHASH_DESC_ON_STACK(d1, h->sha1);
-	struct file *file = bprm->file;
 	loff_t size = i_size_read(file_inode(file));
 	loff_t pos = 0;
 	void *buf;
@@ -235,6 +250,12 @@ int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
 	}
 	kvfree(buf);
 	return err;
+}
+
+int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
+		 u8 *sha256_out, u8 *sha1_out)
+{
+	return tb_hash_opened(h, bprm->file, sha256_out, sha1_out);
 }
 
 /* --- Statistics in debugfs --------------------------------------------- */
@@ -387,4 +408,199 @@ u64 tb_now_ms(void)
 void tb_set_nice_current(int nice)
 {
 	set_user_nice(current, nice);
+}
+
+/* --- Loader gate ---------------------------------------------------------- */
+
+/* Superblocks marked at most: a mark per file system programs run from. */
+#define TB_MAX_SB_MARKS 64
+
+struct tb_sb_mark {
+	struct fsnotify_mark mark;
+	int slot;
+};
+
+static struct fsnotify_group *tb_group;
+/* Serialises adding marks and tearing them down. */
+static DEFINE_MUTEX(tb_marks_lock);
+/* Our marks, each holding the reference fsnotify_init_mark() gave us. */
+static struct tb_sb_mark *tb_marks[TB_MAX_SB_MARKS];
+/* The superblock each live mark watches; cleared (freeing_mark) before the
+ * kernel frees a superblock on unmount, so a stale pointer never matches. */
+static struct super_block *tb_marked_sb[TB_MAX_SB_MARKS];
+static bool tb_marks_full_logged;
+
+static int tb_loader_event(struct fsnotify_group *group, u32 mask,
+			   const void *data, int data_type, struct inode *dir,
+			   const struct qstr *file_name, u32 cookie,
+			   struct fsnotify_iter_info *iter_info)
+{
+	const struct path *path = fsnotify_data_path(data, data_type);
+
+	/*
+	 * Only opens inside an execve after its file was opened: the main
+	 * file is opened in alloc_bprm() before in_execve is set, and the
+	 * binfmt handler qualifies it with the exec's own context.
+	 */
+	if (!(mask & FS_OPEN_EXEC_PERM) || !path || !current->in_execve)
+		return 0;
+	return trustbind_loader_check(path);
+}
+
+static void tb_loader_freeing_mark(struct fsnotify_mark *mark,
+				   struct fsnotify_group *group)
+{
+	struct tb_sb_mark *m = container_of(mark, struct tb_sb_mark, mark);
+
+	WRITE_ONCE(tb_marked_sb[m->slot], NULL);
+}
+
+static void tb_loader_free_mark(struct fsnotify_mark *mark)
+{
+	kfree(container_of(mark, struct tb_sb_mark, mark));
+}
+
+static const struct fsnotify_ops tb_loader_ops = {
+	.handle_event = tb_loader_event,
+	.freeing_mark = tb_loader_freeing_mark,
+	.free_mark = tb_loader_free_mark,
+};
+
+static bool tb_sb_marked(struct super_block *sb)
+{
+	int i;
+
+	for (i = 0; i < TB_MAX_SB_MARKS; i++)
+		if (READ_ONCE(tb_marked_sb[i]) == sb)
+			return true;
+	return false;
+}
+
+/* Drops our reference on the mark in slot i (destroying it if the kernel
+ * has not already, on unmount). Called with tb_marks_lock held. */
+static void tb_release_slot(int i)
+{
+	struct tb_sb_mark *m = tb_marks[i];
+
+	if (!m)
+		return;
+	tb_marks[i] = NULL;
+	fsnotify_destroy_mark(&m->mark, tb_group);
+	fsnotify_put_mark(&m->mark);
+}
+
+static void tb_watch_sb(struct super_block *sb)
+{
+	struct tb_sb_mark *m;
+	int i, free = -1, err;
+
+	if (!tb_group || tb_sb_marked(sb))
+		return;
+	mutex_lock(&tb_marks_lock);
+	if (tb_sb_marked(sb))
+		goto out;
+	for (i = 0; i < TB_MAX_SB_MARKS; i++) {
+		if (tb_marks[i] && !READ_ONCE(tb_marked_sb[i]))
+			tb_release_slot(i);	/* its file system is gone */
+		if (!tb_marks[i] && free < 0)
+			free = i;
+	}
+	if (free < 0) {
+		if (!tb_marks_full_logged)
+			pr_warn("loader gate: %d file systems marked, not marking %s (%s)\n",
+				TB_MAX_SB_MARKS, sb->s_id, sb->s_type->name);
+		tb_marks_full_logged = true;
+		goto out;
+	}
+	m = kzalloc(sizeof(*m), GFP_KERNEL);
+	if (!m)
+		goto out;
+	m->slot = free;
+	fsnotify_init_mark(&m->mark, tb_group);
+	m->mark.mask = FS_OPEN_EXEC_PERM;
+	/* Published first, so a freeing_mark() can only ever clear it. The
+	 * caller holds a file or path on sb, so it cannot go away here. */
+	WRITE_ONCE(tb_marked_sb[free], sb);
+	err = fsnotify_add_mark(&m->mark, sb, FSNOTIFY_OBJ_TYPE_SB, 0);
+	if (err) {
+		WRITE_ONCE(tb_marked_sb[free], NULL);
+		pr_warn("loader gate: cannot mark %s (%s): %d\n", sb->s_id,
+			sb->s_type->name, err);
+		fsnotify_put_mark(&m->mark);
+		goto out;
+	}
+	tb_marks[free] = m;
+	pr_info("loader gate: watching %s (%s)\n", sb->s_id, sb->s_type->name);
+out:
+	mutex_unlock(&tb_marks_lock);
+}
+
+int tb_loader_gate_start(void)
+{
+	struct path root;
+	struct fsnotify_group *g;
+
+	g = fsnotify_alloc_group(&tb_loader_ops, 0);
+	if (IS_ERR(g))
+		return PTR_ERR(g);
+	/* Permission events need a content-priority group: only then do
+	 * opens on a marked superblock carry FMODE_NOTIFY_PERM. */
+	g->priority = FSNOTIFY_PRIO_CONTENT;
+	tb_group = g;
+	get_fs_root(current->fs, &root);
+	tb_watch_sb(root.mnt->mnt_sb);
+	path_put(&root);
+	return 0;
+}
+
+void tb_loader_gate_stop(void)
+{
+	int i;
+
+	if (!tb_group)
+		return;
+	mutex_lock(&tb_marks_lock);
+	for (i = 0; i < TB_MAX_SB_MARKS; i++)
+		tb_release_slot(i);
+	mutex_unlock(&tb_marks_lock);
+	/* Marks are freed after an SRCU grace period: once this returns no
+	 * handler of ours runs and free_mark has been called for each. */
+	fsnotify_wait_marks_destroyed();
+	fsnotify_put_group(tb_group);
+	tb_group = NULL;
+}
+
+void tb_loader_gate_watch(const struct linux_binprm *bprm)
+{
+	tb_watch_sb(file_inode(bprm->file)->i_sb);
+}
+
+int tb_path_info(const struct path *path, struct tb_exec_info *out)
+{
+	return tb_fill_info(path, out);
+}
+
+int tb_hash_path(struct tb_hashers *h, const struct path *path,
+		 u8 *sha256_out, u8 *sha1_out)
+{
+	/* A plain read-only open: it raises FS_OPEN_PERM, never
+	 * FS_OPEN_EXEC_PERM, so it does not come back here. */
+	struct file *f = dentry_open(path, O_RDONLY | O_LARGEFILE, current_cred());
+	int err;
+
+	if (IS_ERR(f))
+		return PTR_ERR(f);
+	err = tb_hash_opened(h, f, sha256_out, sha1_out);
+	fput(f);
+	return err;
+}
+
+int tb_path_name(const struct path *path, char *buf, int len, const char **out)
+{
+	char *p = d_path(path, buf, len);
+
+	if (IS_ERR(p))
+		return PTR_ERR(p);
+	*out = p;
+	return 0;
 }

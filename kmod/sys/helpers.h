@@ -40,6 +40,8 @@ struct tb_exec_info {
 	u32 loginuid;		/* audit login uid, (u32)-1 if unset */
 	u32 sessionid;		/* audit session id, (u32)-1 if unset */
 	u32 tgid, ptgid;	/* thread group ids of the task and its parent */
+	u32 pid;		/* the exec'ing thread's id */
+	u32 _pad;
 	u64 start_ns;		/* boot-based start time of the task's group leader */
 	u64 pstart_ns;		/* same, of the parent's group leader */
 };
@@ -57,9 +59,43 @@ int tb_bprm_info(const struct linux_binprm *bprm, struct tb_exec_info *out);
 int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
 		 u8 *sha256_out, u8 *sha1_out);
 
+/* Whether this round runs an interpreter a handler opened (a `#!` script's
+ * or binfmt_misc's), rather than the file execve() named. */
+bool tb_bprm_is_interp(const struct linux_binprm *bprm);
+
 /* Implemented in Rust (exec.rs): 0 lets the exec go on to the next
  * handler, -errno refuses it. */
 int trustbind_exec_check(const struct linux_binprm *bprm);
+
+/* --- Loader gate (fsnotify FS_OPEN_EXEC_PERM on superblock marks) ------ */
+
+/*
+ * Files an exec opens itself once it is under way (open_exec() inside
+ * execve: the ELF PT_INTERP loader, a `#!` interpreter, a binfmt_misc
+ * interpreter) never reach a binfmt handler as the file execve() named,
+ * and the ELF loader never reaches one at all. An in-kernel fsnotify group
+ * with FS_OPEN_EXEC_PERM marks on the superblocks programs run from sees
+ * each of those opens, in the exec'ing task, before the file is used.
+ */
+struct path;
+
+/* Allocates the group and marks the superblock of the caller's root. */
+int tb_loader_gate_start(void);
+/* Destroys every mark, waits until no handler runs, drops the group. */
+void tb_loader_gate_stop(void);
+/* Marks the superblock bprm->file lives on (once; bounded). */
+void tb_loader_gate_watch(const struct linux_binprm *bprm);
+/* Identity of the file at path and the current task's context. */
+int tb_path_info(const struct path *path, struct tb_exec_info *out);
+/* SHA-256 and SHA-1 of the file at path (opened for reading here). */
+int tb_hash_path(struct tb_hashers *h, const struct path *path,
+		 u8 *sha256_out, u8 *sha1_out);
+/* The path as a string in buf (len bytes); *out points into buf. */
+int tb_path_name(const struct path *path, char *buf, int len, const char **out);
+
+/* Implemented in Rust (exec.rs): called for each exec-time open on a marked
+ * file system; 0 lets the open go on, -errno fails it (and the exec). */
+int trustbind_loader_check(const struct path *path);
 
 /* --- Statistics in debugfs (/sys/kernel/debug/trustbind/) --------------- */
 

@@ -26,11 +26,12 @@ mod bindings {
 }
 
 use bindings::{
-    linux_binprm, tb_bprm_info, tb_bprm_path, tb_dev_deregister, tb_dev_register,
-    tb_dev_wake_readers, tb_exec_register, tb_exec_unregister, tb_hash_file,
-    tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
-    tb_hashers_free, tb_module_pin, tb_module_unpin, tb_debugfs_dir, tb_debugfs_remove,
-    tb_current_exe_id, tb_debugfs_u64, tb_now_ms, tb_set_nice_current,
+    linux_binprm, tb_bprm_info, tb_bprm_is_interp, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir,
+    tb_debugfs_remove, tb_debugfs_u64, tb_dev_deregister, tb_dev_register, tb_dev_wake_readers,
+    tb_exec_register, tb_exec_unregister, tb_hash_file, tb_hash_path, tb_hashers as RawHashers,
+    tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_loader_gate_start,
+    tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin, tb_module_unpin, tb_now_ms,
+    tb_path_info, tb_path_name, tb_set_nice_current,
 };
 
 /// A file's identity (device, inode, generation, change cookie).
@@ -55,6 +56,7 @@ check_callbacks! {
     trustbind_dev_write in crate::device: unsafe extern "C" fn(usize, usize) -> isize;
     trustbind_dev_readable in crate::device: unsafe extern "C" fn() -> bool;
     trustbind_exec_check in self: unsafe extern "C" fn(*const linux_binprm) -> c_int;
+    trustbind_loader_check in self: unsafe extern "C" fn(*const bindings::path) -> c_int;
 }
 
 /// The SHA-256 and SHA-1 transforms, allocated once at load.
@@ -142,6 +144,24 @@ impl Hashers {
         })?;
         Ok((sha256, sha1))
     }
+
+    /// SHA-256 and SHA-1 of the file an exec is opening (see [`ExecOpen`]).
+    pub(crate) fn hash_path(&self, open: &ExecOpen<'_>) -> Result<([u8; 32], [u8; 20])> {
+        let mut sha256 = [0u8; 32];
+        let mut sha1 = [0u8; 20];
+        // SAFETY: `self.ptr` is valid by the type invariant, `open.ptr` is
+        // valid for `'_` by `ExecOpen`'s invariant, and the outputs are
+        // exactly the digest sizes.
+        to_result(unsafe {
+            tb_hash_path(
+                self.ptr.as_ptr(),
+                open.ptr,
+                sha256.as_mut_ptr(),
+                sha1.as_mut_ptr(),
+            )
+        })?;
+        Ok((sha256, sha1))
+    }
 }
 
 impl Drop for Hashers {
@@ -160,9 +180,10 @@ impl Drop for Hashers {
 /// The pointer is null, or points at the pinned value owned by the one live
 /// [`MiscRegistration`] made from this slot. That registration clears the
 /// slot only after deregistering the device, and it is dropped only at
-/// module exit, after the exec handler was unregistered, when no file
-/// operation or handler call can still run (each holds a reference on the
-/// module).
+/// module exit, after the exec handler was unregistered (calls inside it
+/// hold a reference on the module) and the loader gate stopped (its stop
+/// waits for the handlers still running), when no file operation or
+/// handler call can still run.
 pub(crate) struct Slot<T>(AtomicPtr<T>);
 
 impl<T: Sync> Slot<T> {
@@ -262,6 +283,115 @@ impl Bprm<'_> {
         // valid place for the C struct of the same (generated) layout.
         to_result(unsafe { tb_bprm_info(self.ptr, &mut info) })?;
         Ok(info)
+    }
+
+    /// Whether this round runs an interpreter a handler opened (a `#!`
+    /// script's or binfmt_misc's) rather than the file execve() named.
+    pub(crate) fn is_interp(&self) -> bool {
+        // SAFETY: `ptr` is valid by the type invariant.
+        unsafe { tb_bprm_is_interp(self.ptr) }
+    }
+
+    /// Marks the file system of this file for the loader gate, so that
+    /// what this exec opens from it next (its ELF loader) is qualified.
+    pub(crate) fn watch_file_system(&self) {
+        // SAFETY: `ptr` is valid by the type invariant; the helper may
+        // sleep, which the binfmt handler (process context) allows.
+        unsafe { tb_loader_gate_watch(self.ptr) }
+    }
+}
+
+/// A file an exec in progress is opening itself (its ELF loader or an
+/// interpreter), borrowed for one call of the loader gate's handler.
+///
+/// # Invariants
+///
+/// `ptr` points at a live `struct path` for at least `'a`, and the caller
+/// runs in the exec'ing task.
+pub(crate) struct ExecOpen<'a> {
+    ptr: *const bindings::path,
+    _life: core::marker::PhantomData<&'a bindings::path>,
+}
+
+/// Room for a path name (the kernel's `PATH_MAX`).
+pub(crate) const PATH_BUF: usize = 4096;
+
+impl ExecOpen<'_> {
+    /// The file's identity and the exec'ing task's context.
+    pub(crate) fn info(&self) -> Result<ExecInfo> {
+        let mut info = ExecInfo::default();
+        // SAFETY: `ptr` is valid by the type invariant and `info` is a
+        // valid place for the C struct of the same (generated) layout.
+        to_result(unsafe { tb_path_info(self.ptr, &mut info) })?;
+        Ok(info)
+    }
+
+    /// The file's path in the task's root, written into `buf`.
+    pub(crate) fn name<'b>(&self, buf: &'b mut [u8]) -> Result<&'b [u8]> {
+        let mut out: *const kernel::ffi::c_char = core::ptr::null();
+        let len = c_int::try_from(buf.len()).map_err(|_| EINVAL)?;
+        // SAFETY: `ptr` is valid by the type invariant; `buf` is writable
+        // for `len` bytes and `out` is a valid place for a pointer.
+        to_result(unsafe { tb_path_name(self.ptr, buf.as_mut_ptr().cast(), len, &mut out) })?;
+        let start = (out as usize)
+            .checked_sub(buf.as_ptr() as usize)
+            .filter(|&s| s < buf.len())
+            .ok_or(EINVAL)?;
+        // d_path() writes the name, NUL-terminated, at the end of `buf`.
+        let tail = &buf[start..];
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        Ok(&buf[start..start + end])
+    }
+}
+
+/// The loader gate's fsnotify group and its superblock marks.
+///
+/// # Invariants
+///
+/// The group exists for the whole life of this value.
+pub(crate) struct LoaderGate {
+    _private: (),
+}
+
+impl LoaderGate {
+    /// Allocates the group and marks the root file system. Its handler
+    /// reaches the module state through [`crate::SHARED`], which must be
+    /// published before this.
+    pub(crate) fn new() -> Result<Self> {
+        // SAFETY: Called once, at load, with no gate running.
+        to_result(unsafe { tb_loader_gate_start() })?;
+        // INVARIANT: Started.
+        Ok(LoaderGate { _private: () })
+    }
+}
+
+impl Drop for LoaderGate {
+    fn drop(&mut self) {
+        // SAFETY: Started by the type invariant. The stop destroys the
+        // marks and waits an SRCU grace period, so handlers still inside
+        // the module finish before it returns.
+        unsafe { tb_loader_gate_stop() }
+    }
+}
+
+/// Called by the loader gate for each exec-time open on a marked file
+/// system: 0 lets the open (and the exec) go on, -errno fails it.
+///
+/// # Safety
+///
+/// `path` points at a live `struct path` for the duration of the call, and
+/// the caller is the exec'ing task.
+#[no_mangle]
+unsafe extern "C" fn trustbind_loader_check(path: *const bindings::path) -> c_int {
+    // INVARIANT: Valid for this call by the function's safety contract.
+    let open = ExecOpen {
+        ptr: path,
+        _life: core::marker::PhantomData,
+    };
+    let verdict = crate::SHARED.with(|s| crate::exec::check_loader(s, &open));
+    match verdict {
+        Some(Ok(())) | None => 0,
+        Some(Err(e)) => e.to_errno(),
     }
 }
 

@@ -93,7 +93,7 @@ fn demo(shell: bool) -> Result<(), Box<dyn std::error::Error>> {
     )?;
     vm.spawn_bg(
         "exec /tb/tb-fakeagent --mode enforce --timeout-ms 10000 --allow-dir /usr/bin \
-         --allow-dir /usr/sbin --allow-dir /tb --log /run/agent.log",
+         --allow-dir /usr/sbin --allow-dir /tb --allow /lib64/ld-linux-x86-64.so.2 --log /run/agent.log",
     )?;
     wait_for(
         &mut vm,

@@ -6,7 +6,9 @@
 //! with the module absent, with the module and a warm verdict cache, and
 //! cold (every exec a different copy: hashed in the kernel and asked of
 //! the agent). In-kernel hashing throughput: a 64 MiB executable exec'd
-//! cold, minus a cold exec of the small one. Under TCG absolute times are
+//! cold, minus a cold exec of the small one. A dynamically linked
+//! `/usr/bin/true` is measured absent and warm too: its exec also opens the
+//! ELF loader, which the loader gate qualifies (a second cache lookup). Under TCG absolute times are
 //! emulation times; the ratios within the run are what counts.
 
 use anyhow::{Context, Result};
@@ -44,6 +46,7 @@ fn bench_exec_overhead() -> Result<()> {
         .memory_mib(1024)
         .boot(&art)?;
     let loop_true = format!("i=0; while [ $i -lt {N} ]; do /root/b/busybox true; i=$((i+1)); done");
+    let loop_dyn = format!("i=0; while [ $i -lt {N} ]; do /usr/bin/true; i=$((i+1)); done");
     let loop_cold =
         format!("i=0; while [ $i -lt {COLD} ]; do /tmp/c/$i/busybox true; i=$((i+1)); done");
     vm.run_ok(&format!(
@@ -62,10 +65,12 @@ fn bench_exec_overhead() -> Result<()> {
     // Warm-up: QEMU translates the paths once; not measured.
     timed(&mut vm, &loop_true)?;
     let absent_before = timed(&mut vm, &loop_true)?;
+    timed(&mut vm, &loop_dyn)?;
+    let dyn_absent_before = timed(&mut vm, &loop_dyn)?;
     vm.run_ok("insmod /tb/trustbind.ko")?;
     vm.spawn_bg(&format!(
         "exec /tb/tb-fakeagent --mode enforce --timeout-ms 30000 --allow-dir /usr/bin \
-         --allow-dir /bin --allow-dir /usr/sbin --allow-dir /root/b --allow /tmp/big/busybox \
+         --allow-dir /bin --allow-dir /usr/sbin --allow /lib64/ld-linux-x86-64.so.2 --allow-dir /root/b --allow /tmp/big/busybox \
          $(i=0; while [ $i -lt {COLD} ]; do printf -- '--allow /tmp/c/%s/busybox ' $i; i=$((i+1)); done) \
          --log {AGENT_LOG}"
     ))?;
@@ -77,6 +82,8 @@ fn bench_exec_overhead() -> Result<()> {
     }
     vm.run_ok("/root/b/busybox true")?; // first sight: into the cache
     let warm = timed(&mut vm, &loop_true)?;
+    vm.run_ok("/usr/bin/true")?;
+    let dyn_warm = timed(&mut vm, &loop_dyn)?;
     let cold = timed(&mut vm, &loop_cold)?;
     // A cold small exec, for the hashing estimate.
     let small_cold = cold / COLD as f64;
@@ -85,8 +92,10 @@ fn bench_exec_overhead() -> Result<()> {
     vm.run_ok("pkill -TERM -x tb-fakeagent; sleep 1")?;
     vm.run_ok("rmmod trustbind")?;
     let absent_after = timed(&mut vm, &loop_true)?;
+    let dyn_absent_after = timed(&mut vm, &loop_dyn)?;
     // The module-absent time, bracketing the module runs.
     let absent = (absent_before + absent_after) / 2.0;
+    let dyn_absent = (dyn_absent_before + dyn_absent_after) / 2.0;
     let per = |t: f64| t / N as f64 * 1e6;
     let mib_s = 64.0 / (big_cold - small_cold).max(1e-9);
     println!(
@@ -107,6 +116,14 @@ fn bench_exec_overhead() -> Result<()> {
         "  module, cold (hash+ask):  {:>9.1} µs/exec  ({:.2}x absent)",
         small_cold * 1e6,
         small_cold / (absent / N as f64)
+    );
+    println!(
+        "  dynamic /usr/bin/true:    {:>9.1} µs/exec absent (before {:.1}, after {:.1}), {:.1} warm ({:+.1} %)",
+        per(dyn_absent),
+        per(dyn_absent_before),
+        per(dyn_absent_after),
+        per(dyn_warm),
+        (dyn_warm / dyn_absent - 1.0) * 100.0
     );
     println!(
         "  in-kernel hashing (SHA-256+SHA-1, one pass): ~{mib_s:.0} MiB/s (64 MiB file, cold exec)"

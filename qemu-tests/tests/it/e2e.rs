@@ -216,7 +216,7 @@ fn exec_control_end_to_end() -> Result<()> {
          && cp /usr/bin/true /root/ok && chmod 755 /root/tool /root/evil /root/ok",
     )?;
     let sums = host
-        .run_ok("sha256sum /usr/bin/* /usr/sbin/* 2>/dev/null | sort -u -k1,1")?
+        .run_ok("sha256sum /usr/bin/* /usr/sbin/* /lib64/ld-linux-x86-64.so.2 2>/dev/null | sort -u -k1,1")?
         .stdout;
     let mut sigs = Vec::new();
     for l in sums.lines() {

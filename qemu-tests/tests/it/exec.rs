@@ -21,6 +21,8 @@ use trustbind_qemu_tests::{Artifacts, Network, Vm};
 use crate::kernel_lines;
 
 const AGENT_LOG: &str = "/run/fakeagent.log";
+/// The ELF loader every dynamically linked program of the guest names.
+const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
 
 /// Starts the fake agent in `mode` and waits until it configured the module.
 /// Its verdicts are not cacheable, so every exec is asked.
@@ -33,7 +35,7 @@ fn start_agent_with(vm: &mut Vm, mode: &str, extra: &str) -> Result<()> {
     vm.run_ok(&format!("rm -f {AGENT_LOG}"))?;
     vm.spawn_bg(&format!(
         "exec /tb/tb-fakeagent --mode {mode} --timeout-ms 10000 \
-         --allow-dir /usr/bin --allow-dir /usr/sbin --allow-dir /tb \
+         --allow-dir /usr/bin --allow-dir /usr/sbin --allow-dir /tb --allow {LOADER} \
          {extra} --log {AGENT_LOG}"
     ))?;
     for _ in 0..120 {
@@ -92,8 +94,8 @@ fn field<'a>(line: &'a str, name: &str) -> Result<&'a str> {
         .with_context(|| format!("no {name}= in {line:?}"))
 }
 
-#[test]
-fn exec_qualification() -> Result<()> {
+/// A host VM with `tb-fakeagent` in its payload and the module loaded.
+fn host_with_module() -> Result<Vm> {
     let art = Artifacts::from_env()?;
     let net = Network::new()?;
     let mut vm = net
@@ -101,6 +103,12 @@ fn exec_qualification() -> Result<()> {
         .file("tb-fakeagent", env!("CARGO_BIN_EXE_tb-fakeagent"), 0o755)
         .boot(&art)?;
     vm.run_ok("insmod /tb/trustbind.ko")?;
+    Ok(vm)
+}
+
+#[test]
+fn exec_qualification() -> Result<()> {
+    let mut vm = host_with_module()?;
     // An unapproved program (a one-byte-longer copy of true) and a script.
     vm.run_ok(
         "mkdir -p /tmp/x && cp /usr/bin/true /tmp/x/evil && printf x >>/tmp/x/evil \
@@ -163,14 +171,15 @@ fn exec_qualification() -> Result<()> {
     let script = request_for(&mut vm, "/tmp/x/ok.sh")?.context("script not qualified")?;
     ensure!(script.ends_with("-> allow"), "{script}");
     // The interpreter is qualified in the same exec (same pid), after the
-    // script.
+    // script, by the loader gate when the exec opens it (so under the name
+    // of the file it opened: /bin/sh is a link to dash).
     let pid = field(&script, "pid")?.to_owned();
     let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
     let after_script = log
         .lines()
         .skip_while(|l| !l.starts_with("exec /tmp/x/ok.sh "));
     let interp = after_script
-        .filter(|l| l.starts_with("exec /bin/sh "))
+        .filter(|l| l.starts_with("exec /usr/bin/dash "))
         .find(|l| field(l, "pid").is_ok_and(|p| p == pid))
         .with_context(|| format!("interpreter /bin/sh not qualified for pid {pid}:\n{log}"))?;
     ensure!(interp.ends_with("-> allow"), "{interp}");
@@ -236,15 +245,128 @@ fn exec_qualification() -> Result<()> {
     Ok(())
 }
 
+/// Replaces the one occurrence of `from` in `bin` by `to` (same length).
+fn patch_once(bin: &mut [u8], from: &[u8], to: &[u8]) -> Result<()> {
+    ensure!(from.len() == to.len(), "patch changes the length");
+    let hits: Vec<usize> = bin
+        .windows(from.len())
+        .enumerate()
+        .filter(|(_, w)| *w == from)
+        .map(|(i, _)| i)
+        .collect();
+    ensure!(hits.len() == 1, "{} occurrences of the pattern", hits.len());
+    bin[hits[0]..hits[0] + to.len()].copy_from_slice(to);
+    Ok(())
+}
+
+/// The loader gate: what an exec opens itself once under way is qualified
+/// like a program. An approved program whose `PT_INTERP` names an
+/// unapproved loader is refused; a binfmt_misc interpreter is qualified
+/// (approved: runs, and the handler's next round does not ask again;
+/// unapproved: `EACCES`).
+#[test]
+fn exec_loader_gate() -> Result<()> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut vm = host_with_module()?;
+
+    // A copy of `true` whose PT_INTERP names a modified (unapproved) copy
+    // of the loader at a path of the same length.
+    let orig = vm.run_ok("base64 -w0 /usr/bin/true")?.stdout;
+    let mut bin = b64.decode(orig.trim()).context("base64 of /usr/bin/true")?;
+    patch_once(
+        &mut bin,
+        b"/lib64/ld-linux-x86-64.so.2\0",
+        b"/tmp/x/ld-linux-x86-64.so.2\0",
+    )?;
+    vm.run_ok(&format!(
+        "mkdir -p /tmp/x && echo {} | base64 -d >/tmp/x/true-l && chmod 755 /tmp/x/true-l \
+         && cp {LOADER} /tmp/x/ld-linux-x86-64.so.2 && printf x >>/tmp/x/ld-linux-x86-64.so.2",
+        b64.encode(&bin)
+    ))?;
+    // binfmt_misc: files ending in .tbok run through an approved copy of
+    // cat, files ending in .tbbad through a modified one.
+    vm.run_ok(
+        "mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc none /proc/sys/fs/binfmt_misc; \
+         cp /usr/bin/cat /tmp/x/cat-ok && cp /usr/bin/cat /tmp/x/cat-bad && printf x >>/tmp/x/cat-bad \
+         && echo ':tbok:E::tbok::/tmp/x/cat-ok:' >/proc/sys/fs/binfmt_misc/register \
+         && echo ':tbbad:E::tbbad::/tmp/x/cat-bad:' >/proc/sys/fs/binfmt_misc/register \
+         && printf 'misc-ran\n' >/tmp/x/f.tbok && cp /tmp/x/f.tbok /tmp/x/f.tbbad \
+         && chmod 755 /tmp/x/f.tbok /tmp/x/f.tbbad",
+    )?;
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        "--no-cache --allow /tmp/x/true-l --allow /tmp/x/f.tbok",
+    )?;
+
+    // The program is approved, its loader is not.
+    let out = vm.run("/tmp/x/true-l")?;
+    ensure!(
+        out.status == 126 && out.stderr.contains("Permission denied"),
+        "program with an unapproved loader was not refused: {out:?}"
+    );
+    let req = request_for(&mut vm, "/tmp/x/true-l")?.context("program not qualified")?;
+    ensure!(req.ends_with("-> allow"), "{req}");
+    let ld =
+        request_for(&mut vm, "/tmp/x/ld-linux-x86-64.so.2")?.context("loader not qualified")?;
+    ensure!(ld.ends_with("-> deny"), "{ld}");
+    let sum = vm.run_ok("sha256sum /tmp/x/ld-linux-x86-64.so.2")?.stdout;
+    ensure!(
+        field(&ld, "sha256")? == sum.split_whitespace().next().unwrap_or_default(),
+        "in-kernel SHA-256 of the loader differs from sha256sum: {ld}"
+    );
+    // The approved loader lets approved programs run.
+    vm.run_ok("/usr/bin/true")?;
+
+    // binfmt_misc interpreters.
+    let dedup = stat(&mut vm, "loader_dedup")?;
+    let out = vm.run_ok("/tmp/x/f.tbok")?;
+    ensure!(
+        out.stdout.trim() == "misc-ran",
+        "binfmt_misc output {out:?}"
+    );
+    let ok = request_for(&mut vm, "/tmp/x/cat-ok")?.context("interpreter not qualified")?;
+    ensure!(ok.ends_with("-> allow"), "{ok}");
+    ensure!(
+        requests_for(&mut vm, "/tmp/x/cat-ok")? == 1,
+        "the interpreter was asked twice in one exec"
+    );
+    ensure!(
+        stat(&mut vm, "loader_dedup")? > dedup,
+        "the handler's interpreter round was not recognised"
+    );
+    let out = vm.run("/tmp/x/f.tbbad")?;
+    ensure!(
+        out.status == 126 && out.stderr.contains("Permission denied"),
+        "unapproved binfmt_misc interpreter was not refused: {out:?}"
+    );
+    let dmesg = vm.run_ok("dmesg")?.stdout;
+    for want in [
+        "trustbind: exec (loader) denied: /tmp/x/ld-linux-x86-64.so.2 (denied by policy)",
+        "trustbind: exec (loader) denied: /tmp/x/cat-bad (denied by policy)",
+    ] {
+        ensure!(
+            kernel_lines(&dmesg).iter().any(|l| l.trim_end() == want),
+            "no line {want:?} in dmesg:\n{dmesg}"
+        );
+    }
+    ensure!(
+        stat(&mut vm, "loader_opens")? >= 4,
+        "loader opens not counted"
+    );
+
+    stop_agent(&mut vm)?;
+    vm.run_ok("echo -1 >/proc/sys/fs/binfmt_misc/tbok; echo -1 >/proc/sys/fs/binfmt_misc/tbbad")?;
+    vm.run_ok("rmmod trustbind")?;
+    vm.check_health()?;
+    vm.shutdown()?;
+    Ok(())
+}
+
 #[test]
 fn exec_verdict_cache() -> Result<()> {
-    let art = Artifacts::from_env()?;
-    let net = Network::new()?;
-    let mut vm = net
-        .vm("a")
-        .file("tb-fakeagent", env!("CARGO_BIN_EXE_tb-fakeagent"), 0o755)
-        .boot(&art)?;
-    vm.run_ok("insmod /tb/trustbind.ko")?;
+    let mut vm = host_with_module()?;
     // On the ext4 root, which has change cookies: copies of approved
     // programs (same hash, so allowed) under new paths.
     vm.run_ok(

@@ -471,11 +471,28 @@ impl Pki {
     /// subject and extensions are the appliance's: CN = `host`,
     /// OU = `trustbind-host`, client-auth EKU.
     pub fn issue_host(&self, host: &str, csr_pem: &str) -> Result<IssuedCert, PkiError> {
-        check_name(host)?;
+        self.issue_from_csr(CertKind::Host, host, csr_pem)
+    }
+
+    /// Issues an admin client certificate for `name` from the admin's
+    /// PKCS#10 CSR (PEM), so the private key never leaves the admin's
+    /// machine. As for [`Pki::issue_host`], only the CSR's public key is
+    /// used: CN = `name`, OU = `trustbind-admin`, client-auth EKU.
+    pub fn issue_admin_csr(&self, name: &str, csr_pem: &str) -> Result<IssuedCert, PkiError> {
+        self.issue_from_csr(CertKind::Admin, name, csr_pem)
+    }
+
+    fn issue_from_csr(
+        &self,
+        kind: CertKind,
+        name: &str,
+        csr_pem: &str,
+    ) -> Result<IssuedCert, PkiError> {
+        check_name(name)?;
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::Csr(e.to_string()))?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = marked_name(CertKind::Host, host);
+        params.distinguished_name = marked_name(kind, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
@@ -650,7 +667,7 @@ fn marked_name(kind: CertKind, cn: &str) -> rcgen::DistinguishedName {
 
 /// Host and admin names: 1..=253 characters of `[A-Za-z0-9._-]`, not
 /// starting with `-` or `.`.
-fn check_name(name: &str) -> Result<(), PkiError> {
+pub fn check_name(name: &str) -> Result<(), PkiError> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && !name.starts_with(['-', '.'])

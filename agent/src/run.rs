@@ -701,7 +701,9 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             let gen = u64::try_from(g.generation).unwrap_or(0);
             let old = shared.generation.swap(gen, Ordering::Relaxed);
             if old != gen {
-                // Verdicts may have changed: have the bundle re-decided.
+                // Verdicts may have changed: have the bundle re-decided,
+                // without waiting for the gap between renewals.
+                *shared.bundle_last.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 shared.bundle_due.notify_one();
                 let mut w = shared.lock();
                 if let Err(e) = w.writer.generation(gen) {

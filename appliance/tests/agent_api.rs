@@ -860,3 +860,27 @@ async fn oversized_or_malformed_bundle_requests_are_refused() {
     let e = client.sign_bundle(bad).await.unwrap_err();
     assert!(e.message().contains("entries[0].sha256"), "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_verdicts_are_the_policys_whatever_the_mode() {
+    let (app, mut client) = setup_mode(Mode::Permissive).await;
+    let ask = pb::BundleRequest {
+        entries: vec![bundle_entry(LS, "alice"), bundle_entry(UNKNOWN, "alice")],
+    };
+    let b = client.sign_bundle(ask.clone()).await.unwrap().into_inner();
+    // Permissive: the unknown program would be denied, so DENY.
+    assert_eq!(
+        verdicts(&verified_payload(&app, &b)),
+        vec![
+            (LS, "alice".into(), Verdict::Allow),
+            (UNKNOWN, "alice".into(), Verdict::Deny),
+        ]
+    );
+    // Disabled: nothing.
+    app.api
+        .store
+        .set_host_group("web", Mode::Disabled, "admin:test")
+        .unwrap();
+    let b = client.sign_bundle(ask).await.unwrap().into_inner();
+    assert!(verified_payload(&app, &b).entries.is_empty());
+}

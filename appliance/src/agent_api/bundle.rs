@@ -6,7 +6,8 @@
 //! [`super::Decider::redecide`]: no license is charged, nothing is audited
 //! per pair), and only pairs whose verdict is kernel-cacheable (it depends
 //! on nothing but host, program and user) and ALLOW or DENY outright enter
-//! the payload. The payload is a `BundlePayload` (agent.proto, the one
+//! the payload, with the policy's verdict whatever the host's mode (a
+//! permissive would-deny is DENY; a disabled host gets an empty bundle). The payload is a `BundlePayload` (agent.proto, the one
 //! definition) encoded by prost: fields in number order, entries sorted
 //! and de-duplicated, so one content has one encoding. It is signed with
 //! the server key (ECDSA P-256, SHA-256): that key already is the
@@ -24,7 +25,7 @@ use super::pb::{self, BundlePayload, BundleRequest, BundleVerdict, SignedBundle}
 use super::AgentApi;
 use crate::policy::Verdict;
 use crate::request::{Action, Program, QualifyRequest, Subject, Target};
-use crate::store::{hex, AuditEvent};
+use crate::store::{hex, AuditEvent, Mode};
 
 /// Most entries in one `SignBundle` request.
 pub const MAX_BUNDLE_ENTRIES: usize = 4096;
@@ -105,13 +106,27 @@ pub fn sign(
     entries.dedup();
     let mut generation = api.store.generation_hint();
     let mut out = Vec::with_capacity(entries.len());
+    // A disabled host's answers say nothing about the policy: sign an empty
+    // bundle (moving the host to another mode moves the generation, and the
+    // agent asks again).
+    let disabled = api
+        .host_mode(host)
+        .map_err(|e| Status::unavailable(format!("store: {e}")))?
+        == Mode::Disabled;
+    if disabled {
+        entries.clear();
+    }
     for (i, (sha, user)) in entries.iter().enumerate() {
         let a = api
             .decider
             .redecide(&exec_request(host, sha, user, now_ms))
             .map_err(|e| Status::unavailable(format!("no decision for entry {i}: {e}")))?;
         generation = a.generation;
+        // The policy's verdict, whatever the mode: a permissive host's
+        // would-deny is a DENY in the bundle (its kernel lets it run in
+        // permissive mode; it must not run if the host is enforcing later).
         let verdict = match a.outcome.verdict {
+            _ if a.outcome.would_deny => pb::Verdict::Deny,
             Verdict::Allow => pb::Verdict::Allow,
             Verdict::Deny => pb::Verdict::Deny,
             Verdict::AllowWithConditions { .. } => continue,

@@ -9,9 +9,10 @@
 //! has its accept refused and the client sees the connection reset; the
 //! requests carry the program's in-kernel SHA-256 (equal to `sha256sum`)
 //! and the 4-tuple; permissive mode lets the copy connect and reports
-//! "would be denied"; the `net_*` counters add up with the agent's log;
-//! with the agent gone (disabled mode) `rmmod` succeeds while a
-//! connection is open and the connection keeps working, with no warning.
+//! "would be denied"; IPv6 (`::1`) is qualified the same way; the `net_*`
+//! counters add up with the agent's log; with the agent gone (disabled
+//! mode) `rmmod` succeeds while a connection is open and the connection
+//! keeps working, with no warning.
 
 use anyhow::{bail, ensure, Context, Result};
 use trustbind_qemu_tests::Vm;
@@ -33,19 +34,24 @@ fn agent_args() -> String {
 /// Starts `prog` as a one-connection TCP server on `port` writing what it
 /// receives to `out`, and waits until it listens.
 fn serve(vm: &mut Vm, prog: &str, port: u16, out: &str) -> Result<()> {
+    serve_on(vm, prog, "TCP4", port, out)
+}
+
+/// Same, over `proto` (`TCP4` or `TCP6`).
+fn serve_on(vm: &mut Vm, prog: &str, proto: &str, port: u16, out: &str) -> Result<()> {
     vm.spawn_bg(&format!(
-        "exec {prog} -u TCP4-LISTEN:{port},reuseaddr OPEN:{out},creat,trunc"
+        "exec {prog} -u {proto}-LISTEN:{port},reuseaddr OPEN:{out},creat,trunc"
     ))?;
     wait_listening(vm, port)
 }
 
-/// Waits until something listens on 0.0.0.0:`port` (state 0A in
-/// /proc/net/tcp).
+/// Waits until something listens on `port` (state 0A in /proc/net/tcp or
+/// tcp6).
 fn wait_listening(vm: &mut Vm, port: u16) -> Result<()> {
-    let pattern = format!(" 00000000:{port:04X} 00000000:0000 0A ");
+    let pattern = format!(":{port:04X} 0*:0000 0A ");
     for _ in 0..100 {
         if vm
-            .run(&format!("grep -q '{pattern}' /proc/net/tcp"))?
+            .run(&format!("grep -q '{pattern}' /proc/net/tcp /proc/net/tcp6"))?
             .status
             == 0
         {
@@ -194,6 +200,31 @@ fn net_qualify() -> Result<()> {
     );
     vm.run_ok("pkill -f '[T]CP4-LISTEN:7003' || true")?;
 
+    // IPv6 takes the same path: allowed, then refused.
+    serve_on(&mut vm, "/usr/bin/socat", "TCP6", 7007, "/tmp/x/got7")?;
+    vm.run_ok("echo hello-v6 | socat -u - TCP6:[::1]:7007")?;
+    wait_received(&mut vm, "/tmp/x/got7", "hello-v6")?;
+    let accept = net_lines(&mut vm)?
+        .into_iter()
+        .find(|l| l.starts_with("net accept [::1]:") && l.contains("-> [::1]:7007 "))
+        .context("no IPv6 accept request")?;
+    ensure!(accept.ends_with("-> allow"), "{accept}");
+    serve_on(&mut vm, "/usr/bin/socat", "TCP6", 7008, "/tmp/x/got8")?;
+    let out = vm.run(&format!("echo rogue | {ROGUE_CLIENT} -u - TCP6:[::1]:7008"))?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("Permission denied"),
+        "unapproved IPv6 client was not refused with EACCES: {out:?}"
+    );
+    ensure!(
+        net_lines(&mut vm)?
+            .iter()
+            .any(|l| l.starts_with("net connect ")
+                && l.contains("-> [::1]:7008 ")
+                && l.ends_with("-> deny")),
+        "no denied IPv6 connect request"
+    );
+    vm.run_ok("pkill -f '[T]CP6-LISTEN:7008' || true")?;
+
     // Counters add up with what the agent saw.
     let lines = net_lines(&mut vm)?;
     let count = |f: &dyn Fn(&String) -> bool| lines.iter().filter(|l| f(l)).count() as u64;
@@ -212,7 +243,7 @@ fn net_qualify() -> Result<()> {
         "allowed/denied counters differ from the agent's log:\n{}",
         lines.join("\n")
     );
-    ensure!(denies == 2, "expected two denials:\n{}", lines.join("\n"));
+    ensure!(denies == 3, "expected three denials:\n{}", lines.join("\n"));
     for zero in [
         "net_would_deny",
         "net_no_agent",

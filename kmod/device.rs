@@ -388,7 +388,13 @@ impl Channel {
                 self.verdict_timeout_ms
                     .store(c.verdict_timeout_ms, Ordering::Release);
                 self.qualify_net.store(c.qualify_net, Ordering::Release);
-                self.mode.store(c.mode as u8, Ordering::Release);
+                let was = self.mode.swap(c.mode as u8, Ordering::AcqRel);
+                if was == Mode::Disabled as u8 && c.mode != Mode::Disabled {
+                    // Execs while disabled were not recorded: a process's
+                    // entry may name a program it no longer runs. Connects
+                    // then hash mm->exe_file; ancestries start shorter.
+                    crate::SHARED.with(|s| s.lineage.clear());
+                }
                 pr_info!(
                     "mode {:?}, verdict timeout {} ms, net {}\n",
                     c.mode,

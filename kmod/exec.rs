@@ -145,6 +145,11 @@ impl Lineage {
         self.inner.lock().ancestry(proc, proc)
     }
 
+    /// Forgets every process (see `proto::lineage::Lineage::clear`).
+    pub(crate) fn clear(&self) {
+        self.inner.lock().clear()
+    }
+
     /// Records that `proc` runs `sha256`, with `chain` before it.
     pub(crate) fn record_proc(&self, proc: ProcId, sha256: &[u8; 32], chain: &Chain) {
         self.inner.lock().record(proc, sha256, chain)

@@ -34,9 +34,9 @@
 //! connects through `tcp_sendmsg_fastopen` without `inet_stream_connect`
 //! (the `inet_sendmsg` wrapper of the kTLS milestone must refuse or
 //! qualify it); a non-blocking connect waits for its verdict like a
-//! blocking one; a process that exec'd while the module was disabled but
-//! had an earlier exec recorded under the same pid and start time is taken
-//! for that earlier program (the lineage entry does not name the file).
+//! blocking one. (A process that exec'd while the module was disabled is
+//! not taken for what it ran before: leaving disabled mode empties the
+//! lineage table, see `device.rs`.)
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::prelude::*;

@@ -146,6 +146,14 @@ impl<S: DerefMut<Target = [Image]>> Lineage<S> {
         Some((cur.sha256, c))
     }
 
+    /// Forgets every process: what they exec'd while nothing recorded
+    /// (the module disabled) cannot be told apart from what was recorded.
+    pub fn clear(&mut self) {
+        for s in self.slots.iter_mut() {
+            *s = Image::EMPTY;
+        }
+    }
+
     /// Records that `proc` now runs `sha256`, exec'd with `ancestry`.
     pub fn record(&mut self, proc: ProcId, sha256: &[u8; SHA256_LEN], ancestry: &Chain) {
         let i = self.index(proc);
@@ -253,6 +261,16 @@ mod tests {
         // A forked child is not its parent, and a reused pid is nobody.
         assert!(t.image(p(200, 30)).is_none());
         assert!(t.image(p(100, 21)).is_none());
+    }
+
+    #[test]
+    fn clear_forgets_everyone() {
+        let mut t = table(8);
+        t.record(p(1, 1), &h(1), &Chain::EMPTY);
+        t.record(p(2, 2), &h(2), &Chain::EMPTY);
+        t.clear();
+        assert!(t.image(p(1, 1)).is_none());
+        assert!(t.ancestry(p(3, 3), p(2, 2)).is_empty());
     }
 
     #[test]

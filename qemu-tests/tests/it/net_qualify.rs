@@ -11,8 +11,9 @@
 //! and the 4-tuple; permissive mode lets the copy connect and reports
 //! "would be denied"; IPv6 (`::1`) is qualified the same way; the `net_*`
 //! counters add up with the agent's log; with the agent gone (disabled
-//! mode) `rmmod` succeeds while a connection is open and the connection
-//! keeps working, with no warning.
+//! mode) `rmmod` is refused while a server waits in `accept()`, and
+//! succeeds while a connection is open, which keeps working, with no
+//! warning.
 
 use anyhow::{bail, ensure, Context, Result};
 use trustbind_qemu_tests::Vm;
@@ -282,6 +283,23 @@ fn net_qualify() -> Result<()> {
     vm.spawn_bg("exec 3>/tmp/x/feed; echo first >&3; exec sleep 600")?;
     wait_received(&mut vm, "/tmp/x/got5", "first")?;
     stop_agent(&mut vm)?;
+    // A task blocked in accept() is inside the wrapper and holds the
+    // module: rmmod is refused (at once, not hung) until it leaves. (socat
+    // polls before it accepts, so a plain blocking accept from perl.)
+    vm.spawn_bg(
+        "exec perl -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 0) or die; \
+         setsockopt(S, SOL_SOCKET, SO_REUSEADDR, 1); \
+         bind(S, pack_sockaddr_in(7009, INADDR_ANY)) or die; listen(S, 5) or die; \
+         accept(C, S); sleep 600'",
+    )?;
+    wait_listening(&mut vm, 7009)?;
+    vm.run_ok("sleep 0.5")?;
+    let out = vm.run("rmmod trustbind")?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("in use"),
+        "rmmod with a task in accept() did not fail as in use: {out:?}"
+    );
+    vm.run_ok("pkill -x perl && sleep 0.5")?;
     let established = vm
         .run_ok("grep -c ':1B5D 0100007F:[0-9A-F]* 01 ' /proc/net/tcp || true")?
         .stdout;

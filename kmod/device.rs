@@ -10,9 +10,10 @@
 //! The first record an agent writes must be a `Hello`; the module answers
 //! with a `HelloAck` naming its version and hash drivers. A `Config` sets
 //! the enforcement mode and how long a hooked task waits for a verdict.
-//! The hooks queue requests (`ExecRequest`) on the outbox with a fresh
-//! request id and sleep until the agent writes the `Verdict` with that id,
-//! the wait times out, or the agent goes away.
+//! The hooks queue requests (`ExecRequest`, `NetRequest`) on the outbox
+//! with a fresh request id and sleep until the agent writes the `Verdict`
+//! with that id, the wait times out, or the agent goes away. `NetRequest`s
+//! are only queued while the last `Config` set `qualify_net`.
 //!
 //! Errors the agent sees from `write()`: `E2BIG` for a record longer than
 //! `MAX_RECORD_LEN`, `EINVAL` for a malformed record, a kind the agent may
@@ -27,7 +28,7 @@
 //! enforce mode the module also holds a reference on itself, so `rmmod`
 //! fails with `EBUSY` until an agent sets another mode.
 
-use core::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use kernel::prelude::*;
 use kernel::rbtree::RBTree;
 use kernel::sync::{new_condvar, new_mutex, CondVar, CondVarTimeoutResult, Mutex};
@@ -163,6 +164,9 @@ pub(crate) struct Channel {
     /// The current [`Mode`], readable without the mutex on every exec.
     mode: AtomicU8,
     verdict_timeout_ms: AtomicU32,
+    /// Whether the agent answers net requests (`Config::qualify_net`);
+    /// like the mode, it outlives the agent.
+    qualify_net: AtomicBool,
     /// Thread group id of the connected agent, 0 when none, readable
     /// without the mutex (the agent's own execs are exempt).
     agent_tgid: AtomicU32,
@@ -193,6 +197,7 @@ impl Channel {
             verdicts <- new_condvar!(),
             mode: AtomicU8::new(Mode::Disabled as u8),
             verdict_timeout_ms: AtomicU32::new(DEFAULT_VERDICT_TIMEOUT_MS),
+            qualify_net: AtomicBool::new(false),
             agent_tgid: AtomicU32::new(0),
             queued: AtomicUsize::new(0),
             sha256_driver,
@@ -238,6 +243,12 @@ impl Channel {
     /// The current enforcement mode.
     pub(crate) fn mode(&self) -> Mode {
         Mode::from_wire(self.mode.load(Ordering::Acquire)).unwrap_or(Mode::Enforce)
+    }
+
+    /// Whether connects and accepts are qualified (the agent said it
+    /// answers net requests).
+    pub(crate) fn qualifies_net(&self) -> bool {
+        self.qualify_net.load(Ordering::Acquire)
     }
 
     /// Whether `tgid` is the connected agent.
@@ -376,18 +387,30 @@ impl Channel {
                 }
                 self.verdict_timeout_ms
                     .store(c.verdict_timeout_ms, Ordering::Release);
-                self.mode.store(c.mode as u8, Ordering::Release);
+                self.qualify_net.store(c.qualify_net, Ordering::Release);
+                let was = self.mode.swap(c.mode as u8, Ordering::AcqRel);
+                if was == Mode::Disabled as u8 && c.mode != Mode::Disabled {
+                    // Execs while disabled were not recorded: a process's
+                    // entry may name a program it no longer runs. Connects
+                    // then hash mm->exe_file; ancestries start shorter.
+                    crate::SHARED.with(|s| s.lineage.clear());
+                }
                 pr_info!(
-                    "mode {:?}, verdict timeout {} ms\n",
+                    "mode {:?}, verdict timeout {} ms, net {}\n",
                     c.mode,
-                    c.verdict_timeout_ms
+                    c.verdict_timeout_ms,
+                    if c.qualify_net {
+                        "qualified"
+                    } else {
+                        "not asked"
+                    }
                 );
             }
             Record::Generation(g) => {
                 crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
-            Record::HelloAck(_) | Record::ExecRequest(_) => {
+            Record::HelloAck(_) | Record::ExecRequest(_) | Record::NetRequest(_) => {
                 pr_warn!("agent sent a module-only record kind {:?}\n", record.kind());
                 return Err(EINVAL);
             }

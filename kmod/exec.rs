@@ -130,7 +130,29 @@ impl Lineage {
     }
 
     fn record(&self, info: &ExecInfo, sha256: &[u8; 32], chain: &Chain) {
-        self.inner.lock().record(proc_of(info), sha256, chain)
+        self.record_proc(proc_of(info), sha256, chain)
+    }
+
+    /// The program `proc` was recorded running and its ancestry, if this
+    /// very process was recorded.
+    pub(crate) fn image(&self, proc: ProcId) -> Option<([u8; 32], Chain)> {
+        self.inner.lock().image(proc)
+    }
+
+    /// The ancestry a program exec'd by `proc` would carry: what `proc`
+    /// runs, then its ancestry (empty if unknown).
+    pub(crate) fn ancestry_of_proc(&self, proc: ProcId) -> Chain {
+        self.inner.lock().ancestry(proc, proc)
+    }
+
+    /// Forgets every process (see `proto::lineage::Lineage::clear`).
+    pub(crate) fn clear(&self) {
+        self.inner.lock().clear()
+    }
+
+    /// Records that `proc` runs `sha256`, with `chain` before it.
+    pub(crate) fn record_proc(&self, proc: ProcId, sha256: &[u8; 32], chain: &Chain) {
+        self.inner.lock().record(proc, sha256, chain)
     }
 }
 
@@ -335,16 +357,8 @@ pub(crate) struct Stats {
     pub(crate) asked: AtomicU64,
     /// Allowed by a verdict.
     pub(crate) allowed: AtomicU64,
-    /// Refused with `EACCES` (enforce mode).
-    pub(crate) denied: AtomicU64,
-    /// Would have been refused (permissive mode).
-    pub(crate) would_deny: AtomicU64,
-    /// Of the refusals: no agent connected.
-    pub(crate) no_agent: AtomicU64,
-    /// Of the refusals: no verdict in time.
-    pub(crate) timeouts: AtomicU64,
-    /// Of the refusals: the file could not be hashed.
-    pub(crate) unreadable: AtomicU64,
+    /// Refusals (`EACCES` in enforce mode) and why.
+    pub(crate) refusals: Refusals,
     /// Execs decided from the cache (not hashed, not asked).
     pub(crate) cache_hits: AtomicU64,
     /// Execs that looked in the cache and found nothing.
@@ -366,11 +380,7 @@ pub(crate) struct Stats {
 pub(crate) static STATS: Stats = Stats {
     asked: AtomicU64::new(0),
     allowed: AtomicU64::new(0),
-    denied: AtomicU64::new(0),
-    would_deny: AtomicU64::new(0),
-    no_agent: AtomicU64::new(0),
-    timeouts: AtomicU64::new(0),
-    unreadable: AtomicU64::new(0),
+    refusals: Refusals::new(),
     cache_hits: AtomicU64::new(0),
     cache_misses: AtomicU64::new(0),
     cache_stored: AtomicU64::new(0),
@@ -384,8 +394,8 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Why an exec was refused (or would have been).
-enum Refusal {
+/// Why an exec or a connection end was refused (or would have been).
+pub(crate) enum Refusal {
     Denied,
     NoAgent,
     TimedOut,
@@ -399,6 +409,65 @@ impl core::fmt::Display for Refusal {
             Refusal::NoAgent => f.write_str("no agent"),
             Refusal::TimedOut => f.write_str("no verdict in time"),
             Refusal::Unreadable(e) => write!(f, "cannot hash the file: errno {}", e.to_errno()),
+        }
+    }
+}
+
+/// What one path (exec, net) refused or would have, and why; shown in
+/// debugfs as `<path>_denied`, `_would_deny`, `_no_agent`, `_timeouts`,
+/// `_unreadable`.
+pub(crate) struct Refusals {
+    /// Refused (enforce mode).
+    pub(crate) denied: AtomicU64,
+    /// Would have been refused (permissive mode).
+    pub(crate) would_deny: AtomicU64,
+    /// Of these: no agent connected.
+    pub(crate) no_agent: AtomicU64,
+    /// Of these: no verdict in time.
+    pub(crate) timeouts: AtomicU64,
+    /// Of these: the program's file could not be hashed.
+    pub(crate) unreadable: AtomicU64,
+}
+
+impl Refusals {
+    /// All zero.
+    pub(crate) const fn new() -> Self {
+        Refusals {
+            denied: AtomicU64::new(0),
+            would_deny: AtomicU64::new(0),
+            no_agent: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            unreadable: AtomicU64::new(0),
+        }
+    }
+
+    /// The one table of what a refusal means per mode: counts it, logs
+    /// "`what` denied: `subject` (why)" (or "would be denied"), and gives
+    /// `EACCES` in enforce mode, `Ok` otherwise.
+    pub(crate) fn apply(
+        &self,
+        mode: Mode,
+        refusal: &Refusal,
+        what: &str,
+        subject: impl core::fmt::Display,
+    ) -> Result {
+        match refusal {
+            Refusal::Denied => {}
+            Refusal::NoAgent => bump(&self.no_agent),
+            Refusal::TimedOut => bump(&self.timeouts),
+            Refusal::Unreadable(_) => bump(&self.unreadable),
+        }
+        match mode {
+            Mode::Enforce => {
+                bump(&self.denied);
+                pr_info!("{} denied: {} ({})\n", what, subject, refusal);
+                Err(EACCES)
+            }
+            _ => {
+                bump(&self.would_deny);
+                pr_info!("{} would be denied: {} ({})\n", what, subject, refusal);
+                Ok(())
+            }
         }
     }
 }
@@ -432,12 +501,6 @@ fn decide(s: &Shared, mode: Mode, subj: &mut impl Subject, interp_round: bool) -
         Err(Err(e)) => return Err(e),
         Err(Ok(r)) => r,
     };
-    match refusal {
-        Refusal::Denied => {}
-        Refusal::NoAgent => bump(&STATS.no_agent),
-        Refusal::TimedOut => bump(&STATS.timeouts),
-        Refusal::Unreadable(_) => bump(&STATS.unreadable),
-    }
     let what = if subj.is_program() {
         "exec"
     } else {
@@ -446,18 +509,7 @@ fn decide(s: &Shared, mode: Mode, subj: &mut impl Subject, interp_round: bool) -
     let path = subj.path();
     let shown = &path[..path.len().min(256)];
     let shown = core::str::from_utf8(shown).unwrap_or("<non-utf8 path>");
-    match mode {
-        Mode::Enforce => {
-            bump(&STATS.denied);
-            pr_info!("{} denied: {} ({})\n", what, shown, refusal);
-            Err(EACCES)
-        }
-        _ => {
-            bump(&STATS.would_deny);
-            pr_info!("{} would be denied: {} ({})\n", what, shown, refusal);
-            Ok(())
-        }
-    }
+    STATS.refusals.apply(mode, &refusal, what, shown)
 }
 
 /// `Ok` to run; `Err(Ok(refusal))` for a refusal the mode decides on;

@@ -3,8 +3,8 @@
 //!
 //! At load it allocates the SHA-256 and SHA-1 transforms it hashes programs
 //! with, checks them against known vectors, and registers `/dev/trustbind`,
-//! the channel to `trustbind-agent`. Hooks (exec, file, connect, accept)
-//! come on top of these in later parts.
+//! the channel to `trustbind-agent`, then the hooks: the loader gate and
+//! the exec handler (`exec`), and the connect/accept wrappers (`net`).
 //!
 //! Layout: `sys` is the only module with `unsafe` (the flat C surface of
 //! `sys/helpers.c` and small safe types over it); `device` is the agent
@@ -15,6 +15,7 @@ use kernel::prelude::*;
 
 mod device;
 mod exec;
+mod net;
 mod sys;
 
 // The wire records, shared with user space. Items the module does not use
@@ -25,7 +26,7 @@ mod proto;
 
 use device::Channel;
 use kernel::c_str;
-use sys::{DebugfsDir, ExecRegistration, Hashers, LoaderGate, MiscRegistration, Slot};
+use sys::{DebugfsDir, ExecRegistration, Hashers, LoaderGate, MiscRegistration, NetHooks, Slot};
 
 module! {
     type: Trustbind,
@@ -53,11 +54,13 @@ pub(crate) struct Shared {
 /// The state the C callbacks (file operations, binfmt handler) reach.
 pub(crate) static SHARED: Slot<Shared> = Slot::new();
 
-/// The module; fields drop in declaration order: the exec handler is
-/// unregistered first, then the loader gate stopped (waiting for its
+/// The module; fields drop in declaration order: the connect/accept hooks
+/// are removed first (waiting for calls inside their wrappers), then the
+/// exec handler is unregistered, then the loader gate stopped (waiting for its
 /// handlers), then the statistics, then the device, then the shared state
 /// is freed.
 struct Trustbind {
+    _net: NetHooks,
     _exec: ExecRegistration,
     _loader: LoaderGate,
     _stats: DebugfsDir,
@@ -151,11 +154,11 @@ impl kernel::Module for Trustbind {
         let stats = DebugfsDir::new(&[
             (c_str!("exec_asked"), &st.asked),
             (c_str!("exec_allowed"), &st.allowed),
-            (c_str!("exec_denied"), &st.denied),
-            (c_str!("exec_would_deny"), &st.would_deny),
-            (c_str!("exec_no_agent"), &st.no_agent),
-            (c_str!("exec_timeouts"), &st.timeouts),
-            (c_str!("exec_unreadable"), &st.unreadable),
+            (c_str!("exec_denied"), &st.refusals.denied),
+            (c_str!("exec_would_deny"), &st.refusals.would_deny),
+            (c_str!("exec_no_agent"), &st.refusals.no_agent),
+            (c_str!("exec_timeouts"), &st.refusals.timeouts),
+            (c_str!("exec_unreadable"), &st.refusals.unreadable),
             (c_str!("exec_cache_hits"), &st.cache_hits),
             (c_str!("exec_cache_misses"), &st.cache_misses),
             (c_str!("exec_cache_stored"), &st.cache_stored),
@@ -163,11 +166,23 @@ impl kernel::Module for Trustbind {
             (c_str!("exec_pinned_agent"), &st.pinned_agent),
             (c_str!("exec_loader_opens"), &st.loader_opens),
             (c_str!("exec_loader_dedup"), &st.loader_dedup),
+            (c_str!("net_connect_asked"), &net::STATS.connect_asked),
+            (c_str!("net_accept_asked"), &net::STATS.accept_asked),
+            (c_str!("net_allowed"), &net::STATS.allowed),
+            (c_str!("net_denied"), &net::STATS.refusals.denied),
+            (c_str!("net_would_deny"), &net::STATS.refusals.would_deny),
+            (c_str!("net_no_agent"), &net::STATS.refusals.no_agent),
+            (c_str!("net_timeouts"), &net::STATS.refusals.timeouts),
+            (c_str!("net_unreadable"), &net::STATS.refusals.unreadable),
+            (c_str!("net_exe_hashed"), &net::STATS.exe_hashed),
         ]);
         let loader = LoaderGate::new()?;
         let exec = ExecRegistration::new();
         pr_info!("exec handler registered (mode disabled until an agent configures it)\n");
+        let net = NetHooks::new()?;
+        pr_info!("connect/accept hooks registered\n");
         Ok(Trustbind {
+            _net: net,
             _exec: exec,
             _loader: loader,
             _stats: stats,

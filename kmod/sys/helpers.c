@@ -26,6 +26,14 @@
 #include <linux/fs_struct.h>
 #include <linux/mutex.h>
 #include <linux/dcache.h>
+#include <linux/ftrace.h>
+#include <linux/net.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <net/sock.h>
+#include <net/inet_sock.h>
+#include <net/inet_common.h>
+#include <net/ipv6.h>
 
 #include "helpers.h"
 
@@ -157,10 +165,33 @@ const char *tb_bprm_path(const struct linux_binprm *bprm)
 	return bprm->interp;
 }
 
+/*
+ * The current task's context into *out (a struct tb_exec_info or
+ * tb_net_info: the same field names), ids in the init user namespace.
+ */
+#define TB_FILL_TASK(out)							\
+	do {									\
+		const struct cred *__cred = current_cred();			\
+		struct task_struct *__parent;					\
+										\
+		(out)->uid = from_kuid(&init_user_ns, __cred->uid);		\
+		(out)->euid = from_kuid(&init_user_ns, __cred->euid);		\
+		(out)->gid = from_kgid(&init_user_ns, __cred->gid);		\
+		(out)->loginuid = from_kuid(&init_user_ns,			\
+					    audit_get_loginuid(current));	\
+		(out)->sessionid = audit_get_sessionid(current);		\
+		(out)->tgid = task_tgid_nr(current);				\
+		(out)->start_ns = current->group_leader->start_boottime;	\
+		rcu_read_lock();						\
+		__parent = rcu_dereference(current->real_parent);		\
+		(out)->ptgid = task_tgid_nr(__parent);				\
+		(out)->pstart_ns = __parent->group_leader->start_boottime;	\
+		rcu_read_unlock();						\
+	} while (0)
+
 static int tb_fill_info(const struct path *path, struct tb_exec_info *out)
 {
 	struct inode *inode = d_inode(path->dentry);
-	const struct cred *cred = current_cred();
 	struct kstat stat;
 	int err;
 
@@ -177,22 +208,8 @@ static int tb_fill_info(const struct path *path, struct tb_exec_info *out)
 		out->has_change_cookie = 1;
 		out->change_cookie = stat.change_cookie;
 	}
-	out->uid = from_kuid(&init_user_ns, cred->uid);
-	out->euid = from_kuid(&init_user_ns, cred->euid);
-	out->gid = from_kgid(&init_user_ns, cred->gid);
-	out->loginuid = from_kuid(&init_user_ns, audit_get_loginuid(current));
-	out->sessionid = audit_get_sessionid(current);
-	out->tgid = task_tgid_nr(current);
+	TB_FILL_TASK(out);
 	out->pid = task_pid_nr(current);
-	out->start_ns = current->group_leader->start_boottime;
-	rcu_read_lock();
-	{
-		struct task_struct *parent = rcu_dereference(current->real_parent);
-
-		out->ptgid = task_tgid_nr(parent);
-		out->pstart_ns = parent->group_leader->start_boottime;
-	}
-	rcu_read_unlock();
 	return 0;
 }
 
@@ -249,6 +266,34 @@ static int tb_hash_opened(struct tb_hashers *h, struct file *file,
 		shash_desc_zero(d1);
 	}
 	kvfree(buf);
+	return err;
+}
+
+/* A reference on the current task's executable (mm->exe_file), or NULL. */
+static struct file *tb_current_exe(void)
+{
+	struct mm_struct *mm = current->mm;
+	struct file *f;
+
+	if (!mm)
+		return NULL;
+	rcu_read_lock();
+	f = get_file_rcu(&mm->exe_file);
+	rcu_read_unlock();
+	return f;
+}
+
+int tb_hash_current_exe(struct tb_hashers *h, u8 *sha256_out, u8 *sha1_out,
+			u64 *size_out)
+{
+	struct file *f = tb_current_exe();
+	int err;
+
+	if (!f)
+		return -ENOENT;
+	*size_out = i_size_read(file_inode(f));
+	err = tb_hash_opened(h, f, sha256_out, sha1_out);
+	fput(f);
 	return err;
 }
 
@@ -370,18 +415,12 @@ void tb_dev_wake_readers(void)
 
 int tb_current_exe_id(struct tb_file_id *out)
 {
-	struct mm_struct *mm = current->mm;
+	struct file *f = tb_current_exe();
 	struct inode *inode;
 	struct kstat stat;
-	struct file *f;
 	int err;
 
 	memset(out, 0, sizeof(*out));
-	if (!mm)
-		return -ENOENT;
-	rcu_read_lock();
-	f = get_file_rcu(&mm->exe_file);
-	rcu_read_unlock();
 	if (!f)
 		return -ENOENT;
 	err = vfs_getattr_nosec(&f->f_path, &stat, STATX_CHANGE_COOKIE,
@@ -603,4 +642,203 @@ int tb_path_name(const struct path *path, char *buf, int len, const char **out)
 		return PTR_ERR(p);
 	*out = p;
 	return 0;
+}
+
+
+/* --- Connect/accept qualification ------------------------------------------ */
+
+/*
+ * How a call reaches a wrapper: ftrace calls tb_net_redirect() at the
+ * fentry of inet_stream_connect()/inet_accept() (preemption disabled, must
+ * not sleep); it counts the call in flight and moves the saved instruction
+ * pointer to the wrapper, so the trampoline "returns" into the wrapper with
+ * the original arguments and return address. The wrapper qualifies (may
+ * sleep), then calls the original directly: that call comes from inside
+ * this module, so the callback lets it through (the recursion guard). The
+ * originals are exported and called directly, so no sealed ENDBR is ever
+ * the target of an indirect branch (IBT).
+ *
+ * Unload: each redirected call holds a reference on the module from the
+ * callback (try_module_get, which fails once rmmod started: the call then
+ * runs the original unhooked) to the wrapper's end, so rmmod fails with
+ * EBUSY while a task is inside a wrapper -- including a server blocked in
+ * accept(), which would otherwise hold the unload indefinitely. The
+ * in-flight count is the second line: unregister_ftrace_function() waits
+ * until no CPU runs the callback, so every redirected call was counted
+ * first, and tb_net_hooks_stop() waits until the count falls to zero. (The
+ * wrapper's last instructions after its module_put() are covered by the
+ * grace periods of the unregistration and free_module() on this
+ * non-preemptible kernel.)
+ */
+
+static atomic_t tb_net_inflight = ATOMIC_INIT(0);
+static DECLARE_WAIT_QUEUE_HEAD(tb_net_drained);
+
+static void tb_net_leave(void)
+{
+	if (atomic_dec_and_test(&tb_net_inflight))
+		wake_up(&tb_net_drained);
+	module_put(THIS_MODULE);
+}
+
+static bool tb_net_watched(const struct sock *sk)
+{
+	return sk && sk->sk_protocol == IPPROTO_TCP && !sk->sk_kern_sock &&
+	       (sk->sk_family == AF_INET || sk->sk_family == AF_INET6);
+}
+
+/* One end of sk into addr/port: the local (bound) one, or the peer of a
+ * connected sk. */
+static void tb_sock_end(const struct sock *sk, bool peer, u8 *addr, u16 *port)
+{
+	const struct inet_sock *inet = inet_sk(sk);
+
+#if IS_ENABLED(CONFIG_IPV6)
+	if (sk->sk_family == AF_INET6)
+		memcpy(addr, peer ? &sk->sk_v6_daddr : &sk->sk_v6_rcv_saddr, 16);
+	else
+#endif
+		memcpy(addr, peer ? &inet->inet_daddr : &inet->inet_rcv_saddr, 4);
+	*port = ntohs(peer ? inet->inet_dport : inet->inet_sport);
+}
+
+static int tb_inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
+				  int addr_len, int flags)
+{
+	struct sock *sk = sock->sk;
+	struct tb_net_info info;
+	int err = 0;
+
+	/* Only the connect that sends the SYN: not a non-blocking connect's
+	 * later calls, a disconnect (AF_UNSPEC) or an address the protocol
+	 * refuses anyway. */
+	if (tb_net_watched(sk) && READ_ONCE(sock->state) == SS_UNCONNECTED &&
+	    addr_len >= (int)sizeof(sa_family_t) &&
+	    uaddr->sa_family == sk->sk_family) {
+		memset(&info, 0, sizeof(info));
+		info.kind = TB_NET_CONNECT;
+		if (uaddr->sa_family == AF_INET &&
+		    addr_len >= (int)sizeof(struct sockaddr_in)) {
+			const struct sockaddr_in *sin = (void *)uaddr;
+
+			info.family = 4;
+			memcpy(info.dst_addr, &sin->sin_addr, 4);
+			info.dst_port = ntohs(sin->sin_port);
+		} else if (uaddr->sa_family == AF_INET6 &&
+			   addr_len >= SIN6_LEN_RFC2133) {
+			const struct sockaddr_in6 *sin6 = (void *)uaddr;
+
+			info.family = 6;
+			memcpy(info.dst_addr, &sin6->sin6_addr, 16);
+			info.dst_port = ntohs(sin6->sin6_port);
+		}
+		if (info.family) {
+			tb_sock_end(sk, false, info.src_addr, &info.src_port);
+			TB_FILL_TASK(&info);
+			err = trustbind_net_check(&info);
+		}
+	}
+	if (!err)
+		err = inet_stream_connect(sock, uaddr, addr_len, flags);
+	tb_net_leave();
+	return err;
+}
+
+static int tb_inet_accept(struct socket *sock, struct socket *newsock,
+			  struct proto_accept_arg *arg)
+{
+	struct tb_net_info info;
+	struct sock *sk;
+	int err;
+
+	err = inet_accept(sock, newsock, arg);
+	sk = newsock->sk;
+	if (!err && tb_net_watched(sk)) {
+		memset(&info, 0, sizeof(info));
+		info.kind = TB_NET_ACCEPT;
+		info.family = sk->sk_family == AF_INET6 ? 6 : 4;
+		tb_sock_end(sk, true, info.src_addr, &info.src_port);
+		tb_sock_end(sk, false, info.dst_addr, &info.dst_port);
+		TB_FILL_TASK(&info);
+		if (trustbind_net_check(&info)) {
+			/* The caller (do_accept, kernel_accept) releases
+			 * newsock on an error; without linger the close
+			 * resets the connection, so the client sees it. */
+			sock_no_linger(sk);
+			err = -ECONNABORTED;
+		}
+	}
+	tb_net_leave();
+	return err;
+}
+
+static void notrace tb_net_redirect(unsigned long ip, unsigned long parent_ip,
+				    struct ftrace_ops *op,
+				    struct ftrace_regs *fregs)
+{
+	/* The wrapper's own call of the original runs it as it is. */
+	if (within_module(parent_ip, THIS_MODULE))
+		return;
+	if (!try_module_get(THIS_MODULE))
+		return;
+	atomic_inc(&tb_net_inflight);
+	ftrace_regs_set_instruction_pointer(fregs, (unsigned long)op->private);
+}
+
+static struct ftrace_ops tb_connect_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_inet_stream_connect,
+};
+
+static struct ftrace_ops tb_accept_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_inet_accept,
+};
+
+static int tb_hook_one(struct ftrace_ops *ops, const char *name)
+{
+	char buf[32];
+	int err;
+
+	strscpy(buf, name, sizeof(buf));
+	err = ftrace_set_filter(ops, (unsigned char *)buf, strlen(buf), 1);
+	if (err) {
+		pr_err("cannot filter ftrace on %s: %d\n", name, err);
+		return err;
+	}
+	err = register_ftrace_function(ops);
+	if (err) {
+		pr_err("cannot hook %s: %d\n", name, err);
+		ftrace_free_filter(ops);
+	}
+	return err;
+}
+
+static void tb_unhook_one(struct ftrace_ops *ops)
+{
+	unregister_ftrace_function(ops);
+	ftrace_free_filter(ops);
+}
+
+int tb_net_hooks_start(void)
+{
+	int err = tb_hook_one(&tb_connect_ops, "inet_stream_connect");
+
+	if (err)
+		return err;
+	err = tb_hook_one(&tb_accept_ops, "inet_accept");
+	if (err) {
+		tb_unhook_one(&tb_connect_ops);
+		wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
+	}
+	return err;
+}
+
+void tb_net_hooks_stop(void)
+{
+	tb_unhook_one(&tb_accept_ops);
+	tb_unhook_one(&tb_connect_ops);
+	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
 }

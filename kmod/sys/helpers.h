@@ -97,6 +97,51 @@ int tb_path_name(const struct path *path, char *buf, int len, const char **out);
  * file system; 0 lets the open go on, -errno fails it (and the exec). */
 int trustbind_loader_check(const struct path *path);
 
+/* --- Connect/accept qualification (ftrace IPMODIFY wrappers) ------------ */
+
+/*
+ * The exported inet_stream_connect() and inet_accept() (the connect and
+ * accept of every TCP socket, IPv4 and IPv6) are redirected by ftrace to
+ * wrappers in helpers.c, which call the originals directly. Only TCP
+ * sockets of user space (not sk_kern_sock) of family AF_INET/AF_INET6 are
+ * asked about; the rest pass untouched.
+ */
+
+#define TB_NET_CONNECT 1
+#define TB_NET_ACCEPT 2
+
+/* One connection end, as trustbind_net_check() sees it. Addresses in
+ * network byte order, IPv4 in the first 4 bytes; src is the client side,
+ * dst the server side, on both kinds. */
+struct tb_net_info {
+	u32 kind;		/* TB_NET_CONNECT or TB_NET_ACCEPT */
+	u32 family;		/* 4 or 6 */
+	u8 src_addr[16];
+	u8 dst_addr[16];
+	u16 src_port;		/* host byte order */
+	u16 dst_port;
+	u32 uid, euid, gid;	/* of the current task, init user namespace */
+	u32 loginuid;		/* (u32)-1 if unset */
+	u32 sessionid;		/* (u32)-1 if unset */
+	u32 tgid, ptgid;
+	u32 _pad;
+	u64 start_ns;		/* boot-based start of the task's group leader */
+	u64 pstart_ns;		/* same, of the parent's */
+};
+
+/* Registers both ftrace ops. 0 or -errno (nothing left registered). */
+int tb_net_hooks_start(void);
+/* Unregisters both and waits until no task is inside a wrapper. */
+void tb_net_hooks_stop(void);
+/* SHA-256 and SHA-1 of the current task's executable (mm->exe_file), and
+ * its size. 0 or -errno. */
+int tb_hash_current_exe(struct tb_hashers *h, u8 *sha256_out, u8 *sha1_out,
+			u64 *size_out);
+
+/* Implemented in Rust (net.rs): 0 lets the connect go on (or hands the
+ * accepted connection to the program), -errno refuses it. May sleep. */
+int trustbind_net_check(const struct tb_net_info *info);
+
 /* --- Statistics in debugfs (/sys/kernel/debug/trustbind/) --------------- */
 
 struct dentry;

@@ -28,11 +28,17 @@ mod bindings {
 use bindings::{
     linux_binprm, tb_bprm_info, tb_bprm_is_interp, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir,
     tb_debugfs_remove, tb_debugfs_u64, tb_dev_deregister, tb_dev_register, tb_dev_wake_readers,
-    tb_exec_register, tb_exec_unregister, tb_hash_file, tb_hash_path, tb_hashers as RawHashers,
-    tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_loader_gate_start,
-    tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin, tb_module_unpin, tb_now_ms,
-    tb_path_info, tb_path_name, tb_set_nice_current,
+    tb_exec_register, tb_exec_unregister, tb_hash_current_exe, tb_hash_file, tb_hash_path,
+    tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
+    tb_hashers_free, tb_loader_gate_start, tb_loader_gate_stop, tb_loader_gate_watch,
+    tb_module_pin, tb_module_unpin, tb_net_hooks_start, tb_net_hooks_stop, tb_now_ms, tb_path_info,
+    tb_path_name, tb_set_nice_current,
 };
+
+/// One connection end a connect or accept wrapper asks about.
+pub(crate) use bindings::tb_net_info as NetInfo;
+/// `NetInfo::kind` of a connect.
+pub(crate) const NET_CONNECT: u32 = bindings::TB_NET_CONNECT;
 
 /// A file's identity (device, inode, generation, change cookie).
 pub(crate) use bindings::tb_file_id as FileId;
@@ -57,6 +63,7 @@ check_callbacks! {
     trustbind_dev_readable in crate::device: unsafe extern "C" fn() -> bool;
     trustbind_exec_check in self: unsafe extern "C" fn(*const linux_binprm) -> c_int;
     trustbind_loader_check in self: unsafe extern "C" fn(*const bindings::path) -> c_int;
+    trustbind_net_check in self: unsafe extern "C" fn(*const NetInfo) -> c_int;
 }
 
 /// The SHA-256 and SHA-1 transforms, allocated once at load.
@@ -161,6 +168,29 @@ impl Hashers {
             )
         })?;
         Ok((sha256, sha1))
+    }
+}
+
+impl Hashers {
+    /// SHA-256 and SHA-1 of the current task's executable
+    /// (`mm->exe_file`), and its size.
+    pub(crate) fn hash_current_exe(&self) -> Result<([u8; 32], [u8; 20], u64)> {
+        let mut sha256 = [0u8; 32];
+        let mut sha1 = [0u8; 20];
+        let mut size = 0u64;
+        // SAFETY: `self.ptr` is valid by the type invariant, the outputs
+        // are exactly the digest sizes and a valid place for the size; the
+        // helper takes its own reference on the file and runs in the
+        // caller's process context (it may sleep, which callers allow).
+        to_result(unsafe {
+            tb_hash_current_exe(
+                self.ptr.as_ptr(),
+                sha256.as_mut_ptr(),
+                sha1.as_mut_ptr(),
+                &mut size,
+            )
+        })?;
+        Ok((sha256, sha1, size))
     }
 }
 
@@ -442,6 +472,56 @@ unsafe extern "C" fn trustbind_exec_check(bprm: *const linux_binprm) -> c_int {
         _life: core::marker::PhantomData,
     };
     let verdict = crate::SHARED.with(|s| crate::exec::check(s, &bprm));
+    match verdict {
+        Some(Ok(())) | None => 0,
+        Some(Err(e)) => e.to_errno(),
+    }
+}
+
+/// The ftrace wrappers on `inet_stream_connect` and `inet_accept`.
+///
+/// # Invariants
+///
+/// Both ftrace ops are registered for the whole life of this value.
+pub(crate) struct NetHooks {
+    _private: (),
+}
+
+impl NetHooks {
+    /// Redirects every TCP connect and accept through the wrappers, which
+    /// call [`crate::net::check`] through [`crate::SHARED`] (published
+    /// before this).
+    pub(crate) fn new() -> Result<Self> {
+        // SAFETY: Called once, at load, with the ops not registered; on
+        // failure nothing stays registered.
+        to_result(unsafe { tb_net_hooks_start() })?;
+        // INVARIANT: Registered.
+        Ok(NetHooks { _private: () })
+    }
+}
+
+impl Drop for NetHooks {
+    fn drop(&mut self) {
+        // SAFETY: Registered by the type invariant. The stop unregisters
+        // both ops and waits until no task is inside a wrapper, so nothing
+        // of this module runs on their behalf afterwards.
+        unsafe { tb_net_hooks_stop() }
+    }
+}
+
+/// Called by the connect and accept wrappers for each TCP connection end a
+/// user-space socket opens or takes: 0 lets it go on, -errno refuses it.
+///
+/// # Safety
+///
+/// `info` points at a valid `tb_net_info` for the duration of the call,
+/// and the caller is the task doing the connect or accept (process
+/// context, no spinlock held).
+#[no_mangle]
+unsafe extern "C" fn trustbind_net_check(info: *const NetInfo) -> c_int {
+    // SAFETY: Valid for this call by the function's safety contract.
+    let info = unsafe { &*info };
+    let verdict = crate::SHARED.with(|s| crate::net::check(s, info));
     match verdict {
         Some(Ok(())) | None => 0,
         Some(Err(e)) => e.to_errno(),

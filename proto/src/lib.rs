@@ -39,7 +39,7 @@ use core::fmt;
 /// `"TBND"` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TBND");
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Size of the fixed [`Header`].
 pub const HEADER_LEN: usize = 24;
 /// Largest record either side may send or accept.
@@ -71,6 +71,9 @@ pub enum Kind {
     Config = 5,
     /// Agent → module: the appliance's policy generation moved.
     Generation = 6,
+    /// Module → agent: may this program open this TCP connection (connect)
+    /// or take this one (accept)? Answered with a [`Kind::Verdict`].
+    NetRequest = 7,
 }
 
 impl Kind {
@@ -83,6 +86,7 @@ impl Kind {
             4 => Some(Kind::Verdict),
             5 => Some(Kind::Config),
             6 => Some(Kind::Generation),
+            7 => Some(Kind::NetRequest),
             _ => None,
         }
     }
@@ -442,6 +446,118 @@ impl<'a> Ancestry<'a> {
     }
 }
 
+/// Which side of a TCP connection a [`NetRequest`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum NetKind {
+    /// A program opens a connection (`connect(2)`), asked before the SYN.
+    Connect = 1,
+    /// A program took a connection (`accept(2)`), asked once it is
+    /// established and the peer known, before the program sees it.
+    Accept = 2,
+}
+
+impl NetKind {
+    /// Maps a wire value to a kind.
+    pub const fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(NetKind::Connect),
+            2 => Some(NetKind::Accept),
+            _ => None,
+        }
+    }
+}
+
+/// Address family of a [`NetRequest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Family {
+    /// IPv4: the first 4 bytes of each address field, the rest zero.
+    Ipv4 = 4,
+    /// IPv6 (an IPv4 peer of an IPv6 socket shows as `::ffff:a.b.c.d`).
+    Ipv6 = 6,
+}
+
+impl Family {
+    /// Maps a wire value to a family.
+    pub const fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            4 => Some(Family::Ipv4),
+            6 => Some(Family::Ipv6),
+            _ => None,
+        }
+    }
+}
+
+/// How the module knows a [`NetRequest`]'s program hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ProgramSource {
+    /// From the exec it qualified (its lineage table).
+    Lineage = 1,
+    /// Hashed now from the process's executable (`mm->exe_file`): the
+    /// process was started before the module, or in disabled mode.
+    ExeFile = 2,
+}
+
+impl ProgramSource {
+    /// Maps a wire value to a source.
+    pub const fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(ProgramSource::Lineage),
+            2 => Some(ProgramSource::ExeFile),
+            _ => None,
+        }
+    }
+}
+
+/// One TCP connection end a process opens or takes, as the kernel saw it.
+///
+/// Addresses name the connection the same way on both ends: `src` is the
+/// client (the connecting side), `dst` the server (the accepting side), so
+/// the two halves of one connection carry the same 4-tuple. On a connect
+/// the client port and address are those the socket is bound to before the
+/// SYN (zero unless the program bound it: the kernel picks them during the
+/// connect). Answered by a [`Verdict`]: `Deny` refuses the connect with
+/// `EACCES`, or aborts the accepted connection (`ECONNABORTED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetRequest<'a> {
+    /// Connect or accept.
+    pub kind: NetKind,
+    /// Address family.
+    pub family: Family,
+    /// Client address (network byte order; IPv4 in the first 4 bytes).
+    pub src_addr: [u8; 16],
+    /// Client port.
+    pub src_port: u16,
+    /// Server address.
+    pub dst_addr: [u8; 16],
+    /// Server port.
+    pub dst_port: u16,
+    /// SHA-256 of the program the process runs.
+    pub sha256: [u8; SHA256_LEN],
+    /// Where that hash comes from.
+    pub program_source: ProgramSource,
+    /// Real user id.
+    pub uid: u32,
+    /// Effective user id.
+    pub euid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// Audit login uid (`u32::MAX` when unset).
+    pub loginuid: u32,
+    /// Audit session id (`u32::MAX` when unset).
+    pub sessionid: u32,
+    /// Thread group id of the process.
+    pub pid: u32,
+    /// Thread group id of its parent.
+    pub ppid: u32,
+    /// SHA-256 of the programs before this one, nearest first (as in
+    /// [`ExecRequest::ancestry`]). When the program was hashed now, the
+    /// parent's program and its ancestry, as far as the module knows them.
+    pub ancestry: Ancestry<'a>,
+}
+
 /// What the appliance decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -526,6 +642,10 @@ pub struct Config {
     /// How long an intercepted task waits for a verdict, in milliseconds
     /// (1..=[`MAX_VERDICT_TIMEOUT_MS`]).
     pub verdict_timeout_ms: u32,
+    /// Whether the agent answers [`NetRequest`]s: only then does the module
+    /// qualify TCP connects and accepts (in the same mode as execs). An
+    /// agent that does not set it is never sent one.
+    pub qualify_net: bool,
 }
 
 /// Agent → module: the appliance's policy generation is now this; cached
@@ -551,6 +671,8 @@ pub enum Record<'a> {
     Config(Config),
     /// See [`Generation`].
     Generation(Generation),
+    /// See [`NetRequest`].
+    NetRequest(NetRequest<'a>),
 }
 
 impl Record<'_> {
@@ -563,6 +685,7 @@ impl Record<'_> {
             Record::Verdict(_) => Kind::Verdict,
             Record::Config(_) => Kind::Config,
             Record::Generation(_) => Kind::Generation,
+            Record::NetRequest(_) => Kind::NetRequest,
         }
     }
 
@@ -575,6 +698,7 @@ impl Record<'_> {
             Record::Verdict(_) => VERDICT_LEN,
             Record::Config(_) => CONFIG_LEN,
             Record::Generation(_) => GENERATION_LEN,
+            Record::NetRequest(r) => NET_FIXED_LEN + r.ancestry.as_bytes().len(),
         }
     }
 
@@ -589,6 +713,11 @@ impl Record<'_> {
             if r.path.len() > MAX_PATH_LEN {
                 return Err(EncodeError::TooLong("path"));
             }
+            if Ancestry::from_bytes(r.ancestry.as_bytes()).is_none() {
+                return Err(EncodeError::TooLong("ancestry"));
+            }
+        }
+        if let Record::NetRequest(r) = self {
             if Ancestry::from_bytes(r.ancestry.as_bytes()).is_none() {
                 return Err(EncodeError::TooLong("ancestry"));
             }
@@ -660,11 +789,33 @@ impl Record<'_> {
             }
             Record::Config(c) => {
                 w.u8(c.mode as u8);
-                w.u8(0);
+                w.u8(if c.qualify_net { CONFIG_NET } else { 0 });
                 w.u16(0);
                 w.u32(c.verdict_timeout_ms);
             }
             Record::Generation(g) => w.u64(g.policy_generation),
+            Record::NetRequest(r) => {
+                w.u8(r.kind as u8);
+                w.u8(r.family as u8);
+                w.u16(0);
+                w.u16(r.src_port);
+                w.u16(r.dst_port);
+                w.bytes(&r.src_addr);
+                w.bytes(&r.dst_addr);
+                w.bytes(&r.sha256);
+                w.u32(r.uid);
+                w.u32(r.euid);
+                w.u32(r.gid);
+                w.u32(r.loginuid);
+                w.u32(r.sessionid);
+                w.u32(r.pid);
+                w.u32(r.ppid);
+                // CAST: bounded above by MAX_ANCESTRY.
+                w.u8(r.ancestry.len() as u8);
+                w.u8(r.program_source as u8);
+                w.u16(0);
+                w.bytes(r.ancestry.as_bytes());
+            }
         }
         if w.pos != len {
             return Err(EncodeError::BufferTooSmall {
@@ -681,8 +832,13 @@ const EXEC_FIXED_LEN: usize = SHA256_LEN + SHA1_LEN + 8 + 7 * 4 + 1 + 1 + 2;
 /// Verdict body: decision, cacheable, present mask, log level, generation,
 /// nice, pad, pad, cpu limit.
 const VERDICT_LEN: usize = 4 + 8 + 4 + 4;
-/// Config body: mode, two pad fields, timeout.
+/// Config body: mode, flags, pad, timeout.
 const CONFIG_LEN: usize = 8;
+/// Config flag: the agent answers net requests.
+const CONFIG_NET: u8 = 1;
+/// Fixed part of a net request body: kind, family, pad, two ports, two
+/// addresses, program hash, seven ids, counts.
+const NET_FIXED_LEN: usize = 1 + 1 + 2 + 2 + 2 + 16 + 16 + SHA256_LEN + 7 * 4 + 1 + 1 + 2;
 /// Generation body: the generation.
 const GENERATION_LEN: usize = 8;
 const OBL_NICE: u8 = 1;
@@ -792,7 +948,10 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
         Kind::Config => {
             let mode = r.u8().map_err(short)?;
             let mode = Mode::from_wire(mode).ok_or(DecodeError::InvalidField("mode"))?;
-            let _pad = r.u8().map_err(short)?;
+            let flags = r.u8().map_err(short)?;
+            if flags & !CONFIG_NET != 0 {
+                return Err(DecodeError::InvalidField("config_flags"));
+            }
             let _pad = r.u16().map_err(short)?;
             let verdict_timeout_ms = r.u32().map_err(short)?;
             if !(1..=MAX_VERDICT_TIMEOUT_MS).contains(&verdict_timeout_ms) {
@@ -801,11 +960,67 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
             Record::Config(Config {
                 mode,
                 verdict_timeout_ms,
+                qualify_net: flags & CONFIG_NET != 0,
             })
         }
         Kind::Generation => Record::Generation(Generation {
             policy_generation: r.u64().map_err(short)?,
         }),
+        Kind::NetRequest => {
+            let kind = NetKind::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("net_kind"))?;
+            let family = Family::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("family"))?;
+            if r.u16().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            let src_port = r.u16().map_err(short)?;
+            let dst_port = r.u16().map_err(short)?;
+            let src_addr: [u8; 16] = r.array().map_err(short)?;
+            let dst_addr: [u8; 16] = r.array().map_err(short)?;
+            if family == Family::Ipv4
+                && (src_addr.get(4..).unwrap_or(&[]).iter().any(|&b| b != 0)
+                    || dst_addr.get(4..).unwrap_or(&[]).iter().any(|&b| b != 0))
+            {
+                return Err(DecodeError::InvalidField("address"));
+            }
+            let sha256 = r.array().map_err(short)?;
+            let uid = r.u32().map_err(short)?;
+            let euid = r.u32().map_err(short)?;
+            let gid = r.u32().map_err(short)?;
+            let loginuid = r.u32().map_err(short)?;
+            let sessionid = r.u32().map_err(short)?;
+            let pid = r.u32().map_err(short)?;
+            let ppid = r.u32().map_err(short)?;
+            let n_anc = r.u8().map_err(short)? as usize;
+            let program_source = ProgramSource::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("program_source"))?;
+            if r.u16().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            if n_anc > MAX_ANCESTRY {
+                return Err(DecodeError::InvalidField("ancestry_count"));
+            }
+            let anc = r.bytes(n_anc * SHA256_LEN).map_err(short)?;
+            Record::NetRequest(NetRequest {
+                kind,
+                family,
+                src_addr,
+                src_port,
+                dst_addr,
+                dst_port,
+                sha256,
+                program_source,
+                uid,
+                euid,
+                gid,
+                loginuid,
+                sessionid,
+                pid,
+                ppid,
+                ancestry: Ancestry(anc),
+            })
+        }
     };
     r.finish()?;
     Ok((header, record))

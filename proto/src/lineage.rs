@@ -128,6 +128,32 @@ impl<S: DerefMut<Target = [Image]>> Lineage<S> {
         c
     }
 
+    /// The program `proc` itself was recorded running, with the ancestry
+    /// it was exec'd with; `None` if this very process was not recorded
+    /// (no fallback to the parent: a process that exec'd while nothing
+    /// recorded it runs something else than its parent).
+    pub fn image(&self, proc: ProcId) -> Option<([u8; SHA256_LEN], Chain)> {
+        let cur = self.slot(proc)?;
+        let mut c = Chain::EMPTY;
+        let n = usize::from(cur.n).min(MAX_ANCESTRY);
+        if let (Some(to), Some(from)) = (
+            c.bytes.get_mut(..n * SHA256_LEN),
+            cur.ancestry.get(..n * SHA256_LEN),
+        ) {
+            to.copy_from_slice(from);
+            c.n = n;
+        }
+        Some((cur.sha256, c))
+    }
+
+    /// Forgets every process: what they exec'd while nothing recorded
+    /// (the module disabled) cannot be told apart from what was recorded.
+    pub fn clear(&mut self) {
+        for s in self.slots.iter_mut() {
+            *s = Image::EMPTY;
+        }
+    }
+
     /// Records that `proc` now runs `sha256`, exec'd with `ancestry`.
     pub fn record(&mut self, proc: ProcId, sha256: &[u8; SHA256_LEN], ancestry: &Chain) {
         let i = self.index(proc);
@@ -218,6 +244,33 @@ mod tests {
         t.record(p(164, 1), &h(8), &Chain::EMPTY);
         assert!(t.ancestry(p(300, 1), p(100, 20)).is_empty());
         assert_eq!(hashes(&t.ancestry(p(300, 1), p(164, 1))), vec![8]);
+    }
+
+    #[test]
+    fn image_is_only_the_process_own() {
+        let mut t = table(64);
+        let init = p(1, 10);
+        t.record(init, &h(1), &Chain::EMPTY);
+        let c = t.ancestry(p(100, 20), init);
+        t.record(p(100, 20), &h(2), &c);
+        let (sha, anc) = t.image(p(100, 20)).unwrap();
+        assert_eq!(sha, h(2));
+        assert_eq!(hashes(&anc), vec![1]);
+        assert_eq!(t.image(init).unwrap().0, h(1));
+        assert!(t.image(init).unwrap().1.is_empty());
+        // A forked child is not its parent, and a reused pid is nobody.
+        assert!(t.image(p(200, 30)).is_none());
+        assert!(t.image(p(100, 21)).is_none());
+    }
+
+    #[test]
+    fn clear_forgets_everyone() {
+        let mut t = table(8);
+        t.record(p(1, 1), &h(1), &Chain::EMPTY);
+        t.record(p(2, 2), &h(2), &Chain::EMPTY);
+        t.clear();
+        assert!(t.image(p(1, 1)).is_none());
+        assert!(t.ancestry(p(3, 3), p(2, 2)).is_empty());
     }
 
     #[test]

@@ -27,6 +27,31 @@ fn sample_exec<'a>(path: &'a [u8], anc: &'a [u8]) -> Record<'a> {
     })
 }
 
+fn sample_net(anc: &[u8]) -> Record<'_> {
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&[127, 0, 0, 1]);
+    let mut dst = [0u8; 16];
+    dst[..4].copy_from_slice(&[10, 0, 2, 15]);
+    Record::NetRequest(NetRequest {
+        kind: NetKind::Connect,
+        family: Family::Ipv4,
+        src_addr: src,
+        src_port: 0,
+        dst_addr: dst,
+        dst_port: 443,
+        sha256: [0x5a; 32],
+        program_source: ProgramSource::Lineage,
+        uid: 1000,
+        euid: 1000,
+        gid: 1000,
+        loginuid: u32::MAX,
+        sessionid: u32::MAX,
+        pid: 77,
+        ppid: 1,
+        ancestry: Ancestry::from_bytes(anc).expect("ancestry"),
+    })
+}
+
 fn sample_verdict() -> Record<'static> {
     Record::Verdict(Verdict {
         decision: Decision::AllowWithConditions,
@@ -87,9 +112,25 @@ fn every_kind_round_trips() {
         Record::Config(Config {
             mode: Mode::Enforce,
             verdict_timeout_ms: 2500,
+            qualify_net: true,
         }),
         Record::Generation(Generation {
             policy_generation: 42,
+        }),
+        sample_net(&anc),
+        Record::NetRequest(NetRequest {
+            kind: NetKind::Accept,
+            family: Family::Ipv6,
+            src_addr: [0xfe; 16],
+            src_port: 40000,
+            dst_addr: [1; 16],
+            dst_port: 22,
+            program_source: ProgramSource::ExeFile,
+            ancestry: Ancestry::EMPTY,
+            ..match sample_net(&[]) {
+                Record::NetRequest(r) => r,
+                _ => unreachable!(),
+            }
         }),
     ];
     for (i, rec) in records.iter().enumerate() {
@@ -165,8 +206,8 @@ fn wrong_magic_version_kind_and_flags_are_rejected() {
     assert!(matches!(decode(&b), Err(DecodeError::BadMagic(_))));
 
     let mut b = good.clone();
-    b[4..6].copy_from_slice(&2u16.to_le_bytes());
-    assert_eq!(decode(&b).unwrap_err(), DecodeError::UnsupportedVersion(2));
+    b[4..6].copy_from_slice(&1u16.to_le_bytes());
+    assert_eq!(decode(&b).unwrap_err(), DecodeError::UnsupportedVersion(1));
 
     let mut b = good.clone();
     b[6..8].copy_from_slice(&99u16.to_le_bytes());
@@ -222,6 +263,7 @@ fn bad_config_fields_are_named() {
         &Record::Config(Config {
             mode: Mode::Permissive,
             verdict_timeout_ms: 100,
+            qualify_net: false,
         }),
         1,
     );
@@ -269,6 +311,70 @@ fn bad_exec_fields_are_named() {
     let last = b.len() - 1;
     b[last] = 0;
     assert_eq!(decode(&b).unwrap_err(), DecodeError::InvalidField("path"));
+}
+
+#[test]
+fn bad_net_fields_are_named() {
+    let anc = [2u8; 32];
+    let good = enc(&sample_net(&anc), 5);
+    let body = HEADER_LEN;
+    let cases: [(usize, u8, &str); 6] = [
+        (body, 3, "net_kind"),
+        (body + 1, 5, "family"),
+        (body + 2, 1, "reserved"),
+        (body + 8 + 4, 1, "address"), // byte 4 of an IPv4 source
+        (
+            body + NET_FIXED_LEN - 4,
+            (MAX_ANCESTRY + 1) as u8,
+            "ancestry_count",
+        ),
+        (body + NET_FIXED_LEN - 3, 9, "program_source"),
+    ];
+    for (at, val, name) in cases {
+        let mut b = good.clone();
+        b[at] = val;
+        assert_eq!(decode(&b).unwrap_err(), DecodeError::InvalidField(name));
+    }
+    let mut b = good.clone();
+    b[body + NET_FIXED_LEN - 1] = 1;
+    assert_eq!(
+        decode(&b).unwrap_err(),
+        DecodeError::InvalidField("reserved")
+    );
+    // The ancestry the count promises must be there.
+    let short = &good[..good.len() - 1];
+    let mut short = short.to_vec();
+    let n = short.len() as u32;
+    short[8..12].copy_from_slice(&n.to_le_bytes());
+    assert!(matches!(
+        decode(&short).unwrap_err(),
+        DecodeError::Short { .. }
+    ));
+}
+
+#[test]
+fn config_flags_are_checked() {
+    let rec = Record::Config(Config {
+        mode: Mode::Enforce,
+        verdict_timeout_ms: 100,
+        qualify_net: true,
+    });
+    let good = enc(&rec, 1);
+    assert_eq!(good[HEADER_LEN + 1], 1);
+    let mut b = good.clone();
+    b[HEADER_LEN + 1] = 2;
+    assert_eq!(
+        decode(&b).unwrap_err(),
+        DecodeError::InvalidField("config_flags")
+    );
+}
+
+#[test]
+fn largest_net_request_fits_the_record_limit() {
+    let anc = vec![0u8; 32 * MAX_ANCESTRY];
+    let rec = sample_net(&anc);
+    assert_eq!(rec.encoded_len(), HEADER_LEN + NET_FIXED_LEN + anc.len());
+    assert!(rec.encoded_len() <= MAX_RECORD_LEN);
 }
 
 #[test]
@@ -338,7 +444,7 @@ proptest! {
     /// Mutating one byte of a valid record never panics the decoder.
     #[test]
     fn decode_mutated_records(
-        which in 0usize..5,
+        which in 0usize..6,
         pos in any::<prop::sample::Index>(),
         val in any::<u8>(),
         path in proptest::collection::vec(1u8..=255, 0..64),
@@ -348,8 +454,9 @@ proptest! {
         let rec = match which {
             0 => sample_exec(&path, &anc),
             1 => sample_verdict(),
-            2 => Record::Config(Config { mode: Mode::Enforce, verdict_timeout_ms: 10 }),
+            2 => Record::Config(Config { mode: Mode::Enforce, verdict_timeout_ms: 10, qualify_net: true }),
             3 => Record::Generation(Generation { policy_generation: 9 }),
+            4 => sample_net(&anc),
             _ => Record::Hello(Hello { agent_pid: 3, agent_version: 4 }),
         };
         let mut buf = enc(&rec, 77);
@@ -369,6 +476,49 @@ proptest! {
         let anc = vec![3u8; anc_n * 32];
         let mut rec = sample_exec(&path, &anc);
         if let Record::ExecRequest(ref mut r) = rec { r.uid = uid; }
+        let buf = enc(&rec, id);
+        let (h, back) = decode(&buf).unwrap();
+        prop_assert_eq!(h.request_id, id);
+        prop_assert_eq!(back, rec);
+    }
+
+    /// Valid net requests round-trip.
+    #[test]
+    fn net_round_trip(
+        accept in any::<bool>(),
+        v6 in any::<bool>(),
+        ports in any::<(u16, u16)>(),
+        addrs in any::<([u8; 16], [u8; 16])>(),
+        sha in any::<[u8; 32]>(),
+        exe in any::<bool>(),
+        ids in any::<[u32; 7]>(),
+        anc_n in 0usize..=MAX_ANCESTRY,
+        id in any::<u64>(),
+    ) {
+        let anc = vec![4u8; anc_n * 32];
+        let (mut src, mut dst) = addrs;
+        if !v6 {
+            src[4..].fill(0);
+            dst[4..].fill(0);
+        }
+        let rec = Record::NetRequest(NetRequest {
+            kind: if accept { NetKind::Accept } else { NetKind::Connect },
+            family: if v6 { Family::Ipv6 } else { Family::Ipv4 },
+            src_addr: src,
+            src_port: ports.0,
+            dst_addr: dst,
+            dst_port: ports.1,
+            sha256: sha,
+            program_source: if exe { ProgramSource::ExeFile } else { ProgramSource::Lineage },
+            uid: ids[0],
+            euid: ids[1],
+            gid: ids[2],
+            loginuid: ids[3],
+            sessionid: ids[4],
+            pid: ids[5],
+            ppid: ids[6],
+            ancestry: Ancestry::from_bytes(&anc).unwrap(),
+        });
         let buf = enc(&rec, id);
         let (h, back) = decode(&buf).unwrap();
         prop_assert_eq!(h.request_id, id);

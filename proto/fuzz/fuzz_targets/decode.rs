@@ -1,12 +1,29 @@
 //! Feeds arbitrary bytes to the record decoder: it must never panic, and
 //! whatever it accepts must re-encode to a record that decodes the same.
+//! Every kind is reached (the header's kind is two of the fuzzed bytes);
+//! for the variable-length ones (`ExecRequest`, `NetRequest`) the limits
+//! the decoder promises are checked too.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use trustbind_proto::decode;
+use trustbind_proto::{decode, Family, Record, MAX_ANCESTRY, MAX_PATH_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((header, record)) = decode(data) {
+        match &record {
+            Record::ExecRequest(r) => {
+                assert!(r.ancestry.len() <= MAX_ANCESTRY);
+                assert!(r.path.len() <= MAX_PATH_LEN && !r.path.contains(&0));
+            }
+            Record::NetRequest(r) => {
+                assert!(r.ancestry.len() <= MAX_ANCESTRY);
+                if r.family == Family::Ipv4 {
+                    assert!(r.src_addr[4..].iter().all(|&b| b == 0));
+                    assert!(r.dst_addr[4..].iter().all(|&b| b == 0));
+                }
+            }
+            _ => {}
+        }
         let mut out = vec![0u8; record.encoded_len()];
         let n = record
             .encode(header.request_id, &mut out)

@@ -7,12 +7,20 @@
 //! ```text
 //! tb-fakeagent --mode enforce|permissive [--timeout-ms N]
 //!              [--allow-dir DIR]... [--allow FILE]... [--no-cache]
-//!              [--nice-path PATH:N]... --log FILE
+//!              [--nice-path PATH:N]... [--net] [--net-allow FILE]...
+//!              --log FILE
 //! ```
 //!
 //! Every request becomes one line in the log:
 //! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> pid=<p> anc=<hex,...> -> allow|deny`
 //! (`anc`: the ancestry, nearest first; `-` when empty).
+//!
+//! With `--net` (implied by `--net-allow`) it asks the module to qualify TCP
+//! connects and accepts, and allows those of the programs named by
+//! `--net-allow` (by hash; any other program's are denied; `--allow` and
+//! `--allow-dir` are about execs only). Each becomes one line:
+//! `net connect|accept <src> -> <dst> sha256=<hex> from=lineage|exe uid=<u> pid=<p> anc=<hex,...> -> allow|deny`
+//! (`src` the client end, `dst` the server end).
 //! Verdicts are cacheable unless `--no-cache`; an allowed exec of a path
 //! named by `--nice-path` is allowed with the condition "nice N".
 //! SIGUSR1 moves the policy generation by one (a `Generation` record, logged
@@ -29,7 +37,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 use trustbind_proto::{
-    self as proto, Config, Decision, Generation, Hello, Mode, Obligations, Record, Verdict,
+    self as proto, Config, Decision, Family, Generation, Hello, Mode, NetKind, NetRequest,
+    Obligations, ProgramSource, Record, Verdict,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -83,6 +92,42 @@ fn add_dir(
     Ok(())
 }
 
+fn endpoint(family: Family, a: &[u8; 16], port: u16) -> String {
+    match family {
+        Family::Ipv4 => format!("{}.{}.{}.{}:{port}", a[0], a[1], a[2], a[3]),
+        Family::Ipv6 => format!("[{}]:{port}", std::net::Ipv6Addr::from(*a)),
+    }
+}
+
+fn net_line(r: &NetRequest<'_>, allowed: bool) -> String {
+    format!(
+        "net {} {} -> {} sha256={} from={} uid={} pid={} anc={} -> {}",
+        match r.kind {
+            NetKind::Connect => "connect",
+            NetKind::Accept => "accept",
+        },
+        endpoint(r.family, &r.src_addr, r.src_port),
+        endpoint(r.family, &r.dst_addr, r.dst_port),
+        hex(&r.sha256),
+        match r.program_source {
+            ProgramSource::Lineage => "lineage",
+            ProgramSource::ExeFile => "exe",
+        },
+        r.uid,
+        r.pid,
+        anc_field(&r.ancestry),
+        if allowed { "allow" } else { "deny" }
+    )
+}
+
+fn anc_field(a: &proto::Ancestry<'_>) -> String {
+    if a.is_empty() {
+        "-".to_owned()
+    } else {
+        a.iter().map(hex).collect::<Vec<_>>().join(",")
+    }
+}
+
 fn send(dev: &mut File, rec: &Record<'_>, id: u64) -> Result<(), String> {
     let mut buf = vec![0u8; rec.encoded_len()];
     rec.encode(id, &mut buf).map_err(|e| e.to_string())?;
@@ -98,6 +143,8 @@ fn run() -> Result<(), String> {
     let mut log_path = None;
     let mut cacheable = true;
     let mut nice: HashMap<String, i8> = HashMap::new();
+    let mut net = false;
+    let mut net_allow = HashSet::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -117,6 +164,12 @@ fn run() -> Result<(), String> {
             "--allow" => {
                 let f = val()?;
                 allow.insert(hash_file(Path::new(&f)).map_err(|e| format!("{f}: {e}"))?);
+            }
+            "--net" => net = true,
+            "--net-allow" => {
+                let f = val()?;
+                net = true;
+                net_allow.insert(hash_file(Path::new(&f)).map_err(|e| format!("{f}: {e}"))?);
             }
             "--log" => log_path = Some(val()?),
             "--no-cache" => cacheable = false,
@@ -166,10 +219,17 @@ fn run() -> Result<(), String> {
         Record::Config(Config {
             mode,
             verdict_timeout_ms: timeout_ms,
+            qualify_net: net,
         })
     };
     send(&mut dev, &config(mode), 2)?;
-    writeln!(log, "ready mode={mode:?} allowlist={}", allow.len()).map_err(|e| e.to_string())?;
+    writeln!(
+        log,
+        "ready mode={mode:?} allowlist={} net={net} net_allowlist={}",
+        allow.len(),
+        net_allow.len()
+    )
+    .map_err(|e| e.to_string())?;
     log.flush().ok();
 
     let mut generation = 1u64;
@@ -189,8 +249,30 @@ fn run() -> Result<(), String> {
             Err(e) => return Err(format!("read: {e}")),
         };
         let (h, rec) = proto::decode(&buf[..n]).map_err(|e| format!("decode: {e}"))?;
-        let Record::ExecRequest(r) = rec else {
-            continue;
+        let r = match rec {
+            Record::ExecRequest(r) => r,
+            Record::NetRequest(r) => {
+                let allowed = net_allow.contains(&r.sha256);
+                writeln!(log, "{}", net_line(&r, allowed)).ok();
+                log.flush().ok();
+                let verdict = Record::Verdict(Verdict {
+                    decision: if allowed {
+                        Decision::Allow
+                    } else {
+                        Decision::Deny
+                    },
+                    policy_generation: generation,
+                    cacheable: false,
+                    obligations: Obligations::default(),
+                });
+                match send(&mut dev, &verdict, h.request_id) {
+                    Ok(()) => {}
+                    Err(e) if e.contains("No such file") => {}
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            _ => continue,
         };
         let allowed = allow.contains(&r.sha256);
         let niced = nice.get(&*String::from_utf8_lossy(r.path)).copied();
@@ -216,11 +298,7 @@ fn run() -> Result<(), String> {
             r.size,
             r.uid,
             r.pid,
-            if r.ancestry.is_empty() {
-                "-".to_owned()
-            } else {
-                r.ancestry.iter().map(hex).collect::<Vec<_>>().join(",")
-            },
+            anc_field(&r.ancestry),
             if allowed { "allow" } else { "deny" }
         )
         .ok();

@@ -20,7 +20,7 @@ use trustbind_qemu_tests::{Artifacts, Network, Vm};
 
 use crate::kernel_lines;
 
-const AGENT_LOG: &str = "/run/fakeagent.log";
+pub(crate) const AGENT_LOG: &str = "/run/fakeagent.log";
 /// The ELF loader every dynamically linked program of the guest names.
 const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
 
@@ -31,7 +31,7 @@ fn start_agent(vm: &mut Vm, mode: &str) -> Result<()> {
 }
 
 /// Same, with `extra` arguments for tb-fakeagent.
-fn start_agent_with(vm: &mut Vm, mode: &str, extra: &str) -> Result<()> {
+pub(crate) fn start_agent_with(vm: &mut Vm, mode: &str, extra: &str) -> Result<()> {
     vm.run_ok(&format!("rm -f {AGENT_LOG}"))?;
     vm.spawn_bg(&format!(
         "exec /tb/tb-fakeagent --mode {mode} --timeout-ms 10000 \
@@ -49,7 +49,7 @@ fn start_agent_with(vm: &mut Vm, mode: &str, extra: &str) -> Result<()> {
 }
 
 /// Stops the fake agent; it sets the module to disabled mode on the way.
-fn stop_agent(vm: &mut Vm) -> Result<()> {
+pub(crate) fn stop_agent(vm: &mut Vm) -> Result<()> {
     vm.run_ok("pkill -TERM -x tb-fakeagent")?;
     for _ in 0..60 {
         if vm.run(&format!("grep -q '^stopped' {AGENT_LOG}"))?.status == 0 {
@@ -71,12 +71,17 @@ fn requests_for(vm: &mut Vm, path: &str) -> Result<usize> {
 
 /// A debugfs counter of the exec path.
 fn stat(vm: &mut Vm, name: &str) -> Result<u64> {
+    counter(vm, &format!("exec_{name}"))
+}
+
+/// The module's debugfs counter `name` (`/sys/kernel/debug/trustbind/`).
+pub(crate) fn counter(vm: &mut Vm, name: &str) -> Result<u64> {
     vm.run_ok("mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")?;
-    let out = vm.run_ok(&format!("cat /sys/kernel/debug/trustbind/exec_{name}"))?;
+    let out = vm.run_ok(&format!("cat /sys/kernel/debug/trustbind/{name}"))?;
     out.stdout
         .trim()
         .parse()
-        .with_context(|| format!("exec_{name}: {:?}", out.stdout))
+        .with_context(|| format!("{name}: {:?}", out.stdout))
 }
 
 /// The agent's log line for the request about `path`, if any.
@@ -88,14 +93,15 @@ fn request_for(vm: &mut Vm, path: &str) -> Result<Option<String>> {
         .map(str::to_owned))
 }
 
-fn field<'a>(line: &'a str, name: &str) -> Result<&'a str> {
+/// The value of `name=` in a log line.
+pub(crate) fn field<'a>(line: &'a str, name: &str) -> Result<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
         .with_context(|| format!("no {name}= in {line:?}"))
 }
 
 /// A host VM with `tb-fakeagent` in its payload and the module loaded.
-fn host_with_module() -> Result<Vm> {
+pub(crate) fn host_with_module() -> Result<Vm> {
     let art = Artifacts::from_env()?;
     let net = Network::new()?;
     let mut vm = net

@@ -7,6 +7,7 @@ mod e2e;
 mod exec;
 mod harness;
 mod module;
+mod net_qualify;
 mod network;
 
 /// A random hex string from the host's /dev/urandom, for canaries that

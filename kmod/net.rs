@@ -1,0 +1,216 @@
+// SPDX-License-Identifier: GPL-2.0
+//! Connect/accept qualification: the policy half of the ftrace wrappers on
+//! `inet_stream_connect` and `inet_accept` (`sys/helpers.c`).
+//!
+//! Every TCP connect of a user-space socket (IPv4 or IPv6, loopback
+//! included) reaches [`check`] before the SYN is sent, and every accepted
+//! TCP connection once it is established and the peer known, before the
+//! program sees it. The program is the one the process runs: its SHA-256
+//! from the lineage table when the module qualified its exec, otherwise
+//! hashed now from `mm->exe_file` (a process started before the module, or
+//! while it was disabled; it is then recorded, so the next connect does not
+//! hash again). The request goes to the agent through the channel, as an
+//! exec's does, and is enforced by the same table:
+//!
+//! | outcome                       | enforce           | permissive         |
+//! |-------------------------------|-------------------|--------------------|
+//! | allow (with conditions)       | connect / accept  | connect / accept   |
+//! | deny                          | refuse (below)    | go on, "would deny"|
+//! | no agent / no answer in time  | refuse            | go on, "would deny"|
+//! | program cannot be hashed      | refuse            | go on, "would deny"|
+//! | signal while waiting (connect)| restart the call                       |
+//!
+//! Refusing a connect fails it with `EACCES` before any packet is sent;
+//! refusing an accept fails the `accept()` with `ECONNABORTED` and resets
+//! the connection (the client sees it reset). In disabled mode, and while
+//! the connected agent has not asked for net requests (`Config`'s
+//! `qualify_net`), nothing is asked. The agent's own sockets are exempt (it
+//! talks to the appliance). Counters are in
+//! `/sys/kernel/debug/trustbind/net_*`.
+//!
+//! Not yet (issue 7, later milestones): channel keys and kTLS on the
+//! allowed sockets, the netfilter backstop, UNIX sockets. Known gaps until
+//! then: a TCP Fast Open `sendto(MSG_FASTOPEN)` on an unconnected socket
+//! connects through `tcp_sendmsg_fastopen` without `inet_stream_connect`
+//! (the `inet_sendmsg` wrapper of the kTLS milestone must refuse or
+//! qualify it); a non-blocking connect waits for its verdict like a
+//! blocking one. (A process that exec'd while the module was disabled is
+//! not taken for what it ran before: leaving disabled mode empties the
+//! lineage table, see `device.rs`.)
+
+use core::sync::atomic::{AtomicU64, Ordering};
+use kernel::prelude::*;
+
+use crate::device::Answer;
+use crate::exec::{Refusal, Refusals};
+use crate::proto::lineage::{Chain, ProcId};
+use crate::proto::{Ancestry, Decision, Family, Mode, NetKind, NetRequest, ProgramSource, Record};
+use crate::sys::{NetInfo, NET_CONNECT};
+use crate::Shared;
+
+/// What the net path did since load (shown in debugfs, see `pem.rs`).
+pub(crate) struct Stats {
+    /// Connects asked about.
+    pub(crate) connect_asked: AtomicU64,
+    /// Accepts asked about.
+    pub(crate) accept_asked: AtomicU64,
+    /// Allowed by a verdict.
+    pub(crate) allowed: AtomicU64,
+    /// Refusals (enforce mode: connects with `EACCES`, accepts aborted)
+    /// and why.
+    pub(crate) refusals: Refusals,
+    /// Programs hashed from `mm->exe_file` (not known from an exec).
+    pub(crate) exe_hashed: AtomicU64,
+}
+
+/// The net path's counters.
+pub(crate) static STATS: Stats = Stats {
+    connect_asked: AtomicU64::new(0),
+    accept_asked: AtomicU64::new(0),
+    allowed: AtomicU64::new(0),
+    refusals: Refusals::new(),
+    exe_hashed: AtomicU64::new(0),
+};
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// An address and port for log lines.
+struct Endpoint<'a>(Family, &'a [u8; 16], u16);
+
+impl core::fmt::Display for Endpoint<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let Endpoint(family, a, port) = self;
+        match family {
+            Family::Ipv4 => write!(f, "{}.{}.{}.{}:{}", a[0], a[1], a[2], a[3], port),
+            Family::Ipv6 => {
+                f.write_str("[")?;
+                for (i, pair) in a.chunks_exact(2).enumerate() {
+                    if i > 0 {
+                        f.write_str(":")?;
+                    }
+                    write!(f, "{:x}", u16::from_be_bytes([pair[0], pair[1]]))?;
+                }
+                write!(f, "]:{}", port)
+            }
+        }
+    }
+}
+
+/// A process's connection end for log lines: `pid N client -> server`.
+struct Connection<'a> {
+    pid: u32,
+    src: Endpoint<'a>,
+    dst: Endpoint<'a>,
+}
+
+impl core::fmt::Display for Connection<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "pid {} {} -> {}", self.pid, self.src, self.dst)
+    }
+}
+
+/// Decides one connection end: `Ok` lets it go on.
+pub(crate) fn check(s: &Shared, info: &NetInfo) -> Result {
+    let mode = s.channel.mode();
+    if mode == Mode::Disabled || !s.channel.qualifies_net() || s.channel.is_agent(info.tgid) {
+        return Ok(());
+    }
+    let kind = if info.kind == NET_CONNECT {
+        NetKind::Connect
+    } else {
+        NetKind::Accept
+    };
+    let family = if info.family == 6 {
+        Family::Ipv6
+    } else {
+        Family::Ipv4
+    };
+    let refusal = match qualify(s, info, kind, family) {
+        Ok(()) => return Ok(()),
+        Err(Err(e)) => return Err(e),
+        Err(Ok(r)) => r,
+    };
+    let what = match kind {
+        NetKind::Connect => "connect",
+        NetKind::Accept => "accept",
+    };
+    let subject = Connection {
+        pid: info.tgid,
+        src: Endpoint(family, &info.src_addr, info.src_port),
+        dst: Endpoint(family, &info.dst_addr, info.dst_port),
+    };
+    STATS.refusals.apply(mode, &refusal, what, subject)
+}
+
+/// `Ok` to go on; `Err(Ok(refusal))` for a refusal the mode decides on;
+/// `Err(Err(e))` to fail the call with `e` whatever the mode.
+fn qualify(
+    s: &Shared,
+    info: &NetInfo,
+    kind: NetKind,
+    family: Family,
+) -> Result<(), Result<Refusal>> {
+    let proc = ProcId {
+        tgid: info.tgid,
+        start_ns: info.start_ns,
+    };
+    let (sha256, chain, source) = match s.lineage.image(proc) {
+        Some((sha256, chain)) => (sha256, chain, ProgramSource::Lineage),
+        None => {
+            let (sha256, _, _) = s
+                .hashers
+                .hash_current_exe()
+                .map_err(|e| Ok(Refusal::Unreadable(e)))?;
+            bump(&STATS.exe_hashed);
+            let parent = ProcId {
+                tgid: info.ptgid,
+                start_ns: info.pstart_ns,
+            };
+            let chain = s.lineage.ancestry_of_proc(parent);
+            s.lineage.record_proc(proc, &sha256, &chain);
+            (sha256, chain, ProgramSource::ExeFile)
+        }
+    };
+    bump(match kind {
+        NetKind::Connect => &STATS.connect_asked,
+        NetKind::Accept => &STATS.accept_asked,
+    });
+    let rec = Record::NetRequest(NetRequest {
+        kind,
+        family,
+        src_addr: info.src_addr,
+        src_port: info.src_port,
+        dst_addr: info.dst_addr,
+        dst_port: info.dst_port,
+        sha256,
+        program_source: source,
+        uid: info.uid,
+        euid: info.euid,
+        gid: info.gid,
+        loginuid: info.loginuid,
+        sessionid: info.sessionid,
+        pid: info.tgid,
+        ppid: info.ptgid,
+        ancestry: ancestry(&chain),
+    });
+    match s.channel.ask(&rec).map_err(Err)? {
+        Answer::Verdict(v) => match v.decision {
+            Decision::Allow | Decision::AllowWithConditions => {
+                bump(&STATS.allowed);
+                Ok(())
+            }
+            Decision::Deny => Err(Ok(Refusal::Denied)),
+        },
+        Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
+        Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
+        // Nothing was sent yet on a connect: restart it. An accepted
+        // connection cannot be put back: the wrapper aborts it.
+        Answer::Interrupted => Err(Err(ERESTARTSYS)),
+    }
+}
+
+fn ancestry(chain: &Chain) -> Ancestry<'_> {
+    Ancestry::from_bytes(chain.as_bytes()).unwrap_or(Ancestry::EMPTY)
+}

@@ -40,6 +40,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "debootstrap",
     "e2fsprogs",
+    // The appliance OS image (xtask/src/image.rs).
+    "squashfs-tools",
+    "fdisk",
+    "grub-pc-bin",
+    "file",
 ];
 
 /// `bindgen-cli` version, pinned: the kernel's Rust bindings depend on it.

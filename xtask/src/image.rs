@@ -7,8 +7,8 @@
 //!
 //! - `bzImage` + `initramfs.cpio.gz` (newc, written here) for
 //!   `-kernel/-initrd` boots (`rdinit=/sbin/init`);
-//! - `system.squashfs` (zstd) of the same tree plus `/boot` (kernel and
-//!   `grub.cfg`);
+//! - `system.squashfs` (zstd) of the same tree plus `/boot` (the kernel;
+//!   `grub.cfg` comes with the overlay);
 //! - `disk.img`: GPT with a 1 MiB BIOS-boot partition holding GRUB's
 //!   `core.img`, the system partition (`trustbind-system`, the squashfs,
 //!   fixed PARTUUID) and the 64 MiB ext4 data partition (`trustbind-data`).
@@ -75,29 +75,9 @@ const GRUB_MODULES: &[&str] = &[
 const GRUB_PREFIX: &str = "(hd0,gpt2)/boot/grub";
 const GRUB_BOOT_IMG: &str = "/usr/lib/grub/i386-pc/boot.img";
 
-/// The kernel command line's fixed part for disk boots.
-fn grub_cfg() -> String {
-    format!(
-        r#"# Trustbind appliance: GRUB configuration (in the read-only system partition).
-set timeout=0
-serial --unit=0 --speed=115200
-terminal_input serial console
-terminal_output serial console
-# A hypervisor may give the address as SMBIOS OEM string 1, e.g. QEMU's
-# -smbios type=11,value=trustbind.ip=10.0.0.5/24; only that exact form is
-# passed on. Otherwise /data/trustbind/network.conf configures the network.
-set tb_extra=""
-if smbios --type 11 --get-string 4 --set tb_oem; then
-    if regexp --set 1:tb_ip '^trustbind\.ip=([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+/[0-9]+)$' "$tb_oem"; then
-        set tb_extra="trustbind.ip=$tb_ip"
-    fi
-fi
-echo "Trustbind appliance: loading the kernel"
-linux /boot/bzImage console=tty0 console=ttyS0,115200 root=PARTUUID={SYSTEM_PARTUUID} rootfstype=squashfs ro rootwait panic=10 $tb_extra
-boot
-"#
-    )
-}
+/// GRUB's configuration, in the overlay (buildroot's tree uses it too);
+/// its `root=PARTUUID=` must be [`SYSTEM_PARTUUID`].
+const GRUB_CFG: &str = "boot/grub/grub.cfg";
 
 /// Host tools the builder runs, with the Debian package providing each.
 const TOOLS: &[(&str, &str)] = &[
@@ -203,9 +183,7 @@ pub fn ensure(ctx: &Ctx, bzimage: &Path) -> Result<Image> {
     )?;
 
     println!("image: system.squashfs (zstd)");
-    fs::create_dir_all(tree.join("boot/grub"))?;
     fs::copy(bzimage, tree.join("boot/bzImage"))?;
-    fs::write(tree.join("boot/grub/grub.cfg"), grub_cfg())?;
     let sqfs = tmp.join("system.squashfs");
     sh::run_logged(
         "image: mksquashfs",
@@ -361,7 +339,6 @@ fn cache_key(bzimage: &Path, appliance: &Path, debs: &[PathBuf], overlay: &Path)
         "recipe {RECIPE_VERSION}\nversion {}\n",
         env!("CARGO_PKG_VERSION")
     ));
-    h.update(grub_cfg());
     h.update(format!("{GRUB_MODULES:?} {GRUB_PREFIX} {DATA_SECTORS}\n"));
     for f in [bzimage, appliance, Path::new(GRUB_BOOT_IMG)] {
         h.update(fs::read(f).with_context(|| format!("image: cannot read {}", f.display()))?);
@@ -449,6 +426,11 @@ fn make_tree(
         "is binutils installed?",
     )?;
     copy_overlay(overlay, tree)?;
+    let cfg = fs::read_to_string(tree.join(GRUB_CFG))?;
+    ensure!(
+        cfg.contains(&format!("root=PARTUUID={SYSTEM_PARTUUID} ")),
+        "image: image/rootfs/{GRUB_CFG} must boot root=PARTUUID={SYSTEM_PARTUUID}"
+    );
     fs::set_permissions(tree.join("etc/shadow"), fs::Permissions::from_mode(0o600))?;
     std::os::unix::fs::symlink("/proc/self/mounts", tree.join("etc/mtab"))?;
     fs::write(

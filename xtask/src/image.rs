@@ -675,3 +675,75 @@ fn copy_into(disk: &Path, offset: u64, src: &Path) -> Result<()> {
     f.sync_all()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_lists_with_gnu_cpio() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("t");
+        fs::create_dir_all(tree.join("sbin")).unwrap();
+        fs::create_dir_all(tree.join("boot")).unwrap();
+        fs::write(tree.join("sbin/x"), b"hello").unwrap();
+        fs::write(tree.join("boot/skip"), b"no").unwrap();
+        std::os::unix::fs::symlink("x", tree.join("sbin/init")).unwrap();
+        let out = d.path().join("a.cpio");
+        write_cpio(&tree, &out, &[Path::new("boot")]).unwrap();
+        let list = Command::new("cpio")
+            .args(["-itv", "--quiet", "-F"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(list.status.success(), "{list:?}");
+        let text = String::from_utf8_lossy(&list.stdout);
+        for want in [
+            "sbin/x",
+            "sbin/init -> x",
+            "dev/console",
+            "dev/null",
+            "root",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+        assert!(!text.contains("boot"), "skipped tree listed:\n{text}");
+    }
+
+    #[test]
+    fn grub_install_patches_mbr_and_blocklist() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = d.path().join("disk");
+        let mut img = vec![0u8; 4 << 20];
+        img[446] = 0xee; // protective MBR entry
+        img[510] = 0x55;
+        img[511] = 0xaa;
+        fs::write(&disk, &img).unwrap();
+        let boot = vec![0x11u8; 512];
+        let core = vec![0x22u8; 512 * 3 + 100];
+        install_grub(&disk, &boot, &core).unwrap();
+        let out = fs::read(&disk).unwrap();
+        assert_eq!(out[0], 0x11);
+        assert_eq!(out[446], 0xee, "the partition table was overwritten");
+        assert_eq!(&out[510..512], &[0x55, 0xaa]);
+        assert_eq!(
+            u64::from_le_bytes(out[0x5c..0x64].try_into().unwrap()),
+            BIOS_LBA
+        );
+        let c = (BIOS_LBA * SECTOR) as usize;
+        let bl = c + 0x200 - 12;
+        assert_eq!(
+            u64::from_le_bytes(out[bl..bl + 8].try_into().unwrap()),
+            BIOS_LBA + 1
+        );
+        assert_eq!(
+            u16::from_le_bytes(out[bl + 8..bl + 10].try_into().unwrap()),
+            3
+        );
+        assert_eq!(
+            u16::from_le_bytes(out[bl + 10..bl + 12].try_into().unwrap()),
+            0x820
+        );
+        assert_eq!(out[c + 512 * 3], 0x22);
+    }
+}

@@ -7,7 +7,8 @@
 //!
 //! - `bzImage` + `initramfs.cpio.gz` (newc, written here) for
 //!   `-kernel/-initrd` boots (`rdinit=/sbin/init`);
-//! - `system.squashfs` (zstd) of the same tree plus `/boot` (the kernel;
+//! - `system.squashfs` (gzip: GRUB 2.06 reads no zstd, our kernel no xz)
+//!   of the same tree plus `/boot` (the kernel;
 //!   `grub.cfg` comes with the overlay);
 //! - `disk.img`: GPT with a 1 MiB BIOS-boot partition holding GRUB's
 //!   `core.img`, the system partition (`trustbind-system`, the squashfs,
@@ -182,7 +183,7 @@ pub fn ensure(ctx: &Ctx, bzimage: &Path) -> Result<Image> {
         "is gzip installed?",
     )?;
 
-    println!("image: system.squashfs (zstd)");
+    println!("image: system.squashfs (gzip)");
     fs::copy(bzimage, tree.join("boot/bzImage"))?;
     let sqfs = tmp.join("system.squashfs");
     sh::run_logged(
@@ -190,7 +191,9 @@ pub fn ensure(ctx: &Ctx, bzimage: &Path) -> Result<Image> {
         Command::new("mksquashfs")
             .arg(&tree)
             .arg(&sqfs)
-            .args(["-noappend", "-comp", "zstd", "-Xcompression-level", "19"])
+            // gzip: the one compressor both GRUB 2.06's squash4 (gzip, xz,
+            // lzo) and our kernel (zlib, zstd) read.
+            .args(["-noappend", "-comp", "gzip", "-Xcompression-level", "9"])
             .args([
                 "-all-root",
                 "-no-progress",

@@ -18,7 +18,6 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,6 +26,7 @@ use crate::err::{Error, Result};
 use crate::health;
 use crate::net::Network;
 use crate::scaled;
+use crate::vm::escape;
 
 /// How long a boot to "serving" may take before scaling (TCG, busy host).
 pub const SERVING_TIMEOUT: Duration = Duration::from_secs(180);
@@ -234,33 +234,13 @@ impl Appliance {
             cmd.arg("-drive")
                 .arg(format!("file={},format=raw,if=virtio", escape(d)));
         }
-        cmd.arg("-netdev")
-            .arg(format!(
-                "tap,id=n0,ifname={},script=no,downscript=no",
-                self.tap
-            ))
-            .arg("-device")
-            .arg(format!(
-                "virtio-net-pci,netdev=n0,mac=52:54:00:99:00:{:02x}",
-                self.ip.octets()[3]
-            ))
-            .args(["-device", "virtio-rng-pci"])
-            .arg("-chardev")
-            .arg(format!("file,id=con,path={}", escape(&self.console)))
-            .args(["-serial", "chardev:con"])
-            .arg("-monitor")
+        crate::vm::devices(&mut cmd, &self.tap, self.ip, &self.console);
+        cmd.arg("-monitor")
             .arg(format!("unix:{},server=on,wait=off", escape(&self.monitor)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only calls prctl(2), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        crate::vm::die_with_parent(&mut cmd);
         let line = crate::show(&cmd);
         let _ = std::fs::write(self.dir.join(format!("qemu-{}.cmdline", self.boots)), &line);
         self.started = Instant::now();
@@ -385,15 +365,10 @@ impl Appliance {
     /// Kernel warnings, oopses or panics on this boot's console.
     pub fn check_health(&self) -> Result<()> {
         let problems = health::check_console(&self.console());
-        if problems.is_empty() {
-            return Ok(());
+        if !problems.is_empty() {
+            self.banner("kernel health check FAILED");
         }
-        self.banner("kernel health check FAILED");
-        Err(Error::Unhealthy {
-            vm: self.name.clone(),
-            problems,
-            console: self.console.clone(),
-        })
+        health::verdict(&self.name, &self.console, problems)
     }
 
     /// Kills QEMU (pulls the plug).
@@ -543,11 +518,6 @@ fn enrol_token(console: &str) -> Option<String> {
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A path as a QEMU option value.
-fn escape(path: &Path) -> String {
-    path.display().to_string().replace(',', ",,")
 }
 
 /// Copies `from` to `to` keeping holes (`cp --sparse=always`).

@@ -282,18 +282,8 @@ fn fetch_debs(ctx: &Ctx) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(&dir)?;
     let mut out = Vec::new();
     for pkg in DEBS {
-        let find = || -> Result<Option<PathBuf>> {
-            let mut v: Vec<PathBuf> = fs::read_dir(&dir)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
-                })
-                .collect();
-            v.sort();
-            Ok(v.pop())
-        };
+        let prefix = format!("{pkg}_");
+        let find = || crate::kernel::newest_deb(&dir, &prefix);
         let deb = match find()? {
             Some(d) => d,
             None => {

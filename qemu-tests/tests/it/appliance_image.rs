@@ -21,15 +21,6 @@ use trustbind_qemu_tests::{gpt_partition, Appliance, ApplianceImage, Artifacts, 
 
 use crate::common::{self, denied, enrol_host, export_audit, wait_for, STATE};
 
-const POLICY: &str = r#"
-@id("system-programs")
-permit (
-    principal,
-    action == Trustbind::Action::"exec",
-    resource in Trustbind::ProgramGroup::"system"
-);
-"#;
-
 /// Message rcK prints once the data partition is unmounted.
 const CLEAN: &str = "data partition unmounted; clean shutdown";
 
@@ -71,24 +62,9 @@ fn disk_image_persists_and_refuses_a_corrupt_data_partition() -> Result<()> {
     eprintln!("appliance status:\n{status}");
 
     // Signatures: the guest image's programs; policy; host group.
-    let bins = common::guest_programs(&art, work.path())?;
+    let bins = common::provision(&admin, &art, work.path(), common::SYSTEM_PROGRAMS)?;
     let evil = common::modified_true(&bins, work.path(), "evil", "x")?;
     let evil_hash = common::sha256_file(&evil)?;
-    let mut add = vec!["sig", "add", "-g", "system"];
-    let paths: Vec<String> = bins.iter().map(|p| p.display().to_string()).collect();
-    add.extend(paths.iter().map(String::as_str));
-    admin.run(&add)?;
-    let policy = work.path().join("policy.cedar");
-    std::fs::write(&policy, POLICY)?;
-    admin.run(&[
-        "policy",
-        "upload",
-        &policy.display().to_string(),
-        "-m",
-        "image test",
-        "--activate",
-    ])?;
-    admin.run(&["host", "group", "set", "hosts", "--mode", "enforce"])?;
 
     // A protected host enrols and gets decisions.
     let mut host = host.wait_ready()?;
@@ -98,12 +74,7 @@ fn disk_image_persists_and_refuses_a_corrupt_data_partition() -> Result<()> {
     let out = host.run("/root/evil")?;
     ensure!(denied(&out), "unknown program not refused: {out:?}");
     let audit_before = export_audit(&admin)?;
-    ensure!(
-        audit_before
-            .lines()
-            .any(|l| l.contains("\"decision\"") && l.contains(&evil_hash)),
-        "no decision row with the unknown program's hash {evil_hash}"
-    );
+    common::ensure_decision(&audit_before, &evil_hash)?;
     let policies = admin.run(&["policy", "list"])?;
     let sigs = admin.run(&["sig", "ls", "-n", "0"])?;
     let hosts = admin.run(&["host", "list"])?;
@@ -153,13 +124,7 @@ fn disk_image_persists_and_refuses_a_corrupt_data_partition() -> Result<()> {
         240,
     )?;
     host.run_ok("/usr/bin/expr 1 + 1")?;
-    let audit = export_audit(&admin)?;
-    ensure!(
-        audit
-            .lines()
-            .any(|l| l.contains("\"decision\"") && l.contains("/usr/bin/expr")),
-        "no decision for /usr/bin/expr after the reboot"
-    );
+    common::ensure_decision(&export_audit(&admin)?, "/usr/bin/expr")?;
     host.shutdown()?;
 
     // Corrupt the data partition's superblock while the appliance is off.

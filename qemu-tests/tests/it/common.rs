@@ -7,6 +7,16 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context, Result};
 use trustbind_qemu_tests::{workspace_bin, Admin, Artifacts, Output, Vm, VmBuilder};
 
+/// Policy: every program of reference group `system` may run.
+pub const SYSTEM_PROGRAMS: &str = r#"
+@id("system-programs")
+permit (
+    principal,
+    action == Trustbind::Action::"exec",
+    resource in Trustbind::ProgramGroup::"system"
+);
+"#;
+
 /// The agent's state directory on a host VM.
 pub const STATE: &str = "/var/lib/trustbind-agent";
 
@@ -149,4 +159,45 @@ pub fn start_agent(host: &mut Vm) -> Result<()> {
 /// The admin CLI's audit export (JSON lines).
 pub fn export_audit(admin: &Admin) -> Result<String> {
     Ok(admin.run(&["audit", "export"])?)
+}
+
+/// The administrator's setup both appliance tests share: the guest
+/// image's programs into reference group `system` (`trustbind sig add`),
+/// `policy` uploaded and activated, host group `hosts` in enforce mode.
+/// Returns the extracted program directories.
+pub fn provision(
+    admin: &Admin,
+    art: &Artifacts,
+    work: &Path,
+    policy: &str,
+) -> Result<Vec<PathBuf>> {
+    let bins = guest_programs(art, work)?;
+    let mut add = vec!["sig", "add", "-g", "system"];
+    let paths: Vec<String> = bins.iter().map(|p| p.display().to_string()).collect();
+    add.extend(paths.iter().map(String::as_str));
+    admin.run(&add)?;
+    let file = work.join("policy.cedar");
+    std::fs::write(&file, policy)?;
+    admin.run(&[
+        "policy",
+        "upload",
+        &file.display().to_string(),
+        "-m",
+        "qemu test",
+        "--activate",
+    ])?;
+    admin.run(&["host", "group", "set", "hosts", "--mode", "enforce"])?;
+    Ok(bins)
+}
+
+/// Fails unless the audit export holds a `decision` row mentioning
+/// `needle` (a program's hash or path).
+pub fn ensure_decision(audit: &str, needle: &str) -> Result<()> {
+    ensure!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"decision\"") && l.contains(needle)),
+        "no decision row with {needle}"
+    );
+    Ok(())
 }

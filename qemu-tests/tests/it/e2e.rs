@@ -24,14 +24,9 @@ use crate::common::{
     self, denied, enrol_host, export_audit, says_true, start_agent, wait_for, STATE,
 };
 
-const POLICY: &str = r#"
-@id("system-programs")
-permit (
-    principal,
-    action == Trustbind::Action::"exec",
-    resource in Trustbind::ProgramGroup::"system"
-);
-
+/// Policy besides [`common::SYSTEM_PROGRAMS`]: role admin may run the
+/// admin tools.
+const ADMIN_TOOLS: &str = r#"
 @id("admin-tools-for-admins")
 permit (
     principal in Trustbind::Role::"admin",
@@ -68,20 +63,21 @@ fn exec_control_end_to_end() -> Result<()> {
     // Signatures: every program of the guest image's /usr/bin and
     // /usr/sbin into reference group `system`; a unique tool into
     // `admin-tools`; `evil` stays unknown.
-    let bins = common::guest_programs(&art, work.path())?;
-    let tool = common::modified_true(&bins, work.path(), "tool", "y")?;
-    let evil = common::modified_true(&bins, work.path(), "evil", "x")?;
-    let evil = common::sha256_file(&evil)?;
-    let mut add = vec!["sig", "add", "-g", "system"];
-    let paths: Vec<String> = bins.iter().map(|p| p.display().to_string()).collect();
-    add.extend(paths.iter().map(String::as_str));
-    let added = admin.run(&add)?;
+    let bins = common::provision(
+        &admin,
+        &art,
+        work.path(),
+        &format!("{}{ADMIN_TOOLS}", common::SYSTEM_PROGRAMS),
+    )?;
     let sigs = admin.run(&["sig", "ls", "-g", "system", "-n", "0"])?;
     ensure!(
         sigs.lines().count() > 100,
-        "only {} programs added: {added}",
+        "only {} programs added",
         sigs.lines().count()
     );
+    let tool = common::modified_true(&bins, work.path(), "tool", "y")?;
+    let evil = common::modified_true(&bins, work.path(), "evil", "x")?;
+    let evil = common::sha256_file(&evil)?;
     admin.run(&[
         "sig",
         "add",
@@ -90,17 +86,6 @@ fn exec_control_end_to_end() -> Result<()> {
         &tool.display().to_string(),
     ])?;
     admin.run(&["user", "set", "root", "-r", "admin"])?;
-    let policy = work.path().join("policy.cedar");
-    std::fs::write(&policy, POLICY)?;
-    admin.run(&[
-        "policy",
-        "upload",
-        &policy.display().to_string(),
-        "-m",
-        "e2e",
-        "--activate",
-    ])?;
-    admin.run(&["host", "group", "set", "hosts", "--mode", "enforce"])?;
 
     // Enrol and start the agent, then load the module.
     let mut host = host.wait_ready()?;
@@ -123,13 +108,7 @@ fn exec_control_end_to_end() -> Result<()> {
     host.run_ok("printf z >>/root/ok")?;
     let out = host.run("/root/ok")?;
     ensure!(denied(&out), "modified binary not refused: {out:?}");
-    let audit = export_audit(&admin)?;
-    ensure!(
-        audit
-            .lines()
-            .any(|l| l.contains("\"decision\"") && l.contains(&evil)),
-        "no decision row with the unknown program's hash {evil}"
-    );
+    common::ensure_decision(&export_audit(&admin)?, &evil)?;
 
     // Users: root (role admin) may run the tool, nobody may not.
     host.run_ok("/root/tool")?;

@@ -31,7 +31,7 @@ use std::process::Command;
 use std::time::Instant;
 
 /// Bump when the steps below change in a way that changes the outputs.
-const RECIPE_VERSION: u32 = 1;
+const RECIPE_VERSION: u32 = 2;
 /// Debian packages unpacked into the image.
 const DEBS: &[&str] = &["busybox-static", "e2fsck-static"];
 /// The Rust target of the static appliance build.
@@ -52,6 +52,8 @@ const LINUX_FS_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 const DISK_GUID: &str = "7B1D5E2C-4A3F-4E8B-9C6D-2F1A0B3C4D5E";
 /// PARTUUID of the system partition; the kernel mounts it as the root.
 pub const SYSTEM_PARTUUID: &str = "5B1C7A3E-2F0D-4C8E-9A61-7D2E4B8F0A01";
+/// PARTUUID of the BIOS-boot partition.
+const BIOS_PARTUUID: &str = "2E6A9C4B-7D1F-4B3A-8E5C-0A9B8C7D6E03";
 /// PARTUUID of the data partition.
 const DATA_PARTUUID: &str = "9E4D2B1A-6C5F-4A7E-8B3D-1F0E2D4C6A02";
 /// File system UUID of the data partition's ext4.
@@ -71,6 +73,8 @@ const GRUB_MODULES: &[&str] = &[
     "smbios",
     "regexp",
     "test",
+    "sleep",
+    "reboot",
 ];
 /// GRUB's prefix: `/boot/grub` of the system partition (the second one).
 const GRUB_PREFIX: &str = "(hd0,gpt2)/boot/grub";
@@ -535,7 +539,7 @@ fn make_disk(tmp: &Path, sqfs: &Path, log: &Path) -> Result<()> {
     File::create(&disk)?.set_len(total * SECTOR)?;
     let script = format!(
         "label: gpt\nlabel-id: {DISK_GUID}\nunit: sectors\nfirst-lba: 2048\n\
-         start={BIOS_LBA}, size={BIOS_SECTORS}, type={BIOS_BOOT_TYPE}, name=\"bios-boot\"\n\
+         start={BIOS_LBA}, size={BIOS_SECTORS}, type={BIOS_BOOT_TYPE}, uuid={BIOS_PARTUUID}, name=\"bios-boot\"\n\
          start={sys_lba}, size={sys_sectors}, type={LINUX_FS_TYPE}, uuid={SYSTEM_PARTUUID}, name=\"trustbind-system\"\n\
          start={data_lba}, size={DATA_SECTORS}, type={LINUX_FS_TYPE}, uuid={DATA_PARTUUID}, name=\"trustbind-data\"\n"
     );

@@ -17,6 +17,11 @@ tb_say() {
     fi
 }
 
+# Whether something is mounted at $1 (busybox-static has no mountpoint).
+tb_mounted() {
+    grep -qs "^[^ ]* $1 " /proc/mounts
+}
+
 # Value of kernel command-line key $1 (e.g. trustbind.ip), or nothing.
 # Reads $TB_CMDLINE when set (tests), else /proc/cmdline.
 tb_cmdline() {

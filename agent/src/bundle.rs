@@ -1,13 +1,12 @@
-//! The offline bundle: the last verdict the appliance gave for each
-//! (program, user) on this host, used only while the appliance cannot be
-//! reached (DESIGN.md §4 "Modes": enforce denies on no answer, except the
-//! pinned agent binary and this bundle).
+//! The agent's memory of (program, user) pairs: the last verdict the
+//! appliance gave for each on this host, kept so the appliance can be asked
+//! to re-decide and sign them (`Agent.SignBundle`, [`crate::signed`]).
 //!
-//! Only verdicts the appliance marked cacheable (not time-dependent) enter
-//! it. It is bounded ([`MAX_ENTRIES`], oldest dropped first) and saved
-//! atomically to `bundle.json` (0600) in the agent's state directory. It is
-//! not signed by the appliance: its integrity rests on the state
-//! directory being root-only, like the host key beside it.
+//! It is never used to answer: offline verdicts come only from the signed
+//! bundle, whose integrity does not rest on this file. Only verdicts the
+//! appliance marked cacheable (not time-dependent) enter it. It is bounded
+//! ([`MAX_ENTRIES`], oldest dropped first) and saved atomically to
+//! `bundle.json` (0600) in the agent's state directory.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -89,9 +88,23 @@ impl Bundle {
         self.map.get(&(sha256.to_owned(), user.to_owned())).copied()
     }
 
-    /// Remembers a verdict.
-    pub fn put(&mut self, sha256: &str, user: &str, r: Remembered) {
-        self.map.insert((sha256.to_owned(), user.to_owned()), r);
+    /// The `limit` most recently seen pairs, (SHA-256 hex, user), newest first.
+    pub fn recent(&self, limit: usize) -> Vec<(String, String)> {
+        let mut all: Vec<(&(String, String), i64)> =
+            self.map.iter().map(|(k, r)| (k, r.at_ms)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        all.into_iter()
+            .take(limit)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Remembers a verdict; `true` if the pair is new.
+    pub fn put(&mut self, sha256: &str, user: &str, r: Remembered) -> bool {
+        let new = self
+            .map
+            .insert((sha256.to_owned(), user.to_owned()), r)
+            .is_none();
         if self.map.len() > MAX_ENTRIES {
             if let Some(oldest) = self
                 .map
@@ -103,6 +116,7 @@ impl Bundle {
             }
         }
         self.dirty = true;
+        new
     }
 
     /// Writes the file if anything changed since the last save.
@@ -150,6 +164,20 @@ mod tests {
         assert_eq!(b.get("aa", "alice").map(|x| x.decision), Some(1));
         assert_eq!(b.get("aa", "bob").map(|x| x.decision), Some(3));
         assert_eq!(b.get("bb", "alice"), None);
+    }
+
+    #[test]
+    fn recent_pairs_come_newest_first_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let mut b = Bundle::load(d.path(), |w| panic!("{w}"));
+        b.put("aa", "alice", r(1, 1));
+        b.put("bb", "alice", r(1, 3));
+        b.put("cc", "bob", r(3, 2));
+        assert_eq!(
+            b.recent(2),
+            vec![("bb".into(), "alice".into()), ("cc".into(), "bob".into())]
+        );
+        assert_eq!(b.recent(10).len(), 3);
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! `trustbind-proto`) and the appliance (gRPC over mutual TLS):
 //! [`device`] (the module's channel), [`link`] (enrolment, credentials, the
 //! mTLS channel), [`run`] (the daemon: batching, offline answers, pushes,
-//! spool delivery, status), [`bundle`] (last-known verdicts for offline
-//! use), [`spool`] (audit records kept on disk while the appliance is
+//! spool delivery, status), [`bundle`] (the program/user pairs seen, which
+//! the appliance is asked to re-decide and sign), [`signed`] (that signed
+//! offline bundle, the only source of offline verdicts), [`spool`] (audit records kept on disk while the appliance is
 //! unreachable, delivered later, nothing lost) and [`users`] (uid → name,
 //! as the policy's principals are user names).
 #![forbid(unsafe_code)]
@@ -23,5 +24,6 @@ pub mod bundle;
 pub mod device;
 pub mod link;
 pub mod run;
+pub mod signed;
 pub mod spool;
 pub mod users;

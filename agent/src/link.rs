@@ -15,27 +15,18 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokio::net::TcpStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use trustbind_api::pb::enrolment_client::EnrolmentClient;
 use trustbind_api::pb::EnrolRequest;
-
-/// Default agent port of the appliance.
-pub const AGENT_PORT: u16 = 7443;
-/// Default enrol port of the appliance.
-pub const ENROL_PORT: u16 = 7444;
-/// TCP + TLS connect timeout.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use trustbind_api::pinned::{self, PinError};
+pub use trustbind_api::pinned::{
+    fingerprint, source_chain, split_addr, AGENT_PORT, CONNECT_TIMEOUT, ENROL_PORT,
+};
 
 /// Link failures, each one sentence naming what failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,14 +42,9 @@ pub enum LinkError {
     /// Bad configuration or credentials.
     #[error("{0}")]
     Config(String),
-    /// The network or TLS failed.
-    #[error("cannot reach the appliance at {addr}: {why}")]
-    Connect {
-        /// Where.
-        addr: String,
-        /// Why.
-        why: String,
-    },
+    /// The network or TLS failed, or bad enrolment input.
+    #[error(transparent)]
+    Pin(#[from] PinError),
     /// The appliance refused.
     #[error("the appliance refused: {0}")]
     Refused(String),
@@ -106,151 +92,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), LinkError
         .map_err(file_err(dir))
 }
 
-/// Lower-case hex SHA-256 of `der`.
-pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// `host[:port]` → (`host:port`, host), with `default_port` when absent.
-pub fn split_addr(addr: &str, default_port: u16) -> (String, String) {
-    match addr.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() && !h.is_empty() => {
-            (addr.to_owned(), h.to_owned())
-        }
-        _ => (format!("{addr}:{default_port}"), addr.to_owned()),
-    }
-}
-
-/// Accepts a server whose chain holds the CA with the pinned fingerprint
-/// and whose certificate verifies against that CA.
-#[derive(Debug)]
-struct PinnedCa {
-    fingerprint: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| fingerprint(c) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General(format!(
-                    "the appliance's CA is not the pinned one (fingerprint {})",
-                    self.fingerprint
-                ))
-            })?;
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(ca.clone().into_owned())
-            .map_err(|e| rustls::Error::General(format!("pinned CA: {e}")))?;
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(format!("pinned CA: {e}")))?;
-        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn builder() -> Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier>, LinkError> {
-    ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| LinkError::Config(format!("TLS setup: {e}")))
-}
-
 /// A gRPC channel over `tls` to `addr`, checking the certificate for `name`.
 pub async fn channel(addr: &str, name: &str, tls: ClientConfig) -> Result<Channel, LinkError> {
-    let mut tls = tls;
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let server = ServerName::try_from(name.to_owned())
-        .map_err(|e| LinkError::Config(format!("server name `{name}`: {e}")))?;
-    let target = addr.to_owned();
-    let endpoint = Endpoint::from_static("http://appliance")
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10));
-    endpoint
-        .connect_with_connector(tower::service_fn(move |_uri| {
-            let connector = connector.clone();
-            let server = server.clone();
-            let target = target.clone();
-            async move {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target))
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out")
-                    })??;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(server, tcp).await?;
-                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
-        .await
-        .map_err(|e| LinkError::Connect {
-            addr: addr.to_owned(),
-            why: source_chain(&e),
-        })
-}
-
-/// `e` and its sources, joined, so a TLS refusal is visible.
-pub fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    Ok(pinned::channel(addr, name, tls).await?)
 }
 
 /// What `enrol` needs.
@@ -272,34 +116,12 @@ pub struct Enrolment {
 
 /// Enrols this host and writes its credentials into `state`.
 pub async fn enrol(e: &Enrolment, state: &Path) -> Result<AgentConfig, LinkError> {
-    let pin = e.ca_fingerprint.to_ascii_lowercase().replace(':', "");
-    if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(LinkError::Config(
-            "--ca-fingerprint must be the 64 hex digits the appliance prints".into(),
-        ));
-    }
+    let pin = pinned::normalise_fingerprint(&e.ca_fingerprint)?;
     let (enrol_addr, host) = split_addr(&e.enrol_addr, ENROL_PORT);
     let server_name = e.server_name.clone().unwrap_or_else(|| host.clone());
     let agent_addr = split_addr(e.agent_addr.as_deref().unwrap_or(&host), AGENT_PORT).0;
-    let tls = builder()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa {
-            fingerprint: pin.clone(),
-            provider: provider(),
-        }))
-        .with_no_client_auth();
-    let ch = channel(&enrol_addr, &server_name, tls).await?;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| LinkError::Config(format!("key generation: {e}")))?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
-        .map_err(|e| LinkError::Config(format!("CSR: {e}")))?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, e.name.clone());
-    let csr = params
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| LinkError::Config(format!("CSR: {e}")))?;
+    let ch = channel(&enrol_addr, &server_name, pinned::pinned_config(&pin)?).await?;
+    let (key_pem, csr) = pinned::key_and_csr(&e.name)?;
     let reply = EnrolmentClient::new(ch)
         .enrol(EnrolRequest {
             host: e.name.clone(),
@@ -309,18 +131,8 @@ pub async fn enrol(e: &Enrolment, state: &Path) -> Result<AgentConfig, LinkError
         .await
         .map_err(|s| LinkError::Refused(s.message().to_owned()))?
         .into_inner();
-    let ca = CertificateDer::from_pem_slice(reply.ca_pem.as_bytes())
-        .map_err(|e| LinkError::Refused(format!("CA in the reply: {e}")))?;
-    if fingerprint(&ca) != pin {
-        return Err(LinkError::Refused(
-            "the CA in the reply is not the pinned one".into(),
-        ));
-    }
-    write_atomic(
-        &state.join("key.pem"),
-        key.serialize_pem().as_bytes(),
-        0o600,
-    )?;
+    pinned::check_reply_ca(&reply.ca_pem, &pin).map_err(LinkError::Refused)?;
+    write_atomic(&state.join("key.pem"), key_pem.as_bytes(), 0o600)?;
     write_atomic(&state.join("cert.pem"), reply.cert_pem.as_bytes(), 0o644)?;
     write_atomic(&state.join("ca.pem"), reply.ca_pem.as_bytes(), 0o644)?;
     let cfg = AgentConfig {
@@ -366,7 +178,7 @@ pub fn agent_tls(state: &Path) -> Result<ClientConfig, LinkError> {
     let key_path = state.join("key.pem");
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .map_err(|e| LinkError::Config(format!("{}: {e}", key_path.display())))?;
-    builder()?
+    pinned::builder()?
         .with_root_certificates(roots)
         .with_client_auth_cert(certs, key)
         .map_err(|e| LinkError::Config(format!("host certificate: {e}")))
@@ -375,18 +187,6 @@ pub fn agent_tls(state: &Path) -> Result<ClientConfig, LinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses_get_default_ports() {
-        assert_eq!(
-            split_addr("10.0.0.1", 7444),
-            ("10.0.0.1:7444".into(), "10.0.0.1".into())
-        );
-        assert_eq!(
-            split_addr("appliance:9000", 7444),
-            ("appliance:9000".into(), "appliance".into())
-        );
-    }
 
     #[test]
     fn atomic_writes_set_the_mode() {

@@ -206,7 +206,16 @@ fn status(state: &std::path::Path, json: bool) -> ExitCode {
             "spool:       {} waiting, {} delivered",
             s.spool_backlog, s.spool_delivered
         );
-        println!("bundle:      {} verdicts", s.bundle_entries);
+        println!(
+            "bundle:      {} pairs remembered, {} signed verdicts{}",
+            s.bundle_entries,
+            s.signed_entries,
+            if s.signed_expires_ms > 0 {
+                format!(" (valid until {} ms since the epoch)", s.signed_expires_ms)
+            } else {
+                String::new()
+            }
+        );
         if !s.last_error.is_empty() {
             println!("last error:  {}", s.last_error);
         }

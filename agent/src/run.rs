@@ -20,8 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use serde::Serialize;
-use tokio::sync::{mpsc, RwLock};
+use tokio::sync::{mpsc, Notify, RwLock};
 use tonic::transport::Channel;
 use trustbind_api::pb::{self, agent_client::AgentClient, push};
 use trustbind_proto::{Decision, Mode, Obligations, Verdict};
@@ -29,6 +31,7 @@ use trustbind_proto::{Decision, Mode, Obligations, Verdict};
 use crate::bundle::{Bundle, Remembered};
 use crate::device::{Device, DeviceWriter, ExecEvent};
 use crate::link::{self, write_atomic, AgentConfig};
+use crate::signed::{self, Verified};
 use crate::spool::{Spool, SpoolRecord};
 use crate::users::Users;
 
@@ -99,8 +102,14 @@ pub struct Status {
     pub spool_backlog: usize,
     /// Spooled records delivered since start.
     pub spool_delivered: u64,
-    /// Entries in the offline bundle.
+    /// (program, user) pairs remembered for the signed bundle.
     pub bundle_entries: usize,
+    /// Verdicts in the signed offline bundle in use (0: none).
+    #[serde(default)]
+    pub signed_entries: usize,
+    /// When that bundle expires (ms since the epoch; 0: none).
+    #[serde(default)]
+    pub signed_expires_ms: i64,
     /// Last error, if any.
     pub last_error: String,
     /// When the status was written (ms since the epoch).
@@ -140,9 +149,21 @@ pub fn parse_mode(s: &str) -> Option<Mode> {
     }
 }
 
+/// How often the signed bundle is renewed while connected (also on every
+/// connection and policy generation change).
+pub const BUNDLE_REFRESH: Duration = Duration::from_secs(5 * 60);
+/// Deadline of one `SignBundle` call (up to 4096 decisions and a signature).
+const BUNDLE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time between two renewals (new pairs ask for one too).
+const BUNDLE_MIN_GAP: Duration = Duration::from_secs(10);
+
 struct Inner {
     writer: DeviceWriter,
     bundle: Bundle,
+    /// The verified signed bundle, the only source of offline verdicts.
+    signed: Option<Verified>,
+    /// Why offline answers last fell back to the mode's default (logged once).
+    offline_why: Option<String>,
     spool: Spool,
     users: Users,
     mode: Mode,
@@ -155,6 +176,18 @@ struct Shared {
     client: RwLock<Option<AgentClient<Channel>>>,
     connected: AtomicBool,
     generation: AtomicU64,
+    /// The pinned CA (`ca.pem`): signed bundles must chain to it.
+    ca: CertificateDer<'static>,
+    /// This host's enrolled name: signed bundles must be for it.
+    host: String,
+    /// Set to have the signed bundle renewed now.
+    bundle_due: Notify,
+    /// A renewal is in flight (or waiting for [`BUNDLE_MIN_GAP`]).
+    bundle_busy: AtomicBool,
+    /// Another renewal was asked for while one was busy.
+    bundle_again: AtomicBool,
+    /// When the last renewal started.
+    bundle_last: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Shared {
@@ -201,6 +234,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let tls = link::agent_tls(&opts.state)?;
     let mut spool = Spool::open(&opts.state.join("spool"))?;
     let bundle = Bundle::load(&opts.state, |w| log(&w));
+    let ca_path = opts.state.join("ca.pem");
+    let ca = CertificateDer::from_pem_file(&ca_path)
+        .map_err(|e| link::LinkError::Config(format!("{}: {e}", ca_path.display())))?;
+    let signed = signed::load(&opts.state, &ca, &cfg.name, now_ms()).unwrap_or_else(|e| {
+        log(&format!("signed offline bundle not used: {e}"));
+        None
+    });
     let mode = std::fs::read_to_string(opts.state.join("mode"))
         .ok()
         .and_then(|m| parse_mode(m.trim()))
@@ -234,6 +274,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         inner: Mutex::new(Inner {
             writer,
             bundle,
+            signed,
+            offline_why: None,
             spool,
             users: Users::new(&opts.passwd),
             mode,
@@ -243,6 +285,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         client: RwLock::new(None),
         connected: AtomicBool::new(false),
         generation: AtomicU64::new(0),
+        ca,
+        host: cfg.name.clone(),
+        bundle_due: Notify::new(),
+        bundle_busy: AtomicBool::new(false),
+        bundle_again: AtomicBool::new(false),
+        bundle_last: Mutex::new(None),
     });
 
     let (tx, rx) = mpsc::channel::<ExecEvent>(4096);
@@ -293,6 +341,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 fn write_status(opts: &RunOptions, g: &mut Inner) {
     g.status.updated_ms = now_ms();
     g.status.bundle_entries = g.bundle.len();
+    g.status.signed_entries = g.signed.as_ref().map_or(0, Verified::len);
+    g.status.signed_expires_ms = g.signed.as_ref().map_or(0, |s| s.expires_at_ms);
     g.status.spool_backlog = g.spool.backlog().unwrap_or(0);
     if let Ok(json) = serde_json::to_vec_pretty(&g.status) {
         let _ = write_atomic(&opts.state.join("status.json"), &json, 0o644);
@@ -399,21 +449,35 @@ fn remembered_of(v: &Verdict) -> Remembered {
     }
 }
 
-fn verdict_of_remembered(r: &Remembered) -> Verdict {
-    Verdict {
-        decision: match r.decision {
-            1 => Decision::Allow,
-            2 => Decision::AllowWithConditions,
-            _ => Decision::Deny,
-        },
-        policy_generation: u64::try_from(r.generation).unwrap_or(0),
-        // Offline answers never enter the kernel cache.
-        cacheable: false,
-        obligations: Obligations {
-            nice: r.nice,
-            cpu_limit_s: r.cpu_limit_s,
-            log_level: r.log_level,
-        },
+/// The signed bundle's verdict for `sha256` run by `user`, if a usable
+/// bundle has one. Why no bundle is usable is logged once per reason.
+fn signed_verdict(g: &mut Inner, sha256: &str, user: &str) -> Option<Verdict> {
+    let usable = match &g.signed {
+        None => Err("no signed offline bundle from the appliance yet".to_owned()),
+        Some(b) => b
+            .check_fresh(now_ms())
+            .map(|()| b)
+            .map_err(|e| format!("the signed offline bundle {e}")),
+    };
+    match usable {
+        Ok(b) => {
+            let v = b.get(sha256, user).map(|decision| Verdict {
+                decision,
+                policy_generation: u64::try_from(b.generation).unwrap_or(0),
+                // Offline answers never enter the kernel cache.
+                cacheable: false,
+                obligations: Obligations::default(),
+            });
+            g.offline_why = None;
+            v
+        }
+        Err(why) => {
+            if g.offline_why.as_deref() != Some(why.as_str()) {
+                log(&format!("offline answers use the mode's default: {why}"));
+                g.offline_why = Some(why);
+            }
+            None
+        }
     }
 }
 
@@ -487,6 +551,7 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     };
     let mut g = shared.lock();
     let mut offline_records = Vec::new();
+    let mut new_pairs = false;
     let mut answers = Vec::with_capacity(batch.len());
     for (ev, user) in batch.iter().zip(users) {
         g.status.requests += 1;
@@ -495,15 +560,15 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
         let v = match from_appliance {
             Some(r) => {
                 let v = verdict_of(r);
-                if r.cacheable {
-                    g.bundle.put(&sha, &user, remembered_of(&v));
+                if r.cacheable && g.bundle.put(&sha, &user, remembered_of(&v)) {
+                    new_pairs = true;
                 }
                 g.status.answered_online += 1;
                 v
             }
             None => {
-                let (v, source) = match g.bundle.get(&sha, &user) {
-                    Some(r) => (verdict_of_remembered(&r), "bundle"),
+                let (v, source) = match signed_verdict(&mut g, &sha, &user) {
+                    Some(v) => (v, "bundle"),
                     None => {
                         let decision = if g.mode == Mode::Enforce {
                             Decision::Deny
@@ -538,6 +603,10 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
             g.status.denied += 1;
         }
         answers.push((ev.request_id, ev.pid, v));
+    }
+    if new_pairs {
+        // Into the signed bundle soon, so they can be answered offline.
+        shared.bundle_due.notify_one();
     }
     // The appliance learns of offline decisions only through the spool:
     // make them durable before the kernel acts on them.
@@ -584,7 +653,7 @@ async fn connection(shared: Arc<Shared>, cfg: AgentConfig, tls: rustls::ClientCo
 }
 
 async fn session(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     cfg: &AgentConfig,
     tls: rustls::ClientConfig,
 ) -> Result<(), String> {
@@ -605,8 +674,14 @@ async fn session(
     shared.connected.store(true, Ordering::Relaxed);
     log(&format!("connected to {}", cfg.agent_addr));
     let mut deliver = tokio::time::interval(Duration::from_secs(2));
+    let mut renew =
+        tokio::time::interval_at(tokio::time::Instant::now() + BUNDLE_REFRESH, BUNDLE_REFRESH);
+    // A fresh signed bundle on every connection.
+    shared.bundle_due.notify_one();
     loop {
         tokio::select! {
+            _ = renew.tick() => renew_bundle(shared, &client),
+            () = shared.bundle_due.notified() => renew_bundle(shared, &client),
             m = stream.message() => {
                 let Some(p) = m.map_err(|s| format!("push stream: {}: {}", s.code(), s.message()))? else {
                     return Err("push stream ended".into());
@@ -626,6 +701,10 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             let gen = u64::try_from(g.generation).unwrap_or(0);
             let old = shared.generation.swap(gen, Ordering::Relaxed);
             if old != gen {
+                // Verdicts may have changed: have the bundle re-decided,
+                // without waiting for the gap between renewals.
+                *shared.bundle_last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                shared.bundle_due.notify_one();
                 let mut w = shared.lock();
                 if let Err(e) = w.writer.generation(gen) {
                     w.status.last_error = e.to_string();
@@ -684,4 +763,66 @@ async fn deliver_spool(shared: &Shared, client: &mut AgentClient<Channel>) -> Re
         g.spool.ack(seg.number).map_err(|e| format!("spool: {e}"))?;
         g.status.spool_delivered += seg.records.len() as u64;
     }
+}
+
+/// Starts a renewal of the signed bundle unless one is in flight: the
+/// remembered pairs (newest first, at most [`signed::MAX_ASK`]) go to
+/// `SignBundle`; the reply is kept only if it verifies. It runs beside the
+/// session so pushes are not held up while the appliance decides, at most
+/// once per [`BUNDLE_MIN_GAP`] (a request meanwhile waits for the gap).
+fn renew_bundle(shared: &Arc<Shared>, client: &AgentClient<Channel>) {
+    if shared.bundle_busy.swap(true, Ordering::AcqRel) {
+        shared.bundle_again.store(true, Ordering::Release);
+        return;
+    }
+    let shared = Arc::clone(shared);
+    let mut client = client.clone();
+    tokio::spawn(async move {
+        loop {
+            let last = *shared.bundle_last.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(last) = last {
+                tokio::time::sleep_until(last + BUNDLE_MIN_GAP).await;
+            }
+            *shared.bundle_last.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(tokio::time::Instant::now());
+            shared.bundle_again.store(false, Ordering::Release);
+            if let Err(e) = renew_bundle_now(&shared, &mut client).await {
+                shared.error(format!("signed offline bundle not renewed: {e}"));
+            }
+            if !shared.bundle_again.load(Ordering::Acquire) {
+                break;
+            }
+        }
+        shared.bundle_busy.store(false, Ordering::Release);
+    });
+}
+
+async fn renew_bundle_now(
+    shared: &Shared,
+    client: &mut AgentClient<Channel>,
+) -> Result<(), String> {
+    let pairs = shared.lock().bundle.recent(signed::MAX_ASK);
+    let entries = pairs
+        .into_iter()
+        .filter_map(|(sha, user)| {
+            Some(pb::BundleEntry {
+                sha256: signed::unhex(&sha)?,
+                user,
+            })
+        })
+        .collect();
+    let mut req = tonic::Request::new(pb::BundleRequest { entries });
+    req.set_timeout(BUNDLE_CALL_TIMEOUT);
+    let reply = tokio::time::timeout(BUNDLE_CALL_TIMEOUT, client.sign_bundle(req))
+        .await
+        .map_err(|_| "SignBundle: deadline exceeded".to_owned())?
+        .map_err(|s| format!("SignBundle: {}: {}", s.code(), s.message()))?
+        .into_inner();
+    let v = Verified::verify(&reply, &shared.ca, &shared.host, now_ms())
+        .map_err(|e| format!("the appliance's bundle was refused: {e}"))?;
+    signed::store(&shared.opts.state, &reply).map_err(|e| e.to_string())?;
+    let mut g = shared.lock();
+    g.signed = Some(v);
+    g.offline_why = None;
+    Ok(())
 }

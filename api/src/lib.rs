@@ -1,7 +1,10 @@
 //! The gRPC API between `trustbind-agent` and `trustbind-appliance`,
 //! generated from `proto/trustbind/agent/v1/agent.proto`: the one
 //! definition both sides compile (clients and servers for `Enrolment` and
-//! `Agent`).
+//! `Agent`), and [`pinned`], the enrol port's client side both the agent
+//! and the admin CLI use.
+
+pub mod pinned;
 
 /// Code generated from `proto/trustbind/agent/v1/agent.proto`.
 #[allow(

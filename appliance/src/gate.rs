@@ -276,4 +276,10 @@ impl Decider for Gate {
             _ => self.engine(r).map(|d| answer(d, None)),
         }
     }
+
+    /// The policy's verdict alone: licenses are not charged (a bundle is no
+    /// call) and connect/accept are not offered for pairing.
+    fn redecide(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {
+        self.engine(r).map(|d| answer(d, None))
+    }
 }

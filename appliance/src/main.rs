@@ -5,6 +5,8 @@
 //!                                            [--admin-listen ADDR] [--server-name NAME]...
 //! trustbind-appliance [--data-dir DIR] ca-fingerprint      print the CA's SHA-256
 //! trustbind-appliance [--data-dir DIR] admin-cert --name N --out DIR
+//! trustbind-appliance [--data-dir DIR] admin-token [--name N] [--if-unenrolled] [--ttl-min N]
+//!                                          print a one-time admin enrolment token
 //! trustbind-appliance [--data-dir DIR] rotate-server-cert  new server cert (SIGHUP a running serve)
 //! trustbind-appliance [--data-dir DIR] init                create or migrate the database
 //! trustbind-appliance [--data-dir DIR] audit verify        check the audit hash chain
@@ -46,11 +48,19 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_CHAIN_BROKEN: u8 = 2;
 const EXIT_USAGE: u8 = 64;
 
+/// Options that take no value.
+const SWITCHES: &[&str] = &["if-unenrolled"];
+/// Default admin name of `admin-token`.
+const DEFAULT_ADMIN_NAME: &str = "admin";
+/// Default lifetime of an admin token, in minutes (24 h).
+const DEFAULT_TOKEN_TTL_MIN: i64 = 24 * 60;
+
 const USAGE: &str = "usage: trustbind-appliance [--data-dir DIR] COMMAND
 commands:
   serve [--agent-listen ADDR] [--enrol-listen ADDR] [--admin-listen ADDR] [--server-name NAME]...
   ca-fingerprint
   admin-cert --name NAME --out DIR
+  admin-token [--name NAME] [--if-unenrolled] [--ttl-min MINUTES]
   rotate-server-cert
   init
   audit verify
@@ -93,6 +103,8 @@ impl Args {
         while let Some(a) = it.next() {
             if a == "--help" || a == "-h" {
                 words.push(a);
+            } else if let Some(flag) = a.strip_prefix("--").filter(|f| SWITCHES.contains(f)) {
+                opts.push((flag.to_owned(), "true".to_owned()));
             } else if let Some(flag) = a.strip_prefix("--") {
                 let (name, value) = match flag.split_once('=') {
                     Some((n, v)) => (n.to_owned(), v.to_owned()),
@@ -207,12 +219,59 @@ fn run() -> Result<(), Fail> {
             );
             Ok(())
         }
+        ["admin-token"] => {
+            args.check_known(&["data-dir", "name", "if-unenrolled", "ttl-min"])?;
+            admin_token(&args, &data_dir)
+        }
         ["init"] | ["audit", "verify"] | ["audit", "export"] => {
             args.check_known(&["data-dir"])?;
             offline(&words, &data_dir)
         }
         _ => Err(usage(format!("unknown command `{}`", words.join(" ")))),
     }
+}
+
+/// `admin-token`: records a new one-time admin enrolment token (superseding
+/// earlier unused ones) and prints it alone on stdout; with
+/// `--if-unenrolled`, prints nothing if an admin ever enrolled with one.
+/// Creates the database and the CA if missing, so an image's first boot can
+/// run it before `serve`; safe while `serve` runs (SQLite WAL).
+fn admin_token(args: &Args, data_dir: &Path) -> Result<(), Fail> {
+    use trustbind_appliance::agent_api::enrol::{admin_token_sha256, new_admin_token};
+    let name = args
+        .one("name", "TRUSTBIND_ADMIN_NAME", Some(DEFAULT_ADMIN_NAME))
+        .unwrap_or_default();
+    pki::check_name(&name).map_err(|e| usage(format!("--name: {e}")))?;
+    let ttl = args
+        .one("ttl-min", "TRUSTBIND_ADMIN_TOKEN_TTL_MIN", None)
+        .map(|v| {
+            v.parse::<i64>()
+                .ok()
+                .filter(|m| (1..=366 * 24 * 60).contains(m))
+                .ok_or_else(|| {
+                    usage(format!(
+                        "--ttl-min: `{v}` is not a number of minutes from 1 to 527040"
+                    ))
+                })
+        })
+        .transpose()?
+        .unwrap_or(DEFAULT_TOKEN_TTL_MIN);
+    let only_if_unenrolled = args.one("if-unenrolled", "", None).is_some();
+    let store = open_store(data_dir)?;
+    // The CA must exist before anyone can enrol with the token.
+    Pki::open_or_create(data_dir, &default_names(&[]))?;
+    let token = new_admin_token()?;
+    let made = store.create_admin_token(
+        &name,
+        &admin_token_sha256(&token),
+        ttl.saturating_mul(60_000),
+        only_if_unenrolled,
+        "appliance:admin-token",
+    )?;
+    if made.is_some() {
+        println!("{token}");
+    }
+    Ok(())
 }
 
 fn open_store(data_dir: &Path) -> Result<Store, Fail> {

@@ -265,6 +265,8 @@ pub struct Pki {
     server_names: Vec<String>,
     server: Arc<SwapResolver>,
     server_serial: RwLock<String>,
+    /// The server key with its certificate PEM, for [`Pki::sign_with_server_key`].
+    server_signing: RwLock<Option<(Arc<CertifiedKey>, String)>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -344,6 +346,7 @@ impl Pki {
                 current: RwLock::new(Arc::new(placeholder_key()?)),
             }),
             server_serial: RwLock::new(String::new()),
+            server_signing: RwLock::new(None),
             provider,
         };
         if server_cert_path.exists() && server_key_path.exists() {
@@ -453,17 +456,43 @@ impl Pki {
             .key_provider
             .load_private_key(key)
             .map_err(|e| bad(format!("server key unusable ({e})")))?;
-        let ck = CertifiedKey::new(vec![cert, self.ca_der.clone()], signer);
+        let ck = Arc::new(CertifiedKey::new(vec![cert, self.ca_der.clone()], signer));
         let mut cur = self
             .server
             .current
             .write()
             .map_err(|_| PkiError::Poisoned)?;
-        *cur = Arc::new(ck);
+        *cur = Arc::clone(&ck);
         drop(cur);
+        *self
+            .server_signing
+            .write()
+            .map_err(|_| PkiError::Poisoned)? = Some((ck, cert_pem.to_owned()));
         let mut s = self.server_serial.write().map_err(|_| PkiError::Poisoned)?;
         s.clone_from(&serial);
         Ok(serial)
+    }
+
+    /// Signs `msg` with the current server key (ECDSA P-256 over SHA-256
+    /// of `msg`, ASN.1 DER) and returns the signature with the server
+    /// certificate (PEM) that verifies it. Used for the agents' offline
+    /// bundles; callers must make `msg` unmistakable for a TLS 1.3
+    /// handshake transcript (which starts with 64 spaces).
+    pub fn sign_with_server_key(&self, msg: &[u8]) -> Result<(Vec<u8>, String), PkiError> {
+        let (ck, pem) = self
+            .server_signing
+            .read()
+            .map_err(|_| PkiError::Poisoned)?
+            .clone()
+            .ok_or_else(|| PkiError::Tls("no server key loaded".into()))?;
+        let signer = ck
+            .key
+            .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+            .ok_or_else(|| PkiError::Tls("the server key is not an ECDSA P-256 key".into()))?;
+        let sig = signer
+            .sign(msg)
+            .map_err(|e| PkiError::Tls(format!("signing: {e}")))?;
+        Ok((sig, pem))
     }
 
     /// Issues a host certificate for `host` from the host's PKCS#10 CSR
@@ -471,11 +500,28 @@ impl Pki {
     /// subject and extensions are the appliance's: CN = `host`,
     /// OU = `trustbind-host`, client-auth EKU.
     pub fn issue_host(&self, host: &str, csr_pem: &str) -> Result<IssuedCert, PkiError> {
-        check_name(host)?;
+        self.issue_from_csr(CertKind::Host, host, csr_pem)
+    }
+
+    /// Issues an admin client certificate for `name` from the admin's
+    /// PKCS#10 CSR (PEM), so the private key never leaves the admin's
+    /// machine. As for [`Pki::issue_host`], only the CSR's public key is
+    /// used: CN = `name`, OU = `trustbind-admin`, client-auth EKU.
+    pub fn issue_admin_csr(&self, name: &str, csr_pem: &str) -> Result<IssuedCert, PkiError> {
+        self.issue_from_csr(CertKind::Admin, name, csr_pem)
+    }
+
+    fn issue_from_csr(
+        &self,
+        kind: CertKind,
+        name: &str,
+        csr_pem: &str,
+    ) -> Result<IssuedCert, PkiError> {
+        check_name(name)?;
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::Csr(e.to_string()))?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = marked_name(CertKind::Host, host);
+        params.distinguished_name = marked_name(kind, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
@@ -650,7 +696,7 @@ fn marked_name(kind: CertKind, cn: &str) -> rcgen::DistinguishedName {
 
 /// Host and admin names: 1..=253 characters of `[A-Za-z0-9._-]`, not
 /// starting with `-` or `.`.
-fn check_name(name: &str) -> Result<(), PkiError> {
+pub fn check_name(name: &str) -> Result<(), PkiError> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && !name.starts_with(['-', '.'])

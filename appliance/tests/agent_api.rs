@@ -2,7 +2,8 @@
 //! real policy engine over a real SQLite store: allow/deny round trips,
 //! batches, obligations, permissive mode, strict refusal of malformed,
 //! oversized and mistyped requests (nothing audited), pushes (generation
-//! change, channel keys), revocation, and idempotent Report.
+//! change, channel keys), revocation, idempotent Report, and the signed
+//! offline bundle (re-decided under the current policy).
 
 mod common;
 
@@ -110,6 +111,15 @@ impl trustbind_appliance::agent_api::Decider for LateEngine {
         })?;
         trustbind_appliance::agent_api::Decider::decide(e, r)
     }
+}
+
+/// Activates a policy that allows nothing; returns the new generation.
+fn activate_empty_policy(app: &Appliance) -> i64 {
+    let store = &app.api.store;
+    let id = store
+        .create_policy_draft("// nothing allowed\n", "empty", "admin:test")
+        .unwrap();
+    store.activate_policy(id, "admin:test").unwrap().generation
 }
 
 fn subject(user: &str) -> pb::Subject {
@@ -440,17 +450,7 @@ async fn generation_change_is_pushed_on_the_stream() {
         other => panic!("first push is {other:?}"),
     };
     assert_eq!(g0, app.api.store.governing().unwrap().generation);
-    let id = app
-        .api
-        .store
-        .create_policy_draft("// nothing allowed\n", "empty", "admin:test")
-        .unwrap();
-    let g1 = app
-        .api
-        .store
-        .activate_policy(id, "admin:test")
-        .unwrap()
-        .generation;
+    let g1 = activate_empty_policy(&app);
     assert!(g1 > g0);
     loop {
         match stream.next().await.unwrap().unwrap().kind {
@@ -722,4 +722,165 @@ async fn host_mode_is_pushed_first_and_on_change() {
             other => panic!("unexpected push {other:?}"),
         }
     }
+}
+
+fn bundle_entry(sha: [u8; 32], user: &str) -> pb::BundleEntry {
+    pb::BundleEntry {
+        sha256: sha.to_vec(),
+        user: user.into(),
+    }
+}
+
+/// Checks the signature as an agent does and returns the payload.
+fn verified_payload(app: &Appliance, b: &pb::SignedBundle) -> pb::BundlePayload {
+    use prost::Message as _;
+    use rustls::pki_types::pem::PemObject;
+    let signer =
+        rustls::pki_types::CertificateDer::from_pem_slice(b.signer_cert_pem.as_bytes()).unwrap();
+    let info = trustbind_appliance::pki::peer_cert(signer.as_ref()).unwrap();
+    assert_eq!(info.kind, trustbind_appliance::pki::CertKind::Server);
+    assert_eq!(info.serial, app.api.pki.server_serial());
+    let ca = app.api.pki.ca_der().clone();
+    let anchor = webpki::anchor_from_trusted_cert(&ca).unwrap();
+    let ee = webpki::EndEntityCert::try_from(&signer).unwrap();
+    ee.verify_for_usage(
+        &[webpki::ring::ECDSA_P256_SHA256],
+        &[anchor],
+        &[],
+        rustls::pki_types::UnixTime::now(),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    )
+    .unwrap();
+    ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, &b.payload, &b.signature)
+        .unwrap();
+    let mut flipped = b.payload.clone();
+    flipped[3] ^= 1;
+    assert!(ee
+        .verify_signature(webpki::ring::ECDSA_P256_SHA256, &flipped, &b.signature)
+        .is_err());
+    pb::BundlePayload::decode(b.payload.as_slice()).unwrap()
+}
+
+fn verdicts(p: &pb::BundlePayload) -> Vec<([u8; 32], String, Verdict)> {
+    p.entries
+        .iter()
+        .map(|e| {
+            (
+                e.sha256.as_slice().try_into().unwrap(),
+                e.user.clone(),
+                Verdict::try_from(e.verdict).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_bundle_is_redecided_under_the_current_policy() {
+    let (app, mut client) = setup().await;
+    let ask = pb::BundleRequest {
+        entries: vec![
+            bundle_entry(UNKNOWN, "alice"),
+            bundle_entry(LS, "alice"),
+            // With conditions (nice): never in a bundle.
+            bundle_entry(TOOL, "alice"),
+            bundle_entry(LS, "alice"),
+        ],
+    };
+    let b = client.sign_bundle(ask.clone()).await.unwrap().into_inner();
+    let p = verified_payload(&app, &b);
+    assert_eq!(p.version, 1);
+    assert_eq!(p.host, "web1");
+    let g0 = app.api.store.governing().unwrap().generation;
+    assert_eq!(p.generation, g0);
+    assert_eq!(p.expires_at_ms - p.issued_at_ms, 24 * 3600 * 1000);
+    // Sorted, de-duplicated, conditions left out.
+    assert_eq!(
+        verdicts(&p),
+        vec![
+            (LS, "alice".into(), Verdict::Allow),
+            (UNKNOWN, "alice".into(), Verdict::Deny),
+        ]
+    );
+
+    // A new policy allows nothing: the same pairs now come back denied.
+    let g1 = activate_empty_policy(&app);
+    let b = client.sign_bundle(ask).await.unwrap().into_inner();
+    let p = verified_payload(&app, &b);
+    assert_eq!(p.generation, g1);
+    assert_eq!(
+        verdicts(&p),
+        vec![
+            (LS, "alice".into(), Verdict::Deny),
+            (TOOL, "alice".into(), Verdict::Deny),
+            (UNKNOWN, "alice".into(), Verdict::Deny),
+        ]
+    );
+    let signs = app
+        .api
+        .store
+        .audit_rows(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == "bundle.sign" && r.actor == "web1")
+        .count();
+    assert_eq!(signs, 2);
+    // Re-deciding is no decision: nothing of kind `decision` was recorded.
+    assert!(!app
+        .api
+        .store
+        .audit_rows(0, 10_000)
+        .unwrap()
+        .iter()
+        .any(|r| r.kind == "decision"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_or_malformed_bundle_requests_are_refused() {
+    let (_app, mut client) = setup().await;
+    let too_many = pb::BundleRequest {
+        entries: (0..=4096_u32)
+            .map(|i| {
+                let mut sha = [0_u8; 32];
+                sha[..4].copy_from_slice(&i.to_be_bytes());
+                bundle_entry(sha, "alice")
+            })
+            .collect(),
+    };
+    let e = client.sign_bundle(too_many).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("at most 4096"), "{e:?}");
+    let bad = pb::BundleRequest {
+        entries: vec![pb::BundleEntry {
+            sha256: vec![1; 31],
+            user: "alice".into(),
+        }],
+    };
+    let e = client.sign_bundle(bad).await.unwrap_err();
+    assert!(e.message().contains("entries[0].sha256"), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_verdicts_are_the_policys_whatever_the_mode() {
+    let (app, mut client) = setup_mode(Mode::Permissive).await;
+    let ask = pb::BundleRequest {
+        entries: vec![bundle_entry(LS, "alice"), bundle_entry(UNKNOWN, "alice")],
+    };
+    let b = client.sign_bundle(ask.clone()).await.unwrap().into_inner();
+    // Permissive: the unknown program would be denied, so DENY.
+    assert_eq!(
+        verdicts(&verified_payload(&app, &b)),
+        vec![
+            (LS, "alice".into(), Verdict::Allow),
+            (UNKNOWN, "alice".into(), Verdict::Deny),
+        ]
+    );
+    // Disabled: nothing.
+    app.api
+        .store
+        .set_host_group("web", Mode::Disabled, "admin:test")
+        .unwrap();
+    let b = client.sign_bundle(ask).await.unwrap().into_inner();
+    assert!(verified_payload(&app, &b).entries.is_empty());
 }

@@ -13,6 +13,7 @@
 //!
 //! The host name is always the CN of the verified client certificate.
 
+pub mod bundle;
 pub mod convert;
 pub mod enrol;
 pub mod hub;

@@ -11,7 +11,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::pb::agent_server::Agent;
-use super::pb::{self, push, AuditBatch, Hello, Push, QualifyBatch, QualifyReply, ReportReply};
+use super::pb::{
+    self, push, AuditBatch, BundleRequest, Hello, Push, QualifyBatch, QualifyReply, ReportReply,
+    SignedBundle,
+};
 use super::tls::ConnInfo;
 use super::{convert, AgentApi};
 use crate::metrics;
@@ -57,6 +60,14 @@ pub struct DecideError(pub String);
 pub trait Decider: Send + Sync + 'static {
     /// Decides one request. Called on a blocking thread.
     fn decide(&self, r: &QualifyRequest) -> Result<Answer, DecideError>;
+
+    /// Decides `r` again for the offline bundle (`SignBundle`): the same
+    /// verdict as [`Decider::decide`] without side effects meant for a real
+    /// operation (license calls charged, channel halves offered). Called on a
+    /// blocking thread.
+    fn redecide(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {
+        self.decide(r)
+    }
 }
 
 impl Decider for Engine {
@@ -210,6 +221,22 @@ impl Agent for AgentService {
                 .map_err(|e| Status::internal(format!("report task failed: {e}")))?
                 .map_err(|e| Status::unavailable(format!("cannot write the audit log: {e}")))?;
         Ok(Response::new(ReportReply { stored, duplicates }))
+    }
+
+    async fn sign_bundle(
+        &self,
+        req: Request<BundleRequest>,
+    ) -> Result<Response<SignedBundle>, Status> {
+        let host = self.host(&req)?;
+        let batch = req.into_inner();
+        super::bundle::check(&batch)?;
+        let api = Arc::clone(&self.api);
+        let (signed, event) =
+            tokio::task::spawn_blocking(move || super::bundle::sign(&api, &host, &batch, now_ms()))
+                .await
+                .map_err(|e| Status::internal(format!("bundle task failed: {e}")))??;
+        record(&self.api, vec![event]).await?;
+        Ok(Response::new(signed))
     }
 }
 

@@ -125,6 +125,21 @@ CREATE TABLE licenses (
     changed_ms     INTEGER NOT NULL
 );
 "#,
+    // 5: one-time admin enrolment tokens (`trustbind-appliance admin-token`;
+    // only the SHA-256 of the token is stored)
+    r#"
+CREATE TABLE admin_tokens (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT NOT NULL,
+    token_sha256 TEXT NOT NULL CHECK (length(token_sha256) = 64),
+    created_ms   INTEGER NOT NULL,
+    expires_ms   INTEGER NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'used', 'superseded')),
+    used_ms      INTEGER,
+    cert_serial  TEXT
+);
+CREATE INDEX admin_tokens_state ON admin_tokens (state);
+"#,
 ];
 
 /// Newest schema version this build understands.

@@ -8,6 +8,7 @@
 //! crash (power loss included).
 
 mod admin;
+mod admin_tokens;
 mod agent;
 mod audit;
 mod err;
@@ -29,6 +30,7 @@ pub use admin::{
     GroupInfo, HostGroupInfo, HostInfo, LicenseKey, LicenseRow, LicenseTerms, PolicyInfo, RoleInfo,
     SignatureBatch, UserInfo,
 };
+pub use admin_tokens::AdminToken;
 pub use agent::AgentRecord;
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 pub use err::{ChainError, StoreError};

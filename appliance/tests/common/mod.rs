@@ -130,17 +130,13 @@ impl Appliance {
 
     /// Sends an enrolment with a fresh key; returns (cert PEM, key PEM) or the status.
     pub async fn enrol(&self, host: &str, token: &str) -> Result<(String, String), tonic::Status> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap();
+        let (key, csr_pem) = key_and_csr();
         let ch = connect(self.enrol, self.anon_config()).await.unwrap();
         let reply = EnrolmentClient::new(ch)
             .enrol(EnrolRequest {
                 host: host.into(),
                 token: token.into(),
-                csr_pem: csr.pem().unwrap(),
+                csr_pem,
             })
             .await?
             .into_inner();
@@ -172,6 +168,16 @@ impl Appliance {
     pub fn audit_count(&self) -> usize {
         self.api.store.audit_rows(0, u32::MAX).unwrap().len()
     }
+}
+
+/// A fresh key and a PEM CSR for it.
+pub fn key_and_csr() -> (rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    (key, csr.pem().unwrap())
 }
 
 /// A gRPC channel over TLS (`cfg`) to `addr`, server name `localhost`.

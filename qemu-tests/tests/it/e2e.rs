@@ -97,7 +97,8 @@ fn exec_control_end_to_end() -> Result<()> {
     enrol_host(&admin, &mut host, &ip, &fp, "host1", "enforce")?;
 
     // `sleep` (used by the waits below) gets a verdict while the appliance
-    // answers, so it is in the agent's offline bundle later.
+    // answers, so it is in the agent's signed offline bundle later (the
+    // agent has a new pair re-decided and signed within seconds).
     host.run_ok("sleep 0.1")?;
 
     // Approved, unknown, modified.

@@ -21,7 +21,9 @@ Configuration (~/.config/trustbind/config.toml; flags and environment win):
   cert = \"admin.pem\"        # relative to the config file's directory
   key  = \"admin.key\"
   ca   = \"ca.pem\"
-Credentials come from `trustbind-appliance admin-cert --name NAME --out DIR`.
+Credentials come from `trustbind admin enrol` (with the one-time admin token
+the appliance's console shows; it writes them and config.toml there by
+default) or from `trustbind-appliance admin-cert --name NAME --out DIR`.
 
 Exit codes:
   0  success
@@ -98,6 +100,9 @@ pub enum Cmd {
     /// The hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Administrator credentials.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Shows the appliance's version, governing policy and audit head.
     Status,
     /// Prints a shell completion script.
@@ -107,6 +112,49 @@ pub enum Cmd {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+/// `trustbind admin ...`
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Gets an admin certificate with a one-time admin token.
+    ///
+    /// Makes a P-256 key here (it never leaves this machine), checks the
+    /// appliance's CA against --ca-fingerprint during the TLS handshake
+    /// (nothing is sent to any other appliance), trades the token and a CSR
+    /// for an admin certificate on the enrol port, and writes ca.pem,
+    /// admin.pem, admin.key (0600) and, if absent, config.toml into --out.
+    #[command(
+        visible_alias = "enroll",
+        after_help = "The token and the fingerprint are shown on the appliance's console
+(`trustbind-appliance admin-token`, `trustbind-appliance ca-fingerprint`).
+
+Example: trustbind admin enrol --appliance 192.0.2.10 --ca-fingerprint 3f9a... --token K7QD-M2XA-...
+         trustbind status"
+    )]
+    Enrol {
+        /// The appliance's enrol port, HOST[:PORT] (port 7444 by default).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        appliance: String,
+        /// SHA-256 of the appliance CA certificate (64 hex digits, `:` allowed).
+        #[arg(long, value_name = "SHA256")]
+        ca_fingerprint: String,
+        /// The one-time admin token (case and dashes do not matter).
+        #[arg(long, env = "TRUSTBIND_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Admin name for the certificate [default: the name the token was made for].
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to write the credentials [default: ~/.config/trustbind].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Name the appliance's server certificate must carry [default: HOST].
+        #[arg(long, value_name = "NAME")]
+        server_name: Option<String>,
+        /// The appliance's admin port, for the config.toml written.
+        #[arg(long, default_value_t = 7445, value_name = "PORT")]
+        admin_port: u16,
     },
 }
 

@@ -17,6 +17,7 @@ mod cli;
 mod client;
 mod cmd;
 mod config;
+mod enrol;
 mod error;
 mod hashing;
 mod nsrl;

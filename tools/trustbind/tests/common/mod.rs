@@ -77,6 +77,35 @@ impl Appliance {
         }
     }
 
+    /// Starts the enrol port (`Enrolment` service) beside the admin API;
+    /// returns its address. It never decides anything.
+    pub fn start_enrol(&self) -> std::net::SocketAddr {
+        use trustbind_appliance::agent_api::{self, AgentApi, Answer, DecideError, Decider};
+        struct NoDecisions;
+        impl Decider for NoDecisions {
+            fn decide(
+                &self,
+                _r: &trustbind_appliance::request::QualifyRequest,
+            ) -> Result<Answer, DecideError> {
+                Err(DecideError("no decisions here".into()))
+            }
+        }
+        let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_l.set_nonblocking(true).unwrap();
+        let addr = std_l.local_addr().unwrap();
+        let _g = self.rt.enter();
+        let api = AgentApi::new(
+            Arc::clone(&self.store),
+            Arc::clone(&self.pki),
+            Arc::new(NoDecisions),
+        )
+        .unwrap();
+        let l = tokio::net::TcpListener::from_std(std_l).unwrap();
+        self.rt
+            .spawn(agent_api::serve_enrol(api, l, std::future::pending()));
+        addr
+    }
+
     /// The directory with admin.pem, admin.key, ca.pem, config.toml.
     pub fn cli_dir(&self) -> PathBuf {
         self.dir.path().join("cli")

@@ -1,0 +1,150 @@
+//! One-time admin enrolment tokens (`trustbind-appliance admin-token`,
+//! `Enrolment.EnrolAdmin`). Only the SHA-256 of a token is stored; at most
+//! one token is pending at a time (a new one supersedes the earlier unused
+//! ones) and a token is used at most once.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::{check_hex, now_ms, AuditEvent, Store, StoreError};
+
+/// A pending admin enrolment token (its hash, never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    /// Row id.
+    pub id: i64,
+    /// The admin name the certificate will carry (CN).
+    pub name: String,
+    /// SHA-256 of the token, lower-case hex.
+    pub token_sha256: String,
+    /// Expiry, milliseconds since the Unix epoch.
+    pub expires_ms: i64,
+}
+
+impl Store {
+    /// Records a new pending admin token for `name` valid for `ttl_ms`,
+    /// superseding every earlier unused one, audited as `actor`. With
+    /// `only_if_unenrolled`, does nothing and returns `None` if an admin has
+    /// ever enrolled with a token (checked in the same transaction).
+    pub fn create_admin_token(
+        &self,
+        name: &str,
+        token_sha256: &str,
+        ttl_ms: i64,
+        only_if_unenrolled: bool,
+        actor: &str,
+    ) -> Result<Option<AdminToken>, StoreError> {
+        check_hex("token hash", token_sha256, 64)?;
+        if ttl_ms <= 0 {
+            return Err(StoreError::Invalid {
+                what: "token lifetime",
+                why: "must be positive".into(),
+            });
+        }
+        self.write(|tx| {
+            if only_if_unenrolled && enrolled(tx)? {
+                return Ok((None, None));
+            }
+            let superseded = tx.execute(
+                "UPDATE admin_tokens SET state = 'superseded' WHERE state = 'pending'",
+                [],
+            )?;
+            let now = now_ms();
+            let expires_ms = now.saturating_add(ttl_ms);
+            tx.execute(
+                "INSERT INTO admin_tokens (name, token_sha256, created_ms, expires_ms, state)
+                 VALUES (?1, ?2, ?3, ?4, 'pending')",
+                params![name, token_sha256, now, expires_ms],
+            )?;
+            let t = AdminToken {
+                id: tx.last_insert_rowid(),
+                name: name.to_owned(),
+                token_sha256: token_sha256.to_owned(),
+                expires_ms,
+            };
+            let ev = AuditEvent::new(
+                "admin.token.create",
+                actor,
+                serde_json::json!({ "name": name, "expires_ms": expires_ms, "superseded": superseded }),
+            );
+            Ok((Some(t), Some(ev)))
+        })
+    }
+
+    /// Whether an admin has ever enrolled with a token.
+    pub fn admin_ever_enrolled(&self) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        enrolled(&conn)
+    }
+
+    /// State (`pending`, `used`, `superseded`) of the newest admin token
+    /// with this hash, if any: to tell a reused token from a wrong one.
+    pub fn admin_token_state(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT state FROM admin_tokens WHERE token_sha256 = ?1 ORDER BY id DESC LIMIT 1",
+                [token_sha256],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// The pending admin token, if any (it may have expired).
+    pub fn pending_admin_token(&self) -> Result<Option<AdminToken>, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT id, name, token_sha256, expires_ms FROM admin_tokens
+                 WHERE state = 'pending' ORDER BY id DESC LIMIT 1",
+                [],
+                |r| {
+                    Ok(AdminToken {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        token_sha256: r.get(2)?,
+                        expires_ms: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Marks the pending token `id` used by the certificate `cert_serial`
+    /// issued to `name` from `remote`, with its audit row. Fails with
+    /// [`StoreError::Conflict`] if the token is no longer pending (used or
+    /// superseded meanwhile): a token buys one certificate at most.
+    pub fn use_admin_token(
+        &self,
+        id: i64,
+        name: &str,
+        cert_serial: &str,
+        remote: &str,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE admin_tokens SET state = 'used', used_ms = ?2, cert_serial = ?3
+                 WHERE id = ?1 AND state = 'pending'",
+                params![id, now_ms(), cert_serial],
+            )?;
+            if n == 0 {
+                return Err(StoreError::Conflict(
+                    "the admin enrolment token was already used or replaced".into(),
+                ));
+            }
+            let ev = AuditEvent::new(
+                "admin.enrol",
+                &format!("enrol:{remote}"),
+                serde_json::json!({ "name": name, "cert_serial": cert_serial, "remote": remote }),
+            );
+            Ok(((), Some(ev)))
+        })
+    }
+}
+
+fn enrolled(conn: &rusqlite::Connection) -> Result<bool, StoreError> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM admin_tokens WHERE state = 'used')",
+        [],
+        |r| r.get(0),
+    )?)
+}

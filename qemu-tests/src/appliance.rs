@@ -394,6 +394,8 @@ impl Appliance {
         })?;
         std::fs::create_dir_all(dir)
             .map_err(Error::io(format!("admin: create {}", dir.display())))?;
+        // Host programs reach the guests through the bridge.
+        self.net.host_address()?;
         let cli = crate::workspace_bin("trustbind")?;
         let mut cmd = self.net.command(&cli.to_string_lossy());
         cmd.args(["admin", "enrol", "--appliance"])

@@ -11,7 +11,8 @@
 //! console, the daemon's ports stay closed and the partition is not touched.
 //!
 //! `direct_boot_serves`: `-kernel/-initrd` without a disk reaches serving,
-//! says NOT PERSISTENT, and powers off cleanly.
+//! says NOT PERSISTENT, and powers off cleanly; with the disk image
+//! attached it uses its data partition.
 
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,11 @@ fn disk_image_persists_and_refuses_a_corrupt_data_partition() -> Result<()> {
     ensure!(
         appl.ca_fingerprint()? == fp,
         "the CA changed across the reboot"
+    );
+    ensure!(
+        appl.console().contains("an administrator has enrolled"),
+        "the banner offers a new admin token after an admin enrolled:\n{}",
+        appl.console()
     );
     ensure!(
         admin.run(&["policy", "list"])? == policies,
@@ -189,5 +195,15 @@ fn direct_boot_serves() -> Result<()> {
         appl.console()
     );
     eprintln!("appliance direct boot: serving {t:.1?} after QEMU started");
+
+    // With the disk attached, its data partition is used.
+    let mut appl = net.appliance("direct-data", &img, Boot::Direct { data: true })?;
+    appl.wait_serving()?;
+    let console = appl.console();
+    ensure!(
+        console.contains("data partition /dev/vda3 mounted") && !console.contains("NOT PERSISTENT"),
+        "the attached data partition was not used:\n{console}"
+    );
+    appl.powerdown()?;
     Ok(())
 }

@@ -166,10 +166,17 @@ pub fn ensure(ctx: &Ctx, bzimage: &Path) -> Result<Image> {
     }
     let tmp = base.join(format!("{key}.tmp"));
     if tmp.exists() {
+        if let Some(pid) = sh::live_owner(&tmp) {
+            bail!(
+                "image: another build (pid {pid}) is writing {}; wait for it to finish, or kill it and run again",
+                tmp.display()
+            );
+        }
         println!("image: removing the unfinished build {}", tmp.display());
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir_all(&tmp).with_context(|| format!("image: cannot create {}", tmp.display()))?;
+    fs::write(tmp.join(sh::OWNER), std::process::id().to_string())?;
     let log = tmp.join("build.log");
     println!("image: building, key {key}, in {}", tmp.display());
 
@@ -215,7 +222,7 @@ pub fn ensure(ctx: &Ctx, bzimage: &Path) -> Result<Image> {
     fs::copy(bzimage, tmp.join("bzImage"))?;
     fs::remove_dir_all(&tree)?;
     fs::remove_dir_all(tmp.join("debs"))?;
-    for f in ["data.ext4", "core.img"] {
+    for f in ["data.ext4", "core.img", sh::OWNER] {
         let _ = fs::remove_file(tmp.join(f));
     }
     if done.exists() {

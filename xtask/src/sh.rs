@@ -77,3 +77,16 @@ pub fn output(step: &str, cmd: &mut Command) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
+
+/// File in the build directory naming the process that builds it.
+pub const OWNER: &str = "owner.pid";
+
+/// The pid recorded in `tmp`'s owner file, if that process still runs.
+pub fn live_owner(tmp: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(tmp.join(OWNER))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+}

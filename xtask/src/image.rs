@@ -165,18 +165,7 @@ pub fn ensure(ctx: &Ctx, bzimage: &Path) -> Result<Image> {
         return Ok(image);
     }
     let tmp = base.join(format!("{key}.tmp"));
-    if tmp.exists() {
-        if let Some(pid) = sh::live_owner(&tmp) {
-            bail!(
-                "image: another build (pid {pid}) is writing {}; wait for it to finish, or kill it and run again",
-                tmp.display()
-            );
-        }
-        println!("image: removing the unfinished build {}", tmp.display());
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir_all(&tmp).with_context(|| format!("image: cannot create {}", tmp.display()))?;
-    fs::write(tmp.join(sh::OWNER), std::process::id().to_string())?;
+    sh::claim_build_dir("image", &tmp, |t| Ok(fs::remove_dir_all(t)?))?;
     let log = tmp.join("build.log");
     println!("image: building, key {key}, in {}", tmp.display());
 

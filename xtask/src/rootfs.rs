@@ -107,22 +107,7 @@ pub fn ensure(cache_root: &Path) -> Result<PathBuf> {
         return Ok(image);
     }
     let tmp = base.join(format!("{key}.tmp"));
-    if tmp.exists() {
-        if let Some(pid) = sh::live_owner(&tmp) {
-            bail!(
-                "rootfs: another build (pid {pid}) is writing {}; wait for it to finish, or kill it and run again",
-                tmp.display()
-            );
-        }
-        println!(
-            "rootfs: removing the unfinished build {} left by an earlier run",
-            tmp.display()
-        );
-        remove_tree(&tmp)?;
-    }
-    fs::create_dir_all(&tmp).with_context(|| format!("rootfs: cannot create {}", tmp.display()))?;
-    fs::write(tmp.join(sh::OWNER), std::process::id().to_string())
-        .with_context(|| format!("rootfs: cannot write {}", tmp.join(sh::OWNER).display()))?;
+    sh::claim_build_dir("rootfs", &tmp, remove_tree)?;
     let started = Instant::now();
     println!("rootfs: building Debian {SUITE} ({arch}) image, key {key}");
     let log = tmp.join("build.log");

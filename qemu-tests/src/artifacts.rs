@@ -40,7 +40,7 @@ impl Artifacts {
     }
 }
 
-fn var(var: &'static str, what: &'static str) -> Result<PathBuf> {
+pub(crate) fn var(var: &'static str, what: &'static str) -> Result<PathBuf> {
     let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) else {
         return Err(Error::MissingArtifact {
             var,

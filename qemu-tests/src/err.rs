@@ -112,6 +112,20 @@ pub enum Error {
         /// The console log (ttyS0).
         console: PathBuf,
     },
+    /// The console never showed the awaited text.
+    #[error("vm `{vm}`: {text:?} not on the console after {waited:.0?}; console log: {console}; its last lines:\n{tail}")]
+    ConsoleTimeout {
+        /// The VM's name.
+        vm: String,
+        /// The text waited for.
+        text: String,
+        /// How long the harness waited (scaled).
+        waited: Duration,
+        /// The console's last lines.
+        tail: String,
+        /// The console log.
+        console: PathBuf,
+    },
     /// A caller asked for something the harness cannot do.
     #[error("{0}")]
     Usage(String),

@@ -37,6 +37,22 @@ pub fn check_taint(tainted: &str) -> Option<String> {
     }
 }
 
+/// `Ok` without problems, else [`Error::Unhealthy`] naming them.
+pub(crate) fn verdict(
+    vm: &str,
+    console: &std::path::Path,
+    problems: Vec<String>,
+) -> crate::Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(crate::Error::Unhealthy {
+        vm: vm.to_owned(),
+        problems,
+        console: console.to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

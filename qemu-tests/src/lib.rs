@@ -26,12 +26,14 @@
 //! `qemu-system-x86_64`, `mke2fs` (e2fsprogs ≥ 1.43), `tcpdump`.
 //!
 //! Environment: `TRUSTBIND_KERNEL`, `TRUSTBIND_KMOD`, `TRUSTBIND_ROOTFS`
-//! (required), `TRUSTBIND_ACCEL=tcg|kvm|auto` (default `auto`: KVM only if
+//! (required), `TRUSTBIND_APPLIANCE_KERNEL`, `TRUSTBIND_APPLIANCE_INITRAMFS`,
+//! `TRUSTBIND_APPLIANCE_DISK` (the appliance image, for [`Appliance`]), `TRUSTBIND_ACCEL=tcg|kvm|auto` (default `auto`: KVM only if
 //! a boot probe shows it works), `TRUSTBIND_TIMEOUT_SCALE` (multiplies
 //! every timeout), `TRUSTBIND_KEEP=1` (keep the VMs' disk images too; logs
 //! and captures always stay until the next run).
 
 mod accel;
+mod appliance;
 mod artifacts;
 mod channel;
 mod err;
@@ -41,10 +43,11 @@ mod payload;
 mod vm;
 
 pub use accel::{accel, Accel};
+pub use appliance::{gpt_partition, Admin, Appliance, ApplianceImage, Boot, ADMIN_PORT, SERVING};
 pub use artifacts::Artifacts;
 pub use err::{Error, Result};
 pub use health::{check_console, check_taint, TAINT_OOT_MODULE};
-pub use net::{Capture, CaptureData, Network, SUBNET};
+pub use net::{Capture, CaptureData, Network, HOST_ADDR, SUBNET};
 pub use vm::{BgProcess, Output, Starting, Vm, VmBuilder};
 
 use std::time::Duration;
@@ -58,6 +61,24 @@ pub fn scaled(base: Duration) -> Duration {
         .filter(|s| s.is_finite() && *s > 0.0)
         .unwrap_or(1.0);
     base.mul_f64(scale)
+}
+
+/// A binary of this workspace next to the running test binary's
+/// directory (`target/debug/NAME`), built by `cargo xtask test` first.
+pub fn workspace_bin(name: &str) -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().map_err(Error::io("find the test binary"))?;
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .ok_or_else(|| Error::Usage(format!("{} has no target dir", exe.display())))?
+        .join(name);
+    if !p.is_file() {
+        return Err(Error::Usage(format!(
+            "{} is missing: build the workspace first (`cargo xtask test` does)",
+            p.display()
+        )));
+    }
+    Ok(p)
 }
 
 /// Renders a command line for messages.

@@ -22,6 +22,8 @@ use crate::vm::VmBuilder;
 
 /// The guests' subnet; it exists only inside the test namespace.
 pub const SUBNET: &str = "10.99.0.0/24";
+/// The bridge's own address once [`Network::host_address`] set it.
+pub const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 /// Host part of the first VM's address.
 const FIRST_HOST: u8 = 10;
 
@@ -36,6 +38,7 @@ struct Inner {
     ns: String,
     next_vm: AtomicU32,
     dir: PathBuf,
+    host_addr: std::sync::Mutex<bool>,
 }
 
 impl Network {
@@ -64,6 +67,7 @@ impl Network {
                 dir: dir.clone(),
                 ns,
                 next_vm: AtomicU32::new(0),
+                host_addr: std::sync::Mutex::new(false),
             }),
         };
         net.ip("network: lo up", &["link", "set", "lo", "up"])?;
@@ -111,8 +115,31 @@ impl Network {
     /// Starts describing a VM named `name` on this network; it gets the
     /// next address of [`SUBNET`] (10.99.0.10, .11, …).
     pub fn vm(&self, name: &str) -> VmBuilder {
-        let i = self.inner.next_vm.fetch_add(1, Ordering::Relaxed);
-        VmBuilder::new(self.clone(), name, i)
+        VmBuilder::new(self.clone(), name, self.next_index())
+    }
+
+    /// Gives `br0` the address [`HOST_ADDR`] (once), so host programs run
+    /// with [`Network::command`] reach the guests; until then the bridge
+    /// has no address and sends nothing itself.
+    pub fn host_address(&self) -> Result<Ipv4Addr> {
+        let mut done = self
+            .inner
+            .host_addr
+            .lock()
+            .map_err(|_| Error::Usage("network: host address lock poisoned".into()))?;
+        if !*done {
+            self.ip(
+                "network: address br0",
+                &["addr", "add", &format!("{HOST_ADDR}/24"), "dev", "br0"],
+            )?;
+            *done = true;
+        }
+        Ok(HOST_ADDR)
+    }
+
+    /// The next VM number (its address is [`Network::addr`] of it).
+    pub(crate) fn next_index(&self) -> u32 {
+        self.inner.next_vm.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Boots several VMs at once (their boots overlap) and waits for all.
@@ -252,6 +279,7 @@ fn remove_disks(dir: &Path) {
         let p = vm.path();
         if p.is_dir() {
             let _ = std::fs::remove_file(p.join("payload.ext4"));
+            let _ = std::fs::remove_file(p.join("disk.img"));
             let _ = std::fs::remove_file(p.join("cmd.sock"));
             let _ = std::fs::remove_dir_all(p.join("payload"));
         }

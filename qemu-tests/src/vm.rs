@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::channel;
@@ -168,19 +168,9 @@ impl VmBuilder {
             .arg("-drive")
             .arg(drive(art.rootfs(), "snapshot=on"))
             .arg("-drive")
-            .arg(drive(&payload_img, "readonly=on"))
-            .arg("-netdev")
-            .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
-            .arg("-device")
-            .arg(format!(
-                "virtio-net-pci,netdev=n0,mac=52:54:00:99:00:{:02x}",
-                ip.octets()[3]
-            ))
-            .args(["-device", "virtio-rng-pci"])
-            .arg("-chardev")
-            .arg(format!("file,id=con,path={}", escape(&console)))
-            .args(["-serial", "chardev:con"])
-            .arg("-chardev")
+            .arg(drive(&payload_img, "readonly=on"));
+        devices(&mut cmd, &tap, ip, &console);
+        cmd.arg("-chardev")
             .arg(format!(
                 "socket,id=cmd,path={},server=on,wait=on",
                 escape(&sock)
@@ -189,15 +179,7 @@ impl VmBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only calls prctl(2), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Never leave QEMU behind if the test thread dies.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let command_line = crate::show(&cmd);
         std::fs::write(dir.join("qemu.cmdline"), &command_line)
             .map_err(Error::io(format!("vm `{name}`: write qemu.cmdline")))?;
@@ -221,12 +203,40 @@ impl VmBuilder {
     }
 }
 
+/// The devices every test VM has: a virtio NIC on `tap` (MAC from the
+/// address), virtio-rng, and the console (ttyS0) into the file `console`.
+pub(crate) fn devices(cmd: &mut Command, tap: &str, ip: Ipv4Addr, console: &Path) {
+    cmd.arg("-netdev")
+        .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+        .arg("-device")
+        .arg(format!(
+            "virtio-net-pci,netdev=n0,mac=52:54:00:99:00:{:02x}",
+            ip.octets()[3]
+        ))
+        .args(["-device", "virtio-rng-pci"])
+        .arg("-chardev")
+        .arg(format!("file,id=con,path={}", escape(console)))
+        .args(["-serial", "chardev:con"]);
+}
+
+/// Never leave QEMU behind if the test thread dies: SIGKILL with the parent.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the child between fork and exec and
+    // only calls prctl(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 fn drive(path: &Path, opt: &str) -> String {
     format!("file={},format=raw,if=virtio,{opt}", escape(path))
 }
 
 /// A path as a QEMU option value (commas are escaped by doubling them).
-fn escape(path: &Path) -> String {
+pub(crate) fn escape(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
 
@@ -434,15 +444,10 @@ impl Vm {
     }
 
     fn unhealthy(&self, problems: Vec<String>) -> Result<()> {
-        if problems.is_empty() {
-            return Ok(());
+        if !problems.is_empty() {
+            self.banner("kernel health check FAILED");
         }
-        self.banner("kernel health check FAILED");
-        Err(Error::Unhealthy {
-            vm: self.name.clone(),
-            problems,
-            console: self.console.clone(),
-        })
+        health::verdict(&self.name, &self.console, problems)
     }
 
     /// Checks health, then powers the VM off (`reboot -f`; QEMU runs with

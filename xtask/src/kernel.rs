@@ -40,6 +40,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "debootstrap",
     "e2fsprogs",
+    // The appliance OS image (xtask/src/image.rs).
+    "squashfs-tools",
+    "fdisk",
+    "grub-pc-bin",
+    "file",
 ];
 
 /// `bindgen-cli` version, pinned: the kernel's Rust bindings depend on it.
@@ -136,22 +141,25 @@ pub struct Kernel {
     bindgen: PathBuf,
 }
 
+/// The newest `.deb` in `dir` whose file name starts with `prefix`.
+pub fn newest_deb(dir: &Path, prefix: &str) -> Result<Option<PathBuf>> {
+    let mut debs: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".deb"))
+        })
+        .collect();
+    debs.sort();
+    Ok(debs.pop())
+}
+
 /// The `.deb` of the kernel source: the one in the cache, else downloaded.
 fn source_deb(ctx: &Ctx) -> Result<PathBuf> {
     let dir = ctx.cache.join("src");
     fs::create_dir_all(&dir)?;
-    let find = || -> Result<Option<PathBuf>> {
-        let mut debs: Vec<PathBuf> = fs::read_dir(&dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(KERNEL_SOURCE_PKG) && n.ends_with(".deb"))
-            })
-            .collect();
-        debs.sort();
-        Ok(debs.pop())
-    };
+    let find = || newest_deb(&dir, KERNEL_SOURCE_PKG);
     if let Some(deb) = find()? {
         return Ok(deb);
     }

@@ -5,6 +5,7 @@
 //! are cached under `~/.cache/trustbind/` (or `$TRUSTBIND_CACHE`), keyed by
 //! a hash of their inputs.
 
+mod image;
 mod kernel;
 mod rootfs;
 mod sh;
@@ -20,7 +21,11 @@ cargo xtask <command>
 Commands:
   setup         install missing Debian packages and the pinned bindgen, build
                 (or reuse) the kernel and the guest root filesystem
-  build         setup, then build trustbind.ko and the workspace
+  build         setup, then build trustbind.ko, the workspace and the
+                appliance OS image
+  image [--kernel BZIMAGE]
+                build (or reuse) the kernel, then the appliance OS image:
+                kernel, initramfs and a GPT disk.img (see image/README.md)
   test          build, then run every test: unit tests, then the QEMU tests
   demo [--shell]
                 build, boot a protected host VM with the module loaded and
@@ -78,6 +83,7 @@ struct Artifacts {
     kernel: PathBuf,
     kmod: PathBuf,
     rootfs: PathBuf,
+    image: image::Image,
 }
 
 impl Artifacts {
@@ -85,6 +91,7 @@ impl Artifacts {
         cmd.env("TRUSTBIND_KERNEL", &self.kernel)
             .env("TRUSTBIND_KMOD", &self.kmod)
             .env("TRUSTBIND_ROOTFS", &self.rootfs);
+        self.image.apply(cmd);
     }
 }
 
@@ -103,10 +110,12 @@ fn build(ctx: &Ctx) -> Result<Artifacts> {
         "workspace: cargo build",
         cargo().args(["build", "--workspace", "--all-targets"]),
     )?;
+    let image = image::ensure(ctx, &k.bzimage)?;
     Ok(Artifacts {
         kernel: k.bzimage,
         kmod,
         rootfs,
+        image,
     })
 }
 
@@ -132,6 +141,25 @@ fn test(ctx: &Ctx) -> Result<()> {
     ]);
     a.apply(&mut c);
     sh::run("test: QEMU tests", &mut c)
+}
+
+/// `cargo xtask image [--kernel BZIMAGE]`: the appliance image, with our
+/// cached kernel unless another one is named.
+fn image_cmd(ctx: &Ctx, args: &[String]) -> Result<()> {
+    let bzimage = match args {
+        [] => {
+            kernel::ensure_packages()?;
+            let bindgen = kernel::ensure_bindgen(ctx)?;
+            kernel::ensure_kernel(ctx, &bindgen)?.bzimage
+        }
+        [flag, path] if flag == "--kernel" => PathBuf::from(path),
+        _ => bail!("usage: cargo xtask image [--kernel BZIMAGE]"),
+    };
+    let img = image::ensure(ctx, &bzimage)?;
+    println!("image: kernel    {}", img.kernel.display());
+    println!("image: initramfs {}", img.initramfs.display());
+    println!("image: disk      {}", img.disk.display());
+    Ok(())
 }
 
 /// `cargo xtask bench`: the cargo benchmarks (release), then the VM
@@ -223,6 +251,7 @@ fn main() {
         match args.first().map(String::as_str) {
             Some("setup") => setup(&ctx).map(|_| ()),
             Some("build") => build(&ctx).map(|_| ()),
+            Some("image") => image_cmd(&ctx, &args[1..]),
             Some("test") => test(&ctx),
             Some("demo") => demo(&ctx, args.iter().any(|a| a == "--shell")),
             Some("fuzz") => fuzz(&ctx, args.get(1).map(String::as_str)),

@@ -107,22 +107,7 @@ pub fn ensure(cache_root: &Path) -> Result<PathBuf> {
         return Ok(image);
     }
     let tmp = base.join(format!("{key}.tmp"));
-    if tmp.exists() {
-        if let Some(pid) = live_owner(&tmp) {
-            bail!(
-                "rootfs: another build (pid {pid}) is writing {}; wait for it to finish, or kill it and run again",
-                tmp.display()
-            );
-        }
-        println!(
-            "rootfs: removing the unfinished build {} left by an earlier run",
-            tmp.display()
-        );
-        remove_tree(&tmp)?;
-    }
-    fs::create_dir_all(&tmp).with_context(|| format!("rootfs: cannot create {}", tmp.display()))?;
-    fs::write(tmp.join(OWNER), std::process::id().to_string())
-        .with_context(|| format!("rootfs: cannot write {}", tmp.join(OWNER).display()))?;
+    sh::claim_build_dir("rootfs", &tmp, remove_tree)?;
     let started = Instant::now();
     println!("rootfs: building Debian {SUITE} ({arch}) image, key {key}");
     let log = tmp.join("build.log");
@@ -131,7 +116,7 @@ pub fn ensure(cache_root: &Path) -> Result<PathBuf> {
     let out = tmp.join("rootfs.ext4");
     make_image(&root, &out, &log)?;
     remove_tree(&root)?;
-    let _ = fs::remove_file(tmp.join(OWNER));
+    let _ = fs::remove_file(tmp.join(sh::OWNER));
     if done.exists() {
         // A directory without an image: leftovers of a manual intervention.
         remove_tree(&done)?;
@@ -151,19 +136,6 @@ pub fn ensure(cache_root: &Path) -> Result<PathBuf> {
         size >> 20
     );
     Ok(image)
-}
-
-/// File in the build directory naming the process that builds it.
-const OWNER: &str = "owner.pid";
-
-/// The pid recorded in `tmp`'s owner file, if that process still runs.
-fn live_owner(tmp: &Path) -> Option<u32> {
-    let pid: u32 = fs::read_to_string(tmp.join(OWNER))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    (pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
 }
 
 /// First 16 hex digits of a SHA-256 over every input of the image.

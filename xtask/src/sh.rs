@@ -77,3 +77,39 @@ pub fn output(step: &str, cmd: &mut Command) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
+
+/// File in the build directory naming the process that builds it.
+pub const OWNER: &str = "owner.pid";
+
+/// The pid recorded in `tmp`'s owner file, if that process still runs.
+pub fn live_owner(tmp: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(tmp.join(OWNER))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+}
+
+/// Takes `tmp` as this process's build directory: refuses one a live build
+/// owns, removes an unfinished one with `remove`, creates it and records
+/// this process as its owner.
+pub fn claim_build_dir(step: &str, tmp: &Path, remove: impl Fn(&Path) -> Result<()>) -> Result<()> {
+    if tmp.exists() {
+        if let Some(pid) = live_owner(tmp) {
+            bail!(
+                "{step}: another build (pid {pid}) is writing {}; wait for it to finish, or kill it and run again",
+                tmp.display()
+            );
+        }
+        println!(
+            "{step}: removing the unfinished build {} left by an earlier run",
+            tmp.display()
+        );
+        remove(tmp)?;
+    }
+    std::fs::create_dir_all(tmp)
+        .with_context(|| format!("{step}: cannot create {}", tmp.display()))?;
+    std::fs::write(tmp.join(OWNER), std::process::id().to_string())
+        .with_context(|| format!("{step}: cannot write {}", tmp.join(OWNER).display()))
+}

@@ -1,35 +1,32 @@
-//! Exec control end to end: a VM running `trustbind-appliance serve`, a
-//! protected host VM running `trustbind.ko` and `trustbind-agent`, set up
-//! the way an administrator would (admin API over HTTPS with an admin
-//! certificate, enrolment with a one-time token and the CA fingerprint).
+//! Exec control end to end: the appliance OS image (booted from its disk
+//! image, issue 5) and a protected host VM running `trustbind.ko` and
+//! `trustbind-agent`, set up the way an administrator would: admin
+//! enrolment with the console banner's one-time token, then the `trustbind`
+//! CLI over the network for signatures, users, policy, host groups, hosts
+//! and the audit; the agent enrols with a one-time token and the CA
+//! fingerprint.
 //!
 //! Proves, on real Debian programs: an approved program runs; an unknown
 //! one gets `EACCES` and an audit row with its hash; an approved then
 //! modified binary is denied; root (role admin) may run a tool nobody may
 //! not; switching the host group to permissive reaches the module and
-//! allows with a "would deny" audit; with the appliance gone a cached
-//! verdict still works and an uncached exec is denied (enforce), the agent
-//! spools that decision and delivers it once the appliance is back; with the
-//! agent killed the kernel keeps enforcing and a restarted agent resumes;
-//! `rmmod` is refused in enforce mode; no kernel warning anywhere.
+//! allows with a "would deny" audit; with the appliance powered off a
+//! cached verdict still works and an uncached exec is denied (enforce), the
+//! agent spools that decision and delivers it once the appliance has booted
+//! again from the same disk; with the agent killed the kernel keeps
+//! enforcing and a restarted agent resumes; `rmmod` is refused in enforce
+//! mode; no kernel warning anywhere.
 
-use std::path::PathBuf;
+use anyhow::{ensure, Result};
+use trustbind_qemu_tests::{Admin, ApplianceImage, Artifacts, Boot, Network, Vm};
 
-use anyhow::{bail, ensure, Context, Result};
-use trustbind_qemu_tests::{Artifacts, Network, Vm};
+use crate::common::{
+    self, denied, enrol_host, export_audit, says_true, start_agent, wait_for, STATE,
+};
 
-const DATA: &str = "/var/lib/tb";
-const ADMIN: &str = "/root/admin";
-const STATE: &str = "/var/lib/trustbind-agent";
-
-const POLICY: &str = r#"
-@id("system-programs")
-permit (
-    principal,
-    action == Trustbind::Action::"exec",
-    resource in Trustbind::ProgramGroup::"system"
-);
-
+/// Policy besides [`common::SYSTEM_PROGRAMS`]: role admin may run the
+/// admin tools.
+const ADMIN_TOOLS: &str = r#"
 @id("admin-tools-for-admins")
 permit (
     principal in Trustbind::Role::"admin",
@@ -38,89 +35,10 @@ permit (
 );
 "#;
 
-/// A binary of this workspace (built by `cargo xtask test` before the VM tests).
-fn workspace_bin(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test binary has no target dir")?;
-    let p = dir.join(name);
-    ensure!(
-        p.is_file(),
-        "{} is missing: build the workspace first (`cargo xtask test` does)",
-        p.display()
-    );
-    Ok(p)
-}
-
-fn json_string(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-/// `curl` against the admin API from inside the appliance VM.
-fn admin(vm: &mut Vm, ip: &str, method: &str, path: &str, body: Option<&str>) -> Result<String> {
-    let data = match body {
-        Some(b) if b.starts_with('@') => {
-            format!("-H 'content-type: application/json' --data-binary {b}")
-        }
-        Some(b) => format!("-H 'content-type: application/json' --data-binary '{b}'"),
-        None => String::new(),
-    };
-    let out = vm.run(&format!(
-        "curl -sS -X {method} --cacert {ADMIN}/ca.pem --cert {ADMIN}/admin.pem \
-         --key {ADMIN}/admin.key -w '\\n%{{http_code}}' {data} https://{ip}:7445{path}"
-    ))?;
-    let (body, code) = out.stdout.trim_end().rsplit_once('\n').unwrap_or(("", ""));
-    ensure!(
-        out.status == 0 && code.starts_with('2'),
-        "{method} {path}: status {code}: {body} {}",
-        out.stderr
-    );
-    Ok(body.to_owned())
-}
-
-/// A JSON string field's value (the first occurrence), without a JSON parser.
-fn json_field(json: &str, name: &str) -> Option<String> {
-    let key = format!("\"{name}\":\"");
-    let start = json.find(&key)? + key.len();
-    let end = json[start..].find('"')?;
-    Some(json[start..start + end].to_owned())
-}
-
-fn wait_for(vm: &mut Vm, what: &str, cmd: &str, tries: usize) -> Result<()> {
-    for _ in 0..tries {
-        if vm.run(cmd)?.status == 0 {
-            return Ok(());
-        }
-        // Wait on the harness side: an exec in the guest would itself be
-        // qualified, and may be refused while the agent is (re)connecting.
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
-    let status = vm.run(&format!("cat {STATE}/status.json; cat /run/agent.log"))?;
-    bail!("timed out waiting for {what}:\n{}", status.stdout)
-}
-
-/// Sets the host group's mode through the admin API and waits until the
-/// agent has put the module in it.
-fn switch_mode(appl: &mut Vm, host: &mut Vm, ip: &str, mode: &str) -> Result<()> {
-    admin(
-        appl,
-        ip,
-        "PUT",
-        "/v1/host-groups/hosts",
-        Some(&format!(r#"{{"mode":"{mode}"}}"#)),
-    )?;
+/// Sets the host group's mode with the CLI and waits until the agent has
+/// put the module in it.
+fn switch_mode(admin: &Admin, host: &mut Vm, mode: &str) -> Result<()> {
+    admin.run(&["host", "group", "set", "hosts", "--mode", mode])?;
     wait_for(
         host,
         &format!("{mode} mode"),
@@ -129,212 +47,54 @@ fn switch_mode(appl: &mut Vm, host: &mut Vm, ip: &str, mode: &str) -> Result<()>
     )
 }
 
-/// The appliance's audit log as JSON lines.
-fn export_audit(appl: &mut Vm) -> Result<String> {
-    Ok(appl
-        .run_ok(&format!(
-            "/tb/trustbind-appliance --data-dir {DATA} audit export"
-        ))?
-        .stdout)
-}
-
-fn start_appliance(vm: &mut Vm, ip: &str) -> Result<()> {
-    vm.spawn_bg(&format!(
-        "exec /tb/trustbind-appliance --data-dir {DATA} serve --server-name {ip} >>/run/appliance.log 2>&1"
-    ))?;
-    for _ in 0..120 {
-        if vm
-            .run("grep -q 'CA fingerprint' /run/appliance.log")?
-            .status
-            == 0
-        {
-            return Ok(());
-        }
-        vm.run_ok("sleep 0.5")?;
-    }
-    let log = vm.run("cat /run/appliance.log")?.stdout;
-    bail!("the appliance did not start:\n{log}")
-}
-
-/// Whether an exported audit line says `name` is true (the detail is a JSON
-/// string inside the line, so its quotes are escaped).
-fn says_true(line: &str, name: &str) -> bool {
-    line.split(name).skip(1).any(|rest| {
-        rest.trim_start_matches(['\\', '"', ':'])
-            .starts_with("true")
-    })
-}
-
-fn denied(out: &trustbind_qemu_tests::Output) -> bool {
-    out.status == 126 && out.stderr.contains("Permission denied")
-}
-
 #[test]
 fn exec_control_end_to_end() -> Result<()> {
     let art = Artifacts::from_env()?;
+    let img = ApplianceImage::from_env()?;
     let net = Network::new()?;
-    let policy = format!("{{\"text\":{},\"comment\":\"e2e\"}}", json_string(POLICY));
-    let vms = net.boot_all(
-        vec![
-            net.vm("appl")
-                .file(
-                    "trustbind-appliance",
-                    workspace_bin("trustbind-appliance")?,
-                    0o755,
-                )
-                .bytes("policy.json", policy, 0o644),
-            net.vm("host")
-                .file("trustbind-agent", workspace_bin("trustbind-agent")?, 0o755),
-        ],
-        &art,
-    )?;
-    let [mut appl, mut host]: [Vm; 2] = vms
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("expected two VMs"))?;
+    let work = tempfile::tempdir()?;
+    let mut appl = net.appliance("appl", &img, Boot::Disk)?;
+    let host = common::host_vm(net.vm("host"))?.start(&art)?;
+    appl.wait_serving()?;
     let ip = appl.ip().to_string();
+    let fp = appl.ca_fingerprint()?;
+    let admin = appl.admin(&work.path().join("admin"))?;
 
-    // The appliance, and an admin certificate for the API.
-    appl.run_ok(&format!("mkdir -p {DATA}"))?;
-    start_appliance(&mut appl, &ip)?;
-    appl.run_ok(&format!(
-        "/tb/trustbind-appliance --data-dir {DATA} admin-cert --name e2e --out {ADMIN}"
-    ))?;
-    let fp = appl
-        .run_ok(&format!(
-            "/tb/trustbind-appliance --data-dir {DATA} ca-fingerprint"
-        ))?
-        .stdout
-        .trim()
-        .to_owned();
+    // Signatures: every program of the guest image's /usr/bin and
+    // /usr/sbin into reference group `system`; a unique tool into
+    // `admin-tools`; `evil` stays unknown.
+    let bins = common::provision(
+        &admin,
+        &art,
+        work.path(),
+        &format!("{}{ADMIN_TOOLS}", common::SYSTEM_PROGRAMS),
+    )?;
+    let sigs = admin.run(&["sig", "ls", "-g", "system", "-n", "0"])?;
+    ensure!(
+        sigs.lines().count() > 100,
+        "only {} programs added",
+        sigs.lines().count()
+    );
+    let tool = common::modified_true(&bins, work.path(), "tool", "y")?;
+    let evil = common::modified_true(&bins, work.path(), "evil", "x")?;
+    let evil = common::sha256_file(&evil)?;
+    admin.run(&[
+        "sig",
+        "add",
+        "-g",
+        "admin-tools",
+        &tool.display().to_string(),
+    ])?;
+    admin.run(&["user", "set", "root", "-r", "admin"])?;
 
-    // Signatures: every program of the host's /usr/bin and /usr/sbin, as
-    // the host has them, into reference group `system`; a unique tool into
-    // `admin-tools`.
+    // Enrol and start the agent, then load the module.
+    let mut host = host.wait_ready()?;
     host.run_ok(
         "cp /usr/bin/true /root/tool && printf y >>/root/tool \
          && cp /usr/bin/true /root/evil && printf x >>/root/evil \
          && cp /usr/bin/true /root/ok && chmod 755 /root/tool /root/evil /root/ok",
     )?;
-    let sums = host
-        .run_ok("sha256sum /usr/bin/* /usr/sbin/* /lib64/ld-linux-x86-64.so.2 2>/dev/null | sort -u -k1,1")?
-        .stdout;
-    let mut sigs = Vec::new();
-    for l in sums.lines() {
-        let mut f = l.split_whitespace();
-        let (Some(h), Some(p)) = (f.next(), f.next()) else {
-            continue;
-        };
-        sigs.push(format!(
-            "{{\"sha256\":\"{h}\",\"size\":0,\"name\":{}}}",
-            json_string(p)
-        ));
-    }
-    ensure!(sigs.len() > 100, "only {} programs hashed", sigs.len());
-    let tool = host.run_ok("sha256sum /root/tool")?.stdout;
-    let tool = tool
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let evil = host.run_ok("sha256sum /root/evil")?.stdout;
-    let evil = evil
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let batch = format!(
-        "{{\"group\":\"system\",\"source\":\"e2e\",\"signatures\":[{}]}}",
-        sigs.join(",")
-    );
-    appl.run_ok(&format!("cat >/root/sigs.json <<'EOF'\n{batch}\nEOF"))?;
-    admin(
-        &mut appl,
-        &ip,
-        "POST",
-        "/v1/groups",
-        Some(r#"{"name":"system"}"#),
-    )?;
-    admin(
-        &mut appl,
-        &ip,
-        "POST",
-        "/v1/groups",
-        Some(r#"{"name":"admin-tools"}"#),
-    )?;
-    admin(
-        &mut appl,
-        &ip,
-        "POST",
-        "/v1/signatures",
-        Some("@/root/sigs.json"),
-    )?;
-    admin(
-        &mut appl,
-        &ip,
-        "POST",
-        "/v1/signatures",
-        Some(&format!(
-            r#"{{"group":"admin-tools","signatures":[{{"sha256":"{tool}","size":0,"name":"tool"}}]}}"#
-        )),
-    )?;
-    admin(
-        &mut appl,
-        &ip,
-        "PUT",
-        "/v1/users/root",
-        Some(r#"{"roles":["admin"]}"#),
-    )?;
-    let draft = admin(
-        &mut appl,
-        &ip,
-        "POST",
-        "/v1/policies",
-        Some("@/tb/policy.json"),
-    )?;
-    let id = draft
-        .split("\"id\":")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .context("no policy id")?
-        .to_owned();
-    admin(
-        &mut appl,
-        &ip,
-        "POST",
-        &format!("/v1/policies/{id}/activate"),
-        Some("{}"),
-    )?;
-    admin(
-        &mut appl,
-        &ip,
-        "PUT",
-        "/v1/host-groups/hosts",
-        Some(r#"{"mode":"enforce"}"#),
-    )?;
-    let created = admin(
-        &mut appl,
-        &ip,
-        "POST",
-        "/v1/hosts",
-        Some(r#"{"name":"host1","host_group":"hosts"}"#),
-    )?;
-    let token = json_field(&created, "token").context("no token")?;
-
-    // Enrol and start the agent, then load the module.
-    host.run_ok(&format!(
-        "/tb/trustbind-agent --state {STATE} enrol --appliance {ip} --name host1 \
-         --token {token} --ca-fingerprint {fp}"
-    ))?;
-    host.run_ok("insmod /tb/trustbind.ko")?;
-    host.spawn_bg(&format!(
-        "exec /tb/trustbind-agent --state {STATE} run --verdict-timeout-ms 30000 --call-timeout-ms 25000 >>/run/agent.log 2>&1"
-    ))?;
-    wait_for(
-        &mut host,
-        "the agent to connect in enforce mode",
-        &format!("grep -q '\"mode\": \"enforce\"' {STATE}/status.json && grep -q '\"connected\": true' {STATE}/status.json"),
-        120,
-    )?;
+    enrol_host(&admin, &mut host, &ip, &fp, "host1", "enforce")?;
 
     // `sleep` (used by the waits below) gets a verdict while the appliance
     // answers, so it is in the agent's signed offline bundle later (the
@@ -349,13 +109,7 @@ fn exec_control_end_to_end() -> Result<()> {
     host.run_ok("printf z >>/root/ok")?;
     let out = host.run("/root/ok")?;
     ensure!(denied(&out), "modified binary not refused: {out:?}");
-    let audit = export_audit(&mut appl)?;
-    ensure!(
-        audit
-            .lines()
-            .any(|l| l.contains("\"decision\"") && l.contains(&evil)),
-        "no decision row with the unknown program's hash {evil}"
-    );
+    common::ensure_decision(&export_audit(&admin)?, &evil)?;
 
     // Users: root (role admin) may run the tool, nobody may not.
     host.run_ok("/root/tool")?;
@@ -363,23 +117,23 @@ fn exec_control_end_to_end() -> Result<()> {
     ensure!(denied(&out), "nobody ran the admin tool: {out:?}");
 
     // Permissive reaches the module: the unknown program runs, audited.
-    switch_mode(&mut appl, &mut host, &ip, "permissive")?;
+    switch_mode(&admin, &mut host, "permissive")?;
     let out = host.run("/root/evil")?;
     ensure!(out.status == 0, "permissive mode refused: {out:?}");
-    let audit = export_audit(&mut appl)?;
+    let audit = export_audit(&admin)?;
     ensure!(
         audit
             .lines()
             .any(|l| l.contains(&evil) && says_true(l, "would_deny")),
         "no would-deny audit row for {evil}"
     );
-    switch_mode(&mut appl, &mut host, &ip, "enforce")?;
+    switch_mode(&admin, &mut host, "enforce")?;
     let out = host.run("rmmod trustbind")?;
     ensure!(out.status != 0, "rmmod succeeded in enforce mode");
     host.run_ok("/usr/bin/true")?; // into the kernel's cache again
 
-    // The appliance goes away.
-    appl.run_ok("kill -KILL $(pidof trustbind-appliance) && sleep 1")?;
+    // The appliance goes away: the power button, a clean shutdown.
+    appl.powerdown()?;
     host.run_ok("/usr/bin/true")?; // cached in the kernel
     let out = host.run("/usr/bin/expr 1 + 1")?; // approved, never seen: no answer
     ensure!(
@@ -393,15 +147,20 @@ fn exec_control_end_to_end() -> Result<()> {
         30,
     )?;
 
-    // Back: the spooled offline decision arrives.
-    start_appliance(&mut appl, &ip)?;
+    // Back from the same disk: the spooled offline decision arrives.
+    appl.boot()?;
+    appl.wait_serving()?;
+    ensure!(
+        appl.ca_fingerprint()? == fp,
+        "the CA changed across the reboot"
+    );
     wait_for(
         &mut host,
         "the spool to drain",
         &format!("grep -q '\"connected\": true' {STATE}/status.json && grep -q '\"spool_backlog\": 0' {STATE}/status.json"),
-        120,
+        240,
     )?;
-    let audit = export_audit(&mut appl)?;
+    let audit = export_audit(&admin)?;
     ensure!(
         audit
             .lines()
@@ -413,10 +172,8 @@ fn exec_control_end_to_end() -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let out = appl.run_ok(&format!(
-        "/tb/trustbind-appliance --data-dir {DATA} audit verify"
-    ))?;
-    ensure!(out.stdout.contains("ok"), "audit chain: {out:?}");
+    let out = admin.run(&["audit", "verify"])?;
+    ensure!(out.contains("intact"), "audit chain: {out:?}");
 
     // The agent dies: the kernel keeps enforcing (cached verdicts run,
     // anything it would have to ask is refused), and a restarted agent
@@ -432,9 +189,7 @@ fn exec_control_end_to_end() -> Result<()> {
         denied(&out),
         "uncached exec allowed without an agent: {out:?}"
     );
-    host.spawn_bg(&format!(
-        "exec /tb/trustbind-agent --state {STATE} run --verdict-timeout-ms 30000 --call-timeout-ms 25000 >>/run/agent.log 2>&1"
-    ))?;
+    start_agent(&mut host)?;
     wait_for(
         &mut host,
         "the restarted agent",
@@ -448,6 +203,6 @@ fn exec_control_end_to_end() -> Result<()> {
     host.check_health()?;
     appl.check_health()?;
     host.shutdown()?;
-    appl.shutdown()?;
+    appl.powerdown()?;
     Ok(())
 }

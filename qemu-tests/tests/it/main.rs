@@ -1,8 +1,11 @@
 //! VM integration tests (one binary; `cargo xtask test` runs it with
 //! `--test-threads=1`). They need `TRUSTBIND_KERNEL`, `TRUSTBIND_KMOD` and
-//! `TRUSTBIND_ROOTFS` and fail, naming the variable, without them.
+//! `TRUSTBIND_ROOTFS` (and the appliance image's `TRUSTBIND_APPLIANCE_*`)
+//! and fail, naming the variable, without them.
 
+mod appliance_image;
 mod bench;
+mod common;
 mod e2e;
 mod exec;
 mod harness;

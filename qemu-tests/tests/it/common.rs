@@ -20,9 +20,14 @@ permit (
 /// The agent's state directory on a host VM.
 pub const STATE: &str = "/var/lib/trustbind-agent";
 
-/// A host VM with `trustbind-agent` at `/tb/trustbind-agent`.
+/// A host VM with `trustbind-agent` at `/tb/trustbind-agent` and its init
+/// script (`agent/dist/`) at `/tb/trustbind-agent.init`.
 pub fn host_vm(b: VmBuilder) -> Result<VmBuilder> {
-    Ok(b.file("trustbind-agent", workspace_bin("trustbind-agent")?, 0o755))
+    let init = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/dist/trustbind-agent.init");
+    Ok(
+        b.file("trustbind-agent", workspace_bin("trustbind-agent")?, 0o755)
+            .file("trustbind-agent.init", init, 0o755),
+    )
 }
 
 /// The ELF loader every dynamically linked guest program names
@@ -63,7 +68,7 @@ pub fn guest_programs(art: &Artifacts, dir: &Path) -> Result<Vec<PathBuf>> {
     let file = dst.join("ld-linux-x86-64.so.2");
     let st = Command::new("debugfs")
         .arg("-R")
-        .arg(format!("dump {GUEST_LOADER} {}", file.display()))
+        .arg(format!("dump -p {GUEST_LOADER} {}", file.display()))
         .arg(art.rootfs())
         .output()
         .context("run debugfs (e2fsprogs)")?;
@@ -135,7 +140,12 @@ pub fn wait_for(vm: &mut Vm, what: &str, cmd: &str, tries: usize) -> Result<()> 
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     let status = vm.run(&format!("cat {STATE}/status.json; cat /run/agent.log"))?;
-    bail!("timed out waiting for {what}:\n{}", status.stdout)
+    // stderr too: in enforce mode `cat` itself may be refused.
+    bail!(
+        "timed out waiting for {what}:\n{}{}",
+        status.stdout,
+        status.stderr
+    )
 }
 
 /// Registers host `name` in host group `hosts`, enrols the VM's agent with
@@ -192,7 +202,11 @@ pub fn provision(
 ) -> Result<Vec<PathBuf>> {
     let bins = guest_programs(art, work)?;
     let mut add = vec!["sig", "add", "-g", "system"];
-    let paths: Vec<String> = bins.iter().map(|p| p.display().to_string()).collect();
+    // The agent binary too, as an administrator approves it: besides the
+    // pinned restart the kernel allows without an agent, it is an ordinary
+    // program (`trustbind-agent status`).
+    let mut paths: Vec<String> = bins.iter().map(|p| p.display().to_string()).collect();
+    paths.push(workspace_bin("trustbind-agent")?.display().to_string());
     add.extend(paths.iter().map(String::as_str));
     admin.run(&add)?;
     let file = work.join("policy.cedar");

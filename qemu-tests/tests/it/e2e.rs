@@ -14,7 +14,11 @@
 //! cached verdict still works and an uncached exec is denied (enforce), the
 //! agent spools that decision and delivers it once the appliance has booted
 //! again from the same disk; with the agent killed the kernel keeps
-//! enforcing and a restarted agent resumes; `rmmod` is refused in enforce
+//! enforcing and a restarted agent resumes; the agent's init script starts
+//! it, restarts it when killed and stops it without switching protection
+//! off; a time-window rule allows a tool in the current hour and refuses one
+//! allowed only twelve hours away; with the appliance powered off in
+//! permissive mode an uncached program runs; `rmmod` is refused in enforce
 //! mode; no kernel warning anywhere.
 
 use anyhow::{ensure, Result};
@@ -47,6 +51,60 @@ fn switch_mode(admin: &Admin, host: &mut Vm, mode: &str) -> Result<()> {
     )
 }
 
+/// Policy: tools allowed only at certain hours of the appliance's clock
+/// (UTC): group `window-now` this hour and the next (so the test cannot
+/// straddle the change), group `window-later` only twelve hours away.
+fn time_windows(hour: u64) -> String {
+    format!(
+        r#"
+@id("window-now")
+permit (
+    principal,
+    action == Trustbind::Action::"exec",
+    resource in Trustbind::ProgramGroup::"window-now"
+)
+when {{ context.hour == {} || context.hour == {} }};
+
+@id("window-later")
+permit (
+    principal,
+    action == Trustbind::Action::"exec",
+    resource in Trustbind::ProgramGroup::"window-later"
+)
+when {{ context.hour == {} }};
+"#,
+        hour,
+        (hour + 1) % 24,
+        (hour + 12) % 24
+    )
+}
+
+/// `sh` runs the init script (the script itself is not an approved program;
+/// its interpreter is), with the TCG-sized agent deadlines.
+const INIT: &str = "TRUSTBIND_AGENT_BIN=/tb/trustbind-agent \
+    TRUSTBIND_AGENT_ARGS='--verdict-timeout-ms 30000 --call-timeout-ms 25000' \
+    sh /tb/trustbind-agent.init";
+
+/// Waits until an agent other than `old_pid` (if any) is connected;
+/// returns its pid.
+fn wait_new_agent(host: &mut Vm, old_pid: Option<&str>) -> Result<String> {
+    let not_old = old_pid.map_or(String::new(), |p| format!("[ \"$p\" != {p} ] && "));
+    wait_for(
+        host,
+        "a new agent to connect",
+        &format!(
+            "p=$(pidof trustbind-agent) && {not_old}grep -q \"pid.: $p,\" {STATE}/status.json \
+             && grep -q '\"connected\": true' {STATE}/status.json"
+        ),
+        120,
+    )?;
+    Ok(host
+        .run_ok("pidof trustbind-agent")?
+        .stdout
+        .trim()
+        .to_owned())
+}
+
 #[test]
 fn exec_control_end_to_end() -> Result<()> {
     let art = Artifacts::from_env()?;
@@ -63,11 +121,21 @@ fn exec_control_end_to_end() -> Result<()> {
     // Signatures: every program of the guest image's /usr/bin and
     // /usr/sbin into reference group `system`; a unique tool into
     // `admin-tools`; `evil` stays unknown.
+    // The appliance's clock is the host's (RTC, UTC).
+    let hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        / 3600
+        % 24;
     let bins = common::provision(
         &admin,
         &art,
         work.path(),
-        &format!("{}{ADMIN_TOOLS}", common::SYSTEM_PROGRAMS),
+        &format!(
+            "{}{ADMIN_TOOLS}{}",
+            common::SYSTEM_PROGRAMS,
+            time_windows(hour)
+        ),
     )?;
     let sigs = admin.run(&["sig", "ls", "-g", "system", "-n", "0"])?;
     ensure!(
@@ -85,6 +153,10 @@ fn exec_control_end_to_end() -> Result<()> {
         "admin-tools",
         &tool.display().to_string(),
     ])?;
+    for (name, suffix, group) in [("wnow", "n", "window-now"), ("wlater", "l", "window-later")] {
+        let p = common::modified_true(&bins, work.path(), name, suffix)?;
+        admin.run(&["sig", "add", "-g", group, &p.display().to_string()])?;
+    }
     admin.run(&["user", "set", "root", "-r", "admin"])?;
 
     // Enrol and start the agent, then load the module.
@@ -92,7 +164,9 @@ fn exec_control_end_to_end() -> Result<()> {
     host.run_ok(
         "cp /usr/bin/true /root/tool && printf y >>/root/tool \
          && cp /usr/bin/true /root/evil && printf x >>/root/evil \
-         && cp /usr/bin/true /root/ok && chmod 755 /root/tool /root/evil /root/ok",
+         && cp /usr/bin/true /root/ok && cp /usr/bin/true /root/wnow && printf n >>/root/wnow \
+         && cp /usr/bin/true /root/wlater && printf l >>/root/wlater \
+         && chmod 755 /root/tool /root/evil /root/ok /root/wnow /root/wlater",
     )?;
     enrol_host(&admin, &mut host, &ip, &fp, "host1", "enforce")?;
 
@@ -115,6 +189,14 @@ fn exec_control_end_to_end() -> Result<()> {
     host.run_ok("/root/tool")?;
     let out = host.run("setpriv --reuid=65534 --regid=65534 --clear-groups /root/tool")?;
     ensure!(denied(&out), "nobody ran the admin tool: {out:?}");
+
+    // Time windows (clock verdicts are never cached: asked each time).
+    host.run_ok("/root/wnow")?;
+    let out = host.run("/root/wlater")?;
+    ensure!(
+        denied(&out),
+        "tool outside its time window ran (hour {hour}): {out:?}"
+    );
 
     // Permissive reaches the module: the unknown program runs, audited.
     switch_mode(&admin, &mut host, "permissive")?;
@@ -200,9 +282,57 @@ fn exec_control_end_to_end() -> Result<()> {
     )?;
     host.run_ok("/usr/bin/nproc")?;
 
+    // The init script (agent/dist/) takes over: it starts the pinned agent
+    // binary, restarts it when it is killed, and `stop` leaves the module
+    // enforcing.
+    let pid = host
+        .run_ok("pidof trustbind-agent")?
+        .stdout
+        .trim()
+        .to_owned();
+    host.run_ok(&format!("kill -TERM {pid}"))?;
+    wait_for(
+        &mut host,
+        "the agent to exit",
+        &format!("! kill -0 {pid} 2>/dev/null"),
+        60,
+    )?;
+    host.run_ok(&format!("{INIT} start"))?;
+    let first = wait_new_agent(&mut host, Some(&pid))?;
+    host.run_ok(&format!("kill -KILL {first}"))?;
+    let second = wait_new_agent(&mut host, Some(&first))?;
+    let out = host.run_ok(&format!("{INIT} status"))?;
+    ensure!(
+        out.stdout.contains("(connected)"),
+        "init script status: {out:?}"
+    );
+    // (rmmod is run once with the agent up, so its exec is in the cache.)
+    host.run("rmmod trustbind")?;
+    host.run_ok(&format!("{INIT} stop"))?;
+    ensure!(
+        host.run(&format!("kill -0 {second}"))?.status != 0,
+        "the agent survived `stop`"
+    );
+    let out = host.run("rmmod trustbind")?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("in use"),
+        "after the init script stopped the agent, rmmod was not refused as in use (enforce lost?): {out:?}"
+    );
+    host.run_ok(&format!("{INIT} start"))?;
+    wait_new_agent(&mut host, Some(&second))?;
+
+    // Permissive with the appliance away: an uncached program runs.
+    switch_mode(&admin, &mut host, "permissive")?;
+    appl.powerdown()?;
+    let out = host.run("/usr/bin/factor 7")?; // approved, never seen
+    ensure!(
+        out.status == 0 && out.stdout.contains("7: 7"),
+        "permissive mode refused an uncached exec with the appliance away: {out:?}"
+    );
+
+    host.run_ok(&format!("{INIT} stop"))?;
     host.check_health()?;
     appl.check_health()?;
     host.shutdown()?;
-    appl.powerdown()?;
     Ok(())
 }

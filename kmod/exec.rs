@@ -51,7 +51,8 @@ use crate::device::Answer;
 use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache};
 use crate::proto::lineage::{Chain, Image, Lineage as LineageTable, ProcId};
 use crate::proto::{
-    Ancestry, Decision, ExecRequest, Mode, Obligations, Record, Verdict, MAX_PATH_LEN,
+    Ancestry, Decision, ExecRequest, Mode, Obligations, Record, Verdict, EXEC_LOADER_DIRECT,
+    MAX_PATH_LEN,
 };
 use crate::sys::{self, Bprm, ExecInfo, ExecOpen};
 use crate::Shared;
@@ -201,11 +202,21 @@ impl Seen {
     }
 }
 
+/// ELF loaders remembered (there is one per architecture and libc).
+const LOADERS: usize = 8;
+
 struct LoaderInner {
     seen: KVVec<Seen>,
     /// The exec of the pinned agent binary allowed with no agent connected
     /// (thread id, group leader start): its loader is let through too.
     pinned: Option<(u32, u64)>,
+    /// By thread (direct-mapped like `seen`): the thread's exec in progress
+    /// is of a native ELF file, so the next file the gate sees it open is
+    /// that program's `PT_INTERP` loader. 0 when not.
+    elf_exec: KVVec<u32>,
+    /// Files seen as some program's ELF loader (device, inode, generation).
+    loaders: [(u64, u64, u32); LOADERS],
+    next_loader: usize,
 }
 
 /// State the loader gate shares with the binfmt handler.
@@ -220,9 +231,52 @@ impl LoaderState {
     pub(crate) fn new() -> Result<impl PinInit<Self, Error>> {
         let mut seen = KVVec::new();
         seen.extend_with(SEEN_SLOTS, Seen::default(), GFP_KERNEL)?;
+        let mut elf_exec = KVVec::new();
+        elf_exec.extend_with(SEEN_SLOTS, 0u32, GFP_KERNEL)?;
+        let inner = LoaderInner {
+            seen,
+            pinned: None,
+            elf_exec,
+            loaders: [(0, 0, 0); LOADERS],
+            next_loader: 0,
+        };
         Ok(try_pin_init!(Self {
-            inner <- new_spinlock!(LoaderInner { seen, pinned: None }, "trustbind_loader"),
+            inner <- new_spinlock!(inner, "trustbind_loader"),
         }? Error))
+    }
+
+    /// A thread starts an exec of a file (the binfmt handler's first
+    /// round): remember whether it is a native ELF file.
+    fn exec_started(&self, info: &ExecInfo, native_elf: bool) {
+        if let Some(e) = self.inner.lock().elf_exec.get_mut(Self::slot(info.pid)) {
+            *e = if native_elf { info.pid } else { 0 };
+        }
+    }
+
+    /// The gate sees a thread open `info`'s file during its exec: if the
+    /// exec is of a native ELF file, this is its loader.
+    fn exec_opened(&self, info: &ExecInfo) {
+        let id = (info.dev, info.ino, info.generation);
+        let mut g = self.inner.lock();
+        match g.elf_exec.get_mut(Self::slot(info.pid)) {
+            Some(e) if *e == info.pid && info.pid != 0 => *e = 0,
+            _ => return,
+        }
+        if !g.loaders.contains(&id) {
+            let i = g.next_loader % LOADERS;
+            if let Some(l) = g.loaders.get_mut(i) {
+                *l = id;
+            }
+            g.next_loader = i + 1;
+        }
+    }
+
+    /// Whether `info`'s file has been seen as an ELF loader.
+    fn is_loader(&self, info: &ExecInfo) -> bool {
+        self.inner
+            .lock()
+            .loaders
+            .contains(&(info.dev, info.ino, info.generation))
     }
 
     fn slot(pid: u32) -> usize {
@@ -275,6 +329,11 @@ trait Subject {
     /// Whether an allowed file becomes the process's program (recorded
     /// for ancestry). A loader or interpreter opened by the gate does not.
     fn is_program(&self) -> bool;
+    /// Whether the file is an ELF file of this machine (only asked of
+    /// programs).
+    fn is_native_elf(&self) -> bool {
+        false
+    }
 }
 
 struct ByHandler<'a, 'b>(&'a Bprm<'b>);
@@ -291,6 +350,9 @@ impl Subject for ByHandler<'_, '_> {
     }
     fn is_program(&self) -> bool {
         true
+    }
+    fn is_native_elf(&self) -> bool {
+        self.0.is_native_elf()
     }
 }
 
@@ -374,6 +436,8 @@ pub(crate) struct Stats {
     pub(crate) loader_opens: AtomicU64,
     /// Interpreter rounds the gate had already decided (not asked again).
     pub(crate) loader_dedup: AtomicU64,
+    /// Execs of an ELF loader run as the program (`ld.so ./prog`).
+    pub(crate) loader_direct: AtomicU64,
 }
 
 /// The exec path's counters.
@@ -388,6 +452,7 @@ pub(crate) static STATS: Stats = Stats {
     pinned_agent: AtomicU64::new(0),
     loader_opens: AtomicU64::new(0),
     loader_dedup: AtomicU64::new(0),
+    loader_direct: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64) {
@@ -524,7 +589,20 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
         bump(&STATS.loader_dedup);
         return Ok(());
     }
-    let key = cache_key(&info);
+    let mut flags = 0;
+    if !subj.is_program() {
+        s.loader.exec_opened(&info);
+    } else if !interp_round {
+        s.loader.exec_started(&info, subj.is_native_elf());
+        if s.loader.is_loader(&info) {
+            // `ld.so ./prog`: what runs is `./prog`, which the kernel never
+            // sees as an exec; policy decides on this one, never cached
+            // (the loader's verdict as a loader must not answer it).
+            flags = EXEC_LOADER_DIRECT;
+            bump(&STATS.loader_direct);
+        }
+    }
+    let key = if flags == 0 { cache_key(&info) } else { None };
     if let Some(key) = &key {
         if let Some((v, sha256)) = s.exec_cache.lookup(key) {
             bump(&STATS.cache_hits);
@@ -558,6 +636,7 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
         ppid: info.ptgid,
         ancestry,
         path: &path[..path.len().min(MAX_PATH_LEN)],
+        flags,
     });
     match s.channel.ask(&rec).map_err(Err)? {
         Answer::Verdict(v) => {

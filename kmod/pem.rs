@@ -166,6 +166,7 @@ impl kernel::Module for Trustbind {
             (c_str!("exec_pinned_agent"), &st.pinned_agent),
             (c_str!("exec_loader_opens"), &st.loader_opens),
             (c_str!("exec_loader_dedup"), &st.loader_dedup),
+            (c_str!("exec_loader_direct"), &st.loader_direct),
             (c_str!("net_connect_asked"), &net::STATS.connect_asked),
             (c_str!("net_accept_asked"), &net::STATS.accept_asked),
             (c_str!("net_allowed"), &net::STATS.allowed),

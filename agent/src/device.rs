@@ -71,6 +71,8 @@ pub struct ExecEvent {
     pub ancestry: Vec<[u8; 32]>,
     /// Path as opened (lossy UTF-8).
     pub path: String,
+    /// The ELF loader run as the program (`ld.so ./prog`).
+    pub loader_direct: bool,
 }
 
 /// The reading end (owns the descriptor the module sees as the agent).
@@ -188,6 +190,7 @@ impl Device {
                         .filter_map(|h| <[u8; 32]>::try_from(h).ok())
                         .collect(),
                     path: String::from_utf8_lossy(r.path).into_owned(),
+                    loader_direct: r.flags & trustbind_proto::EXEC_LOADER_DIRECT != 0,
                 });
             }
         }

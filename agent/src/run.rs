@@ -403,7 +403,9 @@ fn request_of(ev: &ExecEvent, user: String) -> pb::Request {
             size: ev.size,
             path: ev.path.clone(),
         }),
-        target: Some(pb::request::Target::Exec(pb::ExecTarget {})),
+        target: Some(pb::request::Target::Exec(pb::ExecTarget {
+            loader_direct: ev.loader_direct,
+        })),
     }
 }
 
@@ -567,7 +569,14 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
                 v
             }
             None => {
-                let (v, source) = match signed_verdict(&mut g, &sha, &user) {
+                // The bundle holds verdicts for programs (and the loader as
+                // every program's loader), never for the loader run directly.
+                let bundled = if ev.loader_direct {
+                    None
+                } else {
+                    signed_verdict(&mut g, &sha, &user)
+                };
+                let (v, source) = match bundled {
                     Some(v) => (v, "bundle"),
                     None => {
                         let decision = if g.mode == Mode::Enforce {
@@ -594,6 +603,7 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
                         "path": ev.path, "sha256": sha, "user": user, "uid": ev.uid,
                         "pid": ev.pid, "decision": format!("{:?}", v.decision).to_lowercase(),
                         "source": source, "mode": mode_name(g.mode),
+                        "loader_direct": ev.loader_direct,
                     }),
                 });
                 v

@@ -199,7 +199,12 @@ fn pool() -> Vec<QualifyRequest> {
             let host = format!("h{}", r.below(HOSTS));
             let at_ms = MONDAY + i64::try_from(r.below(7 * 24 * 3600) * 1000).unwrap_or(0);
             let (action, target) = match r.below(100) {
-                0..70 => (Action::Exec, Target::Exec),
+                0..70 => (
+                    Action::Exec,
+                    Target::Exec {
+                        loader_direct: false,
+                    },
+                ),
                 70..85 => (
                     Action::OpenRead,
                     Target::File {

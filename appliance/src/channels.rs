@@ -478,7 +478,9 @@ mod tests {
             Err(OfferError::Full(2))
         );
         let mut exec = half(Action::Exec, "a", 4);
-        exec.target = Target::Exec;
+        exec.target = Target::Exec {
+            loader_direct: false,
+        };
         assert_eq!(c.offer(exec, t0), Err(OfferError::NotAChannelHalf));
         let ipc = half(Action::IpcConnect, "a", 5);
         assert_eq!(c.offer(ipc, t0), Err(OfferError::NotAChannelHalf));

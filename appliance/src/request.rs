@@ -140,7 +140,12 @@ pub struct FiveTuple {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Target {
     /// `exec`: the program itself is the resource.
-    Exec,
+    Exec {
+        /// The program is an ELF loader run as the program itself (`ld.so
+        /// ./prog`): what it then runs is never asked about.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        loader_direct: bool,
+    },
     /// File actions: the path (for `rename`, the new path in `to`).
     File {
         /// Path as opened.

@@ -146,7 +146,7 @@ fn exec(id: u64, sha: [u8; 32]) -> pb::Request {
             size: 1234,
             path: "/usr/bin/x".into(),
         }),
-        target: Some(Target::Exec(pb::ExecTarget {})),
+        target: Some(Target::Exec(pb::ExecTarget::default())),
     }
 }
 

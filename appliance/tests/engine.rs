@@ -123,7 +123,9 @@ fn exec(host: &str, user: &str, prog: char, at_ms: i64) -> QualifyRequest {
         action: Action::Exec,
         subject: subject(user),
         program: program(prog),
-        target: Target::Exec,
+        target: Target::Exec {
+            loader_direct: false,
+        },
         at_ms,
     }
 }
@@ -274,6 +276,37 @@ fn clock_free_policies_are_cacheable() {
     let d = e.decide(&exec("web1", "bob", LS, MON_0930)).unwrap();
     assert!(allowed(&d));
     assert!(d.cacheable);
+}
+
+/// `ld.so ./prog`: the loader run as the program is `context.loader_direct`;
+/// a policy can forbid it (here: unless the user is in role `ops`) while
+/// the same file stays allowed as every program's loader, and such a
+/// verdict is never cacheable (neither by the kernel nor in the bundle).
+#[test]
+fn loader_run_directly_is_its_own_context() {
+    let f = fixture();
+    activate(
+        &f.store,
+        r#"permit (principal, action == Trustbind::Action::"exec", resource in Trustbind::ProgramGroup::"coreutils");
+           forbid (principal, action == Trustbind::Action::"exec", resource)
+             when { context.loader_direct } unless { principal in Trustbind::Role::"ops" };"#,
+    );
+    let e = Engine::new(f.store.clone(), SCHEMA).unwrap();
+    let as_loader = e.decide(&exec("web1", "bob", LS, MON_0930)).unwrap();
+    assert!(allowed(&as_loader));
+    assert!(as_loader.cacheable);
+    let mut direct = exec("web1", "bob", LS, MON_0930);
+    direct.target = Target::Exec {
+        loader_direct: true,
+    };
+    let d = e.decide(&direct).unwrap();
+    assert_eq!(d.outcome.verdict, Verdict::Deny);
+    assert!(!d.cacheable);
+    // The engine's own decision cache keeps the two apart, both ways.
+    assert!(allowed(
+        &e.decide(&exec("web1", "bob", LS, MON_0930)).unwrap()
+    ));
+    assert_eq!(e.decide(&direct).unwrap().outcome.verdict, Verdict::Deny);
 }
 
 /// The kernel's cache key has no session or ancestry: a verdict that reads

@@ -60,7 +60,7 @@ fn exec(user: &str, program: &str, host: &str, hour: i64, weekday: i64) -> (Deci
         json!({
             "host": { "__entity": { "type": "Trustbind::Host", "id": host } },
             "time": 1_700_000_000_i64, "hour": hour, "weekday": weekday, "session": 1,
-            "ancestry": [], "mode": "enforce",
+            "ancestry": [], "mode": "enforce", "loader_direct": false,
         }),
         Some((&schema, &action)),
     )
@@ -188,6 +188,7 @@ mod verdicts {
         json!({
             "host": { "__entity": { "type": "Trustbind::Host", "id": host } },
             "time": 0, "hour": hour, "weekday": 1, "session": 1, "ancestry": [], "mode": "enforce",
+            "loader_direct": false,
         })
     }
 

@@ -26,6 +26,7 @@
 #include <linux/fs_struct.h>
 #include <linux/mutex.h>
 #include <linux/dcache.h>
+#include <linux/elf.h>
 #include <linux/ftrace.h>
 #include <linux/net.h>
 #include <linux/in.h>
@@ -226,6 +227,14 @@ bool tb_bprm_is_interp(const struct linux_binprm *bprm)
 }
 
 #define TB_HASH_CHUNK (32 * 1024)
+
+bool tb_bprm_is_native_elf(const struct linux_binprm *bprm)
+{
+	const struct elfhdr *h = (const struct elfhdr *)bprm->buf;
+
+	return memcmp(h->e_ident, ELFMAG, SELFMAG) == 0 &&
+	       h->e_ident[EI_CLASS] == ELF_CLASS && elf_check_arch(h);
+}
 
 static int tb_hash_opened(struct tb_hashers *h, struct file *file,
 			  u8 *sha256_out, u8 *sha1_out)

@@ -63,6 +63,10 @@ int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
  * or binfmt_misc's), rather than the file execve() named. */
 bool tb_bprm_is_interp(const struct linux_binprm *bprm);
 
+/* Whether the file starts with an ELF header of this machine (bprm->buf):
+ * the ELF handler will open its PT_INTERP loader, if it names one. */
+bool tb_bprm_is_native_elf(const struct linux_binprm *bprm);
+
 /* Implemented in Rust (exec.rs): 0 lets the exec go on to the next
  * handler, -errno refuses it. */
 int trustbind_exec_check(const struct linux_binprm *bprm);

@@ -26,13 +26,13 @@ mod bindings {
 }
 
 use bindings::{
-    linux_binprm, tb_bprm_info, tb_bprm_is_interp, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir,
-    tb_debugfs_remove, tb_debugfs_u64, tb_dev_deregister, tb_dev_register, tb_dev_wake_readers,
-    tb_exec_register, tb_exec_unregister, tb_hash_current_exe, tb_hash_file, tb_hash_path,
-    tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
-    tb_hashers_free, tb_loader_gate_start, tb_loader_gate_stop, tb_loader_gate_watch,
-    tb_module_pin, tb_module_unpin, tb_net_hooks_start, tb_net_hooks_stop, tb_now_ms, tb_path_info,
-    tb_path_name, tb_set_nice_current,
+    linux_binprm, tb_bprm_info, tb_bprm_is_interp, tb_bprm_is_native_elf, tb_bprm_path,
+    tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove, tb_debugfs_u64, tb_dev_deregister,
+    tb_dev_register, tb_dev_wake_readers, tb_exec_register, tb_exec_unregister,
+    tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hashers as RawHashers, tb_hashers_alloc,
+    tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_loader_gate_start,
+    tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
+    tb_net_hooks_stop, tb_now_ms, tb_path_info, tb_path_name, tb_set_nice_current,
 };
 
 /// One connection end a connect or accept wrapper asks about.
@@ -320,6 +320,14 @@ impl Bprm<'_> {
     pub(crate) fn is_interp(&self) -> bool {
         // SAFETY: `ptr` is valid by the type invariant.
         unsafe { tb_bprm_is_interp(self.ptr) }
+    }
+
+    /// Whether the file starts with an ELF header of this machine (the ELF
+    /// handler will open the loader it names, if any).
+    pub(crate) fn is_native_elf(&self) -> bool {
+        // SAFETY: `ptr` is valid by the type invariant; `buf` holds the
+        // file's first bytes for the whole round.
+        unsafe { tb_bprm_is_native_elf(self.ptr) }
     }
 
     /// Marks the file system of this file for the loader gate, so that

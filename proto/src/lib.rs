@@ -39,7 +39,7 @@ use core::fmt;
 /// `"TBND"` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TBND");
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Size of the fixed [`Header`].
 pub const HEADER_LEN: usize = 24;
 /// Largest record either side may send or accept.
@@ -377,6 +377,15 @@ fn until_nul(b: &[u8]) -> &[u8] {
     }
 }
 
+/// [`ExecRequest::flags`]: the file exec'd is an ELF loader (a file the
+/// kernel has seen opened as a program's `PT_INTERP`) run as the program
+/// itself, as in `ld.so ./prog`. What the loader then maps (`./prog`) is not
+/// an exec to the kernel and is never asked about, so policy decides on
+/// this exec.
+pub const EXEC_LOADER_DIRECT: u8 = 1;
+/// Every flag bit this version defines.
+const EXEC_FLAGS_KNOWN: u8 = EXEC_LOADER_DIRECT;
+
 /// The identity and context of one exec, as the kernel saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExecRequest<'a> {
@@ -405,6 +414,8 @@ pub struct ExecRequest<'a> {
     pub ancestry: Ancestry<'a>,
     /// The path as the kernel opened it (no NUL), at most [`MAX_PATH_LEN`].
     pub path: &'a [u8],
+    /// [`EXEC_LOADER_DIRECT`] or 0.
+    pub flags: u8,
 }
 
 /// A borrowed list of ancestor program hashes: `n * 32` bytes.
@@ -764,7 +775,7 @@ impl Record<'_> {
                 w.u32(r.ppid);
                 // CAST: both bounded above (MAX_ANCESTRY, MAX_PATH_LEN).
                 w.u8(r.ancestry.len() as u8);
-                w.u8(0);
+                w.u8(r.flags);
                 w.u16(r.path.len() as u16);
                 w.bytes(r.ancestry.as_bytes());
                 w.bytes(r.path);
@@ -879,8 +890,9 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
             let pid = r.u32().map_err(short)?;
             let ppid = r.u32().map_err(short)?;
             let n_anc = r.u8().map_err(short)? as usize;
-            if r.u8().map_err(short)? != 0 {
-                return Err(DecodeError::InvalidField("reserved"));
+            let flags = r.u8().map_err(short)?;
+            if flags & !EXEC_FLAGS_KNOWN != 0 {
+                return Err(DecodeError::InvalidField("flags"));
             }
             let path_len = r.u16().map_err(short)? as usize;
             if n_anc > MAX_ANCESTRY {
@@ -907,6 +919,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 ppid,
                 ancestry: Ancestry(anc),
                 path,
+                flags,
             })
         }
         Kind::Verdict => {

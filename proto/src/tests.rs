@@ -24,6 +24,7 @@ fn sample_exec<'a>(path: &'a [u8], anc: &'a [u8]) -> Record<'a> {
         ppid: 1,
         ancestry: Ancestry::from_bytes(anc).expect("ancestry"),
         path,
+        flags: EXEC_LOADER_DIRECT,
     })
 }
 
@@ -294,11 +295,8 @@ fn bad_exec_fields_are_named() {
     );
 
     let mut b = good.clone();
-    b[counts + 1] = 1;
-    assert_eq!(
-        decode(&b).unwrap_err(),
-        DecodeError::InvalidField("reserved")
-    );
+    b[counts + 1] = 0x80;
+    assert_eq!(decode(&b).unwrap_err(), DecodeError::InvalidField("flags"));
 
     let mut b = good.clone();
     b[counts + 2..counts + 4].copy_from_slice(&((MAX_PATH_LEN + 1) as u16).to_le_bytes());

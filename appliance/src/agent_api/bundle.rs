@@ -84,7 +84,9 @@ fn exec_request(host: &str, sha256: &[u8], user: &str, at_ms: i64) -> QualifyReq
             size: 0,
             path: String::new(),
         },
-        target: Target::Exec,
+        target: Target::Exec {
+            loader_direct: false,
+        },
         at_ms,
     }
 }

@@ -177,7 +177,9 @@ pub fn request(
     let subject = subject(&at, r.subject.as_ref())?;
     let program = program(&at, r.program.as_ref())?;
     let target = match (action, r.target.as_ref()) {
-        (Action::Exec, Some(pb::request::Target::Exec(_))) => Target::Exec,
+        (Action::Exec, Some(pb::request::Target::Exec(e))) => Target::Exec {
+            loader_direct: e.loader_direct,
+        },
         (
             Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
             Some(pb::request::Target::File(f)),

@@ -363,7 +363,9 @@ mod tests {
                 size: 1,
                 path: "/bin/x".into(),
             },
-            target: Target::Exec,
+            target: Target::Exec {
+                loader_direct: false,
+            },
             at_ms: 0,
         }
     }

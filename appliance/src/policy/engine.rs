@@ -214,7 +214,7 @@ struct CacheKey {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum TargetKey {
-    Exec,
+    Exec(bool),
     File(String),
     Net(Proto, String, u16),
 }
@@ -222,7 +222,7 @@ enum TargetKey {
 fn cache_key(req: &QualifyRequest, peer: Option<&PeerInfo<'_>>, reads: Reads) -> CacheKey {
     let (_, hour, weekday) = clock(req.at_ms);
     let (target, src) = match &req.target {
-        Target::Exec => (TargetKey::Exec, None),
+        Target::Exec { loader_direct } => (TargetKey::Exec(*loader_direct), None),
         Target::File { path, .. } => (TargetKey::File(path.clone()), None),
         Target::Net(t) => (
             TargetKey::Net(t.proto, t.dst_addr.clone(), t.dst_port),
@@ -565,7 +565,7 @@ impl Engine {
         program.push(Names::uid(&n.program, &req.program.sha256));
         program.extend(groups.iter().map(|g| Names::uid(&n.program_group, g)));
         let resource = match (&req.action, &req.target) {
-            (Action::Exec, Target::Exec) => None,
+            (Action::Exec, Target::Exec { .. }) => None,
             (
                 Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
                 Target::File { path, .. },
@@ -625,7 +625,16 @@ impl Engine {
         let d = Decision {
             outcome: out,
             generation: snap.generation,
-            cacheable: slice.reads.kernel_cacheable(),
+            // A direct loader exec is never cached (by the kernel, or in the
+            // agent's offline bundle, which would then answer for the
+            // loader as every program's loader).
+            cacheable: slice.reads.kernel_cacheable()
+                && !matches!(
+                    req.target,
+                    Target::Exec {
+                        loader_direct: true
+                    }
+                ),
             cache_hit: false,
             groups: groups.to_vec(),
         };
@@ -723,6 +732,12 @@ impl Engine {
                 RestrictedExpression::new_string(mode.as_str().to_owned()),
             ),
         ];
+        if let Target::Exec { loader_direct } = req.target {
+            ctx.push((
+                "loader_direct".into(),
+                RestrictedExpression::new_bool(loader_direct),
+            ));
+        }
         let resource = match (&req.target, resource) {
             (Target::File { path, .. }, Some(file)) => {
                 ents.push(

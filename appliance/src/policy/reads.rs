@@ -75,6 +75,10 @@ impl Reads {
             // Always part of the cache key (host, program, peers) or
             // derived from it (mode).
             "host" | "program" | "peer_host" | "peer_program" | "mode" => Reads::NONE,
+            // Part of the request's target (and of the decision cache key):
+            // the kernel never caches a direct loader exec and the agent
+            // never bundles one, so reading it costs no cacheability.
+            "loader_direct" => Reads::NONE,
             _ => Reads::ALL,
         }
     }

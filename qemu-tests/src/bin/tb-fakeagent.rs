@@ -8,12 +8,14 @@
 //! tb-fakeagent --mode enforce|permissive [--timeout-ms N]
 //!              [--allow-dir DIR]... [--allow FILE]... [--no-cache]
 //!              [--nice-path PATH:N]... [--net] [--net-allow FILE]...
+//!              [--deny-loader-direct]
 //!              --log FILE
 //! ```
 //!
 //! Every request becomes one line in the log:
-//! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> pid=<p> anc=<hex,...> -> allow|deny`
-//! (`anc`: the ancestry, nearest first; `-` when empty).
+//! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> pid=<p> anc=<hex,...> direct=0|1 -> allow|deny`
+//! (`anc`: the ancestry, nearest first; `-` when empty; `direct=1`: the ELF
+//! loader run as the program, which `--deny-loader-direct` denies).
 //!
 //! With `--net` (implied by `--net-allow`) it asks the module to qualify TCP
 //! connects and accepts, and allows those of the programs named by
@@ -142,6 +144,7 @@ fn run() -> Result<(), String> {
     let mut seen = HashSet::new();
     let mut log_path = None;
     let mut cacheable = true;
+    let mut deny_loader_direct = false;
     let mut nice: HashMap<String, i8> = HashMap::new();
     let mut net = false;
     let mut net_allow = HashSet::new();
@@ -173,6 +176,7 @@ fn run() -> Result<(), String> {
             }
             "--log" => log_path = Some(val()?),
             "--no-cache" => cacheable = false,
+            "--deny-loader-direct" => deny_loader_direct = true,
             "--nice-path" => {
                 let v = val()?;
                 let (p, n) = v
@@ -274,7 +278,8 @@ fn run() -> Result<(), String> {
             }
             _ => continue,
         };
-        let allowed = allow.contains(&r.sha256);
+        let direct = r.flags & trustbind_proto::EXEC_LOADER_DIRECT != 0;
+        let allowed = allow.contains(&r.sha256) && !(direct && deny_loader_direct);
         let niced = nice.get(&*String::from_utf8_lossy(r.path)).copied();
         let verdict = Record::Verdict(Verdict {
             decision: match (allowed, niced) {
@@ -291,7 +296,7 @@ fn run() -> Result<(), String> {
         });
         writeln!(
             log,
-            "exec {} sha256={} sha1={} size={} uid={} pid={} anc={} -> {}",
+            "exec {} sha256={} sha1={} size={} uid={} pid={} anc={} direct={} -> {}",
             String::from_utf8_lossy(r.path),
             hex(&r.sha256),
             hex(&r.sha1),
@@ -299,6 +304,7 @@ fn run() -> Result<(), String> {
             r.uid,
             r.pid,
             anc_field(&r.ancestry),
+            u8::from(direct),
             if allowed { "allow" } else { "deny" }
         )
         .ok();

@@ -269,7 +269,8 @@ fn patch_once(bin: &mut [u8], from: &[u8], to: &[u8]) -> Result<()> {
 /// like a program. An approved program whose `PT_INTERP` names an
 /// unapproved loader is refused; a binfmt_misc interpreter is qualified
 /// (approved: runs, and the handler's next round does not ask again;
-/// unapproved: `EACCES`).
+/// unapproved: `EACCES`); the loader run as the program (`ld.so ./prog`)
+/// is flagged, and refused by an agent that refuses such execs.
 #[test]
 fn exec_loader_gate() -> Result<()> {
     use base64::Engine as _;
@@ -360,6 +361,31 @@ fn exec_loader_gate() -> Result<()> {
     ensure!(
         stat(&mut vm, "loader_opens")? >= 4,
         "loader opens not counted"
+    );
+
+    // `ld.so ./prog`: the loader run as the program (the kernel learned it
+    // as a PT_INTERP loader above) is asked with the flag, never from the
+    // cache, and a policy can refuse it while the loader as every
+    // program's loader stays allowed.
+    vm.run_ok(&format!("{LOADER} /usr/bin/true"))?;
+    let direct = request_for(&mut vm, LOADER)?.context("direct loader exec not asked")?;
+    ensure!(
+        direct.contains(" direct=1 ") && direct.ends_with("-> allow"),
+        "{direct}"
+    );
+    stop_agent(&mut vm)?;
+    start_agent_with(&mut vm, "enforce", "--deny-loader-direct")?;
+    vm.run_ok("/usr/bin/true")?;
+    for round in 0..2 {
+        let out = vm.run(&format!("{LOADER} /usr/bin/true"))?;
+        ensure!(
+            out.status == 126 && out.stderr.contains("Permission denied"),
+            "round {round}: the loader run directly was not refused: {out:?}"
+        );
+    }
+    ensure!(
+        stat(&mut vm, "loader_direct")? >= 3,
+        "direct loader execs not counted"
     );
 
     stop_agent(&mut vm)?;

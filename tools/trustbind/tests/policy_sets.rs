@@ -147,7 +147,9 @@ fn exec(user: &str, prog: char, at_ms: i64) -> QualifyRequest {
         action: Action::Exec,
         subject: subject(user),
         program: program(prog),
-        target: Target::Exec,
+        target: Target::Exec {
+            loader_direct: false,
+        },
         at_ms,
     }
 }

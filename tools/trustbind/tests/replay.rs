@@ -42,7 +42,9 @@ fn exec(user: &str, prog: char, path: &str) -> QualifyRequest {
             size: 1,
             path: path.into(),
         },
-        target: Target::Exec,
+        target: Target::Exec {
+            loader_direct: false,
+        },
         at_ms: trustbind_appliance::policy::engine::clock(0).0,
     }
 }

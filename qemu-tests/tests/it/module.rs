@@ -30,7 +30,10 @@ fn load(vm: &mut Vm) -> Result<()> {
     for want in [
         format!("trustbind: self-test sha256(\"abc\") = {SHA256_ABC} ok"),
         format!("trustbind: self-test sha1(\"abc\") = {SHA1_ABC} ok"),
-        "trustbind: /dev/trustbind ready (protocol v2)".to_owned(),
+        format!(
+            "trustbind: /dev/trustbind ready (protocol v{})",
+            trustbind_proto::VERSION
+        ),
     ] {
         ensure!(has(&want), "dmesg lacks `{want}`; dmesg:\n{dmesg}");
     }

@@ -246,11 +246,15 @@ impl LoaderState {
     }
 
     /// A thread starts an exec of a file (the binfmt handler's first
-    /// round): remember whether it is a native ELF file.
-    fn exec_started(&self, info: &ExecInfo, native_elf: bool) {
-        if let Some(e) = self.inner.lock().elf_exec.get_mut(Self::slot(info.pid)) {
+    /// round): remembers whether it is a native ELF file, and returns
+    /// whether the file is a known ELF loader run as the program. One lock
+    /// for both: this runs on every exec.
+    fn exec_started(&self, info: &ExecInfo, native_elf: bool) -> bool {
+        let mut g = self.inner.lock();
+        if let Some(e) = g.elf_exec.get_mut(Self::slot(info.pid)) {
             *e = if native_elf { info.pid } else { 0 };
         }
+        g.loaders.contains(&(info.dev, info.ino, info.generation))
     }
 
     /// The gate sees a thread open `info`'s file during its exec: if the
@@ -269,14 +273,6 @@ impl LoaderState {
             }
             g.next_loader = i + 1;
         }
-    }
-
-    /// Whether `info`'s file has been seen as an ELF loader.
-    fn is_loader(&self, info: &ExecInfo) -> bool {
-        self.inner
-            .lock()
-            .loaders
-            .contains(&(info.dev, info.ino, info.generation))
     }
 
     fn slot(pid: u32) -> usize {
@@ -593,8 +589,7 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
     if !subj.is_program() {
         s.loader.exec_opened(&info);
     } else if !interp_round {
-        s.loader.exec_started(&info, subj.is_native_elf());
-        if s.loader.is_loader(&info) {
+        if s.loader.exec_started(&info, subj.is_native_elf()) {
             // `ld.so ./prog`: what runs is `./prog`, which the kernel never
             // sees as an exec; policy decides on this one, never cached
             // (the loader's verdict as a loader must not answer it).

@@ -34,6 +34,22 @@ pub fn host_vm(b: VmBuilder) -> Result<VmBuilder> {
 /// (`PT_INTERP`); the PEM's loader gate qualifies it like a program.
 pub const GUEST_LOADER: &str = "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
 
+/// Runs one `debugfs -R` request against the guest image (read-only).
+fn debugfs(art: &Artifacts, request: &str) -> Result<()> {
+    let st = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(art.rootfs())
+        .output()
+        .context("run debugfs (e2fsprogs)")?;
+    ensure!(
+        st.status.success(),
+        "debugfs {request}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    Ok(())
+}
+
 /// Copies the regular files of the Debian guest image's `/usr/bin` and
 /// `/usr/sbin` into `dir/usr-bin`, `dir/usr-sbin`, and its ELF loader into
 /// `dir/loader` (`debugfs rdump`/`dump`, the image is only read): the
@@ -43,17 +59,7 @@ pub fn guest_programs(art: &Artifacts, dir: &Path) -> Result<Vec<PathBuf>> {
     for (src, name) in [("/usr/bin", "usr-bin"), ("/usr/sbin", "usr-sbin")] {
         let dst = dir.join(name);
         std::fs::create_dir_all(&dst)?;
-        let st = Command::new("debugfs")
-            .arg("-R")
-            .arg(format!("rdump {src} {}", dst.display()))
-            .arg(art.rootfs())
-            .output()
-            .context("run debugfs (e2fsprogs)")?;
-        ensure!(
-            st.status.success(),
-            "debugfs rdump {src}: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
+        debugfs(art, &format!("rdump {src} {}", dst.display()))?;
         // rdump puts the directory itself below dst.
         let p = dst.join(Path::new(src).file_name().context("no file name")?);
         ensure!(
@@ -66,16 +72,11 @@ pub fn guest_programs(art: &Artifacts, dir: &Path) -> Result<Vec<PathBuf>> {
     let dst = dir.join("loader");
     std::fs::create_dir_all(&dst)?;
     let file = dst.join("ld-linux-x86-64.so.2");
-    let st = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("dump -p {GUEST_LOADER} {}", file.display()))
-        .arg(art.rootfs())
-        .output()
-        .context("run debugfs (e2fsprogs)")?;
+    debugfs(art, &format!("dump -p {GUEST_LOADER} {}", file.display()))?;
     ensure!(
-        st.status.success() && file.metadata().is_ok_and(|m| m.len() > 0),
-        "debugfs dump {GUEST_LOADER}: {}",
-        String::from_utf8_lossy(&st.stderr)
+        file.metadata().is_ok_and(|m| m.len() > 0),
+        "nothing in {} after dump",
+        file.display()
     );
     out.push(dst);
     Ok(out)

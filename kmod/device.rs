@@ -410,6 +410,10 @@ impl Channel {
                 crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
+            Record::ChannelKey(_) => {
+                pr_warn!("agent sent a channel key; channels are not bound yet\n");
+                return Err(EINVAL);
+            }
             Record::HelloAck(_) | Record::ExecRequest(_) | Record::NetRequest(_) => {
                 pr_warn!("agent sent a module-only record kind {:?}\n", record.kind());
                 return Err(EINVAL);

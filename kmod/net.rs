@@ -135,6 +135,7 @@ pub(crate) fn check(s: &Shared, info: &NetInfo) -> Result {
     let what = match kind {
         NetKind::Connect => "connect",
         NetKind::Accept => "accept",
+        NetKind::Established => "established connect",
     };
     let subject = Connection {
         pid: info.tgid,
@@ -174,7 +175,7 @@ fn qualify(
         }
     };
     bump(match kind {
-        NetKind::Connect => &STATS.connect_asked,
+        NetKind::Connect | NetKind::Established => &STATS.connect_asked,
         NetKind::Accept => &STATS.accept_asked,
     });
     let rec = Record::NetRequest(NetRequest {

@@ -436,6 +436,10 @@ fn verdict_of(r: &pb::Result) -> Verdict {
             nice,
             cpu_limit_s,
             log_level,
+            encrypt: r
+                .obligations
+                .get("encrypt")
+                .is_some_and(|v| v == "required"),
         },
     }
 }

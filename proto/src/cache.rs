@@ -120,6 +120,7 @@ impl Slot {
                 nice: None,
                 cpu_limit_s: None,
                 log_level: 0,
+                encrypt: false,
             },
         },
         sha256: [0; 32],

@@ -39,7 +39,7 @@ use core::fmt;
 /// `"TBND"` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TBND");
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Size of the fixed [`Header`].
 pub const HEADER_LEN: usize = 24;
 /// Largest record either side may send or accept.
@@ -72,8 +72,12 @@ pub enum Kind {
     /// Agent → module: the appliance's policy generation moved.
     Generation = 6,
     /// Module → agent: may this program open this TCP connection (connect)
-    /// or take this one (accept)? Answered with a [`Kind::Verdict`].
+    /// or take this one (accept)? Answered with a [`Kind::Verdict`] or, for
+    /// a connection to bind, a [`Kind::ChannelKey`].
     NetRequest = 7,
+    /// Agent → module: the key of the channel a [`NetRequest`] belongs to;
+    /// install it as the socket's kTLS state.
+    ChannelKey = 8,
 }
 
 impl Kind {
@@ -87,6 +91,7 @@ impl Kind {
             5 => Some(Kind::Config),
             6 => Some(Kind::Generation),
             7 => Some(Kind::NetRequest),
+            8 => Some(Kind::ChannelKey),
             _ => None,
         }
     }
@@ -465,7 +470,15 @@ pub enum NetKind {
     Connect = 1,
     /// A program took a connection (`accept(2)`), asked once it is
     /// established and the peer known, before the program sees it.
+    /// Answered by a [`Verdict`] (no channel: plaintext, or refused) or by
+    /// a [`ChannelKey`] (bind the socket before the program sees it).
     Accept = 2,
+    /// A connect whose verdict carried [`Obligations::encrypt`], asked again
+    /// once the handshake is done: `src` is now the real client end, so the
+    /// appliance can pair it with the server's accept. Answered by a
+    /// [`ChannelKey`]; any [`Verdict`] (or none in time) resets the
+    /// connection, since it must not carry plaintext.
+    Established = 3,
 }
 
 impl NetKind {
@@ -474,6 +487,7 @@ impl NetKind {
         match v {
             1 => Some(NetKind::Connect),
             2 => Some(NetKind::Accept),
+            3 => Some(NetKind::Established),
             _ => None,
         }
     }
@@ -601,6 +615,10 @@ pub struct Obligations {
     pub cpu_limit_s: Option<u32>,
     /// Audit verbosity for this process: 0 none .. 3 all.
     pub log_level: u8,
+    /// connect only: the connection must be a bound channel (policy
+    /// `@encrypt("required")`): once established the module asks again
+    /// ([`NetKind::Established`]) for its key, and resets it without one.
+    pub encrypt: bool,
 }
 
 /// Agent → module: the answer to the request with the header's `request_id`.
@@ -615,6 +633,63 @@ pub struct Verdict {
     pub cacheable: bool,
     /// Conditions, meaningful with [`Decision::AllowWithConditions`].
     pub obligations: Obligations,
+}
+
+/// Length of a channel key (AES-256-GCM).
+pub const CHANNEL_KEY_LEN: usize = 32;
+/// Length of a channel's key id (random; shown hex-encoded).
+pub const CHANNEL_KEY_ID_LEN: usize = 16;
+/// Length of the implicit nonce part (kTLS `salt`).
+pub const CHANNEL_SALT_LEN: usize = 4;
+/// Length of the explicit nonce part (kTLS `iv`).
+pub const CHANNEL_IV_LEN: usize = 8;
+
+/// Agent → module: the key material of one channel from this host's point
+/// of view, answering the [`NetRequest`] with the header's `request_id`
+/// (an accept, or an established connect). The module installs it as kTLS
+/// TLS 1.3 AES-256-GCM state on the socket: `TLS_TX` {`key`, `tx_iv`,
+/// `tx_salt`, record sequence 0} and `TLS_RX` {`key`, `rx_iv`, `rx_salt`,
+/// 0}; the two ends' tx and rx are crossed. Both sides zero the bytes once
+/// used: the key lives on only in the kernel's kTLS state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ChannelKey {
+    /// The appliance's channel id (both ends carry the same).
+    pub channel_id: u64,
+    /// Random key id, as the appliance's audit log records it.
+    pub key_id: [u8; CHANNEL_KEY_ID_LEN],
+    /// AES-256-GCM key, both directions.
+    pub key: [u8; CHANNEL_KEY_LEN],
+    /// What this host sends: implicit nonce part.
+    pub tx_salt: [u8; CHANNEL_SALT_LEN],
+    /// What this host sends: explicit nonce part.
+    pub tx_iv: [u8; CHANNEL_IV_LEN],
+    /// What this host receives: implicit nonce part.
+    pub rx_salt: [u8; CHANNEL_SALT_LEN],
+    /// What this host receives: explicit nonce part.
+    pub rx_iv: [u8; CHANNEL_IV_LEN],
+}
+
+impl fmt::Debug for ChannelKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key material.
+        f.debug_struct("ChannelKey")
+            .field("channel_id", &self.channel_id)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChannelKey {
+    /// Overwrites the key material with zeros (the fence keeps the stores
+    /// from being dropped as dead before the memory is reused).
+    pub fn wipe(&mut self) {
+        self.key = [0; CHANNEL_KEY_LEN];
+        self.tx_salt = [0; CHANNEL_SALT_LEN];
+        self.tx_iv = [0; CHANNEL_IV_LEN];
+        self.rx_salt = [0; CHANNEL_SALT_LEN];
+        self.rx_iv = [0; CHANNEL_IV_LEN];
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// How the module enforces (DESIGN.md §4 "Modes").
@@ -684,6 +759,8 @@ pub enum Record<'a> {
     Generation(Generation),
     /// See [`NetRequest`].
     NetRequest(NetRequest<'a>),
+    /// See [`ChannelKey`].
+    ChannelKey(ChannelKey),
 }
 
 impl Record<'_> {
@@ -697,6 +774,7 @@ impl Record<'_> {
             Record::Config(_) => Kind::Config,
             Record::Generation(_) => Kind::Generation,
             Record::NetRequest(_) => Kind::NetRequest,
+            Record::ChannelKey(_) => Kind::ChannelKey,
         }
     }
 
@@ -710,6 +788,7 @@ impl Record<'_> {
             Record::Config(_) => CONFIG_LEN,
             Record::Generation(_) => GENERATION_LEN,
             Record::NetRequest(r) => NET_FIXED_LEN + r.ancestry.as_bytes().len(),
+            Record::ChannelKey(_) => CHANNEL_KEY_BODY_LEN,
         }
     }
 
@@ -790,6 +869,9 @@ impl Record<'_> {
                 if v.obligations.cpu_limit_s.is_some() {
                     present |= OBL_CPU;
                 }
+                if v.obligations.encrypt {
+                    present |= OBL_ENCRYPT;
+                }
                 w.u8(present);
                 w.u8(v.obligations.log_level);
                 w.u64(v.policy_generation);
@@ -827,6 +909,15 @@ impl Record<'_> {
                 w.u16(0);
                 w.bytes(r.ancestry.as_bytes());
             }
+            Record::ChannelKey(k) => {
+                w.u64(k.channel_id);
+                w.bytes(&k.key_id);
+                w.bytes(&k.key);
+                w.bytes(&k.tx_salt);
+                w.bytes(&k.tx_iv);
+                w.bytes(&k.rx_salt);
+                w.bytes(&k.rx_iv);
+            }
         }
         if w.pos != len {
             return Err(EncodeError::BufferTooSmall {
@@ -854,6 +945,10 @@ const NET_FIXED_LEN: usize = 1 + 1 + 2 + 2 + 2 + 16 + 16 + SHA256_LEN + 7 * 4 + 
 const GENERATION_LEN: usize = 8;
 const OBL_NICE: u8 = 1;
 const OBL_CPU: u8 = 2;
+const OBL_ENCRYPT: u8 = 4;
+/// Channel key body: channel id, key id, key, two salts and ivs.
+const CHANNEL_KEY_BODY_LEN: usize =
+    8 + CHANNEL_KEY_ID_LEN + CHANNEL_KEY_LEN + 2 * (CHANNEL_SALT_LEN + CHANNEL_IV_LEN);
 
 /// Decodes one whole record.
 pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
@@ -932,7 +1027,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 _ => return Err(DecodeError::InvalidField("cacheable")),
             };
             let present = r.u8().map_err(short)?;
-            if present & !(OBL_NICE | OBL_CPU) != 0 {
+            if present & !(OBL_NICE | OBL_CPU | OBL_ENCRYPT) != 0 {
                 return Err(DecodeError::InvalidField("obligations"));
             }
             let log_level = r.u8().map_err(short)?;
@@ -955,6 +1050,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                     nice: (present & OBL_NICE != 0).then_some(nice),
                     cpu_limit_s: (present & OBL_CPU != 0).then_some(cpu),
                     log_level,
+                    encrypt: present & OBL_ENCRYPT != 0,
                 },
             })
         }
@@ -1034,6 +1130,15 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 ancestry: Ancestry(anc),
             })
         }
+        Kind::ChannelKey => Record::ChannelKey(ChannelKey {
+            channel_id: r.u64().map_err(short)?,
+            key_id: r.array().map_err(short)?,
+            key: r.array().map_err(short)?,
+            tx_salt: r.array().map_err(short)?,
+            tx_iv: r.array().map_err(short)?,
+            rx_salt: r.array().map_err(short)?,
+            rx_iv: r.array().map_err(short)?,
+        }),
     };
     r.finish()?;
     Ok((header, record))

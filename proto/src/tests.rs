@@ -62,8 +62,21 @@ fn sample_verdict() -> Record<'static> {
             nice: Some(10),
             cpu_limit_s: Some(60),
             log_level: 2,
+            encrypt: true,
         },
     })
+}
+
+fn sample_key() -> ChannelKey {
+    ChannelKey {
+        channel_id: 0x0102_0304_0506_0708,
+        key_id: [0x11; CHANNEL_KEY_ID_LEN],
+        key: [0x22; CHANNEL_KEY_LEN],
+        tx_salt: [1, 2, 3, 4],
+        tx_iv: [5; CHANNEL_IV_LEN],
+        rx_salt: [0x81, 2, 3, 4],
+        rx_iv: [6; CHANNEL_IV_LEN],
+    }
 }
 
 #[test]
@@ -133,6 +146,15 @@ fn every_kind_round_trips() {
                 _ => unreachable!(),
             }
         }),
+        Record::NetRequest(NetRequest {
+            kind: NetKind::Established,
+            src_port: 40001,
+            ..match sample_net(&[]) {
+                Record::NetRequest(r) => r,
+                _ => unreachable!(),
+            }
+        }),
+        Record::ChannelKey(sample_key()),
     ];
     for (i, rec) in records.iter().enumerate() {
         let buf = enc(rec, i as u64 + 100);
@@ -317,7 +339,7 @@ fn bad_net_fields_are_named() {
     let good = enc(&sample_net(&anc), 5);
     let body = HEADER_LEN;
     let cases: [(usize, u8, &str); 6] = [
-        (body, 3, "net_kind"),
+        (body, 4, "net_kind"),
         (body + 1, 5, "family"),
         (body + 2, 1, "reserved"),
         (body + 8 + 4, 1, "address"), // byte 4 of an IPv4 source
@@ -522,4 +544,51 @@ proptest! {
         prop_assert_eq!(h.request_id, id);
         prop_assert_eq!(back, rec);
     }
+}
+
+#[test]
+fn channel_key_layout_and_wipe() {
+    let buf = enc(&Record::ChannelKey(sample_key()), 9);
+    assert_eq!(buf.len(), HEADER_LEN + 8 + 16 + 32 + 4 + 8 + 4 + 8);
+    // channel id, then key id, then the key.
+    assert_eq!(
+        &buf[HEADER_LEN..HEADER_LEN + 8],
+        &0x0102_0304_0506_0708u64.to_le_bytes()
+    );
+    assert_eq!(&buf[HEADER_LEN + 8..HEADER_LEN + 24], &[0x11; 16]);
+    assert_eq!(&buf[HEADER_LEN + 24..HEADER_LEN + 56], &[0x22; 32]);
+    let Ok((_, Record::ChannelKey(mut k))) = decode(&buf) else {
+        panic!("a channel key decodes")
+    };
+    let shown = format!("{k:?}");
+    assert!(!shown.contains("34"), "Debug shows no key bytes: {shown}");
+    k.wipe();
+    assert_eq!(k.key, [0; CHANNEL_KEY_LEN]);
+    assert_eq!((k.tx_salt, k.rx_salt), ([0; 4], [0; 4]));
+    assert_eq!((k.tx_iv, k.rx_iv), ([0; 8], [0; 8]));
+    assert_eq!(k.key_id, [0x11; 16], "the key id is no secret");
+    // A truncated key is short, not garbage.
+    assert!(matches!(
+        decode_body_truncated(&buf, 1),
+        Err(DecodeError::LengthMismatch { .. }) | Err(DecodeError::Short { .. })
+    ));
+}
+
+fn decode_body_truncated(buf: &[u8], cut: usize) -> Result<(Header, Record<'_>), DecodeError> {
+    decode(&buf[..buf.len() - cut])
+}
+
+#[test]
+fn encrypt_obligation_round_trips_and_unknown_bits_are_refused() {
+    let mut buf = enc(&sample_verdict(), 1);
+    let Ok((_, Record::Verdict(v))) = decode(&buf) else {
+        panic!("verdict")
+    };
+    assert!(v.obligations.encrypt);
+    // present mask is the third body byte.
+    buf[HEADER_LEN + 2] |= 0x08;
+    assert_eq!(
+        decode(&buf).map(|_| ()),
+        Err(DecodeError::InvalidField("obligations"))
+    );
 }

@@ -107,6 +107,7 @@ fn net_line(r: &NetRequest<'_>, allowed: bool) -> String {
         match r.kind {
             NetKind::Connect => "connect",
             NetKind::Accept => "accept",
+            NetKind::Established => "established",
         },
         endpoint(r.family, &r.src_addr, r.src_port),
         endpoint(r.family, &r.dst_addr, r.dst_port),

@@ -35,7 +35,7 @@ use kernel::sync::{new_condvar, new_mutex, CondVar, CondVarTimeoutResult, Mutex}
 use kernel::time::msecs_to_jiffies;
 use kernel::uaccess::UserSlice;
 
-use crate::proto::{self, DecodeError, HelloAck, Mode, Record, Verdict};
+use crate::proto::{self, ChannelKey, DecodeError, HelloAck, Kind, Mode, Record, Verdict};
 use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin};
 
 /// Most requests waiting for a verdict at once; more fail with `EBUSY`
@@ -119,7 +119,7 @@ struct State {
     epoch: u64,
     outbox: Outbox,
     /// Requests waiting for verdicts, by request id; `Some` once answered.
-    pending: RBTree<u64, Option<Verdict>>,
+    pending: RBTree<u64, Option<Reply>>,
     /// Held while in enforce mode: the module may not be unloaded then,
     /// until an agent sets another mode.
     enforce_pin: Option<ModulePin>,
@@ -132,12 +132,26 @@ struct State {
     pinned_agent: Option<FileId>,
 }
 
+/// What the agent answered a request with.
+enum Reply {
+    Verdict(Verdict),
+    Key(ChannelKey),
+}
+
 impl State {
-    /// Removes request `id`, returning its verdict if it has one.
-    fn take_pending(&mut self, id: u64) -> Option<Verdict> {
+    /// Removes request `id`, returning its answer if it has one.
+    fn take_pending(&mut self, id: u64) -> Option<Reply> {
         let v = self.pending.remove(&id)?;
         self.n_pending -= 1;
         v
+    }
+
+    /// Removes request `id` unanswered (timed out, interrupted, agent
+    /// gone): a key that arrived meanwhile is wiped.
+    fn drop_pending(&mut self, id: u64) {
+        if let Some(Reply::Key(mut k)) = self.take_pending(id) {
+            k.wipe();
+        }
     }
 }
 
@@ -145,6 +159,9 @@ impl State {
 pub(crate) enum Answer {
     /// The agent answered.
     Verdict(Verdict),
+    /// The agent answered with a channel key (net requests only); the
+    /// receiver installs it and wipes it.
+    Key(ChannelKey),
     /// No agent is connected (or it left before answering).
     NoAgent,
     /// The agent did not answer in time.
@@ -286,28 +303,30 @@ impl Channel {
         st.pending.try_create_and_insert(id, None, GFP_KERNEL)?;
         st.n_pending += 1;
         if let Err(e) = self.enqueue(&mut st, rec, id) {
-            st.take_pending(id);
+            st.drop_pending(id);
             return Err(e);
         }
         let mut left = msecs_to_jiffies(timeout);
         loop {
             if st.epoch != epoch {
-                st.take_pending(id);
+                st.drop_pending(id);
                 return Ok(Answer::NoAgent);
             }
             if matches!(st.pending.get(&id), Some(Some(_))) {
-                if let Some(v) = st.take_pending(id) {
-                    return Ok(Answer::Verdict(v));
+                match st.take_pending(id) {
+                    Some(Reply::Verdict(v)) => return Ok(Answer::Verdict(v)),
+                    Some(Reply::Key(k)) => return Ok(Answer::Key(k)),
+                    None => {}
                 }
             }
             match self.verdicts.wait_interruptible_timeout(&mut st, left) {
                 CondVarTimeoutResult::Woken { jiffies } => left = jiffies,
                 CondVarTimeoutResult::Timeout => {
-                    st.take_pending(id);
+                    st.drop_pending(id);
                     return Ok(Answer::TimedOut);
                 }
                 CondVarTimeoutResult::Signal { .. } => {
-                    st.take_pending(id);
+                    st.drop_pending(id);
                     return Ok(Answer::Interrupted);
                 }
             }
@@ -341,7 +360,18 @@ impl Channel {
         let mut buf = KVec::with_capacity(len, GFP_KERNEL)?;
         // Read once into a kernel copy, then only look at the copy.
         UserSlice::new(ubuf, len).read_all(&mut buf, GFP_KERNEL)?;
-        let (header, record) = proto::decode(&buf).map_err(|e| reject(&e))?;
+        let r = self.take_record(&buf);
+        if buf.get(6..8) == Some(&(Kind::ChannelKey as u16).to_le_bytes()[..]) {
+            // Key material: the only copy left is the pending slot's.
+            buf.fill(0);
+            core::sync::atomic::compiler_fence(Ordering::SeqCst);
+        }
+        r.map(|()| len)
+    }
+
+    /// Acts on one record the agent wrote.
+    fn take_record(&self, buf: &[u8]) -> Result {
+        let (header, record) = proto::decode(buf).map_err(|e| reject(&e))?;
 
         let mut st = self.state.lock();
         match record {
@@ -374,7 +404,20 @@ impl Channel {
                     );
                     return Err(ENOENT);
                 };
-                *slot = Some(v);
+                *slot = Some(Reply::Verdict(v));
+                self.verdicts.notify_all();
+            }
+            Record::ChannelKey(mut k) => {
+                let Some(slot @ None) = st.pending.get_mut(&header.request_id) else {
+                    k.wipe();
+                    pr_warn!(
+                        "channel key for unknown, expired or answered request {}\n",
+                        header.request_id
+                    );
+                    return Err(ENOENT);
+                };
+                *slot = Some(Reply::Key(k));
+                k.wipe();
                 self.verdicts.notify_all();
             }
             Record::Config(c) => {
@@ -410,16 +453,12 @@ impl Channel {
                 crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
-            Record::ChannelKey(_) => {
-                pr_warn!("agent sent a channel key; channels are not bound yet\n");
-                return Err(EINVAL);
-            }
             Record::HelloAck(_) | Record::ExecRequest(_) | Record::NetRequest(_) => {
                 pr_warn!("agent sent a module-only record kind {:?}\n", record.kind());
                 return Err(EINVAL);
             }
         }
-        Ok(len)
+        Ok(())
     }
 
     /// Encodes `rec` onto the outbox and wakes the reader.

@@ -461,6 +461,8 @@ pub(crate) enum Refusal {
     NoAgent,
     TimedOut,
     Unreadable(Error),
+    /// A connection that must be a bound channel got no key.
+    Unbound,
 }
 
 impl core::fmt::Display for Refusal {
@@ -470,6 +472,7 @@ impl core::fmt::Display for Refusal {
             Refusal::NoAgent => f.write_str("no agent"),
             Refusal::TimedOut => f.write_str("no verdict in time"),
             Refusal::Unreadable(e) => write!(f, "cannot hash the file: errno {}", e.to_errno()),
+            Refusal::Unbound => f.write_str("no channel key"),
         }
     }
 }
@@ -513,7 +516,7 @@ impl Refusals {
         subject: impl core::fmt::Display,
     ) -> Result {
         match refusal {
-            Refusal::Denied => {}
+            Refusal::Denied | Refusal::Unbound => {}
             Refusal::NoAgent => bump(&self.no_agent),
             Refusal::TimedOut => bump(&self.timeouts),
             Refusal::Unreadable(_) => bump(&self.unreadable),
@@ -654,6 +657,11 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
             // ... and so must its ELF loader.
             pinned_allowed(subj);
             Ok(())
+        }
+        Answer::Key(mut k) => {
+            k.wipe();
+            pr_warn!("agent answered an exec request with a channel key\n");
+            Err(Ok(Refusal::Denied))
         }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),

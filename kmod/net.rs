@@ -28,15 +28,33 @@
 //! talks to the appliance). Counters are in
 //! `/sys/kernel/debug/trustbind/net_*`.
 //!
-//! Not yet (issue 7, later milestones): channel keys and kTLS on the
-//! allowed sockets, the netfilter backstop, UNIX sockets. Known gaps until
-//! then: a TCP Fast Open `sendto(MSG_FASTOPEN)` on an unconnected socket
-//! connects through `tcp_sendmsg_fastopen` without `inet_stream_connect`
-//! (the `inet_sendmsg` wrapper of the kTLS milestone must refuse or
-//! qualify it); a non-blocking connect waits for its verdict like a
-//! blocking one. (A process that exec'd while the module was disabled is
-//! not taken for what it ran before: leaving disabled mode empties the
-//! lineage table, see `device.rs`.)
+//! # Bound channels
+//!
+//! A connect verdict with the `encrypt` obligation makes the connection a
+//! channel the appliance keys. The connect wrapper then waits for the
+//! handshake (a non-blocking connect too: it returns 0) and asks again,
+//! [`NetKind::Established`], now with the real client end, so the appliance
+//! can pair it with the server's accept. The answer must be a
+//! [`ChannelKey`]: it is installed as kTLS TLS 1.3 AES-256-GCM state on the
+//! socket before `connect()` returns, so the program's first byte is
+//! already a TLS record. On the server, an accept answered with a key is
+//! bound the same way before `accept()` returns (client records already
+//! queued are parsed once `TLS_RX` is set). Whatever else happens to a
+//! connection that must be bound (a verdict instead of a key, no answer in
+//! time, the agent leaving, an install failure) resets it: a bound socket
+//! never carries plaintext. Install failures reset it in every mode; a
+//! missing key is a refusal the mode decides on ("would deny" in
+//! permissive mode, where the connection goes on unbound). Key bytes are
+//! wiped once installed; they live on only in the kernel's kTLS state.
+//!
+//! Not yet (issue 7, later milestones): the netfilter backstop, UNIX
+//! sockets, channel close records. Known gaps: a TCP Fast Open
+//! `sendto(MSG_FASTOPEN)` on an unconnected socket connects through
+//! `tcp_sendmsg_fastopen` without `inet_stream_connect`; a second thread
+//! sending on the socket while the key is on its way (after the handshake,
+//! before `connect()` returns) is not held back. (A process that exec'd
+//! while the module was disabled is not taken for what it ran before:
+//! leaving disabled mode empties the lineage table, see `device.rs`.)
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::prelude::*;
@@ -44,8 +62,10 @@ use kernel::prelude::*;
 use crate::device::Answer;
 use crate::exec::{Refusal, Refusals};
 use crate::proto::lineage::{Chain, ProcId};
-use crate::proto::{Ancestry, Decision, Family, Mode, NetKind, NetRequest, ProgramSource, Record};
-use crate::sys::{NetInfo, NET_CONNECT};
+use crate::proto::{
+    Ancestry, ChannelKey, Decision, Family, Mode, NetKind, NetRequest, ProgramSource, Record,
+};
+use crate::sys::{self, NetInfo, NET_CONNECT, NET_ESTABLISHED};
 use crate::Shared;
 
 /// What the net path did since load (shown in debugfs, see `pem.rs`).
@@ -61,6 +81,12 @@ pub(crate) struct Stats {
     pub(crate) refusals: Refusals,
     /// Programs hashed from `mm->exe_file` (not known from an exec).
     pub(crate) exe_hashed: AtomicU64,
+    /// Connects whose verdict required a bound channel.
+    pub(crate) bind_required: AtomicU64,
+    /// Sockets bound to a channel (kTLS installed), both ends counted.
+    pub(crate) bound: AtomicU64,
+    /// Keys that could not be installed (the connection was reset).
+    pub(crate) bind_failed: AtomicU64,
 }
 
 /// The net path's counters.
@@ -70,6 +96,9 @@ pub(crate) static STATS: Stats = Stats {
     allowed: AtomicU64::new(0),
     refusals: Refusals::new(),
     exe_hashed: AtomicU64::new(0),
+    bind_required: AtomicU64::new(0),
+    bound: AtomicU64::new(0),
+    bind_failed: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64) {
@@ -111,48 +140,132 @@ impl core::fmt::Display for Connection<'_> {
     }
 }
 
-/// Decides one connection end: `Ok` lets it go on.
-pub(crate) fn check(s: &Shared, info: &NetInfo) -> Result {
-    let mode = s.channel.mode();
-    if mode == Mode::Disabled || !s.channel.qualifies_net() || s.channel.is_agent(info.tgid) {
-        return Ok(());
+/// A key id for log lines: its first 8 bytes in hex.
+struct KeyId<'a>(&'a [u8]);
+
+impl core::fmt::Display for KeyId<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for b in self.0.iter().take(8) {
+            write!(f, "{:02x}", b)?;
+        }
+        Ok(())
     }
-    let kind = if info.kind == NET_CONNECT {
-        NetKind::Connect
-    } else {
-        NetKind::Accept
+}
+
+/// What a verdict let through.
+enum Granted {
+    /// A plain connection; for a connect, whether it must become a bound
+    /// channel (the `encrypt` obligation).
+    Plain { encrypt: bool },
+    /// A bound channel: install this key.
+    Key(ChannelKey),
+}
+
+/// Decides one connection end: `Ok` lets it go on. A connect may set
+/// `info.bind`; an accept or an established connect answered with a key is
+/// bound here.
+pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
+    let mode = s.channel.mode();
+    let kind = match info.kind {
+        NET_CONNECT => NetKind::Connect,
+        NET_ESTABLISHED => NetKind::Established,
+        _ => NetKind::Accept,
     };
+    if mode == Mode::Disabled || !s.channel.qualifies_net() || s.channel.is_agent(info.tgid) {
+        // A connection that had to be bound stays bound-or-nothing even if
+        // the mode changed meanwhile.
+        return match kind {
+            NetKind::Established if mode != Mode::Disabled => Err(sys::econnreset()),
+            _ => Ok(()),
+        };
+    }
     let family = if info.family == 6 {
         Family::Ipv6
     } else {
         Family::Ipv4
     };
-    let refusal = match qualify(s, info, kind, family) {
-        Ok(()) => return Ok(()),
-        Err(Err(e)) => return Err(e),
-        Err(Ok(r)) => r,
-    };
     let what = match kind {
         NetKind::Connect => "connect",
         NetKind::Accept => "accept",
-        NetKind::Established => "established connect",
+        NetKind::Established => "channel connect",
     };
     let subject = Connection {
         pid: info.tgid,
         src: Endpoint(family, &info.src_addr, info.src_port),
         dst: Endpoint(family, &info.dst_addr, info.dst_port),
     };
+    let refusal = match qualify(s, info, kind, family) {
+        Ok(Granted::Plain { encrypt }) => match kind {
+            NetKind::Connect => {
+                if encrypt {
+                    bump(&STATS.bind_required);
+                    info.bind = 1;
+                }
+                return Ok(());
+            }
+            NetKind::Accept if !encrypt => return Ok(()),
+            // The policy requires a channel but no key came with it.
+            _ => Refusal::Unbound,
+        },
+        Ok(Granted::Key(mut key)) => {
+            let r = bind(info, kind, &key, &subject, what);
+            key.wipe();
+            return r;
+        }
+        Err(Err(e)) => return Err(e),
+        Err(Ok(r)) => r,
+    };
     STATS.refusals.apply(mode, &refusal, what, subject)
 }
 
-/// `Ok` to go on; `Err(Ok(refusal))` for a refusal the mode decides on;
-/// `Err(Err(e))` to fail the call with `e` whatever the mode.
+/// Installs `key` on the socket; any failure resets the connection.
+fn bind(
+    info: &NetInfo,
+    kind: NetKind,
+    key: &ChannelKey,
+    subject: &Connection<'_>,
+    what: &str,
+) -> Result {
+    if kind == NetKind::Connect {
+        // Nothing to bind yet: the agent answered out of turn.
+        pr_warn!("{} {}: channel key before the handshake\n", what, subject);
+        bump(&STATS.bind_failed);
+        return Err(EACCES);
+    }
+    match sys::ktls_install(info, key) {
+        Ok(()) => {
+            bump(&STATS.bound);
+            pr_info!(
+                "{} bound: {} (channel {}, key {})\n",
+                what,
+                subject,
+                key.channel_id,
+                KeyId(&key.key_id)
+            );
+            Ok(())
+        }
+        Err(e) => {
+            bump(&STATS.bind_failed);
+            pr_warn!(
+                "{} reset: {} (channel {}: kTLS install failed, errno {})\n",
+                what,
+                subject,
+                key.channel_id,
+                e.to_errno()
+            );
+            Err(sys::econnreset())
+        }
+    }
+}
+
+/// What the agent let through; `Err(Ok(refusal))` for a refusal the mode
+/// decides on; `Err(Err(e))` to fail the call with `e` whatever the mode.
 fn qualify(
     s: &Shared,
     info: &NetInfo,
     kind: NetKind,
     family: Family,
-) -> Result<(), Result<Refusal>> {
+) -> Result<Granted, Result<Refusal>> {
     let proc = ProcId {
         tgid: info.tgid,
         start_ns: info.start_ns,
@@ -200,15 +313,22 @@ fn qualify(
         Answer::Verdict(v) => match v.decision {
             Decision::Allow | Decision::AllowWithConditions => {
                 bump(&STATS.allowed);
-                Ok(())
+                Ok(Granted::Plain {
+                    encrypt: v.obligations.encrypt,
+                })
             }
             Decision::Deny => Err(Ok(Refusal::Denied)),
         },
+        Answer::Key(k) => {
+            bump(&STATS.allowed);
+            Ok(Granted::Key(k))
+        }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
-        // Nothing was sent yet on a connect: restart it. An accepted
-        // connection cannot be put back: the wrapper aborts it.
-        Answer::Interrupted => Err(Err(ERESTARTSYS)),
+        // Nothing was sent yet on a connect: restart it. An established
+        // or accepted connection cannot be put back: the wrapper resets it.
+        Answer::Interrupted if kind == NetKind::Connect => Err(Err(ERESTARTSYS)),
+        Answer::Interrupted => Err(Err(EINTR)),
     }
 }
 

@@ -176,6 +176,9 @@ impl kernel::Module for Trustbind {
             (c_str!("net_timeouts"), &net::STATS.refusals.timeouts),
             (c_str!("net_unreadable"), &net::STATS.refusals.unreadable),
             (c_str!("net_exe_hashed"), &net::STATS.exe_hashed),
+            (c_str!("net_bind_required"), &net::STATS.bind_required),
+            (c_str!("net_bound"), &net::STATS.bound),
+            (c_str!("net_bind_failed"), &net::STATS.bind_failed),
         ]);
         let loader = LoaderGate::new()?;
         let exec = ExecRegistration::new();

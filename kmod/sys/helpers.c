@@ -35,6 +35,10 @@
 #include <net/inet_sock.h>
 #include <net/inet_common.h>
 #include <net/ipv6.h>
+#include <net/tcp.h>
+#include <net/tls.h>
+#include <linux/tls.h>
+#include <linux/string.h>
 
 #include "helpers.h"
 
@@ -718,13 +722,13 @@ static int tb_inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 	struct tb_net_info info;
 	int err = 0;
 
+	memset(&info, 0, sizeof(info));
 	/* Only the connect that sends the SYN: not a non-blocking connect's
 	 * later calls, a disconnect (AF_UNSPEC) or an address the protocol
 	 * refuses anyway. */
 	if (tb_net_watched(sk) && READ_ONCE(sock->state) == SS_UNCONNECTED &&
 	    addr_len >= (int)sizeof(sa_family_t) &&
 	    uaddr->sa_family == sk->sk_family) {
-		memset(&info, 0, sizeof(info));
 		info.kind = TB_NET_CONNECT;
 		if (uaddr->sa_family == AF_INET &&
 		    addr_len >= (int)sizeof(struct sockaddr_in)) {
@@ -744,11 +748,36 @@ static int tb_inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 		if (info.family) {
 			tb_sock_end(sk, false, info.src_addr, &info.src_port);
 			TB_FILL_TASK(&info);
+			info.sock = sock;
 			err = trustbind_net_check(&info);
 		}
 	}
-	if (!err)
-		err = inet_stream_connect(sock, uaddr, addr_len, flags);
+	if (err)
+		goto out;
+	/* A connection that must be a bound channel gets its key before the
+	 * program can send: wait for the handshake even on a non-blocking
+	 * socket (connect() then returns 0, as POSIX allows). */
+	if (info.bind)
+		flags &= ~O_NONBLOCK;
+	err = inet_stream_connect(sock, uaddr, addr_len, flags);
+	if (!info.bind)
+		goto out;
+	if (err) {
+		/* Interrupted or timed out (SO_SNDTIMEO) while the handshake
+		 * goes on: abandon it, so it never completes unbound; a new
+		 * connect() is qualified from the start. */
+		if (READ_ONCE(sock->state) == SS_CONNECTING)
+			tb_sock_abort(sock, ECONNABORTED);
+		goto out;
+	}
+	info.kind = TB_NET_ESTABLISHED;
+	info.bind = 0;
+	tb_sock_end(sk, false, info.src_addr, &info.src_port);
+	tb_sock_end(sk, true, info.dst_addr, &info.dst_port);
+	err = trustbind_net_check(&info);
+	if (err)
+		tb_sock_abort(sock, ECONNRESET);
+out:
 	tb_net_leave();
 	return err;
 }
@@ -769,16 +798,57 @@ static int tb_inet_accept(struct socket *sock, struct socket *newsock,
 		tb_sock_end(sk, true, info.src_addr, &info.src_port);
 		tb_sock_end(sk, false, info.dst_addr, &info.dst_port);
 		TB_FILL_TASK(&info);
+		info.sock = newsock;
 		if (trustbind_net_check(&info)) {
 			/* The caller (do_accept, kernel_accept) releases
 			 * newsock on an error; without linger the close
-			 * resets the connection, so the client sees it. */
+			 * resets the connection, so the client sees it. (A
+			 * partly bound socket cannot disconnect: the reset
+			 * comes from the close.) */
 			sock_no_linger(sk);
 			err = -ECONNABORTED;
 		}
 	}
 	tb_net_leave();
 	return err;
+}
+
+int tb_ktls_install(struct socket *sock, struct tb_channel_key *key)
+{
+	static const char ulp[] = "tls";
+	struct tls12_crypto_info_aes_gcm_256 ci;
+	int err;
+
+	BUILD_BUG_ON(sizeof(ci.key) != sizeof(key->key));
+	BUILD_BUG_ON(sizeof(ci.salt) != sizeof(key->tx_salt));
+	BUILD_BUG_ON(sizeof(ci.iv) != sizeof(key->tx_iv));
+	memset(&ci, 0, sizeof(ci));
+	err = sock->ops->setsockopt(sock, SOL_TCP, TCP_ULP,
+				    KERNEL_SOCKPTR((void *)ulp), sizeof(ulp));
+	if (err)
+		goto out;
+	ci.info.version = TLS_1_3_VERSION;
+	ci.info.cipher_type = TLS_CIPHER_AES_GCM_256;
+	memcpy(ci.key, key->key, sizeof(ci.key));
+	memcpy(ci.salt, key->tx_salt, sizeof(ci.salt));
+	memcpy(ci.iv, key->tx_iv, sizeof(ci.iv));
+	err = sock->ops->setsockopt(sock, SOL_TLS, TLS_TX, KERNEL_SOCKPTR(&ci),
+				    sizeof(ci));
+	if (err)
+		goto out;
+	memcpy(ci.salt, key->rx_salt, sizeof(ci.salt));
+	memcpy(ci.iv, key->rx_iv, sizeof(ci.iv));
+	err = sock->ops->setsockopt(sock, SOL_TLS, TLS_RX, KERNEL_SOCKPTR(&ci),
+				    sizeof(ci));
+out:
+	memzero_explicit(&ci, sizeof(ci));
+	memzero_explicit(key, sizeof(*key));
+	return err;
+}
+
+void tb_sock_abort(struct socket *sock, int err)
+{
+	tcp_abort(sock->sk, err);
 }
 
 static void notrace tb_net_redirect(unsigned long ip, unsigned long parent_ip,

@@ -113,12 +113,17 @@ int trustbind_loader_check(const struct path *path);
 
 #define TB_NET_CONNECT 1
 #define TB_NET_ACCEPT 2
+/* A connect whose verdict required a bound channel, asked again once the
+ * handshake is done (its real client end known), for the channel key. */
+#define TB_NET_ESTABLISHED 3
+
+struct socket;
 
 /* One connection end, as trustbind_net_check() sees it. Addresses in
  * network byte order, IPv4 in the first 4 bytes; src is the client side,
  * dst the server side, on both kinds. */
 struct tb_net_info {
-	u32 kind;		/* TB_NET_CONNECT or TB_NET_ACCEPT */
+	u32 kind;		/* TB_NET_CONNECT, _ACCEPT or _ESTABLISHED */
 	u32 family;		/* 4 or 6 */
 	u8 src_addr[16];
 	u8 dst_addr[16];
@@ -128,10 +133,34 @@ struct tb_net_info {
 	u32 loginuid;		/* (u32)-1 if unset */
 	u32 sessionid;		/* (u32)-1 if unset */
 	u32 tgid, ptgid;
-	u32 _pad;
+	/* Out, TB_NET_CONNECT: the verdict requires a bound channel, so the
+	 * wrapper waits for the handshake and asks TB_NET_ESTABLISHED. */
+	u32 bind;
 	u64 start_ns;		/* boot-based start of the task's group leader */
 	u64 pstart_ns;		/* same, of the parent's */
+	/* The socket (connect) or the accepted one (accept); the keys of a
+	 * bound channel are installed on it (tb_ktls_install). */
+	struct socket *sock;
 };
+
+/* The key material of one channel from this end's point of view. */
+struct tb_channel_key {
+	u8 key[32];		/* AES-256-GCM, both directions */
+	u8 tx_salt[4];
+	u8 tx_iv[8];
+	u8 rx_salt[4];
+	u8 rx_iv[8];
+};
+
+/* Binds the connected TCP socket to its channel: the "tls" ULP, then kTLS
+ * TLS 1.3 AES-256-GCM TLS_TX {key, tx_iv, tx_salt} and TLS_RX {key, rx_iv,
+ * rx_salt}, record sequences 0. Data already queued is parsed as records
+ * once TLS_RX is set. Zeroes *key (and its own copies) before returning.
+ * 0 or -errno (a partly bound socket must then be reset). */
+int tb_ktls_install(struct socket *sock, struct tb_channel_key *key);
+/* Aborts a TCP connection: a reset is sent if it was synchronised, and the
+ * socket reports err. */
+void tb_sock_abort(struct socket *sock, int err);
 
 /* Registers both ftrace ops. 0 or -errno (nothing left registered). */
 int tb_net_hooks_start(void);
@@ -143,8 +172,10 @@ int tb_hash_current_exe(struct tb_hashers *h, u8 *sha256_out, u8 *sha1_out,
 			u64 *size_out);
 
 /* Implemented in Rust (net.rs): 0 lets the connect go on (or hands the
- * accepted connection to the program), -errno refuses it. May sleep. */
-int trustbind_net_check(const struct tb_net_info *info);
+ * accepted connection to the program), -errno refuses it. May sleep. For a
+ * connect it may set info->bind; for an accept or an established connect
+ * it installs the channel's keys itself (tb_ktls_install). */
+int trustbind_net_check(struct tb_net_info *info);
 
 /* --- Statistics in debugfs (/sys/kernel/debug/trustbind/) --------------- */
 

@@ -30,15 +30,42 @@ use bindings::{
     tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove, tb_debugfs_u64, tb_dev_deregister,
     tb_dev_register, tb_dev_wake_readers, tb_exec_register, tb_exec_unregister,
     tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hashers as RawHashers, tb_hashers_alloc,
-    tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_loader_gate_start,
+    tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_ktls_install, tb_loader_gate_start,
     tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
     tb_net_hooks_stop, tb_now_ms, tb_path_info, tb_path_name, tb_set_nice_current,
 };
 
 /// One connection end a connect or accept wrapper asks about.
 pub(crate) use bindings::tb_net_info as NetInfo;
-/// `NetInfo::kind` of a connect.
+/// `NetInfo::kind` of a connect (before the SYN).
 pub(crate) const NET_CONNECT: u32 = bindings::TB_NET_CONNECT;
+/// `NetInfo::kind` of a bound connect once established.
+pub(crate) const NET_ESTABLISHED: u32 = bindings::TB_NET_ESTABLISHED;
+
+/// `ECONNRESET` (not among the kernel crate's named codes in 6.12).
+pub(crate) fn econnreset() -> Error {
+    // CAST: errno values are small positive integers.
+    Error::from_errno(-(kernel::bindings::ECONNRESET as i32))
+}
+
+/// Installs a channel's keys as kTLS state on the socket `info` names
+/// (TLS 1.3 AES-256-GCM, both directions). Every copy of the key material
+/// made here is zeroed before returning, whatever the outcome; on an error
+/// the socket may be partly bound and must be reset.
+pub(crate) fn ktls_install(info: &NetInfo, key: &crate::proto::ChannelKey) -> Result {
+    let mut raw = bindings::tb_channel_key {
+        key: key.key,
+        tx_salt: key.tx_salt,
+        tx_iv: key.tx_iv,
+        rx_salt: key.rx_salt,
+        rx_iv: key.rx_iv,
+    };
+    // SAFETY: `info.sock` is the live socket of the connect or accept
+    // wrapper running this call (it holds a reference on it until it
+    // returns); `raw` is a valid, exclusive key the helper zeroes. Process
+    // context, no spinlock held (the wrappers' contract).
+    to_result(unsafe { tb_ktls_install(info.sock, &mut raw) })
+}
 
 /// A file's identity (device, inode, generation, change cookie).
 pub(crate) use bindings::tb_file_id as FileId;
@@ -63,7 +90,7 @@ check_callbacks! {
     trustbind_dev_readable in crate::device: unsafe extern "C" fn() -> bool;
     trustbind_exec_check in self: unsafe extern "C" fn(*const linux_binprm) -> c_int;
     trustbind_loader_check in self: unsafe extern "C" fn(*const bindings::path) -> c_int;
-    trustbind_net_check in self: unsafe extern "C" fn(*const NetInfo) -> c_int;
+    trustbind_net_check in self: unsafe extern "C" fn(*mut NetInfo) -> c_int;
 }
 
 /// The SHA-256 and SHA-1 transforms, allocated once at load.
@@ -519,19 +546,26 @@ impl Drop for NetHooks {
 
 /// Called by the connect and accept wrappers for each TCP connection end a
 /// user-space socket opens or takes: 0 lets it go on, -errno refuses it.
+/// For a connect it may set `bind`; for an accept or an established
+/// connect it installs the channel's keys on `sock`.
 ///
 /// # Safety
 ///
-/// `info` points at a valid `tb_net_info` for the duration of the call,
-/// and the caller is the task doing the connect or accept (process
-/// context, no spinlock held).
+/// `info` points at a valid, exclusive `tb_net_info` for the duration of
+/// the call whose `sock` is live, and the caller is the task doing the
+/// connect or accept (process context, no spinlock held).
 #[no_mangle]
-unsafe extern "C" fn trustbind_net_check(info: *const NetInfo) -> c_int {
-    // SAFETY: Valid for this call by the function's safety contract.
-    let info = unsafe { &*info };
+unsafe extern "C" fn trustbind_net_check(info: *mut NetInfo) -> c_int {
+    // SAFETY: Valid and exclusive for this call by the function's safety
+    // contract.
+    let info = unsafe { &mut *info };
     let verdict = crate::SHARED.with(|s| crate::net::check(s, info));
     match verdict {
-        Some(Ok(())) | None => 0,
+        Some(Ok(())) => 0,
+        // Unloading: a connection that had to be bound is not let through
+        // unbound.
+        None if info.kind == NET_ESTABLISHED => econnreset().to_errno(),
+        None => 0,
         Some(Err(e)) => e.to_errno(),
     }
 }

@@ -8,7 +8,7 @@
 //! tb-fakeagent --mode enforce|permissive [--timeout-ms N]
 //!              [--allow-dir DIR]... [--allow FILE]... [--no-cache]
 //!              [--nice-path PATH:N]... [--net] [--net-allow FILE]...
-//!              [--deny-loader-direct]
+//!              [--deny-loader-direct] [--net-bind [--net-no-key]]
 //!              --log FILE
 //! ```
 //!
@@ -23,6 +23,13 @@
 //! `--allow-dir` are about execs only). Each becomes one line:
 //! `net connect|accept <src> -> <dst> sha256=<hex> from=lineage|exe uid=<u> pid=<p> anc=<hex,...> -> allow|deny`
 //! (`src` the client end, `dst` the server end).
+//! With `--net-bind` an allowed connect carries the `encrypt` obligation,
+//! so the module asks again once it is established (`net established ...`);
+//! that and an allowed accept are answered with a channel key, the same
+//! for both ends of one 4-tuple (tx and rx crossed), drawn from
+//! `/dev/urandom`; the line ends `-> key <channel id> <key id hex>`. With
+//! `--net-no-key` established connects get a deny verdict instead of a key
+//! (the module must reset them).
 //! Verdicts are cacheable unless `--no-cache`; an allowed exec of a path
 //! named by `--nice-path` is allowed with the condition "nice N".
 //! SIGUSR1 moves the policy generation by one (a `Generation` record, logged
@@ -39,8 +46,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 use trustbind_proto::{
-    self as proto, Config, Decision, Family, Generation, Hello, Mode, NetKind, NetRequest,
-    Obligations, ProgramSource, Record, Verdict,
+    self as proto, ChannelKey, Config, Decision, Family, Generation, Hello, Mode, NetKind,
+    NetRequest, Obligations, ProgramSource, Record, Verdict,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -149,6 +156,8 @@ fn run() -> Result<(), String> {
     let mut nice: HashMap<String, i8> = HashMap::new();
     let mut net = false;
     let mut net_allow = HashSet::new();
+    let mut net_bind = false;
+    let mut net_no_key = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -175,6 +184,8 @@ fn run() -> Result<(), String> {
                 net = true;
                 net_allow.insert(hash_file(Path::new(&f)).map_err(|e| format!("{f}: {e}"))?);
             }
+            "--net-bind" => net_bind = true,
+            "--net-no-key" => net_no_key = true,
             "--log" => log_path = Some(val()?),
             "--no-cache" => cacheable = false,
             "--deny-loader-direct" => deny_loader_direct = true,
@@ -238,6 +249,7 @@ fn run() -> Result<(), String> {
     log.flush().ok();
 
     let mut generation = 1u64;
+    let mut channels = Channels::default();
     while !STOP.load(Ordering::SeqCst) {
         if BUMP.swap(false, Ordering::SeqCst) {
             generation += 1;
@@ -258,19 +270,42 @@ fn run() -> Result<(), String> {
             Record::ExecRequest(r) => r,
             Record::NetRequest(r) => {
                 let allowed = net_allow.contains(&r.sha256);
-                writeln!(log, "{}", net_line(&r, allowed)).ok();
+                let keyed = net_bind
+                    && allowed
+                    && match r.kind {
+                        NetKind::Connect => false,
+                        NetKind::Established => !net_no_key,
+                        NetKind::Accept => true,
+                    };
+                let answer = if keyed {
+                    let (key, id) = channels.key_for(&r)?;
+                    writeln!(
+                        log,
+                        "{} key {id} {}",
+                        net_line(&r, true).trim_end_matches(" allow"),
+                        hex(&key.key_id)
+                    )
+                    .ok();
+                    Record::ChannelKey(key)
+                } else {
+                    let granted = allowed && !(r.kind == NetKind::Established && net_no_key);
+                    writeln!(log, "{}", net_line(&r, granted)).ok();
+                    Record::Verdict(Verdict {
+                        decision: if granted {
+                            Decision::Allow
+                        } else {
+                            Decision::Deny
+                        },
+                        policy_generation: generation,
+                        cacheable: false,
+                        obligations: Obligations {
+                            encrypt: net_bind && r.kind == NetKind::Connect,
+                            ..Obligations::default()
+                        },
+                    })
+                };
                 log.flush().ok();
-                let verdict = Record::Verdict(Verdict {
-                    decision: if allowed {
-                        Decision::Allow
-                    } else {
-                        Decision::Deny
-                    },
-                    policy_generation: generation,
-                    cacheable: false,
-                    obligations: Obligations::default(),
-                });
-                match send(&mut dev, &verdict, h.request_id) {
+                match send(&mut dev, &answer, h.request_id) {
                     Ok(()) => {}
                     Err(e) if e.contains("No such file") => {}
                     Err(e) => return Err(e),
@@ -320,6 +355,52 @@ fn run() -> Result<(), String> {
     send(&mut dev, &config(Mode::Disabled), 3)?;
     writeln!(log, "stopped").ok();
     Ok(())
+}
+
+/// Client address and port, server address and port.
+type Tuple = ([u8; 16], u16, [u8; 16], u16);
+
+/// One key per 4-tuple, handed to both ends with tx and rx crossed.
+#[derive(Default)]
+struct Channels {
+    next_id: u64,
+    by_tuple: HashMap<Tuple, (u64, [u8; 80])>,
+}
+
+impl Channels {
+    fn key_for(&mut self, r: &NetRequest<'_>) -> Result<(ChannelKey, u64), String> {
+        let tuple = (r.src_addr, r.src_port, r.dst_addr, r.dst_port);
+        if !self.by_tuple.contains_key(&tuple) {
+            let mut m = [0u8; 80];
+            File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut m))
+                .map_err(|e| format!("/dev/urandom: {e}"))?;
+            self.next_id += 1;
+            self.by_tuple.insert(tuple, (self.next_id, m));
+        }
+        let (id, m) = self.by_tuple[&tuple];
+        let part = |a: usize, b: usize| m[a..b].to_vec();
+        let arr4 = |v: Vec<u8>| <[u8; 4]>::try_from(v).unwrap_or_default();
+        let arr8 = |v: Vec<u8>| <[u8; 8]>::try_from(v).unwrap_or_default();
+        // key 0..32, key id 32..48, c2s salt/iv 48..60, s2c salt/iv 60..72.
+        let (c2s, s2c) = ((part(48, 52), part(52, 60)), (part(60, 64), part(64, 72)));
+        let ((tx_salt, tx_iv), (rx_salt, rx_iv)) = match r.kind {
+            NetKind::Accept => (s2c, c2s),
+            _ => (c2s, s2c),
+        };
+        Ok((
+            ChannelKey {
+                channel_id: id,
+                key_id: <[u8; 16]>::try_from(part(32, 48)).unwrap_or_default(),
+                key: <[u8; 32]>::try_from(part(0, 32)).unwrap_or_default(),
+                tx_salt: arr4(tx_salt),
+                tx_iv: arr8(tx_iv),
+                rx_salt: arr4(rx_salt),
+                rx_iv: arr8(rx_iv),
+            },
+            id,
+        ))
+    }
 }
 
 fn main() -> ExitCode {

@@ -10,6 +10,7 @@ mod e2e;
 mod exec;
 mod harness;
 mod module;
+mod net_channel;
 mod net_qualify;
 mod network;
 

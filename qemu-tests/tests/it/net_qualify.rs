@@ -34,12 +34,12 @@ fn agent_args() -> String {
 
 /// Starts `prog` as a one-connection TCP server on `port` writing what it
 /// receives to `out`, and waits until it listens.
-fn serve(vm: &mut Vm, prog: &str, port: u16, out: &str) -> Result<()> {
+pub(crate) fn serve(vm: &mut Vm, prog: &str, port: u16, out: &str) -> Result<()> {
     serve_on(vm, prog, "TCP4", port, out)
 }
 
 /// Same, over `proto` (`TCP4` or `TCP6`).
-fn serve_on(vm: &mut Vm, prog: &str, proto: &str, port: u16, out: &str) -> Result<()> {
+pub(crate) fn serve_on(vm: &mut Vm, prog: &str, proto: &str, port: u16, out: &str) -> Result<()> {
     vm.spawn_bg(&format!(
         "exec {prog} -u {proto}-LISTEN:{port},reuseaddr OPEN:{out},creat,trunc"
     ))?;
@@ -48,7 +48,7 @@ fn serve_on(vm: &mut Vm, prog: &str, proto: &str, port: u16, out: &str) -> Resul
 
 /// Waits until something listens on `port` (state 0A in /proc/net/tcp or
 /// tcp6).
-fn wait_listening(vm: &mut Vm, port: u16) -> Result<()> {
+pub(crate) fn wait_listening(vm: &mut Vm, port: u16) -> Result<()> {
     let pattern = format!(":{port:04X} 0*:0000 0A ");
     for _ in 0..100 {
         if vm
@@ -65,7 +65,7 @@ fn wait_listening(vm: &mut Vm, port: u16) -> Result<()> {
 }
 
 /// Waits until the file a server writes holds `want` (trimmed).
-fn wait_received(vm: &mut Vm, file: &str, want: &str) -> Result<()> {
+pub(crate) fn wait_received(vm: &mut Vm, file: &str, want: &str) -> Result<()> {
     let mut got = String::new();
     for _ in 0..100 {
         got = vm
@@ -80,7 +80,7 @@ fn wait_received(vm: &mut Vm, file: &str, want: &str) -> Result<()> {
 }
 
 /// The agent's net lines.
-fn net_lines(vm: &mut Vm) -> Result<Vec<String>> {
+pub(crate) fn net_lines(vm: &mut Vm) -> Result<Vec<String>> {
     let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
     Ok(log
         .lines()
@@ -98,13 +98,13 @@ fn net_line(vm: &mut Vm, kind: &str, port: u16) -> Result<String> {
         .with_context(|| format!("no {kind} request to port {port} in the agent's log"))
 }
 
-fn sha256_of(vm: &mut Vm, path: &str) -> Result<String> {
+pub(crate) fn sha256_of(vm: &mut Vm, path: &str) -> Result<String> {
     let out = vm.run_ok(&format!("sha256sum {path}"))?.stdout;
     Ok(out.split_whitespace().next().unwrap_or_default().to_owned())
 }
 
 /// A kernel log line of the module, present?
-fn dmesg_has(vm: &mut Vm, pred: impl Fn(&str) -> bool) -> Result<bool> {
+pub(crate) fn dmesg_has(vm: &mut Vm, pred: impl Fn(&str) -> bool) -> Result<bool> {
     let dmesg = vm.run_ok("dmesg")?.stdout;
     Ok(kernel_lines(&dmesg).iter().any(|l| pred(l.trim_end())))
 }

@@ -1,0 +1,282 @@
+//! Bound channels in one VM over loopback: the PEM installs kTLS keys on
+//! both ends of a connection, answered by `tb-fakeagent --net-bind`
+//! (src/bin/tb-fakeagent.rs), which gives an allowed connect the `encrypt`
+//! obligation and answers the established connect and the accept with the
+//! same key (tx and rx crossed). The appliance's pairing is not involved
+//! here (see the e2e channel test); this proves the kernel half.
+//!
+//! Proves, with unmodified programs: a file sent by `socat` arrives intact
+//! while a capture on `lo` holds TLS application-data records and not one
+//! plaintext canary (and the same capture, without the module, does hold
+//! them: the check can fail); `curl` (a non-blocking connect) fetches a
+//! file from `nginx` (a non-blocking, epoll-driven accept) intact and
+//! encrypted; both kernel ends log the same channel and key id; an
+//! established connect answered without a key fails with `EACCES`, is
+//! reset, and the server receives nothing; with the agent gone, `rmmod`
+//! succeeds while a bound connection is open, and that connection still
+//! carries data, still encrypted.
+
+use anyhow::{ensure, Context, Result};
+use trustbind_qemu_tests::Vm;
+
+use crate::exec::{counter, host_with_module, start_agent_with, stop_agent, AGENT_LOG};
+use crate::kernel_lines;
+use crate::net_qualify::{dmesg_has, serve, wait_listening, wait_received};
+
+const CANARY: &str = "TRUSTBIND-PLAINTEXT-CANARY";
+
+/// The fake agent's arguments: socat, curl and nginx may use the network,
+/// over bound channels.
+fn agent_args(extra: &str) -> String {
+    format!(
+        "--no-cache --net-bind --net-allow /usr/bin/socat --net-allow /usr/bin/curl \
+         --net-allow /usr/sbin/nginx {extra}"
+    )
+}
+
+/// Starts a capture of TCP port `port` on `lo` into `pcap`.
+fn capture(vm: &mut Vm, port: u16, pcap: &str) -> Result<()> {
+    vm.spawn_bg(&format!(
+        "exec tcpdump -i lo --immediate-mode -U -n -w {pcap} tcp port {port} 2>{pcap}.log"
+    ))?;
+    for _ in 0..100 {
+        if vm
+            .run(&format!("grep -q 'listening on lo' {pcap}.log"))?
+            .status
+            == 0
+        {
+            return Ok(());
+        }
+        vm.run_ok("sleep 0.2")?;
+    }
+    anyhow::bail!("tcpdump did not start")
+}
+
+/// Stops every capture and counts, in `pcap`, plaintext canaries and TLS
+/// application-data record headers (`17 03 03`).
+fn captured(vm: &mut Vm, pcap: &str) -> Result<(u64, u64)> {
+    vm.run_ok("sleep 1; pkill -INT -x tcpdump; sleep 1")?;
+    let canaries = vm
+        .run_ok(&format!("grep -a -o {CANARY} {pcap} | wc -l"))?
+        .stdout;
+    let records = vm
+        .run_ok(&format!(
+            "od -An -v -tx1 {pcap} | tr -d ' \\n' | grep -o 170303 | wc -l"
+        ))?
+        .stdout;
+    Ok((
+        canaries.trim().parse().context("canary count")?,
+        records.trim().parse().context("record count")?,
+    ))
+}
+
+/// The module's "bound" line for `what` to 127.0.0.1:`port`: (channel id,
+/// key id prefix).
+fn bound_line(vm: &mut Vm, what: &str, port: u16) -> Result<(String, String)> {
+    let dmesg = vm.run_ok("dmesg")?.stdout;
+    let want = format!("-> 127.0.0.1:{port} (channel ");
+    let line = kernel_lines(&dmesg)
+        .into_iter()
+        .map(str::trim_end)
+        .find(|l| l.starts_with(&format!("trustbind: {what} bound: pid ")) && l.contains(&want))
+        .with_context(|| format!("no `{what} bound` line for port {port}:\n{dmesg}"))?
+        .to_owned();
+    let tail = line.split("(channel ").nth(1).unwrap_or_default();
+    let channel = tail.split(',').next().unwrap_or_default().to_owned();
+    let key = tail
+        .split("key ")
+        .nth(1)
+        .unwrap_or_default()
+        .trim_end_matches(')')
+        .to_owned();
+    Ok((channel, key))
+}
+
+#[test]
+fn net_channel() -> Result<()> {
+    let mut vm = host_with_module()?;
+    vm.run_ok(&format!(
+        "mkdir -p /tmp/x/www && for i in $(seq 1 3000); do echo \"{CANARY} line $i\"; done \
+         >/tmp/x/send && cp /tmp/x/send /tmp/x/www/file.txt"
+    ))?;
+    let sent = vm.run_ok("sha256sum </tmp/x/send")?.stdout;
+
+    // Control, before any agent: the same transfer is plaintext on the wire.
+    capture(&mut vm, 7100, "/tmp/x/plain.pcap")?;
+    serve_file(&mut vm, 7100, "/tmp/x/recv0")?;
+    vm.run_ok("socat -u OPEN:/tmp/x/send TCP4:127.0.0.1:7100")?;
+    wait_same(&mut vm, "/tmp/x/recv0", &sent)?;
+    let (canaries, _) = captured(&mut vm, "/tmp/x/plain.pcap")?;
+    // (A line split between two segments does not show whole.)
+    if canaries < 2900 {
+        let diag = vm.run(
+            "ls -l /tmp/x; cat /tmp/x/plain.pcap.log; tcpdump -n -r /tmp/x/plain.pcap | tail -5",
+        )?;
+        anyhow::bail!(
+            "the plaintext control capture holds {canaries} of 3000 canaries:\n{}{}",
+            diag.stdout,
+            diag.stderr
+        );
+    }
+
+    start_agent_with(&mut vm, "enforce", &agent_args(""))?;
+
+    // socat → socat over a bound channel: intact, and only TLS records on
+    // the wire.
+    capture(&mut vm, 7101, "/tmp/x/bound.pcap")?;
+    serve_file(&mut vm, 7101, "/tmp/x/recv1")?;
+    vm.run_ok("socat -u OPEN:/tmp/x/send TCP4:127.0.0.1:7101")?;
+    wait_same(&mut vm, "/tmp/x/recv1", &sent)?;
+    let (canaries, records) = captured(&mut vm, "/tmp/x/bound.pcap")?;
+    ensure!(
+        canaries == 0 && records > 0,
+        "bound channel capture: {canaries} plaintext canaries, {records} TLS records"
+    );
+    let (c_chan, c_key) = bound_line(&mut vm, "channel connect", 7101)?;
+    let (a_chan, a_key) = bound_line(&mut vm, "accept", 7101)?;
+    ensure!(
+        c_chan == a_chan && c_key == a_key && c_key.len() == 16,
+        "the two ends name different channels: connect {c_chan}/{c_key}, accept {a_chan}/{a_key}"
+    );
+    let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
+    ensure!(
+        log.lines()
+            .any(|l| l.starts_with("net established 127.0.0.1:")
+                && l.contains("-> 127.0.0.1:7101 ")
+                && l.contains(&format!(" key {c_chan} {c_key}"))),
+        "the agent's key for the established connect is not the one installed:\n{log}"
+    );
+
+    // curl (non-blocking connect) → nginx (epoll accept): intact, bound.
+    vm.run_ok(
+        "printf 'daemon off; master_process off; worker_processes 1; \
+         error_log /tmp/x/ngx-err.log; pid /tmp/x/ngx.pid;\n\
+         events {}\nhttp { access_log off; server { listen 127.0.0.1:7102; root /tmp/x/www; } }\n' \
+         >/tmp/x/nginx.conf",
+    )?;
+    vm.spawn_bg("exec /usr/sbin/nginx -c /tmp/x/nginx.conf")?;
+    wait_listening(&mut vm, 7102)?;
+    capture(&mut vm, 7102, "/tmp/x/http.pcap")?;
+    vm.run_ok("curl -sS -o /tmp/x/recv2 http://127.0.0.1:7102/file.txt")?;
+    wait_same(&mut vm, "/tmp/x/recv2", &sent)?;
+    let (canaries, records) = captured(&mut vm, "/tmp/x/http.pcap")?;
+    ensure!(
+        canaries == 0 && records > 0,
+        "curl → nginx capture: {canaries} plaintext canaries, {records} TLS records"
+    );
+    bound_line(&mut vm, "channel connect", 7102)?;
+    bound_line(&mut vm, "accept", 7102)?;
+    vm.run_ok("pkill -x nginx || true")?;
+
+    // Two connections of the same pair: two channels, two keys.
+    serve(&mut vm, "/usr/bin/socat", 7103, "/tmp/x/recv3")?;
+    vm.run_ok("echo one | socat -u - TCP4:127.0.0.1:7103")?;
+    wait_received(&mut vm, "/tmp/x/recv3", "one")?;
+    serve(&mut vm, "/usr/bin/socat", 7103, "/tmp/x/recv3b")?;
+    vm.run_ok("echo two | socat -u - TCP4:127.0.0.1:7103")?;
+    wait_received(&mut vm, "/tmp/x/recv3b", "two")?;
+    let dmesg = vm.run_ok("dmesg")?.stdout;
+    let keys: Vec<&str> = kernel_lines(&dmesg)
+        .into_iter()
+        .filter(|l| l.starts_with("trustbind: accept bound: ") && l.contains("-> 127.0.0.1:7103 "))
+        .filter_map(|l| l.trim_end().split("key ").nth(1))
+        .collect();
+    ensure!(
+        keys.len() == 2 && keys[0] != keys[1],
+        "two connections did not get two keys: {keys:?}"
+    );
+
+    let bound = counter(&mut vm, "net_bound")?;
+    ensure!(
+        bound == 8,
+        "net_bound is {bound}, want 8 (four connections, two ends)"
+    );
+    ensure!(counter(&mut vm, "net_bind_failed")? == 0, "net_bind_failed");
+
+    // No key for the established connect: the connect fails, the
+    // connection is reset, the server receives nothing.
+    stop_agent(&mut vm)?;
+    start_agent_with(&mut vm, "enforce", &agent_args("--net-no-key"))?;
+    serve(&mut vm, "/usr/bin/socat", 7104, "/tmp/x/recv4")?;
+    let out = vm.run("echo leaked | socat -u - TCP4:127.0.0.1:7104")?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("Permission denied"),
+        "an established connect without a key was not refused: {out:?}"
+    );
+    ensure!(
+        dmesg_has(&mut vm, |l| l
+            .starts_with("trustbind: channel connect denied: pid ")
+            && l.ends_with("-> 127.0.0.1:7104 (denied by policy)"))?,
+        "no channel connect denial in dmesg"
+    );
+    vm.run_ok("sleep 1")?;
+    let got = vm.run_ok("cat /tmp/x/recv4 2>/dev/null || true")?.stdout;
+    ensure!(!got.contains("leaked"), "the server received {got:?}");
+    vm.run_ok("pkill -f '[T]CP4-LISTEN:7104' || true")?;
+
+    // A bound connection outlives the agent and the module: rmmod succeeds
+    // while it is open, and it keeps carrying data, still encrypted (the
+    // key lives in the kernel's kTLS state, not in the module).
+    stop_agent(&mut vm)?;
+    start_agent_with(&mut vm, "enforce", &agent_args(""))?;
+    vm.run_ok("mkfifo /tmp/x/feed")?;
+    capture(&mut vm, 7105, "/tmp/x/late.pcap")?;
+    serve(&mut vm, "/usr/bin/socat", 7105, "/tmp/x/recv5")?;
+    vm.spawn_bg("exec socat -u OPEN:/tmp/x/feed TCP4:127.0.0.1:7105")?;
+    vm.spawn_bg(&format!(
+        "exec 3>/tmp/x/feed; echo first-{CANARY} >&3; exec sleep 600"
+    ))?;
+    wait_received(&mut vm, "/tmp/x/recv5", &format!("first-{CANARY}"))?;
+    bound_line(&mut vm, "accept", 7105)?;
+    stop_agent(&mut vm)?;
+    vm.run_ok("rmmod trustbind")?;
+    ensure!(
+        dmesg_has(&mut vm, |l| l == "trustbind: unloaded")?,
+        "module did not unload"
+    );
+    vm.run_ok(&format!("echo after-rmmod-{CANARY} >/tmp/x/feed"))?;
+    wait_received(
+        &mut vm,
+        "/tmp/x/recv5",
+        &format!("first-{CANARY}\nafter-rmmod-{CANARY}"),
+    )?;
+    let (canaries, records) = captured(&mut vm, "/tmp/x/late.pcap")?;
+    ensure!(
+        canaries == 0 && records >= 2,
+        "after rmmod: {canaries} plaintext canaries, {records} TLS records"
+    );
+    let dmesg = vm.run_ok("dmesg")?.stdout;
+    ensure!(
+        !dmesg.contains("WARNING:") && !dmesg.contains("BUG:") && !dmesg.contains("Oops"),
+        "kernel warnings:\n{dmesg}"
+    );
+    vm.shutdown()?;
+    Ok(())
+}
+
+/// A one-connection socat server on `port` writing what it receives to
+/// `out`.
+fn serve_file(vm: &mut Vm, port: u16, out: &str) -> Result<()> {
+    serve(vm, "/usr/bin/socat", port, out)
+}
+
+/// Waits until `file`'s SHA-256 is `want` (`sha256sum` output of stdin).
+fn wait_same(vm: &mut Vm, file: &str, want: &str) -> Result<()> {
+    let mut got = String::new();
+    for _ in 0..150 {
+        got = vm
+            .run_ok(&format!("sha256sum <{file} 2>/dev/null || true"))?
+            .stdout;
+        if got == want {
+            return Ok(());
+        }
+        vm.run_ok("sleep 0.2")?;
+    }
+    let size = vm
+        .run_ok(&format!("wc -c <{file} 2>/dev/null || true"))?
+        .stdout;
+    anyhow::bail!(
+        "{file} is not what was sent ({} bytes, sha {got:?})",
+        size.trim()
+    )
+}

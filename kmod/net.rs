@@ -47,14 +47,18 @@
 //! permissive mode, where the connection goes on unbound). Key bytes are
 //! wiped once installed; they live on only in the kernel's kTLS state.
 //!
+//! TCP Fast Open: `sendto(MSG_FASTOPEN)` on an unconnected socket connects
+//! without `inet_stream_connect`, so `tcp_sendmsg` is hooked too (only
+//! sends with that flag are redirected) and such a connect is qualified
+//! the same way; a bound one connects with a handshake first and sends
+//! the data as its first TLS record.
+//!
 //! Not yet (issue 7, later milestones): the netfilter backstop, UNIX
-//! sockets, channel close records. Known gaps: a TCP Fast Open
-//! `sendto(MSG_FASTOPEN)` on an unconnected socket connects through
-//! `tcp_sendmsg_fastopen` without `inet_stream_connect`; a second thread
-//! sending on the socket while the key is on its way (after the handshake,
-//! before `connect()` returns) is not held back. (A process that exec'd
-//! while the module was disabled is not taken for what it ran before:
-//! leaving disabled mode empties the lineage table, see `device.rs`.)
+//! sockets, channel close records. Known gap: a second thread sending on
+//! the socket while the key is on its way (after the handshake, before
+//! `connect()` returns) is not held back. (A process that exec'd while the
+//! module was disabled is not taken for what it ran before: leaving
+//! disabled mode empties the lineage table, see `device.rs`.)
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::prelude::*;

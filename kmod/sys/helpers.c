@@ -715,68 +715,130 @@ static void tb_sock_end(const struct sock *sk, bool peer, u8 *addr, u16 *port)
 	*port = ntohs(peer ? inet->inet_dport : inet->inet_sport);
 }
 
-static int tb_inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
-				  int addr_len, int flags)
+/* Qualifies the connect of sock to uaddr if it is one the module watches
+ * (a user TCP socket not yet connected, an address of its family): 0 to go
+ * on, -errno to refuse. info->family stays 0 for one it does not watch;
+ * info->bind is set when the connection must become a bound channel. */
+static int tb_connect_qualify(struct socket *sock, struct sockaddr *uaddr,
+			      int addr_len, struct tb_net_info *info)
 {
 	struct sock *sk = sock->sk;
-	struct tb_net_info info;
-	int err = 0;
 
-	memset(&info, 0, sizeof(info));
+	memset(info, 0, sizeof(*info));
 	/* Only the connect that sends the SYN: not a non-blocking connect's
 	 * later calls, a disconnect (AF_UNSPEC) or an address the protocol
 	 * refuses anyway. */
-	if (tb_net_watched(sk) && READ_ONCE(sock->state) == SS_UNCONNECTED &&
-	    addr_len >= (int)sizeof(sa_family_t) &&
-	    uaddr->sa_family == sk->sk_family) {
-		info.kind = TB_NET_CONNECT;
-		if (uaddr->sa_family == AF_INET &&
-		    addr_len >= (int)sizeof(struct sockaddr_in)) {
-			const struct sockaddr_in *sin = (void *)uaddr;
+	if (!tb_net_watched(sk) || READ_ONCE(sock->state) != SS_UNCONNECTED ||
+	    !uaddr || addr_len < (int)sizeof(sa_family_t) ||
+	    uaddr->sa_family != sk->sk_family)
+		return 0;
+	info->kind = TB_NET_CONNECT;
+	if (uaddr->sa_family == AF_INET &&
+	    addr_len >= (int)sizeof(struct sockaddr_in)) {
+		const struct sockaddr_in *sin = (void *)uaddr;
 
-			info.family = 4;
-			memcpy(info.dst_addr, &sin->sin_addr, 4);
-			info.dst_port = ntohs(sin->sin_port);
-		} else if (uaddr->sa_family == AF_INET6 &&
-			   addr_len >= SIN6_LEN_RFC2133) {
-			const struct sockaddr_in6 *sin6 = (void *)uaddr;
+		info->family = 4;
+		memcpy(info->dst_addr, &sin->sin_addr, 4);
+		info->dst_port = ntohs(sin->sin_port);
+	} else if (uaddr->sa_family == AF_INET6 &&
+		   addr_len >= SIN6_LEN_RFC2133) {
+		const struct sockaddr_in6 *sin6 = (void *)uaddr;
 
-			info.family = 6;
-			memcpy(info.dst_addr, &sin6->sin6_addr, 16);
-			info.dst_port = ntohs(sin6->sin6_port);
-		}
-		if (info.family) {
-			tb_sock_end(sk, false, info.src_addr, &info.src_port);
-			TB_FILL_TASK(&info);
-			info.sock = sock;
-			err = trustbind_net_check(&info);
-		}
+		info->family = 6;
+		memcpy(info->dst_addr, &sin6->sin6_addr, 16);
+		info->dst_port = ntohs(sin6->sin6_port);
 	}
-	if (err)
-		goto out;
-	/* A connection that must be a bound channel gets its key before the
-	 * program can send: wait for the handshake even on a non-blocking
-	 * socket (connect() then returns 0, as POSIX allows). */
-	if (info.bind)
-		flags &= ~O_NONBLOCK;
-	err = inet_stream_connect(sock, uaddr, addr_len, flags);
-	if (!info.bind)
-		goto out;
+	if (!info->family)
+		return 0;
+	tb_sock_end(sk, false, info->src_addr, &info->src_port);
+	TB_FILL_TASK(info);
+	info->sock = sock;
+	return trustbind_net_check(info);
+}
+
+/* Connects a socket whose connect was qualified with info->bind: waits for
+ * the handshake even on a non-blocking socket (connect() then returns 0,
+ * as POSIX allows) and without fast open (TCP_FASTOPEN_CONNECT would
+ * defer the SYN to the first send), so the key is installed before the
+ * program can send; then asks for the key (TB_NET_ESTABLISHED, the real
+ * client end known), which trustbind_net_check() installs. Anything else
+ * aborts the connection. */
+static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
+			    int addr_len, int flags, struct tb_net_info *info)
+{
+	struct sock *sk = sock->sk;
+	int err;
+
+	inet_clear_bit(DEFER_CONNECT, sk);
+	err = inet_stream_connect(sock, uaddr, addr_len, flags & ~O_NONBLOCK);
 	if (err) {
 		/* Interrupted or timed out (SO_SNDTIMEO) while the handshake
 		 * goes on: abandon it, so it never completes unbound; a new
 		 * connect() is qualified from the start. */
 		if (READ_ONCE(sock->state) == SS_CONNECTING)
 			tb_sock_abort(sock, ECONNABORTED);
-		goto out;
+		return err;
 	}
-	info.kind = TB_NET_ESTABLISHED;
-	info.bind = 0;
-	tb_sock_end(sk, false, info.src_addr, &info.src_port);
-	tb_sock_end(sk, true, info.dst_addr, &info.dst_port);
-	err = trustbind_net_check(&info);
+	info->kind = TB_NET_ESTABLISHED;
+	info->bind = 0;
+	tb_sock_end(sk, false, info->src_addr, &info->src_port);
+	tb_sock_end(sk, true, info->dst_addr, &info->dst_port);
+	err = trustbind_net_check(info);
 	if (err)
 		tb_sock_abort(sock, ECONNRESET);
+	return err;
+}
+
+static int tb_inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
+				  int addr_len, int flags)
+{
+	struct tb_net_info info;
+	int err;
+
+	err = tb_connect_qualify(sock, uaddr, addr_len, &info);
+	if (!err && info.bind)
+		err = tb_connect_bound(sock, uaddr, addr_len, flags, &info);
+	else if (!err)
+		err = inet_stream_connect(sock, uaddr, addr_len, flags);
+	tb_net_leave();
+	return err;
+}
+
+/*
+ * TCP Fast Open: sendto(MSG_FASTOPEN) on an unconnected socket connects
+ * through tcp_sendmsg_fastopen() and __inet_stream_connect(), never
+ * inet_stream_connect(). The tcp_sendmsg() hook redirects only such calls
+ * (the callback looks at the flag first: every other send runs the
+ * original at the cost of that one test). The connect is qualified as
+ * any: refused with EACCES; a plain connection keeps fast open; a bound
+ * channel connects as connect() would, then the data goes out as its
+ * first TLS record.
+ */
+static int tb_tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
+{
+	struct socket *sock = sk->sk_socket;
+	struct tb_net_info info;
+	int err;
+
+	if (!sock) {
+		err = tcp_sendmsg(sk, msg, size);
+		goto out;
+	}
+	err = tb_connect_qualify(sock, msg->msg_name, msg->msg_namelen, &info);
+	if (err)
+		goto out;
+	if (!info.bind) {
+		err = tcp_sendmsg(sk, msg, size);
+		goto out;
+	}
+	err = tb_connect_bound(sock, msg->msg_name, msg->msg_namelen,
+			       (msg->msg_flags & MSG_DONTWAIT) ? O_NONBLOCK : 0,
+			       &info);
+	if (err)
+		goto out;
+	msg->msg_flags &= ~MSG_FASTOPEN;
+	/* The kTLS send of the now bound socket. */
+	err = READ_ONCE(sk->sk_prot)->sendmsg(sk, msg, size);
 out:
 	tb_net_leave();
 	return err;
@@ -864,6 +926,20 @@ static void notrace tb_net_redirect(unsigned long ip, unsigned long parent_ip,
 	ftrace_regs_set_instruction_pointer(fregs, (unsigned long)op->private);
 }
 
+/* tcp_sendmsg(sk, msg, size): only a fast open send is redirected. */
+static void notrace tb_sendmsg_redirect(unsigned long ip,
+					unsigned long parent_ip,
+					struct ftrace_ops *op,
+					struct ftrace_regs *fregs)
+{
+	const struct msghdr *msg =
+		(const void *)ftrace_regs_get_argument(fregs, 1);
+
+	if (likely(!(READ_ONCE(msg->msg_flags) & MSG_FASTOPEN)))
+		return;
+	tb_net_redirect(ip, parent_ip, op, fregs);
+}
+
 static struct ftrace_ops tb_connect_ops = {
 	.func = tb_net_redirect,
 	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
@@ -874,6 +950,12 @@ static struct ftrace_ops tb_accept_ops = {
 	.func = tb_net_redirect,
 	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
 	.private = tb_inet_accept,
+};
+
+static struct ftrace_ops tb_sendmsg_ops = {
+	.func = tb_sendmsg_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_tcp_sendmsg,
 };
 
 static int tb_hook_one(struct ftrace_ops *ops, const char *name)
@@ -908,15 +990,21 @@ int tb_net_hooks_start(void)
 	if (err)
 		return err;
 	err = tb_hook_one(&tb_accept_ops, "inet_accept");
-	if (err) {
-		tb_unhook_one(&tb_connect_ops);
-		wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
-	}
+	if (err)
+		goto unhook_connect;
+	err = tb_hook_one(&tb_sendmsg_ops, "tcp_sendmsg");
+	if (!err)
+		return 0;
+	tb_unhook_one(&tb_accept_ops);
+unhook_connect:
+	tb_unhook_one(&tb_connect_ops);
+	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
 	return err;
 }
 
 void tb_net_hooks_stop(void)
 {
+	tb_unhook_one(&tb_sendmsg_ops);
 	tb_unhook_one(&tb_accept_ops);
 	tb_unhook_one(&tb_connect_ops);
 	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));

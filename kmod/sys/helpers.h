@@ -105,8 +105,10 @@ int trustbind_loader_check(const struct path *path);
 
 /*
  * The exported inet_stream_connect() and inet_accept() (the connect and
- * accept of every TCP socket, IPv4 and IPv6) are redirected by ftrace to
- * wrappers in helpers.c, which call the originals directly. Only TCP
+ * accept of every TCP socket, IPv4 and IPv6), and tcp_sendmsg() when it
+ * is a fast open send (sendto(MSG_FASTOPEN), which connects without
+ * inet_stream_connect()), are redirected by ftrace to wrappers in
+ * helpers.c, which call the originals directly. Only TCP
  * sockets of user space (not sk_kern_sock) of family AF_INET/AF_INET6 are
  * asked about; the rest pass untouched.
  */
@@ -162,9 +164,9 @@ int tb_ktls_install(struct socket *sock, struct tb_channel_key *key);
  * socket reports err. */
 void tb_sock_abort(struct socket *sock, int err);
 
-/* Registers both ftrace ops. 0 or -errno (nothing left registered). */
+/* Registers the three ftrace ops. 0 or -errno (nothing left registered). */
 int tb_net_hooks_start(void);
-/* Unregisters both and waits until no task is inside a wrapper. */
+/* Unregisters them and waits until no task is inside a wrapper. */
 void tb_net_hooks_stop(void);
 /* SHA-256 and SHA-1 of the current task's executable (mm->exe_file), and
  * its size. 0 or -errno. */

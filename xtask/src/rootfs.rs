@@ -44,6 +44,8 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "nginx-light",
     "tcpdump",
+    // `wg`, for the channel benchmark's WireGuard comparison.
+    "wireguard-tools",
 ];
 /// Path of the init stub inside the image.
 const STUB_PATH: &str = "sbin/tb-init";

@@ -10,7 +10,10 @@
 //! plaintext canary (and the same capture, without the module, does hold
 //! them: the check can fail); `curl` (a non-blocking connect) fetches a
 //! file from `nginx` (a non-blocking, epoll-driven accept) intact and
-//! encrypted; both kernel ends log the same channel and key id; an
+//! encrypted; a TCP Fast Open `sendto(MSG_FASTOPEN)` (perl), which
+//! connects without `connect()`, is qualified too: refused for a program
+//! not allowed on the network, bound (data intact, encrypted) for one that
+//! is; both kernel ends log the same channel and key id; an
 //! established connect answered without a key fails with `EACCES`, is
 //! reset, and the server receives nothing; with the agent gone, `rmmod`
 //! succeeds while a bound connection is open, and that connection still
@@ -25,12 +28,27 @@ use crate::net_qualify::{dmesg_has, serve, wait_listening, wait_received};
 
 const CANARY: &str = "TRUSTBIND-PLAINTEXT-CANARY";
 
+/// Exec'able (by hash) but not allowed on the network: a copy of perl one
+/// byte longer.
+const ROGUE_PERL: &str = "/tmp/x/perl-rogue";
+
+/// A perl one-liner sending `data` to 127.0.0.1:`port` with
+/// `sendto(MSG_FASTOPEN)` on a fresh, unconnected socket (no `connect()`).
+fn fast_open(perl: &str, port: u16, data: &str) -> String {
+    format!(
+        "{perl} -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 0) or die \"socket: $!\\n\"; \
+         defined(send(S, \"{data}\\n\", 0x20000000, \
+         pack_sockaddr_in({port}, inet_aton(\"127.0.0.1\")))) or die \"sendto: $!\\n\"; \
+         close S'"
+    )
+}
+
 /// The fake agent's arguments: socat, curl and nginx may use the network,
 /// over bound channels.
 fn agent_args(extra: &str) -> String {
     format!(
         "--no-cache --net-bind --net-allow /usr/bin/socat --net-allow /usr/bin/curl \
-         --net-allow /usr/sbin/nginx {extra}"
+         --net-allow /usr/sbin/nginx --net-allow /usr/bin/perl --allow {ROGUE_PERL} {extra}"
     )
 }
 
@@ -97,7 +115,8 @@ fn net_channel() -> Result<()> {
     let mut vm = host_with_module()?;
     vm.run_ok(&format!(
         "mkdir -p /tmp/x/www && for i in $(seq 1 3000); do echo \"{CANARY} line $i\"; done \
-         >/tmp/x/send && cp /tmp/x/send /tmp/x/www/file.txt"
+         >/tmp/x/send && cp /tmp/x/send /tmp/x/www/file.txt \
+         && cp /usr/bin/perl {ROGUE_PERL} && printf x >>{ROGUE_PERL} && chmod 755 {ROGUE_PERL}"
     ))?;
     let sent = vm.run_ok("sha256sum </tmp/x/send")?.stdout;
 
@@ -186,10 +205,33 @@ fn net_channel() -> Result<()> {
         "two connections did not get two keys: {keys:?}"
     );
 
+    // TCP Fast Open: qualified although no connect() is made.
+    serve(&mut vm, "/usr/bin/socat", 7106, "/tmp/x/recv6")?;
+    let out = vm.run(&fast_open(ROGUE_PERL, 7106, &format!("rogue-{CANARY}")))?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("Permission denied"),
+        "a fast open send of an unapproved program was not refused: {out:?}"
+    );
+    ensure!(
+        dmesg_has(&mut vm, |l| l
+            .starts_with("trustbind: connect denied: pid ")
+            && l.ends_with("-> 127.0.0.1:7106 (denied by policy)"))?,
+        "no connect denial for the fast open send"
+    );
+    capture(&mut vm, 7106, "/tmp/x/tfo.pcap")?;
+    vm.run_ok(&fast_open("/usr/bin/perl", 7106, &format!("fast-{CANARY}")))?;
+    wait_received(&mut vm, "/tmp/x/recv6", &format!("fast-{CANARY}"))?;
+    let (canaries, records) = captured(&mut vm, "/tmp/x/tfo.pcap")?;
+    ensure!(
+        canaries == 0 && records > 0,
+        "fast open capture: {canaries} plaintext canaries, {records} TLS records"
+    );
+    bound_line(&mut vm, "channel connect", 7106)?;
+
     let bound = counter(&mut vm, "net_bound")?;
     ensure!(
-        bound == 8,
-        "net_bound is {bound}, want 8 (four connections, two ends)"
+        bound == 10,
+        "net_bound is {bound}, want 10 (five connections, two ends)"
     );
     ensure!(counter(&mut vm, "net_bind_failed")? == 0, "net_bind_failed");
 

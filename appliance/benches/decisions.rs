@@ -220,6 +220,7 @@ fn pool() -> Vec<QualifyRequest> {
                         src_port: 40_000,
                         dst_addr: "10.0.0.2".into(),
                         dst_port: u16::try_from(1000 + g).unwrap_or(0),
+                        established: false,
                     }),
                 ),
                 _ => (

@@ -36,6 +36,7 @@ fn half(action: Action, host: &str, port: u16) -> QualifyRequest {
             src_port: port,
             dst_addr: "10.0.0.2".into(),
             dst_port: 5432,
+            established: false,
         }),
         at_ms: 0,
     }

@@ -2,10 +2,12 @@
 //! connection, and the keys the two kernels encrypt it with.
 //!
 //! The PEM on the client host qualifies the connect before the SYN leaves
-//! (the *connect half*); the PEM on the server host qualifies the accept
-//! once the handshake is done (the *accept half*). Both halves name the
-//! same [`FiveTuple`] (the connecting side is always `src`), which is how
-//! the [`Correlator`] pairs them. The pair is then decided as one decision
+//! (client port unknown: if it must be a channel, this registers an
+//! *expectation* for the server end) and again once the handshake is done
+//! (the *connect half*, [`FiveTuple::established`]); the PEM on the server
+//! host qualifies the accept once the handshake is done (the *accept
+//! half*). Both halves name the same [`FiveTuple`] (the connecting side is
+//! always `src`), which is how the [`Correlator`] pairs them. The pair is then decided as one decision
 //! (the engine's `decide_pair`), and if allowed a fresh [`ChannelKey`] is
 //! pushed to both agents. A half that finds no partner within the pairing
 //! timeout expires: it is denied and audited by the caller.
@@ -214,7 +216,25 @@ struct Waiting {
     deadline: Instant,
 }
 
+/// The server end a protected client announced before its SYN.
+pub type Endpoint = (String, u16);
+
+/// The identity of a connection (the correlator's key): the tuple without
+/// the `established` flag, which only the connect half carries.
+fn identity(t: &FiveTuple) -> FiveTuple {
+    FiveTuple {
+        established: false,
+        ..t.clone()
+    }
+}
+
 /// Pairs connect and accept halves by 5-tuple, bounded in time and size.
+///
+/// Besides the waiting halves it keeps *expectations*: a protected client
+/// whose pre-SYN connect was allowed with `encrypt` required announces its
+/// server end (address, port); its established half (with the real client
+/// port) follows once the handshake is done. An accept on that server end
+/// may wait for it while an unexpired expectation remains.
 #[derive(Debug)]
 pub struct Correlator {
     timeout: Duration,
@@ -222,6 +242,11 @@ pub struct Correlator {
     next_id: u64,
     waiting: HashMap<FiveTuple, Waiting>,
     deadlines: BTreeMap<(Instant, u64), FiveTuple>,
+    /// Expectations per server end: (deadline, sequence), oldest first.
+    expected: HashMap<Endpoint, BTreeMap<(Instant, u64), ()>>,
+    /// Every expectation by deadline, for expiry.
+    expected_deadlines: BTreeMap<(Instant, u64), Endpoint>,
+    next_expectation: u64,
 }
 
 impl Correlator {
@@ -233,7 +258,61 @@ impl Correlator {
             next_id: 1,
             waiting: HashMap::new(),
             deadlines: BTreeMap::new(),
+            expected: HashMap::new(),
+            expected_deadlines: BTreeMap::new(),
+            next_expectation: 0,
         }
+    }
+
+    /// The pairing timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Registers the expectation of one established connect half to
+    /// `server` (address, port), until `now` + the pairing timeout.
+    pub fn expect(&mut self, server: Endpoint, now: Instant) -> Result<(), OfferError> {
+        if self.expected_deadlines.len() >= self.max_pending {
+            return Err(OfferError::Full(self.max_pending));
+        }
+        let key = (now + self.timeout, self.next_expectation);
+        self.next_expectation = self.next_expectation.wrapping_add(1);
+        self.expected_deadlines.insert(key, server.clone());
+        self.expected.entry(server).or_default().insert(key, ());
+        Ok(())
+    }
+
+    /// Consumes the oldest expectation for `server` that is still valid at
+    /// `now`; whether there was one.
+    pub fn consume_expectation(&mut self, server: &Endpoint, now: Instant) -> bool {
+        let Some(list) = self.expected.get_mut(server) else {
+            return false;
+        };
+        let found = list.keys().find(|(d, _)| *d > now).copied();
+        if let Some(key) = found {
+            list.remove(&key);
+            self.expected_deadlines.remove(&key);
+        }
+        if list.is_empty() {
+            self.expected.remove(server);
+        }
+        found.is_some()
+    }
+
+    /// When the last expectation for `server` valid at `now` runs out, if
+    /// any remains.
+    pub fn expecting(&self, server: &Endpoint, now: Instant) -> Option<Instant> {
+        self.expected
+            .get(server)?
+            .keys()
+            .map(|(d, _)| *d)
+            .filter(|d| *d > now)
+            .max()
+    }
+
+    /// Expectations registered and not yet consumed or expired.
+    pub fn expectations(&self) -> usize {
+        self.expected_deadlines.len()
     }
 
     /// Halves waiting now.
@@ -248,6 +327,7 @@ impl Correlator {
         let Target::Net(tuple) = &request.target else {
             return Err(OfferError::NotAChannelHalf);
         };
+        let tuple = &identity(tuple);
         if let Some(w) = self.waiting.get(tuple) {
             if w.role == role {
                 return Err(OfferError::Duplicate(role, describe(tuple)));
@@ -294,6 +374,7 @@ impl Correlator {
         let Target::Net(tuple) = &request.target else {
             return Err(OfferError::NotAChannelHalf);
         };
+        let tuple = &identity(tuple);
         if !matches!(self.waiting.get(tuple), Some(w) if w.role == role.other()) {
             return Ok(None);
         }
@@ -313,8 +394,21 @@ impl Correlator {
     }
 
     /// Removes and returns every half whose deadline is not after `now`,
-    /// oldest first.
+    /// oldest first; expectations that ran out are dropped silently.
     pub fn expire(&mut self, now: Instant) -> Vec<Expired> {
+        while let Some(entry) = self.expected_deadlines.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let key = *entry.key();
+            let server = entry.remove();
+            if let Some(list) = self.expected.get_mut(&server) {
+                list.remove(&key);
+                if list.is_empty() {
+                    self.expected.remove(&server);
+                }
+            }
+        }
         let mut out = Vec::new();
         while let Some(entry) = self.deadlines.first_entry() {
             if entry.key().0 > now {
@@ -332,9 +426,14 @@ impl Correlator {
         out
     }
 
-    /// When the next half expires, if any is waiting.
+    /// When the next half or expectation expires, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.keys().next().map(|(d, _)| *d)
+        let half = self.deadlines.keys().next().map(|(d, _)| *d);
+        let exp = self.expected_deadlines.keys().next().map(|(d, _)| *d);
+        match (half, exp) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -381,6 +480,7 @@ mod tests {
                 src_port,
                 dst_addr: "10.99.0.3".into(),
                 dst_port: 443,
+                established: action == Action::Connect,
             }),
             at_ms: 0,
         }
@@ -500,6 +600,95 @@ mod tests {
         );
         assert_eq!(c.pending(), 0);
         assert!(c.expire(t0 + DEFAULT_PAIR_TIMEOUT).is_empty());
+    }
+
+    fn server() -> Endpoint {
+        ("10.99.0.3".into(), 443)
+    }
+
+    #[test]
+    fn expectations_are_consumed_one_each_and_ignore_other_servers() {
+        let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 16);
+        let t0 = Instant::now();
+        c.expect(server(), t0).unwrap();
+        c.expect(server(), t0).unwrap();
+        assert_eq!(c.expectations(), 2);
+        assert_eq!(c.expecting(&server(), t0), Some(t0 + DEFAULT_PAIR_TIMEOUT));
+        let other: Endpoint = ("10.99.0.3".into(), 444);
+        assert_eq!(c.expecting(&other, t0), None);
+        assert!(!c.consume_expectation(&other, t0));
+        assert!(c.consume_expectation(&server(), t0));
+        assert!(c.consume_expectation(&server(), t0));
+        assert!(!c.consume_expectation(&server(), t0));
+        assert_eq!((c.expectations(), c.expecting(&server(), t0)), (0, None));
+        // Expectations are not halves: nothing waits, nothing is reported.
+        assert_eq!(c.pending(), 0);
+    }
+
+    #[test]
+    fn expectations_expire_silently() {
+        let timeout = Duration::from_secs(5);
+        let mut c = Correlator::new(timeout, 16);
+        let t0 = Instant::now();
+        c.expect(server(), t0).unwrap();
+        assert_eq!(c.next_deadline(), Some(t0 + timeout));
+        // Past its deadline it no longer counts, even before expiry runs.
+        assert_eq!(c.expecting(&server(), t0 + timeout), None);
+        assert!(!c.consume_expectation(&server(), t0 + timeout));
+        c.expect(server(), t0).unwrap();
+        assert!(c.expire(t0 + timeout).is_empty());
+        assert_eq!(c.expectations(), 0);
+        assert_eq!(c.next_deadline(), None);
+    }
+
+    #[test]
+    fn expectations_are_bounded() {
+        let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 2);
+        let t0 = Instant::now();
+        c.expect(server(), t0).unwrap();
+        c.expect(server(), t0).unwrap();
+        assert_eq!(c.expect(server(), t0), Err(OfferError::Full(2)));
+    }
+
+    #[test]
+    fn the_established_flag_is_not_part_of_the_identity() {
+        let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 16);
+        let t0 = Instant::now();
+        let conn = half(Action::Connect, "a", 40010);
+        assert!(matches!(&conn.target, Target::Net(t) if t.established));
+        c.offer(conn.clone(), t0).unwrap();
+        let acc = half(Action::Accept, "b", 40010);
+        let p = c.pair_with(acc.clone()).unwrap().unwrap();
+        assert_eq!((p.connect, p.accept), (conn, acc));
+    }
+
+    #[test]
+    fn concurrent_connects_of_one_pair_get_their_own_channels() {
+        let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 16);
+        let t0 = Instant::now();
+        c.expect(server(), t0).unwrap();
+        c.expect(server(), t0).unwrap();
+        let mut ids = Vec::new();
+        for port in [40020, 40021] {
+            assert!(c.consume_expectation(&server(), t0));
+            let Ok(Offer::Waiting { channel_id }) = c.offer(half(Action::Connect, "a", port), t0)
+            else {
+                panic!("must wait")
+            };
+            ids.push(channel_id);
+        }
+        assert_ne!(ids[0], ids[1]);
+        // Each accept pairs with its own half, whatever the order.
+        let p = c
+            .pair_with(half(Action::Accept, "b", 40021))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.channel_id, ids[1]);
+        let p = c
+            .pair_with(half(Action::Accept, "b", 40020))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.channel_id, ids[0]);
     }
 
     #[test]

@@ -5,29 +5,42 @@
 //!   ([`LicenseKey::Host`]); an exceeded license denies (and revokes the
 //!   host, see `limits`).
 //! - exec and file requests go to the engine.
-//! - **connect** (the client side, before its SYN): the engine decides the
-//!   client side alone; if it allows, the half waits in the [`Correlator`]
-//!   and the answer carries its channel id. The key comes later, pushed.
-//! - **accept** (the server side, after the handshake): if a connect half
-//!   with the same 5-tuple waits, the pair is decided as one
+//! - **connect before the SYN** (`established` false; the client port is
+//!   not known yet): the engine decides the client side alone. If it allows
+//!   and its obligations hold `encrypt = required`, the client's kernel
+//!   will ask again once the handshake is done: an *expectation* for the
+//!   server end (dst address, dst port) is registered in the
+//!   [`Correlator`] for the pairing timeout. No channel id in the answer.
+//! - **established connect** (the same connect with its real 5-tuple):
+//!   decided again; denied → deny; no `encrypt` obligation → allow, no
+//!   channel. Otherwise one expectation for its server end is consumed and
+//!   the half waits in the correlator under a channel id, which the answer
+//!   carries; waiting accepts are woken. The key comes later, pushed.
+//! - **accept** (the server side, after the handshake): if an established
+//!   connect half with the same 5-tuple waits, the pair is decided as one
 //!   ([`Engine::decide_pair`], plus the program-pair license). Allowed: a
 //!   fresh [`ChannelKey`] is pushed to both hosts (each with its own
 //!   direction), the channel is recorded by key id, and the key is zeroed.
-//!   Denied: the client host gets `ChannelDenied`. If no connect half waits,
-//!   the client is not a protected host: the accept is decided alone, with
-//!   no peer in its context (a policy that requires a qualified peer
-//!   denies it).
-//! - A connect half with no accept within the pairing timeout expires
+//!   Denied: the client host gets `ChannelDenied`. If none waits but an
+//!   expectation for the accept's server end is unexpired (a protected
+//!   client is between its two asks; its first ask always reaches the
+//!   appliance before the server can accept), the accept waits (a condition
+//!   variable, at most the pairing timeout) and looks again, until no
+//!   expectation for that server end remains. Then it is decided alone,
+//!   with no peer in its context; if that decision requires `encrypt`, it
+//!   is denied: the client is not a protected host.
+//! - An established half with no accept within the pairing timeout expires
 //!   ([`Gate::expire`], run by [`Gate::run_expiry`]): audited
 //!   `channel.unpaired` and the client host gets `ChannelDenied`.
+//!   Expectations expire silently (waking the accepts that wait on them).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::agent_api::convert::channel_key_push;
 use crate::agent_api::pb::{self, push};
 use crate::agent_api::{Answer, DecideError, Decider, Hub};
-use crate::channels::{describe, ChannelKey, Correlator, Offer, Role};
+use crate::channels::{describe, ChannelKey, Correlator, Endpoint, Offer, Role};
 use crate::limits::{LicenseKey, Limits};
 use crate::metrics;
 use crate::policy::engine::{pair_event, Decision, Engine};
@@ -42,6 +55,9 @@ pub struct Gate {
     hub: Arc<Hub>,
     limits: Option<Arc<Limits>>,
     pairs: Mutex<Correlator>,
+    /// Signalled when a connect half starts waiting or expectations expire:
+    /// accepts waiting for a protected client look again.
+    wake: Condvar,
 }
 
 impl std::fmt::Debug for Gate {
@@ -79,6 +95,20 @@ fn allows(d: &Decision) -> bool {
     !matches!(d.outcome.verdict, Verdict::Deny)
 }
 
+/// Whether an allowing decision requires the connection to be a channel
+/// (obligation `encrypt = required`).
+fn requires_encrypt(d: &Decision) -> bool {
+    matches!(&d.outcome.verdict, Verdict::AllowWithConditions { obligations }
+        if obligations.get("encrypt").is_some_and(|v| v == "required"))
+}
+
+fn server_end(r: &QualifyRequest) -> Option<Endpoint> {
+    match &r.target {
+        Target::Net(t) => Some((t.dst_addr.clone(), t.dst_port)),
+        _ => None,
+    }
+}
+
 impl Gate {
     /// A gate over `engine` pushing through `hub`; halves wait at most
     /// `pair_timeout`, at most `max_pending` at once.
@@ -96,6 +126,7 @@ impl Gate {
             hub,
             limits,
             pairs: Mutex::new(Correlator::new(pair_timeout, max_pending)),
+            wake: Condvar::new(),
         }
     }
 
@@ -113,14 +144,33 @@ impl Gate {
 
     fn connect(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {
         let d = self.engine(r)?;
-        if !allows(&d) {
+        if !allows(&d) || !requires_encrypt(&d) {
             return Ok(answer(d, None));
         }
-        let offered = self.pairs().offer(r.clone(), Instant::now());
+        let (Some(server), Target::Net(t)) = (server_end(r), &r.target) else {
+            return Ok(answer(d, None));
+        };
+        let now = Instant::now();
+        if !t.established {
+            // Before the SYN: announce the established half to come.
+            let expected = self.pairs().expect(server, now);
+            return match expected {
+                Ok(()) => Ok(answer(d, None)),
+                Err(e) => Ok(denied(format!("channel: {e}"), d.generation)),
+            };
+        }
+        let offered = {
+            let mut g = self.pairs();
+            g.consume_expectation(&server, now);
+            g.offer(r.clone(), now)
+        };
         match offered {
-            Ok(Offer::Waiting { channel_id }) => Ok(answer(d, Some(channel_id))),
-            // Not reachable for a connect (accepts never wait), but decide
-            // it properly if it ever is.
+            Ok(Offer::Waiting { channel_id }) => {
+                self.wake.notify_all();
+                Ok(answer(d, Some(channel_id)))
+            }
+            // Not reachable (accepts never wait), but decide it properly
+            // if it ever is.
             Ok(Offer::Paired(p)) => self.pair(p.channel_id, &p.connect, &p.accept),
             Err(e) => Ok(denied(format!("channel: {e}"), d.generation)),
         }
@@ -129,13 +179,59 @@ impl Gate {
     fn accept(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {
         // Report halves that timed out before looking for a partner.
         self.expire();
-        let found = self.pairs().pair_with(r.clone());
-        match found {
-            Ok(Some(p)) => self.pair(p.channel_id, &p.connect, &p.accept),
-            // No protected client waits: decide the accept alone.
-            Ok(None) => self.engine(r).map(|d| answer(d, None)),
-            Err(e) => Ok(denied(format!("channel: {e}"), self.engine.generation())),
+        let Some(server) = server_end(r) else {
+            return self.engine(r).map(|d| answer(d, None));
+        };
+        let mut g = self.pairs();
+        let give_up = Instant::now() + g.timeout();
+        let mut waited = false;
+        loop {
+            match g.pair_with(r.clone()) {
+                Ok(Some(p)) => {
+                    drop(g);
+                    return self.pair(p.channel_id, &p.connect, &p.accept);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    drop(g);
+                    return Ok(denied(format!("channel: {e}"), self.engine.generation()));
+                }
+            }
+            // A protected client between its pre-SYN ask and its
+            // established ask: wait for its half (bounded).
+            let now = Instant::now();
+            let Some(until) = g.expecting(&server, now) else {
+                break;
+            };
+            let until = until.min(give_up);
+            if until <= now {
+                break;
+            }
+            waited = true;
+            g = self
+                .wake
+                .wait_timeout(g, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
+        drop(g);
+        if waited {
+            // What this accept waited for ran out: report it now.
+            self.expire();
+        }
+        // No protected client: decide the accept alone.
+        let d = self.engine(r)?;
+        if allows(&d) && requires_encrypt(&d) {
+            let client = match &r.target {
+                Target::Net(t) => format!("{}:{}", t.src_addr, t.src_port),
+                _ => String::new(),
+            };
+            return Ok(denied(
+                format!("`encrypt` required but the client {client} is not a protected host"),
+                d.generation,
+            ));
+        }
+        Ok(answer(d, None))
     }
 
     /// Decides a pair and delivers its key or its denial.
@@ -237,15 +333,29 @@ impl Gate {
         }
     }
 
-    /// Expires waiting halves now.
+    /// Expires waiting halves and expectations now, waking the accepts
+    /// that wait.
     pub fn expire(&self) {
-        let gone = self.pairs().expire(Instant::now());
+        let gone = {
+            let mut g = self.pairs();
+            let before = g.expectations();
+            let gone = g.expire(Instant::now());
+            if g.expectations() != before {
+                self.wake.notify_all();
+            }
+            gone
+        };
         self.expired(gone);
     }
 
     /// Halves waiting for a partner.
     pub fn pending(&self) -> usize {
         self.pairs().pending()
+    }
+
+    /// Established connect halves announced and not yet arrived.
+    pub fn expectations(&self) -> usize {
+        self.pairs().expectations()
     }
 
     /// Expires halves as their deadlines pass, until the task is dropped.

@@ -133,6 +133,13 @@ pub struct FiveTuple {
     pub dst_addr: String,
     /// Destination port (0 for UNIX sockets).
     pub dst_port: u16,
+    /// `connect` only: asked again once the handshake is done, so `src` is
+    /// the real client end (before the SYN the client port is 0 unless the
+    /// program bound the socket). Only such a connect half is paired with
+    /// the server's accept. Not part of the connection's identity: the
+    /// correlator ignores it when matching halves.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub established: bool,
 }
 
 /// What the action applies to.

@@ -351,6 +351,7 @@ async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
         src_port: 70000,
         dst_addr: "10.0.0.2".into(),
         dst_port: 5432,
+        established: false,
     }));
     refused(
         &app,
@@ -366,8 +367,21 @@ async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
     refused(
         &app,
         &mut client,
-        batch(vec![connect]),
+        batch(vec![connect.clone()]),
         "requests[0].net.dst_addr: `not-an-ip` is not an IP address",
+    )
+    .await;
+    let mut accept = connect;
+    accept.action = Action::Accept.into();
+    if let Some(Target::Net(n)) = accept.target.as_mut() {
+        n.dst_addr = "10.0.0.2".into();
+        n.established = true;
+    }
+    refused(
+        &app,
+        &mut client,
+        batch(vec![accept]),
+        "requests[0].net.established: only for connect",
     )
     .await;
 

@@ -99,11 +99,22 @@ fn subject(at: &str, s: Option<&pb::Subject>) -> Result<Subject, Status> {
     })
 }
 
-fn program(at: &str, p: Option<&pb::Program>) -> Result<Program, Status> {
+/// The program. For network actions the PEM knows only the SHA-256 (of
+/// the process's program, from its exec or `mm->exe_file`), so an empty
+/// `sha1` (and `path`, `size` 0) is accepted there and kept empty.
+fn program(at: &str, action: Action, p: Option<&pb::Program>) -> Result<Program, Status> {
     let p = p.ok_or_else(|| bad(format!("{at}.program"), "missing"))?;
+    let net = matches!(
+        action,
+        Action::Connect | Action::Accept | Action::IpcConnect
+    );
     Ok(Program {
         sha256: digest(format!("{at}.program.sha256"), &p.sha256, 32)?,
-        sha1: digest(format!("{at}.program.sha1"), &p.sha1, 20)?,
+        sha1: if net && p.sha1.is_empty() {
+            String::new()
+        } else {
+            digest(format!("{at}.program.sha1"), &p.sha1, 20)?
+        },
         size: p.size,
         path: text(format!("{at}.program.path"), &p.path, MAX_PATH, true)?,
     })
@@ -155,12 +166,16 @@ fn net(at: &str, action: Action, n: &pb::NetTarget) -> Result<FiveTuple, Status>
             }
         }
     }
+    if n.established && action != Action::Connect {
+        return Err(bad(format!("{at}.net.established"), "only for connect"));
+    }
     Ok(FiveTuple {
         proto,
         src_addr,
         src_port,
         dst_addr,
         dst_port,
+        established: n.established,
     })
 }
 
@@ -175,7 +190,7 @@ pub fn request(
     let at = format!("requests[{i}]");
     let action = action(&at, r.action)?;
     let subject = subject(&at, r.subject.as_ref())?;
-    let program = program(&at, r.program.as_ref())?;
+    let program = program(&at, action, r.program.as_ref())?;
     let target = match (action, r.target.as_ref()) {
         (Action::Exec, Some(pb::request::Target::Exec(e))) => Target::Exec {
             loader_direct: e.loader_direct,

@@ -180,6 +180,7 @@ fn net(host: &str, action: Action, prog: char, dst_port: u16) -> QualifyRequest 
             src_port: 40000,
             dst_addr: "10.0.0.2".into(),
             dst_port,
+            established: false,
         }),
         at_ms: MON_0930,
     }

@@ -8,12 +8,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use trustbind_proto::{
-    self as proto, Config, DecodeError, Generation, Hello, HelloAck, Mode, Record, Verdict,
-    MAX_RECORD_LEN,
+    self as proto, ChannelKey, Config, DecodeError, Family, Generation, Hello, HelloAck, Mode,
+    NetKind, NetRequest, Record, Verdict, MAX_RECORD_LEN,
 };
+use zeroize::Zeroize;
 
 /// The agent's protocol version, sent in `Hello`.
 pub const AGENT_VERSION: u32 = 0x0001_0000;
@@ -73,6 +75,91 @@ pub struct ExecEvent {
     pub path: String,
     /// The ELF loader run as the program (`ld.so ./prog`).
     pub loader_direct: bool,
+}
+
+/// A TCP connect or accept the module asks about, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetEvent {
+    /// Request id to answer with.
+    pub request_id: u64,
+    /// Pre-SYN connect, established connect, or accept.
+    pub kind: NetKind,
+    /// Client end (the connecting side) address.
+    pub src_addr: IpAddr,
+    /// Client end port (0 on a pre-SYN connect unless bound).
+    pub src_port: u16,
+    /// Server end address.
+    pub dst_addr: IpAddr,
+    /// Server end port.
+    pub dst_port: u16,
+    /// SHA-256 of the process's program.
+    pub sha256: [u8; 32],
+    /// Real uid.
+    pub uid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// Real gid.
+    pub gid: u32,
+    /// Audit login uid.
+    pub loginuid: u32,
+    /// Audit session id.
+    pub sessionid: u32,
+    /// Thread group id of the process.
+    pub pid: u32,
+    /// Its parent's.
+    pub ppid: u32,
+    /// SHA-256 of ancestors' programs, nearest first.
+    pub ancestry: Vec<[u8; 32]>,
+}
+
+/// What the module asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An exec.
+    Exec(ExecEvent),
+    /// A connect or accept.
+    Net(NetEvent),
+}
+
+/// An address field of a [`NetRequest`]: IPv4 in the first 4 bytes; IPv6
+/// as is (an IPv4 peer of an IPv6 socket stays `::ffff:a.b.c.d`).
+pub fn ip_of(family: Family, a: [u8; 16]) -> IpAddr {
+    match family {
+        Family::Ipv4 => {
+            let [a0, a1, a2, a3, ..] = a;
+            IpAddr::V4(Ipv4Addr::new(a0, a1, a2, a3))
+        }
+        Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(a)),
+    }
+}
+
+fn ancestry_of(a: proto::Ancestry<'_>) -> Vec<[u8; 32]> {
+    a.iter()
+        .filter_map(|h| <[u8; 32]>::try_from(h).ok())
+        .collect()
+}
+
+impl NetEvent {
+    /// The owned form of request `request_id`.
+    pub fn of(request_id: u64, r: &NetRequest<'_>) -> Self {
+        Self {
+            request_id,
+            kind: r.kind,
+            src_addr: ip_of(r.family, r.src_addr),
+            src_port: r.src_port,
+            dst_addr: ip_of(r.family, r.dst_addr),
+            dst_port: r.dst_port,
+            sha256: r.sha256,
+            uid: r.uid,
+            euid: r.euid,
+            gid: r.gid,
+            loginuid: r.loginuid,
+            sessionid: r.sessionid,
+            pid: r.pid,
+            ppid: r.ppid,
+            ancestry: ancestry_of(r.ancestry),
+        }
+    }
 }
 
 /// The reading end (owns the descriptor the module sees as the agent).
@@ -155,7 +242,7 @@ impl Device {
 
     /// Blocks until the module asks something. Records of kinds the agent
     /// does not handle are skipped.
-    pub fn next_exec(&mut self) -> Result<ExecEvent, DeviceError> {
+    pub fn next_event(&mut self) -> Result<Event, DeviceError> {
         loop {
             let n = match self.file.read(&mut self.buf) {
                 Ok(n) => n,
@@ -171,8 +258,11 @@ impl Device {
             let got = self.buf.get(..n).unwrap_or_default();
             let (h, rec) =
                 proto::decode(got).map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
+            if let Record::NetRequest(r) = rec {
+                return Ok(Event::Net(NetEvent::of(h.request_id, &r)));
+            }
             if let Record::ExecRequest(r) = rec {
-                return Ok(ExecEvent {
+                return Ok(Event::Exec(ExecEvent {
                     request_id: h.request_id,
                     sha256: r.sha256,
                     sha1: r.sha1,
@@ -184,14 +274,10 @@ impl Device {
                     sessionid: r.sessionid,
                     pid: r.pid,
                     ppid: r.ppid,
-                    ancestry: r
-                        .ancestry
-                        .iter()
-                        .filter_map(|h| <[u8; 32]>::try_from(h).ok())
-                        .collect(),
+                    ancestry: ancestry_of(r.ancestry),
                     path: String::from_utf8_lossy(r.path).into_owned(),
                     loader_direct: r.flags & trustbind_proto::EXEC_LOADER_DIRECT != 0,
-                });
+                }));
             }
         }
     }
@@ -219,14 +305,42 @@ impl DeviceWriter {
         }
     }
 
-    /// Sets the module's mode and verdict wait.
-    pub fn config(&mut self, mode: Mode, verdict_timeout_ms: u32) -> Result<(), DeviceError> {
+    /// Answers net request `id` with the channel key `key`, then wipes
+    /// `key` and the encoded copy. `Ok(false)` if the module no longer
+    /// waits for it.
+    pub fn channel_key(&mut self, id: u64, key: &mut ChannelKey) -> Result<bool, DeviceError> {
+        let mut rec = Record::ChannelKey(*key);
+        key.wipe();
+        let buf = encode(&rec, id);
+        if let Record::ChannelKey(k) = &mut rec {
+            k.wipe();
+        }
+        let mut buf = buf?;
+        let written = self.file.write_all(&buf);
+        buf.zeroize();
+        match written {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(DeviceError::Io {
+                path: self.path.clone(),
+                what: "write ChannelKey",
+                source,
+            }),
+        }
+    }
+
+    /// Sets the module's mode and verdict wait, and whether it asks this
+    /// agent about TCP connects and accepts.
+    pub fn config(
+        &mut self,
+        mode: Mode,
+        verdict_timeout_ms: u32,
+        qualify_net: bool,
+    ) -> Result<(), DeviceError> {
         let rec = Record::Config(Config {
             mode,
             verdict_timeout_ms,
-            // Connects and accepts are not answered by this agent yet
-            // (issue 7): the module does not qualify them for it.
-            qualify_net: false,
+            qualify_net,
         });
         self.send(&rec, 2, "write Config")
     }
@@ -235,5 +349,58 @@ impl DeviceWriter {
     pub fn generation(&mut self, policy_generation: u64) -> Result<(), DeviceError> {
         let rec = Record::Generation(Generation { policy_generation });
         self.send(&rec, 3, "write Generation")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_spelled_as_the_appliance_parses_them() {
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[10, 99, 0, 5]);
+        assert_eq!(ip_of(Family::Ipv4, v4).to_string(), "10.99.0.5");
+        let mapped = Ipv4Addr::new(10, 99, 0, 5).to_ipv6_mapped().octets();
+        assert_eq!(ip_of(Family::Ipv6, mapped).to_string(), "::ffff:10.99.0.5");
+        let v6: Ipv6Addr = "fd00::1:2".parse().unwrap();
+        assert_eq!(ip_of(Family::Ipv6, v6.octets()).to_string(), "fd00::1:2");
+        for a in ["10.99.0.5", "::ffff:10.99.0.5", "fd00::1:2"] {
+            assert!(a.parse::<IpAddr>().is_ok());
+        }
+    }
+
+    #[test]
+    fn net_requests_become_owned_events() {
+        let h = [7u8; 32];
+        let mut src = [0u8; 16];
+        src[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let r = NetRequest {
+            kind: NetKind::Established,
+            family: Family::Ipv4,
+            src_addr: src,
+            src_port: 40000,
+            dst_addr: src,
+            dst_port: 443,
+            sha256: [1; 32],
+            program_source: proto::ProgramSource::Lineage,
+            uid: 1,
+            euid: 2,
+            gid: 3,
+            loginuid: 4,
+            sessionid: 5,
+            pid: 6,
+            ppid: 7,
+            ancestry: proto::Ancestry::from_bytes(&h).unwrap(),
+        };
+        let ev = NetEvent::of(9, &r);
+        assert_eq!(ev.request_id, 9);
+        assert_eq!(ev.kind, NetKind::Established);
+        assert_eq!(
+            (ev.src_addr.to_string(), ev.src_port, ev.dst_port),
+            ("127.0.0.1".into(), 40000, 443)
+        );
+        assert_eq!(ev.ancestry, vec![h]);
+        assert_eq!((ev.uid, ev.euid, ev.gid, ev.pid), (1, 2, 3, 6));
     }
 }

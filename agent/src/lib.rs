@@ -2,7 +2,8 @@
 //!
 //! It sits between the PEM (`/dev/trustbind`, records from
 //! `trustbind-proto`) and the appliance (gRPC over mutual TLS):
-//! [`device`] (the module's channel), [`link`] (enrolment, credentials, the
+//! [`device`] (the module's channel), [`keys`] (pushed channel keys held
+//! by channel id until the connect/accept they answer takes them), [`link`] (enrolment, credentials, the
 //! mTLS channel), [`run`] (the daemon: batching, offline answers, pushes,
 //! spool delivery, status), [`bundle`] (the program/user pairs seen, which
 //! the appliance is asked to re-decide and sign), [`signed`] (that signed
@@ -22,6 +23,7 @@
 
 pub mod bundle;
 pub mod device;
+pub mod keys;
 pub mod link;
 pub mod run;
 pub mod signed;

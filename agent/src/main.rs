@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! trustbind-agent enrol --appliance HOST[:7444] --name NAME --token TOKEN --ca-fingerprint HEX
-//! trustbind-agent run [--mode enforce|permissive] ...
+//! trustbind-agent run [--mode enforce|permissive] [--no-net] ...
 //! trustbind-agent status [--json]
 //! ```
 //!
@@ -75,6 +75,12 @@ enum Cmd {
         /// Deadline of one appliance call, in ms.
         #[arg(long, default_value_t = 1500)]
         call_timeout_ms: u64,
+        /// Do not have the module ask about TCP connects and accepts (no
+        /// connection qualification, no encrypted channels). By default the
+        /// agent answers them: each is its own appliance call, and a channel's
+        /// key is handed to the module.
+        #[arg(long)]
+        no_net: bool,
     },
     /// Show the running agent's status.
     Status {
@@ -146,6 +152,7 @@ fn main() -> ExitCode {
             mode,
             verdict_timeout_ms,
             call_timeout_ms,
+            no_net,
         } => {
             let opts = RunOptions {
                 state: cli.state,
@@ -156,6 +163,7 @@ fn main() -> ExitCode {
                 batch_max: 64,
                 batch_wait: Duration::from_millis(2),
                 call_timeout: Duration::from_millis(call_timeout_ms),
+                qualify_net: !no_net,
             };
             match rt.block_on(run::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -2,11 +2,25 @@
 //!
 //! ```text
 //!  /dev/trustbind ──read thread──▶ batcher ──Qualify (mTLS gRPC)──▶ appliance
-//!        ▲                            │  (offline: bundle, else the mode's default; spooled)
-//!        └──────── Verdict ◀──────────┘
-//!  appliance ──Subscribe stream──▶ generation → module cache flush, host mode → module mode
+//!        ▲     │ (net requests)       │  (offline: bundle, else the mode's default; spooled)
+//!        │     └──▶ one task each ──Qualify (one request)──▶ appliance
+//!        └──── Verdict / ChannelKey ◀─┘
+//!  appliance ──Subscribe stream──▶ generation → module cache flush, host mode → module mode,
+//!                                  channel keys / refusals → held by channel id (keys.rs)
 //!  spool ──Report──▶ appliance (when connected)
 //! ```
+//!
+//! TCP connects and accepts (`NetRequest`, unless `--no-net`) are never
+//! batched with execs nor wait behind them: each is its own `Qualify` call.
+//! A pre-SYN connect is answered by a `Verdict` (with `encrypt` when the
+//! policy requires a channel). An established connect or an accept whose
+//! result names a channel waits for that channel's pushed key (which may
+//! have come first) or refusal, within the kernel's verdict timeout less a
+//! margin, and is answered by a `ChannelKey` record; every copy of the key
+//! is then wiped. Without a key: an accept gets the result's verdict (no
+//! channel: plaintext or refused), an established connect a deny (the
+//! kernel resets it). Offline, net requests get the mode's default, never a
+//! key.
 //!
 //! The module's mode follows the appliance's host mode (pushed on every
 //! subscription); until the first push the last known mode (saved in the
@@ -26,10 +40,11 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Notify, RwLock};
 use tonic::transport::Channel;
 use trustbind_api::pb::{self, agent_client::AgentClient, push};
-use trustbind_proto::{Decision, Mode, Obligations, Verdict};
+use trustbind_proto::{Decision, Mode, NetKind, Obligations, Verdict};
 
 use crate::bundle::{Bundle, Remembered};
-use crate::device::{Device, DeviceWriter, ExecEvent};
+use crate::device::{Device, DeviceWriter, Event, ExecEvent, NetEvent};
+use crate::keys::{self, Keys, Pushed};
 use crate::link::{self, write_atomic, AgentConfig};
 use crate::signed::{self, Verified};
 use crate::spool::{Spool, SpoolRecord};
@@ -57,6 +72,9 @@ pub struct RunOptions {
     pub batch_wait: Duration,
     /// Deadline of one Qualify call.
     pub call_timeout: Duration,
+    /// Whether the module asks about TCP connects and accepts (`Config`'s
+    /// `qualify_net`; `--no-net` turns it off).
+    pub qualify_net: bool,
 }
 
 /// Why the daemon stopped.
@@ -90,6 +108,12 @@ pub struct Status {
     pub generation: i64,
     /// Exec requests from the module.
     pub requests: u64,
+    /// Connect / accept requests from the module.
+    #[serde(default)]
+    pub net_requests: u64,
+    /// Channel keys handed to the module.
+    #[serde(default)]
+    pub channel_keys: u64,
     /// Answered by the appliance.
     pub answered_online: u64,
     /// Answered from the bundle or the mode's default (appliance away).
@@ -188,6 +212,8 @@ struct Shared {
     bundle_again: AtomicBool,
     /// When the last renewal started.
     bundle_last: Mutex<Option<tokio::time::Instant>>,
+    /// Channel keys and refusals pushed by the appliance, by channel id.
+    keys: Keys,
 }
 
 impl Shared {
@@ -208,7 +234,7 @@ impl Shared {
             return;
         }
         let timeout = self.opts.verdict_timeout_ms;
-        match g.writer.config(mode, timeout) {
+        match g.writer.config(mode, timeout, self.opts.qualify_net) {
             Ok(()) => {
                 g.mode = mode;
                 g.status.mode = mode_name(mode).into();
@@ -247,12 +273,17 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .unwrap_or(opts.mode);
     let mut device = Device::open(&opts.device)?;
     let mut writer = device.writer()?;
-    writer.config(mode, opts.verdict_timeout_ms)?;
+    writer.config(mode, opts.verdict_timeout_ms, opts.qualify_net)?;
     log(&format!(
-        "{}: module v{:#x}, mode {}, appliance {} as `{}`",
+        "{}: module v{:#x}, mode {}, connects/accepts {}, appliance {} as `{}`",
         opts.device.display(),
         device.ack.module_version,
         mode_name(mode),
+        if opts.qualify_net {
+            "qualified"
+        } else {
+            "not asked (--no-net)"
+        },
         cfg.agent_addr,
         cfg.name
     ));
@@ -291,23 +322,25 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         bundle_busy: AtomicBool::new(false),
         bundle_again: AtomicBool::new(false),
         bundle_last: Mutex::new(None),
+        keys: Keys::new(),
     });
 
     let (tx, rx) = mpsc::channel::<ExecEvent>(4096);
+    let (net_tx, net_rx) = mpsc::channel::<NetEvent>(4096);
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(1);
     std::thread::Builder::new()
         .name("device".into())
         .spawn(move || loop {
-            match device.next_exec() {
-                Ok(ev) => {
-                    if tx.blocking_send(ev).is_err() {
-                        return;
-                    }
-                }
+            let sent = match device.next_event() {
+                Ok(Event::Exec(ev)) => tx.blocking_send(ev).is_ok(),
+                Ok(Event::Net(ev)) => net_tx.blocking_send(ev).is_ok(),
                 Err(e) => {
                     let _ = fatal_tx.blocking_send(e.to_string());
                     return;
                 }
+            };
+            if !sent {
+                return;
             }
         })
         .map_err(|e| {
@@ -317,6 +350,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         })?;
 
     tokio::spawn(batcher(Arc::clone(&shared), rx));
+    tokio::spawn(net_dispatcher(Arc::clone(&shared), net_rx));
     tokio::spawn(connection(Arc::clone(&shared), cfg, tls));
     tokio::spawn(housekeeping(Arc::clone(&shared)));
 
@@ -355,6 +389,7 @@ async fn housekeeping(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         n += 1;
+        shared.keys.expire(Instant::now());
         let mut g = shared.lock();
         g.status.connected = shared.connected.load(Ordering::Relaxed);
         g.status.generation = i64::try_from(shared.generation.load(Ordering::Relaxed)).unwrap_or(0);
@@ -502,18 +537,20 @@ fn apply_cpu_limit(pid: u32, seconds: u32) -> Result<(), String> {
         .map_err(|e| format!("prlimit(RLIMIT_CPU) on pid {pid:?}: {e}"))
 }
 
-/// Asks the appliance. `Err(None)`: no session at the moment of asking.
+/// Asks the appliance, within `timeout`. `Err(None)`: no session at the
+/// moment of asking.
 async fn qualify(
     shared: &Shared,
     requests: Vec<pb::Request>,
+    timeout: Duration,
 ) -> Result<Vec<pb::Result>, Option<String>> {
     let client = shared.client.read().await.clone();
     let Some(mut client) = client else {
         return Err(None);
     };
     let mut req = tonic::Request::new(pb::QualifyBatch { requests });
-    req.set_timeout(shared.opts.call_timeout);
-    match tokio::time::timeout(shared.opts.call_timeout, client.qualify(req)).await {
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.qualify(req)).await {
         Ok(Ok(r)) => Ok(r.into_inner().results),
         Ok(Err(s)) => Err(Some(format!("Qualify: {}: {}", s.code(), s.message()))),
         Err(_) => Err(Some("Qualify: deadline exceeded".into())),
@@ -530,11 +567,12 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
         .zip(&users)
         .map(|(ev, u)| request_of(ev, u.clone()))
         .collect();
-    let mut asked = qualify(shared, requests.clone()).await;
+    let timeout = shared.opts.call_timeout;
+    let mut asked = qualify(shared, requests.clone(), timeout).await;
     if matches!(asked, Err(None)) && shared.client.read().await.is_some() {
         // The session came up (and may have changed the mode) while this
         // batch was being prepared: ask it rather than answer offline.
-        asked = qualify(shared, requests).await;
+        asked = qualify(shared, requests, timeout).await;
     }
     let online = match asked.map_err(|e| e.unwrap_or_else(|| "not connected".into())) {
         Ok(results) => {
@@ -644,6 +682,219 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     }
 }
 
+/// Time kept from the kernel's verdict timeout for a net answer to reach
+/// the module before it gives up.
+pub fn net_margin(verdict_timeout: Duration) -> Duration {
+    (verdict_timeout / 10).clamp(Duration::from_millis(50), Duration::from_millis(500))
+}
+
+/// The appliance request for a connect or accept: the program is known
+/// only by its SHA-256 (no SHA-1, size or path from the kernel).
+pub fn net_request_of(ev: &NetEvent, user: String) -> pb::Request {
+    let action = match ev.kind {
+        NetKind::Accept => pb::Action::Accept,
+        NetKind::Connect | NetKind::Established => pb::Action::Connect,
+    };
+    pb::Request {
+        id: ev.request_id,
+        action: action as i32,
+        subject: Some(pb::Subject {
+            user,
+            uid: ev.uid,
+            euid: ev.euid,
+            gid: ev.gid,
+            loginuid: ev.loginuid,
+            session: ev.sessionid,
+            pid: ev.pid,
+            ancestry: ev.ancestry.iter().map(|h| h.to_vec()).collect(),
+        }),
+        program: Some(pb::Program {
+            sha256: ev.sha256.to_vec(),
+            sha1: Vec::new(),
+            size: 0,
+            path: String::new(),
+        }),
+        target: Some(pb::request::Target::Net(pb::NetTarget {
+            proto: pb::Proto::Tcp as i32,
+            src_addr: ev.src_addr.to_string(),
+            src_port: u32::from(ev.src_port),
+            dst_addr: ev.dst_addr.to_string(),
+            dst_port: u32::from(ev.dst_port),
+            established: ev.kind == NetKind::Established,
+        })),
+    }
+}
+
+fn deny(policy_generation: u64) -> Verdict {
+    Verdict {
+        decision: Decision::Deny,
+        policy_generation,
+        cacheable: false,
+        obligations: Obligations::default(),
+    }
+}
+
+/// How to answer a net request, from the appliance's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetPlan {
+    /// Answer with this verdict now.
+    Verdict(Verdict),
+    /// Wait for the key of this channel; without it, deny (under this
+    /// generation).
+    Channel(u64, u64),
+}
+
+/// The answer to a net request of `kind` given the appliance's result `r`:
+/// a pre-SYN connect gets its verdict (with `encrypt` if required); an
+/// allowed established connect or accept that names a channel waits for
+/// its key; an accept without a channel gets its verdict (never
+/// `encrypt`, which is for connects); an established connect without a
+/// channel is denied (the kernel resets it). Net verdicts are never cached
+/// by the kernel.
+pub fn net_plan(kind: NetKind, r: &pb::Result) -> NetPlan {
+    let mut v = verdict_of(r);
+    v.cacheable = false;
+    let allowed = v.decision != Decision::Deny;
+    match kind {
+        NetKind::Connect => NetPlan::Verdict(v),
+        NetKind::Established | NetKind::Accept if allowed && r.channel_id != 0 => {
+            NetPlan::Channel(r.channel_id, v.policy_generation)
+        }
+        NetKind::Established => NetPlan::Verdict(deny(v.policy_generation)),
+        NetKind::Accept => {
+            v.obligations.encrypt = false;
+            NetPlan::Verdict(v)
+        }
+    }
+}
+
+fn kind_name(k: NetKind) -> &'static str {
+    match k {
+        NetKind::Connect => "connect",
+        NetKind::Established => "established",
+        NetKind::Accept => "accept",
+    }
+}
+
+/// Answers each net request on its own task, beside the exec batches.
+async fn net_dispatcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<NetEvent>) {
+    while let Some(ev) = rx.recv().await {
+        let received = tokio::time::Instant::now();
+        tokio::spawn(answer_net(Arc::clone(&shared), ev, received));
+    }
+}
+
+async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::Instant) {
+    let timeout = Duration::from_millis(u64::from(shared.opts.verdict_timeout_ms));
+    let deadline = received + timeout.saturating_sub(net_margin(timeout));
+    let user = shared.lock().users.name(ev.uid);
+    let req = net_request_of(&ev, user.clone());
+    let budget = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_millis(1));
+    let plan = match qualify(&shared, vec![req], budget).await {
+        Ok(results) => results
+            .iter()
+            .find(|r| r.id == ev.request_id)
+            .map(|r| net_plan(ev.kind, r)),
+        Err(e) => {
+            if let Some(e) = e {
+                log(&format!(
+                    "{} {}:{} -> {}:{}: answering offline: {e}",
+                    kind_name(ev.kind),
+                    ev.src_addr,
+                    ev.src_port,
+                    ev.dst_addr,
+                    ev.dst_port
+                ));
+            }
+            None
+        }
+    };
+    let answer = match plan {
+        Some(NetPlan::Verdict(v)) => Ok(v),
+        Some(NetPlan::Channel(channel_id, generation)) => {
+            match shared.keys.wait(channel_id, deadline).await {
+                Some(Pushed::Key(h)) => Err(h),
+                Some(Pushed::Denied(why)) => {
+                    log(&format!("channel {channel_id} refused: {why}"));
+                    Ok(deny(generation))
+                }
+                None => {
+                    log(&format!("channel {channel_id}: no key in time"));
+                    Ok(deny(generation))
+                }
+            }
+        }
+        None => {
+            // Offline (or no result): the mode's default, never a key.
+            let mut g = shared.lock();
+            let decision = if g.mode == Mode::Enforce {
+                Decision::Deny
+            } else {
+                Decision::Allow
+            };
+            let id = g.spool.next_id();
+            let rec = SpoolRecord {
+                id,
+                at_ms: now_ms(),
+                what: "net.offline".into(),
+                detail: serde_json::json!({
+                    "kind": kind_name(ev.kind),
+                    "src": format!("{}:{}", ev.src_addr, ev.src_port),
+                    "dst": format!("{}:{}", ev.dst_addr, ev.dst_port),
+                    "sha256": hex(&ev.sha256), "user": user, "uid": ev.uid, "pid": ev.pid,
+                    "decision": format!("{decision:?}").to_lowercase(),
+                    "source": "default", "mode": mode_name(g.mode),
+                }),
+            };
+            if let Err(e) = g.spool.append(&[rec]) {
+                g.status.last_error = format!("spool: {e}");
+            }
+            g.status.answered_offline += 1;
+            g.status.net_requests += 1;
+            if decision == Decision::Deny {
+                g.status.denied += 1;
+            }
+            let v = Verdict {
+                decision,
+                policy_generation: 0,
+                cacheable: false,
+                obligations: Obligations::default(),
+            };
+            let sent = g.writer.verdict(ev.request_id, v);
+            note_sent(&mut g, sent);
+            return;
+        }
+    };
+    let mut g = shared.lock();
+    g.status.answered_online += 1;
+    g.status.net_requests += 1;
+    let sent = match answer {
+        Ok(v) => {
+            if v.decision == Decision::Deny {
+                g.status.denied += 1;
+            }
+            g.writer.verdict(ev.request_id, v)
+        }
+        Err(mut h) => {
+            g.status.channel_keys += 1;
+            // The writer wipes the key it is given and its encoding; `h`
+            // wipes itself when dropped.
+            g.writer.channel_key(ev.request_id, h.key_mut())
+        }
+    };
+    note_sent(&mut g, sent);
+}
+
+fn note_sent(g: &mut Inner, sent: Result<bool, crate::device::DeviceError>) {
+    match sent {
+        Ok(true) => {}
+        Ok(false) => g.status.late += 1,
+        Err(e) => g.status.last_error = e.to_string(),
+    }
+}
+
 /// Keeps the session up: connect, subscribe, deliver the spool, follow
 /// pushes; on any failure back off and start again.
 async fn connection(shared: Arc<Shared>, cfg: AgentConfig, tls: rustls::ClientConfig) {
@@ -734,15 +985,22 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
         push::Kind::Revoked(_) => {
             return Err("this host's certificate was revoked by the appliance".into())
         }
-        push::Kind::ChannelKey(k) => {
-            // Channel keys are for the kernel's kTLS (not built yet); never logged.
-            log(&format!(
-                "channel {} key {} (ignored: channels not built)",
-                k.channel_id, k.key_id
-            ));
+        push::Kind::ChannelKey(mut k) => {
+            // Held for the request naming this channel; never logged.
+            let pushed = match keys::from_push(&mut k) {
+                Ok(h) => Pushed::Key(h),
+                Err(e) => {
+                    shared.error(format!("channel {}: bad key message: {e}", k.channel_id));
+                    Pushed::Denied(format!("bad key message: {e}"))
+                }
+            };
+            shared.keys.put(k.channel_id, pushed, Instant::now());
         }
         push::Kind::ChannelDenied(d) => {
             log(&format!("channel {} denied: {}", d.channel_id, d.reason));
+            shared
+                .keys
+                .put(d.channel_id, Pushed::Denied(d.reason), Instant::now());
         }
         push::Kind::Ping(_) => {}
     }
@@ -839,4 +1097,170 @@ async fn renew_bundle_now(
     g.signed = Some(v);
     g.offline_why = None;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn ev(kind: NetKind, src: &str, src_port: u16) -> NetEvent {
+        NetEvent {
+            request_id: 77,
+            kind,
+            src_addr: src.parse::<IpAddr>().unwrap(),
+            src_port,
+            dst_addr: "10.99.0.12".parse().unwrap(),
+            dst_port: 5432,
+            sha256: [0xab; 32],
+            uid: 1000,
+            euid: 1000,
+            gid: 100,
+            loginuid: 1000,
+            sessionid: 3,
+            pid: 4242,
+            ppid: 1,
+            ancestry: vec![[0xcd; 32]],
+        }
+    }
+
+    fn result(verdict: pb::Verdict, encrypt: bool, channel_id: u64) -> pb::Result {
+        let mut obligations = HashMap::new();
+        if encrypt {
+            obligations.insert("encrypt".to_owned(), "required".to_owned());
+        }
+        pb::Result {
+            id: 77,
+            verdict: verdict as i32,
+            obligations,
+            reasons: vec![],
+            generation: 5,
+            cacheable: true,
+            would_deny: false,
+            channel_id,
+        }
+    }
+
+    #[test]
+    fn net_requests_are_spelled_for_the_appliance() {
+        let r = net_request_of(&ev(NetKind::Connect, "10.99.0.11", 0), "alice".into());
+        assert_eq!(r.id, 77);
+        assert_eq!(r.action, pb::Action::Connect as i32);
+        let p = r.program.unwrap();
+        assert_eq!((p.sha256.len(), p.sha1.len(), p.size), (32, 0, 0));
+        assert!(p.path.is_empty());
+        let s = r.subject.unwrap();
+        assert_eq!(
+            (s.user.as_str(), s.uid, s.session, s.pid),
+            ("alice", 1000, 3, 4242)
+        );
+        assert_eq!(s.ancestry, vec![vec![0xcd; 32]]);
+        let Some(pb::request::Target::Net(n)) = r.target else {
+            panic!("no net target")
+        };
+        assert_eq!(n.proto, pb::Proto::Tcp as i32);
+        assert_eq!((n.src_addr.as_str(), n.src_port), ("10.99.0.11", 0));
+        assert_eq!((n.dst_addr.as_str(), n.dst_port), ("10.99.0.12", 5432));
+        assert!(!n.established);
+
+        let r = net_request_of(
+            &ev(NetKind::Established, "::ffff:10.99.0.11", 40000),
+            "u".into(),
+        );
+        assert_eq!(r.action, pb::Action::Connect as i32);
+        let Some(pb::request::Target::Net(n)) = r.target else {
+            panic!()
+        };
+        assert!(n.established);
+        assert_eq!(n.src_addr, "::ffff:10.99.0.11");
+
+        let r = net_request_of(&ev(NetKind::Accept, "10.99.0.11", 40000), "u".into());
+        assert_eq!(r.action, pb::Action::Accept as i32);
+        let Some(pb::request::Target::Net(n)) = r.target else {
+            panic!()
+        };
+        assert!(!n.established);
+    }
+
+    #[test]
+    fn a_pre_syn_connect_gets_its_verdict_with_encrypt() {
+        let NetPlan::Verdict(v) = net_plan(
+            NetKind::Connect,
+            &result(pb::Verdict::AllowWithConditions, true, 0),
+        ) else {
+            panic!()
+        };
+        assert_eq!(v.decision, Decision::AllowWithConditions);
+        assert!(v.obligations.encrypt && !v.cacheable);
+        assert_eq!(v.policy_generation, 5);
+        let NetPlan::Verdict(v) = net_plan(NetKind::Connect, &result(pb::Verdict::Deny, false, 0))
+        else {
+            panic!()
+        };
+        assert_eq!(v.decision, Decision::Deny);
+    }
+
+    #[test]
+    fn established_connects_need_a_channel() {
+        assert_eq!(
+            net_plan(
+                NetKind::Established,
+                &result(pb::Verdict::AllowWithConditions, true, 9)
+            ),
+            NetPlan::Channel(9, 5)
+        );
+        for r in [
+            result(pb::Verdict::Allow, false, 0),
+            result(pb::Verdict::Deny, true, 9),
+        ] {
+            let NetPlan::Verdict(v) = net_plan(NetKind::Established, &r) else {
+                panic!("{r:?}")
+            };
+            assert_eq!(v.decision, Decision::Deny);
+        }
+    }
+
+    #[test]
+    fn accepts_get_a_channel_or_their_verdict_without_encrypt() {
+        assert_eq!(
+            net_plan(
+                NetKind::Accept,
+                &result(pb::Verdict::AllowWithConditions, true, 4)
+            ),
+            NetPlan::Channel(4, 5)
+        );
+        let NetPlan::Verdict(v) = net_plan(NetKind::Accept, &result(pb::Verdict::Allow, false, 0))
+        else {
+            panic!()
+        };
+        assert_eq!(v.decision, Decision::Allow);
+        let NetPlan::Verdict(v) = net_plan(
+            NetKind::Accept,
+            &result(pb::Verdict::AllowWithConditions, true, 0),
+        ) else {
+            panic!()
+        };
+        assert!(!v.obligations.encrypt);
+        let NetPlan::Verdict(v) = net_plan(NetKind::Accept, &result(pb::Verdict::Deny, false, 4))
+        else {
+            panic!()
+        };
+        assert_eq!(v.decision, Decision::Deny);
+    }
+
+    #[test]
+    fn the_net_margin_is_bounded() {
+        assert_eq!(
+            net_margin(Duration::from_millis(3000)),
+            Duration::from_millis(300)
+        );
+        assert_eq!(
+            net_margin(Duration::from_millis(100)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            net_margin(Duration::from_secs(30)),
+            Duration::from_millis(500)
+        );
+    }
 }

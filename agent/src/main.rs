@@ -207,9 +207,15 @@ fn status(state: &std::path::Path, json: bool) -> ExitCode {
         println!("mode:        {}", s.mode);
         println!("generation:  {}", s.generation);
         println!(
-            "requests:    {} (appliance {}, offline {}, denied {}, late {})",
-            s.requests, s.answered_online, s.answered_offline, s.denied, s.late
+            "requests:    {} exec, {} connect/accept (appliance {}, offline {}, denied {}, late {})",
+            s.requests,
+            s.net_requests,
+            s.answered_online,
+            s.answered_offline,
+            s.denied,
+            s.late
         );
+        println!("channels:    {} keys handed to the module", s.channel_keys);
         println!(
             "spool:       {} waiting, {} delivered",
             s.spool_backlog, s.spool_delivered

@@ -114,9 +114,10 @@ pub struct Status {
     /// Channel keys handed to the module.
     #[serde(default)]
     pub channel_keys: u64,
-    /// Answered by the appliance.
+    /// Answered by the appliance (exec and net).
     pub answered_online: u64,
-    /// Answered from the bundle or the mode's default (appliance away).
+    /// Answered from the bundle or the mode's default (appliance away;
+    /// exec and net).
     pub answered_offline: u64,
     /// Denials sent to the module.
     pub denied: u64,

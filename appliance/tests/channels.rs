@@ -290,7 +290,10 @@ async fn channels_pair_key_deny_and_expire() {
     let t = std::time::Instant::now();
     let r = qualify(&mut b, request(13, pb::Action::Accept, "postgres", 40004)).await;
     assert_eq!((r.verdict, r.channel_id), (pb::Verdict::Deny as i32, 0));
-    assert!(t.elapsed() < Duration::from_millis(1000), "it must not wait");
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "it must not wait"
+    );
 
     // 6. A lone established half expires: denied to the client, audited.
     qualify(&mut a, pre_syn(14, "psql")).await;

@@ -31,7 +31,8 @@ Commands:
                 build, boot a protected host VM with the module loaded and
                 show it working; --shell leaves you at a guest prompt
   bench         build, run the cargo benchmarks (release), then the VM
-                benchmark of the PEM's exec overhead
+                benchmarks: the PEM's exec overhead, and channel throughput
+                (plaintext vs kTLS channel vs WireGuard) and connect latency
   fuzz [SECS]   fuzz the proto record decoder with cargo-fuzz (default 60 s)
   help          this text
 
@@ -163,7 +164,7 @@ fn image_cmd(ctx: &Ctx, args: &[String]) -> Result<()> {
 }
 
 /// `cargo xtask bench`: the cargo benchmarks (release), then the VM
-/// benchmark of the PEM's exec overhead (one VM run, ratios).
+/// benchmarks (`bench_*`: exec overhead; channels), each one run, ratios.
 fn bench(ctx: &Ctx) -> Result<()> {
     let a = build(ctx)?;
     sh::run("bench: cargo bench", cargo().args(["bench", "--workspace"]))?;
@@ -181,7 +182,7 @@ fn bench(ctx: &Ctx) -> Result<()> {
         "--test-threads=1",
     ]);
     a.apply(&mut c);
-    sh::run("bench: exec overhead in a VM", &mut c)
+    sh::run("bench: exec overhead and channels in VMs", &mut c)
 }
 
 fn demo(ctx: &Ctx, shell: bool) -> Result<()> {

@@ -2,7 +2,8 @@
 //! whatever it accepts must re-encode to a record that decodes the same.
 //! Every kind is reached (the header's kind is two of the fuzzed bytes);
 //! for the variable-length ones (`ExecRequest`, `NetRequest`) the limits
-//! the decoder promises are checked too.
+//! the decoder promises are checked too, and a `ChannelKey`'s `wipe()`
+//! leaves no key material.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -21,6 +22,12 @@ fuzz_target!(|data: &[u8]| {
                     assert!(r.src_addr[4..].iter().all(|&b| b == 0));
                     assert!(r.dst_addr[4..].iter().all(|&b| b == 0));
                 }
+            }
+            Record::ChannelKey(k) => {
+                let mut w = *k;
+                w.wipe();
+                assert!(w.key.iter().chain(&w.tx_iv).chain(&w.rx_iv).all(|&b| b == 0));
+                assert_eq!((w.channel_id, w.key_id), (k.channel_id, k.key_id));
             }
             _ => {}
         }

@@ -39,7 +39,12 @@
 //! socket before `connect()` returns, so the program's first byte is
 //! already a TLS record. On the server, an accept answered with a key is
 //! bound the same way before `accept()` returns (client records already
-//! queued are parsed once `TLS_RX` is set). Whatever else happens to a
+//! queued are parsed once `TLS_RX` is set). kTLS attaches only to an
+//! established connection, and a peer may close as soon as it is keyed,
+//! so each end attaches the "tls" ULP (no keys: still plain TCP) before
+//! the ask that may key its peer; an accept answered without a key keeps
+//! that idle ULP (a program then cannot attach its own ULP to the
+//! socket). Whatever else happens to a
 //! connection that must be bound (a verdict instead of a key, no answer in
 //! time, the agent leaving, an install failure) resets it: a bound socket
 //! never carries plaintext. Install failures reset it in every mode; a
@@ -198,6 +203,15 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
         src: Endpoint(family, &info.src_addr, info.src_port),
         dst: Endpoint(family, &info.dst_addr, info.dst_port),
     };
+    if kind != NetKind::Connect {
+        // kTLS attaches only while the connection is ESTABLISHED, and the
+        // peer may send its FIN as soon as it has its key, which this ask
+        // can release: attach the ULP first (plain TCP until keyed). An
+        // accept answered without a key keeps the idle ULP. A failure
+        // here (the peer already closed, another ULP) shows again when a
+        // key comes.
+        let _ = sys::ktls_prepare(info);
+    }
     let refusal = match qualify(s, info, kind, family) {
         Ok(Granted::Plain { encrypt }) => match kind {
             NetKind::Connect => {

@@ -875,9 +875,18 @@ static int tb_inet_accept(struct socket *sock, struct socket *newsock,
 	return err;
 }
 
-int tb_ktls_install(struct socket *sock, struct tb_channel_key *key)
+int tb_ktls_prepare(struct socket *sock)
 {
 	static const char ulp[] = "tls";
+
+	if (READ_ONCE(inet_csk(sock->sk)->icsk_ulp_ops))
+		return -EEXIST;
+	return sock->ops->setsockopt(sock, SOL_TCP, TCP_ULP,
+				     KERNEL_SOCKPTR((void *)ulp), sizeof(ulp));
+}
+
+int tb_ktls_install(struct socket *sock, struct tb_channel_key *key)
+{
 	struct tls12_crypto_info_aes_gcm_256 ci;
 	int err;
 
@@ -885,9 +894,10 @@ int tb_ktls_install(struct socket *sock, struct tb_channel_key *key)
 	BUILD_BUG_ON(sizeof(ci.salt) != sizeof(key->tx_salt));
 	BUILD_BUG_ON(sizeof(ci.iv) != sizeof(key->tx_iv));
 	memset(&ci, 0, sizeof(ci));
-	err = sock->ops->setsockopt(sock, SOL_TCP, TCP_ULP,
-				    KERNEL_SOCKPTR((void *)ulp), sizeof(ulp));
-	if (err)
+	/* Usually attached already (tb_ktls_prepare); if another ULP is,
+	 * TLS_TX below fails. */
+	err = tb_ktls_prepare(sock);
+	if (err && err != -EEXIST)
 		goto out;
 	ci.info.version = TLS_1_3_VERSION;
 	ci.info.cipher_type = TLS_CIPHER_AES_GCM_256;

@@ -154,7 +154,14 @@ struct tb_channel_key {
 	u8 rx_iv[8];
 };
 
-/* Binds the connected TCP socket to its channel: the "tls" ULP, then kTLS
+/* Attaches the "tls" ULP (no keys yet: the socket still behaves as plain
+ * TCP). kTLS attaches only to an ESTABLISHED socket, and a peer may close
+ * (FIN: CLOSE_WAIT) as soon as it has its own key, so each end attaches
+ * before it sends the ask whose answer can key its peer. 0, -EEXIST when a
+ * ULP is attached already, or -errno. */
+int tb_ktls_prepare(struct socket *sock);
+/* Binds the connected TCP socket to its channel: the "tls" ULP (unless
+ * tb_ktls_prepare() attached it), then kTLS
  * TLS 1.3 AES-256-GCM TLS_TX {key, tx_iv, tx_salt} and TLS_RX {key, rx_iv,
  * rx_salt}, record sequences 0. Data already queued is parsed as records
  * once TLS_RX is set. Zeroes *key (and its own copies) before returning.

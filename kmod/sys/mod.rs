@@ -30,9 +30,10 @@ use bindings::{
     tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove, tb_debugfs_u64, tb_dev_deregister,
     tb_dev_register, tb_dev_wake_readers, tb_exec_register, tb_exec_unregister,
     tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hashers as RawHashers, tb_hashers_alloc,
-    tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_ktls_install, tb_loader_gate_start,
-    tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
-    tb_net_hooks_stop, tb_now_ms, tb_path_info, tb_path_name, tb_set_nice_current,
+    tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_ktls_install, tb_ktls_prepare,
+    tb_loader_gate_start, tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin,
+    tb_module_unpin, tb_net_hooks_start, tb_net_hooks_stop, tb_now_ms, tb_path_info, tb_path_name,
+    tb_set_nice_current,
 };
 
 /// One connection end a connect or accept wrapper asks about.
@@ -46,6 +47,16 @@ pub(crate) const NET_ESTABLISHED: u32 = bindings::TB_NET_ESTABLISHED;
 pub(crate) fn econnreset() -> Error {
     // CAST: errno values are small positive integers.
     Error::from_errno(-(kernel::bindings::ECONNRESET as i32))
+}
+
+/// Attaches the "tls" ULP to the socket `info` names, without keys (it
+/// goes on as plain TCP until [`ktls_install`]). `EEXIST` when a ULP is
+/// attached already.
+pub(crate) fn ktls_prepare(info: &NetInfo) -> Result {
+    // SAFETY: `info.sock` is the live socket of the connect or accept
+    // wrapper running this call (it holds a reference on it until it
+    // returns). Process context, no spinlock held (the wrappers' contract).
+    to_result(unsafe { tb_ktls_prepare(info.sock) })
 }
 
 /// Installs a channel's keys as kTLS state on the socket `info` names

@@ -5,6 +5,8 @@
 
 mod appliance_image;
 mod bench;
+mod bench_channel;
+mod channel_e2e;
 mod common;
 mod e2e;
 mod exec;

@@ -715,6 +715,25 @@ static void tb_sock_end(const struct sock *sk, bool peer, u8 *addr, u16 *port)
 	*port = ntohs(peer ? inet->inet_dport : inet->inet_sport);
 }
 
+/* An IPv6 socket talking IPv4 (dual-stack servers such as iperf3 or nginx
+ * on [::], or a connect to ::ffff:a.b.c.d) names its ends as v4-mapped
+ * addresses; report them as IPv4, so both halves of one connection carry
+ * the same 5-tuple whichever family each program's socket is. */
+static void tb_net_info_unmap(struct tb_net_info *info)
+{
+	const struct in6_addr *src = (const void *)info->src_addr;
+	const struct in6_addr *dst = (const void *)info->dst_addr;
+
+	if (info->family != 6 || !ipv6_addr_v4mapped(dst) ||
+	    !(ipv6_addr_v4mapped(src) || ipv6_addr_any(src)))
+		return;
+	info->family = 4;
+	memmove(info->src_addr, &info->src_addr[12], 4);
+	memset(&info->src_addr[4], 0, 12);
+	memmove(info->dst_addr, &info->dst_addr[12], 4);
+	memset(&info->dst_addr[4], 0, 12);
+}
+
 /* Qualifies the connect of sock to uaddr if it is one the module watches
  * (a user TCP socket not yet connected, an address of its family): 0 to go
  * on, -errno to refuse. info->family stays 0 for one it does not watch;
@@ -751,6 +770,7 @@ static int tb_connect_qualify(struct socket *sock, struct sockaddr *uaddr,
 	if (!info->family)
 		return 0;
 	tb_sock_end(sk, false, info->src_addr, &info->src_port);
+	tb_net_info_unmap(info);
 	TB_FILL_TASK(info);
 	info->sock = sock;
 	return trustbind_net_check(info);
@@ -781,8 +801,10 @@ static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
 	}
 	info->kind = TB_NET_ESTABLISHED;
 	info->bind = 0;
+	info->family = sk->sk_family == AF_INET6 ? 6 : 4;
 	tb_sock_end(sk, false, info->src_addr, &info->src_port);
 	tb_sock_end(sk, true, info->dst_addr, &info->dst_port);
+	tb_net_info_unmap(info);
 	err = trustbind_net_check(info);
 	if (err)
 		tb_sock_abort(sock, ECONNRESET);
@@ -859,6 +881,7 @@ static int tb_inet_accept(struct socket *sock, struct socket *newsock,
 		info.family = sk->sk_family == AF_INET6 ? 6 : 4;
 		tb_sock_end(sk, true, info.src_addr, &info.src_port);
 		tb_sock_end(sk, false, info.dst_addr, &info.dst_port);
+		tb_net_info_unmap(&info);
 		TB_FILL_TASK(&info);
 		info.sock = newsock;
 		if (trustbind_net_check(&info)) {

@@ -499,7 +499,8 @@ impl NetKind {
 pub enum Family {
     /// IPv4: the first 4 bytes of each address field, the rest zero.
     Ipv4 = 4,
-    /// IPv6 (an IPv4 peer of an IPv6 socket shows as `::ffff:a.b.c.d`).
+    /// IPv6. (An IPv6 socket talking IPv4 — `::ffff:a.b.c.d` — is reported
+    /// as [`Family::Ipv4`], so both ends of a connection name it alike.)
     Ipv6 = 6,
 }
 

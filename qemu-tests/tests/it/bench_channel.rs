@@ -201,7 +201,8 @@ fn bench_channel() -> Result<()> {
     let off = connect_ms(&mut s.a, &mut s.b, 7203)?;
 
     eprintln!(
-        "\nchannel benchmark (TCG emulation unless KVM was used; {SECONDS} s per iperf3 run)"
+        "\nchannel benchmark (TCG emulation unless KVM was used; {SECONDS} s per iperf3 run; \
+         kTLS AEAD driver {aead:?})"
     );
     eprintln!("| path | Mbit/s | vs plaintext |");
     eprintln!("|---|---:|---:|");

@@ -58,10 +58,14 @@
 //! the same way; a bound one connects with a handshake first and sends
 //! the data as its first TLS record.
 //!
+//! Another thread (or a process sharing the socket) may send while the
+//! connect waits for its key, after the handshake: TCP would send that as
+//! plaintext. While any socket binds, the `tcp_sendmsg` hook redirects
+//! every send, and the sends of a binding socket wait until it is bound
+//! (then go out through kTLS) or reset.
+//!
 //! Not yet (issue 7, later milestones): the netfilter backstop, UNIX
-//! sockets, channel close records. Known gap: a second thread sending on
-//! the socket while the key is on its way (after the handshake, before
-//! `connect()` returns) is not held back. (A process that exec'd while the
+//! sockets, channel close records. (A process that exec'd while the
 //! module was disabled is not taken for what it ran before: leaving
 //! disabled mode empties the lineage table, see `device.rs`.)
 

@@ -39,6 +39,7 @@
 #include <net/tls.h>
 #include <linux/tls.h>
 #include <linux/string.h>
+#include <linux/hashtable.h>
 
 #include "helpers.h"
 
@@ -694,6 +695,57 @@ static void tb_net_leave(void)
 	module_put(THIS_MODULE);
 }
 
+/*
+ * Sockets between their handshake and their channel key (tb_connect_bound):
+ * another thread of the program may already send on such a socket, and TCP
+ * would send that as plaintext. While any socket binds, the tcp_sendmsg
+ * hook redirects every send and the wrapper holds the sends of a binding
+ * socket until it is bound (or reset). The entries live on the binding
+ * task's stack; the set is small (connects waiting for their key).
+ */
+struct tb_binding {
+	struct hlist_node node;
+	const struct sock *sk;
+};
+
+static DEFINE_SPINLOCK(tb_binding_lock);
+static DEFINE_HASHTABLE(tb_binding_set, 6);
+static atomic_t tb_binding_n = ATOMIC_INIT(0);
+static DECLARE_WAIT_QUEUE_HEAD(tb_bound_wq);
+
+static void tb_binding_add(struct tb_binding *b, const struct sock *sk)
+{
+	b->sk = sk;
+	spin_lock_bh(&tb_binding_lock);
+	hash_add(tb_binding_set, &b->node, (unsigned long)sk);
+	atomic_inc(&tb_binding_n);
+	spin_unlock_bh(&tb_binding_lock);
+}
+
+static void tb_binding_del(struct tb_binding *b)
+{
+	spin_lock_bh(&tb_binding_lock);
+	hash_del(&b->node);
+	atomic_dec(&tb_binding_n);
+	spin_unlock_bh(&tb_binding_lock);
+	wake_up_all(&tb_bound_wq);
+}
+
+static bool tb_is_binding(const struct sock *sk)
+{
+	struct tb_binding *b;
+	bool found = false;
+
+	spin_lock_bh(&tb_binding_lock);
+	hash_for_each_possible(tb_binding_set, b, node, (unsigned long)sk)
+		if (b->sk == sk) {
+			found = true;
+			break;
+		}
+	spin_unlock_bh(&tb_binding_lock);
+	return found;
+}
+
 static bool tb_net_watched(const struct sock *sk)
 {
 	return sk && sk->sk_protocol == IPPROTO_TCP && !sk->sk_kern_sock &&
@@ -787,9 +839,11 @@ static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
 			    int addr_len, int flags, struct tb_net_info *info)
 {
 	struct sock *sk = sock->sk;
+	struct tb_binding binding;
 	int err;
 
 	inet_clear_bit(DEFER_CONNECT, sk);
+	tb_binding_add(&binding, sk);
 	err = inet_stream_connect(sock, uaddr, addr_len, flags & ~O_NONBLOCK);
 	if (err) {
 		/* Interrupted or timed out (SO_SNDTIMEO) while the handshake
@@ -797,7 +851,7 @@ static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
 		 * connect() is qualified from the start. */
 		if (READ_ONCE(sock->state) == SS_CONNECTING)
 			tb_sock_abort(sock, ECONNABORTED);
-		return err;
+		goto out;
 	}
 	info->kind = TB_NET_ESTABLISHED;
 	info->bind = 0;
@@ -808,6 +862,8 @@ static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
 	err = trustbind_net_check(info);
 	if (err)
 		tb_sock_abort(sock, ECONNRESET);
+out:
+	tb_binding_del(&binding);
 	return err;
 }
 
@@ -842,6 +898,18 @@ static int tb_tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
 	struct tb_net_info info;
 	int err;
 
+	if (!(msg->msg_flags & MSG_FASTOPEN)) {
+		/* Redirected because some socket binds: if it is this one,
+		 * wait until it is bound (or reset), then send through
+		 * whatever protocol it has now (kTLS when bound). Nothing
+		 * was sent yet, so a signal restarts the call. */
+		if (wait_event_interruptible(tb_bound_wq, !tb_is_binding(sk))) {
+			err = -ERESTARTSYS;
+			goto out;
+		}
+		err = READ_ONCE(sk->sk_prot)->sendmsg(sk, msg, size);
+		goto out;
+	}
 	if (!sock) {
 		err = tcp_sendmsg(sk, msg, size);
 		goto out;
@@ -959,7 +1027,8 @@ static void notrace tb_net_redirect(unsigned long ip, unsigned long parent_ip,
 	ftrace_regs_set_instruction_pointer(fregs, (unsigned long)op->private);
 }
 
-/* tcp_sendmsg(sk, msg, size): only a fast open send is redirected. */
+/* tcp_sendmsg(sk, msg, size): redirected only for a fast open send, or
+ * while some socket binds (see tb_binding). */
 static void notrace tb_sendmsg_redirect(unsigned long ip,
 					unsigned long parent_ip,
 					struct ftrace_ops *op,
@@ -968,7 +1037,8 @@ static void notrace tb_sendmsg_redirect(unsigned long ip,
 	const struct msghdr *msg =
 		(const void *)ftrace_regs_get_argument(fregs, 1);
 
-	if (likely(!(READ_ONCE(msg->msg_flags) & MSG_FASTOPEN)))
+	if (likely(!(READ_ONCE(msg->msg_flags) & MSG_FASTOPEN) &&
+		   !atomic_read(&tb_binding_n)))
 		return;
 	tb_net_redirect(ip, parent_ip, op, fregs);
 }

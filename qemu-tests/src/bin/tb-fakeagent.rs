@@ -8,7 +8,8 @@
 //! tb-fakeagent --mode enforce|permissive [--timeout-ms N]
 //!              [--allow-dir DIR]... [--allow FILE]... [--no-cache]
 //!              [--nice-path PATH:N]... [--net] [--net-allow FILE]...
-//!              [--deny-loader-direct] [--net-bind [--net-no-key]]
+//!              [--deny-loader-direct] [--net-bind [--net-no-key]
+//!              [--net-key-delay-ms N]]
 //!              --log FILE
 //! ```
 //!
@@ -29,7 +30,8 @@
 //! for both ends of one 4-tuple (tx and rx crossed), drawn from
 //! `/dev/urandom`; the line ends `-> key <channel id> <key id hex>`. With
 //! `--net-no-key` established connects get a deny verdict instead of a key
-//! (the module must reset them).
+//! (the module must reset them); `--net-key-delay-ms N` answers an
+//! established connect's key N ms late.
 //! Verdicts are cacheable unless `--no-cache`; an allowed exec of a path
 //! named by `--nice-path` is allowed with the condition "nice N".
 //! SIGUSR1 moves the policy generation by one (a `Generation` record, logged
@@ -158,6 +160,7 @@ fn run() -> Result<(), String> {
     let mut net_allow = HashSet::new();
     let mut net_bind = false;
     let mut net_no_key = false;
+    let mut key_delay_ms = 0u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -186,6 +189,11 @@ fn run() -> Result<(), String> {
             }
             "--net-bind" => net_bind = true,
             "--net-no-key" => net_no_key = true,
+            "--net-key-delay-ms" => {
+                key_delay_ms = val()?
+                    .parse()
+                    .map_err(|e| format!("--net-key-delay-ms: {e}"))?
+            }
             "--log" => log_path = Some(val()?),
             "--no-cache" => cacheable = false,
             "--deny-loader-direct" => deny_loader_direct = true,
@@ -278,6 +286,9 @@ fn run() -> Result<(), String> {
                         NetKind::Accept => true,
                     };
                 let answer = if keyed {
+                    if r.kind == NetKind::Established && key_delay_ms > 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(key_delay_ms));
+                    }
                     let (key, id) = channels.key_for(&r)?;
                     writeln!(
                         log,

@@ -15,7 +15,9 @@
 //! not allowed on the network, bound (data intact, encrypted) for one that
 //! is; both kernel ends log the same channel and key id; an
 //! established connect answered without a key fails with `EACCES`, is
-//! reset, and the server receives nothing; with the agent gone, `rmmod`
+//! reset, and the server receives nothing; a second process sending on the
+//! socket while its connect waits for the key is held until the socket is
+//! bound (no plaintext on the wire); with the agent gone, `rmmod`
 //! succeeds while a bound connection is open, and that connection still
 //! carries data, still encrypted.
 
@@ -255,6 +257,28 @@ fn net_channel() -> Result<()> {
     let got = vm.run_ok("cat /tmp/x/recv4 2>/dev/null || true")?.stdout;
     ensure!(!got.contains("leaked"), "the server received {got:?}");
     vm.run_ok("pkill -f '[T]CP4-LISTEN:7104' || true")?;
+
+    // A second thread (here: a forked process sharing the socket) sending
+    // while the connect waits for its key: the send is held until the
+    // socket is bound, so it leaves as a TLS record, never as plaintext.
+    stop_agent(&mut vm)?;
+    start_agent_with(&mut vm, "enforce", &agent_args("--net-key-delay-ms 3000"))?;
+    capture(&mut vm, 7107, "/tmp/x/early.pcap")?;
+    serve(&mut vm, "/usr/bin/socat", 7107, "/tmp/x/recv7")?;
+    vm.run_ok(&format!(
+        "perl -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 0) or die \"socket: $!\\n\"; \
+         $a = pack_sockaddr_in(7107, inet_aton(\"127.0.0.1\")); \
+         defined(my $pid = fork) or die \"fork: $!\\n\"; \
+         if ($pid == 0) {{ connect(S, $a) or die \"connect: $!\\n\"; sleep 4; exit 0 }} \
+         sleep 1; defined(send(S, \"early-{CANARY}\\n\", 0)) or die \"send: $!\\n\"; \
+         waitpid($pid, 0); exit($? >> 8)'"
+    ))?;
+    wait_received(&mut vm, "/tmp/x/recv7", &format!("early-{CANARY}"))?;
+    let (canaries, records) = captured(&mut vm, "/tmp/x/early.pcap")?;
+    ensure!(
+        canaries == 0 && records > 0,
+        "a send during the key wait: {canaries} plaintext canaries, {records} TLS records"
+    );
 
     // A bound connection outlives the agent and the module: rmmod succeeds
     // while it is open, and it keeps carrying data, still encrypted (the

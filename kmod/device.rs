@@ -115,6 +115,8 @@ struct State {
     agent: Option<u32>,
     /// Whether that agent has said `Hello`.
     greeted: bool,
+    /// The version its `Hello` announced.
+    agent_version: u32,
     /// Bumped whenever an agent goes away, so waiters notice.
     epoch: u64,
     outbox: Outbox,
@@ -203,6 +205,7 @@ impl Channel {
             state <- new_mutex!(State {
                 agent: None,
                 greeted: false,
+                agent_version: 0,
                 epoch: 0,
                 outbox,
                 pending: RBTree::new(),
@@ -333,6 +336,20 @@ impl Channel {
         }
     }
 
+    /// Queues `rec` for the agent without waiting for anything (request
+    /// id 0). `false` when it was dropped: no agent, one whose `Hello`
+    /// version predates such records, or a full outbox.
+    pub(crate) fn notify(&self, rec: &Record<'_>) -> bool {
+        let mut st = self.state.lock();
+        if st.agent.is_none()
+            || !st.greeted
+            || st.agent_version < proto::AGENT_VERSION_CLOSE_RECORDS
+        {
+            return false;
+        }
+        self.enqueue(&mut st, rec, 0).is_ok()
+    }
+
     fn readable(&self) -> bool {
         self.queued.load(Ordering::Acquire) > 0
     }
@@ -377,6 +394,7 @@ impl Channel {
         match record {
             Record::Hello(hello) => {
                 st.greeted = true;
+                st.agent_version = hello.agent_version;
                 pr_info!(
                     "hello from agent pid {} version {:#08x}\n",
                     hello.agent_pid,
@@ -453,7 +471,10 @@ impl Channel {
                 crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
-            Record::HelloAck(_) | Record::ExecRequest(_) | Record::NetRequest(_) => {
+            Record::HelloAck(_)
+            | Record::ExecRequest(_)
+            | Record::NetRequest(_)
+            | Record::ChannelClosed(_) => {
                 pr_warn!("agent sent a module-only record kind {:?}\n", record.kind());
                 return Err(EINVAL);
             }

@@ -64,19 +64,41 @@
 //! every send, and the sends of a binding socket wait until it is bound
 //! (then go out through kTLS) or reset.
 //!
+//! # Channel close
+//!
+//! Each socket bound here is remembered ([`Bound`]: socket identity →
+//! channel id, key id, role, install time; 4096 slots in groups of 8, a
+//! spinlock, no allocation after load; a socket whose group is full is
+//! not remembered, counted in `net_close_untracked`, and its close goes
+//! unreported). `tcp_close` is hooked too: when a remembered socket closes
+//! (any way: `close()`, exit, a refused accept's release), [`closed`]
+//! forgets it and queues a [`ChannelClosed`] record for the agent,
+//! fire-and-forget (no verdict wait), with the socket's `bytes_sent` and
+//! `bytes_received` (TCP payload bytes: TLS record headers and tags
+//! included, retransmissions included in `sent`, the peer's FIN counted
+//! as one received byte) and the time since the
+//! key was installed. With no agent connected, an agent too old to read it
+//! (`Hello` version below `AGENT_VERSION_CLOSE_RECORDS`) or a full outbox
+//! the record is dropped and counted (`net_close_dropped`). Sockets still
+//! open at unload are never reported.
+//!
 //! Not yet (issue 7, later milestones): the netfilter backstop, UNIX
-//! sockets, channel close records. (A process that exec'd while the
+//! sockets, an idle timeout. (A process that exec'd while the
 //! module was disabled is not taken for what it ran before: leaving
 //! disabled mode empties the lineage table, see `device.rs`.)
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use kernel::new_spinlock;
 use kernel::prelude::*;
+use kernel::sync::SpinLock;
 
 use crate::device::Answer;
 use crate::exec::{Refusal, Refusals};
+use crate::proto::bound::{BoundSocket, BoundTable, Slot as BoundSlot};
 use crate::proto::lineage::{Chain, ProcId};
 use crate::proto::{
-    Ancestry, ChannelKey, Decision, Family, Mode, NetKind, NetRequest, ProgramSource, Record,
+    Ancestry, ChannelClosed, ChannelKey, ChannelRole, Decision, Family, Mode, NetKind, NetRequest,
+    ProgramSource, Record,
 };
 use crate::sys::{self, NetInfo, NET_CONNECT, NET_ESTABLISHED};
 use crate::Shared;
@@ -100,6 +122,17 @@ pub(crate) struct Stats {
     pub(crate) bound: AtomicU64,
     /// Keys that could not be installed (the connection was reset).
     pub(crate) bind_failed: AtomicU64,
+    /// Bound sockets not remembered (their group of the table was full):
+    /// their close is not reported.
+    pub(crate) close_untracked: AtomicU64,
+    /// Bound sockets closed (both ends counted).
+    pub(crate) closed: AtomicU64,
+    /// Close records queued for the agent.
+    pub(crate) close_sent: AtomicU64,
+    /// Close records dropped: no agent, an agent too old, outbox full.
+    pub(crate) close_dropped: AtomicU64,
+    /// Bound sockets open now (remembered ones).
+    pub(crate) bound_open: AtomicU64,
 }
 
 /// The net path's counters.
@@ -112,7 +145,97 @@ pub(crate) static STATS: Stats = Stats {
     bind_required: AtomicU64::new(0),
     bound: AtomicU64::new(0),
     bind_failed: AtomicU64::new(0),
+    close_untracked: AtomicU64::new(0),
+    closed: AtomicU64::new(0),
+    close_sent: AtomicU64::new(0),
+    close_dropped: AtomicU64::new(0),
+    bound_open: AtomicU64::new(0),
 };
+
+/// Bound sockets remembered at once at most (a power of two; ~48 bytes
+/// each).
+const BOUND_SLOTS: usize = 4096;
+
+/// The sockets bound to channels, by socket identity (logic in
+/// `proto/src/bound.rs`).
+#[pin_data]
+pub(crate) struct Bound {
+    #[pin]
+    inner: SpinLock<BoundTable<KVVec<BoundSlot>>>,
+    /// Entries in the table, read without the lock on every TCP close.
+    live: AtomicUsize,
+}
+
+impl Bound {
+    /// An empty table of [`BOUND_SLOTS`] sockets.
+    pub(crate) fn new() -> Result<impl PinInit<Self, Error>> {
+        let mut slots = KVVec::new();
+        slots.extend_with(BOUND_SLOTS, BoundSlot::EMPTY, GFP_KERNEL)?;
+        let table = BoundTable::new(slots).ok_or(EINVAL)?;
+        Ok(try_pin_init!(Self {
+            inner <- new_spinlock!(table, "trustbind_bound"),
+            live: AtomicUsize::new(0),
+        }? Error))
+    }
+
+    fn insert(&self, sk: usize, entry: BoundSocket) -> bool {
+        let mut t = self.inner.lock();
+        let ok = t.insert(sk, entry);
+        self.live.store(t.len(), Ordering::Release);
+        // CAST: at most BOUND_SLOTS.
+        STATS.bound_open.store(t.len() as u64, Ordering::Relaxed);
+        ok
+    }
+
+    fn take(&self, sk: usize) -> Option<BoundSocket> {
+        if self.live.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut t = self.inner.lock();
+        let e = t.take(sk)?;
+        self.live.store(t.len(), Ordering::Release);
+        // CAST: at most BOUND_SLOTS.
+        STATS.bound_open.store(t.len() as u64, Ordering::Relaxed);
+        Some(e)
+    }
+}
+
+/// A TCP socket closed (`tcp_close` returned): if it was bound, reports
+/// the channel's end to the agent, fire-and-forget.
+pub(crate) fn closed(s: &Shared, sk: usize, bytes_sent: u64, bytes_received: u64) {
+    let Some(e) = s.bound.take(sk) else {
+        return;
+    };
+    bump(&STATS.closed);
+    let duration_ms = sys::now_ms().saturating_sub(e.opened_ms);
+    let rec = Record::ChannelClosed(ChannelClosed {
+        channel_id: e.channel_id,
+        key_id: e.key_id,
+        role: e.role,
+        bytes_sent,
+        bytes_received,
+        duration_ms,
+    });
+    let queued = s.channel.notify(&rec);
+    bump(if queued {
+        &STATS.close_sent
+    } else {
+        &STATS.close_dropped
+    });
+    pr_info!(
+        "channel {} closed: {} end, key {}, sent {} received {} bytes, {} ms{}\n",
+        e.channel_id,
+        match e.role {
+            ChannelRole::Connect => "connect",
+            ChannelRole::Accept => "accept",
+        },
+        KeyId(&e.key_id),
+        bytes_sent,
+        bytes_received,
+        duration_ms,
+        if queued { "" } else { " (not reported)" }
+    );
+}
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
@@ -230,7 +353,7 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
             _ => Refusal::Unbound,
         },
         Ok(Granted::Key(mut key)) => {
-            let r = bind(info, kind, &key, &subject, what);
+            let r = bind(s, info, kind, &key, &subject, what);
             key.wipe();
             return r;
         }
@@ -240,8 +363,10 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
     STATS.refusals.apply(mode, &refusal, what, subject)
 }
 
-/// Installs `key` on the socket; any failure resets the connection.
+/// Installs `key` on the socket and remembers it for its close; any
+/// failure resets the connection.
 fn bind(
+    s: &Shared,
     info: &NetInfo,
     kind: NetKind,
     key: &ChannelKey,
@@ -257,6 +382,18 @@ fn bind(
     match sys::ktls_install(info, key) {
         Ok(()) => {
             bump(&STATS.bound);
+            let entry = BoundSocket {
+                channel_id: key.channel_id,
+                key_id: key.key_id,
+                role: match kind {
+                    NetKind::Accept => ChannelRole::Accept,
+                    _ => ChannelRole::Connect,
+                },
+                opened_ms: sys::now_ms(),
+            };
+            if !s.bound.insert(sys::sock_id(info), entry) {
+                bump(&STATS.close_untracked);
+            }
             pr_info!(
                 "{} bound: {} (channel {}, key {})\n",
                 what,

@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) lineage: exec::Lineage,
     #[pin]
     pub(crate) loader: exec::LoaderState,
+    #[pin]
+    pub(crate) bound: net::Bound,
 }
 
 /// The state the C callbacks (file operations, binfmt handler) reach.
@@ -138,6 +140,7 @@ impl kernel::Module for Trustbind {
         let exec_cache = exec::Cache::new()?;
         let lineage = exec::Lineage::new()?;
         let loader = exec::LoaderState::new()?;
+        let bound = net::Bound::new()?;
         let shared = KBox::pin_init(
             try_pin_init!(Shared {
                 hashers,
@@ -145,6 +148,7 @@ impl kernel::Module for Trustbind {
                 exec_cache <- exec_cache,
                 lineage <- lineage,
                 loader <- loader,
+                bound <- bound,
             }? Error),
             GFP_KERNEL,
         )?;
@@ -179,12 +183,17 @@ impl kernel::Module for Trustbind {
             (c_str!("net_bind_required"), &net::STATS.bind_required),
             (c_str!("net_bound"), &net::STATS.bound),
             (c_str!("net_bind_failed"), &net::STATS.bind_failed),
+            (c_str!("net_bound_open"), &net::STATS.bound_open),
+            (c_str!("net_close_untracked"), &net::STATS.close_untracked),
+            (c_str!("net_closed"), &net::STATS.closed),
+            (c_str!("net_close_sent"), &net::STATS.close_sent),
+            (c_str!("net_close_dropped"), &net::STATS.close_dropped),
         ]);
         let loader = LoaderGate::new()?;
         let exec = ExecRegistration::new();
         pr_info!("exec handler registered (mode disabled until an agent configures it)\n");
         let net = NetHooks::new()?;
-        pr_info!("connect/accept hooks registered\n");
+        pr_info!("connect/accept/close hooks registered\n");
         Ok(Trustbind {
             _net: net,
             _exec: exec,

@@ -12,13 +12,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use trustbind_proto::{
-    self as proto, ChannelKey, Config, DecodeError, Family, Generation, Hello, HelloAck, Mode,
-    NetKind, NetRequest, Record, Verdict, MAX_RECORD_LEN,
+    self as proto, ChannelClosed, ChannelKey, Config, DecodeError, Family, Generation, Hello,
+    HelloAck, Mode, NetKind, NetRequest, Record, Verdict, MAX_RECORD_LEN,
 };
 use zeroize::Zeroize;
 
-/// The agent's protocol version, sent in `Hello`.
-pub const AGENT_VERSION: u32 = 0x0001_0000;
+/// The agent's protocol version, sent in `Hello`: it reads `ChannelClosed`
+/// records, so the module sends them.
+pub const AGENT_VERSION: u32 = proto::AGENT_VERSION_CLOSE_RECORDS;
 
 /// Device failures, naming the device and the step.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +120,8 @@ pub enum Event {
     Exec(ExecEvent),
     /// A connect or accept.
     Net(NetEvent),
+    /// One end of a bound channel closed on this host (nothing to answer).
+    Closed(ChannelClosed),
 }
 
 /// An address field of a [`NetRequest`]: IPv4 in the first 4 bytes; IPv6
@@ -260,6 +263,9 @@ impl Device {
                 proto::decode(got).map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
             if let Record::NetRequest(r) = rec {
                 return Ok(Event::Net(NetEvent::of(h.request_id, &r)));
+            }
+            if let Record::ChannelClosed(c) = rec {
+                return Ok(Event::Closed(c));
             }
             if let Record::ExecRequest(r) = rec {
                 return Ok(Event::Exec(ExecEvent {

@@ -40,7 +40,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Notify, RwLock};
 use tonic::transport::Channel;
 use trustbind_api::pb::{self, agent_client::AgentClient, push};
-use trustbind_proto::{Decision, Mode, NetKind, Obligations, Verdict};
+use trustbind_proto::{ChannelClosed, ChannelRole, Decision, Mode, NetKind, Obligations, Verdict};
 
 use crate::bundle::{Bundle, Remembered};
 use crate::device::{Device, DeviceWriter, Event, ExecEvent, NetEvent};
@@ -114,6 +114,10 @@ pub struct Status {
     /// Channel keys handed to the module.
     #[serde(default)]
     pub channel_keys: u64,
+    /// Channel ends the module reported closed (spooled as
+    /// `channel.close`).
+    #[serde(default)]
+    pub channels_closed: u64,
     /// Answered by the appliance (exec and net).
     pub answered_online: u64,
     /// Answered from the bundle or the mode's default (appliance away;
@@ -328,6 +332,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 
     let (tx, rx) = mpsc::channel::<ExecEvent>(4096);
     let (net_tx, net_rx) = mpsc::channel::<NetEvent>(4096);
+    let (closed_tx, closed_rx) = mpsc::channel::<ChannelClosed>(4096);
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(1);
     std::thread::Builder::new()
         .name("device".into())
@@ -335,6 +340,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             let sent = match device.next_event() {
                 Ok(Event::Exec(ev)) => tx.blocking_send(ev).is_ok(),
                 Ok(Event::Net(ev)) => net_tx.blocking_send(ev).is_ok(),
+                Ok(Event::Closed(c)) => closed_tx.blocking_send(c).is_ok(),
                 Err(e) => {
                     let _ = fatal_tx.blocking_send(e.to_string());
                     return;
@@ -352,6 +358,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 
     tokio::spawn(batcher(Arc::clone(&shared), rx));
     tokio::spawn(net_dispatcher(Arc::clone(&shared), net_rx));
+    tokio::spawn(closer(Arc::clone(&shared), closed_rx));
     tokio::spawn(connection(Arc::clone(&shared), cfg, tls));
     tokio::spawn(housekeeping(Arc::clone(&shared)));
 
@@ -896,6 +903,66 @@ fn note_sent(g: &mut Inner, sent: Result<bool, crate::device::DeviceError>) {
     }
 }
 
+/// The spool record of one channel end's close: the appliance takes a
+/// reported `channel.close` as that end's close record (channels table,
+/// `channel.close` audit row); the spool makes it durable and delivers it
+/// whenever the appliance is reachable (`Report`, idempotent by id).
+pub fn close_record(id: String, at_ms: i64, c: &ChannelClosed) -> SpoolRecord {
+    SpoolRecord {
+        id,
+        at_ms,
+        what: "channel.close".into(),
+        detail: serde_json::json!({
+            "channel_id": c.channel_id,
+            "key_id": hex(&c.key_id),
+            "role": match c.role {
+                ChannelRole::Connect => "connect",
+                ChannelRole::Accept => "accept",
+            },
+            "bytes_sent": c.bytes_sent,
+            "bytes_received": c.bytes_received,
+            "duration_ms": c.duration_ms,
+        }),
+    }
+}
+
+/// Spools the module's channel close records, as many as are waiting in
+/// one append (one `fdatasync`).
+async fn closer(shared: Arc<Shared>, mut rx: mpsc::Receiver<ChannelClosed>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let shared = Arc::clone(&shared);
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut g = shared.lock();
+            let at = now_ms();
+            let records: Vec<SpoolRecord> = batch
+                .iter()
+                .map(|c| {
+                    let id = g.spool.next_id();
+                    close_record(id, at, c)
+                })
+                .collect();
+            for c in &batch {
+                log(&format!(
+                    "channel {} closed ({:?} end): sent {} received {} bytes in {} ms",
+                    c.channel_id, c.role, c.bytes_sent, c.bytes_received, c.duration_ms
+                ));
+            }
+            match g.spool.append(&records) {
+                Ok(()) => g.status.channels_closed += records.len() as u64,
+                Err(e) => g.status.last_error = format!("spool: {e}"),
+            }
+        })
+        .await;
+    }
+}
+
 /// Keeps the session up: connect, subscribe, deliver the spool, follow
 /// pushes; on any failure back off and start again.
 async fn connection(shared: Arc<Shared>, cfg: AgentConfig, tls: rustls::ClientConfig) {
@@ -1247,6 +1314,27 @@ mod tests {
             panic!()
         };
         assert_eq!(v.decision, Decision::Deny);
+    }
+
+    #[test]
+    fn close_records_are_spelled_for_the_appliance() {
+        let c = ChannelClosed {
+            channel_id: 7,
+            key_id: [0xab; 16],
+            role: ChannelRole::Accept,
+            bytes_sent: 10,
+            bytes_received: 20,
+            duration_ms: 30,
+        };
+        let r = close_record("x-1".into(), 5, &c);
+        assert_eq!(r.what, "channel.close");
+        assert_eq!(
+            r.detail,
+            serde_json::json!({
+                "channel_id": 7, "key_id": "ab".repeat(16), "role": "accept",
+                "bytes_sent": 10, "bytes_received": 20, "duration_ms": 30,
+            })
+        );
     }
 
     #[test]

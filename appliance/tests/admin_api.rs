@@ -1103,3 +1103,33 @@ async fn bad_input_gets_4xx_with_a_message() {
     assert!(h.audit().is_empty());
     assert!(h.changes().is_empty());
 }
+
+#[tokio::test]
+async fn channels_list_with_each_end_closed() {
+    let h = start().await;
+    h.store.open_channel("k-a", "a", "b", "t1").unwrap();
+    h.store.open_channel("k-b", "a", "b", "t2").unwrap();
+    let close = trustbind_appliance::store::AgentRecord {
+        id: "a-1".into(),
+        host_at_ms: 1,
+        what: "channel.close".into(),
+        detail: json!({ "channel_id": 1, "key_id": "k-a", "role": "connect",
+            "bytes_sent": 500, "bytes_received": 2, "duration_ms": 9 }),
+    };
+    h.store.record_agent_reports("a", &[close]).unwrap();
+    let (s, v) = h.get("/v1/channels").await;
+    assert_eq!(s, 200, "{v}");
+    let chans = v["channels"].as_array().unwrap();
+    assert_eq!(chans.len(), 2);
+    assert_eq!(chans[0]["key_id"], "k-a");
+    assert_eq!(chans[0]["connect"]["bytes_sent"], 500);
+    assert!(chans[0]["closed_ms"].is_i64());
+    assert!(chans[0]["accept"].is_null());
+    assert!(chans[1]["closed_ms"].is_null());
+    let (s, v) = h.get("/v1/channels?open=true&limit=1").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["channels"].as_array().unwrap().len(), 1);
+    assert_eq!(v["channels"][0]["key_id"], "k-b");
+    let (s, v) = h.get("/v1/channels?open=maybe").await;
+    assert!((400..500).contains(&s), "{v}");
+}

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use rusqlite::Connection;
 use trustbind_appliance::store::{
-    migrate, AuditEvent, AuditRow, ChainError, HostState, Mode, PolicyState, Signature, Store,
-    StoreError,
+    migrate, AgentRecord, AuditEvent, AuditRow, ChainError, HostState, Mode, PolicyState,
+    Signature, Store, StoreError,
 };
 
 fn fresh() -> (tempfile::TempDir, PathBuf, Store) {
@@ -429,6 +429,82 @@ fn channels_are_recorded_by_key_id_only() {
     let rows = store.audit_rows(0, 10).unwrap();
     assert_eq!(rows.len(), 1);
     assert!(rows[0].detail.contains("k-0001"));
+}
+
+fn close(id: &str, key: &str, role: &str, sent: u64, received: u64) -> AgentRecord {
+    AgentRecord {
+        id: id.into(),
+        host_at_ms: 5,
+        what: "channel.close".into(),
+        detail: serde_json::json!({
+            "channel_id": 9, "key_id": key, "role": role,
+            "bytes_sent": sent, "bytes_received": received, "duration_ms": 40,
+        }),
+    }
+}
+
+#[test]
+fn both_ends_close_one_channel_record() {
+    let (_d, _p, store) = fresh();
+    let id = store.open_channel("k-1", "a", "b", "t").unwrap();
+    store.open_channel("k-2", "a", "b", "t2").unwrap();
+    let open = store.list_channels(true, 0, 10).unwrap();
+    assert_eq!(open.len(), 2);
+    assert!(open[0].closed_ms.is_none() && open[0].connect.is_none());
+
+    // The connect end (host a) reports first: the channel is closed.
+    let r = store
+        .record_agent_reports("a", &[close("a-1", "k-1", "connect", 1000, 3)])
+        .unwrap();
+    assert_eq!(r, (1, 0));
+    let all = store.list_channels(false, 0, 10).unwrap();
+    let ch = all.iter().find(|c| c.id == id).unwrap();
+    let first = ch.closed_ms.expect("closed with its first end");
+    let c = ch.connect.as_ref().unwrap();
+    assert_eq!(
+        (c.bytes_sent, c.bytes_received, c.duration_ms),
+        (1000, 3, 40)
+    );
+    assert!(ch.accept.is_none());
+    assert_eq!(store.list_channels(true, 0, 10).unwrap().len(), 1);
+
+    // A repeat (same report id) is a duplicate; another host cannot close
+    // a's end or b's; b's accept end completes the record.
+    assert_eq!(
+        store
+            .record_agent_reports("a", &[close("a-1", "k-1", "connect", 1, 1)])
+            .unwrap(),
+        (0, 1)
+    );
+    store
+        .record_agent_reports("c", &[close("c-1", "k-1", "accept", 7, 7)])
+        .unwrap();
+    store
+        .record_agent_reports("b", &[close("b-1", "k-1", "accept", 3, 1001)])
+        .unwrap();
+    let all = store.list_channels(false, 0, 10).unwrap();
+    let ch = all.iter().find(|c| c.id == id).unwrap();
+    assert_eq!(ch.closed_ms, Some(first));
+    assert_eq!(ch.connect.as_ref().unwrap().bytes_sent, 1000);
+    let a = ch.accept.as_ref().unwrap();
+    assert_eq!((a.bytes_sent, a.bytes_received), (3, 1001));
+
+    // Audited: channel.close per report, the stranger's unmatched.
+    let rows = store.audit_rows(0, 100).unwrap();
+    let closes: Vec<_> = rows.iter().filter(|r| r.kind == "channel.close").collect();
+    assert_eq!(closes.len(), 3);
+    assert_eq!(closes[0].actor, "a");
+    assert!(closes[0].detail.contains("\"matched\":true"));
+    assert!(closes[0].detail.contains("\"role\":\"connect\""));
+    assert!(closes[1].detail.contains("\"matched\":false"));
+    assert!(closes[2].detail.contains("\"bytes_received\":1001"));
+    // A malformed close record is kept as a plain agent record.
+    let mut bad = close("a-2", "k-2", "sideways", 0, 0);
+    bad.detail["role"] = serde_json::json!("sideways");
+    store.record_agent_reports("a", &[bad]).unwrap();
+    let rows = store.audit_rows(0, 100).unwrap();
+    assert_eq!(rows.last().unwrap().kind, "agent.channel.close");
+    assert_eq!(store.verify_audit().unwrap(), Ok(rows.len() as i64));
 }
 
 #[test]

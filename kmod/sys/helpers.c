@@ -663,7 +663,8 @@ int tb_path_name(const struct path *path, char *buf, int len, const char **out)
 
 /*
  * How a call reaches a wrapper: ftrace calls tb_net_redirect() at the
- * fentry of inet_stream_connect()/inet_accept() (preemption disabled, must
+ * fentry of inet_stream_connect()/inet_accept()/tcp_close() (and
+ * tcp_sendmsg(), fast open only) (preemption disabled, must
  * not sleep); it counts the call in flight and moves the saved instruction
  * pointer to the wrapper, so the trampoline "returns" into the wrapper with
  * the original arguments and return address. The wrapper qualifies (may
@@ -1014,6 +1015,33 @@ void tb_sock_abort(struct socket *sock, int err)
 	tcp_abort(sock->sk, err);
 }
 
+unsigned long tb_sock_id(const struct socket *sock)
+{
+	return (unsigned long)sock->sk;
+}
+
+/*
+ * Channel close: every TCP socket ends in tcp_close() -- a kTLS one too
+ * (tls_sk_proto_close() frees the TLS state and then calls it through the
+ * saved proto), a plain one from inet_release(). The wrapper holds the
+ * sock across the original, which may send queued data and the FIN, then
+ * reads the byte counters and reports; the hold keeps the address from
+ * being reused for another socket until the report is done. Most sockets
+ * were never bound: net.rs answers those from an atomic count before any
+ * lock.
+ */
+static void tb_tcp_close(struct sock *sk, long timeout)
+{
+	const struct tcp_sock *tp = tcp_sk(sk);
+
+	sock_hold(sk);
+	tcp_close(sk, timeout);
+	trustbind_net_closed((unsigned long)sk, READ_ONCE(tp->bytes_sent),
+			     READ_ONCE(tp->bytes_received));
+	sock_put(sk);
+	tb_net_leave();
+}
+
 static void notrace tb_net_redirect(unsigned long ip, unsigned long parent_ip,
 				    struct ftrace_ops *op,
 				    struct ftrace_regs *fregs)
@@ -1061,6 +1089,12 @@ static struct ftrace_ops tb_sendmsg_ops = {
 	.private = tb_tcp_sendmsg,
 };
 
+static struct ftrace_ops tb_close_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_tcp_close,
+};
+
 static int tb_hook_one(struct ftrace_ops *ops, const char *name)
 {
 	char buf[32];
@@ -1096,8 +1130,13 @@ int tb_net_hooks_start(void)
 	if (err)
 		goto unhook_connect;
 	err = tb_hook_one(&tb_sendmsg_ops, "tcp_sendmsg");
+	if (err)
+		goto unhook_accept;
+	err = tb_hook_one(&tb_close_ops, "tcp_close");
 	if (!err)
 		return 0;
+	tb_unhook_one(&tb_sendmsg_ops);
+unhook_accept:
 	tb_unhook_one(&tb_accept_ops);
 unhook_connect:
 	tb_unhook_one(&tb_connect_ops);
@@ -1107,6 +1146,7 @@ unhook_connect:
 
 void tb_net_hooks_stop(void)
 {
+	tb_unhook_one(&tb_close_ops);
 	tb_unhook_one(&tb_sendmsg_ops);
 	tb_unhook_one(&tb_accept_ops);
 	tb_unhook_one(&tb_connect_ops);

@@ -110,7 +110,9 @@ int trustbind_loader_check(const struct path *path);
  * inet_stream_connect()), are redirected by ftrace to wrappers in
  * helpers.c, which call the originals directly. Only TCP
  * sockets of user space (not sk_kern_sock) of family AF_INET/AF_INET6 are
- * asked about; the rest pass untouched.
+ * asked about; the rest pass untouched. tcp_close() (the end of every TCP
+ * socket, a kTLS one's included) is redirected too, so the close of a
+ * socket bound to a channel is reported (trustbind_net_closed).
  */
 
 #define TB_NET_CONNECT 1
@@ -171,7 +173,11 @@ int tb_ktls_install(struct socket *sock, struct tb_channel_key *key);
  * socket reports err. */
 void tb_sock_abort(struct socket *sock, int err);
 
-/* Registers the three ftrace ops. 0 or -errno (nothing left registered). */
+/* An identity of the socket's struct sock, as trustbind_net_closed() gets
+ * it (its address; never 0 for a live socket). */
+unsigned long tb_sock_id(const struct socket *sock);
+
+/* Registers the four ftrace ops. 0 or -errno (nothing left registered). */
 int tb_net_hooks_start(void);
 /* Unregisters them and waits until no task is inside a wrapper. */
 void tb_net_hooks_stop(void);
@@ -185,6 +191,14 @@ int tb_hash_current_exe(struct tb_hashers *h, u8 *sha256_out, u8 *sha1_out,
  * connect it may set info->bind; for an accept or an established connect
  * it installs the channel's keys itself (tb_ktls_install). */
 int trustbind_net_check(struct tb_net_info *info);
+
+/* Implemented in Rust (net.rs): the TCP socket sk_id (tb_sock_id) closed
+ * (tcp_close() returned; the struct sock is still held, so the id cannot
+ * be reused during the call). bytes_sent/bytes_received are its
+ * tcp_sock counters: TCP payload bytes, TLS records included. Process
+ * context, may take the device mutex; no spinlock held. */
+void trustbind_net_closed(unsigned long sk_id, u64 bytes_sent,
+			  u64 bytes_received);
 
 /* --- Statistics in debugfs (/sys/kernel/debug/trustbind/) --------------- */
 

@@ -33,7 +33,7 @@ use bindings::{
     tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_ktls_install, tb_ktls_prepare,
     tb_loader_gate_start, tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin,
     tb_module_unpin, tb_net_hooks_start, tb_net_hooks_stop, tb_now_ms, tb_path_info, tb_path_name,
-    tb_set_nice_current,
+    tb_set_nice_current, tb_sock_id,
 };
 
 /// One connection end a connect or accept wrapper asks about.
@@ -78,6 +78,17 @@ pub(crate) fn ktls_install(info: &NetInfo, key: &crate::proto::ChannelKey) -> Re
     to_result(unsafe { tb_ktls_install(info.sock, &mut raw) })
 }
 
+/// The identity of the socket `info` names, as [`crate::net::closed`]
+/// gets it when the socket closes (its `struct sock` address: never 0, and
+/// not reused while the socket lives).
+pub(crate) fn sock_id(info: &NetInfo) -> usize {
+    // SAFETY: `info.sock` is the live socket of the connect or accept
+    // wrapper running this call (it holds a reference on it).
+    let id = unsafe { tb_sock_id(info.sock) };
+    // CAST: `unsigned long` and `usize` are both pointer-sized here.
+    id as usize
+}
+
 /// A file's identity (device, inode, generation, change cookie).
 pub(crate) use bindings::tb_file_id as FileId;
 
@@ -102,6 +113,7 @@ check_callbacks! {
     trustbind_exec_check in self: unsafe extern "C" fn(*const linux_binprm) -> c_int;
     trustbind_loader_check in self: unsafe extern "C" fn(*const bindings::path) -> c_int;
     trustbind_net_check in self: unsafe extern "C" fn(*mut NetInfo) -> c_int;
+    trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, u64, u64);
 }
 
 /// The SHA-256 and SHA-1 transforms, allocated once at load.
@@ -579,6 +591,15 @@ unsafe extern "C" fn trustbind_net_check(info: *mut NetInfo) -> c_int {
         None => 0,
         Some(Err(e)) => e.to_errno(),
     }
+}
+
+/// Called by the `tcp_close` wrapper after every TCP socket's close, with
+/// the socket's identity ([`sock_id`]) and its byte counters.
+#[no_mangle]
+extern "C" fn trustbind_net_closed(sk_id: kernel::ffi::c_ulong, sent: u64, received: u64) {
+    // CAST: `unsigned long` and `usize` are both pointer-sized here.
+    let sk = sk_id as usize;
+    crate::SHARED.with(|s| crate::net::closed(s, sk, sent, received));
 }
 
 /// `/sys/kernel/debug/trustbind/`, one read-only file per counter.

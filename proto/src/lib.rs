@@ -78,6 +78,10 @@ pub enum Kind {
     /// Agent → module: the key of the channel a [`NetRequest`] belongs to;
     /// install it as the socket's kTLS state.
     ChannelKey = 8,
+    /// Module → agent, fire-and-forget (no reply): a bound channel's
+    /// socket closed on this host; sent only to agents whose `Hello`
+    /// announced at least [`AGENT_VERSION_CLOSE_RECORDS`].
+    ChannelClosed = 9,
 }
 
 impl Kind {
@@ -92,6 +96,7 @@ impl Kind {
             6 => Some(Kind::Generation),
             7 => Some(Kind::NetRequest),
             8 => Some(Kind::ChannelKey),
+            9 => Some(Kind::ChannelClosed),
             _ => None,
         }
     }
@@ -693,6 +698,55 @@ impl ChannelKey {
     }
 }
 
+/// The first `Hello::agent_version` that reads [`ChannelClosed`] records:
+/// the module sends them only to such agents, so an older agent of the same
+/// protocol version never sees a kind it does not know.
+pub const AGENT_VERSION_CLOSE_RECORDS: u32 = 0x0001_0100;
+
+/// Which end of a channel a host's socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChannelRole {
+    /// The connecting (client) end.
+    Connect = 1,
+    /// The accepting (server) end.
+    Accept = 2,
+}
+
+impl ChannelRole {
+    /// Maps a wire value to a role.
+    pub const fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(ChannelRole::Connect),
+            2 => Some(ChannelRole::Accept),
+            _ => None,
+        }
+    }
+}
+
+/// Module → agent: one end of a bound channel closed (its socket reached
+/// `tcp_close`). Not a request: the header's `request_id` is 0 and nothing
+/// answers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelClosed {
+    /// The appliance's channel id, from the [`ChannelKey`].
+    pub channel_id: u64,
+    /// The key id, from the [`ChannelKey`].
+    pub key_id: [u8; CHANNEL_KEY_ID_LEN],
+    /// This host's end.
+    pub role: ChannelRole,
+    /// TCP payload bytes this end transmitted (`tcp_sock.bytes_sent`: TLS
+    /// records with their headers and tags, retransmissions included, data
+    /// still unsent at close not).
+    pub bytes_sent: u64,
+    /// TCP payload bytes this end received in order
+    /// (`tcp_sock.bytes_received`, TLS records included; the peer's FIN
+    /// counts as one, as the kernel adds every `rcv_nxt` advance).
+    pub bytes_received: u64,
+    /// From the key's installation to the close, in milliseconds.
+    pub duration_ms: u64,
+}
+
 /// How the module enforces (DESIGN.md §4 "Modes").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -762,6 +816,8 @@ pub enum Record<'a> {
     NetRequest(NetRequest<'a>),
     /// See [`ChannelKey`].
     ChannelKey(ChannelKey),
+    /// See [`ChannelClosed`].
+    ChannelClosed(ChannelClosed),
 }
 
 impl Record<'_> {
@@ -776,6 +832,7 @@ impl Record<'_> {
             Record::Generation(_) => Kind::Generation,
             Record::NetRequest(_) => Kind::NetRequest,
             Record::ChannelKey(_) => Kind::ChannelKey,
+            Record::ChannelClosed(_) => Kind::ChannelClosed,
         }
     }
 
@@ -790,6 +847,7 @@ impl Record<'_> {
             Record::Generation(_) => GENERATION_LEN,
             Record::NetRequest(r) => NET_FIXED_LEN + r.ancestry.as_bytes().len(),
             Record::ChannelKey(_) => CHANNEL_KEY_BODY_LEN,
+            Record::ChannelClosed(_) => CHANNEL_CLOSED_LEN,
         }
     }
 
@@ -919,6 +977,17 @@ impl Record<'_> {
                 w.bytes(&k.rx_salt);
                 w.bytes(&k.rx_iv);
             }
+            Record::ChannelClosed(c) => {
+                w.u64(c.channel_id);
+                w.bytes(&c.key_id);
+                w.u8(c.role as u8);
+                w.u8(0);
+                w.u16(0);
+                w.u32(0);
+                w.u64(c.bytes_sent);
+                w.u64(c.bytes_received);
+                w.u64(c.duration_ms);
+            }
         }
         if w.pos != len {
             return Err(EncodeError::BufferTooSmall {
@@ -950,6 +1019,10 @@ const OBL_ENCRYPT: u8 = 4;
 /// Channel key body: channel id, key id, key, two salts and ivs.
 const CHANNEL_KEY_BODY_LEN: usize =
     8 + CHANNEL_KEY_ID_LEN + CHANNEL_KEY_LEN + 2 * (CHANNEL_SALT_LEN + CHANNEL_IV_LEN);
+
+/// Channel closed body: channel id, key id, role, three pads, bytes sent,
+/// bytes received, duration.
+const CHANNEL_CLOSED_LEN: usize = 8 + CHANNEL_KEY_ID_LEN + 1 + 1 + 2 + 4 + 3 * 8;
 
 /// Decodes one whole record.
 pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
@@ -1140,6 +1213,26 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
             rx_salt: r.array().map_err(short)?,
             rx_iv: r.array().map_err(short)?,
         }),
+        Kind::ChannelClosed => {
+            let channel_id = r.u64().map_err(short)?;
+            let key_id = r.array().map_err(short)?;
+            let role = ChannelRole::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("role"))?;
+            if r.u8().map_err(short)? != 0
+                || r.u16().map_err(short)? != 0
+                || r.u32().map_err(short)? != 0
+            {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            Record::ChannelClosed(ChannelClosed {
+                channel_id,
+                key_id,
+                role,
+                bytes_sent: r.u64().map_err(short)?,
+                bytes_received: r.u64().map_err(short)?,
+                duration_ms: r.u64().map_err(short)?,
+            })
+        }
     };
     r.finish()?;
     Ok((header, record))
@@ -1148,5 +1241,6 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
 #[cfg(test)]
 mod tests;
 
+pub mod bound;
 pub mod cache;
 pub mod lineage;

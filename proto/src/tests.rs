@@ -67,6 +67,17 @@ fn sample_verdict() -> Record<'static> {
     })
 }
 
+fn sample_closed() -> Record<'static> {
+    Record::ChannelClosed(ChannelClosed {
+        channel_id: 0x0102_0304_0506_0708,
+        key_id: [0x33; CHANNEL_KEY_ID_LEN],
+        role: ChannelRole::Accept,
+        bytes_sent: 1 << 40,
+        bytes_received: 12345,
+        duration_ms: 999,
+    })
+}
+
 fn sample_key() -> ChannelKey {
     ChannelKey {
         channel_id: 0x0102_0304_0506_0708,
@@ -155,6 +166,17 @@ fn every_kind_round_trips() {
             }
         }),
         Record::ChannelKey(sample_key()),
+        sample_closed(),
+        Record::ChannelClosed(ChannelClosed {
+            role: ChannelRole::Connect,
+            bytes_sent: 0,
+            bytes_received: u64::MAX,
+            duration_ms: 0,
+            ..match sample_closed() {
+                Record::ChannelClosed(c) => c,
+                _ => unreachable!(),
+            }
+        }),
     ];
     for (i, rec) in records.iter().enumerate() {
         let buf = enc(rec, i as u64 + 100);
@@ -464,7 +486,7 @@ proptest! {
     /// Mutating one byte of a valid record never panics the decoder.
     #[test]
     fn decode_mutated_records(
-        which in 0usize..6,
+        which in 0usize..7,
         pos in any::<prop::sample::Index>(),
         val in any::<u8>(),
         path in proptest::collection::vec(1u8..=255, 0..64),
@@ -477,6 +499,7 @@ proptest! {
             2 => Record::Config(Config { mode: Mode::Enforce, verdict_timeout_ms: 10, qualify_net: true }),
             3 => Record::Generation(Generation { policy_generation: 9 }),
             4 => sample_net(&anc),
+            5 => sample_closed(),
             _ => Record::Hello(Hello { agent_pid: 3, agent_version: 4 }),
         };
         let mut buf = enc(&rec, 77);
@@ -500,6 +523,26 @@ proptest! {
         let (h, back) = decode(&buf).unwrap();
         prop_assert_eq!(h.request_id, id);
         prop_assert_eq!(back, rec);
+    }
+
+    /// Valid channel close records round-trip.
+    #[test]
+    fn closed_round_trip(
+        channel_id in any::<u64>(),
+        key_id in any::<[u8; 16]>(),
+        accept in any::<bool>(),
+        counts in any::<(u64, u64, u64)>(),
+    ) {
+        let rec = Record::ChannelClosed(ChannelClosed {
+            channel_id,
+            key_id,
+            role: if accept { ChannelRole::Accept } else { ChannelRole::Connect },
+            bytes_sent: counts.0,
+            bytes_received: counts.1,
+            duration_ms: counts.2,
+        });
+        let buf = enc(&rec, 0);
+        prop_assert_eq!(decode(&buf).unwrap(), (decode_header(&buf).unwrap(), rec));
     }
 
     /// Valid net requests round-trip.
@@ -591,4 +634,29 @@ fn encrypt_obligation_round_trips_and_unknown_bits_are_refused() {
         decode(&buf).map(|_| ()),
         Err(DecodeError::InvalidField("obligations"))
     );
+}
+
+#[test]
+fn channel_closed_layout_and_checks() {
+    let buf = enc(&sample_closed(), 0);
+    assert_eq!(buf.len(), HEADER_LEN + 8 + 16 + 8 + 3 * 8);
+    assert_eq!(u16::from_le_bytes([buf[6], buf[7]]), 9);
+    assert_eq!(&buf[HEADER_LEN + 8..HEADER_LEN + 24], &[0x33; 16]);
+    assert_eq!(buf[HEADER_LEN + 24], ChannelRole::Accept as u8);
+    assert_eq!(
+        &buf[HEADER_LEN + 32..HEADER_LEN + 40],
+        &(1u64 << 40).to_le_bytes()
+    );
+    for (off, field) in [
+        (24, "role"),
+        (25, "reserved"),
+        (27, "reserved"),
+        (31, "reserved"),
+    ] {
+        let mut bad = buf.clone();
+        bad[HEADER_LEN + off] = if off == 24 { 3 } else { 1 };
+        assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
+    }
+    assert_eq!(Kind::from_wire(9), Some(Kind::ChannelClosed));
+    assert_eq!(Kind::from_wire(10), None);
 }

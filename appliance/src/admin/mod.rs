@@ -8,6 +8,7 @@
 //! transaction as the change. Endpoints are documented in `appliance/API.md`.
 
 mod audit;
+mod channels;
 mod error;
 mod hosts;
 mod limits;
@@ -231,6 +232,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/roles", get(users::roles))
         .route("/v1/limits", get(limits::list).put(limits::set))
         .route("/v1/limits/{id}", get(limits::show).delete(limits::remove))
+        .route("/v1/channels", get(channels::list))
         .route("/v1/audit", get(audit::tail))
         .route("/v1/audit/export", get(audit::export))
         .route("/v1/audit/verify", get(audit::verify))

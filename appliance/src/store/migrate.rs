@@ -140,6 +140,18 @@ CREATE TABLE admin_tokens (
 );
 CREATE INDEX admin_tokens_state ON admin_tokens (state);
 "#,
+    // 6: channel close records, per end (`closed_ms` is the first end's)
+    r#"
+ALTER TABLE channels ADD COLUMN connect_closed_ms INTEGER;
+ALTER TABLE channels ADD COLUMN connect_bytes_sent INTEGER;
+ALTER TABLE channels ADD COLUMN connect_bytes_received INTEGER;
+ALTER TABLE channels ADD COLUMN connect_duration_ms INTEGER;
+ALTER TABLE channels ADD COLUMN accept_closed_ms INTEGER;
+ALTER TABLE channels ADD COLUMN accept_bytes_sent INTEGER;
+ALTER TABLE channels ADD COLUMN accept_bytes_received INTEGER;
+ALTER TABLE channels ADD COLUMN accept_duration_ms INTEGER;
+CREATE INDEX channels_open ON channels (closed_ms);
+"#,
 ];
 
 /// Newest schema version this build understands.

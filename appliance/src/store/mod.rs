@@ -11,6 +11,7 @@ mod admin;
 mod admin_tokens;
 mod agent;
 mod audit;
+mod channels;
 mod err;
 pub mod migrate;
 mod writer;
@@ -31,8 +32,9 @@ pub use admin::{
     SignatureBatch, UserInfo,
 };
 pub use admin_tokens::AdminToken;
-pub use agent::AgentRecord;
+pub use agent::{AgentRecord, CloseReport, CloseRole};
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
+pub use channels::{ChannelEnd, ChannelInfo};
 pub use err::{ChainError, StoreError};
 pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
 

@@ -3,11 +3,12 @@
 //! Every kind is reached (the header's kind is two of the fuzzed bytes);
 //! for the variable-length ones (`ExecRequest`, `NetRequest`) the limits
 //! the decoder promises are checked too, and a `ChannelKey`'s `wipe()`
-//! leaves no key material.
+//! leaves no key material; a `ChannelClosed` re-encodes with its reserved
+//! bytes zero.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use trustbind_proto::{decode, Family, Record, MAX_ANCESTRY, MAX_PATH_LEN};
+use trustbind_proto::{decode, Family, Record, HEADER_LEN, MAX_ANCESTRY, MAX_PATH_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((header, record)) = decode(data) {
@@ -28,6 +29,11 @@ fuzz_target!(|data: &[u8]| {
                 w.wipe();
                 assert!(w.key.iter().chain(&w.tx_iv).chain(&w.rx_iv).all(|&b| b == 0));
                 assert_eq!((w.channel_id, w.key_id), (k.channel_id, k.key_id));
+            }
+            Record::ChannelClosed(_) => {
+                let mut out = vec![0u8; record.encoded_len()];
+                record.encode(0, &mut out).expect("encodes");
+                assert!(out[HEADER_LEN + 25..HEADER_LEN + 32].iter().all(|&b| b == 0));
             }
             _ => {}
         }

@@ -34,6 +34,9 @@
 //! established connect's key N ms late.
 //! Verdicts are cacheable unless `--no-cache`; an allowed exec of a path
 //! named by `--nice-path` is allowed with the condition "nice N".
+//! Its `Hello` announces `AGENT_VERSION_CLOSE_RECORDS`, so the module
+//! reports each bound socket's close; each becomes one line:
+//! `closed <channel id> <key id hex> connect|accept sent=<n> received=<n> ms=<n>`.
 //! SIGUSR1 moves the policy generation by one (a `Generation` record, logged
 //! as `generation <n>`), as the appliance does on a policy switch.
 //! On SIGTERM or SIGINT it sets the module to disabled mode before it
@@ -48,8 +51,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 use trustbind_proto::{
-    self as proto, ChannelKey, Config, Decision, Family, Generation, Hello, Mode, NetKind,
-    NetRequest, Obligations, ProgramSource, Record, Verdict,
+    self as proto, ChannelKey, ChannelRole, Config, Decision, Family, Generation, Hello, Mode,
+    NetKind, NetRequest, Obligations, ProgramSource, Record, Verdict,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -228,7 +231,7 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("open /dev/trustbind: {e}"))?;
     let hello = Record::Hello(Hello {
         agent_pid: std::process::id(),
-        agent_version: 0,
+        agent_version: proto::AGENT_VERSION_CLOSE_RECORDS,
     });
     send(&mut dev, &hello, 1)?;
     let mut buf = vec![0u8; proto::MAX_RECORD_LEN];
@@ -321,6 +324,24 @@ fn run() -> Result<(), String> {
                     Err(e) if e.contains("No such file") => {}
                     Err(e) => return Err(e),
                 }
+                continue;
+            }
+            Record::ChannelClosed(c) => {
+                writeln!(
+                    log,
+                    "closed {} {} {} sent={} received={} ms={}",
+                    c.channel_id,
+                    hex(&c.key_id),
+                    match c.role {
+                        ChannelRole::Connect => "connect",
+                        ChannelRole::Accept => "accept",
+                    },
+                    c.bytes_sent,
+                    c.bytes_received,
+                    c.duration_ms
+                )
+                .ok();
+                log.flush().ok();
                 continue;
             }
             _ => continue,

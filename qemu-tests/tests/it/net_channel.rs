@@ -19,7 +19,10 @@
 //! socket while its connect waits for the key is held until the socket is
 //! bound (no plaintext on the wire); with the agent gone, `rmmod`
 //! succeeds while a bound connection is open, and that connection still
-//! carries data, still encrypted.
+//! carries data, still encrypted. Closing a bound connection yields one
+//! `ChannelClosed` record per end (the fake agent logs `closed ...`) with
+//! the channel's id and key id and byte counts at least the file's size
+//! (TLS records included), and `net_bound_open` falls back.
 
 use anyhow::{ensure, Context, Result};
 use trustbind_qemu_tests::Vm;
@@ -159,6 +162,34 @@ fn net_channel() -> Result<()> {
         c_chan == a_chan && c_key == a_key && c_key.len() == 16,
         "the two ends name different channels: connect {c_chan}/{c_key}, accept {a_chan}/{a_key}"
     );
+    // Both ends closed (socat exits at EOF): one close record per end.
+    let size: u64 = vm
+        .run_ok("wc -c </tmp/x/send")?
+        .stdout
+        .trim()
+        .parse()
+        .context("file size")?;
+    let ends = wait_closed(&mut vm, &c_chan)?;
+    let end = |role: &str| {
+        ends.iter()
+            .find(|e| e.role == role)
+            .with_context(|| format!("no `{role}` close record: {ends:?}"))
+    };
+    let (conn, acc) = (end("connect")?, end("accept")?);
+    ensure!(
+        ends.len() == 2 && conn.key == c_key && acc.key == c_key,
+        "close records of channel {c_chan}: {ends:?} (key {c_key})"
+    );
+    // (`bytes_received` counts the peer's FIN as one: the kernel adds
+    // `rcv_nxt` advances.)
+    ensure!(
+        conn.sent >= size && acc.received >= size && acc.received <= conn.sent + 1,
+        "implausible byte counts for {size} bytes sent: {ends:?}"
+    );
+    ensure!(
+        conn.received < 1024 && acc.sent < 1024,
+        "a one-way transfer counted traffic back: {ends:?}"
+    );
     let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
     ensure!(
         log.lines()
@@ -236,6 +267,23 @@ fn net_channel() -> Result<()> {
         "net_bound is {bound}, want 10 (five connections, two ends)"
     );
     ensure!(counter(&mut vm, "net_bind_failed")? == 0, "net_bind_failed");
+    // Every end of the five connections closed and was reported.
+    for _ in 0..50 {
+        if counter(&mut vm, "net_close_sent")? == 10 {
+            break;
+        }
+        vm.run_ok("sleep 0.2")?;
+    }
+    for (name, want) in [
+        ("net_closed", 10),
+        ("net_close_sent", 10),
+        ("net_close_dropped", 0),
+        ("net_close_untracked", 0),
+        ("net_bound_open", 0),
+    ] {
+        let got = counter(&mut vm, name)?;
+        ensure!(got == want, "{name} is {got}, want {want}");
+    }
 
     // No key for the established connect: the connect fails, the
     // connection is reset, the server receives nothing.
@@ -318,6 +366,44 @@ fn net_channel() -> Result<()> {
     );
     vm.shutdown()?;
     Ok(())
+}
+
+/// One `closed` line of the fake agent's log.
+#[derive(Debug)]
+struct ClosedEnd {
+    key: String,
+    role: String,
+    sent: u64,
+    received: u64,
+}
+
+/// Waits (≤ 30 s) until the fake agent logged both ends of channel `chan`
+/// closed; returns every `closed` line of that channel.
+fn wait_closed(vm: &mut Vm, chan: &str) -> Result<Vec<ClosedEnd>> {
+    let prefix = format!("closed {chan} ");
+    let mut log = String::new();
+    for _ in 0..150 {
+        log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
+        let ends: Vec<ClosedEnd> = log
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|rest| {
+                let f: Vec<&str> = rest.split(' ').collect();
+                let num = |i: usize, k: &str| f.get(i)?.strip_prefix(k)?.parse::<u64>().ok();
+                Some(ClosedEnd {
+                    key: f.first()?.chars().take(16).collect(),
+                    role: (*f.get(1)?).to_owned(),
+                    sent: num(2, "sent=")?,
+                    received: num(3, "received=")?,
+                })
+            })
+            .collect();
+        if ends.len() >= 2 {
+            return Ok(ends);
+        }
+        vm.run_ok("sleep 0.2")?;
+    }
+    anyhow::bail!("channel {chan}: not both ends reported closed:\n{log}")
 }
 
 /// A one-connection socat server on `port` writing what it receives to

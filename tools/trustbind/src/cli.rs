@@ -97,6 +97,9 @@ pub enum Cmd {
     /// Users and their roles (Cedar `principal in Role::"..."`).
     #[command(subcommand)]
     User(UserCmd),
+    /// Bound channels: key ids, hosts, open and close, bytes per end.
+    #[command(subcommand)]
+    Channel(ChannelCmd),
     /// The hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -346,6 +349,19 @@ pub enum ModeArg {
     Permissive,
     /// No qualification.
     Disabled,
+}
+
+/// `trustbind channel ...`
+#[derive(Debug, Subcommand)]
+pub enum ChannelCmd {
+    /// Lists channels, oldest first (bytes: sent by the connect end /
+    /// by the accept end, TLS records included).
+    #[command(alias = "list", after_help = "Example: trustbind channel ls --open")]
+    Ls {
+        /// Only channels neither end reported closed.
+        #[arg(long)]
+        open: bool,
+    },
 }
 
 /// `trustbind host ...`

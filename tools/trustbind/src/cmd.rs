@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::cli::UserCmd;
 use crate::cli::{AuditCmd, Cli, Cmd, GroupCmd, HostCmd, HostGroupCmd, ModeArg, PolicyCmd, SigCmd};
+use crate::cli::{ChannelCmd, UserCmd};
 use crate::client::Client;
 use crate::config::{self, Overrides};
 use crate::error::{io_err, CliError, Exit, Result};
@@ -41,6 +41,7 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
         Cmd::Sig(s) => sig(s, &connect()?, out),
         Cmd::Group(gc) => group(gc, &connect()?, out),
         Cmd::Host(h) => host(h, &connect()?, out),
+        Cmd::Channel(ch) => channel(ch, &connect()?, out),
         Cmd::Audit(a) => audit(a, &connect()?, out),
         Cmd::User(u) => user(u, &connect()?, out),
         Cmd::Admin(a) => crate::enrol::run(a, &ov, out),
@@ -574,6 +575,82 @@ fn host_rows(v: &Value) -> Vec<Vec<String>> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// One channel end's bytes sent, `-` while it has not reported its close.
+fn end_bytes(ch: &Value, end: &str) -> String {
+    ch.get(end)
+        .and_then(|e| e.get("bytes_sent"))
+        .and_then(Value::as_i64)
+        .map_or_else(|| "-".into(), |b| b.to_string())
+}
+
+pub(crate) fn channel_rows(v: &Value) -> Vec<Vec<String>> {
+    let ms = |c: &Value, k: &str| {
+        c.get(k)
+            .and_then(Value::as_i64)
+            .map_or_else(|| "-".into(), time::fmt_ms)
+    };
+    v.get("channels")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    vec![
+                        field(c, "id"),
+                        field(c, "key_id"),
+                        format!("{} -> {}", field(c, "src_host"), field(c, "dst_host")),
+                        field(c, "tuple"),
+                        ms(c, "opened_ms"),
+                        ms(c, "closed_ms"),
+                        format!("{} / {}", end_bytes(c, "connect"), end_bytes(c, "accept")),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn channel(ch: ChannelCmd, c: &Client, out: &Out) -> Result<u8> {
+    match ch {
+        ChannelCmd::Ls { open } => {
+            let mut all = Vec::new();
+            let mut after: Option<i64> = None;
+            loop {
+                let mut q = vec![("limit", "1000".to_owned())];
+                if open {
+                    q.push(("open", "true".to_owned()));
+                }
+                if let Some(a) = after {
+                    q.push(("after", a.to_string()));
+                }
+                let v = c.json(c.request(Method::GET, "/v1/channels").query(&q))?;
+                if let Some(a) = v.get("channels").and_then(Value::as_array) {
+                    all.extend(a.iter().cloned());
+                }
+                match v.get("next").and_then(Value::as_i64) {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            let v = json!({ "channels": all });
+            out.emit(&v, || {
+                table(
+                    &[
+                        "ID",
+                        "KEY ID",
+                        "HOSTS",
+                        "TUPLE",
+                        "OPENED (UTC)",
+                        "CLOSED (UTC)",
+                        "BYTES C/A",
+                    ],
+                    &channel_rows(&v),
+                )
+            });
+            Ok(0)
+        }
+    }
 }
 
 fn host(h: HostCmd, c: &Client, out: &Out) -> Result<u8> {

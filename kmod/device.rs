@@ -453,7 +453,10 @@ impl Channel {
                 crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
-            Record::HelloAck(_) | Record::ExecRequest(_) | Record::NetRequest(_) => {
+            Record::HelloAck(_)
+            | Record::ExecRequest(_)
+            | Record::NetRequest(_)
+            | Record::IpcRequest(_) => {
                 pr_warn!("agent sent a module-only record kind {:?}\n", record.kind());
                 return Err(EINVAL);
             }

@@ -474,7 +474,8 @@ impl Channel {
             Record::HelloAck(_)
             | Record::ExecRequest(_)
             | Record::NetRequest(_)
-            | Record::ChannelClosed(_) => {
+            | Record::ChannelClosed(_)
+            | Record::IpcRequest(_) => {
                 pr_warn!("agent sent a module-only record kind {:?}\n", record.kind());
                 return Err(EINVAL);
             }

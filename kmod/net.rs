@@ -82,8 +82,25 @@
 //! the record is dropped and counted (`net_close_dropped`). Sockets still
 //! open at unload are never reported.
 //!
-//! Not yet (issue 7, later milestones): the netfilter backstop, UNIX
-//! sockets, an idle timeout. (A process that exec'd while the
+//! # UNIX-domain sockets
+//!
+//! A UNIX-domain stream or seqpacket `connect()` of a user-space socket is
+//! qualified by the program *pair*: [`unix_check`] runs once the original
+//! `unix_stream_connect` returned 0 (only then is the listener known: the
+//! connection's `SO_PEERCRED` names the process that listens), with the
+//! client's program (as above) and the server's (lineage table, else
+//! hashed from its `mm->exe_file`), both uids and the socket's name (the
+//! absolute path, or `@name` for an abstract one), as an [`IpcRequest`].
+//! The same mode table decides; a refusal shuts the new connection down
+//! both ways and fails `connect()` with `EACCES` (the server may still
+//! accept it, already at end of file; the client's socket stays connected
+//! but shut down, so the program must close it). Nothing is encrypted: one
+//! host. Counters: `/sys/kernel/debug/trustbind/unix_*`. Same switches as
+//! TCP: asked only while the agent set `qualify_net`, not in disabled
+//! mode, the agent's own connects exempt.
+//!
+//! Not yet (issue 7, later milestones): the netfilter backstop, an idle
+//! timeout. (A process that exec'd while the
 //! module was disabled is not taken for what it ran before: leaving
 //! disabled mode empties the lineage table, see `device.rs`.)
 
@@ -97,10 +114,10 @@ use crate::exec::{Refusal, Refusals};
 use crate::proto::bound::{BoundSocket, BoundTable, Slot as BoundSlot};
 use crate::proto::lineage::{Chain, ProcId};
 use crate::proto::{
-    Ancestry, ChannelClosed, ChannelKey, ChannelRole, Decision, Family, Mode, NetKind, NetRequest,
-    ProgramSource, Record,
+    Ancestry, ChannelClosed, ChannelKey, ChannelRole, Decision, Family, IpcRequest, Mode, NetKind,
+    NetRequest, ProgramSource, Record,
 };
-use crate::sys::{self, NetInfo, NET_CONNECT, NET_ESTABLISHED};
+use crate::sys::{self, NetInfo, UnixInfo, NET_CONNECT, NET_ESTABLISHED};
 use crate::Shared;
 
 /// What the net path did since load (shown in debugfs, see `pem.rs`).
@@ -236,6 +253,26 @@ pub(crate) fn closed(s: &Shared, sk: usize, bytes_sent: u64, bytes_received: u64
         if queued { "" } else { " (not reported)" }
     );
 }
+
+/// What the UNIX connect path did since load (debugfs `unix_*`).
+pub(crate) struct UnixStats {
+    /// Connects asked about.
+    pub(crate) asked: AtomicU64,
+    /// Allowed by a verdict.
+    pub(crate) allowed: AtomicU64,
+    /// Refusals (enforce mode: severed, `EACCES`) and why.
+    pub(crate) refusals: Refusals,
+    /// Programs (client or server) hashed from `mm->exe_file`.
+    pub(crate) exe_hashed: AtomicU64,
+}
+
+/// The UNIX connect path's counters.
+pub(crate) static UNIX_STATS: UnixStats = UnixStats {
+    asked: AtomicU64::new(0),
+    allowed: AtomicU64::new(0),
+    refusals: Refusals::new(),
+    exe_hashed: AtomicU64::new(0),
+};
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
@@ -487,6 +524,137 @@ fn qualify(
         // Nothing was sent yet on a connect: restart it. An established
         // or accepted connection cannot be put back: the wrapper resets it.
         Answer::Interrupted if kind == NetKind::Connect => Err(Err(ERESTARTSYS)),
+        Answer::Interrupted => Err(Err(EINTR)),
+    }
+}
+
+/// Whether a UNIX connect of process `tgid` is asked about at all.
+pub(crate) fn unix_wanted(s: &Shared, tgid: u32) -> bool {
+    s.channel.mode() != Mode::Disabled && s.channel.qualifies_net() && !s.channel.is_agent(tgid)
+}
+
+/// A UNIX connect for log lines: `pid N -> PATH (server pid M)`.
+struct UnixConnection<'a> {
+    pid: u32,
+    path: &'a [u8],
+    peer_pid: u32,
+}
+
+impl core::fmt::Display for UnixConnection<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "pid {} -> ", self.pid)?;
+        for &b in self.path.iter().take(256) {
+            if b.is_ascii_graphic() {
+                write!(f, "{}", b as char)?;
+            } else {
+                f.write_str("?")?;
+            }
+        }
+        write!(f, " (server pid {})", self.peer_pid)
+    }
+}
+
+/// The program of a process, its ancestry and where the hash comes from:
+/// the lineage table, else `hash()` now (then recorded under the parent's
+/// ancestry, so the next connect does not hash again).
+fn program_of(
+    s: &Shared,
+    proc: ProcId,
+    parent: ProcId,
+    hash: impl FnOnce() -> Result<[u8; 32]>,
+) -> core::result::Result<([u8; 32], Chain, ProgramSource), Refusal> {
+    if let Some((sha256, chain)) = s.lineage.image(proc) {
+        return Ok((sha256, chain, ProgramSource::Lineage));
+    }
+    let sha256 = hash().map_err(Refusal::Unreadable)?;
+    bump(&UNIX_STATS.exe_hashed);
+    let chain = s.lineage.ancestry_of_proc(parent);
+    s.lineage.record_proc(proc, &sha256, &chain);
+    Ok((sha256, chain, ProgramSource::ExeFile))
+}
+
+/// Decides one UNIX connect once made: `Ok` lets it stand, an error
+/// severs it and fails `connect()`.
+pub(crate) fn unix_check(s: &Shared, info: &UnixInfo) -> Result {
+    let mode = s.channel.mode();
+    if !unix_wanted(s, info.tgid) {
+        return Ok(());
+    }
+    let path = sys::unix_path(info);
+    let subject = UnixConnection {
+        pid: info.tgid,
+        path,
+        peer_pid: info.peer_tgid,
+    };
+    let refusal = match unix_qualify(s, info, path) {
+        Ok(()) => return Ok(()),
+        Err(Err(e)) => return Err(e),
+        Err(Ok(r)) => r,
+    };
+    UNIX_STATS
+        .refusals
+        .apply(mode, &refusal, "unix connect", subject)
+}
+
+fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<Refusal>> {
+    let proc = |tgid, start_ns| ProcId { tgid, start_ns };
+    let (sha256, chain, source) = program_of(
+        s,
+        proc(info.tgid, info.start_ns),
+        proc(info.ptgid, info.pstart_ns),
+        || s.hashers.hash_current_exe().map(|(h, _, _)| h),
+    )
+    .map_err(Ok)?;
+    if info.peer_tgid == 0 {
+        // The listener's process is gone: no program to qualify.
+        return Err(Ok(Refusal::Unreadable(ESRCH)));
+    }
+    let (peer_sha256, _, peer_source) = program_of(
+        s,
+        proc(info.peer_tgid, info.peer_start_ns),
+        proc(info.peer_ptgid, info.peer_pstart_ns),
+        || {
+            s.hashers
+                .hash_task_exe(info.peer_tgid, info.peer_start_ns)
+                .map(|(h, _)| h)
+        },
+    )
+    .map_err(Ok)?;
+    bump(&UNIX_STATS.asked);
+    let rec = Record::IpcRequest(IpcRequest {
+        sha256,
+        program_source: source,
+        uid: info.uid,
+        euid: info.euid,
+        gid: info.gid,
+        loginuid: info.loginuid,
+        sessionid: info.sessionid,
+        pid: info.tgid,
+        ppid: info.ptgid,
+        ancestry: ancestry(&chain),
+        peer_sha256,
+        peer_program_source: peer_source,
+        peer_pid: info.peer_tgid,
+        peer_uid: info.peer_uid,
+        peer_gid: info.peer_gid,
+        path,
+    });
+    match s.channel.ask(&rec).map_err(Err)? {
+        Answer::Verdict(v) => match v.decision {
+            Decision::Allow | Decision::AllowWithConditions => {
+                bump(&UNIX_STATS.allowed);
+                Ok(())
+            }
+            Decision::Deny => Err(Ok(Refusal::Denied)),
+        },
+        // Not an answer to a UNIX connect.
+        Answer::Key(mut k) => {
+            k.wipe();
+            Err(Ok(Refusal::Denied))
+        }
+        Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
+        Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
+        // The connection is made and cannot be put back: severed.
         Answer::Interrupted => Err(Err(EINTR)),
     }
 }

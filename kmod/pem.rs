@@ -26,7 +26,9 @@ mod proto;
 
 use device::Channel;
 use kernel::c_str;
-use sys::{DebugfsDir, ExecRegistration, Hashers, LoaderGate, MiscRegistration, NetHooks, Slot};
+use sys::{
+    DebugfsDir, ExecRegistration, Hashers, LoaderGate, MiscRegistration, NetHooks, Slot, UnixHooks,
+};
 
 module! {
     type: Trustbind,
@@ -56,12 +58,13 @@ pub(crate) struct Shared {
 /// The state the C callbacks (file operations, binfmt handler) reach.
 pub(crate) static SHARED: Slot<Shared> = Slot::new();
 
-/// The module; fields drop in declaration order: the connect/accept hooks
-/// are removed first (waiting for calls inside their wrappers), then the
-/// exec handler is unregistered, then the loader gate stopped (waiting for its
+/// The module; fields drop in declaration order: the UNIX connect hook and
+/// the connect/accept hooks are removed first (waiting for calls inside
+/// their wrappers), then the exec handler is unregistered, then the loader gate stopped (waiting for its
 /// handlers), then the statistics, then the device, then the shared state
 /// is freed.
 struct Trustbind {
+    _unix: UnixHooks,
     _net: NetHooks,
     _exec: ExecRegistration,
     _loader: LoaderGate,
@@ -188,13 +191,23 @@ impl kernel::Module for Trustbind {
             (c_str!("net_closed"), &net::STATS.closed),
             (c_str!("net_close_sent"), &net::STATS.close_sent),
             (c_str!("net_close_dropped"), &net::STATS.close_dropped),
+            (c_str!("unix_asked"), &net::UNIX_STATS.asked),
+            (c_str!("unix_allowed"), &net::UNIX_STATS.allowed),
+            (c_str!("unix_denied"), &net::UNIX_STATS.refusals.denied),
+            (c_str!("unix_would_deny"), &net::UNIX_STATS.refusals.would_deny),
+            (c_str!("unix_no_agent"), &net::UNIX_STATS.refusals.no_agent),
+            (c_str!("unix_timeouts"), &net::UNIX_STATS.refusals.timeouts),
+            (c_str!("unix_unreadable"), &net::UNIX_STATS.refusals.unreadable),
+            (c_str!("unix_exe_hashed"), &net::UNIX_STATS.exe_hashed),
         ]);
         let loader = LoaderGate::new()?;
         let exec = ExecRegistration::new();
         pr_info!("exec handler registered (mode disabled until an agent configures it)\n");
         let net = NetHooks::new()?;
         pr_info!("connect/accept/close hooks registered\n");
+        let unix = UnixHooks::new()?;
         Ok(Trustbind {
+            _unix: unix,
             _net: net,
             _exec: exec,
             _loader: loader,

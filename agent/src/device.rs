@@ -12,8 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use trustbind_proto::{
-    self as proto, ChannelClosed, ChannelKey, Config, DecodeError, Family, Generation, Hello,
-    HelloAck, Mode, NetKind, NetRequest, Record, Verdict, MAX_RECORD_LEN,
+    self as proto, ChannelClosed, ChannelKey, Config, DecodeError, Family, Generation, Hello, HelloAck,
+    IpcRequest, Mode, NetKind, NetRequest, Record, Verdict, MAX_RECORD_LEN,
 };
 use zeroize::Zeroize;
 
@@ -111,6 +111,25 @@ pub struct NetEvent {
     pub ppid: u32,
     /// SHA-256 of ancestors' programs, nearest first.
     pub ancestry: Vec<[u8; 32]>,
+    /// A UNIX-domain connect (an [`IpcRequest`]): the listener's side. The
+    /// event's `kind` is then [`NetKind::Connect`] and its addresses are
+    /// unspecified.
+    pub ipc: Option<IpcPeer>,
+}
+
+/// The server side of a UNIX-domain connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpcPeer {
+    /// The socket's absolute path, or `@name` for an abstract one.
+    pub path: String,
+    /// SHA-256 of the listener's program.
+    pub sha256: [u8; 32],
+    /// Its thread group id.
+    pub pid: u32,
+    /// Its effective uid when it listened.
+    pub uid: u32,
+    /// Its effective gid when it listened.
+    pub gid: u32,
 }
 
 /// What the module asks.
@@ -118,7 +137,7 @@ pub struct NetEvent {
 pub enum Event {
     /// An exec.
     Exec(ExecEvent),
-    /// A connect or accept.
+    /// A connect or accept (TCP), or a UNIX-domain connect.
     Net(NetEvent),
     /// One end of a bound channel closed on this host (nothing to answer).
     Closed(ChannelClosed),
@@ -161,6 +180,36 @@ impl NetEvent {
             pid: r.pid,
             ppid: r.ppid,
             ancestry: ancestry_of(r.ancestry),
+            ipc: None,
+        }
+    }
+
+    /// The owned form of UNIX-domain connect `request_id`.
+    pub fn of_ipc(request_id: u64, r: &IpcRequest<'_>) -> Self {
+        let none = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        Self {
+            request_id,
+            kind: NetKind::Connect,
+            src_addr: none,
+            src_port: 0,
+            dst_addr: none,
+            dst_port: 0,
+            sha256: r.sha256,
+            uid: r.uid,
+            euid: r.euid,
+            gid: r.gid,
+            loginuid: r.loginuid,
+            sessionid: r.sessionid,
+            pid: r.pid,
+            ppid: r.ppid,
+            ancestry: ancestry_of(r.ancestry),
+            ipc: Some(IpcPeer {
+                path: String::from_utf8_lossy(r.path).into_owned(),
+                sha256: r.peer_sha256,
+                pid: r.peer_pid,
+                uid: r.peer_uid,
+                gid: r.peer_gid,
+            }),
         }
     }
 }
@@ -266,6 +315,9 @@ impl Device {
             }
             if let Record::ChannelClosed(c) = rec {
                 return Ok(Event::Closed(c));
+            }
+            if let Record::IpcRequest(r) = rec {
+                return Ok(Event::Net(NetEvent::of_ipc(h.request_id, &r)));
             }
             if let Record::ExecRequest(r) = rec {
                 return Ok(Event::Exec(ExecEvent {
@@ -408,5 +460,45 @@ mod tests {
         );
         assert_eq!(ev.ancestry, vec![h]);
         assert_eq!((ev.uid, ev.euid, ev.gid, ev.pid), (1, 2, 3, 6));
+        assert!(ev.ipc.is_none());
+    }
+
+    #[test]
+    fn ipc_requests_become_owned_events() {
+        let h = [7u8; 32];
+        let r = IpcRequest {
+            sha256: [1; 32],
+            program_source: proto::ProgramSource::Lineage,
+            uid: 1,
+            euid: 2,
+            gid: 3,
+            loginuid: 4,
+            sessionid: 5,
+            pid: 6,
+            ppid: 7,
+            ancestry: proto::Ancestry::from_bytes(&h).unwrap(),
+            peer_sha256: [2; 32],
+            peer_program_source: proto::ProgramSource::ExeFile,
+            peer_pid: 8,
+            peer_uid: 9,
+            peer_gid: 10,
+            path: b"@tb-abs",
+        };
+        let ev = NetEvent::of_ipc(11, &r);
+        assert_eq!((ev.request_id, ev.kind), (11, NetKind::Connect));
+        assert_eq!(
+            (ev.sha256, ev.pid, ev.ancestry.clone()),
+            ([1; 32], 6, vec![h])
+        );
+        assert_eq!(
+            ev.ipc,
+            Some(IpcPeer {
+                path: "@tb-abs".into(),
+                sha256: [2; 32],
+                pid: 8,
+                uid: 9,
+                gid: 10,
+            })
+        );
     }
 }

@@ -449,6 +449,7 @@ fn request_of(ev: &ExecEvent, user: String) -> pb::Request {
         target: Some(pb::request::Target::Exec(pb::ExecTarget {
             loader_direct: ev.loader_direct,
         })),
+        peer: None,
     }
 }
 
@@ -697,8 +698,43 @@ pub fn net_margin(verdict_timeout: Duration) -> Duration {
 }
 
 /// The appliance request for a connect or accept: the program is known
-/// only by its SHA-256 (no SHA-1, size or path from the kernel).
+/// only by its SHA-256 (no SHA-1, size or path from the kernel). A UNIX
+/// connect is `ACTION_IPC_CONNECT` to `NetTarget { proto: UNIX, dst_addr:
+/// <path or @name> }` with the listener's program as `peer`.
 pub fn net_request_of(ev: &NetEvent, user: String) -> pb::Request {
+    let program = |sha256: &[u8; 32]| pb::Program {
+        sha256: sha256.to_vec(),
+        sha1: Vec::new(),
+        size: 0,
+        path: String::new(),
+    };
+    let subject = pb::Subject {
+        user,
+        uid: ev.uid,
+        euid: ev.euid,
+        gid: ev.gid,
+        loginuid: ev.loginuid,
+        session: ev.sessionid,
+        pid: ev.pid,
+        ancestry: ev.ancestry.iter().map(|h| h.to_vec()).collect(),
+    };
+    if let Some(ipc) = &ev.ipc {
+        return pb::Request {
+            id: ev.request_id,
+            action: pb::Action::IpcConnect as i32,
+            subject: Some(subject),
+            program: Some(program(&ev.sha256)),
+            target: Some(pb::request::Target::Net(pb::NetTarget {
+                proto: pb::Proto::Unix as i32,
+                src_addr: String::new(),
+                src_port: 0,
+                dst_addr: ipc.path.clone(),
+                dst_port: 0,
+                established: false,
+            })),
+            peer: Some(program(&ipc.sha256)),
+        };
+    }
     let action = match ev.kind {
         NetKind::Accept => pb::Action::Accept,
         NetKind::Connect | NetKind::Established => pb::Action::Connect,
@@ -706,22 +742,8 @@ pub fn net_request_of(ev: &NetEvent, user: String) -> pb::Request {
     pb::Request {
         id: ev.request_id,
         action: action as i32,
-        subject: Some(pb::Subject {
-            user,
-            uid: ev.uid,
-            euid: ev.euid,
-            gid: ev.gid,
-            loginuid: ev.loginuid,
-            session: ev.sessionid,
-            pid: ev.pid,
-            ancestry: ev.ancestry.iter().map(|h| h.to_vec()).collect(),
-        }),
-        program: Some(pb::Program {
-            sha256: ev.sha256.to_vec(),
-            sha1: Vec::new(),
-            size: 0,
-            path: String::new(),
-        }),
+        subject: Some(subject),
+        program: Some(program(&ev.sha256)),
         target: Some(pb::request::Target::Net(pb::NetTarget {
             proto: pb::Proto::Tcp as i32,
             src_addr: ev.src_addr.to_string(),
@@ -730,6 +752,7 @@ pub fn net_request_of(ev: &NetEvent, user: String) -> pb::Request {
             dst_port: u32::from(ev.dst_port),
             established: ev.kind == NetKind::Established,
         })),
+        peer: None,
     }
 }
 
@@ -784,6 +807,32 @@ fn kind_name(k: NetKind) -> &'static str {
     }
 }
 
+/// `connect`, `established`, `accept` or `ipc_connect` (UNIX).
+fn event_name(ev: &NetEvent) -> &'static str {
+    if ev.ipc.is_some() {
+        "ipc_connect"
+    } else {
+        kind_name(ev.kind)
+    }
+}
+
+/// The client end for logs (the process id for a UNIX connect).
+fn src_of(ev: &NetEvent) -> String {
+    match &ev.ipc {
+        Some(_) => format!("pid {}", ev.pid),
+        None => format!("{}:{}", ev.src_addr, ev.src_port),
+    }
+}
+
+/// The server end for logs (the socket's name and the listener's program
+/// for a UNIX connect).
+fn dst_of(ev: &NetEvent) -> String {
+    match &ev.ipc {
+        Some(p) => format!("{} (pid {}, sha256 {})", p.path, p.pid, hex(&p.sha256)),
+        None => format!("{}:{}", ev.dst_addr, ev.dst_port),
+    }
+}
+
 /// Answers each net request on its own task, beside the exec batches.
 async fn net_dispatcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<NetEvent>) {
     while let Some(ev) = rx.recv().await {
@@ -801,19 +850,26 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         .saturating_duration_since(tokio::time::Instant::now())
         .max(Duration::from_millis(1));
     let plan = match qualify(&shared, vec![req], budget).await {
-        Ok(results) => results
-            .iter()
-            .find(|r| r.id == ev.request_id)
-            .map(|r| net_plan(ev.kind, r)),
+        Ok(results) => {
+            results
+                .iter()
+                .find(|r| r.id == ev.request_id)
+                .map(|r| match net_plan(ev.kind, r) {
+                    // A UNIX connect is never encrypted (one host).
+                    NetPlan::Verdict(mut v) if ev.ipc.is_some() => {
+                        v.obligations.encrypt = false;
+                        NetPlan::Verdict(v)
+                    }
+                    p => p,
+                })
+        }
         Err(e) => {
             if let Some(e) = e {
                 log(&format!(
-                    "{} {}:{} -> {}:{}: answering offline: {e}",
-                    kind_name(ev.kind),
-                    ev.src_addr,
-                    ev.src_port,
-                    ev.dst_addr,
-                    ev.dst_port
+                    "{} {} -> {}: answering offline: {e}",
+                    event_name(&ev),
+                    src_of(&ev),
+                    dst_of(&ev)
                 ));
             }
             None
@@ -848,9 +904,9 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
                 at_ms: now_ms(),
                 what: "net.offline".into(),
                 detail: serde_json::json!({
-                    "kind": kind_name(ev.kind),
-                    "src": format!("{}:{}", ev.src_addr, ev.src_port),
-                    "dst": format!("{}:{}", ev.dst_addr, ev.dst_port),
+                    "kind": event_name(&ev),
+                    "src": src_of(&ev),
+                    "dst": dst_of(&ev),
                     "sha256": hex(&ev.sha256), "user": user, "uid": ev.uid, "pid": ev.pid,
                     "decision": format!("{decision:?}").to_lowercase(),
                     "source": "default", "mode": mode_name(g.mode),
@@ -1189,6 +1245,7 @@ mod tests {
             pid: 4242,
             ppid: 1,
             ancestry: vec![[0xcd; 32]],
+            ipc: None,
         }
     }
 
@@ -1248,6 +1305,39 @@ mod tests {
             panic!()
         };
         assert!(!n.established);
+    }
+
+    #[test]
+    fn ipc_connects_are_spelled_for_the_appliance() {
+        let mut e = ev(NetKind::Connect, "0.0.0.0", 0);
+        e.ipc = Some(crate::device::IpcPeer {
+            path: "/run/app.sock".into(),
+            sha256: [0x5e; 32],
+            pid: 300,
+            uid: 0,
+            gid: 0,
+        });
+        let r = net_request_of(&e, "alice".into());
+        assert_eq!(r.id, 77);
+        assert_eq!(r.action, pb::Action::IpcConnect as i32);
+        assert_eq!(r.program.unwrap().sha256, vec![0xab; 32]);
+        let peer = r.peer.expect("peer program");
+        assert_eq!((peer.sha256, peer.sha1.len()), (vec![0x5e; 32], 0));
+        assert_eq!(r.subject.unwrap().pid, 4242);
+        let Some(pb::request::Target::Net(n)) = r.target else {
+            panic!("no net target")
+        };
+        assert_eq!(n.proto, pb::Proto::Unix as i32);
+        assert_eq!((n.dst_addr.as_str(), n.dst_port), ("/run/app.sock", 0));
+        assert_eq!((n.src_addr.as_str(), n.src_port), ("", 0));
+        // A TCP request names no peer.
+        assert!(
+            net_request_of(&ev(NetKind::Connect, "10.99.0.11", 0), "a".into())
+                .peer
+                .is_none()
+        );
+        assert_eq!(dst_of(&e).split_whitespace().next(), Some("/run/app.sock"));
+        assert_eq!(event_name(&e), "ipc_connect");
     }
 
     #[test]

@@ -252,6 +252,7 @@ fn pool() -> Vec<QualifyRequest> {
                 },
                 target,
                 at_ms,
+                peer: None,
             }
         })
         .collect()

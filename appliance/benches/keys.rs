@@ -39,6 +39,7 @@ fn half(action: Action, host: &str, port: u16) -> QualifyRequest {
             established: false,
         }),
         at_ms: 0,
+        peer: None,
     }
 }
 

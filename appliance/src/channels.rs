@@ -483,6 +483,7 @@ mod tests {
                 established: action == Action::Connect,
             }),
             at_ms: 0,
+            peer: None,
         }
     }
 

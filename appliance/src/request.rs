@@ -180,4 +180,9 @@ pub struct QualifyRequest {
     pub target: Target,
     /// Appliance time of the request, milliseconds since the Unix epoch.
     pub at_ms: i64,
+    /// `ipc_connect` only: the program of the process listening on the
+    /// UNIX socket (same host), known by its SHA-256. Policy sees it as
+    /// `context.peer_program` (and `context.peer_host`, this host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<Program>,
 }

@@ -147,6 +147,7 @@ fn exec(id: u64, sha: [u8; 32]) -> pb::Request {
             path: "/usr/bin/x".into(),
         }),
         target: Some(Target::Exec(pb::ExecTarget::default())),
+        peer: None,
     }
 }
 

@@ -134,6 +134,7 @@ fn net_request(
             dst_port: 5432,
             established,
         })),
+        peer: None,
     }
 }
 

@@ -127,6 +127,7 @@ fn exec(host: &str, user: &str, prog: char, at_ms: i64) -> QualifyRequest {
             loader_direct: false,
         },
         at_ms,
+        peer: None,
     }
 }
 
@@ -145,6 +146,7 @@ fn net(host: &str, action: Action, prog: char, dst_port: u16) -> QualifyRequest 
             established: false,
         }),
         at_ms: MON_0930,
+        peer: None,
     }
 }
 
@@ -498,6 +500,86 @@ fn pair_decision_needs_both_sides() {
         )
         .unwrap();
     assert_eq!(d.outcome.verdict, Verdict::Deny);
+}
+
+/// A UNIX-domain connect on `host` to `path` by `client`, the listener
+/// running `server`.
+fn ipc(host: &str, client: char, server: char, path: &str) -> QualifyRequest {
+    QualifyRequest {
+        host: host.into(),
+        action: Action::IpcConnect,
+        subject: subject("svc"),
+        program: program(client),
+        target: Target::Net(FiveTuple {
+            proto: Proto::Unix,
+            src_addr: String::new(),
+            src_port: 0,
+            dst_addr: path.into(),
+            dst_port: 0,
+            established: false,
+        }),
+        at_ms: MON_0930,
+        peer: Some(program(server)),
+    }
+}
+
+/// nginx may talk to postgres over its UNIX socket on any host of the web
+/// group; nothing else is permitted.
+const IPC_WEB_TO_DB: &str = r#"
+@id("ipc-web-to-db")
+permit (
+    principal,
+    action == Trustbind::Action::"ipc_connect",
+    resource
+) when {
+    context.program in Trustbind::ProgramGroup::"web-servers" &&
+    context has peer_program &&
+    context.peer_program in Trustbind::ProgramGroup::"db-servers" &&
+    context has peer_host && context.peer_host == context.host &&
+    resource.proto == "unix" &&
+    resource.host like "/run/postgresql/*"
+};
+"#;
+
+#[test]
+fn ipc_connect_is_decided_by_program_pair() {
+    let f = fixture();
+    activate(&f.store, IPC_WEB_TO_DB);
+    let e = Engine::new(f.store.clone(), SCHEMA).unwrap();
+    let sock = "/run/postgresql/.s.PGSQL.5432";
+    // The allowed pair.
+    let d = e.decide(&ipc("web1", NGINX, POSTGRES, sock)).unwrap();
+    assert_eq!(d.outcome.verdict, Verdict::Allow, "{:?}", d.outcome);
+    assert_eq!(d.outcome.reasons, vec!["ipc-web-to-db".to_owned()]);
+    // Another client program, or another listener program: denied.
+    let d = e.decide(&ipc("web1", NC, POSTGRES, sock)).unwrap();
+    assert_eq!(d.outcome.verdict, Verdict::Deny);
+    let d = e.decide(&ipc("web1", NGINX, NC, sock)).unwrap();
+    assert_eq!(d.outcome.verdict, Verdict::Deny);
+    // An unknown listener program (in no group): denied.
+    let d = e.decide(&ipc("web1", NGINX, UNKNOWN, sock)).unwrap();
+    assert_eq!(d.outcome.verdict, Verdict::Deny);
+    // The socket's path is the resource.
+    let d = e
+        .decide(&ipc("web1", NGINX, POSTGRES, "@abstract"))
+        .unwrap();
+    assert_eq!(d.outcome.verdict, Verdict::Deny);
+    // Without the listener's program the policy cannot match.
+    let mut alone = ipc("web1", NGINX, POSTGRES, sock);
+    alone.peer = None;
+    assert_eq!(e.decide(&alone).unwrap().outcome.verdict, Verdict::Deny);
+    // Decisions of different listeners are cached apart.
+    let again = e.decide(&ipc("web1", NGINX, NC, sock)).unwrap();
+    assert_eq!(again.outcome.verdict, Verdict::Deny);
+    let again = e.decide(&ipc("web1", NGINX, POSTGRES, sock)).unwrap();
+    assert_eq!(again.outcome.verdict, Verdict::Allow);
+    // The peer round-trips through the audit's JSON form.
+    let r = ipc("web1", NGINX, POSTGRES, sock);
+    let back: QualifyRequest = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    assert_eq!(back, r);
+    // Requests without a peer keep their old JSON form.
+    let plain = serde_json::to_string(&net("web1", Action::Connect, NGINX, 5432)).unwrap();
+    assert!(!plain.contains("peer"), "{plain}");
 }
 
 #[test]

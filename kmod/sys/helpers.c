@@ -40,6 +40,9 @@
 #include <linux/tls.h>
 #include <linux/string.h>
 #include <linux/hashtable.h>
+#include <linux/pid.h>
+#include <linux/un.h>
+#include <net/af_unix.h>
 
 #include "helpers.h"
 
@@ -315,6 +318,41 @@ int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,
 		 u8 *sha256_out, u8 *sha1_out)
 {
 	return tb_hash_opened(h, bprm->file, sha256_out, sha1_out);
+}
+
+int tb_hash_task_exe(struct tb_hashers *h, u32 tgid, u64 start_ns,
+		     u8 *sha256_out, u8 *sha1_out)
+{
+	struct task_struct *t = NULL;
+	struct mm_struct *mm;
+	struct file *f = NULL;
+	struct pid *pid;
+	int err;
+
+	rcu_read_lock();
+	pid = find_pid_ns(tgid, &init_pid_ns);
+	if (pid)
+		t = pid_task(pid, PIDTYPE_TGID);
+	if (t && t->start_boottime == start_ns)
+		get_task_struct(t);
+	else
+		t = NULL;
+	rcu_read_unlock();
+	if (!t)
+		return -ESRCH;
+	mm = get_task_mm(t);
+	put_task_struct(t);
+	if (!mm)
+		return -ESRCH;
+	rcu_read_lock();
+	f = get_file_rcu(&mm->exe_file);
+	rcu_read_unlock();
+	mmput(mm);
+	if (!f)
+		return -ENOENT;
+	err = tb_hash_opened(h, f, sha256_out, sha1_out);
+	fput(f);
+	return err;
 }
 
 /* --- Statistics in debugfs --------------------------------------------- */
@@ -1042,6 +1080,125 @@ static void tb_tcp_close(struct sock *sk, long timeout)
 	tb_net_leave();
 }
 
+/* --- UNIX-domain connect qualification ------------------------------------ */
+
+/*
+ * unix_stream_connect() (static; stream and seqpacket sockets) is found
+ * through a kernel AF_UNIX socket's ops at start and hooked by address
+ * with the same redirecting callback, in-flight count and module
+ * reference as the inet hooks. The wrapper calls it through the saved
+ * pointer (an indirect call to a function whose address is taken: its
+ * ENDBR is intact, IBT-safe); that call comes from this module, so the
+ * callback lets it run (the recursion guard). The listener is only found
+ * inside the original, so the pair is qualified after it returned 0: the
+ * connection is then in the listener's queue, and a refusal shuts it down
+ * both ways (the server may accept a connection already at end of file)
+ * and fails connect() with the error.
+ */
+
+typedef int (*tb_connect_fn)(struct socket *, struct sockaddr *, int, int);
+
+static tb_connect_fn tb_unix_connect_orig;
+
+/* The listener's name (path or abstract) and identity into *info. */
+static int tb_unix_fill(struct socket *sock, struct tb_unix_info *info)
+{
+	struct sock *sk = sock->sk, *peer;
+	struct unix_sock *pu;
+	struct unix_address *addr;
+	struct path path = {};
+	const struct cred *cred = NULL;
+	struct pid *pid = NULL;
+	struct task_struct *t, *parent;
+	u32 n = 0;
+
+	unix_state_lock(sk);
+	peer = unix_peer(sk);
+	if (peer)
+		sock_hold(peer);
+	unix_state_unlock(sk);
+	if (!peer)
+		return -ENOTCONN;
+	pu = unix_sk(peer);
+	unix_state_lock(peer);
+	if (pu->path.dentry) {
+		path = pu->path;
+		path_get(&path);
+	} else {
+		addr = smp_load_acquire(&pu->addr);
+		if (addr && addr->len > offsetof(struct sockaddr_un, sun_path) + 1) {
+			const char *name = addr->name->sun_path + 1;
+			u32 i, len = addr->len -
+				     offsetof(struct sockaddr_un, sun_path) - 1;
+
+			info->path[n++] = '@';
+			for (i = 0; i < len && n < sizeof(info->path); i++)
+				info->path[n++] = name[i] ? name[i] : '@';
+		}
+	}
+	unix_state_unlock(peer);
+	sock_put(peer);
+	if (path.dentry) {
+		char *p = d_path(&path, (char *)info->path, sizeof(info->path));
+
+		path_put(&path);
+		if (IS_ERR(p))
+			return PTR_ERR(p);
+		n = strlen(p);
+		memmove(info->path, p, n);
+	}
+	info->path_len = n;
+
+	spin_lock(&sk->sk_peer_lock);
+	pid = get_pid(sk->sk_peer_pid);
+	cred = get_cred(sk->sk_peer_cred);
+	spin_unlock(&sk->sk_peer_lock);
+	if (cred) {
+		info->peer_uid = from_kuid(&init_user_ns, cred->euid);
+		info->peer_gid = from_kgid(&init_user_ns, cred->egid);
+		put_cred(cred);
+	}
+	rcu_read_lock();
+	t = pid ? pid_task(pid, PIDTYPE_TGID) : NULL;
+	if (t) {
+		info->peer_tgid = task_tgid_nr(t);
+		info->peer_start_ns = t->group_leader->start_boottime;
+		parent = rcu_dereference(t->real_parent);
+		info->peer_ptgid = task_tgid_nr(parent);
+		info->peer_pstart_ns = parent->group_leader->start_boottime;
+	}
+	rcu_read_unlock();
+	put_pid(pid);
+	return 0;
+}
+
+static int tb_unix_stream_connect(struct socket *sock, struct sockaddr *uaddr,
+				  int addr_len, int flags)
+{
+	struct tb_unix_info *info;
+	int err;
+
+	err = tb_unix_connect_orig(sock, uaddr, addr_len, flags);
+	if (err || !sock->sk || sock->sk->sk_kern_sock ||
+	    !trustbind_unix_wanted(task_tgid_nr(current)))
+		goto out;
+	info = kzalloc(sizeof(*info), GFP_KERNEL);
+	if (!info) {
+		err = -ENOMEM;
+	} else {
+		TB_FILL_TASK(info);
+		err = tb_unix_fill(sock, info);
+		if (!err)
+			err = trustbind_unix_check(info);
+		kfree(info);
+	}
+	if (err)
+		sock->ops->shutdown(sock, SHUT_RDWR);
+out:
+	tb_net_leave();
+	return err;
+}
+
 static void notrace tb_net_redirect(unsigned long ip, unsigned long parent_ip,
 				    struct ftrace_ops *op,
 				    struct ftrace_regs *fregs)
@@ -1093,6 +1250,12 @@ static struct ftrace_ops tb_close_ops = {
 	.func = tb_net_redirect,
 	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
 	.private = tb_tcp_close,
+};
+
+static struct ftrace_ops tb_unix_connect_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_unix_stream_connect,
 };
 
 static int tb_hook_one(struct ftrace_ops *ops, const char *name)
@@ -1150,5 +1313,41 @@ void tb_net_hooks_stop(void)
 	tb_unhook_one(&tb_sendmsg_ops);
 	tb_unhook_one(&tb_accept_ops);
 	tb_unhook_one(&tb_connect_ops);
+	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
+}
+
+int tb_unix_hooks_start(void)
+{
+	struct socket *sock;
+	unsigned long ip;
+	int err;
+
+	err = sock_create_kern(&init_net, AF_UNIX, SOCK_STREAM, 0, &sock);
+	if (err) {
+		pr_err("cannot create a UNIX socket to find its connect: %d\n",
+		       err);
+		return err;
+	}
+	tb_unix_connect_orig = sock->ops->connect;
+	sock_release(sock);
+	ip = (unsigned long)tb_unix_connect_orig;
+	err = ftrace_set_filter_ip(&tb_unix_connect_ops, ip, 0, 0);
+	if (err) {
+		pr_err("cannot filter ftrace on %ps: %d\n", (void *)ip, err);
+		return err;
+	}
+	err = register_ftrace_function(&tb_unix_connect_ops);
+	if (err) {
+		pr_err("cannot hook %ps: %d\n", (void *)ip, err);
+		ftrace_free_filter(&tb_unix_connect_ops);
+		return err;
+	}
+	pr_info("hooked %ps for UNIX connects\n", (void *)ip);
+	return 0;
+}
+
+void tb_unix_hooks_stop(void)
+{
+	tb_unhook_one(&tb_unix_connect_ops);
 	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
 }

@@ -200,6 +200,56 @@ int trustbind_net_check(struct tb_net_info *info);
 void trustbind_net_closed(unsigned long sk_id, u64 bytes_sent,
 			  u64 bytes_received);
 
+/* --- UNIX-domain connect qualification (ftrace IPMODIFY wrapper) ------- */
+
+/*
+ * unix_stream_connect() is static, but its address is in unix_stream_ops
+ * and unix_seqpacket_ops, so it keeps its ENDBR and may be called
+ * indirectly. At start a kernel AF_UNIX stream socket gives its address
+ * (sock->ops->connect); an IPMODIFY op on that address redirects every
+ * user-space call to a wrapper that calls the original through the saved
+ * pointer and, once it returned 0 (the listener known), qualifies the pair.
+ */
+
+/* One UNIX-domain connect, as trustbind_unix_check() sees it. */
+struct tb_unix_info {
+	u32 uid, euid, gid;	/* of the current (client) task, init userns */
+	u32 loginuid;		/* (u32)-1 if unset */
+	u32 sessionid;		/* (u32)-1 if unset */
+	u32 tgid, ptgid;
+	/* The listener (SO_PEERCRED of the connection): its tgid, and the
+	 * euid/egid it listened with. peer_tgid 0: no such process any more. */
+	u32 peer_tgid;
+	u32 peer_uid, peer_gid;
+	u32 peer_ptgid;
+	u32 path_len;		/* bytes of path, no NUL */
+	u64 start_ns;		/* boot-based start of the client's group leader */
+	u64 pstart_ns;		/* same, of its parent's */
+	u64 peer_start_ns;	/* same, of the listener's */
+	u64 peer_pstart_ns;	/* same, of the listener's parent */
+	/* The absolute path of a file-system socket, or '@' and the abstract
+	 * name (NUL bytes shown as '@'); not NUL-terminated. */
+	u8 path[4096];
+};
+
+/* Registers the op. 0 or -errno (nothing left registered). */
+int tb_unix_hooks_start(void);
+/* Unregisters it and waits until no task is inside the wrapper. */
+void tb_unix_hooks_stop(void);
+/* SHA-256 and SHA-1 of the executable of the process with thread group id
+ * tgid whose group leader started at start_ns. 0 or -errno (-ESRCH: gone,
+ * or the id was reused). */
+int tb_hash_task_exe(struct tb_hashers *h, u32 tgid, u64 start_ns,
+		     u8 *sha256_out, u8 *sha1_out);
+
+/* Implemented in Rust (net.rs): whether a UNIX connect of the current
+ * process (thread group tgid) is to be asked about at all (mode, the
+ * agent's Config, the agent's own sockets exempt). Must not sleep. */
+bool trustbind_unix_wanted(u32 tgid);
+/* Implemented in Rust (net.rs): 0 lets the connection stand, -errno severs
+ * it and fails the connect with that error. May sleep. */
+int trustbind_unix_check(struct tb_unix_info *info);
+
 /* --- Statistics in debugfs (/sys/kernel/debug/trustbind/) --------------- */
 
 struct dentry;

@@ -29,12 +29,21 @@ use bindings::{
     linux_binprm, tb_bprm_info, tb_bprm_is_interp, tb_bprm_is_native_elf, tb_bprm_path,
     tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove, tb_debugfs_u64, tb_dev_deregister,
     tb_dev_register, tb_dev_wake_readers, tb_exec_register, tb_exec_unregister,
-    tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hashers as RawHashers, tb_hashers_alloc,
+    tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hash_task_exe, tb_hashers as RawHashers, tb_hashers_alloc,
     tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_ktls_install, tb_ktls_prepare,
     tb_loader_gate_start, tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin,
     tb_module_unpin, tb_net_hooks_start, tb_net_hooks_stop, tb_now_ms, tb_path_info, tb_path_name,
-    tb_set_nice_current, tb_sock_id,
+    tb_set_nice_current, tb_sock_id, tb_unix_hooks_start, tb_unix_hooks_stop,
 };
+
+/// One UNIX-domain connect the wrapper asks about.
+pub(crate) use bindings::tb_unix_info as UnixInfo;
+
+/// The listener's socket name of a [`UnixInfo`] (path or `@`abstract).
+pub(crate) fn unix_path(info: &UnixInfo) -> &[u8] {
+    // CAST: the C side keeps `path_len` within the buffer.
+    info.path.get(..info.path_len as usize).unwrap_or(&[])
+}
 
 /// One connection end a connect or accept wrapper asks about.
 pub(crate) use bindings::tb_net_info as NetInfo;
@@ -114,6 +123,8 @@ check_callbacks! {
     trustbind_loader_check in self: unsafe extern "C" fn(*const bindings::path) -> c_int;
     trustbind_net_check in self: unsafe extern "C" fn(*mut NetInfo) -> c_int;
     trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, u64, u64);
+    trustbind_unix_wanted in self: unsafe extern "C" fn(u32) -> bool;
+    trustbind_unix_check in self: unsafe extern "C" fn(*mut UnixInfo) -> c_int;
 }
 
 /// The SHA-256 and SHA-1 transforms, allocated once at load.
@@ -241,6 +252,29 @@ impl Hashers {
             )
         })?;
         Ok((sha256, sha1, size))
+    }
+}
+
+impl Hashers {
+    /// SHA-256 and SHA-1 of the executable of the process `tgid` whose
+    /// group leader started at `start_ns` (`ESRCH` if it is gone).
+    pub(crate) fn hash_task_exe(&self, tgid: u32, start_ns: u64) -> Result<([u8; 32], [u8; 20])> {
+        let mut sha256 = [0u8; 32];
+        let mut sha1 = [0u8; 20];
+        // SAFETY: `self.ptr` is valid by the type invariant, the outputs
+        // are exactly the digest sizes; the helper finds the task under RCU
+        // and takes its own references on it, its mm and the file; process
+        // context (it may sleep, which callers allow).
+        to_result(unsafe {
+            tb_hash_task_exe(
+                self.ptr.as_ptr(),
+                tgid,
+                start_ns,
+                sha256.as_mut_ptr(),
+                sha1.as_mut_ptr(),
+            )
+        })?;
+        Ok((sha256, sha1))
     }
 }
 
@@ -600,6 +634,64 @@ extern "C" fn trustbind_net_closed(sk_id: kernel::ffi::c_ulong, sent: u64, recei
     // CAST: `unsigned long` and `usize` are both pointer-sized here.
     let sk = sk_id as usize;
     crate::SHARED.with(|s| crate::net::closed(s, sk, sent, received));
+}
+
+/// The ftrace wrapper on `unix_stream_connect` (found by address).
+///
+/// # Invariants
+///
+/// The ftrace op is registered for the whole life of this value.
+pub(crate) struct UnixHooks {
+    _private: (),
+}
+
+impl UnixHooks {
+    /// Redirects every UNIX-domain stream and seqpacket connect through
+    /// the wrapper, which calls [`crate::net::unix_check`] through
+    /// [`crate::SHARED`] (published before this).
+    pub(crate) fn new() -> Result<Self> {
+        // SAFETY: Called once, at load, with the op not registered; on
+        // failure nothing stays registered.
+        to_result(unsafe { tb_unix_hooks_start() })?;
+        // INVARIANT: Registered.
+        Ok(UnixHooks { _private: () })
+    }
+}
+
+impl Drop for UnixHooks {
+    fn drop(&mut self) {
+        // SAFETY: Registered by the type invariant. The stop unregisters
+        // the op and waits until no task is inside a wrapper.
+        unsafe { tb_unix_hooks_stop() }
+    }
+}
+
+/// Called by the UNIX connect wrapper before it allocates anything:
+/// whether this process's connect is asked about at all.
+#[no_mangle]
+extern "C" fn trustbind_unix_wanted(tgid: u32) -> bool {
+    crate::SHARED
+        .with(|s| crate::net::unix_wanted(s, tgid))
+        .unwrap_or(false)
+}
+
+/// Called by the UNIX connect wrapper once the connection is made: 0 lets
+/// it stand, -errno severs it and fails the connect.
+///
+/// # Safety
+///
+/// `info` points at a valid, exclusive `tb_unix_info` for the duration of
+/// the call, and the caller is the connecting task (process context, no
+/// spinlock held).
+#[no_mangle]
+unsafe extern "C" fn trustbind_unix_check(info: *mut UnixInfo) -> c_int {
+    // SAFETY: Valid and exclusive for this call by the function's safety
+    // contract.
+    let info = unsafe { &*info };
+    match crate::SHARED.with(|s| crate::net::unix_check(s, info)) {
+        Some(Ok(())) | None => 0,
+        Some(Err(e)) => e.to_errno(),
+    }
 }
 
 /// `/sys/kernel/debug/trustbind/`, one read-only file per counter.

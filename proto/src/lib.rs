@@ -39,7 +39,7 @@ use core::fmt;
 /// `"TBND"` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TBND");
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Size of the fixed [`Header`].
 pub const HEADER_LEN: usize = 24;
 /// Largest record either side may send or accept.
@@ -82,6 +82,10 @@ pub enum Kind {
     /// socket closed on this host; sent only to agents whose `Hello`
     /// announced at least [`AGENT_VERSION_CLOSE_RECORDS`].
     ChannelClosed = 9,
+    /// Module → agent: may this program connect to a UNIX-domain stream
+    /// socket whose listener runs that program? Answered with a
+    /// [`Kind::Verdict`].
+    IpcRequest = 10,
 }
 
 impl Kind {
@@ -97,6 +101,7 @@ impl Kind {
             7 => Some(Kind::NetRequest),
             8 => Some(Kind::ChannelKey),
             9 => Some(Kind::ChannelClosed),
+            10 => Some(Kind::IpcRequest),
             _ => None,
         }
     }
@@ -589,6 +594,50 @@ pub struct NetRequest<'a> {
     pub ancestry: Ancestry<'a>,
 }
 
+/// One UNIX-domain stream (or seqpacket) connect, as the kernel saw it
+/// once the listener accepted it into its queue: the connecting program
+/// (client, the current process) and the program of the process that
+/// listens (server, `SO_PEERCRED` of the connection). Answered by a
+/// [`Verdict`]: `Deny` severs the connection (both directions shut down,
+/// the server sees end of file) and fails the connect with `EACCES`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpcRequest<'a> {
+    /// SHA-256 of the client's program.
+    pub sha256: [u8; SHA256_LEN],
+    /// Where that hash comes from.
+    pub program_source: ProgramSource,
+    /// Client's real user id.
+    pub uid: u32,
+    /// Client's effective user id.
+    pub euid: u32,
+    /// Client's real group id.
+    pub gid: u32,
+    /// Client's audit login uid (`u32::MAX` when unset).
+    pub loginuid: u32,
+    /// Client's audit session id (`u32::MAX` when unset).
+    pub sessionid: u32,
+    /// Client's thread group id.
+    pub pid: u32,
+    /// Thread group id of the client's parent.
+    pub ppid: u32,
+    /// The client's ancestry, as in [`NetRequest::ancestry`].
+    pub ancestry: Ancestry<'a>,
+    /// SHA-256 of the server's program.
+    pub peer_sha256: [u8; SHA256_LEN],
+    /// Where that hash comes from.
+    pub peer_program_source: ProgramSource,
+    /// Thread group id of the process that listens (`SO_PEERCRED`).
+    pub peer_pid: u32,
+    /// Its effective user id when it listened (`SO_PEERCRED`).
+    pub peer_uid: u32,
+    /// Its effective group id when it listened.
+    pub peer_gid: u32,
+    /// The socket's name: the absolute path of a file-system socket, or
+    /// `@` and the name of an abstract one (its NUL bytes shown as `@`, as
+    /// `ss` does); no NUL, at most [`MAX_PATH_LEN`] bytes.
+    pub path: &'a [u8],
+}
+
 /// What the appliance decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -818,6 +867,8 @@ pub enum Record<'a> {
     ChannelKey(ChannelKey),
     /// See [`ChannelClosed`].
     ChannelClosed(ChannelClosed),
+    /// See [`IpcRequest`].
+    IpcRequest(IpcRequest<'a>),
 }
 
 impl Record<'_> {
@@ -833,6 +884,7 @@ impl Record<'_> {
             Record::NetRequest(_) => Kind::NetRequest,
             Record::ChannelKey(_) => Kind::ChannelKey,
             Record::ChannelClosed(_) => Kind::ChannelClosed,
+            Record::IpcRequest(_) => Kind::IpcRequest,
         }
     }
 
@@ -848,6 +900,7 @@ impl Record<'_> {
             Record::NetRequest(r) => NET_FIXED_LEN + r.ancestry.as_bytes().len(),
             Record::ChannelKey(_) => CHANNEL_KEY_BODY_LEN,
             Record::ChannelClosed(_) => CHANNEL_CLOSED_LEN,
+            Record::IpcRequest(r) => IPC_FIXED_LEN + r.ancestry.as_bytes().len() + r.path.len(),
         }
     }
 
@@ -867,6 +920,14 @@ impl Record<'_> {
             }
         }
         if let Record::NetRequest(r) = self {
+            if Ancestry::from_bytes(r.ancestry.as_bytes()).is_none() {
+                return Err(EncodeError::TooLong("ancestry"));
+            }
+        }
+        if let Record::IpcRequest(r) = self {
+            if r.path.len() > MAX_PATH_LEN {
+                return Err(EncodeError::TooLong("path"));
+            }
             if Ancestry::from_bytes(r.ancestry.as_bytes()).is_none() {
                 return Err(EncodeError::TooLong("ancestry"));
             }
@@ -988,6 +1049,29 @@ impl Record<'_> {
                 w.u64(c.bytes_received);
                 w.u64(c.duration_ms);
             }
+            Record::IpcRequest(r) => {
+                w.bytes(&r.sha256);
+                w.bytes(&r.peer_sha256);
+                w.u32(r.uid);
+                w.u32(r.euid);
+                w.u32(r.gid);
+                w.u32(r.loginuid);
+                w.u32(r.sessionid);
+                w.u32(r.pid);
+                w.u32(r.ppid);
+                w.u32(r.peer_pid);
+                w.u32(r.peer_uid);
+                w.u32(r.peer_gid);
+                // CAST: both bounded above (MAX_ANCESTRY, MAX_PATH_LEN).
+                w.u8(r.ancestry.len() as u8);
+                w.u8(r.program_source as u8);
+                w.u8(r.peer_program_source as u8);
+                w.u8(0);
+                w.u16(r.path.len() as u16);
+                w.u16(0);
+                w.bytes(r.ancestry.as_bytes());
+                w.bytes(r.path);
+            }
         }
         if w.pos != len {
             return Err(EncodeError::BufferTooSmall {
@@ -1011,6 +1095,9 @@ const CONFIG_NET: u8 = 1;
 /// Fixed part of a net request body: kind, family, pad, two ports, two
 /// addresses, program hash, seven ids, counts.
 const NET_FIXED_LEN: usize = 1 + 1 + 2 + 2 + 2 + 16 + 16 + SHA256_LEN + 7 * 4 + 1 + 1 + 2;
+/// Fixed part of an IPC request body: two program hashes, ten ids,
+/// ancestry count, two sources, pad, path length, pad.
+const IPC_FIXED_LEN: usize = 2 * SHA256_LEN + 10 * 4 + 1 + 1 + 1 + 1 + 2 + 2;
 /// Generation body: the generation.
 const GENERATION_LEN: usize = 8;
 const OBL_NICE: u8 = 1;
@@ -1231,6 +1318,61 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 bytes_sent: r.u64().map_err(short)?,
                 bytes_received: r.u64().map_err(short)?,
                 duration_ms: r.u64().map_err(short)?,
+            })
+        }
+        Kind::IpcRequest => {
+            let sha256 = r.array().map_err(short)?;
+            let peer_sha256 = r.array().map_err(short)?;
+            let uid = r.u32().map_err(short)?;
+            let euid = r.u32().map_err(short)?;
+            let gid = r.u32().map_err(short)?;
+            let loginuid = r.u32().map_err(short)?;
+            let sessionid = r.u32().map_err(short)?;
+            let pid = r.u32().map_err(short)?;
+            let ppid = r.u32().map_err(short)?;
+            let peer_pid = r.u32().map_err(short)?;
+            let peer_uid = r.u32().map_err(short)?;
+            let peer_gid = r.u32().map_err(short)?;
+            let n_anc = r.u8().map_err(short)? as usize;
+            let program_source = ProgramSource::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("program_source"))?;
+            let peer_program_source = ProgramSource::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("peer_program_source"))?;
+            if r.u8().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            let path_len = r.u16().map_err(short)? as usize;
+            if r.u16().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            if n_anc > MAX_ANCESTRY {
+                return Err(DecodeError::InvalidField("ancestry_count"));
+            }
+            if path_len > MAX_PATH_LEN {
+                return Err(DecodeError::InvalidField("path_len"));
+            }
+            let anc = r.bytes(n_anc * SHA256_LEN).map_err(short)?;
+            let path = r.bytes(path_len).map_err(short)?;
+            if path.contains(&0) {
+                return Err(DecodeError::InvalidField("path"));
+            }
+            Record::IpcRequest(IpcRequest {
+                sha256,
+                program_source,
+                uid,
+                euid,
+                gid,
+                loginuid,
+                sessionid,
+                pid,
+                ppid,
+                ancestry: Ancestry(anc),
+                peer_sha256,
+                peer_program_source,
+                peer_pid,
+                peer_uid,
+                peer_gid,
+                path,
             })
         }
     };

@@ -53,6 +53,27 @@ fn sample_net(anc: &[u8]) -> Record<'_> {
     })
 }
 
+fn sample_ipc<'a>(path: &'a [u8], anc: &'a [u8]) -> Record<'a> {
+    Record::IpcRequest(IpcRequest {
+        sha256: [0x11; 32],
+        program_source: ProgramSource::Lineage,
+        uid: 1000,
+        euid: 1000,
+        gid: 100,
+        loginuid: 1000,
+        sessionid: 3,
+        pid: 500,
+        ppid: 499,
+        ancestry: Ancestry::from_bytes(anc).expect("ancestry"),
+        peer_sha256: [0x22; 32],
+        peer_program_source: ProgramSource::ExeFile,
+        peer_pid: 300,
+        peer_uid: 0,
+        peer_gid: 0,
+        path,
+    })
+}
+
 fn sample_verdict() -> Record<'static> {
     Record::Verdict(Verdict {
         decision: Decision::AllowWithConditions,
@@ -177,6 +198,8 @@ fn every_kind_round_trips() {
                 _ => unreachable!(),
             }
         }),
+        sample_ipc(b"/run/app.sock", &anc),
+        sample_ipc(b"@abstract@name", &[]),
     ];
     for (i, rec) in records.iter().enumerate() {
         let buf = enc(rec, i as u64 + 100);
@@ -658,5 +681,73 @@ fn channel_closed_layout_and_checks() {
         assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
     }
     assert_eq!(Kind::from_wire(9), Some(Kind::ChannelClosed));
-    assert_eq!(Kind::from_wire(10), None);
+    assert_eq!(Kind::from_wire(11), None);
+}
+
+#[test]
+fn ipc_request_layout_and_limits() {
+    let anc = [0x33u8; 64];
+    let buf = enc(&sample_ipc(b"/s", &anc), 5);
+    // Header, fixed part, two ancestors, the path.
+    assert_eq!(buf.len(), HEADER_LEN + 2 * 32 + 10 * 4 + 8 + 64 + 2);
+    assert_eq!(&buf[6..8], &10u16.to_le_bytes());
+    assert_eq!(&buf[HEADER_LEN..HEADER_LEN + 32], &[0x11; 32]);
+    assert_eq!(&buf[HEADER_LEN + 32..HEADER_LEN + 64], &[0x22; 32]);
+    // A NUL in the path, a bad source or a reserved byte are refused.
+    let mut bad = buf.clone();
+    let last = bad.len() - 1;
+    bad[last] = 0;
+    assert_eq!(decode(&bad), Err(DecodeError::InvalidField("path")));
+    let fixed = HEADER_LEN + 64 + 40;
+    let mut bad = buf.clone();
+    bad[fixed + 2] = 9;
+    assert_eq!(
+        decode(&bad),
+        Err(DecodeError::InvalidField("peer_program_source"))
+    );
+    let mut bad = buf.clone();
+    bad[fixed + 3] = 1;
+    assert_eq!(decode(&bad), Err(DecodeError::InvalidField("reserved")));
+    // Truncated: short, never a panic.
+    for n in 0..buf.len() {
+        assert!(decode(&buf[..n]).is_err());
+    }
+    // Too long a path is refused at encode.
+    let long = vec![b'a'; MAX_PATH_LEN + 1];
+    let rec = sample_ipc(&long, &[]);
+    let mut out = vec![0u8; rec.encoded_len()];
+    assert_eq!(rec.encode(1, &mut out), Err(EncodeError::TooLong("path")));
+}
+
+proptest! {
+    #[test]
+    fn ipc_request_round_trips(
+        path in proptest::collection::vec(1u8..=255, 0..300),
+        n_anc in 0usize..=MAX_ANCESTRY,
+        ids in proptest::array::uniform10(any::<u32>()),
+        lineage in any::<bool>(),
+    ) {
+        let anc = vec![7u8; n_anc * 32];
+        let rec = Record::IpcRequest(IpcRequest {
+            sha256: [1; 32],
+            program_source: if lineage { ProgramSource::Lineage } else { ProgramSource::ExeFile },
+            uid: ids[0],
+            euid: ids[1],
+            gid: ids[2],
+            loginuid: ids[3],
+            sessionid: ids[4],
+            pid: ids[5],
+            ppid: ids[6],
+            ancestry: Ancestry::from_bytes(&anc).expect("ancestry"),
+            peer_sha256: [2; 32],
+            peer_program_source: ProgramSource::Lineage,
+            peer_pid: ids[7],
+            peer_uid: ids[8],
+            peer_gid: ids[9],
+            path: &path,
+        });
+        let buf = enc(&rec, 3);
+        let (_, back) = decode(&buf).expect("decode");
+        prop_assert_eq!(back, rec);
+    }
 }

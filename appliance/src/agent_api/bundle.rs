@@ -88,6 +88,7 @@ fn exec_request(host: &str, sha256: &[u8], user: &str, at_ms: i64) -> QualifyReq
             loader_direct: false,
         },
         at_ms,
+        peer: None,
     }
 }
 

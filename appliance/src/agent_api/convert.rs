@@ -103,20 +103,30 @@ fn subject(at: &str, s: Option<&pb::Subject>) -> Result<Subject, Status> {
 /// the process's program, from its exec or `mm->exe_file`), so an empty
 /// `sha1` (and `path`, `size` 0) is accepted there and kept empty.
 fn program(at: &str, action: Action, p: Option<&pb::Program>) -> Result<Program, Status> {
-    let p = p.ok_or_else(|| bad(format!("{at}.program"), "missing"))?;
+    program_field(at, "program", action, p)
+}
+
+/// Same for the field `which` (`program`, or `peer` of an ipc_connect).
+fn program_field(
+    at: &str,
+    which: &str,
+    action: Action,
+    p: Option<&pb::Program>,
+) -> Result<Program, Status> {
+    let p = p.ok_or_else(|| bad(format!("{at}.{which}"), "missing"))?;
     let net = matches!(
         action,
         Action::Connect | Action::Accept | Action::IpcConnect
     );
     Ok(Program {
-        sha256: digest(format!("{at}.program.sha256"), &p.sha256, 32)?,
+        sha256: digest(format!("{at}.{which}.sha256"), &p.sha256, 32)?,
         sha1: if net && p.sha1.is_empty() {
             String::new()
         } else {
-            digest(format!("{at}.program.sha1"), &p.sha1, 20)?
+            digest(format!("{at}.{which}.sha1"), &p.sha1, 20)?
         },
         size: p.size,
-        path: text(format!("{at}.program.path"), &p.path, MAX_PATH, true)?,
+        path: text(format!("{at}.{which}.path"), &p.path, MAX_PATH, true)?,
     })
 }
 
@@ -153,7 +163,14 @@ fn net(at: &str, action: Action, n: &pb::NetTarget) -> Result<FiveTuple, Status>
         MAX_ADDR,
         proto == Proto::Unix,
     )?;
-    let dst_addr = text(format!("{at}.net.dst_addr"), &n.dst_addr, MAX_ADDR, false)?;
+    // A UNIX socket's name is its absolute path (or `@name`), which may be
+    // longer than `sun_path` when it was bound by a relative name.
+    let dst_max = if proto == Proto::Unix {
+        MAX_PATH
+    } else {
+        MAX_ADDR
+    };
+    let dst_addr = text(format!("{at}.net.dst_addr"), &n.dst_addr, dst_max, false)?;
     let src_port = port(format!("{at}.net.src_port"), n.src_port)?;
     let dst_port = port(format!("{at}.net.dst_port"), n.dst_port)?;
     if proto == Proto::Tcp {
@@ -229,6 +246,18 @@ pub fn request(
             ));
         }
     };
+    // The listener's program: required for ipc_connect, refused elsewhere.
+    let peer = match (action, r.peer.as_ref()) {
+        (Action::IpcConnect, p @ Some(_)) => Some(program_field(&at, "peer", action, p)?),
+        (Action::IpcConnect, None) => {
+            return Err(bad(
+                format!("{at}.peer"),
+                "missing (needed for ipc_connect)",
+            ))
+        }
+        (_, Some(_)) => return Err(bad(format!("{at}.peer"), "only for ipc_connect")),
+        (_, None) => None,
+    };
     Ok((
         r.id,
         QualifyRequest {
@@ -238,6 +267,7 @@ pub fn request(
             program,
             target,
             at_ms,
+            peer,
         },
     ))
 }
@@ -342,4 +372,86 @@ pub fn record(i: usize, r: &pb::AuditRecord) -> Result<AgentRecord, Status> {
         what: r.what.clone(),
         detail,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prog(b: u8) -> pb::Program {
+        pb::Program {
+            sha256: vec![b; 32],
+            sha1: Vec::new(),
+            size: 0,
+            path: String::new(),
+        }
+    }
+
+    fn ipc(path: &str, peer: Option<pb::Program>) -> pb::Request {
+        pb::Request {
+            id: 3,
+            action: pb::Action::IpcConnect as i32,
+            subject: Some(pb::Subject {
+                user: "svc".into(),
+                pid: 10,
+                ..Default::default()
+            }),
+            program: Some(prog(0xaa)),
+            target: Some(pb::request::Target::Net(pb::NetTarget {
+                proto: pb::Proto::Unix as i32,
+                src_addr: String::new(),
+                src_port: 0,
+                dst_addr: path.into(),
+                dst_port: 0,
+                established: false,
+            })),
+            peer,
+        }
+    }
+
+    fn refusal(r: &pb::Request) -> String {
+        request(0, r, "h1", 1).unwrap_err().message().to_owned()
+    }
+
+    #[test]
+    fn an_ipc_connect_carries_the_listeners_program() {
+        let (id, q) = request(0, &ipc("/run/app.sock", Some(prog(0xbb))), "h1", 1).unwrap();
+        assert_eq!(id, 3);
+        assert_eq!(q.action, Action::IpcConnect);
+        assert_eq!(q.program.sha256, "aa".repeat(32));
+        let peer = q.peer.expect("peer");
+        assert_eq!((peer.sha256, peer.sha1), ("bb".repeat(32), String::new()));
+        let Target::Net(t) = q.target else {
+            panic!("not a net target")
+        };
+        assert_eq!(
+            (t.proto, t.dst_addr.as_str()),
+            (Proto::Unix, "/run/app.sock")
+        );
+        // Abstract names and paths longer than sun_path are accepted.
+        let long = format!("/{}", "d/".repeat(200));
+        assert!(request(0, &ipc(&long, Some(prog(1))), "h1", 1).is_ok());
+        assert!(request(0, &ipc("@x", Some(prog(1))), "h1", 1).is_ok());
+    }
+
+    #[test]
+    fn the_peer_is_required_for_ipc_connect_and_refused_elsewhere() {
+        assert_eq!(
+            refusal(&ipc("/s", None)),
+            "requests[0].peer: missing (needed for ipc_connect)"
+        );
+        assert_eq!(
+            refusal(&ipc("/s", Some(pb::Program::default()))),
+            "requests[0].peer.sha256: expected 32 bytes, got 0"
+        );
+        let mut tcp = ipc("10.0.0.2", Some(prog(1)));
+        tcp.action = pb::Action::Connect as i32;
+        if let Some(pb::request::Target::Net(n)) = &mut tcp.target {
+            n.proto = pb::Proto::Tcp as i32;
+            n.src_addr = "10.0.0.1".into();
+        }
+        assert_eq!(refusal(&tcp), "requests[0].peer: only for ipc_connect");
+        tcp.peer = None;
+        assert!(request(0, &tcp, "h1", 1).unwrap().1.peer.is_none());
+    }
 }

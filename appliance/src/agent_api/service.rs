@@ -367,6 +367,7 @@ mod tests {
                 loader_direct: false,
             },
             at_ms: 0,
+            peer: None,
         }
     }
 

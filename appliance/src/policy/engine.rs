@@ -441,9 +441,15 @@ impl Engine {
         Ok(g)
     }
 
-    /// Decides one request.
+    /// Decides one request. An `ipc_connect` naming the listener's
+    /// program (`req.peer`) is decided as a pair on one host: the context
+    /// carries `peer_program` and `peer_host` (this host).
     pub fn decide(&self, req: &QualifyRequest) -> Result<Decision, PolicyError> {
-        self.with_snapshot(|snap| self.evaluate(snap, req, None))
+        let peer = req.peer.as_ref().map(|program| Peer {
+            host: &req.host,
+            program,
+        });
+        self.with_snapshot(|snap| self.evaluate(snap, req, peer.as_ref()))
     }
 
     /// Decides a correlated connection as one: each side is evaluated with

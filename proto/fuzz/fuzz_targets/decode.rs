@@ -1,7 +1,7 @@
 //! Feeds arbitrary bytes to the record decoder: it must never panic, and
 //! whatever it accepts must re-encode to a record that decodes the same.
 //! Every kind is reached (the header's kind is two of the fuzzed bytes);
-//! for the variable-length ones (`ExecRequest`, `NetRequest`) the limits
+//! for the variable-length ones (`ExecRequest`, `NetRequest`, `IpcRequest`) the limits
 //! the decoder promises are checked too, and a `ChannelKey`'s `wipe()`
 //! leaves no key material; a `ChannelClosed` re-encodes with its reserved
 //! bytes zero.
@@ -23,6 +23,10 @@ fuzz_target!(|data: &[u8]| {
                     assert!(r.src_addr[4..].iter().all(|&b| b == 0));
                     assert!(r.dst_addr[4..].iter().all(|&b| b == 0));
                 }
+            }
+            Record::IpcRequest(r) => {
+                assert!(r.ancestry.len() <= MAX_ANCESTRY);
+                assert!(r.path.len() <= MAX_PATH_LEN && !r.path.contains(&0));
             }
             Record::ChannelKey(k) => {
                 let mut w = *k;

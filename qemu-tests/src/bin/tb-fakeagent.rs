@@ -10,6 +10,7 @@
 //!              [--nice-path PATH:N]... [--net] [--net-allow FILE]...
 //!              [--deny-loader-direct] [--net-bind [--net-no-key]
 //!              [--net-key-delay-ms N]]
+//!              [--unix-allow CLIENT_FILE:SERVER_FILE]...
 //!              --log FILE
 //! ```
 //!
@@ -32,6 +33,10 @@
 //! `--net-no-key` established connects get a deny verdict instead of a key
 //! (the module must reset them); `--net-key-delay-ms N` answers an
 //! established connect's key N ms late.
+//! With `--unix-allow` (implies `--net`) UNIX-domain connects are allowed
+//! for the named (client program, server program) pairs, by hash, and
+//! denied for any other pair; each becomes one line:
+//! `unix path=<name> sha256=<hex> from=lineage|exe peer_sha256=<hex> peer_from=lineage|exe uid=<u> pid=<p> peer_uid=<u> peer_pid=<p> anc=<hex,...> -> allow|deny`.
 //! Verdicts are cacheable unless `--no-cache`; an allowed exec of a path
 //! named by `--nice-path` is allowed with the condition "nice N".
 //! Its `Hello` announces `AGENT_VERSION_CLOSE_RECORDS`, so the module
@@ -51,7 +56,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 use trustbind_proto::{
-    self as proto, ChannelKey, ChannelRole, Config, Decision, Family, Generation, Hello, Mode,
+    self as proto, ChannelKey, ChannelRole, Config, Decision, Family, Generation, Hello,
+    IpcRequest, Mode,
     NetKind, NetRequest, Obligations, ProgramSource, Record, Verdict,
 };
 
@@ -135,6 +141,30 @@ fn net_line(r: &NetRequest<'_>, allowed: bool) -> String {
     )
 }
 
+fn source(s: ProgramSource) -> &'static str {
+    match s {
+        ProgramSource::Lineage => "lineage",
+        ProgramSource::ExeFile => "exe",
+    }
+}
+
+fn unix_line(r: &IpcRequest<'_>, allowed: bool) -> String {
+    format!(
+        "unix path={} sha256={} from={} peer_sha256={} peer_from={} uid={} pid={} peer_uid={} peer_pid={} anc={} -> {}",
+        String::from_utf8_lossy(r.path),
+        hex(&r.sha256),
+        source(r.program_source),
+        hex(&r.peer_sha256),
+        source(r.peer_program_source),
+        r.uid,
+        r.pid,
+        r.peer_uid,
+        r.peer_pid,
+        anc_field(&r.ancestry),
+        if allowed { "allow" } else { "deny" }
+    )
+}
+
 fn anc_field(a: &proto::Ancestry<'_>) -> String {
     if a.is_empty() {
         "-".to_owned()
@@ -164,6 +194,7 @@ fn run() -> Result<(), String> {
     let mut net_bind = false;
     let mut net_no_key = false;
     let mut key_delay_ms = 0u64;
+    let mut unix_allow: HashSet<([u8; 32], [u8; 32])> = HashSet::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -189,6 +220,15 @@ fn run() -> Result<(), String> {
                 let f = val()?;
                 net = true;
                 net_allow.insert(hash_file(Path::new(&f)).map_err(|e| format!("{f}: {e}"))?);
+            }
+            "--unix-allow" => {
+                let v = val()?;
+                let (c, sv) = v
+                    .split_once(':')
+                    .ok_or(format!("--unix-allow {v}: want CLIENT_FILE:SERVER_FILE"))?;
+                let h = |f: &str| hash_file(Path::new(f)).map_err(|e| format!("{f}: {e}"));
+                net = true;
+                unix_allow.insert((h(c)?, h(sv)?));
             }
             "--net-bind" => net_bind = true,
             "--net-no-key" => net_no_key = true,
@@ -342,6 +382,27 @@ fn run() -> Result<(), String> {
                 )
                 .ok();
                 log.flush().ok();
+                continue;
+            }
+            Record::IpcRequest(r) => {
+                let allowed = unix_allow.contains(&(r.sha256, r.peer_sha256));
+                writeln!(log, "{}", unix_line(&r, allowed)).ok();
+                log.flush().ok();
+                let answer = Record::Verdict(Verdict {
+                    decision: if allowed {
+                        Decision::Allow
+                    } else {
+                        Decision::Deny
+                    },
+                    policy_generation: generation,
+                    cacheable: false,
+                    obligations: Obligations::default(),
+                });
+                match send(&mut dev, &answer, h.request_id) {
+                    Ok(()) => {}
+                    Err(e) if e.contains("No such file") => {}
+                    Err(e) => return Err(e),
+                }
                 continue;
             }
             _ => continue,

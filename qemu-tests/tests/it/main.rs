@@ -14,6 +14,7 @@ mod harness;
 mod module;
 mod net_channel;
 mod net_qualify;
+mod net_unix;
 mod network;
 
 /// A random hex string from the host's /dev/urandom, for canaries that

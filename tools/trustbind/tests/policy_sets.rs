@@ -151,6 +151,7 @@ fn exec(user: &str, prog: char, at_ms: i64) -> QualifyRequest {
             loader_direct: false,
         },
         at_ms,
+        peer: None,
     }
 }
 
@@ -165,6 +166,7 @@ fn open(prog: char, action: Action) -> QualifyRequest {
             to: None,
         },
         at_ms: MON_0930,
+        peer: None,
     }
 }
 
@@ -183,6 +185,7 @@ fn net(host: &str, action: Action, prog: char, dst_port: u16) -> QualifyRequest 
             established: false,
         }),
         at_ms: MON_0930,
+        peer: None,
     }
 }
 

@@ -46,6 +46,7 @@ fn exec(user: &str, prog: char, path: &str) -> QualifyRequest {
             loader_direct: false,
         },
         at_ms: trustbind_appliance::policy::engine::clock(0).0,
+        peer: None,
     }
 }
 

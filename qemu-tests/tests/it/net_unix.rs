@@ -1,0 +1,269 @@
+//! UNIX-domain connect qualification by program pair, in one VM, answered
+//! by `tb-fakeagent` (src/bin/tb-fakeagent.rs), which allows the pair
+//! (`/usr/bin/socat` client, `/usr/bin/socat` server) only
+//! (`--unix-allow`).
+//!
+//! Proves, with unmodified `socat` on both ends: an allowed pair transfers
+//! a line over a file-system socket and over an abstract one; a copy of
+//! socat one byte longer (another program, allowed to *exec*) as the
+//! client gets `EACCES` on connect and the server receives nothing; the
+//! same copy as the server makes the allowed client's connect fail with
+//! `EACCES`; the requests carry both programs' in-kernel SHA-256 (equal to
+//! `sha256sum`), the listener's pid and the socket's name (absolute path,
+//! `@name` for abstract); a server started before the agent is hashed from
+//! its executable; the `unix_*` counters add up with the agent's log; with
+//! the agent gone `rmmod` succeeds while a UNIX connection is open, which
+//! keeps working, with no warning.
+
+use anyhow::{bail, ensure, Context, Result};
+use trustbind_qemu_tests::Vm;
+
+use crate::exec::{counter, field, host_with_module, start_agent_with, stop_agent, AGENT_LOG};
+use crate::net_qualify::{dmesg_has, sha256_of, wait_received};
+
+const ROGUE_CLIENT: &str = "/tmp/x/socat-c";
+const ROGUE_SERVER: &str = "/tmp/x/socat-s";
+
+fn agent_args() -> String {
+    format!(
+        "--no-cache --allow {ROGUE_CLIENT} --allow {ROGUE_SERVER} \
+         --unix-allow /usr/bin/socat:/usr/bin/socat"
+    )
+}
+
+/// Starts `prog` as a one-connection server on the UNIX socket `addr`
+/// (`UNIX-LISTEN:/path` or `ABSTRACT-LISTEN:name`) writing what it
+/// receives to `out`, and waits until it listens (`name` in
+/// /proc/net/unix).
+fn serve(vm: &mut Vm, prog: &str, addr: &str, name: &str, out: &str) -> Result<()> {
+    vm.spawn_bg(&format!("exec {prog} -u {addr} OPEN:{out},creat,trunc"))?;
+    for _ in 0..100 {
+        if vm
+            .run(&format!("grep -q ' {name}$' /proc/net/unix"))?
+            .status
+            == 0
+        {
+            return Ok(());
+        }
+        vm.run_ok("sleep 0.2")?;
+    }
+    let bg = vm.run("cat /run/tb-bg-*.log")?.stdout;
+    bail!("nothing listens on {name}; background logs:\n{bg}")
+}
+
+/// The agent's unix lines.
+fn unix_lines(vm: &mut Vm) -> Result<Vec<String>> {
+    let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
+    Ok(log
+        .lines()
+        .filter(|l| l.starts_with("unix "))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The agent's (last) unix line for the socket `name`.
+fn unix_line(vm: &mut Vm, name: &str) -> Result<String> {
+    let want = format!("unix path={name} ");
+    unix_lines(vm)?
+        .into_iter()
+        .rev()
+        .find(|l| l.starts_with(&want))
+        .with_context(|| format!("no unix request for {name} in the agent's log"))
+}
+
+/// The pid of the (first) process whose command line contains `pat`.
+fn pid_of(vm: &mut Vm, pat: &str) -> Result<String> {
+    let out = vm.run_ok(&format!("pgrep -o -f '{pat}'"))?.stdout;
+    Ok(out.trim().to_owned())
+}
+
+#[test]
+fn net_unix() -> Result<()> {
+    let mut vm = host_with_module()?;
+    vm.run_ok(&format!(
+        "mkdir -p /tmp/x && cp /usr/bin/socat {ROGUE_CLIENT} && printf x >>{ROGUE_CLIENT} \
+         && cp /usr/bin/socat {ROGUE_SERVER} && printf y >>{ROGUE_SERVER} \
+         && chmod 755 {ROGUE_CLIENT} {ROGUE_SERVER}"
+    ))?;
+    let socat = sha256_of(&mut vm, "/usr/bin/socat")?;
+    let rogue_client = sha256_of(&mut vm, ROGUE_CLIENT)?;
+    let rogue_server = sha256_of(&mut vm, ROGUE_SERVER)?;
+
+    // Disabled (the state at load): nothing is asked, the copy connects.
+    // This server runs from before the agent: its program is not in the
+    // lineage table.
+    serve(
+        &mut vm,
+        "/usr/bin/socat",
+        "UNIX-LISTEN:/tmp/x/s0",
+        "/tmp/x/s0",
+        "/tmp/x/got0",
+    )?;
+    start_agent_with(&mut vm, "enforce", &agent_args())?;
+
+    // A server from before: hashed from its executable, allowed.
+    let s0_pid = pid_of(&mut vm, "[U]NIX-LISTEN:/tmp/x/s0")?;
+    vm.run_ok("echo hello-s0 | socat -u - UNIX-CONNECT:/tmp/x/s0")?;
+    wait_received(&mut vm, "/tmp/x/got0", "hello-s0")?;
+    let l = unix_line(&mut vm, "/tmp/x/s0")?;
+    ensure!(l.ends_with("-> allow"), "{l}");
+    ensure!(field(&l, "peer_from")? == "exe", "{l}");
+    ensure!(field(&l, "peer_sha256")? == socat, "{l}");
+    ensure!(field(&l, "peer_pid")? == s0_pid, "{l}");
+
+    // Allowed pair over a file-system socket, both hashes in-kernel.
+    serve(
+        &mut vm,
+        "/usr/bin/socat",
+        "UNIX-LISTEN:/tmp/x/s1",
+        "/tmp/x/s1",
+        "/tmp/x/got1",
+    )?;
+    let s1_pid = pid_of(&mut vm, "[U]NIX-LISTEN:/tmp/x/s1")?;
+    // A relative name: the request names the socket by its absolute path.
+    vm.run_ok("cd /tmp/x && echo hello-allowed | socat -u - UNIX-CONNECT:s1")?;
+    wait_received(&mut vm, "/tmp/x/got1", "hello-allowed")?;
+    let l = unix_line(&mut vm, "/tmp/x/s1")?;
+    ensure!(l.ends_with("-> allow"), "{l}");
+    ensure!(field(&l, "sha256")? == socat, "client hash: {l}");
+    ensure!(field(&l, "peer_sha256")? == socat, "server hash: {l}");
+    ensure!(field(&l, "peer_from")? == "lineage", "{l}");
+    ensure!(field(&l, "peer_pid")? == s1_pid, "{l}");
+    ensure!(field(&l, "peer_uid")? == "0", "{l}");
+
+    // Unapproved client program: EACCES, the server receives nothing.
+    serve(
+        &mut vm,
+        "/usr/bin/socat",
+        "UNIX-LISTEN:/tmp/x/s2",
+        "/tmp/x/s2",
+        "/tmp/x/got2",
+    )?;
+    let out = vm.run(&format!(
+        "echo rogue | {ROGUE_CLIENT} -u - UNIX-CONNECT:/tmp/x/s2"
+    ))?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("Permission denied"),
+        "unapproved client was not refused with EACCES: {out:?}"
+    );
+    let l = unix_line(&mut vm, "/tmp/x/s2")?;
+    ensure!(l.ends_with("-> deny"), "{l}");
+    ensure!(field(&l, "sha256")? == rogue_client, "{l}");
+    ensure!(field(&l, "peer_sha256")? == socat, "{l}");
+    ensure!(
+        dmesg_has(&mut vm, |l| l
+            .starts_with("trustbind: unix connect denied: pid ")
+            && l.contains(" -> /tmp/x/s2 (server pid ")
+            && l.ends_with("(denied by policy)"))?,
+        "no unix connect denial in dmesg"
+    );
+    // The server saw at most a connection already at end of file.
+    vm.run_ok("sleep 1")?;
+    let got = vm.run_ok("cat /tmp/x/got2 2>/dev/null || true")?.stdout;
+    ensure!(
+        got.is_empty(),
+        "the server of a refused connect got {got:?}"
+    );
+    vm.run_ok("pkill -f '[U]NIX-LISTEN:/tmp/x/s2' || true")?;
+
+    // Unapproved server program: the (approved) client's connect fails.
+    serve(
+        &mut vm,
+        ROGUE_SERVER,
+        "UNIX-LISTEN:/tmp/x/s3",
+        "/tmp/x/s3",
+        "/tmp/x/got3",
+    )?;
+    let out = vm.run("echo to-rogue | socat -u - UNIX-CONNECT:/tmp/x/s3")?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("Permission denied"),
+        "connect to an unapproved server was not refused with EACCES: {out:?}"
+    );
+    let l = unix_line(&mut vm, "/tmp/x/s3")?;
+    ensure!(l.ends_with("-> deny"), "{l}");
+    ensure!(field(&l, "sha256")? == socat, "{l}");
+    ensure!(field(&l, "peer_sha256")? == rogue_server, "{l}");
+    vm.run_ok("sleep 1")?;
+    let got = vm.run_ok("cat /tmp/x/got3 2>/dev/null || true")?.stdout;
+    ensure!(got.is_empty(), "the unapproved server got {got:?}");
+    vm.run_ok("pkill -f '[U]NIX-LISTEN:/tmp/x/s3' || true")?;
+
+    // Abstract sockets: named `@name`, allowed pair, then a rogue client.
+    serve(
+        &mut vm,
+        "/usr/bin/socat",
+        "ABSTRACT-LISTEN:tb-abs",
+        "@tb-abs",
+        "/tmp/x/got4",
+    )?;
+    vm.run_ok("echo hello-abstract | socat -u - ABSTRACT-CONNECT:tb-abs")?;
+    wait_received(&mut vm, "/tmp/x/got4", "hello-abstract")?;
+    let l = unix_line(&mut vm, "@tb-abs")?;
+    ensure!(l.ends_with("-> allow"), "{l}");
+    ensure!(field(&l, "peer_sha256")? == socat, "{l}");
+    serve(
+        &mut vm,
+        "/usr/bin/socat",
+        "ABSTRACT-LISTEN:tb-abs2",
+        "@tb-abs2",
+        "/tmp/x/got5",
+    )?;
+    let out = vm.run(&format!(
+        "echo rogue | {ROGUE_CLIENT} -u - ABSTRACT-CONNECT:tb-abs2"
+    ))?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("Permission denied"),
+        "unapproved abstract client was not refused with EACCES: {out:?}"
+    );
+    ensure!(unix_line(&mut vm, "@tb-abs2")?.ends_with("-> deny"));
+    vm.run_ok("pkill -f '[A]BSTRACT-LISTEN:tb-abs2' || true")?;
+
+    // Counters add up with the agent's log.
+    let lines = unix_lines(&mut vm)?;
+    let count = |suffix: &str| lines.iter().filter(|l| l.ends_with(suffix)).count() as u64;
+    ensure!(
+        counter(&mut vm, "unix_asked")? == lines.len() as u64
+            && counter(&mut vm, "unix_allowed")? == count("-> allow")
+            && counter(&mut vm, "unix_denied")? == count("-> deny"),
+        "unix counters differ from the agent's log:\n{}",
+        lines.join("\n")
+    );
+    ensure!(
+        count("-> deny") == 3,
+        "expected three denials:\n{}",
+        lines.join("\n")
+    );
+    for zero in [
+        "unix_would_deny",
+        "unix_no_agent",
+        "unix_timeouts",
+        "unix_unreadable",
+    ] {
+        let n = counter(&mut vm, zero)?;
+        ensure!(n == 0, "{zero} is {n}");
+    }
+
+    // An open connection; the agent leaves and the module is unloaded
+    // under it; the connection keeps working.
+    vm.run_ok("mkfifo /tmp/x/feed")?;
+    serve(
+        &mut vm,
+        "/usr/bin/socat",
+        "UNIX-LISTEN:/tmp/x/s6",
+        "/tmp/x/s6",
+        "/tmp/x/got6",
+    )?;
+    vm.spawn_bg("exec socat -u OPEN:/tmp/x/feed UNIX-CONNECT:/tmp/x/s6")?;
+    vm.spawn_bg("exec 3>/tmp/x/feed; echo first >&3; exec sleep 600")?;
+    wait_received(&mut vm, "/tmp/x/got6", "first")?;
+    stop_agent(&mut vm)?;
+    vm.run_ok("rmmod trustbind")?;
+    ensure!(
+        dmesg_has(&mut vm, |l| l == "trustbind: unloaded")?,
+        "module did not unload"
+    );
+    vm.run_ok("echo after-rmmod >/tmp/x/feed")?;
+    wait_received(&mut vm, "/tmp/x/got6", "first\nafter-rmmod")?;
+    vm.shutdown()?;
+    Ok(())
+}

@@ -12,10 +12,13 @@
 //! arrives intact while the bridge capture holds TLS application-data
 //! records and not one plaintext canary; the appliance records the channel
 //! (`channel.open` with its key id, `decision.pair` naming both programs);
-//! two concurrent channels of the same pair get different key ids; `curl`
+//! closing ends the channel record (both ends' closes, with byte counts,
+//! in `trustbind channel ls`); two concurrent channels of the same pair get different key ids; `curl`
 //! (non-blocking connect) fetches from `nginx` over a channel; an
 //! unapproved client program's connect fails with `EACCES` and an audit
-//! row; an unapproved server program's accept fails (the client's connect
+//! row; a UNIX-socket connect is decided by program pair through the real
+//! agent and appliance (socat → socat allowed, the rogue copy `EACCES` and
+//! an `ipc_connect` denial row); an unapproved server program's accept fails (the client's connect
 //! is reset); the unprotected VM cannot get plaintext from the protected
 //! service (its connection is aborted, the server receives nothing);
 //! killing the client's agent mid-transfer leaks no plaintext (the key is
@@ -63,6 +66,18 @@ when {
     context has peer_program &&
     context.peer_program in Trustbind::ProgramGroup::"channel-clients"
 };
+
+@id("ipc-clients-to-servers")
+permit (
+    principal,
+    action == Trustbind::Action::"ipc_connect",
+    resource
+)
+when {
+    context.program in Trustbind::ProgramGroup::"channel-clients" &&
+    context has peer_program &&
+    context.peer_program in Trustbind::ProgramGroup::"channel-servers"
+};
 "#;
 
 /// Starts a one-connection socat server (`prog`) on `vm` writing what it
@@ -108,6 +123,29 @@ fn key_id(line: &str) -> Option<String> {
     let rest = rest.trim_start_matches(|c: char| !c.is_ascii_hexdigit());
     let id: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
     (id.len() == 32).then_some(id)
+}
+
+/// The channel with key id `key` from `trustbind channel ls` once both of
+/// its ends reported their close (the agents deliver every 2 s).
+fn closed_channel(admin: &Admin, key: &str, secs: u64) -> Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let out = admin.run(&["-o", "json", "channel", "ls"])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("channel ls output")?;
+        let ch = v["channels"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["key_id"] == key).cloned());
+        if let Some(c) = &ch {
+            if c["closed_ms"].is_i64() && c["connect"].is_object() && c["accept"].is_object() {
+                return Ok(c.clone());
+            }
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "channel {key} not closed at both ends after {secs} s: {ch:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
 }
 
 /// A one-byte-longer copy of a guest program, for a program the policy
@@ -261,6 +299,22 @@ fn channel_end_to_end() -> Result<()> {
         pairs.len() == 1 && pairs[0].contains(&common::sha256_file(&bin.join("socat"))?),
         "decision.pair rows: {pairs:?}"
     );
+    // Closing ends the channel record: each end's host reports its close
+    // with byte counts (TLS records, so at least the file on both sides).
+    let first = key_id(&opened[0]).context("channel.open without a key id")?;
+    let file_len = a
+        .run_ok("stat -c %s /tmp/x/send")?
+        .stdout
+        .trim()
+        .parse::<u64>()?;
+    let closed = closed_channel(&admin, &first, 120)?;
+    for (end, field) in [("connect", "bytes_sent"), ("accept", "bytes_received")] {
+        let n = closed[end][field].as_u64().unwrap_or(0);
+        ensure!(
+            n >= file_len && n < file_len * 2,
+            "{end} end {field} {n} for a {file_len}-byte file: {closed}"
+        );
+    }
 
     // Two concurrent channels of the same pair: two key ids.
     serve(&mut b, "socat", "/tmp/x/recv2")?;
@@ -315,6 +369,34 @@ fn channel_end_to_end() -> Result<()> {
             .any(|l| l.contains("decision") && l.contains("connect") && l.contains(&rogue_sha)),
         "no connect decision row for the rogue client"
     );
+
+    // UNIX sockets, decided by the appliance by program pair: socat to a
+    // socat listener connects; the rogue copy gets EACCES, audited.
+    a.spawn_bg("exec socat -u UNIX-LISTEN:/tmp/x/ipc.sock,fork OPEN:/tmp/x/ipc-recv,creat,append")?;
+    wait_for(&mut a, "the UNIX listener", "test -S /tmp/x/ipc.sock", 60)?;
+    a.run_ok("echo ipc-ok | socat -u - UNIX-CONNECT:/tmp/x/ipc.sock")?;
+    wait_for(
+        &mut a,
+        "the UNIX data",
+        "grep -qx ipc-ok /tmp/x/ipc-recv",
+        60,
+    )?;
+    let out = a.run("echo ipc-rogue | /tmp/x/rogue-socat -u - UNIX-CONNECT:/tmp/x/ipc.sock")?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("Permission denied"),
+        "unapproved UNIX client was not refused: {out:?}"
+    );
+    a.run_ok("sleep 1")?;
+    let got = a.run_ok("cat /tmp/x/ipc-recv")?.stdout;
+    ensure!(got.trim() == "ipc-ok", "the UNIX listener received {got:?}");
+    let audit = export_audit(&admin)?;
+    ensure!(
+        audit
+            .lines()
+            .any(|l| l.contains("ipc_connect") && l.contains(&rogue_sha) && l.contains("deny")),
+        "no ipc_connect denial row for the rogue client"
+    );
+    a.run_ok("pkill -f '[U]NIX-LISTEN' || true")?;
 
     // The unprotected VM: its connection to the protected service is
     // aborted; the server receives nothing.
@@ -378,7 +460,10 @@ fn channel_end_to_end() -> Result<()> {
         data.pcap().display()
     );
 
-    // The killed agent restarts (its binary is pinned) and reconnects.
+    // The killed agent restarts (its binary is pinned) and reconnects. (Its
+    // status file still says connected: empty it first, with a shell
+    // redirection, since no agent answers for `rm` now.)
+    a.run_ok(&format!(": >{}/status.json", common::STATE))?;
     common::start_agent(&mut a)?;
     wait_for(
         &mut a,

@@ -450,6 +450,12 @@ impl Channel {
                     .store(c.verdict_timeout_ms, Ordering::Release);
                 self.qualify_net.store(c.qualify_net, Ordering::Release);
                 let was = self.mode.swap(c.mode as u8, Ordering::AcqRel);
+                sys::backstop_set(match c.mode {
+                    _ if !c.qualify_net => sys::Backstop::Off,
+                    Mode::Disabled => sys::Backstop::Off,
+                    Mode::Permissive => sys::Backstop::Count,
+                    Mode::Enforce => sys::Backstop::Drop,
+                });
                 if was == Mode::Disabled as u8 && c.mode != Mode::Disabled {
                     // Execs while disabled were not recorded: a process's
                     // entry may name a program it no longer runs. Connects
@@ -469,6 +475,8 @@ impl Channel {
             }
             Record::Generation(g) => {
                 crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
+                // Protected services were learned under the old policy.
+                sys::backstop_forget();
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
             Record::HelloAck(_)

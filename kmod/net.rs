@@ -114,8 +114,8 @@ use crate::exec::{Refusal, Refusals};
 use crate::proto::bound::{BoundSocket, BoundTable, Slot as BoundSlot};
 use crate::proto::lineage::{Chain, ProcId};
 use crate::proto::{
-    Ancestry, ChannelClosed, ChannelKey, ChannelRole, Decision, Family, IpcRequest, Mode, NetKind,
-    NetRequest, ProgramSource, Record,
+    Ancestry, ChannelClosed, ChannelKey, ChannelRole, CloseReason, Decision, Family, IpcRequest,
+    Mode, NetKind, NetRequest, ProgramSource, Record,
 };
 use crate::sys::{self, NetInfo, UnixInfo, NET_CONNECT, NET_ESTABLISHED};
 use crate::Shared;
@@ -148,6 +148,8 @@ pub(crate) struct Stats {
     pub(crate) close_sent: AtomicU64,
     /// Close records dropped: no agent, an agent too old, outbox full.
     pub(crate) close_dropped: AtomicU64,
+    /// Channels ended by their idle timeout (connection reset).
+    pub(crate) idle_ended: AtomicU64,
     /// Bound sockets open now (remembered ones).
     pub(crate) bound_open: AtomicU64,
 }
@@ -166,6 +168,7 @@ pub(crate) static STATS: Stats = Stats {
     closed: AtomicU64::new(0),
     close_sent: AtomicU64::new(0),
     close_dropped: AtomicU64::new(0),
+    idle_ended: AtomicU64::new(0),
     bound_open: AtomicU64::new(0),
 };
 
@@ -175,7 +178,12 @@ const BOUND_SLOTS: usize = 4096;
 
 /// The sockets bound to channels, by socket identity (logic in
 /// `proto/src/bound.rs`).
-#[pin_data]
+///
+/// # Invariants
+///
+/// The table holds a socket reference ([`sys::sock_ref`]) for each
+/// identity in it; whoever takes an identity out owns that reference.
+#[pin_data(PinnedDrop)]
 pub(crate) struct Bound {
     #[pin]
     inner: SpinLock<BoundTable<KVVec<BoundSlot>>>,
@@ -195,25 +203,69 @@ impl Bound {
         }? Error))
     }
 
-    fn insert(&self, sk: usize, entry: BoundSocket) -> bool {
-        let mut t = self.inner.lock();
-        let ok = t.insert(sk, entry);
+    fn counted(&self, t: &BoundTable<KVVec<BoundSlot>>) {
         self.live.store(t.len(), Ordering::Release);
         // CAST: at most BOUND_SLOTS.
         STATS.bound_open.store(t.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Remembers the socket `info` names (the wrapper running this call
+    /// holds it). `false` when its group is full.
+    fn insert(&self, info: &NetInfo, entry: BoundSocket) -> bool {
+        let sk = sys::sock_id(info);
+        let mut t = self.inner.lock();
+        let known = t.contains(sk);
+        let ok = t.insert(sk, entry);
+        if ok && !known {
+            // SAFETY: The wrapper keeps the socket live during this call.
+            // INVARIANT: The new identity's reference, held by the table.
+            unsafe { sys::sock_ref(sk) };
+        }
+        self.counted(&t);
         ok
     }
 
+    /// Forgets `sk` (just closed); the table's reference is dropped.
     fn take(&self, sk: usize) -> Option<BoundSocket> {
         if self.live.load(Ordering::Acquire) == 0 {
             return None;
         }
         let mut t = self.inner.lock();
         let e = t.take(sk)?;
-        self.live.store(t.len(), Ordering::Release);
-        // CAST: at most BOUND_SLOTS.
-        STATS.bound_open.store(t.len() as u64, Ordering::Relaxed);
+        self.counted(&t);
+        drop(t);
+        // SAFETY: Taken out of the table, so this call owns its reference
+        // (type invariant).
+        unsafe { sys::sock_unref(sk) };
         Some(e)
+    }
+
+    /// Takes out the sockets idle too long (see `BoundTable::sweep_idle`);
+    /// the caller owns a reference on each identity in `out[..n]`.
+    fn sweep(&self, now_ms: u64, out: &mut [(usize, BoundSocket)]) -> (usize, bool) {
+        let mut t = self.inner.lock();
+        let r = t.sweep_idle(
+            now_ms,
+            |sk| {
+                // SAFETY: Every identity in the table is live: the table
+                // holds a reference on each (type invariant).
+                let (sent, received) = unsafe { sys::sock_counts(sk) };
+                // Either way: a server that only receives is not idle.
+                sent.wrapping_add(received)
+            },
+            out,
+        );
+        self.counted(&t);
+        r
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for Bound {
+    fn drop(self: Pin<&mut Self>) {
+        let mut t = self.inner.lock();
+        // SAFETY: The table's references, given up (type invariant).
+        t.drain(|sk| unsafe { sys::sock_unref(sk) });
     }
 }
 
@@ -223,12 +275,47 @@ pub(crate) fn closed(s: &Shared, sk: usize, bytes_sent: u64, bytes_received: u64
     let Some(e) = s.bound.take(sk) else {
         return;
     };
+    report_close(s, &e, CloseReason::Closed, bytes_sent, bytes_received);
+}
+
+/// Channels ended per idle sweep at most (the rest wait a second).
+const IDLE_BATCH: usize = 16;
+
+/// The idle sweep: resets the connections of channels without a byte
+/// either way for their idle timeout and reports them closed (`idle`).
+/// Whether a socket with a timeout is left.
+pub(crate) fn sweep_idle(s: &Shared) -> bool {
+    let mut out = [(0, BoundSocket::NONE); IDLE_BATCH];
+    let (n, more) = s.bound.sweep(sys::now_ms(), &mut out);
+    for (sk, e) in out.iter().take(n) {
+        // SAFETY: The sweep handed over the table's reference on `sk`
+        // (held until the unref below); a workqueue: process context.
+        let (sent, received) = unsafe { sys::sock_counts(*sk) };
+        // SAFETY: As above.
+        unsafe { sys::sock_idle_end(*sk) };
+        bump(&STATS.idle_ended);
+        report_close(s, e, CloseReason::Idle, sent, received);
+        // SAFETY: The reference the sweep handed over, given up.
+        unsafe { sys::sock_unref(*sk) };
+    }
+    more || n == IDLE_BATCH
+}
+
+/// Queues the [`ChannelClosed`] record of one end for the agent.
+fn report_close(
+    s: &Shared,
+    e: &BoundSocket,
+    reason: CloseReason,
+    bytes_sent: u64,
+    bytes_received: u64,
+) {
     bump(&STATS.closed);
     let duration_ms = sys::now_ms().saturating_sub(e.opened_ms);
     let rec = Record::ChannelClosed(ChannelClosed {
         channel_id: e.channel_id,
         key_id: e.key_id,
         role: e.role,
+        reason,
         bytes_sent,
         bytes_received,
         duration_ms,
@@ -240,8 +327,12 @@ pub(crate) fn closed(s: &Shared, sk: usize, bytes_sent: u64, bytes_received: u64
         &STATS.close_dropped
     });
     pr_info!(
-        "channel {} closed: {} end, key {}, sent {} received {} bytes, {} ms{}\n",
+        "channel {} {}: {} end, key {}, sent {} received {} bytes, {} ms{}\n",
         e.channel_id,
+        match reason {
+            CloseReason::Closed => "closed",
+            CloseReason::Idle => "ended idle (connection reset)",
+        },
         match e.role {
             ChannelRole::Connect => "connect",
             ChannelRole::Accept => "accept",
@@ -379,13 +470,27 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
     let refusal = match qualify(s, info, kind, family) {
         Ok(Granted::Plain { encrypt }) => match kind {
             NetKind::Connect => {
+                // Marked before the SYN, which the backstop lets out only
+                // from a qualified socket when the service is protected.
+                sys::backstop_mark(
+                    info,
+                    if encrypt {
+                        sys::Mark::Channel
+                    } else {
+                        sys::Mark::Plain
+                    },
+                );
                 if encrypt {
                     bump(&STATS.bind_required);
                     info.bind = 1;
+                    protect(info);
                 }
                 return Ok(());
             }
-            NetKind::Accept if !encrypt => return Ok(()),
+            NetKind::Accept if !encrypt => {
+                sys::backstop_mark(info, sys::Mark::Plain);
+                return Ok(());
+            }
             // The policy requires a channel but no key came with it.
             _ => Refusal::Unbound,
         },
@@ -419,6 +524,10 @@ fn bind(
     match sys::ktls_install(info, key) {
         Ok(()) => {
             bump(&STATS.bound);
+            sys::backstop_mark(info, sys::Mark::Bound);
+            protect(info);
+            let now = sys::now_ms();
+            let idle_ms = u64::from(key.idle_timeout_s) * 1000;
             let entry = BoundSocket {
                 channel_id: key.channel_id,
                 key_id: key.key_id,
@@ -426,10 +535,15 @@ fn bind(
                     NetKind::Accept => ChannelRole::Accept,
                     _ => ChannelRole::Connect,
                 },
-                opened_ms: sys::now_ms(),
+                opened_ms: now,
+                idle_ms,
+                activity: 0,
+                active_ms: now,
             };
-            if !s.bound.insert(sys::sock_id(info), entry) {
+            if !s.bound.insert(info, entry) {
                 bump(&STATS.close_untracked);
+            } else if idle_ms != 0 {
+                sys::idle_kick();
             }
             pr_info!(
                 "{} bound: {} (channel {}, key {})\n",
@@ -451,6 +565,27 @@ fn bind(
             );
             Err(sys::econnreset())
         }
+    }
+}
+
+/// Records the service end of a connection the policy binds (the peer of
+/// a connect, this host's end of an accept) for the netfilter backstop.
+fn protect(info: &NetInfo) {
+    match sys::backstop_protect(info) {
+        Ok(true) => pr_info!(
+            "protected service {} (plaintext to or from it is dropped)\n",
+            Endpoint(
+                if info.family == 6 {
+                    Family::Ipv6
+                } else {
+                    Family::Ipv4
+                },
+                &info.dst_addr,
+                info.dst_port
+            )
+        ),
+        Ok(false) => {}
+        Err(e) => pr_warn!("protected service not recorded: errno {}\n", e.to_errno()),
     }
 }
 

@@ -191,6 +191,7 @@ impl kernel::Module for Trustbind {
             (c_str!("net_closed"), &net::STATS.closed),
             (c_str!("net_close_sent"), &net::STATS.close_sent),
             (c_str!("net_close_dropped"), &net::STATS.close_dropped),
+            (c_str!("net_idle_ended"), &net::STATS.idle_ended),
             (c_str!("unix_asked"), &net::UNIX_STATS.asked),
             (c_str!("unix_allowed"), &net::UNIX_STATS.allowed),
             (c_str!("unix_denied"), &net::UNIX_STATS.refusals.denied),

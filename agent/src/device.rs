@@ -12,8 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use trustbind_proto::{
-    self as proto, ChannelClosed, ChannelKey, Config, DecodeError, Family, Generation, Hello, HelloAck,
-    IpcRequest, Mode, NetKind, NetRequest, Record, Verdict, MAX_RECORD_LEN,
+    self as proto, ChannelClosed, ChannelKey, Config, DecodeError, Family, Generation, Hello,
+    HelloAck, IpcRequest, Mode, NetKind, NetRequest, Record, Verdict, MAX_RECORD_LEN,
 };
 use zeroize::Zeroize;
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use trustbind_api::pb;
 use trustbind_proto::{
-    ChannelKey, CHANNEL_IV_LEN, CHANNEL_KEY_ID_LEN, CHANNEL_KEY_LEN, CHANNEL_SALT_LEN,
+    ChannelKey, ChannelTls, CHANNEL_IV_LEN, CHANNEL_KEY_ID_LEN, CHANNEL_KEY_LEN, CHANNEL_SALT_LEN,
 };
 use zeroize::Zeroize;
 
@@ -88,6 +88,12 @@ pub fn from_push(k: &mut pb::ChannelKey) -> Result<Held, String> {
             tx_iv: fixed::<CHANNEL_IV_LEN>("tx_iv", &k.tx_iv)?,
             rx_salt: fixed::<CHANNEL_SALT_LEN>("rx_salt", &k.rx_salt)?,
             rx_iv: fixed::<CHANNEL_IV_LEN>("rx_iv", &k.rx_iv)?,
+            tls: if k.tls12 {
+                ChannelTls::Tls12
+            } else {
+                ChannelTls::Tls13
+            },
+            idle_timeout_s: k.idle_timeout_s,
         }))
     })();
     k.key.zeroize();
@@ -187,6 +193,8 @@ mod tests {
             rx_iv: vec![0x44; 8],
             rx_salt: vec![0x55; 4],
             role: pb::ChannelRole::Connect as i32,
+            tls12: true,
+            idle_timeout_s: 30,
         }
     }
 

@@ -40,7 +40,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Notify, RwLock};
 use tonic::transport::Channel;
 use trustbind_api::pb::{self, agent_client::AgentClient, push};
-use trustbind_proto::{ChannelClosed, ChannelRole, Decision, Mode, NetKind, Obligations, Verdict};
+use trustbind_proto::{
+    ChannelClosed, ChannelRole, CloseReason, Decision, Mode, NetKind, Obligations, Verdict,
+};
 
 use crate::bundle::{Bundle, Remembered};
 use crate::device::{Device, DeviceWriter, Event, ExecEvent, NetEvent};
@@ -483,7 +485,7 @@ fn verdict_of(r: &pb::Result) -> Verdict {
             encrypt: r
                 .obligations
                 .get("encrypt")
-                .is_some_and(|v| v == "required"),
+                .is_some_and(|v| v == "required" || v == "offload"),
         },
     }
 }
@@ -978,6 +980,10 @@ pub fn close_record(id: String, at_ms: i64, c: &ChannelClosed) -> SpoolRecord {
             "bytes_sent": c.bytes_sent,
             "bytes_received": c.bytes_received,
             "duration_ms": c.duration_ms,
+            "reason": match c.reason {
+                CloseReason::Closed => "closed",
+                CloseReason::Idle => "idle",
+            },
         }),
     }
 }
@@ -1412,6 +1418,7 @@ mod tests {
             channel_id: 7,
             key_id: [0xab; 16],
             role: ChannelRole::Accept,
+            reason: CloseReason::Idle,
             bytes_sent: 10,
             bytes_received: 20,
             duration_ms: 30,
@@ -1423,6 +1430,7 @@ mod tests {
             serde_json::json!({
                 "channel_id": 7, "key_id": "ab".repeat(16), "role": "accept",
                 "bytes_sent": 10, "bytes_received": 20, "duration_ms": 30,
+                "reason": "idle",
             })
         );
     }

@@ -69,6 +69,31 @@ impl fmt::Debug for DirectionMaterial {
     }
 }
 
+/// How a channel is keyed, from its pair decision's obligations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelTerms {
+    /// TLS 1.2 records (`@encrypt("offload")`: NICs offload TLS 1.2
+    /// AES-GCM) instead of TLS 1.3.
+    pub tls12: bool,
+    /// End the channel after this many seconds without a byte either way
+    /// (`@channel_idle_s`); 0: never.
+    pub idle_timeout_s: u32,
+}
+
+impl ChannelTerms {
+    /// Reads `encrypt` and `channel_idle_s` (values checked when the
+    /// policy was loaded; anything else reads as the default).
+    pub fn of(obligations: &std::collections::BTreeMap<String, String>) -> Self {
+        Self {
+            tls12: obligations.get("encrypt").is_some_and(|v| v == "offload"),
+            idle_timeout_s: obligations
+                .get("channel_idle_s")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        }
+    }
+}
+
 /// The key material of one channel. Zeroed on drop; `Debug` hides it.
 #[derive(Zeroize, ZeroizeOnDrop)]
 pub struct ChannelKey {

@@ -40,11 +40,11 @@ use std::time::{Duration, Instant};
 use crate::agent_api::convert::channel_key_push;
 use crate::agent_api::pb::{self, push};
 use crate::agent_api::{Answer, DecideError, Decider, Hub};
-use crate::channels::{describe, ChannelKey, Correlator, Endpoint, Offer, Role};
+use crate::channels::{describe, ChannelKey, ChannelTerms, Correlator, Endpoint, Offer, Role};
 use crate::limits::{LicenseKey, Limits};
 use crate::metrics;
 use crate::policy::engine::{pair_event, Decision, Engine};
-use crate::policy::{Outcome, Verdict};
+use crate::policy::{Outcome, Verdict, ENCRYPT_VALUES};
 use crate::request::{Action, QualifyRequest, Target};
 use crate::store::{AuditEvent, Store};
 
@@ -96,10 +96,18 @@ fn allows(d: &Decision) -> bool {
 }
 
 /// Whether an allowing decision requires the connection to be a channel
-/// (obligation `encrypt = required`).
+/// (obligation `encrypt = required` or `offload`).
 fn requires_encrypt(d: &Decision) -> bool {
     matches!(&d.outcome.verdict, Verdict::AllowWithConditions { obligations }
-        if obligations.get("encrypt").is_some_and(|v| v == "required"))
+        if obligations.get("encrypt").is_some_and(|v| ENCRYPT_VALUES.contains(&v.as_str())))
+}
+
+/// How the pair decision `d` wants its channel keyed.
+fn terms(d: &Decision) -> ChannelTerms {
+    match &d.outcome.verdict {
+        Verdict::AllowWithConditions { obligations } => ChannelTerms::of(obligations),
+        _ => ChannelTerms::default(),
+    }
 }
 
 fn server_end(r: &QualifyRequest) -> Option<Endpoint> {
@@ -292,11 +300,11 @@ impl Gate {
         // frees them once sent (see the module note in channels.rs).
         self.hub.push(
             &connect.host,
-            channel_key_push(channel_id, &key, Role::Connect),
+            channel_key_push(channel_id, &key, Role::Connect, terms(&d)),
         );
         self.hub.push(
             &accept.host,
-            channel_key_push(channel_id, &key, Role::Accept),
+            channel_key_push(channel_id, &key, Role::Accept, terms(&d)),
         );
         metrics::metrics().record_key_issued();
         drop(key);

@@ -17,7 +17,7 @@ use trustbind_appliance::agent_api::pb::agent_client::AgentClient;
 use trustbind_appliance::agent_api::pb::{
     self, push, request::Target, Action, AuditBatch, AuditRecord, Hello, QualifyBatch, Verdict,
 };
-use trustbind_appliance::channels::{ChannelKey, Role};
+use trustbind_appliance::channels::{ChannelKey, ChannelTerms, Role};
 use trustbind_appliance::policy::engine::Engine;
 use trustbind_appliance::store::{Mode, Signature, Store};
 
@@ -512,18 +512,18 @@ async fn channel_keys_reach_both_hosts_crossed() {
     sb.next().await.unwrap().unwrap();
 
     let key = ChannelKey::generate().unwrap();
-    assert!(app
-        .api
-        .hub
-        .push("web1", channel_key_push(7, &key, Role::Connect)));
-    assert!(app
-        .api
-        .hub
-        .push("db1", channel_key_push(7, &key, Role::Accept)));
-    assert!(!app
-        .api
-        .hub
-        .push("nobody", channel_key_push(7, &key, Role::Accept)));
+    assert!(app.api.hub.push(
+        "web1",
+        channel_key_push(7, &key, Role::Connect, ChannelTerms::default())
+    ));
+    assert!(app.api.hub.push(
+        "db1",
+        channel_key_push(7, &key, Role::Accept, ChannelTerms::default())
+    ));
+    assert!(!app.api.hub.push(
+        "nobody",
+        channel_key_push(7, &key, Role::Accept, ChannelTerms::default())
+    ));
     let ka = match next_other(&mut sa).await {
         Some(push::Kind::ChannelKey(k)) => k,
         other => panic!("{other:?}"),

@@ -386,3 +386,72 @@ async fn encrypt_required_accept_from_an_unprotected_client_is_denied() {
         "the denial is audited"
     );
 }
+
+/// `@encrypt("offload")` asks for TLS 1.2 records (NIC offload) and
+/// `@channel_idle_s` for an idle timeout: both reach both keys.
+#[tokio::test]
+async fn offload_and_idle_timeout_reach_both_keys() {
+    let policy = POLICY
+        .replace(
+            "@id(\"clients-may-connect-to-5432\")\n@encrypt(\"required\")",
+            "@id(\"clients-may-connect-to-5432\")\n@encrypt(\"offload\")\n@channel_idle_s(\"30\")",
+        )
+        .replace(
+            "@id(\"servers-accept-clients\")\n@encrypt(\"required\")",
+            "@id(\"servers-accept-clients\")\n@encrypt(\"offload\")",
+        );
+    assert_ne!(policy, POLICY);
+    let (app, _gate) = appliance_with(Duration::from_secs(5), &policy).await;
+    let ca = app.enrolled_in("a", "web", Mode::Enforce).await;
+    let cb = app.enrolled_in("b", "db", Mode::Enforce).await;
+    let mut a = app.agent_client(ca).await.unwrap();
+    let mut b = app.agent_client(cb).await.unwrap();
+    let hello = || Hello {
+        agent_version: "t".into(),
+        generation: 0,
+    };
+    let mut sa = a.subscribe(hello()).await.unwrap().into_inner();
+    let mut sb = b.subscribe(hello()).await.unwrap().into_inner();
+    let rp = qualify(&mut a, pre_syn(1, "psql")).await;
+    assert_eq!(
+        rp.obligations.get("encrypt").map(String::as_str),
+        Some("offload")
+    );
+    qualify(&mut a, request(2, pb::Action::Connect, "psql", 40000)).await;
+    let ra = qualify(&mut b, request(3, pb::Action::Accept, "postgres", 40000)).await;
+    assert_ne!(ra.channel_id, 0, "{ra:?}");
+    for s in [&mut sa, &mut sb] {
+        let push::Kind::ChannelKey(k) = next_channel_push(s).await else {
+            panic!("no key")
+        };
+        assert!(k.tls12, "{k:?}");
+        assert_eq!(k.idle_timeout_s, 30);
+    }
+}
+
+#[test]
+fn channel_obligation_values_are_checked_at_load() {
+    use trustbind_appliance::policy::validate;
+    let schema = cedar_policy::Schema::from_cedarschema_str(SCHEMA)
+        .unwrap()
+        .0;
+    assert!(validate(&schema, POLICY).is_ok());
+    let bad = POLICY
+        .replacen("@encrypt(\"required\")", "@encrypt(\"yes please\")", 1)
+        .replacen(
+            "@encrypt(\"required\")",
+            "@encrypt(\"required\")\n@channel_idle_s(\"-5\")",
+            1,
+        );
+    let err = validate(&schema, &bad).unwrap_err().to_string();
+    assert!(
+        err.contains("policy `clients-may-connect-to-5432`: @encrypt(\"yes please\"): expected \"required\" or \"offload\""),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "policy `servers-accept-clients`: @channel_idle_s(\"-5\"): expected whole seconds"
+        ),
+        "{err}"
+    );
+}

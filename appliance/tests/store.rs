@@ -479,15 +479,18 @@ fn both_ends_close_one_channel_record() {
     store
         .record_agent_reports("c", &[close("c-1", "k-1", "accept", 7, 7)])
         .unwrap();
-    store
-        .record_agent_reports("b", &[close("b-1", "k-1", "accept", 3, 1001)])
-        .unwrap();
+    let mut idle = close("b-1", "k-1", "accept", 3, 1001);
+    idle.detail["reason"] = serde_json::json!("idle");
+    store.record_agent_reports("b", &[idle]).unwrap();
     let all = store.list_channels(false, 0, 10).unwrap();
     let ch = all.iter().find(|c| c.id == id).unwrap();
     assert_eq!(ch.closed_ms, Some(first));
     assert_eq!(ch.connect.as_ref().unwrap().bytes_sent, 1000);
     let a = ch.accept.as_ref().unwrap();
     assert_eq!((a.bytes_sent, a.bytes_received), (3, 1001));
+    // An agent without reasons reads as `closed`; the idle end as `idle`.
+    assert_eq!(ch.connect.as_ref().unwrap().reason, "closed");
+    assert_eq!(a.reason, "idle");
 
     // Audited: channel.close per report, the stranger's unmatched.
     let rows = store.audit_rows(0, 100).unwrap();
@@ -498,6 +501,7 @@ fn both_ends_close_one_channel_record() {
     assert!(closes[0].detail.contains("\"role\":\"connect\""));
     assert!(closes[1].detail.contains("\"matched\":false"));
     assert!(closes[2].detail.contains("\"bytes_received\":1001"));
+    assert!(closes[2].detail.contains("\"reason\":\"idle\""));
     // A malformed close record is kept as a plain agent record.
     let mut bad = close("a-2", "k-2", "sideways", 0, 0);
     bad.detail["role"] = serde_json::json!("sideways");

@@ -43,6 +43,12 @@
 #include <linux/pid.h>
 #include <linux/un.h>
 #include <net/af_unix.h>
+#include <linux/jhash.h>
+#include <linux/workqueue.h>
+#include <linux/netfilter.h>
+#include <linux/netfilter_ipv4.h>
+#include <linux/netfilter_ipv6.h>
+#include <net/net_namespace.h>
 
 #include "helpers.h"
 
@@ -1029,7 +1035,7 @@ int tb_ktls_install(struct socket *sock, struct tb_channel_key *key)
 	err = tb_ktls_prepare(sock);
 	if (err && err != -EEXIST)
 		goto out;
-	ci.info.version = TLS_1_3_VERSION;
+	ci.info.version = key->tls12 ? TLS_1_2_VERSION : TLS_1_3_VERSION;
 	ci.info.cipher_type = TLS_CIPHER_AES_GCM_256;
 	memcpy(ci.key, key->key, sizeof(ci.key));
 	memcpy(ci.salt, key->tx_salt, sizeof(ci.salt));
@@ -1053,9 +1059,499 @@ void tb_sock_abort(struct socket *sock, int err)
 	tcp_abort(sock->sk, err);
 }
 
+/* --- Netfilter backstop -------------------------------------------------- */
+
+/*
+ * A non-sleeping second line behind the connect/accept wrappers, on every
+ * packet a local socket sends (NF_INET_LOCAL_OUT, IPv4 and IPv6, each
+ * network namespace, before conntrack and NAT so addresses are the ones
+ * the socket named):
+ *  - a SYN to a protected service from a socket no wrapper qualified (a
+ *    raw socket, a socket of an exempt process) is dropped;
+ *  - a segment with payload to a protected service, or from a protected
+ *    service on this host, is dropped unless its socket carries kTLS
+ *    transmit state or its wrapper allowed it in plaintext (a connection
+ *    opened before the module qualified connects, or with the agent
+ *    away in permissive mode, that would now speak plaintext).
+ * Protected services are the ends (address, port) of connections whose
+ * verdict required a channel: the peer of a bound connect, the local end
+ * of a bound accept; forgotten when the policy generation moves. Each
+ * socket a wrapper allowed is marked (plain or channel) until tcp_close().
+ * Off in disabled mode or while the agent does not qualify connections;
+ * in permissive mode a drop is only counted (would_drop).
+ */
+
+struct tb_prot {
+	struct hlist_node node;
+	struct rcu_head rcu;
+	u8 family;
+	u8 addr[16];
+	u16 port;
+};
+
+struct tb_mark {
+	struct hlist_node node;
+	struct rcu_head rcu;
+	struct sock *sk;
+	u32 kind;		/* TB_MARK_* */
+	/* The program closed it (tcp_close() began): what is queued still
+	 * goes out, and the mark holds a reference on sk until the
+	 * connection reached TCP_CLOSE (tb_mark_gc), so sk is not reused. */
+	bool closing;
+};
+
+#define TB_PROT_MAX 1024
+#define TB_MARK_MAX 65536
+
+static DEFINE_SPINLOCK(tb_prot_lock);
+static DEFINE_HASHTABLE(tb_prot_set, 8);
+static atomic_t tb_prot_n = ATOMIC_INIT(0);
+
+static DEFINE_SPINLOCK(tb_mark_lock);
+static DEFINE_HASHTABLE(tb_mark_set, 10);
+static atomic_t tb_mark_n = ATOMIC_INIT(0);
+
+static atomic_t tb_backstop_mode = ATOMIC_INIT(TB_BACKSTOP_OFF);
+
+static struct {
+	atomic64_t syn_dropped, payload_dropped, would_drop, unmarked,
+		protected_full;
+} tb_bs;
+
+static u32 tb_prot_hash(u8 family, const u8 *addr, u16 port)
+{
+	return jhash(addr, family == 6 ? 16 : 4, ((u32)family << 16) | port);
+}
+
+static bool tb_prot_has(u8 family, const u8 *addr, u16 port)
+{
+	struct tb_prot *p;
+	u32 h = tb_prot_hash(family, addr, port);
+
+	hash_for_each_possible_rcu(tb_prot_set, p, node, h)
+		if (p->family == family && p->port == port &&
+		    !memcmp(p->addr, addr, family == 6 ? 16 : 4))
+			return true;
+	return false;
+}
+
+void tb_backstop_set_mode(u32 mode)
+{
+	atomic_set(&tb_backstop_mode, mode);
+}
+
+int tb_backstop_protect(const struct tb_net_info *info)
+{
+	struct tb_prot *p;
+	u8 family = info->family == 6 ? 6 : 4;
+	u32 h = tb_prot_hash(family, info->dst_addr, info->dst_port);
+	int ret = 0;
+
+	rcu_read_lock();
+	ret = tb_prot_has(family, info->dst_addr, info->dst_port);
+	rcu_read_unlock();
+	if (ret)
+		return 0;
+	p = kzalloc(sizeof(*p), GFP_KERNEL);
+	if (!p)
+		return -ENOMEM;
+	p->family = family;
+	memcpy(p->addr, info->dst_addr, family == 6 ? 16 : 4);
+	p->port = info->dst_port;
+	spin_lock_bh(&tb_prot_lock);
+	rcu_read_lock();
+	ret = tb_prot_has(family, p->addr, p->port);
+	rcu_read_unlock();
+	if (ret) {
+		ret = 0;
+	} else if (atomic_read(&tb_prot_n) >= TB_PROT_MAX) {
+		atomic64_inc(&tb_bs.protected_full);
+		ret = -ENOSPC;
+	} else {
+		hash_add_rcu(tb_prot_set, &p->node, h);
+		atomic_inc(&tb_prot_n);
+		p = NULL;
+		ret = 1;
+	}
+	spin_unlock_bh(&tb_prot_lock);
+	kfree(p);
+	return ret;
+}
+
+void tb_backstop_forget(void)
+{
+	struct tb_prot *p;
+	struct hlist_node *tmp;
+	int i;
+
+	spin_lock_bh(&tb_prot_lock);
+	hash_for_each_safe(tb_prot_set, i, tmp, p, node) {
+		hash_del_rcu(&p->node);
+		atomic_dec(&tb_prot_n);
+		kfree_rcu(p, rcu);
+	}
+	spin_unlock_bh(&tb_prot_lock);
+}
+
+static struct tb_mark *tb_mark_find(const struct sock *sk)
+{
+	struct tb_mark *m;
+
+	hash_for_each_possible_rcu(tb_mark_set, m, node, (unsigned long)sk)
+		if (m->sk == sk)
+			return m;
+	return NULL;
+}
+
+int tb_backstop_mark(const struct tb_net_info *info, u32 kind)
+{
+	struct sock *sk = info->sock->sk;
+	struct tb_mark *m, *old;
+
+	m = kzalloc(sizeof(*m), GFP_KERNEL);
+	if (!m) {
+		atomic64_inc(&tb_bs.unmarked);
+		return -ENOMEM;
+	}
+	m->sk = sk;
+	m->kind = kind;
+	spin_lock_bh(&tb_mark_lock);
+	rcu_read_lock();
+	old = tb_mark_find(sk);
+	rcu_read_unlock();
+	if (old) {
+		/* A socket connects again after a failed connect, or its
+		 * channel got its key: the newest state counts. */
+		WRITE_ONCE(old->kind, kind);
+	} else if (atomic_read(&tb_mark_n) >= TB_MARK_MAX) {
+		atomic64_inc(&tb_bs.unmarked);
+	} else {
+		hash_add_rcu(tb_mark_set, &m->node, (unsigned long)sk);
+		atomic_inc(&tb_mark_n);
+		m = NULL;
+	}
+	spin_unlock_bh(&tb_mark_lock);
+	kfree(m);
+	return 0;
+}
+
+/* Drops a mark taken out of the set (under tb_mark_lock). */
+static void tb_mark_drop(struct tb_mark *m)
+{
+	hash_del_rcu(&m->node);
+	atomic_dec(&tb_mark_n);
+}
+
+/* Frees a dropped mark after a grace period, with its reference. */
+static void tb_mark_free(struct tb_mark *m)
+{
+	if (m->closing)
+		sock_put(m->sk);
+	kfree_rcu(m, rcu);
+}
+
+/*
+ * A closed socket's connection goes on until TCP_CLOSE (queued data, FIN,
+ * retransmissions) while kTLS already freed its state: its mark stays,
+ * holding the socket, and this sweep (each second while any such mark
+ * exists) drops the marks of connections that reached TCP_CLOSE.
+ */
+static void tb_mark_gc_fn(struct work_struct *work);
+static DECLARE_DELAYED_WORK(tb_mark_gc, tb_mark_gc_fn);
+static atomic_t tb_closing_n = ATOMIC_INIT(0);
+static bool tb_mark_gc_stopped;
+
+static void tb_mark_gc_fn(struct work_struct *work)
+{
+	struct tb_mark *m, *done[16];
+	struct hlist_node *tmp;
+	int i, n = 0;
+
+	spin_lock_bh(&tb_mark_lock);
+	hash_for_each_safe(tb_mark_set, i, tmp, m, node) {
+		if (n == ARRAY_SIZE(done))
+			break;
+		if (m->closing &&
+		    inet_sk_state_load(m->sk) == TCP_CLOSE) {
+			tb_mark_drop(m);
+			done[n++] = m;
+		}
+	}
+	spin_unlock_bh(&tb_mark_lock);
+	for (i = 0; i < n; i++) {
+		atomic_dec(&tb_closing_n);
+		tb_mark_free(done[i]);
+	}
+	if (atomic_read(&tb_closing_n) && !READ_ONCE(tb_mark_gc_stopped))
+		schedule_delayed_work(&tb_mark_gc, HZ);
+}
+
+/* tcp_close() of sk begins: its mark (if any) now covers what the closed
+ * connection still sends, until TCP_CLOSE. */
+static void tb_backstop_closing(struct sock *sk)
+{
+	struct tb_mark *m;
+	bool armed = false;
+
+	if (!atomic_read(&tb_mark_n))
+		return;
+	spin_lock_bh(&tb_mark_lock);
+	rcu_read_lock();
+	m = tb_mark_find(sk);
+	rcu_read_unlock();
+	if (m && !m->closing) {
+		sock_hold(sk);
+		WRITE_ONCE(m->closing, true);
+		atomic_inc(&tb_closing_n);
+		armed = true;
+	}
+	spin_unlock_bh(&tb_mark_lock);
+	if (armed && !READ_ONCE(tb_mark_gc_stopped))
+		schedule_delayed_work(&tb_mark_gc, HZ);
+}
+
+static void tb_backstop_free(void)
+{
+	struct tb_mark *m;
+	struct hlist_node *tmp;
+	int i;
+
+	WRITE_ONCE(tb_mark_gc_stopped, true);
+	cancel_delayed_work_sync(&tb_mark_gc);
+	tb_backstop_forget();
+	spin_lock_bh(&tb_mark_lock);
+	hash_for_each_safe(tb_mark_set, i, tmp, m, node) {
+		tb_mark_drop(m);
+		if (m->closing)
+			atomic_dec(&tb_closing_n);
+		tb_mark_free(m);
+	}
+	spin_unlock_bh(&tb_mark_lock);
+}
+
+/* Whether sk sends through kTLS (transmit state installed). Under RCU: the
+ * TLS context is freed after a grace period (tls_ctx_free). */
+static bool tb_tls_tx(const struct sock *sk)
+{
+	const struct inet_connection_sock *icsk = inet_csk(sk);
+	const struct tcp_ulp_ops *ulp = READ_ONCE(icsk->icsk_ulp_ops);
+	const struct tls_context *ctx;
+
+	if (!ulp || strcmp(ulp->name, "tls"))
+		return false;
+	ctx = (__force const struct tls_context *)READ_ONCE(icsk->icsk_ulp_data);
+	return ctx && ctx->tx_conf != TLS_BASE;
+}
+
+static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
+				     const struct nf_hook_state *state)
+{
+	u32 mode = atomic_read(&tb_backstop_mode);
+	struct tcphdr _th;
+	const struct tcphdr *th;
+	u8 family, saddr[16] = {}, daddr[16] = {};
+	u16 sport, dport;
+	int thoff;
+	bool syn, payload, ok;
+	const struct sock *sk;
+	const struct tb_mark *m;
+
+	if (mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n))
+		return NF_ACCEPT;
+	if (state->pf == NFPROTO_IPV4) {
+		const struct iphdr *iph = ip_hdr(skb);
+
+		if (iph->protocol != IPPROTO_TCP ||
+		    (ntohs(iph->frag_off) & IP_OFFSET))
+			return NF_ACCEPT;
+		family = 4;
+		memcpy(saddr, &iph->saddr, 4);
+		memcpy(daddr, &iph->daddr, 4);
+		thoff = skb_network_offset(skb) + iph->ihl * 4;
+	} else {
+		const struct ipv6hdr *ip6 = ipv6_hdr(skb);
+		u8 nexthdr = ip6->nexthdr;
+		__be16 frag_off;
+
+		thoff = ipv6_skip_exthdr(skb,
+					 skb_network_offset(skb) + sizeof(*ip6),
+					 &nexthdr, &frag_off);
+		if (thoff < 0 || nexthdr != IPPROTO_TCP ||
+		    (ntohs(frag_off) & ~0x7))
+			return NF_ACCEPT;
+		family = 6;
+		memcpy(saddr, &ip6->saddr, 16);
+		memcpy(daddr, &ip6->daddr, 16);
+	}
+	th = skb_header_pointer(skb, thoff, sizeof(_th), &_th);
+	if (!th)
+		return NF_ACCEPT;
+	sport = ntohs(th->source);
+	dport = ntohs(th->dest);
+	syn = th->syn && !th->ack;
+	payload = skb->len > thoff + th->doff * 4;
+	if (!syn && !payload)
+		return NF_ACCEPT;
+	if (!tb_prot_has(family, daddr, dport) &&
+	    !(payload && tb_prot_has(family, saddr, sport)))
+		return NF_ACCEPT;
+
+	sk = skb_to_full_sk(skb);
+	if (sk && !sk_fullsock(sk))
+		sk = NULL;
+	if (sk && sk->sk_kern_sock)
+		return NF_ACCEPT;	/* the kernel's own (NFS, iSCSI ...) */
+	if (!sk || sk->sk_type != SOCK_STREAM ||
+	    sk->sk_protocol != IPPROTO_TCP) {
+		ok = false;		/* a raw socket, a request sock */
+	} else {
+		m = tb_mark_find(sk);
+		if (syn) {
+			ok = m != NULL;
+		} else {
+			u32 kind = m ? READ_ONCE(m->kind) : 0;
+
+			/* A bound socket's queue holds only TLS records; once
+			 * closed, kTLS's state is gone but they still go out. */
+			ok = tb_tls_tx(sk) || kind == TB_MARK_PLAIN ||
+			     (kind == TB_MARK_BOUND && READ_ONCE(m->closing));
+		}
+	}
+	if (ok)
+		return NF_ACCEPT;
+	if (mode != TB_BACKSTOP_DROP) {
+		atomic64_inc(&tb_bs.would_drop);
+		return NF_ACCEPT;
+	}
+	atomic64_inc(syn ? &tb_bs.syn_dropped : &tb_bs.payload_dropped);
+	if (family == 4)
+		pr_info_ratelimited("backstop dropped a %s %pI4:%u -> %pI4:%u (%s)\n",
+				    syn ? "SYN" : "segment", saddr, sport,
+				    daddr, dport,
+				    syn ? "not from a qualified socket"
+					: "plaintext to a protected service");
+	else
+		pr_info_ratelimited("backstop dropped a %s [%pI6c]:%u -> [%pI6c]:%u (%s)\n",
+				    syn ? "SYN" : "segment", saddr, sport,
+				    daddr, dport,
+				    syn ? "not from a qualified socket"
+					: "plaintext to a protected service");
+	return NF_DROP;
+}
+
+static const struct nf_hook_ops tb_backstop_ops[] = {
+	{
+		.hook = tb_backstop_hook,
+		.pf = NFPROTO_IPV4,
+		.hooknum = NF_INET_LOCAL_OUT,
+		.priority = NF_IP_PRI_RAW,
+	},
+#if IS_ENABLED(CONFIG_IPV6)
+	{
+		.hook = tb_backstop_hook,
+		.pf = NFPROTO_IPV6,
+		.hooknum = NF_INET_LOCAL_OUT,
+		.priority = NF_IP6_PRI_RAW,
+	},
+#endif
+};
+
+static int __net_init tb_backstop_net_init(struct net *net)
+{
+	return nf_register_net_hooks(net, tb_backstop_ops,
+				     ARRAY_SIZE(tb_backstop_ops));
+}
+
+static void __net_exit tb_backstop_net_exit(struct net *net)
+{
+	nf_unregister_net_hooks(net, tb_backstop_ops,
+				ARRAY_SIZE(tb_backstop_ops));
+}
+
+static struct pernet_operations tb_backstop_net_ops = {
+	.init = tb_backstop_net_init,
+	.exit = tb_backstop_net_exit,
+};
+
+void tb_backstop_debugfs(struct dentry *dir)
+{
+	if (!dir)
+		return;
+	/* Read as plain u64 (atomic64_t's counter): a torn read is
+	 * impossible on 64-bit. */
+	debugfs_create_u64("net_backstop_syn_dropped", 0400, dir,
+			   (u64 *)&tb_bs.syn_dropped.counter);
+	debugfs_create_u64("net_backstop_payload_dropped", 0400, dir,
+			   (u64 *)&tb_bs.payload_dropped.counter);
+	debugfs_create_u64("net_backstop_would_drop", 0400, dir,
+			   (u64 *)&tb_bs.would_drop.counter);
+	debugfs_create_u64("net_backstop_unmarked", 0400, dir,
+			   (u64 *)&tb_bs.unmarked.counter);
+	debugfs_create_u64("net_backstop_protected_full", 0400, dir,
+			   (u64 *)&tb_bs.protected_full.counter);
+	debugfs_create_atomic_t("net_backstop_protected", 0400, dir,
+				&tb_prot_n);
+	debugfs_create_atomic_t("net_backstop_marked", 0400, dir,
+				&tb_mark_n);
+}
+
 unsigned long tb_sock_id(const struct socket *sock)
 {
 	return (unsigned long)sock->sk;
+}
+
+/*
+ * Bound sockets by identity (net.rs keeps a reference on each socket it
+ * remembers, so the identity stays a live struct sock until it lets go).
+ */
+void tb_sock_ref(unsigned long sk_id)
+{
+	sock_hold((struct sock *)sk_id);
+}
+
+void tb_sock_unref(unsigned long sk_id)
+{
+	sock_put((struct sock *)sk_id);
+}
+
+void tb_sock_counts(unsigned long sk_id, u64 *sent, u64 *received)
+{
+	const struct tcp_sock *tp = tcp_sk((struct sock *)sk_id);
+
+	*sent = READ_ONCE(tp->bytes_sent);
+	*received = READ_ONCE(tp->bytes_received);
+}
+
+void tb_sock_idle_end(unsigned long sk_id)
+{
+	struct sock *sk = (struct sock *)sk_id;
+
+	/* Resets the peer; the program's next call fails with ETIMEDOUT. (A
+	 * connection already gone, e.g. reset by the other end's sweep, is
+	 * left as it is.) */
+	if (inet_sk_state_load(sk) != TCP_CLOSE)
+		tcp_abort(sk, ETIMEDOUT);
+}
+
+/*
+ * The idle sweep: once a second while some bound socket has an idle
+ * timeout (net.rs arms it when it binds one, and the sweep re-arms itself
+ * while any is left). Cancelled at unload after the wrappers drained.
+ */
+static void tb_idle_fn(struct work_struct *work);
+static DECLARE_DELAYED_WORK(tb_idle_work, tb_idle_fn);
+static bool tb_idle_stopped;
+
+static void tb_idle_fn(struct work_struct *work)
+{
+	if (trustbind_net_idle() && !READ_ONCE(tb_idle_stopped))
+		schedule_delayed_work(&tb_idle_work, HZ);
+}
+
+void tb_idle_kick(void)
+{
+	if (!READ_ONCE(tb_idle_stopped))
+		schedule_delayed_work(&tb_idle_work, HZ);
 }
 
 /*
@@ -1073,6 +1569,7 @@ static void tb_tcp_close(struct sock *sk, long timeout)
 	const struct tcp_sock *tp = tcp_sk(sk);
 
 	sock_hold(sk);
+	tb_backstop_closing(sk);
 	tcp_close(sk, timeout);
 	trustbind_net_closed((unsigned long)sk, READ_ONCE(tp->bytes_sent),
 			     READ_ONCE(tp->bytes_received));
@@ -1285,10 +1782,15 @@ static void tb_unhook_one(struct ftrace_ops *ops)
 
 int tb_net_hooks_start(void)
 {
-	int err = tb_hook_one(&tb_connect_ops, "inet_stream_connect");
+	int err = register_pernet_subsys(&tb_backstop_net_ops);
 
-	if (err)
+	if (err) {
+		pr_err("cannot register the netfilter backstop: %d\n", err);
 		return err;
+	}
+	err = tb_hook_one(&tb_connect_ops, "inet_stream_connect");
+	if (err)
+		goto unregister;
 	err = tb_hook_one(&tb_accept_ops, "inet_accept");
 	if (err)
 		goto unhook_connect;
@@ -1304,6 +1806,9 @@ unhook_accept:
 unhook_connect:
 	tb_unhook_one(&tb_connect_ops);
 	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
+unregister:
+	unregister_pernet_subsys(&tb_backstop_net_ops);
+	tb_backstop_free();
 	return err;
 }
 
@@ -1314,6 +1819,13 @@ void tb_net_hooks_stop(void)
 	tb_unhook_one(&tb_accept_ops);
 	tb_unhook_one(&tb_connect_ops);
 	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
+	/* No wrapper binds a socket any more: stop the idle sweep. */
+	WRITE_ONCE(tb_idle_stopped, true);
+	cancel_delayed_work_sync(&tb_idle_work);
+	/* No wrapper marks or unmarks any more; the netfilter hooks go
+	 * (after a grace period), then the tables. */
+	unregister_pernet_subsys(&tb_backstop_net_ops);
+	tb_backstop_free();
 }
 
 int tb_unix_hooks_start(void)

@@ -154,6 +154,7 @@ struct tb_channel_key {
 	u8 tx_iv[8];
 	u8 rx_salt[4];
 	u8 rx_iv[8];
+	u8 tls12;		/* TLS 1.2 records (NIC offload), else 1.3 */
 };
 
 /* Attaches the "tls" ULP (no keys yet: the socket still behaves as plain
@@ -177,7 +178,23 @@ void tb_sock_abort(struct socket *sock, int err);
  * it (its address; never 0 for a live socket). */
 unsigned long tb_sock_id(const struct socket *sock);
 
-/* Registers the four ftrace ops. 0 or -errno (nothing left registered). */
+/* Bound sockets by identity (tb_sock_id). tb_sock_ref() takes a reference
+ * on a live socket, tb_sock_unref() drops one taken so; the others need
+ * one held. Process context for tb_sock_idle_end() (it resets the
+ * connection: tcp_abort(ETIMEDOUT)); any context for the counts. */
+void tb_sock_ref(unsigned long sk_id);
+void tb_sock_unref(unsigned long sk_id);
+void tb_sock_counts(unsigned long sk_id, u64 *sent, u64 *received);
+void tb_sock_idle_end(unsigned long sk_id);
+/* Arms the idle sweep (trustbind_net_idle() in a second), unless armed. */
+void tb_idle_kick(void);
+/* Implemented in Rust (net.rs): ends the channels idle too long; whether
+ * a socket with an idle timeout is left (sweep again). Process context
+ * (a workqueue), may take the device mutex. */
+bool trustbind_net_idle(void);
+
+/* Registers the netfilter backstop and the four ftrace ops. 0 or -errno
+ * (nothing left registered). */
 int tb_net_hooks_start(void);
 /* Unregisters them and waits until no task is inside a wrapper. */
 void tb_net_hooks_stop(void);
@@ -199,6 +216,30 @@ int trustbind_net_check(struct tb_net_info *info);
  * context, may take the device mutex; no spinlock held. */
 void trustbind_net_closed(unsigned long sk_id, u64 bytes_sent,
 			  u64 bytes_received);
+
+/* --- Netfilter backstop (helpers.c) ------------------------------------ */
+
+#define TB_BACKSTOP_OFF 0	/* disabled mode, or connects not qualified */
+#define TB_BACKSTOP_COUNT 1	/* permissive: count what would be dropped */
+#define TB_BACKSTOP_DROP 2	/* enforce */
+
+/* Sets what the backstop does (TB_BACKSTOP_*). Any context. */
+void tb_backstop_set_mode(u32 mode);
+/* Marks info->dst (the peer of a connect, the local end of an accept) as a
+ * protected service. 1 if new, 0 if known, -errno (-ENOSPC: table full).
+ * Process context. */
+int tb_backstop_protect(const struct tb_net_info *info);
+/* Forgets every protected service (the policy generation moved). */
+void tb_backstop_forget(void);
+#define TB_MARK_PLAIN 1	/* its verdict allows plaintext */
+#define TB_MARK_CHANNEL 2	/* its verdict requires a channel (no key yet) */
+#define TB_MARK_BOUND 3		/* its channel key is installed */
+/* Marks info->sock's socket as qualified (TB_MARK_*) until its connection
+ * ends (TCP_CLOSE after tcp_close()). 0 or -ENOMEM. Process context. */
+int tb_backstop_mark(const struct tb_net_info *info, u32 kind);
+/* Adds the backstop's counters to the debugfs directory (may be NULL). */
+struct dentry;
+void tb_backstop_debugfs(struct dentry *dir);
 
 /* --- UNIX-domain connect qualification (ftrace IPMODIFY wrapper) ------- */
 

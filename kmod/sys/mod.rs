@@ -26,14 +26,16 @@ mod bindings {
 }
 
 use bindings::{
-    linux_binprm, tb_bprm_info, tb_bprm_is_interp, tb_bprm_is_native_elf, tb_bprm_path,
+    linux_binprm, tb_backstop_debugfs, tb_backstop_forget, tb_backstop_mark, tb_backstop_protect,
+    tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp, tb_bprm_is_native_elf, tb_bprm_path,
     tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove, tb_debugfs_u64, tb_dev_deregister,
     tb_dev_register, tb_dev_wake_readers, tb_exec_register, tb_exec_unregister,
-    tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hash_task_exe, tb_hashers as RawHashers, tb_hashers_alloc,
-    tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_ktls_install, tb_ktls_prepare,
-    tb_loader_gate_start, tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin,
-    tb_module_unpin, tb_net_hooks_start, tb_net_hooks_stop, tb_now_ms, tb_path_info, tb_path_name,
-    tb_set_nice_current, tb_sock_id, tb_unix_hooks_start, tb_unix_hooks_stop,
+    tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hash_task_exe, tb_hashers as RawHashers,
+    tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_idle_kick,
+    tb_ktls_install, tb_ktls_prepare, tb_loader_gate_start, tb_loader_gate_stop,
+    tb_loader_gate_watch, tb_module_pin, tb_module_unpin, tb_net_hooks_start, tb_net_hooks_stop,
+    tb_now_ms, tb_path_info, tb_path_name, tb_set_nice_current, tb_sock_counts, tb_sock_id,
+    tb_sock_idle_end, tb_sock_ref, tb_sock_unref, tb_unix_hooks_start, tb_unix_hooks_stop,
 };
 
 /// One UNIX-domain connect the wrapper asks about.
@@ -58,6 +60,62 @@ pub(crate) fn econnreset() -> Error {
     Error::from_errno(-(kernel::bindings::ECONNRESET as i32))
 }
 
+/// What the netfilter backstop does (`helpers.c`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Backstop {
+    /// Nothing (disabled mode, or connects not qualified).
+    Off = bindings::TB_BACKSTOP_OFF as isize,
+    /// Counts what it would drop (permissive mode).
+    Count = bindings::TB_BACKSTOP_COUNT as isize,
+    /// Drops (enforce mode).
+    Drop = bindings::TB_BACKSTOP_DROP as isize,
+}
+
+/// Sets what the netfilter backstop does from now on.
+pub(crate) fn backstop_set(mode: Backstop) {
+    // SAFETY: An atomic store; any context.
+    // CAST: the discriminants are the small TB_BACKSTOP_* values.
+    unsafe { tb_backstop_set_mode(mode as u32) }
+}
+
+/// Records `info`'s destination (the peer of a connect, the local end of
+/// an accept) as a protected service: plaintext to or from it is dropped.
+/// `Ok(true)` if it was new.
+pub(crate) fn backstop_protect(info: &NetInfo) -> Result<bool> {
+    // SAFETY: `info` is a valid `tb_net_info` (read only); process
+    // context, no spinlock held (the wrappers' contract).
+    let r = unsafe { tb_backstop_protect(info) };
+    to_result(r.min(0)).map(|()| r > 0)
+}
+
+/// Forgets every protected service (the policy generation moved).
+pub(crate) fn backstop_forget() {
+    // SAFETY: Takes the table's own lock; process context (the device's
+    // write path).
+    unsafe { tb_backstop_forget() }
+}
+
+/// How the netfilter backstop knows a qualified socket.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Mark {
+    /// Its verdict allows plaintext.
+    Plain = bindings::TB_MARK_PLAIN as isize,
+    /// Its verdict requires a channel; no key yet (payload dropped).
+    Channel = bindings::TB_MARK_CHANNEL as isize,
+    /// Its channel key is installed.
+    Bound = bindings::TB_MARK_BOUND as isize,
+}
+
+/// Marks the socket `info` names as qualified until its connection ends.
+pub(crate) fn backstop_mark(info: &NetInfo, mark: Mark) {
+    // SAFETY: `info.sock` is the live socket of the wrapper running this
+    // call; process context, no spinlock held (the wrappers' contract).
+    // A failure (no memory) is counted by the C side: the socket stays
+    // unmarked, which only matters for protected services (fail closed).
+    // CAST: the discriminants are the small TB_MARK_* values.
+    let _ = unsafe { tb_backstop_mark(info, mark as u32) };
+}
+
 /// Attaches the "tls" ULP to the socket `info` names, without keys (it
 /// goes on as plain TCP until [`ktls_install`]). `EEXIST` when a ULP is
 /// attached already.
@@ -79,6 +137,7 @@ pub(crate) fn ktls_install(info: &NetInfo, key: &crate::proto::ChannelKey) -> Re
         tx_iv: key.tx_iv,
         rx_salt: key.rx_salt,
         rx_iv: key.rx_iv,
+        tls12: u8::from(key.tls == crate::proto::ChannelTls::Tls12),
     };
     // SAFETY: `info.sock` is the live socket of the connect or accept
     // wrapper running this call (it holds a reference on it until it
@@ -96,6 +155,63 @@ pub(crate) fn sock_id(info: &NetInfo) -> usize {
     let id = unsafe { tb_sock_id(info.sock) };
     // CAST: `unsigned long` and `usize` are both pointer-sized here.
     id as usize
+}
+
+/// Takes a reference on the socket `sk` ([`sock_id`]).
+///
+/// # Safety
+///
+/// `sk` is a live socket's identity: its wrapper is running, or a
+/// reference taken here is held.
+pub(crate) unsafe fn sock_ref(sk: usize) {
+    // SAFETY: A live `struct sock` by the function's contract.
+    // CAST: `usize` and `unsigned long` are both pointer-sized here.
+    unsafe { tb_sock_ref(sk as kernel::ffi::c_ulong) }
+}
+
+/// Drops a reference [`sock_ref`] took (the socket may be freed).
+///
+/// # Safety
+///
+/// The caller owns a reference on `sk` taken with [`sock_ref`], and gives
+/// it up.
+pub(crate) unsafe fn sock_unref(sk: usize) {
+    // SAFETY: The caller's reference keeps `sk` live until this put.
+    // CAST: as in `sock_ref`.
+    unsafe { tb_sock_unref(sk as kernel::ffi::c_ulong) }
+}
+
+/// The TCP payload bytes the socket `sk` sent and received so far (TLS
+/// records included).
+///
+/// # Safety
+///
+/// `sk` is live: a reference taken with [`sock_ref`] is held.
+pub(crate) unsafe fn sock_counts(sk: usize) -> (u64, u64) {
+    let (mut sent, mut received) = (0, 0);
+    // SAFETY: Live by the contract; the helper only reads two counters.
+    // CAST: as in `sock_ref`.
+    unsafe { tb_sock_counts(sk as kernel::ffi::c_ulong, &mut sent, &mut received) };
+    (sent, received)
+}
+
+/// Resets the connection of the socket `sk` (idle too long): the peer gets
+/// a reset, the program's next call `ETIMEDOUT`.
+///
+/// # Safety
+///
+/// `sk` is live (a reference taken with [`sock_ref`] is held); process
+/// context, no spinlock held.
+pub(crate) unsafe fn sock_idle_end(sk: usize) {
+    // SAFETY: Live by the contract; tcp_abort() takes the socket's locks.
+    // CAST: as in `sock_ref`.
+    unsafe { tb_sock_idle_end(sk as kernel::ffi::c_ulong) }
+}
+
+/// Arms the idle sweep ([`crate::net::sweep_idle`] in a second).
+pub(crate) fn idle_kick() {
+    // SAFETY: Schedules the module's own delayed work; any context.
+    unsafe { tb_idle_kick() }
 }
 
 /// A file's identity (device, inode, generation, change cookie).
@@ -123,6 +239,7 @@ check_callbacks! {
     trustbind_loader_check in self: unsafe extern "C" fn(*const bindings::path) -> c_int;
     trustbind_net_check in self: unsafe extern "C" fn(*mut NetInfo) -> c_int;
     trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, u64, u64);
+    trustbind_net_idle in self: unsafe extern "C" fn() -> bool;
     trustbind_unix_wanted in self: unsafe extern "C" fn(u32) -> bool;
     trustbind_unix_check in self: unsafe extern "C" fn(*mut UnixInfo) -> c_int;
 }
@@ -636,6 +753,13 @@ extern "C" fn trustbind_net_closed(sk_id: kernel::ffi::c_ulong, sent: u64, recei
     crate::SHARED.with(|s| crate::net::closed(s, sk, sent, received));
 }
 
+/// Called by the idle sweep (a delayed work): ends idle channels; whether
+/// to sweep again.
+#[no_mangle]
+extern "C" fn trustbind_net_idle() -> bool {
+    crate::SHARED.with(crate::net::sweep_idle).unwrap_or(false)
+}
+
 /// The ftrace wrapper on `unix_stream_connect` (found by address).
 ///
 /// # Invariants
@@ -722,6 +846,9 @@ impl DebugfsDir {
             // file, which `Drop` removes before the module goes away.
             unsafe { tb_debugfs_u64(dir, name.as_char_ptr(), counter.as_ptr()) };
         }
+        // SAFETY: `dir` is ours or null (accepted); the counters are the C
+        // side's statics, which outlive the files as above.
+        unsafe { tb_backstop_debugfs(dir) };
         // INVARIANT: Created (or null) with files on `'static` counters.
         DebugfsDir { dir }
     }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 //! The sockets the PEM bound to a channel, so their close can be reported
-//! (a [`ChannelClosed`](super::ChannelClosed) record).
+//! (a [`ChannelClosed`](super::ChannelClosed) record) and an idle channel
+//! ended ([`BoundTable::sweep_idle`]).
 //!
 //! Keyed by an opaque socket identity (the `struct sock` address, which
 //! the kernel does not reuse while the socket lives: the entry is removed
@@ -28,6 +29,38 @@ pub struct BoundSocket {
     pub role: ChannelRole,
     /// When the key was installed (the caller's clock, ms).
     pub opened_ms: u64,
+    /// End the channel after this long without a byte either way (ms);
+    /// 0: never.
+    pub idle_ms: u64,
+    /// Bytes the socket had moved (both ways) when last looked at.
+    pub activity: u64,
+    /// When `activity` last changed (or the key was installed).
+    pub active_ms: u64,
+}
+
+impl BoundSocket {
+    /// A placeholder (no channel), e.g. to fill an output buffer.
+    pub const NONE: BoundSocket = BoundSocket {
+        channel_id: 0,
+        key_id: [0; CHANNEL_KEY_ID_LEN],
+        role: ChannelRole::Connect,
+        opened_ms: 0,
+        idle_ms: 0,
+        activity: 0,
+        active_ms: 0,
+    };
+
+    /// Looks at the socket's `activity` (bytes moved either way so far) at
+    /// `now_ms`: a change restarts the idle clock. Whether the channel has
+    /// now been idle for its whole timeout.
+    pub fn idle(&mut self, now_ms: u64, activity: u64) -> bool {
+        if activity != self.activity {
+            self.activity = activity;
+            self.active_ms = now_ms;
+            return false;
+        }
+        self.idle_ms != 0 && now_ms.saturating_sub(self.active_ms) >= self.idle_ms
+    }
 }
 
 /// A slot: a socket identity (0: free) and what it was bound to.
@@ -41,12 +74,7 @@ impl Slot {
     /// A free slot.
     pub const EMPTY: Slot = Slot {
         sk: 0,
-        entry: BoundSocket {
-            channel_id: 0,
-            key_id: [0; CHANNEL_KEY_ID_LEN],
-            role: ChannelRole::Connect,
-            opened_ms: 0,
-        },
+        entry: BoundSocket::NONE,
     };
 }
 
@@ -124,6 +152,52 @@ impl<S: DerefMut<Target = [Slot]>> BoundTable<S> {
         false
     }
 
+    /// Whether `sk` is remembered.
+    pub fn contains(&self, sk: usize) -> bool {
+        sk != 0 && self.position(sk).is_some()
+    }
+
+    /// Takes out the sockets idle for their whole timeout at `now_ms`, at
+    /// most `out.len()` of them, into `out`: every entry with a timeout
+    /// reads its socket's activity (`activity(sk)`, bytes moved either way
+    /// so far; see [`BoundSocket::idle`]). Returns how many were taken and
+    /// whether entries with a timeout remain (keep sweeping).
+    pub fn sweep_idle(
+        &mut self,
+        now_ms: u64,
+        mut activity: impl FnMut(usize) -> u64,
+        out: &mut [(usize, BoundSocket)],
+    ) -> (usize, bool) {
+        let (mut n, mut timed) = (0, false);
+        for s in self.slots.iter_mut() {
+            if s.sk == 0 || s.entry.idle_ms == 0 {
+                continue;
+            }
+            if n < out.len() && s.entry.idle(now_ms, activity(s.sk)) {
+                if let Some(o) = out.get_mut(n) {
+                    *o = (s.sk, s.entry);
+                    n += 1;
+                    *s = Slot::EMPTY;
+                    self.len -= 1;
+                    continue;
+                }
+            }
+            timed = true;
+        }
+        (n, timed)
+    }
+
+    /// Forgets every socket, handing each identity to `f`.
+    pub fn drain(&mut self, mut f: impl FnMut(usize)) {
+        for s in self.slots.iter_mut() {
+            if s.sk != 0 {
+                f(s.sk);
+                *s = Slot::EMPTY;
+            }
+        }
+        self.len = 0;
+    }
+
     /// Forgets `sk`, returning what it was bound to.
     pub fn take(&mut self, sk: usize) -> Option<BoundSocket> {
         if sk == 0 {
@@ -154,7 +228,69 @@ mod tests {
                 ChannelRole::Accept
             },
             opened_ms: c.wrapping_mul(10),
+            idle_ms: 0,
+            activity: 0,
+            active_ms: 0,
         }
+    }
+
+    fn timed(idle_ms: u64, at: u64) -> BoundSocket {
+        BoundSocket {
+            idle_ms,
+            active_ms: at,
+            ..entry(1)
+        }
+    }
+
+    #[test]
+    fn the_idle_clock_restarts_on_traffic() {
+        let mut e = timed(1000, 0);
+        assert!(!e.idle(999, 0));
+        assert!(e.idle(1000, 0), "a whole timeout without a byte");
+        let mut e = timed(1000, 0);
+        assert!(!e.idle(900, 5), "traffic restarts the clock");
+        assert!(!e.idle(1899, 5));
+        assert!(e.idle(1900, 5));
+        let mut never = timed(0, 0);
+        assert!(!never.idle(u64::MAX, 0), "0: no timeout");
+        // A clock that went backwards never makes a channel idle.
+        let mut e = timed(1000, 5000);
+        assert!(!e.idle(10, 0));
+    }
+
+    #[test]
+    fn sweeping_takes_only_idle_timed_channels() {
+        let mut t = BoundTable::new(vec![Slot::EMPTY; 64]).unwrap();
+        assert!(t.insert(64, timed(1000, 0)));
+        assert!(t.insert(128, timed(5000, 0)));
+        assert!(t.insert(192, entry(3)));
+        assert!(t.contains(64) && !t.contains(256) && !t.contains(0));
+        let mut out = [(0, entry(0)); 4];
+        // Socket 128 moved a byte; nothing idle yet.
+        let act = |sk: usize| if sk == 128 { 1 } else { 0 };
+        assert_eq!(t.sweep_idle(500, act, &mut out), (0, true));
+        let (n, more) = t.sweep_idle(1000, act, &mut out);
+        assert_eq!((n, more), (1, true));
+        assert_eq!(out[0].0, 64);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.sweep_idle(5499, act, &mut out), (0, true));
+        assert_eq!(t.sweep_idle(5500, act, &mut out).0, 1);
+        assert_eq!(out[0].0, 128);
+        assert_eq!(
+            t.sweep_idle(9999, act, &mut out),
+            (0, false),
+            "only untimed left"
+        );
+        assert!(t.contains(192));
+        // A full `out` leaves the rest for the next sweep.
+        assert!(t.insert(64, timed(1, 0)));
+        assert!(t.insert(128, timed(1, 0)));
+        let mut one = [(0, entry(0)); 1];
+        assert_eq!(t.sweep_idle(10, |_| 0, &mut one), (1, true));
+        assert_eq!(t.sweep_idle(10, |_| 0, &mut one), (1, false));
+        let mut seen = Vec::new();
+        t.drain(|sk| seen.push(sk));
+        assert_eq!((seen, t.len()), (vec![192], 0));
     }
 
     #[test]

@@ -39,7 +39,7 @@ use core::fmt;
 /// `"TBND"` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TBND");
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// Size of the fixed [`Header`].
 pub const HEADER_LEN: usize = 24;
 /// Largest record either side may send or accept.
@@ -702,7 +702,8 @@ pub const CHANNEL_IV_LEN: usize = 8;
 /// Agent → module: the key material of one channel from this host's point
 /// of view, answering the [`NetRequest`] with the header's `request_id`
 /// (an accept, or an established connect). The module installs it as kTLS
-/// TLS 1.3 AES-256-GCM state on the socket: `TLS_TX` {`key`, `tx_iv`,
+/// AES-256-GCM state on the socket (TLS 1.3, or TLS 1.2 where the policy
+/// asks for NIC offload, [`ChannelTls`]): `TLS_TX` {`key`, `tx_iv`,
 /// `tx_salt`, record sequence 0} and `TLS_RX` {`key`, `rx_iv`, `rx_salt`,
 /// 0}; the two ends' tx and rx are crossed. Both sides zero the bytes once
 /// used: the key lives on only in the kernel's kTLS state.
@@ -722,6 +723,33 @@ pub struct ChannelKey {
     pub rx_salt: [u8; CHANNEL_SALT_LEN],
     /// What this host receives: explicit nonce part.
     pub rx_iv: [u8; CHANNEL_IV_LEN],
+    /// The kTLS record version to install.
+    pub tls: ChannelTls,
+    /// End the channel (reset the connection) after this many seconds
+    /// without a byte either way; 0: never.
+    pub idle_timeout_s: u32,
+}
+
+/// The TLS record version of a channel (the cipher is AES-256-GCM either
+/// way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChannelTls {
+    /// TLS 1.3, the default.
+    Tls13 = 0,
+    /// TLS 1.2, which NICs can offload (policy `@encrypt("offload")`).
+    Tls12 = 1,
+}
+
+impl ChannelTls {
+    /// Maps a wire value to a version.
+    pub const fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(ChannelTls::Tls13),
+            1 => Some(ChannelTls::Tls12),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Debug for ChannelKey {
@@ -730,6 +758,8 @@ impl fmt::Debug for ChannelKey {
         f.debug_struct("ChannelKey")
             .field("channel_id", &self.channel_id)
             .field("key_id", &self.key_id)
+            .field("tls", &self.tls)
+            .field("idle_timeout_s", &self.idle_timeout_s)
             .finish_non_exhaustive()
     }
 }
@@ -773,8 +803,30 @@ impl ChannelRole {
     }
 }
 
+/// Why a channel's end closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// Its socket reached `tcp_close` (the program closed it, or exited).
+    Closed = 0,
+    /// No byte moved either way for the key's `idle_timeout_s`: the module
+    /// reset the connection.
+    Idle = 1,
+}
+
+impl CloseReason {
+    /// Maps a wire value to a reason.
+    pub const fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(CloseReason::Closed),
+            1 => Some(CloseReason::Idle),
+            _ => None,
+        }
+    }
+}
+
 /// Module → agent: one end of a bound channel closed (its socket reached
-/// `tcp_close`). Not a request: the header's `request_id` is 0 and nothing
+/// `tcp_close`, or the module ended it idle). Not a request: the header's `request_id` is 0 and nothing
 /// answers it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChannelClosed {
@@ -784,6 +836,8 @@ pub struct ChannelClosed {
     pub key_id: [u8; CHANNEL_KEY_ID_LEN],
     /// This host's end.
     pub role: ChannelRole,
+    /// Why it closed.
+    pub reason: CloseReason,
     /// TCP payload bytes this end transmitted (`tcp_sock.bytes_sent`: TLS
     /// records with their headers and tags, retransmissions included, data
     /// still unsent at close not).
@@ -1037,12 +1091,16 @@ impl Record<'_> {
                 w.bytes(&k.tx_iv);
                 w.bytes(&k.rx_salt);
                 w.bytes(&k.rx_iv);
+                w.u8(k.tls as u8);
+                w.u8(0);
+                w.u16(0);
+                w.u32(k.idle_timeout_s);
             }
             Record::ChannelClosed(c) => {
                 w.u64(c.channel_id);
                 w.bytes(&c.key_id);
                 w.u8(c.role as u8);
-                w.u8(0);
+                w.u8(c.reason as u8);
                 w.u16(0);
                 w.u32(0);
                 w.u64(c.bytes_sent);
@@ -1103,11 +1161,18 @@ const GENERATION_LEN: usize = 8;
 const OBL_NICE: u8 = 1;
 const OBL_CPU: u8 = 2;
 const OBL_ENCRYPT: u8 = 4;
-/// Channel key body: channel id, key id, key, two salts and ivs.
-const CHANNEL_KEY_BODY_LEN: usize =
-    8 + CHANNEL_KEY_ID_LEN + CHANNEL_KEY_LEN + 2 * (CHANNEL_SALT_LEN + CHANNEL_IV_LEN);
+/// Channel key body: channel id, key id, key, two salts and ivs, TLS
+/// version, three pads, idle timeout.
+const CHANNEL_KEY_BODY_LEN: usize = 8
+    + CHANNEL_KEY_ID_LEN
+    + CHANNEL_KEY_LEN
+    + 2 * (CHANNEL_SALT_LEN + CHANNEL_IV_LEN)
+    + 1
+    + 1
+    + 2
+    + 4;
 
-/// Channel closed body: channel id, key id, role, three pads, bytes sent,
+/// Channel closed body: channel id, key id, role, reason, two pads, bytes sent,
 /// bytes received, duration.
 const CHANNEL_CLOSED_LEN: usize = 8 + CHANNEL_KEY_ID_LEN + 1 + 1 + 2 + 4 + 3 * 8;
 
@@ -1291,30 +1356,46 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 ancestry: Ancestry(anc),
             })
         }
-        Kind::ChannelKey => Record::ChannelKey(ChannelKey {
-            channel_id: r.u64().map_err(short)?,
-            key_id: r.array().map_err(short)?,
-            key: r.array().map_err(short)?,
-            tx_salt: r.array().map_err(short)?,
-            tx_iv: r.array().map_err(short)?,
-            rx_salt: r.array().map_err(short)?,
-            rx_iv: r.array().map_err(short)?,
-        }),
+        Kind::ChannelKey => {
+            let channel_id = r.u64().map_err(short)?;
+            let key_id = r.array().map_err(short)?;
+            let key = r.array().map_err(short)?;
+            let tx_salt = r.array().map_err(short)?;
+            let tx_iv = r.array().map_err(short)?;
+            let rx_salt = r.array().map_err(short)?;
+            let rx_iv = r.array().map_err(short)?;
+            let tls = ChannelTls::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("tls"))?;
+            if r.u8().map_err(short)? != 0 || r.u16().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            Record::ChannelKey(ChannelKey {
+                channel_id,
+                key_id,
+                key,
+                tx_salt,
+                tx_iv,
+                rx_salt,
+                rx_iv,
+                tls,
+                idle_timeout_s: r.u32().map_err(short)?,
+            })
+        }
         Kind::ChannelClosed => {
             let channel_id = r.u64().map_err(short)?;
             let key_id = r.array().map_err(short)?;
             let role = ChannelRole::from_wire(r.u8().map_err(short)?)
                 .ok_or(DecodeError::InvalidField("role"))?;
-            if r.u8().map_err(short)? != 0
-                || r.u16().map_err(short)? != 0
-                || r.u32().map_err(short)? != 0
-            {
+            let reason = CloseReason::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("reason"))?;
+            if r.u16().map_err(short)? != 0 || r.u32().map_err(short)? != 0 {
                 return Err(DecodeError::InvalidField("reserved"));
             }
             Record::ChannelClosed(ChannelClosed {
                 channel_id,
                 key_id,
                 role,
+                reason,
                 bytes_sent: r.u64().map_err(short)?,
                 bytes_received: r.u64().map_err(short)?,
                 duration_ms: r.u64().map_err(short)?,

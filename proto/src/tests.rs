@@ -93,6 +93,7 @@ fn sample_closed() -> Record<'static> {
         channel_id: 0x0102_0304_0506_0708,
         key_id: [0x33; CHANNEL_KEY_ID_LEN],
         role: ChannelRole::Accept,
+        reason: CloseReason::Idle,
         bytes_sent: 1 << 40,
         bytes_received: 12345,
         duration_ms: 999,
@@ -108,6 +109,8 @@ fn sample_key() -> ChannelKey {
         tx_iv: [5; CHANNEL_IV_LEN],
         rx_salt: [0x81, 2, 3, 4],
         rx_iv: [6; CHANNEL_IV_LEN],
+        tls: ChannelTls::Tls12,
+        idle_timeout_s: 600,
     }
 }
 
@@ -554,12 +557,14 @@ proptest! {
         channel_id in any::<u64>(),
         key_id in any::<[u8; 16]>(),
         accept in any::<bool>(),
+        idle in any::<bool>(),
         counts in any::<(u64, u64, u64)>(),
     ) {
         let rec = Record::ChannelClosed(ChannelClosed {
             channel_id,
             key_id,
             role: if accept { ChannelRole::Accept } else { ChannelRole::Connect },
+            reason: if idle { CloseReason::Idle } else { CloseReason::Closed },
             bytes_sent: counts.0,
             bytes_received: counts.1,
             duration_ms: counts.2,
@@ -615,14 +620,23 @@ proptest! {
 #[test]
 fn channel_key_layout_and_wipe() {
     let buf = enc(&Record::ChannelKey(sample_key()), 9);
-    assert_eq!(buf.len(), HEADER_LEN + 8 + 16 + 32 + 4 + 8 + 4 + 8);
-    // channel id, then key id, then the key.
+    assert_eq!(buf.len(), HEADER_LEN + 8 + 16 + 32 + 4 + 8 + 4 + 8 + 8);
+    // channel id, then key id, then the key; TLS version and idle timeout
+    // last.
     assert_eq!(
         &buf[HEADER_LEN..HEADER_LEN + 8],
         &0x0102_0304_0506_0708u64.to_le_bytes()
     );
     assert_eq!(&buf[HEADER_LEN + 8..HEADER_LEN + 24], &[0x11; 16]);
     assert_eq!(&buf[HEADER_LEN + 24..HEADER_LEN + 56], &[0x22; 32]);
+    let tail = HEADER_LEN + 80;
+    assert_eq!(buf[tail], ChannelTls::Tls12 as u8);
+    assert_eq!(&buf[tail + 4..tail + 8], &600u32.to_le_bytes());
+    for (off, field) in [(0, "tls"), (1, "reserved"), (2, "reserved")] {
+        let mut bad = buf.clone();
+        bad[tail + off] = 7;
+        assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
+    }
     let Ok((_, Record::ChannelKey(mut k))) = decode(&buf) else {
         panic!("a channel key decodes")
     };
@@ -666,18 +680,19 @@ fn channel_closed_layout_and_checks() {
     assert_eq!(u16::from_le_bytes([buf[6], buf[7]]), 9);
     assert_eq!(&buf[HEADER_LEN + 8..HEADER_LEN + 24], &[0x33; 16]);
     assert_eq!(buf[HEADER_LEN + 24], ChannelRole::Accept as u8);
+    assert_eq!(buf[HEADER_LEN + 25], CloseReason::Idle as u8);
     assert_eq!(
         &buf[HEADER_LEN + 32..HEADER_LEN + 40],
         &(1u64 << 40).to_le_bytes()
     );
     for (off, field) in [
         (24, "role"),
-        (25, "reserved"),
+        (25, "reason"),
         (27, "reserved"),
         (31, "reserved"),
     ] {
         let mut bad = buf.clone();
-        bad[HEADER_LEN + off] = if off == 24 { 3 } else { 1 };
+        bad[HEADER_LEN + off] = if off <= 25 { 3 } else { 1 };
         assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
     }
     assert_eq!(Kind::from_wire(9), Some(Kind::ChannelClosed));

@@ -9,7 +9,7 @@ use tonic::Status;
 
 use super::pb;
 use super::service::Answer;
-use crate::channels::{ChannelKey, Direction, Role};
+use crate::channels::{ChannelKey, ChannelTerms, Direction, Role};
 use crate::policy::Verdict;
 use crate::request::{Action, FiveTuple, Program, Proto, QualifyRequest, Subject, Target};
 use crate::store::{hex, AgentRecord};
@@ -310,7 +310,12 @@ pub fn result(id: u64, a: &Answer) -> pb::Result {
 /// connecting side sends client-to-server and receives server-to-client,
 /// the accepting side the reverse. The returned message holds key bytes:
 /// hand it to [`super::Hub::push`] and drop it.
-pub fn channel_key_push(channel_id: u64, key: &ChannelKey, role: Role) -> pb::push::Kind {
+pub fn channel_key_push(
+    channel_id: u64,
+    key: &ChannelKey,
+    role: Role,
+    terms: ChannelTerms,
+) -> pb::push::Kind {
     let (tx, rx, role) = match role {
         Role::Connect => (
             key.material(Direction::ClientToServer),
@@ -332,6 +337,8 @@ pub fn channel_key_push(channel_id: u64, key: &ChannelKey, role: Role) -> pb::pu
         rx_iv: rx.iv.to_vec(),
         rx_salt: rx.salt.to_vec(),
         role: role.into(),
+        tls12: terms.tls12,
+        idle_timeout_s: terms.idle_timeout_s,
     })
 }
 

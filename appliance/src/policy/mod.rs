@@ -25,7 +25,49 @@ pub use err::PolicyError;
 use crate::store::{hex, Mode};
 
 /// Annotations that become obligations when on a determining permit policy.
-pub const OBLIGATIONS: &[&str] = &["encrypt", "nice", "cpu_limit_s", "alert", "log_level"];
+pub const OBLIGATIONS: &[&str] = &[
+    "encrypt",
+    "channel_idle_s",
+    "nice",
+    "cpu_limit_s",
+    "alert",
+    "log_level",
+];
+
+/// Values `@encrypt` may take: a channel with TLS 1.3 records, or with
+/// TLS 1.2 records (which NICs can offload).
+pub const ENCRYPT_VALUES: &[&str] = &["required", "offload"];
+
+/// Checks the values of the channel obligations of every policy in `set`:
+/// `@encrypt` one of [`ENCRYPT_VALUES`], `@channel_idle_s` a whole number
+/// of seconds (1 to 2^31 − 1).
+fn check_obligations(set: &PolicySet) -> Result<(), PolicyError> {
+    let mut bad = Vec::new();
+    for p in set.policies() {
+        let id = p
+            .annotation("id")
+            .map_or_else(|| p.id().to_string(), str::to_owned);
+        if let Some(v) = p.annotation("encrypt") {
+            if !ENCRYPT_VALUES.contains(&v) {
+                bad.push(format!(
+                    "policy `{id}`: @encrypt(\"{v}\"): expected \"required\" or \"offload\""
+                ));
+            }
+        }
+        if let Some(v) = p.annotation("channel_idle_s") {
+            if !matches!(v.parse::<u32>(), Ok(1..=0x7fff_ffff)) {
+                bad.push(format!(
+                    "policy `{id}`: @channel_idle_s(\"{v}\"): expected whole seconds, 1 to 2147483647"
+                ));
+            }
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyError::Validation(bad.join("; ")))
+    }
+}
 
 /// A validated policy set and its ruleset identity.
 #[derive(Debug)]
@@ -52,6 +94,7 @@ pub fn validate(schema: &Schema, text: &str) -> Result<LoadedPolicy, PolicyError
         let msgs: Vec<String> = result.validation_errors().map(|e| e.to_string()).collect();
         return Err(PolicyError::Validation(msgs.join("; ")));
     }
+    check_obligations(&set)?;
     let identity = hex(&Sha256::digest(text.as_bytes()));
     Ok(LoadedPolicy { set, identity })
 }

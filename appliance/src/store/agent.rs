@@ -81,6 +81,29 @@ pub struct CloseReport {
     pub bytes_received: u64,
     /// From key installation to close, ms.
     pub duration_ms: u64,
+    /// Why the end closed (agents before idle timeouts send none).
+    #[serde(default)]
+    pub reason: CloseReason,
+}
+
+/// Why an end closed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloseReason {
+    /// Its program closed the socket (or exited).
+    #[default]
+    Closed,
+    /// The module ended the channel after its idle timeout.
+    Idle,
+}
+
+impl CloseReason {
+    fn name(self) -> &'static str {
+        match self {
+            CloseReason::Closed => "closed",
+            CloseReason::Idle => "idle",
+        }
+    }
 }
 
 /// Which end closed.
@@ -125,14 +148,14 @@ fn close_channel_end(
     let (sql, role) = match c.role {
         CloseRole::Connect => (
             "UPDATE channels SET connect_closed_ms = ?1, connect_bytes_sent = ?2,
-                 connect_bytes_received = ?3, connect_duration_ms = ?4,
+                 connect_bytes_received = ?3, connect_duration_ms = ?4, connect_reason = ?7,
                  closed_ms = COALESCE(closed_ms, ?1)
              WHERE key_id = ?5 AND src_host = ?6 AND connect_closed_ms IS NULL",
             c.role.name(),
         ),
         CloseRole::Accept => (
             "UPDATE channels SET accept_closed_ms = ?1, accept_bytes_sent = ?2,
-                 accept_bytes_received = ?3, accept_duration_ms = ?4,
+                 accept_bytes_received = ?3, accept_duration_ms = ?4, accept_reason = ?7,
                  closed_ms = COALESCE(closed_ms, ?1)
              WHERE key_id = ?5 AND dst_host = ?6 AND accept_closed_ms IS NULL",
             c.role.name(),
@@ -146,7 +169,8 @@ fn close_channel_end(
             sql_i64(c.bytes_received),
             sql_i64(c.duration_ms),
             c.key_id,
-            host
+            host,
+            c.reason.name()
         ],
     )?;
     let ev = AuditEvent::new(
@@ -160,6 +184,7 @@ fn close_channel_end(
             "bytes_sent": c.bytes_sent,
             "bytes_received": c.bytes_received,
             "duration_ms": c.duration_ms,
+            "reason": c.reason.name(),
             "matched": n == 1,
             "report_id": report_id,
             "host_at_ms": host_at_ms,

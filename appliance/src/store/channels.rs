@@ -18,6 +18,9 @@ pub struct ChannelEnd {
     pub bytes_received: i64,
     /// From key installation to close on that host, ms.
     pub duration_ms: i64,
+    /// `closed` (the program closed its socket, or exited) or `idle` (the
+    /// module ended the channel after its idle timeout).
+    pub reason: String,
 }
 
 /// A channel (never its key).
@@ -48,12 +51,14 @@ fn end(
     sent: Option<i64>,
     received: Option<i64>,
     duration: Option<i64>,
+    reason: Option<String>,
 ) -> Option<ChannelEnd> {
     Some(ChannelEnd {
         closed_ms: closed?,
         bytes_sent: sent.unwrap_or(0),
         bytes_received: received.unwrap_or(0),
         duration_ms: duration.unwrap_or(0),
+        reason: reason.unwrap_or_else(|| "closed".into()),
     })
 }
 
@@ -70,8 +75,8 @@ impl Store {
         let mut stmt = conn.prepare_cached(
             "SELECT id, key_id, src_host, dst_host, tuple, opened_ms, closed_ms,
                     connect_closed_ms, connect_bytes_sent, connect_bytes_received,
-                    connect_duration_ms, accept_closed_ms, accept_bytes_sent,
-                    accept_bytes_received, accept_duration_ms
+                    connect_duration_ms, connect_reason, accept_closed_ms, accept_bytes_sent,
+                    accept_bytes_received, accept_duration_ms, accept_reason
              FROM channels WHERE id > ?1 AND (?2 = 0 OR closed_ms IS NULL)
              ORDER BY id LIMIT ?3",
         )?;
@@ -84,8 +89,8 @@ impl Store {
                 tuple: r.get(4)?,
                 opened_ms: r.get(5)?,
                 closed_ms: r.get(6)?,
-                connect: end(r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?),
-                accept: end(r.get(11)?, r.get(12)?, r.get(13)?, r.get(14)?),
+                connect: end(r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?),
+                accept: end(r.get(12)?, r.get(13)?, r.get(14)?, r.get(15)?, r.get(16)?),
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)

@@ -146,10 +146,12 @@ ALTER TABLE channels ADD COLUMN connect_closed_ms INTEGER;
 ALTER TABLE channels ADD COLUMN connect_bytes_sent INTEGER;
 ALTER TABLE channels ADD COLUMN connect_bytes_received INTEGER;
 ALTER TABLE channels ADD COLUMN connect_duration_ms INTEGER;
+ALTER TABLE channels ADD COLUMN connect_reason TEXT;
 ALTER TABLE channels ADD COLUMN accept_closed_ms INTEGER;
 ALTER TABLE channels ADD COLUMN accept_bytes_sent INTEGER;
 ALTER TABLE channels ADD COLUMN accept_bytes_received INTEGER;
 ALTER TABLE channels ADD COLUMN accept_duration_ms INTEGER;
+ALTER TABLE channels ADD COLUMN accept_reason TEXT;
 CREATE INDEX channels_open ON channels (closed_ms);
 "#,
 ];

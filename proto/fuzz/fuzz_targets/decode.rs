@@ -3,8 +3,8 @@
 //! Every kind is reached (the header's kind is two of the fuzzed bytes);
 //! for the variable-length ones (`ExecRequest`, `NetRequest`, `IpcRequest`) the limits
 //! the decoder promises are checked too, and a `ChannelKey`'s `wipe()`
-//! leaves no key material; a `ChannelClosed` re-encodes with its reserved
-//! bytes zero.
+//! leaves no key material but keeps its TLS version and idle timeout; a
+//! `ChannelClosed` re-encodes with its reserved bytes zero.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -33,11 +33,12 @@ fuzz_target!(|data: &[u8]| {
                 w.wipe();
                 assert!(w.key.iter().chain(&w.tx_iv).chain(&w.rx_iv).all(|&b| b == 0));
                 assert_eq!((w.channel_id, w.key_id), (k.channel_id, k.key_id));
+                assert_eq!((w.tls, w.idle_timeout_s), (k.tls, k.idle_timeout_s));
             }
             Record::ChannelClosed(_) => {
                 let mut out = vec![0u8; record.encoded_len()];
                 record.encode(0, &mut out).expect("encodes");
-                assert!(out[HEADER_LEN + 25..HEADER_LEN + 32].iter().all(|&b| b == 0));
+                assert!(out[HEADER_LEN + 26..HEADER_LEN + 32].iter().all(|&b| b == 0));
             }
             _ => {}
         }

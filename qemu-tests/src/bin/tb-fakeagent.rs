@@ -9,7 +9,7 @@
 //!              [--allow-dir DIR]... [--allow FILE]... [--no-cache]
 //!              [--nice-path PATH:N]... [--net] [--net-allow FILE]...
 //!              [--deny-loader-direct] [--net-bind [--net-no-key]
-//!              [--net-key-delay-ms N]]
+//!              [--net-key-delay-ms N] [--net-tls12] [--net-idle-s N]]
 //!              [--unix-allow CLIENT_FILE:SERVER_FILE]...
 //!              --log FILE
 //! ```
@@ -32,7 +32,8 @@
 //! `/dev/urandom`; the line ends `-> key <channel id> <key id hex>`. With
 //! `--net-no-key` established connects get a deny verdict instead of a key
 //! (the module must reset them); `--net-key-delay-ms N` answers an
-//! established connect's key N ms late.
+//! established connect's key N ms late; `--net-tls12` keys channels for
+//! TLS 1.2 records, `--net-idle-s N` with an idle timeout of N seconds.
 //! With `--unix-allow` (implies `--net`) UNIX-domain connects are allowed
 //! for the named (client program, server program) pairs, by hash, and
 //! denied for any other pair; each becomes one line:
@@ -41,7 +42,7 @@
 //! named by `--nice-path` is allowed with the condition "nice N".
 //! Its `Hello` announces `AGENT_VERSION_CLOSE_RECORDS`, so the module
 //! reports each bound socket's close; each becomes one line:
-//! `closed <channel id> <key id hex> connect|accept sent=<n> received=<n> ms=<n>`.
+//! `closed <channel id> <key id hex> connect|accept sent=<n> received=<n> ms=<n> closed|idle`.
 //! SIGUSR1 moves the policy generation by one (a `Generation` record, logged
 //! as `generation <n>`), as the appliance does on a policy switch.
 //! On SIGTERM or SIGINT it sets the module to disabled mode before it
@@ -56,9 +57,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 use trustbind_proto::{
-    self as proto, ChannelKey, ChannelRole, Config, Decision, Family, Generation, Hello,
-    IpcRequest, Mode,
-    NetKind, NetRequest, Obligations, ProgramSource, Record, Verdict,
+    self as proto, ChannelKey, ChannelRole, ChannelTls, CloseReason, Config, Decision, Family,
+    Generation, Hello, IpcRequest, Mode, NetKind, NetRequest, Obligations, ProgramSource, Record,
+    Verdict,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -194,6 +195,7 @@ fn run() -> Result<(), String> {
     let mut net_bind = false;
     let mut net_no_key = false;
     let mut key_delay_ms = 0u64;
+    let mut terms = (ChannelTls::Tls13, 0u32);
     let mut unix_allow: HashSet<([u8; 32], [u8; 32])> = HashSet::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -232,6 +234,8 @@ fn run() -> Result<(), String> {
             }
             "--net-bind" => net_bind = true,
             "--net-no-key" => net_no_key = true,
+            "--net-tls12" => terms.0 = ChannelTls::Tls12,
+            "--net-idle-s" => terms.1 = val()?.parse().map_err(|e| format!("--net-idle-s: {e}"))?,
             "--net-key-delay-ms" => {
                 key_delay_ms = val()?
                     .parse()
@@ -332,7 +336,7 @@ fn run() -> Result<(), String> {
                     if r.kind == NetKind::Established && key_delay_ms > 0 {
                         std::thread::sleep(std::time::Duration::from_millis(key_delay_ms));
                     }
-                    let (key, id) = channels.key_for(&r)?;
+                    let (key, id) = channels.key_for(&r, terms)?;
                     writeln!(
                         log,
                         "{} key {id} {}",
@@ -369,7 +373,7 @@ fn run() -> Result<(), String> {
             Record::ChannelClosed(c) => {
                 writeln!(
                     log,
-                    "closed {} {} {} sent={} received={} ms={}",
+                    "closed {} {} {} sent={} received={} ms={} {}",
                     c.channel_id,
                     hex(&c.key_id),
                     match c.role {
@@ -378,7 +382,11 @@ fn run() -> Result<(), String> {
                     },
                     c.bytes_sent,
                     c.bytes_received,
-                    c.duration_ms
+                    c.duration_ms,
+                    match c.reason {
+                        CloseReason::Closed => "closed",
+                        CloseReason::Idle => "idle",
+                    }
                 )
                 .ok();
                 log.flush().ok();
@@ -461,7 +469,11 @@ struct Channels {
 }
 
 impl Channels {
-    fn key_for(&mut self, r: &NetRequest<'_>) -> Result<(ChannelKey, u64), String> {
+    fn key_for(
+        &mut self,
+        r: &NetRequest<'_>,
+        (tls, idle_timeout_s): (ChannelTls, u32),
+    ) -> Result<(ChannelKey, u64), String> {
         let tuple = (r.src_addr, r.src_port, r.dst_addr, r.dst_port);
         if !self.by_tuple.contains_key(&tuple) {
             let mut m = [0u8; 80];
@@ -490,6 +502,8 @@ impl Channels {
                 tx_iv: arr8(tx_iv),
                 rx_salt: arr4(rx_salt),
                 rx_iv: arr8(rx_iv),
+                tls,
+                idle_timeout_s,
             },
             id,
         ))

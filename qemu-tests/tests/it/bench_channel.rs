@@ -6,8 +6,9 @@
 //! Throughput: `iperf3` from `a` to `b` over plaintext TCP (port 5201, a
 //! policy permit without `encrypt`), over a Trustbind channel (port 7201,
 //! `@encrypt("required")`: kTLS TLS 1.3 AES-256-GCM installed by both
-//! kernels), and over a WireGuard tunnel between the same two VMs
-//! (plaintext TCP inside it). Connect latency: a perl client making
+//! kernels), over a WireGuard tunnel between the same two VMs
+//! (plaintext TCP inside it), and over a channel with TLS 1.2 records
+//! (port 7204, `@encrypt("offload")`; software here: no offload NIC). Connect latency: a perl client making
 //! sequential connects to a perl server (accept, close) with the hosts'
 //! group in disabled mode (nothing asked: the PEM's baseline), in enforce
 //! mode to a plaintext port (each end asked of the appliance), and to a
@@ -26,8 +27,9 @@ const SECONDS: u32 = 8;
 /// Sequential connects per latency run.
 const CONNECTS: u32 = 20;
 
-/// Plaintext on 5201 and 7203, channels on 7201 and 7202 (iperf3 and the
-/// perl pair are in both channel groups).
+/// Plaintext on 5201 and 7203, channels on 7201 and 7202, a TLS 1.2
+/// (`@encrypt("offload")`) channel on 7204 (iperf3 and the perl pair are
+/// in both channel groups).
 const POLICY: &str = r#"
 @id("bench-plain")
 permit (
@@ -61,6 +63,32 @@ permit (
 )
 when {
     (resource.port == 7201 || resource.port == 7202) &&
+    context.program in Trustbind::ProgramGroup::"channel-servers" &&
+    context has peer_program &&
+    context.peer_program in Trustbind::ProgramGroup::"channel-clients"
+};
+
+@id("bench-offload-connect")
+@encrypt("offload")
+permit (
+    principal,
+    action == Trustbind::Action::"connect",
+    resource
+)
+when {
+    resource.port == 7204 &&
+    context.program in Trustbind::ProgramGroup::"channel-clients"
+};
+
+@id("bench-offload-accept")
+@encrypt("offload")
+permit (
+    principal,
+    action == Trustbind::Action::"accept",
+    resource
+)
+when {
+    resource.port == 7204 &&
     context.program in Trustbind::ProgramGroup::"channel-servers" &&
     context has peer_program &&
     context.peer_program in Trustbind::ProgramGroup::"channel-clients"
@@ -194,6 +222,11 @@ fn bench_channel() -> Result<()> {
         .to_owned();
     iperf_server(&mut s.b, 5201)?;
     rows.push(("WireGuard", iperf(&mut s.a, "10.200.0.2", 5201)?));
+    iperf_server(&mut s.b, 7204)?;
+    rows.push((
+        "Trustbind channel, TLS 1.2 records (offload terms; no offload NIC here)",
+        iperf(&mut s.a, &b_ip, 7204)?,
+    ));
 
     let plain = connect_ms(&mut s.a, &mut s.b, 7203)?;
     let channel = connect_ms(&mut s.a, &mut s.b, 7202)?;

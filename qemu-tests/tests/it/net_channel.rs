@@ -31,7 +31,7 @@ use crate::exec::{counter, host_with_module, start_agent_with, stop_agent, AGENT
 use crate::kernel_lines;
 use crate::net_qualify::{dmesg_has, serve, wait_listening, wait_received};
 
-const CANARY: &str = "TRUSTBIND-PLAINTEXT-CANARY";
+pub(crate) const CANARY: &str = "TRUSTBIND-PLAINTEXT-CANARY";
 
 /// Exec'able (by hash) but not allowed on the network: a copy of perl one
 /// byte longer.
@@ -58,7 +58,7 @@ fn agent_args(extra: &str) -> String {
 }
 
 /// Starts a capture of TCP port `port` on `lo` into `pcap`.
-fn capture(vm: &mut Vm, port: u16, pcap: &str) -> Result<()> {
+pub(crate) fn capture(vm: &mut Vm, port: u16, pcap: &str) -> Result<()> {
     vm.spawn_bg(&format!(
         "exec tcpdump -i lo --immediate-mode -U -n -w {pcap} tcp port {port} 2>{pcap}.log"
     ))?;
@@ -77,7 +77,7 @@ fn capture(vm: &mut Vm, port: u16, pcap: &str) -> Result<()> {
 
 /// Stops every capture and counts, in `pcap`, plaintext canaries and TLS
 /// application-data record headers (`17 03 03`).
-fn captured(vm: &mut Vm, pcap: &str) -> Result<(u64, u64)> {
+pub(crate) fn captured(vm: &mut Vm, pcap: &str) -> Result<(u64, u64)> {
     vm.run_ok("sleep 1; pkill -INT -x tcpdump; sleep 1")?;
     let canaries = vm
         .run_ok(&format!("grep -a -o {CANARY} {pcap} | wc -l"))?

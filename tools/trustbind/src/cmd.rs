@@ -602,7 +602,13 @@ pub(crate) fn channel_rows(v: &Value) -> Vec<Vec<String>> {
                         format!("{} -> {}", field(c, "src_host"), field(c, "dst_host")),
                         field(c, "tuple"),
                         ms(c, "opened_ms"),
-                        ms(c, "closed_ms"),
+                        match ["connect", "accept"].iter().find(|e| {
+                            c.get(**e).and_then(|end| end.get("reason"))
+                                == Some(&Value::from("idle"))
+                        }) {
+                            Some(e) => format!("{} (idle, {e} end)", ms(c, "closed_ms")),
+                            None => ms(c, "closed_ms"),
+                        },
                         format!("{} / {}", end_bytes(c, "connect"), end_bytes(c, "accept")),
                     ]
                 })
@@ -936,5 +942,29 @@ impl<W: std::io::Write> std::io::Write for CountingWriter<W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_rows_show_ends_bytes_and_an_idle_end() {
+        let v = json!({"channels": [
+            {"id": 1, "key_id": "ab", "src_host": "a", "dst_host": "b", "tuple": "t",
+             "opened_ms": 0, "closed_ms": 1000,
+             "connect": {"closed_ms": 1000, "bytes_sent": 12, "bytes_received": 3,
+                         "duration_ms": 1, "reason": "closed"},
+             "accept": {"closed_ms": 1000, "bytes_sent": 3, "bytes_received": 13,
+                        "duration_ms": 1, "reason": "idle"}},
+            {"id": 2, "key_id": "cd", "src_host": "a", "dst_host": "b", "tuple": "u",
+             "opened_ms": 0, "closed_ms": null, "connect": null, "accept": null}
+        ]});
+        let rows = channel_rows(&v);
+        assert_eq!(rows[0][2], "a -> b");
+        assert_eq!(rows[0][5], "1970-01-01 00:00:01 (idle, accept end)");
+        assert_eq!(rows[0][6], "12 / 3");
+        assert_eq!((rows[1][5].as_str(), rows[1][6].as_str()), ("-", "- / -"));
     }
 }

@@ -473,6 +473,13 @@ impl Channel {
                     }
                 );
             }
+            Record::Peers(p) => match sys::backstop_peers(&p) {
+                Ok(()) => pr_info!("protected hosts: {}\n", p.len()),
+                Err(e) => {
+                    pr_warn!("protected hosts not updated: errno {}\n", e.to_errno());
+                    return Err(e);
+                }
+            },
             Record::Generation(g) => {
                 crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
                 // Protected services were learned under the old policy.

@@ -408,11 +408,71 @@ impl DeviceWriter {
         let rec = Record::Generation(Generation { policy_generation });
         self.send(&rec, 3, "write Generation")
     }
+
+    /// Tells the module the protected hosts' addresses (at most
+    /// [`proto::MAX_PEERS`]; the rest are left out).
+    pub fn peers(&mut self, addrs: &[IpAddr]) -> Result<(), DeviceError> {
+        let bytes = peer_entries(addrs);
+        let peers =
+            proto::Peers::new(&bytes).map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
+        self.send(&Record::Peers(peers), 4, "write Peers")
+    }
+}
+
+/// The module's encoding of `addrs` (IPv4-mapped IPv6 as IPv4, as the
+/// module names connection ends), at most [`proto::MAX_PEERS`].
+pub fn peer_entries(addrs: &[IpAddr]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for a in addrs.iter().take(proto::MAX_PEERS) {
+        let (family, bytes) = match a {
+            IpAddr::V4(v4) => (Family::Ipv4, v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => (Family::Ipv4, v4.octets()),
+                None => {
+                    out.extend_from_slice(&proto::Peers::entry(Family::Ipv6, &v6.octets()));
+                    continue;
+                }
+            },
+        };
+        let mut a16 = [0u8; 16];
+        a16[..4].copy_from_slice(&bytes);
+        out.extend_from_slice(&proto::Peers::entry(family, &a16));
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_addresses_become_the_modules_entries() {
+        let addrs: Vec<IpAddr> = ["10.99.0.11", "::ffff:10.99.0.12", "fd00::1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let bytes = peer_entries(&addrs);
+        let got: Vec<(Family, [u8; 16])> = proto::Peers::new(&bytes).unwrap().iter().collect();
+        let v4 = |a: [u8; 4]| {
+            let mut x = [0u8; 16];
+            x[..4].copy_from_slice(&a);
+            x
+        };
+        let v6: Ipv6Addr = "fd00::1".parse().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (Family::Ipv4, v4([10, 99, 0, 11])),
+                (Family::Ipv4, v4([10, 99, 0, 12])),
+                (Family::Ipv6, v6.octets()),
+            ]
+        );
+        let many: Vec<IpAddr> = (0..300u32).map(|i| IpAddr::V4(Ipv4Addr::from(i))).collect();
+        assert_eq!(
+            peer_entries(&many).len(),
+            proto::MAX_PEERS * proto::PEER_LEN
+        );
+    }
 
     #[test]
     fn addresses_are_spelled_as_the_appliance_parses_them() {

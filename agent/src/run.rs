@@ -1132,6 +1132,22 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
                 .keys
                 .put(d.channel_id, Pushed::Denied(d.reason), Instant::now());
         }
+        push::Kind::Peers(p) => {
+            let mut addrs: Vec<std::net::IpAddr> = Vec::new();
+            for a in &p.addrs {
+                match a.parse() {
+                    Ok(ip) if !addrs.contains(&ip) => addrs.push(ip),
+                    Ok(_) => {}
+                    Err(_) => shared.error(format!("appliance sent a bad peer address `{a}`")),
+                }
+            }
+            let mut w = shared.lock();
+            if let Err(e) = w.writer.peers(&addrs) {
+                w.status.last_error = e.to_string();
+            }
+            drop(w);
+            log(&format!("protected hosts: {}", addrs.len()));
+        }
         push::Kind::Ping(_) => {}
     }
     Ok(())

@@ -465,6 +465,12 @@ async fn generation_change_is_pushed_on_the_stream() {
         other => panic!("first push is {other:?}"),
     };
     assert_eq!(g0, app.api.store.governing().unwrap().generation);
+    // Then the protected hosts' addresses: this agent's, as the appliance
+    // saw it.
+    match stream.next().await.unwrap().unwrap().kind {
+        Some(push::Kind::Peers(p)) => assert_eq!(p.addrs, vec!["127.0.0.1".to_owned()]),
+        other => panic!("third push is {other:?}"),
+    }
     let g1 = activate_empty_policy(&app);
     assert!(g1 > g0);
     loop {
@@ -476,7 +482,7 @@ async fn generation_change_is_pushed_on_the_stream() {
                 assert_eq!(g.generation, g1);
                 break;
             }
-            Some(push::Kind::Ping(_) | push::Kind::HostMode(_)) => {}
+            Some(push::Kind::Ping(_) | push::Kind::HostMode(_) | push::Kind::Peers(_)) => {}
             other => panic!("unexpected push {other:?}"),
         }
     }
@@ -495,7 +501,12 @@ async fn generation_change_is_pushed_on_the_stream() {
 async fn next_other(s: &mut tonic::Streaming<pb::Push>) -> Option<push::Kind> {
     loop {
         match s.next().await.unwrap().unwrap().kind {
-            Some(push::Kind::Generation(_) | push::Kind::Ping(_) | push::Kind::HostMode(_)) => {}
+            Some(
+                push::Kind::Generation(_)
+                | push::Kind::Ping(_)
+                | push::Kind::HostMode(_)
+                | push::Kind::Peers(_),
+            ) => {}
             other => return other,
         }
     }
@@ -733,7 +744,7 @@ async fn host_mode_is_pushed_first_and_on_change() {
         match stream.next().await.unwrap().unwrap().kind {
             Some(push::Kind::HostMode(m)) if m.mode == "permissive" => break,
             Some(push::Kind::HostMode(m)) => assert_eq!(m.mode, "enforce"),
-            Some(push::Kind::Generation(_) | push::Kind::Ping(_)) => {}
+            Some(push::Kind::Generation(_) | push::Kind::Ping(_) | push::Kind::Peers(_)) => {}
             other => panic!("unexpected push {other:?}"),
         }
     }

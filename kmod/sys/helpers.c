@@ -1076,7 +1076,8 @@ void tb_sock_abort(struct socket *sock, int err)
  * Protected services are the ends (address, port) of connections whose
  * verdict required a channel: the peer of a bound connect, the local end
  * of a bound accept; forgotten when the policy generation moves. Each
- * socket a wrapper allowed is marked (plain or channel) until tcp_close().
+ * socket a wrapper allowed is marked (TB_MARK_*) until its connection
+ * ends: past tcp_close(), until TCP_CLOSE (see tb_backstop_closing).
  * Off in disabled mode or while the agent does not qualify connections;
  * in permissive mode a drop is only counted (would_drop).
  */
@@ -1114,8 +1115,8 @@ static atomic_t tb_mark_n = ATOMIC_INIT(0);
 static atomic_t tb_backstop_mode = ATOMIC_INIT(TB_BACKSTOP_OFF);
 
 static struct {
-	atomic64_t syn_dropped, payload_dropped, would_drop, unmarked,
-		protected_full;
+	atomic64_t syn_dropped, payload_dropped, inbound_dropped, would_drop,
+		unmarked, protected_full;
 } tb_bs;
 
 static u32 tb_prot_hash(u8 family, const u8 *addr, u16 port)
@@ -1343,30 +1344,33 @@ static bool tb_tls_tx(const struct sock *sk)
 	return ctx && ctx->tx_conf != TLS_BASE;
 }
 
-static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
-				     const struct nf_hook_state *state)
+/* The TCP segment in skb, as the hooks look at it. */
+struct tb_pkt {
+	u8 family;
+	u8 saddr[16], daddr[16];
+	u16 sport, dport;
+	bool syn;		/* SYN without ACK: a connection's first */
+	bool payload;
+};
+
+/* Fills *p from skb (an IPv4 or IPv6 packet, pf); false if it is not a
+ * TCP segment with a readable header (not the first fragment: passed). */
+static bool tb_pkt_parse(struct sk_buff *skb, u8 pf, struct tb_pkt *p)
 {
-	u32 mode = atomic_read(&tb_backstop_mode);
 	struct tcphdr _th;
 	const struct tcphdr *th;
-	u8 family, saddr[16] = {}, daddr[16] = {};
-	u16 sport, dport;
 	int thoff;
-	bool syn, payload, ok;
-	const struct sock *sk;
-	const struct tb_mark *m;
 
-	if (mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n))
-		return NF_ACCEPT;
-	if (state->pf == NFPROTO_IPV4) {
+	memset(p, 0, sizeof(*p));
+	if (pf == NFPROTO_IPV4) {
 		const struct iphdr *iph = ip_hdr(skb);
 
 		if (iph->protocol != IPPROTO_TCP ||
 		    (ntohs(iph->frag_off) & IP_OFFSET))
-			return NF_ACCEPT;
-		family = 4;
-		memcpy(saddr, &iph->saddr, 4);
-		memcpy(daddr, &iph->daddr, 4);
+			return false;
+		p->family = 4;
+		memcpy(p->saddr, &iph->saddr, 4);
+		memcpy(p->daddr, &iph->daddr, 4);
 		thoff = skb_network_offset(skb) + iph->ihl * 4;
 	} else {
 		const struct ipv6hdr *ip6 = ipv6_hdr(skb);
@@ -1378,18 +1382,41 @@ static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
 					 &nexthdr, &frag_off);
 		if (thoff < 0 || nexthdr != IPPROTO_TCP ||
 		    (ntohs(frag_off) & ~0x7))
-			return NF_ACCEPT;
-		family = 6;
-		memcpy(saddr, &ip6->saddr, 16);
-		memcpy(daddr, &ip6->daddr, 16);
+			return false;
+		p->family = 6;
+		memcpy(p->saddr, &ip6->saddr, 16);
+		memcpy(p->daddr, &ip6->daddr, 16);
 	}
 	th = skb_header_pointer(skb, thoff, sizeof(_th), &_th);
 	if (!th)
+		return false;
+	p->sport = ntohs(th->source);
+	p->dport = ntohs(th->dest);
+	p->syn = th->syn && !th->ack;
+	p->payload = skb->len > thoff + th->doff * 4;
+	return true;
+}
+
+static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
+				     const struct nf_hook_state *state)
+{
+	u32 mode = atomic_read(&tb_backstop_mode);
+	struct tb_pkt pkt;
+	u8 family, *saddr = pkt.saddr, *daddr = pkt.daddr;
+	u16 sport, dport;
+	bool syn, payload, ok;
+	const struct sock *sk;
+	const struct tb_mark *m;
+
+	if (mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n))
 		return NF_ACCEPT;
-	sport = ntohs(th->source);
-	dport = ntohs(th->dest);
-	syn = th->syn && !th->ack;
-	payload = skb->len > thoff + th->doff * 4;
+	if (!tb_pkt_parse(skb, state->pf, &pkt))
+		return NF_ACCEPT;
+	family = pkt.family;
+	sport = pkt.sport;
+	dport = pkt.dport;
+	syn = pkt.syn;
+	payload = pkt.payload;
 	if (!syn && !payload)
 		return NF_ACCEPT;
 	if (!tb_prot_has(family, daddr, dport) &&
@@ -1439,6 +1466,102 @@ static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
 	return NF_DROP;
 }
 
+/*
+ * Inbound: a SYN to a protected service of this host from an address that
+ * is no protected host (the agent's Peers record: every host the
+ * appliance knows an agent of) cannot belong to a qualified connection:
+ * dropped before the handshake. Loopback is left to the connect side.
+ * Until the first Peers record nothing inbound is dropped (the accept
+ * wrapper still resets such a connection before a byte is read).
+ */
+struct tb_peers {
+	struct rcu_head rcu;
+	u32 n;
+	struct {
+		u8 family;
+		u8 addr[16];
+	} e[];
+};
+
+static struct tb_peers __rcu *tb_peers;
+static DEFINE_MUTEX(tb_peers_lock);
+
+int tb_backstop_peers(const u8 *entries, u32 n)
+{
+	struct tb_peers *p, *old;
+	u32 i;
+
+	p = kzalloc(struct_size(p, e, n), GFP_KERNEL);
+	if (!p)
+		return -ENOMEM;
+	p->n = n;
+	for (i = 0; i < n; i++) {
+		p->e[i].family = entries[i * 20];
+		memcpy(p->e[i].addr, &entries[i * 20 + 4], 16);
+	}
+	mutex_lock(&tb_peers_lock);
+	old = rcu_replace_pointer(tb_peers, p,
+				  lockdep_is_held(&tb_peers_lock));
+	mutex_unlock(&tb_peers_lock);
+	if (old)
+		kfree_rcu(old, rcu);
+	return 0;
+}
+
+static void tb_backstop_peers_free(void)
+{
+	struct tb_peers *old;
+
+	mutex_lock(&tb_peers_lock);
+	old = rcu_replace_pointer(tb_peers, NULL,
+				  lockdep_is_held(&tb_peers_lock));
+	mutex_unlock(&tb_peers_lock);
+	if (old)
+		kfree_rcu(old, rcu);
+}
+
+static bool tb_peer_known(const struct tb_peers *p, u8 family,
+			  const u8 *addr)
+{
+	u32 i;
+
+	for (i = 0; i < p->n; i++)
+		if (p->e[i].family == family &&
+		    !memcmp(p->e[i].addr, addr, family == 6 ? 16 : 4))
+			return true;
+	return false;
+}
+
+static unsigned int tb_backstop_in_hook(void *priv, struct sk_buff *skb,
+					const struct nf_hook_state *state)
+{
+	u32 mode = atomic_read(&tb_backstop_mode);
+	const struct tb_peers *peers;
+	struct tb_pkt pkt;
+
+	if (mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n))
+		return NF_ACCEPT;
+	if (state->in && (state->in->flags & IFF_LOOPBACK))
+		return NF_ACCEPT;
+	peers = rcu_dereference(tb_peers);
+	if (!peers || !tb_pkt_parse(skb, state->pf, &pkt) || !pkt.syn ||
+	    !tb_prot_has(pkt.family, pkt.daddr, pkt.dport) ||
+	    tb_peer_known(peers, pkt.family, pkt.saddr))
+		return NF_ACCEPT;
+	if (mode != TB_BACKSTOP_DROP) {
+		atomic64_inc(&tb_bs.would_drop);
+		return NF_ACCEPT;
+	}
+	atomic64_inc(&tb_bs.inbound_dropped);
+	if (pkt.family == 4)
+		pr_info_ratelimited("backstop dropped an inbound SYN %pI4:%u -> %pI4:%u (not from a protected host)\n",
+				    pkt.saddr, pkt.sport, pkt.daddr, pkt.dport);
+	else
+		pr_info_ratelimited("backstop dropped an inbound SYN [%pI6c]:%u -> [%pI6c]:%u (not from a protected host)\n",
+				    pkt.saddr, pkt.sport, pkt.daddr, pkt.dport);
+	return NF_DROP;
+}
+
 static const struct nf_hook_ops tb_backstop_ops[] = {
 	{
 		.hook = tb_backstop_hook,
@@ -1451,6 +1574,20 @@ static const struct nf_hook_ops tb_backstop_ops[] = {
 		.hook = tb_backstop_hook,
 		.pf = NFPROTO_IPV6,
 		.hooknum = NF_INET_LOCAL_OUT,
+		.priority = NF_IP6_PRI_RAW,
+	},
+#endif
+	{
+		.hook = tb_backstop_in_hook,
+		.pf = NFPROTO_IPV4,
+		.hooknum = NF_INET_LOCAL_IN,
+		.priority = NF_IP_PRI_RAW,
+	},
+#if IS_ENABLED(CONFIG_IPV6)
+	{
+		.hook = tb_backstop_in_hook,
+		.pf = NFPROTO_IPV6,
+		.hooknum = NF_INET_LOCAL_IN,
 		.priority = NF_IP6_PRI_RAW,
 	},
 #endif
@@ -1483,6 +1620,8 @@ void tb_backstop_debugfs(struct dentry *dir)
 			   (u64 *)&tb_bs.syn_dropped.counter);
 	debugfs_create_u64("net_backstop_payload_dropped", 0400, dir,
 			   (u64 *)&tb_bs.payload_dropped.counter);
+	debugfs_create_u64("net_backstop_inbound_dropped", 0400, dir,
+			   (u64 *)&tb_bs.inbound_dropped.counter);
 	debugfs_create_u64("net_backstop_would_drop", 0400, dir,
 			   (u64 *)&tb_bs.would_drop.counter);
 	debugfs_create_u64("net_backstop_unmarked", 0400, dir,
@@ -1826,6 +1965,7 @@ void tb_net_hooks_stop(void)
 	 * (after a grace period), then the tables. */
 	unregister_pernet_subsys(&tb_backstop_net_ops);
 	tb_backstop_free();
+	tb_backstop_peers_free();
 }
 
 int tb_unix_hooks_start(void)

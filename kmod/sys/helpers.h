@@ -237,6 +237,10 @@ void tb_backstop_forget(void);
 /* Marks info->sock's socket as qualified (TB_MARK_*) until its connection
  * ends (TCP_CLOSE after tcp_close()). 0 or -ENOMEM. Process context. */
 int tb_backstop_mark(const struct tb_net_info *info, u32 kind);
+/* Replaces the protected hosts' addresses with the n entries at entries
+ * (the Peers record's: 20 bytes each, family at 0, address at 4). 0 or
+ * -ENOMEM (the old set stays). Process context. */
+int tb_backstop_peers(const u8 *entries, u32 n);
 /* Adds the backstop's counters to the debugfs directory (may be NULL). */
 struct dentry;
 void tb_backstop_debugfs(struct dentry *dir);

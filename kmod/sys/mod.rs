@@ -26,16 +26,17 @@ mod bindings {
 }
 
 use bindings::{
-    linux_binprm, tb_backstop_debugfs, tb_backstop_forget, tb_backstop_mark, tb_backstop_protect,
-    tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp, tb_bprm_is_native_elf, tb_bprm_path,
-    tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove, tb_debugfs_u64, tb_dev_deregister,
-    tb_dev_register, tb_dev_wake_readers, tb_exec_register, tb_exec_unregister,
-    tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hash_task_exe, tb_hashers as RawHashers,
-    tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver, tb_hashers_free, tb_idle_kick,
-    tb_ktls_install, tb_ktls_prepare, tb_loader_gate_start, tb_loader_gate_stop,
-    tb_loader_gate_watch, tb_module_pin, tb_module_unpin, tb_net_hooks_start, tb_net_hooks_stop,
-    tb_now_ms, tb_path_info, tb_path_name, tb_set_nice_current, tb_sock_counts, tb_sock_id,
-    tb_sock_idle_end, tb_sock_ref, tb_sock_unref, tb_unix_hooks_start, tb_unix_hooks_stop,
+    linux_binprm, tb_backstop_debugfs, tb_backstop_forget, tb_backstop_mark, tb_backstop_peers,
+    tb_backstop_protect, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp,
+    tb_bprm_is_native_elf, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove,
+    tb_debugfs_u64, tb_dev_deregister, tb_dev_register, tb_dev_wake_readers, tb_exec_register,
+    tb_exec_unregister, tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hash_task_exe,
+    tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
+    tb_hashers_free, tb_idle_kick, tb_ktls_install, tb_ktls_prepare, tb_loader_gate_start,
+    tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
+    tb_net_hooks_stop, tb_now_ms, tb_path_info, tb_path_name, tb_set_nice_current, tb_sock_counts,
+    tb_sock_id, tb_sock_idle_end, tb_sock_ref, tb_sock_unref, tb_unix_hooks_start,
+    tb_unix_hooks_stop,
 };
 
 /// One UNIX-domain connect the wrapper asks about.
@@ -86,6 +87,16 @@ pub(crate) fn backstop_protect(info: &NetInfo) -> Result<bool> {
     // context, no spinlock held (the wrappers' contract).
     let r = unsafe { tb_backstop_protect(info) };
     to_result(r.min(0)).map(|()| r > 0)
+}
+
+/// Replaces the protected hosts' addresses (the inbound backstop's).
+pub(crate) fn backstop_peers(peers: &crate::proto::Peers<'_>) -> Result {
+    let bytes = peers.as_bytes();
+    // CAST: at most MAX_PEERS entries (checked when decoded).
+    let n = peers.len() as u32;
+    // SAFETY: `bytes` holds `n` entries of PEER_LEN bytes (the layout the
+    // helper reads), valid for the call; process context (device write).
+    to_result(unsafe { tb_backstop_peers(bytes.as_ptr(), n) })
 }
 
 /// Forgets every protected service (the policy generation moved).

@@ -86,6 +86,9 @@ pub enum Kind {
     /// socket whose listener runs that program? Answered with a
     /// [`Kind::Verdict`].
     IpcRequest = 10,
+    /// Agent → module: the addresses of the protected hosts (replacing
+    /// the previous set), for the inbound netfilter backstop.
+    Peers = 11,
 }
 
 impl Kind {
@@ -102,6 +105,7 @@ impl Kind {
             8 => Some(Kind::ChannelKey),
             9 => Some(Kind::ChannelClosed),
             10 => Some(Kind::IpcRequest),
+            11 => Some(Kind::Peers),
             _ => None,
         }
     }
@@ -900,6 +904,82 @@ pub struct Generation {
     pub policy_generation: u64,
 }
 
+/// Most addresses in one [`Peers`] record.
+pub const MAX_PEERS: usize = 256;
+/// Bytes per [`Peers`] entry: family, three zero pads, 16 address bytes
+/// (IPv4 in the first 4, the rest zero).
+pub const PEER_LEN: usize = 20;
+
+/// Agent → module: the addresses of the protected hosts (every host the
+/// appliance knows an agent of), replacing the previous set. An inbound
+/// SYN to a protected service from any other address is dropped: no PEM
+/// qualified that connection. Entries are validated on construction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peers<'a> {
+    entries: &'a [u8],
+}
+
+impl<'a> Peers<'a> {
+    /// One entry's bytes.
+    pub fn entry(family: Family, addr: &[u8; 16]) -> [u8; PEER_LEN] {
+        let n = match family {
+            Family::Ipv4 => 4,
+            Family::Ipv6 => 16,
+        };
+        let mut e = [0u8; PEER_LEN];
+        for (i, b) in e.iter_mut().enumerate() {
+            *b = match i {
+                0 => family as u8,
+                4.. if i - 4 < n => addr.get(i - 4).copied().unwrap_or(0),
+                _ => 0,
+            };
+        }
+        e
+    }
+
+    /// Checks `entries` (a concatenation of [`Peers::entry`] values, at
+    /// most [`MAX_PEERS`]).
+    pub fn new(entries: &'a [u8]) -> Result<Self, DecodeError> {
+        if !entries.len().is_multiple_of(PEER_LEN) || entries.len() / PEER_LEN > MAX_PEERS {
+            return Err(DecodeError::InvalidField("peer_count"));
+        }
+        for e in entries.chunks_exact(PEER_LEN) {
+            let (head, addr) = e.split_at(4);
+            match head {
+                [4, 0, 0, 0] if addr.get(4..).is_some_and(|r| r.iter().all(|&b| b == 0)) => {}
+                [6, 0, 0, 0] => {}
+                _ => return Err(DecodeError::InvalidField("peer")),
+            }
+        }
+        Ok(Self { entries })
+    }
+
+    /// How many addresses.
+    pub fn len(&self) -> usize {
+        self.entries.len() / PEER_LEN
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The raw entries ([`PEER_LEN`] bytes each).
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.entries
+    }
+
+    /// The addresses.
+    pub fn iter(&self) -> impl Iterator<Item = (Family, [u8; 16])> + 'a {
+        self.entries.chunks_exact(PEER_LEN).filter_map(|e| {
+            let family = Family::from_wire(*e.first()?)?;
+            let mut a = [0u8; 16];
+            a.copy_from_slice(e.get(4..)?);
+            Some((family, a))
+        })
+    }
+}
+
 /// A decoded record, borrowing variable-length fields from the buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record<'a> {
@@ -923,6 +1003,8 @@ pub enum Record<'a> {
     ChannelClosed(ChannelClosed),
     /// See [`IpcRequest`].
     IpcRequest(IpcRequest<'a>),
+    /// See [`Peers`].
+    Peers(Peers<'a>),
 }
 
 impl Record<'_> {
@@ -939,6 +1021,7 @@ impl Record<'_> {
             Record::ChannelKey(_) => Kind::ChannelKey,
             Record::ChannelClosed(_) => Kind::ChannelClosed,
             Record::IpcRequest(_) => Kind::IpcRequest,
+            Record::Peers(_) => Kind::Peers,
         }
     }
 
@@ -955,6 +1038,7 @@ impl Record<'_> {
             Record::ChannelKey(_) => CHANNEL_KEY_BODY_LEN,
             Record::ChannelClosed(_) => CHANNEL_CLOSED_LEN,
             Record::IpcRequest(r) => IPC_FIXED_LEN + r.ancestry.as_bytes().len() + r.path.len(),
+            Record::Peers(p) => 8 + p.as_bytes().len(),
         }
     }
 
@@ -1032,6 +1116,13 @@ impl Record<'_> {
                 w.u16(r.path.len() as u16);
                 w.bytes(r.ancestry.as_bytes());
                 w.bytes(r.path);
+            }
+            Record::Peers(p) => {
+                // CAST: at most MAX_PEERS, checked in `Peers::new`.
+                w.u16(p.len() as u16);
+                w.u16(0);
+                w.u32(0);
+                w.bytes(p.as_bytes());
             }
             Record::Verdict(v) => {
                 w.u8(v.decision as u8);
@@ -1400,6 +1491,16 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 bytes_received: r.u64().map_err(short)?,
                 duration_ms: r.u64().map_err(short)?,
             })
+        }
+        Kind::Peers => {
+            let n = r.u16().map_err(short)? as usize;
+            if r.u16().map_err(short)? != 0 || r.u32().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            if n > MAX_PEERS {
+                return Err(DecodeError::InvalidField("peer_count"));
+            }
+            Record::Peers(Peers::new(r.bytes(n * PEER_LEN).map_err(short)?)?)
         }
         Kind::IpcRequest => {
             let sha256 = r.array().map_err(short)?;

@@ -136,6 +136,10 @@ fn header_layout_is_as_documented() {
 
 #[test]
 fn every_kind_round_trips() {
+    let peer_bytes = Peers::entry(
+        Family::Ipv4,
+        &[10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    );
     let anc = [7u8; 64];
     let ack = Record::HelloAck(HelloAck {
         module_version: 1,
@@ -203,6 +207,7 @@ fn every_kind_round_trips() {
         }),
         sample_ipc(b"/run/app.sock", &anc),
         sample_ipc(b"@abstract@name", &[]),
+        Record::Peers(Peers::new(&peer_bytes).unwrap()),
     ];
     for (i, rec) in records.iter().enumerate() {
         let buf = enc(rec, i as u64 + 100);
@@ -696,7 +701,51 @@ fn channel_closed_layout_and_checks() {
         assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
     }
     assert_eq!(Kind::from_wire(9), Some(Kind::ChannelClosed));
-    assert_eq!(Kind::from_wire(11), None);
+    assert_eq!(Kind::from_wire(12), None);
+}
+
+#[test]
+fn peers_round_trip_and_are_checked() {
+    let mut v6 = [0u8; 16];
+    v6[0] = 0xfd;
+    v6[15] = 1;
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&Peers::entry(
+        Family::Ipv4,
+        &[10, 99, 0, 11, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9],
+    ));
+    bytes.extend_from_slice(&Peers::entry(Family::Ipv6, &v6));
+    let p = Peers::new(&bytes).unwrap();
+    let got: Vec<_> = p.iter().collect();
+    let mut v4 = [0u8; 16];
+    v4[..4].copy_from_slice(&[10, 99, 0, 11]);
+    assert_eq!(got, vec![(Family::Ipv4, v4), (Family::Ipv6, v6)]);
+    let buf = enc(&Record::Peers(p), 0);
+    assert_eq!(buf.len(), HEADER_LEN + 8 + 2 * PEER_LEN);
+    assert_eq!(&buf[6..8], &11u16.to_le_bytes());
+    assert_eq!(&buf[HEADER_LEN..HEADER_LEN + 2], &2u16.to_le_bytes());
+    let (_, back) = decode(&buf).unwrap();
+    assert_eq!(back, Record::Peers(p));
+    // An empty set is valid (no peers known).
+    let empty = enc(&Record::Peers(Peers::new(&[]).unwrap()), 0);
+    assert!(matches!(decode(&empty), Ok((_, Record::Peers(p))) if p.is_empty()));
+    // A bad family, a pad, IPv4 garbage, a count too high: refused.
+    for (off, field) in [(0, "peer"), (1, "peer"), (12, "peer")] {
+        let mut bad = buf.clone();
+        bad[HEADER_LEN + 8 + off] = 7;
+        assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
+    }
+    let mut bad = buf.clone();
+    bad[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&(MAX_PEERS as u16 + 1).to_le_bytes());
+    assert_eq!(
+        decode(&bad).unwrap_err(),
+        DecodeError::InvalidField("peer_count")
+    );
+    assert!(Peers::new(&[0u8; PEER_LEN * (MAX_PEERS + 1)]).is_err());
+    assert!(Peers::new(&[4u8; 3]).is_err());
+    for n in 0..buf.len() {
+        assert!(decode(&buf[..n]).is_err());
+    }
 }
 
 #[test]

@@ -11,7 +11,9 @@ use std::sync::Mutex;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::pb::{push, Push, Revoked};
+use std::net::IpAddr;
+
+use super::pb::{push, Peers, Push, Revoked};
 
 /// Pushes buffered per stream; a stream that falls this far behind loses
 /// pushes (and `push` reports it).
@@ -20,11 +22,16 @@ pub const STREAM_BUFFER: usize = 256;
 type Item = Result<Push, Status>;
 type Tx = mpsc::Sender<Item>;
 
+/// Most protected-host addresses remembered (the module takes as many).
+pub const MAX_PEERS: usize = 256;
+
 /// Host name -> open push streams.
 #[derive(Debug, Default)]
 pub struct Hub {
     streams: Mutex<HashMap<String, Vec<(u64, Tx)>>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Addresses protected hosts subscribed from, oldest first.
+    peers: Mutex<Vec<IpAddr>>,
 }
 
 impl Hub {
@@ -55,6 +62,34 @@ impl Hub {
             v.push((id, tx));
         }
         (weak, rx)
+    }
+
+    /// Remembers that a protected host's agent connects from `addr`
+    /// (IPv4-mapped IPv6 as IPv4); `true` if that is new. Past
+    /// [`MAX_PEERS`] the oldest address is forgotten.
+    pub fn note_peer(&self, addr: IpAddr) -> bool {
+        let addr = addr.to_canonical();
+        let Ok(mut p) = self.peers.lock() else {
+            return false;
+        };
+        if p.contains(&addr) {
+            return false;
+        }
+        if p.len() >= MAX_PEERS {
+            p.remove(0);
+        }
+        p.push(addr);
+        true
+    }
+
+    /// The protected hosts' addresses, as a push.
+    pub fn peers(&self) -> push::Kind {
+        let addrs = self
+            .peers
+            .lock()
+            .map(|p| p.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        push::Kind::Peers(Peers { addrs })
     }
 
     /// Sends `msg` to every open stream of `host`. `true` if at least one

@@ -159,6 +159,8 @@ impl Agent for AgentService {
         req: Request<Hello>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let host = self.host(&req)?;
+        let addr = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
+        let new_peer = addr.is_some_and(|a| self.api.hub.note_peer(a));
         let hello = req.into_inner();
         let generation = self
             .api
@@ -177,8 +179,13 @@ impl Agent for AgentService {
                 mode: mode.as_str().to_owned(),
             }),
             push::Kind::Generation(pb::PolicyGeneration { generation }),
+            self.api.hub.peers(),
         ];
         let (weak, rx) = self.api.hub.subscribe(&host, first);
+        if new_peer {
+            // Every host's module learns the new protected address.
+            self.api.hub.broadcast(self.api.hub.peers());
+        }
         let _ = hello;
         // Keepalive pings while the stream is open; stops when the hub drops
         // the stream (revocation) or the agent goes away.

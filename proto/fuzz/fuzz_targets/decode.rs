@@ -1,14 +1,17 @@
 //! Feeds arbitrary bytes to the record decoder: it must never panic, and
 //! whatever it accepts must re-encode to a record that decodes the same.
 //! Every kind is reached (the header's kind is two of the fuzzed bytes);
-//! for the variable-length ones (`ExecRequest`, `NetRequest`, `IpcRequest`) the limits
+//! for the variable-length ones (`ExecRequest`, `NetRequest`, `IpcRequest`,
+//! `Peers`) the limits
 //! the decoder promises are checked too, and a `ChannelKey`'s `wipe()`
 //! leaves no key material but keeps its TLS version and idle timeout; a
 //! `ChannelClosed` re-encodes with its reserved bytes zero.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use trustbind_proto::{decode, Family, Record, HEADER_LEN, MAX_ANCESTRY, MAX_PATH_LEN};
+use trustbind_proto::{
+    decode, Family, Record, HEADER_LEN, MAX_ANCESTRY, MAX_PATH_LEN, MAX_PEERS,
+};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((header, record)) = decode(data) {
@@ -34,6 +37,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(w.key.iter().chain(&w.tx_iv).chain(&w.rx_iv).all(|&b| b == 0));
                 assert_eq!((w.channel_id, w.key_id), (k.channel_id, k.key_id));
                 assert_eq!((w.tls, w.idle_timeout_s), (k.tls, k.idle_timeout_s));
+            }
+            Record::Peers(p) => {
+                assert!(p.len() <= MAX_PEERS);
+                assert_eq!(p.iter().count(), p.len());
             }
             Record::ChannelClosed(_) => {
                 let mut out = vec![0u8; record.encoded_len()];

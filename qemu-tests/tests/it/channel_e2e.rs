@@ -20,7 +20,8 @@
 //! agent and appliance (socat → socat allowed, the rogue copy `EACCES` and
 //! an `ipc_connect` denial row); an unapproved server program's accept fails (the client's connect
 //! is reset); the unprotected VM cannot get plaintext from the protected
-//! service (its connection is aborted, the server receives nothing);
+//! service (b's netfilter backstop drops its SYNs: it is no protected
+//! host; the server receives nothing);
 //! killing the client's agent mid-transfer leaks no plaintext (the key is
 //! in the kernel); `rmmod` is refused while the hosts are in enforce mode;
 //! no kernel warning anywhere.
@@ -398,16 +399,32 @@ fn channel_end_to_end() -> Result<()> {
     );
     a.run_ok("pkill -f '[U]NIX-LISTEN' || true")?;
 
-    // The unprotected VM: its connection to the protected service is
-    // aborted; the server receives nothing.
+    // The unprotected VM: b's backstop drops its SYNs (it is no protected
+    // host, and the service is protected), so its connect never completes
+    // and the server receives nothing.
+    let dropped = crate::exec::counter(&mut b, "net_backstop_inbound_dropped")?;
     let out = c.run(&format!(
-        "echo {CANARY}-unprotected | timeout 60 socat -d -d -u - TCP4:{b_ip}:{PORT}; \
+        "echo {CANARY}-unprotected | timeout 20 socat -d -d -u - TCP4:{b_ip}:{PORT}; \
          sleep 2; true"
     ))?;
     let got = b.run_ok("cat /tmp/x/recv4 2>/dev/null || true")?.stdout;
     ensure!(
         !got.contains("unprotected"),
         "the protected server received the unprotected client's data: {got:?} ({out:?})"
+    );
+    let now = crate::exec::counter(&mut b, "net_backstop_inbound_dropped")?;
+    ensure!(
+        now > dropped,
+        "the unprotected VM's SYN was not dropped on b (inbound_dropped {dropped} -> {now}): {out:?}"
+    );
+    ensure!(
+        common::dmesg_lines(&mut b)?
+            .iter()
+            .any(|l| l.starts_with(&format!(
+                "trustbind: backstop dropped an inbound SYN {}:",
+                c.ip()
+            ))),
+        "no inbound-SYN line in b's kernel log"
     );
     b.run_ok(&format!("pkill -f '[T]CP4-LISTEN:{PORT}' || true"))?;
 

@@ -235,3 +235,12 @@ pub fn ensure_decision(audit: &str, needle: &str) -> Result<()> {
     );
     Ok(())
 }
+
+/// The guest's kernel log lines, without their timestamps.
+pub fn dmesg_lines(vm: &mut Vm) -> Result<Vec<String>> {
+    let dmesg = vm.run_ok("dmesg")?.stdout;
+    Ok(crate::kernel_lines(&dmesg)
+        .into_iter()
+        .map(|l| l.trim_end().to_owned())
+        .collect())
+}

@@ -119,12 +119,13 @@ pub(crate) enum Mark {
 
 /// Marks the socket `info` names as qualified until its connection ends.
 pub(crate) fn backstop_mark(info: &NetInfo, mark: Mark) {
+    // CAST: the discriminants are the small TB_MARK_* values.
+    let kind = mark as u32;
     // SAFETY: `info.sock` is the live socket of the wrapper running this
     // call; process context, no spinlock held (the wrappers' contract).
     // A failure (no memory) is counted by the C side: the socket stays
     // unmarked, which only matters for protected services (fail closed).
-    // CAST: the discriminants are the small TB_MARK_* values.
-    let _ = unsafe { tb_backstop_mark(info, mark as u32) };
+    let _ = unsafe { tb_backstop_mark(info, kind) };
 }
 
 /// Attaches the "tls" ULP to the socket `info` names, without keys (it

@@ -481,9 +481,13 @@ impl Channel {
                 }
             },
             Record::Generation(g) => {
-                crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
-                // Protected services were learned under the old policy.
-                sys::backstop_forget();
+                let moved = crate::SHARED
+                    .with(|s| s.exec_cache.set_generation(g.policy_generation))
+                    .unwrap_or(false);
+                if moved {
+                    // Protected services were learned under the old policy.
+                    sys::backstop_forget();
+                }
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
             Record::HelloAck(_)

@@ -98,10 +98,13 @@ impl Cache {
     }
 
     /// The appliance's generation is now `g` (pushed through the agent).
-    pub(crate) fn set_generation(&self, g: u64) {
-        if self.inner.lock().set_generation(g) {
+    /// Whether the generation moved (the cache was flushed).
+    pub(crate) fn set_generation(&self, g: u64) -> bool {
+        let moved = self.inner.lock().set_generation(g);
+        if moved {
             bump(&STATS.cache_flushes);
         }
+        moved
     }
 }
 

@@ -73,7 +73,8 @@
 //! unreported). `tcp_close` is hooked too: when a remembered socket closes
 //! (any way: `close()`, exit, a refused accept's release), [`closed`]
 //! forgets it and queues a [`ChannelClosed`] record for the agent,
-//! fire-and-forget (no verdict wait), with the socket's `bytes_sent` and
+//! fire-and-forget (no verdict wait), with the socket's `bytes_sent` (plus
+//! what is still queued unsent at close, the FIN counting one) and
 //! `bytes_received` (TCP payload bytes: TLS record headers and tags
 //! included, retransmissions included in `sent`, the peer's FIN counted
 //! as one received byte) and the time since the

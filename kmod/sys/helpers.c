@@ -1097,8 +1097,10 @@ struct tb_mark {
 	u32 kind;		/* TB_MARK_* */
 	/* The program closed it (tcp_close() began): what is queued still
 	 * goes out, and the mark holds a reference on sk until the
-	 * connection reached TCP_CLOSE (tb_mark_gc), so sk is not reused. */
+	 * connection reached TCP_CLOSE (tb_mark_gc), so sk is not reused;
+	 * on tb_closing meanwhile. */
 	bool closing;
+	struct list_head closing_node;
 };
 
 #define TB_PROT_MAX 1024
@@ -1259,31 +1261,28 @@ static void tb_mark_free(struct tb_mark *m)
  */
 static void tb_mark_gc_fn(struct work_struct *work);
 static DECLARE_DELAYED_WORK(tb_mark_gc, tb_mark_gc_fn);
-static atomic_t tb_closing_n = ATOMIC_INIT(0);
+static LIST_HEAD(tb_closing);		/* under tb_mark_lock */
 static bool tb_mark_gc_stopped;
 
 static void tb_mark_gc_fn(struct work_struct *work)
 {
-	struct tb_mark *m, *done[16];
-	struct hlist_node *tmp;
-	int i, n = 0;
+	struct tb_mark *m, *tmp;
+	LIST_HEAD(done);
+	bool more;
 
 	spin_lock_bh(&tb_mark_lock);
-	hash_for_each_safe(tb_mark_set, i, tmp, m, node) {
-		if (n == ARRAY_SIZE(done))
-			break;
-		if (m->closing &&
-		    inet_sk_state_load(m->sk) == TCP_CLOSE) {
+	list_for_each_entry_safe(m, tmp, &tb_closing, closing_node)
+		if (inet_sk_state_load(m->sk) == TCP_CLOSE) {
 			tb_mark_drop(m);
-			done[n++] = m;
+			list_move(&m->closing_node, &done);
 		}
-	}
+	more = !list_empty(&tb_closing);
 	spin_unlock_bh(&tb_mark_lock);
-	for (i = 0; i < n; i++) {
-		atomic_dec(&tb_closing_n);
-		tb_mark_free(done[i]);
-	}
-	if (atomic_read(&tb_closing_n) && !READ_ONCE(tb_mark_gc_stopped))
+	/* Off the set and the closing list; readers may still see them
+	 * until a grace period passed (tb_mark_free). */
+	list_for_each_entry_safe(m, tmp, &done, closing_node)
+		tb_mark_free(m);
+	if (more && !READ_ONCE(tb_mark_gc_stopped))
 		schedule_delayed_work(&tb_mark_gc, HZ);
 }
 
@@ -1303,7 +1302,7 @@ static void tb_backstop_closing(struct sock *sk)
 	if (m && !m->closing) {
 		sock_hold(sk);
 		WRITE_ONCE(m->closing, true);
-		atomic_inc(&tb_closing_n);
+		list_add_tail(&m->closing_node, &tb_closing);
 		armed = true;
 	}
 	spin_unlock_bh(&tb_mark_lock);
@@ -1324,7 +1323,7 @@ static void tb_backstop_free(void)
 	hash_for_each_safe(tb_mark_set, i, tmp, m, node) {
 		tb_mark_drop(m);
 		if (m->closing)
-			atomic_dec(&tb_closing_n);
+			list_del(&m->closing_node);
 		tb_mark_free(m);
 	}
 	spin_unlock_bh(&tb_mark_lock);
@@ -1707,10 +1706,17 @@ static void tb_tcp_close(struct sock *sk, long timeout)
 {
 	const struct tcp_sock *tp = tcp_sk(sk);
 
+	u64 sent;
+
 	sock_hold(sk);
 	tb_backstop_closing(sk);
 	tcp_close(sk, timeout);
-	trustbind_net_closed((unsigned long)sk, READ_ONCE(tp->bytes_sent),
+	/* What this end sent, plus what it queued that TCP has yet to send
+	 * (a sender that closes right after its last write, the FIN counting
+	 * one): all the program handed over, not a race with the queue. */
+	sent = READ_ONCE(tp->bytes_sent) +
+	       (u32)(READ_ONCE(tp->write_seq) - READ_ONCE(tp->snd_nxt));
+	trustbind_net_closed((unsigned long)sk, sent,
 			     READ_ONCE(tp->bytes_received));
 	sock_put(sk);
 	tb_net_leave();

@@ -843,8 +843,9 @@ pub struct ChannelClosed {
     /// Why it closed.
     pub reason: CloseReason,
     /// TCP payload bytes this end transmitted (`tcp_sock.bytes_sent`: TLS
-    /// records with their headers and tags, retransmissions included, data
-    /// still unsent at close not).
+    /// records with their headers and tags, retransmissions included) plus
+    /// what was still queued, unsent, when it closed (the FIN counting
+    /// one), so a sender that closes right after writing is counted whole.
     pub bytes_sent: u64,
     /// TCP payload bytes this end received in order
     /// (`tcp_sock.bytes_received`, TLS records included; the peer's FIN

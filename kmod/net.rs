@@ -100,8 +100,28 @@
 //! TCP: asked only while the agent set `qualify_net`, not in disabled
 //! mode, the agent's own connects exempt.
 //!
-//! Not yet (issue 7, later milestones): the netfilter backstop, an idle
-//! timeout. (A process that exec'd while the
+//! # Channel terms
+//!
+//! The key carries the channel's terms: TLS 1.2 records instead of 1.3
+//! (policy `@encrypt("offload")`: NICs offload TLS 1.2; kTLS picks the
+//! device itself) and an idle timeout (`@channel_idle_s`). Bound sockets
+//! with a timeout are swept each second ([`sweep_idle`], a delayed work
+//! in `helpers.c`): one without a byte either way for the whole timeout
+//! is reset (`ETIMEDOUT` to the program, a reset to the peer) and
+//! reported closed with reason `idle`. The table holds a socket reference
+//! per entry, so the sweep only ever looks at live sockets.
+//!
+//! # Netfilter backstop
+//!
+//! `helpers.c` drops, without sleeping, what the wrappers would never
+//! have let out: plaintext to or from a protected service (an end some
+//! binding verdict named, recorded by [`protect`]) from a socket that is
+//! neither bound nor allowed plaintext (marked by `sys::backstop_mark`),
+//! SYNs to it from sockets no wrapper qualified, and inbound SYNs to it
+//! from addresses that are no protected host (the agent's `Peers`). Same
+//! switches as the rest; permissive only counts.
+//!
+//! (A process that exec'd while the
 //! module was disabled is not taken for what it ran before: leaving
 //! disabled mode empties the lineage table, see `device.rs`.)
 

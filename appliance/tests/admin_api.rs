@@ -378,6 +378,27 @@ async fn invalid_policy_gets_positions_and_changes_nothing() {
         .await;
     assert_eq!(s, 422, "{v}");
 
+    // A channel obligation the engine could not act on is refused at
+    // upload, pointing at the annotation.
+    let text = "@id(\"web\")\npermit(principal, action == Trustbind::Action::\"connect\", resource);\n\n@id(\"db\")\n@encrypt(\"yes\")\npermit(principal, action == Trustbind::Action::\"accept\", resource);\n";
+    let (s, v) = h
+        .send("POST", "/v1/policies", json!({ "text": text }))
+        .await;
+    assert_eq!(s, 422, "{v}");
+    let d = &v["error"]["details"][0];
+    assert_eq!(
+        (d["line"].as_u64(), d["column"].as_u64()),
+        (Some(5), Some(1)),
+        "{v}"
+    );
+    assert!(
+        d["message"]
+            .as_str()
+            .unwrap()
+            .contains("policy `db`: @encrypt(\"yes\")"),
+        "{v}"
+    );
+
     let (_, v) = h.get("/v1/policies").await;
     assert_eq!(v["policies"], json!([]));
     assert!(h.audit().is_empty());

@@ -103,14 +103,40 @@ pub fn check_policy(text: &str) -> Result<Result<usize, Vec<PolicyDiagnostic>>, 
         }
     };
     let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
-    if result.validation_passed() {
-        Ok(Ok(set.policies().count()))
-    } else {
-        Ok(Err(result
+    if !result.validation_passed() {
+        return Ok(Err(result
             .validation_errors()
             .map(|e| diagnostic(text, e, "validation"))
-            .collect()))
+            .collect()));
     }
+    // Obligation values the engine would refuse to load.
+    let bad = crate::policy::obligation_problems(&set, text);
+    if bad.is_empty() {
+        return Ok(Ok(set.policies().count()));
+    }
+    Ok(Err(bad
+        .into_iter()
+        .map(|b| {
+            let (line, column) = match b.span {
+                Some((off, _)) => {
+                    let (l, c) = line_col(text, off);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            PolicyDiagnostic {
+                line,
+                column,
+                offset: b.span.map(|s| s.0),
+                length: b.span.map(|s| s.1),
+                message: b.message,
+                help: Some(
+                    "@encrypt takes \"required\" (TLS 1.3) or \"offload\" (TLS 1.2, NIC offload); @channel_idle_s a number of seconds".into(),
+                ),
+                stage: "validation",
+            }
+        })
+        .collect()))
 }
 
 fn invalid_policy(diags: Vec<PolicyDiagnostic>) -> ApiError {

@@ -38,10 +38,36 @@ pub const OBLIGATIONS: &[&str] = &[
 /// TLS 1.2 records (which NICs can offload).
 pub const ENCRYPT_VALUES: &[&str] = &["required", "offload"];
 
-/// Checks the values of the channel obligations of every policy in `set`:
-/// `@encrypt` one of [`ENCRYPT_VALUES`], `@channel_idle_s` a whole number
-/// of seconds (1 to 2^31 − 1).
-fn check_obligations(set: &PolicySet) -> Result<(), PolicyError> {
+/// An obligation annotation whose value the appliance cannot act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObligationProblem {
+    /// What is wrong, naming the policy and the annotation.
+    pub message: String,
+    /// Byte offset and length of the annotation in the policy text, when
+    /// found there.
+    pub span: Option<(usize, usize)>,
+}
+
+/// Where `@key(...)` holding `"value"` is in `text` (the first such).
+fn annotation_span(text: &str, key: &str, value: &str) -> Option<(usize, usize)> {
+    let at = format!("@{key}");
+    let quoted = format!("\"{value}\"");
+    let mut from = 0;
+    while let Some(i) = text.get(from..)?.find(&at) {
+        let start = from + i;
+        let end = start + text.get(start..)?.find(')')? + 1;
+        if text.get(start..end)?.contains(&quoted) {
+            return Some((start, end - start));
+        }
+        from = start + at.len();
+    }
+    None
+}
+
+/// Checks the values of the channel obligations of every policy in `set`
+/// (parsed from `text`): `@encrypt` one of [`ENCRYPT_VALUES`],
+/// `@channel_idle_s` a whole number of seconds (1 to 2^31 − 1).
+pub fn obligation_problems(set: &PolicySet, text: &str) -> Vec<ObligationProblem> {
     let mut bad = Vec::new();
     for p in set.policies() {
         let id = p
@@ -49,24 +75,26 @@ fn check_obligations(set: &PolicySet) -> Result<(), PolicyError> {
             .map_or_else(|| p.id().to_string(), str::to_owned);
         if let Some(v) = p.annotation("encrypt") {
             if !ENCRYPT_VALUES.contains(&v) {
-                bad.push(format!(
-                    "policy `{id}`: @encrypt(\"{v}\"): expected \"required\" or \"offload\""
-                ));
+                bad.push(ObligationProblem {
+                    message: format!(
+                        "policy `{id}`: @encrypt(\"{v}\"): expected \"required\" or \"offload\""
+                    ),
+                    span: annotation_span(text, "encrypt", v),
+                });
             }
         }
         if let Some(v) = p.annotation("channel_idle_s") {
             if !matches!(v.parse::<u32>(), Ok(1..=0x7fff_ffff)) {
-                bad.push(format!(
-                    "policy `{id}`: @channel_idle_s(\"{v}\"): expected whole seconds, 1 to 2147483647"
-                ));
+                bad.push(ObligationProblem {
+                    message: format!(
+                        "policy `{id}`: @channel_idle_s(\"{v}\"): expected whole seconds, 1 to 2147483647"
+                    ),
+                    span: annotation_span(text, "channel_idle_s", v),
+                });
             }
         }
     }
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(PolicyError::Validation(bad.join("; ")))
-    }
+    bad
 }
 
 /// A validated policy set and its ruleset identity.
@@ -94,7 +122,11 @@ pub fn validate(schema: &Schema, text: &str) -> Result<LoadedPolicy, PolicyError
         let msgs: Vec<String> = result.validation_errors().map(|e| e.to_string()).collect();
         return Err(PolicyError::Validation(msgs.join("; ")));
     }
-    check_obligations(&set)?;
+    let bad = obligation_problems(&set, text);
+    if !bad.is_empty() {
+        let msgs: Vec<String> = bad.into_iter().map(|b| b.message).collect();
+        return Err(PolicyError::Validation(msgs.join("; ")));
+    }
     let identity = hex(&Sha256::digest(text.as_bytes()));
     Ok(LoadedPolicy { set, identity })
 }

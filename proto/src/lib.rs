@@ -245,6 +245,36 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(u8::from_le_bytes(self.array()?))
     }
+
+    /// `n` ancestor hashes (at most [`MAX_ANCESTRY`]).
+    fn ancestry(&mut self, n: usize) -> Result<Ancestry<'a>, DecodeError> {
+        if n > MAX_ANCESTRY {
+            return Err(DecodeError::InvalidField("ancestry_count"));
+        }
+        Ok(Ancestry(self.bytes(n * SHA256_LEN)?))
+    }
+
+    /// The tail of a request: `n_anc` ancestor hashes, then a path of
+    /// `path_len` bytes (at most [`MAX_PATH_LEN`], no NUL). The counts are
+    /// checked before any byte is read.
+    fn ancestry_and_path(
+        &mut self,
+        n_anc: usize,
+        path_len: usize,
+    ) -> Result<(Ancestry<'a>, &'a [u8]), DecodeError> {
+        if n_anc > MAX_ANCESTRY {
+            return Err(DecodeError::InvalidField("ancestry_count"));
+        }
+        if path_len > MAX_PATH_LEN {
+            return Err(DecodeError::InvalidField("path_len"));
+        }
+        let anc = self.ancestry(n_anc)?;
+        let path = self.bytes(path_len)?;
+        if path.contains(&0) {
+            return Err(DecodeError::InvalidField("path"));
+        }
+        Ok((anc, path))
+    }
     fn i8(&mut self) -> Result<i8, DecodeError> {
         Ok(i8::from_le_bytes(self.array()?))
     }
@@ -1308,17 +1338,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 return Err(DecodeError::InvalidField("flags"));
             }
             let path_len = r.u16().map_err(short)? as usize;
-            if n_anc > MAX_ANCESTRY {
-                return Err(DecodeError::InvalidField("ancestry_count"));
-            }
-            if path_len > MAX_PATH_LEN {
-                return Err(DecodeError::InvalidField("path_len"));
-            }
-            let anc = r.bytes(n_anc * SHA256_LEN).map_err(short)?;
-            let path = r.bytes(path_len).map_err(short)?;
-            if path.contains(&0) {
-                return Err(DecodeError::InvalidField("path"));
-            }
+            let (ancestry, path) = r.ancestry_and_path(n_anc, path_len).map_err(short)?;
             Record::ExecRequest(ExecRequest {
                 sha256,
                 sha1,
@@ -1330,7 +1350,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 sessionid,
                 pid,
                 ppid,
-                ancestry: Ancestry(anc),
+                ancestry,
                 path,
                 flags,
             })
@@ -1425,10 +1445,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
             if r.u16().map_err(short)? != 0 {
                 return Err(DecodeError::InvalidField("reserved"));
             }
-            if n_anc > MAX_ANCESTRY {
-                return Err(DecodeError::InvalidField("ancestry_count"));
-            }
-            let anc = r.bytes(n_anc * SHA256_LEN).map_err(short)?;
+            let ancestry = r.ancestry(n_anc).map_err(short)?;
             Record::NetRequest(NetRequest {
                 kind,
                 family,
@@ -1445,7 +1462,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 sessionid,
                 pid,
                 ppid,
-                ancestry: Ancestry(anc),
+                ancestry,
             })
         }
         Kind::ChannelKey => {
@@ -1528,17 +1545,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
             if r.u16().map_err(short)? != 0 {
                 return Err(DecodeError::InvalidField("reserved"));
             }
-            if n_anc > MAX_ANCESTRY {
-                return Err(DecodeError::InvalidField("ancestry_count"));
-            }
-            if path_len > MAX_PATH_LEN {
-                return Err(DecodeError::InvalidField("path_len"));
-            }
-            let anc = r.bytes(n_anc * SHA256_LEN).map_err(short)?;
-            let path = r.bytes(path_len).map_err(short)?;
-            if path.contains(&0) {
-                return Err(DecodeError::InvalidField("path"));
-            }
+            let (ancestry, path) = r.ancestry_and_path(n_anc, path_len).map_err(short)?;
             Record::IpcRequest(IpcRequest {
                 sha256,
                 program_source,
@@ -1549,7 +1556,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 sessionid,
                 pid,
                 ppid,
-                ancestry: Ancestry(anc),
+                ancestry,
                 peer_sha256,
                 peer_program_source,
                 peer_pid,

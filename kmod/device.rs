@@ -10,7 +10,7 @@
 //! The first record an agent writes must be a `Hello`; the module answers
 //! with a `HelloAck` naming its version and hash drivers. A `Config` sets
 //! the enforcement mode and how long a hooked task waits for a verdict.
-//! The hooks queue requests (`ExecRequest`, `NetRequest`) on the outbox
+//! The hooks queue requests (`ExecRequest`, `NetRequest`) on the queue
 //! with a fresh request id and sleep until the agent writes the `Verdict`
 //! with that id, the wait times out, or the agent goes away. `NetRequest`s
 //! are only queued while the last `Config` set `qualify_net`.
@@ -19,93 +19,125 @@
 //! `MAX_RECORD_LEN`, `EINVAL` for a malformed record, a kind the agent may
 //! not send, or anything before `Hello`, `ENOENT` for a verdict that
 //! answers no pending request (it may have timed out), `ENOSPC` when the
-//! outbox is full. From `read()`: `EINVAL` when the buffer is shorter than
+//! queue is full. From `read()`: `EINVAL` when the buffer is shorter than
 //! the next record (the record stays queued; read with `MAX_RECORD_LEN`
 //! bytes).
+//!
+//! The queue is shared fairly (`proto::fairq`): one user (real uid) holds
+//! at most [`PER_USER`] of its [`PLACES`] places, and the agent reads
+//! queued records round-robin over users, so one user who starts hundreds
+//! of execs at once neither takes everybody's places nor delays their
+//! requests behind his. A request that finds no place is a refusal the
+//! mode decides on (`Answer::Busy`): refused in enforce mode, let through
+//! in permissive mode — never an error whatever the mode.
 //!
 //! The mode outlives the agent: if the agent dies in enforce mode, hooked
 //! operations that need a verdict are refused until an agent returns. In
 //! enforce mode the module also holds a reference on itself, so `rmmod`
 //! fails with `EBUSY` until an agent sets another mode.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use kernel::alloc::KVVec;
 use kernel::prelude::*;
+use kernel::str::CStr;
 use kernel::rbtree::RBTree;
 use kernel::sync::{new_condvar, new_mutex, CondVar, CondVarTimeoutResult, Mutex};
 use kernel::time::msecs_to_jiffies;
 use kernel::uaccess::UserSlice;
 
+use crate::proto::fairq::{FairQueue, Full, Place};
 use crate::proto::{self, ChannelKey, DecodeError, HelloAck, Kind, Mode, Record, Verdict};
 use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin};
 
-/// Most requests waiting for a verdict at once; more fail with `EBUSY`
-/// (and are then treated as unanswered).
-const MAX_PENDING: usize = 1024;
+/// Places in the queue to the agent: requests waiting for a verdict
+/// (queued or read) and notifications not yet read.
+const PLACES: usize = 1024;
+
+/// Places one user may hold at once.
+const PER_USER: usize = PLACES / 8;
+
+/// The "user" the module's own records (`HelloAck`, channel close
+/// records) are queued as.
+const MODULE_UID: u32 = u32::MAX;
 
 /// Verdict wait until an agent configures one.
 const DEFAULT_VERDICT_TIMEOUT_MS: u32 = 5000;
 
-/// Most records queued for the agent at once.
-const OUTBOX_CAPACITY: usize = 256;
-
 /// The module version carried in `HelloAck` (`major << 16 | minor << 8 | patch`).
 const MODULE_VERSION: u32 = 0x00_01_00;
 
-/// A fixed-capacity FIFO of encoded records.
+/// The records queued for the agent, by place (see `proto::fairq`).
 struct Outbox {
-    slots: KVec<Option<KVec<u8>>>,
-    head: usize,
-    len: usize,
+    q: FairQueue<KVVec<Place>>,
+    /// The encoded record of each queued place.
+    records: KVVec<Option<KVec<u8>>>,
+    /// Whether the place is a request that waits for an answer (keeps its
+    /// place once read).
+    waits: KVVec<bool>,
 }
 
 impl Outbox {
     fn new() -> Result<Self> {
-        let mut slots = KVec::with_capacity(OUTBOX_CAPACITY, GFP_KERNEL)?;
-        for _ in 0..OUTBOX_CAPACITY {
-            slots.push(None, GFP_KERNEL)?;
+        let mut places = KVVec::new();
+        places.extend_with(PLACES, Place::FREE, GFP_KERNEL)?;
+        let mut records = KVVec::with_capacity(PLACES, GFP_KERNEL)?;
+        for _ in 0..PLACES {
+            records.push(None, GFP_KERNEL)?;
         }
+        let mut waits = KVVec::new();
+        waits.extend_with(PLACES, false, GFP_KERNEL)?;
         Ok(Outbox {
-            slots,
-            head: 0,
-            len: 0,
+            q: FairQueue::new(places, PER_USER).ok_or(EINVAL)?,
+            records,
+            waits,
         })
     }
 
-    fn push(&mut self, rec: KVec<u8>) -> Result {
-        if self.len == OUTBOX_CAPACITY {
-            return Err(ENOSPC);
+    /// Queues `rec` for `uid` in a new place: its index.
+    fn push(&mut self, uid: u32, rec: KVec<u8>, waits: bool) -> core::result::Result<usize, Full> {
+        let i = self.q.admit(uid)?;
+        if let (Some(r), Some(w)) = (self.records.get_mut(i), self.waits.get_mut(i)) {
+            *r = Some(rec);
+            *w = waits;
         }
-        let tail = (self.head + self.len) % OUTBOX_CAPACITY;
-        if let Some(slot) = self.slots.get_mut(tail) {
-            *slot = Some(rec);
-            self.len += 1;
-        }
-        Ok(())
+        Ok(i)
     }
 
-    fn front(&self) -> Option<&KVec<u8>> {
-        if self.len == 0 {
-            return None;
-        }
-        self.slots.get(self.head).and_then(|s| s.as_ref())
+    /// The record the agent reads next, and its place.
+    fn front(&self) -> Option<(usize, &KVec<u8>)> {
+        let i = self.q.next()?;
+        self.records.get(i)?.as_ref().map(|r| (i, r))
     }
 
-    fn pop(&mut self) {
-        if self.len == 0 {
-            return;
+    /// The record at place `i` was read.
+    fn pop(&mut self, i: usize) {
+        let waits = self.waits.get(i).copied().unwrap_or(false);
+        if let Some(r) = self.records.get_mut(i) {
+            *r = None;
         }
-        if let Some(slot) = self.slots.get_mut(self.head) {
-            *slot = None;
-        }
-        self.head = (self.head + 1) % OUTBOX_CAPACITY;
-        self.len -= 1;
+        self.q.read(i, waits);
     }
 
+    /// The request at place `i` is over (answered or given up).
+    fn release(&mut self, i: usize) {
+        if let Some(r) = self.records.get_mut(i) {
+            *r = None;
+        }
+        self.q.release(i);
+    }
+
+    /// The agent left: nothing queued will be read. Requests keep their
+    /// places until their waiters give up.
     fn clear(&mut self) {
-        while self.len > 0 {
-            self.pop();
+        let waits = &self.waits;
+        self.q.drain(|i| waits.get(i).copied().unwrap_or(false), |_| {});
+        for r in self.records.iter_mut() {
+            *r = None;
         }
-        self.head = 0;
+    }
+
+    fn len(&self) -> usize {
+        self.q.queued()
     }
 }
 
@@ -143,7 +175,14 @@ enum Reply {
 impl State {
     /// Removes request `id`, returning its answer if it has one.
     fn take_pending(&mut self, id: u64) -> Option<Reply> {
-        let v = self.pending.remove(&id)?;
+        let slot = self.pending.get_mut(&id)?;
+        let v = slot.take();
+        if matches!(v, Some(Reply::Key(_))) {
+            // Key material must not survive in the freed node: overwrite
+            // the node's value whole before it goes.
+            *slot = Some(Reply::Key(ChannelKey::ZERO));
+        }
+        self.pending.remove(&id);
         self.n_pending -= 1;
         v
     }
@@ -170,6 +209,9 @@ pub(crate) enum Answer {
     TimedOut,
     /// The waiting task got a signal.
     Interrupted,
+    /// No place in the queue (this user's share or the whole queue taken,
+    /// or no memory): never sent.
+    Busy,
 }
 
 /// The channel shared by the file operations.
@@ -189,7 +231,7 @@ pub(crate) struct Channel {
     /// Thread group id of the connected agent, 0 when none, readable
     /// without the mutex (the agent's own execs are exempt).
     agent_tgid: AtomicU32,
-    /// Mirror of `outbox.len` readable without the (sleeping) mutex, for the
+    /// Mirror of the queued record count readable without the (sleeping) mutex, for the
     /// wait-queue condition and `poll()`.
     queued: AtomicUsize,
     sha256_driver: [u8; proto::DRIVER_NAME_LEN],
@@ -225,6 +267,47 @@ impl Channel {
         }? Error))
     }
 
+    /// Applies the load-time settings (module parameters `mode` and
+    /// `agent`): the mode the module starts in, before any agent, and the
+    /// agent binary allowed to start while none is connected. A bad value
+    /// refuses the load.
+    pub(crate) fn boot(&self, mode_param: &CStr, agent: &CStr) -> Result {
+        let mode = match mode_param.as_bytes() {
+            b"" | b"disabled" => Mode::Disabled,
+            b"permissive" => Mode::Permissive,
+            b"enforce" => Mode::Enforce,
+            _ => {
+                pr_err!("mode={}: want disabled, permissive or enforce\n", mode_param);
+                return Err(EINVAL);
+            }
+        };
+        let mut st = self.state.lock();
+        if !agent.is_empty() {
+            let id = sys::file_id_of(agent).inspect_err(|e| {
+                pr_err!("agent={}: cannot use it: errno {}\n", agent, e.to_errno())
+            })?;
+            if id.has_change_cookie == 0 {
+                pr_err!("agent={}: its file system has no change cookie\n", agent);
+                return Err(EINVAL);
+            }
+            st.pinned_agent = Some(id);
+        }
+        if mode == Mode::Enforce {
+            st.enforce_pin = Some(ModulePin::new().ok_or(ENODEV)?);
+        }
+        self.mode.store(mode as u8, Ordering::Release);
+        pr_info!(
+            "mode {:?} at load{}\n",
+            mode,
+            if st.pinned_agent.is_some() {
+                ", agent binary pinned"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    }
+
     fn open(&self, tgid: u32) -> Result {
         let mut st = self.state.lock();
         if let Some(holder) = st.agent {
@@ -237,7 +320,9 @@ impl Channel {
         }
         st.agent = Some(tgid);
         // Only a file whose changes the kernel can see may be pinned.
-        st.pinned_agent = sys::current_exe_id().filter(|id| id.has_change_cookie != 0);
+        if let Some(id) = sys::current_exe_id().filter(|id| id.has_change_cookie != 0) {
+            st.pinned_agent = Some(id);
+        }
         st.greeted = false;
         st.outbox.clear();
         self.queued.store(0, Ordering::Release);
@@ -288,37 +373,53 @@ impl Channel {
         })
     }
 
-    /// Queues `rec` for the agent and sleeps until its verdict, a timeout,
-    /// the agent's departure or a signal.
-    pub(crate) fn ask(&self, rec: &Record<'_>) -> Result<Answer> {
+    /// Queues `rec` for the agent on behalf of user `uid` and sleeps until
+    /// its verdict, a timeout, the agent's departure or a signal. Never
+    /// fails: what could not be asked is an [`Answer`] the mode decides on.
+    pub(crate) fn ask(&self, rec: &Record<'_>, uid: u32) -> Answer {
         let timeout = self.verdict_timeout_ms.load(Ordering::Acquire);
         let mut st = self.state.lock();
         if st.agent.is_none() || !st.greeted {
-            return Ok(Answer::NoAgent);
-        }
-        if st.n_pending >= MAX_PENDING {
-            pr_warn!("{} requests already wait for verdicts\n", MAX_PENDING);
-            return Ok(Answer::TimedOut);
+            return Answer::NoAgent;
         }
         let id = st.next_id;
         st.next_id += 1;
-        let epoch = st.epoch;
-        st.pending.try_create_and_insert(id, None, GFP_KERNEL)?;
-        st.n_pending += 1;
-        if let Err(e) = self.enqueue(&mut st, rec, id) {
-            st.drop_pending(id);
-            return Err(e);
+        let Ok(out) = encode(rec, id) else {
+            bump(&STATS.busy);
+            return Answer::Busy;
+        };
+        let place = match st.outbox.push(uid, out, true) {
+            Ok(i) => i,
+            Err(full) => {
+                bump(&STATS.busy);
+                if sys::log_ratelimit() {
+                    match full {
+                        Full::User => pr_warn!("uid {} holds {} queue places: request not sent\n", uid, PER_USER),
+                        Full::Queue => pr_warn!("queue to the agent full ({} places): request not sent\n", PLACES),
+                    }
+                }
+                return Answer::Busy;
+            }
+        };
+        if st.pending.try_create_and_insert(id, None, GFP_KERNEL).is_err() {
+            st.outbox.release(place);
+            bump(&STATS.busy);
+            return Answer::Busy;
         }
+        st.n_pending += 1;
+        self.queued.store(st.outbox.len(), Ordering::Release);
+        sys::wake_readers();
+        let epoch = st.epoch;
         let mut left = msecs_to_jiffies(timeout);
-        loop {
+        let answer = loop {
             if st.epoch != epoch {
                 st.drop_pending(id);
-                return Ok(Answer::NoAgent);
+                break Answer::NoAgent;
             }
             if matches!(st.pending.get(&id), Some(Some(_))) {
                 match st.take_pending(id) {
-                    Some(Reply::Verdict(v)) => return Ok(Answer::Verdict(v)),
-                    Some(Reply::Key(k)) => return Ok(Answer::Key(k)),
+                    Some(Reply::Verdict(v)) => break Answer::Verdict(v),
+                    Some(Reply::Key(k)) => break Answer::Key(k),
                     None => {}
                 }
             }
@@ -326,19 +427,22 @@ impl Channel {
                 CondVarTimeoutResult::Woken { jiffies } => left = jiffies,
                 CondVarTimeoutResult::Timeout => {
                     st.drop_pending(id);
-                    return Ok(Answer::TimedOut);
+                    break Answer::TimedOut;
                 }
                 CondVarTimeoutResult::Signal { .. } => {
                     st.drop_pending(id);
-                    return Ok(Answer::Interrupted);
+                    break Answer::Interrupted;
                 }
             }
-        }
+        };
+        st.outbox.release(place);
+        self.queued.store(st.outbox.len(), Ordering::Release);
+        answer
     }
 
     /// Queues `rec` for the agent without waiting for anything (request
     /// id 0). `false` when it was dropped: no agent, one whose `Hello`
-    /// version predates such records, or a full outbox.
+    /// version predates such records, or a full queue.
     pub(crate) fn notify(&self, rec: &Record<'_>) -> bool {
         let mut st = self.state.lock();
         if st.agent.is_none()
@@ -356,7 +460,7 @@ impl Channel {
 
     fn read(&self, ubuf: usize, len: usize) -> Result<usize> {
         let mut st = self.state.lock();
-        let rec = st.outbox.front().ok_or(EAGAIN)?;
+        let (i, rec) = st.outbox.front().ok_or(EAGAIN)?;
         if len < rec.len() {
             return Err(EINVAL);
         }
@@ -365,8 +469,8 @@ impl Channel {
         // in order for threads sharing the descriptor; a fault leaves the
         // record queued.
         UserSlice::new(ubuf, len).writer().write_slice(rec)?;
-        st.outbox.pop();
-        self.queued.store(st.outbox.len, Ordering::Release);
+        st.outbox.pop(i);
+        self.queued.store(st.outbox.len(), Ordering::Release);
         Ok(n)
     }
 
@@ -434,7 +538,9 @@ impl Channel {
                     );
                     return Err(ENOENT);
                 };
-                *slot = Some(Reply::Key(k));
+                // The decoded copy on this stack is wiped; the node's is
+                // wiped when taken (`take_pending`).
+                *slot = Some(Reply::Key(k.clone()));
                 k.wipe();
                 self.verdicts.notify_all();
             }
@@ -502,19 +608,43 @@ impl Channel {
         Ok(())
     }
 
-    /// Encodes `rec` onto the outbox and wakes the reader.
+    /// Queues the module's own record `rec` (no answer awaited) and wakes
+    /// the reader.
     fn enqueue(&self, st: &mut State, rec: &Record<'_>, request_id: u64) -> Result {
-        let mut out = KVec::new();
-        out.extend_with(rec.encoded_len(), 0u8, GFP_KERNEL)?;
-        rec.encode(request_id, &mut out).map_err(|e| {
-            pr_err!("cannot encode {:?}: {}\n", rec.kind(), e);
-            EINVAL
-        })?;
-        st.outbox.push(out)?;
-        self.queued.store(st.outbox.len, Ordering::Release);
+        let out = encode(rec, request_id)?;
+        st.outbox
+            .push(MODULE_UID, out, false)
+            .map_err(|_| ENOSPC)?;
+        self.queued.store(st.outbox.len(), Ordering::Release);
         sys::wake_readers();
         Ok(())
     }
+}
+
+/// `rec` encoded with `request_id`.
+fn encode(rec: &Record<'_>, request_id: u64) -> Result<KVec<u8>> {
+    let mut out = KVec::new();
+    out.extend_with(rec.encoded_len(), 0u8, GFP_KERNEL)?;
+    rec.encode(request_id, &mut out).map_err(|e| {
+        pr_err!("cannot encode {:?}: {}\n", rec.kind(), e);
+        EINVAL
+    })?;
+    Ok(out)
+}
+
+/// What the channel refused to queue (debugfs `queue_busy`).
+pub(crate) struct Stats {
+    /// Requests that found no place (a user's share, the queue, memory).
+    pub(crate) busy: AtomicU64,
+}
+
+/// The channel's counters.
+pub(crate) static STATS: Stats = Stats {
+    busy: AtomicU64::new(0),
+};
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
 fn reject(e: &DecodeError) -> Error {

@@ -49,12 +49,12 @@ use kernel::sync::SpinLock;
 
 use crate::device::Answer;
 use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache};
-use crate::proto::lineage::{Chain, Image, Lineage as LineageTable, ProcId};
+use crate::proto::lineage::{Chain, Image, Lineage as LineageTable, Pending, ProcId, Staged};
 use crate::proto::{
     Ancestry, Decision, ExecRequest, Mode, Obligations, Record, Verdict, EXEC_LOADER_DIRECT,
     MAX_PATH_LEN,
 };
-use crate::sys::{self, Bprm, ExecInfo, ExecOpen};
+use crate::sys::{self, Bprm, ElfKind, ExecInfo, ExecOpen};
 use crate::Shared;
 
 /// Cached verdicts at most (a power of two; ~100 bytes each).
@@ -110,12 +110,20 @@ impl Cache {
 
 /// Processes tracked for ancestry (direct-mapped by tgid; ~300 bytes each).
 const LINEAGE_SLOTS: usize = 4096;
+/// Execs allowed and not yet committed (direct-mapped by thread id).
+const STAGED_SLOTS: usize = 1024;
 
-/// Which program each process runs (logic in `proto/src/lineage.rs`).
+struct LineageInner {
+    table: LineageTable<KVVec<Image>>,
+    staged: Pending<KVVec<Staged>>,
+}
+
+/// Which program each process runs (logic in `proto/src/lineage.rs`). An
+/// allowed program is staged and only recorded when its exec commits.
 #[pin_data]
 pub(crate) struct Lineage {
     #[pin]
-    inner: SpinLock<LineageTable<KVVec<Image>>>,
+    inner: SpinLock<LineageInner>,
 }
 
 impl Lineage {
@@ -124,39 +132,61 @@ impl Lineage {
         let mut slots = KVVec::new();
         slots.extend_with(LINEAGE_SLOTS, Image::EMPTY, GFP_KERNEL)?;
         let table = LineageTable::new(slots).ok_or(EINVAL)?;
+        let mut slots = KVVec::new();
+        slots.extend_with(STAGED_SLOTS, Staged::EMPTY, GFP_KERNEL)?;
+        let staged = Pending::new(slots).ok_or(EINVAL)?;
         Ok(try_pin_init!(Self {
-            inner <- new_spinlock!(table, "trustbind_lineage"),
+            inner <- new_spinlock!(LineageInner { table, staged }, "trustbind_lineage"),
         }? Error))
     }
 
     fn ancestry_of(&self, info: &ExecInfo) -> Chain {
-        self.inner.lock().ancestry(proc_of(info), parent_of(info))
+        self.inner.lock().table.ancestry(proc_of(info), parent_of(info))
     }
 
-    fn record(&self, info: &ExecInfo, sha256: &[u8; 32], chain: &Chain) {
-        self.record_proc(proc_of(info), sha256, chain)
+    /// The exec `info` describes was allowed to run `sha256`: recorded if
+    /// and when it commits ([`Lineage::committed`]).
+    fn stage(&self, info: &ExecInfo, sha256: &[u8; 32], chain: &Chain) {
+        self.inner
+            .lock()
+            .staged
+            .stage(info.pid, proc_of(info), sha256, chain)
+    }
+
+    /// The exec of thread `pid` committed: what it staged now runs.
+    fn committed(&self, pid: u32) -> bool {
+        let mut g = self.inner.lock();
+        match g.staged.take(pid) {
+            Some((proc, sha256, chain)) => {
+                g.table.record(proc, &sha256, &chain);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The program `proc` was recorded running and its ancestry, if this
     /// very process was recorded.
     pub(crate) fn image(&self, proc: ProcId) -> Option<([u8; 32], Chain)> {
-        self.inner.lock().image(proc)
+        self.inner.lock().table.image(proc)
     }
 
     /// The ancestry a program exec'd by `proc` would carry: what `proc`
     /// runs, then its ancestry (empty if unknown).
     pub(crate) fn ancestry_of_proc(&self, proc: ProcId) -> Chain {
-        self.inner.lock().ancestry(proc, proc)
+        self.inner.lock().table.ancestry(proc, proc)
     }
 
     /// Forgets every process (see `proto::lineage::Lineage::clear`).
     pub(crate) fn clear(&self) {
-        self.inner.lock().clear()
+        let mut g = self.inner.lock();
+        g.table.clear();
+        g.staged.clear();
     }
 
     /// Records that `proc` runs `sha256`, with `chain` before it.
     pub(crate) fn record_proc(&self, proc: ProcId, sha256: &[u8; 32], chain: &Chain) {
-        self.inner.lock().record(proc, sha256, chain)
+        self.inner.lock().table.record(proc, sha256, chain)
     }
 }
 
@@ -205,9 +235,6 @@ impl Seen {
     }
 }
 
-/// ELF loaders remembered (there is one per architecture and libc).
-const LOADERS: usize = 8;
-
 struct LoaderInner {
     seen: KVVec<Seen>,
     /// The exec of the pinned agent binary allowed with no agent connected
@@ -217,9 +244,6 @@ struct LoaderInner {
     /// is of a native ELF file, so the next file the gate sees it open is
     /// that program's `PT_INTERP` loader. 0 when not.
     elf_exec: KVVec<u32>,
-    /// Files seen as some program's ELF loader (device, inode, generation).
-    loaders: [(u64, u64, u32); LOADERS],
-    next_loader: usize,
 }
 
 /// State the loader gate shares with the binfmt handler.
@@ -240,8 +264,6 @@ impl LoaderState {
             seen,
             pinned: None,
             elf_exec,
-            loaders: [(0, 0, 0); LOADERS],
-            next_loader: 0,
         };
         Ok(try_pin_init!(Self {
             inner <- new_spinlock!(inner, "trustbind_loader"),
@@ -249,32 +271,23 @@ impl LoaderState {
     }
 
     /// A thread starts an exec of a file (the binfmt handler's first
-    /// round): remembers whether it is a native ELF file, and returns
-    /// whether the file is a known ELF loader run as the program. One lock
-    /// for both: this runs on every exec.
-    fn exec_started(&self, info: &ExecInfo, native_elf: bool) -> bool {
-        let mut g = self.inner.lock();
-        if let Some(e) = g.elf_exec.get_mut(Self::slot(info.pid)) {
+    /// round): remembers whether it is a native ELF file.
+    fn exec_started(&self, info: &ExecInfo, native_elf: bool) {
+        if let Some(e) = self.inner.lock().elf_exec.get_mut(Self::slot(info.pid)) {
             *e = if native_elf { info.pid } else { 0 };
         }
-        g.loaders.contains(&(info.dev, info.ino, info.generation))
     }
 
-    /// The gate sees a thread open `info`'s file during its exec: if the
-    /// exec is of a native ELF file, this is its loader.
-    fn exec_opened(&self, info: &ExecInfo) {
-        let id = (info.dev, info.ino, info.generation);
-        let mut g = self.inner.lock();
-        match g.elf_exec.get_mut(Self::slot(info.pid)) {
-            Some(e) if *e == info.pid && info.pid != 0 => *e = 0,
-            _ => return,
-        }
-        if !g.loaders.contains(&id) {
-            let i = g.next_loader % LOADERS;
-            if let Some(l) = g.loaders.get_mut(i) {
-                *l = id;
+    /// The gate sees a thread open a file during its exec: whether it is
+    /// the `PT_INTERP` loader of the native ELF program the thread execs
+    /// (the first such open; consumed).
+    fn exec_opened(&self, info: &ExecInfo) -> bool {
+        match self.inner.lock().elf_exec.get_mut(Self::slot(info.pid)) {
+            Some(e) if *e == info.pid && info.pid != 0 => {
+                *e = 0;
+                true
             }
-            g.next_loader = i + 1;
+            _ => false,
         }
     }
 
@@ -333,6 +346,8 @@ trait Subject {
     fn is_native_elf(&self) -> bool {
         false
     }
+    /// Whether the file is an ELF program loader, from its content.
+    fn elf_kind(&self) -> Result<ElfKind>;
 }
 
 struct ByHandler<'a, 'b>(&'a Bprm<'b>);
@@ -353,6 +368,9 @@ impl Subject for ByHandler<'_, '_> {
     fn is_native_elf(&self) -> bool {
         self.0.is_native_elf()
     }
+    fn elf_kind(&self) -> Result<ElfKind> {
+        self.0.elf_kind()
+    }
 }
 
 struct ByGate<'a, 'b> {
@@ -368,7 +386,7 @@ impl Subject for ByGate<'_, '_> {
         self.open.info()
     }
     fn hash(&self, h: &sys::Hashers) -> Result<([u8; 32], [u8; 20])> {
-        h.hash_path(self.open)
+        h.hash_open(self.open)
     }
     fn path(&mut self) -> &[u8] {
         if self.name.is_none() {
@@ -394,10 +412,14 @@ impl Subject for ByGate<'_, '_> {
     fn is_program(&self) -> bool {
         false
     }
+    fn elf_kind(&self) -> Result<ElfKind> {
+        self.open.elf_kind()
+    }
 }
 
-/// The cache key of this exec, if its file system has a change cookie.
-fn cache_key(info: &ExecInfo) -> Option<ExecKey> {
+/// The cache key of this exec, if its file system has a change cookie;
+/// `as_loader` for a file opened as a native ELF program's `PT_INTERP`.
+fn cache_key(info: &ExecInfo, as_loader: bool) -> Option<ExecKey> {
     (info.has_change_cookie != 0).then(|| ExecKey {
         dev: info.dev,
         ino: info.ino,
@@ -409,6 +431,7 @@ fn cache_key(info: &ExecInfo) -> Option<ExecKey> {
             gid: info.gid,
             loginuid: info.loginuid,
         },
+        as_loader,
     })
 }
 
@@ -437,6 +460,9 @@ pub(crate) struct Stats {
     pub(crate) loader_dedup: AtomicU64,
     /// Execs of an ELF loader run as the program (`ld.so ./prog`).
     pub(crate) loader_direct: AtomicU64,
+    /// Allowed execs that committed (their program now runs, recorded for
+    /// ancestry).
+    pub(crate) committed: AtomicU64,
 }
 
 /// The exec path's counters.
@@ -452,6 +478,7 @@ pub(crate) static STATS: Stats = Stats {
     loader_opens: AtomicU64::new(0),
     loader_dedup: AtomicU64::new(0),
     loader_direct: AtomicU64::new(0),
+    committed: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64) {
@@ -466,6 +493,9 @@ pub(crate) enum Refusal {
     Unreadable(Error),
     /// A connection that must be a bound channel got no key.
     Unbound,
+    /// No place in the queue to the agent (this user's share, the whole
+    /// queue, or memory): never asked.
+    Busy,
 }
 
 impl core::fmt::Display for Refusal {
@@ -476,13 +506,16 @@ impl core::fmt::Display for Refusal {
             Refusal::TimedOut => f.write_str("no verdict in time"),
             Refusal::Unreadable(e) => write!(f, "cannot hash the file: errno {}", e.to_errno()),
             Refusal::Unbound => f.write_str("no channel key"),
+            Refusal::Busy => f.write_str("queue to the agent full"),
         }
     }
 }
 
 /// What one path (exec, net) refused or would have, and why; shown in
 /// debugfs as `<path>_denied`, `_would_deny`, `_no_agent`, `_timeouts`,
-/// `_unreadable`.
+/// `_unreadable`, `_busy`. Their log lines are rate-limited (the kernel's
+/// default: 10 lines per 5 s, then "callbacks suppressed"); the counters
+/// count every one.
 pub(crate) struct Refusals {
     /// Refused (enforce mode).
     pub(crate) denied: AtomicU64,
@@ -494,6 +527,8 @@ pub(crate) struct Refusals {
     pub(crate) timeouts: AtomicU64,
     /// Of these: the program's file could not be hashed.
     pub(crate) unreadable: AtomicU64,
+    /// Of these: no place in the queue to the agent.
+    pub(crate) busy: AtomicU64,
 }
 
 impl Refusals {
@@ -505,6 +540,7 @@ impl Refusals {
             no_agent: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             unreadable: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
         }
     }
 
@@ -520,6 +556,7 @@ impl Refusals {
     ) -> Result {
         match refusal {
             Refusal::Denied | Refusal::Unbound => {}
+            Refusal::Busy => bump(&self.busy),
             Refusal::NoAgent => bump(&self.no_agent),
             Refusal::TimedOut => bump(&self.timeouts),
             Refusal::Unreadable(_) => bump(&self.unreadable),
@@ -527,12 +564,16 @@ impl Refusals {
         match mode {
             Mode::Enforce => {
                 bump(&self.denied);
-                pr_info!("{} denied: {} ({})\n", what, subject, refusal);
+                if sys::log_ratelimit() {
+                    pr_info!("{} denied: {} ({})\n", what, subject, refusal);
+                }
                 Err(EACCES)
             }
             _ => {
                 bump(&self.would_deny);
-                pr_info!("{} would be denied: {} ({})\n", what, subject, refusal);
+                if sys::log_ratelimit() {
+                    pr_info!("{} would be denied: {} ({})\n", what, subject, refusal);
+                }
                 Ok(())
             }
         }
@@ -545,9 +586,6 @@ pub(crate) fn check(s: &Shared, bprm: &Bprm<'_>) -> Result {
     if mode == Mode::Disabled {
         return Ok(());
     }
-    // What this exec opens next from the same file system (its ELF
-    // loader) reaches the loader gate.
-    bprm.watch_file_system();
     decide(s, mode, &mut ByHandler(bprm), bprm.is_interp())
 }
 
@@ -586,31 +624,30 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
     if s.channel.is_agent(info.tgid) {
         return Ok(());
     }
+    // Each round's file tells whether the next file the exec opens is a
+    // native ELF program's PT_INTERP loader.
+    if subj.is_program() {
+        s.loader.exec_started(&info, subj.is_native_elf());
+    }
     if interp_round && s.loader.take(&info) {
         // The gate allowed this very interpreter when the exec opened it.
         bump(&STATS.loader_dedup);
         return Ok(());
     }
-    let mut flags = 0;
-    if !subj.is_program() {
-        s.loader.exec_opened(&info);
-    } else if !interp_round {
-        if s.loader.exec_started(&info, subj.is_native_elf()) {
-            // `ld.so ./prog`: what runs is `./prog`, which the kernel never
-            // sees as an exec; policy decides on this one, never cached
-            // (the loader's verdict as a loader must not answer it).
-            flags = EXEC_LOADER_DIRECT;
-            bump(&STATS.loader_direct);
-        }
-    }
-    let key = if flags == 0 { cache_key(&info) } else { None };
+    // A file opened as a native ELF program's PT_INTERP is that program's
+    // loader; anything else may be a loader run as the program.
+    let pt_interp = !subj.is_program() && s.loader.exec_opened(&info);
+    // A verdict for a loader run as the program is never stored, so a hit
+    // is never one (the file's identity and change cookie pin its
+    // content, and so its kind).
+    let mut key = cache_key(&info, pt_interp);
     if let Some(key) = &key {
         if let Some((v, sha256)) = s.exec_cache.lookup(key) {
             bump(&STATS.cache_hits);
             let chain = s.lineage.ancestry_of(&info);
             let r = enforce(&v, subj);
             if r.is_ok() {
-                allowed(s, &*subj, &info, &sha256, &chain);
+                allowed(s, &*subj, &info, &sha256, &chain, 0);
             }
             return r;
         }
@@ -620,6 +657,21 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
     let (sha256, sha1) = subj
         .hash(&s.hashers)
         .map_err(|e| Ok(Refusal::Unreadable(e)))?;
+    let mut flags = 0;
+    if !pt_interp {
+        // `ld.so ./prog` (or a copy of ld.so anywhere): what runs is
+        // `./prog`, which the kernel never sees as an exec. Recognised by
+        // content (`proto::elf`); policy decides on it, never cached.
+        match subj.elf_kind() {
+            Ok(ElfKind::Loader) => {
+                flags = EXEC_LOADER_DIRECT;
+                key = None;
+                bump(&STATS.loader_direct);
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Ok(Refusal::Unreadable(e))),
+        }
+    }
     let chain = s.lineage.ancestry_of(&info);
     let ancestry = Ancestry::from_bytes(chain.as_bytes()).unwrap_or(Ancestry::EMPTY);
     let program = subj.is_program();
@@ -639,14 +691,14 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
         path: &path[..path.len().min(MAX_PATH_LEN)],
         flags,
     });
-    match s.channel.ask(&rec).map_err(Err)? {
+    match s.channel.ask(&rec, info.uid) {
         Answer::Verdict(v) => {
             if let Some(key) = &key {
                 s.exec_cache.store(key, &v, &sha256);
             }
             let r = enforce(&v, subj);
             if r.is_ok() {
-                allowed(s, &*subj, &info, &sha256, &chain);
+                allowed(s, &*subj, &info, &sha256, &chain, flags);
             }
             r
         }
@@ -668,6 +720,7 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
         }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
+        Answer::Busy => Err(Ok(Refusal::Busy)),
         Answer::Interrupted => Err(Err(ERESTARTNOINTR)),
     }
 }
@@ -681,13 +734,30 @@ fn pinned_allowed(subj: &mut impl Subject) {
     );
 }
 
-/// Bookkeeping after an allow: a program becomes the process's image (for
-/// ancestry); a file the gate allowed is remembered for the next round.
-fn allowed(s: &Shared, subj: &impl Subject, info: &ExecInfo, sha256: &[u8; 32], chain: &Chain) {
+/// Bookkeeping after an allow: a program is staged to become the
+/// process's image (for ancestry) when the exec commits; a file the gate
+/// allowed is remembered for the next round, unless it was a loader run
+/// as an interpreter (`flags`), which that round must ask about again.
+fn allowed(
+    s: &Shared,
+    subj: &impl Subject,
+    info: &ExecInfo,
+    sha256: &[u8; 32],
+    chain: &Chain,
+    flags: u8,
+) {
     if subj.is_program() {
-        s.lineage.record(info, sha256, chain);
-    } else {
+        s.lineage.stage(info, sha256, chain);
+    } else if flags == 0 {
         s.loader.allowed(info);
+    }
+}
+
+/// The exec of thread `pid` committed (called from the
+/// `sched_process_exec` tracepoint: must not sleep).
+pub(crate) fn committed(s: &Shared, pid: u32) {
+    if s.lineage.committed(pid) {
+        bump(&STATS.committed);
     }
 }
 

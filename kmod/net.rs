@@ -493,7 +493,9 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
             NetKind::Connect => {
                 // Marked before the SYN, which the backstop lets out only
                 // from a qualified socket when the service is protected.
-                sys::backstop_mark(
+                // Unmarked (no memory) only matters for protected
+                // services, whose backstop then drops it (fail closed).
+                let _ = sys::backstop_mark(
                     info,
                     if encrypt {
                         sys::Mark::Channel
@@ -509,7 +511,9 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
                 return Ok(());
             }
             NetKind::Accept if !encrypt => {
-                sys::backstop_mark(info, sys::Mark::Plain);
+                // Unmarked (no memory) only matters for protected
+                // services, whose backstop then drops it (fail closed).
+                let _ = sys::backstop_mark(info, sys::Mark::Plain);
                 return Ok(());
             }
             // The policy requires a channel but no key came with it.
@@ -542,10 +546,17 @@ fn bind(
         bump(&STATS.bind_failed);
         return Err(EACCES);
     }
+    // Marked bound before any key is in the socket: from then on the
+    // key cannot be read back (getsockopt TLS_TX/TLS_RX refused). A
+    // socket that cannot be marked is not keyed (fail closed: reset).
+    if let Err(e) = sys::backstop_mark(info, sys::Mark::Bound) {
+        pr_warn!("{} {}: cannot mark the socket bound: errno {}\n", what, subject, e.to_errno());
+        bump(&STATS.bind_failed);
+        return Err(EACCES);
+    }
     match sys::ktls_install(info, key) {
         Ok(()) => {
             bump(&STATS.bound);
-            sys::backstop_mark(info, sys::Mark::Bound);
             protect(info);
             let now = sys::now_ms();
             let idle_ms = u64::from(key.idle_timeout_s) * 1000;
@@ -661,7 +672,7 @@ fn qualify(
         ppid: info.ptgid,
         ancestry: ancestry(&chain),
     });
-    match s.channel.ask(&rec).map_err(Err)? {
+    match s.channel.ask(&rec, info.uid) {
         Answer::Verdict(v) => match v.decision {
             Decision::Allow | Decision::AllowWithConditions => {
                 bump(&STATS.allowed);
@@ -677,6 +688,7 @@ fn qualify(
         }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
+        Answer::Busy => Err(Ok(Refusal::Busy)),
         // Nothing was sent yet on a connect: restart it. An established
         // or accepted connection cannot be put back: the wrapper resets it.
         Answer::Interrupted if kind == NetKind::Connect => Err(Err(ERESTARTSYS)),
@@ -795,7 +807,7 @@ fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<R
         peer_gid: info.peer_gid,
         path,
     });
-    match s.channel.ask(&rec).map_err(Err)? {
+    match s.channel.ask(&rec, info.uid) {
         Answer::Verdict(v) => match v.decision {
             Decision::Allow | Decision::AllowWithConditions => {
                 bump(&UNIX_STATS.allowed);
@@ -810,6 +822,7 @@ fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<R
         }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
+        Answer::Busy => Err(Ok(Refusal::Busy)),
         // The connection is made and cannot be put back: severed.
         Answer::Interrupted => Err(Err(EINTR)),
     }

@@ -27,7 +27,7 @@ mod proto;
 use device::Channel;
 use kernel::c_str;
 use sys::{
-    DebugfsDir, ExecRegistration, Hashers, LoaderGate, MiscRegistration, NetHooks, Slot, UnixHooks,
+    DebugfsDir, ExecRegistration, Hashers, LoaderHooks, MiscRegistration, NetHooks, Slot, UnixHooks,
 };
 
 module! {
@@ -67,7 +67,7 @@ struct Trustbind {
     _unix: UnixHooks,
     _net: NetHooks,
     _exec: ExecRegistration,
-    _loader: LoaderGate,
+    _loader: LoaderHooks,
     _stats: DebugfsDir,
     _device: MiscRegistration<Shared>,
     _last: Unloaded,
@@ -155,6 +155,9 @@ impl kernel::Module for Trustbind {
             }? Error),
             GFP_KERNEL,
         )?;
+        shared
+            .channel
+            .boot(sys::param_mode(), sys::param_agent())?;
         let device = MiscRegistration::new(&SHARED, shared)?;
         pr_info!("/dev/trustbind ready (protocol v{})\n", proto::VERSION);
         let st = &exec::STATS;
@@ -166,6 +169,7 @@ impl kernel::Module for Trustbind {
             (c_str!("exec_no_agent"), &st.refusals.no_agent),
             (c_str!("exec_timeouts"), &st.refusals.timeouts),
             (c_str!("exec_unreadable"), &st.refusals.unreadable),
+            (c_str!("exec_busy"), &st.refusals.busy),
             (c_str!("exec_cache_hits"), &st.cache_hits),
             (c_str!("exec_cache_misses"), &st.cache_misses),
             (c_str!("exec_cache_stored"), &st.cache_stored),
@@ -174,6 +178,8 @@ impl kernel::Module for Trustbind {
             (c_str!("exec_loader_opens"), &st.loader_opens),
             (c_str!("exec_loader_dedup"), &st.loader_dedup),
             (c_str!("exec_loader_direct"), &st.loader_direct),
+            (c_str!("exec_committed"), &st.committed),
+            (c_str!("queue_busy"), &device::STATS.busy),
             (c_str!("net_connect_asked"), &net::STATS.connect_asked),
             (c_str!("net_accept_asked"), &net::STATS.accept_asked),
             (c_str!("net_allowed"), &net::STATS.allowed),
@@ -182,6 +188,7 @@ impl kernel::Module for Trustbind {
             (c_str!("net_no_agent"), &net::STATS.refusals.no_agent),
             (c_str!("net_timeouts"), &net::STATS.refusals.timeouts),
             (c_str!("net_unreadable"), &net::STATS.refusals.unreadable),
+            (c_str!("net_busy"), &net::STATS.refusals.busy),
             (c_str!("net_exe_hashed"), &net::STATS.exe_hashed),
             (c_str!("net_bind_required"), &net::STATS.bind_required),
             (c_str!("net_bound"), &net::STATS.bound),
@@ -199,9 +206,10 @@ impl kernel::Module for Trustbind {
             (c_str!("unix_no_agent"), &net::UNIX_STATS.refusals.no_agent),
             (c_str!("unix_timeouts"), &net::UNIX_STATS.refusals.timeouts),
             (c_str!("unix_unreadable"), &net::UNIX_STATS.refusals.unreadable),
+            (c_str!("unix_busy"), &net::UNIX_STATS.refusals.busy),
             (c_str!("unix_exe_hashed"), &net::UNIX_STATS.exe_hashed),
         ]);
-        let loader = LoaderGate::new()?;
+        let loader = LoaderHooks::new()?;
         let exec = ExecRegistration::new();
         pr_info!("exec handler registered (mode disabled until an agent configures it)\n");
         let net = NetHooks::new()?;

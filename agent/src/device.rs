@@ -367,7 +367,7 @@ impl DeviceWriter {
     /// `key` and the encoded copy. `Ok(false)` if the module no longer
     /// waits for it.
     pub fn channel_key(&mut self, id: u64, key: &mut ChannelKey) -> Result<bool, DeviceError> {
-        let mut rec = Record::ChannelKey(*key);
+        let mut rec = Record::ChannelKey(key.clone());
         key.wipe();
         let buf = encode(&rec, id);
         if let Record::ChannelKey(k) = &mut rec {

@@ -22,7 +22,10 @@
 #include <linux/file.h>
 #include <linux/rcupdate.h>
 #include <linux/sched/mm.h>
-#include <linux/fsnotify_backend.h>
+#include <linux/tracepoint.h>
+#include <linux/ratelimit.h>
+#include <linux/moduleparam.h>
+#include <linux/namei.h>
 #include <linux/fs_struct.h>
 #include <linux/mutex.h>
 #include <linux/dcache.h>
@@ -36,6 +39,7 @@
 #include <net/inet_common.h>
 #include <net/ipv6.h>
 #include <net/tcp.h>
+#include <net/mptcp.h>
 #include <net/tls.h>
 #include <linux/tls.h>
 #include <linux/string.h>
@@ -241,6 +245,24 @@ bool tb_bprm_is_interp(const struct linux_binprm *bprm)
 }
 
 #define TB_HASH_CHUNK (32 * 1024)
+
+const u8 *tb_bprm_head(const struct linux_binprm *bprm, size_t *len)
+{
+	*len = BINPRM_BUF_SIZE;
+	return bprm->buf;
+}
+
+ssize_t tb_file_read(struct file *file, u64 off, u8 *buf, size_t len)
+{
+	loff_t pos = off;
+
+	return kernel_read(file, buf, len, &pos);
+}
+
+struct file *tb_bprm_file(const struct linux_binprm *bprm)
+{
+	return bprm->file;
+}
 
 bool tb_bprm_is_native_elf(const struct linux_binprm *bprm)
 {
@@ -471,20 +493,15 @@ void tb_dev_wake_readers(void)
 
 /* --- Process and time ----------------------------------------------------- */
 
-int tb_current_exe_id(struct tb_file_id *out)
+static int tb_path_id(const struct path *path, struct tb_file_id *out)
 {
-	struct file *f = tb_current_exe();
-	struct inode *inode;
+	struct inode *inode = d_inode(path->dentry);
 	struct kstat stat;
 	int err;
 
-	memset(out, 0, sizeof(*out));
-	if (!f)
-		return -ENOENT;
-	err = vfs_getattr_nosec(&f->f_path, &stat, STATX_CHANGE_COOKIE,
+	err = vfs_getattr_nosec(path, &stat, STATX_CHANGE_COOKIE,
 				AT_STATX_SYNC_AS_STAT);
 	if (!err) {
-		inode = file_inode(f);
 		out->dev = inode->i_sb->s_dev;
 		out->ino = inode->i_ino;
 		out->generation = inode->i_generation;
@@ -493,7 +510,56 @@ int tb_current_exe_id(struct tb_file_id *out)
 			out->change_cookie = stat.change_cookie;
 		}
 	}
+	return err;
+}
+
+int tb_current_exe_id(struct tb_file_id *out)
+{
+	struct file *f = tb_current_exe();
+	int err;
+
+	memset(out, 0, sizeof(*out));
+	if (!f)
+		return -ENOENT;
+	err = tb_path_id(&f->f_path, out);
 	fput(f);
+	return err;
+}
+
+/*
+ * Load-time settings (modprobe.d `options trustbind mode=enforce
+ * agent=/usr/sbin/trustbind-agent`): the mode the module starts in, so
+ * that nothing runs unqualified between boot and the agent, and the agent
+ * binary that may start while no agent is connected. Read once at load.
+ */
+static char *tb_mode_param = "disabled";
+module_param_named(mode, tb_mode_param, charp, 0400);
+MODULE_PARM_DESC(mode, "mode at load: disabled (default), permissive or enforce");
+static char *tb_agent_param = "";
+module_param_named(agent, tb_agent_param, charp, 0400);
+MODULE_PARM_DESC(agent, "absolute path of the agent binary allowed to start while no agent is connected");
+
+const char *tb_param_mode(void)
+{
+	return tb_mode_param ? tb_mode_param : "";
+}
+
+const char *tb_param_agent(void)
+{
+	return tb_agent_param ? tb_agent_param : "";
+}
+
+int tb_file_id_of(const char *name, struct tb_file_id *out)
+{
+	struct path path;
+	int err;
+
+	memset(out, 0, sizeof(*out));
+	err = kern_path(name, LOOKUP_FOLLOW, &path);
+	if (err)
+		return err;
+	err = d_is_reg(path.dentry) ? tb_path_id(&path, out) : -EINVAL;
+	path_put(&path);
 	return err;
 }
 
@@ -502,199 +568,35 @@ u64 tb_now_ms(void)
 	return jiffies64_to_msecs(get_jiffies_64());
 }
 
+static DEFINE_RATELIMIT_STATE(tb_log_rs, DEFAULT_RATELIMIT_INTERVAL,
+			      DEFAULT_RATELIMIT_BURST);
+
+bool tb_log_ratelimit(void)
+{
+	return __ratelimit(&tb_log_rs);
+}
+
 void tb_set_nice_current(int nice)
 {
 	set_user_nice(current, nice);
 }
 
-/* --- Loader gate ---------------------------------------------------------- */
+/* --- Loader gate: see the end of this file (open_exec() wrapper) ------- */
 
-/* Superblocks marked at most: a mark per file system programs run from. */
-#define TB_MAX_SB_MARKS 64
-
-struct tb_sb_mark {
-	struct fsnotify_mark mark;
-	int slot;
-};
-
-static struct fsnotify_group *tb_group;
-/* Serialises adding marks and tearing them down. */
-static DEFINE_MUTEX(tb_marks_lock);
-/* Our marks, each holding the reference fsnotify_init_mark() gave us. */
-static struct tb_sb_mark *tb_marks[TB_MAX_SB_MARKS];
-/* The superblock each live mark watches; cleared (freeing_mark) before the
- * kernel frees a superblock on unmount, so a stale pointer never matches. */
-static struct super_block *tb_marked_sb[TB_MAX_SB_MARKS];
-static bool tb_marks_full_logged;
-
-static int tb_loader_event(struct fsnotify_group *group, u32 mask,
-			   const void *data, int data_type, struct inode *dir,
-			   const struct qstr *file_name, u32 cookie,
-			   struct fsnotify_iter_info *iter_info)
+int tb_open_info(const struct file *file, struct tb_exec_info *out)
 {
-	const struct path *path = fsnotify_data_path(data, data_type);
-
-	/*
-	 * Only opens inside an execve after its file was opened: the main
-	 * file is opened in alloc_bprm() before in_execve is set, and the
-	 * binfmt handler qualifies it with the exec's own context.
-	 */
-	if (!(mask & FS_OPEN_EXEC_PERM) || !path || !current->in_execve)
-		return 0;
-	return trustbind_loader_check(path);
+	return tb_fill_info(&file->f_path, out);
 }
 
-static void tb_loader_freeing_mark(struct fsnotify_mark *mark,
-				   struct fsnotify_group *group)
+int tb_hash_open(struct tb_hashers *h, struct file *file, u8 *sha256_out,
+		 u8 *sha1_out)
 {
-	struct tb_sb_mark *m = container_of(mark, struct tb_sb_mark, mark);
-
-	WRITE_ONCE(tb_marked_sb[m->slot], NULL);
+	return tb_hash_opened(h, file, sha256_out, sha1_out);
 }
 
-static void tb_loader_free_mark(struct fsnotify_mark *mark)
+int tb_open_name(const struct file *file, char *buf, int len, const char **out)
 {
-	kfree(container_of(mark, struct tb_sb_mark, mark));
-}
-
-static const struct fsnotify_ops tb_loader_ops = {
-	.handle_event = tb_loader_event,
-	.freeing_mark = tb_loader_freeing_mark,
-	.free_mark = tb_loader_free_mark,
-};
-
-static bool tb_sb_marked(struct super_block *sb)
-{
-	int i;
-
-	for (i = 0; i < TB_MAX_SB_MARKS; i++)
-		if (READ_ONCE(tb_marked_sb[i]) == sb)
-			return true;
-	return false;
-}
-
-/* Drops our reference on the mark in slot i (destroying it if the kernel
- * has not already, on unmount). Called with tb_marks_lock held. */
-static void tb_release_slot(int i)
-{
-	struct tb_sb_mark *m = tb_marks[i];
-
-	if (!m)
-		return;
-	tb_marks[i] = NULL;
-	fsnotify_destroy_mark(&m->mark, tb_group);
-	fsnotify_put_mark(&m->mark);
-}
-
-static void tb_watch_sb(struct super_block *sb)
-{
-	struct tb_sb_mark *m;
-	int i, free = -1, err;
-
-	if (!tb_group || tb_sb_marked(sb))
-		return;
-	mutex_lock(&tb_marks_lock);
-	if (tb_sb_marked(sb))
-		goto out;
-	for (i = 0; i < TB_MAX_SB_MARKS; i++) {
-		if (tb_marks[i] && !READ_ONCE(tb_marked_sb[i]))
-			tb_release_slot(i);	/* its file system is gone */
-		if (!tb_marks[i] && free < 0)
-			free = i;
-	}
-	if (free < 0) {
-		if (!tb_marks_full_logged)
-			pr_warn("loader gate: %d file systems marked, not marking %s (%s)\n",
-				TB_MAX_SB_MARKS, sb->s_id, sb->s_type->name);
-		tb_marks_full_logged = true;
-		goto out;
-	}
-	m = kzalloc(sizeof(*m), GFP_KERNEL);
-	if (!m)
-		goto out;
-	m->slot = free;
-	fsnotify_init_mark(&m->mark, tb_group);
-	m->mark.mask = FS_OPEN_EXEC_PERM;
-	/* Published first, so a freeing_mark() can only ever clear it. The
-	 * caller holds a file or path on sb, so it cannot go away here. */
-	WRITE_ONCE(tb_marked_sb[free], sb);
-	err = fsnotify_add_mark(&m->mark, sb, FSNOTIFY_OBJ_TYPE_SB, 0);
-	if (err) {
-		WRITE_ONCE(tb_marked_sb[free], NULL);
-		pr_warn("loader gate: cannot mark %s (%s): %d\n", sb->s_id,
-			sb->s_type->name, err);
-		fsnotify_put_mark(&m->mark);
-		goto out;
-	}
-	tb_marks[free] = m;
-	pr_info("loader gate: watching %s (%s)\n", sb->s_id, sb->s_type->name);
-out:
-	mutex_unlock(&tb_marks_lock);
-}
-
-int tb_loader_gate_start(void)
-{
-	struct path root;
-	struct fsnotify_group *g;
-
-	g = fsnotify_alloc_group(&tb_loader_ops, 0);
-	if (IS_ERR(g))
-		return PTR_ERR(g);
-	/* Permission events need a content-priority group: only then do
-	 * opens on a marked superblock carry FMODE_NOTIFY_PERM. */
-	g->priority = FSNOTIFY_PRIO_CONTENT;
-	tb_group = g;
-	get_fs_root(current->fs, &root);
-	tb_watch_sb(root.mnt->mnt_sb);
-	path_put(&root);
-	return 0;
-}
-
-void tb_loader_gate_stop(void)
-{
-	int i;
-
-	if (!tb_group)
-		return;
-	mutex_lock(&tb_marks_lock);
-	for (i = 0; i < TB_MAX_SB_MARKS; i++)
-		tb_release_slot(i);
-	mutex_unlock(&tb_marks_lock);
-	/* Marks are freed after an SRCU grace period: once this returns no
-	 * handler of ours runs and free_mark has been called for each. */
-	fsnotify_wait_marks_destroyed();
-	fsnotify_put_group(tb_group);
-	tb_group = NULL;
-}
-
-void tb_loader_gate_watch(const struct linux_binprm *bprm)
-{
-	tb_watch_sb(file_inode(bprm->file)->i_sb);
-}
-
-int tb_path_info(const struct path *path, struct tb_exec_info *out)
-{
-	return tb_fill_info(path, out);
-}
-
-int tb_hash_path(struct tb_hashers *h, const struct path *path,
-		 u8 *sha256_out, u8 *sha1_out)
-{
-	/* A plain read-only open: it raises FS_OPEN_PERM, never
-	 * FS_OPEN_EXEC_PERM, so it does not come back here. */
-	struct file *f = dentry_open(path, O_RDONLY | O_LARGEFILE, current_cred());
-	int err;
-
-	if (IS_ERR(f))
-		return PTR_ERR(f);
-	err = tb_hash_opened(h, f, sha256_out, sha1_out);
-	fput(f);
-	return err;
-}
-
-int tb_path_name(const struct path *path, char *buf, int len, const char **out)
-{
-	char *p = d_path(path, buf, len);
+	char *p = d_path(&file->f_path, buf, len);
 
 	if (IS_ERR(p))
 		return PTR_ERR(p);
@@ -791,9 +693,14 @@ static bool tb_is_binding(const struct sock *sk)
 	return found;
 }
 
+/* A user-space stream socket of IPv4/IPv6: TCP, or MPTCP (whose connect is
+ * inet_stream_connect() too; its accept is wrapped apart). An MPTCP socket
+ * can never be a bound channel (no kTLS on it): one that must be is
+ * refused. */
 static bool tb_net_watched(const struct sock *sk)
 {
-	return sk && sk->sk_protocol == IPPROTO_TCP && !sk->sk_kern_sock &&
+	return sk && (sk->sk_protocol == IPPROTO_TCP ||
+		      sk->sk_protocol == IPPROTO_MPTCP) && !sk->sk_kern_sock &&
 	       (sk->sk_family == AF_INET || sk->sk_family == AF_INET6);
 }
 
@@ -912,6 +819,8 @@ out:
 	return err;
 }
 
+static atomic_t tb_backstop_mode;	/* defined with the backstop below */
+
 static int tb_inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 				  int addr_len, int flags)
 {
@@ -919,7 +828,17 @@ static int tb_inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 	int err;
 
 	err = tb_connect_qualify(sock, uaddr, addr_len, &info);
-	if (!err && info.bind)
+	if (!err && info.bind && sock->sk->sk_protocol == IPPROTO_MPTCP) {
+		/* kTLS cannot sit on an MPTCP socket: a connect that must be a
+		 * channel is refused in enforce mode (the backstop drops its
+		 * subflows to the protected service in any case). */
+		if (atomic_read(&tb_backstop_mode) == TB_BACKSTOP_DROP) {
+			pr_info_ratelimited("connect refused: an MPTCP socket cannot be a bound channel\n");
+			err = -EACCES;
+		} else {
+			err = inet_stream_connect(sock, uaddr, addr_len, flags);
+		}
+	} else if (!err && info.bind)
 		err = tb_connect_bound(sock, uaddr, addr_len, flags, &info);
 	else if (!err)
 		err = inet_stream_connect(sock, uaddr, addr_len, flags);
@@ -979,15 +898,15 @@ out:
 	return err;
 }
 
-static int tb_inet_accept(struct socket *sock, struct socket *newsock,
-			  struct proto_accept_arg *arg)
+typedef int (*tb_accept_fn)(struct socket *, struct socket *,
+			    struct proto_accept_arg *);
+
+/* Qualifies the connection an accept returned (err its result). */
+static int tb_accept_check(struct socket *newsock, int err)
 {
 	struct tb_net_info info;
-	struct sock *sk;
-	int err;
+	struct sock *sk = newsock->sk;
 
-	err = inet_accept(sock, newsock, arg);
-	sk = newsock->sk;
 	if (!err && tb_net_watched(sk)) {
 		memset(&info, 0, sizeof(info));
 		info.kind = TB_NET_ACCEPT;
@@ -1007,6 +926,29 @@ static int tb_inet_accept(struct socket *sock, struct socket *newsock,
 			err = -ECONNABORTED;
 		}
 	}
+	return err;
+}
+
+static int tb_inet_accept(struct socket *sock, struct socket *newsock,
+			  struct proto_accept_arg *arg)
+{
+	int err = tb_accept_check(newsock, inet_accept(sock, newsock, arg));
+
+	tb_net_leave();
+	return err;
+}
+
+/* MPTCP's accept (mptcp_stream_accept, not exported: found through a
+ * kernel MPTCP socket's ops and called through that pointer, an
+ * address-taken function whose ENDBR is intact). */
+static tb_accept_fn tb_mptcp_accept_orig;
+
+static int tb_mptcp_accept(struct socket *sock, struct socket *newsock,
+			   struct proto_accept_arg *arg)
+{
+	int err = tb_accept_check(newsock,
+				  tb_mptcp_accept_orig(sock, newsock, arg));
+
 	tb_net_leave();
 	return err;
 }
@@ -1118,7 +1060,7 @@ static atomic_t tb_backstop_mode = ATOMIC_INIT(TB_BACKSTOP_OFF);
 
 static struct {
 	atomic64_t syn_dropped, payload_dropped, inbound_dropped, would_drop,
-		unmarked, protected_full;
+		unmarked, protected_full, key_reads_refused;
 } tb_bs;
 
 static u32 tb_prot_hash(u8 family, const u8 *addr, u16 port)
@@ -1210,6 +1152,7 @@ int tb_backstop_mark(const struct tb_net_info *info, u32 kind)
 {
 	struct sock *sk = info->sock->sk;
 	struct tb_mark *m, *old;
+	int err = 0;
 
 	m = kzalloc(sizeof(*m), GFP_KERNEL);
 	if (!m) {
@@ -1228,6 +1171,7 @@ int tb_backstop_mark(const struct tb_net_info *info, u32 kind)
 		WRITE_ONCE(old->kind, kind);
 	} else if (atomic_read(&tb_mark_n) >= TB_MARK_MAX) {
 		atomic64_inc(&tb_bs.unmarked);
+		err = -ENOSPC;
 	} else {
 		hash_add_rcu(tb_mark_set, &m->node, (unsigned long)sk);
 		atomic_inc(&tb_mark_n);
@@ -1235,7 +1179,7 @@ int tb_backstop_mark(const struct tb_net_info *info, u32 kind)
 	}
 	spin_unlock_bh(&tb_mark_lock);
 	kfree(m);
-	return 0;
+	return err;
 }
 
 /* Drops a mark taken out of the set (under tb_mark_lock). */
@@ -1425,8 +1369,11 @@ static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
 	sk = skb_to_full_sk(skb);
 	if (sk && !sk_fullsock(sk))
 		sk = NULL;
-	if (sk && sk->sk_kern_sock)
-		return NF_ACCEPT;	/* the kernel's own (NFS, iSCSI ...) */
+	/* The kernel's own (NFS, iSCSI ...), but not an MPTCP subflow: those
+	 * carry a user socket's data and are never qualified themselves. */
+	if (sk && sk->sk_kern_sock &&
+	    !(sk->sk_protocol == IPPROTO_TCP && sk_is_mptcp(sk)))
+		return NF_ACCEPT;
 	if (!sk || sk->sk_type != SOCK_STREAM ||
 	    sk->sk_protocol != IPPROTO_TCP) {
 		ok = false;		/* a raw socket, a request sock */
@@ -1627,6 +1574,8 @@ void tb_backstop_debugfs(struct dentry *dir)
 			   (u64 *)&tb_bs.unmarked.counter);
 	debugfs_create_u64("net_backstop_protected_full", 0400, dir,
 			   (u64 *)&tb_bs.protected_full.counter);
+	debugfs_create_u64("net_key_reads_refused", 0400, dir,
+			   (u64 *)&tb_bs.key_reads_refused.counter);
 	debugfs_create_atomic_t("net_backstop_protected", 0400, dir,
 				&tb_prot_n);
 	debugfs_create_atomic_t("net_backstop_marked", 0400, dir,
@@ -1841,6 +1790,40 @@ out:
 	return err;
 }
 
+/*
+ * getsockopt(SOL_TLS, TLS_TX/TLS_RX) hands the socket's owner the kTLS
+ * key, salt and IV (do_tls_getsockopt_conf). On a socket the module keyed
+ * (marked bound before the key went in) it is refused: a channel key is
+ * never readable from user space. Every other option, and every other
+ * socket (an application's own kTLS), is untouched. io_uring's getsockopt
+ * goes through do_sock_getsockopt() too.
+ */
+static int tb_do_sock_getsockopt(struct socket *sock, bool compat, int level,
+				 int optname, sockptr_t optval,
+				 sockptr_t optlen)
+{
+	bool bound = false;
+	struct tb_mark *m;
+	int err;
+
+	if (level == SOL_TLS && (optname == TLS_TX || optname == TLS_RX) &&
+	    sock->sk) {
+		rcu_read_lock();
+		m = tb_mark_find(sock->sk);
+		bound = m && READ_ONCE(m->kind) == TB_MARK_BOUND;
+		rcu_read_unlock();
+	}
+	if (bound) {
+		atomic64_inc(&tb_bs.key_reads_refused);
+		err = -EPERM;
+	} else {
+		err = do_sock_getsockopt(sock, compat, level, optname, optval,
+					 optlen);
+	}
+	tb_net_leave();
+	return err;
+}
+
 static void notrace tb_net_redirect(unsigned long ip, unsigned long parent_ip,
 				    struct ftrace_ops *op,
 				    struct ftrace_regs *fregs)
@@ -1888,6 +1871,18 @@ static struct ftrace_ops tb_sendmsg_ops = {
 	.private = tb_tcp_sendmsg,
 };
 
+static struct ftrace_ops tb_mptcp_accept_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_mptcp_accept,
+};
+
+static struct ftrace_ops tb_getsockopt_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_do_sock_getsockopt,
+};
+
 static struct ftrace_ops tb_close_ops = {
 	.func = tb_net_redirect,
 	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
@@ -1925,6 +1920,32 @@ static void tb_unhook_one(struct ftrace_ops *ops)
 	ftrace_free_filter(ops);
 }
 
+/* Hooks MPTCP's accept where the kernel has MPTCP (else nothing to do). */
+static int tb_mptcp_hook_start(void)
+{
+	struct socket *sock;
+	unsigned long ip;
+	int err;
+
+	if (sock_create_kern(&init_net, AF_INET, SOCK_STREAM, IPPROTO_MPTCP,
+			     &sock))
+		return 0;
+	tb_mptcp_accept_orig = sock->ops->accept;
+	sock_release(sock);
+	ip = (unsigned long)tb_mptcp_accept_orig;
+	err = ftrace_set_filter_ip(&tb_mptcp_accept_ops, ip, 0, 0);
+	if (!err)
+		err = register_ftrace_function(&tb_mptcp_accept_ops);
+	if (err) {
+		pr_err("cannot hook %ps: %d\n", (void *)ip, err);
+		ftrace_free_filter(&tb_mptcp_accept_ops);
+		tb_mptcp_accept_orig = NULL;
+		return err;
+	}
+	pr_info("hooked %ps for MPTCP accepts\n", (void *)ip);
+	return 0;
+}
+
 int tb_net_hooks_start(void)
 {
 	int err = register_pernet_subsys(&tb_backstop_net_ops);
@@ -1943,8 +1964,18 @@ int tb_net_hooks_start(void)
 	if (err)
 		goto unhook_accept;
 	err = tb_hook_one(&tb_close_ops, "tcp_close");
+	if (err)
+		goto unhook_sendmsg;
+	err = tb_hook_one(&tb_getsockopt_ops, "do_sock_getsockopt");
+	if (err)
+		goto unhook_close;
+	err = tb_mptcp_hook_start();
 	if (!err)
 		return 0;
+	tb_unhook_one(&tb_getsockopt_ops);
+unhook_close:
+	tb_unhook_one(&tb_close_ops);
+unhook_sendmsg:
 	tb_unhook_one(&tb_sendmsg_ops);
 unhook_accept:
 	tb_unhook_one(&tb_accept_ops);
@@ -1959,6 +1990,9 @@ unregister:
 
 void tb_net_hooks_stop(void)
 {
+	if (tb_mptcp_accept_orig)
+		tb_unhook_one(&tb_mptcp_accept_ops);
+	tb_unhook_one(&tb_getsockopt_ops);
 	tb_unhook_one(&tb_close_ops);
 	tb_unhook_one(&tb_sendmsg_ops);
 	tb_unhook_one(&tb_accept_ops);
@@ -2008,4 +2042,89 @@ void tb_unix_hooks_stop(void)
 {
 	tb_unhook_one(&tb_unix_connect_ops);
 	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
+}
+
+
+/* --- Loader gate (ftrace IPMODIFY wrapper on open_exec()) ----------------- */
+
+/*
+ * Inside an execve, the files the exec opens itself once under way -- the
+ * ELF PT_INTERP loader, a `#!` interpreter, a binfmt_misc interpreter --
+ * are opened with the exported open_exec(). Its wrapper runs the original,
+ * then (in an exec, with no lock of the VFS or fsnotify held: only the
+ * exec'ing process's own cred_guard_mutex, as for the binfmt handler)
+ * asks Rust about the file it opened. Whatever file system the file is on,
+ * and however it got there (a bind mount in a user namespace, FUSE), it is
+ * seen; nothing is marked and nothing waits inside an SRCU section.
+ */
+static struct file *tb_open_exec(const char *name)
+{
+	struct file *f = open_exec(name);
+	int err;
+
+	if (!IS_ERR(f) && current->in_execve) {
+		err = trustbind_loader_check(f);
+		if (err) {
+			exe_file_allow_write_access(f);
+			fput(f);
+			f = ERR_PTR(err);
+		}
+	}
+	tb_net_leave();
+	return f;
+}
+
+static struct ftrace_ops tb_open_exec_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_open_exec,
+};
+
+/*
+ * The exec commit: the sched_process_exec tracepoint fires once an exec
+ * has passed its point of no return and the new program is loaded (and
+ * only then): lineage is recorded here, never for an exec that failed.
+ */
+static struct tracepoint *tb_tp_exec;
+
+static void tb_find_tp(struct tracepoint *tp, void *priv)
+{
+	if (!strcmp(tp->name, "sched_process_exec"))
+		tb_tp_exec = tp;
+}
+
+static void tb_exec_committed(void *data, struct task_struct *p,
+			      pid_t old_pid, struct linux_binprm *bprm)
+{
+	trustbind_exec_committed(old_pid);
+}
+
+int tb_loader_hooks_start(void)
+{
+	int err;
+
+	for_each_kernel_tracepoint(tb_find_tp, NULL);
+	if (!tb_tp_exec) {
+		pr_err("no sched_process_exec tracepoint\n");
+		return -ENOENT;
+	}
+	err = tracepoint_probe_register(tb_tp_exec, tb_exec_committed, NULL);
+	if (err) {
+		pr_err("cannot attach to sched_process_exec: %d\n", err);
+		return err;
+	}
+	err = tb_hook_one(&tb_open_exec_ops, "open_exec");
+	if (err) {
+		tracepoint_probe_unregister(tb_tp_exec, tb_exec_committed, NULL);
+		tracepoint_synchronize_unregister();
+	}
+	return err;
+}
+
+void tb_loader_hooks_stop(void)
+{
+	tb_unhook_one(&tb_open_exec_ops);
+	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
+	tracepoint_probe_unregister(tb_tp_exec, tb_exec_committed, NULL);
+	tracepoint_synchronize_unregister();
 }

@@ -71,35 +71,43 @@ bool tb_bprm_is_native_elf(const struct linux_binprm *bprm);
  * handler, -errno refuses it. */
 int trustbind_exec_check(const struct linux_binprm *bprm);
 
-/* --- Loader gate (fsnotify FS_OPEN_EXEC_PERM on superblock marks) ------ */
+/* --- Loader gate (ftrace IPMODIFY wrapper on open_exec()) -------------- */
 
 /*
  * Files an exec opens itself once it is under way (open_exec() inside
  * execve: the ELF PT_INTERP loader, a `#!` interpreter, a binfmt_misc
  * interpreter) never reach a binfmt handler as the file execve() named,
- * and the ELF loader never reaches one at all. An in-kernel fsnotify group
- * with FS_OPEN_EXEC_PERM marks on the superblocks programs run from sees
- * each of those opens, in the exec'ing task, before the file is used.
+ * and the ELF loader never reaches one at all. A wrapper on the exported
+ * open_exec() asks about each such file, in the exec'ing task, after it
+ * was opened and before it is used, with no VFS or fsnotify lock held.
+ * The sched_process_exec tracepoint tells when an exec committed.
  */
-struct path;
+struct file;
 
-/* Allocates the group and marks the superblock of the caller's root. */
-int tb_loader_gate_start(void);
-/* Destroys every mark, waits until no handler runs, drops the group. */
-void tb_loader_gate_stop(void);
-/* Marks the superblock bprm->file lives on (once; bounded). */
-void tb_loader_gate_watch(const struct linux_binprm *bprm);
-/* Identity of the file at path and the current task's context. */
-int tb_path_info(const struct path *path, struct tb_exec_info *out);
-/* SHA-256 and SHA-1 of the file at path (opened for reading here). */
-int tb_hash_path(struct tb_hashers *h, const struct path *path,
-		 u8 *sha256_out, u8 *sha1_out);
-/* The path as a string in buf (len bytes); *out points into buf. */
-int tb_path_name(const struct path *path, char *buf, int len, const char **out);
+/* Hooks open_exec() and attaches to sched_process_exec. */
+int tb_loader_hooks_start(void);
+/* Unhooks both and waits until no wrapper or probe of ours runs. */
+void tb_loader_hooks_stop(void);
+/* Identity of the opened file and the current task's context. */
+int tb_open_info(const struct file *file, struct tb_exec_info *out);
+/* SHA-256 and SHA-1 of the opened file, from offset 0. */
+int tb_hash_open(struct tb_hashers *h, struct file *file, u8 *sha256_out,
+		 u8 *sha1_out);
+/* The file's path as a string in buf (len bytes); *out points into buf. */
+int tb_open_name(const struct file *file, char *buf, int len, const char **out);
+/* The first bytes of the exec'd file (bprm->buf) and their count. */
+const u8 *tb_bprm_head(const struct linux_binprm *bprm, size_t *len);
+/* The file this round of the exec runs. */
+struct file *tb_bprm_file(const struct linux_binprm *bprm);
+/* Up to len bytes of file from offset off (kernel_read): count or -errno. */
+ssize_t tb_file_read(struct file *file, u64 off, u8 *buf, size_t len);
 
-/* Implemented in Rust (exec.rs): called for each exec-time open on a marked
- * file system; 0 lets the open go on, -errno fails it (and the exec). */
-int trustbind_loader_check(const struct path *path);
+/* Implemented in Rust (exec.rs): called for each file an exec opens with
+ * open_exec(); 0 lets the open go on, -errno fails it (and the exec). */
+int trustbind_loader_check(struct file *file);
+/* Implemented in Rust (exec.rs): the exec of thread old_pid committed (any
+ * context: must not sleep). */
+void trustbind_exec_committed(int old_pid);
 
 /* --- Connect/accept qualification (ftrace IPMODIFY wrappers) ------------ */
 
@@ -235,7 +243,8 @@ void tb_backstop_forget(void);
 #define TB_MARK_CHANNEL 2	/* its verdict requires a channel (no key yet) */
 #define TB_MARK_BOUND 3		/* its channel key is installed */
 /* Marks info->sock's socket as qualified (TB_MARK_*) until its connection
- * ends (TCP_CLOSE after tcp_close()). 0 or -ENOMEM. Process context. */
+ * ends (TCP_CLOSE after tcp_close()). 0, -ENOMEM or -ENOSPC (table full).
+ * Process context. */
 int tb_backstop_mark(const struct tb_net_info *info, u32 kind);
 /* Replaces the protected hosts' addresses with the n entries at entries
  * (the Peers record's: 20 bytes each, family at 0, address at 4). 0 or
@@ -345,10 +354,17 @@ struct tb_file_id {
 
 /* The identity of the current task's executable (mm->exe_file). 0 or -errno. */
 int tb_current_exe_id(struct tb_file_id *out);
+/* The `mode` and `agent` module parameters (never NULL; "" when unset). */
+const char *tb_param_mode(void);
+const char *tb_param_agent(void);
+/* Identity of the regular file at the absolute path name. 0 or -errno. */
+int tb_file_id_of(const char *name, struct tb_file_id *out);
 
 /* Milliseconds since boot (jiffies resolution), for cache ages. */
 u64 tb_now_ms(void);
 /* set_user_nice(current, nice); nice is clamped to -20..19 by the caller. */
 void tb_set_nice_current(int nice);
+/* Whether a log line may be printed now (one shared rate limit). */
+bool tb_log_ratelimit(void);
 
 #endif /* TRUSTBIND_HELPERS_H */

@@ -7,6 +7,7 @@
 use core::pin::Pin;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use kernel::alloc::KVVec;
 use kernel::error::to_result;
 use kernel::ffi::c_int;
 use kernel::prelude::*;
@@ -28,13 +29,13 @@ mod bindings {
 use bindings::{
     linux_binprm, tb_backstop_debugfs, tb_backstop_forget, tb_backstop_mark, tb_backstop_peers,
     tb_backstop_protect, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp,
-    tb_bprm_is_native_elf, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove,
-    tb_debugfs_u64, tb_dev_deregister, tb_dev_register, tb_dev_wake_readers, tb_exec_register,
-    tb_exec_unregister, tb_hash_current_exe, tb_hash_file, tb_hash_path, tb_hash_task_exe,
+    tb_bprm_file, tb_bprm_head, tb_bprm_is_native_elf, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove,
+    tb_debugfs_u64, tb_dev_deregister, tb_log_ratelimit, tb_dev_register, tb_dev_wake_readers, tb_exec_register,
+    tb_exec_unregister, tb_file_id_of, tb_file_read, tb_hash_current_exe, tb_hash_file, tb_hash_open, tb_hash_task_exe,
     tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
-    tb_hashers_free, tb_idle_kick, tb_ktls_install, tb_ktls_prepare, tb_loader_gate_start,
-    tb_loader_gate_stop, tb_loader_gate_watch, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
-    tb_net_hooks_stop, tb_now_ms, tb_path_info, tb_path_name, tb_set_nice_current, tb_sock_counts,
+    tb_hashers_free, tb_idle_kick, tb_ktls_install, tb_ktls_prepare, tb_loader_hooks_start,
+    tb_loader_hooks_stop, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
+    tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_mode, tb_set_nice_current, tb_sock_counts,
     tb_sock_id, tb_sock_idle_end, tb_sock_ref, tb_sock_unref, tb_unix_hooks_start,
     tb_unix_hooks_stop,
 };
@@ -118,14 +119,13 @@ pub(crate) enum Mark {
 }
 
 /// Marks the socket `info` names as qualified until its connection ends.
-pub(crate) fn backstop_mark(info: &NetInfo, mark: Mark) {
+pub(crate) fn backstop_mark(info: &NetInfo, mark: Mark) -> Result {
     // CAST: the discriminants are the small TB_MARK_* values.
     let kind = mark as u32;
     // SAFETY: `info.sock` is the live socket of the wrapper running this
     // call; process context, no spinlock held (the wrappers' contract).
-    // A failure (no memory) is counted by the C side: the socket stays
-    // unmarked, which only matters for protected services (fail closed).
-    let _ = unsafe { tb_backstop_mark(info, kind) };
+    // A failure (no memory, table full) is counted by the C side.
+    to_result(unsafe { tb_backstop_mark(info, kind) })
 }
 
 /// Attaches the "tls" ULP to the socket `info` names, without keys (it
@@ -248,7 +248,8 @@ check_callbacks! {
     trustbind_dev_write in crate::device: unsafe extern "C" fn(usize, usize) -> isize;
     trustbind_dev_readable in crate::device: unsafe extern "C" fn() -> bool;
     trustbind_exec_check in self: unsafe extern "C" fn(*const linux_binprm) -> c_int;
-    trustbind_loader_check in self: unsafe extern "C" fn(*const bindings::path) -> c_int;
+    trustbind_loader_check in self: unsafe extern "C" fn(*mut bindings::file) -> c_int;
+    trustbind_exec_committed in self: unsafe extern "C" fn(c_int);
     trustbind_net_check in self: unsafe extern "C" fn(*mut NetInfo) -> c_int;
     trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, u64, u64);
     trustbind_net_idle in self: unsafe extern "C" fn() -> bool;
@@ -342,15 +343,15 @@ impl Hashers {
         Ok((sha256, sha1))
     }
 
-    /// SHA-256 and SHA-1 of the file an exec is opening (see [`ExecOpen`]).
-    pub(crate) fn hash_path(&self, open: &ExecOpen<'_>) -> Result<([u8; 32], [u8; 20])> {
+    /// SHA-256 and SHA-1 of the file an exec opened (see [`ExecOpen`]).
+    pub(crate) fn hash_open(&self, open: &ExecOpen<'_>) -> Result<([u8; 32], [u8; 20])> {
         let mut sha256 = [0u8; 32];
         let mut sha1 = [0u8; 20];
         // SAFETY: `self.ptr` is valid by the type invariant, `open.ptr` is
         // valid for `'_` by `ExecOpen`'s invariant, and the outputs are
         // exactly the digest sizes.
         to_result(unsafe {
-            tb_hash_path(
+            tb_hash_open(
                 self.ptr.as_ptr(),
                 open.ptr,
                 sha256.as_mut_ptr(),
@@ -543,29 +544,61 @@ impl Bprm<'_> {
         unsafe { tb_bprm_is_native_elf(self.ptr) }
     }
 
-    /// Marks the file system of this file for the loader gate, so that
-    /// what this exec opens from it next (its ELF loader) is qualified.
-    pub(crate) fn watch_file_system(&self) {
-        // SAFETY: `ptr` is valid by the type invariant; the helper may
-        // sleep, which the binfmt handler (process context) allows.
-        unsafe { tb_loader_gate_watch(self.ptr) }
+    /// Whether the file is an ELF program loader (see `proto::elf`), from
+    /// its content.
+    pub(crate) fn elf_kind(&self) -> Result<ElfKind> {
+        let mut len = 0usize;
+        // SAFETY: `ptr` is valid by the type invariant; `buf` holds the
+        // file's first `len` bytes for the whole round.
+        let head = unsafe { tb_bprm_head(self.ptr, &mut len) };
+        // SAFETY: `head` points at `len` bytes the exec owns for `'_`.
+        let head = unsafe { core::slice::from_raw_parts(head, len) };
+        // SAFETY: `ptr` is valid by the type invariant; `file` is set and
+        // referenced by the exec for the whole round.
+        let file = unsafe { tb_bprm_file(self.ptr) };
+        elf_kind(head, file)
     }
 }
 
-/// A file an exec in progress is opening itself (its ELF loader or an
-/// interpreter), borrowed for one call of the loader gate's handler.
+/// A file an exec in progress opened itself with `open_exec()` (its ELF
+/// loader or an interpreter), borrowed for one call of the loader gate.
 ///
 /// # Invariants
 ///
-/// `ptr` points at a live `struct path` for at least `'a`, and the caller
-/// runs in the exec'ing task.
+/// `ptr` points at a live, referenced `struct file` for at least `'a`, and
+/// the caller runs in the exec'ing task.
 pub(crate) struct ExecOpen<'a> {
-    ptr: *const bindings::path,
-    _life: core::marker::PhantomData<&'a bindings::path>,
+    ptr: *mut bindings::file,
+    _life: core::marker::PhantomData<&'a bindings::file>,
 }
 
 /// Room for a path name (the kernel's `PATH_MAX`).
 pub(crate) const PATH_BUF: usize = 4096;
+
+pub(crate) use crate::proto::elf::Kind as ElfKind;
+
+/// Classifies `file` (whose first bytes are `head`) with `proto::elf`.
+fn elf_kind(head: &[u8], file: *mut bindings::file) -> Result<ElfKind> {
+    use crate::proto::elf;
+    if head.get(..4) != Some(&b"\x7fELF"[..]) {
+        return Ok(ElfKind::NotElf);
+    }
+    let mut scratch = KVVec::new();
+    scratch.extend_with(elf::SCRATCH_LEN, 0u8, GFP_KERNEL)?;
+    let r = elf::classify(head, &mut scratch, |off, buf| {
+        // SAFETY: `file` is live and referenced for this call (callers'
+        // invariants); `buf` is writable for `buf.len()` bytes.
+        let n = unsafe { tb_file_read(file, off, buf.as_mut_ptr(), buf.len()) };
+        // CAST: kernel_read returns a count no larger than `buf.len()`, or
+        // a negative errno, which fits an i32.
+        usize::try_from(n).map_err(|_| n as i32)
+    });
+    match r {
+        Ok(k) => Ok(k),
+        Err(elf::Error::Read(e)) => Err(Error::from_errno(e)),
+        Err(elf::Error::Malformed) => Err(ENOEXEC),
+    }
+}
 
 impl ExecOpen<'_> {
     /// The file's identity and the exec'ing task's context.
@@ -573,7 +606,7 @@ impl ExecOpen<'_> {
         let mut info = ExecInfo::default();
         // SAFETY: `ptr` is valid by the type invariant and `info` is a
         // valid place for the C struct of the same (generated) layout.
-        to_result(unsafe { tb_path_info(self.ptr, &mut info) })?;
+        to_result(unsafe { tb_open_info(self.ptr, &mut info) })?;
         Ok(info)
     }
 
@@ -583,7 +616,7 @@ impl ExecOpen<'_> {
         let len = c_int::try_from(buf.len()).map_err(|_| EINVAL)?;
         // SAFETY: `ptr` is valid by the type invariant; `buf` is writable
         // for `len` bytes and `out` is a valid place for a pointer.
-        to_result(unsafe { tb_path_name(self.ptr, buf.as_mut_ptr().cast(), len, &mut out) })?;
+        to_result(unsafe { tb_open_name(self.ptr, buf.as_mut_ptr().cast(), len, &mut out) })?;
         let start = (out as usize)
             .checked_sub(buf.as_ptr() as usize)
             .filter(|&s| s < buf.len())
@@ -593,50 +626,58 @@ impl ExecOpen<'_> {
         let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
         Ok(&buf[start..start + end])
     }
+
+    /// Whether the file is an ELF program loader (see `proto::elf`).
+    pub(crate) fn elf_kind(&self) -> Result<ElfKind> {
+        let mut head = [0u8; 64];
+        // SAFETY: `ptr` is valid by the type invariant; `head` is writable.
+        let n = unsafe { tb_file_read(self.ptr, 0, head.as_mut_ptr(), head.len()) };
+        let n = usize::try_from(n).map_err(|_| EIO)?;
+        elf_kind(head.get(..n).unwrap_or(&[]), self.ptr)
+    }
 }
 
-/// The loader gate's fsnotify group and its superblock marks.
+/// The loader gate (`open_exec()` wrapper) and the exec-commit probe.
 ///
 /// # Invariants
 ///
-/// The group exists for the whole life of this value.
-pub(crate) struct LoaderGate {
+/// Both are attached for the whole life of this value.
+pub(crate) struct LoaderHooks {
     _private: (),
 }
 
-impl LoaderGate {
-    /// Allocates the group and marks the root file system. Its handler
-    /// reaches the module state through [`crate::SHARED`], which must be
-    /// published before this.
+impl LoaderHooks {
+    /// Attaches both. They reach the module state through
+    /// [`crate::SHARED`], which must be published before this.
     pub(crate) fn new() -> Result<Self> {
-        // SAFETY: Called once, at load, with no gate running.
-        to_result(unsafe { tb_loader_gate_start() })?;
-        // INVARIANT: Started.
-        Ok(LoaderGate { _private: () })
+        // SAFETY: Called once, at load, with nothing attached.
+        to_result(unsafe { tb_loader_hooks_start() })?;
+        // INVARIANT: Attached.
+        Ok(LoaderHooks { _private: () })
     }
 }
 
-impl Drop for LoaderGate {
+impl Drop for LoaderHooks {
     fn drop(&mut self) {
-        // SAFETY: Started by the type invariant. The stop destroys the
-        // marks and waits an SRCU grace period, so handlers still inside
-        // the module finish before it returns.
-        unsafe { tb_loader_gate_stop() }
+        // SAFETY: Attached by the type invariant. The stop unhooks, waits
+        // until no wrapper is inside the module and for the tracepoint's
+        // grace period, so nothing of ours runs after it returns.
+        unsafe { tb_loader_hooks_stop() }
     }
 }
 
-/// Called by the loader gate for each exec-time open on a marked file
-/// system: 0 lets the open (and the exec) go on, -errno fails it.
+/// Called by the `open_exec()` wrapper for each file an exec opens itself:
+/// 0 lets the open (and the exec) go on, -errno fails it.
 ///
 /// # Safety
 ///
-/// `path` points at a live `struct path` for the duration of the call, and
-/// the caller is the exec'ing task.
+/// `file` points at a live, referenced `struct file` for the duration of
+/// the call, and the caller is the exec'ing task.
 #[no_mangle]
-unsafe extern "C" fn trustbind_loader_check(path: *const bindings::path) -> c_int {
+unsafe extern "C" fn trustbind_loader_check(file: *mut bindings::file) -> c_int {
     // INVARIANT: Valid for this call by the function's safety contract.
     let open = ExecOpen {
-        ptr: path,
+        ptr: file,
         _life: core::marker::PhantomData,
     };
     let verdict = crate::SHARED.with(|s| crate::exec::check_loader(s, &open));
@@ -644,6 +685,18 @@ unsafe extern "C" fn trustbind_loader_check(path: *const bindings::path) -> c_in
         Some(Ok(())) | None => 0,
         Some(Err(e)) => e.to_errno(),
     }
+}
+
+/// Called from the `sched_process_exec` tracepoint: the exec of thread
+/// `old_pid` committed. Must not sleep.
+///
+/// # Safety
+///
+/// Called by the probe only (any context).
+#[no_mangle]
+unsafe extern "C" fn trustbind_exec_committed(old_pid: c_int) {
+    // CAST: pids are positive.
+    crate::SHARED.with(|s| crate::exec::committed(s, old_pid as u32));
 }
 
 /// The binfmt handler, registered at the head of the list.
@@ -901,6 +954,13 @@ impl Drop for ModulePin {
     }
 }
 
+/// Whether a refusal or warning line may be logged now (one shared
+/// kernel rate limit: 10 lines per 5 s, then "callbacks suppressed").
+pub(crate) fn log_ratelimit() -> bool {
+    // SAFETY: `__ratelimit` on the module's own static state; any context.
+    unsafe { tb_log_ratelimit() }
+}
+
 /// Wakes readers blocked in `read()` or `poll()` on `/dev/trustbind`.
 pub(crate) fn wake_readers() {
     // SAFETY: The wait queue is a static of helpers.c; waking it is always
@@ -923,6 +983,28 @@ pub(crate) fn set_nice_current(nice: i8) {
 }
 
 /// The identity of the current task's executable, if it has one.
+/// The `mode` module parameter (`""` when unset).
+pub(crate) fn param_mode() -> &'static CStr {
+    // SAFETY: Module parameters are NUL-terminated strings that live as
+    // long as the module and are read-only (0400) after load.
+    unsafe { CStr::from_char_ptr(tb_param_mode()) }
+}
+
+/// The `agent` module parameter (`""` when unset).
+pub(crate) fn param_agent() -> &'static CStr {
+    // SAFETY: As for `param_mode`.
+    unsafe { CStr::from_char_ptr(tb_param_agent()) }
+}
+
+/// The identity of the regular file at `name`.
+pub(crate) fn file_id_of(name: &CStr) -> Result<FileId> {
+    let mut id = FileId::default();
+    // SAFETY: `name` is NUL-terminated and `id` a valid place for the C
+    // struct of the same (generated) layout; process context (load).
+    to_result(unsafe { tb_file_id_of(name.as_char_ptr(), &mut id) })?;
+    Ok(id)
+}
+
 pub(crate) fn current_exe_id() -> Option<FileId> {
     let mut id = FileId::default();
     // SAFETY: `id` is a valid place for the C struct of the same

@@ -59,6 +59,10 @@ pub struct ExecKey {
     pub change_cookie: u64,
     /// Context class.
     pub class: ContextClass,
+    /// The file is opened by an ELF exec as its `PT_INTERP` loader. A
+    /// verdict for that use never answers the same file run as the program
+    /// (`ld.so ./prog`), and the other way round.
+    pub as_loader: bool,
 }
 
 impl ExecKey {
@@ -69,7 +73,7 @@ impl ExecKey {
         for w in [
             self.dev,
             self.ino,
-            u64::from(self.generation),
+            u64::from(self.generation) | (u64::from(self.as_loader) << 32),
             self.change_cookie,
             u64::from(self.class.uid) | (u64::from(self.class.euid) << 32),
             u64::from(self.class.gid) | (u64::from(self.class.loginuid) << 32),
@@ -111,6 +115,7 @@ impl Slot {
                 gid: 0,
                 loginuid: 0,
             },
+            as_loader: false,
         },
         verdict: Verdict {
             decision: Decision::Deny,
@@ -336,6 +341,7 @@ mod tests {
                 gid: 1000,
                 loginuid: 1000,
             },
+            as_loader: false,
         }
     }
 
@@ -406,6 +412,11 @@ mod tests {
         let mut reused_inode = key(1);
         reused_inode.generation += 1;
         assert_eq!(c.get(&reused_inode, 1), None);
+        // The loader's verdict as a PT_INTERP loader never answers it run
+        // as the program (`ld.so ./prog`).
+        let mut as_loader = key(1);
+        as_loader.as_loader = true;
+        assert_eq!(c.get(&as_loader, 1), None);
         assert_eq!(c.get(&key(1), 1), Some(v));
     }
 

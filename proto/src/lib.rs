@@ -741,7 +741,10 @@ pub const CHANNEL_IV_LEN: usize = 8;
 /// `tx_salt`, record sequence 0} and `TLS_RX` {`key`, `rx_iv`, `rx_salt`,
 /// 0}; the two ends' tx and rx are crossed. Both sides zero the bytes once
 /// used: the key lives on only in the kernel's kTLS state.
-#[derive(Clone, Copy, PartialEq, Eq)]
+///
+/// Not `Copy`: every copy of key material is an explicit `clone()`, so
+/// each one can be found and wiped.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ChannelKey {
     /// The appliance's channel id (both ends carry the same).
     pub channel_id: u64,
@@ -799,6 +802,19 @@ impl fmt::Debug for ChannelKey {
 }
 
 impl ChannelKey {
+    /// All zero (what a wiped key holds).
+    pub const ZERO: ChannelKey = ChannelKey {
+        channel_id: 0,
+        key_id: [0; CHANNEL_KEY_ID_LEN],
+        key: [0; CHANNEL_KEY_LEN],
+        tx_salt: [0; CHANNEL_SALT_LEN],
+        tx_iv: [0; CHANNEL_IV_LEN],
+        rx_salt: [0; CHANNEL_SALT_LEN],
+        rx_iv: [0; CHANNEL_IV_LEN],
+        tls: ChannelTls::Tls13,
+        idle_timeout_s: 0,
+    };
+
     /// Overwrites the key material with zeros (the fence keeps the stores
     /// from being dropped as dead before the memory is reused).
     pub fn wipe(&mut self) {
@@ -1012,7 +1028,8 @@ impl<'a> Peers<'a> {
 }
 
 /// A decoded record, borrowing variable-length fields from the buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Not `Copy` (it may hold a [`ChannelKey`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record<'a> {
     /// See [`Hello`].
     Hello(Hello),
@@ -1575,4 +1592,6 @@ mod tests;
 
 pub mod bound;
 pub mod cache;
+pub mod elf;
+pub mod fairq;
 pub mod lineage;

@@ -176,9 +176,123 @@ impl<S: DerefMut<Target = [Image]>> Lineage<S> {
     }
 }
 
+/// An exec allowed by a verdict but not yet committed: its thread, its
+/// process, the program and the ancestry the request carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Staged {
+    pid: u32,
+    proc: ProcId,
+    sha256: [u8; SHA256_LEN],
+    ancestry: Chain,
+}
+
+impl Staged {
+    /// An unused slot.
+    pub const EMPTY: Staged = Staged {
+        pid: 0,
+        proc: ProcId {
+            tgid: 0,
+            start_ns: 0,
+        },
+        sha256: [0; SHA256_LEN],
+        ancestry: Chain::EMPTY,
+    };
+}
+
+/// Execs allowed but not yet committed, by thread id (direct-mapped,
+/// bounded, no allocation; storage supplied by the caller).
+///
+/// An exec can still fail after its program was allowed (a missing
+/// `PT_INTERP` loader, a refused loader, an out-of-memory while mapping):
+/// the process then goes on running its old program, which must not be
+/// credited with the new one. So an allowed program is only *staged* here
+/// and recorded in [`Lineage`] when the exec commits (the kernel's
+/// `sched_process_exec`, which names the exec'ing thread's id from before
+/// the exec). A later round of the same exec (a script's interpreter)
+/// replaces the staged program; a thread whose exec failed leaves a stale
+/// entry that its next exec replaces and that no commit ever takes.
+pub struct Pending<S> {
+    slots: S,
+}
+
+impl<S: DerefMut<Target = [Staged]>> Pending<S> {
+    /// A table over `slots`; `None` if there are none.
+    pub fn new(slots: S) -> Option<Self> {
+        if slots.is_empty() {
+            return None;
+        }
+        Some(Pending { slots })
+    }
+
+    fn index(&self, pid: u32) -> usize {
+        // CAST: u32 fits usize on every target the PEM builds for.
+        // `checked_rem`: no division-by-zero path in the kernel build.
+        (pid as usize).checked_rem(self.slots.len()).unwrap_or(0)
+    }
+
+    /// Thread `pid` of `proc` is exec'ing `sha256`, allowed, with
+    /// `ancestry`.
+    pub fn stage(&mut self, pid: u32, proc: ProcId, sha256: &[u8; SHA256_LEN], ancestry: &Chain) {
+        let i = self.index(pid);
+        if let Some(s) = self.slots.get_mut(i) {
+            *s = Staged {
+                pid,
+                proc,
+                sha256: *sha256,
+                ancestry: *ancestry,
+            };
+        }
+    }
+
+    /// The exec of thread `pid` committed: what it staged, if anything
+    /// (consumed).
+    pub fn take(&mut self, pid: u32) -> Option<(ProcId, [u8; SHA256_LEN], Chain)> {
+        let i = self.index(pid);
+        let s = self.slots.get_mut(i)?;
+        if pid == 0 || s.pid != pid {
+            return None;
+        }
+        let out = (s.proc, s.sha256, s.ancestry);
+        *s = Staged::EMPTY;
+        Some(out)
+    }
+
+    /// Forgets everything staged.
+    pub fn clear(&mut self) {
+        for s in self.slots.iter_mut() {
+            *s = Staged::EMPTY;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_committed_execs_are_recorded() {
+        let mut t = table(64);
+        let mut staged = Pending::new(vec![Staged::EMPTY; 16]).unwrap();
+        let init = p(1, 10);
+        let sh = p(100, 20);
+        t.record(init, &h(1), &Chain::EMPTY);
+        t.record(sh, &h(2), &t.ancestry(sh, init));
+        // The shell's exec of program 3 was allowed, then failed: nothing
+        // is committed, and its children still see the shell.
+        let c = t.ancestry(sh, init);
+        staged.stage(100, sh, &h(3), &c);
+        assert_eq!(hashes(&t.ancestry(p(200, 30), sh)), vec![2, 1]);
+        // Its next exec (program 4) commits.
+        staged.stage(100, sh, &h(4), &c);
+        let (proc, sha, chain) = staged.take(100).unwrap();
+        t.record(proc, &sha, &chain);
+        assert_eq!(hashes(&t.ancestry(p(200, 30), sh)), vec![4, 2, 1]);
+        // Consumed; another thread's commit takes nothing.
+        assert_eq!(staged.take(100), None);
+        staged.stage(116, sh, &h(5), &c);
+        assert_eq!(staged.take(100), None);
+        assert_eq!(staged.take(0), None);
+    }
 
     fn p(tgid: u32, start_ns: u64) -> ProcId {
         ProcId { tgid, start_ns }

@@ -11,8 +11,17 @@
 //!              [--deny-loader-direct] [--net-bind [--net-no-key]
 //!              [--net-key-delay-ms N] [--net-tls12] [--net-idle-s N]]
 //!              [--unix-allow CLIENT_FILE:SERVER_FILE]...
+//!              [--pause-file FILE] [--delay-path PATH:MS]...
+//!              [--no-cache-path PATH]...
 //!              --log FILE
 //! ```
+//!
+//! `--pause-file FILE`: while FILE exists the agent reads nothing (requests
+//! pile up in the module's queue; the one already read is answered).
+//! `--delay-path PATH:MS`: an exec request about PATH is answered MS ms
+//! late, from another thread, while the agent goes on answering others.
+//! `--no-cache-path PATH`: verdicts about PATH are never cacheable (others
+//! are unless `--no-cache`).
 //!
 //! Every request becomes one line in the log:
 //! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> pid=<p> anc=<hex,...> direct=0|1 -> allow|deny`
@@ -197,6 +206,9 @@ fn run() -> Result<(), String> {
     let mut key_delay_ms = 0u64;
     let mut terms = (ChannelTls::Tls13, 0u32);
     let mut unix_allow: HashSet<([u8; 32], [u8; 32])> = HashSet::new();
+    let mut pause_file: Option<String> = None;
+    let mut delay: HashMap<String, u64> = HashMap::new();
+    let mut no_cache_paths: HashSet<String> = HashSet::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -242,6 +254,18 @@ fn run() -> Result<(), String> {
                     .map_err(|e| format!("--net-key-delay-ms: {e}"))?
             }
             "--log" => log_path = Some(val()?),
+            "--pause-file" => pause_file = Some(val()?),
+            "--no-cache-path" => {
+                no_cache_paths.insert(val()?);
+            }
+            "--delay-path" => {
+                let v = val()?;
+                let (p, ms) = v
+                    .rsplit_once(':')
+                    .ok_or(format!("--delay-path {v}: want PATH:MS"))?;
+                let ms = ms.parse().map_err(|e| format!("--delay-path {v}: {e}"))?;
+                delay.insert(p.to_owned(), ms);
+            }
             "--no-cache" => cacheable = false,
             "--deny-loader-direct" => deny_loader_direct = true,
             "--nice-path" => {
@@ -314,6 +338,12 @@ fn run() -> Result<(), String> {
             send(&mut dev, &rec, 4)?;
             writeln!(log, "generation {generation}").ok();
             log.flush().ok();
+        }
+        if let Some(p) = &pause_file {
+            if Path::new(p).exists() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
         }
         let n = match dev.read(&mut buf) {
             Ok(n) => n,
@@ -425,7 +455,7 @@ fn run() -> Result<(), String> {
                 (true, Some(_)) => Decision::AllowWithConditions,
             },
             policy_generation: generation,
-            cacheable,
+            cacheable: cacheable && !no_cache_paths.contains(&*String::from_utf8_lossy(r.path)),
             obligations: Obligations {
                 nice: niced.filter(|_| allowed),
                 ..Obligations::default()
@@ -446,6 +476,22 @@ fn run() -> Result<(), String> {
         )
         .ok();
         log.flush().ok();
+        if let Some(&ms) = delay.get(&*String::from_utf8_lossy(r.path)) {
+            // Answered late from another thread; the device takes writes
+            // from any thread of the agent.
+            let mut late = dev
+                .try_clone()
+                .map_err(|e| format!("dup /dev/trustbind: {e}"))?;
+            let mut out = vec![0u8; verdict.encoded_len()];
+            verdict
+                .encode(h.request_id, &mut out)
+                .map_err(|e| e.to_string())?;
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                let _ = late.write_all(&out);
+            });
+            continue;
+        }
         match send(&mut dev, &verdict, h.request_id) {
             Ok(()) => {}
             // The requester gave up (timeout, signal): nothing to answer.

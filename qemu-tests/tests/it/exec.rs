@@ -252,7 +252,7 @@ fn exec_qualification() -> Result<()> {
 }
 
 /// Replaces the one occurrence of `from` in `bin` by `to` (same length).
-fn patch_once(bin: &mut [u8], from: &[u8], to: &[u8]) -> Result<()> {
+pub(crate) fn patch_once(bin: &mut [u8], from: &[u8], to: &[u8]) -> Result<()> {
     ensure!(from.len() == to.len(), "patch changes the length");
     let hits: Vec<usize> = bin
         .windows(from.len())

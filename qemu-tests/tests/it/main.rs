@@ -4,6 +4,7 @@
 //! and fail, naming the variable, without them.
 
 mod appliance_image;
+mod attacks;
 mod bench;
 mod bench_channel;
 mod channel_e2e;

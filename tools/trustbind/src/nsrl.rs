@@ -725,8 +725,15 @@ pub fn import(c: &Client, o: &Options, out: &Out) -> Result<u8> {
         packages: o.packages.clone(),
         ..State::default()
     };
-    let mut st = match load_state(&state_path)? {
-        Some(s) if !o.restart => {
+    // --restart does not read the old file (which may be damaged or from
+    // an older trustbind); the first acknowledged batch replaces it.
+    let saved = if o.restart {
+        None
+    } else {
+        load_state(&state_path)?
+    };
+    let mut st = match saved {
+        Some(s) => {
             if s.db != canon
                 || s.group != o.group
                 || s.filters != o.filters
@@ -745,7 +752,7 @@ pub fn import(c: &Client, o: &Options, out: &Out) -> Result<u8> {
             }
             s
         }
-        _ => fresh,
+        None => fresh,
     };
     if !st.after.is_empty() {
         out.note(&format!(

@@ -679,6 +679,35 @@ fn long_names_are_sent_in_requests_the_appliance_accepts() {
 }
 
 #[test]
+fn state_files_of_the_rowid_importer_are_not_resumed() {
+    // The importer before SHA-256 order kept a rowid; resuming from it
+    // would skip or repeat files, so it is refused with what to do.
+    let a = Appliance::start();
+    let db = a.dir.path().join("old.db");
+    make_rds(&db, Layout::Minimal, 1_000, 800);
+    let state = a.dir.path().join("old.db.trustbind-import.json");
+    let old = serde_json::json!({
+        "db": std::fs::canonicalize(&db).unwrap().display().to_string(),
+        "group": "g", "filters": [], "last_rowid": 500, "rows": 500, "invalid": 0,
+        "sent": 500, "inserted": 500, "updated": 0, "unchanged": 0,
+        "added_to_group": 500, "complete": false
+    });
+    std::fs::write(&state, old.to_string()).unwrap();
+    a.tb()
+        .args(["sig", "import-nsrl"])
+        .arg(&db)
+        .args(["--group", "g"])
+        .assert()
+        .code(7)
+        .stderr(predicate::str::contains(
+            "was written by an older trustbind that read rows in rowid order; pass --restart",
+        ));
+    let v = import(&a, &db, "g", &["--restart"]);
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["rows"], 1_000);
+}
+
+#[test]
 fn refuses_what_is_not_an_rdsv3_database() {
     let a = Appliance::start();
     let run = |db: &Path, extra: &[&str]| {

@@ -530,3 +530,69 @@ fn concurrent_appends_keep_one_chain() {
     }
     assert_eq!(store.verify_audit().unwrap(), Ok(100));
 }
+
+#[test]
+fn schema_7_keeps_memberships_in_a_without_rowid_table() {
+    // A store at schema 6 with a signature in two groups.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("appliance.db");
+    {
+        let c = Connection::open(&path).unwrap();
+        for sql in &migrate::MIGRATIONS[..6] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.execute_batch(&format!(
+            "INSERT INTO signatures VALUES ('{a}', NULL, 1, 'ls', 'admin', 0);
+             INSERT INTO ref_groups (name) VALUES ('g1'), ('g2');
+             INSERT INTO ref_group_members VALUES ('g1', '{a}'), ('g2', '{a}');
+             PRAGMA user_version = 6;",
+            a = sha('a')
+        ))
+        .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), migrate::latest());
+    assert_eq!(
+        store.groups_of(&sha('a')).unwrap(),
+        vec!["g1".to_owned(), "g2".to_owned()]
+    );
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+    drop(store);
+    let ddl: String = Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'ref_group_members'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(ddl.contains("WITHOUT ROWID"), "{ddl}");
+
+    // Batches: new, unchanged, changed; the memberships still cascade.
+    let store = Store::open(&path).unwrap();
+    let sig = |c: char, name: &str| Signature {
+        sha256: sha(c),
+        sha1: None,
+        size: 1,
+        name: name.into(),
+        source: "admin".into(),
+    };
+    let b = store
+        .put_signatures(&[sig('b', "cat"), sig('a', "ls")], Some("g1"), "t")
+        .unwrap();
+    assert_eq!(
+        (b.inserted, b.unchanged, b.updated, b.added_to_group),
+        (1, 1, 0, 1)
+    );
+    let b = store
+        .put_signatures(&[sig('b', "dog"), sig('b', "dog")], Some("g2"), "t")
+        .unwrap();
+    assert_eq!(
+        (b.inserted, b.unchanged, b.updated, b.added_to_group),
+        (0, 1, 1, 1)
+    );
+    assert_eq!(store.signature(&sha('b')).unwrap().unwrap().name, "dog");
+    store.remove_signatures(&[sha('b')], "t").unwrap();
+    assert!(store.groups_of(&sha('b')).unwrap().is_empty());
+    assert_eq!(store.groups_of(&sha('a')).unwrap().len(), 2);
+}

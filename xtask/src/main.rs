@@ -30,7 +30,8 @@ Commands:
   demo [--shell]
                 build, boot a protected host VM with the module loaded and
                 show it working; --shell leaves you at a guest prompt
-  bench         build, run the cargo benchmarks (release), then the VM
+  bench         build, run the cargo benchmarks (release) and the NSRL
+                import benchmark, then the VM
                 benchmarks: the PEM's exec overhead, and channel throughput
                 (plaintext vs kTLS channel vs WireGuard) and connect latency
   fuzz [SECS]   fuzz the proto record decoder with cargo-fuzz (default 60 s)
@@ -163,11 +164,27 @@ fn image_cmd(ctx: &Ctx, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench`: the cargo benchmarks (release), then the VM
+/// `cargo xtask bench`: the cargo benchmarks (release) and the NSRL import
+/// benchmark (an ignored release test of `trustbind-cli`), then the VM
 /// benchmarks (`bench_*`: exec overhead; channels), each one run, ratios.
 fn bench(ctx: &Ctx) -> Result<()> {
     let a = build(ctx)?;
     sh::run("bench: cargo bench", cargo().args(["bench", "--workspace"]))?;
+    sh::run(
+        "bench: NSRL import (2M RDS rows, docs/BENCHMARKS.md)",
+        cargo().args([
+            "test",
+            "--release",
+            "-p",
+            "trustbind-cli",
+            "--test",
+            "nsrl",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "bench_import",
+        ]),
+    )?;
     let mut c = cargo();
     c.args([
         "test",

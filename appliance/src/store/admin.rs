@@ -337,28 +337,31 @@ impl Store {
                 group_exists(tx, g)?;
             }
             let mut out = SignatureBatch::default();
+            // New signatures (the bulk of an import) cost one insert; only
+            // a known one is read back and compared.
+            let mut add = tx.prepare_cached(
+                "INSERT INTO signatures (sha256, sha1, size, name, source, added_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (sha256) DO NOTHING",
+            )?;
             let mut get = tx.prepare_cached(
                 "SELECT sha256, sha1, size, name, source FROM signatures WHERE sha256 = ?1",
             )?;
             let mut put = tx.prepare_cached(
-                "INSERT INTO signatures (sha256, sha1, size, name, source, added_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (sha256) DO UPDATE SET sha1 = excluded.sha1, size = excluded.size,
-                   name = excluded.name, source = excluded.source",
+                "UPDATE signatures SET sha1 = ?2, size = ?3, name = ?4, source = ?5 WHERE sha256 = ?1",
             )?;
             let mut member = tx.prepare_cached(
                 "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             )?;
             let now = now_ms();
             for s in sigs {
-                let old = get.query_row([&s.sha256], sig_from).optional()?;
-                match &old {
-                    Some(o) if o == s => out.unchanged += 1,
-                    Some(_) => out.updated += 1,
-                    None => out.inserted += 1,
-                }
-                if old.as_ref() != Some(s) {
-                    let size = i64::try_from(s.size).unwrap_or(i64::MAX);
-                    put.execute(params![s.sha256, s.sha1, size, s.name, s.source, now])?;
+                let size = i64::try_from(s.size).unwrap_or(i64::MAX);
+                if add.execute(params![s.sha256, s.sha1, size, s.name, s.source, now])? == 1 {
+                    out.inserted += 1;
+                } else if get.query_row([&s.sha256], sig_from)? == *s {
+                    out.unchanged += 1;
+                } else {
+                    put.execute(params![s.sha256, s.sha1, size, s.name, s.source])?;
+                    out.updated += 1;
                 }
                 if let Some(g) = group {
                     out.added_to_group += u64::try_from(member.execute(params![g, s.sha256])?)

@@ -154,6 +154,21 @@ ALTER TABLE channels ADD COLUMN accept_duration_ms INTEGER;
 ALTER TABLE channels ADD COLUMN accept_reason TEXT;
 CREATE INDEX channels_open ON channels (closed_ms);
 "#,
+    // 7: group memberships as a WITHOUT ROWID table: the primary key is
+    // the table, one B-tree less per member (an NSRL import puts tens of
+    // millions of signatures in one group; docs/BENCHMARKS.md)
+    r#"
+CREATE TABLE ref_group_members_v7 (
+    group_name TEXT NOT NULL REFERENCES ref_groups (name) ON DELETE CASCADE,
+    sha256     TEXT NOT NULL REFERENCES signatures (sha256) ON DELETE CASCADE,
+    PRIMARY KEY (group_name, sha256)
+) WITHOUT ROWID;
+INSERT INTO ref_group_members_v7 (group_name, sha256)
+    SELECT group_name, sha256 FROM ref_group_members;
+DROP TABLE ref_group_members;
+ALTER TABLE ref_group_members_v7 RENAME TO ref_group_members;
+CREATE INDEX ref_group_members_sha ON ref_group_members (sha256);
+"#,
 ];
 
 /// Newest schema version this build understands.

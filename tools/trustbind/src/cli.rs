@@ -268,10 +268,10 @@ pub enum SigCmd {
         #[arg(required = true)]
         sha256: Vec<String>,
     },
-    /// Imports a NIST NSRL RDSv3 SQLite database into a group.
+    /// Imports a NIST NSRL RDSv3 SQLite database (minimal or full set) into a group.
     #[command(
         name = "import-nsrl",
-        after_help = "Reads the FILE view/table (sha256, sha1, file_name, file_size, package_id) in rowid\norder and sends batches. Resumable: progress is remembered in a state file next to the\ndatabase (RDS.db.trustbind-import.json); run the same command again to continue.\nIdempotent: re-importing changes nothing.\n\nFilters (repeatable, all must hold):\n  name=GLOB        file_name matches the glob (SQLite GLOB, case-sensitive)\n  package=ID       package_id equals ID (repeat for several)\n  min-size=N       file_size >= N\n  max-size=N       file_size <= N\n\nExample: trustbind sig import-nsrl RDS_2024.12.1_modern.db --group nsrl --filter 'name=*.exe'"
+        after_help = NSRL_HELP
     )]
     ImportNsrl {
         /// The RDSv3 database file.
@@ -279,16 +279,28 @@ pub enum SigCmd {
         /// Reference group to add the signatures to.
         #[arg(long, short = 'g')]
         group: String,
-        /// Row filter (see below).
+        /// Only files of packages whose PKG.name matches (case-insensitive glob; repeat for either).
+        #[arg(long = "product", value_name = "GLOB")]
+        products: Vec<String>,
+        /// Only files of packages for an OS whose name or "name version" matches (glob; repeatable).
+        #[arg(long = "os", value_name = "GLOB")]
+        oses: Vec<String>,
+        /// Only files of packages whose manufacturer (MFG.name) matches (glob; repeatable).
+        #[arg(long = "manufacturer", value_name = "GLOB")]
+        manufacturers: Vec<String>,
+        /// Only files of packages whose PKG.application_type matches (glob; repeatable).
+        #[arg(long = "app-type", value_name = "GLOB")]
+        app_types: Vec<String>,
+        /// File filter (see below).
         #[arg(long = "filter", value_name = "KEY=VALUE")]
         filters: Vec<String>,
-        /// Rows per request (at most 10000).
-        #[arg(long, default_value_t = 5000)]
+        /// Signatures (distinct files) per request (at most 10000).
+        #[arg(long, default_value_t = 10_000)]
         batch: usize,
         /// Ignore the saved progress and start from the first row.
         #[arg(long)]
         restart: bool,
-        /// Stop after this many source rows (useful to sample; progress is saved).
+        /// Stop after this many source rows (at the end of a file's rows; progress is saved).
         #[arg(long)]
         max_rows: Option<u64>,
         /// State file [default: DB.trustbind-import.json].
@@ -475,3 +487,28 @@ pub enum AuditCmd {
     /// Verifies the hash chain of the whole log.
     Verify,
 }
+
+/// `trustbind sig import-nsrl --help`, after the options.
+const NSRL_HELP: &str = "Reads either RDSv3 layout: the minimal sets' FILE table, or the full sets' METADATA
+joined to PACKAGE_OBJECT (FILE is a view there). Rows are read in SHA-256 order, so a file
+listed in many packages is sent once. Resumable: progress (the last SHA-256 sent) is kept in a
+state file next to the database (RDS.db.trustbind-import.json); run the same command again to
+continue. Idempotent: re-importing changes nothing. The minimal sets stream through their
+primary key; the full sets have no index on METADATA.sha256, so SQLite sorts the rows first
+(temporary files in $SQLITE_TMPDIR; `CREATE INDEX md_sha256 ON METADATA (sha256)` on a
+writable copy avoids it, also on every resume).
+
+Package filters (repeat a flag for either value; different flags must all hold):
+  --product GLOB       PKG.name                       e.g. --product 'openssl*'
+  --os GLOB            OS.name or \"OS.name OS.version\" e.g. --os Linux --os 'Windows 1?'
+  --manufacturer GLOB  MFG.name                       e.g. --manufacturer Debian
+  --app-type GLOB      PKG.application_type           e.g. --app-type 'Operating System'
+Globs are SQLite GLOB (* ? [..]), case-insensitive; a value matching nothing is refused.
+
+File filters (--filter KEY=VALUE, repeatable, all must hold):
+  name=GLOB        file name matches the glob (SQLite GLOB, case-sensitive)
+  package=ID       package_id equals ID (repeat for several)
+  min-size=N       file size >= N
+  max-size=N       file size <= N
+
+Example: trustbind sig import-nsrl RDS_2024.12.1_modern.db --group debian --os Linux --manufacturer Debian";

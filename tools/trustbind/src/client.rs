@@ -152,7 +152,7 @@ impl Client {
     }
 
     /// POST `body` to `path`.
-    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
+    pub fn post<T: serde::Serialize + ?Sized>(&self, path: &str, body: &T) -> Result<Value> {
         self.json(self.request(Method::POST, path).json(body))
     }
 

@@ -422,6 +422,10 @@ fn sig(s: SigCmd, c: &Client, out: &Out) -> Result<u8> {
         SigCmd::ImportNsrl {
             db,
             group,
+            products,
+            oses,
+            manufacturers,
+            app_types,
             filters,
             batch,
             restart,
@@ -433,6 +437,12 @@ fn sig(s: SigCmd, c: &Client, out: &Out) -> Result<u8> {
                 db,
                 group,
                 filters,
+                packages: crate::nsrl::PackageFilters {
+                    products,
+                    oses,
+                    manufacturers,
+                    app_types,
+                },
                 batch,
                 restart,
                 max_rows,

@@ -861,8 +861,7 @@ struct Shared {
 
 /// Microseconds, 1 µs .. 10 min, 3 significant digits.
 fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3)
-        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant, valid histogram bounds")
 }
 
 impl Shared {
@@ -1533,7 +1532,9 @@ pub fn run(opts: Options, bin: &Path) -> Result<Report, String> {
         app.admin,
         app.data().display()
     );
-    raise_nofile(2 * opts.agents as u64 + 2 * opts.concurrency as u64 + 256);
+    // One connection per agent (a reconnect drops the old one first), the
+    // setup's parallel enrolments and admin calls, and slack.
+    raise_nofile(opts.agents as u64 + 2 * opts.concurrency as u64 + 1024);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

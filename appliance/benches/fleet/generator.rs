@@ -106,6 +106,9 @@ options:
   --concurrency C     parallel enrolments and connects during setup (64)
   --setup-timeout S   bound on each setup phase (900)
   --interval S        seconds between progress lines (5)
+  --appliance-nofile N
+                      set the appliance's open-file limit (soft and hard) to
+                      N; default: the limit the generator was started with
 ";
 
 /// Operation weights.
@@ -231,6 +234,7 @@ pub struct Options {
     pub concurrency: usize,
     pub setup_timeout: Duration,
     pub interval: Duration,
+    pub appliance_nofile: Option<u64>,
 }
 
 impl Default for Options {
@@ -247,6 +251,7 @@ impl Default for Options {
             concurrency: 64,
             setup_timeout: Duration::from_secs(900),
             interval: Duration::from_secs(5),
+            appliance_nofile: None,
         }
     }
 }
@@ -299,6 +304,9 @@ impl Options {
                     o.setup_timeout = Duration::from_secs(number(flag, v, |n| *n >= 1)?);
                 }
                 "interval" => o.interval = Duration::from_secs(number(flag, v, |n| *n >= 1)?),
+                "appliance-nofile" => {
+                    o.appliance_nofile = Some(number(flag, v, |n| (64..=1 << 20).contains(n))?);
+                }
                 _ => return Err(format!("unknown option --{flag}")),
             }
         }
@@ -431,7 +439,7 @@ impl Appliance {
 
     /// Makes the data directory and the admin certificate, then starts
     /// `serve` on `ip` (ephemeral ports) and reads its ports off stdout.
-    fn start(bin: &Path, ip: IpAddr) -> Result<Self, String> {
+    fn start(bin: &Path, ip: IpAddr, nofile: Option<u64>) -> Result<Self, String> {
         let root = tempfile::Builder::new()
             .prefix("trustbind-fleet-")
             .tempdir()
@@ -481,6 +489,25 @@ impl Appliance {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
         let pid = child.id();
+        if let Some(n) = nofile {
+            let limit = rustix::process::Rlimit {
+                current: Some(n),
+                maximum: Some(n),
+            };
+            let set = rustix::process::Pid::from_raw(pid as i32)
+                .ok_or_else(|| "the appliance has no pid".to_owned())
+                .and_then(|p| {
+                    rustix::process::prlimit(Some(p), rustix::process::Resource::Nofile, limit)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = set {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "cannot set the appliance's open-file limit to {n}: {e}"
+                ));
+            }
+        }
         let stdout = child.stdout.take().ok_or("no stdout pipe")?;
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         std::thread::spawn(move || {
@@ -1523,7 +1550,7 @@ where
 /// Runs the generator against the `trustbind-appliance` binary `bin`.
 pub fn run(opts: Options, bin: &Path) -> Result<Report, String> {
     // Started before the limit is raised: it keeps the machine's limit.
-    let mut app = Appliance::start(bin, opts.listen)?;
+    let mut app = Appliance::start(bin, opts.listen, opts.appliance_nofile)?;
     eprintln!(
         "fleet: appliance pid {} serving on {} (agent), {} (enrol), {} (admin); data {}",
         app.pid,

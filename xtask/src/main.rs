@@ -30,7 +30,8 @@ Commands:
   demo [--shell]
                 build, boot a protected host VM with the module loaded and
                 show it working; --shell leaves you at a guest prompt
-  bench         build, run the cargo benchmarks (release), then the VM
+  bench         build, run the cargo benchmarks (release; `fleet` with its
+                defaults, 100 agents for 10 s), then the VM
                 benchmarks: the PEM's exec overhead, and channel throughput
                 (plaintext vs kTLS channel vs WireGuard) and connect latency
   fleet [--agents N] [--seconds S] [--rate R] [--batch B] [--cold PCT]

@@ -114,14 +114,47 @@ pub struct Enrolment {
     pub ca_fingerprint: String,
 }
 
-/// Enrols this host and writes its credentials into `state`.
-pub async fn enrol(e: &Enrolment, state: &Path) -> Result<AgentConfig, LinkError> {
+/// What the appliance issued on enrolment, in memory (nothing written yet).
+pub struct Credentials {
+    /// What `run` needs besides the files.
+    pub config: AgentConfig,
+    /// This host's private key, PEM (made here; it never left the host).
+    pub key_pem: zeroize::Zeroizing<String>,
+    /// The host certificate, PEM.
+    pub cert_pem: String,
+    /// The appliance CA certificate, PEM (checked against the pin).
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// The mutual-TLS client configuration for the agent port.
+    pub fn tls(&self) -> Result<ClientConfig, LinkError> {
+        client_tls(
+            Pem("the appliance CA", self.ca_pem.as_bytes()),
+            Pem("the host certificate", self.cert_pem.as_bytes()),
+            Pem("the host key", self.key_pem.as_bytes()),
+        )
+    }
+}
+
+/// Trades the one-time token and a CSR for a host certificate on the
+/// enrol port, the CA pinned by fingerprint during the handshake.
+pub async fn request_certificate(e: &Enrolment) -> Result<Credentials, LinkError> {
     let pin = pinned::normalise_fingerprint(&e.ca_fingerprint)?;
     let (enrol_addr, host) = split_addr(&e.enrol_addr, ENROL_PORT);
     let server_name = e.server_name.clone().unwrap_or_else(|| host.clone());
     let agent_addr = split_addr(e.agent_addr.as_deref().unwrap_or(&host), AGENT_PORT).0;
     let ch = channel(&enrol_addr, &server_name, pinned::pinned_config(&pin)?).await?;
     let (key_pem, csr) = pinned::key_and_csr(&e.name)?;
+    let key_pem = zeroize::Zeroizing::new(key_pem);
     let reply = EnrolmentClient::new(ch)
         .enrol(EnrolRequest {
             host: e.name.clone(),
@@ -132,18 +165,29 @@ pub async fn enrol(e: &Enrolment, state: &Path) -> Result<AgentConfig, LinkError
         .map_err(|s| LinkError::Refused(s.message().to_owned()))?
         .into_inner();
     pinned::check_reply_ca(&reply.ca_pem, &pin).map_err(LinkError::Refused)?;
-    write_atomic(&state.join("key.pem"), key_pem.as_bytes(), 0o600)?;
-    write_atomic(&state.join("cert.pem"), reply.cert_pem.as_bytes(), 0o644)?;
-    write_atomic(&state.join("ca.pem"), reply.ca_pem.as_bytes(), 0o644)?;
-    let cfg = AgentConfig {
-        name: e.name.clone(),
-        agent_addr,
-        server_name,
-        ca_fingerprint: pin,
-    };
-    let json = serde_json::to_vec_pretty(&cfg).map_err(|e| LinkError::Config(e.to_string()))?;
+    Ok(Credentials {
+        config: AgentConfig {
+            name: e.name.clone(),
+            agent_addr,
+            server_name,
+            ca_fingerprint: pin,
+        },
+        key_pem,
+        cert_pem: reply.cert_pem,
+        ca_pem: reply.ca_pem,
+    })
+}
+
+/// Enrols this host and writes its credentials into `state`.
+pub async fn enrol(e: &Enrolment, state: &Path) -> Result<AgentConfig, LinkError> {
+    let c = request_certificate(e).await?;
+    write_atomic(&state.join("key.pem"), c.key_pem.as_bytes(), 0o600)?;
+    write_atomic(&state.join("cert.pem"), c.cert_pem.as_bytes(), 0o644)?;
+    write_atomic(&state.join("ca.pem"), c.ca_pem.as_bytes(), 0o644)?;
+    let json =
+        serde_json::to_vec_pretty(&c.config).map_err(|e| LinkError::Config(e.to_string()))?;
     write_atomic(&state.join("agent.json"), &json, 0o644)?;
-    Ok(cfg)
+    Ok(c.config)
 }
 
 /// Loads `agent.json` from `state`.
@@ -162,26 +206,45 @@ pub fn load_config(state: &Path) -> Result<AgentConfig, LinkError> {
     serde_json::from_slice(&text).map_err(|e| LinkError::Config(format!("{}: {e}", p.display())))
 }
 
-/// The mutual-TLS client configuration from the files in `state`.
-pub fn agent_tls(state: &Path) -> Result<ClientConfig, LinkError> {
-    let ca_path = state.join("ca.pem");
-    let ca = CertificateDer::from_pem_file(&ca_path)
-        .map_err(|e| LinkError::Config(format!("{}: {e}", ca_path.display())))?;
+/// PEM text and what it is, for error messages (never the text itself).
+#[derive(Clone, Copy)]
+pub struct Pem<'a>(pub &'a str, pub &'a [u8]);
+
+/// A mutual-TLS client configuration trusting only the CA certificate
+/// `ca` and presenting the certificate chain `cert` with key `key`.
+pub fn client_tls(ca: Pem<'_>, cert: Pem<'_>, key: Pem<'_>) -> Result<ClientConfig, LinkError> {
+    let ca_der = CertificateDer::from_pem_slice(ca.1)
+        .map_err(|e| LinkError::Config(format!("{}: {e}", ca.0)))?;
     let mut roots = RootCertStore::empty();
     roots
-        .add(ca)
-        .map_err(|e| LinkError::Config(format!("{}: {e}", ca_path.display())))?;
-    let cert_path = state.join("cert.pem");
-    let certs = CertificateDer::pem_file_iter(&cert_path)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| LinkError::Config(format!("{}: {e}", cert_path.display())))?;
-    let key_path = state.join("key.pem");
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|e| LinkError::Config(format!("{}: {e}", key_path.display())))?;
+        .add(ca_der)
+        .map_err(|e| LinkError::Config(format!("{}: {e}", ca.0)))?;
+    let certs = CertificateDer::pem_slice_iter(cert.1)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LinkError::Config(format!("{}: {e}", cert.0)))?;
+    // Never echo key material: only what the key is goes into the message.
+    let key_der = PrivateKeyDer::from_pem_slice(key.1)
+        .map_err(|e| LinkError::Config(format!("{}: {e}", key.0)))?;
     pinned::builder()?
         .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| LinkError::Config(format!("host certificate: {e}")))
+        .with_client_auth_cert(certs, key_der)
+        .map_err(|e| LinkError::Config(format!("{}: {e}", cert.0)))
+}
+
+/// The mutual-TLS client configuration from the files in `state`.
+pub fn agent_tls(state: &Path) -> Result<ClientConfig, LinkError> {
+    let read = |name: &str| {
+        let p = state.join(name);
+        fs::read(&p)
+            .map_err(file_err(&p))
+            .map(|b| (p.display().to_string(), zeroize::Zeroizing::new(b)))
+    };
+    let (ca, cert, key) = (read("ca.pem")?, read("cert.pem")?, read("key.pem")?);
+    client_tls(
+        Pem(&ca.0, &ca.1),
+        Pem(&cert.0, &cert.1),
+        Pem(&key.0, &key.1),
+    )
 }
 
 #[cfg(test)]

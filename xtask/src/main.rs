@@ -30,10 +30,18 @@ Commands:
   demo [--shell]
                 build, boot a protected host VM with the module loaded and
                 show it working; --shell leaves you at a guest prompt
-  bench         build, run the cargo benchmarks (release) and the NSRL
-                import benchmark, then the VM
+  bench         build, run the cargo benchmarks (release; `fleet` with its
+                defaults, 100 agents for 10 s) and the NSRL import
+                benchmark, then the VM
                 benchmarks: the PEM's exec overhead, and channel throughput
                 (plaintext vs kTLS channel vs WireGuard) and connect latency
+  fleet [--agents N] [--seconds S] [--rate R] [--batch B] [--cold PCT]
+        [--mix exec=85,connect=8,pair=3,report=2,sign=1,reconnect=1] ...
+                load-test a real `trustbind-appliance serve` on loopback
+                with N enrolled agents over mutual TLS (release build; no
+                VM); prints connected agents, decisions/s, p50/p99/max,
+                appliance RSS, fds, CPU and audit bytes per decision;
+                `cargo xtask fleet --help` lists every option
   fuzz [SECS]   fuzz the proto record decoder with cargo-fuzz (default 60 s)
   help          this text
 
@@ -221,6 +229,25 @@ fn demo(ctx: &Ctx, shell: bool) -> Result<()> {
     sh::run("demo", &mut c)
 }
 
+/// `cargo xtask fleet ARGS`: the fleet load generator
+/// (`appliance/benches/fleet/`), release build, options passed through.
+fn fleet(args: &[String]) -> Result<()> {
+    sh::run(
+        "fleet: load generator",
+        cargo()
+            .args([
+                "bench",
+                "--quiet",
+                "-p",
+                "trustbind-appliance",
+                "--bench",
+                "fleet",
+                "--",
+            ])
+            .args(args),
+    )
+}
+
 /// cargo-fuzz version, pinned.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -274,6 +301,7 @@ fn main() {
             Some("demo") => demo(&ctx, args.iter().any(|a| a == "--shell")),
             Some("fuzz") => fuzz(&ctx, args.get(1).map(String::as_str)),
             Some("bench") => bench(&ctx),
+            Some("fleet") => fleet(&args[1..]),
             Some("help" | "--help" | "-h") | None => {
                 print!("{HELP}");
                 Ok(())

@@ -1,0 +1,42 @@
+//! The fleet load generator: a real `trustbind-appliance serve` on loopback
+//! and N simulated agents, each with its own enrolled certificate, speaking
+//! the agent gRPC protocol over mutual TLS. See [`generator`] and
+//! `docs/BENCHMARKS.md` ("Fleet load").
+//!
+//! `cargo xtask fleet [--agents N] [--seconds S] [--rate R] ...`, or
+//! `cargo bench -p trustbind-appliance --bench fleet -- [OPTIONS]`
+//! (`--help` lists them). Without options (as in `cargo bench
+//! --workspace`): 100 agents for 10 s.
+
+mod generator;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        // `cargo bench` passes `--bench`.
+        .filter(|a| a != "--bench")
+        .collect();
+    let opts = match generator::Options::parse(&args) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            print!("{}", generator::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("fleet: {e}\n\n{}", generator::USAGE);
+            return ExitCode::from(64);
+        }
+    };
+    match generator::run(opts, env!("CARGO_BIN_EXE_trustbind-appliance").as_ref()) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -359,14 +359,17 @@ fn attack_queue_flood() -> Result<()> {
 }
 
 /// A perl client that connects to 127.0.0.1:`port`, then asks its own
-/// socket for the kTLS key (`getsockopt(SOL_TLS, TLS_TX)` and `TLS_RX`)
-/// and prints what it got (or the error), then a control option.
+/// socket for the kTLS key with the raw `getsockopt(2)` (55) and the exact
+/// length kTLS wants for AES-256-GCM (56 bytes): `SOL_TLS` (282) `TLS_TX`
+/// (1) and `TLS_RX` (2), printing what it got (or the errno), then a
+/// control option.
 fn key_reader(port: u16) -> String {
     format!(
         "perl -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 0) or die; \
          connect(S, pack_sockaddr_in({port}, inet_aton(\"127.0.0.1\"))) or die \"connect: $!\\n\"; \
-         for my $o (1, 2) {{ my $v = getsockopt(S, 282, $o); \
-         print defined $v ? \"tls$o=\" . unpack(\"H*\", $v) . \"\\n\" : \"tls$o=refused errno=\" . ($!+0) . \"\\n\"; }} \
+         for my $o (1, 2) {{ my $buf = \"\\0\" x 56; my $len = pack(\"i\", 56); \
+         my $r = syscall(55, fileno(S), 282, $o, $buf, $len); \
+         print $r == 0 ? \"tls$o=\" . unpack(\"H*\", $buf) . \"\\n\" : \"tls$o=refused errno=\" . ($!+0) . \"\\n\"; }} \
          my $t = getsockopt(S, SOL_SOCKET, SO_TYPE); print \"so_type=\", unpack(\"i\", $t), \"\\n\"; \
          print S \"hello\\n\"; close S'"
     )
@@ -505,7 +508,7 @@ fn attack_boot_window() -> Result<()> {
            --allow-dir /usr/sbin --allow-dir /tb --allow {LOADER} --log {AGENT_LOG} \
            </dev/null >/dev/null 2>&1 & \
          i=0; while [ $i -lt 300000 ]; do \
-           if read -r l <{AGENT_LOG} 2>/dev/null; then case \"$l\" in ready*) break;; esac; fi; \
+           if [ -s {AGENT_LOG} ] && read -r l <{AGENT_LOG}; then case \"$l\" in ready*) break;; esac; fi; \
            i=$((i+1)); done; \
          /usr/bin/true; echo after=$?"
     ))?;

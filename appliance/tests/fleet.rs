@@ -28,7 +28,9 @@ fn twenty_agents_for_five_seconds_get_decisions() {
     println!("{r}");
     assert_eq!(r.enrolled, 20, "{r}");
     assert_eq!(r.connected_at_start, 20, "{r}");
-    assert_eq!(r.connected_end, 20, "{r}");
+    // Every agent is connected at the end, or in the middle of one of the
+    // mix's deliberate reconnects (never dropped by the appliance).
+    assert_eq!(r.connected_end + r.reconnecting_end, 20, "{r}");
     assert!(r.decisions > 100, "{r}");
     assert!(
         r.allowed > 0 && r.denied > 0,

@@ -882,6 +882,9 @@ struct Shared {
     pairs: AtomicU64,
     keys: AtomicU64,
     connected: AtomicI64,
+    /// Agents between dropping their connection for a deliberate
+    /// reconnect (the mix's `reconnect`) and having the new one.
+    reconnecting: AtomicI64,
     refused: AtomicU64,
     errors: Mutex<BTreeMap<String, (u64, String)>>,
 }
@@ -1195,7 +1198,7 @@ async fn run_agent(
     mut conn: Option<Conn>,
     start: Instant,
     end: Instant,
-) {
+) -> Option<Conn> {
     let mut a = Agent::new(i, sh.opts.working_set);
     let per_op = sh.opts.mix.decisions_per_op(sh.opts.batch).max(0.01);
     let interval = (sh.opts.rate > 0)
@@ -1239,9 +1242,12 @@ async fn run_agent(
         let op = sh.opts.mix.pick(&mut a.rng);
         let t = Instant::now();
         if op == Op::Reconnect {
+            sh.reconnecting.fetch_add(1, Relaxed);
             sh.set_client(i, None);
             conn = None;
-            match connect(&sh, i).await {
+            let r = connect(&sh, i).await;
+            sh.reconnecting.fetch_sub(1, Relaxed);
+            match r {
                 Ok(c) => {
                     sh.record(op, t.elapsed());
                     conn = Some(c);
@@ -1272,7 +1278,9 @@ async fn run_agent(
         }
     }
     sh.set_client(i, None);
-    drop(conn);
+    // Handed back, not dropped: the run reads the connected count at the
+    // end of the window, and an agent done first must still count.
+    conn
 }
 
 // ---------------------------------------------------------------------------
@@ -1307,6 +1315,8 @@ pub struct Report {
     pub handshake: Latency,
     pub connected_min: i64,
     pub connected_end: i64,
+    /// Agents in a deliberate reconnect when `connected_end` was read.
+    pub reconnecting_end: i64,
     pub appliance_gauge: Option<u64>,
     pub seconds: f64,
     pub decisions: u64,
@@ -1375,8 +1385,9 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "agents connected: {} at the end (appliance gauge {}), lowest {} during the run",
+            "agents connected: {} at the end ({} in a deliberate reconnect; appliance gauge {}), lowest {} during the run",
             self.connected_end,
+            self.reconnecting_end,
             self.appliance_gauge.map_or("?".into(), |g| g.to_string()),
             self.connected_min
         )?;
@@ -1650,6 +1661,7 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
         pairs: AtomicU64::new(0),
         keys: AtomicU64::new(0),
         connected: AtomicI64::new(0),
+        reconnecting: AtomicI64::new(0),
         refused: AtomicU64::new(0),
         errors: Mutex::new(errors),
     });
@@ -1740,6 +1752,7 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
     // Figures at the end of the window, before the agents hang up.
     report.seconds = start.elapsed().as_secs_f64();
     report.decisions = sh.decisions.load(Relaxed);
+    report.reconnecting_end = sh.reconnecting.load(Relaxed);
     report.connected_end = sh.connected.load(Relaxed);
     report.connected_min = min.min(report.connected_end);
     if report.exited.is_none() {

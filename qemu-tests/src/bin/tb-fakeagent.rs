@@ -329,7 +329,22 @@ fn run() -> Result<(), String> {
 
     let mut generation = 1u64;
     let mut channels = Channels::default();
-    while !STOP.load(Ordering::SeqCst) {
+    // On SIGTERM: disabled mode first (nothing new is asked), then answer
+    // what is still queued (non-blocking reads until none is left), so a
+    // stop never leaves an exec that raced it unanswered.
+    let mut draining = false;
+    loop {
+        if STOP.load(Ordering::SeqCst) && !draining {
+            send(&mut dev, &config(Mode::Disabled), 3)?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: fcntl on a descriptor this process owns.
+            unsafe {
+                let fd = dev.as_raw_fd();
+                let fl = libc::fcntl(fd, libc::F_GETFL);
+                libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            }
+            draining = true;
+        }
         if BUMP.swap(false, Ordering::SeqCst) {
             generation += 1;
             let rec = Record::Generation(Generation {
@@ -339,7 +354,7 @@ fn run() -> Result<(), String> {
             writeln!(log, "generation {generation}").ok();
             log.flush().ok();
         }
-        if let Some(p) = &pause_file {
+        if let Some(p) = pause_file.as_ref().filter(|_| !draining) {
             if Path::new(p).exists() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 continue;
@@ -348,6 +363,7 @@ fn run() -> Result<(), String> {
         let n = match dev.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if draining && e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => return Err(format!("read: {e}")),
         };
         let (h, rec) = proto::decode(&buf[..n]).map_err(|e| format!("decode: {e}"))?;
@@ -499,7 +515,6 @@ fn run() -> Result<(), String> {
             Err(e) => return Err(e),
         }
     }
-    send(&mut dev, &config(Mode::Disabled), 3)?;
     writeln!(log, "stopped").ok();
     Ok(())
 }

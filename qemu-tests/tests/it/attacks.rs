@@ -24,6 +24,7 @@
 use anyhow::{ensure, Context, Result};
 use trustbind_qemu_tests::Vm;
 
+use crate::common::denied;
 use crate::exec::{
     counter, field, host_with_module, patch_once, start_agent_with, stop_agent, AGENT_LOG,
 };
@@ -89,10 +90,7 @@ fn attack_loader_copies() -> Result<()> {
     let out = vm.run(&as_nobody(&format!(
         "for i in 1 2 3 4 5 6 7 8 9 10; do cp {LOADER} /tmp/u/l$i; done; /tmp/u/l10 /usr/bin/id -u"
     )))?;
-    ensure!(
-        out.status == 126 && out.stderr.contains("Permission denied"),
-        "the copied loader ran a program: {out:?}"
-    );
+    ensure!(denied(&out), "the copied loader ran a program: {out:?}");
     for i in [10, 1] {
         let out = vm.run(&as_nobody(&format!("/tmp/u/l{i} /usr/bin/true")))?;
         ensure!(out.status == 126, "copy l{i} ran a program: {out:?}");
@@ -180,12 +178,7 @@ fn attack_loader_gate_never_blocks_inotify() -> Result<()> {
     )?;
     let bg = vm.spawn_bg("/tmp/x/true-slow; echo done=$? >/tmp/slow.out")?;
     // Wait until the loader's request is pending.
-    for _ in 0..100 {
-        if !exec_lines(&mut vm, slow)?.is_empty() {
-            break;
-        }
-        vm.run_ok("sleep 0.1")?;
-    }
+    poll(&mut vm, &format!("grep -q '^exec {slow} ' {AGENT_LOG}"), 50)?;
     ensure!(
         !exec_lines(&mut vm, slow)?.is_empty(),
         "the slow loader was never asked"
@@ -206,12 +199,7 @@ fn attack_loader_gate_never_blocks_inotify() -> Result<()> {
         "the exec did not wait for its loader's verdict"
     );
     // The exec completes once the verdict comes.
-    for _ in 0..200 {
-        if vm.run("grep -q done=0 /tmp/slow.out")?.status == 0 {
-            break;
-        }
-        vm.run_ok("sleep 0.1")?;
-    }
+    poll(&mut vm, "grep -q done=0 /tmp/slow.out", 100)?;
     let out = vm.run_ok("cat /tmp/slow.out")?;
     ensure!(out.stdout.trim() == "done=0", "slow exec: {out:?}");
     drop(bg);
@@ -293,15 +281,25 @@ fn flood_agent(vm: &mut Vm, mode: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits until `file` exists (at most `tries` × 0.2 s).
-fn wait_file(vm: &mut Vm, file: &str, tries: usize) -> Result<()> {
+/// Runs `cmd` until it succeeds, at most `tries` times 0.2 s apart;
+/// whether it did (the caller's assertion says what that means).
+fn poll(vm: &mut Vm, cmd: &str, tries: usize) -> Result<bool> {
     for _ in 0..tries {
-        if vm.run(&format!("test -e {file}"))?.status == 0 {
-            return Ok(());
+        if vm.run(cmd)?.status == 0 {
+            return Ok(true);
         }
         vm.run_ok("sleep 0.2")?;
     }
-    anyhow::bail!("{file} never appeared")
+    Ok(false)
+}
+
+/// Waits until `file` exists (at most `tries` × 0.2 s).
+fn wait_file(vm: &mut Vm, file: &str, tries: usize) -> Result<()> {
+    ensure!(
+        poll(vm, &format!("test -e {file}"), tries)?,
+        "{file} never appeared"
+    );
+    Ok(())
 }
 
 /// One user starts 400 execs at once while the agent reads nothing (what
@@ -401,12 +399,7 @@ fn attack_channel_key_read() -> Result<()> {
         counter(&mut vm, "net_key_reads_refused")? >= 2,
         "refusals not counted"
     );
-    for _ in 0..50 {
-        if vm.run("grep -q hello /tmp/key-recv")?.status == 0 {
-            break;
-        }
-        vm.run_ok("sleep 0.2")?;
-    }
+    poll(&mut vm, "grep -q hello /tmp/key-recv", 50)?;
     vm.run_ok("grep -q hello /tmp/key-recv")
         .context("the bound channel did not carry data")?;
     let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
@@ -462,12 +455,7 @@ fn attack_mptcp() -> Result<()> {
     ))?;
     crate::net_qualify::wait_listening(&mut vm, 7401)?;
     vm.run("echo mptcp-accept-canary | socat -u - TCP4:127.0.0.1:7401")?;
-    for _ in 0..50 {
-        if vm.run("grep -q accept /tmp/mptcp-listener.out")?.status == 0 {
-            break;
-        }
-        vm.run_ok("sleep 0.2")?;
-    }
+    poll(&mut vm, "grep -q accept /tmp/mptcp-listener.out", 50)?;
     let listener = vm.run_ok("cat /tmp/mptcp-listener.out")?.stdout;
     ensure!(
         !listener.contains("mptcp-accept-canary") && listener.contains("accept: "),

@@ -1920,11 +1920,27 @@ static void tb_unhook_one(struct ftrace_ops *ops)
 	ftrace_free_filter(ops);
 }
 
+/* Like tb_hook_one, for a function found by address (a proto_ops member of
+ * a kernel socket: not exported, its address taken, ENDBR intact). */
+static int tb_hook_ip(struct ftrace_ops *ops, void *fn, const char *what)
+{
+	int err = ftrace_set_filter_ip(ops, (unsigned long)fn, 0, 0);
+
+	if (!err)
+		err = register_ftrace_function(ops);
+	if (err) {
+		pr_err("cannot hook %ps: %d\n", fn, err);
+		ftrace_free_filter(ops);
+		return err;
+	}
+	pr_info("hooked %ps for %s\n", fn, what);
+	return 0;
+}
+
 /* Hooks MPTCP's accept where the kernel has MPTCP (else nothing to do). */
 static int tb_mptcp_hook_start(void)
 {
 	struct socket *sock;
-	unsigned long ip;
 	int err;
 
 	if (sock_create_kern(&init_net, AF_INET, SOCK_STREAM, IPPROTO_MPTCP,
@@ -1932,18 +1948,11 @@ static int tb_mptcp_hook_start(void)
 		return 0;
 	tb_mptcp_accept_orig = sock->ops->accept;
 	sock_release(sock);
-	ip = (unsigned long)tb_mptcp_accept_orig;
-	err = ftrace_set_filter_ip(&tb_mptcp_accept_ops, ip, 0, 0);
-	if (!err)
-		err = register_ftrace_function(&tb_mptcp_accept_ops);
-	if (err) {
-		pr_err("cannot hook %ps: %d\n", (void *)ip, err);
-		ftrace_free_filter(&tb_mptcp_accept_ops);
+	err = tb_hook_ip(&tb_mptcp_accept_ops, tb_mptcp_accept_orig,
+			 "MPTCP accepts");
+	if (err)
 		tb_mptcp_accept_orig = NULL;
-		return err;
-	}
-	pr_info("hooked %ps for MPTCP accepts\n", (void *)ip);
-	return 0;
+	return err;
 }
 
 int tb_net_hooks_start(void)
@@ -2011,7 +2020,6 @@ void tb_net_hooks_stop(void)
 int tb_unix_hooks_start(void)
 {
 	struct socket *sock;
-	unsigned long ip;
 	int err;
 
 	err = sock_create_kern(&init_net, AF_UNIX, SOCK_STREAM, 0, &sock);
@@ -2022,20 +2030,8 @@ int tb_unix_hooks_start(void)
 	}
 	tb_unix_connect_orig = sock->ops->connect;
 	sock_release(sock);
-	ip = (unsigned long)tb_unix_connect_orig;
-	err = ftrace_set_filter_ip(&tb_unix_connect_ops, ip, 0, 0);
-	if (err) {
-		pr_err("cannot filter ftrace on %ps: %d\n", (void *)ip, err);
-		return err;
-	}
-	err = register_ftrace_function(&tb_unix_connect_ops);
-	if (err) {
-		pr_err("cannot hook %ps: %d\n", (void *)ip, err);
-		ftrace_free_filter(&tb_unix_connect_ops);
-		return err;
-	}
-	pr_info("hooked %ps for UNIX connects\n", (void *)ip);
-	return 0;
+	return tb_hook_ip(&tb_unix_connect_ops, tb_unix_connect_orig,
+			  "UNIX connects");
 }
 
 void tb_unix_hooks_stop(void)

@@ -463,6 +463,13 @@ pub(crate) struct Stats {
     /// Allowed execs that committed (their program now runs, recorded for
     /// ancestry).
     pub(crate) committed: AtomicU64,
+    /// Execs whose wait for a verdict a signal ended (restarted).
+    ///
+    /// Every exec the module decides ends in exactly one of `allowed`,
+    /// `refusals.denied`, `refusals.would_deny`, `pinned_agent` or this,
+    /// and started as a cache hit or as `asked` (or, with no readable
+    /// identity, as an `unreadable` refusal): the soak checks the sums.
+    pub(crate) interrupted: AtomicU64,
 }
 
 /// The exec path's counters.
@@ -479,6 +486,7 @@ pub(crate) static STATS: Stats = Stats {
     loader_dedup: AtomicU64::new(0),
     loader_direct: AtomicU64::new(0),
     committed: AtomicU64::new(0),
+    interrupted: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64) {
@@ -721,7 +729,10 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
         Answer::Busy => Err(Ok(Refusal::Busy)),
-        Answer::Interrupted => Err(Err(ERESTARTNOINTR)),
+        Answer::Interrupted => {
+            bump(&STATS.interrupted);
+            Err(Err(ERESTARTNOINTR))
+        }
     }
 }
 

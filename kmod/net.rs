@@ -86,17 +86,18 @@
 //! # UNIX-domain sockets
 //!
 //! A UNIX-domain stream or seqpacket `connect()` of a user-space socket is
-//! qualified by the program *pair*: [`unix_check`] runs once the original
-//! `unix_stream_connect` returned 0 (only then is the listener known: the
-//! connection's `SO_PEERCRED` names the process that listens), with the
-//! client's program (as above) and the server's (lineage table, else
-//! hashed from its `mm->exe_file`), both uids and the socket's name (the
-//! absolute path, or `@name` for an abstract one), as an [`IpcRequest`].
-//! The same mode table decides; a refusal shuts the new connection down
-//! both ways and fails `connect()` with `EACCES` (the server may still
-//! accept it, already at end of file; the client's socket stays connected
-//! but shut down, so the program must close it). Nothing is encrypted: one
-//! host. Counters: `/sys/kernel/debug/trustbind/unix_*`. Same switches as
+//! qualified by the program *pair* before the connection exists:
+//! [`unix_check`] runs with the listener the original `unix_stream_connect`
+//! found (its credentials from `listen()` name the process that listens),
+//! stopped by the module's wrapper on `security_unix_stream_connect`
+//! before anything was queued (`helpers.c` runs the original again once
+//! allowed). The request carries the client's program (as above) and the
+//! server's (lineage table, else hashed from its `mm->exe_file`), both
+//! uids and the socket's name (the absolute path, or `@name` for an
+//! abstract one), as an [`IpcRequest`]. The same mode table decides; a
+//! refusal fails `connect()` with `EACCES`, and the listener never sees
+//! the connection (no byte, no `SCM_RIGHTS`: T-20). Nothing is encrypted:
+//! one host. Counters: `/sys/kernel/debug/trustbind/unix_*`. Same switches as
 //! TCP: asked only while the agent set `qualify_net`, not in disabled
 //! mode, the agent's own connects exempt.
 //!
@@ -132,13 +133,13 @@ use kernel::sync::SpinLock;
 
 use crate::device::Answer;
 use crate::exec::{Refusal, Refusals};
-use crate::proto::bound::{BoundSocket, BoundTable, Slot as BoundSlot};
+use crate::proto::bound::{handed_over, BoundSocket, Slot as BoundSlot};
 use crate::proto::lineage::{Chain, ProcId};
 use crate::proto::{
     Ancestry, ChannelClosed, ChannelKey, ChannelRole, CloseReason, Decision, Family, IpcRequest,
     Mode, NetKind, NetRequest, ProgramSource, Record,
 };
-use crate::sys::{self, NetInfo, UnixInfo, NET_CONNECT, NET_ESTABLISHED};
+use crate::sys::{self, NetInfo, SockRef, SockTable, TcpCounts, UnixInfo, NET_CONNECT, NET_ESTABLISHED};
 use crate::Shared;
 
 /// What the net path did since load (shown in debugfs, see `pem.rs`).
@@ -198,16 +199,12 @@ pub(crate) static STATS: Stats = Stats {
 const BOUND_SLOTS: usize = 4096;
 
 /// The sockets bound to channels, by socket identity (logic in
-/// `proto/src/bound.rs`).
-///
-/// # Invariants
-///
-/// The table holds a socket reference ([`sys::sock_ref`]) for each
-/// identity in it; whoever takes an identity out owns that reference.
-#[pin_data(PinnedDrop)]
+/// `proto/src/bound.rs`; the table owns a reference on each socket in it,
+/// see [`sys::SockTable`]).
+#[pin_data]
 pub(crate) struct Bound {
     #[pin]
-    inner: SpinLock<BoundTable<KVVec<BoundSlot>>>,
+    inner: SpinLock<SockTable>,
     /// Entries in the table, read without the lock on every TCP close.
     live: AtomicUsize,
 }
@@ -217,14 +214,14 @@ impl Bound {
     pub(crate) fn new() -> Result<impl PinInit<Self, Error>> {
         let mut slots = KVVec::new();
         slots.extend_with(BOUND_SLOTS, BoundSlot::EMPTY, GFP_KERNEL)?;
-        let table = BoundTable::new(slots).ok_or(EINVAL)?;
+        let table = SockTable::new(slots).ok_or(EINVAL)?;
         Ok(try_pin_init!(Self {
             inner <- new_spinlock!(table, "trustbind_bound"),
             live: AtomicUsize::new(0),
         }? Error))
     }
 
-    fn counted(&self, t: &BoundTable<KVVec<BoundSlot>>) {
+    fn counted(&self, t: &SockTable) {
         self.live.store(t.len(), Ordering::Release);
         // CAST: at most BOUND_SLOTS.
         STATS.bound_open.store(t.len() as u64, Ordering::Relaxed);
@@ -233,15 +230,9 @@ impl Bound {
     /// Remembers the socket `info` names (the wrapper running this call
     /// holds it). `false` when its group is full.
     fn insert(&self, info: &NetInfo, entry: BoundSocket) -> bool {
-        let sk = sys::sock_id(info);
+        let sk = SockRef::hold(info);
         let mut t = self.inner.lock();
-        let known = t.contains(sk);
         let ok = t.insert(sk, entry);
-        if ok && !known {
-            // SAFETY: The wrapper keeps the socket live during this call.
-            // INVARIANT: The new identity's reference, held by the table.
-            unsafe { sys::sock_ref(sk) };
-        }
         self.counted(&t);
         ok
     }
@@ -252,51 +243,31 @@ impl Bound {
             return None;
         }
         let mut t = self.inner.lock();
-        let e = t.take(sk)?;
+        let (sk, e) = t.take(sk)?;
         self.counted(&t);
         drop(t);
-        // SAFETY: Taken out of the table, so this call owns its reference
-        // (type invariant).
-        unsafe { sys::sock_unref(sk) };
+        drop(sk);
         Some(e)
     }
 
-    /// Takes out the sockets idle too long (see `BoundTable::sweep_idle`);
-    /// the caller owns a reference on each identity in `out[..n]`.
-    fn sweep(&self, now_ms: u64, out: &mut [(usize, BoundSocket)]) -> (usize, bool) {
+    /// Takes out the sockets idle too long (see `BoundTable::sweep_idle`),
+    /// each with the table's reference.
+    fn sweep<const N: usize>(&self, now_ms: u64) -> ([Option<(SockRef, BoundSocket)>; N], bool) {
         let mut t = self.inner.lock();
-        let r = t.sweep_idle(
-            now_ms,
-            |sk| {
-                // SAFETY: Every identity in the table is live: the table
-                // holds a reference on each (type invariant).
-                let (sent, received) = unsafe { sys::sock_counts(sk) };
-                // Either way: a server that only receives is not idle.
-                sent.wrapping_add(received)
-            },
-            out,
-        );
+        let r = t.sweep_idle(now_ms);
         self.counted(&t);
         r
     }
 }
 
-#[pinned_drop]
-impl PinnedDrop for Bound {
-    fn drop(self: Pin<&mut Self>) {
-        let mut t = self.inner.lock();
-        // SAFETY: The table's references, given up (type invariant).
-        t.drain(|sk| unsafe { sys::sock_unref(sk) });
-    }
-}
-
 /// A TCP socket closed (`tcp_close` returned): if it was bound, reports
 /// the channel's end to the agent, fire-and-forget.
-pub(crate) fn closed(s: &Shared, sk: usize, bytes_sent: u64, bytes_received: u64) {
+pub(crate) fn closed(s: &Shared, sk: usize, c: &TcpCounts) {
     let Some(e) = s.bound.take(sk) else {
         return;
     };
-    report_close(s, &e, CloseReason::Closed, bytes_sent, bytes_received);
+    let sent = handed_over(c.bytes_sent, c.write_seq, c.snd_nxt);
+    report_close(s, &e, CloseReason::Closed, sent, c.bytes_received);
 }
 
 /// Channels ended per idle sweep at most (the rest wait a second).
@@ -304,20 +275,16 @@ const IDLE_BATCH: usize = 16;
 
 /// The idle sweep: resets the connections of channels without a byte
 /// either way for their idle timeout and reports them closed (`idle`).
-/// Whether a socket with a timeout is left.
+/// Whether a socket with a timeout is left. A workqueue: process context.
 pub(crate) fn sweep_idle(s: &Shared) -> bool {
-    let mut out = [(0, BoundSocket::NONE); IDLE_BATCH];
-    let (n, more) = s.bound.sweep(sys::now_ms(), &mut out);
-    for (sk, e) in out.iter().take(n) {
-        // SAFETY: The sweep handed over the table's reference on `sk`
-        // (held until the unref below); a workqueue: process context.
-        let (sent, received) = unsafe { sys::sock_counts(*sk) };
-        // SAFETY: As above.
-        unsafe { sys::sock_idle_end(*sk) };
+    let (out, more) = s.bound.sweep::<IDLE_BATCH>(sys::now_ms());
+    let mut n = 0;
+    for (sk, e) in out.into_iter().flatten() {
+        let c = sk.counts();
+        sk.idle_end();
         bump(&STATS.idle_ended);
-        report_close(s, e, CloseReason::Idle, sent, received);
-        // SAFETY: The reference the sweep handed over, given up.
-        unsafe { sys::sock_unref(*sk) };
+        report_close(s, &e, CloseReason::Idle, c.bytes_sent, c.bytes_received);
+        n += 1;
     }
     more || n == IDLE_BATCH
 }
@@ -741,8 +708,9 @@ fn program_of(
     Ok((sha256, chain, ProgramSource::ExeFile))
 }
 
-/// Decides one UNIX connect once made: `Ok` lets it stand, an error
-/// severs it and fails `connect()`.
+/// Decides one UNIX connect before it is made (the listener is found, the
+/// connection not yet queued): `Ok` lets it be made, an error fails
+/// `connect()` with the listener never seeing it.
 pub(crate) fn unix_check(s: &Shared, info: &UnixInfo) -> Result {
     let mode = s.channel.mode();
     if !unix_wanted(s, info.tgid) {

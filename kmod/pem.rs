@@ -179,6 +179,7 @@ impl kernel::Module for Trustbind {
             (c_str!("exec_loader_dedup"), &st.loader_dedup),
             (c_str!("exec_loader_direct"), &st.loader_direct),
             (c_str!("exec_committed"), &st.committed),
+            (c_str!("exec_interrupted"), &st.interrupted),
             (c_str!("queue_busy"), &device::STATS.busy),
             (c_str!("net_connect_asked"), &net::STATS.connect_asked),
             (c_str!("net_accept_asked"), &net::STATS.accept_asked),

@@ -650,9 +650,14 @@ static void tb_net_leave(void)
  * socket until it is bound (or reset). The entries live on the binding
  * task's stack; the set is small (connects waiting for their key).
  */
+struct tb_unix_pending;
+
 struct tb_binding {
 	struct hlist_node node;
 	const struct sock *sk;
+	/* A UNIX connect in tb_unix_stream_connect() (by the task in
+	 * upend->task: threads may connect one socket at once), else NULL. */
+	struct tb_unix_pending *upend;
 };
 
 static DEFINE_SPINLOCK(tb_binding_lock);
@@ -660,9 +665,11 @@ static DEFINE_HASHTABLE(tb_binding_set, 6);
 static atomic_t tb_binding_n = ATOMIC_INIT(0);
 static DECLARE_WAIT_QUEUE_HEAD(tb_bound_wq);
 
-static void tb_binding_add(struct tb_binding *b, const struct sock *sk)
+static void tb_binding_add(struct tb_binding *b, const struct sock *sk,
+			   struct tb_unix_pending *upend)
 {
 	b->sk = sk;
+	b->upend = upend;
 	spin_lock_bh(&tb_binding_lock);
 	hash_add(tb_binding_set, &b->node, (unsigned long)sk);
 	atomic_inc(&tb_binding_n);
@@ -719,25 +726,6 @@ static void tb_sock_end(const struct sock *sk, bool peer, u8 *addr, u16 *port)
 	*port = ntohs(peer ? inet->inet_dport : inet->inet_sport);
 }
 
-/* An IPv6 socket talking IPv4 (dual-stack servers such as iperf3 or nginx
- * on [::], or a connect to ::ffff:a.b.c.d) names its ends as v4-mapped
- * addresses; report them as IPv4, so both halves of one connection carry
- * the same 5-tuple whichever family each program's socket is. */
-static void tb_net_info_unmap(struct tb_net_info *info)
-{
-	const struct in6_addr *src = (const void *)info->src_addr;
-	const struct in6_addr *dst = (const void *)info->dst_addr;
-
-	if (info->family != 6 || !ipv6_addr_v4mapped(dst) ||
-	    !(ipv6_addr_v4mapped(src) || ipv6_addr_any(src)))
-		return;
-	info->family = 4;
-	memmove(info->src_addr, &info->src_addr[12], 4);
-	memset(&info->src_addr[4], 0, 12);
-	memmove(info->dst_addr, &info->dst_addr[12], 4);
-	memset(&info->dst_addr[4], 0, 12);
-}
-
 /* Qualifies the connect of sock to uaddr if it is one the module watches
  * (a user TCP socket not yet connected, an address of its family): 0 to go
  * on, -errno to refuse. info->family stays 0 for one it does not watch;
@@ -774,7 +762,6 @@ static int tb_connect_qualify(struct socket *sock, struct sockaddr *uaddr,
 	if (!info->family)
 		return 0;
 	tb_sock_end(sk, false, info->src_addr, &info->src_port);
-	tb_net_info_unmap(info);
 	TB_FILL_TASK(info);
 	info->sock = sock;
 	return trustbind_net_check(info);
@@ -795,7 +782,7 @@ static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
 	int err;
 
 	inet_clear_bit(DEFER_CONNECT, sk);
-	tb_binding_add(&binding, sk);
+	tb_binding_add(&binding, sk, NULL);
 	err = inet_stream_connect(sock, uaddr, addr_len, flags & ~O_NONBLOCK);
 	if (err) {
 		/* Interrupted or timed out (SO_SNDTIMEO) while the handshake
@@ -810,7 +797,6 @@ static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
 	info->family = sk->sk_family == AF_INET6 ? 6 : 4;
 	tb_sock_end(sk, false, info->src_addr, &info->src_port);
 	tb_sock_end(sk, true, info->dst_addr, &info->dst_port);
-	tb_net_info_unmap(info);
 	err = trustbind_net_check(info);
 	if (err)
 		tb_sock_abort(sock, ECONNRESET);
@@ -913,7 +899,6 @@ static int tb_accept_check(struct socket *newsock, int err)
 		info.family = sk->sk_family == AF_INET6 ? 6 : 4;
 		tb_sock_end(sk, true, info.src_addr, &info.src_port);
 		tb_sock_end(sk, false, info.dst_addr, &info.dst_port);
-		tb_net_info_unmap(&info);
 		TB_FILL_TASK(&info);
 		info.sock = newsock;
 		if (trustbind_net_check(&info)) {
@@ -1601,12 +1586,14 @@ void tb_sock_unref(unsigned long sk_id)
 	sock_put((struct sock *)sk_id);
 }
 
-void tb_sock_counts(unsigned long sk_id, u64 *sent, u64 *received)
+void tb_sock_counts(unsigned long sk_id, struct tb_tcp_counts *out)
 {
 	const struct tcp_sock *tp = tcp_sk((struct sock *)sk_id);
 
-	*sent = READ_ONCE(tp->bytes_sent);
-	*received = READ_ONCE(tp->bytes_received);
+	out->bytes_sent = READ_ONCE(tp->bytes_sent);
+	out->bytes_received = READ_ONCE(tp->bytes_received);
+	out->write_seq = READ_ONCE(tp->write_seq);
+	out->snd_nxt = READ_ONCE(tp->snd_nxt);
 }
 
 void tb_sock_idle_end(unsigned long sk_id)
@@ -1653,20 +1640,13 @@ void tb_idle_kick(void)
  */
 static void tb_tcp_close(struct sock *sk, long timeout)
 {
-	const struct tcp_sock *tp = tcp_sk(sk);
-
-	u64 sent;
+	struct tb_tcp_counts counts;
 
 	sock_hold(sk);
 	tb_backstop_closing(sk);
 	tcp_close(sk, timeout);
-	/* What this end sent, plus what it queued that TCP has yet to send
-	 * (a sender that closes right after its last write, the FIN counting
-	 * one): all the program handed over, not a race with the queue. */
-	sent = READ_ONCE(tp->bytes_sent) +
-	       (u32)(READ_ONCE(tp->write_seq) - READ_ONCE(tp->snd_nxt));
-	trustbind_net_closed((unsigned long)sk, sent,
-			     READ_ONCE(tp->bytes_received));
+	tb_sock_counts((unsigned long)sk, &counts);
+	trustbind_net_closed((unsigned long)sk, &counts);
 	sock_put(sk);
 	tb_net_leave();
 }
@@ -1680,22 +1660,45 @@ static void tb_tcp_close(struct sock *sk, long timeout)
  * reference as the inet hooks. The wrapper calls it through the saved
  * pointer (an indirect call to a function whose address is taken: its
  * ENDBR is intact, IBT-safe); that call comes from this module, so the
- * callback lets it run (the recursion guard). The listener is only found
- * inside the original, so the pair is qualified after it returned 0: the
- * connection is then in the listener's queue, and a refusal shuts it down
- * both ways (the server may accept a connection already at end of file)
- * and fails connect() with the error.
+ * callback lets it run (the recursion guard).
+ *
+ * The listener is only found inside the original, under the two sockets'
+ * state locks, where nothing may wait for the agent. So the pair is
+ * decided before the connection exists, in two rounds (T-20):
+ *  1. the wrapper registers the connecting socket (tb_binding, with a
+ *     tb_unix_pending) and runs the original; the exported
+ *     security_unix_stream_connect(), called by it with the listener in
+ *     hand and wrapped below, holds the listener in the pending record and
+ *     fails with TB_UNIX_ASK before anything is queued;
+ *  2. the wrapper, no lock held, asks Rust about that listener (its name
+ *     and owner); if allowed, it notes the listener as approved and runs
+ *     the original again, whose security call now lets that one listener
+ *     through. A refusal fails connect() with nothing ever queued on the
+ *     listener: no byte and no SCM_RIGHTS reach it.
+ * If the name resolves to another listener in the second round (replaced
+ * meanwhile), that one is asked about in turn, at most TB_UNIX_ROUNDS
+ * times.
  */
 
 typedef int (*tb_connect_fn)(struct socket *, struct sockaddr *, int, int);
 
 static tb_connect_fn tb_unix_connect_orig;
 
-/* The listener's name (path or abstract) and identity into *info. */
-static int tb_unix_fill(struct socket *sock, struct tb_unix_info *info)
+/* The listener a UNIX connect reached, and the one the module allowed;
+ * each holds a socket reference (so its address is not reused). */
+struct tb_unix_pending {
+	const struct task_struct *task;
+	struct sock *asked;
+	struct sock *approved;
+};
+
+#define TB_UNIX_ASK (-EAGAIN)
+#define TB_UNIX_ROUNDS 4
+
+/* The listener's name (path or abstract) and owner into *info. */
+static int tb_unix_fill(struct sock *peer, struct tb_unix_info *info)
 {
-	struct sock *sk = sock->sk, *peer;
-	struct unix_sock *pu;
+	struct unix_sock *pu = unix_sk(peer);
 	struct unix_address *addr;
 	struct path path = {};
 	const struct cred *cred = NULL;
@@ -1703,32 +1706,22 @@ static int tb_unix_fill(struct socket *sock, struct tb_unix_info *info)
 	struct task_struct *t, *parent;
 	u32 n = 0;
 
-	unix_state_lock(sk);
-	peer = unix_peer(sk);
-	if (peer)
-		sock_hold(peer);
-	unix_state_unlock(sk);
-	if (!peer)
-		return -ENOTCONN;
-	pu = unix_sk(peer);
 	unix_state_lock(peer);
 	if (pu->path.dentry) {
 		path = pu->path;
 		path_get(&path);
 	} else {
+		/* Abstract: the name as bound, its leading NUL included
+		 * (Rust shows it as "@name", proto/src/addr.rs). */
 		addr = smp_load_acquire(&pu->addr);
 		if (addr && addr->len > offsetof(struct sockaddr_un, sun_path) + 1) {
-			const char *name = addr->name->sun_path + 1;
-			u32 i, len = addr->len -
-				     offsetof(struct sockaddr_un, sun_path) - 1;
-
-			info->path[n++] = '@';
-			for (i = 0; i < len && n < sizeof(info->path); i++)
-				info->path[n++] = name[i] ? name[i] : '@';
+			n = min_t(u32, addr->len -
+				       offsetof(struct sockaddr_un, sun_path),
+				  sizeof(info->path));
+			memcpy(info->path, addr->name->sun_path, n);
 		}
 	}
 	unix_state_unlock(peer);
-	sock_put(peer);
 	if (path.dentry) {
 		char *p = d_path(&path, (char *)info->path, sizeof(info->path));
 
@@ -1740,10 +1733,11 @@ static int tb_unix_fill(struct socket *sock, struct tb_unix_info *info)
 	}
 	info->path_len = n;
 
-	spin_lock(&sk->sk_peer_lock);
-	pid = get_pid(sk->sk_peer_pid);
-	cred = get_cred(sk->sk_peer_cred);
-	spin_unlock(&sk->sk_peer_lock);
+	/* A listener's peer credentials are its owner's, set at listen(). */
+	spin_lock(&peer->sk_peer_lock);
+	pid = get_pid(peer->sk_peer_pid);
+	cred = get_cred(peer->sk_peer_cred);
+	spin_unlock(&peer->sk_peer_lock);
 	if (cred) {
 		info->peer_uid = from_kuid(&init_user_ns, cred->euid);
 		info->peer_gid = from_kgid(&init_user_ns, cred->egid);
@@ -1763,29 +1757,91 @@ static int tb_unix_fill(struct socket *sock, struct tb_unix_info *info)
 	return 0;
 }
 
+/* Asks Rust about the listener p->asked; on an allow it becomes approved. */
+static int tb_unix_ask(struct tb_unix_pending *p)
+{
+	struct tb_unix_info *info = kzalloc(sizeof(*info), GFP_KERNEL);
+	int err;
+
+	if (!info)
+		return -ENOMEM;
+	TB_FILL_TASK(info);
+	err = tb_unix_fill(p->asked, info);
+	if (!err)
+		err = trustbind_unix_check(info);
+	kfree(info);
+	if (!err) {
+		if (p->approved)
+			sock_put(p->approved);
+		p->approved = p->asked;
+	} else {
+		sock_put(p->asked);
+	}
+	p->asked = NULL;
+	return err;
+}
+
 static int tb_unix_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 				  int addr_len, int flags)
 {
-	struct tb_unix_info *info;
-	int err;
+	struct tb_unix_pending pending = { .task = current };
+	struct tb_binding binding;
+	int err, round;
 
-	err = tb_unix_connect_orig(sock, uaddr, addr_len, flags);
-	if (err || !sock->sk || sock->sk->sk_kern_sock ||
-	    !trustbind_unix_wanted(task_tgid_nr(current)))
+	if (!sock->sk || sock->sk->sk_kern_sock ||
+	    !trustbind_unix_wanted(task_tgid_nr(current))) {
+		err = tb_unix_connect_orig(sock, uaddr, addr_len, flags);
 		goto out;
-	info = kzalloc(sizeof(*info), GFP_KERNEL);
-	if (!info) {
-		err = -ENOMEM;
-	} else {
-		TB_FILL_TASK(info);
-		err = tb_unix_fill(sock, info);
-		if (!err)
-			err = trustbind_unix_check(info);
-		kfree(info);
 	}
-	if (err)
-		sock->ops->shutdown(sock, SHUT_RDWR);
+	tb_binding_add(&binding, sock->sk, &pending);
+	for (round = 0;; round++) {
+		err = tb_unix_connect_orig(sock, uaddr, addr_len, flags);
+		if (!pending.asked)
+			break;
+		if (round == TB_UNIX_ROUNDS) {
+			/* The name kept naming new listeners. */
+			sock_put(pending.asked);
+			pending.asked = NULL;
+			err = -ECONNREFUSED;
+			break;
+		}
+		err = tb_unix_ask(&pending);
+		if (err)
+			break;
+	}
+	tb_binding_del(&binding);
+	if (pending.approved)
+		sock_put(pending.approved);
 out:
+	tb_net_leave();
+	return err;
+}
+
+/* security_unix_stream_connect(sk, other, newsk), called by
+ * unix_stream_connect() with both sockets' state locks held: a connect the
+ * wrapper above registered passes only to the listener it approved; any
+ * other listener is held for the wrapper to ask about. */
+static int tb_unix_security_connect(struct sock *sk, struct sock *other,
+				    struct sock *newsk)
+{
+	struct tb_binding *b;
+	int err = 0;
+
+	spin_lock_bh(&tb_binding_lock);
+	hash_for_each_possible(tb_binding_set, b, node, (unsigned long)sk)
+		if (b->sk == sk && b->upend && b->upend->task == current) {
+			if (b->upend->approved == other)
+				break;
+			if (!b->upend->asked) {
+				sock_hold(other);
+				b->upend->asked = other;
+			}
+			err = TB_UNIX_ASK;
+			break;
+		}
+	spin_unlock_bh(&tb_binding_lock);
+	if (!err)
+		err = security_unix_stream_connect(sk, other, newsk);
 	tb_net_leave();
 	return err;
 }
@@ -1893,6 +1949,12 @@ static struct ftrace_ops tb_unix_connect_ops = {
 	.func = tb_net_redirect,
 	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
 	.private = tb_unix_stream_connect,
+};
+
+static struct ftrace_ops tb_unix_security_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_unix_security_connect,
 };
 
 static int tb_hook_one(struct ftrace_ops *ops, const char *name)
@@ -2030,13 +2092,22 @@ int tb_unix_hooks_start(void)
 	}
 	tb_unix_connect_orig = sock->ops->connect;
 	sock_release(sock);
-	return tb_hook_ip(&tb_unix_connect_ops, tb_unix_connect_orig,
-			  "UNIX connects");
+	/* CONFIG_SECURITY_NETWORK (on in distribution kernels) provides it:
+	 * without it no UNIX connect can be decided before it exists. */
+	err = tb_hook_one(&tb_unix_security_ops, "security_unix_stream_connect");
+	if (err)
+		return err;
+	err = tb_hook_ip(&tb_unix_connect_ops, tb_unix_connect_orig,
+			 "UNIX connects");
+	if (err)
+		tb_unhook_one(&tb_unix_security_ops);
+	return err;
 }
 
 void tb_unix_hooks_stop(void)
 {
 	tb_unhook_one(&tb_unix_connect_ops);
+	tb_unhook_one(&tb_unix_security_ops);
 	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
 }
 

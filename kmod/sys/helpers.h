@@ -133,7 +133,9 @@ struct socket;
 
 /* One connection end, as trustbind_net_check() sees it. Addresses in
  * network byte order, IPv4 in the first 4 bytes; src is the client side,
- * dst the server side, on both kinds. */
+ * dst the server side, on both kinds. As the socket names them: Rust
+ * reports a v4-mapped pair as IPv4 (proto/src/addr.rs) and may rewrite
+ * family and addresses here accordingly. */
 struct tb_net_info {
 	u32 kind;		/* TB_NET_CONNECT, _ACCEPT or _ESTABLISHED */
 	u32 family;		/* 4 or 6 */
@@ -192,7 +194,15 @@ unsigned long tb_sock_id(const struct socket *sock);
  * connection: tcp_abort(ETIMEDOUT)); any context for the counts. */
 void tb_sock_ref(unsigned long sk_id);
 void tb_sock_unref(unsigned long sk_id);
-void tb_sock_counts(unsigned long sk_id, u64 *sent, u64 *received);
+/* A TCP socket's counters as the kernel keeps them (tcp_sock): payload
+ * bytes sent (acknowledged or not) and received, TLS records included, and
+ * the sequence numbers of the next byte queued and the next sent. What
+ * they mean for a channel is Rust's (proto/src/bound.rs). */
+struct tb_tcp_counts {
+	u64 bytes_sent, bytes_received;
+	u32 write_seq, snd_nxt;
+};
+void tb_sock_counts(unsigned long sk_id, struct tb_tcp_counts *out);
 void tb_sock_idle_end(unsigned long sk_id);
 /* Arms the idle sweep (trustbind_net_idle() in a second), unless armed. */
 void tb_idle_kick(void);
@@ -219,11 +229,10 @@ int trustbind_net_check(struct tb_net_info *info);
 
 /* Implemented in Rust (net.rs): the TCP socket sk_id (tb_sock_id) closed
  * (tcp_close() returned; the struct sock is still held, so the id cannot
- * be reused during the call). bytes_sent/bytes_received are its
- * tcp_sock counters: TCP payload bytes, TLS records included. Process
- * context, may take the device mutex; no spinlock held. */
-void trustbind_net_closed(unsigned long sk_id, u64 bytes_sent,
-			  u64 bytes_received);
+ * be reused during the call), with its counters read after the close.
+ * Process context, may take the device mutex; no spinlock held. */
+void trustbind_net_closed(unsigned long sk_id,
+			  const struct tb_tcp_counts *counts);
 
 /* --- Netfilter backstop (helpers.c) ------------------------------------ */
 
@@ -262,7 +271,10 @@ void tb_backstop_debugfs(struct dentry *dir);
  * indirectly. At start a kernel AF_UNIX stream socket gives its address
  * (sock->ops->connect); an IPMODIFY op on that address redirects every
  * user-space call to a wrapper that calls the original through the saved
- * pointer and, once it returned 0 (the listener known), qualifies the pair.
+ * pointer. A second op on the exported security_unix_stream_connect()
+ * (CONFIG_SECURITY_NETWORK) stops the original once the listener is found
+ * and before anything is queued; the wrapper asks about that listener with
+ * no lock held and, if allowed, runs the original again (helpers.c).
  */
 
 /* One UNIX-domain connect, as trustbind_unix_check() sees it. */
@@ -281,14 +293,15 @@ struct tb_unix_info {
 	u64 pstart_ns;		/* same, of its parent's */
 	u64 peer_start_ns;	/* same, of the listener's */
 	u64 peer_pstart_ns;	/* same, of the listener's parent */
-	/* The absolute path of a file-system socket, or '@' and the abstract
-	 * name (NUL bytes shown as '@'); not NUL-terminated. */
+	/* The absolute path of a file-system socket, or the abstract name
+	 * with its leading NUL byte (Rust shows it as '@' and the name, NUL
+	 * bytes as '@'); not NUL-terminated. */
 	u8 path[4096];
 };
 
-/* Registers the op. 0 or -errno (nothing left registered). */
+/* Registers the ops. 0 or -errno (nothing left registered). */
 int tb_unix_hooks_start(void);
-/* Unregisters it and waits until no task is inside the wrapper. */
+/* Unregisters them and waits until no task is inside a wrapper. */
 void tb_unix_hooks_stop(void);
 /* SHA-256 and SHA-1 of the executable of the process with thread group id
  * tgid whose group leader started at start_ns. 0 or -errno (-ESRCH: gone,
@@ -300,8 +313,9 @@ int tb_hash_task_exe(struct tb_hashers *h, u32 tgid, u64 start_ns,
  * process (thread group tgid) is to be asked about at all (mode, the
  * agent's Config, the agent's own sockets exempt). Must not sleep. */
 bool trustbind_unix_wanted(u32 tgid);
-/* Implemented in Rust (net.rs): 0 lets the connection stand, -errno severs
- * it and fails the connect with that error. May sleep. */
+/* Implemented in Rust (net.rs), with the listener a connect reached and
+ * before the connection exists: 0 lets it be made, -errno fails the
+ * connect with that error. May sleep. */
 int trustbind_unix_check(struct tb_unix_info *info);
 
 /* --- Statistics in debugfs (/sys/kernel/debug/trustbind/) --------------- */

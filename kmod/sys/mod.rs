@@ -8,6 +8,8 @@ use core::pin::Pin;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use kernel::alloc::KVVec;
+
+use crate::proto::bound::{BoundSocket, BoundTable, Slot as BoundSlot};
 use kernel::error::to_result;
 use kernel::ffi::c_int;
 use kernel::prelude::*;
@@ -158,66 +160,143 @@ pub(crate) fn ktls_install(info: &NetInfo, key: &crate::proto::ChannelKey) -> Re
     to_result(unsafe { tb_ktls_install(info.sock, &mut raw) })
 }
 
-/// The identity of the socket `info` names, as [`crate::net::closed`]
-/// gets it when the socket closes (its `struct sock` address: never 0, and
-/// not reused while the socket lives).
-pub(crate) fn sock_id(info: &NetInfo) -> usize {
-    // SAFETY: `info.sock` is the live socket of the connect or accept
-    // wrapper running this call (it holds a reference on it).
-    let id = unsafe { tb_sock_id(info.sock) };
-    // CAST: `unsigned long` and `usize` are both pointer-sized here.
-    id as usize
+/// An owned reference on a TCP socket (`sock_hold`), put when dropped.
+///
+/// # Invariants
+///
+/// `0` is the address of a `struct sock` on which this value holds one
+/// reference: the socket stays allocated, and its address is not reused,
+/// while the value lives. The address is its identity, as
+/// [`crate::net::closed`] gets it when the socket closes (never 0).
+pub(crate) struct SockRef(usize);
+
+impl SockRef {
+    /// Takes a reference on the socket `info` names.
+    pub(crate) fn hold(info: &NetInfo) -> SockRef {
+        // SAFETY: `info.sock` is the live socket of the connect or accept
+        // wrapper running this call (it holds a reference on it until it
+        // returns, and `info` is borrowed for no longer).
+        let id = unsafe { tb_sock_id(info.sock) };
+        // SAFETY: As above: live, so a reference may be taken.
+        unsafe { tb_sock_ref(id) };
+        // CAST: `unsigned long` and `usize` are both pointer-sized here.
+        // INVARIANT: The reference just taken.
+        SockRef(id as usize)
+    }
+
+    /// The socket's identity (its address).
+    pub(crate) fn id(&self) -> usize {
+        self.0
+    }
+
+    /// The socket's TCP counters now.
+    pub(crate) fn counts(&self) -> TcpCounts {
+        let mut c = TcpCounts::default();
+        // SAFETY: Live: this value holds a reference (type invariant); the
+        // helper only reads four counters into `c`.
+        // CAST: `usize` and `unsigned long` are both pointer-sized here.
+        unsafe { tb_sock_counts(self.0 as kernel::ffi::c_ulong, &mut c) };
+        c
+    }
+
+    /// Resets the connection (idle too long): the peer gets a reset, the
+    /// program's next call `ETIMEDOUT`. Sleeps: process context, no
+    /// spinlock held (the socket's lock is taken).
+    pub(crate) fn idle_end(&self) {
+        // SAFETY: Live (type invariant); tcp_abort() takes the socket's
+        // locks, which the caller does not hold (process context, above).
+        // CAST: as in `counts`.
+        unsafe { tb_sock_idle_end(self.0 as kernel::ffi::c_ulong) }
+    }
 }
 
-/// Takes a reference on the socket `sk` ([`sock_id`]).
-///
-/// # Safety
-///
-/// `sk` is a live socket's identity: its wrapper is running, or a
-/// reference taken here is held.
-pub(crate) unsafe fn sock_ref(sk: usize) {
-    // SAFETY: A live `struct sock` by the function's contract.
-    // CAST: `usize` and `unsigned long` are both pointer-sized here.
-    unsafe { tb_sock_ref(sk as kernel::ffi::c_ulong) }
+impl Drop for SockRef {
+    fn drop(&mut self) {
+        // SAFETY: The reference this value holds (type invariant), given
+        // up; the socket may be freed after this. `sock_put` may run in
+        // any context.
+        // CAST: as in `counts`.
+        unsafe { tb_sock_unref(self.0 as kernel::ffi::c_ulong) }
+    }
 }
 
-/// Drops a reference [`sock_ref`] took (the socket may be freed).
+/// The channel table (`proto::bound::BoundTable`: logic and model tests
+/// there) owning a [`SockRef`] for each socket in it.
 ///
-/// # Safety
+/// # Invariants
 ///
-/// The caller owns a reference on `sk` taken with [`sock_ref`], and gives
-/// it up.
-pub(crate) unsafe fn sock_unref(sk: usize) {
-    // SAFETY: The caller's reference keeps `sk` live until this put.
-    // CAST: as in `sock_ref`.
-    unsafe { tb_sock_unref(sk as kernel::ffi::c_ulong) }
+/// For each identity in `0` the table holds one reference on that socket,
+/// taken by a [`SockRef`] given to [`SockTable::insert`] and handed back
+/// as a [`SockRef`] when the identity leaves the table.
+pub(crate) struct SockTable(BoundTable<KVVec<BoundSlot>>);
+
+impl SockTable {
+    /// An empty table over `slots`; `None` if too few (see `BoundTable`).
+    pub(crate) fn new(slots: KVVec<BoundSlot>) -> Option<SockTable> {
+        BoundTable::new(slots).map(SockTable)
+    }
+
+    /// Sockets remembered now.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Remembers `sk` with `entry` (replacing the entry of a socket already
+    /// in). `false` when its group is full; `sk` is then dropped.
+    pub(crate) fn insert(&mut self, sk: SockRef, entry: BoundSocket) -> bool {
+        let known = self.0.contains(sk.id());
+        let ok = self.0.insert(sk.id(), entry);
+        if ok && !known {
+            // INVARIANT: The table keeps the reference of a new identity;
+            // for a known one it holds one already and `sk`'s is put.
+            core::mem::forget(sk);
+        }
+        ok
+    }
+
+    /// Takes the socket `id` out, with the table's reference on it.
+    pub(crate) fn take(&mut self, id: usize) -> Option<(SockRef, BoundSocket)> {
+        let entry = self.0.take(id)?;
+        // INVARIANT: The reference the table held on `id`, handed over.
+        Some((SockRef(id), entry))
+    }
+
+    /// Takes out up to `N` sockets idle for their whole timeout at
+    /// `now_ms` (see `BoundTable::sweep_idle`), with their references, and
+    /// whether sockets with a timeout remain.
+    pub(crate) fn sweep_idle<const N: usize>(
+        &mut self,
+        now_ms: u64,
+    ) -> ([Option<(SockRef, BoundSocket)>; N], bool) {
+        let mut raw = [(0, BoundSocket::NONE); N];
+        let (n, more) = self.0.sweep_idle(
+            now_ms,
+            |id| {
+                // INVARIANT: A view on the table's reference, never
+                // dropped: the table keeps it.
+                let sk = core::mem::ManuallyDrop::new(SockRef(id));
+                let c = sk.counts();
+                // Either way: a server that only receives is not idle.
+                c.bytes_sent.wrapping_add(c.bytes_received)
+            },
+            &mut raw,
+        );
+        // INVARIANT: The table's references on the `n` identities taken
+        // out, handed over one each.
+        let out = core::array::from_fn(|i| {
+            raw.get(i)
+                .filter(|_| i < n)
+                .map(|&(id, entry)| (SockRef(id), entry))
+        });
+        (out, more)
+    }
 }
 
-/// The TCP payload bytes the socket `sk` sent and received so far (TLS
-/// records included).
-///
-/// # Safety
-///
-/// `sk` is live: a reference taken with [`sock_ref`] is held.
-pub(crate) unsafe fn sock_counts(sk: usize) -> (u64, u64) {
-    let (mut sent, mut received) = (0, 0);
-    // SAFETY: Live by the contract; the helper only reads two counters.
-    // CAST: as in `sock_ref`.
-    unsafe { tb_sock_counts(sk as kernel::ffi::c_ulong, &mut sent, &mut received) };
-    (sent, received)
-}
-
-/// Resets the connection of the socket `sk` (idle too long): the peer gets
-/// a reset, the program's next call `ETIMEDOUT`.
-///
-/// # Safety
-///
-/// `sk` is live (a reference taken with [`sock_ref`] is held); process
-/// context, no spinlock held.
-pub(crate) unsafe fn sock_idle_end(sk: usize) {
-    // SAFETY: Live by the contract; tcp_abort() takes the socket's locks.
-    // CAST: as in `sock_ref`.
-    unsafe { tb_sock_idle_end(sk as kernel::ffi::c_ulong) }
+impl Drop for SockTable {
+    fn drop(&mut self) {
+        // INVARIANT: The table's references, given up.
+        self.0.drain(|id| drop(SockRef(id)));
+    }
 }
 
 /// Arms the idle sweep ([`crate::net::sweep_idle`] in a second).
@@ -225,6 +304,9 @@ pub(crate) fn idle_kick() {
     // SAFETY: Schedules the module's own delayed work; any context.
     unsafe { tb_idle_kick() }
 }
+
+/// A TCP socket's counters (`tcp_sock`), as `helpers.c` reads them.
+pub(crate) use bindings::tb_tcp_counts as TcpCounts;
 
 /// A file's identity (device, inode, generation, change cookie).
 pub(crate) use bindings::tb_file_id as FileId;
@@ -251,7 +333,7 @@ check_callbacks! {
     trustbind_loader_check in self: unsafe extern "C" fn(*mut bindings::file) -> c_int;
     trustbind_exec_committed in self: unsafe extern "C" fn(c_int);
     trustbind_net_check in self: unsafe extern "C" fn(*mut NetInfo) -> c_int;
-    trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, u64, u64);
+    trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, *const TcpCounts);
     trustbind_net_idle in self: unsafe extern "C" fn() -> bool;
     trustbind_unix_wanted in self: unsafe extern "C" fn(u32) -> bool;
     trustbind_unix_check in self: unsafe extern "C" fn(*mut UnixInfo) -> c_int;
@@ -798,6 +880,8 @@ unsafe extern "C" fn trustbind_net_check(info: *mut NetInfo) -> c_int {
     // SAFETY: Valid and exclusive for this call by the function's safety
     // contract.
     let info = unsafe { &mut *info };
+    // Both halves of a channel name a dual-stack connection as IPv4.
+    crate::proto::addr::unmap_v4(&mut info.family, &mut info.src_addr, &mut info.dst_addr);
     let verdict = crate::SHARED.with(|s| crate::net::check(s, info));
     match verdict {
         Some(Ok(())) => 0,
@@ -810,12 +894,18 @@ unsafe extern "C" fn trustbind_net_check(info: *mut NetInfo) -> c_int {
 }
 
 /// Called by the `tcp_close` wrapper after every TCP socket's close, with
-/// the socket's identity ([`sock_id`]) and its byte counters.
+/// the socket's identity ([`SockRef::id`]) and its counters.
+///
+/// # Safety
+///
+/// `counts` points at a valid `tb_tcp_counts` for the duration of the call.
 #[no_mangle]
-extern "C" fn trustbind_net_closed(sk_id: kernel::ffi::c_ulong, sent: u64, received: u64) {
+unsafe extern "C" fn trustbind_net_closed(sk_id: kernel::ffi::c_ulong, counts: *const TcpCounts) {
     // CAST: `unsigned long` and `usize` are both pointer-sized here.
     let sk = sk_id as usize;
-    crate::SHARED.with(|s| crate::net::closed(s, sk, sent, received));
+    // SAFETY: Valid for this call by the function's safety contract.
+    let counts = unsafe { &*counts };
+    crate::SHARED.with(|s| crate::net::closed(s, sk, counts));
 }
 
 /// Called by the idle sweep (a delayed work): ends idle channels; whether
@@ -864,8 +954,9 @@ extern "C" fn trustbind_unix_wanted(tgid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Called by the UNIX connect wrapper once the connection is made: 0 lets
-/// it stand, -errno severs it and fails the connect.
+/// Called by the UNIX connect wrapper with the listener the connect
+/// reached, before the connection exists: 0 lets it be made, -errno fails
+/// the connect with nothing queued on the listener.
 ///
 /// # Safety
 ///
@@ -876,7 +967,11 @@ extern "C" fn trustbind_unix_wanted(tgid: u32) -> bool {
 unsafe extern "C" fn trustbind_unix_check(info: *mut UnixInfo) -> c_int {
     // SAFETY: Valid and exclusive for this call by the function's safety
     // contract.
-    let info = unsafe { &*info };
+    let info = unsafe { &mut *info };
+    // CAST: the C side keeps `path_len` within the buffer.
+    if let Some(name) = info.path.get_mut(..info.path_len as usize) {
+        crate::proto::addr::unix_name_display(name);
+    }
     match crate::SHARED.with(|s| crate::net::unix_check(s, info)) {
         Some(Ok(())) | None => 0,
         Some(Err(e)) => e.to_errno(),

@@ -78,6 +78,14 @@ impl Slot {
     };
 }
 
+/// What a closing channel end reports as sent: the TCP payload bytes sent
+/// so far plus those queued but not yet sent (`write_seq - snd_nxt`, mod
+/// 2^32: a sender that closes right after its last write, the FIN counting
+/// one): all the program handed over, not a race with the send queue.
+pub fn handed_over(bytes_sent: u64, write_seq: u32, snd_nxt: u32) -> u64 {
+    bytes_sent.wrapping_add(u64::from(write_seq.wrapping_sub(snd_nxt)))
+}
+
 /// The table over caller-supplied slots.
 pub struct BoundTable<S> {
     slots: S,
@@ -240,6 +248,16 @@ mod tests {
             active_ms: at,
             ..entry(1)
         }
+    }
+
+    #[test]
+    fn handed_over_counts_the_unsent_queue() {
+        // Nothing queued: what was sent.
+        assert_eq!(handed_over(1000, 5000, 5000), 1000);
+        // 17 bytes (the FIN one of them) queued but not yet sent.
+        assert_eq!(handed_over(1000, 5017, 5000), 1017);
+        // Across the sequence-number wrap.
+        assert_eq!(handed_over(1000, 6, u32::MAX - 9), 1016);
     }
 
     #[test]

@@ -1590,6 +1590,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
 #[cfg(test)]
 mod tests;
 
+pub mod addr;
 pub mod bound;
 pub mod cache;
 pub mod elf;

@@ -18,8 +18,9 @@
 //!
 //! `--pause-file FILE`: while FILE exists the agent reads nothing (requests
 //! pile up in the module's queue; the one already read is answered).
-//! `--delay-path PATH:MS`: an exec request about PATH is answered MS ms
-//! late, from another thread, while the agent goes on answering others.
+//! `--delay-path PATH:MS`: an exec request about PATH, or a UNIX connect
+//! to the socket named PATH, is answered MS ms late, from another thread,
+//! while the agent goes on answering others.
 //! `--no-cache-path PATH`: verdicts about PATH are never cacheable (others
 //! are unless `--no-cache`).
 //!
@@ -188,6 +189,34 @@ fn send(dev: &mut File, rec: &Record<'_>, id: u64) -> Result<(), String> {
     rec.encode(id, &mut buf).map_err(|e| e.to_string())?;
     dev.write_all(&buf)
         .map_err(|e| format!("write {:?}: {e}", rec.kind()))
+}
+
+/// Sends `verdict` for request `id`, or `late_ms` ms late from another
+/// thread (the device takes writes from any thread of the agent) while
+/// the agent goes on answering others.
+fn answer(
+    dev: &mut File,
+    verdict: &Record<'_>,
+    id: u64,
+    late_ms: Option<u64>,
+) -> Result<(), String> {
+    let Some(ms) = late_ms else {
+        return match send(dev, verdict, id) {
+            // The requester gave up (timeout, signal): nothing to answer.
+            Err(e) if e.contains("No such file") => Ok(()),
+            r => r,
+        };
+    };
+    let mut late = dev
+        .try_clone()
+        .map_err(|e| format!("dup /dev/trustbind: {e}"))?;
+    let mut out = vec![0u8; verdict.encoded_len()];
+    verdict.encode(id, &mut out).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let _ = late.write_all(&out);
+    });
+    Ok(())
 }
 
 fn run() -> Result<(), String> {
@@ -442,7 +471,7 @@ fn run() -> Result<(), String> {
                 let allowed = unix_allow.contains(&(r.sha256, r.peer_sha256));
                 writeln!(log, "{}", unix_line(&r, allowed)).ok();
                 log.flush().ok();
-                let answer = Record::Verdict(Verdict {
+                let verdict = Record::Verdict(Verdict {
                     decision: if allowed {
                         Decision::Allow
                     } else {
@@ -452,11 +481,8 @@ fn run() -> Result<(), String> {
                     cacheable: false,
                     obligations: Obligations::default(),
                 });
-                match send(&mut dev, &answer, h.request_id) {
-                    Ok(()) => {}
-                    Err(e) if e.contains("No such file") => {}
-                    Err(e) => return Err(e),
-                }
+                let late = delay.get(&*String::from_utf8_lossy(r.path)).copied();
+                answer(&mut dev, &verdict, h.request_id, late)?;
                 continue;
             }
             _ => continue,
@@ -492,28 +518,8 @@ fn run() -> Result<(), String> {
         )
         .ok();
         log.flush().ok();
-        if let Some(&ms) = delay.get(&*String::from_utf8_lossy(r.path)) {
-            // Answered late from another thread; the device takes writes
-            // from any thread of the agent.
-            let mut late = dev
-                .try_clone()
-                .map_err(|e| format!("dup /dev/trustbind: {e}"))?;
-            let mut out = vec![0u8; verdict.encoded_len()];
-            verdict
-                .encode(h.request_id, &mut out)
-                .map_err(|e| e.to_string())?;
-            std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-                let _ = late.write_all(&out);
-            });
-            continue;
-        }
-        match send(&mut dev, &verdict, h.request_id) {
-            Ok(()) => {}
-            // The requester gave up (timeout, signal): nothing to answer.
-            Err(e) if e.contains("No such file") => {}
-            Err(e) => return Err(e),
-        }
+        let late = delay.get(&*String::from_utf8_lossy(r.path)).copied();
+        answer(&mut dev, &verdict, h.request_id, late)?;
     }
     writeln!(log, "stopped").ok();
     Ok(())

@@ -20,8 +20,11 @@
 //!   (T-18).
 //! - `attack_boot_window`: loaded with `mode=enforce agent=PATH`, the
 //!   module enforces before any agent connected (T-22, module half).
+//! - `attack_unix_before_verdict`: a refused UNIX client cannot get bytes
+//!   to the listener while its connect waits for the verdict (T-20).
 
 use anyhow::{ensure, Context, Result};
+use base64::Engine;
 use trustbind_qemu_tests::Vm;
 
 use crate::common::denied;
@@ -529,4 +532,70 @@ fn attack_boot_window() -> Result<()> {
     vm.check_health()?;
     vm.shutdown()?;
     Ok(())
+}
+
+/// A refused program's UNIX connect must not reach the listener while its
+/// verdict is pending. The client (perl, not an allowed pair with the
+/// socat listener) forks with one socket: the child connects, waiting 3 s
+/// for the verdict (`--delay-path`), while the parent sends on the same
+/// socket. Before the fix the connection existed during the wait: the
+/// send went through and socat accepted and wrote the line out. Now the
+/// send fails with `ENOTCONN`, the connect with `EACCES`, and the listener
+/// never accepts anything (T-20).
+#[test]
+fn attack_unix_before_verdict() -> Result<()> {
+    let mut vm = host_with_module()?;
+    let sock = "/tmp/t20.sock";
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        &format!(
+            "--no-cache --unix-allow /usr/bin/socat:/usr/bin/socat \
+             --allow /usr/bin/perl --delay-path {sock}:3000"
+        ),
+    )?;
+    vm.spawn_bg(&format!(
+        "exec socat -u UNIX-LISTEN:{sock},mode=777 OPEN:/tmp/t20.got,creat,append"
+    ))?;
+    wait_file(&mut vm, sock, 50)?;
+    let script = format!(
+        r#"use Socket;
+socket(S, PF_UNIX, SOCK_STREAM, 0) or die "socket: $!";
+my $pid = fork();
+if ($pid == 0) {{
+    print connect(S, pack_sockaddr_un("{sock}")) ? "connect=ok\n" : "connect=err errno=" . ($!+0) . "\n";
+    exit 0;
+}}
+select(undef, undef, undef, 1.0);
+my $r = send(S, "LEAKED\n", 0);
+print defined $r ? "send=ok\n" : "send=err errno=" . ($!+0) . "\n";
+waitpid($pid, 0);
+"#
+    );
+    vm.run_ok(&format!(
+        "echo {} | base64 -d >/tmp/t20.pl",
+        base64::engine::general_purpose::STANDARD.encode(script)
+    ))?;
+    let out = vm.run(&as_nobody("perl /tmp/t20.pl"))?;
+    let lines = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
+    ensure!(
+        lines
+            .lines()
+            .any(|l| l.starts_with(&format!("unix path={sock} ")) && l.ends_with("-> deny")),
+        "the connect was not asked about and refused: {out:?}\n{lines}"
+    );
+    ensure!(
+        out.stdout.contains("send=err errno=107"),
+        "a byte was sent on the connection before its verdict: {out:?}"
+    );
+    ensure!(
+        out.stdout.contains("connect=err errno=13"),
+        "the refused connect did not fail with EACCES: {out:?}"
+    );
+    ensure!(
+        vm.run("test -e /tmp/t20.got")?.status != 0,
+        "the listener accepted a connection the module refused: {:?}",
+        vm.run("cat /tmp/t20.got")?
+    );
+    finish(vm)
 }

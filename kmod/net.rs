@@ -791,8 +791,9 @@ fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<R
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
         Answer::Busy => Err(Ok(Refusal::Busy)),
-        // The connection is made and cannot be put back: severed.
-        Answer::Interrupted => Err(Err(EINTR)),
+        // Nothing is connected yet: the connect restarts (transparently
+        // under SA_RESTART) and is asked about again.
+        Answer::Interrupted => Err(Err(ERESTARTSYS)),
     }
 }
 

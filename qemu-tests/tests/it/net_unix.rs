@@ -13,9 +13,11 @@
 //! `@name` for abstract); a server started before the agent is hashed from
 //! its executable; the `unix_*` counters add up with the agent's log; with
 //! the agent gone `rmmod` succeeds while a UNIX connection is open, which
-//! keeps working, with no warning.
+//! keeps working, with no warning. `net_unix_signal_restarts_connect`: a
+//! handled signal during a pending verdict restarts the connect (T-38).
 
 use anyhow::{bail, ensure, Context, Result};
+use base64::Engine;
 use trustbind_qemu_tests::Vm;
 
 use crate::exec::{counter, field, host_with_module, start_agent_with, stop_agent, AGENT_LOG};
@@ -264,6 +266,65 @@ fn net_unix() -> Result<()> {
     );
     vm.run_ok("echo after-rmmod >/tmp/x/feed")?;
     wait_received(&mut vm, "/tmp/x/got6", "first\nafter-rmmod")?;
+    vm.shutdown()?;
+    Ok(())
+}
+
+/// A signal (handled with `SA_RESTART`) that arrives while a UNIX
+/// connect waits for its verdict restarts the connect instead of failing
+/// it with `EINTR` (nothing is connected before the verdict, so there is
+/// nothing to sever: T-38, UNIX half). The client (perl) is allowed with
+/// the socat listener; its verdict takes 3 s; a child signals it after 1 s.
+#[test]
+fn net_unix_signal_restarts_connect() -> Result<()> {
+    let mut vm = host_with_module()?;
+    let sock = "/tmp/x/sig.sock";
+    vm.run_ok("mkdir -p /tmp/x")?;
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        &format!("--no-cache --unix-allow /usr/bin/perl:/usr/bin/socat --delay-path {sock}:3000"),
+    )?;
+    serve(
+        &mut vm,
+        "/usr/bin/socat",
+        &format!("UNIX-LISTEN:{sock}"),
+        sock,
+        "/tmp/x/sig.got",
+    )?;
+    let script = format!(
+        r#"use Socket; use POSIX ();
+my $got = 0;
+POSIX::sigaction(POSIX::SIGUSR1, POSIX::SigAction->new(sub {{ $got++ }}, POSIX::SigSet->new, POSIX::SA_RESTART)) or die "sigaction: $!";
+my $parent = $$;
+if (fork() == 0) {{ select(undef, undef, undef, 1.0); kill 'USR1', $parent; exit 0; }}
+socket(S, PF_UNIX, SOCK_STREAM, 0) or die "socket: $!";
+if (connect(S, pack_sockaddr_un("{sock}"))) {{ print "connect=ok signals=$got\n"; print S "after-signal\n"; close S; }}
+else {{ print "connect=err errno=" . ($!+0) . " signals=$got\n"; }}
+wait;
+"#
+    );
+    vm.run_ok(&format!(
+        "echo {} | base64 -d >/tmp/x/sig.pl",
+        base64::engine::general_purpose::STANDARD.encode(script)
+    ))?;
+    let out = vm.run_ok("perl /tmp/x/sig.pl")?;
+    ensure!(
+        out.stdout.contains("connect=ok signals=1"),
+        "a handled signal failed the pending UNIX connect: {out:?}"
+    );
+    wait_received(&mut vm, "/tmp/x/sig.got", "after-signal")?;
+    let asked = unix_lines(&mut vm)?
+        .iter()
+        .filter(|l| l.starts_with(&format!("unix path={sock} ")))
+        .count();
+    ensure!(
+        asked >= 2,
+        "the restarted connect was not asked again ({asked} requests)"
+    );
+    stop_agent(&mut vm)?;
+    vm.run_ok("rmmod trustbind")?;
+    vm.check_health()?;
     vm.shutdown()?;
     Ok(())
 }

@@ -226,7 +226,7 @@ impl Appliance {
                     .arg(self.image.initramfs())
                     .arg("-append")
                     .arg(format!(
-                        "console=ttyS0 rdinit=/sbin/init panic=-1 trustbind.ip={ipnet}"
+                        "console=ttyS0 rdinit=/sbin/init panic=-1 no_timer_check trustbind.ip={ipnet}"
                     ));
             }
         }

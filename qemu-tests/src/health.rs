@@ -1,4 +1,10 @@
-//! Kernel health checks: bug markers in the console log and the taint mask.
+//! Kernel health checks: bug markers in the console log, the taint mask and
+//! kmemleak's suspects.
+//!
+//! On the debug kernel (`kernel/debug.config`) lockdep, the sleeping-in-
+//! atomic check and KFENCE report on the console with a `WARNING:` or
+//! `BUG:` line, which [`check_console`] catches; kmemleak reports only when
+//! asked, so [`KMEMLEAK_SCAN`] asks at every health check.
 
 /// The taint bit an out-of-tree module sets (`TAINT_OOT_MODULE`, "O"); the
 /// only bit a healthy test VM may show.
@@ -14,6 +20,25 @@ const MARKERS: &[&str] = &[
     "Kernel panic",
     "kernel panic",
 ];
+
+/// Guest shell command: scan for leaks and print the suspects (nothing on
+/// a kernel without kmemleak). Suspects already printed are then cleared,
+/// so a later check reports only new ones.
+pub const KMEMLEAK_SCAN: &str = "k=/sys/kernel/debug/kmemleak; \
+    [ -e $k ] || exit 0; echo scan >$k && cat $k && echo clear >$k";
+
+/// One finding per kmemleak suspect in `report` (the text of
+/// `/sys/kernel/debug/kmemleak`), with the first lines of its backtrace.
+pub fn check_kmemleak(report: &str) -> Vec<String> {
+    report
+        .split("unreferenced object")
+        .skip(1)
+        .map(|obj| {
+            let lines: Vec<&str> = obj.lines().map(str::trim).take(12).collect();
+            format!("kmemleak: unreferenced object{}", lines.join(" | "))
+        })
+        .collect()
+}
 
 /// Returns one finding per console line that carries a bug marker.
 pub fn check_console(log: &str) -> Vec<String> {
@@ -62,6 +87,15 @@ mod tests {
         let log = "[    0.1] ok\n[    1.2] WARNING: CPU: 0 PID: 1 at foo\n[ 2] BUG: kernel NULL pointer\n";
         assert_eq!(check_console(log).len(), 2);
         assert!(check_console("[ 0.0] Command line: panic=-1\n").is_empty());
+    }
+
+    #[test]
+    fn kmemleak_suspects() {
+        assert!(check_kmemleak("").is_empty());
+        let report = "unreferenced object 0xffff888003a1c000 (size 64):\n  comm \"insmod\", pid 91, jiffies 4294893428\n  backtrace (crc 0):\n    kmalloc_trace+0x21/0x30\n    tb_net_start+0x1c/0x90 [trustbind]\nunreferenced object 0xffff888003a1c040 (size 64):\n  comm \"sh\"\n";
+        let found = check_kmemleak(report);
+        assert_eq!(found.len(), 2);
+        assert!(found[0].contains("tb_net_start"), "{found:?}");
     }
 
     #[test]

@@ -147,9 +147,12 @@ impl VmBuilder {
             stderr_path.display()
         )))?;
 
+        // no_timer_check: the boot-time IO-APIC timer check races timer
+        // ticks against a delay loop; under TCG on a loaded host it can
+        // fail and panic ("IO-APIC + timer doesn't work").
         let append = format!(
             "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/tb-init panic=-1 \
-             tb.host={name} tb.ip={ip}/24 {}",
+             no_timer_check tb.host={name} tb.ip={ip}/24 {}",
             cmdline.join(" ")
         );
         let mut cmd = net.command("qemu-system-x86_64");
@@ -428,10 +431,17 @@ impl Vm {
         Ok(BgProcess { pid, log })
     }
 
-    /// Checks the kernel's health now: bug markers in the console log and
-    /// `/proc/sys/kernel/tainted` (only the out-of-tree-module bit allowed).
+    /// Checks the kernel's health now: bug markers in the console log,
+    /// `/proc/sys/kernel/tainted` (only the out-of-tree-module bit allowed)
+    /// and, on a kernel with kmemleak (the debug kernel), a kmemleak scan.
     pub fn check_health(&mut self) -> Result<()> {
-        let mut problems = health::check_console(&self.console()?);
+        let mut problems = Vec::new();
+        match self.run(health::KMEMLEAK_SCAN) {
+            Ok(o) if o.status == 0 => problems.extend(health::check_kmemleak(&o.stdout)),
+            Ok(o) => problems.push(format!("kmemleak scan failed: {}", o.stderr.trim())),
+            Err(e) => problems.push(format!("kmemleak scan failed: {e}")),
+        }
+        problems.extend(health::check_console(&self.console()?));
         match self.run("cat /proc/sys/kernel/tainted") {
             Ok(o) if o.status == 0 => problems.extend(health::check_taint(&o.stdout)),
             Ok(o) => problems.push(format!(

@@ -132,8 +132,35 @@ pub fn ensure_bindgen(ctx: &Ctx) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Which kernel: the one shipped (appliance image, benchmarks, demo) or
+/// the one the QEMU tests boot for protected hosts, with the kernel's own
+/// checkers on (`kernel/debug.config`, issue 14).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Flavor {
+    Production,
+    Debug,
+}
+
+impl Flavor {
+    /// The config fragments, in the order they are merged.
+    fn fragments(self) -> &'static [&'static str] {
+        match self {
+            Flavor::Production => &["kernel/trustbind.config"],
+            Flavor::Debug => &["kernel/trustbind.config", "kernel/debug.config"],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Production => "production",
+            Flavor::Debug => "debug",
+        }
+    }
+}
+
 /// A configured and built kernel tree.
 pub struct Kernel {
+    pub flavor: Flavor,
     /// The build tree (source and objects), for `make -C` of modules.
     pub tree: PathBuf,
     /// `arch/x86/boot/bzImage`.
@@ -200,15 +227,24 @@ fn make(tree: &Path, bindgen: &Path) -> Command {
     c
 }
 
-/// Returns the cached kernel for the current inputs, building it if needed.
-pub fn ensure_kernel(ctx: &Ctx, bindgen: &Path) -> Result<Kernel> {
-    let fragment_path = ctx.root.join("kernel/trustbind.config");
-    let fragment = fs::read(&fragment_path)
-        .with_context(|| format!("kernel: cannot read {}", fragment_path.display()))?;
+/// Returns the cached kernel of `flavor` for the current inputs, building
+/// it if needed.
+pub fn ensure_kernel(ctx: &Ctx, bindgen: &Path, flavor: Flavor) -> Result<Kernel> {
+    let mut fragments = Vec::new();
+    for rel in flavor.fragments() {
+        let path = ctx.root.join(rel);
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("kernel: cannot read {}", path.display()))?;
+        fragments.push((path, text));
+    }
     let deb = source_deb(ctx)?;
     let mut h = Sha256::new();
     h.update(format!("recipe {RECIPE_VERSION}\n"));
-    h.update(&fragment);
+    // The production key hashes exactly what it hashed before flavours
+    // existed, so its cached build stays valid.
+    for (_, text) in &fragments {
+        h.update(text.as_bytes());
+    }
     h.update(
         deb.file_name()
             .map(|n| n.as_encoded_bytes())
@@ -222,13 +258,18 @@ pub fn ensure_kernel(ctx: &Ctx, bindgen: &Path) -> Result<Kernel> {
     let dir = ctx.cache.join("kernel").join(&key);
     let tree = dir.join("linux");
     let kernel = Kernel {
+        flavor,
         bzimage: tree.join("arch/x86/boot/bzImage"),
         tree: tree.clone(),
         bindgen: bindgen.to_owned(),
     };
     let done = dir.join("done");
     if done.exists() {
-        println!("kernel: cached build {key} ({})", kernel.tree.display());
+        println!(
+            "kernel: cached {} build {key} ({})",
+            flavor.name(),
+            kernel.tree.display()
+        );
         return Ok(kernel);
     }
     fs::create_dir_all(&dir)?;
@@ -272,31 +313,36 @@ pub fn ensure_kernel(ctx: &Ctx, bindgen: &Path) -> Result<Kernel> {
     }
 
     if !dir.join("configured").exists() {
-        println!("kernel: configuring (tinyconfig + kernel/trustbind.config)");
-        let hint = "see the log; the fragment is kernel/trustbind.config";
+        let names = flavor.fragments().join(" + ");
+        println!(
+            "kernel: configuring the {} kernel (tinyconfig + {names})",
+            flavor.name()
+        );
+        let hint = format!("see the log; the fragments are {names}");
         sh::run_logged(
             "kernel: tinyconfig",
             make(&tree, bindgen).arg("tinyconfig"),
             &log,
-            hint,
+            &hint,
         )?;
         sh::run_logged(
-            "kernel: merge fragment",
+            "kernel: merge fragments",
             Command::new(tree.join("scripts/kconfig/merge_config.sh"))
                 .current_dir(&tree)
                 .arg("-m")
                 .arg(".config")
-                .arg(&fragment_path),
+                .args(fragments.iter().map(|(p, _)| p)),
             &log,
-            hint,
+            &hint,
         )?;
         sh::run_logged(
             "kernel: olddefconfig",
             make(&tree, bindgen).arg("olddefconfig"),
             &log,
-            hint,
+            &hint,
         )?;
-        check_config(&tree.join(".config"), &String::from_utf8_lossy(&fragment))?;
+        let merged: String = fragments.iter().map(|(_, t)| t.as_str()).collect();
+        check_config(&tree.join(".config"), &merged)?;
         sh::run_logged(
             "kernel: rustavailable",
             make(&tree, bindgen).arg("rustavailable"),
@@ -308,7 +354,8 @@ pub fn ensure_kernel(ctx: &Ctx, bindgen: &Path) -> Result<Kernel> {
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     println!(
-        "kernel: building bzImage and modules with -j{jobs} (about 9 min on 2 cores); log: {}",
+        "kernel: building the {} bzImage and modules with -j{jobs} (about 10 min on 2 cores); log: {}",
+        flavor.name(),
         log.display()
     );
     sh::run_logged(
@@ -320,7 +367,11 @@ pub fn ensure_kernel(ctx: &Ctx, bindgen: &Path) -> Result<Kernel> {
         "fix the cause and rerun: make resumes where it stopped",
     )?;
     fs::write(&done, format!("built in {:.0?}\n", started.elapsed()))?;
-    println!("kernel: built in {:.0?}", started.elapsed());
+    println!(
+        "kernel: {} built in {:.0?}",
+        flavor.name(),
+        started.elapsed()
+    );
     Ok(kernel)
 }
 
@@ -365,15 +416,22 @@ pub fn hex(b: &[u8]) -> String {
 /// Builds `trustbind.ko` out of tree against `kernel`; returns its path.
 ///
 /// Kbuild writes objects next to the sources, so `kmod/` and the `proto/`
-/// sources it includes are copied under `target/` first.
+/// sources it includes are copied under `target/` first, one copy per
+/// kernel flavour (a module only loads into the kernel it was built for).
 pub fn build_kmod(ctx: &Ctx, kernel: &Kernel) -> Result<PathBuf> {
-    let build = ctx.target.join("kmod-build");
+    let build = ctx.target.join(match kernel.flavor {
+        Flavor::Production => "kmod-build".to_owned(),
+        Flavor::Debug => "kmod-build-debug".to_owned(),
+    });
     let kmod = build.join("kmod");
     sync_dir(&ctx.root.join("kmod"), &kmod)?;
     sync_dir(&ctx.root.join("proto/src"), &build.join("proto/src"))?;
     let log = build.join("build.log");
     let _ = fs::remove_file(&log);
-    println!("kmod: building trustbind.ko");
+    println!(
+        "kmod: building trustbind.ko for the {} kernel",
+        kernel.flavor.name()
+    );
     sh::run_logged(
         "kmod: build",
         make(&kernel.tree, &kernel.bindgen)

@@ -11,6 +11,7 @@ mod rootfs;
 mod sh;
 
 use anyhow::{bail, Context, Result};
+use kernel::Flavor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -20,13 +21,17 @@ cargo xtask <command>
 
 Commands:
   setup         install missing Debian packages and the pinned bindgen, build
-                (or reuse) the kernel and the guest root filesystem
-  build         setup, then build trustbind.ko, the workspace and the
-                appliance OS image
+                (or reuse) the two kernels (production, and debug with
+                lockdep, KFENCE and kmemleak for the tests) and the guest
+                root filesystem
+  build         setup, then build trustbind.ko for the debug kernel, the
+                workspace and the appliance OS image (production kernel)
   image [--kernel BZIMAGE]
                 build (or reuse) the kernel, then the appliance OS image:
                 kernel, initramfs and a GPT disk.img (see image/README.md)
   test          build, then run every test: unit tests, then the QEMU tests
+                (protected hosts on the debug kernel; a checker's report
+                fails the test)
   demo [--shell]
                 build, boot a protected host VM with the module loaded and
                 show it working; --shell leaves you at a guest prompt
@@ -42,6 +47,13 @@ Commands:
                 VM); prints connected agents, decisions/s, p50/p99/max,
                 appliance RSS, fds, CPU and audit bytes per decision;
                 `cargo xtask fleet --help` lists every option
+  soak [MINUTES]
+                build, then the soak with faults for MINUTES (default 10):
+                exec, TCP, channel and UNIX load from several users on a
+                protected host (debug kernel) against the appliance image
+                while agents are killed, the appliance is powered off and
+                the policy moves; then checks counters, audit, memory and
+                the kernel's checkers (`cargo xtask test` runs 1 minute)
   fuzz [SECS]   fuzz the proto record decoder with cargo-fuzz (default 60 s)
   help          this text
 
@@ -105,26 +117,52 @@ impl Artifacts {
     }
 }
 
-fn setup(ctx: &Ctx) -> Result<(kernel::Kernel, PathBuf)> {
-    kernel::ensure_packages()?;
-    let bindgen = kernel::ensure_bindgen(ctx)?;
-    let k = kernel::ensure_kernel(ctx, &bindgen)?;
-    let rootfs = rootfs::ensure(&ctx.cache)?;
-    Ok((k, rootfs))
+/// The kernels, the bindgen they need and the guest root filesystem.
+struct Setup {
+    production: kernel::Kernel,
+    debug: Option<kernel::Kernel>,
+    rootfs: PathBuf,
 }
 
-fn build(ctx: &Ctx) -> Result<Artifacts> {
-    let (k, rootfs) = setup(ctx)?;
-    let kmod = kernel::build_kmod(ctx, &k)?;
+/// Builds (or reuses) the production kernel, the debug kernel when `debug`,
+/// and the guest root filesystem.
+fn setup(ctx: &Ctx, debug: bool) -> Result<Setup> {
+    kernel::ensure_packages()?;
+    let bindgen = kernel::ensure_bindgen(ctx)?;
+    let production = kernel::ensure_kernel(ctx, &bindgen, Flavor::Production)?;
+    let debug = match debug {
+        true => Some(kernel::ensure_kernel(ctx, &bindgen, Flavor::Debug)?),
+        false => None,
+    };
+    let rootfs = rootfs::ensure(&ctx.cache)?;
+    Ok(Setup {
+        production,
+        debug,
+        rootfs,
+    })
+}
+
+/// Everything the VM tests, benchmarks and demo need. Protected hosts boot
+/// the `host` kernel flavour with a module built for it; the appliance
+/// image always carries the production kernel.
+fn build(ctx: &Ctx, host: Flavor) -> Result<Artifacts> {
+    let s = setup(ctx, host == Flavor::Debug)?;
+    let host_kernel = s.debug.as_ref().unwrap_or(&s.production);
+    let kmod = kernel::build_kmod(ctx, host_kernel)?;
     sh::run(
         "workspace: cargo build",
         cargo().args(["build", "--workspace", "--all-targets"]),
     )?;
-    let image = image::ensure(ctx, &k.bzimage)?;
+    let image = image::ensure(ctx, &s.production.bzimage)?;
+    println!(
+        "build: protected hosts boot the {} kernel {}",
+        host_kernel.flavor.name(),
+        host_kernel.bzimage.display()
+    );
     Ok(Artifacts {
-        kernel: k.bzimage,
+        kernel: host_kernel.bzimage.clone(),
         kmod,
-        rootfs,
+        rootfs: s.rootfs,
         image,
     })
 }
@@ -133,24 +171,29 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// `cargo test` of the QEMU tests, one at a time, with the artifacts:
+/// those of `it` matching `filter` (all tests without), `args` passed to
+/// the test binary.
+fn qemu_tests(a: &Artifacts, filter: Option<&str>, args: &[&str]) -> Command {
+    let mut c = cargo();
+    c.args(["test", "-p", "trustbind-qemu-tests"]);
+    if let Some(f) = filter {
+        c.args(["--test", "it", f]);
+    }
+    c.arg("--").args(args).arg("--test-threads=1");
+    a.apply(&mut c);
+    c
+}
+
 fn test(ctx: &Ctx) -> Result<()> {
-    let a = build(ctx)?;
+    let a = build(ctx, Flavor::Debug)?;
     println!("test: unit tests");
     sh::run(
         "test: unit tests",
         cargo().args(["test", "--workspace", "--exclude", "trustbind-qemu-tests"]),
     )?;
     println!("test: QEMU integration tests");
-    let mut c = cargo();
-    c.args([
-        "test",
-        "-p",
-        "trustbind-qemu-tests",
-        "--",
-        "--test-threads=1",
-    ]);
-    a.apply(&mut c);
-    sh::run("test: QEMU tests", &mut c)
+    sh::run("test: QEMU tests", &mut qemu_tests(&a, None, &[]))
 }
 
 /// `cargo xtask image [--kernel BZIMAGE]`: the appliance image, with our
@@ -160,7 +203,7 @@ fn image_cmd(ctx: &Ctx, args: &[String]) -> Result<()> {
         [] => {
             kernel::ensure_packages()?;
             let bindgen = kernel::ensure_bindgen(ctx)?;
-            kernel::ensure_kernel(ctx, &bindgen)?.bzimage
+            kernel::ensure_kernel(ctx, &bindgen, Flavor::Production)?.bzimage
         }
         [flag, path] if flag == "--kernel" => PathBuf::from(path),
         _ => bail!("usage: cargo xtask image [--kernel BZIMAGE]"),
@@ -176,7 +219,7 @@ fn image_cmd(ctx: &Ctx, args: &[String]) -> Result<()> {
 /// benchmark (an ignored release test of `trustbind-cli`), then the VM
 /// benchmarks (`bench_*`: exec overhead; channels), each one run, ratios.
 fn bench(ctx: &Ctx) -> Result<()> {
-    let a = build(ctx)?;
+    let a = build(ctx, Flavor::Production)?;
     sh::run("bench: cargo bench", cargo().args(["bench", "--workspace"]))?;
     sh::run(
         "bench: NSRL import (2M RDS rows, docs/BENCHMARKS.md)",
@@ -193,25 +236,31 @@ fn bench(ctx: &Ctx) -> Result<()> {
             "bench_import",
         ]),
     )?;
-    let mut c = cargo();
-    c.args([
-        "test",
-        "-p",
-        "trustbind-qemu-tests",
-        "--test",
-        "it",
-        "bench_",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
-    a.apply(&mut c);
-    sh::run("bench: exec overhead and channels in VMs", &mut c)
+    sh::run(
+        "bench: exec overhead and channels in VMs",
+        &mut qemu_tests(&a, Some("bench_"), &["--ignored", "--nocapture"]),
+    )
+}
+
+/// `cargo xtask soak [MINUTES]`: the soak with faults
+/// (`qemu-tests/tests/it/soak.rs`) for MINUTES (default 10) on the debug
+/// kernel; `cargo xtask test` runs its one-minute version.
+fn soak(ctx: &Ctx, minutes: Option<&str>) -> Result<()> {
+    let minutes: f64 = minutes
+        .unwrap_or("10")
+        .parse()
+        .context("soak: MINUTES must be a number")?;
+    let a = build(ctx, Flavor::Debug)?;
+    let mut c = qemu_tests(&a, Some("soak_with_faults"), &["--nocapture"]);
+    c.env(
+        "TRUSTBIND_SOAK_SECONDS",
+        format!("{}", (minutes * 60.0).round() as u64),
+    );
+    sh::run("soak: load with faults on a protected host", &mut c)
 }
 
 fn demo(ctx: &Ctx, shell: bool) -> Result<()> {
-    let a = build(ctx)?;
+    let a = build(ctx, Flavor::Production)?;
     let mut c = cargo();
     c.args([
         "run",
@@ -294,14 +343,15 @@ fn main() {
     let result = (|| -> Result<()> {
         let ctx = Ctx::new()?;
         match args.first().map(String::as_str) {
-            Some("setup") => setup(&ctx).map(|_| ()),
-            Some("build") => build(&ctx).map(|_| ()),
+            Some("setup") => setup(&ctx, true).map(|_| ()),
+            Some("build") => build(&ctx, Flavor::Debug).map(|_| ()),
             Some("image") => image_cmd(&ctx, &args[1..]),
             Some("test") => test(&ctx),
             Some("demo") => demo(&ctx, args.iter().any(|a| a == "--shell")),
             Some("fuzz") => fuzz(&ctx, args.get(1).map(String::as_str)),
             Some("bench") => bench(&ctx),
             Some("fleet") => fleet(&args[1..]),
+            Some("soak") => soak(&ctx, args.get(1).map(String::as_str)),
             Some("help" | "--help" | "-h") | None => {
                 print!("{HELP}");
                 Ok(())

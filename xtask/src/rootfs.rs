@@ -46,6 +46,8 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     // `wg`, for the channel benchmark's WireGuard comparison.
     "wireguard-tools",
+    // The soak's exec and socket load (qemu-tests/tests/it/soak.rs).
+    "stress-ng",
 ];
 /// Path of the init stub inside the image.
 const STUB_PATH: &str = "sbin/tb-init";

@@ -41,7 +41,7 @@ const CANARY: &str = "TRUSTBIND-CHANNEL-CANARY";
 
 /// Policy besides [`common::SYSTEM_PROGRAMS`]: bound channels to port 7200
 /// between the channel client and server groups.
-const CHANNELS: &str = r#"
+pub(crate) const CHANNELS: &str = r#"
 @id("channel-clients-connect")
 @encrypt("required")
 permit (

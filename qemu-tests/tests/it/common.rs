@@ -244,3 +244,23 @@ pub fn dmesg_lines(vm: &mut Vm) -> Result<Vec<String>> {
         .map(|l| l.trim_end().to_owned())
         .collect())
 }
+
+/// Waits until an agent other than `old_pid` (if any) is connected;
+/// returns its pid.
+pub fn wait_new_agent(host: &mut Vm, old_pid: Option<&str>) -> Result<String> {
+    let not_old = old_pid.map_or(String::new(), |p| format!("[ \"$p\" != {p} ] && "));
+    wait_for(
+        host,
+        "a new agent to connect",
+        &format!(
+            "p=$(pidof trustbind-agent) && {not_old}grep -q \"pid.: $p,\" {STATE}/status.json \
+             && grep -q '\"connected\": true' {STATE}/status.json"
+        ),
+        120,
+    )?;
+    Ok(host
+        .run_ok("pidof trustbind-agent")?
+        .stdout
+        .trim()
+        .to_owned())
+}

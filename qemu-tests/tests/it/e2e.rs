@@ -25,7 +25,7 @@ use anyhow::{ensure, Result};
 use trustbind_qemu_tests::{Admin, ApplianceImage, Artifacts, Boot, Network, Vm};
 
 use crate::common::{
-    self, denied, enrol_host, export_audit, says_true, start_agent, wait_for, STATE,
+    self, denied, enrol_host, export_audit, says_true, start_agent, wait_for, wait_new_agent, STATE,
 };
 
 /// Policy besides [`common::SYSTEM_PROGRAMS`]: role admin may run the
@@ -84,26 +84,6 @@ when {{ context.hour == {} }};
 const INIT: &str = "TRUSTBIND_AGENT_BIN=/tb/trustbind-agent \
     TRUSTBIND_AGENT_ARGS='--verdict-timeout-ms 30000 --call-timeout-ms 25000' \
     sh /tb/trustbind-agent.init";
-
-/// Waits until an agent other than `old_pid` (if any) is connected;
-/// returns its pid.
-fn wait_new_agent(host: &mut Vm, old_pid: Option<&str>) -> Result<String> {
-    let not_old = old_pid.map_or(String::new(), |p| format!("[ \"$p\" != {p} ] && "));
-    wait_for(
-        host,
-        "a new agent to connect",
-        &format!(
-            "p=$(pidof trustbind-agent) && {not_old}grep -q \"pid.: $p,\" {STATE}/status.json \
-             && grep -q '\"connected\": true' {STATE}/status.json"
-        ),
-        120,
-    )?;
-    Ok(host
-        .run_ok("pidof trustbind-agent")?
-        .stdout
-        .trim()
-        .to_owned())
-}
 
 #[test]
 fn exec_control_end_to_end() -> Result<()> {

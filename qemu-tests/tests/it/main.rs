@@ -19,6 +19,7 @@ mod net_channel_terms;
 mod net_qualify;
 mod net_unix;
 mod network;
+mod soak;
 
 /// A random hex string from the host's /dev/urandom, for canaries that
 /// cannot appear anywhere by chance.

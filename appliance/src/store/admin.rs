@@ -273,12 +273,15 @@ fn group_exists(tx: &rusqlite::Transaction<'_>, group: &str) -> Result<(), Store
     Ok(())
 }
 
+/// The first audit row at or after a time (`audit_cursor_since`).
+pub const AUDIT_SINCE: &str = "SELECT min(seq) FROM audit INDEXED BY audit_at_ms WHERE at_ms >= ?1";
+
 impl Store {
     // ---- policies ----
 
     /// Every policy version, newest first, without texts.
     pub fn list_policies(&self) -> Result<Vec<PolicyInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT id, sha256, state, created_ms, comment FROM policy_versions ORDER BY id DESC",
         )?;
@@ -395,7 +398,7 @@ impl Store {
         after: &str,
         limit: u32,
     ) -> Result<Vec<Signature>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let rows = match group {
             None => {
                 let mut stmt = conn.prepare_cached(
@@ -466,7 +469,7 @@ impl Store {
 
     /// Every reference group with its member count, by name.
     pub fn list_groups(&self) -> Result<Vec<GroupInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT g.name, g.description, (SELECT count(*) FROM ref_group_members m WHERE m.group_name = g.name)
              FROM ref_groups g ORDER BY g.name",
@@ -483,7 +486,7 @@ impl Store {
 
     /// One reference group.
     pub fn group(&self, name: &str) -> Result<Option<GroupInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         Ok(conn
             .query_row(
                 "SELECT g.name, g.description, (SELECT count(*) FROM ref_group_members m WHERE m.group_name = g.name)
@@ -607,7 +610,7 @@ impl Store {
 
     /// Every host group with its host count, by name.
     pub fn list_host_groups(&self) -> Result<Vec<HostGroupInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT g.name, g.mode, (SELECT count(*) FROM hosts h WHERE h.host_group = g.name)
              FROM host_groups g ORDER BY g.name",
@@ -661,7 +664,7 @@ impl Store {
 
     /// Hosts ordered by name after the cursor `after` (exclusive), at most `limit`.
     pub fn list_hosts(&self, after: &str, limit: u32) -> Result<Vec<HostInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare_cached(
             "SELECT name, host_group, state, cert_serial, changed_ms FROM hosts
              WHERE name > ?1 ORDER BY name LIMIT ?2",
@@ -692,7 +695,7 @@ impl Store {
     /// One host.
     pub fn host_info(&self, name: &str) -> Result<Option<HostInfo>, StoreError> {
         let hosts = {
-            let conn = self.lock()?;
+            let conn = self.read()?;
             let mut stmt = conn.prepare_cached(
                 "SELECT name, host_group, state, cert_serial, changed_ms FROM hosts WHERE name = ?1",
             )?;
@@ -725,7 +728,7 @@ impl Store {
     /// Users ordered by name after the cursor `after` (exclusive), at most
     /// `limit`, with their roles.
     pub fn list_users(&self, after: &str, limit: u32) -> Result<Vec<UserInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt =
             conn.prepare_cached("SELECT name FROM users WHERE name > ?1 ORDER BY name LIMIT ?2")?;
         let names = stmt
@@ -746,7 +749,7 @@ impl Store {
     /// One user with its roles, if it is known.
     pub fn user(&self, name: &str) -> Result<Option<UserInfo>, StoreError> {
         let known = {
-            let conn = self.lock()?;
+            let conn = self.read()?;
             let mut stmt = conn.prepare_cached("SELECT 1 FROM users WHERE name = ?1")?;
             stmt.exists([name])?
         };
@@ -777,7 +780,7 @@ impl Store {
 
     /// Every role held by at least one user, with its user count.
     pub fn list_roles(&self) -> Result<Vec<RoleInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt =
             conn.prepare("SELECT role, count(*) FROM user_roles GROUP BY role ORDER BY role")?;
         let rows = stmt.query_map([], |r| {
@@ -793,7 +796,7 @@ impl Store {
 
     /// Every license, by id.
     pub fn licenses(&self) -> Result<Vec<LicenseRow>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(&format!("SELECT {LICENSE_COLS} FROM licenses ORDER BY id"))?;
         let rows = stmt.query_map([], license_from)?;
         let mut out = Vec::new();
@@ -941,9 +944,11 @@ impl Store {
     /// The `after` cursor that starts at the first row written at or after
     /// `at_ms` (so `audit_rows(cursor, ..)` returns that row first).
     pub fn audit_cursor_since(&self, at_ms: i64) -> Result<i64, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
+        // Through the time index: the work is the rows since `at_ms`
+        // (what the caller reads next), not the rows before it.
         let first: Option<i64> = conn.query_row(
-            "SELECT min(seq) FROM audit WHERE at_ms >= ?1",
+            AUDIT_SINCE,
             [at_ms],
             |r| r.get(0),
         )?;
@@ -955,7 +960,7 @@ impl Store {
 
     /// Sequence number of the newest audit row (0 when empty).
     pub fn audit_head(&self) -> Result<i64, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         self.audit_head_locked(&conn)
     }
 

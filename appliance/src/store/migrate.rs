@@ -169,6 +169,11 @@ DROP TABLE ref_group_members;
 ALTER TABLE ref_group_members_v7 RENAME TO ref_group_members;
 CREATE INDEX ref_group_members_sha ON ref_group_members (sha256);
 "#,
+    // 8: the index behind the audit cursor by time (`audit tail`,
+    // `audit export --since`)
+    r#"
+CREATE INDEX audit_at_ms ON audit (at_ms);
+"#,
 ];
 
 /// Newest schema version this build understands.

@@ -1,11 +1,13 @@
 //! Persistent state: signatures, reference groups, policy versions, hosts,
 //! channels and the audit chain, in one SQLite file in WAL mode.
 //!
-//! All access goes through one connection behind a mutex, so there is
+//! Every write goes through one connection behind a mutex, so there is
 //! exactly one writer; every admin change is written in the same
-//! transaction as its audit row, so the two cannot diverge. The file is
-//! opened with `synchronous = FULL`: a call that returned `Ok` survives a
-//! crash (power loss included).
+//! transaction as its audit row, so the two cannot diverge. Reads run on
+//! separate read connections (`read.rs`), so no lookup waits behind a
+//! commit, an audit verification or an export. The file is opened with
+//! `synchronous = FULL`: a call that returned `Ok` survives a crash (power
+//! loss included).
 
 mod admin;
 mod admin_tokens;
@@ -14,6 +16,7 @@ mod audit;
 mod channels;
 mod err;
 pub mod migrate;
+mod read;
 mod writer;
 
 use std::collections::HashMap;
@@ -28,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use admin::{
-    GroupInfo, HostGroupInfo, HostInfo, LicenseKey, LicenseRow, LicenseTerms, PolicyInfo, RoleInfo,
+    AUDIT_SINCE, GroupInfo, HostGroupInfo, HostInfo, LicenseKey, LicenseRow, LicenseTerms, PolicyInfo, RoleInfo,
     SignatureBatch, UserInfo,
 };
 pub use admin_tokens::AdminToken;
@@ -177,6 +180,7 @@ pub enum HostState {
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    readers: read::Readers,
     /// Last committed verdict generation, readable without the lock.
     generation: AtomicI64,
 }
@@ -208,6 +212,7 @@ impl Store {
         let generation = read_generation(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            readers: read::Readers::open(path)?,
             generation: AtomicI64::new(generation),
         })
     }
@@ -217,6 +222,11 @@ impl Store {
     /// moved it has committed.
     pub fn generation_hint(&self) -> i64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// A read connection (never the writer's).
+    fn read(&self) -> Result<read::Reader<'_>, StoreError> {
+        self.readers.get()
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
@@ -291,7 +301,7 @@ impl Store {
     /// Walks the whole chain. `Ok(Ok(n))`: `n` rows, all sound;
     /// `Ok(Err(e))`: the first break found.
     pub fn verify_audit(&self) -> Result<Result<i64, ChainError>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit ORDER BY rowid",
         )?;
@@ -321,7 +331,7 @@ impl Store {
 
     /// Writes rows with `seq > after` as JSON lines to `out`; returns how many.
     pub fn export_audit(&self, after: i64, out: &mut impl Write) -> Result<u64, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq",
         )?;
@@ -337,7 +347,7 @@ impl Store {
 
     /// Rows with `seq > after`, oldest first, at most `limit`.
     pub fn audit_rows(&self, after: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
@@ -371,7 +381,7 @@ impl Store {
 
     /// Looks up a signature by SHA-256.
     pub fn signature(&self, sha256: &str) -> Result<Option<Signature>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         Ok(conn
             .query_row(
                 "SELECT sha256, sha1, size, name, source FROM signatures WHERE sha256 = ?1",
@@ -483,15 +493,20 @@ impl Store {
     }
 
     /// Reference groups of a program together with the verdict generation
-    /// they belong to, read in one consistent view.
+    /// they belong to, read in one consistent view (a read connection).
     pub fn groups_of_at(&self, sha256: &str) -> Result<(Vec<String>, i64), StoreError> {
-        let conn = self.lock()?;
-        let mut stmt = conn.prepare_cached(
-            "SELECT group_name FROM ref_group_members WHERE sha256 = ?1 ORDER BY group_name",
-        )?;
-        let rows = stmt.query_map([sha256], |r| r.get(0))?;
-        let groups = rows.collect::<Result<Vec<String>, _>>()?;
-        Ok((groups, read_generation(&conn)?))
+        let conn = self.read()?;
+        let tx = conn.unchecked_transaction()?;
+        let groups = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT group_name FROM ref_group_members WHERE sha256 = ?1 ORDER BY group_name",
+            )?;
+            let rows = stmt.query_map([sha256], |r| r.get(0))?;
+            rows.collect::<Result<Vec<String>, _>>()?
+        };
+        let generation = read_generation(&tx)?;
+        tx.commit()?;
+        Ok((groups, generation))
     }
 
     // ---- users and roles ----
@@ -544,7 +559,7 @@ impl Store {
 
     /// Roles of `user`, sorted (empty for unknown users).
     pub fn user_roles(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt =
             conn.prepare_cached("SELECT role FROM user_roles WHERE user_name = ?1 ORDER BY role")?;
         let rows = stmt.query_map([user], |r| r.get(0))?;
@@ -554,7 +569,7 @@ impl Store {
     /// The governing policy, hosts with their groups' modes and users with
     /// their roles, all as of one generation (one read under the lock).
     pub fn engine_data(&self) -> Result<EngineData, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let tx = conn.unchecked_transaction()?;
         let generation = read_generation(&tx)?;
         let active: Option<i64> =
@@ -619,7 +634,7 @@ impl Store {
 
     /// Reference groups a program belongs to, sorted (empty for unknown programs).
     pub fn groups_of(&self, sha256: &str) -> Result<Vec<String>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare_cached(
             "SELECT group_name FROM ref_group_members WHERE sha256 = ?1 ORDER BY group_name",
         )?;
@@ -650,7 +665,7 @@ impl Store {
 
     /// One policy version.
     pub fn policy(&self, id: i64) -> Result<Option<PolicyVersion>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let row: Option<(i64, String, String, String)> = conn
             .query_row(
                 "SELECT id, text, sha256, state FROM policy_versions WHERE id = ?1",
@@ -671,7 +686,7 @@ impl Store {
 
     /// The governing-policy pointer.
     pub fn governing(&self) -> Result<Governing, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         Ok(conn.query_row(
             "SELECT active, previous, generation FROM governing WHERE id = 1",
             [],
@@ -738,7 +753,7 @@ impl Store {
 
     /// Mode of a host group, if it exists.
     pub fn host_group_mode(&self, name: &str) -> Result<Option<Mode>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let m: Option<String> = conn
             .query_row(
                 "SELECT mode FROM host_groups WHERE name = ?1",
@@ -814,7 +829,7 @@ impl Store {
 
     /// State and group of a host.
     pub fn host(&self, host: &str) -> Result<Option<(HostState, String)>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let row: Option<(String, String)> = conn
             .query_row(
                 "SELECT state, host_group FROM hosts WHERE name = ?1",
@@ -837,7 +852,7 @@ impl Store {
     /// `(host, certificate serial)` of every enrolled host: the certificates
     /// the agent port accepts.
     pub fn enrolled_certs(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT name, cert_serial FROM hosts WHERE state = 'enrolled' AND cert_serial IS NOT NULL ORDER BY name",
         )?;

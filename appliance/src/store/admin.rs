@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    bump_generation, check_hex, hex, now_ms, AuditEvent, HostState, Mode, PolicyState, Signature,
-    Store, StoreError,
+    bump_data, bump_generation, check_hex, hex, now_ms, AuditEvent, HostState, Mode, PolicyState,
+    Publish, Signature, Store, StoreError,
 };
 
 /// A policy version without its text, for listings.
@@ -318,12 +318,25 @@ impl Store {
     /// Stores a batch of signatures idempotently in one transaction, and
     /// puts them into `group` when given. Every entry is checked before
     /// anything is written; the batch is audited as one row carrying the
-    /// count and a digest of the hashes.
+    /// count and a digest of the hashes. The generation moves only if a
+    /// program put into the group has been answered under it.
     pub fn put_signatures(
         &self,
         sigs: &[Signature],
         group: Option<&str>,
         actor: &str,
+    ) -> Result<SignatureBatch, StoreError> {
+        self.put_signatures_with(sigs, group, actor, Publish::Now)
+    }
+
+    /// [`Store::put_signatures`], publishing the membership change to hosts
+    /// as `publish` says (`Deferred` for a bulk import).
+    pub fn put_signatures_with(
+        &self,
+        sigs: &[Signature],
+        group: Option<&str>,
+        actor: &str,
+        publish: Publish,
     ) -> Result<SignatureBatch, StoreError> {
         for s in sigs {
             check_hex("sha256", &s.sha256, 64)?;
@@ -356,6 +369,7 @@ impl Store {
                 "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             )?;
             let now = now_ms();
+            let mut touched = Vec::new();
             for s in sigs {
                 let size = i64::try_from(s.size).unwrap_or(i64::MAX);
                 if add.execute(params![s.sha256, s.sha1, size, s.name, s.source, now])? == 1 {
@@ -367,13 +381,13 @@ impl Store {
                     out.updated += 1;
                 }
                 if let Some(g) = group {
-                    out.added_to_group += u64::try_from(member.execute(params![g, s.sha256])?)
-                        .unwrap_or(0);
+                    if member.execute(params![g, s.sha256])? > 0 {
+                        out.added_to_group += 1;
+                        touched.push(s.sha256.clone());
+                    }
                 }
             }
-            if out.added_to_group > 0 {
-                bump_generation(tx)?;
-            }
+            let pending = self.members_changed(tx, touched, publish)?;
             let ev = AuditEvent::new(
                 "signature.batch",
                 actor,
@@ -386,8 +400,9 @@ impl Store {
                     "added_to_group": out.added_to_group,
                 }),
             );
-            Ok((out, Some(ev)))
+            Ok(((out, pending), Some(ev)))
         })
+        .map(|(out, _)| out)
     }
 
     /// Signatures ordered by SHA-256, after the cursor `after` (exclusive),
@@ -437,16 +452,17 @@ impl Store {
         }
         self.write(|tx| {
             let mut missing = Vec::new();
+            let mut gone = Vec::new();
             let mut del = tx.prepare_cached("DELETE FROM signatures WHERE sha256 = ?1")?;
             for h in hashes {
                 if del.execute([h])? == 0 {
                     missing.push(h.clone());
+                } else {
+                    gone.push(h.clone());
                 }
             }
-            let removed = hashes.len().saturating_sub(missing.len());
-            if removed > 0 {
-                bump_generation(tx)?;
-            }
+            let removed = gone.len();
+            let pending = self.members_changed(tx, gone, Publish::Now)?;
             let ev = (removed > 0).then(|| {
                 let detail = if removed == 1 {
                     let gone = hashes.iter().find(|h| !missing.contains(h));
@@ -461,8 +477,9 @@ impl Store {
                 };
                 AuditEvent::new("signature.remove", actor, detail)
             });
-            Ok((missing, ev))
+            Ok(((missing, pending), ev))
         })
+        .map(|(missing, _)| missing)
     }
 
     // ---- reference groups ----
@@ -521,7 +538,7 @@ impl Store {
             let mut ins = tx.prepare_cached(
                 "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             )?;
-            let mut added = 0_u64;
+            let mut touched = Vec::new();
             for h in hashes {
                 if !known.exists([h])? {
                     return Err(StoreError::NotFound {
@@ -529,11 +546,12 @@ impl Store {
                         key: h.clone(),
                     });
                 }
-                added += u64::try_from(ins.execute(params![group, h])?).unwrap_or(0);
+                if ins.execute(params![group, h])? > 0 {
+                    touched.push(h.clone());
+                }
             }
-            if added > 0 {
-                bump_generation(tx)?;
-            }
+            let added = u64::try_from(touched.len()).unwrap_or(u64::MAX);
+            let pending = self.members_changed(tx, touched, Publish::Now)?;
             let ev = (added > 0).then(|| {
                 AuditEvent::new(
                     "group.add",
@@ -545,8 +563,9 @@ impl Store {
                     }),
                 )
             });
-            Ok((added, ev))
+            Ok(((added, pending), ev))
         })
+        .map(|(added, _)| added)
     }
 
     /// Takes signatures out of a group; returns how many were members.
@@ -564,13 +583,14 @@ impl Store {
             let mut del = tx.prepare_cached(
                 "DELETE FROM ref_group_members WHERE group_name = ?1 AND sha256 = ?2",
             )?;
-            let mut removed = 0_u64;
+            let mut touched = Vec::new();
             for h in hashes {
-                removed += u64::try_from(del.execute(params![group, h])?).unwrap_or(0);
+                if del.execute(params![group, h])? > 0 {
+                    touched.push(h.clone());
+                }
             }
-            if removed > 0 {
-                bump_generation(tx)?;
-            }
+            let removed = u64::try_from(touched.len()).unwrap_or(u64::MAX);
+            let pending = self.members_changed(tx, touched, Publish::Now)?;
             let ev = (removed > 0).then(|| {
                 AuditEvent::new(
                     "group.remove",
@@ -582,8 +602,9 @@ impl Store {
                     }),
                 )
             });
-            Ok((removed, ev))
+            Ok(((removed, pending), ev))
         })
+        .map(|(removed, _)| removed)
     }
 
     /// Deletes a reference group and its memberships (not the signatures);
@@ -596,7 +617,13 @@ impl Store {
                 [name],
             )?;
             tx.execute("DELETE FROM ref_groups WHERE name = ?1", [name])?;
+            // Rare and possibly huge: move the generation without asking
+            // which members were answered.
             bump_generation(tx)?;
+            tx.execute(
+                "UPDATE governing SET members_version = members_version + 1 WHERE id = 1",
+                [],
+            )?;
             let ev = AuditEvent::new(
                 "group.delete",
                 actor,
@@ -772,7 +799,7 @@ impl Store {
                     key: name.into(),
                 });
             }
-            bump_generation(tx)?;
+            bump_data(tx)?;
             let ev = AuditEvent::new("user.delete", actor, serde_json::json!({ "user": name }));
             Ok(((), Some(ev)))
         })

@@ -174,6 +174,15 @@ CREATE INDEX ref_group_members_sha ON ref_group_members (sha256);
     r#"
 CREATE INDEX audit_at_ms ON audit (at_ms);
 "#,
+    // 9: what the engine's snapshot is read at besides the verdict
+    // generation (`data_version`: policy, hosts, host groups, users;
+    // `members_version`: reference-group memberships), so that a change no
+    // host's cached verdict depends on refreshes the engine without moving
+    // the generation
+    r#"
+ALTER TABLE governing ADD COLUMN data_version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE governing ADD COLUMN members_version INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Newest schema version this build understands.

@@ -1154,3 +1154,30 @@ async fn channels_list_with_each_end_closed() {
     let (s, v) = h.get("/v1/channels?open=maybe").await;
     assert!((400..500).contains(&s), "{v}");
 }
+
+/// `"bulk": true` defers the generation move for programs hosts were only
+/// denied; without it the move is immediate.
+#[tokio::test]
+async fn bulk_signature_batches_defer_approvals_of_denied_programs() {
+    let h = start().await;
+    let (s, _) = h.send("POST", "/v1/groups", json!({ "name": "nsrl" })).await;
+    assert_eq!(s, 201);
+    // Any move makes the store's ledger exact (after a start it is not).
+    h.store.set_user_roles("u", &["r"], "admin:t").unwrap();
+    for (n, bulk) in [(1, true), (2, false)] {
+        let v = h.store.versions().unwrap();
+        let x = sig(n)["sha256"].as_str().unwrap().to_owned();
+        // A host was denied program `n` under this generation.
+        assert!(h.store.note_answer(v.generation, v.members, &[x.as_str()], false));
+        let (s, r) = h
+            .send(
+                "POST",
+                "/v1/signatures",
+                json!({ "signatures": [sig(n)], "group": "nsrl", "bulk": bulk }),
+            )
+            .await;
+        assert_eq!(s, 200, "{r}");
+        let moved = h.store.versions().unwrap().generation - v.generation;
+        assert_eq!((moved, h.store.deferred_move()), (i64::from(!bulk), bulk));
+    }
+}

@@ -564,6 +564,9 @@ struct Body<'a> {
     signatures: &'a [Sig],
     group: &'a str,
     source: &'a str,
+    /// A bulk import: hosts' caches are flushed once when it goes quiet,
+    /// not per batch.
+    bulk: bool,
 }
 
 /// The signature of one row (`sha256, sha1, name, size`), or `None` when
@@ -846,6 +849,7 @@ pub fn import(c: &Client, o: &Options, out: &Out) -> Result<u8> {
                     signatures: &p.sigs,
                     group: &o.group,
                     source: source_label,
+                    bulk: true,
                 },
             )?;
             let g = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);

@@ -1160,7 +1160,9 @@ async fn channels_list_with_each_end_closed() {
 #[tokio::test]
 async fn bulk_signature_batches_defer_approvals_of_denied_programs() {
     let h = start().await;
-    let (s, _) = h.send("POST", "/v1/groups", json!({ "name": "nsrl" })).await;
+    let (s, _) = h
+        .send("POST", "/v1/groups", json!({ "name": "nsrl" }))
+        .await;
     assert_eq!(s, 201);
     // Any move makes the store's ledger exact (after a start it is not).
     h.store.set_user_roles("u", &["r"], "admin:t").unwrap();
@@ -1168,7 +1170,9 @@ async fn bulk_signature_batches_defer_approvals_of_denied_programs() {
         let v = h.store.versions().unwrap();
         let x = sig(n)["sha256"].as_str().unwrap().to_owned();
         // A host was denied program `n` under this generation.
-        assert!(h.store.note_answer(v.generation, v.members, &[x.as_str()], false));
+        assert!(h
+            .store
+            .note_answer(v.generation, v.members, &[x.as_str()], false));
         let (s, r) = h
             .send(
                 "POST",

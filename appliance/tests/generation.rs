@@ -77,13 +77,21 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("appliance.db")).unwrap());
-    store.set_host_group("web", Mode::Enforce, "admin:t").unwrap();
-    store.add_pending_host("web1", "web", &"a".repeat(64), "admin:t").unwrap();
+    store
+        .set_host_group("web", Mode::Enforce, "admin:t")
+        .unwrap();
+    store
+        .add_pending_host("web1", "web", &"a".repeat(64), "admin:t")
+        .unwrap();
     for g in ["system", "nsrl", "blocked"] {
         store.create_group(g, "", "admin:t").unwrap();
     }
-    store.put_signature(&sig(&"5".repeat(64)), "admin:t").unwrap();
-    store.add_member("system", &"5".repeat(64), "admin:t").unwrap();
+    store
+        .put_signature(&sig(&"5".repeat(64)), "admin:t")
+        .unwrap();
+    store
+        .add_member("system", &"5".repeat(64), "admin:t")
+        .unwrap();
     let id = store.create_policy_draft(POLICY, "", "admin:t").unwrap();
     store.activate_policy(id, "admin:t").unwrap();
     let engine = Engine::new(store.clone(), SCHEMA).unwrap();
@@ -158,7 +166,10 @@ fn a_bulk_import_of_denied_programs_moves_the_generation_once_when_quiet() {
     assert_eq!(generation(&f.store), g0);
     assert!(f.store.deferred_move());
     // Not while the import is going on...
-    assert_eq!(f.store.settle_deferred(now_ms(), 60_000, 600_000).unwrap(), None);
+    assert_eq!(
+        f.store.settle_deferred(now_ms(), 60_000, 600_000).unwrap(),
+        None
+    );
     // ...but once it has been quiet: one move for the whole import.
     let later = now_ms() + 61_000;
     assert_eq!(
@@ -166,7 +177,10 @@ fn a_bulk_import_of_denied_programs_moves_the_generation_once_when_quiet() {
         Some(g0 + 1)
     );
     assert!(!f.store.deferred_move());
-    assert_eq!(f.store.settle_deferred(later, 60_000, 600_000).unwrap(), None);
+    assert_eq!(
+        f.store.settle_deferred(later, 60_000, 600_000).unwrap(),
+        None
+    );
     assert_eq!(generation(&f.store), g0 + 1);
     for h in &picks {
         let d = f.engine.decide(&exec("web1", h)).unwrap();
@@ -238,7 +252,9 @@ fn registering_hosts_does_not_move_the_generation() {
     assert_eq!(d.outcome.verdict, Verdict::Allow);
     assert_eq!(d.generation, g0);
     // A mode change still moves it.
-    f.store.set_host_group("web", Mode::Permissive, "admin:t").unwrap();
+    f.store
+        .set_host_group("web", Mode::Permissive, "admin:t")
+        .unwrap();
     assert_eq!(generation(&f.store), g0 + 1);
 }
 
@@ -288,7 +304,9 @@ fn decisions_during_a_slow_compile_are_answered_by_the_old_policy_without_waitin
     // How long compiling it takes here.
     let t = Instant::now();
     trustbind_appliance::policy::validate(
-        &cedar_policy::Schema::from_cedarschema_str(SCHEMA).unwrap().0,
+        &cedar_policy::Schema::from_cedarschema_str(SCHEMA)
+            .unwrap()
+            .0,
         &big,
     )
     .unwrap();
@@ -315,7 +333,9 @@ fn decisions_during_a_slow_compile_are_answered_by_the_old_policy_without_waitin
         }
     }
     let g = activation.join().unwrap();
-    println!("compiling {compile:?}; slowest decision {slowest:?}; {old} decisions by the old policy");
+    println!(
+        "compiling {compile:?}; slowest decision {slowest:?}; {old} decisions by the old policy"
+    );
     assert_eq!(g.generation, g0 + 1);
     assert!(old > 0, "no decision was made while compiling");
     assert!(
@@ -395,10 +415,7 @@ fn the_audit_cursor_by_time_uses_an_index() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert!(
-        plan.iter().any(|p| p.contains("audit_at_ms")),
-        "{plan:?}"
-    );
+    assert!(plan.iter().any(|p| p.contains("audit_at_ms")), "{plan:?}");
 }
 
 /// Deciders race membership changes of one program: all the cacheable

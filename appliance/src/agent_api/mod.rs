@@ -213,7 +213,11 @@ async fn watch_generation(api: Arc<AgentApi>) {
             let s = Arc::clone(&api.store);
             let now = service::now_ms();
             let settled = tokio::task::spawn_blocking(move || {
-                s.settle_deferred(now, crate::store::DEFER_QUIET_MS, crate::store::DEFER_MAX_MS)
+                s.settle_deferred(
+                    now,
+                    crate::store::DEFER_QUIET_MS,
+                    crate::store::DEFER_MAX_MS,
+                )
             })
             .await;
             if let Ok(Err(e)) = settled {

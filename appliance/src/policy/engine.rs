@@ -123,7 +123,11 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn new(schema: &Schema, pv: Option<&PolicyVersion>, slicing: bool) -> Result<Self, PolicyError> {
+    fn new(
+        schema: &Schema,
+        pv: Option<&PolicyVersion>,
+        slicing: bool,
+    ) -> Result<Self, PolicyError> {
         let Some(pv) = pv else {
             return Ok(Self {
                 version: None,
@@ -201,7 +205,10 @@ impl Prepared {
 
     /// Whether a background compile is under way.
     fn busy(&self) -> bool {
-        self.compiling.lock().map(|c| !c.is_empty()).unwrap_or(false)
+        self.compiling
+            .lock()
+            .map(|c| !c.is_empty())
+            .unwrap_or(false)
     }
 
     /// Starts compiling `pv` on a thread of its own unless one already is.
@@ -483,7 +490,11 @@ impl Engine {
         let (schema, _warnings) = Schema::from_cedarschema_str(schema_text)
             .map_err(|e| PolicyError::Schema(e.to_string()))?;
         let data = store.engine_data()?;
-        let policy = Arc::new(Compiled::new(&schema, data.policy.as_ref(), options.slicing)?);
+        let policy = Arc::new(Compiled::new(
+            &schema,
+            data.policy.as_ref(),
+            options.slicing,
+        )?);
         let prepared = Arc::new(Prepared {
             schema,
             slicing: options.slicing,
@@ -698,9 +709,9 @@ impl Engine {
             }
             return Err(PolicyError::UnknownHost(req.host.clone()));
         };
-        let Some(groups) = snap
-            .programs
-            .get(&self.store, &req.program.sha256, snap.versions.members)?
+        let Some(groups) =
+            snap.programs
+                .get(&self.store, &req.program.sha256, snap.versions.members)?
         else {
             return Ok(None);
         };

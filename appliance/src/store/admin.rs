@@ -974,11 +974,7 @@ impl Store {
         let conn = self.read()?;
         // Through the time index: the work is the rows since `at_ms`
         // (what the caller reads next), not the rows before it.
-        let first: Option<i64> = conn.query_row(
-            AUDIT_SINCE,
-            [at_ms],
-            |r| r.get(0),
-        )?;
+        let first: Option<i64> = conn.query_row(AUDIT_SINCE, [at_ms], |r| r.get(0))?;
         match first {
             Some(seq) => Ok(seq.saturating_sub(1)),
             None => self.audit_head_locked(&conn),

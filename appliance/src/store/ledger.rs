@@ -152,7 +152,12 @@ impl Ledger {
 
     /// Classifies a membership change touching `programs` and marks them
     /// pending until [`Ledger::done`].
-    pub(super) fn classify(&mut self, programs: &[String], publish: Publish, now_ms: i64) -> Effect {
+    pub(super) fn classify(
+        &mut self,
+        programs: &[String],
+        publish: Publish,
+        now_ms: i64,
+    ) -> Effect {
         for p in programs {
             *self.pending.entry(p.clone()).or_default() += 1;
         }
@@ -221,7 +226,13 @@ mod tests {
         assert_eq!(l.classify(&v(&["b"]), Publish::Deferred, 5), Effect::None);
         assert_eq!(l.classify(&v(&["a"]), Publish::Deferred, 5), Effect::Defer);
         assert_eq!(l.classify(&v(&["a"]), Publish::Now, 6), Effect::Move);
-        assert_eq!(l.deferred(), Some(Deferred { since_ms: 5, last_ms: 5 }));
+        assert_eq!(
+            l.deferred(),
+            Some(Deferred {
+                since_ms: 5,
+                last_ms: 5
+            })
+        );
         assert!(l.note(2, 1, &["c"], true));
         assert_eq!(l.classify(&v(&["c"]), Publish::Deferred, 7), Effect::Move);
     }

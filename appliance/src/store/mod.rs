@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use admin::{
-    AUDIT_SINCE, GroupInfo, HostGroupInfo, HostInfo, LicenseKey, LicenseRow, LicenseTerms, PolicyInfo, RoleInfo,
-    SignatureBatch, UserInfo,
+    GroupInfo, HostGroupInfo, HostInfo, LicenseKey, LicenseRow, LicenseTerms, PolicyInfo, RoleInfo,
+    SignatureBatch, UserInfo, AUDIT_SINCE,
 };
 pub use admin_tokens::AdminToken;
 pub use agent::{AgentRecord, CloseReport, CloseRole};
@@ -309,7 +309,13 @@ impl Store {
     /// data at `generation` and membership version `members`. Returns
     /// false when the host must not cache the answer (a membership change
     /// touching one of them raced it); see `ledger.rs`.
-    pub fn note_answer(&self, generation: i64, members: i64, programs: &[&str], allow: bool) -> bool {
+    pub fn note_answer(
+        &self,
+        generation: i64,
+        members: i64,
+        programs: &[&str],
+        allow: bool,
+    ) -> bool {
         match self.ledger.lock() {
             Ok(mut l) => l.note(generation, members, programs, allow),
             Err(_) => false,
@@ -320,7 +326,12 @@ impl Store {
     /// touched programs hosts were denied) once no deferred change came
     /// for `quiet_ms`, or `max_ms` after the first. Returns the new
     /// generation when it moved. The appliance calls this periodically.
-    pub fn settle_deferred(&self, now_ms: i64, quiet_ms: i64, max_ms: i64) -> Result<Option<i64>, StoreError> {
+    pub fn settle_deferred(
+        &self,
+        now_ms: i64,
+        quiet_ms: i64,
+        max_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
         let due = match self.ledger.lock() {
             Ok(l) => l.deferred().filter(|d| {
                 now_ms.saturating_sub(d.last_ms) >= quiet_ms

@@ -495,7 +495,9 @@ fn an_import_moves_the_policy_generation_once() {
     a.store.set_user_roles("u", &["r"], "admin:t").unwrap();
     let v0 = a.store.versions().unwrap();
     for h in want.iter().take(3) {
-        assert!(a.store.note_answer(v0.generation, v0.members, &[h.as_str()], false));
+        assert!(a
+            .store
+            .note_answer(v0.generation, v0.members, &[h.as_str()], false));
     }
     let v = import(&a, &db, "nsrl", &["--batch", "1000"]);
     assert_eq!(v["complete"], true);

@@ -273,12 +273,17 @@ impl ProgramGroups {
 
     /// Groups of `sha` as of membership version `members`; `None` when
     /// the store's memberships have moved past it (the caller refreshes
-    /// and retries).
+    /// and retries). `lenient` (a decision's last try, memberships
+    /// changing faster than it can refresh): the newer groups instead,
+    /// not kept; such an answer is not cacheable if they differ (the
+    /// change touching `sha` is pending in, or already synced to, the
+    /// store's ledger, so [`Store::note_answer`] refuses it).
     fn get(
         &self,
         store: &Store,
         sha: &str,
         members: i64,
+        lenient: bool,
     ) -> Result<Option<Arc<[String]>>, PolicyError> {
         let shard = self
             .shard(sha)
@@ -290,7 +295,7 @@ impl ProgramGroups {
         }
         let (groups, at) = store.groups_of_at(sha)?;
         if at != members {
-            return Ok(None);
+            return Ok(lenient.then(|| groups.into()));
         }
         let groups: Arc<[String]> = groups.into();
         if let Ok(mut map) = shard.lock() {
@@ -618,7 +623,9 @@ impl Engine {
         if let Some(p) = &req.peer {
             programs.push(&p.sha256);
         }
-        self.with_snapshot(&programs, |snap| self.evaluate(snap, req, peer.as_ref()))
+        self.with_snapshot(&programs, |snap, last| {
+            self.evaluate(snap, req, peer.as_ref(), last)
+        })
     }
 
     /// Decides a correlated connection as one: each side is evaluated with
@@ -644,7 +651,7 @@ impl Engine {
             connect.program.sha256.as_str(),
             accept.program.sha256.as_str(),
         ];
-        self.with_snapshot(&programs, |snap| {
+        self.with_snapshot(&programs, |snap, last| {
             let a = self.evaluate(
                 snap,
                 connect,
@@ -652,6 +659,7 @@ impl Engine {
                     host: &accept.host,
                     program: &accept.program,
                 }),
+                last,
             )?;
             let Some(a) = a else { return Ok(None) };
             let b = self.evaluate(
@@ -661,6 +669,7 @@ impl Engine {
                     host: &connect.host,
                     program: &connect.program,
                 }),
+                last,
             )?;
             Ok(b.map(|b| merge(a, b)))
         })
@@ -673,14 +682,14 @@ impl Engine {
     fn with_snapshot(
         &self,
         programs: &[&str],
-        f: impl Fn(&Snapshot) -> Result<Option<Decision>, PolicyError>,
+        f: impl Fn(&Snapshot, bool) -> Result<Option<Decision>, PolicyError>,
     ) -> Result<Decision, PolicyError> {
         for i in 0..MAX_TRIES {
             // The first try never compiles; a retry (the store's
             // memberships moved under a stale snapshot) must.
             self.refresh_with(i > 0)?;
             let snap = self.current.load();
-            if let Some(mut d) = f(&snap)? {
+            if let Some(mut d) = f(&snap, i + 1 == MAX_TRIES)? {
                 let allow = !matches!(d.outcome.verdict, Verdict::Deny);
                 if !self
                     .store
@@ -694,12 +703,14 @@ impl Engine {
         Err(PolicyError::Unstable(MAX_TRIES))
     }
 
-    /// `Ok(None)`: the store moved past the snapshot; retry.
+    /// `Ok(None)`: the store moved past the snapshot; retry. `lenient`:
+    /// the last try, see [`ProgramGroups::get`].
     fn evaluate(
         &self,
         snap: &Snapshot,
         req: &QualifyRequest,
         peer: Option<&Peer<'_>>,
+        lenient: bool,
     ) -> Result<Option<Decision>, PolicyError> {
         let Some((host_group, mode)) = snap.hosts.get(&req.host) else {
             // A host registered since the snapshot was taken: retry on a
@@ -709,9 +720,12 @@ impl Engine {
             }
             return Err(PolicyError::UnknownHost(req.host.clone()));
         };
-        let Some(groups) =
-            snap.programs
-                .get(&self.store, &req.program.sha256, snap.versions.members)?
+        let Some(groups) = snap.programs.get(
+            &self.store,
+            &req.program.sha256,
+            snap.versions.members,
+            lenient,
+        )?
         else {
             return Ok(None);
         };
@@ -736,9 +750,12 @@ impl Engine {
                     .hosts
                     .get(p.host)
                     .ok_or_else(|| PolicyError::UnknownHost(p.host.to_owned()))?;
-                let Some(groups) =
-                    snap.programs
-                        .get(&self.store, &p.program.sha256, snap.versions.members)?
+                let Some(groups) = snap.programs.get(
+                    &self.store,
+                    &p.program.sha256,
+                    snap.versions.members,
+                    lenient,
+                )?
                 else {
                     return Ok(None);
                 };

@@ -299,7 +299,7 @@ fn big_policy(n: usize) -> String {
 fn decisions_during_a_slow_compile_are_answered_by_the_old_policy_without_waiting() {
     let f = fixture();
     let s = "5".repeat(64);
-    let big = big_policy(1500);
+    let big = big_policy(2500);
     let id = f.store.create_policy_draft(&big, "", "admin:t").unwrap();
     // How long compiling it takes here.
     let t = Instant::now();
@@ -339,7 +339,7 @@ fn decisions_during_a_slow_compile_are_answered_by_the_old_policy_without_waitin
     assert_eq!(g.generation, g0 + 1);
     assert!(old > 0, "no decision was made while compiling");
     assert!(
-        slowest < compile / 4,
+        slowest < compile / 2,
         "a decision waited {slowest:?} (compiling takes {compile:?})"
     );
     assert_eq!(f.engine.generation(), g0 + 1);

@@ -619,13 +619,7 @@ impl Engine {
             host: &req.host,
             program,
         });
-        let mut programs = vec![req.program.sha256.as_str()];
-        if let Some(p) = &req.peer {
-            programs.push(&p.sha256);
-        }
-        self.with_snapshot(&programs, |snap, last| {
-            self.evaluate(snap, req, peer.as_ref(), last)
-        })
+        self.with_snapshot(|snap, last| self.evaluate(snap, req, peer.as_ref(), last))
     }
 
     /// Decides a correlated connection as one: each side is evaluated with
@@ -647,11 +641,7 @@ impl Engine {
                 )));
             }
         }
-        let programs = [
-            connect.program.sha256.as_str(),
-            accept.program.sha256.as_str(),
-        ];
-        self.with_snapshot(&programs, |snap, last| {
+        self.with_snapshot(|snap, last| {
             let a = self.evaluate(
                 snap,
                 connect,
@@ -676,12 +666,9 @@ impl Engine {
     }
 
     /// Decides with the current snapshot (refreshed first if the store
-    /// moved), retrying when the store's memberships moved under it, and
-    /// reports the answer about `programs` to the store's ledger: an
-    /// answer the ledger cannot vouch for is marked not cacheable.
+    /// moved), retrying when the store's memberships moved under it.
     fn with_snapshot(
         &self,
-        programs: &[&str],
         f: impl Fn(&Snapshot, bool) -> Result<Option<Decision>, PolicyError>,
     ) -> Result<Decision, PolicyError> {
         for i in 0..MAX_TRIES {
@@ -689,14 +676,7 @@ impl Engine {
             // memberships moved under a stale snapshot) must.
             self.refresh_with(i > 0)?;
             let snap = self.current.load();
-            if let Some(mut d) = f(&snap, i + 1 == MAX_TRIES)? {
-                let allow = !matches!(d.outcome.verdict, Verdict::Deny);
-                if !self
-                    .store
-                    .note_answer(snap.generation, snap.versions.members, programs, allow)
-                {
-                    d.cacheable = false;
-                }
+            if let Some(d) = f(&snap, i + 1 == MAX_TRIES)? {
                 return Ok(d);
             }
         }
@@ -730,6 +710,7 @@ impl Engine {
             return Ok(None);
         };
         if *mode == Mode::Disabled {
+            // Independent of memberships: nothing for the ledger.
             return Ok(Some(Decision {
                 outcome: Outcome {
                     verdict: Verdict::Allow,
@@ -816,6 +797,10 @@ impl Engine {
             if let Some(mut d) = snap.cache.get(k) {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 d.cache_hit = true;
+                // No need to report it: the ledger has had this answer
+                // since it was cached, so a membership change touching its
+                // programs moves the generation (or, bulk and deny only,
+                // defers the move) whenever this hit happens.
                 return Ok(Some(d));
             }
         }
@@ -836,7 +821,7 @@ impl Engine {
         let mut out = outcome_with(&resp, *mode, |id| index.meta(id));
         out.reasons.sort_unstable();
         out.reasons.dedup();
-        let d = Decision {
+        let mut d = Decision {
             outcome: out,
             generation: snap.generation,
             // A direct loader exec is never cached (by the kernel, or in the
@@ -852,8 +837,24 @@ impl Engine {
             cache_hit: false,
             groups: groups.to_vec(),
         };
-        if let Some(k) = key {
-            snap.cache.insert(k, d.clone());
+        // Reported to the store's ledger before it can be handed out again
+        // from the decision cache: every cached entry is one the ledger
+        // knows, so a hit need not report it again.
+        let mut programs = Vec::with_capacity(2);
+        programs.push(req.program.sha256.as_str());
+        if let Some(p) = &peer {
+            programs.push(p.program);
+        }
+        let allow = !matches!(d.outcome.verdict, Verdict::Deny);
+        if self
+            .store
+            .note_answer(snap.generation, snap.versions.members, &programs, allow)
+        {
+            if let Some(k) = key {
+                snap.cache.insert(k, d.clone());
+            }
+        } else {
+            d.cacheable = false;
         }
         Ok(Some(d))
     }

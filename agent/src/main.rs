@@ -38,6 +38,7 @@ enum Cmd {
     ///
     /// Example: trustbind-agent enrol --appliance 10.99.0.10 --name web1
     ///   --token 3f9c... --ca-fingerprint 8a1d...
+    #[command(alias = "enroll")]
     Enrol {
         /// Appliance enrol address, HOST[:PORT] (port 7444).
         #[arg(long, env = "TRUSTBIND_APPLIANCE")]

@@ -155,6 +155,7 @@ fn main() -> ExitCode {
             call_timeout_ms,
             no_net,
         } => {
+            trustbind_agent::logging::init();
             let opts = RunOptions {
                 state: cli.state,
                 device,
@@ -169,7 +170,7 @@ fn main() -> ExitCode {
             match rt.block_on(run::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("trustbind-agent: {e}");
+                    tracing::error!("{e}");
                     ExitCode::FAILURE
                 }
             }

@@ -158,10 +158,6 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn log(msg: &str) {
-    eprintln!("trustbind-agent: {msg}");
-}
-
 fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Enforce => "enforce",
@@ -231,7 +227,7 @@ impl Shared {
     }
 
     fn error(&self, msg: String) {
-        log(&msg);
+        tracing::error!("{msg}");
         self.lock().status.last_error = msg;
     }
 
@@ -246,7 +242,7 @@ impl Shared {
                 g.mode = mode;
                 g.status.mode = mode_name(mode).into();
                 drop(g);
-                log(&format!("mode {}", mode_name(mode)));
+                tracing::info!("mode {}", mode_name(mode));
                 let _ = write_atomic(
                     &self.opts.state.join("mode"),
                     mode_name(mode).as_bytes(),
@@ -266,12 +262,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let cfg = link::load_config(&opts.state)?;
     let tls = link::agent_tls(&opts.state)?;
     let mut spool = Spool::open(&opts.state.join("spool"))?;
-    let bundle = Bundle::load(&opts.state, |w| log(&w));
+    let bundle = Bundle::load(&opts.state, |w| tracing::warn!("{w}"));
     let ca_path = opts.state.join("ca.pem");
     let ca = CertificateDer::from_pem_file(&ca_path)
         .map_err(|e| link::LinkError::Config(format!("{}: {e}", ca_path.display())))?;
     let signed = signed::load(&opts.state, &ca, &cfg.name, now_ms()).unwrap_or_else(|e| {
-        log(&format!("signed offline bundle not used: {e}"));
+        tracing::warn!("signed offline bundle not used: {e}");
         None
     });
     let mode = std::fs::read_to_string(opts.state.join("mode"))
@@ -281,7 +277,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut device = Device::open(&opts.device)?;
     let mut writer = device.writer()?;
     writer.config(mode, opts.verdict_timeout_ms, opts.qualify_net)?;
-    log(&format!(
+    tracing::info!(
         "{}: module v{:#x}, mode {}, connects/accepts {}, appliance {} as `{}`",
         opts.device.display(),
         device.ack.module_version,
@@ -293,7 +289,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         },
         cfg.agent_addr,
         cfg.name
-    ));
+    );
     let start = SpoolRecord {
         id: spool.next_id(),
         at_ms: now_ms(),
@@ -371,10 +367,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         _ = tokio::signal::ctrl_c() => "SIGINT".to_owned(),
         m = fatal_rx.recv() => format!("device: {}", m.unwrap_or_default()),
     };
-    log(&format!("stopping ({reason})"));
+    tracing::info!("stopping ({reason})");
     let mut g = shared.lock();
     if let Err(e) = g.bundle.save() {
-        log(&format!("cannot save the bundle: {e}"));
+        tracing::error!("cannot save the bundle: {e}");
     }
     g.status.connected = false;
     g.status.last_error = format!("stopped: {reason}");
@@ -525,7 +521,7 @@ fn signed_verdict(g: &mut Inner, sha256: &str, user: &str) -> Option<Verdict> {
         }
         Err(why) => {
             if g.offline_why.as_deref() != Some(why.as_str()) {
-                log(&format!("offline answers use the mode's default: {why}"));
+                tracing::warn!("offline answers use the mode's default: {why}");
                 g.offline_why = Some(why);
             }
             None
@@ -588,7 +584,7 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     let online = match asked.map_err(|e| e.unwrap_or_else(|| "not connected".into())) {
         Ok(results) => {
             if !shared.connected.swap(true, Ordering::Relaxed) {
-                log("appliance answering again");
+                tracing::info!("appliance answering again");
             }
             Some(
                 results
@@ -675,7 +671,7 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     // make them durable before the kernel acts on them.
     if let Err(e) = g.spool.append(&offline_records) {
         g.status.last_error = format!("spool: {e}");
-        log(&g.status.last_error);
+        tracing::error!("{}", g.status.last_error);
     }
     for (id, pid, v) in answers {
         if let (Decision::Allow | Decision::AllowWithConditions, Some(s)) =
@@ -867,12 +863,12 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         }
         Err(e) => {
             if let Some(e) = e {
-                log(&format!(
+                tracing::warn!(
                     "{} {} -> {}: answering offline: {e}",
                     event_name(&ev),
                     src_of(&ev),
                     dst_of(&ev)
-                ));
+                );
             }
             None
         }
@@ -883,11 +879,11 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
             match shared.keys.wait(channel_id, deadline).await {
                 Some(Pushed::Key(h)) => Err(h),
                 Some(Pushed::Denied(why)) => {
-                    log(&format!("channel {channel_id} refused: {why}"));
+                    tracing::info!("channel {channel_id} refused: {why}");
                     Ok(deny(generation))
                 }
                 None => {
-                    log(&format!("channel {channel_id}: no key in time"));
+                    tracing::warn!("channel {channel_id}: no key in time");
                     Ok(deny(generation))
                 }
             }
@@ -1011,10 +1007,14 @@ async fn closer(shared: Arc<Shared>, mut rx: mpsc::Receiver<ChannelClosed>) {
                 })
                 .collect();
             for c in &batch {
-                log(&format!(
+                tracing::info!(
                     "channel {} closed ({:?} end): sent {} received {} bytes in {} ms",
-                    c.channel_id, c.role, c.bytes_sent, c.bytes_received, c.duration_ms
-                ));
+                    c.channel_id,
+                    c.role,
+                    c.bytes_sent,
+                    c.bytes_received,
+                    c.duration_ms
+                );
             }
             match g.spool.append(&records) {
                 Ok(()) => g.status.channels_closed += records.len() as u64,
@@ -1067,7 +1067,7 @@ async fn session(
         .into_inner();
     *shared.client.write().await = Some(client.clone());
     shared.connected.store(true, Ordering::Relaxed);
-    log(&format!("connected to {}", cfg.agent_addr));
+    tracing::info!("connected to {}", cfg.agent_addr);
     let mut deliver = tokio::time::interval(Duration::from_secs(2));
     let mut renew =
         tokio::time::interval_at(tokio::time::Instant::now() + BUNDLE_REFRESH, BUNDLE_REFRESH);
@@ -1105,7 +1105,7 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
                     w.status.last_error = e.to_string();
                 }
                 drop(w);
-                log(&format!("policy generation {gen}"));
+                tracing::info!("policy generation {gen}");
             }
         }
         push::Kind::HostMode(m) => match parse_mode(&m.mode) {
@@ -1127,7 +1127,7 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             shared.keys.put(k.channel_id, pushed, Instant::now());
         }
         push::Kind::ChannelDenied(d) => {
-            log(&format!("channel {} denied: {}", d.channel_id, d.reason));
+            tracing::info!("channel {} denied: {}", d.channel_id, d.reason);
             shared
                 .keys
                 .put(d.channel_id, Pushed::Denied(d.reason), Instant::now());
@@ -1146,7 +1146,7 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
                 w.status.last_error = e.to_string();
             }
             drop(w);
-            log(&format!("protected hosts: {}", addrs.len()));
+            tracing::info!("protected hosts: {}", addrs.len());
         }
         push::Kind::Ping(_) => {}
     }

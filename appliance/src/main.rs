@@ -369,7 +369,22 @@ impl ServerNames {
 /// The Cedar schema every policy set is validated against.
 const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
+/// The daemon's log: `tracing` events as text lines on stderr (the image's
+/// `tb-supervise` copies them to the console and a bounded log on /data;
+/// systemd's journal takes stderr as it is), filtered by `TRUSTBIND_LOG`
+/// (`EnvFilter` syntax, default `info`).
+fn init_log() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTBIND_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
 fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result<(), Fail> {
+    init_log();
     let [agent_addr, enrol_addr, admin_addr] = listen;
     let store = Arc::new(open_store(data_dir)?);
     let names = names.or_default(&listen);
@@ -449,7 +464,7 @@ fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result
         );
         let admin = tokio::spawn(admin::serve(admin_l, admin_cfg, router));
         wait_for_signals(&pki).await?;
-        eprintln!("trustbind-appliance: shutting down");
+        tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         // Open calls get a bounded time to finish.
         let grace = std::time::Duration::from_secs(15);
@@ -457,15 +472,13 @@ fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result
         let enrol = tokio::time::timeout(grace, enrol).await;
         for (name, r) in [("agent", agent), ("enrol", enrol)] {
             let Ok(r) = r else {
-                eprintln!(
-                    "trustbind-appliance: {name} port: calls still open after {grace:?}, leaving"
-                );
+                tracing::warn!("{name} port: calls still open after {grace:?}, leaving");
                 continue;
             };
             match r {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("trustbind-appliance: {name} port: {e}"),
-                Err(e) => eprintln!("trustbind-appliance: {name} port task: {e}"),
+                Ok(Err(e)) => tracing::error!("{name} port: {e}"),
+                Err(e) => tracing::error!("{name} port task: {e}"),
             }
         }
         admin.abort();
@@ -494,8 +507,8 @@ async fn wait_for_signals(pki: &Pki) -> Result<(), Fail> {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => match pki.reload_server_cert() {
-                Ok(serial) => eprintln!("trustbind-appliance: server certificate {serial} loaded"),
-                Err(e) => eprintln!("trustbind-appliance: server certificate not reloaded: {e}"),
+                Ok(serial) => tracing::info!("server certificate {serial} loaded"),
+                Err(e) => tracing::error!("server certificate not reloaded: {e}"),
             },
         }
     }

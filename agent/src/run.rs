@@ -1025,10 +1025,33 @@ async fn closer(shared: Arc<Shared>, mut rx: mpsc::Receiver<ChannelClosed>) {
     }
 }
 
+/// First wait before reconnecting.
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+/// Longest wait before reconnecting.
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// A session that lasted this long starts the waits over.
+const RECONNECT_STABLE: Duration = Duration::from_secs(30);
+
+/// The waits between reconnects: doubling from [`RECONNECT_MIN`], each
+/// with up to as much again of random jitter (so a fleet that lost the
+/// appliance at once does not come back at once), never above
+/// [`RECONNECT_MAX`]; endless.
+pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(RECONNECT_MIN)
+        .with_max_delay(RECONNECT_MAX / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .map(|d| d.min(RECONNECT_MAX))
+}
+
 /// Keeps the session up: connect, subscribe, deliver the spool, follow
-/// pushes; on any failure back off and start again.
+/// pushes; on any failure back off (with jitter) and start again.
 async fn connection(shared: Arc<Shared>, cfg: AgentConfig, tls: rustls::ClientConfig) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = reconnect_backoff();
     loop {
         let started = Instant::now();
         match session(&shared, &cfg, tls.clone()).await {
@@ -1039,11 +1062,10 @@ async fn connection(shared: Arc<Shared>, cfg: AgentConfig, tls: rustls::ClientCo
         }
         *shared.client.write().await = None;
         shared.connected.store(false, Ordering::Relaxed);
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(250);
+        if started.elapsed() > RECONNECT_STABLE {
+            backoff = reconnect_backoff();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        tokio::time::sleep(backoff.next().unwrap_or(RECONNECT_MAX)).await;
     }
 }
 
@@ -1248,6 +1270,26 @@ async fn renew_bundle_now(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnect_waits_double_with_jitter_and_a_cap() {
+        let first: Vec<Duration> = reconnect_backoff().take(40).collect();
+        // Doubling from 250 ms, each wait in [d, 2d): jitter adds up to d.
+        let mut d = RECONNECT_MIN;
+        for w in &first[..5] {
+            assert!(*w >= d && *w < d * 2, "{w:?} outside [{d:?}, {:?})", d * 2);
+            d *= 2;
+        }
+        // Capped: from 5 s on in [5 s, 10 s], never longer, still spread.
+        let late = &first[10..];
+        assert!(late.iter().all(|w| *w >= RECONNECT_MAX / 2 && *w <= RECONNECT_MAX));
+        assert!(late.iter().any(|w| *w != late[0]), "no jitter at the cap: {late:?}");
+        // Two agents starting over at once wait differently.
+        let other: Vec<Duration> = reconnect_backoff().take(40).collect();
+        assert_ne!(first, other);
+        // Endless.
+        assert_eq!(reconnect_backoff().take(10_000).count(), 10_000);
+    }
     use std::net::IpAddr;
 
     fn ev(kind: NetKind, src: &str, src_port: u16) -> NetEvent {

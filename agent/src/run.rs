@@ -154,9 +154,6 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 fn mode_name(m: Mode) -> &'static str {
     match m {
@@ -606,7 +603,7 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     let mut answers = Vec::with_capacity(batch.len());
     for (ev, user) in batch.iter().zip(users) {
         g.status.requests += 1;
-        let sha = hex(&ev.sha256);
+        let sha = hex::encode(&ev.sha256);
         let from_appliance = online.as_ref().and_then(|m| m.get(&ev.request_id));
         let v = match from_appliance {
             Some(r) => {
@@ -826,7 +823,7 @@ fn src_of(ev: &NetEvent) -> String {
 /// for a UNIX connect).
 fn dst_of(ev: &NetEvent) -> String {
     match &ev.ipc {
-        Some(p) => format!("{} (pid {}, sha256 {})", p.path, p.pid, hex(&p.sha256)),
+        Some(p) => format!("{} (pid {}, sha256 {})", p.path, p.pid, hex::encode(&p.sha256)),
         None => format!("{}:{}", ev.dst_addr, ev.dst_port),
     }
 }
@@ -905,7 +902,7 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
                     "kind": event_name(&ev),
                     "src": src_of(&ev),
                     "dst": dst_of(&ev),
-                    "sha256": hex(&ev.sha256), "user": user, "uid": ev.uid, "pid": ev.pid,
+                    "sha256": hex::encode(&ev.sha256), "user": user, "uid": ev.uid, "pid": ev.pid,
                     "decision": format!("{decision:?}").to_lowercase(),
                     "source": "default", "mode": mode_name(g.mode),
                 }),
@@ -968,7 +965,7 @@ pub fn close_record(id: String, at_ms: i64, c: &ChannelClosed) -> SpoolRecord {
         what: "channel.close".into(),
         detail: serde_json::json!({
             "channel_id": c.channel_id,
-            "key_id": hex(&c.key_id),
+            "key_id": hex::encode(&c.key_id),
             "role": match c.role {
                 ChannelRole::Connect => "connect",
                 ChannelRole::Accept => "accept",
@@ -1246,7 +1243,7 @@ async fn renew_bundle_now(
         .into_iter()
         .filter_map(|(sha, user)| {
             Some(pb::BundleEntry {
-                sha256: signed::unhex(&sha)?,
+                sha256: hex::decode(&sha).ok()?,
                 user,
             })
         })

@@ -64,9 +64,10 @@ enum Cmd {
         /// The module's device.
         #[arg(long, default_value = "/dev/trustbind")]
         device: PathBuf,
-        /// passwd file for user names.
-        #[arg(long, default_value = "/etc/passwd")]
-        passwd: PathBuf,
+        /// No longer used: user names come from NSS (getpwuid). Accepted
+        /// so that existing command lines keep working.
+        #[arg(long, hide = true)]
+        passwd: Option<PathBuf>,
         /// Mode until the appliance sends the host's mode (and none was saved).
         #[arg(long, default_value = "permissive", value_parser = ["enforce", "permissive", "disabled"])]
         mode: String,
@@ -156,10 +157,15 @@ fn main() -> ExitCode {
             no_net,
         } => {
             trustbind_agent::logging::init();
+            if let Some(p) = passwd {
+                tracing::warn!(
+                    "--passwd {} is ignored: user names come from NSS (getpwuid)",
+                    p.display()
+                );
+            }
             let opts = RunOptions {
                 state: cli.state,
                 device,
-                passwd,
                 mode: run::parse_mode(&mode).unwrap_or(trustbind_proto::Mode::Permissive),
                 verdict_timeout_ms,
                 batch_max: 64,

@@ -62,8 +62,6 @@ pub struct RunOptions {
     pub state: PathBuf,
     /// The module's device.
     pub device: PathBuf,
-    /// The passwd file for user names.
-    pub passwd: PathBuf,
     /// Mode before the appliance says otherwise (when none was saved).
     pub mode: Mode,
     /// How long the kernel waits for a verdict.
@@ -308,7 +306,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             signed,
             offline_why: None,
             spool,
-            users: Users::new(&opts.passwd),
+            users: Users::new(),
             mode,
             status,
         }),
@@ -563,7 +561,7 @@ async fn qualify(
 
 async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     let users: Vec<String> = {
-        let g = shared.lock();
+        let mut g = shared.lock();
         batch.iter().map(|ev| g.users.name(ev.uid)).collect()
     };
     let requests: Vec<pb::Request> = batch

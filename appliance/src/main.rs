@@ -17,7 +17,8 @@
 //! may stand before or after the command. Every flag has an environment
 //! variable: `TRUSTBIND_DATA_DIR`, `TRUSTBIND_AGENT_LISTEN`,
 //! `TRUSTBIND_ENROL_LISTEN`, `TRUSTBIND_ADMIN_LISTEN`,
-//! `TRUSTBIND_SERVER_NAMES` (comma-separated), `TRUSTBIND_ADMIN_NAME`,
+//! `TRUSTBIND_SERVER_NAMES` (comma-separated), `TRUSTBIND_TIME_ZONE`,
+//! `TRUSTBIND_ADMIN_NAME`,
 //! `TRUSTBIND_ADMIN_OUT`, `TRUSTBIND_ADMIN_TOKEN_TTL_MIN`; an empty one
 //! counts as unset. Flags win; a flag given twice, the last one.
 //!
@@ -100,6 +101,10 @@ enum Cmd {
         admin_listen: SocketAddr,
         #[command(flatten)]
         names: ServerNames,
+        /// The time zone of the `hour` and `weekday` policies read: `UTC`,
+        /// `system` (this host's) or an IANA name such as `Europe/Berlin`.
+        #[arg(long, value_name = "ZONE", env = "TRUSTBIND_TIME_ZONE", default_value = "UTC")]
+        time_zone: String,
     },
     /// Prints the CA's SHA-256 fingerprint.
     CaFingerprint,
@@ -181,6 +186,7 @@ const FLAG_ENV: &[&str] = &[
     "TRUSTBIND_ENROL_LISTEN",
     "TRUSTBIND_ADMIN_LISTEN",
     "TRUSTBIND_SERVER_NAMES",
+    "TRUSTBIND_TIME_ZONE",
     "TRUSTBIND_ADMIN_NAME",
     "TRUSTBIND_ADMIN_OUT",
     "TRUSTBIND_ADMIN_TOKEN_TTL_MIN",
@@ -224,7 +230,13 @@ fn run(cli: Cli) -> Result<(), Fail> {
             enrol_listen,
             admin_listen,
             names,
-        } => serve(&data_dir, [agent_listen, enrol_listen, admin_listen], names),
+            time_zone,
+        } => {
+            let tz = trustbind_appliance::clock::zone_named(&time_zone)
+                .map_err(|e| usage(format!("--time-zone: {e}")))?;
+            trustbind_appliance::clock::set_zone(tz);
+            serve(&data_dir, [agent_listen, enrol_listen, admin_listen], names)
+        }
         Cmd::CaFingerprint => {
             if !data_dir.join(pki::CA_CERT_FILE).exists() {
                 return Err(Fail(

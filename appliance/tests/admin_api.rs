@@ -972,6 +972,8 @@ async fn audit_tail_export_verify() {
     let (_, v) = h.get("/v1/status").await;
     assert_eq!(v["you"], "admin:alice");
     assert_eq!(v["audit_head"], 5);
+    // Policies read hours in this zone (serve --time-zone; UTC here).
+    assert_eq!(v["time_zone"], "UTC");
 
     // Long poll: a row appended while waiting is returned.
     let store = Arc::clone(&h.store);

@@ -34,6 +34,7 @@ pub(super) async fn status(
             "schema_version": s.schema_version()?,
             "governing": s.governing()?,
             "audit_head": s.audit_head()?,
+            "time_zone": crate::clock::zone_name(crate::clock::zone()),
             "you": actor.0,
         })))
     })

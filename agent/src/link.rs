@@ -86,7 +86,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), LinkError
         .map_err(file_err(&tmp))?;
     f.write_all(data).map_err(file_err(&tmp))?;
     f.as_file().sync_all().map_err(file_err(&tmp))?;
-    f.persist(path).map_err(|e| e.error).map_err(file_err(path))?;
+    f.persist(path)
+        .map_err(|e| e.error)
+        .map_err(file_err(path))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(file_err(dir))

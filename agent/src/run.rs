@@ -152,7 +152,6 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-
 fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Enforce => "enforce",
@@ -821,7 +820,12 @@ fn src_of(ev: &NetEvent) -> String {
 /// for a UNIX connect).
 fn dst_of(ev: &NetEvent) -> String {
     match &ev.ipc {
-        Some(p) => format!("{} (pid {}, sha256 {})", p.path, p.pid, hex::encode(&p.sha256)),
+        Some(p) => format!(
+            "{} (pid {}, sha256 {})",
+            p.path,
+            p.pid,
+            hex::encode(&p.sha256)
+        ),
         None => format!("{}:{}", ev.dst_addr, ev.dst_port),
     }
 }
@@ -1277,8 +1281,13 @@ mod tests {
         }
         // Capped: from 5 s on in [5 s, 10 s], never longer, still spread.
         let late = &first[10..];
-        assert!(late.iter().all(|w| *w >= RECONNECT_MAX / 2 && *w <= RECONNECT_MAX));
-        assert!(late.iter().any(|w| *w != late[0]), "no jitter at the cap: {late:?}");
+        assert!(late
+            .iter()
+            .all(|w| *w >= RECONNECT_MAX / 2 && *w <= RECONNECT_MAX));
+        assert!(
+            late.iter().any(|w| *w != late[0]),
+            "no jitter at the cap: {late:?}"
+        );
         // Two agents starting over at once wait differently.
         let other: Vec<Duration> = reconnect_backoff().take(40).collect();
         assert_ne!(first, other);

@@ -46,7 +46,6 @@ pub struct Verified {
 /// Most pairs sent in one `SignBundle` request (the appliance's bound).
 pub const MAX_ASK: usize = 4096;
 
-
 impl Verified {
     /// Checks `signed` against the pinned CA `ca`, this `host` and the
     /// clock (`now_ms`); `Err` says why it must not be used.

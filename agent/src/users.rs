@@ -74,7 +74,10 @@ mod tests {
             .output()
             .ok()?;
         let text = String::from_utf8(out.stdout).ok()?;
-        text.split(':').next().filter(|n| !n.is_empty()).map(str::to_owned)
+        text.split(':')
+            .next()
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
     }
 
     #[test]

@@ -18,8 +18,9 @@ static ZONE: OnceLock<TimeZone> = OnceLock::new();
 pub fn zone_named(name: &str) -> Result<TimeZone, String> {
     match name {
         "" | "UTC" | "utc" => Ok(TimeZone::UTC),
-        "system" => TimeZone::try_system()
-            .map_err(|e| format!("the host's time zone cannot be read: {e}")),
+        "system" => {
+            TimeZone::try_system().map_err(|e| format!("the host's time zone cannot be read: {e}"))
+        }
         _ => TimeZone::get(name).map_err(|e| format!("unknown time zone `{name}`: {e}")),
     }
 }
@@ -85,7 +86,10 @@ mod tests {
     #[test]
     fn utc_is_the_default_arithmetic() {
         // Monday 2024-01-01 09:30 UTC.
-        assert_eq!(civil_in(1_704_101_400_000, &TimeZone::UTC), (1_704_101_400, 9, 0));
+        assert_eq!(
+            civil_in(1_704_101_400_000, &TimeZone::UTC),
+            (1_704_101_400, 9, 0)
+        );
         // 1970-01-01 was a Thursday; before the epoch too.
         assert_eq!(civil_in(0, &TimeZone::UTC), (0, 0, 3));
         assert_eq!(civil_in(-1, &TimeZone::UTC), (-1, 23, 2));
@@ -131,7 +135,10 @@ mod tests {
         assert!(zone_named("system").is_ok());
         let e = zone_named("Mars/Olympus_Mons").unwrap_err();
         assert!(e.contains("unknown time zone `Mars/Olympus_Mons`"), "{e}");
-        assert_eq!(zone_name(&zone_named("Europe/Berlin").unwrap()), "Europe/Berlin");
+        assert_eq!(
+            zone_name(&zone_named("Europe/Berlin").unwrap()),
+            "Europe/Berlin"
+        );
         assert_eq!(zone_name(&TimeZone::UTC), "UTC");
     }
 }

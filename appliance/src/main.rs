@@ -103,7 +103,12 @@ enum Cmd {
         names: ServerNames,
         /// The time zone of the `hour` and `weekday` policies read: `UTC`,
         /// `system` (this host's) or an IANA name such as `Europe/Berlin`.
-        #[arg(long, value_name = "ZONE", env = "TRUSTBIND_TIME_ZONE", default_value = "UTC")]
+        #[arg(
+            long,
+            value_name = "ZONE",
+            env = "TRUSTBIND_TIME_ZONE",
+            default_value = "UTC"
+        )]
         time_zone: String,
     },
     /// Prints the CA's SHA-256 fingerprint.
@@ -162,7 +167,12 @@ enum AuditCmd {
 struct ServerNames {
     /// A name on the server certificate (repeatable; default: the host
     /// name, localhost, 127.0.0.1 and the listen addresses).
-    #[arg(long = "server-name", value_name = "NAME", env = "TRUSTBIND_SERVER_NAMES", value_delimiter = ',')]
+    #[arg(
+        long = "server-name",
+        value_name = "NAME",
+        env = "TRUSTBIND_SERVER_NAMES",
+        value_delimiter = ','
+    )]
     server_names: Vec<String>,
 }
 
@@ -289,7 +299,12 @@ fn run(cli: Cli) -> Result<(), Fail> {
 /// `--if-unenrolled`, prints nothing if an admin ever enrolled with one.
 /// Creates the database and the CA if missing, so an image's first boot can
 /// run it before `serve`; safe while `serve` runs (SQLite WAL).
-fn admin_token(data_dir: &Path, name: &str, only_if_unenrolled: bool, ttl_min: i64) -> Result<(), Fail> {
+fn admin_token(
+    data_dir: &Path,
+    name: &str,
+    only_if_unenrolled: bool,
+    ttl_min: i64,
+) -> Result<(), Fail> {
     use trustbind_appliance::agent_api::enrol::{admin_token_sha256, new_admin_token};
     pki::check_name(name).map_err(|e| usage(format!("--name: {e}")))?;
     let store = open_store(data_dir)?;

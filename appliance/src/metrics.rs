@@ -140,8 +140,16 @@ impl Metrics {
         );
         for (name, help, counter) in [
             ("trustbind_cache_hits", "Decision cache hits", &m.cache_hits),
-            ("trustbind_cache_misses", "Decision cache misses", &m.cache_misses),
-            ("trustbind_keys_issued", "Channel keys issued", &m.keys_issued),
+            (
+                "trustbind_cache_misses",
+                "Decision cache misses",
+                &m.cache_misses,
+            ),
+            (
+                "trustbind_keys_issued",
+                "Channel keys issued",
+                &m.keys_issued,
+            ),
             (
                 "trustbind_limits_exceeded",
                 "License limits exceeded",
@@ -221,7 +229,10 @@ impl Metrics {
             return 0;
         }
         self.decisions
-            .get_or_create(&[("action", action_label(action)), ("verdict", verdict_label(verdict))])
+            .get_or_create(&[
+                ("action", action_label(action)),
+                ("verdict", verdict_label(verdict)),
+            ])
             .get()
     }
 
@@ -354,7 +365,10 @@ mod tests {
         ];
         assert_eq!(names.into_iter().collect::<Vec<_>>(), expected, "{text}");
         let series = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
-        assert_eq!(series("trustbind_decisions_total{"), ACTIONS.len() * VERDICTS.len());
+        assert_eq!(
+            series("trustbind_decisions_total{"),
+            ACTIONS.len() * VERDICTS.len()
+        );
         assert_eq!(series("trustbind_would_deny_total{"), ACTIONS.len());
         assert_eq!(series("trustbind_enrolments_total{"), 2);
         assert_eq!(

@@ -760,10 +760,9 @@ pub fn write_atomic(path: &Path, data: &[u8], private: bool) -> Result<(), PkiEr
     let mode = if private { 0o600 } else { 0o644 };
     let result = (|| {
         // A new file only this process can open (0600), removed on failure.
-        let mut f = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(dir)?;
-        f.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
+        let mut f = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+        f.as_file()
+            .set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
         f.as_file().sync_all()?;
         f.persist(path).map_err(|e| e.error)?;

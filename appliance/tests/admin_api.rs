@@ -1007,7 +1007,9 @@ async fn metrics_are_prometheus_text() {
     );
     let r = h.call("GET", "/metrics", None).await;
     assert_eq!(r.status, 200);
-    assert!(r.content_type.starts_with("application/openmetrics-text; version=1.0.0"));
+    assert!(r
+        .content_type
+        .starts_with("application/openmetrics-text; version=1.0.0"));
     let text = String::from_utf8(r.body).unwrap();
     let line = text
         .lines()

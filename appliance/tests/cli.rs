@@ -6,7 +6,11 @@ use std::process::{Command, Output};
 
 fn appliance(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trustbind-appliance"));
-    for v in ["TRUSTBIND_DATA_DIR", "TRUSTBIND_ADMIN_NAME", "TRUSTBIND_SERVER_NAMES"] {
+    for v in [
+        "TRUSTBIND_DATA_DIR",
+        "TRUSTBIND_ADMIN_NAME",
+        "TRUSTBIND_SERVER_NAMES",
+    ] {
         cmd.env_remove(v);
     }
     cmd.args(args).envs(env.iter().copied()).output().unwrap()
@@ -80,7 +84,16 @@ fn data_dir_before_or_after_the_command_env_and_last_flag() {
     let out = appliance(&["init"], &[("TRUSTBIND_DATA_DIR", b)]);
     assert!(out.status.success(), "{out:?}");
     assert!(dir.path().join("b/appliance.db").exists());
-    let out = appliance(&["--data-dir", "/nonexistent/x", "--data-dir", a, "admin-token"], &[]);
+    let out = appliance(
+        &[
+            "--data-dir",
+            "/nonexistent/x",
+            "--data-dir",
+            a,
+            "admin-token",
+        ],
+        &[],
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout(&out).lines().count(), 1, "{out:?}");
     let fp = appliance(&["ca-fingerprint", "--data-dir", a], &[]);

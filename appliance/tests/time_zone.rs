@@ -55,8 +55,12 @@ fn office_hours_follow_berlin_across_the_dst_change() {
     assert!(clock::set_zone(clock::zone_named("Europe/Berlin").unwrap()));
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("appliance.db")).unwrap());
-    store.set_host_group("db", Mode::Enforce, "admin:t").unwrap();
-    store.add_pending_host("db1", "db", &sha('a'), "admin:t").unwrap();
+    store
+        .set_host_group("db", Mode::Enforce, "admin:t")
+        .unwrap();
+    store
+        .add_pending_host("db1", "db", &sha('a'), "admin:t")
+        .unwrap();
     store
         .put_signature(
             &Signature {
@@ -75,7 +79,9 @@ fn office_hours_follow_berlin_across_the_dst_change() {
     store
         .add_member("maintenance-tools", &sha('7'), "admin:t")
         .unwrap();
-    let id = store.create_policy_draft(OFFICE_HOURS, "", "admin:t").unwrap();
+    let id = store
+        .create_policy_draft(OFFICE_HOURS, "", "admin:t")
+        .unwrap();
     store.activate_policy(id, "admin:t").unwrap();
     let e = Engine::new(store, SCHEMA).unwrap();
     let allowed = |utc: &str| {

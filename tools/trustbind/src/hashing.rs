@@ -40,7 +40,6 @@ pub struct Walk {
     pub skipped_other: u64,
 }
 
-
 /// Hashes a file with SHA-256 and SHA-1 in one pass.
 pub fn hash_file(path: &Path) -> Result<Hashed> {
     let mut f = std::fs::File::open(path).map_err(|e| io_err("open", path, &e))?;

@@ -62,7 +62,8 @@ pub fn parse_since(s: &str, now: i64) -> Result<i64> {
     // Dates and times, UTC (jiff's ISO 8601 parser; `T` or a space).
     let t = t.strip_suffix(['Z', 'z']).unwrap_or(t);
     let dt = if t.len() == 10 {
-        t.parse::<jiff::civil::Date>().map(|d| d.to_datetime(jiff::civil::Time::midnight()))
+        t.parse::<jiff::civil::Date>()
+            .map(|d| d.to_datetime(jiff::civil::Time::midnight()))
     } else {
         t.parse::<jiff::civil::DateTime>()
     }
@@ -86,7 +87,10 @@ mod tests {
         assert_eq!(parse_since("2024-01-01T09:30Z", now).unwrap(), now);
         assert_eq!(parse_since("@1704101400", now).unwrap(), now);
         assert_eq!(parse_since("2024-01-01 09:30:00", now).unwrap(), now);
-        assert_eq!(parse_since("2024-02-29T00:00Z", now).unwrap(), 1_709_164_800_000);
+        assert_eq!(
+            parse_since("2024-02-29T00:00Z", now).unwrap(),
+            1_709_164_800_000
+        );
         assert_eq!(fmt_ms(-1), "1969-12-31 23:59:59");
         for bad in [
             "yesterday",

@@ -183,7 +183,10 @@ fn one_spelling_enrol_with_the_other_accepted_unlisted() {
             .stdout(predicate::str::contains(sub).and(predicate::str::contains("enroll").not()));
     }
     // Scripts written with "enroll" keep working.
-    for args in [["admin", "enroll", "--help"], ["host", "enroll-token", "--help"]] {
+    for args in [
+        ["admin", "enroll", "--help"],
+        ["host", "enroll-token", "--help"],
+    ] {
         tb(d.path()).args(args).assert().success();
     }
 }

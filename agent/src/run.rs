@@ -600,7 +600,7 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     let mut answers = Vec::with_capacity(batch.len());
     for (ev, user) in batch.iter().zip(users) {
         g.status.requests += 1;
-        let sha = hex::encode(&ev.sha256);
+        let sha = hex::encode(ev.sha256);
         let from_appliance = online.as_ref().and_then(|m| m.get(&ev.request_id));
         let v = match from_appliance {
             Some(r) => {
@@ -824,7 +824,7 @@ fn dst_of(ev: &NetEvent) -> String {
             "{} (pid {}, sha256 {})",
             p.path,
             p.pid,
-            hex::encode(&p.sha256)
+            hex::encode(p.sha256)
         ),
         None => format!("{}:{}", ev.dst_addr, ev.dst_port),
     }
@@ -904,7 +904,7 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
                     "kind": event_name(&ev),
                     "src": src_of(&ev),
                     "dst": dst_of(&ev),
-                    "sha256": hex::encode(&ev.sha256), "user": user, "uid": ev.uid, "pid": ev.pid,
+                    "sha256": hex::encode(ev.sha256), "user": user, "uid": ev.uid, "pid": ev.pid,
                     "decision": format!("{decision:?}").to_lowercase(),
                     "source": "default", "mode": mode_name(g.mode),
                 }),
@@ -967,7 +967,7 @@ pub fn close_record(id: String, at_ms: i64, c: &ChannelClosed) -> SpoolRecord {
         what: "channel.close".into(),
         detail: serde_json::json!({
             "channel_id": c.channel_id,
-            "key_id": hex::encode(&c.key_id),
+            "key_id": hex::encode(c.key_id),
             "role": match c.role {
                 ChannelRole::Connect => "connect",
                 ChannelRole::Accept => "accept",

@@ -59,8 +59,8 @@ pub fn hash_file(path: &Path) -> Result<Hashed> {
     }
     Ok(Hashed {
         path: path.to_path_buf(),
-        sha256: hex::encode(&s256.finalize()),
-        sha1: hex::encode(&s1.finalize()),
+        sha256: hex::encode(s256.finalize()),
+        sha1: hex::encode(s1.finalize()),
         size,
     })
 }

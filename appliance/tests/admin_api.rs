@@ -972,6 +972,8 @@ async fn audit_tail_export_verify() {
     let (_, v) = h.get("/v1/status").await;
     assert_eq!(v["you"], "admin:alice");
     assert_eq!(v["audit_head"], 5);
+    // Policies read hours in this zone (serve --time-zone; UTC here).
+    assert_eq!(v["time_zone"], "UTC");
 
     // Long poll: a row appended while waiting is returned.
     let store = Arc::clone(&h.store);
@@ -1005,7 +1007,9 @@ async fn metrics_are_prometheus_text() {
     );
     let r = h.call("GET", "/metrics", None).await;
     assert_eq!(r.status, 200);
-    assert!(r.content_type.starts_with("text/plain; version=0.0.4"));
+    assert!(r
+        .content_type
+        .starts_with("application/openmetrics-text; version=1.0.0"));
     let text = String::from_utf8(r.body).unwrap();
     let line = text
         .lines()
@@ -1014,6 +1018,7 @@ async fn metrics_are_prometheus_text() {
     let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n >= 1);
     assert!(text.contains("trustbind_decision_duration_seconds_bucket{le=\"+Inf\"}"));
+    assert!(text.ends_with("# EOF\n"), "{text}");
 }
 
 #[tokio::test]

@@ -30,7 +30,8 @@
 //! reference groups (unknown programs have none and fall to the default
 //! policy), `File::"<path>"`, `Service::"<dst_addr>:<dst_port>/<proto>"`.
 //! Context: `time` (seconds since the epoch), `hour` (0..23) and `weekday`
-//! (0 = Monday) **in UTC**, `session`, `ancestry`, `mode`, and for network
+//! (0 = Monday) in the appliance's time zone (`crate::clock`, UTC unless
+//! `serve --time-zone`), `session`, `ancestry`, `mode`, and for network
 //! actions the addresses, ports and (in pair decisions) the peer.
 
 use std::collections::{HashMap, HashSet};
@@ -448,14 +449,10 @@ struct PeerInfo<'a> {
     groups: Arc<[String]>,
 }
 
-/// `(time_s, hour, weekday)` of `at_ms`, in UTC; weekday 0 = Monday.
+/// `(time_s, hour, weekday)` of `at_ms` in the appliance's time zone
+/// ([`crate::clock`], UTC unless set); weekday 0 = Monday.
 pub fn clock(at_ms: i64) -> (i64, i64, i64) {
-    let secs = at_ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let hour = secs.rem_euclid(86_400) / 3600;
-    // 1970-01-01 was a Thursday (3 when Monday is 0).
-    let weekday = days.saturating_add(3).rem_euclid(7);
-    (secs, hour, weekday)
+    crate::clock::civil(at_ms)
 }
 
 /// The policy engine. `Send + Sync`; share it behind an `Arc`.

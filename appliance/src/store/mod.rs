@@ -45,13 +45,7 @@ pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    ::hex::encode(bytes)
 }
 
 fn check_hex(what: &'static str, s: &str, len: usize) -> Result<(), StoreError> {

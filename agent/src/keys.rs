@@ -62,17 +62,9 @@ fn fixed<const N: usize>(field: &str, v: &[u8]) -> Result<[u8; N], String> {
 }
 
 fn unhex_id(s: &str) -> Result<[u8; CHANNEL_KEY_ID_LEN], String> {
-    let b = s.as_bytes();
-    if b.len() != 2 * CHANNEL_KEY_ID_LEN {
-        return Err(format!(
-            "key_id: `{s}` is not {CHANNEL_KEY_ID_LEN} hex bytes"
-        ));
-    }
     let mut out = [0u8; CHANNEL_KEY_ID_LEN];
-    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
-        let txt = std::str::from_utf8(pair).map_err(|_| format!("key_id: `{s}` is not hex"))?;
-        *o = u8::from_str_radix(txt, 16).map_err(|_| format!("key_id: `{s}` is not hex"))?;
-    }
+    hex::decode_to_slice(s, &mut out)
+        .map_err(|e| format!("key_id: `{s}` is not hex of {CHANNEL_KEY_ID_LEN} bytes ({e})"))?;
     Ok(out)
 }
 

@@ -4,7 +4,7 @@
 //! `trustbind-proto`) and the appliance (gRPC over mutual TLS):
 //! [`device`] (the module's channel), [`keys`] (pushed channel keys held
 //! by channel id until the connect/accept they answer takes them), [`link`] (enrolment, credentials, the
-//! mTLS channel), [`run`] (the daemon: batching, offline answers, pushes,
+//! mTLS channel), [`logging`] (the daemon's log: journald or stderr), [`run`] (the daemon: batching, offline answers, pushes,
 //! spool delivery, status), [`bundle`] (the program/user pairs seen, which
 //! the appliance is asked to re-decide and sign), [`signed`] (that signed
 //! offline bundle, the only source of offline verdicts), [`spool`] (audit records kept on disk while the appliance is
@@ -25,6 +25,7 @@ pub mod bundle;
 pub mod device;
 pub mod keys;
 pub mod link;
+pub mod logging;
 pub mod run;
 pub mod signed;
 pub mod spool;

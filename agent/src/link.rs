@@ -13,7 +13,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
@@ -74,19 +74,21 @@ pub struct AgentConfig {
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), LinkError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(file_err(dir))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(file_err(&tmp))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))
+    // A new file with a random name beside `path` (0600 until chmod),
+    // removed if anything below fails.
+    let mut f = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(file_err(dir))?;
+    let tmp = f.path().to_owned();
+    f.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(file_err(&tmp))?;
     f.write_all(data).map_err(file_err(&tmp))?;
-    f.sync_all().map_err(file_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(file_err(path))?;
+    f.as_file().sync_all().map_err(file_err(&tmp))?;
+    f.persist(path)
+        .map_err(|e| e.error)
+        .map_err(file_err(path))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(file_err(dir))
@@ -261,6 +263,21 @@ mod tests {
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
+        // Replacing keeps the new mode and leaves no temporary file behind.
+        write_atomic(&p, b"public", 0o644).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"public");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        let names: Vec<_> = fs::read_dir(d.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["key.pem"]);
+        // A failed write leaves the old file and nothing else.
+        assert!(write_atomic(&d.path().join("sub/key.pem/x"), b"y", 0o600).is_err());
+        assert_eq!(fs::read(&p).unwrap(), b"public");
     }
 
     #[test]

@@ -38,6 +38,7 @@ enum Cmd {
     ///
     /// Example: trustbind-agent enrol --appliance 10.99.0.10 --name web1
     ///   --token 3f9c... --ca-fingerprint 8a1d...
+    #[command(alias = "enroll")]
     Enrol {
         /// Appliance enrol address, HOST[:PORT] (port 7444).
         #[arg(long, env = "TRUSTBIND_APPLIANCE")]
@@ -63,9 +64,10 @@ enum Cmd {
         /// The module's device.
         #[arg(long, default_value = "/dev/trustbind")]
         device: PathBuf,
-        /// passwd file for user names.
-        #[arg(long, default_value = "/etc/passwd")]
-        passwd: PathBuf,
+        /// No longer used: user names come from NSS (getpwuid). Accepted
+        /// so that existing command lines keep working.
+        #[arg(long, hide = true)]
+        passwd: Option<PathBuf>,
         /// Mode until the appliance sends the host's mode (and none was saved).
         #[arg(long, default_value = "permissive", value_parser = ["enforce", "permissive", "disabled"])]
         mode: String,
@@ -154,10 +156,16 @@ fn main() -> ExitCode {
             call_timeout_ms,
             no_net,
         } => {
+            trustbind_agent::logging::init();
+            if let Some(p) = passwd {
+                tracing::warn!(
+                    "--passwd {} is ignored: user names come from NSS (getpwuid)",
+                    p.display()
+                );
+            }
             let opts = RunOptions {
                 state: cli.state,
                 device,
-                passwd,
                 mode: run::parse_mode(&mode).unwrap_or(trustbind_proto::Mode::Permissive),
                 verdict_timeout_ms,
                 batch_max: 64,
@@ -168,7 +176,7 @@ fn main() -> ExitCode {
             match rt.block_on(run::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("trustbind-agent: {e}");
+                    tracing::error!("{e}");
                     ExitCode::FAILURE
                 }
             }

@@ -62,8 +62,6 @@ pub struct RunOptions {
     pub state: PathBuf,
     /// The module's device.
     pub device: PathBuf,
-    /// The passwd file for user names.
-    pub passwd: PathBuf,
     /// Mode before the appliance says otherwise (when none was saved).
     pub mode: Mode,
     /// How long the kernel waits for a verdict.
@@ -154,14 +152,6 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn log(msg: &str) {
-    eprintln!("trustbind-agent: {msg}");
-}
-
 fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Enforce => "enforce",
@@ -231,7 +221,7 @@ impl Shared {
     }
 
     fn error(&self, msg: String) {
-        log(&msg);
+        tracing::error!("{msg}");
         self.lock().status.last_error = msg;
     }
 
@@ -246,7 +236,7 @@ impl Shared {
                 g.mode = mode;
                 g.status.mode = mode_name(mode).into();
                 drop(g);
-                log(&format!("mode {}", mode_name(mode)));
+                tracing::info!("mode {}", mode_name(mode));
                 let _ = write_atomic(
                     &self.opts.state.join("mode"),
                     mode_name(mode).as_bytes(),
@@ -266,12 +256,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let cfg = link::load_config(&opts.state)?;
     let tls = link::agent_tls(&opts.state)?;
     let mut spool = Spool::open(&opts.state.join("spool"))?;
-    let bundle = Bundle::load(&opts.state, |w| log(&w));
+    let bundle = Bundle::load(&opts.state, |w| tracing::warn!("{w}"));
     let ca_path = opts.state.join("ca.pem");
     let ca = CertificateDer::from_pem_file(&ca_path)
         .map_err(|e| link::LinkError::Config(format!("{}: {e}", ca_path.display())))?;
     let signed = signed::load(&opts.state, &ca, &cfg.name, now_ms()).unwrap_or_else(|e| {
-        log(&format!("signed offline bundle not used: {e}"));
+        tracing::warn!("signed offline bundle not used: {e}");
         None
     });
     let mode = std::fs::read_to_string(opts.state.join("mode"))
@@ -281,7 +271,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut device = Device::open(&opts.device)?;
     let mut writer = device.writer()?;
     writer.config(mode, opts.verdict_timeout_ms, opts.qualify_net)?;
-    log(&format!(
+    tracing::info!(
         "{}: module v{:#x}, mode {}, connects/accepts {}, appliance {} as `{}`",
         opts.device.display(),
         device.ack.module_version,
@@ -293,7 +283,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         },
         cfg.agent_addr,
         cfg.name
-    ));
+    );
     let start = SpoolRecord {
         id: spool.next_id(),
         at_ms: now_ms(),
@@ -315,7 +305,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             signed,
             offline_why: None,
             spool,
-            users: Users::new(&opts.passwd),
+            users: Users::new(),
             mode,
             status,
         }),
@@ -371,10 +361,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         _ = tokio::signal::ctrl_c() => "SIGINT".to_owned(),
         m = fatal_rx.recv() => format!("device: {}", m.unwrap_or_default()),
     };
-    log(&format!("stopping ({reason})"));
+    tracing::info!("stopping ({reason})");
     let mut g = shared.lock();
     if let Err(e) = g.bundle.save() {
-        log(&format!("cannot save the bundle: {e}"));
+        tracing::error!("cannot save the bundle: {e}");
     }
     g.status.connected = false;
     g.status.last_error = format!("stopped: {reason}");
@@ -525,7 +515,7 @@ fn signed_verdict(g: &mut Inner, sha256: &str, user: &str) -> Option<Verdict> {
         }
         Err(why) => {
             if g.offline_why.as_deref() != Some(why.as_str()) {
-                log(&format!("offline answers use the mode's default: {why}"));
+                tracing::warn!("offline answers use the mode's default: {why}");
                 g.offline_why = Some(why);
             }
             None
@@ -570,7 +560,7 @@ async fn qualify(
 
 async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     let users: Vec<String> = {
-        let g = shared.lock();
+        let mut g = shared.lock();
         batch.iter().map(|ev| g.users.name(ev.uid)).collect()
     };
     let requests: Vec<pb::Request> = batch
@@ -588,7 +578,7 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     let online = match asked.map_err(|e| e.unwrap_or_else(|| "not connected".into())) {
         Ok(results) => {
             if !shared.connected.swap(true, Ordering::Relaxed) {
-                log("appliance answering again");
+                tracing::info!("appliance answering again");
             }
             Some(
                 results
@@ -610,7 +600,7 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     let mut answers = Vec::with_capacity(batch.len());
     for (ev, user) in batch.iter().zip(users) {
         g.status.requests += 1;
-        let sha = hex(&ev.sha256);
+        let sha = hex::encode(ev.sha256);
         let from_appliance = online.as_ref().and_then(|m| m.get(&ev.request_id));
         let v = match from_appliance {
             Some(r) => {
@@ -675,7 +665,7 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     // make them durable before the kernel acts on them.
     if let Err(e) = g.spool.append(&offline_records) {
         g.status.last_error = format!("spool: {e}");
-        log(&g.status.last_error);
+        tracing::error!("{}", g.status.last_error);
     }
     for (id, pid, v) in answers {
         if let (Decision::Allow | Decision::AllowWithConditions, Some(s)) =
@@ -830,7 +820,12 @@ fn src_of(ev: &NetEvent) -> String {
 /// for a UNIX connect).
 fn dst_of(ev: &NetEvent) -> String {
     match &ev.ipc {
-        Some(p) => format!("{} (pid {}, sha256 {})", p.path, p.pid, hex(&p.sha256)),
+        Some(p) => format!(
+            "{} (pid {}, sha256 {})",
+            p.path,
+            p.pid,
+            hex::encode(p.sha256)
+        ),
         None => format!("{}:{}", ev.dst_addr, ev.dst_port),
     }
 }
@@ -867,12 +862,12 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         }
         Err(e) => {
             if let Some(e) = e {
-                log(&format!(
+                tracing::warn!(
                     "{} {} -> {}: answering offline: {e}",
                     event_name(&ev),
                     src_of(&ev),
                     dst_of(&ev)
-                ));
+                );
             }
             None
         }
@@ -883,11 +878,11 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
             match shared.keys.wait(channel_id, deadline).await {
                 Some(Pushed::Key(h)) => Err(h),
                 Some(Pushed::Denied(why)) => {
-                    log(&format!("channel {channel_id} refused: {why}"));
+                    tracing::info!("channel {channel_id} refused: {why}");
                     Ok(deny(generation))
                 }
                 None => {
-                    log(&format!("channel {channel_id}: no key in time"));
+                    tracing::warn!("channel {channel_id}: no key in time");
                     Ok(deny(generation))
                 }
             }
@@ -909,7 +904,7 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
                     "kind": event_name(&ev),
                     "src": src_of(&ev),
                     "dst": dst_of(&ev),
-                    "sha256": hex(&ev.sha256), "user": user, "uid": ev.uid, "pid": ev.pid,
+                    "sha256": hex::encode(ev.sha256), "user": user, "uid": ev.uid, "pid": ev.pid,
                     "decision": format!("{decision:?}").to_lowercase(),
                     "source": "default", "mode": mode_name(g.mode),
                 }),
@@ -972,7 +967,7 @@ pub fn close_record(id: String, at_ms: i64, c: &ChannelClosed) -> SpoolRecord {
         what: "channel.close".into(),
         detail: serde_json::json!({
             "channel_id": c.channel_id,
-            "key_id": hex(&c.key_id),
+            "key_id": hex::encode(c.key_id),
             "role": match c.role {
                 ChannelRole::Connect => "connect",
                 ChannelRole::Accept => "accept",
@@ -1011,10 +1006,14 @@ async fn closer(shared: Arc<Shared>, mut rx: mpsc::Receiver<ChannelClosed>) {
                 })
                 .collect();
             for c in &batch {
-                log(&format!(
+                tracing::info!(
                     "channel {} closed ({:?} end): sent {} received {} bytes in {} ms",
-                    c.channel_id, c.role, c.bytes_sent, c.bytes_received, c.duration_ms
-                ));
+                    c.channel_id,
+                    c.role,
+                    c.bytes_sent,
+                    c.bytes_received,
+                    c.duration_ms
+                );
             }
             match g.spool.append(&records) {
                 Ok(()) => g.status.channels_closed += records.len() as u64,
@@ -1025,10 +1024,33 @@ async fn closer(shared: Arc<Shared>, mut rx: mpsc::Receiver<ChannelClosed>) {
     }
 }
 
+/// First wait before reconnecting.
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+/// Longest wait before reconnecting.
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// A session that lasted this long starts the waits over.
+const RECONNECT_STABLE: Duration = Duration::from_secs(30);
+
+/// The waits between reconnects: doubling from [`RECONNECT_MIN`], each
+/// with up to as much again of random jitter (so a fleet that lost the
+/// appliance at once does not come back at once), never above
+/// [`RECONNECT_MAX`]; endless.
+pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(RECONNECT_MIN)
+        .with_max_delay(RECONNECT_MAX / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .map(|d| d.min(RECONNECT_MAX))
+}
+
 /// Keeps the session up: connect, subscribe, deliver the spool, follow
-/// pushes; on any failure back off and start again.
+/// pushes; on any failure back off (with jitter) and start again.
 async fn connection(shared: Arc<Shared>, cfg: AgentConfig, tls: rustls::ClientConfig) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = reconnect_backoff();
     loop {
         let started = Instant::now();
         match session(&shared, &cfg, tls.clone()).await {
@@ -1039,11 +1061,10 @@ async fn connection(shared: Arc<Shared>, cfg: AgentConfig, tls: rustls::ClientCo
         }
         *shared.client.write().await = None;
         shared.connected.store(false, Ordering::Relaxed);
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(250);
+        if started.elapsed() > RECONNECT_STABLE {
+            backoff = reconnect_backoff();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        tokio::time::sleep(backoff.next().unwrap_or(RECONNECT_MAX)).await;
     }
 }
 
@@ -1067,7 +1088,7 @@ async fn session(
         .into_inner();
     *shared.client.write().await = Some(client.clone());
     shared.connected.store(true, Ordering::Relaxed);
-    log(&format!("connected to {}", cfg.agent_addr));
+    tracing::info!("connected to {}", cfg.agent_addr);
     let mut deliver = tokio::time::interval(Duration::from_secs(2));
     let mut renew =
         tokio::time::interval_at(tokio::time::Instant::now() + BUNDLE_REFRESH, BUNDLE_REFRESH);
@@ -1105,7 +1126,7 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
                     w.status.last_error = e.to_string();
                 }
                 drop(w);
-                log(&format!("policy generation {gen}"));
+                tracing::info!("policy generation {gen}");
             }
         }
         push::Kind::HostMode(m) => match parse_mode(&m.mode) {
@@ -1127,7 +1148,7 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             shared.keys.put(k.channel_id, pushed, Instant::now());
         }
         push::Kind::ChannelDenied(d) => {
-            log(&format!("channel {} denied: {}", d.channel_id, d.reason));
+            tracing::info!("channel {} denied: {}", d.channel_id, d.reason);
             shared
                 .keys
                 .put(d.channel_id, Pushed::Denied(d.reason), Instant::now());
@@ -1146,7 +1167,7 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
                 w.status.last_error = e.to_string();
             }
             drop(w);
-            log(&format!("protected hosts: {}", addrs.len()));
+            tracing::info!("protected hosts: {}", addrs.len());
         }
         push::Kind::Ping(_) => {}
     }
@@ -1224,7 +1245,7 @@ async fn renew_bundle_now(
         .into_iter()
         .filter_map(|(sha, user)| {
             Some(pb::BundleEntry {
-                sha256: signed::unhex(&sha)?,
+                sha256: hex::decode(&sha).ok()?,
                 user,
             })
         })
@@ -1248,6 +1269,31 @@ async fn renew_bundle_now(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnect_waits_double_with_jitter_and_a_cap() {
+        let first: Vec<Duration> = reconnect_backoff().take(40).collect();
+        // Doubling from 250 ms, each wait in [d, 2d): jitter adds up to d.
+        let mut d = RECONNECT_MIN;
+        for w in &first[..5] {
+            assert!(*w >= d && *w < d * 2, "{w:?} outside [{d:?}, {:?})", d * 2);
+            d *= 2;
+        }
+        // Capped: from 5 s on in [5 s, 10 s], never longer, still spread.
+        let late = &first[10..];
+        assert!(late
+            .iter()
+            .all(|w| *w >= RECONNECT_MAX / 2 && *w <= RECONNECT_MAX));
+        assert!(
+            late.iter().any(|w| *w != late[0]),
+            "no jitter at the cap: {late:?}"
+        );
+        // Two agents starting over at once wait differently.
+        let other: Vec<Duration> = reconnect_backoff().take(40).collect();
+        assert_ne!(first, other);
+        // Endless.
+        assert_eq!(reconnect_backoff().take(10_000).count(), 10_000);
+    }
     use std::net::IpAddr;
 
     fn ev(kind: NetKind, src: &str, src_port: u16) -> NetEvent {

@@ -46,21 +46,6 @@ pub struct Verified {
 /// Most pairs sent in one `SignBundle` request (the appliance's bound).
 pub const MAX_ASK: usize = 4096;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Bytes of a lower-case hex string.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|d| u8::from_str_radix(d, 16).ok()))
-        .collect()
-}
-
 impl Verified {
     /// Checks `signed` against the pinned CA `ca`, this `host` and the
     /// clock (`now_ms`); `Err` says why it must not be used.
@@ -118,7 +103,7 @@ impl Verified {
                 Ok(PbVerdict::Deny) => Decision::Deny,
                 _ => continue,
             };
-            map.insert((hex(&e.sha256), e.user), d);
+            map.insert((hex::encode(&e.sha256), e.user), d);
         }
         let v = Self {
             host: p.host,

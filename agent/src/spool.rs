@@ -91,7 +91,7 @@ impl Spool {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(SpoolError::Random)?;
-        let instance: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let instance = hex::encode(id);
         let mut spool = Self {
             dir: dir.to_owned(),
             instance,

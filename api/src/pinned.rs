@@ -47,10 +47,7 @@ pub enum PinError {
 
 /// Lower-case hex SHA-256 of `der`.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(der))
 }
 
 /// A fingerprint as typed (any case, `:` separators allowed) → 64

@@ -329,7 +329,7 @@ impl Gate {
                 }),
             );
             if let Err(err) = self.store.append_audit(&ev) {
-                eprintln!("trustbind-appliance: cannot audit an unpaired channel: {err}");
+                tracing::error!("cannot audit an unpaired channel: {err}");
             }
             self.hub.push(
                 &e.request.host,

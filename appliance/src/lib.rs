@@ -23,6 +23,7 @@
 pub mod admin;
 pub mod agent_api;
 pub mod channels;
+pub mod clock;
 pub mod gate;
 pub mod limits;
 pub mod metrics;

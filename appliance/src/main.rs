@@ -13,9 +13,14 @@
 //! trustbind-appliance [--data-dir DIR] audit export        write the audit log as JSON lines
 //! ```
 //!
-//! Every flag has an environment variable: `TRUSTBIND_DATA_DIR`,
-//! `TRUSTBIND_AGENT_LISTEN`, `TRUSTBIND_ENROL_LISTEN`, `TRUSTBIND_ADMIN_LISTEN`,
-//! `TRUSTBIND_SERVER_NAMES` (comma-separated). Flags win.
+//! Arguments are parsed by clap (`--help` on every command); `--data-dir`
+//! may stand before or after the command. Every flag has an environment
+//! variable: `TRUSTBIND_DATA_DIR`, `TRUSTBIND_AGENT_LISTEN`,
+//! `TRUSTBIND_ENROL_LISTEN`, `TRUSTBIND_ADMIN_LISTEN`,
+//! `TRUSTBIND_SERVER_NAMES` (comma-separated), `TRUSTBIND_TIME_ZONE`,
+//! `TRUSTBIND_ADMIN_NAME`,
+//! `TRUSTBIND_ADMIN_OUT`, `TRUSTBIND_ADMIN_TOKEN_TTL_MIN`; an empty one
+//! counts as unset. Flags win; a flag given twice, the last one.
 //!
 //! Exit codes: 0 success, 1 failure, 2 the audit chain is broken, 64 usage.
 
@@ -23,6 +28,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use trustbind_appliance::admin;
 use trustbind_appliance::agent_api::{self, AgentApi, Hub};
@@ -48,23 +55,126 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_CHAIN_BROKEN: u8 = 2;
 const EXIT_USAGE: u8 = 64;
 
-/// Options that take no value.
-const SWITCHES: &[&str] = &["if-unenrolled"];
 /// Default admin name of `admin-token`.
 const DEFAULT_ADMIN_NAME: &str = "admin";
 /// Default lifetime of an admin token, in minutes (24 h).
 const DEFAULT_TOKEN_TTL_MIN: i64 = 24 * 60;
+/// Longest lifetime of an admin token, in minutes (366 days).
+const MAX_TOKEN_TTL_MIN: i64 = 366 * 24 * 60;
 
-const USAGE: &str = "usage: trustbind-appliance [--data-dir DIR] COMMAND
-commands:
-  serve [--agent-listen ADDR] [--enrol-listen ADDR] [--admin-listen ADDR] [--server-name NAME]...
-  ca-fingerprint
-  admin-cert --name NAME --out DIR
-  admin-token [--name NAME] [--if-unenrolled] [--ttl-min MINUTES]
-  rotate-server-cert
-  init
-  audit verify
-  audit export";
+/// The appliance daemon: policy, signatures, channel keys and audit for
+/// enrolled hosts.
+#[derive(Debug, Parser)]
+#[command(
+    name = "trustbind-appliance",
+    version,
+    args_override_self = true,
+    after_help = "Exit codes: 0 success, 1 failure, 2 the audit chain is broken, 64 usage."
+)]
+struct Cli {
+    /// The appliance's state: database, CA, server certificate.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "TRUSTBIND_DATA_DIR",
+        default_value = DEFAULT_DATA_DIR
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serves the agent, enrol and admin ports until SIGTERM or SIGINT;
+    /// SIGHUP reloads the server certificate.
+    Serve {
+        /// The agent port (mutual TLS, host certificates).
+        #[arg(long, value_name = "ADDR", env = "TRUSTBIND_AGENT_LISTEN", default_value = DEFAULT_AGENT_LISTEN)]
+        agent_listen: SocketAddr,
+        /// The enrol port (TLS, one-time tokens).
+        #[arg(long, value_name = "ADDR", env = "TRUSTBIND_ENROL_LISTEN", default_value = DEFAULT_ENROL_LISTEN)]
+        enrol_listen: SocketAddr,
+        /// The admin port (mutual TLS, admin certificates).
+        #[arg(long, value_name = "ADDR", env = "TRUSTBIND_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+        admin_listen: SocketAddr,
+        #[command(flatten)]
+        names: ServerNames,
+        /// The time zone of the `hour` and `weekday` policies read: `UTC`,
+        /// `system` (this host's) or an IANA name such as `Europe/Berlin`.
+        #[arg(
+            long,
+            value_name = "ZONE",
+            env = "TRUSTBIND_TIME_ZONE",
+            default_value = "UTC"
+        )]
+        time_zone: String,
+    },
+    /// Prints the CA's SHA-256 fingerprint.
+    CaFingerprint,
+    /// Issues an admin certificate and key into a directory.
+    AdminCert {
+        /// The administrator's name.
+        #[arg(long, env = "TRUSTBIND_ADMIN_NAME")]
+        name: String,
+        /// Where admin.pem, admin.key (0600) and ca.pem are written.
+        #[arg(long, value_name = "DIR", env = "TRUSTBIND_ADMIN_OUT")]
+        out: PathBuf,
+    },
+    /// Prints a one-time admin enrolment token (for `trustbind admin enrol`).
+    AdminToken {
+        /// The administrator's name the token enrols.
+        #[arg(long, env = "TRUSTBIND_ADMIN_NAME", default_value = DEFAULT_ADMIN_NAME, allow_hyphen_values = true)]
+        name: String,
+        /// Prints nothing (and succeeds) once any admin has enrolled with a token.
+        #[arg(long)]
+        if_unenrolled: bool,
+        /// The token's lifetime in minutes.
+        #[arg(
+            long,
+            value_name = "MINUTES",
+            env = "TRUSTBIND_ADMIN_TOKEN_TTL_MIN",
+            default_value_t = DEFAULT_TOKEN_TTL_MIN,
+            value_parser = clap::value_parser!(i64).range(1..=MAX_TOKEN_TTL_MIN)
+        )]
+        ttl_min: i64,
+    },
+    /// Makes a new server certificate (send SIGHUP to a running `serve`).
+    RotateServerCert {
+        #[command(flatten)]
+        names: ServerNames,
+    },
+    /// Creates or migrates the database.
+    Init,
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Checks the audit hash chain (exit 2 if broken).
+    Verify,
+    /// Writes the audit log as JSON lines.
+    Export,
+}
+
+/// The names on the server certificate.
+#[derive(Debug, Args)]
+struct ServerNames {
+    /// A name on the server certificate (repeatable; default: the host
+    /// name, localhost, 127.0.0.1 and the listen addresses).
+    #[arg(
+        long = "server-name",
+        value_name = "NAME",
+        env = "TRUSTBIND_SERVER_NAMES",
+        value_delimiter = ','
+    )]
+    server_names: Vec<String>,
+}
 
 /// A failure with its exit code.
 struct Fail(u8, String);
@@ -79,8 +189,36 @@ fn usage(msg: impl Into<String>) -> Fail {
     Fail(EXIT_USAGE, format!("{} (try --help)", msg.into()))
 }
 
+/// The environment variables of the flags: an empty one counts as unset.
+const FLAG_ENV: &[&str] = &[
+    "TRUSTBIND_DATA_DIR",
+    "TRUSTBIND_AGENT_LISTEN",
+    "TRUSTBIND_ENROL_LISTEN",
+    "TRUSTBIND_ADMIN_LISTEN",
+    "TRUSTBIND_SERVER_NAMES",
+    "TRUSTBIND_TIME_ZONE",
+    "TRUSTBIND_ADMIN_NAME",
+    "TRUSTBIND_ADMIN_OUT",
+    "TRUSTBIND_ADMIN_TOKEN_TTL_MIN",
+];
+
 fn main() -> ExitCode {
-    match run() {
+    for v in FLAG_ENV {
+        if std::env::var_os(v).is_some_and(|s| s.is_empty()) {
+            // Single-threaded still: nothing else reads the environment.
+            std::env::remove_var(v);
+        }
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version go to stdout and succeed; usage errors
+            // exit 64 (2 means a broken audit chain).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail(code, msg)) => {
             eprintln!("trustbind-appliance: {msg}");
@@ -89,91 +227,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Command-line words with `--flag value` options pulled out.
-struct Args {
-    words: Vec<String>,
-    opts: Vec<(String, String)>,
-}
-
-impl Args {
-    fn parse(raw: Vec<String>) -> Result<Self, Fail> {
-        let mut words = Vec::new();
-        let mut opts = Vec::new();
-        let mut it = raw.into_iter();
-        while let Some(a) = it.next() {
-            if a == "--help" || a == "-h" {
-                words.push(a);
-            } else if let Some(flag) = a.strip_prefix("--").filter(|f| SWITCHES.contains(f)) {
-                opts.push((flag.to_owned(), "true".to_owned()));
-            } else if let Some(flag) = a.strip_prefix("--") {
-                let (name, value) = match flag.split_once('=') {
-                    Some((n, v)) => (n.to_owned(), v.to_owned()),
-                    None => {
-                        let v = it
-                            .next()
-                            .ok_or_else(|| usage(format!("--{flag} needs a value")))?;
-                        (flag.to_owned(), v)
-                    }
-                };
-                opts.push((name, value));
-            } else {
-                words.push(a);
-            }
+fn run(cli: Cli) -> Result<(), Fail> {
+    let data_dir = cli.data_dir;
+    let Some(cmd) = cli.cmd else {
+        // No command: the help, as `--help` (exit 0).
+        let _ = Cli::command().print_help();
+        return Ok(());
+    };
+    match cmd {
+        Cmd::Serve {
+            agent_listen,
+            enrol_listen,
+            admin_listen,
+            names,
+            time_zone,
+        } => {
+            let tz = trustbind_appliance::clock::zone_named(&time_zone)
+                .map_err(|e| usage(format!("--time-zone: {e}")))?;
+            trustbind_appliance::clock::set_zone(tz);
+            serve(&data_dir, [agent_listen, enrol_listen, admin_listen], names)
         }
-        Ok(Self { words, opts })
-    }
-
-    /// Last value of `--name`, else `$env`, else `default`.
-    fn one(&self, name: &str, env: &str, default: Option<&str>) -> Option<String> {
-        self.opts
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .or_else(|| std::env::var(env).ok().filter(|v| !v.is_empty()))
-            .or_else(|| default.map(str::to_owned))
-    }
-
-    fn all(&self, name: &str) -> Vec<String> {
-        self.opts
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
-
-    fn check_known(&self, known: &[&str]) -> Result<(), Fail> {
-        match self.opts.iter().find(|(n, _)| !known.contains(&n.as_str())) {
-            Some((n, _)) => Err(usage(format!("unknown option --{n}"))),
-            None => Ok(()),
-        }
-    }
-}
-
-fn run() -> Result<(), Fail> {
-    let args = Args::parse(std::env::args().skip(1).collect())?;
-    let data_dir = PathBuf::from(
-        args.one("data-dir", "TRUSTBIND_DATA_DIR", Some(DEFAULT_DATA_DIR))
-            .unwrap_or_default(),
-    );
-    let words: Vec<&str> = args.words.iter().map(String::as_str).collect();
-    match words.as_slice() {
-        ["--help"] | ["-h"] | [] => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        ["serve"] => {
-            args.check_known(&[
-                "data-dir",
-                "agent-listen",
-                "enrol-listen",
-                "admin-listen",
-                "server-name",
-            ])?;
-            serve(&args, &data_dir)
-        }
-        ["ca-fingerprint"] => {
-            args.check_known(&["data-dir"])?;
+        Cmd::CaFingerprint => {
             if !data_dir.join(pki::CA_CERT_FILE).exists() {
                 return Err(Fail(
                     EXIT_FAILED,
@@ -187,9 +261,8 @@ fn run() -> Result<(), Fail> {
             println!("{}", pki.fingerprint());
             Ok(())
         }
-        ["rotate-server-cert"] => {
-            args.check_known(&["data-dir", "server-name"])?;
-            let pki = Pki::open_or_create(&data_dir, &server_names(&args, &[]))?;
+        Cmd::RotateServerCert { names } => {
+            let pki = Pki::open_or_create(&data_dir, &names.or_default(&[]))?;
             let serial = pki.rotate_server_cert()?;
             println!(
                 "new server certificate {serial} in {}; send SIGHUP to a running `serve` to use it",
@@ -197,15 +270,7 @@ fn run() -> Result<(), Fail> {
             );
             Ok(())
         }
-        ["admin-cert"] => {
-            args.check_known(&["data-dir", "name", "out"])?;
-            let name = args
-                .one("name", "TRUSTBIND_ADMIN_NAME", None)
-                .ok_or_else(|| usage("admin-cert needs --name NAME"))?;
-            let out = PathBuf::from(
-                args.one("out", "TRUSTBIND_ADMIN_OUT", None)
-                    .ok_or_else(|| usage("admin-cert needs --out DIR"))?,
-            );
+        Cmd::AdminCert { name, out } => {
             let pki = Pki::open_or_create(&data_dir, &default_names(&[]))?;
             let (cert, key) = pki.issue_admin(&name)?;
             std::fs::create_dir_all(&out)
@@ -219,15 +284,13 @@ fn run() -> Result<(), Fail> {
             );
             Ok(())
         }
-        ["admin-token"] => {
-            args.check_known(&["data-dir", "name", "if-unenrolled", "ttl-min"])?;
-            admin_token(&args, &data_dir)
-        }
-        ["init"] | ["audit", "verify"] | ["audit", "export"] => {
-            args.check_known(&["data-dir"])?;
-            offline(&words, &data_dir)
-        }
-        _ => Err(usage(format!("unknown command `{}`", words.join(" ")))),
+        Cmd::AdminToken {
+            name,
+            if_unenrolled,
+            ttl_min,
+        } => admin_token(&data_dir, &name, if_unenrolled, ttl_min),
+        Cmd::Init => offline(&data_dir, None),
+        Cmd::Audit { cmd } => offline(&data_dir, Some(cmd)),
     }
 }
 
@@ -236,35 +299,22 @@ fn run() -> Result<(), Fail> {
 /// `--if-unenrolled`, prints nothing if an admin ever enrolled with one.
 /// Creates the database and the CA if missing, so an image's first boot can
 /// run it before `serve`; safe while `serve` runs (SQLite WAL).
-fn admin_token(args: &Args, data_dir: &Path) -> Result<(), Fail> {
+fn admin_token(
+    data_dir: &Path,
+    name: &str,
+    only_if_unenrolled: bool,
+    ttl_min: i64,
+) -> Result<(), Fail> {
     use trustbind_appliance::agent_api::enrol::{admin_token_sha256, new_admin_token};
-    let name = args
-        .one("name", "TRUSTBIND_ADMIN_NAME", Some(DEFAULT_ADMIN_NAME))
-        .unwrap_or_default();
-    pki::check_name(&name).map_err(|e| usage(format!("--name: {e}")))?;
-    let ttl = args
-        .one("ttl-min", "TRUSTBIND_ADMIN_TOKEN_TTL_MIN", None)
-        .map(|v| {
-            v.parse::<i64>()
-                .ok()
-                .filter(|m| (1..=366 * 24 * 60).contains(m))
-                .ok_or_else(|| {
-                    usage(format!(
-                        "--ttl-min: `{v}` is not a number of minutes from 1 to 527040"
-                    ))
-                })
-        })
-        .transpose()?
-        .unwrap_or(DEFAULT_TOKEN_TTL_MIN);
-    let only_if_unenrolled = args.one("if-unenrolled", "", None).is_some();
+    pki::check_name(name).map_err(|e| usage(format!("--name: {e}")))?;
     let store = open_store(data_dir)?;
     // The CA must exist before anyone can enrol with the token.
     Pki::open_or_create(data_dir, &default_names(&[]))?;
     let token = new_admin_token()?;
     let made = store.create_admin_token(
-        &name,
+        name,
         &admin_token_sha256(&token),
-        ttl.saturating_mul(60_000),
+        ttl_min.saturating_mul(60_000),
         only_if_unenrolled,
         "appliance:admin-token",
     )?;
@@ -280,21 +330,22 @@ fn open_store(data_dir: &Path) -> Result<Store, Fail> {
     Ok(Store::open(&data_dir.join(DB_FILE))?)
 }
 
-fn offline(words: &[&str], data_dir: &Path) -> Result<(), Fail> {
+/// `init` (`audit` `None`) and the audit commands, on the database alone.
+fn offline(data_dir: &Path, audit: Option<AuditCmd>) -> Result<(), Fail> {
     let store = open_store(data_dir)?;
-    match words {
-        ["audit", "verify"] => match store.verify_audit()? {
+    match audit {
+        Some(AuditCmd::Verify) => match store.verify_audit()? {
             Ok(n) => {
                 println!("audit chain ok: {n} rows");
                 Ok(())
             }
             Err(broken) => Err(Fail(EXIT_CHAIN_BROKEN, broken.to_string())),
         },
-        ["audit", "export"] => {
+        Some(AuditCmd::Export) => {
             store.export_audit(0, &mut std::io::stdout().lock())?;
             Ok(())
         }
-        _ => {
+        None => {
             let v = store.schema_version()?;
             println!("database ready, schema version {v}");
             Ok(())
@@ -325,57 +376,45 @@ fn default_names(listen: &[SocketAddr]) -> Vec<String> {
     names
 }
 
-fn server_names(args: &Args, listen: &[SocketAddr]) -> Vec<String> {
-    let mut names = args.all("server-name");
-    if names.is_empty() {
-        if let Ok(v) = std::env::var("TRUSTBIND_SERVER_NAMES") {
-            names = v
-                .split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect();
+impl ServerNames {
+    /// The names given, else the defaults for these listen addresses.
+    fn or_default(self, listen: &[SocketAddr]) -> Vec<String> {
+        let names: Vec<String> = self
+            .server_names
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if names.is_empty() {
+            default_names(listen)
+        } else {
+            names
         }
     }
-    if names.is_empty() {
-        default_names(listen)
-    } else {
-        names
-    }
-}
-
-fn listen_addr(args: &Args, flag: &str, env: &str, default: &str) -> Result<SocketAddr, Fail> {
-    let v = args.one(flag, env, Some(default)).unwrap_or_default();
-    v.parse().map_err(|_| {
-        usage(format!(
-            "--{flag}: `{v}` is not an address like 0.0.0.0:7443"
-        ))
-    })
 }
 
 /// The Cedar schema every policy set is validated against.
 const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
-fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
-    let agent_addr = listen_addr(
-        args,
-        "agent-listen",
-        "TRUSTBIND_AGENT_LISTEN",
-        DEFAULT_AGENT_LISTEN,
-    )?;
-    let enrol_addr = listen_addr(
-        args,
-        "enrol-listen",
-        "TRUSTBIND_ENROL_LISTEN",
-        DEFAULT_ENROL_LISTEN,
-    )?;
-    let admin_addr = listen_addr(
-        args,
-        "admin-listen",
-        "TRUSTBIND_ADMIN_LISTEN",
-        DEFAULT_ADMIN_LISTEN,
-    )?;
+/// The daemon's log: `tracing` events as text lines on stderr (the image's
+/// `tb-supervise` copies them to the console and a bounded log on /data;
+/// systemd's journal takes stderr as it is), filtered by `TRUSTBIND_LOG`
+/// (`EnvFilter` syntax, default `info`).
+fn init_log() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTBIND_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result<(), Fail> {
+    init_log();
+    let [agent_addr, enrol_addr, admin_addr] = listen;
     let store = Arc::new(open_store(data_dir)?);
-    let names = server_names(args, &[agent_addr, enrol_addr, admin_addr]);
+    let names = names.or_default(&listen);
     let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);
     let engine = Arc::new(Engine::new(Arc::clone(&store), SCHEMA)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -452,7 +491,7 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
         );
         let admin = tokio::spawn(admin::serve(admin_l, admin_cfg, router));
         wait_for_signals(&pki).await?;
-        eprintln!("trustbind-appliance: shutting down");
+        tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         // Open calls get a bounded time to finish.
         let grace = std::time::Duration::from_secs(15);
@@ -460,15 +499,13 @@ fn serve(args: &Args, data_dir: &Path) -> Result<(), Fail> {
         let enrol = tokio::time::timeout(grace, enrol).await;
         for (name, r) in [("agent", agent), ("enrol", enrol)] {
             let Ok(r) = r else {
-                eprintln!(
-                    "trustbind-appliance: {name} port: calls still open after {grace:?}, leaving"
-                );
+                tracing::warn!("{name} port: calls still open after {grace:?}, leaving");
                 continue;
             };
             match r {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("trustbind-appliance: {name} port: {e}"),
-                Err(e) => eprintln!("trustbind-appliance: {name} port task: {e}"),
+                Ok(Err(e)) => tracing::error!("{name} port: {e}"),
+                Err(e) => tracing::error!("{name} port task: {e}"),
             }
         }
         admin.abort();
@@ -497,8 +534,8 @@ async fn wait_for_signals(pki: &Pki) -> Result<(), Fail> {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => match pki.reload_server_cert() {
-                Ok(serial) => eprintln!("trustbind-appliance: server certificate {serial} loaded"),
-                Err(e) => eprintln!("trustbind-appliance: server certificate not reloaded: {e}"),
+                Ok(serial) => tracing::info!("server certificate {serial} loaded"),
+                Err(e) => tracing::error!("server certificate not reloaded: {e}"),
             },
         }
     }

@@ -1,15 +1,22 @@
-//! Process-wide counters for the appliance, rendered in the Prometheus text
-//! exposition format at `GET /metrics`.
+//! Process-wide counters for the appliance, exposed at `GET /metrics` in
+//! the OpenMetrics text format (which Prometheus scrapes) by the
+//! `prometheus-client` crate.
 //!
-//! Everything is a lock-free atomic, so the decision path can record without
+//! Every metric is an atomic, so the decision path can record without
 //! contending with a scrape. Labels are fixed sets (the actions of
-//! [`crate::request::Action`] and the three verdicts); an action name outside
-//! the set is counted as `other` rather than growing the label space.
+//! [`crate::request::Action`] and the three verdicts), every combination
+//! present from the start; an action name outside the set is counted as
+//! `other` rather than growing the label space.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// Action label values, in [`crate::request::Action::as_str`] spelling, plus `other`.
 const ACTIONS: [&str; 9] = [
@@ -33,25 +40,26 @@ const LATENCY_BUCKETS_US: [u64; 12] = [
     25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
 ];
 
-const N_DECISIONS: usize = ACTIONS.len() * VERDICTS.len();
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The appliance's counters. Obtain the process-wide instance with [`metrics`];
+/// Labels of one sample: `(name, value)` pairs.
+type Labels<const N: usize> = [(&'static str, &'static str); N];
+
+/// The appliance's metrics. Obtain the process-wide instance with [`metrics`];
 /// tests may build a private one with [`Metrics::new`].
 #[derive(Debug)]
 pub struct Metrics {
-    decisions: [AtomicU64; N_DECISIONS],
-    would_deny: [AtomicU64; ACTIONS.len()],
-    /// Per-bucket (non-cumulative) counts; the last slot is `+Inf`.
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    latency_sum_us: AtomicU64,
-    latency_count: AtomicU64,
-    cache_hits: AtomicU64,
-    cache_misses: AtomicU64,
-    keys_issued: AtomicU64,
-    enrolments_ok: AtomicU64,
-    enrolments_failed: AtomicU64,
-    agents_connected: AtomicU64,
-    limits_exceeded: AtomicU64,
+    registry: Registry,
+    decisions: Family<Labels<2>, Counter>,
+    would_deny: Family<Labels<1>, Counter>,
+    latency: Histogram,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    keys_issued: Counter,
+    enrolments: Family<Labels<1>, Counter>,
+    agents_connected: Gauge<u64, AtomicU64>,
+    limits_exceeded: Counter,
 }
 
 impl Default for Metrics {
@@ -66,40 +74,101 @@ pub fn metrics() -> &'static Metrics {
     GLOBAL.get_or_init(Metrics::new)
 }
 
-fn action_index(action: &str) -> usize {
+/// `action` if it is one of [`ACTIONS`], else `other`.
+fn action_label(action: &str) -> &'static str {
     ACTIONS
         .iter()
-        .position(|a| *a == action)
-        .unwrap_or(ACTIONS.len() - 1)
+        .find(|a| **a == action)
+        .copied()
+        .unwrap_or("other")
 }
 
-fn bump(slots: &[AtomicU64], i: usize) {
-    if let Some(slot) = slots.get(i) {
-        slot.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-fn load(slots: &[AtomicU64], i: usize) -> u64 {
-    slots.get(i).map_or(0, |s| s.load(Ordering::Relaxed))
+/// `verdict` if it is one of [`VERDICTS`], else `deny`.
+fn verdict_label(verdict: &str) -> &'static str {
+    VERDICTS
+        .iter()
+        .find(|v| **v == verdict)
+        .copied()
+        .unwrap_or("deny")
 }
 
 impl Metrics {
-    /// A fresh set of counters, all zero.
+    /// A fresh set of metrics, all zero.
     pub fn new() -> Self {
-        Self {
-            decisions: std::array::from_fn(|_| AtomicU64::new(0)),
-            would_deny: std::array::from_fn(|_| AtomicU64::new(0)),
-            latency_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            latency_sum_us: AtomicU64::new(0),
-            latency_count: AtomicU64::new(0),
-            cache_hits: AtomicU64::new(0),
-            cache_misses: AtomicU64::new(0),
-            keys_issued: AtomicU64::new(0),
-            enrolments_ok: AtomicU64::new(0),
-            enrolments_failed: AtomicU64::new(0),
-            agents_connected: AtomicU64::new(0),
-            limits_exceeded: AtomicU64::new(0),
+        let m = Self {
+            registry: Registry::default(),
+            decisions: Family::default(),
+            would_deny: Family::default(),
+            latency: Histogram::new(LATENCY_BUCKETS_US.iter().map(|us| *us as f64 / 1e6)),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            keys_issued: Counter::default(),
+            enrolments: Family::default(),
+            agents_connected: Gauge::default(),
+            limits_exceeded: Counter::default(),
+        };
+        // Every label combination from the start, so each series exists
+        // (at 0) before its first event.
+        for action in ACTIONS {
+            for verdict in VERDICTS {
+                let _ = m
+                    .decisions
+                    .get_or_create(&[("action", action), ("verdict", verdict)]);
+            }
+            let _ = m.would_deny.get_or_create(&[("action", action)]);
         }
+        for result in ["ok", "failed"] {
+            let _ = m.enrolments.get_or_create(&[("result", result)]);
+        }
+        let mut m = m;
+        let r = &mut m.registry;
+        // Counter names get their `_total` suffix from the encoder.
+        r.register(
+            "trustbind_decisions",
+            "Qualification decisions by action and verdict",
+            m.decisions.clone(),
+        );
+        r.register(
+            "trustbind_would_deny",
+            "Allows in audit mode that enforce mode would deny",
+            m.would_deny.clone(),
+        );
+        r.register(
+            "trustbind_decision_duration_seconds",
+            "Time to reach a decision",
+            m.latency.clone(),
+        );
+        for (name, help, counter) in [
+            ("trustbind_cache_hits", "Decision cache hits", &m.cache_hits),
+            (
+                "trustbind_cache_misses",
+                "Decision cache misses",
+                &m.cache_misses,
+            ),
+            (
+                "trustbind_keys_issued",
+                "Channel keys issued",
+                &m.keys_issued,
+            ),
+            (
+                "trustbind_limits_exceeded",
+                "License limits exceeded",
+                &m.limits_exceeded,
+            ),
+        ] {
+            r.register(name, help, counter.clone());
+        }
+        r.register(
+            "trustbind_enrolments",
+            "Enrolment attempts by result",
+            m.enrolments.clone(),
+        );
+        r.register(
+            "trustbind_agents_connected",
+            "Agents connected now",
+            m.agents_connected.clone(),
+        );
+        m
     }
 
     /// Counts one decision. `action` is an [`crate::request::Action::as_str`]
@@ -114,196 +183,65 @@ impl Metrics {
         would_deny: bool,
         elapsed: Duration,
     ) {
-        let a = action_index(action);
-        let v = VERDICTS
-            .iter()
-            .position(|x| *x == verdict)
-            .unwrap_or(VERDICTS.len() - 1);
-        bump(&self.decisions, a * VERDICTS.len() + v);
+        let action = action_label(action);
+        self.decisions
+            .get_or_create(&[("action", action), ("verdict", verdict_label(verdict))])
+            .inc();
         if would_deny {
-            bump(&self.would_deny, a);
+            self.would_deny.get_or_create(&[("action", action)]).inc();
         }
-        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let b = LATENCY_BUCKETS_US
-            .iter()
-            .position(|le| us <= *le)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        bump(&self.latency_buckets, b);
-        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency.observe(elapsed.as_secs_f64());
     }
 
     /// Counts one decision-cache lookup.
     pub fn record_cache(&self, hit: bool) {
-        let c = if hit {
-            &self.cache_hits
+        if hit {
+            self.cache_hits.inc();
         } else {
-            &self.cache_misses
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+            self.cache_misses.inc();
+        }
     }
 
     /// Counts one channel key issued.
     pub fn record_key_issued(&self) {
-        self.keys_issued.fetch_add(1, Ordering::Relaxed);
+        self.keys_issued.inc();
     }
 
     /// Counts one enrolment attempt, successful or not.
     pub fn record_enrolment(&self, ok: bool) {
-        let c = if ok {
-            &self.enrolments_ok
-        } else {
-            &self.enrolments_failed
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+        let result = if ok { "ok" } else { "failed" };
+        self.enrolments.get_or_create(&[("result", result)]).inc();
     }
 
     /// Counts one license limit exceeded (see `crate::limits`).
     pub fn record_limit_exceeded(&self) {
-        self.limits_exceeded.fetch_add(1, Ordering::Relaxed);
+        self.limits_exceeded.inc();
     }
 
     /// Sets the number of agents currently connected (a gauge).
     pub fn set_agents_connected(&self, n: u64) {
-        self.agents_connected.store(n, Ordering::Relaxed);
+        self.agents_connected.set(n);
     }
 
     /// Total decisions recorded for `action` with `verdict` (for tests and the CLI).
     pub fn decisions(&self, action: &str, verdict: &str) -> u64 {
-        let a = action_index(action);
-        VERDICTS
-            .iter()
-            .position(|x| *x == verdict)
-            .map_or(0, |v| load(&self.decisions, a * VERDICTS.len() + v))
+        if !VERDICTS.contains(&verdict) {
+            return 0;
+        }
+        self.decisions
+            .get_or_create(&[
+                ("action", action_label(action)),
+                ("verdict", verdict_label(verdict)),
+            ])
+            .get()
     }
 
-    /// Renders every metric in the Prometheus text exposition format (0.0.4).
+    /// Renders every metric in the OpenMetrics text format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        // Writing to a String cannot fail; the results are ignored on purpose.
-        let _ = writeln!(
-            out,
-            "# HELP trustbind_decisions_total Qualification decisions by action and verdict."
-        );
-        let _ = writeln!(out, "# TYPE trustbind_decisions_total counter");
-        for (ai, action) in ACTIONS.iter().enumerate() {
-            for (vi, verdict) in VERDICTS.iter().enumerate() {
-                let n = load(&self.decisions, ai * VERDICTS.len() + vi);
-                let _ = writeln!(
-                    out,
-                    "trustbind_decisions_total{{action=\"{action}\",verdict=\"{verdict}\"}} {n}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP trustbind_would_deny_total Allows in audit mode that enforce mode would deny."
-        );
-        let _ = writeln!(out, "# TYPE trustbind_would_deny_total counter");
-        for (ai, action) in ACTIONS.iter().enumerate() {
-            let n = load(&self.would_deny, ai);
-            let _ = writeln!(out, "trustbind_would_deny_total{{action=\"{action}\"}} {n}");
-        }
-
-        let _ = writeln!(
-            out,
-            "# HELP trustbind_decision_duration_seconds Time to reach a decision."
-        );
-        let _ = writeln!(out, "# TYPE trustbind_decision_duration_seconds histogram");
-        let mut cumulative = 0u64;
-        for (i, le) in LATENCY_BUCKETS_US.iter().enumerate() {
-            cumulative = cumulative.saturating_add(load(&self.latency_buckets, i));
-            let _ = writeln!(
-                out,
-                "trustbind_decision_duration_seconds_bucket{{le=\"{}\"}} {cumulative}",
-                seconds(*le)
-            );
-        }
-        cumulative =
-            cumulative.saturating_add(load(&self.latency_buckets, LATENCY_BUCKETS_US.len()));
-        let _ = writeln!(
-            out,
-            "trustbind_decision_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
-        );
-        let _ = writeln!(
-            out,
-            "trustbind_decision_duration_seconds_sum {}",
-            seconds(self.latency_sum_us.load(Ordering::Relaxed))
-        );
-        let _ = writeln!(
-            out,
-            "trustbind_decision_duration_seconds_count {}",
-            self.latency_count.load(Ordering::Relaxed)
-        );
-
-        counter(
-            &mut out,
-            "trustbind_cache_hits_total",
-            "Decision cache hits.",
-            &self.cache_hits,
-        );
-        counter(
-            &mut out,
-            "trustbind_cache_misses_total",
-            "Decision cache misses.",
-            &self.cache_misses,
-        );
-        counter(
-            &mut out,
-            "trustbind_keys_issued_total",
-            "Channel keys issued.",
-            &self.keys_issued,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP trustbind_enrolments_total Enrolment attempts by result."
-        );
-        let _ = writeln!(out, "# TYPE trustbind_enrolments_total counter");
-        let _ = writeln!(
-            out,
-            "trustbind_enrolments_total{{result=\"ok\"}} {}",
-            self.enrolments_ok.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "trustbind_enrolments_total{{result=\"failed\"}} {}",
-            self.enrolments_failed.load(Ordering::Relaxed)
-        );
-        counter(
-            &mut out,
-            "trustbind_limits_exceeded_total",
-            "License limits exceeded.",
-            &self.limits_exceeded,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP trustbind_agents_connected Agents connected now."
-        );
-        let _ = writeln!(out, "# TYPE trustbind_agents_connected gauge");
-        let _ = writeln!(
-            out,
-            "trustbind_agents_connected {}",
-            self.agents_connected.load(Ordering::Relaxed)
-        );
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} counter");
-    let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
-}
-
-/// Microseconds as a decimal number of seconds, exact (no float rounding).
-fn seconds(us: u64) -> String {
-    let whole = us / 1_000_000;
-    let frac = us % 1_000_000;
-    if frac == 0 {
-        format!("{whole}")
-    } else {
-        let s = format!("{whole}.{frac:06}");
-        s.trim_end_matches('0').to_owned()
     }
 }
 
@@ -351,7 +289,7 @@ mod tests {
         assert!(t.contains("trustbind_decision_duration_seconds_bucket{le=\"0.000025\"} 1\n"));
         assert!(t.contains("trustbind_decision_duration_seconds_bucket{le=\"0.00025\"} 1\n"));
         assert!(t.contains("trustbind_decision_duration_seconds_bucket{le=\"0.0005\"} 2\n"));
-        assert!(t.contains("trustbind_decision_duration_seconds_bucket{le=\"1\"} 2\n"));
+        assert!(t.contains("trustbind_decision_duration_seconds_bucket{le=\"1.0\"} 2\n"));
         assert!(t.contains("trustbind_decision_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(t.contains("trustbind_decision_duration_seconds_sum 5.00032\n"));
         assert!(t.contains("trustbind_decision_duration_seconds_count 3\n"));
@@ -385,15 +323,58 @@ mod tests {
     fn every_sample_line_is_well_formed() {
         let m = Metrics::new();
         m.record_decision("accept", "deny", false, Duration::from_millis(3));
-        for l in m.render().lines() {
+        let text = m.render();
+        // OpenMetrics: the exposition ends with `# EOF`.
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+        for l in text.lines() {
             if l.starts_with('#') {
-                assert!(l.starts_with("# HELP ") || l.starts_with("# TYPE "), "{l}");
+                assert!(
+                    l.starts_with("# HELP ") || l.starts_with("# TYPE ") || l == "# EOF",
+                    "{l}"
+                );
                 continue;
             }
             let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l}"));
             assert!(name.starts_with("trustbind_"), "{l}");
             assert!(value.parse::<f64>().is_ok(), "{l}");
         }
+    }
+
+    #[test]
+    fn sample_names_are_stable() {
+        // The names scraped before the move to prometheus-client
+        // (appliance/API.md), each present from the start.
+        let text = Metrics::new().render();
+        let names: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(['{', ' ']).next().unwrap_or(""))
+            .collect();
+        let expected = [
+            "trustbind_agents_connected",
+            "trustbind_cache_hits_total",
+            "trustbind_cache_misses_total",
+            "trustbind_decision_duration_seconds_bucket",
+            "trustbind_decision_duration_seconds_count",
+            "trustbind_decision_duration_seconds_sum",
+            "trustbind_decisions_total",
+            "trustbind_enrolments_total",
+            "trustbind_keys_issued_total",
+            "trustbind_limits_exceeded_total",
+            "trustbind_would_deny_total",
+        ];
+        assert_eq!(names.into_iter().collect::<Vec<_>>(), expected, "{text}");
+        let series = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+        assert_eq!(
+            series("trustbind_decisions_total{"),
+            ACTIONS.len() * VERDICTS.len()
+        );
+        assert_eq!(series("trustbind_would_deny_total{"), ACTIONS.len());
+        assert_eq!(series("trustbind_enrolments_total{"), 2);
+        assert_eq!(
+            series("trustbind_decision_duration_seconds_bucket{"),
+            LATENCY_BUCKETS_US.len() + 1
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -753,32 +753,20 @@ fn read_string(path: &Path) -> Result<String, PkiError> {
 }
 
 /// Writes `data` to `path` atomically: a temporary file in the same
-/// directory (mode 0600 if `private`, else 0644), fsync, rename, fsync of
-/// the directory.
+/// directory (`tempfile`, mode 0600 if `private`, else 0644), fsync,
+/// persisted (renamed) over `path`, fsync of the directory.
 pub fn write_atomic(path: &Path, data: &[u8], private: bool) -> Result<(), PkiError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let mode = if private { 0o600 } else { 0o644 };
-    // A stale temporary file from a crash may have other permissions.
-    let _ = fs::remove_file(&tmp);
     let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        // A new file only this process can open (0600), removed on failure.
+        let mut f = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+        f.as_file()
+            .set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
+        f.as_file().sync_all()?;
+        f.persist(path).map_err(|e| e.error)?;
         fs::File::open(dir)?.sync_all()
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
     result.map_err(|e| io_err(path, e))
 }

@@ -972,6 +972,8 @@ async fn audit_tail_export_verify() {
     let (_, v) = h.get("/v1/status").await;
     assert_eq!(v["you"], "admin:alice");
     assert_eq!(v["audit_head"], 5);
+    // Policies read hours in this zone (serve --time-zone; UTC here).
+    assert_eq!(v["time_zone"], "UTC");
 
     // Long poll: a row appended while waiting is returned.
     let store = Arc::clone(&h.store);
@@ -1005,7 +1007,9 @@ async fn metrics_are_prometheus_text() {
     );
     let r = h.call("GET", "/metrics", None).await;
     assert_eq!(r.status, 200);
-    assert!(r.content_type.starts_with("text/plain; version=0.0.4"));
+    assert!(r
+        .content_type
+        .starts_with("application/openmetrics-text; version=1.0.0"));
     let text = String::from_utf8(r.body).unwrap();
     let line = text
         .lines()
@@ -1014,6 +1018,7 @@ async fn metrics_are_prometheus_text() {
     let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n >= 1);
     assert!(text.contains("trustbind_decision_duration_seconds_bucket{le=\"+Inf\"}"));
+    assert!(text.ends_with("# EOF\n"), "{text}");
 }
 
 #[tokio::test]
@@ -1153,4 +1158,35 @@ async fn channels_list_with_each_end_closed() {
     assert_eq!(v["channels"][0]["key_id"], "k-b");
     let (s, v) = h.get("/v1/channels?open=maybe").await;
     assert!((400..500).contains(&s), "{v}");
+}
+
+/// `"bulk": true` defers the generation move for programs hosts were only
+/// denied; without it the move is immediate.
+#[tokio::test]
+async fn bulk_signature_batches_defer_approvals_of_denied_programs() {
+    let h = start().await;
+    let (s, _) = h
+        .send("POST", "/v1/groups", json!({ "name": "nsrl" }))
+        .await;
+    assert_eq!(s, 201);
+    // Any move makes the store's ledger exact (after a start it is not).
+    h.store.set_user_roles("u", &["r"], "admin:t").unwrap();
+    for (n, bulk) in [(1, true), (2, false)] {
+        let v = h.store.versions().unwrap();
+        let x = sig(n)["sha256"].as_str().unwrap().to_owned();
+        // A host was denied program `n` under this generation.
+        assert!(h
+            .store
+            .note_answer(v.generation, v.members, &[x.as_str()], false));
+        let (s, r) = h
+            .send(
+                "POST",
+                "/v1/signatures",
+                json!({ "signatures": [sig(n)], "group": "nsrl", "bulk": bulk }),
+            )
+            .await;
+        assert_eq!(s, 200, "{r}");
+        let moved = h.store.versions().unwrap().generation - v.generation;
+        assert_eq!((moved, h.store.deferred_move()), (i64::from(!bulk), bulk));
+    }
 }

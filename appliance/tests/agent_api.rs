@@ -19,7 +19,7 @@ use trustbind_appliance::agent_api::pb::{
 };
 use trustbind_appliance::channels::{ChannelKey, ChannelTerms, Role};
 use trustbind_appliance::policy::engine::Engine;
-use trustbind_appliance::store::{Mode, Signature, Store};
+use trustbind_appliance::store::{Mode, Publish, Signature, Store};
 
 const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
@@ -63,6 +63,17 @@ fn sig(store: &Store, sha: [u8; 32], group: &str) {
 /// `web1` (group web, enforce).
 async fn setup() -> (Appliance, AgentClient<Channel>) {
     setup_mode(Mode::Enforce).await
+}
+
+/// [`setup`], subscribed to the appliance's pushes.
+async fn subscribed() -> (Appliance, AgentClient<Channel>, tonic::Streaming<pb::Push>) {
+    let (app, mut client) = setup().await;
+    let stream = client
+        .subscribe(Hello::default())
+        .await
+        .unwrap()
+        .into_inner();
+    (app, client, stream)
 }
 
 async fn setup_mode(mode: Mode) -> (Appliance, AgentClient<Channel>) {
@@ -496,6 +507,61 @@ async fn generation_change_is_pushed_on_the_stream() {
     assert_eq!(reply.results[0].generation, g1);
 }
 
+/// A bulk import approving a program the host was denied defers the
+/// generation move; the appliance's generation watcher makes it once the
+/// import is quiet, and pushes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_approvals_are_pushed_once_the_import_is_quiet() {
+    let (app, mut client, mut stream) = subscribed().await;
+    let new = [0x77; 32];
+    let reply = client
+        .qualify(batch(vec![exec(1, new)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.results[0].verdict(), Verdict::Deny);
+    let g0 = reply.results[0].generation;
+    let hex = trustbind_appliance::store::hex(&new);
+    let s = Signature {
+        sha256: hex,
+        sha1: None,
+        size: 1,
+        name: "new".into(),
+        source: "test".into(),
+    };
+    let store = &app.api.store;
+    store
+        .put_signatures_with(&[s], Some("coreutils"), "admin:test", Publish::Deferred)
+        .unwrap();
+    assert_eq!(store.governing().unwrap().generation, g0);
+    let t = std::time::Instant::now();
+    let pushed = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            if let Some(push::Kind::Generation(g)) = stream.next().await.unwrap().unwrap().kind {
+                if g.generation > g0 {
+                    return g.generation;
+                }
+            }
+        }
+    })
+    .await
+    .expect("no generation push after the deferred approval");
+    assert_eq!(pushed, g0 + 1);
+    // Not before the import went quiet.
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(1_500),
+        "{:?}",
+        t.elapsed()
+    );
+    let reply = client
+        .qualify(batch(vec![exec(2, new)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.results[0].verdict(), Verdict::Allow);
+    assert_eq!(reply.results[0].generation, g0 + 1);
+}
+
 /// The next push that is not a generation announcement, host mode or ping
 /// (those may arrive at any time: enrolling a host moves the generation).
 async fn next_other(s: &mut tonic::Streaming<pb::Push>) -> Option<push::Kind> {
@@ -569,12 +635,7 @@ async fn channel_keys_reach_both_hosts_crossed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_host_stream_ends_and_qualify_is_refused() {
-    let (app, mut client) = setup().await;
-    let mut stream = client
-        .subscribe(Hello::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let (app, mut client, mut stream) = subscribed().await;
     stream.next().await.unwrap().unwrap();
     app.api.revoke_host("web1", "admin:test").unwrap();
     let mut saw_revoked = false;
@@ -724,12 +785,7 @@ async fn client_deadline_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_mode_is_pushed_first_and_on_change() {
-    let (app, mut client) = setup().await;
-    let mut stream = client
-        .subscribe(Hello::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let (app, _client, mut stream) = subscribed().await;
     assert_eq!(
         stream.next().await.unwrap().unwrap().kind,
         Some(push::Kind::HostMode(pb::HostMode {

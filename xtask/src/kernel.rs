@@ -128,7 +128,7 @@ pub fn ensure_bindgen(ctx: &Ctx) -> Result<PathBuf> {
             .arg("--root")
             .arg(&root),
     )
-    .context("bindgen-cli is fetched from crates.io: check that it is reachable")?;
+    .context("bindgen-cli is fetched from the crate registry: check that it is reachable")?;
     Ok(bin)
 }
 

@@ -17,7 +17,7 @@ pub(super) async fn metrics() -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
         )],
         crate::metrics::metrics().render(),
     )
@@ -34,6 +34,7 @@ pub(super) async fn status(
             "schema_version": s.schema_version()?,
             "governing": s.governing()?,
             "audit_head": s.audit_head()?,
+            "time_zone": crate::clock::zone_name(crate::clock::zone()),
             "you": actor.0,
         })))
     })

@@ -11,7 +11,7 @@ use super::{
     check_name, check_text, page_limit, sha256_arg, Actor, AdminState, ApiError, ApiJson, ApiPath,
     ApiQuery, Change, MAX_BATCH,
 };
-use crate::store::Signature;
+use crate::store::{Publish, Signature};
 
 /// One signature in a batch.
 #[derive(Debug, Deserialize)]
@@ -37,6 +37,11 @@ pub(super) struct BatchIn {
     /// Default `source` for entries without one (else `admin`).
     #[serde(default)]
     source: Option<String>,
+    /// Part of a bulk import: programs hosts were only ever denied are
+    /// approved on hosts' caches once the import goes quiet, not per
+    /// batch (`Publish::Deferred`).
+    #[serde(default)]
+    bulk: bool,
 }
 
 fn check_batch_len(field: &str, n: usize) -> Result<(), ApiError> {
@@ -108,8 +113,13 @@ pub(super) async fn add_batch(
     }
     let received = sigs.len();
     let group = body.group;
+    let publish = if body.bulk {
+        Publish::Deferred
+    } else {
+        Publish::Now
+    };
     let res = st
-        .run(move |s| Ok(s.put_signatures(&sigs, group.as_deref(), &actor.0)?))
+        .run(move |s| Ok(s.put_signatures_with(&sigs, group.as_deref(), &actor.0, publish)?))
         .await?;
     if res.added_to_group > 0 || res.updated > 0 {
         st.changed(Change::Signatures);

@@ -163,35 +163,22 @@ impl Enrolment for EnrolService {
     }
 }
 
-/// Characters of an admin token (RFC 4648 base32: no 0/1/8, so no O/I/B
-/// look-alikes to mistype).
-const TOKEN_ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 /// Random bits in an admin token (32 base32 characters).
 pub const ADMIN_TOKEN_BITS: usize = 160;
 
 /// A fresh admin token: 160 bits from the OS CSPRNG as 32 base32
-/// characters in groups of four, e.g. `K7QD-M2XA-...`.
+/// characters (RFC 4648: no 0/1/8, so no O/I/B look-alikes to mistype) in
+/// groups of four, e.g. `K7QD-M2XA-...`.
 pub fn new_admin_token() -> Result<String, getrandom::Error> {
     let mut b = [0_u8; ADMIN_TOKEN_BITS / 8];
     getrandom::fill(&mut b)?;
-    let mut out = String::with_capacity(40);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    let mut n = 0;
-    for byte in b {
-        acc = (acc << 8) | u32::from(byte);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            let i = usize::try_from((acc >> bits) & 31).unwrap_or(0);
-            if n > 0 && n % 4 == 0 {
-                out.push('-');
-            }
-            out.push(char::from(TOKEN_ALPHABET.get(i).copied().unwrap_or(b'A')));
-            n += 1;
-        }
-    }
-    Ok(out)
+    let text = data_encoding::BASE32_NOPAD.encode(&b);
+    let groups: Vec<&str> = text
+        .as_bytes()
+        .chunks(4)
+        .filter_map(|g| std::str::from_utf8(g).ok())
+        .collect();
+    Ok(groups.join("-"))
 }
 
 /// SHA-256 (hex) of an admin token as typed: case, spaces and dashes are
@@ -207,11 +194,7 @@ pub fn admin_token_sha256(token: &str) -> String {
 
 /// Compares two byte strings in time independent of where they differ.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0_u8, |d, (x, y)| d | (x ^ y));
-    std::hint::black_box(diff) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 impl EnrolService {

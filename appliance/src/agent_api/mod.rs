@@ -201,6 +201,7 @@ pub const GENERATION_POLL: Duration = Duration::from_millis(200);
 
 /// Broadcasts `PolicyGeneration` whenever the store's verdict generation
 /// moves (policy switch, membership, roles, modes...), whoever moved it,
+/// after making a deferred move that is due (`Store::settle_deferred`),
 /// preceded by `HostMode` to each connected host (a mode change moves the
 /// generation too; agents take a repeated mode as a no-op). Also keeps the connected-agents gauge current.
 async fn watch_generation(api: Arc<AgentApi>) {
@@ -208,6 +209,21 @@ async fn watch_generation(api: Arc<AgentApi>) {
     let mut tick = tokio::time::interval(GENERATION_POLL);
     loop {
         tick.tick().await;
+        if api.store.deferred_move() {
+            let s = Arc::clone(&api.store);
+            let now = service::now_ms();
+            let settled = tokio::task::spawn_blocking(move || {
+                s.settle_deferred(
+                    now,
+                    crate::store::DEFER_QUIET_MS,
+                    crate::store::DEFER_MAX_MS,
+                )
+            })
+            .await;
+            if let Ok(Err(e)) = settled {
+                eprintln!("deferred generation move failed: {e}");
+            }
+        }
         let g = api.store.generation_hint();
         if g != seen {
             seen = g;

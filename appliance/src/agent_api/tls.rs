@@ -110,7 +110,7 @@ pub fn incoming(
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly.
-                    eprintln!("trustbind-appliance: accept: {e}");
+                    tracing::warn!("accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -94,8 +94,11 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
             shards: (0..if per == 0 { 0 } else { SHARDS })
                 .map(|_| {
                     Mutex::new(Shard {
-                        map: HashMap::with_capacity(per),
-                        slots: Vec::with_capacity(per),
+                        // Grown on use: a snapshot replaced after a few
+                        // decisions (memberships moving during an
+                        // import) costs no large allocation.
+                        map: HashMap::new(),
+                        slots: Vec::new(),
                         hand: 0,
                         cap: per,
                     })

@@ -7,18 +7,31 @@
 //! lock: the snapshot is read through an `ArcSwap`, and a decision uses one
 //! snapshot from start to end, so no decision sees half of a change.
 //!
-//! The store moves the generation in the same transaction as every change
-//! that can change a verdict and publishes it in
-//! [`Store::generation_hint`]; each decision compares it with its
-//! snapshot's and refreshes first when it moved. All writers must go through
-//! the same [`Store`] handle (the appliance has exactly one).
+//! The store versions what a snapshot is made of (the verdict generation,
+//! the data version of policy, hosts and users, the membership version) and
+//! publishes them in [`Store::versions_hint`]; each decision compares them
+//! with its snapshot's and refreshes first when they moved: re-reading
+//! hosts and users only when the data version moved, and otherwise only
+//! emptying the membership map and the decision cache. A decision never
+//! compiles a policy set: activation and rollback hand the version to the
+//! engine before the switch is written ([`crate::store::PolicyPrep`]), and
+//! it is compiled there, on the administrator's call, while decisions go
+//! on with the old snapshot; the switch then swaps in the compiled set. A
+//! policy that changed without that (no prepared set) is compiled on a
+//! background thread while decisions keep the old snapshot (answers
+//! labelled with the old generation, which hosts that moved on do not
+//! cache). Every answer is reported to the store's ledger
+//! ([`Store::note_answer`]), which decides whether a later membership
+//! change must move the generation. All writers must go through the same
+//! [`Store`] handle (the appliance has exactly one).
 //!
 //! Cedar entities built per request: `User::"<user>"` in its roles,
 //! `Host::"<host>"` in its host group, `Program::"<sha256>"` in its
 //! reference groups (unknown programs have none and fall to the default
 //! policy), `File::"<path>"`, `Service::"<dst_addr>:<dst_port>/<proto>"`.
 //! Context: `time` (seconds since the epoch), `hour` (0..23) and `weekday`
-//! (0 = Monday) **in UTC**, `session`, `ancestry`, `mode`, and for network
+//! (0 = Monday) in the appliance's time zone (`crate::clock`, UTC unless
+//! `serve --time-zone`), `session`, `ancestry`, `mode`, and for network
 //! actions the addresses, ports and (in pair decisions) the peer.
 
 use std::collections::{HashMap, HashSet};
@@ -39,7 +52,7 @@ use super::reads::Reads;
 use super::slice::{Index, Keys};
 use super::{outcome_with, Outcome, PolicyError, Verdict};
 use crate::request::{Action, Program, Proto, QualifyRequest, Target};
-use crate::store::{AuditEvent, EngineData, Mode, Store};
+use crate::store::{AuditEvent, EngineData, Mode, PolicyPrep, PolicyVersion, Store, Versions};
 
 /// How often a decision restarts because the store moved under it before
 /// it gives up with [`PolicyError::Unstable`].
@@ -111,8 +124,12 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn new(schema: &Schema, data: &EngineData, slicing: bool) -> Result<Self, PolicyError> {
-        let Some(pv) = &data.policy else {
+    fn new(
+        schema: &Schema,
+        pv: Option<&PolicyVersion>,
+        slicing: bool,
+    ) -> Result<Self, PolicyError> {
+        let Some(pv) = pv else {
             return Ok(Self {
                 version: None,
                 identity: None,
@@ -130,10 +147,103 @@ impl Compiled {
     fn same_as(&self, data: &EngineData) -> bool {
         match &data.policy {
             None => self.version.is_none(),
-            Some(pv) => {
-                self.version == Some(pv.id) && self.identity.as_deref() == Some(pv.sha256.as_str())
+            Some(pv) => self.is(pv),
+        }
+    }
+
+    fn is(&self, pv: &PolicyVersion) -> bool {
+        self.version == Some(pv.id) && self.identity.as_deref() == Some(pv.sha256.as_str())
+    }
+}
+
+/// Compiled policy sets kept for a swap: the ones prepared before an
+/// activation or rollback and the last ones in force.
+const PREPARED_KEEP: usize = 4;
+
+/// Compiles policy versions off the decision path and keeps them until a
+/// refresh swaps them in.
+struct Prepared {
+    schema: Schema,
+    slicing: bool,
+    sets: Mutex<Vec<Arc<Compiled>>>,
+    /// Versions being compiled on a background thread, by SHA-256.
+    compiling: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    fn get(&self, pv: &PolicyVersion) -> Option<Arc<Compiled>> {
+        let sets = self.sets.lock().ok()?;
+        sets.iter().find(|c| c.is(pv)).map(Arc::clone)
+    }
+
+    fn keep(&self, c: &Arc<Compiled>) {
+        if c.version.is_none() {
+            return;
+        }
+        if let Ok(mut sets) = self.sets.lock() {
+            sets.retain(|x| !(x.version == c.version && x.identity == c.identity));
+            sets.push(Arc::clone(c));
+            while sets.len() > PREPARED_KEEP {
+                sets.remove(0);
             }
         }
+    }
+
+    fn compile(&self, pv: &PolicyVersion) -> Result<Arc<Compiled>, PolicyError> {
+        if let Some(c) = self.get(pv) {
+            return Ok(c);
+        }
+        let c = Arc::new(Compiled::new(&self.schema, Some(pv), self.slicing)?);
+        self.keep(&c);
+        Ok(c)
+    }
+
+    /// Whether a background compile is under way.
+    fn busy(&self) -> bool {
+        self.compiling
+            .lock()
+            .map(|c| !c.is_empty())
+            .unwrap_or(false)
+    }
+
+    /// Starts compiling `pv` on a thread of its own unless one already is.
+    fn compile_in_background(self: &Arc<Self>, pv: PolicyVersion) {
+        let fresh = self
+            .compiling
+            .lock()
+            .map(|mut c| c.insert(pv.sha256.clone()))
+            .unwrap_or(false);
+        if !fresh {
+            return;
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("policy-compile".into())
+            .spawn(move || {
+                // A failure shows on the next blocking refresh.
+                let _ = me.compile(&pv);
+                if let Ok(mut c) = me.compiling.lock() {
+                    c.remove(&pv.sha256);
+                }
+            });
+        if spawned.is_err() {
+            if let Ok(mut c) = self.compiling.lock() {
+                c.clear();
+            }
+        }
+    }
+}
+
+impl PolicyPrep for Prepared {
+    fn prepare(&self, pv: &PolicyVersion) {
+        // An invalid text fails the activation's own validation; nothing to keep.
+        let _ = self.compile(pv);
     }
 }
 
@@ -162,13 +272,19 @@ impl ProgramGroups {
         self.shards.get(i)
     }
 
-    /// Groups of `sha` as of `generation`; `None` when the store has moved
-    /// past `generation` (the caller refreshes and retries).
+    /// Groups of `sha` as of membership version `members`; `None` when
+    /// the store's memberships have moved past it (the caller refreshes
+    /// and retries). `lenient` (a decision's last try, memberships
+    /// changing faster than it can refresh): the newer groups instead,
+    /// not kept; such an answer is not cacheable if they differ (the
+    /// change touching `sha` is pending in, or already synced to, the
+    /// store's ledger, so [`Store::note_answer`] refuses it).
     fn get(
         &self,
         store: &Store,
         sha: &str,
-        generation: i64,
+        members: i64,
+        lenient: bool,
     ) -> Result<Option<Arc<[String]>>, PolicyError> {
         let shard = self
             .shard(sha)
@@ -179,8 +295,8 @@ impl ProgramGroups {
             }
         }
         let (groups, at) = store.groups_of_at(sha)?;
-        if at != generation {
-            return Ok(None);
+        if at != members {
+            return Ok(lenient.then(|| groups.into()));
         }
         let groups: Arc<[String]> = groups.into();
         if let Ok(mut map) = shard.lock() {
@@ -252,10 +368,11 @@ fn cache_key(req: &QualifyRequest, peer: Option<&PeerInfo<'_>>, reads: Reads) ->
 /// Everything a decision depends on, as of one verdict generation.
 #[derive(Debug)]
 struct Snapshot {
+    versions: Versions,
     generation: i64,
     policy: Arc<Compiled>,
-    hosts: HashMap<String, (String, Mode)>,
-    users: HashMap<String, Vec<String>>,
+    hosts: Arc<HashMap<String, (String, Mode)>>,
+    users: Arc<HashMap<String, Vec<String>>>,
     programs: ProgramGroups,
     cache: ClockCache<CacheKey, Decision>,
 }
@@ -332,20 +449,16 @@ struct PeerInfo<'a> {
     groups: Arc<[String]>,
 }
 
-/// `(time_s, hour, weekday)` of `at_ms`, in UTC; weekday 0 = Monday.
+/// `(time_s, hour, weekday)` of `at_ms` in the appliance's time zone
+/// ([`crate::clock`], UTC unless set); weekday 0 = Monday.
 pub fn clock(at_ms: i64) -> (i64, i64, i64) {
-    let secs = at_ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let hour = secs.rem_euclid(86_400) / 3600;
-    // 1970-01-01 was a Thursday (3 when Monday is 0).
-    let weekday = days.saturating_add(3).rem_euclid(7);
-    (secs, hour, weekday)
+    crate::clock::civil(at_ms)
 }
 
 /// The policy engine. `Send + Sync`; share it behind an `Arc`.
 pub struct Engine {
     store: Arc<Store>,
-    schema: Schema,
+    prepared: Arc<Prepared>,
     options: EngineOptions,
     authorizer: Authorizer,
     names: Names,
@@ -379,11 +492,24 @@ impl Engine {
         let (schema, _warnings) = Schema::from_cedarschema_str(schema_text)
             .map_err(|e| PolicyError::Schema(e.to_string()))?;
         let data = store.engine_data()?;
-        let policy = Arc::new(Compiled::new(&schema, &data, options.slicing)?);
+        let policy = Arc::new(Compiled::new(
+            &schema,
+            data.policy.as_ref(),
+            options.slicing,
+        )?);
+        let prepared = Arc::new(Prepared {
+            schema,
+            slicing: options.slicing,
+            sets: Mutex::new(Vec::new()),
+            compiling: Mutex::new(HashSet::new()),
+        });
+        prepared.keep(&policy);
+        let prep: Arc<dyn PolicyPrep> = Arc::clone(&prepared) as Arc<dyn PolicyPrep>;
+        store.add_policy_prep(Arc::downgrade(&prep));
         let snap = Snapshot::new(data, policy, options.cache_capacity);
         Ok(Engine {
             store,
-            schema,
+            prepared,
             options,
             authorizer: Authorizer::new(),
             names: Names::new()?,
@@ -413,29 +539,70 @@ impl Engine {
         self.current.load().generation
     }
 
-    /// Re-reads policy and data when the store's generation moved; returns
-    /// the generation now in use. Cheap (one atomic load) when it did not;
-    /// the compiled policy is reused when only data moved.
+    /// Re-reads policy and data when the store moved, compiling a new
+    /// policy set if one is needed; returns the generation now in use.
+    /// Cheap (three atomic loads) when nothing moved; the compiled policy
+    /// is reused when only data moved, hosts and users too when only
+    /// memberships or the generation moved.
     pub fn refresh(&self) -> Result<i64, PolicyError> {
-        let g = self.current.load().generation;
-        if g == self.store.generation_hint() {
-            return Ok(g);
+        self.refresh_with(true)
+    }
+
+    /// `compile`: false on a decision's first try: a policy set that was
+    /// not prepared is compiled on a background thread and the old
+    /// snapshot answers meanwhile. A refresh under way on another thread
+    /// is waited for (it never compiles, so it is short): a decision made
+    /// after a change committed sees the change.
+    fn refresh_with(&self, compile: bool) -> Result<i64, PolicyError> {
+        let poisoned = || PolicyError::Store(crate::store::StoreError::Poisoned);
+        {
+            let cur = self.current.load();
+            if cur.versions == self.store.versions_hint() {
+                return Ok(cur.generation);
+            }
         }
-        let _one = self
-            .refreshing
-            .lock()
-            .map_err(|_| PolicyError::Store(crate::store::StoreError::Poisoned))?;
+        let _one = self.refreshing.lock().map_err(|_| poisoned())?;
         let cur = self.current.load_full();
-        if cur.generation == self.store.generation_hint() {
+        if cur.versions == self.store.versions_hint() {
             return Ok(cur.generation);
         }
-        let data = self.store.engine_data()?;
-        let policy = if cur.policy.same_as(&data) {
-            Arc::clone(&cur.policy)
+        let v = self.store.versions()?;
+        let snap = if v.data == cur.versions.data {
+            Snapshot {
+                versions: v,
+                generation: v.generation,
+                policy: Arc::clone(&cur.policy),
+                hosts: Arc::clone(&cur.hosts),
+                users: Arc::clone(&cur.users),
+                programs: ProgramGroups::new(),
+                cache: ClockCache::new(self.options.cache_capacity),
+            }
         } else {
-            Arc::new(Compiled::new(&self.schema, &data, self.options.slicing)?)
+            if !compile && self.prepared.busy() {
+                // A set is being compiled in the background: keep the old
+                // snapshot without re-reading the data for every decision.
+                return Ok(cur.generation);
+            }
+            let data = self.store.engine_data()?;
+            let policy = match &data.policy {
+                _ if cur.policy.same_as(&data) => Arc::clone(&cur.policy),
+                None => Arc::new(Compiled::new(
+                    &self.prepared.schema,
+                    None,
+                    self.options.slicing,
+                )?),
+                Some(pv) => match self.prepared.get(pv) {
+                    Some(c) => c,
+                    None if compile => self.prepared.compile(pv)?,
+                    None => {
+                        self.prepared.compile_in_background(pv.clone());
+                        return Ok(cur.generation);
+                    }
+                },
+            };
+            self.prepared.keep(&policy);
+            Snapshot::new(data, policy, self.options.cache_capacity)
         };
-        let snap = Snapshot::new(data, policy, self.options.cache_capacity);
         let g = snap.generation;
         self.current.store(Arc::new(snap));
         Ok(g)
@@ -449,7 +616,7 @@ impl Engine {
             host: &req.host,
             program,
         });
-        self.with_snapshot(|snap| self.evaluate(snap, req, peer.as_ref()))
+        self.with_snapshot(|snap, last| self.evaluate(snap, req, peer.as_ref(), last))
     }
 
     /// Decides a correlated connection as one: each side is evaluated with
@@ -471,7 +638,7 @@ impl Engine {
                 )));
             }
         }
-        self.with_snapshot(|snap| {
+        self.with_snapshot(|snap, last| {
             let a = self.evaluate(
                 snap,
                 connect,
@@ -479,6 +646,7 @@ impl Engine {
                     host: &accept.host,
                     program: &accept.program,
                 }),
+                last,
             )?;
             let Some(a) = a else { return Ok(None) };
             let b = self.evaluate(
@@ -488,43 +656,58 @@ impl Engine {
                     host: &connect.host,
                     program: &connect.program,
                 }),
+                last,
             )?;
             Ok(b.map(|b| merge(a, b)))
         })
     }
 
+    /// Decides with the current snapshot (refreshed first if the store
+    /// moved), retrying when the store's memberships moved under it.
     fn with_snapshot(
         &self,
-        f: impl Fn(&Snapshot) -> Result<Option<Decision>, PolicyError>,
+        f: impl Fn(&Snapshot, bool) -> Result<Option<Decision>, PolicyError>,
     ) -> Result<Decision, PolicyError> {
-        for _ in 0..MAX_TRIES {
-            self.refresh()?;
+        for i in 0..MAX_TRIES {
+            // The first try never compiles; a retry (the store's
+            // memberships moved under a stale snapshot) must.
+            self.refresh_with(i > 0)?;
             let snap = self.current.load();
-            if let Some(d) = f(&snap)? {
+            if let Some(d) = f(&snap, i + 1 == MAX_TRIES)? {
                 return Ok(d);
             }
         }
         Err(PolicyError::Unstable(MAX_TRIES))
     }
 
-    /// `Ok(None)`: the store moved past the snapshot; retry.
+    /// `Ok(None)`: the store moved past the snapshot; retry. `lenient`:
+    /// the last try, see [`ProgramGroups::get`].
     fn evaluate(
         &self,
         snap: &Snapshot,
         req: &QualifyRequest,
         peer: Option<&Peer<'_>>,
+        lenient: bool,
     ) -> Result<Option<Decision>, PolicyError> {
-        let (host_group, mode) = snap
-            .hosts
-            .get(&req.host)
-            .ok_or_else(|| PolicyError::UnknownHost(req.host.clone()))?;
-        let Some(groups) = snap
-            .programs
-            .get(&self.store, &req.program.sha256, snap.generation)?
+        let Some((host_group, mode)) = snap.hosts.get(&req.host) else {
+            // A host registered since the snapshot was taken: retry on a
+            // fresh one.
+            if snap.versions.data != self.store.versions_hint().data {
+                return Ok(None);
+            }
+            return Err(PolicyError::UnknownHost(req.host.clone()));
+        };
+        let Some(groups) = snap.programs.get(
+            &self.store,
+            &req.program.sha256,
+            snap.versions.members,
+            lenient,
+        )?
         else {
             return Ok(None);
         };
         if *mode == Mode::Disabled {
+            // Independent of memberships: nothing for the ledger.
             return Ok(Some(Decision {
                 outcome: Outcome {
                     verdict: Verdict::Allow,
@@ -545,9 +728,12 @@ impl Engine {
                     .hosts
                     .get(p.host)
                     .ok_or_else(|| PolicyError::UnknownHost(p.host.to_owned()))?;
-                let Some(groups) =
-                    snap.programs
-                        .get(&self.store, &p.program.sha256, snap.generation)?
+                let Some(groups) = snap.programs.get(
+                    &self.store,
+                    &p.program.sha256,
+                    snap.versions.members,
+                    lenient,
+                )?
                 else {
                     return Ok(None);
                 };
@@ -608,6 +794,10 @@ impl Engine {
             if let Some(mut d) = snap.cache.get(k) {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 d.cache_hit = true;
+                // No need to report it: the ledger has had this answer
+                // since it was cached, so a membership change touching its
+                // programs moves the generation (or, bulk and deny only,
+                // defers the move) whenever this hit happens.
                 return Ok(Some(d));
             }
         }
@@ -628,7 +818,7 @@ impl Engine {
         let mut out = outcome_with(&resp, *mode, |id| index.meta(id));
         out.reasons.sort_unstable();
         out.reasons.dedup();
-        let d = Decision {
+        let mut d = Decision {
             outcome: out,
             generation: snap.generation,
             // A direct loader exec is never cached (by the kernel, or in the
@@ -644,8 +834,24 @@ impl Engine {
             cache_hit: false,
             groups: groups.to_vec(),
         };
-        if let Some(k) = key {
-            snap.cache.insert(k, d.clone());
+        // Reported to the store's ledger before it can be handed out again
+        // from the decision cache: every cached entry is one the ledger
+        // knows, so a hit need not report it again.
+        let mut programs = Vec::with_capacity(2);
+        programs.push(req.program.sha256.as_str());
+        if let Some(p) = &peer {
+            programs.push(p.program);
+        }
+        let allow = !matches!(d.outcome.verdict, Verdict::Deny);
+        if self
+            .store
+            .note_answer(snap.generation, snap.versions.members, &programs, allow)
+        {
+            if let Some(k) = key {
+                snap.cache.insert(k, d.clone());
+            }
+        } else {
+            d.cacheable = false;
         }
         Ok(Some(d))
     }
@@ -877,10 +1083,11 @@ fn push_plain(
 impl Snapshot {
     fn new(data: EngineData, policy: Arc<Compiled>, cache_capacity: usize) -> Self {
         Snapshot {
+            versions: data.versions,
             generation: data.generation,
             policy,
-            hosts: data.hosts,
-            users: data.users,
+            hosts: Arc::new(data.hosts),
+            users: Arc::new(data.users),
             programs: ProgramGroups::new(),
             cache: ClockCache::new(cache_capacity),
         }

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    bump_generation, check_hex, hex, now_ms, AuditEvent, HostState, Mode, PolicyState, Signature,
-    Store, StoreError,
+    bump_data, bump_generation, check_hex, hex, now_ms, AuditEvent, HostState, Mode, PolicyState,
+    Publish, Signature, Store, StoreError,
 };
 
 /// A policy version without its text, for listings.
@@ -273,12 +273,15 @@ fn group_exists(tx: &rusqlite::Transaction<'_>, group: &str) -> Result<(), Store
     Ok(())
 }
 
+/// The first audit row at or after a time (`audit_cursor_since`).
+pub const AUDIT_SINCE: &str = "SELECT min(seq) FROM audit INDEXED BY audit_at_ms WHERE at_ms >= ?1";
+
 impl Store {
     // ---- policies ----
 
     /// Every policy version, newest first, without texts.
     pub fn list_policies(&self) -> Result<Vec<PolicyInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT id, sha256, state, created_ms, comment FROM policy_versions ORDER BY id DESC",
         )?;
@@ -315,12 +318,25 @@ impl Store {
     /// Stores a batch of signatures idempotently in one transaction, and
     /// puts them into `group` when given. Every entry is checked before
     /// anything is written; the batch is audited as one row carrying the
-    /// count and a digest of the hashes.
+    /// count and a digest of the hashes. The generation moves only if a
+    /// program put into the group has been answered under it.
     pub fn put_signatures(
         &self,
         sigs: &[Signature],
         group: Option<&str>,
         actor: &str,
+    ) -> Result<SignatureBatch, StoreError> {
+        self.put_signatures_with(sigs, group, actor, Publish::Now)
+    }
+
+    /// [`Store::put_signatures`], publishing the membership change to hosts
+    /// as `publish` says (`Deferred` for a bulk import).
+    pub fn put_signatures_with(
+        &self,
+        sigs: &[Signature],
+        group: Option<&str>,
+        actor: &str,
+        publish: Publish,
     ) -> Result<SignatureBatch, StoreError> {
         for s in sigs {
             check_hex("sha256", &s.sha256, 64)?;
@@ -353,6 +369,7 @@ impl Store {
                 "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             )?;
             let now = now_ms();
+            let mut touched = Vec::new();
             for s in sigs {
                 let size = i64::try_from(s.size).unwrap_or(i64::MAX);
                 if add.execute(params![s.sha256, s.sha1, size, s.name, s.source, now])? == 1 {
@@ -364,13 +381,13 @@ impl Store {
                     out.updated += 1;
                 }
                 if let Some(g) = group {
-                    out.added_to_group += u64::try_from(member.execute(params![g, s.sha256])?)
-                        .unwrap_or(0);
+                    if member.execute(params![g, s.sha256])? > 0 {
+                        out.added_to_group += 1;
+                        touched.push(s.sha256.clone());
+                    }
                 }
             }
-            if out.added_to_group > 0 {
-                bump_generation(tx)?;
-            }
+            let pending = self.members_changed(tx, touched, publish)?;
             let ev = AuditEvent::new(
                 "signature.batch",
                 actor,
@@ -383,8 +400,9 @@ impl Store {
                     "added_to_group": out.added_to_group,
                 }),
             );
-            Ok((out, Some(ev)))
+            Ok(((out, pending), Some(ev)))
         })
+        .map(|(out, _)| out)
     }
 
     /// Signatures ordered by SHA-256, after the cursor `after` (exclusive),
@@ -395,7 +413,7 @@ impl Store {
         after: &str,
         limit: u32,
     ) -> Result<Vec<Signature>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let rows = match group {
             None => {
                 let mut stmt = conn.prepare_cached(
@@ -434,16 +452,17 @@ impl Store {
         }
         self.write(|tx| {
             let mut missing = Vec::new();
+            let mut gone = Vec::new();
             let mut del = tx.prepare_cached("DELETE FROM signatures WHERE sha256 = ?1")?;
             for h in hashes {
                 if del.execute([h])? == 0 {
                     missing.push(h.clone());
+                } else {
+                    gone.push(h.clone());
                 }
             }
-            let removed = hashes.len().saturating_sub(missing.len());
-            if removed > 0 {
-                bump_generation(tx)?;
-            }
+            let removed = gone.len();
+            let pending = self.members_changed(tx, gone, Publish::Now)?;
             let ev = (removed > 0).then(|| {
                 let detail = if removed == 1 {
                     let gone = hashes.iter().find(|h| !missing.contains(h));
@@ -458,15 +477,16 @@ impl Store {
                 };
                 AuditEvent::new("signature.remove", actor, detail)
             });
-            Ok((missing, ev))
+            Ok(((missing, pending), ev))
         })
+        .map(|(missing, _)| missing)
     }
 
     // ---- reference groups ----
 
     /// Every reference group with its member count, by name.
     pub fn list_groups(&self) -> Result<Vec<GroupInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT g.name, g.description, (SELECT count(*) FROM ref_group_members m WHERE m.group_name = g.name)
              FROM ref_groups g ORDER BY g.name",
@@ -483,7 +503,7 @@ impl Store {
 
     /// One reference group.
     pub fn group(&self, name: &str) -> Result<Option<GroupInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         Ok(conn
             .query_row(
                 "SELECT g.name, g.description, (SELECT count(*) FROM ref_group_members m WHERE m.group_name = g.name)
@@ -518,7 +538,7 @@ impl Store {
             let mut ins = tx.prepare_cached(
                 "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             )?;
-            let mut added = 0_u64;
+            let mut touched = Vec::new();
             for h in hashes {
                 if !known.exists([h])? {
                     return Err(StoreError::NotFound {
@@ -526,11 +546,12 @@ impl Store {
                         key: h.clone(),
                     });
                 }
-                added += u64::try_from(ins.execute(params![group, h])?).unwrap_or(0);
+                if ins.execute(params![group, h])? > 0 {
+                    touched.push(h.clone());
+                }
             }
-            if added > 0 {
-                bump_generation(tx)?;
-            }
+            let added = u64::try_from(touched.len()).unwrap_or(u64::MAX);
+            let pending = self.members_changed(tx, touched, Publish::Now)?;
             let ev = (added > 0).then(|| {
                 AuditEvent::new(
                     "group.add",
@@ -542,8 +563,9 @@ impl Store {
                     }),
                 )
             });
-            Ok((added, ev))
+            Ok(((added, pending), ev))
         })
+        .map(|(added, _)| added)
     }
 
     /// Takes signatures out of a group; returns how many were members.
@@ -561,13 +583,14 @@ impl Store {
             let mut del = tx.prepare_cached(
                 "DELETE FROM ref_group_members WHERE group_name = ?1 AND sha256 = ?2",
             )?;
-            let mut removed = 0_u64;
+            let mut touched = Vec::new();
             for h in hashes {
-                removed += u64::try_from(del.execute(params![group, h])?).unwrap_or(0);
+                if del.execute(params![group, h])? > 0 {
+                    touched.push(h.clone());
+                }
             }
-            if removed > 0 {
-                bump_generation(tx)?;
-            }
+            let removed = u64::try_from(touched.len()).unwrap_or(u64::MAX);
+            let pending = self.members_changed(tx, touched, Publish::Now)?;
             let ev = (removed > 0).then(|| {
                 AuditEvent::new(
                     "group.remove",
@@ -579,8 +602,9 @@ impl Store {
                     }),
                 )
             });
-            Ok((removed, ev))
+            Ok(((removed, pending), ev))
         })
+        .map(|(removed, _)| removed)
     }
 
     /// Deletes a reference group and its memberships (not the signatures);
@@ -593,7 +617,13 @@ impl Store {
                 [name],
             )?;
             tx.execute("DELETE FROM ref_groups WHERE name = ?1", [name])?;
+            // Rare and possibly huge: move the generation without asking
+            // which members were answered.
             bump_generation(tx)?;
+            tx.execute(
+                "UPDATE governing SET members_version = members_version + 1 WHERE id = 1",
+                [],
+            )?;
             let ev = AuditEvent::new(
                 "group.delete",
                 actor,
@@ -607,7 +637,7 @@ impl Store {
 
     /// Every host group with its host count, by name.
     pub fn list_host_groups(&self) -> Result<Vec<HostGroupInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT g.name, g.mode, (SELECT count(*) FROM hosts h WHERE h.host_group = g.name)
              FROM host_groups g ORDER BY g.name",
@@ -661,7 +691,7 @@ impl Store {
 
     /// Hosts ordered by name after the cursor `after` (exclusive), at most `limit`.
     pub fn list_hosts(&self, after: &str, limit: u32) -> Result<Vec<HostInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare_cached(
             "SELECT name, host_group, state, cert_serial, changed_ms FROM hosts
              WHERE name > ?1 ORDER BY name LIMIT ?2",
@@ -692,7 +722,7 @@ impl Store {
     /// One host.
     pub fn host_info(&self, name: &str) -> Result<Option<HostInfo>, StoreError> {
         let hosts = {
-            let conn = self.lock()?;
+            let conn = self.read()?;
             let mut stmt = conn.prepare_cached(
                 "SELECT name, host_group, state, cert_serial, changed_ms FROM hosts WHERE name = ?1",
             )?;
@@ -725,7 +755,7 @@ impl Store {
     /// Users ordered by name after the cursor `after` (exclusive), at most
     /// `limit`, with their roles.
     pub fn list_users(&self, after: &str, limit: u32) -> Result<Vec<UserInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt =
             conn.prepare_cached("SELECT name FROM users WHERE name > ?1 ORDER BY name LIMIT ?2")?;
         let names = stmt
@@ -746,7 +776,7 @@ impl Store {
     /// One user with its roles, if it is known.
     pub fn user(&self, name: &str) -> Result<Option<UserInfo>, StoreError> {
         let known = {
-            let conn = self.lock()?;
+            let conn = self.read()?;
             let mut stmt = conn.prepare_cached("SELECT 1 FROM users WHERE name = ?1")?;
             stmt.exists([name])?
         };
@@ -769,7 +799,7 @@ impl Store {
                     key: name.into(),
                 });
             }
-            bump_generation(tx)?;
+            bump_data(tx)?;
             let ev = AuditEvent::new("user.delete", actor, serde_json::json!({ "user": name }));
             Ok(((), Some(ev)))
         })
@@ -777,7 +807,7 @@ impl Store {
 
     /// Every role held by at least one user, with its user count.
     pub fn list_roles(&self) -> Result<Vec<RoleInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt =
             conn.prepare("SELECT role, count(*) FROM user_roles GROUP BY role ORDER BY role")?;
         let rows = stmt.query_map([], |r| {
@@ -793,7 +823,7 @@ impl Store {
 
     /// Every license, by id.
     pub fn licenses(&self) -> Result<Vec<LicenseRow>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(&format!("SELECT {LICENSE_COLS} FROM licenses ORDER BY id"))?;
         let rows = stmt.query_map([], license_from)?;
         let mut out = Vec::new();
@@ -941,12 +971,10 @@ impl Store {
     /// The `after` cursor that starts at the first row written at or after
     /// `at_ms` (so `audit_rows(cursor, ..)` returns that row first).
     pub fn audit_cursor_since(&self, at_ms: i64) -> Result<i64, StoreError> {
-        let conn = self.lock()?;
-        let first: Option<i64> = conn.query_row(
-            "SELECT min(seq) FROM audit WHERE at_ms >= ?1",
-            [at_ms],
-            |r| r.get(0),
-        )?;
+        let conn = self.read()?;
+        // Through the time index: the work is the rows since `at_ms`
+        // (what the caller reads next), not the rows before it.
+        let first: Option<i64> = conn.query_row(AUDIT_SINCE, [at_ms], |r| r.get(0))?;
         match first {
             Some(seq) => Ok(seq.saturating_sub(1)),
             None => self.audit_head_locked(&conn),
@@ -955,7 +983,7 @@ impl Store {
 
     /// Sequence number of the newest audit row (0 when empty).
     pub fn audit_head(&self) -> Result<i64, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         self.audit_head_locked(&conn)
     }
 

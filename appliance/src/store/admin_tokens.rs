@@ -72,14 +72,14 @@ impl Store {
 
     /// Whether an admin has ever enrolled with a token.
     pub fn admin_ever_enrolled(&self) -> Result<bool, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         enrolled(&conn)
     }
 
     /// State (`pending`, `used`, `superseded`) of the newest admin token
     /// with this hash, if any: to tell a reused token from a wrong one.
     pub fn admin_token_state(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         Ok(conn
             .query_row(
                 "SELECT state FROM admin_tokens WHERE token_sha256 = ?1 ORDER BY id DESC LIMIT 1",
@@ -91,7 +91,7 @@ impl Store {
 
     /// The pending admin token, if any (it may have expired).
     pub fn pending_admin_token(&self) -> Result<Option<AdminToken>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         Ok(conn
             .query_row(
                 "SELECT id, name, token_sha256, expires_ms FROM admin_tokens

@@ -71,7 +71,7 @@ impl Store {
         after: i64,
         limit: u32,
     ) -> Result<Vec<ChannelInfo>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare_cached(
             "SELECT id, key_id, src_host, dst_host, tuple, opened_ms, closed_ms,
                     connect_closed_ms, connect_bytes_sent, connect_bytes_received,

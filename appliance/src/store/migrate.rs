@@ -169,6 +169,20 @@ DROP TABLE ref_group_members;
 ALTER TABLE ref_group_members_v7 RENAME TO ref_group_members;
 CREATE INDEX ref_group_members_sha ON ref_group_members (sha256);
 "#,
+    // 8: the index behind the audit cursor by time (`audit tail`,
+    // `audit export --since`)
+    r#"
+CREATE INDEX audit_at_ms ON audit (at_ms);
+"#,
+    // 9: what the engine's snapshot is read at besides the verdict
+    // generation (`data_version`: policy, hosts, host groups, users;
+    // `members_version`: reference-group memberships), so that a change no
+    // host's cached verdict depends on refreshes the engine without moving
+    // the generation
+    r#"
+ALTER TABLE governing ADD COLUMN data_version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE governing ADD COLUMN members_version INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Newest schema version this build understands.

@@ -1,11 +1,13 @@
 //! Persistent state: signatures, reference groups, policy versions, hosts,
 //! channels and the audit chain, in one SQLite file in WAL mode.
 //!
-//! All access goes through one connection behind a mutex, so there is
+//! Every write goes through one connection behind a mutex, so there is
 //! exactly one writer; every admin change is written in the same
-//! transaction as its audit row, so the two cannot diverge. The file is
-//! opened with `synchronous = FULL`: a call that returned `Ok` survives a
-//! crash (power loss included).
+//! transaction as its audit row, so the two cannot diverge. Reads run on
+//! separate read connections (`read.rs`), so no lookup waits behind a
+//! commit, an audit verification or an export. The file is opened with
+//! `synchronous = FULL`: a call that returned `Ok` survives a crash (power
+//! loss included).
 
 mod admin;
 mod admin_tokens;
@@ -13,14 +15,16 @@ mod agent;
 mod audit;
 mod channels;
 mod err;
+mod ledger;
 pub mod migrate;
+mod read;
 mod writer;
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -29,24 +33,19 @@ use sha2::{Digest, Sha256};
 
 pub use admin::{
     GroupInfo, HostGroupInfo, HostInfo, LicenseKey, LicenseRow, LicenseTerms, PolicyInfo, RoleInfo,
-    SignatureBatch, UserInfo,
+    SignatureBatch, UserInfo, AUDIT_SINCE,
 };
 pub use admin_tokens::AdminToken;
 pub use agent::{AgentRecord, CloseReport, CloseRole};
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 pub use channels::{ChannelEnd, ChannelInfo};
 pub use err::{ChainError, StoreError};
+pub use ledger::{Publish, DEFER_MAX_MS, DEFER_QUIET_MS};
 pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    ::hex::encode(bytes)
 }
 
 fn check_hex(what: &'static str, s: &str, len: usize) -> Result<(), StoreError> {
@@ -124,10 +123,14 @@ pub struct PolicyVersion {
 /// The governing policy and the verdict generation.
 ///
 /// The generation moves, in the same transaction as the change, on
-/// everything that can change a verdict: policy activation and rollback,
-/// reference-group membership, signature removal, user roles, host-group
-/// modes and host registration. Agents are pushed the new value and drop
-/// their cached verdicts.
+/// everything that can change a verdict some host may have cached: policy
+/// activation and rollback, user roles, host-group modes, an exceeded
+/// license, and a membership change (group membership, signature removal)
+/// that touches a program answered since the generation last moved (see
+/// `ledger.rs`; a bulk import may defer that move until it is quiet).
+/// Registering a host, or adding programs no host has asked about, does
+/// not move it. Agents are pushed the new value and drop their cached
+/// verdicts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Governing {
     /// Active version, if any (none means default deny).
@@ -173,19 +176,53 @@ pub enum HostState {
     Revoked,
 }
 
+/// Compiles a policy version before it becomes the governing one, so that
+/// the engine swaps to it without compiling on the decision path
+/// ([`Store::add_policy_prep`]).
+pub trait PolicyPrep: Send + Sync {
+    /// Called, outside every lock, before `pv` is made governing.
+    fn prepare(&self, pv: &PolicyVersion);
+}
+
+/// What the data the engine decides with is versioned by, as committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Versions {
+    /// The verdict generation (what hosts cache under).
+    pub generation: i64,
+    /// Moves with the policy, hosts, host groups and users.
+    pub data: i64,
+    /// Moves with reference-group memberships.
+    pub members: i64,
+}
+
 /// Handle on the store; cheap to share behind an `Arc`.
-#[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    readers: read::Readers,
     /// Last committed verdict generation, readable without the lock.
     generation: AtomicI64,
+    /// Last committed data and membership versions.
+    data_version: AtomicI64,
+    members_version: AtomicI64,
+    ledger: Mutex<ledger::Ledger>,
+    preps: Mutex<Vec<Weak<dyn PolicyPrep>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("versions", &self.versions_hint())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Everything the policy engine needs besides program memberships, read in
 /// one consistent view by [`Store::engine_data`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineData {
-    /// Verdict generation of this view.
+    /// Verdict generation and data versions of this view.
+    pub versions: Versions,
+    /// Verdict generation of this view (`versions.generation`).
     pub generation: i64,
     /// The governing policy version, if any.
     pub policy: Option<PolicyVersion>,
@@ -205,11 +242,148 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", true)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate::migrate(&mut conn)?;
-        let generation = read_generation(&conn)?;
+        let v = read_versions(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
-            generation: AtomicI64::new(generation),
+            readers: read::Readers::open(path)?,
+            generation: AtomicI64::new(v.generation),
+            data_version: AtomicI64::new(v.data),
+            members_version: AtomicI64::new(v.members),
+            ledger: Mutex::new(ledger::Ledger::new(v.generation, v.members)),
+            preps: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The last committed versions, without touching SQLite (each moves
+    /// only after the change that moved it has committed).
+    pub fn versions_hint(&self) -> Versions {
+        Versions {
+            generation: self.generation.load(Ordering::Acquire),
+            data: self.data_version.load(Ordering::Acquire),
+            members: self.members_version.load(Ordering::Acquire),
+        }
+    }
+
+    /// The committed versions, read from the database.
+    pub fn versions(&self) -> Result<Versions, StoreError> {
+        let conn = self.read()?;
+        read_versions(&conn)
+    }
+
+    /// A read connection (never the writer's).
+    fn read(&self) -> Result<read::Reader<'_>, StoreError> {
+        self.readers.get()
+    }
+
+    /// Registers `prep`, called with each policy version about to become
+    /// governing (activation, rollback) before the switch is written.
+    pub fn add_policy_prep(&self, prep: Weak<dyn PolicyPrep>) {
+        if let Ok(mut v) = self.preps.lock() {
+            v.retain(|w| w.strong_count() > 0);
+            v.push(prep);
+        }
+    }
+
+    fn prepare_policy(&self, id: i64) -> Result<(), StoreError> {
+        let Some(pv) = self.policy(id)? else {
+            return Ok(());
+        };
+        let preps: Vec<_> = match self.preps.lock() {
+            Ok(v) => v.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => return Err(StoreError::Poisoned),
+        };
+        for p in preps {
+            p.prepare(&pv);
+        }
+        Ok(())
+    }
+
+    /// Records that a decision about `programs` (the acting program, and a
+    /// pair's or UNIX connect's peer) was answered, allowing or not, from
+    /// data at `generation` and membership version `members`. Returns
+    /// false when the host must not cache the answer (a membership change
+    /// touching one of them raced it); see `ledger.rs`.
+    pub fn note_answer(
+        &self,
+        generation: i64,
+        members: i64,
+        programs: &[&str],
+        allow: bool,
+    ) -> bool {
+        match self.ledger.lock() {
+            Ok(mut l) => l.note(generation, members, programs, allow),
+            Err(_) => false,
+        }
+    }
+
+    /// Moves the generation for deferred approvals (a bulk import that
+    /// touched programs hosts were denied) once no deferred change came
+    /// for `quiet_ms`, or `max_ms` after the first. Returns the new
+    /// generation when it moved. The appliance calls this periodically.
+    pub fn settle_deferred(
+        &self,
+        now_ms: i64,
+        quiet_ms: i64,
+        max_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let due = match self.ledger.lock() {
+            Ok(l) => l.deferred().filter(|d| {
+                now_ms.saturating_sub(d.last_ms) >= quiet_ms
+                    || now_ms.saturating_sub(d.since_ms) >= max_ms
+            }),
+            Err(_) => return Err(StoreError::Poisoned),
+        };
+        let Some(d) = due else { return Ok(None) };
+        self.write(|tx| {
+            bump_generation(tx)?;
+            let g = read_generation(tx)?;
+            let ev = AuditEvent::new(
+                "generation.move",
+                "appliance",
+                serde_json::json!({ "generation": g, "reason": "deferred approvals", "since_ms": d.since_ms }),
+            );
+            Ok((Some(g), Some(ev)))
+        })
+    }
+
+    /// Whether a deferred generation move is waiting.
+    pub fn deferred_move(&self) -> bool {
+        self.ledger
+            .lock()
+            .map(|l| l.deferred().is_some())
+            .unwrap_or(false)
+    }
+
+    /// Inside a membership change's transaction: classifies the change of
+    /// `programs`' memberships, moves the generation if it must, and moves
+    /// the membership version. The returned guard must live until the
+    /// transaction has committed or failed.
+    fn members_changed(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        programs: Vec<String>,
+        publish: Publish,
+    ) -> Result<PendingChange<'_>, StoreError> {
+        let effect = self
+            .ledger
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .classify(&programs, publish, now_ms());
+        let guard = PendingChange {
+            store: self,
+            programs,
+        };
+        if guard.programs.is_empty() {
+            return Ok(guard);
+        }
+        if effect == ledger::Effect::Move {
+            bump_generation(tx)?;
+        }
+        tx.execute(
+            "UPDATE governing SET members_version = members_version + 1 WHERE id = 1",
+            [],
+        )?;
+        Ok(guard)
     }
 
     /// The last committed verdict generation, without touching SQLite.
@@ -236,9 +410,14 @@ impl Store {
             audit::append(&tx, now_ms(), &ev)?;
         }
         tx.commit()?;
-        // Still under the lock: the hint never runs ahead of the database.
-        let g = read_generation(&conn)?;
-        self.generation.store(g, Ordering::Release);
+        // Still under the lock: the hints never run ahead of the database.
+        let v = read_versions(&conn)?;
+        self.generation.store(v.generation, Ordering::Release);
+        self.data_version.store(v.data, Ordering::Release);
+        self.members_version.store(v.members, Ordering::Release);
+        if let Ok(mut l) = self.ledger.lock() {
+            l.sync(v.generation, v.members);
+        }
         Ok(out)
     }
 
@@ -291,7 +470,7 @@ impl Store {
     /// Walks the whole chain. `Ok(Ok(n))`: `n` rows, all sound;
     /// `Ok(Err(e))`: the first break found.
     pub fn verify_audit(&self) -> Result<Result<i64, ChainError>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit ORDER BY rowid",
         )?;
@@ -321,7 +500,7 @@ impl Store {
 
     /// Writes rows with `seq > after` as JSON lines to `out`; returns how many.
     pub fn export_audit(&self, after: i64, out: &mut impl Write) -> Result<u64, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq",
         )?;
@@ -337,7 +516,7 @@ impl Store {
 
     /// Rows with `seq > after`, oldest first, at most `limit`.
     pub fn audit_rows(&self, after: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
@@ -371,7 +550,7 @@ impl Store {
 
     /// Looks up a signature by SHA-256.
     pub fn signature(&self, sha256: &str) -> Result<Option<Signature>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         Ok(conn
             .query_row(
                 "SELECT sha256, sha1, size, name, source FROM signatures WHERE sha256 = ?1",
@@ -432,12 +611,12 @@ impl Store {
                 "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                 params![group, sha256],
             )?;
-            if n > 0 {
-                bump_generation(tx)?;
-            }
+            let touched = if n > 0 { vec![sha256.to_owned()] } else { Vec::new() };
+            let pending = self.members_changed(tx, touched, Publish::Now)?;
             let ev = AuditEvent::new("group.add", actor, serde_json::json!({ "group": group, "sha256": sha256 }));
-            Ok(((), Some(ev)))
+            Ok((pending, Some(ev)))
         })
+        .map(drop)
     }
 
     /// Takes a signature out of a reference group (no-op if it was not in it).
@@ -449,16 +628,17 @@ impl Store {
                 params![group, sha256],
             )?;
             if n == 0 {
-                return Ok(((), None));
+                return Ok((None, None));
             }
-            bump_generation(tx)?;
+            let pending = self.members_changed(tx, vec![sha256.to_owned()], Publish::Now)?;
             let ev = AuditEvent::new(
                 "group.remove",
                 actor,
                 serde_json::json!({ "group": group, "sha256": sha256 }),
             );
-            Ok(((), Some(ev)))
+            Ok((Some(pending), Some(ev)))
         })
+        .map(drop)
     }
 
     /// Removes a signature and its group memberships.
@@ -472,26 +652,36 @@ impl Store {
                     key: sha256.into(),
                 });
             }
-            bump_generation(tx)?;
+            let pending = self.members_changed(tx, vec![sha256.to_owned()], Publish::Now)?;
             let ev = AuditEvent::new(
                 "signature.remove",
                 actor,
                 serde_json::json!({ "sha256": sha256 }),
             );
-            Ok(((), Some(ev)))
+            Ok((pending, Some(ev)))
         })
+        .map(drop)
     }
 
-    /// Reference groups of a program together with the verdict generation
-    /// they belong to, read in one consistent view.
+    /// Reference groups of a program together with the membership version
+    /// they belong to, read in one consistent view (a read connection).
     pub fn groups_of_at(&self, sha256: &str) -> Result<(Vec<String>, i64), StoreError> {
-        let conn = self.lock()?;
-        let mut stmt = conn.prepare_cached(
-            "SELECT group_name FROM ref_group_members WHERE sha256 = ?1 ORDER BY group_name",
+        let conn = self.read()?;
+        let tx = conn.unchecked_transaction()?;
+        let groups = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT group_name FROM ref_group_members WHERE sha256 = ?1 ORDER BY group_name",
+            )?;
+            let rows = stmt.query_map([sha256], |r| r.get(0))?;
+            rows.collect::<Result<Vec<String>, _>>()?
+        };
+        let members: i64 = tx.query_row(
+            "SELECT members_version FROM governing WHERE id = 1",
+            [],
+            |r| r.get(0),
         )?;
-        let rows = stmt.query_map([sha256], |r| r.get(0))?;
-        let groups = rows.collect::<Result<Vec<String>, _>>()?;
-        Ok((groups, read_generation(&conn)?))
+        tx.commit()?;
+        Ok((groups, members))
     }
 
     // ---- users and roles ----
@@ -532,7 +722,7 @@ impl Store {
                     params![user, role],
                 )?;
             }
-            bump_generation(tx)?;
+            bump_data(tx)?;
             let ev = AuditEvent::new(
                 "user.roles",
                 actor,
@@ -544,7 +734,7 @@ impl Store {
 
     /// Roles of `user`, sorted (empty for unknown users).
     pub fn user_roles(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt =
             conn.prepare_cached("SELECT role FROM user_roles WHERE user_name = ?1 ORDER BY role")?;
         let rows = stmt.query_map([user], |r| r.get(0))?;
@@ -554,9 +744,10 @@ impl Store {
     /// The governing policy, hosts with their groups' modes and users with
     /// their roles, all as of one generation (one read under the lock).
     pub fn engine_data(&self) -> Result<EngineData, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let tx = conn.unchecked_transaction()?;
-        let generation = read_generation(&tx)?;
+        let versions = read_versions(&tx)?;
+        let generation = versions.generation;
         let active: Option<i64> =
             tx.query_row("SELECT active FROM governing WHERE id = 1", [], |r| {
                 r.get(0)
@@ -610,6 +801,7 @@ impl Store {
         }
         tx.commit()?;
         Ok(EngineData {
+            versions,
             generation,
             policy,
             hosts,
@@ -619,7 +811,7 @@ impl Store {
 
     /// Reference groups a program belongs to, sorted (empty for unknown programs).
     pub fn groups_of(&self, sha256: &str) -> Result<Vec<String>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare_cached(
             "SELECT group_name FROM ref_group_members WHERE sha256 = ?1 ORDER BY group_name",
         )?;
@@ -650,7 +842,7 @@ impl Store {
 
     /// One policy version.
     pub fn policy(&self, id: i64) -> Result<Option<PolicyVersion>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let row: Option<(i64, String, String, String)> = conn
             .query_row(
                 "SELECT id, text, sha256, state FROM policy_versions WHERE id = ?1",
@@ -671,7 +863,7 @@ impl Store {
 
     /// The governing-policy pointer.
     pub fn governing(&self) -> Result<Governing, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         Ok(conn.query_row(
             "SELECT active, previous, generation FROM governing WHERE id = 1",
             [],
@@ -697,6 +889,7 @@ impl Store {
     /// retired, the new one activated, the generation moved and the change
     /// audited in one transaction. Returns the new pointer.
     pub fn activate_policy(&self, id: i64, actor: &str) -> Result<Governing, StoreError> {
+        self.prepare_policy(id)?;
         self.write(|tx| {
             let g = switch(tx, id)?;
             let ev = AuditEvent::new(
@@ -710,6 +903,9 @@ impl Store {
 
     /// Switches back to the previously governing version, atomically.
     pub fn rollback_policy(&self, actor: &str) -> Result<Governing, StoreError> {
+        if let Some(prev) = self.governing()?.previous {
+            self.prepare_policy(prev)?;
+        }
         self.write(|tx| {
             let prev: Option<i64> = tx.query_row("SELECT previous FROM governing WHERE id = 1", [], |r| r.get(0))?;
             let Some(prev) = prev else {
@@ -730,7 +926,7 @@ impl Store {
                 "INSERT INTO host_groups (name, mode) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET mode = excluded.mode",
                 params![name, mode.as_str()],
             )?;
-            bump_generation(tx)?;
+            bump_data(tx)?;
             let ev = AuditEvent::new("hostgroup.set", actor, serde_json::json!({ "group": name, "mode": mode }));
             Ok(((), Some(ev)))
         })
@@ -738,7 +934,7 @@ impl Store {
 
     /// Mode of a host group, if it exists.
     pub fn host_group_mode(&self, name: &str) -> Result<Option<Mode>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let m: Option<String> = conn
             .query_row(
                 "SELECT mode FROM host_groups WHERE name = ?1",
@@ -768,7 +964,9 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::Conflict(format!("host `{host}` already exists")));
             }
-            bump_generation(tx)?;
+            // The engine learns the host; no verdict changes (the host has
+            // none yet), so hosts keep their caches.
+            touch_data(tx)?;
             let ev = AuditEvent::new("host.add", actor, serde_json::json!({ "host": host, "group": group }));
             Ok(((), Some(ev)))
         })
@@ -814,7 +1012,7 @@ impl Store {
 
     /// State and group of a host.
     pub fn host(&self, host: &str) -> Result<Option<(HostState, String)>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let row: Option<(String, String)> = conn
             .query_row(
                 "SELECT state, host_group FROM hosts WHERE name = ?1",
@@ -837,7 +1035,7 @@ impl Store {
     /// `(host, certificate serial)` of every enrolled host: the certificates
     /// the agent port accepts.
     pub fn enrolled_certs(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let conn = self.lock()?;
+        let conn = self.read()?;
         let mut stmt = conn.prepare(
             "SELECT name, cert_serial FROM hosts WHERE state = 'enrolled' AND cert_serial IS NOT NULL ORDER BY name",
         )?;
@@ -876,6 +1074,44 @@ fn parse_mode(m: &str) -> Result<Mode, StoreError> {
     }
 }
 
+/// Ends a membership change's pending mark in the ledger (commit or not).
+struct PendingChange<'a> {
+    store: &'a Store,
+    programs: Vec<String>,
+}
+
+impl Drop for PendingChange<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.store.ledger.lock() {
+            l.done(&self.programs);
+        }
+    }
+}
+
+fn read_versions(conn: &Connection) -> Result<Versions, StoreError> {
+    Ok(conn.query_row(
+        "SELECT generation, data_version, members_version FROM governing WHERE id = 1",
+        [],
+        |r| {
+            Ok(Versions {
+                generation: r.get(0)?,
+                data: r.get(1)?,
+                members: r.get(2)?,
+            })
+        },
+    )?)
+}
+
+/// Moves the data version inside `tx`: the policy, a host, a host group or
+/// a user changed (the engine re-reads them; hosts are not told).
+fn touch_data(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE governing SET data_version = data_version + 1 WHERE id = 1",
+        [],
+    )?;
+    Ok(())
+}
+
 fn read_generation(conn: &Connection) -> Result<i64, StoreError> {
     Ok(
         conn.query_row("SELECT generation FROM governing WHERE id = 1", [], |r| {
@@ -891,6 +1127,13 @@ fn bump_generation(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
         [],
     )?;
     Ok(())
+}
+
+/// Moves the verdict generation and the data version inside `tx`: a
+/// change to the policy, a host group's mode or a user's roles.
+fn bump_data(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    bump_generation(tx)?;
+    touch_data(tx)
 }
 
 /// Retires the active version and activates `id` (inside `tx`).
@@ -928,7 +1171,8 @@ fn switch(tx: &rusqlite::Transaction<'_>, id: i64) -> Result<Governing, StoreErr
         [id],
     )?;
     tx.execute(
-        "UPDATE governing SET active = ?1, previous = ?2, generation = generation + 1 WHERE id = 1",
+        "UPDATE governing SET active = ?1, previous = ?2, generation = generation + 1,
+           data_version = data_version + 1 WHERE id = 1",
         params![id, old],
     )?;
     Ok(tx.query_row(

@@ -160,7 +160,7 @@ pub fn enrol_host(
     name: &str,
     mode: &str,
 ) -> Result<()> {
-    let created = admin.run(&["-o", "json", "host", "enroll-token", name, "-g", "hosts"])?;
+    let created = admin.run(&["-o", "json", "host", "enrol-token", name, "-g", "hosts"])?;
     let token = json_field(&created, "token").with_context(|| format!("no token in {created}"))?;
     host.run_ok(&format!(
         "/tb/trustbind-agent --state {STATE} enrol --appliance {appliance} --name {name} \

@@ -12,7 +12,7 @@ Examples:
   trustbind policy activate 7
   trustbind sig add /usr/bin /usr/sbin --group system     # hash executables recursively
   trustbind sig import-nsrl RDS_2024.12.1_modern.db --group nsrl --filter name='*.so*'
-  trustbind host enroll-token web1 --host-group web
+  trustbind host enrol-token web1 --host-group web
   trustbind audit tail --follow
   trustbind -o json host list | jq '.hosts[].name'
 
@@ -129,7 +129,7 @@ pub enum AdminCmd {
     /// for an admin certificate on the enrol port, and writes ca.pem,
     /// admin.pem, admin.key (0600) and, if absent, config.toml into --out.
     #[command(
-        visible_alias = "enroll",
+        alias = "enroll",
         after_help = "The token and the fingerprint are shown on the appliance's console
 (`trustbind-appliance admin-token`, `trustbind-appliance ca-fingerprint`).
 
@@ -381,10 +381,11 @@ pub enum ChannelCmd {
 pub enum HostCmd {
     /// Registers a host and prints its one-time enrolment token.
     #[command(
-        name = "enroll-token",
-        after_help = "The token is shown once; give it to the host's agent (trustbind-agent enroll).\n\nExample: trustbind host enroll-token web1 --host-group web"
+        name = "enrol-token",
+        alias = "enroll-token",
+        after_help = "The token is shown once; give it to the host's agent (trustbind-agent enrol).\n\nExample: trustbind host enrol-token web1 --host-group web"
     )]
-    EnrollToken {
+    EnrolToken {
         /// Host name.
         name: String,
         /// Host group (must exist: `trustbind host group set NAME --mode enforce`).

@@ -671,7 +671,7 @@ fn channel(ch: ChannelCmd, c: &Client, out: &Out) -> Result<u8> {
 
 fn host(h: HostCmd, c: &Client, out: &Out) -> Result<u8> {
     match h {
-        HostCmd::EnrollToken { name, host_group } => {
+        HostCmd::EnrolToken { name, host_group } => {
             let v = c.post(
                 "/v1/hosts",
                 &json!({ "name": name, "host_group": host_group }),

@@ -40,15 +40,6 @@ pub struct Walk {
     pub skipped_other: u64,
 }
 
-fn hex(b: &[u8]) -> String {
-    use std::fmt::Write as _;
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
-}
-
 /// Hashes a file with SHA-256 and SHA-1 in one pass.
 pub fn hash_file(path: &Path) -> Result<Hashed> {
     let mut f = std::fs::File::open(path).map_err(|e| io_err("open", path, &e))?;
@@ -68,8 +59,8 @@ pub fn hash_file(path: &Path) -> Result<Hashed> {
     }
     Ok(Hashed {
         path: path.to_path_buf(),
-        sha256: hex(&s256.finalize()),
-        sha1: hex(&s1.finalize()),
+        sha256: hex::encode(s256.finalize()),
+        sha1: hex::encode(s1.finalize()),
         size,
     })
 }

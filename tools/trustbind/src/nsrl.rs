@@ -540,13 +540,16 @@ fn load_state(path: &Path) -> Result<Option<State>> {
 
 /// Writes the state durably: a power cut leaves the old or the new file.
 fn save_state(path: &Path, s: &State) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     let body = serde_json::to_vec_pretty(s).unwrap_or_default();
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io_err("write", &tmp, &e))?;
+    let mut f = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new(".")))
+        .map_err(|e| io_err("write", path, &e))?;
     f.write_all(&body)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io_err("write", &tmp, &e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err("write", path, &e))
+        .and_then(|()| f.as_file().sync_all())
+        .map_err(|e| io_err("write", f.path(), &e))?;
+    f.persist(path)
+        .map(drop)
+        .map_err(|e| io_err("write", path, &e.error))
 }
 
 /// One signature as `POST /v1/signatures` takes it.
@@ -564,6 +567,9 @@ struct Body<'a> {
     signatures: &'a [Sig],
     group: &'a str,
     source: &'a str,
+    /// A bulk import: hosts' caches are flushed once when it goes quiet,
+    /// not per batch.
+    bulk: bool,
 }
 
 /// The signature of one row (`sha256, sha1, name, size`), or `None` when
@@ -846,6 +852,7 @@ pub fn import(c: &Client, o: &Options, out: &Out) -> Result<u8> {
                     signatures: &p.sigs,
                     group: &o.group,
                     source: source_label,
+                    bulk: true,
                 },
             )?;
             let g = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);

@@ -271,6 +271,14 @@ type Agg = (u64, i64, i64, Vec<i64>, Vec<String>);
 pub fn run(c: &Client, draft: &str, since: &str, out: &Out) -> Result<u8> {
     let now = time::now_ms();
     let since_ms = time::parse_since(since, now)?;
+    // Hours and weekdays as the appliance reads them: in its time zone
+    // (an appliance that does not say is on UTC, the default).
+    let status = c.get("/v1/status")?;
+    if let Some(tz) = status.get("time_zone").and_then(Value::as_str) {
+        let tz = trustbind_appliance::clock::zone_named(tz)
+            .map_err(|e| CliError::io(format!("the appliance's time zone: {e}")))?;
+        trustbind_appliance::clock::set_zone(tz);
+    }
     // The draft: a stored version or a local file, validated first.
     let (name, text) = if let Ok(id) = draft.parse::<i64>() {
         let v = c.get(&format!("/v1/policies/{id}"))?;

@@ -1,4 +1,4 @@
-//! Small UTC time helpers (no time-zone database needed).
+//! Small UTC time helpers; the calendar is `jiff`'s.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -11,41 +11,12 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Civil date of a day count since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// `YYYY-MM-DD HH:MM:SS` UTC of a millisecond timestamp.
+/// `YYYY-MM-DD HH:MM:SS` UTC of a millisecond timestamp (`@SECONDS` past
+/// the years 9999).
 pub fn fmt_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    let s = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        s / 3600,
-        (s / 60) % 60,
-        s % 60
+    jiff::Timestamp::from_millisecond(ms).map_or_else(
+        |_| format!("@{}", ms.div_euclid(1000)),
+        |t| t.strftime("%Y-%m-%d %H:%M:%S").to_string(),
     )
 }
 
@@ -88,41 +59,17 @@ pub fn parse_since(s: &str, now: i64) -> Result<i64> {
             return Ok(now.saturating_sub(back));
         }
     }
-    // Dates and times.
-    let t = t.trim_end_matches('Z');
-    let (date, clock) = match t.split_once(['T', ' ']) {
-        Some((d, c)) => (d, Some(c)),
-        None => (t, None),
-    };
-    let mut dp = date.split('-');
-    let (Some(y), Some(m), Some(d), None) = (dp.next(), dp.next(), dp.next(), dp.next()) else {
-        return Err(bad());
-    };
-    let (y, m, d): (i64, i64, i64) = (
-        y.parse().map_err(|_| bad())?,
-        m.parse().map_err(|_| bad())?,
-        d.parse().map_err(|_| bad())?,
-    );
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
-        return Err(bad());
+    // Dates and times, UTC (jiff's ISO 8601 parser; `T` or a space).
+    let t = t.strip_suffix(['Z', 'z']).unwrap_or(t);
+    let dt = if t.len() == 10 {
+        t.parse::<jiff::civil::Date>()
+            .map(|d| d.to_datetime(jiff::civil::Time::midnight()))
+    } else {
+        t.parse::<jiff::civil::DateTime>()
     }
-    let mut secs = days_from_civil(y, m, d) * 86_400;
-    if let Some(c) = clock {
-        let parts: Vec<&str> = c.split(':').collect();
-        if parts.len() < 2 || parts.len() > 3 {
-            return Err(bad());
-        }
-        let mut mul = 3600;
-        for p in parts {
-            let v: i64 = p.parse().map_err(|_| bad())?;
-            if !(0..60).contains(&v) || (mul == 3600 && v > 23) {
-                return Err(bad());
-            }
-            secs += v * mul;
-            mul /= 60;
-        }
-    }
-    Ok(secs * 1000)
+    .map_err(|_| bad())?;
+    let at = dt.to_zoned(jiff::tz::TimeZone::UTC).map_err(|_| bad())?;
+    Ok(at.timestamp().as_millisecond())
 }
 
 #[cfg(test)]
@@ -139,11 +86,18 @@ mod tests {
         assert_eq!(parse_since("2024-01-01", now).unwrap(), 1_704_067_200_000);
         assert_eq!(parse_since("2024-01-01T09:30Z", now).unwrap(), now);
         assert_eq!(parse_since("@1704101400", now).unwrap(), now);
+        assert_eq!(parse_since("2024-01-01 09:30:00", now).unwrap(), now);
+        assert_eq!(
+            parse_since("2024-02-29T00:00Z", now).unwrap(),
+            1_709_164_800_000
+        );
+        assert_eq!(fmt_ms(-1), "1969-12-31 23:59:59");
         for bad in [
             "yesterday",
             "24x",
             "2024-13-01",
             "2024-01-01T25:00",
+            "2024-02-30",
             "-3h",
             "",
         ] {

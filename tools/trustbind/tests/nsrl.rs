@@ -481,6 +481,36 @@ fn minimal_layout_import_reimport_and_resume() {
         .stderr(predicate::str::contains("pass --restart"));
 }
 
+/// The import is sent as `bulk`: 80 batches approving three programs a
+/// host was denied move the policy generation (what hosts cache verdicts
+/// under) not once per batch but once, when the import has gone quiet.
+#[test]
+fn an_import_moves_the_policy_generation_once() {
+    let a = Appliance::start();
+    let db = a.dir.path().join("RDS_test_modern_minimal.db");
+    make_rds(&db, Layout::Minimal, ROWS, DISTINCT);
+    let want = expected(|_| true);
+    // After a start the store cannot know what hosts cached; any move
+    // makes it exact.
+    a.store.set_user_roles("u", &["r"], "admin:t").unwrap();
+    let v0 = a.store.versions().unwrap();
+    for h in want.iter().take(3) {
+        assert!(a
+            .store
+            .note_answer(v0.generation, v0.members, &[h.as_str()], false));
+    }
+    let v = import(&a, &db, "nsrl", &["--batch", "1000"]);
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["inserted"], want.len() as u64);
+    assert_eq!(a.store.versions().unwrap().generation, v0.generation);
+    assert!(a.store.deferred_move());
+    let quiet = i64::MAX / 2;
+    assert_eq!(
+        a.store.settle_deferred(quiet, 2_000, 600_000).unwrap(),
+        Some(v0.generation + 1)
+    );
+}
+
 #[test]
 fn full_layout_imports_the_same_files() {
     let a = Appliance::start();

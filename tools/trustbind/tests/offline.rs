@@ -171,3 +171,22 @@ fn completions_and_help() {
         .stdout(predicate::str::contains("Exit codes:").and(predicate::str::contains("Examples:")));
     tb(d.path()).arg("bogus").assert().code(2);
 }
+
+#[test]
+fn one_spelling_enrol_with_the_other_accepted_unlisted() {
+    let d = tempfile::tempdir().unwrap();
+    for (cmd, sub) in [("admin", "enrol"), ("host", "enrol-token")] {
+        tb(d.path())
+            .args([cmd, "--help"])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains(sub).and(predicate::str::contains("enroll").not()));
+    }
+    // Scripts written with "enroll" keep working.
+    for args in [
+        ["admin", "enroll", "--help"],
+        ["host", "enroll-token", "--help"],
+    ] {
+        tb(d.path()).args(args).assert().success();
+    }
+}

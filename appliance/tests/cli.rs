@@ -1,0 +1,124 @@
+//! `trustbind-appliance`'s arguments (clap): help, usage errors (exit 64),
+//! `--data-dir` on either side of the command, empty environment variables
+//! counting as unset, the last of a repeated flag winning.
+
+use std::process::{Command, Output};
+
+fn appliance(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trustbind-appliance"));
+    for v in [
+        "TRUSTBIND_DATA_DIR",
+        "TRUSTBIND_ADMIN_NAME",
+        "TRUSTBIND_SERVER_NAMES",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.args(args).envs(env.iter().copied()).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn help_lists_every_command_and_exits_0() {
+    for args in [&["--help"][..], &[]] {
+        let out = appliance(args, &[]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let text = stdout(&out);
+        for cmd in [
+            "serve",
+            "ca-fingerprint",
+            "admin-cert",
+            "admin-token",
+            "rotate-server-cert",
+            "init",
+            "audit",
+            "--data-dir",
+        ] {
+            assert!(text.contains(cmd), "{cmd} missing from:\n{text}");
+        }
+    }
+    let out = appliance(&["serve", "--help"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    for flag in [
+        "--agent-listen",
+        "--enrol-listen",
+        "--admin-listen",
+        "--server-name",
+        "TRUSTBIND_AGENT_LISTEN",
+    ] {
+        assert!(stdout(&out).contains(flag), "{flag}: {out:?}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for args in [
+        &["--data-dir", d, "bogus"][..],
+        &["--data-dir", d, "init", "--no-such-flag"],
+        &["--data-dir", d, "audit"],
+        &["--data-dir", d, "serve", "--agent-listen", "nowhere"],
+        &["--data-dir", d, "admin-cert", "--name", "a"],
+        &["--data-dir", d, "admin-token", "--ttl-min", "527041"],
+    ] {
+        let out = appliance(args, &[]);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+    }
+}
+
+#[test]
+fn data_dir_before_or_after_the_command_env_and_last_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let a = a.to_str().unwrap();
+    let b = b.to_str().unwrap();
+    let out = appliance(&["init", "--data-dir", a], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(dir.path().join("a/appliance.db").exists());
+    // The environment, and a flag over it; of two flags the last.
+    let out = appliance(&["init"], &[("TRUSTBIND_DATA_DIR", b)]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(dir.path().join("b/appliance.db").exists());
+    let out = appliance(
+        &[
+            "--data-dir",
+            "/nonexistent/x",
+            "--data-dir",
+            a,
+            "admin-token",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out).lines().count(), 1, "{out:?}");
+    let fp = appliance(&["ca-fingerprint", "--data-dir", a], &[]);
+    assert_eq!(stdout(&fp).trim().len(), 64, "{fp:?}");
+    // An empty variable counts as unset: the default name `admin`, not "".
+    let out = appliance(
+        &["--data-dir", a, "admin-token"],
+        &[("TRUSTBIND_ADMIN_NAME", ""), ("TRUSTBIND_SERVER_NAMES", "")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    // Server names from the environment, comma-separated.
+    let out = appliance(
+        &["--data-dir", a, "rotate-server-cert"],
+        &[("TRUSTBIND_SERVER_NAMES", "one.example, two.example")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let pem = std::fs::read(dir.path().join("a/server.pem")).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(names, ["DNSName(one.example)", "DNSName(two.example)"]);
+}

@@ -5,8 +5,9 @@
 //!
 //! - `stress-ng --exec` as uids 1000 and 65534 (cached execs, fork+exec
 //!   as fast as the VM goes);
-//! - `stress-ng --sock` over loopback TCP as root and over UNIX-domain
-//!   sockets as uid 1000 (connect/accept and UNIX connect qualification);
+//! - `stress-ng --sock` over loopback TCP as root and `stress-ng
+//!   --sockfd` (file descriptors passed over a UNIX-domain connection) as
+//!   uid 1000 (connect/accept and UNIX connect qualification);
 //! - a loop of cold execs (a new copy of `true` each round: a hash nobody
 //!   approved, one appliance decision each) and TCP connects to `b`'s
 //!   channel port (each one a keyed channel: two halves, a key, kTLS).
@@ -90,7 +91,7 @@ as() { u=$1; shift; setpriv --reuid=$u --regid=$u --clear-groups nice -n 15 "$@"
 as 1000 stress-ng --exec 1 --timeout ${D}s --metrics-brief >sng-exec-1000.log 2>&1 &
 as 65534 stress-ng --exec 1 --timeout ${D}s --metrics-brief >sng-exec-65534.log 2>&1 &
 as 0 stress-ng --sock 1 --sock-port 22000 --timeout ${D}s --metrics-brief >sng-sock-tcp.log 2>&1 &
-as 1000 stress-ng --sock 1 --sock-domain unix --timeout ${D}s --metrics-brief >sng-sock-unix.log 2>&1 &
+as 1000 stress-ng --sockfd 1 --timeout ${D}s --metrics-brief >sng-sockfd-unix.log 2>&1 &
 end=$(( $(date +%s) + D ))
 i=0
 while [ "$(date +%s)" -lt "$end" ]; do
@@ -340,7 +341,7 @@ fn soak_with_faults() -> Result<()> {
         ("sng-exec-1000.log", "exec", true),
         ("sng-exec-65534.log", "exec", true),
         ("sng-sock-tcp.log", "sock", false),
-        ("sng-sock-unix.log", "sock", false),
+        ("sng-sockfd-unix.log", "sockfd", false),
     ] {
         let text = a.run_ok(&format!("cat /tmp/soak/{log}"))?.stdout;
         let rate = bogo_ops_per_s(&text, stressor);

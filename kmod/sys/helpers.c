@@ -650,14 +650,9 @@ static void tb_net_leave(void)
  * socket until it is bound (or reset). The entries live on the binding
  * task's stack; the set is small (connects waiting for their key).
  */
-struct tb_unix_pending;
-
 struct tb_binding {
 	struct hlist_node node;
 	const struct sock *sk;
-	/* A UNIX connect in tb_unix_stream_connect() (by the task in
-	 * upend->task: threads may connect one socket at once), else NULL. */
-	struct tb_unix_pending *upend;
 };
 
 static DEFINE_SPINLOCK(tb_binding_lock);
@@ -665,11 +660,9 @@ static DEFINE_HASHTABLE(tb_binding_set, 6);
 static atomic_t tb_binding_n = ATOMIC_INIT(0);
 static DECLARE_WAIT_QUEUE_HEAD(tb_bound_wq);
 
-static void tb_binding_add(struct tb_binding *b, const struct sock *sk,
-			   struct tb_unix_pending *upend)
+static void tb_binding_add(struct tb_binding *b, const struct sock *sk)
 {
 	b->sk = sk;
-	b->upend = upend;
 	spin_lock_bh(&tb_binding_lock);
 	hash_add(tb_binding_set, &b->node, (unsigned long)sk);
 	atomic_inc(&tb_binding_n);
@@ -782,7 +775,7 @@ static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
 	int err;
 
 	inet_clear_bit(DEFER_CONNECT, sk);
-	tb_binding_add(&binding, sk, NULL);
+	tb_binding_add(&binding, sk);
 	err = inet_stream_connect(sock, uaddr, addr_len, flags & ~O_NONBLOCK);
 	if (err) {
 		/* Interrupted or timed out (SO_SNDTIMEO) while the handshake
@@ -1665,8 +1658,8 @@ static void tb_tcp_close(struct sock *sk, long timeout)
  * The listener is only found inside the original, under the two sockets'
  * state locks, where nothing may wait for the agent. So the pair is
  * decided before the connection exists, in two rounds (T-20):
- *  1. the wrapper registers the connecting socket (tb_binding, with a
- *     tb_unix_pending) and runs the original; the exported
+ *  1. the wrapper registers the connecting socket (a tb_unix_pending in
+ *     tb_unix_set) and runs the original; the exported
  *     security_unix_stream_connect(), called by it with the listener in
  *     hand and wrapped below, holds the listener in the pending record and
  *     fails with TB_UNIX_ASK before anything is queued;
@@ -1684,13 +1677,24 @@ typedef int (*tb_connect_fn)(struct socket *, struct sockaddr *, int, int);
 
 static tb_connect_fn tb_unix_connect_orig;
 
-/* The listener a UNIX connect reached, and the one the module allowed;
- * each holds a socket reference (so its address is not reused). */
+/* A UNIX connect between its rounds, on the connecting task's stack, in
+ * tb_unix_set by connecting socket (threads may connect one socket at
+ * once: an entry is the task's own). asked: the listener the last round
+ * reached, approved: the one the module allowed; each holds a socket
+ * reference (so its address is not reused). A set of its own, not the
+ * TCP binding set: a pending UNIX verdict must not send every TCP send
+ * on the host through the send hold (tb_sendmsg_redirect). */
 struct tb_unix_pending {
+	struct hlist_node node;
+	const struct sock *sk;
 	const struct task_struct *task;
 	struct sock *asked;
 	struct sock *approved;
 };
+
+static DEFINE_SPINLOCK(tb_unix_lock);
+static DEFINE_HASHTABLE(tb_unix_set, 4);
+static atomic_t tb_unix_n = ATOMIC_INIT(0);
 
 #define TB_UNIX_ASK (-EAGAIN)
 #define TB_UNIX_ROUNDS 4
@@ -1785,7 +1789,6 @@ static int tb_unix_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 				  int addr_len, int flags)
 {
 	struct tb_unix_pending pending = { .task = current };
-	struct tb_binding binding;
 	int err, round;
 
 	if (!sock->sk || sock->sk->sk_kern_sock ||
@@ -1793,7 +1796,11 @@ static int tb_unix_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 		err = tb_unix_connect_orig(sock, uaddr, addr_len, flags);
 		goto out;
 	}
-	tb_binding_add(&binding, sock->sk, &pending);
+	pending.sk = sock->sk;
+	spin_lock(&tb_unix_lock);
+	hash_add(tb_unix_set, &pending.node, (unsigned long)pending.sk);
+	atomic_inc(&tb_unix_n);
+	spin_unlock(&tb_unix_lock);
 	for (round = 0;; round++) {
 		err = tb_unix_connect_orig(sock, uaddr, addr_len, flags);
 		if (!pending.asked)
@@ -1809,7 +1816,10 @@ static int tb_unix_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 		if (err)
 			break;
 	}
-	tb_binding_del(&binding);
+	spin_lock(&tb_unix_lock);
+	hash_del(&pending.node);
+	atomic_dec(&tb_unix_n);
+	spin_unlock(&tb_unix_lock);
 	if (pending.approved)
 		sock_put(pending.approved);
 out:
@@ -1824,22 +1834,24 @@ out:
 static int tb_unix_security_connect(struct sock *sk, struct sock *other,
 				    struct sock *newsk)
 {
-	struct tb_binding *b;
+	struct tb_unix_pending *p;
 	int err = 0;
 
-	spin_lock_bh(&tb_binding_lock);
-	hash_for_each_possible(tb_binding_set, b, node, (unsigned long)sk)
-		if (b->sk == sk && b->upend && b->upend->task == current) {
-			if (b->upend->approved == other)
+	if (atomic_read(&tb_unix_n)) {
+		spin_lock(&tb_unix_lock);
+		hash_for_each_possible(tb_unix_set, p, node, (unsigned long)sk)
+			if (p->sk == sk && p->task == current) {
+				if (p->approved == other)
+					break;
+				if (!p->asked) {
+					sock_hold(other);
+					p->asked = other;
+				}
+				err = TB_UNIX_ASK;
 				break;
-			if (!b->upend->asked) {
-				sock_hold(other);
-				b->upend->asked = other;
 			}
-			err = TB_UNIX_ASK;
-			break;
-		}
-	spin_unlock_bh(&tb_binding_lock);
+		spin_unlock(&tb_unix_lock);
+	}
 	if (!err)
 		err = security_unix_stream_connect(sk, other, newsk);
 	tb_net_leave();

@@ -420,8 +420,8 @@ pub fn hex(b: &[u8]) -> String {
 /// kernel flavour (a module only loads into the kernel it was built for).
 pub fn build_kmod(ctx: &Ctx, kernel: &Kernel) -> Result<PathBuf> {
     let build = ctx.target.join(match kernel.flavor {
-        Flavor::Production => "kmod-build".to_owned(),
-        Flavor::Debug => "kmod-build-debug".to_owned(),
+        Flavor::Production => "kmod-build",
+        Flavor::Debug => "kmod-build-debug",
     });
     let kmod = build.join("kmod");
     sync_dir(&ctx.root.join("kmod"), &kmod)?;

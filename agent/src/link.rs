@@ -192,6 +192,85 @@ pub async fn enrol(e: &Enrolment, state: &Path) -> Result<AgentConfig, LinkError
     Ok(c.config)
 }
 
+/// Renew the host certificate when fewer than this many days remain
+/// (`trustbind-agent run --renew-days`).
+pub const RENEW_BEFORE_DAYS: u32 = 30;
+
+/// `notAfter` of the host certificate in `state` (`cert.pem`), in
+/// milliseconds since the Unix epoch.
+pub fn cert_not_after_ms(state: &Path) -> Result<i64, LinkError> {
+    let p = state.join("cert.pem");
+    let der = CertificateDer::from_pem_file(&p)
+        .map_err(|e| LinkError::Config(format!("{}: {e}", p.display())))?;
+    let (_, c) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| LinkError::Config(format!("{}: {e}", p.display())))?;
+    Ok(c.validity().not_after.timestamp().saturating_mul(1000))
+}
+
+/// Whether a certificate valid until `not_after_ms` is due for renewal at
+/// `now_ms` with `days` of margin.
+pub fn renewal_due(not_after_ms: i64, now_ms: i64, days: u32) -> bool {
+    not_after_ms.saturating_sub(now_ms) < i64::from(days) * 86_400_000
+}
+
+/// Renews the host certificate over an open agent connection: a new key
+/// made here, its CSR sent with `Renew`, the new key and certificate
+/// written into `state`. Both are written beside the old ones first
+/// (`key.pem.new`, then `cert.pem.new`) and then renamed in that order, so
+/// a crash leaves a pair [`finish_renewal`] completes or discards at the
+/// next start. Returns the new certificate's `notAfter` (ms).
+pub async fn renew(
+    client: &mut trustbind_api::pb::agent_client::AgentClient<Channel>,
+    state: &Path,
+    name: &str,
+    timeout: std::time::Duration,
+) -> Result<i64, LinkError> {
+    let (key_pem, csr) = pinned::key_and_csr(name)?;
+    let key_pem = zeroize::Zeroizing::new(key_pem);
+    let mut req = tonic::Request::new(trustbind_api::pb::RenewRequest { csr_pem: csr });
+    req.set_timeout(timeout);
+    let reply = client
+        .renew(req)
+        .await
+        .map_err(|s| LinkError::Refused(format!("Renew: {}", s.message())))?
+        .into_inner();
+    // The reply must fit the key and chain to the CA before it replaces
+    // anything.
+    let ca = fs::read(state.join("ca.pem")).map_err(file_err(&state.join("ca.pem")))?;
+    client_tls(
+        Pem("the appliance CA", &ca),
+        Pem("the renewed certificate", reply.cert_pem.as_bytes()),
+        Pem("the new key", key_pem.as_bytes()),
+    )?;
+    write_atomic(&state.join("key.pem.new"), key_pem.as_bytes(), 0o600)?;
+    write_atomic(
+        &state.join("cert.pem.new"),
+        reply.cert_pem.as_bytes(),
+        0o644,
+    )?;
+    finish_renewal(state)?;
+    Ok(reply.not_after_ms)
+}
+
+/// Completes a renewal a crash interrupted: with `cert.pem.new` present the
+/// new key (`key.pem.new`, or already `key.pem`) and certificate are moved
+/// into place; a `key.pem.new` alone (no certificate came) is removed.
+pub fn finish_renewal(state: &Path) -> Result<(), LinkError> {
+    let (key_new, cert_new) = (state.join("key.pem.new"), state.join("cert.pem.new"));
+    let rename = |from: &Path, to: &Path| fs::rename(from, to).map_err(file_err(from));
+    if cert_new.exists() {
+        if key_new.exists() {
+            rename(&key_new, &state.join("key.pem"))?;
+        }
+        rename(&cert_new, &state.join("cert.pem"))?;
+    } else if key_new.exists() {
+        fs::remove_file(&key_new).map_err(file_err(&key_new))?;
+    }
+    fs::File::open(state)
+        .and_then(|d| d.sync_all())
+        .map_err(file_err(state))
+}
+
 /// Loads `agent.json` from `state`.
 pub fn load_config(state: &Path) -> Result<AgentConfig, LinkError> {
     let p = state.join("agent.json");
@@ -233,8 +312,10 @@ pub fn client_tls(ca: Pem<'_>, cert: Pem<'_>, key: Pem<'_>) -> Result<ClientConf
         .map_err(|e| LinkError::Config(format!("{}: {e}", cert.0)))
 }
 
-/// The mutual-TLS client configuration from the files in `state`.
+/// The mutual-TLS client configuration from the files in `state` (after
+/// completing an interrupted renewal, [`finish_renewal`]).
 pub fn agent_tls(state: &Path) -> Result<ClientConfig, LinkError> {
+    finish_renewal(state)?;
     let read = |name: &str| {
         let p = state.join(name);
         fs::read(&p)
@@ -252,6 +333,45 @@ pub fn agent_tls(state: &Path) -> Result<ClientConfig, LinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_is_due_within_the_margin() {
+        let day = 86_400_000;
+        assert!(!renewal_due(100 * day, 0, 30));
+        assert!(renewal_due(29 * day, 0, 30));
+        assert!(renewal_due(-1, 0, 0));
+    }
+
+    #[test]
+    fn an_interrupted_renewal_completes_or_is_discarded() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        let put = |n: &str, t: &str| fs::write(p.join(n), t).unwrap();
+        let get = |n: &str| fs::read_to_string(p.join(n)).unwrap();
+        put("key.pem", "old key");
+        put("cert.pem", "old cert");
+        // Crashed before the certificate came: the new key goes.
+        put("key.pem.new", "new key");
+        finish_renewal(p).unwrap();
+        assert_eq!(
+            (get("key.pem"), get("cert.pem")),
+            ("old key".into(), "old cert".into())
+        );
+        assert!(!p.join("key.pem.new").exists());
+        // Crashed with both new files written: both move in.
+        put("key.pem.new", "new key");
+        put("cert.pem.new", "new cert");
+        finish_renewal(p).unwrap();
+        assert_eq!(
+            (get("key.pem"), get("cert.pem")),
+            ("new key".into(), "new cert".into())
+        );
+        // Crashed between the two renames: the certificate follows the key.
+        put("cert.pem.new", "newer cert");
+        finish_renewal(p).unwrap();
+        assert_eq!(get("cert.pem"), "newer cert");
+        assert!(!p.join("cert.pem.new").exists());
+    }
 
     #[test]
     fn atomic_writes_set_the_mode() {

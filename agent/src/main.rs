@@ -83,6 +83,10 @@ enum Cmd {
         /// key is handed to the module.
         #[arg(long)]
         no_net: bool,
+        /// Renew the host certificate over the agent connection when fewer
+        /// than this many days of validity remain.
+        #[arg(long, value_name = "DAYS", default_value_t = trustbind_agent::link::RENEW_BEFORE_DAYS)]
+        renew_days: u32,
     },
     /// Show the running agent's status.
     Status {
@@ -155,6 +159,7 @@ fn main() -> ExitCode {
             verdict_timeout_ms,
             call_timeout_ms,
             no_net,
+            renew_days,
         } => {
             trustbind_agent::logging::init();
             if let Some(p) = passwd {
@@ -172,6 +177,7 @@ fn main() -> ExitCode {
                 batch_wait: Duration::from_millis(2),
                 call_timeout: Duration::from_millis(call_timeout_ms),
                 qualify_net: !no_net,
+                renew_days,
             };
             match rt.block_on(run::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -75,6 +75,8 @@ pub struct RunOptions {
     /// Whether the module asks about TCP connects and accepts (`Config`'s
     /// `qualify_net`; `--no-net` turns it off).
     pub qualify_net: bool,
+    /// Renew the host certificate when fewer than this many days remain.
+    pub renew_days: u32,
 }
 
 /// Why the daemon stopped.
@@ -1049,9 +1051,16 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 
 /// Keeps the session up: connect, subscribe, deliver the spool, follow
 /// pushes; on any failure back off (with jitter) and start again.
-async fn connection(shared: Arc<Shared>, cfg: AgentConfig, tls: rustls::ClientConfig) {
+async fn connection(shared: Arc<Shared>, cfg: AgentConfig, mut tls: rustls::ClientConfig) {
     let mut backoff = reconnect_backoff();
     loop {
+        // A renewal replaced the credentials: connect with the new ones.
+        match link::agent_tls(&shared.opts.state) {
+            Ok(t) => tls = t,
+            Err(e) => shared.error(format!(
+                "credentials not reloaded, keeping the old ones: {e}"
+            )),
+        }
         let started = Instant::now();
         match session(&shared, &cfg, tls.clone()).await {
             Ok(()) => {}
@@ -1092,10 +1101,17 @@ async fn session(
     let mut deliver = tokio::time::interval(Duration::from_secs(2));
     let mut renew =
         tokio::time::interval_at(tokio::time::Instant::now() + BUNDLE_REFRESH, BUNDLE_REFRESH);
+    // The certificate's expiry: checked now and twice a day.
+    let mut cert_check = tokio::time::interval(CERT_CHECK);
     // A fresh signed bundle on every connection.
     shared.bundle_due.notify_one();
     loop {
         tokio::select! {
+            _ = cert_check.tick() => {
+                if renew_certificate(shared, cfg, &mut client).await? {
+                    return Err("host certificate renewed; reconnecting with it".into());
+                }
+            }
             _ = renew.tick() => renew_bundle(shared, &client),
             () = shared.bundle_due.notified() => renew_bundle(shared, &client),
             m = stream.message() => {
@@ -1107,6 +1123,44 @@ async fn session(
                 }
             }
             _ = deliver.tick() => deliver_spool(shared, &mut client).await?,
+        }
+    }
+}
+
+/// How often a connected agent checks its certificate's expiry.
+const CERT_CHECK: Duration = Duration::from_secs(12 * 3600);
+
+/// Renews the host certificate over this session if fewer than
+/// `--renew-days` remain; `Ok(true)` once renewed (the caller reconnects
+/// with the new credentials). A refused or failed renewal is logged and
+/// tried again at the next check or connection.
+async fn renew_certificate(
+    shared: &Shared,
+    cfg: &AgentConfig,
+    client: &mut AgentClient<Channel>,
+) -> Result<bool, String> {
+    let state = &shared.opts.state;
+    let not_after = link::cert_not_after_ms(state).map_err(|e| e.to_string())?;
+    if !link::renewal_due(not_after, now_ms(), shared.opts.renew_days) {
+        return Ok(false);
+    }
+    match link::renew(
+        client,
+        state,
+        &cfg.name,
+        shared.opts.call_timeout.max(Duration::from_secs(10)),
+    )
+    .await
+    {
+        Ok(new) => {
+            tracing::info!("host certificate renewed, valid until {new} ms");
+            Ok(true)
+        }
+        Err(e) => {
+            shared.error(format!(
+                "host certificate expires at {not_after} ms and was not renewed: {e}"
+            ));
+            Ok(false)
         }
     }
 }

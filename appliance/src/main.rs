@@ -4,8 +4,8 @@
 //! trustbind-appliance [--data-dir DIR] serve [--agent-listen ADDR] [--enrol-listen ADDR]
 //!                                            [--admin-listen ADDR] [--server-name NAME]...
 //! trustbind-appliance [--data-dir DIR] ca-fingerprint      print the CA's SHA-256
-//! trustbind-appliance [--data-dir DIR] admin-cert --name N --out DIR
-//! trustbind-appliance [--data-dir DIR] admin-token [--name N] [--if-unenrolled] [--ttl-min N]
+//! trustbind-appliance [--data-dir DIR] admin-cert --name N --out DIR [--role admin|read-only]
+//! trustbind-appliance [--data-dir DIR] admin-token [--name N] [--role R] [--if-unenrolled] [--ttl-min N]
 //!                                          print a one-time admin enrolment token
 //! trustbind-appliance [--data-dir DIR] rotate-server-cert  new server cert (SIGHUP a running serve)
 //! trustbind-appliance [--data-dir DIR] init                create or migrate the database
@@ -38,7 +38,7 @@ use trustbind_appliance::gate::Gate;
 use trustbind_appliance::limits::Limits;
 use trustbind_appliance::pki::{self, Pki};
 use trustbind_appliance::policy::engine::Engine;
-use trustbind_appliance::store::Store;
+use trustbind_appliance::store::{AdminRole, Store};
 
 /// Default data directory.
 const DEFAULT_DATA_DIR: &str = "/var/lib/trustbind";
@@ -121,12 +121,18 @@ enum Cmd {
         /// Where admin.pem, admin.key (0600) and ca.pem are written.
         #[arg(long, value_name = "DIR", env = "TRUSTBIND_ADMIN_OUT")]
         out: PathBuf,
+        /// What the certificate may do: `admin` (everything) or `read-only`.
+        #[arg(long, default_value = "admin", value_parser = parse_role)]
+        role: AdminRole,
     },
     /// Prints a one-time admin enrolment token (for `trustbind admin enrol`).
     AdminToken {
         /// The administrator's name the token enrols.
         #[arg(long, env = "TRUSTBIND_ADMIN_NAME", default_value = DEFAULT_ADMIN_NAME, allow_hyphen_values = true)]
         name: String,
+        /// What the certificate may do: `admin` (everything) or `read-only`.
+        #[arg(long, default_value = "admin", value_parser = parse_role)]
+        role: AdminRole,
         /// Prints nothing (and succeeds) once any admin has enrolled with a token.
         #[arg(long)]
         if_unenrolled: bool,
@@ -270,9 +276,11 @@ fn run(cli: Cli) -> Result<(), Fail> {
             );
             Ok(())
         }
-        Cmd::AdminCert { name, out } => {
+        Cmd::AdminCert { name, out, role } => {
+            let store = open_store(&data_dir)?;
             let pki = Pki::open_or_create(&data_dir, &default_names(&[]))?;
             let (cert, key) = pki.issue_admin(&name)?;
+            admin::register_admin_cert(&store, &cert, role, "appliance:admin-cert")?;
             std::fs::create_dir_all(&out)
                 .map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", out.display())))?;
             pki::write_atomic(&out.join("admin.key"), key.as_bytes(), true)?;
@@ -286,9 +294,10 @@ fn run(cli: Cli) -> Result<(), Fail> {
         }
         Cmd::AdminToken {
             name,
+            role,
             if_unenrolled,
             ttl_min,
-        } => admin_token(&data_dir, &name, if_unenrolled, ttl_min),
+        } => admin_token(&data_dir, &name, role, if_unenrolled, ttl_min),
         Cmd::Init => offline(&data_dir, None),
         Cmd::Audit { cmd } => offline(&data_dir, Some(cmd)),
     }
@@ -302,6 +311,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
 fn admin_token(
     data_dir: &Path,
     name: &str,
+    role: AdminRole,
     only_if_unenrolled: bool,
     ttl_min: i64,
 ) -> Result<(), Fail> {
@@ -311,8 +321,9 @@ fn admin_token(
     // The CA must exist before anyone can enrol with the token.
     Pki::open_or_create(data_dir, &default_names(&[]))?;
     let token = new_admin_token()?;
-    let made = store.create_admin_token(
+    let made = store.create_admin_token_as(
         name,
+        role,
         &admin_token_sha256(&token),
         ttl_min.saturating_mul(60_000),
         only_if_unenrolled,
@@ -322,6 +333,11 @@ fn admin_token(
         println!("{token}");
     }
     Ok(())
+}
+
+/// `--role`: `admin` or `read-only`.
+fn parse_role(s: &str) -> Result<AdminRole, String> {
+    AdminRole::parse(s).ok_or_else(|| format!("`{s}` is no role: use admin or read-only"))
 }
 
 fn open_store(data_dir: &Path) -> Result<Store, Fail> {
@@ -481,13 +497,14 @@ fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result
             enrol_l,
             stopped(stop_rx.clone()),
         ));
-        let admin_cfg = pki.admin_server_config()?;
+        let admin_cfg = pki.admin_server_config(admin::AdminCerts::new(Arc::clone(&store)))?;
         let expiry = tokio::spawn(Arc::clone(&gate).run_expiry());
         let router = admin::router(
             admin::AdminState::new(Arc::clone(&store))
                 .with_hook(hook)
                 .with_limits(limits)
-                .with_ca_fingerprint(pki.fingerprint().into()),
+                .with_ca_fingerprint(pki.fingerprint().into())
+                .with_pki(Arc::clone(&pki)),
         );
         let admin = tokio::spawn(admin::serve(admin_l, admin_cfg, router));
         wait_for_signals(&pki).await?;

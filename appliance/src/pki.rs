@@ -191,6 +191,17 @@ impl EnrolledHosts {
         }
     }
 
+    /// Allows exactly the certificates `serials` for `host` (a renewed host
+    /// keeps its previous certificate, see `Store::renew_host_cert`).
+    pub fn allow_only(&self, host: &str, serials: &[String]) {
+        if let Ok(mut m) = self.by_serial.write() {
+            m.retain(|_, h| h != host);
+            for s in serials {
+                m.insert(s.clone(), host.to_owned());
+            }
+        }
+    }
+
     /// Allows the certificate `serial` for `host` (and drops any other serial
     /// of that host).
     pub fn allow(&self, host: &str, serial: &str) {
@@ -227,6 +238,21 @@ impl EnrolledHosts {
     }
 }
 
+/// Which certificates of one kind are currently valid, consulted by the
+/// port's client verifier at every handshake: [`EnrolledHosts`] on the
+/// agent port, the store's admin certificates on the admin port
+/// (`admin::AdminCerts`).
+pub trait CertAllowlist: Send + Sync + fmt::Debug {
+    /// Whether the certificate `serial` is valid now for `name` (its CN).
+    fn allowed(&self, name: &str, serial: &str) -> bool;
+}
+
+impl CertAllowlist for EnrolledHosts {
+    fn allowed(&self, name: &str, serial: &str) -> bool {
+        self.is_allowed(name, serial)
+    }
+}
+
 /// A certificate issued to a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedCert {
@@ -234,6 +260,8 @@ pub struct IssuedCert {
     pub cert_pem: String,
     /// Its serial, lower-case hex.
     pub serial: String,
+    /// Its `notAfter`, milliseconds since the Unix epoch.
+    pub expires_ms: i64,
 }
 
 /// Swappable server certificate: listeners keep this resolver, rotation
@@ -528,12 +556,13 @@ impl Pki {
         let serial = random_serial()?;
         let serial_text = serial_hex(&serial.to_bytes());
         params.serial_number = Some(serial);
-        set_validity(&mut params, LEAF_DAYS);
+        let expires_ms = set_validity(&mut params, LEAF_DAYS);
         csr.params = params;
         let cert = csr.signed_by(&self.issuer)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             serial: serial_text,
+            expires_ms,
         })
     }
 
@@ -576,7 +605,7 @@ impl Pki {
     fn marked_verifier(
         &self,
         kind: CertKind,
-        hosts: Option<Arc<EnrolledHosts>>,
+        allow: Option<Arc<dyn CertAllowlist>>,
     ) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
         let mut roots = RootCertStore::empty();
         roots
@@ -588,7 +617,7 @@ impl Pki {
         )
         .build()
         .map_err(|e| PkiError::Tls(e.to_string()))?;
-        Ok(Arc::new(MarkedVerifier { inner, kind, hosts }))
+        Ok(Arc::new(MarkedVerifier { inner, kind, allow }))
     }
 
     /// TLS configuration of the agent port: TLS 1.3, a client certificate
@@ -599,14 +628,18 @@ impl Pki {
         &self,
         hosts: Arc<EnrolledHosts>,
     ) -> Result<Arc<ServerConfig>, PkiError> {
-        let v = self.marked_verifier(CertKind::Host, Some(hosts))?;
+        let v = self.marked_verifier(CertKind::Host, Some(hosts as Arc<dyn CertAllowlist>))?;
         self.config_with(Some(v))
     }
 
     /// TLS configuration of the admin port: TLS 1.3 and an admin client
-    /// certificate of this CA is required (host certificates are refused).
-    pub fn admin_server_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
-        let v = self.marked_verifier(CertKind::Admin, None)?;
+    /// certificate of this CA is required (host certificates are refused)
+    /// whose serial `admins` holds valid (issued, not revoked, not expired).
+    pub fn admin_server_config(
+        &self,
+        admins: Arc<dyn CertAllowlist>,
+    ) -> Result<Arc<ServerConfig>, PkiError> {
+        let v = self.marked_verifier(CertKind::Admin, Some(admins))?;
         let cfg = self.config_with(Some(v))?;
         // The admin API is HTTP/1.1 or HTTP/2 (axum): offer both.
         let mut cfg = Arc::unwrap_or_clone(cfg);
@@ -622,12 +655,13 @@ impl Pki {
 }
 
 /// Client certificate verifier: WebPKI chain check against the CA, then the
-/// kind marker, then (agent port) the enrolled-serial set.
+/// kind marker, then the allowlist of valid serials (enrolled hosts, or
+/// the admin certificates not revoked).
 #[derive(Debug)]
 struct MarkedVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     kind: CertKind,
-    hosts: Option<Arc<EnrolledHosts>>,
+    allow: Option<Arc<dyn CertAllowlist>>,
 }
 
 impl ClientCertVerifier for MarkedVerifier {
@@ -652,8 +686,8 @@ impl ClientCertVerifier for MarkedVerifier {
                 rustls::CertificateError::InvalidPurpose,
             ));
         }
-        if let Some(hosts) = &self.hosts {
-            if !hosts.is_allowed(&peer.name, &peer.serial) {
+        if let Some(allow) = &self.allow {
+            if !allow.allowed(&peer.name, &peer.serial) {
                 return Err(rustls::Error::InvalidCertificate(
                     rustls::CertificateError::Revoked,
                 ));
@@ -724,10 +758,22 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
     Ok(SerialNumber::from_slice(&b))
 }
 
-fn set_validity(params: &mut CertificateParams, days: i64) {
+/// Sets `notBefore` an hour ago and `notAfter` in `days`; returns
+/// `notAfter` in milliseconds since the Unix epoch.
+fn set_validity(params: &mut CertificateParams, days: i64) -> i64 {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(days);
+    i64::try_from(params.not_after.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// `notAfter` of a PEM or DER certificate, milliseconds since the Unix epoch.
+pub fn not_after_ms(cert: &[u8]) -> Option<i64> {
+    let der = CertificateDer::from_pem_slice(cert)
+        .map(|c| c.as_ref().to_vec())
+        .unwrap_or_else(|_| cert.to_vec());
+    let (_, c) = x509_parser::parse_x509_certificate(&der).ok()?;
+    c.validity().not_after.timestamp().checked_mul(1000)
 }
 
 /// A throwaway self-signed key, replaced before any listener starts.

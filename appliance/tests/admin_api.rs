@@ -20,7 +20,7 @@ use tokio_rustls::TlsConnector;
 use tower::ServiceExt;
 use trustbind_appliance::admin::{self, AdminState, Change};
 use trustbind_appliance::pki::Pki;
-use trustbind_appliance::store::{HostState, Store};
+use trustbind_appliance::store::{AdminRole, HostState, Store};
 
 const EXAMPLE: &str = include_str!("../../policies/example.cedar");
 
@@ -87,6 +87,8 @@ struct Harness {
     limits: Arc<trustbind_appliance::limits::Limits>,
     changes: Arc<Mutex<Vec<Change>>>,
     dir: tempfile::TempDir,
+    /// Audit rows of the setup (alice's certificate) that `audit` skips.
+    audit_base: i64,
 }
 
 struct Resp {
@@ -121,7 +123,9 @@ async fn start() -> Harness {
     let store = Arc::new(Store::open(&dir.path().join("a.db")).unwrap());
     let pki =
         Arc::new(Pki::open_or_create(&dir.path().join("pki"), &["localhost".to_owned()]).unwrap());
-    let server = pki.admin_server_config().unwrap();
+    let server = pki
+        .admin_server_config(admin::AdminCerts::new(Arc::clone(&store)))
+        .unwrap();
     let changes = Arc::new(Mutex::new(Vec::new()));
     let c2 = Arc::clone(&changes);
     let limits = Arc::new(trustbind_appliance::limits::Limits::new(Arc::clone(&store)).unwrap());
@@ -130,11 +134,14 @@ async fn start() -> Harness {
             c2.lock().unwrap().push(c.clone());
         }))
         .with_limits(Arc::clone(&limits))
-        .with_ca_fingerprint(pki.fingerprint().to_owned());
+        .with_ca_fingerprint(pki.fingerprint().to_owned())
+        .with_pki(Arc::clone(&pki));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(admin::serve(listener, server, admin::router(state)));
     let (cert, key) = pki.issue_admin("alice").unwrap();
+    admin::register_admin_cert(&store, &cert, AdminRole::Admin, "test").unwrap();
+    let audit_base = store.audit_head().unwrap();
     let client = client_config(&pki, Some(from_pem(&cert, &key)));
     Harness {
         addr,
@@ -144,6 +151,7 @@ async fn start() -> Harness {
         limits,
         changes,
         dir,
+        audit_base,
     }
 }
 
@@ -229,8 +237,9 @@ impl Harness {
         std::mem::take(&mut *self.changes.lock().unwrap())
     }
 
+    /// The audit rows written after the harness's setup.
     fn audit(&self) -> Vec<trustbind_appliance::store::AuditRow> {
-        self.store.audit_rows(0, 100_000).unwrap()
+        self.store.audit_rows(self.audit_base, 100_000).unwrap()
     }
 }
 
@@ -893,20 +902,27 @@ async fn limits_set_list_remove() {
 async fn limit_endpoints_without_limits_answer_503() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("a.db")).unwrap());
+    store
+        .add_admin_cert("alice", "0a", AdminRole::Admin, i64::MAX, "test")
+        .unwrap();
     let router = admin::router(AdminState::new(store));
     let mut req = axum::http::Request::builder()
         .uri("/v1/limits")
         .body(axum::body::Body::empty())
         .unwrap();
-    req.extensions_mut()
-        .insert(admin::AdminIdentity { cn: "alice".into() });
+    req.extensions_mut().insert(admin::AdminIdentity {
+        cn: "alice".into(),
+        serial: "0a".into(),
+    });
     let resp = router.oneshot(req).await.unwrap();
     assert_eq!(resp.status(), 503);
 }
 
 #[tokio::test]
 async fn audit_tail_export_verify() {
+    // Row 1 is the setup's `admin.cert.issue` of alice's certificate.
     let h = start().await;
+    assert_eq!(h.audit_base, 1);
     for i in 0..5 {
         let (s, _) = h
             .send("POST", "/v1/groups", json!({ "name": format!("g{i}") }))
@@ -915,23 +931,23 @@ async fn audit_tail_export_verify() {
     }
     let (s, v) = h.get("/v1/audit?limit=2").await;
     assert_eq!(s, 200);
-    assert_eq!(v["head"], 5);
+    assert_eq!(v["head"], 6);
     let seqs: Vec<i64> = v["rows"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["seq"].as_i64().unwrap())
         .collect();
-    assert_eq!(seqs, [4, 5]);
-    assert_eq!(v["next"], 5);
+    assert_eq!(seqs, [5, 6]);
+    assert_eq!(v["next"], 6);
     assert_eq!(v["rows"][0]["actor"], "admin:alice");
-    let (_, v) = h.get("/v1/audit?after=1&limit=2").await;
-    assert_eq!(v["rows"][0]["seq"], 2);
-    assert_eq!(v["next"], 3);
-    let (_, v) = h.get("/v1/audit?after=5").await;
+    let (_, v) = h.get("/v1/audit?after=2&limit=2").await;
+    assert_eq!(v["rows"][0]["seq"], 3);
+    assert_eq!(v["next"], 4);
+    let (_, v) = h.get("/v1/audit?after=6").await;
     assert_eq!(
         (v["rows"].as_array().unwrap().len(), &v["next"]),
-        (0, &json!(5))
+        (0, &json!(6))
     );
 
     let r = h.call("GET", "/v1/audit/export", None).await;
@@ -942,10 +958,10 @@ async fn audit_tail_export_verify() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 5);
-    assert_eq!(lines[4]["kind"], "group.create");
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines[5]["kind"], "group.create");
     let r = h
-        .call("GET", "/v1/audit/export?after=3&kind=group", None)
+        .call("GET", "/v1/audit/export?after=4&kind=group", None)
         .await;
     assert_eq!(String::from_utf8(r.body).unwrap().lines().count(), 2);
     let r = h.call("GET", "/v1/audit/export?kind=policy", None).await;
@@ -956,22 +972,22 @@ async fn audit_tail_export_verify() {
         .await;
     assert!(r.body.is_empty());
     let r = h.call("GET", "/v1/audit/export?since_ms=0", None).await;
-    assert_eq!(String::from_utf8(r.body).unwrap().lines().count(), 5);
+    assert_eq!(String::from_utf8(r.body).unwrap().lines().count(), 6);
 
     let (_, v) = h.get("/v1/audit/verify").await;
-    assert_eq!(v, json!({ "ok": true, "rows": 5 }));
+    assert_eq!(v, json!({ "ok": true, "rows": 6 }));
     // Edit a row behind the appliance's back: verify must say so.
     let conn = rusqlite::Connection::open(h.dir.path().join("a.db")).unwrap();
-    conn.execute("UPDATE audit SET actor = 'admin:mallory' WHERE seq = 3", [])
+    conn.execute("UPDATE audit SET actor = 'admin:mallory' WHERE seq = 4", [])
         .unwrap();
     drop(conn);
     let (_, v) = h.get("/v1/audit/verify").await;
     assert_eq!(v["ok"], false);
-    assert!(v["error"].as_str().unwrap().contains("row 3"), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("row 4"), "{v}");
 
     let (_, v) = h.get("/v1/status").await;
     assert_eq!(v["you"], "admin:alice");
-    assert_eq!(v["audit_head"], 5);
+    assert_eq!(v["audit_head"], 6);
     // Policies read hours in this zone (serve --time-zone; UTC here).
     assert_eq!(v["time_zone"], "UTC");
 
@@ -983,16 +999,16 @@ async fn audit_tail_export_verify() {
             .await
             .unwrap();
     });
-    let (s, v) = h.get("/v1/audit?after=5&wait_ms=20000").await;
+    let (s, v) = h.get("/v1/audit?after=6&wait_ms=20000").await;
     writer.await.unwrap();
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["rows"][0]["actor"], "admin:bob", "{v}");
-    assert_eq!(v["next"], 6);
+    assert_eq!(v["next"], 7);
     let (s, _) = h.get("/v1/audit?wait_ms=10").await;
     assert_eq!(s, 400);
     let (s, _) = h.get("/v1/audit?after=1&wait_ms=30001").await;
     assert_eq!(s, 400);
-    let (_, v) = h.get("/v1/audit?after=6&wait_ms=1").await;
+    let (_, v) = h.get("/v1/audit?after=7&wait_ms=1").await;
     assert_eq!(v["rows"], json!([]));
 }
 
@@ -1189,4 +1205,304 @@ async fn bulk_signature_batches_defer_approvals_of_denied_programs() {
         let moved = h.store.versions().unwrap().generation - v.generation;
         assert_eq!((moved, h.store.deferred_move()), (i64::from(!bulk), bulk));
     }
+}
+
+/// An admin certificate of `role` for `name`, registered: its client config
+/// and serial.
+fn admin_with_role(h: &Harness, name: &str, role: AdminRole) -> (Arc<ClientConfig>, String) {
+    let (cert, key) = h.pki.issue_admin(name).unwrap();
+    let serial = admin::register_admin_cert(&h.store, &cert, role, "test").unwrap();
+    (client_config(&h.pki, Some(from_pem(&cert, &key))), serial)
+}
+
+/// One HTTP/1.1 connection kept open across requests.
+struct Conn(hyper::client::conn::http1::SendRequest<Full<Bytes>>);
+
+impl Conn {
+    async fn open(cfg: Arc<ClientConfig>, addr: SocketAddr) -> Conn {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = TlsConnector::from(cfg)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Conn(send)
+    }
+
+    async fn get(&mut self, path: &str) -> (u16, Value) {
+        let req = hyper::Request::builder()
+            .uri(path)
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = self.0.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+}
+
+#[tokio::test]
+async fn read_only_admin_reads_and_gets_403_on_every_write_endpoint_class() {
+    let h = start().await;
+    let (ro, _) = admin_with_role(&h, "rob", AdminRole::ReadOnly);
+    let before = h.audit().len();
+    let call = |method: &'static str, path: &'static str, body: Option<Value>| {
+        let ro = Arc::clone(&ro);
+        let addr = h.addr;
+        async move {
+            request_with(
+                ro,
+                addr,
+                method,
+                path,
+                body.map(|b| serde_json::to_vec(&b).unwrap()),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // Reads, metrics and validation are allowed.
+    for path in [
+        "/v1/status",
+        "/v1/policies",
+        "/v1/hosts",
+        "/v1/admins",
+        "/v1/audit",
+        "/metrics",
+    ] {
+        assert_eq!(call("GET", path, None).await.status, 200, "{path}");
+    }
+    let r = call(
+        "POST",
+        "/v1/policies/validate",
+        Some(json!({ "text": EXAMPLE })),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // Every class of write is refused before it reaches its handler.
+    let writes: &[(&str, &str, Value)] = &[
+        ("POST", "/v1/policies", json!({ "text": EXAMPLE })),
+        ("POST", "/v1/policies/1/activate", json!({})),
+        ("POST", "/v1/policies/rollback", json!({})),
+        ("POST", "/v1/signatures", json!({ "signatures": [sig(1)] })),
+        (
+            "POST",
+            "/v1/signatures/remove",
+            json!({ "sha256": [sha(1)] }),
+        ),
+        ("DELETE", "/v1/signatures/00", json!({})),
+        ("POST", "/v1/groups", json!({ "name": "g" })),
+        ("DELETE", "/v1/groups/g", json!({})),
+        (
+            "POST",
+            "/v1/groups/g/members",
+            json!({ "sha256": [sha(1)] }),
+        ),
+        (
+            "POST",
+            "/v1/groups/g/members/remove",
+            json!({ "sha256": [sha(1)] }),
+        ),
+        ("PUT", "/v1/host-groups/web", json!({ "mode": "enforce" })),
+        ("DELETE", "/v1/host-groups/web", json!({})),
+        (
+            "POST",
+            "/v1/hosts",
+            json!({ "name": "h1", "host_group": "web" }),
+        ),
+        ("POST", "/v1/hosts/h1/revoke", json!({})),
+        ("POST", "/v1/hosts/h1/token", json!({})),
+        ("PUT", "/v1/users/u", json!({ "roles": ["r"] })),
+        ("DELETE", "/v1/users/u", json!({})),
+        (
+            "PUT",
+            "/v1/limits",
+            json!({ "subject": { "kind": "host", "host": "h1" }, "max_calls": 1 }),
+        ),
+        ("DELETE", "/v1/limits/1", json!({})),
+        ("POST", "/v1/admins/tokens", json!({ "name": "eve" })),
+        ("POST", "/v1/admins/01/revoke", json!({})),
+    ];
+    for (method, path, body) in writes {
+        let r = request_with(
+            Arc::clone(&ro),
+            h.addr,
+            method,
+            path,
+            Some(serde_json::to_vec(body).unwrap()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 403, "{method} {path}");
+        let v = r.json();
+        assert_eq!(v["error"]["code"], "forbidden", "{method} {path}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("read-only"),
+            "{v}"
+        );
+    }
+    assert_eq!(h.audit().len(), before, "a refused write changed something");
+    // The same writes work for an admin (the refusal was the role's).
+    let (s, _) = h.send("POST", "/v1/groups", json!({ "name": "g" })).await;
+    assert_eq!(s, 201);
+}
+
+#[tokio::test]
+async fn revoked_admin_certificate_is_refused_on_its_open_connection_and_at_the_next_handshake() {
+    let h = start().await;
+    let (bob_cfg, bob_serial) = admin_with_role(&h, "bob", AdminRole::Admin);
+    let mut bob = Conn::open(Arc::clone(&bob_cfg), h.addr).await;
+    let (s, v) = bob.get("/v1/status").await;
+    assert_eq!((s, &v["you"]), (200, &json!("admin:bob")));
+    // Listed with its role.
+    let (_, v) = h.get("/v1/admins").await;
+    let listed = v["admins"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{v}");
+    assert!(listed
+        .iter()
+        .any(|a| a["serial"] == bob_serial && a["role"] == "admin" && a["revoked_ms"].is_null()));
+    // alice revokes bob's certificate while bob's connection is open.
+    let (s, v) = h
+        .send(
+            "POST",
+            &format!("/v1/admins/{bob_serial}/revoke"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["admin"]["revoked_by"], "admin:alice");
+    let (s, v) = bob.get("/v1/status").await;
+    assert_eq!(s, 401, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("revoked"),
+        "{v}"
+    );
+    // A new connection fails the handshake.
+    let r = request_with(bob_cfg, h.addr, "GET", "/v1/status", None).await;
+    assert!(r.is_err(), "a revoked certificate must get no answer");
+    assert!(h
+        .audit()
+        .iter()
+        .any(|r| r.kind == "admin.cert.revoke" && r.actor == "admin:alice"));
+    // The last valid admin certificate cannot be revoked (no lock-out).
+    let alice = h.store.admin_certs().unwrap();
+    let alice = alice.iter().find(|c| c.name == "alice").unwrap();
+    let (s, v) = h
+        .send(
+            "POST",
+            &format!("/v1/admins/{}/revoke", alice.serial),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 409, "{v}");
+    let (s, _) = h.send("POST", "/v1/admins/zz/revoke", json!({})).await;
+    assert_eq!(s, 400);
+}
+
+#[tokio::test]
+async fn an_admin_renews_its_certificate_and_the_old_one_is_retired() {
+    let h = start().await;
+    let (cert, key) = h.pki.issue_admin("rob").unwrap();
+    let old_serial = admin::register_admin_cert(&h.store, &cert, AdminRole::ReadOnly, "t").unwrap();
+    let old = client_config(&h.pki, Some(from_pem(&cert, &key)));
+    let new_key = KeyPair::generate().unwrap();
+    let csr = CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&new_key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    // A read-only admin may renew its own certificate.
+    let r = request_with(
+        Arc::clone(&old),
+        h.addr,
+        "POST",
+        "/v1/admins/renew",
+        Some(serde_json::to_vec(&json!({ "csr_pem": csr })).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["admin"]["name"], "rob");
+    assert_eq!(v["admin"]["role"], "read-only");
+    assert_ne!(v["admin"]["serial"], json!(old_serial));
+    let new = client_config(
+        &h.pki,
+        Some(from_pem(
+            v["cert_pem"].as_str().unwrap(),
+            &new_key.serialize_pem(),
+        )),
+    );
+    let r = request_with(new, h.addr, "GET", "/v1/status", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["you"], "admin:rob");
+    assert!(request_with(old, h.addr, "GET", "/v1/status", None)
+        .await
+        .is_err());
+    let c = h.store.admin_cert(&old_serial).unwrap().unwrap();
+    assert_eq!(
+        c.revoked_by.as_deref(),
+        Some(format!("renewed:{}", v["admin"]["serial"].as_str().unwrap()).as_str())
+    );
+}
+
+#[tokio::test]
+async fn host_tokens_expire_and_can_be_reissued() {
+    let h = start().await;
+    let (s, _) = h
+        .send("PUT", "/v1/host-groups/web", json!({ "mode": "enforce" }))
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = h
+        .send(
+            "POST",
+            "/v1/hosts",
+            json!({ "name": "web1", "host_group": "web", "token_ttl_s": 600 }),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let exp = v["token_expires_ms"].as_i64().unwrap();
+    let left = exp - trustbind_appliance::store::now_ms();
+    assert!((590_000..=600_000).contains(&left), "{left}");
+    let (s, v) = h
+        .send(
+            "POST",
+            "/v1/hosts",
+            json!({ "name": "web2", "host_group": "web", "token_ttl_s": 0 }),
+        )
+        .await;
+    assert_eq!(
+        (s, &v["error"]["field"]),
+        (400, &json!("token_ttl_s")),
+        "{v}"
+    );
+    // A new token for the pending host replaces the old one.
+    let (s, v) = h.send("POST", "/v1/hosts/web1/token", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["host"]["state"], "pending");
+    let token = v["token"].as_str().unwrap().to_owned();
+    let (sha, _) = h.store.pending_token("web1").unwrap().unwrap();
+    assert_eq!(sha, admin::token_sha256(&token));
+    // An enrolled host needs revoking first; a revoked one can be re-tokened.
+    h.store.enrol_host("web1", &sha, "0b").unwrap();
+    let (s, _) = h.send("POST", "/v1/hosts/web1/token", json!({})).await;
+    assert_eq!(s, 409);
+    let (s, _) = h.send("POST", "/v1/hosts/web1/revoke", json!({})).await;
+    assert_eq!(s, 200);
+    let (s, v) = h
+        .send("POST", "/v1/hosts/web1/token", json!({ "token_ttl_s": 60 }))
+        .await;
+    assert_eq!((s, &v["host"]["state"]), (200, &json!("pending")), "{v}");
+    let (s, _) = h.send("POST", "/v1/hosts/nosuch/token", json!({})).await;
+    assert_eq!(s, 404);
 }

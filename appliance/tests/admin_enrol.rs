@@ -94,7 +94,7 @@ async fn a_token_buys_one_admin_certificate() {
     // agent port's refuses it: it is no host certificate).
     let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = admin_l.local_addr().unwrap();
-    let cfg = app.api.pki.admin_server_config().unwrap();
+    let cfg = app.admin_tls();
     tokio::spawn(async move {
         let acc = tokio_rustls::TlsAcceptor::from(cfg);
         while let Ok((tcp, _)) = admin_l.accept().await {
@@ -234,7 +234,7 @@ fn admin_token_command_creates_what_is_missing_and_respects_if_unenrolled() {
     // Once an admin enrolled, --if-unenrolled prints nothing and succeeds;
     // without it a token is still made (another admin).
     store
-        .use_admin_token(pending.id, "ops", "01", "test")
+        .use_admin_token(pending.id, "ops", "01", i64::MAX, "test")
         .unwrap();
     let out = appliance_cmd(&data, &["admin-token", "--if-unenrolled"]);
     assert!(out.status.success(), "{out:?}");
@@ -255,4 +255,31 @@ fn admin_token_command_creates_what_is_missing_and_respects_if_unenrolled() {
             .count(),
         3
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_grants_its_role_to_the_certificate() {
+    use trustbind_appliance::store::AdminRole;
+    let app = start(Arc::new(Unused)).await;
+    let t = new_admin_token().unwrap();
+    app.api
+        .store
+        .create_admin_token_as(
+            "auditor",
+            AdminRole::ReadOnly,
+            &admin_token_sha256(&t),
+            60_000,
+            false,
+            "test",
+        )
+        .unwrap()
+        .unwrap();
+    let (cert, _) = enrol_admin(&app, "auditor", &t).await.unwrap();
+    let info = cert_of(&cert);
+    let rec = app.api.store.admin_cert(&info.serial).unwrap().unwrap();
+    assert_eq!(rec.role, AdminRole::ReadOnly);
+    assert_eq!(rec.name, "auditor");
+    assert!(rec.revoked_ms.is_none());
+    let exp = trustbind_appliance::pki::not_after_ms(cert.as_bytes()).unwrap();
+    assert_eq!(rec.expires_ms / 1000, exp / 1000);
 }

@@ -201,10 +201,23 @@ async fn host_certificate_is_refused_by_the_admin_config() {
     let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin_l.local_addr().unwrap();
     let router = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
-    let cfg = app.api.pki.admin_server_config().unwrap();
+    let cfg = app.admin_tls();
     tokio::spawn(trustbind_appliance::admin::serve(admin_l, cfg, router));
     assert!(common::raw_handshake(admin_addr, host_cfg).await.is_err());
     let (cert, key) = app.api.pki.issue_admin("alice").unwrap();
+    // An admin certificate the appliance has no record of is refused too.
+    assert!(
+        common::raw_handshake(admin_addr, app.client_config(&cert, &key))
+            .await
+            .is_err()
+    );
+    trustbind_appliance::admin::register_admin_cert(
+        &app.api.store,
+        &cert,
+        trustbind_appliance::store::AdminRole::Admin,
+        "test",
+    )
+    .unwrap();
     assert!(
         common::raw_handshake(admin_addr, app.client_config(&cert, &key))
             .await
@@ -402,4 +415,196 @@ async fn serve_binary_enrols_and_stops_on_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_enrolment_token_is_refused_with_a_clear_error() {
+    let app = appliance().await;
+    let store = &app.api.store;
+    store
+        .set_host_group("web", trustbind_appliance::store::Mode::Enforce, "admin:t")
+        .unwrap();
+    let token = "short-lived-token-of-web1";
+    store
+        .add_pending_host_ttl("web1", "web", &common::sha256_hex(token), 1, "admin:t")
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let err = app.enrol("web1", token).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("field `token`") && err.message().contains("expired"),
+        "{}",
+        err.message()
+    );
+    assert!(matches!(
+        store.host("web1").unwrap(),
+        Some((HostState::Pending, _))
+    ));
+    assert!(refusals(&app).iter().any(|d| d.contains("expired")));
+    // A new token (the admin API's `POST /v1/hosts/{name}/token`) works.
+    store
+        .retoken_host(
+            "web1",
+            &common::sha256_hex("fresh-token"),
+            60_000,
+            "admin:t",
+        )
+        .unwrap();
+    app.enrol("web1", "fresh-token").await.unwrap();
+    // The default lifetime is 24 h.
+    app.add_pending("web2", "web", "tok-web2");
+    let (_, exp) = store.pending_token("web2").unwrap().unwrap();
+    let left = exp.unwrap() - trustbind_appliance::store::now_ms();
+    assert!((86_000_000..=86_400_000).contains(&left), "{left}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_is_checked_before_anything_is_signed() {
+    let app = appliance().await;
+    app.add_pending("web1", "web", "the-right-token");
+    // A wrong token with an unusable CSR: refused for the token, so the
+    // CSR was never handed to the CA.
+    let ch = common::connect(app.enrol, app.anon_config()).await.unwrap();
+    let err = trustbind_appliance::agent_api::pb::enrolment_client::EnrolmentClient::new(ch)
+        .enrol(trustbind_appliance::agent_api::pb::EnrolRequest {
+            host: "web1".into(),
+            token: "a-wrong-token".into(),
+            csr_pem: "not a CSR".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("wrong enrolment token"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_renews_its_certificate_over_its_connection() {
+    use trustbind_appliance::agent_api::pb::RenewRequest;
+    let app = appliance().await;
+    app.add_pending("web1", "web", "token-web1-renew");
+    let (cert1, key1) = app.enrol("web1", "token-web1-renew").await.unwrap();
+    let cfg1 = app.client_config(&cert1, &key1);
+    let mut client = app.agent_client(Arc::clone(&cfg1)).await.unwrap();
+    // A renewal with a CSR for a new key.
+    let (key2, csr2) = common::key_and_csr();
+    let r = client
+        .renew(RenewRequest { csr_pem: csr2 })
+        .await
+        .unwrap()
+        .into_inner();
+    let serial1 = cert_serial(&cert1);
+    assert_ne!(r.serial, serial1);
+    assert_eq!(cert_serial(&r.cert_pem), r.serial);
+    assert!(r.not_after_ms > trustbind_appliance::store::now_ms() + 700 * 86_400_000);
+    let cfg2 = app.client_config(&r.cert_pem, &key2.serialize_pem());
+    assert!(common::raw_handshake(app.agent, Arc::clone(&cfg2))
+        .await
+        .is_ok());
+    // The previous certificate stays valid (a lost reply is no lock-out)...
+    assert!(common::raw_handshake(app.agent, Arc::clone(&cfg1))
+        .await
+        .is_ok());
+    // ...until the next renewal.
+    let mut client2 = app.agent_client(Arc::clone(&cfg2)).await.unwrap();
+    let (key3, csr3) = common::key_and_csr();
+    let r3 = client2
+        .renew(RenewRequest { csr_pem: csr3 })
+        .await
+        .unwrap()
+        .into_inner();
+    let cfg3 = app.client_config(&r3.cert_pem, &key3.serialize_pem());
+    assert!(common::raw_handshake(app.agent, Arc::clone(&cfg3))
+        .await
+        .is_ok());
+    assert!(common::raw_handshake(app.agent, Arc::clone(&cfg2))
+        .await
+        .is_ok());
+    assert!(common::raw_handshake(app.agent, Arc::clone(&cfg1))
+        .await
+        .is_err());
+    // The oldest one cannot renew any more either (its open connection).
+    let (_, csr4) = common::key_and_csr();
+    let err = client
+        .renew(RenewRequest { csr_pem: csr4 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    // Revocation ends both.
+    app.api.store.revoke_host("web1", "admin:t").unwrap();
+    app.api.disconnect_host("web1");
+    assert!(common::raw_handshake(app.agent, cfg3).await.is_err());
+    assert!(common::raw_handshake(app.agent, cfg2).await.is_err());
+    let renewals = app
+        .api
+        .store
+        .audit_rows(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == "host.renew")
+        .count();
+    assert_eq!(renewals, 2);
+}
+
+fn cert_serial(pem: &str) -> String {
+    trustbind_appliance::pki::peer_cert(&x509_der(pem))
+        .unwrap()
+        .serial
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_renews_its_certificate_over_its_connection() {
+    use trustbind_agent::link;
+    let app = appliance().await;
+    app.add_pending("web1", "web", "token-web1-agent");
+    let state = tempfile::tempdir().unwrap();
+    let e = link::Enrolment {
+        enrol_addr: app.enrol.to_string(),
+        agent_addr: Some(app.agent.to_string()),
+        server_name: Some("localhost".into()),
+        name: "web1".into(),
+        token: "token-web1-agent".into(),
+        ca_fingerprint: app.api.pki.fingerprint().to_owned(),
+    };
+    let cfg = link::enrol(&e, state.path()).await.unwrap();
+    let old_cert = std::fs::read_to_string(state.path().join("cert.pem")).unwrap();
+    let old_after = link::cert_not_after_ms(state.path()).unwrap();
+    // Two years from now: not due with 30 days of margin, due with 800.
+    let now = trustbind_appliance::store::now_ms();
+    assert!(!link::renewal_due(old_after, now, link::RENEW_BEFORE_DAYS));
+    assert!(link::renewal_due(old_after, now, 800));
+    let ch = link::channel(
+        &cfg.agent_addr,
+        &cfg.server_name,
+        link::agent_tls(state.path()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut client = trustbind_appliance::agent_api::pb::agent_client::AgentClient::new(ch);
+    let new_after = link::renew(
+        &mut client,
+        state.path(),
+        &cfg.name,
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(new_after >= old_after);
+    let new_cert = std::fs::read_to_string(state.path().join("cert.pem")).unwrap();
+    assert_ne!(cert_serial(&new_cert), cert_serial(&old_cert));
+    assert!(!state.path().join("cert.pem.new").exists());
+    // The files in the state directory make a working credential.
+    let tls = Arc::new(link::agent_tls(state.path()).unwrap());
+    assert!(common::raw_handshake(app.agent, tls).await.is_ok());
+    assert_eq!(
+        app.api
+            .store
+            .host_info("web1")
+            .unwrap()
+            .unwrap()
+            .cert_serial,
+        Some(cert_serial(&new_cert))
+    );
 }

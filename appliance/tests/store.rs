@@ -596,3 +596,37 @@ fn schema_7_keeps_memberships_in_a_without_rowid_table() {
     assert!(store.groups_of(&sha('b')).unwrap().is_empty());
     assert_eq!(store.groups_of(&sha('a')).unwrap().len(), 2);
 }
+
+#[test]
+fn schema_10_carries_token_admins_over_and_gives_pending_tokens_an_expiry() {
+    use trustbind_appliance::store::{now_ms, AdminRole};
+    // A store at schema 9: an admin enrolled with a token, a pending host
+    // whose token never expired.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("appliance.db");
+    {
+        let c = Connection::open(&path).unwrap();
+        for sql in &migrate::MIGRATIONS[..9] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.execute_batch(&format!(
+            "INSERT INTO admin_tokens (name, token_sha256, created_ms, expires_ms, state, used_ms, cert_serial)
+                 VALUES ('root', '{t}', 1000, 2000, 'used', 1500, '4abc');
+             INSERT INTO host_groups VALUES ('web', 'enforce');
+             INSERT INTO hosts (name, host_group, state, token_sha256, changed_ms)
+                 VALUES ('web1', 'web', 'pending', '{t}', 0);
+             PRAGMA user_version = 9;",
+            t = sha('t')
+        ))
+        .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), migrate::latest());
+    let c = store.admin_cert("4abc").unwrap().unwrap();
+    assert_eq!((c.name.as_str(), c.role), ("root", AdminRole::Admin));
+    assert_eq!(c.expires_ms, 1500 + 732 * 86_400_000);
+    let (_, exp) = store.pending_token("web1").unwrap().unwrap();
+    let left = exp.unwrap() - now_ms();
+    assert!((86_000_000..=86_400_000).contains(&left), "{left}");
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+}

@@ -96,6 +96,8 @@ pub(super) async fn delete_group(
 pub(super) struct HostIn {
     name: String,
     host_group: String,
+    /// Lifetime of the enrolment token in seconds (default 24 h).
+    token_ttl_s: Option<i64>,
 }
 
 pub(super) async fn create(
@@ -105,19 +107,21 @@ pub(super) async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_host_name("name", &body.name)?;
     check_name("host_group", &body.host_group)?;
+    let ttl = super::admins::ttl_ms("token_ttl_s", body.token_ttl_s)?;
     let token = new_token()?;
     let hash = token_sha256(&token);
     let (name, group) = (body.name.clone(), body.host_group.clone());
-    st.run(move |s| {
-        if s.host_group_mode(&group)?.is_none() {
-            return Err(ApiError::not_found(format!(
-                "no host group `{group}`; create it first with PUT /v1/host-groups/{group}"
-            ))
-            .with_field("host_group"));
-        }
-        Ok(s.add_pending_host(&name, &group, &hash, &actor.0)?)
-    })
-    .await?;
+    let expires = st
+        .run(move |s| {
+            if s.host_group_mode(&group)?.is_none() {
+                return Err(ApiError::not_found(format!(
+                    "no host group `{group}`; create it first with PUT /v1/host-groups/{group}"
+                ))
+                .with_field("host_group"));
+            }
+            Ok(s.add_pending_host_ttl(&name, &group, &hash, ttl, &actor.0)?)
+        })
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -127,9 +131,46 @@ pub(super) async fn create(
                 "state": HostState::Pending,
             },
             "token": token.as_str(),
+            "token_expires_ms": expires,
             "ca_fingerprint": st.ca_fingerprint,
         })),
     ))
+}
+
+/// Body of `POST /v1/hosts/{name}/token`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RetokenIn {
+    token_ttl_s: Option<i64>,
+}
+
+/// A new one-time enrolment token for a pending host (its token expired or
+/// was lost) or a revoked one (to enrol it again).
+pub(super) async fn retoken(
+    State(st): State<AdminState>,
+    actor: Actor,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<RetokenIn>,
+) -> Result<Json<Value>, ApiError> {
+    let ttl = super::admins::ttl_ms("token_ttl_s", body.token_ttl_s)?;
+    let token = new_token()?;
+    let hash = token_sha256(&token);
+    let n = name.clone();
+    let (expires, host) = st
+        .run(move |s| {
+            let expires = s.retoken_host(&n, &hash, ttl, &actor.0)?;
+            let host = s
+                .host_info(&n)?
+                .ok_or_else(|| ApiError::internal("host vanished"))?;
+            Ok((expires, host))
+        })
+        .await?;
+    Ok(Json(json!({
+        "host": host,
+        "token": token.as_str(),
+        "token_expires_ms": expires,
+        "ca_fingerprint": st.ca_fingerprint,
+    })))
 }
 
 /// Query of `GET /v1/hosts`.

@@ -7,6 +7,7 @@
 //! extension. Every mutation is audited with actor `admin:<cn>` in the same
 //! transaction as the change. Endpoints are documented in `appliance/API.md`.
 
+mod admins;
 mod audit;
 mod channels;
 mod error;
@@ -25,12 +26,13 @@ use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::Router;
 
+pub use admins::{authorize, register_admin_cert, AdminCerts};
 pub use error::{parse_json, ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 pub use hosts::token_sha256;
 pub use policies::{check_policy, PolicyDiagnostic};
-pub use tls::{peer_admin_name, serve};
+pub use tls::{peer_admin, peer_admin_name, serve};
 
-use crate::store::Store;
+use crate::store::{AdminRole, Store};
 
 /// Largest request body accepted, in bytes (a 10 000-signature batch is about 2.5 MB).
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -83,6 +85,9 @@ pub struct AdminState {
     /// SHA-256 of the CA certificate, returned with enrolment tokens so the
     /// agent can pin the CA on first contact.
     pub ca_fingerprint: Option<String>,
+    /// The CA, for renewing admin certificates (`POST /v1/admins/renew`
+    /// answers 503 without).
+    pub pki: Option<Arc<crate::pki::Pki>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -101,7 +106,14 @@ impl AdminState {
             on_change: Arc::new(|_| {}),
             limits: None,
             ca_fingerprint: None,
+            pki: None,
         }
+    }
+
+    /// Issues renewed admin certificates with `pki`.
+    pub fn with_pki(mut self, pki: Arc<crate::pki::Pki>) -> Self {
+        self.pki = Some(pki);
+        self
     }
 
     /// Replaces the change hook.
@@ -145,7 +157,34 @@ impl AdminState {
 pub struct AdminIdentity {
     /// Common name of the admin client certificate.
     pub cn: String,
+    /// Its serial (lower-case hex): checked against the store's admin
+    /// certificates (not revoked, role) on every request.
+    pub serial: String,
 }
+
+impl AdminIdentity {
+    /// The identity in a request: an [`AdminIdentity`] extension (set by
+    /// [`serve`]) or an admin peer in the agent API's `ConnInfo` (set by
+    /// `agent_api::tls::serve_https`).
+    fn of(parts: &axum::http::Extensions) -> Option<Self> {
+        if let Some(id) = parts.get::<Self>() {
+            return Some(id.clone());
+        }
+        let peer = parts
+            .get::<crate::agent_api::tls::ConnInfo>()?
+            .peer
+            .as_ref()?;
+        (peer.kind == crate::pki::CertKind::Admin).then(|| Self {
+            cn: peer.name.clone(),
+            serial: peer.serial.clone(),
+        })
+    }
+}
+
+/// The role of the admin making the request, a request extension set by
+/// [`authorize`] once the certificate was found valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Role(pub AdminRole);
 
 /// Extractor: the audit actor, `admin:<cn>`, from an [`AdminIdentity`]
 /// (set by [`serve`]) or an admin peer in the agent API's `ConnInfo` (set by
@@ -157,29 +196,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let from_conn = || {
-            // Also accept the agent API's HTTPS server (`serve_https`).
-            let peer = parts
-                .extensions
-                .get::<crate::agent_api::tls::ConnInfo>()?
-                .peer
-                .as_ref()?;
-            (peer.kind == crate::pki::CertKind::Admin).then(|| peer.name.clone())
-        };
-        parts
-            .extensions
-            .get::<AdminIdentity>()
-            .map(|id| id.cn.clone())
-            .or_else(from_conn)
-            .map(|cn| Actor(format!("admin:{cn}")))
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    "no verified admin client certificate on this connection",
-                )
-            })
+        AdminIdentity::of(&parts.extensions)
+            .map(|id| Actor(format!("admin:{}", id.cn)))
+            .ok_or_else(unauthenticated)
     }
+}
+
+fn unauthenticated() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        "no verified admin client certificate on this connection",
+    )
 }
 
 /// Builds the admin router. All endpoints but `/metrics` are under `/v1`.
@@ -236,9 +264,18 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/audit", get(audit::tail))
         .route("/v1/audit/export", get(audit::export))
         .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/admins", get(admins::list))
+        .route("/v1/admins/tokens", post(admins::create_token))
+        .route("/v1/admins/renew", post(admins::renew))
+        .route("/v1/admins/{serial}/revoke", post(admins::revoke))
+        .route("/v1/hosts/{name}/token", post(hosts::retoken))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admins::authorize,
+        ))
         .with_state(state)
 }
 

@@ -26,9 +26,17 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// client verifier; this only reads the subject, and refuses host and
 /// server certificates even if a misconfigured verifier let them through.
 pub fn peer_admin_name(conn: &rustls::ServerConnection) -> Option<String> {
+    peer_admin(conn).map(|id| id.cn)
+}
+
+/// Name and serial of the peer's admin certificate, as for [`peer_admin_name`].
+pub fn peer_admin(conn: &rustls::ServerConnection) -> Option<AdminIdentity> {
     let der = conn.peer_certificates()?.first()?;
     let peer = crate::pki::peer_cert(der.as_ref())?;
-    (peer.kind == crate::pki::CertKind::Admin).then_some(peer.name)
+    (peer.kind == crate::pki::CertKind::Admin).then_some(AdminIdentity {
+        cn: peer.name,
+        serial: peer.serial,
+    })
 }
 
 /// Accepts TLS connections on `listener` forever and serves `router` on
@@ -65,10 +73,9 @@ pub async fn serve(
             else {
                 return;
             };
-            let Some(cn) = peer_admin_name(stream.get_ref().1) else {
+            let Some(id) = peer_admin(stream.get_ref().1) else {
                 return;
             };
-            let id = AdminIdentity { cn };
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(id.clone());
                 router.clone().oneshot(req.map(Body::new))

@@ -192,6 +192,11 @@ pub fn admin_token_sha256(token: &str) -> String {
     hex(&Sha256::digest(norm.as_bytes()))
 }
 
+/// A time for an error message: RFC 3339 UTC, or the milliseconds.
+fn time_text(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| format!("{ms} ms"), |t| t.to_string())
+}
+
 /// Compares two byte strings in time independent of where they differ.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     subtle::ConstantTimeEq::ct_eq(a, b).into()
@@ -273,10 +278,13 @@ impl EnrolService {
                 Status::invalid_argument(format!("field `csr_pem`: {e}")),
             )
         })?;
-        match api
-            .store
-            .use_admin_token(token.id, &name, &issued.serial, &remote.text)
-        {
+        match api.store.use_admin_token(
+            token.id,
+            &name,
+            &issued.serial,
+            issued.expires_ms,
+            &remote.text,
+        ) {
             Ok(()) => {}
             Err(StoreError::Conflict(m)) => {
                 return Err(refuse(&name, Status::permission_denied(m)));
@@ -350,6 +358,36 @@ impl EnrolService {
             }
             Some((HostState::Pending, _)) => {}
         }
+        // The token is checked before anything is signed, so a caller
+        // without it costs no signature.
+        let token_sha = hex(&Sha256::digest(r.token.as_bytes()));
+        let pending = api
+            .store
+            .pending_token(host)
+            .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+        let stored = pending
+            .as_ref()
+            .map_or_else(|| "0".repeat(64), |(sha, _)| sha.clone());
+        if !ct_eq(token_sha.as_bytes(), stored.as_bytes()) {
+            return Err(self.refuse(
+                host,
+                remote,
+                Status::permission_denied(format!("wrong enrolment token for host `{host}`")),
+            ));
+        }
+        if let Some(exp) = pending
+            .and_then(|(_, exp)| exp)
+            .filter(|exp| *exp <= super::service::now_ms())
+        {
+            return Err(self.refuse(
+                host,
+                remote,
+                Status::permission_denied(format!(
+                    "field `token`: the enrolment token of host `{host}` expired at {} (make a new one: `trustbind host token {host}`)",
+                    time_text(exp)
+                )),
+            ));
+        }
         let issued = api.pki.issue_host(host, &r.csr_pem).map_err(|e| {
             self.refuse(
                 host,
@@ -357,7 +395,6 @@ impl EnrolService {
                 Status::invalid_argument(format!("field `csr_pem`: {e}")),
             )
         })?;
-        let token_sha = hex(&Sha256::digest(r.token.as_bytes()));
         match api.store.enrol_host(host, &token_sha, &issued.serial) {
             Ok(()) => {}
             Err(StoreError::Conflict(_)) => {

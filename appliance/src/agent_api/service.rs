@@ -12,8 +12,8 @@ use tonic::{Request, Response, Status};
 
 use super::pb::agent_server::Agent;
 use super::pb::{
-    self, push, AuditBatch, BundleRequest, Hello, Push, QualifyBatch, QualifyReply, ReportReply,
-    SignedBundle,
+    self, push, AuditBatch, BundleRequest, Hello, Push, QualifyBatch, QualifyReply, RenewReply,
+    RenewRequest, ReportReply, SignedBundle,
 };
 use super::tls::ConnInfo;
 use super::{convert, AgentApi};
@@ -99,6 +99,11 @@ impl AgentService {
     /// re-checked against the enrolled set (a host revoked while connected
     /// is refused here).
     fn host<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        self.peer(req).map(|p| p.name)
+    }
+
+    /// The verified, still enrolled host certificate behind this call.
+    fn peer<T>(&self, req: &Request<T>) -> Result<crate::pki::PeerCert, Status> {
         let peer = req
             .extensions()
             .get::<ConnInfo>()
@@ -111,7 +116,7 @@ impl AgentService {
                 peer.name
             )));
         }
-        Ok(peer.name.clone())
+        Ok(peer.clone())
     }
 }
 
@@ -245,7 +250,42 @@ impl Agent for AgentService {
         record(&self.api, vec![event]).await?;
         Ok(Response::new(signed))
     }
+
+    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewReply>, Status> {
+        let peer = self.peer(&req)?;
+        let csr = req.into_inner().csr_pem;
+        if csr.is_empty() || csr.len() > MAX_CSR {
+            return Err(Status::invalid_argument(format!(
+                "field `csr_pem` must be 1 to {MAX_CSR} bytes"
+            )));
+        }
+        let api = Arc::clone(&self.api);
+        tokio::task::spawn_blocking(move || {
+            let issued = api
+                .pki
+                .issue_host(&peer.name, &csr)
+                .map_err(|e| Status::invalid_argument(format!("field `csr_pem`: {e}")))?;
+            let allowed = api
+                .store
+                .renew_host_cert(&peer.name, &peer.serial, &issued.serial)
+                .map_err(|e| match e {
+                    crate::store::StoreError::Conflict(m) => Status::permission_denied(m),
+                    e => Status::unavailable(format!("store: {e}")),
+                })?;
+            api.hosts.allow_only(&peer.name, &allowed);
+            Ok(Response::new(RenewReply {
+                cert_pem: issued.cert_pem,
+                serial: issued.serial,
+                not_after_ms: issued.expires_ms,
+            }))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("renewal task failed: {e}")))?
+    }
 }
+
+/// Longest CSR `Renew` accepts, in bytes.
+const MAX_CSR: usize = 16 * 1024;
 
 /// Decides `reqs` for `host`: the results and their audit events. If
 /// `deadline` has passed by the end, fails with DEADLINE_EXCEEDED so that

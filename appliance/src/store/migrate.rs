@@ -183,6 +183,36 @@ CREATE INDEX audit_at_ms ON audit (at_ms);
 ALTER TABLE governing ADD COLUMN data_version INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE governing ADD COLUMN members_version INTEGER NOT NULL DEFAULT 0;
 "#,
+    // 10: admin and host identity (issue 16 item 6): every admin
+    // certificate the appliance accepts, with its role and revocation
+    // (admins enrolled with a token before this version are carried over as
+    // `admin`; certificates made by `admin-cert` before it are not known and
+    // are refused: make new ones); the role an admin token grants; host
+    // enrolment tokens expire (pending ones get 24 h from the upgrade); a
+    // renewed host certificate keeps its predecessor valid until the next
+    // renewal or revocation
+    r#"
+CREATE TABLE admin_certs (
+    serial     TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    role       TEXT NOT NULL CHECK (role IN ('admin', 'read-only')),
+    issued_ms  INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    revoked_by TEXT
+);
+CREATE INDEX admin_certs_name ON admin_certs (name);
+INSERT OR IGNORE INTO admin_certs (serial, name, role, issued_ms, expires_ms)
+    SELECT cert_serial, name, 'admin', COALESCE(used_ms, created_ms),
+           COALESCE(used_ms, created_ms) + 63244800000
+    FROM admin_tokens WHERE state = 'used' AND cert_serial IS NOT NULL;
+ALTER TABLE admin_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin'
+    CHECK (role IN ('admin', 'read-only'));
+ALTER TABLE hosts ADD COLUMN token_expires_ms INTEGER;
+ALTER TABLE hosts ADD COLUMN prev_serial TEXT;
+UPDATE hosts SET token_expires_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000 + 86400000
+    WHERE state = 'pending';
+"#,
 ];
 
 /// Newest schema version this build understands.

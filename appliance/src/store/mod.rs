@@ -15,6 +15,7 @@ mod agent;
 mod audit;
 mod channels;
 mod err;
+mod identity;
 mod ledger;
 pub mod migrate;
 mod read;
@@ -40,6 +41,7 @@ pub use agent::{AgentRecord, CloseReport, CloseRole};
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 pub use channels::{ChannelEnd, ChannelInfo};
 pub use err::{ChainError, StoreError};
+pub use identity::{AdminCert, AdminRole, DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS};
 pub use ledger::{Publish, DEFER_MAX_MS, DEFER_QUIET_MS};
 pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
 
@@ -62,7 +64,8 @@ fn check_hex(what: &'static str, s: &str, len: usize) -> Result<(), StoreError> 
     }
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -946,7 +949,8 @@ impl Store {
     }
 
     /// Registers `host` in `group` as pending with the SHA-256 of its
-    /// one-time enrolment token (the token itself is never stored).
+    /// one-time enrolment token (the token itself is never stored), valid
+    /// for [`DEFAULT_TOKEN_TTL_MS`] (see [`Store::add_pending_host_ttl`]).
     pub fn add_pending_host(
         &self,
         host: &str,
@@ -954,22 +958,8 @@ impl Store {
         token_sha256: &str,
         actor: &str,
     ) -> Result<(), StoreError> {
-        check_hex("token hash", token_sha256, 64)?;
-        self.write(|tx| {
-            let n = tx.execute(
-                "INSERT INTO hosts (name, host_group, state, token_sha256, changed_ms) VALUES (?1, ?2, 'pending', ?3, ?4)
-                 ON CONFLICT (name) DO NOTHING",
-                params![host, group, token_sha256, now_ms()],
-            )?;
-            if n == 0 {
-                return Err(StoreError::Conflict(format!("host `{host}` already exists")));
-            }
-            // The engine learns the host; no verdict changes (the host has
-            // none yet), so hosts keep their caches.
-            touch_data(tx)?;
-            let ev = AuditEvent::new("host.add", actor, serde_json::json!({ "host": host, "group": group }));
-            Ok(((), Some(ev)))
-        })
+        self.add_pending_host_ttl(host, group, token_sha256, DEFAULT_TOKEN_TTL_MS, actor)
+            .map(|_| ())
     }
 
     /// Consumes the one-time token of a pending host and records the serial
@@ -983,14 +973,22 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.write(|tx| {
             let n = tx.execute(
-                "UPDATE hosts SET state = 'enrolled', token_sha256 = NULL, cert_serial = ?3, changed_ms = ?4
-                 WHERE name = ?1 AND state = 'pending' AND token_sha256 = ?2",
+                "UPDATE hosts SET state = 'enrolled', token_sha256 = NULL, token_expires_ms = NULL,
+                 cert_serial = ?3, prev_serial = NULL, changed_ms = ?4
+                 WHERE name = ?1 AND state = 'pending' AND token_sha256 = ?2
+                 AND (token_expires_ms IS NULL OR token_expires_ms > ?4)",
                 params![host, token_sha256, cert_serial, now_ms()],
             )?;
             if n == 0 {
-                return Err(StoreError::Conflict(format!("no pending enrolment for `{host}` with this token")));
+                return Err(StoreError::Conflict(format!(
+                    "no pending enrolment for `{host}` with this token (or it expired)"
+                )));
             }
-            let ev = AuditEvent::new("host.enrol", host, serde_json::json!({ "host": host, "cert_serial": cert_serial }));
+            let ev = AuditEvent::new(
+                "host.enrol",
+                host,
+                serde_json::json!({ "host": host, "cert_serial": cert_serial }),
+            );
             Ok(((), Some(ev)))
         })
     }
@@ -999,7 +997,7 @@ impl Store {
     pub fn revoke_host(&self, host: &str, actor: &str) -> Result<(), StoreError> {
         self.write(|tx| {
             let n = tx.execute(
-                "UPDATE hosts SET state = 'revoked', token_sha256 = NULL, changed_ms = ?2 WHERE name = ?1",
+                "UPDATE hosts SET state = 'revoked', token_sha256 = NULL, token_expires_ms = NULL, prev_serial = NULL, changed_ms = ?2 WHERE name = ?1",
                 params![host, now_ms()],
             )?;
             if n == 0 {
@@ -1033,11 +1031,14 @@ impl Store {
     }
 
     /// `(host, certificate serial)` of every enrolled host: the certificates
-    /// the agent port accepts.
+    /// the agent port accepts (a renewed host's previous one too).
     pub fn enrolled_certs(&self) -> Result<Vec<(String, String)>, StoreError> {
         let conn = self.read()?;
         let mut stmt = conn.prepare(
-            "SELECT name, cert_serial FROM hosts WHERE state = 'enrolled' AND cert_serial IS NOT NULL ORDER BY name",
+            "SELECT name, cert_serial FROM hosts WHERE state = 'enrolled' AND cert_serial IS NOT NULL
+             UNION ALL
+             SELECT name, prev_serial FROM hosts WHERE state = 'enrolled' AND prev_serial IS NOT NULL
+             ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)

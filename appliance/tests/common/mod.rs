@@ -97,6 +97,16 @@ impl Appliance {
             .unwrap();
     }
 
+    /// The admin port's TLS configuration over this appliance's store.
+    pub fn admin_tls(&self) -> Arc<rustls::ServerConfig> {
+        self.api
+            .pki
+            .admin_server_config(trustbind_appliance::admin::AdminCerts::new(Arc::clone(
+                &self.api.store,
+            )))
+            .unwrap()
+    }
+
     pub fn ca_roots(&self) -> RootCertStore {
         let mut roots = RootCertStore::empty();
         roots.add(self.api.pki.ca_der().clone()).unwrap();

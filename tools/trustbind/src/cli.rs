@@ -159,6 +159,47 @@ Example: trustbind admin enrol --appliance 192.0.2.10 --ca-fingerprint 3f9a... -
         #[arg(long, default_value_t = 7445, value_name = "PORT")]
         admin_port: u16,
     },
+    /// Lists the admin certificates with their roles and revocations.
+    #[command(alias = "list")]
+    Ls,
+    /// Revokes an admin certificate by serial (refused at the next request
+    /// and handshake; the last valid `admin` one cannot be revoked).
+    Revoke {
+        /// Certificate serial (hex, from `trustbind admin ls`).
+        serial: String,
+    },
+    /// Renews this admin's certificate over the admin connection: a new key
+    /// here, a new certificate for the same name and role; the old one is
+    /// revoked. Overwrites the configured cert and key files.
+    Renew,
+    /// Makes a one-time admin enrolment token (for `trustbind admin enrol`).
+    #[command(after_help = "Example: trustbind admin token auditor --role read-only --ttl 2h")]
+    Token {
+        /// The new administrator's name.
+        name: String,
+        /// What the certificate may do.
+        #[arg(long, default_value = "admin", value_parser = ["admin", "read-only"])]
+        role: String,
+        /// Lifetime: seconds, or with s, m, h or d [default: 24h].
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<i64>,
+    },
+}
+
+/// A token lifetime in seconds: `90`, `90s`, `30m`, `2h`, `7d`.
+pub fn parse_ttl(s: &str) -> Result<i64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    num.parse::<i64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("`{s}` is no lifetime: use seconds or a number with s, m, h or d"))
 }
 
 /// `trustbind policy ...`
@@ -391,6 +432,18 @@ pub enum HostCmd {
         /// Host group (must exist: `trustbind host group set NAME --mode enforce`).
         #[arg(long, short = 'g')]
         host_group: String,
+        /// Token lifetime: seconds, or with s, m, h or d [default: 24h].
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<i64>,
+    },
+    /// A new one-time enrolment token for a pending host (its token expired
+    /// or was lost) or a revoked one (to enrol it again).
+    Token {
+        /// Host name.
+        name: String,
+        /// Token lifetime: seconds, or with s, m, h or d [default: 24h].
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<i64>,
     },
     /// Lists hosts.
     #[command(alias = "ls")]

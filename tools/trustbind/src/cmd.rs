@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::cli::{AdminCmd, ChannelCmd, UserCmd};
 use crate::cli::{AuditCmd, Cli, Cmd, GroupCmd, HostCmd, HostGroupCmd, ModeArg, PolicyCmd, SigCmd};
-use crate::cli::{ChannelCmd, UserCmd};
 use crate::client::Client;
 use crate::config::{self, Overrides};
 use crate::error::{io_err, CliError, Exit, Result};
@@ -44,7 +44,8 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
         Cmd::Channel(ch) => channel(ch, &connect()?, out),
         Cmd::Audit(a) => audit(a, &connect()?, out),
         Cmd::User(u) => user(u, &connect()?, out),
-        Cmd::Admin(a) => crate::enrol::run(a, &ov, out),
+        Cmd::Admin(a @ AdminCmd::Enrol { .. }) => crate::enrol::run(a, &ov, out),
+        Cmd::Admin(a) => admin(a, &connect()?, &config::resolve(&ov)?, out),
         Cmd::Status => {
             let c = connect()?;
             let v = c.get("/v1/status")?;
@@ -671,15 +672,35 @@ fn channel(ch: ChannelCmd, c: &Client, out: &Out) -> Result<u8> {
 
 fn host(h: HostCmd, c: &Client, out: &Out) -> Result<u8> {
     match h {
-        HostCmd::EnrolToken { name, host_group } => {
+        HostCmd::EnrolToken {
+            name,
+            host_group,
+            ttl,
+        } => {
             let v = c.post(
                 "/v1/hosts",
-                &json!({ "name": name, "host_group": host_group }),
+                &json!({ "name": name, "host_group": host_group, "token_ttl_s": ttl }),
             )?;
             out.emit(&v, || {
                 format!(
                     "host {name} registered in {host_group} (pending enrolment)\n\
-                     one-time enrolment token (shown once, keep it secret):\n{}\n",
+                     one-time enrolment token (shown once, keep it secret; expires {}):\n{}\n",
+                    time_field(&v, "token_expires_ms"),
+                    field(&v, "token")
+                )
+            });
+            Ok(0)
+        }
+        HostCmd::Token { name, ttl } => {
+            let v = c.post(
+                &format!("/v1/hosts/{}/token", enc(&name)),
+                &json!({ "token_ttl_s": ttl }),
+            )?;
+            out.emit(&v, || {
+                format!(
+                    "host {name} is pending enrolment\n\
+                     one-time enrolment token (shown once, keep it secret; expires {}):\n{}\n",
+                    time_field(&v, "token_expires_ms"),
                     field(&v, "token")
                 )
             });
@@ -764,6 +785,109 @@ fn host(h: HostCmd, c: &Client, out: &Out) -> Result<u8> {
                 c.json(c.request(Method::DELETE, &format!("/v1/host-groups/{}", enc(&name))))?;
             out.emit(&json!({ "deleted": name, "result": v }), || {
                 format!("deleted host group {name}\n")
+            });
+            Ok(0)
+        }
+    }
+}
+
+/// A `*_ms` field as a UTC time, or `-`.
+fn time_field(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_i64)
+        .map_or_else(|| "-".into(), crate::time::fmt_ms)
+}
+
+/// `trustbind admin ls|revoke|renew|token` over the admin API.
+fn admin(a: AdminCmd, c: &Client, cfg: &config::Resolved, out: &Out) -> Result<u8> {
+    match a {
+        AdminCmd::Enrol { .. } => Err(CliError::config("admin enrol needs no admin connection")),
+        AdminCmd::Ls => {
+            let v = c.get("/v1/admins")?;
+            out.emit(&v, || {
+                let rows: Vec<Vec<String>> = v
+                    .get("admins")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        vec![
+                            field(a, "serial"),
+                            field(a, "name"),
+                            field(a, "role"),
+                            time_field(a, "expires_ms"),
+                            a.get("revoked_ms").and_then(Value::as_i64).map_or_else(
+                                || "-".into(),
+                                |t| {
+                                    format!(
+                                        "{} by {}",
+                                        crate::time::fmt_ms(t),
+                                        field(a, "revoked_by")
+                                    )
+                                },
+                            ),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["SERIAL", "NAME", "ROLE", "EXPIRES (UTC)", "REVOKED"],
+                    &rows,
+                )
+            });
+            Ok(0)
+        }
+        AdminCmd::Revoke { serial } => {
+            let v = c.post(&format!("/v1/admins/{}/revoke", enc(&serial)), &json!({}))?;
+            out.emit(&v, || {
+                let a = v.get("admin").cloned().unwrap_or(Value::Null);
+                format!(
+                    "revoked admin certificate {} of {}\n",
+                    field(&a, "serial"),
+                    field(&a, "name")
+                )
+            });
+            Ok(0)
+        }
+        AdminCmd::Renew => {
+            let (key_pem, csr) = trustbind_api::pinned::key_and_csr("admin")
+                .map_err(|e| CliError::config(e.to_string()))?;
+            let v = c.post("/v1/admins/renew", &json!({ "csr_pem": csr }))?;
+            let cert = v.get("cert_pem").and_then(Value::as_str).ok_or_else(|| {
+                CliError::new(Exit::Server, "the appliance answered without a certificate")
+            })?;
+            let write = |p: &Path, data: &str, private: bool| {
+                trustbind_appliance::pki::write_atomic(p, data.as_bytes(), private)
+                    .map_err(|e| CliError::io(format!("cannot write {}: {e}", p.display())))
+            };
+            write(&cfg.key, &key_pem, true)?;
+            write(&cfg.cert, cert, false)?;
+            out.emit(&v, || {
+                let a = v.get("admin").cloned().unwrap_or(Value::Null);
+                format!(
+                    "renewed: certificate {} for {} ({}), valid until {}, written to {} and {}\n",
+                    field(&a, "serial"),
+                    field(&a, "name"),
+                    field(&a, "role"),
+                    time_field(&a, "expires_ms"),
+                    cfg.cert.display(),
+                    cfg.key.display()
+                )
+            });
+            Ok(0)
+        }
+        AdminCmd::Token { name, role, ttl } => {
+            let v = c.post(
+                "/v1/admins/tokens",
+                &json!({ "name": name, "role": role, "ttl_s": ttl }),
+            )?;
+            out.emit(&v, || {
+                format!(
+                    "one-time admin token for {name} ({role}), expires {} (shown once):\n{}\n\
+                     on the admin's machine: trustbind admin enrol --appliance HOST --ca-fingerprint {} --token TOKEN\n",
+                    time_field(&v, "expires_ms"),
+                    field(&v, "token"),
+                    field(&v, "ca_fingerprint"),
+                )
             });
             Ok(0)
         }

@@ -42,7 +42,10 @@ pub fn run(cmd: AdminCmd, ov: &Overrides, out: &Out) -> Result<u8> {
         out: dir,
         server_name,
         admin_port,
-    } = cmd;
+    } = cmd
+    else {
+        return Err(CliError::config("not an enrolment command"));
+    };
     let pin = pinned::normalise_fingerprint(&ca_fingerprint).map_err(pin_err)?;
     let (enrol_addr, host) = pinned::split_addr(&appliance, pinned::ENROL_PORT);
     let server_name = server_name.unwrap_or_else(|| host.clone());

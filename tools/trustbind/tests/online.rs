@@ -246,8 +246,10 @@ fn audit_tail_export_verify_and_follow() {
     a.text(&["group", "create", "g2"]);
     let tail = a.json(&["audit", "tail", "-n", "5"]);
     let rows = tail["rows"].as_array().unwrap();
-    assert!(!rows.is_empty());
-    assert!(rows.iter().all(|r| r["actor"] == "admin:alice"));
+    // Row 1 records alice's certificate (the harness's setup); then hers.
+    assert_eq!(rows.len(), 3, "{tail}");
+    assert_eq!(rows[0]["kind"], "admin.cert.issue");
+    assert!(rows[1..].iter().all(|r| r["actor"] == "admin:alice"));
     let text = a.text(&["audit", "tail"]);
     assert!(text.contains("admin:alice"), "{text}");
 
@@ -377,4 +379,69 @@ fn credential_and_connection_errors() {
         .assert()
         .code(4)
         .stderr(predicate::str::contains("connection refused"));
+}
+
+#[test]
+fn admin_certificates_list_token_renew_and_revoke() {
+    let a = Appliance::start();
+    let cli = a.cli_dir();
+    let v = a.json(&["admin", "ls"]);
+    let admins = v["admins"].as_array().unwrap();
+    assert_eq!(admins.len(), 1, "{v}");
+    assert_eq!(admins[0]["name"], "alice");
+    assert_eq!(admins[0]["role"], "admin");
+    let old_serial = admins[0]["serial"].as_str().unwrap().to_owned();
+    // A read-only admin's token, 2 h.
+    let v = a.json(&[
+        "admin",
+        "token",
+        "auditor",
+        "--role",
+        "read-only",
+        "--ttl",
+        "2h",
+    ]);
+    assert_eq!(v["role"], "read-only");
+    assert!(!v["token"].as_str().unwrap().is_empty());
+    let left = v["expires_ms"].as_i64().unwrap() - trustbind_appliance::store::now_ms();
+    assert!((7_100_000..=7_200_000).contains(&left), "{left}");
+    a.tb()
+        .args(["admin", "token", "x", "--ttl", "soon"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("no lifetime"));
+    // Renewal writes a new cert and key; the old pair is refused.
+    std::fs::copy(cli.join("admin.pem"), cli.join("old.pem")).unwrap();
+    std::fs::copy(cli.join("admin.key"), cli.join("old.key")).unwrap();
+    let v = a.json(&["admin", "renew"]);
+    let new_serial = v["admin"]["serial"].as_str().unwrap().to_owned();
+    assert_ne!(new_serial, old_serial);
+    assert_eq!(a.json(&["status"])["you"], "admin:alice");
+    a.tb()
+        .arg("status")
+        .arg("--cert")
+        .arg(cli.join("old.pem"))
+        .arg("--key")
+        .arg(cli.join("old.key"))
+        .assert()
+        .code(4);
+    // The only admin certificate cannot be revoked; an unknown one is 404.
+    a.tb()
+        .args(["admin", "revoke", &new_serial])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("last valid one"));
+    a.tb().args(["admin", "revoke", "0abc"]).assert().failure();
+}
+
+#[test]
+fn host_tokens_have_a_lifetime_and_can_be_reissued() {
+    let a = Appliance::start();
+    a.json(&["host", "group", "set", "web", "--mode", "enforce"]);
+    let v = a.json(&["host", "enrol-token", "web1", "-g", "web", "--ttl", "10m"]);
+    let left = v["token_expires_ms"].as_i64().unwrap() - trustbind_appliance::store::now_ms();
+    assert!((590_000..=600_000).contains(&left), "{left}");
+    let v = a.json(&["host", "token", "web1"]);
+    assert_eq!(v["host"]["state"], "pending");
+    assert_ne!(v["token"], serde_json::Value::Null);
 }

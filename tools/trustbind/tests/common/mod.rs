@@ -45,8 +45,10 @@ impl Appliance {
         let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_l.set_nonblocking(true).unwrap();
         let addr = std_l.local_addr().unwrap();
-        let server = pki.admin_server_config().unwrap();
-        let state = AdminState::new(Arc::clone(&store));
+        let server = pki
+            .admin_server_config(admin::AdminCerts::new(Arc::clone(&store)))
+            .unwrap();
+        let state = AdminState::new(Arc::clone(&store)).with_pki(Arc::clone(&pki));
         {
             let _g = rt.enter();
             let l = tokio::net::TcpListener::from_std(std_l).unwrap();
@@ -55,6 +57,13 @@ impl Appliance {
         let cli = dir.path().join("cli");
         std::fs::create_dir_all(&cli).unwrap();
         let (cert, key) = pki.issue_admin("alice").unwrap();
+        admin::register_admin_cert(
+            &store,
+            &cert,
+            trustbind_appliance::store::AdminRole::Admin,
+            "test",
+        )
+        .unwrap();
         std::fs::write(cli.join("admin.pem"), cert).unwrap();
         std::fs::write(cli.join("admin.key"), key.as_bytes()).unwrap();
         std::fs::write(cli.join("ca.pem"), pki.ca_pem()).unwrap();

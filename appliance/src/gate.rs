@@ -41,7 +41,7 @@ use crate::agent_api::convert::channel_key_push;
 use crate::agent_api::pb::{self, push};
 use crate::agent_api::{Answer, DecideError, Decider, Hub};
 use crate::channels::{describe, ChannelKey, ChannelTerms, Correlator, Endpoint, Offer, Role};
-use crate::limits::{LicenseKey, Limits};
+use crate::limits::{LicenseKey, LicenseTime, Limits};
 use crate::metrics;
 use crate::policy::engine::{pair_event, Decision, Engine};
 use crate::policy::{Outcome, Verdict, ENCRYPT_VALUES};
@@ -258,12 +258,12 @@ impl Gate {
             return Err(DecideError(format!("cannot audit the pair decision: {e}")));
         }
         let licensed = match &self.limits {
-            Some(l) => l.check(
+            Some(l) => l.check_at(
                 &LicenseKey::Pair {
                     client: connect.program.sha256.clone(),
                     server: accept.program.sha256.clone(),
                 },
-                accept.at_ms,
+                LicenseTime::now(),
             ),
             None => Ok(()),
         };
@@ -384,7 +384,7 @@ impl Decider for Gate {
             let host = LicenseKey::Host {
                 host: r.host.clone(),
             };
-            if let Err(e) = l.check(&host, r.at_ms) {
+            if let Err(e) = l.check_at(&host, LicenseTime::now()) {
                 return Ok(denied(format!("license: {e}"), self.engine.generation()));
             }
         }

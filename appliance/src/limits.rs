@@ -14,6 +14,17 @@
 //! so a restart never grants more than `max_calls` in all; a crash can at
 //! most forfeit one unused reservation. The per-minute window restarts
 //! empty after a restart.
+//!
+//! Clock jumps (issue 16 item 6): the appliance may start with a wrong
+//! clock and have NTP step it, or an operator may set it. A call's time is
+//! a [`LicenseTime`]: the wall clock, and a steady clock that is the wall
+//! clock at start advanced by the monotonic clock. The per-minute window is
+//! measured on the steady clock, so a backward jump does not pile calls
+//! into one minute; an expiry by the wall clock revokes only if the steady
+//! clock agrees (within [`CLOCK_TOLERANCE_MS`]), otherwise the call is
+//! refused ([`LimitExceeded::ClockJump`]) and nothing is revoked, so a
+//! forward jump cannot revoke hosts for good. `not_before` refuses without
+//! revoking, as before.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +42,47 @@ const MINUTE_MS: i64 = 60_000;
 const MAX_RESERVATION: u64 = 1000;
 /// Actor of the revocations done here.
 const ACTOR: &str = "appliance:limits";
+/// How far the wall clock may run ahead of the steady clock for an expiry
+/// to revoke.
+pub const CLOCK_TOLERANCE_MS: i64 = 5 * 60_000;
+
+/// When a call happened, on two clocks (milliseconds since the Unix epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LicenseTime {
+    /// The wall clock (may jump).
+    pub wall_ms: i64,
+    /// The wall clock at the appliance's start advanced by the monotonic
+    /// clock since: never jumps.
+    pub steady_ms: i64,
+}
+
+impl LicenseTime {
+    /// Both clocks at `ms` (a clock that has not jumped; tests, replays).
+    pub fn at(ms: i64) -> Self {
+        Self {
+            wall_ms: ms,
+            steady_ms: ms,
+        }
+    }
+
+    /// Now, on both clocks.
+    pub fn now() -> Self {
+        use std::sync::OnceLock;
+        use std::time::{Instant, SystemTime, UNIX_EPOCH};
+        fn wall() -> i64 {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        }
+        static START: OnceLock<(Instant, i64)> = OnceLock::new();
+        let (mono0, wall0) = *START.get_or_init(|| (Instant::now(), wall()));
+        let elapsed = i64::try_from(mono0.elapsed().as_millis()).unwrap_or(i64::MAX);
+        Self {
+            wall_ms: wall(),
+            steady_ms: wall0.saturating_add(elapsed),
+        }
+    }
+}
 
 /// Why a call was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +137,19 @@ pub enum LimitExceeded {
         subject: String,
         /// The excess that revoked it.
         reason: String,
+    },
+    /// The wall clock says the license expired but the steady clock does
+    /// not (the wall clock jumped ahead): refused, not revoked.
+    #[error("license {id} for {subject} expires at {not_after_ms} ms; the wall clock is past it but ran {ahead_ms} ms ahead of the monotonic clock, so the call is refused and the license not revoked")]
+    ClockJump {
+        /// License id.
+        id: i64,
+        /// Its subject.
+        subject: String,
+        /// End of validity.
+        not_after_ms: i64,
+        /// How far the wall clock is ahead of the steady clock.
+        ahead_ms: i64,
     },
     /// The call count could not be persisted; refused (fail closed).
     #[error("license {id} for {subject}: call count not persisted: {why}")]
@@ -185,6 +250,15 @@ impl Limits {
     /// every 1 % of `max_calls`, or a revocation), so call it where a short
     /// blocking write is acceptable.
     pub fn check(&self, subject: &LicenseKey, now_ms: i64) -> Result<(), LimitExceeded> {
+        self.check_at(subject, LicenseTime::at(now_ms))
+    }
+
+    /// [`Limits::check`] at `at`: the window and calls per minute on
+    /// `at.steady_ms`, validity on `at.wall_ms`, an expiry revoking only when
+    /// both clocks agree (see the module documentation).
+    pub fn check_at(&self, subject: &LicenseKey, at: LicenseTime) -> Result<(), LimitExceeded> {
+        let now_ms = at.wall_ms;
+        let steady_ms = at.steady_ms;
         let sid = subject.subject_id();
         let mut map = match self.lock() {
             Ok(m) => m,
@@ -219,9 +293,19 @@ impl Limits {
         while e
             .recent
             .front()
-            .is_some_and(|f| *f <= now_ms.saturating_sub(MINUTE_MS))
+            .is_some_and(|f| *f <= steady_ms.saturating_sub(MINUTE_MS))
         {
             e.recent.pop_front();
+        }
+        if let Some(na) = t.not_after_ms.filter(|na| now_ms >= *na) {
+            if steady_ms.saturating_add(CLOCK_TOLERANCE_MS) < na {
+                return Err(LimitExceeded::ClockJump {
+                    id,
+                    subject: name,
+                    not_after_ms: na,
+                    ahead_ms: now_ms.saturating_sub(steady_ms),
+                });
+            }
         }
         let excess = if let Some(na) = t.not_after_ms.filter(|na| now_ms >= *na) {
             Some(LimitExceeded::Expired {
@@ -271,7 +355,7 @@ impl Limits {
         }
         e.calls = calls;
         if t.max_per_minute.is_some() {
-            e.recent.push_back(now_ms);
+            e.recent.push_back(steady_ms);
         }
         Ok(())
     }

@@ -254,3 +254,50 @@ fn a_crash_between_excess_and_revocation_is_repaired_on_load() {
     let _l = Limits::new(Arc::clone(&s)).unwrap();
     assert_eq!(s.host("web1").unwrap().unwrap().0, HostState::Revoked);
 }
+
+#[test]
+fn clock_jumps_neither_revoke_nor_trip_the_rate_limit() {
+    use trustbind_appliance::limits::{LicenseTime, CLOCK_TOLERANCE_MS};
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    enrolled(&s, "web1");
+    let l = Limits::new(Arc::clone(&s)).unwrap();
+    let terms = LicenseTerms {
+        not_after_ms: Some(T0 + 3_600_000),
+        max_per_minute: Some(3),
+        ..LicenseTerms::default()
+    };
+    l.set(&host("web1"), &terms, false, "admin:alice").unwrap();
+    let at = |wall: i64, steady: i64| LicenseTime {
+        wall_ms: T0 + wall,
+        steady_ms: T0 + steady,
+    };
+    // The wall clock jumps two hours ahead, past the expiry; the monotonic
+    // clock saw ten seconds: refused, not revoked.
+    let e = l
+        .check_at(&host("web1"), at(7_200_000, 10_000))
+        .unwrap_err();
+    assert!(matches!(e, LimitExceeded::ClockJump { .. }), "{e}");
+    assert_eq!(s.host("web1").unwrap().unwrap().0, HostState::Enrolled);
+    assert_eq!(l.list().unwrap()[0].license.exceeded, None);
+    // The clock is set right again: calls go through.
+    l.check_at(&host("web1"), at(20_000, 20_000)).unwrap();
+    l.check_at(&host("web1"), at(21_000, 21_000)).unwrap();
+    l.check_at(&host("web1"), at(22_000, 22_000)).unwrap();
+    // It jumps an hour back: three calls a minute later (monotonic) are
+    // within the rate, though the wall clock puts them beside the others.
+    for i in 0..3 {
+        l.check_at(&host("web1"), at(-3_600_000 + i, 90_000 + i))
+            .unwrap();
+    }
+    assert_eq!(s.host("web1").unwrap().unwrap().0, HostState::Enrolled);
+    // A real expiry, seen by both clocks (within the tolerance), revokes.
+    let e = l
+        .check_at(
+            &host("web1"),
+            at(3_600_000, 3_600_000 - CLOCK_TOLERANCE_MS + 1),
+        )
+        .unwrap_err();
+    assert!(matches!(e, LimitExceeded::Expired { .. }), "{e}");
+    assert_eq!(s.host("web1").unwrap().unwrap().0, HostState::Revoked);
+}

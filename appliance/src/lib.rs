@@ -27,6 +27,7 @@ pub mod clock;
 pub mod gate;
 pub mod limits;
 pub mod metrics;
+pub mod ntp;
 pub mod pki;
 pub mod policy;
 pub mod request;

@@ -8,6 +8,7 @@
 //! trustbind-appliance [--data-dir DIR] admin-token [--name N] [--role R] [--if-unenrolled] [--ttl-min N]
 //!                                          print a one-time admin enrolment token
 //! trustbind-appliance [--data-dir DIR] rotate-server-cert  new server cert (SIGHUP a running serve)
+//! trustbind-appliance ntp --server HOST... [--interval S] [--once]   keep the clock (SNTP)
 //! trustbind-appliance [--data-dir DIR] init                create or migrate the database
 //! trustbind-appliance [--data-dir DIR] audit verify        check the audit hash chain
 //! trustbind-appliance [--data-dir DIR] audit export        write the audit log as JSON lines
@@ -145,6 +146,21 @@ enum Cmd {
             value_parser = clap::value_parser!(i64).range(1..=MAX_TOKEN_TTL_MIN)
         )]
         ttl_min: i64,
+    },
+    /// Keeps the system clock by SNTP (the appliance image starts it when
+    /// NTP servers are configured); steps the clock when it is off by more
+    /// than 0.5 s. Needs the right to set the clock (root).
+    Ntp {
+        /// An NTP server, `host`, `IP` or `host:port` (port 123 by default);
+        /// tried in order.
+        #[arg(long = "server", value_name = "HOST", required = true)]
+        servers: Vec<String>,
+        /// Seconds between rounds.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(16..=86_400))]
+        interval: u64,
+        /// One round, then exit (status 1 if no server answered).
+        #[arg(long)]
+        once: bool,
     },
     /// Makes a new server certificate (send SIGHUP to a running `serve`).
     RotateServerCert {
@@ -298,6 +314,25 @@ fn run(cli: Cli) -> Result<(), Fail> {
             if_unenrolled,
             ttl_min,
         } => admin_token(&data_dir, &name, role, if_unenrolled, ttl_min),
+        Cmd::Ntp {
+            servers,
+            interval,
+            once,
+        } => {
+            init_log();
+            if once {
+                return trustbind_appliance::ntp::sync_once(&servers)
+                    .map(|off| println!("offset {off} ms"))
+                    .map_err(|errs| {
+                        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+                        Fail(
+                            EXIT_FAILED,
+                            format!("no NTP server answered: {}", text.join("; ")),
+                        )
+                    });
+            }
+            trustbind_appliance::ntp::run(&servers, std::time::Duration::from_secs(interval))
+        }
         Cmd::Init => offline(&data_dir, None),
         Cmd::Audit { cmd } => offline(&data_dir, Some(cmd)),
     }

@@ -30,5 +30,6 @@ pub mod metrics;
 pub mod ntp;
 pub mod pki;
 pub mod policy;
+pub mod ratelimit;
 pub mod request;
 pub mod store;

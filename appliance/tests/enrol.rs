@@ -608,3 +608,17 @@ async fn the_agent_renews_its_certificate_over_its_connection() {
         Some(cert_serial(&new_cert))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_host_name_is_refused_and_stored_cut() {
+    let app = appliance().await;
+    let long = "h".repeat(60_000);
+    let err = app.enrol(&long, "any-token").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("field `host`"), "{}", err.message());
+    assert!(err.message().len() < 400, "{}", err.message().len());
+    let rows = refusals(&app);
+    assert_eq!(rows.len(), 1);
+    // The refusal row holds a cut name and message, not 60 kB.
+    assert!(rows[0].len() < 1_000, "{}", rows[0].len());
+}

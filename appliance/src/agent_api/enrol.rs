@@ -8,10 +8,9 @@
 //! address are refused with RESOURCE_EXHAUSTED before any token is looked
 //! at, so tokens cannot be guessed at line rate.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
@@ -20,6 +19,7 @@ use super::pb::enrolment_server::Enrolment;
 use super::pb::{EnrolAdminReply, EnrolAdminRequest, EnrolReply, EnrolRequest};
 use super::tls::ConnInfo;
 use super::AgentApi;
+use crate::ratelimit::{AddrKey, KeyedLimiter, Rate};
 use crate::store::{hex, AuditEvent, HostState, StoreError};
 
 /// Longest CSR accepted, in bytes.
@@ -31,41 +31,54 @@ const MAX_TOKEN: usize = 256;
 pub const MAX_REFUSALS: u32 = 20;
 /// The window of [`MAX_REFUSALS`].
 pub const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
-/// Addresses remembered by the refusal limit (oldest windows dropped first).
+/// Addresses (IPv4, IPv6 /64) tracked one by one by the refusal limit.
 const MAX_TRACKED: usize = 4096;
+/// Refused enrolments from all addresses together per [`REFUSAL_WINDOW`].
+pub const MAX_REFUSALS_TOTAL: u32 = 600;
+/// Characters of an invalid host or admin name kept in messages and the
+/// audit log.
+const SHOWN_NAME: usize = 64;
 
-/// Refusals per remote address in the current window.
-#[derive(Debug, Default)]
+/// Refusals per remote address (IPv4, or IPv6 /64: [`AddrKey`]) and in
+/// all: token buckets of [`MAX_REFUSALS`] per [`REFUSAL_WINDOW`] per
+/// address, [`MAX_TRACKED`] addresses (busy newcomers beyond share one
+/// bucket), and [`MAX_REFUSALS_TOTAL`] per window for every address
+/// together, which bounds the refusal rows written to the audit log.
+#[derive(Debug)]
 struct Refusals {
-    by_ip: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    by_addr: KeyedLimiter<AddrKey>,
+    total: KeyedLimiter<()>,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Self {
+            by_addr: KeyedLimiter::new(
+                Rate::per(MAX_REFUSALS, REFUSAL_WINDOW),
+                MAX_TRACKED,
+                Rate::per(MAX_REFUSALS * 5, REFUSAL_WINDOW),
+            ),
+            total: KeyedLimiter::new(
+                Rate::per(MAX_REFUSALS_TOTAL, REFUSAL_WINDOW),
+                1,
+                Rate::per(MAX_REFUSALS_TOTAL, REFUSAL_WINDOW),
+            ),
+        }
+    }
 }
 
 impl Refusals {
-    /// Whether `ip` is past its refusals for now.
+    /// Whether `ip` (or everyone) is past its refusals for now.
     fn blocked(&self, ip: Option<IpAddr>) -> bool {
-        let (Some(ip), Ok(map)) = (ip, self.by_ip.lock()) else {
-            return false;
-        };
-        map.get(&ip)
-            .is_some_and(|(start, n)| *n >= MAX_REFUSALS && start.elapsed() < REFUSAL_WINDOW)
+        let addr_ok = ip.is_none_or(|ip| self.by_addr.would_allow(&AddrKey::of(ip), 1.0));
+        !(addr_ok && self.total.would_allow(&(), 1.0))
     }
 
     fn count(&self, ip: Option<IpAddr>) {
-        let (Some(ip), Ok(mut map)) = (ip, self.by_ip.lock()) else {
-            return;
-        };
-        let now = Instant::now();
-        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
-            map.retain(|_, (start, _)| now.duration_since(*start) < REFUSAL_WINDOW);
+        if let Some(ip) = ip {
+            let _ = self.by_addr.check(&AddrKey::of(ip), 1.0);
         }
-        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
-            return;
-        }
-        let e = map.entry(ip).or_insert((now, 0));
-        if now.duration_since(e.0) >= REFUSAL_WINDOW {
-            *e = (now, 0);
-        }
-        e.1 = e.1.saturating_add(1);
+        let _ = self.total.check(&(), 1.0);
     }
 }
 
@@ -106,7 +119,7 @@ impl EnrolService {
     fn refused(&self, what: &str, name: &str, remote: &Remote, status: Status) -> Status {
         crate::metrics::metrics().record_enrolment(false);
         self.refusals.count(remote.ip);
-        let name: String = name.chars().take(253).collect();
+        let name = shown_name(name);
         let ev = AuditEvent::new(
             &format!("{what}.enrol.refused"),
             &format!("enrol:{}", remote.text),
@@ -127,8 +140,10 @@ impl EnrolService {
         if self.refusals.blocked(remote.ip) {
             crate::metrics::metrics().record_enrolment(false);
             return Err(Status::resource_exhausted(format!(
-                "too many refused enrolments from {}; try again in a minute",
-                remote.ip.map_or_else(|| "here".into(), |i| i.to_string())
+                "too many refused enrolments from {} (or from everywhere); try again in a minute",
+                remote
+                    .ip
+                    .map_or_else(|| "here".into(), |i| AddrKey::of(i).to_string())
             )));
         }
         Ok(())
@@ -161,6 +176,35 @@ impl Enrolment for EnrolService {
             .await
             .map_err(|e| Status::internal(format!("enrolment task failed: {e}")))?
     }
+}
+
+/// A name as kept in a refusal: a valid one whole, anything else cut to
+/// [`SHOWN_NAME`] characters with `...`.
+fn shown_name(name: &str) -> String {
+    if crate::pki::check_name(name).is_ok() {
+        return name.to_owned();
+    }
+    let mut s: String = name.chars().take(SHOWN_NAME).collect();
+    if s.len() < name.len() {
+        s.push_str("...");
+    }
+    s.escape_debug().to_string()
+}
+
+/// Refuses a host or admin name that no certificate could carry, naming
+/// the field and showing at most [`SHOWN_NAME`] characters of it.
+fn check_name_field(field: &str, name: &str) -> Result<(), Status> {
+    crate::pki::check_name(name).map_err(|e| {
+        let why = match e {
+            crate::pki::PkiError::Name { why, .. } => why,
+            e => e.to_string(),
+        };
+        Status::invalid_argument(format!(
+            "field `{field}` `{}` ({} bytes) is not a name: {why}",
+            shown_name(name),
+            name.len()
+        ))
+    })
 }
 
 /// Random bits in an admin token (32 base32 characters).
@@ -210,6 +254,11 @@ impl EnrolService {
     ) -> Result<Response<EnrolAdminReply>, Status> {
         let api = &self.api;
         let refuse = |name: &str, s: Status| self.refused("admin", name, remote, s);
+        if !r.name.is_empty() {
+            if let Err(st) = check_name_field("name", &r.name) {
+                return Err(refuse(&r.name, st));
+            }
+        }
         if r.token.is_empty() || r.token.len() > MAX_TOKEN {
             return Err(refuse(
                 &r.name,
@@ -307,12 +356,8 @@ impl EnrolService {
         r: EnrolRequest,
     ) -> Result<Response<EnrolReply>, Status> {
         let host = r.host.as_str();
-        if host.is_empty() {
-            return Err(self.refuse(
-                host,
-                remote,
-                Status::invalid_argument("field `host` is empty"),
-            ));
+        if let Err(st) = check_name_field("host", host) {
+            return Err(self.refuse(host, remote, st));
         }
         if r.token.is_empty() || r.token.len() > MAX_TOKEN {
             return Err(self.refuse(
@@ -413,5 +458,51 @@ impl EnrolService {
             ca_pem: api.pki.ca_pem().to_owned(),
             serial: issued.serial,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_ipv6_64_is_one_address_for_the_refusal_limit() {
+        let r = Refusals::default();
+        for i in 0..MAX_REFUSALS {
+            let ip: IpAddr = format!("2001:db8:7:7::{:x}", i + 1).parse().unwrap();
+            assert!(!r.blocked(Some(ip)));
+            r.count(Some(ip));
+        }
+        // Any other address of that /64 is refused now; another /64 is not.
+        assert!(r.blocked(Some("2001:db8:7:7:abcd::1".parse().unwrap())));
+        assert!(!r.blocked(Some("2001:db8:7:8::1".parse().unwrap())));
+    }
+
+    #[test]
+    fn spraying_addresses_is_still_limited_past_the_table() {
+        let r = Refusals::default();
+        let mut admitted = 0_u32;
+        for i in 0..20_000_u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            if !r.blocked(Some(ip)) {
+                r.count(Some(ip));
+                admitted += 1;
+            }
+        }
+        // The old limiter stopped counting after 4,096 addresses and let
+        // all 20,000 through.
+        assert!(admitted <= MAX_REFUSALS_TOTAL, "{admitted}");
+        assert!(r.blocked(Some("192.0.2.1".parse().unwrap())));
+    }
+
+    #[test]
+    fn invalid_names_are_cut_in_messages() {
+        let long = "x".repeat(100_000);
+        let st = check_name_field("host", &long).unwrap_err();
+        assert!(st.message().len() < 300, "{}", st.message().len());
+        assert!(st.message().contains("field `host`"));
+        assert!(st.message().contains("100000 bytes"));
+        assert_eq!(shown_name("web1.example"), "web1.example");
+        assert!(shown_name("a\nb").contains("\\n"));
     }
 }

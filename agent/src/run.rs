@@ -1247,10 +1247,16 @@ async fn deliver_spool(shared: &Shared, client: &mut AgentClient<Channel>) -> Re
                 .collect();
             let mut req = tonic::Request::new(pb::AuditBatch { records });
             req.set_timeout(shared.opts.call_timeout);
-            client
-                .report(req)
-                .await
-                .map_err(|s| format!("Report: {}: {}", s.code(), s.message()))?;
+            match client.report(req).await {
+                Ok(_) => {}
+                // Over the host's report quota: keep the spool, try at the
+                // next delivery tick, keep the session.
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    tracing::info!("Report: {}", s.message());
+                    return Ok(());
+                }
+                Err(s) => return Err(format!("Report: {}: {}", s.code(), s.message())),
+            }
         }
         let mut g = shared.lock();
         g.spool.ack(seg.number).map_err(|e| format!("spool: {e}"))?;

@@ -966,3 +966,73 @@ async fn bundle_verdicts_are_the_policys_whatever_the_mode() {
     let b = client.sign_bundle(ask).await.unwrap().into_inner();
     assert!(verified_payload(&app, &b).entries.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_cannot_report_past_its_quota() {
+    let (app, mut client) = setup().await;
+    // Records of 60 kB each: about 3.8 MB a batch.
+    let big = |batch: usize, i: usize| AuditRecord {
+        id: format!("flood:{batch}:{i}"),
+        at_ms: 1_700_000_000_000,
+        what: "offline_deny".into(),
+        detail_json: format!(r#"{{"pad":"{}"}}"#, "x".repeat(60_000)),
+    };
+    let batch = |b: usize| AuditBatch {
+        records: (0..62).map(|i| big(b, i)).collect(),
+    };
+    client.report(batch(0)).await.unwrap();
+    let e = client.report(batch(1)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("report quota of host `web1`"),
+        "{}",
+        e.message()
+    );
+    assert!(e.message().contains("retry in"), "{}", e.message());
+    // Nothing of the refused batch was stored.
+    let stored = app
+        .api
+        .store
+        .audit_rows(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.detail.contains("flood:1:"))
+        .count();
+    assert_eq!(stored, 0);
+    // Small reports of another host go through.
+    let cfg = app.enrolled("web2").await;
+    let mut other = app.agent_client(cfg).await.unwrap();
+    other
+        .report(AuditBatch {
+            records: vec![record("web2:1", "offline_deny")],
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_bundle_is_rate_limited_per_host() {
+    let (app, mut client) = setup().await;
+    let ask = pb::BundleRequest {
+        entries: vec![bundle_entry(LS, "alice")],
+    };
+    for _ in 0..3 {
+        client.sign_bundle(ask.clone()).await.unwrap();
+    }
+    let e = client.sign_bundle(ask.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("SignBundle quota"), "{}", e.message());
+    let signed = app
+        .api
+        .store
+        .audit_rows(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == "bundle.sign")
+        .count();
+    assert_eq!(signed, 3);
+    // Another host has its own allowance.
+    let cfg = app.enrolled("web2").await;
+    let mut other = app.agent_client(cfg).await.unwrap();
+    other.sign_bundle(ask).await.unwrap();
+}

@@ -33,6 +33,7 @@ pub use hub::Hub;
 pub use service::{Answer, DecideError, Decider};
 
 use crate::pki::{EnrolledHosts, Pki, PkiError};
+use crate::ratelimit::{KeyedLimiter, Rate};
 use crate::store::{AuditWriter, Mode, Store, StoreError};
 
 /// Largest gRPC message tonic decodes on the agent port, in bytes (a hard
@@ -74,6 +75,46 @@ pub struct AgentApi {
     pub decider: Arc<dyn Decider>,
     /// Group-commit writer for decision audit rows.
     pub audit: AuditWriter,
+    /// Per-host limits on reports and bundle signatures.
+    pub quotas: HostQuotas,
+}
+
+/// Bytes of `Report` a host may send at once ...
+pub const REPORT_BURST_BYTES: u32 = 4 * 1024 * 1024;
+/// ... and then per second (about 5.4 GB a day: a backlog drains, a flood
+/// is slowed; retention keeps the disk).
+pub const REPORT_BYTES_PER_SEC: u32 = 64 * 1024;
+/// `SignBundle` calls a host may make at once ...
+pub const BUNDLE_BURST: u32 = 3;
+/// ... and then one per this long (the agent asks at most every 10 s).
+pub const BUNDLE_EVERY: Duration = Duration::from_secs(10);
+/// Hosts tracked one by one by the quotas (all enrolled hosts of a large
+/// fleet; beyond, hosts share an overflow bucket).
+const QUOTA_HOSTS: usize = 65_536;
+
+/// What one enrolled host may ask for, per host (`ratelimit.rs`): `Report`
+/// bytes and `SignBundle` calls. Past them, calls get RESOURCE_EXHAUSTED
+/// saying when to retry; the agent keeps its spool and tries later.
+#[derive(Debug)]
+pub struct HostQuotas {
+    /// `Report` bytes (the encoded batch) per host.
+    pub reports: KeyedLimiter<String>,
+    /// `SignBundle` calls per host.
+    pub bundles: KeyedLimiter<String>,
+}
+
+impl Default for HostQuotas {
+    fn default() -> Self {
+        let reports = Rate {
+            burst: f64::from(REPORT_BURST_BYTES),
+            per_sec: f64::from(REPORT_BYTES_PER_SEC),
+        };
+        let bundles = Rate::per(BUNDLE_BURST, BUNDLE_EVERY * BUNDLE_BURST);
+        Self {
+            reports: KeyedLimiter::new(reports, QUOTA_HOSTS, reports),
+            bundles: KeyedLimiter::new(bundles, QUOTA_HOSTS, bundles),
+        }
+    }
 }
 
 impl std::fmt::Debug for AgentApi {
@@ -113,6 +154,7 @@ impl AgentApi {
             hub,
             decider,
             audit,
+            quotas: HostQuotas::default(),
         }))
     }
 

@@ -214,6 +214,15 @@ impl Agent for AgentService {
     async fn report(&self, req: Request<AuditBatch>) -> Result<Response<ReportReply>, Status> {
         let host = self.host(&req)?;
         let batch = req.into_inner();
+        let size = batch.encoded_len();
+        if let Err(l) = self.api.quotas.reports.check(&host, size as f64) {
+            return Err(Status::resource_exhausted(format!(
+                "report quota of host `{host}`: this batch of {size} bytes is over the allowance ({} bytes at once, {} bytes/s); retry in {} s",
+                super::REPORT_BURST_BYTES,
+                super::REPORT_BYTES_PER_SEC,
+                l.retry_after.as_secs() + 1
+            )));
+        }
         let n = batch.records.len();
         if n > MAX_REPORT {
             return Err(Status::invalid_argument(format!(
@@ -240,6 +249,14 @@ impl Agent for AgentService {
         req: Request<BundleRequest>,
     ) -> Result<Response<SignedBundle>, Status> {
         let host = self.host(&req)?;
+        if let Err(l) = self.api.quotas.bundles.check(&host, 1.0) {
+            return Err(Status::resource_exhausted(format!(
+                "SignBundle quota of host `{host}`: at most {} at once, then one per {} s; retry in {} s",
+                super::BUNDLE_BURST,
+                super::BUNDLE_EVERY.as_secs(),
+                l.retry_after.as_secs() + 1
+            )));
+        }
         let batch = req.into_inner();
         super::bundle::check(&batch)?;
         let api = Arc::clone(&self.api);

@@ -33,3 +33,4 @@ pub mod policy;
 pub mod ratelimit;
 pub mod request;
 pub mod store;
+pub mod sys;

@@ -463,6 +463,12 @@ fn init_log() {
 
 fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result<(), Fail> {
     init_log();
+    // One connection per agent: the usual soft limit of 1,024 would cap the
+    // fleet near 1,000 hosts.
+    match trustbind_appliance::sys::raise_open_file_limit() {
+        Ok((before, after)) => tracing::info!("open-file limit {before} -> {after}"),
+        Err(e) => tracing::warn!("open-file limit not raised: {e}"),
+    }
     let [agent_addr, enrol_addr, admin_addr] = listen;
     let store = Arc::new(open_store(data_dir)?);
     let names = names.or_default(&listen);

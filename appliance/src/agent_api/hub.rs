@@ -4,6 +4,11 @@
 //! its certificate; [`Hub::push`] delivers to that host's streams,
 //! [`Hub::broadcast`] to all, [`Hub::revoke`] sends `Revoked` and ends the
 //! host's streams.
+//!
+//! A push is never dropped silently: a stream whose agent has
+//! [`STREAM_BUFFER`] pushes unread gets a last RESOURCE_EXHAUSTED status
+//! (in a slot kept for it) and is ended; the agent reconnects and
+//! `Subscribe` resynchronises it (mode, generation, peers).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,8 +20,8 @@ use std::net::IpAddr;
 
 use super::pb::{push, Peers, Push, Revoked};
 
-/// Pushes buffered per stream; a stream that falls this far behind loses
-/// pushes (and `push` reports it).
+/// Pushes buffered per stream; a stream that falls this far behind is
+/// ended (with a status saying so) for the agent to resynchronise.
 pub const STREAM_BUFFER: usize = 256;
 
 type Item = Result<Push, Status>;
@@ -24,6 +29,29 @@ type Tx = mpsc::Sender<Item>;
 
 /// Most protected-host addresses remembered (the module takes as many).
 pub const MAX_PEERS: usize = 256;
+
+/// Queues `msg` on the stream `t`: `true` if it took it. A closed stream
+/// is `false`; a stream with [`STREAM_BUFFER`] pushes unread gets the
+/// status that ends it (in the slot kept for it) and is `false`: the
+/// caller drops it from the hub, which ends it after what it holds.
+fn offer(t: &Tx, msg: &push::Kind) -> bool {
+    if t.is_closed() {
+        return false;
+    }
+    if t.capacity() <= 1 {
+        tracing::warn!(
+            "a push stream has {STREAM_BUFFER} pushes unread: ended for its agent to resynchronise"
+        );
+        let _ = t.try_send(Err(Status::resource_exhausted(format!(
+            "this push stream fell {STREAM_BUFFER} pushes behind and was ended; reconnect to resynchronise"
+        ))));
+        return false;
+    }
+    t.try_send(Ok(Push {
+        kind: Some(msg.clone()),
+    }))
+    .is_ok()
+}
 
 /// Host name -> open push streams.
 #[derive(Debug, Default)]
@@ -48,7 +76,8 @@ impl Hub {
         host: &str,
         first: Vec<push::Kind>,
     ) -> (mpsc::WeakSender<Item>, mpsc::Receiver<Item>) {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        // One slot more than the buffer: the status that ends a slow stream.
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER + 1);
         for kind in first {
             let _ = tx.try_send(Ok(Push { kind: Some(kind) }));
         }
@@ -101,15 +130,12 @@ impl Hub {
         let Some(v) = m.get_mut(host) else {
             return false;
         };
-        v.retain(|(_, t)| !t.is_closed());
         let mut any = false;
-        for (_, t) in v.iter() {
-            any |= t
-                .try_send(Ok(Push {
-                    kind: Some(msg.clone()),
-                }))
-                .is_ok();
-        }
+        v.retain(|(_, t)| {
+            let kept = offer(t, &msg);
+            any |= kept;
+            kept
+        });
         if v.is_empty() {
             m.remove(host);
         }
@@ -123,16 +149,11 @@ impl Hub {
         };
         let mut n = 0;
         for v in m.values_mut() {
-            v.retain(|(_, t)| !t.is_closed());
-            for (_, t) in v.iter() {
-                if t.try_send(Ok(Push {
-                    kind: Some(msg.clone()),
-                }))
-                .is_ok()
-                {
-                    n += 1;
-                }
-            }
+            v.retain(|(_, t)| {
+                let kept = offer(t, &msg);
+                n += usize::from(kept);
+                kept
+            });
         }
         m.retain(|_, v| !v.is_empty());
         n
@@ -170,5 +191,43 @@ impl Hub {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent_api::pb::Ping;
+
+    #[tokio::test]
+    async fn a_slow_stream_is_ended_with_a_status_never_silently_short() {
+        let hub = Hub::new();
+        let (_weak, mut rx) = hub.subscribe("web1", vec![]);
+        let ping = |i: i64| push::Kind::Ping(Ping { at_ms: i });
+        for i in 0..STREAM_BUFFER {
+            assert!(hub.push("web1", ping(i as i64)), "push {i}");
+        }
+        // One more than the agent has read: the stream is ended, not the
+        // push quietly lost.
+        assert!(!hub.push("web1", ping(-1)));
+        assert!(hub.connected_hosts().is_empty());
+        let mut got = 0;
+        let mut end = None;
+        while let Some(item) = rx.recv().await {
+            match item {
+                Ok(_) => got += 1,
+                Err(st) => end = Some(st),
+            }
+        }
+        assert_eq!(got, STREAM_BUFFER);
+        let st = end.expect("the stream must end with a status");
+        assert_eq!(st.code(), tonic::Code::ResourceExhausted);
+        assert!(st.message().contains("resynchronise"));
+        // A host that reads keeps its stream.
+        let (_w, mut rx2) = hub.subscribe("web2", vec![]);
+        for i in 0..3 * STREAM_BUFFER {
+            assert!(hub.broadcast(ping(i as i64)) >= 1);
+            rx2.recv().await.unwrap().unwrap();
+        }
     }
 }

@@ -111,6 +111,16 @@ enum Cmd {
             default_value = "UTC"
         )]
         time_zone: String,
+        /// TLS handshakes in progress at once from one address (IPv4, or
+        /// IPv6 /64) on each port.
+        #[arg(long, value_name = "N", env = "TRUSTBIND_HANDSHAKES_PER_ADDRESS", default_value_t = 16,
+              value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        handshakes_per_address: u32,
+        /// New connections per second from one address (bursts of four
+        /// times as many) on each port.
+        #[arg(long, value_name = "N", env = "TRUSTBIND_CONNECTIONS_PER_ADDRESS", default_value_t = 16,
+              value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        connections_per_address: u32,
     },
     /// Prints the CA's SHA-256 fingerprint.
     CaFingerprint,
@@ -263,11 +273,28 @@ fn run(cli: Cli) -> Result<(), Fail> {
             admin_listen,
             names,
             time_zone,
+            handshakes_per_address,
+            connections_per_address,
         } => {
             let tz = trustbind_appliance::clock::zone_named(&time_zone)
                 .map_err(|e| usage(format!("--time-zone: {e}")))?;
             trustbind_appliance::clock::set_zone(tz);
-            serve(&data_dir, [agent_listen, enrol_listen, admin_listen], names)
+            let per_sec = f64::from(connections_per_address);
+            let limits = Arc::new(agent_api::tls::PortLimits::new(
+                agent_api::tls::MAX_CONNECTIONS,
+                agent_api::tls::MAX_HANDSHAKES,
+                handshakes_per_address as usize,
+                trustbind_appliance::ratelimit::Rate {
+                    burst: 4.0 * per_sec,
+                    per_sec,
+                },
+            ));
+            serve(
+                &data_dir,
+                [agent_listen, enrol_listen, admin_listen],
+                names,
+                limits,
+            )
         }
         Cmd::CaFingerprint => {
             if !data_dir.join(pki::CA_CERT_FILE).exists() {
@@ -461,7 +488,12 @@ fn init_log() {
         .init();
 }
 
-fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result<(), Fail> {
+fn serve(
+    data_dir: &Path,
+    listen: [SocketAddr; 3],
+    names: ServerNames,
+    ports: Arc<agent_api::tls::PortLimits>,
+) -> Result<(), Fail> {
     init_log();
     // One connection per agent: the usual soft limit of 1,024 would cap the
     // fleet near 1,000 hosts.
@@ -528,15 +560,25 @@ fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let agent = tokio::spawn(agent_api::serve_agent(
+        // The agent and enrol ports each admit within these limits (their
+        // own counts, the same figures); the admin port has smaller totals
+        // and the same per-address figures.
+        let enrol_limits = Arc::new(ports.same_figures());
+        let admin_limits = Arc::new(agent_api::tls::PortLimits::admin_with(
+            ports.per_address(),
+            ports.new_connections(),
+        ));
+        let agent = tokio::spawn(agent_api::serve_agent_limited(
             Arc::clone(&api),
             agent_l,
             stopped(stop_rx.clone()),
+            ports,
         ));
-        let enrol = tokio::spawn(agent_api::serve_enrol(
+        let enrol = tokio::spawn(agent_api::serve_enrol_limited(
             Arc::clone(&api),
             enrol_l,
             stopped(stop_rx.clone()),
+            enrol_limits,
         ));
         let admin_cfg = pki.admin_server_config(admin::AdminCerts::new(Arc::clone(&store)))?;
         let expiry = tokio::spawn(Arc::clone(&gate).run_expiry());
@@ -547,7 +589,12 @@ fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result
                 .with_ca_fingerprint(pki.fingerprint().into())
                 .with_pki(Arc::clone(&pki)),
         );
-        let admin = tokio::spawn(admin::serve(admin_l, admin_cfg, router));
+        let admin = tokio::spawn(admin::serve_limited(
+            admin_l,
+            admin_cfg,
+            router,
+            admin_limits,
+        ));
         wait_for_signals(&pki).await?;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);

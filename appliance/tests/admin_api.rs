@@ -2,6 +2,8 @@
 //! certificates issued by the appliance's own CA (`Pki`), against a real
 //! SQLite file in a temporary directory.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -1505,4 +1507,31 @@ async fn host_tokens_expire_and_can_be_reissued() {
     assert_eq!((s, &v["host"]["state"]), (200, &json!("pending")), "{v}");
     let (s, _) = h.send("POST", "/v1/hosts/nosuch/token", json!({})).await;
     assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_are_capped_per_address() {
+    let h = start().await;
+    // 300 silent connections from 127.0.0.1 (the admin port used to keep
+    // every one, each for its 10 s handshake, and a file descriptor each).
+    let (stalled, closed) = common::stall(h.addr, 300).await;
+    assert!(closed >= 300 - 16, "{closed} of 300 closed");
+    // An admin from another address is served meanwhile.
+    let tcp = common::connect_from("127.0.0.2", h.addr).await;
+    let tls = TlsConnector::from(Arc::clone(&h.client))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("/v1/status")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(stalled);
 }

@@ -622,3 +622,27 @@ async fn an_oversize_host_name_is_refused_and_stored_cut() {
     // The refusal row holds a cut name and message, not 60 kB.
     assert!(rows[0].len() < 1_000, "{}", rows[0].len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_from_one_address_do_not_lock_others_out() {
+    let app = appliance().await;
+    // 300 connections from 127.0.0.1 that never say a word: more than the
+    // port's 256 handshake slots, which used to lock every agent out for
+    // the 10 s handshake timeout. Past its 16 handshakes in progress (and
+    // its burst of new connections) the address's connections are closed
+    // at once...
+    let (stalled, closed) = common::stall(app.enrol, 300).await;
+    assert!(closed >= 300 - 16, "{closed} of 300 closed");
+    // ...so another address handshakes at once.
+    let tcp = common::connect_from("127.0.0.2", app.enrol).await;
+    let connector = tokio_rustls::TlsConnector::from(app.anon_config());
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        connector.connect(name, tcp),
+    )
+    .await
+    .expect("the handshake must not wait behind the stalled ones")
+    .unwrap();
+    drop(stalled);
+}

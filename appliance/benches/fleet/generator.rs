@@ -482,6 +482,10 @@ impl Appliance {
         for flag in ["--agent-listen", "--enrol-listen", "--admin-listen"] {
             cmd.args([flag, &listen]);
         }
+        // The whole simulated fleet shares one loopback address: lift the
+        // per-address admission limits a real fleet spreads over its hosts.
+        cmd.args(["--handshakes-per-address", "256"]);
+        cmd.args(["--connections-per-address", "100000"]);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1004,6 +1008,9 @@ struct Agent {
     next_id: u64,
     /// (known program, user) pairs this host runs again and again.
     work: Vec<(usize, usize)>,
+    /// When this agent last asked for a signed bundle: like the real agent
+    /// it asks at most once per the appliance's per-host allowance.
+    last_sign: Option<std::time::Instant>,
 }
 
 impl Agent {
@@ -1022,6 +1029,7 @@ impl Agent {
             rng,
             next_id: 1,
             work,
+            last_sign: None,
         }
     }
 
@@ -1239,7 +1247,19 @@ async fn run_agent(
             }
             continue;
         };
-        let op = sh.opts.mix.pick(&mut a.rng);
+        let mut op = sh.opts.mix.pick(&mut a.rng);
+        // SignBundle at most once per the appliance's per-host allowance,
+        // as the real agent (`agent/src/run.rs`, BUNDLE_MIN_GAP); an exec
+        // instead.
+        if op == Op::Sign {
+            if a.last_sign
+                .is_some_and(|t| t.elapsed() < trustbind_appliance::agent_api::BUNDLE_EVERY)
+            {
+                op = Op::Exec;
+            } else {
+                a.last_sign = Some(std::time::Instant::now());
+            }
+        }
         let t = Instant::now();
         if op == Op::Reconnect {
             sh.reconnecting.fetch_add(1, Relaxed);

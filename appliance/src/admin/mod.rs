@@ -30,7 +30,7 @@ pub use admins::{authorize, register_admin_cert, AdminCerts};
 pub use error::{parse_json, ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 pub use hosts::token_sha256;
 pub use policies::{check_policy, PolicyDiagnostic};
-pub use tls::{peer_admin, peer_admin_name, serve};
+pub use tls::{peer_admin, peer_admin_name, serve, serve_limited};
 
 use crate::store::{AdminRole, Store};
 

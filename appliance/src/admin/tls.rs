@@ -54,9 +54,27 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     router: Router,
 ) -> std::io::Result<()> {
+    serve_limited(
+        listener,
+        tls,
+        router,
+        Arc::new(crate::agent_api::tls::PortLimits::admin()),
+    )
+    .await
+}
+
+/// [`serve`] admitting connections within `limits` (connections open,
+/// handshakes in progress in all and per address, new connections per
+/// address: T-77).
+pub async fn serve_limited(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    limits: Arc<crate::agent_api::tls::PortLimits>,
+) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     loop {
-        let (tcp, _peer) = match listener.accept().await {
+        let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) if is_transient(&e) => {
                 // E.g. out of file descriptors: back off instead of spinning.
@@ -65,12 +83,19 @@ pub async fn serve(
             }
             Err(e) => return Err(e),
         };
+        let Ok(admission) = limits.admit(peer.ip()) else {
+            continue;
+        };
+        let Some(slot) = limits.handshake_slot().await else {
+            continue;
+        };
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            else {
+            let (_place, handshake) = admission.into_parts();
+            let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop((slot, handshake));
+            let Ok(Ok(stream)) = hs else {
                 return;
             };
             let Some(id) = peer_admin(stream.get_ref().1) else {

@@ -214,6 +214,16 @@ pub async fn serve_agent(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
+    serve_agent_limited(api, listener, shutdown, Arc::new(tls::PortLimits::agent())).await
+}
+
+/// [`serve_agent`] admitting connections within `limits`.
+pub async fn serve_agent_limited(
+    api: Arc<AgentApi>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    limits: Arc<tls::PortLimits>,
+) -> Result<(), ApiError> {
     let config = api.pki.agent_server_config(Arc::clone(&api.hosts))?;
     let watch = tokio::spawn(watch_generation(Arc::clone(&api)));
     // Push streams never end on their own: end them so the graceful
@@ -231,7 +241,7 @@ pub async fn serve_agent(
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .add_service(svc)
-        .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown)
+        .serve_with_incoming_shutdown(tls::incoming_limited(listener, config, limits), shutdown)
         .await;
     watch.abort();
     served?;
@@ -301,13 +311,23 @@ pub async fn serve_enrol(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
+    serve_enrol_limited(api, listener, shutdown, Arc::new(tls::PortLimits::agent())).await
+}
+
+/// [`serve_enrol`] admitting connections within `limits`.
+pub async fn serve_enrol_limited(
+    api: Arc<AgentApi>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    limits: Arc<tls::PortLimits>,
+) -> Result<(), ApiError> {
     let config = api.pki.enrol_server_config()?;
     let svc = pb::enrolment_server::EnrolmentServer::new(enrol::EnrolService::new(api))
         .max_decoding_message_size(64 * 1024);
     tonic::transport::Server::builder()
         .timeout(MAX_CALL_TIME)
         .add_service(svc)
-        .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown)
+        .serve_with_incoming_shutdown(tls::incoming_limited(listener, config, limits), shutdown)
         .await?;
     Ok(())
 }

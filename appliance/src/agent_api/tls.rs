@@ -12,18 +12,156 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::pki::{peer_cert, PeerCert};
+use crate::ratelimit::{AddrKey, InFlight, InFlightGuard, KeyedLimiter, Rate};
+use std::net::IpAddr;
 
 /// Longest a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; further connections wait in the backlog.
-const MAX_HANDSHAKES: usize = 256;
+/// Connections the agent and enrol ports hold open at once.
+pub const MAX_CONNECTIONS: usize = 60_000;
+/// Handshakes in progress at once on the agent and enrol ports.
+pub const MAX_HANDSHAKES: usize = 256;
+
+/// What one listening port admits (issue 16 item 3): connections open at
+/// once, handshakes in progress at once (in all and per address: IPv4, or
+/// IPv6 /64), and new connections per address (a token bucket). A
+/// connection over a limit is closed at once, before any TLS work, so one
+/// unauthenticated address cannot hold the port's handshake slots (T-78)
+/// nor its file descriptors (T-77).
+#[derive(Debug)]
+pub struct PortLimits {
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+    handshakes_per_addr: InFlight<AddrKey>,
+    new_per_addr: KeyedLimiter<AddrKey>,
+    max_connections: usize,
+    max_handshakes: usize,
+    per_addr: usize,
+    new_conns: Rate,
+}
+
+/// A connection admitted by [`PortLimits::admit`]: its place among the
+/// port's connections (kept while it is open) and its address's handshake
+/// slot (given back once the handshake is over).
+#[derive(Debug)]
+pub struct Admission {
+    connection: OwnedSemaphorePermit,
+    handshake: InFlightGuard<AddrKey>,
+}
+
+impl Admission {
+    /// The connection's place (keep it while the connection is open) and
+    /// the address's handshake slot (drop it once the handshake is over).
+    pub fn into_parts(self) -> (OwnedSemaphorePermit, InFlightGuard<AddrKey>) {
+        (self.connection, self.handshake)
+    }
+}
+
+impl PortLimits {
+    /// Limits of the agent and enrolment ports: 60,000 connections (an agent
+    /// holds one), 256 handshakes, 16 per address, 64 new connections per
+    /// address at once then 16/s.
+    pub fn agent() -> Self {
+        Self::new(
+            MAX_CONNECTIONS,
+            MAX_HANDSHAKES,
+            16,
+            Rate {
+                burst: 64.0,
+                per_sec: 16.0,
+            },
+        )
+    }
+
+    /// Limits of the admin port: 256 connections, 64 handshakes, 16 per
+    /// address, 64 new connections per address at once then 16/s.
+    pub fn admin() -> Self {
+        Self::admin_with(
+            16,
+            Rate {
+                burst: 64.0,
+                per_sec: 16.0,
+            },
+        )
+    }
+
+    /// The admin port's totals (256 connections, 64 handshakes) with these
+    /// per-address figures.
+    pub fn admin_with(per_addr: usize, new_conns: Rate) -> Self {
+        Self::new(256, 64, per_addr, new_conns)
+    }
+
+    /// Custom limits.
+    pub fn new(connections: usize, handshakes: usize, per_addr: usize, new_conns: Rate) -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(connections)),
+            handshakes: Arc::new(Semaphore::new(handshakes)),
+            handshakes_per_addr: InFlight::new(per_addr),
+            new_per_addr: KeyedLimiter::new(new_conns, 65_536, new_conns),
+            max_connections: connections,
+            max_handshakes: handshakes,
+            per_addr,
+            new_conns,
+        }
+    }
+
+    /// Handshakes in progress at once per address.
+    pub fn per_address(&self) -> usize {
+        self.per_addr
+    }
+
+    /// New connections per address.
+    pub fn new_connections(&self) -> Rate {
+        self.new_conns
+    }
+
+    /// Fresh limits with the same figures (for another port).
+    pub fn same_figures(&self) -> Self {
+        Self::new(
+            self.max_connections,
+            self.max_handshakes,
+            self.per_addr,
+            self.new_conns,
+        )
+    }
+
+    /// Admits a new connection from `ip`, or says why not (the caller
+    /// closes it).
+    pub fn admit(&self, ip: IpAddr) -> Result<Admission, &'static str> {
+        let key = AddrKey::of(ip);
+        if self.new_per_addr.check(&key, 1.0).is_err() {
+            return Err("too many new connections from this address");
+        }
+        let connection = Arc::clone(&self.connections)
+            .try_acquire_owned()
+            .map_err(|_| "the port has all the connections it admits")?;
+        let handshake = self
+            .handshakes_per_addr
+            .try_acquire(key)
+            .ok_or("too many handshakes in progress from this address")?;
+        Ok(Admission {
+            connection,
+            handshake,
+        })
+    }
+
+    /// Waits for a handshake slot of the port.
+    pub async fn handshake_slot(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.handshakes).acquire_owned().await.ok()
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.max_connections - self.connections.available_permits()
+    }
+}
 
 /// What handlers learn about the connection, from request extensions.
 #[derive(Debug, Clone)]
@@ -39,6 +177,8 @@ pub struct ConnInfo {
 pub struct TlsConn {
     io: TlsStream<TcpStream>,
     info: ConnInfo,
+    /// Its place among the port's connections, given back when it closes.
+    _place: OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {
@@ -97,9 +237,18 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
+    incoming_limited(listener, config, Arc::new(PortLimits::agent()))
+}
+
+/// [`incoming`] with `limits`: a connection over them is closed before
+/// any TLS work.
+pub fn incoming_limited(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    limits: Arc<PortLimits>,
+) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -115,15 +264,23 @@ pub fn incoming(
                     continue;
                 }
             };
+            let admission = match limits.admit(remote.ip()) {
+                Ok(a) => a,
+                Err(why) => {
+                    tracing::debug!("connection from {remote} closed: {why}");
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
-            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            let Some(permit) = limits.handshake_slot().await else {
                 break;
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let (connection, handshake) = admission.into_parts();
                 let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop((permit, handshake));
                 let Ok(Ok(io)) = hs else {
                     return;
                 };
@@ -136,6 +293,7 @@ pub fn incoming(
                 let conn = TlsConn {
                     io,
                     info: ConnInfo { peer, remote },
+                    _place: connection,
                 };
                 let _ = tx.send(Ok(conn)).await;
             });

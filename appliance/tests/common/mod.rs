@@ -235,3 +235,34 @@ pub async fn raw_handshake(addr: SocketAddr, cfg: Arc<ClientConfig>) -> Result<(
         Ok(Err(e)) => Err(e.to_string()),
     }
 }
+
+/// Opens `n` connections to `addr` from 127.0.0.1 that never say a word,
+/// waits a little and returns them with how many the server has closed.
+pub async fn stall(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, usize) {
+    use tokio::io::AsyncReadExt;
+    let mut stalled = Vec::new();
+    for _ in 0..n {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            stalled.push(s);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut closed = 0;
+    for s in &mut stalled {
+        let mut b = [0_u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(5), s.read(&mut b)).await
+        {
+            closed += 1;
+        }
+    }
+    (stalled, closed)
+}
+
+/// A TCP connection to `addr` from the local address `from` (e.g.
+/// 127.0.0.2, another loopback address).
+pub async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    sock.connect(addr).await.unwrap()
+}

@@ -99,6 +99,8 @@ pub fn sign(
     host: &str,
     req: &BundleRequest,
     now_ms: i64,
+    deadline: std::time::Instant,
+    gone: &super::service::Gone,
 ) -> Result<(SignedBundle, AuditEvent), Status> {
     let mut entries: Vec<(Vec<u8>, String)> = req
         .entries
@@ -120,6 +122,8 @@ pub fn sign(
         entries.clear();
     }
     for (i, (sha, user)) in entries.iter().enumerate() {
+        // Work whose caller has gone (or whose deadline passed) stops.
+        super::service::stop(gone, deadline, i, entries.len())?;
         let a = api
             .decider
             .redecide(&exec_request(host, sha, user, now_ms))

@@ -1,6 +1,7 @@
 //! The `Agent` service (agent port): Qualify, Subscribe, Report.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,8 +150,10 @@ impl Agent for AgentService {
             .map(|(i, r)| convert::request(i, r, &host, at_ms))
             .collect::<Result<Vec<_>, _>>()?;
         let api = Arc::clone(&self.api);
+        let gone = Gone::default();
+        let _on_drop = GoneOnDrop(gone.clone());
         let (results, events) =
-            tokio::task::spawn_blocking(move || decide_batch(&api, &host, &reqs, deadline))
+            tokio::task::spawn_blocking(move || decide_batch(&api, &host, &reqs, deadline, &gone))
                 .await
                 .map_err(|e| Status::internal(format!("decision task failed: {e}")))??;
         record(&self.api, events).await?;
@@ -262,13 +265,17 @@ impl Agent for AgentService {
                 l.retry_after.as_secs() + 1
             )));
         }
+        let deadline = Instant::now() + call_budget(&req);
         let batch = req.into_inner();
         super::bundle::check(&batch)?;
         let api = Arc::clone(&self.api);
-        let (signed, event) =
-            tokio::task::spawn_blocking(move || super::bundle::sign(&api, &host, &batch, now_ms()))
-                .await
-                .map_err(|e| Status::internal(format!("bundle task failed: {e}")))??;
+        let gone = Gone::default();
+        let _on_drop = GoneOnDrop(gone.clone());
+        let (signed, event) = tokio::task::spawn_blocking(move || {
+            super::bundle::sign(&api, &host, &batch, now_ms(), deadline, &gone)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("bundle task failed: {e}")))??;
         record(&self.api, vec![event]).await?;
         Ok(Response::new(signed))
     }
@@ -309,19 +316,66 @@ impl Agent for AgentService {
 /// Longest CSR `Renew` accepts, in bytes.
 const MAX_CSR: usize = 16 * 1024;
 
-/// Decides `reqs` for `host`: the results and their audit events. If
-/// `deadline` has passed by the end, fails with DEADLINE_EXCEEDED so that
-/// nothing is audited (the agent would not see the answer).
+/// Set once a call's future is dropped (the client hung up, or the
+/// server's call timeout fired): the call's blocking work checks it and
+/// stops, so work whose caller has gone is not done.
+#[derive(Debug, Default, Clone)]
+pub struct Gone(Arc<AtomicBool>);
+
+impl Gone {
+    /// Whether the caller has gone.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Marks the caller gone.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Sets its [`Gone`] when dropped: held by the call's future.
+struct GoneOnDrop(Gone);
+
+impl Drop for GoneOnDrop {
+    fn drop(&mut self) {
+        self.0.set();
+    }
+}
+
+/// Whether the work of a call should stop before item `i` of `n`: the
+/// caller has gone (CANCELLED) or the deadline passed (DEADLINE_EXCEEDED).
+pub(crate) fn stop(gone: &Gone, deadline: Instant, i: usize, n: usize) -> Result<(), Status> {
+    if gone.is_set() {
+        return Err(Status::cancelled(format!(
+            "the caller has gone; stopped before item {i} of {n}, nothing was recorded"
+        )));
+    }
+    if Instant::now() >= deadline {
+        return Err(Status::deadline_exceeded(format!(
+            "the call's deadline passed before item {i} of {n}; nothing was recorded"
+        )));
+    }
+    Ok(())
+}
+
+/// Decides `reqs` for `host`: the results and their audit events. Stops
+/// (nothing decided further, nothing audited) as soon as the caller has
+/// gone or `deadline` passes; if the deadline passed by the end, fails
+/// with DEADLINE_EXCEEDED so that nothing is audited (the agent would not
+/// see the answer).
 fn decide_batch(
     api: &AgentApi,
     host: &str,
     reqs: &[(u64, QualifyRequest)],
     deadline: Instant,
+    gone: &Gone,
 ) -> Result<(Vec<pb::Result>, Vec<AuditEvent>), Status> {
     let m = metrics::metrics();
     let mut results = Vec::with_capacity(reqs.len());
     let mut events = Vec::with_capacity(reqs.len());
-    for (id, r) in reqs {
+    for (i, (id, r)) in reqs.iter().enumerate() {
+        stop(gone, deadline, i, reqs.len())?;
         let t = Instant::now();
         let a = api
             .decider
@@ -461,16 +515,44 @@ mod tests {
         let api = AgentApi::new(Arc::clone(&store), pki, engine).unwrap();
         let before = store.audit_rows(0, 1000).unwrap().len();
         let reqs = vec![(1, exec_request())];
-        let err = decide_batch(&api, "web1", &reqs, Instant::now()).unwrap_err();
+        let err = decide_batch(&api, "web1", &reqs, Instant::now(), &Gone::default()).unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
         // With time left the same batch is decided (default deny) and audited.
         let far = Instant::now() + Duration::from_secs(3600);
-        let (results, events) = decide_batch(&api, "web1", &reqs, far).unwrap();
+        // The caller has gone: nothing is decided.
+        let gone = Gone::default();
+        gone.set();
+        let err = decide_batch(&api, "web1", &reqs, far, &gone).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Cancelled);
+        assert!(
+            err.message().contains("before item 0 of 1"),
+            "{}",
+            err.message()
+        );
+        let (results, events) = decide_batch(&api, "web1", &reqs, far, &Gone::default()).unwrap();
         assert_eq!(results[0].verdict(), pb::Verdict::Deny);
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
         record(&api, events).await.unwrap();
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before + 1);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_call_marks_its_work_gone() {
+        let gone = Gone::default();
+        let g = gone.clone();
+        let (started, running) = tokio::sync::oneshot::channel();
+        let call = tokio::spawn(async move {
+            let _on_drop = GoneOnDrop(g);
+            let _ = started.send(());
+            std::future::pending::<()>().await;
+        });
+        running.await.unwrap();
+        assert!(!gone.is_set());
+        // The client hangs up: tonic drops the call's future.
+        call.abort();
+        let _ = call.await;
+        assert!(gone.is_set());
     }
 
     #[test]

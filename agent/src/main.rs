@@ -52,9 +52,21 @@ enum Cmd {
         /// This host's name as registered on the appliance.
         #[arg(long)]
         name: String,
-        /// The one-time enrolment token.
-        #[arg(long, env = "TRUSTBIND_TOKEN")]
-        token: String,
+        /// The one-time enrolment token. On the command line it is readable
+        /// by every local user (/proc/PID/cmdline) while enrolment runs:
+        /// prefer the TRUSTBIND_TOKEN environment variable (readable by
+        /// root and this user only) or --token-file.
+        #[arg(
+            long,
+            env = "TRUSTBIND_TOKEN",
+            hide_env_values = true,
+            required_unless_present = "token_file",
+            conflicts_with = "token_file"
+        )]
+        token: Option<String>,
+        /// A file holding the one-time enrolment token (`-`: standard input).
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// The CA fingerprint shown on the appliance console.
         #[arg(long)]
         ca_fingerprint: String,
@@ -126,8 +138,16 @@ fn main() -> ExitCode {
             server_name,
             name,
             token,
+            token_file,
             ca_fingerprint,
         } => {
+            let token = match read_token(token, token_file.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("trustbind-agent: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let e = Enrolment {
                 enrol_addr: appliance,
                 agent_addr: agent_address,
@@ -189,6 +209,44 @@ fn main() -> ExitCode {
         }
         Cmd::Status { json } => status(&cli.state, json),
     }
+}
+
+/// The enrolment token from `--token`/`TRUSTBIND_TOKEN` or from
+/// `--token-file` (`-`: standard input), trimmed; warns when it was given
+/// on the command line, where local users can read it.
+fn read_token(token: Option<String>, file: Option<&std::path::Path>) -> Result<String, String> {
+    let on_cmdline = std::env::args().any(|a| a == "--token" || a.starts_with("--token="));
+    let t = match (token, file) {
+        (Some(t), _) => {
+            if on_cmdline {
+                eprintln!(
+                    "trustbind-agent: warning: the token on the command line is readable by local users \
+                     while this runs; use TRUSTBIND_TOKEN or --token-file"
+                );
+            }
+            t
+        }
+        (None, Some(p)) if p.as_os_str() == "-" => {
+            use std::io::Read as _;
+            let mut t = String::new();
+            std::io::stdin()
+                .take(4096)
+                .read_to_string(&mut t)
+                .map_err(|e| format!("standard input: {e}"))?;
+            t
+        }
+        (None, Some(p)) => {
+            std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?
+        }
+        (None, None) => {
+            return Err("no enrolment token: give TRUSTBIND_TOKEN or --token-file".into())
+        }
+    };
+    let t = t.trim().to_owned();
+    if t.is_empty() {
+        return Err("the enrolment token is empty".into());
+    }
+    Ok(t)
 }
 
 fn status(state: &std::path::Path, json: bool) -> ExitCode {

@@ -1,7 +1,8 @@
 //! `trustbind-agent`: the host daemon beside `trustbind.ko`.
 //!
 //! ```text
-//! trustbind-agent enrol --appliance HOST[:7444] --name NAME --token TOKEN --ca-fingerprint HEX
+//! TRUSTBIND_TOKEN=TOKEN trustbind-agent enrol --appliance HOST[:7444] --name NAME --ca-fingerprint HEX
+//!     (or --token-file FILE|-; --token TOKEN works but local users can read it)
 //! trustbind-agent run [--mode enforce|permissive] [--no-net] ...
 //! trustbind-agent status [--json]
 //! ```
@@ -36,8 +37,8 @@ struct Cli {
 enum Cmd {
     /// Enrol this host with the appliance (once).
     ///
-    /// Example: trustbind-agent enrol --appliance 10.99.0.10 --name web1
-    ///   --token 3f9c... --ca-fingerprint 8a1d...
+    /// Example: TRUSTBIND_TOKEN=3f9c... trustbind-agent enrol --appliance 10.99.0.10
+    ///   --name web1 --ca-fingerprint 8a1d...
     #[command(alias = "enroll")]
     Enrol {
         /// Appliance enrol address, HOST[:PORT] (port 7444).

@@ -60,7 +60,20 @@ pub struct Metrics {
     enrolments: Family<Labels<1>, Counter>,
     agents_connected: Gauge<u64, AtomicU64>,
     limits_exceeded: Counter,
+    refused: Family<Labels<1>, Counter>,
 }
+
+/// Why the network's demands were refused ([`Metrics::record_refused`]):
+/// enrolment refusals past their rate, `Report` and `SignBundle` past the
+/// host's quota, connections past a port's admission limits, push streams
+/// ended for falling behind.
+pub const REFUSALS: [&str; 5] = [
+    "enrol_rate",
+    "report_quota",
+    "bundle_quota",
+    "connection",
+    "slow_stream",
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -106,7 +119,11 @@ impl Metrics {
             enrolments: Family::default(),
             agents_connected: Gauge::default(),
             limits_exceeded: Counter::default(),
+            refused: Family::default(),
         };
+        for reason in REFUSALS {
+            let _ = m.refused.get_or_create(&[("reason", reason)]);
+        }
         // Every label combination from the start, so each series exists
         // (at 0) before its first event.
         for action in ACTIONS {
@@ -164,6 +181,11 @@ impl Metrics {
             m.enrolments.clone(),
         );
         r.register(
+            "trustbind_refused",
+            "Demands refused by the appliance's bounds, by reason",
+            m.refused.clone(),
+        );
+        r.register(
             "trustbind_agents_connected",
             "Agents connected now",
             m.agents_connected.clone(),
@@ -211,6 +233,22 @@ impl Metrics {
     pub fn record_enrolment(&self, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
         self.enrolments.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Counts one demand refused by a bound; `reason` is one of
+    /// [`REFUSALS`] (anything else is not counted).
+    pub fn record_refused(&self, reason: &str) {
+        if let Some(r) = REFUSALS.iter().find(|r| **r == reason) {
+            self.refused.get_or_create(&[("reason", *r)]).inc();
+        }
+    }
+
+    /// Count of refusals for `reason` (tests).
+    pub fn refused(&self, reason: &str) -> u64 {
+        REFUSALS
+            .iter()
+            .find(|r| **r == reason)
+            .map_or(0, |r| self.refused.get_or_create(&[("reason", *r)]).get())
     }
 
     /// Counts one license limit exceeded (see `crate::limits`).
@@ -361,6 +399,7 @@ mod tests {
             "trustbind_enrolments_total",
             "trustbind_keys_issued_total",
             "trustbind_limits_exceeded_total",
+            "trustbind_refused_total",
             "trustbind_would_deny_total",
         ];
         assert_eq!(names.into_iter().collect::<Vec<_>>(), expected, "{text}");
@@ -371,6 +410,7 @@ mod tests {
         );
         assert_eq!(series("trustbind_would_deny_total{"), ACTIONS.len());
         assert_eq!(series("trustbind_enrolments_total{"), 2);
+        assert_eq!(series("trustbind_refused_total{"), REFUSALS.len());
         assert_eq!(
             series("trustbind_decision_duration_seconds_bucket{"),
             LATENCY_BUCKETS_US.len() + 1

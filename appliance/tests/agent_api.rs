@@ -981,7 +981,10 @@ async fn one_host_cannot_report_past_its_quota() {
         records: (0..62).map(|i| big(b, i)).collect(),
     };
     client.report(batch(0)).await.unwrap();
+    let m = trustbind_appliance::metrics::metrics();
+    let before = m.refused("report_quota");
     let e = client.report(batch(1)).await.unwrap_err();
+    assert!(m.refused("report_quota") > before);
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(
         e.message().contains("report quota of host `web1`"),
@@ -1019,9 +1022,12 @@ async fn sign_bundle_is_rate_limited_per_host() {
     for _ in 0..3 {
         client.sign_bundle(ask.clone()).await.unwrap();
     }
+    let m = trustbind_appliance::metrics::metrics();
+    let before = m.refused("bundle_quota");
     let e = client.sign_bundle(ask.clone()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("SignBundle quota"), "{}", e.message());
+    assert!(m.refused("bundle_quota") > before);
     let signed = app
         .api
         .store

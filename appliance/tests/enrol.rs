@@ -631,8 +631,11 @@ async fn stalled_handshakes_from_one_address_do_not_lock_others_out() {
     // the 10 s handshake timeout. Past its 16 handshakes in progress (and
     // its burst of new connections) the address's connections are closed
     // at once...
+    let m = trustbind_appliance::metrics::metrics();
+    let before = m.refused("connection");
     let (stalled, closed) = common::stall(app.enrol, 300).await;
     assert!(closed >= 300 - 16, "{closed} of 300 closed");
+    assert!(m.refused("connection") >= before + 284);
     // ...so another address handshakes at once.
     let tcp = common::connect_from("127.0.0.2", app.enrol).await;
     let connector = tokio_rustls::TlsConnector::from(app.anon_config());

@@ -139,6 +139,7 @@ impl EnrolService {
     fn check_rate(&self, remote: &Remote) -> Result<(), Status> {
         if self.refusals.blocked(remote.ip) {
             crate::metrics::metrics().record_enrolment(false);
+            crate::metrics::metrics().record_refused("enrol_rate");
             return Err(Status::resource_exhausted(format!(
                 "too many refused enrolments from {} (or from everywhere); try again in a minute",
                 remote

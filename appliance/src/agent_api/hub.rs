@@ -39,6 +39,7 @@ fn offer(t: &Tx, msg: &push::Kind) -> bool {
         return false;
     }
     if t.capacity() <= 1 {
+        crate::metrics::metrics().record_refused("slow_stream");
         tracing::warn!(
             "a push stream has {STREAM_BUFFER} pushes unread: ended for its agent to resynchronise"
         );
@@ -209,7 +210,9 @@ mod tests {
         }
         // One more than the agent has read: the stream is ended, not the
         // push quietly lost.
+        let before = crate::metrics::metrics().refused("slow_stream");
         assert!(!hub.push("web1", ping(-1)));
+        assert!(crate::metrics::metrics().refused("slow_stream") > before);
         assert!(hub.connected_hosts().is_empty());
         let mut got = 0;
         let mut end = None;

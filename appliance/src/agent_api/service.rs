@@ -224,6 +224,7 @@ impl Agent for AgentService {
         let batch = req.into_inner();
         let size = batch.encoded_len();
         if let Err(l) = self.api.quotas.reports.check(&host, size as f64) {
+            metrics::metrics().record_refused("report_quota");
             return Err(Status::resource_exhausted(format!(
                 "report quota of host `{host}`: this batch of {size} bytes is over the allowance ({} bytes at once, {} bytes/s); retry in {} s",
                 super::REPORT_BURST_BYTES,
@@ -258,6 +259,7 @@ impl Agent for AgentService {
     ) -> Result<Response<SignedBundle>, Status> {
         let host = self.host(&req)?;
         if let Err(l) = self.api.quotas.bundles.check(&host, 1.0) {
+            metrics::metrics().record_refused("bundle_quota");
             return Err(Status::resource_exhausted(format!(
                 "SignBundle quota of host `{host}`: at most {} at once, then one per {} s; retry in {} s",
                 super::BUNDLE_BURST,

@@ -135,6 +135,14 @@ impl PortLimits {
     /// Admits a new connection from `ip`, or says why not (the caller
     /// closes it).
     pub fn admit(&self, ip: IpAddr) -> Result<Admission, &'static str> {
+        let r = self.admit_inner(ip);
+        if r.is_err() {
+            crate::metrics::metrics().record_refused("connection");
+        }
+        r
+    }
+
+    fn admit_inner(&self, ip: IpAddr) -> Result<Admission, &'static str> {
         let key = AddrKey::of(ip);
         if self.new_per_addr.check(&key, 1.0).is_err() {
             return Err("too many new connections from this address");

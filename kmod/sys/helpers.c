@@ -1436,18 +1436,29 @@ static unsigned int tb_bs_apply(u32 outcome, const struct tb_bs_pkt *p,
 	return NF_DROP;
 }
 
+/* Fills *p for skb; false when there is nothing to decide (the backstop
+ * is off or nothing is protected: nothing to parse; not a TCP segment). */
+static bool tb_bs_packet(struct sk_buff *skb,
+			 const struct nf_hook_state *state,
+			 struct tb_bs_pkt *p)
+{
+	memset(p, 0, sizeof(*p));
+	p->mode = atomic_read(&tb_backstop_mode);
+	if (p->mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n) ||
+	    !tb_pkt_parse(skb, state->pf, p))
+		return false;
+	p->net = state->net->net_cookie;
+	return true;
+}
+
 /* Outgoing: what a local socket sends, decided by proto::backstop. */
 static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
 				     const struct nf_hook_state *state)
 {
-	struct tb_bs_pkt p = { .mode = atomic_read(&tb_backstop_mode) };
+	struct tb_bs_pkt p;
 
-	/* Nothing protected: nothing to parse. */
-	if (p.mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n))
+	if (!tb_bs_packet(skb, state, &p))
 		return NF_ACCEPT;
-	if (!tb_pkt_parse(skb, state->pf, &p))
-		return NF_ACCEPT;
-	p.net = state->net->net_cookie;
 	p.sk = skb_to_full_sk(skb);
 	return tb_bs_apply(trustbind_backstop_out(&p), &p, false);
 }
@@ -1531,14 +1542,10 @@ int tb_bs_from_peer(const struct tb_bs_pkt *p)
 static unsigned int tb_backstop_in_hook(void *priv, struct sk_buff *skb,
 					const struct nf_hook_state *state)
 {
-	struct tb_bs_pkt p = { .mode = atomic_read(&tb_backstop_mode) };
+	struct tb_bs_pkt p;
 
-	/* Nothing protected: nothing to parse. */
-	if (p.mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n))
+	if (!tb_bs_packet(skb, state, &p))
 		return NF_ACCEPT;
-	if (!tb_pkt_parse(skb, state->pf, &p))
-		return NF_ACCEPT;
-	p.net = state->net->net_cookie;
 	p.loopback = state->in && (state->in->flags & IFF_LOOPBACK);
 	return tb_bs_apply(trustbind_backstop_in(&p), &p, true);
 }

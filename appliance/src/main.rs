@@ -436,7 +436,7 @@ fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result
     });
     let limits = Arc::new(Limits::new(Arc::clone(&store))?.with_hook(Arc::clone(&hook)));
     let gate = Arc::new(Gate::new(
-        engine,
+        Arc::clone(&engine),
         Arc::clone(&store),
         Arc::clone(&hub),
         Some(Arc::clone(&limits)),
@@ -487,6 +487,7 @@ fn serve(data_dir: &Path, listen: [SocketAddr; 3], names: ServerNames) -> Result
             admin::AdminState::new(Arc::clone(&store))
                 .with_hook(hook)
                 .with_limits(limits)
+                .with_engine(engine)
                 .with_ca_fingerprint(pki.fingerprint().into()),
         );
         let admin = tokio::spawn(admin::serve(admin_l, admin_cfg, router));

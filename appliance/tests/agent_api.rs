@@ -742,12 +742,9 @@ impl trustbind_appliance::agent_api::Decider for Gated {
     {
         let _ = self.0.lock().unwrap().recv();
         Ok(trustbind_appliance::agent_api::Answer {
-            outcome: trustbind_appliance::policy::Outcome {
-                verdict: trustbind_appliance::policy::Verdict::Allow,
-                reasons: vec![],
-                would_deny: false,
-                errors: 0,
-            },
+            outcome: trustbind_appliance::policy::Outcome::bare(
+                trustbind_appliance::policy::Verdict::Allow,
+            ),
             generation: 0,
             cacheable: false,
             channel_id: None,

@@ -91,15 +91,7 @@ fn explain_a_recorded_default_deny_and_a_forbid() {
     assert_eq!(v["ok"], true, "{v}");
 
     // A row that is no decision is refused, naming it.
-    let out = a
-        .tb()
-        .args(["explain", "1"])
-        .assert()
-        .code(5)
-        .get_output()
-        .stderr
-        .clone();
-    let err = String::from_utf8(out).unwrap();
+    let err = a.fails(&["explain", "1"], 5);
     assert!(err.contains("only `decision` rows are explained"), "{err}");
 }
 

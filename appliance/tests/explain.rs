@@ -302,3 +302,26 @@ fn explain_of_an_unknown_host_names_it() {
     let err = e.explain(&exec("nosuch", "bob", LS)).unwrap_err();
     assert!(err.to_string().contains("`nosuch`"), "{err}");
 }
+
+#[test]
+fn many_permits_are_listed_up_to_eight_then_counted() {
+    let text: String = (0..11)
+        .map(|i| {
+            format!(
+                "@id(\"p{i:02}\")\npermit (principal, action == Trustbind::Action::\"exec\", resource in Trustbind::ProgramGroup::\"g{i:02}\");\n"
+            )
+        })
+        .collect();
+    let (_d, _s, e) = engine(Some(&text));
+    let x = e.explain(&exec("web1", "bob", UNKNOWN)).unwrap();
+    assert_eq!(x.missing.len(), 1 + 8 + 1, "{:?}", x.missing);
+    assert_eq!(
+        x.missing[1],
+        "permit `p00`: needs the program in group `g00` (it is in: none)"
+    );
+    assert!(x.missing[8].starts_with("permit `p07`:"), "{:?}", x.missing);
+    assert_eq!(
+        x.missing[9],
+        "… and 3 more permits of `exec` (listed by name) did not apply"
+    );
+}

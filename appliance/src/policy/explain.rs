@@ -83,10 +83,11 @@ struct Shape {
     mentions: Vec<String>,
 }
 
-/// The permits of a policy set, read once.
+/// The permits of a policy set, read once, by action (each list by name),
+/// so that a diagnosis looks at no more than it lists.
 #[derive(Debug, Clone, Default)]
 pub struct Permits {
-    shapes: Vec<Shape>,
+    by_action: Vec<(Action, Vec<Shape>)>,
 }
 
 impl Permits {
@@ -104,7 +105,18 @@ impl Permits {
             .map(|(p, est)| shape(p, est.as_ref(), name(p)))
             .collect();
         shapes.sort_by(|a, b| a.name.cmp(&b.name));
-        Permits { shapes }
+        let by_action = Action::ALL
+            .iter()
+            .map(|a| {
+                let of: Vec<Shape> = shapes
+                    .iter()
+                    .filter(|s| s.actions.contains(a))
+                    .cloned()
+                    .collect();
+                (*a, of)
+            })
+            .collect();
+        Permits { by_action }
     }
 
     /// Explains a Cedar deny with no determining policy: the facts that
@@ -118,11 +130,11 @@ impl Permits {
         if f.program.len() <= 1 {
             out.push("the program is in no reference group".to_owned());
         }
-        let permits: Vec<&Shape> = self
-            .shapes
+        let permits: &[Shape] = self
+            .by_action
             .iter()
-            .filter(|s| s.actions.contains(&f.action))
-            .collect();
+            .find(|(a, _)| *a == f.action)
+            .map_or(&[], |(_, p)| p.as_slice());
         if permits.is_empty() {
             out.push(format!(
                 "no permit policy covers action `{}`",
@@ -133,7 +145,7 @@ impl Permits {
         for (shown, s) in permits.iter().enumerate() {
             if shown == MAX_PERMIT_LINES {
                 out.push(format!(
-                    "… and {} more permits for `{}` did not apply",
+                    "… and {} more permits of `{}` (listed by name) did not apply",
                     permits.len() - shown,
                     f.action.as_str()
                 ));

@@ -31,6 +31,11 @@ const ACTIONS: [&str; 9] = [
     "other",
 ];
 
+/// Alert sink label values.
+const ALERT_SINKS: [&str; 2] = ["webhook", "syslog"];
+/// Alert delivery results.
+const ALERT_RESULTS: [&str; 3] = ["sent", "failed", "dropped"];
+
 /// Verdict label values.
 const VERDICTS: [&str; 3] = ["allow", "allow_with_conditions", "deny"];
 
@@ -60,6 +65,7 @@ pub struct Metrics {
     enrolments: Family<Labels<1>, Counter>,
     agents_connected: Gauge<u64, AtomicU64>,
     limits_exceeded: Counter,
+    alerts: Family<Labels<2>, Counter>,
 }
 
 impl Default for Metrics {
@@ -92,6 +98,13 @@ fn verdict_label(verdict: &str) -> &'static str {
         .unwrap_or("deny")
 }
 
+/// The labels of an alert sample, if `sink` and `result` are known values.
+fn alert_labels(sink: &str, result: &str) -> Option<Labels<2>> {
+    let s = ALERT_SINKS.iter().find(|x| **x == sink)?;
+    let r = ALERT_RESULTS.iter().find(|x| **x == result)?;
+    Some([("sink", s), ("result", r)])
+}
+
 impl Metrics {
     /// A fresh set of metrics, all zero.
     pub fn new() -> Self {
@@ -106,6 +119,7 @@ impl Metrics {
             enrolments: Family::default(),
             agents_connected: Gauge::default(),
             limits_exceeded: Counter::default(),
+            alerts: Family::default(),
         };
         // Every label combination from the start, so each series exists
         // (at 0) before its first event.
@@ -119,6 +133,13 @@ impl Metrics {
         }
         for result in ["ok", "failed"] {
             let _ = m.enrolments.get_or_create(&[("result", result)]);
+        }
+        for sink in ALERT_SINKS {
+            for result in ALERT_RESULTS {
+                let _ = m
+                    .alerts
+                    .get_or_create(&[("sink", sink), ("result", result)]);
+            }
         }
         let mut m = m;
         let r = &mut m.registry;
@@ -162,6 +183,11 @@ impl Metrics {
             "trustbind_enrolments",
             "Enrolment attempts by result",
             m.enrolments.clone(),
+        );
+        r.register(
+            "trustbind_alerts",
+            "Alerts by sink and result (sent, failed after retries, dropped on a full queue)",
+            m.alerts.clone(),
         );
         r.register(
             "trustbind_agents_connected",
@@ -216,6 +242,19 @@ impl Metrics {
     /// Counts one license limit exceeded (see `crate::limits`).
     pub fn record_limit_exceeded(&self) {
         self.limits_exceeded.inc();
+    }
+
+    /// Counts one alert for `sink` (`webhook`, `syslog`) with `result`
+    /// (`sent`, `failed`, `dropped`); other values are not counted.
+    pub fn record_alert(&self, sink: &str, result: &str) {
+        if let Some(l) = alert_labels(sink, result) {
+            self.alerts.get_or_create(&l).inc();
+        }
+    }
+
+    /// Alerts counted for `sink` with `result` (for tests).
+    pub fn alerts(&self, sink: &str, result: &str) -> u64 {
+        alert_labels(sink, result).map_or(0, |l| self.alerts.get_or_create(&l).get())
     }
 
     /// Sets the number of agents currently connected (a gauge).
@@ -352,6 +391,7 @@ mod tests {
             .collect();
         let expected = [
             "trustbind_agents_connected",
+            "trustbind_alerts_total",
             "trustbind_cache_hits_total",
             "trustbind_cache_misses_total",
             "trustbind_decision_duration_seconds_bucket",
@@ -371,6 +411,10 @@ mod tests {
         );
         assert_eq!(series("trustbind_would_deny_total{"), ACTIONS.len());
         assert_eq!(series("trustbind_enrolments_total{"), 2);
+        assert_eq!(
+            series("trustbind_alerts_total{"),
+            ALERT_SINKS.len() * ALERT_RESULTS.len()
+        );
         assert_eq!(
             series("trustbind_decision_duration_seconds_bucket{"),
             LATENCY_BUCKETS_US.len() + 1

@@ -10,6 +10,7 @@
 mod audit;
 mod channels;
 mod error;
+mod explain;
 mod hosts;
 mod limits;
 mod policies;
@@ -83,6 +84,9 @@ pub struct AdminState {
     /// SHA-256 of the CA certificate, returned with enrolment tokens so the
     /// agent can pin the CA on first contact.
     pub ca_fingerprint: Option<String>,
+    /// The policy engine the decision path uses, for the explain endpoints
+    /// (they answer 503 without).
+    pub engine: Option<Arc<crate::policy::engine::Engine>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -101,7 +105,14 @@ impl AdminState {
             on_change: Arc::new(|_| {}),
             limits: None,
             ca_fingerprint: None,
+            engine: None,
         }
+    }
+
+    /// Serves the explain endpoints from `engine` (the decision path's).
+    pub fn with_engine(mut self, engine: Arc<crate::policy::engine::Engine>) -> Self {
+        self.engine = Some(engine);
+        self
     }
 
     /// Replaces the change hook.
@@ -233,6 +244,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/limits", get(limits::list).put(limits::set))
         .route("/v1/limits/{id}", get(limits::show).delete(limits::remove))
         .route("/v1/channels", get(channels::list))
+        .route("/v1/explain", post(explain::ask))
+        .route("/v1/explain/{seq}", get(explain::recorded))
         .route("/v1/audit", get(audit::tail))
         .route("/v1/audit/export", get(audit::export))
         .route("/v1/audit/verify", get(audit::verify))

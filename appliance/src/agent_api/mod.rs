@@ -74,6 +74,8 @@ pub struct AgentApi {
     pub decider: Arc<dyn Decider>,
     /// Group-commit writer for decision audit rows.
     pub audit: AuditWriter,
+    /// Where `@alert`s of audited decisions go (none until set).
+    alerts: std::sync::OnceLock<crate::alerts::Alerts>,
 }
 
 impl std::fmt::Debug for AgentApi {
@@ -113,7 +115,19 @@ impl AgentApi {
             hub,
             decider,
             audit,
+            alerts: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Sends the `@alert`s of audited decisions to `alerts`' sinks from now
+    /// on (once; a second call is ignored and returns false).
+    pub fn set_alerts(&self, alerts: crate::alerts::Alerts) -> bool {
+        self.alerts.set(alerts).is_ok()
+    }
+
+    /// The alert sinks, if set.
+    pub fn alerts(&self) -> Option<&crate::alerts::Alerts> {
+        self.alerts.get().filter(|a| !a.is_empty())
     }
 
     /// Revokes `host` (audited as `actor`): the store marks it revoked, its

@@ -45,6 +45,7 @@ use kernel::sync::{new_condvar, new_mutex, CondVar, CondVarTimeoutResult, Mutex}
 use kernel::time::msecs_to_jiffies;
 use kernel::uaccess::UserSlice;
 
+use crate::proto::backstop;
 use crate::proto::fairq::{FairQueue, Full, Place};
 use crate::proto::{self, ChannelKey, DecodeError, HelloAck, Kind, Mode, Record, Verdict};
 use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin};
@@ -194,6 +195,17 @@ impl State {
             k.wipe();
         }
     }
+}
+
+/// Which signals end a wait for a verdict.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Any: the caller restarts the call (nothing happened yet).
+    Interruptible,
+    /// Only a fatal one (and a stop): the call cannot be restarted (a
+    /// connection already taken off the accept queue, or established).
+    /// Other signals wait until the verdict came.
+    UntilFatal,
 }
 
 /// How a request ended.
@@ -374,9 +386,11 @@ impl Channel {
     }
 
     /// Queues `rec` for the agent on behalf of user `uid` and sleeps until
-    /// its verdict, a timeout, the agent's departure or a signal. Never
-    /// fails: what could not be asked is an [`Answer`] the mode decides on.
-    pub(crate) fn ask(&self, rec: &Record<'_>, uid: u32) -> Answer {
+    /// its verdict, a timeout, the agent's departure or a signal (any, or
+    /// only a fatal one: `wait`). Never fails: what could not be asked is
+    /// an [`Answer`] the mode decides on.
+    pub(crate) fn ask(&self, rec: &Record<'_>, uid: u32, wait: Wait) -> Answer {
+        let _blocked = (wait == Wait::UntilFatal).then(sys::SignalsBlocked::new);
         let timeout = self.verdict_timeout_ms.load(Ordering::Acquire);
         let mut st = self.state.lock();
         if st.agent.is_none() || !st.greeted {
@@ -555,19 +569,19 @@ impl Channel {
                 self.verdict_timeout_ms
                     .store(c.verdict_timeout_ms, Ordering::Release);
                 self.qualify_net.store(c.qualify_net, Ordering::Release);
-                let was = self.mode.swap(c.mode as u8, Ordering::AcqRel);
-                sys::backstop_set(match c.mode {
-                    _ if !c.qualify_net => sys::Backstop::Off,
-                    Mode::Disabled => sys::Backstop::Off,
-                    Mode::Permissive => sys::Backstop::Count,
-                    Mode::Enforce => sys::Backstop::Drop,
-                });
-                if was == Mode::Disabled as u8 && c.mode != Mode::Disabled {
-                    // Execs while disabled were not recorded: a process's
-                    // entry may name a program it no longer runs. Connects
-                    // then hash mm->exe_file; ancestries start shorter.
-                    crate::SHARED.with(|s| s.lineage.clear());
+                self.mode.store(c.mode as u8, Ordering::Release);
+                let backstop = match c.mode {
+                    _ if !c.qualify_net => backstop::Mode::Off,
+                    Mode::Disabled => backstop::Mode::Off,
+                    Mode::Permissive => backstop::Mode::Count,
+                    Mode::Enforce => backstop::Mode::Drop,
+                };
+                if backstop == backstop::Mode::Off {
+                    // Nothing is qualified any more: whatever qualifies
+                    // next learns its protected services afresh.
+                    sys::backstop_forget();
                 }
+                sys::backstop_set(backstop);
                 pr_info!(
                     "mode {:?}, verdict timeout {} ms, net {}\n",
                     c.mode,
@@ -587,13 +601,12 @@ impl Channel {
                 }
             },
             Record::Generation(g) => {
-                let moved = crate::SHARED
-                    .with(|s| s.exec_cache.set_generation(g.policy_generation))
-                    .unwrap_or(false);
-                if moved {
-                    // Protected services were learned under the old policy.
-                    sys::backstop_forget();
-                }
+                // Protected services are kept (T-29): a service that
+                // stopped needing a channel only loses plaintext from
+                // sockets no wrapper qualified (raw, exempt), which is
+                // what the backstop is for; qualified plaintext sockets
+                // are marked and pass.
+                crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
             Record::HelloAck(_)

@@ -44,12 +44,15 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::alloc::{KVVec, KVec};
 use kernel::new_spinlock;
+use kernel::rbtree::{RBTree, RBTreeNode};
 use kernel::prelude::*;
 use kernel::sync::SpinLock;
 
-use crate::device::Answer;
+use crate::device::{Answer, Wait};
 use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache};
-use crate::proto::lineage::{Chain, Image, Lineage as LineageTable, Pending, ProcId, Staged};
+use crate::proto::lineage::{
+    Chain, Forked, Image, Lineage as LineageTable, Pending, ProcId, ProcTable, Staged,
+};
 use crate::proto::{
     Ancestry, Decision, ExecRequest, Mode, Obligations, Record, Verdict, EXEC_LOADER_DIRECT,
     MAX_PATH_LEN,
@@ -108,13 +111,53 @@ impl Cache {
     }
 }
 
-/// Processes tracked for ancestry (direct-mapped by tgid; ~300 bytes each).
-const LINEAGE_SLOTS: usize = 4096;
 /// Execs allowed and not yet committed (direct-mapped by thread id).
 const STAGED_SLOTS: usize = 1024;
 
+/// One entry per known process (see `proto/src/lineage.rs`): an rbtree
+/// keyed by (tgid, start time), about 330 bytes an entry (a kmalloc-512
+/// object). New entries are made in the fork tracepoint, which may not
+/// sleep: `GFP_NOWAIT`, and a child that finds no memory is unknown
+/// (counted as `lineage_lost`).
+struct Procs {
+    tree: RBTree<ProcId, Image>,
+    /// Number of entries (the rbtree does not count).
+    n: usize,
+}
+
+impl ProcTable for Procs {
+    fn get(&self, p: &ProcId) -> Option<&Image> {
+        self.tree.get(p)
+    }
+
+    fn put(&mut self, p: ProcId, img: Image) -> bool {
+        if let Some(v) = self.tree.get_mut(&p) {
+            *v = img;
+            return true;
+        }
+        match RBTreeNode::new(p, img, GFP_NOWAIT | __GFP_NOWARN) {
+            Ok(node) => {
+                self.tree.insert(node);
+                self.n += 1;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn remove(&mut self, p: &ProcId) {
+        if self.tree.remove(p).is_some() {
+            self.n -= 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+}
+
 struct LineageInner {
-    table: LineageTable<KVVec<Image>>,
+    table: LineageTable<Procs>,
     staged: Pending<KVVec<Staged>>,
 }
 
@@ -127,11 +170,12 @@ pub(crate) struct Lineage {
 }
 
 impl Lineage {
-    /// An empty table of [`LINEAGE_SLOTS`] processes.
+    /// An empty table: processes that exist now are unknown.
     pub(crate) fn new() -> Result<impl PinInit<Self, Error>> {
-        let mut slots = KVVec::new();
-        slots.extend_with(LINEAGE_SLOTS, Image::EMPTY, GFP_KERNEL)?;
-        let table = LineageTable::new(slots).ok_or(EINVAL)?;
+        let table = LineageTable::new(Procs {
+            tree: RBTree::new(),
+            n: 0,
+        });
         let mut slots = KVVec::new();
         slots.extend_with(STAGED_SLOTS, Staged::EMPTY, GFP_KERNEL)?;
         let staged = Pending::new(slots).ok_or(EINVAL)?;
@@ -141,7 +185,7 @@ impl Lineage {
     }
 
     fn ancestry_of(&self, info: &ExecInfo) -> Chain {
-        self.inner.lock().table.ancestry(proc_of(info), parent_of(info))
+        self.inner.lock().table.ancestry(proc_of(info))
     }
 
     /// The exec `info` describes was allowed to run `sha256`: recorded if
@@ -153,40 +197,47 @@ impl Lineage {
             .stage(info.pid, proc_of(info), sha256, chain)
     }
 
-    /// The exec of thread `pid` committed: what it staged now runs.
-    fn committed(&self, pid: u32) -> bool {
+    /// Thread `pid` begins an exec: nothing an earlier, failed exec staged
+    /// may be committed for it.
+    fn unstage(&self, pid: u32) {
+        self.inner.lock().staged.unstage(pid)
+    }
+
+    /// The exec of thread `pid` committed in `proc`: what it staged now
+    /// runs, or, if nothing was, `proc` is unknown. Whether something
+    /// staged was recorded.
+    fn committed(&self, pid: u32, proc: ProcId) -> bool {
         let mut g = self.inner.lock();
-        match g.staged.take(pid) {
-            Some((proc, sha256, chain)) => {
-                g.table.record(proc, &sha256, &chain);
-                true
-            }
-            None => false,
-        }
+        let staged = g.staged.take(pid).map(|(_, sha256, chain)| (sha256, chain));
+        let had = staged.is_some();
+        had && g.table.committed(proc, staged)
+    }
+
+    /// `child` was forked by `parent` (a new process).
+    pub(crate) fn forked(&self, parent: ProcId, child: ProcId) -> Forked {
+        self.inner.lock().table.forked(parent, child)
+    }
+
+    /// The whole thread group of `proc` exited.
+    pub(crate) fn exited(&self, proc: ProcId) {
+        self.inner.lock().table.exited(proc)
+    }
+
+    /// Number of processes known.
+    pub(crate) fn len(&self) -> usize {
+        self.inner.lock().table.len()
     }
 
     /// The program `proc` was recorded running and its ancestry, if this
-    /// very process was recorded.
+    /// very process is known.
     pub(crate) fn image(&self, proc: ProcId) -> Option<([u8; 32], Chain)> {
         self.inner.lock().table.image(proc)
     }
 
-    /// The ancestry a program exec'd by `proc` would carry: what `proc`
-    /// runs, then its ancestry (empty if unknown).
-    pub(crate) fn ancestry_of_proc(&self, proc: ProcId) -> Chain {
-        self.inner.lock().table.ancestry(proc, proc)
-    }
-
-    /// Forgets every process (see `proto::lineage::Lineage::clear`).
-    pub(crate) fn clear(&self) {
-        let mut g = self.inner.lock();
-        g.table.clear();
-        g.staged.clear();
-    }
-
-    /// Records that `proc` runs `sha256`, with `chain` before it.
-    pub(crate) fn record_proc(&self, proc: ProcId, sha256: &[u8; 32], chain: &Chain) {
-        self.inner.lock().table.record(proc, sha256, chain)
+    /// Records that `proc` runs `sha256` (hashed from its `mm->exe_file`),
+    /// with no ancestry (its own is unknown).
+    pub(crate) fn record_proc(&self, proc: ProcId, sha256: &[u8; 32]) {
+        let _ = self.inner.lock().table.record(proc, sha256, &Chain::EMPTY);
     }
 }
 
@@ -194,13 +245,6 @@ fn proc_of(info: &ExecInfo) -> ProcId {
     ProcId {
         tgid: info.tgid,
         start_ns: info.start_ns,
-    }
-}
-
-fn parent_of(info: &ExecInfo) -> ProcId {
-    ProcId {
-        tgid: info.ptgid,
-        start_ns: info.pstart_ns,
     }
 }
 
@@ -470,6 +514,15 @@ pub(crate) struct Stats {
     /// and started as a cache hit or as `asked` (or, with no readable
     /// identity, as an `unreadable` refusal): the soak checks the sums.
     pub(crate) interrupted: AtomicU64,
+    /// Processes the lineage table knows now (a gauge).
+    pub(crate) lineage_procs: AtomicU64,
+    /// Forked processes whose entry found no memory (they are unknown).
+    pub(crate) lineage_lost: AtomicU64,
+    /// `PR_SET_MM_EXE_FILE` / `PR_SET_MM_MAP` exe changes refused
+    /// (enforce mode).
+    pub(crate) exe_replace_refused: AtomicU64,
+    /// ... and let through (permissive mode: recorded, not refused).
+    pub(crate) exe_replace_would_deny: AtomicU64,
 }
 
 /// The exec path's counters.
@@ -487,6 +540,10 @@ pub(crate) static STATS: Stats = Stats {
     loader_direct: AtomicU64::new(0),
     committed: AtomicU64::new(0),
     interrupted: AtomicU64::new(0),
+    lineage_procs: AtomicU64::new(0),
+    lineage_lost: AtomicU64::new(0),
+    exe_replace_refused: AtomicU64::new(0),
+    exe_replace_would_deny: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64) {
@@ -590,6 +647,11 @@ impl Refusals {
 
 /// Decides one exec: `Ok` lets it go on to the real binary handlers.
 pub(crate) fn check(s: &Shared, bprm: &Bprm<'_>) -> Result {
+    if !bprm.is_interp() {
+        // A new exec: whatever this thread staged for an earlier exec that
+        // failed must not be committed for this one.
+        s.lineage.unstage(sys::current_pid());
+    }
     let mode = s.channel.mode();
     if mode == Mode::Disabled {
         return Ok(());
@@ -699,7 +761,7 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
         path: &path[..path.len().min(MAX_PATH_LEN)],
         flags,
     });
-    match s.channel.ask(&rec, info.uid) {
+    match s.channel.ask(&rec, info.uid, Wait::Interruptible) {
         Answer::Verdict(v) => {
             if let Some(key) = &key {
                 s.exec_cache.store(key, &v, &sha256);
@@ -766,9 +828,53 @@ fn allowed(
 
 /// The exec of thread `pid` committed (called from the
 /// `sched_process_exec` tracepoint: must not sleep).
-pub(crate) fn committed(s: &Shared, pid: u32) {
-    if s.lineage.committed(pid) {
+pub(crate) fn committed(s: &Shared, pid: u32, proc: ProcId) {
+    if s.lineage.committed(pid, proc) {
         bump(&STATS.committed);
+    }
+    lineage_gauge(s);
+}
+
+/// `child` was forked by `parent`, a new process (called from the
+/// `sched_process_fork` tracepoint: must not sleep).
+pub(crate) fn forked(s: &Shared, parent: ProcId, child: ProcId) {
+    if s.lineage.forked(parent, child) == Forked::NoMemory {
+        bump(&STATS.lineage_lost);
+    }
+    lineage_gauge(s);
+}
+
+/// The whole thread group of `proc` exited (called from the
+/// `sched_process_exit` tracepoint: must not sleep).
+pub(crate) fn exited(s: &Shared, proc: ProcId) {
+    s.lineage.exited(proc);
+    lineage_gauge(s);
+}
+
+fn lineage_gauge(s: &Shared) {
+    // CAST: a count of processes.
+    STATS.lineage_procs.store(s.lineage.len() as u64, Ordering::Relaxed);
+}
+
+/// A process asks to change its `mm->exe_file` (`PR_SET_MM_EXE_FILE`, or
+/// `PR_SET_MM_MAP` with an exe fd; needs `CAP_SYS_RESOURCE`, or
+/// `CAP_CHECKPOINT_RESTORE` in its user namespace). Whether to let it
+/// (called from the ftrace callback on `replace_mm_exe_file()`: must not
+/// sleep). A process the lineage table knows is credited by what it
+/// exec'd, never by `exe_file`; one it does not know (started before the
+/// module, or unknown since) would be credited with the new file, so in
+/// enforce mode nobody may change it.
+pub(crate) fn exe_replace_allowed(s: &Shared) -> bool {
+    match s.channel.mode() {
+        Mode::Enforce => {
+            bump(&STATS.exe_replace_refused);
+            false
+        }
+        Mode::Permissive => {
+            bump(&STATS.exe_replace_would_deny);
+            true
+        }
+        Mode::Disabled => true,
     }
 }
 

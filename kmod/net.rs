@@ -6,10 +6,13 @@
 //! included) reaches [`check`] before the SYN is sent, and every accepted
 //! TCP connection once it is established and the peer known, before the
 //! program sees it. The program is the one the process runs: its SHA-256
-//! from the lineage table when the module qualified its exec, otherwise
-//! hashed now from `mm->exe_file` (a process started before the module, or
-//! while it was disabled; it is then recorded, so the next connect does not
-//! hash again). The request goes to the agent through the channel, as an
+//! from the lineage table (what its exec, or its parent's before the fork,
+//! was allowed to run), otherwise hashed now from `mm->exe_file` (a process
+//! the table does not know: started before the module, or exec'd while it
+//! was disabled; it is then recorded, so the next connect does not hash
+//! again). A known process is never credited from `mm->exe_file`, which
+//! `PR_SET_MM_EXE_FILE` can change (and which enforce mode forbids
+//! changing: `exec::exe_replace_allowed`). The request goes to the agent through the channel, as an
 //! exec's does, and is enforced by the same table:
 //!
 //! | outcome                       | enforce           | permissive         |
@@ -96,7 +99,10 @@
 //! uids and the socket's name (the absolute path, or `@name` for an
 //! abstract one), as an [`IpcRequest`]. The same mode table decides; a
 //! refusal fails `connect()` with `EACCES`, and the listener never sees
-//! the connection (no byte, no `SCM_RIGHTS`: T-20). Nothing is encrypted:
+//! the connection (no byte, no `SCM_RIGHTS`: T-20). When another process
+//! than the listener's owner accepts (socket activation), [`unix_check`]
+//! runs again at `accept()` with that process as the server (`at_accept`:
+//! T-21); a refusal fails the accept. Nothing is encrypted:
 //! one host. Counters: `/sys/kernel/debug/trustbind/unix_*`. Same switches as
 //! TCP: asked only while the agent set `qualify_net`, not in disabled
 //! mode, the agent's own connects exempt.
@@ -122,16 +128,16 @@
 //! from addresses that are no protected host (the agent's `Peers`). Same
 //! switches as the rest; permissive only counts.
 //!
-//! (A process that exec'd while the
-//! module was disabled is not taken for what it ran before: leaving
-//! disabled mode empties the lineage table, see `device.rs`.)
+//! (A process that exec'd while the module was disabled is not taken for
+//! what it ran before: an exec that commits with no verdict staged makes
+//! the process unknown, see `proto/src/lineage.rs`.)
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use kernel::new_spinlock;
 use kernel::prelude::*;
 use kernel::sync::SpinLock;
 
-use crate::device::Answer;
+use crate::device::{Answer, Wait};
 use crate::exec::{Refusal, Refusals};
 use crate::proto::bound::{handed_over, BoundSocket, Slot as BoundSlot};
 use crate::proto::lineage::{Chain, ProcId};
@@ -446,13 +452,21 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
         src: Endpoint(family, &info.src_addr, info.src_port),
         dst: Endpoint(family, &info.dst_addr, info.dst_port),
     };
-    if kind != NetKind::Connect {
+    if kind == NetKind::Established
+        || (kind == NetKind::Accept && sys::backstop_is_protected(info))
+    {
         // kTLS attaches only while the connection is ESTABLISHED, and the
         // peer may send its FIN as soon as it has its key, which this ask
-        // can release: attach the ULP first (plain TCP until keyed). An
-        // accept answered without a key keeps the idle ULP. A failure
-        // here (the peer already closed, another ULP) shows again when a
-        // key comes.
+        // can release: attach the ULP first (plain TCP until keyed) to
+        // sockets that will be channels: an established connect that must
+        // be bound, an accept on a service of this host some verdict
+        // already bound. Not to other accepts: a ULP cannot be removed,
+        // and a plaintext connection carrying one loses zero-copy sends
+        // and its program's own kTLS (T-39). The first channel to a
+        // service this host has not bound yet attaches when its key
+        // comes (`bind`); if the client closed first, it is reset. A
+        // failure here (the peer already closed, another ULP) shows again
+        // when a key comes.
         let _ = sys::ktls_prepare(info);
     }
     let refusal = match qualify(s, info, kind, family) {
@@ -608,13 +622,8 @@ fn qualify(
                 .hash_current_exe()
                 .map_err(|e| Ok(Refusal::Unreadable(e)))?;
             bump(&STATS.exe_hashed);
-            let parent = ProcId {
-                tgid: info.ptgid,
-                start_ns: info.pstart_ns,
-            };
-            let chain = s.lineage.ancestry_of_proc(parent);
-            s.lineage.record_proc(proc, &sha256, &chain);
-            (sha256, chain, ProgramSource::ExeFile)
+            s.lineage.record_proc(proc, &sha256);
+            (sha256, Chain::EMPTY, ProgramSource::ExeFile)
         }
     };
     bump(match kind {
@@ -639,7 +648,15 @@ fn qualify(
         ppid: info.ptgid,
         ancestry: ancestry(&chain),
     });
-    match s.channel.ask(&rec, info.uid) {
+    // A connect restarts on any signal (nothing was sent yet); an
+    // accepted or established connection cannot be put back, so only a
+    // fatal signal ends its wait (T-38).
+    let wait = if kind == NetKind::Connect {
+        Wait::Interruptible
+    } else {
+        Wait::UntilFatal
+    };
+    match s.channel.ask(&rec, info.uid, wait) {
         Answer::Verdict(v) => match v.decision {
             Decision::Allow | Decision::AllowWithConditions => {
                 bump(&STATS.allowed);
@@ -657,7 +674,8 @@ fn qualify(
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
         Answer::Busy => Err(Ok(Refusal::Busy)),
         // Nothing was sent yet on a connect: restart it. An established
-        // or accepted connection cannot be put back: the wrapper resets it.
+        // or accepted connection cannot be put back: a fatal signal ended
+        // the wait, and the wrapper resets it.
         Answer::Interrupted if kind == NetKind::Connect => Err(Err(ERESTARTSYS)),
         Answer::Interrupted => Err(Err(EINTR)),
     }
@@ -690,12 +708,11 @@ impl core::fmt::Display for UnixConnection<'_> {
 }
 
 /// The program of a process, its ancestry and where the hash comes from:
-/// the lineage table, else `hash()` now (then recorded under the parent's
-/// ancestry, so the next connect does not hash again).
+/// the lineage table, else `hash()` now (then recorded, with no ancestry,
+/// so the next connect does not hash again).
 fn program_of(
     s: &Shared,
     proc: ProcId,
-    parent: ProcId,
     hash: impl FnOnce() -> Result<[u8; 32]>,
 ) -> core::result::Result<([u8; 32], Chain, ProgramSource), Refusal> {
     if let Some((sha256, chain)) = s.lineage.image(proc) {
@@ -703,17 +720,19 @@ fn program_of(
     }
     let sha256 = hash().map_err(Refusal::Unreadable)?;
     bump(&UNIX_STATS.exe_hashed);
-    let chain = s.lineage.ancestry_of_proc(parent);
-    s.lineage.record_proc(proc, &sha256, &chain);
-    Ok((sha256, chain, ProgramSource::ExeFile))
+    s.lineage.record_proc(proc, &sha256);
+    Ok((sha256, Chain::EMPTY, ProgramSource::ExeFile))
 }
 
 /// Decides one UNIX connect before it is made (the listener is found, the
 /// connection not yet queued): `Ok` lets it be made, an error fails
-/// `connect()` with the listener never seeing it.
+/// `connect()` with the listener never seeing it. Or, `at_accept`, one
+/// accepted by another process than the listener's owner (socket
+/// activation): an error fails `accept()` before the acceptor read a byte.
 pub(crate) fn unix_check(s: &Shared, info: &UnixInfo) -> Result {
     let mode = s.channel.mode();
-    if !unix_wanted(s, info.tgid) {
+    let at_accept = info.at_accept != 0;
+    if !unix_wanted(s, if at_accept { info.peer_tgid } else { info.tgid }) {
         return Ok(());
     }
     let path = sys::unix_path(info);
@@ -727,35 +746,39 @@ pub(crate) fn unix_check(s: &Shared, info: &UnixInfo) -> Result {
         Err(Err(e)) => return Err(e),
         Err(Ok(r)) => r,
     };
-    UNIX_STATS
-        .refusals
-        .apply(mode, &refusal, "unix connect", subject)
+    let what = if at_accept {
+        "unix accept"
+    } else {
+        "unix connect"
+    };
+    UNIX_STATS.refusals.apply(mode, &refusal, what, subject)
 }
 
 fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<Refusal>> {
     let proc = |tgid, start_ns| ProcId { tgid, start_ns };
-    let (sha256, chain, source) = program_of(
-        s,
-        proc(info.tgid, info.start_ns),
-        proc(info.ptgid, info.pstart_ns),
-        || s.hashers.hash_current_exe().map(|(h, _, _)| h),
-    )
-    .map_err(Ok)?;
-    if info.peer_tgid == 0 {
-        // The listener's process is gone: no program to qualify.
+    // At connect the client is the calling task; at accept the server is.
+    let at_accept = info.at_accept != 0;
+    let hash_of = |current: bool, tgid, start_ns| {
+        if current {
+            s.hashers.hash_current_exe().map(|(h, _, _)| h)
+        } else {
+            s.hashers.hash_task_exe(tgid, start_ns).map(|(h, _)| h)
+        }
+    };
+    if info.tgid == 0 || info.peer_tgid == 0 {
+        // The client (at accept) or the listener's owner is gone: no
+        // program to qualify.
         return Err(Ok(Refusal::Unreadable(ESRCH)));
     }
-    let (peer_sha256, _, peer_source) = program_of(
-        s,
-        proc(info.peer_tgid, info.peer_start_ns),
-        proc(info.peer_ptgid, info.peer_pstart_ns),
-        || {
-            s.hashers
-                .hash_task_exe(info.peer_tgid, info.peer_start_ns)
-                .map(|(h, _)| h)
-        },
-    )
+    let (sha256, chain, source) = program_of(s, proc(info.tgid, info.start_ns), || {
+        hash_of(!at_accept, info.tgid, info.start_ns)
+    })
     .map_err(Ok)?;
+    let (peer_sha256, _, peer_source) =
+        program_of(s, proc(info.peer_tgid, info.peer_start_ns), || {
+            hash_of(at_accept, info.peer_tgid, info.peer_start_ns)
+        })
+        .map_err(Ok)?;
     bump(&UNIX_STATS.asked);
     let rec = Record::IpcRequest(IpcRequest {
         sha256,
@@ -775,7 +798,14 @@ fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<R
         peer_gid: info.peer_gid,
         path,
     });
-    match s.channel.ask(&rec, info.uid) {
+    // A connect restarts on a signal (nothing connected yet); an accepted
+    // connection cannot be put back (T-38).
+    let (asker, wait) = if at_accept {
+        (info.peer_uid, Wait::UntilFatal)
+    } else {
+        (info.uid, Wait::Interruptible)
+    };
+    match s.channel.ask(&rec, asker, wait) {
         Answer::Verdict(v) => match v.decision {
             Decision::Allow | Decision::AllowWithConditions => {
                 bump(&UNIX_STATS.allowed);
@@ -793,7 +823,9 @@ fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<R
         Answer::Busy => Err(Ok(Refusal::Busy)),
         // Nothing is connected yet: the connect restarts (transparently
         // under SA_RESTART) and is asked about again.
-        Answer::Interrupted => Err(Err(ERESTARTSYS)),
+        Answer::Interrupted if !at_accept => Err(Err(ERESTARTSYS)),
+        // A fatal signal: the accept fails (and the task is dying).
+        Answer::Interrupted => Err(Err(EINTR)),
     }
 }
 

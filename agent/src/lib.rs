@@ -26,6 +26,7 @@ pub mod device;
 pub mod keys;
 pub mod link;
 pub mod logging;
+pub mod refusal;
 pub mod run;
 pub mod signed;
 pub mod spool;

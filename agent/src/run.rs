@@ -48,6 +48,7 @@ use crate::bundle::{Bundle, Remembered};
 use crate::device::{Device, DeviceWriter, Event, ExecEvent, NetEvent};
 use crate::keys::{self, Keys, Pushed};
 use crate::link::{self, write_atomic, AgentConfig};
+use crate::refusal;
 use crate::signed::{self, Verified};
 use crate::spool::{Spool, SpoolRecord};
 use crate::users::Users;
@@ -604,14 +605,14 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
         g.status.requests += 1;
         let sha = hex::encode(ev.sha256);
         let from_appliance = online.as_ref().and_then(|m| m.get(&ev.request_id));
-        let v = match from_appliance {
+        let (v, why) = match from_appliance {
             Some(r) => {
                 let v = verdict_of(r);
                 if r.cacheable && g.bundle.put(&sha, &user, remembered_of(&v)) {
                     new_pairs = true;
                 }
                 g.status.answered_online += 1;
-                v
+                (v, refusal::online_reason(&r.reasons))
             }
             None => {
                 // The bundle holds verdicts for programs (and the loader as
@@ -651,11 +652,29 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
                         "loader_direct": ev.loader_direct,
                     }),
                 });
-                v
+                let why = if source == "bundle" {
+                    refusal::OFFLINE_BUNDLE
+                } else {
+                    refusal::OFFLINE_DEFAULT
+                };
+                (v, why.to_owned())
             }
         };
         if v.decision == Decision::Deny {
             g.status.denied += 1;
+            if g.mode == Mode::Enforce {
+                refusal::Refusal {
+                    action: "exec",
+                    program: &sha,
+                    path: &ev.path,
+                    user: &user,
+                    uid: ev.uid,
+                    pid: ev.pid,
+                    dest: "",
+                    reason: &why,
+                }
+                .log();
+            }
         }
         answers.push((ev.request_id, ev.pid, v));
     }
@@ -850,17 +869,17 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         .max(Duration::from_millis(1));
     let plan = match qualify(&shared, vec![req], budget).await {
         Ok(results) => {
-            results
-                .iter()
-                .find(|r| r.id == ev.request_id)
-                .map(|r| match net_plan(ev.kind, r) {
+            results.iter().find(|r| r.id == ev.request_id).map(|r| {
+                let plan = match net_plan(ev.kind, r) {
                     // A UNIX connect is never encrypted (one host).
                     NetPlan::Verdict(mut v) if ev.ipc.is_some() => {
                         v.obligations.encrypt = false;
                         NetPlan::Verdict(v)
                     }
                     p => p,
-                })
+                };
+                (plan, refusal::online_reason(&r.reasons))
+            })
         }
         Err(e) => {
             if let Some(e) = e {
@@ -874,18 +893,24 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
             None
         }
     };
-    let answer = match plan {
-        Some(NetPlan::Verdict(v)) => Ok(v),
-        Some(NetPlan::Channel(channel_id, generation)) => {
+    let (answer, why) = match plan {
+        Some((NetPlan::Verdict(v), why)) => (Ok(v), why),
+        Some((NetPlan::Channel(channel_id, generation), _)) => {
             match shared.keys.wait(channel_id, deadline).await {
-                Some(Pushed::Key(h)) => Err(h),
+                Some(Pushed::Key(h)) => (Err(h), String::new()),
                 Some(Pushed::Denied(why)) => {
                     tracing::info!("channel {channel_id} refused: {why}");
-                    Ok(deny(generation))
+                    (
+                        Ok(deny(generation)),
+                        format!("channel {channel_id} refused by the appliance: {why}"),
+                    )
                 }
                 None => {
                     tracing::warn!("channel {channel_id}: no key in time");
-                    Ok(deny(generation))
+                    (
+                        Ok(deny(generation)),
+                        format!("channel {channel_id}: no key from the appliance in time"),
+                    )
                 }
             }
         }
@@ -918,6 +943,7 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
             g.status.net_requests += 1;
             if decision == Decision::Deny {
                 g.status.denied += 1;
+                net_refusal(&ev, &user, refusal::OFFLINE_DEFAULT);
             }
             let v = Verdict {
                 decision,
@@ -937,6 +963,9 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         Ok(v) => {
             if v.decision == Decision::Deny {
                 g.status.denied += 1;
+                if g.mode == Mode::Enforce {
+                    net_refusal(&ev, &user, &why);
+                }
             }
             g.writer.verdict(ev.request_id, v)
         }
@@ -948,6 +977,21 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         }
     };
     note_sent(&mut g, sent);
+}
+
+/// Logs a refused network request (the module gives its program by hash only).
+fn net_refusal(ev: &NetEvent, user: &str, why: &str) {
+    refusal::Refusal {
+        action: event_name(ev),
+        program: &hex::encode(ev.sha256),
+        path: "",
+        user,
+        uid: ev.uid,
+        pid: ev.pid,
+        dest: &dst_of(ev),
+        reason: why,
+    }
+    .log();
 }
 
 fn note_sent(g: &mut Inner, sent: Result<bool, crate::device::DeviceError>) {

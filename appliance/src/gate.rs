@@ -79,10 +79,8 @@ fn answer(d: Decision, channel_id: Option<u64>) -> Answer {
 fn denied(reason: String, generation: i64) -> Answer {
     Answer {
         outcome: Outcome {
-            verdict: Verdict::Deny,
             reasons: vec![reason],
-            would_deny: false,
-            errors: 0,
+            ..Outcome::bare(Verdict::Deny)
         },
         generation,
         cacheable: false,

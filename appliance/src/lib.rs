@@ -8,7 +8,8 @@
 //! signatures and reference groups, policy versions with atomic switch and
 //! rollback, hosts, channels, and the hash-chained audit log with verify and
 //! JSON-lines export), [`pki`] (the CA, enrolment certificates, TLS configurations)
-//! and [`agent_api`] (gRPC over mutual TLS). The admin API follows.
+//! and [`agent_api`] (gRPC over mutual TLS), [`admin`] (the HTTPS admin
+//! API) and [`alerts`] (`@alert` delivery to a webhook and syslog over TLS).
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -22,6 +23,7 @@
 
 pub mod admin;
 pub mod agent_api;
+pub mod alerts;
 pub mod channels;
 pub mod clock;
 pub mod gate;

@@ -34,6 +34,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use trustbind_appliance::admin;
 use trustbind_appliance::agent_api::{self, AgentApi, Hub};
+use trustbind_appliance::alerts;
 use trustbind_appliance::channels;
 use trustbind_appliance::gate::Gate;
 use trustbind_appliance::limits::Limits;
@@ -86,6 +87,8 @@ struct Cli {
     cmd: Option<Cmd>,
 }
 
+// Parsed once at start: the size of `Serve` (its many flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serves the agent, enrol and admin ports until SIGTERM or SIGINT;
@@ -121,6 +124,8 @@ enum Cmd {
         #[arg(long, value_name = "N", env = "TRUSTBIND_CONNECTIONS_PER_ADDRESS", default_value_t = 16,
               value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         connections_per_address: u32,
+        #[command(flatten)]
+        alerts: AlertArgs,
     },
     /// Prints the CA's SHA-256 fingerprint.
     CaFingerprint,
@@ -192,6 +197,74 @@ enum AuditCmd {
     Verify,
     /// Writes the audit log as JSON lines.
     Export,
+}
+
+/// Where `@alert`s go (`appliance/README.md`, "Alerts").
+#[derive(Debug, Args)]
+struct AlertArgs {
+    /// POST a JSON body for each alert to this https:// URL (retried with
+    /// jittered exponential backoff).
+    #[arg(long, value_name = "URL", env = "TRUSTBIND_ALERT_WEBHOOK")]
+    alert_webhook: Option<String>,
+    /// The CA certificates (PEM) the webhook server's certificate chains to.
+    #[arg(long, value_name = "FILE", env = "TRUSTBIND_ALERT_WEBHOOK_CA")]
+    alert_webhook_ca: Option<PathBuf>,
+    /// Send each alert to this syslog receiver over TLS (RFC 5424 messages,
+    /// RFC 5425 framing), HOST[:PORT], port 6514 by default.
+    #[arg(long, value_name = "HOST[:PORT]", env = "TRUSTBIND_ALERT_SYSLOG")]
+    alert_syslog: Option<String>,
+    /// The CA certificates (PEM) the syslog receiver's certificate chains to.
+    #[arg(long, value_name = "FILE", env = "TRUSTBIND_ALERT_SYSLOG_CA")]
+    alert_syslog_ca: Option<PathBuf>,
+    /// Alerts waiting per sink; beyond, new ones are dropped (counted in
+    /// /metrics and logged).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TRUSTBIND_ALERT_QUEUE",
+        default_value_t = alerts::DEFAULT_QUEUE,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    alert_queue: u32,
+}
+
+impl AlertArgs {
+    /// The configured sinks (none: alerts are not delivered).
+    fn sinks(&self) -> Result<Vec<alerts::Sink>, Fail> {
+        let usage = |e: alerts::AlertConfigError| Fail(EXIT_USAGE, e.to_string());
+        let mut sinks = Vec::new();
+        if let Some(url) = &self.alert_webhook {
+            sinks
+                .push(alerts::Sink::webhook(url, self.alert_webhook_ca.as_deref()).map_err(usage)?);
+        }
+        if let Some(addr) = &self.alert_syslog {
+            let host = hostname().unwrap_or_default();
+            sinks.push(
+                alerts::Sink::syslog(addr, self.alert_syslog_ca.as_deref(), &host)
+                    .map_err(usage)?,
+            );
+        }
+        for (ca, flag, needs) in [
+            (
+                &self.alert_webhook_ca,
+                "--alert-webhook-ca",
+                self.alert_webhook.is_none(),
+            ),
+            (
+                &self.alert_syslog_ca,
+                "--alert-syslog-ca",
+                self.alert_syslog.is_none(),
+            ),
+        ] {
+            if ca.is_some() && needs {
+                return Err(Fail(
+                    EXIT_USAGE,
+                    format!("{flag} is given without the sink it is for"),
+                ));
+            }
+        }
+        Ok(sinks)
+    }
 }
 
 /// The names on the server certificate.
@@ -275,10 +348,13 @@ fn run(cli: Cli) -> Result<(), Fail> {
             time_zone,
             handshakes_per_address,
             connections_per_address,
+            alerts,
         } => {
             let tz = trustbind_appliance::clock::zone_named(&time_zone)
                 .map_err(|e| usage(format!("--time-zone: {e}")))?;
             trustbind_appliance::clock::set_zone(tz);
+            // Checked before anything starts.
+            let sinks = alerts.sinks()?;
             let per_sec = f64::from(connections_per_address);
             let limits = Arc::new(agent_api::tls::PortLimits::new(
                 agent_api::tls::MAX_CONNECTIONS,
@@ -294,6 +370,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 [agent_listen, enrol_listen, admin_listen],
                 names,
                 limits,
+                (sinks, alerts.alert_queue as usize),
             )
         }
         Cmd::CaFingerprint => {
@@ -493,6 +570,7 @@ fn serve(
     listen: [SocketAddr; 3],
     names: ServerNames,
     ports: Arc<agent_api::tls::PortLimits>,
+    (sinks, queue): (Vec<alerts::Sink>, usize),
 ) -> Result<(), Fail> {
     init_log();
     // One connection per agent: the usual soft limit of 1,024 would cap the
@@ -525,7 +603,7 @@ fn serve(
     });
     let limits = Arc::new(Limits::new(Arc::clone(&store))?.with_hook(Arc::clone(&hook)));
     let gate = Arc::new(Gate::new(
-        engine,
+        Arc::clone(&engine),
         Arc::clone(&store),
         Arc::clone(&hub),
         Some(Arc::clone(&limits)),
@@ -539,6 +617,14 @@ fn serve(
         Arc::clone(&gate) as Arc<dyn agent_api::Decider>,
     )?;
     let _ = api_slot.set(Arc::clone(&api));
+    for s in &sinks {
+        tracing::info!("alerts go to {s}");
+    }
+    api.set_alerts(alerts::Alerts::start(
+        sinks,
+        queue,
+        alerts::Retry::default(),
+    ));
     rt.block_on(async move {
         let agent_l = bind(agent_addr, "agent").await?;
         let enrol_l = bind(enrol_addr, "enrol").await?;
@@ -586,6 +672,7 @@ fn serve(
             admin::AdminState::new(Arc::clone(&store))
                 .with_hook(hook)
                 .with_limits(limits)
+                .with_engine(engine)
                 .with_ca_fingerprint(pki.fingerprint().into())
                 .with_pki(Arc::clone(&pki)),
         );

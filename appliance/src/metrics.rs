@@ -31,6 +31,11 @@ const ACTIONS: [&str; 9] = [
     "other",
 ];
 
+/// Alert sink label values.
+const ALERT_SINKS: [&str; 2] = ["webhook", "syslog"];
+/// Alert delivery results.
+const ALERT_RESULTS: [&str; 3] = ["sent", "failed", "dropped"];
+
 /// Verdict label values.
 const VERDICTS: [&str; 3] = ["allow", "allow_with_conditions", "deny"];
 
@@ -61,6 +66,7 @@ pub struct Metrics {
     agents_connected: Gauge<u64, AtomicU64>,
     limits_exceeded: Counter,
     refused: Family<Labels<1>, Counter>,
+    alerts: Family<Labels<2>, Counter>,
 }
 
 /// Why the network's demands were refused ([`Metrics::record_refused`]):
@@ -105,6 +111,13 @@ fn verdict_label(verdict: &str) -> &'static str {
         .unwrap_or("deny")
 }
 
+/// The labels of an alert sample, if `sink` and `result` are known values.
+fn alert_labels(sink: &str, result: &str) -> Option<Labels<2>> {
+    let s = ALERT_SINKS.iter().find(|x| **x == sink)?;
+    let r = ALERT_RESULTS.iter().find(|x| **x == result)?;
+    Some([("sink", s), ("result", r)])
+}
+
 impl Metrics {
     /// A fresh set of metrics, all zero.
     pub fn new() -> Self {
@@ -120,6 +133,7 @@ impl Metrics {
             agents_connected: Gauge::default(),
             limits_exceeded: Counter::default(),
             refused: Family::default(),
+            alerts: Family::default(),
         };
         for reason in REFUSALS {
             let _ = m.refused.get_or_create(&[("reason", reason)]);
@@ -136,6 +150,13 @@ impl Metrics {
         }
         for result in ["ok", "failed"] {
             let _ = m.enrolments.get_or_create(&[("result", result)]);
+        }
+        for sink in ALERT_SINKS {
+            for result in ALERT_RESULTS {
+                let _ = m
+                    .alerts
+                    .get_or_create(&[("sink", sink), ("result", result)]);
+            }
         }
         let mut m = m;
         let r = &mut m.registry;
@@ -184,6 +205,11 @@ impl Metrics {
             "trustbind_refused",
             "Demands refused by the appliance's bounds, by reason",
             m.refused.clone(),
+        );
+        r.register(
+            "trustbind_alerts",
+            "Alerts by sink and result (sent, failed after retries, dropped on a full queue)",
+            m.alerts.clone(),
         );
         r.register(
             "trustbind_agents_connected",
@@ -254,6 +280,19 @@ impl Metrics {
     /// Counts one license limit exceeded (see `crate::limits`).
     pub fn record_limit_exceeded(&self) {
         self.limits_exceeded.inc();
+    }
+
+    /// Counts one alert for `sink` (`webhook`, `syslog`) with `result`
+    /// (`sent`, `failed`, `dropped`); other values are not counted.
+    pub fn record_alert(&self, sink: &str, result: &str) {
+        if let Some(l) = alert_labels(sink, result) {
+            self.alerts.get_or_create(&l).inc();
+        }
+    }
+
+    /// Alerts counted for `sink` with `result` (for tests).
+    pub fn alerts(&self, sink: &str, result: &str) -> u64 {
+        alert_labels(sink, result).map_or(0, |l| self.alerts.get_or_create(&l).get())
     }
 
     /// Sets the number of agents currently connected (a gauge).
@@ -390,6 +429,7 @@ mod tests {
             .collect();
         let expected = [
             "trustbind_agents_connected",
+            "trustbind_alerts_total",
             "trustbind_cache_hits_total",
             "trustbind_cache_misses_total",
             "trustbind_decision_duration_seconds_bucket",
@@ -411,6 +451,10 @@ mod tests {
         assert_eq!(series("trustbind_would_deny_total{"), ACTIONS.len());
         assert_eq!(series("trustbind_enrolments_total{"), 2);
         assert_eq!(series("trustbind_refused_total{"), REFUSALS.len());
+        assert_eq!(
+            series("trustbind_alerts_total{"),
+            ALERT_SINKS.len() * ALERT_RESULTS.len()
+        );
         assert_eq!(
             series("trustbind_decision_duration_seconds_bucket{"),
             LATENCY_BUCKETS_US.len() + 1

@@ -1285,6 +1285,10 @@ async fn read_only_admin_reads_and_gets_403_on_every_write_endpoint_class() {
     )
     .await;
     assert_eq!(r.status, 200);
+    // Asking what the policy would answer is a read too (503 here: this
+    // harness serves no engine; never 403).
+    let r = call("POST", "/v1/explain", Some(json!({}))).await;
+    assert_ne!(r.status, 403);
     // Every class of write is refused before it reaches its handler.
     let writes: &[(&str, &str, Value)] = &[
         ("POST", "/v1/policies", json!({ "text": EXAMPLE })),

@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{start, Appliance};
+use common::{exec, sig, start, Appliance};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use trustbind_appliance::agent_api::convert::channel_key_push;
@@ -19,7 +19,7 @@ use trustbind_appliance::agent_api::pb::{
 };
 use trustbind_appliance::channels::{ChannelKey, ChannelTerms, Role};
 use trustbind_appliance::policy::engine::Engine;
-use trustbind_appliance::store::{Mode, Publish, Signature, Store};
+use trustbind_appliance::store::{Mode, Publish, Signature};
 
 const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
@@ -40,24 +40,6 @@ when { resource.path like "/etc/*" };
 const LS: [u8; 32] = [0x11; 32];
 const TOOL: [u8; 32] = [0x22; 32];
 const UNKNOWN: [u8; 32] = [0x99; 32];
-
-fn sig(store: &Store, sha: [u8; 32], group: &str) {
-    let hex = trustbind_appliance::store::hex(&sha);
-    store
-        .put_signature(
-            &Signature {
-                sha256: hex.clone(),
-                sha1: None,
-                size: 1,
-                name: group.into(),
-                source: "test".into(),
-            },
-            "admin:test",
-        )
-        .unwrap();
-    store.create_group(group, "", "admin:test").unwrap();
-    store.add_member(group, &hex, "admin:test").unwrap();
-}
 
 /// An appliance deciding with the engine over `POLICY`, and a client for
 /// `web1` (group web, enforce).
@@ -131,35 +113,6 @@ fn activate_empty_policy(app: &Appliance) -> i64 {
         .create_policy_draft("// nothing allowed\n", "empty", "admin:test")
         .unwrap();
     store.activate_policy(id, "admin:test").unwrap().generation
-}
-
-fn subject(user: &str) -> pb::Subject {
-    pb::Subject {
-        user: user.into(),
-        uid: 1000,
-        euid: 1000,
-        gid: 1000,
-        loginuid: 1000,
-        session: 7,
-        pid: 4242,
-        ancestry: vec![vec![0xab; 32]],
-    }
-}
-
-fn exec(id: u64, sha: [u8; 32]) -> pb::Request {
-    pb::Request {
-        id,
-        action: Action::Exec.into(),
-        subject: Some(subject("bob")),
-        program: Some(pb::Program {
-            sha256: sha.to_vec(),
-            sha1: vec![0x01; 20],
-            size: 1234,
-            path: "/usr/bin/x".into(),
-        }),
-        target: Some(Target::Exec(pb::ExecTarget::default())),
-        peer: None,
-    }
 }
 
 fn open_read(id: u64, path: &str) -> pb::Request {
@@ -742,12 +695,9 @@ impl trustbind_appliance::agent_api::Decider for Gated {
     {
         let _ = self.0.lock().unwrap().recv();
         Ok(trustbind_appliance::agent_api::Answer {
-            outcome: trustbind_appliance::policy::Outcome {
-                verdict: trustbind_appliance::policy::Verdict::Allow,
-                reasons: vec![],
-                would_deny: false,
-                errors: 0,
-            },
+            outcome: trustbind_appliance::policy::Outcome::bare(
+                trustbind_appliance::policy::Verdict::Allow,
+            ),
             generation: 0,
             cacheable: false,
             channel_id: None,

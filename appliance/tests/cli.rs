@@ -63,10 +63,47 @@ fn usage_errors_exit_64() {
         &["--data-dir", d, "serve", "--agent-listen", "nowhere"],
         &["--data-dir", d, "admin-cert", "--name", "a"],
         &["--data-dir", d, "admin-token", "--ttl-min", "527041"],
+        &["--data-dir", d, "serve", "--alert-queue", "0"],
     ] {
         let out = appliance(args, &[]);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
         assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+    }
+    // Alert sinks are checked before anything is served, naming the option.
+    for (args, says) in [
+        (
+            &["serve", "--alert-webhook", "http://hooks.example/x"][..],
+            "--alert-webhook `http://hooks.example/x`: must be an https:// URL",
+        ),
+        (
+            &["serve", "--alert-webhook", "https://hooks.example/x"],
+            "needs --alert-webhook-ca FILE",
+        ),
+        (
+            &[
+                "serve",
+                "--alert-syslog",
+                "logs.example:0",
+                "--alert-syslog-ca",
+                "/x",
+            ],
+            "--alert-syslog `logs.example:0`: port `0` is not 1 to 65535",
+        ),
+        (
+            &["serve", "--alert-syslog-ca", "/x"],
+            "--alert-syslog-ca is given without the sink it is for",
+        ),
+    ] {
+        let mut all = vec!["--data-dir", d];
+        all.extend_from_slice(args);
+        let out = appliance(&all, &[]);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(
+            !dir.path().join("appliance.db").exists(),
+            "{args:?} opened the store"
+        );
     }
 }
 

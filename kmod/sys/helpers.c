@@ -22,6 +22,7 @@
 #include <linux/file.h>
 #include <linux/rcupdate.h>
 #include <linux/sched/mm.h>
+#include <linux/signal.h>
 #include <linux/tracepoint.h>
 #include <linux/ratelimit.h>
 #include <linux/moduleparam.h>
@@ -62,6 +63,29 @@ struct tb_hashers {
 	struct crypto_shash *sha256;
 	struct crypto_shash *sha1;
 };
+
+/*
+ * A wait that only a fatal signal may end, on top of the interruptible
+ * waits of Rust's CondVar (6.12 has no killable one): every other signal
+ * is blocked for its length, so it stays pending and is delivered once
+ * the mask is restored. SIGKILL and SIGSTOP cannot be blocked.
+ */
+u64 tb_signals_block(void)
+{
+	sigset_t all, old;
+
+	BUILD_BUG_ON(sizeof(sigset_t) != sizeof(u64));
+	sigfillset(&all);
+	sigprocmask(SIG_BLOCK, &all, &old);
+	return old.sig[0];
+}
+
+void tb_signals_restore(u64 old)
+{
+	sigset_t set = { .sig = { old } };
+
+	sigprocmask(SIG_SETMASK, &set, NULL);
+}
 
 int tb_hashers_alloc(struct tb_hashers **out)
 {
@@ -995,7 +1019,8 @@ void tb_sock_abort(struct socket *sock, int err)
  *    away in permissive mode, that would now speak plaintext).
  * Protected services are the ends (address, port) of connections whose
  * verdict required a channel: the peer of a bound connect, the local end
- * of a bound accept; forgotten when the policy generation moves. Each
+ * of a bound accept; kept across policy generations (T-29), forgotten
+ * when the backstop is switched off. Each
  * socket a wrapper allowed is marked (TB_MARK_*) until its connection
  * ends: past tcp_close(), until TCP_CLOSE (see tb_backstop_closing).
  * Off in disabled mode or while the agent does not qualify connections;
@@ -1005,6 +1030,7 @@ void tb_sock_abort(struct socket *sock, int err)
 struct tb_prot {
 	struct hlist_node node;
 	struct rcu_head rcu;
+	u64 net;		/* the network namespace's net_cookie (T-30) */
 	u8 family;
 	u8 addr[16];
 	u16 port;
@@ -1041,21 +1067,29 @@ static struct {
 		unmarked, protected_full, key_reads_refused;
 } tb_bs;
 
-static u32 tb_prot_hash(u8 family, const u8 *addr, u16 port)
+static u32 tb_prot_hash(u64 net, u8 family, const u8 *addr, u16 port)
 {
-	return jhash(addr, family == 6 ? 16 : 4, ((u32)family << 16) | port);
+	return jhash(addr, family == 6 ? 16 : 4,
+		     ((u32)family << 16 | port) ^ (u32)net ^ (u32)(net >> 32));
 }
 
-static bool tb_prot_has(u8 family, const u8 *addr, u16 port)
+/* Whether (net, family, addr, port) is a protected service; RCU read. */
+static bool tb_prot_has(u64 net, u8 family, const u8 *addr, u16 port)
 {
 	struct tb_prot *p;
-	u32 h = tb_prot_hash(family, addr, port);
+	u32 h = tb_prot_hash(net, family, addr, port);
 
 	hash_for_each_possible_rcu(tb_prot_set, p, node, h)
-		if (p->family == family && p->port == port &&
+		if (p->net == net && p->family == family && p->port == port &&
 		    !memcmp(p->addr, addr, family == 6 ? 16 : 4))
 			return true;
 	return false;
+}
+
+/* The network namespace of the socket info describes. */
+static u64 tb_info_net(const struct tb_net_info *info)
+{
+	return sock_net(info->sock->sk)->net_cookie;
 }
 
 void tb_backstop_set_mode(u32 mode)
@@ -1067,23 +1101,25 @@ int tb_backstop_protect(const struct tb_net_info *info)
 {
 	struct tb_prot *p;
 	u8 family = info->family == 6 ? 6 : 4;
-	u32 h = tb_prot_hash(family, info->dst_addr, info->dst_port);
+	u64 net = tb_info_net(info);
+	u32 h = tb_prot_hash(net, family, info->dst_addr, info->dst_port);
 	int ret = 0;
 
 	rcu_read_lock();
-	ret = tb_prot_has(family, info->dst_addr, info->dst_port);
+	ret = tb_prot_has(net, family, info->dst_addr, info->dst_port);
 	rcu_read_unlock();
 	if (ret)
 		return 0;
 	p = kzalloc(sizeof(*p), GFP_KERNEL);
 	if (!p)
 		return -ENOMEM;
+	p->net = net;
 	p->family = family;
 	memcpy(p->addr, info->dst_addr, family == 6 ? 16 : 4);
 	p->port = info->dst_port;
 	spin_lock_bh(&tb_prot_lock);
 	rcu_read_lock();
-	ret = tb_prot_has(family, p->addr, p->port);
+	ret = tb_prot_has(net, family, p->addr, p->port);
 	rcu_read_unlock();
 	if (ret) {
 		ret = 0;
@@ -1098,6 +1134,17 @@ int tb_backstop_protect(const struct tb_net_info *info)
 	}
 	spin_unlock_bh(&tb_prot_lock);
 	kfree(p);
+	return ret;
+}
+
+bool tb_backstop_is_protected(const struct tb_net_info *info)
+{
+	bool ret;
+
+	rcu_read_lock();
+	ret = tb_prot_has(tb_info_net(info), info->family == 6 ? 6 : 4,
+			  info->dst_addr, info->dst_port);
+	rcu_read_unlock();
 	return ret;
 }
 
@@ -1132,6 +1179,14 @@ int tb_backstop_mark(const struct tb_net_info *info, u32 kind)
 	struct tb_mark *m, *old;
 	int err = 0;
 
+	/* TCP sockets only: their close always runs tcp_close(), which ends
+	 * the mark (tb_backstop_closing), so a mark never outlives its
+	 * socket to be found by another at the same address (T-31). An
+	 * MPTCP socket closes through mptcp_close(): its mark would stay
+	 * for good, and the backstop never sees it anyway (its packets
+	 * leave from the kernel's subflow sockets). */
+	if (sk->sk_protocol != IPPROTO_TCP)
+		return 0;
 	m = kzalloc(sizeof(*m), GFP_KERNEL);
 	if (!m) {
 		atomic64_inc(&tb_bs.unmarked);
@@ -1265,24 +1320,14 @@ static bool tb_tls_tx(const struct sock *sk)
 	return ctx && ctx->tx_conf != TLS_BASE;
 }
 
-/* The TCP segment in skb, as the hooks look at it. */
-struct tb_pkt {
-	u8 family;
-	u8 saddr[16], daddr[16];
-	u16 sport, dport;
-	bool syn;		/* SYN without ACK: a connection's first */
-	bool payload;
-};
-
 /* Fills *p from skb (an IPv4 or IPv6 packet, pf); false if it is not a
  * TCP segment with a readable header (not the first fragment: passed). */
-static bool tb_pkt_parse(struct sk_buff *skb, u8 pf, struct tb_pkt *p)
+static bool tb_pkt_parse(struct sk_buff *skb, u8 pf, struct tb_bs_pkt *p)
 {
 	struct tcphdr _th;
 	const struct tcphdr *th;
 	int thoff;
 
-	memset(p, 0, sizeof(*p));
 	if (pf == NFPROTO_IPV4) {
 		const struct iphdr *iph = ip_hdr(skb);
 
@@ -1318,76 +1363,104 @@ static bool tb_pkt_parse(struct sk_buff *skb, u8 pf, struct tb_pkt *p)
 	return true;
 }
 
-static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
-				     const struct nf_hook_state *state)
+/* The lookups proto::backstop asks for (kmod/sys/mod.rs, BsFacts); called
+ * from the hooks, under netfilter's RCU read section. */
+bool tb_bs_protected(const struct tb_bs_pkt *p, bool src)
 {
-	u32 mode = atomic_read(&tb_backstop_mode);
-	struct tb_pkt pkt;
-	u8 family, *saddr = pkt.saddr, *daddr = pkt.daddr;
-	u16 sport, dport;
-	bool syn, payload, ok;
-	const struct sock *sk;
+	return src ? tb_prot_has(p->net, p->family, p->saddr, p->sport) :
+		     tb_prot_has(p->net, p->family, p->daddr, p->dport);
+}
+
+void tb_bs_sender(const struct tb_bs_pkt *p, struct tb_bs_sender *out)
+{
+	const struct sock *sk = p->sk;
 	const struct tb_mark *m;
 
-	if (mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n))
-		return NF_ACCEPT;
-	if (!tb_pkt_parse(skb, state->pf, &pkt))
-		return NF_ACCEPT;
-	family = pkt.family;
-	sport = pkt.sport;
-	dport = pkt.dport;
-	syn = pkt.syn;
-	payload = pkt.payload;
-	if (!syn && !payload)
-		return NF_ACCEPT;
-	if (!tb_prot_has(family, daddr, dport) &&
-	    !(payload && tb_prot_has(family, saddr, sport)))
-		return NF_ACCEPT;
-
-	sk = skb_to_full_sk(skb);
+	memset(out, 0, sizeof(*out));
 	if (sk && !sk_fullsock(sk))
 		sk = NULL;
 	/* The kernel's own (NFS, iSCSI ...), but not an MPTCP subflow: those
 	 * carry a user socket's data and are never qualified themselves. */
 	if (sk && sk->sk_kern_sock &&
-	    !(sk->sk_protocol == IPPROTO_TCP && sk_is_mptcp(sk)))
-		return NF_ACCEPT;
+	    !(sk->sk_protocol == IPPROTO_TCP && sk_is_mptcp(sk))) {
+		out->kind = TB_SENDER_KERNEL;
+		return;
+	}
 	if (!sk || sk->sk_type != SOCK_STREAM ||
 	    sk->sk_protocol != IPPROTO_TCP) {
-		ok = false;		/* a raw socket, a request sock */
-	} else {
-		m = tb_mark_find(sk);
-		if (syn) {
-			ok = m != NULL;
-		} else {
-			u32 kind = m ? READ_ONCE(m->kind) : 0;
-
-			/* A bound socket's queue holds only TLS records; once
-			 * closed, kTLS's state is gone but they still go out. */
-			ok = tb_tls_tx(sk) || kind == TB_MARK_PLAIN ||
-			     (kind == TB_MARK_BOUND && READ_ONCE(m->closing));
-		}
+		out->kind = TB_SENDER_UNQUALIFIABLE;
+		return;
 	}
-	if (ok)
+	out->kind = TB_SENDER_TCP;
+	m = tb_mark_find(sk);
+	if (m) {
+		out->mark = READ_ONCE(m->kind);
+		out->closing = READ_ONCE(m->closing);
+	}
+	out->tls_tx = tb_tls_tx(sk);
+}
+
+/* Counts and logs what Rust decided about p (TB_BS_*); the verdict. */
+static unsigned int tb_bs_apply(u32 outcome, const struct tb_bs_pkt *p,
+				bool inbound)
+{
+	const char *what, *why;
+
+	if (outcome == TB_BS_PASS)
 		return NF_ACCEPT;
-	if (mode != TB_BACKSTOP_DROP) {
+	if (outcome == TB_BS_WOULD_DROP) {
 		atomic64_inc(&tb_bs.would_drop);
 		return NF_ACCEPT;
 	}
-	atomic64_inc(syn ? &tb_bs.syn_dropped : &tb_bs.payload_dropped);
-	if (family == 4)
-		pr_info_ratelimited("backstop dropped a %s %pI4:%u -> %pI4:%u (%s)\n",
-				    syn ? "SYN" : "segment", saddr, sport,
-				    daddr, dport,
-				    syn ? "not from a qualified socket"
-					: "plaintext to a protected service");
+	if (inbound) {
+		atomic64_inc(&tb_bs.inbound_dropped);
+		what = "an inbound SYN";
+		why = "not from a protected host";
+	} else if (p->syn) {
+		atomic64_inc(&tb_bs.syn_dropped);
+		what = "a SYN";
+		why = "not from a qualified socket";
+	} else {
+		atomic64_inc(&tb_bs.payload_dropped);
+		what = "a segment";
+		why = "plaintext to a protected service";
+	}
+	if (p->family == 4)
+		pr_info_ratelimited("backstop dropped %s %pI4:%u -> %pI4:%u (%s)\n",
+				    what, p->saddr, p->sport, p->daddr,
+				    p->dport, why);
 	else
-		pr_info_ratelimited("backstop dropped a %s [%pI6c]:%u -> [%pI6c]:%u (%s)\n",
-				    syn ? "SYN" : "segment", saddr, sport,
-				    daddr, dport,
-				    syn ? "not from a qualified socket"
-					: "plaintext to a protected service");
+		pr_info_ratelimited("backstop dropped %s [%pI6c]:%u -> [%pI6c]:%u (%s)\n",
+				    what, p->saddr, p->sport, p->daddr,
+				    p->dport, why);
 	return NF_DROP;
+}
+
+/* Fills *p for skb; false when there is nothing to decide (the backstop
+ * is off or nothing is protected: nothing to parse; not a TCP segment). */
+static bool tb_bs_packet(struct sk_buff *skb,
+			 const struct nf_hook_state *state,
+			 struct tb_bs_pkt *p)
+{
+	memset(p, 0, sizeof(*p));
+	p->mode = atomic_read(&tb_backstop_mode);
+	if (p->mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n) ||
+	    !tb_pkt_parse(skb, state->pf, p))
+		return false;
+	p->net = state->net->net_cookie;
+	return true;
+}
+
+/* Outgoing: what a local socket sends, decided by proto::backstop. */
+static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
+				     const struct nf_hook_state *state)
+{
+	struct tb_bs_pkt p;
+
+	if (!tb_bs_packet(skb, state, &p))
+		return NF_ACCEPT;
+	p.sk = skb_to_full_sk(skb);
+	return tb_bs_apply(trustbind_backstop_out(&p), &p, false);
 }
 
 /*
@@ -1456,34 +1529,25 @@ static bool tb_peer_known(const struct tb_peers *p, u8 family,
 	return false;
 }
 
+int tb_bs_from_peer(const struct tb_bs_pkt *p)
+{
+	const struct tb_peers *peers = rcu_dereference(tb_peers);
+
+	if (!peers)
+		return -1;
+	return tb_peer_known(peers, p->family, p->saddr);
+}
+
+/* Incoming: a SYN to this host, decided by proto::backstop. */
 static unsigned int tb_backstop_in_hook(void *priv, struct sk_buff *skb,
 					const struct nf_hook_state *state)
 {
-	u32 mode = atomic_read(&tb_backstop_mode);
-	const struct tb_peers *peers;
-	struct tb_pkt pkt;
+	struct tb_bs_pkt p;
 
-	if (mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n))
+	if (!tb_bs_packet(skb, state, &p))
 		return NF_ACCEPT;
-	if (state->in && (state->in->flags & IFF_LOOPBACK))
-		return NF_ACCEPT;
-	peers = rcu_dereference(tb_peers);
-	if (!peers || !tb_pkt_parse(skb, state->pf, &pkt) || !pkt.syn ||
-	    !tb_prot_has(pkt.family, pkt.daddr, pkt.dport) ||
-	    tb_peer_known(peers, pkt.family, pkt.saddr))
-		return NF_ACCEPT;
-	if (mode != TB_BACKSTOP_DROP) {
-		atomic64_inc(&tb_bs.would_drop);
-		return NF_ACCEPT;
-	}
-	atomic64_inc(&tb_bs.inbound_dropped);
-	if (pkt.family == 4)
-		pr_info_ratelimited("backstop dropped an inbound SYN %pI4:%u -> %pI4:%u (not from a protected host)\n",
-				    pkt.saddr, pkt.sport, pkt.daddr, pkt.dport);
-	else
-		pr_info_ratelimited("backstop dropped an inbound SYN [%pI6c]:%u -> [%pI6c]:%u (not from a protected host)\n",
-				    pkt.saddr, pkt.sport, pkt.daddr, pkt.dport);
-	return NF_DROP;
+	p.loopback = state->in && (state->in->flags & IFF_LOOPBACK);
+	return tb_bs_apply(trustbind_backstop_in(&p), &p, true);
 }
 
 static const struct nf_hook_ops tb_backstop_ops[] = {
@@ -1699,15 +1763,56 @@ static atomic_t tb_unix_n = ATOMIC_INIT(0);
 #define TB_UNIX_ASK (-EAGAIN)
 #define TB_UNIX_ROUNDS 4
 
+/* The process behind sk's SO_PEERCRED (set at listen() for a listener,
+ * at connect() for either end of a connection), ids in the init user
+ * namespace. tgid 0: no such process any more. */
+struct tb_peer {
+	u32 uid, euid, gid, egid;
+	u32 tgid, ptgid;
+	u32 loginuid, sessionid;
+	u64 start_ns, pstart_ns;
+};
+
+static void tb_sk_peer(struct sock *sk, struct tb_peer *out)
+{
+	const struct cred *cred;
+	struct task_struct *t, *parent;
+	struct pid *pid;
+
+	memset(out, 0, sizeof(*out));
+	spin_lock(&sk->sk_peer_lock);
+	pid = get_pid(sk->sk_peer_pid);
+	cred = get_cred(sk->sk_peer_cred);
+	spin_unlock(&sk->sk_peer_lock);
+	if (cred) {
+		out->uid = from_kuid(&init_user_ns, cred->uid);
+		out->euid = from_kuid(&init_user_ns, cred->euid);
+		out->gid = from_kgid(&init_user_ns, cred->gid);
+		out->egid = from_kgid(&init_user_ns, cred->egid);
+		put_cred(cred);
+	}
+	rcu_read_lock();
+	t = pid ? pid_task(pid, PIDTYPE_TGID) : NULL;
+	if (t) {
+		out->tgid = task_tgid_nr(t);
+		out->start_ns = t->group_leader->start_boottime;
+		out->loginuid = from_kuid(&init_user_ns, audit_get_loginuid(t));
+		out->sessionid = audit_get_sessionid(t);
+		parent = rcu_dereference(t->real_parent);
+		out->ptgid = task_tgid_nr(parent);
+		out->pstart_ns = parent->group_leader->start_boottime;
+	}
+	rcu_read_unlock();
+	put_pid(pid);
+}
+
 /* The listener's name (path or abstract) and owner into *info. */
 static int tb_unix_fill(struct sock *peer, struct tb_unix_info *info)
 {
 	struct unix_sock *pu = unix_sk(peer);
 	struct unix_address *addr;
 	struct path path = {};
-	const struct cred *cred = NULL;
-	struct pid *pid = NULL;
-	struct task_struct *t, *parent;
+	struct tb_peer owner;
 	u32 n = 0;
 
 	unix_state_lock(peer);
@@ -1738,26 +1843,13 @@ static int tb_unix_fill(struct sock *peer, struct tb_unix_info *info)
 	info->path_len = n;
 
 	/* A listener's peer credentials are its owner's, set at listen(). */
-	spin_lock(&peer->sk_peer_lock);
-	pid = get_pid(peer->sk_peer_pid);
-	cred = get_cred(peer->sk_peer_cred);
-	spin_unlock(&peer->sk_peer_lock);
-	if (cred) {
-		info->peer_uid = from_kuid(&init_user_ns, cred->euid);
-		info->peer_gid = from_kgid(&init_user_ns, cred->egid);
-		put_cred(cred);
-	}
-	rcu_read_lock();
-	t = pid ? pid_task(pid, PIDTYPE_TGID) : NULL;
-	if (t) {
-		info->peer_tgid = task_tgid_nr(t);
-		info->peer_start_ns = t->group_leader->start_boottime;
-		parent = rcu_dereference(t->real_parent);
-		info->peer_ptgid = task_tgid_nr(parent);
-		info->peer_pstart_ns = parent->group_leader->start_boottime;
-	}
-	rcu_read_unlock();
-	put_pid(pid);
+	tb_sk_peer(peer, &owner);
+	info->peer_uid = owner.euid;
+	info->peer_gid = owner.egid;
+	info->peer_tgid = owner.tgid;
+	info->peer_start_ns = owner.start_ns;
+	info->peer_ptgid = owner.ptgid;
+	info->peer_pstart_ns = owner.pstart_ns;
 	return 0;
 }
 
@@ -1823,6 +1915,79 @@ static int tb_unix_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 	if (pending.approved)
 		sock_put(pending.approved);
 out:
+	tb_net_leave();
+	return err;
+}
+
+/*
+ * unix_accept() (stream and seqpacket; found through a kernel socket's ops
+ * like the connect): the connect was decided against the listener's owner,
+ * the process that called listen(). When another process accepts (socket
+ * activation: a service manager listens, the service accepts), the pair is
+ * decided again with the acceptor as the server, before it reads a byte:
+ * a refusal fails accept() with ECONNABORTED and the connection is
+ * dropped (T-21). The client must still be alive: its program comes from
+ * its process.
+ */
+static tb_accept_fn tb_unix_accept_orig;
+
+static int tb_unix_accept_check(struct sock *listener, struct sock *newsk)
+{
+	struct tb_unix_info *info;
+	struct tb_peer p;
+	struct task_struct *parent;
+	int err;
+
+	/* Accepted by the listener's owner: decided at connect. */
+	tb_sk_peer(listener, &p);
+	if (p.tgid == task_tgid_nr(current) &&
+	    p.start_ns == current->group_leader->start_boottime)
+		return 0;
+
+	info = kzalloc(sizeof(*info), GFP_KERNEL);
+	if (!info)
+		return -ENOMEM;
+	/* The name; the server is then the acceptor (current). */
+	err = tb_unix_fill(listener, info);
+	if (err)
+		goto out;
+	info->at_accept = 1;
+	info->peer_uid = from_kuid(&init_user_ns, current_euid());
+	info->peer_gid = from_kgid(&init_user_ns, current_egid());
+	info->peer_tgid = task_tgid_nr(current);
+	info->peer_start_ns = current->group_leader->start_boottime;
+	rcu_read_lock();
+	parent = rcu_dereference(current->real_parent);
+	info->peer_ptgid = task_tgid_nr(parent);
+	info->peer_pstart_ns = parent->group_leader->start_boottime;
+	rcu_read_unlock();
+	/* The client: the connection's peer, set at connect(). */
+	tb_sk_peer(newsk, &p);
+	info->uid = p.uid;
+	info->euid = p.euid;
+	info->gid = p.gid;
+	info->loginuid = p.loginuid;
+	info->sessionid = p.sessionid;
+	info->tgid = p.tgid;
+	info->start_ns = p.start_ns;
+	info->ptgid = p.ptgid;
+	info->pstart_ns = p.pstart_ns;
+	err = trustbind_unix_check(info);
+out:
+	kfree(info);
+	return err;
+}
+
+static int tb_unix_accept(struct socket *sock, struct socket *newsock,
+			  struct proto_accept_arg *arg)
+{
+	int err = tb_unix_accept_orig(sock, newsock, arg);
+
+	if (!err && !sock->sk->sk_kern_sock &&
+	    trustbind_unix_wanted(task_tgid_nr(current)) &&
+	    tb_unix_accept_check(sock->sk, newsock->sk))
+		/* The caller releases newsock: the client sees it closed. */
+		err = -ECONNABORTED;
 	tb_net_leave();
 	return err;
 }
@@ -1955,6 +2120,12 @@ static struct ftrace_ops tb_close_ops = {
 	.func = tb_net_redirect,
 	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
 	.private = tb_tcp_close,
+};
+
+static struct ftrace_ops tb_unix_accept_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_unix_accept,
 };
 
 static struct ftrace_ops tb_unix_connect_ops = {
@@ -2103,6 +2274,7 @@ int tb_unix_hooks_start(void)
 		return err;
 	}
 	tb_unix_connect_orig = sock->ops->connect;
+	tb_unix_accept_orig = sock->ops->accept;
 	sock_release(sock);
 	/* CONFIG_SECURITY_NETWORK (on in distribution kernels) provides it:
 	 * without it no UNIX connect can be decided before it exists. */
@@ -2112,12 +2284,22 @@ int tb_unix_hooks_start(void)
 	err = tb_hook_ip(&tb_unix_connect_ops, tb_unix_connect_orig,
 			 "UNIX connects");
 	if (err)
-		tb_unhook_one(&tb_unix_security_ops);
+		goto fail_connect;
+	err = tb_hook_ip(&tb_unix_accept_ops, tb_unix_accept_orig,
+			 "UNIX accepts");
+	if (err)
+		goto fail_accept;
+	return 0;
+fail_accept:
+	tb_unhook_one(&tb_unix_connect_ops);
+fail_connect:
+	tb_unhook_one(&tb_unix_security_ops);
 	return err;
 }
 
 void tb_unix_hooks_stop(void)
 {
+	tb_unhook_one(&tb_unix_accept_ops);
 	tb_unhook_one(&tb_unix_connect_ops);
 	tb_unhook_one(&tb_unix_security_ops);
 	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
@@ -2160,22 +2342,98 @@ static struct ftrace_ops tb_open_exec_ops = {
 };
 
 /*
- * The exec commit: the sched_process_exec tracepoint fires once an exec
- * has passed its point of no return and the new program is loaded (and
- * only then): lineage is recorded here, never for an exec that failed.
+ * The process events the lineage table follows (proto/src/lineage.rs):
+ * sched_process_fork (a new process gets its parent's entry),
+ * sched_process_exec (fires once an exec has passed its point of no
+ * return and the new program is loaded, and only then: lineage is
+ * recorded here, never for an exec that failed) and sched_process_exit
+ * (the whole thread group is gone). All three are process context with
+ * preemption disabled: the Rust side does not sleep.
  */
-static struct tracepoint *tb_tp_exec;
+static struct tracepoint *tb_tp_exec, *tb_tp_fork, *tb_tp_exit;
 
 static void tb_find_tp(struct tracepoint *tp, void *priv)
 {
 	if (!strcmp(tp->name, "sched_process_exec"))
 		tb_tp_exec = tp;
+	else if (!strcmp(tp->name, "sched_process_fork"))
+		tb_tp_fork = tp;
+	else if (!strcmp(tp->name, "sched_process_exit"))
+		tb_tp_exit = tp;
 }
 
 static void tb_exec_committed(void *data, struct task_struct *p,
 			      pid_t old_pid, struct linux_binprm *bprm)
 {
-	trustbind_exec_committed(old_pid);
+	/* p is current, now the group leader (de_thread gave it the
+	 * leader's start time). */
+	trustbind_exec_committed(old_pid, p->tgid,
+				 p->group_leader->start_boottime);
+}
+
+static void tb_proc_forked(void *data, struct task_struct *parent,
+			   struct task_struct *child)
+{
+	/* A new thread of the same process runs the same image. The child
+	 * runs what the forking task runs (with CLONE_PARENT too). */
+	if (child->tgid == parent->tgid)
+		return;
+	trustbind_proc_forked(parent->tgid,
+			      parent->group_leader->start_boottime, child->tgid,
+			      child->start_boottime);
+}
+
+static void tb_proc_exit(void *data, struct task_struct *p)
+{
+	/* do_exit() decremented signal->live before this tracepoint: 0 means
+	 * the last thread of the group is exiting (two threads exiting at
+	 * once may both see 0: removing twice is harmless). */
+	if (atomic_read(&p->signal->live))
+		return;
+	trustbind_proc_exited(p->tgid, p->group_leader->start_boottime);
+}
+
+/*
+ * PR_SET_MM_EXE_FILE and PR_SET_MM_MAP (with an exe fd) both change
+ * mm->exe_file through replace_mm_exe_file(). It is only called directly,
+ * so under IBT its ENDBR is sealed and a wrapper could not call it: the
+ * decision is taken in the ftrace callback itself (no sleeping), which
+ * redirects a refused call to tb_replace_exe_refused() and otherwise lets
+ * the original run untouched.
+ */
+static int tb_replace_exe_refused(struct mm_struct *mm, struct file *file)
+{
+	pr_warn_ratelimited("exe_file change refused: pid %d (%s)\n",
+			    task_tgid_nr(current), current->comm);
+	tb_net_leave();
+	return -EPERM;
+}
+
+static void notrace tb_exe_replace_gate(unsigned long ip,
+					unsigned long parent_ip,
+					struct ftrace_ops *op,
+					struct ftrace_regs *fregs)
+{
+	if (trustbind_exe_replace_allowed())
+		return;
+	tb_net_redirect(ip, parent_ip, op, fregs);
+}
+
+static struct ftrace_ops tb_exe_replace_ops = {
+	.func = tb_exe_replace_gate,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_replace_exe_refused,
+};
+
+static void tb_tp_unregister_all(void)
+{
+	if (tb_tp_exec)
+		tracepoint_probe_unregister(tb_tp_exec, tb_exec_committed, NULL);
+	if (tb_tp_fork)
+		tracepoint_probe_unregister(tb_tp_fork, tb_proc_forked, NULL);
+	if (tb_tp_exit)
+		tracepoint_probe_unregister(tb_tp_exit, tb_proc_exit, NULL);
+	tracepoint_synchronize_unregister();
 }
 
 int tb_loader_hooks_start(void)
@@ -2183,27 +2441,48 @@ int tb_loader_hooks_start(void)
 	int err;
 
 	for_each_kernel_tracepoint(tb_find_tp, NULL);
-	if (!tb_tp_exec) {
-		pr_err("no sched_process_exec tracepoint\n");
+	if (!tb_tp_exec || !tb_tp_fork || !tb_tp_exit) {
+		pr_err("no sched_process_exec/fork/exit tracepoint\n");
 		return -ENOENT;
+	}
+	/* Exit first, then fork, then exec: no entry is made whose removal
+	 * could be missed. */
+	err = tracepoint_probe_register(tb_tp_exit, tb_proc_exit, NULL);
+	if (err) {
+		pr_err("cannot attach to sched_process_exit: %d\n", err);
+		tb_tp_exit = NULL;
+		goto fail;
+	}
+	err = tracepoint_probe_register(tb_tp_fork, tb_proc_forked, NULL);
+	if (err) {
+		pr_err("cannot attach to sched_process_fork: %d\n", err);
+		tb_tp_fork = NULL;
+		goto fail;
 	}
 	err = tracepoint_probe_register(tb_tp_exec, tb_exec_committed, NULL);
 	if (err) {
 		pr_err("cannot attach to sched_process_exec: %d\n", err);
-		return err;
+		tb_tp_exec = NULL;
+		goto fail;
 	}
 	err = tb_hook_one(&tb_open_exec_ops, "open_exec");
+	if (err)
+		goto fail;
+	err = tb_hook_one(&tb_exe_replace_ops, "replace_mm_exe_file");
 	if (err) {
-		tracepoint_probe_unregister(tb_tp_exec, tb_exec_committed, NULL);
-		tracepoint_synchronize_unregister();
+		tb_unhook_one(&tb_open_exec_ops);
+		goto fail;
 	}
+	return 0;
+fail:
+	tb_tp_unregister_all();
 	return err;
 }
 
 void tb_loader_hooks_stop(void)
 {
+	tb_unhook_one(&tb_exe_replace_ops);
 	tb_unhook_one(&tb_open_exec_ops);
 	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
-	tracepoint_probe_unregister(tb_tp_exec, tb_exec_committed, NULL);
-	tracepoint_synchronize_unregister();
+	tb_tp_unregister_all();
 }

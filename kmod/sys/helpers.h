@@ -11,6 +11,15 @@
 
 #include <linux/types.h>
 
+/* --- Signals ----------------------------------------------------------- */
+
+/* Blocks every signal but SIGKILL and SIGSTOP for the calling thread;
+ * returns the old mask for tb_signals_restore(). */
+u64 tb_signals_block(void);
+/* Restores the mask tb_signals_block() returned; signals that came
+ * meanwhile are then delivered as usual. */
+void tb_signals_restore(u64 old);
+
 /* --- Hashing (kernel crypto API, shash) -------------------------------- */
 
 struct tb_hashers;
@@ -84,9 +93,10 @@ int trustbind_exec_check(const struct linux_binprm *bprm);
  */
 struct file;
 
-/* Hooks open_exec() and attaches to sched_process_exec. */
+/* Hooks open_exec() and replace_mm_exe_file(), and attaches to the
+ * sched_process_exec, _fork and _exit tracepoints. */
 int tb_loader_hooks_start(void);
-/* Unhooks both and waits until no wrapper or probe of ours runs. */
+/* Undoes that and waits until no wrapper or probe of ours runs. */
 void tb_loader_hooks_stop(void);
 /* Identity of the opened file and the current task's context. */
 int tb_open_info(const struct file *file, struct tb_exec_info *out);
@@ -105,9 +115,15 @@ ssize_t tb_file_read(struct file *file, u64 off, u8 *buf, size_t len);
 /* Implemented in Rust (exec.rs): called for each file an exec opens with
  * open_exec(); 0 lets the open go on, -errno fails it (and the exec). */
 int trustbind_loader_check(struct file *file);
-/* Implemented in Rust (exec.rs): the exec of thread old_pid committed (any
- * context: must not sleep). */
-void trustbind_exec_committed(int old_pid);
+/* Implemented in Rust (exec.rs), called from tracepoints (must not sleep):
+ * the exec of thread old_pid committed in process (tgid, start_ns); a new
+ * process was forked; the last thread of a process exited. */
+void trustbind_exec_committed(int old_pid, u32 tgid, u64 start_ns);
+void trustbind_proc_forked(u32 ptgid, u64 pstart_ns, u32 tgid, u64 start_ns);
+void trustbind_proc_exited(u32 tgid, u64 start_ns);
+/* Implemented in Rust (exec.rs), called from an ftrace callback (must not
+ * sleep): whether a process may change its mm->exe_file. */
+bool trustbind_exe_replace_allowed(void);
 
 /* --- Connect/accept qualification (ftrace IPMODIFY wrappers) ------------ */
 
@@ -242,11 +258,13 @@ void trustbind_net_closed(unsigned long sk_id,
 
 /* Sets what the backstop does (TB_BACKSTOP_*). Any context. */
 void tb_backstop_set_mode(u32 mode);
-/* Marks info->dst (the peer of a connect, the local end of an accept) as a
- * protected service. 1 if new, 0 if known, -errno (-ENOSPC: table full).
+/* Marks info->dst (the peer of a connect, the local end of an accept), in
+ * the socket's network namespace, as a protected service. 1 if new, 0 if known, -errno (-ENOSPC: table full).
  * Process context. */
 int tb_backstop_protect(const struct tb_net_info *info);
-/* Forgets every protected service (the policy generation moved). */
+/* Whether the server end of info is a protected service already. */
+bool tb_backstop_is_protected(const struct tb_net_info *info);
+/* Forgets every protected service (the backstop was switched off). */
 void tb_backstop_forget(void);
 #define TB_MARK_PLAIN 1	/* its verdict allows plaintext */
 #define TB_MARK_CHANNEL 2	/* its verdict requires a channel (no key yet) */
@@ -262,6 +280,48 @@ int tb_backstop_peers(const u8 *entries, u32 n);
 /* Adds the backstop's counters to the debugfs directory (may be NULL). */
 struct dentry;
 void tb_backstop_debugfs(struct dentry *dir);
+
+struct sock;
+
+/* One packet the backstop hooks saw, for proto::backstop (through Rust:
+ * trustbind_backstop_out/_in); the hooks answer its lookups below. */
+struct tb_bs_pkt {
+	u64 net;		/* its network namespace's net_cookie */
+	u32 mode;		/* TB_BACKSTOP_* */
+	u8 family;		/* 4 or 6 */
+	u8 syn;			/* SYN without ACK */
+	u8 payload;		/* carries data */
+	u8 loopback;		/* came in over loopback (incoming) */
+	u8 saddr[16], daddr[16];
+	u16 sport, dport;
+	const struct sock *sk;	/* the skb's socket, or NULL (outgoing) */
+};
+
+#define TB_SENDER_UNQUALIFIABLE 0	/* no full TCP socket: raw, request */
+#define TB_SENDER_KERNEL 1		/* a kernel socket, not an MPTCP subflow */
+#define TB_SENDER_TCP 2			/* a user TCP socket or MPTCP subflow */
+
+struct tb_bs_sender {
+	u32 kind;		/* TB_SENDER_* */
+	u32 mark;		/* TB_MARK_*, 0: none */
+	u8 closing;		/* its program closed it */
+	u8 tls_tx;		/* kTLS transmit state */
+};
+
+#define TB_BS_PASS 0
+#define TB_BS_WOULD_DROP 1
+#define TB_BS_DROP 2
+
+/* Implemented in Rust (sys/mod.rs): the outcome (TB_BS_*) for p. Softirq
+ * or process context, under netfilter's RCU read section. */
+u32 trustbind_backstop_out(const struct tb_bs_pkt *p);
+u32 trustbind_backstop_in(const struct tb_bs_pkt *p);
+/* The lookups those make (same context): whether p's source (src) or
+ * destination is a protected service; p's sending socket; whether p's
+ * source is a protected host (1), is not (0), or no list came yet (-1). */
+bool tb_bs_protected(const struct tb_bs_pkt *p, bool src);
+void tb_bs_sender(const struct tb_bs_pkt *p, struct tb_bs_sender *out);
+int tb_bs_from_peer(const struct tb_bs_pkt *p);
 
 /* --- UNIX-domain connect qualification (ftrace IPMODIFY wrapper) ------- */
 
@@ -279,16 +339,22 @@ void tb_backstop_debugfs(struct dentry *dir);
 
 /* One UNIX-domain connect, as trustbind_unix_check() sees it. */
 struct tb_unix_info {
-	u32 uid, euid, gid;	/* of the current (client) task, init userns */
+	u32 uid, euid, gid;	/* of the client, init userns */
 	u32 loginuid;		/* (u32)-1 if unset */
 	u32 sessionid;		/* (u32)-1 if unset */
 	u32 tgid, ptgid;
-	/* The listener (SO_PEERCRED of the connection): its tgid, and the
-	 * euid/egid it listened with. peer_tgid 0: no such process any more. */
+	/* The server: the listener's owner (its SO_PEERCRED: tgid, and the
+	 * euid/egid it listened with), or the acceptor (at_accept). peer_tgid
+	 * 0: no such process any more. */
 	u32 peer_tgid;
 	u32 peer_uid, peer_gid;
 	u32 peer_ptgid;
 	u32 path_len;		/* bytes of path, no NUL */
+	/* 0: asked at connect (the client is current, the server the
+	 * listener's owner); 1: asked at accept by another process than the
+	 * listener's owner (the server is current, the acceptor; the client
+	 * is the connection's peer). */
+	u32 at_accept;
 	u64 start_ns;		/* boot-based start of the client's group leader */
 	u64 pstart_ns;		/* same, of its parent's */
 	u64 peer_start_ns;	/* same, of the listener's */

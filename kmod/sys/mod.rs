@@ -10,6 +10,8 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use kernel::alloc::KVVec;
 
 use crate::proto::bound::{BoundSocket, BoundTable, Slot as BoundSlot};
+use crate::proto::backstop;
+use crate::proto::lineage::ProcId;
 use kernel::error::to_result;
 use kernel::ffi::c_int;
 use kernel::prelude::*;
@@ -30,7 +32,7 @@ mod bindings {
 
 use bindings::{
     linux_binprm, tb_backstop_debugfs, tb_backstop_forget, tb_backstop_mark, tb_backstop_peers,
-    tb_backstop_protect, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp,
+    tb_backstop_is_protected, tb_backstop_protect, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp,
     tb_bprm_file, tb_bprm_head, tb_bprm_is_native_elf, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove,
     tb_debugfs_u64, tb_dev_deregister, tb_log_ratelimit, tb_dev_register, tb_dev_wake_readers, tb_exec_register,
     tb_exec_unregister, tb_file_id_of, tb_file_read, tb_hash_current_exe, tb_hash_file, tb_hash_open, tb_hash_task_exe,
@@ -64,22 +66,98 @@ pub(crate) fn econnreset() -> Error {
     Error::from_errno(-(kernel::bindings::ECONNRESET as i32))
 }
 
-/// What the netfilter backstop does (`helpers.c`).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Backstop {
-    /// Nothing (disabled mode, or connects not qualified).
-    Off = bindings::TB_BACKSTOP_OFF as isize,
-    /// Counts what it would drop (permissive mode).
-    Count = bindings::TB_BACKSTOP_COUNT as isize,
-    /// Drops (enforce mode).
-    Drop = bindings::TB_BACKSTOP_DROP as isize,
+/// Sets what the netfilter backstop does from now on.
+pub(crate) fn backstop_set(mode: backstop::Mode) {
+    let m = match mode {
+        backstop::Mode::Off => bindings::TB_BACKSTOP_OFF,
+        backstop::Mode::Count => bindings::TB_BACKSTOP_COUNT,
+        backstop::Mode::Drop => bindings::TB_BACKSTOP_DROP,
+    };
+    // SAFETY: An atomic store; any context.
+    unsafe { tb_backstop_set_mode(m) }
 }
 
-/// Sets what the netfilter backstop does from now on.
-pub(crate) fn backstop_set(mode: Backstop) {
-    // SAFETY: An atomic store; any context.
-    // CAST: the discriminants are the small TB_BACKSTOP_* values.
-    unsafe { tb_backstop_set_mode(mode as u32) }
+/// The lookups of one backstop decision, answered by `helpers.c`.
+struct BsFacts<'a>(&'a bindings::tb_bs_pkt);
+
+impl backstop::Facts for BsFacts<'_> {
+    fn protected(&self, end: backstop::End) -> bool {
+        // SAFETY: `self.0` is the hook's packet description; the lookup
+        // is an RCU read of the protected set (the hook's context).
+        unsafe { bindings::tb_bs_protected(self.0, end == backstop::End::Src) }
+    }
+
+    fn sender(&self) -> backstop::Sender {
+        let mut s = bindings::tb_bs_sender::default();
+        // SAFETY: As above; `s` is a valid out-parameter; the socket
+        // pointer in the packet is the skb's, alive while the hook runs.
+        unsafe { bindings::tb_bs_sender(self.0, &mut s) };
+        match s.kind {
+            bindings::TB_SENDER_KERNEL => backstop::Sender::Kernel,
+            bindings::TB_SENDER_TCP => backstop::Sender::Tcp {
+                mark: match s.mark {
+                    bindings::TB_MARK_PLAIN => Some(backstop::Mark::Plain),
+                    bindings::TB_MARK_CHANNEL => Some(backstop::Mark::Channel),
+                    bindings::TB_MARK_BOUND => Some(backstop::Mark::Bound),
+                    _ => None,
+                },
+                closing: s.closing != 0,
+                tls_tx: s.tls_tx != 0,
+            },
+            _ => backstop::Sender::Unqualifiable,
+        }
+    }
+
+    fn source_is_peer(&self) -> Option<bool> {
+        // SAFETY: As above (an RCU read of the peers list).
+        match unsafe { bindings::tb_bs_from_peer(self.0) } {
+            r if r < 0 => None,
+            r => Some(r > 0),
+        }
+    }
+}
+
+fn bs_mode(m: u32) -> backstop::Mode {
+    match m {
+        bindings::TB_BACKSTOP_COUNT => backstop::Mode::Count,
+        bindings::TB_BACKSTOP_DROP => backstop::Mode::Drop,
+        _ => backstop::Mode::Off,
+    }
+}
+
+fn bs_outcome(o: backstop::Outcome) -> u32 {
+    match o {
+        backstop::Outcome::Pass => bindings::TB_BS_PASS,
+        backstop::Outcome::WouldDrop => bindings::TB_BS_WOULD_DROP,
+        backstop::Outcome::Drop => bindings::TB_BS_DROP,
+    }
+}
+
+/// Called by the backstop's `LOCAL_OUT` hook: the outcome for the segment
+/// `p` describes (`proto::backstop::outgoing`).
+///
+/// # Safety
+///
+/// `p` is valid for the call (the hook's stack); netfilter's RCU read
+/// section is held.
+#[no_mangle]
+unsafe extern "C" fn trustbind_backstop_out(p: *const bindings::tb_bs_pkt) -> u32 {
+    // SAFETY: The caller's contract.
+    let p = unsafe { &*p };
+    bs_outcome(backstop::outgoing(bs_mode(p.mode), p.syn != 0, p.payload != 0, &BsFacts(p)))
+}
+
+/// Called by the backstop's `LOCAL_IN` hook: the outcome for the segment
+/// `p` describes (`proto::backstop::incoming`).
+///
+/// # Safety
+///
+/// As [`trustbind_backstop_out`].
+#[no_mangle]
+unsafe extern "C" fn trustbind_backstop_in(p: *const bindings::tb_bs_pkt) -> u32 {
+    // SAFETY: The caller's contract.
+    let p = unsafe { &*p };
+    bs_outcome(backstop::incoming(bs_mode(p.mode), p.syn != 0, p.loopback != 0, &BsFacts(p)))
 }
 
 /// Records `info`'s destination (the peer of a connect, the local end of
@@ -90,6 +168,14 @@ pub(crate) fn backstop_protect(info: &NetInfo) -> Result<bool> {
     // context, no spinlock held (the wrappers' contract).
     let r = unsafe { tb_backstop_protect(info) };
     to_result(r.min(0)).map(|()| r > 0)
+}
+
+/// Whether the server end of `info` is a protected service already (some
+/// earlier verdict bound a connection to it).
+pub(crate) fn backstop_is_protected(info: &NetInfo) -> bool {
+    // SAFETY: `info` is a valid `tb_net_info` (read only); the lookup is
+    // an RCU read section of its own.
+    unsafe { tb_backstop_is_protected(info) }
 }
 
 /// Replaces the protected hosts' addresses (the inbound backstop's).
@@ -331,12 +417,17 @@ check_callbacks! {
     trustbind_dev_readable in crate::device: unsafe extern "C" fn() -> bool;
     trustbind_exec_check in self: unsafe extern "C" fn(*const linux_binprm) -> c_int;
     trustbind_loader_check in self: unsafe extern "C" fn(*mut bindings::file) -> c_int;
-    trustbind_exec_committed in self: unsafe extern "C" fn(c_int);
+    trustbind_exec_committed in self: unsafe extern "C" fn(c_int, u32, u64);
+    trustbind_proc_forked in self: unsafe extern "C" fn(u32, u64, u32, u64);
+    trustbind_proc_exited in self: unsafe extern "C" fn(u32, u64);
+    trustbind_exe_replace_allowed in self: unsafe extern "C" fn() -> bool;
     trustbind_net_check in self: unsafe extern "C" fn(*mut NetInfo) -> c_int;
     trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, *const TcpCounts);
     trustbind_net_idle in self: unsafe extern "C" fn() -> bool;
     trustbind_unix_wanted in self: unsafe extern "C" fn(u32) -> bool;
     trustbind_unix_check in self: unsafe extern "C" fn(*mut UnixInfo) -> c_int;
+    trustbind_backstop_out in self: unsafe extern "C" fn(*const bindings::tb_bs_pkt) -> u32;
+    trustbind_backstop_in in self: unsafe extern "C" fn(*const bindings::tb_bs_pkt) -> u32;
 }
 
 /// The SHA-256 and SHA-1 transforms, allocated once at load.
@@ -770,15 +861,93 @@ unsafe extern "C" fn trustbind_loader_check(file: *mut bindings::file) -> c_int 
 }
 
 /// Called from the `sched_process_exec` tracepoint: the exec of thread
-/// `old_pid` committed. Must not sleep.
+/// `old_pid` committed in process (`tgid`, `start_ns`). Must not sleep.
 ///
 /// # Safety
 ///
 /// Called by the probe only (any context).
 #[no_mangle]
-unsafe extern "C" fn trustbind_exec_committed(old_pid: c_int) {
+unsafe extern "C" fn trustbind_exec_committed(old_pid: c_int, tgid: u32, start_ns: u64) {
+    let proc = ProcId { tgid, start_ns };
     // CAST: pids are positive.
-    crate::SHARED.with(|s| crate::exec::committed(s, old_pid as u32));
+    crate::SHARED.with(|s| crate::exec::committed(s, old_pid as u32, proc));
+}
+
+/// Called from the `sched_process_fork` tracepoint for a new process (not
+/// a thread). Must not sleep.
+///
+/// # Safety
+///
+/// Called by the probe only (any context).
+#[no_mangle]
+unsafe extern "C" fn trustbind_proc_forked(ptgid: u32, pstart_ns: u64, tgid: u32, start_ns: u64) {
+    let parent = ProcId {
+        tgid: ptgid,
+        start_ns: pstart_ns,
+    };
+    let child = ProcId { tgid, start_ns };
+    crate::SHARED.with(|s| crate::exec::forked(s, parent, child));
+}
+
+/// Called from the `sched_process_exit` tracepoint when the last thread of
+/// a process exits. Must not sleep.
+///
+/// # Safety
+///
+/// Called by the probe only (any context).
+#[no_mangle]
+unsafe extern "C" fn trustbind_proc_exited(tgid: u32, start_ns: u64) {
+    crate::SHARED.with(|s| crate::exec::exited(s, ProcId { tgid, start_ns }));
+}
+
+/// Called from the ftrace callback on `replace_mm_exe_file()`: whether the
+/// change may go on. Must not sleep.
+///
+/// # Safety
+///
+/// Called by the callback only (any context).
+#[no_mangle]
+unsafe extern "C" fn trustbind_exe_replace_allowed() -> bool {
+    crate::SHARED
+        .with(crate::exec::exe_replace_allowed)
+        .unwrap_or(true)
+}
+
+/// Every signal but `SIGKILL` and `SIGSTOP` blocked for the calling thread
+/// while this lives: an interruptible wait becomes one only a fatal
+/// signal (or a stop) ends. Signals that arrive meanwhile stay pending
+/// and are delivered once it is dropped.
+pub(crate) struct SignalsBlocked {
+    old: u64,
+    /// Not `Send`: the mask belongs to the thread that blocked it.
+    _thread: core::marker::PhantomData<*mut ()>,
+}
+
+impl SignalsBlocked {
+    /// Blocks them.
+    pub(crate) fn new() -> Self {
+        // SAFETY: Changes the calling thread's own signal mask only;
+        // process context (the waits it is used around sleep).
+        let old = unsafe { bindings::tb_signals_block() };
+        SignalsBlocked {
+            old,
+            _thread: core::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: Restores the mask `new` saved, in the same thread (the
+        // value is not `Send`).
+        unsafe { bindings::tb_signals_restore(self.old) }
+    }
+}
+
+/// The calling thread's id.
+pub(crate) fn current_pid() -> u32 {
+    // CAST: pids are positive.
+    kernel::current!().pid() as u32
 }
 
 /// The binfmt handler, registered at the head of the list.

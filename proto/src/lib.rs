@@ -1591,6 +1591,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
 mod tests;
 
 pub mod addr;
+pub mod backstop;
 pub mod bound;
 pub mod cache;
 pub mod elf;

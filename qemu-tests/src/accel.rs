@@ -23,21 +23,36 @@ pub enum Accel {
     Tcg,
     /// Hardware virtualization (`-accel kvm -cpu host`).
     Kvm,
+    /// Deterministic emulation for benchmarks (`TRUSTBIND_ACCEL=icount`):
+    /// one TCG thread, the guest clock counting executed instructions
+    /// (`-icount shift=0,sleep=off`: 1 ns each), so guest-timed rounds
+    /// agree within about 0.5 % whatever the host's load.
+    Icount,
 }
 
 impl Accel {
     /// QEMU arguments selecting this accelerator and a matching CPU model.
-    pub fn qemu_args(self) -> [&'static str; 4] {
+    pub fn qemu_args(self) -> &'static [&'static str] {
         match self {
-            Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
-            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => &["-accel", "tcg", "-cpu", "max"],
+            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+            Accel::Icount => &[
+                "-accel",
+                "tcg,thread=single",
+                "-icount",
+                "shift=0,sleep=off",
+                "-cpu",
+                "max",
+            ],
         }
     }
 
-    fn name(self) -> &'static str {
+    /// How benchmarks name the mode their guest-clock figures were taken in.
+    pub fn name(self) -> &'static str {
         match self {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
+            Accel::Icount => "icount",
         }
     }
 }
@@ -47,7 +62,7 @@ const CACHE: &str = "/run/trustbind/accel-probe";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The accelerator to use for `kernel`, per `TRUSTBIND_ACCEL`
-/// (`tcg`, `kvm` or `auto`, the default).
+/// (`tcg`, `icount`, `kvm` or `auto`, the default).
 pub fn accel(kernel: &Path) -> Result<Accel> {
     static CHOSEN: OnceLock<Accel> = OnceLock::new();
     if let Some(a) = CHOSEN.get() {
@@ -55,11 +70,12 @@ pub fn accel(kernel: &Path) -> Result<Accel> {
     }
     let a = match std::env::var("TRUSTBIND_ACCEL").as_deref() {
         Ok("tcg") => Accel::Tcg,
+        Ok("icount") => Accel::Icount,
         Ok("kvm") => Accel::Kvm,
         Ok("auto") | Ok("") | Err(_) => auto(kernel)?,
         Ok(other) => {
             return Err(Error::Usage(format!(
-                "TRUSTBIND_ACCEL={other:?}: expected tcg, kvm or auto"
+                "TRUSTBIND_ACCEL={other:?}: expected tcg, icount, kvm or auto"
             )))
         }
     };

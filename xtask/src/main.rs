@@ -238,8 +238,20 @@ fn bench(ctx: &Ctx) -> Result<()> {
     )?;
     sh::run(
         "bench: exec overhead and channels in VMs",
-        &mut qemu_tests(&a, Some("bench_"), &["--ignored", "--nocapture"]),
-    )
+        &mut qemu_tests(
+            &a,
+            Some("bench_"),
+            &["--ignored", "--nocapture", "--skip", "bench_fork_lineage"],
+        ),
+    )?;
+    // Guest clock counting instructions: rounds agree whatever the load.
+    let mut c = qemu_tests(
+        &a,
+        Some("bench_fork_lineage"),
+        &["--ignored", "--nocapture"],
+    );
+    c.env("TRUSTBIND_ACCEL", "icount");
+    sh::run("bench: fork cost of the lineage table (icount)", &mut c)
 }
 
 /// `cargo xtask soak [MINUTES]`: the soak with faults

@@ -5,8 +5,9 @@
 //! accepts only recorded, unrevoked, unexpired certificates
 //! ([`AdminCerts`]), and [`authorize`] checks again on every request, so a
 //! revocation also ends what an open connection may do. A `read-only`
-//! admin may read (GET, HEAD), validate a policy and renew its own
-//! certificate; anything else is refused with 403 `forbidden`.
+//! admin may read (GET, HEAD), validate a policy, ask `POST /v1/explain`
+//! and renew its own certificate; anything else is refused with 403
+//! `forbidden`.
 
 use std::sync::Arc;
 
@@ -71,11 +72,16 @@ pub fn register_admin_cert(
     Ok(peer.serial)
 }
 
-/// What a `read-only` admin may call: reads, policy validation, and the
-/// renewal of its own certificate.
+/// What a `read-only` admin may call: reads, policy validation, asking
+/// what the policy would answer (`POST /v1/explain`), and the renewal of
+/// its own certificate.
 fn read_only_may(method: &Method, path: &str) -> bool {
     matches!(*method, Method::GET | Method::HEAD)
-        || (*method == Method::POST && matches!(path, "/v1/policies/validate" | "/v1/admins/renew"))
+        || (*method == Method::POST
+            && matches!(
+                path,
+                "/v1/policies/validate" | "/v1/explain" | "/v1/admins/renew"
+            ))
 }
 
 /// Middleware in front of every endpoint: the request's admin certificate
@@ -276,6 +282,7 @@ mod tests {
         assert!(read_only_may(&Method::GET, "/metrics"));
         assert!(read_only_may(&Method::POST, "/v1/policies/validate"));
         assert!(read_only_may(&Method::POST, "/v1/admins/renew"));
+        assert!(read_only_may(&Method::POST, "/v1/explain"));
         assert!(!read_only_may(&Method::POST, "/v1/policies"));
         assert!(!read_only_may(&Method::PUT, "/v1/limits"));
         assert!(!read_only_may(&Method::DELETE, "/v1/signatures/00"));

@@ -11,6 +11,7 @@ mod admins;
 mod audit;
 mod channels;
 mod error;
+mod explain;
 mod hosts;
 mod limits;
 mod policies;
@@ -88,6 +89,9 @@ pub struct AdminState {
     /// The CA, for renewing admin certificates (`POST /v1/admins/renew`
     /// answers 503 without).
     pub pki: Option<Arc<crate::pki::Pki>>,
+    /// The policy engine the decision path uses, for the explain endpoints
+    /// (they answer 503 without).
+    pub engine: Option<Arc<crate::policy::engine::Engine>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -107,12 +111,19 @@ impl AdminState {
             limits: None,
             ca_fingerprint: None,
             pki: None,
+            engine: None,
         }
     }
 
     /// Issues renewed admin certificates with `pki`.
     pub fn with_pki(mut self, pki: Arc<crate::pki::Pki>) -> Self {
         self.pki = Some(pki);
+        self
+    }
+
+    /// Serves the explain endpoints from `engine` (the decision path's).
+    pub fn with_engine(mut self, engine: Arc<crate::policy::engine::Engine>) -> Self {
+        self.engine = Some(engine);
         self
     }
 
@@ -261,6 +272,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/limits", get(limits::list).put(limits::set))
         .route("/v1/limits/{id}", get(limits::show).delete(limits::remove))
         .route("/v1/channels", get(channels::list))
+        .route("/v1/explain", post(explain::ask))
+        .route("/v1/explain/{seq}", get(explain::recorded))
         .route("/v1/audit", get(audit::tail))
         .route("/v1/audit/export", get(audit::export))
         .route("/v1/audit/verify", get(audit::verify))

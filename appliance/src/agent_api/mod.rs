@@ -77,6 +77,8 @@ pub struct AgentApi {
     pub audit: AuditWriter,
     /// Per-host limits on reports and bundle signatures.
     pub quotas: HostQuotas,
+    /// Where `@alert`s of audited decisions go (none until set).
+    alerts: std::sync::OnceLock<crate::alerts::Alerts>,
 }
 
 /// Bytes of `Report` a host may send at once ...
@@ -155,7 +157,19 @@ impl AgentApi {
             decider,
             audit,
             quotas: HostQuotas::default(),
+            alerts: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Sends the `@alert`s of audited decisions to `alerts`' sinks from now
+    /// on (once; a second call is ignored and returns false).
+    pub fn set_alerts(&self, alerts: crate::alerts::Alerts) -> bool {
+        self.alerts.set(alerts).is_ok()
+    }
+
+    /// The alert sinks, if set.
+    pub fn alerts(&self) -> Option<&crate::alerts::Alerts> {
+        self.alerts.get().filter(|a| !a.is_empty())
     }
 
     /// Revokes `host` (audited as `actor`): the store marks it revoked, its

@@ -18,12 +18,13 @@ use super::pb::{
 };
 use super::tls::ConnInfo;
 use super::{convert, AgentApi};
+use crate::alerts::Alert;
 use crate::metrics;
 use crate::pki::CertKind;
 use crate::policy::engine::Engine;
 use crate::policy::Outcome;
 use crate::request::QualifyRequest;
-use crate::store::AuditEvent;
+use crate::store::{AuditEvent, AuditRow};
 
 /// Most requests in one `Qualify` batch.
 pub const MAX_BATCH: usize = 256;
@@ -152,11 +153,21 @@ impl Agent for AgentService {
         let api = Arc::clone(&self.api);
         let gone = Gone::default();
         let _on_drop = GoneOnDrop(gone.clone());
-        let (results, events) =
+        let (results, events, alerting) =
             tokio::task::spawn_blocking(move || decide_batch(&api, &host, &reqs, deadline, &gone))
                 .await
                 .map_err(|e| Status::internal(format!("decision task failed: {e}")))??;
-        record(&self.api, events).await?;
+        let rows = record(&self.api, events).await?;
+        // Only once audited: an alert names its audit row.
+        if let Some(sinks) = self.api.alerts() {
+            for (i, req, outcome, generation) in alerting {
+                if let Some(row) = rows.get(i) {
+                    for a in Alert::of(&req, &outcome, generation, row.seq) {
+                        sinks.send(a);
+                    }
+                }
+            }
+        }
         Ok(Response::new(QualifyReply { results }))
     }
 
@@ -361,21 +372,31 @@ pub(crate) fn stop(gone: &Gone, deadline: Instant, i: usize, n: usize) -> Result
     Ok(())
 }
 
-/// Decides `reqs` for `host`: the results and their audit events. Stops
-/// (nothing decided further, nothing audited) as soon as the caller has
-/// gone or `deadline` passes; if the deadline passed by the end, fails
-/// with DEADLINE_EXCEEDED so that nothing is audited (the agent would not
-/// see the answer).
+/// A decision with `@alert`s: its event's index, request, outcome and
+/// generation.
+type Alerting = (usize, QualifyRequest, Outcome, i64);
+
+/// A decided batch: the results, their audit events, the alerting decisions.
+type Decided = (Vec<pb::Result>, Vec<AuditEvent>, Vec<Alerting>);
+
+/// Decides `reqs` for `host`: the results, their audit events and the
+/// decisions that raise alerts (when alert sinks are set). Stops (nothing
+/// decided further, nothing audited) as soon as the caller has gone or
+/// `deadline` passes; if the deadline passed by the end, fails with
+/// DEADLINE_EXCEEDED so that nothing is audited (the agent would not see
+/// the answer).
 fn decide_batch(
     api: &AgentApi,
     host: &str,
     reqs: &[(u64, QualifyRequest)],
     deadline: Instant,
     gone: &Gone,
-) -> Result<(Vec<pb::Result>, Vec<AuditEvent>), Status> {
+) -> Result<Decided, Status> {
     let m = metrics::metrics();
     let mut results = Vec::with_capacity(reqs.len());
     let mut events = Vec::with_capacity(reqs.len());
+    let mut alerting = Vec::new();
+    let alerts = api.alerts().is_some();
     for (i, (id, r)) in reqs.iter().enumerate() {
         stop(gone, deadline, i, reqs.len())?;
         let t = Instant::now();
@@ -390,6 +411,9 @@ fn decide_batch(
             t.elapsed(),
         );
         m.record_cache(a.cache_hit);
+        if alerts && !a.outcome.alerts.is_empty() {
+            alerting.push((events.len(), r.clone(), a.outcome.clone(), a.generation));
+        }
         events.push(AuditEvent::new(
             "decision",
             host,
@@ -410,19 +434,18 @@ fn decide_batch(
             reqs.len()
         )));
     }
-    Ok((results, events))
+    Ok((results, events, alerting))
 }
 
 /// Appends `events` through the group-commit audit writer (concurrent calls
 /// share one commit) and returns once every one is durable. The reply is
-/// sent only after this.
-async fn record(api: &AgentApi, events: Vec<AuditEvent>) -> Result<(), Status> {
+/// sent only after this. The stored rows, in the order of `events`.
+async fn record(api: &AgentApi, events: Vec<AuditEvent>) -> Result<Vec<AuditRow>, Status> {
     let rows =
         futures_util::future::join_all(events.into_iter().map(|e| api.audit.append(e))).await;
-    for r in rows {
-        r.map_err(|e| Status::unavailable(format!("cannot write the audit log: {e}")))?;
-    }
-    Ok(())
+    rows.into_iter()
+        .map(|r| r.map_err(|e| Status::unavailable(format!("cannot write the audit log: {e}"))))
+        .collect()
 }
 
 /// Time this call may take: the client's `grpc-timeout` if given and
@@ -532,7 +555,8 @@ mod tests {
             "{}",
             err.message()
         );
-        let (results, events) = decide_batch(&api, "web1", &reqs, far, &Gone::default()).unwrap();
+        let (results, events, _) =
+            decide_batch(&api, "web1", &reqs, far, &Gone::default()).unwrap();
         assert_eq!(results[0].verdict(), pb::Verdict::Deny);
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
         record(&api, events).await.unwrap();

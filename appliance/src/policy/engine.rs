@@ -48,6 +48,7 @@ use cedar_policy::{
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::cache::ClockCache;
+use super::explain::{Diagnosis, Facts};
 use super::reads::Reads;
 use super::slice::{Index, Keys};
 use super::{outcome_with, Outcome, PolicyError, Verdict};
@@ -435,6 +436,59 @@ impl Names {
     }
 }
 
+/// The entities a request is decided over.
+struct Subjects {
+    /// The user, then its roles.
+    principal: Vec<EntityUid>,
+    /// The program, then its groups.
+    program: Vec<EntityUid>,
+    /// The resource (`None` for `exec`: the program is the resource).
+    resource: Option<EntityUid>,
+}
+
+/// A policy that determined a decision.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Determining {
+    /// Cedar's policy id (`policy0`, …).
+    pub id: String,
+    /// `@id`, else the Cedar id.
+    pub name: String,
+    /// `permit` or `forbid`.
+    pub effect: &'static str,
+}
+
+/// How the current policy and data decide a request ([`Engine::explain`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Explanation {
+    /// The governing policy version (`None`: none, default deny).
+    pub policy_version: Option<i64>,
+    /// The verdict generation.
+    pub generation: i64,
+    /// The host group's mode.
+    pub mode: Mode,
+    /// Cedar's decision: `allow` or `deny`.
+    pub decision: &'static str,
+    /// The verdict after the mode.
+    pub verdict: Verdict,
+    /// Permissive mode, Cedar denied.
+    pub would_deny: bool,
+    /// The policies that decided (Cedar's reason): the satisfied permits
+    /// of an allow, the satisfied forbids of a deny; none for a default deny.
+    pub determining: Vec<Determining>,
+    /// `@alert` names of the determining policies.
+    pub alerts: Vec<String>,
+    /// The host's host group.
+    pub host_group: String,
+    /// The user's roles.
+    pub roles: Vec<String>,
+    /// The program's reference groups.
+    pub groups: Vec<String>,
+    /// For a default deny: what was missing (see [`super::explain`]).
+    pub missing: Vec<String>,
+    /// Policies skipped because evaluating them failed.
+    pub errors: Vec<String>,
+}
+
 /// The other side of a correlated connection.
 struct Peer<'a> {
     host: &'a str,
@@ -709,12 +763,7 @@ impl Engine {
         if *mode == Mode::Disabled {
             // Independent of memberships: nothing for the ledger.
             return Ok(Some(Decision {
-                outcome: Outcome {
-                    verdict: Verdict::Allow,
-                    reasons: Vec::new(),
-                    would_deny: false,
-                    errors: 0,
-                },
+                outcome: Outcome::bare(Verdict::Allow),
                 generation: snap.generation,
                 cacheable: true,
                 cache_hit: false,
@@ -723,68 +772,21 @@ impl Engine {
         }
         let peer = match peer {
             None => None,
-            Some(p) => {
-                let (group, _) = snap
-                    .hosts
-                    .get(p.host)
-                    .ok_or_else(|| PolicyError::UnknownHost(p.host.to_owned()))?;
-                let Some(groups) = snap.programs.get(
-                    &self.store,
-                    &p.program.sha256,
-                    snap.versions.members,
-                    lenient,
-                )?
-                else {
-                    return Ok(None);
-                };
-                Some(PeerInfo {
-                    host: p.host,
-                    group,
-                    program: &p.program.sha256,
-                    groups,
-                })
-            }
+            Some(p) => match self.peer_info(snap, p, lenient)? {
+                Some(info) => Some(info),
+                None => return Ok(None),
+            },
         };
-        let n = &self.names;
-
-        // The entities that select slices.
-        let mut principal = Vec::with_capacity(2);
-        principal.push(Names::uid(&n.user, &req.subject.user));
-        if let Some(roles) = snap.users.get(&req.subject.user) {
-            principal.extend(roles.iter().map(|r| Names::uid(&n.role, r)));
-        }
-        let mut program = Vec::with_capacity(1 + groups.len());
-        program.push(Names::uid(&n.program, &req.program.sha256));
-        program.extend(groups.iter().map(|g| Names::uid(&n.program_group, g)));
-        let resource = match (&req.action, &req.target) {
-            (Action::Exec, Target::Exec { .. }) => None,
-            (
-                Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
-                Target::File { path, .. },
-            ) => Some(Names::uid(&n.file, path)),
-            (Action::Connect | Action::Accept | Action::IpcConnect, Target::Net(t)) => {
-                Some(Names::uid(
-                    &n.service,
-                    &format!("{}:{}/{}", t.dst_addr, t.dst_port, t.proto.as_str()),
-                ))
-            }
-            (a, _) => {
-                return Err(PolicyError::Request(format!(
-                    "host `{}`: action `{}` does not take this kind of target",
-                    req.host,
-                    a.as_str()
-                )))
-            }
-        };
-        let resource_keys: &[EntityUid] = match &resource {
+        let s = self.subjects(snap, req, &groups)?;
+        let resource_keys: &[EntityUid] = match &s.resource {
             Some(r) => std::slice::from_ref(r),
-            None => &program,
+            None => &s.program,
         };
         let slice = snap.policy.index.select(&Keys {
             action: req.action,
-            principal: &principal,
+            principal: &s.principal,
             resource: resource_keys,
-            program: &program,
+            program: &s.program,
         });
 
         // The decision cache.
@@ -802,15 +804,7 @@ impl Engine {
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let (request, entities) = self.cedar(
-            req,
-            *mode,
-            host_group,
-            peer.as_ref(),
-            &principal,
-            &program,
-            resource,
-        )?;
+        let (request, entities) = self.cedar(req, *mode, host_group, peer.as_ref(), &s)?;
         let resp = self
             .authorizer
             .is_authorized(&request, &slice.set, &entities);
@@ -818,6 +812,11 @@ impl Engine {
         let mut out = outcome_with(&resp, *mode, |id| index.meta(id));
         out.reasons.sort_unstable();
         out.reasons.dedup();
+        if resp.decision() == cedar_policy::Decision::Deny {
+            out.explain = Some(Arc::new(
+                self.diagnose(snap, req, host_group, &s, &groups, &resp),
+            ));
+        }
         let mut d = Decision {
             outcome: out,
             generation: snap.generation,
@@ -856,18 +855,230 @@ impl Engine {
         Ok(Some(d))
     }
 
-    /// The Cedar request and entities for `req`.
-    #[allow(clippy::too_many_arguments)]
+    /// The other side of a pair, resolved against `snap`; `Ok(None)`: the
+    /// store moved past the snapshot.
+    fn peer_info<'a>(
+        &self,
+        snap: &'a Snapshot,
+        p: &Peer<'a>,
+        lenient: bool,
+    ) -> Result<Option<PeerInfo<'a>>, PolicyError> {
+        let (group, _) = snap
+            .hosts
+            .get(p.host)
+            .ok_or_else(|| PolicyError::UnknownHost(p.host.to_owned()))?;
+        let Some(groups) = snap.programs.get(
+            &self.store,
+            &p.program.sha256,
+            snap.versions.members,
+            lenient,
+        )?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(PeerInfo {
+            host: p.host,
+            group,
+            program: &p.program.sha256,
+            groups,
+        }))
+    }
+
+    /// The principal (user, roles), the program (itself, its groups) and
+    /// the resource of `req`.
+    fn subjects(
+        &self,
+        snap: &Snapshot,
+        req: &QualifyRequest,
+        groups: &[String],
+    ) -> Result<Subjects, PolicyError> {
+        let n = &self.names;
+        let mut principal = Vec::with_capacity(2);
+        principal.push(Names::uid(&n.user, &req.subject.user));
+        if let Some(roles) = snap.users.get(&req.subject.user) {
+            principal.extend(roles.iter().map(|r| Names::uid(&n.role, r)));
+        }
+        let mut program = Vec::with_capacity(1 + groups.len());
+        program.push(Names::uid(&n.program, &req.program.sha256));
+        program.extend(groups.iter().map(|g| Names::uid(&n.program_group, g)));
+        let resource = match (&req.action, &req.target) {
+            (Action::Exec, Target::Exec { .. }) => None,
+            (
+                Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
+                Target::File { path, .. },
+            ) => Some(Names::uid(&n.file, path)),
+            (Action::Connect | Action::Accept | Action::IpcConnect, Target::Net(t)) => {
+                Some(Names::uid(
+                    &n.service,
+                    &format!("{}:{}/{}", t.dst_addr, t.dst_port, t.proto.as_str()),
+                ))
+            }
+            (a, _) => {
+                return Err(PolicyError::Request(format!(
+                    "host `{}`: action `{}` does not take this kind of target",
+                    req.host,
+                    a.as_str()
+                )))
+            }
+        };
+        Ok(Subjects {
+            principal,
+            program,
+            resource,
+        })
+    }
+
+    /// The entity data behind a Cedar deny and, when no forbid decided it,
+    /// what each permit of the action lacked (over the whole set, not the
+    /// slice: the permits outside it are the ones whose scope failed).
+    fn diagnose(
+        &self,
+        snap: &Snapshot,
+        req: &QualifyRequest,
+        host_group: &str,
+        s: &Subjects,
+        groups: &[String],
+        resp: &cedar_policy::Response,
+    ) -> Diagnosis {
+        let n = &self.names;
+        let index = &snap.policy.index;
+        let name = |id: &cedar_policy::PolicyId| {
+            index
+                .meta(id)
+                .map_or_else(|| id.to_string(), |m| m.name.clone())
+        };
+        let missing = if resp.diagnostics().reason().next().is_none() {
+            let host = [
+                Names::uid(&n.host, &req.host),
+                Names::uid(&n.host_group, host_group),
+            ];
+            index.permits().missing(&Facts {
+                action: req.action,
+                principal: &s.principal,
+                resource: match &s.resource {
+                    Some(r) => std::slice::from_ref(r),
+                    None => &s.program,
+                },
+                program: &s.program,
+                host: &host,
+                policy: snap.policy.version.is_some(),
+            })
+        } else {
+            Vec::new()
+        };
+        let mut errors: Vec<String> = resp
+            .diagnostics()
+            .errors()
+            .map(|e| {
+                let cedar_policy::AuthorizationError::PolicyEvaluationError(pe) = e;
+                format!("{}: {}", name(pe.policy_id()), pe.inner())
+            })
+            .collect();
+        errors.sort_unstable();
+        Diagnosis {
+            host_group: host_group.to_owned(),
+            roles: snap
+                .users
+                .get(&req.subject.user)
+                .cloned()
+                .unwrap_or_default(),
+            groups: groups.to_vec(),
+            missing,
+            errors,
+        }
+    }
+
+    /// Explains how the current policy and data decide `req`: the whole
+    /// set evaluated (no slicing, no decision cache, nothing reported to
+    /// the ledger or audited), Cedar's determining policies with their
+    /// effect, the entity data, and for a deny what each permit lacked.
+    pub fn explain(&self, req: &QualifyRequest) -> Result<Explanation, PolicyError> {
+        self.refresh()?;
+        let snap = self.current.load();
+        let (host_group, mode) = snap
+            .hosts
+            .get(&req.host)
+            .ok_or_else(|| PolicyError::UnknownHost(req.host.clone()))?;
+        let groups = snap
+            .programs
+            .get(
+                &self.store,
+                &req.program.sha256,
+                snap.versions.members,
+                true,
+            )?
+            .unwrap_or_else(|| Arc::from(Vec::new()));
+        let peer = req.peer.as_ref().map(|program| Peer {
+            host: &req.host,
+            program,
+        });
+        let peer = match &peer {
+            Some(p) => self.peer_info(&snap, p, true)?,
+            None => None,
+        };
+        let s = self.subjects(&snap, req, &groups)?;
+        let (request, entities) = self.cedar(req, *mode, host_group, peer.as_ref(), &s)?;
+        let index = &snap.policy.index;
+        let resp = self
+            .authorizer
+            .is_authorized(&request, &index.full().set, &entities);
+        let out = outcome_with(&resp, *mode, |id| index.meta(id));
+        let mut determining: Vec<Determining> = resp
+            .diagnostics()
+            .reason()
+            .map(|id| Determining {
+                id: id.to_string(),
+                name: index
+                    .meta(id)
+                    .map_or_else(|| id.to_string(), |m| m.name.clone()),
+                effect: match index
+                    .full()
+                    .set
+                    .policy(id)
+                    .map(cedar_policy::Policy::effect)
+                {
+                    Some(cedar_policy::Effect::Forbid) => "forbid",
+                    _ => "permit",
+                },
+            })
+            .collect();
+        determining.sort_by(|a, b| a.name.cmp(&b.name));
+        let diagnosis = self.diagnose(&snap, req, host_group, &s, &groups, &resp);
+        Ok(Explanation {
+            policy_version: snap.policy.version,
+            generation: snap.generation,
+            mode: *mode,
+            decision: match resp.decision() {
+                cedar_policy::Decision::Allow => "allow",
+                cedar_policy::Decision::Deny => "deny",
+            },
+            verdict: out.verdict,
+            would_deny: out.would_deny,
+            determining,
+            alerts: out.alerts,
+            host_group: diagnosis.host_group,
+            roles: diagnosis.roles,
+            groups: diagnosis.groups,
+            missing: if resp.decision() == cedar_policy::Decision::Deny {
+                diagnosis.missing
+            } else {
+                Vec::new()
+            },
+            errors: diagnosis.errors,
+        })
+    }
+
+    /// The Cedar request and entities for `req` over `subjects`.
     fn cedar(
         &self,
         req: &QualifyRequest,
         mode: Mode,
         host_group: &str,
         peer: Option<&PeerInfo<'_>>,
-        principal: &[EntityUid],
-        program: &[EntityUid],
-        resource: Option<EntityUid>,
+        subjects: &Subjects,
     ) -> Result<(Request, Entities), PolicyError> {
+        let (principal, program) = (&subjects.principal, &subjects.program);
+        let resource = subjects.resource.clone();
         let n = &self.names;
         let cedar = |why: String| PolicyError::Cedar {
             host: req.host.clone(),
@@ -1094,6 +1305,31 @@ impl Snapshot {
     }
 }
 
+/// The diagnosis of a pair: the side(s) Cedar denied, each line prefixed
+/// with the side (`connect:`, `accept:`); the entity data is the denying
+/// side's (the connecting side's when both denied).
+fn merge_diagnoses(a: Option<Arc<Diagnosis>>, b: Option<Arc<Diagnosis>>) -> Option<Arc<Diagnosis>> {
+    let side = |d: &Diagnosis, name: &str| {
+        let mut d = d.clone();
+        for l in d.missing.iter_mut().chain(d.errors.iter_mut()) {
+            *l = format!("{name}: {l}");
+        }
+        d
+    };
+    match (a, b) {
+        (None, None) => None,
+        (Some(a), None) => Some(Arc::new(side(&a, "connect"))),
+        (None, Some(b)) => Some(Arc::new(side(&b, "accept"))),
+        (Some(a), Some(b)) => {
+            let mut m = side(&a, "connect");
+            let b = side(&b, "accept");
+            m.missing.extend(b.missing);
+            m.errors.extend(b.errors);
+            Some(Arc::new(m))
+        }
+    }
+}
+
 /// Combines the two sides of a pair decision.
 fn merge(a: Decision, b: Decision) -> Decision {
     let obligations = |v: &Verdict| match v {
@@ -1129,12 +1365,19 @@ fn merge(a: Decision, b: Decision) -> Decision {
             groups.push(g);
         }
     }
+    let mut alerts = a.outcome.alerts;
+    alerts.extend(b.outcome.alerts);
+    alerts.sort_unstable();
+    alerts.dedup();
+    let explain = merge_diagnoses(a.outcome.explain, b.outcome.explain);
     Decision {
         outcome: Outcome {
             verdict,
             reasons,
             would_deny: a.outcome.would_deny || b.outcome.would_deny,
             errors: a.outcome.errors.saturating_add(b.outcome.errors),
+            alerts,
+            explain,
         },
         generation: a.generation,
         cacheable: a.cacheable && b.cacheable,

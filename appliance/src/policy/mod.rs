@@ -10,17 +10,20 @@
 mod cache;
 pub mod engine;
 mod err;
+pub mod explain;
 pub mod reads;
 pub mod slice;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{Decision, PolicySet, Response, Schema, ValidationMode, Validator};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 pub use err::PolicyError;
+pub use explain::Diagnosis;
 
 use crate::store::{hex, Mode};
 
@@ -157,6 +160,29 @@ pub struct Outcome {
     pub would_deny: bool,
     /// Set when evaluation raised errors (the affected policies are skipped by Cedar).
     pub errors: usize,
+    /// `@alert` names of the determining policies (permits of an allow,
+    /// forbids of a deny; none in disabled mode), sorted: each is
+    /// delivered to the alert sinks once the decision is audited.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
+    /// When Cedar denied (enforced or would-deny): the entity data and
+    /// what no permit got ([`explain`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explain: Option<Arc<Diagnosis>>,
+}
+
+impl Outcome {
+    /// An outcome with no reasons, alerts or diagnosis.
+    pub fn bare(verdict: Verdict) -> Self {
+        Outcome {
+            verdict,
+            reasons: Vec::new(),
+            would_deny: false,
+            errors: 0,
+            alerts: Vec::new(),
+            explain: None,
+        }
+    }
 }
 
 /// The annotations of one policy that [`outcome`] uses, read once.
@@ -169,6 +195,8 @@ pub struct PolicyMeta {
     pub name: String,
     /// Obligation annotations present on the policy, in [`OBLIGATIONS`] order.
     pub obligations: Vec<(&'static str, String)>,
+    /// `@alert`, on a permit or a forbid.
+    pub alert: Option<String>,
 }
 
 impl PolicyMeta {
@@ -182,6 +210,7 @@ impl PolicyMeta {
                 .iter()
                 .filter_map(|k| p.annotation(k).map(|v| (*k, v.to_owned())))
                 .collect(),
+            alert: p.annotation("alert").map(str::to_owned),
         }
     }
 }
@@ -198,6 +227,7 @@ pub fn outcome_with<M: std::borrow::Borrow<PolicyMeta>>(
     meta: impl Fn(&cedar_policy::PolicyId) -> Option<M>,
 ) -> Outcome {
     let mut reasons = Vec::new();
+    let mut alerts = Vec::new();
     let mut obligations = BTreeMap::new();
     // Sorted, so that obligations and reasons do not depend on hash order.
     let mut ids: Vec<&cedar_policy::PolicyId> = resp.diagnostics().reason().collect();
@@ -206,6 +236,9 @@ pub fn outcome_with<M: std::borrow::Borrow<PolicyMeta>>(
         let m = meta(id);
         let m = m.as_ref().map(std::borrow::Borrow::borrow);
         reasons.push(m.map_or_else(|| id.to_string(), |m| m.name.clone()));
+        if mode != Mode::Disabled {
+            alerts.extend(m.and_then(|m| m.alert.clone()));
+        }
         if resp.decision() == Decision::Allow {
             for (k, v) in m.map(|m| m.obligations.as_slice()).unwrap_or_default() {
                 obligations.insert((*k).to_owned(), v.clone());
@@ -220,10 +253,14 @@ pub fn outcome_with<M: std::borrow::Borrow<PolicyMeta>>(
         (Mode::Permissive, Decision::Deny) => (Verdict::Allow, true),
         (Mode::Enforce, Decision::Deny) => (Verdict::Deny, false),
     };
+    alerts.sort_unstable();
+    alerts.dedup();
     Outcome {
         verdict,
         reasons,
         would_deny,
         errors,
+        alerts,
+        explain: None,
     }
 }

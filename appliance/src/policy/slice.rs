@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicyId, PolicySet, ResourceConstraint};
 use serde_json::Value;
 
+use super::explain::Permits;
 use super::reads::{self, Reads};
 use super::PolicyMeta;
 use crate::request::Action;
@@ -97,6 +98,7 @@ type UnionShard = Mutex<HashMap<Vec<u32>, Arc<Slice>>>;
 #[derive(Debug)]
 pub struct Index {
     meta: HashMap<PolicyId, PolicyMeta>,
+    permits: Permits,
     full: Arc<Slice>,
     empty: Arc<Slice>,
     /// `None`: not sliced (disabled, or the set has templates).
@@ -136,16 +138,21 @@ impl Index {
                 )
             })
             .collect();
-        let meta = all
+        let meta: HashMap<PolicyId, PolicyMeta> = all
             .iter()
             .map(|p| (p.id().clone(), PolicyMeta::of(p)))
             .collect();
+        let permits = Permits::new(&all, &ests, |p| {
+            meta.get(p.id())
+                .map_or_else(|| p.id().to_string(), |m| m.name.clone())
+        });
         let full = Arc::new(Slice::of(&all, &reads_of));
         let empty = Arc::new(Slice::of(&[], &reads_of));
         let sliced = (slicing && set.templates().next().is_none())
             .then(|| Sliced::new(&all, &ests, reads_of));
         Index {
             meta,
+            permits,
             full,
             empty,
             sliced,
@@ -155,6 +162,11 @@ impl Index {
     /// Name and obligations of policy `id`.
     pub fn meta(&self, id: &PolicyId) -> Option<&PolicyMeta> {
         self.meta.get(id)
+    }
+
+    /// The permits, read for diagnoses of denies.
+    pub fn permits(&self) -> &Permits {
+        &self.permits
     }
 
     /// The whole set.

@@ -266,3 +266,54 @@ pub async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
     sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
     sock.connect(addr).await.unwrap()
 }
+
+/// Puts `sha` in the store as a signature and into `group` (created).
+pub fn sig(store: &Store, sha: [u8; 32], group: &str) {
+    let hex = trustbind_appliance::store::hex(&sha);
+    store
+        .put_signature(
+            &trustbind_appliance::store::Signature {
+                sha256: hex.clone(),
+                sha1: None,
+                size: 1,
+                name: group.into(),
+                source: "test".into(),
+            },
+            "admin:test",
+        )
+        .unwrap();
+    store.create_group(group, "", "admin:test").unwrap();
+    store.add_member(group, &hex, "admin:test").unwrap();
+}
+
+/// A Qualify request subject: `user`, uid 1000, one ancestor.
+pub fn subject(user: &str) -> trustbind_appliance::agent_api::pb::Subject {
+    trustbind_appliance::agent_api::pb::Subject {
+        user: user.into(),
+        uid: 1000,
+        euid: 1000,
+        gid: 1000,
+        loginuid: 1000,
+        session: 7,
+        pid: 4242,
+        ancestry: vec![vec![0xab; 32]],
+    }
+}
+
+/// Request `id`: bob execs program `sha` at /usr/bin/x.
+pub fn exec(id: u64, sha: [u8; 32]) -> trustbind_appliance::agent_api::pb::Request {
+    use trustbind_appliance::agent_api::pb::{self, request::Target, Action};
+    pb::Request {
+        id,
+        action: Action::Exec.into(),
+        subject: Some(subject("bob")),
+        program: Some(pb::Program {
+            sha256: sha.to_vec(),
+            sha1: vec![0x01; 20],
+            size: 1234,
+            path: "/usr/bin/x".into(),
+        }),
+        target: Some(Target::Exec(pb::ExecTarget::default())),
+        peer: None,
+    }
+}

@@ -10,6 +10,7 @@
 //!              [--nice-path PATH:N]... [--net] [--net-allow FILE]...
 //!              [--deny-loader-direct] [--net-bind [--net-no-key]
 //!              [--net-key-delay-ms N] [--net-tls12] [--net-idle-s N]]
+//!              [--net-accept-delay-ms N]
 //!              [--unix-allow CLIENT_FILE:SERVER_FILE]...
 //!              [--pause-file FILE] [--delay-path PATH:MS]...
 //!              [--no-cache-path PATH]...
@@ -42,7 +43,8 @@
 //! `/dev/urandom`; the line ends `-> key <channel id> <key id hex>`. With
 //! `--net-no-key` established connects get a deny verdict instead of a key
 //! (the module must reset them); `--net-key-delay-ms N` answers an
-//! established connect's key N ms late; `--net-tls12` keys channels for
+//! established connect's key N ms late (`--net-accept-delay-ms N`: any
+//! accept's answer); `--net-tls12` keys channels for
 //! TLS 1.2 records, `--net-idle-s N` with an idle timeout of N seconds.
 //! With `--unix-allow` (implies `--net`) UNIX-domain connects are allowed
 //! for the named (client program, server program) pairs, by hash, and
@@ -233,6 +235,7 @@ fn run() -> Result<(), String> {
     let mut net_bind = false;
     let mut net_no_key = false;
     let mut key_delay_ms = 0u64;
+    let mut accept_delay_ms = 0u64;
     let mut terms = (ChannelTls::Tls13, 0u32);
     let mut unix_allow: HashSet<([u8; 32], [u8; 32])> = HashSet::new();
     let mut pause_file: Option<String> = None;
@@ -281,6 +284,11 @@ fn run() -> Result<(), String> {
                 key_delay_ms = val()?
                     .parse()
                     .map_err(|e| format!("--net-key-delay-ms: {e}"))?
+            }
+            "--net-accept-delay-ms" => {
+                accept_delay_ms = val()?
+                    .parse()
+                    .map_err(|e| format!("--net-accept-delay-ms: {e}"))?
             }
             "--log" => log_path = Some(val()?),
             "--pause-file" => pause_file = Some(val()?),
@@ -399,6 +407,9 @@ fn run() -> Result<(), String> {
         let r = match rec {
             Record::ExecRequest(r) => r,
             Record::NetRequest(r) => {
+                if r.kind == NetKind::Accept && accept_delay_ms > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(accept_delay_ms));
+                }
                 let allowed = net_allow.contains(&r.sha256);
                 let keyed = net_bind
                     && allowed

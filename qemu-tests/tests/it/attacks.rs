@@ -11,6 +11,11 @@
 //!   takes long does not hold up inotify closes host-wide (T-32).
 //! - `attack_failed_exec_keeps_lineage`: an allowed exec that then fails
 //!   does not credit the process with the program (T-06).
+//! - `attack_reparented_lineage`: a double-forked process reparented to
+//!   init is credited with the program it runs, not init's (T-07).
+//! - `attack_exe_file_swap`: a process that points its `mm->exe_file` at
+//!   an approved program (`PR_SET_MM_EXE_FILE`) is refused in enforce mode,
+//!   and its forked child is never credited with that program (T-43).
 //! - `attack_queue_flood`: one user flooding the queue to the agent gets
 //!   neither everybody's execs refused nor delayed, and permissive mode
 //!   never refuses (T-33, T-34).
@@ -249,6 +254,137 @@ fn attack_failed_exec_keeps_lineage() -> Result<()> {
     finish(vm)
 }
 
+/// T-07: lineage was direct-mapped by tgid and fell back to the parent's
+/// entry for a process that had none of its own: a double-forked process,
+/// reparented to init, was credited with init's program. Now a fork copies
+/// the parent's entry, so the daemon is credited with what it runs (the
+/// shell that forked it), whoever its parent is now.
+#[test]
+fn attack_reparented_lineage() -> Result<()> {
+    let mut vm = host_with_module()?;
+    start_agent_with(&mut vm, "enforce", "--no-cache")?;
+    vm.run_ok(
+        "rm -f /tmp/df.out; bash -c '( ( sleep 1; /usr/bin/id -u >/tmp/df.out ) \
+         </dev/null >/dev/null 2>&1 & ); true'",
+    )?;
+    ensure!(
+        poll(&mut vm, "test -s /tmp/df.out", 150)?,
+        "the double-forked id never ran"
+    );
+    // Its parent is gone: reparented to init (or a subreaper), not bash.
+    let bash_sha = vm.run_ok("sha256sum /usr/bin/bash")?.stdout;
+    let bash_sha = bash_sha.split_whitespace().next().unwrap_or_default();
+    let id = exec_lines(&mut vm, "/usr/bin/id")?;
+    let anc = field(id.last().context("id not asked")?, "anc")?;
+    ensure!(
+        anc.split(',').next() == Some(bash_sha),
+        "the reparented process is not credited with bash ({bash_sha}): anc={anc}"
+    );
+    ensure!(
+        counter(&mut vm, "lineage_procs")? > 0,
+        "the lineage table knows no process"
+    );
+    finish(vm)
+}
+
+/// Builds `progs/exe_swap.c` (freestanding, static) with the kernel
+/// build's clang; its bytes.
+fn exe_swap_binary() -> Result<Vec<u8>> {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/progs/exe_swap.c");
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("exe_swap");
+    let st = std::process::Command::new("/usr/lib/llvm-22/bin/clang")
+        .args([
+            "-static",
+            "-nostdlib",
+            "-O2",
+            "-ffreestanding",
+            "-fno-builtin",
+            "-fno-stack-protector",
+            "-fno-pie",
+            "-fcf-protection=none",
+            "-fuse-ld=lld",
+            "-Wall",
+            "-Werror",
+            "-o",
+        ])
+        .arg(&out)
+        .arg(src)
+        .status()
+        .context("cannot run clang (installed by `cargo xtask setup`)")?;
+    ensure!(st.success(), "cannot build {src}");
+    std::fs::read(&out).with_context(|| format!("reading {}", out.display()))
+}
+
+/// T-43: `PR_SET_MM_EXE_FILE` points a process's `mm->exe_file` at any
+/// executable (here the approved `curl`); a module that credits a process
+/// it did not see exec from its `exe_file` (a forked child) takes it for
+/// that program. `exe_swap` makes the change from code outside its own
+/// image and forks a child that connects. In permissive mode the change
+/// is let through and counted, and the child is credited with `exe_swap`,
+/// what it runs (from the lineage table); in enforce mode the change is
+/// refused (`EPERM`).
+#[test]
+fn attack_exe_file_swap() -> Result<()> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bin = exe_swap_binary()?;
+    let mut vm = host_with_module()?;
+    vm.run_ok(&format!(
+        "mkdir -p /tmp/x && echo {} | base64 -d >/tmp/x/exe_swap && chmod 755 /tmp/x/exe_swap",
+        b64.encode(&bin)
+    ))?;
+    let sha = |vm: &mut Vm, f: &str| -> Result<String> {
+        let out = vm.run_ok(&format!("sha256sum {f}"))?.stdout;
+        Ok(out.split_whitespace().next().unwrap_or_default().to_owned())
+    };
+    let swap_sha = sha(&mut vm, "/tmp/x/exe_swap")?;
+    let curl_sha = sha(&mut vm, "/usr/bin/curl")?;
+
+    start_agent_with(
+        &mut vm,
+        "permissive",
+        "--no-cache --net --allow /tmp/x/exe_swap",
+    )?;
+    let out = vm.run("/tmp/x/exe_swap /usr/bin/curl 9")?;
+    // 50 + ECONNREFUSED: the change was made, the child connected
+    // (nothing listens on port 9).
+    ensure!(
+        out.status == 50 + 111,
+        "exe_swap in permissive mode: {out:?}"
+    );
+    let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("net connect ") && l.contains("-> 127.0.0.1:9 "))
+        .with_context(|| format!("the child's connect was not asked:\n{log}"))?;
+    ensure!(
+        field(line, "sha256")? == swap_sha && field(line, "from")? == "lineage",
+        "the child is credited with {} (curl {curl_sha}, exe_swap {swap_sha}): {line}",
+        field(line, "sha256")?
+    );
+    ensure!(
+        counter(&mut vm, "exe_replace_would_deny")? >= 1,
+        "the change in permissive mode was not counted"
+    );
+    stop_agent(&mut vm)?;
+
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        "--no-cache --net --allow /tmp/x/exe_swap",
+    )?;
+    let out = vm.run("/tmp/x/exe_swap /usr/bin/curl 9")?;
+    // 10 + EPERM.
+    ensure!(
+        out.status == 11,
+        "the exe_file change was not refused: {out:?}"
+    );
+    ensure!(
+        counter(&mut vm, "exe_replace_refused")? >= 1,
+        "the refusal was not counted"
+    );
+    finish(vm)
+}
+
 /// The program the flood execs: a copy of `true` whose verdicts are never
 /// cached (`--no-cache-path`), so every exec of it asks.
 const FLOOD: &str = "/tmp/x/flood";
@@ -429,8 +565,9 @@ fn attack_mptcp() -> Result<()> {
     start_agent_with(
         &mut vm,
         "enforce",
-        &format!("--no-cache --allow {rogue} --net-allow /usr/bin/socat"),
+        &format!("--no-cache --allow {rogue} --net-allow /usr/bin/socat --net-allow /usr/bin/perl"),
     )?;
+    let marked = counter(&mut vm, "net_backstop_marked")?;
     // Connect: an MPTCP socket of a program not allowed on the network.
     vm.spawn_bg("exec socat -u TCP4-LISTEN:7400,reuseaddr OPEN:/tmp/mptcp-recv,creat,trunc")?;
     crate::net_qualify::wait_listening(&mut vm, 7400)?;
@@ -473,6 +610,41 @@ fn attack_mptcp() -> Result<()> {
                 && l.contains(":7401 ")
                 && l.ends_with("-> deny")),
         "the MPTCP connect and accept were not asked about:\n{log}"
+    );
+    // An allowed MPTCP connection, both ends: once closed it leaves no
+    // backstop mark behind (T-31: an MPTCP socket does not close through
+    // tcp_close(), so a mark on it stayed for good, and a new socket at
+    // its address would have found it).
+    vm.spawn_bg(
+        "exec perl -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 262) or die; \
+         setsockopt(S, SOL_SOCKET, SO_REUSEADDR, 1); \
+         bind(S, pack_sockaddr_in(7402, INADDR_ANY)) or die \"bind: $!\\n\"; listen(S, 5) or die; \
+         accept(C, S) or die \"accept: $!\\n\"; my $l = <C>; close C; print \"accepted: $l\";' \
+         >/tmp/mptcp-ok.out 2>&1",
+    )?;
+    crate::net_qualify::wait_listening(&mut vm, 7402)?;
+    vm.run_ok(
+        "perl -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 262) or die; \
+         connect(S, pack_sockaddr_in(7402, inet_aton(q(127.0.0.1)))) or die \"connect: $!\\n\"; \
+         print S qq(mptcp-ok\\n); close S;'",
+    )?;
+    ensure!(
+        poll(
+            &mut vm,
+            "grep -q 'accepted: mptcp-ok' /tmp/mptcp-ok.out",
+            50
+        )?,
+        "the allowed MPTCP connection did not carry its line: {}",
+        vm.run_ok("cat /tmp/mptcp-ok.out")?.stdout
+    );
+    ensure!(
+        poll(
+            &mut vm,
+            &format!("grep -qx {marked} /sys/kernel/debug/trustbind/net_backstop_marked"),
+            50
+        )?,
+        "closed MPTCP sockets left backstop marks: {} now, {marked} before",
+        counter(&mut vm, "net_backstop_marked")?
     );
     finish(vm)
 }

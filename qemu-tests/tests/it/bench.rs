@@ -132,3 +132,58 @@ fn bench_exec_overhead() -> Result<()> {
     vm.shutdown()?;
     Ok(())
 }
+
+/// Forks (a subshell, no exec) per round.
+const FORKS: usize = 2000;
+/// Rounds per configuration, alternating absent / loaded in one VM.
+const ROUNDS: usize = 3;
+
+/// What following every process costs: with the module loaded every fork
+/// copies the parent's lineage entry (an rbtree node, under one spinlock)
+/// and every exit removes it (`proto/src/lineage.rs`, T-07). A shell loop
+/// forks `FORKS` subshells that exit at once, with the module absent and
+/// loaded (no agent: the tracepoints run in every mode), `ROUNDS` rounds
+/// alternating, timed by the guest clock. Run with `TRUSTBIND_ACCEL=icount`
+/// (as `cargo xtask bench` does) the guest clock counts instructions and
+/// the rounds agree closely whatever the host's load; the mode is printed.
+#[test]
+#[ignore = "benchmark: run by `cargo xtask bench`"]
+fn bench_fork_lineage() -> Result<()> {
+    let art = Artifacts::from_env()?;
+    let mode = trustbind_qemu_tests::accel(art.kernel())?.name();
+    let net = Network::new()?;
+    let mut vm = net.vm("bench").boot(&art)?;
+    let forks = format!("i=0; while [ $i -lt {FORKS} ]; do ( : ); i=$((i+1)); done");
+    // Warm-up: QEMU translates the paths once; not measured.
+    timed(&mut vm, &forks)?;
+    let (mut absent, mut loaded) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        absent.push(timed(&mut vm, &forks)?);
+        vm.run_ok("insmod /tb/trustbind.ko")?;
+        loaded.push(timed(&mut vm, &forks)?);
+        vm.run_ok("rmmod trustbind")?;
+    }
+    let per = |t: f64| t / FORKS as f64 * 1e6;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let spread = |v: &[f64]| (v[v.len() - 1] / v[0] - 1.0) * 100.0;
+    let (a, l) = (median(&mut absent), median(&mut loaded));
+    println!(
+        "fork + exit of a subshell, {FORKS} per round, {ROUNDS} rounds alternating, guest clock ({mode}):"
+    );
+    println!(
+        "  module absent: {:>8.1} µs/fork (median; rounds spread {:.1} %)",
+        per(a),
+        spread(&absent)
+    );
+    println!(
+        "  module loaded: {:>8.1} µs/fork (median; rounds spread {:.1} %; {:+.2} % vs absent)",
+        per(l),
+        spread(&loaded),
+        (l / a - 1.0) * 100.0
+    );
+    vm.shutdown()?;
+    Ok(())
+}

@@ -8,12 +8,16 @@
 //! in `net_backstop_payload_dropped`), while bound connections to the
 //! service still carry data (TLS records on the wire); a raw socket's SYN
 //! to the protected service is dropped (`net_backstop_syn_dropped`; the
-//! send fails with `EPERM`) and one to an unprotected port is not; with the agent gone the module unloads
+//! send fails with `EPERM`) and one to an unprotected port is not; the
+//! service stays protected when the policy generation moves (T-29), and
+//! only in its own network namespace: the same address and port in
+//! another one keeps its plaintext (T-30); with
+//! the agent gone the module unloads
 //! cleanly, no kernel warning.
 
 use anyhow::{ensure, Result};
 
-use crate::exec::{counter, host_with_module, start_agent_with, stop_agent};
+use crate::exec::{counter, host_with_module, start_agent_with, stop_agent, AGENT_LOG};
 use crate::net_channel::{capture, captured, CANARY};
 use crate::net_qualify::{dmesg_has, wait_listening};
 
@@ -28,6 +32,17 @@ fn raw_syn(port: u16) -> String {
          defined(send(R, $h, 0, pack_sockaddr_in(0, inet_aton(\"127.0.0.1\")))) \
          or die \"send: $!\\n\"'"
     )
+}
+
+/// Waits (≤ 20 s) until `cmd` succeeds.
+fn wait_for(vm: &mut trustbind_qemu_tests::Vm, cmd: &str) -> Result<()> {
+    for _ in 0..100 {
+        if vm.run(cmd)?.status == 0 {
+            return Ok(());
+        }
+        vm.run_ok("sleep 0.2")?;
+    }
+    anyhow::bail!("never true: {cmd}")
 }
 
 /// Waits (≤ 20 s) until `file` holds exactly `want` (lines).
@@ -62,6 +77,22 @@ fn net_backstop() -> Result<()> {
     ))?;
     vm.spawn_bg("exec 3>/tmp/x/feed; echo before >&3; exec sleep 600")?;
     wait_lines(&mut vm, "/tmp/x/recv", "before")?;
+    // The same address and port in another network namespace: another
+    // service, with a plaintext connection of its own.
+    vm.run_ok("ip netns add other && ip -n other link set lo up && mkfifo /tmp/x/feed-ns")?;
+    vm.spawn_bg(&format!(
+        "exec ip netns exec other socat -u TCP4-LISTEN:{PORT},reuseaddr,fork \
+         OPEN:/tmp/x/recv-ns,creat,append"
+    ))?;
+    wait_for(
+        &mut vm,
+        &format!("ip netns exec other grep -q ':{PORT:04X} 00000000:0000 0A' /proc/net/tcp"),
+    )?;
+    vm.spawn_bg(&format!(
+        "exec ip netns exec other socat -u OPEN:/tmp/x/feed-ns TCP4:127.0.0.1:{PORT}"
+    ))?;
+    vm.spawn_bg("exec 3>/tmp/x/feed-ns; echo ns-before >&3; exec sleep 600")?;
+    wait_lines(&mut vm, "/tmp/x/recv-ns", "ns-before")?;
 
     // A bound channel to the same service makes it protected.
     start_agent_with(
@@ -89,6 +120,10 @@ fn net_backstop() -> Result<()> {
         after > dropped,
         "payload_dropped {dropped} -> {after}: the plaintext segment was not dropped"
     );
+    // The other namespace's service at the same address and port is not
+    // protected: its plaintext still flows (T-30).
+    vm.run_ok("echo ns-after >/tmp/x/feed-ns")?;
+    wait_lines(&mut vm, "/tmp/x/recv-ns", "ns-before\nns-after")?;
     // Bound connections still pass (TLS, not plaintext).
     vm.run_ok(&format!(
         "echo bound-two | socat -u - TCP4:127.0.0.1:{PORT}"
@@ -122,6 +157,15 @@ fn net_backstop() -> Result<()> {
     ensure!(
         unprotected == syn && protected == syn + 1,
         "raw SYNs: dropped {syn} -> {unprotected} (unprotected port) -> {protected}"
+    );
+    // The policy generation moves: the service stays protected (T-29; it
+    // was forgotten until the next bound connection).
+    vm.run_ok("pkill -USR1 -x tb-fakeagent")?;
+    wait_for(&mut vm, &format!("grep -q '^generation 2' {AGENT_LOG}"))?;
+    let out = vm.run(&raw_syn(PORT))?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("Operation not permitted"),
+        "after a generation move the raw SYN to the protected service went out: {out:?}"
     );
 
     stop_agent(&mut vm)?;

@@ -342,6 +342,15 @@ fn net_channel() -> Result<()> {
     ))?;
     wait_received(&mut vm, "/tmp/x/recv5", &format!("first-{CANARY}"))?;
     bound_line(&mut vm, "accept", 7105)?;
+    // Both ends carry kTLS as `ss` reports it (net_qualify.rs checks
+    // that plaintext accepts carry none: T-39).
+    let ss = vm
+        .run_ok("ss -tnie state established '( sport = :7105 or dport = :7105 )'")?
+        .stdout;
+    ensure!(
+        ss.matches("tcp-ulp-tls").count() == 2,
+        "the bound ends do not both show kTLS:\n{ss}"
+    );
     stop_agent(&mut vm)?;
     vm.run_ok("rmmod trustbind")?;
     ensure!(

@@ -9,13 +9,15 @@
 //! has its accept refused and the client sees the connection reset; the
 //! requests carry the program's in-kernel SHA-256 (equal to `sha256sum`)
 //! and the 4-tuple; permissive mode lets the copy connect and reports
-//! "would be denied"; IPv6 (`::1`) is qualified the same way; the `net_*`
+//! "would be denied"; an allowed plaintext accept carries no ULP (T-39);
+//! IPv6 (`::1`) is qualified the same way; the `net_*`
 //! counters add up with the agent's log; with the agent gone (disabled
 //! mode) `rmmod` is refused while a server waits in `accept()`, and
 //! succeeds while a connection is open, which keeps working, with no
 //! warning.
 
 use anyhow::{bail, ensure, Context, Result};
+use base64::Engine;
 use trustbind_qemu_tests::Vm;
 
 use crate::exec::{counter, field, host_with_module, start_agent_with, stop_agent, AGENT_LOG};
@@ -201,6 +203,25 @@ fn net_qualify() -> Result<()> {
     );
     vm.run_ok("pkill -f '[T]CP4-LISTEN:7003' || true")?;
 
+    // A plaintext accept carries no ULP (T-39: one cannot be removed, and
+    // with "tls" the program's own kTLS fails with EEXIST and zero-copy
+    // sends stop). net_channel.rs shows `ss` reporting the ULP of bound
+    // sockets.
+    serve(&mut vm, "/usr/bin/socat", 7010, "/tmp/x/got10")?;
+    vm.spawn_bg("exec sh -c '(echo held; exec sleep 600) | socat -u - TCP4:127.0.0.1:7010'")?;
+    wait_received(&mut vm, "/tmp/x/got10", "held")?;
+    ensure!(
+        net_line(&mut vm, "accept", 7010)?.ends_with("-> allow"),
+        "the held connection's accept was not allowed"
+    );
+    let ss = vm
+        .run_ok("ss -tnie state established '( sport = :7010 )'")?
+        .stdout;
+    ensure!(
+        ss.contains(":7010") && !ss.contains("tcp-ulp"),
+        "a plaintext accept carries a ULP:\n{ss}"
+    );
+
     // IPv6 takes the same path: allowed, then refused.
     serve_on(&mut vm, "/usr/bin/socat", "TCP6", 7007, "/tmp/x/got7")?;
     vm.run_ok("echo hello-v6 | socat -u - TCP6:[::1]:7007")?;
@@ -319,6 +340,62 @@ fn net_qualify() -> Result<()> {
     serve(&mut vm, "/usr/bin/socat", 7006, "/tmp/x/got6")?;
     vm.run_ok("echo again | socat -u - TCP4:127.0.0.1:7006")?;
     wait_received(&mut vm, "/tmp/x/got6", "again")?;
+    vm.shutdown()?;
+    Ok(())
+}
+
+/// A signal (handled, `SA_RESTART`) that arrives while an accepted
+/// connection waits for its verdict no longer aborts it: the connection is
+/// already off the accept queue and cannot be put back, so only a fatal
+/// signal ends that wait (T-38, accept half; before, `accept()` failed
+/// with `EINTR` and the client was reset). The accept's verdict takes 3 s;
+/// a child signals the server after 1 s.
+#[test]
+fn net_accept_signal_keeps_connection() -> Result<()> {
+    let mut vm = host_with_module()?;
+    vm.run_ok("mkdir -p /tmp/x")?;
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        "--no-cache --net-allow /usr/bin/socat --net-allow /usr/bin/perl --net-accept-delay-ms 3000",
+    )?;
+    let script = r#"use Socket; use POSIX ();
+my $got = 0;
+POSIX::sigaction(POSIX::SIGUSR1, POSIX::SigAction->new(sub { $got++ }, POSIX::SigSet->new, POSIX::SA_RESTART)) or die "sigaction: $!";
+socket(S, PF_INET, SOCK_STREAM, 0) or die "socket: $!";
+setsockopt(S, SOL_SOCKET, SO_REUSEADDR, 1);
+bind(S, pack_sockaddr_in(7020, INADDR_ANY)) or die "bind: $!";
+listen(S, 5) or die "listen: $!";
+open(R, ">", "/tmp/x/sig-ready"); close R;
+my $parent = $$;
+if (fork() == 0) { select(undef, undef, undef, 1.0); kill 'USR1', $parent; exit 0; }
+if (accept(C, S)) { my $l = <C>; print "accept=ok signals=$got line=$l"; }
+else { print "accept=err errno=" . ($!+0) . " signals=$got\n"; }
+wait;
+"#;
+    vm.run_ok(&format!(
+        "echo {} | base64 -d >/tmp/x/sig-accept.pl",
+        base64::engine::general_purpose::STANDARD.encode(script)
+    ))?;
+    vm.spawn_bg("exec perl /tmp/x/sig-accept.pl >/tmp/x/sig-accept.out 2>&1")?;
+    wait_listening(&mut vm, 7020)?;
+    // The client's connect is answered at once; the server's accept waits.
+    vm.run_ok("echo kept | socat -u - TCP4:127.0.0.1:7020")?;
+    let mut out = String::new();
+    for _ in 0..100 {
+        out = vm.run_ok("cat /tmp/x/sig-accept.out")?.stdout;
+        if out.contains("accept=") {
+            break;
+        }
+        vm.run_ok("sleep 0.2")?;
+    }
+    ensure!(
+        out.contains("accept=ok signals=1 line=kept"),
+        "a handled signal aborted the accepted connection: {out:?}"
+    );
+    stop_agent(&mut vm)?;
+    vm.run_ok("rmmod trustbind")?;
+    vm.check_health()?;
     vm.shutdown()?;
     Ok(())
 }

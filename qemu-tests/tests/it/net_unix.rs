@@ -15,6 +15,8 @@
 //! the agent gone `rmmod` succeeds while a UNIX connection is open, which
 //! keeps working, with no warning. `net_unix_signal_restarts_connect`: a
 //! handled signal during a pending verdict restarts the connect (T-38).
+//! `net_unix_activation`: with socket activation the acceptor, not the
+//! manager that listened, is the server the pair is decided for (T-21).
 
 use anyhow::{bail, ensure, Context, Result};
 use base64::Engine;
@@ -322,6 +324,105 @@ wait;
         asked >= 2,
         "the restarted connect was not asked again ({asked} requests)"
     );
+    stop_agent(&mut vm)?;
+    vm.run_ok("rmmod trustbind")?;
+    vm.check_health()?;
+    vm.shutdown()?;
+    Ok(())
+}
+
+/// Socket activation (T-21): a manager listens and another program
+/// accepts (systemd with `Accept=no`). The connect is decided against the
+/// listener's owner (the manager, allowed); the accept is decided again
+/// with the acceptor as the server, before it reads a byte: a copy of perl
+/// one byte longer as the service gets `ECONNABORTED` and reads nothing
+/// (before, it read what the allowed client sent), while perl itself, in
+/// a process of its own, accepts and reads.
+#[test]
+fn net_unix_activation() -> Result<()> {
+    let mut vm = host_with_module()?;
+    let rogue = "/tmp/x/perl-r";
+    vm.run_ok(&format!(
+        "mkdir -p /tmp/x && cp /usr/bin/perl {rogue} && printf x >>{rogue} && chmod 755 {rogue}"
+    ))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    // The service: accepts on the socket it was handed as fd 3.
+    let acceptor = r#"open(my $l, "+<&=", 3) or die "fd 3: $!";
+open(my $o, ">", $ARGV[0]) or die "$ARGV[0]: $!";
+if (accept(my $c, $l)) { my $line = <$c>; print $o "accepted: $line"; }
+else { print $o "accept: $!\n"; }
+close $o;
+"#;
+    vm.run_ok(&format!(
+        "echo {} | base64 -d >/tmp/x/acceptor.pl",
+        b64.encode(acceptor)
+    ))?;
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        &format!("--no-cache --allow {rogue} --unix-allow /usr/bin/socat:/usr/bin/perl"),
+    )?;
+    let rogue_sha = sha256_of(&mut vm, rogue)?;
+    for (i, (service, want)) in [(rogue, None), ("/usr/bin/perl", Some("accepted: secret-1"))]
+        .into_iter()
+        .enumerate()
+    {
+        let sock = format!("/tmp/x/act{i}.sock");
+        let out = format!("/tmp/x/act{i}.out");
+        // The manager (perl) listens, hands the socket to the service it
+        // starts (fd 3, kept across exec) and waits.
+        let manager = format!(
+            r#"use Socket; $^F = 10;
+socket(L, PF_UNIX, SOCK_STREAM, 0) or die "socket: $!";
+bind(L, pack_sockaddr_un("{sock}")) or die "bind: $!";
+listen(L, 5) or die "listen: $!";
+die "listening socket is fd " . fileno(L) unless fileno(L) == 3;
+if (fork() == 0) {{ exec "{service}", "/tmp/x/acceptor.pl", "{out}" or die "exec: $!"; }}
+wait;
+"#
+        );
+        vm.run_ok(&format!(
+            "echo {} | base64 -d >/tmp/x/manager{i}.pl",
+            b64.encode(manager)
+        ))?;
+        vm.spawn_bg(&format!("exec perl /tmp/x/manager{i}.pl"))?;
+        let mut listening = false;
+        for _ in 0..100 {
+            if vm
+                .run(&format!("grep -q ' {sock}$' /proc/net/unix"))?
+                .status
+                == 0
+            {
+                listening = true;
+                break;
+            }
+            vm.run_ok("sleep 0.2")?;
+        }
+        ensure!(listening, "the manager never listened on {sock}");
+        // The client stays alive until the service decided.
+        vm.run(&format!(
+            "(echo secret-{i}; sleep 2) | socat -u - UNIX-CONNECT:{sock}"
+        ))?;
+        let mut got = String::new();
+        for _ in 0..100 {
+            got = vm.run_ok(&format!("cat {out} 2>/dev/null || true"))?.stdout;
+            if !got.is_empty() {
+                break;
+            }
+            vm.run_ok("sleep 0.2")?;
+        }
+        match want {
+            Some(w) => ensure!(got.trim() == w, "the allowed service read {got:?}"),
+            None => ensure!(
+                got.starts_with("accept: ") && !got.contains("secret"),
+                "the rogue service accepted the connection: {got:?}"
+            ),
+        }
+    }
+    let denied = unix_lines(&mut vm)?
+        .into_iter()
+        .any(|l| l.contains(&format!("peer_sha256={rogue_sha} ")) && l.ends_with("-> deny"));
+    ensure!(denied, "no denied request naming the rogue acceptor");
     stop_agent(&mut vm)?;
     vm.run_ok("rmmod trustbind")?;
     vm.check_health()?;

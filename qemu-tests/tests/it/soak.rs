@@ -21,7 +21,8 @@
 //! log, whose hash chain verifies; the exec counters add up (every
 //! decision started as a cache hit or a question and ended exactly once);
 //! every channel that was bound was reported closed or is still open, and
-//! none is; unreclaimable slab came back within [`SLAB_BOUND_KIB`] of
+//! none is; the lineage table holds no more entries than there are live
+//! processes; unreclaimable slab came back within [`SLAB_BOUND_KIB`] of
 //! where it started; and no kernel report of any kind (lockdep, sleeping
 //! in atomic, KFENCE, kmemleak, warnings, taint) on either host. The
 //! figures (operations per second, memory) are printed for
@@ -303,11 +304,26 @@ fn soak_with_faults() -> Result<()> {
                 && g("net_closed") == g("net_close_sent") + g("net_close_dropped"),
             "{name}: channel counters do not add up: {k:?}"
         );
+        // The lineage table holds live processes only: after the load it
+        // is no larger than the process count (a missed exit would leak
+        // an entry for every process the soak started).
+        let live: i64 = vm
+            .run_ok("ls -d /proc/[0-9]* | wc -l")?
+            .stdout
+            .trim()
+            .parse()?;
+        ensure!(
+            g("lineage_procs") <= live,
+            "{name}: the lineage table knows {} processes, {live} are alive",
+            g("lineage_procs")
+        );
         figures.push(format!(
-            "{name}: execs decided {started_n} (cache hits {}), exec refusals {}, channels bound {}",
+            "{name}: execs decided {started_n} (cache hits {}), exec refusals {}, channels bound {}, \
+             lineage entries {} for {live} live processes",
             g("exec_cache_hits"),
             g("exec_denied"),
-            g("net_bound")
+            g("net_bound"),
+            g("lineage_procs")
         ));
     }
     let chan = a.run_ok("cat /tmp/soak/chan.log")?.stdout;

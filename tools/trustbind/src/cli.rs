@@ -103,6 +103,19 @@ pub enum Cmd {
     /// The hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Why a decision went the way it did: the policies that permitted or
+    /// forbade, the program's groups, and for a default deny what was
+    /// missing.
+    ///
+    /// With an audit sequence number: the decision as recorded, then how
+    /// the current policy decides the same request. With --host, --user,
+    /// --program and --action: how the current policy decides that request
+    /// now (no session or ancestry; clock conditions at the present time).
+    #[command(after_help = "Examples:
+  trustbind explain 4211
+  trustbind explain --host web1 --user bob --program /usr/bin/htop --action exec
+  trustbind explain --host web1 --user www --program 3f9a... --action connect --resource 10.0.0.5:5432")]
+    Explain(ExplainArgs),
     /// Administrator credentials.
     #[command(subcommand)]
     Admin(AdminCmd),
@@ -116,6 +129,34 @@ pub enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `trustbind explain ...`
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// An audit sequence number of a `decision` row.
+    #[arg(conflicts_with_all = ["host", "user", "program", "action", "resource", "peer"])]
+    pub seq: Option<i64>,
+    /// The host asking.
+    #[arg(long, required_unless_present = "seq")]
+    pub host: Option<String>,
+    /// The user on the host (the Cedar principal).
+    #[arg(long, required_unless_present = "seq")]
+    pub user: Option<String>,
+    /// The program: a SHA-256 (64 hex digits), or a file here to hash.
+    #[arg(long, value_name = "SHA256|PATH", required_unless_present = "seq")]
+    pub program: Option<String>,
+    /// The action: exec, open_read, open_write, delete, rename, connect,
+    /// accept, ipc_connect.
+    #[arg(long, required_unless_present = "seq")]
+    pub action: Option<String>,
+    /// What the action applies to: a file path (file actions), ADDR:PORT
+    /// (connect, accept), a socket path or @name (ipc_connect).
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// ipc_connect: the listening program, a SHA-256 or a file here to hash.
+    #[arg(long, value_name = "SHA256|PATH")]
+    pub peer: Option<String>,
 }
 
 /// `trustbind admin ...`

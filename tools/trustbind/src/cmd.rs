@@ -43,6 +43,7 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
         Cmd::Host(h) => host(h, &connect()?, out),
         Cmd::Channel(ch) => channel(ch, &connect()?, out),
         Cmd::Audit(a) => audit(a, &connect()?, out),
+        Cmd::Explain(x) => crate::explain::run(x, &connect()?, out),
         Cmd::User(u) => user(u, &connect()?, out),
         Cmd::Admin(a @ AdminCmd::Enrol { .. }) => crate::enrol::run(a, &ov, out),
         Cmd::Admin(a) => admin(a, &connect()?, &config::resolve(&ov)?, out),

@@ -19,6 +19,7 @@ mod cmd;
 mod config;
 mod enrol;
 mod error;
+mod explain;
 mod hashing;
 mod nsrl;
 mod out;

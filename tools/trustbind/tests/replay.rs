@@ -7,48 +7,16 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{policies, Appliance};
+use common::{exec, policies, sha, Appliance};
 use predicates::prelude::*;
 use trustbind_appliance::policy::engine::{decision_event, Engine};
-use trustbind_appliance::request::{Action, Program, QualifyRequest, Subject, Target};
+use trustbind_appliance::request::QualifyRequest;
 use trustbind_appliance::store::{Mode, Signature, Store};
 
 const SCHEMA: &str = include_str!("../../../policies/trustbind.cedarschema");
 
 /// What was governing while the decisions were recorded: every exec allowed.
 const ALLOW_ALL_EXEC: &str = "@id(\"allow-all-exec\")\npermit (principal, action == Trustbind::Action::\"exec\", resource);\n";
-
-fn sha(c: char) -> String {
-    std::iter::repeat_n(c, 64).collect()
-}
-
-fn exec(user: &str, prog: char, path: &str) -> QualifyRequest {
-    QualifyRequest {
-        host: "web1".into(),
-        action: Action::Exec,
-        subject: Subject {
-            user: user.into(),
-            uid: 1000,
-            euid: 1000,
-            gid: 1000,
-            loginuid: 1000,
-            session: 3,
-            pid: 77,
-            ancestry: vec![],
-        },
-        program: Program {
-            sha256: sha(prog),
-            sha1: std::iter::repeat_n(prog, 40).collect(),
-            size: 1,
-            path: path.into(),
-        },
-        target: Target::Exec {
-            loader_direct: false,
-        },
-        at_ms: trustbind_appliance::policy::engine::clock(0).0,
-        peer: None,
-    }
-}
 
 /// Decides `reqs` with the store's active policy and records them.
 fn record(store: &Arc<Store>, reqs: &[QualifyRequest]) {

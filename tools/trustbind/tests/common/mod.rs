@@ -8,6 +8,7 @@ use std::sync::Arc;
 use assert_cmd::Command;
 use trustbind_appliance::admin::{self, AdminState};
 use trustbind_appliance::pki::Pki;
+use trustbind_appliance::request::{Action, Program, QualifyRequest, Subject, Target};
 use trustbind_appliance::store::Store;
 
 /// A running admin API and the files a CLI user needs.
@@ -48,7 +49,14 @@ impl Appliance {
         let server = pki
             .admin_server_config(admin::AdminCerts::new(Arc::clone(&store)))
             .unwrap();
-        let state = AdminState::new(Arc::clone(&store)).with_pki(Arc::clone(&pki));
+        let engine = trustbind_appliance::policy::engine::Engine::new(
+            Arc::clone(&store),
+            include_str!("../../../../policies/trustbind.cedarschema"),
+        )
+        .unwrap();
+        let state = AdminState::new(Arc::clone(&store))
+            .with_pki(Arc::clone(&pki))
+            .with_engine(Arc::new(engine));
         {
             let _g = rt.enter();
             let l = tokio::net::TcpListener::from_std(std_l).unwrap();
@@ -144,6 +152,18 @@ impl Appliance {
         })
     }
 
+    /// Runs `trustbind ARGS`, expects exit code `code`, returns stderr.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self
+            .tb()
+            .args(args)
+            .assert()
+            .code(code)
+            .get_output()
+            .clone();
+        String::from_utf8(out.stderr).unwrap()
+    }
+
     /// Runs `trustbind ARGS` (text), expects success, returns stdout.
     pub fn text(&self, args: &[&str]) -> String {
         let a = self.tb().args(args).assert();
@@ -160,4 +180,38 @@ impl Appliance {
 /// The repository's `policies/` directory.
 pub fn policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
+}
+
+/// A SHA-256 of one repeated hex digit.
+pub fn sha(c: char) -> String {
+    std::iter::repeat_n(c, 64).collect()
+}
+
+/// `user` on web1 runs program `prog` (its SHA-256 is `prog` repeated) at `path`.
+pub fn exec(user: &str, prog: char, path: &str) -> QualifyRequest {
+    QualifyRequest {
+        host: "web1".into(),
+        action: Action::Exec,
+        subject: Subject {
+            user: user.into(),
+            uid: 1000,
+            euid: 1000,
+            gid: 1000,
+            loginuid: 1000,
+            session: 3,
+            pid: 77,
+            ancestry: vec![],
+        },
+        program: Program {
+            sha256: sha(prog),
+            sha1: std::iter::repeat_n(prog, 40).collect(),
+            size: 1,
+            path: path.into(),
+        },
+        target: Target::Exec {
+            loader_direct: false,
+        },
+        at_ms: trustbind_appliance::policy::engine::clock(0).0,
+        peer: None,
+    }
 }

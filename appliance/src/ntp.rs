@@ -7,8 +7,12 @@
 //!
 //! Each round asks the servers in turn and takes the first good answer: a
 //! server reply (mode 4) with a stratum of 1 to 15, no alarm leap
-//! indicator, our transmit time echoed as its originate time (an off-path
-//! forger must guess 64 bits), and sane timestamps. The clock is stepped
+//! indicator, our transmit time echoed as its originate time, and sane
+//! timestamps. The low 32 bits of that transmit time are random (as the
+//! IETF's NTP data-minimisation draft recommends), so an off-path forger
+//! must guess them and the source port; this is why the client is not
+//! `rsntp` (4.1 sends the real time, which an attacker who knows the
+//! clock roughly can guess to a few million values). The clock is stepped
 //! (`clock_settime`) when it is off by more than [`STEP_THRESHOLD_MS`];
 //! smaller errors are left alone (licences, certificates and audit times
 //! need no better). License checks tolerate the steps

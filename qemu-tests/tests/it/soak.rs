@@ -23,7 +23,7 @@
 //! every channel that was bound was reported closed or is still open, and
 //! none is; the lineage table holds no more entries than there are live
 //! processes; unreclaimable slab came back within [`SLAB_BOUND_KIB`] of
-//! where it started; and no kernel report of any kind (lockdep, sleeping
+//! where it started (the caches that grew most are printed); and no kernel report of any kind (lockdep, sleeping
 //! in atomic, KFENCE, kmemleak, warnings, taint) on either host. The
 //! figures (operations per second, memory) are printed for
 //! docs/BENCHMARKS.md.
@@ -150,6 +150,43 @@ fn slab_kib(vm: &mut Vm) -> Result<i64> {
         .with_context(|| format!("no SUnreclaim in {:?}", out.stdout))
 }
 
+/// Bytes of slab pages held per cache (`/proc/slabinfo`: slabs × pages
+/// per slab × 4 KiB, what `SUnreclaim` counts, partly filled slabs
+/// included); empty when the kernel shows no slabinfo (`CONFIG_SLUB_DEBUG`).
+fn slab_caches(vm: &mut Vm) -> Result<std::collections::BTreeMap<String, i64>> {
+    let out = vm.run_ok("cat /proc/slabinfo 2>/dev/null || true")?;
+    Ok(out
+        .stdout
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let pages_per_slab: i64 = f.get(5)?.parse().ok()?;
+            let slabs: i64 = f.get(14)?.parse().ok()?;
+            Some(((*f.first()?).to_owned(), slabs * pages_per_slab * 4096))
+        })
+        .collect())
+}
+
+/// The `n` caches that grew most from `before` to `after`, for the figures.
+fn slab_growth(
+    before: &std::collections::BTreeMap<String, i64>,
+    after: &std::collections::BTreeMap<String, i64>,
+    n: usize,
+) -> String {
+    let mut grew: Vec<(i64, &str)> = after
+        .iter()
+        .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0), k.as_str()))
+        .filter(|(d, _)| *d > 0)
+        .collect();
+    grew.sort_by(|x, y| y.0.cmp(&x.0));
+    grew.iter()
+        .take(n)
+        .map(|(d, k)| format!("{k} {:+} KiB", d / 1024))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Kills the agent on `vm` with SIGKILL and starts a new one.
 fn restart_agent(vm: &mut Vm) -> Result<()> {
     // Online first (it may still be reconnecting after the appliance came
@@ -199,6 +236,7 @@ fn soak_with_faults() -> Result<()> {
     b.spawn_bg("exec socat -u TCP4-LISTEN:7200,fork,reuseaddr OPEN:/dev/null")?;
     crate::net_qualify::wait_listening(&mut b, 7200)?;
     let slab_before = [slab_kib(&mut a)?, slab_kib(&mut b)?];
+    let caches_before = slab_caches(&mut a)?;
 
     use base64::Engine;
     a.run_ok(&format!(
@@ -340,6 +378,11 @@ fn soak_with_faults() -> Result<()> {
 
     // Memory came back; no kernel report of any kind.
     let slab_after = [slab_kib(&mut a)?, slab_kib(&mut b)?];
+    let caches_after = slab_caches(&mut a)?;
+    figures.push(format!(
+        "a: slab caches that grew most: {}",
+        slab_growth(&caches_before, &caches_after, 6)
+    ));
     for (i, name) in ["a", "b"].iter().enumerate() {
         let grew = slab_after[i] - slab_before[i];
         figures.push(format!(

@@ -139,6 +139,7 @@ impl ProcTable for Procs {
             Ok(node) => {
                 self.tree.insert(node);
                 self.n += 1;
+                self.gauge();
                 true
             }
             Err(_) => false,
@@ -148,11 +149,21 @@ impl ProcTable for Procs {
     fn remove(&mut self, p: &ProcId) {
         if self.tree.remove(p).is_some() {
             self.n -= 1;
+            self.gauge();
         }
     }
 
     fn len(&self) -> usize {
         self.n
+    }
+}
+
+impl Procs {
+    /// Publishes the entry count (`lineage_procs`), under the table's lock
+    /// like the count itself.
+    fn gauge(&self) {
+        // CAST: a count of processes.
+        STATS.lineage_procs.store(self.n as u64, Ordering::Relaxed);
     }
 }
 
@@ -221,11 +232,6 @@ impl Lineage {
     /// The whole thread group of `proc` exited.
     pub(crate) fn exited(&self, proc: ProcId) {
         self.inner.lock().table.exited(proc)
-    }
-
-    /// Number of processes known.
-    pub(crate) fn len(&self) -> usize {
-        self.inner.lock().table.len()
     }
 
     /// The program `proc` was recorded running and its ancestry, if this
@@ -832,7 +838,6 @@ pub(crate) fn committed(s: &Shared, pid: u32, proc: ProcId) {
     if s.lineage.committed(pid, proc) {
         bump(&STATS.committed);
     }
-    lineage_gauge(s);
 }
 
 /// `child` was forked by `parent`, a new process (called from the
@@ -841,19 +846,12 @@ pub(crate) fn forked(s: &Shared, parent: ProcId, child: ProcId) {
     if s.lineage.forked(parent, child) == Forked::NoMemory {
         bump(&STATS.lineage_lost);
     }
-    lineage_gauge(s);
 }
 
 /// The whole thread group of `proc` exited (called from the
 /// `sched_process_exit` tracepoint: must not sleep).
 pub(crate) fn exited(s: &Shared, proc: ProcId) {
     s.lineage.exited(proc);
-    lineage_gauge(s);
-}
-
-fn lineage_gauge(s: &Shared) {
-    // CAST: a count of processes.
-    STATS.lineage_procs.store(s.lineage.len() as u64, Ordering::Relaxed);
 }
 
 /// A process asks to change its `mm->exe_file` (`PR_SET_MM_EXE_FILE`, or

@@ -164,10 +164,8 @@ impl<T: ProcTable> Lineage<T> {
 
     /// `child`, a new process (not a thread), was forked by `parent`.
     pub fn forked(&mut self, parent: ProcId, child: ProcId) -> Forked {
+        // (No entry can exist under the child's key: start times differ.)
         let Some(img) = self.procs.get(&parent).copied() else {
-            // A stale entry under the child's key cannot exist (start
-            // times differ), but make sure.
-            self.procs.remove(&child);
             return Forked::Unknown;
         };
         if self.procs.put(child, img) {

@@ -390,7 +390,6 @@ impl Channel {
     /// only a fatal one: `wait`). Never fails: what could not be asked is
     /// an [`Answer`] the mode decides on.
     pub(crate) fn ask(&self, rec: &Record<'_>, uid: u32, wait: Wait) -> Answer {
-        let _blocked = (wait == Wait::UntilFatal).then(sys::SignalsBlocked::new);
         let timeout = self.verdict_timeout_ms.load(Ordering::Acquire);
         let mut st = self.state.lock();
         if st.agent.is_none() || !st.greeted {
@@ -425,6 +424,8 @@ impl Channel {
         sys::wake_readers();
         let epoch = st.epoch;
         let mut left = msecs_to_jiffies(timeout);
+        // Only for the wait itself: nothing is blocked when nothing waits.
+        let blocked = (wait == Wait::UntilFatal).then(sys::SignalsBlocked::new);
         let answer = loop {
             if st.epoch != epoch {
                 st.drop_pending(id);
@@ -449,6 +450,7 @@ impl Channel {
                 }
             }
         };
+        drop(blocked);
         st.outbox.release(place);
         self.queued.store(st.outbox.len(), Ordering::Release);
         answer

@@ -602,6 +602,10 @@ impl Channel {
                     return Err(e);
                 }
             },
+            Record::FileSets(_) => {
+                pr_warn!("file sets are not enforced by this module yet\n");
+                return Err(EINVAL);
+            }
             Record::Generation(g) => {
                 // Protected services are kept (T-29): a service that
                 // stopped needing a channel only loses plaintext from
@@ -615,6 +619,7 @@ impl Channel {
             | Record::ExecRequest(_)
             | Record::NetRequest(_)
             | Record::ChannelClosed(_)
+            | Record::FileRequest(_)
             | Record::IpcRequest(_) => {
                 pr_warn!("agent sent a module-only record kind {:?}\n", record.kind());
                 return Err(EINVAL);

@@ -1267,6 +1267,10 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             drop(w);
             tracing::info!("protected hosts: {}", addrs.len());
         }
+        push::Kind::FileSets(f) => {
+            // Handed to the module once the agent resolves file sets.
+            tracing::debug!("protected file sets: {}", f.sets.len());
+        }
         push::Kind::Ping(_) => {}
     }
     Ok(())

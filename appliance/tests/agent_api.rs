@@ -121,6 +121,7 @@ fn open_read(id: u64, path: &str) -> pb::Request {
         target: Some(Target::File(pb::FileTarget {
             path: path.into(),
             to: None,
+            ..Default::default()
         })),
         ..exec(id, LS)
     }
@@ -299,6 +300,7 @@ async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
     wrong_target.target = Some(Target::File(pb::FileTarget {
         path: "/x".into(),
         to: None,
+        ..Default::default()
     }));
     refused(
         &app,

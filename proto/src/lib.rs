@@ -39,7 +39,7 @@ use core::fmt;
 /// `"TBND"` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TBND");
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 /// Size of the fixed [`Header`].
 pub const HEADER_LEN: usize = 24;
 /// Largest record either side may send or accept.
@@ -89,6 +89,12 @@ pub enum Kind {
     /// Agent → module: the addresses of the protected hosts (replacing
     /// the previous set), for the inbound netfilter backstop.
     Peers = 11,
+    /// Module → agent: may this program open, delete or rename this
+    /// protected file? Answered with a [`Kind::Verdict`].
+    FileRequest = 12,
+    /// Agent → module: the protected file sets, as the identities of the
+    /// files and directories named (replacing the previous sets).
+    FileSets = 13,
 }
 
 impl Kind {
@@ -106,6 +112,8 @@ impl Kind {
             9 => Some(Kind::ChannelClosed),
             10 => Some(Kind::IpcRequest),
             11 => Some(Kind::Peers),
+            12 => Some(Kind::FileRequest),
+            13 => Some(Kind::FileSets),
             _ => None,
         }
     }
@@ -672,6 +680,170 @@ pub struct IpcRequest<'a> {
     pub path: &'a [u8],
 }
 
+/// What a [`FileRequest`] asks to do to the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FileAccess {
+    /// Open for reading (`O_RDONLY`, or the read half of `O_RDWR`, which
+    /// is asked as [`FileAccess::Write`]).
+    Read = 1,
+    /// Open for writing (`O_WRONLY`, `O_RDWR`, `O_TRUNC`, `O_APPEND`), create
+    /// a new name in a protected directory, or truncate.
+    Write = 2,
+    /// Remove a name (`unlink`, `rmdir`).
+    Delete = 3,
+    /// Move a name (`rename`, from or into a protected set); `to` is the
+    /// new path.
+    Rename = 4,
+}
+
+impl FileAccess {
+    /// Maps a wire value to an access.
+    pub const fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(FileAccess::Read),
+            2 => Some(FileAccess::Write),
+            3 => Some(FileAccess::Delete),
+            4 => Some(FileAccess::Rename),
+            _ => None,
+        }
+    }
+}
+
+/// [`FileRequest::flags`]: the name does not exist yet (a create, `mkdir`,
+/// `mknod`, `symlink`, or the new name of a hard link); `dev`/`ino` are
+/// its directory's.
+pub const FILE_CREATE: u8 = 1;
+/// [`FileRequest::flags`]: a truncate (`truncate(2)`, `ftruncate(2)`).
+pub const FILE_TRUNCATE: u8 = 2;
+/// [`FileRequest::flags`]: a new hard link to `path` named `to`.
+pub const FILE_LINK: u8 = 4;
+/// Every flag bit this version defines.
+const FILE_FLAGS_KNOWN: u8 = FILE_CREATE | FILE_TRUNCATE | FILE_LINK;
+
+/// One operation on a protected file, as the kernel saw it.
+///
+/// Paths are absolute in the initial mount namespace, whatever namespace
+/// or bind mount the process used; `path` and `to` together fit one
+/// record (at most [`MAX_FILE_PATHS_LEN`] bytes). Answered by a
+/// [`Verdict`]: `Deny` fails the operation with `EACCES`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRequest<'a> {
+    /// What is asked.
+    pub access: FileAccess,
+    /// [`FILE_CREATE`], [`FILE_TRUNCATE`], [`FILE_LINK`] or 0.
+    pub flags: u8,
+    /// SHA-256 of the program the process runs.
+    pub sha256: [u8; SHA256_LEN],
+    /// Where that hash comes from.
+    pub program_source: ProgramSource,
+    /// Real user id.
+    pub uid: u32,
+    /// Effective user id.
+    pub euid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// Audit login uid (`u32::MAX` when unset).
+    pub loginuid: u32,
+    /// Audit session id (`u32::MAX` when unset).
+    pub sessionid: u32,
+    /// Thread group id of the process.
+    pub pid: u32,
+    /// Thread group id of its parent.
+    pub ppid: u32,
+    /// Device of the file's file system (`stat`'s `st_dev` encoding).
+    pub dev: u64,
+    /// Inode number of the file (of its directory with [`FILE_CREATE`]).
+    pub ino: u64,
+    /// The process's ancestry, as in [`NetRequest::ancestry`].
+    pub ancestry: Ancestry<'a>,
+    /// The file's path (no NUL).
+    pub path: &'a [u8],
+    /// [`FileAccess::Rename`] and [`FILE_LINK`]: the new path; otherwise
+    /// empty.
+    pub to: &'a [u8],
+}
+
+/// Longest `path` plus `to` of a [`FileRequest`]: what is left of
+/// [`MAX_RECORD_LEN`] after the header, the fixed part and the largest
+/// ancestry. An operation whose paths are longer cannot be asked (the
+/// module decides it as it decides an unanswered request).
+pub const MAX_FILE_PATHS_LEN: usize =
+    MAX_RECORD_LEN - HEADER_LEN - FILE_FIXED_LEN - MAX_ANCESTRY * SHA256_LEN;
+
+/// Most entries in one [`FileSets`] record.
+pub const MAX_FILE_SET_ENTRIES: usize = 500;
+/// Bytes per [`FileSets`] entry: device (`st_dev`), inode number.
+pub const FILE_SET_ENTRY_LEN: usize = 16;
+
+/// Agent → module: the protected files and directories, by identity
+/// (device, inode number), replacing the previous sets. A file is
+/// protected when it, or any directory above it on its file system, is
+/// listed. Entries are sorted and unique (checked on construction), so the
+/// module looks one up with a binary search.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileSets<'a> {
+    entries: &'a [u8],
+}
+
+impl<'a> FileSets<'a> {
+    /// One entry's bytes.
+    pub fn entry(dev: u64, ino: u64) -> [u8; FILE_SET_ENTRY_LEN] {
+        let mut e = [0u8; FILE_SET_ENTRY_LEN];
+        let (d, i) = e.split_at_mut(8);
+        d.copy_from_slice(&dev.to_le_bytes());
+        i.copy_from_slice(&ino.to_le_bytes());
+        e
+    }
+
+    /// Checks `entries` (a concatenation of [`FileSets::entry`] values in
+    /// ascending (dev, ino) order, no duplicates, at most
+    /// [`MAX_FILE_SET_ENTRIES`]).
+    pub fn new(entries: &'a [u8]) -> Result<Self, DecodeError> {
+        if !entries.len().is_multiple_of(FILE_SET_ENTRY_LEN)
+            || entries.len() / FILE_SET_ENTRY_LEN > MAX_FILE_SET_ENTRIES
+        {
+            return Err(DecodeError::InvalidField("file_set_count"));
+        }
+        let s = Self { entries };
+        let mut prev: Option<(u64, u64)> = None;
+        for e in s.iter() {
+            if prev.is_some_and(|p| p >= e) {
+                return Err(DecodeError::InvalidField("file_set_order"));
+            }
+            prev = Some(e);
+        }
+        Ok(s)
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.entries.len() / FILE_SET_ENTRY_LEN
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The raw entries ([`FILE_SET_ENTRY_LEN`] bytes each).
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.entries
+    }
+
+    /// The (device, inode) pairs, in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + 'a {
+        self.entries.chunks_exact(FILE_SET_ENTRY_LEN).map(|e| {
+            let mut d = [0u8; 8];
+            let mut i = [0u8; 8];
+            let (a, b) = e.split_at(8);
+            d.copy_from_slice(a);
+            i.copy_from_slice(b);
+            (u64::from_le_bytes(d), u64::from_le_bytes(i))
+        })
+    }
+}
+
 /// What the appliance decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -1053,6 +1225,10 @@ pub enum Record<'a> {
     IpcRequest(IpcRequest<'a>),
     /// See [`Peers`].
     Peers(Peers<'a>),
+    /// See [`FileRequest`].
+    FileRequest(FileRequest<'a>),
+    /// See [`FileSets`].
+    FileSets(FileSets<'a>),
 }
 
 impl Record<'_> {
@@ -1070,6 +1246,8 @@ impl Record<'_> {
             Record::ChannelClosed(_) => Kind::ChannelClosed,
             Record::IpcRequest(_) => Kind::IpcRequest,
             Record::Peers(_) => Kind::Peers,
+            Record::FileRequest(_) => Kind::FileRequest,
+            Record::FileSets(_) => Kind::FileSets,
         }
     }
 
@@ -1087,6 +1265,10 @@ impl Record<'_> {
             Record::ChannelClosed(_) => CHANNEL_CLOSED_LEN,
             Record::IpcRequest(r) => IPC_FIXED_LEN + r.ancestry.as_bytes().len() + r.path.len(),
             Record::Peers(p) => 8 + p.as_bytes().len(),
+            Record::FileRequest(r) => {
+                FILE_FIXED_LEN + r.ancestry.as_bytes().len() + r.path.len() + r.to.len()
+            }
+            Record::FileSets(f) => 8 + f.as_bytes().len(),
         }
     }
 
@@ -1112,6 +1294,17 @@ impl Record<'_> {
         }
         if let Record::IpcRequest(r) = self {
             if r.path.len() > MAX_PATH_LEN {
+                return Err(EncodeError::TooLong("path"));
+            }
+            if Ancestry::from_bytes(r.ancestry.as_bytes()).is_none() {
+                return Err(EncodeError::TooLong("ancestry"));
+            }
+        }
+        if let Record::FileRequest(r) = self {
+            if r.path.len() > MAX_PATH_LEN || r.to.len() > MAX_PATH_LEN {
+                return Err(EncodeError::TooLong("path"));
+            }
+            if r.path.len() + r.to.len() > MAX_FILE_PATHS_LEN {
                 return Err(EncodeError::TooLong("path"));
             }
             if Ancestry::from_bytes(r.ancestry.as_bytes()).is_none() {
@@ -1164,6 +1357,35 @@ impl Record<'_> {
                 w.u16(r.path.len() as u16);
                 w.bytes(r.ancestry.as_bytes());
                 w.bytes(r.path);
+            }
+            Record::FileRequest(r) => {
+                w.u8(r.access as u8);
+                w.u8(r.flags);
+                w.u8(r.program_source as u8);
+                // CAST: bounded above (MAX_ANCESTRY, MAX_PATH_LEN, checked).
+                w.u8(r.ancestry.len() as u8);
+                w.u16(r.path.len() as u16);
+                w.u16(r.to.len() as u16);
+                w.bytes(&r.sha256);
+                w.u32(r.uid);
+                w.u32(r.euid);
+                w.u32(r.gid);
+                w.u32(r.loginuid);
+                w.u32(r.sessionid);
+                w.u32(r.pid);
+                w.u32(r.ppid);
+                w.u64(r.dev);
+                w.u64(r.ino);
+                w.bytes(r.ancestry.as_bytes());
+                w.bytes(r.path);
+                w.bytes(r.to);
+            }
+            Record::FileSets(f) => {
+                // CAST: at most MAX_FILE_SET_ENTRIES, checked in `FileSets::new`.
+                w.u16(f.len() as u16);
+                w.u16(0);
+                w.u32(0);
+                w.bytes(f.as_bytes());
             }
             Record::Peers(p) => {
                 // CAST: at most MAX_PEERS, checked in `Peers::new`.
@@ -1295,6 +1517,9 @@ const NET_FIXED_LEN: usize = 1 + 1 + 2 + 2 + 2 + 16 + 16 + SHA256_LEN + 7 * 4 + 
 /// Fixed part of an IPC request body: two program hashes, ten ids,
 /// ancestry count, two sources, pad, path length, pad.
 const IPC_FIXED_LEN: usize = 2 * SHA256_LEN + 10 * 4 + 1 + 1 + 1 + 1 + 2 + 2;
+/// Fixed part of a file request body: access, flags, source, ancestry
+/// count, two path lengths, program hash, seven ids, device, inode.
+const FILE_FIXED_LEN: usize = 1 + 1 + 1 + 1 + 2 + 2 + SHA256_LEN + 7 * 4 + 8 + 8;
 /// Generation body: the generation.
 const GENERATION_LEN: usize = 8;
 const OBL_NICE: u8 = 1;
@@ -1536,6 +1761,74 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 return Err(DecodeError::InvalidField("peer_count"));
             }
             Record::Peers(Peers::new(r.bytes(n * PEER_LEN).map_err(short)?)?)
+        }
+        Kind::FileRequest => {
+            let access = FileAccess::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("access"))?;
+            let flags = r.u8().map_err(short)?;
+            if flags & !FILE_FLAGS_KNOWN != 0 {
+                return Err(DecodeError::InvalidField("flags"));
+            }
+            let program_source = ProgramSource::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("program_source"))?;
+            let n_anc = r.u8().map_err(short)? as usize;
+            let path_len = r.u16().map_err(short)? as usize;
+            let to_len = r.u16().map_err(short)? as usize;
+            if to_len > MAX_PATH_LEN {
+                return Err(DecodeError::InvalidField("to_len"));
+            }
+            if path_len.saturating_add(to_len) > MAX_FILE_PATHS_LEN {
+                return Err(DecodeError::InvalidField("path_len"));
+            }
+            let sha256 = r.array().map_err(short)?;
+            let uid = r.u32().map_err(short)?;
+            let euid = r.u32().map_err(short)?;
+            let gid = r.u32().map_err(short)?;
+            let loginuid = r.u32().map_err(short)?;
+            let sessionid = r.u32().map_err(short)?;
+            let pid = r.u32().map_err(short)?;
+            let ppid = r.u32().map_err(short)?;
+            let dev = r.u64().map_err(short)?;
+            let ino = r.u64().map_err(short)?;
+            let (ancestry, path) = r.ancestry_and_path(n_anc, path_len).map_err(short)?;
+            let to = r.bytes(to_len).map_err(short)?;
+            if to.contains(&0) {
+                return Err(DecodeError::InvalidField("to"));
+            }
+            let renames = access == FileAccess::Rename || flags & FILE_LINK != 0;
+            if renames == to.is_empty() {
+                return Err(DecodeError::InvalidField("to"));
+            }
+            Record::FileRequest(FileRequest {
+                access,
+                flags,
+                sha256,
+                program_source,
+                uid,
+                euid,
+                gid,
+                loginuid,
+                sessionid,
+                pid,
+                ppid,
+                dev,
+                ino,
+                ancestry,
+                path,
+                to,
+            })
+        }
+        Kind::FileSets => {
+            let n = r.u16().map_err(short)? as usize;
+            if r.u16().map_err(short)? != 0 || r.u32().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            if n > MAX_FILE_SET_ENTRIES {
+                return Err(DecodeError::InvalidField("file_set_count"));
+            }
+            Record::FileSets(FileSets::new(
+                r.bytes(n * FILE_SET_ENTRY_LEN).map_err(short)?,
+            )?)
         }
         Kind::IpcRequest => {
             let sha256 = r.array().map_err(short)?;

@@ -701,7 +701,7 @@ fn channel_closed_layout_and_checks() {
         assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
     }
     assert_eq!(Kind::from_wire(9), Some(Kind::ChannelClosed));
-    assert_eq!(Kind::from_wire(12), None);
+    assert_eq!(Kind::from_wire(14), None);
 }
 
 #[test]
@@ -813,5 +813,151 @@ proptest! {
         let buf = enc(&rec, 3);
         let (_, back) = decode(&buf).expect("decode");
         prop_assert_eq!(back, rec);
+    }
+}
+
+fn sample_file<'a>(access: FileAccess, path: &'a [u8], to: &'a [u8], anc: &'a [u8]) -> Record<'a> {
+    Record::FileRequest(FileRequest {
+        access,
+        flags: if access == FileAccess::Write {
+            FILE_CREATE
+        } else {
+            0
+        },
+        sha256: [0x44; 32],
+        program_source: ProgramSource::Lineage,
+        uid: 1000,
+        euid: 1000,
+        gid: 100,
+        loginuid: 1000,
+        sessionid: 3,
+        pid: 77,
+        ppid: 1,
+        dev: 0x0803,
+        ino: 4242,
+        ancestry: Ancestry::from_bytes(anc).unwrap(),
+        path,
+        to,
+    })
+}
+
+#[test]
+fn file_request_layout_and_checks() {
+    let anc = [0x33u8; 32];
+    let buf = enc(
+        &sample_file(FileAccess::Rename, b"/srv/a", b"/tmp/b", &anc),
+        9,
+    );
+    assert_eq!(buf.len(), HEADER_LEN + 84 + 32 + 6 + 6);
+    assert_eq!(&buf[6..8], &12u16.to_le_bytes());
+    assert_eq!(buf[HEADER_LEN], 4);
+    assert_eq!(&buf[HEADER_LEN + 4..HEADER_LEN + 6], &6u16.to_le_bytes());
+    assert_eq!(&buf[HEADER_LEN + 8..HEADER_LEN + 40], &[0x44; 32]);
+    let (h, back) = decode(&buf).unwrap();
+    assert_eq!(h.request_id, 9);
+    assert_eq!(
+        back,
+        sample_file(FileAccess::Rename, b"/srv/a", b"/tmp/b", &anc)
+    );
+    // A rename without its new path, a read with one, an unknown access or
+    // flag, a NUL in either path: refused, by name.
+    for (access, path, to) in [
+        (FileAccess::Rename, &b"/srv/a"[..], &b""[..]),
+        (FileAccess::Read, b"/srv/a", b"/x"),
+    ] {
+        let rec = sample_file(access, path, to, &[]);
+        let mut out = vec![0u8; rec.encoded_len()];
+        rec.encode(1, &mut out).unwrap();
+        assert_eq!(decode(&out), Err(DecodeError::InvalidField("to")));
+    }
+    let mut bad = buf.clone();
+    bad[HEADER_LEN] = 5;
+    assert_eq!(decode(&bad), Err(DecodeError::InvalidField("access")));
+    let mut bad = buf.clone();
+    bad[HEADER_LEN + 1] = 8;
+    assert_eq!(decode(&bad), Err(DecodeError::InvalidField("flags")));
+    let mut bad = buf.clone();
+    let last = bad.len() - 1;
+    bad[last] = 0;
+    assert_eq!(decode(&bad), Err(DecodeError::InvalidField("to")));
+    let mut bad = buf.clone();
+    bad[last - 6] = 0;
+    assert_eq!(decode(&bad), Err(DecodeError::InvalidField("path")));
+    for n in 0..buf.len() {
+        assert!(decode(&buf[..n]).is_err());
+    }
+    // The longest pair of paths with the deepest ancestry fits a record;
+    // one byte more is refused at encode and at decode.
+    let full = [0x55u8; MAX_ANCESTRY * 32];
+    let a = vec![b'a'; MAX_PATH_LEN];
+    let b = vec![b'b'; MAX_FILE_PATHS_LEN - MAX_PATH_LEN];
+    let rec = sample_file(FileAccess::Rename, &a, &b, &full);
+    assert_eq!(rec.encoded_len(), MAX_RECORD_LEN);
+    let buf = enc(&rec, 1);
+    assert!(decode(&buf).is_ok());
+    let b2 = vec![b'b'; MAX_FILE_PATHS_LEN - MAX_PATH_LEN + 1];
+    let rec = sample_file(FileAccess::Rename, &a, &b2, &[]);
+    let mut out = vec![0u8; rec.encoded_len()];
+    assert_eq!(rec.encode(1, &mut out), Err(EncodeError::TooLong("path")));
+}
+
+#[test]
+fn file_sets_round_trip_and_are_checked() {
+    let mut bytes = Vec::new();
+    for (d, i) in [(1u64, 2u64), (1, 9), (0x0803, 2)] {
+        bytes.extend_from_slice(&FileSets::entry(d, i));
+    }
+    let f = FileSets::new(&bytes).unwrap();
+    assert_eq!(
+        f.iter().collect::<Vec<_>>(),
+        vec![(1, 2), (1, 9), (0x0803, 2)]
+    );
+    let buf = enc(&Record::FileSets(f), 0);
+    assert_eq!(buf.len(), HEADER_LEN + 8 + 3 * FILE_SET_ENTRY_LEN);
+    assert_eq!(&buf[6..8], &13u16.to_le_bytes());
+    assert_eq!(decode(&buf).unwrap().1, Record::FileSets(f));
+    // Out of order or duplicated entries, a count too high: refused.
+    let mut unsorted = FileSets::entry(2, 1).to_vec();
+    unsorted.extend_from_slice(&FileSets::entry(1, 5));
+    assert_eq!(
+        FileSets::new(&unsorted),
+        Err(DecodeError::InvalidField("file_set_order"))
+    );
+    let mut dup = FileSets::entry(2, 1).to_vec();
+    dup.extend_from_slice(&FileSets::entry(2, 1));
+    assert!(FileSets::new(&dup).is_err());
+    let mut bad = buf.clone();
+    bad[HEADER_LEN..HEADER_LEN + 2]
+        .copy_from_slice(&(MAX_FILE_SET_ENTRIES as u16 + 1).to_le_bytes());
+    assert_eq!(
+        decode(&bad),
+        Err(DecodeError::InvalidField("file_set_count"))
+    );
+    // The largest set fits a record.
+    let many: Vec<u8> = (0..MAX_FILE_SET_ENTRIES as u64)
+        .flat_map(|i| FileSets::entry(7, i))
+        .collect();
+    let rec = Record::FileSets(FileSets::new(&many).unwrap());
+    assert!(rec.encoded_len() <= MAX_RECORD_LEN);
+    assert!(decode(&enc(&rec, 0)).is_ok());
+    for n in 0..buf.len() {
+        assert!(decode(&buf[..n]).is_err());
+    }
+}
+
+proptest! {
+    #[test]
+    fn file_request_round_trips(
+        path in proptest::collection::vec(1u8..=255, 0..300),
+        to in proptest::collection::vec(1u8..=255, 1..300),
+        n_anc in 0usize..=MAX_ANCESTRY,
+        access in 1u8..=4,
+    ) {
+        let anc = vec![0x5a; n_anc * 32];
+        let access = FileAccess::from_wire(access).unwrap();
+        let to: &[u8] = if access == FileAccess::Rename { &to } else { &[] };
+        let rec = sample_file(access, &path, to, &anc);
+        let buf = enc(&rec, 3);
+        prop_assert_eq!(decode(&buf).unwrap().1, rec);
     }
 }

@@ -602,9 +602,11 @@ impl Channel {
                     return Err(e);
                 }
             },
-            Record::FileSets(_) => {
-                pr_warn!("file sets are not enforced by this module yet\n");
-                return Err(EINVAL);
+            Record::FileSets(f) => {
+                crate::SHARED
+                    .with(|s| s.files.set_sets(&f))
+                    .unwrap_or(Err(ENODEV))?;
+                pr_info!("protected file identities: {}\n", f.len());
             }
             Record::Generation(g) => {
                 // Protected services are kept (T-29): a service that
@@ -612,7 +614,10 @@ impl Channel {
                 // sockets no wrapper qualified (raw, exempt), which is
                 // what the backstop is for; qualified plaintext sockets
                 // are marked and pass.
-                crate::SHARED.with(|s| s.exec_cache.set_generation(g.policy_generation));
+                crate::SHARED.with(|s| {
+                    s.exec_cache.set_generation(g.policy_generation);
+                    s.files.set_generation(g.policy_generation);
+                });
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
             Record::HelloAck(_)

@@ -710,7 +710,7 @@ impl core::fmt::Display for UnixConnection<'_> {
 /// The program of a process, its ancestry and where the hash comes from:
 /// the lineage table, else `hash()` now (then recorded, with no ancestry,
 /// so the next connect does not hash again).
-fn program_of(
+pub(crate) fn program_of(
     s: &Shared,
     proc: ProcId,
     hash: impl FnOnce() -> Result<[u8; 32]>,
@@ -829,6 +829,6 @@ fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<R
     }
 }
 
-fn ancestry(chain: &Chain) -> Ancestry<'_> {
+pub(crate) fn ancestry(chain: &Chain) -> Ancestry<'_> {
     Ancestry::from_bytes(chain.as_bytes()).unwrap_or(Ancestry::EMPTY)
 }

@@ -15,6 +15,7 @@ use kernel::prelude::*;
 
 mod device;
 mod exec;
+mod files;
 mod net;
 mod sys;
 
@@ -27,7 +28,7 @@ mod proto;
 use device::Channel;
 use kernel::c_str;
 use sys::{
-    DebugfsDir, ExecRegistration, Hashers, LoaderHooks, MiscRegistration, NetHooks, Slot, UnixHooks,
+    DebugfsDir, ExecRegistration, FileHooks, Hashers, LoaderHooks, MiscRegistration, NetHooks, Slot, UnixHooks,
 };
 
 module! {
@@ -53,17 +54,21 @@ pub(crate) struct Shared {
     pub(crate) loader: exec::LoaderState,
     #[pin]
     pub(crate) bound: net::Bound,
+    #[pin]
+    pub(crate) files: files::Files,
 }
 
 /// The state the C callbacks (file operations, binfmt handler) reach.
 pub(crate) static SHARED: Slot<Shared> = Slot::new();
 
-/// The module; fields drop in declaration order: the UNIX connect hook and
+/// The module; fields drop in declaration order: the file gate's hooks
+/// (waiting for calls in their stubs), the UNIX connect hook and
 /// the connect/accept hooks are removed first (waiting for calls inside
 /// their wrappers), then the exec handler is unregistered, then the loader gate stopped (waiting for its
 /// handlers), then the statistics, then the device, then the shared state
 /// is freed.
 struct Trustbind {
+    _files: FileHooks,
     _unix: UnixHooks,
     _net: NetHooks,
     _exec: ExecRegistration,
@@ -144,6 +149,7 @@ impl kernel::Module for Trustbind {
         let lineage = exec::Lineage::new()?;
         let loader = exec::LoaderState::new()?;
         let bound = net::Bound::new()?;
+        let file_state = files::Files::new()?;
         let shared = KBox::pin_init(
             try_pin_init!(Shared {
                 hashers,
@@ -152,6 +158,7 @@ impl kernel::Module for Trustbind {
                 lineage <- lineage,
                 loader <- loader,
                 bound <- bound,
+                files <- file_state,
             }? Error),
             GFP_KERNEL,
         )?;
@@ -213,6 +220,23 @@ impl kernel::Module for Trustbind {
             (c_str!("unix_unreadable"), &net::UNIX_STATS.refusals.unreadable),
             (c_str!("unix_busy"), &net::UNIX_STATS.refusals.busy),
             (c_str!("unix_exe_hashed"), &net::UNIX_STATS.exe_hashed),
+            (c_str!("file_protected"), &files::STATS.protected),
+            (c_str!("file_checked"), &files::STATS.checked),
+            (c_str!("file_cache_hits"), &files::STATS.cache_hits),
+            (c_str!("file_answers_used"), &files::STATS.answers_used),
+            (c_str!("file_restarts"), &files::STATS.restarts),
+            (c_str!("file_unrestartable"), &files::STATS.unrestartable),
+            (c_str!("file_asked"), &files::STATS.asked),
+            (c_str!("file_allowed"), &files::STATS.allowed),
+            (c_str!("file_link_refused"), &files::STATS.link_refused),
+            (c_str!("file_cache_stored"), &files::STATS.cache_stored),
+            (c_str!("file_cache_flushes"), &files::STATS.cache_flushes),
+            (c_str!("file_denied"), &files::STATS.refusals.denied),
+            (c_str!("file_would_deny"), &files::STATS.refusals.would_deny),
+            (c_str!("file_no_agent"), &files::STATS.refusals.no_agent),
+            (c_str!("file_timeouts"), &files::STATS.refusals.timeouts),
+            (c_str!("file_unreadable"), &files::STATS.refusals.unreadable),
+            (c_str!("file_busy"), &files::STATS.refusals.busy),
         ]);
         let loader = LoaderHooks::new()?;
         let exec = ExecRegistration::new();
@@ -220,7 +244,10 @@ impl kernel::Module for Trustbind {
         let net = NetHooks::new()?;
         pr_info!("connect/accept/close hooks registered\n");
         let unix = UnixHooks::new()?;
+        let file_hooks = FileHooks::new()?;
+        pr_info!("file gate hooks registered\n");
         Ok(Trustbind {
+            _files: file_hooks,
             _unix: unix,
             _net: net,
             _exec: exec,

@@ -55,6 +55,11 @@
 #include <linux/netfilter_ipv6.h>
 #include <net/net_namespace.h>
 
+#include <linux/task_work.h>
+#include <linux/compat.h>
+#include <linux/kdev_t.h>
+#include <asm/syscall.h>
+#include <asm/unistd.h>
 #include "helpers.h"
 
 /* --- Hashing ------------------------------------------------------------ */
@@ -2485,4 +2490,382 @@ void tb_loader_hooks_stop(void)
 	tb_unhook_one(&tb_open_exec_ops);
 	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
 	tb_tp_unregister_all();
+}
+
+
+/* --- File gate (ftrace callbacks on the LSM entry points) ---------------- */
+
+/*
+ * The gate decides in the ftrace callback at the entry of the LSM hooks
+ * below (preemption disabled; for unlink, rename, link and the creates a
+ * directory's i_rwsem is held by the caller): from the protected set, the
+ * verdict cache and the answers, never waiting. A refusal redirects the
+ * call to tb_file_refused() (the hook then returns -EACCES and the VFS
+ * fails the operation); an allowed call runs the original untouched, so
+ * nothing calls these (possibly IBT-sealed) functions indirectly.
+ *
+ * A miss is asked later, with nothing held: a task work (TWA_SIGNAL, so
+ * the return to user space goes through the signal path, which restarts
+ * the call) is queued with references on the dentries, and the call is
+ * redirected to tb_file_restart(), which returns -ERESTARTNOINTR. The task
+ * work asks the agent (it may sleep; no lock of the VFS is held), stores
+ * the verdict, and the system call starts again and finds it. Only system
+ * calls that can be restarted so are (tb_file_restartable()): in any other
+ * context (io_uring workers, compat calls, kernel-internal callers) a miss
+ * is decided by mode without asking. Kernel threads (nfsd, ksmbd, kworkers)
+ * are not gated.
+ */
+void tb_current_ids(struct tb_task_ids *out)
+{
+	TB_FILL_TASK(out);
+	out->pid = task_pid_nr(current);
+}
+
+u64 tb_dentry_dev(const struct dentry *d)
+{
+	return new_encode_dev(d->d_sb->s_dev);
+}
+
+bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev, u64 *ino,
+		     u32 *gen)
+{
+	struct inode *inode;
+	bool ok = false;
+
+	rcu_read_lock();
+	if (parent)
+		d = READ_ONCE(d->d_parent);
+	inode = d_inode_rcu(d);
+	if (inode) {
+		*dev = new_encode_dev(d->d_sb->s_dev);
+		*ino = inode->i_ino;
+		*gen = inode->i_generation;
+		ok = true;
+	}
+	rcu_read_unlock();
+	return ok;
+}
+
+int tb_dentry_chain(const struct dentry *d, bool from_parent, u64 *inos,
+		    int max)
+{
+	const struct dentry *p;
+	unsigned int seq;
+	int n;
+
+	rcu_read_lock();
+	do {
+		seq = read_seqbegin(&rename_lock);
+		p = from_parent ? READ_ONCE(d->d_parent) : d;
+		n = 0;
+		for (;;) {
+			struct inode *inode = d_inode_rcu(p);
+			const struct dentry *up;
+
+			if (inode) {
+				if (n == max) {
+					n = max + 1;
+					break;
+				}
+				inos[n++] = inode->i_ino;
+			}
+			up = READ_ONCE(p->d_parent);
+			if (up == p) {
+				/* A disconnected dentry (open_by_handle_at)
+				 * does not reach the root: its place in the
+				 * tree is unknown, so fail closed. */
+				if (p != p->d_sb->s_root)
+					n = max + 1;
+				break;
+			}
+			p = up;
+		}
+	} while (read_seqretry(&rename_lock, seq));
+	rcu_read_unlock();
+	return n;
+}
+
+int tb_dentry_path(const struct dentry *d, char *buf, int len,
+		   const char **out)
+{
+	char *p = dentry_path_raw(d, buf, len);
+
+	if (IS_ERR(p))
+		return PTR_ERR(p);
+	*out = p;
+	return buf + len - 1 - p;
+}
+
+static bool tb_file_restartable(void)
+{
+	if (current->flags & (PF_KTHREAD | PF_IO_WORKER | PF_EXITING))
+		return false;
+	if (in_compat_syscall())
+		return false;
+	switch (syscall_get_nr(current, task_pt_regs(current))) {
+#ifdef __NR_open
+	case __NR_open:
+#endif
+#ifdef __NR_creat
+	case __NR_creat:
+#endif
+#ifdef __NR_unlink
+	case __NR_unlink:
+#endif
+#ifdef __NR_rmdir
+	case __NR_rmdir:
+#endif
+#ifdef __NR_rename
+	case __NR_rename:
+#endif
+#ifdef __NR_renameat
+	case __NR_renameat:
+#endif
+#ifdef __NR_link
+	case __NR_link:
+#endif
+#ifdef __NR_mkdir
+	case __NR_mkdir:
+#endif
+#ifdef __NR_mknod
+	case __NR_mknod:
+#endif
+#ifdef __NR_symlink
+	case __NR_symlink:
+#endif
+	case __NR_openat:
+	case __NR_openat2:
+	case __NR_open_by_handle_at:
+	case __NR_unlinkat:
+	case __NR_renameat2:
+	case __NR_linkat:
+	case __NR_mkdirat:
+	case __NR_mknodat:
+	case __NR_symlinkat:
+	case __NR_truncate:
+		return true;
+	}
+	return false;
+}
+
+struct tb_file_work {
+	struct callback_head cb;
+	struct tb_file_op op;
+};
+
+static void tb_file_work_fn(struct callback_head *cb)
+{
+	struct tb_file_work *w = container_of(cb, struct tb_file_work, cb);
+
+	if (!(current->flags & PF_EXITING) && !fatal_signal_pending(current))
+		trustbind_file_ask(&w->op);
+	dput(w->op.d);
+	dput(w->op.d2);
+	kfree(w);
+	module_put(THIS_MODULE);
+}
+
+/* Queues the question for the return to user space; 0 or -errno. */
+static int tb_file_ask_later(const struct tb_file_op *op)
+{
+	struct tb_file_work *w;
+	int err;
+
+	if (!try_module_get(THIS_MODULE))
+		return -ENODEV;
+	w = kmalloc(sizeof(*w), GFP_NOWAIT | __GFP_NOWARN);
+	if (!w) {
+		module_put(THIS_MODULE);
+		return -ENOMEM;
+	}
+	w->op = *op;
+	init_task_work(&w->cb, tb_file_work_fn);
+	err = task_work_add(current, &w->cb, TWA_SIGNAL);
+	if (err) {
+		kfree(w);
+		module_put(THIS_MODULE);
+		return err;
+	}
+	/* The work runs in this task, later: the references are taken
+	 * only once it is sure to run (dput may sleep, so none is dropped
+	 * here). */
+	dget(w->op.d);
+	if (w->op.d2)
+		dget(w->op.d2);
+	return 0;
+}
+
+static int tb_file_restart(void)
+{
+	tb_net_leave();
+	return -ERESTARTNOINTR;
+}
+
+static int tb_file_refused(void)
+{
+	tb_net_leave();
+	return -EACCES;
+}
+
+static void notrace tb_file_redirect(struct ftrace_regs *fregs, void *to)
+{
+	if (!try_module_get(THIS_MODULE))
+		return;
+	atomic_inc(&tb_net_inflight);
+	ftrace_regs_set_instruction_pointer(fregs, (unsigned long)to);
+}
+
+static void notrace tb_file_decide(struct ftrace_regs *fregs,
+				   struct tb_file_op *op)
+{
+	int r;
+
+	op->restartable = tb_file_restartable();
+	r = trustbind_file_gate(op);
+	if (r == TB_GATE_PASS)
+		return;
+	if (r == TB_GATE_ASK) {
+		if (op->restartable && !tb_file_ask_later(op)) {
+			tb_file_redirect(fregs, tb_file_restart);
+			return;
+		}
+		r = trustbind_file_unasked(op);
+		if (!r)
+			return;
+	}
+	tb_file_redirect(fregs, tb_file_refused);
+}
+
+enum tb_fhook_kind {
+	TB_FH_OPEN,		/* security_file_open(file) */
+	TB_FH_NEW1,		/* (dir, dentry, ...): a new name, arg 1 */
+	TB_FH_DELETE1,		/* (dir, dentry): arg 1 removed */
+	TB_FH_RENAME,		/* (old_dir, old, new_dir, new, flags) */
+	TB_FH_LINK,		/* (old, dir, new) */
+	TB_FH_SETATTR,		/* (idmap, dentry, iattr) */
+};
+
+struct tb_fhook {
+	struct ftrace_ops ops;
+	const char *name;
+	enum tb_fhook_kind kind;
+	bool optional;		/* absent without CONFIG_SECURITY_PATH */
+};
+
+static bool tb_fhook_on[11];
+
+static void notrace tb_file_hook(unsigned long ip, unsigned long parent_ip,
+				 struct ftrace_ops *ops,
+				 struct ftrace_regs *fregs)
+{
+	struct tb_fhook *h = container_of(ops, struct tb_fhook, ops);
+	struct tb_file_op op = {};
+	const struct file *f;
+	const struct iattr *ia;
+
+	if (current->flags & PF_KTHREAD)
+		return;
+	switch (h->kind) {
+	case TB_FH_OPEN:
+		f = (const void *)ftrace_regs_get_argument(fregs, 0);
+		/* An exec's own open is the exec's to decide; a file this
+		 * open created was decided as a new name. */
+		if ((f->f_mode & FMODE_EXEC) ||
+		    ((f->f_mode & FMODE_CREATED) && tb_fhook_on[1]))
+			return;
+		if (!(f->f_mode & (FMODE_READ | FMODE_WRITE)))
+			return;
+		op.op = TB_FOP_OPEN;
+		op.d = f->f_path.dentry;
+		op.write = !!(f->f_mode & FMODE_WRITE);
+		op.trunc = !!(f->f_flags & O_TRUNC);
+		break;
+	case TB_FH_NEW1:
+		op.op = TB_FOP_NEW;
+		op.d = (void *)ftrace_regs_get_argument(fregs, 1);
+		break;
+	case TB_FH_DELETE1:
+		op.op = TB_FOP_DELETE;
+		op.d = (void *)ftrace_regs_get_argument(fregs, 1);
+		break;
+	case TB_FH_RENAME:
+		op.op = TB_FOP_RENAME;
+		op.d = (void *)ftrace_regs_get_argument(fregs, 1);
+		op.d2 = (void *)ftrace_regs_get_argument(fregs, 3);
+		break;
+	case TB_FH_LINK:
+		op.op = TB_FOP_LINK;
+		op.d = (void *)ftrace_regs_get_argument(fregs, 0);
+		op.d2 = (void *)ftrace_regs_get_argument(fregs, 2);
+		break;
+	case TB_FH_SETATTR:
+		ia = (const void *)ftrace_regs_get_argument(fregs, 2);
+		/* O_TRUNC and ftruncate() truncate a file whose open for
+		 * writing was decided. */
+		if (!(ia->ia_valid & ATTR_SIZE) ||
+		    (ia->ia_valid & (ATTR_OPEN | ATTR_FILE)))
+			return;
+		op.op = TB_FOP_TRUNCATE;
+		op.d = (void *)ftrace_regs_get_argument(fregs, 1);
+		break;
+	}
+	tb_file_decide(fregs, &op);
+}
+
+#define TB_FHOOK(fn, k, opt)						\
+	{								\
+		.ops = { .func = tb_file_hook,				\
+			 .flags = FTRACE_OPS_FL_IPMODIFY |		\
+				  FTRACE_OPS_FL_PERMANENT },		\
+		.name = #fn, .kind = (k), .optional = (opt),		\
+	}
+
+static struct tb_fhook tb_fhooks[] = {
+	TB_FHOOK(security_file_open, TB_FH_OPEN, false),
+	/* open(O_CREAT) creates through i_op->create directly, after
+	 * security_path_mknod(path, dentry, mode, dev). */
+	TB_FHOOK(security_path_mknod, TB_FH_NEW1, true),
+	TB_FHOOK(security_inode_create, TB_FH_NEW1, false),
+	TB_FHOOK(security_inode_mkdir, TB_FH_NEW1, false),
+	TB_FHOOK(security_inode_mknod, TB_FH_NEW1, false),
+	TB_FHOOK(security_inode_symlink, TB_FH_NEW1, false),
+	TB_FHOOK(security_inode_unlink, TB_FH_DELETE1, false),
+	TB_FHOOK(security_inode_rmdir, TB_FH_DELETE1, false),
+	TB_FHOOK(security_inode_rename, TB_FH_RENAME, false),
+	TB_FHOOK(security_inode_link, TB_FH_LINK, false),
+	TB_FHOOK(security_inode_setattr, TB_FH_SETATTR, false),
+};
+
+static_assert(ARRAY_SIZE(tb_fhooks) == ARRAY_SIZE(tb_fhook_on));
+
+void tb_file_hooks_stop(void)
+{
+	int i;
+
+	for (i = ARRAY_SIZE(tb_fhooks) - 1; i >= 0; i--) {
+		if (tb_fhook_on[i])
+			tb_unhook_one(&tb_fhooks[i].ops);
+		tb_fhook_on[i] = false;
+	}
+	wait_event(tb_net_drained, !atomic_read(&tb_net_inflight));
+}
+
+int tb_file_hooks_start(void)
+{
+	int i, err;
+
+	for (i = 0; i < ARRAY_SIZE(tb_fhooks); i++) {
+		err = tb_hook_one(&tb_fhooks[i].ops, tb_fhooks[i].name);
+		if (err && tb_fhooks[i].optional) {
+			pr_info("file gate: no %s (CONFIG_SECURITY_PATH off?): creates by open(O_CREAT) are decided at the open\n",
+				tb_fhooks[i].name);
+			continue;
+		}
+		if (err) {
+			tb_file_hooks_stop();
+			return err;
+		}
+		tb_fhook_on[i] = true;
+	}
+	return 0;
 }

@@ -448,3 +448,77 @@ void tb_set_nice_current(int nice);
 bool tb_log_ratelimit(void);
 
 #endif /* TRUSTBIND_HELPERS_H */
+
+/* --- File gate ------------------------------------------------------------ */
+
+/*
+ * One file operation as the gate's hooks see it. The hooks run under VFS
+ * locks or with preemption disabled: the Rust side answers from what it
+ * knows (protected set, cache, answers) and never sleeps there.
+ */
+enum {
+	TB_FOP_OPEN = 1,	/* d: the opened file */
+	TB_FOP_NEW = 2,		/* d: the new (negative) name; its parent decides */
+	TB_FOP_DELETE = 3,	/* d: the name removed */
+	TB_FOP_RENAME = 4,	/* d: the old name, d2: the new name */
+	TB_FOP_LINK = 5,	/* d: the linked file, d2: the new name */
+	TB_FOP_TRUNCATE = 6,	/* d: the file truncated */
+};
+
+/* What trustbind_file_gate() says. */
+enum {
+	TB_GATE_PASS = 0,	/* let the operation go on */
+	TB_GATE_ASK = 1,	/* ask from a task work, restart the call */
+};
+
+struct tb_file_op {
+	u32 op;			/* TB_FOP_* */
+	u32 write;		/* TB_FOP_OPEN: opened for writing */
+	u32 trunc;		/* TB_FOP_OPEN: O_TRUNC */
+	/* The hook runs in a system call the gate can restart (see
+	 * tb_file_restartable()). */
+	u32 restartable;
+	struct dentry *d;
+	struct dentry *d2;
+};
+
+/* The calling task's ids, in the init user namespace. */
+struct tb_task_ids {
+	u32 uid, euid, gid;
+	u32 loginuid;		/* (u32)-1 if unset */
+	u32 sessionid;		/* (u32)-1 if unset */
+	u32 tgid, ptgid, pid;
+	u64 start_ns, pstart_ns;
+};
+void tb_current_ids(struct tb_task_ids *out);
+
+/* The identity of d's inode (of its parent's, if parent): st_dev encoding
+ * of its super block, inode number, inode generation. False for a negative
+ * dentry. Any context. */
+bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev, u64 *ino,
+		     u32 *gen);
+/* The file system of d (st_dev encoding). */
+u64 tb_dentry_dev(const struct dentry *d);
+/* The inode numbers of d (if from_parent is false) and of every dentry
+ * above it on its file system, nearest first, at most max; the count, or
+ * max + 1 if the tree goes deeper. A consistent snapshot (rename_lock
+ * retried). Any context. */
+int tb_dentry_chain(const struct dentry *d, bool from_parent, u64 *inos,
+		    int max);
+/* The path of d from the root of its file system into buf (at most len
+ * bytes); *out points at it, the length is returned, or -errno. */
+int tb_dentry_path(const struct dentry *d, char *buf, int len,
+		   const char **out);
+
+/* Rust: the gate's decision (TB_GATE_PASS, TB_GATE_ASK or -errno). Any
+ * context; never sleeps. */
+int trustbind_file_gate(const struct tb_file_op *op);
+/* Rust: an operation the gate wanted asked could not be (no memory, the
+ * task is exiting): 0 or -errno, by mode. */
+int trustbind_file_unasked(const struct tb_file_op *op);
+/* Rust: asks about op from the task work (process context, no lock held,
+ * may sleep). */
+void trustbind_file_ask(const struct tb_file_op *op);
+
+int tb_file_hooks_start(void);
+void tb_file_hooks_stop(void);

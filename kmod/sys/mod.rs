@@ -428,6 +428,9 @@ check_callbacks! {
     trustbind_unix_check in self: unsafe extern "C" fn(*mut UnixInfo) -> c_int;
     trustbind_backstop_out in self: unsafe extern "C" fn(*const bindings::tb_bs_pkt) -> u32;
     trustbind_backstop_in in self: unsafe extern "C" fn(*const bindings::tb_bs_pkt) -> u32;
+    trustbind_file_gate in self: unsafe extern "C" fn(*const FileOp) -> c_int;
+    trustbind_file_unasked in self: unsafe extern "C" fn(*const FileOp) -> c_int;
+    trustbind_file_ask in self: unsafe extern "C" fn(*const FileOp);
 }
 
 /// The SHA-256 and SHA-1 transforms, allocated once at load.
@@ -1275,4 +1278,187 @@ pub(crate) fn current_exe_id() -> Option<FileId> {
     // (generated) layout; the helper runs in the caller's process context.
     let err = unsafe { tb_current_exe_id(&mut id) };
     (err == 0).then_some(id)
+}
+
+
+/// One file operation the gate's hooks saw (`struct tb_file_op`).
+pub(crate) use bindings::tb_file_op as FileOp;
+/// `FileOp::op` values.
+pub(crate) use bindings::{
+    TB_FOP_DELETE as FOP_DELETE, TB_FOP_LINK as FOP_LINK, TB_FOP_NEW as FOP_NEW,
+    TB_FOP_OPEN as FOP_OPEN, TB_FOP_RENAME as FOP_RENAME, TB_FOP_TRUNCATE as FOP_TRUNCATE,
+};
+/// The calling task's ids (`struct tb_task_ids`).
+pub(crate) use bindings::tb_task_ids as TaskIds;
+
+/// The calling task's ids, in the init user namespace. Any context.
+pub(crate) fn current_ids() -> TaskIds {
+    let mut ids = TaskIds::default();
+    // SAFETY: `ids` is a valid out-parameter; the helper reads the current
+    // task's credentials and audit state (RCU inside), any context.
+    unsafe { bindings::tb_current_ids(&mut ids) };
+    ids
+}
+
+/// A dentry named by a [`FileOp`], valid while the operation is: the
+/// hook's caller holds it, or the task work holds a reference.
+#[derive(Clone, Copy)]
+pub(crate) struct Dentry<'a> {
+    ptr: *mut bindings::dentry,
+    _life: core::marker::PhantomData<&'a FileOp>,
+}
+
+impl FileOp {
+    /// The operation's object (see `helpers.h`).
+    pub(crate) fn object(&self) -> Dentry<'_> {
+        Dentry {
+            ptr: self.d,
+            _life: core::marker::PhantomData,
+        }
+    }
+
+    /// Rename and link: the new name.
+    pub(crate) fn new_name(&self) -> Option<Dentry<'_>> {
+        (!self.d2.is_null()).then_some(Dentry {
+            ptr: self.d2,
+            _life: core::marker::PhantomData,
+        })
+    }
+}
+
+/// A file's identity: `st_dev` of its file system, inode number, inode
+/// generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileIdent {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) generation: u32,
+}
+
+impl Dentry<'_> {
+    /// The identity of this dentry's inode, or of its parent's; `None`
+    /// for a negative dentry.
+    pub(crate) fn ident(&self, parent: bool) -> Option<FileIdent> {
+        let (mut dev, mut ino, mut generation) = (0, 0, 0);
+        // SAFETY: `ptr` is a live dentry for `'a` (the type's contract);
+        // the helper reads it (and its parent, which it pins) under RCU and
+        // writes only the three out-parameters. Any context.
+        let ok = unsafe { bindings::tb_dentry_ident(self.ptr, parent, &mut dev, &mut ino, &mut generation) };
+        ok.then_some(FileIdent {
+            dev,
+            ino,
+            generation,
+        })
+    }
+
+    /// `st_dev` of the dentry's file system.
+    pub(crate) fn dev(&self) -> u64 {
+        // SAFETY: As in `ident`: a live dentry; reads its super block.
+        unsafe { bindings::tb_dentry_dev(self.ptr) }
+    }
+
+    /// The inode numbers of this dentry (or, `from_parent`, of its parent)
+    /// and every dentry above it on its file system, nearest first, into
+    /// `out`; `None` if the tree is deeper than `out` or the dentry is
+    /// disconnected from the root. Any context.
+    pub(crate) fn ancestors<'b>(&self, from_parent: bool, out: &'b mut [u64]) -> Option<&'b [u64]> {
+        // CAST: `out` is a small stack array.
+        let max = out.len().min(i32::MAX as usize) as c_int;
+        // SAFETY: As in `ident`; the helper writes at most `max` entries
+        // of `out` and walks the parents under RCU and `rename_lock`.
+        let n = unsafe { bindings::tb_dentry_chain(self.ptr, from_parent, out.as_mut_ptr(), max) };
+        // CAST: `n` is between 0 and `max + 1`.
+        out.get(..usize::try_from(n).ok()?)
+    }
+
+    /// The path of this dentry from the root of its file system, into
+    /// `buf`. Process context.
+    pub(crate) fn path<'b>(&self, buf: &'b mut [u8]) -> Result<&'b [u8]> {
+        let mut out: *const kernel::ffi::c_char = core::ptr::null();
+        // CAST: the buffers are at most a page or two.
+        let len = buf.len().min(i32::MAX as usize) as c_int;
+        // SAFETY: As in `ident`; `dentry_path_raw` writes within `buf` and
+        // points `out` into it.
+        let n = unsafe { bindings::tb_dentry_path(self.ptr, buf.as_mut_ptr().cast(), len, &mut out) };
+        let n = usize::try_from(n).map_err(|_| Error::from_errno(n))?;
+        // CAST: `out` points into `buf` (see above).
+        let start = (out as usize).checked_sub(buf.as_ptr() as usize).ok_or(EINVAL)?;
+        buf.get(start..start.checked_add(n).ok_or(EINVAL)?).ok_or(EINVAL)
+    }
+}
+
+/// The file gate's ftrace callbacks on the LSM entry points (`helpers.c`).
+///
+/// # Invariants
+///
+/// Registered for the whole life of this value.
+pub(crate) struct FileHooks {
+    _private: (),
+}
+
+impl FileHooks {
+    /// Attaches them. They reach the module state through
+    /// [`crate::SHARED`], which must be published before this.
+    pub(crate) fn new() -> Result<Self> {
+        // SAFETY: Called once, at load, with nothing attached; on failure
+        // nothing stays attached.
+        to_result(unsafe { bindings::tb_file_hooks_start() })?;
+        // INVARIANT: Attached.
+        Ok(FileHooks { _private: () })
+    }
+}
+
+impl Drop for FileHooks {
+    fn drop(&mut self) {
+        // SAFETY: Attached by the type invariant; the stop unhooks and
+        // waits for calls redirected into the module's stubs. (Queued task
+        // works hold a module reference each, so unload waits for them.)
+        unsafe { bindings::tb_file_hooks_stop() }
+    }
+}
+
+/// Called by the gate's hooks: `TB_GATE_PASS`, `TB_GATE_ASK` or -errno.
+///
+/// # Safety
+///
+/// `op` points at a valid `tb_file_op` whose dentries are live for the
+/// call; any context (preemption may be disabled): nothing here sleeps.
+#[no_mangle]
+unsafe extern "C" fn trustbind_file_gate(op: *const FileOp) -> c_int {
+    // SAFETY: Valid for this call by the function's safety contract.
+    let op = unsafe { &*op };
+    match crate::SHARED.with(|s| crate::files::gate(s, op)) {
+        Some(Ok(crate::files::Gate::Pass)) | None => bindings::TB_GATE_PASS as c_int,
+        Some(Ok(crate::files::Gate::Ask)) => bindings::TB_GATE_ASK as c_int,
+        Some(Err(e)) => e.to_errno(),
+    }
+}
+
+/// Called by the hooks when a question could not be queued: 0 or -errno.
+///
+/// # Safety
+///
+/// As for [`trustbind_file_gate`].
+#[no_mangle]
+unsafe extern "C" fn trustbind_file_unasked(op: *const FileOp) -> c_int {
+    // SAFETY: As above.
+    let op = unsafe { &*op };
+    match crate::SHARED.with(|s| crate::files::unasked(s, op)) {
+        Some(Ok(())) | None => 0,
+        Some(Err(e)) => e.to_errno(),
+    }
+}
+
+/// Called from the task work queued by a hook, as the task returns to
+/// user space: asks the agent about `op` (may sleep).
+///
+/// # Safety
+///
+/// `op` points at a valid `tb_file_op` whose dentries the work holds
+/// references on; process context, no lock held.
+#[no_mangle]
+unsafe extern "C" fn trustbind_file_ask(op: *const FileOp) {
+    // SAFETY: As above.
+    let op = unsafe { &*op };
+    let _ = crate::SHARED.with(|s| crate::files::ask(s, op));
 }

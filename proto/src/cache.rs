@@ -101,22 +101,27 @@ pub struct Slot {
     valid: bool,
 }
 
+impl ExecKey {
+    /// The all-zero key of unused slots.
+    pub const EMPTY: ExecKey = ExecKey {
+        dev: 0,
+        ino: 0,
+        generation: 0,
+        change_cookie: 0,
+        class: ContextClass {
+            uid: 0,
+            euid: 0,
+            gid: 0,
+            loginuid: 0,
+        },
+        as_loader: false,
+    };
+}
+
 impl Slot {
     /// An unused slot.
     pub const EMPTY: Slot = Slot {
-        key: ExecKey {
-            dev: 0,
-            ino: 0,
-            generation: 0,
-            change_cookie: 0,
-            class: ContextClass {
-                uid: 0,
-                euid: 0,
-                gid: 0,
-                loginuid: 0,
-            },
-            as_loader: false,
-        },
+        key: ExecKey::EMPTY,
         verdict: Verdict {
             decision: Decision::Deny,
             policy_generation: 0,

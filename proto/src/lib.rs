@@ -1889,4 +1889,5 @@ pub mod bound;
 pub mod cache;
 pub mod elf;
 pub mod fairq;
+pub mod files;
 pub mod lineage;

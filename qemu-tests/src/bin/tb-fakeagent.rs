@@ -14,6 +14,8 @@
 //!              [--unix-allow CLIENT_FILE:SERVER_FILE]...
 //!              [--pause-file FILE] [--delay-path PATH:MS]...
 //!              [--no-cache-path PATH]...
+//!              [--file-protect PATH]... [--file-deny PREFIX]...
+//!              [--file-deny-write PREFIX]... [--file-allow-prog FILE]...
 //!              --log FILE
 //! ```
 //!
@@ -55,6 +57,15 @@
 //! Its `Hello` announces `AGENT_VERSION_CLOSE_RECORDS`, so the module
 //! reports each bound socket's close; each becomes one line:
 //! `closed <channel id> <key id hex> connect|accept sent=<n> received=<n> ms=<n> closed|idle`.
+//! With `--file-protect` it sends the module the identities (`st_dev`,
+//! `st_ino`) of the named files and directories as its protected file
+//! sets. File requests are allowed unless their path (from the root of
+//! the file's file system) starts with a `--file-deny` prefix (any access)
+//! or a `--file-deny-write` prefix (write, delete, rename), and the
+//! program is not one named by `--file-allow-prog` (by hash); each becomes
+//! one line:
+//! `file read|write|delete|rename <path>[ => <to>] flags=<n> sha256=<hex> from=lineage|exe uid=<u> pid=<p> ino=<i> -> allow|deny`.
+//! File verdicts are cacheable unless `--no-cache`.
 //! SIGUSR1 moves the policy generation by one (a `Generation` record, logged
 //! as `generation <n>`), as the appliance does on a policy switch.
 //! On SIGTERM or SIGINT it sets the module to disabled mode before it
@@ -70,8 +81,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use sha2::{Digest, Sha256};
 use trustbind_proto::{
     self as proto, ChannelKey, ChannelRole, ChannelTls, CloseReason, Config, Decision, Family,
-    Generation, Hello, IpcRequest, Mode, NetKind, NetRequest, Obligations, ProgramSource, Record,
-    Verdict,
+    FileAccess, FileRequest, FileSets, Generation, Hello, IpcRequest, Mode, NetKind, NetRequest,
+    Obligations, ProgramSource, Record, Verdict,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -241,6 +252,10 @@ fn run() -> Result<(), String> {
     let mut pause_file: Option<String> = None;
     let mut delay: HashMap<String, u64> = HashMap::new();
     let mut no_cache_paths: HashSet<String> = HashSet::new();
+    let mut file_protect: Vec<(u64, u64)> = Vec::new();
+    let mut file_deny: Vec<String> = Vec::new();
+    let mut file_deny_write: Vec<String> = Vec::new();
+    let mut file_allow_prog: HashSet<[u8; 32]> = HashSet::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -304,6 +319,18 @@ fn run() -> Result<(), String> {
                 delay.insert(p.to_owned(), ms);
             }
             "--no-cache" => cacheable = false,
+            "--file-protect" => {
+                use std::os::unix::fs::MetadataExt;
+                let v = val()?;
+                let m = std::fs::metadata(&v).map_err(|e| format!("--file-protect {v}: {e}"))?;
+                file_protect.push((m.dev(), m.ino()));
+            }
+            "--file-deny" => file_deny.push(val()?),
+            "--file-deny-write" => file_deny_write.push(val()?),
+            "--file-allow-prog" => {
+                let v = val()?;
+                file_allow_prog.insert(hash_file(Path::new(&v)).map_err(|e| format!("{v}: {e}"))?);
+            }
             "--deny-loader-direct" => deny_loader_direct = true,
             "--nice-path" => {
                 let v = val()?;
@@ -355,6 +382,16 @@ fn run() -> Result<(), String> {
         })
     };
     send(&mut dev, &config(mode), 2)?;
+    if !file_protect.is_empty() {
+        file_protect.sort_unstable();
+        file_protect.dedup();
+        let bytes: Vec<u8> = file_protect
+            .iter()
+            .flat_map(|&(d, i)| FileSets::entry(d, i))
+            .collect();
+        let sets = FileSets::new(&bytes).map_err(|e| format!("file sets: {e}"))?;
+        send(&mut dev, &Record::FileSets(sets), 5)?;
+    }
     writeln!(
         log,
         "ready mode={mode:?} allowlist={} net={net} net_allowlist={}",
@@ -478,20 +515,19 @@ fn run() -> Result<(), String> {
                 log.flush().ok();
                 continue;
             }
+            Record::FileRequest(r) => {
+                let allowed = file_allowed(&r, &file_deny, &file_deny_write, &file_allow_prog);
+                writeln!(log, "{}", file_line(&r, allowed)).ok();
+                log.flush().ok();
+                let verdict = yes_no(allowed, generation, cacheable);
+                answer(&mut dev, &verdict, h.request_id, None)?;
+                continue;
+            }
             Record::IpcRequest(r) => {
                 let allowed = unix_allow.contains(&(r.sha256, r.peer_sha256));
                 writeln!(log, "{}", unix_line(&r, allowed)).ok();
                 log.flush().ok();
-                let verdict = Record::Verdict(Verdict {
-                    decision: if allowed {
-                        Decision::Allow
-                    } else {
-                        Decision::Deny
-                    },
-                    policy_generation: generation,
-                    cacheable: false,
-                    obligations: Obligations::default(),
-                });
+                let verdict = yes_no(allowed, generation, false);
                 let late = delay.get(&*String::from_utf8_lossy(r.path)).copied();
                 answer(&mut dev, &verdict, h.request_id, late)?;
                 continue;
@@ -596,4 +632,61 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The fake policy for a file request: see the module documentation.
+fn file_allowed(
+    r: &FileRequest<'_>,
+    deny: &[String],
+    deny_write: &[String],
+    allow_prog: &HashSet<[u8; 32]>,
+) -> bool {
+    if allow_prog.contains(&r.sha256) {
+        return true;
+    }
+    let hit = |prefixes: &[String], p: &[u8]| prefixes.iter().any(|x| p.starts_with(x.as_bytes()));
+    let writes = r.access != FileAccess::Read;
+    let paths = [r.path, r.to];
+    !paths
+        .iter()
+        .any(|p| !p.is_empty() && (hit(deny, p) || (writes && hit(deny_write, p))))
+}
+
+fn file_line(r: &FileRequest<'_>, allowed: bool) -> String {
+    let access = match r.access {
+        FileAccess::Read => "read",
+        FileAccess::Write => "write",
+        FileAccess::Delete => "delete",
+        FileAccess::Rename => "rename",
+    };
+    let to = if r.to.is_empty() {
+        String::new()
+    } else {
+        format!(" => {}", String::from_utf8_lossy(r.to))
+    };
+    format!(
+        "file {access} {}{to} flags={} sha256={} from={} uid={} pid={} ino={} -> {}",
+        String::from_utf8_lossy(r.path),
+        r.flags,
+        hex(&r.sha256),
+        source(r.program_source),
+        r.uid,
+        r.pid,
+        r.ino,
+        if allowed { "allow" } else { "deny" }
+    )
+}
+
+/// A plain allow or deny verdict.
+fn yes_no(allowed: bool, generation: u64, cacheable: bool) -> Record<'static> {
+    Record::Verdict(Verdict {
+        decision: if allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        },
+        policy_generation: generation,
+        cacheable,
+        obligations: Obligations::default(),
+    })
 }

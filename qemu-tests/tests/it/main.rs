@@ -11,6 +11,7 @@ mod channel_e2e;
 mod common;
 mod e2e;
 mod exec;
+mod files;
 mod harness;
 mod module;
 mod net_backstop;

@@ -179,7 +179,7 @@ fn slab_growth(
         .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0), k.as_str()))
         .filter(|(d, _)| *d > 0)
         .collect();
-    grew.sort_by(|x, y| y.0.cmp(&x.0));
+    grew.sort_by_key(|x| std::cmp::Reverse(x.0));
     grew.iter()
         .take(n)
         .map(|(d, k)| format!("{k} {:+} KiB", d / 1024))

@@ -1,0 +1,505 @@
+// SPDX-License-Identifier: GPL-2.0
+//! File access control: the policy half of the file gate.
+//!
+//! The gate's hooks (`sys/helpers.c`: ftrace callbacks at the entry of
+//! `security_file_open`, `security_path_mknod`, `security_inode_create`,
+//! `_mkdir`, `_mknod`, `_symlink`, `_unlink`, `_rmdir`, `_rename`, `_link`
+//! and `_setattr` for a truncate) call [`gate`] for every open, create,
+//! delete, rename, link and truncate by a user task. Only operations on
+//! protected files are decided ([`Files::set_sets`], from the agent's
+//! `FileSets`): the file, or any directory above it on its file system, is
+//! listed (`proto/src/files.rs`). Everything else costs one lookup.
+//!
+//! The hooks run under VFS locks or with preemption disabled, so [`gate`]
+//! never sleeps: it answers from the verdict cache or from the answer the
+//! thread's last question got; otherwise it returns [`Gate::Ask`], the
+//! hook queues a task work and fails the call with `ERESTARTNOINTR`, and
+//! [`ask`] asks the agent from that task work as the thread returns to user
+//! space (no lock held). The restarted call finds the answer.
+//!
+//! What each outcome means, by mode, is the exec path's table
+//! ([`crate::exec::Refusals::apply`]): enforce refuses with `EACCES`,
+//! permissive lets it happen and counts it "would deny". One addition: a
+//! new hard link to a protected file from outside every protected set is a
+//! way out of the set, not a decision of policy; it is always refused
+//! (counted as `file_link_refused`). Counters are in
+//! `/sys/kernel/debug/trustbind/file_*`.
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use kernel::alloc::{KVVec, KVec};
+use kernel::new_spinlock;
+use kernel::prelude::*;
+use kernel::sync::SpinLock;
+
+use crate::device::{Answer as Reply, Wait};
+use crate::exec::{Refusal, Refusals};
+use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache};
+use crate::proto::files::{self, Answer, Answers, Outcome, ProtectedSet, MAX_DEPTH};
+use crate::proto::lineage::ProcId;
+use crate::proto::{
+    Decision, FileAccess, FileRequest, FileSets, Mode, Record, Verdict, FILE_CREATE, FILE_LINK,
+    FILE_TRUNCATE, MAX_PATH_LEN,
+};
+use crate::sys::{self, Dentry, FileIdent, FileOp, TaskIds};
+use crate::Shared;
+
+/// Cached file verdicts at most (a power of two; ~100 bytes each).
+const CACHE_ENTRIES: usize = 4096;
+/// A cached verdict is asked again after this long.
+const CACHE_TTL_MS: u64 = 10 * 60 * 1000;
+/// Threads whose last answer is remembered (direct-mapped by thread id).
+const ANSWER_SLOTS: usize = 256;
+
+/// The program of a process whose executable could not be hashed.
+const NO_PROGRAM: [u8; 32] = [0; 32];
+
+/// The gate's answer to a hook.
+pub(crate) enum Gate {
+    /// Let the operation go on.
+    Pass,
+    /// Ask from a task work and restart the call.
+    Ask,
+}
+
+/// The protected set, the file verdict cache and the answers.
+#[pin_data]
+pub(crate) struct Files {
+    #[pin]
+    set: SpinLock<ProtectedSet<KVec<(u64, u64)>>>,
+    /// Entries in the set: 0 turns the gate off without a lock.
+    armed: AtomicUsize,
+    #[pin]
+    cache: SpinLock<VerdictCache<KVVec<CacheSlot>>>,
+    #[pin]
+    answers: SpinLock<Answers<KVVec<Answer>>>,
+}
+
+impl Files {
+    /// Nothing protected.
+    pub(crate) fn new() -> Result<impl PinInit<Self, Error>> {
+        let set = ProtectedSet::new(KVec::new()).ok_or(EINVAL)?;
+        let mut slots = KVVec::new();
+        slots.extend_with(CACHE_ENTRIES, CacheSlot::EMPTY, GFP_KERNEL)?;
+        let cache = VerdictCache::new(slots, CACHE_TTL_MS).map_err(|_| EINVAL)?;
+        let mut a = KVVec::new();
+        a.extend_with(ANSWER_SLOTS, Answer::EMPTY, GFP_KERNEL)?;
+        let answers = Answers::new(a).ok_or(EINVAL)?;
+        Ok(try_pin_init!(Self {
+            set <- new_spinlock!(set, "trustbind_file_set"),
+            armed: AtomicUsize::new(0),
+            cache <- new_spinlock!(cache, "trustbind_file_cache"),
+            answers <- new_spinlock!(answers, "trustbind_file_answers"),
+        }? Error))
+    }
+
+    /// The agent's `FileSets`: these identities are protected from now on.
+    pub(crate) fn set_sets(&self, sets: &FileSets<'_>) -> Result {
+        let mut v = KVec::with_capacity(sets.len(), GFP_KERNEL)?;
+        for e in sets.iter() {
+            v.push(e, GFP_KERNEL)?;
+        }
+        // `FileSets::new` checked the order; checked again, cheaply.
+        let new = ProtectedSet::new(v).ok_or(EINVAL)?;
+        let n = new.len();
+        let old = core::mem::replace(&mut *self.set.lock(), new);
+        self.armed.store(n, Ordering::Release);
+        // CAST: at most MAX_FILE_SET_ENTRIES.
+        STATS.protected.store(n as u64, Ordering::Relaxed);
+        drop(old);
+        Ok(())
+    }
+
+    /// The appliance's generation is now `g`: older verdicts and answers
+    /// are dropped.
+    pub(crate) fn set_generation(&self, g: u64) {
+        if self.cache.lock().set_generation(g) {
+            bump(&STATS.cache_flushes);
+            self.answers.lock().clear();
+        }
+    }
+
+    fn protection(&self, d: Dentry<'_>, from_parent: bool) -> bool {
+        let dev = d.dev();
+        if !self.set.lock().has_dev(dev) {
+            return false;
+        }
+        let mut inos = [0u64; MAX_DEPTH];
+        match d.ancestors(from_parent, &mut inos) {
+            Some(chain) => self
+                .set
+                .lock()
+                .classify(dev, chain.iter().copied())
+                .asks(),
+            // Deeper than the walk goes, or disconnected: fail closed.
+            None => true,
+        }
+    }
+
+    /// What `op` is about, if it touches a protected file.
+    fn plan(&self, op: &FileOp) -> Plan {
+        let d = op.object();
+        let (access, flags, from_parent) = match op.op {
+            sys::FOP_OPEN if op.write != 0 => (
+                FileAccess::Write,
+                if op.trunc != 0 { FILE_TRUNCATE } else { 0 },
+                false,
+            ),
+            sys::FOP_OPEN => (FileAccess::Read, 0, false),
+            sys::FOP_NEW => (FileAccess::Write, FILE_CREATE, true),
+            sys::FOP_DELETE => (FileAccess::Delete, 0, false),
+            sys::FOP_TRUNCATE => (FileAccess::Write, FILE_TRUNCATE, false),
+            sys::FOP_RENAME => (FileAccess::Rename, 0, false),
+            sys::FOP_LINK => (FileAccess::Write, FILE_LINK | FILE_CREATE, false),
+            _ => return Plan::Pass,
+        };
+        let here = self.protection(d, from_parent);
+        let there = match op.new_name() {
+            Some(n) if matches!(op.op, sys::FOP_RENAME | sys::FOP_LINK) => {
+                self.protection(n, true)
+            }
+            _ => false,
+        };
+        if op.op == sys::FOP_LINK && here && !there {
+            return Plan::LinkOut;
+        }
+        if !here && !there {
+            return Plan::Pass;
+        }
+        match d.ident(from_parent) {
+            Some(id) => Plan::Decide(Target { id, access, flags }),
+            // A negative dentry where a file was expected: nothing to
+            // decide (the VFS fails the operation itself).
+            None => Plan::Pass,
+        }
+    }
+}
+
+/// The object and access of a decided operation.
+#[derive(Clone, Copy)]
+struct Target {
+    /// The file, or the directory of a new name.
+    id: FileIdent,
+    access: FileAccess,
+    flags: u8,
+}
+
+enum Plan {
+    Pass,
+    LinkOut,
+    Decide(Target),
+}
+
+/// Counters in debugfs (`file_*`).
+pub(crate) struct Stats {
+    /// Protected identities (gauge).
+    pub(crate) protected: AtomicU64,
+    /// Operations on protected files decided.
+    pub(crate) checked: AtomicU64,
+    /// Of these, answered by the cache.
+    pub(crate) cache_hits: AtomicU64,
+    /// Of these, answered by the thread's last question.
+    pub(crate) answers_used: AtomicU64,
+    /// Questions queued (the call restarted).
+    pub(crate) restarts: AtomicU64,
+    /// Misses in a call that cannot be restarted: decided by mode.
+    pub(crate) unrestartable: AtomicU64,
+    /// Questions sent to the agent.
+    pub(crate) asked: AtomicU64,
+    /// Of these, allowed.
+    pub(crate) allowed: AtomicU64,
+    /// New hard links out of every protected set.
+    pub(crate) link_refused: AtomicU64,
+    /// Verdicts stored in the cache.
+    pub(crate) cache_stored: AtomicU64,
+    /// Cache flushes (the generation moved).
+    pub(crate) cache_flushes: AtomicU64,
+    /// Refusals, by mode and cause.
+    pub(crate) refusals: Refusals,
+}
+
+pub(crate) static STATS: Stats = Stats {
+    protected: AtomicU64::new(0),
+    checked: AtomicU64::new(0),
+    cache_hits: AtomicU64::new(0),
+    answers_used: AtomicU64::new(0),
+    restarts: AtomicU64::new(0),
+    unrestartable: AtomicU64::new(0),
+    asked: AtomicU64::new(0),
+    allowed: AtomicU64::new(0),
+    link_refused: AtomicU64::new(0),
+    cache_stored: AtomicU64::new(0),
+    cache_flushes: AtomicU64::new(0),
+    refusals: Refusals::new(),
+};
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How a refusal names the operation in the log.
+struct Shown<'a>(&'a Target, &'a TaskIds);
+
+impl core::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let t = self.0;
+        let what = match (t.access, t.flags) {
+            (FileAccess::Read, _) => "read",
+            (FileAccess::Write, fl) if fl & FILE_LINK != 0 => "link",
+            (FileAccess::Write, fl) if fl & FILE_CREATE != 0 => "create in",
+            (FileAccess::Write, fl) if fl & FILE_TRUNCATE != 0 => "truncate",
+            (FileAccess::Write, _) => "write",
+            (FileAccess::Delete, _) => "delete",
+            (FileAccess::Rename, _) => "rename",
+        };
+        write!(
+            f,
+            "{} inode {} on {}:{} by pid {} uid {}",
+            what,
+            t.id.ino,
+            t.id.dev >> 20,
+            t.id.dev & 0xfffff,
+            self.1.tgid,
+            self.1.uid
+        )
+    }
+}
+
+fn class_of(ids: &TaskIds) -> ContextClass {
+    ContextClass {
+        uid: ids.uid,
+        euid: ids.euid,
+        gid: ids.gid,
+        loginuid: ids.loginuid,
+    }
+}
+
+fn proc_of(ids: &TaskIds) -> ProcId {
+    ProcId {
+        tgid: ids.tgid,
+        start_ns: ids.start_ns,
+    }
+}
+
+fn key_of(t: &Target, program: &[u8; 32], ids: &TaskIds) -> ExecKey {
+    files::file_key(
+        t.id.dev,
+        t.id.ino,
+        t.id.generation,
+        t.access,
+        t.flags,
+        program,
+        class_of(ids),
+    )
+}
+
+fn refusal_of(o: Outcome) -> Option<Refusal> {
+    match o {
+        Outcome::Allowed => None,
+        Outcome::Denied => Some(Refusal::Denied),
+        Outcome::NoAgent => Some(Refusal::NoAgent),
+        Outcome::TimedOut => Some(Refusal::TimedOut),
+        Outcome::Busy => Some(Refusal::Busy),
+        Outcome::Unreadable => Some(Refusal::Unreadable(EIO)),
+    }
+}
+
+/// Whether the gate is on for this task at all.
+fn gated(s: &Shared, ids: &TaskIds) -> Option<Mode> {
+    if s.files.armed.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    let mode = s.channel.mode();
+    if mode == Mode::Disabled || s.channel.is_agent(ids.tgid) {
+        return None;
+    }
+    Some(mode)
+}
+
+/// Decides `op` from what the module knows, without sleeping.
+pub(crate) fn gate(s: &Shared, op: &FileOp) -> Result<Gate> {
+    if s.files.armed.load(Ordering::Acquire) == 0 {
+        return Ok(Gate::Pass);
+    }
+    let ids = sys::current_ids();
+    let Some(mode) = gated(s, &ids) else {
+        return Ok(Gate::Pass);
+    };
+    let t = match s.files.plan(op) {
+        Plan::Pass => return Ok(Gate::Pass),
+        Plan::LinkOut => {
+            bump(&STATS.link_refused);
+            let t = Target {
+                id: op.object().ident(false).unwrap_or(FileIdent {
+                    dev: 0,
+                    ino: 0,
+                    generation: 0,
+                }),
+                access: FileAccess::Write,
+                flags: FILE_LINK,
+            };
+            return STATS
+                .refusals
+                .apply(mode, &Refusal::Denied, "file (hard link out of its set)", Shown(&t, &ids))
+                .map(|()| Gate::Pass);
+        }
+        Plan::Decide(t) => t,
+    };
+    bump(&STATS.checked);
+    let now = sys::now_ms();
+    // A program the lineage table does not know is hashed by the
+    // question, which then records it (or, if it cannot be hashed,
+    // leaves that answer under no program).
+    let Some((program, _)) = s.lineage.image(proc_of(&ids)) else {
+        let key = key_of(&t, &NO_PROGRAM, &ids);
+        return match s.files.answers.lock().get(ids.pid, &key, &NO_PROGRAM, now) {
+            Some(o) => apply(mode, o, &t, &ids),
+            None => Ok(restart()),
+        };
+    };
+    let key = key_of(&t, &program, &ids);
+    let cached = s.files.cache.lock().lookup(&key, now);
+    let outcome = match cached {
+        Some((v, sha)) if sha == program => {
+            bump(&STATS.cache_hits);
+            decided(&v)
+        }
+        _ => match s.files.answers.lock().get(ids.pid, &key, &program, now) {
+            Some(o) => {
+                bump(&STATS.answers_used);
+                o
+            }
+            None => return Ok(Gate::Ask),
+        },
+    };
+    apply(mode, outcome, &t, &ids)
+}
+
+/// The question is queued and the call restarted (counted here: the hook
+/// decides by mode if it cannot queue it).
+fn restart() -> Gate {
+    bump(&STATS.restarts);
+    Gate::Ask
+}
+
+fn decided(v: &Verdict) -> Outcome {
+    match v.decision {
+        Decision::Allow | Decision::AllowWithConditions => Outcome::Allowed,
+        Decision::Deny => Outcome::Denied,
+    }
+}
+
+fn apply(mode: Mode, o: Outcome, t: &Target, ids: &TaskIds) -> Result<Gate> {
+    match refusal_of(o) {
+        None => Ok(Gate::Pass),
+        Some(r) => STATS
+            .refusals
+            .apply(mode, &r, "file", Shown(t, ids))
+            .map(|()| Gate::Pass),
+    }
+}
+
+/// A question [`gate`] wanted could not be queued (the call cannot be
+/// restarted, or no memory): decided by mode, like a full queue.
+pub(crate) fn unasked(s: &Shared, op: &FileOp) -> Result {
+    let ids = sys::current_ids();
+    let Some(mode) = gated(s, &ids) else {
+        return Ok(());
+    };
+    let Plan::Decide(t) = s.files.plan(op) else {
+        return Ok(());
+    };
+    bump(&STATS.unrestartable);
+    apply(mode, Outcome::Busy, &t, &ids).map(|_| ())
+}
+
+/// Asks the agent about `op`, from the task work (may sleep), and leaves
+/// the answer where the restarted call finds it.
+pub(crate) fn ask(s: &Shared, op: &FileOp) -> Result {
+    let ids = sys::current_ids();
+    if gated(s, &ids).is_none() {
+        return Ok(());
+    }
+    let Plan::Decide(t) = s.files.plan(op) else {
+        return Ok(());
+    };
+    let (program, chain, source) = match crate::net::program_of(s, proc_of(&ids), || {
+        s.hashers.hash_current_exe().map(|(h, _, _)| h)
+    }) {
+        Ok(p) => p,
+        Err(_) => {
+            // Not asked: the restarted call finds this answer.
+            let key = key_of(&t, &NO_PROGRAM, &ids);
+            s.files.answers.lock().put(
+                ids.pid,
+                &key,
+                &NO_PROGRAM,
+                Outcome::Unreadable,
+                sys::now_ms(),
+            );
+            return Ok(());
+        }
+    };
+    let key = key_of(&t, &program, &ids);
+    let mut path = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
+    let mut to = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
+    let path = op.object().path(&mut path)?;
+    let to: &[u8] = match op.new_name() {
+        Some(n) if matches!(op.op, sys::FOP_RENAME | sys::FOP_LINK) => n.path(&mut to)?,
+        _ => &[],
+    };
+    let rec = Record::FileRequest(FileRequest {
+        access: t.access,
+        flags: t.flags,
+        sha256: program,
+        program_source: source,
+        uid: ids.uid,
+        euid: ids.euid,
+        gid: ids.gid,
+        loginuid: ids.loginuid,
+        sessionid: ids.sessionid,
+        pid: ids.tgid,
+        ppid: ids.ptgid,
+        dev: t.id.dev,
+        ino: t.id.ino,
+        ancestry: crate::net::ancestry(&chain),
+        path,
+        to,
+    });
+    bump(&STATS.asked);
+    let outcome = match s.channel.ask(&rec, ids.uid, Wait::Interruptible) {
+        Reply::Verdict(v) => {
+            store(s, &key, &v, &program);
+            decided(&v)
+        }
+        // Not an answer to a file request.
+        Reply::Key(mut k) => {
+            k.wipe();
+            Outcome::Denied
+        }
+        Reply::NoAgent => Outcome::NoAgent,
+        Reply::TimedOut => Outcome::TimedOut,
+        Reply::Busy => Outcome::Busy,
+        // The signal is delivered, the call restarts and asks again.
+        Reply::Interrupted => return Ok(()),
+    };
+    if outcome == Outcome::Allowed {
+        bump(&STATS.allowed);
+    }
+    s.files
+        .answers
+        .lock()
+        .put(ids.pid, &key, &program, outcome, sys::now_ms());
+    Ok(())
+}
+
+/// Stores `v` if it may be cached; a newer generation flushes first.
+fn store(s: &Shared, key: &ExecKey, v: &Verdict, program: &[u8; 32]) {
+    let mut c = s.files.cache.lock();
+    if v.policy_generation > c.generation() {
+        c.set_generation(v.policy_generation);
+        bump(&STATS.cache_flushes);
+    }
+    if c.insert(key, v, program, sys::now_ms()) {
+        bump(&STATS.cache_stored);
+    }
+}

@@ -1,0 +1,200 @@
+//! File access control in the kernel (issue 17): a protected directory
+//! that only an approved program may read or change, the ways around it
+//! (a modified copy of the approved program, a bind mount, `..`, a symbolic
+//! link, a hard link out of the set, a rename out of it) refused, what
+//! permissive mode records, and what a host with no agent does.
+//!
+//! The fake agent protects `/srv/data` (by identity) and denies every file
+//! request under it except the real `cat`'s; `/srv/pub` on the same file
+//! system is not protected.
+
+use anyhow::{ensure, Result};
+use trustbind_qemu_tests::{Output, Vm};
+
+use crate::exec::{counter, host_with_module, start_agent_with, stop_agent, AGENT_LOG};
+
+/// A modified copy of `cat` (one byte longer): runs, but is not approved
+/// for the protected files.
+const EVIL: &str = "/tmp/x/evilcat";
+
+fn refused(out: &Output) -> bool {
+    out.status != 0 && out.stderr.contains("Permission denied")
+}
+
+/// The fake agent's `file ...` lines.
+fn file_lines(vm: &mut Vm) -> Result<Vec<String>> {
+    let log = vm.run_ok(&format!("cat {AGENT_LOG}"))?.stdout;
+    Ok(log
+        .lines()
+        .filter(|l| l.starts_with("file "))
+        .map(str::to_owned)
+        .collect())
+}
+
+fn agent(vm: &mut Vm, mode: &str) -> Result<()> {
+    start_agent_with(
+        vm,
+        mode,
+        &format!(
+            "--allow {EVIL} --file-protect /srv/data --file-deny /srv/data \
+             --file-allow-prog /usr/bin/cat"
+        ),
+    )
+}
+
+fn setup(vm: &mut Vm) -> Result<()> {
+    vm.run_ok(&format!(
+        "mkdir -p /tmp/x /srv/data/sub /srv/pub /mnt/b && echo secret >/srv/data/db \
+         && echo deep >/srv/data/sub/f && echo open >/srv/pub/x \
+         && cp /usr/bin/cat {EVIL} && printf x >>{EVIL} && chmod 755 {EVIL}"
+    ))?;
+    Ok(())
+}
+
+#[test]
+fn file_gate_enforce() -> Result<()> {
+    let mut vm = host_with_module()?;
+    setup(&mut vm)?;
+    agent(&mut vm, "enforce")?;
+
+    // The approved program reads; the second read is the cache's.
+    let out = vm.run_ok("cat /srv/data/db")?;
+    ensure!(out.stdout.trim() == "secret", "approved read: {out:?}");
+    let asked = file_lines(&mut vm)?.len();
+    ensure!(asked >= 1, "the approved read was never asked");
+    vm.run_ok("cat /srv/data/db")?;
+    ensure!(
+        file_lines(&mut vm)?.len() == asked,
+        "a cached verdict was asked again: {:?}",
+        file_lines(&mut vm)?
+    );
+    ensure!(
+        counter(&mut vm, "file_cache_hits")? >= 1,
+        "no cache hit counted"
+    );
+
+    // An unapproved program is refused, however it names the file.
+    for path in ["/srv/data/db", "/srv/data/sub/f", "/srv/pub/../data/db"] {
+        let out = vm.run(&format!("{EVIL} {path}"))?;
+        ensure!(refused(&out), "{EVIL} {path} was not refused: {out:?}");
+    }
+    vm.run_ok("ln -s /srv/data/db /srv/pub/sym && mount --bind /srv/data /mnt/b")?;
+    for path in ["/srv/pub/sym", "/mnt/b/db", "/mnt/b/sub/f"] {
+        let out = vm.run(&format!("{EVIL} {path}"))?;
+        ensure!(refused(&out), "{EVIL} {path} was not refused: {out:?}");
+    }
+    // The request names the file by its path on its file system, not by
+    // the bind mount it was opened through.
+    let lines = file_lines(&mut vm)?;
+    ensure!(
+        !lines.iter().any(|l| l.contains("/mnt/b")),
+        "a bind mount path reached the agent: {lines:?}"
+    );
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("file read /srv/data/sub/f ") && l.ends_with("-> deny")),
+        "no denied read of /srv/data/sub/f: {lines:?}"
+    );
+    // Unprotected files are never asked about.
+    vm.run_ok(&format!("{EVIL} /srv/pub/x"))?;
+    ensure!(
+        !file_lines(&mut vm)?
+            .iter()
+            .any(|l| l.contains("/srv/pub/x")),
+        "an unprotected file was asked about"
+    );
+
+    // Changes by unapproved programs: delete, rename out, create, truncate.
+    for cmd in [
+        "rm -f /srv/data/db",
+        "mv /srv/data/db /srv/pub/stolen",
+        "cp /etc/hostname /srv/data/new",
+        "truncate -s 0 /srv/data/db",
+        "rmdir /srv/data/sub",
+    ] {
+        let out = vm.run(cmd)?;
+        ensure!(refused(&out), "`{cmd}` was not refused: {out:?}");
+    }
+    let out = vm.run_ok("cat /srv/data/db; ls /srv/data; ls /srv/pub")?;
+    ensure!(
+        out.stdout.contains("secret")
+            && !out.stdout.contains("new")
+            && !out.stdout.contains("stolen"),
+        "a refused change happened anyway: {out:?}"
+    );
+    // Renaming into the protected set is asked too.
+    let out = vm.run("mv /srv/pub/x /srv/data/x")?;
+    ensure!(
+        refused(&out),
+        "a rename into the set was not refused: {out:?}"
+    );
+
+    // A hard link out of the set is refused by the module itself.
+    let out = vm.run("ln /srv/data/db /srv/pub/link")?;
+    ensure!(
+        refused(&out),
+        "a hard link out of the set was made: {out:?}"
+    );
+    ensure!(counter(&mut vm, "file_link_refused")? >= 1, "not counted");
+
+    // The agent gone (killed: the module stays in enforce mode): the
+    // cached verdict still holds, an uncached question is refused.
+    // What the harness runs to start an agent again is asked (and
+    // cached) now, while one answers.
+    vm.run_ok(
+        "sleep 0.1; rm -f /run/none; grep -q x /dev/null; echo | base64 -d; setsid true; true",
+    )?;
+    vm.run_ok("pkill -KILL -x tb-fakeagent")?;
+    let out = vm.run_ok("cat /srv/data/db")?;
+    ensure!(
+        out.stdout.trim() == "secret",
+        "cached read with no agent: {out:?}"
+    );
+    let out = vm.run("cat /srv/data/sub/f")?;
+    ensure!(
+        refused(&out),
+        "an uncached read with no agent was let through: {out:?}"
+    );
+    ensure!(
+        counter(&mut vm, "file_no_agent")? >= 1,
+        "no-agent refusal not counted"
+    );
+
+    agent(&mut vm, "permissive")?;
+    stop_agent(&mut vm)?;
+    vm.run_ok("umount /mnt/b && rmmod trustbind")?;
+    vm.check_health()?;
+    vm.shutdown()?;
+    Ok(())
+}
+
+#[test]
+fn file_gate_permissive() -> Result<()> {
+    let mut vm = host_with_module()?;
+    setup(&mut vm)?;
+    agent(&mut vm, "permissive")?;
+    let out = vm.run_ok(&format!("{EVIL} /srv/data/db"))?;
+    ensure!(out.stdout.trim() == "secret", "permissive read: {out:?}");
+    vm.run_ok("rm /srv/data/sub/f")?;
+    ensure!(
+        counter(&mut vm, "file_would_deny")? >= 2,
+        "would-deny not recorded"
+    );
+    let lines = file_lines(&mut vm)?;
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("file delete /srv/data/sub/f ")),
+        "the delete was not asked: {lines:?}"
+    );
+    ensure!(
+        counter(&mut vm, "file_denied")? == 0,
+        "permissive mode refused"
+    );
+    stop_agent(&mut vm)?;
+    vm.run_ok("rmmod trustbind")?;
+    vm.check_health()?;
+    vm.shutdown()?;
+    Ok(())
+}

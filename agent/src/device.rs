@@ -667,4 +667,31 @@ mod tests {
         assert!(ev.link && ev.create);
         assert_eq!(ev.to.as_deref(), Some("/tmp/l"));
     }
+
+    #[test]
+    fn file_sets_are_written_as_the_modules_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let mut w = DeviceWriter {
+            path: path.clone(),
+            file: File::create(&path).unwrap(),
+        };
+        w.file_sets(&[(0x803, 2), (0x803, 77), (0x900, 1)]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, rec) = proto::decode(&bytes).unwrap();
+        let Record::FileSets(f) = rec else {
+            panic!("{:?}", rec.kind())
+        };
+        assert_eq!(
+            f.iter().collect::<Vec<_>>(),
+            vec![(0x803, 2), (0x803, 77), (0x900, 1)]
+        );
+        // Unsorted or too many: refused before anything is written.
+        assert!(w.file_sets(&[(2, 1), (1, 1)]).is_err());
+        let many: Vec<(u64, u64)> = (0..=proto::MAX_FILE_SET_ENTRIES as u64)
+            .map(|i| (1, i))
+            .collect();
+        assert!(w.file_sets(&many).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
 }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
-use tokio::sync::{mpsc, Notify, RwLock};
+use tokio::sync::{mpsc, watch, Notify, RwLock};
 use tonic::transport::Channel;
 use trustbind_api::pb::{self, agent_client::AgentClient, push};
 use trustbind_proto::{
@@ -47,6 +47,7 @@ use trustbind_proto::{
 
 use crate::bundle::{Bundle, Remembered};
 use crate::device::{Device, DeviceWriter, Event, ExecEvent, FileEvent, NetEvent, Process};
+use crate::files::{self, Tracker};
 use crate::keys::{self, Keys, Pushed};
 use crate::link::{self, write_atomic, AgentConfig};
 use crate::refusal;
@@ -225,6 +226,9 @@ struct Shared {
     bundle_last: Mutex<Option<tokio::time::Instant>>,
     /// Channel keys and refusals pushed by the appliance, by channel id.
     keys: Keys,
+    /// The protected paths last pushed (or saved from an earlier run):
+    /// resolved by [`file_sets`] into the module's identities.
+    file_paths: watch::Sender<Option<Vec<String>>>,
 }
 
 impl Shared {
@@ -312,6 +316,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         mode: mode_name(mode).into(),
         ..Status::default()
     };
+    let opts_state = opts.state.clone();
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             writer,
@@ -334,6 +339,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         bundle_again: AtomicBool::new(false),
         bundle_last: Mutex::new(None),
         keys: Keys::new(),
+        file_paths: watch::Sender::new(load_file_paths(&opts_state)),
     });
 
     let (tx, rx) = mpsc::channel::<Asked>(4096);
@@ -368,6 +374,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     tokio::spawn(closer(Arc::clone(&shared), closed_rx));
     tokio::spawn(connection(Arc::clone(&shared), cfg, tls));
     tokio::spawn(housekeeping(Arc::clone(&shared)));
+    tokio::spawn(file_sets(Arc::clone(&shared)));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| link::LinkError::Config(format!("SIGTERM handler: {e}")))?;
@@ -532,6 +539,74 @@ impl Asked {
             reason: why,
         }
         .log();
+    }
+}
+
+/// The last pushed protected paths, in the state directory.
+const FILE_SETS_FILE: &str = "file_sets.json";
+
+/// The protected paths saved by an earlier run (`None`: none saved).
+fn load_file_paths(state: &std::path::Path) -> Option<Vec<String>> {
+    let bytes = std::fs::read(state.join(FILE_SETS_FILE)).ok()?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| tracing::warn!("{FILE_SETS_FILE}: {e}: waiting for the appliance's sets"))
+        .ok()
+}
+
+/// Resolves the protected paths into identities (on each push and every
+/// [`files::RESOLVE_EVERY`]) and gives the module the result whenever it
+/// changed. The module starts empty when it is loaded again, and the
+/// agent with it (a closed device stops the agent; its restart sends the
+/// saved sets at once).
+async fn file_sets(shared: Arc<Shared>) {
+    let mut paths_rx = shared.file_paths.subscribe();
+    let mut tick = tokio::time::interval(files::RESOLVE_EVERY);
+    let mut tracker = Tracker::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = paths_rx.changed() => if changed.is_err() { return },
+        }
+        let Some(paths) = paths_rx.borrow_and_update().clone() else {
+            continue;
+        };
+        // stat may block (a hung network file system): off the runtime.
+        let Ok(res) = tokio::task::spawn_blocking(move || files::resolve_here(&paths)).await else {
+            continue;
+        };
+        let plan = tracker.plan(res);
+        for m in &plan.newly_missing {
+            tracing::warn!(
+                "protected path {}: {}: not protected until it resolves (tried again every {} s)",
+                m.path,
+                m.why,
+                files::RESOLVE_EVERY.as_secs()
+            );
+        }
+        for p in &plan.found {
+            tracing::info!("protected path {p} resolved");
+        }
+        if let Some(e) = plan.error {
+            shared.error(e);
+        }
+        let Some(ids) = plan.send else { continue };
+        let mut g = shared.lock();
+        match g.writer.file_sets(&ids) {
+            Ok(()) => {
+                g.status.protected_files = ids.len();
+                drop(g);
+                tracing::info!("module given {} protected identities", ids.len());
+                tracker.sent(ids);
+            }
+            Err(e) => {
+                drop(g);
+                if let Some(e) =
+                    tracker.send_failed(format!("protected file sets not given to the module: {e}"))
+                {
+                    shared.error(e);
+                }
+            }
+        }
     }
 }
 
@@ -1458,8 +1533,19 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             tracing::info!("protected hosts: {}", addrs.len());
         }
         push::Kind::FileSets(f) => {
-            // Handed to the module once the agent resolves file sets.
-            tracing::debug!("protected file sets: {}", f.sets.len());
+            let paths = files::paths_of(&f);
+            tracing::info!(
+                "protected file sets: {} ({} paths)",
+                f.sets.len(),
+                paths.len()
+            );
+            // Kept for the next start, so the module is given the sets
+            // before the appliance is reachable again.
+            let json = serde_json::to_vec(&paths).unwrap_or_default();
+            if let Err(e) = write_atomic(&shared.opts.state.join(FILE_SETS_FILE), &json, 0o600) {
+                shared.error(format!("cannot save the protected file sets: {e}"));
+            }
+            shared.file_paths.send_replace(Some(paths));
         }
         push::Kind::Ping(_) => {}
     }

@@ -8,7 +8,15 @@
 //!  appliance ──Subscribe stream──▶ generation → module cache flush, host mode → module mode,
 //!                                  channel keys / refusals → held by channel id (keys.rs)
 //!  spool ──Report──▶ appliance (when connected)
+//!  FileSets push / saved file_sets.json ──resolve (stat, mountinfo; every 30 s)──▶ FileSets record
 //! ```
+//!
+//! Operations on protected files (`FileRequest`) are batched with execs
+//! (`ACTION_OPEN_READ`, `ACTION_OPEN_WRITE`, `ACTION_DELETE`,
+//! `ACTION_RENAME` with a `FileTarget`) and answered by a `Verdict` that
+//! the module may cache when the appliance says so; offline they get the
+//! mode's default (the signed bundle holds exec verdicts only), never
+//! cached, spooled as `file.offline`.
 //!
 //! TCP connects and accepts (`NetRequest`, unless `--no-net`) are never
 //! batched with execs nor wait behind them: each is its own `Qualify` call.

@@ -12,8 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use trustbind_proto::{
-    self as proto, ChannelClosed, ChannelKey, Config, DecodeError, Family, Generation, Hello,
-    HelloAck, IpcRequest, Mode, NetKind, NetRequest, Record, Verdict, MAX_RECORD_LEN,
+    self as proto, ChannelClosed, ChannelKey, Config, DecodeError, Family, FileAccess, FileRequest,
+    Generation, Hello, HelloAck, IpcRequest, Mode, NetKind, NetRequest, Record, Verdict,
+    MAX_RECORD_LEN,
 };
 use zeroize::Zeroize;
 
@@ -45,6 +46,44 @@ pub enum DeviceError {
     Encode(String),
 }
 
+/// The process a request is about, as every request record gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// Real uid.
+    pub uid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// Real gid.
+    pub gid: u32,
+    /// Audit login uid.
+    pub loginuid: u32,
+    /// Audit session id.
+    pub sessionid: u32,
+    /// Thread group id (of the exec'ing task for an exec).
+    pub pid: u32,
+    /// Its parent's.
+    pub ppid: u32,
+    /// SHA-256 of ancestors' programs, parent first.
+    pub ancestry: Vec<[u8; 32]>,
+}
+
+/// The [`Process`] of a request record (`ExecRequest`, `NetRequest`,
+/// `IpcRequest`, `FileRequest`: the same fields in each).
+macro_rules! process_of {
+    ($r:expr) => {
+        Process {
+            uid: $r.uid,
+            euid: $r.euid,
+            gid: $r.gid,
+            loginuid: $r.loginuid,
+            sessionid: $r.sessionid,
+            pid: $r.pid,
+            ppid: $r.ppid,
+            ancestry: ancestry_of($r.ancestry),
+        }
+    };
+}
+
 /// An exec the module asks about, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecEvent {
@@ -56,22 +95,8 @@ pub struct ExecEvent {
     pub sha1: [u8; 20],
     /// Size in bytes.
     pub size: u64,
-    /// Real uid.
-    pub uid: u32,
-    /// Effective uid.
-    pub euid: u32,
-    /// Real gid.
-    pub gid: u32,
-    /// Audit login uid.
-    pub loginuid: u32,
-    /// Audit session id.
-    pub sessionid: u32,
-    /// Thread group id of the exec'ing task.
-    pub pid: u32,
-    /// Its parent's.
-    pub ppid: u32,
-    /// SHA-256 of ancestors' programs, parent first.
-    pub ancestry: Vec<[u8; 32]>,
+    /// Who execs.
+    pub process: Process,
     /// Path as opened (lossy UTF-8).
     pub path: String,
     /// The ELF loader run as the program (`ld.so ./prog`).
@@ -95,22 +120,8 @@ pub struct NetEvent {
     pub dst_port: u16,
     /// SHA-256 of the process's program.
     pub sha256: [u8; 32],
-    /// Real uid.
-    pub uid: u32,
-    /// Effective uid.
-    pub euid: u32,
-    /// Real gid.
-    pub gid: u32,
-    /// Audit login uid.
-    pub loginuid: u32,
-    /// Audit session id.
-    pub sessionid: u32,
-    /// Thread group id of the process.
-    pub pid: u32,
-    /// Its parent's.
-    pub ppid: u32,
-    /// SHA-256 of ancestors' programs, nearest first.
-    pub ancestry: Vec<[u8; 32]>,
+    /// Who connects or accepts.
+    pub process: Process,
     /// A UNIX-domain connect (an [`IpcRequest`]): the listener's side. The
     /// event's `kind` is then [`NetKind::Connect`] and its addresses are
     /// unspecified.
@@ -132,11 +143,62 @@ pub struct IpcPeer {
     pub gid: u32,
 }
 
+/// An operation on a protected file the module asks about, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEvent {
+    /// Request id to answer with.
+    pub request_id: u64,
+    /// Read, write, delete or rename.
+    pub access: FileAccess,
+    /// The name does not exist yet (`FILE_CREATE`): `dev`/`ino` are its
+    /// directory's.
+    pub create: bool,
+    /// A truncate (`FILE_TRUNCATE`).
+    pub truncate: bool,
+    /// A new hard link to `path` named `to` (`FILE_LINK`).
+    pub link: bool,
+    /// SHA-256 of the process's program.
+    pub sha256: [u8; 32],
+    /// Who operates on the file.
+    pub process: Process,
+    /// The file's device (`st_dev`).
+    pub dev: u64,
+    /// Its inode number.
+    pub ino: u64,
+    /// Its absolute path in the initial mount namespace (lossy UTF-8).
+    pub path: String,
+    /// The new path of a rename or hard link.
+    pub to: Option<String>,
+}
+
+impl FileEvent {
+    /// The owned form of request `request_id`.
+    pub fn of(request_id: u64, r: &FileRequest<'_>) -> Self {
+        let link = r.flags & proto::FILE_LINK != 0;
+        let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Self {
+            request_id,
+            access: r.access,
+            create: r.flags & proto::FILE_CREATE != 0,
+            truncate: r.flags & proto::FILE_TRUNCATE != 0,
+            link,
+            sha256: r.sha256,
+            process: process_of!(r),
+            dev: r.dev,
+            ino: r.ino,
+            path: lossy(r.path),
+            to: (r.access == FileAccess::Rename || link).then(|| lossy(r.to)),
+        }
+    }
+}
+
 /// What the module asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// An exec.
     Exec(ExecEvent),
+    /// An operation on a protected file.
+    File(FileEvent),
     /// A connect or accept (TCP), or a UNIX-domain connect.
     Net(NetEvent),
     /// One end of a bound channel closed on this host (nothing to answer).
@@ -172,14 +234,7 @@ impl NetEvent {
             dst_addr: ip_of(r.family, r.dst_addr),
             dst_port: r.dst_port,
             sha256: r.sha256,
-            uid: r.uid,
-            euid: r.euid,
-            gid: r.gid,
-            loginuid: r.loginuid,
-            sessionid: r.sessionid,
-            pid: r.pid,
-            ppid: r.ppid,
-            ancestry: ancestry_of(r.ancestry),
+            process: process_of!(r),
             ipc: None,
         }
     }
@@ -195,14 +250,7 @@ impl NetEvent {
             dst_addr: none,
             dst_port: 0,
             sha256: r.sha256,
-            uid: r.uid,
-            euid: r.euid,
-            gid: r.gid,
-            loginuid: r.loginuid,
-            sessionid: r.sessionid,
-            pid: r.pid,
-            ppid: r.ppid,
-            ancestry: ancestry_of(r.ancestry),
+            process: process_of!(r),
             ipc: Some(IpcPeer {
                 path: String::from_utf8_lossy(r.path).into_owned(),
                 sha256: r.peer_sha256,
@@ -319,20 +367,16 @@ impl Device {
             if let Record::IpcRequest(r) = rec {
                 return Ok(Event::Net(NetEvent::of_ipc(h.request_id, &r)));
             }
+            if let Record::FileRequest(r) = rec {
+                return Ok(Event::File(FileEvent::of(h.request_id, &r)));
+            }
             if let Record::ExecRequest(r) = rec {
                 return Ok(Event::Exec(ExecEvent {
                     request_id: h.request_id,
                     sha256: r.sha256,
                     sha1: r.sha1,
                     size: r.size,
-                    uid: r.uid,
-                    euid: r.euid,
-                    gid: r.gid,
-                    loginuid: r.loginuid,
-                    sessionid: r.sessionid,
-                    pid: r.pid,
-                    ppid: r.ppid,
-                    ancestry: ancestry_of(r.ancestry),
+                    process: process_of!(r),
                     path: String::from_utf8_lossy(r.path).into_owned(),
                     loader_direct: r.flags & trustbind_proto::EXEC_LOADER_DIRECT != 0,
                 }));
@@ -416,6 +460,19 @@ impl DeviceWriter {
         let peers =
             proto::Peers::new(&bytes).map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
         self.send(&Record::Peers(peers), 4, "write Peers")
+    }
+
+    /// Tells the module the protected files and directories by identity
+    /// (`(st_dev, st_ino)`, sorted, unique, at most
+    /// [`proto::MAX_FILE_SET_ENTRIES`]: more is refused, not cut).
+    pub fn file_sets(&mut self, ids: &[(u64, u64)]) -> Result<(), DeviceError> {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&(dev, ino)| proto::FileSets::entry(dev, ino))
+            .collect();
+        let sets =
+            proto::FileSets::new(&bytes).map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
+        self.send(&Record::FileSets(sets), 5, "write FileSets")
     }
 }
 
@@ -518,8 +575,9 @@ mod tests {
             (ev.src_addr.to_string(), ev.src_port, ev.dst_port),
             ("127.0.0.1".into(), 40000, 443)
         );
-        assert_eq!(ev.ancestry, vec![h]);
-        assert_eq!((ev.uid, ev.euid, ev.gid, ev.pid), (1, 2, 3, 6));
+        assert_eq!(ev.process.ancestry, vec![h]);
+        let p = &ev.process;
+        assert_eq!((p.uid, p.euid, p.gid, p.pid), (1, 2, 3, 6));
         assert!(ev.ipc.is_none());
     }
 
@@ -547,7 +605,7 @@ mod tests {
         let ev = NetEvent::of_ipc(11, &r);
         assert_eq!((ev.request_id, ev.kind), (11, NetKind::Connect));
         assert_eq!(
-            (ev.sha256, ev.pid, ev.ancestry.clone()),
+            (ev.sha256, ev.process.pid, ev.process.ancestry.clone()),
             ([1; 32], 6, vec![h])
         );
         assert_eq!(
@@ -560,5 +618,80 @@ mod tests {
                 gid: 10,
             })
         );
+    }
+
+    fn file_request<'a>(access: FileAccess, flags: u8, to: &'a [u8]) -> FileRequest<'a> {
+        FileRequest {
+            access,
+            flags,
+            sha256: [1; 32],
+            program_source: proto::ProgramSource::Lineage,
+            uid: 1,
+            euid: 2,
+            gid: 3,
+            loginuid: 4,
+            sessionid: 5,
+            pid: 6,
+            ppid: 7,
+            dev: 0x803,
+            ino: 42,
+            ancestry: proto::Ancestry::from_bytes(&[]).unwrap(),
+            path: b"/srv/db/a b",
+            to,
+        }
+    }
+
+    #[test]
+    fn file_requests_become_owned_events() {
+        let ev = FileEvent::of(12, &file_request(FileAccess::Read, 0, b""));
+        assert_eq!((ev.request_id, ev.access), (12, FileAccess::Read));
+        assert_eq!((ev.create, ev.truncate, ev.link), (false, false, false));
+        assert_eq!(
+            (ev.dev, ev.ino, ev.path.as_str()),
+            (0x803, 42, "/srv/db/a b")
+        );
+        assert_eq!(ev.to, None);
+        assert_eq!((ev.process.uid, ev.process.ppid), (1, 7));
+        assert!(ev.process.ancestry.is_empty());
+
+        let flags = proto::FILE_CREATE | proto::FILE_TRUNCATE;
+        let ev = FileEvent::of(13, &file_request(FileAccess::Write, flags, b""));
+        assert_eq!((ev.create, ev.truncate, ev.link), (true, true, false));
+        assert_eq!(ev.to, None);
+
+        let ev = FileEvent::of(14, &file_request(FileAccess::Rename, 0, b"/tmp/x"));
+        assert_eq!(ev.to.as_deref(), Some("/tmp/x"));
+
+        let link = proto::FILE_LINK | proto::FILE_CREATE;
+        let ev = FileEvent::of(15, &file_request(FileAccess::Write, link, b"/tmp/l"));
+        assert!(ev.link && ev.create);
+        assert_eq!(ev.to.as_deref(), Some("/tmp/l"));
+    }
+
+    #[test]
+    fn file_sets_are_written_as_the_modules_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let mut w = DeviceWriter {
+            path: path.clone(),
+            file: File::create(&path).unwrap(),
+        };
+        w.file_sets(&[(0x803, 2), (0x803, 77), (0x900, 1)]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, rec) = proto::decode(&bytes).unwrap();
+        let Record::FileSets(f) = rec else {
+            panic!("{:?}", rec.kind())
+        };
+        assert_eq!(
+            f.iter().collect::<Vec<_>>(),
+            vec![(0x803, 2), (0x803, 77), (0x900, 1)]
+        );
+        // Unsorted or too many: refused before anything is written.
+        assert!(w.file_sets(&[(2, 1), (1, 1)]).is_err());
+        let many: Vec<(u64, u64)> = (0..=proto::MAX_FILE_SET_ENTRIES as u64)
+            .map(|i| (1, i))
+            .collect();
+        assert!(w.file_sets(&many).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 }

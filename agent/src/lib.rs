@@ -2,7 +2,8 @@
 //!
 //! It sits between the PEM (`/dev/trustbind`, records from
 //! `trustbind-proto`) and the appliance (gRPC over mutual TLS):
-//! [`device`] (the module's channel), [`keys`] (pushed channel keys held
+//! [`device`] (the module's channel), [`files`] (protected file sets: paths
+//! resolved to the module's device and inode identities), [`keys`] (pushed channel keys held
 //! by channel id until the connect/accept they answer takes them), [`link`] (enrolment, credentials, the
 //! mTLS channel), [`logging`] (the daemon's log: journald or stderr), [`run`] (the daemon: batching, offline answers, pushes,
 //! spool delivery, status), [`bundle`] (the program/user pairs seen, which
@@ -23,6 +24,7 @@
 
 pub mod bundle;
 pub mod device;
+pub mod files;
 pub mod keys;
 pub mod link;
 pub mod logging;

@@ -280,15 +280,20 @@ fn status(state: &std::path::Path, json: bool) -> ExitCode {
         println!("mode:        {}", s.mode);
         println!("generation:  {}", s.generation);
         println!(
-            "requests:    {} exec, {} connect/accept (appliance {}, offline {}, denied {}, late {})",
+            "requests:    {} exec, {} connect/accept, {} file (appliance {}, offline {}, denied {}, late {})",
             s.requests,
             s.net_requests,
+            s.file_requests,
             s.answered_online,
             s.answered_offline,
             s.denied,
             s.late
         );
         println!("channels:    {} keys handed to the module", s.channel_keys);
+        println!(
+            "files:       {} protected identities; {} requests, {} denied",
+            s.protected_files, s.file_requests, s.file_denied
+        );
         println!(
             "spool:       {} waiting, {} delivered",
             s.spool_backlog, s.spool_delivered

@@ -3,13 +3,14 @@
 //! appliance: what was refused (action, program, path, user, target) and
 //! why. The line is a `tracing` event at `warn` with the same facts as
 //! fields, which the journal keeps as `F_ACTION`, `F_PROGRAM`, `F_PATH`,
-//! `F_USER`, `F_UID`, `F_PID`, `F_DEST`, `F_REASON` (tracing-journald's
+//! `F_USER`, `F_UID`, `F_PID`, `F_DEST`, `F_FILE`, `F_REASON` (tracing-journald's
 //! `F_` prefix), under `SYSLOG_IDENTIFIER=trustbind-agent`.
 
 /// What was refused, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal<'a> {
-    /// `exec`, `connect`, `established`, `accept` or `ipc_connect`.
+    /// `exec`, `connect`, `established`, `accept`, `ipc_connect`,
+    /// `open_read`, `open_write`, `delete`, `rename` or `link`.
     pub action: &'a str,
     /// The program's SHA-256 (hex).
     pub program: &'a str,
@@ -21,8 +22,11 @@ pub struct Refusal<'a> {
     pub uid: u32,
     /// The process.
     pub pid: u32,
-    /// For network actions, the other end (empty for exec).
+    /// For network actions, the other end (empty otherwise).
     pub dest: &'a str,
+    /// For file actions, the file (`from -> to` for a rename or hard
+    /// link; empty otherwise).
+    pub file: &'a str,
     /// Why (see [`online_reason`] and the offline reasons in `run`).
     pub reason: &'a str,
 }
@@ -36,7 +40,9 @@ impl Refusal<'_> {
         } else {
             format!("{} (sha256 {})", self.path, self.program)
         };
-        let what = if self.dest.is_empty() {
+        let what = if !self.file.is_empty() {
+            format!("{} of {} by {program}", self.action, self.file)
+        } else if self.dest.is_empty() {
             format!("{} of {program}", self.action)
         } else {
             format!("{} to {} by {program}", self.action, self.dest)
@@ -57,6 +63,7 @@ impl Refusal<'_> {
             uid = self.uid,
             pid = self.pid,
             dest = self.dest,
+            file = self.file,
             reason = self.reason,
             "{}",
             self.line()
@@ -95,6 +102,7 @@ mod tests {
             uid: 1000,
             pid: 42,
             dest: "",
+            file: "",
             reason: &online_reason(&[]),
         };
         assert_eq!(
@@ -112,6 +120,17 @@ mod tests {
         assert_eq!(
             r.line(),
             "refused connect to 10.0.0.5:5432 by sha256 9f86 for user bob (uid 1000, pid 42): forbidden by policy `no-db`, `quarantine`"
+        );
+        let r = Refusal {
+            action: "rename",
+            dest: "",
+            file: "/var/log/audit/audit.log -> /tmp/a",
+            reason: OFFLINE_DEFAULT,
+            ..r
+        };
+        assert_eq!(
+            r.line(),
+            "refused rename of /var/log/audit/audit.log -> /tmp/a by sha256 9f86 for user bob (uid 1000, pid 42): appliance unreachable and not in the offline bundle: enforce mode refuses by default"
         );
     }
 }

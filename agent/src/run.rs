@@ -8,7 +8,15 @@
 //!  appliance ──Subscribe stream──▶ generation → module cache flush, host mode → module mode,
 //!                                  channel keys / refusals → held by channel id (keys.rs)
 //!  spool ──Report──▶ appliance (when connected)
+//!  FileSets push / saved file_sets.json ──resolve (stat, mountinfo; every 30 s)──▶ FileSets record
 //! ```
+//!
+//! Operations on protected files (`FileRequest`) are batched with execs
+//! (`ACTION_OPEN_READ`, `ACTION_OPEN_WRITE`, `ACTION_DELETE`,
+//! `ACTION_RENAME` with a `FileTarget`) and answered by a `Verdict` that
+//! the module may cache when the appliance says so; offline they get the
+//! mode's default (the signed bundle holds exec verdicts only), never
+//! cached, spooled as `file.offline`.
 //!
 //! TCP connects and accepts (`NetRequest`, unless `--no-net`) are never
 //! batched with execs nor wait behind them: each is its own `Qualify` call.
@@ -37,15 +45,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
-use tokio::sync::{mpsc, Notify, RwLock};
+use tokio::sync::{mpsc, watch, Notify, RwLock};
 use tonic::transport::Channel;
 use trustbind_api::pb::{self, agent_client::AgentClient, push};
 use trustbind_proto::{
-    ChannelClosed, ChannelRole, CloseReason, Decision, Mode, NetKind, Obligations, Verdict,
+    ChannelClosed, ChannelRole, CloseReason, Decision, FileAccess, Mode, NetKind, Obligations,
+    Verdict,
 };
 
 use crate::bundle::{Bundle, Remembered};
-use crate::device::{Device, DeviceWriter, Event, ExecEvent, NetEvent};
+use crate::device::{Device, DeviceWriter, Event, ExecEvent, FileEvent, NetEvent, Process};
+use crate::files::{self, Tracker};
 use crate::keys::{self, Keys, Pushed};
 use crate::link::{self, write_atomic, AgentConfig};
 use crate::refusal;
@@ -121,10 +131,20 @@ pub struct Status {
     /// `channel.close`).
     #[serde(default)]
     pub channels_closed: u64,
-    /// Answered by the appliance (exec and net).
+    /// Operations on protected files the module asked about.
+    #[serde(default)]
+    pub file_requests: u64,
+    /// Of those, denied.
+    #[serde(default)]
+    pub file_denied: u64,
+    /// Protected files, directories and mounts (identities) the module
+    /// was last given.
+    #[serde(default)]
+    pub protected_files: usize,
+    /// Answered by the appliance (exec, net and file).
     pub answered_online: u64,
     /// Answered from the bundle or the mode's default (appliance away;
-    /// exec and net).
+    /// exec, net and file).
     pub answered_offline: u64,
     /// Denials sent to the module.
     pub denied: u64,
@@ -214,6 +234,9 @@ struct Shared {
     bundle_last: Mutex<Option<tokio::time::Instant>>,
     /// Channel keys and refusals pushed by the appliance, by channel id.
     keys: Keys,
+    /// The protected paths last pushed (or saved from an earlier run):
+    /// resolved by [`file_sets`] into the module's identities.
+    file_paths: watch::Sender<Option<Vec<String>>>,
 }
 
 impl Shared {
@@ -301,6 +324,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         mode: mode_name(mode).into(),
         ..Status::default()
     };
+    let opts_state = opts.state.clone();
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             writer,
@@ -323,9 +347,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         bundle_again: AtomicBool::new(false),
         bundle_last: Mutex::new(None),
         keys: Keys::new(),
+        file_paths: watch::Sender::new(load_file_paths(&opts_state)),
     });
 
-    let (tx, rx) = mpsc::channel::<ExecEvent>(4096);
+    let (tx, rx) = mpsc::channel::<Asked>(4096);
     let (net_tx, net_rx) = mpsc::channel::<NetEvent>(4096);
     let (closed_tx, closed_rx) = mpsc::channel::<ChannelClosed>(4096);
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(1);
@@ -333,7 +358,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .name("device".into())
         .spawn(move || loop {
             let sent = match device.next_event() {
-                Ok(Event::Exec(ev)) => tx.blocking_send(ev).is_ok(),
+                Ok(Event::Exec(ev)) => tx.blocking_send(Asked::Exec(ev)).is_ok(),
+                Ok(Event::File(ev)) => tx.blocking_send(Asked::File(ev)).is_ok(),
                 Ok(Event::Net(ev)) => net_tx.blocking_send(ev).is_ok(),
                 Ok(Event::Closed(c)) => closed_tx.blocking_send(c).is_ok(),
                 Err(e) => {
@@ -356,6 +382,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     tokio::spawn(closer(Arc::clone(&shared), closed_rx));
     tokio::spawn(connection(Arc::clone(&shared), cfg, tls));
     tokio::spawn(housekeeping(Arc::clone(&shared)));
+    tokio::spawn(file_sets(Arc::clone(&shared)));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| link::LinkError::Config(format!("SIGTERM handler: {e}")))?;
@@ -406,8 +433,193 @@ async fn housekeeping(shared: Arc<Shared>) {
     }
 }
 
+/// A request answered in batches: an exec, or an operation on a protected
+/// file (both decided once per request by the appliance, both cacheable
+/// by the module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asked {
+    /// An exec.
+    Exec(ExecEvent),
+    /// An open, delete or rename of a protected file.
+    File(FileEvent),
+}
+
+impl Asked {
+    fn request_id(&self) -> u64 {
+        match self {
+            Asked::Exec(ev) => ev.request_id,
+            Asked::File(ev) => ev.request_id,
+        }
+    }
+
+    fn process(&self) -> &Process {
+        match self {
+            Asked::Exec(ev) => &ev.process,
+            Asked::File(ev) => &ev.process,
+        }
+    }
+
+    fn sha256(&self) -> &[u8; 32] {
+        match self {
+            Asked::Exec(ev) => &ev.sha256,
+            Asked::File(ev) => &ev.sha256,
+        }
+    }
+
+    /// The appliance request.
+    pub fn request(&self, user: String) -> pb::Request {
+        match self {
+            Asked::Exec(ev) => request_of(ev, user),
+            Asked::File(ev) => file_request_of(ev, user),
+        }
+    }
+
+    /// The verdict for the module from the appliance's result: a file
+    /// verdict carries no exec or net obligation (`nice`, CPU limit,
+    /// `encrypt` mean nothing for an open), only the log level.
+    pub fn verdict(&self, r: &pb::Result) -> Verdict {
+        let mut v = verdict_of(r);
+        if let Asked::File(_) = self {
+            v.obligations = Obligations {
+                log_level: v.obligations.log_level,
+                ..Obligations::default()
+            };
+        }
+        v
+    }
+
+    /// The spool record's `what` and detail of an offline answer.
+    fn offline_record(
+        &self,
+        user: &str,
+        decision: Decision,
+        source: &str,
+        mode: Mode,
+    ) -> (&'static str, serde_json::Value) {
+        let p = self.process();
+        let mut detail = serde_json::json!({
+            "sha256": hex::encode(self.sha256()), "user": user, "uid": p.uid, "pid": p.pid,
+            "decision": format!("{decision:?}").to_lowercase(),
+            "source": source, "mode": mode_name(mode),
+        });
+        let (what, extra) = match self {
+            Asked::Exec(ev) => (
+                "exec.offline",
+                serde_json::json!({ "path": ev.path, "loader_direct": ev.loader_direct }),
+            ),
+            Asked::File(ev) => (
+                "file.offline",
+                serde_json::json!({
+                    "access": access_name(ev.access), "path": ev.path, "to": ev.to,
+                    "create": ev.create, "truncate": ev.truncate, "link": ev.link,
+                }),
+            ),
+        };
+        if let (Some(d), serde_json::Value::Object(x)) = (detail.as_object_mut(), extra) {
+            d.extend(x);
+        }
+        (what, detail)
+    }
+
+    /// Logs the refusal of this request (enforce mode).
+    fn log_refusal(&self, user: &str, why: &str) {
+        let p = self.process();
+        let program = hex::encode(self.sha256());
+        let file = match self {
+            Asked::Exec(_) => String::new(),
+            Asked::File(ev) => file_of(ev),
+        };
+        refusal::Refusal {
+            action: match self {
+                Asked::Exec(_) => "exec",
+                Asked::File(ev) => action_name(ev),
+            },
+            program: &program,
+            path: match self {
+                Asked::Exec(ev) => &ev.path,
+                Asked::File(_) => "",
+            },
+            user,
+            uid: p.uid,
+            pid: p.pid,
+            dest: "",
+            file: &file,
+            reason: why,
+        }
+        .log();
+    }
+}
+
+/// The last pushed protected paths, in the state directory.
+const FILE_SETS_FILE: &str = "file_sets.json";
+
+/// The protected paths saved by an earlier run (`None`: none saved).
+fn load_file_paths(state: &std::path::Path) -> Option<Vec<String>> {
+    let bytes = std::fs::read(state.join(FILE_SETS_FILE)).ok()?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| tracing::warn!("{FILE_SETS_FILE}: {e}: waiting for the appliance's sets"))
+        .ok()
+}
+
+/// Resolves the protected paths into identities (on each push and every
+/// [`files::RESOLVE_EVERY`]) and gives the module the result whenever it
+/// changed. The module starts empty when it is loaded again, and the
+/// agent with it (a closed device stops the agent; its restart sends the
+/// saved sets at once).
+async fn file_sets(shared: Arc<Shared>) {
+    let mut paths_rx = shared.file_paths.subscribe();
+    let mut tick = tokio::time::interval(files::RESOLVE_EVERY);
+    let mut tracker = Tracker::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = paths_rx.changed() => if changed.is_err() { return },
+        }
+        let Some(paths) = paths_rx.borrow_and_update().clone() else {
+            continue;
+        };
+        // stat may block (a hung network file system): off the runtime.
+        let Ok(res) = tokio::task::spawn_blocking(move || files::resolve_here(&paths)).await else {
+            continue;
+        };
+        let plan = tracker.plan(res);
+        for m in &plan.newly_missing {
+            tracing::warn!(
+                "protected path {}: {}: not protected until it resolves (tried again every {} s)",
+                m.path,
+                m.why,
+                files::RESOLVE_EVERY.as_secs()
+            );
+        }
+        for p in &plan.found {
+            tracing::info!("protected path {p} resolved");
+        }
+        if let Some(e) = plan.error {
+            shared.error(e);
+        }
+        let Some(ids) = plan.send else { continue };
+        let mut g = shared.lock();
+        match g.writer.file_sets(&ids) {
+            Ok(()) => {
+                g.status.protected_files = ids.len();
+                drop(g);
+                tracing::info!("module given {} protected identities", ids.len());
+                tracker.sent(ids);
+            }
+            Err(e) => {
+                drop(g);
+                if let Some(e) =
+                    tracker.send_failed(format!("protected file sets not given to the module: {e}"))
+                {
+                    shared.error(e);
+                }
+            }
+        }
+    }
+}
+
 /// Collects requests into batches and answers them.
-async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<ExecEvent>) {
+async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Asked>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + shared.opts.batch_wait;
@@ -421,20 +633,36 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<ExecEvent>) {
     }
 }
 
+/// Who asks, for the appliance (the same for every action).
+fn subject_of(p: &Process, user: String) -> pb::Subject {
+    pb::Subject {
+        user,
+        uid: p.uid,
+        euid: p.euid,
+        gid: p.gid,
+        loginuid: p.loginuid,
+        session: p.sessionid,
+        pid: p.pid,
+        ancestry: p.ancestry.iter().map(|h| h.to_vec()).collect(),
+    }
+}
+
+/// A program the module names by its SHA-256 only (net, IPC and file
+/// requests: no SHA-1, size or path).
+fn program_by_hash(sha256: &[u8; 32]) -> pb::Program {
+    pb::Program {
+        sha256: sha256.to_vec(),
+        sha1: Vec::new(),
+        size: 0,
+        path: String::new(),
+    }
+}
+
 fn request_of(ev: &ExecEvent, user: String) -> pb::Request {
     pb::Request {
         id: ev.request_id,
         action: pb::Action::Exec as i32,
-        subject: Some(pb::Subject {
-            user,
-            uid: ev.uid,
-            euid: ev.euid,
-            gid: ev.gid,
-            loginuid: ev.loginuid,
-            session: ev.sessionid,
-            pid: ev.pid,
-            ancestry: ev.ancestry.iter().map(|h| h.to_vec()).collect(),
-        }),
+        subject: Some(subject_of(&ev.process, user)),
         program: Some(pb::Program {
             sha256: ev.sha256.to_vec(),
             sha1: ev.sha1.to_vec(),
@@ -443,6 +671,69 @@ fn request_of(ev: &ExecEvent, user: String) -> pb::Request {
         }),
         target: Some(pb::request::Target::Exec(pb::ExecTarget {
             loader_direct: ev.loader_direct,
+        })),
+        peer: None,
+    }
+}
+
+/// The policy's action for a file access (a hard link's new name is an
+/// `open_write`, as the module asks it).
+fn file_action(a: FileAccess) -> pb::Action {
+    match a {
+        FileAccess::Read => pb::Action::OpenRead,
+        FileAccess::Write => pb::Action::OpenWrite,
+        FileAccess::Delete => pb::Action::Delete,
+        FileAccess::Rename => pb::Action::Rename,
+    }
+}
+
+/// `read`, `write`, `delete` or `rename` (spool records).
+fn access_name(a: FileAccess) -> &'static str {
+    match a {
+        FileAccess::Read => "read",
+        FileAccess::Write => "write",
+        FileAccess::Delete => "delete",
+        FileAccess::Rename => "rename",
+    }
+}
+
+/// The refusal line's action: the policy's name (`open_read`,
+/// `open_write`, `delete`, `rename`), `link` for a new hard link.
+fn action_name(ev: &FileEvent) -> &'static str {
+    if ev.link {
+        return "link";
+    }
+    match ev.access {
+        FileAccess::Read => "open_read",
+        FileAccess::Write => "open_write",
+        FileAccess::Delete => "delete",
+        FileAccess::Rename => "rename",
+    }
+}
+
+/// The file (and the new name of a rename or link) for logs.
+fn file_of(ev: &FileEvent) -> String {
+    match &ev.to {
+        Some(to) => format!("{} -> {to}", ev.path),
+        None => ev.path.clone(),
+    }
+}
+
+/// The appliance request for an operation on a protected file: the
+/// program by hash only (as for net requests), the paths as the module
+/// gave them (absolute in the initial mount namespace).
+pub fn file_request_of(ev: &FileEvent, user: String) -> pb::Request {
+    pb::Request {
+        id: ev.request_id,
+        action: file_action(ev.access) as i32,
+        subject: Some(subject_of(&ev.process, user)),
+        program: Some(program_by_hash(&ev.sha256)),
+        target: Some(pb::request::Target::File(pb::FileTarget {
+            path: ev.path.clone(),
+            to: ev.to.clone(),
+            create: ev.create,
+            truncate: ev.truncate,
+            link: ev.link,
         })),
         peer: None,
     }
@@ -561,15 +852,18 @@ async fn qualify(
     }
 }
 
-async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
+async fn answer(shared: &Shared, batch: Vec<Asked>) {
     let users: Vec<String> = {
         let mut g = shared.lock();
-        batch.iter().map(|ev| g.users.name(ev.uid)).collect()
+        batch
+            .iter()
+            .map(|a| g.users.name(a.process().uid))
+            .collect()
     };
     let requests: Vec<pb::Request> = batch
         .iter()
         .zip(&users)
-        .map(|(ev, u)| request_of(ev, u.clone()))
+        .map(|(a, u)| a.request(u.clone()))
         .collect();
     let timeout = shared.opts.call_timeout;
     let mut asked = qualify(shared, requests.clone(), timeout).await;
@@ -601,56 +895,42 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
     let mut offline_records = Vec::new();
     let mut new_pairs = false;
     let mut answers = Vec::with_capacity(batch.len());
-    for (ev, user) in batch.iter().zip(users) {
-        g.status.requests += 1;
-        let sha = hex::encode(ev.sha256);
-        let from_appliance = online.as_ref().and_then(|m| m.get(&ev.request_id));
+    for (a, user) in batch.iter().zip(users) {
+        let sha = hex::encode(a.sha256());
+        let from_appliance = online.as_ref().and_then(|m| m.get(&a.request_id()));
         let (v, why) = match from_appliance {
             Some(r) => {
-                let v = verdict_of(r);
-                if r.cacheable && g.bundle.put(&sha, &user, remembered_of(&v)) {
+                let v = a.verdict(r);
+                // The bundle holds (program, user) verdicts for execs only.
+                if matches!(a, Asked::Exec(_))
+                    && r.cacheable
+                    && g.bundle.put(&sha, &user, remembered_of(&v))
+                {
                     new_pairs = true;
                 }
                 g.status.answered_online += 1;
                 (v, refusal::online_reason(&r.reasons))
             }
             None => {
-                // The bundle holds verdicts for programs (and the loader as
-                // every program's loader), never for the loader run directly.
-                let bundled = if ev.loader_direct {
-                    None
-                } else {
-                    signed_verdict(&mut g, &sha, &user)
+                // The signed bundle holds exec verdicts for programs (and
+                // the loader as every program's loader), never for the
+                // loader run directly, nor for files: those follow the mode.
+                let bundled = match a {
+                    Asked::Exec(ev) if !ev.loader_direct => signed_verdict(&mut g, &sha, &user),
+                    Asked::Exec(_) | Asked::File(_) => None,
                 };
                 let (v, source) = match bundled {
                     Some(v) => (v, "bundle"),
-                    None => {
-                        let decision = if g.mode == Mode::Enforce {
-                            Decision::Deny
-                        } else {
-                            Decision::Allow
-                        };
-                        let v = Verdict {
-                            decision,
-                            policy_generation: 0,
-                            cacheable: false,
-                            obligations: Obligations::default(),
-                        };
-                        (v, "default")
-                    }
+                    None => (offline_default(g.mode), "default"),
                 };
                 g.status.answered_offline += 1;
+                let (what, detail) = a.offline_record(&user, v.decision, source, g.mode);
                 let id = g.spool.next_id();
                 offline_records.push(SpoolRecord {
                     id,
                     at_ms: now_ms(),
-                    what: "exec.offline".into(),
-                    detail: serde_json::json!({
-                        "path": ev.path, "sha256": sha, "user": user, "uid": ev.uid,
-                        "pid": ev.pid, "decision": format!("{:?}", v.decision).to_lowercase(),
-                        "source": source, "mode": mode_name(g.mode),
-                        "loader_direct": ev.loader_direct,
-                    }),
+                    what: what.into(),
+                    detail,
                 });
                 let why = if source == "bundle" {
                     refusal::OFFLINE_BUNDLE
@@ -660,23 +940,25 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
                 (v, why.to_owned())
             }
         };
-        if v.decision == Decision::Deny {
-            g.status.denied += 1;
-            if g.mode == Mode::Enforce {
-                refusal::Refusal {
-                    action: "exec",
-                    program: &sha,
-                    path: &ev.path,
-                    user: &user,
-                    uid: ev.uid,
-                    pid: ev.pid,
-                    dest: "",
-                    reason: &why,
-                }
-                .log();
+        let denied = v.decision == Decision::Deny;
+        match a {
+            Asked::Exec(_) => g.status.requests += 1,
+            Asked::File(_) => {
+                g.status.file_requests += 1;
+                g.status.file_denied += u64::from(denied);
             }
         }
-        answers.push((ev.request_id, ev.pid, v));
+        if denied {
+            g.status.denied += 1;
+            if g.mode == Mode::Enforce {
+                a.log_refusal(&user, &why);
+            }
+        }
+        let cpu_limit = match a {
+            Asked::Exec(_) => v.obligations.cpu_limit_s,
+            Asked::File(_) => None,
+        };
+        answers.push((a.request_id(), a.process().pid, cpu_limit, v));
     }
     if new_pairs {
         // Into the signed bundle soon, so they can be answered offline.
@@ -688,19 +970,31 @@ async fn answer(shared: &Shared, batch: Vec<ExecEvent>) {
         g.status.last_error = format!("spool: {e}");
         tracing::error!("{}", g.status.last_error);
     }
-    for (id, pid, v) in answers {
-        if let (Decision::Allow | Decision::AllowWithConditions, Some(s)) =
-            (v.decision, v.obligations.cpu_limit_s)
+    for (id, pid, cpu_limit, v) in answers {
+        if let (Decision::Allow | Decision::AllowWithConditions, Some(s)) = (v.decision, cpu_limit)
         {
             if let Err(e) = apply_cpu_limit(pid, s) {
                 g.status.last_error = e;
             }
         }
-        match g.writer.verdict(id, v) {
-            Ok(true) => {}
-            Ok(false) => g.status.late += 1,
-            Err(e) => g.status.last_error = e.to_string(),
-        }
+        let sent = g.writer.verdict(id, v);
+        note_sent(&mut g, sent);
+    }
+}
+
+/// The offline answer when nothing better is known: deny in enforce mode,
+/// allow otherwise; never cached by the module (it would outlive the
+/// appliance's return).
+fn offline_default(mode: Mode) -> Verdict {
+    Verdict {
+        decision: if mode == Mode::Enforce {
+            Decision::Deny
+        } else {
+            Decision::Allow
+        },
+        policy_generation: 0,
+        cacheable: false,
+        obligations: Obligations::default(),
     }
 }
 
@@ -715,22 +1009,8 @@ pub fn net_margin(verdict_timeout: Duration) -> Duration {
 /// connect is `ACTION_IPC_CONNECT` to `NetTarget { proto: UNIX, dst_addr:
 /// <path or @name> }` with the listener's program as `peer`.
 pub fn net_request_of(ev: &NetEvent, user: String) -> pb::Request {
-    let program = |sha256: &[u8; 32]| pb::Program {
-        sha256: sha256.to_vec(),
-        sha1: Vec::new(),
-        size: 0,
-        path: String::new(),
-    };
-    let subject = pb::Subject {
-        user,
-        uid: ev.uid,
-        euid: ev.euid,
-        gid: ev.gid,
-        loginuid: ev.loginuid,
-        session: ev.sessionid,
-        pid: ev.pid,
-        ancestry: ev.ancestry.iter().map(|h| h.to_vec()).collect(),
-    };
+    let program = program_by_hash;
+    let subject = subject_of(&ev.process, user);
     if let Some(ipc) = &ev.ipc {
         return pb::Request {
             id: ev.request_id,
@@ -832,7 +1112,7 @@ fn event_name(ev: &NetEvent) -> &'static str {
 /// The client end for logs (the process id for a UNIX connect).
 fn src_of(ev: &NetEvent) -> String {
     match &ev.ipc {
-        Some(_) => format!("pid {}", ev.pid),
+        Some(_) => format!("pid {}", ev.process.pid),
         None => format!("{}:{}", ev.src_addr, ev.src_port),
     }
 }
@@ -862,7 +1142,7 @@ async fn net_dispatcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<NetEvent>) {
 async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::Instant) {
     let timeout = Duration::from_millis(u64::from(shared.opts.verdict_timeout_ms));
     let deadline = received + timeout.saturating_sub(net_margin(timeout));
-    let user = shared.lock().users.name(ev.uid);
+    let user = shared.lock().users.name(ev.process.uid);
     let req = net_request_of(&ev, user.clone());
     let budget = deadline
         .saturating_duration_since(tokio::time::Instant::now())
@@ -917,11 +1197,8 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         None => {
             // Offline (or no result): the mode's default, never a key.
             let mut g = shared.lock();
-            let decision = if g.mode == Mode::Enforce {
-                Decision::Deny
-            } else {
-                Decision::Allow
-            };
+            let v = offline_default(g.mode);
+            let decision = v.decision;
             let id = g.spool.next_id();
             let rec = SpoolRecord {
                 id,
@@ -931,7 +1208,8 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
                     "kind": event_name(&ev),
                     "src": src_of(&ev),
                     "dst": dst_of(&ev),
-                    "sha256": hex::encode(ev.sha256), "user": user, "uid": ev.uid, "pid": ev.pid,
+                    "sha256": hex::encode(ev.sha256), "user": user, "uid": ev.process.uid,
+                    "pid": ev.process.pid,
                     "decision": format!("{decision:?}").to_lowercase(),
                     "source": "default", "mode": mode_name(g.mode),
                 }),
@@ -945,12 +1223,6 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
                 g.status.denied += 1;
                 net_refusal(&ev, &user, refusal::OFFLINE_DEFAULT);
             }
-            let v = Verdict {
-                decision,
-                policy_generation: 0,
-                cacheable: false,
-                obligations: Obligations::default(),
-            };
             let sent = g.writer.verdict(ev.request_id, v);
             note_sent(&mut g, sent);
             return;
@@ -986,9 +1258,10 @@ fn net_refusal(ev: &NetEvent, user: &str, why: &str) {
         program: &hex::encode(ev.sha256),
         path: "",
         user,
-        uid: ev.uid,
-        pid: ev.pid,
+        uid: ev.process.uid,
+        pid: ev.process.pid,
         dest: &dst_of(ev),
+        file: "",
         reason: why,
     }
     .log();
@@ -1268,8 +1541,19 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             tracing::info!("protected hosts: {}", addrs.len());
         }
         push::Kind::FileSets(f) => {
-            // Handed to the module once the agent resolves file sets.
-            tracing::debug!("protected file sets: {}", f.sets.len());
+            let paths = files::paths_of(&f);
+            tracing::info!(
+                "protected file sets: {} ({} paths)",
+                f.sets.len(),
+                paths.len()
+            );
+            // Kept for the next start, so the module is given the sets
+            // before the appliance is reachable again.
+            let json = serde_json::to_vec(&paths).unwrap_or_default();
+            if let Err(e) = write_atomic(&shared.opts.state.join(FILE_SETS_FILE), &json, 0o600) {
+                shared.error(format!("cannot save the protected file sets: {e}"));
+            }
+            shared.file_paths.send_replace(Some(paths));
         }
         push::Kind::Ping(_) => {}
     }
@@ -1404,6 +1688,19 @@ mod tests {
     }
     use std::net::IpAddr;
 
+    fn process() -> Process {
+        Process {
+            uid: 1000,
+            euid: 1000,
+            gid: 100,
+            loginuid: 1000,
+            sessionid: 3,
+            pid: 4242,
+            ppid: 1,
+            ancestry: vec![[0xcd; 32]],
+        }
+    }
+
     fn ev(kind: NetKind, src: &str, src_port: u16) -> NetEvent {
         NetEvent {
             request_id: 77,
@@ -1413,14 +1710,7 @@ mod tests {
             dst_addr: "10.99.0.12".parse().unwrap(),
             dst_port: 5432,
             sha256: [0xab; 32],
-            uid: 1000,
-            euid: 1000,
-            gid: 100,
-            loginuid: 1000,
-            sessionid: 3,
-            pid: 4242,
-            ppid: 1,
-            ancestry: vec![[0xcd; 32]],
+            process: process(),
             ipc: None,
         }
     }
@@ -1601,6 +1891,124 @@ mod tests {
                 "channel_id": 7, "key_id": "ab".repeat(16), "role": "accept",
                 "bytes_sent": 10, "bytes_received": 20, "duration_ms": 30,
                 "reason": "idle",
+            })
+        );
+    }
+
+    fn file_ev(access: FileAccess, to: Option<&str>) -> FileEvent {
+        FileEvent {
+            request_id: 78,
+            access,
+            create: false,
+            truncate: false,
+            link: false,
+            sha256: [0xab; 32],
+            process: process(),
+            dev: 0x803,
+            ino: 42,
+            path: "/srv/db/data".into(),
+            to: to.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn file_requests_are_spelled_for_the_appliance() {
+        for (access, action) in [
+            (FileAccess::Read, pb::Action::OpenRead),
+            (FileAccess::Write, pb::Action::OpenWrite),
+            (FileAccess::Delete, pb::Action::Delete),
+        ] {
+            let r = file_request_of(&file_ev(access, None), "alice".into());
+            assert_eq!((r.id, r.action), (78, action as i32));
+            let p = r.program.unwrap();
+            assert_eq!((p.sha256, p.sha1.len(), p.size), (vec![0xab; 32], 0, 0));
+            assert!(p.path.is_empty());
+            let s = r.subject.unwrap();
+            assert_eq!((s.user.as_str(), s.uid, s.pid), ("alice", 1000, 4242));
+            assert_eq!(s.ancestry, vec![vec![0xcd; 32]]);
+            assert!(r.peer.is_none());
+            let Some(pb::request::Target::File(f)) = r.target else {
+                panic!("no file target")
+            };
+            assert_eq!(f.path, "/srv/db/data");
+            assert_eq!(f.to, None);
+            assert!(!f.create && !f.truncate && !f.link);
+        }
+        let r = file_request_of(&file_ev(FileAccess::Rename, Some("/tmp/x")), "alice".into());
+        assert_eq!(r.action, pb::Action::Rename as i32);
+        let Some(pb::request::Target::File(f)) = r.target else {
+            panic!()
+        };
+        assert_eq!(f.to.as_deref(), Some("/tmp/x"));
+
+        let mut ev = file_ev(FileAccess::Write, Some("/tmp/l"));
+        (ev.create, ev.truncate, ev.link) = (true, true, true);
+        let r = file_request_of(&ev, "u".into());
+        assert_eq!(r.action, pb::Action::OpenWrite as i32);
+        let Some(pb::request::Target::File(f)) = r.target else {
+            panic!()
+        };
+        assert!(f.create && f.truncate && f.link);
+        assert_eq!(f.to.as_deref(), Some("/tmp/l"));
+        assert_eq!(action_name(&ev), "link");
+        assert_eq!(file_of(&ev), "/srv/db/data -> /tmp/l");
+    }
+
+    #[test]
+    fn file_verdicts_keep_caching_but_no_exec_or_net_obligation() {
+        let mut r = result(pb::Verdict::AllowWithConditions, true, 0);
+        r.obligations.insert("nice".into(), "5".into());
+        r.obligations.insert("cpu_limit_s".into(), "9".into());
+        r.obligations.insert("log_level".into(), "3".into());
+        let file = Asked::File(file_ev(FileAccess::Read, None));
+        let v = file.verdict(&r);
+        assert_eq!(v.decision, Decision::AllowWithConditions);
+        assert!(v.cacheable);
+        assert_eq!(v.policy_generation, 5);
+        assert_eq!(
+            v.obligations,
+            Obligations {
+                log_level: 3,
+                ..Obligations::default()
+            }
+        );
+        r.cacheable = false;
+        assert!(!file.verdict(&r).cacheable);
+        // An exec keeps its obligations.
+        let exec = Asked::Exec(ExecEvent {
+            request_id: 1,
+            sha256: [1; 32],
+            sha1: [2; 20],
+            size: 3,
+            process: process(),
+            path: "/bin/x".into(),
+            loader_direct: false,
+        });
+        let v = exec.verdict(&r);
+        assert_eq!(
+            (v.obligations.nice, v.obligations.cpu_limit_s),
+            (Some(5), Some(9))
+        );
+    }
+
+    #[test]
+    fn offline_answers_follow_the_mode_and_are_never_cached() {
+        let v = offline_default(Mode::Enforce);
+        assert_eq!((v.decision, v.cacheable), (Decision::Deny, false));
+        for m in [Mode::Permissive, Mode::Disabled] {
+            let v = offline_default(m);
+            assert_eq!((v.decision, v.cacheable), (Decision::Allow, false));
+        }
+        let a = Asked::File(file_ev(FileAccess::Rename, Some("/tmp/x")));
+        let (what, d) = a.offline_record("alice", Decision::Deny, "default", Mode::Enforce);
+        assert_eq!(what, "file.offline");
+        assert_eq!(
+            d,
+            serde_json::json!({
+                "sha256": "ab".repeat(32), "user": "alice", "uid": 1000, "pid": 4242,
+                "decision": "deny", "source": "default", "mode": "enforce",
+                "access": "rename", "path": "/srv/db/data", "to": "/tmp/x",
+                "create": false, "truncate": false, "link": false,
             })
         );
     }

@@ -72,7 +72,7 @@ fn verdict_text(v: &Value, would_deny: bool) -> String {
 fn target_text(r: &QualifyRequest) -> String {
     match &r.target {
         Target::Exec { .. } => String::new(),
-        Target::File { path, to } => match to {
+        Target::File { path, to, .. } => match to {
             Some(t) => format!("{path} -> {t}"),
             None => path.clone(),
         },

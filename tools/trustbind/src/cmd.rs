@@ -579,7 +579,8 @@ fn checked_paths(paths: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn fileset_text(set: &Value) -> String {
+fn fileset_text(v: &Value) -> String {
+    let set = v.get("file_set").unwrap_or(v);
     let mut s = format!("{}\n", field(set, "name"));
     for p in set
         .get("paths")
@@ -611,7 +612,7 @@ fn fileset(f: FileSetCmd, c: &Client, out: &Out) -> Result<u8> {
         }
         FileSetCmd::Show { name } => {
             let v = c.get(&path(&name))?;
-            out.emit(&v, || fileset_text(&v["file_set"]));
+            out.emit(&v, || fileset_text(&v));
             return Ok(0);
         }
         FileSetCmd::Rm { name } => {
@@ -642,7 +643,7 @@ fn fileset(f: FileSetCmd, c: &Client, out: &Out) -> Result<u8> {
         let n = |k: &str| v.get(k).and_then(Value::as_array).map_or(0, Vec::len);
         format!(
             "{}{} added, {} removed\n",
-            fileset_text(&v["file_set"]),
+            fileset_text(&v),
             n("added"),
             n("removed")
         )

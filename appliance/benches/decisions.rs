@@ -207,10 +207,7 @@ fn pool() -> Vec<QualifyRequest> {
                 ),
                 70..85 => (
                     Action::OpenRead,
-                    Target::File {
-                        path: format!("/srv/g{g}/f{}", r.below(4)),
-                        to: None,
-                    },
+                    Target::file(format!("/srv/g{g}/f{}", r.below(4)), None),
                 ),
                 85..95 => (
                     Action::Connect,
@@ -225,10 +222,7 @@ fn pool() -> Vec<QualifyRequest> {
                 ),
                 _ => (
                     Action::OpenWrite,
-                    Target::File {
-                        path: format!("/var/log/g{g}.log"),
-                        to: None,
-                    },
+                    Target::file(format!("/var/log/g{g}.log"), None),
                 ),
             };
             QualifyRequest {

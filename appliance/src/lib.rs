@@ -26,6 +26,7 @@ pub mod agent_api;
 pub mod alerts;
 pub mod channels;
 pub mod clock;
+pub mod files;
 pub mod gate;
 pub mod limits;
 pub mod metrics;

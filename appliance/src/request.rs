@@ -155,14 +155,38 @@ pub enum Target {
     },
     /// File actions: the path (for `rename`, the new path in `to`).
     File {
-        /// Path as opened.
+        /// Absolute path in the host's initial mount namespace.
         path: String,
-        /// New path for `rename`.
+        /// The new path: `rename`'s, or a hard link's new name
+        /// (`open_write` with `link`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<String>,
+        /// `open_write` only: the name did not exist (a create in a
+        /// protected directory: `O_CREAT`, `mkdir`, `mknod`, `symlink`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        create: bool,
+        /// `open_write` only: a truncate (`O_TRUNC`, `truncate(2)`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        truncate: bool,
+        /// `open_write` only: a new hard link to `path`, named `to`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        link: bool,
     },
     /// `connect`, `accept`, `ipc_connect`.
     Net(FiveTuple),
+}
+
+impl Target {
+    /// A file target with no flags: `path`, and `to` for a rename.
+    pub fn file(path: impl Into<String>, to: Option<String>) -> Self {
+        Self::File {
+            path: path.into(),
+            to,
+            create: false,
+            truncate: false,
+            link: false,
+        }
+    }
 }
 
 /// One request from one enrolled host.

@@ -779,6 +779,92 @@ async fn users_and_roles() {
 }
 
 #[tokio::test]
+async fn file_sets_add_remove_replace_delete() {
+    let h = start().await;
+    let g0 = h.store.generation_hint();
+    let (s, v) = h
+        .send(
+            "POST",
+            "/v1/file-sets/pgdata/paths",
+            json!({ "paths": ["/var/lib/postgresql", "/etc/postgresql"] }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["created"], true);
+    assert_eq!(
+        v["file_set"],
+        json!({ "name": "pgdata", "paths": ["/etc/postgresql", "/var/lib/postgresql"] })
+    );
+    assert_eq!(h.store.generation_hint(), g0 + 1);
+    assert_eq!(h.changes(), vec![Change::FileSets]);
+    // The same again changes nothing: no generation move, no change hook.
+    let (s, v) = h
+        .send(
+            "POST",
+            "/v1/file-sets/pgdata/paths",
+            json!({ "paths": ["/etc/postgresql"] }),
+        )
+        .await;
+    assert_eq!((s, &v["added"]), (200, &json!([])));
+    assert_eq!(h.store.generation_hint(), g0 + 1);
+    assert_eq!(h.changes(), vec![]);
+    // A bad path is refused naming it and its index.
+    let (s, v) = h
+        .send(
+            "POST",
+            "/v1/file-sets/pgdata/paths",
+            json!({ "paths": ["/ok", "/srv//data"] }),
+        )
+        .await;
+    assert_eq!((s, v["error"]["field"].as_str()), (400, Some("paths[1]")));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`/srv//data`"),
+        "{v}"
+    );
+    let (s, v) = h
+        .send(
+            "PUT",
+            "/v1/file-sets/pgdata",
+            json!({ "paths": ["/srv/pg"] }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["removed"],
+        json!(["/etc/postgresql", "/var/lib/postgresql"])
+    );
+    let (s, v) = h
+        .send(
+            "POST",
+            "/v1/file-sets/pgdata/paths/remove",
+            json!({ "paths": ["/srv/pg"] }),
+        )
+        .await;
+    assert_eq!((s, &v["file_set"]["paths"]), (200, &json!([])));
+    let (_, v) = h.get("/v1/file-sets").await;
+    assert_eq!(v["max_paths"], 256);
+    assert_eq!(v["file_sets"], json!([{ "name": "pgdata", "paths": [] }]));
+    let (s, _) = h.get("/v1/file-sets/pgdata").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        h.call("DELETE", "/v1/file-sets/pgdata", None).await.status,
+        204
+    );
+    assert_eq!(h.get("/v1/file-sets/pgdata").await.0, 404);
+    assert_eq!(
+        h.call("DELETE", "/v1/file-sets/pgdata", None).await.status,
+        404
+    );
+    assert!(h
+        .audit()
+        .iter()
+        .any(|r| r.kind == "fileset.delete" && r.actor == "admin:alice"));
+}
+
+#[tokio::test]
 async fn limits_set_list_remove() {
     use trustbind_appliance::limits::LicenseKey;
     let h = start().await;
@@ -1324,6 +1410,14 @@ async fn read_only_admin_reads_and_gets_403_on_every_write_endpoint_class() {
         ("POST", "/v1/hosts/h1/token", json!({})),
         ("PUT", "/v1/users/u", json!({ "roles": ["r"] })),
         ("DELETE", "/v1/users/u", json!({})),
+        ("PUT", "/v1/file-sets/f", json!({ "paths": ["/a"] })),
+        ("POST", "/v1/file-sets/f/paths", json!({ "paths": ["/a"] })),
+        (
+            "POST",
+            "/v1/file-sets/f/paths/remove",
+            json!({ "paths": ["/a"] }),
+        ),
+        ("DELETE", "/v1/file-sets/f", json!({})),
         (
             "PUT",
             "/v1/limits",

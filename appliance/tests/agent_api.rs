@@ -361,6 +361,48 @@ async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
         "requests[0].file.to: missing",
     )
     .await;
+
+    refused(
+        &app,
+        &mut client,
+        batch(vec![open_read(1, "etc/a")]),
+        "requests[0].file.path: not an absolute path",
+    )
+    .await;
+    let mut create_read = open_read(1, "/etc/a");
+    if let Some(Target::File(f)) = create_read.target.as_mut() {
+        f.create = true;
+    }
+    refused(
+        &app,
+        &mut client,
+        batch(vec![create_read]),
+        "requests[0].file.create: only for open_write",
+    )
+    .await;
+    let mut link = open_read(1, "/etc/a");
+    link.action = Action::OpenWrite.into();
+    if let Some(Target::File(f)) = link.target.as_mut() {
+        f.link = true;
+    }
+    refused(
+        &app,
+        &mut client,
+        batch(vec![link.clone()]),
+        "requests[0].file.to: missing",
+    )
+    .await;
+    if let Some(Target::File(f)) = link.target.as_mut() {
+        f.link = false;
+        f.to = Some("/tmp/b".into());
+    }
+    refused(
+        &app,
+        &mut client,
+        batch(vec![link]),
+        "requests[0].file.to: only for rename and open_write with link",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,6 +479,11 @@ async fn generation_change_is_pushed_on_the_stream() {
         Some(push::Kind::Peers(p)) => assert_eq!(p.addrs, vec!["127.0.0.1".to_owned()]),
         other => panic!("third push is {other:?}"),
     }
+    // Then the protected file sets (none yet).
+    match stream.next().await.unwrap().unwrap().kind {
+        Some(push::Kind::FileSets(f)) => assert!(f.sets.is_empty(), "{f:?}"),
+        other => panic!("fourth push is {other:?}"),
+    }
     let g1 = activate_empty_policy(&app);
     assert!(g1 > g0);
     loop {
@@ -448,7 +495,12 @@ async fn generation_change_is_pushed_on_the_stream() {
                 assert_eq!(g.generation, g1);
                 break;
             }
-            Some(push::Kind::Ping(_) | push::Kind::HostMode(_) | push::Kind::Peers(_)) => {}
+            Some(
+                push::Kind::Ping(_)
+                | push::Kind::HostMode(_)
+                | push::Kind::Peers(_)
+                | push::Kind::FileSets(_),
+            ) => {}
             other => panic!("unexpected push {other:?}"),
         }
     }
@@ -526,7 +578,8 @@ async fn next_other(s: &mut tonic::Streaming<pb::Push>) -> Option<push::Kind> {
                 push::Kind::Generation(_)
                 | push::Kind::Ping(_)
                 | push::Kind::HostMode(_)
-                | push::Kind::Peers(_),
+                | push::Kind::Peers(_)
+                | push::Kind::FileSets(_),
             ) => {}
             other => return other,
         }
@@ -752,7 +805,12 @@ async fn host_mode_is_pushed_first_and_on_change() {
         match stream.next().await.unwrap().unwrap().kind {
             Some(push::Kind::HostMode(m)) if m.mode == "permissive" => break,
             Some(push::Kind::HostMode(m)) => assert_eq!(m.mode, "enforce"),
-            Some(push::Kind::Generation(_) | push::Kind::Ping(_) | push::Kind::Peers(_)) => {}
+            Some(
+                push::Kind::Generation(_)
+                | push::Kind::Ping(_)
+                | push::Kind::Peers(_)
+                | push::Kind::FileSets(_),
+            ) => {}
             other => panic!("unexpected push {other:?}"),
         }
     }
@@ -993,4 +1051,152 @@ async fn sign_bundle_is_rate_limited_per_host() {
     let cfg = app.enrolled("web2").await;
     let mut other = app.agent_client(cfg).await.unwrap();
     other.sign_bundle(ask).await.unwrap();
+}
+
+/// The protected file sets are the fourth push of every stream and are
+/// pushed to every subscribed agent once per change (a change that alters
+/// nothing pushes nothing and keeps the generation); each change moves the
+/// generation once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sets_are_pushed_first_and_once_per_change() {
+    use trustbind_appliance::store::FileSetEdit;
+    let (app, _client, mut stream) = subscribed().await;
+    let store = &app.api.store;
+    let mut pushes = Vec::new();
+    for _ in 0..4 {
+        pushes.push(stream.next().await.unwrap().unwrap().kind);
+    }
+    assert!(
+        matches!(&pushes[3], Some(push::Kind::FileSets(f)) if f.sets.is_empty()),
+        "{pushes:?}"
+    );
+    let g0 = store.governing().unwrap().generation;
+    store
+        .edit_file_set(
+            "pgdata",
+            FileSetEdit::Add,
+            &["/srv/pgdata".into(), "/etc/postgresql".into()],
+            "admin:test",
+        )
+        .unwrap();
+    assert_eq!(store.governing().unwrap().generation, g0 + 1);
+    // The same paths again: nothing changes, nothing moves.
+    store
+        .edit_file_set(
+            "pgdata",
+            FileSetEdit::Add,
+            &["/srv/pgdata".into()],
+            "admin:test",
+        )
+        .unwrap();
+    assert_eq!(store.governing().unwrap().generation, g0 + 1);
+    // Collect what the stream gets for a while (the watch polls every
+    // 200 ms): exactly one FileSets, with the new set.
+    let mut sets = Vec::new();
+    let mut generations = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(1500), async {
+        loop {
+            match stream.next().await.unwrap().unwrap().kind {
+                Some(push::Kind::FileSets(f)) => sets.push(f),
+                Some(push::Kind::Generation(g)) => generations.push(g.generation),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    assert_eq!(
+        sets[0].sets,
+        vec![pb::FileSet {
+            name: "pgdata".into(),
+            paths: vec!["/etc/postgresql".into(), "/srv/pgdata".into()],
+        }]
+    );
+    assert!(generations.contains(&(g0 + 1)), "{generations:?}");
+    // A new subscriber gets the sets among its first pushes.
+    let cfg = app.enrolled_in("web2", "web", Mode::Enforce).await;
+    let mut c2 = app.agent_client(cfg).await.unwrap();
+    let mut s2 = c2.subscribe(Hello::default()).await.unwrap().into_inner();
+    let mut got = None;
+    for _ in 0..4 {
+        if let Some(push::Kind::FileSets(f)) = s2.next().await.unwrap().unwrap().kind {
+            got = Some(f);
+        }
+    }
+    assert_eq!(
+        got.expect("no FileSets among the first pushes").sets,
+        sets[0].sets
+    );
+}
+
+/// A file decision over the wire: the file's sets decide, the flags reach
+/// the policy, and every answer is audited with its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_decisions_follow_the_sets_and_are_audited() {
+    use trustbind_appliance::store::FileSetEdit;
+    let (app, mut client) = setup().await;
+    let store = &app.api.store;
+    let id = store
+        .create_policy_draft(
+            r#"
+@id("coreutils-read-pgdata")
+permit (principal, action == Trustbind::Action::"open_read", resource in Trustbind::FileSet::"pgdata")
+when { context.program in Trustbind::ProgramGroup::"coreutils" };
+@id("coreutils-write-pgdata-no-truncate")
+permit (principal, action == Trustbind::Action::"open_write", resource in Trustbind::FileSet::"pgdata")
+when { context.program in Trustbind::ProgramGroup::"coreutils" && !context.truncate };
+"#,
+            "files",
+            "admin:test",
+        )
+        .unwrap();
+    store.activate_policy(id, "admin:test").unwrap();
+    store
+        .edit_file_set(
+            "pgdata",
+            FileSetEdit::Add,
+            &["/srv/pgdata".into()],
+            "admin:test",
+        )
+        .unwrap();
+    let write = |id: u64, truncate: bool| pb::Request {
+        action: Action::OpenWrite.into(),
+        target: Some(Target::File(pb::FileTarget {
+            path: "/srv/pgdata/base/1".into(),
+            truncate,
+            ..Default::default()
+        })),
+        ..exec(id, LS)
+    };
+    let before = app.audit_count();
+    let reply = client
+        .qualify(batch(vec![
+            open_read(1, "/srv/pgdata/base/1"),
+            open_read(2, "/srv/pgdatabase"),
+            write(3, false),
+            write(4, true),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let verdicts: Vec<_> = reply.results.iter().map(|r| r.verdict()).collect();
+    assert_eq!(
+        verdicts,
+        [Verdict::Allow, Verdict::Deny, Verdict::Allow, Verdict::Deny]
+    );
+    // A policy reading `truncate` may not be cached by the module.
+    assert!(!reply.results[2].cacheable);
+    assert_eq!(app.audit_count(), before + 4);
+    let rows = store.audit_rows(0, 10_000).unwrap();
+    let last: Vec<serde_json::Value> = rows[rows.len() - 4..]
+        .iter()
+        .map(|r| serde_json::from_str(&r.detail).unwrap())
+        .collect();
+    assert_eq!(last[3]["request"]["target"]["truncate"], true);
+    assert_eq!(last[3]["request"]["target"]["path"], "/srv/pgdata/base/1");
+    assert_eq!(
+        last[3]["outcome"]["verdict"]["verdict"], "deny",
+        "{}",
+        last[3]
+    );
 }

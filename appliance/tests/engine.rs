@@ -590,10 +590,7 @@ fn unknown_host_and_mismatched_target_are_errors_naming_the_host() {
         other => panic!("expected UnknownHost, got {other:?}"),
     }
     let mut r = exec("web1", "bob", LS, MON_0930);
-    r.target = Target::File {
-        path: "/etc/passwd".into(),
-        to: None,
-    };
+    r.target = Target::file("/etc/passwd", None);
     match e.decide(&r) {
         Err(err @ PolicyError::Request(_)) => assert!(err.to_string().contains("web1")),
         other => panic!("expected Request, got {other:?}"),
@@ -619,10 +616,7 @@ fn file_actions_are_decided() {
     let e = Engine::new(f.store.clone(), SCHEMA).unwrap();
     let mut r = exec("web1", "bob", LS, MON_0930);
     r.action = Action::OpenRead;
-    r.target = Target::File {
-        path: "/etc/hosts".into(),
-        to: None,
-    };
+    r.target = Target::file("/etc/hosts", None);
     let d = e.decide(&r).unwrap();
     assert_eq!(d.outcome.reasons, vec!["etc-read".to_owned()]);
     r.action = Action::OpenWrite;
@@ -738,10 +732,7 @@ fn a_policy_in_another_slice_is_not_evaluated() {
     let open = |prog: char| {
         let mut q = exec("web1", "bob", prog, MON_0930);
         q.action = Action::OpenRead;
-        q.target = Target::File {
-            path: "/etc/hosts".into(),
-            to: None,
-        };
+        q.target = Target::file("/etc/hosts", None);
         q
     };
     let (s, w) = (
@@ -870,10 +861,7 @@ fn random_request(r: &mut Rng) -> (QualifyRequest, Option<QualifyRequest>) {
         0 | 1 => (q, None),
         2 => {
             q.action = *r.pick(&[Action::OpenRead, Action::OpenWrite]);
-            q.target = Target::File {
-                path: r.pick(&["/etc/passwd", "/srv/data"]).to_string(),
-                to: None,
-            };
+            q.target = Target::file(r.pick(&["/etc/passwd", "/srv/data"]).to_string(), None);
             (q, None)
         }
         _ => {

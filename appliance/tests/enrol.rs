@@ -247,7 +247,12 @@ async fn revoked_host_fails_the_handshake_and_loses_its_stream_and_calls() {
     let mut msg = stream.next().await.unwrap().unwrap();
     while matches!(
         msg.kind,
-        Some(push::Kind::Generation(_) | push::Kind::HostMode(_) | push::Kind::Peers(_))
+        Some(
+            push::Kind::Generation(_)
+                | push::Kind::HostMode(_)
+                | push::Kind::Peers(_)
+                | push::Kind::FileSets(_)
+        )
     ) {
         msg = stream.next().await.unwrap().unwrap();
     }

@@ -239,10 +239,7 @@ fn no_policy_and_no_permit_for_the_action() {
         "bob",
         Action::OpenWrite,
         LS,
-        Target::File {
-            path: "/etc/passwd".into(),
-            to: None,
-        },
+        Target::file("/etc/passwd", None),
     );
     let d = e.decide(&r).unwrap();
     assert_eq!(
@@ -281,10 +278,7 @@ when { context.hour >= 22 && context.weekday < 5 };
         "bob",
         Action::OpenRead,
         UNKNOWN,
-        Target::File {
-            path: "/etc/hosts".into(),
-            to: None,
-        },
+        Target::file("/etc/hosts", None),
     );
     let x = e.explain(&r).unwrap();
     assert_eq!(

@@ -630,3 +630,112 @@ fn schema_10_carries_token_admins_over_and_gives_pending_tokens_an_expiry() {
     assert!((86_000_000..=86_400_000).contains(&left), "{left}");
     assert_eq!(store.integrity_check().unwrap(), "ok");
 }
+
+#[test]
+fn file_sets_are_validated_bounded_audited_and_move_the_generation_once() {
+    use trustbind_appliance::files::MAX_FILE_SET_PATHS;
+    use trustbind_appliance::store::{FileSetEdit, StoreError};
+    let (_d, _p, store) = fresh();
+    let g = || store.governing().unwrap().generation;
+    let rows = audit_count(&store);
+    let g0 = g();
+    let c = store
+        .edit_file_set(
+            "pgdata",
+            FileSetEdit::Add,
+            &["/srv/pgdata".into(), "/etc/pg".into()],
+            "admin:a",
+        )
+        .unwrap();
+    assert!(c.created);
+    assert_eq!(c.set.paths, ["/etc/pg", "/srv/pgdata"]);
+    assert_eq!((g(), audit_count(&store)), (g0 + 1, rows + 1));
+    // Nothing new: nothing written.
+    let c = store
+        .edit_file_set("pgdata", FileSetEdit::Add, &["/etc/pg".into()], "admin:a")
+        .unwrap();
+    assert!(c.added.is_empty() && !c.created);
+    assert_eq!((g(), audit_count(&store)), (g0 + 1, rows + 1));
+    // A bad path names itself and changes nothing.
+    match store.edit_file_set(
+        "pgdata",
+        FileSetEdit::Add,
+        &["/srv/x/../y".into()],
+        "admin:a",
+    ) {
+        Err(StoreError::Invalid { why, .. }) => {
+            assert!(why.contains("`/srv/x/../y`") && why.contains(".."), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Replace, then remove.
+    let c = store
+        .edit_file_set(
+            "pgdata",
+            FileSetEdit::Replace,
+            &["/srv/pgdata".into()],
+            "admin:a",
+        )
+        .unwrap();
+    assert_eq!(c.removed, ["/etc/pg"]);
+    store
+        .edit_file_set(
+            "pgdata",
+            FileSetEdit::Remove,
+            &["/srv/pgdata".into()],
+            "admin:a",
+        )
+        .unwrap();
+    assert_eq!(
+        store.file_set("pgdata").unwrap().unwrap().paths,
+        Vec::<String>::new()
+    );
+    assert_eq!(g(), g0 + 3);
+    assert!(matches!(
+        store.edit_file_set("nope", FileSetEdit::Remove, &["/a".into()], "admin:a"),
+        Err(StoreError::NotFound { .. })
+    ));
+    // The total is bounded over all sets.
+    let many: Vec<String> = (0..MAX_FILE_SET_PATHS).map(|i| format!("/d/{i}")).collect();
+    store
+        .edit_file_set("big", FileSetEdit::Add, &many, "admin:a")
+        .unwrap();
+    match store.edit_file_set("other", FileSetEdit::Add, &["/x".into()], "admin:a") {
+        Err(StoreError::Conflict(m)) => assert!(m.contains("at most 256"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(store.file_set("other").unwrap().is_none());
+    // Deleting removes the set and its paths, once.
+    assert_eq!(
+        store.delete_file_set("big", "admin:a").unwrap().len(),
+        MAX_FILE_SET_PATHS
+    );
+    assert!(matches!(
+        store.delete_file_set("big", "admin:a"),
+        Err(StoreError::NotFound { .. })
+    ));
+    let names: Vec<_> = store
+        .file_sets()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["pgdata"]);
+    let kinds: Vec<String> = store
+        .audit_rows(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.kind)
+        .filter(|k| k.starts_with("fileset."))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "fileset.add",
+            "fileset.set",
+            "fileset.remove",
+            "fileset.add",
+            "fileset.delete"
+        ]
+    );
+}

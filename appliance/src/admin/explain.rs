@@ -122,10 +122,9 @@ fn request(body: ExplainIn, at_ms: i64) -> Result<QualifyRequest, ApiError> {
                 loader_direct: false,
             }
         }
-        Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename => Target::File {
-            path: need("a file path")?,
-            to: None,
-        },
+        Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename => {
+            Target::file(need("a file path")?, None)
+        }
         Action::Connect | Action::Accept => {
             let r = need("ADDR:PORT")?;
             let bad = || {

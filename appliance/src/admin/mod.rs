@@ -12,6 +12,7 @@ mod audit;
 mod channels;
 mod error;
 mod explain;
+mod files;
 mod hosts;
 mod limits;
 mod policies;
@@ -67,6 +68,8 @@ pub enum Change {
     Users,
     /// A license limit was set, changed or removed.
     Limits,
+    /// A protected file set was created, changed or deleted.
+    FileSets,
 }
 
 /// Callback run after a change has been committed. It runs on the request's
@@ -263,6 +266,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/hosts", get(hosts::list).post(hosts::create))
         .route("/v1/hosts/{name}", get(hosts::show))
         .route("/v1/hosts/{name}/revoke", post(hosts::revoke))
+        .route("/v1/file-sets", get(files::list))
+        .route(
+            "/v1/file-sets/{name}",
+            get(files::show).put(files::set).delete(files::delete),
+        )
+        .route("/v1/file-sets/{name}/paths", post(files::add))
+        .route("/v1/file-sets/{name}/paths/remove", post(files::remove))
         .route("/v1/users", get(users::list))
         .route(
             "/v1/users/{name}",

@@ -196,6 +196,55 @@ fn net(at: &str, action: Action, n: &pb::NetTarget) -> Result<FiveTuple, Status>
     })
 }
 
+/// An absolute file path (`field`), at most [`MAX_PATH`] bytes.
+fn abs_path(field: String, s: &str) -> Result<String, Status> {
+    let p = text(field.clone(), s, MAX_PATH, false)?;
+    if !p.starts_with('/') {
+        return Err(bad(field, "not an absolute path"));
+    }
+    Ok(p)
+}
+
+/// The target of a file action: `to` for a rename and for a hard link
+/// (`open_write` with `link`), the flags for `open_write` only.
+fn file(at: &str, action: Action, f: &pb::FileTarget) -> Result<Target, Status> {
+    let path = abs_path(format!("{at}.file.path"), &f.path)?;
+    let write = action == Action::OpenWrite;
+    for (set, name) in [
+        (f.create, "create"),
+        (f.truncate, "truncate"),
+        (f.link, "link"),
+    ] {
+        if set && !write {
+            return Err(bad(format!("{at}.file.{name}"), "only for open_write"));
+        }
+    }
+    let wants_to = action == Action::Rename || f.link;
+    let to = match (&f.to, wants_to) {
+        (Some(to), true) => Some(abs_path(format!("{at}.file.to"), to)?),
+        (None, true) => {
+            return Err(bad(
+                format!("{at}.file.to"),
+                "missing (needed for rename and link)",
+            ))
+        }
+        (Some(_), false) => {
+            return Err(bad(
+                format!("{at}.file.to"),
+                "only for rename and open_write with link",
+            ))
+        }
+        (None, false) => None,
+    };
+    Ok(Target::File {
+        path,
+        to,
+        create: f.create,
+        truncate: f.truncate,
+        link: f.link,
+    })
+}
+
 /// Checks one wire request (index `i` of the batch) and builds the
 /// appliance's request for `host` at `at_ms`. Returns (agent's id, request).
 pub fn request(
@@ -215,20 +264,7 @@ pub fn request(
         (
             Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
             Some(pb::request::Target::File(f)),
-        ) => {
-            let path = text(format!("{at}.file.path"), &f.path, MAX_PATH, false)?;
-            let to = match (action, &f.to) {
-                (Action::Rename, Some(to)) => {
-                    Some(text(format!("{at}.file.to"), to, MAX_PATH, false)?)
-                }
-                (Action::Rename, None) => {
-                    return Err(bad(format!("{at}.file.to"), "missing (needed for rename)"))
-                }
-                (_, Some(_)) => return Err(bad(format!("{at}.file.to"), "only for rename")),
-                (_, None) => None,
-            };
-            Target::File { path, to }
-        }
+        ) => file(&at, action, f)?,
         (
             Action::Connect | Action::Accept | Action::IpcConnect,
             Some(pb::request::Target::Net(n)),
@@ -270,6 +306,19 @@ pub fn request(
             peer,
         },
     ))
+}
+
+/// The `FileSets` push of the protected file sets.
+pub fn file_sets(sets: &[crate::files::FileSet]) -> pb::push::Kind {
+    pb::push::Kind::FileSets(pb::FileSets {
+        sets: sets
+            .iter()
+            .map(|s| pb::FileSet {
+                name: s.name.clone(),
+                paths: s.paths.clone(),
+            })
+            .collect(),
+    })
 }
 
 /// The wire verdict of an answer.

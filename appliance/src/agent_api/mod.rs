@@ -211,6 +211,11 @@ impl AgentApi {
         })
     }
 
+    /// The protected file sets, as the `FileSets` push.
+    pub fn file_sets(&self) -> Result<pb::push::Kind, StoreError> {
+        Ok(convert::file_sets(&self.store.file_sets()?))
+    }
+
     /// Tells every connected agent the policy generation moved (call after
     /// an activation or rollback).
     pub fn announce_generation(&self, generation: i64) -> usize {
@@ -266,12 +271,15 @@ pub async fn serve_agent_limited(
 pub const GENERATION_POLL: Duration = Duration::from_millis(200);
 
 /// Broadcasts `PolicyGeneration` whenever the store's verdict generation
-/// moves (policy switch, membership, roles, modes...), whoever moved it,
-/// after making a deferred move that is due (`Store::settle_deferred`),
-/// preceded by `HostMode` to each connected host (a mode change moves the
-/// generation too; agents take a repeated mode as a no-op). Also keeps the connected-agents gauge current.
+/// moves (policy switch, membership, roles, modes, file sets...), whoever
+/// moved it, after making a deferred move that is due
+/// (`Store::settle_deferred`), preceded by `HostMode` to each connected
+/// host (a mode change moves the generation too; agents take a repeated
+/// mode as a no-op) and, when the protected file sets differ from the
+/// last ones sent, by `FileSets` to all. Also keeps the connected-agents gauge current.
 async fn watch_generation(api: Arc<AgentApi>) {
     let mut seen = api.store.generation_hint();
+    let mut sets = api.file_sets().ok();
     let mut tick = tokio::time::interval(GENERATION_POLL);
     loop {
         tick.tick().await;
@@ -295,14 +303,21 @@ async fn watch_generation(api: Arc<AgentApi>) {
             seen = g;
             let a = Arc::clone(&api);
             let hosts = api.hub.connected_hosts();
-            let now = tokio::task::spawn_blocking(move || {
-                hosts
+            let (now, now_sets) = tokio::task::spawn_blocking(move || {
+                let modes = hosts
                     .into_iter()
                     .filter_map(|h| a.host_mode(&h).ok().map(|m| (h, m)))
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>();
+                (modes, a.file_sets().ok())
             })
             .await
             .unwrap_or_default();
+            if now_sets.is_some() && now_sets != sets {
+                sets = now_sets;
+                if let Some(s) = &sets {
+                    api.hub.broadcast(s.clone());
+                }
+            }
             for (host, mode) in now {
                 api.hub.push(
                     &host,

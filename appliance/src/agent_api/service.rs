@@ -187,11 +187,16 @@ impl Agent for AgentService {
             .governing()
             .map_err(|e| Status::unavailable(format!("store: {e}")))?
             .generation;
-        // First pushes: the host's mode and the current generation, so the
-        // agent knows where it stands even if it missed changes while away.
+        // First pushes: the host's mode, the current generation, the peers
+        // and the protected file sets, so the agent knows where it stands
+        // even if it missed changes while away.
         let mode = self
             .api
             .host_mode(&host)
+            .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+        let file_sets = self
+            .api
+            .file_sets()
             .map_err(|e| Status::unavailable(format!("store: {e}")))?;
         let first = vec![
             push::Kind::HostMode(pb::HostMode {
@@ -199,6 +204,7 @@ impl Agent for AgentService {
             }),
             push::Kind::Generation(pb::PolicyGeneration { generation }),
             self.api.hub.peers(),
+            file_sets,
         ];
         let (weak, rx) = self.api.hub.subscribe(&host, first);
         if new_peer {

@@ -28,10 +28,14 @@
 //! Cedar entities built per request: `User::"<user>"` in its roles,
 //! `Host::"<host>"` in its host group, `Program::"<sha256>"` in its
 //! reference groups (unknown programs have none and fall to the default
-//! policy), `File::"<path>"`, `Service::"<dst_addr>:<dst_port>/<proto>"`.
+//! policy), `File::"<path>"` in every `FileSet` protecting the path
+//! ([`crate::files::FileSets::sets_of`]),
+//! `Service::"<dst_addr>:<dst_port>/<proto>"`.
 //! Context: `time` (seconds since the epoch), `hour` (0..23) and `weekday`
 //! (0 = Monday) in the appliance's time zone (`crate::clock`, UTC unless
-//! `serve --time-zone`), `session`, `ancestry`, `mode`, and for network
+//! `serve --time-zone`), `session`, `ancestry`, `mode`; for file actions
+//! `program`, `create`, `truncate`, `link` and, for a rename or a hard
+//! link, `to` (a `File` in the sets protecting the new path); for network
 //! actions the addresses, ports and (in pair decisions) the peer.
 
 use std::collections::{HashMap, HashSet};
@@ -52,6 +56,7 @@ use super::explain::{Diagnosis, Facts};
 use super::reads::Reads;
 use super::slice::{Index, Keys};
 use super::{outcome_with, Outcome, PolicyError, Verdict};
+use crate::files::FileSets;
 use crate::request::{Action, Program, Proto, QualifyRequest, Target};
 use crate::store::{AuditEvent, EngineData, Mode, PolicyPrep, PolicyVersion, Store, Versions};
 
@@ -332,7 +337,10 @@ struct CacheKey {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum TargetKey {
     Exec(bool),
-    File(String),
+    /// Path, new path, create, truncate, link. The file's set membership
+    /// is a function of the paths and the snapshot's file sets (a change
+    /// of the sets makes a new snapshot, with a new cache).
+    File(String, Option<String>, [bool; 3]),
     Net(Proto, String, u16),
 }
 
@@ -340,7 +348,16 @@ fn cache_key(req: &QualifyRequest, peer: Option<&PeerInfo<'_>>, reads: Reads) ->
     let (_, hour, weekday) = clock(req.at_ms);
     let (target, src) = match &req.target {
         Target::Exec { loader_direct } => (TargetKey::Exec(*loader_direct), None),
-        Target::File { path, .. } => (TargetKey::File(path.clone()), None),
+        Target::File {
+            path,
+            to,
+            create,
+            truncate,
+            link,
+        } => (
+            TargetKey::File(path.clone(), to.clone(), [*create, *truncate, *link]),
+            None,
+        ),
         Target::Net(t) => (
             TargetKey::Net(t.proto, t.dst_addr.clone(), t.dst_port),
             Some((&t.src_addr, t.src_port)),
@@ -374,6 +391,7 @@ struct Snapshot {
     policy: Arc<Compiled>,
     hosts: Arc<HashMap<String, (String, Mode)>>,
     users: Arc<HashMap<String, Vec<String>>>,
+    file_sets: Arc<FileSets>,
     programs: ProgramGroups,
     cache: ClockCache<CacheKey, Decision>,
 }
@@ -388,6 +406,7 @@ struct Names {
     program: EntityTypeName,
     program_group: EntityTypeName,
     file: EntityTypeName,
+    file_set: EntityTypeName,
     service: EntityTypeName,
     actions: Vec<(Action, EntityUid)>,
 }
@@ -407,6 +426,7 @@ impl Names {
             program: ty("Program")?,
             program_group: ty("ProgramGroup")?,
             file: ty("File")?,
+            file_set: ty("FileSet")?,
             service: ty("Service")?,
             actions: Action::ALL
                 .iter()
@@ -442,8 +462,12 @@ struct Subjects {
     principal: Vec<EntityUid>,
     /// The program, then its groups.
     program: Vec<EntityUid>,
-    /// The resource (`None` for `exec`: the program is the resource).
-    resource: Option<EntityUid>,
+    /// The resource, then the file sets of a file (empty for `exec`: the
+    /// program is the resource).
+    resource: Vec<EntityUid>,
+    /// A file action's new path (`rename`, hard link): its `File`, then
+    /// its file sets; empty otherwise.
+    to: Vec<EntityUid>,
 }
 
 /// A policy that determined a decision.
@@ -628,6 +652,7 @@ impl Engine {
                 policy: Arc::clone(&cur.policy),
                 hosts: Arc::clone(&cur.hosts),
                 users: Arc::clone(&cur.users),
+                file_sets: Arc::clone(&cur.file_sets),
                 programs: ProgramGroups::new(),
                 cache: ClockCache::new(self.options.cache_capacity),
             }
@@ -778,9 +803,10 @@ impl Engine {
             },
         };
         let s = self.subjects(snap, req, &groups)?;
-        let resource_keys: &[EntityUid] = match &s.resource {
-            Some(r) => std::slice::from_ref(r),
-            None => &s.program,
+        let resource_keys: &[EntityUid] = if s.resource.is_empty() {
+            &s.program
+        } else {
+            &s.resource
         };
         let slice = snap.policy.index.select(&Keys {
             action: req.action,
@@ -901,17 +927,33 @@ impl Engine {
         let mut program = Vec::with_capacity(1 + groups.len());
         program.push(Names::uid(&n.program, &req.program.sha256));
         program.extend(groups.iter().map(|g| Names::uid(&n.program_group, g)));
+        let file = |path: &str| {
+            let mut v = vec![Names::uid(&n.file, path)];
+            v.extend(
+                snap.file_sets
+                    .sets_of(path)
+                    .iter()
+                    .map(|s| Names::uid(&n.file_set, s)),
+            );
+            v
+        };
+        let mut to = Vec::new();
         let resource = match (&req.action, &req.target) {
-            (Action::Exec, Target::Exec { .. }) => None,
+            (Action::Exec, Target::Exec { .. }) => Vec::new(),
             (
                 Action::OpenRead | Action::OpenWrite | Action::Delete | Action::Rename,
-                Target::File { path, .. },
-            ) => Some(Names::uid(&n.file, path)),
+                Target::File { path, to: new, .. },
+            ) => {
+                if let Some(new) = new {
+                    to = file(new);
+                }
+                file(path)
+            }
             (Action::Connect | Action::Accept | Action::IpcConnect, Target::Net(t)) => {
-                Some(Names::uid(
+                vec![Names::uid(
                     &n.service,
                     &format!("{}:{}/{}", t.dst_addr, t.dst_port, t.proto.as_str()),
-                ))
+                )]
             }
             (a, _) => {
                 return Err(PolicyError::Request(format!(
@@ -925,6 +967,7 @@ impl Engine {
             principal,
             program,
             resource,
+            to,
         })
     }
 
@@ -955,9 +998,10 @@ impl Engine {
             index.permits().missing(&Facts {
                 action: req.action,
                 principal: &s.principal,
-                resource: match &s.resource {
-                    Some(r) => std::slice::from_ref(r),
-                    None => &s.program,
+                resource: if s.resource.is_empty() {
+                    &s.program
+                } else {
+                    &s.resource
                 },
                 program: &s.program,
                 host: &host,
@@ -1078,7 +1122,6 @@ impl Engine {
         subjects: &Subjects,
     ) -> Result<(Request, Entities), PolicyError> {
         let (principal, program) = (&subjects.principal, &subjects.program);
-        let resource = subjects.resource.clone();
         let n = &self.names;
         let cedar = |why: String| PolicyError::Cedar {
             host: req.host.clone(),
@@ -1161,26 +1204,35 @@ impl Engine {
                 RestrictedExpression::new_bool(loader_direct),
             ));
         }
-        let resource = match (&req.target, resource) {
-            (Target::File { path, .. }, Some(file)) => {
-                ents.push(
-                    Entity::new(
-                        file.clone(),
-                        HashMap::from([(
-                            "path".to_owned(),
-                            RestrictedExpression::new_string(path.clone()),
-                        )]),
-                        HashSet::new(),
-                    )
-                    .map_err(|e| cedar(e.to_string()))?,
-                );
+        let resource = match (&req.target, subjects.resource.split_first()) {
+            (
+                Target::File {
+                    path,
+                    to,
+                    create,
+                    truncate,
+                    link,
+                },
+                Some((file, sets)),
+            ) => {
+                push_file(&mut ents, &mut seen, file, path, sets).map_err(cedar)?;
+                if let (Some(to), Some((to_file, to_sets))) = (to, subjects.to.split_first()) {
+                    push_file(&mut ents, &mut seen, to_file, to, to_sets).map_err(cedar)?;
+                    ctx.push((
+                        "to".into(),
+                        RestrictedExpression::new_entity_uid(to_file.clone()),
+                    ));
+                }
+                for (k, v) in [("create", create), ("truncate", truncate), ("link", link)] {
+                    ctx.push((k.into(), RestrictedExpression::new_bool(*v)));
+                }
                 ctx.push((
                     "program".into(),
                     RestrictedExpression::new_entity_uid(prog.clone()),
                 ));
-                file
+                file.clone()
             }
-            (Target::Net(t), Some(svc)) => {
+            (Target::Net(t), Some((svc, _))) => {
                 if seen.insert(svc.clone()) {
                     ents.push(
                         Entity::new(
@@ -1231,7 +1283,7 @@ impl Engine {
                     "dst_port".into(),
                     RestrictedExpression::new_long(i64::from(t.dst_port)),
                 ));
-                svc
+                svc.clone()
             }
             _ => prog.clone(),
         };
@@ -1279,6 +1331,33 @@ pub fn pair_event(connect: &QualifyRequest, accept: &QualifyRequest, d: &Decisio
     )
 }
 
+/// Adds a `File` entity (`path`, in `sets`) and its sets, unless there.
+fn push_file(
+    ents: &mut Vec<Entity>,
+    seen: &mut HashSet<EntityUid>,
+    file: &EntityUid,
+    path: &str,
+    sets: &[EntityUid],
+) -> Result<(), String> {
+    if seen.insert(file.clone()) {
+        ents.push(
+            Entity::new(
+                file.clone(),
+                HashMap::from([(
+                    "path".to_owned(),
+                    RestrictedExpression::new_string(path.to_owned()),
+                )]),
+                sets.iter().cloned().collect(),
+            )
+            .map_err(|e| e.to_string())?,
+        );
+    }
+    for s in sets {
+        push_plain(ents, seen, s.clone(), []);
+    }
+    Ok(())
+}
+
 /// Adds an attribute-less entity unless one with this uid is already there.
 fn push_plain(
     ents: &mut Vec<Entity>,
@@ -1299,6 +1378,7 @@ impl Snapshot {
             policy,
             hosts: Arc::new(data.hosts),
             users: Arc::new(data.users),
+            file_sets: Arc::new(FileSets::new(&data.file_sets)),
             programs: ProgramGroups::new(),
             cache: ClockCache::new(cache_capacity),
         }

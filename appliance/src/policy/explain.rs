@@ -357,6 +357,12 @@ fn lack(s: &Shape, f: &Facts<'_>) -> String {
                     u.id().unescaped(),
                     listed(f.resource, "ProgramGroup")
                 )
+            } else if u.type_name().basename() == "FileSet" {
+                format!(
+                    "needs the file in file set `{}` (it is in: {})",
+                    u.id().unescaped(),
+                    listed(f.resource, "FileSet")
+                )
             } else {
                 format!(
                     "needs the resource in {} (it is {})",

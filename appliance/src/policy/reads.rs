@@ -34,6 +34,11 @@ impl Reads {
     pub const DST_ADDR: Reads = Reads(1 << 7);
     /// `context.dst_port`.
     pub const DST_PORT: Reads = Reads(1 << 8);
+    /// `context.to`, `context.create`, `context.truncate`,
+    /// `context.link`: part of the decision cache key (the target), but
+    /// not of the kernel's (program, file, user, access), so a verdict
+    /// that reads them is asked every time.
+    pub const FILE_OP: Reads = Reads(1 << 9);
     /// Everything (context used as a whole, or an attribute not listed
     /// above that is not part of every cache key).
     pub const ALL: Reads = Reads(u16::MAX);
@@ -56,9 +61,10 @@ impl Reads {
 
     /// Whether the PEM may cache the verdict: its cache key is the file,
     /// the uids and the policy generation, so a decision that reads the
-    /// clock, the login session or the ancestry must be asked every time.
+    /// clock, the login session, the ancestry or a file operation's
+    /// details must be asked every time.
     pub fn kernel_cacheable(self) -> bool {
-        !self.clock() && !self.any(Reads::SESSION.with(Reads::ANCESTRY))
+        !self.clock() && !self.any(Reads::SESSION.with(Reads::ANCESTRY).with(Reads::FILE_OP))
     }
 
     fn attr(name: &str) -> Reads {
@@ -79,6 +85,7 @@ impl Reads {
             // the kernel never caches a direct loader exec and the agent
             // never bundles one, so reading it costs no cacheability.
             "loader_direct" => Reads::NONE,
+            "to" | "create" | "truncate" | "link" => Reads::FILE_OP,
             _ => Reads::ALL,
         }
     }
@@ -142,6 +149,7 @@ mod tests {
             Reads::WEEKDAY,
             Reads::SESSION,
             Reads::ANCESTRY,
+            Reads::FILE_OP,
             Reads::ALL,
         ] {
             assert!(!r.kernel_cacheable(), "{r:?}");
@@ -155,5 +163,19 @@ mod tests {
             .unwrap();
         assert!(of_policy(&p).any(Reads::SESSION));
         assert!(!of_policy(&p).kernel_cacheable());
+    }
+
+    #[test]
+    fn a_policy_reading_a_file_operation_is_not_kernel_cacheable() {
+        let p: Policy = r#"forbid (principal, action, resource)
+            when { context has to && context.to in Trustbind::FileSet::"logs" };"#
+            .parse()
+            .unwrap();
+        assert_eq!(of_policy(&p), Reads::FILE_OP);
+        assert!(!of_policy(&p).kernel_cacheable());
+        let p: Policy = r#"forbid (principal, action, resource) when { context.truncate };"#
+            .parse()
+            .unwrap();
+        assert_eq!(of_policy(&p), Reads::FILE_OP);
     }
 }

@@ -213,6 +213,20 @@ ALTER TABLE hosts ADD COLUMN prev_serial TEXT;
 UPDATE hosts SET token_expires_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000 + 86400000
     WHERE state = 'pending';
 "#,
+    // 11: protected file sets (issue 17): named lists of absolute paths,
+    // the policy entities `FileSet::"<name>"` (`crate::files`); a change
+    // moves the data version and the generation like a host group's mode
+    r#"
+CREATE TABLE file_sets (
+    name       TEXT PRIMARY KEY,
+    changed_ms INTEGER NOT NULL
+);
+CREATE TABLE file_set_paths (
+    set_name TEXT NOT NULL REFERENCES file_sets (name) ON DELETE CASCADE,
+    path     TEXT NOT NULL,
+    PRIMARY KEY (set_name, path)
+);
+"#,
 ];
 
 /// Newest schema version this build understands.

@@ -15,6 +15,7 @@ mod agent;
 mod audit;
 mod channels;
 mod err;
+mod files;
 mod identity;
 mod ledger;
 pub mod migrate;
@@ -41,6 +42,7 @@ pub use agent::{AgentRecord, CloseReport, CloseRole};
 pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 pub use channels::{ChannelEnd, ChannelInfo};
 pub use err::{ChainError, StoreError};
+pub use files::{FileSetChange, FileSetEdit};
 pub use identity::{AdminCert, AdminRole, DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS};
 pub use ledger::{Publish, DEFER_MAX_MS, DEFER_QUIET_MS};
 pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
@@ -233,6 +235,8 @@ pub struct EngineData {
     pub hosts: HashMap<String, (String, Mode)>,
     /// User name -> roles, sorted.
     pub users: HashMap<String, Vec<String>>,
+    /// The protected file sets, by name.
+    pub file_sets: Vec<crate::files::FileSet>,
 }
 
 impl Store {
@@ -802,6 +806,7 @@ impl Store {
                 users.entry(u).or_default().push(r.get(1)?);
             }
         }
+        let file_sets = files::read_file_sets(&tx)?;
         tx.commit()?;
         Ok(EngineData {
             versions,
@@ -809,6 +814,7 @@ impl Store {
             policy,
             hosts,
             users,
+            file_sets,
         })
     }
 
@@ -1103,8 +1109,8 @@ fn read_versions(conn: &Connection) -> Result<Versions, StoreError> {
     )?)
 }
 
-/// Moves the data version inside `tx`: the policy, a host, a host group or
-/// a user changed (the engine re-reads them; hosts are not told).
+/// Moves the data version inside `tx`: the policy, a host, a host group, a
+/// user or a file set changed (the engine re-reads them; hosts are not told).
 fn touch_data(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE governing SET data_version = data_version + 1 WHERE id = 1",

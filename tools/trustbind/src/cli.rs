@@ -97,6 +97,11 @@ pub enum Cmd {
     /// Users and their roles (Cedar `principal in Role::"..."`).
     #[command(subcommand)]
     User(UserCmd),
+    /// Protected file sets (Cedar `resource in FileSet::"..."`): absolute
+    /// paths of directories (everything below) and files. Only operations
+    /// on files inside a set are asked; at most 256 paths in all sets.
+    #[command(subcommand, name = "fileset", alias = "file-set")]
+    FileSet(FileSetCmd),
     /// Bound channels: key ids, hosts, open and close, bytes per end.
     #[command(subcommand)]
     Channel(ChannelCmd),
@@ -431,6 +436,49 @@ pub enum GroupCmd {
         /// SHA-256 values.
         #[arg(required = true)]
         sha256: Vec<String>,
+    },
+}
+
+/// `trustbind fileset ...`
+#[derive(Debug, Subcommand)]
+pub enum FileSetCmd {
+    /// Lists the file sets with their paths.
+    #[command(alias = "list")]
+    Ls,
+    /// Shows one file set.
+    Show {
+        /// File set name.
+        name: String,
+    },
+    /// Adds paths to a file set (created when missing).
+    #[command(after_help = "Example: trustbind fileset add pgdata /var/lib/postgresql")]
+    Add {
+        /// File set name.
+        name: String,
+        /// Absolute, normalised paths (no `.`, `..`, `//` or trailing `/`).
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Removes paths from a file set (the set stays).
+    Remove {
+        /// File set name.
+        name: String,
+        /// Paths to remove.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Replaces a file set's paths (created when missing).
+    Set {
+        /// File set name.
+        name: String,
+        /// The set's paths from now on.
+        paths: Vec<String>,
+    },
+    /// Deletes a file set.
+    #[command(alias = "delete")]
+    Rm {
+        /// File set name.
+        name: String,
     },
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::cli::{AdminCmd, ChannelCmd, UserCmd};
+use crate::cli::{AdminCmd, ChannelCmd, FileSetCmd, UserCmd};
 use crate::cli::{AuditCmd, Cli, Cmd, GroupCmd, HostCmd, HostGroupCmd, ModeArg, PolicyCmd, SigCmd};
 use crate::client::Client;
 use crate::config::{self, Overrides};
@@ -45,6 +45,7 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
         Cmd::Audit(a) => audit(a, &connect()?, out),
         Cmd::Explain(x) => crate::explain::run(x, &connect()?, out),
         Cmd::User(u) => user(u, &connect()?, out),
+        Cmd::FileSet(f) => fileset(f, &connect()?, out),
         Cmd::Admin(a @ AdminCmd::Enrol { .. }) => crate::enrol::run(a, &ov, out),
         Cmd::Admin(a) => admin(a, &connect()?, &config::resolve(&ov)?, out),
         Cmd::Status => {
@@ -567,6 +568,87 @@ fn group(gc: GroupCmd, c: &Client, out: &Out) -> Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// Refuses a path the appliance would refuse, before connecting.
+fn checked_paths(paths: &[String]) -> Result<()> {
+    for p in paths {
+        trustbind_appliance::files::check_path(p)
+            .map_err(|e| CliError::new(Exit::Usage, e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn fileset_text(v: &Value) -> String {
+    let set = v.get("file_set").unwrap_or(v);
+    let mut s = format!("{}\n", field(set, "name"));
+    for p in set
+        .get("paths")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        s.push_str(&format!("  {}\n", p.as_str().unwrap_or_default()));
+    }
+    s
+}
+
+fn fileset(f: FileSetCmd, c: &Client, out: &Out) -> Result<u8> {
+    let path = |name: &str| format!("/v1/file-sets/{}", enc(name));
+    let v = match f {
+        FileSetCmd::Ls => {
+            let v = c.get("/v1/file-sets")?;
+            out.emit(&v, || {
+                let sets = v.get("file_sets").and_then(Value::as_array);
+                let mut s: String = sets.into_iter().flatten().map(fileset_text).collect();
+                s.push_str(&format!(
+                    "({} of at most {} paths)\n",
+                    field(&v, "paths"),
+                    field(&v, "max_paths")
+                ));
+                s
+            });
+            return Ok(0);
+        }
+        FileSetCmd::Show { name } => {
+            let v = c.get(&path(&name))?;
+            out.emit(&v, || fileset_text(&v));
+            return Ok(0);
+        }
+        FileSetCmd::Rm { name } => {
+            let v = c.json(c.request(Method::DELETE, &path(&name)))?;
+            out.emit(&v, || format!("deleted file set {name}\n"));
+            return Ok(0);
+        }
+        FileSetCmd::Add { name, paths } => {
+            checked_paths(&paths)?;
+            c.post(
+                &format!("{}/paths", path(&name)),
+                &json!({ "paths": paths }),
+            )?
+        }
+        FileSetCmd::Remove { name, paths } => c.post(
+            &format!("{}/paths/remove", path(&name)),
+            &json!({ "paths": paths }),
+        )?,
+        FileSetCmd::Set { name, paths } => {
+            checked_paths(&paths)?;
+            c.json(
+                c.request(Method::PUT, &path(&name))
+                    .json(&json!({ "paths": paths })),
+            )?
+        }
+    };
+    out.emit(&v, || {
+        let n = |k: &str| v.get(k).and_then(Value::as_array).map_or(0, Vec::len);
+        format!(
+            "{}{} added, {} removed\n",
+            fileset_text(&v),
+            n("added"),
+            n("removed")
+        )
+    });
+    Ok(0)
 }
 
 fn host_rows(v: &Value) -> Vec<Vec<String>> {

@@ -19,10 +19,11 @@ use std::sync::Arc;
 
 use reqwest::Method;
 use serde_json::{json, Value};
+use trustbind_appliance::files::FileSet;
 use trustbind_appliance::policy::engine::Engine;
 use trustbind_appliance::policy::Outcome;
 use trustbind_appliance::request::{QualifyRequest, Target};
-use trustbind_appliance::store::{Mode, Signature, Store};
+use trustbind_appliance::store::{FileSetEdit, Mode, Signature, Store};
 
 use crate::client::Client;
 use crate::cmd::enc;
@@ -72,7 +73,7 @@ fn verdict_text(v: &Value, would_deny: bool) -> String {
 fn target_text(r: &QualifyRequest) -> String {
     match &r.target {
         Target::Exec { .. } => String::new(),
-        Target::File { path, to } => match to {
+        Target::File { path, to, .. } => match to {
             Some(t) => format!("{path} -> {t}"),
             None => path.clone(),
         },
@@ -210,6 +211,16 @@ fn mirror(c: &Client, dir: &Path, rows: &[Row], draft: &str) -> Result<Arc<Store
             .map(|r| r.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         store.set_user_roles(name, &roles, actor).map_err(local)?;
+    }
+    // The protected file sets decide which `FileSet`s a file is in.
+    let fs = c.get("/v1/file-sets")?;
+    let sets: Vec<FileSet> =
+        serde_json::from_value(fs.get("file_sets").cloned().unwrap_or(Value::Null))
+            .map_err(|e| CliError::new(Exit::Server, format!("file sets: {e}")))?;
+    for f in sets {
+        store
+            .edit_file_set(&f.name, FileSetEdit::Replace, &f.paths, actor)
+            .map_err(local)?;
     }
     let mut programs = BTreeSet::new();
     for r in rows {

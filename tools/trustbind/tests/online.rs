@@ -240,6 +240,35 @@ fn users_and_roles() {
 }
 
 #[test]
+fn file_sets() {
+    let a = Appliance::start();
+    let v = a.json(&["fileset", "add", "pgdata", "/var/lib/postgresql", "/etc/pg"]);
+    assert_eq!(v["created"], true);
+    assert_eq!(
+        v["file_set"]["paths"],
+        serde_json::json!(["/etc/pg", "/var/lib/postgresql"])
+    );
+    // A bad path is refused here, naming it, before anything is sent.
+    a.tb()
+        .args(["fileset", "add", "pgdata", "/srv/data/"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("`/srv/data/`").and(predicate::str::contains("trailing")));
+    let t = a.text(&["fileset", "remove", "pgdata", "/etc/pg"]);
+    assert!(t.contains("0 added, 1 removed"), "{t}");
+    a.text(&["fileset", "set", "logs", "/var/log/audit"]);
+    let t = a.text(&["fileset", "ls"]);
+    assert_eq!(
+        t,
+        "logs\n  /var/log/audit\npgdata\n  /var/lib/postgresql\n(2 of at most 256 paths)\n"
+    );
+    a.text(&["fileset", "rm", "logs"]);
+    let v = a.json(&["fileset", "show", "pgdata"]);
+    assert_eq!(v["file_set"]["name"], "pgdata");
+    a.tb().args(["fileset", "show", "logs"]).assert().failure();
+}
+
+#[test]
 fn audit_tail_export_verify_and_follow() {
     let a = Appliance::start();
     a.text(&["group", "create", "g1"]);

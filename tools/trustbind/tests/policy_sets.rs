@@ -161,10 +161,7 @@ fn open(prog: char, action: Action) -> QualifyRequest {
         action,
         subject: subject("bob"),
         program: program(prog),
-        target: Target::File {
-            path: "/etc/hosts".into(),
-            to: None,
-        },
+        target: Target::file("/etc/hosts", None),
         at_ms: MON_0930,
         peer: None,
     }

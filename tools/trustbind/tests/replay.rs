@@ -195,3 +195,64 @@ fn replay_finds_exactly_the_changed_decisions() {
         .code(1)
         .stderr(predicate::str::contains("does not validate"));
 }
+
+/// File decisions replay over the appliance's file sets (mirrored): the
+/// database server's reads of its data directory stay allowed under
+/// `file-protection.cedar` only because the file is in `FileSet::"pgdata"`.
+#[test]
+fn replay_covers_file_decisions_with_the_file_sets() {
+    use trustbind_appliance::request::{Action, Target};
+    use trustbind_appliance::store::FileSetEdit;
+    let a = Appliance::start();
+    let s = &a.store;
+    s.set_host_group("web", Mode::Enforce, "admin:t").unwrap();
+    s.add_pending_host("web1", "web", &sha('f'), "admin:t")
+        .unwrap();
+    s.create_group("db-servers", "", "admin:t").unwrap();
+    let sig = Signature {
+        sha256: sha('5'),
+        sha1: None,
+        size: 1,
+        name: "postgres".into(),
+        source: "t".into(),
+    };
+    s.put_signature(&sig, "admin:t").unwrap();
+    s.add_member("db-servers", &sha('5'), "admin:t").unwrap();
+    s.edit_file_set("pgdata", FileSetEdit::Add, &["/srv/pg".into()], "admin:t")
+        .unwrap();
+    let all_files = "@id(\"files\")\npermit (principal, action in [Trustbind::Action::\"open_read\", Trustbind::Action::\"delete\"], resource);\n";
+    let id = s.create_policy_draft(all_files, "", "admin:t").unwrap();
+    s.activate_policy(id, "admin:t").unwrap();
+    let file = |prog: char, action: Action, path: &str| {
+        let mut r = exec("bob", prog, "");
+        r.action = action;
+        r.target = Target::file(path, None);
+        r
+    };
+    record(
+        s,
+        &[
+            file('5', Action::OpenRead, "/srv/pg/base/1"), // allow -> allow (db server)
+            file('9', Action::OpenRead, "/srv/pg/base/1"), // allow -> deny (not the db server)
+            file('5', Action::Delete, "/srv/pg/base/1"),   // allow -> allow
+        ],
+    );
+    let protection = policies().join("file-protection.cedar");
+    let out = a
+        .tb()
+        .args(["-o", "json", "policy", "test"])
+        .arg(&protection)
+        .args(["--replay-audit", "--since", "@0"])
+        .assert()
+        .code(1)
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["replayed"], 3, "{v:#}");
+    assert_eq!(v["unchanged"], 2, "{v:#}");
+    assert_eq!(v["changed"], 1, "{v:#}");
+    let c = &v["changes"][0];
+    assert!(c.to_string().contains("/srv/pg/base/1"), "{c}");
+    assert!(c.to_string().contains("open_read"), "{c}");
+}

@@ -165,7 +165,8 @@ pub struct FileEvent {
     pub dev: u64,
     /// Its inode number.
     pub ino: u64,
-    /// Its absolute path in the initial mount namespace (lossy UTF-8).
+    /// Its path from the root of its file system (lossy UTF-8), as the
+    /// module gives it; the run loop makes it absolute on this host.
     pub path: String,
     /// The new path of a rename or hard link.
     pub to: Option<String>,

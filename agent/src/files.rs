@@ -107,6 +107,59 @@ fn unescape(field: &str) -> OsString {
     OsString::from_vec(out)
 }
 
+/// The absolute path on this host of `path`, which the module gives from
+/// the root of file system `dev` (`st_dev`): the path through the mount
+/// of `dev` whose root (mountinfo's fourth field) holds it, the mount of
+/// the whole file system (root `/`) first, then the first such mount in
+/// mountinfo order (an original mount comes before its bind mounts). The
+/// path unchanged if no mount of `dev` holds it (a file system mounted
+/// only in another namespace): then it is in no file set, which fails
+/// closed.
+pub fn absolute_path(dev: u64, path: &str, mountinfo: &str) -> String {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let id = format!("{major}:{minor}");
+    let mut best: Option<(usize, String)> = None;
+    for l in mountinfo.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        let (Some(&devf), Some(&root), Some(&point)) = (f.get(2), f.get(3), f.get(4)) else {
+            continue;
+        };
+        if devf != id {
+            continue;
+        }
+        let root = unescape(root).to_string_lossy().into_owned();
+        let point = unescape(point).to_string_lossy().into_owned();
+        let rest = if root == "/" {
+            Some(path)
+        } else {
+            path.strip_prefix(root.as_str())
+                .filter(|r| r.is_empty() || r.starts_with('/'))
+        };
+        let Some(rest) = rest else { continue };
+        let rest = if rest == "/" { "" } else { rest };
+        if best.as_ref().is_some_and(|(len, _)| *len <= root.len()) {
+            continue;
+        }
+        let abs = match (point.as_str(), rest) {
+            ("/", "") => "/".to_owned(),
+            ("/", r) => r.to_owned(),
+            (p, r) => format!("{p}{r}"),
+        };
+        best = Some((root.len(), abs));
+    }
+    best.map_or_else(|| path.to_owned(), |(_, p)| p)
+}
+
+/// [`absolute_path`] with this host's `/proc/self/mountinfo` (the path
+/// unchanged if it cannot be read).
+pub fn absolute_here(dev: u64, path: &str) -> String {
+    match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(m) => absolute_path(dev, path, &m),
+        Err(_) => path.to_owned(),
+    }
+}
+
 /// The mount points (fifth field) of `/proc/<pid>/mountinfo` text.
 pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
     mountinfo
@@ -298,6 +351,33 @@ mod tests {
 
     fn paths(p: &[&str]) -> Vec<String> {
         p.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn paths_from_a_file_systems_root_become_absolute() {
+        // 8:1 is / and, bound, /mnt/b (its /srv subtree); 8:17 is /srv
+        // (a file system of its own) and, bound, /data2 (its /data).
+        let mi = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                  30 22 8:17 / /srv rw - ext4 /dev/sdb1 rw\n\
+                  31 22 8:1 /srv /mnt/b rw - ext4 /dev/sda1 rw\n\
+                  32 22 8:17 /data /data2 rw - ext4 /dev/sdb1 rw\n\
+                  33 22 8:18 /sub /a\\040b rw - ext4 /dev/sdb2 rw\n";
+        let sda1 = (8 << 8) | 1;
+        let sdb1 = (8 << 8) | 17;
+        let sdb2 = (8 << 8) | 18;
+        assert_eq!(absolute_path(sda1, "/etc/passwd", mi), "/etc/passwd");
+        assert_eq!(absolute_path(sda1, "/", mi), "/");
+        assert_eq!(absolute_path(sdb1, "/data/db", mi), "/srv/data/db");
+        assert_eq!(absolute_path(sdb1, "/", mi), "/srv");
+        // Only a bind mount of a subtree holds it: through that mount.
+        assert_eq!(absolute_path(sdb2, "/sub/x", mi), "/a b/x");
+        assert_eq!(absolute_path(sdb2, "/subway", mi), "/subway");
+        // A file system mounted nowhere here: unchanged (fails closed).
+        assert_eq!(absolute_path((9 << 8) | 1, "/data/db", mi), "/data/db");
+        // Large device numbers (major 259, minor 300) decode like stat's.
+        let nvme = ((259u64 & 0xfff) << 8) | (300 & 0xff) | ((300u64 & !0xff) << 12);
+        let mi2 = "40 1 259:300 / /nv rw - ext4 /dev/nvme0n1p300 rw\n";
+        assert_eq!(absolute_path(nvme, "/x", mi2), "/nv/x");
     }
 
     #[test]

@@ -359,7 +359,15 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .spawn(move || loop {
             let sent = match device.next_event() {
                 Ok(Event::Exec(ev)) => tx.blocking_send(Asked::Exec(ev)).is_ok(),
-                Ok(Event::File(ev)) => tx.blocking_send(Asked::File(ev)).is_ok(),
+                Ok(Event::File(mut ev)) => {
+                    // The module names the file from its file system's
+                    // root; policy and file sets use host paths.
+                    ev.path = crate::files::absolute_here(ev.dev, &ev.path);
+                    if let Some(to) = ev.to.as_mut() {
+                        *to = crate::files::absolute_here(ev.dev, to);
+                    }
+                    tx.blocking_send(Asked::File(ev)).is_ok()
+                }
                 Ok(Event::Net(ev)) => net_tx.blocking_send(ev).is_ok(),
                 Ok(Event::Closed(c)) => closed_tx.blocking_send(c).is_ok(),
                 Err(e) => {
@@ -720,8 +728,8 @@ fn file_of(ev: &FileEvent) -> String {
 }
 
 /// The appliance request for an operation on a protected file: the
-/// program by hash only (as for net requests), the paths as the module
-/// gave them (absolute in the initial mount namespace).
+/// program by hash only (as for net requests), the paths absolute on this
+/// host (mapped from the module's paths by `files::absolute_here`).
 pub fn file_request_of(ev: &FileEvent, user: String) -> pb::Request {
     pb::Request {
         id: ev.request_id,

@@ -217,7 +217,9 @@ fn image_cmd(ctx: &Ctx, args: &[String]) -> Result<()> {
 
 /// `cargo xtask bench`: the cargo benchmarks (release) and the NSRL import
 /// benchmark (an ignored release test of `trustbind-cli`), then the VM
-/// benchmarks (`bench_*`: exec overhead; channels), each one run, ratios.
+/// benchmarks (`bench_*`: exec overhead; channels; in icount mode the
+/// lineage table's fork cost and the file gate's open cost), each one run,
+/// ratios.
 fn bench(ctx: &Ctx) -> Result<()> {
     let a = build(ctx, Flavor::Production)?;
     sh::run("bench: cargo bench", cargo().args(["bench", "--workspace"]))?;
@@ -241,17 +243,24 @@ fn bench(ctx: &Ctx) -> Result<()> {
         &mut qemu_tests(
             &a,
             Some("bench_"),
-            &["--ignored", "--nocapture", "--skip", "bench_fork_lineage"],
+            &[
+                "--ignored",
+                "--nocapture",
+                "--skip",
+                "bench_fork_lineage",
+                "--skip",
+                "bench_file_open",
+            ],
         ),
     )?;
     // Guest clock counting instructions: rounds agree whatever the load.
-    let mut c = qemu_tests(
-        &a,
-        Some("bench_fork_lineage"),
-        &["--ignored", "--nocapture"],
-    );
+    // `bench_f`: bench_fork_lineage and bench_file_open.
+    let mut c = qemu_tests(&a, Some("bench_f"), &["--ignored", "--nocapture"]);
     c.env("TRUSTBIND_ACCEL", "icount");
-    sh::run("bench: fork cost of the lineage table (icount)", &mut c)
+    sh::run(
+        "bench: fork cost of the lineage table, open cost of the file gate (icount)",
+        &mut c,
+    )
 }
 
 /// `cargo xtask soak [MINUTES]`: the soak with faults

@@ -287,34 +287,6 @@ fn attack_reparented_lineage() -> Result<()> {
     finish(vm)
 }
 
-/// Builds `progs/exe_swap.c` (freestanding, static) with the kernel
-/// build's clang; its bytes.
-fn exe_swap_binary() -> Result<Vec<u8>> {
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/progs/exe_swap.c");
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("exe_swap");
-    let st = std::process::Command::new("/usr/lib/llvm-22/bin/clang")
-        .args([
-            "-static",
-            "-nostdlib",
-            "-O2",
-            "-ffreestanding",
-            "-fno-builtin",
-            "-fno-stack-protector",
-            "-fno-pie",
-            "-fcf-protection=none",
-            "-fuse-ld=lld",
-            "-Wall",
-            "-Werror",
-            "-o",
-        ])
-        .arg(&out)
-        .arg(src)
-        .status()
-        .context("cannot run clang (installed by `cargo xtask setup`)")?;
-    ensure!(st.success(), "cannot build {src}");
-    std::fs::read(&out).with_context(|| format!("reading {}", out.display()))
-}
-
 /// T-43: `PR_SET_MM_EXE_FILE` points a process's `mm->exe_file` at any
 /// executable (here the approved `curl`); a module that credits a process
 /// it did not see exec from its `exe_file` (a forked child) takes it for
@@ -326,7 +298,7 @@ fn exe_swap_binary() -> Result<Vec<u8>> {
 #[test]
 fn attack_exe_file_swap() -> Result<()> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let bin = exe_swap_binary()?;
+    let bin = crate::common::freestanding("exe_swap")?;
     let mut vm = host_with_module()?;
     vm.run_ok(&format!(
         "mkdir -p /tmp/x && echo {} | base64 -d >/tmp/x/exe_swap && chmod 755 /tmp/x/exe_swap",

@@ -187,3 +187,81 @@ fn bench_fork_lineage() -> Result<()> {
     vm.shutdown()?;
     Ok(())
 }
+
+/// Opens per round of [`bench_file_open`].
+const OPENS: usize = 20_000;
+
+/// What the file gate costs (issue 17): `open()` + `close()` of one file,
+/// [`OPENS`] times in a freestanding loop (`progs/open_loop.c`), timed by
+/// the guest clock, [`ROUNDS`] rounds alternating: the module absent; the
+/// module loaded in enforce mode with `/srv/data` protected (the fake
+/// agent) and the file `/srv/pub/x` unprotected on the same file system
+/// (the gate's walk up the directories, never a question); and the
+/// protected `/srv/data/db`, its verdict cached (asked once before the
+/// round). Run with `TRUSTBIND_ACCEL=icount` (`cargo xtask bench`).
+#[test]
+#[ignore = "benchmark: run by `cargo xtask bench`"]
+fn bench_file_open() -> Result<()> {
+    use base64::Engine as _;
+    let art = Artifacts::from_env()?;
+    let mode = trustbind_qemu_tests::accel(art.kernel())?.name();
+    let net = Network::new()?;
+    let mut vm = net
+        .vm("bench")
+        .file("tb-fakeagent", env!("CARGO_BIN_EXE_tb-fakeagent"), 0o755)
+        .memory_mib(1024)
+        .boot(&art)?;
+    let bin = crate::common::freestanding("open_loop")?;
+    vm.run_ok(&format!(
+        "mkdir -p /tmp/x /srv/data /srv/pub && echo x >/srv/data/db && echo x >/srv/pub/x \
+         && echo {} | base64 -d >/tmp/x/open_loop && chmod 755 /tmp/x/open_loop",
+        base64::engine::general_purpose::STANDARD.encode(&bin)
+    ))?;
+    let opens = |vm: &mut Vm, path: &str| timed(vm, &format!("/tmp/x/open_loop {OPENS} {path}"));
+    opens(&mut vm, "/srv/pub/x")?;
+    let (mut absent, mut unprotected, mut cached) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        absent.push(opens(&mut vm, "/srv/pub/x")?);
+        vm.run_ok("insmod /tb/trustbind.ko")?;
+        crate::exec::start_agent_with(
+            &mut vm,
+            "enforce",
+            "--allow /tmp/x/open_loop --file-protect /srv/data --file-deny /srv/data \
+             --file-allow-prog /tmp/x/open_loop",
+        )?;
+        vm.run_ok("/tmp/x/open_loop 1 /srv/data/db")?;
+        unprotected.push(opens(&mut vm, "/srv/pub/x")?);
+        cached.push(opens(&mut vm, "/srv/data/db")?);
+        crate::exec::stop_agent(&mut vm)?;
+        vm.run_ok("rmmod trustbind")?;
+    }
+    let per = |t: f64| t / OPENS as f64 * 1e6;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let spread = |v: &[f64]| (v[v.len() - 1] / v[0] - 1.0) * 100.0;
+    let a = median(&mut absent);
+    println!(
+        "open() + close() of one file, {OPENS} per round, {ROUNDS} rounds alternating, guest clock ({mode}):"
+    );
+    println!(
+        "  module absent:              {:>7.2} µs (median; rounds spread {:.1} %)",
+        per(a),
+        spread(&absent)
+    );
+    for (what, v) in [
+        ("loaded, unprotected file:", &mut unprotected),
+        ("loaded, cached protected:", &mut cached),
+    ] {
+        let m = median(v);
+        println!(
+            "  {what:<27} {:>7.2} µs (median; rounds spread {:.1} %; {:+.2} % vs absent)",
+            per(m),
+            spread(v),
+            (m / a - 1.0) * 100.0
+        );
+    }
+    vm.shutdown()?;
+    Ok(())
+}

@@ -115,8 +115,11 @@ fn activate_empty_policy(app: &Appliance) -> i64 {
     store.activate_policy(id, "admin:test").unwrap().generation
 }
 
+/// A file request as the agent sends it: the program by its SHA-256 only
+/// (no SHA-1, size or path: the PEM knows only the hash of a running
+/// process's program).
 fn open_read(id: u64, path: &str) -> pb::Request {
-    pb::Request {
+    let mut r = pb::Request {
         action: Action::OpenRead.into(),
         target: Some(Target::File(pb::FileTarget {
             path: path.into(),
@@ -124,7 +127,13 @@ fn open_read(id: u64, path: &str) -> pb::Request {
             ..Default::default()
         })),
         ..exec(id, LS)
+    };
+    if let Some(p) = r.program.as_mut() {
+        p.sha1.clear();
+        p.size = 0;
+        p.path.clear();
     }
+    r
 }
 
 fn batch(requests: Vec<pb::Request>) -> QualifyBatch {

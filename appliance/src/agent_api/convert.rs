@@ -99,9 +99,10 @@ fn subject(at: &str, s: Option<&pb::Subject>) -> Result<Subject, Status> {
     })
 }
 
-/// The program. For network actions the PEM knows only the SHA-256 (of
-/// the process's program, from its exec or `mm->exe_file`), so an empty
-/// `sha1` (and `path`, `size` 0) is accepted there and kept empty.
+/// The program. For every action but `exec` the PEM knows only the
+/// SHA-256 (of the process's program, from its exec or `mm->exe_file`),
+/// so an empty `sha1` (and `path`, `size` 0) is accepted there and kept
+/// empty.
 fn program(at: &str, action: Action, p: Option<&pb::Program>) -> Result<Program, Status> {
     program_field(at, "program", action, p)
 }
@@ -114,13 +115,10 @@ fn program_field(
     p: Option<&pb::Program>,
 ) -> Result<Program, Status> {
     let p = p.ok_or_else(|| bad(format!("{at}.{which}"), "missing"))?;
-    let net = matches!(
-        action,
-        Action::Connect | Action::Accept | Action::IpcConnect
-    );
+    let hash_only = action != Action::Exec;
     Ok(Program {
         sha256: digest(format!("{at}.{which}.sha256"), &p.sha256, 32)?,
-        sha1: if net && p.sha1.is_empty() {
+        sha1: if hash_only && p.sha1.is_empty() {
             String::new()
         } else {
             digest(format!("{at}.{which}.sha1"), &p.sha1, 20)?

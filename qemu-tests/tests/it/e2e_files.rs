@@ -111,15 +111,34 @@ fn file_control_end_to_end() -> Result<()> {
     // nginx reads the web root; cat may not.
     host.run_ok("nginx -c /run/nginx.conf")?;
     let out = host.run_ok("curl -sS --max-time 60 http://127.0.0.1:8080/index.html")?;
-    ensure!(
-        out.stdout.trim() == "welcome",
-        "nginx did not serve: {out:?}"
-    );
+    if out.stdout.trim() != "welcome" {
+        let logs = host.run("cat /run/ngx-err.log; tail -20 /run/agent.log")?;
+        let audit = export_audit(&admin)?;
+        let rows: Vec<&str> = audit.lines().filter(|l| l.contains("/srv/www")).collect();
+        anyhow::bail!(
+            "nginx did not serve: {out:?}\nnginx and agent logs:\n{}{}\naudit rows:\n{}",
+            logs.stdout,
+            logs.stderr,
+            rows.join("\n")
+        );
+    }
     let out = host.run("cat /srv/www/index.html")?;
     ensure!(refused(&out), "cat read the web root: {out:?}");
 
     // The editor writes for role webadmin (root), not for nobody.
-    host.run_ok("echo edited | /root/editor /srv/www/new.html >/dev/null")?;
+    let out = host.run("echo edited | /root/editor /srv/www/new.html >/dev/null")?;
+    if out.status != 0 {
+        let sum = host.run("sha256sum /root/editor; tail -5 /run/agent.log")?;
+        let audit = export_audit(&admin)?;
+        let rows: Vec<&str> = audit.lines().rev().take(6).collect();
+        anyhow::bail!(
+            "the editor failed for root: {out:?}\n{}{}\nhost side {}\nlast audit rows:\n{}",
+            sum.stdout,
+            sum.stderr,
+            common::sha256_file(&editor_file)?,
+            rows.join("\n")
+        );
+    }
     let out = host.run_ok("curl -sS --max-time 60 http://127.0.0.1:8080/new.html")?;
     ensure!(
         out.stdout.trim() == "edited",

@@ -65,11 +65,13 @@ pub fn hash_file(path: &Path) -> Result<Hashed> {
     })
 }
 
-/// Walks `paths` recursively without following symbolic links.
+/// Walks `paths` recursively without following symbolic links. A file
+/// named in `paths` is taken whatever its mode (the administrator named
+/// it); files found in directories are taken only if executable.
 pub fn walk(paths: &[PathBuf]) -> Result<Walk> {
     let mut w = Walk::default();
-    let mut stack: Vec<PathBuf> = paths.iter().rev().cloned().collect();
-    while let Some(p) = stack.pop() {
+    let mut stack: Vec<(PathBuf, bool)> = paths.iter().rev().map(|p| (p.clone(), true)).collect();
+    while let Some((p, named)) = stack.pop() {
         let md = std::fs::symlink_metadata(&p).map_err(|e| io_err("inspect", &p, &e))?;
         let ft = md.file_type();
         if ft.is_dir() {
@@ -79,9 +81,9 @@ pub fn walk(paths: &[PathBuf]) -> Result<Walk> {
                 .collect::<std::io::Result<_>>()
                 .map_err(|e| io_err("list", &p, &e))?;
             entries.sort();
-            stack.extend(entries.into_iter().rev());
+            stack.extend(entries.into_iter().rev().map(|e| (e, false)));
         } else if ft.is_file() {
-            if md.permissions().mode() & 0o111 != 0 {
+            if named || md.permissions().mode() & 0o111 != 0 {
                 w.files.push(hash_file(&p)?);
             } else {
                 w.skipped_non_exec += 1;
@@ -91,6 +93,31 @@ pub fn walk(paths: &[PathBuf]) -> Result<Walk> {
         }
     }
     Ok(w)
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use super::*;
+
+    #[test]
+    fn named_files_are_taken_whatever_their_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let plain = d.path().join("plain");
+        let exe = d.path().join("exe");
+        std::fs::write(&plain, b"a").unwrap();
+        std::fs::write(&exe, b"b").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // In a directory: only the executable.
+        let w = walk(&[d.path().to_path_buf()]).unwrap();
+        assert_eq!(w.files.len(), 1);
+        assert_eq!(w.skipped_non_exec, 1);
+        // Named: taken.
+        let w = walk(std::slice::from_ref(&plain)).unwrap();
+        assert_eq!(w.files.len(), 1);
+        assert_eq!(w.files[0].path, plain);
+    }
 }
 
 /// `trustbind sig add PATH... --group G`.

@@ -240,6 +240,12 @@ impl Lineage {
         self.inner.lock().table.image(proc)
     }
 
+    /// The program `proc` was recorded running, if this very process is
+    /// known (the file gate's lookup: no ancestry copied).
+    pub(crate) fn program(&self, proc: ProcId) -> Option<[u8; 32]> {
+        self.inner.lock().table.program(proc)
+    }
+
     /// Records that `proc` runs `sha256` (hashed from its `mm->exe_file`),
     /// with no ancestry (its own is unknown).
     pub(crate) fn record_proc(&self, proc: ProcId, sha256: &[u8; 32]) {

@@ -50,6 +50,9 @@ const CACHE_TTL_MS: u64 = 10 * 60 * 1000;
 /// Threads whose last answer is remembered (direct-mapped by thread id).
 const ANSWER_SLOTS: usize = 256;
 
+/// [`Files::dev_hint`] when the entries are on several devices (or none).
+const MANY_DEVS: u64 = u64::MAX;
+
 /// The program of a process whose executable could not be hashed.
 const NO_PROGRAM: [u8; 32] = [0; 32];
 
@@ -68,6 +71,9 @@ pub(crate) struct Files {
     set: SpinLock<ProtectedSet<KVec<(u64, u64)>>>,
     /// Entries in the set: 0 turns the gate off without a lock.
     armed: AtomicUsize,
+    /// The one device every entry is on, or [`MANY_DEVS`]: a file on any
+    /// other device is unprotected without taking the lock.
+    dev_hint: AtomicU64,
     #[pin]
     cache: SpinLock<VerdictCache<KVVec<CacheSlot>>>,
     #[pin]
@@ -87,6 +93,7 @@ impl Files {
         Ok(try_pin_init!(Self {
             set <- new_spinlock!(set, "trustbind_file_set"),
             armed: AtomicUsize::new(0),
+            dev_hint: AtomicU64::new(MANY_DEVS),
             cache <- new_spinlock!(cache, "trustbind_file_cache"),
             answers <- new_spinlock!(answers, "trustbind_file_answers"),
         }? Error))
@@ -101,8 +108,15 @@ impl Files {
         // `FileSets::new` checked the order; checked again, cheaply.
         let new = ProtectedSet::new(v).ok_or(EINVAL)?;
         let n = new.len();
-        let old = core::mem::replace(&mut *self.set.lock(), new);
+        let hint = match new.one_dev() {
+            Some(d) => d,
+            None => MANY_DEVS,
+        };
+        let mut guard = self.set.lock();
+        let old = core::mem::replace(&mut *guard, new);
+        self.dev_hint.store(hint, Ordering::Relaxed);
         self.armed.store(n, Ordering::Release);
+        drop(guard);
         // CAST: at most MAX_FILE_SET_ENTRIES.
         STATS.protected.store(n as u64, Ordering::Relaxed);
         drop(old);
@@ -120,7 +134,8 @@ impl Files {
 
     fn protection(&self, d: Dentry<'_>, from_parent: bool) -> bool {
         let dev = d.dev();
-        if !self.set.lock().has_dev(dev) {
+        let hint = self.dev_hint.load(Ordering::Relaxed);
+        if hint != MANY_DEVS && hint != dev {
             return false;
         }
         let mut inos = [0u64; MAX_DEPTH];
@@ -320,11 +335,21 @@ pub(crate) fn gate(s: &Shared, op: &FileOp) -> Result<Gate> {
     if s.files.armed.load(Ordering::Acquire) == 0 {
         return Ok(Gate::Pass);
     }
-    let ids = sys::current_ids();
-    let Some(mode) = gated(s, &ids) else {
+    let mode = s.channel.mode();
+    if mode == Mode::Disabled {
         return Ok(Gate::Pass);
-    };
-    let t = match s.files.plan(op) {
+    }
+    // Whether the file is protected first: most are not, and that needs
+    // nothing of the task.
+    let plan = s.files.plan(op);
+    if let Plan::Pass = plan {
+        return Ok(Gate::Pass);
+    }
+    let ids = sys::current_ids();
+    if s.channel.is_agent(ids.tgid) {
+        return Ok(Gate::Pass);
+    }
+    let t = match plan {
         Plan::Pass => return Ok(Gate::Pass),
         Plan::LinkOut => {
             bump(&STATS.link_refused);
@@ -349,7 +374,7 @@ pub(crate) fn gate(s: &Shared, op: &FileOp) -> Result<Gate> {
     // A program the lineage table does not know is hashed by the
     // question, which then records it (or, if it cannot be hashed,
     // leaves that answer under no program).
-    let Some((program, _)) = s.lineage.image(proc_of(&ids)) else {
+    let Some(program) = s.lineage.program(proc_of(&ids)) else {
         let key = key_of(&t, &NO_PROGRAM, &ids);
         return match s.files.answers.lock().get(ids.pid, &key, &NO_PROGRAM, now) {
             Some(o) => apply(mode, o, &t, &ids),

@@ -58,6 +58,12 @@ impl<S: core::ops::Deref<Target = [(u64, u64)]>> ProtectedSet<S> {
         self.entries.get(i).is_some_and(|&(d, _)| d == dev)
     }
 
+    /// The device every entry is on, if there is exactly one.
+    pub fn one_dev(&self) -> Option<u64> {
+        let (first, last) = (self.entries.first()?, self.entries.last()?);
+        (first.0 == last.0).then_some(first.0)
+    }
+
     /// Whether `(dev, ino)` is listed.
     pub fn contains(&self, dev: u64, ino: u64) -> bool {
         self.entries.binary_search(&(dev, ino)).is_ok()
@@ -273,13 +279,15 @@ mod tests {
         assert_eq!(s.classify(8, [55, 54, 2]), Protection::Unprotected);
         // A root listed protects the whole file system.
         assert_eq!(s.classify(9, [77, 66, 2]), Protection::Protected);
+        assert_eq!(s.one_dev(), None);
+        assert_eq!(set(&[(8, 1), (8, 9)]).one_dev(), Some(8));
         // Deeper than the walk goes: fail closed.
         let deep = (100..100 + MAX_DEPTH as u64 + 1).collect::<Vec<_>>();
         assert_eq!(s.classify(8, deep), Protection::TooDeep);
         assert!(Protection::TooDeep.asks() && !Protection::Unprotected.asks());
         // An empty set protects nothing, at no cost.
         let e = set(&[]);
-        assert!(e.is_empty() && !e.has_dev(8));
+        assert!(e.is_empty() && !e.has_dev(8) && e.one_dev().is_none());
         assert_eq!(e.classify(8, [1, 2]), Protection::Unprotected);
     }
 

@@ -162,6 +162,12 @@ impl<T: ProcTable> Lineage<T> {
         self.procs.get(&proc).map(|img| (img.sha256, img.ancestry))
     }
 
+    /// The program `proc` runs (without copying its ancestry); `None` if
+    /// `proc` is unknown.
+    pub fn program(&self, proc: ProcId) -> Option<[u8; SHA256_LEN]> {
+        self.procs.get(&proc).map(|img| img.sha256)
+    }
+
     /// `child`, a new process (not a thread), was forked by `parent`.
     pub fn forked(&mut self, parent: ProcId, child: ProcId) -> Forked {
         // (No entry can exist under the child's key: start times differ.)

@@ -37,7 +37,7 @@ fn agent(vm: &mut Vm, mode: &str) -> Result<()> {
         mode,
         &format!(
             "--allow {EVIL} --file-protect /srv/data --file-deny /srv/data \
-             --file-allow-prog /usr/bin/cat"
+             --file-allow-prog /usr/bin/cat --file-allow-prog /usr/bin/tail"
         ),
     )
 }
@@ -83,6 +83,22 @@ fn file_gate_enforce() -> Result<()> {
         let out = vm.run(&format!("{EVIL} {path}"))?;
         ensure!(refused(&out), "{EVIL} {path} was not refused: {out:?}");
     }
+    // Another process's descriptor of the file, through /proc: the same
+    // dentry, refused the same way (`tail -f`, approved, holds it open).
+    let tail = vm.spawn_bg("exec tail -f /srv/data/db")?;
+    vm.run_ok("sleep 1")?;
+    let fd = vm.run_ok(&format!(
+        "for f in /proc/{}/fd/*; do [ \"$(readlink $f)\" = /srv/data/db ] && echo $f; done; true",
+        tail.pid
+    ))?;
+    let fd = fd.stdout.trim();
+    ensure!(
+        fd.starts_with("/proc/"),
+        "tail holds no descriptor of the file"
+    );
+    let out = vm.run(&format!("{EVIL} {fd}"))?;
+    ensure!(refused(&out), "{EVIL} read through /proc/PID/fd: {out:?}");
+    vm.run_ok(&format!("kill {}", tail.pid))?;
     // The request names the file by its path on its file system, not by
     // the bind mount it was opened through.
     let lines = file_lines(&mut vm)?;

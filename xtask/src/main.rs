@@ -29,9 +29,10 @@ Commands:
   image [--kernel BZIMAGE]
                 build (or reuse) the kernel, then the appliance OS image:
                 kernel, initramfs and a GPT disk.img (see image/README.md)
-  test          build, then run every test: unit tests, then the QEMU tests
+  test [FILTER] build, then run every test: unit tests, then the QEMU tests
                 (protected hosts on the debug kernel; a checker's report
-                fails the test)
+                fails the test); with FILTER, only the QEMU tests whose
+                names contain it (e.g. `cargo xtask test file_`)
   demo [--shell]
                 build, boot a protected host VM with the module loaded and
                 show it working; --shell leaves you at a guest prompt
@@ -185,8 +186,12 @@ fn qemu_tests(a: &Artifacts, filter: Option<&str>, args: &[&str]) -> Command {
     c
 }
 
-fn test(ctx: &Ctx) -> Result<()> {
+fn test(ctx: &Ctx, filter: Option<&str>) -> Result<()> {
     let a = build(ctx, Flavor::Debug)?;
+    if let Some(f) = filter {
+        println!("test: QEMU integration tests matching `{f}`");
+        return sh::run("test: QEMU tests", &mut qemu_tests(&a, Some(f), &[]));
+    }
     println!("test: unit tests");
     sh::run(
         "test: unit tests",
@@ -367,7 +372,7 @@ fn main() {
             Some("setup") => setup(&ctx, true).map(|_| ()),
             Some("build") => build(&ctx, Flavor::Debug).map(|_| ()),
             Some("image") => image_cmd(&ctx, &args[1..]),
-            Some("test") => test(&ctx),
+            Some("test") => test(&ctx, args.get(1).map(String::as_str)),
             Some("demo") => demo(&ctx, args.iter().any(|a| a == "--shell")),
             Some("fuzz") => fuzz(&ctx, args.get(1).map(String::as_str)),
             Some("bench") => bench(&ctx),

@@ -48,6 +48,9 @@ const PACKAGES: &[&str] = &[
     "wireguard-tools",
     // The soak's exec and socket load (qemu-tests/tests/it/soak.rs).
     "stress-ng",
+    // A FUSE file system for the T-09 test (qemu-tests/tests/it/attacks.rs).
+    "bindfs",
+    "fuse3",
 ];
 /// Path of the init stub inside the image.
 const STUB_PATH: &str = "sbin/tb-init";

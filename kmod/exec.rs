@@ -53,6 +53,7 @@ use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache
 use crate::proto::lineage::{
     Chain, Forked, Image, Lineage as LineageTable, Pending, ProcId, ProcTable, Staged,
 };
+use crate::proto::unqualifiable;
 use crate::proto::{
     Ancestry, Decision, ExecRequest, Mode, Obligations, Record, Verdict, EXEC_LOADER_DIRECT,
     MAX_PATH_LEN,
@@ -573,6 +574,9 @@ pub(crate) enum Refusal {
     /// No place in the queue to the agent (this user's share, the whole
     /// queue, or memory): never asked.
     Busy,
+    /// Something the PEM cannot qualify (`proto::unqualifiable`): never
+    /// asked.
+    Unqualifiable(&'static str),
 }
 
 impl core::fmt::Display for Refusal {
@@ -584,13 +588,14 @@ impl core::fmt::Display for Refusal {
             Refusal::Unreadable(e) => write!(f, "cannot hash the file: errno {}", e.to_errno()),
             Refusal::Unbound => f.write_str("no channel key"),
             Refusal::Busy => f.write_str("queue to the agent full"),
+            Refusal::Unqualifiable(why) => write!(f, "cannot be qualified: {}", why),
         }
     }
 }
 
 /// What one path (exec, net) refused or would have, and why; shown in
 /// debugfs as `<path>_denied`, `_would_deny`, `_no_agent`, `_timeouts`,
-/// `_unreadable`, `_busy`. Their log lines are rate-limited (the kernel's
+/// `_unreadable`, `_busy`, `_unqualifiable`. Their log lines are rate-limited (the kernel's
 /// default: 10 lines per 5 s, then "callbacks suppressed"); the counters
 /// count every one.
 pub(crate) struct Refusals {
@@ -606,6 +611,8 @@ pub(crate) struct Refusals {
     pub(crate) unreadable: AtomicU64,
     /// Of these: no place in the queue to the agent.
     pub(crate) busy: AtomicU64,
+    /// Of these: something the PEM cannot qualify.
+    pub(crate) unqualifiable: AtomicU64,
 }
 
 impl Refusals {
@@ -618,6 +625,7 @@ impl Refusals {
             timeouts: AtomicU64::new(0),
             unreadable: AtomicU64::new(0),
             busy: AtomicU64::new(0),
+            unqualifiable: AtomicU64::new(0),
         }
     }
 
@@ -637,6 +645,7 @@ impl Refusals {
             Refusal::NoAgent => bump(&self.no_agent),
             Refusal::TimedOut => bump(&self.timeouts),
             Refusal::Unreadable(_) => bump(&self.unreadable),
+            Refusal::Unqualifiable(_) => bump(&self.unqualifiable),
         }
         match mode {
             Mode::Enforce => {
@@ -705,6 +714,9 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
     let info = subj.info().map_err(|e| Ok(Refusal::Unreadable(e)))?;
     if s.channel.is_agent(info.tgid) {
         return Ok(());
+    }
+    if let Some(why) = unqualifiable::exec_fs(info.fs_magic) {
+        return Err(Ok(Refusal::Unqualifiable(why)));
     }
     // Each round's file tells whether the next file the exec opens is a
     // native ELF program's PT_INTERP loader.

@@ -141,6 +141,7 @@ use crate::device::{Answer, Wait};
 use crate::exec::{Refusal, Refusals};
 use crate::proto::bound::{handed_over, BoundSocket, Slot as BoundSlot};
 use crate::proto::lineage::{Chain, ProcId};
+use crate::proto::unqualifiable;
 use crate::proto::{
     Ancestry, ChannelClosed, ChannelKey, ChannelRole, CloseReason, Decision, Family, IpcRequest,
     Mode, NetKind, NetRequest, ProgramSource, Record,
@@ -679,6 +680,45 @@ fn qualify(
         Answer::Interrupted if kind == NetKind::Connect => Err(Err(ERESTARTSYS)),
         Answer::Interrupted => Err(Err(EINTR)),
     }
+}
+
+/// A socket being created, for log lines.
+struct NewSocket {
+    pid: u32,
+    family: i32,
+    protocol: i32,
+}
+
+impl core::fmt::Display for NewSocket {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "pid {} family {} protocol {}",
+            self.pid, self.family, self.protocol
+        )
+    }
+}
+
+/// Decides the creation of a user socket (the `security_socket_create`
+/// hook; any context, never sleeps): one the PEM cannot qualify
+/// (`proto::unqualifiable::socket`, SMC) is refused while connections are
+/// qualified, by the mode's table. Nothing is asked.
+pub(crate) fn socket_create(s: &Shared, family: i32, protocol: i32) -> Result {
+    let Some(why) = unqualifiable::socket(family, protocol) else {
+        return Ok(());
+    };
+    let mode = s.channel.mode();
+    if mode == Mode::Disabled || !s.channel.qualifies_net() {
+        return Ok(());
+    }
+    let subject = NewSocket {
+        pid: sys::current_pid(),
+        family,
+        protocol,
+    };
+    STATS
+        .refusals
+        .apply(mode, &Refusal::Unqualifiable(why), "socket", subject)
 }
 
 /// Whether a UNIX connect of process `tgid` is asked about at all.

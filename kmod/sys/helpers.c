@@ -252,6 +252,7 @@ static int tb_fill_info(const struct path *path, struct tb_exec_info *out)
 	out->dev = inode->i_sb->s_dev;
 	out->ino = inode->i_ino;
 	out->generation = inode->i_generation;
+	out->fs_magic = (u32)inode->i_sb->s_magic;
 	if (stat.result_mask & STATX_CHANGE_COOKIE) {
 		out->has_change_cookie = 1;
 		out->change_cookie = stat.change_cookie;
@@ -2496,6 +2497,13 @@ void tb_loader_hooks_stop(void)
 /* --- File gate (ftrace callbacks on the LSM entry points) ---------------- */
 
 /*
+ * The same table carries one hook that is not about files: the entry of
+ * security_socket_create(), where a user socket the PEM cannot qualify
+ * (SMC) is refused by the same redirect while connections are qualified
+ * (trustbind_socket_create(), proto::unqualifiable).
+ */
+
+/*
  * The gate decides in the ftrace callback at the entry of the LSM hooks
  * below (preemption disabled; for unlink, rename, link and the creates a
  * directory's i_rwsem is held by the caller): from the protected set, the
@@ -2743,6 +2751,7 @@ enum tb_fhook_kind {
 	TB_FH_RENAME,		/* (old_dir, old, new_dir, new, flags) */
 	TB_FH_LINK,		/* (old, dir, new) */
 	TB_FH_SETATTR,		/* (idmap, dentry, iattr) */
+	TB_FH_SOCKET,		/* security_socket_create(family, type, proto, kern) */
 };
 
 struct tb_fhook {
@@ -2752,7 +2761,7 @@ struct tb_fhook {
 	bool optional;		/* absent without CONFIG_SECURITY_PATH */
 };
 
-static bool tb_fhook_on[11];
+static bool tb_fhook_on[12];
 
 static void notrace tb_file_hook(unsigned long ip, unsigned long parent_ip,
 				 struct ftrace_ops *ops,
@@ -2766,6 +2775,15 @@ static void notrace tb_file_hook(unsigned long ip, unsigned long parent_ip,
 	if (current->flags & PF_KTHREAD)
 		return;
 	switch (h->kind) {
+	case TB_FH_SOCKET:
+		/* Not a file: a socket the PEM cannot qualify (SMC). Kernel
+		 * sockets (kern) are the kernel's own. */
+		if (!ftrace_regs_get_argument(fregs, 3) &&
+		    trustbind_socket_create(
+			    (int)ftrace_regs_get_argument(fregs, 0),
+			    (int)ftrace_regs_get_argument(fregs, 2)))
+			tb_file_redirect(fregs, tb_file_refused);
+		return;
 	case TB_FH_OPEN:
 		f = (const void *)ftrace_regs_get_argument(fregs, 0);
 		/* An exec's own open is the exec's to decide; a file this
@@ -2834,6 +2852,7 @@ static struct tb_fhook tb_fhooks[] = {
 	TB_FHOOK(security_inode_rename, TB_FH_RENAME, false),
 	TB_FHOOK(security_inode_link, TB_FH_LINK, false),
 	TB_FHOOK(security_inode_setattr, TB_FH_SETATTR, false),
+	TB_FHOOK(security_socket_create, TB_FH_SOCKET, false),
 };
 
 static_assert(ARRAY_SIZE(tb_fhooks) == ARRAY_SIZE(tb_fhook_on));

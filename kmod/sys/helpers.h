@@ -50,7 +50,7 @@ struct tb_exec_info {
 	u32 sessionid;		/* audit session id, (u32)-1 if unset */
 	u32 tgid, ptgid;	/* thread group ids of the task and its parent */
 	u32 pid;		/* the exec'ing thread's id */
-	u32 _pad;
+	u32 fs_magic;		/* s_magic of its super block (all fit in 32 bits) */
 	u64 start_ns;		/* boot-based start time of the task's group leader */
 	u64 pstart_ns;		/* same, of the parent's group leader */
 };
@@ -519,6 +519,11 @@ int trustbind_file_unasked(const struct tb_file_op *op);
 /* Rust: asks about op from the task work (process context, no lock held,
  * may sleep). */
 void trustbind_file_ask(const struct tb_file_op *op);
+
+/* Implemented in Rust (net.rs): whether enforce mode refuses a user
+ * socket of this family and protocol (0, or -EACCES). Any context: never
+ * sleeps. */
+int trustbind_socket_create(int family, int protocol);
 
 int tb_file_hooks_start(void);
 void tb_file_hooks_stop(void);

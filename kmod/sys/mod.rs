@@ -431,6 +431,7 @@ check_callbacks! {
     trustbind_file_gate in self: unsafe extern "C" fn(*const FileOp) -> c_int;
     trustbind_file_unasked in self: unsafe extern "C" fn(*const FileOp) -> c_int;
     trustbind_file_ask in self: unsafe extern "C" fn(*const FileOp);
+    trustbind_socket_create in self: unsafe extern "C" fn(c_int, c_int) -> c_int;
 }
 
 /// The SHA-256 and SHA-1 transforms, allocated once at load.
@@ -1414,6 +1415,16 @@ impl Drop for FileHooks {
         // waits for calls redirected into the module's stubs. (Queued task
         // works hold a module reference each, so unload waits for them.)
         unsafe { bindings::tb_file_hooks_stop() }
+    }
+}
+
+/// Called by the `security_socket_create` hook for a user socket (any
+/// context, never sleeps): 0 lets it be made, -errno refuses it.
+#[no_mangle]
+extern "C" fn trustbind_socket_create(family: c_int, protocol: c_int) -> c_int {
+    match crate::SHARED.with(|s| crate::net::socket_create(s, family, protocol)) {
+        Some(Err(e)) => e.to_errno(),
+        Some(Ok(())) | None => 0,
     }
 }
 

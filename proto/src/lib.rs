@@ -1891,3 +1891,4 @@ pub mod elf;
 pub mod fairq;
 pub mod files;
 pub mod lineage;
+pub mod unqualifiable;

@@ -27,6 +27,10 @@
 //!   module enforces before any agent connected (T-22, module half).
 //! - `attack_unix_before_verdict`: a refused UNIX client cannot get bytes
 //!   to the listener while its connect waits for the verdict (T-20).
+//! - `attack_smc`: SMC sockets, whose TCP connection is a kernel socket,
+//!   are refused while connections are qualified (T-19).
+//! - `attack_fuse_exec`: a program on a FUSE mount is refused, though the
+//!   same bytes are approved elsewhere (T-09).
 
 use anyhow::{ensure, Context, Result};
 use base64::Engine;
@@ -741,5 +745,165 @@ waitpid($pid, 0);
         "the listener accepted a connection the module refused: {:?}",
         vm.run("cat /tmp/t20.got")?
     );
+    finish(vm)
+}
+
+/// A perl one-liner (no single quotes: it runs under [`as_nobody`]) that
+/// opens an SMC socket (`family`, `protocol`), connects it to
+/// 127.0.0.1:`port` and sends `line`; prints `sent`, or dies with the
+/// failing call and its error.
+fn smc_client(family: u32, protocol: u32, port: u16, line: &str) -> String {
+    format!(
+        "perl -MSocket -e \"socket(S, {family}, SOCK_STREAM, {protocol}) or die qq(socket: \\$!\\n); \
+         connect(S, pack_sockaddr_in({port}, inet_aton(qq(127.0.0.1)))) or die qq(connect: \\$!\\n); \
+         print S qq({line}\\n); close S; print qq(sent\\n)\""
+    )
+}
+
+/// Starts an SMC (`IPPROTO_SMC`) listener on `port` that prints the first
+/// line of its first connection to `/tmp/smc-PORT.out` (or the failing
+/// call).
+fn smc_listener(vm: &mut Vm, port: u16) -> Result<()> {
+    vm.spawn_bg(&format!(
+        "exec perl -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 256) or die \"socket: $!\\n\"; \
+         setsockopt(S, SOL_SOCKET, SO_REUSEADDR, 1); \
+         bind(S, pack_sockaddr_in({port}, INADDR_ANY)) or die \"bind: $!\\n\"; listen(S, 5) or die; \
+         accept(C, S) or die \"accept: $!\\n\"; my $l = <C>; print \"accepted: $l\";' \
+         >/tmp/smc-{port}.out 2>&1"
+    ))?;
+    crate::net_qualify::wait_listening(vm, port)
+}
+
+/// T-19: an SMC socket opens its TCP connection on a kernel socket, which
+/// the connect and accept wrappers cannot attribute to a program (and its
+/// data moves over shared memory, outside any TLS record). First a real SMC
+/// connection is made with connections not qualified, so SMC works in this
+/// kernel (loopback-ism); then, in enforce mode with connections qualified,
+/// an unprivileged user's SMC socket is refused at `socket()` — both ways
+/// of asking for one (`AF_SMC`, `IPPROTO_SMC`), even for a program allowed
+/// on the network, and nothing reaches a listener; permissive mode only
+/// counts it. On the module before this defence the enforce-mode socket
+/// was made, connected and sent its line: the agent was never asked.
+#[test]
+fn attack_smc() -> Result<()> {
+    let mut vm = host_with_module()?;
+    // SMC works here: a connection made before the agent asks for
+    // qualification carries its line.
+    smc_listener(&mut vm, 7410)?;
+    let out = vm.run(&as_nobody(&smc_client(2, 256, 7410, "smc-before")))?;
+    ensure!(
+        out.stdout.contains("sent"),
+        "no SMC connection could be made in this kernel, so the test proves nothing: {out:?}"
+    );
+    ensure!(
+        poll(
+            &mut vm,
+            "grep -q 'accepted: smc-before' /tmp/smc-7410.out",
+            50
+        )?,
+        "the SMC connection did not carry its line: {}",
+        vm.run_ok("cat /tmp/smc-7410.out")?.stdout
+    );
+    // A plain TCP listener for the enforce-mode attempts.
+    vm.spawn_bg("exec socat -u TCP4-LISTEN:7411,reuseaddr OPEN:/tmp/smc-recv,creat,trunc")?;
+    crate::net_qualify::wait_listening(&mut vm, 7411)?;
+    start_agent_with(&mut vm, "enforce", "--no-cache --net-allow /usr/bin/perl")?;
+    for (family, protocol, what) in [(2, 256, "IPPROTO_SMC"), (43, 0, "AF_SMC")] {
+        let out = vm.run(&as_nobody(&smc_client(
+            family,
+            protocol,
+            7411,
+            "smc-canary",
+        )))?;
+        ensure!(
+            !out.stdout.contains("sent") && out.stderr.contains("socket: Permission denied"),
+            "an {what} socket was made in enforce mode: {out:?}"
+        );
+    }
+    // Nor can an SMC listener be made.
+    let out =
+        vm.run("perl -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 256) or die \"socket: $!\\n\"'")?;
+    ensure!(
+        out.stderr.contains("socket: Permission denied"),
+        "a root SMC socket was made in enforce mode: {out:?}"
+    );
+    vm.run_ok("sleep 0.5")?;
+    ensure!(
+        vm.run("grep -q smc-canary /tmp/smc-recv")?.status != 0,
+        "an SMC connection's line reached the server in enforce mode"
+    );
+    ensure!(
+        counter(&mut vm, "net_unqualifiable")? >= 3,
+        "the refusals were not counted as unqualifiable"
+    );
+    // TCP itself is untouched: perl is allowed on the network.
+    vm.run_ok(&as_nobody(
+        "perl -MSocket -e \"socket(S, PF_INET, SOCK_STREAM, 6) or die; \
+         connect(S, pack_sockaddr_in(7411, inet_aton(qq(127.0.0.1)))) or die qq(connect: \\$!\\n);\"",
+    ))?;
+    // Permissive mode counts and lets it be made.
+    stop_agent(&mut vm)?;
+    start_agent_with(
+        &mut vm,
+        "permissive",
+        "--no-cache --net-allow /usr/bin/perl",
+    )?;
+    let would = counter(&mut vm, "net_would_deny")?;
+    let out = vm.run(&as_nobody(
+        "perl -MSocket -e \"socket(S, 43, SOCK_STREAM, 0) or die qq(socket: \\$!\\n); print qq(made\\n)\"",
+    ))?;
+    ensure!(
+        out.stdout.contains("made"),
+        "permissive mode refused an SMC socket: {out:?}"
+    );
+    ensure!(
+        counter(&mut vm, "net_would_deny")? > would,
+        "permissive mode did not count the SMC socket as would-deny"
+    );
+    finish(vm)
+}
+
+/// T-09: a FUSE daemon can answer the page faults of a running program
+/// with other bytes than those the module hashed, so an exec from FUSE
+/// cannot be qualified. An unprivileged user mounts a FUSE mirror of
+/// `/usr/bin` (bindfs through the set-uid `fusermount3`): with the module
+/// disabled `true` runs from it; in enforce mode it is refused without the
+/// agent being asked, though the same bytes run from `/usr/bin`; permissive
+/// mode runs it and counts it. On the module before this defence the
+/// enforce-mode exec ran (the agent allowed the hash of `true`).
+#[test]
+fn attack_fuse_exec() -> Result<()> {
+    let mut vm = host_with_module()?;
+    // /dev/fuse is 0666 on a Debian host (udev's rule); the test VM has
+    // no udev.
+    vm.run_ok("chmod 666 /dev/fuse && mkdir -p /tmp/fuse && chown 65534:65534 /tmp/fuse")?;
+    vm.run_ok(&as_nobody("bindfs --no-allow-other /usr/bin /tmp/fuse"))?;
+    let fs = vm.run_ok(&as_nobody("stat -f -c %T /tmp/fuse"))?.stdout;
+    ensure!(fs.contains("fuse"), "/tmp/fuse is not FUSE but {fs:?}");
+    vm.run_ok(&as_nobody("/tmp/fuse/true"))?;
+    start_agent_with(&mut vm, "enforce", "--no-cache")?;
+    let out = vm.run(&as_nobody("/tmp/fuse/true"))?;
+    ensure!(
+        out.status != 0 && denied(&out),
+        "a program ran from FUSE in enforce mode: {out:?}"
+    );
+    vm.run_ok(&as_nobody("/usr/bin/true"))?;
+    ensure!(
+        exec_lines(&mut vm, "/tmp/fuse/true")?.is_empty(),
+        "the agent was asked about the FUSE exec"
+    );
+    ensure!(
+        counter(&mut vm, "exec_unqualifiable")? >= 1,
+        "the refusal was not counted as unqualifiable"
+    );
+    stop_agent(&mut vm)?;
+    start_agent_with(&mut vm, "permissive", "--no-cache")?;
+    let would = counter(&mut vm, "exec_would_deny")?;
+    vm.run_ok(&as_nobody("/tmp/fuse/true"))?;
+    ensure!(
+        counter(&mut vm, "exec_would_deny")? > would,
+        "permissive mode did not count the FUSE exec as would-deny"
+    );
+    vm.run_ok("umount /tmp/fuse")?;
     finish(vm)
 }

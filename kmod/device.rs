@@ -8,8 +8,9 @@
 //! `poll()` reports readable while records are queued.
 //!
 //! The first record an agent writes must be a `Hello`; the module answers
-//! with a `HelloAck` naming its version and hash drivers. A `Config` sets
-//! the enforcement mode and how long a hooked task waits for a verdict.
+//! with a `HelloAck` naming its version and hash drivers, which is the
+//! first record the agent reads: requests are queued only once it has
+//! read it. A `Config` sets the enforcement mode and how long a hooked task waits for a verdict.
 //! The hooks queue requests (`ExecRequest`, `NetRequest`) on the queue
 //! with a fresh request id and sleep until the agent writes the `Verdict`
 //! with that id, the wait times out, or the agent goes away. `NetRequest`s
@@ -148,6 +149,9 @@ struct State {
     agent: Option<u32>,
     /// Whether that agent has said `Hello`.
     greeted: bool,
+    /// Whether it has read our `HelloAck`: only then are requests and
+    /// notifications queued for it (see `read`).
+    acked: bool,
     /// The version its `Hello` announced.
     agent_version: u32,
     /// Bumped whenever an agent goes away, so waiters notice.
@@ -259,6 +263,7 @@ impl Channel {
             state <- new_mutex!(State {
                 agent: None,
                 greeted: false,
+                acked: false,
                 agent_version: 0,
                 epoch: 0,
                 outbox,
@@ -336,6 +341,7 @@ impl Channel {
             st.pinned_agent = Some(id);
         }
         st.greeted = false;
+        st.acked = false;
         st.outbox.clear();
         self.queued.store(0, Ordering::Release);
         self.agent_tgid.store(tgid, Ordering::Release);
@@ -349,6 +355,7 @@ impl Channel {
             pr_info!("agent pid {} disconnected\n", pid);
         }
         st.greeted = false;
+        st.acked = false;
         st.epoch += 1;
         st.outbox.clear();
         self.queued.store(0, Ordering::Release);
@@ -392,7 +399,7 @@ impl Channel {
     pub(crate) fn ask(&self, rec: &Record<'_>, uid: u32, wait: Wait) -> Answer {
         let timeout = self.verdict_timeout_ms.load(Ordering::Acquire);
         let mut st = self.state.lock();
-        if st.agent.is_none() || !st.greeted {
+        if st.agent.is_none() || !st.acked {
             return Answer::NoAgent;
         }
         let id = st.next_id;
@@ -462,7 +469,7 @@ impl Channel {
     pub(crate) fn notify(&self, rec: &Record<'_>) -> bool {
         let mut st = self.state.lock();
         if st.agent.is_none()
-            || !st.greeted
+            || !st.acked
             || st.agent_version < proto::AGENT_VERSION_CLOSE_RECORDS
         {
             return false;
@@ -485,6 +492,13 @@ impl Channel {
         // in order for threads sharing the descriptor; a fault leaves the
         // record queued.
         UserSlice::new(ubuf, len).writer().write_slice(rec)?;
+        // Requests are queued only once the agent has read the answer to
+        // its `Hello`: one queued earlier could be read first (the outbox serves
+        // users round-robin, and the module's records are one "user"
+        // among them), and the agent expects `HelloAck` before anything.
+        if rec.get(6..8) == Some(&(Kind::HelloAck as u16).to_le_bytes()[..]) {
+            st.acked = true;
+        }
         st.outbox.pop(i);
         self.queued.store(st.outbox.len(), Ordering::Release);
         Ok(n)

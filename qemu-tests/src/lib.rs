@@ -40,6 +40,7 @@ mod err;
 mod health;
 mod net;
 mod payload;
+pub mod steps;
 mod vm;
 
 pub use accel::{accel, Accel};
@@ -63,15 +64,19 @@ pub fn scaled(base: Duration) -> Duration {
     base.mul_f64(scale)
 }
 
-/// A binary of this workspace next to the running test binary's
-/// directory (`target/debug/NAME`), built by `cargo xtask test` first.
+/// A binary of this workspace (`target/debug/NAME`), beside the running
+/// program or, for a test binary (`target/debug/deps/`), its directory's
+/// parent; built by `cargo xtask test` (or `build`) first.
 pub fn workspace_bin(name: &str) -> Result<std::path::PathBuf> {
     let exe = std::env::current_exe().map_err(Error::io("find the test binary"))?;
-    let p = exe
+    let dir = exe
         .parent()
-        .and_then(|d| d.parent())
-        .ok_or_else(|| Error::Usage(format!("{} has no target dir", exe.display())))?
-        .join(name);
+        .ok_or_else(|| Error::Usage(format!("{} has no directory", exe.display())))?;
+    let dir = match dir.file_name() {
+        Some(n) if n == "deps" => dir.parent().unwrap_or(dir),
+        _ => dir,
+    };
+    let p = dir.join(name);
     if !p.is_file() {
         return Err(Error::Usage(format!(
             "{} is missing: build the workspace first (`cargo xtask test` does)",

@@ -34,8 +34,10 @@ Commands:
                 fails the test); with FILTER, only the QEMU tests whose
                 names contain it (e.g. `cargo xtask test file_`)
   demo [--shell]
-                build, boot a protected host VM with the module loaded and
-                show it working; --shell leaves you at a guest prompt
+                build, boot the appliance and two protected hosts, set them
+                up with the trustbind CLI and show exec control, an
+                encrypted channel, file access and the audit log; --shell
+                then gives a prompt (`trustbind ARGS`, `a: CMD`, `b: CMD`)
   bench         build, run the cargo benchmarks (release; `fleet` with its
                 defaults, 100 agents for 10 s) and the NSRL import
                 benchmark, then the VM

@@ -141,7 +141,6 @@ use crate::device::{Answer, Wait};
 use crate::exec::{Refusal, Refusals};
 use crate::proto::bound::{handed_over, BoundSocket, Slot as BoundSlot};
 use crate::proto::lineage::{Chain, ProcId};
-use crate::proto::unqualifiable;
 use crate::proto::{
     Ancestry, ChannelClosed, ChannelKey, ChannelRole, CloseReason, Decision, Family, IpcRequest,
     Mode, NetKind, NetRequest, ProgramSource, Record,
@@ -699,14 +698,11 @@ impl core::fmt::Display for NewSocket {
     }
 }
 
-/// Decides the creation of a user socket (the `security_socket_create`
-/// hook; any context, never sleeps): one the PEM cannot qualify
-/// (`proto::unqualifiable::socket`, SMC) is refused while connections are
+/// Decides the creation of a user socket the PEM cannot qualify (`why`,
+/// from `proto::unqualifiable::socket`: SMC; the `security_socket_create`
+/// hook, any context, never sleeps): refused while connections are
 /// qualified, by the mode's table. Nothing is asked.
-pub(crate) fn socket_create(s: &Shared, family: i32, protocol: i32) -> Result {
-    let Some(why) = unqualifiable::socket(family, protocol) else {
-        return Ok(());
-    };
+pub(crate) fn socket_create(s: &Shared, why: &'static str, family: i32, protocol: i32) -> Result {
     let mode = s.channel.mode();
     if mode == Mode::Disabled || !s.channel.qualifies_net() {
         return Ok(());

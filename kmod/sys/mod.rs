@@ -1422,7 +1422,12 @@ impl Drop for FileHooks {
 /// context, never sleeps): 0 lets it be made, -errno refuses it.
 #[no_mangle]
 extern "C" fn trustbind_socket_create(family: c_int, protocol: c_int) -> c_int {
-    match crate::SHARED.with(|s| crate::net::socket_create(s, family, protocol)) {
+    // Every socket() of the host comes here: only an unqualifiable one
+    // reaches the module state.
+    let Some(why) = crate::proto::unqualifiable::socket(family, protocol) else {
+        return 0;
+    };
+    match crate::SHARED.with(|s| crate::net::socket_create(s, why, family, protocol)) {
         Some(Err(e)) => e.to_errno(),
         Some(Ok(())) | None => 0,
     }

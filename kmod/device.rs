@@ -595,7 +595,7 @@ impl Channel {
                 if backstop == backstop::Mode::Off {
                     // Nothing is qualified any more: whatever qualifies
                     // next learns its protected services afresh.
-                    sys::backstop_forget();
+                    crate::SHARED.with(|s| s.backstop.forget());
                 }
                 sys::backstop_set(backstop);
                 pr_info!(
@@ -609,7 +609,10 @@ impl Channel {
                     }
                 );
             }
-            Record::Peers(p) => match sys::backstop_peers(&p) {
+            Record::Peers(p) => match crate::SHARED
+                .with(|s| s.backstop.set_peers(&p))
+                .unwrap_or(Err(ENODEV))
+            {
                 Ok(()) => pr_info!("protected hosts: {}\n", p.len()),
                 Err(e) => {
                     pr_warn!("protected hosts not updated: errno {}\n", e.to_errno());

@@ -140,12 +140,16 @@ use kernel::sync::SpinLock;
 use crate::device::{Answer, Wait};
 use crate::exec::{Refusal, Refusals};
 use crate::proto::bound::{handed_over, BoundSocket, Slot as BoundSlot};
+use crate::proto::hold::HoldSet;
+use crate::proto::sorted::{sort_unique, NetEnd, SortedSet};
 use crate::proto::lineage::{Chain, ProcId};
 use crate::proto::{
     Ancestry, ChannelClosed, ChannelKey, ChannelRole, CloseReason, Decision, Family, IpcRequest,
-    Mode, NetKind, NetRequest, ProgramSource, Record,
+    Mode, NetKind, NetRequest, Peers, ProgramSource, Record,
 };
-use crate::sys::{self, NetInfo, SockRef, SockTable, TcpCounts, UnixInfo, NET_CONNECT, NET_ESTABLISHED};
+use crate::sys::{
+    self, NetInfo, RcuCell, SockRef, SockTable, TcpCounts, UnixInfo, NET_CONNECT, NET_ESTABLISHED,
+};
 use crate::Shared;
 
 /// What the net path did since load (shown in debugfs, see `pem.rs`).
@@ -180,6 +184,15 @@ pub(crate) struct Stats {
     pub(crate) idle_ended: AtomicU64,
     /// Bound sockets open now (remembered ones).
     pub(crate) bound_open: AtomicU64,
+    /// Services the backstop protects now.
+    pub(crate) backstop_protected: AtomicU64,
+    /// Services not protected because [`MAX_SERVICES`] were.
+    pub(crate) backstop_protected_full: AtomicU64,
+    /// Sends on a held socket (between its handshake and its key), and
+    /// plain TCP sends that reached a socket after its key was installed
+    /// (they read its protocol before): sent back to restart through the
+    /// socket's protocol of then, or `EAGAIN` (T-40, T-60).
+    pub(crate) send_restarted: AtomicU64,
 }
 
 /// The net path's counters.
@@ -198,7 +211,177 @@ pub(crate) static STATS: Stats = Stats {
     close_dropped: AtomicU64::new(0),
     idle_ended: AtomicU64::new(0),
     bound_open: AtomicU64::new(0),
+    send_restarted: AtomicU64::new(0),
+    backstop_protected: AtomicU64::new(0),
+    backstop_protected_full: AtomicU64::new(0),
 };
+
+/// Protected services at most: past this a channel's service is not
+/// protected by the backstop (counted); the wrappers still qualify it.
+const MAX_SERVICES: usize = 1024;
+
+/// An immutable sorted set of connection ends (`proto/src/sorted.rs`).
+type EndSet = SortedSet<KVec<NetEnd>>;
+
+/// The netfilter backstop's sets, read under RCU on every packet the
+/// hooks look at: the protected services (the ends of connections some
+/// verdict bound: the peer of a connect, this host's end of an accept,
+/// in the socket's network namespace), and the protected hosts (the
+/// agent's `Peers` record). Kept across policy generations (T-29);
+/// forgotten when the backstop is switched off.
+#[pin_data]
+pub(crate) struct Backstop {
+    #[pin]
+    services: RcuCell<EndSet>,
+    /// Services in `services`: 0 keeps the hooks from parsing packets.
+    armed: AtomicUsize,
+    #[pin]
+    peers: RcuCell<EndSet>,
+}
+
+impl Backstop {
+    /// Nothing protected; no list of protected hosts yet.
+    pub(crate) fn new() -> impl PinInit<Self> {
+        pin_init!(Self {
+            services <- RcuCell::new(),
+            armed: AtomicUsize::new(0),
+            peers <- RcuCell::new(),
+        })
+    }
+
+    fn service(info: &NetInfo) -> NetEnd {
+        // CAST: 4 or 6.
+        NetEnd::new(info.net, info.family as u8, &info.dst_addr, info.dst_port)
+    }
+
+    /// Records `info`'s destination as a protected service: plaintext to
+    /// or from it is dropped. `Ok(true)` if it was new; `ENOSPC` past
+    /// [`MAX_SERVICES`]. Process context (sleeps: the old set is freed
+    /// after a grace period).
+    pub(crate) fn protect(&self, info: &NetInfo) -> Result<bool> {
+        let e = Self::service(info);
+        if self.is_protected(info) {
+            return Ok(false);
+        }
+        let mut added = 0;
+        self.services.update(|cur| {
+            let empty = SortedSet::new(&[][..]).ok_or(EINVAL)?;
+            let (len, at) = match cur {
+                Some(set) => (set.len(), set.insertion(&e)),
+                None => (0, empty.insertion(&e)),
+            };
+            if at.is_none() {
+                return Ok(None);
+            }
+            if len >= MAX_SERVICES {
+                bump(&STATS.backstop_protected_full);
+                return Err(ENOSPC);
+            }
+            let out = KVec::with_capacity(len + 1, GFP_KERNEL)?;
+            let push = |v: &mut KVec<NetEnd>, x| v.push(x, GFP_KERNEL);
+            let next = match cur {
+                Some(set) => set.with(&e, out, push),
+                None => empty.with(&e, out, push),
+            }
+            .ok_or(ENOMEM)?;
+            added = next.len();
+            Ok(Some(KBox::new(next, GFP_KERNEL)?))
+        })?;
+        if added == 0 {
+            return Ok(false);
+        }
+        self.armed.store(added, Ordering::Release);
+        // CAST: at most MAX_SERVICES.
+        STATS.backstop_protected.store(added as u64, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Whether the server end of `info` is a protected service already.
+    pub(crate) fn is_protected(&self, info: &NetInfo) -> bool {
+        self.protected(&Self::service(info))
+    }
+
+    /// Whether `e` is a protected service. Any context.
+    pub(crate) fn protected(&self, e: &NetEnd) -> bool {
+        self.services.read(|set| set.is_some_and(|set| set.contains(e)))
+    }
+
+    /// Whether any service is protected. Any context.
+    pub(crate) fn armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire) != 0
+    }
+
+    /// Forgets every protected service (the backstop was switched off).
+    /// Sleeps.
+    pub(crate) fn forget(&self) {
+        self.armed.store(0, Ordering::Release);
+        self.services.clear();
+        STATS.backstop_protected.store(0, Ordering::Relaxed);
+    }
+
+    /// Replaces the protected hosts. Sleeps.
+    pub(crate) fn set_peers(&self, peers: &Peers<'_>) -> Result {
+        let mut v = KVec::with_capacity(peers.len(), GFP_KERNEL)?;
+        for (family, addr) in peers.iter() {
+            v.push(NetEnd::host(family as u8, &addr), GFP_KERNEL)?;
+        }
+        let n = sort_unique(&mut v);
+        let mut kept = KVec::with_capacity(n, GFP_KERNEL)?;
+        for e in v.iter().take(n) {
+            kept.push(*e, GFP_KERNEL)?;
+        }
+        let set = SortedSet::new(kept).ok_or(EINVAL)?;
+        self.peers.update(|_| Ok::<_, Error>(Some(KBox::new(set, GFP_KERNEL)?)))
+    }
+
+    /// Whether an inbound packet's source is a protected host; `None`
+    /// until the first list came. Any context.
+    pub(crate) fn from_peer(&self, family: u8, addr: &[u8; 16]) -> Option<bool> {
+        let host = NetEnd::host(family, addr);
+        self.peers.read(|set| set.map(|set| set.contains(&host)))
+    }
+}
+
+/// The send hold (`proto/src/hold.rs`): the sockets between their
+/// handshake and their channel key. Lock-free: every TCP send on the host
+/// reads it while any socket is held.
+static HOLD: HoldSet = HoldSet::new();
+
+/// `tb_connect_bound` holds the sends of `sk` before it connects; `false`
+/// when its group of the set is full (it waits for a leave and retries).
+#[no_mangle]
+extern "C" fn trustbind_hold_enter(sk: kernel::ffi::c_ulong) -> bool {
+    // CAST: `unsigned long` and `usize` are both pointer-sized here.
+    HOLD.enter(sk as usize)
+}
+
+/// `sk` is bound (or reset): its sends go on.
+#[no_mangle]
+extern "C" fn trustbind_hold_leave(sk: kernel::ffi::c_ulong) {
+    // CAST: as above.
+    HOLD.leave(sk as usize);
+}
+
+/// Whether any socket is held (the `tcp_sendmsg` and
+/// `sk_stream_wait_connect` callbacks redirect only then). Any context.
+#[no_mangle]
+extern "C" fn trustbind_hold_any() -> bool {
+    HOLD.any()
+}
+
+/// Whether the sends of `sk` are held now. Any context.
+#[no_mangle]
+extern "C" fn trustbind_send_held(sk: kernel::ffi::c_ulong) -> bool {
+    // CAST: as above.
+    HOLD.held(sk as usize)
+}
+
+/// A send on a held socket was sent back to restart (or failed with
+/// `EAGAIN`): counted.
+#[no_mangle]
+extern "C" fn trustbind_send_restarted() {
+    bump(&STATS.send_restarted);
+}
 
 /// Bound sockets remembered at once at most (a power of two; ~48 bytes
 /// each).
@@ -453,7 +636,7 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
         dst: Endpoint(family, &info.dst_addr, info.dst_port),
     };
     if kind == NetKind::Established
-        || (kind == NetKind::Accept && sys::backstop_is_protected(info))
+        || (kind == NetKind::Accept && s.backstop.is_protected(info))
     {
         // kTLS attaches only while the connection is ESTABLISHED, and the
         // peer may send its FIN as soon as it has its key, which this ask
@@ -487,7 +670,7 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
                 if encrypt {
                     bump(&STATS.bind_required);
                     info.bind = 1;
-                    protect(info);
+                    protect(s, info);
                 }
                 return Ok(());
             }
@@ -538,7 +721,7 @@ fn bind(
     match sys::ktls_install(info, key) {
         Ok(()) => {
             bump(&STATS.bound);
-            protect(info);
+            protect(s, info);
             let now = sys::now_ms();
             let idle_ms = u64::from(key.idle_timeout_s) * 1000;
             let entry = BoundSocket {
@@ -583,8 +766,8 @@ fn bind(
 
 /// Records the service end of a connection the policy binds (the peer of
 /// a connect, this host's end of an accept) for the netfilter backstop.
-fn protect(info: &NetInfo) {
-    match sys::backstop_protect(info) {
+fn protect(s: &Shared, info: &NetInfo) {
+    match s.backstop.protect(info) {
         Ok(true) => pr_info!(
             "protected service {} (plaintext to or from it is dropped)\n",
             Endpoint(

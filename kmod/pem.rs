@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     #[pin]
     pub(crate) bound: net::Bound,
     #[pin]
+    pub(crate) backstop: net::Backstop,
+    #[pin]
     pub(crate) files: files::Files,
 }
 
@@ -158,6 +160,7 @@ impl kernel::Module for Trustbind {
                 lineage <- lineage,
                 loader <- loader,
                 bound <- bound,
+                backstop <- net::Backstop::new(),
                 files <- file_state,
             }? Error),
             GFP_KERNEL,
@@ -213,6 +216,12 @@ impl kernel::Module for Trustbind {
             (c_str!("net_close_sent"), &net::STATS.close_sent),
             (c_str!("net_close_dropped"), &net::STATS.close_dropped),
             (c_str!("net_idle_ended"), &net::STATS.idle_ended),
+            (c_str!("net_send_restarted"), &net::STATS.send_restarted),
+            (c_str!("net_backstop_protected"), &net::STATS.backstop_protected),
+            (
+                c_str!("net_backstop_protected_full"),
+                &net::STATS.backstop_protected_full,
+            ),
             (c_str!("unix_asked"), &net::UNIX_STATS.asked),
             (c_str!("unix_allowed"), &net::UNIX_STATS.allowed),
             (c_str!("unix_denied"), &net::UNIX_STATS.refusals.denied),

@@ -32,6 +32,7 @@
 #include <linux/dcache.h>
 #include <linux/elf.h>
 #include <linux/ftrace.h>
+#include <linux/kallsyms.h>
 #include <linux/net.h>
 #include <linux/in.h>
 #include <linux/in6.h>
@@ -433,6 +434,18 @@ void tb_debugfs_remove(struct dentry *dir)
 	debugfs_remove(dir);
 }
 
+/* --- RCU read sections for Rust (sys/mod.rs RcuCell) -------------------- */
+
+void tb_rcu_read_lock(void)
+{
+	rcu_read_lock();
+}
+
+void tb_rcu_read_unlock(void)
+{
+	rcu_read_unlock();
+}
+
 /* --- Module pinning ----------------------------------------------------- */
 
 bool tb_module_pin(void)
@@ -675,52 +688,23 @@ static void tb_net_leave(void)
 /*
  * Sockets between their handshake and their channel key (tb_connect_bound):
  * another thread of the program may already send on such a socket, and TCP
- * would send that as plaintext. While any socket binds, the tcp_sendmsg
- * hook redirects every send and the wrapper holds the sends of a binding
- * socket until it is bound (or reset). The entries live on the binding
- * task's stack; the set is small (connects waiting for their key).
+ * would send that as plaintext. The set of held sockets is Rust's
+ * (trustbind_hold_*, proto/src/hold.rs; lock-free). tb_connect_bound
+ * enters the socket before inet_stream_connect() takes the socket lock to
+ * send the SYN, and leaves once the key is installed (or the connection
+ * reset). A send reaches tcp_sendmsg_locked() with the socket lock held:
+ * if the SYN went out before, the hold is visible to it there (the lock
+ * orders the two), so a callback on tcp_sendmsg_locked() catches every
+ * send on a held socket, whenever it started (T-40), and sends it back to
+ * restart once the socket is bound (tb_tcp_sendmsg_held). A send that
+ * took the lock before the SYN found the socket unconnected and failed
+ * (EPIPE). The wait queue is woken at every leave.
  */
-struct tb_binding {
-	struct hlist_node node;
-	const struct sock *sk;
-};
-
-static DEFINE_SPINLOCK(tb_binding_lock);
-static DEFINE_HASHTABLE(tb_binding_set, 6);
-static atomic_t tb_binding_n = ATOMIC_INIT(0);
 static DECLARE_WAIT_QUEUE_HEAD(tb_bound_wq);
 
-static void tb_binding_add(struct tb_binding *b, const struct sock *sk)
+static unsigned long tb_sk_id(const struct sock *sk)
 {
-	b->sk = sk;
-	spin_lock_bh(&tb_binding_lock);
-	hash_add(tb_binding_set, &b->node, (unsigned long)sk);
-	atomic_inc(&tb_binding_n);
-	spin_unlock_bh(&tb_binding_lock);
-}
-
-static void tb_binding_del(struct tb_binding *b)
-{
-	spin_lock_bh(&tb_binding_lock);
-	hash_del(&b->node);
-	atomic_dec(&tb_binding_n);
-	spin_unlock_bh(&tb_binding_lock);
-	wake_up_all(&tb_bound_wq);
-}
-
-static bool tb_is_binding(const struct sock *sk)
-{
-	struct tb_binding *b;
-	bool found = false;
-
-	spin_lock_bh(&tb_binding_lock);
-	hash_for_each_possible(tb_binding_set, b, node, (unsigned long)sk)
-		if (b->sk == sk) {
-			found = true;
-			break;
-		}
-	spin_unlock_bh(&tb_binding_lock);
-	return found;
+	return (unsigned long)sk;
 }
 
 /* A user-space stream socket of IPv4/IPv6: TCP, or MPTCP (whose connect is
@@ -786,6 +770,7 @@ static int tb_connect_qualify(struct socket *sock, struct sockaddr *uaddr,
 		return 0;
 	tb_sock_end(sk, false, info->src_addr, &info->src_port);
 	TB_FILL_TASK(info);
+	info->net = sock_net(sk)->net_cookie;
 	info->sock = sock;
 	return trustbind_net_check(info);
 }
@@ -801,11 +786,14 @@ static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
 			    int addr_len, int flags, struct tb_net_info *info)
 {
 	struct sock *sk = sock->sk;
-	struct tb_binding binding;
 	int err;
 
 	inet_clear_bit(DEFER_CONNECT, sk);
-	tb_binding_add(&binding, sk);
+	/* Held before the SYN (the set has room for 256 sockets at once;
+	 * past that, connects wait for a leave). */
+	if (wait_event_interruptible(tb_bound_wq,
+				     trustbind_hold_enter(tb_sk_id(sk))))
+		return -ERESTARTSYS;
 	err = inet_stream_connect(sock, uaddr, addr_len, flags & ~O_NONBLOCK);
 	if (err) {
 		/* Interrupted or timed out (SO_SNDTIMEO) while the handshake
@@ -824,7 +812,8 @@ static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
 	if (err)
 		tb_sock_abort(sock, ECONNRESET);
 out:
-	tb_binding_del(&binding);
+	trustbind_hold_leave(tb_sk_id(sk));
+	wake_up_all(&tb_bound_wq);
 	return err;
 }
 
@@ -871,18 +860,6 @@ static int tb_tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
 	struct tb_net_info info;
 	int err;
 
-	if (!(msg->msg_flags & MSG_FASTOPEN)) {
-		/* Redirected because some socket binds: if it is this one,
-		 * wait until it is bound (or reset), then send through
-		 * whatever protocol it has now (kTLS when bound). Nothing
-		 * was sent yet, so a signal restarts the call. */
-		if (wait_event_interruptible(tb_bound_wq, !tb_is_binding(sk))) {
-			err = -ERESTARTSYS;
-			goto out;
-		}
-		err = READ_ONCE(sk->sk_prot)->sendmsg(sk, msg, size);
-		goto out;
-	}
 	if (!sock) {
 		err = tcp_sendmsg(sk, msg, size);
 		goto out;
@@ -907,6 +884,88 @@ out:
 	return err;
 }
 
+/*
+ * A send on a held socket, or plain TCP's send on a socket that is kTLS by
+ * now (tcp_sendmsg_locked() hook, socket lock held): nothing is sent; the
+ * task restarts the system call after a task work waited, with no lock
+ * held, until the socket is bound or reset, and the restarted send goes
+ * through the socket's protocol of then (kTLS). Also when the hold was
+ * left between the callback and here: this call runs plain TCP's send,
+ * which must not carry a bound socket's data. A call that cannot be
+ * restarted (io_uring, a kernel caller, a compat system call) fails with
+ * EAGAIN instead, never sent.
+ */
+/* The system call the current task is in, if -ERESTARTNOINTR can restart
+ * it (a user task's native system call); -1 otherwise. */
+static long tb_restartable_nr(void)
+{
+	if (current->flags & (PF_KTHREAD | PF_IO_WORKER | PF_EXITING) ||
+	    in_compat_syscall())
+		return -1;
+	return syscall_get_nr(current, task_pt_regs(current));
+}
+
+static bool tb_send_restartable(void)
+{
+	switch (tb_restartable_nr()) {
+	case __NR_write:
+	case __NR_writev:
+	case __NR_sendto:
+	case __NR_sendmsg:
+	case __NR_sendmmsg:
+	case __NR_sendfile:
+	case __NR_splice:
+		return true;
+	}
+	return false;
+}
+
+struct tb_send_work {
+	struct callback_head cb;
+	struct sock *sk;
+};
+
+static void tb_send_work_fn(struct callback_head *cb)
+{
+	struct tb_send_work *w = container_of(cb, struct tb_send_work, cb);
+
+	/* Interrupted: the restarted send is caught again if still held. */
+	if (wait_event_interruptible(tb_bound_wq,
+				     !trustbind_send_held(tb_sk_id(w->sk))))
+		;
+	sock_put(w->sk);
+	kfree(w);
+	module_put(THIS_MODULE);
+}
+
+static int tb_tcp_sendmsg_held(struct sock *sk, struct msghdr *msg,
+			       size_t size)
+{
+	struct tb_send_work *w = NULL;
+	int err = -EAGAIN;
+
+	trustbind_send_restarted();
+	if (!tb_send_restartable() || !try_module_get(THIS_MODULE))
+		goto out;
+	/* Socket lock held: no reclaim that could wait on this socket. */
+	w = kmalloc(sizeof(*w), GFP_NOWAIT | __GFP_NOWARN);
+	if (!w)
+		goto put;
+	w->sk = sk;
+	init_task_work(&w->cb, tb_send_work_fn);
+	if (task_work_add(current, &w->cb, TWA_SIGNAL))
+		goto put;
+	sock_hold(sk);
+	err = -ERESTARTNOINTR;
+	goto out;
+put:
+	kfree(w);
+	module_put(THIS_MODULE);
+out:
+	tb_net_leave();
+	return err;
+}
+
 typedef int (*tb_accept_fn)(struct socket *, struct socket *,
 			    struct proto_accept_arg *);
 
@@ -923,6 +982,7 @@ static int tb_accept_check(struct socket *newsock, int err)
 		tb_sock_end(sk, true, info.src_addr, &info.src_port);
 		tb_sock_end(sk, false, info.dst_addr, &info.dst_port);
 		TB_FILL_TASK(&info);
+		info.net = sock_net(sk)->net_cookie;
 		info.sock = newsock;
 		if (trustbind_net_check(&info)) {
 			/* The caller (do_accept, kernel_accept) releases
@@ -1033,15 +1093,6 @@ void tb_sock_abort(struct socket *sock, int err)
  * in permissive mode a drop is only counted (would_drop).
  */
 
-struct tb_prot {
-	struct hlist_node node;
-	struct rcu_head rcu;
-	u64 net;		/* the network namespace's net_cookie (T-30) */
-	u8 family;
-	u8 addr[16];
-	u16 port;
-};
-
 struct tb_mark {
 	struct hlist_node node;
 	struct rcu_head rcu;
@@ -1055,12 +1106,7 @@ struct tb_mark {
 	struct list_head closing_node;
 };
 
-#define TB_PROT_MAX 1024
 #define TB_MARK_MAX 65536
-
-static DEFINE_SPINLOCK(tb_prot_lock);
-static DEFINE_HASHTABLE(tb_prot_set, 8);
-static atomic_t tb_prot_n = ATOMIC_INIT(0);
 
 static DEFINE_SPINLOCK(tb_mark_lock);
 static DEFINE_HASHTABLE(tb_mark_set, 10);
@@ -1070,103 +1116,12 @@ static atomic_t tb_backstop_mode = ATOMIC_INIT(TB_BACKSTOP_OFF);
 
 static struct {
 	atomic64_t syn_dropped, payload_dropped, inbound_dropped, would_drop,
-		unmarked, protected_full, key_reads_refused;
+		unmarked, key_reads_refused;
 } tb_bs;
-
-static u32 tb_prot_hash(u64 net, u8 family, const u8 *addr, u16 port)
-{
-	return jhash(addr, family == 6 ? 16 : 4,
-		     ((u32)family << 16 | port) ^ (u32)net ^ (u32)(net >> 32));
-}
-
-/* Whether (net, family, addr, port) is a protected service; RCU read. */
-static bool tb_prot_has(u64 net, u8 family, const u8 *addr, u16 port)
-{
-	struct tb_prot *p;
-	u32 h = tb_prot_hash(net, family, addr, port);
-
-	hash_for_each_possible_rcu(tb_prot_set, p, node, h)
-		if (p->net == net && p->family == family && p->port == port &&
-		    !memcmp(p->addr, addr, family == 6 ? 16 : 4))
-			return true;
-	return false;
-}
-
-/* The network namespace of the socket info describes. */
-static u64 tb_info_net(const struct tb_net_info *info)
-{
-	return sock_net(info->sock->sk)->net_cookie;
-}
 
 void tb_backstop_set_mode(u32 mode)
 {
 	atomic_set(&tb_backstop_mode, mode);
-}
-
-int tb_backstop_protect(const struct tb_net_info *info)
-{
-	struct tb_prot *p;
-	u8 family = info->family == 6 ? 6 : 4;
-	u64 net = tb_info_net(info);
-	u32 h = tb_prot_hash(net, family, info->dst_addr, info->dst_port);
-	int ret = 0;
-
-	rcu_read_lock();
-	ret = tb_prot_has(net, family, info->dst_addr, info->dst_port);
-	rcu_read_unlock();
-	if (ret)
-		return 0;
-	p = kzalloc(sizeof(*p), GFP_KERNEL);
-	if (!p)
-		return -ENOMEM;
-	p->net = net;
-	p->family = family;
-	memcpy(p->addr, info->dst_addr, family == 6 ? 16 : 4);
-	p->port = info->dst_port;
-	spin_lock_bh(&tb_prot_lock);
-	rcu_read_lock();
-	ret = tb_prot_has(net, family, p->addr, p->port);
-	rcu_read_unlock();
-	if (ret) {
-		ret = 0;
-	} else if (atomic_read(&tb_prot_n) >= TB_PROT_MAX) {
-		atomic64_inc(&tb_bs.protected_full);
-		ret = -ENOSPC;
-	} else {
-		hash_add_rcu(tb_prot_set, &p->node, h);
-		atomic_inc(&tb_prot_n);
-		p = NULL;
-		ret = 1;
-	}
-	spin_unlock_bh(&tb_prot_lock);
-	kfree(p);
-	return ret;
-}
-
-bool tb_backstop_is_protected(const struct tb_net_info *info)
-{
-	bool ret;
-
-	rcu_read_lock();
-	ret = tb_prot_has(tb_info_net(info), info->family == 6 ? 6 : 4,
-			  info->dst_addr, info->dst_port);
-	rcu_read_unlock();
-	return ret;
-}
-
-void tb_backstop_forget(void)
-{
-	struct tb_prot *p;
-	struct hlist_node *tmp;
-	int i;
-
-	spin_lock_bh(&tb_prot_lock);
-	hash_for_each_safe(tb_prot_set, i, tmp, p, node) {
-		hash_del_rcu(&p->node);
-		atomic_dec(&tb_prot_n);
-		kfree_rcu(p, rcu);
-	}
-	spin_unlock_bh(&tb_prot_lock);
 }
 
 static struct tb_mark *tb_mark_find(const struct sock *sk)
@@ -1301,7 +1256,6 @@ static void tb_backstop_free(void)
 
 	WRITE_ONCE(tb_mark_gc_stopped, true);
 	cancel_delayed_work_sync(&tb_mark_gc);
-	tb_backstop_forget();
 	spin_lock_bh(&tb_mark_lock);
 	hash_for_each_safe(tb_mark_set, i, tmp, m, node) {
 		tb_mark_drop(m);
@@ -1369,14 +1323,8 @@ static bool tb_pkt_parse(struct sk_buff *skb, u8 pf, struct tb_bs_pkt *p)
 	return true;
 }
 
-/* The lookups proto::backstop asks for (kmod/sys/mod.rs, BsFacts); called
- * from the hooks, under netfilter's RCU read section. */
-bool tb_bs_protected(const struct tb_bs_pkt *p, bool src)
-{
-	return src ? tb_prot_has(p->net, p->family, p->saddr, p->sport) :
-		     tb_prot_has(p->net, p->family, p->daddr, p->dport);
-}
-
+/* The socket lookup proto::backstop asks for (kmod/sys/mod.rs, BsFacts);
+ * called from the hooks, under netfilter's RCU read section. */
 void tb_bs_sender(const struct tb_bs_pkt *p, struct tb_bs_sender *out)
 {
 	const struct sock *sk = p->sk;
@@ -1450,7 +1398,7 @@ static bool tb_bs_packet(struct sk_buff *skb,
 {
 	memset(p, 0, sizeof(*p));
 	p->mode = atomic_read(&tb_backstop_mode);
-	if (p->mode == TB_BACKSTOP_OFF || !atomic_read(&tb_prot_n) ||
+	if (p->mode == TB_BACKSTOP_OFF || !trustbind_backstop_armed() ||
 	    !tb_pkt_parse(skb, state->pf, p))
 		return false;
 	p->net = state->net->net_cookie;
@@ -1477,73 +1425,6 @@ static unsigned int tb_backstop_hook(void *priv, struct sk_buff *skb,
  * Until the first Peers record nothing inbound is dropped (the accept
  * wrapper still resets such a connection before a byte is read).
  */
-struct tb_peers {
-	struct rcu_head rcu;
-	u32 n;
-	struct {
-		u8 family;
-		u8 addr[16];
-	} e[];
-};
-
-static struct tb_peers __rcu *tb_peers;
-static DEFINE_MUTEX(tb_peers_lock);
-
-int tb_backstop_peers(const u8 *entries, u32 n)
-{
-	struct tb_peers *p, *old;
-	u32 i;
-
-	p = kzalloc(struct_size(p, e, n), GFP_KERNEL);
-	if (!p)
-		return -ENOMEM;
-	p->n = n;
-	for (i = 0; i < n; i++) {
-		p->e[i].family = entries[i * 20];
-		memcpy(p->e[i].addr, &entries[i * 20 + 4], 16);
-	}
-	mutex_lock(&tb_peers_lock);
-	old = rcu_replace_pointer(tb_peers, p,
-				  lockdep_is_held(&tb_peers_lock));
-	mutex_unlock(&tb_peers_lock);
-	if (old)
-		kfree_rcu(old, rcu);
-	return 0;
-}
-
-static void tb_backstop_peers_free(void)
-{
-	struct tb_peers *old;
-
-	mutex_lock(&tb_peers_lock);
-	old = rcu_replace_pointer(tb_peers, NULL,
-				  lockdep_is_held(&tb_peers_lock));
-	mutex_unlock(&tb_peers_lock);
-	if (old)
-		kfree_rcu(old, rcu);
-}
-
-static bool tb_peer_known(const struct tb_peers *p, u8 family,
-			  const u8 *addr)
-{
-	u32 i;
-
-	for (i = 0; i < p->n; i++)
-		if (p->e[i].family == family &&
-		    !memcmp(p->e[i].addr, addr, family == 6 ? 16 : 4))
-			return true;
-	return false;
-}
-
-int tb_bs_from_peer(const struct tb_bs_pkt *p)
-{
-	const struct tb_peers *peers = rcu_dereference(tb_peers);
-
-	if (!peers)
-		return -1;
-	return tb_peer_known(peers, p->family, p->saddr);
-}
-
 /* Incoming: a SYN to this host, decided by proto::backstop. */
 static unsigned int tb_backstop_in_hook(void *priv, struct sk_buff *skb,
 					const struct nf_hook_state *state)
@@ -1620,12 +1501,8 @@ void tb_backstop_debugfs(struct dentry *dir)
 			   (u64 *)&tb_bs.would_drop.counter);
 	debugfs_create_u64("net_backstop_unmarked", 0400, dir,
 			   (u64 *)&tb_bs.unmarked.counter);
-	debugfs_create_u64("net_backstop_protected_full", 0400, dir,
-			   (u64 *)&tb_bs.protected_full.counter);
 	debugfs_create_u64("net_key_reads_refused", 0400, dir,
 			   (u64 *)&tb_bs.key_reads_refused.counter);
-	debugfs_create_atomic_t("net_backstop_protected", 0400, dir,
-				&tb_prot_n);
 	debugfs_create_atomic_t("net_backstop_marked", 0400, dir,
 				&tb_mark_n);
 }
@@ -2076,8 +1953,7 @@ static void notrace tb_net_redirect(unsigned long ip, unsigned long parent_ip,
 	ftrace_regs_set_instruction_pointer(fregs, (unsigned long)op->private);
 }
 
-/* tcp_sendmsg(sk, msg, size): redirected only for a fast open send, or
- * while some socket binds (see tb_binding). */
+/* tcp_sendmsg(sk, msg, size): redirected only for a fast open send. */
 static void notrace tb_sendmsg_redirect(unsigned long ip,
 					unsigned long parent_ip,
 					struct ftrace_ops *op,
@@ -2086,10 +1962,53 @@ static void notrace tb_sendmsg_redirect(unsigned long ip,
 	const struct msghdr *msg =
 		(const void *)ftrace_regs_get_argument(fregs, 1);
 
-	if (likely(!(READ_ONCE(msg->msg_flags) & MSG_FASTOPEN) &&
-		   !atomic_read(&tb_binding_n)))
+	if (likely(!(READ_ONCE(msg->msg_flags) & MSG_FASTOPEN)))
 		return;
 	tb_net_redirect(ip, parent_ip, op, fregs);
+}
+
+/* The end of tcp_sendmsg()'s code (tb_net_hooks_start): a return address
+ * in [tcp_sendmsg, end) is its call of tcp_sendmsg_locked(). */
+static unsigned long tb_tcp_sendmsg_end;
+
+/* tcp_sendmsg_locked(sk, msg, size), socket lock held: redirected
+ * (tb_tcp_sendmsg_held) for a held socket, and for plain TCP's send on a
+ * socket whose protocol is kTLS by now: a send that read the socket's
+ * protocol (inet_sendmsg) before the key was installed and took the lock
+ * after, which would put plaintext into the TLS stream. kTLS's own sends
+ * come from tls_push_sg(). A few loads on every other send. */
+static void notrace tb_sendmsg_locked_redirect(unsigned long ip,
+					       unsigned long parent_ip,
+					       struct ftrace_ops *op,
+					       struct ftrace_regs *fregs)
+{
+	struct sock *sk = (struct sock *)ftrace_regs_get_argument(fregs, 0);
+	bool stale = parent_ip > (unsigned long)tcp_sendmsg &&
+		     parent_ip < tb_tcp_sendmsg_end &&
+		     READ_ONCE(sk->sk_prot)->sendmsg != tcp_sendmsg &&
+		     tb_tls_tx(sk);
+
+	if (!stale && (likely(!trustbind_hold_any()) ||
+		       !trustbind_send_held(tb_sk_id(sk))))
+		return;
+	tb_net_redirect(ip, parent_ip, op, fregs);
+}
+
+/* Finds tb_tcp_sendmsg_end from kallsyms ("tcp_sendmsg+0x0/0x5d"). */
+static int tb_find_tcp_sendmsg_end(void)
+{
+	char buf[KSYM_SYMBOL_LEN];
+	const char *slash;
+	unsigned long size;
+
+	sprint_symbol(buf, (unsigned long)tcp_sendmsg);
+	slash = strchr(buf, '/');
+	if (!slash || kstrtoul(slash + 1, 16, &size) || !size) {
+		pr_err("cannot find the size of tcp_sendmsg (%s)\n", buf);
+		return -ENOENT;
+	}
+	tb_tcp_sendmsg_end = (unsigned long)tcp_sendmsg + size;
+	return 0;
 }
 
 static struct ftrace_ops tb_connect_ops = {
@@ -2108,6 +2027,12 @@ static struct ftrace_ops tb_sendmsg_ops = {
 	.func = tb_sendmsg_redirect,
 	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
 	.private = tb_tcp_sendmsg,
+};
+
+static struct ftrace_ops tb_sendmsg_locked_ops = {
+	.func = tb_sendmsg_locked_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_tcp_sendmsg_held,
 };
 
 static struct ftrace_ops tb_mptcp_accept_ops = {
@@ -2208,8 +2133,11 @@ static int tb_mptcp_hook_start(void)
 
 int tb_net_hooks_start(void)
 {
-	int err = register_pernet_subsys(&tb_backstop_net_ops);
+	int err = tb_find_tcp_sendmsg_end();
 
+	if (err)
+		return err;
+	err = register_pernet_subsys(&tb_backstop_net_ops);
 	if (err) {
 		pr_err("cannot register the netfilter backstop: %d\n", err);
 		return err;
@@ -2223,9 +2151,12 @@ int tb_net_hooks_start(void)
 	err = tb_hook_one(&tb_sendmsg_ops, "tcp_sendmsg");
 	if (err)
 		goto unhook_accept;
-	err = tb_hook_one(&tb_close_ops, "tcp_close");
+	err = tb_hook_one(&tb_sendmsg_locked_ops, "tcp_sendmsg_locked");
 	if (err)
 		goto unhook_sendmsg;
+	err = tb_hook_one(&tb_close_ops, "tcp_close");
+	if (err)
+		goto unhook_sendmsg_locked;
 	err = tb_hook_one(&tb_getsockopt_ops, "do_sock_getsockopt");
 	if (err)
 		goto unhook_close;
@@ -2235,6 +2166,8 @@ int tb_net_hooks_start(void)
 	tb_unhook_one(&tb_getsockopt_ops);
 unhook_close:
 	tb_unhook_one(&tb_close_ops);
+unhook_sendmsg_locked:
+	tb_unhook_one(&tb_sendmsg_locked_ops);
 unhook_sendmsg:
 	tb_unhook_one(&tb_sendmsg_ops);
 unhook_accept:
@@ -2254,6 +2187,7 @@ void tb_net_hooks_stop(void)
 		tb_unhook_one(&tb_mptcp_accept_ops);
 	tb_unhook_one(&tb_getsockopt_ops);
 	tb_unhook_one(&tb_close_ops);
+	tb_unhook_one(&tb_sendmsg_locked_ops);
 	tb_unhook_one(&tb_sendmsg_ops);
 	tb_unhook_one(&tb_accept_ops);
 	tb_unhook_one(&tb_connect_ops);
@@ -2265,7 +2199,6 @@ void tb_net_hooks_stop(void)
 	 * (after a grace period), then the tables. */
 	unregister_pernet_subsys(&tb_backstop_net_ops);
 	tb_backstop_free();
-	tb_backstop_peers_free();
 }
 
 int tb_unix_hooks_start(void)
@@ -2606,11 +2539,7 @@ int tb_dentry_path(const struct dentry *d, char *buf, int len,
 
 static bool tb_file_restartable(void)
 {
-	if (current->flags & (PF_KTHREAD | PF_IO_WORKER | PF_EXITING))
-		return false;
-	if (in_compat_syscall())
-		return false;
-	switch (syscall_get_nr(current, task_pt_regs(current))) {
+	switch (tb_restartable_nr()) {
 #ifdef __NR_open
 	case __NR_open:
 #endif

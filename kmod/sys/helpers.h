@@ -168,6 +168,7 @@ struct tb_net_info {
 	u32 bind;
 	u64 start_ns;		/* boot-based start of the task's group leader */
 	u64 pstart_ns;		/* same, of the parent's */
+	u64 net;		/* the socket's network namespace's net_cookie */
 	/* The socket (connect) or the accepted one (accept); the keys of a
 	 * bound channel are installed on it (tb_ktls_install). */
 	struct socket *sock;
@@ -227,7 +228,18 @@ void tb_idle_kick(void);
  * (a workqueue), may take the device mutex. */
 bool trustbind_net_idle(void);
 
-/* Registers the netfilter backstop and the four ftrace ops. 0 or -errno
+/* Implemented in Rust (net.rs, proto/src/hold.rs): the send hold, the
+ * sockets (by tb_sock_id-style identity) between their handshake and
+ * their channel key. Lock-free, any context. enter is false when the
+ * set has no room for sk now (wait for a leave); send_restarted counts a
+ * send on a held socket (sent back to restart, or EAGAIN). */
+bool trustbind_hold_enter(unsigned long sk);
+void trustbind_hold_leave(unsigned long sk);
+bool trustbind_hold_any(void);
+bool trustbind_send_held(unsigned long sk);
+void trustbind_send_restarted(void);
+
+/* Registers the netfilter backstop and the ftrace ops on the TCP calls. 0 or -errno
  * (nothing left registered). */
 int tb_net_hooks_start(void);
 /* Unregisters them and waits until no task is inside a wrapper. */
@@ -258,14 +270,8 @@ void trustbind_net_closed(unsigned long sk_id,
 
 /* Sets what the backstop does (TB_BACKSTOP_*). Any context. */
 void tb_backstop_set_mode(u32 mode);
-/* Marks info->dst (the peer of a connect, the local end of an accept), in
- * the socket's network namespace, as a protected service. 1 if new, 0 if known, -errno (-ENOSPC: table full).
- * Process context. */
-int tb_backstop_protect(const struct tb_net_info *info);
-/* Whether the server end of info is a protected service already. */
-bool tb_backstop_is_protected(const struct tb_net_info *info);
-/* Forgets every protected service (the backstop was switched off). */
-void tb_backstop_forget(void);
+/* The protected services and hosts the backstop reads are Rust's
+ * (net.rs Backstop over proto/src/sorted.rs, published under RCU). */
 #define TB_MARK_PLAIN 1	/* its verdict allows plaintext */
 #define TB_MARK_CHANNEL 2	/* its verdict requires a channel (no key yet) */
 #define TB_MARK_BOUND 3		/* its channel key is installed */
@@ -273,10 +279,6 @@ void tb_backstop_forget(void);
  * ends (TCP_CLOSE after tcp_close()). 0, -ENOMEM or -ENOSPC (table full).
  * Process context. */
 int tb_backstop_mark(const struct tb_net_info *info, u32 kind);
-/* Replaces the protected hosts' addresses with the n entries at entries
- * (the Peers record's: 20 bytes each, family at 0, address at 4). 0 or
- * -ENOMEM (the old set stays). Process context. */
-int tb_backstop_peers(const u8 *entries, u32 n);
 /* Adds the backstop's counters to the debugfs directory (may be NULL). */
 struct dentry;
 void tb_backstop_debugfs(struct dentry *dir);
@@ -316,12 +318,15 @@ struct tb_bs_sender {
  * or process context, under netfilter's RCU read section. */
 u32 trustbind_backstop_out(const struct tb_bs_pkt *p);
 u32 trustbind_backstop_in(const struct tb_bs_pkt *p);
-/* The lookups those make (same context): whether p's source (src) or
- * destination is a protected service; p's sending socket; whether p's
- * source is a protected host (1), is not (0), or no list came yet (-1). */
-bool tb_bs_protected(const struct tb_bs_pkt *p, bool src);
+/* Whether any service is protected (the hooks parse nothing until one
+ * is). Any context. */
+bool trustbind_backstop_armed(void);
+/* The lookup those make that stays in C (same context): p's sending
+ * socket (its mark, kTLS state). */
 void tb_bs_sender(const struct tb_bs_pkt *p, struct tb_bs_sender *out);
-int tb_bs_from_peer(const struct tb_bs_pkt *p);
+/* An RCU read section, for Rust (sys/mod.rs RcuCell). */
+void tb_rcu_read_lock(void);
+void tb_rcu_read_unlock(void);
 
 /* --- UNIX-domain connect qualification (ftrace IPMODIFY wrapper) ------- */
 

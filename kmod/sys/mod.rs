@@ -11,6 +11,7 @@ use kernel::alloc::KVVec;
 
 use crate::proto::bound::{BoundSocket, BoundTable, Slot as BoundSlot};
 use crate::proto::backstop;
+use crate::proto::sorted::NetEnd;
 use crate::proto::lineage::ProcId;
 use kernel::error::to_result;
 use kernel::ffi::c_int;
@@ -31,8 +32,8 @@ mod bindings {
 }
 
 use bindings::{
-    linux_binprm, tb_backstop_debugfs, tb_backstop_forget, tb_backstop_mark, tb_backstop_peers,
-    tb_backstop_is_protected, tb_backstop_protect, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp,
+    tb_rcu_read_lock, tb_rcu_read_unlock,
+    linux_binprm, tb_backstop_debugfs, tb_backstop_mark, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp,
     tb_bprm_file, tb_bprm_head, tb_bprm_is_native_elf, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove,
     tb_debugfs_u64, tb_dev_deregister, tb_log_ratelimit, tb_dev_register, tb_dev_wake_readers, tb_exec_register,
     tb_exec_unregister, tb_file_id_of, tb_file_read, tb_hash_current_exe, tb_hash_file, tb_hash_open, tb_hash_task_exe,
@@ -77,20 +78,29 @@ pub(crate) fn backstop_set(mode: backstop::Mode) {
     unsafe { tb_backstop_set_mode(m) }
 }
 
-/// The lookups of one backstop decision, answered by `helpers.c`.
-struct BsFacts<'a>(&'a bindings::tb_bs_pkt);
+/// The lookups of one backstop decision: the protected services and
+/// hosts from `net::Backstop` (RCU reads), the sending socket from
+/// `helpers.c`. Without the module's state (not published yet, or gone),
+/// nothing is protected.
+struct BsFacts<'a>(&'a bindings::tb_bs_pkt, Option<&'a crate::net::Backstop>);
 
 impl backstop::Facts for BsFacts<'_> {
     fn protected(&self, end: backstop::End) -> bool {
-        // SAFETY: `self.0` is the hook's packet description; the lookup
-        // is an RCU read of the protected set (the hook's context).
-        unsafe { bindings::tb_bs_protected(self.0, end == backstop::End::Src) }
+        let p = self.0;
+        let (addr, port) = match end {
+            backstop::End::Src => (&p.saddr, p.sport),
+            backstop::End::Dst => (&p.daddr, p.dport),
+        };
+        self.1
+            .is_some_and(|b| b.protected(&NetEnd::new(p.net, p.family, addr, port)))
     }
 
     fn sender(&self) -> backstop::Sender {
         let mut s = bindings::tb_bs_sender::default();
-        // SAFETY: As above; `s` is a valid out-parameter; the socket
-        // pointer in the packet is the skb's, alive while the hook runs.
+        // SAFETY: `self.0` is the hook's packet description; `s` is a
+        // valid out-parameter; the socket pointer in the packet is the
+        // skb's, alive while the hook runs; the mark lookup is an RCU read
+        // (the hook's context).
         unsafe { bindings::tb_bs_sender(self.0, &mut s) };
         match s.kind {
             bindings::TB_SENDER_KERNEL => backstop::Sender::Kernel,
@@ -109,12 +119,18 @@ impl backstop::Facts for BsFacts<'_> {
     }
 
     fn source_is_peer(&self) -> Option<bool> {
-        // SAFETY: As above (an RCU read of the peers list).
-        match unsafe { bindings::tb_bs_from_peer(self.0) } {
-            r if r < 0 => None,
-            r => Some(r > 0),
-        }
+        self.1.and_then(|b| b.from_peer(self.0.family, &self.0.saddr))
     }
+}
+
+fn bs_out(p: &bindings::tb_bs_pkt, b: Option<&crate::net::Backstop>) -> u32 {
+    let f = BsFacts(p, b);
+    bs_outcome(backstop::outgoing(bs_mode(p.mode), p.syn != 0, p.payload != 0, &f))
+}
+
+fn bs_in(p: &bindings::tb_bs_pkt, b: Option<&crate::net::Backstop>) -> u32 {
+    let f = BsFacts(p, b);
+    bs_outcome(backstop::incoming(bs_mode(p.mode), p.syn != 0, p.loopback != 0, &f))
 }
 
 fn bs_mode(m: u32) -> backstop::Mode {
@@ -144,7 +160,9 @@ fn bs_outcome(o: backstop::Outcome) -> u32 {
 unsafe extern "C" fn trustbind_backstop_out(p: *const bindings::tb_bs_pkt) -> u32 {
     // SAFETY: The caller's contract.
     let p = unsafe { &*p };
-    bs_outcome(backstop::outgoing(bs_mode(p.mode), p.syn != 0, p.payload != 0, &BsFacts(p)))
+    crate::SHARED
+        .with(|s| bs_out(p, Some(&s.backstop)))
+        .unwrap_or_else(|| bs_out(p, None))
 }
 
 /// Called by the backstop's `LOCAL_IN` hook: the outcome for the segment
@@ -157,42 +175,16 @@ unsafe extern "C" fn trustbind_backstop_out(p: *const bindings::tb_bs_pkt) -> u3
 unsafe extern "C" fn trustbind_backstop_in(p: *const bindings::tb_bs_pkt) -> u32 {
     // SAFETY: The caller's contract.
     let p = unsafe { &*p };
-    bs_outcome(backstop::incoming(bs_mode(p.mode), p.syn != 0, p.loopback != 0, &BsFacts(p)))
+    crate::SHARED
+        .with(|s| bs_in(p, Some(&s.backstop)))
+        .unwrap_or_else(|| bs_in(p, None))
 }
 
-/// Records `info`'s destination (the peer of a connect, the local end of
-/// an accept) as a protected service: plaintext to or from it is dropped.
-/// `Ok(true)` if it was new.
-pub(crate) fn backstop_protect(info: &NetInfo) -> Result<bool> {
-    // SAFETY: `info` is a valid `tb_net_info` (read only); process
-    // context, no spinlock held (the wrappers' contract).
-    let r = unsafe { tb_backstop_protect(info) };
-    to_result(r.min(0)).map(|()| r > 0)
-}
-
-/// Whether the server end of `info` is a protected service already (some
-/// earlier verdict bound a connection to it).
-pub(crate) fn backstop_is_protected(info: &NetInfo) -> bool {
-    // SAFETY: `info` is a valid `tb_net_info` (read only); the lookup is
-    // an RCU read section of its own.
-    unsafe { tb_backstop_is_protected(info) }
-}
-
-/// Replaces the protected hosts' addresses (the inbound backstop's).
-pub(crate) fn backstop_peers(peers: &crate::proto::Peers<'_>) -> Result {
-    let bytes = peers.as_bytes();
-    // CAST: at most MAX_PEERS entries (checked when decoded).
-    let n = peers.len() as u32;
-    // SAFETY: `bytes` holds `n` entries of PEER_LEN bytes (the layout the
-    // helper reads), valid for the call; process context (device write).
-    to_result(unsafe { tb_backstop_peers(bytes.as_ptr(), n) })
-}
-
-/// Forgets every protected service (the policy generation moved).
-pub(crate) fn backstop_forget() {
-    // SAFETY: Takes the table's own lock; process context (the device's
-    // write path).
-    unsafe { tb_backstop_forget() }
+/// Whether any service is protected: until one is, the backstop's hooks
+/// parse no packet.
+#[no_mangle]
+extern "C" fn trustbind_backstop_armed() -> bool {
+    crate::SHARED.with(|s| s.backstop.armed()).unwrap_or(false)
 }
 
 /// How the netfilter backstop knows a qualified socket.
@@ -303,6 +295,104 @@ impl Drop for SockRef {
         // any context.
         // CAST: as in `counts`.
         unsafe { tb_sock_unref(self.0 as kernel::ffi::c_ulong) }
+    }
+}
+
+/// A value that readers reach without a lock, under RCU (the netfilter
+/// hooks, in softirq context, read it on every packet they look at), and
+/// that writers replace whole, one at a time.
+///
+/// # Invariants
+///
+/// `ptr` is null or was made by [`KBox::into_raw`] and is owned by this
+/// value. A value is freed only after it was unpublished (swapped out of
+/// `ptr`) and a grace period (`synchronize_rcu`) passed, so no RCU reader
+/// can still hold it; only a writer holding `writer` or the drop frees,
+/// so a writer may use the current value without a read section.
+#[pin_data(PinnedDrop)]
+pub(crate) struct RcuCell<T> {
+    ptr: AtomicPtr<T>,
+    #[pin]
+    writer: kernel::sync::Mutex<()>,
+}
+
+impl<T: Send + Sync> RcuCell<T> {
+    /// An empty cell.
+    pub(crate) fn new() -> impl PinInit<Self> {
+        pin_init!(Self {
+            ptr: AtomicPtr::new(core::ptr::null_mut()),
+            writer <- kernel::new_mutex!((), "trustbind_rcu_writer"),
+        })
+    }
+
+    /// Runs `f` on the value inside an RCU read section: any context; `f`
+    /// must not sleep (it cannot keep the reference).
+    pub(crate) fn read<R>(&self, f: impl for<'a> FnOnce(Option<&'a T>) -> R) -> R {
+        // SAFETY: Enters a read section; left below, on the same CPU
+        // (preemption is off inside, on this kernel).
+        unsafe { tb_rcu_read_lock() };
+        let p = self.ptr.load(Ordering::Acquire);
+        // SAFETY: Non-null: a live `T` published with release order
+        // (`update`), not freed before a grace period that starts after
+        // it was unpublished (type invariant), and this read section
+        // began before such a grace period could end; shared access only
+        // (`T: Sync`), for no longer than `f` runs.
+        let r = f(unsafe { p.as_ref() });
+        // SAFETY: Leaves the section entered above.
+        unsafe { tb_rcu_read_unlock() };
+        r
+    }
+
+    /// Replaces the value by what `f` makes of the current one: `Ok(None)`
+    /// keeps it, `Err` keeps it and is returned. Writers take turns; sleeps
+    /// (the grace period before the old value is freed): process context,
+    /// no spinlock held.
+    pub(crate) fn update<E>(
+        &self,
+        f: impl FnOnce(Option<&T>) -> core::result::Result<Option<KBox<T>>, E>,
+    ) -> core::result::Result<(), E> {
+        let guard = self.writer.lock();
+        let cur = self.ptr.load(Ordering::Acquire);
+        // SAFETY: Only a writer holding `writer` (this one) or the drop
+        // frees the value (type invariant): `cur` stays live meanwhile.
+        let next = f(unsafe { cur.as_ref() })?;
+        let Some(next) = next else {
+            return Ok(());
+        };
+        let old = self.ptr.swap(KBox::into_raw(next), Ordering::AcqRel);
+        drop(guard);
+        retire(old);
+        Ok(())
+    }
+
+    /// Empties the cell (as [`RcuCell::update`]: sleeps).
+    pub(crate) fn clear(&self) {
+        let guard = self.writer.lock();
+        let old = self.ptr.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        drop(guard);
+        retire(old);
+    }
+}
+
+/// Frees `old` (null, or unpublished from an [`RcuCell`] and owned by the
+/// caller) after a grace period.
+fn retire<T>(old: *mut T) {
+    if old.is_null() {
+        return;
+    }
+    // SAFETY: A plain call; the callers are in process context with no
+    // spinlock held (`RcuCell::update`'s contract, module exit).
+    unsafe { kernel::bindings::synchronize_rcu() };
+    // SAFETY: `old` came from `KBox::into_raw` and was unpublished before
+    // the grace period that just ended: no reader holds it, and the
+    // caller owns it (the `RcuCell` invariant).
+    drop(unsafe { KBox::from_raw(old) });
+}
+
+#[pinned_drop]
+impl<T> PinnedDrop for RcuCell<T> {
+    fn drop(self: Pin<&mut Self>) {
+        retire(self.ptr.swap(core::ptr::null_mut(), Ordering::AcqRel));
     }
 }
 

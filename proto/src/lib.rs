@@ -1890,5 +1890,7 @@ pub mod cache;
 pub mod elf;
 pub mod fairq;
 pub mod files;
+pub mod hold;
 pub mod lineage;
+pub mod sorted;
 pub mod unqualifiable;

@@ -17,14 +17,18 @@
 //! established connect answered without a key fails with `EACCES`, is
 //! reset, and the server receives nothing; a second process sending on the
 //! socket while its connect waits for the key is held until the socket is
-//! bound (no plaintext on the wire); with the agent gone, `rmmod`
-//! succeeds while a bound connection is open, and that connection still
-//! carries data, still encrypted. Closing a bound connection yields one
+//! bound (no plaintext on the wire) and sent back to restart
+//! (`net_send_restarted`); with the agent gone, `rmmod` succeeds while a
+//! bound connection is open, and that connection still carries data,
+//! still encrypted. Closing a bound connection yields one
 //! `ChannelClosed` record per end (the fake agent logs `closed ...`) with
 //! the channel's id and key id and byte counts at least the file's size
 //! (TLS records included), and `net_bound_open` falls back.
+//! `net_send_race`: sends racing the connect of their socket (T-40, see
+//! there) all arrive, none in plaintext.
 
 use anyhow::{ensure, Context, Result};
+use base64::Engine as _;
 use trustbind_qemu_tests::Vm;
 
 use crate::exec::{counter, host_with_module, start_agent_with, stop_agent, AGENT_LOG};
@@ -327,6 +331,11 @@ fn net_channel() -> Result<()> {
         canaries == 0 && records > 0,
         "a send during the key wait: {canaries} plaintext canaries, {records} TLS records"
     );
+    let restarted = counter(&mut vm, "net_send_restarted")?;
+    ensure!(
+        restarted >= 1,
+        "the held send was not sent back to restart (net_send_restarted {restarted})"
+    );
 
     // A bound connection outlives the agent and the module: rmmod succeeds
     // while it is open, and it keeps carrying data, still encrypted (the
@@ -440,4 +449,74 @@ fn wait_same(vm: &mut Vm, file: &str, want: &str) -> Result<()> {
         "{file} is not what was sent ({} bytes, sha {got:?})",
         size.trim()
     )
+}
+
+/// A send racing the connect of its socket (T-40), 20 rounds of
+/// `progs/send_race.c`: a process sends in a loop from before the connect
+/// until a send succeeds, while a third keeps the socket lock busy
+/// (`SO_ATTACH_FILTER`), so that sends that entered `tcp_sendmsg()` before
+/// the socket was held, or read its protocol before the key went in, take
+/// the lock after the SYN or after the key. Every line arrives, and none
+/// in plaintext.
+#[test]
+fn net_send_race() -> Result<()> {
+    let mut vm = host_with_module()?;
+    vm.run_ok("mkdir -p /tmp/x")?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let race = crate::common::freestanding("send_race")?;
+    vm.run_ok(&format!(
+        "echo {} | base64 -d >/tmp/x/send_race && chmod 755 /tmp/x/send_race",
+        b64.encode(&race)
+    ))?;
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        "--no-cache --net-bind --net-allow /usr/bin/socat --allow /tmp/x/send_race \
+         --net-allow /tmp/x/send_race",
+    )?;
+    capture(&mut vm, 7108, "/tmp/x/race.pcap")?;
+    vm.spawn_bg(
+        "exec socat -d -u TCP4-LISTEN:7108,reuseaddr,fork OPEN:/tmp/x/recv8,creat,append \
+         2>/tmp/x/socat8.log",
+    )?;
+    wait_listening(&mut vm, 7108)?;
+    let before = counter(&mut vm, "net_send_restarted")?;
+    let out = vm.run("/tmp/x/send_race 7108 20")?;
+    ensure!(out.status == 0, "send_race: {out:?}");
+    let want: Vec<String> = (1..=20).map(|i| format!("race-{i}-{CANARY}")).collect();
+    let mut got = String::new();
+    for _ in 0..150 {
+        got = vm.run_ok("cat /tmp/x/recv8 2>/dev/null || true")?.stdout;
+        if want.iter().all(|w| got.lines().any(|l| l == w)) {
+            break;
+        }
+        vm.run_ok("sleep 0.2")?;
+    }
+    let missing: Vec<&String> = want
+        .iter()
+        .filter(|w| !got.lines().any(|l| l == *w))
+        .collect();
+    let dropped = counter(&mut vm, "net_backstop_payload_dropped")?;
+    let (canaries, records) = captured(&mut vm, "/tmp/x/race.pcap")?;
+    ensure!(
+        missing.is_empty(),
+        "racing sends that never arrived: {missing:?}; {canaries} plaintext canaries and \
+         {records} TLS records in the capture, net_backstop_payload_dropped {dropped}; \
+         the server wrote {got:?}; {}",
+        vm.run_ok(
+            "dmesg | grep trustbind | grep -v ' bound: \\| closed: ' | tail -30; \
+             tail -30 /tmp/x/socat8.log"
+        )?
+        .stdout
+    );
+    ensure!(
+        canaries == 0 && records >= 20,
+        "racing sends: {canaries} plaintext canaries, {records} TLS records"
+    );
+    println!(
+        "racing sends: 20 of 20 arrived encrypted; {} sends held and restarted",
+        counter(&mut vm, "net_send_restarted")? - before
+    );
+    vm.run_ok("pkill -f '[T]CP4-LISTEN:7108' || true")?;
+    Ok(())
 }

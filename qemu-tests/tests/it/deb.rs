@@ -233,10 +233,23 @@ fn debian_packages_install_enrol_remove() -> Result<()> {
         "echo 'TRUSTBIND_AGENT_ARGS=\"--verdict-timeout-ms 30000 --call-timeout-ms 25000\"' \
          >>/etc/default/trustbind-agent",
     )?;
+    // The administrator asked for enforce at boot: the postinst still
+    // loads the module permissive (the agent has never connected).
+    host.run_ok(
+        "sed -i 's/^options trustbind mode=permissive/options trustbind mode=enforce/' \
+         /etc/modprobe.d/trustbind.conf && grep -q '^options trustbind mode=enforce' \
+         /etc/modprobe.d/trustbind.conf",
+    )?;
     let out = host.run_timeout("dpkg-reconfigure trustbind-agent", long)?;
     ensure!(
         out.status == 0 && out.stdout.contains("in permissive mode"),
         "dpkg-reconfigure: {out:?}"
+    );
+    ensure!(
+        common::dmesg_lines(&mut host)?
+            .iter()
+            .any(|l| l.contains("trustbind: mode Permissive at load")),
+        "the postinst did not load the module in permissive mode"
     );
     wait_mode(&mut host, "enforce")?;
     host.run_ok("/etc/init.d/trustbind-agent status")?;

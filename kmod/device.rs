@@ -313,6 +313,7 @@ impl Channel {
             st.enforce_pin = Some(ModulePin::new().ok_or(ENODEV)?);
         }
         self.mode.store(mode as u8, Ordering::Release);
+        sys::publish_mode(mode as u8);
         pr_info!(
             "mode {:?} at load{}\n",
             mode,
@@ -586,6 +587,7 @@ impl Channel {
                     .store(c.verdict_timeout_ms, Ordering::Release);
                 self.qualify_net.store(c.qualify_net, Ordering::Release);
                 self.mode.store(c.mode as u8, Ordering::Release);
+                sys::publish_mode(c.mode as u8);
                 let backstop = match c.mode {
                     _ if !c.qualify_net => backstop::Mode::Off,
                     Mode::Disabled => backstop::Mode::Off,

@@ -592,6 +592,40 @@ const char *tb_param_agent(void)
 	return tb_agent_param ? tb_agent_param : "";
 }
 
+/*
+ * The mode in force, for user space: /sys/module/trustbind/parameters/
+ * current_mode reads `disabled`, `permissive` or `enforce` (the Debian
+ * packages' prerm refuses a removal in enforce mode). Read-only: the mode
+ * is set by the agent, or by `mode` at load.
+ */
+static atomic_t tb_mode_now = ATOMIC_INIT(0);
+
+void tb_publish_mode(u8 mode)
+{
+	atomic_set(&tb_mode_now, mode);
+}
+
+static int tb_mode_now_set(const char *val, const struct kernel_param *kp)
+{
+	return -EPERM;
+}
+
+static int tb_mode_now_get(char *buf, const struct kernel_param *kp)
+{
+	static const char *const names[] = { "disabled", "permissive", "enforce" };
+	int m = atomic_read(&tb_mode_now);
+
+	return scnprintf(buf, PAGE_SIZE, "%s\n",
+			 m >= 0 && m < ARRAY_SIZE(names) ? names[m] : "unknown");
+}
+
+static const struct kernel_param_ops tb_mode_now_ops = {
+	.set = tb_mode_now_set,
+	.get = tb_mode_now_get,
+};
+module_param_cb(current_mode, &tb_mode_now_ops, NULL, 0444);
+MODULE_PARM_DESC(current_mode, "the mode in force (read-only): disabled, permissive or enforce");
+
 int tb_file_id_of(const char *name, struct tb_file_id *out)
 {
 	struct path path;

@@ -442,6 +442,9 @@ int tb_current_exe_id(struct tb_file_id *out);
 /* The `mode` and `agent` module parameters (never NULL; "" when unset). */
 const char *tb_param_mode(void);
 const char *tb_param_agent(void);
+/* Publishes the mode in force (0 disabled, 1 permissive, 2 enforce) as the
+ * read-only parameter /sys/module/trustbind/parameters/current_mode. */
+void tb_publish_mode(u8 mode);
 /* Identity of the regular file at the absolute path name. 0 or -errno. */
 int tb_file_id_of(const char *name, struct tb_file_id *out);
 

@@ -40,7 +40,7 @@ use bindings::{
     tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
     tb_hashers_free, tb_idle_kick, tb_ktls_install, tb_ktls_prepare, tb_loader_hooks_start,
     tb_loader_hooks_stop, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
-    tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_mode, tb_set_nice_current, tb_sock_counts,
+    tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_mode, tb_publish_mode, tb_set_nice_current, tb_sock_counts,
     tb_sock_id, tb_sock_idle_end, tb_sock_ref, tb_sock_unref, tb_unix_hooks_start,
     tb_unix_hooks_stop,
 };
@@ -1352,6 +1352,13 @@ pub(crate) fn param_mode() -> &'static CStr {
 pub(crate) fn param_agent() -> &'static CStr {
     // SAFETY: As for `param_mode`.
     unsafe { CStr::from_char_ptr(tb_param_agent()) }
+}
+
+/// Publishes the mode in force (`Mode as u8`) for user space
+/// (`/sys/module/trustbind/parameters/current_mode`).
+pub(crate) fn publish_mode(mode: u8) {
+    // SAFETY: An atomic store into a static of helpers.c; any context.
+    unsafe { tb_publish_mode(mode) }
 }
 
 /// The identity of the regular file at `name`.

@@ -24,6 +24,15 @@ impl Artifacts {
         })
     }
 
+    /// The same artifacts with another guest kernel (e.g. the one of the
+    /// Debian kernel package, whose modules the test installs).
+    pub fn with_kernel(&self, kernel: impl Into<PathBuf>) -> Artifacts {
+        Artifacts {
+            kernel: kernel.into(),
+            ..self.clone()
+        }
+    }
+
     /// The guest kernel image.
     pub fn kernel(&self) -> &Path {
         &self.kernel

@@ -45,6 +45,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "fdisk",
     "grub-pc-bin",
     "file",
+    // `make bindeb-pkg` (the kernel's Debian package, xtask/src/package.rs).
+    "dpkg-dev",
+    "debhelper",
+    "rsync",
+    "kmod",
 ];
 
 /// `bindgen-cli` version, pinned: the kernel's Rust bindings depend on it.
@@ -165,6 +170,8 @@ pub struct Kernel {
     pub tree: PathBuf,
     /// `arch/x86/boot/bzImage`.
     pub bzimage: PathBuf,
+    /// The cache directory `kernel/<key>/` holding the tree.
+    dir: PathBuf,
     bindgen: PathBuf,
 }
 
@@ -261,6 +268,7 @@ pub fn ensure_kernel(ctx: &Ctx, bindgen: &Path, flavor: Flavor) -> Result<Kernel
         flavor,
         bzimage: tree.join("arch/x86/boot/bzImage"),
         tree: tree.clone(),
+        dir: dir.clone(),
         bindgen: bindgen.to_owned(),
     };
     let done = dir.join("done");
@@ -411,6 +419,138 @@ fn display_name(p: &Path) -> String {
 /// Lower-case hex.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The Debian package of `kernel` (`linux-image-<release>`), built by the
+/// kernel's own `make bindeb-pkg` from the cached, built tree and cached
+/// beside it in `kernel/<key>/deb/`.
+///
+/// The tree is shared (other builds read its bzImage and build modules
+/// against it) and `bindeb-pkg` writes into it (`debian/`, and a relink of
+/// vmlinux with the package revision as build number), so the packaging
+/// runs in a private mount namespace with an overlay on the tree's own
+/// path: the same paths, so Kbuild sees everything up to date and only
+/// relinks (about 2 min), while the cached tree stays as it was.
+pub fn ensure_deb(kernel: &Kernel) -> Result<PathBuf> {
+    let out = kernel.dir.join(format!("deb-{DEB_RECIPE_VERSION}"));
+    if let Some(deb) = newest_deb(&out, "linux-image-").ok().flatten() {
+        println!("kernel: cached package {}", deb.display());
+        return Ok(deb);
+    }
+    let release = kernel_release(kernel)?;
+    let tmp = kernel.dir.join("deb.tmp");
+    sh::claim_build_dir("kernel package", &tmp, |t| Ok(fs::remove_dir_all(t)?))?;
+    // dpkg-buildpackage writes its results beside the tree; clear them.
+    let stray = |dir: &Path| -> Result<()> {
+        for e in fs::read_dir(dir)? {
+            let p = e?.path();
+            let n = display_name(&p);
+            if n.starts_with("linux-image-")
+                || n.starts_with("linux-libc-dev_")
+                || n.starts_with("linux-upstream_")
+            {
+                fs::remove_file(&p)?;
+            }
+        }
+        Ok(())
+    };
+    stray(&kernel.dir)?;
+    let (upper, work) = (tmp.join("upper"), tmp.join("work"));
+    fs::create_dir_all(&upper)?;
+    fs::create_dir_all(&work)?;
+    let log = tmp.join("build.log");
+    let started = Instant::now();
+    println!(
+        "kernel: make bindeb-pkg of the {} kernel {release} (relink only, about 2 min); log: {}",
+        kernel.flavor.name(),
+        log.display()
+    );
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut m = make(&kernel.tree, &kernel.bindgen);
+    m.arg(format!("-j{jobs}"))
+        // Build dependencies are checked by `ensure_packages` (clang, not
+        // the gcc the generated control file names).
+        .arg("DPKG_FLAGS=-d")
+        .arg("bindeb-pkg")
+        .env(
+            "KDEB_PKGVERSION",
+            format!("{release}-{KERNEL_DEB_REVISION}"),
+        )
+        .env("KDEB_CHANGELOG_DIST", "trustbind")
+        .env("DEBFULLNAME", crate::package::MAINTAINER_NAME)
+        .env("DEBEMAIL", crate::package::MAINTAINER_EMAIL)
+        // No linux-headers package: a Rust module cannot be built from it.
+        .env("DEB_BUILD_PROFILES", "pkg.linux-upstream.nokernelheaders");
+    let script = format!(
+        // `cd` after the mount: a working directory entered before it
+        // would still be the tree below the overlay.
+        r#"set -e; mount -t overlay overlay -o lowerdir={tree},upperdir={upper},workdir={work} {tree}; cd {tree}; exec "$@""#,
+        tree = kernel.tree.display(),
+        upper = upper.display(),
+        work = work.display()
+    );
+    let mut c = Command::new("unshare");
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ])
+    .arg(m.get_program())
+    .args(m.get_args())
+    .current_dir(&kernel.dir);
+    for (k, v) in m.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    sh::run_logged(
+        "kernel: make bindeb-pkg",
+        &mut c,
+        &log,
+        "needs root (a mount namespace and an overlay), debhelper and rsync (`cargo xtask setup` installs them)",
+    )?;
+    if kernel.tree.join("debian").exists() {
+        bail!(
+            "kernel: bindeb-pkg wrote into the cached tree {} (the overlay was not used): \
+             delete {} to rebuild that kernel",
+            kernel.tree.display(),
+            kernel.dir.display()
+        );
+    }
+    let deb = newest_deb(&kernel.dir, &format!("linux-image-{release}_"))?
+        .context("kernel: bindeb-pkg left no linux-image package")?;
+    let name = deb.file_name().context("no file name")?.to_owned();
+    fs::rename(&deb, tmp.join(&name))?;
+    stray(&kernel.dir)?;
+    fs::remove_dir_all(&upper)?;
+    fs::remove_dir_all(&work)?;
+    let _ = fs::remove_file(tmp.join(sh::OWNER));
+    if out.exists() {
+        fs::remove_dir_all(&out)?;
+    }
+    fs::rename(&tmp, &out)?;
+    println!("kernel: packaged in {:.0?}", started.elapsed());
+    Ok(out.join(name))
+}
+
+/// Bump when the packaging steps above change their output.
+const DEB_RECIPE_VERSION: u32 = 1;
+
+/// The Debian revision of the kernel package (also the kernel's build
+/// number, `#1` in `uname -v`).
+const KERNEL_DEB_REVISION: &str = "1";
+
+/// `include/config/kernel.release` of a built tree (`uname -r` of it).
+pub fn kernel_release(kernel: &Kernel) -> Result<String> {
+    let p = kernel.tree.join("include/config/kernel.release");
+    Ok(fs::read_to_string(&p)
+        .with_context(|| format!("kernel: cannot read {}", p.display()))?
+        .trim()
+        .to_owned())
 }
 
 /// Builds `trustbind.ko` out of tree against `kernel`; returns its path.

@@ -7,6 +7,7 @@
 
 mod image;
 mod kernel;
+mod package;
 mod rootfs;
 mod sh;
 
@@ -57,6 +58,12 @@ Commands:
                 while agents are killed, the appliance is powered off and
                 the policy moves; then checks counters, audit, memory and
                 the kernel's checkers (`cargo xtask test` runs 1 minute)
+  package [--debug]
+                build the Debian packages of a protected host into
+                $CARGO_TARGET_DIR/deb/: linux-image-<release> (the production
+                kernel, by its own `make bindeb-pkg`, cached),
+                trustbind-modules-<release>, trustbind-agent, trustbind-cli
+                (release binaries; --debug: the dev-profile ones)
   fuzz [SECS]   fuzz the proto record decoder with cargo-fuzz (default 60 s)
   help          this text
 
@@ -109,6 +116,9 @@ struct Artifacts {
     kmod: PathBuf,
     rootfs: PathBuf,
     image: image::Image,
+    /// The Debian packages (`cargo xtask test` builds them for the
+    /// packaging test).
+    debs: Option<package::Debs>,
 }
 
 impl Artifacts {
@@ -116,6 +126,9 @@ impl Artifacts {
         cmd.env("TRUSTBIND_KERNEL", &self.kernel)
             .env("TRUSTBIND_KMOD", &self.kmod)
             .env("TRUSTBIND_ROOTFS", &self.rootfs);
+        if let Some(d) = &self.debs {
+            cmd.env("TRUSTBIND_DEBS", &d.dir);
+        }
         self.image.apply(cmd);
     }
 }
@@ -147,8 +160,10 @@ fn setup(ctx: &Ctx, debug: bool) -> Result<Setup> {
 
 /// Everything the VM tests, benchmarks and demo need. Protected hosts boot
 /// the `host` kernel flavour with a module built for it; the appliance
-/// image always carries the production kernel.
-fn build(ctx: &Ctx, host: Flavor) -> Result<Artifacts> {
+/// image always carries the production kernel. With `debs`, also the
+/// Debian packages (production kernel and its module, binaries of the
+/// dev profile the workspace build made).
+fn build(ctx: &Ctx, host: Flavor, debs: bool) -> Result<Artifacts> {
     let s = setup(ctx, host == Flavor::Debug)?;
     let host_kernel = s.debug.as_ref().unwrap_or(&s.production);
     let kmod = kernel::build_kmod(ctx, host_kernel)?;
@@ -157,6 +172,18 @@ fn build(ctx: &Ctx, host: Flavor) -> Result<Artifacts> {
         cargo().args(["build", "--workspace", "--all-targets"]),
     )?;
     let image = image::ensure(ctx, &s.production.bzimage)?;
+    let debs = match debs {
+        true => {
+            let kmod = kernel::build_kmod(ctx, &s.production)?;
+            Some(package::build(
+                ctx,
+                &s.production,
+                &kmod,
+                package::Profile::Debug,
+            )?)
+        }
+        false => None,
+    };
     println!(
         "build: protected hosts boot the {} kernel {}",
         host_kernel.flavor.name(),
@@ -167,6 +194,7 @@ fn build(ctx: &Ctx, host: Flavor) -> Result<Artifacts> {
         kmod,
         rootfs: s.rootfs,
         image,
+        debs,
     })
 }
 
@@ -188,8 +216,16 @@ fn qemu_tests(a: &Artifacts, filter: Option<&str>, args: &[&str]) -> Command {
     c
 }
 
+/// The QEMU test of the Debian packages (its name, as `cargo test`
+/// matches filters).
+const DEB_TEST: &str = "deb::debian_packages_install_enrol_remove";
+
 fn test(ctx: &Ctx, filter: Option<&str>) -> Result<()> {
-    let a = build(ctx, Flavor::Debug)?;
+    let a = build(
+        ctx,
+        Flavor::Debug,
+        filter.is_none_or(|f| DEB_TEST.contains(f)),
+    )?;
     if let Some(f) = filter {
         println!("test: QEMU integration tests matching `{f}`");
         return sh::run("test: QEMU tests", &mut qemu_tests(&a, Some(f), &[]));
@@ -222,13 +258,39 @@ fn image_cmd(ctx: &Ctx, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask package [--debug]`: the production kernel, its module and
+/// the Debian packages (docs/PACKAGING.md).
+fn package_cmd(ctx: &Ctx, args: &[String]) -> Result<()> {
+    let profile = match args {
+        [] => package::Profile::Release,
+        [flag] if flag == "--debug" => package::Profile::Debug,
+        _ => bail!("usage: cargo xtask package [--debug]"),
+    };
+    let s = setup(ctx, false)?;
+    let kmod = kernel::build_kmod(ctx, &s.production)?;
+    if profile == package::Profile::Debug {
+        // The same build as `cargo xtask build` (one feature set: nothing
+        // is compiled twice).
+        sh::run(
+            "package: cargo build",
+            cargo().args(["build", "--workspace", "--all-targets"]),
+        )?;
+    }
+    let debs = package::build(ctx, &s.production, &kmod, profile)?;
+    println!(
+        "package: install on a host: apt install ./linux-image-*.deb ./trustbind-*.deb (in {})",
+        debs.dir.display()
+    );
+    Ok(())
+}
+
 /// `cargo xtask bench`: the cargo benchmarks (release) and the NSRL import
 /// benchmark (an ignored release test of `trustbind-cli`), then the VM
 /// benchmarks (`bench_*`: exec overhead; channels; in icount mode the
 /// lineage table's fork cost and the file gate's open cost), each one run,
 /// ratios.
 fn bench(ctx: &Ctx) -> Result<()> {
-    let a = build(ctx, Flavor::Production)?;
+    let a = build(ctx, Flavor::Production, false)?;
     sh::run("bench: cargo bench", cargo().args(["bench", "--workspace"]))?;
     sh::run(
         "bench: NSRL import (2M RDS rows, docs/BENCHMARKS.md)",
@@ -278,7 +340,7 @@ fn soak(ctx: &Ctx, minutes: Option<&str>) -> Result<()> {
         .unwrap_or("10")
         .parse()
         .context("soak: MINUTES must be a number")?;
-    let a = build(ctx, Flavor::Debug)?;
+    let a = build(ctx, Flavor::Debug, false)?;
     let mut c = qemu_tests(&a, Some("soak_with_faults"), &["--nocapture"]);
     c.env(
         "TRUSTBIND_SOAK_SECONDS",
@@ -288,7 +350,7 @@ fn soak(ctx: &Ctx, minutes: Option<&str>) -> Result<()> {
 }
 
 fn demo(ctx: &Ctx, shell: bool) -> Result<()> {
-    let a = build(ctx, Flavor::Production)?;
+    let a = build(ctx, Flavor::Production, false)?;
     let mut c = cargo();
     c.args([
         "run",
@@ -372,7 +434,8 @@ fn main() {
         let ctx = Ctx::new()?;
         match args.first().map(String::as_str) {
             Some("setup") => setup(&ctx, true).map(|_| ()),
-            Some("build") => build(&ctx, Flavor::Debug).map(|_| ()),
+            Some("build") => build(&ctx, Flavor::Debug, false).map(|_| ()),
+            Some("package") => package_cmd(&ctx, &args[1..]),
             Some("image") => image_cmd(&ctx, &args[1..]),
             Some("test") => test(&ctx, args.get(1).map(String::as_str)),
             Some("demo") => demo(&ctx, args.iter().any(|a| a == "--shell")),

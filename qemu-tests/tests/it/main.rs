@@ -9,6 +9,7 @@ mod bench;
 mod bench_channel;
 mod channel_e2e;
 mod common;
+mod deb;
 mod e2e;
 mod e2e_files;
 mod exec;

@@ -268,9 +268,9 @@ struct RetentionArgs {
         default_value_t = 0
     )]
     report_max_rows: u64,
-    /// The database's live bytes are kept under this share of the data
-    /// partition: beyond, the oldest audit rows and closed channels are
-    /// exported and pruned.
+    /// The audit and channel rows (their bytes estimated; signatures do not
+    /// count) are kept under this share of the data partition: beyond, the
+    /// oldest audit rows and closed channels are exported and pruned.
     #[arg(long, value_name = "PERCENT", env = "TRUSTBIND_STORE_MAX_PERCENT", default_value_t = 50,
           value_parser = clap::value_parser!(u8).range(1..=90))]
     store_max_percent: u8,
@@ -775,6 +775,9 @@ fn serve(
         Err(e) => tracing::warn!("open-file limit not raised: {e}"),
     }
     let [agent_addr, enrol_addr, admin_addr] = listen;
+    // Opening the database needs space (the WAL and its index): on a full
+    // partition the reserve goes first.
+    retention::release_reserve_at_start(data_dir, keep.reserve_bytes.max(1 << 20));
     let store = Arc::new(open_store(data_dir)?);
     let names = names.or_default(&listen);
     let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);

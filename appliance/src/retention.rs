@@ -20,12 +20,13 @@
 //! What is pruned in a pass:
 //! - rows older than their table's age budget (`--audit-max-age-days`, …);
 //! - rows beyond their table's row budget (`--audit-max-rows`, …);
-//! - audit rows and closed channels while the database's live bytes are
+//! - audit rows and closed channels while their bytes (estimated by
+//!   [`Store::retained_bytes`]; signatures and the rest do not count) are
 //!   over the store budget (`--store-max-percent` of the data partition);
 //! - while the disk alarm is raised (free space under
 //!   `--disk-alarm-percent`), audit rows until the database holds free
-//!   pages for new rows ([`PRESSURE_HEADROOM`]): SQLite reuses them, so
-//!   the file stops growing.
+//!   pages for new rows ([`PRESSURE_HEADROOM`] of those bytes): SQLite
+//!   reuses them, so the file stops growing.
 //!
 //! The export files are bounded too (`--export-max-percent` of the data
 //! partition, files of [`Config::export_file_bytes`]): the oldest file is
@@ -62,7 +63,7 @@ pub const PREFIXES: [(&str, &str); 3] = [
     ("agent_reports", "reports"),
 ];
 /// Free database pages kept while the disk alarm is raised, as a share of
-/// the live bytes (at least 1 MiB).
+/// the audit and channel rows' bytes (at least 1 MiB).
 pub const PRESSURE_HEADROOM: f64 = 0.10;
 /// Least free-page headroom under pressure.
 const MIN_HEADROOM: u64 = 1 << 20;
@@ -83,8 +84,8 @@ pub struct Config {
     pub channel_max_rows: Option<u64>,
     /// Most agent report ids kept.
     pub report_max_rows: Option<u64>,
-    /// The database's live bytes are kept under this share of the data
-    /// partition (percent).
+    /// The audit and channel rows' bytes are kept under this share of the
+    /// data partition (percent).
     pub store_max_percent: u8,
     /// The export files are kept under this share of the data partition.
     pub export_max_percent: u8,
@@ -635,11 +636,15 @@ impl Retention {
             excess = excess.saturating_sub(n);
         }
         // The store budget, and the headroom under the alarm.
+        // Both count only what retention can prune (an estimate of the
+        // audit and channel rows' bytes), never the signatures: a large
+        // signature import must not empty the audit log.
         let budget = pct(space.size, self.cfg.store_max_percent);
         while batches < max {
-            let (live, free) = self.store.db_bytes()?;
-            let over_budget = live > budget;
-            let headroom = ((live as f64 * PRESSURE_HEADROOM) as u64).max(MIN_HEADROOM);
+            let (_, free) = self.store.db_bytes()?;
+            let retained = self.store.retained_bytes()?;
+            let over_budget = retained > budget;
+            let headroom = ((retained as f64 * PRESSURE_HEADROOM) as u64).max(MIN_HEADROOM);
             let pressed = self.alarm && free < headroom;
             if !over_budget && !pressed {
                 break;
@@ -779,6 +784,21 @@ fn ensure_reserve(data_dir: &Path, bytes: u64) -> std::io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     r
+}
+
+/// At start, before the database is opened (which itself needs space:
+/// the WAL and its index): releases the reserve if the data partition has
+/// less than `min_free` bytes free. Returns whether it did.
+pub fn release_reserve_at_start(data_dir: &Path, min_free: u64) -> bool {
+    let Ok(space) = disk_space(data_dir) else {
+        return false;
+    };
+    if space.free >= min_free || !data_dir.join(RESERVE_FILE).exists() {
+        return false;
+    }
+    let mut released = false;
+    release_reserve(data_dir, &mut released);
+    released
 }
 
 fn release_reserve(data_dir: &Path, released: &mut bool) {

@@ -24,6 +24,10 @@ use super::{audit, now_ms, AuditEvent, AuditRow, ChainError, Store, StoreError, 
 /// protobuf payload).
 pub const CHECKPOINT_CONTEXT: &[u8] = b"trustbind audit checkpoint v1\0";
 
+/// Bytes an audit row takes beyond its text fields: two hex hashes (128),
+/// numbers, the cell and page overhead (measured: docs/BENCHMARKS.md).
+pub const ROW_OVERHEAD: f64 = 235.0;
+
 /// A signed record of a pruned prefix of the audit chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -271,6 +275,34 @@ impl Store {
             pages.saturating_sub(free).saturating_mul(size),
             free.saturating_mul(size),
         ))
+    }
+
+    /// An estimate of the bytes the audit and channel rows take in the
+    /// database: rows times the average size of the newest 1,000 (their
+    /// text plus [`ROW_OVERHEAD`] for the hashes, numbers and B-tree cells).
+    pub fn retained_bytes(&self) -> Result<u64, StoreError> {
+        let conn = self.read()?;
+        let avg = |sql: &str| -> Result<f64, StoreError> {
+            Ok(conn
+                .query_row(sql, [], |r| r.get::<_, Option<f64>>(0))?
+                .unwrap_or(0.0))
+        };
+        let audit_avg = avg(
+            "SELECT avg(length(detail) + length(kind) + length(actor)) FROM
+             (SELECT detail, kind, actor FROM audit ORDER BY seq DESC LIMIT 1000)",
+        )?;
+        let channel_avg = avg(
+            "SELECT avg(length(key_id) + length(src_host) + length(dst_host) + length(tuple)) FROM
+             (SELECT key_id, src_host, dst_host, tuple FROM channels ORDER BY id DESC LIMIT 1000)",
+        )?;
+        let (audit, channels): (i64, i64) = conn.query_row(
+            "SELECT (SELECT count(*) FROM audit), (SELECT count(*) FROM channels)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let bytes = audit as f64 * (audit_avg + ROW_OVERHEAD)
+            + channels as f64 * (channel_avg + 2.0 * ROW_OVERHEAD);
+        Ok(bytes as u64)
     }
 
     /// Rows of the audit log, channels and agent report ids.

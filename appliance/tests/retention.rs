@@ -691,9 +691,10 @@ fn measure_export_and_prune() {
     let append = t.elapsed();
     let (live, free) = f.store.db_bytes().unwrap();
     println!(
-        "appended {N} rows in {append:?} ({:.0} rows/s); database {live} bytes live, {free} free: {:.0} bytes per row",
+        "appended {N} rows in {append:?} ({:.0} rows/s); database {live} bytes live, {free} free: {:.0} bytes per row; retention's estimate {:.0}",
         N as f64 / append.as_secs_f64(),
-        live as f64 / N as f64
+        live as f64 / N as f64,
+        f.store.retained_bytes().unwrap() as f64 / N as f64
     );
     let mut r = f.retention(Config {
         audit_max_rows: Some(1),

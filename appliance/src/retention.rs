@@ -65,6 +65,9 @@ pub const PREFIXES: [(&str, &str); 3] = [
 /// Free database pages kept while the disk alarm is raised, as a share of
 /// the audit and channel rows' bytes (at least 1 MiB).
 pub const PRESSURE_HEADROOM: f64 = 0.10;
+/// Audit rows kept under the alarm whatever the headroom (the store
+/// budget and the row and age budgets still apply).
+pub const PRESSURE_FLOOR: i64 = 1_000;
 /// Least free-page headroom under pressure.
 const MIN_HEADROOM: u64 = 1 << 20;
 
@@ -445,6 +448,16 @@ impl Retention {
                 release_reserve(data_dir, released);
                 Ok(log.append(lines)?)
             }
+            Err(e) if no_space(&e) => {
+                // The reserve is gone and the disk is still full: the
+                // oldest export file (never the one written to) makes room,
+                // so that the newest events are kept rather than lost.
+                let dir = data_dir.join(EXPORT_DIR);
+                if !trim_exports(&dir, export_bytes(&dir).saturating_sub(1), &[log.name()]) {
+                    return Err(e.into());
+                }
+                Ok(log.append(lines)?)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -640,17 +653,26 @@ impl Retention {
         // audit and channel rows' bytes), never the signatures: a large
         // signature import must not empty the audit log.
         let budget = pct(space.size, self.cfg.store_max_percent);
+        let mut audit_left = self.store.retained_rows()?.0;
         while batches < max {
             let (_, free) = self.store.db_bytes()?;
             let retained = self.store.retained_bytes()?;
             let over_budget = retained > budget;
             let headroom = ((retained as f64 * PRESSURE_HEADROOM) as u64).max(MIN_HEADROOM);
-            let pressed = self.alarm && free < headroom;
+            // Under the alarm, never below the newest PRESSURE_FLOOR rows:
+            // a small database must not be emptied every second.
+            let pressed = self.alarm && free < headroom && audit_left > PRESSURE_FLOOR;
             if !over_budget && !pressed {
                 break;
             }
             batches += 1;
-            let n = self.audit_batch(None, batch, &mut rep)?;
+            let limit = if over_budget {
+                batch
+            } else {
+                batch.min(u32::try_from(audit_left - PRESSURE_FLOOR).unwrap_or(batch))
+            };
+            let n = self.audit_batch(None, limit, &mut rep)?;
+            audit_left = audit_left.saturating_sub(i64::try_from(n).unwrap_or(0));
             let c = self.channel_batch(None, batch, &mut rep)?;
             if n == 0 && c == 0 {
                 break;
@@ -695,7 +717,7 @@ impl Retention {
         }
         rep.more |= b >= max;
         let current = [self.audit.name(), self.channels.name(), self.reports.name()];
-        trim_exports(
+        let _ = trim_exports(
             &self.data_dir.join(EXPORT_DIR),
             pct(space.size, self.cfg.export_max_percent),
             &current,
@@ -723,9 +745,12 @@ fn export_bytes(dir: &Path) -> u64 {
 }
 
 /// Removes the oldest export files (never a current one) while the files
-/// take more than `budget` bytes.
-fn trim_exports(dir: &Path, budget: u64, current: &[String]) {
-    let Ok(d) = fs::read_dir(dir) else { return };
+/// take more than `budget` bytes. Returns whether it removed any.
+fn trim_exports(dir: &Path, budget: u64, current: &[String]) -> bool {
+    let Ok(d) = fs::read_dir(dir) else {
+        return false;
+    };
+    let mut removed = false;
     let mut files: Vec<(std::time::SystemTime, String, u64)> = d
         .filter_map(Result::ok)
         .filter_map(|e| {
@@ -749,6 +774,7 @@ fn trim_exports(dir: &Path, budget: u64, current: &[String]) {
         match fs::remove_file(dir.join(&name)) {
             Ok(()) => {
                 total = total.saturating_sub(len);
+                removed = true;
                 metrics().record_export_file_removed();
                 tracing::warn!(
                     "retention: export file {name} removed to keep the export files under {budget} bytes"
@@ -757,6 +783,7 @@ fn trim_exports(dir: &Path, budget: u64, current: &[String]) {
             Err(e) => tracing::warn!("retention: cannot remove export file {name}: {e}"),
         }
     }
+    removed
 }
 
 /// Makes the reserve file `bytes` long (zeros written, so the blocks are

@@ -35,5 +35,6 @@ pub mod pki;
 pub mod policy;
 pub mod ratelimit;
 pub mod request;
+pub mod retention;
 pub mod store;
 pub mod sys;

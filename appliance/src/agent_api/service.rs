@@ -24,7 +24,7 @@ use crate::pki::CertKind;
 use crate::policy::engine::Engine;
 use crate::policy::Outcome;
 use crate::request::QualifyRequest;
-use crate::store::{AuditEvent, AuditRow};
+use crate::store::{AuditEvent, AuditRow, StoreError};
 
 /// Most requests in one `Qualify` batch.
 pub const MAX_BATCH: usize = 256;
@@ -162,7 +162,9 @@ impl Agent for AgentService {
         if let Some(sinks) = self.api.alerts() {
             for (i, req, outcome, generation) in alerting {
                 if let Some(row) = rows.get(i) {
-                    for a in Alert::of(&req, &outcome, generation, row.seq) {
+                    // 0: not audited (disk full, counted in the audit gap).
+                    let seq = row.as_ref().map_or(0, |r| r.seq);
+                    for a in Alert::of(&req, &outcome, generation, seq) {
                         sinks.send(a);
                     }
                 }
@@ -446,11 +448,22 @@ fn decide_batch(
 /// Appends `events` through the group-commit audit writer (concurrent calls
 /// share one commit) and returns once every one is durable. The reply is
 /// sent only after this. The stored rows, in the order of `events`.
-async fn record(api: &AgentApi, events: Vec<AuditEvent>) -> Result<Vec<AuditRow>, Status> {
+///
+/// A full disk does not stop the answer: the events the store could not
+/// hold are counted in its audit gap (an `audit.gap` row once space
+/// returns; retention is reclaiming it meanwhile) and stand here as `None`.
+/// Any other failure to audit refuses the call (UNAVAILABLE).
+async fn record(api: &AgentApi, events: Vec<AuditEvent>) -> Result<Vec<Option<AuditRow>>, Status> {
     let rows =
         futures_util::future::join_all(events.into_iter().map(|e| api.audit.append(e))).await;
     rows.into_iter()
-        .map(|r| r.map_err(|e| Status::unavailable(format!("cannot write the audit log: {e}"))))
+        .map(|r| match r {
+            Ok(row) => Ok(Some(row)),
+            Err(StoreError::DiskFull) => Ok(None),
+            Err(e) => Err(Status::unavailable(format!(
+                "cannot write the audit log: {e}"
+            ))),
+        })
         .collect()
 }
 

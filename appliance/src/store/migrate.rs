@@ -227,6 +227,29 @@ CREATE TABLE file_set_paths (
     PRIMARY KEY (set_name, path)
 );
 "#,
+    // 12: retention (issue 16 item 4): a signed checkpoint for each pruned
+    // prefix of the audit chain (rows `from_seq..=upto_seq`, chaining from
+    // `from_prev_hash` to `upto_hash`, exported to `export_file` before
+    // they were deleted); the indexes retention reads agent reports and
+    // channels by
+    r#"
+CREATE TABLE audit_checkpoints (
+    id             INTEGER PRIMARY KEY,
+    from_seq       INTEGER NOT NULL,
+    from_prev_hash TEXT NOT NULL,
+    upto_seq       INTEGER NOT NULL,
+    upto_hash      TEXT NOT NULL,
+    rows           INTEGER NOT NULL,
+    total_rows     INTEGER NOT NULL,
+    first_at_ms    INTEGER NOT NULL,
+    last_at_ms     INTEGER NOT NULL,
+    made_ms        INTEGER NOT NULL,
+    export_file    TEXT NOT NULL,
+    signature      TEXT NOT NULL,
+    signer_pem     TEXT NOT NULL
+);
+CREATE INDEX agent_reports_received ON agent_reports (received_ms);
+"#,
 ];
 
 /// Newest schema version this build understands.

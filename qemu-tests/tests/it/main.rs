@@ -10,6 +10,7 @@ mod bench_channel;
 mod channel_e2e;
 mod common;
 mod e2e;
+mod e2e_disk_full;
 mod e2e_files;
 mod exec;
 mod files;

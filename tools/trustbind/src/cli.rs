@@ -627,8 +627,20 @@ pub enum AuditCmd {
         #[arg(long = "out", short = 'O')]
         out: Option<PathBuf>,
     },
-    /// Verifies the hash chain of the whole log.
+    /// Verifies the hash chain from the newest retention checkpoint to the
+    /// head, and the checkpoint's signature against the CA (`--ca`); says
+    /// what was pruned.
     Verify,
+    /// Verifies retention export files (the appliance's
+    /// `/data/trustbind/export/audit-*.jsonl`, oldest first), offline: the
+    /// rows chain, and every checkpoint in them is signed by the appliance
+    /// (a certificate of the CA given by `--ca` or the configuration) and
+    /// names its rows.
+    VerifyExport {
+        /// The export files, oldest first.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// `trustbind sig import-nsrl --help`, after the options.

@@ -663,6 +663,7 @@ fn program_by_hash(sha256: &[u8; 32]) -> pb::Program {
         sha1: Vec::new(),
         size: 0,
         path: String::new(),
+        package: String::new(),
     }
 }
 
@@ -676,6 +677,7 @@ fn request_of(ev: &ExecEvent, user: String) -> pb::Request {
             sha1: ev.sha1.to_vec(),
             size: ev.size,
             path: ev.path.clone(),
+            package: String::new(),
         }),
         target: Some(pb::request::Target::Exec(pb::ExecTarget {
             loader_direct: ev.loader_direct,

@@ -42,6 +42,7 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
         Cmd::Group(gc) => group(gc, &connect()?, out),
         Cmd::Host(h) => host(h, &connect()?, out),
         Cmd::Channel(ch) => channel(ch, &connect()?, out),
+        Cmd::Learn(l) => crate::learn::run(&l, &connect()?, out),
         Cmd::Audit(a) => audit(a, &connect()?, out),
         Cmd::Explain(x) => crate::explain::run(x, &connect()?, out),
         Cmd::User(u) => user(u, &connect()?, out),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{exec, sig, start_with, Appliance};
 use trustbind_appliance::agent_api::pb;
 use trustbind_appliance::policy::engine::Engine;
-use trustbind_appliance::store::observed::{PER_HOST, TOTAL};
+use trustbind_appliance::store::observed::{PATH_MAX, PER_HOST, TOTAL};
 use trustbind_appliance::store::{
     hex, Mode, Observation, ObservedFilter, ObservedState, Seen, Store, StoreError,
 };
@@ -407,7 +407,9 @@ fn the_table_is_bounded_per_host_and_in_all() {
     // Long paths are cut; users past the bound are noted, not kept.
     let mut long = obs("new", 2);
     long.path = format!("/{}", "é".repeat(400));
-    long.users = (0..12).map(|i| format!("u{i}")).collect();
+    long.users = (0..12)
+        .map(|i| format!("u{i}{}", "x".repeat(100)))
+        .collect();
     store.record_observed(&[long]).unwrap();
     let f = ObservedFilter {
         host: Some("new".into()),
@@ -419,7 +421,12 @@ fn the_table_is_bounded_per_host_and_in_all() {
         .iter()
         .find(|r| r.seen.sha256 == format!("{:064x}", 2))
         .unwrap();
-    assert!(row.seen.path.len() <= 512 && row.seen.path.starts_with("/é"));
+    assert!(row.seen.path.len() <= PATH_MAX && row.seen.path.starts_with("/é"));
     assert_eq!(row.seen.users.len(), 8);
+    assert!(
+        row.seen.users.iter().all(|u| u.len() == 64),
+        "{:?}",
+        row.seen.users
+    );
     assert!(row.seen.users_more);
 }

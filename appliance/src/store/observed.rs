@@ -16,7 +16,8 @@
 //! program new to a host at either cap is left out (its counts are not
 //! kept) and counted in `observed_hosts.left_out` for that host, shown by
 //! `GET /v1/learn`; rows already kept go on being updated. Paths are kept
-//! to [`PATH_MAX`] bytes, users to [`USERS_MAX`] names per row. Forgetting
+//! to [`PATH_MAX`] bytes, users to [`USERS_MAX`] names of at most
+//! [`USER_MAX`] bytes per row. Forgetting
 //! rows ([`Store::forget_observed`]) makes room again.
 
 use std::collections::{BTreeSet, HashMap};
@@ -30,12 +31,14 @@ use super::{now_ms, AuditEvent, Mode, Publish, Signature, Store, StoreError};
 /// Rows kept per host at most.
 pub const PER_HOST: i64 = 1024;
 /// Rows kept in all at most.
-pub const TOTAL: i64 = 20_000;
+pub const TOTAL: i64 = 10_000;
 /// Longest path kept, in bytes (longer ones are cut at a character
 /// boundary; the audit's decision rows keep the whole path).
-pub const PATH_MAX: usize = 512;
+pub const PATH_MAX: usize = 256;
 /// Distinct user names kept per row (`users_more` says more were seen).
 pub const USERS_MAX: usize = 8;
+/// Longest user name kept, in bytes (longer ones are cut).
+pub const USER_MAX: usize = 64;
 /// Programs approved in one call at most (as many as one signature batch).
 pub const APPROVE_MAX: usize = 10_000;
 /// Programs named one by one in an approval's audit row (the digest covers
@@ -214,16 +217,16 @@ pub struct Approval {
     pub rows: u64,
 }
 
-/// `path` cut to [`PATH_MAX`] bytes at a character boundary.
-fn kept_path(path: &str) -> &str {
-    if path.len() <= PATH_MAX {
-        return path;
+/// `s` cut to `max` bytes at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
     }
-    let mut end = PATH_MAX;
-    while !path.is_char_boundary(end) {
+    let mut end = max;
+    while !s.is_char_boundary(end) {
         end -= 1;
     }
-    path.get(..end).unwrap_or("")
+    s.get(..end).unwrap_or("")
 }
 
 /// `(path = p OR path starts with p + "/")`, as two parameters: `p` and
@@ -620,7 +623,7 @@ fn record_in(tx: &Transaction<'_>, obs: &[Observation]) -> Result<ObservedWrite,
     // Rows per host as counted in this transaction.
     let mut hosts: HashMap<&str, (i64, i64, Option<i64>)> = HashMap::new();
     for o in obs {
-        let path = kept_path(&o.path);
+        let path = cut(&o.path, PATH_MAX);
         let known: Option<(i64, String, bool)> = find
             .query_row(params![o.host, o.sha256, path], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -640,9 +643,9 @@ fn record_in(tx: &Transaction<'_>, obs: &[Observation]) -> Result<ObservedWrite,
             Some((id, users, more)) => {
                 let mut all: BTreeSet<String> = serde_json::from_str(&users).unwrap_or_default();
                 let mut more = more || o.users_more;
-                for u in &o.users {
+                for u in o.users.iter().map(|u| cut(u, USER_MAX)) {
                     if all.len() < USERS_MAX {
-                        all.insert(u.clone());
+                        all.insert(u.to_owned());
                     } else if !all.contains(u) {
                         more = true;
                     }
@@ -667,7 +670,12 @@ fn record_in(tx: &Transaction<'_>, obs: &[Observation]) -> Result<ObservedWrite,
                 out.left_out += 1;
             }
             None => {
-                let users: Vec<&String> = o.users.iter().take(USERS_MAX).collect();
+                let users: BTreeSet<&str> = o
+                    .users
+                    .iter()
+                    .take(USERS_MAX)
+                    .map(|u| cut(u, USER_MAX))
+                    .collect();
                 insert.execute(params![
                     o.host,
                     o.sha256,

@@ -11,6 +11,7 @@ mod channel_e2e;
 mod common;
 mod e2e;
 mod e2e_files;
+mod e2e_learn;
 mod exec;
 mod files;
 mod harness;

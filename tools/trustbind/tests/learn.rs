@@ -219,3 +219,56 @@ fn a_read_only_admin_lists_but_cannot_approve_or_forget() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn interactive_approval_asks_group_by_group_on_a_terminal() {
+    let app = seeded();
+    // A terminal for the CLI: util-linux `script` runs it on a pty and
+    // types what it reads from its own standard input.
+    let bin = assert_cmd::cargo::cargo_bin("trustbind");
+    let out = std::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!("{} learn --group system", bin.display()),
+            "/dev/null",
+        ])
+        .env_clear()
+        .env("HOME", app.dir.path())
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TRUSTBIND_CONFIG", &app.config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            // package coreutils: no; /opt/app: yes; /opt/app/bin: no; quit.
+            c.stdin.take().unwrap().write_all(b"n\ny\nn\nq\n")?;
+            c.wait_with_output()
+        })
+        .expect("run `script` (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("approve these 1 program(s) into system? [y/N/q]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 program(s) approved into system, 2 skipped"),
+        "{text}"
+    );
+    let members: Vec<String> = app
+        .store
+        .list_signatures(Some("system"), "", 10)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.sha256)
+        .collect();
+    assert_eq!(members, [sha('a')]);
+    let rows = app.store.audit_rows(0, 100).unwrap();
+    assert_eq!(rows.iter().filter(|r| r.kind == "learn.approve").count(), 1);
+}

@@ -76,7 +76,8 @@ impl Recorder {
     }
 
     /// Starts the task that flushes every [`FLUSH_EVERY`] (within a tokio
-    /// runtime); it ends once the recorder is dropped, after a last flush.
+    /// runtime); it ends once the recorder is dropped (what was still
+    /// pending then is not written: the audit log has those decisions).
     pub fn spawn(self: &Arc<Self>) {
         let weak: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {

@@ -73,6 +73,7 @@ fn answer(d: Decision, channel_id: Option<u64>) -> Answer {
         cacheable: d.cacheable,
         channel_id,
         cache_hit: d.cache_hit,
+        mode: Some(d.mode),
     }
 }
 
@@ -86,6 +87,7 @@ fn denied(reason: String, generation: i64) -> Answer {
         cacheable: false,
         channel_id: None,
         cache_hit: false,
+        mode: None,
     }
 }
 

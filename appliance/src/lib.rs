@@ -28,6 +28,7 @@ pub mod channels;
 pub mod clock;
 pub mod files;
 pub mod gate;
+pub mod learn;
 pub mod limits;
 pub mod metrics;
 pub mod ntp;

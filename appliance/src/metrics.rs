@@ -93,13 +93,16 @@ struct Retention {
 /// Why the network's demands were refused ([`Metrics::record_refused`]):
 /// enrolment refusals past their rate, `Report` and `SignBundle` past the
 /// host's quota, connections past a port's admission limits, push streams
-/// ended for falling behind.
-pub const REFUSALS: [&str; 5] = [
+/// ended for falling behind, learning mode's observations past its
+/// pending map (`learn_pending`) or its table's caps (`learn_cap`).
+pub const REFUSALS: [&str; 7] = [
     "enrol_rate",
     "report_quota",
     "bundle_quota",
     "connection",
     "slow_stream",
+    "learn_pending",
+    "learn_cap",
 ];
 
 impl Default for Metrics {

@@ -416,6 +416,7 @@ async fn oversized_batches_are_refused_and_change_nothing() {
             sha1: vec![0; 20],
             size: 0,
             path: "x".repeat(5 * 1024 * 1024),
+            package: String::new(),
         }),
         ..exec(1, LS)
     };
@@ -728,6 +729,7 @@ impl trustbind_appliance::agent_api::Decider for Gated {
             cacheable: false,
             channel_id: None,
             cache_hit: false,
+            mode: None,
         })
     }
 }

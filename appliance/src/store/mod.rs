@@ -19,6 +19,7 @@ mod files;
 mod identity;
 mod ledger;
 pub mod migrate;
+pub mod observed;
 mod prune;
 mod read;
 mod writer;
@@ -46,6 +47,10 @@ pub use err::{ChainError, StoreError};
 pub use files::{FileSetChange, FileSetEdit};
 pub use identity::{AdminCert, AdminRole, DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS};
 pub use ledger::{Publish, DEFER_MAX_MS, DEFER_QUIET_MS};
+pub use observed::{
+    Approval, ApprovedProgram, Observation, ObservedFilter, ObservedHost, ObservedRow,
+    ObservedState, ObservedWrite, Seen,
+};
 pub use prune::{is_disk_full, ChainReport, Checkpoint, Gap, ReportKey, CHECKPOINT_CONTEXT};
 pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
 

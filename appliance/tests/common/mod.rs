@@ -319,6 +319,7 @@ pub fn exec(id: u64, sha: [u8; 32]) -> trustbind_appliance::agent_api::pb::Reque
             sha1: vec![0x01; 20],
             size: 1234,
             path: "/usr/bin/x".into(),
+            package: String::new(),
         }),
         target: Some(Target::Exec(pb::ExecTarget::default())),
         peer: None,

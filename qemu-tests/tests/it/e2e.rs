@@ -22,10 +22,11 @@
 //! mode; no kernel warning anywhere.
 
 use anyhow::{ensure, Result};
-use trustbind_qemu_tests::{Admin, ApplianceImage, Artifacts, Boot, Network, Vm};
+use trustbind_qemu_tests::{ApplianceImage, Artifacts, Boot, Network};
 
 use crate::common::{
-    self, denied, enrol_host, export_audit, says_true, start_agent, wait_for, wait_new_agent, STATE,
+    self, denied, enrol_host, export_audit, says_true, start_agent, switch_mode, wait_for,
+    wait_new_agent, STATE,
 };
 
 /// Policy besides [`common::SYSTEM_PROGRAMS`]: role admin may run the
@@ -38,18 +39,6 @@ permit (
     resource in Trustbind::ProgramGroup::"admin-tools"
 );
 "#;
-
-/// Sets the host group's mode with the CLI and waits until the agent has
-/// put the module in it.
-fn switch_mode(admin: &Admin, host: &mut Vm, mode: &str) -> Result<()> {
-    admin.run(&["host", "group", "set", "hosts", "--mode", mode])?;
-    wait_for(
-        host,
-        &format!("{mode} mode"),
-        &format!("grep -q '\"mode\": \"{mode}\"' {STATE}/status.json"),
-        60,
-    )
-}
 
 /// Policy: tools allowed only at certain hours of the appliance's clock
 /// (UTC): group `window-now` this hour and the next (so the test cannot

@@ -12,6 +12,7 @@ mod common;
 mod e2e;
 mod e2e_disk_full;
 mod e2e_files;
+mod e2e_learn;
 mod exec;
 mod files;
 mod harness;

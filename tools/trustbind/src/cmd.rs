@@ -51,6 +51,7 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
             };
             audit_verify_export(&files, &ca, out)
         }
+        Cmd::Learn(l) => crate::learn::run(&l, &connect()?, out),
         Cmd::Audit(a) => audit(a, &connect()?, out),
         Cmd::Explain(x) => crate::explain::run(x, &connect()?, out),
         Cmd::User(u) => user(u, &connect()?, out),

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use trustbind_qemu_tests::{gpt_partition, ApplianceImage, Artifacts, Boot, Network};
+use trustbind_qemu_tests::gpt_partition;
 
 use crate::common::{self, denied, enrol_host, export_audit, wait_for, STATE};
 
@@ -84,27 +84,19 @@ fn fill_data_partition(disk: &Path, work: &Path) -> Result<u64> {
 
 #[test]
 fn e2e_disk_full_hosts_keep_getting_decisions() -> Result<()> {
-    let art = Artifacts::from_env()?;
-    let img = ApplianceImage::from_env()?;
-    let net = Network::new()?;
-    let work = tempfile::tempdir()?;
-    let mut appl = net.appliance("appl", &img, Boot::Disk)?;
-    let host = common::host_vm(net.vm("host"))?.start(&art)?;
-    appl.wait_serving()?;
-    let ip = appl.ip().to_string();
-    let fp = appl.ca_fingerprint()?;
-    let admin = appl.admin(&work.path().join("admin"))?;
-    let bins = common::provision(&admin, &art, work.path(), common::SYSTEM_PROGRAMS)?;
-    let evil = common::modified_true(&bins, work.path(), "evil", "x")?;
+    let mut b = common::appliance_and_host()?;
+    let (admin, appl, work) = (&b.admin, &mut b.appl, b.work.path());
+    let bins = common::provision(admin, &b.art, work, common::SYSTEM_PROGRAMS)?;
+    let evil = common::modified_true(&bins, work, "evil", "x")?;
     let evil_hash = common::sha256_file(&evil)?;
-    let mut host = host.wait_ready()?;
-    enrol_host(&admin, &mut host, &ip, &fp, "host1", "enforce")?;
+    let mut host = b.host.wait_ready()?;
+    enrol_host(admin, &mut host, &b.ip, &b.fp, "host1", "enforce")?;
     host.run_ok("/usr/bin/true")?;
 
     // Off; the data partition filled to its last block; on again.
     appl.powerdown()?;
     let disk = appl.disk().context("no disk")?.to_owned();
-    let filled = fill_data_partition(&disk, work.path())?;
+    let filled = fill_data_partition(&disk, work)?;
     eprintln!("filled the data partition with {filled} bytes");
     appl.boot()?;
     appl.wait_serving()?;
@@ -142,7 +134,7 @@ fn e2e_disk_full_hosts_keep_getting_decisions() -> Result<()> {
 
     // Audited (after retention made room), the chain verifies from its
     // checkpoint, and the export files check out.
-    let audit = export_audit(&admin)?;
+    let audit = export_audit(admin)?;
     common::ensure_decision(&audit, "/usr/bin/expr")?;
     common::ensure_decision(&audit, &evil_hash)?;
     let verify = admin.run(&["audit", "verify"])?;

@@ -68,6 +68,12 @@ pub const PRESSURE_HEADROOM: f64 = 0.10;
 /// Audit rows kept under the alarm whatever the headroom (the store
 /// budget and the row and age budgets still apply).
 pub const PRESSURE_FLOOR: i64 = 1_000;
+/// Under the alarm, audit rows are pruned only once at least this many
+/// are above [`PRESSURE_FLOOR`]: each prune writes a checkpoint and an
+/// `audit.prune` row, so pruning down to the floor each pass would prune
+/// that one row the pass before added, every second, and grow the
+/// database and the export on the full disk by a checkpoint a second.
+pub const PRESSURE_STEP: i64 = 100;
 /// Least free-page headroom under pressure.
 const MIN_HEADROOM: u64 = 1 << 20;
 
@@ -659,9 +665,11 @@ impl Retention {
             let retained = self.store.retained_bytes()?;
             let over_budget = retained > budget;
             let headroom = ((retained as f64 * PRESSURE_HEADROOM) as u64).max(MIN_HEADROOM);
-            // Under the alarm, never below the newest PRESSURE_FLOOR rows:
-            // a small database must not be emptied every second.
-            let pressed = self.alarm && free < headroom && audit_left > PRESSURE_FLOOR;
+            // Under the alarm, never below the newest PRESSURE_FLOOR rows
+            // (a small database must not be emptied every second), and
+            // only PRESSURE_STEP rows or more at a time.
+            let pressed =
+                self.alarm && free < headroom && audit_left >= PRESSURE_FLOOR + PRESSURE_STEP;
             if !over_budget && !pressed {
                 break;
             }

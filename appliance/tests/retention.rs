@@ -637,6 +637,24 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
     assert_eq!(d["events"].as_u64(), Some(gap));
     assert!(rows.iter().any(|r| r.seq > head && r.kind == "decision"));
     assert!(store.verify_audit().unwrap().is_ok());
+    // Down to the floor with the disk still full, the next passes leave
+    // the audit alone: pruning the row or two the last prune and decision
+    // added would write a checkpoint and an `audit.prune` row every
+    // second, growing the database and the export on the full disk.
+    let checkpoints = || {
+        store
+            .verify_audit_from_checkpoint()
+            .unwrap()
+            .unwrap()
+            .checkpoints
+    };
+    let made = checkpoints();
+    for _ in 0..3 {
+        let rep = r.pass().unwrap();
+        assert!(rep.alarm, "{rep:?}");
+        assert_eq!(rep.audit, 0, "{rep:?}");
+    }
+    assert_eq!(checkpoints(), made);
     let lines = {
         let dir = data.join(retention::EXPORT_DIR);
         let mut v = Vec::new();

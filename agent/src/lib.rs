@@ -5,7 +5,9 @@
 //! [`device`] (the module's channel), [`files`] (protected file sets: paths
 //! resolved to the module's device and inode identities), [`keys`] (pushed channel keys held
 //! by channel id until the connect/accept they answer takes them), [`link`] (enrolment, credentials, the
-//! mTLS channel), [`logging`] (the daemon's log: journald or stderr), [`run`] (the daemon: batching, offline answers, pushes,
+//! mTLS channel), [`logging`] (the daemon's log: journald or stderr),
+//! [`packages`] (program path -> owning Debian package, from dpkg's file
+//! lists, for learning mode), [`run`] (the daemon: batching, offline answers, pushes,
 //! spool delivery, status), [`bundle`] (the program/user pairs seen, which
 //! the appliance is asked to re-decide and sign), [`signed`] (that signed
 //! offline bundle, the only source of offline verdicts), [`spool`] (audit records kept on disk while the appliance is
@@ -28,6 +30,7 @@ pub mod files;
 pub mod keys;
 pub mod link;
 pub mod logging;
+pub mod packages;
 pub mod refusal;
 pub mod run;
 pub mod signed;

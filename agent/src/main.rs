@@ -100,6 +100,11 @@ enum Cmd {
         /// than this many days of validity remain.
         #[arg(long, value_name = "DAYS", default_value_t = trustbind_agent::link::RENEW_BEFORE_DAYS)]
         renew_days: u32,
+        /// dpkg's file lists: the Debian package owning each program run is
+        /// sent with it (learning mode groups by it); re-read when dpkg
+        /// changes them. Absent on a host without dpkg: nothing is sent.
+        #[arg(long, value_name = "DIR", default_value = trustbind_agent::packages::DPKG_INFO)]
+        dpkg_info: PathBuf,
     },
     /// Show the running agent's status.
     Status {
@@ -181,6 +186,7 @@ fn main() -> ExitCode {
             call_timeout_ms,
             no_net,
             renew_days,
+            dpkg_info,
         } => {
             trustbind_agent::logging::init();
             if let Some(p) = passwd {
@@ -199,6 +205,7 @@ fn main() -> ExitCode {
                 call_timeout: Duration::from_millis(call_timeout_ms),
                 qualify_net: !no_net,
                 renew_days,
+                dpkg_info,
             };
             match rt.block_on(run::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

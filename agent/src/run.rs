@@ -58,6 +58,7 @@ use crate::device::{Device, DeviceWriter, Event, ExecEvent, FileEvent, NetEvent,
 use crate::files::{self, Tracker};
 use crate::keys::{self, Keys, Pushed};
 use crate::link::{self, write_atomic, AgentConfig};
+use crate::packages::Packages;
 use crate::refusal;
 use crate::signed::{self, Verified};
 use crate::spool::{Spool, SpoolRecord};
@@ -88,6 +89,9 @@ pub struct RunOptions {
     pub qualify_net: bool,
     /// Renew the host certificate when fewer than this many days remain.
     pub renew_days: u32,
+    /// dpkg's file lists (`/var/lib/dpkg/info`): the package owning each
+    /// exec'd path is sent with it, for learning mode.
+    pub dpkg_info: PathBuf,
 }
 
 /// Why the daemon stopped.
@@ -237,9 +241,19 @@ struct Shared {
     /// The protected paths last pushed (or saved from an earlier run):
     /// resolved by [`file_sets`] into the module's identities.
     file_paths: watch::Sender<Option<Vec<String>>>,
+    /// Program path -> owning Debian package ([`packages_index`]).
+    packages: std::sync::RwLock<Arc<Packages>>,
 }
 
 impl Shared {
+    /// The current package index.
+    fn packages_now(&self) -> Arc<Packages> {
+        self.packages
+            .read()
+            .map(|p| Arc::clone(&p))
+            .unwrap_or_default()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock poisons it; the data is still
         // consistent enough to keep answering the kernel.
@@ -348,6 +362,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         bundle_last: Mutex::new(None),
         keys: Keys::new(),
         file_paths: watch::Sender::new(load_file_paths(&opts_state)),
+        packages: std::sync::RwLock::new(Arc::new(Packages::default())),
     });
 
     let (tx, rx) = mpsc::channel::<Asked>(4096);
@@ -391,6 +406,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     tokio::spawn(connection(Arc::clone(&shared), cfg, tls));
     tokio::spawn(housekeeping(Arc::clone(&shared)));
     tokio::spawn(file_sets(Arc::clone(&shared)));
+    tokio::spawn(packages_index(Arc::clone(&shared)));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| link::LinkError::Config(format!("SIGTERM handler: {e}")))?;
@@ -438,6 +454,39 @@ async fn housekeeping(shared: Arc<Shared>) {
             g.users.refresh();
         }
         write_status(&shared.opts, &mut g);
+    }
+}
+
+/// How often dpkg's file lists are checked for a change.
+const PACKAGES_EVERY: Duration = Duration::from_secs(30);
+
+/// Keeps [`Shared::packages`] current: reads dpkg's file lists at start
+/// and again whenever their directory changed (checked every
+/// [`PACKAGES_EVERY`]), on a blocking thread.
+async fn packages_index(shared: Arc<Shared>) {
+    let dir = shared.opts.dpkg_info.clone();
+    let mut tick = tokio::time::interval(PACKAGES_EVERY);
+    loop {
+        tick.tick().await;
+        let current = shared.packages_now();
+        if current.lists() > 0 && !current.stale(&dir) {
+            continue;
+        }
+        let d = dir.clone();
+        let Ok(fresh) = tokio::task::spawn_blocking(move || Packages::load(&d)).await else {
+            continue;
+        };
+        if fresh.lists() != current.lists() || fresh.len() != current.len() || current.stale(&dir) {
+            tracing::info!(
+                "{}: {} programs of {} packages",
+                dir.display(),
+                fresh.len(),
+                fresh.lists()
+            );
+        }
+        if let Ok(mut p) = shared.packages.write() {
+            *p = Arc::new(fresh);
+        }
     }
 }
 
@@ -663,6 +712,7 @@ fn program_by_hash(sha256: &[u8; 32]) -> pb::Program {
         sha1: Vec::new(),
         size: 0,
         path: String::new(),
+        package: String::new(),
     }
 }
 
@@ -676,6 +726,7 @@ fn request_of(ev: &ExecEvent, user: String) -> pb::Request {
             sha1: ev.sha1.to_vec(),
             size: ev.size,
             path: ev.path.clone(),
+            package: String::new(),
         }),
         target: Some(pb::request::Target::Exec(pb::ExecTarget {
             loader_direct: ev.loader_direct,
@@ -868,10 +919,19 @@ async fn answer(shared: &Shared, batch: Vec<Asked>) {
             .map(|a| g.users.name(a.process().uid))
             .collect()
     };
+    let packages = shared.packages_now();
     let requests: Vec<pb::Request> = batch
         .iter()
         .zip(&users)
-        .map(|(a, u)| a.request(u.clone()))
+        .map(|(a, u)| {
+            let mut r = a.request(u.clone());
+            if let (Asked::Exec(ev), Some(p)) = (a, r.program.as_mut()) {
+                if let Some(owner) = packages.owner(&ev.path) {
+                    owner.clone_into(&mut p.package);
+                }
+            }
+            r
+        })
         .collect();
     let timeout = shared.opts.call_timeout;
     let mut asked = qualify(shared, requests.clone(), timeout).await;

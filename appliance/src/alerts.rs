@@ -555,14 +555,54 @@ async fn syslog(
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
     hostname: String,
-    mut rx: mpsc::Receiver<Arc<Alert>>,
+    rx: mpsc::Receiver<Arc<Alert>>,
     retry: Retry,
 ) {
+    let pid = std::process::id();
+    syslog_messages(
+        SyslogTarget {
+            addr,
+            server_name,
+            tls,
+            what: "alert",
+        },
+        rx,
+        retry,
+        move |a: &Arc<Alert>| frame(&rfc5424(a, &hostname, pid)),
+        |a: &Arc<Alert>, r| delivered("syslog", a, r),
+    )
+    .await;
+}
+
+/// Where a syslog-over-TLS task sends.
+struct SyslogTarget {
+    addr: String,
+    server_name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+    /// What is sent, for the debug log (`alert`, `audit export`).
+    what: &'static str,
+}
+
+/// Sends each item of `rx`, framed by `framed`, over one TLS connection
+/// (made again after a failure), retrying each with `retry`'s backoff;
+/// `done` hears how each ended.
+async fn syslog_messages<T>(
+    target: SyslogTarget,
+    mut rx: mpsc::Receiver<T>,
+    retry: Retry,
+    framed: impl Fn(&T) -> String,
+    done: impl Fn(&T, Result<(), String>),
+) {
+    let SyslogTarget {
+        addr,
+        server_name,
+        tls,
+        what,
+    } = target;
     let connector = tokio_rustls::TlsConnector::from(tls);
     let conn: Arc<tokio::sync::Mutex<Option<TlsStream>>> = Arc::default();
-    let pid = std::process::id();
-    while let Some(a) = rx.recv().await {
-        let framed = frame(&rfc5424(&a, &hostname, pid));
+    while let Some(item) = rx.recv().await {
+        let framed = framed(&item);
         let send = || async {
             let mut c = conn.lock().await;
             if c.is_none() {
@@ -597,9 +637,88 @@ async fn syslog(
         };
         let r = send
             .retry(retry.backoff())
-            .notify(|e, wait| tracing::debug!("alert syslog: {e}; again in {wait:?}"))
+            .notify(|e, wait| tracing::debug!("{what} syslog: {e}; again in {wait:?}"))
             .await;
-        delivered("syslog", &a, r);
+        done(&item, r);
+    }
+}
+
+/// Exported audit rows on their way to a syslog receiver (retention's
+/// forwarding): a bounded queue in front of the same sender as alerts.
+#[derive(Debug, Clone)]
+pub struct AuditForward {
+    tx: mpsc::Sender<String>,
+    hostname: String,
+}
+
+/// The RFC 5424 message for an exported audit row: facility 13 (log
+/// audit), severity informational, MSGID `audit`, the row's sequence
+/// number, kind, actor and hash as structured data and the row (the JSON
+/// line of the export file) as the message.
+pub fn rfc5424_audit(row: &crate::store::AuditRow, hostname: &str, pid: u32) -> String {
+    let ts = jiff::Timestamp::from_millisecond(row.at_ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    let time = format!(
+        "{}.{:03}Z",
+        ts.strftime("%Y-%m-%dT%H:%M:%S"),
+        row.at_ms.rem_euclid(1000)
+    );
+    let json = serde_json::to_string(row).unwrap_or_default();
+    format!(
+        "<{}>1 {time} {} trustbind {pid} audit [{SD_ID} audit_seq=\"{}\" kind=\"{}\" actor=\"{}\" hash=\"{}\"] \u{feff}{json}",
+        13 * 8 + 6,
+        syslog_name(hostname),
+        row.seq,
+        sd_escape(&row.kind),
+        sd_escape(&row.actor),
+        row.hash,
+    )
+}
+
+impl AuditForward {
+    /// Starts forwarding to `sink` (a syslog sink; `None` for a webhook)
+    /// behind a queue of `queue` rows, on the current tokio runtime.
+    pub fn start(sink: &Sink, queue: usize, retry: Retry) -> Option<Self> {
+        let Sink::Syslog {
+            addr,
+            server_name,
+            tls,
+            hostname,
+        } = sink
+        else {
+            return None;
+        };
+        let (tx, rx) = mpsc::channel::<String>(queue.max(1));
+        tokio::spawn(syslog_messages(
+            SyslogTarget {
+                addr: addr.clone(),
+                server_name: server_name.clone(),
+                tls: Arc::clone(tls),
+                what: "audit export",
+            },
+            rx,
+            retry,
+            |m: &String| m.clone(),
+            |_, r: Result<(), String>| match r {
+                Ok(()) => metrics::metrics().record_forwarded("sent"),
+                Err(e) => {
+                    metrics::metrics().record_forwarded("failed");
+                    tracing::debug!("exported audit row not forwarded: {e}");
+                }
+            },
+        ));
+        Some(AuditForward {
+            tx,
+            hostname: hostname.clone(),
+        })
+    }
+
+    /// Queues `row` without waiting; a full queue drops it (counted; the
+    /// row is in the export file).
+    pub fn send(&self, row: &crate::store::AuditRow) {
+        let msg = frame(&rfc5424_audit(row, &self.hostname, std::process::id()));
+        if self.tx.try_send(msg).is_err() {
+            metrics::metrics().record_forwarded("dropped");
+        }
     }
 }
 

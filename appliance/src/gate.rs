@@ -46,7 +46,7 @@ use crate::metrics;
 use crate::policy::engine::{pair_event, Decision, Engine};
 use crate::policy::{Outcome, Verdict, ENCRYPT_VALUES};
 use crate::request::{Action, QualifyRequest, Target};
-use crate::store::{AuditEvent, Store};
+use crate::store::{AuditEvent, Store, StoreError};
 
 /// The decider `serve` uses.
 pub struct Gate {
@@ -73,6 +73,7 @@ fn answer(d: Decision, channel_id: Option<u64>) -> Answer {
         cacheable: d.cacheable,
         channel_id,
         cache_hit: d.cache_hit,
+        mode: Some(d.mode),
     }
 }
 
@@ -86,6 +87,7 @@ fn denied(reason: String, generation: i64) -> Answer {
         cacheable: false,
         channel_id: None,
         cache_hit: false,
+        mode: None,
     }
 }
 
@@ -252,8 +254,10 @@ impl Gate {
             .decide_pair(connect, accept)
             .map_err(|e| DecideError(e.to_string()))?;
         let ev = pair_event(connect, accept, &d);
-        if let Err(e) = self.store.append_audit(&ev) {
-            return Err(DecideError(format!("cannot audit the pair decision: {e}")));
+        match self.store.append_audit(&ev) {
+            // Counted in the audit gap: the pair is answered anyway.
+            Ok(_) | Err(StoreError::DiskFull) => {}
+            Err(e) => return Err(DecideError(format!("cannot audit the pair decision: {e}"))),
         }
         let licensed = match &self.limits {
             Some(l) => l.check_at(
@@ -291,9 +295,18 @@ impl Gate {
             Target::Net(t) => describe(t),
             _ => String::new(),
         };
-        self.store
+        match self
+            .store
             .open_channel(&key.key_id, &connect.host, &accept.host, &tuple)
-            .map_err(|e| DecideError(format!("cannot record the channel: {e}")))?;
+        {
+            Ok(_) => {}
+            // The disk is full: the channel goes unrecorded (counted in the
+            // audit gap) rather than the pair refused.
+            Err(e) if crate::store::is_disk_full(&e) => {
+                self.store.note_audit_gap("channel.open", 1);
+            }
+            Err(e) => return Err(DecideError(format!("cannot record the channel: {e}"))),
+        }
         // The pushed messages carry copies of the key bytes; the gRPC stack
         // frees them once sent (see the module note in channels.rs).
         self.hub.push(

@@ -40,6 +40,7 @@ use trustbind_appliance::gate::Gate;
 use trustbind_appliance::limits::Limits;
 use trustbind_appliance::pki::{self, Pki};
 use trustbind_appliance::policy::engine::Engine;
+use trustbind_appliance::retention;
 use trustbind_appliance::store::{AdminRole, Store};
 
 /// Default data directory.
@@ -126,6 +127,8 @@ enum Cmd {
         connections_per_address: u32,
         #[command(flatten)]
         alerts: AlertArgs,
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// Prints the CA's SHA-256 fingerprint.
     CaFingerprint,
@@ -193,10 +196,134 @@ enum Cmd {
 
 #[derive(Debug, Subcommand)]
 enum AuditCmd {
-    /// Checks the audit hash chain (exit 2 if broken).
+    /// Checks the audit hash chain from the newest retention checkpoint
+    /// (its signature too) to the head (exit 2 if broken).
     Verify,
     /// Writes the audit log as JSON lines.
     Export,
+    /// Checks retention export files (`<data>/export/audit-*.jsonl`, given
+    /// in order): the rows chain and every checkpoint in them is signed by
+    /// the appliance (certificate issued by `--ca`) and names its rows
+    /// (exit 2 if not).
+    VerifyExport {
+        /// The CA certificate (PEM); default: the data directory's.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// The export files, oldest first.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Retention of the audit log, channels and agent report ids, the export
+/// files and the disk alarm (`docs/RETENTION.md`).
+#[derive(Debug, Args)]
+struct RetentionArgs {
+    /// Audit rows older than this are exported and pruned (0: no age limit).
+    #[arg(
+        long,
+        value_name = "DAYS",
+        env = "TRUSTBIND_AUDIT_MAX_AGE_DAYS",
+        default_value_t = 400
+    )]
+    audit_max_age_days: u32,
+    /// Closed channels older than this are exported and pruned (0: no age limit).
+    #[arg(
+        long,
+        value_name = "DAYS",
+        env = "TRUSTBIND_CHANNEL_MAX_AGE_DAYS",
+        default_value_t = 90
+    )]
+    channel_max_age_days: u32,
+    /// Agent report ids (kept to store a re-sent record once) older than
+    /// this are exported and pruned (0: no age limit).
+    #[arg(
+        long,
+        value_name = "DAYS",
+        env = "TRUSTBIND_REPORT_MAX_AGE_DAYS",
+        default_value_t = 30
+    )]
+    report_max_age_days: u32,
+    /// Most audit rows kept (0: no row limit; the store budget still holds).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TRUSTBIND_AUDIT_MAX_ROWS",
+        default_value_t = 0
+    )]
+    audit_max_rows: u64,
+    /// Most channels kept (closed ones are pruned; 0: no row limit).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TRUSTBIND_CHANNEL_MAX_ROWS",
+        default_value_t = 0
+    )]
+    channel_max_rows: u64,
+    /// Most agent report ids kept (0: no row limit).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TRUSTBIND_REPORT_MAX_ROWS",
+        default_value_t = 0
+    )]
+    report_max_rows: u64,
+    /// The audit and channel rows (their bytes estimated; signatures do not
+    /// count) are kept under this share of the data partition: beyond, the
+    /// oldest audit rows and closed channels are exported and pruned.
+    #[arg(long, value_name = "PERCENT", env = "TRUSTBIND_STORE_MAX_PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(1..=90))]
+    store_max_percent: u8,
+    /// The export files (`<data>/export/`) are kept under this share of the
+    /// data partition: beyond, the oldest file is removed.
+    #[arg(long, value_name = "PERCENT", env = "TRUSTBIND_EXPORT_MAX_PERCENT", default_value_t = 30,
+          value_parser = clap::value_parser!(u8).range(1..=90))]
+    export_max_percent: u8,
+    /// An export file is closed and the next begun at this size.
+    #[arg(long, value_name = "MIB", env = "TRUSTBIND_EXPORT_FILE_MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    export_file_mib: u64,
+    /// The disk alarm (/metrics `trustbind_disk_alarm`, the console) rises
+    /// when the data partition's free space falls under this share; retention
+    /// then prunes early.
+    #[arg(long, value_name = "PERCENT", env = "TRUSTBIND_DISK_ALARM_PERCENT", default_value_t = 10,
+          value_parser = clap::value_parser!(u8).range(1..=50))]
+    disk_alarm_percent: u8,
+    /// Space held in `<data>/retention.reserve` and released when the disk
+    /// is full, so that retention can still export and prune (0: none).
+    #[arg(long, value_name = "MIB", env = "TRUSTBIND_DISK_RESERVE_MIB", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(0..=1024))]
+    disk_reserve_mib: u64,
+    /// Seconds between retention passes (every second while work remains).
+    #[arg(long, value_name = "S", env = "TRUSTBIND_RETENTION_INTERVAL", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    retention_interval: u64,
+    /// Forward each exported audit row to the `--alert-syslog` receiver too
+    /// (RFC 5424 over TLS; best effort, counted in /metrics).
+    #[arg(long, env = "TRUSTBIND_EXPORT_SYSLOG")]
+    export_syslog: bool,
+}
+
+impl RetentionArgs {
+    fn config(&self) -> retention::Config {
+        let days = |d: u32| (d > 0).then(|| std::time::Duration::from_secs(u64::from(d) * 86_400));
+        let rows = |n: u64| (n > 0).then_some(n);
+        retention::Config {
+            audit_max_age: days(self.audit_max_age_days),
+            channel_max_age: days(self.channel_max_age_days),
+            report_max_age: days(self.report_max_age_days),
+            audit_max_rows: rows(self.audit_max_rows),
+            channel_max_rows: rows(self.channel_max_rows),
+            report_max_rows: rows(self.report_max_rows),
+            store_max_percent: self.store_max_percent,
+            export_max_percent: self.export_max_percent,
+            export_file_bytes: self.export_file_mib << 20,
+            alarm_percent: self.disk_alarm_percent,
+            reserve_bytes: self.disk_reserve_mib << 20,
+            interval: std::time::Duration::from_secs(self.retention_interval),
+            ..retention::Config::default()
+        }
+    }
 }
 
 /// Where `@alert`s go (`appliance/README.md`, "Alerts").
@@ -305,6 +432,19 @@ const FLAG_ENV: &[&str] = &[
     "TRUSTBIND_ADMIN_NAME",
     "TRUSTBIND_ADMIN_OUT",
     "TRUSTBIND_ADMIN_TOKEN_TTL_MIN",
+    "TRUSTBIND_AUDIT_MAX_AGE_DAYS",
+    "TRUSTBIND_CHANNEL_MAX_AGE_DAYS",
+    "TRUSTBIND_REPORT_MAX_AGE_DAYS",
+    "TRUSTBIND_AUDIT_MAX_ROWS",
+    "TRUSTBIND_CHANNEL_MAX_ROWS",
+    "TRUSTBIND_REPORT_MAX_ROWS",
+    "TRUSTBIND_STORE_MAX_PERCENT",
+    "TRUSTBIND_EXPORT_MAX_PERCENT",
+    "TRUSTBIND_EXPORT_FILE_MIB",
+    "TRUSTBIND_DISK_ALARM_PERCENT",
+    "TRUSTBIND_DISK_RESERVE_MIB",
+    "TRUSTBIND_RETENTION_INTERVAL",
+    "TRUSTBIND_EXPORT_SYSLOG",
 ];
 
 fn main() -> ExitCode {
@@ -349,12 +489,16 @@ fn run(cli: Cli) -> Result<(), Fail> {
             handshakes_per_address,
             connections_per_address,
             alerts,
+            retention,
         } => {
             let tz = trustbind_appliance::clock::zone_named(&time_zone)
                 .map_err(|e| usage(format!("--time-zone: {e}")))?;
             trustbind_appliance::clock::set_zone(tz);
             // Checked before anything starts.
             let sinks = alerts.sinks()?;
+            if retention.export_syslog && alerts.alert_syslog.is_none() {
+                return Err(usage("--export-syslog needs --alert-syslog"));
+            }
             let per_sec = f64::from(connections_per_address);
             let limits = Arc::new(agent_api::tls::PortLimits::new(
                 agent_api::tls::MAX_CONNECTIONS,
@@ -371,6 +515,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 names,
                 limits,
                 (sinks, alerts.alert_queue as usize),
+                (retention.config(), retention.export_syslog),
             )
         }
         Cmd::CaFingerprint => {
@@ -487,11 +632,23 @@ fn open_store(data_dir: &Path) -> Result<Store, Fail> {
 
 /// `init` (`audit` `None`) and the audit commands, on the database alone.
 fn offline(data_dir: &Path, audit: Option<AuditCmd>) -> Result<(), Fail> {
+    if let Some(AuditCmd::VerifyExport { ca, files }) = audit {
+        return verify_export(data_dir, ca.as_deref(), &files);
+    }
     let store = open_store(data_dir)?;
     match audit {
-        Some(AuditCmd::Verify) => match store.verify_audit()? {
-            Ok(n) => {
-                println!("audit chain ok: {n} rows");
+        Some(AuditCmd::Verify) => match store.verify_audit_from_checkpoint()? {
+            Ok(r) => {
+                if let Some(cp) = &r.checkpoint {
+                    let ca = read_ca(&data_dir.join(pki::CA_CERT_FILE))?;
+                    retention::verify_checkpoint(cp, &ca)
+                        .map_err(|e| Fail(EXIT_CHAIN_BROKEN, e))?;
+                    println!(
+                        "pruned: rows 1..={} ({} rows, {} checkpoints; the newest, {}, signed by the appliance, rows {}..={} in export/{})",
+                        cp.upto_seq, cp.total_rows, r.checkpoints, cp.id, cp.from_seq, cp.upto_seq, cp.export_file
+                    );
+                }
+                println!("audit chain ok: {} rows", r.rows);
                 Ok(())
             }
             Err(broken) => Err(Fail(EXIT_CHAIN_BROKEN, broken.to_string())),
@@ -500,11 +657,48 @@ fn offline(data_dir: &Path, audit: Option<AuditCmd>) -> Result<(), Fail> {
             store.export_audit(0, &mut std::io::stdout().lock())?;
             Ok(())
         }
+        Some(AuditCmd::VerifyExport { .. }) => Ok(()),
         None => {
             let v = store.schema_version()?;
             println!("database ready, schema version {v}");
             Ok(())
         }
+    }
+}
+
+/// Reads a CA certificate (PEM).
+fn read_ca(path: &Path) -> Result<rustls::pki_types::CertificateDer<'static>, Fail> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path).map_err(|e| {
+        Fail(
+            EXIT_FAILED,
+            format!("{}: not a PEM certificate ({e})", path.display()),
+        )
+    })
+}
+
+/// `audit verify-export`.
+fn verify_export(data_dir: &Path, ca: Option<&Path>, files: &[PathBuf]) -> Result<(), Fail> {
+    use std::io::BufRead;
+    let ca_path = ca.map_or_else(|| data_dir.join(pki::CA_CERT_FILE), Path::to_owned);
+    let ca = read_ca(&ca_path)?;
+    let mut lines = Vec::new();
+    for f in files {
+        let file = std::fs::File::open(f)
+            .map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", f.display())))?;
+        for l in std::io::BufReader::new(file).lines() {
+            lines.push(l.map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", f.display())))?);
+        }
+    }
+    match retention::verify_export(lines, Some(&ca)) {
+        Ok(r) => {
+            println!(
+                "export ok: rows {}..={} ({} rows), {} signed checkpoints, the last up to row {}",
+                r.first_seq, r.last_seq, r.rows, r.checkpoints, r.checkpointed_upto
+            );
+            Ok(())
+        }
+        Err(e) => Err(Fail(EXIT_CHAIN_BROKEN, e)),
     }
 }
 
@@ -571,6 +765,7 @@ fn serve(
     names: ServerNames,
     ports: Arc<agent_api::tls::PortLimits>,
     (sinks, queue): (Vec<alerts::Sink>, usize),
+    (keep, export_syslog): (retention::Config, bool),
 ) -> Result<(), Fail> {
     init_log();
     // One connection per agent: the usual soft limit of 1,024 would cap the
@@ -580,6 +775,9 @@ fn serve(
         Err(e) => tracing::warn!("open-file limit not raised: {e}"),
     }
     let [agent_addr, enrol_addr, admin_addr] = listen;
+    // Opening the database needs space (the WAL and its index): on a full
+    // partition the reserve goes first.
+    retention::release_reserve_at_start(data_dir, keep.reserve_bytes.max(1 << 20));
     let store = Arc::new(open_store(data_dir)?);
     let names = names.or_default(&listen);
     let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);
@@ -620,6 +818,20 @@ fn serve(
     for s in &sinks {
         tracing::info!("alerts go to {s}");
     }
+    let forward: Option<retention::Forward> = sinks
+        .iter()
+        .filter(|_| export_syslog)
+        .find_map(|s| alerts::AuditForward::start(s, 65_536, alerts::Retry::default()))
+        .map(|f| Arc::new(move |r: &trustbind_appliance::store::AuditRow| f.send(r)) as _);
+    let keeper = retention::Retention::new(
+        Arc::clone(&store),
+        keep,
+        data_dir,
+        retention::server_key_signer(Arc::clone(&pki)),
+        forward,
+    )?;
+    tracing::info!("retention: {:?}", keeper.config());
+    let retention_task = retention::spawn(keeper);
     api.set_alerts(alerts::Alerts::start(
         sinks,
         queue,
@@ -702,6 +914,7 @@ fn serve(
         }
         admin.abort();
         expiry.abort();
+        retention_task.abort();
         Ok::<(), Fail>(())
     })
 }

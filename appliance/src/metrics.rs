@@ -67,18 +67,42 @@ pub struct Metrics {
     limits_exceeded: Counter,
     refused: Family<Labels<1>, Counter>,
     alerts: Family<Labels<2>, Counter>,
+    retention: Retention,
+}
+
+/// Tables retention prunes (the `table` label).
+pub const RETENTION_TABLES: [&str; 3] = ["audit", "channels", "agent_reports"];
+
+/// Retention and disk metrics (`crate::retention`).
+#[derive(Debug, Default)]
+struct Retention {
+    exported: Family<Labels<1>, Counter>,
+    exported_bytes: Family<Labels<1>, Counter>,
+    pruned: Family<Labels<1>, Counter>,
+    forwarded: Family<Labels<1>, Counter>,
+    audit_gap: Counter,
+    export_files_removed: Counter,
+    disk_free: Gauge<u64, AtomicU64>,
+    disk_size: Gauge<u64, AtomicU64>,
+    db_bytes: Gauge<u64, AtomicU64>,
+    export_bytes: Gauge<u64, AtomicU64>,
+    alarm: Gauge<u64, AtomicU64>,
+    reserve_released: Gauge<u64, AtomicU64>,
 }
 
 /// Why the network's demands were refused ([`Metrics::record_refused`]):
 /// enrolment refusals past their rate, `Report` and `SignBundle` past the
 /// host's quota, connections past a port's admission limits, push streams
-/// ended for falling behind.
-pub const REFUSALS: [&str; 5] = [
+/// ended for falling behind, learning mode's observations past its
+/// pending map (`learn_pending`) or its table's caps (`learn_cap`).
+pub const REFUSALS: [&str; 7] = [
     "enrol_rate",
     "report_quota",
     "bundle_quota",
     "connection",
     "slow_stream",
+    "learn_pending",
+    "learn_cap",
 ];
 
 impl Default for Metrics {
@@ -134,7 +158,16 @@ impl Metrics {
             limits_exceeded: Counter::default(),
             refused: Family::default(),
             alerts: Family::default(),
+            retention: Retention::default(),
         };
+        for t in RETENTION_TABLES {
+            let _ = m.retention.exported.get_or_create(&[("table", t)]);
+            let _ = m.retention.exported_bytes.get_or_create(&[("table", t)]);
+            let _ = m.retention.pruned.get_or_create(&[("table", t)]);
+        }
+        for result in ["sent", "failed", "dropped"] {
+            let _ = m.retention.forwarded.get_or_create(&[("result", result)]);
+        }
         for reason in REFUSALS {
             let _ = m.refused.get_or_create(&[("reason", reason)]);
         }
@@ -216,7 +249,145 @@ impl Metrics {
             "Agents connected now",
             m.agents_connected.clone(),
         );
+        let t = &m.retention;
+        r.register(
+            "trustbind_retention_exported_rows",
+            "Rows exported to the retention files before pruning, by table",
+            t.exported.clone(),
+        );
+        r.register(
+            "trustbind_retention_exported_bytes",
+            "Bytes written to the retention files, by table",
+            t.exported_bytes.clone(),
+        );
+        r.register(
+            "trustbind_retention_pruned_rows",
+            "Rows pruned after export, by table",
+            t.pruned.clone(),
+        );
+        r.register(
+            "trustbind_retention_forwarded",
+            "Exported audit rows forwarded to the syslog receiver, by result (sent, failed after retries, dropped on a full queue)",
+            t.forwarded.clone(),
+        );
+        r.register(
+            "trustbind_retention_export_files_removed",
+            "Oldest export files removed to keep the export budget",
+            t.export_files_removed.clone(),
+        );
+        r.register(
+            "trustbind_audit_gap_events",
+            "Events answered but not audited because the data partition was full",
+            t.audit_gap.clone(),
+        );
+        for (name, help, g) in [
+            (
+                "trustbind_data_free_bytes",
+                "Free bytes on the data partition (for unprivileged writers)",
+                &t.disk_free,
+            ),
+            (
+                "trustbind_data_size_bytes",
+                "Size of the data partition's file system",
+                &t.disk_size,
+            ),
+            (
+                "trustbind_database_bytes",
+                "Bytes of the database in use by rows (free pages excluded)",
+                &t.db_bytes,
+            ),
+            (
+                "trustbind_retention_export_file_bytes",
+                "Bytes of the retention export files kept",
+                &t.export_bytes,
+            ),
+            (
+                "trustbind_disk_alarm",
+                "1 while the data partition is nearly full",
+                &t.alarm,
+            ),
+            (
+                "trustbind_disk_reserve_released",
+                "1 while the space reserve is released (the disk was full)",
+                &t.reserve_released,
+            ),
+        ] {
+            r.register(name, help, g.clone());
+        }
         m
+    }
+
+    /// Counts `n` rows of `table` exported (`bytes` written).
+    pub fn record_exported(&self, table: &'static str, n: u64, bytes: u64) {
+        self.retention
+            .exported
+            .get_or_create(&[("table", table)])
+            .inc_by(n);
+        self.retention
+            .exported_bytes
+            .get_or_create(&[("table", table)])
+            .inc_by(bytes);
+    }
+
+    /// Counts `n` rows of `table` pruned.
+    pub fn record_pruned(&self, table: &'static str, n: u64) {
+        self.retention
+            .pruned
+            .get_or_create(&[("table", table)])
+            .inc_by(n);
+    }
+
+    /// Rows of `table` pruned so far (tests).
+    pub fn pruned(&self, table: &'static str) -> u64 {
+        self.retention
+            .pruned
+            .get_or_create(&[("table", table)])
+            .get()
+    }
+
+    /// Counts one exported audit row forwarded with `result` (`sent`,
+    /// `failed`, `dropped`).
+    pub fn record_forwarded(&self, result: &'static str) {
+        self.retention
+            .forwarded
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
+    /// Counts one export file removed to keep the budget.
+    pub fn record_export_file_removed(&self) {
+        self.retention.export_files_removed.inc();
+    }
+
+    /// Counts `n` events not audited (disk full).
+    pub fn record_audit_gap(&self, n: u64) {
+        self.retention.audit_gap.inc_by(n);
+    }
+
+    /// Events not audited so far (tests).
+    pub fn audit_gap(&self) -> u64 {
+        self.retention.audit_gap.get()
+    }
+
+    /// Sets the disk gauges.
+    pub fn set_disk(&self, free: u64, size: u64, db: u64, exports: u64) {
+        self.retention.disk_free.set(free);
+        self.retention.disk_size.set(size);
+        self.retention.db_bytes.set(db);
+        self.retention.export_bytes.set(exports);
+    }
+
+    /// Sets the disk alarm and the reserve flags.
+    pub fn set_disk_alarm(&self, alarm: bool, reserve_released: bool) {
+        self.retention.alarm.set(u64::from(alarm));
+        self.retention
+            .reserve_released
+            .set(u64::from(reserve_released));
+    }
+
+    /// Whether the disk alarm is raised (tests).
+    pub fn disk_alarm(&self) -> bool {
+        self.retention.alarm.get() != 0
     }
 
     /// Counts one decision. `action` is an [`crate::request::Action::as_str`]
@@ -430,16 +601,28 @@ mod tests {
         let expected = [
             "trustbind_agents_connected",
             "trustbind_alerts_total",
+            "trustbind_audit_gap_events_total",
             "trustbind_cache_hits_total",
             "trustbind_cache_misses_total",
+            "trustbind_data_free_bytes",
+            "trustbind_data_size_bytes",
+            "trustbind_database_bytes",
             "trustbind_decision_duration_seconds_bucket",
             "trustbind_decision_duration_seconds_count",
             "trustbind_decision_duration_seconds_sum",
             "trustbind_decisions_total",
+            "trustbind_disk_alarm",
+            "trustbind_disk_reserve_released",
             "trustbind_enrolments_total",
             "trustbind_keys_issued_total",
             "trustbind_limits_exceeded_total",
             "trustbind_refused_total",
+            "trustbind_retention_export_file_bytes",
+            "trustbind_retention_export_files_removed_total",
+            "trustbind_retention_exported_bytes_total",
+            "trustbind_retention_exported_rows_total",
+            "trustbind_retention_forwarded_total",
+            "trustbind_retention_pruned_rows_total",
             "trustbind_would_deny_total",
         ];
         assert_eq!(names.into_iter().collect::<Vec<_>>(), expected, "{text}");

@@ -210,3 +210,36 @@ pub struct QualifyRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<Program>,
 }
+
+impl QualifyRequest {
+    /// `user` (uid 1, no login session or ancestry) on `host` runs the
+    /// program `sha256` found at `path`, at time 0: a plain exec request,
+    /// for tests and tools.
+    pub fn exec(host: &str, user: &str, sha256: String, path: &str) -> Self {
+        QualifyRequest {
+            host: host.into(),
+            action: Action::Exec,
+            subject: Subject {
+                user: user.into(),
+                uid: 1,
+                euid: 1,
+                gid: 1,
+                loginuid: 1,
+                session: 1,
+                pid: 1,
+                ancestry: vec![],
+            },
+            program: Program {
+                sha256,
+                sha1: "2".repeat(40),
+                size: 1,
+                path: path.into(),
+            },
+            target: Target::Exec {
+                loader_direct: false,
+            },
+            at_ms: 0,
+            peer: None,
+        }
+    }
+}

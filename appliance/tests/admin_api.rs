@@ -1063,7 +1063,13 @@ async fn audit_tail_export_verify() {
     assert_eq!(String::from_utf8(r.body).unwrap().lines().count(), 6);
 
     let (_, v) = h.get("/v1/audit/verify").await;
-    assert_eq!(v, json!({ "ok": true, "rows": 6 }));
+    assert_eq!(
+        (&v["ok"], &v["rows"], &v["head"]),
+        (&json!(true), &json!(6), &json!(6))
+    );
+    // Nothing pruned, nothing lost to a full disk.
+    assert!(v["pruned"].is_null() && v["checkpoint"].is_null());
+    assert_eq!(v["audit_gap"]["events"], 0);
     // Edit a row behind the appliance's back: verify must say so.
     let conn = rusqlite::Connection::open(h.dir.path().join("a.db")).unwrap();
     conn.execute("UPDATE audit SET actor = 'admin:mallory' WHERE seq = 4", [])

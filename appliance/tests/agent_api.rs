@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{exec, sig, start, Appliance};
+use common::{exec, start, Appliance};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use trustbind_appliance::agent_api::convert::channel_key_push;
@@ -18,10 +18,7 @@ use trustbind_appliance::agent_api::pb::{
     self, push, request::Target, Action, AuditBatch, AuditRecord, Hello, QualifyBatch, Verdict,
 };
 use trustbind_appliance::channels::{ChannelKey, ChannelTerms, Role};
-use trustbind_appliance::policy::engine::Engine;
 use trustbind_appliance::store::{Mode, Publish, Signature};
-
-const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
 const POLICY: &str = r#"
 @id("exec-coreutils")
@@ -68,42 +65,7 @@ async fn setup_mode(mode: Mode) -> (Appliance, AgentClient<Channel>) {
 /// An appliance whose decider is the real engine over the appliance's own
 /// store, with `LS` in coreutils, `TOOL` in admin-tools and `POLICY` active.
 async fn start_with_policy() -> Appliance {
-    // The engine needs the appliance's store, which `start` creates: install
-    // it once the store exists.
-    let late = Arc::new(LateEngine::default());
-    let app = start(late.clone()).await;
-    let store = &app.api.store;
-    sig(store, LS, "coreutils");
-    sig(store, TOOL, "admin-tools");
-    let id = store
-        .create_policy_draft(POLICY, "test", "admin:test")
-        .unwrap();
-    store.activate_policy(id, "admin:test").unwrap();
-    late.set(Engine::new(Arc::clone(store), SCHEMA).unwrap());
-    app
-}
-
-/// The real engine, installed once the appliance's store exists.
-#[derive(Default)]
-struct LateEngine(std::sync::OnceLock<Engine>);
-
-impl LateEngine {
-    fn set(&self, e: Engine) {
-        assert!(self.0.set(e).is_ok());
-    }
-}
-
-impl trustbind_appliance::agent_api::Decider for LateEngine {
-    fn decide(
-        &self,
-        r: &trustbind_appliance::request::QualifyRequest,
-    ) -> Result<trustbind_appliance::agent_api::Answer, trustbind_appliance::agent_api::DecideError>
-    {
-        let e = self.0.get().ok_or_else(|| {
-            trustbind_appliance::agent_api::DecideError("engine not installed".into())
-        })?;
-        trustbind_appliance::agent_api::Decider::decide(e, r)
-    }
+    common::start_with_policy(POLICY, &[(LS, "coreutils"), (TOOL, "admin-tools")]).await
 }
 
 /// Activates a policy that allows nothing; returns the new generation.
@@ -454,6 +416,7 @@ async fn oversized_batches_are_refused_and_change_nothing() {
             sha1: vec![0; 20],
             size: 0,
             path: "x".repeat(5 * 1024 * 1024),
+            package: String::new(),
         }),
         ..exec(1, LS)
     };
@@ -766,6 +729,7 @@ impl trustbind_appliance::agent_api::Decider for Gated {
             cacheable: false,
             channel_id: None,
             cache_hit: false,
+            mode: None,
         })
     }
 }

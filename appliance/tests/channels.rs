@@ -125,6 +125,7 @@ fn net_request(
             sha1: vec![0; 20],
             size: 1,
             path: format!("/usr/bin/{program}"),
+            package: String::new(),
         }),
         target: Some(pb::request::Target::Net(pb::NetTarget {
             proto: pb::Proto::Tcp as i32,

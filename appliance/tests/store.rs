@@ -739,3 +739,55 @@ fn file_sets_are_validated_bounded_audited_and_move_the_generation_once() {
         ]
     );
 }
+
+#[test]
+fn a_schema_11_store_migrates_to_13_keeping_its_audit_chain() {
+    use std::collections::BTreeSet;
+    use trustbind_appliance::store::{Observation, ObservedFilter, ObservedState, Seen};
+    // A store as the last release before retention and learning mode left
+    // it (schema 11): this build's store with their objects removed, so
+    // its audit chain is a real one.
+    let (_d, path, store) = fresh();
+    for i in 0..50 {
+        store.append_audit(&ev(i)).unwrap();
+    }
+    drop(store);
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "DROP TABLE audit_checkpoints;
+             DROP INDEX agent_reports_received;
+             DROP TABLE observed;
+             DROP TABLE observed_hosts;
+             PRAGMA user_version = 11;",
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 13);
+    assert_eq!(store.verify_audit().unwrap(), Ok(50));
+    let r = store.verify_audit_from_checkpoint().unwrap().unwrap();
+    assert_eq!((r.rows, r.checkpoints), (50, 0));
+    let obs = Observation {
+        host: "web1".into(),
+        sha256: sha('a'),
+        sha1: None,
+        size: 1,
+        path: "/opt/x".into(),
+        package: None,
+        users: BTreeSet::from(["bob".to_owned()]),
+        users_more: false,
+        first_ms: 1,
+        last_ms: 1,
+        count: 1,
+        verdict: Seen::WouldDeny,
+        mode: Mode::Permissive,
+    };
+    assert_eq!(store.record_observed(&[obs]).unwrap().inserted, 1);
+    let all = ObservedFilter {
+        state: ObservedState::All,
+        ..ObservedFilter::default()
+    };
+    assert_eq!(store.observed(&all, 0, 10).unwrap().len(), 1);
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+}

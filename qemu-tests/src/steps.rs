@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{workspace_bin, Admin, Artifacts, Output, Vm, VmBuilder};
+use crate::{
+    workspace_bin, Admin, Appliance, ApplianceImage, Artifacts, Boot, Network, Output, Starting,
+    Vm, VmBuilder,
+};
 use anyhow::{bail, ensure, Context, Result};
 
 /// Policy: every program of reference group `system` may run.
@@ -29,6 +32,53 @@ pub fn host_vm(b: VmBuilder) -> Result<VmBuilder> {
         b.file("trustbind-agent", workspace_bin("trustbind-agent")?, 0o755)
             .file("trustbind-agent.init", init, 0o755),
     )
+}
+
+/// What an end-to-end test starts with: the appliance image booted from
+/// its disk and serving, the first admin enrolled with its console's
+/// one-time token, and a protected host VM booting beside it. Fields drop
+/// in order: the VMs before the network.
+pub struct Bench {
+    /// The appliance VM.
+    pub appl: Appliance,
+    /// The host VM, still booting (`wait_ready`).
+    pub host: Starting,
+    /// The `trustbind` CLI with the admin's credentials.
+    pub admin: Admin,
+    /// The appliance's address.
+    pub ip: String,
+    /// Its CA fingerprint.
+    pub fp: String,
+    /// The kernel, module and guest image.
+    pub art: Artifacts,
+    /// Scratch files (the admin's credentials among them).
+    pub work: tempfile::TempDir,
+    /// The virtual network, held until the VMs are gone.
+    pub net: Network,
+}
+
+/// Boots a [`Bench`].
+pub fn appliance_and_host() -> Result<Bench> {
+    let art = Artifacts::from_env()?;
+    let img = ApplianceImage::from_env()?;
+    let net = Network::new()?;
+    let work = tempfile::tempdir()?;
+    let mut appl = net.appliance("appl", &img, Boot::Disk)?;
+    let host = host_vm(net.vm("host"))?.start(&art)?;
+    appl.wait_serving()?;
+    let ip = appl.ip().to_string();
+    let fp = appl.ca_fingerprint()?;
+    let admin = appl.admin(&work.path().join("admin"))?;
+    Ok(Bench {
+        appl,
+        host,
+        admin,
+        ip,
+        fp,
+        art,
+        work,
+        net,
+    })
 }
 
 /// The ELF loader every dynamically linked guest program names
@@ -176,6 +226,18 @@ pub fn enrol_host(
             "grep -q '\"mode\": \"{mode}\"' {STATE}/status.json && grep -q '\"connected\": true' {STATE}/status.json"
         ),
         120,
+    )
+}
+
+/// Sets the host group's mode with the CLI and waits until the agent has
+/// put the module in it.
+pub fn switch_mode(admin: &Admin, host: &mut Vm, mode: &str) -> Result<()> {
+    admin.run(&["host", "group", "set", "hosts", "--mode", mode])?;
+    wait_for(
+        host,
+        &format!("{mode} mode"),
+        &format!("grep -q '\"mode\": \"{mode}\"' {STATE}/status.json"),
+        60,
     )
 }
 

@@ -797,6 +797,7 @@ fn exec_request(id: u64, user: String, sha256: [u8; 32], sha1: [u8; 20]) -> pb::
             sha1: sha1.to_vec(),
             size: 4096,
             path: "/usr/bin/fleet".into(),
+            package: String::new(),
         }),
         target: Some(pb::request::Target::Exec(pb::ExecTarget {
             loader_direct: false,
@@ -823,6 +824,7 @@ fn net_request(
             sha1: Vec::new(),
             size: 0,
             path: String::new(),
+            package: String::new(),
         }),
         target: Some(pb::request::Target::Net(pb::NetTarget {
             proto: pb::Proto::Tcp as i32,

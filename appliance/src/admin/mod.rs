@@ -14,6 +14,7 @@ mod error;
 mod explain;
 mod files;
 mod hosts;
+mod learn;
 mod limits;
 mod policies;
 mod signatures;
@@ -282,6 +283,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/limits", get(limits::list).put(limits::set))
         .route("/v1/limits/{id}", get(limits::show).delete(limits::remove))
         .route("/v1/channels", get(channels::list))
+        .route("/v1/learn", get(learn::list))
+        .route("/v1/learn/approve", post(learn::approve))
+        .route("/v1/learn/forget", post(learn::forget))
         .route("/v1/explain", post(explain::ask))
         .route("/v1/explain/{seq}", get(explain::recorded))
         .route("/v1/audit", get(audit::tail))

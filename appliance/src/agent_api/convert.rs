@@ -243,6 +243,41 @@ fn file(at: &str, action: Action, f: &pb::FileTarget) -> Result<Target, Status> 
     })
 }
 
+/// Longest package name accepted (`Program.package`), in bytes.
+pub const MAX_PACKAGE: usize = 128;
+
+/// The dpkg package the agent names for request `i`'s program path
+/// (`requests[i].program.package`): `None` when empty; otherwise 1 to
+/// [`MAX_PACKAGE`] bytes of `a-z 0-9 + . -` starting with a letter or
+/// digit (Debian's package names), or INVALID_ARGUMENT naming the field.
+pub fn package(i: usize, r: &pb::Request) -> Result<Option<String>, Status> {
+    let Some(p) = r.program.as_ref().map(|p| p.package.as_str()) else {
+        return Ok(None);
+    };
+    if p.is_empty() {
+        return Ok(None);
+    }
+    let field = || format!("requests[{i}].program.package");
+    if p.len() > MAX_PACKAGE {
+        return Err(bad(
+            field(),
+            format_args!("{} bytes, at most {MAX_PACKAGE}", p.len()),
+        ));
+    }
+    let ok_first = p
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !ok_first
+        || !p
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+.-".contains(&b))
+    {
+        return Err(bad(field(), "not a Debian package name (a-z 0-9 + . -)"));
+    }
+    Ok(Some(p.to_owned()))
+}
+
 /// Checks one wire request (index `i` of the batch) and builds the
 /// appliance's request for `host` at `at_ms`. Returns (agent's id, request).
 pub fn request(
@@ -438,6 +473,7 @@ mod tests {
             sha1: Vec::new(),
             size: 0,
             path: String::new(),
+            package: String::new(),
         }
     }
 

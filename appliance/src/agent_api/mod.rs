@@ -75,6 +75,8 @@ pub struct AgentApi {
     pub decider: Arc<dyn Decider>,
     /// Group-commit writer for decision audit rows.
     pub audit: AuditWriter,
+    /// Learning mode's recorder of exec decisions (flushed every second).
+    pub learn: Arc<crate::learn::Recorder>,
     /// Per-host limits on reports and bundle signatures.
     pub quotas: HostQuotas,
     /// Where `@alert`s of audited decisions go (none until set).
@@ -149,6 +151,8 @@ impl AgentApi {
     ) -> Result<Arc<Self>, ApiError> {
         let hosts = Arc::new(EnrolledHosts::new(store.enrolled_certs()?));
         let audit = AuditWriter::spawn(Arc::clone(&store));
+        let learn = crate::learn::Recorder::new(Arc::clone(&store));
+        learn.spawn();
         Ok(Arc::new(Self {
             store,
             pki,
@@ -156,6 +160,7 @@ impl AgentApi {
             hub,
             decider,
             audit,
+            learn,
             quotas: HostQuotas::default(),
             alerts: std::sync::OnceLock::new(),
         }))

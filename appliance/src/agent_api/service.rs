@@ -24,7 +24,7 @@ use crate::pki::CertKind;
 use crate::policy::engine::Engine;
 use crate::policy::Outcome;
 use crate::request::QualifyRequest;
-use crate::store::{AuditEvent, AuditRow};
+use crate::store::{AuditEvent, AuditRow, StoreError};
 
 /// Most requests in one `Qualify` batch.
 pub const MAX_BATCH: usize = 256;
@@ -50,6 +50,9 @@ pub struct Answer {
     pub channel_id: Option<u64>,
     /// Whether the answer came from a decision cache (for metrics).
     pub cache_hit: bool,
+    /// The host's mode the policy engine applied; `None` when the answer
+    /// did not come from the engine (a license or channel refusal).
+    pub mode: Option<crate::store::Mode>,
 }
 
 /// Why no decision could be made (the whole batch fails with UNAVAILABLE).
@@ -81,6 +84,7 @@ impl Decider for Engine {
             cacheable: d.cacheable,
             channel_id: None,
             cache_hit: d.cache_hit,
+            mode: Some(d.mode),
         })
     }
 }
@@ -150,19 +154,41 @@ impl Agent for AgentService {
             .enumerate()
             .map(|(i, r)| convert::request(i, r, &host, at_ms))
             .collect::<Result<Vec<_>, _>>()?;
+        let packages = batch
+            .requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| convert::package(i, r))
+            .collect::<Result<Vec<_>, _>>()?;
         let api = Arc::clone(&self.api);
         let gone = Gone::default();
         let _on_drop = GoneOnDrop(gone.clone());
-        let (results, events, alerting) =
-            tokio::task::spawn_blocking(move || decide_batch(&api, &host, &reqs, deadline, &gone))
-                .await
-                .map_err(|e| Status::internal(format!("decision task failed: {e}")))??;
+        let asker = host.clone();
+        let (results, events, alerting, reqs, learned) = tokio::task::spawn_blocking(move || {
+            decide_batch(&api, &asker, &reqs, deadline, &gone)
+                .map(|(r, e, a, l)| (r, e, a, reqs, l))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("decision task failed: {e}")))??;
         let rows = record(&self.api, events).await?;
+        // Learning mode, once audited: merged in memory, written later.
+        if !learned.is_empty() {
+            let noted: Vec<crate::learn::Noted<'_>> = learned
+                .iter()
+                .filter_map(|&(i, seen, mode)| {
+                    let (_, r) = reqs.get(i)?;
+                    Some((r, packages.get(i)?.as_deref(), seen, mode))
+                })
+                .collect();
+            self.api.learn.note(&host, &noted, at_ms);
+        }
         // Only once audited: an alert names its audit row.
         if let Some(sinks) = self.api.alerts() {
             for (i, req, outcome, generation) in alerting {
                 if let Some(row) = rows.get(i) {
-                    for a in Alert::of(&req, &outcome, generation, row.seq) {
+                    // 0: not audited (disk full, counted in the audit gap).
+                    let seq = row.as_ref().map_or(0, |r| r.seq);
+                    for a in Alert::of(&req, &outcome, generation, seq) {
                         sinks.send(a);
                     }
                 }
@@ -382,8 +408,18 @@ pub(crate) fn stop(gone: &Gone, deadline: Instant, i: usize, n: usize) -> Result
 /// generation.
 type Alerting = (usize, QualifyRequest, Outcome, i64);
 
-/// A decided batch: the results, their audit events, the alerting decisions.
-type Decided = (Vec<pb::Result>, Vec<AuditEvent>, Vec<Alerting>);
+/// A decision learning mode records: its index in the batch, the verdict
+/// as listed, the host's mode.
+type Learned = (usize, crate::store::Seen, crate::store::Mode);
+
+/// A decided batch: the results, their audit events, the alerting
+/// decisions, the decisions learning mode records.
+type Decided = (
+    Vec<pb::Result>,
+    Vec<AuditEvent>,
+    Vec<Alerting>,
+    Vec<Learned>,
+);
 
 /// Decides `reqs` for `host`: the results, their audit events and the
 /// decisions that raise alerts (when alert sinks are set). Stops (nothing
@@ -402,6 +438,7 @@ fn decide_batch(
     let mut results = Vec::with_capacity(reqs.len());
     let mut events = Vec::with_capacity(reqs.len());
     let mut alerting = Vec::new();
+    let mut learned = Vec::new();
     let alerts = api.alerts().is_some();
     for (i, (id, r)) in reqs.iter().enumerate() {
         stop(gone, deadline, i, reqs.len())?;
@@ -419,6 +456,9 @@ fn decide_batch(
         m.record_cache(a.cache_hit);
         if alerts && !a.outcome.alerts.is_empty() {
             alerting.push((events.len(), r.clone(), a.outcome.clone(), a.generation));
+        }
+        if let Some((seen, mode)) = crate::learn::seen(r, &a) {
+            learned.push((i, seen, mode));
         }
         events.push(AuditEvent::new(
             "decision",
@@ -440,17 +480,28 @@ fn decide_batch(
             reqs.len()
         )));
     }
-    Ok((results, events, alerting))
+    Ok((results, events, alerting, learned))
 }
 
 /// Appends `events` through the group-commit audit writer (concurrent calls
 /// share one commit) and returns once every one is durable. The reply is
 /// sent only after this. The stored rows, in the order of `events`.
-async fn record(api: &AgentApi, events: Vec<AuditEvent>) -> Result<Vec<AuditRow>, Status> {
+///
+/// A full disk does not stop the answer: the events the store could not
+/// hold are counted in its audit gap (an `audit.gap` row once space
+/// returns; retention is reclaiming it meanwhile) and stand here as `None`.
+/// Any other failure to audit refuses the call (UNAVAILABLE).
+async fn record(api: &AgentApi, events: Vec<AuditEvent>) -> Result<Vec<Option<AuditRow>>, Status> {
     let rows =
         futures_util::future::join_all(events.into_iter().map(|e| api.audit.append(e))).await;
     rows.into_iter()
-        .map(|r| r.map_err(|e| Status::unavailable(format!("cannot write the audit log: {e}"))))
+        .map(|r| match r {
+            Ok(row) => Ok(Some(row)),
+            Err(StoreError::DiskFull) => Ok(None),
+            Err(e) => Err(Status::unavailable(format!(
+                "cannot write the audit log: {e}"
+            ))),
+        })
         .collect()
 }
 
@@ -497,32 +548,7 @@ mod tests {
     use super::*;
 
     fn exec_request() -> QualifyRequest {
-        use crate::request::{Action, Program, Subject, Target};
-        QualifyRequest {
-            host: "web1".into(),
-            action: Action::Exec,
-            subject: Subject {
-                user: "bob".into(),
-                uid: 1,
-                euid: 1,
-                gid: 1,
-                loginuid: 1,
-                session: 1,
-                pid: 1,
-                ancestry: vec![],
-            },
-            program: Program {
-                sha256: "1".repeat(64),
-                sha1: "2".repeat(40),
-                size: 1,
-                path: "/bin/x".into(),
-            },
-            target: Target::Exec {
-                loader_direct: false,
-            },
-            at_ms: 0,
-            peer: None,
-        }
+        QualifyRequest::exec("web1", "bob", "1".repeat(64), "/bin/x")
     }
 
     #[tokio::test]
@@ -561,7 +587,7 @@ mod tests {
             "{}",
             err.message()
         );
-        let (results, events, _) =
+        let (results, events, _, _) =
             decide_batch(&api, "web1", &reqs, far, &Gone::default()).unwrap();
         assert_eq!(results[0].verdict(), pb::Verdict::Deny);
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);

@@ -85,6 +85,9 @@ pub struct Decision {
     /// Reference groups of the program (for a pair: the connecting
     /// program's groups, then the accepting program's not already listed).
     pub groups: Vec<String>,
+    /// The host's mode the decision applied (for a pair, the connecting
+    /// host's); learning mode records exec decisions by it.
+    pub mode: Mode,
 }
 
 /// Tuning of an [`Engine`].
@@ -793,6 +796,7 @@ impl Engine {
                 cacheable: true,
                 cache_hit: false,
                 groups: groups.to_vec(),
+                mode: Mode::Disabled,
             }));
         }
         let peer = match peer {
@@ -858,6 +862,7 @@ impl Engine {
                 ),
             cache_hit: false,
             groups: groups.to_vec(),
+            mode: *mode,
         };
         // Reported to the store's ledger before it can be handed out again
         // from the decision cache: every cached entry is one the ledger
@@ -1463,6 +1468,7 @@ fn merge(a: Decision, b: Decision) -> Decision {
         cacheable: a.cacheable && b.cacheable,
         cache_hit: a.cache_hit && b.cache_hit,
         groups,
+        mode: a.mode,
     }
 }
 

@@ -214,7 +214,7 @@ fn license_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<LicenseRow, St
     }))
 }
 
-fn sig_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Signature> {
+pub(super) fn sig_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Signature> {
     let size: i64 = r.get(2)?;
     Ok(Signature {
         sha256: r.get(0)?,
@@ -245,7 +245,7 @@ fn mode(s: &str) -> Result<Mode, StoreError> {
 
 /// SHA-256 over the sorted, newline-joined hashes: names a batch in the
 /// audit log without listing thousands of hashes there.
-fn batch_digest<'a>(hashes: impl Iterator<Item = &'a str>) -> String {
+pub(super) fn batch_digest<'a>(hashes: impl Iterator<Item = &'a str>) -> String {
     let mut v: Vec<&str> = hashes.collect();
     v.sort_unstable();
     let mut h = Sha256::new();
@@ -256,7 +256,7 @@ fn batch_digest<'a>(hashes: impl Iterator<Item = &'a str>) -> String {
     hex(&h.finalize())
 }
 
-fn group_exists(tx: &rusqlite::Transaction<'_>, group: &str) -> Result<(), StoreError> {
+pub(super) fn group_exists(tx: &rusqlite::Transaction<'_>, group: &str) -> Result<(), StoreError> {
     let g: Option<String> = tx
         .query_row(
             "SELECT name FROM ref_groups WHERE name = ?1",
@@ -349,45 +349,7 @@ impl Store {
             })?;
         }
         self.write(|tx| {
-            if let Some(g) = group {
-                group_exists(tx, g)?;
-            }
-            let mut out = SignatureBatch::default();
-            // New signatures (the bulk of an import) cost one insert; only
-            // a known one is read back and compared.
-            let mut add = tx.prepare_cached(
-                "INSERT INTO signatures (sha256, sha1, size, name, source, added_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (sha256) DO NOTHING",
-            )?;
-            let mut get = tx.prepare_cached(
-                "SELECT sha256, sha1, size, name, source FROM signatures WHERE sha256 = ?1",
-            )?;
-            let mut put = tx.prepare_cached(
-                "UPDATE signatures SET sha1 = ?2, size = ?3, name = ?4, source = ?5 WHERE sha256 = ?1",
-            )?;
-            let mut member = tx.prepare_cached(
-                "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-            )?;
-            let now = now_ms();
-            let mut touched = Vec::new();
-            for s in sigs {
-                let size = i64::try_from(s.size).unwrap_or(i64::MAX);
-                if add.execute(params![s.sha256, s.sha1, size, s.name, s.source, now])? == 1 {
-                    out.inserted += 1;
-                } else if get.query_row([&s.sha256], sig_from)? == *s {
-                    out.unchanged += 1;
-                } else {
-                    put.execute(params![s.sha256, s.sha1, size, s.name, s.source])?;
-                    out.updated += 1;
-                }
-                if let Some(g) = group {
-                    if member.execute(params![g, s.sha256])? > 0 {
-                        out.added_to_group += 1;
-                        touched.push(s.sha256.clone());
-                    }
-                }
-            }
-            let pending = self.members_changed(tx, touched, publish)?;
+            let (out, pending) = self.put_signatures_in(tx, sigs, group, publish)?;
             let ev = AuditEvent::new(
                 "signature.batch",
                 actor,
@@ -403,6 +365,60 @@ impl Store {
             Ok(((out, pending), Some(ev)))
         })
         .map(|(out, _)| out)
+    }
+
+    /// The writing half of [`Store::put_signatures_with`] inside `tx`
+    /// (checked entries): also what approving observed programs
+    /// (`Store::approve_observed`) puts into a group, so both move the
+    /// generation alike. The returned guard must live until `tx` has
+    /// committed or failed.
+    pub(super) fn put_signatures_in(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        sigs: &[Signature],
+        group: Option<&str>,
+        publish: Publish,
+    ) -> Result<(SignatureBatch, super::PendingChange<'_>), StoreError> {
+        if let Some(g) = group {
+            group_exists(tx, g)?;
+        }
+        let mut out = SignatureBatch::default();
+        // New signatures (the bulk of an import) cost one insert; only
+        // a known one is read back and compared.
+        let mut add = tx.prepare_cached(
+            "INSERT INTO signatures (sha256, sha1, size, name, source, added_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (sha256) DO NOTHING",
+        )?;
+        let mut get = tx.prepare_cached(
+            "SELECT sha256, sha1, size, name, source FROM signatures WHERE sha256 = ?1",
+        )?;
+        let mut put = tx.prepare_cached(
+            "UPDATE signatures SET sha1 = ?2, size = ?3, name = ?4, source = ?5 WHERE sha256 = ?1",
+        )?;
+        let mut member = tx.prepare_cached(
+            "INSERT INTO ref_group_members (group_name, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?;
+        let now = now_ms();
+        let mut touched = Vec::new();
+        for s in sigs {
+            let size = i64::try_from(s.size).unwrap_or(i64::MAX);
+            if add.execute(params![s.sha256, s.sha1, size, s.name, s.source, now])? == 1 {
+                out.inserted += 1;
+            } else if get.query_row([&s.sha256], sig_from)? == *s {
+                out.unchanged += 1;
+            } else {
+                put.execute(params![s.sha256, s.sha1, size, s.name, s.source])?;
+                out.updated += 1;
+            }
+            if let Some(g) = group {
+                if member.execute(params![g, s.sha256])? > 0 {
+                    out.added_to_group += 1;
+                    touched.push(s.sha256.clone());
+                }
+            }
+        }
+        let pending = self.members_changed(tx, touched, publish)?;
+        Ok((out, pending))
     }
 
     /// Signatures ordered by SHA-256, after the cursor `after` (exclusive),

@@ -56,6 +56,20 @@ pub struct AuditRow {
     pub hash: String,
 }
 
+impl AuditRow {
+    /// The hash the row's content and `prev_hash` give (what `hash` must be).
+    pub fn computed_hash(&self) -> String {
+        row_hash(
+            &self.prev_hash,
+            self.seq,
+            self.at_ms,
+            &self.kind,
+            &self.actor,
+            &self.detail,
+        )
+    }
+}
+
 /// Hash of one row given its predecessor's hash.
 pub fn row_hash(
     prev_hash: &str,
@@ -132,15 +146,7 @@ pub(super) fn check_row(
     if row.prev_hash != prev_hash {
         return Err(ChainError::BrokenLink { seq: row.seq });
     }
-    if row_hash(
-        &row.prev_hash,
-        row.seq,
-        row.at_ms,
-        &row.kind,
-        &row.actor,
-        &row.detail,
-    ) != row.hash
-    {
+    if row.computed_hash() != row.hash {
         return Err(ChainError::HashMismatch { seq: row.seq });
     }
     Ok(())

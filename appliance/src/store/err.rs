@@ -50,6 +50,10 @@ pub enum StoreError {
     /// of the batch was stored).
     #[error("audit batch not committed: {0}")]
     Batch(String),
+    /// The database or its disk is full (`SQLITE_FULL`); the events of an
+    /// audit append were counted in the audit gap.
+    #[error("the data partition is full: the event was counted in the audit gap, not stored")]
+    DiskFull,
     /// An internal invariant did not hold; please file a bug.
     #[error("internal error (please file a bug): {0}")]
     Unreachable(&'static str),
@@ -78,6 +82,12 @@ pub enum ChainError {
         seq: i64,
         /// Sequence number expected.
         expected: i64,
+    },
+    /// A checkpoint does not continue the one before it (or the genesis).
+    #[error("audit checkpoint {id} does not continue the checkpoint before it")]
+    Checkpoint {
+        /// The checkpoint's id.
+        id: i64,
     },
     /// The chain does not end where the recorded head says (tail removed).
     #[error("audit head mismatch: recorded head is row {head_seq}, chain ends at row {last_seq}")]

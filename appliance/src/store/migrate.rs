@@ -227,6 +227,62 @@ CREATE TABLE file_set_paths (
     PRIMARY KEY (set_name, path)
 );
 "#,
+    // 12: retention (issue 16 item 4): a signed checkpoint for each pruned
+    // prefix of the audit chain (rows `from_seq..=upto_seq`, chaining from
+    // `from_prev_hash` to `upto_hash`, exported to `export_file` before
+    // they were deleted); the indexes retention reads agent reports and
+    // channels by
+    r#"
+CREATE TABLE audit_checkpoints (
+    id             INTEGER PRIMARY KEY,
+    from_seq       INTEGER NOT NULL,
+    from_prev_hash TEXT NOT NULL,
+    upto_seq       INTEGER NOT NULL,
+    upto_hash      TEXT NOT NULL,
+    rows           INTEGER NOT NULL,
+    total_rows     INTEGER NOT NULL,
+    first_at_ms    INTEGER NOT NULL,
+    last_at_ms     INTEGER NOT NULL,
+    made_ms        INTEGER NOT NULL,
+    export_file    TEXT NOT NULL,
+    signature      TEXT NOT NULL,
+    signer_pem     TEXT NOT NULL
+);
+CREATE INDEX agent_reports_received ON agent_reports (received_ms);
+"#,
+    // 13: learning mode (issue 18): the programs hosts ran, from exec
+    // decisions (every one of a permissive host, the refusals of an
+    // enforcing one), per host, program and path; bounded per host and in
+    // all (`store/observed.rs`), what was left out counted per host
+    r#"
+CREATE TABLE observed (
+    id             INTEGER PRIMARY KEY,
+    host           TEXT NOT NULL,
+    sha256         TEXT NOT NULL CHECK (length(sha256) = 64),
+    path           TEXT NOT NULL,
+    sha1           TEXT,
+    size           INTEGER NOT NULL,
+    package        TEXT,
+    users          TEXT NOT NULL,
+    users_more     INTEGER NOT NULL DEFAULT 0,
+    first_ms       INTEGER NOT NULL,
+    last_ms        INTEGER NOT NULL,
+    count          INTEGER NOT NULL,
+    verdict        TEXT NOT NULL CHECK (verdict IN ('allowed', 'would_deny', 'denied')),
+    mode           TEXT NOT NULL CHECK (mode IN ('enforce', 'permissive')),
+    approved_group TEXT,
+    approved_ms    INTEGER,
+    approved_by    TEXT,
+    UNIQUE (host, sha256, path)
+);
+CREATE INDEX observed_sha256 ON observed (sha256);
+CREATE TABLE observed_hosts (
+    host        TEXT PRIMARY KEY,
+    programs    INTEGER NOT NULL DEFAULT 0,
+    left_out    INTEGER NOT NULL DEFAULT 0,
+    left_out_ms INTEGER
+);
+"#,
 ];
 
 /// Newest schema version this build understands.

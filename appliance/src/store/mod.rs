@@ -19,6 +19,8 @@ mod files;
 mod identity;
 mod ledger;
 pub mod migrate;
+pub mod observed;
+mod prune;
 mod read;
 mod writer;
 
@@ -45,6 +47,11 @@ pub use err::{ChainError, StoreError};
 pub use files::{FileSetChange, FileSetEdit};
 pub use identity::{AdminCert, AdminRole, DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS};
 pub use ledger::{Publish, DEFER_MAX_MS, DEFER_QUIET_MS};
+pub use observed::{
+    Approval, ApprovedProgram, Observation, ObservedFilter, ObservedHost, ObservedRow,
+    ObservedState, ObservedWrite, Seen,
+};
+pub use prune::{is_disk_full, ChainReport, Checkpoint, Gap, ReportKey, CHECKPOINT_CONTEXT};
 pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
 
 /// Lower-case hex of `bytes`.
@@ -211,6 +218,8 @@ pub struct Store {
     members_version: AtomicI64,
     ledger: Mutex<ledger::Ledger>,
     preps: Mutex<Vec<Weak<dyn PolicyPrep>>>,
+    /// Events answered but not audited (disk full), for the next append.
+    gap: Mutex<prune::Gap>,
 }
 
 impl std::fmt::Debug for Store {
@@ -258,6 +267,7 @@ impl Store {
             members_version: AtomicI64::new(v.members),
             ledger: Mutex::new(ledger::Ledger::new(v.generation, v.members)),
             preps: Mutex::new(Vec::new()),
+            gap: Mutex::new(prune::Gap::default()),
         })
     }
 
@@ -412,11 +422,22 @@ impl Store {
     ) -> Result<T, StoreError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (out, ev) = f(&tx)?;
-        if let Some(ev) = ev {
-            audit::append(&tx, now_ms(), &ev)?;
-        }
-        tx.commit()?;
+        let gap = self.append_gap(&tx)?;
+        let r = (|| {
+            let (out, ev) = f(&tx)?;
+            if let Some(ev) = ev {
+                audit::append(&tx, now_ms(), &ev)?;
+            }
+            tx.commit()?;
+            Ok(out)
+        })();
+        let out = match r {
+            Ok(out) => out,
+            Err(e) => {
+                self.restore_gap(gap);
+                return Err(e);
+            }
+        };
         // Still under the lock: the hints never run ahead of the database.
         let v = read_versions(&conn)?;
         self.generation.store(v.generation, Ordering::Release);
@@ -452,57 +473,52 @@ impl Store {
     // ---- audit ----
 
     /// Appends one audit event; durable when this returns `Ok`.
+    ///
+    /// When the disk is full (`SQLITE_FULL`) the event is counted in the
+    /// audit gap (written as an `audit.gap` row by the next append that
+    /// succeeds) and [`StoreError::DiskFull`] is returned: a caller
+    /// answering a decision answers it anyway.
     pub fn append_audit(&self, ev: &AuditEvent) -> Result<AuditRow, StoreError> {
-        let mut conn = self.lock()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row = audit::append(&tx, now_ms(), ev)?;
-        tx.commit()?;
-        Ok(row)
+        self.append_audit_batch(std::slice::from_ref(ev))?
+            .pop()
+            .ok_or(StoreError::Unreachable("one event, no row"))
     }
 
     /// Appends `events` in order in one transaction (one commit); all or
     /// nothing, durable when this returns `Ok`. Used by [`AuditWriter`].
+    /// A full disk counts every event in the audit gap, as for
+    /// [`Store::append_audit`].
     pub fn append_audit_batch(&self, events: &[AuditEvent]) -> Result<Vec<AuditRow>, StoreError> {
         let mut conn = self.lock()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let at = now_ms();
-        let rows = events
-            .iter()
-            .map(|ev| audit::append(&tx, at, ev))
-            .collect::<Result<Vec<_>, _>>()?;
-        tx.commit()?;
-        Ok(rows)
+        let r = (|| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let gap = self.append_gap(&tx)?;
+            let at = now_ms();
+            let rows = events
+                .iter()
+                .map(|ev| audit::append(&tx, at, ev))
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|rows| Ok(tx.commit().map(|()| rows)?));
+            if rows.is_err() {
+                self.restore_gap(gap);
+            }
+            rows
+        })();
+        match r {
+            Err(e) if prune::is_disk_full(&e) => {
+                for ev in events {
+                    self.note_audit_gap(&ev.kind, 1);
+                }
+                Err(StoreError::DiskFull)
+            }
+            r => r,
+        }
     }
 
     /// Walks the whole chain. `Ok(Ok(n))`: `n` rows, all sound;
     /// `Ok(Err(e))`: the first break found.
     pub fn verify_audit(&self) -> Result<Result<i64, ChainError>, StoreError> {
-        let conn = self.read()?;
-        let mut stmt = conn.prepare(
-            "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit ORDER BY rowid",
-        )?;
-        let mut rows = stmt.query([])?;
-        let mut expected = 1_i64;
-        let mut prev = GENESIS.to_owned();
-        while let Some(r) = rows.next()? {
-            let row = row_from(r)?;
-            if let Err(e) = audit::check_row(&row, expected, &prev) {
-                return Ok(Err(e));
-            }
-            prev = row.hash;
-            expected = expected.saturating_add(1);
-        }
-        let last_seq = expected.saturating_sub(1);
-        let head: Option<(i64, String)> = conn
-            .query_row("SELECT seq, hash FROM audit_head WHERE id = 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        let (head_seq, head_hash) = head.unwrap_or((0, GENESIS.to_owned()));
-        if head_seq != last_seq || head_hash != prev {
-            return Ok(Err(ChainError::Head { head_seq, last_seq }));
-        }
-        Ok(Ok(last_seq))
+        Ok(self.verify_audit_from_checkpoint()?.map(|r| r.rows))
     }
 
     /// Writes rows with `seq > after` as JSON lines to `out`; returns how many.

@@ -101,6 +101,12 @@ async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Pending>, counters: Arc<C
                     let _ = done.send(Ok(row));
                 }
             }
+            Ok(Err(StoreError::DiskFull)) => {
+                // Counted in the audit gap by the store.
+                for done in dones {
+                    let _ = done.send(Err(StoreError::DiskFull));
+                }
+            }
             Ok(Err(e)) => {
                 let why = e.to_string();
                 for done in dones {

@@ -43,7 +43,14 @@ pub async fn start(decider: Arc<dyn Decider>) -> Appliance {
 pub async fn start_with(
     make: impl FnOnce(Arc<Store>, Arc<trustbind_appliance::agent_api::Hub>) -> Arc<dyn Decider>,
 ) -> Appliance {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), make).await
+}
+
+/// [`start_with`], its state in `dir`.
+pub async fn start_in(
+    dir: tempfile::TempDir,
+    make: impl FnOnce(Arc<Store>, Arc<trustbind_appliance::agent_api::Hub>) -> Arc<dyn Decider>,
+) -> Appliance {
     let store = Arc::new(Store::open(&dir.path().join("appliance.db")).unwrap());
     let pki = Arc::new(
         Pki::open_or_create(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap(),
@@ -312,8 +319,61 @@ pub fn exec(id: u64, sha: [u8; 32]) -> trustbind_appliance::agent_api::pb::Reque
             sha1: vec![0x01; 20],
             size: 1234,
             path: "/usr/bin/x".into(),
+            package: String::new(),
         }),
         target: Some(Target::Exec(pb::ExecTarget::default())),
         peer: None,
     }
+}
+
+/// The real policy engine, installed once the appliance's store exists
+/// (the engine needs the store, which [`start`] creates).
+#[derive(Default)]
+pub struct LateEngine(std::sync::OnceLock<trustbind_appliance::policy::engine::Engine>);
+
+impl LateEngine {
+    pub fn set(&self, e: trustbind_appliance::policy::engine::Engine) {
+        assert!(self.0.set(e).is_ok());
+    }
+}
+
+impl Decider for LateEngine {
+    fn decide(
+        &self,
+        r: &trustbind_appliance::request::QualifyRequest,
+    ) -> Result<trustbind_appliance::agent_api::Answer, trustbind_appliance::agent_api::DecideError>
+    {
+        let e = self.0.get().ok_or_else(|| {
+            trustbind_appliance::agent_api::DecideError("engine not installed".into())
+        })?;
+        Decider::decide(e, r)
+    }
+}
+
+/// An appliance deciding with the real engine over its own store, with
+/// each `(sha, group)` of `sigs` a member and `policy` active.
+pub async fn start_with_policy(policy: &str, sigs: &[([u8; 32], &str)]) -> Appliance {
+    start_with_policy_in(tempfile::tempdir().unwrap(), policy, sigs).await
+}
+
+/// [`start_with_policy`], its state in `dir`.
+pub async fn start_with_policy_in(
+    dir: tempfile::TempDir,
+    policy: &str,
+    sigs: &[([u8; 32], &str)],
+) -> Appliance {
+    const SCHEMA: &str = include_str!("../../../policies/trustbind.cedarschema");
+    let late = Arc::new(LateEngine::default());
+    let decider: Arc<dyn Decider> = late.clone();
+    let app = start_in(dir, |_, _| decider).await;
+    let store = &app.api.store;
+    for (sha, group) in sigs {
+        sig(store, *sha, group);
+    }
+    let id = store
+        .create_policy_draft(policy, "test", "admin:test")
+        .unwrap();
+    store.activate_policy(id, "admin:test").unwrap();
+    late.set(trustbind_appliance::policy::engine::Engine::new(Arc::clone(store), SCHEMA).unwrap());
+    app
 }

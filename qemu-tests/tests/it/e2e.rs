@@ -22,10 +22,10 @@
 //! mode; no kernel warning anywhere.
 
 use anyhow::{ensure, Result};
-use trustbind_qemu_tests::{Admin, ApplianceImage, Artifacts, Boot, Network, Vm};
 
 use crate::common::{
-    self, denied, enrol_host, export_audit, says_true, start_agent, wait_for, wait_new_agent, STATE,
+    self, denied, enrol_host, export_audit, says_true, start_agent, switch_mode, wait_for,
+    wait_new_agent, STATE,
 };
 
 /// Policy besides [`common::SYSTEM_PROGRAMS`]: role admin may run the
@@ -38,18 +38,6 @@ permit (
     resource in Trustbind::ProgramGroup::"admin-tools"
 );
 "#;
-
-/// Sets the host group's mode with the CLI and waits until the agent has
-/// put the module in it.
-fn switch_mode(admin: &Admin, host: &mut Vm, mode: &str) -> Result<()> {
-    admin.run(&["host", "group", "set", "hosts", "--mode", mode])?;
-    wait_for(
-        host,
-        &format!("{mode} mode"),
-        &format!("grep -q '\"mode\": \"{mode}\"' {STATE}/status.json"),
-        60,
-    )
-}
 
 /// Policy: tools allowed only at certain hours of the appliance's clock
 /// (UTC): group `window-now` this hour and the next (so the test cannot
@@ -87,16 +75,9 @@ const INIT: &str = "TRUSTBIND_AGENT_BIN=/tb/trustbind-agent \
 
 #[test]
 fn exec_control_end_to_end() -> Result<()> {
-    let art = Artifacts::from_env()?;
-    let img = ApplianceImage::from_env()?;
-    let net = Network::new()?;
-    let work = tempfile::tempdir()?;
-    let mut appl = net.appliance("appl", &img, Boot::Disk)?;
-    let host = common::host_vm(net.vm("host"))?.start(&art)?;
-    appl.wait_serving()?;
-    let ip = appl.ip().to_string();
-    let fp = appl.ca_fingerprint()?;
-    let admin = appl.admin(&work.path().join("admin"))?;
+    let mut b = common::appliance_and_host()?;
+    let (admin, appl, art, work) = (&b.admin, &mut b.appl, &b.art, &b.work);
+    let (ip, fp) = (b.ip.clone(), b.fp.clone());
 
     // Signatures: every program of the guest image's /usr/bin and
     // /usr/sbin into reference group `system`; a unique tool into
@@ -108,8 +89,8 @@ fn exec_control_end_to_end() -> Result<()> {
         / 3600
         % 24;
     let bins = common::provision(
-        &admin,
-        &art,
+        admin,
+        art,
         work.path(),
         &format!(
             "{}{ADMIN_TOOLS}{}",
@@ -140,7 +121,7 @@ fn exec_control_end_to_end() -> Result<()> {
     admin.run(&["user", "set", "root", "-r", "admin"])?;
 
     // Enrol and start the agent, then load the module.
-    let mut host = host.wait_ready()?;
+    let mut host = b.host.wait_ready()?;
     host.run_ok(
         "cp /usr/bin/true /root/tool && printf y >>/root/tool \
          && cp /usr/bin/true /root/evil && printf x >>/root/evil \
@@ -148,7 +129,7 @@ fn exec_control_end_to_end() -> Result<()> {
          && cp /usr/bin/true /root/wlater && printf l >>/root/wlater \
          && chmod 755 /root/tool /root/evil /root/ok /root/wnow /root/wlater",
     )?;
-    enrol_host(&admin, &mut host, &ip, &fp, "host1", "enforce")?;
+    enrol_host(admin, &mut host, &ip, &fp, "host1", "enforce")?;
 
     // `sleep` (used by the waits below) gets a verdict while the appliance
     // answers, so it is in the agent's signed offline bundle later (the
@@ -163,7 +144,7 @@ fn exec_control_end_to_end() -> Result<()> {
     host.run_ok("printf z >>/root/ok")?;
     let out = host.run("/root/ok")?;
     ensure!(denied(&out), "modified binary not refused: {out:?}");
-    common::ensure_decision(&export_audit(&admin)?, &evil)?;
+    common::ensure_decision(&export_audit(admin)?, &evil)?;
 
     // Users: root (role admin) may run the tool, nobody may not.
     host.run_ok("/root/tool")?;
@@ -179,17 +160,17 @@ fn exec_control_end_to_end() -> Result<()> {
     );
 
     // Permissive reaches the module: the unknown program runs, audited.
-    switch_mode(&admin, &mut host, "permissive")?;
+    switch_mode(admin, &mut host, "permissive")?;
     let out = host.run("/root/evil")?;
     ensure!(out.status == 0, "permissive mode refused: {out:?}");
-    let audit = export_audit(&admin)?;
+    let audit = export_audit(admin)?;
     ensure!(
         audit
             .lines()
             .any(|l| l.contains(&evil) && says_true(l, "would_deny")),
         "no would-deny audit row for {evil}"
     );
-    switch_mode(&admin, &mut host, "enforce")?;
+    switch_mode(admin, &mut host, "enforce")?;
     let out = host.run("rmmod trustbind")?;
     ensure!(out.status != 0, "rmmod succeeded in enforce mode");
     host.run_ok("/usr/bin/true")?; // into the kernel's cache again
@@ -222,7 +203,7 @@ fn exec_control_end_to_end() -> Result<()> {
         &format!("grep -q '\"connected\": true' {STATE}/status.json && grep -q '\"spool_backlog\": 0' {STATE}/status.json"),
         240,
     )?;
-    let audit = export_audit(&admin)?;
+    let audit = export_audit(admin)?;
     ensure!(
         audit
             .lines()
@@ -302,7 +283,7 @@ fn exec_control_end_to_end() -> Result<()> {
     wait_new_agent(&mut host, Some(&second))?;
 
     // Permissive with the appliance away: an uncached program runs.
-    switch_mode(&admin, &mut host, "permissive")?;
+    switch_mode(admin, &mut host, "permissive")?;
     appl.powerdown()?;
     let out = host.run("/usr/bin/factor 7")?; // approved, never seen
     ensure!(

@@ -17,7 +17,7 @@
 //! is let through and audited "would deny"; no kernel warning.
 
 use anyhow::{ensure, Result};
-use trustbind_qemu_tests::{ApplianceImage, Artifacts, Boot, Network, Output};
+use trustbind_qemu_tests::Output;
 
 use crate::common::{self, enrol_host, export_audit, says_true, wait_for, STATE};
 
@@ -54,20 +54,13 @@ fn refused(out: &Output) -> bool {
 
 #[test]
 fn file_control_end_to_end() -> Result<()> {
-    let art = Artifacts::from_env()?;
-    let img = ApplianceImage::from_env()?;
-    let net = Network::new()?;
-    let work = tempfile::tempdir()?;
-    let mut appl = net.appliance("appl", &img, Boot::Disk)?;
-    let host = common::host_vm(net.vm("host"))?.start(&art)?;
-    appl.wait_serving()?;
-    let ip = appl.ip().to_string();
-    let fp = appl.ca_fingerprint()?;
-    let admin = appl.admin(&work.path().join("admin"))?;
+    let mut b = common::appliance_and_host()?;
+    let (admin, appl, art, work) = (&b.admin, &mut b.appl, &b.art, &b.work);
+    let (ip, fp) = (b.ip.clone(), b.fp.clone());
 
     let bins = common::provision(
-        &admin,
-        &art,
+        admin,
+        art,
         work.path(),
         &format!("{}{FILE_POLICY}", common::SYSTEM_PROGRAMS),
     )?;
@@ -88,7 +81,7 @@ fn file_control_end_to_end() -> Result<()> {
     admin.run(&["fileset", "add", "webroot", "/srv/www"])?;
     admin.run(&["fileset", "add", "app-logs", "/srv/log"])?;
 
-    let mut host = host.wait_ready()?;
+    let mut host = b.host.wait_ready()?;
     host.run_ok(
         "mkdir -p /srv/www /srv/log && chmod 1777 /srv/www \
          && echo welcome >/srv/www/index.html && chmod 666 /srv/www/index.html \
@@ -98,7 +91,7 @@ fn file_control_end_to_end() -> Result<()> {
          events {}\\nhttp { access_log off; server { listen 127.0.0.1:8080; root /srv/www; } }\\n' \
          >/run/nginx.conf",
     )?;
-    enrol_host(&admin, &mut host, &ip, &fp, "host1", "enforce")?;
+    enrol_host(admin, &mut host, &ip, &fp, "host1", "enforce")?;
     // The appliance's file sets reach the module through the agent.
     host.run_ok("mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")?;
     wait_for(
@@ -113,7 +106,7 @@ fn file_control_end_to_end() -> Result<()> {
     let out = host.run_ok("curl -sS --max-time 60 http://127.0.0.1:8080/index.html")?;
     if out.stdout.trim() != "welcome" {
         let logs = host.run("cat /run/ngx-err.log; tail -20 /run/agent.log")?;
-        let audit = export_audit(&admin)?;
+        let audit = export_audit(admin)?;
         let rows: Vec<&str> = audit.lines().filter(|l| l.contains("/srv/www")).collect();
         anyhow::bail!(
             "nginx did not serve: {out:?}\nnginx and agent logs:\n{}{}\naudit rows:\n{}",
@@ -129,7 +122,7 @@ fn file_control_end_to_end() -> Result<()> {
     let out = host.run("echo edited | /root/editor /srv/www/new.html >/dev/null")?;
     if out.status != 0 {
         let sum = host.run("sha256sum /root/editor; tail -5 /run/agent.log")?;
-        let audit = export_audit(&admin)?;
+        let audit = export_audit(admin)?;
         let rows: Vec<&str> = audit.lines().rev().take(6).collect();
         anyhow::bail!(
             "the editor failed for root: {out:?}\n{}{}\nhost side {}\nlast audit rows:\n{}",
@@ -164,7 +157,7 @@ fn file_control_end_to_end() -> Result<()> {
         "the log changed: {:?}",
         out.stdout
     );
-    let audit = export_audit(&admin)?;
+    let audit = export_audit(admin)?;
     for (action, file) in [
         ("rename", "/srv/log/app.log"),
         ("open_read", "/srv/www/index.html"),
@@ -187,7 +180,7 @@ fn file_control_end_to_end() -> Result<()> {
     )?;
     let out = host.run_ok("cat /srv/www/new.html")?;
     ensure!(out.stdout.trim() == "edited", "permissive read: {out:?}");
-    let audit = export_audit(&admin)?;
+    let audit = export_audit(admin)?;
     ensure!(
         audit
             .lines()

@@ -105,6 +105,17 @@ pub enum Cmd {
     /// Bound channels: key ids, hosts, open and close, bytes per end.
     #[command(subcommand)]
     Channel(ChannelCmd),
+    /// Learning mode: the programs hosts ran (every exec of a permissive
+    /// host, the refusals of an enforcing one), grouped by package and
+    /// directory; approves them into a reference group.
+    ///
+    /// Without --group: lists the pending programs (not approved, and the
+    /// policy did not allow them the last time). With --group on a
+    /// terminal: asks, group by group, whether to approve. With
+    /// --approve-all: approves everything the filters select at once.
+    /// --dry-run shows what an approval would do and changes nothing.
+    #[command(after_help = LEARN_HELP)]
+    Learn(LearnArgs),
     /// The hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -163,6 +174,75 @@ pub struct ExplainArgs {
     #[arg(long, value_name = "SHA256|PATH")]
     pub peer: Option<String>,
 }
+
+/// `trustbind learn ...`
+#[derive(Debug, Args)]
+pub struct LearnArgs {
+    /// Only this host's programs.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only programs at or below this directory (or this exact path).
+    #[arg(long, value_name = "PATH")]
+    pub path_prefix: Option<String>,
+    /// Only programs the host reported as this Debian package's.
+    #[arg(long)]
+    pub package: Option<String>,
+    /// Which programs [default: pending; all with --forget].
+    #[arg(long, value_enum)]
+    pub state: Option<LearnState>,
+    /// Approve into this reference group (it must exist, and a policy must
+    /// permit it for the programs to run in enforce mode).
+    #[arg(long, short = 'g', value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Approve every pending program the filters select, without asking.
+    #[arg(long, requires = "group")]
+    pub approve_all: bool,
+    /// Show what the approval would do; change nothing.
+    #[arg(long, requires = "group")]
+    pub dry_run: bool,
+    /// Forget (delete) the rows the filters select: makes room below the
+    /// caps.
+    #[arg(long, conflicts_with_all = ["group", "approve_all", "dry_run"])]
+    pub forget: bool,
+}
+
+/// Observed programs by approval state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LearnState {
+    /// Not approved, and not allowed by the policy the last time.
+    Pending,
+    /// Approved into a group.
+    Approved,
+    /// Every program.
+    All,
+}
+
+impl LearnState {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::All => "all",
+        }
+    }
+}
+
+const LEARN_HELP: &str = "\
+Examples:
+  trustbind host group set staging --mode permissive      # hosts run everything, the appliance records it
+  trustbind learn                                           # pending programs by package and directory
+  trustbind learn --path-prefix /opt/app --state all
+  trustbind learn --group app --approve-all --path-prefix /opt/app --dry-run
+  trustbind learn --group app --approve-all --path-prefix /opt/app
+  trustbind learn --group debian                            # asks per package / directory (terminal)
+  trustbind host group set staging --mode enforce
+  trustbind learn --forget --host web1 --state approved
+
+Verdicts: would-deny (a permissive host ran it; enforce mode would refuse it),
+denied (an enforcing host refused it), allowed (a policy allows it already).
+Approving adds the programs to the group as `sig add` would (audited
+`learn.approve`); they run in enforce mode once a policy permits the group.";
 
 /// `trustbind admin ...`
 #[derive(Debug, Subcommand)]
@@ -627,8 +707,20 @@ pub enum AuditCmd {
         #[arg(long = "out", short = 'O')]
         out: Option<PathBuf>,
     },
-    /// Verifies the hash chain of the whole log.
+    /// Verifies the hash chain from the newest retention checkpoint to the
+    /// head, and the checkpoint's signature against the CA (`--ca`); says
+    /// what was pruned.
     Verify,
+    /// Verifies retention export files (the appliance's
+    /// `/data/trustbind/export/audit-*.jsonl`, oldest first), offline: the
+    /// rows chain, and every checkpoint in them is signed by the appliance
+    /// (a certificate of the CA given by `--ca` or the configuration) and
+    /// names its rows.
+    VerifyExport {
+        /// The export files, oldest first.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// `trustbind sig import-nsrl --help`, after the options.

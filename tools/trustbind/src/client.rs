@@ -95,6 +95,11 @@ pub fn tls_config(cfg: &Resolved) -> Result<rustls::ClientConfig> {
 }
 
 impl Client {
+    /// The CA certificate file the appliance is checked against.
+    pub fn ca_path(&self) -> &std::path::Path {
+        &self.cfg.ca
+    }
+
     /// Reads the credentials and prepares a client. Nothing is sent yet.
     pub fn new(cfg: Resolved) -> Result<Self> {
         let tls = tls_config(&cfg)?;

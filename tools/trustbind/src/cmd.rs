@@ -4,6 +4,8 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use reqwest::Method;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 
 use crate::cli::{AdminCmd, ChannelCmd, FileSetCmd, UserCmd};
@@ -42,6 +44,14 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
         Cmd::Group(gc) => group(gc, &connect()?, out),
         Cmd::Host(h) => host(h, &connect()?, out),
         Cmd::Channel(ch) => channel(ch, &connect()?, out),
+        Cmd::Audit(AuditCmd::VerifyExport { files }) => {
+            let ca = match &ov.ca {
+                Some(ca) => ca.clone(),
+                None => config::resolve(&ov)?.ca,
+            };
+            audit_verify_export(&files, &ca, out)
+        }
+        Cmd::Learn(l) => crate::learn::run(&l, &connect()?, out),
         Cmd::Audit(a) => audit(a, &connect()?, out),
         Cmd::Explain(x) => crate::explain::run(x, &connect()?, out),
         Cmd::User(u) => user(u, &connect()?, out),
@@ -1129,18 +1139,87 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
             Ok(0)
         }
         AuditCmd::Verify => {
-            let v = c.get("/v1/audit/verify")?;
-            let ok = v.get("ok").and_then(Value::as_bool) == Some(true);
+            let mut v = c.get("/v1/audit/verify")?;
+            let mut ok = v.get("ok").and_then(Value::as_bool) == Some(true);
+            // The appliance checked the checkpoint with its CA; check it
+            // again with ours.
+            if let Some(cp) = v.get("checkpoint").filter(|c| !c.is_null()) {
+                let checked =
+                    serde_json::from_value::<trustbind_appliance::store::Checkpoint>(cp.clone())
+                        .map_err(|e| e.to_string())
+                        .and_then(|cp| {
+                            let ca = read_ca(c.ca_path())?;
+                            trustbind_appliance::retention::verify_checkpoint(&cp, &ca)
+                        });
+                if let Err(e) = checked {
+                    ok = false;
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("ok".into(), Value::Bool(false));
+                        o.insert("error".into(), Value::String(format!("checkpoint: {e}")));
+                    }
+                }
+            }
             out.emit(&v, || {
                 if ok {
-                    format!("audit chain intact: {} rows verified\n", field(&v, "rows"))
+                    let pruned = match v.get("pruned").filter(|p| !p.is_null()) {
+                        Some(p) => format!(
+                            "pruned: rows 1..={} ({} rows, {} checkpoints; the newest signed by the appliance's key, rows in export/{})\n",
+                            field(p, "upto_seq"),
+                            field(p, "rows"),
+                            field(p, "checkpoints"),
+                            field(p, "last_export_file"),
+                        ),
+                        None => String::new(),
+                    };
+                    format!(
+                        "{pruned}audit chain intact: {} rows verified (head {})\n",
+                        field(&v, "rows"),
+                        field(&v, "head")
+                    )
                 } else {
                     format!("audit chain BROKEN: {}\n", field(&v, "error"))
                 }
             });
             Ok(if ok { 0 } else { Exit::CheckFailed as u8 })
         }
+        AuditCmd::VerifyExport { .. } => Ok(0),
     }
+}
+
+/// The first certificate of a PEM file.
+fn read_ca(path: &Path) -> std::result::Result<CertificateDer<'static>, String> {
+    CertificateDer::from_pem_file(path)
+        .map_err(|e| format!("{}: not a PEM certificate ({e})", path.display()))
+}
+
+/// `trustbind audit verify-export`.
+fn audit_verify_export(files: &[PathBuf], ca: &Path, out: &Out) -> Result<u8> {
+    use std::io::BufRead as _;
+    let ca = read_ca(ca).map_err(|e| CliError::new(Exit::Config, e))?;
+    let mut lines = Vec::new();
+    for f in files {
+        let file = std::fs::File::open(f).map_err(|e| io_err("read", f, &e))?;
+        for l in std::io::BufReader::new(file).lines() {
+            lines.push(l.map_err(|e| io_err("read", f, &e))?);
+        }
+    }
+    let r = trustbind_appliance::retention::verify_export(lines, Some(&ca));
+    let v = match &r {
+        Ok(rep) => serde_json::json!({ "ok": true, "report": rep }),
+        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+    };
+    out.emit(&v, || match &r {
+        Ok(rep) => format!(
+            "export intact: rows {}..={} ({} rows), {} signed checkpoints, the last up to row {}\n",
+            rep.first_seq, rep.last_seq, rep.rows, rep.checkpoints, rep.checkpointed_upto
+        ),
+        Err(e) => format!("export BROKEN: {e}\n"),
+    });
+    Ok(if r.is_ok() {
+        0
+    } else {
+        Exit::CheckFailed as u8
+    })
 }
 
 /// Counts the lines written through it.

@@ -21,6 +21,7 @@ mod enrol;
 mod error;
 mod explain;
 mod hashing;
+mod learn;
 mod nsrl;
 mod out;
 mod replay;

@@ -81,11 +81,17 @@ fn learning_mode_end_to_end() -> Result<()> {
         host.run_ok(p)?;
     }
     host.run_ok("/usr/bin/id >/dev/null")?;
+    // The recorder writes once a second: wait for every program run
+    // above, not only the first ones, before reading the listing.
     wait_listed(
         admin,
-        &["--path-prefix", "/opt/app"],
-        "the /opt/app programs",
-        |v| v.contains("/opt/app/run") && v.contains("/opt/app/bin/tool"),
+        &[],
+        "the /opt/app programs and /root/stranger",
+        |v| {
+            v.contains("/opt/app/run")
+                && v.contains("/opt/app/bin/tool")
+                && v.contains("/root/stranger")
+        },
     )?;
     let text = admin.run(&["learn"])?;
     for needle in [

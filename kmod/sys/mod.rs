@@ -337,7 +337,8 @@ impl<T: Send + Sync> RcuCell<T> {
         // it was unpublished (type invariant), and this read section
         // began before such a grace period could end; shared access only
         // (`T: Sync`), for no longer than `f` runs.
-        let r = f(unsafe { p.as_ref() });
+        let v = unsafe { p.as_ref() };
+        let r = f(v);
         // SAFETY: Leaves the section entered above.
         unsafe { tb_rcu_read_unlock() };
         r

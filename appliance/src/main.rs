@@ -679,17 +679,10 @@ fn read_ca(path: &Path) -> Result<rustls::pki_types::CertificateDer<'static>, Fa
 
 /// `audit verify-export`.
 fn verify_export(data_dir: &Path, ca: Option<&Path>, files: &[PathBuf]) -> Result<(), Fail> {
-    use std::io::BufRead;
     let ca_path = ca.map_or_else(|| data_dir.join(pki::CA_CERT_FILE), Path::to_owned);
     let ca = read_ca(&ca_path)?;
-    let mut lines = Vec::new();
-    for f in files {
-        let file = std::fs::File::open(f)
-            .map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", f.display())))?;
-        for l in std::io::BufReader::new(file).lines() {
-            lines.push(l.map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", f.display())))?);
-        }
-    }
+    let lines = retention::read_export_files(files)
+        .map_err(|(f, e)| Fail(EXIT_FAILED, format!("{}: {e}", f.display())))?;
     match retention::verify_export(lines, Some(&ca)) {
         Ok(r) => {
             println!(

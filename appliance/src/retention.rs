@@ -946,6 +946,23 @@ pub struct ExportReport {
     pub checkpointed_upto: i64,
 }
 
+/// The lines of export files, in the order given, for [`verify_export`]
+/// (`trustbind audit verify-export` and the appliance's own command); the
+/// file that could not be read, with the error.
+pub fn read_export_files(
+    files: &[std::path::PathBuf],
+) -> Result<Vec<String>, (std::path::PathBuf, std::io::Error)> {
+    use std::io::BufRead as _;
+    let mut lines = Vec::new();
+    for f in files {
+        let file = std::fs::File::open(f).map_err(|e| (f.clone(), e))?;
+        for l in std::io::BufReader::new(file).lines() {
+            lines.push(l.map_err(|e| (f.clone(), e))?);
+        }
+    }
+    Ok(lines)
+}
+
 /// Verifies audit export lines (files concatenated in order): the rows
 /// chain (each row's hash recomputed, each links to the one before, the
 /// first to the genesis or to whatever it names), every checkpoint line's

@@ -1194,15 +1194,9 @@ fn read_ca(path: &Path) -> std::result::Result<CertificateDer<'static>, String> 
 
 /// `trustbind audit verify-export`.
 fn audit_verify_export(files: &[PathBuf], ca: &Path, out: &Out) -> Result<u8> {
-    use std::io::BufRead as _;
     let ca = read_ca(ca).map_err(|e| CliError::new(Exit::Config, e))?;
-    let mut lines = Vec::new();
-    for f in files {
-        let file = std::fs::File::open(f).map_err(|e| io_err("read", f, &e))?;
-        for l in std::io::BufReader::new(file).lines() {
-            lines.push(l.map_err(|e| io_err("read", f, &e))?);
-        }
-    }
+    let lines = trustbind_appliance::retention::read_export_files(files)
+        .map_err(|(f, e)| io_err("read", &f, &e))?;
     let r = trustbind_appliance::retention::verify_export(lines, Some(&ca));
     let v = match &r {
         Ok(rep) => serde_json::json!({ "ok": true, "report": rep }),

@@ -48,8 +48,9 @@ use kernel::uaccess::UserSlice;
 
 use crate::proto::backstop;
 use crate::proto::fairq::{FairQueue, Full, Place};
-use crate::proto::{self, ChannelKey, DecodeError, HelloAck, Kind, Mode, Record, Verdict};
-use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin};
+use crate::proto::seal::{self, BareRule};
+use crate::proto::{self, ChannelKey, Decision, DecodeError, Header, HelloAck, Kind, Mode, Record, Verdict};
+use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin, SessionMac};
 
 /// Places in the queue to the agent: requests waiting for a verdict
 /// (queued or read) and notifications not yet read.
@@ -128,6 +129,11 @@ impl Outbox {
         self.q.release(i);
     }
 
+    /// The record queued at place `i`, if any.
+    fn record(&self, i: usize) -> Option<&[u8]> {
+        self.records.get(i)?.as_deref()
+    }
+
     /// The agent left: nothing queued will be read. Requests keep their
     /// places until their waiters give up.
     fn clear(&mut self) {
@@ -157,8 +163,8 @@ struct State {
     /// Bumped whenever an agent goes away, so waiters notice.
     epoch: u64,
     outbox: Outbox,
-    /// Requests waiting for verdicts, by request id; `Some` once answered.
-    pending: RBTree<u64, Option<Reply>>,
+    /// Requests waiting for verdicts, by request id.
+    pending: RBTree<u64, Pending>,
     /// Held while in enforce mode: the module may not be unloaded then,
     /// until an agent sets another mode.
     enforce_pin: Option<ModulePin>,
@@ -169,6 +175,28 @@ struct State {
     /// it leaves): exec'ing exactly that file is allowed while no agent is
     /// connected, so a dead agent can be restarted in enforce mode.
     pinned_agent: Option<FileId>,
+    /// The session with the appliance when loaded with `authority=`:
+    /// then only sealed records are believed (`proto::seal`).
+    auth: Option<Auth>,
+    /// The sequence of the last sealed order taken, per order kind.
+    last_seq: [u64; seal::ORDER_SLOTS],
+}
+
+/// The session with the appliance (module parameter `authority`).
+struct Auth {
+    /// HMAC-SHA256 under the session key.
+    mac: SessionMac,
+    /// The module's session public key, for `HelloAck`.
+    session: [u8; seal::SESSION_PUB_LEN],
+}
+
+/// A request waiting for its answer.
+struct Pending {
+    /// `Some` once answered.
+    reply: Option<Reply>,
+    /// SHA-256 of the request record as queued (with a session only):
+    /// a sealed answer must be sealed to it.
+    digest: [u8; seal::DIGEST_LEN],
 }
 
 /// What the agent answered a request with.
@@ -181,11 +209,11 @@ impl State {
     /// Removes request `id`, returning its answer if it has one.
     fn take_pending(&mut self, id: u64) -> Option<Reply> {
         let slot = self.pending.get_mut(&id)?;
-        let v = slot.take();
+        let v = slot.reply.take();
         if matches!(v, Some(Reply::Key(_))) {
             // Key material must not survive in the freed node: overwrite
             // the node's value whole before it goes.
-            *slot = Some(Reply::Key(ChannelKey::ZERO));
+            slot.reply = Some(Reply::Key(ChannelKey::ZERO));
         }
         self.pending.remove(&id);
         self.n_pending -= 1;
@@ -247,6 +275,9 @@ pub(crate) struct Channel {
     /// Thread group id of the connected agent, 0 when none, readable
     /// without the mutex (the agent's own execs are exempt).
     agent_tgid: AtomicU32,
+    /// Whether the module has a session with the appliance (set once at
+    /// load): then the agent's own execs are not exempt.
+    sealed_only: AtomicBool,
     /// Mirror of the queued record count readable without the (sleeping) mutex, for the
     /// wait-queue condition and `poll()`.
     queued: AtomicUsize,
@@ -272,12 +303,15 @@ impl Channel {
                 n_pending: 0,
                 next_id: 1,
                 pinned_agent: None,
+                auth: None,
+                last_seq: [0; seal::ORDER_SLOTS],
             }),
             verdicts <- new_condvar!(),
             mode: AtomicU8::new(Mode::Disabled as u8),
             verdict_timeout_ms: AtomicU32::new(DEFAULT_VERDICT_TIMEOUT_MS),
             qualify_net: AtomicBool::new(false),
             agent_tgid: AtomicU32::new(0),
+            sealed_only: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
             sha256_driver,
             sha1_driver,
@@ -288,7 +322,7 @@ impl Channel {
     /// `agent`): the mode the module starts in, before any agent, and the
     /// agent binary allowed to start while none is connected. A bad value
     /// refuses the load.
-    pub(crate) fn boot(&self, mode_param: &CStr, agent: &CStr) -> Result {
+    pub(crate) fn boot(&self, mode_param: &CStr, agent: &CStr, authority: &CStr) -> Result {
         let mode = match mode_param.as_bytes() {
             b"" | b"disabled" => Mode::Disabled,
             b"permissive" => Mode::Permissive,
@@ -298,7 +332,21 @@ impl Channel {
                 return Err(EINVAL);
             }
         };
+        let auth = if authority.is_empty() {
+            None
+        } else {
+            let Some(key) = seal::parse_authority(authority.as_bytes()) else {
+                pr_err!("authority=: want 128 hex digits (the appliance's P-256 key x||y)\n");
+                return Err(EINVAL);
+            };
+            let (mac, session) = SessionMac::agree(&key).inspect_err(|e| {
+                pr_err!("authority=: no session with that key: errno {}\n", e.to_errno())
+            })?;
+            Some(Auth { mac, session })
+        };
         let mut st = self.state.lock();
+        self.sealed_only.store(auth.is_some(), Ordering::Release);
+        st.auth = auth;
         if !agent.is_empty() {
             let id = sys::file_id_of(agent).inspect_err(|e| {
                 pr_err!("agent={}: cannot use it: errno {}\n", agent, e.to_errno())
@@ -315,10 +363,15 @@ impl Channel {
         self.mode.store(mode as u8, Ordering::Release);
         sys::publish_mode(mode as u8);
         pr_info!(
-            "mode {:?} at load{}\n",
+            "mode {:?} at load{}{}\n",
             mode,
             if st.pinned_agent.is_some() {
                 ", agent binary pinned"
+            } else {
+                ""
+            },
+            if st.auth.is_some() {
+                ", sealed records only"
             } else {
                 ""
             }
@@ -337,9 +390,14 @@ impl Channel {
             return Err(EBUSY);
         }
         st.agent = Some(tgid);
-        // Only a file whose changes the kernel can see may be pinned.
-        if let Some(id) = sys::current_exe_id().filter(|id| id.has_change_cookie != 0) {
-            st.pinned_agent = Some(id);
+        // Only a file whose changes the kernel can see may be pinned. With
+        // a session the first pin stays (`agent=` or the first opener):
+        // root's own program on the device must not become the binary
+        // that runs unasked while no agent is connected.
+        if st.auth.is_none() || st.pinned_agent.is_none() {
+            if let Some(id) = sys::current_exe_id().filter(|id| id.has_change_cookie != 0) {
+                st.pinned_agent = Some(id);
+            }
         }
         st.greeted = false;
         st.acked = false;
@@ -374,6 +432,12 @@ impl Channel {
     /// answers net requests).
     pub(crate) fn qualifies_net(&self) -> bool {
         self.qualify_net.load(Ordering::Acquire)
+    }
+
+    /// Whether the module believes only sealed records (loaded with
+    /// `authority=`).
+    pub(crate) fn sealed_only(&self) -> bool {
+        self.sealed_only.load(Ordering::Acquire)
     }
 
     /// Whether `tgid` is the connected agent.
@@ -422,7 +486,15 @@ impl Channel {
                 return Answer::Busy;
             }
         };
-        if st.pending.try_create_and_insert(id, None, GFP_KERNEL).is_err() {
+        let digest = match &st.auth {
+            Some(_) => st.outbox.record(place).map_or([0; seal::DIGEST_LEN], sys::sha256),
+            None => [0; seal::DIGEST_LEN],
+        };
+        let pending = Pending {
+            reply: None,
+            digest,
+        };
+        if st.pending.try_create_and_insert(id, pending, GFP_KERNEL).is_err() {
             st.outbox.release(place);
             bump(&STATS.busy);
             return Answer::Busy;
@@ -439,7 +511,7 @@ impl Channel {
                 st.drop_pending(id);
                 break Answer::NoAgent;
             }
-            if matches!(st.pending.get(&id), Some(Some(_))) {
+            if st.pending.get(&id).is_some_and(|p| p.reply.is_some()) {
                 match st.take_pending(id) {
                     Some(Reply::Verdict(v)) => break Answer::Verdict(v),
                     Some(Reply::Key(k)) => break Answer::Key(k),
@@ -513,7 +585,10 @@ impl Channel {
         // Read once into a kernel copy, then only look at the copy.
         UserSlice::new(ubuf, len).read_all(&mut buf, GFP_KERNEL)?;
         let r = self.take_record(&buf);
-        if buf.get(6..8) == Some(&(Kind::ChannelKey as u16).to_le_bytes()[..]) {
+        let kind = buf.get(6..8);
+        if kind == Some(&(Kind::ChannelKey as u16).to_le_bytes()[..])
+            || kind == Some(&(Kind::Sealed as u16).to_le_bytes()[..])
+        {
             // Key material: the only copy left is the pending slot's.
             buf.fill(0);
             core::sync::atomic::compiler_fence(Ordering::SeqCst);
@@ -524,8 +599,61 @@ impl Channel {
     /// Acts on one record the agent wrote.
     fn take_record(&self, buf: &[u8]) -> Result {
         let (header, record) = proto::decode(buf).map_err(|e| reject(&e))?;
-
         let mut st = self.state.lock();
+        match record {
+            Record::Sealed(x) => {
+                if !st.greeted {
+                    return Err(EINVAL);
+                }
+                let Some(auth) = &st.auth else {
+                    pr_warn!("sealed record, but no authority key was given at load\n");
+                    return Err(EINVAL);
+                };
+                let (inner_header, inner) = proto::decode(x.inner()).map_err(|e| reject(&e))?;
+                let slot = seal::order_slot(inner_header.kind);
+                let digest = match slot {
+                    Some(_) => [0; seal::DIGEST_LEN],
+                    None => match st.pending.get(&inner_header.request_id) {
+                        Some(p) => p.digest,
+                        None => return Err(ENOENT),
+                    },
+                };
+                let mac = auth.mac.mac2(&seal::prefix(&digest, x.seq), x.inner())?;
+                if !sys::mac_eq(&mac, &x.mac) {
+                    bump(&STATS.bad_seal);
+                    if sys::log_ratelimit() {
+                        pr_warn!("refused a {:?} whose seal does not verify\n", inner_header.kind);
+                    }
+                    return Err(EPERM);
+                }
+                if let Some(i) = slot {
+                    let last = st.last_seq.get(i).copied().unwrap_or(u64::MAX);
+                    if !seal::order_fresh(last, x.seq) {
+                        bump(&STATS.bad_seal);
+                        pr_warn!("refused a replayed {:?} order (seq {} after {})\n", inner_header.kind, x.seq, last);
+                        return Err(EPERM);
+                    }
+                    if let Some(l) = st.last_seq.get_mut(i) {
+                        *l = x.seq;
+                    }
+                }
+                self.apply(&mut st, inner_header, inner, true)
+            }
+            other => self.apply(&mut st, header, other, false),
+        }
+    }
+
+    /// Acts on one record, `sealed` by the appliance or not.
+    fn apply(&self, st: &mut State, header: Header, record: Record<'_>, sealed: bool) -> Result {
+        let rule = match (&st.auth, sealed) {
+            (Some(_), false) => seal::bare_rule(record.kind()),
+            _ => BareRule::Accept,
+        };
+        if rule == BareRule::Refuse {
+            bump(&STATS.unsealed);
+            pr_warn!("refused an unsealed {:?}: only the appliance may send it\n", record.kind());
+            return Err(EPERM);
+        }
         match record {
             Record::Hello(hello) => {
                 st.greeted = true;
@@ -541,14 +669,25 @@ impl Channel {
                     max_record_len: proto::MAX_RECORD_LEN as u32,
                     sha256_driver: self.sha256_driver,
                     sha1_driver: self.sha1_driver,
+                    session: st.auth.as_ref().map_or([0; seal::SESSION_PUB_LEN], |a| a.session),
                 });
-                self.enqueue(&mut st, &ack, header.request_id)?;
+                self.enqueue(st, &ack, header.request_id)?;
             }
             _ if !st.greeted => {
                 pr_warn!("agent sent {:?} before hello\n", record.kind());
                 return Err(EINVAL);
             }
-            Record::Verdict(v) => {
+            Record::Verdict(mut v) => {
+                if rule == BareRule::AllowIsDeny && v.decision != Decision::Deny {
+                    // Not the appliance's word: no allow, nothing cached.
+                    bump(&STATS.unsealed);
+                    v = Verdict {
+                        decision: Decision::Deny,
+                        cacheable: false,
+                        obligations: proto::Obligations::default(),
+                        ..v
+                    };
+                }
                 let Some(slot) = st.pending.get_mut(&header.request_id) else {
                     pr_warn!(
                         "verdict {:?} for unknown or expired request {}\n",
@@ -557,11 +696,11 @@ impl Channel {
                     );
                     return Err(ENOENT);
                 };
-                *slot = Some(Reply::Verdict(v));
+                slot.reply = Some(Reply::Verdict(v));
                 self.verdicts.notify_all();
             }
             Record::ChannelKey(mut k) => {
-                let Some(slot @ None) = st.pending.get_mut(&header.request_id) else {
+                let Some(Pending { reply: slot @ None, .. }) = st.pending.get_mut(&header.request_id) else {
                     k.wipe();
                     pr_warn!(
                         "channel key for unknown, expired or answered request {}\n",
@@ -569,6 +708,21 @@ impl Channel {
                     );
                     return Err(ENOENT);
                 };
+                if rule == BareRule::RefuseAnswer {
+                    // A key the appliance did not seal: the connection
+                    // is refused rather than keyed by whoever wrote it.
+                    k.wipe();
+                    bump(&STATS.unsealed);
+                    pr_warn!("refused an unsealed channel key for request {}\n", header.request_id);
+                    *slot = Some(Reply::Verdict(Verdict {
+                        decision: Decision::Deny,
+                        policy_generation: 0,
+                        cacheable: false,
+                        obligations: proto::Obligations::default(),
+                    }));
+                    self.verdicts.notify_all();
+                    return Ok(());
+                }
                 // The decoded copy on this stack is wiped; the node's is
                 // wiped when taken (`take_pending`).
                 *slot = Some(Reply::Key(k.clone()));
@@ -576,6 +730,17 @@ impl Channel {
                 self.verdicts.notify_all();
             }
             Record::Config(c) => {
+                if rule == BareRule::UnlessWeakening
+                    && seal::config_weakens(self.mode(), self.qualifies_net(), c.mode, c.qualify_net)
+                {
+                    bump(&STATS.unsealed);
+                    pr_warn!(
+                        "refused an unsealed Config ({:?}, net {}): only the appliance may weaken enforcement\n",
+                        c.mode,
+                        c.qualify_net
+                    );
+                    return Err(EPERM);
+                }
                 if c.mode == Mode::Enforce {
                     if st.enforce_pin.is_none() {
                         st.enforce_pin = Some(ModulePin::new().ok_or(ENODEV)?);
@@ -639,6 +804,10 @@ impl Channel {
                 });
                 pr_info!("policy generation {}\n", g.policy_generation);
             }
+            Record::Sealed(_) => {
+                // `Sealed::new` refuses a sealed `Sealed`.
+                return Err(EINVAL);
+            }
             Record::HelloAck(_)
             | Record::ExecRequest(_)
             | Record::NetRequest(_)
@@ -680,11 +849,18 @@ fn encode(rec: &Record<'_>, request_id: u64) -> Result<KVec<u8>> {
 pub(crate) struct Stats {
     /// Requests that found no place (a user's share, the queue, memory).
     pub(crate) busy: AtomicU64,
+    /// With a session: unsealed records refused or taken as a refusal
+    /// (an allow, a key, a weakening `Config`, peers).
+    pub(crate) unsealed: AtomicU64,
+    /// Sealed records whose MAC did not verify, or replayed orders.
+    pub(crate) bad_seal: AtomicU64,
 }
 
 /// The channel's counters.
 pub(crate) static STATS: Stats = Stats {
     busy: AtomicU64::new(0),
+    unsealed: AtomicU64::new(0),
+    bad_seal: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64) {

@@ -712,7 +712,10 @@ fn decide(s: &Shared, mode: Mode, subj: &mut impl Subject, interp_round: bool) -
 /// `Err(Err(e))` to fail the exec with `e` whatever the mode.
 fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<(), Result<Refusal>> {
     let info = subj.info().map_err(|e| Ok(Refusal::Unreadable(e)))?;
-    if s.channel.is_agent(info.tgid) {
+    // The agent's own execs are exempt, unless the module believes only
+    // the appliance: whoever holds the device (root's own program too)
+    // could otherwise exec anything unasked.
+    if s.channel.is_agent(info.tgid) && !s.channel.sealed_only() {
         return Ok(());
     }
     if let Some(why) = unqualifiable::exec_fs(info.fs_magic) {

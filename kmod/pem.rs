@@ -167,7 +167,7 @@ impl kernel::Module for Trustbind {
         )?;
         shared
             .channel
-            .boot(sys::param_mode(), sys::param_agent())?;
+            .boot(sys::param_mode(), sys::param_agent(), sys::param_authority())?;
         let device = MiscRegistration::new(&SHARED, shared)?;
         pr_info!("/dev/trustbind ready (protocol v{})\n", proto::VERSION);
         let st = &exec::STATS;
@@ -196,6 +196,8 @@ impl kernel::Module for Trustbind {
             (c_str!("exe_replace_refused"), &st.exe_replace_refused),
             (c_str!("exe_replace_would_deny"), &st.exe_replace_would_deny),
             (c_str!("queue_busy"), &device::STATS.busy),
+            (c_str!("unsealed_refused"), &device::STATS.unsealed),
+            (c_str!("bad_seal"), &device::STATS.bad_seal),
             (c_str!("net_connect_asked"), &net::STATS.connect_asked),
             (c_str!("net_accept_asked"), &net::STATS.accept_asked),
             (c_str!("net_allowed"), &net::STATS.allowed),

@@ -87,6 +87,10 @@ macro_rules! process_of {
 /// An exec the module asks about, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecEvent {
+    /// The request exactly as the module wrote it, when the module has a
+    /// session (an authority key): the appliance decides on these bytes
+    /// and seals its answer to them. Empty otherwise.
+    pub module_request: Vec<u8>,
     /// Request id to answer with.
     pub request_id: u64,
     /// SHA-256 of the file.
@@ -106,6 +110,10 @@ pub struct ExecEvent {
 /// A TCP connect or accept the module asks about, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetEvent {
+    /// The request exactly as the module wrote it, when the module has a
+    /// session (an authority key): the appliance decides on these bytes
+    /// and seals its answer to them. Empty otherwise.
+    pub module_request: Vec<u8>,
     /// Request id to answer with.
     pub request_id: u64,
     /// Pre-SYN connect, established connect, or accept.
@@ -146,6 +154,10 @@ pub struct IpcPeer {
 /// An operation on a protected file the module asks about, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileEvent {
+    /// The request exactly as the module wrote it, when the module has a
+    /// session (an authority key): the appliance decides on these bytes
+    /// and seals its answer to them. Empty otherwise.
+    pub module_request: Vec<u8>,
     /// Request id to answer with.
     pub request_id: u64,
     /// Read, write, delete or rename.
@@ -178,6 +190,7 @@ impl FileEvent {
         let link = r.flags & proto::FILE_LINK != 0;
         let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         Self {
+            module_request: Vec::new(),
             request_id,
             access: r.access,
             create: r.flags & proto::FILE_CREATE != 0,
@@ -228,6 +241,7 @@ impl NetEvent {
     /// The owned form of request `request_id`.
     pub fn of(request_id: u64, r: &NetRequest<'_>) -> Self {
         Self {
+            module_request: Vec::new(),
             request_id,
             kind: r.kind,
             src_addr: ip_of(r.family, r.src_addr),
@@ -244,6 +258,7 @@ impl NetEvent {
     pub fn of_ipc(request_id: u64, r: &IpcRequest<'_>) -> Self {
         let none = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         Self {
+            module_request: Vec::new(),
             request_id,
             kind: NetKind::Connect,
             src_addr: none,
@@ -341,6 +356,16 @@ impl Device {
         })
     }
 
+    /// The module's session public key ([`proto::seal`]), when it was
+    /// loaded with an authority key.
+    pub fn session(&self) -> Option<[u8; proto::seal::SESSION_PUB_LEN]> {
+        self.ack
+            .session
+            .iter()
+            .any(|&b| b != 0)
+            .then_some(self.ack.session)
+    }
+
     /// Blocks until the module asks something. Records of kinds the agent
     /// does not handle are skipped.
     pub fn next_event(&mut self) -> Result<Event, DeviceError> {
@@ -359,20 +384,34 @@ impl Device {
             let got = self.buf.get(..n).unwrap_or_default();
             let (h, rec) =
                 proto::decode(got).map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
+            // The appliance decides on the module's own bytes when it
+            // seals the answer.
+            let module_request = if self.session().is_some() {
+                got.to_vec()
+            } else {
+                Vec::new()
+            };
             if let Record::NetRequest(r) = rec {
-                return Ok(Event::Net(NetEvent::of(h.request_id, &r)));
+                let mut e = NetEvent::of(h.request_id, &r);
+                e.module_request = module_request;
+                return Ok(Event::Net(e));
             }
             if let Record::ChannelClosed(c) = rec {
                 return Ok(Event::Closed(c));
             }
             if let Record::IpcRequest(r) = rec {
-                return Ok(Event::Net(NetEvent::of_ipc(h.request_id, &r)));
+                let mut e = NetEvent::of_ipc(h.request_id, &r);
+                e.module_request = module_request;
+                return Ok(Event::Net(e));
             }
             if let Record::FileRequest(r) = rec {
-                return Ok(Event::File(FileEvent::of(h.request_id, &r)));
+                let mut e = FileEvent::of(h.request_id, &r);
+                e.module_request = module_request;
+                return Ok(Event::File(e));
             }
             if let Record::ExecRequest(r) = rec {
                 return Ok(Event::Exec(ExecEvent {
+                    module_request,
                     request_id: h.request_id,
                     sha256: r.sha256,
                     sha1: r.sha1,
@@ -394,6 +433,21 @@ impl DeviceWriter {
             what,
             source,
         })
+    }
+
+    /// Writes a record the appliance sealed for the module, as it is
+    /// (`trustbind_proto::seal`). `Ok(false)` if the module no longer
+    /// waits for the request it answers (`ENOENT`).
+    pub fn sealed(&mut self, bytes: &[u8], what: &'static str) -> Result<bool, DeviceError> {
+        match self.file.write_all(bytes) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(DeviceError::Io {
+                path: self.path.clone(),
+                what,
+                source,
+            }),
+        }
     }
 
     /// Answers request `id`. `Ok(false)` if the module no longer waits for
@@ -457,7 +511,7 @@ impl DeviceWriter {
     /// Tells the module the protected hosts' addresses (at most
     /// [`proto::MAX_PEERS`]; the rest are left out).
     pub fn peers(&mut self, addrs: &[IpAddr]) -> Result<(), DeviceError> {
-        let bytes = peer_entries(addrs);
+        let bytes = trustbind_api::module::peer_entries(addrs);
         let peers =
             proto::Peers::new(&bytes).map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
         self.send(&Record::Peers(peers), 4, "write Peers")
@@ -477,28 +531,6 @@ impl DeviceWriter {
     }
 }
 
-/// The module's encoding of `addrs` (IPv4-mapped IPv6 as IPv4, as the
-/// module names connection ends), at most [`proto::MAX_PEERS`].
-pub fn peer_entries(addrs: &[IpAddr]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for a in addrs.iter().take(proto::MAX_PEERS) {
-        let (family, bytes) = match a {
-            IpAddr::V4(v4) => (Family::Ipv4, v4.octets()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => (Family::Ipv4, v4.octets()),
-                None => {
-                    out.extend_from_slice(&proto::Peers::entry(Family::Ipv6, &v6.octets()));
-                    continue;
-                }
-            },
-        };
-        let mut a16 = [0u8; 16];
-        a16[..4].copy_from_slice(&bytes);
-        out.extend_from_slice(&proto::Peers::entry(family, &a16));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,7 +541,7 @@ mod tests {
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
-        let bytes = peer_entries(&addrs);
+        let bytes = trustbind_api::module::peer_entries(&addrs);
         let got: Vec<(Family, [u8; 16])> = proto::Peers::new(&bytes).unwrap().iter().collect();
         let v4 = |a: [u8; 4]| {
             let mut x = [0u8; 16];
@@ -527,7 +559,7 @@ mod tests {
         );
         let many: Vec<IpAddr> = (0..300u32).map(|i| IpAddr::V4(Ipv4Addr::from(i))).collect();
         assert_eq!(
-            peer_entries(&many).len(),
+            trustbind_api::module::peer_entries(&many).len(),
             proto::MAX_PEERS * proto::PEER_LEN
         );
     }

@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use trustbind_api::pb;
-use trustbind_proto::{
-    ChannelKey, ChannelTls, CHANNEL_IV_LEN, CHANNEL_KEY_ID_LEN, CHANNEL_KEY_LEN, CHANNEL_SALT_LEN,
-};
+use trustbind_proto::ChannelKey;
 use zeroize::Zeroize;
 
 /// How long a pushed key or refusal waits for its request.
@@ -27,18 +25,25 @@ pub const KEY_TTL: Duration = Duration::from_secs(10);
 pub const MAX_HELD: usize = 4096;
 
 /// A key for the module, wiped on drop.
-pub struct Held(ChannelKey);
+pub struct Held(ChannelKey, Vec<u8>);
 
 impl Held {
     /// The key, to hand to the module (which wipes what it is given).
     pub fn key_mut(&mut self) -> &mut ChannelKey {
         &mut self.0
     }
+
+    /// The key as the appliance sealed it for the module (empty when the
+    /// module has no session): written as it is, instead of the key.
+    pub fn sealed(&self) -> &[u8] {
+        &self.1
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         self.0.wipe();
+        self.1.zeroize();
     }
 }
 
@@ -57,37 +62,11 @@ pub enum Pushed {
     Denied(String),
 }
 
-fn fixed<const N: usize>(field: &str, v: &[u8]) -> Result<[u8; N], String> {
-    <[u8; N]>::try_from(v).map_err(|_| format!("{field}: {} bytes, expected {N}", v.len()))
-}
-
-fn unhex_id(s: &str) -> Result<[u8; CHANNEL_KEY_ID_LEN], String> {
-    let mut out = [0u8; CHANNEL_KEY_ID_LEN];
-    hex::decode_to_slice(s, &mut out)
-        .map_err(|e| format!("key_id: `{s}` is not hex of {CHANNEL_KEY_ID_LEN} bytes ({e})"))?;
-    Ok(out)
-}
-
 /// Converts a pushed key into the module's record and zeroizes the
 /// message's key bytes, whatever the outcome.
 pub fn from_push(k: &mut pb::ChannelKey) -> Result<Held, String> {
-    let out = (|| {
-        Ok(Held(ChannelKey {
-            channel_id: k.channel_id,
-            key_id: unhex_id(&k.key_id)?,
-            key: fixed::<CHANNEL_KEY_LEN>("key", &k.key)?,
-            tx_salt: fixed::<CHANNEL_SALT_LEN>("tx_salt", &k.tx_salt)?,
-            tx_iv: fixed::<CHANNEL_IV_LEN>("tx_iv", &k.tx_iv)?,
-            rx_salt: fixed::<CHANNEL_SALT_LEN>("rx_salt", &k.rx_salt)?,
-            rx_iv: fixed::<CHANNEL_IV_LEN>("rx_iv", &k.rx_iv)?,
-            tls: if k.tls12 {
-                ChannelTls::Tls12
-            } else {
-                ChannelTls::Tls13
-            },
-            idle_timeout_s: k.idle_timeout_s,
-        }))
-    })();
+    let sealed = std::mem::take(&mut k.module_answer);
+    let out = trustbind_api::module::channel_key_of(k).map(|key| Held(key, sealed));
     k.key.zeroize();
     k.tx_salt.zeroize();
     k.tx_iv.zeroize();
@@ -177,6 +156,7 @@ mod tests {
 
     fn push(channel_id: u64) -> pb::ChannelKey {
         pb::ChannelKey {
+            module_answer: Vec::new(),
             channel_id,
             key_id: "00112233445566778899aabbccddeeff".into(),
             key: vec![0x11; 32],

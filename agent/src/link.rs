@@ -126,6 +126,9 @@ pub struct Credentials {
     pub cert_pem: String,
     /// The appliance CA certificate, PEM (checked against the pin).
     pub ca_pem: String,
+    /// The appliance's authority key (P-256 `x || y`), empty from an
+    /// appliance that has none: the module is loaded with it.
+    pub authority: Vec<u8>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -177,8 +180,13 @@ pub async fn request_certificate(e: &Enrolment) -> Result<Credentials, LinkError
         key_pem,
         cert_pem: reply.cert_pem,
         ca_pem: reply.ca_pem,
+        authority: reply.authority,
     })
 }
+
+/// The file in the state directory holding the appliance's authority key
+/// (128 hex digits), the module's `authority=` parameter.
+pub const AUTHORITY_FILE: &str = "authority";
 
 /// Enrols this host and writes its credentials into `state`.
 pub async fn enrol(e: &Enrolment, state: &Path) -> Result<AgentConfig, LinkError> {
@@ -186,6 +194,14 @@ pub async fn enrol(e: &Enrolment, state: &Path) -> Result<AgentConfig, LinkError
     write_atomic(&state.join("key.pem"), c.key_pem.as_bytes(), 0o600)?;
     write_atomic(&state.join("cert.pem"), c.cert_pem.as_bytes(), 0o644)?;
     write_atomic(&state.join("ca.pem"), c.ca_pem.as_bytes(), 0o644)?;
+    if c.authority.len() == trustbind_proto::seal::SESSION_PUB_LEN {
+        // The module parameter: `modprobe trustbind authority=$(cat authority)`.
+        write_atomic(
+            &state.join(AUTHORITY_FILE),
+            hex::encode(&c.authority).as_bytes(),
+            0o644,
+        )?;
+    }
     let json =
         serde_json::to_vec_pretty(&c.config).map_err(|e| LinkError::Config(e.to_string()))?;
     write_atomic(&state.join("agent.json"), &json, 0o644)?;

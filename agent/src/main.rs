@@ -170,6 +170,14 @@ fn main() -> ExitCode {
                         cli.state.display(),
                         cfg.agent_addr
                     );
+                    let authority = cli.state.join(link::AUTHORITY_FILE);
+                    if authority.exists() {
+                        println!(
+                            "load the module with the appliance's authority key, so it believes \
+                             only what the appliance sealed:\n  modprobe trustbind authority=$(cat {})",
+                            authority.display()
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

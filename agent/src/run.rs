@@ -47,6 +47,7 @@ use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify, RwLock};
 use tonic::transport::Channel;
+use trustbind_api::module::{self as tbm, deny};
 use trustbind_api::pb::{self, agent_client::AgentClient, push};
 use trustbind_proto::{
     ChannelClosed, ChannelRole, CloseReason, Decision, FileAccess, Mode, NetKind, Obligations,
@@ -187,6 +188,13 @@ fn mode_name(m: Mode) -> &'static str {
     }
 }
 
+/// The mode the module is in (`/sys/module/trustbind/parameters/current_mode`).
+fn module_mode() -> Option<Mode> {
+    std::fs::read_to_string("/sys/module/trustbind/parameters/current_mode")
+        .ok()
+        .and_then(|m| parse_mode(m.trim()))
+}
+
 /// Parses a mode name.
 pub fn parse_mode(s: &str) -> Option<Mode> {
     match s {
@@ -243,6 +251,10 @@ struct Shared {
     file_paths: watch::Sender<Option<Vec<String>>>,
     /// Program path -> owning Debian package ([`packages_index`]).
     packages: std::sync::RwLock<Arc<Packages>>,
+    /// The module's session public key when it has an authority key: the
+    /// appliance then seals what the module is to believe, and this agent
+    /// only carries it (`trustbind_proto::seal`).
+    session: Option<[u8; trustbind_proto::seal::SESSION_PUB_LEN]>,
 }
 
 impl Shared {
@@ -265,13 +277,23 @@ impl Shared {
         self.lock().status.last_error = msg;
     }
 
-    fn set_mode(&self, mode: Mode) {
+    /// Puts the module in `mode`: the appliance's sealed order (`sealed`,
+    /// written as it is) when the module has a session, else our own
+    /// `Config`.
+    fn set_mode(&self, mode: Mode, sealed: &[u8]) {
         let mut g = self.lock();
-        if g.mode == mode {
+        // A sealed order is always written: the module may be in another
+        // mode than we think (it refused our unsealed one at start).
+        if g.mode == mode && sealed.is_empty() {
             return;
         }
         let timeout = self.opts.verdict_timeout_ms;
-        match g.writer.config(mode, timeout, self.opts.qualify_net) {
+        let written = if sealed.is_empty() {
+            g.writer.config(mode, timeout, self.opts.qualify_net)
+        } else {
+            g.writer.sealed(sealed, "write sealed Config").map(|_| ())
+        };
+        match written {
             Ok(()) => {
                 g.mode = mode;
                 g.status.mode = mode_name(mode).into();
@@ -310,7 +332,23 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .unwrap_or(opts.mode);
     let mut device = Device::open(&opts.device)?;
     let mut writer = device.writer()?;
-    writer.config(mode, opts.verdict_timeout_ms, opts.qualify_net)?;
+    let mut mode = mode;
+    match writer.config(mode, opts.verdict_timeout_ms, opts.qualify_net) {
+        Err(crate::device::DeviceError::Io { source, .. })
+            if device.session().is_some()
+                && source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            // A module with a session takes a weaker mode only from the
+            // appliance: it keeps its own until the sealed order comes.
+            mode = module_mode().unwrap_or(Mode::Enforce);
+            tracing::warn!(
+                "the module stays in {} mode until the appliance orders otherwise",
+                mode_name(mode)
+            );
+            writer.config(mode, opts.verdict_timeout_ms, opts.qualify_net)?;
+        }
+        other => other?,
+    }
     tracing::info!(
         "{}: module v{:#x}, mode {}, connects/accepts {}, appliance {} as `{}`",
         opts.device.display(),
@@ -363,6 +401,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         keys: Keys::new(),
         file_paths: watch::Sender::new(load_file_paths(&opts_state)),
         packages: std::sync::RwLock::new(Arc::new(Packages::default())),
+        session: device.session(),
     });
 
     let (tx, rx) = mpsc::channel::<Asked>(4096);
@@ -535,14 +574,15 @@ impl Asked {
     /// verdict carries no exec or net obligation (`nice`, CPU limit,
     /// `encrypt` mean nothing for an open), only the log level.
     pub fn verdict(&self, r: &pb::Result) -> Verdict {
-        let mut v = verdict_of(r);
-        if let Asked::File(_) = self {
-            v.obligations = Obligations {
-                log_level: v.obligations.log_level,
-                ..Obligations::default()
-            };
+        let asked = match self {
+            Asked::Exec(_) => tbm::Asked::Exec,
+            Asked::File(_) => tbm::Asked::File,
+        };
+        match tbm::answer(asked, r) {
+            tbm::Answer::Verdict(v) => v,
+            // Never for an exec or a file request.
+            tbm::Answer::Channel { generation, .. } => deny(generation),
         }
-        v
     }
 
     /// The spool record's `what` and detail of an offline answer.
@@ -732,6 +772,7 @@ fn request_of(ev: &ExecEvent, user: String) -> pb::Request {
             loader_direct: ev.loader_direct,
         })),
         peer: None,
+        module_request: ev.module_request.clone(),
     }
 }
 
@@ -795,41 +836,7 @@ pub fn file_request_of(ev: &FileEvent, user: String) -> pb::Request {
             link: ev.link,
         })),
         peer: None,
-    }
-}
-
-fn verdict_of(r: &pb::Result) -> Verdict {
-    let decision = match pb::Verdict::try_from(r.verdict) {
-        Ok(pb::Verdict::Allow) => Decision::Allow,
-        Ok(pb::Verdict::AllowWithConditions) => Decision::AllowWithConditions,
-        _ => Decision::Deny,
-    };
-    let nice = r
-        .obligations
-        .get("nice")
-        .and_then(|n| n.parse::<i8>().ok())
-        .map(|n| n.clamp(-20, 19));
-    let cpu_limit_s = r
-        .obligations
-        .get("cpu_limit_s")
-        .and_then(|n| n.parse::<u32>().ok());
-    let log_level = r
-        .obligations
-        .get("log_level")
-        .map_or(0, |l| l.parse::<u8>().unwrap_or(2).min(3));
-    Verdict {
-        decision,
-        policy_generation: u64::try_from(r.generation).unwrap_or(0),
-        cacheable: r.cacheable,
-        obligations: Obligations {
-            nice,
-            cpu_limit_s,
-            log_level,
-            encrypt: r
-                .obligations
-                .get("encrypt")
-                .is_some_and(|v| v == "required" || v == "offload"),
-        },
+        module_request: ev.module_request.clone(),
     }
 }
 
@@ -902,7 +909,10 @@ async fn qualify(
     let Some(mut client) = client else {
         return Err(None);
     };
-    let mut req = tonic::Request::new(pb::QualifyBatch { requests });
+    let mut req = tonic::Request::new(pb::QualifyBatch {
+        requests,
+        module_session: shared.session.map(|s| s.to_vec()).unwrap_or_default(),
+    });
     req.set_timeout(timeout);
     match tokio::time::timeout(timeout, client.qualify(req)).await {
         Ok(Ok(r)) => Ok(r.into_inner().results),
@@ -966,6 +976,9 @@ async fn answer(shared: &Shared, batch: Vec<Asked>) {
     for (a, user) in batch.iter().zip(users) {
         let sha = hex::encode(a.sha256());
         let from_appliance = online.as_ref().and_then(|m| m.get(&a.request_id()));
+        let sealed = from_appliance
+            .map(|r| r.module_answer.clone())
+            .unwrap_or_default();
         let (v, why) = match from_appliance {
             Some(r) => {
                 let v = a.verdict(r);
@@ -1026,7 +1039,7 @@ async fn answer(shared: &Shared, batch: Vec<Asked>) {
             Asked::Exec(_) => v.obligations.cpu_limit_s,
             Asked::File(_) => None,
         };
-        answers.push((a.request_id(), a.process().pid, cpu_limit, v));
+        answers.push((a.request_id(), a.process().pid, cpu_limit, v, sealed));
     }
     if new_pairs {
         // Into the signed bundle soon, so they can be answered offline.
@@ -1038,14 +1051,19 @@ async fn answer(shared: &Shared, batch: Vec<Asked>) {
         g.status.last_error = format!("spool: {e}");
         tracing::error!("{}", g.status.last_error);
     }
-    for (id, pid, cpu_limit, v) in answers {
+    for (id, pid, cpu_limit, v, sealed) in answers {
         if let (Decision::Allow | Decision::AllowWithConditions, Some(s)) = (v.decision, cpu_limit)
         {
             if let Err(e) = apply_cpu_limit(pid, s) {
                 g.status.last_error = e;
             }
         }
-        let sent = g.writer.verdict(id, v);
+        // The module believes the appliance's sealed answer, not ours.
+        let sent = if sealed.is_empty() {
+            g.writer.verdict(id, v)
+        } else {
+            g.writer.sealed(&sealed, "write sealed Verdict")
+        };
         note_sent(&mut g, sent);
     }
 }
@@ -1094,6 +1112,7 @@ pub fn net_request_of(ev: &NetEvent, user: String) -> pb::Request {
                 established: false,
             })),
             peer: Some(program(&ipc.sha256)),
+            module_request: ev.module_request.clone(),
         };
     }
     let action = match ev.kind {
@@ -1114,49 +1133,7 @@ pub fn net_request_of(ev: &NetEvent, user: String) -> pb::Request {
             established: ev.kind == NetKind::Established,
         })),
         peer: None,
-    }
-}
-
-fn deny(policy_generation: u64) -> Verdict {
-    Verdict {
-        decision: Decision::Deny,
-        policy_generation,
-        cacheable: false,
-        obligations: Obligations::default(),
-    }
-}
-
-/// How to answer a net request, from the appliance's result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NetPlan {
-    /// Answer with this verdict now.
-    Verdict(Verdict),
-    /// Wait for the key of this channel; without it, deny (under this
-    /// generation).
-    Channel(u64, u64),
-}
-
-/// The answer to a net request of `kind` given the appliance's result `r`:
-/// a pre-SYN connect gets its verdict (with `encrypt` if required); an
-/// allowed established connect or accept that names a channel waits for
-/// its key; an accept without a channel gets its verdict (never
-/// `encrypt`, which is for connects); an established connect without a
-/// channel is denied (the kernel resets it). Net verdicts are never cached
-/// by the kernel.
-pub fn net_plan(kind: NetKind, r: &pb::Result) -> NetPlan {
-    let mut v = verdict_of(r);
-    v.cacheable = false;
-    let allowed = v.decision != Decision::Deny;
-    match kind {
-        NetKind::Connect => NetPlan::Verdict(v),
-        NetKind::Established | NetKind::Accept if allowed && r.channel_id != 0 => {
-            NetPlan::Channel(r.channel_id, v.policy_generation)
-        }
-        NetKind::Established => NetPlan::Verdict(deny(v.policy_generation)),
-        NetKind::Accept => {
-            v.obligations.encrypt = false;
-            NetPlan::Verdict(v)
-        }
+        module_request: ev.module_request.clone(),
     }
 }
 
@@ -1216,19 +1193,18 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         .saturating_duration_since(tokio::time::Instant::now())
         .max(Duration::from_millis(1));
     let plan = match qualify(&shared, vec![req], budget).await {
-        Ok(results) => {
-            results.iter().find(|r| r.id == ev.request_id).map(|r| {
-                let plan = match net_plan(ev.kind, r) {
-                    // A UNIX connect is never encrypted (one host).
-                    NetPlan::Verdict(mut v) if ev.ipc.is_some() => {
-                        v.obligations.encrypt = false;
-                        NetPlan::Verdict(v)
-                    }
-                    p => p,
-                };
-                (plan, refusal::online_reason(&r.reasons))
-            })
-        }
+        Ok(results) => results.iter().find(|r| r.id == ev.request_id).map(|r| {
+            let asked = if ev.ipc.is_some() {
+                tbm::Asked::Ipc
+            } else {
+                tbm::Asked::Net(ev.kind)
+            };
+            (
+                tbm::answer(asked, r),
+                refusal::online_reason(&r.reasons),
+                r.module_answer.clone(),
+            )
+        }),
         Err(e) => {
             if let Some(e) = e {
                 tracing::warn!(
@@ -1241,27 +1217,34 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
             None
         }
     };
-    let (answer, why) = match plan {
-        Some((NetPlan::Verdict(v), why)) => (Ok(v), why),
-        Some((NetPlan::Channel(channel_id, generation), _)) => {
-            match shared.keys.wait(channel_id, deadline).await {
-                Some(Pushed::Key(h)) => (Err(h), String::new()),
-                Some(Pushed::Denied(why)) => {
-                    tracing::info!("channel {channel_id} refused: {why}");
-                    (
-                        Ok(deny(generation)),
-                        format!("channel {channel_id} refused by the appliance: {why}"),
-                    )
-                }
-                None => {
-                    tracing::warn!("channel {channel_id}: no key in time");
-                    (
-                        Ok(deny(generation)),
-                        format!("channel {channel_id}: no key from the appliance in time"),
-                    )
-                }
+    let (answer, why, sealed) = match plan {
+        Some((tbm::Answer::Verdict(v), why, sealed)) => (Ok(v), why, sealed),
+        Some((
+            tbm::Answer::Channel {
+                channel_id,
+                generation,
+            },
+            _,
+            _,
+        )) => match shared.keys.wait(channel_id, deadline).await {
+            Some(Pushed::Key(h)) => (Err(h), String::new(), Vec::new()),
+            Some(Pushed::Denied(why)) => {
+                tracing::info!("channel {channel_id} refused: {why}");
+                (
+                    Ok(deny(generation)),
+                    format!("channel {channel_id} refused by the appliance: {why}"),
+                    Vec::new(),
+                )
             }
-        }
+            None => {
+                tracing::warn!("channel {channel_id}: no key in time");
+                (
+                    Ok(deny(generation)),
+                    format!("channel {channel_id}: no key from the appliance in time"),
+                    Vec::new(),
+                )
+            }
+        },
         None => {
             // Offline (or no result): the mode's default, never a key.
             let mut g = shared.lock();
@@ -1307,13 +1290,21 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
                     net_refusal(&ev, &user, &why);
                 }
             }
-            g.writer.verdict(ev.request_id, v)
+            if sealed.is_empty() {
+                g.writer.verdict(ev.request_id, v)
+            } else {
+                g.writer.sealed(&sealed, "write sealed Verdict")
+            }
         }
         Err(mut h) => {
             g.status.channel_keys += 1;
             // The writer wipes the key it is given and its encoding; `h`
-            // wipes itself when dropped.
-            g.writer.channel_key(ev.request_id, h.key_mut())
+            // wipes itself (and its sealed copy) when dropped.
+            if h.sealed().is_empty() {
+                g.writer.channel_key(ev.request_id, h.key_mut())
+            } else {
+                g.writer.sealed(h.sealed(), "write sealed ChannelKey")
+            }
         }
     };
     note_sent(&mut g, sent);
@@ -1474,6 +1465,9 @@ async fn session(
     let hello = pb::Hello {
         agent_version: VERSION.into(),
         generation: i64::try_from(shared.generation.load(Ordering::Relaxed)).unwrap_or(0),
+        module_session: shared.session.map(|s| s.to_vec()).unwrap_or_default(),
+        verdict_timeout_ms: shared.opts.verdict_timeout_ms,
+        qualify_net: shared.opts.qualify_net,
     };
     let mut stream = client
         .subscribe(hello)
@@ -1569,7 +1563,7 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             }
         }
         push::Kind::HostMode(m) => match parse_mode(&m.mode) {
-            Some(mode) => shared.set_mode(mode),
+            Some(mode) => shared.set_mode(mode, &m.module_order),
             None => shared.error(format!("appliance sent unknown mode `{}`", m.mode)),
         },
         push::Kind::Revoked(_) => {
@@ -1593,16 +1587,19 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
                 .put(d.channel_id, Pushed::Denied(d.reason), Instant::now());
         }
         push::Kind::Peers(p) => {
-            let mut addrs: Vec<std::net::IpAddr> = Vec::new();
-            for a in &p.addrs {
-                match a.parse() {
-                    Ok(ip) if !addrs.contains(&ip) => addrs.push(ip),
-                    Ok(_) => {}
-                    Err(_) => shared.error(format!("appliance sent a bad peer address `{a}`")),
-                }
+            let (addrs, bad) = tbm::parse_peers(&p.addrs);
+            for a in bad {
+                shared.error(format!("appliance sent a bad peer address `{a}`"));
             }
             let mut w = shared.lock();
-            if let Err(e) = w.writer.peers(&addrs) {
+            let sent = if p.module_order.is_empty() {
+                w.writer.peers(&addrs)
+            } else {
+                w.writer
+                    .sealed(&p.module_order, "write sealed Peers")
+                    .map(|_| ())
+            };
+            if let Err(e) = sent {
                 w.status.last_error = e.to_string();
             }
             drop(w);
@@ -1771,6 +1768,7 @@ mod tests {
 
     fn ev(kind: NetKind, src: &str, src_port: u16) -> NetEvent {
         NetEvent {
+            module_request: Vec::new(),
             request_id: 77,
             kind,
             src_addr: src.parse::<IpAddr>().unwrap(),
@@ -1789,6 +1787,7 @@ mod tests {
             obligations.insert("encrypt".to_owned(), "required".to_owned());
         }
         pb::Result {
+            module_answer: Vec::new(),
             id: 77,
             verdict: verdict as i32,
             obligations,
@@ -1875,72 +1874,6 @@ mod tests {
     }
 
     #[test]
-    fn a_pre_syn_connect_gets_its_verdict_with_encrypt() {
-        let NetPlan::Verdict(v) = net_plan(
-            NetKind::Connect,
-            &result(pb::Verdict::AllowWithConditions, true, 0),
-        ) else {
-            panic!()
-        };
-        assert_eq!(v.decision, Decision::AllowWithConditions);
-        assert!(v.obligations.encrypt && !v.cacheable);
-        assert_eq!(v.policy_generation, 5);
-        let NetPlan::Verdict(v) = net_plan(NetKind::Connect, &result(pb::Verdict::Deny, false, 0))
-        else {
-            panic!()
-        };
-        assert_eq!(v.decision, Decision::Deny);
-    }
-
-    #[test]
-    fn established_connects_need_a_channel() {
-        assert_eq!(
-            net_plan(
-                NetKind::Established,
-                &result(pb::Verdict::AllowWithConditions, true, 9)
-            ),
-            NetPlan::Channel(9, 5)
-        );
-        for r in [
-            result(pb::Verdict::Allow, false, 0),
-            result(pb::Verdict::Deny, true, 9),
-        ] {
-            let NetPlan::Verdict(v) = net_plan(NetKind::Established, &r) else {
-                panic!("{r:?}")
-            };
-            assert_eq!(v.decision, Decision::Deny);
-        }
-    }
-
-    #[test]
-    fn accepts_get_a_channel_or_their_verdict_without_encrypt() {
-        assert_eq!(
-            net_plan(
-                NetKind::Accept,
-                &result(pb::Verdict::AllowWithConditions, true, 4)
-            ),
-            NetPlan::Channel(4, 5)
-        );
-        let NetPlan::Verdict(v) = net_plan(NetKind::Accept, &result(pb::Verdict::Allow, false, 0))
-        else {
-            panic!()
-        };
-        assert_eq!(v.decision, Decision::Allow);
-        let NetPlan::Verdict(v) = net_plan(
-            NetKind::Accept,
-            &result(pb::Verdict::AllowWithConditions, true, 0),
-        ) else {
-            panic!()
-        };
-        assert!(!v.obligations.encrypt);
-        let NetPlan::Verdict(v) = net_plan(NetKind::Accept, &result(pb::Verdict::Deny, false, 4))
-        else {
-            panic!()
-        };
-        assert_eq!(v.decision, Decision::Deny);
-    }
-
-    #[test]
     fn close_records_are_spelled_for_the_appliance() {
         let c = ChannelClosed {
             channel_id: 7,
@@ -1965,6 +1898,7 @@ mod tests {
 
     fn file_ev(access: FileAccess, to: Option<&str>) -> FileEvent {
         FileEvent {
+            module_request: Vec::new(),
             request_id: 78,
             access,
             create: false,
@@ -2044,6 +1978,7 @@ mod tests {
         assert!(!file.verdict(&r).cacheable);
         // An exec keeps its obligations.
         let exec = Asked::Exec(ExecEvent {
+            module_request: Vec::new(),
             request_id: 1,
             sha256: [1; 32],
             sha1: [2; 20],

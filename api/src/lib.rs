@@ -4,6 +4,7 @@
 //! `Agent`), and [`pinned`], the enrol port's client side both the agent
 //! and the admin CLI use.
 
+pub mod module;
 pub mod pinned;
 
 /// Code generated from `proto/trustbind/agent/v1/agent.proto`.

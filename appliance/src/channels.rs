@@ -26,11 +26,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::request::{Action, FiveTuple, QualifyRequest, Target};
+use crate::seal::ModuleAsk;
 use crate::store::hex;
 
 /// Default time a half waits for its partner.
@@ -220,6 +222,10 @@ pub struct Pair {
     pub connect: QualifyRequest,
     /// The accepting side's request.
     pub accept: QualifyRequest,
+    /// The connecting side's module request, when its key is to be sealed.
+    pub connect_ask: Option<Arc<ModuleAsk>>,
+    /// The accepting side's module request, likewise.
+    pub accept_ask: Option<Arc<ModuleAsk>>,
 }
 
 /// A half whose partner did not come in time.
@@ -238,6 +244,8 @@ struct Waiting {
     channel_id: u64,
     role: Role,
     request: QualifyRequest,
+    /// Its module request, which its key will answer sealed.
+    ask: Option<Arc<ModuleAsk>>,
     deadline: Instant,
 }
 
@@ -348,6 +356,17 @@ impl Correlator {
     /// Offers one half at `now`. Expired halves are not matched: call
     /// [`Correlator::expire`] first so they are reported.
     pub fn offer(&mut self, request: QualifyRequest, now: Instant) -> Result<Offer, OfferError> {
+        self.offer_sealed(request, None, now)
+    }
+
+    /// [`Correlator::offer`] of a half whose module request `ask` its key
+    /// answers sealed (handed back in the [`Pair`]).
+    pub fn offer_sealed(
+        &mut self,
+        request: QualifyRequest,
+        ask: Option<Arc<ModuleAsk>>,
+        now: Instant,
+    ) -> Result<Offer, OfferError> {
         let role = Role::of(&request).ok_or(OfferError::NotAChannelHalf)?;
         let Target::Net(tuple) = &request.target else {
             return Err(OfferError::NotAChannelHalf);
@@ -363,14 +382,16 @@ impl Correlator {
             };
             self.deadlines.remove(&(w.deadline, w.channel_id));
             debug_assert_eq!(w.role, role.other());
-            let (connect, accept) = match role {
-                Role::Accept => (w.request, request),
-                Role::Connect => (request, w.request),
+            let ((connect, connect_ask), (accept, accept_ask)) = match role {
+                Role::Accept => ((w.request, w.ask), (request, ask)),
+                Role::Connect => ((request, ask), (w.request, w.ask)),
             };
             return Ok(Offer::Paired(Box::new(Pair {
                 channel_id: w.channel_id,
                 connect,
                 accept,
+                connect_ask,
+                accept_ask,
             })));
         }
         if self.waiting.len() >= self.max_pending {
@@ -386,6 +407,7 @@ impl Correlator {
                 channel_id,
                 role,
                 request,
+                ask,
                 deadline,
             },
         );
@@ -395,6 +417,16 @@ impl Correlator {
     /// Pairs `request` with a waiting half of the other role, without ever
     /// making it wait itself: `Ok(None)` when no partner waits.
     pub fn pair_with(&mut self, request: QualifyRequest) -> Result<Option<Box<Pair>>, OfferError> {
+        self.pair_with_sealed(request, None)
+    }
+
+    /// [`Correlator::pair_with`] of a half whose module request `ask` its
+    /// key answers sealed.
+    pub fn pair_with_sealed(
+        &mut self,
+        request: QualifyRequest,
+        ask: Option<Arc<ModuleAsk>>,
+    ) -> Result<Option<Box<Pair>>, OfferError> {
         let role = Role::of(&request).ok_or(OfferError::NotAChannelHalf)?;
         let Target::Net(tuple) = &request.target else {
             return Err(OfferError::NotAChannelHalf);
@@ -407,14 +439,16 @@ impl Correlator {
             return Ok(None);
         };
         self.deadlines.remove(&(w.deadline, w.channel_id));
-        let (connect, accept) = match role {
-            Role::Accept => (w.request, request),
-            Role::Connect => (request, w.request),
+        let ((connect, connect_ask), (accept, accept_ask)) = match role {
+            Role::Accept => ((w.request, w.ask), (request, ask)),
+            Role::Connect => ((request, ask), (w.request, w.ask)),
         };
         Ok(Some(Box::new(Pair {
             channel_id: w.channel_id,
             connect,
             accept,
+            connect_ask,
+            accept_ask,
         })))
     }
 

@@ -33,6 +33,10 @@
 //!   ([`Gate::expire`], run by [`Gate::run_expiry`]): audited
 //!   `channel.unpaired` and the client host gets `ChannelDenied`.
 //!   Expectations expire silently (waking the accepts that wait on them).
+//! - A half asked by a module that believes only sealed records
+//!   ([`ModuleAsk`], from [`Decider::decide_sealed`]) waits with it: the
+//!   key pushed to its host then also carries the key sealed as the answer
+//!   to that module request (`ChannelKey.module_answer`).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -46,6 +50,7 @@ use crate::metrics;
 use crate::policy::engine::{pair_event, Decision, Engine};
 use crate::policy::{Outcome, Verdict, ENCRYPT_VALUES};
 use crate::request::{Action, QualifyRequest, Target};
+use crate::seal::ModuleAsk;
 use crate::store::{AuditEvent, Store, StoreError};
 
 /// The decider `serve` uses.
@@ -150,7 +155,11 @@ impl Gate {
             .map_err(|e| DecideError(e.to_string()))
     }
 
-    fn connect(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {
+    fn connect(
+        &self,
+        r: &QualifyRequest,
+        ask: Option<&Arc<ModuleAsk>>,
+    ) -> Result<Answer, DecideError> {
         let d = self.engine(r)?;
         if !allows(&d) || !requires_encrypt(&d) {
             return Ok(answer(d, None));
@@ -170,7 +179,7 @@ impl Gate {
         let offered = {
             let mut g = self.pairs();
             g.consume_expectation(&server, now);
-            g.offer(r.clone(), now)
+            g.offer_sealed(r.clone(), ask.cloned(), now)
         };
         match offered {
             Ok(Offer::Waiting { channel_id }) => {
@@ -179,12 +188,16 @@ impl Gate {
             }
             // Not reachable (accepts never wait), but decide it properly
             // if it ever is.
-            Ok(Offer::Paired(p)) => self.pair(p.channel_id, &p.connect, &p.accept),
+            Ok(Offer::Paired(p)) => self.pair(&p),
             Err(e) => Ok(denied(format!("channel: {e}"), d.generation)),
         }
     }
 
-    fn accept(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {
+    fn accept(
+        &self,
+        r: &QualifyRequest,
+        ask: Option<&Arc<ModuleAsk>>,
+    ) -> Result<Answer, DecideError> {
         // Report halves that timed out before looking for a partner.
         self.expire();
         let Some(server) = server_end(r) else {
@@ -194,10 +207,10 @@ impl Gate {
         let give_up = Instant::now() + g.timeout();
         let mut waited = false;
         loop {
-            match g.pair_with(r.clone()) {
+            match g.pair_with_sealed(r.clone(), ask.cloned()) {
                 Ok(Some(p)) => {
                     drop(g);
-                    return self.pair(p.channel_id, &p.connect, &p.accept);
+                    return self.pair(&p);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -243,12 +256,8 @@ impl Gate {
     }
 
     /// Decides a pair and delivers its key or its denial.
-    fn pair(
-        &self,
-        channel_id: u64,
-        connect: &QualifyRequest,
-        accept: &QualifyRequest,
-    ) -> Result<Answer, DecideError> {
+    fn pair(&self, p: &crate::channels::Pair) -> Result<Answer, DecideError> {
+        let (channel_id, connect, accept) = (p.channel_id, &p.connect, &p.accept);
         let d = self
             .engine
             .decide_pair(connect, accept)
@@ -307,16 +316,23 @@ impl Gate {
             }
             Err(e) => return Err(DecideError(format!("cannot record the channel: {e}"))),
         }
-        // The pushed messages carry copies of the key bytes; the gRPC stack
-        // frees them once sent (see the module note in channels.rs).
-        self.hub.push(
-            &connect.host,
-            channel_key_push(channel_id, &key, Role::Connect, terms(&d)),
-        );
-        self.hub.push(
-            &accept.host,
-            channel_key_push(channel_id, &key, Role::Accept, terms(&d)),
-        );
+        // The pushed messages carry copies of the key bytes (and, for a
+        // module that believes only sealed records, the key sealed as the
+        // answer to its request); the hub wipes ours once queued, the gRPC
+        // stack frees its own once sent (see the module note in channels.rs).
+        for (host, role, ask) in [
+            (&connect.host, Role::Connect, &p.connect_ask),
+            (&accept.host, Role::Accept, &p.accept_ask),
+        ] {
+            let mut msg = channel_key_push(channel_id, &key, role, terms(&d));
+            if let (Some(ask), push::Kind::ChannelKey(k)) = (ask, &mut msg) {
+                if let Err(e) = ask.seal_channel_key(k) {
+                    // Unsealed, the module refuses the connection.
+                    tracing::error!("cannot seal the key of channel {channel_id}: {e}");
+                }
+            }
+            self.hub.push(host, msg);
+        }
         metrics::metrics().record_key_issued();
         drop(key);
         Ok(answer(d, Some(channel_id)))
@@ -391,6 +407,14 @@ impl Gate {
 
 impl Decider for Gate {
     fn decide(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {
+        self.decide_sealed(r, None)
+    }
+
+    fn decide_sealed(
+        &self,
+        r: &QualifyRequest,
+        ask: Option<&Arc<ModuleAsk>>,
+    ) -> Result<Answer, DecideError> {
         if let Some(l) = &self.limits {
             let host = LicenseKey::Host {
                 host: r.host.clone(),
@@ -400,10 +424,14 @@ impl Decider for Gate {
             }
         }
         match r.action {
-            Action::Connect => self.connect(r),
-            Action::Accept => self.accept(r),
+            Action::Connect => self.connect(r, ask),
+            Action::Accept => self.accept(r, ask),
             _ => self.engine(r).map(|d| answer(d, None)),
         }
+    }
+
+    fn generation(&self) -> i64 {
+        self.engine.generation()
     }
 
     /// The policy's verdict alone: licenses are not charged (a bundle is no

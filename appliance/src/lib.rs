@@ -37,5 +37,6 @@ pub mod policy;
 pub mod ratelimit;
 pub mod request;
 pub mod retention;
+pub mod seal;
 pub mod store;
 pub mod sys;

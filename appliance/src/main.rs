@@ -4,6 +4,7 @@
 //! trustbind-appliance [--data-dir DIR] serve [--agent-listen ADDR] [--enrol-listen ADDR]
 //!                                            [--admin-listen ADDR] [--server-name NAME]...
 //! trustbind-appliance [--data-dir DIR] ca-fingerprint      print the CA's SHA-256
+//! trustbind-appliance [--data-dir DIR] authority           print the authority key (hex)
 //! trustbind-appliance [--data-dir DIR] admin-cert --name N --out DIR [--role admin|read-only]
 //! trustbind-appliance [--data-dir DIR] admin-token [--name N] [--role R] [--if-unenrolled] [--ttl-min N]
 //!                                          print a one-time admin enrolment token
@@ -132,6 +133,9 @@ enum Cmd {
     },
     /// Prints the CA's SHA-256 fingerprint.
     CaFingerprint,
+    /// Prints the authority key of sealed records (P-256 x || y, 128 hex
+    /// digits: the kernel module's `authority=`).
+    Authority,
     /// Issues an admin certificate and key into a directory.
     AdminCert {
         /// The administrator's name.
@@ -519,17 +523,11 @@ fn run(cli: Cli) -> Result<(), Fail> {
             )
         }
         Cmd::CaFingerprint => {
-            if !data_dir.join(pki::CA_CERT_FILE).exists() {
-                return Err(Fail(
-                    EXIT_FAILED,
-                    format!(
-                        "no CA in {} (it is created by the first `serve` or `admin-cert`)",
-                        data_dir.display()
-                    ),
-                ));
-            }
-            let pki = Pki::open_or_create(&data_dir, &default_names(&[]))?;
-            println!("{}", pki.fingerprint());
+            println!("{}", existing_pki(&data_dir)?.fingerprint());
+            Ok(())
+        }
+        Cmd::Authority => {
+            println!("{}", existing_pki(&data_dir)?.authority().public_hex());
             Ok(())
         }
         Cmd::RotateServerCert { names } => {
@@ -705,6 +703,21 @@ fn hostname() -> Option<String> {
 }
 
 /// Host name, `localhost`, and the given listen IPs (unspecified ones skipped).
+/// The PKI of a data directory that has one (made by the first `serve`
+/// or `admin-cert`), for the commands that only read it.
+fn existing_pki(data_dir: &std::path::Path) -> Result<Pki, Fail> {
+    if !data_dir.join(pki::CA_CERT_FILE).exists() {
+        return Err(Fail(
+            EXIT_FAILED,
+            format!(
+                "no CA in {} (it is created by the first `serve` or `admin-cert`)",
+                data_dir.display()
+            ),
+        ));
+    }
+    Ok(Pki::open_or_create(data_dir, &default_names(&[]))?)
+}
+
 fn default_names(listen: &[SocketAddr]) -> Vec<String> {
     let mut names: Vec<String> = hostname().into_iter().collect();
     names.push("localhost".into());
@@ -847,6 +860,10 @@ fn serve(
             admin_l.local_addr()?
         );
         println!("CA fingerprint (SHA-256): {}", pki.fingerprint());
+        println!(
+            "authority key (sealed records): {}",
+            pki.authority().public_hex()
+        );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -8,6 +8,8 @@
 //! DIR/ca.key       CA private key, mode 0600
 //! DIR/server.pem   server certificate of the agent, enrolment and admin ports
 //! DIR/server.key   its private key, mode 0600
+//! DIR/authority.key the authority key of sealed records, mode 0600
+//!                   (`crate::seal::Authority`: P-256, not the CA's key)
 //! ```
 //!
 //! Every file is written atomically (temporary file, fsync, rename, fsync of
@@ -296,6 +298,8 @@ pub struct Pki {
     /// The server key with its certificate PEM, for [`Pki::sign_with_server_key`].
     server_signing: RwLock<Option<(Arc<CertifiedKey>, String)>>,
     provider: Arc<CryptoProvider>,
+    /// The key sealed records are sealed under.
+    authority: Arc<crate::seal::Authority>,
 }
 
 impl fmt::Debug for Pki {
@@ -361,6 +365,7 @@ impl Pki {
         let fingerprint = hex(&Sha256::digest(ca_der.as_ref()));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
 
+        let authority = Arc::new(crate::seal::Authority::open_or_create(dir)?);
         let server_cert_path = dir.join(SERVER_CERT_FILE);
         let server_key_path = dir.join(SERVER_KEY_FILE);
         let pki = Self {
@@ -376,6 +381,7 @@ impl Pki {
             server_serial: RwLock::new(String::new()),
             server_signing: RwLock::new(None),
             provider,
+            authority,
         };
         if server_cert_path.exists() && server_key_path.exists() {
             let cert_pem = read_string(&server_cert_path)?;
@@ -391,6 +397,12 @@ impl Pki {
     /// Agents pin it before enrolment.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The authority key of sealed records (made with the CA on first
+    /// start, in its own file).
+    pub fn authority(&self) -> &Arc<crate::seal::Authority> {
+        &self.authority
     }
 
     /// The CA certificate, PEM.

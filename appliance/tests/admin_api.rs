@@ -1084,6 +1084,8 @@ async fn audit_tail_export_verify() {
     assert_eq!(v["audit_head"], 6);
     // Policies read hours in this zone (serve --time-zone; UTC here).
     assert_eq!(v["time_zone"], "UTC");
+    // The authority key of sealed records, for loading modules by hand.
+    assert_eq!(v["authority"], h.pki.authority().public_hex());
 
     // Long poll: a row appended while waiting is returned.
     let store = Arc::clone(&h.store);

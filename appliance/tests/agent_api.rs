@@ -99,7 +99,10 @@ fn open_read(id: u64, path: &str) -> pb::Request {
 }
 
 fn batch(requests: Vec<pb::Request>) -> QualifyBatch {
-    QualifyBatch { requests }
+    QualifyBatch {
+        requests,
+        module_session: Vec::new(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,6 +435,9 @@ async fn generation_change_is_pushed_on_the_stream() {
         .subscribe(Hello {
             agent_version: "test".into(),
             generation: 0,
+            module_session: Vec::new(),
+            qualify_net: false,
+            verdict_timeout_ms: 0,
         })
         .await
         .unwrap()
@@ -767,7 +773,8 @@ async fn host_mode_is_pushed_first_and_on_change() {
     assert_eq!(
         stream.next().await.unwrap().unwrap().kind,
         Some(push::Kind::HostMode(pb::HostMode {
-            mode: "enforce".into()
+            mode: "enforce".into(),
+            module_order: Vec::new(),
         }))
     );
     app.api

@@ -234,6 +234,7 @@ async fn alerts_reach_the_webhook_and_syslog_with_their_audit_rows() {
                 exec(3, SHUTDOWN, "/usr/sbin/shutdown"),
                 exec(4, UNKNOWN, "/tmp/x"),
             ],
+            module_session: Vec::new(),
         })
         .await
         .unwrap()

@@ -21,7 +21,7 @@ use tonic::Streaming;
 use trustbind_appliance::agent_api::pb::{self, push, Hello, Push};
 use trustbind_appliance::gate::Gate;
 use trustbind_appliance::policy::engine::Engine;
-use trustbind_appliance::store::{Mode, Signature, Store};
+use trustbind_appliance::store::{Mode, Store};
 
 const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
@@ -48,22 +48,7 @@ when {
 "#;
 
 fn sig(store: &Store, name: &str, group: &str) -> String {
-    let sha = sha256_hex(name);
-    store
-        .put_signature(
-            &Signature {
-                sha256: sha.clone(),
-                sha1: None,
-                size: 1,
-                name: name.into(),
-                source: "test".into(),
-            },
-            "admin:t",
-        )
-        .unwrap();
-    let _ = store.create_group(group, "", "admin:t");
-    store.add_member(group, &sha, "admin:t").unwrap();
-    sha
+    common::named_sig(store, name, group)
 }
 
 async fn appliance(pair_timeout: Duration) -> (Appliance, Arc<Gate>) {
@@ -136,6 +121,7 @@ fn net_request(
             established,
         })),
         peer: None,
+        module_request: Vec::new(),
     }
 }
 
@@ -165,7 +151,10 @@ async fn qualify(
     r: pb::Request,
 ) -> pb::Result {
     let mut out = c
-        .qualify(pb::QualifyBatch { requests: vec![r] })
+        .qualify(pb::QualifyBatch {
+            requests: vec![r],
+            module_session: Vec::new(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -184,6 +173,9 @@ async fn channels_pair_key_deny_and_expire() {
     let hello = || Hello {
         agent_version: "t".into(),
         generation: 0,
+        module_session: Vec::new(),
+        qualify_net: false,
+        verdict_timeout_ms: 0,
     };
     let mut sa = a.subscribe(hello()).await.unwrap().into_inner();
     let mut sb = b.subscribe(hello()).await.unwrap().into_inner();
@@ -410,6 +402,9 @@ async fn offload_and_idle_timeout_reach_both_keys() {
     let hello = || Hello {
         agent_version: "t".into(),
         generation: 0,
+        module_session: Vec::new(),
+        qualify_net: false,
+        verdict_timeout_ms: 0,
     };
     let mut sa = a.subscribe(hello()).await.unwrap().into_inner();
     let mut sb = b.subscribe(hello()).await.unwrap().into_inner();

@@ -29,6 +29,7 @@ fn help_lists_every_command_and_exits_0() {
         for cmd in [
             "serve",
             "ca-fingerprint",
+            "authority",
             "admin-cert",
             "admin-token",
             "rotate-server-cert",
@@ -135,6 +136,22 @@ fn data_dir_before_or_after_the_command_env_and_last_flag() {
     assert_eq!(stdout(&out).lines().count(), 1, "{out:?}");
     let fp = appliance(&["ca-fingerprint", "--data-dir", a], &[]);
     assert_eq!(stdout(&fp).trim().len(), 64, "{fp:?}");
+    // The authority key (sealed records): 128 hex digits, the same on
+    // every start, in its own 0600 file.
+    let auth = appliance(&["authority", "--data-dir", a], &[]);
+    let hex = stdout(&auth).trim().to_owned();
+    assert_eq!(hex.len(), 128, "{auth:?}");
+    assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()), "{hex}");
+    assert_eq!(
+        stdout(&appliance(&["authority", "--data-dir", a], &[])).trim(),
+        hex
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("a/authority.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
     // An empty variable counts as unset: the default name `admin`, not "".
     let out = appliance(
         &["--data-dir", a, "admin-token"],

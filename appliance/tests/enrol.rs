@@ -62,6 +62,9 @@ async fn good_token_gives_a_certificate_that_works_on_the_agent_port() {
         .subscribe(Hello {
             agent_version: "test".into(),
             generation: 0,
+            module_session: Vec::new(),
+            qualify_net: false,
+            verdict_timeout_ms: 0,
         })
         .await
         .unwrap()
@@ -72,7 +75,8 @@ async fn good_token_gives_a_certificate_that_works_on_the_agent_port() {
         first.kind,
         Some(push::Kind::HostMode(
             trustbind_appliance::agent_api::pb::HostMode {
-                mode: "enforce".into()
+                mode: "enforce".into(),
+                module_order: Vec::new(),
             }
         ))
     );

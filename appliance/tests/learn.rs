@@ -55,7 +55,10 @@ async fn qualify(
     requests: Vec<pb::Request>,
 ) -> Vec<pb::Result> {
     client
-        .qualify(pb::QualifyBatch { requests })
+        .qualify(pb::QualifyBatch {
+            requests,
+            module_session: Vec::new(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -180,6 +183,7 @@ async fn a_bad_package_name_is_refused_naming_the_field() {
         let err = stage
             .qualify(pb::QualifyBatch {
                 requests: vec![run(1, APP, "bob", "/opt/app/run", bad)],
+                module_session: Vec::new(),
             })
             .await
             .unwrap_err();

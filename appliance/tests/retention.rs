@@ -407,6 +407,7 @@ async fn decisions_go_on_when_the_disk_is_full_and_the_gap_is_audited_once_space
         let reply = client
             .qualify(QualifyBatch {
                 requests: vec![exec(i, LS), exec(100 + i, [0x99; 32])],
+                module_session: Vec::new(),
             })
             .await
             .expect("decided with a full disk")
@@ -440,6 +441,7 @@ async fn decisions_go_on_when_the_disk_is_full_and_the_gap_is_audited_once_space
     let reply = client
         .qualify(QualifyBatch {
             requests: vec![exec(999, LS)],
+            module_session: Vec::new(),
         })
         .await
         .unwrap()
@@ -578,7 +580,10 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
     for i in 0..40 {
         let reqs = (0..50).map(|k| exec(i * 100 + k, LS)).collect();
         client
-            .qualify(QualifyBatch { requests: reqs })
+            .qualify(QualifyBatch {
+                requests: reqs,
+                module_session: Vec::new(),
+            })
             .await
             .unwrap();
     }
@@ -593,6 +598,7 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
         let reply = client
             .qualify(QualifyBatch {
                 requests: vec![exec(10_000 + i, LS)],
+                module_session: Vec::new(),
             })
             .await
             .expect("answered on a full disk");
@@ -608,6 +614,7 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
         let reply = client
             .qualify(QualifyBatch {
                 requests: vec![exec(20_000 + i, [0x99; 32])],
+                module_session: Vec::new(),
             })
             .await
             .expect("answered on a full disk");
@@ -626,6 +633,7 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
     let reply = client
         .qualify(QualifyBatch {
             requests: vec![exec(30_000, LS)],
+            module_session: Vec::new(),
         })
         .await
         .unwrap();

@@ -6,6 +6,10 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <crypto/hash.h>
+#include <crypto/sha2.h>
+#include <crypto/ecdh.h>
+#include <crypto/internal/ecc.h>
+#include <crypto/algapi.h>
 #include <linux/audit.h>
 #include <linux/binfmts.h>
 #include <linux/debugfs.h>
@@ -590,6 +594,101 @@ const char *tb_param_mode(void)
 const char *tb_param_agent(void)
 {
 	return tb_agent_param ? tb_agent_param : "";
+}
+
+static char *tb_authority_param = "";
+module_param_named(authority, tb_authority_param, charp, 0400);
+MODULE_PARM_DESC(authority, "the appliance's authority key (P-256 public key x||y, 128 hex digits): believe only records it sealed");
+
+const char *tb_param_authority(void)
+{
+	return tb_authority_param ? tb_authority_param : "";
+}
+
+/* --- Sealed records: session key agreement and MACs -------------------- */
+
+/*
+ * An ephemeral P-256 key pair and the ECDH shared secret with `peer`
+ * (x || y, big-endian), through the kernel's ECC library (the same calls
+ * the "ecdh-nist-p256" kpp makes). The private key never leaves this
+ * function.
+ */
+int tb_ecdh_p256(const u8 *peer, u8 *pub_out, u8 *secret_out)
+{
+	u64 priv[4], pub[8], secret[4], peer_digits[8];
+	int ret;
+
+	memcpy(peer_digits, peer, sizeof(peer_digits));
+	ret = ecc_gen_privkey(ECC_CURVE_NIST_P256, 4, priv);
+	if (!ret)
+		ret = ecc_make_pub_key(ECC_CURVE_NIST_P256, 4, priv, pub);
+	if (!ret)
+		ret = crypto_ecdh_shared_secret(ECC_CURVE_NIST_P256, 4, priv,
+						peer_digits, secret);
+	if (!ret) {
+		memcpy(pub_out, pub, sizeof(pub));
+		memcpy(secret_out, secret, sizeof(secret));
+	}
+	memzero_explicit(priv, sizeof(priv));
+	memzero_explicit(secret, sizeof(secret));
+	return ret;
+}
+
+/* An "hmac(sha256)" transform keyed with `key` into *out. 0 or -errno. */
+int tb_hmac_new(const u8 *key, unsigned int keylen, struct crypto_shash **out)
+{
+	struct crypto_shash *tfm = crypto_alloc_shash("hmac(sha256)", 0, 0);
+	int ret;
+
+	if (IS_ERR(tfm))
+		return PTR_ERR(tfm);
+	ret = crypto_shash_setkey(tfm, key, keylen);
+	if (ret) {
+		crypto_free_shash(tfm);
+		return ret;
+	}
+	*out = tfm;
+	return 0;
+}
+
+void tb_hmac_free(struct crypto_shash *tfm)
+{
+	crypto_free_shash(tfm);
+}
+
+/* HMAC of a || b into out (32 bytes). 0 or -errno. */
+int tb_hmac2(struct crypto_shash *tfm, const u8 *a, size_t alen,
+	     const u8 *b, size_t blen, u8 *out)
+{
+	SHASH_DESC_ON_STACK(desc, tfm);
+	int ret;
+
+	desc->tfm = tfm;
+	ret = crypto_shash_init(desc);
+	if (!ret)
+		ret = crypto_shash_update(desc, a, alen);
+	if (!ret)
+		ret = crypto_shash_update(desc, b, blen);
+	if (!ret)
+		ret = crypto_shash_final(desc, out);
+	shash_desc_zero(desc);
+	return ret;
+}
+
+void tb_sha256(const u8 *data, size_t len, u8 *out)
+{
+	sha256(data, len, out);
+}
+
+/* Constant-time comparison: true when the n bytes differ. */
+bool tb_memneq(const u8 *a, const u8 *b, size_t n)
+{
+	return crypto_memneq(a, b, n) != 0;
+}
+
+void tb_wipe(u8 *p, size_t n)
+{
+	memzero_explicit(p, n);
 }
 
 /*

@@ -442,6 +442,26 @@ int tb_current_exe_id(struct tb_file_id *out);
 /* The `mode` and `agent` module parameters (never NULL; "" when unset). */
 const char *tb_param_mode(void);
 const char *tb_param_agent(void);
+const char *tb_param_authority(void);
+
+/* --- Sealed records (session key agreement, HMAC-SHA256) --------------- */
+
+struct crypto_shash;
+/* Ephemeral P-256 pair: public key (x||y, 64 bytes) and the ECDH secret
+ * (32 bytes) with peer (x||y). 0 or -errno. */
+int tb_ecdh_p256(const u8 *peer, u8 *pub_out, u8 *secret_out);
+/* A keyed "hmac(sha256)" transform into *out. 0 or -errno. */
+int tb_hmac_new(const u8 *key, unsigned int keylen, struct crypto_shash **out);
+void tb_hmac_free(struct crypto_shash *tfm);
+/* HMAC-SHA256 of a || b into out[32]. 0 or -errno. */
+int tb_hmac2(struct crypto_shash *tfm, const u8 *a, size_t alen,
+	     const u8 *b, size_t blen, u8 *out);
+/* SHA-256 of data into out[32]. */
+void tb_sha256(const u8 *data, size_t len, u8 *out);
+/* Constant time: whether the n bytes differ. */
+bool tb_memneq(const u8 *a, const u8 *b, size_t n);
+/* Zeroes n bytes (never optimised away). */
+void tb_wipe(u8 *p, size_t n);
 /* Publishes the mode in force (0 disabled, 1 permissive, 2 enforce) as the
  * read-only parameter /sys/module/trustbind/parameters/current_mode. */
 void tb_publish_mode(u8 mode);

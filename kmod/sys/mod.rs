@@ -40,7 +40,7 @@ use bindings::{
     tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
     tb_hashers_free, tb_idle_kick, tb_ktls_install, tb_ktls_prepare, tb_loader_hooks_start,
     tb_loader_hooks_stop, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
-    tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_mode, tb_publish_mode, tb_set_nice_current, tb_sock_counts,
+    tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_authority, tb_param_mode, tb_ecdh_p256, tb_hmac_new, tb_hmac_free, tb_hmac2, tb_sha256, tb_memneq, tb_wipe, crypto_shash as RawShash, tb_publish_mode, tb_set_nice_current, tb_sock_counts,
     tb_sock_id, tb_sock_idle_end, tb_sock_ref, tb_sock_unref, tb_unix_hooks_start,
     tb_unix_hooks_stop,
 };
@@ -1353,6 +1353,104 @@ pub(crate) fn param_mode() -> &'static CStr {
 pub(crate) fn param_agent() -> &'static CStr {
     // SAFETY: As for `param_mode`.
     unsafe { CStr::from_char_ptr(tb_param_agent()) }
+}
+
+/// The `authority` module parameter (`""` when unset).
+pub(crate) fn param_authority() -> &'static CStr {
+    // SAFETY: As for `param_mode`.
+    unsafe { CStr::from_char_ptr(tb_param_authority()) }
+}
+
+/// An HMAC-SHA256 transform keyed with a session key (kernel crypto API).
+///
+/// INVARIANT: `ptr` is a live, keyed `hmac(sha256)` transform owned by
+/// this value.
+pub(crate) struct SessionMac {
+    ptr: NonNull<RawShash>,
+}
+
+// SAFETY: A keyed shash transform is immutable after `setkey`; each MAC
+// uses its own on-stack descriptor, so it may be used from any thread.
+unsafe impl Send for SessionMac {}
+// SAFETY: See `Send`.
+unsafe impl Sync for SessionMac {}
+
+impl SessionMac {
+    fn keyed(key: &[u8]) -> Result<Self> {
+        let mut raw: *mut RawShash = core::ptr::null_mut();
+        let len = u32::try_from(key.len()).map_err(|_| EINVAL)?;
+        // SAFETY: `key` is valid for `len` bytes (the transform copies
+        // it); `raw` is a valid place for the out pointer, set on success.
+        to_result(unsafe { tb_hmac_new(key.as_ptr(), len, &mut raw) })?;
+        let ptr = NonNull::new(raw).ok_or(ENOMEM)?;
+        // INVARIANT: `ptr` is the keyed transform just made.
+        Ok(SessionMac { ptr })
+    }
+
+    /// Agrees a session with the appliance's `authority` key (P-256
+    /// `x || y`): an ephemeral key pair, the ECDH secret `z`, and the
+    /// session key `HMAC(z, session_info(public))`
+    /// (`proto::seal`). Returns the session's MAC and the public key the
+    /// appliance needs; the private key and `z` are wiped.
+    pub(crate) fn agree(
+        authority: &[u8; crate::proto::seal::SESSION_PUB_LEN],
+    ) -> Result<(Self, [u8; crate::proto::seal::SESSION_PUB_LEN])> {
+        let mut public = [0u8; crate::proto::seal::SESSION_PUB_LEN];
+        let mut z = [0u8; crate::proto::seal::KEY_LEN];
+        // SAFETY: `authority` and `public` are 64 bytes and `z` 32, as
+        // the C side reads and writes them.
+        let agreed = to_result(unsafe {
+            tb_ecdh_p256(authority.as_ptr(), public.as_mut_ptr(), z.as_mut_ptr())
+        });
+        let key = agreed.and_then(|()| {
+            let derive = Self::keyed(&z)?;
+            derive.mac2(&crate::proto::seal::session_info(&public), &[])
+        });
+        wipe(&mut z);
+        let mut key = key?;
+        let mac = Self::keyed(&key);
+        wipe(&mut key);
+        Ok((mac?, public))
+    }
+
+    /// HMAC-SHA256 of `a || b`.
+    pub(crate) fn mac2(&self, a: &[u8], b: &[u8]) -> Result<[u8; 32]> {
+        let mut out = [0u8; 32];
+        // SAFETY: `self.ptr` is live by the type invariant; `a` and `b`
+        // are valid slices for their lengths; `out` holds a SHA-256 MAC.
+        to_result(unsafe {
+            tb_hmac2(self.ptr.as_ptr(), a.as_ptr(), a.len(), b.as_ptr(), b.len(), out.as_mut_ptr())
+        })?;
+        Ok(out)
+    }
+}
+
+impl Drop for SessionMac {
+    fn drop(&mut self) {
+        // SAFETY: `self.ptr` is live and owned (type invariant); it is
+        // freed once, here (the transform wipes its key).
+        unsafe { tb_hmac_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// SHA-256 of `data` (the kernel's library implementation).
+pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // SAFETY: `data` is valid for its length, `out` holds a digest.
+    unsafe { tb_sha256(data.as_ptr(), data.len(), out.as_mut_ptr()) };
+    out
+}
+
+/// Whether two MACs are equal, in constant time.
+pub(crate) fn mac_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    // SAFETY: Both are valid 32-byte arrays.
+    !unsafe { tb_memneq(a.as_ptr(), b.as_ptr(), 32) }
+}
+
+/// Zeroes `buf` (never optimised away).
+pub(crate) fn wipe(buf: &mut [u8]) {
+    // SAFETY: `buf` is a valid, exclusively borrowed slice.
+    unsafe { tb_wipe(buf.as_mut_ptr(), buf.len()) }
 }
 
 /// Publishes the mode in force (`Mode as u8`) for user space

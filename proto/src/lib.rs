@@ -39,7 +39,7 @@ use core::fmt;
 /// `"TBND"` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TBND");
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 /// Size of the fixed [`Header`].
 pub const HEADER_LEN: usize = 24;
 /// Largest record either side may send or accept.
@@ -95,6 +95,10 @@ pub enum Kind {
     /// Agent → module: the protected file sets, as the identities of the
     /// files and directories named (replacing the previous sets).
     FileSets = 13,
+    /// Agent → module: another agent → module record sealed by the
+    /// appliance under the module's session key ([`seal`]): the agent
+    /// carries it and can neither forge nor change it.
+    Sealed = 14,
 }
 
 impl Kind {
@@ -114,6 +118,7 @@ impl Kind {
             11 => Some(Kind::Peers),
             12 => Some(Kind::FileRequest),
             13 => Some(Kind::FileSets),
+            14 => Some(Kind::Sealed),
             _ => None,
         }
     }
@@ -405,6 +410,10 @@ pub struct HelloAck {
     pub sha256_driver: [u8; DRIVER_NAME_LEN],
     /// Driver behind the SHA-1 transform, NUL padded.
     pub sha1_driver: [u8; DRIVER_NAME_LEN],
+    /// The module's session public key (P-256 `x || y`, big-endian) when
+    /// it was loaded with an appliance authority key, else all zero
+    /// ([`seal`]).
+    pub session: [u8; seal::SESSION_PUB_LEN],
 }
 
 impl HelloAck {
@@ -1199,6 +1208,37 @@ impl<'a> Peers<'a> {
     }
 }
 
+/// Agent → module: a record the appliance sealed for this module
+/// ([`seal`]). `inner` is a whole record (header and body) of a kind
+/// [`seal::sealable`] allows; its MAC covers `inner` exactly, the order
+/// sequence and, for an answer, the digest of the request it answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sealed<'a> {
+    /// Order sequence number (strictly increasing per order kind within a
+    /// session; 0 for answers, which the request digest binds instead).
+    pub seq: u64,
+    /// HMAC-SHA256 under the session key ([`seal::prefix`]).
+    pub mac: [u8; seal::MAC_LEN],
+    inner: &'a [u8],
+}
+
+impl<'a> Sealed<'a> {
+    /// Checks that `inner` is a record of a sealable kind (its own header
+    /// only: the body is decoded once the MAC has been checked).
+    pub fn new(seq: u64, mac: [u8; seal::MAC_LEN], inner: &'a [u8]) -> Result<Self, DecodeError> {
+        let h = decode_header(inner)?;
+        if !seal::sealable(h.kind) {
+            return Err(DecodeError::InvalidField("sealed_kind"));
+        }
+        Ok(Self { seq, mac, inner })
+    }
+
+    /// The sealed record, header included.
+    pub fn inner(&self) -> &'a [u8] {
+        self.inner
+    }
+}
+
 /// A decoded record, borrowing variable-length fields from the buffer.
 /// Not `Copy` (it may hold a [`ChannelKey`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1229,6 +1269,8 @@ pub enum Record<'a> {
     FileRequest(FileRequest<'a>),
     /// See [`FileSets`].
     FileSets(FileSets<'a>),
+    /// See [`Sealed`].
+    Sealed(Sealed<'a>),
 }
 
 impl Record<'_> {
@@ -1248,6 +1290,7 @@ impl Record<'_> {
             Record::Peers(_) => Kind::Peers,
             Record::FileRequest(_) => Kind::FileRequest,
             Record::FileSets(_) => Kind::FileSets,
+            Record::Sealed(_) => Kind::Sealed,
         }
     }
 
@@ -1255,7 +1298,7 @@ impl Record<'_> {
     fn body_len(&self) -> usize {
         match self {
             Record::Hello(_) => 8,
-            Record::HelloAck(_) => 8 + 2 * DRIVER_NAME_LEN,
+            Record::HelloAck(_) => 8 + 2 * DRIVER_NAME_LEN + seal::SESSION_PUB_LEN,
             Record::ExecRequest(r) => EXEC_FIXED_LEN + r.ancestry.as_bytes().len() + r.path.len(),
             Record::Verdict(_) => VERDICT_LEN,
             Record::Config(_) => CONFIG_LEN,
@@ -1269,6 +1312,7 @@ impl Record<'_> {
                 FILE_FIXED_LEN + r.ancestry.as_bytes().len() + r.path.len() + r.to.len()
             }
             Record::FileSets(f) => 8 + f.as_bytes().len(),
+            Record::Sealed(x) => 8 + seal::MAC_LEN + x.inner.len(),
         }
     }
 
@@ -1339,6 +1383,7 @@ impl Record<'_> {
                 w.u32(a.max_record_len);
                 w.bytes(&a.sha256_driver);
                 w.bytes(&a.sha1_driver);
+                w.bytes(&a.session);
             }
             Record::ExecRequest(r) => {
                 w.bytes(&r.sha256);
@@ -1386,6 +1431,11 @@ impl Record<'_> {
                 w.u16(0);
                 w.u32(0);
                 w.bytes(f.as_bytes());
+            }
+            Record::Sealed(x) => {
+                w.u64(x.seq);
+                w.bytes(&x.mac);
+                w.bytes(x.inner);
             }
             Record::Peers(p) => {
                 // CAST: at most MAX_PEERS, checked in `Peers::new`.
@@ -1562,6 +1612,7 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
             max_record_len: r.u32().map_err(short)?,
             sha256_driver: r.array().map_err(short)?,
             sha1_driver: r.array().map_err(short)?,
+            session: r.array().map_err(short)?,
         }),
         Kind::ExecRequest => {
             let sha256 = r.array().map_err(short)?;
@@ -1818,6 +1869,12 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 to,
             })
         }
+        Kind::Sealed => {
+            let seq = r.u64().map_err(short)?;
+            let mac = r.array().map_err(short)?;
+            let inner = r.bytes(r.remaining()).map_err(short)?;
+            Record::Sealed(Sealed::new(seq, mac, inner)?)
+        }
         Kind::FileSets => {
             let n = r.u16().map_err(short)? as usize;
             if r.u16().map_err(short)? != 0 || r.u32().map_err(short)? != 0 {
@@ -1892,5 +1949,6 @@ pub mod fairq;
 pub mod files;
 pub mod hold;
 pub mod lineage;
+pub mod seal;
 pub mod sorted;
 pub mod unqualifiable;

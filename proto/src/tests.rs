@@ -146,6 +146,7 @@ fn every_kind_round_trips() {
         max_record_len: MAX_RECORD_LEN as u32,
         sha256_driver: driver_name_field(b"sha256-avx2"),
         sha1_driver: driver_name_field(b"sha1-generic"),
+        session: [5; seal::SESSION_PUB_LEN],
     });
     let records = [
         Record::Hello(Hello {
@@ -225,6 +226,7 @@ fn driver_names_are_trimmed_at_nul() {
         max_record_len: 0,
         sha256_driver: driver_name_field(b"sha256-ni"),
         sha1_driver: driver_name_field(&[b'x'; 300]),
+        session: [0; seal::SESSION_PUB_LEN],
     };
     assert_eq!(a.sha256_driver_name(), b"sha256-ni");
     assert_eq!(a.sha1_driver_name().len(), DRIVER_NAME_LEN);
@@ -701,7 +703,7 @@ fn channel_closed_layout_and_checks() {
         assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
     }
     assert_eq!(Kind::from_wire(9), Some(Kind::ChannelClosed));
-    assert_eq!(Kind::from_wire(14), None);
+    assert_eq!(Kind::from_wire(15), None);
 }
 
 #[test]
@@ -960,4 +962,46 @@ proptest! {
         let buf = enc(&rec, 3);
         prop_assert_eq!(decode(&buf).unwrap().1, rec);
     }
+}
+
+#[test]
+fn sealed_round_trips_and_checks_its_inner_header() {
+    let inner = enc(&sample_verdict(), 77);
+    let mac = [0xab; seal::MAC_LEN];
+    let s = Sealed::new(0, mac, &inner).unwrap();
+    let buf = enc(&Record::Sealed(s), 77);
+    assert_eq!(buf.len(), HEADER_LEN + 8 + seal::MAC_LEN + inner.len());
+    assert_eq!(&buf[6..8], &14u16.to_le_bytes());
+    let (h, back) = decode(&buf).unwrap();
+    assert_eq!(h.request_id, 77);
+    let Record::Sealed(back) = back else {
+        panic!("not sealed")
+    };
+    assert_eq!((back.seq, back.mac, back.inner()), (0, mac, &inner[..]));
+    assert_eq!(decode(back.inner()).unwrap().1, sample_verdict());
+
+    // Only sealable kinds, and a whole record: no Hello, no nesting, no
+    // truncated inner record.
+    let hello = enc(
+        &Record::Hello(Hello {
+            agent_pid: 1,
+            agent_version: 1,
+        }),
+        0,
+    );
+    assert_eq!(
+        Sealed::new(1, mac, &hello),
+        Err(DecodeError::InvalidField("sealed_kind"))
+    );
+    let nested = enc(&Record::Sealed(s), 0);
+    assert_eq!(
+        Sealed::new(1, mac, &nested),
+        Err(DecodeError::InvalidField("sealed_kind"))
+    );
+    assert!(Sealed::new(0, mac, &inner[..inner.len() - 1]).is_err());
+    let mut cut = buf.clone();
+    cut.truncate(HEADER_LEN + 8 + seal::MAC_LEN + HEADER_LEN - 1);
+    let n = cut.len() as u32;
+    cut[8..12].copy_from_slice(&n.to_le_bytes());
+    assert!(decode(&cut).is_err());
 }

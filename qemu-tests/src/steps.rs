@@ -24,13 +24,16 @@ permit (
 /// The agent's state directory on a host VM.
 pub const STATE: &str = "/var/lib/trustbind-agent";
 
-/// A host VM with `trustbind-agent` at `/tb/trustbind-agent` and its init
-/// script (`agent/dist/`) at `/tb/trustbind-agent.init`.
+/// A host VM with `trustbind-agent` at `/tb/trustbind-agent`, its init
+/// script (`agent/dist/`) at `/tb/trustbind-agent.init`, and
+/// `tb-fakeagent` at `/tb/tb-fakeagent` (what root without the
+/// appliance's consent would run on `/dev/trustbind`).
 pub fn host_vm(b: VmBuilder) -> Result<VmBuilder> {
     let init = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/dist/trustbind-agent.init");
     Ok(
         b.file("trustbind-agent", workspace_bin("trustbind-agent")?, 0o755)
-            .file("trustbind-agent.init", init, 0o755),
+            .file("trustbind-agent.init", init, 0o755)
+            .file("tb-fakeagent", workspace_bin("tb-fakeagent")?, 0o755),
     )
 }
 
@@ -217,7 +220,11 @@ pub fn enrol_host(
         "/tb/trustbind-agent --state {STATE} enrol --appliance {appliance} --name {name} \
          --token {token} --ca-fingerprint {fp}"
     ))?;
-    host.run_ok("insmod /tb/trustbind.ko")?;
+    // With the appliance's authority key (written by `enrol`), as a host
+    // is set up: the module believes only what the appliance sealed.
+    host.run_ok(&format!(
+        "a=; [ -f {STATE}/authority ] && a=\"authority=$(cat {STATE}/authority)\"; insmod /tb/trustbind.ko $a"
+    ))?;
     start_agent(host)?;
     wait_for(
         host,
@@ -297,6 +304,24 @@ pub fn ensure_decision(audit: &str, needle: &str) -> Result<()> {
         "no decision row with {needle}"
     );
     Ok(())
+}
+
+/// Sends the running agent `signal` (`KILL`, `TERM`) and waits until it
+/// has exited; returns its pid.
+pub fn stop_agent(host: &mut Vm, signal: &str) -> Result<String> {
+    let pid = host
+        .run_ok("pidof trustbind-agent")?
+        .stdout
+        .trim()
+        .to_owned();
+    host.run_ok(&format!("kill -{signal} {pid}"))?;
+    wait_for(
+        host,
+        "the agent to exit",
+        &format!("! kill -0 {pid} 2>/dev/null"),
+        60,
+    )?;
+    Ok(pid)
 }
 
 /// Waits until an agent other than `old_pid` (if any) is connected;

@@ -803,6 +803,7 @@ fn exec_request(id: u64, user: String, sha256: [u8; 32], sha1: [u8; 20]) -> pb::
             loader_direct: false,
         })),
         peer: None,
+        module_request: Vec::new(),
     }
 }
 
@@ -835,6 +836,7 @@ fn net_request(
             established,
         })),
         peer: None,
+        module_request: Vec::new(),
     }
 }
 
@@ -847,6 +849,7 @@ async fn qualify_one(
     let r = c
         .qualify(timed(pb::QualifyBatch {
             requests: vec![req],
+            module_session: Vec::new(),
         }))
         .await?
         .into_inner();
@@ -975,6 +978,9 @@ async fn connect(sh: &Arc<Shared>, i: usize) -> Result<Conn, String> {
         .subscribe(tonic::Request::new(pb::Hello {
             agent_version: "fleet".into(),
             generation: 0,
+            module_session: Vec::new(),
+            qualify_net: false,
+            verdict_timeout_ms: 0,
         }))
         .await
         .map_err(|s| format!("subscribe: {:?}: {}", s.code(), s.message()))?
@@ -1063,7 +1069,10 @@ impl Agent {
                     .collect();
                 let n = reqs.len();
                 let r = c
-                    .qualify(timed(pb::QualifyBatch { requests: reqs }))
+                    .qualify(timed(pb::QualifyBatch {
+                        requests: reqs,
+                        module_session: Vec::new(),
+                    }))
                     .await?
                     .into_inner();
                 if r.results.len() != n {

@@ -28,6 +28,8 @@ pub(super) async fn status(
     State(st): State<AdminState>,
     actor: Actor,
 ) -> Result<Json<Value>, ApiError> {
+    // The authority key modules are loaded with (sealed records), hex.
+    let authority = st.pki.as_ref().map(|p| p.authority().public_hex());
     st.run(move |s| {
         Ok(Json(json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -36,6 +38,7 @@ pub(super) async fn status(
             "audit_head": s.audit_head()?,
             "time_zone": crate::clock::zone_name(crate::clock::zone()),
             "you": actor.0,
+            "authority": authority,
         })))
     })
     .await

@@ -385,6 +385,7 @@ pub fn result(id: u64, a: &Answer) -> pb::Result {
         cacheable: a.cacheable,
         would_deny: a.outcome.would_deny,
         channel_id: a.channel_id.unwrap_or(0),
+        module_answer: Vec::new(),
     }
 }
 
@@ -421,6 +422,7 @@ pub fn channel_key_push(
         role: role.into(),
         tls12: terms.tls12,
         idle_timeout_s: terms.idle_timeout_s,
+        module_answer: Vec::new(),
     })
 }
 
@@ -496,6 +498,7 @@ mod tests {
                 established: false,
             })),
             peer,
+            module_request: Vec::new(),
         }
     }
 

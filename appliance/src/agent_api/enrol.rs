@@ -458,6 +458,7 @@ impl EnrolService {
             cert_pem: issued.cert_pem,
             ca_pem: api.pki.ca_pem().to_owned(),
             serial: issued.serial,
+            authority: api.pki.authority().public().to_vec(),
         }))
     }
 }

@@ -9,6 +9,11 @@
 //! [`STREAM_BUFFER`] pushes unread gets a last RESOURCE_EXHAUSTED status
 //! (in a slot kept for it) and is ended; the agent reconnects and
 //! `Subscribe` resynchronises it (mode, generation, peers).
+//!
+//! A stream whose agent named its module's session (`Hello.module_session`)
+//! has an [`OrderSeal`]: every `HostMode` and `Peers` push to it carries
+//! its own sealed order (`module_order`), sealed for that session when it
+//! is queued. Key bytes of a pushed `ChannelKey` are wiped once queued.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,8 +22,10 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::pb::{push, Peers, Push, Revoked};
+use crate::seal::{wipe_push, OrderSeal};
 
 /// Pushes buffered per stream; a stream that falls this far behind is
 /// ended (with a status saying so) for the agent to resynchronise.
@@ -27,6 +34,20 @@ pub const STREAM_BUFFER: usize = 256;
 type Item = Result<Push, Status>;
 type Tx = mpsc::Sender<Item>;
 
+/// One open push stream.
+#[derive(Debug)]
+struct Stream {
+    tx: Tx,
+    /// Its module session's orders, when the agent named one.
+    seal: Option<Arc<OrderSeal>>,
+}
+
+/// `msg` as stream `seal` gets it: with its sealed order when it is one.
+fn for_stream(seal: Option<&OrderSeal>, msg: &push::Kind) -> push::Kind {
+    seal.and_then(|s| s.seal_push(msg))
+        .unwrap_or_else(|| msg.clone())
+}
+
 /// Most protected-host addresses remembered (the module takes as many).
 pub const MAX_PEERS: usize = 256;
 
@@ -34,7 +55,8 @@ pub const MAX_PEERS: usize = 256;
 /// is `false`; a stream with [`STREAM_BUFFER`] pushes unread gets the
 /// status that ends it (in the slot kept for it) and is `false`: the
 /// caller drops it from the hub, which ends it after what it holds.
-fn offer(t: &Tx, msg: &push::Kind) -> bool {
+fn offer(s: &Stream, msg: &push::Kind) -> bool {
+    let t = &s.tx;
     if t.is_closed() {
         return false;
     }
@@ -49,7 +71,7 @@ fn offer(t: &Tx, msg: &push::Kind) -> bool {
         return false;
     }
     t.try_send(Ok(Push {
-        kind: Some(msg.clone()),
+        kind: Some(for_stream(s.seal.as_deref(), msg)),
     }))
     .is_ok()
 }
@@ -57,8 +79,7 @@ fn offer(t: &Tx, msg: &push::Kind) -> bool {
 /// Host name -> open push streams.
 #[derive(Debug, Default)]
 pub struct Hub {
-    streams: Mutex<HashMap<String, Vec<(u64, Tx)>>>,
-    next_id: std::sync::atomic::AtomicU64,
+    streams: Mutex<HashMap<String, Vec<Stream>>>,
     /// Addresses protected hosts subscribed from, oldest first.
     peers: Mutex<Vec<IpAddr>>,
 }
@@ -69,27 +90,27 @@ impl Hub {
         Self::default()
     }
 
-    /// Registers a stream for `host` whose first messages are `first`; returns
-    /// a weak sender (for keepalives: it stops working once the hub drops the
-    /// stream) and the receiver.
+    /// Registers a stream for `host` whose first messages are `first`, its
+    /// orders sealed with `seal` if given; returns a weak sender (for
+    /// keepalives: it stops working once the hub drops the stream) and the
+    /// receiver.
     pub(crate) fn subscribe(
         &self,
         host: &str,
         first: Vec<push::Kind>,
+        seal: Option<Arc<OrderSeal>>,
     ) -> (mpsc::WeakSender<Item>, mpsc::Receiver<Item>) {
         // One slot more than the buffer: the status that ends a slow stream.
         let (tx, rx) = mpsc::channel(STREAM_BUFFER + 1);
         for kind in first {
+            let kind = for_stream(seal.as_deref(), &kind);
             let _ = tx.try_send(Ok(Push { kind: Some(kind) }));
         }
         let weak = tx.downgrade();
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut m) = self.streams.lock() {
             let v = m.entry(host.to_owned()).or_default();
-            v.retain(|(_, t)| !t.is_closed());
-            v.push((id, tx));
+            v.retain(|s| !s.tx.is_closed());
+            v.push(Stream { tx, seal });
         }
         (weak, rx)
     }
@@ -119,12 +140,22 @@ impl Hub {
             .lock()
             .map(|p| p.iter().map(ToString::to_string).collect())
             .unwrap_or_default();
-        push::Kind::Peers(Peers { addrs })
+        push::Kind::Peers(Peers {
+            addrs,
+            module_order: Vec::new(),
+        })
     }
 
     /// Sends `msg` to every open stream of `host`. `true` if at least one
     /// stream took it; `false` if the host has no stream or all are full.
-    pub fn push(&self, host: &str, msg: push::Kind) -> bool {
+    /// Key bytes in `msg` are wiped once queued.
+    pub fn push(&self, host: &str, mut msg: push::Kind) -> bool {
+        let any = self.push_to(host, &msg);
+        wipe_push(&mut msg);
+        any
+    }
+
+    fn push_to(&self, host: &str, msg: &push::Kind) -> bool {
         let Ok(mut m) = self.streams.lock() else {
             return false;
         };
@@ -132,8 +163,8 @@ impl Hub {
             return false;
         };
         let mut any = false;
-        v.retain(|(_, t)| {
-            let kept = offer(t, &msg);
+        v.retain(|s| {
+            let kept = offer(s, msg);
             any |= kept;
             kept
         });
@@ -150,8 +181,8 @@ impl Hub {
         };
         let mut n = 0;
         for v in m.values_mut() {
-            v.retain(|(_, t)| {
-                let kept = offer(t, &msg);
+            v.retain(|s| {
+                let kept = offer(s, &msg);
                 n += usize::from(kept);
                 kept
             });
@@ -166,8 +197,8 @@ impl Hub {
             return;
         };
         if let Some(v) = m.remove(host) {
-            for (_, t) in v {
-                let _ = t.try_send(Ok(Push {
+            for s in v {
+                let _ = s.tx.try_send(Ok(Push {
                     kind: Some(push::Kind::Revoked(Revoked {})),
                 }));
             }
@@ -187,7 +218,7 @@ impl Hub {
             .lock()
             .map(|m| {
                 m.iter()
-                    .filter(|(_, v)| v.iter().any(|(_, t)| !t.is_closed()))
+                    .filter(|(_, v)| v.iter().any(|s| !s.tx.is_closed()))
                     .map(|(h, _)| h.clone())
                     .collect()
             })
@@ -203,7 +234,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_stream_is_ended_with_a_status_never_silently_short() {
         let hub = Hub::new();
-        let (_weak, mut rx) = hub.subscribe("web1", vec![]);
+        let (_weak, mut rx) = hub.subscribe("web1", vec![], None);
         let ping = |i: i64| push::Kind::Ping(Ping { at_ms: i });
         for i in 0..STREAM_BUFFER {
             assert!(hub.push("web1", ping(i as i64)), "push {i}");
@@ -227,7 +258,7 @@ mod tests {
         assert_eq!(st.code(), tonic::Code::ResourceExhausted);
         assert!(st.message().contains("resynchronise"));
         // A host that reads keeps its stream.
-        let (_w, mut rx2) = hub.subscribe("web2", vec![]);
+        let (_w, mut rx2) = hub.subscribe("web2", vec![], None);
         for i in 0..3 * STREAM_BUFFER {
             assert!(hub.broadcast(ping(i as i64)) >= 1);
             rx2.recv().await.unwrap().unwrap();

@@ -211,6 +211,7 @@ impl AgentApi {
                 host,
                 pb::push::Kind::HostMode(pb::HostMode {
                     mode: m.as_str().into(),
+                    module_order: Vec::new(),
                 }),
             )
         })
@@ -328,6 +329,7 @@ async fn watch_generation(api: Arc<AgentApi>) {
                     &host,
                     pb::push::Kind::HostMode(pb::HostMode {
                         mode: mode.as_str().to_owned(),
+                        module_order: Vec::new(),
                     }),
                 );
             }

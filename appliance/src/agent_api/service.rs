@@ -24,6 +24,7 @@ use crate::pki::CertKind;
 use crate::policy::engine::Engine;
 use crate::policy::Outcome;
 use crate::request::QualifyRequest;
+use crate::seal::{self, ModuleAsk};
 use crate::store::{AuditEvent, AuditRow, StoreError};
 
 /// Most requests in one `Qualify` batch.
@@ -55,6 +56,24 @@ pub struct Answer {
     pub mode: Option<crate::store::Mode>,
 }
 
+impl Answer {
+    /// A deny for `reason` under `generation` that no policy made (a
+    /// request refused before deciding), never cached.
+    pub fn refused(reason: String, generation: i64) -> Self {
+        Self {
+            outcome: Outcome {
+                reasons: vec![reason],
+                ..Outcome::bare(crate::policy::Verdict::Deny)
+            },
+            generation,
+            cacheable: false,
+            channel_id: None,
+            cache_hit: false,
+            mode: None,
+        }
+    }
+}
+
 /// Why no decision could be made (the whole batch fails with UNAVAILABLE).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -73,6 +92,24 @@ pub trait Decider: Send + Sync + 'static {
     fn redecide(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {
         self.decide(r)
     }
+
+    /// Decides `r`, a module request answered sealed (`ask`): as
+    /// [`Decider::decide`], and a decider that pushes the answer later (a
+    /// channel key) seals it with `ask`. Called on a blocking thread.
+    fn decide_sealed(
+        &self,
+        r: &QualifyRequest,
+        ask: Option<&Arc<ModuleAsk>>,
+    ) -> Result<Answer, DecideError> {
+        let _ = ask;
+        self.decide(r)
+    }
+
+    /// The policy generation in force, for answers no policy made (a
+    /// request refused before deciding).
+    fn generation(&self) -> i64 {
+        0
+    }
 }
 
 impl Decider for Engine {
@@ -86,6 +123,10 @@ impl Decider for Engine {
             cache_hit: d.cache_hit,
             mode: Some(d.mode),
         })
+    }
+
+    fn generation(&self) -> i64 {
+        Engine::generation(self)
     }
 }
 
@@ -165,7 +206,10 @@ impl Agent for AgentService {
         let _on_drop = GoneOnDrop(gone.clone());
         let asker = host.clone();
         let (results, events, alerting, reqs, learned) = tokio::task::spawn_blocking(move || {
-            decide_batch(&api, &asker, &reqs, deadline, &gone)
+            // The module's requests: checked against the gRPC ones and
+            // bound to their session (ECDH once per module session).
+            let asks = module_asks(&api, &batch);
+            decide_batch(&api, &asker, &reqs, &asks, deadline, &gone)
                 .map(|(r, e, a, l)| (r, e, a, reqs, l))
         })
         .await
@@ -204,9 +248,26 @@ impl Agent for AgentService {
         req: Request<Hello>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let host = self.host(&req)?;
+        // A module session: this stream's orders are sealed for it. One
+        // that is not a P-256 point is refused (nothing could be sealed).
+        let hello = req.get_ref();
+        let seal = if hello.module_session.is_empty() {
+            None
+        } else {
+            let key = self
+                .api
+                .pki
+                .authority()
+                .session(&hello.module_session)
+                .map_err(|e| Status::invalid_argument(format!("module_session: {e}")))?;
+            Some(Arc::new(seal::OrderSeal::new(
+                key,
+                hello.verdict_timeout_ms,
+                hello.qualify_net,
+            )))
+        };
         let addr = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
         let new_peer = addr.is_some_and(|a| self.api.hub.note_peer(a));
-        let hello = req.into_inner();
         let generation = self
             .api
             .store
@@ -227,17 +288,17 @@ impl Agent for AgentService {
         let first = vec![
             push::Kind::HostMode(pb::HostMode {
                 mode: mode.as_str().to_owned(),
+                module_order: Vec::new(),
             }),
             push::Kind::Generation(pb::PolicyGeneration { generation }),
             self.api.hub.peers(),
             file_sets,
         ];
-        let (weak, rx) = self.api.hub.subscribe(&host, first);
+        let (weak, rx) = self.api.hub.subscribe(&host, first, seal);
         if new_peer {
             // Every host's module learns the new protected address.
             self.api.hub.broadcast(self.api.hub.peers());
         }
-        let _ = hello;
         // Keepalive pings while the stream is open; stops when the hub drops
         // the stream (revocation) or the agent goes away.
         tokio::spawn(async move {
@@ -421,8 +482,27 @@ type Decided = (
     Vec<Learned>,
 );
 
+/// What the module's requests of `batch` are (in order): see
+/// [`seal::ask_of`]. The session is derived (or found in the cache) only
+/// when some request carries module bytes.
+pub(crate) type Asks = Vec<Option<Result<Arc<ModuleAsk>, String>>>;
+
+fn module_asks(api: &AgentApi, batch: &QualifyBatch) -> Asks {
+    let session = (!batch.module_session.is_empty()
+        && batch.requests.iter().any(|r| !r.module_request.is_empty()))
+    .then(|| api.pki.authority().session(&batch.module_session));
+    batch
+        .requests
+        .iter()
+        .map(|r| seal::ask_of(r, session.as_ref()))
+        .collect()
+}
+
 /// Decides `reqs` for `host`: the results, their audit events and the
-/// decisions that raise alerts (when alert sinks are set). Stops (nothing
+/// decisions that raise alerts (when alert sinks are set). A request whose
+/// module bytes (`asks`, in the order of `reqs`; missing entries are
+/// `None`) are refused is denied for that reason, without asking the
+/// decider; a sealed one gets its answer sealed (`Result.module_answer`). Stops (nothing
 /// decided further, nothing audited) as soon as the caller has gone or
 /// `deadline` passes; if the deadline passed by the end, fails with
 /// DEADLINE_EXCEEDED so that nothing is audited (the agent would not see
@@ -431,6 +511,7 @@ fn decide_batch(
     api: &AgentApi,
     host: &str,
     reqs: &[(u64, QualifyRequest)],
+    asks: &[Option<Result<Arc<ModuleAsk>, String>>],
     deadline: Instant,
     gone: &Gone,
 ) -> Result<Decided, Status> {
@@ -443,10 +524,13 @@ fn decide_batch(
     for (i, (id, r)) in reqs.iter().enumerate() {
         stop(gone, deadline, i, reqs.len())?;
         let t = Instant::now();
-        let a = api
-            .decider
-            .decide(r)
-            .map_err(|e| Status::unavailable(format!("no decision for request {id}: {e}")))?;
+        let ask = asks.get(i).and_then(Option::as_ref);
+        let a = match ask {
+            Some(Err(reason)) => Ok(Answer::refused(reason.clone(), api.decider.generation())),
+            Some(Ok(ask)) => api.decider.decide_sealed(r, Some(ask)),
+            None => api.decider.decide(r),
+        }
+        .map_err(|e| Status::unavailable(format!("no decision for request {id}: {e}")))?;
         m.record_decision(
             r.action.as_str(),
             convert::verdict_name(&a.outcome.verdict),
@@ -472,7 +556,13 @@ fn decide_batch(
                 "channel_id": a.channel_id,
             }),
         ));
-        results.push(convert::result(*id, &a));
+        let mut result = convert::result(*id, &a);
+        if let Some(Ok(ask)) = ask {
+            result.module_answer = ask.seal_result(&result).map_err(|e| {
+                Status::internal(format!("cannot seal the answer to request {id}: {e}"))
+            })?;
+        }
+        results.push(result);
     }
     if Instant::now() >= deadline {
         return Err(Status::deadline_exceeded(format!(
@@ -572,7 +662,8 @@ mod tests {
         let api = AgentApi::new(Arc::clone(&store), pki, engine).unwrap();
         let before = store.audit_rows(0, 1000).unwrap().len();
         let reqs = vec![(1, exec_request())];
-        let err = decide_batch(&api, "web1", &reqs, Instant::now(), &Gone::default()).unwrap_err();
+        let err =
+            decide_batch(&api, "web1", &reqs, &[], Instant::now(), &Gone::default()).unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
         // With time left the same batch is decided (default deny) and audited.
@@ -580,7 +671,7 @@ mod tests {
         // The caller has gone: nothing is decided.
         let gone = Gone::default();
         gone.set();
-        let err = decide_batch(&api, "web1", &reqs, far, &gone).unwrap_err();
+        let err = decide_batch(&api, "web1", &reqs, &[], far, &gone).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Cancelled);
         assert!(
             err.message().contains("before item 0 of 1"),
@@ -588,7 +679,7 @@ mod tests {
             err.message()
         );
         let (results, events, _, _) =
-            decide_batch(&api, "web1", &reqs, far, &Gone::default()).unwrap();
+            decide_batch(&api, "web1", &reqs, &[], far, &Gone::default()).unwrap();
         assert_eq!(results[0].verdict(), pb::Verdict::Deny);
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
         record(&api, events).await.unwrap();

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use trustbind_appliance::agent_api::pb::agent_client::AgentClient;
 use trustbind_appliance::agent_api::pb::enrolment_client::EnrolmentClient;
-use trustbind_appliance::agent_api::pb::EnrolRequest;
+use trustbind_appliance::agent_api::pb::{EnrolReply, EnrolRequest};
 use trustbind_appliance::agent_api::{self, AgentApi, Decider};
 use trustbind_appliance::pki::Pki;
 use trustbind_appliance::store::{hex, Mode, Store};
@@ -147,6 +147,17 @@ impl Appliance {
 
     /// Sends an enrolment with a fresh key; returns (cert PEM, key PEM) or the status.
     pub async fn enrol(&self, host: &str, token: &str) -> Result<(String, String), tonic::Status> {
+        self.enrol_reply(host, token)
+            .await
+            .map(|(reply, key)| (reply.cert_pem, key))
+    }
+
+    /// [`Appliance::enrol`], returning the whole reply and the key PEM.
+    pub async fn enrol_reply(
+        &self,
+        host: &str,
+        token: &str,
+    ) -> Result<(EnrolReply, String), tonic::Status> {
         let (key, csr_pem) = key_and_csr();
         let ch = connect(self.enrol, self.anon_config()).await.unwrap();
         let reply = EnrolmentClient::new(ch)
@@ -158,7 +169,9 @@ impl Appliance {
             .await?
             .into_inner();
         assert_eq!(reply.ca_pem, self.api.pki.ca_pem());
-        Ok((reply.cert_pem, key.serialize_pem()))
+        // The key the agent loads its module with (sealed records).
+        assert_eq!(reply.authority, self.api.pki.authority().public());
+        Ok((reply, key.serialize_pem()))
     }
 
     /// Pending + enrolled host; returns its agent client config.
@@ -293,6 +306,27 @@ pub fn sig(store: &Store, sha: [u8; 32], group: &str) {
     store.add_member(group, &hex, "admin:test").unwrap();
 }
 
+/// Puts a program named `name` (its SHA-256 is that of the name) in the
+/// store and into `group` (created if need be); returns its hex SHA-256.
+pub fn named_sig(store: &Store, name: &str, group: &str) -> String {
+    let sha = sha256_hex(name);
+    store
+        .put_signature(
+            &trustbind_appliance::store::Signature {
+                sha256: sha.clone(),
+                sha1: None,
+                size: 1,
+                name: name.into(),
+                source: "test".into(),
+            },
+            "admin:t",
+        )
+        .unwrap();
+    let _ = store.create_group(group, "", "admin:t");
+    store.add_member(group, &sha, "admin:t").unwrap();
+    sha
+}
+
 /// A Qualify request subject: `user`, uid 1000, one ancestor.
 pub fn subject(user: &str) -> trustbind_appliance::agent_api::pb::Subject {
     trustbind_appliance::agent_api::pb::Subject {
@@ -323,6 +357,7 @@ pub fn exec(id: u64, sha: [u8; 32]) -> trustbind_appliance::agent_api::pb::Reque
         }),
         target: Some(Target::Exec(pb::ExecTarget::default())),
         peer: None,
+        module_request: Vec::new(),
     }
 }
 

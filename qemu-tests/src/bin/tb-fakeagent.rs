@@ -5,7 +5,7 @@
 //! user-space hashes of the same files.
 //!
 //! ```text
-//! tb-fakeagent --mode enforce|permissive [--timeout-ms N]
+//! tb-fakeagent --mode enforce|permissive|disabled [--timeout-ms N]
 //!              [--allow-dir DIR]... [--allow FILE]... [--no-cache]
 //!              [--nice-path PATH:N]... [--net] [--net-allow FILE]...
 //!              [--deny-loader-direct] [--net-bind [--net-no-key]
@@ -264,6 +264,7 @@ fn run() -> Result<(), String> {
                 mode = Some(match val()?.as_str() {
                     "enforce" => Mode::Enforce,
                     "permissive" => Mode::Permissive,
+                    "disabled" => Mode::Disabled,
                     m => return Err(format!("unknown mode {m}")),
                 })
             }

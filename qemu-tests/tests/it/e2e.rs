@@ -19,13 +19,18 @@
 //! off; a time-window rule allows a tool in the current hour and refuses one
 //! allowed only twelve hours away; with the appliance powered off in
 //! permissive mode an uncached program runs; `rmmod` is refused in enforce
-//! mode; no kernel warning anywhere.
+//! mode; root without the appliance's consent (the agent killed, its own
+//! program on `/dev/trustbind`) can neither switch enforcement off nor
+//! answer "allow" for an unapproved program, because the module was
+//! loaded with the appliance's authority key and believes only what the
+//! appliance sealed (THREAT-MODEL.md T-44, T-101); no kernel warning
+//! anywhere.
 
 use anyhow::{ensure, Result};
 
 use crate::common::{
-    self, denied, enrol_host, export_audit, says_true, start_agent, switch_mode, wait_for,
-    wait_new_agent, STATE,
+    self, denied, enrol_host, export_audit, says_true, start_agent, stop_agent, switch_mode,
+    wait_for, wait_new_agent, STATE,
 };
 
 /// Policy besides [`common::SYSTEM_PROGRAMS`]: role admin may run the
@@ -98,6 +103,16 @@ fn exec_control_end_to_end() -> Result<()> {
             time_windows(hour)
         ),
     )?;
+    // tb-fakeagent plays root's own program on /dev/trustbind below: an
+    // approved program, as python would be.
+    let rogue_tool = trustbind_qemu_tests::workspace_bin("tb-fakeagent")?;
+    admin.run(&[
+        "sig",
+        "add",
+        "-g",
+        "system",
+        &rogue_tool.display().to_string(),
+    ])?;
     let sigs = admin.run(&["sig", "ls", "-g", "system", "-n", "0"])?;
     ensure!(
         sigs.lines().count() > 100,
@@ -243,21 +258,71 @@ fn exec_control_end_to_end() -> Result<()> {
     )?;
     host.run_ok("/usr/bin/nproc")?;
 
+    // Root without the appliance's consent (T-44, T-101). Root's tool is
+    // an approved program (tb-fakeagent; python would do as well): run it
+    // once now so its exec is in the kernel's cache, then stop the agent.
+    let _ = host.run("/tb/tb-fakeagent")?; // no arguments: exits at once
+    host.run_ok(
+        "cp /usr/bin/true /root/rogue && printf r >>/root/rogue && chmod 755 /root/rogue \
+         && grep -qx enforce /sys/module/trustbind/parameters/current_mode \
+         && { rmmod trustbind 2>/dev/null || :; }",
+    )?;
+    let pid = stop_agent(&mut host, "KILL")?;
+    // 1. An order to switch enforcement off is refused, and so is one to
+    //    go permissive: the module stays in enforce mode and pinned.
+    for mode in ["disabled", "permissive"] {
+        let out = host.run(&format!(
+            "/tb/tb-fakeagent --mode {mode} --log /run/rogue.log"
+        ))?;
+        ensure!(
+            out.status != 0 && out.stderr.contains("Operation not permitted"),
+            "root's Config{{{mode}}} was not refused: {out:?}"
+        );
+        host.run_ok("grep -qx enforce /sys/module/trustbind/parameters/current_mode")?;
+    }
+    let out = host.run("rmmod trustbind")?;
+    ensure!(
+        out.status != 0 && out.stderr.contains("in use"),
+        "rmmod was not refused as in use after root's orders: {out:?}"
+    );
+    // 2. Root's program answers "allow" to everything it is asked (it
+    //    keeps connects qualified: turning that off is refused too): the
+    //    module takes an unsealed allow as a refusal.
+    host.spawn_bg(
+        "exec /tb/tb-fakeagent --mode enforce --net --timeout-ms 10000 --allow-dir /root \
+         --allow-dir /usr/bin --log /run/rogue.log",
+    )?;
+    wait_for(
+        &mut host,
+        "root's agent",
+        "grep -q ready /run/rogue.log",
+        60,
+    )?;
+    let out = host.run("/root/rogue")?;
+    ensure!(
+        denied(&out),
+        "root's agent got an unapproved program run: {out:?}"
+    );
+    host.run_ok("grep -q 'rogue.*-> allow' /run/rogue.log")?;
+    host.run_ok("grep -qv '^0$' /sys/kernel/debug/trustbind/unsealed_refused")?;
+    host.run_ok("kill -TERM $(pidof tb-fakeagent)")?;
+    wait_for(
+        &mut host,
+        "root's agent to exit",
+        "! pidof tb-fakeagent",
+        60,
+    )?;
+    host.run_ok("grep -qx enforce /sys/module/trustbind/parameters/current_mode")?;
+    // The real agent, restarted (the pinned binary), is the appliance's
+    // courier again.
+    start_agent(&mut host)?;
+    wait_new_agent(&mut host, Some(&pid))?;
+    host.run_ok("/usr/bin/nproc")?;
+
     // The init script (agent/dist/) takes over: it starts the pinned agent
     // binary, restarts it when it is killed, and `stop` leaves the module
     // enforcing.
-    let pid = host
-        .run_ok("pidof trustbind-agent")?
-        .stdout
-        .trim()
-        .to_owned();
-    host.run_ok(&format!("kill -TERM {pid}"))?;
-    wait_for(
-        &mut host,
-        "the agent to exit",
-        &format!("! kill -0 {pid} 2>/dev/null"),
-        60,
-    )?;
+    let pid = stop_agent(&mut host, "TERM")?;
     host.run_ok(&format!("{INIT} start"))?;
     let first = wait_new_agent(&mut host, Some(&pid))?;
     host.run_ok(&format!("kill -KILL {first}"))?;

@@ -1,0 +1,370 @@
+//! The module's records from the appliance's messages: what a
+//! [`pb::Result`], a [`pb::ChannelKey`] or a list of peer addresses becomes
+//! on `/dev/trustbind`. One place, because both ends build them: the agent
+//! writes them (offline, or for a module without an authority key), and
+//! the appliance seals them for a module that believes only sealed records
+//! (`trustbind_proto::seal`), so the two must agree byte for byte.
+
+use std::net::IpAddr;
+
+use trustbind_proto::{
+    self as proto, ChannelKey, ChannelTls, Decision, Family, NetKind, Obligations, Record, Verdict,
+    CHANNEL_IV_LEN, CHANNEL_KEY_ID_LEN, CHANNEL_KEY_LEN, CHANNEL_SALT_LEN,
+};
+
+use crate::pb;
+
+/// Which kind of module request an answer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// An exec (program, loader or interpreter).
+    Exec,
+    /// An open, delete or rename of a protected file.
+    File,
+    /// A TCP connect, established connect or accept.
+    Net(NetKind),
+    /// A UNIX-domain stream connect.
+    Ipc,
+}
+
+impl Asked {
+    /// The kind of a decoded module request, `None` for a record that is
+    /// not a request.
+    pub fn of(rec: &Record<'_>) -> Option<Self> {
+        match rec {
+            Record::ExecRequest(_) => Some(Asked::Exec),
+            Record::FileRequest(_) => Some(Asked::File),
+            Record::NetRequest(r) => Some(Asked::Net(r.kind)),
+            Record::IpcRequest(_) => Some(Asked::Ipc),
+            _ => None,
+        }
+    }
+}
+
+/// How the module is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// With this verdict, now.
+    Verdict(Verdict),
+    /// With the key of this channel when it is pushed; without it, a deny
+    /// under this generation.
+    Channel {
+        /// The appliance's channel id.
+        channel_id: u64,
+        /// The policy generation of the decision.
+        generation: u64,
+    },
+}
+
+/// A deny under `policy_generation`, never cached.
+pub fn deny(policy_generation: u64) -> Verdict {
+    Verdict {
+        decision: Decision::Deny,
+        policy_generation,
+        cacheable: false,
+        obligations: Obligations::default(),
+    }
+}
+
+/// The verdict a result states, obligations parsed (out-of-range values
+/// clamped or dropped).
+pub fn verdict_of(r: &pb::Result) -> Verdict {
+    let decision = match pb::Verdict::try_from(r.verdict) {
+        Ok(pb::Verdict::Allow) => Decision::Allow,
+        Ok(pb::Verdict::AllowWithConditions) => Decision::AllowWithConditions,
+        _ => Decision::Deny,
+    };
+    let nice = r
+        .obligations
+        .get("nice")
+        .and_then(|n| n.parse::<i8>().ok())
+        .map(|n| n.clamp(-20, 19));
+    let cpu_limit_s = r
+        .obligations
+        .get("cpu_limit_s")
+        .and_then(|n| n.parse::<u32>().ok());
+    let log_level = r
+        .obligations
+        .get("log_level")
+        .map_or(0, |l| l.parse::<u8>().unwrap_or(2).min(3));
+    Verdict {
+        decision,
+        policy_generation: u64::try_from(r.generation).unwrap_or(0),
+        cacheable: r.cacheable,
+        obligations: Obligations {
+            nice,
+            cpu_limit_s,
+            log_level,
+            encrypt: r
+                .obligations
+                .get("encrypt")
+                .is_some_and(|v| v == "required" || v == "offload"),
+        },
+    }
+}
+
+/// The module's answer to a request of kind `asked` given the appliance's
+/// result `r`:
+/// - an exec gets the verdict as stated;
+/// - a file verdict carries no exec or net obligation (`nice`, CPU limit,
+///   `encrypt` mean nothing for an open), only the log level;
+/// - net verdicts are never cached by the kernel: a pre-SYN connect gets
+///   its verdict (with `encrypt` if required); an allowed established
+///   connect or accept that names a channel waits for its key; an accept
+///   without a channel gets its verdict (never `encrypt`, which is for
+///   connects); an established connect without a channel is denied (the
+///   kernel resets it);
+/// - a UNIX connect is never encrypted (one host) nor cached.
+pub fn answer(asked: Asked, r: &pb::Result) -> Answer {
+    let mut v = verdict_of(r);
+    match asked {
+        Asked::Exec => Answer::Verdict(v),
+        Asked::File => {
+            v.obligations = Obligations {
+                log_level: v.obligations.log_level,
+                ..Obligations::default()
+            };
+            Answer::Verdict(v)
+        }
+        Asked::Ipc => {
+            v.cacheable = false;
+            v.obligations.encrypt = false;
+            Answer::Verdict(v)
+        }
+        Asked::Net(kind) => {
+            v.cacheable = false;
+            let allowed = v.decision != Decision::Deny;
+            match kind {
+                NetKind::Connect => Answer::Verdict(v),
+                NetKind::Established | NetKind::Accept if allowed && r.channel_id != 0 => {
+                    Answer::Channel {
+                        channel_id: r.channel_id,
+                        generation: v.policy_generation,
+                    }
+                }
+                NetKind::Established => Answer::Verdict(deny(v.policy_generation)),
+                NetKind::Accept => {
+                    v.obligations.encrypt = false;
+                    Answer::Verdict(v)
+                }
+            }
+        }
+    }
+}
+
+fn fixed<const N: usize>(field: &str, v: &[u8]) -> Result<[u8; N], String> {
+    <[u8; N]>::try_from(v).map_err(|_| format!("{field}: {} bytes, expected {N}", v.len()))
+}
+
+fn unhex_id(s: &str) -> Result<[u8; CHANNEL_KEY_ID_LEN], String> {
+    let mut out = [0u8; CHANNEL_KEY_ID_LEN];
+    hex::decode_to_slice(s, &mut out)
+        .map_err(|e| format!("key_id: `{s}` is not hex of {CHANNEL_KEY_ID_LEN} bytes ({e})"))?;
+    Ok(out)
+}
+
+/// The module's record of a pushed key (the caller wipes both copies).
+pub fn channel_key_of(k: &pb::ChannelKey) -> Result<ChannelKey, String> {
+    Ok(ChannelKey {
+        channel_id: k.channel_id,
+        key_id: unhex_id(&k.key_id)?,
+        key: fixed::<CHANNEL_KEY_LEN>("key", &k.key)?,
+        tx_salt: fixed::<CHANNEL_SALT_LEN>("tx_salt", &k.tx_salt)?,
+        tx_iv: fixed::<CHANNEL_IV_LEN>("tx_iv", &k.tx_iv)?,
+        rx_salt: fixed::<CHANNEL_SALT_LEN>("rx_salt", &k.rx_salt)?,
+        rx_iv: fixed::<CHANNEL_IV_LEN>("rx_iv", &k.rx_iv)?,
+        tls: if k.tls12 {
+            ChannelTls::Tls12
+        } else {
+            ChannelTls::Tls13
+        },
+        idle_timeout_s: k.idle_timeout_s,
+    })
+}
+
+/// The module's encoding of `addrs` (IPv4-mapped IPv6 as IPv4, as the
+/// module names connection ends), at most [`proto::MAX_PEERS`], in order.
+pub fn peer_entries(addrs: &[IpAddr]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for a in addrs.iter().take(proto::MAX_PEERS) {
+        let (family, bytes) = match a {
+            IpAddr::V4(v4) => (Family::Ipv4, v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => (Family::Ipv4, v4.octets()),
+                None => {
+                    out.extend_from_slice(&proto::Peers::entry(Family::Ipv6, &v6.octets()));
+                    continue;
+                }
+            },
+        };
+        let mut a16 = [0u8; 16];
+        a16[..4].copy_from_slice(&bytes);
+        out.extend_from_slice(&proto::Peers::entry(family, &a16));
+    }
+    out
+}
+
+/// The peer addresses as the appliance sends them (strings): parsed,
+/// duplicates dropped, in order; and the ones that do not parse.
+pub fn parse_peers(addrs: &[String]) -> (Vec<IpAddr>, Vec<String>) {
+    let (mut ok, mut bad) = (Vec::new(), Vec::new());
+    for a in addrs {
+        match a.parse::<IpAddr>() {
+            Ok(ip) if !ok.contains(&ip) => ok.push(ip),
+            Ok(_) => {}
+            Err(_) => bad.push(a.clone()),
+        }
+    }
+    (ok, bad)
+}
+
+/// A whole record, encoded with `request_id`.
+pub fn encode(rec: &Record<'_>, request_id: u64) -> Result<Vec<u8>, proto::EncodeError> {
+    let mut buf = vec![0u8; rec.encoded_len()];
+    let n = rec.encode(request_id, &mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn result(verdict: pb::Verdict, encrypt: bool, channel_id: u64) -> pb::Result {
+        let mut obligations = HashMap::new();
+        if encrypt {
+            obligations.insert("encrypt".to_owned(), "required".to_owned());
+        }
+        obligations.insert("nice".to_owned(), "5".to_owned());
+        pb::Result {
+            id: 77,
+            verdict: verdict as i32,
+            obligations,
+            generation: 5,
+            cacheable: true,
+            channel_id,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pre_syn_connect_gets_its_verdict_with_encrypt() {
+        let Answer::Verdict(v) = answer(
+            Asked::Net(NetKind::Connect),
+            &result(pb::Verdict::AllowWithConditions, true, 0),
+        ) else {
+            panic!()
+        };
+        assert_eq!(v.decision, Decision::AllowWithConditions);
+        assert!(v.obligations.encrypt && !v.cacheable);
+        assert_eq!(v.policy_generation, 5);
+        let Answer::Verdict(v) = answer(
+            Asked::Net(NetKind::Connect),
+            &result(pb::Verdict::Deny, false, 0),
+        ) else {
+            panic!()
+        };
+        assert_eq!(v.decision, Decision::Deny);
+    }
+
+    #[test]
+    fn established_connects_need_a_channel() {
+        assert_eq!(
+            answer(
+                Asked::Net(NetKind::Established),
+                &result(pb::Verdict::AllowWithConditions, true, 9)
+            ),
+            Answer::Channel {
+                channel_id: 9,
+                generation: 5
+            }
+        );
+        for r in [
+            result(pb::Verdict::Allow, false, 0),
+            result(pb::Verdict::Deny, true, 9),
+        ] {
+            let Answer::Verdict(v) = answer(Asked::Net(NetKind::Established), &r) else {
+                panic!("{r:?}")
+            };
+            assert_eq!(v.decision, Decision::Deny);
+        }
+    }
+
+    #[test]
+    fn accepts_get_a_channel_or_their_verdict_without_encrypt() {
+        assert_eq!(
+            answer(
+                Asked::Net(NetKind::Accept),
+                &result(pb::Verdict::AllowWithConditions, true, 4)
+            ),
+            Answer::Channel {
+                channel_id: 4,
+                generation: 5
+            }
+        );
+        let Answer::Verdict(v) = answer(
+            Asked::Net(NetKind::Accept),
+            &result(pb::Verdict::Allow, false, 0),
+        ) else {
+            panic!()
+        };
+        assert_eq!(v.decision, Decision::Allow);
+        let Answer::Verdict(v) = answer(
+            Asked::Net(NetKind::Accept),
+            &result(pb::Verdict::AllowWithConditions, true, 0),
+        ) else {
+            panic!()
+        };
+        assert!(!v.obligations.encrypt);
+        let Answer::Verdict(v) = answer(
+            Asked::Net(NetKind::Accept),
+            &result(pb::Verdict::Deny, false, 4),
+        ) else {
+            panic!()
+        };
+        assert_eq!(v.decision, Decision::Deny);
+    }
+
+    #[test]
+    fn execs_keep_obligations_files_and_unix_connects_lose_them() {
+        let r = result(pb::Verdict::AllowWithConditions, true, 0);
+        let Answer::Verdict(v) = answer(Asked::Exec, &r) else {
+            panic!()
+        };
+        assert_eq!((v.obligations.nice, v.cacheable), (Some(5), true));
+        let Answer::Verdict(v) = answer(Asked::File, &r) else {
+            panic!()
+        };
+        assert_eq!(
+            (v.obligations.nice, v.obligations.encrypt, v.cacheable),
+            (None, false, true)
+        );
+        let Answer::Verdict(v) = answer(Asked::Ipc, &r) else {
+            panic!()
+        };
+        assert!(!v.obligations.encrypt && !v.cacheable);
+    }
+
+    #[test]
+    fn peers_are_deduplicated_in_order_and_bad_ones_named() {
+        let (ok, bad) = parse_peers(&[
+            "10.0.0.2".into(),
+            "x".into(),
+            "::ffff:10.0.0.3".into(),
+            "10.0.0.2".into(),
+        ]);
+        assert_eq!(
+            ok,
+            vec![
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "::ffff:10.0.0.3".parse().unwrap()
+            ]
+        );
+        assert_eq!(bad, vec!["x".to_owned()]);
+        let e = peer_entries(&ok);
+        assert_eq!(e.len(), 2 * proto::PEER_LEN);
+        assert_eq!(&e[proto::PEER_LEN + 4..proto::PEER_LEN + 8], &[10, 0, 0, 3]);
+    }
+}

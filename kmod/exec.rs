@@ -411,7 +411,16 @@ struct ByHandler<'a, 'b>(&'a Bprm<'b>);
 
 impl Subject for ByHandler<'_, '_> {
     fn info(&self) -> Result<ExecInfo> {
-        self.0.info()
+        let mut info = self.0.info()?;
+        // A set-uid program runs with its owner's euid, applied only once
+        // the exec commits: ask with that one (T-10). Only a native ELF
+        // file's own bit counts (a script's is ignored by the kernel; its
+        // interpreter's round asks again).
+        if self.0.is_native_elf() {
+            let (mode, owner, honoured) = self.0.setid();
+            info.euid = crate::proto::exec_euid(info.euid, mode, owner, honoured);
+        }
+        Ok(info)
     }
     fn hash(&self, h: &sys::Hashers) -> Result<([u8; 32], [u8; 20])> {
         h.hash_file(self.0)

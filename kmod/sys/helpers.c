@@ -272,6 +272,29 @@ int tb_bprm_info(const struct linux_binprm *bprm, struct tb_exec_info *out)
 	return tb_fill_info(&bprm->file->f_path, out);
 }
 
+/*
+ * What a set-uid bit on this round's file would do (bprm_fill_uid(),
+ * which runs only once the exec is committed): the file's mode and
+ * owner (init user namespace), and whether the kernel would honour the
+ * bit: the mount allows it (not nosuid, its super block's user namespace
+ * ours; mnt_may_suid() is not exported, its mount-namespace check is
+ * left out), no no_new_privs, the owner mapped.
+ */
+void tb_bprm_setid(const struct linux_binprm *bprm, u32 *mode, u32 *owner,
+		   bool *honoured)
+{
+	struct file *file = bprm->execfd_creds ? bprm->executable : bprm->file;
+	struct inode *inode = file_inode(file);
+	vfsuid_t vfsuid = i_uid_into_vfsuid(file_mnt_idmap(file), inode);
+
+	*mode = READ_ONCE(inode->i_mode);
+	*owner = from_kuid(&init_user_ns, vfsuid_into_kuid(vfsuid));
+	*honoured = !(file->f_path.mnt->mnt_flags & MNT_NOSUID) &&
+		    current_in_userns(inode->i_sb->s_user_ns) &&
+		    !task_no_new_privs(current) &&
+		    vfsuid_has_mapping(bprm->cred->user_ns, vfsuid);
+}
+
 bool tb_bprm_is_interp(const struct linux_binprm *bprm)
 {
 	/* bprm_change_interp() replaces interp when a handler swaps in an

@@ -63,6 +63,10 @@ void tb_exec_unregister(void);
 const char *tb_bprm_path(const struct linux_binprm *bprm);
 /* Identity of the file and the task. 0 or -errno. */
 int tb_bprm_info(const struct linux_binprm *bprm, struct tb_exec_info *out);
+/* The file's mode and owner, and whether the kernel would honour a
+ * set-uid bit on it (applied only after the exec commits). */
+void tb_bprm_setid(const struct linux_binprm *bprm, u32 *mode, u32 *owner,
+		   bool *honoured);
 /* SHA-256 and SHA-1 of the whole file, from offset 0, in one pass of
  * kernel_read. 0 or -errno (-EIO if the file is shorter than its size). */
 int tb_hash_file(struct tb_hashers *h, const struct linux_binprm *bprm,

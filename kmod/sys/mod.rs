@@ -33,7 +33,7 @@ mod bindings {
 
 use bindings::{
     tb_rcu_read_lock, tb_rcu_read_unlock,
-    linux_binprm, tb_backstop_debugfs, tb_backstop_mark, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp,
+    linux_binprm, tb_backstop_debugfs, tb_backstop_mark, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp, tb_bprm_setid,
     tb_bprm_file, tb_bprm_head, tb_bprm_is_native_elf, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove,
     tb_debugfs_u64, tb_dev_deregister, tb_log_ratelimit, tb_dev_register, tb_dev_wake_readers, tb_exec_register,
     tb_exec_unregister, tb_file_id_of, tb_file_read, tb_hash_current_exe, tb_hash_file, tb_hash_open, tb_hash_task_exe,
@@ -810,6 +810,16 @@ impl Bprm<'_> {
         // SAFETY: `ptr` is valid by the type invariant; `buf` holds the
         // file's first bytes for the whole round.
         unsafe { tb_bprm_is_native_elf(self.ptr) }
+    }
+
+    /// The file's mode and owner, and whether the kernel would honour a
+    /// set-uid bit on it (see `proto::exec_euid`).
+    pub(crate) fn setid(&self) -> (u32, u32, bool) {
+        let (mut mode, mut owner, mut honoured) = (0u32, 0u32, false);
+        // SAFETY: `ptr` is valid by the type invariant; the outputs are
+        // valid places of the declared types.
+        unsafe { tb_bprm_setid(self.ptr, &mut mode, &mut owner, &mut honoured) };
+        (mode, owner, honoured)
     }
 
     /// Whether the file is an ELF program loader (see `proto::elf`), from

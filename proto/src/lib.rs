@@ -452,6 +452,19 @@ pub const EXEC_LOADER_DIRECT: u8 = 1;
 /// Every flag bit this version defines.
 const EXEC_FLAGS_KNOWN: u8 = EXEC_LOADER_DIRECT;
 
+/// The effective uid an exec will run with: the file owner's when its
+/// set-uid bit (`mode & 0o4000`) is set and the kernel honours it
+/// (`honoured`: a suid-capable mount, no `no_new_privs`, the owner mapped),
+/// else `current`. The kernel applies it only once the exec commits, after
+/// the module has asked, so the module computes it (THREAT-MODEL T-10).
+pub const fn exec_euid(current: u32, mode: u32, owner: u32, honoured: bool) -> u32 {
+    if honoured && mode & 0o4000 != 0 {
+        owner
+    } else {
+        current
+    }
+}
+
 /// The identity and context of one exec, as the kernel saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExecRequest<'a> {

@@ -1005,3 +1005,14 @@ fn sealed_round_trips_and_checks_its_inner_header() {
     cut[8..12].copy_from_slice(&n.to_le_bytes());
     assert!(decode(&cut).is_err());
 }
+
+#[test]
+fn set_uid_programs_run_with_their_owners_euid() {
+    // rwsr-xr-x root: alice (1000) runs it as root.
+    assert_eq!(exec_euid(1000, 0o104755, 0, true), 0);
+    // Not honoured (nosuid mount, no_new_privs, unmapped owner): as alice.
+    assert_eq!(exec_euid(1000, 0o104755, 0, false), 1000);
+    // No set-uid bit (set-gid alone does not change the euid).
+    assert_eq!(exec_euid(1000, 0o102755, 0, true), 1000);
+    assert_eq!(exec_euid(1000, 0o100755, 0, true), 1000);
+}

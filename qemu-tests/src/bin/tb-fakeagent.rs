@@ -28,7 +28,7 @@
 //! are unless `--no-cache`).
 //!
 //! Every request becomes one line in the log:
-//! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> pid=<p> anc=<hex,...> direct=0|1 -> allow|deny`
+//! `exec <path> sha256=<hex> sha1=<hex> size=<n> uid=<u> euid=<e> pid=<p> anc=<hex,...> direct=0|1 -> allow|deny`
 //! (`anc`: the ancestry, nearest first; `-` when empty; `direct=1`: the ELF
 //! loader run as the program, which `--deny-loader-direct` denies).
 //!
@@ -553,12 +553,13 @@ fn run() -> Result<(), String> {
         });
         writeln!(
             log,
-            "exec {} sha256={} sha1={} size={} uid={} pid={} anc={} direct={} -> {}",
+            "exec {} sha256={} sha1={} size={} uid={} euid={} pid={} anc={} direct={} -> {}",
             String::from_utf8_lossy(r.path),
             hex(&r.sha256),
             hex(&r.sha1),
             r.size,
             r.uid,
+            r.euid,
             r.pid,
             anc_field(&r.ancestry),
             u8::from(direct),

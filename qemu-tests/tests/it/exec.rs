@@ -6,8 +6,9 @@
 //! enforce mode and runs with a "would be denied" report in permissive
 //! mode; a `#!` script and its interpreter are qualified separately; the
 //! in-kernel SHA-256 and SHA-1 equal `sha256sum`/`sha1sum` of the file; the
-//! request carries the caller's uid and the ancestry (the hash of the shell
-//! that ran the program first); disabled mode asks nothing; the module
+//! request carries the caller's uid, the euid a set-uid program runs with
+//! (T-10), and the ancestry (the hash of the shell that ran the program
+//! first); disabled mode asks nothing; the module
 //! cannot be unloaded in enforce mode; the debugfs counters add up.
 //!
 //! `exec_verdict_cache` proves the in-kernel verdict cache: a repeated exec
@@ -191,6 +192,25 @@ fn exec_qualification() -> Result<()> {
     ensure!(interp.ends_with("-> allow"), "{interp}");
     let id = request_for(&mut vm, "/usr/bin/id")?.context("no request for id")?;
     ensure!(field(&id, "uid")? == "65534", "uid not carried: {id}");
+    ensure!(field(&id, "euid")? == "65534", "euid: {id}");
+    // A set-uid program is asked with the euid it will run with (its
+    // owner's), which the kernel applies only after the module asked
+    // (T-10).
+    vm.run_ok(
+        "mkdir -p /usr/local/bin && cp /usr/bin/id /usr/local/bin/suid-id \
+         && chmod 4755 /usr/local/bin/suid-id",
+    )?;
+    let out =
+        vm.run("setpriv --reuid=65534 --regid=65534 --clear-groups /usr/local/bin/suid-id -u")?;
+    ensure!(
+        out.status == 0 && out.stdout.trim() == "0",
+        "set-uid id did not run as root: {out:?}"
+    );
+    let suid = request_for(&mut vm, "/usr/local/bin/suid-id")?.context("no request for suid-id")?;
+    ensure!(
+        field(&suid, "uid")? == "65534" && field(&suid, "euid")? == "0",
+        "set-uid exec asked with the caller's euid: {suid}"
+    );
 
     // Ancestry: a program run by a shell names the shell's hash first (the
     // trailing `:` makes the shell fork instead of exec'ing in place).

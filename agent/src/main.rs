@@ -292,7 +292,15 @@ fn status(state: &std::path::Path, json: bool) -> ExitCode {
                 "NOT connected"
             }
         );
-        println!("mode:        {}", s.mode);
+        println!(
+            "mode:        {} ({})",
+            s.mode,
+            if s.sealed {
+                "sealed: only the appliance can change it"
+            } else {
+                "NOT sealed: the module was loaded without the appliance's authority key"
+            }
+        );
         println!("generation:  {}", s.generation);
         println!(
             "requests:    {} exec, {} connect/accept, {} file (appliance {}, offline {}, denied {}, late {})",

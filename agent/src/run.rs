@@ -122,6 +122,11 @@ pub struct Status {
     pub connected: bool,
     /// Current module mode.
     pub mode: String,
+    /// Whether the module was loaded with the appliance's authority key
+    /// and so believes only records the appliance sealed (root on this
+    /// host cannot switch it off or answer for the appliance).
+    #[serde(default)]
+    pub sealed: bool,
     /// Last policy generation seen.
     pub generation: i64,
     /// Exec requests from the module.
@@ -350,10 +355,15 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         other => other?,
     }
     tracing::info!(
-        "{}: module v{:#x}, mode {}, connects/accepts {}, appliance {} as `{}`",
+        "{}: module v{:#x}, mode {}, {}, connects/accepts {}, appliance {} as `{}`",
         opts.device.display(),
         device.ack.module_version,
         mode_name(mode),
+        if device.session().is_some() {
+            "sealed records only"
+        } else {
+            "no authority key (the module believes this agent)"
+        },
         if opts.qualify_net {
             "qualified"
         } else {
@@ -374,6 +384,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         host: cfg.name.clone(),
         appliance: cfg.agent_addr.clone(),
         mode: mode_name(mode).into(),
+        sealed: device.session().is_some(),
         ..Status::default()
     };
     let opts_state = opts.state.clone();

@@ -145,6 +145,13 @@ fn exec_control_end_to_end() -> Result<()> {
          && chmod 755 /root/tool /root/evil /root/ok /root/wnow /root/wlater",
     )?;
     enrol_host(admin, &mut host, &ip, &fp, "host1", "enforce")?;
+    // Loaded with the appliance's authority key: the agent says so.
+    let out = host.run_ok(&format!("/tb/trustbind-agent --state {STATE} status"))?;
+    ensure!(
+        out.stdout
+            .contains("sealed: only the appliance can change it"),
+        "the module is not sealed: {out:?}"
+    );
 
     // `sleep` (used by the waits below) gets a verdict while the appliance
     // answers, so it is in the agent's signed offline bundle later (the

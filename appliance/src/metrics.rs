@@ -64,6 +64,7 @@ pub struct Metrics {
     keys_issued: Counter,
     enrolments: Family<Labels<1>, Counter>,
     agents_connected: Gauge<u64, AtomicU64>,
+    agents_unsealed: Gauge<u64, AtomicU64>,
     limits_exceeded: Counter,
     refused: Family<Labels<1>, Counter>,
     alerts: Family<Labels<2>, Counter>,
@@ -155,6 +156,7 @@ impl Metrics {
             keys_issued: Counter::default(),
             enrolments: Family::default(),
             agents_connected: Gauge::default(),
+            agents_unsealed: Gauge::default(),
             limits_exceeded: Counter::default(),
             refused: Family::default(),
             alerts: Family::default(),
@@ -248,6 +250,11 @@ impl Metrics {
             "trustbind_agents_connected",
             "Agents connected now",
             m.agents_connected.clone(),
+        );
+        r.register(
+            "trustbind_agents_unsealed",
+            "Connected agents whose module has no session with this appliance (loaded without its authority key): root on those hosts can switch enforcement off",
+            m.agents_unsealed.clone(),
         );
         let t = &m.retention;
         r.register(
@@ -471,6 +478,12 @@ impl Metrics {
         self.agents_connected.set(n);
     }
 
+    /// Sets the number of connected agents whose module is not sealed
+    /// (no `module_session` in their `Hello`; a gauge).
+    pub fn set_agents_unsealed(&self, n: u64) {
+        self.agents_unsealed.set(n);
+    }
+
     /// Total decisions recorded for `action` with `verdict` (for tests and the CLI).
     pub fn decisions(&self, action: &str, verdict: &str) -> u64 {
         if !VERDICTS.contains(&verdict) {
@@ -564,6 +577,9 @@ mod tests {
         assert!(t.contains("trustbind_enrolments_total{result=\"failed\"} 2\n"));
         assert!(t.contains("trustbind_limits_exceeded_total 1\n"));
         assert!(t.contains("trustbind_agents_connected 4\n"));
+        m.set_agents_unsealed(2);
+        let t = m.render();
+        assert!(t.contains("trustbind_agents_unsealed 2\n"), "{t}");
         assert!(t.contains("# TYPE trustbind_agents_connected gauge\n"));
     }
 
@@ -600,6 +616,7 @@ mod tests {
             .collect();
         let expected = [
             "trustbind_agents_connected",
+            "trustbind_agents_unsealed",
             "trustbind_alerts_total",
             "trustbind_audit_gap_events_total",
             "trustbind_cache_hits_total",

@@ -212,6 +212,24 @@ impl Hub {
         }
     }
 
+    /// Hosts with an open stream whose agent named no module session on
+    /// any of them: their module was loaded without the authority key and
+    /// believes its agent (root on those hosts can switch it off).
+    pub fn unsealed_hosts(&self) -> Vec<String> {
+        self.streams
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, v)| {
+                        let open = || v.iter().filter(|s| !s.tx.is_closed());
+                        open().next().is_some() && open().all(|s| s.seal.is_none())
+                    })
+                    .map(|(h, _)| h.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Hosts with at least one open stream.
     pub fn connected_hosts(&self) -> Vec<String> {
         self.streams
@@ -230,6 +248,23 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::agent_api::pb::Ping;
+
+    #[tokio::test]
+    async fn hosts_whose_module_has_no_session_are_named() {
+        let hub = Hub::new();
+        let seal = || {
+            let key = crate::seal::SessionKey::derive(&[1; 32], &[2; 64]);
+            Some(Arc::new(OrderSeal::new(Arc::new(key), 0, true)))
+        };
+        let (_a, _ra) = hub.subscribe("sealed", vec![], seal());
+        let (_b, _rb) = hub.subscribe("open", vec![], None);
+        let (_c, rc) = hub.subscribe("gone", vec![], None);
+        drop(rc);
+        assert_eq!(hub.unsealed_hosts(), vec!["open".to_owned()]);
+        let mut all = hub.connected_hosts();
+        all.sort();
+        assert_eq!(all, vec!["open".to_owned(), "sealed".to_owned()]);
+    }
 
     #[tokio::test]
     async fn a_slow_stream_is_ended_with_a_status_never_silently_short() {

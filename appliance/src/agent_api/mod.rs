@@ -337,6 +337,8 @@ async fn watch_generation(api: Arc<AgentApi>) {
         }
         let n = api.hub.connected_hosts().len();
         crate::metrics::metrics().set_agents_connected(u64::try_from(n).unwrap_or(u64::MAX));
+        let u = api.hub.unsealed_hosts().len();
+        crate::metrics::metrics().set_agents_unsealed(u64::try_from(u).unwrap_or(u64::MAX));
     }
 }
 

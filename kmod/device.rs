@@ -681,12 +681,7 @@ impl Channel {
                 if rule == BareRule::AllowIsDeny && v.decision != Decision::Deny {
                     // Not the appliance's word: no allow, nothing cached.
                     bump(&STATS.unsealed);
-                    v = Verdict {
-                        decision: Decision::Deny,
-                        cacheable: false,
-                        obligations: proto::Obligations::default(),
-                        ..v
-                    };
+                    v = Verdict::deny(v.policy_generation);
                 }
                 let Some(slot) = st.pending.get_mut(&header.request_id) else {
                     pr_warn!(
@@ -714,12 +709,7 @@ impl Channel {
                     k.wipe();
                     bump(&STATS.unsealed);
                     pr_warn!("refused an unsealed channel key for request {}\n", header.request_id);
-                    *slot = Some(Reply::Verdict(Verdict {
-                        decision: Decision::Deny,
-                        policy_generation: 0,
-                        cacheable: false,
-                        obligations: proto::Obligations::default(),
-                    }));
+                    *slot = Some(Reply::Verdict(Verdict::deny(0)));
                     self.verdicts.notify_all();
                     return Ok(());
                 }

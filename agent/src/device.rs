@@ -8,11 +8,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use trustbind_proto::{
-    self as proto, ChannelClosed, ChannelKey, Config, DecodeError, Family, FileAccess, FileRequest,
+    self as proto, ChannelClosed, ChannelKey, Config, DecodeError, FileAccess, FileRequest,
     Generation, Hello, HelloAck, IpcRequest, Mode, NetKind, NetRequest, Record, Verdict,
     MAX_RECORD_LEN,
 };
@@ -219,17 +219,7 @@ pub enum Event {
     Closed(ChannelClosed),
 }
 
-/// An address field of a [`NetRequest`]: IPv4 in the first 4 bytes; IPv6
-/// as is (an IPv4 peer of an IPv6 socket stays `::ffff:a.b.c.d`).
-pub fn ip_of(family: Family, a: [u8; 16]) -> IpAddr {
-    match family {
-        Family::Ipv4 => {
-            let [a0, a1, a2, a3, ..] = a;
-            IpAddr::V4(Ipv4Addr::new(a0, a1, a2, a3))
-        }
-        Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(a)),
-    }
-}
+pub use trustbind_api::module::ip_of;
 
 fn ancestry_of(a: proto::Ancestry<'_>) -> Vec<[u8; 32]> {
     a.iter()
@@ -534,6 +524,8 @@ impl DeviceWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv6Addr;
+    use trustbind_proto::Family;
 
     #[test]
     fn peer_addresses_become_the_modules_entries() {

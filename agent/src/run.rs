@@ -787,17 +787,6 @@ fn request_of(ev: &ExecEvent, user: String) -> pb::Request {
     }
 }
 
-/// The policy's action for a file access (a hard link's new name is an
-/// `open_write`, as the module asks it).
-fn file_action(a: FileAccess) -> pb::Action {
-    match a {
-        FileAccess::Read => pb::Action::OpenRead,
-        FileAccess::Write => pb::Action::OpenWrite,
-        FileAccess::Delete => pb::Action::Delete,
-        FileAccess::Rename => pb::Action::Rename,
-    }
-}
-
 /// `read`, `write`, `delete` or `rename` (spool records).
 fn access_name(a: FileAccess) -> &'static str {
     match a {
@@ -836,7 +825,7 @@ fn file_of(ev: &FileEvent) -> String {
 pub fn file_request_of(ev: &FileEvent, user: String) -> pb::Request {
     pb::Request {
         id: ev.request_id,
-        action: file_action(ev.access) as i32,
+        action: tbm::file_action(ev.access) as i32,
         subject: Some(subject_of(&ev.process, user)),
         program: Some(program_by_hash(&ev.sha256)),
         target: Some(pb::request::Target::File(pb::FileTarget {
@@ -961,7 +950,7 @@ async fn answer(shared: &Shared, batch: Vec<Asked>) {
         // batch was being prepared: ask it rather than answer offline.
         asked = qualify(shared, requests, timeout).await;
     }
-    let online = match asked.map_err(|e| e.unwrap_or_else(|| "not connected".into())) {
+    let mut online = match asked.map_err(|e| e.unwrap_or_else(|| "not connected".into())) {
         Ok(results) => {
             if !shared.connected.swap(true, Ordering::Relaxed) {
                 tracing::info!("appliance answering again");
@@ -986,11 +975,13 @@ async fn answer(shared: &Shared, batch: Vec<Asked>) {
     let mut answers = Vec::with_capacity(batch.len());
     for (a, user) in batch.iter().zip(users) {
         let sha = hex::encode(a.sha256());
-        let from_appliance = online.as_ref().and_then(|m| m.get(&a.request_id()));
+        // Each result is taken once: its sealed answer moves, not copied.
+        let mut from_appliance = online.as_mut().and_then(|m| m.remove(&a.request_id()));
         let sealed = from_appliance
-            .map(|r| r.module_answer.clone())
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.module_answer))
             .unwrap_or_default();
-        let (v, why) = match from_appliance {
+        let (v, why) = match from_appliance.as_ref() {
             Some(r) => {
                 let v = a.verdict(r);
                 // The bundle holds (program, user) verdicts for execs only.
@@ -1126,10 +1117,7 @@ pub fn net_request_of(ev: &NetEvent, user: String) -> pb::Request {
             module_request: ev.module_request.clone(),
         };
     }
-    let action = match ev.kind {
-        NetKind::Accept => pb::Action::Accept,
-        NetKind::Connect | NetKind::Established => pb::Action::Connect,
-    };
+    let action = tbm::net_action(ev.kind);
     pb::Request {
         id: ev.request_id,
         action: action as i32,
@@ -1204,18 +1192,22 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         .saturating_duration_since(tokio::time::Instant::now())
         .max(Duration::from_millis(1));
     let plan = match qualify(&shared, vec![req], budget).await {
-        Ok(results) => results.iter().find(|r| r.id == ev.request_id).map(|r| {
-            let asked = if ev.ipc.is_some() {
-                tbm::Asked::Ipc
-            } else {
-                tbm::Asked::Net(ev.kind)
-            };
-            (
-                tbm::answer(asked, r),
-                refusal::online_reason(&r.reasons),
-                r.module_answer.clone(),
-            )
-        }),
+        Ok(results) => results
+            .into_iter()
+            .find(|r| r.id == ev.request_id)
+            .map(|mut r| {
+                let asked = if ev.ipc.is_some() {
+                    tbm::Asked::Ipc
+                } else {
+                    tbm::Asked::Net(ev.kind)
+                };
+                let sealed = std::mem::take(&mut r.module_answer);
+                (
+                    tbm::answer(asked, &r),
+                    refusal::online_reason(&r.reasons),
+                    sealed,
+                )
+            }),
         Err(e) => {
             if let Some(e) = e {
                 tracing::warn!(

@@ -8,8 +8,8 @@
 use std::net::IpAddr;
 
 use trustbind_proto::{
-    self as proto, ChannelKey, ChannelTls, Decision, Family, NetKind, Obligations, Record, Verdict,
-    CHANNEL_IV_LEN, CHANNEL_KEY_ID_LEN, CHANNEL_KEY_LEN, CHANNEL_SALT_LEN,
+    self as proto, ChannelKey, ChannelTls, Decision, Family, FileAccess, NetKind, Obligations,
+    Record, Verdict, CHANNEL_IV_LEN, CHANNEL_KEY_ID_LEN, CHANNEL_KEY_LEN, CHANNEL_SALT_LEN,
 };
 
 use crate::pb;
@@ -41,6 +41,51 @@ impl Asked {
     }
 }
 
+/// The policy's action for a file access (a hard link's new name is an
+/// `open_write`, as the module asks it).
+pub fn file_action(a: FileAccess) -> pb::Action {
+    match a {
+        FileAccess::Read => pb::Action::OpenRead,
+        FileAccess::Write => pb::Action::OpenWrite,
+        FileAccess::Delete => pb::Action::Delete,
+        FileAccess::Rename => pb::Action::Rename,
+    }
+}
+
+/// The policy's action for a TCP request (an established connect is the
+/// connect asked again).
+pub fn net_action(k: NetKind) -> pb::Action {
+    match k {
+        NetKind::Accept => pb::Action::Accept,
+        NetKind::Connect | NetKind::Established => pb::Action::Connect,
+    }
+}
+
+/// The policy's action a module request is asked as, `None` for a record
+/// that is not a request.
+pub fn action(rec: &Record<'_>) -> Option<pb::Action> {
+    match rec {
+        Record::ExecRequest(_) => Some(pb::Action::Exec),
+        Record::FileRequest(f) => Some(file_action(f.access)),
+        Record::NetRequest(n) => Some(net_action(n.kind)),
+        Record::IpcRequest(_) => Some(pb::Action::IpcConnect),
+        _ => None,
+    }
+}
+
+/// An address field of a module `NetRequest`: IPv4 in the first 4 bytes;
+/// IPv6 as is (an IPv4 peer of an IPv6 socket stays `::ffff:a.b.c.d`), as
+/// the agent spells it for the appliance.
+pub fn ip_of(family: Family, a: [u8; 16]) -> IpAddr {
+    match family {
+        Family::Ipv4 => {
+            let [a0, a1, a2, a3, ..] = a;
+            IpAddr::from([a0, a1, a2, a3])
+        }
+        Family::Ipv6 => IpAddr::from(a),
+    }
+}
+
 /// How the module is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -58,12 +103,7 @@ pub enum Answer {
 
 /// A deny under `policy_generation`, never cached.
 pub fn deny(policy_generation: u64) -> Verdict {
-    Verdict {
-        decision: Decision::Deny,
-        policy_generation,
-        cacheable: false,
-        obligations: Obligations::default(),
-    }
+    Verdict::deny(policy_generation)
 }
 
 /// The verdict a result states, obligations parsed (out-of-range values

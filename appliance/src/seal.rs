@@ -521,27 +521,17 @@ fn ip(field: &str, s: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("module_request: `{field}` `{s}` is not an IP address"))
 }
 
-/// An address field of a module `NetRequest` (IPv4 in the first 4 bytes),
-/// as the agent spells it.
-fn module_ip(family: proto::Family, a: [u8; 16]) -> IpAddr {
-    match family {
-        proto::Family::Ipv4 => {
-            let [a0, a1, a2, a3, ..] = a;
-            IpAddr::from([a0, a1, a2, a3])
-        }
-        proto::Family::Ipv6 => IpAddr::from(a),
-    }
-}
-
 /// Checks that the gRPC request `r` says what the module's request `rec`
 /// says on everything the decision rests on; the error names the first
 /// field that differs. Fields the module does not state (the user name,
 /// a package) are not compared, nor the agent's request id.
 pub fn check_request(r: &pb::Request, rec: &Record<'_>) -> Result<(), String> {
     let action = action_of(r);
+    if let Some(want) = module::action(rec) {
+        same("action", action, want)?;
+    }
     match rec {
         Record::ExecRequest(e) => {
-            same("action", action, pb::Action::Exec)?;
             let p = program_of(r)?;
             same("program.sha256", p.sha256.as_slice(), &e.sha256[..])?;
             same("program.sha1", p.sha1.as_slice(), &e.sha1[..])?;
@@ -572,11 +562,6 @@ pub fn check_request(r: &pb::Request, rec: &Record<'_>) -> Result<(), String> {
             )
         }
         Record::NetRequest(n) => {
-            let want = match n.kind {
-                proto::NetKind::Accept => pb::Action::Accept,
-                proto::NetKind::Connect | proto::NetKind::Established => pb::Action::Connect,
-            };
-            same("action", action, want)?;
             let t = net_of(r)?;
             same("net.proto", t.proto, pb::Proto::Tcp as i32)?;
             same(
@@ -587,13 +572,13 @@ pub fn check_request(r: &pb::Request, rec: &Record<'_>) -> Result<(), String> {
             same(
                 "net.src_addr",
                 ip("net.src_addr", &t.src_addr)?,
-                module_ip(n.family, n.src_addr),
+                module::ip_of(n.family, n.src_addr),
             )?;
             same("net.src_port", t.src_port, u32::from(n.src_port))?;
             same(
                 "net.dst_addr",
                 ip("net.dst_addr", &t.dst_addr)?,
-                module_ip(n.family, n.dst_addr),
+                module::ip_of(n.family, n.dst_addr),
             )?;
             same("net.dst_port", t.dst_port, u32::from(n.dst_port))?;
             same(
@@ -613,7 +598,6 @@ pub fn check_request(r: &pb::Request, rec: &Record<'_>) -> Result<(), String> {
             )
         }
         Record::IpcRequest(c) => {
-            same("action", action, pb::Action::IpcConnect)?;
             let t = net_of(r)?;
             same("net.proto", t.proto, pb::Proto::Unix as i32)?;
             same(
@@ -640,13 +624,6 @@ pub fn check_request(r: &pb::Request, rec: &Record<'_>) -> Result<(), String> {
             )
         }
         Record::FileRequest(f) => {
-            let want = match f.access {
-                proto::FileAccess::Read => pb::Action::OpenRead,
-                proto::FileAccess::Write => pb::Action::OpenWrite,
-                proto::FileAccess::Delete => pb::Action::Delete,
-                proto::FileAccess::Rename => pb::Action::Rename,
-            };
-            same("action", action, want)?;
             // The paths are not compared: the module names the file from
             // the root of its file system, and the agent maps that to an
             // absolute path on the host (bind mounts, namespaces), which

@@ -331,12 +331,12 @@ impl<T: Send + Sync> RcuCell<T> {
         // SAFETY: Enters a read section; left below, on the same CPU
         // (preemption is off inside, on this kernel).
         unsafe { tb_rcu_read_lock() };
+        // Non-null, `p` is a live `T` published with release order
+        // (`update`) and freed only after a grace period that starts once
+        // it is unpublished (type invariant), which this read section holds
+        // off; it is used shared (`T: Sync`) and only while `f` runs.
         let p = self.ptr.load(Ordering::Acquire);
-        // SAFETY: Non-null: a live `T` published with release order
-        // (`update`), not freed before a grace period that starts after
-        // it was unpublished (type invariant), and this read section
-        // began before such a grace period could end; shared access only
-        // (`T: Sync`), for no longer than `f` runs.
+        // SAFETY: Live for this read section, shared access (see above).
         let v = unsafe { p.as_ref() };
         let r = f(v);
         // SAFETY: Leaves the section entered above.

@@ -918,6 +918,23 @@ pub struct Verdict {
     pub obligations: Obligations,
 }
 
+impl Verdict {
+    /// A deny under `policy_generation`, never cached, with no obligation.
+    pub const fn deny(policy_generation: u64) -> Self {
+        Verdict {
+            decision: Decision::Deny,
+            policy_generation,
+            cacheable: false,
+            obligations: Obligations {
+                nice: None,
+                cpu_limit_s: None,
+                log_level: 0,
+                encrypt: false,
+            },
+        }
+    }
+}
+
 /// Length of a channel key (AES-256-GCM).
 pub const CHANNEL_KEY_LEN: usize = 32;
 /// Length of a channel's key id (random; shown hex-encoded).

@@ -90,7 +90,7 @@ impl Spool {
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
         let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(SpoolError::Random)?;
+        getrandom::getrandom(&mut id).map_err(SpoolError::Random)?;
         let instance = hex::encode(id);
         let mut spool = Self {
             dir: dir.to_owned(),

@@ -2,7 +2,8 @@
 //! generated from `proto/trustbind/agent/v1/agent.proto`: the one
 //! definition both sides compile (clients and servers for `Enrolment` and
 //! `Agent`), and [`pinned`], the enrol port's client side both the agent
-//! and the admin CLI use.
+//! and the admin CLI use (with `write_atomic`, which the appliance uses
+//! for its own PKI files too).
 
 pub mod module;
 pub mod pinned;

@@ -8,7 +8,10 @@
 //! against it, so nothing (token included) is sent to an appliance whose CA
 //! is not the pinned one.
 
-use std::io;
+use std::fs;
+use std::io::{self, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -242,6 +245,23 @@ pub fn check_reply_ca(ca_pem: &str, pin: &str) -> Result<(), String> {
         return Err("the CA in the reply is not the pinned one".into());
     }
     Ok(())
+}
+
+/// Writes `data` to `path` atomically (the credentials an enrolment
+/// brings, the appliance's own PKI files): a temporary file in the same
+/// directory (`tempfile`, mode 0600 if `private`, else 0644), fsync,
+/// persisted (renamed) over `path`, fsync of the directory.
+pub fn write_atomic(path: &Path, data: &[u8], private: bool) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mode = if private { 0o600 } else { 0o644 };
+    // A new file only this process can open (0600), removed on failure.
+    let mut f = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    f.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
+    f.write_all(data)?;
+    f.as_file().sync_all()?;
+    f.persist(path).map_err(|e| e.error)?;
+    fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

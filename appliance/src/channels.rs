@@ -122,7 +122,7 @@ impl ChannelKey {
     /// Draws a fresh key, salts, IVs and key id from the OS CSPRNG.
     pub fn generate() -> Result<Self, getrandom::Error> {
         let mut id = [0u8; 16];
-        getrandom::fill(&mut id)?;
+        getrandom::getrandom(&mut id)?;
         let mut k = Self {
             key_id: hex(&id),
             key: [0; KEY_LEN],
@@ -135,13 +135,13 @@ impl ChannelKey {
                 iv: [0; IV_LEN],
             },
         };
-        getrandom::fill(&mut k.key)?;
+        getrandom::getrandom(&mut k.key)?;
         for (m, dir) in [
             (&mut k.client_to_server, Direction::ClientToServer),
             (&mut k.server_to_client, Direction::ServerToClient),
         ] {
-            getrandom::fill(&mut m.salt)?;
-            getrandom::fill(&mut m.iv)?;
+            getrandom::getrandom(&mut m.salt)?;
+            getrandom::getrandom(&mut m.iv)?;
             let [first, ..] = &mut m.salt;
             *first = match dir {
                 Direction::ClientToServer => *first & 0x7f,

@@ -25,18 +25,19 @@ pub mod admin;
 pub mod agent_api;
 pub mod alerts;
 pub mod channels;
-pub mod clock;
-pub mod files;
 pub mod gate;
 pub mod learn;
 pub mod limits;
 pub mod metrics;
 pub mod ntp;
 pub mod pki;
-pub mod policy;
 pub mod ratelimit;
-pub mod request;
 pub mod retention;
 pub mod seal;
 pub mod store;
 pub mod sys;
+
+// The policy engine, the request model, file sets and the time zone live in
+// `trustbind-policy` (shared with the CLI), under their old paths here.
+pub use trustbind_policy as policy;
+pub use trustbind_policy::{clock, files, request};

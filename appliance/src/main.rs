@@ -41,6 +41,7 @@ use trustbind_appliance::gate::Gate;
 use trustbind_appliance::limits::Limits;
 use trustbind_appliance::pki::{self, Pki};
 use trustbind_appliance::policy::engine::Engine;
+use trustbind_appliance::policy::SCHEMA;
 use trustbind_appliance::retention;
 use trustbind_appliance::store::{AdminRole, Store};
 
@@ -747,9 +748,6 @@ impl ServerNames {
         }
     }
 }
-
-/// The Cedar schema every policy set is validated against.
-const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
 /// The daemon's log: `tracing` events as text lines on stderr (the image's
 /// `tb-supervise` copies them to the console and a bounded log on /data;

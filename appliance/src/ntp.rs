@@ -127,7 +127,7 @@ pub fn query(server: &str) -> Result<i64, NtpError> {
     sock.connect(addr).map_err(io)?;
     sock.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
     let mut rnd = [0_u8; 4];
-    getrandom::fill(&mut rnd).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+    getrandom::getrandom(&mut rnd).map_err(|e| io(std::io::Error::other(e.to_string())))?;
     let t1 = now_unix_ms();
     let tx = (to_ntp(t1) & !0xffff_ffff) | u64::from(u32::from_be_bytes(rnd));
     sock.send(&request(tx)).map_err(io)?;

@@ -26,8 +26,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -48,6 +46,8 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::store::hex;
+use trustbind_policy::cert::serial_hex;
+pub use trustbind_policy::cert::{peer_cert, CertKind, PeerCert};
 
 /// CA certificate file name in the data directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -103,76 +103,6 @@ pub enum PkiError {
     /// A lock was poisoned by a panic in another thread.
     #[error("PKI lock poisoned")]
     Poisoned,
-}
-
-/// The kind of a certificate issued by this CA, carried as the subject OU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CertKind {
-    /// An enrolled host (agent port).
-    Host,
-    /// An administrator (admin port).
-    Admin,
-    /// The appliance's own server certificate.
-    Server,
-}
-
-impl CertKind {
-    /// The OU value marking this kind.
-    pub fn marker(self) -> &'static str {
-        match self {
-            Self::Host => "trustbind-host",
-            Self::Admin => "trustbind-admin",
-            Self::Server => "trustbind-server",
-        }
-    }
-
-    fn from_marker(s: &str) -> Option<Self> {
-        [Self::Host, Self::Admin, Self::Server]
-            .into_iter()
-            .find(|k| k.marker() == s)
-    }
-}
-
-/// What a verified peer certificate says about its holder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerCert {
-    /// Kind marker (subject OU).
-    pub kind: CertKind,
-    /// Subject CN: the host name or admin name.
-    pub name: String,
-    /// Serial number, lower-case hex.
-    pub serial: String,
-}
-
-/// Reads kind, CN and serial from a DER certificate (no signature check:
-/// call it on certificates rustls has already verified).
-pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    let mut kinds = subject
-        .iter_organizational_unit()
-        .filter_map(|a| a.as_str().ok())
-        .filter_map(CertKind::from_marker);
-    let kind = kinds.next()?;
-    if kinds.next().is_some() {
-        return None;
-    }
-    let mut cns = subject.iter_common_name().filter_map(|a| a.as_str().ok());
-    let name = cns.next()?.to_owned();
-    if cns.next().is_some() {
-        return None;
-    }
-    Some(PeerCert {
-        kind,
-        name,
-        serial: serial_hex(cert.raw_serial()),
-    })
-}
-
-/// Lower-case hex of a serial number, without leading zero bytes.
-fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
-    hex(raw.get(start..).unwrap_or_default())
 }
 
 /// The set of host certificates allowed on the agent port: serial -> host
@@ -763,7 +693,7 @@ pub fn check_name(name: &str) -> Result<(), PkiError> {
 /// encoding is exactly these bytes.
 fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut b = [0_u8; 16];
-    getrandom::fill(&mut b).map_err(|e| PkiError::Tls(format!("OS random source: {e}")))?;
+    getrandom::getrandom(&mut b).map_err(|e| PkiError::Tls(format!("OS random source: {e}")))?;
     if let Some(first) = b.first_mut() {
         *first = (*first & 0x7f) | 0x40;
     }
@@ -810,21 +740,7 @@ fn read_string(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(|e| io_err(path, e))
 }
 
-/// Writes `data` to `path` atomically: a temporary file in the same
-/// directory (`tempfile`, mode 0600 if `private`, else 0644), fsync,
-/// persisted (renamed) over `path`, fsync of the directory.
+/// [`trustbind_api::pinned::write_atomic`], the path in the error.
 pub fn write_atomic(path: &Path, data: &[u8], private: bool) -> Result<(), PkiError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mode = if private { 0o600 } else { 0o644 };
-    let result = (|| {
-        // A new file only this process can open (0600), removed on failure.
-        let mut f = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-        f.as_file()
-            .set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(data)?;
-        f.as_file().sync_all()?;
-        f.persist(path).map_err(|e| e.error)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    result.map_err(|e| io_err(path, e))
+    trustbind_api::pinned::write_atomic(path, data, private).map_err(|e| io_err(path, e))
 }

@@ -45,12 +45,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, UnixTime};
 use serde::Serialize;
+pub use trustbind_policy::audit::{
+    read_export_files, verify_checkpoint, verify_export, ExportLine, ExportReport,
+};
 
 use crate::metrics::metrics;
-use crate::store::{now_ms, AuditRow, Checkpoint, Store, StoreError, GENESIS};
+use crate::store::{now_ms, AuditRow, Store, StoreError};
 
 /// Name of the export directory inside the data directory.
 pub const EXPORT_DIR: &str = "export";
@@ -307,20 +308,6 @@ fn complete_len(f: &mut File, len: u64) -> std::io::Result<u64> {
         pos -= n;
     }
     Ok(0)
-}
-
-/// A line of an audit export file: an audit row (as `audit export` writes
-/// them) or the checkpoint that pruned the rows before it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-#[serde(untagged)]
-pub enum ExportLine {
-    /// The checkpoint of the rows above it.
-    Checkpoint {
-        /// The checkpoint.
-        checkpoint: Checkpoint,
-    },
-    /// One row.
-    Row(AuditRow),
 }
 
 /// Signs checkpoint messages: the signature (hex) and the signer's
@@ -897,154 +884,4 @@ pub fn spawn(mut r: Retention) -> tokio::task::JoinHandle<()> {
             tokio::time::sleep(wait).await;
         }
     })
-}
-
-/// Checks `cp`'s signature: the signer certificate chains to the CA `ca`
-/// (was valid when the checkpoint was made), is the appliance's server
-/// certificate, and its key signed [`Checkpoint::message`].
-pub fn verify_checkpoint(cp: &Checkpoint, ca: &CertificateDer<'_>) -> Result<(), String> {
-    if cp.signature.is_empty() {
-        return Err(format!("checkpoint {} is not signed", cp.id));
-    }
-    let signer = CertificateDer::from_pem_slice(cp.signer_pem.as_bytes())
-        .map_err(|e| format!("signer certificate unreadable ({e})"))?;
-    let anchor = webpki::anchor_from_trusted_cert(ca).map_err(|e| format!("CA unusable ({e})"))?;
-    let ee = webpki::EndEntityCert::try_from(&signer)
-        .map_err(|e| format!("signer certificate unreadable ({e})"))?;
-    let secs = u64::try_from(cp.made_ms / 1000).unwrap_or(0);
-    ee.verify_for_usage(
-        &[webpki::ring::ECDSA_P256_SHA256],
-        &[anchor],
-        &[],
-        UnixTime::since_unix_epoch(Duration::from_secs(secs)),
-        webpki::KeyUsage::server_auth(),
-        None,
-        None,
-    )
-    .map_err(|e| format!("signer certificate not issued by the CA for a server ({e})"))?;
-    if crate::pki::peer_cert(signer.as_ref()).map(|p| p.kind) != Some(crate::pki::CertKind::Server)
-    {
-        return Err("signer certificate is not the appliance's server certificate".into());
-    }
-    let sig = hex::decode(&cp.signature).map_err(|_| "signature is not hex".to_owned())?;
-    ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, &cp.message(), &sig)
-        .map_err(|e| format!("checkpoint {} signature does not verify ({e})", cp.id))
-}
-
-/// What [`verify_export`] found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ExportReport {
-    /// Audit rows read and chained.
-    pub rows: u64,
-    /// First and last sequence numbers.
-    pub first_seq: i64,
-    /// Last row.
-    pub last_seq: i64,
-    /// Checkpoints found and checked (signature and rows).
-    pub checkpoints: u64,
-    /// Rows the last checkpoint found covers up to.
-    pub checkpointed_upto: i64,
-}
-
-/// The lines of export files, in the order given, for [`verify_export`]
-/// (`trustbind audit verify-export` and the appliance's own command); the
-/// file that could not be read, with the error.
-pub fn read_export_files(
-    files: &[std::path::PathBuf],
-) -> Result<Vec<String>, (std::path::PathBuf, std::io::Error)> {
-    use std::io::BufRead as _;
-    let mut lines = Vec::new();
-    for f in files {
-        let file = std::fs::File::open(f).map_err(|e| (f.clone(), e))?;
-        for l in std::io::BufReader::new(file).lines() {
-            lines.push(l.map_err(|e| (f.clone(), e))?);
-        }
-    }
-    Ok(lines)
-}
-
-/// Verifies audit export lines (files concatenated in order): the rows
-/// chain (each row's hash recomputed, each links to the one before, the
-/// first to the genesis or to whatever it names), every checkpoint line's
-/// signature against `ca` (if given), and that each checkpoint names the
-/// rows before it (its `upto_hash` is the hash of row `upto_seq`, its
-/// `from_prev_hash` what row `from_seq` chained from). Rows written twice
-/// (a crash between export and prune) must be identical and are read once.
-pub fn verify_export(
-    lines: impl IntoIterator<Item = String>,
-    ca: Option<&CertificateDer<'_>>,
-) -> Result<ExportReport, String> {
-    let mut rep = ExportReport::default();
-    let mut prev: Option<(i64, String)> = None;
-    let mut seen = std::collections::HashMap::<i64, (String, String)>::new();
-    for (i, line) in lines.into_iter().enumerate() {
-        let n = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed: ExportLine = serde_json::from_str(&line)
-            .map_err(|e| format!("line {n}: not an export line ({e})"))?;
-        match parsed {
-            ExportLine::Row(r) => {
-                if let Some((pseq, phash)) = &prev {
-                    if r.seq <= *pseq {
-                        // Written again after a crash: must be the same row.
-                        match seen.get(&r.seq) {
-                            Some((h, _)) if *h == r.hash => continue,
-                            _ => return Err(format!("line {n}: row {} out of order", r.seq)),
-                        }
-                    }
-                    if r.seq != pseq + 1 {
-                        return Err(format!(
-                            "line {n}: row {} follows row {pseq} (rows missing)",
-                            r.seq
-                        ));
-                    }
-                    if r.prev_hash != *phash {
-                        return Err(format!(
-                            "line {n}: row {} does not chain from row {pseq}",
-                            r.seq
-                        ));
-                    }
-                } else {
-                    rep.first_seq = r.seq;
-                    if r.seq == 1 && r.prev_hash != GENESIS {
-                        return Err(format!("line {n}: row 1 does not start from the genesis"));
-                    }
-                }
-                if r.computed_hash() != r.hash {
-                    return Err(format!("line {n}: row {} changed (hash mismatch)", r.seq));
-                }
-                seen.insert(r.seq, (r.hash.clone(), r.prev_hash.clone()));
-                rep.rows += 1;
-                rep.last_seq = r.seq;
-                prev = Some((r.seq, r.hash));
-            }
-            ExportLine::Checkpoint { checkpoint: cp } => {
-                if let Some(ca) = ca {
-                    verify_checkpoint(&cp, ca).map_err(|e| format!("line {n}: {e}"))?;
-                }
-                let upto = seen.get(&cp.upto_seq);
-                if upto.map(|u| &u.0) != Some(&cp.upto_hash) {
-                    return Err(format!(
-                        "line {n}: checkpoint {} names row {} with a hash the file does not have",
-                        cp.id, cp.upto_seq
-                    ));
-                }
-                if let Some(from) = seen.get(&cp.from_seq) {
-                    if from.1 != cp.from_prev_hash {
-                        return Err(format!(
-                            "line {n}: checkpoint {} does not match row {}",
-                            cp.id, cp.from_seq
-                        ));
-                    }
-                }
-                rep.checkpoints += 1;
-                rep.checkpointed_upto = cp.upto_seq;
-                // Rows before a checkpoint are done with.
-                seen.retain(|seq, _| *seq > cp.upto_seq);
-            }
-        }
-    }
-    Ok(rep)
 }

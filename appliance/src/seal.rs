@@ -193,7 +193,7 @@ pub fn public_key(xy: &[u8]) -> Option<p256::PublicKey> {
 pub fn random_secret() -> Result<p256::SecretKey, String> {
     loop {
         let mut bytes = Zeroizing::new([0u8; 32]);
-        getrandom::fill(bytes.as_mut()).map_err(|e| format!("no randomness: {e}"))?;
+        getrandom::getrandom(bytes.as_mut()).map_err(|e| format!("no randomness: {e}"))?;
         // Zero or past the group order (probability about 2^-32): draw again.
         if let Ok(k) = p256::SecretKey::from_slice(bytes.as_ref()) {
             return Ok(k);

@@ -116,7 +116,7 @@ impl p256::elliptic_curve::rand_core::RngCore for Rng {
         u64::from_le_bytes(b)
     }
     fn fill_bytes(&mut self, dest: &mut [u8]) {
-        getrandom::fill(dest).unwrap();
+        getrandom::getrandom(dest).unwrap();
     }
     fn try_fill_bytes(
         &mut self,

@@ -26,7 +26,7 @@ pub fn token_sha256(token: &str) -> String {
 /// A fresh one-time enrolment token from the OS CSPRNG.
 fn new_token() -> Result<Zeroizing<String>, ApiError> {
     let mut raw = Zeroizing::new([0_u8; TOKEN_BYTES]);
-    getrandom::fill(raw.as_mut_slice())
+    getrandom::getrandom(raw.as_mut_slice())
         .map_err(|e| ApiError::internal(format!("OS random number generator failed: {e}")))?;
     Ok(Zeroizing::new(hex(raw.as_slice())))
 }

@@ -34,17 +34,9 @@ pub use error::{parse_json, ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 pub use hosts::token_sha256;
 pub use policies::{check_policy, PolicyDiagnostic};
 pub use tls::{peer_admin, peer_admin_name, serve, serve_limited};
+pub use trustbind_policy::wire::{MAX_BATCH, MAX_BODY, PAGE_DEFAULT, PAGE_MAX};
 
 use crate::store::{AdminRole, Store};
-
-/// Largest request body accepted, in bytes (a 10 000-signature batch is about 2.5 MB).
-pub const MAX_BODY: usize = 8 * 1024 * 1024;
-/// Most signatures (or hashes) accepted in one batch request.
-pub const MAX_BATCH: usize = 10_000;
-/// Default and largest page size of listings.
-pub const PAGE_DEFAULT: u32 = 100;
-/// Largest page size of listings.
-pub const PAGE_MAX: u32 = 1000;
 
 /// Something that may change verdicts happened; the owner of the engine and
 /// the agent streams reacts (reload, push the new generation, drop a host).

@@ -2,141 +2,21 @@
 //! roll back. Texts are validated against `policies/trustbind.cedarschema`
 //! in strict mode; problems come back as diagnostics with line and column.
 
-use std::str::FromStr;
-use std::sync::OnceLock;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use cedar_policy::{PolicySet, Schema, ValidationMode, Validator};
-use miette::Diagnostic;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+pub use trustbind_policy::check::PolicyDiagnostic;
 
 use super::{check_text, Actor, AdminState, ApiError, ApiJson, ApiPath, ApiQuery, Change};
 use crate::store::{hex, PolicyState};
 
-/// The schema every policy set is validated against.
-const SCHEMA_TEXT: &str = include_str!("../../../policies/trustbind.cedarschema");
-
-fn schema() -> Result<&'static Schema, ApiError> {
-    static SCHEMA: OnceLock<Result<Schema, String>> = OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            Schema::from_cedarschema_str(SCHEMA_TEXT)
-                .map(|(s, _warnings)| s)
-                .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|e| ApiError::internal(format!("built-in policy schema does not parse: {e}")))
-}
-
-/// One problem found in a policy text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyDiagnostic {
-    /// 1-based line of the offending span (absent when Cedar gives no span).
-    pub line: Option<u32>,
-    /// 1-based column, in characters.
-    pub column: Option<u32>,
-    /// Byte offset of the span in the text.
-    pub offset: Option<usize>,
-    /// Byte length of the span (for a caret underline).
-    pub length: Option<usize>,
-    /// What is wrong.
-    pub message: String,
-    /// How to fix it, when Cedar knows.
-    pub help: Option<String>,
-    /// `parse` or `validation`.
-    pub stage: &'static str,
-}
-
-fn diagnostic(text: &str, d: &dyn Diagnostic, stage: &'static str) -> PolicyDiagnostic {
-    let span = d
-        .labels()
-        .and_then(|mut l| l.next())
-        .map(|l| (l.offset(), l.len()));
-    let (line, column) = match span {
-        Some((off, _)) => {
-            let (l, c) = line_col(text, off);
-            (Some(l), Some(c))
-        }
-        None => (None, None),
-    };
-    PolicyDiagnostic {
-        line,
-        column,
-        offset: span.map(|s| s.0),
-        length: span.map(|s| s.1),
-        message: d.to_string(),
-        help: d.help().map(|h| h.to_string()),
-        stage,
-    }
-}
-
-/// 1-based line and character column of byte offset `off` in `text`.
-fn line_col(text: &str, off: usize) -> (u32, u32) {
-    let before = text.get(..off).unwrap_or(text);
-    let line = before.matches('\n').count().saturating_add(1);
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map_or(0, |l| l.chars().count())
-        .saturating_add(1);
-    (
-        u32::try_from(line).unwrap_or(u32::MAX),
-        u32::try_from(col).unwrap_or(u32::MAX),
-    )
-}
-
-/// Parses `text` and validates it against the built-in schema in strict
-/// mode. `Ok(n)`: the number of policies; `Err`: every problem found.
+/// [`trustbind_policy::check::check_policy`], its failure (the built-in
+/// schema does not parse) an internal error.
 pub fn check_policy(text: &str) -> Result<Result<usize, Vec<PolicyDiagnostic>>, ApiError> {
-    let schema = schema()?;
-    let set = match PolicySet::from_str(text) {
-        Ok(s) => s,
-        Err(errs) => {
-            return Ok(Err(errs
-                .iter()
-                .map(|e| diagnostic(text, e, "parse"))
-                .collect()));
-        }
-    };
-    let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
-    if !result.validation_passed() {
-        return Ok(Err(result
-            .validation_errors()
-            .map(|e| diagnostic(text, e, "validation"))
-            .collect()));
-    }
-    // Obligation values the engine would refuse to load.
-    let bad = crate::policy::obligation_problems(&set, text);
-    if bad.is_empty() {
-        return Ok(Ok(set.policies().count()));
-    }
-    Ok(Err(bad
-        .into_iter()
-        .map(|b| {
-            let (line, column) = match b.span {
-                Some((off, _)) => {
-                    let (l, c) = line_col(text, off);
-                    (Some(l), Some(c))
-                }
-                None => (None, None),
-            };
-            PolicyDiagnostic {
-                line,
-                column,
-                offset: b.span.map(|s| s.0),
-                length: b.span.map(|s| s.1),
-                message: b.message,
-                help: Some(
-                    "@encrypt takes \"required\" (TLS 1.3) or \"offload\" (TLS 1.2, NIC offload); @channel_idle_s a number of seconds".into(),
-                ),
-                stage: "validation",
-            }
-        })
-        .collect()))
+    trustbind_policy::check::check_policy(text).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn invalid_policy(diags: Vec<PolicyDiagnostic>) -> ApiError {
@@ -319,32 +199,4 @@ pub(super) async fn rollback(
         generation: g.generation,
     });
     Ok(Json(json!({ "governing": g })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn line_col_counts_characters() {
-        let t = "ab\ncdé\nfg";
-        assert_eq!(line_col(t, 0), (1, 1));
-        assert_eq!(line_col(t, 3), (2, 1));
-        assert_eq!(line_col(t, t.find('f').unwrap()), (3, 1));
-        assert_eq!(line_col(t, 9), (3, 2));
-    }
-
-    #[test]
-    fn example_policy_passes_and_errors_have_positions() {
-        let ok = include_str!("../../../policies/example.cedar");
-        assert!(check_policy(ok).unwrap().unwrap() > 0);
-        let bad = "permit(principal, action, resource);\npermit(principal, action == Trustbind::Action::\"exec\", resource)\nwhen { context.nope == 1 };";
-        let d = check_policy(bad).unwrap().unwrap_err();
-        assert_eq!(d[0].stage, "validation");
-        assert_eq!(d[0].line, Some(3), "{d:?}");
-        let syntax = "permit(principal, action, resource)\nwhen { ;";
-        let d = check_policy(syntax).unwrap().unwrap_err();
-        assert_eq!(d[0].stage, "parse");
-        assert_eq!(d[0].line, Some(2), "{d:?}");
-    }
 }

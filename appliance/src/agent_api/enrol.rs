@@ -216,7 +216,7 @@ pub const ADMIN_TOKEN_BITS: usize = 160;
 /// groups of four, e.g. `K7QD-M2XA-...`.
 pub fn new_admin_token() -> Result<String, getrandom::Error> {
     let mut b = [0_u8; ADMIN_TOKEN_BITS / 8];
-    getrandom::fill(&mut b)?;
+    getrandom::getrandom(&mut b)?;
     let text = data_encoding::BASE32_NOPAD.encode(&b);
     let groups: Vec<&str> = text
         .as_bytes()

@@ -300,7 +300,7 @@ impl Store {
             out.push(PolicyInfo {
                 id,
                 sha256,
-                state: PolicyState::parse(&state)?,
+                state: super::parse_state(&state)?,
                 created_ms,
                 comment,
             });

@@ -34,6 +34,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use trustbind_policy::source::SourceError;
 
 pub use admin::{
     GroupInfo, HostGroupInfo, HostInfo, LicenseKey, LicenseRow, LicenseTerms, PolicyInfo, RoleInfo,
@@ -52,6 +53,9 @@ pub use observed::{
     ObservedState, ObservedWrite, Seen,
 };
 pub use prune::{is_disk_full, ChainReport, Checkpoint, Gap, ReportKey, CHECKPOINT_CONTEXT};
+pub use trustbind_policy::source::{
+    EngineData, Mode, PolicyPrep, PolicyState, PolicyVersion, Versions,
+};
 pub use writer::{AuditWriter, WriterStats, MAX_BATCH};
 
 /// Lower-case hex of `bytes`.
@@ -96,42 +100,6 @@ pub struct Signature {
     pub source: String,
 }
 
-/// Lifecycle state of a policy version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyState {
-    /// Uploaded, not in force.
-    Draft,
-    /// The governing policy.
-    Active,
-    /// Was active once.
-    Retired,
-}
-
-impl PolicyState {
-    fn parse(s: &str) -> Result<Self, StoreError> {
-        match s {
-            "draft" => Ok(Self::Draft),
-            "active" => Ok(Self::Active),
-            "retired" => Ok(Self::Retired),
-            _ => Err(StoreError::Unreachable("unknown policy state in database")),
-        }
-    }
-}
-
-/// One stored policy-set text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyVersion {
-    /// Row id.
-    pub id: i64,
-    /// Cedar policy-set text.
-    pub text: String,
-    /// SHA-256 of `text` (the ruleset identity).
-    pub sha256: String,
-    /// Lifecycle state.
-    pub state: PolicyState,
-}
-
 /// The governing policy and the verdict generation.
 ///
 /// The generation moves, in the same transaction as the change, on
@@ -153,29 +121,6 @@ pub struct Governing {
     pub generation: i64,
 }
 
-/// Mode of a host group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Deny what the policy denies.
-    Enforce,
-    /// Allow, but audit "would deny".
-    Permissive,
-    /// No qualification.
-    Disabled,
-}
-
-impl Mode {
-    /// The database spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Enforce => "enforce",
-            Self::Permissive => "permissive",
-            Self::Disabled => "disabled",
-        }
-    }
-}
-
 /// Enrolment state of a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -186,25 +131,6 @@ pub enum HostState {
     Enrolled,
     /// Refused from now on.
     Revoked,
-}
-
-/// Compiles a policy version before it becomes the governing one, so that
-/// the engine swaps to it without compiling on the decision path
-/// ([`Store::add_policy_prep`]).
-pub trait PolicyPrep: Send + Sync {
-    /// Called, outside every lock, before `pv` is made governing.
-    fn prepare(&self, pv: &PolicyVersion);
-}
-
-/// What the data the engine decides with is versioned by, as committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Versions {
-    /// The verdict generation (what hosts cache under).
-    pub generation: i64,
-    /// Moves with the policy, hosts, host groups and users.
-    pub data: i64,
-    /// Moves with reference-group memberships.
-    pub members: i64,
 }
 
 /// Handle on the store; cheap to share behind an `Arc`.
@@ -228,24 +154,6 @@ impl std::fmt::Debug for Store {
             .field("versions", &self.versions_hint())
             .finish_non_exhaustive()
     }
-}
-
-/// Everything the policy engine needs besides program memberships, read in
-/// one consistent view by [`Store::engine_data`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EngineData {
-    /// Verdict generation and data versions of this view.
-    pub versions: Versions,
-    /// Verdict generation of this view (`versions.generation`).
-    pub generation: i64,
-    /// The governing policy version, if any.
-    pub policy: Option<PolicyVersion>,
-    /// Host name -> (host group, the group's mode).
-    pub hosts: HashMap<String, (String, Mode)>,
-    /// User name -> roles, sorted.
-    pub users: HashMap<String, Vec<String>>,
-    /// The protected file sets, by name.
-    pub file_sets: Vec<crate::files::FileSet>,
 }
 
 impl Store {
@@ -789,7 +697,7 @@ impl Store {
                         id,
                         text,
                         sha256,
-                        state: PolicyState::parse(&state)?,
+                        state: parse_state(&state)?,
                     })
                 })
                 .transpose()?
@@ -880,7 +788,7 @@ impl Store {
                 id,
                 text,
                 sha256,
-                state: PolicyState::parse(&state)?,
+                state: parse_state(&state)?,
             })
         })
         .transpose()
@@ -1086,6 +994,37 @@ impl Store {
             Ok((id, Some(ev)))
         })
     }
+}
+
+/// The engine reads the store through its own methods of the same names.
+impl trustbind_policy::source::Source for Store {
+    fn versions_hint(&self) -> Versions {
+        Store::versions_hint(self)
+    }
+
+    fn versions(&self) -> Result<Versions, SourceError> {
+        Store::versions(self).map_err(SourceError::new)
+    }
+
+    fn engine_data(&self) -> Result<EngineData, SourceError> {
+        Store::engine_data(self).map_err(SourceError::new)
+    }
+
+    fn groups_of_at(&self, sha256: &str) -> Result<(Vec<String>, i64), SourceError> {
+        Store::groups_of_at(self, sha256).map_err(SourceError::new)
+    }
+
+    fn note_answer(&self, generation: i64, members: i64, programs: &[&str], allow: bool) -> bool {
+        Store::note_answer(self, generation, members, programs, allow)
+    }
+
+    fn add_policy_prep(&self, prep: Weak<dyn PolicyPrep>) {
+        Store::add_policy_prep(self, prep);
+    }
+}
+
+fn parse_state(s: &str) -> Result<PolicyState, StoreError> {
+    PolicyState::parse(s).ok_or(StoreError::Unreachable("unknown policy state in database"))
 }
 
 fn parse_mode(m: &str) -> Result<Mode, StoreError> {

@@ -10,84 +10,20 @@
 //! chain in the same transaction. [`Store::verify_audit_from_checkpoint`]
 //! starts at the newest checkpoint instead of the genesis; the pruned
 //! rows are in the export file the checkpoint names, where
-//! `crate::retention::verify_export` checks them against it.
+//! `trustbind_policy::audit::verify_export` checks them against it.
 
 use std::collections::BTreeMap;
 
 use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
-use super::{audit, now_ms, AuditEvent, AuditRow, ChainError, Store, StoreError, GENESIS};
+pub use trustbind_policy::audit::{Checkpoint, CHECKPOINT_CONTEXT};
 
-/// Domain separation of a checkpoint signature (unmistakable for a TLS 1.3
-/// transcript, which starts with 64 spaces, and for the offline bundle's
-/// protobuf payload).
-pub const CHECKPOINT_CONTEXT: &[u8] = b"trustbind audit checkpoint v1\0";
+use super::{audit, now_ms, AuditEvent, AuditRow, ChainError, Store, StoreError, GENESIS};
 
 /// Bytes an audit row takes beyond its text fields: two hex hashes (128),
 /// numbers, the cell and page overhead (measured: docs/BENCHMARKS.md).
 pub const ROW_OVERHEAD: f64 = 235.0;
-
-/// A signed record of a pruned prefix of the audit chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Row id (0 before it is stored).
-    pub id: i64,
-    /// First audit row pruned by this checkpoint.
-    pub from_seq: i64,
-    /// The `prev_hash` of that row (the previous checkpoint's `upto_hash`,
-    /// or the genesis).
-    pub from_prev_hash: String,
-    /// Last audit row pruned.
-    pub upto_seq: i64,
-    /// Its hash: the next row kept chains from this.
-    pub upto_hash: String,
-    /// Rows pruned by this checkpoint.
-    pub rows: i64,
-    /// Rows pruned by every checkpoint so far, this one included.
-    pub total_rows: i64,
-    /// Time of the first pruned row (ms since the epoch).
-    pub first_at_ms: i64,
-    /// Time of the last pruned row.
-    pub last_at_ms: i64,
-    /// When the checkpoint was made.
-    pub made_ms: i64,
-    /// The export file (name in the export directory) that holds the rows.
-    pub export_file: String,
-    /// ECDSA P-256 signature over [`Checkpoint::message`], ASN.1 DER, hex
-    /// (empty: unsigned).
-    pub signature: String,
-    /// The certificate (PEM) of the key that signed it: the appliance's
-    /// server certificate at the time, issued by its CA.
-    pub signer_pem: String,
-}
-
-impl Checkpoint {
-    /// The signed bytes: [`CHECKPOINT_CONTEXT`], then every field but the
-    /// id, the signature and the certificate, length-prefixed as audit
-    /// rows are hashed.
-    pub fn message(&self) -> Vec<u8> {
-        let mut out = CHECKPOINT_CONTEXT.to_vec();
-        let nums = [
-            self.from_seq,
-            self.upto_seq,
-            self.rows,
-            self.total_rows,
-            self.first_at_ms,
-            self.last_at_ms,
-            self.made_ms,
-        ];
-        let mut fields: Vec<Vec<u8>> = nums.iter().map(|n| n.to_le_bytes().to_vec()).collect();
-        fields.push(self.from_prev_hash.as_bytes().to_vec());
-        fields.push(self.upto_hash.as_bytes().to_vec());
-        fields.push(self.export_file.as_bytes().to_vec());
-        for f in fields {
-            out.extend_from_slice(&(f.len() as u64).to_le_bytes());
-            out.extend_from_slice(&f);
-        }
-        out
-    }
-}
 
 /// Events that could not be audited (the disk was full), by kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -197,6 +133,14 @@ fn newest_checkpoint(conn: &rusqlite::Connection) -> Result<Option<Checkpoint>, 
             checkpoint_from,
         )
         .optional()?)
+}
+
+fn checkpoints(conn: &rusqlite::Connection) -> Result<Vec<Checkpoint>, StoreError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY id"
+    ))?;
+    let rows = stmt.query_map([], checkpoint_from)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
 impl Store {
@@ -461,11 +405,7 @@ impl Store {
     /// Every checkpoint, oldest first.
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
         let conn = self.read()?;
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY id"
-        ))?;
-        let rows = stmt.query_map([], checkpoint_from)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        checkpoints(&conn)
     }
 
     /// Walks the checkpoints (each must continue the one before) and the
@@ -475,7 +415,30 @@ impl Store {
     pub fn verify_audit_from_checkpoint(
         &self,
     ) -> Result<Result<ChainReport, ChainError>, StoreError> {
-        let cps = self.checkpoints()?;
+        self.verify_chain(&mut || {})
+    }
+
+    /// [`Store::verify_audit_from_checkpoint`], calling `between` after
+    /// the checkpoints and after the rows are read (tests commit there).
+    ///
+    /// The checkpoints, the rows and the recorded head are read in one
+    /// read transaction on one connection, so they are of one commit: an
+    /// append or a prune committing while the chain is walked (decisions,
+    /// retention) must not be taken for a break. Read in separate
+    /// snapshots, a row appended after the walk made the head run ahead
+    /// of the rows (`Head`), and a prune committed after the checkpoints
+    /// were read made the rows start past the newest checkpoint read
+    /// (`Gap`).
+    fn verify_chain(
+        &self,
+        between: &mut dyn FnMut(),
+    ) -> Result<Result<ChainReport, ChainError>, StoreError> {
+        let conn = self.read()?;
+        // Deferred: the snapshot is taken at the first read, and held
+        // until the transaction ends (a reader never writes).
+        let tx = conn.unchecked_transaction()?;
+        let cps = checkpoints(&tx)?;
+        between();
         let (mut expected, mut prev) = (1_i64, GENESIS.to_owned());
         for c in &cps {
             if c.from_seq != expected || c.from_prev_hash != prev || c.upto_seq < c.from_seq {
@@ -484,8 +447,7 @@ impl Store {
             expected = c.upto_seq.saturating_add(1);
             prev.clone_from(&c.upto_hash);
         }
-        let conn = self.read()?;
-        let mut stmt = conn.prepare(
+        let mut stmt = tx.prepare(
             "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit ORDER BY rowid",
         )?;
         let mut q = stmt.query([])?;
@@ -499,12 +461,16 @@ impl Store {
             expected = expected.saturating_add(1);
             rows = rows.saturating_add(1);
         }
+        drop(q);
+        drop(stmt);
+        between();
         let last_seq = expected.saturating_sub(1);
-        let head: Option<(i64, String)> = conn
+        let head: Option<(i64, String)> = tx
             .query_row("SELECT seq, hash FROM audit_head WHERE id = 1", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?;
+        tx.commit()?;
         let (head_seq, head_hash) = head.unwrap_or((0, GENESIS.to_owned()));
         if head_seq != last_seq || head_hash != prev {
             return Ok(Err(ChainError::Head { head_seq, last_seq }));
@@ -617,5 +583,82 @@ impl Store {
             );
             Ok((n, Some(ev)))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(rows: usize) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("appliance.db")).unwrap();
+        let evs: Vec<AuditEvent> = (0..rows)
+            .map(|i| AuditEvent::new("test", "t", serde_json::json!({ "i": i })))
+            .collect();
+        s.append_audit_batch(&evs).unwrap();
+        (dir, s)
+    }
+
+    fn prune(s: &Store, n: u32) -> Checkpoint {
+        let rows = s.oldest_audit(None, n).unwrap();
+        s.prune_audit(&rows, "audit-00000001.jsonl", |_| {
+            Ok((String::new(), String::new()))
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    fn decision() -> AuditEvent {
+        AuditEvent::new("decision", "host1", serde_json::json!({ "allow": true }))
+    }
+
+    /// Verifies the chain, running `commit` at the `at`-th pause of the
+    /// walk (1: after the checkpoints are read, 2: after the rows).
+    fn verify_committing_at(
+        s: &Store,
+        at: u32,
+        commit: impl Fn(),
+    ) -> Result<ChainReport, ChainError> {
+        let mut calls = 0;
+        s.verify_chain(&mut || {
+            calls += 1;
+            if calls == at {
+                commit();
+            }
+        })
+        .unwrap()
+    }
+
+    /// A decision's row committed after the rows were walked, before the
+    /// recorded head is read: the head is of the same snapshot as the rows.
+    #[test]
+    fn an_append_during_verification_is_not_a_head_mismatch() {
+        let (_dir, s) = store(20);
+        prune(&s, 10);
+        let r = verify_committing_at(&s, 2, || {
+            s.append_audit(&decision()).unwrap();
+        })
+        .expect("an append during verification broke the chain");
+        // What was committed when verification began: 10 rows left and the
+        // `audit.prune` row.
+        assert_eq!((r.rows, r.head), (11, 21));
+        assert_eq!(s.verify_audit_from_checkpoint().unwrap().unwrap().head, 22);
+    }
+
+    /// Retention's prune committed after the checkpoints were read, before
+    /// the rows: the rows are of the same snapshot as the checkpoints.
+    #[test]
+    fn a_prune_during_verification_is_not_a_gap() {
+        let (_dir, s) = store(30);
+        prune(&s, 10);
+        let r = verify_committing_at(&s, 1, || {
+            prune(&s, 10);
+            s.append_audit(&decision()).unwrap();
+        })
+        .expect("a prune during verification broke the chain");
+        assert_eq!((r.checkpoints, r.rows, r.head), (1, 21, 31));
+        let after = s.verify_audit_from_checkpoint().unwrap().unwrap();
+        assert_eq!((after.checkpoints, after.rows, after.head), (2, 13, 33));
     }
 }

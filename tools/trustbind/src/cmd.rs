@@ -8,6 +8,8 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 
+use trustbind_policy::check::PolicyDiagnostic;
+
 use crate::cli::{AdminCmd, ChannelCmd, FileSetCmd, UserCmd};
 use crate::cli::{AuditCmd, Cli, Cmd, GroupCmd, HostCmd, HostGroupCmd, ModeArg, PolicyCmd, SigCmd};
 use crate::client::Client;
@@ -138,7 +140,7 @@ fn explain_policy_error(mut e: CliError, file: &str, text: &str, out: &Out) -> C
         if let Some(d) = e
             .details
             .clone()
-            .and_then(|d| serde_json::from_value::<Vec<validate::Diag>>(d).ok())
+            .and_then(|d| serde_json::from_value::<Vec<PolicyDiagnostic>>(d).ok())
         {
             for x in &d {
                 eprint!("{}", validate::render(file, text, x));
@@ -411,7 +413,7 @@ fn sig(s: SigCmd, c: &Client, out: &Out) -> Result<u8> {
         SigCmd::Rm { sha256 } => {
             let mut removed = 0_u64;
             let mut missing: Vec<Value> = Vec::new();
-            for chunk in sha256.chunks(trustbind_appliance::admin::MAX_BATCH) {
+            for chunk in sha256.chunks(trustbind_policy::wire::MAX_BATCH) {
                 let v = c.post("/v1/signatures/remove", &json!({ "sha256": chunk }))?;
                 removed += v.get("removed").and_then(Value::as_u64).unwrap_or(0);
                 if let Some(m) = v.get("missing").and_then(Value::as_array) {
@@ -543,7 +545,7 @@ fn group(gc: GroupCmd, c: &Client, out: &Out) -> Result<u8> {
         GroupCmd::Add { name, sha256 } => {
             let mut added = 0;
             let mut already = 0;
-            for chunk in sha256.chunks(trustbind_appliance::admin::MAX_BATCH) {
+            for chunk in sha256.chunks(trustbind_policy::wire::MAX_BATCH) {
                 let v = c.post(
                     &format!("/v1/groups/{}/members", enc(&name)),
                     &json!({ "sha256": chunk }),
@@ -563,7 +565,7 @@ fn group(gc: GroupCmd, c: &Client, out: &Out) -> Result<u8> {
         GroupCmd::Remove { name, sha256 } => {
             let mut removed = 0;
             let mut not = 0;
-            for chunk in sha256.chunks(trustbind_appliance::admin::MAX_BATCH) {
+            for chunk in sha256.chunks(trustbind_policy::wire::MAX_BATCH) {
                 let v = c.post(
                     &format!("/v1/groups/{}/members/remove", enc(&name)),
                     &json!({ "sha256": chunk }),
@@ -583,7 +585,7 @@ fn group(gc: GroupCmd, c: &Client, out: &Out) -> Result<u8> {
 /// Refuses a path the appliance would refuse, before connecting.
 fn checked_paths(paths: &[String]) -> Result<()> {
     for p in paths {
-        trustbind_appliance::files::check_path(p)
+        trustbind_policy::files::check_path(p)
             .map_err(|e| CliError::new(Exit::Usage, e.to_string()))?;
     }
     Ok(())
@@ -949,7 +951,7 @@ fn admin(a: AdminCmd, c: &Client, cfg: &config::Resolved, out: &Out) -> Result<u
                 CliError::new(Exit::Server, "the appliance answered without a certificate")
             })?;
             let write = |p: &Path, data: &str, private: bool| {
-                trustbind_appliance::pki::write_atomic(p, data.as_bytes(), private)
+                trustbind_api::pinned::write_atomic(p, data.as_bytes(), private)
                     .map_err(|e| CliError::io(format!("cannot write {}: {e}", p.display())))
             };
             write(&cfg.key, &key_pem, true)?;
@@ -1059,7 +1061,7 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
             follow,
             interval_ms,
         } => {
-            let lines = lines.clamp(1, trustbind_appliance::admin::PAGE_MAX);
+            let lines = lines.clamp(1, trustbind_policy::wire::PAGE_MAX);
             let v = c.json(
                 c.request(Method::GET, "/v1/audit")
                     .query(&[("limit", lines)]),
@@ -1087,7 +1089,7 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
                 std::thread::sleep(std::time::Duration::from_millis(interval_ms));
                 let v = c.json(c.request(Method::GET, "/v1/audit").query(&[
                     ("after", next),
-                    ("limit", i64::from(trustbind_appliance::admin::PAGE_MAX)),
+                    ("limit", i64::from(trustbind_policy::wire::PAGE_MAX)),
                 ]))?;
                 print(v.get("rows").unwrap_or(&Value::Null));
                 next = v.get("next").and_then(Value::as_i64).unwrap_or(next);
@@ -1145,11 +1147,11 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
             // again with ours.
             if let Some(cp) = v.get("checkpoint").filter(|c| !c.is_null()) {
                 let checked =
-                    serde_json::from_value::<trustbind_appliance::store::Checkpoint>(cp.clone())
+                    serde_json::from_value::<trustbind_policy::audit::Checkpoint>(cp.clone())
                         .map_err(|e| e.to_string())
                         .and_then(|cp| {
                             let ca = read_ca(c.ca_path())?;
-                            trustbind_appliance::retention::verify_checkpoint(&cp, &ca)
+                            trustbind_policy::audit::verify_checkpoint(&cp, &ca)
                         });
                 if let Err(e) = checked {
                     ok = false;
@@ -1195,9 +1197,9 @@ fn read_ca(path: &Path) -> std::result::Result<CertificateDer<'static>, String> 
 /// `trustbind audit verify-export`.
 fn audit_verify_export(files: &[PathBuf], ca: &Path, out: &Out) -> Result<u8> {
     let ca = read_ca(ca).map_err(|e| CliError::new(Exit::Config, e))?;
-    let lines = trustbind_appliance::retention::read_export_files(files)
+    let lines = trustbind_policy::audit::read_export_files(files)
         .map_err(|(f, e)| io_err("read", &f, &e))?;
-    let r = trustbind_appliance::retention::verify_export(lines, Some(&ca));
+    let r = trustbind_policy::audit::verify_export(lines, Some(&ca));
     let v = match &r {
         Ok(rep) => serde_json::json!({ "ok": true, "report": rep }),
         Err(e) => serde_json::json!({ "ok": false, "error": e }),

@@ -9,7 +9,7 @@ use serde_json::json;
 use trustbind_api::pb::enrolment_client::EnrolmentClient;
 use trustbind_api::pb::EnrolAdminRequest;
 use trustbind_api::pinned::{self, PinError};
-use trustbind_appliance::pki;
+use trustbind_policy::cert;
 
 use crate::cli::AdminCmd;
 use crate::config::{self, Overrides};
@@ -97,8 +97,8 @@ pub fn run(cmd: AdminCmd, ov: &Overrides, out: &Out) -> Result<u8> {
         .map_err(|m| CliError::new(Exit::Server, format!("the appliance answered: {m}")))?;
     let cn = rustls::pki_types::pem::PemObject::from_pem_slice(reply.cert_pem.as_bytes())
         .ok()
-        .and_then(|der: rustls::pki_types::CertificateDer<'_>| pki::peer_cert(der.as_ref()))
-        .filter(|p| p.kind == pki::CertKind::Admin)
+        .and_then(|der: rustls::pki_types::CertificateDer<'_>| cert::peer_cert(der.as_ref()))
+        .filter(|p| p.kind == cert::CertKind::Admin)
         .ok_or_else(|| {
             CliError::new(
                 Exit::Server,
@@ -161,7 +161,7 @@ fn join_host_port(host: &str, port: u16) -> String {
 }
 
 fn write(path: &Path, data: &[u8], private: bool) -> Result<()> {
-    pki::write_atomic(path, data, private)
+    pinned::write_atomic(path, data, private)
         .map_err(|e| CliError::io(format!("cannot write {}: {e}", path.display())))
 }
 

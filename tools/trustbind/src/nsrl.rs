@@ -628,7 +628,7 @@ struct Pending {
 
 /// A batch is sent before its body could pass this (the appliance refuses
 /// bodies over `MAX_BODY`; long names could get there before `--batch`).
-const BODY_BUDGET: usize = trustbind_appliance::admin::MAX_BODY / 2;
+const BODY_BUDGET: usize = trustbind_policy::wire::MAX_BODY / 2;
 
 /// Reads the rows of `stmt` in SHA-256 order and hands batches of complete
 /// files to `send` (which answers false when nothing more is wanted).
@@ -700,7 +700,7 @@ fn read_batches(
 /// Runs an import.
 #[allow(clippy::too_many_lines)]
 pub fn import(c: &Client, o: &Options, out: &Out) -> Result<u8> {
-    let max = trustbind_appliance::admin::MAX_BATCH;
+    let max = trustbind_policy::wire::MAX_BATCH;
     if o.batch == 0 || o.batch > max {
         return Err(CliError::new(
             Exit::Usage,

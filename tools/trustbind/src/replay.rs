@@ -5,33 +5,34 @@
 //! re-decides each against the draft with the appliance's own engine, and
 //! lists every decision that would change, grouped, old → new.
 //!
-//! The appliance has no replay endpoint, so the engine runs here, over a
-//! temporary store that mirrors what decisions read from the appliance:
+//! The appliance has no replay endpoint, so the engine runs here, over an
+//! in-memory mirror of what decisions read from the appliance:
 //! host groups and their modes, hosts, users and roles, and the reference
 //! groups of every program that appears in the replayed requests. Verdicts
 //! are therefore those of the draft over *today's* signatures, groups,
 //! roles and modes, compared with what was recorded at the time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::BufRead as _;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use trustbind_appliance::files::FileSet;
-use trustbind_appliance::policy::engine::Engine;
-use trustbind_appliance::policy::Outcome;
-use trustbind_appliance::request::{QualifyRequest, Target};
-use trustbind_appliance::store::{FileSetEdit, Mode, Signature, Store};
+use sha2::{Digest as _, Sha256};
+use trustbind_policy::engine::Engine;
+use trustbind_policy::files::FileSet;
+use trustbind_policy::request::{QualifyRequest, Target};
+use trustbind_policy::source::{
+    EngineData, Mode, PolicyPrep, PolicyState, PolicyVersion, Source, SourceError, Versions,
+};
+use trustbind_policy::{Outcome, SCHEMA};
 
 use crate::client::Client;
 use crate::cmd::enc;
 use crate::error::{io_err, CliError, Exit, Result};
 use crate::out::{table, Out};
 use crate::{time, validate};
-
-const SCHEMA: &str = include_str!("../../../policies/trustbind.cedarschema");
 
 /// One recorded decision.
 #[derive(Debug)]
@@ -169,13 +170,47 @@ pub fn list_all(c: &Client, path: &str, key: &str) -> Result<Vec<Value>> {
 }
 
 fn local(e: impl std::fmt::Display) -> CliError {
-    CliError::io(format!("the local replay store failed: {e}"))
+    CliError::io(format!("the local replay engine failed: {e}"))
 }
 
-/// Mirrors what the engine reads into a fresh store in `dir`.
-fn mirror(c: &Client, dir: &Path, rows: &[Row], draft: &str) -> Result<Arc<Store>> {
-    let store = Arc::new(Store::open(&dir.join("replay.db")).map_err(local)?);
-    let actor = "admin:replay";
+/// What decisions read, mirrored from the appliance: the engine's
+/// [`Source`], fixed for the replay (its versions never move).
+#[derive(Debug)]
+struct Mirror {
+    data: EngineData,
+    /// Program SHA-256 -> its reference groups, sorted.
+    groups: HashMap<String, Vec<String>>,
+}
+
+impl Source for Mirror {
+    fn versions_hint(&self) -> Versions {
+        self.data.versions
+    }
+
+    fn versions(&self) -> std::result::Result<Versions, SourceError> {
+        Ok(self.data.versions)
+    }
+
+    fn engine_data(&self) -> std::result::Result<EngineData, SourceError> {
+        Ok(self.data.clone())
+    }
+
+    fn groups_of_at(&self, sha256: &str) -> std::result::Result<(Vec<String>, i64), SourceError> {
+        let groups = self.groups.get(sha256).cloned().unwrap_or_default();
+        Ok((groups, self.data.versions.members))
+    }
+
+    fn note_answer(&self, _: i64, _: i64, _: &[&str], _: bool) -> bool {
+        true
+    }
+
+    fn add_policy_prep(&self, _: Weak<dyn PolicyPrep>) {}
+}
+
+/// Mirrors what the engine reads from the appliance, with `draft` as the
+/// governing policy.
+fn mirror(c: &Client, rows: &[Row], draft: &str) -> Result<Mirror> {
+    let mut modes = HashMap::new();
     let hg = c.get("/v1/host-groups")?;
     for g in hg
         .get("host_groups")
@@ -191,36 +226,45 @@ fn mirror(c: &Client, dir: &Path, rows: &[Row], draft: &str) -> Result<Arc<Store
                     format!("host group `{name}` has an unknown mode: {e}"),
                 )
             })?;
-        store.set_host_group(name, mode, actor).map_err(local)?;
+        modes.insert(name.to_owned(), mode);
     }
+    let mut hosts = HashMap::new();
     for h in list_all(c, "/v1/hosts", "hosts")? {
         let name = h.get("name").and_then(Value::as_str).unwrap_or_default();
         let group = h
             .get("host_group")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        store
-            .add_pending_host(name, group, &"0".repeat(64), actor)
-            .map_err(local)?;
+        // A host is in a group the appliance has (what the store joins).
+        if let Some(mode) = modes.get(group) {
+            hosts.insert(name.to_owned(), (group.to_owned(), *mode));
+        }
     }
+    let mut users = HashMap::new();
     for u in list_all(c, "/v1/users", "users")? {
         let name = u.get("name").and_then(Value::as_str).unwrap_or_default();
-        let roles: Vec<&str> = u
+        let mut roles: Vec<String> = u
             .get("roles")
             .and_then(Value::as_array)
-            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .map(|r| {
+                r.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default();
-        store.set_user_roles(name, &roles, actor).map_err(local)?;
+        roles.sort_unstable();
+        roles.dedup();
+        users.insert(name.to_owned(), roles);
     }
     // The protected file sets decide which `FileSet`s a file is in.
     let fs = c.get("/v1/file-sets")?;
-    let sets: Vec<FileSet> =
+    let mut file_sets: Vec<FileSet> =
         serde_json::from_value(fs.get("file_sets").cloned().unwrap_or(Value::Null))
             .map_err(|e| CliError::new(Exit::Server, format!("file sets: {e}")))?;
-    for f in sets {
-        store
-            .edit_file_set(&f.name, FileSetEdit::Replace, &f.paths, actor)
-            .map_err(local)?;
+    file_sets.sort_by(|a, b| a.name.cmp(&b.name));
+    for f in &mut file_sets {
+        f.paths.sort();
     }
     let mut programs = BTreeSet::new();
     for r in rows {
@@ -234,43 +278,42 @@ fn mirror(c: &Client, dir: &Path, rows: &[Row], draft: &str) -> Result<Arc<Store
             }
         }
     }
-    let mut groups = BTreeSet::new();
-    for sha in &programs {
-        let v = match c.get(&format!("/v1/signatures/{}", enc(sha))) {
+    let mut groups = HashMap::new();
+    for sha in programs {
+        let v = match c.get(&format!("/v1/signatures/{}", enc(&sha))) {
             Ok(v) => v,
             Err(e) if e.code == "not_found" || e.code == "invalid" => continue,
             Err(e) => return Err(e),
         };
-        let sig = Signature {
-            sha256: sha.clone(),
-            sha1: None,
-            size: v.get("size").and_then(Value::as_u64).unwrap_or(0),
-            name: v
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned(),
-            source: "replay".to_owned(),
-        };
-        store.put_signature(&sig, actor).map_err(local)?;
-        for g in v
+        let mut of: Vec<String> = v
             .get("groups")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
             .filter_map(Value::as_str)
-        {
-            if groups.insert(g.to_owned()) {
-                store.create_group(g, "", actor).map_err(local)?;
-            }
-            store.add_member(g, sha, actor).map_err(local)?;
-        }
+            .map(str::to_owned)
+            .collect();
+        of.sort_unstable();
+        of.dedup();
+        groups.insert(sha, of);
     }
-    let id = store
-        .create_policy_draft(draft, "replay", actor)
-        .map_err(local)?;
-    store.activate_policy(id, actor).map_err(local)?;
-    Ok(store)
+    let policy = PolicyVersion {
+        id: 1,
+        text: draft.to_owned(),
+        sha256: hex::encode(Sha256::digest(draft.as_bytes())),
+        state: PolicyState::Active,
+    };
+    Ok(Mirror {
+        data: EngineData {
+            versions: Versions::default(),
+            generation: 0,
+            policy: Some(policy),
+            hosts,
+            users,
+            file_sets,
+        },
+        groups,
+    })
 }
 
 /// (host, user, action, program, target, old verdict, new verdict).
@@ -286,9 +329,9 @@ pub fn run(c: &Client, draft: &str, since: &str, out: &Out) -> Result<u8> {
     // (an appliance that does not say is on UTC, the default).
     let status = c.get("/v1/status")?;
     if let Some(tz) = status.get("time_zone").and_then(Value::as_str) {
-        let tz = trustbind_appliance::clock::zone_named(tz)
+        let tz = trustbind_policy::clock::zone_named(tz)
             .map_err(|e| CliError::io(format!("the appliance's time zone: {e}")))?;
-        trustbind_appliance::clock::set_zone(tz);
+        trustbind_policy::clock::set_zone(tz);
     }
     // The draft: a stored version or a local file, validated first.
     let (name, text) = if let Ok(id) = draft.parse::<i64>() {
@@ -336,10 +379,7 @@ pub fn run(c: &Client, draft: &str, since: &str, out: &Out) -> Result<u8> {
             None => unreadable += 1,
         }
     }
-    let dir = tempfile::tempdir()
-        .map_err(|e| CliError::io(format!("cannot create a temporary directory: {e}")))?;
-    let store = mirror(c, dir.path(), &rows, &text)?;
-    let engine = Engine::new(Arc::clone(&store), SCHEMA).map_err(local)?;
+    let engine = Engine::new(Arc::new(mirror(c, &rows, &text)?), SCHEMA).map_err(local)?;
 
     // (host, user, action, program, target, old, new) -> (count, first, last, seqs)
     let mut changes: BTreeMap<Key, Agg> = BTreeMap::new();

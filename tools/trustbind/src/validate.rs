@@ -4,45 +4,10 @@
 
 use std::fmt::Write as _;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use trustbind_appliance::admin::{check_policy, PolicyDiagnostic};
+use trustbind_policy::check::{check_policy, PolicyDiagnostic};
 
 use crate::error::{CliError, Exit, Result};
-
-/// One problem in a policy text (the appliance's `PolicyDiagnostic`, owned,
-/// so it can also be read back from an `invalid_policy` error's details).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Diag {
-    /// 1-based line.
-    pub line: Option<u32>,
-    /// 1-based column, in characters.
-    pub column: Option<u32>,
-    /// Byte offset of the span.
-    pub offset: Option<usize>,
-    /// Byte length of the span.
-    pub length: Option<usize>,
-    /// What is wrong.
-    pub message: String,
-    /// How to fix it.
-    pub help: Option<String>,
-    /// `parse` or `validation`.
-    pub stage: String,
-}
-
-impl From<PolicyDiagnostic> for Diag {
-    fn from(d: PolicyDiagnostic) -> Self {
-        Self {
-            line: d.line,
-            column: d.column,
-            offset: d.offset,
-            length: d.length,
-            message: d.message,
-            help: d.help,
-            stage: d.stage.to_owned(),
-        }
-    }
-}
 
 /// The result of validating one file.
 #[derive(Debug)]
@@ -52,14 +17,12 @@ pub struct FileReport {
     /// The policy text.
     pub text: String,
     /// `Ok(number of policies)` or the problems found.
-    pub result: std::result::Result<usize, Vec<Diag>>,
+    pub result: std::result::Result<usize, Vec<PolicyDiagnostic>>,
 }
 
 /// Validates one policy text.
 pub fn check_text(file: &str, text: String) -> Result<FileReport> {
-    let result = check_policy(&text)
-        .map_err(|e| CliError::new(Exit::Server, e.message.clone()))?
-        .map_err(|d| d.into_iter().map(Diag::from).collect());
+    let result = check_policy(&text).map_err(|e| CliError::new(Exit::Server, e.to_string()))?;
     Ok(FileReport {
         file: file.to_owned(),
         text,
@@ -69,7 +32,7 @@ pub fn check_text(file: &str, text: String) -> Result<FileReport> {
 
 /// Renders one diagnostic: `error: FILE:L:C: message`, the source line with
 /// a caret underline, and the help line when Cedar gives one.
-pub fn render(file: &str, text: &str, d: &Diag) -> String {
+pub fn render(file: &str, text: &str, d: &PolicyDiagnostic) -> String {
     let mut out = String::new();
     let pos = match (d.line, d.column) {
         (Some(l), Some(c)) => format!("{file}:{l}:{c}"),

@@ -13,9 +13,9 @@ pub enum PolicyError {
     /// The policy set does not validate against the schema (strict mode).
     #[error("policy validation: {0}")]
     Validation(String),
-    /// The store could not be read.
+    /// The store (the engine's [`crate::source::Source`]) could not be read.
     #[error("store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::source::SourceError),
     /// The request names a host that is not registered.
     #[error("host `{0}` is not registered with the appliance")]
     UnknownHost(String),
@@ -30,6 +30,9 @@ pub enum PolicyError {
         /// What Cedar said.
         why: String,
     },
+    /// A lock was poisoned by a panic in another thread.
+    #[error("policy engine lock poisoned")]
+    Poisoned,
     /// The store kept changing while a decision was being made.
     #[error("the policy data changed {0} times during one decision; try again")]
     Unstable(u32),

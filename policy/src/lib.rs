@@ -1,18 +1,48 @@
-//! Turning a Cedar authorization response into a Trustbind verdict.
+//! Trustbind's policy: the language, the engine, the requests it decides
+//! and the audit record of its decisions, shared by the appliance (which
+//! decides for enrolled hosts) and the CLI (`trustbind policy validate`,
+//! `policy test --replay-audit`, `audit verify-export`) so that both
+//! decide, validate and verify alike.
 //!
-//! Cedar gives allow/deny (deny by default, forbid overrides permit) and the
-//! determining policies. This module adds what Cedar does not know: the
-//! obligations carried by annotations on the determining permit policies,
-//! the policy names (`@id`) used as reasons, and the host group's mode.
-//! [`engine`] builds Cedar requests from [`crate::request::QualifyRequest`]s
-//! and the store, with the slicing index ([`mod@slice`]) and a decision cache.
+//! This module turns a Cedar authorization response into a Trustbind
+//! verdict. Cedar gives allow/deny (deny by default, forbid overrides
+//! permit) and the determining policies; this adds what Cedar does not
+//! know: the obligations carried by annotations on the determining permit
+//! policies, the policy names (`@id`) used as reasons, and the host group's
+//! mode. [`engine`] builds Cedar requests from
+//! [`request::QualifyRequest`]s and a [`source::Source`] (the appliance's
+//! store), with the slicing index ([`mod@slice`]) and a decision cache.
+//!
+//! Also here: [`files`] (protected file sets), [`clock`] (the time zone
+//! policies read hours and weekdays in), [`check`] (offline validation),
+//! [`audit`] (the hash chain, checkpoints, export verification), [`cert`]
+//! (what a Trustbind certificate says) and [`wire`] (the admin API's
+//! limits). No I/O of its own beyond reading export files.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
+pub mod audit;
 mod cache;
+pub mod cert;
+pub mod check;
+pub mod clock;
 pub mod engine;
 mod err;
 pub mod explain;
+pub mod files;
 pub mod reads;
+pub mod request;
 pub mod slice;
+pub mod source;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -22,10 +52,11 @@ use cedar_policy::{Decision, PolicySet, Response, Schema, ValidationMode, Valida
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use check::SCHEMA;
 pub use err::PolicyError;
 pub use explain::Diagnosis;
 
-use crate::store::{hex, Mode};
+use crate::source::Mode;
 
 /// Annotations that become obligations when on a determining permit policy.
 pub const OBLIGATIONS: &[&str] = &[
@@ -130,7 +161,7 @@ pub fn validate(schema: &Schema, text: &str) -> Result<LoadedPolicy, PolicyError
         let msgs: Vec<String> = bad.into_iter().map(|b| b.message).collect();
         return Err(PolicyError::Validation(msgs.join("; ")));
     }
-    let identity = hex(&Sha256::digest(text.as_bytes()));
+    let identity = hex::encode(Sha256::digest(text.as_bytes()));
     Ok(LoadedPolicy { set, identity })
 }
 

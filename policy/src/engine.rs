@@ -9,21 +9,21 @@
 //!
 //! The store versions what a snapshot is made of (the verdict generation,
 //! the data version of policy, hosts and users, the membership version) and
-//! publishes them in [`Store::versions_hint`]; each decision compares them
+//! publishes them in [`Source::versions_hint`]; each decision compares them
 //! with its snapshot's and refreshes first when they moved: re-reading
 //! hosts and users only when the data version moved, and otherwise only
 //! emptying the membership map and the decision cache. A decision never
 //! compiles a policy set: activation and rollback hand the version to the
-//! engine before the switch is written ([`crate::store::PolicyPrep`]), and
+//! engine before the switch is written ([`PolicyPrep`]), and
 //! it is compiled there, on the administrator's call, while decisions go
 //! on with the old snapshot; the switch then swaps in the compiled set. A
 //! policy that changed without that (no prepared set) is compiled on a
 //! background thread while decisions keep the old snapshot (answers
 //! labelled with the old generation, which hosts that moved on do not
 //! cache). Every answer is reported to the store's ledger
-//! ([`Store::note_answer`]), which decides whether a later membership
+//! ([`Source::note_answer`]), which decides whether a later membership
 //! change must move the generation. All writers must go through the same
-//! [`Store`] handle (the appliance has exactly one).
+//! [`Source`] (the appliance has exactly one store handle).
 //!
 //! Cedar entities built per request: `User::"<user>"` in its roles,
 //! `Host::"<host>"` in its host group, `Program::"<sha256>"` in its
@@ -56,9 +56,10 @@ use super::explain::{Diagnosis, Facts};
 use super::reads::Reads;
 use super::slice::{Index, Keys};
 use super::{outcome_with, Outcome, PolicyError, Verdict};
+use crate::audit::AuditEvent;
 use crate::files::FileSets;
 use crate::request::{Action, Program, Proto, QualifyRequest, Target};
-use crate::store::{AuditEvent, EngineData, Mode, PolicyPrep, PolicyVersion, Store, Versions};
+use crate::source::{EngineData, Mode, PolicyPrep, PolicyVersion, Source, Versions};
 
 /// How often a decision restarts because the store moved under it before
 /// it gives up with [`PolicyError::Unstable`].
@@ -287,10 +288,10 @@ impl ProgramGroups {
     /// changing faster than it can refresh): the newer groups instead,
     /// not kept; such an answer is not cacheable if they differ (the
     /// change touching `sha` is pending in, or already synced to, the
-    /// store's ledger, so [`Store::note_answer`] refuses it).
+    /// store's ledger, so [`Source::note_answer`] refuses it).
     fn get(
         &self,
-        store: &Store,
+        store: &dyn Source,
         sha: &str,
         members: i64,
         lenient: bool,
@@ -538,7 +539,7 @@ pub fn clock(at_ms: i64) -> (i64, i64, i64) {
 
 /// The policy engine. `Send + Sync`; share it behind an `Arc`.
 pub struct Engine {
-    store: Arc<Store>,
+    store: Arc<dyn Source>,
     prepared: Arc<Prepared>,
     options: EngineOptions,
     authorizer: Authorizer,
@@ -560,16 +561,20 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Loads the governing policy (none: default deny) and the host and
     /// user data from `store`, validating the policy against `schema_text`.
-    pub fn new(store: Arc<Store>, schema_text: &str) -> Result<Engine, PolicyError> {
+    pub fn new<S: Source + 'static>(
+        store: Arc<S>,
+        schema_text: &str,
+    ) -> Result<Engine, PolicyError> {
         Self::with_options(store, schema_text, EngineOptions::default())
     }
 
     /// [`Engine::new`] with explicit slicing and cache settings.
-    pub fn with_options(
-        store: Arc<Store>,
+    pub fn with_options<S: Source + 'static>(
+        store: Arc<S>,
         schema_text: &str,
         options: EngineOptions,
     ) -> Result<Engine, PolicyError> {
+        let store: Arc<dyn Source> = store;
         let (schema, _warnings) = Schema::from_cedarschema_str(schema_text)
             .map_err(|e| PolicyError::Schema(e.to_string()))?;
         let data = store.engine_data()?;
@@ -635,7 +640,7 @@ impl Engine {
     /// is waited for (it never compiles, so it is short): a decision made
     /// after a change committed sees the change.
     fn refresh_with(&self, compile: bool) -> Result<i64, PolicyError> {
-        let poisoned = || PolicyError::Store(crate::store::StoreError::Poisoned);
+        let poisoned = || PolicyError::Poisoned;
         {
             let cur = self.current.load();
             if cur.versions == self.store.versions_hint() {
@@ -780,7 +785,7 @@ impl Engine {
             return Err(PolicyError::UnknownHost(req.host.clone()));
         };
         let Some(groups) = snap.programs.get(
-            &self.store,
+            &*self.store,
             &req.program.sha256,
             snap.versions.members,
             lenient,
@@ -899,7 +904,7 @@ impl Engine {
             .get(p.host)
             .ok_or_else(|| PolicyError::UnknownHost(p.host.to_owned()))?;
         let Some(groups) = snap.programs.get(
-            &self.store,
+            &*self.store,
             &p.program.sha256,
             snap.versions.members,
             lenient,
@@ -1051,7 +1056,7 @@ impl Engine {
         let groups = snap
             .programs
             .get(
-                &self.store,
+                &*self.store,
                 &req.program.sha256,
                 snap.versions.members,
                 true,

@@ -1,0 +1,329 @@
+//! The audit chain's records and their verification, as the appliance
+//! writes them and `trustbind audit verify-export` reads them.
+//!
+//! Each row carries `prev_hash` (the `hash` of the row before it, or
+//! [`GENESIS`]) and `hash = SHA-256(prev_hash || encode(row))`, where
+//! `encode` length-prefixes every field so no two rows encode alike.
+//! Retention prunes the oldest rows under a signed [`Checkpoint`] after
+//! writing them to export files ([`ExportLine`]); [`verify_export`] checks
+//! such files, [`verify_checkpoint`] a checkpoint's signature.
+
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::cert::{peer_cert, CertKind};
+
+/// `prev_hash` of the first row.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// An event to append. `detail` is free-form JSON; it must never carry key material.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Category, e.g. `decision`, `enrol`, `policy.activate`.
+    pub kind: String,
+    /// Who caused it: a host name, `admin:<cn>` or `appliance`.
+    pub actor: String,
+    /// Event-specific fields.
+    pub detail: serde_json::Value,
+}
+
+impl AuditEvent {
+    /// An event of `kind` caused by `actor`.
+    pub fn new(kind: &str, actor: &str, detail: serde_json::Value) -> Self {
+        AuditEvent {
+            kind: kind.to_owned(),
+            actor: actor.to_owned(),
+            detail,
+        }
+    }
+}
+
+/// A stored audit row, as exported (one JSON object per line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRow {
+    /// Position in the chain, from 1.
+    pub seq: i64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// Category.
+    pub kind: String,
+    /// Who caused it.
+    pub actor: String,
+    /// Event-specific fields, as stored (canonical JSON text).
+    pub detail: String,
+    /// Hash of the previous row.
+    pub prev_hash: String,
+    /// Hash of this row.
+    pub hash: String,
+}
+
+impl AuditRow {
+    /// The hash the row's content and `prev_hash` give (what `hash` must be).
+    pub fn computed_hash(&self) -> String {
+        row_hash(
+            &self.prev_hash,
+            self.seq,
+            self.at_ms,
+            &self.kind,
+            &self.actor,
+            &self.detail,
+        )
+    }
+}
+
+/// Hash of one row given its predecessor's hash.
+pub fn row_hash(
+    prev_hash: &str,
+    seq: i64,
+    at_ms: i64,
+    kind: &str,
+    actor: &str,
+    detail: &str,
+) -> String {
+    let mut h = Sha256::new();
+    for field in [
+        prev_hash.as_bytes(),
+        &seq.to_le_bytes(),
+        &at_ms.to_le_bytes(),
+        kind.as_bytes(),
+        actor.as_bytes(),
+        detail.as_bytes(),
+    ] {
+        h.update((field.len() as u64).to_le_bytes());
+        h.update(field);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Domain separation of a checkpoint signature (unmistakable for a TLS 1.3
+/// transcript, which starts with 64 spaces, and for the offline bundle's
+/// protobuf payload).
+pub const CHECKPOINT_CONTEXT: &[u8] = b"trustbind audit checkpoint v1\0";
+
+/// A signed record of a pruned prefix of the audit chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Row id (0 before it is stored).
+    pub id: i64,
+    /// First audit row pruned by this checkpoint.
+    pub from_seq: i64,
+    /// The `prev_hash` of that row (the previous checkpoint's `upto_hash`,
+    /// or the genesis).
+    pub from_prev_hash: String,
+    /// Last audit row pruned.
+    pub upto_seq: i64,
+    /// Its hash: the next row kept chains from this.
+    pub upto_hash: String,
+    /// Rows pruned by this checkpoint.
+    pub rows: i64,
+    /// Rows pruned by every checkpoint so far, this one included.
+    pub total_rows: i64,
+    /// Time of the first pruned row (ms since the epoch).
+    pub first_at_ms: i64,
+    /// Time of the last pruned row.
+    pub last_at_ms: i64,
+    /// When the checkpoint was made.
+    pub made_ms: i64,
+    /// The export file (name in the export directory) that holds the rows.
+    pub export_file: String,
+    /// ECDSA P-256 signature over [`Checkpoint::message`], ASN.1 DER, hex
+    /// (empty: unsigned).
+    pub signature: String,
+    /// The certificate (PEM) of the key that signed it: the appliance's
+    /// server certificate at the time, issued by its CA.
+    pub signer_pem: String,
+}
+
+impl Checkpoint {
+    /// The signed bytes: [`CHECKPOINT_CONTEXT`], then every field but the
+    /// id, the signature and the certificate, length-prefixed as audit
+    /// rows are hashed.
+    pub fn message(&self) -> Vec<u8> {
+        let mut out = CHECKPOINT_CONTEXT.to_vec();
+        let nums = [
+            self.from_seq,
+            self.upto_seq,
+            self.rows,
+            self.total_rows,
+            self.first_at_ms,
+            self.last_at_ms,
+            self.made_ms,
+        ];
+        let mut fields: Vec<Vec<u8>> = nums.iter().map(|n| n.to_le_bytes().to_vec()).collect();
+        fields.push(self.from_prev_hash.as_bytes().to_vec());
+        fields.push(self.upto_hash.as_bytes().to_vec());
+        fields.push(self.export_file.as_bytes().to_vec());
+        for f in fields {
+            out.extend_from_slice(&(f.len() as u64).to_le_bytes());
+            out.extend_from_slice(&f);
+        }
+        out
+    }
+}
+
+/// A line of an audit export file: an audit row (as `audit export` writes
+/// them) or the checkpoint that pruned the rows before it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ExportLine {
+    /// The checkpoint of the rows above it.
+    Checkpoint {
+        /// The checkpoint.
+        checkpoint: Checkpoint,
+    },
+    /// One row.
+    Row(AuditRow),
+}
+
+/// Checks `cp`'s signature: the signer certificate chains to the CA `ca`
+/// (was valid when the checkpoint was made), is the appliance's server
+/// certificate, and its key signed [`Checkpoint::message`].
+pub fn verify_checkpoint(cp: &Checkpoint, ca: &CertificateDer<'_>) -> Result<(), String> {
+    if cp.signature.is_empty() {
+        return Err(format!("checkpoint {} is not signed", cp.id));
+    }
+    let signer = CertificateDer::from_pem_slice(cp.signer_pem.as_bytes())
+        .map_err(|e| format!("signer certificate unreadable ({e})"))?;
+    let anchor = webpki::anchor_from_trusted_cert(ca).map_err(|e| format!("CA unusable ({e})"))?;
+    let ee = webpki::EndEntityCert::try_from(&signer)
+        .map_err(|e| format!("signer certificate unreadable ({e})"))?;
+    let secs = u64::try_from(cp.made_ms / 1000).unwrap_or(0);
+    ee.verify_for_usage(
+        &[webpki::ring::ECDSA_P256_SHA256],
+        &[anchor],
+        &[],
+        UnixTime::since_unix_epoch(Duration::from_secs(secs)),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| format!("signer certificate not issued by the CA for a server ({e})"))?;
+    if peer_cert(signer.as_ref()).map(|p| p.kind) != Some(CertKind::Server) {
+        return Err("signer certificate is not the appliance's server certificate".into());
+    }
+    let sig = hex::decode(&cp.signature).map_err(|_| "signature is not hex".to_owned())?;
+    ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, &cp.message(), &sig)
+        .map_err(|e| format!("checkpoint {} signature does not verify ({e})", cp.id))
+}
+
+/// What [`verify_export`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ExportReport {
+    /// Audit rows read and chained.
+    pub rows: u64,
+    /// First and last sequence numbers.
+    pub first_seq: i64,
+    /// Last row.
+    pub last_seq: i64,
+    /// Checkpoints found and checked (signature and rows).
+    pub checkpoints: u64,
+    /// Rows the last checkpoint found covers up to.
+    pub checkpointed_upto: i64,
+}
+
+/// The lines of export files, in the order given, for [`verify_export`]
+/// (`trustbind audit verify-export` and the appliance's own command); the
+/// file that could not be read, with the error.
+pub fn read_export_files(
+    files: &[std::path::PathBuf],
+) -> Result<Vec<String>, (std::path::PathBuf, std::io::Error)> {
+    use std::io::BufRead as _;
+    let mut lines = Vec::new();
+    for f in files {
+        let file = std::fs::File::open(f).map_err(|e| (f.clone(), e))?;
+        for l in std::io::BufReader::new(file).lines() {
+            lines.push(l.map_err(|e| (f.clone(), e))?);
+        }
+    }
+    Ok(lines)
+}
+
+/// Verifies audit export lines (files concatenated in order): the rows
+/// chain (each row's hash recomputed, each links to the one before, the
+/// first to the genesis or to whatever it names), every checkpoint line's
+/// signature against `ca` (if given), and that each checkpoint names the
+/// rows before it (its `upto_hash` is the hash of row `upto_seq`, its
+/// `from_prev_hash` what row `from_seq` chained from). Rows written twice
+/// (a crash between export and prune) must be identical and are read once.
+pub fn verify_export(
+    lines: impl IntoIterator<Item = String>,
+    ca: Option<&CertificateDer<'_>>,
+) -> Result<ExportReport, String> {
+    let mut rep = ExportReport::default();
+    let mut prev: Option<(i64, String)> = None;
+    let mut seen = std::collections::HashMap::<i64, (String, String)>::new();
+    for (i, line) in lines.into_iter().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: ExportLine = serde_json::from_str(&line)
+            .map_err(|e| format!("line {n}: not an export line ({e})"))?;
+        match parsed {
+            ExportLine::Row(r) => {
+                if let Some((pseq, phash)) = &prev {
+                    if r.seq <= *pseq {
+                        // Written again after a crash: must be the same row.
+                        match seen.get(&r.seq) {
+                            Some((h, _)) if *h == r.hash => continue,
+                            _ => return Err(format!("line {n}: row {} out of order", r.seq)),
+                        }
+                    }
+                    if r.seq != pseq + 1 {
+                        return Err(format!(
+                            "line {n}: row {} follows row {pseq} (rows missing)",
+                            r.seq
+                        ));
+                    }
+                    if r.prev_hash != *phash {
+                        return Err(format!(
+                            "line {n}: row {} does not chain from row {pseq}",
+                            r.seq
+                        ));
+                    }
+                } else {
+                    rep.first_seq = r.seq;
+                    if r.seq == 1 && r.prev_hash != GENESIS {
+                        return Err(format!("line {n}: row 1 does not start from the genesis"));
+                    }
+                }
+                if r.computed_hash() != r.hash {
+                    return Err(format!("line {n}: row {} changed (hash mismatch)", r.seq));
+                }
+                seen.insert(r.seq, (r.hash.clone(), r.prev_hash.clone()));
+                rep.rows += 1;
+                rep.last_seq = r.seq;
+                prev = Some((r.seq, r.hash));
+            }
+            ExportLine::Checkpoint { checkpoint: cp } => {
+                if let Some(ca) = ca {
+                    verify_checkpoint(&cp, ca).map_err(|e| format!("line {n}: {e}"))?;
+                }
+                let upto = seen.get(&cp.upto_seq);
+                if upto.map(|u| &u.0) != Some(&cp.upto_hash) {
+                    return Err(format!(
+                        "line {n}: checkpoint {} names row {} with a hash the file does not have",
+                        cp.id, cp.upto_seq
+                    ));
+                }
+                if let Some(from) = seen.get(&cp.from_seq) {
+                    if from.1 != cp.from_prev_hash {
+                        return Err(format!(
+                            "line {n}: checkpoint {} does not match row {}",
+                            cp.id, cp.from_seq
+                        ));
+                    }
+                }
+                rep.checkpoints += 1;
+                rep.checkpointed_upto = cp.upto_seq;
+                // Rows before a checkpoint are done with.
+                seen.retain(|seq, _| *seq > cp.upto_seq);
+            }
+        }
+    }
+    Ok(rep)
+}

@@ -447,7 +447,7 @@ pub(crate) fn ask(s: &Shared, op: &FileOp) -> Result {
     let Plan::Decide(t) = s.files.plan(op) else {
         return Ok(());
     };
-    let (program, chain, source) = match crate::net::program_of(s, proc_of(&ids), || {
+    let (program, chain, source) = match crate::net::program_of(s, proc_of(&ids), &crate::net::UNIX_STATS.exe_hashed, || {
         s.hashers.hash_current_exe().map(|(h, _, _)| h)
     }) {
         Ok(p) => p,

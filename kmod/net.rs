@@ -25,7 +25,17 @@
 //!
 //! Refusing a connect fails it with `EACCES` before any packet is sent;
 //! refusing an accept fails the `accept()` with `ECONNABORTED` and resets
-//! the connection (the client sees it reset). In disabled mode, and while
+//! the connection (the client sees it reset).
+//!
+//! A non-blocking TCP accept never waits for its verdict (T-37): the
+//! wrapper sets each connection that needs one aside ([`accept_defer`]:
+//! a kernel socket of the module's holds it), asks on a worker
+//! ([`accept_run`]) and returns `EAGAIN` once the queue is empty. An
+//! allowed connection becomes ready in [`Deferred`]; the listener is woken
+//! and `poll()` reports it readable until an accept takes it
+//! ([`accept_take`]). A refused one is reset without ever reaching the
+//! program (in permissive mode it is allowed, like any), and a listener's
+//! close resets what it had aside. In disabled mode, and while
 //! the connected agent has not asked for net requests (`Config`'s
 //! `qualify_net`), nothing is asked. The agent's own sockets are exempt (it
 //! talks to the appliance). Counters are in
@@ -139,6 +149,7 @@ use kernel::sync::SpinLock;
 
 use crate::device::{Answer, Wait};
 use crate::exec::{Refusal, Refusals};
+use crate::proto::backstop::Mark;
 use crate::proto::bound::{handed_over, BoundSocket, Slot as BoundSlot};
 use crate::proto::hold::HoldSet;
 use crate::proto::sorted::{sort_unique, NetEnd, SortedSet};
@@ -148,7 +159,8 @@ use crate::proto::{
     Mode, NetKind, NetRequest, Peers, ProgramSource, Record,
 };
 use crate::sys::{
-    self, NetInfo, RcuCell, SockRef, SockTable, TcpCounts, UnixInfo, NET_CONNECT, NET_ESTABLISHED,
+    self, AcceptJob, HeldConn, NetInfo, RcuCell, SockRef, SockTable, TcpCounts, UnixInfo, NET_CONNECT,
+    NET_ESTABLISHED,
 };
 use crate::Shared;
 
@@ -188,11 +200,23 @@ pub(crate) struct Stats {
     pub(crate) backstop_protected: AtomicU64,
     /// Services not protected because [`MAX_SERVICES`] were.
     pub(crate) backstop_protected_full: AtomicU64,
+    /// Sockets a wrapper let go on but could not mark (their group of
+    /// the map was full): the backstop drops what they send to a
+    /// protected service (a bound socket is reset, never keyed).
+    pub(crate) backstop_unmarked: AtomicU64,
     /// Sends on a held socket (between its handshake and its key), and
     /// plain TCP sends that reached a socket after its key was installed
     /// (they read its protocol before): sent back to restart through the
     /// socket's protocol of then, or `EAGAIN` (T-40, T-60).
     pub(crate) send_restarted: AtomicU64,
+    /// Non-blocking accepts' connections set aside while asked about
+    /// (T-37): the accept returned `EAGAIN` at once.
+    pub(crate) accept_deferred: AtomicU64,
+    /// Of those, allowed and handed out by a later accept.
+    pub(crate) accept_handed: AtomicU64,
+    /// Non-blocking accepts that waited for their verdict after all: no
+    /// place to set the connection aside (see [`DEFERRED_PLACES`]).
+    pub(crate) accept_waited: AtomicU64,
 }
 
 /// The net path's counters.
@@ -212,8 +236,12 @@ pub(crate) static STATS: Stats = Stats {
     idle_ended: AtomicU64::new(0),
     bound_open: AtomicU64::new(0),
     send_restarted: AtomicU64::new(0),
+    accept_deferred: AtomicU64::new(0),
+    accept_handed: AtomicU64::new(0),
+    accept_waited: AtomicU64::new(0),
     backstop_protected: AtomicU64::new(0),
     backstop_protected_full: AtomicU64::new(0),
+    backstop_unmarked: AtomicU64::new(0),
 };
 
 /// Protected services at most: past this a channel's service is not
@@ -452,6 +480,7 @@ impl Bound {
 /// A TCP socket closed (`tcp_close` returned): if it was bound, reports
 /// the channel's end to the agent, fire-and-forget.
 pub(crate) fn closed(s: &Shared, sk: usize, c: &TcpCounts) {
+    accept_forget(s, sk);
     let Some(e) = s.bound.take(sk) else {
         return;
     };
@@ -606,13 +635,30 @@ enum Granted {
 /// `info.bind`; an accept or an established connect answered with a key is
 /// bound here.
 pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
+    check_as(s, info, None)
+}
+
+/// A program as the net path sends it: hash, ancestry, where the hash
+/// comes from.
+pub(crate) type Program = ([u8; 32], Chain, ProgramSource);
+
+/// Whether a connection of process `tgid` is asked about in `mode` (not
+/// in disabled mode, not while the agent does not qualify connections,
+/// never the agent's own).
+fn asks(s: &Shared, mode: Mode, tgid: u32) -> bool {
+    mode != Mode::Disabled && s.channel.qualifies_net() && !s.channel.is_agent(tgid)
+}
+
+/// [`check`], the program resolved already (`Some`: an accept decided on a
+/// worker, whose own task is not the accepting one).
+fn check_as(s: &Shared, info: &mut NetInfo, program: Option<Program>) -> Result {
     let mode = s.channel.mode();
     let kind = match info.kind {
         NET_CONNECT => NetKind::Connect,
         NET_ESTABLISHED => NetKind::Established,
         _ => NetKind::Accept,
     };
-    if mode == Mode::Disabled || !s.channel.qualifies_net() || s.channel.is_agent(info.tgid) {
+    if !asks(s, mode, info.tgid) {
         // A connection that had to be bound stays bound-or-nothing even if
         // the mode changed meanwhile.
         return match kind {
@@ -652,19 +698,20 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
         // when a key comes.
         let _ = sys::ktls_prepare(info);
     }
-    let refusal = match qualify(s, info, kind, family) {
+    let refusal = match qualify(s, info, kind, family, program) {
         Ok(Granted::Plain { encrypt }) => match kind {
             NetKind::Connect => {
                 // Marked before the SYN, which the backstop lets out only
                 // from a qualified socket when the service is protected.
-                // Unmarked (no memory) only matters for protected
-                // services, whose backstop then drops it (fail closed).
+                // Unmarked (its group of the map full) only matters for
+                // protected services, whose backstop then drops it (fail
+                // closed).
                 let _ = sys::backstop_mark(
                     info,
                     if encrypt {
-                        sys::Mark::Channel
+                        Mark::Channel
                     } else {
-                        sys::Mark::Plain
+                        Mark::Plain
                     },
                 );
                 if encrypt {
@@ -675,9 +722,10 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
                 return Ok(());
             }
             NetKind::Accept if !encrypt => {
-                // Unmarked (no memory) only matters for protected
-                // services, whose backstop then drops it (fail closed).
-                let _ = sys::backstop_mark(info, sys::Mark::Plain);
+                // Unmarked (its group of the map full) only matters for
+                // protected services, whose backstop then drops it (fail
+                // closed).
+                let _ = sys::backstop_mark(info, Mark::Plain);
                 return Ok(());
             }
             // The policy requires a channel but no key came with it.
@@ -713,7 +761,7 @@ fn bind(
     // Marked bound before any key is in the socket: from then on the
     // key cannot be read back (getsockopt TLS_TX/TLS_RX refused). A
     // socket that cannot be marked is not keyed (fail closed: reset).
-    if let Err(e) = sys::backstop_mark(info, sys::Mark::Bound) {
+    if let Err(e) = sys::backstop_mark(info, Mark::Bound) {
         pr_warn!("{} {}: cannot mark the socket bound: errno {}\n", what, subject, e.to_errno());
         bump(&STATS.bind_failed);
         return Err(EACCES);
@@ -792,22 +840,11 @@ fn qualify(
     info: &NetInfo,
     kind: NetKind,
     family: Family,
+    program: Option<Program>,
 ) -> Result<Granted, Result<Refusal>> {
-    let proc = ProcId {
-        tgid: info.tgid,
-        start_ns: info.start_ns,
-    };
-    let (sha256, chain, source) = match s.lineage.image(proc) {
-        Some((sha256, chain)) => (sha256, chain, ProgramSource::Lineage),
-        None => {
-            let (sha256, _, _) = s
-                .hashers
-                .hash_current_exe()
-                .map_err(|e| Ok(Refusal::Unreadable(e)))?;
-            bump(&STATS.exe_hashed);
-            s.lineage.record_proc(proc, &sha256);
-            (sha256, Chain::EMPTY, ProgramSource::ExeFile)
-        }
+    let (sha256, chain, source) = match program {
+        Some(p) => p,
+        None => program_of_current(s, info).map_err(Ok)?,
     };
     bump(match kind {
         NetKind::Connect | NetKind::Established => &STATS.connect_asked,
@@ -861,6 +898,177 @@ fn qualify(
         // the wait, and the wrapper resets it.
         Answer::Interrupted if kind == NetKind::Connect => Err(Err(ERESTARTSYS)),
         Answer::Interrupted => Err(Err(EINTR)),
+    }
+}
+
+/// The program of the task running a connect or accept wrapper (the
+/// process `info` names): from the lineage table, else hashed now.
+fn program_of_current(s: &Shared, info: &NetInfo) -> core::result::Result<Program, Refusal> {
+    let proc = ProcId {
+        tgid: info.tgid,
+        start_ns: info.start_ns,
+    };
+    program_of(s, proc, &STATS.exe_hashed, || {
+        s.hashers.hash_current_exe().map(|(sha256, _, _)| sha256)
+    })
+}
+
+/// Places for connections set aside by non-blocking accepts, in all.
+pub(crate) const DEFERRED_PLACES: usize = 64;
+/// Of those, at most this many of one listener.
+const DEFERRED_PER_LISTENER: usize = 32;
+
+/// The connections non-blocking accepts set aside (T-37; the book is
+/// `proto/src/deferred.rs`, its values own the connections).
+#[pin_data]
+pub(crate) struct Deferred {
+    #[pin]
+    book: SpinLock<crate::proto::deferred::Deferred<HeldConn, DEFERRED_PLACES>>,
+    /// Places in use (asking or ready), read without the lock on every
+    /// TCP close.
+    used: AtomicUsize,
+}
+
+/// Ready connections of all listeners, read without the lock by the
+/// `tcp_poll` callback on every poll of a TCP socket.
+static DEFERRED_READY: AtomicUsize = AtomicUsize::new(0);
+
+impl Deferred {
+    pub(crate) fn new() -> impl PinInit<Self> {
+        pin_init!(Self {
+            book <- new_spinlock!(
+                crate::proto::deferred::Deferred::new(DEFERRED_PER_LISTENER),
+                "trustbind_deferred"
+            ),
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `f` on the book under its lock, then publishes its counts.
+    fn with<R>(&self, f: impl FnOnce(&mut crate::proto::deferred::Deferred<HeldConn, DEFERRED_PLACES>) -> R) -> R {
+        let mut b = self.book.lock();
+        let r = f(&mut b);
+        self.used.store(b.used(), Ordering::Release);
+        DEFERRED_READY.store(b.ready(), Ordering::Release);
+        r
+    }
+}
+
+/// A non-blocking accept's connection (`info.sock`) that needs a verdict:
+/// `Ok(true)` when it was set aside and is asked about on a worker (the
+/// accept returns `EAGAIN`), `Ok(false)` when it goes to the program now,
+/// `Err` when it is refused now. Without a place (or memory) to set it
+/// aside, it is decided here, waiting, as a blocking accept's.
+pub(crate) fn accept_defer(s: &Shared, info: &mut NetInfo, listener: SockRef) -> Result<bool> {
+    if !asks(s, s.channel.mode(), info.tgid) {
+        return check(s, info).map(|()| false);
+    }
+    match set_aside(s, info, listener) {
+        Some(job) => {
+            if let Err(job) = sys::defer_accept(job) {
+                // Not queued (unloading): decided here instead, waiting.
+                accept_run(s, job);
+            }
+            Ok(true)
+        }
+        None => check(s, info).map(|()| false),
+    }
+}
+
+/// Takes the accept's connection aside into a job for the worker; `None`
+/// when it stays where it is: no place or no memory (counted in
+/// `net_accept_waited`), or a program that cannot be hashed (which
+/// `check` then refuses).
+fn set_aside(s: &Shared, info: &mut NetInfo, listener: SockRef) -> Option<KBox<AcceptJob>> {
+    let Some(ticket) = s.deferred.with(|b| b.reserve(listener.id())) else {
+        bump(&STATS.accept_waited);
+        return None;
+    };
+    // The program now, in the accepting task (the worker is not it).
+    // `Err(true)`: no memory, a wait to count.
+    let parts = match program_of_current(s, info) {
+        Err(_) => Err(false),
+        Ok(program) => KBox::new_uninit(GFP_KERNEL)
+            .map_err(|_| true)
+            .and_then(|slot| Ok((program, slot, HeldConn::take_from(info).map_err(|_| true)?))),
+    };
+    let (program, slot, held) = match parts {
+        Ok(p) => p,
+        Err(waited) => {
+            s.deferred.with(|b| b.cancel(ticket));
+            if waited {
+                bump(&STATS.accept_waited);
+            }
+            return None;
+        }
+    };
+    bump(&STATS.accept_deferred);
+    Some(KBox::write(
+        slot,
+        AcceptJob {
+            info: *info,
+            program,
+            listener,
+            held,
+            ticket,
+        },
+    ))
+}
+
+/// The worker's half of a connection set aside: asks, then makes it ready
+/// for its listener's next accept (and wakes the listener), or resets it
+/// (refused, or its listener closed meanwhile).
+pub(crate) fn accept_run(s: &Shared, job: KBox<AcceptJob>) {
+    let AcceptJob {
+        mut info,
+        program,
+        listener,
+        held,
+        ticket,
+    } = KBox::into_inner(job);
+    match check_as(s, &mut info, Some(program)) {
+        Ok(()) => match s.deferred.with(|b| b.settle(ticket, held)) {
+            Ok(()) => listener.wake(),
+            // The listener closed: the connection is reset.
+            Err(held) => drop(held),
+        },
+        Err(_) => {
+            // Refused (counted and logged by `check_as`): reset.
+            s.deferred.with(|b| b.cancel(ticket));
+            drop(held);
+        }
+    }
+}
+
+/// The oldest connection set aside for `listener` that is ready, taken
+/// out for an accept.
+pub(crate) fn accept_take(s: &Shared, listener: usize) -> Option<HeldConn> {
+    if DEFERRED_READY.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    let held = s.deferred.with(|b| b.take(listener))?;
+    bump(&STATS.accept_handed);
+    Some(held)
+}
+
+/// Whether `listener` has a ready connection set aside.
+pub(crate) fn accept_ready(s: &Shared, listener: usize) -> bool {
+    DEFERRED_READY.load(Ordering::Acquire) != 0 && s.deferred.book.lock().has_ready(listener)
+}
+
+/// Whether any listener has a ready connection set aside.
+pub(crate) fn accept_any() -> bool {
+    DEFERRED_READY.load(Ordering::Acquire) != 0
+}
+
+/// A listener closed: the connections set aside for it are reset (those
+/// still asked about when their verdict comes).
+fn accept_forget(s: &Shared, listener: usize) {
+    if s.deferred.used.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    while let Some(held) = s.deferred.with(|b| b.forget_one(listener)) {
+        drop(held);
     }
 }
 
@@ -927,18 +1135,19 @@ impl core::fmt::Display for UnixConnection<'_> {
 }
 
 /// The program of a process, its ancestry and where the hash comes from:
-/// the lineage table, else `hash()` now (then recorded, with no ancestry,
-/// so the next connect does not hash again).
+/// the lineage table, else `hash()` now (counted in `hashed`, then
+/// recorded, with no ancestry, so the next connect does not hash again).
 pub(crate) fn program_of(
     s: &Shared,
     proc: ProcId,
+    hashed: &AtomicU64,
     hash: impl FnOnce() -> Result<[u8; 32]>,
-) -> core::result::Result<([u8; 32], Chain, ProgramSource), Refusal> {
+) -> core::result::Result<Program, Refusal> {
     if let Some((sha256, chain)) = s.lineage.image(proc) {
         return Ok((sha256, chain, ProgramSource::Lineage));
     }
     let sha256 = hash().map_err(Refusal::Unreadable)?;
-    bump(&UNIX_STATS.exe_hashed);
+    bump(hashed);
     s.lineage.record_proc(proc, &sha256);
     Ok((sha256, Chain::EMPTY, ProgramSource::ExeFile))
 }
@@ -989,12 +1198,12 @@ fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<R
         // program to qualify.
         return Err(Ok(Refusal::Unreadable(ESRCH)));
     }
-    let (sha256, chain, source) = program_of(s, proc(info.tgid, info.start_ns), || {
+    let (sha256, chain, source) = program_of(s, proc(info.tgid, info.start_ns), &UNIX_STATS.exe_hashed, || {
         hash_of(!at_accept, info.tgid, info.start_ns)
     })
     .map_err(Ok)?;
     let (peer_sha256, _, peer_source) =
-        program_of(s, proc(info.peer_tgid, info.peer_start_ns), || {
+        program_of(s, proc(info.peer_tgid, info.peer_start_ns), &UNIX_STATS.exe_hashed, || {
             hash_of(at_accept, info.peer_tgid, info.peer_start_ns)
         })
         .map_err(Ok)?;

@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     #[pin]
     pub(crate) backstop: net::Backstop,
     #[pin]
+    pub(crate) deferred: net::Deferred,
+    #[pin]
     pub(crate) files: files::Files,
 }
 
@@ -161,6 +163,7 @@ impl kernel::Module for Trustbind {
                 loader <- loader,
                 bound <- bound,
                 backstop <- net::Backstop::new(),
+                deferred <- net::Deferred::new(),
                 files <- file_state,
             }? Error),
             GFP_KERNEL,
@@ -219,11 +222,15 @@ impl kernel::Module for Trustbind {
             (c_str!("net_close_dropped"), &net::STATS.close_dropped),
             (c_str!("net_idle_ended"), &net::STATS.idle_ended),
             (c_str!("net_send_restarted"), &net::STATS.send_restarted),
+            (c_str!("net_accept_deferred"), &net::STATS.accept_deferred),
+            (c_str!("net_accept_handed"), &net::STATS.accept_handed),
+            (c_str!("net_accept_waited"), &net::STATS.accept_waited),
             (c_str!("net_backstop_protected"), &net::STATS.backstop_protected),
             (
                 c_str!("net_backstop_protected_full"),
                 &net::STATS.backstop_protected_full,
             ),
+            (c_str!("net_backstop_unmarked"), &net::STATS.backstop_unmarked),
             (c_str!("unix_asked"), &net::UNIX_STATS.asked),
             (c_str!("unix_allowed"), &net::UNIX_STATS.allowed),
             (c_str!("unix_denied"), &net::UNIX_STATS.refusals.denied),

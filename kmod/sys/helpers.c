@@ -45,6 +45,7 @@
 #include <net/inet_common.h>
 #include <net/ipv6.h>
 #include <net/tcp.h>
+#include <net/rps.h>
 #include <net/mptcp.h>
 #include <net/tls.h>
 #include <linux/tls.h>
@@ -1125,41 +1126,183 @@ out:
 typedef int (*tb_accept_fn)(struct socket *, struct socket *,
 			    struct proto_accept_arg *);
 
+/* The accept info of the connection newsock got. */
+static void tb_accept_info(struct socket *newsock, struct tb_net_info *info)
+{
+	struct sock *sk = newsock->sk;
+
+	memset(info, 0, sizeof(*info));
+	info->kind = TB_NET_ACCEPT;
+	info->family = sk->sk_family == AF_INET6 ? 6 : 4;
+	tb_sock_end(sk, true, info->src_addr, &info->src_port);
+	tb_sock_end(sk, false, info->dst_addr, &info->dst_port);
+	TB_FILL_TASK(info);
+	info->net = sock_net(sk)->net_cookie;
+	info->sock = newsock;
+}
+
+/* A refused accept: the caller (do_accept, kernel_accept) releases newsock
+ * on an error; without linger the close resets the connection, so the
+ * client sees it. (A partly bound socket cannot disconnect: the reset
+ * comes from the close.) */
+static int tb_accept_refused(struct socket *newsock)
+{
+	sock_no_linger(newsock->sk);
+	return -ECONNABORTED;
+}
+
 /* Qualifies the connection an accept returned (err its result). */
 static int tb_accept_check(struct socket *newsock, int err)
 {
 	struct tb_net_info info;
-	struct sock *sk = newsock->sk;
 
-	if (!err && tb_net_watched(sk)) {
-		memset(&info, 0, sizeof(info));
-		info.kind = TB_NET_ACCEPT;
-		info.family = sk->sk_family == AF_INET6 ? 6 : 4;
-		tb_sock_end(sk, true, info.src_addr, &info.src_port);
-		tb_sock_end(sk, false, info.dst_addr, &info.dst_port);
-		TB_FILL_TASK(&info);
-		info.net = sock_net(sk)->net_cookie;
-		info.sock = newsock;
-		if (trustbind_net_check(&info)) {
-			/* The caller (do_accept, kernel_accept) releases
-			 * newsock on an error; without linger the close
-			 * resets the connection, so the client sees it. (A
-			 * partly bound socket cannot disconnect: the reset
-			 * comes from the close.) */
-			sock_no_linger(sk);
-			err = -ECONNABORTED;
-		}
+	if (!err && tb_net_watched(newsock->sk)) {
+		tb_accept_info(newsock, &info);
+		if (trustbind_net_check(&info))
+			err = tb_accept_refused(newsock);
 	}
 	return err;
 }
 
+/*
+ * TCP accepts. A connection decided aside for this listener (T-37) is
+ * handed out first. A blocking accept (or a kernel one) waits for its
+ * verdict as before. A non-blocking one sets each connection that needs a
+ * verdict aside (trustbind_accept_defer) and takes the next from the
+ * queue, until the queue is empty: -EAGAIN, and the program's event loop
+ * goes on; the listener is woken as each verdict allows one.
+ */
 static int tb_inet_accept(struct socket *sock, struct socket *newsock,
 			  struct proto_accept_arg *arg)
 {
-	int err = tb_accept_check(newsock, inet_accept(sock, newsock, arg));
+	unsigned long listener = tb_sk_id(sock->sk);
+	struct tb_net_info info;
+	int err, r;
 
+	if (READ_ONCE(sock->sk->sk_state) == TCP_LISTEN &&
+	    trustbind_accept_take(listener, newsock)) {
+		err = 0;
+		goto out;
+	}
+	if (!(arg->flags & O_NONBLOCK) || arg->kern) {
+		err = tb_accept_check(newsock, inet_accept(sock, newsock, arg));
+		goto out;
+	}
+	for (;;) {
+		err = inet_accept(sock, newsock, arg);
+		if (err || !tb_net_watched(newsock->sk))
+			break;
+		tb_accept_info(newsock, &info);
+		r = trustbind_accept_defer(&info, listener);
+		if (r == 1)
+			continue;	/* newsock is empty again */
+		if (r < 0)
+			err = tb_accept_refused(newsock);
+		break;
+	}
+out:
 	tb_net_leave();
 	return err;
+}
+
+/* Moves from's connection to the empty socket to, as __inet_accept()
+ * grafts one (with what it set from the listener), leaving from empty. */
+static void tb_conn_move(struct socket *from, struct socket *to)
+{
+	struct sock *sk = from->sk;
+
+	if (test_bit(SOCK_SUPPORT_ZC, &from->flags))
+		set_bit(SOCK_SUPPORT_ZC, &to->flags);
+	lock_sock(sk);
+	sock_graft(sk, to);
+	to->state = SS_CONNECTED;
+	from->sk = NULL;
+	from->state = SS_UNCONNECTED;
+	release_sock(sk);
+}
+
+int tb_accept_hold(struct socket *newsock, struct socket **held)
+{
+	struct sock *sk = newsock->sk;
+	int err;
+
+	/* As kernel_accept() makes its new socket. */
+	err = sock_create_lite(sk->sk_family, newsock->type, sk->sk_protocol,
+			       held);
+	if (err)
+		return err;
+	(*held)->ops = newsock->ops;
+	__module_get((*held)->ops->owner);
+	tb_conn_move(newsock, *held);
+	return 0;
+}
+
+void tb_accept_give(struct socket *held, struct socket *newsock)
+{
+	/* As __inet_accept() does, in the accepting task. */
+	sock_rps_record_flow(held->sk);
+	tb_conn_move(held, newsock);
+	/* No sk: only the socket itself and its module reference go. */
+	sock_release(held);
+}
+
+void tb_accept_drop(struct socket *held)
+{
+	sock_no_linger(held->sk);
+	sock_release(held);
+}
+
+struct tb_accept_work {
+	struct work_struct work;
+	void *job;
+};
+
+static void tb_accept_work_fn(struct work_struct *work)
+{
+	struct tb_accept_work *w = container_of(work, struct tb_accept_work,
+						work);
+
+	trustbind_accept_run(w->job);
+	kfree(w);
+	module_put(THIS_MODULE);
+}
+
+int tb_accept_defer(void *job)
+{
+	struct tb_accept_work *w;
+
+	if (!try_module_get(THIS_MODULE))
+		return -ENODEV;
+	w = kmalloc(sizeof(*w), GFP_KERNEL);
+	if (!w) {
+		module_put(THIS_MODULE);
+		return -ENOMEM;
+	}
+	INIT_WORK(&w->work, tb_accept_work_fn);
+	w->job = job;
+	queue_work(system_unbound_wq, &w->work);
+	return 0;
+}
+
+void tb_sk_wake(unsigned long sk_id)
+{
+	struct sock *sk = (struct sock *)sk_id;
+
+	sk->sk_data_ready(sk);
+}
+
+/* A listener's poll(): readable also while a connection decided aside
+ * waits for its accept (its accept queue may be empty). */
+static __poll_t tb_tcp_poll(struct file *file, struct socket *sock,
+			    poll_table *wait)
+{
+	__poll_t mask = tcp_poll(file, sock, wait);
+
+	if (READ_ONCE(sock->sk->sk_state) == TCP_LISTEN &&
+	    trustbind_accept_ready(tb_sk_id(sock->sk)))
+		mask |= EPOLLIN | EPOLLRDNORM;
+	tb_net_leave();
+	return mask;
 }
 
 /* MPTCP's accept (mptcp_stream_accept, not exported: found through a
@@ -1247,32 +1390,20 @@ void tb_sock_abort(struct socket *sock, int err)
  * ends: past tcp_close(), until TCP_CLOSE (see tb_backstop_closing).
  * Off in disabled mode or while the agent does not qualify connections;
  * in permissive mode a drop is only counted (would_drop).
+ *
+ * Only the kernel's side is here: the hooks and their registration, the
+ * packet parsing, the sending socket's facts, the mark sweep's delayed
+ * work and the socket references marks hold. What to do with a packet
+ * (proto/src/backstop.rs), the protected services and hosts (net.rs) and
+ * the marks themselves (a lock-free map, proto/src/marks.rs, kept in
+ * sys/mod.rs: set, looked up, swept, drained) are Rust's.
  */
-
-struct tb_mark {
-	struct hlist_node node;
-	struct rcu_head rcu;
-	struct sock *sk;
-	u32 kind;		/* TB_MARK_* */
-	/* The program closed it (tcp_close() began): what is queued still
-	 * goes out, and the mark holds a reference on sk until the
-	 * connection reached TCP_CLOSE (tb_mark_gc), so sk is not reused;
-	 * on tb_closing meanwhile. */
-	bool closing;
-	struct list_head closing_node;
-};
-
-#define TB_MARK_MAX 65536
-
-static DEFINE_SPINLOCK(tb_mark_lock);
-static DEFINE_HASHTABLE(tb_mark_set, 10);
-static atomic_t tb_mark_n = ATOMIC_INIT(0);
 
 static atomic_t tb_backstop_mode = ATOMIC_INIT(TB_BACKSTOP_OFF);
 
 static struct {
 	atomic64_t syn_dropped, payload_dropped, inbound_dropped, would_drop,
-		unmarked, key_reads_refused;
+		key_reads_refused;
 } tb_bs;
 
 void tb_backstop_set_mode(u32 mode)
@@ -1280,146 +1411,52 @@ void tb_backstop_set_mode(u32 mode)
 	atomic_set(&tb_backstop_mode, mode);
 }
 
-static struct tb_mark *tb_mark_find(const struct sock *sk)
+bool tb_sock_is_tcp(const struct socket *sock)
 {
-	struct tb_mark *m;
-
-	hash_for_each_possible_rcu(tb_mark_set, m, node, (unsigned long)sk)
-		if (m->sk == sk)
-			return m;
-	return NULL;
+	return sock->sk->sk_protocol == IPPROTO_TCP;
 }
 
-int tb_backstop_mark(const struct tb_net_info *info, u32 kind)
+bool tb_sk_closed(unsigned long sk_id)
 {
-	struct sock *sk = info->sock->sk;
-	struct tb_mark *m, *old;
-	int err = 0;
-
-	/* TCP sockets only: their close always runs tcp_close(), which ends
-	 * the mark (tb_backstop_closing), so a mark never outlives its
-	 * socket to be found by another at the same address (T-31). An
-	 * MPTCP socket closes through mptcp_close(): its mark would stay
-	 * for good, and the backstop never sees it anyway (its packets
-	 * leave from the kernel's subflow sockets). */
-	if (sk->sk_protocol != IPPROTO_TCP)
-		return 0;
-	m = kzalloc(sizeof(*m), GFP_KERNEL);
-	if (!m) {
-		atomic64_inc(&tb_bs.unmarked);
-		return -ENOMEM;
-	}
-	m->sk = sk;
-	m->kind = kind;
-	spin_lock_bh(&tb_mark_lock);
-	rcu_read_lock();
-	old = tb_mark_find(sk);
-	rcu_read_unlock();
-	if (old) {
-		/* A socket connects again after a failed connect, or its
-		 * channel got its key: the newest state counts. */
-		WRITE_ONCE(old->kind, kind);
-	} else if (atomic_read(&tb_mark_n) >= TB_MARK_MAX) {
-		atomic64_inc(&tb_bs.unmarked);
-		err = -ENOSPC;
-	} else {
-		hash_add_rcu(tb_mark_set, &m->node, (unsigned long)sk);
-		atomic_inc(&tb_mark_n);
-		m = NULL;
-	}
-	spin_unlock_bh(&tb_mark_lock);
-	kfree(m);
-	return err;
-}
-
-/* Drops a mark taken out of the set (under tb_mark_lock). */
-static void tb_mark_drop(struct tb_mark *m)
-{
-	hash_del_rcu(&m->node);
-	atomic_dec(&tb_mark_n);
-}
-
-/* Frees a dropped mark after a grace period, with its reference. */
-static void tb_mark_free(struct tb_mark *m)
-{
-	if (m->closing)
-		sock_put(m->sk);
-	kfree_rcu(m, rcu);
+	return inet_sk_state_load((struct sock *)sk_id) == TCP_CLOSE;
 }
 
 /*
  * A closed socket's connection goes on until TCP_CLOSE (queued data, FIN,
  * retransmissions) while kTLS already freed its state: its mark stays,
  * holding the socket, and this sweep (each second while any such mark
- * exists) drops the marks of connections that reached TCP_CLOSE.
+ * exists; Rust decides, sys/mod.rs) drops the marks of connections that
+ * reached TCP_CLOSE.
  */
 static void tb_mark_gc_fn(struct work_struct *work);
 static DECLARE_DELAYED_WORK(tb_mark_gc, tb_mark_gc_fn);
-static LIST_HEAD(tb_closing);		/* under tb_mark_lock */
 static bool tb_mark_gc_stopped;
 
 static void tb_mark_gc_fn(struct work_struct *work)
 {
-	struct tb_mark *m, *tmp;
-	LIST_HEAD(done);
-	bool more;
-
-	spin_lock_bh(&tb_mark_lock);
-	list_for_each_entry_safe(m, tmp, &tb_closing, closing_node)
-		if (inet_sk_state_load(m->sk) == TCP_CLOSE) {
-			tb_mark_drop(m);
-			list_move(&m->closing_node, &done);
-		}
-	more = !list_empty(&tb_closing);
-	spin_unlock_bh(&tb_mark_lock);
-	/* Off the set and the closing list; readers may still see them
-	 * until a grace period passed (tb_mark_free). */
-	list_for_each_entry_safe(m, tmp, &done, closing_node)
-		tb_mark_free(m);
-	if (more && !READ_ONCE(tb_mark_gc_stopped))
+	if (trustbind_mark_gc() && !READ_ONCE(tb_mark_gc_stopped))
 		schedule_delayed_work(&tb_mark_gc, HZ);
 }
 
 /* tcp_close() of sk begins: its mark (if any) now covers what the closed
- * connection still sends, until TCP_CLOSE. */
+ * connection still sends, until TCP_CLOSE, holding a reference on sk so
+ * its address is not reused meanwhile. */
 static void tb_backstop_closing(struct sock *sk)
 {
-	struct tb_mark *m;
-	bool armed = false;
-
-	if (!atomic_read(&tb_mark_n))
+	sock_hold(sk);
+	if (!trustbind_mark_closing((unsigned long)sk)) {
+		sock_put(sk);
 		return;
-	spin_lock_bh(&tb_mark_lock);
-	rcu_read_lock();
-	m = tb_mark_find(sk);
-	rcu_read_unlock();
-	if (m && !m->closing) {
-		sock_hold(sk);
-		WRITE_ONCE(m->closing, true);
-		list_add_tail(&m->closing_node, &tb_closing);
-		armed = true;
 	}
-	spin_unlock_bh(&tb_mark_lock);
-	if (armed && !READ_ONCE(tb_mark_gc_stopped))
+	if (!READ_ONCE(tb_mark_gc_stopped))
 		schedule_delayed_work(&tb_mark_gc, HZ);
 }
 
 static void tb_backstop_free(void)
 {
-	struct tb_mark *m;
-	struct hlist_node *tmp;
-	int i;
-
 	WRITE_ONCE(tb_mark_gc_stopped, true);
 	cancel_delayed_work_sync(&tb_mark_gc);
-	spin_lock_bh(&tb_mark_lock);
-	hash_for_each_safe(tb_mark_set, i, tmp, m, node) {
-		tb_mark_drop(m);
-		if (m->closing)
-			list_del(&m->closing_node);
-		tb_mark_free(m);
-	}
-	spin_unlock_bh(&tb_mark_lock);
+	trustbind_mark_drain();
 }
 
 /* Whether sk sends through kTLS (transmit state installed). Under RCU: the
@@ -1484,7 +1521,6 @@ static bool tb_pkt_parse(struct sk_buff *skb, u8 pf, struct tb_bs_pkt *p)
 void tb_bs_sender(const struct tb_bs_pkt *p, struct tb_bs_sender *out)
 {
 	const struct sock *sk = p->sk;
-	const struct tb_mark *m;
 
 	memset(out, 0, sizeof(*out));
 	if (sk && !sk_fullsock(sk))
@@ -1502,11 +1538,6 @@ void tb_bs_sender(const struct tb_bs_pkt *p, struct tb_bs_sender *out)
 		return;
 	}
 	out->kind = TB_SENDER_TCP;
-	m = tb_mark_find(sk);
-	if (m) {
-		out->mark = READ_ONCE(m->kind);
-		out->closing = READ_ONCE(m->closing);
-	}
 	out->tls_tx = tb_tls_tx(sk);
 }
 
@@ -1641,6 +1672,13 @@ static struct pernet_operations tb_backstop_net_ops = {
 	.exit = tb_backstop_net_exit,
 };
 
+static int tb_marked_get(void *data, u64 *val)
+{
+	*val = trustbind_mark_count();
+	return 0;
+}
+DEFINE_DEBUGFS_ATTRIBUTE(tb_marked_fops, tb_marked_get, NULL, "%llu\n");
+
 void tb_backstop_debugfs(struct dentry *dir)
 {
 	if (!dir)
@@ -1655,12 +1693,10 @@ void tb_backstop_debugfs(struct dentry *dir)
 			   (u64 *)&tb_bs.inbound_dropped.counter);
 	debugfs_create_u64("net_backstop_would_drop", 0400, dir,
 			   (u64 *)&tb_bs.would_drop.counter);
-	debugfs_create_u64("net_backstop_unmarked", 0400, dir,
-			   (u64 *)&tb_bs.unmarked.counter);
 	debugfs_create_u64("net_key_reads_refused", 0400, dir,
 			   (u64 *)&tb_bs.key_reads_refused.counter);
-	debugfs_create_atomic_t("net_backstop_marked", 0400, dir,
-				&tb_mark_n);
+	debugfs_create_file_unsafe("net_backstop_marked", 0400, dir, NULL,
+				   &tb_marked_fops);
 }
 
 unsigned long tb_sock_id(const struct socket *sock)
@@ -2074,18 +2110,11 @@ static int tb_do_sock_getsockopt(struct socket *sock, bool compat, int level,
 				 int optname, sockptr_t optval,
 				 sockptr_t optlen)
 {
-	bool bound = false;
-	struct tb_mark *m;
 	int err;
 
 	if (level == SOL_TLS && (optname == TLS_TX || optname == TLS_RX) &&
-	    sock->sk) {
-		rcu_read_lock();
-		m = tb_mark_find(sock->sk);
-		bound = m && READ_ONCE(m->kind) == TB_MARK_BOUND;
-		rcu_read_unlock();
-	}
-	if (bound) {
+	    sock->sk &&
+	    trustbind_mark_of((unsigned long)sock->sk) == TB_MARK_BOUND) {
 		atomic64_inc(&tb_bs.key_reads_refused);
 		err = -EPERM;
 	} else {
@@ -2119,6 +2148,22 @@ static void notrace tb_sendmsg_redirect(unsigned long ip,
 		(const void *)ftrace_regs_get_argument(fregs, 1);
 
 	if (likely(!(READ_ONCE(msg->msg_flags) & MSG_FASTOPEN)))
+		return;
+	tb_net_redirect(ip, parent_ip, op, fregs);
+}
+
+/* tcp_poll(file, sock, wait): redirected only while some connection
+ * decided aside is ready, and only for a listener. */
+static void notrace tb_poll_redirect(unsigned long ip, unsigned long parent_ip,
+				     struct ftrace_ops *op,
+				     struct ftrace_regs *fregs)
+{
+	const struct socket *sock =
+		(const void *)ftrace_regs_get_argument(fregs, 1);
+
+	if (likely(!trustbind_accept_any()))
+		return;
+	if (READ_ONCE(sock->sk->sk_state) != TCP_LISTEN)
 		return;
 	tb_net_redirect(ip, parent_ip, op, fregs);
 }
@@ -2177,6 +2222,12 @@ static struct ftrace_ops tb_accept_ops = {
 	.func = tb_net_redirect,
 	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
 	.private = tb_inet_accept,
+};
+
+static struct ftrace_ops tb_poll_ops = {
+	.func = tb_poll_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_tcp_poll,
 };
 
 static struct ftrace_ops tb_sendmsg_ops = {
@@ -2316,9 +2367,14 @@ int tb_net_hooks_start(void)
 	err = tb_hook_one(&tb_getsockopt_ops, "do_sock_getsockopt");
 	if (err)
 		goto unhook_close;
+	err = tb_hook_one(&tb_poll_ops, "tcp_poll");
+	if (err)
+		goto unhook_getsockopt;
 	err = tb_mptcp_hook_start();
 	if (!err)
 		return 0;
+	tb_unhook_one(&tb_poll_ops);
+unhook_getsockopt:
 	tb_unhook_one(&tb_getsockopt_ops);
 unhook_close:
 	tb_unhook_one(&tb_close_ops);
@@ -2341,6 +2397,7 @@ void tb_net_hooks_stop(void)
 {
 	if (tb_mptcp_accept_orig)
 		tb_unhook_one(&tb_mptcp_accept_ops);
+	tb_unhook_one(&tb_poll_ops);
 	tb_unhook_one(&tb_getsockopt_ops);
 	tb_unhook_one(&tb_close_ops);
 	tb_unhook_one(&tb_sendmsg_locked_ops);

@@ -259,6 +259,46 @@ int tb_hash_current_exe(struct tb_hashers *h, u8 *sha256_out, u8 *sha1_out,
  * it installs the channel's keys itself (tb_ktls_install). */
 int trustbind_net_check(struct tb_net_info *info);
 
+/*
+ * Accepts decided aside (T-37; logic in Rust: net.rs, proto/src/deferred.rs).
+ * A non-blocking accept whose connection needs a verdict moves it to a
+ * kernel socket of its own (tb_accept_hold), returns -EAGAIN and asks on a
+ * worker (tb_accept_defer); an allowed one waits there until the next
+ * accept on its listener gets it (tb_accept_give), a refused one is reset
+ * (tb_accept_drop). The listener is woken (tb_sk_wake) and its poll()
+ * reports it readable meanwhile.
+ */
+/* Moves newsock's connection to *held (a socket as kernel_accept makes),
+ * leaving newsock empty for another accept. 0 or -errno (nothing moved).
+ * Process context. */
+int tb_accept_hold(struct socket *newsock, struct socket **held);
+/* Moves held's connection to newsock (an accept's, empty) and frees held. */
+void tb_accept_give(struct socket *held, struct socket *newsock);
+/* Resets held's connection (no linger) and frees held. Process context. */
+void tb_accept_drop(struct socket *held);
+/* Runs trustbind_accept_run(job) on an unbound worker, holding a module
+ * reference until it returned. 0, or -errno (not queued: the caller still
+ * owns job). */
+int tb_accept_defer(void *job);
+/* Wakes the listener sk_id's waiters (sk_data_ready). Any context; the
+ * caller holds a reference on it. */
+void tb_sk_wake(unsigned long sk_id);
+/* Implemented in Rust (net.rs): */
+/* 1: newsock's connection was set aside (the accept returns -EAGAIN);
+ * 0: it goes to the program now; -errno: refused now. info describes the
+ * accept as for trustbind_net_check(); listener is tb_sock_id-style. */
+int trustbind_accept_defer(struct tb_net_info *info, unsigned long listener);
+/* The worker's half: asks, then makes the connection ready or resets it. */
+void trustbind_accept_run(void *job);
+/* Hands the oldest ready connection of listener to newsock: whether one
+ * was there. Process context. */
+bool trustbind_accept_take(unsigned long listener, struct socket *newsock);
+/* Whether listener has a ready connection (its poll() reports EPOLLIN);
+ * trustbind_accept_any() whether any listener has one. Any context but
+ * hard interrupts. */
+bool trustbind_accept_ready(unsigned long listener);
+bool trustbind_accept_any(void);
+
 /* Implemented in Rust (net.rs): the TCP socket sk_id (tb_sock_id) closed
  * (tcp_close() returned; the struct sock is still held, so the id cannot
  * be reused during the call), with its counters read after the close.
@@ -275,14 +315,34 @@ void trustbind_net_closed(unsigned long sk_id,
 /* Sets what the backstop does (TB_BACKSTOP_*). Any context. */
 void tb_backstop_set_mode(u32 mode);
 /* The protected services and hosts the backstop reads are Rust's
- * (net.rs Backstop over proto/src/sorted.rs, published under RCU). */
+ * (net.rs Backstop over proto/src/sorted.rs, published under RCU), and
+ * so are the marks of the sockets the wrappers qualified (sys/mod.rs
+ * over proto/src/marks.rs: lock-free, any context). */
 #define TB_MARK_PLAIN 1	/* its verdict allows plaintext */
 #define TB_MARK_CHANNEL 2	/* its verdict requires a channel (no key yet) */
 #define TB_MARK_BOUND 3		/* its channel key is installed */
-/* Marks info->sock's socket as qualified (TB_MARK_*) until its connection
- * ends (TCP_CLOSE after tcp_close()). 0, -ENOMEM or -ENOSPC (table full).
- * Process context. */
-int tb_backstop_mark(const struct tb_net_info *info, u32 kind);
+/* Whether the socket is a TCP one (not MPTCP: only those are marked). */
+bool tb_sock_is_tcp(const struct socket *sock);
+/* Whether the connection of sk_id (tb_sock_id-style, a reference held)
+ * reached TCP_CLOSE. Any context. */
+bool tb_sk_closed(unsigned long sk_id);
+/* Implemented in Rust (sys/mod.rs): the mark of sk_id (TB_MARK_*, 0:
+ * none). Any context; sk_id is only compared, never dereferenced. */
+u32 trustbind_mark_of(unsigned long sk_id);
+/* Implemented in Rust: tcp_close() of sk_id begins, the caller holding a
+ * reference on it that it hands over. true: sk_id was marked, its mark now
+ * owns that reference (until the connection reaches TCP_CLOSE: kick
+ * tb_mark_gc); false: the caller still owns it. Process context. */
+bool trustbind_mark_closing(unsigned long sk_id);
+/* Implemented in Rust: the sweep of tb_mark_gc (its only caller, so never
+ * two at once): removes the closing marks whose connection reached
+ * TCP_CLOSE and puts their references. Whether closing marks remain. */
+bool trustbind_mark_gc(void);
+/* Implemented in Rust: removes every mark, putting the closing ones'
+ * references (unload: no wrapper, close or sweep runs any more). */
+void trustbind_mark_drain(void);
+/* Implemented in Rust: marks now (debugfs net_backstop_marked). */
+u64 trustbind_mark_count(void);
 /* Adds the backstop's counters to the debugfs directory (may be NULL). */
 struct dentry;
 void tb_backstop_debugfs(struct dentry *dir);
@@ -309,8 +369,6 @@ struct tb_bs_pkt {
 
 struct tb_bs_sender {
 	u32 kind;		/* TB_SENDER_* */
-	u32 mark;		/* TB_MARK_*, 0: none */
-	u8 closing;		/* its program closed it */
 	u8 tls_tx;		/* kTLS transmit state */
 };
 
@@ -326,7 +384,7 @@ u32 trustbind_backstop_in(const struct tb_bs_pkt *p);
  * is). Any context. */
 bool trustbind_backstop_armed(void);
 /* The lookup those make that stays in C (same context): p's sending
- * socket (its mark, kTLS state). */
+ * socket (what it is, its kTLS state; its mark is Rust's: p->sk). */
 void tb_bs_sender(const struct tb_bs_pkt *p, struct tb_bs_sender *out);
 /* An RCU read section, for Rust (sys/mod.rs RcuCell). */
 void tb_rcu_read_lock(void);

@@ -11,6 +11,7 @@ use kernel::alloc::KVVec;
 
 use crate::proto::bound::{BoundSocket, BoundTable, Slot as BoundSlot};
 use crate::proto::backstop;
+use crate::proto::marks::{MarkMap, Unmarked};
 use crate::proto::sorted::NetEnd;
 use crate::proto::lineage::ProcId;
 use kernel::error::to_result;
@@ -33,7 +34,7 @@ mod bindings {
 
 use bindings::{
     tb_rcu_read_lock, tb_rcu_read_unlock,
-    linux_binprm, tb_backstop_debugfs, tb_backstop_mark, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp, tb_bprm_setid,
+    linux_binprm, tb_backstop_debugfs, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp, tb_bprm_setid,
     tb_bprm_file, tb_bprm_head, tb_bprm_is_native_elf, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove,
     tb_debugfs_u64, tb_dev_deregister, tb_log_ratelimit, tb_dev_register, tb_dev_wake_readers, tb_exec_register,
     tb_exec_unregister, tb_file_id_of, tb_file_read, tb_hash_current_exe, tb_hash_file, tb_hash_open, tb_hash_task_exe,
@@ -41,7 +42,7 @@ use bindings::{
     tb_hashers_free, tb_idle_kick, tb_ktls_install, tb_ktls_prepare, tb_loader_hooks_start,
     tb_loader_hooks_stop, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
     tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_authority, tb_param_mode, tb_ecdh_p256, tb_hmac_new, tb_hmac_free, tb_hmac2, tb_sha256, tb_memneq, tb_wipe, crypto_shash as RawShash, tb_publish_mode, tb_set_nice_current, tb_sock_counts,
-    tb_sock_id, tb_sock_idle_end, tb_sock_ref, tb_sock_unref, tb_unix_hooks_start,
+    tb_sk_closed, tb_sock_id, tb_sock_idle_end, tb_sock_is_tcp, tb_sock_ref, tb_sock_unref, tb_accept_hold, tb_accept_give, tb_accept_drop, tb_accept_defer, tb_sk_wake, tb_unix_hooks_start,
     tb_unix_hooks_stop,
 };
 
@@ -99,21 +100,22 @@ impl backstop::Facts for BsFacts<'_> {
         let mut s = bindings::tb_bs_sender::default();
         // SAFETY: `self.0` is the hook's packet description; `s` is a
         // valid out-parameter; the socket pointer in the packet is the
-        // skb's, alive while the hook runs; the mark lookup is an RCU read
-        // (the hook's context).
+        // skb's, alive while the hook runs; the kTLS state is read under
+        // the hook's RCU read section.
         unsafe { bindings::tb_bs_sender(self.0, &mut s) };
         match s.kind {
             bindings::TB_SENDER_KERNEL => backstop::Sender::Kernel,
-            bindings::TB_SENDER_TCP => backstop::Sender::Tcp {
-                mark: match s.mark {
-                    bindings::TB_MARK_PLAIN => Some(backstop::Mark::Plain),
-                    bindings::TB_MARK_CHANNEL => Some(backstop::Mark::Channel),
-                    bindings::TB_MARK_BOUND => Some(backstop::Mark::Bound),
-                    _ => None,
-                },
-                closing: s.closing != 0,
-                tls_tx: s.tls_tx != 0,
-            },
+            bindings::TB_SENDER_TCP => {
+                // The packet's socket (a full TCP one, held by the skb):
+                // compared with the marks, never dereferenced.
+                // CAST: the pointer's address, the socket's identity.
+                let mark = MARKS.find(self.0.sk as usize);
+                backstop::Sender::Tcp {
+                    mark: mark.map(|(m, _)| m),
+                    closing: mark.is_some_and(|(_, c)| c),
+                    tls_tx: s.tls_tx != 0,
+                }
+            }
             _ => backstop::Sender::Unqualifiable,
         }
     }
@@ -187,25 +189,135 @@ extern "C" fn trustbind_backstop_armed() -> bool {
     crate::SHARED.with(|s| s.backstop.armed()).unwrap_or(false)
 }
 
-/// How the netfilter backstop knows a qualified socket.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Mark {
-    /// Its verdict allows plaintext.
-    Plain = bindings::TB_MARK_PLAIN as isize,
-    /// Its verdict requires a channel; no key yet (payload dropped).
-    Channel = bindings::TB_MARK_CHANNEL as isize,
-    /// Its channel key is installed.
-    Bound = bindings::TB_MARK_BOUND as isize,
+/// Groups of the backstop's mark map (a power of two), and marks per
+/// group: 131072 slots, 1 MiB. With sockets spread at random over the
+/// groups, the first group fills at about 35 000–45 000 live marks.
+const MARK_BUCKETS: usize = 8192;
+const MARK_WAYS: usize = 16;
+
+/// The netfilter backstop's marks (`proto/src/marks.rs`): how each TCP
+/// socket a wrapper let go on was qualified, until its connection ends.
+/// Lock-free: the hooks read it in softirq on every segment of a
+/// protected service.
+///
+/// # Invariants
+///
+/// Each closing mark owns one reference on its socket (handed over by
+/// [`trustbind_mark_closing`]), put only once the mark left the map, by
+/// [`trustbind_mark_gc`] or [`trustbind_mark_drain`]; those two never run
+/// at once (their contracts), so a closing mark one of them reads stays
+/// in the map, its socket held, until that one removes it.
+static MARKS: MarkMap<MARK_BUCKETS, MARK_WAYS> = MarkMap::new();
+
+/// `TB_MARK_*` of a mark.
+fn mark_raw(m: backstop::Mark) -> u32 {
+    match m {
+        backstop::Mark::Plain => bindings::TB_MARK_PLAIN,
+        backstop::Mark::Channel => bindings::TB_MARK_CHANNEL,
+        backstop::Mark::Bound => bindings::TB_MARK_BOUND,
+    }
 }
 
 /// Marks the socket `info` names as qualified until its connection ends.
-pub(crate) fn backstop_mark(info: &NetInfo, mark: Mark) -> Result {
-    // CAST: the discriminants are the small TB_MARK_* values.
-    let kind = mark as u32;
+/// A mark it has is replaced (it connects again after a failed connect,
+/// or its channel got its key: the newest state counts). A failure (its
+/// group of the map full) is counted in `net_backstop_unmarked`.
+pub(crate) fn backstop_mark(info: &NetInfo, mark: backstop::Mark) -> Result {
     // SAFETY: `info.sock` is the live socket of the wrapper running this
-    // call; process context, no spinlock held (the wrappers' contract).
-    // A failure (no memory, table full) is counted by the C side.
-    to_result(unsafe { tb_backstop_mark(info, kind) })
+    // call (it holds a reference on it until it returns).
+    let (sk, tcp) = unsafe { (tb_sock_id(info.sock), tb_sock_is_tcp(info.sock)) };
+    // TCP sockets only: their close always runs tcp_close(), which ends
+    // the mark (`trustbind_mark_closing`), so a mark never outlives its
+    // socket to be found by another at the same address (T-31). An MPTCP
+    // socket closes through mptcp_close(): its mark would stay for good,
+    // and the backstop never sees it anyway (its packets leave from the
+    // kernel's subflow sockets).
+    if !tcp {
+        return Ok(());
+    }
+    // CAST: `unsigned long` and `usize` are both pointer-sized here.
+    MARKS.mark(sk as usize, mark).map_err(|e| {
+        crate::net::STATS.backstop_unmarked.fetch_add(1, Ordering::Relaxed);
+        match e {
+            Unmarked::Full => ENOSPC,
+            Unmarked::Invalid => EINVAL,
+        }
+    })
+}
+
+/// The `getsockopt` wrapper's lookup: `sk`'s mark (`TB_MARK_*`), 0 for
+/// none. Any context.
+#[no_mangle]
+extern "C" fn trustbind_mark_of(sk: kernel::ffi::c_ulong) -> u32 {
+    // CAST: as in `backstop_mark`.
+    MARKS.find(sk as usize).map_or(0, |(m, _)| mark_raw(m))
+}
+
+/// `tcp_close()` of `sk` begins: its mark, if it has one not closing yet,
+/// turns closing and takes over the caller's reference (`true`).
+///
+/// # Safety
+///
+/// `sk` is a socket on which the caller holds a reference it gives up
+/// when this returns `true`.
+#[no_mangle]
+unsafe extern "C" fn trustbind_mark_closing(sk: kernel::ffi::c_ulong) -> bool {
+    // CAST: as in `backstop_mark`.
+    // INVARIANT: A mark that turns closing now owns the caller's reference
+    // (the function's safety contract).
+    MARKS.set_closing(sk as usize)
+}
+
+/// The mark sweep (the delayed work `tb_mark_gc`): removes the closing
+/// marks whose connection reached `TCP_CLOSE`, then puts their
+/// references. Whether closing marks remain.
+///
+/// # Safety
+///
+/// Never runs at the same time as itself or [`trustbind_mark_drain`].
+#[no_mangle]
+unsafe extern "C" fn trustbind_mark_gc() -> bool {
+    MARKS.sweep(
+        |sk| {
+            // CAST: `usize` and `unsigned long` are both pointer-sized here.
+            let sk = sk as kernel::ffi::c_ulong;
+            // SAFETY: A closing mark's socket, held by the mark until this
+            // sweep removes it (`MARKS`' invariant, the function's contract).
+            unsafe { tb_sk_closed(sk) }
+        },
+        |sk| {
+            // CAST: as above.
+            let sk = sk as kernel::ffi::c_ulong;
+            // SAFETY: The reference the mark owned; it left the map just
+            // now, so nothing puts it again (`MARKS`' invariant).
+            unsafe { tb_sock_unref(sk) }
+        },
+    )
+}
+
+/// Removes every mark, putting the references of the closing ones
+/// (unload, or a failed start).
+///
+/// # Safety
+///
+/// No wrapper marks, no `tcp_close()` hook and no [`trustbind_mark_gc`]
+/// runs any more.
+#[no_mangle]
+unsafe extern "C" fn trustbind_mark_drain() {
+    MARKS.drain(|sk| {
+        // CAST: `usize` and `unsigned long` are both pointer-sized here.
+        let sk = sk as kernel::ffi::c_ulong;
+        // SAFETY: As in `trustbind_mark_gc`: the mark's reference, and the
+        // mark is gone.
+        unsafe { tb_sock_unref(sk) }
+    });
+}
+
+/// Marks now (debugfs `net_backstop_marked`).
+#[no_mangle]
+extern "C" fn trustbind_mark_count() -> u64 {
+    // CAST: at most 65536.
+    MARKS.len() as u64
 }
 
 /// Attaches the "tls" ULP to the socket `info` names, without keys (it
@@ -285,6 +397,111 @@ impl SockRef {
         // locks, which the caller does not hold (process context, above).
         // CAST: as in `counts`.
         unsafe { tb_sock_idle_end(self.0 as kernel::ffi::c_ulong) }
+    }
+}
+
+impl SockRef {
+    /// Takes a reference on the listening socket `id` an accept wrapper
+    /// runs on.
+    ///
+    /// # Safety
+    ///
+    /// `id` is the identity ([`SockRef::id`]) of a live socket, kept live
+    /// by the caller for the duration of the call (the accept's listener:
+    /// the system call holds its file).
+    pub(crate) unsafe fn hold_id(id: usize) -> SockRef {
+        // SAFETY: Live by the function's safety contract.
+        // CAST: as in `counts`.
+        unsafe { tb_sock_ref(id as kernel::ffi::c_ulong) };
+        // INVARIANT: The reference just taken.
+        SockRef(id)
+    }
+
+    /// Wakes the socket's waiters as if data came (a listener's `poll()`
+    /// then looks again). Any context.
+    pub(crate) fn wake(&self) {
+        // SAFETY: Live (type invariant); `sk_data_ready` takes what locks
+        // it needs and does not sleep.
+        // CAST: as in `counts`.
+        unsafe { tb_sk_wake(self.0 as kernel::ffi::c_ulong) }
+    }
+}
+
+/// A connection an accept set aside (T-37): a kernel socket of its own
+/// holding the accepted connection, as `kernel_accept` makes one. Dropping
+/// it resets the connection and frees the socket (process context).
+///
+/// # Invariants
+///
+/// `self.0` is a socket `tb_accept_hold` made, with a connection, owned by
+/// this value alone.
+pub(crate) struct HeldConn(NonNull<bindings::socket>);
+
+// SAFETY: The socket is owned by this value alone (type invariant) and the
+// kernel's socket calls made on it may run on any task.
+unsafe impl Send for HeldConn {}
+
+impl HeldConn {
+    /// Moves the connection the accept `info` names (`info.sock`) to a
+    /// new socket, leaving the accept's socket empty; `info.sock` then
+    /// names the new one. Process context.
+    pub(crate) fn take_from(info: &mut NetInfo) -> Result<HeldConn> {
+        let mut held: *mut bindings::socket = core::ptr::null_mut();
+        // SAFETY: `info.sock` is the live socket of the accept wrapper
+        // running this call, with the connection `inet_accept` grafted on
+        // it; `held` is a valid place for the result. Process context.
+        to_result(unsafe { tb_accept_hold(info.sock, &mut held) })?;
+        let held = NonNull::new(held).ok_or(EINVAL)?;
+        info.sock = held.as_ptr();
+        // INVARIANT: Just made by tb_accept_hold, owned here alone.
+        Ok(HeldConn(held))
+    }
+
+    /// Gives the connection to `newsock` (an accept's empty socket).
+    ///
+    /// # Safety
+    ///
+    /// `newsock` is the live, empty socket of the accept wrapper running
+    /// this call.
+    pub(crate) unsafe fn give(self, newsock: *mut bindings::socket) {
+        let held = core::mem::ManuallyDrop::new(self);
+        // SAFETY: `held.0` is owned by this value (type invariant), given
+        // up here (not dropped); `newsock` is valid and empty by the
+        // function's safety contract.
+        unsafe { tb_accept_give(held.0.as_ptr(), newsock) }
+    }
+}
+
+impl Drop for HeldConn {
+    fn drop(&mut self) {
+        // SAFETY: Owned by this value alone (type invariant), released
+        // once here.
+        unsafe { tb_accept_drop(self.0.as_ptr()) }
+    }
+}
+
+/// One accept set aside, for the worker (`net::accept_run`).
+pub(crate) struct AcceptJob {
+    /// The accept; `sock` names `held`'s socket.
+    pub(crate) info: NetInfo,
+    /// The accepting process's program, resolved in its own context.
+    pub(crate) program: ([u8; 32], crate::proto::lineage::Chain, crate::proto::ProgramSource),
+    /// The listener, referenced until the job is done.
+    pub(crate) listener: SockRef,
+    pub(crate) held: HeldConn,
+    pub(crate) ticket: crate::proto::deferred::Ticket,
+}
+
+/// Runs `net::accept_run(job)` on an unbound worker. The job comes back
+/// when it could not be queued (unloading, no memory).
+pub(crate) fn defer_accept(job: KBox<AcceptJob>) -> core::result::Result<(), KBox<AcceptJob>> {
+    let raw = KBox::into_raw(job);
+    // SAFETY: `raw` is a valid, owned job: on success the worker takes it
+    // back (`trustbind_accept_run`), on failure nothing kept it.
+    match unsafe { tb_accept_defer(raw.cast()) } {
+        0 => Ok(()),
+        // SAFETY: Not queued: `raw` is still ours, from `KBox::into_raw`.
+        _ => Err(unsafe { KBox::from_raw(raw) }),
     }
 }
 
@@ -515,10 +732,20 @@ check_callbacks! {
     trustbind_net_check in self: unsafe extern "C" fn(*mut NetInfo) -> c_int;
     trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, *const TcpCounts);
     trustbind_net_idle in self: unsafe extern "C" fn() -> bool;
+    trustbind_accept_defer in self: unsafe extern "C" fn(*mut NetInfo, kernel::ffi::c_ulong) -> c_int;
+    trustbind_accept_run in self: unsafe extern "C" fn(*mut kernel::ffi::c_void);
+    trustbind_accept_take in self: unsafe extern "C" fn(kernel::ffi::c_ulong, *mut bindings::socket) -> bool;
+    trustbind_accept_ready in self: unsafe extern "C" fn(kernel::ffi::c_ulong) -> bool;
+    trustbind_accept_any in self: unsafe extern "C" fn() -> bool;
     trustbind_unix_wanted in self: unsafe extern "C" fn(u32) -> bool;
     trustbind_unix_check in self: unsafe extern "C" fn(*mut UnixInfo) -> c_int;
     trustbind_backstop_out in self: unsafe extern "C" fn(*const bindings::tb_bs_pkt) -> u32;
     trustbind_backstop_in in self: unsafe extern "C" fn(*const bindings::tb_bs_pkt) -> u32;
+    trustbind_mark_of in self: unsafe extern "C" fn(kernel::ffi::c_ulong) -> u32;
+    trustbind_mark_closing in self: unsafe extern "C" fn(kernel::ffi::c_ulong) -> bool;
+    trustbind_mark_gc in self: unsafe extern "C" fn() -> bool;
+    trustbind_mark_drain in self: unsafe extern "C" fn();
+    trustbind_mark_count in self: unsafe extern "C" fn() -> u64;
     trustbind_file_gate in self: unsafe extern "C" fn(*const FileOp) -> c_int;
     trustbind_file_unasked in self: unsafe extern "C" fn(*const FileOp) -> c_int;
     trustbind_file_ask in self: unsafe extern "C" fn(*const FileOp);
@@ -1165,6 +1392,78 @@ unsafe extern "C" fn trustbind_net_check(info: *mut NetInfo) -> c_int {
         None => 0,
         Some(Err(e)) => e.to_errno(),
     }
+}
+
+/// A non-blocking accept's connection that needs a verdict: 1 when it was
+/// set aside (the accept returns `EAGAIN`), 0 when it goes to the program
+/// now, -errno when it is refused now.
+///
+/// # Safety
+///
+/// As [`trustbind_net_check`] for an accept; `listener` is the identity of
+/// the accept's listening socket (live for the call).
+#[no_mangle]
+unsafe extern "C" fn trustbind_accept_defer(info: *mut NetInfo, listener: kernel::ffi::c_ulong) -> c_int {
+    // SAFETY: Valid and exclusive for this call by the function's safety
+    // contract.
+    let info = unsafe { &mut *info };
+    crate::proto::addr::unmap_v4(&mut info.family, &mut info.src_addr, &mut info.dst_addr);
+    // SAFETY: The accept's listener, live for this call (safety contract).
+    // CAST: `unsigned long` and `usize` are both pointer-sized here.
+    let listener = unsafe { SockRef::hold_id(listener as usize) };
+    match crate::SHARED.with(|s| crate::net::accept_defer(s, info, listener)) {
+        Some(Ok(true)) => 1,
+        Some(Ok(false)) | None => 0,
+        Some(Err(e)) => e.to_errno(),
+    }
+}
+
+/// The worker's half of an accept set aside.
+///
+/// # Safety
+///
+/// `job` is a `KBox<AcceptJob>` given up by [`defer_accept`], taken back
+/// once here.
+#[no_mangle]
+unsafe extern "C" fn trustbind_accept_run(job: *mut kernel::ffi::c_void) {
+    // SAFETY: By the function's safety contract.
+    let job = unsafe { KBox::from_raw(job.cast::<AcceptJob>()) };
+    // Unloading: the job drops, its connection is reset.
+    let _ = crate::SHARED.with(move |s| crate::net::accept_run(s, job));
+}
+
+/// Hands `listener`'s oldest ready connection to `newsock`.
+///
+/// # Safety
+///
+/// `newsock` is the live, empty socket of the accept wrapper running this
+/// call; `listener` the identity of its listening socket.
+#[no_mangle]
+unsafe extern "C" fn trustbind_accept_take(listener: kernel::ffi::c_ulong, newsock: *mut bindings::socket) -> bool {
+    // CAST: `unsigned long` and `usize` are both pointer-sized here.
+    match crate::SHARED.with(|s| crate::net::accept_take(s, listener as usize)) {
+        Some(Some(held)) => {
+            // SAFETY: `newsock` is live and empty (safety contract).
+            unsafe { held.give(newsock) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Whether `listener` has a ready connection set aside.
+#[no_mangle]
+extern "C" fn trustbind_accept_ready(listener: kernel::ffi::c_ulong) -> bool {
+    // CAST: as above.
+    crate::SHARED
+        .with(|s| crate::net::accept_ready(s, listener as usize))
+        .unwrap_or(false)
+}
+
+/// Whether any listener has a ready connection set aside.
+#[no_mangle]
+extern "C" fn trustbind_accept_any() -> bool {
+    crate::net::accept_any()
 }
 
 /// Called by the `tcp_close` wrapper after every TCP socket's close, with

@@ -86,9 +86,51 @@ fn true_with_interp(vm: &mut Vm, dst: &str, interp: &str) -> Result<()> {
     Ok(())
 }
 
+/// The smallest i386 dynamic loader image `proto::elf` must recognise: an
+/// ELF32 little-endian `ET_DYN` for `EM_386` with a `PT_LOAD`, a
+/// `PT_DYNAMIC` naming a `DT_SONAME`, and no `PT_INTERP` (what
+/// `/lib/ld-linux.so.2` looks like to the module).
+fn elf32_loader() -> Vec<u8> {
+    let mut f = vec![0u8; 0x800];
+    let put16 =
+        |f: &mut Vec<u8>, at: usize, v: u16| f[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 1; // ELFCLASS32
+    f[5] = 1; // little-endian
+    f[6] = 1; // EV_CURRENT
+    put16(&mut f, 16, 3); // ET_DYN
+    put16(&mut f, 18, 3); // EM_386
+    put32(&mut f, 20, 1);
+    put32(&mut f, 28, 0x100); // e_phoff
+    put16(&mut f, 40, 52); // e_ehsize
+    put16(&mut f, 42, 32); // e_phentsize
+    put16(&mut f, 44, 2); // e_phnum
+                          // PT_LOAD of the whole file, then PT_DYNAMIC at 0x400.
+    for (i, (ty, off, size)) in [(1u32, 0u32, 0x800u32), (2, 0x400, 0x100)]
+        .into_iter()
+        .enumerate()
+    {
+        let at = 0x100 + i * 32;
+        put32(&mut f, at, ty);
+        put32(&mut f, at + 4, off);
+        put32(&mut f, at + 16, size);
+        put32(&mut f, at + 20, size);
+    }
+    // DT_STRTAB (5) at 0x600, DT_SONAME (14) "ld-linux.so.2", DT_NULL.
+    for (i, (tag, val)) in [(5u32, 0x600u32), (14, 1), (0, 0)].into_iter().enumerate() {
+        put32(&mut f, 0x400 + i * 8, tag);
+        put32(&mut f, 0x404 + i * 8, val);
+    }
+    f[0x601..0x601 + 13].copy_from_slice(b"ld-linux.so.2");
+    f
+}
+
 /// A copy of the loader, wherever it lives and whoever made it, is the
 /// loader run as the program: asked with `direct=1`, never answered from
-/// the cache, refused by a policy that refuses such execs. A modified
+/// the cache, refused by a policy that refuses such execs; a 32-bit loader
+/// too. A modified
 /// loader bind-mounted from a fresh tmpfs inside a user + mount namespace
 /// over the path every program names is still qualified (and refused).
 #[test]
@@ -117,6 +159,29 @@ fn attack_loader_copies() -> Result<()> {
     );
     // The loader as every program's PT_INTERP stays allowed.
     vm.run_ok(&as_nobody("/usr/bin/true"))?;
+
+    // T-03: a 32-bit loader (i386, ELF32), which no list of this host's
+    // loaders ever held, is recognised by its content too.
+    {
+        use base64::Engine as _;
+        let ld32 = base64::engine::general_purpose::STANDARD.encode(elf32_loader());
+        vm.run_ok(&format!(
+            "echo {ld32} | base64 -d >/tmp/u/ld32 && chmod 755 /tmp/u/ld32"
+        ))?;
+    }
+    let out = vm.run(&as_nobody("/tmp/u/ld32 /usr/bin/true"))?;
+    ensure!(
+        out.status == 126,
+        "the 32-bit loader was not refused: {out:?}"
+    );
+    let lines = exec_lines(&mut vm, "/tmp/u/ld32")?;
+    ensure!(
+        !lines.is_empty()
+            && lines
+                .iter()
+                .all(|l| l.contains(" direct=1 ") && l.ends_with("-> deny")),
+        "the 32-bit loader was not asked as a loader run directly: {lines:?}"
+    );
 
     // T-04/T-05: in a user + mount namespace of its own, the user mounts a
     // fresh tmpfs (a superblock nothing marked) and binds a modified loader

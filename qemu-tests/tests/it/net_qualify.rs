@@ -344,21 +344,124 @@ fn net_qualify() -> Result<()> {
     Ok(())
 }
 
+/// An event loop's non-blocking listener (perl, `select`), for
+/// [`nonblocking_accept`]: waits until a connection is queued, tries one
+/// `accept()` and prints what it got (`first=conn`, or `first=none
+/// errno=N`), then serves its loop (`select` with a 0.1 s timeout, each
+/// timeout a tick) until `select` reports the listener readable and an
+/// accept succeeds, or `SECS` pass. Arguments: port, seconds.
+const NONBLOCKING_SERVER: &str = r#"use Socket; use Fcntl;
+$| = 1;
+my ($port, $secs) = @ARGV;
+socket(S, PF_INET, SOCK_STREAM, 0) or die "socket: $!";
+setsockopt(S, SOL_SOCKET, SO_REUSEADDR, 1);
+bind(S, pack_sockaddr_in($port, INADDR_ANY)) or die "bind: $!";
+listen(S, 5) or die "listen: $!";
+fcntl(S, F_SETFL, fcntl(S, F_GETFL, 0) | O_NONBLOCK) or die "fcntl: $!";
+my $rin = ''; vec($rin, fileno(S), 1) = 1;
+select(my $r = $rin, undef, undef, 60) or die "no connection";
+my $ok = accept(C, S);
+printf "first=%s errno=%d
+", ($ok ? "conn" : "none"), $ok ? 0 : $!+0;
+my ($ticks, $t0) = (0, time);
+while (!$ok && time - $t0 <= $secs) {
+    if (select(my $r2 = $rin, undef, undef, 0.1) > 0) { $ok = accept(C, S); }
+    else { $ticks++; }
+}
+if ($ok) { my $l = <C>; print "accepted ticks=$ticks line=$l"; }
+else { print "none ticks=$ticks\n"; }
+"#;
+
+/// A non-blocking `accept()` never waits for its verdict (T-37): the
+/// connection is set aside and the call fails with `EAGAIN` at once, so
+/// the event loop goes on (it ticks while the verdict takes 4 s); when
+/// the verdict allows it, `select()` reports the listener readable and
+/// the next accept hands it out, data intact. One the verdict refuses is
+/// reset and never handed out. (On the
+/// module before, the first `accept()` waited the 4 s and returned the
+/// connection: `first=conn`.)
+fn nonblocking_accept(vm: &mut Vm) -> Result<()> {
+    vm.run_ok(&format!(
+        "echo {} | base64 -d >/tmp/x/nb.pl",
+        base64::engine::general_purpose::STANDARD.encode(NONBLOCKING_SERVER)
+    ))?;
+    let run = |vm: &mut Vm, perl: &str, port: u16, secs: u32, out: &str| -> Result<String> {
+        vm.spawn_bg(&format!(
+            "exec {perl} /tmp/x/nb.pl {port} {secs} >{out} 2>&1"
+        ))?;
+        wait_listening(vm, port)?;
+        let client = vm.run(&format!(
+            "echo kept | timeout 30 socat -d -d -u - TCP4:127.0.0.1:{port} 2>&1"
+        ))?;
+        let mut got = String::new();
+        for _ in 0..300 {
+            got = vm.run_ok(&format!("cat {out}"))?.stdout;
+            if got.contains("accepted ") || got.contains("none ticks=") {
+                break;
+            }
+            vm.run_ok("sleep 0.2")?;
+        }
+        Ok(format!("{got}client: {}", client.stdout))
+    };
+    let out = run(vm, "perl", 7021, 30, "/tmp/x/nb-ok.out")?;
+    ensure!(
+        out.contains("first=none errno=11\n"),
+        "a non-blocking accept waited for its verdict instead of EAGAIN: {out:?}"
+    );
+    ensure!(
+        out.contains("accepted ") && out.contains(" line=kept"),
+        "the connection set aside was not handed out intact: {out:?}"
+    );
+    let ticks: u32 = out
+        .split("ticks=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    ensure!(
+        ticks > 0,
+        "the event loop did not run while the verdict was pending: {out:?}"
+    );
+    // A server program the policy refuses: set aside, refused, reset.
+    let out = run(vm, "/tmp/x/perl-rogue", 7022, 12, "/tmp/x/nb-rogue.out")?;
+    ensure!(
+        out.contains("first=none errno=11\n") && out.contains("none ticks="),
+        "a refused connection set aside was handed out: {out:?}"
+    );
+    let n = [
+        counter(vm, "net_accept_deferred")?,
+        counter(vm, "net_accept_handed")?,
+        counter(vm, "net_accept_waited")?,
+    ];
+    ensure!(
+        n == [2, 1, 0],
+        "set aside / handed out / waited: {n:?}, expected [2, 1, 0]"
+    );
+    Ok(())
+}
+
 /// Signals (handled, `SA_RESTART`) that arrive while an accepted
 /// connection waits for its verdict no longer abort it: the connection is
 /// already off the accept queue and cannot be put back, so only a fatal
 /// signal ends that wait (T-38, accept half; before, `accept()` failed
 /// with `EINTR` and the client was reset). The accept's verdict takes 4 s;
 /// a child signals the server every 0.5 s meanwhile (signals while it
-/// waits for a connection restart that wait, as always).
+/// waits for a connection restart that wait, as always). Then, on the
+/// same VM, [`nonblocking_accept`].
 #[test]
 fn net_accept_signal_keeps_connection() -> Result<()> {
     let mut vm = host_with_module()?;
-    vm.run_ok("mkdir -p /tmp/x")?;
+    // A copy of perl that may run but not use the network, for
+    // `nonblocking_accept`.
+    vm.run_ok(
+        "mkdir -p /tmp/x && cp /usr/bin/perl /tmp/x/perl-rogue && printf x >>/tmp/x/perl-rogue \
+         && chmod 755 /tmp/x/perl-rogue",
+    )?;
     start_agent_with(
         &mut vm,
         "enforce",
-        "--no-cache --net-allow /usr/bin/socat --net-allow /usr/bin/perl --net-accept-delay-ms 4000",
+        "--no-cache --net-allow /usr/bin/socat --net-allow /usr/bin/perl --net-accept-delay-ms 4000 \
+         --allow /tmp/x/perl-rogue",
     )?;
     let script = r#"use Socket; use POSIX ();
 $| = 1;
@@ -395,6 +498,7 @@ kill 'TERM', $child; wait;
         out.contains("accept=ok ") && out.contains(" line=kept"),
         "a handled signal aborted the accepted connection: {out:?}"
     );
+    nonblocking_accept(&mut vm)?;
     stop_agent(&mut vm)?;
     vm.run_ok("rmmod trustbind")?;
     vm.check_health()?;

@@ -36,6 +36,7 @@ mod accel;
 mod appliance;
 mod artifacts;
 mod channel;
+mod cpus;
 mod err;
 mod health;
 mod net;
@@ -103,11 +104,17 @@ pub(crate) fn host_run(step: &str, cmd: &mut std::process::Command) -> Result<St
         .output()
         .map_err(Error::io(format!("{step}: cannot start `{}`", show(cmd))))?;
     if !out.status.success() {
+        // Some commands say why on stdout (e.g. `trustbind audit verify`).
+        let mut said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !stdout.trim().is_empty() {
+            said.push_str(&format!("\n(stdout) {}", stdout.trim()));
+        }
         return Err(Error::HostCommand {
             step: step.to_owned(),
             command: show(cmd),
             status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            stderr: said,
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cpus::Share;
 use crate::err::{Error, Result};
 use crate::vm::VmBuilder;
 
@@ -39,6 +40,8 @@ struct Inner {
     next_vm: AtomicU32,
     dir: PathBuf,
     host_addr: std::sync::Mutex<bool>,
+    /// The host cores this network's VMs hold (one per VM).
+    cores: std::sync::Mutex<Share>,
 }
 
 impl Network {
@@ -68,6 +71,7 @@ impl Network {
                 ns,
                 next_vm: AtomicU32::new(0),
                 host_addr: std::sync::Mutex::new(false),
+                cores: std::sync::Mutex::new(Share::default()),
             }),
         };
         net.ip("network: lo up", &["link", "set", "lo", "up"])?;
@@ -137,9 +141,16 @@ impl Network {
         Ok(HOST_ADDR)
     }
 
-    /// The next VM number (its address is [`Network::addr`] of it).
+    /// The next VM number (its address is [`Network::addr`] of it). Waits
+    /// until this network can hold one host core per VM (see [`crate::cpus`]).
     pub(crate) fn next_index(&self) -> u32 {
-        self.inner.next_vm.fetch_add(1, Ordering::Relaxed)
+        let index = self.inner.next_vm.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .cores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .grow(index as usize + 1);
+        index
     }
 
     /// Boots several VMs at once (their boots overlap) and waits for all.

@@ -150,9 +150,14 @@ impl VmBuilder {
         // no_timer_check: the boot-time IO-APIC timer check races timer
         // ticks against a delay loop; under TCG on a loaded host it can
         // fail and panic ("IO-APIC + timer doesn't work").
+        // rcu_cpu_stall_timeout=60 (default 21 s): with more VMs booting
+        // than host cores, the emulated ACPI interrupt-link setup keeps the
+        // non-preemptible boot CPU away from the RCU kthread for 25 s and
+        // more (seen in the soak's four-VM boot), which the health check
+        // would report; a real stall still shows after 60 s.
         let append = format!(
             "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/tb-init panic=-1 \
-             no_timer_check tb.host={name} tb.ip={ip}/24 {}",
+             no_timer_check rcupdate.rcu_cpu_stall_timeout=60 tb.host={name} tb.ip={ip}/24 {}",
             cmdline.join(" ")
         );
         let mut cmd = net.command("qemu-system-x86_64");

@@ -202,16 +202,24 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// `cargo test` of the QEMU tests, one at a time, with the artifacts:
-/// those of `it` matching `filter` (all tests without), `args` passed to
-/// the test binary.
-fn qemu_tests(a: &Artifacts, filter: Option<&str>, args: &[&str]) -> Command {
+/// `cargo test` of the QEMU tests with the artifacts: those of `it`
+/// matching `filter` (all tests without), `args` passed to the test
+/// binary. `parallel`: as many tests at once as the host has cores (each
+/// test's VMs then wait for a core each: `qemu-tests/src/cpus.rs`);
+/// otherwise one at a time (benchmarks, the soak).
+fn qemu_tests(a: &Artifacts, filter: Option<&str>, args: &[&str], parallel: bool) -> Command {
     let mut c = cargo();
     c.args(["test", "-p", "trustbind-qemu-tests"]);
     if let Some(f) = filter {
         c.args(["--test", "it", f]);
     }
-    c.arg("--").args(args).arg("--test-threads=1");
+    let threads = match parallel {
+        true => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        false => 1,
+    };
+    c.arg("--")
+        .args(args)
+        .arg(format!("--test-threads={threads}"));
     a.apply(&mut c);
     c
 }
@@ -228,7 +236,7 @@ fn test(ctx: &Ctx, filter: Option<&str>) -> Result<()> {
     )?;
     if let Some(f) = filter {
         println!("test: QEMU integration tests matching `{f}`");
-        return sh::run("test: QEMU tests", &mut qemu_tests(&a, Some(f), &[]));
+        return sh::run("test: QEMU tests", &mut qemu_tests(&a, Some(f), &[], true));
     }
     println!("test: unit tests");
     sh::run(
@@ -236,7 +244,7 @@ fn test(ctx: &Ctx, filter: Option<&str>) -> Result<()> {
         cargo().args(["test", "--workspace", "--exclude", "trustbind-qemu-tests"]),
     )?;
     println!("test: QEMU integration tests");
-    sh::run("test: QEMU tests", &mut qemu_tests(&a, None, &[]))
+    sh::run("test: QEMU tests", &mut qemu_tests(&a, None, &[], true))
 }
 
 /// `cargo xtask image [--kernel BZIMAGE]`: the appliance image, with our
@@ -320,11 +328,12 @@ fn bench(ctx: &Ctx) -> Result<()> {
                 "--skip",
                 "bench_file_open",
             ],
+            false,
         ),
     )?;
     // Guest clock counting instructions: rounds agree whatever the load.
     // `bench_f`: bench_fork_lineage and bench_file_open.
-    let mut c = qemu_tests(&a, Some("bench_f"), &["--ignored", "--nocapture"]);
+    let mut c = qemu_tests(&a, Some("bench_f"), &["--ignored", "--nocapture"], false);
     c.env("TRUSTBIND_ACCEL", "icount");
     sh::run(
         "bench: fork cost of the lineage table, open cost of the file gate (icount)",
@@ -341,7 +350,7 @@ fn soak(ctx: &Ctx, minutes: Option<&str>) -> Result<()> {
         .parse()
         .context("soak: MINUTES must be a number")?;
     let a = build(ctx, Flavor::Debug, false)?;
-    let mut c = qemu_tests(&a, Some("soak_with_faults"), &["--nocapture"]);
+    let mut c = qemu_tests(&a, Some("soak_with_faults"), &["--nocapture"], false);
     c.env(
         "TRUSTBIND_SOAK_SECONDS",
         format!("{}", (minutes * 60.0).round() as u64),

@@ -93,6 +93,13 @@ as 1000 stress-ng --exec 1 --timeout ${D}s --metrics-brief >sng-exec-1000.log 2>
 as 65534 stress-ng --exec 1 --timeout ${D}s --metrics-brief >sng-exec-65534.log 2>&1 &
 as 0 stress-ng --sock 1 --sock-port 22000 --timeout ${D}s --metrics-brief >sng-sock-tcp.log 2>&1 &
 as 1000 stress-ng --sockfd 1 --timeout ${D}s --metrics-brief >sng-sockfd-unix.log 2>&1 &
+# The faults start only once every stressor runs: their first (cold) execs
+# go to the appliance, and a niced launch can take seconds under TCG; a
+# launch refused while an agent is away would leave a stressor out.
+for u in 1000 65534 0; do
+    until pgrep -u $u -x stress-ng >/dev/null; do sleep 0.2; done
+done
+echo started >started
 end=$(( $(date +%s) + D ))
 i=0
 while [ "$(date +%s)" -lt "$end" ]; do
@@ -243,8 +250,14 @@ fn soak_with_faults() -> Result<()> {
         "echo {} | base64 -d >/tmp/soak.sh",
         base64::engine::general_purpose::STANDARD.encode(LOAD)
     ))?;
-    let started = Instant::now();
     a.spawn_bg(&format!("exec bash /tmp/soak.sh {secs} {b_ip}"))?;
+    wait_for(
+        &mut a,
+        "the stressors to start",
+        "test -e /tmp/soak/started",
+        300,
+    )?;
+    let started = Instant::now();
     let at = |f: f64| started + Duration::from_secs_f64(secs as f64 * f);
     let until = |t: Instant| std::thread::sleep(t.saturating_duration_since(Instant::now()));
 

@@ -10,6 +10,9 @@
 //!                                          print a one-time admin enrolment token
 //! trustbind-appliance [--data-dir DIR] rotate-server-cert  new server cert (SIGHUP a running serve)
 //! trustbind-appliance ntp --server HOST... [--interval S] [--once]   keep the clock (SNTP)
+//! trustbind-appliance grow-data --disk DEV [--partition 3] [--name trustbind-data]
+//!                                          grow the data partition to the disk's end
+//! trustbind-appliance grow-data --fs DIR   grow the ext4 mounted at DIR to its partition
 //! trustbind-appliance [--data-dir DIR] init                create or migrate the database
 //! trustbind-appliance [--data-dir DIR] audit verify        check the audit hash chain
 //! trustbind-appliance [--data-dir DIR] audit export        write the audit log as JSON lines
@@ -184,6 +187,31 @@ enum Cmd {
         /// One round, then exit (status 1 if no server answered).
         #[arg(long)]
         once: bool,
+    },
+    /// Grows the data partition to fill a larger disk (the appliance image
+    /// runs it at boot): with `--disk`, before mounting, its GPT entry (the
+    /// last partition) and the kernel's view of it; with `--fs`, the ext4
+    /// mounted there, online. Does nothing when there is nothing to grow;
+    /// refuses, changing nothing, any disk not laid out as the image.
+    GrowData {
+        /// The whole disk holding the partition (a block device or a disk
+        /// image file).
+        #[arg(
+            long,
+            value_name = "DEV",
+            required_unless_present = "fs",
+            conflicts_with = "fs"
+        )]
+        disk: Option<PathBuf>,
+        /// The partition's number in the GPT (it must be the last partition).
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=128))]
+        partition: u32,
+        /// The partition's GPT name (anything else is refused).
+        #[arg(long, value_name = "NAME", default_value = trustbind_appliance::grow::DATA_PARTITION_NAME)]
+        name: String,
+        /// The mount point of the ext4 file system to grow to its partition.
+        #[arg(long, value_name = "DIR")]
+        fs: Option<PathBuf>,
     },
     /// Makes a new server certificate (send SIGHUP to a running `serve`).
     RotateServerCert {
@@ -580,6 +608,23 @@ fn run(cli: Cli) -> Result<(), Fail> {
                     });
             }
             trustbind_appliance::ntp::run(&servers, std::time::Duration::from_secs(interval))
+        }
+        Cmd::GrowData {
+            disk,
+            partition,
+            name,
+            fs,
+        } => {
+            init_log();
+            use trustbind_appliance::grow;
+            if let Some(dir) = fs {
+                let g = grow::grow_ext4(&dir)?;
+                tracing::info!("grow-data: {}: {g}", dir.display());
+            } else if let Some(disk) = disk {
+                let g = grow::grow_partition(&disk, partition, &name)?;
+                tracing::info!("grow-data: {} {name}: {g}", disk.display());
+            }
+            Ok(())
         }
         Cmd::Init => offline(&data_dir, None),
         Cmd::Audit { cmd } => offline(&data_dir, Some(cmd)),

@@ -43,6 +43,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // The appliance OS image (xtask/src/image.rs).
     "squashfs-tools",
     "fdisk",
+    // `sgdisk -v` checks the GPT `grow-data` writes (appliance/src/grow.rs tests).
+    "gdisk",
     "grub-pc-bin",
     "file",
     // `make bindeb-pkg` (the kernel's Debian package, xtask/src/package.rs).

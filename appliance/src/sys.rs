@@ -51,8 +51,8 @@ struct BlkpgIoctlArg {
     data: *mut core::ffi::c_void,
 }
 
-fn to_i64(v: u64) -> std::io::Result<i64> {
-    i64::try_from(v).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+fn invalid<E>(_: E) -> std::io::Error {
+    std::io::Error::from(std::io::ErrorKind::InvalidInput)
 }
 
 /// Tells the kernel partition `pno` of the whole disk `disk` now spans
@@ -61,10 +61,9 @@ fn to_i64(v: u64) -> std::io::Result<i64> {
 #[allow(unsafe_code)]
 pub fn resize_partition(disk: &File, pno: u32, start: u64, length: u64) -> std::io::Result<()> {
     let mut part = BlkpgPartition {
-        start: to_i64(start)?,
-        length: to_i64(length)?,
-        pno: i32::try_from(pno)
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?,
+        start: i64::try_from(start).map_err(invalid)?,
+        length: i64::try_from(length).map_err(invalid)?,
+        pno: i32::try_from(pno).map_err(invalid)?,
         devname: [0; 64],
         volname: [0; 64],
     };

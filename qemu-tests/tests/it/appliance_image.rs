@@ -10,6 +10,11 @@
 //! and the agent reconnects; a corrupted data partition is reported on the
 //! console, the daemon's ports stay closed and the partition is not touched.
 //!
+//! `the_data_partition_grows_to_a_larger_disk`: the disk image enlarged
+//! by 192 MiB while the appliance is off; at the next boot the data
+//! partition (GPT) and its ext4 fill it (`grow-data`), the CA is the same,
+//! and a third boot changes nothing.
+//!
 //! `direct_boot_serves`: `-kernel/-initrd` without a disk reaches serving,
 //! says NOT PERSISTENT, and powers off cleanly; with the disk image
 //! attached it uses its data partition.
@@ -173,6 +178,82 @@ fn disk_image_persists_and_refuses_a_corrupt_data_partition() -> Result<()> {
         "appliance image: first boot to serving {first:.1?}, second {second:.1?}, whole test {:.0?}",
         t0.elapsed()
     );
+    Ok(())
+}
+
+/// Added to the disk image while the appliance is off.
+const GROWN_BY: u64 = 192 << 20;
+
+/// The sizes in MiB of the console's `file system grown from A MiB to B MiB`.
+fn fs_grown(console: &str) -> Option<(f64, f64)> {
+    let rest = console.split("file system grown from ").nth(1)?;
+    let mut it = rest.split(" MiB");
+    let old = it.next()?.trim().parse().ok()?;
+    let new = it.next()?.trim().strip_prefix("to ")?.parse().ok()?;
+    Some((old, new))
+}
+
+/// Waits until `appl` serves; its console must say `grow-data` found the
+/// data partition (`size`) and its file system filling the disk.
+fn serves_with_nothing_to_grow(appl: &mut Appliance, size: &str, boot: &str) -> Result<()> {
+    appl.wait_serving()?;
+    let console = appl.console();
+    ensure!(
+        console.contains(&format!(
+            "partition 3 ({size}) already fills the disk: nothing changed"
+        )) && console.contains("file system already fills its partition"),
+        "{boot}: grow-data did not find the disk filled:\n{console}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_data_partition_grows_to_a_larger_disk() -> Result<()> {
+    let img = ApplianceImage::from_env()?;
+    let net = Network::new()?;
+    let mut appl = net.appliance("grow", &img, Boot::Disk)?;
+    serves_with_nothing_to_grow(&mut appl, "64.0 MiB", "the image's own size")?;
+    let fp = appl.ca_fingerprint()?;
+    appl.powerdown()?;
+
+    // A larger disk (sparse), as `qemu-img resize` makes it.
+    let disk = appl.disk().context("no disk")?.to_owned();
+    let (start, len) = gpt_partition(&disk, "trustbind-data")?;
+    {
+        let f = std::fs::File::options().write(true).open(&disk)?;
+        f.set_len(f.metadata()?.len() + GROWN_BY)?;
+    }
+    appl.boot()?;
+    appl.wait_serving()?;
+    let console = appl.console();
+    ensure!(
+        console.contains("partition 3 grown from 64.0 MiB to 256.0 MiB"),
+        "the data partition did not grow:\n{console}"
+    );
+    let (old, new) =
+        fs_grown(&console).with_context(|| format!("the file system did not grow:\n{console}"))?;
+    ensure!(
+        new > old + 180.0,
+        "the file system grew from {old} to only {new} MiB"
+    );
+    ensure!(
+        !console.contains("not grown"),
+        "a grow step failed:\n{console}"
+    );
+    ensure!(
+        appl.ca_fingerprint()? == fp,
+        "the CA changed across the grow"
+    );
+    appl.powerdown()?;
+    let (start2, len2) = gpt_partition(&disk, "trustbind-data")?;
+    ensure!(
+        start2 == start && len2 == len + GROWN_BY,
+        "partition ({start2}, {len2}) after the grow, ({start}, {len}) before"
+    );
+
+    appl.boot()?;
+    serves_with_nothing_to_grow(&mut appl, "256.0 MiB", "the third boot")?;
+    appl.powerdown()?;
     Ok(())
 }
 

@@ -83,6 +83,8 @@ struct Retention {
     forwarded: Family<Labels<1>, Counter>,
     audit_gap: Counter,
     export_files_removed: Counter,
+    checkpoints_consolidated: Family<Labels<1>, Counter>,
+    checkpoints: Gauge<u64, AtomicU64>,
     disk_free: Gauge<u64, AtomicU64>,
     disk_size: Gauge<u64, AtomicU64>,
     db_bytes: Gauge<u64, AtomicU64>,
@@ -169,6 +171,12 @@ impl Metrics {
         }
         for result in ["sent", "failed", "dropped"] {
             let _ = m.retention.forwarded.get_or_create(&[("result", result)]);
+        }
+        for result in ["merged", "refused"] {
+            let _ = m
+                .retention
+                .checkpoints_consolidated
+                .get_or_create(&[("result", result)]);
         }
         for reason in REFUSALS {
             let _ = m.refused.get_or_create(&[("reason", reason)]);
@@ -283,6 +291,11 @@ impl Metrics {
             t.export_files_removed.clone(),
         );
         r.register(
+            "trustbind_retention_checkpoints_consolidated",
+            "Consolidations of the oldest audit checkpoints into one, by result (merged; refused: they did not verify and were kept)",
+            t.checkpoints_consolidated.clone(),
+        );
+        r.register(
             "trustbind_audit_gap_events",
             "Events answered but not audited because the data partition was full",
             t.audit_gap.clone(),
@@ -307,6 +320,11 @@ impl Metrics {
                 "trustbind_retention_export_file_bytes",
                 "Bytes of the retention export files kept",
                 &t.export_bytes,
+            ),
+            (
+                "trustbind_audit_checkpoints",
+                "Audit checkpoints stored (bounded by consolidation)",
+                &t.checkpoints,
             ),
             (
                 "trustbind_disk_alarm",
@@ -364,6 +382,28 @@ impl Metrics {
     /// Counts one export file removed to keep the budget.
     pub fn record_export_file_removed(&self) {
         self.retention.export_files_removed.inc();
+    }
+
+    /// Counts one consolidation of audit checkpoints with `result`
+    /// (`merged`, `refused`).
+    pub fn record_checkpoints_consolidated(&self, result: &'static str) {
+        self.retention
+            .checkpoints_consolidated
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
+    /// Consolidations with `result` so far (tests).
+    pub fn checkpoints_consolidated(&self, result: &'static str) -> u64 {
+        self.retention
+            .checkpoints_consolidated
+            .get_or_create(&[("result", result)])
+            .get()
+    }
+
+    /// Sets the number of audit checkpoints stored.
+    pub fn set_audit_checkpoints(&self, n: u64) {
+        self.retention.checkpoints.set(n);
     }
 
     /// Counts `n` events not audited (disk full).
@@ -618,6 +658,7 @@ mod tests {
             "trustbind_agents_connected",
             "trustbind_agents_unsealed",
             "trustbind_alerts_total",
+            "trustbind_audit_checkpoints",
             "trustbind_audit_gap_events_total",
             "trustbind_cache_hits_total",
             "trustbind_cache_misses_total",
@@ -634,6 +675,7 @@ mod tests {
             "trustbind_keys_issued_total",
             "trustbind_limits_exceeded_total",
             "trustbind_refused_total",
+            "trustbind_retention_checkpoints_consolidated_total",
             "trustbind_retention_export_file_bytes",
             "trustbind_retention_export_files_removed_total",
             "trustbind_retention_exported_bytes_total",

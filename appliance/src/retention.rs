@@ -51,7 +51,7 @@ pub use trustbind_policy::audit::{
 };
 
 use crate::metrics::metrics;
-use crate::store::{now_ms, AuditRow, Store, StoreError};
+use crate::store::{now_ms, AuditRow, Checkpoint, Consolidation, Store, StoreError};
 
 /// Name of the export directory inside the data directory.
 pub const EXPORT_DIR: &str = "export";
@@ -77,6 +77,11 @@ pub const PRESSURE_FLOOR: i64 = 1_000;
 pub const PRESSURE_STEP: i64 = 100;
 /// Least free-page headroom under pressure.
 const MIN_HEADROOM: u64 = 1 << 20;
+/// Most audit checkpoints kept: past it, the oldest (all but the newest
+/// half) are consolidated into one signed checkpoint
+/// ([`Store::consolidate_checkpoints`]). Each holds a server certificate
+/// (about 1 KB), and one is made per audit batch pruned.
+pub const MAX_CHECKPOINTS: usize = 64;
 
 /// Retention settings (`serve --audit-max-age-days` and the rest).
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +116,8 @@ pub struct Config {
     pub batch: u32,
     /// Most batches in one pass.
     pub max_batches: u32,
+    /// Most audit checkpoints kept ([`MAX_CHECKPOINTS`]; at least 2).
+    pub max_checkpoints: usize,
 }
 
 const DAY: u64 = 86_400;
@@ -132,6 +139,7 @@ impl Default for Config {
             interval: Duration::from_secs(60),
             batch: 2_000,
             max_batches: 50,
+            max_checkpoints: MAX_CHECKPOINTS,
         }
     }
 }
@@ -310,17 +318,63 @@ fn complete_len(f: &mut File, len: u64) -> std::io::Result<u64> {
     Ok(0)
 }
 
-/// Signs checkpoint messages: the signature (hex) and the signer's
-/// certificate (PEM).
-pub type Signer = Arc<dyn Fn(&[u8]) -> Result<(String, String), String> + Send + Sync>;
+/// Signs checkpoint messages (the signature, hex, and the signer's
+/// certificate, PEM) and checks checkpoints' signatures (before older
+/// ones are consolidated: nothing is signed over that does not verify).
+#[derive(Clone)]
+pub struct Signer {
+    sign: Arc<SignFn>,
+    verify: Arc<VerifyFn>,
+}
 
-/// A [`Signer`] with the appliance's server key.
+/// Signs a checkpoint message: the signature (hex) and the certificate.
+type SignFn = dyn Fn(&[u8]) -> Result<(String, String), String> + Send + Sync;
+/// Checks a checkpoint's signature.
+type VerifyFn = dyn Fn(&Checkpoint) -> Result<(), String> + Send + Sync;
+
+impl Signer {
+    /// A signer from its two halves.
+    pub fn new(
+        sign: impl Fn(&[u8]) -> Result<(String, String), String> + Send + Sync + 'static,
+        verify: impl Fn(&Checkpoint) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        Signer {
+            sign: Arc::new(sign),
+            verify: Arc::new(verify),
+        }
+    }
+
+    /// Signs `msg` ([`Checkpoint::message`]).
+    pub fn sign(&self, msg: &[u8]) -> Result<(String, String), String> {
+        (self.sign)(msg)
+    }
+
+    /// Checks `cp`'s signature.
+    pub fn verify(&self, cp: &Checkpoint) -> Result<(), String> {
+        (self.verify)(cp)
+    }
+}
+
+/// A [`Signer`] with the appliance's server key, checking against its CA.
 pub fn server_key_signer(pki: Arc<crate::pki::Pki>) -> Signer {
-    Arc::new(move |msg| {
-        pki.sign_with_server_key(msg)
-            .map(|(sig, pem)| (crate::store::hex(&sig), pem))
-            .map_err(|e| format!("cannot sign the audit checkpoint: {e}"))
-    })
+    let ca = Arc::clone(&pki);
+    Signer::new(
+        move |msg| {
+            pki.sign_with_server_key(msg)
+                .map(|(sig, pem)| (crate::store::hex(&sig), pem))
+                .map_err(|e| format!("cannot sign the audit checkpoint: {e}"))
+        },
+        move |cp| verify_checkpoint(cp, ca.ca_der()),
+    )
+}
+
+/// Checks the signature of every checkpoint of `cps` against `ca` (what
+/// `audit verify` does: they are few, [`Config::max_checkpoints`]).
+pub fn verify_checkpoints(
+    cps: &[Checkpoint],
+    ca: &rustls::pki_types::CertificateDer<'_>,
+) -> Result<(), String> {
+    cps.iter().try_for_each(|c| verify_checkpoint(c, ca))
 }
 
 /// Exported audit rows to forward (a syslog sink's queue).
@@ -358,6 +412,8 @@ pub struct Retention {
     forward: Option<Forward>,
     alarm: bool,
     reserve_released: bool,
+    /// Why the checkpoints were last not consolidated (logged once).
+    consolidation_refused: Option<String>,
 }
 
 impl std::fmt::Debug for Retention {
@@ -415,6 +471,7 @@ impl Retention {
             forward,
             alarm: false,
             reserve_released: false,
+            consolidation_refused: None,
         })
     }
 
@@ -493,8 +550,8 @@ impl Retention {
                 fwd(r);
             }
         }
-        let signer = Arc::clone(&self.signer);
-        let cp = self.store.prune_audit(&rows, &file, |m| signer(m))?;
+        let signer = self.signer.clone();
+        let cp = self.store.prune_audit(&rows, &file, |m| signer.sign(m))?;
         metrics().record_pruned("audit", n);
         rep.audit = rep.audit.saturating_add(n);
         if let Some(cp) = cp {
@@ -510,8 +567,52 @@ impl Retention {
                 // The checkpoint is in the database (`audit verify` shows it).
                 tracing::warn!("audit checkpoint not written to the export file: {e}");
             }
+            self.consolidate_checkpoints();
         }
         Ok(n)
+    }
+
+    /// Keeps the checkpoints under [`Config::max_checkpoints`] (each prune
+    /// adds one), consolidating the oldest. Never fails the pass: rows are
+    /// pruned whether or not the checkpoints are consolidated.
+    fn consolidate_checkpoints(&mut self) {
+        let signer = self.signer.clone();
+        let r = self.store.consolidate_checkpoints(
+            self.cfg.max_checkpoints,
+            |m| signer.sign(m),
+            |c| signer.verify(c),
+        );
+        match r {
+            Ok(Consolidation::Kept { checkpoints }) => {
+                metrics().set_audit_checkpoints(checkpoints as u64);
+            }
+            Ok(Consolidation::Merged {
+                replaced,
+                checkpoint,
+                checkpoints,
+            }) => {
+                metrics().record_checkpoints_consolidated("merged");
+                metrics().set_audit_checkpoints(checkpoints as u64);
+                self.consolidation_refused = None;
+                tracing::info!(
+                    "retention: {replaced} audit checkpoints consolidated into checkpoint {} (rows {}..={})",
+                    checkpoint.id,
+                    checkpoint.from_seq,
+                    checkpoint.upto_seq
+                );
+            }
+            Ok(Consolidation::Refused { why, checkpoints }) => {
+                metrics().record_checkpoints_consolidated("refused");
+                metrics().set_audit_checkpoints(checkpoints as u64);
+                if self.consolidation_refused.as_ref() != Some(&why) {
+                    tracing::error!(
+                        "AUDIT CHECKPOINTS NOT CONSOLIDATED: {why}; they are kept as they are (run `audit verify`)"
+                    );
+                    self.consolidation_refused = Some(why);
+                }
+            }
+            Err(e) => tracing::warn!("retention: audit checkpoints not consolidated: {e}"),
+        }
     }
 
     fn channel_batch(

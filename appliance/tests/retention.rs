@@ -792,3 +792,264 @@ fn verify_never_reports_a_break_while_rows_are_appended_and_pruned() {
     assert!(pruned > 0, "nothing pruned while verifying");
     assert!(f.store.verify_audit().unwrap().is_ok());
 }
+
+/// `trustbind-appliance --data-dir DIR audit ARGS...`: exit code and stdout,
+/// stderr.
+fn appliance_audit(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trustbind-appliance"))
+        .env_remove("TRUSTBIND_DATA_DIR")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("audit")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// The audit export files, oldest first, as paths.
+fn audit_files(f: &Fixture) -> Vec<std::path::PathBuf> {
+    let dir = f.dir.path().join(retention::EXPORT_DIR);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("audit-")
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// One checkpoint is stored per audit batch pruned; past
+/// `max_checkpoints` the oldest are consolidated into one signed
+/// checkpoint, so the table stays bounded however many batches are pruned,
+/// while `audit verify` still names the whole pruned prefix and the export
+/// files (which keep every batch's own checkpoint line) still verify,
+/// those written before the consolidation too.
+#[test]
+fn many_prune_batches_keep_the_checkpoints_bounded_and_everything_verifies() {
+    let f = fixture();
+    f.append(3_000);
+    let max = 8;
+    let cfg = Config {
+        audit_max_rows: Some(100),
+        batch: 20,
+        max_checkpoints: max,
+        ..quiet()
+    };
+    // Fewer batches than the bound: nothing consolidated yet.
+    let mut r = f.retention(Config {
+        max_batches: max as u32,
+        ..cfg.clone()
+    });
+    let mut pruned = r.pass().unwrap().audit;
+    let early = f.store.checkpoints().unwrap();
+    assert_eq!(early.len(), max);
+    assert!(early.iter().all(|c| c.rows == 20), "{early:?}");
+    let lines_before = f.export_lines("audit");
+    let files_before: Vec<(std::path::PathBuf, String)> = audit_files(&f)
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            (p, text)
+        })
+        .collect();
+
+    let merged_before = trustbind_appliance::metrics::metrics().checkpoints_consolidated("merged");
+    let mut r = f.retention(cfg);
+    loop {
+        let rep = r.pass().unwrap();
+        pruned += rep.audit;
+        // At most max + 1 between a prune and its consolidation; after a
+        // pass, at most max.
+        let n = f.store.checkpoints().unwrap().len();
+        assert!(n <= max, "{n} checkpoints after {pruned} rows pruned");
+        if !rep.more {
+            break;
+        }
+    }
+    // Each prune's checkpoint takes the next id; consolidated ones keep
+    // the id of the newest they replace.
+    let batches = f.store.newest_checkpoint().unwrap().unwrap().id as usize;
+    assert!(batches > 100, "{batches} batches");
+    assert!(
+        trustbind_appliance::metrics::metrics().checkpoints_consolidated("merged") > merged_before
+    );
+
+    // The oldest checkpoint is a consolidated one from row 1, signed by
+    // the server key; each continues the one before; the newest is the
+    // last batch's own and says the whole prefix was pruned.
+    let cps = f.store.checkpoints().unwrap();
+    let ca = f.pki.ca_der();
+    assert_eq!(cps[0].from_seq, 1);
+    assert!(cps[0].rows > 20, "{:?}", cps[0]);
+    assert!(
+        cps[0].export_file.starts_with("audit-00000001.jsonl"),
+        "{:?}",
+        cps[0]
+    );
+    retention::verify_checkpoints(&cps, ca).unwrap();
+    let report = f.store.verify_audit_from_checkpoint().unwrap().unwrap();
+    let newest = report.checkpoint.clone().unwrap();
+    assert!(
+        newest.rows <= 20 && newest.signature.len() > 10,
+        "{newest:?}"
+    );
+    assert_eq!(newest.total_rows, pruned as i64);
+    assert_eq!(newest.upto_seq, pruned as i64);
+    assert_eq!(report.checkpoints as usize, cps.len());
+    assert!(f.store.verify_audit().unwrap().is_ok());
+    // Every consolidation is in the chain.
+    let kinds: Vec<String> = f
+        .store
+        .audit_rows(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.kind)
+        .collect();
+    assert!(kinds.iter().any(|k| k == "audit.checkpoints"));
+
+    // `audit verify` on the appliance: the whole prefix, from row 1.
+    let (code, out) = appliance_audit(f.dir.path(), &["verify"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!(
+            "pruned: rows 1..={pruned} ({pruned} rows, {} checkpoints;",
+            cps.len()
+        )),
+        "{out}"
+    );
+
+    // The export files: every batch's own checkpoint line, the last equal
+    // to the newest stored; they verify, and so do those copied before
+    // the checkpoints they name were consolidated.
+    let lines = f.export_lines("audit");
+    let v = verify_export(lines.clone(), Some(ca)).unwrap();
+    assert_eq!(v.checkpoints as usize, batches);
+    assert_eq!((v.rows, v.checkpointed_upto), (pruned, newest.upto_seq));
+    let last_cp = lines
+        .iter()
+        .rev()
+        .find_map(|l| match serde_json::from_str::<ExportLine>(l).unwrap() {
+            ExportLine::Checkpoint { checkpoint } => Some(checkpoint),
+            ExportLine::Row(_) => None,
+        })
+        .unwrap();
+    assert_eq!(last_cp, newest);
+    let old = verify_export(lines_before, Some(ca)).unwrap();
+    assert_eq!(old.checkpoints as usize, max);
+    let copies = tempfile::tempdir().unwrap();
+    let mut copied = Vec::new();
+    for (p, text) in &files_before {
+        let to = copies.path().join(p.file_name().unwrap());
+        std::fs::write(&to, text).unwrap();
+        copied.push(to.to_str().unwrap().to_owned());
+    }
+    let mut args = vec!["verify-export"];
+    args.extend(copied.iter().map(String::as_str));
+    let (code, out) = appliance_audit(f.dir.path(), &args);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("{max} signed checkpoints")), "{out}");
+    let files: Vec<String> = audit_files(&f)
+        .iter()
+        .map(|p| p.to_str().unwrap().to_owned())
+        .collect();
+    let mut args = vec!["verify-export"];
+    args.extend(files.iter().map(String::as_str));
+    let (code, out) = appliance_audit(f.dir.path(), &args);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("rows 1..={pruned}")), "{out}");
+}
+
+/// An old checkpoint edited in the database is never consolidated (that
+/// would sign over it): the checkpoints are kept as they are, past the
+/// bound, the refusal is counted, and `audit verify` reports the
+/// checkpoint whose signature no longer verifies.
+#[test]
+fn a_tampered_old_checkpoint_is_not_consolidated_and_verify_reports_it() {
+    let f = fixture();
+    f.append(2_000);
+    let max = 8;
+    let cfg = Config {
+        audit_max_rows: Some(100),
+        batch: 20,
+        max_checkpoints: max,
+        max_batches: 6,
+        ..quiet()
+    };
+    let mut r = f.retention(cfg.clone());
+    r.pass().unwrap();
+    assert_eq!(f.store.checkpoints().unwrap().len(), 6);
+    // Continuity intact, the signature broken: only the signature check
+    // finds it.
+    let c = rusqlite::Connection::open(f.dir.path().join("appliance.db")).unwrap();
+    c.execute(
+        "UPDATE audit_checkpoints SET export_file = 'elsewhere.jsonl' WHERE id = 2",
+        [],
+    )
+    .unwrap();
+    let refused_before =
+        trustbind_appliance::metrics::metrics().checkpoints_consolidated("refused");
+    let mut r = f.retention(Config {
+        max_batches: 12,
+        ..cfg
+    });
+    r.pass().unwrap();
+    let cps = f.store.checkpoints().unwrap();
+    assert_eq!(cps.len(), 18, "consolidated over a tampered checkpoint");
+    assert_eq!(cps[1].export_file, "elsewhere.jsonl");
+    assert!(
+        trustbind_appliance::metrics::metrics().checkpoints_consolidated("refused")
+            > refused_before
+    );
+    let e = retention::verify_checkpoints(&cps, f.pki.ca_der()).unwrap_err();
+    assert!(e.contains("checkpoint 2"), "{e}");
+    let (code, out) = appliance_audit(f.dir.path(), &["verify"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("checkpoint 2 signature does not verify"),
+        "{out}"
+    );
+
+    // Put back, the next prune consolidates them.
+    let good = exported_file_of(&f, 2);
+    c.execute(
+        "UPDATE audit_checkpoints SET export_file = ?1 WHERE id = 2",
+        [good],
+    )
+    .unwrap();
+    let mut r = f.retention(Config {
+        max_batches: 1,
+        audit_max_rows: Some(100),
+        batch: 20,
+        max_checkpoints: max,
+        ..quiet()
+    });
+    r.pass().unwrap();
+    assert!(f.store.checkpoints().unwrap().len() <= max);
+    let (code, out) = appliance_audit(f.dir.path(), &["verify"]);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+/// The export file checkpoint `id` named, from its line in the export.
+fn exported_file_of(f: &Fixture, id: i64) -> String {
+    f.export_lines("audit")
+        .iter()
+        .find_map(|l| match serde_json::from_str::<ExportLine>(l).unwrap() {
+            ExportLine::Checkpoint { checkpoint } if checkpoint.id == id => {
+                Some(checkpoint.export_file)
+            }
+            _ => None,
+        })
+        .unwrap()
+}

@@ -165,6 +165,73 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// Whether this checkpoint continues `before` (the checkpoint stored
+    /// before it; `None`: it is the first, which starts at row 1 from the
+    /// genesis): it starts at the row after `before`'s last and from its
+    /// hash, covers `rows` consecutive rows, and its `total_rows` adds
+    /// them to `before`'s.
+    pub fn continues(&self, before: Option<&Checkpoint>) -> bool {
+        let (from, prev_hash, total) = before.map_or((1, GENESIS, 0), |b| {
+            (
+                b.upto_seq.saturating_add(1),
+                b.upto_hash.as_str(),
+                b.total_rows,
+            )
+        });
+        self.from_seq == from
+            && self.from_prev_hash == prev_hash
+            && self.upto_seq >= self.from_seq
+            && self.rows
+                == self
+                    .upto_seq
+                    .saturating_sub(self.from_seq)
+                    .saturating_add(1)
+            && self.total_rows == total.saturating_add(self.rows)
+    }
+
+    /// The one checkpoint that says what the consecutive checkpoints
+    /// `run` (oldest first, each continuing the one before) say together:
+    /// rows `from_seq` of the first to `upto_seq` of the last, chaining
+    /// from the first's `from_prev_hash` to the last's `upto_hash`, the
+    /// rows summed, the last's `total_rows`, the times spanning them, and
+    /// as export file the first's and the last's (`first..last`, one name
+    /// if they are the same). It takes the last one's id, so the stored
+    /// checkpoints stay in order, and is unsigned (`made_ms` is when it
+    /// is made). `None` if `run` is empty or does not continue itself.
+    pub fn consolidate(run: &[Checkpoint], made_ms: i64) -> Option<Checkpoint> {
+        let (first, last) = (run.first()?, run.last()?);
+        for pair in run.windows(2) {
+            if let [a, b] = pair {
+                if !b.continues(Some(a)) {
+                    return None;
+                }
+            }
+        }
+        let start = first.export_file.split("..").next().unwrap_or_default();
+        let end = last.export_file.rsplit("..").next().unwrap_or_default();
+        Some(Checkpoint {
+            id: last.id,
+            from_seq: first.from_seq,
+            from_prev_hash: first.from_prev_hash.clone(),
+            upto_seq: last.upto_seq,
+            upto_hash: last.upto_hash.clone(),
+            rows: run.iter().fold(0_i64, |n, c| n.saturating_add(c.rows)),
+            total_rows: last.total_rows,
+            first_at_ms: run.iter().map(|c| c.first_at_ms).min().unwrap_or(0),
+            last_at_ms: run.iter().map(|c| c.last_at_ms).max().unwrap_or(0),
+            made_ms,
+            export_file: if start == end {
+                start.to_owned()
+            } else {
+                format!("{start}..{end}")
+            },
+            signature: String::new(),
+            signer_pem: String::new(),
+        })
+    }
+}
+
 /// A line of an audit export file: an audit row (as `audit export` writes
 /// them) or the checkpoint that pruned the rows before it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -326,4 +393,87 @@ pub fn verify_export(
         }
     }
     Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cp(id: i64, from_seq: i64, upto_seq: i64, before: Option<&Checkpoint>) -> Checkpoint {
+        let rows = upto_seq - from_seq + 1;
+        Checkpoint {
+            id,
+            from_seq,
+            from_prev_hash: before.map_or(GENESIS.to_owned(), |b| b.upto_hash.clone()),
+            upto_seq,
+            upto_hash: format!("{upto_seq:064x}"),
+            rows,
+            total_rows: before.map_or(0, |b| b.total_rows) + rows,
+            first_at_ms: from_seq * 10,
+            last_at_ms: upto_seq * 10,
+            made_ms: upto_seq * 10 + 1,
+            export_file: format!("audit-{:08}.jsonl", (id + 1) / 2),
+            signature: "00".into(),
+            signer_pem: "pem".into(),
+        }
+    }
+
+    fn run(n: i64) -> Vec<Checkpoint> {
+        let mut out: Vec<Checkpoint> = Vec::new();
+        for i in 1..=n {
+            let c = cp(i, (i - 1) * 100 + 1, i * 100, out.last());
+            out.push(c);
+        }
+        out
+    }
+
+    #[test]
+    fn a_consolidated_checkpoint_says_what_its_run_said_together() {
+        let cps = run(5);
+        let mut before = None;
+        for c in &cps {
+            assert!(c.continues(before), "{c:?}");
+            before = Some(c);
+        }
+        let m = Checkpoint::consolidate(&cps[..3], 99).unwrap();
+        assert_eq!((m.id, m.from_seq, m.upto_seq), (3, 1, 300));
+        assert_eq!((m.rows, m.total_rows), (300, 300));
+        assert_eq!(
+            (m.from_prev_hash.as_str(), m.upto_hash.as_str()),
+            (GENESIS, cps[2].upto_hash.as_str())
+        );
+        assert_eq!((m.first_at_ms, m.last_at_ms, m.made_ms), (10, 3000, 99));
+        assert_eq!(m.export_file, "audit-00000001.jsonl..audit-00000002.jsonl");
+        assert!(m.signature.is_empty() && m.signer_pem.is_empty());
+        // It continues the genesis, and what came after the run continues it.
+        assert!(m.continues(None));
+        assert!(cps[3].continues(Some(&m)));
+        // Consolidated again with the next ones: the file range widens.
+        let mut again = vec![m];
+        again.extend_from_slice(&cps[3..]);
+        let m2 = Checkpoint::consolidate(&again, 100).unwrap();
+        assert_eq!(
+            (m2.from_seq, m2.upto_seq, m2.rows, m2.total_rows),
+            (1, 500, 500, 500)
+        );
+        assert_eq!(m2.export_file, "audit-00000001.jsonl..audit-00000003.jsonl");
+        let one = Checkpoint::consolidate(&cps[..2], 1).unwrap();
+        assert_eq!(one.export_file, "audit-00000001.jsonl");
+    }
+
+    #[test]
+    fn a_run_that_does_not_continue_itself_is_not_consolidated() {
+        assert!(Checkpoint::consolidate(&[], 1).is_none());
+        let mut cps = run(4);
+        cps[2].upto_hash = "f".repeat(64);
+        assert!(!cps[3].continues(Some(&cps[2])));
+        assert!(Checkpoint::consolidate(&cps, 1).is_none());
+        let mut cps = run(4);
+        cps[1].total_rows += 1;
+        assert!(!cps[1].continues(Some(&cps[0])));
+        assert!(Checkpoint::consolidate(&cps, 1).is_none());
+        let mut cps = run(4);
+        cps.remove(1);
+        assert!(Checkpoint::consolidate(&cps, 1).is_none());
+    }
 }

@@ -190,7 +190,8 @@ pub(super) async fn export(
 }
 
 /// `GET /v1/audit/verify`: the chain from the newest retention checkpoint
-/// to the head; the checkpoint's signature is checked against the CA. The
+/// to the head; every checkpoint's signature is checked against the CA
+/// (they are few: retention consolidates the oldest). The
 /// answer names what was pruned (`pruned`: rows `1..=upto_seq`, by how
 /// many checkpoints) and carries the newest checkpoint as stored, so a
 /// client can check it against its own copy of the CA and the export file.
@@ -202,7 +203,9 @@ pub(super) async fn verify(State(st): State<AdminState>) -> Result<Json<Value>, 
             Err(broken) => return Ok(Json(json!({ "ok": false, "error": broken.to_string() }))),
         };
         let signed = match (&r.checkpoint, &pki) {
-            (Some(cp), Some(pki)) => Some(crate::retention::verify_checkpoint(cp, pki.ca_der())),
+            (Some(_), Some(pki)) => {
+                Some(crate::retention::verify_checkpoints(&r.all, pki.ca_der()))
+            }
             _ => None,
         };
         if let Some(Err(e)) = &signed {

@@ -52,7 +52,9 @@ pub use observed::{
     Approval, ApprovedProgram, Observation, ObservedFilter, ObservedHost, ObservedRow,
     ObservedState, ObservedWrite, Seen,
 };
-pub use prune::{is_disk_full, ChainReport, Checkpoint, Gap, ReportKey, CHECKPOINT_CONTEXT};
+pub use prune::{
+    is_disk_full, ChainReport, Checkpoint, Consolidation, Gap, ReportKey, CHECKPOINT_CONTEXT,
+};
 pub use trustbind_policy::source::{
     EngineData, Mode, PolicyPrep, PolicyState, PolicyVersion, Versions,
 };

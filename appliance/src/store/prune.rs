@@ -19,6 +19,10 @@ use serde::{Deserialize, Serialize};
 
 pub use trustbind_policy::audit::{Checkpoint, CHECKPOINT_CONTEXT};
 
+/// Bytes a checkpoint takes beyond its text fields (numbers, the cell and
+/// page overhead), as [`ROW_OVERHEAD`] is for a row.
+pub const CHECKPOINT_OVERHEAD: i64 = 120;
+
 use super::{audit, now_ms, AuditEvent, AuditRow, ChainError, Store, StoreError, GENESIS};
 
 /// Bytes an audit row takes beyond its text fields: two hex hashes (128),
@@ -92,6 +96,36 @@ pub struct ChainReport {
     pub checkpoint: Option<Checkpoint>,
     /// Checkpoints stored (each links to the one before).
     pub checkpoints: i64,
+    /// Those checkpoints, oldest first (their signatures are checked by
+    /// the caller, which has the CA: `crate::retention::verify_checkpoints`).
+    #[serde(skip)]
+    pub all: Vec<Checkpoint>,
+}
+
+/// What [`Store::consolidate_checkpoints`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consolidation {
+    /// No more checkpoints than the bound: nothing to do.
+    Kept {
+        /// Checkpoints stored.
+        checkpoints: usize,
+    },
+    /// The oldest checkpoints were replaced by one.
+    Merged {
+        /// How many were replaced.
+        replaced: usize,
+        /// The one that replaced them.
+        checkpoint: Checkpoint,
+        /// Checkpoints stored now.
+        checkpoints: usize,
+    },
+    /// The checkpoints did not verify: kept as they are, nothing signed.
+    Refused {
+        /// What did not verify.
+        why: String,
+        /// Checkpoints stored.
+        checkpoints: usize,
+    },
 }
 
 /// Whether `e` is SQLite's "database or disk is full" (`SQLITE_FULL`).
@@ -135,12 +169,48 @@ fn newest_checkpoint(conn: &rusqlite::Connection) -> Result<Option<Checkpoint>, 
         .optional()?)
 }
 
+/// Stores `cp` (with its id; 0: a new one). Returns the id.
+fn insert_checkpoint(conn: &rusqlite::Connection, cp: &Checkpoint) -> Result<i64, StoreError> {
+    conn.execute(
+        &format!("INSERT INTO audit_checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+        params![
+            (cp.id != 0).then_some(cp.id),
+            cp.from_seq,
+            cp.from_prev_hash,
+            cp.upto_seq,
+            cp.upto_hash,
+            cp.rows,
+            cp.total_rows,
+            cp.first_at_ms,
+            cp.last_at_ms,
+            cp.made_ms,
+            cp.export_file,
+            cp.signature,
+            cp.signer_pem
+        ],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
 fn checkpoints(conn: &rusqlite::Connection) -> Result<Vec<Checkpoint>, StoreError> {
     let mut stmt = conn.prepare(&format!(
         "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY id"
     ))?;
     let rows = stmt.query_map([], checkpoint_from)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The id of the first checkpoint of `cps` (oldest first) that does not
+/// continue the one before it (the first: the genesis), if any.
+fn discontinuity(cps: &[Checkpoint]) -> Option<i64> {
+    let mut before = None;
+    for c in cps {
+        if !c.continues(before) {
+            return Some(c.id);
+        }
+        before = Some(c);
+    }
+    None
 }
 
 impl Store {
@@ -223,7 +293,10 @@ impl Store {
 
     /// An estimate of the bytes the audit and channel rows take in the
     /// database: rows times the average size of the newest 1,000 (their
-    /// text plus [`ROW_OVERHEAD`] for the hashes, numbers and B-tree cells).
+    /// text plus [`ROW_OVERHEAD`] for the hashes, numbers and B-tree cells),
+    /// plus the audit checkpoints' (their text, the server certificate
+    /// most of it, plus [`CHECKPOINT_OVERHEAD`]; few, as they are
+    /// consolidated, so measured one by one).
     pub fn retained_bytes(&self) -> Result<u64, StoreError> {
         let conn = self.read()?;
         let avg = |sql: &str| -> Result<f64, StoreError> {
@@ -244,8 +317,15 @@ impl Store {
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
+        let checkpoints: i64 = conn.query_row(
+            "SELECT coalesce(sum(length(from_prev_hash) + length(upto_hash) + length(export_file)
+                 + length(signature) + length(signer_pem) + ?1), 0) FROM audit_checkpoints",
+            [CHECKPOINT_OVERHEAD],
+            |r| r.get(0),
+        )?;
         let bytes = audit as f64 * (audit_avg + ROW_OVERHEAD)
-            + channels as f64 * (channel_avg + 2.0 * ROW_OVERHEAD);
+            + channels as f64 * (channel_avg + 2.0 * ROW_OVERHEAD)
+            + checkpoints as f64;
         Ok(bytes as u64)
     }
 
@@ -353,24 +433,7 @@ impl Store {
             // into the pages it frees.
             tx.execute("DELETE FROM audit WHERE seq <= ?1", params![cp.upto_seq])?;
             gap = self.append_gap(&tx)?;
-            tx.execute(
-                &format!("INSERT INTO audit_checkpoints ({CHECKPOINT_COLUMNS}) VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-                params![
-                    cp.from_seq,
-                    cp.from_prev_hash,
-                    cp.upto_seq,
-                    cp.upto_hash,
-                    cp.rows,
-                    cp.total_rows,
-                    cp.first_at_ms,
-                    cp.last_at_ms,
-                    cp.made_ms,
-                    cp.export_file,
-                    cp.signature,
-                    cp.signer_pem
-                ],
-            )?;
-            cp.id = tx.last_insert_rowid();
+            cp.id = insert_checkpoint(&tx, &cp)?;
             let ev = AuditEvent::new(
                 "audit.prune",
                 "appliance",
@@ -408,6 +471,106 @@ impl Store {
         checkpoints(&conn)
     }
 
+    /// Bounds the checkpoints: when more than `max` are stored (at least
+    /// 2), the oldest of them, all but the newest `max / 2`, are replaced
+    /// by one checkpoint that says what they said together
+    /// ([`Checkpoint::consolidate`]), signed by `sign` like a prune's, in
+    /// one transaction that deletes them and appends an
+    /// `audit.checkpoints` row naming them. Only if every stored
+    /// checkpoint continues the one before it (from the genesis) and
+    /// `verify` (the signature against the CA) accepts each one replaced;
+    /// if not, nothing is signed or changed and the reason is returned
+    /// ([`Consolidation::Refused`]): a broken or forged checkpoint is
+    /// never signed over, and stays for `audit verify` to report.
+    ///
+    /// The newest checkpoint is never replaced: it is what `audit verify`
+    /// shows and what the newest export file's last checkpoint line must
+    /// equal. The replaced ones stay, as they were signed, in the export
+    /// files (each after its rows), and the chain's `audit.prune` rows name
+    /// each of them.
+    pub fn consolidate_checkpoints(
+        &self,
+        max: usize,
+        sign: impl FnOnce(&[u8]) -> Result<(String, String), String>,
+        verify: impl Fn(&Checkpoint) -> Result<(), String>,
+    ) -> Result<Consolidation, StoreError> {
+        let max = max.max(2);
+        // Read, checked and signed without the writer lock (decisions
+        // append meanwhile); the transaction below makes sure the run is
+        // still what was checked.
+        let cps = self.checkpoints()?;
+        if cps.len() <= max {
+            return Ok(Consolidation::Kept {
+                checkpoints: cps.len(),
+            });
+        }
+        let keep = max / 2;
+        let run = cps.get(..cps.len() - keep).unwrap_or_default();
+        let refused = |why: String| {
+            Ok(Consolidation::Refused {
+                why,
+                checkpoints: cps.len(),
+            })
+        };
+        if let Some(id) = discontinuity(&cps) {
+            return refused(format!(
+                "audit checkpoint {id} does not continue the checkpoint before it"
+            ));
+        }
+        for c in run {
+            if let Err(e) = verify(c) {
+                return refused(format!("audit checkpoint {}: {e}", c.id));
+            }
+        }
+        let (Some(first), Some(mut merged)) = (run.first(), Checkpoint::consolidate(run, now_ms()))
+        else {
+            return refused("no checkpoints to consolidate".into());
+        };
+        let (sig, pem) = sign(&merged.message()).map_err(StoreError::Conflict)?;
+        merged.signature = sig;
+        merged.signer_pem = pem;
+        let first_id = first.id;
+        self.write(|tx| {
+            let now = checkpoints(tx)?;
+            if now.get(..run.len()) != Some(run) {
+                return Err(StoreError::Conflict(
+                    "the audit checkpoints changed while they were consolidated".into(),
+                ));
+            }
+            let n = tx.execute(
+                "DELETE FROM audit_checkpoints WHERE id BETWEEN ?1 AND ?2",
+                params![first_id, merged.id],
+            )?;
+            if n != run.len() {
+                return Err(StoreError::Conflict(format!(
+                    "{n} audit checkpoints between {first_id} and {} (expected {})",
+                    merged.id,
+                    run.len()
+                )));
+            }
+            insert_checkpoint(tx, &merged)?;
+            let ev = AuditEvent::new(
+                "audit.checkpoints",
+                "appliance",
+                serde_json::json!({
+                    "consolidated": run.len(),
+                    "first": first_id,
+                    "checkpoint": merged.id,
+                    "from_seq": merged.from_seq,
+                    "upto_seq": merged.upto_seq,
+                    "upto_hash": merged.upto_hash,
+                    "total_rows": merged.total_rows,
+                }),
+            );
+            Ok(((), Some(ev)))
+        })?;
+        Ok(Consolidation::Merged {
+            replaced: run.len(),
+            checkpoints: cps.len() - run.len() + 1,
+            checkpoint: merged,
+        })
+    }
+
     /// Walks the checkpoints (each must continue the one before) and the
     /// chain from the newest checkpoint to the head. Signatures are not
     /// checked here (the store has no CA): see
@@ -440,10 +603,10 @@ impl Store {
         let cps = checkpoints(&tx)?;
         between();
         let (mut expected, mut prev) = (1_i64, GENESIS.to_owned());
-        for c in &cps {
-            if c.from_seq != expected || c.from_prev_hash != prev || c.upto_seq < c.from_seq {
-                return Ok(Err(ChainError::Checkpoint { id: c.id }));
-            }
+        if let Some(id) = discontinuity(&cps) {
+            return Ok(Err(ChainError::Checkpoint { id }));
+        }
+        if let Some(c) = cps.last() {
             expected = c.upto_seq.saturating_add(1);
             prev.clone_from(&c.upto_hash);
         }
@@ -479,7 +642,8 @@ impl Store {
             rows,
             head: head_seq,
             checkpoints: i64::try_from(cps.len()).unwrap_or(i64::MAX),
-            checkpoint: cps.into_iter().last(),
+            checkpoint: cps.last().cloned(),
+            all: cps,
         }))
     }
 
@@ -607,6 +771,136 @@ mod tests {
         })
         .unwrap()
         .unwrap()
+    }
+
+    fn no_key(_: &[u8]) -> Result<(String, String), String> {
+        Ok(("5167".into(), "signer".into()))
+    }
+
+    fn count(s: &Store) -> usize {
+        s.checkpoints().unwrap().len()
+    }
+
+    /// Many prunes: the checkpoints stay at most `max` (`max + 1` between a
+    /// prune and its consolidation), the newest is never replaced, and
+    /// the chain still verifies from the genesis through all of them.
+    #[test]
+    fn consolidation_bounds_the_checkpoints_and_the_chain_still_verifies() {
+        let (_dir, s) = store(400);
+        let max = 6;
+        let mut merged = 0;
+        for i in 0..30 {
+            let newest = prune(&s, 10);
+            assert!(count(&s) <= max + 1);
+            match s.consolidate_checkpoints(max, no_key, |_| Ok(())).unwrap() {
+                Consolidation::Kept { checkpoints } => assert!(checkpoints <= max, "{i}"),
+                Consolidation::Merged {
+                    replaced,
+                    checkpoint,
+                    checkpoints,
+                } => {
+                    merged += 1;
+                    assert_eq!((replaced, checkpoints), (max + 1 - max / 2, max / 2 + 1));
+                    assert_eq!(
+                        (checkpoint.from_seq, checkpoint.from_prev_hash.as_str()),
+                        (1, GENESIS)
+                    );
+                    assert_eq!(checkpoint.signature, "5167");
+                }
+                Consolidation::Refused { why, .. } => panic!("{why}"),
+            }
+            assert!(count(&s) <= max);
+            // The newest is the prune's, as it was made.
+            assert_eq!(s.newest_checkpoint().unwrap().unwrap(), newest);
+            let r = s.verify_audit_from_checkpoint().unwrap().unwrap();
+            assert_eq!(r.checkpoint.as_ref(), Some(&newest));
+            assert_eq!(r.all.len(), count(&s));
+        }
+        assert!(merged >= 8, "{merged}");
+        let cps = s.checkpoints().unwrap();
+        // The oldest covers the pruned prefix from row 1 up to where the
+        // next begins; ids stay in order.
+        assert_eq!(cps[0].from_seq, 1);
+        assert!(cps
+            .windows(2)
+            .all(|w| w[1].continues(Some(&w[0])) && w[0].id < w[1].id));
+        let newest = cps.last().unwrap();
+        assert_eq!(newest.total_rows, newest.upto_seq);
+        // Every consolidation is in the chain.
+        let rows = s.audit_rows(0, 10_000).unwrap();
+        assert_eq!(
+            rows.iter()
+                .filter(|r| r.kind == "audit.checkpoints")
+                .count(),
+            merged
+        );
+    }
+
+    /// A checkpoint that does not verify (its signature, or the one
+    /// before it) is never signed over: nothing changes, and the reason
+    /// is returned.
+    #[test]
+    fn checkpoints_that_do_not_verify_are_not_consolidated() {
+        let (_dir, s) = store(200);
+        for _ in 0..5 {
+            prune(&s, 10);
+        }
+        let before = s.checkpoints().unwrap();
+        let r = s
+            .consolidate_checkpoints(4, no_key, |c| {
+                if c.id == 2 {
+                    Err("forged".into())
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap();
+        assert_eq!(
+            r,
+            Consolidation::Refused {
+                why: "audit checkpoint 2: forged".into(),
+                checkpoints: 5
+            }
+        );
+        assert_eq!(s.checkpoints().unwrap(), before);
+
+        // A stored checkpoint edited: the walk says so, and so does
+        // consolidation, which leaves it.
+        let conn = s.lock().unwrap();
+        conn.execute(
+            "UPDATE audit_checkpoints SET upto_hash = ?1 WHERE id = 3",
+            ["f".repeat(64)],
+        )
+        .unwrap();
+        drop(conn);
+        let r = s
+            .consolidate_checkpoints(4, |_| panic!("signed"), |_| Ok(()))
+            .unwrap();
+        assert!(
+            matches!(r, Consolidation::Refused { ref why, checkpoints: 5 } if why.contains("checkpoint 4")),
+            "{r:?}"
+        );
+        assert!(matches!(
+            s.verify_audit_from_checkpoint().unwrap(),
+            Err(ChainError::Checkpoint { id: 4 })
+        ));
+        assert_eq!(count(&s), 5);
+    }
+
+    /// The checkpoints count in the store budget: their certificates are
+    /// most of them.
+    #[test]
+    fn retained_bytes_count_the_checkpoints() {
+        let (_d1, a) = store(100);
+        let (_d2, b) = store(100);
+        let rows = a.oldest_audit(None, 10).unwrap();
+        a.prune_audit(&rows, "f", |_| Ok((String::new(), String::new())))
+            .unwrap();
+        let rows = b.oldest_audit(None, 10).unwrap();
+        b.prune_audit(&rows, "f", |_| Ok((String::new(), "c".repeat(10_000))))
+            .unwrap();
+        let (ra, rb) = (a.retained_bytes().unwrap(), b.retained_bytes().unwrap());
+        assert!(rb >= ra + 10_000, "{ra} {rb}");
     }
 
     fn decision() -> AuditEvent {

@@ -268,6 +268,95 @@ fn file_sets() {
     a.tb().args(["fileset", "show", "logs"]).assert().failure();
 }
 
+/// `trustbind audit verify` after retention pruned many batches and
+/// consolidated the oldest checkpoints (docs/RETENTION.md, "Bounding the
+/// checkpoints"): the whole pruned prefix from row 1, every checkpoint's
+/// signature checked, the newest checked again with the CLI's CA; and
+/// `trustbind audit verify-export` of the export files, which hold every
+/// batch's own checkpoint.
+#[test]
+fn audit_verify_after_checkpoints_were_consolidated() {
+    use trustbind_appliance::retention::{self, Config, Retention};
+    let a = Appliance::start();
+    let evs: Vec<_> = (0..600)
+        .map(|i| {
+            trustbind_appliance::store::AuditEvent::new("test", "t", serde_json::json!({ "i": i }))
+        })
+        .collect();
+    a.store.append_audit_batch(&evs).unwrap();
+    let data = a.dir.path().join("data");
+    let mut r = Retention::new(
+        std::sync::Arc::clone(&a.store),
+        Config {
+            audit_max_age: None,
+            channel_max_age: None,
+            report_max_age: None,
+            audit_max_rows: Some(50),
+            store_max_percent: 90,
+            export_max_percent: 90,
+            alarm_percent: 1,
+            reserve_bytes: 0,
+            batch: 10,
+            max_checkpoints: 6,
+            ..Config::default()
+        },
+        &data,
+        retention::server_key_signer(std::sync::Arc::clone(&a.pki)),
+        None,
+    )
+    .unwrap();
+    while r.pass().unwrap().more {}
+    let cps = a.store.checkpoints().unwrap();
+    assert!(cps.len() <= 6, "{} checkpoints", cps.len());
+    let newest = cps.last().unwrap().clone();
+    assert!(newest.id > 50, "{} batches", newest.id);
+    assert!(cps[0].rows > 10, "nothing consolidated: {:?}", cps[0]);
+
+    let v = a.json(&["audit", "verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["pruned"]["upto_seq"], newest.upto_seq);
+    assert_eq!(v["pruned"]["rows"], newest.total_rows);
+    assert_eq!(v["pruned"]["checkpoints"], cps.len());
+    assert_eq!(v["pruned"]["signature_checked"], true);
+    let text = a.text(&["audit", "verify"]);
+    assert!(
+        text.contains(&format!(
+            "pruned: rows 1..={} ({} rows, {} checkpoints;",
+            newest.upto_seq,
+            newest.total_rows,
+            cps.len()
+        )),
+        "{text}"
+    );
+
+    let mut files: Vec<_> = std::fs::read_dir(data.join(retention::EXPORT_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("audit-")
+        })
+        .collect();
+    files.sort();
+    let out = a
+        .tb()
+        .args(["audit", "verify-export"])
+        .args(&files)
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "rows 1..={} ({} rows), {} signed checkpoints, the last up to row {}",
+            newest.upto_seq, newest.upto_seq, newest.id, newest.upto_seq
+        )),
+        "{text}"
+    );
+}
+
 #[test]
 fn audit_tail_export_verify_and_follow() {
     let a = Appliance::start();

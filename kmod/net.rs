@@ -103,8 +103,9 @@
 //! [`unix_check`] runs with the listener the original `unix_stream_connect`
 //! found (its credentials from `listen()` name the process that listens),
 //! stopped by the module's wrapper on `security_unix_stream_connect`
-//! before anything was queued (`helpers.c` runs the original again once
-//! allowed). The request carries the client's program (as above) and the
+//! ([`unix_reached`]) before anything was queued; [`unix_connect`] runs the
+//! original in rounds, again once the listener is allowed
+//! (`proto/src/unixconnect.rs`). The request carries the client's program (as above) and the
 //! server's (lineage table, else hashed from its `mm->exe_file`), both
 //! uids and the socket's name (the absolute path, or `@name` for an
 //! abstract one), as an [`IpcRequest`]. The same mode table decides; a
@@ -146,6 +147,7 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use kernel::new_spinlock;
 use kernel::prelude::*;
 use kernel::sync::SpinLock;
+use kernel::rbtree::{RBTree, RBTreeNode};
 
 use crate::device::{Answer, Wait};
 use crate::exec::{Refusal, Refusals};
@@ -154,6 +156,7 @@ use crate::proto::bound::{handed_over, BoundSocket, Slot as BoundSlot};
 use crate::proto::hold::HoldSet;
 use crate::proto::sorted::{sort_unique, NetEnd, SortedSet};
 use crate::proto::lineage::{Chain, ProcId};
+use crate::proto::unixconnect::{Connect, Next};
 use crate::proto::{
     Ancestry, ChannelClosed, ChannelKey, ChannelRole, CloseReason, Decision, Family, IpcRequest,
     Mode, NetKind, NetRequest, Peers, ProgramSource, Record,
@@ -1111,6 +1114,96 @@ pub(crate) fn socket_create(s: &Shared, why: &'static str, family: i32, protocol
 /// Whether a UNIX connect of process `tgid` is asked about at all.
 pub(crate) fn unix_wanted(s: &Shared, tgid: u32) -> bool {
     s.channel.mode() != Mode::Disabled && s.channel.qualifies_net() && !s.channel.is_agent(tgid)
+}
+
+/// The UNIX connects in their rounds (`proto/src/unixconnect.rs`), by
+/// connecting socket and task, each with the listener references it holds.
+/// A node per connect, allocated by the connect itself (no fixed capacity
+/// one user could fill: a connect can stay in its rounds for as long as
+/// the listener's backlog is full).
+#[pin_data]
+pub(crate) struct UnixRounds {
+    #[pin]
+    set: SpinLock<RBTree<(usize, usize), Connect<SockRef>>>,
+    /// Connects in the set, read without the lock by the security hook of
+    /// every UNIX connect on the host (only a connect's own entry matters
+    /// to it, entered by its own task before: program order).
+    n: AtomicUsize,
+}
+
+impl UnixRounds {
+    pub(crate) fn new() -> impl PinInit<Self> {
+        pin_init!(Self {
+            set <- new_spinlock!(RBTree::new(), "trustbind_unix_rounds"),
+            n: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `f` on the connect `key` under the lock; `None` if it is not
+    /// in its rounds.
+    fn with<R>(&self, key: (usize, usize), f: impl FnOnce(&mut Connect<SockRef>) -> R) -> Option<R> {
+        self.set.lock().get_mut(&key).map(f)
+    }
+}
+
+/// A user-space UNIX stream or seqpacket connect: runs the kernel's
+/// connect in rounds, so it connects only to a listener the module
+/// allowed (T-20). Its result, 0 or -errno.
+pub(crate) fn unix_connect(s: &Shared, c: &sys::UnixConnect) -> i32 {
+    if !unix_wanted(s, c.tgid) {
+        return c.round();
+    }
+    let rounds = &s.unix_rounds;
+    let Ok(node) = RBTreeNode::new(c.key, Connect::new(), GFP_KERNEL) else {
+        return ENOMEM.to_errno();
+    };
+    {
+        let mut set = rounds.set.lock();
+        // A task runs one connect of a socket at once: the key is new.
+        drop(set.insert(node));
+        rounds.n.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut err;
+    loop {
+        err = c.round();
+        match rounds.with(c.key, |r| r.next()) {
+            None | Some(Next::Done) => break,
+            Some(Next::GiveUp(_listener)) => {
+                // The name kept naming new listeners.
+                err = sys::econnrefused().to_errno();
+                break;
+            }
+            Some(Next::Ask(listener)) => {
+                if let Err(e) = c.ask(&listener) {
+                    err = e.to_errno();
+                    break;
+                }
+                let before = rounds.with(c.key, |r| r.approve(listener));
+                drop(before);
+            }
+        }
+    }
+    let left = {
+        let mut set = rounds.set.lock();
+        let left = set.remove(&c.key);
+        rounds.n.fetch_sub(1, Ordering::Relaxed);
+        left
+    };
+    // The references it held, put outside the lock.
+    drop(left.map(Connect::finish));
+    err
+}
+
+/// The security hook of a UNIX connect (both sockets' state locks held):
+/// whether the connect `key` may reach the listener `other`; a connect
+/// not in its rounds (not asked about) may. `hold` references `other`.
+pub(crate) fn unix_reached(s: &Shared, key: (usize, usize), other: usize, hold: impl FnOnce() -> SockRef) -> bool {
+    if s.unix_rounds.n.load(Ordering::Relaxed) == 0 {
+        return true;
+    }
+    s.unix_rounds
+        .with(key, |r| r.reached(other, SockRef::id, hold))
+        .unwrap_or(true)
 }
 
 /// A UNIX connect for log lines: `pid N -> PATH (server pid M)`.

@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     #[pin]
     pub(crate) deferred: net::Deferred,
     #[pin]
+    pub(crate) unix_rounds: net::UnixRounds,
+    #[pin]
     pub(crate) files: files::Files,
 }
 
@@ -164,6 +166,7 @@ impl kernel::Module for Trustbind {
                 bound <- bound,
                 backstop <- net::Backstop::new(),
                 deferred <- net::Deferred::new(),
+                unix_rounds <- net::UnixRounds::new(),
                 files <- file_state,
             }? Error),
             GFP_KERNEL,

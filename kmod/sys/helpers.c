@@ -1796,47 +1796,27 @@ static void tb_tcp_close(struct sock *sk, long timeout)
  *
  * The listener is only found inside the original, under the two sockets'
  * state locks, where nothing may wait for the agent. So the pair is
- * decided before the connection exists, in two rounds (T-20):
- *  1. the wrapper registers the connecting socket (a tb_unix_pending in
- *     tb_unix_set) and runs the original; the exported
- *     security_unix_stream_connect(), called by it with the listener in
- *     hand and wrapped below, holds the listener in the pending record and
- *     fails with TB_UNIX_ASK before anything is queued;
- *  2. the wrapper, no lock held, asks Rust about that listener (its name
- *     and owner); if allowed, it notes the listener as approved and runs
- *     the original again, whose security call now lets that one listener
- *     through. A refusal fails connect() with nothing ever queued on the
- *     listener: no byte and no SCM_RIGHTS reach it.
- * If the name resolves to another listener in the second round (replaced
- * meanwhile), that one is asked about in turn, at most TB_UNIX_ROUNDS
- * times.
+ * decided before the connection exists, in rounds that Rust runs
+ * (trustbind_unix_connect, proto/src/unixconnect.rs; T-20): each round
+ * calls the original (tb_unix_connect_round); the exported
+ * security_unix_stream_connect(), called by it with the listener in hand
+ * and wrapped below, asks Rust (trustbind_unix_reached) whether that
+ * listener is the approved one, and otherwise fails with TB_UNIX_ASK
+ * before anything is queued; Rust then asks about the listener with no
+ * lock held (tb_unix_ask) and runs another round if it is allowed.
  */
 
 typedef int (*tb_connect_fn)(struct socket *, struct sockaddr *, int, int);
 
 static tb_connect_fn tb_unix_connect_orig;
 
-/* A UNIX connect between its rounds, on the connecting task's stack, in
- * tb_unix_set by connecting socket (threads may connect one socket at
- * once: an entry is the task's own). asked: the listener the last round
- * reached, approved: the one the module allowed; each holds a socket
- * reference (so its address is not reused). A set of its own, not the
- * TCP binding set: a pending UNIX verdict must not send every TCP send
- * on the host through the send hold (tb_sendmsg_redirect). */
-struct tb_unix_pending {
-	struct hlist_node node;
-	const struct sock *sk;
-	const struct task_struct *task;
-	struct sock *asked;
-	struct sock *approved;
-};
-
-static DEFINE_SPINLOCK(tb_unix_lock);
-static DEFINE_HASHTABLE(tb_unix_set, 4);
-static atomic_t tb_unix_n = ATOMIC_INIT(0);
-
 #define TB_UNIX_ASK (-EAGAIN)
-#define TB_UNIX_ROUNDS 4
+
+int tb_unix_connect_round(struct socket *sock, void *uaddr, int addr_len,
+			  int flags)
+{
+	return tb_unix_connect_orig(sock, uaddr, addr_len, flags);
+}
 
 /* The process behind sk's SO_PEERCRED (set at listen() for a listener,
  * at connect() for either end of a connection), ids in the init user
@@ -1928,8 +1908,7 @@ static int tb_unix_fill(struct sock *peer, struct tb_unix_info *info)
 	return 0;
 }
 
-/* Asks Rust about the listener p->asked; on an allow it becomes approved. */
-static int tb_unix_ask(struct tb_unix_pending *p)
+int tb_unix_ask(unsigned long listener)
 {
 	struct tb_unix_info *info = kzalloc(sizeof(*info), GFP_KERNEL);
 	int err;
@@ -1937,59 +1916,24 @@ static int tb_unix_ask(struct tb_unix_pending *p)
 	if (!info)
 		return -ENOMEM;
 	TB_FILL_TASK(info);
-	err = tb_unix_fill(p->asked, info);
+	err = tb_unix_fill((struct sock *)listener, info);
 	if (!err)
 		err = trustbind_unix_check(info);
 	kfree(info);
-	if (!err) {
-		if (p->approved)
-			sock_put(p->approved);
-		p->approved = p->asked;
-	} else {
-		sock_put(p->asked);
-	}
-	p->asked = NULL;
 	return err;
 }
 
 static int tb_unix_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 				  int addr_len, int flags)
 {
-	struct tb_unix_pending pending = { .task = current };
-	int err, round;
+	int err;
 
-	if (!sock->sk || sock->sk->sk_kern_sock ||
-	    !trustbind_unix_wanted(task_tgid_nr(current))) {
+	if (!sock->sk || sock->sk->sk_kern_sock)
 		err = tb_unix_connect_orig(sock, uaddr, addr_len, flags);
-		goto out;
-	}
-	pending.sk = sock->sk;
-	spin_lock(&tb_unix_lock);
-	hash_add(tb_unix_set, &pending.node, (unsigned long)pending.sk);
-	atomic_inc(&tb_unix_n);
-	spin_unlock(&tb_unix_lock);
-	for (round = 0;; round++) {
-		err = tb_unix_connect_orig(sock, uaddr, addr_len, flags);
-		if (!pending.asked)
-			break;
-		if (round == TB_UNIX_ROUNDS) {
-			/* The name kept naming new listeners. */
-			sock_put(pending.asked);
-			pending.asked = NULL;
-			err = -ECONNREFUSED;
-			break;
-		}
-		err = tb_unix_ask(&pending);
-		if (err)
-			break;
-	}
-	spin_lock(&tb_unix_lock);
-	hash_del(&pending.node);
-	atomic_dec(&tb_unix_n);
-	spin_unlock(&tb_unix_lock);
-	if (pending.approved)
-		sock_put(pending.approved);
-out:
+	else
+		err = trustbind_unix_connect(sock, uaddr, addr_len, flags,
+					     task_tgid_nr(current),
+					     (unsigned long)current);
 	tb_net_leave();
 	return err;
 }
@@ -2068,30 +2012,17 @@ static int tb_unix_accept(struct socket *sock, struct socket *newsock,
 }
 
 /* security_unix_stream_connect(sk, other, newsk), called by
- * unix_stream_connect() with both sockets' state locks held: a connect the
- * wrapper above registered passes only to the listener it approved; any
- * other listener is held for the wrapper to ask about. */
+ * unix_stream_connect() with both sockets' state locks held: a connect in
+ * its rounds passes only to the listener Rust approved; Rust holds any
+ * other for the next round to ask about. */
 static int tb_unix_security_connect(struct sock *sk, struct sock *other,
 				    struct sock *newsk)
 {
-	struct tb_unix_pending *p;
 	int err = 0;
 
-	if (atomic_read(&tb_unix_n)) {
-		spin_lock(&tb_unix_lock);
-		hash_for_each_possible(tb_unix_set, p, node, (unsigned long)sk)
-			if (p->sk == sk && p->task == current) {
-				if (p->approved == other)
-					break;
-				if (!p->asked) {
-					sock_hold(other);
-					p->asked = other;
-				}
-				err = TB_UNIX_ASK;
-				break;
-			}
-		spin_unlock(&tb_unix_lock);
-	}
+	if (!trustbind_unix_reached((unsigned long)sk, (unsigned long)current,
+				    (unsigned long)other))
+		err = TB_UNIX_ASK;
 	if (!err)
 		err = security_unix_stream_connect(sk, other, newsk);
 	tb_net_leave();

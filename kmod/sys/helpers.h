@@ -442,6 +442,26 @@ void tb_unix_hooks_stop(void);
 int tb_hash_task_exe(struct tb_hashers *h, u32 tgid, u64 start_ns,
 		     u8 *sha256_out, u8 *sha1_out);
 
+/* One round of a UNIX stream/seqpacket connect: the kernel's own
+ * unix_stream_connect(). Process context, sock the caller's. */
+int tb_unix_connect_round(struct socket *sock, void *uaddr, int addr_len,
+			  int flags);
+/* Asks about the listener a round reached (held by the caller: a
+ * tb_sock_id identity) for the current task: fills a tb_unix_info and
+ * calls trustbind_unix_check(). 0 or -errno. May sleep. */
+int tb_unix_ask(unsigned long listener);
+/* Implemented in Rust (net.rs): a user-space UNIX stream/seqpacket connect
+ * of sock to uaddr (a struct sockaddr) by the current task (thread group
+ * tgid, task its identity), in rounds of tb_unix_connect_round(). Its
+ * result. May sleep. */
+int trustbind_unix_connect(struct socket *sock, void *uaddr, int addr_len,
+			   int flags, u32 tgid, unsigned long task);
+/* Implemented in Rust (net.rs), from security_unix_stream_connect() with
+ * both sockets' state locks held: whether the connect of sk by task may
+ * reach the listener other (true), or stops here to ask about it. Must
+ * not sleep. */
+bool trustbind_unix_reached(unsigned long sk, unsigned long task,
+			    unsigned long other);
 /* Implemented in Rust (net.rs): whether a UNIX connect of the current
  * process (thread group tgid) is to be asked about at all (mode, the
  * agent's Config, the agent's own sockets exempt). Must not sleep. */

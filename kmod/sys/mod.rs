@@ -43,7 +43,7 @@ use bindings::{
     tb_loader_hooks_stop, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
     tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_authority, tb_param_mode, tb_ecdh_p256, tb_hmac_new, tb_hmac_free, tb_hmac2, tb_sha256, tb_memneq, tb_wipe, crypto_shash as RawShash, tb_publish_mode, tb_set_nice_current, tb_sock_counts,
     tb_sk_closed, tb_sock_id, tb_sock_idle_end, tb_sock_is_tcp, tb_sock_ref, tb_sock_unref, tb_accept_hold, tb_accept_give, tb_accept_drop, tb_accept_defer, tb_sk_wake, tb_unix_hooks_start,
-    tb_unix_hooks_stop,
+    tb_unix_hooks_stop, tb_unix_connect_round, tb_unix_ask,
 };
 
 /// One UNIX-domain connect the wrapper asks about.
@@ -66,6 +66,12 @@ pub(crate) const NET_ESTABLISHED: u32 = bindings::TB_NET_ESTABLISHED;
 pub(crate) fn econnreset() -> Error {
     // CAST: errno values are small positive integers.
     Error::from_errno(-(kernel::bindings::ECONNRESET as i32))
+}
+
+/// `ECONNREFUSED` (not among the kernel crate's named codes in 6.12).
+pub(crate) fn econnrefused() -> Error {
+    // CAST: errno values are small positive integers.
+    Error::from_errno(-(kernel::bindings::ECONNREFUSED as i32))
 }
 
 /// Sets what the netfilter backstop does from now on.
@@ -350,7 +356,7 @@ pub(crate) fn ktls_install(info: &NetInfo, key: &crate::proto::ChannelKey) -> Re
     to_result(unsafe { tb_ktls_install(info.sock, &mut raw) })
 }
 
-/// An owned reference on a TCP socket (`sock_hold`), put when dropped.
+/// An owned reference on a socket (`sock_hold`), put when dropped.
 ///
 /// # Invariants
 ///
@@ -401,14 +407,15 @@ impl SockRef {
 }
 
 impl SockRef {
-    /// Takes a reference on the listening socket `id` an accept wrapper
-    /// runs on.
+    /// Takes a reference on the listening socket `id`: the one an accept
+    /// wrapper runs on, or the one a UNIX connect reached.
     ///
     /// # Safety
     ///
     /// `id` is the identity ([`SockRef::id`]) of a live socket, kept live
     /// by the caller for the duration of the call (the accept's listener:
-    /// the system call holds its file).
+    /// the system call holds its file; a UNIX listener: its state lock is
+    /// held).
     pub(crate) unsafe fn hold_id(id: usize) -> SockRef {
         // SAFETY: Live by the function's safety contract.
         // CAST: as in `counts`.
@@ -739,6 +746,8 @@ check_callbacks! {
     trustbind_accept_any in self: unsafe extern "C" fn() -> bool;
     trustbind_unix_wanted in self: unsafe extern "C" fn(u32) -> bool;
     trustbind_unix_check in self: unsafe extern "C" fn(*mut UnixInfo) -> c_int;
+    trustbind_unix_connect in self: unsafe extern "C" fn(*mut bindings::socket, *mut kernel::ffi::c_void, c_int, c_int, u32, kernel::ffi::c_ulong) -> c_int;
+    trustbind_unix_reached in self: unsafe extern "C" fn(kernel::ffi::c_ulong, kernel::ffi::c_ulong, kernel::ffi::c_ulong) -> bool;
     trustbind_backstop_out in self: unsafe extern "C" fn(*const bindings::tb_bs_pkt) -> u32;
     trustbind_backstop_in in self: unsafe extern "C" fn(*const bindings::tb_bs_pkt) -> u32;
     trustbind_mark_of in self: unsafe extern "C" fn(kernel::ffi::c_ulong) -> u32;
@@ -1525,6 +1534,108 @@ extern "C" fn trustbind_unix_wanted(tgid: u32) -> bool {
     crate::SHARED
         .with(|s| crate::net::unix_wanted(s, tgid))
         .unwrap_or(false)
+}
+
+/// One user-space UNIX stream or seqpacket connect, inside the wrapper
+/// that runs it (`tb_unix_stream_connect`); [`crate::net::unix_connect`]
+/// runs its rounds.
+///
+/// # Invariants
+///
+/// `sock`, `uaddr` and `addr_len` are the wrapper's arguments, valid while
+/// the wrapper runs, which outlives this value (it is made and borrowed in
+/// [`trustbind_unix_connect`] only); the current task is the connecting one.
+pub(crate) struct UnixConnect {
+    sock: *mut bindings::socket,
+    uaddr: *mut kernel::ffi::c_void,
+    addr_len: c_int,
+    flags: c_int,
+    /// The connecting process.
+    pub(crate) tgid: u32,
+    /// The connect's key in the set of connects in their rounds: the
+    /// connecting socket and task (threads may connect one socket at once).
+    pub(crate) key: (usize, usize),
+}
+
+impl UnixConnect {
+    /// One round: the kernel's `unix_stream_connect()`, which stops at a
+    /// listener [`trustbind_unix_reached`] does not let through. Its
+    /// result (0 or -errno). Sleeps.
+    pub(crate) fn round(&self) -> c_int {
+        // SAFETY: The wrapper's own arguments, valid while it runs (type
+        // invariant), in the connecting task; no lock held.
+        unsafe { tb_unix_connect_round(self.sock, self.uaddr, self.addr_len, self.flags) }
+    }
+
+    /// Asks about `listener` for the connecting task: its name and owner
+    /// go to [`crate::net::unix_check`]. Sleeps.
+    pub(crate) fn ask(&self, listener: &SockRef) -> Result {
+        // CAST: `usize` and `unsigned long` are both pointer-sized here.
+        // SAFETY: `listener` holds a reference on the socket (its type
+        // invariant); the current task is the connecting one (type
+        // invariant); no lock held.
+        to_result(unsafe { tb_unix_ask(listener.id() as kernel::ffi::c_ulong) })
+    }
+}
+
+/// The UNIX connect wrapper, for a user-space socket: the connect's result.
+///
+/// # Safety
+///
+/// The wrapper's arguments, valid for the call, from the connecting task
+/// (process context, no lock held); `task` identifies that task.
+#[no_mangle]
+unsafe extern "C" fn trustbind_unix_connect(
+    sock: *mut bindings::socket,
+    uaddr: *mut kernel::ffi::c_void,
+    addr_len: c_int,
+    flags: c_int,
+    tgid: u32,
+    task: kernel::ffi::c_ulong,
+) -> c_int {
+    // SAFETY: `sock` is the wrapper's live socket (the function's contract).
+    let sk = unsafe { tb_sock_id(sock) };
+    // CAST: `unsigned long` and `usize` are both pointer-sized here.
+    // INVARIANT: The wrapper's arguments; `c` lives only in this call.
+    let c = UnixConnect {
+        sock,
+        uaddr,
+        addr_len,
+        flags,
+        tgid,
+        key: (sk as usize, task as usize),
+    };
+    crate::SHARED
+        .with(|s| crate::net::unix_connect(s, &c))
+        .unwrap_or_else(|| c.round())
+}
+
+/// `security_unix_stream_connect()` of the connect of `sk` by `task`,
+/// which reached the listener `other`: whether it may go on (`false`
+/// stops it before anything is queued).
+///
+/// # Safety
+///
+/// `other` is a live socket (the caller holds its state lock); any
+/// context, no sleeping.
+#[no_mangle]
+unsafe extern "C" fn trustbind_unix_reached(
+    sk: kernel::ffi::c_ulong,
+    task: kernel::ffi::c_ulong,
+    other: kernel::ffi::c_ulong,
+) -> bool {
+    // CAST: `unsigned long` and `usize` are both pointer-sized here.
+    let (key, other) = ((sk as usize, task as usize), other as usize);
+    crate::SHARED
+        .with(|s| {
+            crate::net::unix_reached(s, key, other, || {
+                // SAFETY: `other` is live, its state lock held by the
+                // caller for the duration of this call (the function's
+                // contract).
+                unsafe { SockRef::hold_id(other) }
+            })
+        })
+        .unwrap_or(true)
 }
 
 /// Called by the UNIX connect wrapper with the listener the connect

@@ -1983,4 +1983,5 @@ pub mod lineage;
 pub mod marks;
 pub mod seal;
 pub mod sorted;
+pub mod unixconnect;
 pub mod unqualifiable;

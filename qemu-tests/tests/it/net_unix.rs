@@ -17,6 +17,9 @@
 //! handled signal during a pending verdict restarts the connect (T-38).
 //! `net_unix_activation`: with socket activation the acceptor, not the
 //! manager that listened, is the server the pair is decided for (T-21).
+//! `net_unix_listener_swapped_during_verdict`: an allow is for the
+//! listener asked about, not the name; a rogue listener swapped in while
+//! the verdict is pending is asked about in turn and refused (T-20).
 
 use anyhow::{bail, ensure, Context, Result};
 use base64::Engine;
@@ -423,6 +426,102 @@ wait;
         .into_iter()
         .any(|l| l.contains(&format!("peer_sha256={rogue_sha} ")) && l.ends_with("-> deny"));
     ensure!(denied, "no denied request naming the rogue acceptor");
+    stop_agent(&mut vm)?;
+    vm.run_ok("rmmod trustbind")?;
+    vm.check_health()?;
+    vm.shutdown()?;
+    Ok(())
+}
+
+/// The listener is swapped while its connect waits for the verdict (T-20,
+/// the rounds of `proto/src/unixconnect.rs`): an allowed client connects
+/// to an allowed server; during the 3 s the verdict takes, the socket file
+/// is replaced by one a rogue server (a copy of socat one byte longer)
+/// listens on. The allow was for the first listener, not for the name, so
+/// the connect's next round reaches the rogue one, asks about it, and
+/// fails with `EACCES`: the rogue server receives nothing. Were the
+/// approval kept by name, or the second round not checked, the secret
+/// would reach the rogue server.
+#[test]
+fn net_unix_listener_swapped_during_verdict() -> Result<()> {
+    let mut vm = host_with_module()?;
+    let sock = "/tmp/x/swap.sock";
+    vm.run_ok(&format!(
+        "mkdir -p /tmp/x && cp /usr/bin/socat {ROGUE_SERVER} && printf y >>{ROGUE_SERVER} \
+         && chmod 755 {ROGUE_SERVER}"
+    ))?;
+    let socat = sha256_of(&mut vm, "/usr/bin/socat")?;
+    let rogue = sha256_of(&mut vm, ROGUE_SERVER)?;
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        &format!(
+            "--no-cache --allow {ROGUE_SERVER} --unix-allow /usr/bin/socat:/usr/bin/socat \
+             --delay-path {sock}:3000"
+        ),
+    )?;
+    serve(
+        &mut vm,
+        "/usr/bin/socat",
+        &format!("UNIX-LISTEN:{sock}"),
+        sock,
+        "/tmp/x/swap.first",
+    )?;
+    vm.spawn_bg(&format!(
+        "echo secret | socat -u - UNIX-CONNECT:{sock} 2>/tmp/x/swap.err; echo $? >/tmp/x/swap.rc"
+    ))?;
+    // The first ask is pending: swap the listener under the same name.
+    let mut asked = false;
+    for _ in 0..50 {
+        if unix_lines(&mut vm)?.is_empty() && counter(&mut vm, "unix_asked")? >= 1 {
+            asked = true;
+            break;
+        }
+        vm.run_ok("sleep 0.1")?;
+    }
+    ensure!(asked, "the connect was never asked about");
+    vm.run_ok(&format!("pkill -f '[U]NIX-LISTEN:{sock}'; rm -f {sock}"))?;
+    serve(
+        &mut vm,
+        ROGUE_SERVER,
+        &format!("UNIX-LISTEN:{sock}"),
+        sock,
+        "/tmp/x/swap.rogue",
+    )?;
+    let mut rc = String::new();
+    for _ in 0..150 {
+        rc = vm.run_ok("cat /tmp/x/swap.rc 2>/dev/null || true")?.stdout;
+        if !rc.trim().is_empty() {
+            break;
+        }
+        vm.run_ok("sleep 0.1")?;
+    }
+    let err = vm.run_ok("cat /tmp/x/swap.err 2>/dev/null || true")?.stdout;
+    ensure!(
+        rc.trim() != "0" && !rc.trim().is_empty() && err.contains("Permission denied"),
+        "the connect approved for the first listener went on to the swapped one: rc {rc:?}, {err:?}"
+    );
+    vm.run_ok("sleep 1")?;
+    let got = vm
+        .run_ok("cat /tmp/x/swap.rogue 2>/dev/null || true")?
+        .stdout;
+    ensure!(got.is_empty(), "the rogue server received {got:?}");
+    // Two asks for the name: the first listener allowed, the rogue denied.
+    let lines: Vec<String> = unix_lines(&mut vm)?
+        .into_iter()
+        .filter(|l| l.starts_with(&format!("unix path={sock} ")))
+        .collect();
+    ensure!(lines.len() == 2, "expected two asks:\n{}", lines.join("\n"));
+    ensure!(
+        field(&lines[0], "peer_sha256")? == socat && lines[0].ends_with("-> allow"),
+        "{}",
+        lines[0]
+    );
+    ensure!(
+        field(&lines[1], "peer_sha256")? == rogue && lines[1].ends_with("-> deny"),
+        "{}",
+        lines[1]
+    );
     stop_agent(&mut vm)?;
     vm.run_ok("rmmod trustbind")?;
     vm.check_health()?;

@@ -1166,7 +1166,7 @@ pub(crate) fn unix_connect(s: &Shared, c: &sys::UnixConnect) -> i32 {
     let mut err;
     loop {
         err = c.round();
-        match rounds.with(c.key, |r| r.next()) {
+        match rounds.with(c.key, |r| r.after_round()) {
             None | Some(Next::Done) => break,
             Some(Next::GiveUp(_listener)) => {
                 // The name kept naming new listeners.

@@ -11,8 +11,8 @@
 //!    only if that listener is the one the module approved, and otherwise
 //!    holds a reference on it and stops the connect before anything is
 //!    queued;
-//! 2. with no lock held, the PEM takes the held listener ([`Connect::next`])
-//!    and asks about it; an allow makes it the approved one
+//! 2. with no lock held, the PEM takes the held listener
+//!    ([`Connect::after_round`]) and asks about it; an allow makes it the approved one
 //!    ([`Connect::approve`]) and the connect runs again; a refusal ends the
 //!    connect with nothing ever queued on the listener: no byte and no
 //!    `SCM_RIGHTS` reach it.
@@ -73,8 +73,8 @@ impl<R> Connect<R> {
     /// identity; `id` gives a reference's). `true` lets it through (it is
     /// the approved one); `false` stops the round before anything is
     /// queued. The first listener stopped at in a round is held (`hold`
-    /// makes the reference) for [`next`](Self::next); a round reaches one
-    /// listener, so a second is only stopped.
+    /// makes the reference) for [`after_round`](Self::after_round); a
+    /// round reaches one listener, so a second is only stopped.
     pub fn reached(
         &mut self,
         other: usize,
@@ -91,7 +91,7 @@ impl<R> Connect<R> {
     }
 
     /// After a round of the kernel's connect: what to do next.
-    pub fn next(&mut self) -> Next<R> {
+    pub fn after_round(&mut self) -> Next<R> {
         let Some(asked) = self.asked.take() else {
             return Next::Done;
         };
@@ -168,7 +168,7 @@ mod tests {
             rounds += 1;
             // The kernel's connect: the security hook sees the listener.
             let connected = name.filter(|&l| c.reached(l, |r| r.0, || Ref::new(l, live)));
-            match c.next() {
+            match c.after_round() {
                 Next::Done => {
                     let end = match connected {
                         Some(l) => End::Connected(l),

@@ -44,7 +44,7 @@
 //! # Bound channels
 //!
 //! A connect verdict with the `encrypt` obligation makes the connection a
-//! channel the appliance keys. The connect wrapper then waits for the
+//! channel the appliance keys. [`connect`] then waits for the
 //! handshake (a non-blocking connect too: it returns 0) and asks again,
 //! [`NetKind::Established`], now with the real client end, so the appliance
 //! can pair it with the server's accept. The answer must be a
@@ -378,7 +378,8 @@ impl Backstop {
 /// reads it while any socket is held.
 static HOLD: HoldSet = HoldSet::new();
 
-/// `tb_connect_bound` holds the sends of `sk` before it connects; `false`
+/// A bound connect ([`connect_bound`], through `tb_connect_hold`) holds
+/// the sends of `sk` before it connects; `false`
 /// when its group of the set is full (it waits for a leave and retries).
 #[no_mangle]
 extern "C" fn trustbind_hold_enter(sk: kernel::ffi::c_ulong) -> bool {
@@ -641,6 +642,59 @@ pub(crate) fn check(s: &Shared, info: &mut NetInfo) -> Result {
     check_as(s, info, None)
 }
 
+/// How a qualified connect goes on.
+pub(crate) enum Connected {
+    /// As plain TCP (or not asked about): the wrapper runs the original.
+    Plain,
+    /// Connected here, a bound channel with its key installed.
+    Bound,
+}
+
+/// A user-space connect of an IPv4/IPv6 stream socket: asked about; a
+/// connection that must be a bound channel is connected and keyed here
+/// ([`connect_bound`]).
+pub(crate) fn connect(s: &Shared, c: &sys::Connecting) -> Result<Connected> {
+    let Some(mut info) = c.info() else {
+        return Ok(Connected::Plain);
+    };
+    // Both halves of a channel name a dual-stack connection as IPv4.
+    crate::proto::addr::unmap_v4(&mut info.family, &mut info.src_addr, &mut info.dst_addr);
+    check(s, &mut info)?;
+    if info.bind == 0 {
+        return Ok(Connected::Plain);
+    }
+    connect_bound(s, c, &mut info).map(|()| Connected::Bound)
+}
+
+/// Connects a socket whose connect was qualified with `info.bind`: waits
+/// for the handshake even on a non-blocking socket (`connect()` then
+/// returns 0, as POSIX allows) and without fast open (which would defer
+/// the SYN to the first send), so the key is installed before the program
+/// can send; then asks for the key (`NET_ESTABLISHED`, the real client end
+/// known), which [`check`] installs. Anything else aborts the connection.
+/// The socket's sends are held from before the SYN until the key is in
+/// (T-40; the set has room for 256 sockets at once, past that connects
+/// wait for a leave).
+fn connect_bound(s: &Shared, c: &sys::Connecting, info: &mut NetInfo) -> Result {
+    c.hold()?;
+    let r = match c.connect_blocking() {
+        // Interrupted or timed out (`SO_SNDTIMEO`) while the handshake
+        // goes on: abandoned, so it never completes unbound; a new
+        // `connect()` is qualified from the start.
+        Err(e) => {
+            c.abandon();
+            Err(e)
+        }
+        Ok(()) => {
+            c.established(info);
+            crate::proto::addr::unmap_v4(&mut info.family, &mut info.src_addr, &mut info.dst_addr);
+            check(s, info).inspect_err(|_| c.reset())
+        }
+    };
+    c.unhold();
+    r
+}
+
 /// A program as the net path sends it: hash, ancestry, where the hash
 /// comes from.
 pub(crate) type Program = ([u8; 32], Chain, ProgramSource);
@@ -703,6 +757,14 @@ fn check_as(s: &Shared, info: &mut NetInfo, program: Option<Program>) -> Result 
     }
     let refusal = match qualify(s, info, kind, family, program) {
         Ok(Granted::Plain { encrypt }) => match kind {
+            NetKind::Connect if encrypt && sys::is_mptcp(info) => {
+                // kTLS cannot sit on an MPTCP socket: a connection that
+                // must be a channel is refused (its service protected, so
+                // the backstop drops its subflows in any case); in
+                // permissive mode it goes on as plain TCP, reported.
+                protect(s, info);
+                Refusal::Unqualifiable("an MPTCP socket cannot be a bound channel")
+            }
             NetKind::Connect => {
                 // Marked before the SYN, which the backstop lets out only
                 // from a qualified socket when the service is protected.

@@ -843,12 +843,13 @@ static void tb_net_leave(void)
 }
 
 /*
- * Sockets between their handshake and their channel key (tb_connect_bound):
- * another thread of the program may already send on such a socket, and TCP
- * would send that as plaintext. The set of held sockets is Rust's
- * (trustbind_hold_*, proto/src/hold.rs; lock-free). tb_connect_bound
- * enters the socket before inet_stream_connect() takes the socket lock to
- * send the SYN, and leaves once the key is installed (or the connection
+ * Sockets between their handshake and their channel key (a bound connect,
+ * Rust's net::connect_bound): another thread of the program may already
+ * send on such a socket, and TCP would send that as plaintext. The set of
+ * held sockets is Rust's (trustbind_hold_*, proto/src/hold.rs;
+ * lock-free). A bound connect enters the socket (tb_connect_hold) before
+ * inet_stream_connect() takes the socket lock to send the SYN, and leaves
+ * (tb_connect_unhold) once the key is installed (or the connection
  * reset). A send reaches tcp_sendmsg_locked() with the socket lock held:
  * if the SYN went out before, the hold is visible to it there (the lock
  * orders the two), so a callback on tcp_sendmsg_locked() catches every
@@ -856,6 +857,11 @@ static void tb_net_leave(void)
  * restart once the socket is bound (tb_tcp_sendmsg_held). A send that
  * took the lock before the SYN found the socket unconnected and failed
  * (EPIPE). The wait queue is woken at every leave.
+ *
+ * The connect wrapper (and fast open's) hands the connect to Rust
+ * (trustbind_connect), which qualifies it and connects a bound channel
+ * itself through the one-line calls below; a plain one it hands back
+ * (TB_CONNECT_PLAIN) for the wrapper to run the original.
  */
 static DECLARE_WAIT_QUEUE_HEAD(tb_bound_wq);
 
@@ -866,8 +872,8 @@ static unsigned long tb_sk_id(const struct sock *sk)
 
 /* A user-space stream socket of IPv4/IPv6: TCP, or MPTCP (whose connect is
  * inet_stream_connect() too; its accept is wrapped apart). An MPTCP socket
- * can never be a bound channel (no kTLS on it): one that must be is
- * refused. */
+ * can never be a bound channel (no kTLS on it): Rust refuses one that must
+ * be (tb_sock_is_mptcp). */
 static bool tb_net_watched(const struct sock *sk)
 {
 	return sk && (sk->sk_protocol == IPPROTO_TCP ||
@@ -890,34 +896,31 @@ static void tb_sock_end(const struct sock *sk, bool peer, u8 *addr, u16 *port)
 	*port = ntohs(peer ? inet->inet_dport : inet->inet_sport);
 }
 
-/* Qualifies the connect of sock to uaddr if it is one the module watches
- * (a user TCP socket not yet connected, an address of its family): 0 to go
- * on, -errno to refuse. info->family stays 0 for one it does not watch;
- * info->bind is set when the connection must become a bound channel. */
-static int tb_connect_qualify(struct socket *sock, struct sockaddr *uaddr,
-			      int addr_len, struct tb_net_info *info)
+int tb_connect_info(struct socket *sock, void *uaddr, int addr_len,
+		    struct tb_net_info *info)
 {
 	struct sock *sk = sock->sk;
+	struct sockaddr *sa = uaddr;
 
 	memset(info, 0, sizeof(*info));
 	/* Only the connect that sends the SYN: not a non-blocking connect's
 	 * later calls, a disconnect (AF_UNSPEC) or an address the protocol
 	 * refuses anyway. */
 	if (!tb_net_watched(sk) || READ_ONCE(sock->state) != SS_UNCONNECTED ||
-	    !uaddr || addr_len < (int)sizeof(sa_family_t) ||
-	    uaddr->sa_family != sk->sk_family)
+	    !sa || addr_len < (int)sizeof(sa_family_t) ||
+	    sa->sa_family != sk->sk_family)
 		return 0;
 	info->kind = TB_NET_CONNECT;
-	if (uaddr->sa_family == AF_INET &&
+	if (sa->sa_family == AF_INET &&
 	    addr_len >= (int)sizeof(struct sockaddr_in)) {
-		const struct sockaddr_in *sin = (void *)uaddr;
+		const struct sockaddr_in *sin = uaddr;
 
 		info->family = 4;
 		memcpy(info->dst_addr, &sin->sin_addr, 4);
 		info->dst_port = ntohs(sin->sin_port);
-	} else if (uaddr->sa_family == AF_INET6 &&
+	} else if (sa->sa_family == AF_INET6 &&
 		   addr_len >= SIN6_LEN_RFC2133) {
-		const struct sockaddr_in6 *sin6 = (void *)uaddr;
+		const struct sockaddr_in6 *sin6 = uaddr;
 
 		info->family = 6;
 		memcpy(info->dst_addr, &sin6->sin6_addr, 16);
@@ -929,73 +932,59 @@ static int tb_connect_qualify(struct socket *sock, struct sockaddr *uaddr,
 	TB_FILL_TASK(info);
 	info->net = sock_net(sk)->net_cookie;
 	info->sock = sock;
-	return trustbind_net_check(info);
+	return 1;
 }
 
-/* Connects a socket whose connect was qualified with info->bind: waits for
- * the handshake even on a non-blocking socket (connect() then returns 0,
- * as POSIX allows) and without fast open (TCP_FASTOPEN_CONNECT would
- * defer the SYN to the first send), so the key is installed before the
- * program can send; then asks for the key (TB_NET_ESTABLISHED, the real
- * client end known), which trustbind_net_check() installs. Anything else
- * aborts the connection. */
-static int tb_connect_bound(struct socket *sock, struct sockaddr *uaddr,
-			    int addr_len, int flags, struct tb_net_info *info)
+int tb_connect_call(struct socket *sock, void *uaddr, int addr_len, int flags)
+{
+	return inet_stream_connect(sock, uaddr, addr_len, flags);
+}
+
+int tb_connect_hold(struct socket *sock)
+{
+	/* No fast open: TCP_FASTOPEN_CONNECT would defer the SYN to the
+	 * first send, before the key. */
+	inet_clear_bit(DEFER_CONNECT, sock->sk);
+	if (wait_event_interruptible(tb_bound_wq,
+				     trustbind_hold_enter(tb_sk_id(sock->sk))))
+		return -ERESTARTSYS;
+	return 0;
+}
+
+void tb_connect_unhold(struct socket *sock)
+{
+	trustbind_hold_leave(tb_sk_id(sock->sk));
+	wake_up_all(&tb_bound_wq);
+}
+
+void tb_connect_abandon(struct socket *sock)
+{
+	if (READ_ONCE(sock->state) == SS_CONNECTING)
+		tb_sock_abort(sock, ECONNABORTED);
+}
+
+void tb_connect_established(struct socket *sock, struct tb_net_info *info)
 {
 	struct sock *sk = sock->sk;
-	int err;
 
-	inet_clear_bit(DEFER_CONNECT, sk);
-	/* Held before the SYN (the set has room for 256 sockets at once;
-	 * past that, connects wait for a leave). */
-	if (wait_event_interruptible(tb_bound_wq,
-				     trustbind_hold_enter(tb_sk_id(sk))))
-		return -ERESTARTSYS;
-	err = inet_stream_connect(sock, uaddr, addr_len, flags & ~O_NONBLOCK);
-	if (err) {
-		/* Interrupted or timed out (SO_SNDTIMEO) while the handshake
-		 * goes on: abandon it, so it never completes unbound; a new
-		 * connect() is qualified from the start. */
-		if (READ_ONCE(sock->state) == SS_CONNECTING)
-			tb_sock_abort(sock, ECONNABORTED);
-		goto out;
-	}
 	info->kind = TB_NET_ESTABLISHED;
 	info->bind = 0;
 	info->family = sk->sk_family == AF_INET6 ? 6 : 4;
 	tb_sock_end(sk, false, info->src_addr, &info->src_port);
 	tb_sock_end(sk, true, info->dst_addr, &info->dst_port);
-	err = trustbind_net_check(info);
-	if (err)
-		tb_sock_abort(sock, ECONNRESET);
-out:
-	trustbind_hold_leave(tb_sk_id(sk));
-	wake_up_all(&tb_bound_wq);
-	return err;
 }
 
-static atomic_t tb_backstop_mode;	/* defined with the backstop below */
+bool tb_sock_is_mptcp(const struct socket *sock)
+{
+	return sock->sk->sk_protocol == IPPROTO_MPTCP;
+}
 
 static int tb_inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 				  int addr_len, int flags)
 {
-	struct tb_net_info info;
-	int err;
+	int err = trustbind_connect(sock, uaddr, addr_len, flags);
 
-	err = tb_connect_qualify(sock, uaddr, addr_len, &info);
-	if (!err && info.bind && sock->sk->sk_protocol == IPPROTO_MPTCP) {
-		/* kTLS cannot sit on an MPTCP socket: a connect that must be a
-		 * channel is refused in enforce mode (the backstop drops its
-		 * subflows to the protected service in any case). */
-		if (atomic_read(&tb_backstop_mode) == TB_BACKSTOP_DROP) {
-			pr_info_ratelimited("connect refused: an MPTCP socket cannot be a bound channel\n");
-			err = -EACCES;
-		} else {
-			err = inet_stream_connect(sock, uaddr, addr_len, flags);
-		}
-	} else if (!err && info.bind)
-		err = tb_connect_bound(sock, uaddr, addr_len, flags, &info);
-	else if (!err)
+	if (err == TB_CONNECT_PLAIN)
 		err = inet_stream_connect(sock, uaddr, addr_len, flags);
 	tb_net_leave();
 	return err;
@@ -1014,28 +1003,21 @@ static int tb_inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 static int tb_tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
 {
 	struct socket *sock = sk->sk_socket;
-	struct tb_net_info info;
 	int err;
 
 	if (!sock) {
 		err = tcp_sendmsg(sk, msg, size);
 		goto out;
 	}
-	err = tb_connect_qualify(sock, msg->msg_name, msg->msg_namelen, &info);
-	if (err)
-		goto out;
-	if (!info.bind) {
+	err = trustbind_connect(sock, msg->msg_name, msg->msg_namelen,
+				(msg->msg_flags & MSG_DONTWAIT) ? O_NONBLOCK : 0);
+	if (err == TB_CONNECT_PLAIN) {
 		err = tcp_sendmsg(sk, msg, size);
-		goto out;
+	} else if (!err) {
+		msg->msg_flags &= ~MSG_FASTOPEN;
+		/* The kTLS send of the now bound socket. */
+		err = READ_ONCE(sk->sk_prot)->sendmsg(sk, msg, size);
 	}
-	err = tb_connect_bound(sock, msg->msg_name, msg->msg_namelen,
-			       (msg->msg_flags & MSG_DONTWAIT) ? O_NONBLOCK : 0,
-			       &info);
-	if (err)
-		goto out;
-	msg->msg_flags &= ~MSG_FASTOPEN;
-	/* The kTLS send of the now bound socket. */
-	err = READ_ONCE(sk->sk_prot)->sendmsg(sk, msg, size);
 out:
 	tb_net_leave();
 	return err;

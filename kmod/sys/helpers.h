@@ -259,6 +259,33 @@ int tb_hash_current_exe(struct tb_hashers *h, u8 *sha256_out, u8 *sha1_out,
  * it installs the channel's keys itself (tb_ktls_install). */
 int trustbind_net_check(struct tb_net_info *info);
 
+/* A user-space connect of an IPv4/IPv6 stream socket (connect(), or a
+ * fast-open send with flags O_NONBLOCK or 0) to uaddr (a struct
+ * sockaddr): qualified, and a bound channel connected and keyed, by Rust
+ * (net.rs). 0: connected and bound; TB_CONNECT_PLAIN: allowed as plain
+ * TCP (or not watched), the caller runs its own original call; -errno:
+ * refused or failed. Process context, no lock held. */
+#define TB_CONNECT_PLAIN 1
+int trustbind_connect(struct socket *sock, void *uaddr, int addr_len,
+		      int flags);
+/* The one-line calls trustbind_connect() makes (the socket the caller's):
+ * tb_connect_info fills info for a connect the module watches (a user
+ * TCP or MPTCP socket not yet connected, an address of its family): 1, or
+ * 0 for any other; tb_connect_call is inet_stream_connect(); tb_connect_hold
+ * clears fast open and holds the socket's sends (waiting for room in the
+ * set): 0 or -ERESTARTSYS; tb_connect_unhold leaves the set and wakes the
+ * waiters; tb_connect_abandon aborts a handshake still going on;
+ * tb_connect_established fills info's ends once connected
+ * (TB_NET_ESTABLISHED); tb_sock_is_mptcp says whether it is MPTCP. */
+int tb_connect_info(struct socket *sock, void *uaddr, int addr_len,
+		    struct tb_net_info *info);
+int tb_connect_call(struct socket *sock, void *uaddr, int addr_len, int flags);
+int tb_connect_hold(struct socket *sock);
+void tb_connect_unhold(struct socket *sock);
+void tb_connect_abandon(struct socket *sock);
+void tb_connect_established(struct socket *sock, struct tb_net_info *info);
+bool tb_sock_is_mptcp(const struct socket *sock);
+
 /*
  * Accepts decided aside (T-37; logic in Rust: net.rs, proto/src/deferred.rs).
  * A non-blocking accept whose connection needs a verdict moves it to a

@@ -43,7 +43,9 @@ use bindings::{
     tb_loader_hooks_stop, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
     tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_authority, tb_param_mode, tb_ecdh_p256, tb_hmac_new, tb_hmac_free, tb_hmac2, tb_sha256, tb_memneq, tb_wipe, crypto_shash as RawShash, tb_publish_mode, tb_set_nice_current, tb_sock_counts,
     tb_sk_closed, tb_sock_id, tb_sock_idle_end, tb_sock_is_tcp, tb_sock_ref, tb_sock_unref, tb_accept_hold, tb_accept_give, tb_accept_drop, tb_accept_defer, tb_sk_wake, tb_unix_hooks_start,
-    tb_unix_hooks_stop, tb_unix_connect_round, tb_unix_ask,
+    tb_unix_hooks_stop, tb_unix_connect_round, tb_unix_ask, tb_connect_info, tb_connect_call,
+    tb_connect_hold, tb_connect_unhold, tb_connect_abandon, tb_connect_established, tb_sock_is_mptcp,
+    tb_sock_abort,
 };
 
 /// One UNIX-domain connect the wrapper asks about.
@@ -737,6 +739,7 @@ check_callbacks! {
     trustbind_proc_exited in self: unsafe extern "C" fn(u32, u64);
     trustbind_exe_replace_allowed in self: unsafe extern "C" fn() -> bool;
     trustbind_net_check in self: unsafe extern "C" fn(*mut NetInfo) -> c_int;
+    trustbind_connect in self: unsafe extern "C" fn(*mut bindings::socket, *mut kernel::ffi::c_void, c_int, c_int) -> c_int;
     trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, *const TcpCounts);
     trustbind_net_idle in self: unsafe extern "C" fn() -> bool;
     trustbind_accept_defer in self: unsafe extern "C" fn(*mut NetInfo, kernel::ffi::c_ulong) -> c_int;
@@ -1401,6 +1404,125 @@ unsafe extern "C" fn trustbind_net_check(info: *mut NetInfo) -> c_int {
         None => 0,
         Some(Err(e)) => e.to_errno(),
     }
+}
+
+/// A user-space connect of an IPv4/IPv6 stream socket, inside its wrapper
+/// (`connect()`, or a fast-open send): [`crate::net::connect`] qualifies
+/// it and connects a bound channel itself.
+///
+/// # Invariants
+///
+/// `sock`, `uaddr` and `addr_len` are the wrapper's arguments, valid while
+/// the wrapper runs, which outlives this value (made and borrowed in
+/// [`trustbind_connect`] only); the current task is the connecting one,
+/// in process context with no lock held.
+pub(crate) struct Connecting {
+    sock: *mut bindings::socket,
+    uaddr: *mut kernel::ffi::c_void,
+    addr_len: c_int,
+    flags: c_int,
+}
+
+impl Connecting {
+    /// The connect as the module asks about it (kind `NET_CONNECT`);
+    /// `None` for one it does not watch (not a user TCP or MPTCP socket,
+    /// already connecting, another family, a disconnect).
+    pub(crate) fn info(&self) -> Option<NetInfo> {
+        let mut info = NetInfo::default();
+        // SAFETY: The wrapper's arguments (type invariant); `info` is a
+        // valid, exclusive place for the result.
+        let watched = unsafe { tb_connect_info(self.sock, self.uaddr, self.addr_len, &mut info) };
+        (watched == 1).then_some(info)
+    }
+
+    /// Holds the socket's sends until [`unhold`](Self::unhold) (and turns
+    /// fast open off), waiting for room in the set; `ERESTARTSYS` when a
+    /// signal came first. Sleeps.
+    pub(crate) fn hold(&self) -> Result {
+        // SAFETY: The wrapper's live socket, process context, no lock held
+        // (type invariant).
+        to_result(unsafe { tb_connect_hold(self.sock) })
+    }
+
+    /// Leaves the set of held sockets and wakes the sends waiting.
+    pub(crate) fn unhold(&self) {
+        // SAFETY: The wrapper's live socket (type invariant).
+        unsafe { tb_connect_unhold(self.sock) }
+    }
+
+    /// The kernel's connect, waiting for the handshake even on a
+    /// non-blocking socket. Sleeps.
+    pub(crate) fn connect_blocking(&self) -> Result {
+        // CAST: `O_NONBLOCK` is a small positive flag.
+        let flags = self.flags & !(kernel::bindings::O_NONBLOCK as c_int);
+        // SAFETY: The wrapper's arguments, process context, no lock held
+        // (type invariant).
+        to_result(unsafe { tb_connect_call(self.sock, self.uaddr, self.addr_len, flags) })
+    }
+
+    /// Aborts a handshake that is still going on (so it never completes
+    /// unqualified). Sleeps.
+    pub(crate) fn abandon(&self) {
+        // SAFETY: As in `connect_blocking`.
+        unsafe { tb_connect_abandon(self.sock) }
+    }
+
+    /// Resets the connection (`ECONNRESET`). Sleeps.
+    pub(crate) fn reset(&self) {
+        // CAST: errno values are small positive integers.
+        // SAFETY: As in `connect_blocking`.
+        unsafe { tb_sock_abort(self.sock, kernel::bindings::ECONNRESET as c_int) }
+    }
+
+    /// `info` as the connected socket's channel ask (kind
+    /// `NET_ESTABLISHED`, both ends as connected).
+    pub(crate) fn established(&self, info: &mut NetInfo) {
+        // SAFETY: The wrapper's live socket (type invariant); `info` is
+        // valid and exclusive.
+        unsafe { tb_connect_established(self.sock, info) }
+    }
+}
+
+/// The connect wrapper (`connect()`, or a fast-open send with `flags`
+/// `O_NONBLOCK` or 0): 0 once connected as a bound channel,
+/// `TB_CONNECT_PLAIN` for the wrapper to run its own original call (a
+/// plain connection, or one the module does not watch), -errno when
+/// refused or failed.
+///
+/// # Safety
+///
+/// The wrapper's arguments, valid for the call, from the connecting task
+/// (process context, no lock held).
+#[no_mangle]
+unsafe extern "C" fn trustbind_connect(
+    sock: *mut bindings::socket,
+    uaddr: *mut kernel::ffi::c_void,
+    addr_len: c_int,
+    flags: c_int,
+) -> c_int {
+    // INVARIANT: The wrapper's arguments; `c` lives only in this call.
+    let c = Connecting {
+        sock,
+        uaddr,
+        addr_len,
+        flags,
+    };
+    match crate::SHARED.with(|s| crate::net::connect(s, &c)) {
+        // Unloading: nothing is asked.
+        Some(Ok(crate::net::Connected::Plain)) | None => {
+            // CAST: a small positive constant.
+            bindings::TB_CONNECT_PLAIN as c_int
+        }
+        Some(Ok(crate::net::Connected::Bound)) => 0,
+        Some(Err(e)) => e.to_errno(),
+    }
+}
+
+/// Whether the socket `info` names is MPTCP.
+pub(crate) fn is_mptcp(info: &NetInfo) -> bool {
+    // SAFETY: `info.sock` is the live socket of the wrapper running this
+    // call (it holds a reference on it until it returns).
+    unsafe { tb_sock_is_mptcp(info.sock) }
 }
 
 /// A non-blocking accept's connection that needs a verdict: 1 when it was

@@ -21,8 +21,8 @@
 //!   never refuses (T-33, T-34).
 //! - `attack_channel_key_read`: the owner of a bound socket cannot read
 //!   its channel key with getsockopt (T-35).
-//! - `attack_mptcp`: MPTCP connects and accepts are qualified like TCP
-//!   (T-18).
+//! - `attack_mptcp`: MPTCP connects and accepts are qualified like TCP,
+//!   and one that must be a channel is refused (T-18).
 //! - `attack_boot_window`: loaded with `mode=enforce agent=PATH`, the
 //!   module enforces before any agent connected (T-22, module half).
 //! - `attack_unix_before_verdict`: a refused UNIX client cannot get bytes
@@ -686,6 +686,37 @@ fn attack_mptcp() -> Result<()> {
         )?,
         "closed MPTCP sockets left backstop marks: {} now, {marked} before",
         counter(&mut vm, "net_backstop_marked")?
+    );
+    // An allowed program whose connection must be a channel: no kTLS can
+    // sit on an MPTCP socket, so its MPTCP connect is refused in enforce
+    // mode (decided in Rust, `net.rs` `check_as`), and nothing reaches the
+    // server in plaintext.
+    stop_agent(&mut vm)?;
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        "--no-cache --net-bind --net-allow /usr/bin/socat --net-allow /usr/bin/perl",
+    )?;
+    vm.spawn_bg("exec socat -u TCP4-LISTEN:7403,reuseaddr OPEN:/tmp/mptcp-bind,creat,trunc")?;
+    crate::net_qualify::wait_listening(&mut vm, 7403)?;
+    let out = vm.run(
+        "perl -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 262) or die; \
+         connect(S, pack_sockaddr_in(7403, inet_aton(q(127.0.0.1)))) or die \"connect: $!\\n\"; \
+         print S qq(mptcp-plain\\n); close S; print qq(connected\\n)'",
+    )?;
+    ensure!(
+        !out.stdout.contains("connected") && out.stderr.contains("connect: Permission denied"),
+        "an MPTCP connect that must be a channel went through: {out:?}"
+    );
+    vm.run_ok("sleep 0.5")?;
+    ensure!(
+        vm.run("grep -q mptcp-plain /tmp/mptcp-bind")?.status != 0,
+        "an MPTCP connect that must be a channel sent plaintext"
+    );
+    ensure!(
+        crate::net_qualify::dmesg_has(&mut vm, |l| l
+            .contains("an MPTCP socket cannot be a bound channel"))?,
+        "no kernel line says why the MPTCP connect was refused"
     );
     finish(vm)
 }

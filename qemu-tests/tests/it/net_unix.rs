@@ -288,7 +288,7 @@ fn net_unix_signal_restarts_connect() -> Result<()> {
     start_agent_with(
         &mut vm,
         "enforce",
-        &format!("--no-cache --unix-allow /usr/bin/perl:/usr/bin/socat --delay-path {sock}:3000"),
+        &format!("--no-cache --unix-allow /usr/bin/perl:/usr/bin/socat --delay-path {sock}:5000"),
     )?;
     serve(
         &mut vm,
@@ -435,7 +435,7 @@ wait;
 
 /// The listener is swapped while its connect waits for the verdict (T-20,
 /// the rounds of `proto/src/unixconnect.rs`): an allowed client connects
-/// to an allowed server; during the 3 s the verdict takes, the socket file
+/// to an allowed server; during the 5 s the verdict takes, the socket file
 /// is replaced by one a rogue server (a copy of socat one byte longer)
 /// listens on. The allow was for the first listener, not for the name, so
 /// the connect's next round reaches the rogue one, asks about it, and
@@ -470,16 +470,21 @@ fn net_unix_listener_swapped_during_verdict() -> Result<()> {
     vm.spawn_bg(&format!(
         "echo secret | socat -u - UNIX-CONNECT:{sock} 2>/tmp/x/swap.err; echo $? >/tmp/x/swap.rc"
     ))?;
-    // The first ask is pending: swap the listener under the same name.
+    // The first ask is pending (the agent logs a request when it comes,
+    // and answers it 5 s later): swap the listener under the same name.
     let mut asked = false;
-    for _ in 0..50 {
-        if unix_lines(&mut vm)?.is_empty() && counter(&mut vm, "unix_asked")? >= 1 {
+    for _ in 0..100 {
+        if !unix_lines(&mut vm)?.is_empty() {
             asked = true;
             break;
         }
         vm.run_ok("sleep 0.1")?;
     }
     ensure!(asked, "the connect was never asked about");
+    ensure!(
+        vm.run("test -e /tmp/x/swap.rc")?.status != 0,
+        "the connect ended before its verdict"
+    );
     vm.run_ok(&format!("pkill -f '[U]NIX-LISTEN:{sock}'; rm -f {sock}"))?;
     serve(
         &mut vm,
@@ -489,7 +494,7 @@ fn net_unix_listener_swapped_during_verdict() -> Result<()> {
         "/tmp/x/swap.rogue",
     )?;
     let mut rc = String::new();
-    for _ in 0..150 {
+    for _ in 0..300 {
         rc = vm.run_ok("cat /tmp/x/swap.rc 2>/dev/null || true")?.stdout;
         if !rc.trim().is_empty() {
             break;

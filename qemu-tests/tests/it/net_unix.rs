@@ -435,17 +435,18 @@ wait;
 
 /// The listener is swapped while its connect waits for the verdict (T-20,
 /// the rounds of `proto/src/unixconnect.rs`): an allowed client connects
-/// to an allowed server; during the 5 s the verdict takes, the socket file
-/// is replaced by one a rogue server (a copy of socat one byte longer)
-/// listens on. The allow was for the first listener, not for the name, so
-/// the connect's next round reaches the rogue one, asks about it, and
-/// fails with `EACCES`: the rogue server receives nothing. Were the
+/// to an allowed server; while its ask waits (the agent paused), the
+/// socket file is replaced by one a rogue server (a copy of socat one byte
+/// longer) listens on. The allow was for the first listener, not for the
+/// name, so the connect's next round reaches the rogue one, asks about it,
+/// and fails with `EACCES`: the rogue server receives nothing. Were the
 /// approval kept by name, or the second round not checked, the secret
 /// would reach the rogue server.
 #[test]
 fn net_unix_listener_swapped_during_verdict() -> Result<()> {
     let mut vm = host_with_module()?;
     let sock = "/tmp/x/swap.sock";
+    let pause = "/tmp/x/pause";
     vm.run_ok(&format!(
         "mkdir -p /tmp/x && cp /usr/bin/socat {ROGUE_SERVER} && printf y >>{ROGUE_SERVER} \
          && chmod 755 {ROGUE_SERVER}"
@@ -456,8 +457,8 @@ fn net_unix_listener_swapped_during_verdict() -> Result<()> {
         &mut vm,
         "enforce",
         &format!(
-            "--no-cache --allow {ROGUE_SERVER} --unix-allow /usr/bin/socat:/usr/bin/socat \
-             --delay-path {sock}:3000"
+            "--allow {ROGUE_SERVER} --unix-allow /usr/bin/socat:/usr/bin/socat \
+             --pause-file {pause} --timeout-ms 60000"
         ),
     )?;
     serve(
@@ -467,25 +468,44 @@ fn net_unix_listener_swapped_during_verdict() -> Result<()> {
         sock,
         "/tmp/x/swap.first",
     )?;
+    serve(
+        &mut vm,
+        "/usr/bin/socat",
+        "UNIX-LISTEN:/tmp/x/warm.sock",
+        "/tmp/x/warm.sock",
+        "/tmp/x/warm.got",
+    )?;
+    // The agent reads nothing while the pause file exists: the ask waits
+    // (up to the 60 s verdict timeout). Every exec then waits too, but
+    // for those of programs whose verdict the module cached: each one the
+    // swap runs is run once first (UNIX verdicts are never cached). An
+    // agent already waiting in read() takes one more request: the connect
+    // to warm.sock.
+    vm.run_ok(&format!(
+        "pkill -f '[n]one-such'; pgrep -f '[n]one-such'; sleep 0; rm -f /tmp/x/none; \
+         test -e /tmp/x/none; cat /dev/null; grep -q x /dev/null; mountpoint -q /; \
+         {ROGUE_SERVER} -V >/dev/null; touch {pause}; \
+         echo warm | socat -u - UNIX-CONNECT:/tmp/x/warm.sock; true"
+    ))?;
     vm.spawn_bg(&format!(
         "echo secret | socat -u - UNIX-CONNECT:{sock} 2>/tmp/x/swap.err; echo $? >/tmp/x/swap.rc"
     ))?;
-    // The first ask is pending (the agent logs a request when it comes,
-    // and answers it 5 s later): swap the listener under the same name.
     let mut asked = false;
     for _ in 0..100 {
-        if !unix_lines(&mut vm)?.is_empty() {
+        // The warm connect's ask, then this one's.
+        if counter(&mut vm, "unix_asked")? >= 2 {
             asked = true;
             break;
         }
         vm.run_ok("sleep 0.1")?;
     }
     ensure!(asked, "the connect was never asked about");
-    ensure!(
-        vm.run("test -e /tmp/x/swap.rc")?.status != 0,
-        "the connect ended before its verdict"
-    );
-    vm.run_ok(&format!("pkill -f '[U]NIX-LISTEN:{sock}'; rm -f {sock}"))?;
+    // socat removes its socket file as it exits: gone before the rogue
+    // one binds the name.
+    vm.run_ok(&format!(
+        "pkill -f '[U]NIX-LISTEN:{sock}'; \
+         while pgrep -f '[U]NIX-LISTEN:{sock}' >/dev/null; do sleep 0.05; done; rm -f {sock}"
+    ))?;
     serve(
         &mut vm,
         ROGUE_SERVER,
@@ -493,6 +513,13 @@ fn net_unix_listener_swapped_during_verdict() -> Result<()> {
         sock,
         "/tmp/x/swap.rogue",
     )?;
+    let early = vm.run("cat /tmp/x/swap.rc /tmp/x/swap.err")?;
+    ensure!(
+        early.status != 0,
+        "the connect ended before its verdict: {}",
+        early.stdout
+    );
+    vm.run_ok(&format!("rm {pause}"))?;
     let mut rc = String::new();
     for _ in 0..300 {
         rc = vm.run_ok("cat /tmp/x/swap.rc 2>/dev/null || true")?.stdout;
@@ -502,10 +529,17 @@ fn net_unix_listener_swapped_during_verdict() -> Result<()> {
         vm.run_ok("sleep 0.1")?;
     }
     let err = vm.run_ok("cat /tmp/x/swap.err 2>/dev/null || true")?.stdout;
-    ensure!(
-        rc.trim() != "0" && !rc.trim().is_empty() && err.contains("Permission denied"),
-        "the connect approved for the first listener went on to the swapped one: rc {rc:?}, {err:?}"
-    );
+    if !(rc.trim() != "0" && !rc.trim().is_empty() && err.contains("Permission denied")) {
+        let seen = vm
+            .run(&format!(
+                "ls -la /tmp/x; cat /run/tb-bg-*.log; grep '^unix' {AGENT_LOG}; dmesg | tail -20"
+            ))?
+            .stdout;
+        bail!(
+            "the connect approved for the first listener went on to the swapped one: \
+             rc {rc:?}, {err:?}\n{seen}"
+        );
+    }
     vm.run_ok("sleep 1")?;
     let got = vm
         .run_ok("cat /tmp/x/swap.rogue 2>/dev/null || true")?

@@ -50,11 +50,9 @@
 #include <net/tls.h>
 #include <linux/tls.h>
 #include <linux/string.h>
-#include <linux/hashtable.h>
 #include <linux/pid.h>
 #include <linux/un.h>
 #include <net/af_unix.h>
-#include <linux/jhash.h>
 #include <linux/workqueue.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter_ipv4.h>

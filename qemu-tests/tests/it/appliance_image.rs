@@ -232,8 +232,10 @@ fn the_data_partition_grows_to_a_larger_disk() -> Result<()> {
     );
     let (old, new) =
         fs_grown(&console).with_context(|| format!("the file system did not grow:\n{console}"))?;
+    // 192 MiB more partition; ext4 keeps about 7 % of it for inode
+    // tables, group descriptors and the journal (measured: 54.7 -> 233.9).
     ensure!(
-        new > old + 180.0,
+        new > old + 170.0,
         "the file system grew from {old} to only {new} MiB"
     );
     ensure!(

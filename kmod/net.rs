@@ -654,11 +654,10 @@ pub(crate) enum Connected {
 /// connection that must be a bound channel is connected and keyed here
 /// ([`connect_bound`]).
 pub(crate) fn connect(s: &Shared, c: &sys::Connecting) -> Result<Connected> {
-    let Some(mut info) = c.info() else {
+    let Some(info) = c.info() else {
         return Ok(Connected::Plain);
     };
-    // Both halves of a channel name a dual-stack connection as IPv4.
-    crate::proto::addr::unmap_v4(&mut info.family, &mut info.src_addr, &mut info.dst_addr);
+    let mut info = unmapped(info);
     check(s, &mut info)?;
     if info.bind == 0 {
         return Ok(Connected::Plain);
@@ -687,7 +686,7 @@ fn connect_bound(s: &Shared, c: &sys::Connecting, info: &mut NetInfo) -> Result 
         }
         Ok(()) => {
             c.established(info);
-            crate::proto::addr::unmap_v4(&mut info.family, &mut info.src_addr, &mut info.dst_addr);
+            *info = unmapped(*info);
             check(s, info).inspect_err(|_| c.reset())
         }
     };
@@ -1016,6 +1015,48 @@ impl Deferred {
         self.used.store(b.used(), Ordering::Release);
         DEFERRED_READY.store(b.ready(), Ordering::Release);
         r
+    }
+}
+
+/// `info` with a dual-stack connection's ends as IPv4: both halves of a
+/// channel name it the same way.
+fn unmapped(mut info: NetInfo) -> NetInfo {
+    crate::proto::addr::unmap_v4(&mut info.family, &mut info.src_addr, &mut info.dst_addr);
+    info
+}
+
+/// A user-space TCP or MPTCP accept. A connection a non-blocking accept
+/// set aside for this listener and now allowed is handed out first
+/// (T-37). A blocking accept (or a kernel or MPTCP one) waits for its
+/// verdict; a non-blocking TCP one sets each connection that needs a
+/// verdict aside and takes the next from the queue until it is empty
+/// (`EAGAIN`: the program's event loop goes on). A refused connection is
+/// reset and fails the accept with `ECONNABORTED`.
+pub(crate) fn accept(s: &Shared, a: &sys::Accepting) -> Result {
+    if !a.mptcp && a.listening() {
+        if let Some(held) = accept_take(s, a.listener()) {
+            a.give(held);
+            return Ok(());
+        }
+    }
+    if a.mptcp || !a.nonblocking {
+        a.call()?;
+        let Some(info) = a.info() else {
+            return Ok(());
+        };
+        return check(s, &mut unmapped(info)).map_err(|_| a.refuse());
+    }
+    loop {
+        a.call()?;
+        let Some(info) = a.info() else {
+            return Ok(());
+        };
+        match accept_defer(s, &mut unmapped(info), a.listener_ref()) {
+            // Set aside: the accept's socket is empty again.
+            Ok(true) => continue,
+            Ok(false) => return Ok(()),
+            Err(_) => return Err(a.refuse()),
+        }
     }
 }
 

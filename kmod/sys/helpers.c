@@ -1106,12 +1106,13 @@ out:
 typedef int (*tb_accept_fn)(struct socket *, struct socket *,
 			    struct proto_accept_arg *);
 
-/* The accept info of the connection newsock got. */
-static void tb_accept_info(struct socket *newsock, struct tb_net_info *info)
+int tb_accept_info(struct socket *newsock, struct tb_net_info *info)
 {
 	struct sock *sk = newsock->sk;
 
 	memset(info, 0, sizeof(*info));
+	if (!tb_net_watched(sk))
+		return 0;
 	info->kind = TB_NET_ACCEPT;
 	info->family = sk->sk_family == AF_INET6 ? 6 : 4;
 	tb_sock_end(sk, true, info->src_addr, &info->src_port);
@@ -1119,68 +1120,48 @@ static void tb_accept_info(struct socket *newsock, struct tb_net_info *info)
 	TB_FILL_TASK(info);
 	info->net = sock_net(sk)->net_cookie;
 	info->sock = newsock;
+	return 1;
 }
 
 /* A refused accept: the caller (do_accept, kernel_accept) releases newsock
  * on an error; without linger the close resets the connection, so the
  * client sees it. (A partly bound socket cannot disconnect: the reset
  * comes from the close.) */
-static int tb_accept_refused(struct socket *newsock)
+void tb_accept_refuse(struct socket *newsock)
 {
 	sock_no_linger(newsock->sk);
-	return -ECONNABORTED;
 }
 
-/* Qualifies the connection an accept returned (err its result). */
-static int tb_accept_check(struct socket *newsock, int err)
-{
-	struct tb_net_info info;
+static tb_accept_fn tb_mptcp_accept_orig;
 
-	if (!err && tb_net_watched(newsock->sk)) {
-		tb_accept_info(newsock, &info);
-		if (trustbind_net_check(&info))
-			err = tb_accept_refused(newsock);
-	}
-	return err;
+int tb_accept_call(struct socket *sock, struct socket *newsock, void *arg,
+		   bool mptcp)
+{
+	return mptcp ? tb_mptcp_accept_orig(sock, newsock, arg) :
+		       inet_accept(sock, newsock, arg);
+}
+
+bool tb_sock_listening(const struct socket *sock)
+{
+	return READ_ONCE(sock->sk->sk_state) == TCP_LISTEN;
 }
 
 /*
- * TCP accepts. A connection decided aside for this listener (T-37) is
- * handed out first. A blocking accept (or a kernel one) waits for its
- * verdict as before. A non-blocking one sets each connection that needs a
- * verdict aside (trustbind_accept_defer) and takes the next from the
- * queue, until the queue is empty: -EAGAIN, and the program's event loop
- * goes on; the listener is woken as each verdict allows one.
+ * TCP and MPTCP accepts: Rust runs them (trustbind_accept). A connection
+ * decided aside for this listener (T-37) is handed out first. A blocking
+ * accept (or a kernel one, or an MPTCP one) waits for its verdict. A
+ * non-blocking TCP one sets each connection that needs a verdict aside
+ * and takes the next from the queue, until the queue is empty: -EAGAIN,
+ * and the program's event loop goes on; the listener is woken as each
+ * verdict allows one.
  */
 static int tb_inet_accept(struct socket *sock, struct socket *newsock,
 			  struct proto_accept_arg *arg)
 {
-	unsigned long listener = tb_sk_id(sock->sk);
-	struct tb_net_info info;
-	int err, r;
+	int err = trustbind_accept(sock, newsock, arg,
+				   (arg->flags & O_NONBLOCK) && !arg->kern,
+				   false);
 
-	if (READ_ONCE(sock->sk->sk_state) == TCP_LISTEN &&
-	    trustbind_accept_take(listener, newsock)) {
-		err = 0;
-		goto out;
-	}
-	if (!(arg->flags & O_NONBLOCK) || arg->kern) {
-		err = tb_accept_check(newsock, inet_accept(sock, newsock, arg));
-		goto out;
-	}
-	for (;;) {
-		err = inet_accept(sock, newsock, arg);
-		if (err || !tb_net_watched(newsock->sk))
-			break;
-		tb_accept_info(newsock, &info);
-		r = trustbind_accept_defer(&info, listener);
-		if (r == 1)
-			continue;	/* newsock is empty again */
-		if (r < 0)
-			err = tb_accept_refused(newsock);
-		break;
-	}
-out:
 	tb_net_leave();
 	return err;
 }
@@ -1288,13 +1269,10 @@ static __poll_t tb_tcp_poll(struct file *file, struct socket *sock,
 /* MPTCP's accept (mptcp_stream_accept, not exported: found through a
  * kernel MPTCP socket's ops and called through that pointer, an
  * address-taken function whose ENDBR is intact). */
-static tb_accept_fn tb_mptcp_accept_orig;
-
 static int tb_mptcp_accept(struct socket *sock, struct socket *newsock,
 			   struct proto_accept_arg *arg)
 {
-	int err = tb_accept_check(newsock,
-				  tb_mptcp_accept_orig(sock, newsock, arg));
+	int err = trustbind_accept(sock, newsock, arg, false, true);
 
 	tb_net_leave();
 	return err;

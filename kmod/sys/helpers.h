@@ -310,16 +310,24 @@ int tb_accept_defer(void *job);
 /* Wakes the listener sk_id's waiters (sk_data_ready). Any context; the
  * caller holds a reference on it. */
 void tb_sk_wake(unsigned long sk_id);
-/* Implemented in Rust (net.rs): */
-/* 1: newsock's connection was set aside (the accept returns -EAGAIN);
- * 0: it goes to the program now; -errno: refused now. info describes the
- * accept as for trustbind_net_check(); listener is tb_sock_id-style. */
-int trustbind_accept_defer(struct tb_net_info *info, unsigned long listener);
+/* Implemented in Rust (net.rs): an accept on the user-space TCP (or,
+ * mptcp, MPTCP) listener sock into newsock (arg: the accept's struct
+ * proto_accept_arg), nonblocking when the program does not wait; its
+ * result (0 or -errno). Process context, no lock held. */
+int trustbind_accept(struct socket *sock, struct socket *newsock, void *arg,
+		     bool nonblocking, bool mptcp);
+/* The one-line calls trustbind_accept() makes: tb_accept_call is the
+ * original accept; tb_accept_info fills info for newsock's connection if
+ * the module watches it (1), else 0; tb_accept_refuse turns off linger so
+ * the caller's release of newsock resets the connection; tb_sock_listening
+ * whether sock is (still) a listener. */
+int tb_accept_call(struct socket *sock, struct socket *newsock, void *arg,
+		   bool mptcp);
+int tb_accept_info(struct socket *newsock, struct tb_net_info *info);
+void tb_accept_refuse(struct socket *newsock);
+bool tb_sock_listening(const struct socket *sock);
 /* The worker's half: asks, then makes the connection ready or resets it. */
 void trustbind_accept_run(void *job);
-/* Hands the oldest ready connection of listener to newsock: whether one
- * was there. Process context. */
-bool trustbind_accept_take(unsigned long listener, struct socket *newsock);
 /* Whether listener has a ready connection (its poll() reports EPOLLIN);
  * trustbind_accept_any() whether any listener has one. Any context but
  * hard interrupts. */

@@ -45,7 +45,7 @@ use bindings::{
     tb_sk_closed, tb_sock_id, tb_sock_idle_end, tb_sock_is_tcp, tb_sock_ref, tb_sock_unref, tb_accept_hold, tb_accept_give, tb_accept_drop, tb_accept_defer, tb_sk_wake, tb_unix_hooks_start,
     tb_unix_hooks_stop, tb_unix_connect_round, tb_unix_ask, tb_connect_info, tb_connect_call,
     tb_connect_hold, tb_connect_unhold, tb_connect_abandon, tb_connect_established, tb_sock_is_mptcp,
-    tb_sock_abort,
+    tb_sock_abort, tb_accept_call, tb_accept_info, tb_accept_refuse, tb_sock_listening,
 };
 
 /// One UNIX-domain connect the wrapper asks about.
@@ -742,9 +742,8 @@ check_callbacks! {
     trustbind_connect in self: unsafe extern "C" fn(*mut bindings::socket, *mut kernel::ffi::c_void, c_int, c_int) -> c_int;
     trustbind_net_closed in self: unsafe extern "C" fn(kernel::ffi::c_ulong, *const TcpCounts);
     trustbind_net_idle in self: unsafe extern "C" fn() -> bool;
-    trustbind_accept_defer in self: unsafe extern "C" fn(*mut NetInfo, kernel::ffi::c_ulong) -> c_int;
+    trustbind_accept in self: unsafe extern "C" fn(*mut bindings::socket, *mut bindings::socket, *mut kernel::ffi::c_void, bool, bool) -> c_int;
     trustbind_accept_run in self: unsafe extern "C" fn(*mut kernel::ffi::c_void);
-    trustbind_accept_take in self: unsafe extern "C" fn(kernel::ffi::c_ulong, *mut bindings::socket) -> bool;
     trustbind_accept_ready in self: unsafe extern "C" fn(kernel::ffi::c_ulong) -> bool;
     trustbind_accept_any in self: unsafe extern "C" fn() -> bool;
     trustbind_unix_wanted in self: unsafe extern "C" fn(u32) -> bool;
@@ -1525,30 +1524,6 @@ pub(crate) fn is_mptcp(info: &NetInfo) -> bool {
     unsafe { tb_sock_is_mptcp(info.sock) }
 }
 
-/// A non-blocking accept's connection that needs a verdict: 1 when it was
-/// set aside (the accept returns `EAGAIN`), 0 when it goes to the program
-/// now, -errno when it is refused now.
-///
-/// # Safety
-///
-/// As [`trustbind_net_check`] for an accept; `listener` is the identity of
-/// the accept's listening socket (live for the call).
-#[no_mangle]
-unsafe extern "C" fn trustbind_accept_defer(info: *mut NetInfo, listener: kernel::ffi::c_ulong) -> c_int {
-    // SAFETY: Valid and exclusive for this call by the function's safety
-    // contract.
-    let info = unsafe { &mut *info };
-    crate::proto::addr::unmap_v4(&mut info.family, &mut info.src_addr, &mut info.dst_addr);
-    // SAFETY: The accept's listener, live for this call (safety contract).
-    // CAST: `unsigned long` and `usize` are both pointer-sized here.
-    let listener = unsafe { SockRef::hold_id(listener as usize) };
-    match crate::SHARED.with(|s| crate::net::accept_defer(s, info, listener)) {
-        Some(Ok(true)) => 1,
-        Some(Ok(false)) | None => 0,
-        Some(Err(e)) => e.to_errno(),
-    }
-}
-
 /// The worker's half of an accept set aside.
 ///
 /// # Safety
@@ -1563,22 +1538,114 @@ unsafe extern "C" fn trustbind_accept_run(job: *mut kernel::ffi::c_void) {
     let _ = crate::SHARED.with(move |s| crate::net::accept_run(s, job));
 }
 
-/// Hands `listener`'s oldest ready connection to `newsock`.
+/// A user-space accept on a TCP or MPTCP listener, inside its wrapper:
+/// [`crate::net::accept`] runs it.
+///
+/// # Invariants
+///
+/// `sock` (the listener), `newsock` (the accept's socket, empty until an
+/// accept fills it) and `arg` (its `struct proto_accept_arg`) are the
+/// wrapper's arguments, valid while the wrapper runs, which outlives this
+/// value (made and borrowed in [`trustbind_accept`] only); the current
+/// task is the accepting one, in process context with no lock held.
+pub(crate) struct Accepting {
+    sock: *mut bindings::socket,
+    newsock: *mut bindings::socket,
+    arg: *mut kernel::ffi::c_void,
+    /// The program does not wait (`O_NONBLOCK`, not a kernel accept).
+    pub(crate) nonblocking: bool,
+    /// An MPTCP listener.
+    pub(crate) mptcp: bool,
+}
+
+impl Accepting {
+    /// The listener's identity.
+    pub(crate) fn listener(&self) -> usize {
+        // SAFETY: The wrapper's live listener (type invariant).
+        // CAST: `unsigned long` and `usize` are both pointer-sized here.
+        unsafe { tb_sock_id(self.sock) as usize }
+    }
+
+    /// A reference on the listener.
+    pub(crate) fn listener_ref(&self) -> SockRef {
+        // SAFETY: The wrapper's listener, live for the call: the system
+        // call holds its file (type invariant).
+        unsafe { SockRef::hold_id(self.listener()) }
+    }
+
+    /// Whether the socket is (still) listening.
+    pub(crate) fn listening(&self) -> bool {
+        // SAFETY: The wrapper's live listener (type invariant).
+        unsafe { tb_sock_listening(self.sock) }
+    }
+
+    /// Gives `held` (a connection set aside) to the accept's socket, which
+    /// must still be empty: before [`call`](Self::call) filled it.
+    pub(crate) fn give(&self, held: HeldConn) {
+        // SAFETY: The wrapper's live socket (type invariant), empty: this
+        // is only called before the accept's own call.
+        unsafe { held.give(self.newsock) }
+    }
+
+    /// The original accept; on success the accept's socket holds the
+    /// connection. Sleeps unless non-blocking.
+    pub(crate) fn call(&self) -> Result {
+        // SAFETY: The wrapper's arguments, process context, no lock held
+        // (type invariant).
+        to_result(unsafe { tb_accept_call(self.sock, self.newsock, self.arg, self.mptcp) })
+    }
+
+    /// The accepted connection as the module asks about it (kind
+    /// `NET_ACCEPT`); `None` for one it does not watch.
+    pub(crate) fn info(&self) -> Option<NetInfo> {
+        let mut info = NetInfo::default();
+        // SAFETY: The wrapper's socket, holding the connection `call` just
+        // accepted (type invariant); `info` is valid and exclusive.
+        let watched = unsafe { tb_accept_info(self.newsock, &mut info) };
+        (watched == 1).then_some(info)
+    }
+
+    /// Refuses the accepted connection: the caller's release of the
+    /// accept's socket resets it (no linger). The accept's error.
+    pub(crate) fn refuse(&self) -> Error {
+        // SAFETY: The wrapper's socket, holding the accepted connection
+        // (type invariant).
+        unsafe { tb_accept_refuse(self.newsock) };
+        // CAST: errno values are small positive integers.
+        Error::from_errno(-(kernel::bindings::ECONNABORTED as i32))
+    }
+}
+
+/// The TCP and MPTCP accept wrappers: the accept's result (0 or -errno).
 ///
 /// # Safety
 ///
-/// `newsock` is the live, empty socket of the accept wrapper running this
-/// call; `listener` the identity of its listening socket.
+/// The wrapper's arguments, valid for the call, from the accepting task
+/// (process context, no lock held); `newsock` empty.
 #[no_mangle]
-unsafe extern "C" fn trustbind_accept_take(listener: kernel::ffi::c_ulong, newsock: *mut bindings::socket) -> bool {
-    // CAST: `unsigned long` and `usize` are both pointer-sized here.
-    match crate::SHARED.with(|s| crate::net::accept_take(s, listener as usize)) {
-        Some(Some(held)) => {
-            // SAFETY: `newsock` is live and empty (safety contract).
-            unsafe { held.give(newsock) };
-            true
-        }
-        _ => false,
+unsafe extern "C" fn trustbind_accept(
+    sock: *mut bindings::socket,
+    newsock: *mut bindings::socket,
+    arg: *mut kernel::ffi::c_void,
+    nonblocking: bool,
+    mptcp: bool,
+) -> c_int {
+    // INVARIANT: The wrapper's arguments; `a` lives only in this call.
+    let a = Accepting {
+        sock,
+        newsock,
+        arg,
+        nonblocking,
+        mptcp,
+    };
+    let r = match crate::SHARED.with(|s| crate::net::accept(s, &a)) {
+        Some(r) => r,
+        // Unloading: nothing is asked.
+        None => a.call(),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => e.to_errno(),
     }
 }
 

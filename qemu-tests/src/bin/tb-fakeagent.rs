@@ -20,7 +20,9 @@
 //! ```
 //!
 //! `--pause-file FILE`: while FILE exists the agent reads nothing (requests
-//! pile up in the module's queue; the one already read is answered).
+//! pile up in the module's queue; the one already read is answered, and
+//! an agent already waiting in `read()` when FILE appears takes one more
+//! request before it looks again).
 //! `--delay-path PATH:MS`: an exec request about PATH, or a UNIX connect
 //! to the socket named PATH, is answered MS ms late, from another thread,
 //! while the agent goes on answering others.

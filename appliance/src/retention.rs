@@ -202,6 +202,15 @@ fn numbered(dir: &Path, prefix: &str) -> std::io::Result<Vec<u64>> {
     Ok(out)
 }
 
+/// The export files of `prefix` (e.g. `"audit"`) in the export directory
+/// `dir`, oldest first: what `trustbind audit verify-export` takes.
+pub fn export_files(dir: &Path, prefix: &str) -> std::io::Result<Vec<PathBuf>> {
+    Ok(numbered(dir, prefix)?
+        .into_iter()
+        .map(|n| dir.join(format!("{prefix}-{n:08}.jsonl")))
+        .collect())
+}
+
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }

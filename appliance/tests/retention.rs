@@ -663,27 +663,17 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
         assert_eq!(rep.audit, 0, "{rep:?}");
     }
     assert_eq!(checkpoints(), made);
-    let lines = {
-        let dir = data.join(retention::EXPORT_DIR);
-        let mut v = Vec::new();
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.file_name()
+    let lines: Vec<String> = retention::export_files(&data.join(retention::EXPORT_DIR), "audit")
+        .unwrap()
+        .into_iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
                 .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("audit-")
-            {
-                v.extend(
-                    std::fs::read_to_string(p)
-                        .unwrap()
-                        .lines()
-                        .map(str::to_owned),
-                );
-            }
-        }
-        v
-    };
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
     assert!(verify_export(lines, Some(app.api.pki.ca_der())).is_ok());
     drop(client);
     drop(app);
@@ -814,20 +804,7 @@ fn appliance_audit(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
 
 /// The audit export files, oldest first, as paths.
 fn audit_files(f: &Fixture) -> Vec<std::path::PathBuf> {
-    let dir = f.dir.path().join(retention::EXPORT_DIR);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("audit-")
-        })
-        .collect();
-    files.sort();
-    files
+    retention::export_files(&f.dir.path().join(retention::EXPORT_DIR), "audit").unwrap()
 }
 
 /// One checkpoint is stored per audit batch pruned; past

@@ -329,18 +329,7 @@ fn audit_verify_after_checkpoints_were_consolidated() {
         "{text}"
     );
 
-    let mut files: Vec<_> = std::fs::read_dir(data.join(retention::EXPORT_DIR))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("audit-")
-        })
-        .collect();
-    files.sort();
+    let files = retention::export_files(&data.join(retention::EXPORT_DIR), "audit").unwrap();
     let out = a
         .tb()
         .args(["audit", "verify-export"])

@@ -288,7 +288,7 @@ fn net_unix_signal_restarts_connect() -> Result<()> {
     start_agent_with(
         &mut vm,
         "enforce",
-        &format!("--no-cache --unix-allow /usr/bin/perl:/usr/bin/socat --delay-path {sock}:5000"),
+        &format!("--no-cache --unix-allow /usr/bin/perl:/usr/bin/socat --delay-path {sock}:3000"),
     )?;
     serve(
         &mut vm,

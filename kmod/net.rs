@@ -1293,7 +1293,7 @@ pub(crate) fn unix_connect(s: &Shared, c: &sys::UnixConnect) -> i32 {
         left
     };
     // The references it held, put outside the lock.
-    drop(left.map(Connect::finish));
+    drop(left);
     err
 }
 

@@ -24,8 +24,8 @@
 //! `R` is a reference on a listener (in the kernel a socket reference that
 //! puts itself when dropped); a listener is compared by its identity (its
 //! address, which a held reference keeps from being reused). References
-//! are dropped by whoever takes them out of a [`Connect`], so none leaks:
-//! the model test below counts them.
+//! are dropped by whoever takes them out of a [`Connect`], and with it
+//! when it is dropped, so none leaks: the model test below counts them.
 
 /// Asks per connect at most: a name that keeps naming new listeners is
 /// refused after this many.
@@ -107,12 +107,6 @@ impl<R> Connect<R> {
     pub fn approve(&mut self, listener: R) -> Option<R> {
         self.approved.replace(listener)
     }
-
-    /// The connect is over: the references it still holds, to be dropped
-    /// (outside any lock).
-    pub fn finish(self) -> (Option<R>, Option<R>) {
-        (self.asked, self.approved)
-    }
 }
 
 #[cfg(test)]
@@ -174,12 +168,12 @@ mod tests {
                         Some(l) => End::Connected(l),
                         None => End::NoListener,
                     };
-                    drop(c.finish());
+                    drop(c);
                     return (end, asked, rounds);
                 }
                 Next::GiveUp(r) => {
                     drop(r);
-                    drop(c.finish());
+                    drop(c);
                     return (End::GaveUp, asked, rounds);
                 }
                 Next::Ask(r) => {
@@ -189,7 +183,7 @@ mod tests {
                     } else {
                         let l = r.0;
                         drop(r);
-                        drop(c.finish());
+                        drop(c);
                         return (End::Refused(l), asked, rounds);
                     }
                 }

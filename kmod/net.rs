@@ -111,9 +111,10 @@
 //! abstract one), as an [`IpcRequest`]. The same mode table decides; a
 //! refusal fails `connect()` with `EACCES`, and the listener never sees
 //! the connection (no byte, no `SCM_RIGHTS`: T-20). When another process
-//! than the listener's owner accepts (socket activation), [`unix_check`]
-//! runs again at `accept()` with that process as the server (`at_accept`:
-//! T-21); a refusal fails the accept. Nothing is encrypted:
+//! than the listener's owner accepts (socket activation), or the owner is
+//! gone, [`unix_accept`] has [`unix_check`] run again at `accept()` with
+//! that process as the server (`at_accept`: T-21); a refusal fails the
+//! accept with `ECONNABORTED`. Nothing is encrypted:
 //! one host. Counters: `/sys/kernel/debug/trustbind/unix_*`. Same switches as
 //! TCP: asked only while the agent set `qualify_net`, not in disabled
 //! mode, the agent's own connects exempt.
@@ -156,7 +157,7 @@ use crate::proto::bound::{handed_over, BoundSocket, Slot as BoundSlot};
 use crate::proto::hold::HoldSet;
 use crate::proto::sorted::{sort_unique, NetEnd, SortedSet};
 use crate::proto::lineage::{Chain, ProcId};
-use crate::proto::unixconnect::{Connect, Next};
+use crate::proto::unixconnect::{accept_asks, Connect, Next};
 use crate::proto::{
     Ancestry, ChannelClosed, ChannelKey, ChannelRole, CloseReason, Decision, Family, IpcRequest,
     Mode, NetKind, NetRequest, Peers, ProgramSource, Record,
@@ -1346,6 +1347,20 @@ pub(crate) fn program_of(
     bump(hashed);
     s.lineage.record_proc(proc, &sha256);
     Ok((sha256, Chain::EMPTY, ProgramSource::ExeFile))
+}
+
+/// One UNIX connection `unix_accept()` gave the current task: kept, or
+/// (`ECONNABORTED`) refused before the acceptor reads a byte (T-21). It is
+/// asked about again only when the acceptor is not the listener's owner
+/// the connect was decided against
+/// ([`accept_asks`](crate::proto::unixconnect::accept_asks)).
+pub(crate) fn unix_accept(s: &Shared, a: &sys::UnixAccepted) -> Result {
+    if !unix_wanted(s, a.acceptor.tgid) || !accept_asks(a.owner(), a.acceptor) {
+        return Ok(());
+    }
+    // CAST: errno values are small positive integers.
+    a.ask()
+        .map_err(|_| Error::from_errno(-(kernel::bindings::ECONNABORTED as i32)))
 }
 
 /// Decides one UNIX connect before it is made (the listener is found, the

@@ -1898,34 +1898,33 @@ static int tb_unix_stream_connect(struct socket *sock, struct sockaddr *uaddr,
 
 /*
  * unix_accept() (stream and seqpacket; found through a kernel socket's ops
- * like the connect): the connect was decided against the listener's owner,
- * the process that called listen(). When another process accepts (socket
- * activation: a service manager listens, the service accepts), the pair is
- * decided again with the acceptor as the server, before it reads a byte:
- * a refusal fails accept() with ECONNABORTED and the connection is
- * dropped (T-21). The client must still be alive: its program comes from
- * its process.
+ * like the connect): Rust decides whether the accepted connection is asked
+ * about again (trustbind_unix_accept(), T-21); a refusal fails accept()
+ * with ECONNABORTED and the caller releases newsock, so the client sees
+ * it closed before the acceptor read a byte.
  */
 static tb_accept_fn tb_unix_accept_orig;
 
-static int tb_unix_accept_check(struct sock *listener, struct sock *newsk)
+void tb_sk_owner(unsigned long sk, u32 *tgid, u64 *start_ns)
 {
-	struct tb_unix_info *info;
 	struct tb_peer p;
+
+	tb_sk_peer((struct sock *)sk, &p);
+	*tgid = p.tgid;
+	*start_ns = p.start_ns;
+}
+
+int tb_unix_accept_ask(unsigned long listener, unsigned long newsk)
+{
+	struct tb_unix_info *info = kzalloc(sizeof(*info), GFP_KERNEL);
 	struct task_struct *parent;
+	struct tb_peer p;
 	int err;
 
-	/* Accepted by the listener's owner: decided at connect. */
-	tb_sk_peer(listener, &p);
-	if (p.tgid == task_tgid_nr(current) &&
-	    p.start_ns == current->group_leader->start_boottime)
-		return 0;
-
-	info = kzalloc(sizeof(*info), GFP_KERNEL);
 	if (!info)
 		return -ENOMEM;
 	/* The name; the server is then the acceptor (current). */
-	err = tb_unix_fill(listener, info);
+	err = tb_unix_fill((struct sock *)listener, info);
 	if (err)
 		goto out;
 	info->at_accept = 1;
@@ -1939,7 +1938,7 @@ static int tb_unix_accept_check(struct sock *listener, struct sock *newsk)
 	info->peer_pstart_ns = parent->group_leader->start_boottime;
 	rcu_read_unlock();
 	/* The client: the connection's peer, set at connect(). */
-	tb_sk_peer(newsk, &p);
+	tb_sk_peer((struct sock *)newsk, &p);
 	info->uid = p.uid;
 	info->euid = p.euid;
 	info->gid = p.gid;
@@ -1960,11 +1959,11 @@ static int tb_unix_accept(struct socket *sock, struct socket *newsock,
 {
 	int err = tb_unix_accept_orig(sock, newsock, arg);
 
-	if (!err && !sock->sk->sk_kern_sock &&
-	    trustbind_unix_wanted(task_tgid_nr(current)) &&
-	    tb_unix_accept_check(sock->sk, newsock->sk))
-		/* The caller releases newsock: the client sees it closed. */
-		err = -ECONNABORTED;
+	if (!err && !sock->sk->sk_kern_sock)
+		err = trustbind_unix_accept((unsigned long)sock->sk,
+					    (unsigned long)newsock->sk,
+					    task_tgid_nr(current),
+					    current->group_leader->start_boottime);
 	tb_net_leave();
 	return err;
 }

@@ -497,10 +497,19 @@ int trustbind_unix_connect(struct socket *sock, void *uaddr, int addr_len,
  * not sleep. */
 bool trustbind_unix_reached(unsigned long sk, unsigned long task,
 			    unsigned long other);
-/* Implemented in Rust (net.rs): whether a UNIX connect of the current
- * process (thread group tgid) is to be asked about at all (mode, the
- * agent's Config, the agent's own sockets exempt). Must not sleep. */
-bool trustbind_unix_wanted(u32 tgid);
+/* The process behind sk's SO_PEERCRED (a listener's: its owner, set at
+ * listen()), init pid namespace; *tgid 0 when it is gone. */
+void tb_sk_owner(unsigned long sk, u32 *tgid, u64 *start_ns);
+/* Asks about the UNIX connection newsk that the current task accepted on
+ * listener (both live, the caller's) as its server: fills a tb_unix_info
+ * (at_accept) and calls trustbind_unix_check(). 0 or -errno. May sleep. */
+int tb_unix_accept_ask(unsigned long listener, unsigned long newsk);
+/* Implemented in Rust (net.rs), after unix_accept() accepted newsk on
+ * listener for the current task (thread group tgid, its leader started
+ * at start_ns): 0 keeps the connection, -errno fails the accept with that
+ * error (the caller releases the new socket). May sleep. */
+int trustbind_unix_accept(unsigned long listener, unsigned long newsk,
+			  u32 tgid, u64 start_ns);
 /* Implemented in Rust (net.rs), with the listener a connect reached and
  * before the connection exists: 0 lets it be made, -errno fails the
  * connect with that error. May sleep. */

@@ -43,7 +43,7 @@ use bindings::{
     tb_loader_hooks_stop, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
     tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_authority, tb_param_mode, tb_ecdh_p256, tb_hmac_new, tb_hmac_free, tb_hmac2, tb_sha256, tb_memneq, tb_wipe, crypto_shash as RawShash, tb_publish_mode, tb_set_nice_current, tb_sock_counts,
     tb_sk_closed, tb_sock_id, tb_sock_idle_end, tb_sock_is_tcp, tb_sock_ref, tb_sock_unref, tb_accept_hold, tb_accept_give, tb_accept_drop, tb_accept_defer, tb_sk_wake, tb_unix_hooks_start,
-    tb_unix_hooks_stop, tb_unix_connect_round, tb_unix_ask, tb_connect_info, tb_connect_call,
+    tb_unix_hooks_stop, tb_unix_connect_round, tb_unix_ask, tb_unix_accept_ask, tb_sk_owner, tb_connect_info, tb_connect_call,
     tb_connect_hold, tb_connect_unhold, tb_connect_abandon, tb_connect_established, tb_sock_is_mptcp,
     tb_sock_abort, tb_accept_call, tb_accept_info, tb_accept_refuse, tb_sock_listening,
 };
@@ -746,7 +746,7 @@ check_callbacks! {
     trustbind_accept_run in self: unsafe extern "C" fn(*mut kernel::ffi::c_void);
     trustbind_accept_ready in self: unsafe extern "C" fn(kernel::ffi::c_ulong) -> bool;
     trustbind_accept_any in self: unsafe extern "C" fn() -> bool;
-    trustbind_unix_wanted in self: unsafe extern "C" fn(u32) -> bool;
+    trustbind_unix_accept in self: unsafe extern "C" fn(kernel::ffi::c_ulong, kernel::ffi::c_ulong, u32, u64) -> c_int;
     trustbind_unix_check in self: unsafe extern "C" fn(*mut UnixInfo) -> c_int;
     trustbind_unix_connect in self: unsafe extern "C" fn(*mut bindings::socket, *mut kernel::ffi::c_void, c_int, c_int, u32, kernel::ffi::c_ulong) -> c_int;
     trustbind_unix_reached in self: unsafe extern "C" fn(kernel::ffi::c_ulong, kernel::ffi::c_ulong, kernel::ffi::c_ulong) -> bool;
@@ -1716,13 +1716,72 @@ impl Drop for UnixHooks {
     }
 }
 
-/// Called by the UNIX connect wrapper before it allocates anything:
-/// whether this process's connect is asked about at all.
+/// One UNIX connection `unix_accept()` accepted for the current task,
+/// inside the wrapper (`tb_unix_accept`); [`crate::net::unix_accept`]
+/// decides whether it is asked about again.
+///
+/// # Invariants
+///
+/// `listener` and `newsk` are the wrapper's sockets, live while the
+/// wrapper runs (the system call holds the listener's file; the new
+/// socket is released by the wrapper's caller), which outlives this value
+/// (it is made and borrowed in [`trustbind_unix_accept`] only); the
+/// current task is the acceptor, in process context with no lock held.
+pub(crate) struct UnixAccepted {
+    listener: kernel::ffi::c_ulong,
+    newsk: kernel::ffi::c_ulong,
+    /// The accepting process.
+    pub(crate) acceptor: ProcId,
+}
+
+impl UnixAccepted {
+    /// The listener's owner, the process that called `listen()` (its
+    /// `SO_PEERCRED`); `None` once it is gone.
+    pub(crate) fn owner(&self) -> Option<ProcId> {
+        let (mut tgid, mut start_ns) = (0, 0);
+        // SAFETY: The listener is live (type invariant); both out-pointers
+        // are to locals.
+        unsafe { tb_sk_owner(self.listener, &mut tgid, &mut start_ns) };
+        (tgid != 0).then_some(ProcId { tgid, start_ns })
+    }
+
+    /// Asks about the connection with the acceptor as its server
+    /// (`tb_unix_info.at_accept`, [`trustbind_unix_check`]). Sleeps.
+    pub(crate) fn ask(&self) -> Result {
+        // SAFETY: Both sockets are live and the caller is the acceptor in
+        // process context with no lock held (type invariant).
+        to_result(unsafe { tb_unix_accept_ask(self.listener, self.newsk) })
+    }
+}
+
+/// Called by the UNIX accept wrapper after `unix_accept()` accepted
+/// `newsk` on `listener`: 0 keeps the connection, -errno fails the accept
+/// (the caller then releases the new socket).
+///
+/// # Safety
+///
+/// `listener` and `newsk` are the wrapper's live sockets for the duration
+/// of the call, and the caller is the accepting task (thread group
+/// `tgid`, its leader started at `start_ns`) in process context with no
+/// lock held.
 #[no_mangle]
-extern "C" fn trustbind_unix_wanted(tgid: u32) -> bool {
-    crate::SHARED
-        .with(|s| crate::net::unix_wanted(s, tgid))
-        .unwrap_or(false)
+unsafe extern "C" fn trustbind_unix_accept(
+    listener: kernel::ffi::c_ulong,
+    newsk: kernel::ffi::c_ulong,
+    tgid: u32,
+    start_ns: u64,
+) -> c_int {
+    // INVARIANT: The wrapper's arguments by the safety contract; `a` lives
+    // only in this call.
+    let a = UnixAccepted {
+        listener,
+        newsk,
+        acceptor: ProcId { tgid, start_ns },
+    };
+    match crate::SHARED.with(|s| crate::net::unix_accept(s, &a)) {
+        Some(Ok(())) | None => 0,
+        Some(Err(e)) => e.to_errno(),
+    }
 }
 
 /// One user-space UNIX stream or seqpacket connect, inside the wrapper

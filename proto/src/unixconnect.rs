@@ -27,6 +27,8 @@
 //! are dropped by whoever takes them out of a [`Connect`], and with it
 //! when it is dropped, so none leaks: the model test below counts them.
 
+use super::lineage::ProcId;
+
 /// Asks per connect at most: a name that keeps naming new listeners is
 /// refused after this many.
 pub const ROUNDS: u8 = 4;
@@ -109,6 +111,20 @@ impl<R> Connect<R> {
     }
 }
 
+/// Whether a UNIX connection accepted by `acceptor` must be asked about
+/// again (T-21).
+///
+/// A connect is decided against the listener's owner, the process that
+/// called `listen()` (its `SO_PEERCRED`, `owner`; `None` once that process
+/// is gone). When the owner accepts, the pair was decided at connect and
+/// nothing is asked. When another process accepts (socket activation: a
+/// service manager listens, the service accepts), or the owner is gone,
+/// the acceptor is the server and the pair is asked about again before it
+/// reads a byte.
+pub fn accept_asks(owner: Option<ProcId>, acceptor: ProcId) -> bool {
+    owner != Some(acceptor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +205,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn only_the_owner_itself_accepts_unasked() {
+        let owner = ProcId {
+            tgid: 10,
+            start_ns: 5,
+        };
+        assert!(!accept_asks(Some(owner), owner));
+        // Another process, or the owner's pid reused by a later one.
+        assert!(accept_asks(Some(owner), ProcId { tgid: 11, ..owner }));
+        assert!(accept_asks(
+            Some(owner),
+            ProcId {
+                start_ns: 6,
+                ..owner
+            }
+        ));
+        // The owner is gone: whoever accepts is asked about.
+        assert!(accept_asks(None, owner));
     }
 
     #[test]

@@ -26,6 +26,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use trustbind_policy::audit_seal::{
@@ -33,7 +35,7 @@ use trustbind_policy::audit_seal::{
 };
 use zeroize::Zeroizing;
 
-use crate::store::{AuditEvent, AuditTx, Store, StoreError};
+use crate::store::{now_ms, AuditEvent, AuditTx, Store, StoreError};
 
 pub use trustbind_policy::audit_seal::{SealReport, SealVerifier};
 
@@ -443,4 +445,49 @@ pub fn verify_store(
         }
     }
     Ok(v.finish().map_err(|e| e.to_string()))
+}
+
+/// `serve`'s sealer: seals at start (`start`, which also appends a seal a
+/// crash left pending) and then every interval the state file was set up
+/// with (`interval`); `serve` seals once more at shutdown ([`seal`],
+/// `shutdown`). `None`, with a warning, if sealing is not set up.
+pub fn spawn(store: Arc<Store>, data_dir: PathBuf) -> Option<tokio::task::JoinHandle<()>> {
+    let every = match interval_ms(&data_dir) {
+        Ok(ms) => Duration::from_millis(u64::try_from(ms).unwrap_or(1).max(1)),
+        Err(FssError::NotSetUp(p)) => {
+            tracing::warn!(
+                "audit sealing is not set up ({} missing): whoever can write the data partition can rewrite the audit log undetected (T-83); run `trustbind-appliance audit seal-setup`",
+                p.display()
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::error!("AUDIT SEALING FAILED: {e}");
+            Duration::from_secs(DEFAULT_INTERVAL_SECS)
+        }
+    };
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reason = "start";
+        loop {
+            tick.tick().await;
+            seal_logged(Arc::clone(&store), data_dir.clone(), reason).await;
+            reason = "interval";
+        }
+    }))
+}
+
+/// [`seal`] off the runtime's threads; a failure is logged.
+pub async fn seal_logged(store: Arc<Store>, data_dir: PathBuf, reason: &'static str) {
+    let r = tokio::task::spawn_blocking(move || seal(&store, &data_dir, now_ms(), reason)).await;
+    match r {
+        Ok(Ok(s)) => tracing::info!(
+            "audit sealed ({reason}): epoch {}, rows up to {}",
+            s.seal.epoch,
+            s.seal.seq
+        ),
+        Ok(Err(e)) => tracing::error!("AUDIT SEAL FAILED ({reason}): {e}"),
+        Err(e) => tracing::error!("AUDIT SEAL FAILED ({reason}): {e}"),
+    }
 }

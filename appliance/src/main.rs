@@ -774,11 +774,7 @@ fn read_ca(path: &Path) -> Result<rustls::pki_types::CertificateDer<'static>, Fa
 
 /// Reads a seal verification key file.
 fn read_seal_key(path: &Path) -> Result<VerifyKey, Fail> {
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", path.display())))?,
-    );
-    VerifyKey::parse(&text).map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", path.display())))
+    VerifyKey::read(path).map_err(|e| Fail(EXIT_FAILED, e))
 }
 
 /// Prints a seal report (and a stale last seal); the first bad seal fails.

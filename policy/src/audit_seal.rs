@@ -210,6 +210,15 @@ impl VerifyKey {
         Ok(vk)
     }
 
+    /// Reads a verification key file (the text wiped after parsing); the
+    /// error names the file.
+    pub fn read(path: &std::path::Path) -> Result<VerifyKey, String> {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        );
+        VerifyKey::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// `k0`.
     pub fn k0(&self) -> Result<Key, String> {
         let mut k = Zeroizing::new([0_u8; 32]);

@@ -709,14 +709,27 @@ pub enum AuditCmd {
     },
     /// Verifies the hash chain from the newest retention checkpoint to the
     /// head, and the checkpoint's signature against the CA (`--ca`); says
-    /// what was pruned.
-    Verify,
+    /// what was pruned. With `--seal-key`, also the forward-secure seals
+    /// of the rows the appliance keeps (T-83).
+    Verify {
+        /// The seal verification key (`trustbind-appliance audit
+        /// seal-setup`, kept offline): the rows are read and every seal
+        /// checked; says up to which row the log is authentic and which
+        /// rows after it are not sealed. Fails on a bad seal, and when the
+        /// last seal is older than two sealing intervals (the log was cut
+        /// or sealing stopped).
+        #[arg(long, value_name = "FILE")]
+        seal_key: Option<PathBuf>,
+    },
     /// Verifies retention export files (the appliance's
     /// `/data/trustbind/export/audit-*.jsonl`, oldest first), offline: the
     /// rows chain, and every checkpoint in them is signed by the appliance
     /// (a certificate of the CA given by `--ca` or the configuration) and
     /// names its rows.
     VerifyExport {
+        /// The seal verification key: also checks the seals in the files.
+        #[arg(long, value_name = "FILE")]
+        seal_key: Option<PathBuf>,
         /// The export files, oldest first.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,

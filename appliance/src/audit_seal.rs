@@ -375,7 +375,14 @@ pub fn seal_with(
         };
         let mut recovered = None;
         if let Some(p) = &st.pending {
-            if last.is_none_or(|l| l < p.epoch) {
+            // Not committed: the last seal kept is older, or none is kept
+            // and the row it seals still is (pruning takes a prefix: had
+            // the seal committed after that row, it would be kept too).
+            let lost = match last {
+                Some(l) => l < p.epoch,
+                None => t.hash_of(p.seq)?.as_deref() == Some(p.hash.as_str()),
+            };
+            if lost {
                 t.append(now_ms, &seal_event(p, "recovered")?)?;
                 recovered = Some(p.epoch);
                 last = Some(p.epoch);

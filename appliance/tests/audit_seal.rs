@@ -12,7 +12,8 @@ use trustbind_appliance::audit_seal::{self, Crash, FssError};
 use trustbind_appliance::pki::Pki;
 use trustbind_appliance::policy::audit::row_hash;
 use trustbind_appliance::policy::audit_seal::{
-    key_at, seal_tag, verify_export_seals, SealDetail, VerifyKey, SEAL_KIND,
+    key_at, seal_tag, verify_export_seals, verify_seals_with, SealDetail, SealVerifier, VerifyKey,
+    SEAL_KIND,
 };
 use trustbind_appliance::retention::{self, Config, Retention};
 use trustbind_appliance::store::{AuditEvent, Store};
@@ -347,18 +348,16 @@ fn a_replaced_state_file_is_refused_rather_than_sealing_an_epoch_twice() {
     );
 }
 
-#[test]
-fn seals_survive_pruning_in_the_export_files_and_the_rows_kept() {
-    let f = fixture();
+/// Prunes the audit log down to `max_rows` rows (exported first).
+fn prune(f: &Fixture, max_rows: u64) {
     let pki = Arc::new(Pki::open_or_create(f.path(), &["localhost".into()]).unwrap());
-    let vk = f.sealed_log(6);
     let mut r = Retention::new(
         Arc::clone(&f.store),
         Config {
             audit_max_age: None,
             channel_max_age: None,
             report_max_age: None,
-            audit_max_rows: Some(30),
+            audit_max_rows: Some(max_rows),
             store_max_percent: 90,
             export_max_percent: 90,
             alarm_percent: 1,
@@ -367,11 +366,33 @@ fn seals_survive_pruning_in_the_export_files_and_the_rows_kept() {
             ..Config::default()
         },
         f.path(),
-        retention::server_key_signer(Arc::clone(&pki)),
+        retention::server_key_signer(pki),
         None,
     )
     .unwrap();
-    r.pass().unwrap();
+    while r.pass().unwrap().more {}
+}
+
+/// A seal that committed and was then pruned with every seal after it is
+/// not appended again as "recovered" (which would seal an epoch twice).
+#[test]
+fn a_committed_seal_pruned_away_is_not_recovered_again() {
+    let f = fixture();
+    let vk = f.sealed_log(2);
+    f.append(50, "many rows after the last seal");
+    prune(&f, 5);
+    assert!(seal_rows(&f).is_empty());
+    let s = audit_seal::seal(&f.store, f.path(), T0 + 3 * EPOCH_MS, "interval").unwrap();
+    assert_eq!((s.recovered, s.seal.epoch), (None, 3));
+    let rep = audit_seal::verify_store(&f.store, &vk).unwrap().unwrap();
+    assert_eq!((rep.seals, rep.first_epoch), (1, 3));
+}
+
+#[test]
+fn seals_survive_pruning_in_the_export_files_and_the_rows_kept() {
+    let f = fixture();
+    let vk = f.sealed_log(6);
+    prune(&f, 30);
     f.append(3, "after pruning");
     audit_seal::seal(&f.store, f.path(), T0 + 7 * EPOCH_MS, "interval").unwrap();
     // The rows kept start mid-chain: their seals verify from there.
@@ -384,6 +405,24 @@ fn seals_survive_pruning_in_the_export_files_and_the_rows_kept() {
     let rep = verify_export_seals(lines.clone(), &vk).unwrap();
     assert_eq!(rep.first_epoch, 0);
     assert_eq!(rep.last_epoch + 1, kept.first_epoch);
+    // Rows kept whose first seal is later than the files' last plus one:
+    // seals in between are missing (sealed rows deleted as if pruned).
+    let kept_lines: Vec<String> = f
+        .store
+        .audit_rows(0, 10_000)
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+    let v = SealVerifier::new(&vk)
+        .unwrap()
+        .max_first_epoch(kept.first_epoch - 1);
+    let e = verify_seals_with(kept_lines.clone(), v).unwrap_err();
+    assert!(e.contains("at the latest"), "{e}");
+    let v = SealVerifier::new(&vk)
+        .unwrap()
+        .max_first_epoch(rep.last_epoch + 1);
+    verify_seals_with(kept_lines, v).unwrap();
     // A pruned row rewritten in the export file (and its chain with it)
     // is found by the seal after it.
     let victim = lines.iter().position(|l| l.contains("epoch 1")).unwrap();

@@ -336,6 +336,7 @@ pub struct SealVerifier {
     prev: Option<(i64, String)>,
     from_genesis: bool,
     next_epoch: Option<u64>,
+    max_first_epoch: Option<u64>,
     /// Rows since the last seal's head (a seal names one of them).
     since_seal: Vec<(i64, String)>,
     report: SealReport,
@@ -360,9 +361,19 @@ impl SealVerifier {
             prev: None,
             from_genesis: false,
             next_epoch: None,
+            max_first_epoch: None,
             since_seal: Vec::new(),
             report: SealReport::default(),
         })
+    }
+
+    /// For rows that continue export files whose last seal was of epoch
+    /// `e - 1`: the first seal read must be of epoch `e` or earlier (a
+    /// later one means the seals in between, and the rows they sealed,
+    /// were removed).
+    pub fn max_first_epoch(mut self, e: u64) -> SealVerifier {
+        self.max_first_epoch = Some(e);
+        self
     }
 
     /// Reads the next row.
@@ -424,6 +435,13 @@ impl SealVerifier {
             None if self.from_genesis => Some(0),
             None => None,
         };
+        if let (None, Some(m)) = (expected, self.max_first_epoch) {
+            if d.epoch > m {
+                return Err(bad(format!(
+                    "the first seal after the export files must be of epoch {m} at the latest: seals (and the rows they sealed) are missing in between"
+                )));
+            }
+        }
         if let Some(e) = expected {
             if d.epoch != e {
                 return Err(bad(format!(
@@ -495,7 +513,15 @@ pub fn verify_export_seals(
     lines: impl IntoIterator<Item = String>,
     vk: &VerifyKey,
 ) -> Result<SealReport, String> {
-    let mut v = SealVerifier::new(vk)?;
+    verify_seals_with(lines, SealVerifier::new(vk)?)
+}
+
+/// [`verify_export_seals`] with a verifier set up by the caller (e.g.
+/// [`SealVerifier::max_first_epoch`]).
+pub fn verify_seals_with(
+    lines: impl IntoIterator<Item = String>,
+    mut v: SealVerifier,
+) -> Result<SealReport, String> {
     let mut last = None;
     for (i, line) in lines.into_iter().enumerate() {
         if line.trim().is_empty() {

@@ -720,6 +720,14 @@ pub enum AuditCmd {
         /// or sealing stopped).
         #[arg(long, value_name = "FILE")]
         seal_key: Option<PathBuf>,
+        /// With `--seal-key`: the export files copied off the appliance,
+        /// oldest first, checked too (chain, checkpoints, seals), and the
+        /// rows kept must continue them: no row missing in between, and
+        /// the first seal kept at most one epoch after their last (so
+        /// sealed rows cannot have been deleted from the appliance as if
+        /// pruned).
+        #[arg(long, value_name = "FILE", num_args = 1.., requires = "seal_key")]
+        exported: Vec<PathBuf>,
     },
     /// Verifies retention export files (the appliance's
     /// `/data/trustbind/export/audit-*.jsonl`, oldest first), offline: the

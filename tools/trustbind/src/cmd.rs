@@ -1141,7 +1141,7 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
             }
             Ok(0)
         }
-        AuditCmd::Verify { seal_key } => {
+        AuditCmd::Verify { seal_key, exported } => {
             let vk = seal_key.as_deref().map(read_seal_key).transpose()?;
             let mut v = c.get("/v1/audit/verify")?;
             let mut ok = v.get("ok").and_then(Value::as_bool) == Some(true);
@@ -1164,7 +1164,7 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
                 }
             }
             let seals = match (&vk, ok) {
-                (Some(vk), true) => Some(live_seals(c, &v, vk)?),
+                (Some(vk), true) => Some(live_seals(c, &v, vk, &exported)?),
                 _ => None,
             };
             if let (Some(seals), Some(o)) = (&seals, v.as_object_mut()) {
@@ -1229,6 +1229,7 @@ fn live_seals(
     c: &Client,
     v: &Value,
     vk: &VerifyKey,
+    exported: &[PathBuf],
 ) -> Result<std::result::Result<SealReport, String>> {
     let mut resp = c.send(c.request(Method::GET, "/v1/audit/export"))?;
     let mut body = Vec::new();
@@ -1252,8 +1253,16 @@ fn live_seals(
             )));
         }
     }
+    let mut verifier = trustbind_policy::audit_seal::SealVerifier::new(vk)
+        .map_err(|e| CliError::new(Exit::Config, e))?;
+    if !exported.is_empty() {
+        match continues_export(exported, c.ca_path(), vk, first.as_ref())? {
+            Ok(next_epoch) => verifier = verifier.max_first_epoch(next_epoch),
+            Err(e) => return Ok(Err(e)),
+        }
+    }
     let rep =
-        trustbind_policy::audit_seal::verify_export_seals(text.lines().map(str::to_owned), vk);
+        trustbind_policy::audit_seal::verify_seals_with(text.lines().map(str::to_owned), verifier);
     Ok(rep.and_then(|rep| match rep.stale(time::now_ms(), vk.interval_ms) {
         Some(age) => Err(format!(
             "the last seal (epoch {}, row {}) is {} s old and seals are made every {} s: the log was cut after it, or sealing stopped",
@@ -1264,6 +1273,53 @@ fn live_seals(
         )),
         None => Ok(rep),
     }))
+}
+
+/// `audit verify --seal-key --exported`: the export files verify (chain,
+/// checkpoints against the CA, seals) and the appliance's first kept row
+/// `first` continues them (no row missing, the same hash before it).
+/// Returns the epoch the first kept seal may have at the latest.
+fn continues_export(
+    files: &[PathBuf],
+    ca: &Path,
+    vk: &VerifyKey,
+    first: Option<&trustbind_policy::audit::AuditRow>,
+) -> Result<std::result::Result<u64, String>> {
+    let ca = read_ca(ca).map_err(|e| CliError::new(Exit::Config, e))?;
+    let lines = trustbind_policy::audit::read_export_files(files)
+        .map_err(|(f, e)| io_err("read", &f, &e))?;
+    if let Err(e) = trustbind_policy::audit::verify_export(lines.clone(), Some(&ca)) {
+        return Ok(Err(format!("export files: {e}")));
+    }
+    let rep = match trustbind_policy::audit_seal::verify_export_seals(lines.clone(), vk) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("export files: {e}"))),
+    };
+    if let Some(first) = first {
+        if first.seq > rep.last_seq.saturating_add(1) {
+            return Ok(Err(format!(
+                "rows {}..={} are neither in the export files nor on the appliance",
+                rep.last_seq.saturating_add(1),
+                first.seq.saturating_sub(1)
+            )));
+        }
+        let before = lines.iter().rev().find_map(|l| {
+            match serde_json::from_str::<trustbind_policy::audit::ExportLine>(l) {
+                Ok(trustbind_policy::audit::ExportLine::Row(r)) if r.seq == first.seq - 1 => {
+                    Some(r.hash)
+                }
+                _ => None,
+            }
+        });
+        if first.seq > 1 && before.as_deref() != Some(first.prev_hash.as_str()) {
+            return Ok(Err(format!(
+                "row {}, the first kept, does not chain from row {} of the export files",
+                first.seq,
+                first.seq - 1
+            )));
+        }
+    }
+    Ok(Ok(rep.last_epoch.saturating_add(1)))
 }
 
 /// `trustbind audit verify-export`.

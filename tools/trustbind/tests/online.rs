@@ -378,6 +378,47 @@ fn audit_verify_with_the_seal_key() {
     let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
     assert!(text.contains("seals verified: "), "{text}");
 
+    // With the export files: the rows kept continue them.
+    let mut args = vec!["audit", "verify", "--seal-key", k, "--exported"];
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.to_str().unwrap().to_owned())
+        .collect();
+    args.extend(names.iter().map(String::as_str));
+    let v = a.json(&args);
+    assert_eq!(v["ok"], true, "{v}");
+    // Export files missing their last batches (the rows an attacker
+    // deleted from the appliance as if pruned): refused.
+    let all = std::fs::read_to_string(&files[files.len() - 1]).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    let cut = a.dir.path().join("cut.jsonl");
+    // Cut after the row following seal 0 (the files still verify alone).
+    let seal0 = lines
+        .iter()
+        .position(|l| l.contains("audit.seal\""))
+        .unwrap();
+    std::fs::write(&cut, lines[..seal0 + 2].join("\n") + "\n").unwrap();
+    let mut args = vec![
+        "-o",
+        "json",
+        "audit",
+        "verify",
+        "--seal-key",
+        k,
+        "--exported",
+    ];
+    args.extend(names[..names.len() - 1].iter().map(String::as_str));
+    args.push(cut.to_str().unwrap());
+    let out = a.tb().args(&args).assert().code(1);
+    let v: Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("neither in the export files"),
+        "{v}"
+    );
+
     // Another key: both fail, naming the setup row.
     let other = trustbind_appliance::policy::audit_seal::VerifyKey::new(&[5; 32], 0, 600_000);
     let other_key = a.dir.path().join("other.key");

@@ -262,7 +262,8 @@ enum AuditCmd {
     /// T-83, `docs/RETENTION.md`): writes the verification key, once, to
     /// `--out` (or stdout) and keeps only the evolved key. Store the
     /// verification key offline, off the appliance: it is not kept here
-    /// and cannot be shown again.
+    /// and cannot be shown again. `--out` must not be in the data
+    /// directory (use a tmpfs such as /run).
     SealSetup {
         /// Where the verification key is written (created, mode 0600);
         /// `-`: stdout.
@@ -810,6 +811,25 @@ fn seal_setup(store: &Store, data_dir: &Path, out: &Path, interval_secs: u64) ->
     let interval_ms = i64::try_from(interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     // The output is opened first: a setup whose key cannot be written
     // would leave a log sealed with a key nobody has.
+    // Deleting a file leaves its blocks on the data partition: k0 must not
+    // be written there.
+    if out != Path::new("-") {
+        let dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let (Ok(d), Ok(data)) = (dir.canonicalize(), data_dir.canonicalize()) {
+            if d.starts_with(&data) {
+                return Err(Fail(
+                    EXIT_FAILED,
+                    format!(
+                        "{}: the verification key must not be written in the data directory (its blocks would stay on the disk): use a tmpfs such as /run, or `-`",
+                        out.display()
+                    ),
+                ));
+            }
+        }
+    }
     let mut file: Box<dyn std::io::Write> = if out == Path::new("-") {
         Box::new(std::io::stdout())
     } else {
@@ -1072,7 +1092,8 @@ fn serve(
                 .with_limits(limits)
                 .with_engine(engine)
                 .with_ca_fingerprint(pki.fingerprint().into())
-                .with_pki(Arc::clone(&pki)),
+                .with_pki(Arc::clone(&pki))
+                .with_seal_dir(data_dir.to_owned()),
         );
         let admin = tokio::spawn(admin::serve_limited(
             admin_l,

@@ -460,7 +460,16 @@ fn the_appliance_commands_set_up_seal_and_verify() {
             .output()
             .unwrap()
     };
-    let key = dir.join("seal.key");
+    // Not in the data directory: a deleted file's blocks stay on the disk.
+    let inside = dir.join("seal.key");
+    let out = run(&["audit", "seal-setup", "--out", inside.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must not be written in the data directory")
+    );
+    assert!(!inside.exists() && !audit_seal::is_set_up(&dir));
+    let offline = tempfile::tempdir().unwrap();
+    let key = offline.path().join("seal.key");
     let k = key.to_str().unwrap();
     let out = run(&["audit", "seal-setup", "--out", k, "--interval-secs", "60"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");

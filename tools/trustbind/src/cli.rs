@@ -729,6 +729,21 @@ pub enum AuditCmd {
         #[arg(long, value_name = "FILE", num_args = 1.., requires = "seal_key")]
         exported: Vec<PathBuf>,
     },
+    /// Sets up forward-secure sealing of the audit log (T-83) and writes
+    /// the verification key to `--out`: the appliance does not keep it and
+    /// cannot show it again. Store it offline.
+    SealSetup {
+        /// Where the verification key is written (created, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Seconds between seals.
+        #[arg(long, value_name = "SECS", default_value_t = 900,
+              value_parser = clap::value_parser!(u32).range(1..=86_400))]
+        interval_secs: u32,
+    },
+    /// Seals the audit log now (the appliance also seals every interval,
+    /// at start and at shutdown).
+    Seal,
     /// Verifies retention export files (the appliance's
     /// `/data/trustbind/export/audit-*.jsonl`, oldest first), offline: the
     /// rows chain, and every checkpoint in them is signed by the appliance

@@ -1206,6 +1206,65 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
             });
             Ok(if ok { 0 } else { Exit::CheckFailed as u8 })
         }
+        AuditCmd::Seal => {
+            let v = c.post("/v1/audit/seal", &json!({}))?;
+            let seal = v.get("seal").cloned().unwrap_or(Value::Null);
+            out.emit(&v, || {
+                format!(
+                    "sealed: epoch {}, rows up to seq {}\n",
+                    field(&seal, "epoch"),
+                    field(&seal, "seq")
+                )
+            });
+            Ok(0)
+        }
+        AuditCmd::SealSetup {
+            out: file,
+            interval_secs,
+        } => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // Opened first: a key that cannot be written is never asked for.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .map_err(|e| io_err("create", &file, &e))?;
+            let v = c.post(
+                "/v1/audit/seal/setup",
+                &json!({ "interval_secs": interval_secs }),
+            );
+            let v = match v {
+                Ok(v) => v,
+                Err(e) => {
+                    drop(f);
+                    let _ = std::fs::remove_file(&file);
+                    return Err(e);
+                }
+            };
+            let vk: VerifyKey =
+                serde_json::from_value(v.get("verify_key").cloned().unwrap_or(Value::Null))
+                    .map_err(|e| CliError::new(Exit::Server, format!("verification key: {e}")))?;
+            let text = zeroize::Zeroizing::new(
+                serde_json::to_string_pretty(&vk)
+                    .map_err(|e| CliError::new(Exit::Server, e.to_string()))?,
+            );
+            f.write_all(text.as_bytes())
+                .and_then(|()| f.write_all(b"\n"))
+                .and_then(|()| f.sync_all())
+                .map_err(|e| io_err("write", &file, &e))?;
+            let summary =
+                json!({ "key_id": vk.key_id, "interval_ms": vk.interval_ms, "file": file });
+            out.emit(&summary, || {
+                format!(
+                    "audit sealing set up (key id {}); verification key in {}: store it OFFLINE, the appliance does not keep it and cannot show it again\n",
+                    vk.key_id,
+                    file.display()
+                )
+            });
+            Ok(0)
+        }
         AuditCmd::VerifyExport { .. } => Ok(0),
     }
 }

@@ -447,6 +447,46 @@ fn audit_verify_with_the_seal_key() {
     assert!(v["error"].as_str().unwrap().contains("s old"), "{v}");
 }
 
+/// `trustbind audit seal-setup` and `audit seal` over the admin API: the
+/// verification key written once (0600), a second setup refused (409),
+/// a forced seal recorded with the admin's name, and the log verifying
+/// with the key.
+#[test]
+fn audit_seal_setup_and_seal_over_the_admin_api() {
+    let a = Appliance::start();
+    let key = a.dir.path().join("seal.key");
+    let k = key.to_str().unwrap();
+    let t = a.text(&["audit", "seal-setup", "--out", k, "--interval-secs", "60"]);
+    assert!(t.contains("OFFLINE"), "{t}");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let vk = trustbind_appliance::policy::audit_seal::VerifyKey::read(&key).unwrap();
+    assert_eq!(vk.interval_ms, 60_000);
+    let again = a.dir.path().join("again.key");
+    let err = a.fails(
+        &["audit", "seal-setup", "--out", again.to_str().unwrap()],
+        5,
+    );
+    assert!(err.contains("set up already"), "{err}");
+    assert!(!again.exists());
+    a.text(&["group", "create", "g1"]);
+    let v = a.json(&["audit", "seal"]);
+    assert_eq!(v["seal"]["epoch"], 1, "{v}");
+    assert_eq!(v["seal"]["reason"], "admin:alice", "{v}");
+    let v = a.json(&["audit", "verify", "--seal-key", k]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(
+        (
+            v["seals"]["seals"].as_u64(),
+            v["seals"]["unsealed_rows"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{v}"
+    );
+}
+
 #[test]
 fn audit_tail_export_verify_and_follow() {
     let a = Appliance::start();

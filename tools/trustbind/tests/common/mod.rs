@@ -54,8 +54,10 @@ impl Appliance {
             include_str!("../../../../policies/trustbind.cedarschema"),
         )
         .unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
         let state = AdminState::new(Arc::clone(&store))
             .with_pki(Arc::clone(&pki))
+            .with_seal_dir(dir.path().join("data"))
             .with_engine(Arc::new(engine));
         {
             let _g = rt.enter();

@@ -13,8 +13,8 @@
 //! the previous key is not left in a freed block as a new file renamed
 //! over it would leave it; one sector-sized write is the unit a disk
 //! writes whole. The record holds the next epoch's key and the seal just
-//! made (`pending`), and is written inside the database transaction that
-//! appends that seal, before its commit. So a crash at any point leaves
+//! made (`pending`, cleared once it committed), and is written inside the
+//! database transaction that appends that seal, before its commit. So a crash at any point leaves
 //! either the old state and no seal (nothing happened), or the new key
 //! and a seal the next [`seal`] appends from the record if the
 //! transaction did not commit ("recovered"): the old key is never on disk
@@ -303,6 +303,7 @@ pub fn setup(
         let _ = std::fs::remove_file(&path);
         return Err(e);
     }
+    clear_pending(data_dir);
     Ok(vk)
 }
 
@@ -362,7 +363,7 @@ pub fn seal_with(
 ) -> Result<Sealed, FssError> {
     let file = Locked::open(data_dir)?;
     let st = file.read()?;
-    store.audit_transaction(|t: &AuditTx<'_, '_>| {
+    let (sealed, next) = store.audit_transaction(|t: &AuditTx<'_, '_>| {
         let mut last = match t.last_of_kind(SEAL_KIND)? {
             Some(row) => Some(
                 serde_json::from_str::<SealDetail>(&row.detail)
@@ -376,13 +377,10 @@ pub fn seal_with(
         let mut recovered = None;
         if let Some(p) = &st.pending {
             // Not committed: the last seal kept is older, or none is kept
-            // and the row it seals still is (pruning takes a prefix: had
-            // the seal committed after that row, it would be kept too).
-            let lost = match last {
-                Some(l) => l < p.epoch,
-                None => t.hash_of(p.seq)?.as_deref() == Some(p.hash.as_str()),
-            };
-            if lost {
+            // (the record is cleared after each commit: a seal that
+            // committed and was pruned since left no pending record,
+            // but for a crash between that commit and the clearing).
+            if last.is_none_or(|l| l < p.epoch) {
                 t.append(now_ms, &seal_event(p, "recovered")?)?;
                 recovered = Some(p.epoch);
                 last = Some(p.epoch);
@@ -418,11 +416,36 @@ pub fn seal_with(
         }
         let ev = seal_event(&p, reason)?;
         t.append(now_ms, &ev)?;
-        Ok(Sealed {
+        let sealed = Sealed {
             seal: serde_json::from_value(ev.detail).map_err(StoreError::from)?,
             recovered,
+        };
+        Ok((sealed, next))
+    })?;
+    // Committed: the record no longer needs the seal. Failing to clear it
+    // changes nothing (the next seal finds it in the log).
+    let cleared = State {
+        pending: None,
+        ..next
+    };
+    if let Err(e) = file.write(&cleared) {
+        tracing::warn!("audit sealed, its pending record not cleared: {e}");
+    }
+    Ok(sealed)
+}
+
+/// Clears the committed seal from the record (after setup).
+fn clear_pending(data_dir: &Path) {
+    let r = Locked::open(data_dir).and_then(|f| {
+        let st = f.read()?;
+        f.write(&State {
+            pending: None,
+            ..st
         })
-    })
+    });
+    if let Err(e) = r {
+        tracing::warn!("audit sealing set up, its pending record not cleared: {e}");
+    }
 }
 
 /// The sealing interval the state file was set up with (ms).

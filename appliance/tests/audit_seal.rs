@@ -388,6 +388,43 @@ fn a_committed_seal_pruned_away_is_not_recovered_again() {
     assert_eq!((rep.seals, rep.first_epoch), (1, 3));
 }
 
+/// A seal left uncommitted by a crash whose row was pruned before the
+/// next seal recovered it (a full disk: the seal's commit failed and
+/// retention pruned early): the rows kept still verify.
+#[test]
+fn a_recovered_seal_naming_a_pruned_row_still_verifies() {
+    let f = fixture();
+    let vk = f.sealed_log(1);
+    f.append(3, "epoch 2");
+    audit_seal::seal_with(
+        &f.store,
+        f.path(),
+        T0 + 2 * EPOCH_MS,
+        "interval",
+        Crash::BeforeCommit,
+    )
+    .unwrap_err();
+    f.append(60, "after the crash");
+    prune(&f, 20);
+    let s = audit_seal::seal(&f.store, f.path(), T0 + 3 * EPOCH_MS, "start").unwrap();
+    assert_eq!((s.recovered, s.seal.epoch), (Some(2), 3));
+    let rep = audit_seal::verify_store(&f.store, &vk).unwrap().unwrap();
+    assert_eq!((rep.first_epoch, rep.last_epoch), (2, 3));
+    assert_eq!(rep.sealed_upto_seq, s.seal.seq);
+    // And the export files with the rows kept, read as one log.
+    let files = retention::export_files(&f.path().join(retention::EXPORT_DIR), "audit").unwrap();
+    let mut lines = trustbind_appliance::policy::audit::read_export_files(&files).unwrap();
+    lines.extend(
+        f.store
+            .audit_rows(0, 10_000)
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap()),
+    );
+    let all = verify_export_seals(lines, &vk).unwrap();
+    assert_eq!((all.first_epoch, all.last_epoch), (0, 3));
+}
+
 #[test]
 fn seals_survive_pruning_in_the_export_files_and_the_rows_kept() {
     let f = fixture();

@@ -95,14 +95,6 @@ impl AuditTx<'_, '_> {
         append(self.tx, at_ms, ev)
     }
 
-    /// The hash of row `seq`, if it is kept.
-    pub fn hash_of(&self, seq: i64) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .tx
-            .query_row("SELECT hash FROM audit WHERE seq = ?1", [seq], |r| r.get(0))
-            .optional()?)
-    }
-
     /// The newest row of `kind`, if any is kept.
     pub fn last_of_kind(&self, kind: &str) -> Result<Option<AuditRow>, StoreError> {
         Ok(self

@@ -511,13 +511,23 @@ pub fn spawn(store: Arc<Store>, data_dir: PathBuf) -> Option<tokio::task::JoinHa
 /// [`seal`] off the runtime's threads; a failure is logged.
 pub async fn seal_logged(store: Arc<Store>, data_dir: PathBuf, reason: &'static str) {
     let r = tokio::task::spawn_blocking(move || seal(&store, &data_dir, now_ms(), reason)).await;
+    let m = crate::metrics::metrics();
     match r {
-        Ok(Ok(s)) => tracing::info!(
-            "audit sealed ({reason}): epoch {}, rows up to {}",
-            s.seal.epoch,
-            s.seal.seq
-        ),
-        Ok(Err(e)) => tracing::error!("AUDIT SEAL FAILED ({reason}): {e}"),
-        Err(e) => tracing::error!("AUDIT SEAL FAILED ({reason}): {e}"),
+        Ok(Ok(s)) => {
+            m.record_seal(Some(s.seal.epoch));
+            tracing::info!(
+                "audit sealed ({reason}): epoch {}, rows up to {}",
+                s.seal.epoch,
+                s.seal.seq
+            );
+        }
+        Ok(Err(e)) => {
+            m.record_seal(None);
+            tracing::error!("AUDIT SEAL FAILED ({reason}): {e}");
+        }
+        Err(e) => {
+            m.record_seal(None);
+            tracing::error!("AUDIT SEAL FAILED ({reason}): {e}");
+        }
     }
 }

@@ -533,3 +533,22 @@ fn the_appliance_commands_set_up_seal_and_verify() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("seal of epoch 1 (row 4)"), "{err}");
 }
+
+/// `serve`'s seals are counted on `/metrics`: `ok` with the epoch, and
+/// `failed` (a damaged state file) rather than silently skipped.
+#[tokio::test]
+async fn serves_seals_are_counted_and_a_failure_is_not_silent() {
+    let f = fixture();
+    let _vk = f.sealed_log(1);
+    let m = trustbind_appliance::metrics::metrics();
+    let (ok, failed) = (m.seals("ok"), m.seals("failed"));
+    audit_seal::seal_logged(Arc::clone(&f.store), f.path().to_owned(), "interval").await;
+    assert_eq!((m.seals("ok"), m.seals("failed")), (ok + 1, failed));
+    assert!(m.render().contains("trustbind_audit_seal_epoch 2"));
+    let file = f.path().join(audit_seal::STATE_FILE);
+    let mut b = std::fs::read(&file).unwrap();
+    b[20] ^= 1;
+    std::fs::write(&file, &b).unwrap();
+    audit_seal::seal_logged(Arc::clone(&f.store), f.path().to_owned(), "interval").await;
+    assert_eq!((m.seals("ok"), m.seals("failed")), (ok + 1, failed + 1));
+}

@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod agent_api;
 pub mod alerts;
+pub mod audit_seal;
 pub mod channels;
 pub mod gate;
 pub mod grow;

@@ -39,14 +39,16 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use trustbind_appliance::admin;
 use trustbind_appliance::agent_api::{self, AgentApi, Hub};
 use trustbind_appliance::alerts;
+use trustbind_appliance::audit_seal;
 use trustbind_appliance::channels;
 use trustbind_appliance::gate::Gate;
 use trustbind_appliance::limits::Limits;
 use trustbind_appliance::pki::{self, Pki};
+use trustbind_appliance::policy::audit_seal::{SealReport, VerifyKey};
 use trustbind_appliance::policy::engine::Engine;
 use trustbind_appliance::policy::SCHEMA;
 use trustbind_appliance::retention;
-use trustbind_appliance::store::{AdminRole, Store};
+use trustbind_appliance::store::{now_ms, AdminRole, Store};
 
 /// Default data directory.
 const DEFAULT_DATA_DIR: &str = "/var/lib/trustbind";
@@ -230,8 +232,15 @@ enum Cmd {
 #[derive(Debug, Subcommand)]
 enum AuditCmd {
     /// Checks the audit hash chain from the newest retention checkpoint
-    /// to the head, and every checkpoint's signature (exit 2 if broken).
-    Verify,
+    /// to the head, and every checkpoint's signature (exit 2 if broken);
+    /// with `--seal-key`, also the forward-secure seals of the rows kept.
+    Verify {
+        /// The seal verification key `audit seal-setup` handed out (kept
+        /// offline): every seal is checked, and the rows after the last
+        /// seal are reported as not sealed (exit 2 if a seal is bad).
+        #[arg(long, value_name = "FILE")]
+        seal_key: Option<PathBuf>,
+    },
     /// Writes the audit log as JSON lines.
     Export,
     /// Checks retention export files (`<data>/export/audit-*.jsonl`, given
@@ -242,10 +251,33 @@ enum AuditCmd {
         /// The CA certificate (PEM); default: the data directory's.
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
+        /// The seal verification key: also checks the seals in the files.
+        #[arg(long, value_name = "FILE")]
+        seal_key: Option<PathBuf>,
         /// The export files, oldest first.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Sets up forward-secure sealing of the audit log (threat model
+    /// T-83, `docs/RETENTION.md`): writes the verification key, once, to
+    /// `--out` (or stdout) and keeps only the evolved key. Store the
+    /// verification key offline, off the appliance: it is not kept here
+    /// and cannot be shown again. `--out` must not be in the data
+    /// directory (use a tmpfs such as /run).
+    SealSetup {
+        /// Where the verification key is written (created, mode 0600);
+        /// `-`: stdout.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Seconds between seals (`serve` seals every interval, at start
+        /// and at shutdown).
+        #[arg(long, value_name = "SECS", default_value_t = audit_seal::DEFAULT_INTERVAL_SECS,
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        interval_secs: u64,
+    },
+    /// Seals the audit log now (as `serve` does every interval); works
+    /// beside a running `serve`.
+    Seal,
 }
 
 /// Retention of the audit log, channels and agent report ids, the export
@@ -676,12 +708,29 @@ fn open_store(data_dir: &Path) -> Result<Store, Fail> {
 
 /// `init` (`audit` `None`) and the audit commands, on the database alone.
 fn offline(data_dir: &Path, audit: Option<AuditCmd>) -> Result<(), Fail> {
-    if let Some(AuditCmd::VerifyExport { ca, files }) = audit {
-        return verify_export(data_dir, ca.as_deref(), &files);
+    if let Some(AuditCmd::VerifyExport {
+        ca,
+        seal_key,
+        files,
+    }) = audit
+    {
+        return verify_export(data_dir, ca.as_deref(), seal_key.as_deref(), &files);
     }
     let store = open_store(data_dir)?;
     match audit {
-        Some(AuditCmd::Verify) => match store.verify_audit_from_checkpoint()? {
+        Some(AuditCmd::SealSetup { out, interval_secs }) => {
+            seal_setup(&store, data_dir, &out, interval_secs)
+        }
+        Some(AuditCmd::Seal) => {
+            let s = audit_seal::seal(&store, data_dir, now_ms(), "admin")
+                .map_err(|e| Fail(EXIT_FAILED, e.to_string()))?;
+            println!(
+                "sealed: epoch {}, rows up to seq {}",
+                s.seal.epoch, s.seal.seq
+            );
+            Ok(())
+        }
+        Some(AuditCmd::Verify { seal_key }) => match store.verify_audit_from_checkpoint()? {
             Ok(r) => {
                 if let Some(cp) = &r.checkpoint {
                     let ca = read_ca(&data_dir.join(pki::CA_CERT_FILE))?;
@@ -693,7 +742,10 @@ fn offline(data_dir: &Path, audit: Option<AuditCmd>) -> Result<(), Fail> {
                     );
                 }
                 println!("audit chain ok: {} rows", r.rows);
-                Ok(())
+                match seal_key {
+                    Some(k) => verify_seals(&store, &k),
+                    None => Ok(()),
+                }
             }
             Err(broken) => Err(Fail(EXIT_CHAIN_BROKEN, broken.to_string())),
         },
@@ -721,21 +773,121 @@ fn read_ca(path: &Path) -> Result<rustls::pki_types::CertificateDer<'static>, Fa
     })
 }
 
+/// Reads a seal verification key file.
+fn read_seal_key(path: &Path) -> Result<VerifyKey, Fail> {
+    VerifyKey::read(path).map_err(|e| Fail(EXIT_FAILED, e))
+}
+
+/// Prints a seal report (and a stale last seal); the first bad seal fails.
+fn print_seals(r: Result<SealReport, String>, vk: &VerifyKey, live: bool) -> Result<(), Fail> {
+    let rep = r.map_err(|e| Fail(EXIT_CHAIN_BROKEN, format!("audit seals BROKEN: {e}")))?;
+    println!("{}", rep.summary());
+    if live {
+        if let Some(age) = rep.stale(now_ms(), vk.interval_ms) {
+            return Err(Fail(
+                EXIT_CHAIN_BROKEN,
+                format!(
+                    "the last seal is {} s old, and seals are made every {} s: the log was cut after row {}, or sealing stopped",
+                    age / 1000,
+                    vk.interval_ms / 1000,
+                    rep.sealed_upto_seq
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `audit verify --seal-key`.
+fn verify_seals(store: &Store, key: &Path) -> Result<(), Fail> {
+    let vk = read_seal_key(key)?;
+    print_seals(audit_seal::verify_store(store, &vk)?, &vk, true)
+}
+
+/// `audit seal-setup`.
+fn seal_setup(store: &Store, data_dir: &Path, out: &Path, interval_secs: u64) -> Result<(), Fail> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let interval_ms = i64::try_from(interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    // The output is opened first: a setup whose key cannot be written
+    // would leave a log sealed with a key nobody has.
+    // Deleting a file leaves its blocks on the data partition: k0 must not
+    // be written there.
+    if out != Path::new("-") {
+        let dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let (Ok(d), Ok(data)) = (dir.canonicalize(), data_dir.canonicalize()) {
+            if d.starts_with(&data) {
+                return Err(Fail(
+                    EXIT_FAILED,
+                    format!(
+                        "{}: the verification key must not be written in the data directory (its blocks would stay on the disk): use a tmpfs such as /run, or `-`",
+                        out.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let mut file: Box<dyn std::io::Write> = if out == Path::new("-") {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", out.display())))?,
+        )
+    };
+    let vk = audit_seal::setup(store, data_dir, now_ms(), interval_ms)
+        .map_err(|e| Fail(EXIT_FAILED, e.to_string()))?;
+    let text = zeroize::Zeroizing::new(
+        serde_json::to_string_pretty(&vk).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?,
+    );
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.flush())
+        .map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", out.display())))?;
+    eprintln!(
+        "audit sealing set up (key id {}, a seal every {interval_secs} s). Store the verification key OFFLINE, off the appliance: it is not kept here and cannot be shown again.",
+        vk.key_id
+    );
+    Ok(())
+}
+
 /// `audit verify-export`.
-fn verify_export(data_dir: &Path, ca: Option<&Path>, files: &[PathBuf]) -> Result<(), Fail> {
+fn verify_export(
+    data_dir: &Path,
+    ca: Option<&Path>,
+    seal_key: Option<&Path>,
+    files: &[PathBuf],
+) -> Result<(), Fail> {
     let ca_path = ca.map_or_else(|| data_dir.join(pki::CA_CERT_FILE), Path::to_owned);
     let ca = read_ca(&ca_path)?;
     let lines = retention::read_export_files(files)
         .map_err(|(f, e)| Fail(EXIT_FAILED, format!("{}: {e}", f.display())))?;
-    match retention::verify_export(lines, Some(&ca)) {
+    match retention::verify_export(lines.clone(), Some(&ca)) {
         Ok(r) => {
             println!(
                 "export ok: rows {}..={} ({} rows), {} signed checkpoints, the last up to row {}",
                 r.first_seq, r.last_seq, r.rows, r.checkpoints, r.checkpointed_upto
             );
-            Ok(())
         }
-        Err(e) => Err(Fail(EXIT_CHAIN_BROKEN, e)),
+        Err(e) => return Err(Fail(EXIT_CHAIN_BROKEN, e)),
+    }
+    match seal_key {
+        Some(k) => {
+            let vk = read_seal_key(k)?;
+            print_seals(
+                trustbind_appliance::policy::audit_seal::verify_export_seals(lines, &vk),
+                &vk,
+                false,
+            )
+        }
+        None => Ok(()),
     }
 }
 
@@ -881,6 +1033,7 @@ fn serve(
     )?;
     tracing::info!("retention: {:?}", keeper.config());
     let retention_task = retention::spawn(keeper);
+    let sealer = audit_seal::spawn(Arc::clone(&store), data_dir.to_owned());
     api.set_alerts(alerts::Alerts::start(
         sinks,
         queue,
@@ -939,7 +1092,8 @@ fn serve(
                 .with_limits(limits)
                 .with_engine(engine)
                 .with_ca_fingerprint(pki.fingerprint().into())
-                .with_pki(Arc::clone(&pki)),
+                .with_pki(Arc::clone(&pki))
+                .with_seal_dir(data_dir.to_owned()),
         );
         let admin = tokio::spawn(admin::serve_limited(
             admin_l,
@@ -968,6 +1122,11 @@ fn serve(
         admin.abort();
         expiry.abort();
         retention_task.abort();
+        if let Some(sealer) = sealer {
+            sealer.abort();
+            // The rows of the last moments sealed too (T-83).
+            audit_seal::seal_logged(store, data_dir.to_owned(), "shutdown").await;
+        }
         Ok::<(), Fail>(())
     })
 }

@@ -85,6 +85,8 @@ struct Retention {
     export_files_removed: Counter,
     checkpoints_consolidated: Family<Labels<1>, Counter>,
     checkpoints: Gauge<u64, AtomicU64>,
+    seals: Family<Labels<1>, Counter>,
+    seal_epoch: Gauge<u64, AtomicU64>,
     disk_free: Gauge<u64, AtomicU64>,
     disk_size: Gauge<u64, AtomicU64>,
     db_bytes: Gauge<u64, AtomicU64>,
@@ -177,6 +179,9 @@ impl Metrics {
                 .retention
                 .checkpoints_consolidated
                 .get_or_create(&[("result", result)]);
+        }
+        for result in ["ok", "failed"] {
+            let _ = m.retention.seals.get_or_create(&[("result", result)]);
         }
         for reason in REFUSALS {
             let _ = m.refused.get_or_create(&[("reason", reason)]);
@@ -296,6 +301,11 @@ impl Metrics {
             t.checkpoints_consolidated.clone(),
         );
         r.register(
+            "trustbind_audit_seals",
+            "Forward-secure seals of the audit log by result (failed: logged as AUDIT SEAL FAILED)",
+            t.seals.clone(),
+        );
+        r.register(
             "trustbind_audit_gap_events",
             "Events answered but not audited because the data partition was full",
             t.audit_gap.clone(),
@@ -325,6 +335,11 @@ impl Metrics {
                 "trustbind_audit_checkpoints",
                 "Audit checkpoints stored (bounded by consolidation)",
                 &t.checkpoints,
+            ),
+            (
+                "trustbind_audit_seal_epoch",
+                "Epoch of the last forward-secure seal this daemon made",
+                &t.seal_epoch,
             ),
             (
                 "trustbind_disk_alarm",
@@ -397,6 +412,26 @@ impl Metrics {
     pub fn checkpoints_consolidated(&self, result: &'static str) -> u64 {
         self.retention
             .checkpoints_consolidated
+            .get_or_create(&[("result", result)])
+            .get()
+    }
+
+    /// Counts one seal of the audit log (`ok` with its epoch, or `failed`).
+    pub fn record_seal(&self, epoch: Option<u64>) {
+        let result = if epoch.is_some() { "ok" } else { "failed" };
+        self.retention
+            .seals
+            .get_or_create(&[("result", result)])
+            .inc();
+        if let Some(e) = epoch {
+            self.retention.seal_epoch.set(e);
+        }
+    }
+
+    /// Seals counted with `result` (`ok`, `failed`).
+    pub fn seals(&self, result: &'static str) -> u64 {
+        self.retention
+            .seals
             .get_or_create(&[("result", result)])
             .get()
     }
@@ -660,6 +695,8 @@ mod tests {
             "trustbind_alerts_total",
             "trustbind_audit_checkpoints",
             "trustbind_audit_gap_events_total",
+            "trustbind_audit_seal_epoch",
+            "trustbind_audit_seals_total",
             "trustbind_cache_hits_total",
             "trustbind_cache_misses_total",
             "trustbind_data_free_bytes",

@@ -30,6 +30,7 @@
 )]
 
 pub mod audit;
+pub mod audit_seal;
 mod cache;
 pub mod cert;
 pub mod check;

@@ -3,14 +3,14 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{page_limit, Actor, AdminState, ApiError, ApiQuery, PAGE_MAX};
+use super::{page_limit, Actor, AdminState, ApiError, ApiJson, ApiQuery, PAGE_MAX};
 use crate::store::AuditRow;
 
 pub(super) async fn metrics() -> Response {
@@ -230,6 +230,78 @@ pub(super) async fn verify(State(st): State<AdminState>) -> Result<Json<Value>, 
             "checkpoint": r.checkpoint,
             "audit_gap": s.audit_gap(),
         })))
+    })
+    .await
+}
+
+fn seal_dir(st: &AdminState) -> Result<std::path::PathBuf, ApiError> {
+    st.seal_dir.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this appliance serves the admin API without its data directory",
+        )
+    })
+}
+
+fn seal_error(e: crate::audit_seal::FssError) -> ApiError {
+    use crate::audit_seal::FssError;
+    match e {
+        FssError::NotSetUp(_) => ApiError::new(StatusCode::CONFLICT, "not_set_up", e.to_string()),
+        FssError::Refused(_) => ApiError::new(StatusCode::CONFLICT, "refused", e.to_string()),
+        FssError::Store(s) => s.into(),
+        FssError::File { .. } => ApiError::internal(e.to_string()),
+    }
+}
+
+/// `POST /v1/audit/seal`: seals the audit log now (T-83), as `serve`
+/// does every interval; the reason recorded is `admin:<cn>`.
+pub(super) async fn seal(
+    State(st): State<AdminState>,
+    actor: Actor,
+) -> Result<Json<Value>, ApiError> {
+    let dir = seal_dir(&st)?;
+    st.run(move |s| {
+        let sealed = crate::audit_seal::seal(s, &dir, crate::store::now_ms(), &actor.0)
+            .map_err(seal_error)?;
+        Ok(Json(json!({
+            "seal": sealed.seal,
+            "recovered": sealed.recovered,
+        })))
+    })
+    .await
+}
+
+/// Body of `POST /v1/audit/seal/setup`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SealSetupIn {
+    /// Seconds between seals (default 900).
+    interval_secs: Option<u32>,
+}
+
+/// `POST /v1/audit/seal/setup`: sets sealing up once and answers the
+/// verification key, which the appliance does not keep (409 if set up
+/// already). The caller must store it offline.
+pub(super) async fn seal_setup(
+    State(st): State<AdminState>,
+    ApiJson(body): ApiJson<SealSetupIn>,
+) -> Result<Json<Value>, ApiError> {
+    let dir = seal_dir(&st)?;
+    let secs = body
+        .interval_secs
+        .map_or(crate::audit_seal::DEFAULT_INTERVAL_SECS, u64::from);
+    if !(1..=86_400).contains(&secs) {
+        return Err(ApiError::invalid(
+            "interval_secs",
+            "`interval_secs` must be 1 to 86400",
+        ));
+    }
+    st.run(move |s| {
+        let interval_ms = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let vk = crate::audit_seal::setup(s, &dir, crate::store::now_ms(), interval_ms)
+            .map_err(seal_error)?;
+        Ok(Json(json!({ "verify_key": vk })))
     })
     .await
 }

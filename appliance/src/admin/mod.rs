@@ -88,6 +88,10 @@ pub struct AdminState {
     /// The policy engine the decision path uses, for the explain endpoints
     /// (they answer 503 without).
     pub engine: Option<Arc<crate::policy::engine::Engine>>,
+    /// The data directory holding the audit seal state
+    /// (`crate::audit_seal`), for `POST /v1/audit/seal` and
+    /// `/v1/audit/seal/setup` (they answer 503 without).
+    pub seal_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -108,7 +112,15 @@ impl AdminState {
             ca_fingerprint: None,
             pki: None,
             engine: None,
+            seal_dir: None,
         }
+    }
+
+    /// Seals the audit log on request, with the state in `dir` (the data
+    /// directory).
+    pub fn with_seal_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.seal_dir = Some(dir);
+        self
     }
 
     /// Issues renewed admin certificates with `pki`.
@@ -283,6 +295,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/audit", get(audit::tail))
         .route("/v1/audit/export", get(audit::export))
         .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/audit/seal", post(audit::seal))
+        .route("/v1/audit/seal/setup", post(audit::seal_setup))
         .route("/v1/admins", get(admins::list))
         .route("/v1/admins/tokens", post(admins::create_token))
         .route("/v1/admins/renew", post(admins::renew))

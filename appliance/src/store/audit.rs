@@ -69,3 +69,42 @@ pub(super) fn check_row(
     }
     Ok(())
 }
+
+/// The audit chain inside one immediate transaction, for the seals
+/// (`crate::audit_seal`): the head is read and the seal row appended with
+/// no other row in between.
+pub struct AuditTx<'a, 'c> {
+    pub(super) tx: &'a Transaction<'c>,
+}
+
+impl AuditTx<'_, '_> {
+    /// The head: the last row's sequence number and hash (0 and the
+    /// genesis for an empty chain).
+    pub fn head(&self) -> Result<(i64, String), StoreError> {
+        Ok(self
+            .tx
+            .query_row("SELECT seq, hash FROM audit_head WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?
+            .unwrap_or((0, GENESIS.to_owned())))
+    }
+
+    /// Appends `ev` with the time `at_ms`.
+    pub fn append(&self, at_ms: i64, ev: &AuditEvent) -> Result<AuditRow, StoreError> {
+        append(self.tx, at_ms, ev)
+    }
+
+    /// The newest row of `kind`, if any is kept.
+    pub fn last_of_kind(&self, kind: &str) -> Result<Option<AuditRow>, StoreError> {
+        Ok(self
+            .tx
+            .query_row(
+                "SELECT seq, at_ms, kind, actor, detail, prev_hash, hash FROM audit
+                 WHERE kind = ?1 ORDER BY seq DESC LIMIT 1",
+                [kind],
+                super::row_from,
+            )
+            .optional()?)
+    }
+}

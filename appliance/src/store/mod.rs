@@ -42,7 +42,7 @@ pub use admin::{
 };
 pub use admin_tokens::AdminToken;
 pub use agent::{AgentRecord, CloseReport, CloseRole};
-pub use audit::{row_hash, AuditEvent, AuditRow, GENESIS};
+pub use audit::{row_hash, AuditEvent, AuditRow, AuditTx, GENESIS};
 pub use channels::{ChannelEnd, ChannelInfo};
 pub use err::{ChainError, StoreError};
 pub use files::{FileSetChange, FileSetEdit};
@@ -423,6 +423,27 @@ impl Store {
             }
             r => r,
         }
+    }
+
+    /// Runs `f` on the audit chain in one immediate transaction and
+    /// commits if it succeeds (a pending audit gap row first, as for any
+    /// append): the forward-secure seals (`crate::audit_seal`) read the
+    /// head and append their row with nothing in between.
+    pub fn audit_transaction<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&audit::AuditTx<'_, '_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.lock()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
+        let gap = self.append_gap(&tx)?;
+        let r = f(&audit::AuditTx { tx: &tx })
+            .and_then(|out| Ok(tx.commit().map(|()| out).map_err(StoreError::from)?));
+        if r.is_err() {
+            self.restore_gap(gap);
+        }
+        r
     }
 
     /// Walks the whole chain. `Ok(Ok(n))`: `n` rows, all sound;

@@ -709,14 +709,50 @@ pub enum AuditCmd {
     },
     /// Verifies the hash chain from the newest retention checkpoint to the
     /// head, and the checkpoint's signature against the CA (`--ca`); says
-    /// what was pruned.
-    Verify,
+    /// what was pruned. With `--seal-key`, also the forward-secure seals
+    /// of the rows the appliance keeps (T-83).
+    Verify {
+        /// The seal verification key (`trustbind-appliance audit
+        /// seal-setup`, kept offline): the rows are read and every seal
+        /// checked; says up to which row the log is authentic and which
+        /// rows after it are not sealed. Fails on a bad seal, and when the
+        /// last seal is older than two sealing intervals (the log was cut
+        /// or sealing stopped).
+        #[arg(long, value_name = "FILE")]
+        seal_key: Option<PathBuf>,
+        /// With `--seal-key`: the export files copied off the appliance,
+        /// oldest first, checked too (chain, checkpoints, seals), and the
+        /// rows kept must continue them: no row missing in between, and
+        /// the first seal kept at most one epoch after their last (so
+        /// sealed rows cannot have been deleted from the appliance as if
+        /// pruned).
+        #[arg(long, value_name = "FILE", num_args = 1.., requires = "seal_key")]
+        exported: Vec<PathBuf>,
+    },
+    /// Sets up forward-secure sealing of the audit log (T-83) and writes
+    /// the verification key to `--out`: the appliance does not keep it and
+    /// cannot show it again. Store it offline.
+    SealSetup {
+        /// Where the verification key is written (created, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Seconds between seals.
+        #[arg(long, value_name = "SECS", default_value_t = 900,
+              value_parser = clap::value_parser!(u32).range(1..=86_400))]
+        interval_secs: u32,
+    },
+    /// Seals the audit log now (the appliance also seals every interval,
+    /// at start and at shutdown).
+    Seal,
     /// Verifies retention export files (the appliance's
     /// `/data/trustbind/export/audit-*.jsonl`, oldest first), offline: the
     /// rows chain, and every checkpoint in them is signed by the appliance
     /// (a certificate of the CA given by `--ca` or the configuration) and
     /// names its rows.
     VerifyExport {
+        /// The seal verification key: also checks the seals in the files.
+        #[arg(long, value_name = "FILE")]
+        seal_key: Option<PathBuf>,
         /// The export files, oldest first.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,

@@ -8,6 +8,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 
+use trustbind_policy::audit_seal::{SealReport, VerifyKey};
 use trustbind_policy::check::PolicyDiagnostic;
 
 use crate::cli::{AdminCmd, ChannelCmd, FileSetCmd, UserCmd};
@@ -46,12 +47,12 @@ pub fn run(cli: Cli, out: &Out) -> Result<u8> {
         Cmd::Group(gc) => group(gc, &connect()?, out),
         Cmd::Host(h) => host(h, &connect()?, out),
         Cmd::Channel(ch) => channel(ch, &connect()?, out),
-        Cmd::Audit(AuditCmd::VerifyExport { files }) => {
+        Cmd::Audit(AuditCmd::VerifyExport { files, seal_key }) => {
             let ca = match &ov.ca {
                 Some(ca) => ca.clone(),
                 None => config::resolve(&ov)?.ca,
             };
-            audit_verify_export(&files, &ca, out)
+            audit_verify_export(&files, &ca, seal_key.as_deref(), out)
         }
         Cmd::Learn(l) => crate::learn::run(&l, &connect()?, out),
         Cmd::Audit(a) => audit(a, &connect()?, out),
@@ -1140,7 +1141,8 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
             }
             Ok(0)
         }
-        AuditCmd::Verify => {
+        AuditCmd::Verify { seal_key, exported } => {
+            let vk = seal_key.as_deref().map(read_seal_key).transpose()?;
             let mut v = c.get("/v1/audit/verify")?;
             let mut ok = v.get("ok").and_then(Value::as_bool) == Some(true);
             // The appliance checked the checkpoint with its CA; check it
@@ -1161,6 +1163,22 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
                     }
                 }
             }
+            let seals = match (&vk, ok) {
+                (Some(vk), true) => Some(live_seals(c, &v, vk, &exported)?),
+                _ => None,
+            };
+            if let (Some(seals), Some(o)) = (&seals, v.as_object_mut()) {
+                match seals {
+                    Ok(rep) => {
+                        o.insert("seals".into(), serde_json::json!(rep));
+                    }
+                    Err(e) => {
+                        ok = false;
+                        o.insert("ok".into(), Value::Bool(false));
+                        o.insert("error".into(), Value::String(format!("seals: {e}")));
+                    }
+                }
+            }
             out.emit(&v, || {
                 if ok {
                     let pruned = match v.get("pruned").filter(|p| !p.is_null()) {
@@ -1173,8 +1191,12 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
                         ),
                         None => String::new(),
                     };
+                    let seals = match &seals {
+                        Some(Ok(rep)) => format!("{}\n", rep.summary()),
+                        _ => String::new(),
+                    };
                     format!(
-                        "{pruned}audit chain intact: {} rows verified (head {})\n",
+                        "{pruned}audit chain intact: {} rows verified (head {})\n{seals}",
                         field(&v, "rows"),
                         field(&v, "head")
                     )
@@ -1183,6 +1205,65 @@ fn audit(a: AuditCmd, c: &Client, out: &Out) -> Result<u8> {
                 }
             });
             Ok(if ok { 0 } else { Exit::CheckFailed as u8 })
+        }
+        AuditCmd::Seal => {
+            let v = c.post("/v1/audit/seal", &json!({}))?;
+            let seal = v.get("seal").cloned().unwrap_or(Value::Null);
+            out.emit(&v, || {
+                format!(
+                    "sealed: epoch {}, rows up to seq {}\n",
+                    field(&seal, "epoch"),
+                    field(&seal, "seq")
+                )
+            });
+            Ok(0)
+        }
+        AuditCmd::SealSetup {
+            out: file,
+            interval_secs,
+        } => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // Opened first: a key that cannot be written is never asked for.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .map_err(|e| io_err("create", &file, &e))?;
+            let v = c.post(
+                "/v1/audit/seal/setup",
+                &json!({ "interval_secs": interval_secs }),
+            );
+            let v = match v {
+                Ok(v) => v,
+                Err(e) => {
+                    drop(f);
+                    let _ = std::fs::remove_file(&file);
+                    return Err(e);
+                }
+            };
+            let vk: VerifyKey =
+                serde_json::from_value(v.get("verify_key").cloned().unwrap_or(Value::Null))
+                    .map_err(|e| CliError::new(Exit::Server, format!("verification key: {e}")))?;
+            let text = zeroize::Zeroizing::new(
+                serde_json::to_string_pretty(&vk)
+                    .map_err(|e| CliError::new(Exit::Server, e.to_string()))?,
+            );
+            f.write_all(text.as_bytes())
+                .and_then(|()| f.write_all(b"\n"))
+                .and_then(|()| f.sync_all())
+                .map_err(|e| io_err("write", &file, &e))?;
+            let summary =
+                json!({ "key_id": vk.key_id, "interval_ms": vk.interval_ms, "file": file });
+            out.emit(&summary, || {
+                format!(
+                    "audit sealing set up (key id {}); verification key in {}: store it OFFLINE, the appliance does not keep it and cannot show it again\n",
+                    vk.key_id,
+                    file.display()
+                )
+            });
+            Ok(0)
         }
         AuditCmd::VerifyExport { .. } => Ok(0),
     }
@@ -1194,22 +1275,151 @@ fn read_ca(path: &Path) -> std::result::Result<CertificateDer<'static>, String> 
         .map_err(|e| format!("{}: not a PEM certificate ({e})", path.display()))
 }
 
-/// `trustbind audit verify-export`.
-fn audit_verify_export(files: &[PathBuf], ca: &Path, out: &Out) -> Result<u8> {
+/// Reads a seal verification key file.
+fn read_seal_key(path: &Path) -> Result<VerifyKey> {
+    VerifyKey::read(path).map_err(|e| CliError::new(Exit::Config, e))
+}
+
+/// The seals of the rows the appliance keeps (`audit verify --seal-key`):
+/// every row read (`/v1/audit/export`), the first one chaining from the
+/// newest checkpoint `v` names (or row 1 from the genesis), every seal
+/// checked with `vk`, and the last seal no older than two intervals.
+fn live_seals(
+    c: &Client,
+    v: &Value,
+    vk: &VerifyKey,
+    exported: &[PathBuf],
+) -> Result<std::result::Result<SealReport, String>> {
+    let mut resp = c.send(c.request(Method::GET, "/v1/audit/export"))?;
+    let mut body = Vec::new();
+    resp.copy_to(&mut body)
+        .map_err(|e| CliError::new(Exit::Connect, format!("the audit export broke off: {e}")))?;
+    let text = String::from_utf8_lossy(&body);
+    let first = text
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str::<trustbind_policy::audit::AuditRow>(l).ok());
+    let from = v
+        .get("checkpoint")
+        .and_then(|cp| cp.get("upto_hash"))
+        .and_then(Value::as_str)
+        .unwrap_or(trustbind_policy::audit::GENESIS);
+    if let Some(r) = &first {
+        if r.prev_hash != from {
+            return Ok(Err(format!(
+                "row {}, the first kept, does not chain from the newest checkpoint",
+                r.seq
+            )));
+        }
+    }
+    let mut verifier = trustbind_policy::audit_seal::SealVerifier::new(vk)
+        .map_err(|e| CliError::new(Exit::Config, e))?;
+    if !exported.is_empty() {
+        match continues_export(exported, c.ca_path(), vk, first.as_ref())? {
+            Ok(next_epoch) => verifier = verifier.max_first_epoch(next_epoch),
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    let rep =
+        trustbind_policy::audit_seal::verify_seals_with(text.lines().map(str::to_owned), verifier);
+    Ok(rep.and_then(|rep| match rep.stale(time::now_ms(), vk.interval_ms) {
+        Some(age) => Err(format!(
+            "the last seal (epoch {}, row {}) is {} s old and seals are made every {} s: the log was cut after it, or sealing stopped",
+            rep.last_epoch,
+            rep.sealed_upto_seq,
+            age / 1000,
+            vk.interval_ms / 1000
+        )),
+        None => Ok(rep),
+    }))
+}
+
+/// `audit verify --seal-key --exported`: the export files verify (chain,
+/// checkpoints against the CA, seals) and the appliance's first kept row
+/// `first` continues them (no row missing, the same hash before it).
+/// Returns the epoch the first kept seal may have at the latest.
+fn continues_export(
+    files: &[PathBuf],
+    ca: &Path,
+    vk: &VerifyKey,
+    first: Option<&trustbind_policy::audit::AuditRow>,
+) -> Result<std::result::Result<u64, String>> {
     let ca = read_ca(ca).map_err(|e| CliError::new(Exit::Config, e))?;
     let lines = trustbind_policy::audit::read_export_files(files)
         .map_err(|(f, e)| io_err("read", &f, &e))?;
-    let r = trustbind_policy::audit::verify_export(lines, Some(&ca));
-    let v = match &r {
-        Ok(rep) => serde_json::json!({ "ok": true, "report": rep }),
-        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+    if let Err(e) = trustbind_policy::audit::verify_export(lines.clone(), Some(&ca)) {
+        return Ok(Err(format!("export files: {e}")));
+    }
+    let rep = match trustbind_policy::audit_seal::verify_export_seals(lines.clone(), vk) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("export files: {e}"))),
     };
-    out.emit(&v, || match &r {
-        Ok(rep) => format!(
-            "export intact: rows {}..={} ({} rows), {} signed checkpoints, the last up to row {}\n",
-            rep.first_seq, rep.last_seq, rep.rows, rep.checkpoints, rep.checkpointed_upto
+    if let Some(first) = first {
+        if first.seq > rep.last_seq.saturating_add(1) {
+            return Ok(Err(format!(
+                "rows {}..={} are neither in the export files nor on the appliance",
+                rep.last_seq.saturating_add(1),
+                first.seq.saturating_sub(1)
+            )));
+        }
+        let before = lines.iter().rev().find_map(|l| {
+            match serde_json::from_str::<trustbind_policy::audit::ExportLine>(l) {
+                Ok(trustbind_policy::audit::ExportLine::Row(r)) if r.seq == first.seq - 1 => {
+                    Some(r.hash)
+                }
+                _ => None,
+            }
+        });
+        if first.seq > 1 && before.as_deref() != Some(first.prev_hash.as_str()) {
+            return Ok(Err(format!(
+                "row {}, the first kept, does not chain from row {} of the export files",
+                first.seq,
+                first.seq - 1
+            )));
+        }
+    }
+    Ok(Ok(rep.last_epoch.saturating_add(1)))
+}
+
+/// `trustbind audit verify-export`.
+fn audit_verify_export(
+    files: &[PathBuf],
+    ca: &Path,
+    seal_key: Option<&Path>,
+    out: &Out,
+) -> Result<u8> {
+    let ca = read_ca(ca).map_err(|e| CliError::new(Exit::Config, e))?;
+    let vk = seal_key.map(read_seal_key).transpose()?;
+    let lines = trustbind_policy::audit::read_export_files(files)
+        .map_err(|(f, e)| io_err("read", &f, &e))?;
+    let r = trustbind_policy::audit::verify_export(lines.clone(), Some(&ca));
+    let seals = match (&vk, &r) {
+        (Some(vk), Ok(_)) => Some(trustbind_policy::audit_seal::verify_export_seals(lines, vk)),
+        _ => None,
+    };
+    let r = match (r, &seals) {
+        (Ok(_), Some(Err(e))) => Err(format!("seals: {e}")),
+        (r, _) => r,
+    };
+    let v = match (&r, &seals) {
+        (Ok(rep), Some(Ok(s))) => serde_json::json!({ "ok": true, "report": rep, "seals": s }),
+        (Ok(rep), _) => serde_json::json!({ "ok": true, "report": rep }),
+        (Err(e), _) => serde_json::json!({ "ok": false, "error": e }),
+    };
+    out.emit(&v, || match (&r, &seals) {
+        (Ok(rep), s) => format!(
+            "export intact: rows {}..={} ({} rows), {} signed checkpoints, the last up to row {}\n{}",
+            rep.first_seq,
+            rep.last_seq,
+            rep.rows,
+            rep.checkpoints,
+            rep.checkpointed_upto,
+            match s {
+                Some(Ok(s)) => format!("{}\n", s.summary()),
+                _ => String::new(),
+            }
         ),
-        Err(e) => format!("export BROKEN: {e}\n"),
+        (Err(e), _) => format!("export BROKEN: {e}\n"),
     });
     Ok(if r.is_ok() {
         0

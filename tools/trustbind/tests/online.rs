@@ -276,7 +276,7 @@ fn file_sets() {
 /// batch's own checkpoint.
 #[test]
 fn audit_verify_after_checkpoints_were_consolidated() {
-    use trustbind_appliance::retention::{self, Config, Retention};
+    use trustbind_appliance::retention;
     let a = Appliance::start();
     let evs: Vec<_> = (0..600)
         .map(|i| {
@@ -285,27 +285,7 @@ fn audit_verify_after_checkpoints_were_consolidated() {
         .collect();
     a.store.append_audit_batch(&evs).unwrap();
     let data = a.dir.path().join("data");
-    let mut r = Retention::new(
-        std::sync::Arc::clone(&a.store),
-        Config {
-            audit_max_age: None,
-            channel_max_age: None,
-            report_max_age: None,
-            audit_max_rows: Some(50),
-            store_max_percent: 90,
-            export_max_percent: 90,
-            alarm_percent: 1,
-            reserve_bytes: 0,
-            batch: 10,
-            max_checkpoints: 6,
-            ..Config::default()
-        },
-        &data,
-        retention::server_key_signer(std::sync::Arc::clone(&a.pki)),
-        None,
-    )
-    .unwrap();
-    while r.pass().unwrap().more {}
+    a.prune_audit(50, 10, 6);
     let cps = a.store.checkpoints().unwrap();
     assert!(cps.len() <= 6, "{} checkpoints", cps.len());
     let newest = cps.last().unwrap().clone();
@@ -343,6 +323,167 @@ fn audit_verify_after_checkpoints_were_consolidated() {
             newest.upto_seq, newest.upto_seq, newest.id, newest.upto_seq
         )),
         "{text}"
+    );
+}
+
+/// `trustbind audit verify --seal-key` and `verify-export --seal-key`
+/// (T-83): the seals of the rows kept and of the export files checked with
+/// the offline key; rows after the last seal reported as not sealed; a
+/// last seal older than two intervals fails (the log was cut or sealing
+/// stopped); another key fails, naming the setup row.
+#[test]
+fn audit_verify_with_the_seal_key() {
+    use trustbind_appliance::audit_seal;
+    use trustbind_appliance::retention;
+    use trustbind_appliance::store::{now_ms, AuditEvent};
+    let a = Appliance::start();
+    let data = a.dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let append = |n: usize| {
+        let evs: Vec<_> = (0..n)
+            .map(|i| AuditEvent::new("test", "t", serde_json::json!({ "i": i })))
+            .collect();
+        a.store.append_audit_batch(&evs).unwrap();
+    };
+    append(40);
+    let vk = audit_seal::setup(&a.store, &data, now_ms(), 600_000).unwrap();
+    let key = a.dir.path().join("seal.key");
+    std::fs::write(&key, serde_json::to_string(&vk).unwrap()).unwrap();
+    append(40);
+    audit_seal::seal(&a.store, &data, now_ms(), "interval").unwrap();
+    a.prune_audit(30, 20, retention::MAX_CHECKPOINTS);
+    append(5);
+    // Sealed "200 s ago": within two intervals of 600 s.
+    audit_seal::seal(&a.store, &data, now_ms() - 200_000, "interval").unwrap();
+    append(3);
+    let k = key.to_str().unwrap();
+
+    let v = a.json(&["audit", "verify", "--seal-key", k]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["seals"]["last_epoch"], 2, "{v}");
+    assert_eq!(v["seals"]["unsealed_rows"], 4, "{v}");
+    let text = a.text(&["audit", "verify", "--seal-key", k]);
+    assert!(
+        text.contains("are authentic") && text.contains("(4 rows) are NOT sealed"),
+        "{text}"
+    );
+
+    let files = retention::export_files(&data.join(retention::EXPORT_DIR), "audit").unwrap();
+    let out = a
+        .tb()
+        .args(["audit", "verify-export", "--seal-key", k])
+        .args(&files)
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(text.contains("seals verified: "), "{text}");
+
+    // With the export files: the rows kept continue them.
+    let mut args = vec!["audit", "verify", "--seal-key", k, "--exported"];
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.to_str().unwrap().to_owned())
+        .collect();
+    args.extend(names.iter().map(String::as_str));
+    let v = a.json(&args);
+    assert_eq!(v["ok"], true, "{v}");
+    // Export files missing their last batches (the rows an attacker
+    // deleted from the appliance as if pruned): refused.
+    let all = std::fs::read_to_string(&files[files.len() - 1]).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    let cut = a.dir.path().join("cut.jsonl");
+    // Cut after the row following seal 0 (the files still verify alone).
+    let seal0 = lines
+        .iter()
+        .position(|l| l.contains("audit.seal\""))
+        .unwrap();
+    std::fs::write(&cut, lines[..seal0 + 2].join("\n") + "\n").unwrap();
+    let mut args = vec![
+        "-o",
+        "json",
+        "audit",
+        "verify",
+        "--seal-key",
+        k,
+        "--exported",
+    ];
+    args.extend(names[..names.len() - 1].iter().map(String::as_str));
+    args.push(cut.to_str().unwrap());
+    let out = a.tb().args(&args).assert().code(1);
+    let v: Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("neither in the export files"),
+        "{v}"
+    );
+
+    // Another key: both fail, naming the setup row.
+    let other = trustbind_appliance::policy::audit_seal::VerifyKey::new(&[5; 32], 0, 600_000);
+    let other_key = a.dir.path().join("other.key");
+    std::fs::write(&other_key, serde_json::to_string(&other).unwrap()).unwrap();
+    let o = other_key.to_str().unwrap();
+    let out = a
+        .tb()
+        .args(["audit", "verify-export", "--seal-key", o])
+        .args(&files)
+        .assert()
+        .code(1);
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(text.contains("set up again with key id"), "{text}");
+
+    // No seal for far longer than the interval: stale.
+    let stale =
+        trustbind_appliance::policy::audit_seal::VerifyKey::new(&vk.k0().unwrap(), vk.start_ms, 1);
+    std::fs::write(&key, serde_json::to_string(&stale).unwrap()).unwrap();
+    let out = a
+        .tb()
+        .args(["-o", "json", "audit", "verify", "--seal-key", k])
+        .assert()
+        .code(1);
+    let v: Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(v["error"].as_str().unwrap().contains("s old"), "{v}");
+}
+
+/// `trustbind audit seal-setup` and `audit seal` over the admin API: the
+/// verification key written once (0600), a second setup refused (409),
+/// a forced seal recorded with the admin's name, and the log verifying
+/// with the key.
+#[test]
+fn audit_seal_setup_and_seal_over_the_admin_api() {
+    let a = Appliance::start();
+    let key = a.dir.path().join("seal.key");
+    let k = key.to_str().unwrap();
+    let t = a.text(&["audit", "seal-setup", "--out", k, "--interval-secs", "60"]);
+    assert!(t.contains("OFFLINE"), "{t}");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let vk = trustbind_appliance::policy::audit_seal::VerifyKey::read(&key).unwrap();
+    assert_eq!(vk.interval_ms, 60_000);
+    let again = a.dir.path().join("again.key");
+    let err = a.fails(
+        &["audit", "seal-setup", "--out", again.to_str().unwrap()],
+        5,
+    );
+    assert!(err.contains("set up already"), "{err}");
+    assert!(!again.exists());
+    a.text(&["group", "create", "g1"]);
+    let v = a.json(&["audit", "seal"]);
+    assert_eq!(v["seal"]["epoch"], 1, "{v}");
+    assert_eq!(v["seal"]["reason"], "admin:alice", "{v}");
+    let v = a.json(&["audit", "verify", "--seal-key", k]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(
+        (
+            v["seals"]["seals"].as_u64(),
+            v["seals"]["unsealed_rows"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{v}"
     );
 }
 

@@ -54,8 +54,10 @@ impl Appliance {
             include_str!("../../../../policies/trustbind.cedarschema"),
         )
         .unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
         let state = AdminState::new(Arc::clone(&store))
             .with_pki(Arc::clone(&pki))
+            .with_seal_dir(dir.path().join("data"))
             .with_engine(Arc::new(engine));
         {
             let _g = rt.enter();
@@ -136,6 +138,35 @@ impl Appliance {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("TRUSTBIND_CONFIG", &self.config);
         c
+    }
+
+    /// Prunes the audit log (exported to `<dir>/data/export`) down to
+    /// `max_rows` rows in batches of `batch`, at most `max_checkpoints`
+    /// checkpoints kept (older ones consolidated), as `serve`'s
+    /// retention would.
+    pub fn prune_audit(&self, max_rows: u64, batch: u32, max_checkpoints: usize) {
+        use trustbind_appliance::retention::{self, Config, Retention};
+        let mut r = Retention::new(
+            Arc::clone(&self.store),
+            Config {
+                audit_max_age: None,
+                channel_max_age: None,
+                report_max_age: None,
+                audit_max_rows: Some(max_rows),
+                store_max_percent: 90,
+                export_max_percent: 90,
+                alarm_percent: 1,
+                reserve_bytes: 0,
+                batch,
+                max_checkpoints,
+                ..Config::default()
+            },
+            &self.dir.path().join("data"),
+            retention::server_key_signer(Arc::clone(&self.pki)),
+            None,
+        )
+        .unwrap();
+        while r.pass().unwrap().more {}
     }
 
     /// Runs `trustbind -o json ARGS`, expects success, returns the JSON.

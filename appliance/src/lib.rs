@@ -30,6 +30,7 @@ pub mod alerts;
 pub mod channels;
 pub mod gate;
 pub mod grow;
+pub mod hostaddr;
 pub mod learn;
 pub mod limits;
 pub mod metrics;

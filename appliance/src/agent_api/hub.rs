@@ -25,6 +25,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::pb::{push, Peers, Push, Revoked};
+use crate::hostaddr::Observed;
 use crate::seal::{wipe_push, OrderSeal};
 
 /// Pushes buffered per stream; a stream that falls this far behind is
@@ -82,6 +83,8 @@ pub struct Hub {
     streams: Mutex<HashMap<String, Vec<Stream>>>,
     /// Addresses protected hosts subscribed from, oldest first.
     peers: Mutex<Vec<IpAddr>>,
+    /// The addresses each host's agent calls from (channel binding).
+    addrs: Observed,
 }
 
 impl Hub {
@@ -113,6 +116,11 @@ impl Hub {
             v.push(Stream { tx, seal });
         }
         (weak, rx)
+    }
+
+    /// The addresses hosts' agents call from, as the agent port saw them.
+    pub fn addrs(&self) -> &Observed {
+        &self.addrs
     }
 
     /// Remembers that a protected host's agent connects from `addr`
@@ -193,6 +201,7 @@ impl Hub {
 
     /// Sends `Revoked` to every stream of `host` and ends them.
     pub fn revoke(&self, host: &str) {
+        self.addrs.forget(host);
         let Ok(mut m) = self.streams.lock() else {
             return;
         };

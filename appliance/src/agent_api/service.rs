@@ -174,6 +174,14 @@ impl Agent for AgentService {
     async fn qualify(&self, req: Request<QualifyBatch>) -> Result<Response<QualifyReply>, Status> {
         let host = self.host(&req)?;
         let deadline = Instant::now() + call_budget(&req);
+        // The address this host calls from: what it may name as its own
+        // end of a channel (`crate::hostaddr`).
+        if let Some(c) = req.extensions().get::<ConnInfo>() {
+            self.api
+                .hub
+                .addrs()
+                .observe(&host, c.remote.ip(), Instant::now());
+        }
         let batch = req.into_inner();
         let n = batch.requests.len();
         if n > MAX_BATCH {
@@ -267,6 +275,9 @@ impl Agent for AgentService {
             )))
         };
         let addr = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
+        if let Some(a) = addr {
+            self.api.hub.addrs().observe(&host, a, Instant::now());
+        }
         let new_peer = addr.is_some_and(|a| self.api.hub.note_peer(a));
         let generation = self
             .api

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -331,7 +330,7 @@ impl Agent for AgentService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn report(&self, req: Request<AuditBatch>) -> Result<Response<ReportReply>, Status> {

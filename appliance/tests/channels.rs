@@ -504,9 +504,9 @@ fn hello() -> Hello {
 
 type Client = pb::agent_client::AgentClient<tonic::transport::Channel>;
 
-/// Enrols `a`, `b` and `rogue`, assigns their addresses, subscribes all
-/// three: their clients and push streams.
-async fn three_hosts(app: &Appliance) -> [(Client, Streaming<Push>); 3] {
+/// Enrols `a`, `b` and `rogue` and subscribes all three: their clients
+/// and push streams.
+async fn enrol_three(app: &Appliance) -> [(Client, Streaming<Push>); 3] {
     let mut out = Vec::new();
     for (host, group) in [("a", "web"), ("b", "db"), ("rogue", "web")] {
         let cfg = app.enrolled_in(host, group, Mode::Enforce).await;
@@ -514,9 +514,15 @@ async fn three_hosts(app: &Appliance) -> [(Client, Streaming<Push>); 3] {
         let s = c.subscribe(hello()).await.unwrap().into_inner();
         out.push((c, s));
     }
+    out.try_into().ok().unwrap()
+}
+
+/// [`enrol_three`], with their addresses assigned.
+async fn three_hosts(app: &Appliance) -> [(Client, Streaming<Push>); 3] {
+    let out = enrol_three(app).await;
     assign_ab(app);
     app.assign("rogue", &[ROGUE_ADDR]);
-    out.try_into().ok().unwrap()
+    out
 }
 
 /// A half of `a`'s connection from source port `port` as someone else
@@ -573,7 +579,9 @@ async fn real_pair(
     ka
 }
 
-fn denied_for_address(r: &pb::Result) {
+/// `r` is the refusal of a half `host` named with an address it does not
+/// own, the reason containing `because`.
+fn refused_not_owned(r: &pb::Result, host: &str, because: &str) {
     assert_eq!(
         (r.verdict, r.channel_id),
         (pb::Verdict::Deny as i32, 0),
@@ -581,10 +589,16 @@ fn denied_for_address(r: &pb::Result) {
     );
     let why = r.reasons.join(" ");
     assert!(
-        why.contains("host `rogue` does not own its end of tcp 10.99.0.11:")
+        why.contains(&format!("host `{host}` does not own its end of tcp "))
+            && why.contains(because)
             && why.contains("trustbind host addresses"),
         "{why}"
     );
+}
+
+/// The rogue's half for a's connection (from 10.99.0.11), refused.
+fn denied_for_address(r: &pb::Result) {
+    refused_not_owned(r, "rogue", "own its end of tcp 10.99.0.11:");
 }
 
 /// T-68: the rogue claims the accept half of a's connection to b (dst is
@@ -788,4 +802,69 @@ async fn one_host_cannot_fill_the_waiting_table_for_the_others() {
     // The others pair as usual.
     real_pair(&mut a, &mut sa, &mut b, &mut sb, 45500).await;
     real_pair(&mut a, &mut sa, &mut b, &mut sb, 45501).await;
+}
+
+/// The address a host's agent connects from is its own (here noted as the
+/// agent port would note it: the test agents really connect from
+/// 127.0.0.1, which is not recorded) unless another host connects from it
+/// too (a NAT): then neither owns it until an administrator assigns it,
+/// and then only the assignee does.
+#[tokio::test]
+async fn the_address_an_agent_connects_from_is_its_own_unless_shared() {
+    let (app, gate) = appliance(Duration::from_secs(5)).await;
+    let [(mut a, mut sa), (mut b, mut sb), (mut rogue, mut sr)] = enrol_three(&app).await;
+    let seen = |host: &str, addr: &str| {
+        app.api
+            .hub
+            .addrs()
+            .observe(host, addr.parse().unwrap(), std::time::Instant::now());
+    };
+    seen("a", "10.99.0.11");
+    seen("b", "10.99.0.12");
+    real_pair(&mut a, &mut sa, &mut b, &mut sb, 46000).await;
+    // The rogue connects from b's address too: b's address is shared.
+    seen("rogue", "10.99.0.12");
+    qualify(&mut a, pre_syn(1, "psql")).await;
+    let rc = qualify(&mut a, request(2, pb::Action::Connect, "psql", 46001)).await;
+    assert_ne!(rc.channel_id, 0, "{rc:?}");
+    for (c, who) in [(&mut rogue, "rogue"), (&mut b, "b")] {
+        let r = qualify(c, request(3, pb::Action::Accept, "postgres", 46001)).await;
+        refused_not_owned(&r, who, "10.99.0.12 is shared");
+    }
+    assert_eq!(gate.pending(), 1, "a's half is undisturbed");
+    // Assigned to b, it is b's alone.
+    app.assign("b", &["10.99.0.12"]);
+    let r = qualify(
+        &mut rogue,
+        request(4, pb::Action::Accept, "postgres", 46001),
+    )
+    .await;
+    assert!(
+        r.reasons
+            .join(" ")
+            .contains("10.99.0.12 is assigned to another host"),
+        "{r:?}"
+    );
+    let ra = qualify(&mut b, request(5, pb::Action::Accept, "postgres", 46001)).await;
+    assert_eq!(ra.channel_id, rc.channel_id, "{ra:?}");
+    let (push::Kind::ChannelKey(ka), push::Kind::ChannelKey(kb)) = (
+        next_channel_push(&mut sa).await,
+        next_channel_push(&mut sb).await,
+    ) else {
+        panic!("the real pair got no keys")
+    };
+    assert_eq!(ka.key, kb.key);
+    no_channel_push(&mut sr, Duration::from_millis(300)).await;
+    // IPv4-mapped forms are the same address.
+    let mut mapped = request(6, pb::Action::Connect, "psql", 46002);
+    if let Some(pb::request::Target::Net(n)) = &mut mapped.target {
+        n.src_addr = "::ffff:10.99.0.12".into();
+    }
+    let r = qualify(&mut rogue, mapped).await;
+    assert!(
+        r.reasons
+            .join(" ")
+            .contains("10.99.0.12 is assigned to another host"),
+        "{r:?}"
+    );
 }

@@ -5,6 +5,7 @@
 //! and the admin CLI use (with `write_atomic`, which the appliance uses
 //! for its own PKI files too).
 
+pub mod codec;
 pub mod module;
 pub mod pinned;
 

@@ -627,6 +627,25 @@ pub enum HostCmd {
         /// Host name.
         name: String,
     },
+    /// Shows or changes the addresses assigned to a host: the addresses its
+    /// channel halves may name as its own end, besides the address its
+    /// agent connects from.
+    #[command(
+        after_help = "Needed when a host reaches the appliance through NAT, a proxy or another interface than its channels use: a refused half's audit row names the address it claimed and the one its agent connects from. An address belongs to one host at most.\n\nExamples:\n  trustbind host addresses db1\n  trustbind host addresses db1 --set 10.0.0.5 2001:db8::5\n  trustbind host addresses db1 --add 10.0.1.5\n  trustbind host addresses db1 --remove 10.0.0.5\n  trustbind host addresses db1 --set"
+    )]
+    Addresses {
+        /// Host name.
+        name: String,
+        /// Replaces the assigned addresses with these (none: removes all).
+        #[arg(long, num_args = 0.., value_name = "ADDR", conflicts_with_all = ["add", "remove"])]
+        set: Option<Vec<String>>,
+        /// Adds these addresses.
+        #[arg(long, num_args = 1.., value_name = "ADDR")]
+        add: Vec<String>,
+        /// Removes these addresses.
+        #[arg(long, num_args = 1.., value_name = "ADDR")]
+        remove: Vec<String>,
+    },
     /// Host groups and their modes.
     #[command(subcommand)]
     Group(HostGroupCmd),

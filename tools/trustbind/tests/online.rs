@@ -221,6 +221,42 @@ fn hosts() {
     a.tb().args(["host", "revoke", "nope"]).assert().code(5);
 }
 
+/// `trustbind host addresses`: shown, set, added to, removed from; an
+/// address of another host is refused naming it.
+#[test]
+fn host_addresses() {
+    let a = Appliance::start();
+    a.text(&["host", "group", "set", "db", "--mode", "enforce"]);
+    a.json(&["host", "enrol-token", "db1", "--host-group", "db"]);
+    a.json(&["host", "enrol-token", "db2", "--host-group", "db"]);
+    let text = a.text(&["host", "addresses", "db1"]);
+    assert!(text.contains("none assigned"), "{text}");
+    let v = a.json(&[
+        "host",
+        "addresses",
+        "db1",
+        "--set",
+        "10.0.0.5",
+        "2001:db8::5",
+    ]);
+    assert_eq!(
+        v["host"]["addresses"],
+        serde_json::json!(["10.0.0.5", "2001:db8::5"])
+    );
+    a.text(&["host", "addresses", "db1", "--add", "10.0.1.5"]);
+    let text = a.text(&["host", "addresses", "db1", "--remove", "2001:db8::5"]);
+    assert!(text.contains("10.0.0.5, 10.0.1.5"), "{text}");
+    let text = a.text(&["host", "show", "db1"]);
+    assert!(text.contains("addresses    10.0.0.5, 10.0.1.5"), "{text}");
+    a.tb()
+        .args(["host", "addresses", "db2", "--add", "10.0.0.5"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("assigned to host `db1`"));
+    let v = a.json(&["host", "addresses", "db1", "--set"]);
+    assert_eq!(v["host"]["addresses"], serde_json::json!([]));
+}
+
 #[test]
 fn users_and_roles() {
     let a = Appliance::start();

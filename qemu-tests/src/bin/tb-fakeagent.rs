@@ -669,13 +669,16 @@ fn file_line(r: &FileRequest<'_>, allowed: bool) -> String {
         format!(" => {}", String::from_utf8_lossy(r.to))
     };
     format!(
-        "file {access} {}{to} flags={} sha256={} from={} uid={} pid={} ino={} -> {}",
+        "file {access} {}{to} flags={} sha256={} from={} uid={} pid={} dev={}:{} ino={} -> {}",
         String::from_utf8_lossy(r.path),
         r.flags,
         hex(&r.sha256),
         source(r.program_source),
         r.uid,
         r.pid,
+        // `st_dev` encoding, shown as mountinfo shows it.
+        ((r.dev >> 8) & 0xfff) | ((r.dev >> 32) & !0xfff),
+        (r.dev & 0xff) | ((r.dev >> 12) & !0xff),
         r.ino,
         if allowed { "allow" } else { "deny" }
     )

@@ -6,6 +6,7 @@
 //! for its own PKI files too).
 
 pub mod codec;
+pub mod inventory;
 pub mod module;
 pub mod pinned;
 

@@ -400,12 +400,17 @@ pub enum PolicyCmd {
 pub enum SigCmd {
     /// Hashes executables (recursively) and adds them to a group.
     #[command(
-        after_help = "Regular files with an execute bit are hashed (SHA-256 and SHA-1 in one pass);\nother files are skipped and counted. Symbolic links are not followed.\n\nExample: trustbind sig add /usr/bin /usr/local/bin --group system"
+        after_help = "Regular files with an execute bit are hashed (SHA-256 and SHA-1 in one pass);\nother files are skipped and counted. Symbolic links are not followed.\n\nExample: trustbind sig add /usr/bin /usr/local/bin --group system\n\nA golden host seeds a group from its Debian packages in one pipeline:\n  trustbind-agent inventory | trustbind sig add --inventory - --group debian-web"
     )]
     Add {
         /// Files or directories.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "inventory", conflicts_with = "inventory")]
         paths: Vec<PathBuf>,
+        /// Instead of paths: a package inventory (`trustbind-agent
+        /// inventory`, `-` for standard input) of this host; each program
+        /// is hashed here and stored with source `dpkg:PACKAGE=VERSION`.
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
         /// Reference group to add them to (created when missing).
         #[arg(long, short = 'g')]
         group: String,

@@ -341,8 +341,15 @@ fn sig(s: SigCmd, c: &Client, out: &Out) -> Result<u8> {
     match s {
         SigCmd::Add {
             paths,
+            inventory: Some(file),
+            group,
+            ..
+        } if paths.is_empty() => crate::hashing::add_inventory(c, &file, &group, out),
+        SigCmd::Add {
+            paths,
             group,
             source,
+            ..
         } => crate::hashing::add(c, &paths, &group, &source, out),
         SigCmd::Ls { group, limit } => {
             let mut all = Vec::new();

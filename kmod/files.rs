@@ -285,15 +285,14 @@ impl core::fmt::Display for Shown<'_> {
             (FileAccess::Delete, _) => "delete",
             (FileAccess::Rename, _) => "rename",
         };
+        let (major, minor) = files::dev_numbers(t.id.dev);
         write!(
             f,
             "{} inode {} on {}:{} by pid {} uid {}",
             what,
             t.id.ino,
-            // `st_dev` encoding: major in bits 8..20 and 32.., minor in
-            // bits 0..8 and 20..32 (the kernel's `new_encode_dev`).
-            ((t.id.dev >> 8) & 0xfff) | ((t.id.dev >> 32) & !0xfff),
-            (t.id.dev & 0xff) | ((t.id.dev >> 12) & !0xff),
+            major,
+            minor,
             self.1.tgid,
             self.1.uid
         )

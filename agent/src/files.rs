@@ -118,8 +118,7 @@ fn unescape(field: &str) -> OsString {
 /// only in another namespace): then it is in no file set, which fails
 /// closed.
 pub fn absolute_path(dev: u64, path: &str, mountinfo: &str) -> String {
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let (major, minor) = trustbind_proto::files::dev_numbers(dev);
     let id = format!("{major}:{minor}");
     let mut best: Option<(usize, String)> = None;
     for l in mountinfo.lines() {

@@ -96,6 +96,16 @@ impl<S: core::ops::Deref<Target = [(u64, u64)]>> ProtectedSet<S> {
     }
 }
 
+/// The major and minor numbers of a device in `stat`'s `st_dev` encoding
+/// (the kernel's `new_encode_dev`: major in bits 8..20 and 32.., minor in
+/// bits 0..8 and 20..32), as `/proc/self/mountinfo` shows them.
+pub fn dev_numbers(dev: u64) -> (u64, u64) {
+    (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    )
+}
+
 /// Fills `out` with the entries of a [`FileSets`] record; the number
 /// written (the record holds at most `out.len()` entries when the caller
 /// sized `out` from [`FileSets::len`]).

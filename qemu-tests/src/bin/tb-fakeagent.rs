@@ -668,17 +668,15 @@ fn file_line(r: &FileRequest<'_>, allowed: bool) -> String {
     } else {
         format!(" => {}", String::from_utf8_lossy(r.to))
     };
+    let (major, minor) = trustbind_proto::files::dev_numbers(r.dev);
     format!(
-        "file {access} {}{to} flags={} sha256={} from={} uid={} pid={} dev={}:{} ino={} -> {}",
+        "file {access} {}{to} flags={} sha256={} from={} uid={} pid={} dev={major}:{minor} ino={} -> {}",
         String::from_utf8_lossy(r.path),
         r.flags,
         hex(&r.sha256),
         source(r.program_source),
         r.uid,
         r.pid,
-        // `st_dev` encoding, shown as mountinfo shows it.
-        ((r.dev >> 8) & 0xfff) | ((r.dev >> 32) & !0xfff),
-        (r.dev & 0xff) | ((r.dev >> 12) & !0xff),
         r.ino,
         if allowed { "allow" } else { "deny" }
     )

@@ -124,7 +124,7 @@ mod walk_tests {
 /// `trustbind sig add PATH... --group G`.
 pub fn add(c: &Client, paths: &[PathBuf], group: &str, source: &str, out: &Out) -> Result<u8> {
     let w = walk(paths)?;
-    let sent: Vec<(&Hashed, Option<String>)> = w.files.iter().map(|h| (h, None)).collect();
+    let sent: Vec<(&Hashed, Option<&str>)> = w.files.iter().map(|h| (h, None)).collect();
     let u = upload(c, &sent, group, source)?;
     let files: Vec<Value> = w
         .files
@@ -181,7 +181,7 @@ impl Uploaded {
 /// its own source, or `source`.
 fn upload(
     c: &Client,
-    files: &[(&Hashed, Option<String>)],
+    files: &[(&Hashed, Option<&str>)],
     group: &str,
     source: &str,
 ) -> Result<Uploaded> {
@@ -277,8 +277,8 @@ pub fn add_inventory(c: &Client, file: &Path, group: &str, out: &Out) -> Result<
             Err(e) => skipped.push((p, e.to_string())),
         }
     }
-    let sent: Vec<(&Hashed, Option<String>)> =
-        hashed.iter().map(|(h, s)| (h, Some(s.clone()))).collect();
+    let sent: Vec<(&Hashed, Option<&str>)> =
+        hashed.iter().map(|(h, s)| (h, Some(s.as_str()))).collect();
     let u = upload(c, &sent, group, "trustbind sig add --inventory")?;
     let packages: std::collections::BTreeSet<&str> =
         programs.iter().map(|p| p.package.as_str()).collect();

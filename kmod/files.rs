@@ -6,9 +6,13 @@
 //! `_mkdir`, `_mknod`, `_symlink`, `_unlink`, `_rmdir`, `_rename`, `_link`
 //! and `_setattr` for a truncate) call [`gate`] for every open, create,
 //! delete, rename, link and truncate by a user task. Only operations on
-//! protected files are decided ([`Files::set_sets`], from the agent's
-//! `FileSets`): the file, or any directory above it on its file system, is
-//! listed (`proto/src/files.rs`). Everything else costs one lookup.
+//! protected files are decided: the file, or any directory above it on its
+//! file system, is listed (`proto/src/files.rs`). Everything else costs
+//! one lookup. The list is the union of the identities of the appliance's
+//! sealed paths, which the module resolves itself from init's root
+//! ([`resolve`], [`Files::set_sealed`]: root cannot empty them, T-102),
+//! and the agent's `FileSets` ([`Files::set_agent_sets`]: the roots of
+//! mounts below a protected directory, which the module cannot list).
 //!
 //! The hooks run under VFS locks or with preemption disabled, so [`gate`]
 //! never sleeps: it answers from the verdict cache or from the answer the
@@ -27,9 +31,9 @@
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use kernel::alloc::{KVVec, KVec};
-use kernel::new_spinlock;
 use kernel::prelude::*;
-use kernel::sync::SpinLock;
+use kernel::sync::{Mutex, SpinLock};
+use kernel::{new_mutex, new_spinlock};
 
 use crate::device::{Answer as Reply, Wait};
 use crate::exec::{Refusal, Refusals};
@@ -37,7 +41,7 @@ use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache
 use crate::proto::files::{self, Answer, Answers, Outcome, ProtectedSet, MAX_DEPTH};
 use crate::proto::lineage::ProcId;
 use crate::proto::{
-    Decision, FileAccess, FileRequest, FileSets, Mode, Record, Verdict, FILE_CREATE, FILE_LINK,
+    Decision, FileAccess, FileRequest, FileSetPaths, FileSets, Mode, Record, Verdict, FILE_CREATE, FILE_LINK,
     FILE_TRUNCATE, MAX_PATH_LEN,
 };
 use crate::sys::{self, Dentry, FileIdent, FileOp, TaskIds};
@@ -64,9 +68,45 @@ pub(crate) enum Gate {
     Ask,
 }
 
+/// Where the protected identities come from.
+struct Sources {
+    /// The appliance's sealed paths, as the module resolved them.
+    sealed: KVec<(u64, u64)>,
+    /// The agent's `FileSets` (with a session: only additions, such as the
+    /// roots of mounts below a protected directory).
+    agent: KVec<(u64, u64)>,
+}
+
+/// The appliance's sealed paths resolved from init's root: their
+/// identities (ascending, unique) and how many paths were not found.
+pub(crate) struct Resolved {
+    ids: KVec<(u64, u64)>,
+    missing: usize,
+}
+
+/// Resolves the sealed `paths` from init's root ([`sys::init_path_ident`]).
+/// A path not found now is found at a later resolution (the agent sends
+/// the order again every 30 s). Sleeps: call with no lock held.
+pub(crate) fn resolve(paths: &FileSetPaths<'_>) -> Result<Resolved> {
+    let mut found = KVec::with_capacity(paths.len(), GFP_KERNEL)?;
+    let mut missing = 0;
+    for p in paths.iter_c() {
+        match sys::init_path_ident(p) {
+            Ok(id) => found.push(id, GFP_KERNEL)?,
+            Err(_) => missing += 1,
+        }
+    }
+    let n = crate::proto::sorted::sort_unique(&mut found);
+    let mut ids = KVec::with_capacity(n, GFP_KERNEL)?;
+    ids.extend_from_slice(found.get(..n).unwrap_or(&[]), GFP_KERNEL)?;
+    Ok(Resolved { ids, missing })
+}
+
 /// The protected set, the file verdict cache and the answers.
 #[pin_data]
 pub(crate) struct Files {
+    #[pin]
+    sources: Mutex<Sources>,
     #[pin]
     set: SpinLock<ProtectedSet<KVec<(u64, u64)>>>,
     /// Entries in the set: 0 turns the gate off without a lock.
@@ -90,7 +130,12 @@ impl Files {
         let mut a = KVVec::new();
         a.extend_with(ANSWER_SLOTS, Answer::EMPTY, GFP_KERNEL)?;
         let answers = Answers::new(a).ok_or(EINVAL)?;
+        let sources = Sources {
+            sealed: KVec::new(),
+            agent: KVec::new(),
+        };
         Ok(try_pin_init!(Self {
+            sources <- new_mutex!(sources, "trustbind_file_sources"),
             set <- new_spinlock!(set, "trustbind_file_set"),
             armed: AtomicUsize::new(0),
             dev_hint: AtomicU64::new(MANY_DEVS),
@@ -99,13 +144,44 @@ impl Files {
         }? Error))
     }
 
-    /// The agent's `FileSets`: these identities are protected from now on.
-    pub(crate) fn set_sets(&self, sets: &FileSets<'_>) -> Result {
-        let mut v = KVec::with_capacity(sets.len(), GFP_KERNEL)?;
+    /// The agent's `FileSets`: these identities are protected from now
+    /// on, with the sealed paths'.
+    pub(crate) fn set_agent_sets(&self, sets: &FileSets<'_>) -> Result {
+        let mut agent = KVec::with_capacity(sets.len(), GFP_KERNEL)?;
         for e in sets.iter() {
+            agent.push(e, GFP_KERNEL)?;
+        }
+        let mut src = self.sources.lock();
+        self.publish(&src.sealed, &agent)?;
+        src.agent = agent;
+        Ok(())
+    }
+
+    /// The appliance's sealed paths, resolved: these identities are
+    /// protected from now on, with the agent's. Returns their count if it
+    /// differs from the last resolution's identities.
+    pub(crate) fn set_sealed(&self, r: Resolved) -> Result<Option<usize>> {
+        let mut src = self.sources.lock();
+        let n = r.ids.len();
+        let changed = src.sealed.as_slice() != r.ids.as_slice();
+        if changed {
+            self.publish(&r.ids, &src.agent)?;
+        }
+        src.sealed = r.ids;
+        // CAST: at most MAX_FILE_SET_PATHS each.
+        STATS.paths_resolved.store(n as u64, Ordering::Relaxed);
+        STATS.paths_missing.store(r.missing as u64, Ordering::Relaxed);
+        Ok(changed.then_some(n))
+    }
+
+    /// Protects the union of `sealed` and `agent` (each ascending and
+    /// unique) from now on.
+    fn publish(&self, sealed: &[(u64, u64)], agent: &[(u64, u64)]) -> Result {
+        let mut v = KVec::with_capacity(sealed.len() + agent.len(), GFP_KERNEL)?;
+        for e in files::union(sealed, agent) {
             v.push(e, GFP_KERNEL)?;
         }
-        // `FileSets::new` checked the order; checked again, cheaply.
+        // Ascending and unique by construction; checked again, cheaply.
         let new = ProtectedSet::new(v).ok_or(EINVAL)?;
         let n = new.len();
         let hint = match new.one_dev() {
@@ -117,7 +193,7 @@ impl Files {
         self.dev_hint.store(hint, Ordering::Relaxed);
         self.armed.store(n, Ordering::Release);
         drop(guard);
-        // CAST: at most MAX_FILE_SET_ENTRIES.
+        // CAST: at most MAX_FILE_SET_ENTRIES + MAX_FILE_SET_PATHS.
         STATS.protected.store(n as u64, Ordering::Relaxed);
         drop(old);
         Ok(())
@@ -227,6 +303,10 @@ enum Plan {
 pub(crate) struct Stats {
     /// Protected identities (gauge).
     pub(crate) protected: AtomicU64,
+    /// Identities the module resolved from the appliance's paths (gauge).
+    pub(crate) paths_resolved: AtomicU64,
+    /// The appliance's paths not found at their last resolution (gauge).
+    pub(crate) paths_missing: AtomicU64,
     /// Operations on protected files decided.
     pub(crate) checked: AtomicU64,
     /// Of these, answered by the cache.
@@ -253,6 +333,8 @@ pub(crate) struct Stats {
 
 pub(crate) static STATS: Stats = Stats {
     protected: AtomicU64::new(0),
+    paths_resolved: AtomicU64::new(0),
+    paths_missing: AtomicU64::new(0),
     checked: AtomicU64::new(0),
     cache_hits: AtomicU64::new(0),
     answers_used: AtomicU64::new(0),

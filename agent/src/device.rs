@@ -440,6 +440,15 @@ impl DeviceWriter {
         }
     }
 
+    /// A writer on a descriptor of its own (`dup`), for a write that may
+    /// take long (the module walks sealed paths) without holding this one.
+    pub fn try_clone(&self) -> io::Result<DeviceWriter> {
+        Ok(DeviceWriter {
+            path: self.path.clone(),
+            file: self.file.try_clone()?,
+        })
+    }
+
     /// Answers request `id`. `Ok(false)` if the module no longer waits for
     /// it (timed out or interrupted: `ENOENT`).
     pub fn verdict(&mut self, id: u64, v: Verdict) -> Result<bool, DeviceError> {

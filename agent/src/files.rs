@@ -22,7 +22,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use trustbind_api::pb;
 use trustbind_proto::MAX_FILE_SET_ENTRIES;
 
 /// How often the sets are resolved again (paths created, mounts changed).
@@ -70,17 +69,6 @@ pub enum ResolveError {
         max = MAX_FILE_SET_ENTRIES
     )]
     TooMany(usize),
-}
-
-/// Every path of the pushed sets, in order, without repeats.
-pub fn paths_of(sets: &pb::FileSets) -> Vec<String> {
-    let mut seen = BTreeSet::new();
-    sets.sets
-        .iter()
-        .flat_map(|s| s.paths.iter())
-        .filter(|p| seen.insert(p.as_str()))
-        .cloned()
-        .collect()
 }
 
 /// Undoes the kernel's octal escapes in a mountinfo field (`\040` space,
@@ -553,26 +541,6 @@ mod tests {
         // Back under the limit: the previous set still stands, nothing sent.
         assert_eq!(t.plan(resolution(&[(1, 2)], &[])), Plan::default());
         assert!(t.plan(Err(ResolveError::TooMany(501))).error.is_some());
-    }
-
-    #[test]
-    fn pushed_sets_give_their_paths_once() {
-        let sets = pb::FileSets {
-            sets: vec![
-                pb::FileSet {
-                    name: "db".into(),
-                    paths: paths(&["/srv/data", "/etc/db.conf"]),
-                },
-                pb::FileSet {
-                    name: "logs".into(),
-                    paths: paths(&["/var/log/audit", "/srv/data"]),
-                },
-            ],
-        };
-        assert_eq!(
-            paths_of(&sets),
-            paths(&["/srv/data", "/etc/db.conf", "/var/log/audit"])
-        );
     }
 
     #[test]

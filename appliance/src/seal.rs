@@ -17,7 +17,8 @@
 //!   request whose bytes the agent forwarded (`Request.module_request`),
 //!   sealed to their SHA-256 with sequence 0. [`check_request`] refuses a
 //!   request whose gRPC fields say otherwise than those bytes.
-//! - Orders ([`OrderSeal`]): `Config` (with `HostMode`) and `Peers`, digest
+//! - Orders ([`OrderSeal`]): `Config` (with `HostMode`), `Peers` and
+//!   `FileSetPaths` (with `FileSets`: the module resolves them), digest
 //!   zero, sequence [`next_seq`] (strictly increasing, also across
 //!   restarts: microseconds since the epoch at least).
 //!
@@ -401,7 +402,8 @@ impl OrderSeal {
         self.verdict_timeout_ms
     }
 
-    /// `msg` with its sealed order set, for a `HostMode` or `Peers` push;
+    /// `msg` with its sealed order set, for a `HostMode`, `Peers` or
+    /// `FileSets` push;
     /// `None` for any other push (sent as it is). A mode this code does
     /// not know is not sealed (the module keeps its mode).
     pub fn seal_push(&self, msg: &push::Kind) -> Option<push::Kind> {
@@ -438,6 +440,21 @@ impl OrderSeal {
                 Some(push::Kind::Peers(pb::Peers {
                     addrs: p.addrs.clone(),
                     module_order: order(&Record::Peers(peers))?,
+                }))
+            }
+            push::Kind::FileSets(f) => {
+                // The module resolves the paths itself (T-102). Paths that
+                // do not fit one record go unsealed: the agent's
+                // identities are then all the module gets.
+                let body = module::file_set_paths(&module::paths_of(f))
+                    .map_err(|e| {
+                        tracing::error!("the protected paths cannot be sealed for the module: {e}")
+                    })
+                    .ok()?;
+                let paths = proto::FileSetPaths::new(&body).ok()?;
+                Some(push::Kind::FileSets(pb::FileSets {
+                    sets: f.sets.clone(),
+                    module_order: order(&Record::FileSetPaths(paths))?,
                 }))
             }
             _ => None,

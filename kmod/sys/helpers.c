@@ -34,6 +34,8 @@
 #include <linux/moduleparam.h>
 #include <linux/namei.h>
 #include <linux/fs_struct.h>
+#include <linux/pid_namespace.h>
+#include <linux/sched/task.h>
 #include <linux/mutex.h>
 #include <linux/dcache.h>
 #include <linux/elf.h>
@@ -2591,6 +2593,33 @@ u64 tb_dentry_dev(const struct dentry *d)
 	if (d->d_sb->s_magic == BTRFS_SUPER_MAGIC)
 		return 0;
 	return new_encode_dev(d->d_sb->s_dev);
+}
+
+int tb_init_path_ident(const char *path, u64 *dev, u64 *ino)
+{
+	/* pid 1 never exits (the kernel panics), so its task is not pinned. */
+	struct task_struct *init = READ_ONCE(init_pid_ns.child_reaper);
+	struct path root, p;
+	int err;
+
+	if (!init)
+		return -ESRCH;
+	task_lock(init);
+	if (!init->fs) {
+		task_unlock(init);
+		return -ESRCH;
+	}
+	get_fs_root(init->fs, &root);
+	task_unlock(init);
+	/* An absolute path starts at root, and so do absolute symlinks. */
+	err = vfs_path_lookup(root.dentry, root.mnt, path, LOOKUP_FOLLOW, &p);
+	path_put(&root);
+	if (err)
+		return err;
+	*dev = tb_inode_dev(p.dentry, d_inode(p.dentry));
+	*ino = d_inode(p.dentry)->i_ino;
+	path_put(&p);
+	return 0;
 }
 
 bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev,

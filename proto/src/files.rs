@@ -118,6 +118,26 @@ pub fn entries_of(sets: &FileSets<'_>, out: &mut [(u64, u64)]) -> usize {
     n
 }
 
+/// The entries of two ascending, unique lists, ascending and unique:
+/// the module protects the identities of the appliance's sealed paths and
+/// the agent's additions together.
+pub fn union<'a>(
+    a: &'a [(u64, u64)],
+    b: &'a [(u64, u64)],
+) -> impl Iterator<Item = (u64, u64)> + 'a {
+    let (mut a, mut b) = (a.iter().copied().peekable(), b.iter().copied().peekable());
+    core::iter::from_fn(move || match (a.peek().copied(), b.peek().copied()) {
+        (Some(x), Some(y)) if x < y => a.next(),
+        (Some(x), Some(y)) if y < x => b.next(),
+        (Some(_), Some(_)) => {
+            b.next();
+            a.next()
+        }
+        (Some(_), None) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
 /// What the walk found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protection {
@@ -396,6 +416,20 @@ mod tests {
     }
 
     proptest! {
+        /// The union of two sorted sets is their set union, sorted, and a
+        /// valid protected set.
+        #[test]
+        fn union_is_the_set_union(
+            a in proptest::collection::btree_set((0u64..4, 0u64..32), 0..40),
+            b in proptest::collection::btree_set((0u64..4, 0u64..32), 0..40),
+        ) {
+            let (va, vb): (Vec<_>, Vec<_>) = (a.iter().copied().collect(), b.iter().copied().collect());
+            let got: Vec<_> = union(&va, &vb).collect();
+            let want: Vec<_> = a.union(&b).copied().collect();
+            prop_assert_eq!(&got, &want);
+            prop_assert!(ProtectedSet::new(got).is_some());
+        }
+
         /// The classification agrees with a plain search of the chain.
         #[test]
         fn classify_matches_a_linear_search(

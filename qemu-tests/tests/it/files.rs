@@ -11,7 +11,9 @@
 use anyhow::{ensure, Result};
 use trustbind_qemu_tests::{Output, Vm};
 
-use crate::exec::{counter, host_with_module, start_agent_with, stop_agent, AGENT_LOG};
+use crate::exec::{
+    counter, host_with_module, start_agent_in, start_agent_with, stop_agent, AGENT_LOG,
+};
 
 /// A modified copy of `cat` (one byte longer): runs, but is not approved
 /// for the protected files.
@@ -298,6 +300,79 @@ fn file_gate_btrfs_subvolumes() -> Result<()> {
     );
     stop_agent(&mut vm)?;
     vm.run_ok("umount /srv/v /mnt/bt && rmmod trustbind")?;
+    vm.check_health()?;
+    vm.shutdown()?;
+    Ok(())
+}
+
+/// The module resolves protected paths itself (`FileSetPaths`, the order
+/// the appliance seals, T-102): from init's root and mount namespace,
+/// symlinks followed, whatever the agent's own mount namespace shows.
+/// Root's agent runs in a mount namespace of its own with a tmpfs over
+/// `/srv` (it cannot see `/srv/data` at all, so it could not have resolved
+/// it) and names `/srv/data`, a symlink to it and a path that does not
+/// exist yet: the module protects the real directory, once; the missing
+/// path is counted, and protected once it exists and the paths come again
+/// (as the agent sends them every 30 s).
+#[test]
+fn file_gate_paths_resolved_by_the_module() -> Result<()> {
+    let mut vm = host_with_module()?;
+    setup(&mut vm)?;
+    vm.run_ok("ln -s /srv/data /srv/link")?;
+    start_agent_in(
+        &mut vm,
+        "exec unshare -m sh -c 'mount -t tmpfs none /srv && {}'",
+        "enforce",
+        &format!(
+            "--allow {EVIL} --file-path /srv/link --file-path /srv/data --file-path /srv/later \
+             --file-deny /srv/data --file-deny /srv/later --file-allow-prog /usr/bin/cat"
+        ),
+    )?;
+    let out = vm.run("nsenter -t $(pidof tb-fakeagent) -m ls /srv/data")?;
+    ensure!(
+        out.status != 0,
+        "the agent's mount namespace shows /srv/data: {out:?}"
+    );
+    let (resolved, missing, protected) = (
+        counter(&mut vm, "file_paths_resolved")?,
+        counter(&mut vm, "file_paths_missing")?,
+        counter(&mut vm, "file_protected")?,
+    );
+    ensure!(
+        (resolved, missing, protected) == (1, 1, 1),
+        "resolved {resolved}, missing {missing}, protected {protected}: want 1, 1, 1"
+    );
+    let out = vm.run_ok("cat /srv/data/db")?;
+    ensure!(out.stdout.trim() == "secret", "approved read: {out:?}");
+    for path in ["/srv/data/db", "/srv/link/db", "/srv/data/sub/f"] {
+        let out = vm.run(&format!("{EVIL} {path}"))?;
+        ensure!(refused(&out), "{EVIL} {path} was not refused: {out:?}");
+    }
+    let out = vm.run_ok(&format!("{EVIL} /srv/pub/x"))?;
+    ensure!(out.stdout.trim() == "open", "unprotected read: {out:?}");
+
+    // The missing path appears; once the paths come again it is protected.
+    vm.run_ok("mkdir /srv/later && echo new >/srv/later/f")?;
+    let out = vm.run_ok(&format!("{EVIL} /srv/later/f"))?;
+    ensure!(out.stdout.trim() == "new", "not protected yet: {out:?}");
+    vm.run_ok(&format!(
+        "kill -USR2 $(pidof tb-fakeagent) && for i in $(seq 100); do grep -q '^paths sent' {AGENT_LOG} && break; sleep 0.2; done"
+    ))?;
+    let (resolved, missing) = (
+        counter(&mut vm, "file_paths_resolved")?,
+        counter(&mut vm, "file_paths_missing")?,
+    );
+    ensure!(
+        (resolved, missing) == (2, 0),
+        "after the re-send: resolved {resolved}, missing {missing}: want 2, 0"
+    );
+    let out = vm.run(&format!("{EVIL} /srv/later/f"))?;
+    ensure!(
+        refused(&out),
+        "{EVIL} /srv/later/f was not refused: {out:?}"
+    );
+    stop_agent(&mut vm)?;
+    vm.run_ok("rmmod trustbind")?;
     vm.check_health()?;
     vm.shutdown()?;
     Ok(())

@@ -42,6 +42,7 @@ use crate::proto::files::{self, Answer, Answers, Outcome, ProtectedSet, MAX_DEPT
 use crate::proto::lineage::ProcId;
 use crate::proto::{
     Decision, FileAccess, FileRequest, FileSetPaths, FileSets, Mode, Record, Verdict, FILE_CREATE, FILE_LINK,
+    FILE_PATH_NAMED, FILE_TO_NAMED,
     FILE_TRUNCATE, MAX_PATH_LEN,
 };
 use crate::sys::{self, Dentry, FileIdent, FileOp, TaskIds};
@@ -71,35 +72,76 @@ pub(crate) enum Gate {
 /// Where the protected identities come from.
 struct Sources {
     /// The appliance's sealed paths, as the module resolved them.
-    sealed: KVec<(u64, u64)>,
+    sealed: Resolved,
     /// The agent's `FileSets` (with a session: only additions, such as the
     /// roots of mounts below a protected directory).
     agent: KVec<(u64, u64)>,
 }
 
-/// The appliance's sealed paths resolved from init's root: their
-/// identities (ascending, unique) and how many paths were not found.
+/// One resolved path: its identity, and where its text is in
+/// [`Resolved::text`] (offset, length).
+type Named = ((u64, u64), usize, usize);
+
+/// The appliance's sealed paths resolved from init's root.
 pub(crate) struct Resolved {
+    /// Their identities, ascending and unique.
     ids: KVec<(u64, u64)>,
+    /// The same identities with the first path that resolved to each.
+    names: KVec<Named>,
+    /// The paths as the record holds them (each with its NUL).
+    text: KVec<u8>,
+    /// Paths not found.
     missing: usize,
+}
+
+impl Resolved {
+    const EMPTY: fn() -> Resolved = || Resolved {
+        ids: KVec::new(),
+        names: KVec::new(),
+        text: KVec::new(),
+        missing: 0,
+    };
+
+    /// The appliance's path of identity `id`, if it is one of its paths.
+    fn name_of(&self, id: (u64, u64)) -> Option<&[u8]> {
+        let i = self.names.binary_search_by(|n| n.0.cmp(&id)).ok()?;
+        let &(_, off, len) = self.names.get(i)?;
+        self.text.get(off..off + len)
+    }
 }
 
 /// Resolves the sealed `paths` from init's root ([`sys::init_path_ident`]).
 /// A path not found now is found at a later resolution (the agent sends
 /// the order again every 30 s). Sleeps: call with no lock held.
 pub(crate) fn resolve(paths: &FileSetPaths<'_>) -> Result<Resolved> {
-    let mut found = KVec::with_capacity(paths.len(), GFP_KERNEL)?;
+    let mut found: KVec<((u64, u64), usize, usize)> = KVec::with_capacity(paths.len(), GFP_KERNEL)?;
     let mut missing = 0;
+    let mut off = 0;
     for p in paths.iter_c() {
         match sys::init_path_ident(p) {
-            Ok(id) => found.push(id, GFP_KERNEL)?,
+            // The offset orders paths of one identity: the first wins.
+            Ok(id) => found.push((id, off, p.len().saturating_sub(1)), GFP_KERNEL)?,
             Err(_) => missing += 1,
         }
+        off += p.len();
     }
     let n = crate::proto::sorted::sort_unique(&mut found);
     let mut ids = KVec::with_capacity(n, GFP_KERNEL)?;
-    ids.extend_from_slice(found.get(..n).unwrap_or(&[]), GFP_KERNEL)?;
-    Ok(Resolved { ids, missing })
+    let mut names = KVec::with_capacity(n, GFP_KERNEL)?;
+    for &e in found.iter().take(n) {
+        if ids.last() != Some(&e.0) {
+            ids.push(e.0, GFP_KERNEL)?;
+            names.push(e, GFP_KERNEL)?;
+        }
+    }
+    let mut text = KVec::with_capacity(paths.as_bytes().len(), GFP_KERNEL)?;
+    text.extend_from_slice(paths.as_bytes(), GFP_KERNEL)?;
+    Ok(Resolved {
+        ids,
+        names,
+        text,
+        missing,
+    })
 }
 
 /// The protected set, the file verdict cache and the answers.
@@ -131,7 +173,7 @@ impl Files {
         a.extend_with(ANSWER_SLOTS, Answer::EMPTY, GFP_KERNEL)?;
         let answers = Answers::new(a).ok_or(EINVAL)?;
         let sources = Sources {
-            sealed: KVec::new(),
+            sealed: (Resolved::EMPTY)(),
             agent: KVec::new(),
         };
         Ok(try_pin_init!(Self {
@@ -152,7 +194,7 @@ impl Files {
             agent.push(e, GFP_KERNEL)?;
         }
         let mut src = self.sources.lock();
-        self.publish(&src.sealed, &agent)?;
+        self.publish(&src.sealed.ids, &agent)?;
         src.agent = agent;
         Ok(())
     }
@@ -163,14 +205,15 @@ impl Files {
     pub(crate) fn set_sealed(&self, r: Resolved) -> Result<Option<usize>> {
         let mut src = self.sources.lock();
         let n = r.ids.len();
-        let changed = src.sealed.as_slice() != r.ids.as_slice();
+        let changed = src.sealed.ids.as_slice() != r.ids.as_slice();
         if changed {
             self.publish(&r.ids, &src.agent)?;
         }
-        src.sealed = r.ids;
+        let missing = r.missing;
+        src.sealed = r;
         // CAST: at most MAX_FILE_SET_PATHS each.
         STATS.paths_resolved.store(n as u64, Ordering::Relaxed);
-        STATS.paths_missing.store(r.missing as u64, Ordering::Relaxed);
+        STATS.paths_missing.store(missing as u64, Ordering::Relaxed);
         Ok(changed.then_some(n))
     }
 
@@ -245,6 +288,29 @@ impl Files {
         }
     }
 
+    /// The path of `d` (with `from_parent`, a new name in its directory)
+    /// as the appliance names it, into `out`: the appliance's path of the
+    /// nearest of its protected files and directories the walk up from
+    /// `d` meets, then the components of `fs_path` (`d`'s path from its
+    /// file system's root) below it. `None` when the walk meets none (the
+    /// file is protected through the agent's identities only), goes
+    /// deeper than it looks, or the parts do not agree (a rename raced).
+    /// Sleeps (the sources' mutex): from the task work only.
+    #[inline(never)]
+    fn named(&self, d: Dentry<'_>, from_parent: bool, fs_path: &[u8], out: &mut [u8]) -> Option<usize> {
+        let mut inos = [0u64; MAX_DEPTH];
+        let mut devs = [0u64; MAX_DEPTH];
+        let n = d.ancestors(from_parent, &mut inos, Some(&mut devs))?;
+        let src = self.sources.lock();
+        let (k, base) = devs
+            .iter()
+            .zip(inos.iter())
+            .take(n)
+            .enumerate()
+            .find_map(|(k, (&dev, &ino))| Some((k, src.sealed.name_of((dev, ino))?)))?;
+        files::named_path(base, fs_path, k + usize::from(from_parent), out)
+    }
+
     /// What `op` is about, if it touches a protected file.
     fn plan(&self, op: &FileOp) -> Plan {
         let d = op.object();
@@ -276,7 +342,12 @@ impl Files {
             return Plan::Pass;
         }
         match d.ident(from_parent) {
-            Some(id) => Plan::Decide(Target { id, access, flags }),
+            Some(id) => Plan::Decide(Target {
+                id,
+                access,
+                flags,
+                from_parent,
+            }),
             // A negative dentry where a file was expected: nothing to
             // decide (the VFS fails the operation itself).
             None => Plan::Pass,
@@ -291,6 +362,8 @@ struct Target {
     id: FileIdent,
     access: FileAccess,
     flags: u8,
+    /// The object is a new name: the walk starts at its directory.
+    from_parent: bool,
 }
 
 enum Plan {
@@ -464,6 +537,7 @@ pub(crate) fn gate(s: &Shared, op: &FileOp) -> Result<Gate> {
                 }),
                 access: FileAccess::Write,
                 flags: FILE_LINK,
+                from_parent: false,
             };
             return STATS
                 .refusals
@@ -570,14 +644,36 @@ pub(crate) fn ask(s: &Shared, op: &FileOp) -> Result {
     let key = key_of(&t, &program, &ids);
     let mut path = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
     let mut to = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
-    let path = op.object().path(&mut path)?;
+    let mut path_named = KVec::from_elem(0u8, MAX_PATH_LEN, GFP_KERNEL)?;
+    let mut to_named = KVec::from_elem(0u8, MAX_PATH_LEN, GFP_KERNEL)?;
+    let mut flags = t.flags;
+    // The paths as the appliance named its protected sets, where the walk
+    // meets one of its paths (T-102); otherwise from the file system's
+    // root, for the agent to map.
+    let fs_path = op.object().path(&mut path)?;
+    let path = match s.files.named(op.object(), t.from_parent, fs_path, &mut path_named) {
+        Some(n) => {
+            flags |= FILE_PATH_NAMED;
+            path_named.get(..n).unwrap_or(&[])
+        }
+        None => fs_path,
+    };
     let to: &[u8] = match op.new_name() {
-        Some(n) if matches!(op.op, sys::FOP_RENAME | sys::FOP_LINK) => n.path(&mut to)?,
+        Some(n) if matches!(op.op, sys::FOP_RENAME | sys::FOP_LINK) => {
+            let fs_to = n.path(&mut to)?;
+            match s.files.named(n, true, fs_to, &mut to_named) {
+                Some(len) => {
+                    flags |= FILE_TO_NAMED;
+                    to_named.get(..len).unwrap_or(&[])
+                }
+                None => fs_to,
+            }
+        }
         _ => &[],
     };
     let rec = Record::FileRequest(FileRequest {
         access: t.access,
-        flags: t.flags,
+        flags,
         sha256: program,
         program_source: source,
         uid: ids.uid,

@@ -428,10 +428,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             let sent = match device.next_event() {
                 Ok(Event::Exec(ev)) => tx.blocking_send(Asked::Exec(ev)).is_ok(),
                 Ok(Event::File(mut ev)) => {
-                    // The module names the file from its file system's
-                    // root; policy and file sets use host paths.
-                    ev.path = crate::files::absolute_here(ev.dev, &ev.path);
-                    if let Some(to) = ev.to.as_mut() {
+                    // Unless the module named the file by the appliance's
+                    // path, it names it from its file system's root;
+                    // policy and file sets use host paths.
+                    if !ev.named {
+                        ev.path = crate::files::absolute_here(ev.dev, &ev.path);
+                    }
+                    if let Some(to) = ev.to.as_mut().filter(|_| !ev.to_named) {
                         *to = crate::files::absolute_here(ev.dev, to);
                     }
                     tx.blocking_send(Asked::File(ev)).is_ok()
@@ -1958,6 +1961,8 @@ mod tests {
             ino: 42,
             path: "/srv/db/data".into(),
             to: to.map(str::to_owned),
+            named: false,
+            to_named: false,
         }
     }
 

@@ -138,6 +138,47 @@ pub fn union<'a>(
     })
 }
 
+/// The path the appliance names a file by, as the module builds it: `base`
+/// (the appliance's path of the protected directory or file the walk
+/// matched, `below` levels above the file) then the last `below`
+/// components of `fs_path` (the file's path from its file system's root),
+/// into `out`. Its length, or `None` when `fs_path` has fewer components
+/// or the result does not fit `out`.
+pub fn named_path(base: &[u8], fs_path: &[u8], below: usize, out: &mut [u8]) -> Option<usize> {
+    // The start of the last `below` components of `fs_path`.
+    let mut start = fs_path.len();
+    for _ in 0..below {
+        while start > 0 && fs_path.get(start - 1) == Some(&b'/') {
+            start -= 1;
+        }
+        if start == 0 {
+            return None;
+        }
+        while start > 0 && fs_path.get(start - 1) != Some(&b'/') {
+            start -= 1;
+        }
+    }
+    let tail = fs_path.get(start..)?;
+    let base = match base {
+        b"/" => &b""[..],
+        b => b,
+    };
+    let mut len = 0;
+    let mut put = |part: &[u8]| -> Option<()> {
+        out.get_mut(len..len + part.len())?.copy_from_slice(part);
+        len += part.len();
+        Some(())
+    };
+    put(base)?;
+    if below > 0 {
+        put(b"/")?;
+        put(tail)?;
+    } else if base.is_empty() {
+        put(b"/")?;
+    }
+    Some(len)
+}
+
 /// What the walk found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protection {
@@ -415,7 +456,65 @@ mod tests {
         assert!(Answers::new(Vec::<Answer>::new()).is_none());
     }
 
+    fn named(base: &str, fs_path: &str, below: usize) -> Option<String> {
+        let mut out = [0u8; 64];
+        let n = named_path(base.as_bytes(), fs_path.as_bytes(), below, &mut out)?;
+        Some(String::from_utf8(out[..n].to_vec()).unwrap())
+    }
+
+    #[test]
+    fn named_paths_join_the_appliances_path_and_the_components_below() {
+        // /srv/www on its own file system, matched at the file's parent.
+        assert_eq!(
+            named("/srv/www", "/sub/f", 2).as_deref(),
+            Some("/srv/www/sub/f")
+        );
+        assert_eq!(
+            named("/srv/www", "/sub/f", 1).as_deref(),
+            Some("/srv/www/f")
+        );
+        // The protected file itself.
+        assert_eq!(
+            named("/etc/app.key", "/etc/app.key", 0).as_deref(),
+            Some("/etc/app.key")
+        );
+        // The root of everything.
+        assert_eq!(named("/", "/a/b", 2).as_deref(), Some("/a/b"));
+        assert_eq!(named("/", "/", 0).as_deref(), Some("/"));
+        // Fewer components than the walk went up: inconsistent, none.
+        assert_eq!(named("/srv", "/f", 2), None);
+        assert_eq!(named("/srv", "/", 1), None);
+        // Too long for the buffer.
+        assert_eq!(named(&"/x".repeat(40), "/f", 1), None);
+    }
+
     proptest! {
+        /// A named path is the base, then exactly the last `below`
+        /// components of the file system path.
+        #[test]
+        fn named_path_model(
+            base in proptest::collection::vec("[a-z]{1,3}", 0..4),
+            comps in proptest::collection::vec("[a-z.]{1,3}", 0..6),
+            below in 0usize..8,
+        ) {
+            let base = format!("/{}", base.join("/"));
+            let fs_path = format!("/{}", comps.join("/"));
+            let mut out = [0u8; 256];
+            let got = named_path(base.as_bytes(), fs_path.as_bytes(), below, &mut out)
+                .map(|n| String::from_utf8(out[..n].to_vec()).unwrap());
+            if below > comps.len() {
+                prop_assert_eq!(got, None);
+            } else {
+                let tail = comps[comps.len() - below..].join("/");
+                let want = match (base.as_str(), below) {
+                    (b, 0) => b.to_owned(),
+                    ("/", _) => format!("/{tail}"),
+                    (b, _) => format!("{b}/{tail}"),
+                };
+                prop_assert_eq!(got, Some(want));
+            }
+        }
+
         /// The union of two sorted sets is their set union, sorted, and a
         /// valid protected set.
         #[test]

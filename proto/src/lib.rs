@@ -745,8 +745,17 @@ pub const FILE_CREATE: u8 = 1;
 pub const FILE_TRUNCATE: u8 = 2;
 /// [`FileRequest::flags`]: a new hard link to `path` named `to`.
 pub const FILE_LINK: u8 = 4;
+/// [`FileRequest::flags`]: `path` is the module's own: the appliance's
+/// path of the protected directory or file its walk matched
+/// ([`FileSetPaths`], which the module resolved), then the components
+/// below it. Absolute in the initial mount namespace; the agent passes it
+/// on as it is and the appliance checks that it did (T-102).
+pub const FILE_PATH_NAMED: u8 = 8;
+/// [`FileRequest::flags`]: the same for `to`.
+pub const FILE_TO_NAMED: u8 = 16;
 /// Every flag bit this version defines.
-const FILE_FLAGS_KNOWN: u8 = FILE_CREATE | FILE_TRUNCATE | FILE_LINK;
+const FILE_FLAGS_KNOWN: u8 =
+    FILE_CREATE | FILE_TRUNCATE | FILE_LINK | FILE_PATH_NAMED | FILE_TO_NAMED;
 
 /// One operation on a protected file, as the kernel saw it.
 ///
@@ -758,7 +767,8 @@ const FILE_FLAGS_KNOWN: u8 = FILE_CREATE | FILE_TRUNCATE | FILE_LINK;
 pub struct FileRequest<'a> {
     /// What is asked.
     pub access: FileAccess,
-    /// [`FILE_CREATE`], [`FILE_TRUNCATE`], [`FILE_LINK`] or 0.
+    /// [`FILE_CREATE`], [`FILE_TRUNCATE`], [`FILE_LINK`],
+    /// [`FILE_PATH_NAMED`], [`FILE_TO_NAMED`] or 0.
     pub flags: u8,
     /// SHA-256 of the program the process runs.
     pub sha256: [u8; SHA256_LEN],
@@ -787,7 +797,9 @@ pub struct FileRequest<'a> {
     pub ino: u64,
     /// The process's ancestry, as in [`NetRequest::ancestry`].
     pub ancestry: Ancestry<'a>,
-    /// The file's path (no NUL).
+    /// The file's path (no NUL): with [`FILE_PATH_NAMED`] absolute, as
+    /// the appliance named the protected set; otherwise from the root of
+    /// the file system `dev` (the agent maps it).
     pub path: &'a [u8],
     /// [`FileAccess::Rename`] and [`FILE_LINK`]: the new path; otherwise
     /// empty.

@@ -311,21 +311,29 @@ fn file_gate_btrfs_subvolumes() -> Result<()> {
 /// Root's agent runs in a mount namespace of its own with a tmpfs over
 /// `/srv` (it cannot see `/srv/data` at all, so it could not have resolved
 /// it) and names `/srv/data`, a symlink to it and a path that does not
-/// exist yet: the module protects the real directory, once; the missing
+/// exist yet: the module protects the real directory, once, and names
+/// requests under it by the first of the two paths; the missing
 /// path is counted, and protected once it exists and the paths come again
-/// (as the agent sends them every 30 s).
+/// (as the agent sends them every 30 s). A protected directory on a file
+/// system of its own (`/mnt/t/data`, a tmpfs) is asked about by the path
+/// the appliance named (`FILE_PATH_NAMED`), not the one from the file
+/// system's root (`/data/f`), which the fake agent's prefix would miss.
 #[test]
 fn file_gate_paths_resolved_by_the_module() -> Result<()> {
     let mut vm = host_with_module()?;
     setup(&mut vm)?;
-    vm.run_ok("ln -s /srv/data /srv/link")?;
+    vm.run_ok(
+        "ln -s /srv/data /srv/link && mkdir -p /mnt/t && mount -t tmpfs none /mnt/t \
+         && mkdir /mnt/t/data && echo m >/mnt/t/data/f",
+    )?;
     start_agent_in(
         &mut vm,
         "exec unshare -m sh -c 'mount -t tmpfs none /srv && {}'",
         "enforce",
         &format!(
-            "--allow {EVIL} --file-path /srv/link --file-path /srv/data --file-path /srv/later \
-             --file-deny /srv/data --file-deny /srv/later --file-allow-prog /usr/bin/cat"
+            "--allow {EVIL} --file-path /srv/data --file-path /srv/link --file-path /srv/later \
+             --file-path /mnt/t/data --file-deny /srv/data --file-deny /srv/later \
+             --file-deny /mnt/t/data --file-allow-prog /usr/bin/cat"
         ),
     )?;
     let out = vm.run("nsenter -t $(pidof tb-fakeagent) -m ls /srv/data")?;
@@ -339,8 +347,8 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
         counter(&mut vm, "file_protected")?,
     );
     ensure!(
-        (resolved, missing, protected) == (1, 1, 1),
-        "resolved {resolved}, missing {missing}, protected {protected}: want 1, 1, 1"
+        (resolved, missing, protected) == (2, 1, 2),
+        "resolved {resolved}, missing {missing}, protected {protected}: want 2, 1, 2"
     );
     let out = vm.run_ok("cat /srv/data/db")?;
     ensure!(out.stdout.trim() == "secret", "approved read: {out:?}");
@@ -350,6 +358,28 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
     }
     let out = vm.run_ok(&format!("{EVIL} /srv/pub/x"))?;
     ensure!(out.stdout.trim() == "open", "unprotected read: {out:?}");
+    let out = vm.run(&format!("{EVIL} /mnt/t/data/f"))?;
+    ensure!(
+        refused(&out),
+        "{EVIL} /mnt/t/data/f was not refused: {out:?}"
+    );
+    let out = vm.run("echo x >/mnt/t/data/new")?;
+    ensure!(
+        refused(&out),
+        "a new file in /mnt/t/data was not refused: {out:?}"
+    );
+    let lines = file_lines(&mut vm)?;
+    for want in [
+        "file read /mnt/t/data/f flags=8 ",
+        "file write /mnt/t/data/new flags=9 ",
+    ] {
+        ensure!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(want) && l.ends_with("-> deny")),
+            "no denied request `{want}...`: {lines:?}"
+        );
+    }
 
     // The missing path appears; once the paths come again it is protected.
     vm.run_ok("mkdir /srv/later && echo new >/srv/later/f")?;
@@ -363,8 +393,8 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
         counter(&mut vm, "file_paths_missing")?,
     );
     ensure!(
-        (resolved, missing) == (2, 0),
-        "after the re-send: resolved {resolved}, missing {missing}: want 2, 0"
+        (resolved, missing) == (3, 0),
+        "after the re-send: resolved {resolved}, missing {missing}: want 3, 0"
     );
     let out = vm.run(&format!("{EVIL} /srv/later/f"))?;
     ensure!(
@@ -372,7 +402,7 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
         "{EVIL} /srv/later/f was not refused: {out:?}"
     );
     stop_agent(&mut vm)?;
-    vm.run_ok("rmmod trustbind")?;
+    vm.run_ok("umount /mnt/t && rmmod trustbind")?;
     vm.check_health()?;
     vm.shutdown()?;
     Ok(())

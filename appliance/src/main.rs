@@ -3,6 +3,9 @@
 //! ```text
 //! trustbind-appliance [--data-dir DIR] serve [--agent-listen ADDR] [--enrol-listen ADDR]
 //!                                            [--admin-listen ADDR] [--server-name NAME]...
+//!                                            [--ca-signer SOCKET]
+//! trustbind-appliance [--data-dir DIR] ca-signer (--stdin | --listen SOCKET --allow-uid UID)
+//!                                          the CA signer (`serve` starts one itself)
 //! trustbind-appliance [--data-dir DIR] ca-fingerprint      print the CA's SHA-256
 //! trustbind-appliance [--data-dir DIR] authority           print the authority key (hex)
 //! trustbind-appliance [--data-dir DIR] admin-cert --name N --out DIR [--role admin|read-only]
@@ -23,6 +26,7 @@
 //! variable: `TRUSTBIND_DATA_DIR`, `TRUSTBIND_AGENT_LISTEN`,
 //! `TRUSTBIND_ENROL_LISTEN`, `TRUSTBIND_ADMIN_LISTEN`,
 //! `TRUSTBIND_SERVER_NAMES` (comma-separated), `TRUSTBIND_TIME_ZONE`,
+//! `TRUSTBIND_CA_SIGNER`,
 //! `TRUSTBIND_ADMIN_NAME`,
 //! `TRUSTBIND_ADMIN_OUT`, `TRUSTBIND_ADMIN_TOKEN_TTL_MIN`; an empty one
 //! counts as unset. Flags win; a flag given twice, the last one.
@@ -132,10 +136,33 @@ enum Cmd {
         #[arg(long, value_name = "N", env = "TRUSTBIND_CONNECTIONS_PER_ADDRESS", default_value_t = 16,
               value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         connections_per_address: u32,
+        /// The CA signer's socket (`ca-signer --listen`, started apart, as
+        /// the CA key's owner). Without it `serve` starts its own signer as
+        /// a child (`ca-signer --stdin`). Either way `serve` never reads
+        /// the CA key.
+        #[arg(long, value_name = "SOCKET", env = "TRUSTBIND_CA_SIGNER")]
+        ca_signer: Option<PathBuf>,
         #[command(flatten)]
         alerts: AlertArgs,
         #[command(flatten)]
         retention: RetentionArgs,
+    },
+    /// The CA signer: the one process that reads the CA key (`ca.key`) and
+    /// signs with it, for `serve` (threat model T-76). It checks every
+    /// request itself, rate-limits, and logs each signature to stderr and
+    /// `ca-signatures.jsonl`.
+    #[command(group(clap::ArgGroup::new("how").required(true).args(["stdin", "listen"])))]
+    CaSigner {
+        /// Serve the UNIX socket on standard input, whose peer must be the
+        /// parent process (how `serve` starts it).
+        #[arg(long)]
+        stdin: bool,
+        /// Listen on this UNIX socket (made anew) for `serve --ca-signer`.
+        #[arg(long, value_name = "SOCKET", requires = "allow_uid")]
+        listen: Option<PathBuf>,
+        /// The only uid whose connections are served (`SO_PEERCRED`).
+        #[arg(long, value_name = "UID")]
+        allow_uid: Option<u32>,
     },
     /// Prints the CA's SHA-256 fingerprint.
     CaFingerprint,
@@ -510,6 +537,7 @@ const FLAG_ENV: &[&str] = &[
     "TRUSTBIND_DISK_RESERVE_MIB",
     "TRUSTBIND_RETENTION_INTERVAL",
     "TRUSTBIND_EXPORT_SYSLOG",
+    "TRUSTBIND_CA_SIGNER",
 ];
 
 fn main() -> ExitCode {
@@ -553,6 +581,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
             time_zone,
             handshakes_per_address,
             connections_per_address,
+            ca_signer,
             alerts,
             retention,
         } => {
@@ -577,11 +606,26 @@ fn run(cli: Cli) -> Result<(), Fail> {
             serve(
                 &data_dir,
                 [agent_listen, enrol_listen, admin_listen],
-                names,
+                (names, ca_signer),
                 limits,
                 (sinks, alerts.alert_queue as usize),
                 (retention.config(), retention.export_syslog),
             )
+        }
+        Cmd::CaSigner {
+            stdin,
+            listen,
+            allow_uid,
+        } => {
+            init_log();
+            match (stdin, listen, allow_uid) {
+                (true, _, _) => trustbind_appliance::casign::serve_stdin(&data_dir)?,
+                (false, Some(socket), Some(uid)) => {
+                    trustbind_appliance::casign::serve_listener(&data_dir, &socket, uid)?;
+                }
+                _ => return Err(usage("give --stdin, or --listen with --allow-uid")),
+            }
+            Ok(())
         }
         Cmd::CaFingerprint => {
             println!("{}", existing_pki(&data_dir)?.fingerprint());
@@ -963,7 +1007,7 @@ fn init_log() {
 fn serve(
     data_dir: &Path,
     listen: [SocketAddr; 3],
-    names: ServerNames,
+    (names, ca_signer): (ServerNames, Option<PathBuf>),
     ports: Arc<agent_api::tls::PortLimits>,
     (sinks, queue): (Vec<alerts::Sink>, usize),
     (keep, export_syslog): (retention::Config, bool),
@@ -981,7 +1025,21 @@ fn serve(
     retention::release_reserve_at_start(data_dir, keep.reserve_bytes.max(1 << 20));
     let store = Arc::new(open_store(data_dir)?);
     let names = names.or_default(&listen);
-    let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);
+    // The CA key stays with the signer (T-76): this process never reads it.
+    let (_signer_child, signer) = match &ca_signer {
+        Some(socket) => {
+            let client = trustbind_appliance::casign::Client::connect(socket)?;
+            tracing::info!("CA signer: {}", socket.display());
+            (None, client)
+        }
+        None => {
+            let exe = std::env::current_exe()?;
+            let (child, client) = trustbind_appliance::casign::spawn_child(&exe, data_dir)?;
+            tracing::info!("CA signer: child process {}", child.id());
+            (Some(SignerChild(child)), client)
+        }
+    };
+    let pki = Arc::new(Pki::open_with_signer(data_dir, &names, signer)?);
     let engine = Arc::new(Engine::new(Arc::clone(&store), SCHEMA)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1129,6 +1187,17 @@ fn serve(
         }
         Ok::<(), Fail>(())
     })
+}
+
+/// The CA signer started by `serve`: ended with it (it also ends by
+/// itself when its socket closes).
+struct SignerChild(std::process::Child);
+
+impl Drop for SignerChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener, Fail> {

@@ -322,12 +322,18 @@ impl EnrolService {
                 )),
             ));
         }
-        let issued = api.pki.issue_admin_csr(&name, &r.csr_pem).map_err(|e| {
-            refuse(
-                &name,
-                Status::invalid_argument(format!("field `csr_pem`: {e}")),
-            )
-        })?;
+        let auth = crate::casign::Authorisation::AdminToken {
+            token_sha256: token.token_sha256.clone(),
+        };
+        let issued = api
+            .pki
+            .issue_admin_csr(&name, &r.csr_pem, auth)
+            .map_err(|e| {
+                refuse(
+                    &name,
+                    Status::invalid_argument(format!("field `csr_pem`: {e}")),
+                )
+            })?;
         match api.store.use_admin_token(
             token.id,
             &name,

@@ -9,8 +9,12 @@ use std::sync::Arc;
 
 use common::ServeBinary;
 use rustls::pki_types::pem::PemObject;
+use tonic::transport::Channel;
+use trustbind_appliance::agent_api::enrol::{admin_token_sha256, new_admin_token};
 use trustbind_appliance::agent_api::pb::enrolment_client::EnrolmentClient;
-use trustbind_appliance::agent_api::pb::{EnrolReply, EnrolRequest};
+use trustbind_appliance::agent_api::pb::{
+    EnrolAdminReply, EnrolAdminRequest, EnrolReply, EnrolRequest,
+};
 use trustbind_appliance::store::{Mode, Store};
 
 /// The 32-byte private scalar of the P-256 PKCS#8 key in `pem`
@@ -83,16 +87,8 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Registers `host` and enrols it on `serve`'s enrol port.
-async fn enrol(dir: &Path, serve: &ServeBinary, host: &str) -> EnrolReply {
-    let store = Store::open(&dir.join("appliance.db")).unwrap();
-    store
-        .set_host_group("web", Mode::Enforce, "admin:t")
-        .unwrap();
-    let token = format!("tok-{host}");
-    store
-        .add_pending_host(host, "web", &common::sha256_hex(&token), "admin:t")
-        .unwrap();
+/// A client of `serve`'s enrol port (anonymous TLS, the CA of `dir`).
+async fn enrolment(dir: &Path, serve: &ServeBinary) -> EnrolmentClient<Channel> {
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -105,9 +101,22 @@ async fn enrol(dir: &Path, serve: &ServeBinary, host: &str) -> EnrolReply {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let ch = common::connect(serve.enrol, Arc::new(cfg)).await.unwrap();
+    EnrolmentClient::new(common::connect(serve.enrol, Arc::new(cfg)).await.unwrap())
+}
+
+/// Registers `host` and enrols it on `serve`'s enrol port.
+async fn enrol(dir: &Path, serve: &ServeBinary, host: &str) -> EnrolReply {
+    let store = Store::open(&dir.join("appliance.db")).unwrap();
+    store
+        .set_host_group("web", Mode::Enforce, "admin:t")
+        .unwrap();
+    let token = format!("tok-{host}");
+    store
+        .add_pending_host(host, "web", &common::sha256_hex(&token), "admin:t")
+        .unwrap();
     let (_key, csr_pem) = common::key_and_csr();
-    EnrolmentClient::new(ch)
+    enrolment(dir, serve)
+        .await
         .enrol(EnrolRequest {
             host: host.into(),
             token,
@@ -116,6 +125,24 @@ async fn enrol(dir: &Path, serve: &ServeBinary, host: &str) -> EnrolReply {
         .await
         .unwrap()
         .into_inner()
+}
+
+/// `EnrolAdmin` as `ops` with `token` on `serve`.
+async fn enrol_admin(
+    dir: &Path,
+    serve: &ServeBinary,
+    token: &str,
+) -> Result<EnrolAdminReply, tonic::Status> {
+    let (_key, csr_pem) = common::key_and_csr();
+    Ok(enrolment(dir, serve)
+        .await
+        .enrol_admin(EnrolAdminRequest {
+            name: "ops".into(),
+            token: token.into(),
+            csr_pem,
+        })
+        .await?
+        .into_inner())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,4 +275,34 @@ async fn a_signer_started_apart_serves_only_its_uid() {
     );
     assert!(!other.path().join("server.pem").exists());
     drop(signer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signer_signs_once_per_admin_token_whatever_the_database_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = ServeBinary::start(dir.path(), &[]);
+    let store = Store::open(&dir.path().join("appliance.db")).unwrap();
+    let token = new_admin_token().unwrap();
+    let sha = admin_token_sha256(&token);
+    let mint = || {
+        store
+            .create_admin_token("ops", &sha, 60_000, false, "test")
+            .unwrap()
+            .unwrap()
+    };
+    mint();
+    let reply = enrol_admin(dir.path(), &serve, &token).await.unwrap();
+    assert!(reply.cert_pem.contains("BEGIN CERTIFICATE"));
+    // What a compromised daemon can do to the database: the used token
+    // pending again. The daemon takes it; the signer does not.
+    mint();
+    let e = enrol_admin(dir.path(), &serve, &token).await.unwrap_err();
+    assert!(e.message().contains("used before"), "{e:?}");
+    let log = std::fs::read_to_string(dir.path().join("ca-signatures.jsonl")).unwrap();
+    let admins: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"admin\""))
+        .collect();
+    assert_eq!(admins.len(), 1, "{log}");
+    assert!(admins.first().unwrap().contains(&sha), "{log}");
 }

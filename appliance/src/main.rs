@@ -1026,17 +1026,17 @@ fn serve(
     let store = Arc::new(open_store(data_dir)?);
     let names = names.or_default(&listen);
     // The CA key stays with the signer (T-76): this process never reads it.
-    let (_signer_child, signer) = match &ca_signer {
+    let (signer_exit, signer) = match &ca_signer {
         Some(socket) => {
             let client = trustbind_appliance::casign::Client::connect(socket)?;
             tracing::info!("CA signer: {}", socket.display());
-            (None, client)
+            (None::<tokio::sync::oneshot::Receiver<String>>, client)
         }
         None => {
             let exe = std::env::current_exe()?;
             let (child, client) = trustbind_appliance::casign::spawn_child(&exe, data_dir)?;
             tracing::info!("CA signer: child process {}", child.id());
-            (Some(SignerChild(child)), client)
+            (Some(watch_signer(child)), client)
         }
     };
     let pki = Arc::new(Pki::open_with_signer(data_dir, &names, signer)?);
@@ -1159,7 +1159,7 @@ fn serve(
             router,
             admin_limits,
         ));
-        wait_for_signals(&pki).await?;
+        wait_for_signals(&pki, signer_exit).await?;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         // Open calls get a bounded time to finish.
@@ -1189,15 +1189,17 @@ fn serve(
     })
 }
 
-/// The CA signer started by `serve`: ended with it (it also ends by
-/// itself when its socket closes).
-struct SignerChild(std::process::Child);
-
-impl Drop for SignerChild {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Waits for the CA signer child in a thread of its own; the receiver gets
+/// how it ended. (It ends by itself when `serve` exits: its socket closes.)
+fn watch_signer(mut child: std::process::Child) -> tokio::sync::oneshot::Receiver<String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let how = child
+            .wait()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        let _ = tx.send(how);
+    });
+    rx
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener, Fail> {
@@ -1210,7 +1212,19 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener, F
 }
 
 /// Returns on SIGTERM or SIGINT; reloads the server certificate on SIGHUP.
-async fn wait_for_signals(pki: &Pki) -> Result<(), Fail> {
+/// Fails when the CA signer child ends (`signer_exit`): without it nothing
+/// can be signed, and the supervisor restarts both.
+async fn wait_for_signals(
+    pki: &Pki,
+    signer_exit: Option<tokio::sync::oneshot::Receiver<String>>,
+) -> Result<(), Fail> {
+    let signer_gone = async move {
+        match signer_exit {
+            Some(rx) => rx.await.unwrap_or_else(|_| "unknown".into()),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(signer_gone);
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -1219,6 +1233,9 @@ async fn wait_for_signals(pki: &Pki) -> Result<(), Fail> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
+            how = &mut signer_gone => {
+                return Err(Fail(EXIT_FAILED, format!("the CA signer exited ({how}): stopping")));
+            }
             _ = hup.recv() => match pki.reload_server_cert() {
                 Ok(serial) => tracing::info!("server certificate {serial} loaded"),
                 Err(e) => tracing::error!("server certificate not reloaded: {e}"),

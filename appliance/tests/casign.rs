@@ -306,3 +306,29 @@ async fn the_signer_signs_once_per_admin_token_whatever_the_database_says() {
     assert_eq!(admins.len(), 1, "{log}");
     assert!(admins.first().unwrap().contains(&sha), "{log}");
 }
+
+#[test]
+fn serve_stops_when_its_signer_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = ServeBinary::start(dir.path(), &[]);
+    let signer = children(serve.child.id())
+        .into_iter()
+        .find(|k| {
+            std::fs::read(format!("/proc/{k}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("ca-signer"))
+        })
+        .unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(signer).unwrap()).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    for _ in 0..200 {
+        if let Some(status) = serve.child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(1), "{status:?}");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("serve goes on without its CA signer");
+}

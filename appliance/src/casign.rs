@@ -139,6 +139,11 @@ fn refused(why: impl Into<String>) -> PkiError {
     PkiError::Refused(why.into())
 }
 
+/// The signer could not be asked, or its answer not read.
+fn unavailable(why: impl Into<String>) -> PkiError {
+    PkiError::SignerUnavailable(why.into())
+}
+
 /// A request that passed [`check`]: the kind, and the server
 /// certificate's names.
 #[derive(Debug)]
@@ -674,14 +679,14 @@ impl Client {
     /// A client on `stream`, connected to a signer: reads its greeting
     /// (the CA certificate).
     pub fn new(stream: UnixStream) -> Result<Self, PkiError> {
-        let io = |e: std::io::Error| refused(format!("the CA signer: {e}"));
+        let io = |e: std::io::Error| unavailable(format!("{e}"));
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
         let hello = read_envelope(&mut BufReader::new(&stream))?;
         let ca_pem = hello
             .ca_pem
             .filter(|_| hello.id == 0)
-            .ok_or_else(|| refused("the CA signer did not send its CA certificate"))?;
+            .ok_or_else(|| unavailable("it did not send its CA certificate"))?;
         Ok(Self {
             conn: Mutex::new((stream, 0)),
             ca_pem,
@@ -712,7 +717,7 @@ impl Client {
             err: None,
             ca_pem: None,
         };
-        let io = |e: std::io::Error| refused(format!("the CA signer: {e}"));
+        let io = |e: std::io::Error| unavailable(format!("{e}"));
         let text = serde_json::to_string(&env).map_err(|e| refused(e.to_string()))?;
         if text.len() >= MAX_LINE {
             return Err(refused("the request is too long"));
@@ -729,7 +734,7 @@ impl Client {
             return match (answer.ok, answer.err) {
                 (Some(c), None) => Ok(c),
                 (_, Some(e)) => Err(refused(e)),
-                (None, None) => Err(refused("the CA signer answered nothing")),
+                (None, None) => Err(unavailable("it answered nothing")),
             };
         }
     }
@@ -741,11 +746,11 @@ fn read_envelope(reader: &mut BufReader<&UnixStream>) -> Result<Envelope, PkiErr
     let n = reader
         .take(MAX_LINE as u64 + 1)
         .read_line(&mut line)
-        .map_err(|e| refused(format!("the CA signer: {e}")))?;
+        .map_err(|e| unavailable(format!("{e}")))?;
     if n == 0 {
-        return Err(refused("the CA signer closed the connection"));
+        return Err(unavailable("it closed the connection"));
     }
-    serde_json::from_str(&line).map_err(|e| refused(format!("the CA signer's answer: {e}")))
+    serde_json::from_str(&line).map_err(|e| unavailable(format!("its answer: {e}")))
 }
 
 /// Starts `exe ca-signer --stdin` for `dir` on one end of a socket pair
@@ -914,6 +919,21 @@ mod tests {
         assert!(refusal(s.handle(&r, 1)).contains("too many admin"));
         // Hosts have their own budget.
         s.handle(&host("web1"), 1).unwrap();
+    }
+
+    #[test]
+    fn a_signer_gone_is_unavailable_not_a_refusal() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let hello = "{\"id\":0,\"ca_pem\":\"x\"}\n";
+        (&b).write_all(hello.as_bytes()).unwrap();
+        let c = Client::new(a).unwrap();
+        drop(b);
+        let e = c.sign(&host("web1")).unwrap_err();
+        assert!(matches!(e, PkiError::SignerUnavailable(_)), "{e:?}");
+        let st = crate::agent_api::not_issued(&e);
+        assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+        let st = crate::agent_api::not_issued(&refused("no"));
+        assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
     }
 
     #[test]

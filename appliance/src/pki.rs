@@ -95,9 +95,12 @@ pub enum PkiError {
     /// Building a TLS configuration failed.
     #[error("TLS configuration: {0}")]
     Tls(String),
-    /// The CA signer refused to sign, or could not be asked.
+    /// The CA signer refused to sign.
     #[error("CA signer: {0}")]
     Refused(String),
+    /// The CA signer could not be asked (gone, or no answer in time).
+    #[error("CA signer unavailable: {0}")]
+    SignerUnavailable(String),
     /// A lock was poisoned by a panic in another thread.
     #[error("PKI lock poisoned")]
     Poisoned,

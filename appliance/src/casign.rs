@@ -28,7 +28,8 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::fd::AsFd as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -619,8 +620,6 @@ pub fn serve_stdin(dir: &Path) -> Result<(), PkiError> {
     signer.serve_stream(&stream, pid).map_err(stdin_err)
 }
 
-use std::os::fd::AsFd as _;
-
 fn stdin_err(e: std::io::Error) -> PkiError {
     crate::pki::io_err(Path::new("<stdin>"), e)
 }
@@ -632,8 +631,7 @@ pub fn serve_listener(dir: &Path, socket: &Path, allow_uid: u32) -> Result<(), P
     let mut signer = Signer::open(dir)?;
     let _ = fs::remove_file(socket);
     let listener = UnixListener::bind(socket).map_err(|e| crate::pki::io_err(socket, e))?;
-    // Who may connect is checked by uid; the mode keeps out the rest.
-    use std::os::unix::fs::PermissionsExt as _;
+    // Anyone may connect; only `allow_uid` is served (`SO_PEERCRED`).
     fs::set_permissions(socket, fs::Permissions::from_mode(0o666))
         .map_err(|e| crate::pki::io_err(socket, e))?;
     tracing::info!(

@@ -110,20 +110,41 @@ impl Resolved {
     }
 }
 
-/// Resolves the sealed `paths` from init's root ([`sys::init_path_ident`]).
-/// A path not found now is found at a later resolution (the agent sends
-/// the order again every 30 s). Sleeps: call with no lock held.
+/// Most mounts below the appliance's directories one resolution takes.
+const MAX_MOUNTS: usize = 256;
+/// Largest mount table read (`/proc/1/mountinfo`).
+const MOUNTINFO_MAX: usize = 1 << 20;
+
+/// Resolves the sealed `paths` from init's root ([`sys::init_path_ident`]),
+/// and for each directory among them the root of every mount at or below
+/// it in init's mount table (the walk up from a file stops at its file
+/// system's root, so a file system mounted below a protected directory
+/// is listed by its root), named by its mount point. A path not found now
+/// is found at a later resolution (the agent sends the order again every
+/// 30 s), and so is a mount made since. Sleeps: call with no lock held.
 pub(crate) fn resolve(paths: &FileSetPaths<'_>) -> Result<Resolved> {
-    let mut found: KVec<((u64, u64), usize, usize)> = KVec::with_capacity(paths.len(), GFP_KERNEL)?;
+    let mut found: KVec<Named> = KVec::with_capacity(paths.len(), GFP_KERNEL)?;
+    let mut text = KVec::with_capacity(paths.as_bytes().len(), GFP_KERNEL)?;
+    text.extend_from_slice(paths.as_bytes(), GFP_KERNEL)?;
+    let mut dirs: KVec<(usize, usize)> = KVec::new();
     let mut missing = 0;
     let mut off = 0;
     for p in paths.iter_c() {
+        let len = p.len().saturating_sub(1);
         match sys::init_path_ident(p) {
             // The offset orders paths of one identity: the first wins.
-            Ok(id) => found.push((id, off, p.len().saturating_sub(1)), GFP_KERNEL)?,
+            Ok((id, dir)) => {
+                found.push((id, off, len), GFP_KERNEL)?;
+                if dir {
+                    dirs.push((off, len), GFP_KERNEL)?;
+                }
+            }
             Err(_) => missing += 1,
         }
         off += p.len();
+    }
+    if !dirs.is_empty() {
+        mounts_below(&dirs, &mut text, &mut found)?;
     }
     let n = crate::proto::sorted::sort_unique(&mut found);
     let mut ids = KVec::with_capacity(n, GFP_KERNEL)?;
@@ -134,14 +155,62 @@ pub(crate) fn resolve(paths: &FileSetPaths<'_>) -> Result<Resolved> {
             names.push(e, GFP_KERNEL)?;
         }
     }
-    let mut text = KVec::with_capacity(paths.as_bytes().len(), GFP_KERNEL)?;
-    text.extend_from_slice(paths.as_bytes(), GFP_KERNEL)?;
     Ok(Resolved {
         ids,
         names,
         text,
         missing,
     })
+}
+
+/// Adds to `found` the root of every mount in init's mount table whose
+/// mount point is at or below one of `dirs` (offset and length of a
+/// directory's path in `text`), named by its mount point (appended to
+/// `text`); at most [`MAX_MOUNTS`]. A table that cannot be read adds
+/// nothing (said once in a while): the next resolution tries again.
+fn mounts_below(dirs: &[(usize, usize)], text: &mut KVec<u8>, found: &mut KVec<Named>) -> Result {
+    let mut table = KVVec::from_elem(0u8, MOUNTINFO_MAX, GFP_KERNEL)?;
+    let n = match sys::init_mountinfo(&mut table) {
+        Ok(n) => n,
+        Err(e) => {
+            if sys::log_ratelimit() {
+                pr_warn!("init's mount table not read (errno {}): mounts below protected directories not added\n", e.to_errno());
+            }
+            return Ok(());
+        }
+    };
+    let mut point = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
+    let mut added = 0;
+    for field in files::mount_point_fields(table.get(..n).unwrap_or(&[])) {
+        let Some(len) = point
+            .get_mut(..MAX_PATH_LEN)
+            .and_then(|p| files::unescape_mountinfo(field, p))
+        else {
+            continue;
+        };
+        let below = point.get(..len).is_some_and(|pt| {
+            !pt.contains(&0)
+                && dirs
+                    .iter()
+                    .any(|&(o, l)| text.get(o..o + l).is_some_and(|d| files::at_or_below(pt, d)))
+        });
+        if !below {
+            continue;
+        }
+        if added == MAX_MOUNTS {
+            break;
+        }
+        if let Some(nul) = point.get_mut(len) {
+            *nul = 0;
+        }
+        if let Ok((id, _)) = sys::init_path_ident(point.get(..=len).unwrap_or(&[])) {
+            let off = text.len();
+            text.extend_from_slice(point.get(..=len).unwrap_or(&[]), GFP_KERNEL)?;
+            found.push((id, off, len), GFP_KERNEL)?;
+            added += 1;
+        }
+    }
+    Ok(())
 }
 
 /// The protected set, the file verdict cache and the answers.

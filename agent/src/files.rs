@@ -71,27 +71,13 @@ pub enum ResolveError {
     TooMany(usize),
 }
 
-/// Undoes the kernel's octal escapes in a mountinfo field (`\040` space,
-/// `\011` tab, `\012` newline, `\134` backslash); anything else stays.
+/// Undoes the kernel's octal escapes in a mountinfo field
+/// ([`trustbind_proto::files::unescape_mountinfo`]).
 fn unescape(field: &str) -> OsString {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        let octal = b.get(i + 1..i + 4).filter(|d| {
-            c == b'\\' && d.iter().all(|x| (b'0'..=b'7').contains(x)) && d.first() <= Some(&b'3')
-        });
-        match octal {
-            Some(d) => {
-                out.push(d.iter().fold(0u8, |n, x| n * 8 + (x - b'0')));
-                i += 4;
-            }
-            None => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
+    let mut out = vec![0u8; field.len()];
+    // Unescaping never lengthens a field.
+    let n = trustbind_proto::files::unescape_mountinfo(field.as_bytes(), &mut out).unwrap_or(0);
+    out.truncate(n);
     OsString::from_vec(out)
 }
 

@@ -659,9 +659,13 @@ u64 tb_dentry_dev(const struct dentry *d);
 /* The identity of the file at path (absolute, NUL-terminated) as init
  * (pid 1) names it: walked from init's root in init's mount namespace,
  * every symlink followed (LOOKUP_FOLLOW). *dev as stat(2) reports it
- * (st_dev encoding), *ino its inode number. 0 or -errno. Sleeps: call
- * with no lock held. */
-int tb_init_path_ident(const char *path, u64 *dev, u64 *ino);
+ * (st_dev encoding), *ino its inode number, *dir whether it is a
+ * directory. 0 or -errno. Sleeps: call with no lock held. */
+int tb_init_path_ident(const char *path, u64 *dev, u64 *ino, bool *dir);
+/* Init's mount table: /proc/1/mountinfo, opened from init's root, into
+ * buf. The length, -E2BIG if it does not fit in len, or -errno. Sleeps:
+ * call with no lock held. */
+ssize_t tb_init_mountinfo(char *buf, size_t len);
 /* The inode numbers of d (if from_parent is false) and of every dentry
  * above it on its file system, nearest first, at most max; the count, or
  * max + 1 if the tree goes deeper. With devs, also each one's device as

@@ -179,6 +179,48 @@ pub fn named_path(base: &[u8], fs_path: &[u8], below: usize, out: &mut [u8]) -> 
     Some(len)
 }
 
+/// Undoes the kernel's octal escapes in a `/proc/<pid>/mountinfo` field
+/// (`\040` space, `\011` tab, `\012` newline, `\134` backslash; anything
+/// else stays) into `out`; the length, or `None` if `out` is too short.
+/// The agent and the module read mount points with it.
+pub fn unescape_mountinfo(field: &[u8], out: &mut [u8]) -> Option<usize> {
+    let mut i = 0;
+    let mut n = 0;
+    while let Some(&c) = field.get(i) {
+        let octal = field.get(i + 1..i + 4).filter(|d| {
+            c == b'\\' && d.iter().all(|x| (b'0'..=b'7').contains(x)) && d.first() <= Some(&b'3')
+        });
+        let (byte, used) = match octal {
+            Some(d) => (d.iter().fold(0u8, |v, x| v * 8 + (x - b'0')), 4),
+            None => (c, 1),
+        };
+        *out.get_mut(n)? = byte;
+        n += 1;
+        i += used;
+    }
+    Some(n)
+}
+
+/// The mount point field (the fifth, escaped) of each line of
+/// `/proc/<pid>/mountinfo` text.
+pub fn mount_point_fields(mountinfo: &[u8]) -> impl Iterator<Item = &[u8]> {
+    mountinfo
+        .split(|&b| b == b'\n')
+        .filter_map(|l| l.split(|&b| b == b' ').nth(4))
+}
+
+/// Whether absolute path `p` is `dir` or lies below it, component-wise
+/// (`/srv/data` covers `/srv/data/x`, not `/srv/database`; `/` covers
+/// everything).
+pub fn at_or_below(p: &[u8], dir: &[u8]) -> bool {
+    let dir = match dir {
+        b"/" => &b""[..],
+        d => d,
+    };
+    p.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.first() == Some(&b'/'))
+}
+
 /// What the walk found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protection {
@@ -460,6 +502,40 @@ mod tests {
         let mut out = [0u8; 64];
         let n = named_path(base.as_bytes(), fs_path.as_bytes(), below, &mut out)?;
         Some(String::from_utf8(out[..n].to_vec()).unwrap())
+    }
+
+    #[test]
+    fn mountinfo_fields_are_read_and_unescaped() {
+        let mi = b"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                   30 22 0:40 / /srv/a\\040b rw - tmpfs none rw\n\
+                   31 22 0:41 / /x\\134y\\012z rw - tmpfs none rw\n\
+                   short line\n";
+        let got: Vec<Vec<u8>> = mount_point_fields(mi)
+            .map(|f| {
+                let mut out = [0u8; 64];
+                let n = unescape_mountinfo(f, &mut out).unwrap();
+                out[..n].to_vec()
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![b"/".to_vec(), b"/srv/a b".to_vec(), b"/x\\y\nz".to_vec()]
+        );
+        // Not an escape: kept as it is.
+        let mut out = [0u8; 8];
+        let n = unescape_mountinfo(b"\\9x\\4", &mut out).unwrap();
+        assert_eq!(&out[..n], b"\\9x\\4");
+        assert_eq!(unescape_mountinfo(b"/long", &mut [0u8; 3]), None);
+    }
+
+    #[test]
+    fn below_is_by_whole_components() {
+        assert!(at_or_below(b"/srv/data", b"/srv/data"));
+        assert!(at_or_below(b"/srv/data/x/y", b"/srv/data"));
+        assert!(!at_or_below(b"/srv/database", b"/srv/data"));
+        assert!(!at_or_below(b"/srv", b"/srv/data"));
+        assert!(at_or_below(b"/anything", b"/"));
+        assert!(at_or_below(b"/", b"/"));
     }
 
     #[test]

@@ -318,13 +318,17 @@ fn file_gate_btrfs_subvolumes() -> Result<()> {
 /// system of its own (`/mnt/t/data`, a tmpfs) is asked about by the path
 /// the appliance named (`FILE_PATH_NAMED`), not the one from the file
 /// system's root (`/data/f`), which the fake agent's prefix would miss.
+/// A file system mounted below a protected directory (`/srv/data/m`)
+/// is protected too, found by the module in init's mount table (the fake
+/// agent sends no identities at all), and named by its mount point.
 #[test]
 fn file_gate_paths_resolved_by_the_module() -> Result<()> {
     let mut vm = host_with_module()?;
     setup(&mut vm)?;
     vm.run_ok(
         "ln -s /srv/data /srv/link && mkdir -p /mnt/t && mount -t tmpfs none /mnt/t \
-         && mkdir /mnt/t/data && echo m >/mnt/t/data/f",
+         && mkdir /mnt/t/data && echo m >/mnt/t/data/f \
+         && mkdir /srv/data/m && mount -t tmpfs none /srv/data/m && echo mm >/srv/data/m/f",
     )?;
     start_agent_in(
         &mut vm,
@@ -347,8 +351,8 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
         counter(&mut vm, "file_protected")?,
     );
     ensure!(
-        (resolved, missing, protected) == (2, 1, 2),
-        "resolved {resolved}, missing {missing}, protected {protected}: want 2, 1, 2"
+        (resolved, missing, protected) == (3, 1, 3),
+        "resolved {resolved}, missing {missing}, protected {protected}: want 3, 1, 3"
     );
     let out = vm.run_ok("cat /srv/data/db")?;
     ensure!(out.stdout.trim() == "secret", "approved read: {out:?}");
@@ -358,11 +362,10 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
     }
     let out = vm.run_ok(&format!("{EVIL} /srv/pub/x"))?;
     ensure!(out.stdout.trim() == "open", "unprotected read: {out:?}");
-    let out = vm.run(&format!("{EVIL} /mnt/t/data/f"))?;
-    ensure!(
-        refused(&out),
-        "{EVIL} /mnt/t/data/f was not refused: {out:?}"
-    );
+    for path in ["/mnt/t/data/f", "/srv/data/m/f", "/srv/link/m/f"] {
+        let out = vm.run(&format!("{EVIL} {path}"))?;
+        ensure!(refused(&out), "{EVIL} {path} was not refused: {out:?}");
+    }
     let out = vm.run("echo x >/mnt/t/data/new")?;
     ensure!(
         refused(&out),
@@ -372,6 +375,7 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
     for want in [
         "file read /mnt/t/data/f flags=8 ",
         "file write /mnt/t/data/new flags=9 ",
+        "file read /srv/data/m/f flags=8 ",
     ] {
         ensure!(
             lines
@@ -393,8 +397,8 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
         counter(&mut vm, "file_paths_missing")?,
     );
     ensure!(
-        (resolved, missing) == (3, 0),
-        "after the re-send: resolved {resolved}, missing {missing}: want 3, 0"
+        (resolved, missing) == (4, 0),
+        "after the re-send: resolved {resolved}, missing {missing}: want 4, 0"
     );
     let out = vm.run(&format!("{EVIL} /srv/later/f"))?;
     ensure!(
@@ -402,7 +406,7 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
         "{EVIL} /srv/later/f was not refused: {out:?}"
     );
     stop_agent(&mut vm)?;
-    vm.run_ok("umount /mnt/t && rmmod trustbind")?;
+    vm.run_ok("umount /mnt/t /srv/data/m && rmmod trustbind")?;
     vm.check_health()?;
     vm.shutdown()?;
     Ok(())

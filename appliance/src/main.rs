@@ -627,12 +627,17 @@ fn run(cli: Cli) -> Result<(), Fail> {
             }
             Ok(())
         }
+        // Neither reads the CA key (T-76): the certificate, the authority
+        // key.
         Cmd::CaFingerprint => {
-            println!("{}", existing_pki(&data_dir)?.fingerprint());
+            existing_pki_dir(&data_dir)?;
+            println!("{}", pki::ca_fingerprint(&data_dir)?);
             Ok(())
         }
         Cmd::Authority => {
-            println!("{}", existing_pki(&data_dir)?.authority().public_hex());
+            existing_pki_dir(&data_dir)?;
+            let a = trustbind_appliance::seal::Authority::open_or_create(&data_dir)?;
+            println!("{}", a.public_hex());
             Ok(())
         }
         Cmd::RotateServerCert { names } => {
@@ -947,7 +952,8 @@ fn hostname() -> Option<String> {
 /// Host name, `localhost`, and the given listen IPs (unspecified ones skipped).
 /// The PKI of a data directory that has one (made by the first `serve`
 /// or `admin-cert`), for the commands that only read it.
-fn existing_pki(data_dir: &std::path::Path) -> Result<Pki, Fail> {
+/// Fails unless `data_dir` holds a CA certificate.
+fn existing_pki_dir(data_dir: &std::path::Path) -> Result<(), Fail> {
     if !data_dir.join(pki::CA_CERT_FILE).exists() {
         return Err(Fail(
             EXIT_FAILED,
@@ -957,7 +963,7 @@ fn existing_pki(data_dir: &std::path::Path) -> Result<Pki, Fail> {
             ),
         ));
     }
-    Ok(Pki::open_or_create(data_dir, &default_names(&[]))?)
+    Ok(())
 }
 
 fn default_names(listen: &[SocketAddr]) -> Vec<String> {

@@ -259,6 +259,18 @@ impl fmt::Debug for Pki {
     }
 }
 
+/// The SHA-256 fingerprint of the CA certificate in `dir` (what agents
+/// and admins pin), from `ca.pem` alone: the CA key is not read (T-76).
+pub fn ca_fingerprint(dir: &Path) -> Result<String, PkiError> {
+    let path = dir.join(CA_CERT_FILE);
+    let pem = fs::read_to_string(&path).map_err(|e| PkiError::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    let der = casign::ca_der(&pem, &path)?;
+    Ok(hex(&Sha256::digest(der.as_ref())))
+}
+
 impl Pki {
     /// Opens the CA in `dir`, creating the CA and a server certificate for
     /// `server_names` (DNS names or IP addresses) on first start. An existing

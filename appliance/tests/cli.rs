@@ -152,6 +152,17 @@ fn data_dir_before_or_after_the_command_env_and_last_flag() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+    // Neither reads the CA key (T-76): with it moved away both still
+    // answer the same, and no new key is made.
+    let key = dir.path().join("a/ca.key");
+    let aside = dir.path().join("ca.key.aside");
+    std::fs::rename(&key, &aside).unwrap();
+    let again = appliance(&["ca-fingerprint", "--data-dir", a], &[]);
+    assert_eq!(stdout(&again), stdout(&fp), "{again:?}");
+    let auth_again = appliance(&["authority", "--data-dir", a], &[]);
+    assert_eq!(stdout(&auth_again).trim(), hex, "{auth_again:?}");
+    assert!(!key.exists(), "a command made a new CA key");
+    std::fs::rename(&aside, &key).unwrap();
     // An empty variable counts as unset: the default name `admin`, not "".
     let out = appliance(
         &["--data-dir", a, "admin-token"],

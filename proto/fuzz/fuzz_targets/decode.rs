@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(r.path.len() <= MAX_PATH_LEN && !r.path.contains(&0));
             }
             Record::ChannelKey(k) => {
-                let mut w = *k;
+                let mut w = k.clone();
                 w.wipe();
                 assert!(w.key.iter().chain(&w.tx_iv).chain(&w.rx_iv).all(|&b| b == 0));
                 assert_eq!((w.channel_id, w.key_id), (k.channel_id, k.key_id));

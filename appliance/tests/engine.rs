@@ -710,6 +710,7 @@ use trustbind_appliance::policy::engine::EngineOptions;
 const UNSLICED: EngineOptions = EngineOptions {
     slicing: false,
     cache_capacity: 0,
+    class_cache: true,
 };
 
 #[test]
@@ -1023,6 +1024,7 @@ fn clock_reading_decisions_are_never_cached() {
         EngineOptions {
             slicing: true,
             cache_capacity: 0,
+            class_cache: true,
         },
     )
     .unwrap();

@@ -52,9 +52,10 @@ use cedar_policy::{
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::cache::ClockCache;
+use super::class::{AtomInput, Ids};
 use super::explain::{Diagnosis, Facts};
 use super::reads::Reads;
-use super::slice::{Index, Keys};
+use super::slice::{Index, Keys, Slice};
 use super::{outcome_with, Outcome, PolicyError, Verdict};
 use crate::audit::AuditEvent;
 use crate::files::FileSets;
@@ -100,6 +101,10 @@ pub struct EngineOptions {
     pub slicing: bool,
     /// Decisions kept in the decision cache (default 65 536; 0 disables it).
     pub cache_capacity: usize,
+    /// Key the decision cache by the request's equivalence class (what
+    /// the slice's policies read of it, [`crate::class`]) rather than by
+    /// the request itself (default true; false: the exact key only).
+    pub class_cache: bool,
 }
 
 impl Default for EngineOptions {
@@ -107,6 +112,7 @@ impl Default for EngineOptions {
         EngineOptions {
             slicing: true,
             cache_capacity: 65_536,
+            class_cache: true,
         }
     }
 }
@@ -320,15 +326,27 @@ impl ProgramGroups {
 }
 
 /// What a cached decision depends on besides the generation (each
-/// snapshot has its own cache, so a generation move flushes it).
+/// snapshot has its own cache, so a generation move flushes it): the
+/// slice evaluated and what its policies read of the request
+/// ([`crate::class`]). An exact key holds every identity and membership
+/// (the request as the old exact cache keyed it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
+    slice: u64,
     action: Action,
-    user: String,
-    host: String,
-    program: String,
+    mode: Mode,
+    /// Identities, present when a policy of the slice reads them.
+    user: Option<String>,
+    host: Option<String>,
+    program: Option<String>,
+    /// Memberships among the entities the slice names.
+    roles: Vec<String>,
+    host_group: Option<String>,
+    groups: Vec<String>,
     target: TargetKey,
-    peer: Option<(String, String)>,
+    peer: Option<PeerKey>,
+    /// Outcomes of the slice's comparisons ([`crate::class::Atom`]).
+    atoms: Vec<u8>,
     /// Context fields, present only when a candidate policy reads them.
     session: Option<u32>,
     ancestry: Option<Vec<String>>,
@@ -336,6 +354,14 @@ struct CacheKey {
     weekday: Option<i64>,
     src_addr: Option<String>,
     src_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PeerKey {
+    host: Option<String>,
+    group: Option<String>,
+    program: Option<String>,
+    groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -348,7 +374,33 @@ enum TargetKey {
     Net(Proto, String, u16),
 }
 
-fn cache_key(req: &QualifyRequest, peer: Option<&PeerInfo<'_>>, reads: Reads) -> CacheKey {
+/// A cached decision and the programs it was reported to the ledger for.
+#[derive(Debug, Clone)]
+struct Cached {
+    decision: Decision,
+    program: String,
+    peer: Option<String>,
+}
+
+/// What a request offers a cache key besides itself.
+struct KeyParts<'a> {
+    mode: Mode,
+    roles: &'a [String],
+    host_group: &'a str,
+    groups: &'a [String],
+    peer: Option<&'a PeerInfo<'a>>,
+}
+
+/// The cache key of `req` for `slice`: its class, or with `exact` the
+/// request itself (every identity and membership).
+fn cache_key(req: &QualifyRequest, p: &KeyParts<'_>, slice: &Slice, exact: bool) -> CacheKey {
+    let shape = &slice.class;
+    let (ids, reads) = if exact {
+        (Ids::ALL, slice.reads.with(shape.exact))
+    } else {
+        (shape.ids, shape.exact)
+    };
+    let named = |ty: &str, id: &str| exact || shape.names(ty, id);
     let (_, hour, weekday) = clock(req.at_ms);
     let (target, src) = match &req.target {
         Target::Exec { loader_direct } => (TargetKey::Exec(*loader_direct), None),
@@ -367,13 +419,56 @@ fn cache_key(req: &QualifyRequest, peer: Option<&PeerInfo<'_>>, reads: Reads) ->
             Some((&t.src_addr, t.src_port)),
         ),
     };
+    let read_program = ids.any(Ids::PROGRAM)
+        || (ids.any(Ids::RESOURCE) && matches!(req.target, Target::Exec { .. }));
+    let atoms = if exact {
+        Vec::new()
+    } else {
+        let input = AtomInput {
+            hour,
+            weekday,
+            session: i64::from(req.subject.session),
+            ports: match &req.target {
+                Target::Net(t) => Some((i64::from(t.src_port), i64::from(t.dst_port))),
+                _ => None,
+            },
+            ancestry: &req.subject.ancestry,
+        };
+        shape.atoms.iter().map(|a| a.eval(&input)).collect()
+    };
     CacheKey {
+        slice: slice.id,
         action: req.action,
-        user: req.subject.user.clone(),
-        host: req.host.clone(),
-        program: req.program.sha256.clone(),
+        mode: p.mode,
+        user: ids.any(Ids::USER).then(|| req.subject.user.clone()),
+        host: ids.any(Ids::HOST).then(|| req.host.clone()),
+        program: read_program.then(|| req.program.sha256.clone()),
+        roles: p
+            .roles
+            .iter()
+            .filter(|r| named("Role", r))
+            .cloned()
+            .collect(),
+        host_group: named("HostGroup", p.host_group).then(|| p.host_group.to_owned()),
+        groups: p
+            .groups
+            .iter()
+            .filter(|g| named("ProgramGroup", g))
+            .cloned()
+            .collect(),
         target,
-        peer: peer.map(|p| (p.host.to_owned(), p.program.to_owned())),
+        peer: p.peer.map(|peer| PeerKey {
+            host: ids.any(Ids::HOST).then(|| peer.host.to_owned()),
+            group: named("HostGroup", peer.group).then(|| peer.group.to_owned()),
+            program: ids.any(Ids::PROGRAM).then(|| peer.program.to_owned()),
+            groups: peer
+                .groups
+                .iter()
+                .filter(|g| named("ProgramGroup", g))
+                .cloned()
+                .collect(),
+        }),
+        atoms,
         session: reads.any(Reads::SESSION).then_some(req.subject.session),
         ancestry: reads
             .any(Reads::ANCESTRY)
@@ -397,7 +492,7 @@ struct Snapshot {
     users: Arc<HashMap<String, Vec<String>>>,
     file_sets: Arc<FileSets>,
     programs: ProgramGroups,
-    cache: ClockCache<CacheKey, Decision>,
+    cache: ClockCache<CacheKey, Cached>,
 }
 
 /// Entity type names and action uids, parsed once.
@@ -824,18 +919,29 @@ impl Engine {
             program: &s.program,
         });
 
-        // The decision cache.
-        let key = (snap.cache.enabled() && !slice.reads.any(Reads::TIME))
-            .then(|| cache_key(req, peer.as_ref(), slice.reads));
-        if let Some(k) = &key {
-            if let Some(mut d) = snap.cache.get(k) {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                d.cache_hit = true;
-                // No need to report it: the ledger has had this answer
-                // since it was cached, so a membership change touching its
-                // programs moves the generation (or, bulk and deny only,
-                // defers the move) whenever this hit happens.
-                return Ok(Some(d));
+        // The decision cache: the request's class first, then the request
+        // itself (decisions whose explanation names the request's own
+        // identities are kept under that, see `insert_key`).
+        let roles: &[String] = snap.users.get(&req.subject.user).map_or(&[], Vec::as_slice);
+        let parts = KeyParts {
+            mode: *mode,
+            roles,
+            host_group,
+            groups: &groups,
+            peer: peer.as_ref(),
+        };
+        let cache_on = snap.cache.enabled() && !slice.reads.any(Reads::TIME);
+        let class_key =
+            (cache_on && self.options.class_cache).then(|| cache_key(req, &parts, &slice, false));
+        if let Some(k) = &class_key {
+            if let Some(c) = snap.cache.get(k) {
+                return Ok(Some(self.hit(snap, c, req, &parts)));
+            }
+        }
+        let exact_key = cache_on.then(|| cache_key(req, &parts, &slice, true));
+        if let Some(k) = &exact_key {
+            if let Some(c) = snap.cache.get(k) {
+                return Ok(Some(self.hit(snap, c, req, &parts)));
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
@@ -871,24 +977,76 @@ impl Engine {
         };
         // Reported to the store's ledger before it can be handed out again
         // from the decision cache: every cached entry is one the ledger
-        // knows, so a hit need not report it again.
-        let mut programs = Vec::with_capacity(2);
-        programs.push(req.program.sha256.as_str());
-        if let Some(p) = &peer {
-            programs.push(p.program);
-        }
-        let allow = !matches!(d.outcome.verdict, Verdict::Deny);
-        if self
-            .store
-            .note_answer(snap.generation, snap.versions.members, &programs, allow)
-        {
+        // knows for its programs, so a hit for the same programs need not
+        // report it again (a class hit for others does, see `hit`).
+        let peer_program = peer.as_ref().map(|p| p.program);
+        if self.note(snap, req, peer_program, &d) {
+            // A decision some policy determined, without errors, is the
+            // class's: its diagnosis (if a forbid denied) holds only the
+            // request's memberships, which a hit fills in. A default deny
+            // names what each permit lacked of this request's identities,
+            // and errors may quote them: kept for the request itself.
+            let classy = !d.outcome.reasons.is_empty() && d.outcome.errors == 0;
+            let key = if classy { class_key } else { None }.or(exact_key);
             if let Some(k) = key {
-                snap.cache.insert(k, d.clone());
+                snap.cache.insert(
+                    k,
+                    Cached {
+                        decision: d.clone(),
+                        program: req.program.sha256.clone(),
+                        peer: peer_program.map(str::to_owned),
+                    },
+                );
             }
         } else {
             d.cacheable = false;
         }
         Ok(Some(d))
+    }
+
+    /// Reports an answer to the store's ledger; false: the kernel must
+    /// not cache it (and neither may the engine).
+    fn note(
+        &self,
+        snap: &Snapshot,
+        req: &QualifyRequest,
+        peer_program: Option<&str>,
+        d: &Decision,
+    ) -> bool {
+        let mut programs = Vec::with_capacity(2);
+        programs.push(req.program.sha256.as_str());
+        programs.extend(peer_program);
+        let allow = !matches!(d.outcome.verdict, Verdict::Deny);
+        self.store
+            .note_answer(snap.generation, snap.versions.members, &programs, allow)
+    }
+
+    /// A cached decision answering `req`: the request's own memberships
+    /// filled in (a class hit may come from another program or user with
+    /// the same memberships among the named entities), reported to the
+    /// ledger when its programs are not the ones it was cached for.
+    fn hit(&self, snap: &Snapshot, c: Cached, req: &QualifyRequest, p: &KeyParts<'_>) -> Decision {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        let mut d = c.decision;
+        d.cache_hit = true;
+        if d.groups.as_slice() != p.groups {
+            d.groups = p.groups.to_vec();
+        }
+        if let Some(e) = &mut d.outcome.explain {
+            if e.host_group != p.host_group || e.roles != p.roles || e.groups != p.groups {
+                let e = Arc::make_mut(e);
+                e.host_group = p.host_group.to_owned();
+                e.roles = p.roles.to_vec();
+                e.groups = p.groups.to_vec();
+            }
+        }
+        let peer_program = p.peer.map(|x| x.program);
+        if (c.program != req.program.sha256 || c.peer.as_deref() != peer_program)
+            && !self.note(snap, req, peer_program, &d)
+        {
+            d.cacheable = false;
+        }
+        d
     }
 
     /// The other side of a pair, resolved against `snap`; `Ok(None)`: the

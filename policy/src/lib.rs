@@ -34,6 +34,7 @@ pub mod audit_seal;
 mod cache;
 pub mod cert;
 pub mod check;
+pub mod class;
 pub mod clock;
 pub mod engine;
 mod err;

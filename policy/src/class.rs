@@ -26,7 +26,7 @@
 //! the same determining policies. Anything the walk does not understand
 //! (a template slot, `context` as a whole) reads everything.
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 
 use serde_json::Value;
 
@@ -154,9 +154,9 @@ impl Atom {
 pub struct Shape {
     /// Identities read.
     pub ids: Ids,
-    /// Group-like entity literals named, as `Type::id` with the type's
-    /// last path segment (`Role::ops`, `ProgramGroup::g1`).
-    pub named: BTreeSet<String>,
+    /// Group-like entity literals named: id -> the kinds named with that
+    /// id ([`kind`] bits), so that a lookup by id allocates nothing.
+    pub named: HashMap<String, u8>,
     /// Comparisons whose outcome is part of the key.
     pub atoms: Vec<Atom>,
     /// Context attributes read otherwise (their values are in the key).
@@ -168,7 +168,7 @@ impl Shape {
     pub fn all() -> Shape {
         Shape {
             ids: Ids::ALL,
-            named: BTreeSet::new(),
+            named: HashMap::new(),
             atoms: Vec::new(),
             exact: Reads::ALL,
         }
@@ -178,7 +178,9 @@ impl Shape {
     pub fn add(&mut self, other: &Shape) {
         self.ids = self.ids.with(other.ids);
         self.exact = self.exact.with(other.exact);
-        self.named.extend(other.named.iter().cloned());
+        for (id, k) in &other.named {
+            *self.named.entry(id.clone()).or_default() |= k;
+        }
         for a in &other.atoms {
             if !self.atoms.contains(a) {
                 self.atoms.push(a.clone());
@@ -189,13 +191,17 @@ impl Shape {
     /// Whether membership in `ty::id` is named (`ty` the type's last
     /// path segment).
     pub fn names(&self, ty: &str, id: &str) -> bool {
-        // No allocation for the common miss: compare piecewise.
-        self.named.iter().any(|n| {
-            n.len() == ty.len() + 2 + id.len()
-                && n.starts_with(ty)
-                && n[ty.len()..].starts_with("::")
-                && n.ends_with(id)
-        })
+        self.named.get(id).is_some_and(|k| k & kind(ty) != 0)
+    }
+}
+
+/// The bit of an entity type (its last path segment) in [`Shape::named`].
+fn kind(ty: &str) -> u8 {
+    match ty {
+        "Role" => 1,
+        "HostGroup" => 2,
+        "ProgramGroup" => 4,
+        _ => 8,
     }
 }
 
@@ -241,7 +247,7 @@ fn literals(v: &Value, s: &mut Shape) {
                     // the target, always in the key.
                     "Action" | "File" | "Service" => {}
                     _ => {
-                        s.named.insert(format!("{last}::{id}"));
+                        *s.named.entry(id.clone()).or_default() |= kind(last);
                     }
                 }
             }

@@ -13,6 +13,9 @@
 //! Runs: sliced with the cache off (cold), sliced with the cache on after
 //! one warm-up pass (warm), and unsliced with the cache off on the same
 //! data (fewer decisions: it is slow), giving the sliced/unsliced ratio.
+//! `TB_BENCH_RUNS=unseen`: a stream of requests drawn like the pool's but
+//! never repeated, through a fresh engine with the exact-request cache and
+//! one with the class cache (`EngineOptions::class_cache`).
 //! `TB_BENCH_SCALE=0.1` shortens the runs.
 
 use std::sync::Arc;
@@ -186,8 +189,13 @@ fn setup(dir: &std::path::Path) -> Arc<Store> {
 }
 
 fn pool() -> Vec<QualifyRequest> {
-    let mut r = Rng(0x1234_5678_9abc_def1);
-    (0..POOL)
+    requests(0x1234_5678_9abc_def1, POOL)
+}
+
+/// `n` requests drawn like the pool's, from `seed`.
+fn requests(seed: u64, n: usize) -> Vec<QualifyRequest> {
+    let mut r = Rng(seed);
+    (0..n)
         .map(|_| {
             let g = r.below(GROUPS);
             let prog = if r.below(100) < 5 {
@@ -389,10 +397,12 @@ fn main() {
     let setup_s = t.elapsed().as_secs_f64();
     let pool = pool();
 
-    let which = std::env::var("TB_BENCH_RUNS").unwrap_or_else(|_| "cold,warm,unsliced".into());
+    let which =
+        std::env::var("TB_BENCH_RUNS").unwrap_or_else(|_| "cold,warm,unseen,unsliced".into());
     let opts = |slicing, cache_capacity| EngineOptions {
         slicing,
         cache_capacity,
+        class_cache: true,
     };
     let load = |o: EngineOptions| {
         let t = Instant::now();
@@ -424,6 +434,29 @@ fn main() {
             100.0 * hits as f64 / (hits + misses).max(1) as f64,
             after.entries
         );
+    }
+    if which.contains("unseen") {
+        // Requests the cache has not seen: a fresh engine, one pass over
+        // a stream drawn like the pool (almost every request distinct), so
+        // an exact-request cache nearly never hits and the class cache
+        // hits when a request's class was seen.
+        let stream = requests(0x0ddb_a11c_afe0_f00d, n(200_000.0));
+        for (name, class_cache) in [
+            ("unseen, exact-request cache", false),
+            ("unseen, class cache", true),
+        ] {
+            let e = load(EngineOptions {
+                class_cache,
+                ..opts(true, 65_536)
+            });
+            runs.push(run(name, &e, &stream, stream.len() / THREADS));
+            let st = e.cache_stats();
+            println!(
+                "{name}: hit rate {:.1} % ({} entries)",
+                100.0 * st.hits as f64 / (st.hits + st.misses).max(1) as f64,
+                st.entries
+            );
+        }
     }
     if which.contains("unsliced") {
         let whole = load(opts(false, 0));

@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .build_transport(false)
+        // Prost's codec, wiping pushed channel keys once encoded (T-84).
+        .codec_path("crate::codec::WipingCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -133,19 +133,38 @@ impl Files {
     }
 
     fn protection(&self, d: Dentry<'_>, from_parent: bool) -> bool {
-        let dev = d.dev();
+        let mut inos = [0u64; MAX_DEPTH];
+        let Some(dev) = d.dev() else {
+            return self.protection_varied(d, from_parent, &mut inos);
+        };
         let hint = self.dev_hint.load(Ordering::Relaxed);
         if hint != MANY_DEVS && hint != dev {
             return false;
         }
-        let mut inos = [0u64; MAX_DEPTH];
-        match d.ancestors(from_parent, &mut inos) {
-            Some(chain) => self
+        match d.ancestors(from_parent, &mut inos, None) {
+            Some(n) => self
                 .set
                 .lock()
-                .classify(dev, chain.iter().copied())
+                .classify(dev, inos.iter().take(n).copied())
                 .asks(),
             // Deeper than the walk goes, or disconnected: fail closed.
+            None => true,
+        }
+    }
+
+    /// [`Self::protection`] on a file system whose inodes report devices
+    /// of their own (btrfs subvolumes, T-98): every dentry of the walk
+    /// with its own device. Kept out of line so the common walk's frame
+    /// holds one array.
+    #[inline(never)]
+    fn protection_varied(&self, d: Dentry<'_>, from_parent: bool, inos: &mut [u64; MAX_DEPTH]) -> bool {
+        let mut devs = [0u64; MAX_DEPTH];
+        match d.ancestors(from_parent, inos, Some(&mut devs)) {
+            Some(n) => self
+                .set
+                .lock()
+                .classify_ids(devs.iter().copied().zip(inos.iter().copied()).take(n))
+                .asks(),
             None => true,
         }
     }
@@ -266,13 +285,14 @@ impl core::fmt::Display for Shown<'_> {
             (FileAccess::Delete, _) => "delete",
             (FileAccess::Rename, _) => "rename",
         };
+        let (major, minor) = files::dev_numbers(t.id.dev);
         write!(
             f,
             "{} inode {} on {}:{} by pid {} uid {}",
             what,
             t.id.ino,
-            t.id.dev >> 20,
-            t.id.dev & 0xfffff,
+            major,
+            minor,
             self.1.tgid,
             self.1.uid
         )
@@ -356,6 +376,7 @@ pub(crate) fn gate(s: &Shared, op: &FileOp) -> Result<Gate> {
             let t = Target {
                 id: op.object().ident(false).unwrap_or(FileIdent {
                     dev: 0,
+                    fs_dev: 0,
                     ino: 0,
                     generation: 0,
                 }),
@@ -484,7 +505,7 @@ pub(crate) fn ask(s: &Shared, op: &FileOp) -> Result {
         sessionid: ids.sessionid,
         pid: ids.tgid,
         ppid: ids.ptgid,
-        dev: t.id.dev,
+        dev: t.id.fs_dev,
         ino: t.id.ino,
         ancestry: crate::net::ancestry(&chain),
         path,

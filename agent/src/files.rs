@@ -108,7 +108,9 @@ fn unescape(field: &str) -> OsString {
 }
 
 /// The absolute path on this host of `path`, which the module gives from
-/// the root of file system `dev` (`st_dev`): the path through the mount
+/// the root of file system `dev` (its super block's device, `st_dev`
+/// encoding: mountinfo's third field; on btrfs not the `st_dev` of its
+/// files, which is their subvolume's): the path through the mount
 /// of `dev` whose root (mountinfo's fourth field) holds it, the mount of
 /// the whole file system (root `/`) first, then the first such mount in
 /// mountinfo order (an original mount comes before its bind mounts). The
@@ -116,8 +118,7 @@ fn unescape(field: &str) -> OsString {
 /// only in another namespace): then it is in no file set, which fails
 /// closed.
 pub fn absolute_path(dev: u64, path: &str, mountinfo: &str) -> String {
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let (major, minor) = trustbind_proto::files::dev_numbers(dev);
     let id = format!("{major}:{minor}");
     let mut best: Option<(usize, String)> = None;
     for l in mountinfo.lines() {
@@ -378,6 +379,20 @@ mod tests {
         let nvme = ((259u64 & 0xfff) << 8) | (300 & 0xff) | ((300u64 & !0xff) << 12);
         let mi2 = "40 1 259:300 / /nv rw - ext4 /dev/nvme0n1p300 rw\n";
         assert_eq!(absolute_path(nvme, "/x", mi2), "/nv/x");
+    }
+
+    #[test]
+    fn btrfs_subvolume_mounts_map_from_the_file_systems_top() {
+        // A Debian root on subvolume @ (mountinfo names the mount by the
+        // super block's device and the subvolume's path as its root); the
+        // module's path is from the top of the file system.
+        let mi = "22 1 0:31 /@ / rw,relatime - btrfs /dev/vda2 rw,subvol=/@\n\
+                  23 22 0:31 /@home /home rw,relatime - btrfs /dev/vda2 rw,subvol=/@home\n";
+        let fs = 31;
+        assert_eq!(absolute_path(fs, "/@/srv/data/db", mi), "/srv/data/db");
+        assert_eq!(absolute_path(fs, "/@home/u/f", mi), "/home/u/f");
+        // The top itself is mounted nowhere: unchanged (fails closed).
+        assert_eq!(absolute_path(fs, "/snap/f", mi), "/snap/f");
     }
 
     #[test]

@@ -106,6 +106,20 @@ enum Cmd {
         #[arg(long, value_name = "DIR", default_value = trustbind_agent::packages::DPKG_INFO)]
         dpkg_info: PathBuf,
     },
+    /// Print this host's package inventory: every program its Debian
+    /// packages installed, with package and version, one JSON object a
+    /// line (for `trustbind sig add --inventory`).
+    ///
+    /// Example (on a reference host with the CLI configured):
+    ///   trustbind-agent inventory | trustbind sig add --inventory - --group debian-web
+    Inventory {
+        /// dpkg's file lists.
+        #[arg(long, value_name = "DIR", default_value = trustbind_agent::packages::DPKG_INFO)]
+        dpkg_info: PathBuf,
+        /// dpkg's status database (installed versions).
+        #[arg(long, value_name = "FILE", default_value = trustbind_agent::packages::DPKG_STATUS)]
+        dpkg_status: PathBuf,
+    },
     /// Show the running agent's status.
     Status {
         /// Print the raw JSON.
@@ -224,7 +238,64 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Status { json } => status(&cli.state, json),
+        Cmd::Inventory {
+            dpkg_info,
+            dpkg_status,
+        } => inventory(&dpkg_info, &dpkg_status),
     }
+}
+
+/// `trustbind-agent inventory`: the programs on standard output, a count
+/// on standard error. A host without dpkg's database is an error (an empty
+/// inventory would seed nothing without saying why).
+fn inventory(info: &std::path::Path, status: &std::path::Path) -> ExitCode {
+    use std::io::Write as _;
+    let index = trustbind_agent::packages::Packages::load(info);
+    if index.lists() == 0 {
+        eprintln!(
+            "trustbind-agent: no dpkg file lists in {} (not a Debian host, or --dpkg-info is wrong)",
+            info.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let versions = match std::fs::read_to_string(status) {
+        Ok(text) => trustbind_agent::packages::installed_versions(&text),
+        Err(e) => {
+            eprintln!(
+                "trustbind-agent: cannot read {}: {e}; versions left empty",
+                status.display()
+            );
+            Default::default()
+        }
+    };
+    let programs = trustbind_agent::packages::inventory(&index, &versions);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for p in &programs {
+        let line = match serde_json::to_string(p) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("trustbind-agent: {}: {e}", p.path);
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = writeln!(out, "{line}") {
+            eprintln!("trustbind-agent: writing the inventory: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Err(e) = out.flush() {
+        eprintln!("trustbind-agent: writing the inventory: {e}");
+        return ExitCode::FAILURE;
+    }
+    let packages: std::collections::HashSet<&str> =
+        programs.iter().map(|p| p.package.as_str()).collect();
+    eprintln!(
+        "trustbind-agent: {} program(s) from {} package(s) ({} file lists read)",
+        programs.len(),
+        packages.len(),
+        index.lists()
+    );
+    ExitCode::SUCCESS
 }
 
 /// The enrolment token from `--token`/`TRUSTBIND_TOKEN` or from

@@ -120,6 +120,17 @@ impl Packages {
         self.owners.get(path).map(|p| &**p)
     }
 
+    /// Every program indexed with its package, by path.
+    pub fn programs(&self) -> Vec<(&str, &str)> {
+        let mut v: Vec<(&str, &str)> = self
+            .owners
+            .iter()
+            .map(|(path, pkg)| (path.as_str(), &**pkg))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Programs indexed.
     pub fn len(&self) -> usize {
         self.owners.len()
@@ -139,6 +150,53 @@ impl Packages {
     pub fn stale(&self, dir: &Path) -> bool {
         stamp_of(dir) != self.stamp
     }
+}
+
+/// dpkg's status database: which packages are installed, at which version.
+pub const DPKG_STATUS: &str = "/var/lib/dpkg/status";
+
+/// The installed version of each package in dpkg's status database `text`
+/// (stanzas of `Field: value` lines separated by blank lines): only
+/// packages whose `Status` ends in `installed`. A package installed for
+/// several architectures (multi-arch `same`) has one version.
+pub fn installed_versions(text: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for stanza in text.split("\n\n") {
+        let (mut name, mut version, mut installed) = (None, None, false);
+        for line in stanza.lines() {
+            if let Some(v) = line.strip_prefix("Package:") {
+                name = Some(v.trim());
+            } else if let Some(v) = line.strip_prefix("Version:") {
+                version = Some(v.trim());
+            } else if let Some(v) = line.strip_prefix("Status:") {
+                installed = v.trim().ends_with(" installed");
+            }
+        }
+        if let (Some(n), Some(v), true) = (name, version, installed) {
+            if valid_name(n) {
+                out.insert(n.to_owned(), v.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The inventory of this host's packages (`trustbind-agent inventory`):
+/// every program of `index`, by path, with its package's installed
+/// version from `versions` (empty when dpkg's status does not say).
+pub fn inventory(
+    index: &Packages,
+    versions: &HashMap<String, String>,
+) -> Vec<trustbind_api::inventory::Program> {
+    index
+        .programs()
+        .into_iter()
+        .map(|(path, pkg)| trustbind_api::inventory::Program {
+            path: path.to_owned(),
+            package: pkg.to_owned(),
+            version: versions.get(pkg).cloned().unwrap_or_default(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -197,6 +255,57 @@ mod tests {
         // Not programs: documentation, a library without an x bit, a link.
         assert_eq!(p.len(), 2, "{:?}", p.owners);
         assert!(!p.stale(&info));
+    }
+
+    #[test]
+    fn installed_versions_come_from_dpkg_status() {
+        let status = "Package: coreutils\nStatus: install ok installed\nVersion: 9.1-1\n\n\
+                      Package: gone\nStatus: deinstall ok config-files\nVersion: 1.0\n\n\
+                      Package: libc6\nStatus: install ok installed\nArchitecture: amd64\n\
+                      Multi-Arch: same\nVersion: 2.36-9+deb12u9\nDescription: x\n more\n\n\
+                      Package: Bad_Name\nStatus: install ok installed\nVersion: 1\n";
+        let v = installed_versions(status);
+        assert_eq!(v.get("coreutils").map(String::as_str), Some("9.1-1"));
+        assert_eq!(v.get("libc6").map(String::as_str), Some("2.36-9+deb12u9"));
+        assert!(!v.contains_key("gone"), "not installed");
+        assert_eq!(v.len(), 2, "{v:?}");
+    }
+
+    #[test]
+    fn the_inventory_lists_programs_with_their_packages_and_versions() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        let info = root.join("info");
+        write(&root.join("usr/bin/ls"), "elf", 0o755);
+        write(&root.join("usr/bin/cat"), "elf", 0o755);
+        write(&root.join("usr/sbin/nginx"), "elf", 0o755);
+        let r = |p: &str| root.join(p).display().to_string();
+        write(
+            &info.join("coreutils.list"),
+            &format!("{}\n{}\n", r("usr/bin/ls"), r("usr/bin/cat")),
+            0o644,
+        );
+        write(
+            &info.join("nginx.list"),
+            &format!("{}\n", r("usr/sbin/nginx")),
+            0o644,
+        );
+        let versions = installed_versions(
+            "Package: coreutils\nStatus: install ok installed\nVersion: 9.1-1\n",
+        );
+        let inv = inventory(&Packages::load(&info), &versions);
+        let got: Vec<(String, String, String)> = inv
+            .into_iter()
+            .map(|p| (p.path, p.package, p.version))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (r("usr/bin/cat"), "coreutils".into(), "9.1-1".into()),
+                (r("usr/bin/ls"), "coreutils".into(), "9.1-1".into()),
+                (r("usr/sbin/nginx"), "nginx".into(), String::new()),
+            ]
+        );
     }
 
     #[test]

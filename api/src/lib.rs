@@ -5,6 +5,8 @@
 //! and the admin CLI use (with `write_atomic`, which the appliance uses
 //! for its own PKI files too).
 
+pub mod codec;
+pub mod inventory;
 pub mod module;
 pub mod pinned;
 

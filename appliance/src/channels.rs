@@ -12,6 +12,14 @@
 //! pushed to both agents. A half that finds no partner within the pairing
 //! timeout expires: it is denied and audited by the caller.
 //!
+//! Halves are bound to their hosts (issue 15 item 1): the gate takes a
+//! half into pairing only when its local end is an address its host owns
+//! (`crate::hostaddr`); a tuple with a loopback address pairs only halves
+//! of one host (its identity here includes the host); an expectation is
+//! consumed only by its own host's established half; and each host holds
+//! at most a share of the waiting halves and expectations ([`HostShare`]),
+//! so one host cannot fill the tables for the fleet (T-71).
+//!
 //! This module is pure state and key material: no I/O, no clock of its own
 //! (the caller passes `now`), so every rule here is unit-tested. The agent
 //! API orchestrates: decide, issue, record the key id, push, zeroize.
@@ -39,6 +47,36 @@ use crate::store::hex;
 pub const DEFAULT_PAIR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default bound on halves waiting at once.
 pub const DEFAULT_MAX_PENDING: usize = 65_536;
+/// Default reserve of every host (see [`HostShare`]).
+pub const DEFAULT_RESERVE: usize = 64;
+
+/// What one host may hold of the waiting halves and of the expectations
+/// (counted together): at most `per_host`; and up to `reserve` of them
+/// even when a table is full, so a host that fills its share (or several
+/// that fill the tables) never starve the others. The tables can thus hold
+/// up to `max_pending` plus `reserve` per host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostShare {
+    /// Most entries one host holds.
+    pub per_host: usize,
+    /// Entries a host may hold even when a table is full.
+    pub reserve: usize,
+}
+
+impl HostShare {
+    /// The default share of tables of `max_pending`: a sixteenth each, but
+    /// at least [`DEFAULT_RESERVE`] (small tables: all of it), and a
+    /// reserve of [`DEFAULT_RESERVE`] (at most the share).
+    pub fn of(max_pending: usize) -> Self {
+        let per_host = (max_pending / 16)
+            .max(DEFAULT_RESERVE.min(max_pending))
+            .max(1);
+        Self {
+            per_host,
+            reserve: DEFAULT_RESERVE.min(per_host),
+        }
+    }
+}
 
 /// Key, salt and IV lengths of TLS 1.3 AES-256-GCM in kTLS.
 pub const KEY_LEN: usize = 32;
@@ -199,6 +237,9 @@ pub enum OfferError {
     /// Too many halves are waiting.
     #[error("too many channel halves waiting ({0}); try again")]
     Full(usize),
+    /// This host holds its whole share of waiting halves and expectations.
+    #[error("host `{0}` has {1} channel halves and expectations waiting, its share; try again")]
+    HostFull(String, usize),
 }
 
 /// A half that was accepted.
@@ -253,12 +294,31 @@ struct Waiting {
 pub type Endpoint = (String, u16);
 
 /// The identity of a connection (the correlator's key): the tuple without
-/// the `established` flag, which only the connect half carries.
-fn identity(t: &FiveTuple) -> FiveTuple {
-    FiveTuple {
-        established: false,
-        ..t.clone()
+/// the `established` flag, which only the connect half carries; a tuple
+/// with a loopback address is scoped to the host that reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    tuple: FiveTuple,
+    scope: Option<String>,
+}
+
+fn identity(t: &FiveTuple, host: &str) -> Key {
+    Key {
+        tuple: FiveTuple {
+            established: false,
+            ..t.clone()
+        },
+        scope: crate::hostaddr::is_loopback_tuple(t).then(|| host.to_owned()),
     }
+}
+
+/// An expectation's key: its server end, scoped to the host when that is
+/// a loopback address.
+type ExpectKey = (Endpoint, Option<String>);
+
+fn expect_key(server: &Endpoint, host: &str) -> ExpectKey {
+    let local = crate::hostaddr::parse(&server.0).is_some_and(|a| a.is_loopback());
+    (server.clone(), local.then(|| host.to_owned()))
 }
 
 /// Pairs connect and accept halves by 5-tuple, bounded in time and size.
@@ -272,28 +332,70 @@ fn identity(t: &FiveTuple) -> FiveTuple {
 pub struct Correlator {
     timeout: Duration,
     max_pending: usize,
+    share: HostShare,
     next_id: u64,
-    waiting: HashMap<FiveTuple, Waiting>,
-    deadlines: BTreeMap<(Instant, u64), FiveTuple>,
-    /// Expectations per server end: (deadline, sequence), oldest first.
-    expected: HashMap<Endpoint, BTreeMap<(Instant, u64), ()>>,
+    waiting: HashMap<Key, Waiting>,
+    deadlines: BTreeMap<(Instant, u64), Key>,
+    /// Expectations per server end: (deadline, sequence) -> the host that
+    /// registered it, oldest first.
+    expected: HashMap<ExpectKey, BTreeMap<(Instant, u64), String>>,
     /// Every expectation by deadline, for expiry.
-    expected_deadlines: BTreeMap<(Instant, u64), Endpoint>,
+    expected_deadlines: BTreeMap<(Instant, u64), ExpectKey>,
     next_expectation: u64,
+    /// Waiting halves plus expectations, per host.
+    usage: HashMap<String, usize>,
 }
 
 impl Correlator {
-    /// An empty correlator.
+    /// An empty correlator, each host holding its default share
+    /// ([`HostShare::of`]).
     pub fn new(timeout: Duration, max_pending: usize) -> Self {
+        Self::with_share(timeout, max_pending, HostShare::of(max_pending))
+    }
+
+    /// An empty correlator whose hosts each hold `share`.
+    pub fn with_share(timeout: Duration, max_pending: usize, share: HostShare) -> Self {
         Self {
             timeout,
             max_pending,
+            share,
             next_id: 1,
             waiting: HashMap::new(),
             deadlines: BTreeMap::new(),
             expected: HashMap::new(),
             expected_deadlines: BTreeMap::new(),
             next_expectation: 0,
+            usage: HashMap::new(),
+        }
+    }
+
+    /// Whether `host` may add one entry to a table holding `len`.
+    fn admit(&self, host: &str, len: usize) -> Result<(), OfferError> {
+        let used = self.used(host);
+        if used >= self.share.per_host {
+            return Err(OfferError::HostFull(host.to_owned(), self.share.per_host));
+        }
+        if used >= self.share.reserve && len >= self.max_pending {
+            return Err(OfferError::Full(self.max_pending));
+        }
+        Ok(())
+    }
+
+    /// Waiting halves plus expectations `host` holds.
+    pub fn used(&self, host: &str) -> usize {
+        self.usage.get(host).copied().unwrap_or(0)
+    }
+
+    fn take(&mut self, host: &str) {
+        *self.usage.entry(host.to_owned()).or_default() += 1;
+    }
+
+    fn give_back(&mut self, host: &str) {
+        if let Some(n) = self.usage.get_mut(host) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.usage.remove(host);
+            }
         }
     }
 
@@ -302,45 +404,71 @@ impl Correlator {
         self.timeout
     }
 
-    /// Registers the expectation of one established connect half to
+    /// The bound on each table.
+    pub fn max_pending(&self) -> usize {
+        self.max_pending
+    }
+
+    /// Registers `host`'s expectation of one established connect half to
     /// `server` (address, port), until `now` + the pairing timeout.
-    pub fn expect(&mut self, server: Endpoint, now: Instant) -> Result<(), OfferError> {
-        if self.expected_deadlines.len() >= self.max_pending {
-            return Err(OfferError::Full(self.max_pending));
-        }
+    pub fn expect(&mut self, server: Endpoint, host: &str, now: Instant) -> Result<(), OfferError> {
+        self.admit(host, self.expected_deadlines.len())?;
         let key = (now + self.timeout, self.next_expectation);
         self.next_expectation = self.next_expectation.wrapping_add(1);
-        self.expected_deadlines.insert(key, server.clone());
-        self.expected.entry(server).or_default().insert(key, ());
+        let ek = expect_key(&server, host);
+        self.expected_deadlines.insert(key, ek.clone());
+        self.expected
+            .entry(ek)
+            .or_default()
+            .insert(key, host.to_owned());
+        self.take(host);
         Ok(())
     }
 
-    /// Consumes the oldest expectation for `server` that is still valid at
-    /// `now`; whether there was one.
-    pub fn consume_expectation(&mut self, server: &Endpoint, now: Instant) -> bool {
-        let Some(list) = self.expected.get_mut(server) else {
+    /// Consumes the oldest of `host`'s expectations for `server` that is
+    /// still valid at `now`; whether there was one. Another host's
+    /// expectations are never consumed.
+    pub fn consume_expectation(&mut self, server: &Endpoint, host: &str, now: Instant) -> bool {
+        let ek = expect_key(server, host);
+        let Some(list) = self.expected.get_mut(&ek) else {
             return false;
         };
-        let found = list.keys().find(|(d, _)| *d > now).copied();
+        let found = list
+            .iter()
+            .find(|((d, _), h)| *d > now && h.as_str() == host)
+            .map(|(k, _)| *k);
         if let Some(key) = found {
             list.remove(&key);
             self.expected_deadlines.remove(&key);
         }
         if list.is_empty() {
-            self.expected.remove(server);
+            self.expected.remove(&ek);
+        }
+        if found.is_some() {
+            self.give_back(host);
         }
         found.is_some()
     }
 
-    /// When the last expectation for `server` valid at `now` runs out, if
-    /// any remains.
-    pub fn expecting(&self, server: &Endpoint, now: Instant) -> Option<Instant> {
+    /// When the last expectation for `server` (as an accept on `host` sees
+    /// it) valid at `now` runs out, if any remains.
+    pub fn expecting(&self, server: &Endpoint, host: &str, now: Instant) -> Option<Instant> {
         self.expected
-            .get(server)?
+            .get(&expect_key(server, host))?
             .keys()
             .map(|(d, _)| *d)
             .filter(|d| *d > now)
             .max()
+    }
+
+    /// Whether a half of the other role waits for `request`'s connection.
+    pub fn has_partner(&self, request: &QualifyRequest) -> bool {
+        let (Some(role), Target::Net(tuple)) = (Role::of(request), &request.target) else {
+            return false;
+        };
+        self.waiting
+            .get(&identity(tuple, &request.host))
+            .is_some_and(|w| w.role == role.other())
     }
 
     /// Expectations registered and not yet consumed or expired.
@@ -371,16 +499,16 @@ impl Correlator {
         let Target::Net(tuple) = &request.target else {
             return Err(OfferError::NotAChannelHalf);
         };
-        let tuple = &identity(tuple);
-        if let Some(w) = self.waiting.get(tuple) {
+        let key = identity(tuple, &request.host);
+        if let Some(w) = self.waiting.get(&key) {
             if w.role == role {
-                return Err(OfferError::Duplicate(role, describe(tuple)));
+                return Err(OfferError::Duplicate(role, describe(&key.tuple)));
             }
-            let tuple = tuple.clone();
-            let Some(w) = self.waiting.remove(&tuple) else {
+            let Some(w) = self.waiting.remove(&key) else {
                 return Err(OfferError::NotAChannelHalf);
             };
             self.deadlines.remove(&(w.deadline, w.channel_id));
+            self.give_back(&w.request.host);
             debug_assert_eq!(w.role, role.other());
             let ((connect, connect_ask), (accept, accept_ask)) = match role {
                 Role::Accept => ((w.request, w.ask), (request, ask)),
@@ -394,15 +522,14 @@ impl Correlator {
                 accept_ask,
             })));
         }
-        if self.waiting.len() >= self.max_pending {
-            return Err(OfferError::Full(self.max_pending));
-        }
+        self.admit(&request.host, self.waiting.len())?;
         let channel_id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         let deadline = now + self.timeout;
-        self.deadlines.insert((deadline, channel_id), tuple.clone());
+        self.deadlines.insert((deadline, channel_id), key.clone());
+        self.take(&request.host);
         self.waiting.insert(
-            tuple.clone(),
+            key,
             Waiting {
                 channel_id,
                 role,
@@ -431,14 +558,15 @@ impl Correlator {
         let Target::Net(tuple) = &request.target else {
             return Err(OfferError::NotAChannelHalf);
         };
-        let tuple = &identity(tuple);
-        if !matches!(self.waiting.get(tuple), Some(w) if w.role == role.other()) {
+        let key = identity(tuple, &request.host);
+        if !matches!(self.waiting.get(&key), Some(w) if w.role == role.other()) {
             return Ok(None);
         }
-        let Some(w) = self.waiting.remove(tuple) else {
+        let Some(w) = self.waiting.remove(&key) else {
             return Ok(None);
         };
         self.deadlines.remove(&(w.deadline, w.channel_id));
+        self.give_back(&w.request.host);
         let ((connect, connect_ask), (accept, accept_ask)) = match role {
             Role::Accept => ((w.request, w.ask), (request, ask)),
             Role::Connect => ((request, ask), (w.request, w.ask)),
@@ -461,11 +589,15 @@ impl Correlator {
             }
             let key = *entry.key();
             let server = entry.remove();
+            let mut host = None;
             if let Some(list) = self.expected.get_mut(&server) {
-                list.remove(&key);
+                host = list.remove(&key);
                 if list.is_empty() {
                     self.expected.remove(&server);
                 }
+            }
+            if let Some(h) = host {
+                self.give_back(&h);
             }
         }
         let mut out = Vec::new();
@@ -473,8 +605,9 @@ impl Correlator {
             if entry.key().0 > now {
                 break;
             }
-            let tuple = entry.remove();
-            if let Some(w) = self.waiting.remove(&tuple) {
+            let key = entry.remove();
+            if let Some(w) = self.waiting.remove(&key) {
+                self.give_back(&w.request.host);
                 out.push(Expired {
                     channel_id: w.channel_id,
                     role: w.role,
@@ -512,6 +645,12 @@ pub fn describe(t: &FiveTuple) -> String {
 mod tests {
     use super::*;
     use crate::request::{Program, Proto, Subject};
+
+    /// One host may take a whole table (the bound before host shares).
+    const NO_SHARE: HostShare = HostShare {
+        per_host: usize::MAX,
+        reserve: 0,
+    };
 
     fn half(action: Action, host: &str, src_port: u16) -> QualifyRequest {
         QualifyRequest {
@@ -625,7 +764,7 @@ mod tests {
 
     #[test]
     fn duplicates_full_and_non_channel_requests_are_refused() {
-        let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 2);
+        let mut c = Correlator::with_share(DEFAULT_PAIR_TIMEOUT, 2, NO_SHARE);
         let t0 = Instant::now();
         c.offer(half(Action::Connect, "a", 1), t0).unwrap();
         assert!(matches!(
@@ -670,17 +809,23 @@ mod tests {
     fn expectations_are_consumed_one_each_and_ignore_other_servers() {
         let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 16);
         let t0 = Instant::now();
-        c.expect(server(), t0).unwrap();
-        c.expect(server(), t0).unwrap();
+        c.expect(server(), "a", t0).unwrap();
+        c.expect(server(), "a", t0).unwrap();
         assert_eq!(c.expectations(), 2);
-        assert_eq!(c.expecting(&server(), t0), Some(t0 + DEFAULT_PAIR_TIMEOUT));
+        assert_eq!(
+            c.expecting(&server(), "b", t0),
+            Some(t0 + DEFAULT_PAIR_TIMEOUT)
+        );
         let other: Endpoint = ("10.99.0.3".into(), 444);
-        assert_eq!(c.expecting(&other, t0), None);
-        assert!(!c.consume_expectation(&other, t0));
-        assert!(c.consume_expectation(&server(), t0));
-        assert!(c.consume_expectation(&server(), t0));
-        assert!(!c.consume_expectation(&server(), t0));
-        assert_eq!((c.expectations(), c.expecting(&server(), t0)), (0, None));
+        assert_eq!(c.expecting(&other, "b", t0), None);
+        assert!(!c.consume_expectation(&other, "a", t0));
+        assert!(c.consume_expectation(&server(), "a", t0));
+        assert!(c.consume_expectation(&server(), "a", t0));
+        assert!(!c.consume_expectation(&server(), "a", t0));
+        assert_eq!(
+            (c.expectations(), c.expecting(&server(), "b", t0)),
+            (0, None)
+        );
         // Expectations are not halves: nothing waits, nothing is reported.
         assert_eq!(c.pending(), 0);
     }
@@ -690,12 +835,12 @@ mod tests {
         let timeout = Duration::from_secs(5);
         let mut c = Correlator::new(timeout, 16);
         let t0 = Instant::now();
-        c.expect(server(), t0).unwrap();
+        c.expect(server(), "a", t0).unwrap();
         assert_eq!(c.next_deadline(), Some(t0 + timeout));
         // Past its deadline it no longer counts, even before expiry runs.
-        assert_eq!(c.expecting(&server(), t0 + timeout), None);
-        assert!(!c.consume_expectation(&server(), t0 + timeout));
-        c.expect(server(), t0).unwrap();
+        assert_eq!(c.expecting(&server(), "b", t0 + timeout), None);
+        assert!(!c.consume_expectation(&server(), "a", t0 + timeout));
+        c.expect(server(), "a", t0).unwrap();
         assert!(c.expire(t0 + timeout).is_empty());
         assert_eq!(c.expectations(), 0);
         assert_eq!(c.next_deadline(), None);
@@ -703,11 +848,11 @@ mod tests {
 
     #[test]
     fn expectations_are_bounded() {
-        let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 2);
+        let mut c = Correlator::with_share(DEFAULT_PAIR_TIMEOUT, 2, NO_SHARE);
         let t0 = Instant::now();
-        c.expect(server(), t0).unwrap();
-        c.expect(server(), t0).unwrap();
-        assert_eq!(c.expect(server(), t0), Err(OfferError::Full(2)));
+        c.expect(server(), "a", t0).unwrap();
+        c.expect(server(), "a", t0).unwrap();
+        assert_eq!(c.expect(server(), "a", t0), Err(OfferError::Full(2)));
     }
 
     #[test]
@@ -726,11 +871,11 @@ mod tests {
     fn concurrent_connects_of_one_pair_get_their_own_channels() {
         let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 16);
         let t0 = Instant::now();
-        c.expect(server(), t0).unwrap();
-        c.expect(server(), t0).unwrap();
+        c.expect(server(), "a", t0).unwrap();
+        c.expect(server(), "a", t0).unwrap();
         let mut ids = Vec::new();
         for port in [40020, 40021] {
-            assert!(c.consume_expectation(&server(), t0));
+            assert!(c.consume_expectation(&server(), "a", t0));
             let Ok(Offer::Waiting { channel_id }) = c.offer(half(Action::Connect, "a", port), t0)
             else {
                 panic!("must wait")
@@ -749,6 +894,98 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(p.channel_id, ids[0]);
+    }
+
+    fn on_loopback(mut r: QualifyRequest) -> QualifyRequest {
+        if let Target::Net(t) = &mut r.target {
+            t.src_addr = "127.0.0.1".into();
+            t.dst_addr = "127.0.0.1".into();
+        }
+        r
+    }
+
+    #[test]
+    fn loopback_tuples_pair_only_within_one_host() {
+        let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 64);
+        let t0 = Instant::now();
+        c.offer(on_loopback(half(Action::Connect, "a", 50000)), t0)
+            .unwrap();
+        // Another host's half for the same loopback tuple is another
+        // connection: it neither pairs nor disturbs a's half.
+        assert_eq!(
+            c.pair_with(on_loopback(half(Action::Accept, "rogue", 50000))),
+            Ok(None)
+        );
+        assert!(matches!(
+            c.offer(on_loopback(half(Action::Connect, "rogue", 50000)), t0),
+            Ok(Offer::Waiting { .. })
+        ));
+        let p = c
+            .pair_with(on_loopback(half(Action::Accept, "a", 50000)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (p.connect.host.as_str(), p.accept.host.as_str()),
+            ("a", "a")
+        );
+        // Loopback expectations are the host's own too.
+        let lo: Endpoint = ("127.0.0.1".into(), 443);
+        c.expect(lo.clone(), "a", t0).unwrap();
+        assert_eq!(c.expecting(&lo, "rogue", t0), None);
+        assert!(c.expecting(&lo, "a", t0).is_some());
+    }
+
+    #[test]
+    fn expectations_are_consumed_only_by_their_own_host() {
+        let mut c = Correlator::new(DEFAULT_PAIR_TIMEOUT, 64);
+        let t0 = Instant::now();
+        c.expect(server(), "a", t0).unwrap();
+        // An accept on the server waits for it, whoever registered it.
+        assert!(c.expecting(&server(), "b", t0).is_some());
+        assert!(!c.consume_expectation(&server(), "rogue", t0));
+        assert_eq!(c.expectations(), 1);
+        assert!(c.consume_expectation(&server(), "a", t0));
+        assert_eq!((c.expectations(), c.used("a")), (0, 0));
+    }
+
+    #[test]
+    fn one_host_holds_at_most_its_share_and_others_keep_their_reserve() {
+        let share = HostShare {
+            per_host: 4,
+            reserve: 2,
+        };
+        let mut c = Correlator::with_share(DEFAULT_PAIR_TIMEOUT, 8, share);
+        let t0 = Instant::now();
+        for p in 0..4 {
+            c.offer(half(Action::Connect, "rogue", p), t0).unwrap();
+        }
+        assert_eq!(
+            c.offer(half(Action::Connect, "rogue", 4), t0),
+            Err(OfferError::HostFull("rogue".into(), 4))
+        );
+        assert_eq!(
+            c.expect(server(), "rogue", t0),
+            Err(OfferError::HostFull("rogue".into(), 4))
+        );
+        // Two hosts fill the table...
+        for p in 10..14 {
+            c.offer(half(Action::Connect, "rogue2", p), t0).unwrap();
+        }
+        assert_eq!(c.pending(), 8);
+        // ...and a third still has its reserve, then no more.
+        c.offer(half(Action::Connect, "a", 20), t0).unwrap();
+        c.expect(server(), "a", t0).unwrap();
+        assert_eq!(c.expect(server(), "a", t0), Ok(()));
+        assert_eq!(
+            c.offer(half(Action::Connect, "a", 21), t0),
+            Err(OfferError::Full(8))
+        );
+        assert_eq!(c.used("a"), 3);
+        // Pairing and expiry give the share back.
+        c.pair_with(half(Action::Accept, "b", 20)).unwrap().unwrap();
+        assert_eq!(c.used("a"), 2);
+        c.expire(t0 + DEFAULT_PAIR_TIMEOUT);
+        assert_eq!((c.used("a"), c.used("rogue"), c.pending()), (0, 0, 0));
     }
 
     #[test]

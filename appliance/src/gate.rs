@@ -33,6 +33,21 @@
 //!   ([`Gate::expire`], run by [`Gate::run_expiry`]): audited
 //!   `channel.unpaired` and the client host gets `ChannelDenied`.
 //!   Expectations expire silently (waking the accepts that wait on them).
+//! - **Hosts speak only for their own end** (issue 15 item 1, T-68 to
+//!   T-71): a connect that would enter pairing (allowed, `encrypt`
+//!   required) must name as `src` an address its host owns (before the SYN
+//!   also the unspecified address), an accept as `dst`
+//!   ([`crate::hostaddr`]: loopback, assigned by an administrator, or the
+//!   address its agent connects from and no other host's). A connect that
+//!   does not is denied, audited with the reason and counted
+//!   (`refused{reason="channel_address"}`) before it touches the
+//!   correlator; so is an accept that does not while a connect half or an
+//!   expectation waits for its server end (one that finds nothing is
+//!   decided alone as before: it gets no key either way). An established
+//!   half consumes only its own host's expectations, each host holds at
+//!   most its share of the correlator ([`crate::channels::HostShare`],
+//!   `refused{reason="channel_share"}`), and a pair's license is charged
+//!   only once both halves passed these checks.
 //! - A half asked by a module that believes only sealed records
 //!   ([`ModuleAsk`], from [`Decider::decide_sealed`]) waits with it: the
 //!   key pushed to its host then also carries the key sealed as the answer
@@ -44,7 +59,10 @@ use std::time::{Duration, Instant};
 use crate::agent_api::convert::channel_key_push;
 use crate::agent_api::pb::{self, push};
 use crate::agent_api::{Answer, DecideError, Decider, Hub};
-use crate::channels::{describe, ChannelKey, ChannelTerms, Correlator, Endpoint, Offer, Role};
+use crate::channels::{
+    describe, ChannelKey, ChannelTerms, Correlator, Endpoint, HostShare, Offer, OfferError, Role,
+};
+use crate::hostaddr::{self, NotOwned, Standing};
 use crate::limits::{LicenseKey, LicenseTime, Limits};
 use crate::metrics;
 use crate::policy::engine::{pair_event, Decision, Engine};
@@ -143,6 +161,19 @@ impl Gate {
         }
     }
 
+    /// This gate with each host holding `share` of its correlator (the
+    /// default: [`HostShare::of`] its size).
+    pub fn with_host_share(self, share: HostShare) -> Self {
+        let (timeout, max_pending) = {
+            let g = self.pairs();
+            (g.timeout(), g.max_pending())
+        };
+        Self {
+            pairs: Mutex::new(Correlator::with_share(timeout, max_pending, share)),
+            ..self
+        }
+    }
+
     fn pairs(&self) -> MutexGuard<'_, Correlator> {
         // The correlator's state stays consistent between calls; a panic
         // elsewhere while holding the lock does not corrupt it.
@@ -153,6 +184,80 @@ impl Gate {
         self.engine
             .decide(r)
             .map_err(|e| DecideError(e.to_string()))
+    }
+
+    /// Whether `r`'s host owns the local end of its tuple: `src` for a
+    /// connect (before the SYN the unspecified address too), `dst` for an
+    /// accept. `Ok(Err(_))`: it does not, and why.
+    fn owns_local(&self, r: &QualifyRequest) -> Result<Result<(), NotOwned>, DecideError> {
+        let (Some(role), Target::Net(t)) = (Role::of(r), &r.target) else {
+            return Ok(Ok(()));
+        };
+        let local = match role {
+            Role::Connect => &t.src_addr,
+            Role::Accept => &t.dst_addr,
+        };
+        if role == Role::Connect
+            && !t.established
+            && hostaddr::parse(local).is_some_and(|a| a.is_unspecified())
+        {
+            return Ok(Ok(()));
+        }
+        let now = Instant::now();
+        let mut failed = None;
+        let owned = hostaddr::owns(local, |a| {
+            let owner = self.store.address_owner(a).unwrap_or_else(|e| {
+                failed = Some(e);
+                None
+            });
+            let (observed_here, observed_elsewhere) = self.hub.addrs().seen(&r.host, a, now);
+            Standing {
+                assigned_here: owner.as_deref() == Some(r.host.as_str()),
+                assigned_elsewhere: owner.is_some_and(|o| o != r.host),
+                observed_here,
+                observed_elsewhere,
+            }
+        });
+        if let Some(e) = failed {
+            return Err(DecideError(format!("store: {e}")));
+        }
+        Ok(owned.map(|_| ()))
+    }
+
+    /// The refusal of a half whose host does not own its local end.
+    fn foreign(&self, r: &QualifyRequest, why: &NotOwned, generation: i64) -> Answer {
+        metrics::metrics().record_refused("channel_address");
+        let tuple = match &r.target {
+            Target::Net(t) => describe(t),
+            _ => String::new(),
+        };
+        let from: Vec<String> = self
+            .hub
+            .addrs()
+            .of(&r.host, Instant::now())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let from = if from.is_empty() {
+            "no address but loopback".to_owned()
+        } else {
+            from.join(", ")
+        };
+        denied(
+            format!(
+                "channel: host `{}` does not own its end of {tuple}: {why} (its agent connects from {from}; `trustbind host addresses` assigns addresses to a host)",
+                r.host
+            ),
+            generation,
+        )
+    }
+
+    /// The refusal of a half the correlator did not take.
+    fn not_taken(e: &OfferError, generation: i64) -> Answer {
+        if matches!(e, OfferError::HostFull(..)) {
+            metrics::metrics().record_refused("channel_share");
+        }
+        denied(format!("channel: {e}"), generation)
     }
 
     fn connect(
@@ -167,18 +272,21 @@ impl Gate {
         let (Some(server), Target::Net(t)) = (server_end(r), &r.target) else {
             return Ok(answer(d, None));
         };
+        if let Err(why) = self.owns_local(r)? {
+            return Ok(self.foreign(r, &why, d.generation));
+        }
         let now = Instant::now();
         if !t.established {
             // Before the SYN: announce the established half to come.
-            let expected = self.pairs().expect(server, now);
+            let expected = self.pairs().expect(server, &r.host, now);
             return match expected {
                 Ok(()) => Ok(answer(d, None)),
-                Err(e) => Ok(denied(format!("channel: {e}"), d.generation)),
+                Err(e) => Ok(Self::not_taken(&e, d.generation)),
             };
         }
         let offered = {
             let mut g = self.pairs();
-            g.consume_expectation(&server, now);
+            g.consume_expectation(&server, &r.host, now);
             g.offer_sealed(r.clone(), ask.cloned(), now)
         };
         match offered {
@@ -189,7 +297,7 @@ impl Gate {
             // Not reachable (accepts never wait), but decide it properly
             // if it ever is.
             Ok(Offer::Paired(p)) => self.pair(&p),
-            Err(e) => Ok(denied(format!("channel: {e}"), d.generation)),
+            Err(e) => Ok(Self::not_taken(&e, d.generation)),
         }
     }
 
@@ -203,6 +311,20 @@ impl Gate {
         let Some(server) = server_end(r) else {
             return self.engine(r).map(|d| answer(d, None));
         };
+        if let Err(why) = self.owns_local(r)? {
+            // Not its end: it never pairs nor waits. Refused when a real
+            // half or expectation is there for it to meet; otherwise
+            // decided alone (no key either way).
+            let meets = {
+                let g = self.pairs();
+                g.has_partner(r) || g.expecting(&server, &r.host, Instant::now()).is_some()
+            };
+            let d = self.engine(r)?;
+            if meets {
+                return Ok(self.foreign(r, &why, d.generation));
+            }
+            return Ok(self.lone_accept(r, d));
+        }
         let mut g = self.pairs();
         let give_up = Instant::now() + g.timeout();
         let mut waited = false;
@@ -221,7 +343,7 @@ impl Gate {
             // A protected client between its pre-SYN ask and its
             // established ask: wait for its half (bounded).
             let now = Instant::now();
-            let Some(until) = g.expecting(&server, now) else {
+            let Some(until) = g.expecting(&server, &r.host, now) else {
                 break;
             };
             let until = until.min(give_up);
@@ -242,17 +364,23 @@ impl Gate {
         }
         // No protected client: decide the accept alone.
         let d = self.engine(r)?;
+        Ok(self.lone_accept(r, d))
+    }
+
+    /// An accept decided alone, with no peer: denied if it requires
+    /// `encrypt` (the client is not a protected host).
+    fn lone_accept(&self, r: &QualifyRequest, d: Decision) -> Answer {
         if allows(&d) && requires_encrypt(&d) {
             let client = match &r.target {
                 Target::Net(t) => format!("{}:{}", t.src_addr, t.src_port),
                 _ => String::new(),
             };
-            return Ok(denied(
+            return denied(
                 format!("`encrypt` required but the client {client} is not a protected host"),
                 d.generation,
-            ));
+            );
         }
-        Ok(answer(d, None))
+        answer(d, None)
     }
 
     /// Decides a pair and delivers its key or its denial.

@@ -31,6 +31,7 @@ pub mod audit_seal;
 pub mod channels;
 pub mod gate;
 pub mod grow;
+pub mod hostaddr;
 pub mod learn;
 pub mod limits;
 pub mod metrics;

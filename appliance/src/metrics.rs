@@ -100,7 +100,7 @@ struct Retention {
 /// host's quota, connections past a port's admission limits, push streams
 /// ended for falling behind, learning mode's observations past its
 /// pending map (`learn_pending`) or its table's caps (`learn_cap`).
-pub const REFUSALS: [&str; 7] = [
+pub const REFUSALS: [&str; 9] = [
     "enrol_rate",
     "report_quota",
     "bundle_quota",
@@ -108,6 +108,10 @@ pub const REFUSALS: [&str; 7] = [
     "slow_stream",
     "learn_pending",
     "learn_cap",
+    // A channel half naming an address its host does not own (T-68).
+    "channel_address",
+    // A channel half past its host's share of the correlator (T-71).
+    "channel_share",
 ];
 
 impl Default for Metrics {

@@ -368,23 +368,8 @@ impl ModuleAsk {
     }
 }
 
-/// Wipes the key bytes of a pushed message (a `ChannelKey`), once it has
-/// been handed to the streams.
-pub fn wipe_push(msg: &mut push::Kind) {
-    if let push::Kind::ChannelKey(k) = msg {
-        wipe_channel_key(k);
-    }
-}
-
-/// Wipes the key bytes of `k` (and its sealed copy).
-pub fn wipe_channel_key(k: &mut pb::ChannelKey) {
-    k.key.zeroize();
-    k.tx_salt.zeroize();
-    k.tx_iv.zeroize();
-    k.rx_salt.zeroize();
-    k.rx_iv.zeroize();
-    k.module_answer.zeroize();
-}
+/// Wiping the key bytes of a pushed message: the codec's (T-84).
+pub use trustbind_api::codec::{wipe_channel_key, wipe_push};
 
 /// What a subscriber's orders are sealed with: its module session (from
 /// `Hello.module_session`) and the parts of `Config` its agent names.

@@ -722,6 +722,81 @@ async fn hosts_tokens_and_revocation() {
     assert!(!text.contains(&token));
 }
 
+async fn put_addresses(h: &Harness, host: &str, addresses: Value) -> (u16, Value) {
+    h.send(
+        "PUT",
+        &format!("/v1/hosts/{host}/addresses"),
+        json!({ "addresses": addresses }),
+    )
+    .await
+}
+
+/// Channel binding: an administrator assigns a host its addresses
+/// (canonical, one host per address, audited), sees them with the host,
+/// and bad addresses are refused naming the entry.
+#[tokio::test]
+async fn host_addresses_are_assigned_shown_and_exclusive() {
+    let h = start().await;
+    let (s, _) = h
+        .send("PUT", "/v1/host-groups/web", json!({ "mode": "enforce" }))
+        .await;
+    assert_eq!(s, 200);
+    for name in ["web1", "web2"] {
+        let (s, _) = h
+            .send(
+                "POST",
+                "/v1/hosts",
+                json!({ "name": name, "host_group": "web" }),
+            )
+            .await;
+        assert_eq!(s, 201);
+    }
+    let (s, v) = put_addresses(
+        &h,
+        "web1",
+        json!(["::ffff:10.0.0.5", "2001:db8::5", "10.0.0.5"]),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["host"]["addresses"], json!(["10.0.0.5", "2001:db8::5"]));
+    let (_, v) = h.get("/v1/hosts/web1").await;
+    assert_eq!(v["host"]["addresses"], json!(["10.0.0.5", "2001:db8::5"]));
+    let (_, v) = h.get("/v1/hosts").await;
+    assert_eq!(
+        v["hosts"][0]["addresses"],
+        json!(["10.0.0.5", "2001:db8::5"])
+    );
+    assert_eq!(v["hosts"][1]["addresses"], json!([]));
+    // One host per address.
+    let (s, v) = put_addresses(&h, "web2", json!(["10.0.0.5"])).await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("`web1`"));
+    for (bad, field) in [
+        ("nope", "addresses[1]"),
+        ("127.0.0.1", "addresses"),
+        ("0.0.0.0", "addresses"),
+    ] {
+        let (s, v) = put_addresses(&h, "web2", json!(["10.0.0.6", bad])).await;
+        assert_eq!(
+            (s, v["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{bad}: {v}"
+        );
+    }
+    let (s, _) = put_addresses(&h, "nosuch", json!([])).await;
+    assert_eq!(s, 404);
+    // Removing them frees the address for another host.
+    let (s, _) = put_addresses(&h, "web1", json!([])).await;
+    assert_eq!(s, 200);
+    let (s, v) = put_addresses(&h, "web2", json!(["10.0.0.5"])).await;
+    assert_eq!((s, &v["host"]["addresses"]), (200, &json!(["10.0.0.5"])));
+    let rows = h.store.audit_rows(0, u32::MAX).unwrap();
+    assert_eq!(
+        rows.iter().filter(|r| r.kind == "host.addresses").count(),
+        3
+    );
+}
+
 #[tokio::test]
 async fn users_and_roles() {
     let h = start().await;
@@ -1416,6 +1491,11 @@ async fn read_only_admin_reads_and_gets_403_on_every_write_endpoint_class() {
         ),
         ("POST", "/v1/hosts/h1/revoke", json!({})),
         ("POST", "/v1/hosts/h1/token", json!({})),
+        (
+            "PUT",
+            "/v1/hosts/h1/addresses",
+            json!({ "addresses": ["10.0.0.1"] }),
+        ),
         ("PUT", "/v1/users/u", json!({ "roles": ["r"] })),
         ("DELETE", "/v1/users/u", json!({})),
         ("PUT", "/v1/file-sets/f", json!({ "paths": ["/a"] })),

@@ -19,8 +19,11 @@ use common::{sha256_hex, start_with, Appliance};
 use tokio_stream::StreamExt;
 use tonic::Streaming;
 use trustbind_appliance::agent_api::pb::{self, push, Hello, Push};
+use trustbind_appliance::channels::HostShare;
 use trustbind_appliance::gate::Gate;
+use trustbind_appliance::limits::{LicenseKey, Limits};
 use trustbind_appliance::policy::engine::Engine;
+use trustbind_appliance::store::LicenseTerms;
 use trustbind_appliance::store::{Mode, Store};
 
 const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
@@ -56,10 +59,29 @@ async fn appliance(pair_timeout: Duration) -> (Appliance, Arc<Gate>) {
 }
 
 async fn appliance_with(pair_timeout: Duration, policy: &str) -> (Appliance, Arc<Gate>) {
+    let (a, g, _) = appliance_gate(pair_timeout, policy, false, None).await;
+    (a, g)
+}
+
+/// An appliance whose gate enforces license limits (when `limits`) and
+/// gives each host `share` (when given) of its 64-entry correlator.
+async fn appliance_gate(
+    pair_timeout: Duration,
+    policy: &str,
+    limits: bool,
+    share: Option<HostShare>,
+) -> (Appliance, Arc<Gate>, Option<Arc<Limits>>) {
     let mut gate = None;
+    let mut lim = None;
     let a = start_with(|store, hub| {
         let engine = Arc::new(Engine::new(Arc::clone(&store), SCHEMA).unwrap());
-        let g = Arc::new(Gate::new(engine, store, hub, None, pair_timeout, 64));
+        let l = limits.then(|| Arc::new(Limits::new(Arc::clone(&store)).unwrap()));
+        lim.clone_from(&l);
+        let mut g = Gate::new(engine, store, hub, l, pair_timeout, 64);
+        if let Some(share) = share {
+            g = g.with_host_share(share);
+        }
+        let g = Arc::new(g);
         gate = Some(Arc::clone(&g));
         g
     })
@@ -72,7 +94,15 @@ async fn appliance_with(pair_timeout: Duration, policy: &str) -> (Appliance, Arc
     sig(store, "nc", "netcat");
     let id = store.create_policy_draft(policy, "", "admin:t").unwrap();
     store.activate_policy(id, "admin:t").unwrap();
-    (a, gate)
+    (a, gate, lim)
+}
+
+/// The addresses of `a` (10.99.0.11, the client) and `b` (10.99.0.12, the
+/// server), as an administrator assigns them: test agents connect from
+/// 127.0.0.1, not from the addresses their halves name.
+fn assign_ab(app: &Appliance) {
+    app.assign("a", &["10.99.0.11"]);
+    app.assign("b", &["10.99.0.12"]);
 }
 
 fn request(id: u64, action: pb::Action, program: &str, src_port: u32) -> pb::Request {
@@ -168,6 +198,7 @@ async fn channels_pair_key_deny_and_expire() {
     let (app, gate) = appliance(Duration::from_millis(1500)).await;
     let ca = app.enrolled_in("a", "web", Mode::Enforce).await;
     let cb = app.enrolled_in("b", "db", Mode::Enforce).await;
+    assign_ab(&app);
     let mut a = app.agent_client(ca).await.unwrap();
     let mut b = app.agent_client(cb).await.unwrap();
     let hello = || Hello {
@@ -397,6 +428,7 @@ async fn offload_and_idle_timeout_reach_both_keys() {
     let (app, _gate) = appliance_with(Duration::from_secs(5), &policy).await;
     let ca = app.enrolled_in("a", "web", Mode::Enforce).await;
     let cb = app.enrolled_in("b", "db", Mode::Enforce).await;
+    assign_ab(&app);
     let mut a = app.agent_client(ca).await.unwrap();
     let mut b = app.agent_client(cb).await.unwrap();
     let hello = || Hello {
@@ -449,5 +481,390 @@ fn channel_obligation_values_are_checked_at_load() {
             "policy `servers-accept-clients`: @channel_idle_s(\"-5\"): expected whole seconds"
         ),
         "{err}"
+    );
+}
+
+// ---- a rogue enrolled host (T-68 to T-71) ----
+//
+// `rogue` holds a legitimately enrolled host certificate and speaks the
+// agent protocol as it likes (a modified agent). Its own address is
+// 10.99.0.66; `a` (10.99.0.11) connects to `b` (10.99.0.12) port 5432.
+
+const ROGUE_ADDR: &str = "10.99.0.66";
+
+fn hello() -> Hello {
+    Hello {
+        agent_version: "t".into(),
+        generation: 0,
+        module_session: Vec::new(),
+        qualify_net: false,
+        verdict_timeout_ms: 0,
+    }
+}
+
+type Client = pb::agent_client::AgentClient<tonic::transport::Channel>;
+
+/// Enrols `a`, `b` and `rogue` and subscribes all three: their clients
+/// and push streams.
+async fn enrol_three(app: &Appliance) -> [(Client, Streaming<Push>); 3] {
+    let mut out = Vec::new();
+    for (host, group) in [("a", "web"), ("b", "db"), ("rogue", "web")] {
+        let cfg = app.enrolled_in(host, group, Mode::Enforce).await;
+        let mut c = app.agent_client(cfg).await.unwrap();
+        let s = c.subscribe(hello()).await.unwrap().into_inner();
+        out.push((c, s));
+    }
+    out.try_into().ok().unwrap()
+}
+
+/// [`enrol_three`], with their addresses assigned.
+async fn three_hosts(app: &Appliance) -> [(Client, Streaming<Push>); 3] {
+    let out = enrol_three(app).await;
+    assign_ab(app);
+    app.assign("rogue", &[ROGUE_ADDR]);
+    out
+}
+
+/// A half of `a`'s connection from source port `port` as someone else
+/// claims it.
+fn forged(id: u64, action: pb::Action, program: &str, port: u32) -> pb::Request {
+    request(id, action, program, port)
+}
+
+/// No key and no denial reaches `s` within `wait`.
+async fn no_channel_push(s: &mut Streaming<Push>, wait: Duration) {
+    let got = tokio::time::timeout(wait, async {
+        loop {
+            match s.next().await {
+                Some(Ok(Push {
+                    kind: Some(k @ (push::Kind::ChannelKey(_) | push::Kind::ChannelDenied(_))),
+                })) => return k,
+                Some(_) => continue,
+                None => std::future::pending().await,
+            }
+        }
+    })
+    .await;
+    assert!(got.is_err(), "unexpected channel push: {got:?}");
+}
+
+/// `a` connects (pre-SYN, then established from `port`), `b` accepts:
+/// both get the same key.
+async fn real_pair(
+    a: &mut Client,
+    sa: &mut Streaming<Push>,
+    b: &mut Client,
+    sb: &mut Streaming<Push>,
+    port: u32,
+) -> pb::ChannelKey {
+    let rp = qualify(a, pre_syn(1000 + u64::from(port), "psql")).await;
+    assert_ne!(rp.verdict, pb::Verdict::Deny as i32, "{rp:?}");
+    let rc = qualify(a, request(2000, pb::Action::Connect, "psql", port)).await;
+    assert_ne!(rc.verdict, pb::Verdict::Deny as i32, "{rc:?}");
+    assert_ne!(rc.channel_id, 0);
+    let ra = qualify(b, request(3000, pb::Action::Accept, "postgres", port)).await;
+    assert_ne!(ra.verdict, pb::Verdict::Deny as i32, "{ra:?}");
+    assert_eq!(ra.channel_id, rc.channel_id);
+    let push::Kind::ChannelKey(ka) = next_channel_push(sa).await else {
+        panic!("the client got no key")
+    };
+    let push::Kind::ChannelKey(kb) = next_channel_push(sb).await else {
+        panic!("the server got no key")
+    };
+    assert_eq!(
+        (ka.key_id.as_str(), ka.channel_id),
+        (kb.key_id.as_str(), rc.channel_id)
+    );
+    assert_eq!(ka.key, kb.key);
+    ka
+}
+
+/// `r` is the refusal of a half `host` named with an address it does not
+/// own, the reason containing `because`.
+fn refused_not_owned(r: &pb::Result, host: &str, because: &str) {
+    assert_eq!(
+        (r.verdict, r.channel_id),
+        (pb::Verdict::Deny as i32, 0),
+        "{r:?}"
+    );
+    let why = r.reasons.join(" ");
+    assert!(
+        why.contains(&format!("host `{host}` does not own its end of tcp "))
+            && why.contains(because)
+            && why.contains("trustbind host addresses"),
+        "{why}"
+    );
+}
+
+/// The rogue's half for a's connection (from 10.99.0.11), refused.
+fn denied_for_address(r: &pb::Result) {
+    refused_not_owned(r, "rogue", "own its end of tcp 10.99.0.11:");
+}
+
+/// T-68: the rogue claims the accept half of a's connection to b (dst is
+/// b's address, not its own): refused, audited, counted; it gets no key,
+/// a's half still waits, and b's real accept pairs with it.
+#[tokio::test]
+async fn a_rogue_host_cannot_take_the_accept_half_of_another_pair() {
+    let (app, gate) = appliance(Duration::from_secs(5)).await;
+    let [(mut a, mut sa), (mut b, mut sb), (mut rogue, mut sr)] = three_hosts(&app).await;
+    let before = trustbind_appliance::metrics::metrics().refused("channel_address");
+    qualify(&mut a, pre_syn(1, "psql")).await;
+    let rc = qualify(&mut a, request(2, pb::Action::Connect, "psql", 41000)).await;
+    assert_ne!(rc.channel_id, 0, "{rc:?}");
+    // The rogue's accept for a's tuple (it even claims the right program).
+    let r = qualify(&mut rogue, forged(3, pb::Action::Accept, "postgres", 41000)).await;
+    denied_for_address(&r);
+    assert_eq!(gate.pending(), 1, "a's half must still wait");
+    no_channel_push(&mut sr, Duration::from_millis(300)).await;
+    // b's real accept pairs with a's half: both get the key, the rogue none.
+    let ra = qualify(&mut b, request(4, pb::Action::Accept, "postgres", 41000)).await;
+    assert_eq!(ra.channel_id, rc.channel_id, "{ra:?}");
+    let push::Kind::ChannelKey(ka) = next_channel_push(&mut sa).await else {
+        panic!("no key for a")
+    };
+    let push::Kind::ChannelKey(kb) = next_channel_push(&mut sb).await else {
+        panic!("no key for b")
+    };
+    assert_eq!(ka.key, kb.key);
+    no_channel_push(&mut sr, Duration::from_millis(300)).await;
+    assert!(trustbind_appliance::metrics::metrics().refused("channel_address") > before);
+    let rows = app.api.store.audit_rows(0, u32::MAX).unwrap();
+    assert!(
+        rows.iter().any(|r| r.kind == "decision"
+            && r.actor == "rogue"
+            && r.detail.to_string().contains("does not own its end")),
+        "the refusal is audited"
+    );
+}
+
+/// T-69: the rogue floods fake halves for a's tuple before and after a's
+/// real half (connects from a's address, pre-SYN connects from a's
+/// address, accepts to b's address, both with and without the right
+/// programs): all refused, and the real pair still pairs.
+#[tokio::test]
+async fn fake_halves_do_not_knock_out_real_ones() {
+    let (app, gate) = appliance(Duration::from_secs(5)).await;
+    let [(mut a, mut sa), (mut b, mut sb), (mut rogue, mut sr)] = three_hosts(&app).await;
+    let port = 42000;
+    let flood = |base: u64| {
+        let mut v = Vec::new();
+        for i in 0..20u64 {
+            let mut pre = pre_syn(base + 3 * i, "psql");
+            if let Some(pb::request::Target::Net(n)) = &mut pre.target {
+                // Pre-SYN with a's address (not unspecified, not its own).
+                n.src_port = port;
+            }
+            v.push(pre);
+            v.push(forged(base + 3 * i + 1, pb::Action::Connect, "psql", port));
+            v.push(forged(
+                base + 3 * i + 2,
+                pb::Action::Accept,
+                "postgres",
+                port,
+            ));
+        }
+        v
+    };
+    let before = common::qualify_all(&mut rogue, flood(100)).await;
+    assert_eq!(before.len(), 60);
+    for (i, r) in before.iter().enumerate() {
+        if i % 3 == 2 {
+            // An accept that meets nothing is decided alone: this policy
+            // needs a peer, so it is denied, with no channel either way.
+            assert_eq!(
+                (r.verdict, r.channel_id),
+                (pb::Verdict::Deny as i32, 0),
+                "{r:?}"
+            );
+        } else {
+            denied_for_address(r);
+        }
+    }
+    assert_eq!((gate.pending(), gate.expectations()), (0, 0));
+    // a's real connect is not a duplicate of anything; the rogue floods
+    // again while it waits; b's accept still pairs with it.
+    qualify(&mut a, pre_syn(1, "psql")).await;
+    let rc = qualify(&mut a, request(2, pb::Action::Connect, "psql", port)).await;
+    assert_ne!(rc.channel_id, 0, "{rc:?}");
+    for r in common::qualify_all(&mut rogue, flood(200)).await {
+        denied_for_address(&r);
+    }
+    assert_eq!(gate.pending(), 1);
+    let ra = qualify(&mut b, request(3, pb::Action::Accept, "postgres", port)).await;
+    assert_eq!(ra.channel_id, rc.channel_id, "{ra:?}");
+    let (ka, kb) = (
+        next_channel_push(&mut sa).await,
+        next_channel_push(&mut sb).await,
+    );
+    let (push::Kind::ChannelKey(ka), push::Kind::ChannelKey(kb)) = (ka, kb) else {
+        panic!("the real pair got no keys")
+    };
+    assert_eq!(ka.key, kb.key);
+    no_channel_push(&mut sr, Duration::from_millis(300)).await;
+    // Loopback tuples are the rogue's own, and never meet another host's.
+    let lo = |id, action, program: &str, port| {
+        let mut r = request(id, action, program, port);
+        if let Some(pb::request::Target::Net(n)) = &mut r.target {
+            n.src_addr = "127.0.0.1".into();
+            n.dst_addr = "127.0.0.1".into();
+        }
+        r
+    };
+    qualify(&mut a, lo(10, pb::Action::Connect, "psql", 43000)).await;
+    assert_eq!(gate.pending(), 1);
+    let r = qualify(&mut rogue, lo(11, pb::Action::Accept, "postgres", 43000)).await;
+    assert_eq!(r.channel_id, 0, "{r:?}");
+    assert_eq!(gate.pending(), 1, "a's loopback half is untouched");
+    no_channel_push(&mut sr, Duration::from_millis(300)).await;
+}
+
+/// T-70: a program-pair license of 3 calls; the rogue fabricates pairs of
+/// a's and b's programs between their addresses (it is an end of none):
+/// every half refused, the license not charged; the real pair is charged
+/// once and gets its key.
+#[tokio::test]
+async fn fabricated_pairs_do_not_use_up_a_pair_license() {
+    let (app, _gate, limits) = appliance_gate(Duration::from_secs(5), POLICY, true, None).await;
+    let limits = limits.unwrap();
+    let pair = LicenseKey::Pair {
+        client: sha256_hex("psql"),
+        server: sha256_hex("postgres"),
+    };
+    let terms = LicenseTerms {
+        max_calls: Some(3),
+        ..LicenseTerms::default()
+    };
+    limits.set(&pair, &terms, false, "admin:t").unwrap();
+    let [(mut a, mut sa), (mut b, mut sb), (mut rogue, mut sr)] = three_hosts(&app).await;
+    for port in 44000..44010 {
+        let c = qualify(&mut rogue, forged(1, pb::Action::Connect, "psql", port)).await;
+        denied_for_address(&c);
+        let acc = qualify(&mut rogue, forged(2, pb::Action::Accept, "postgres", port)).await;
+        assert_eq!(acc.channel_id, 0, "{acc:?}");
+    }
+    no_channel_push(&mut sr, Duration::from_millis(300)).await;
+    let calls = |l: &Limits| {
+        l.list()
+            .unwrap()
+            .into_iter()
+            .find(|v| v.license.subject == pair)
+            .map(|v| (v.calls, v.license.exceeded.is_some()))
+    };
+    assert_eq!(calls(&limits), Some((0, false)), "the license was charged");
+    real_pair(&mut a, &mut sa, &mut b, &mut sb, 44100).await;
+    assert_eq!(calls(&limits), Some((1, false)));
+}
+
+/// T-71: the rogue fills its share of the correlator with expectations
+/// and waiting halves of its own (its own address: they are valid); past
+/// its share it is refused (counted), and a and b still pair.
+#[tokio::test]
+async fn one_host_cannot_fill_the_waiting_table_for_the_others() {
+    let share = HostShare {
+        per_host: 16,
+        reserve: 4,
+    };
+    let (app, gate, _) = appliance_gate(Duration::from_secs(5), POLICY, false, Some(share)).await;
+    let [(mut a, mut sa), (mut b, mut sb), (mut rogue, _sr)] = three_hosts(&app).await;
+    let before = trustbind_appliance::metrics::metrics().refused("channel_share");
+    let own = |id: u64, port: u32, established: bool| {
+        let mut r = net_request(id, pb::Action::Connect, "psql", port, established);
+        if let Some(pb::request::Target::Net(n)) = &mut r.target {
+            n.src_addr = ROGUE_ADDR.into();
+        }
+        r
+    };
+    // 64 expectations, then 64 established halves (each consumes one of
+    // its expectations first): the whole table, twice over.
+    for requests in [
+        (0..64).map(|i| own(i, 0, false)).collect::<Vec<_>>(),
+        (0..64)
+            .map(|i| own(100 + i, 45000 + i as u32, true))
+            .collect(),
+    ] {
+        let results = common::qualify_all(&mut rogue, requests).await;
+        let refused: Vec<_> = results
+            .iter()
+            .filter(|r| r.verdict == pb::Verdict::Deny as i32)
+            .collect();
+        assert_eq!(refused.len(), 64 - 16, "the rogue holds its share, no more");
+        for r in refused {
+            let why = r.reasons.join(" ");
+            assert!(
+                why.contains("host `rogue`") && why.contains("its share"),
+                "{why}"
+            );
+        }
+        assert_eq!(gate.pending() + gate.expectations(), 16);
+    }
+    assert!(trustbind_appliance::metrics::metrics().refused("channel_share") > before);
+    // The others pair as usual.
+    real_pair(&mut a, &mut sa, &mut b, &mut sb, 45500).await;
+    real_pair(&mut a, &mut sa, &mut b, &mut sb, 45501).await;
+}
+
+/// The address a host's agent connects from is its own (here noted as the
+/// agent port would note it: the test agents really connect from
+/// 127.0.0.1, which is not recorded) unless another host connects from it
+/// too (a NAT): then neither owns it until an administrator assigns it,
+/// and then only the assignee does.
+#[tokio::test]
+async fn the_address_an_agent_connects_from_is_its_own_unless_shared() {
+    let (app, gate) = appliance(Duration::from_secs(5)).await;
+    let [(mut a, mut sa), (mut b, mut sb), (mut rogue, mut sr)] = enrol_three(&app).await;
+    let seen = |host: &str, addr: &str| {
+        app.api
+            .hub
+            .addrs()
+            .observe(host, addr.parse().unwrap(), std::time::Instant::now());
+    };
+    seen("a", "10.99.0.11");
+    seen("b", "10.99.0.12");
+    real_pair(&mut a, &mut sa, &mut b, &mut sb, 46000).await;
+    // The rogue connects from b's address too: b's address is shared.
+    seen("rogue", "10.99.0.12");
+    qualify(&mut a, pre_syn(1, "psql")).await;
+    let rc = qualify(&mut a, request(2, pb::Action::Connect, "psql", 46001)).await;
+    assert_ne!(rc.channel_id, 0, "{rc:?}");
+    for (c, who) in [(&mut rogue, "rogue"), (&mut b, "b")] {
+        let r = qualify(c, request(3, pb::Action::Accept, "postgres", 46001)).await;
+        refused_not_owned(&r, who, "10.99.0.12 is shared");
+    }
+    assert_eq!(gate.pending(), 1, "a's half is undisturbed");
+    // Assigned to b, it is b's alone.
+    app.assign("b", &["10.99.0.12"]);
+    let r = qualify(
+        &mut rogue,
+        request(4, pb::Action::Accept, "postgres", 46001),
+    )
+    .await;
+    assert!(
+        r.reasons
+            .join(" ")
+            .contains("10.99.0.12 is assigned to another host"),
+        "{r:?}"
+    );
+    let ra = qualify(&mut b, request(5, pb::Action::Accept, "postgres", 46001)).await;
+    assert_eq!(ra.channel_id, rc.channel_id, "{ra:?}");
+    let (push::Kind::ChannelKey(ka), push::Kind::ChannelKey(kb)) = (
+        next_channel_push(&mut sa).await,
+        next_channel_push(&mut sb).await,
+    ) else {
+        panic!("the real pair got no keys")
+    };
+    assert_eq!(ka.key, kb.key);
+    no_channel_push(&mut sr, Duration::from_millis(300)).await;
+    // IPv4-mapped forms are the same address.
+    let mut mapped = request(6, pb::Action::Connect, "psql", 46002);
+    if let Some(pb::request::Target::Net(n)) = &mut mapped.target {
+        n.src_addr = "::ffff:10.99.0.12".into();
+    }
+    let r = qualify(&mut rogue, mapped).await;
+    assert!(
+        r.reasons
+            .join(" ")
+            .contains("10.99.0.12 is assigned to another host"),
+        "{r:?}"
     );
 }

@@ -54,15 +54,7 @@ async fn qualify(
     client: &mut pb::agent_client::AgentClient<tonic::transport::Channel>,
     requests: Vec<pb::Request>,
 ) -> Vec<pb::Result> {
-    client
-        .qualify(pb::QualifyBatch {
-            requests,
-            module_session: Vec::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .results
+    common::qualify_all(client, requests).await
 }
 
 fn all(store: &Store) -> Vec<trustbind_appliance::store::ObservedRow> {

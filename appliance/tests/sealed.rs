@@ -597,6 +597,8 @@ async fn channel_keys_are_sealed_to_the_halves_that_asked() {
     store.activate_policy(id, "admin:t").unwrap();
     let (ca, auth_a) = enrolled(&app, "a", "web", Mode::Enforce).await;
     let (cb, auth_b) = enrolled(&app, "b", "db", Mode::Enforce).await;
+    app.assign("a", &["10.99.0.11"]);
+    app.assign("b", &["10.99.0.12"]);
     let (ma, mb) = (Module::new(&auth_a), Module::new(&auth_b));
     let mut a = app.agent_client(ca).await.unwrap();
     let mut b = app.agent_client(cb).await.unwrap();

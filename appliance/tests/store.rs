@@ -759,12 +759,14 @@ fn a_schema_11_store_migrates_to_13_keeping_its_audit_chain() {
              DROP INDEX agent_reports_received;
              DROP TABLE observed;
              DROP TABLE observed_hosts;
+             DROP TABLE host_addresses;
              PRAGMA user_version = 11;",
         )
         .unwrap();
     }
     let store = Store::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 13);
+    // 13, then 14 (host addresses) since.
+    assert_eq!(store.schema_version().unwrap(), 14);
     assert_eq!(store.verify_audit().unwrap(), Ok(50));
     let r = store.verify_audit_from_checkpoint().unwrap().unwrap();
     assert_eq!((r.rows, r.checkpoints), (50, 0));

@@ -21,6 +21,8 @@
 #include <linux/sched.h>
 #include <linux/slab.h>
 #include <linux/stat.h>
+#include <linux/magic.h>
+#include <linux/mnt_idmapping.h>
 #include <linux/wait.h>
 #include <linux/jiffies.h>
 #include <linux/file.h>
@@ -2563,13 +2565,36 @@ void tb_current_ids(struct tb_task_ids *out)
 	out->pid = task_pid_nr(current);
 }
 
+/*
+ * The device stat(2) reports for inode (of dentry d, pinned by the
+ * caller): its super block's, except on btrfs, where each subvolume
+ * reports an anonymous device of its own (T-98). btrfs_getattr() reads
+ * the inode and takes a spinlock, never sleeps, and does not look at
+ * path->mnt (6.12), so it is called here directly with no mount; a
+ * failure falls back to the super block's.
+ */
+static u64 tb_inode_dev(const struct dentry *d, struct inode *inode)
+{
+	if (inode->i_sb->s_magic == BTRFS_SUPER_MAGIC && inode->i_op->getattr) {
+		struct path p = { .dentry = (struct dentry *)d };
+		struct kstat st = {};
+
+		if (!inode->i_op->getattr(&nop_mnt_idmap, &p, &st, STATX_INO,
+					  AT_STATX_DONT_SYNC) && st.dev)
+			return new_encode_dev(st.dev);
+	}
+	return new_encode_dev(inode->i_sb->s_dev);
+}
+
 u64 tb_dentry_dev(const struct dentry *d)
 {
+	if (d->d_sb->s_magic == BTRFS_SUPER_MAGIC)
+		return 0;
 	return new_encode_dev(d->d_sb->s_dev);
 }
 
-bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev, u64 *ino,
-		     u32 *gen)
+bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev,
+		     u64 *fs_dev, u64 *ino, u32 *gen)
 {
 	struct inode *inode;
 	bool ok = false;
@@ -2579,7 +2604,8 @@ bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev, u64 *ino,
 		d = READ_ONCE(d->d_parent);
 	inode = d_inode_rcu(d);
 	if (inode) {
-		*dev = new_encode_dev(d->d_sb->s_dev);
+		*dev = tb_inode_dev(d, inode);
+		*fs_dev = new_encode_dev(d->d_sb->s_dev);
 		*ino = inode->i_ino;
 		*gen = inode->i_generation;
 		ok = true;
@@ -2589,7 +2615,7 @@ bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev, u64 *ino,
 }
 
 int tb_dentry_chain(const struct dentry *d, bool from_parent, u64 *inos,
-		    int max)
+		    u64 *devs, int max)
 {
 	const struct dentry *p;
 	unsigned int seq;
@@ -2609,6 +2635,8 @@ int tb_dentry_chain(const struct dentry *d, bool from_parent, u64 *inos,
 					n = max + 1;
 					break;
 				}
+				if (devs)
+					devs[n] = tb_inode_dev(p, inode);
 				inos[n++] = inode->i_ino;
 			}
 			up = READ_ONCE(p->d_parent);

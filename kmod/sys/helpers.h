@@ -646,19 +646,23 @@ struct tb_task_ids {
 };
 void tb_current_ids(struct tb_task_ids *out);
 
-/* The identity of d's inode (of its parent's, if parent): st_dev encoding
- * of its super block, inode number, inode generation. False for a negative
- * dentry. Any context. */
-bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev, u64 *ino,
-		     u32 *gen);
-/* The file system of d (st_dev encoding). */
+/* The identity of d's inode (of its parent's, if parent): its device as
+ * stat(2) reports it (st_dev encoding; on btrfs its subvolume's, T-98),
+ * its super block's device (st_dev encoding: the one /proc/self/mountinfo
+ * shows), inode number, inode generation. False for a negative dentry.
+ * Any context. */
+bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev,
+		     u64 *fs_dev, u64 *ino, u32 *gen);
+/* The device stat(2) reports for every inode of d's file system (st_dev
+ * encoding), or 0 if it varies (btrfs: each subvolume has its own). */
 u64 tb_dentry_dev(const struct dentry *d);
 /* The inode numbers of d (if from_parent is false) and of every dentry
  * above it on its file system, nearest first, at most max; the count, or
- * max + 1 if the tree goes deeper. A consistent snapshot (rename_lock
- * retried). Any context. */
+ * max + 1 if the tree goes deeper. With devs, also each one's device as
+ * stat(2) reports it (st_dev encoding). A consistent snapshot
+ * (rename_lock retried). Any context. */
 int tb_dentry_chain(const struct dentry *d, bool from_parent, u64 *inos,
-		    int max);
+		    u64 *devs, int max);
 /* The path of d from the root of its file system into buf (at most len
  * bytes); *out points at it, the length is returned, or -errno. */
 int tb_dentry_path(const struct dentry *d, char *buf, int len,

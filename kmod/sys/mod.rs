@@ -2191,11 +2191,17 @@ impl FileOp {
     }
 }
 
-/// A file's identity: `st_dev` of its file system, inode number, inode
-/// generation.
+/// A file's identity: its device as `stat` reports it, its file system's
+/// device, inode number, inode generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FileIdent {
+    /// `st_dev` (on btrfs its subvolume's: what the agent's `stat` of a
+    /// protected path gives, T-98).
     pub(crate) dev: u64,
+    /// The super block's device (`st_dev` encoding): the one
+    /// `/proc/self/mountinfo` names its mounts by, to which the path from
+    /// [`Dentry::path`] is relative.
+    pub(crate) fs_dev: u64,
     pub(crate) ino: u64,
     pub(crate) generation: u32,
 }
@@ -2204,36 +2210,55 @@ impl Dentry<'_> {
     /// The identity of this dentry's inode, or of its parent's; `None`
     /// for a negative dentry.
     pub(crate) fn ident(&self, parent: bool) -> Option<FileIdent> {
-        let (mut dev, mut ino, mut generation) = (0, 0, 0);
+        let (mut dev, mut fs_dev, mut ino, mut generation) = (0, 0, 0, 0);
         // SAFETY: `ptr` is a live dentry for `'a` (the type's contract);
         // the helper reads it (and its parent, which it pins) under RCU and
-        // writes only the three out-parameters. Any context.
-        let ok = unsafe { bindings::tb_dentry_ident(self.ptr, parent, &mut dev, &mut ino, &mut generation) };
+        // writes only the four out-parameters. Any context.
+        let ok = unsafe {
+            bindings::tb_dentry_ident(self.ptr, parent, &mut dev, &mut fs_dev, &mut ino, &mut generation)
+        };
         ok.then_some(FileIdent {
             dev,
+            fs_dev,
             ino,
             generation,
         })
     }
 
-    /// `st_dev` of the dentry's file system.
-    pub(crate) fn dev(&self) -> u64 {
+    /// The device `stat` reports for every inode of the dentry's file
+    /// system; `None` if it varies (btrfs subvolumes).
+    pub(crate) fn dev(&self) -> Option<u64> {
         // SAFETY: As in `ident`: a live dentry; reads its super block.
-        unsafe { bindings::tb_dentry_dev(self.ptr) }
+        let dev = unsafe { bindings::tb_dentry_dev(self.ptr) };
+        (dev != 0).then_some(dev)
     }
 
     /// The inode numbers of this dentry (or, `from_parent`, of its parent)
     /// and every dentry above it on its file system, nearest first, into
-    /// `out`; `None` if the tree is deeper than `out` or the dentry is
-    /// disconnected from the root. Any context.
-    pub(crate) fn ancestors<'b>(&self, from_parent: bool, out: &'b mut [u64]) -> Option<&'b [u64]> {
-        // CAST: `out` is a small stack array.
-        let max = out.len().min(i32::MAX as usize) as c_int;
+    /// `inos`, and with `devs` each one's device as `stat` reports it;
+    /// the count, or `None` if the tree is deeper than `inos` (and `devs`,
+    /// which is at least as long) or the dentry is disconnected from the
+    /// root. Any context.
+    pub(crate) fn ancestors(&self, from_parent: bool, inos: &mut [u64], devs: Option<&mut [u64]>) -> Option<usize> {
+        let mut max = inos.len();
+        let devs = match devs {
+            Some(d) => {
+                max = max.min(d.len());
+                d.as_mut_ptr()
+            }
+            None => core::ptr::null_mut(),
+        };
+        // CAST: the arrays are small stack arrays.
+        let max = max.min(i32::MAX as usize) as c_int;
         // SAFETY: As in `ident`; the helper writes at most `max` entries
-        // of `out` and walks the parents under RCU and `rename_lock`.
-        let n = unsafe { bindings::tb_dentry_chain(self.ptr, from_parent, out.as_mut_ptr(), max) };
-        // CAST: `n` is between 0 and `max + 1`.
-        out.get(..usize::try_from(n).ok()?)
+        // of `inos` and of `devs` (when not null; both are at least `max`
+        // long) and walks the parents under RCU and `rename_lock`.
+        let n = unsafe { bindings::tb_dentry_chain(self.ptr, from_parent, inos.as_mut_ptr(), devs, max) };
+        // `n` is between 0 and `max + 1`, which means deeper.
+        if n > max {
+            return None;
+        }
+        usize::try_from(n).ok()
     }
 
     /// The path of this dentry from the root of its file system, into

@@ -76,7 +76,15 @@ impl<S: core::ops::Deref<Target = [(u64, u64)]>> ProtectedSet<S> {
         if !self.has_dev(dev) {
             return Protection::Unprotected;
         }
-        for (depth, ino) in ancestors.into_iter().enumerate() {
+        self.classify_ids(ancestors.into_iter().map(|ino| (dev, ino)))
+    }
+
+    /// Classifies a file from the `(dev, ino)` identities of its dentry
+    /// and every dentry above it, nearest first, on a file system whose
+    /// inodes do not all report one device (btrfs: each subvolume has its
+    /// own, T-98).
+    pub fn classify_ids(&self, ancestors: impl IntoIterator<Item = (u64, u64)>) -> Protection {
+        for (depth, (dev, ino)) in ancestors.into_iter().enumerate() {
             if depth >= MAX_DEPTH {
                 return Protection::TooDeep;
             }
@@ -86,6 +94,16 @@ impl<S: core::ops::Deref<Target = [(u64, u64)]>> ProtectedSet<S> {
         }
         Protection::Unprotected
     }
+}
+
+/// The major and minor numbers of a device in `stat`'s `st_dev` encoding
+/// (the kernel's `new_encode_dev`: major in bits 8..20 and 32.., minor in
+/// bits 0..8 and 20..32), as `/proc/self/mountinfo` shows them.
+pub fn dev_numbers(dev: u64) -> (u64, u64) {
+    (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    )
 }
 
 /// Fills `out` with the entries of a [`FileSets`] record; the number
@@ -292,6 +310,23 @@ mod tests {
     }
 
     #[test]
+    fn subvolumes_are_matched_by_their_own_device() {
+        // btrfs: /srv (subvolume 30, inode 300) is protected; /srv/sub is
+        // a subvolume of its own (31, its root 256) holding file 257.
+        let s = set(&[(30, 300)]);
+        assert_eq!(
+            s.classify_ids([(31, 257), (31, 256), (30, 300), (30, 256)]),
+            Protection::Protected
+        );
+        // Inode numbers repeat across subvolumes: 300 on subvolume 32 is
+        // another directory.
+        assert_eq!(
+            s.classify_ids([(32, 301), (32, 300), (32, 256)]),
+            Protection::Unprotected
+        );
+    }
+
+    #[test]
     fn unsorted_sets_are_refused() {
         assert!(ProtectedSet::new(vec![(2u64, 1u64), (1, 1)]).is_none());
         assert!(ProtectedSet::new(vec![(1u64, 1u64), (1, 1)]).is_none());
@@ -373,6 +408,18 @@ mod tests {
             let want = chain.iter().any(|&i| v.contains(&(dev, i)));
             prop_assert_eq!(s.classify(dev, chain.iter().copied()).asks(), want);
             prop_assert_eq!(s.has_dev(dev), v.iter().any(|&(d, _)| d == dev));
+        }
+
+        /// Per-entry devices: the same, device by device.
+        #[test]
+        fn classify_ids_matches_a_linear_search(
+            mut entries in proptest::collection::btree_set((0u64..4, 0u64..64), 0..40),
+            chain in proptest::collection::vec((0u64..5, 0u64..64), 0..20),
+        ) {
+            let v: Vec<_> = core::mem::take(&mut entries).into_iter().collect();
+            let s = set(&v);
+            let want = chain.iter().any(|id| v.contains(id));
+            prop_assert_eq!(s.classify_ids(chain.iter().copied()).asks(), want);
         }
     }
 }

@@ -773,7 +773,10 @@ pub struct FileRequest<'a> {
     pub pid: u32,
     /// Thread group id of its parent.
     pub ppid: u32,
-    /// Device of the file's file system (`stat`'s `st_dev` encoding).
+    /// Device of the file's file system, its super block's (`stat`'s
+    /// `st_dev` encoding), as `/proc/self/mountinfo` names its mounts:
+    /// `path` is relative to its root. On btrfs a file's own `st_dev` is
+    /// its subvolume's, another number.
     pub dev: u64,
     /// Inode number of the file (of its directory with [`FILE_CREATE`]).
     pub ino: u64,

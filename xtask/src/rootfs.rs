@@ -51,6 +51,8 @@ const PACKAGES: &[&str] = &[
     // A FUSE file system for the T-09 test (qemu-tests/tests/it/attacks.rs).
     "bindfs",
     "fuse3",
+    // btrfs subvolumes for the file gate's T-98 test (tests/it/files.rs).
+    "btrfs-progs",
 ];
 /// Path of the init stub inside the image.
 const STUB_PATH: &str = "sbin/tb-init";

@@ -736,12 +736,19 @@ impl Admin {
         Ok(())
     }
 
-    /// Registers `name` in the fleet group; its one-time token and the CA
-    /// fingerprint.
-    async fn host_token(&self, name: &str) -> Result<(String, String), String> {
+    /// Registers `name` in the fleet group with `addr` assigned (the
+    /// address its channel halves name: simulated agents all connect from
+    /// loopback); its one-time token and the CA fingerprint.
+    async fn host_token(&self, name: &str, addr: &str) -> Result<(String, String), String> {
         let v = self
             .post("/v1/hosts", json!({"name": name, "host_group": GROUP}))
             .await?;
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/hosts/{name}/addresses"),
+            Some(json!({ "addresses": [addr] })),
+        )
+        .await?;
         match (v["token"].as_str(), v["ca_fingerprint"].as_str()) {
             (Some(t), Some(f)) => Ok((t.to_owned(), f.to_owned())),
             _ => Err(format!(
@@ -1635,7 +1642,8 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
             let (enrol_addr, agent_addr) = (enrol_addr.clone(), agent_addr.clone());
             async move {
                 let name = format!("fleet-{i:06}");
-                let (token, ca_fingerprint) = admin.host_token(&name).await?;
+                let addr = format!("10.{}.{}.{}", 1 + (i >> 16) % 250, (i >> 8) & 255, i & 255);
+                let (token, ca_fingerprint) = admin.host_token(&name, &addr).await?;
                 let e = Enrolment {
                     enrol_addr,
                     agent_addr: Some(agent_addr),
@@ -1648,7 +1656,6 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
                     .await
                     .map_err(|e| format!("enrol {name}: {e}"))?;
                 let tls = creds.tls().map_err(|e| e.to_string())?;
-                let addr = format!("10.{}.{}.{}", 1 + (i >> 16) % 250, (i >> 8) & 255, i & 255);
                 Ok(Ident { name, tls, addr })
             }
         },

@@ -207,6 +207,44 @@ pub(super) async fn show(
     .await
 }
 
+/// Body of `PUT /v1/hosts/{name}/addresses`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AddressesIn {
+    addresses: Vec<String>,
+}
+
+/// Replaces the addresses assigned to a host (channel binding: what it may
+/// name as its own end of a channel besides the address its agent
+/// connects from; `crate::hostaddr`).
+pub(super) async fn set_addresses(
+    State(st): State<AdminState>,
+    actor: Actor,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<AddressesIn>,
+) -> Result<Json<Value>, ApiError> {
+    let addrs = body
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.parse::<std::net::IpAddr>().map_err(|_| {
+                ApiError::invalid(
+                    format!("addresses[{i}]"),
+                    format!("`{}` is not an IP address", shown(a)),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    st.run(move |s| {
+        s.set_host_addresses(&name, &addrs, &actor.0)?;
+        s.host_info(&name)?
+            .map(|h| Json(json!({ "host": h })))
+            .ok_or_else(|| ApiError::internal("host vanished after assigning addresses"))
+    })
+    .await
+}
+
 pub(super) async fn revoke(
     State(st): State<AdminState>,
     actor: Actor,

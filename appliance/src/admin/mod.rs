@@ -271,6 +271,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/hosts", get(hosts::list).post(hosts::create))
         .route("/v1/hosts/{name}", get(hosts::show))
         .route("/v1/hosts/{name}/revoke", post(hosts::revoke))
+        .route("/v1/hosts/{name}/addresses", put(hosts::set_addresses))
         .route("/v1/file-sets", get(files::list))
         .route(
             "/v1/file-sets/{name}",

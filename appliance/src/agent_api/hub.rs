@@ -13,10 +13,17 @@
 //! A stream whose agent named its module's session (`Hello.module_session`)
 //! has an [`OrderSeal`]: every `HostMode` and `Peers` push to it carries
 //! its own sealed order (`module_order`), sealed for that session when it
-//! is queued. Key bytes of a pushed `ChannelKey` are wiped once queued.
+//! is queued.
+//!
+//! Key bytes of a pushed `ChannelKey` (T-84): the caller's message is wiped
+//! once queued; each stream's copy is wiped by the codec once encoded
+//! (`trustbind_api::codec`), or, if the stream ends before it is sent, when
+//! the stream is dropped ([`Pushes`]).
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -25,6 +32,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::pb::{push, Peers, Push, Revoked};
+use crate::hostaddr::Observed;
 use crate::seal::{wipe_push, OrderSeal};
 
 /// Pushes buffered per stream; a stream that falls this far behind is
@@ -46,6 +54,46 @@ struct Stream {
 fn for_stream(seal: Option<&OrderSeal>, msg: &push::Kind) -> push::Kind {
     seal.and_then(|s| s.seal_push(msg))
         .unwrap_or_else(|| msg.clone())
+}
+
+/// The receiving end of one push stream, as the `Subscribe` response
+/// streams it. Dropped (the agent went away, the hub ended the stream) it
+/// wipes the key bytes of the pushes still queued.
+#[derive(Debug)]
+pub struct Pushes(mpsc::Receiver<Item>);
+
+impl Pushes {
+    /// The next push, `None` once the stream is ended and empty.
+    pub async fn recv(&mut self) -> Option<Item> {
+        self.0.recv().await
+    }
+
+    /// Ends the stream and takes what it still holds, key bytes wiped.
+    fn drain(&mut self) -> Vec<Item> {
+        self.0.close();
+        let mut out = Vec::new();
+        while let Ok(mut item) = self.0.try_recv() {
+            if let Ok(Push { kind: Some(k) }) = &mut item {
+                wipe_push(k);
+            }
+            out.push(item);
+        }
+        out
+    }
+}
+
+impl tokio_stream::Stream for Pushes {
+    type Item = Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+impl Drop for Pushes {
+    fn drop(&mut self) {
+        self.drain();
+    }
 }
 
 /// Most protected-host addresses remembered (the module takes as many).
@@ -82,6 +130,8 @@ pub struct Hub {
     streams: Mutex<HashMap<String, Vec<Stream>>>,
     /// Addresses protected hosts subscribed from, oldest first.
     peers: Mutex<Vec<IpAddr>>,
+    /// The addresses each host's agent calls from (channel binding).
+    addrs: Observed,
 }
 
 impl Hub {
@@ -99,7 +149,7 @@ impl Hub {
         host: &str,
         first: Vec<push::Kind>,
         seal: Option<Arc<OrderSeal>>,
-    ) -> (mpsc::WeakSender<Item>, mpsc::Receiver<Item>) {
+    ) -> (mpsc::WeakSender<Item>, Pushes) {
         // One slot more than the buffer: the status that ends a slow stream.
         let (tx, rx) = mpsc::channel(STREAM_BUFFER + 1);
         for kind in first {
@@ -112,7 +162,12 @@ impl Hub {
             v.retain(|s| !s.tx.is_closed());
             v.push(Stream { tx, seal });
         }
-        (weak, rx)
+        (weak, Pushes(rx))
+    }
+
+    /// The addresses hosts' agents call from, as the agent port saw them.
+    pub fn addrs(&self) -> &Observed {
+        &self.addrs
     }
 
     /// Remembers that a protected host's agent connects from `addr`
@@ -193,6 +248,7 @@ impl Hub {
 
     /// Sends `Revoked` to every stream of `host` and ends them.
     pub fn revoke(&self, host: &str) {
+        self.addrs.forget(host);
         let Ok(mut m) = self.streams.lock() else {
             return;
         };
@@ -264,6 +320,37 @@ mod tests {
         let mut all = hub.connected_hosts();
         all.sort();
         assert_eq!(all, vec!["open".to_owned(), "sealed".to_owned()]);
+    }
+
+    /// T-84: a key queued for a stream that ends before it is sent is
+    /// wiped (what `Drop` does).
+    #[tokio::test]
+    async fn keys_queued_on_an_ended_stream_are_wiped() {
+        use crate::agent_api::pb::ChannelKey;
+        let hub = Hub::new();
+        let (_weak, mut rx) = hub.subscribe("web1", vec![], None);
+        let key = ChannelKey {
+            channel_id: 1,
+            key: vec![0x5a; 32],
+            tx_iv: vec![1; 8],
+            tx_salt: vec![2; 4],
+            rx_iv: vec![3; 8],
+            rx_salt: vec![4; 4],
+            module_answer: vec![5; 64],
+            ..ChannelKey::default()
+        };
+        assert!(hub.push("web1", push::Kind::ChannelKey(key.clone())));
+        assert!(hub.push("web1", push::Kind::Ping(Ping { at_ms: 1 })));
+        let left = rx.drain();
+        assert_eq!(left.len(), 2);
+        let Ok(Push {
+            kind: Some(push::Kind::ChannelKey(k)),
+        }) = &left[0]
+        else {
+            panic!("not the key: {left:?}")
+        };
+        assert_eq!(k.channel_id, 1);
+        assert!(trustbind_api::codec::is_wiped(k), "{k:?}");
     }
 
     #[tokio::test]

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -174,6 +173,14 @@ impl Agent for AgentService {
     async fn qualify(&self, req: Request<QualifyBatch>) -> Result<Response<QualifyReply>, Status> {
         let host = self.host(&req)?;
         let deadline = Instant::now() + call_budget(&req);
+        // The address this host calls from: what it may name as its own
+        // end of a channel (`crate::hostaddr`).
+        if let Some(c) = req.extensions().get::<ConnInfo>() {
+            self.api
+                .hub
+                .addrs()
+                .observe(&host, c.remote.ip(), Instant::now());
+        }
         let batch = req.into_inner();
         let n = batch.requests.len();
         if n > MAX_BATCH {
@@ -267,6 +274,9 @@ impl Agent for AgentService {
             )))
         };
         let addr = req.extensions().get::<ConnInfo>().map(|c| c.remote.ip());
+        if let Some(a) = addr {
+            self.api.hub.addrs().observe(&host, a, Instant::now());
+        }
         let new_peer = addr.is_some_and(|a| self.api.hub.note_peer(a));
         let generation = self
             .api
@@ -320,7 +330,7 @@ impl Agent for AgentService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn report(&self, req: Request<AuditBatch>) -> Result<Response<ReportReply>, Status> {

@@ -94,6 +94,10 @@ pub struct HostInfo {
     pub cert_serial: Option<String>,
     /// Last state change, milliseconds since the Unix epoch.
     pub changed_ms: i64,
+    /// Addresses an administrator assigned to it (channel binding: what
+    /// it may name as its own end besides the address it connects from).
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 fn to_u64(n: i64) -> u64 {
@@ -725,6 +729,7 @@ impl Store {
         for row in rows {
             let (name, host_group, state, cert_serial, changed_ms) = row?;
             out.push(HostInfo {
+                addresses: super::addresses::addresses_in(&conn, &name)?,
                 name,
                 host_group,
                 state: host_state(&state)?,
@@ -753,9 +758,11 @@ impl Store {
             })
             .optional()?
         };
+        let addresses = self.host_addresses(name)?;
         hosts
             .map(|(name, host_group, state, cert_serial, changed_ms)| {
                 Ok(HostInfo {
+                    addresses,
                     name,
                     host_group,
                     state: host_state(&state)?,

@@ -283,6 +283,18 @@ CREATE TABLE observed_hosts (
     left_out_ms INTEGER
 );
 "#,
+    // 14: channel binding (issue 15 item 1, T-68): the addresses an
+    // administrator assigned to a host; an address belongs to one host at
+    // most (`store/addresses.rs`, `crate::hostaddr`)
+    r#"
+CREATE TABLE host_addresses (
+    addr       TEXT PRIMARY KEY,
+    host       TEXT NOT NULL,
+    added_ms   INTEGER NOT NULL,
+    added_by   TEXT NOT NULL
+);
+CREATE INDEX host_addresses_host ON host_addresses (host);
+"#,
 ];
 
 /// Newest schema version this build understands.

@@ -9,6 +9,7 @@
 //! `synchronous = FULL`: a call that returned `Ok` survives a crash (power
 //! loss included).
 
+mod addresses;
 mod admin;
 mod admin_tokens;
 mod agent;

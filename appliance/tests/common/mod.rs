@@ -187,6 +187,17 @@ impl Appliance {
         self.client_config(&cert, &key)
     }
 
+    /// Assigns `addrs` to `host` as an administrator would (`trustbind
+    /// host addresses`): test agents all connect from 127.0.0.1, so the
+    /// addresses their channel halves name must be assigned.
+    pub fn assign(&self, host: &str, addrs: &[&str]) {
+        let addrs: Vec<std::net::IpAddr> = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        self.api
+            .store
+            .set_host_addresses(host, &addrs, "admin:test")
+            .unwrap();
+    }
+
     /// An agent client over mutual TLS with `cfg`.
     pub async fn agent_client(
         &self,
@@ -198,6 +209,22 @@ impl Appliance {
     pub fn audit_count(&self) -> usize {
         self.api.store.audit_rows(0, u32::MAX).unwrap().len()
     }
+}
+
+/// The results of one `Qualify` batch of `requests` (no module session).
+pub async fn qualify_all(
+    client: &mut AgentClient<Channel>,
+    requests: Vec<trustbind_appliance::agent_api::pb::Request>,
+) -> Vec<trustbind_appliance::agent_api::pb::Result> {
+    client
+        .qualify(trustbind_appliance::agent_api::pb::QualifyBatch {
+            requests,
+            module_session: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
 }
 
 /// A fresh key and a PEM CSR for it.

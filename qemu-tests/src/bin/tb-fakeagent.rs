@@ -668,8 +668,9 @@ fn file_line(r: &FileRequest<'_>, allowed: bool) -> String {
     } else {
         format!(" => {}", String::from_utf8_lossy(r.to))
     };
+    let (major, minor) = trustbind_proto::files::dev_numbers(r.dev);
     format!(
-        "file {access} {}{to} flags={} sha256={} from={} uid={} pid={} ino={} -> {}",
+        "file {access} {}{to} flags={} sha256={} from={} uid={} pid={} dev={major}:{minor} ino={} -> {}",
         String::from_utf8_lossy(r.path),
         r.flags,
         hex(&r.sha256),

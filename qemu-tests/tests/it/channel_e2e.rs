@@ -317,9 +317,16 @@ fn channel_end_to_end() -> Result<()> {
         );
     }
 
-    // Two concurrent channels of the same pair: two key ids.
+    // Two concurrent channels of the same pair: two key ids. The first
+    // stays open until the test closes its fifo (not for a guest-timed
+    // while: a TCG guest whose TSC was calibrated under load runs its
+    // clock fast, and a `sleep 3` once ended before it was seen).
     serve(&mut b, "socat", "/tmp/x/recv2")?;
-    a.spawn_bg(&format!("exec socat -u EXEC:'sleep 3' TCP4:{b_ip}:{PORT}"))?;
+    a.run_ok("mkfifo /tmp/x/hold")?;
+    a.spawn_bg(&format!(
+        "exec socat -u OPEN:/tmp/x/hold TCP4:{b_ip}:{PORT}"
+    ))?;
+    let holder = a.spawn_bg("exec 3>/tmp/x/hold; exec sleep 600")?;
     wait_for(
         &mut b,
         "the first channel",
@@ -340,6 +347,7 @@ fn channel_end_to_end() -> Result<()> {
         ids.len() == 3 && ids[1] != ids[2] && ids[0] != ids[1],
         "three channels without three distinct key ids: {ids:?}"
     );
+    a.run_ok(&format!("kill {}", holder.pid))?;
 
     // curl (a non-blocking connect) from nginx over a channel.
     b.run_ok(&format!(

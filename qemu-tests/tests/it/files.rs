@@ -214,3 +214,91 @@ fn file_gate_permissive() -> Result<()> {
     vm.shutdown()?;
     Ok(())
 }
+
+/// btrfs subvolumes (T-98): each reports a device of its own in `stat`,
+/// and inode numbers repeat across them. A directory protected on a
+/// subvolume (named through a `subvol=` mount, as the agent's `stat`
+/// sees it) is protected through every mount of it, and so are files on
+/// a subvolume nested below it; the directory with the same inode number
+/// on another subvolume is not. The request names the file by its path
+/// from the file system's top and by the super block's device, the one
+/// mountinfo shows (the agent maps it to the host path through the
+/// `subvol=` mount's root).
+#[test]
+fn file_gate_btrfs_subvolumes() -> Result<()> {
+    let mut vm = host_with_module()?;
+    setup(&mut vm)?;
+    vm.run_ok(
+        "truncate -s 160M /root/bt.img && mkfs.btrfs -q /root/bt.img \
+         && dev=$(losetup -f --show /root/bt.img) && mkdir -p /mnt/bt /srv/v \
+         && mount $dev /mnt/bt \
+         && btrfs subvolume create /mnt/bt/vol >/dev/null && btrfs subvolume create /mnt/bt/other >/dev/null \
+         && mkdir /mnt/bt/vol/data /mnt/bt/other/pub \
+         && echo secret >/mnt/bt/vol/data/db && echo open >/mnt/bt/other/pub/x \
+         && btrfs subvolume create /mnt/bt/vol/data/inner >/dev/null && echo inner >/mnt/bt/vol/data/inner/f \
+         && mount -o subvol=vol $dev /srv/v",
+    )?;
+    let ids = vm
+        .run_ok("stat -c '%d %i' /srv/v/data /mnt/bt/other/pub /mnt/bt")?
+        .stdout;
+    let ids: Vec<&str> = ids.lines().collect();
+    let (data, other, top) = match ids[..] {
+        [a, b, c] => (a, b, c),
+        _ => anyhow::bail!("stat: {ids:?}"),
+    };
+    let ino = |s: &str| s.split(' ').nth(1).map(str::to_owned);
+    let dev = |s: &str| s.split(' ').next().map(str::to_owned);
+    ensure!(
+        ino(data) == ino(other) && dev(data) != dev(other) && dev(data) != dev(top),
+        "the subvolumes do not show what this test is about \
+         (same inode, devices of their own): {ids:?}"
+    );
+    start_agent_with(
+        &mut vm,
+        "enforce",
+        &format!(
+            "--allow {EVIL} --file-protect /srv/v/data --file-deny / \
+             --file-allow-prog /usr/bin/cat"
+        ),
+    )?;
+
+    let out = vm.run_ok("cat /srv/v/data/db")?;
+    ensure!(out.stdout.trim() == "secret", "approved read: {out:?}");
+    for path in [
+        "/srv/v/data/db",
+        "/mnt/bt/vol/data/db",
+        "/srv/v/data/inner/f",
+        "/mnt/bt/vol/data/inner/f",
+    ] {
+        let out = vm.run(&format!("{EVIL} {path}"))?;
+        ensure!(refused(&out), "{EVIL} {path} was not refused: {out:?}");
+    }
+    let out = vm.run_ok(&format!("{EVIL} /mnt/bt/other/pub/x"))?;
+    ensure!(out.stdout.trim() == "open", "the other subvolume: {out:?}");
+    let lines = file_lines(&mut vm)?;
+    ensure!(
+        !lines.iter().any(|l| l.contains("/other/")),
+        "a file on the other subvolume was asked about: {lines:?}"
+    );
+    // The request's device and path are the mount table's: mountinfo's
+    // device of the subvol= mount, and the path below its root.
+    let mi = vm.run_ok("grep ' /srv/v ' /proc/self/mountinfo")?.stdout;
+    let f: Vec<&str> = mi.split(' ').collect();
+    let (mdev, mroot) = (
+        f.get(2).copied().unwrap_or(""),
+        f.get(3).copied().unwrap_or(""),
+    );
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("file read {mroot}/data/db "))
+                && l.contains(&format!(" dev={mdev} "))
+                && l.ends_with("-> deny")),
+        "no denied read of {mroot}/data/db on {mdev} (mountinfo: {mi}): {lines:?}"
+    );
+    stop_agent(&mut vm)?;
+    vm.run_ok("umount /srv/v /mnt/bt && rmmod trustbind")?;
+    vm.check_health()?;
+    vm.shutdown()?;
+    Ok(())
+}

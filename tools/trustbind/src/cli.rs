@@ -400,12 +400,17 @@ pub enum PolicyCmd {
 pub enum SigCmd {
     /// Hashes executables (recursively) and adds them to a group.
     #[command(
-        after_help = "Regular files with an execute bit are hashed (SHA-256 and SHA-1 in one pass);\nother files are skipped and counted. Symbolic links are not followed.\n\nExample: trustbind sig add /usr/bin /usr/local/bin --group system"
+        after_help = "Regular files with an execute bit are hashed (SHA-256 and SHA-1 in one pass);\nother files are skipped and counted. Symbolic links are not followed.\n\nExample: trustbind sig add /usr/bin /usr/local/bin --group system\n\nA golden host seeds a group from its Debian packages in one pipeline:\n  trustbind-agent inventory | trustbind sig add --inventory - --group debian-web"
     )]
     Add {
         /// Files or directories.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "inventory", conflicts_with = "inventory")]
         paths: Vec<PathBuf>,
+        /// Instead of paths: a package inventory (`trustbind-agent
+        /// inventory`, `-` for standard input) of this host; each program
+        /// is hashed here and stored with source `dpkg:PACKAGE=VERSION`.
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
         /// Reference group to add them to (created when missing).
         #[arg(long, short = 'g')]
         group: String,
@@ -626,6 +631,25 @@ pub enum HostCmd {
     Revoke {
         /// Host name.
         name: String,
+    },
+    /// Shows or changes the addresses assigned to a host: the addresses its
+    /// channel halves may name as its own end, besides the address its
+    /// agent connects from.
+    #[command(
+        after_help = "Needed when a host reaches the appliance through NAT, a proxy or another interface than its channels use: a refused half's audit row names the address it claimed and the one its agent connects from. An address belongs to one host at most.\n\nExamples:\n  trustbind host addresses db1\n  trustbind host addresses db1 --set 10.0.0.5 2001:db8::5\n  trustbind host addresses db1 --add 10.0.1.5\n  trustbind host addresses db1 --remove 10.0.0.5\n  trustbind host addresses db1 --set"
+    )]
+    Addresses {
+        /// Host name.
+        name: String,
+        /// Replaces the assigned addresses with these (none: removes all).
+        #[arg(long, num_args = 0.., value_name = "ADDR", conflicts_with_all = ["add", "remove"])]
+        set: Option<Vec<String>>,
+        /// Adds these addresses.
+        #[arg(long, num_args = 1.., value_name = "ADDR")]
+        add: Vec<String>,
+        /// Removes these addresses.
+        #[arg(long, num_args = 1.., value_name = "ADDR")]
+        remove: Vec<String>,
     },
     /// Host groups and their modes.
     #[command(subcommand)]

@@ -341,8 +341,15 @@ fn sig(s: SigCmd, c: &Client, out: &Out) -> Result<u8> {
     match s {
         SigCmd::Add {
             paths,
+            inventory: Some(file),
+            group,
+            ..
+        } if paths.is_empty() => crate::hashing::add_inventory(c, &file, &group, out),
+        SigCmd::Add {
+            paths,
             group,
             source,
+            ..
         } => crate::hashing::add(c, &paths, &group, &source, out),
         SigCmd::Ls { group, limit } => {
             let mut all = Vec::new();
@@ -766,6 +773,20 @@ fn channel(ch: ChannelCmd, c: &Client, out: &Out) -> Result<u8> {
     }
 }
 
+/// A host's assigned addresses, for a person: `a, b` or `none assigned`.
+fn addresses(h: &Value) -> String {
+    let a: Vec<&str> = h
+        .get("addresses")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if a.is_empty() {
+        "none assigned (the address its agent connects from counts)".to_owned()
+    } else {
+        a.join(", ")
+    }
+}
+
 fn host(h: HostCmd, c: &Client, out: &Out) -> Result<u8> {
     match h {
         HostCmd::EnrolToken {
@@ -833,11 +854,12 @@ fn host(h: HostCmd, c: &Client, out: &Out) -> Result<u8> {
             out.emit(&v, || {
                 let h = v.get("host").cloned().unwrap_or(Value::Null);
                 format!(
-                    "name         {}\nhost group   {}\nstate        {}\ncert serial  {}\n",
+                    "name         {}\nhost group   {}\nstate        {}\ncert serial  {}\naddresses    {}\n",
                     field(&h, "name"),
                     field(&h, "host_group"),
                     field(&h, "state"),
                     field(&h, "cert_serial"),
+                    addresses(&h),
                 )
             });
             Ok(0)
@@ -845,6 +867,44 @@ fn host(h: HostCmd, c: &Client, out: &Out) -> Result<u8> {
         HostCmd::Revoke { name } => {
             let v = c.post(&format!("/v1/hosts/{}/revoke", enc(&name)), &json!({}))?;
             out.emit(&v, || format!("revoked host {name}\n"));
+            Ok(0)
+        }
+        HostCmd::Addresses {
+            name,
+            set,
+            add,
+            remove,
+        } => {
+            let path = format!("/v1/hosts/{}", enc(&name));
+            let v = if set.is_none() && add.is_empty() && remove.is_empty() {
+                c.get(&path)?
+            } else {
+                let mut now: Vec<String> = match set {
+                    Some(s) => s,
+                    None => {
+                        let v = c.get(&path)?;
+                        v.pointer("/host/addresses")
+                            .and_then(Value::as_array)
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(Value::as_str)
+                                    .map(String::from)
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    }
+                };
+                now.retain(|a| !remove.contains(a));
+                now.extend(add);
+                c.json(
+                    c.request(Method::PUT, &format!("{path}/addresses"))
+                        .json(&json!({ "addresses": now })),
+                )?
+            };
+            out.emit(&v, || {
+                let h = v.get("host").cloned().unwrap_or(Value::Null);
+                format!("host {name}: addresses {}\n", addresses(&h))
+            });
             Ok(0)
         }
         HostCmd::Group(HostGroupCmd::Ls) => {

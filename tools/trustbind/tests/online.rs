@@ -187,6 +187,88 @@ fn signatures_and_groups() {
 }
 
 #[test]
+fn a_package_inventory_seeds_a_group() {
+    let a = Appliance::start();
+    let root = a.dir.path().join("usr/bin");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("ls"), b"abc").unwrap();
+    std::fs::write(root.join("nginx"), b"nginx").unwrap();
+    let line = |path: &std::path::Path, pkg: &str, version: &str| {
+        serde_json::json!({ "path": path.to_str().unwrap(), "package": pkg, "version": version })
+            .to_string()
+    };
+    let inv = a.dir.path().join("inventory.jsonl");
+    std::fs::write(
+        &inv,
+        [
+            line(&root.join("ls"), "coreutils", "9.1-1"),
+            line(&root.join("nginx"), "nginx-light", ""),
+            line(&root.join("gone"), "coreutils", "9.1-1"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let from_file = [
+        "sig",
+        "add",
+        "--inventory",
+        inv.to_str().unwrap(),
+        "-g",
+        "debian",
+    ];
+    let v = a.json(&from_file);
+    assert_eq!(v["programs"], 3);
+    assert_eq!(v["packages"], 2);
+    assert_eq!(v["hashed"], 2);
+    assert_eq!(v["inserted"], 2);
+    assert_eq!(v["added_to_group"], 2);
+    assert_eq!(v["skipped"][0]["package"], "coreutils", "{v}");
+    // The SHA-256 of "abc": stored with its package and version.
+    let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    let s = a.json(&["sig", "show", abc]);
+    assert_eq!(s["groups"], serde_json::json!(["debian"]));
+    assert_eq!(s["source"], "dpkg:coreutils=9.1-1", "{s}");
+    // From standard input, as `trustbind-agent inventory | ...` gives it.
+    let out = a
+        .tb()
+        .args(["sig", "add", "--inventory", "-", "-g", "debian"])
+        .write_stdin(std::fs::read(&inv).unwrap())
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("hashed 2 of 3 program(s) from 2 package(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("0 new, 0 updated, 2 unchanged; 0 added to group debian"),
+        "{out}"
+    );
+    assert!(
+        out.contains("skipped ") && out.contains("gone (coreutils)"),
+        "{out}"
+    );
+    // A bad line is named by file and line; nothing is sent.
+    std::fs::write(&inv, "{\"path\":\"/usr/bin/x\"}\n").unwrap();
+    a.tb()
+        .args(from_file)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "inventory.jsonl:1: not an inventory line",
+        ));
+    // Paths and an inventory do not mix.
+    a.tb()
+        .args(["sig", "add", "/usr/bin", "--inventory", "-", "-g", "debian"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("cannot be used with"));
+}
+
+#[test]
 fn hosts() {
     let a = Appliance::start();
     a.tb()
@@ -219,6 +301,42 @@ fn hosts() {
         "{listing}"
     );
     a.tb().args(["host", "revoke", "nope"]).assert().code(5);
+}
+
+/// `trustbind host addresses`: shown, set, added to, removed from; an
+/// address of another host is refused naming it.
+#[test]
+fn host_addresses() {
+    let a = Appliance::start();
+    a.text(&["host", "group", "set", "db", "--mode", "enforce"]);
+    a.json(&["host", "enrol-token", "db1", "--host-group", "db"]);
+    a.json(&["host", "enrol-token", "db2", "--host-group", "db"]);
+    let text = a.text(&["host", "addresses", "db1"]);
+    assert!(text.contains("none assigned"), "{text}");
+    let v = a.json(&[
+        "host",
+        "addresses",
+        "db1",
+        "--set",
+        "10.0.0.5",
+        "2001:db8::5",
+    ]);
+    assert_eq!(
+        v["host"]["addresses"],
+        serde_json::json!(["10.0.0.5", "2001:db8::5"])
+    );
+    a.text(&["host", "addresses", "db1", "--add", "10.0.1.5"]);
+    let text = a.text(&["host", "addresses", "db1", "--remove", "2001:db8::5"]);
+    assert!(text.contains("10.0.0.5, 10.0.1.5"), "{text}");
+    let text = a.text(&["host", "show", "db1"]);
+    assert!(text.contains("addresses    10.0.0.5, 10.0.1.5"), "{text}");
+    a.tb()
+        .args(["host", "addresses", "db2", "--add", "10.0.0.5"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("assigned to host `db1`"));
+    let v = a.json(&["host", "addresses", "db1", "--set"]);
+    assert_eq!(v["host"]["addresses"], serde_json::json!([]));
 }
 
 #[test]

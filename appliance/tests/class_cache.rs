@@ -286,9 +286,10 @@ fn class_cache_answers_as_cedar_does() {
     }
     let (c, e) = (class.cache_stats(), exact.cache_stats());
     println!("class cache {c:?}, exact cache {e:?}, {denies} denies");
-    // The classes are coarser than the requests: more hits, fewer entries.
+    // The classes are coarser than the requests: more hits (a decision is
+    // kept under the request too, so a repeat costs one lookup: more
+    // entries, not fewer).
     assert!(c.hits > e.hits, "class {c:?} exact {e:?}");
-    assert!(c.entries < e.entries, "class {c:?} exact {e:?}");
     assert!(c.hits > 1000, "{c:?}");
     assert!(denies > 100, "{denies}");
 }

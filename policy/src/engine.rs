@@ -920,9 +920,12 @@ impl Engine {
             program: &s.program,
         });
 
-        // The decision cache: the request's class first, then the request
-        // itself (decisions whose explanation names the request's own
-        // identities are kept under that, see `insert_key`).
+        // The decision cache: the request itself first (every decision
+        // made or answered from its class is kept under it too, so a
+        // request seen before costs one key and one lookup, as with the
+        // exact cache alone), then the request's class (decisions whose
+        // explanation names the request's own identities are kept under
+        // the request only).
         let roles: &[String] = snap.users.get(&req.subject.user).map_or(&[], Vec::as_slice);
         let parts = KeyParts {
             mode: *mode,
@@ -932,17 +935,30 @@ impl Engine {
             peer: peer.as_ref(),
         };
         let cache_on = snap.cache.enabled() && !slice.reads.any(Reads::TIME);
-        let class_key =
-            (cache_on && self.options.class_cache).then(|| cache_key(req, &parts, &slice, false));
-        if let Some(k) = &class_key {
-            if let Some(c) = snap.cache.get(k) {
-                return Ok(Some(self.hit(snap, c, req, &parts)));
-            }
-        }
         let exact_key = cache_on.then(|| cache_key(req, &parts, &slice, true));
         if let Some(k) = &exact_key {
             if let Some(c) = snap.cache.get(k) {
-                return Ok(Some(self.hit(snap, c, req, &parts)));
+                return Ok(Some(self.hit(snap, c, req, &parts).0));
+            }
+        }
+        let class_key =
+            (cache_on && self.options.class_cache).then(|| cache_key(req, &parts, &slice, false));
+        if let (Some(k), Some(exact)) = (&class_key, exact_key.clone()) {
+            if let Some(c) = snap.cache.get(k) {
+                let (d, noted) = self.hit(snap, c, req, &parts);
+                if noted {
+                    // The ledger knows this answer for the request's own
+                    // programs now.
+                    snap.cache.insert(
+                        exact,
+                        Cached {
+                            decision: d.clone(),
+                            program: req.program.sha256.clone(),
+                            peer: peer.as_ref().map(|p| p.program.to_owned()),
+                        },
+                    );
+                }
+                return Ok(Some(d));
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
@@ -988,16 +1004,16 @@ impl Engine {
             // names what each permit lacked of this request's identities,
             // and errors may quote them: kept for the request itself.
             let classy = !d.outcome.reasons.is_empty() && d.outcome.errors == 0;
-            let key = if classy { class_key } else { None }.or(exact_key);
-            if let Some(k) = key {
-                snap.cache.insert(
-                    k,
-                    Cached {
-                        decision: d.clone(),
-                        program: req.program.sha256.clone(),
-                        peer: peer_program.map(str::to_owned),
-                    },
-                );
+            let cached = || Cached {
+                decision: d.clone(),
+                program: req.program.sha256.clone(),
+                peer: peer_program.map(str::to_owned),
+            };
+            for k in [if classy { class_key } else { None }, exact_key]
+                .into_iter()
+                .flatten()
+            {
+                snap.cache.insert(k, cached());
             }
         } else {
             d.cacheable = false;
@@ -1025,8 +1041,15 @@ impl Engine {
     /// A cached decision answering `req`: the request's own memberships
     /// filled in (a class hit may come from another program or user with
     /// the same memberships among the named entities), reported to the
-    /// ledger when its programs are not the ones it was cached for.
-    fn hit(&self, snap: &Snapshot, c: Cached, req: &QualifyRequest, p: &KeyParts<'_>) -> Decision {
+    /// ledger when its programs are not the ones it was cached for; with
+    /// false when the ledger refused it (not cacheable, by anyone).
+    fn hit(
+        &self,
+        snap: &Snapshot,
+        c: Cached,
+        req: &QualifyRequest,
+        p: &KeyParts<'_>,
+    ) -> (Decision, bool) {
         self.hits.fetch_add(1, Ordering::Relaxed);
         let mut d = c.decision;
         d.cache_hit = true;
@@ -1042,12 +1065,12 @@ impl Engine {
             }
         }
         let peer_program = p.peer.map(|x| x.program);
-        if (c.program != req.program.sha256 || c.peer.as_deref() != peer_program)
-            && !self.note(snap, req, peer_program, &d)
-        {
+        let noted = (c.program == req.program.sha256 && c.peer.as_deref() == peer_program)
+            || self.note(snap, req, peer_program, &d);
+        if !noted {
             d.cacheable = false;
         }
-        d
+        (d, noted)
     }
 
     /// The other side of a pair, resolved against `snap`; `Ok(None)`: the

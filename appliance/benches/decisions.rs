@@ -402,7 +402,7 @@ fn main() {
     let opts = |slicing, cache_capacity| EngineOptions {
         slicing,
         cache_capacity,
-        class_cache: true,
+        ..EngineOptions::default()
     };
     let load = |o: EngineOptions| {
         let t = Instant::now();

@@ -5,6 +5,11 @@
 //! with the exact-request cache and one with no cache, must get the same
 //! decisions (verdict, reasons, obligations, alerts, explanation, groups,
 //! cacheability), apart from the `cache_hit` flag.
+//!
+//! The same holds for slices decided without Cedar (`crate::compiled`):
+//! an engine deciding them so must answer as one sending every request to
+//! Cedar, over the set above and over random subsets of it with random
+//! effects (forbids, default denies, slices partly compiled).
 
 use std::sync::Arc;
 
@@ -114,6 +119,10 @@ when {{ context has peer_program && context.peer_program in Trustbind::ProgramGr
 }
 
 fn setup(dir: &std::path::Path) -> Arc<Store> {
+    setup_with(dir, &policies())
+}
+
+fn setup_with(dir: &std::path::Path, policies: &str) -> Arc<Store> {
     let store = Arc::new(Store::open(&dir.join("appliance.db")).unwrap());
     for (g, m) in [
         ("hg0", Mode::Enforce),
@@ -157,9 +166,7 @@ fn setup(dir: &std::path::Path) -> Arc<Store> {
             .set_user_roles(&format!("u{u}"), &roles_of(u), "admin:t")
             .unwrap();
     }
-    let id = store
-        .create_policy_draft(&policies(), "", "admin:t")
-        .unwrap();
+    let id = store.create_policy_draft(policies, "", "admin:t").unwrap();
     store.activate_policy(id, "admin:t").unwrap();
     store
 }
@@ -254,6 +261,22 @@ fn engine(store: &Arc<Store>, cache_capacity: usize, class_cache: bool) -> Engin
             slicing: true,
             cache_capacity,
             class_cache,
+            compiled: true,
+        },
+    )
+    .unwrap()
+}
+
+/// Uncached, every request decided by Cedar: the reference.
+fn cedar(store: &Arc<Store>) -> Engine {
+    Engine::with_options(
+        store.clone(),
+        SCHEMA,
+        EngineOptions {
+            slicing: true,
+            cache_capacity: 0,
+            class_cache: false,
+            compiled: false,
         },
     )
     .unwrap()
@@ -265,7 +288,7 @@ fn class_cache_answers_as_cedar_does() {
     let store = setup(dir.path());
     let class = engine(&store, 1 << 16, true);
     let exact = engine(&store, 1 << 16, false);
-    let cedar = engine(&store, 0, true);
+    let cedar = cedar(&store);
     let mut r = Rng(0x9e37_79b9_7f4a_7c15);
     let mut denies = 0;
     for i in 0..6000 {
@@ -299,7 +322,7 @@ fn class_cache_answers_pairs_as_cedar_does() {
     let dir = tempfile::tempdir().unwrap();
     let store = setup(dir.path());
     let class = engine(&store, 1 << 16, true);
-    let cedar = engine(&store, 0, true);
+    let cedar = cedar(&store);
     let mut r = Rng(0x2545_f491_4f6c_dd1d);
     let net = |r: &mut Rng, action| {
         let mut q = request(r);
@@ -321,4 +344,90 @@ fn class_cache_answers_pairs_as_cedar_does() {
         );
     }
     assert!(class.cache_stats().hits > 300, "{:?}", class.cache_stats());
+}
+
+/// The policies of [`policies`], one text each.
+fn each_policy() -> Vec<String> {
+    let all = policies();
+    let mut out: Vec<String> = all
+        .split("\n@id(")
+        .map(|p| {
+            if p.starts_with("@id(") {
+                p.to_owned()
+            } else {
+                format!("@id({p}")
+            }
+        })
+        .collect();
+    out.retain(|p| p.contains("permit") || p.contains("forbid"));
+    out
+}
+
+/// Random subsets of the set, each policy's effect flipped at random, and
+/// a few policies for other subsets: decided without Cedar where every
+/// policy of a slice compiled, they must get Cedar's decisions.
+#[test]
+fn compiled_slices_answer_as_cedar_does() {
+    let each = each_policy();
+    assert_eq!(each.len(), policies().matches("\n@id(").count() + 1);
+    let mut r = Rng(0x0123_4567_89ab_cdef);
+    let mut fast = 0;
+    let mut total = 0;
+    for set in 0..24 {
+        let mut text = String::new();
+        for p in &each {
+            match r.below(4) {
+                0 => {}
+                1 => {
+                    text += &if p.contains("\npermit (") {
+                        p.replacen("\npermit (", "\nforbid (", 1)
+                    } else {
+                        p.replacen("\nforbid (", "\npermit (", 1)
+                    };
+                }
+                _ => text += p,
+            }
+            text.push('\n');
+        }
+        if set == 0 {
+            text = policies();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = setup_with(dir.path(), &text);
+        let compiled = engine(&store, 0, false);
+        let reference = cedar(&store);
+        for i in 0..500 {
+            let q = request(&mut r);
+            let want = reference.decide(&q).unwrap();
+            let got = compiled.decide(&q).unwrap();
+            assert!(
+                same(&got, &want),
+                "set {set} request {i} {q:#?}\npolicies:\n{text}\ncompiled: {got:#?}\ncedar: {want:#?}"
+            );
+        }
+        for i in 0..60 {
+            let mut net = |action| loop {
+                let mut q = request(&mut r);
+                if matches!(q.target, Target::Net(_)) {
+                    q.action = action;
+                    q.peer = None;
+                    break q;
+                }
+            };
+            let (c, a) = (net(Action::Connect), net(Action::Accept));
+            let want = reference.decide_pair(&c, &a).unwrap();
+            let got = compiled.decide_pair(&c, &a).unwrap();
+            assert!(
+                same(&got, &want),
+                "set {set} pair {i} {c:#?} {a:#?}\npolicies:\n{text}\ncompiled: {got:#?}\ncedar: {want:#?}"
+            );
+        }
+        let st = compiled.cache_stats();
+        fast += st.compiled;
+        total += st.misses;
+        assert_eq!(reference.cache_stats().compiled, 0);
+    }
+    println!("{fast} of {total} decisions made without Cedar");
+    assert!(fast > total / 4, "{fast} of {total}");
+    assert!(fast < total, "{fast} of {total}");
 }

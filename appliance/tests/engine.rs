@@ -711,6 +711,8 @@ const UNSLICED: EngineOptions = EngineOptions {
     slicing: false,
     cache_capacity: 0,
     class_cache: true,
+    // The reference: every request decided by Cedar.
+    compiled: false,
 };
 
 #[test]
@@ -979,8 +981,8 @@ fn cache_hits_repeat_requests_and_flushes_on_generation_move() {
     assert_eq!(d2.outcome, d1.outcome);
     assert_eq!(e.cache_stats().hits, 1);
     assert_eq!(e.cache_stats().misses, 1);
-    // Kept under its class and under the request itself.
-    assert_eq!(e.cache_stats().entries, 2);
+    // Its slice is decided without Cedar: kept under the request only.
+    assert_eq!(e.cache_stats().entries, 1);
 
     // Keyed by hour and weekday where a candidate policy reads them.
     let t = exec("web1", "alice", TCPDUMP, MON_0930);
@@ -1026,6 +1028,7 @@ fn clock_reading_decisions_are_never_cached() {
             slicing: true,
             cache_capacity: 0,
             class_cache: true,
+            compiled: true,
         },
     )
     .unwrap();

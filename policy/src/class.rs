@@ -136,15 +136,46 @@ impl Atom {
                     LongAttr::DstPort => i.ports.map(|p| p.1),
                 };
                 let Some(v) = v else { return 2 };
-                u8::from(match op {
-                    Op::Eq => v == *lit,
-                    Op::Ne => v != *lit,
-                    Op::Lt => v < *lit,
-                    Op::Le => v <= *lit,
-                    Op::Gt => v > *lit,
-                    Op::Ge => v >= *lit,
-                })
+                u8::from(op.holds(v, *lit))
             }
+        }
+    }
+}
+
+impl Op {
+    /// `v <op> lit`.
+    pub fn holds(self, v: i64, lit: i64) -> bool {
+        match self {
+            Op::Eq => v == lit,
+            Op::Ne => v != lit,
+            Op::Lt => v < lit,
+            Op::Le => v <= lit,
+            Op::Gt => v > lit,
+            Op::Ge => v >= lit,
+        }
+    }
+
+    /// The operator of an EST comparison node.
+    pub(crate) fn of(op: &str) -> Option<Op> {
+        Some(match op {
+            "==" => Op::Eq,
+            "!=" => Op::Ne,
+            "<" => Op::Lt,
+            "<=" => Op::Le,
+            ">" => Op::Gt,
+            ">=" => Op::Ge,
+            _ => return None,
+        })
+    }
+
+    /// The operator with its operands swapped (`3 < x` is `x > 3`).
+    pub(crate) fn flipped(self) -> Op {
+        match self {
+            Op::Lt => Op::Gt,
+            Op::Le => Op::Ge,
+            Op::Gt => Op::Lt,
+            Op::Ge => Op::Le,
+            o => o,
         }
     }
 }
@@ -261,7 +292,7 @@ fn literals(v: &Value, s: &mut Shape) {
 }
 
 /// `context.<attr>`: the attribute's name.
-fn context_attr(v: &Value) -> Option<&str> {
+pub(crate) fn context_attr(v: &Value) -> Option<&str> {
     let dot = v.get(".")?;
     if dot.get("left")?.get("Var")?.as_str()? != "context" {
         return None;
@@ -281,7 +312,7 @@ fn is_entity_var(v: &Value) -> bool {
     )
 }
 
-fn long_attr(name: &str) -> Option<LongAttr> {
+pub(crate) fn long_attr(name: &str) -> Option<LongAttr> {
     Some(match name {
         "hour" => LongAttr::Hour,
         "weekday" => LongAttr::Weekday,
@@ -298,27 +329,12 @@ fn long_value(v: &Value) -> Option<i64> {
 
 /// `context.<long attr> <op> <long>` (either way round).
 fn atom_of(op: &str, left: &Value, right: &Value) -> Option<Atom> {
-    let op = match op {
-        "==" => Op::Eq,
-        "!=" => Op::Ne,
-        "<" => Op::Lt,
-        "<=" => Op::Le,
-        ">" => Op::Gt,
-        ">=" => Op::Ge,
-        _ => return None,
-    };
+    let op = Op::of(op)?;
     if let (Some(a), Some(n)) = (context_attr(left).and_then(long_attr), long_value(right)) {
         return Some(Atom::Cmp(a, op, n));
     }
     let (a, n) = (context_attr(right).and_then(long_attr)?, long_value(left)?);
-    let flipped = match op {
-        Op::Lt => Op::Gt,
-        Op::Le => Op::Ge,
-        Op::Gt => Op::Lt,
-        Op::Ge => Op::Le,
-        o => o,
-    };
-    Some(Atom::Cmp(a, flipped, n))
+    Some(Atom::Cmp(a, op.flipped(), n))
 }
 
 fn walk(v: &Value, s: &mut Shape) {

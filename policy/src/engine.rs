@@ -54,10 +54,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::cache::ClockCache;
 use super::class::{AtomInput, Ids};
+use super::compiled::{self, FastDecision, FastSlice};
 use super::explain::{Diagnosis, Facts};
 use super::reads::Reads;
 use super::slice::{Index, Keys, Slice};
-use super::{outcome_with, Outcome, PolicyError, Verdict};
+use super::{outcome_of, outcome_with, Outcome, PolicyError, Verdict};
 use crate::audit::AuditEvent;
 use crate::files::FileSets;
 use crate::request::{Action, Program, Proto, QualifyRequest, Target};
@@ -106,6 +107,9 @@ pub struct EngineOptions {
     /// the slice's policies read of it, [`crate::class`]) rather than by
     /// the request itself (default true; false: the exact key only).
     pub class_cache: bool,
+    /// Decide slices whose policies all compiled ([`crate::compiled`])
+    /// without Cedar (default true; false: Cedar decides every request).
+    pub compiled: bool,
 }
 
 impl Default for EngineOptions {
@@ -114,6 +118,7 @@ impl Default for EngineOptions {
             slicing: true,
             cache_capacity: 65_536,
             class_cache: true,
+            compiled: true,
         }
     }
 }
@@ -127,6 +132,8 @@ pub struct CacheStats {
     pub misses: u64,
     /// Entries in the cache of the current generation.
     pub entries: u64,
+    /// Evaluated decisions made without Cedar ([`crate::compiled`]).
+    pub compiled: u64,
 }
 
 /// The governing policy, compiled and sliced.
@@ -644,6 +651,7 @@ pub struct Engine {
     refreshing: Mutex<()>,
     hits: AtomicU64,
     misses: AtomicU64,
+    compiled: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -699,6 +707,7 @@ impl Engine {
             refreshing: Mutex::new(()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            compiled: AtomicU64::new(0),
         })
     }
 
@@ -708,6 +717,7 @@ impl Engine {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             entries: u64::try_from(self.current.load().cache.len()).unwrap_or(u64::MAX),
+            compiled: self.compiled.load(Ordering::Relaxed),
         }
     }
 
@@ -941,8 +951,11 @@ impl Engine {
                 return Ok(Some(self.hit(snap, c, req, &parts).0));
             }
         }
-        let class_key =
-            (cache_on && self.options.class_cache).then(|| cache_key(req, &parts, &slice, false));
+        // A slice decided without Cedar costs about what a class key
+        // costs: the class cache serves the slices Cedar decides.
+        let by_cedar = slice.fast.is_none() || !self.options.compiled;
+        let class_key = (cache_on && self.options.class_cache && by_cedar)
+            .then(|| cache_key(req, &parts, &slice, false));
         if let (Some(k), Some(exact)) = (&class_key, exact_key.clone()) {
             if let Some(c) = snap.cache.get(k) {
                 let (d, noted) = self.hit(snap, c, req, &parts);
@@ -962,18 +975,41 @@ impl Engine {
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let (request, entities) = self.cedar(req, *mode, host_group, peer.as_ref(), &s)?;
-        let resp = self
-            .authorizer
-            .is_authorized(&request, &slice.set, &entities);
         let index = &snap.policy.index;
-        let mut out = outcome_with(&resp, *mode, |id| index.meta(id));
+        let fast = match &slice.fast {
+            Some(f) if self.options.compiled => self.fast(f, req, host_group, peer.as_ref(), &s)?,
+            _ => None,
+        };
+        let (mut out, allow, reasonless, errors) = match fast {
+            Some((allow, ids)) => {
+                self.compiled.fetch_add(1, Ordering::Relaxed);
+                let reasonless = ids.is_empty();
+                let out = outcome_of(allow, ids, 0, *mode, |id| index.meta(id));
+                (out, allow, reasonless, Vec::new())
+            }
+            None => {
+                let (request, entities) = self.cedar(req, *mode, host_group, peer.as_ref(), &s)?;
+                let resp = self
+                    .authorizer
+                    .is_authorized(&request, &slice.set, &entities);
+                let out = outcome_with(&resp, *mode, |id| index.meta(id));
+                let allow = resp.decision() == cedar_policy::Decision::Allow;
+                let reasonless = resp.diagnostics().reason().next().is_none();
+                let errors = if allow {
+                    Vec::new()
+                } else {
+                    cedar_errors(index, &resp)
+                };
+                (out, allow, reasonless, errors)
+            }
+        };
         out.reasons.sort_unstable();
         out.reasons.dedup();
-        if resp.decision() == cedar_policy::Decision::Deny {
-            out.explain = Some(Arc::new(
-                self.diagnose(snap, req, host_group, &s, &groups, &resp),
-            ));
+        if !allow {
+            out.explain = Some(Arc::new(Diagnosis {
+                errors,
+                ..self.diagnose(snap, req, host_group, &s, &groups, reasonless)
+            }));
         }
         let mut d = Decision {
             outcome: out,
@@ -1019,6 +1055,75 @@ impl Engine {
             d.cacheable = false;
         }
         Ok(Some(d))
+    }
+
+    /// `slice`'s decision without Cedar, when the request has what its
+    /// compiled policies read ([`crate::compiled`]); `None`: ask Cedar.
+    fn fast<'s>(
+        &self,
+        slice: &'s FastSlice,
+        req: &QualifyRequest,
+        host_group: &str,
+        peer: Option<&PeerInfo<'_>>,
+        s: &Subjects,
+    ) -> Result<Option<FastDecision<'s>>, PolicyError> {
+        let n = &self.names;
+        let action = n.action(req.action)?;
+        let host = [
+            Names::uid(&n.host, &req.host),
+            Names::uid(&n.host_group, host_group),
+        ];
+        let (_, hour, weekday) = clock(req.at_ms);
+        let net = match &req.target {
+            Target::Net(t) => Some(t),
+            _ => None,
+        };
+        let peers = match (peer, net) {
+            (Some(p), Some(_)) => Some((
+                [
+                    Names::uid(&n.host, p.host),
+                    Names::uid(&n.host_group, p.group),
+                ],
+                std::iter::once(Names::uid(&n.program, p.program))
+                    .chain(p.groups.iter().map(|g| Names::uid(&n.program_group, g)))
+                    .collect::<Vec<_>>(),
+            )),
+            _ => None,
+        };
+        let (path, to) = match &req.target {
+            Target::File { path, to, .. } => (
+                Some(path.as_str()),
+                to.as_ref()
+                    .filter(|_| !s.to.is_empty())
+                    .map(|_| s.to.as_slice()),
+            ),
+            _ => (None, None),
+        };
+        let exec = matches!(req.target, Target::Exec { .. });
+        let facts = compiled::Facts {
+            action: &action,
+            principal: &s.principal,
+            resource: if s.resource.is_empty() {
+                &s.program
+            } else {
+                &s.resource
+            },
+            host: &host,
+            program: (!exec).then_some(s.program.as_slice()),
+            peer_host: peers.as_ref().map(|(h, _)| h.as_slice()),
+            peer_program: peers.as_ref().map(|(_, p)| p.as_slice()),
+            to,
+            path,
+            port: net.map(|t| i64::from(t.dst_port)),
+            atoms: AtomInput {
+                hour,
+                weekday,
+                session: i64::from(req.subject.session),
+                ports: net.map(|t| (i64::from(t.src_port), i64::from(t.dst_port))),
+                ancestry: &req.subject.ancestry,
+            },
+        };
+        Ok(slice.decide(&facts))
     }
 
     /// Reports an answer to the store's ledger; false: the kernel must
@@ -1166,6 +1271,8 @@ impl Engine {
     /// The entity data behind a Cedar deny and, when no forbid decided it,
     /// what each permit of the action lacked (over the whole set, not the
     /// slice: the permits outside it are the ones whose scope failed).
+    /// `reasonless`: no policy determined the deny. The evaluation errors
+    /// are the caller's to fill in ([`cedar_errors`]; none without Cedar).
     fn diagnose(
         &self,
         snap: &Snapshot,
@@ -1173,16 +1280,11 @@ impl Engine {
         host_group: &str,
         s: &Subjects,
         groups: &[String],
-        resp: &cedar_policy::Response,
+        reasonless: bool,
     ) -> Diagnosis {
         let n = &self.names;
         let index = &snap.policy.index;
-        let name = |id: &cedar_policy::PolicyId| {
-            index
-                .meta(id)
-                .map_or_else(|| id.to_string(), |m| m.name.clone())
-        };
-        let missing = if resp.diagnostics().reason().next().is_none() {
+        let missing = if reasonless {
             let host = [
                 Names::uid(&n.host, &req.host),
                 Names::uid(&n.host_group, host_group),
@@ -1202,15 +1304,6 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let mut errors: Vec<String> = resp
-            .diagnostics()
-            .errors()
-            .map(|e| {
-                let cedar_policy::AuthorizationError::PolicyEvaluationError(pe) = e;
-                format!("{}: {}", name(pe.policy_id()), pe.inner())
-            })
-            .collect();
-        errors.sort_unstable();
         Diagnosis {
             host_group: host_group.to_owned(),
             roles: snap
@@ -1220,7 +1313,7 @@ impl Engine {
                 .unwrap_or_default(),
             groups: groups.to_vec(),
             missing,
-            errors,
+            errors: Vec::new(),
         }
     }
 
@@ -1279,7 +1372,14 @@ impl Engine {
             })
             .collect();
         determining.sort_by(|a, b| a.name.cmp(&b.name));
-        let diagnosis = self.diagnose(&snap, req, host_group, &s, &groups, &resp);
+        let diagnosis = self.diagnose(
+            &snap,
+            req,
+            host_group,
+            &s,
+            &groups,
+            resp.diagnostics().reason().next().is_none(),
+        );
         Ok(Explanation {
             policy_version: snap.policy.version,
             generation: snap.generation,
@@ -1300,7 +1400,7 @@ impl Engine {
             } else {
                 Vec::new()
             },
-            errors: diagnosis.errors,
+            errors: cedar_errors(&snap.policy.index, &resp),
         })
     }
 
@@ -1467,6 +1567,24 @@ impl Engine {
         let entities = entities(ents).map_err(cedar)?;
         Ok((request, entities))
     }
+}
+
+/// Cedar's evaluation errors, `<policy name>: <error>`, sorted.
+fn cedar_errors(index: &Index, resp: &cedar_policy::Response) -> Vec<String> {
+    let mut errors: Vec<String> = resp
+        .diagnostics()
+        .errors()
+        .map(|e| {
+            let cedar_policy::AuthorizationError::PolicyEvaluationError(pe) = e;
+            let id = pe.policy_id();
+            let name = index
+                .meta(id)
+                .map_or_else(|| id.to_string(), |m| m.name.clone());
+            format!("{name}: {}", pe.inner())
+        })
+        .collect();
+    errors.sort_unstable();
+    errors
 }
 
 /// The audit event for one decision: kind `decision`, actor the asking

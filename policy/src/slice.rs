@@ -29,6 +29,7 @@ use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicyId, PolicySet, Res
 use serde_json::Value;
 
 use super::class::{self, Shape};
+use super::compiled::{self, Compiled, FastSlice};
 use super::explain::Permits;
 use super::reads::{self, Reads};
 use super::PolicyMeta;
@@ -54,11 +55,14 @@ pub struct Slice {
     /// What the policies read of a request ([`class`]): the decision
     /// cache's key holds only that.
     pub class: Shape,
+    /// The slice decided without Cedar, when every policy compiled
+    /// ([`compiled`]).
+    pub fast: Option<FastSlice>,
 }
 
 /// What each policy reads, computed once per policy set (turning a policy
 /// into JSON re-parses its text, far too slow for the request path).
-type ReadsOf = HashMap<PolicyId, (Reads, Shape)>;
+type ReadsOf = HashMap<PolicyId, (Reads, Shape, Option<Compiled>)>;
 
 /// Source of [`Slice::id`].
 static NEXT_SLICE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -70,7 +74,7 @@ impl Slice {
         let mut shape = Shape::default();
         for p in policies {
             match reads_of.get(p.id()) {
-                Some((reads, s)) => {
+                Some((reads, s, _)) => {
                     r = r.with(*reads);
                     shape.add(s);
                 }
@@ -88,6 +92,9 @@ impl Slice {
             len: policies.len(),
             id: NEXT_SLICE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             class: shape,
+            fast: FastSlice::new(policies, |id| {
+                reads_of.get(id).and_then(|(_, _, c)| c.as_ref())
+            }),
         }
     }
 }
@@ -157,8 +164,8 @@ impl Index {
                 (
                     p.id().clone(),
                     e.as_ref().map_or_else(
-                        || (Reads::ALL, Shape::all()),
-                        |e| (reads::of_json(e), class::of_json(e)),
+                        || (Reads::ALL, Shape::all(), None),
+                        |e| (reads::of_json(e), class::of_json(e), compiled::of_json(e)),
                     ),
                 )
             })

@@ -368,8 +368,21 @@ fn each_policy() -> Vec<String> {
 /// policy of a slice compiled, they must get Cedar's decisions.
 #[test]
 fn compiled_slices_answer_as_cedar_does() {
-    let each = each_policy();
+    let mut each = each_policy();
     assert_eq!(each.len(), policies().matches("\n@id(").count() + 1);
+    // Forms the set above lacks: a path compared, an action list.
+    each.push(
+        r#"@id("ga-write-b")
+permit (principal, action == Trustbind::Action::"open_write", resource)
+when { context.program in Trustbind::ProgramGroup::"ga" && "/srv/b" == resource.path };"#
+            .into(),
+    );
+    each.push(
+        r#"@id("dev-etc") @alert("etc")
+forbid (principal in Trustbind::Role::"dev", action in [Trustbind::Action::"open_read", Trustbind::Action::"open_write"], resource)
+when { resource.path like "/etc/*" && context.hour < 20 };"#
+            .into(),
+    );
     let mut r = Rng(0x0123_4567_89ab_cdef);
     let mut fast = 0;
     let mut total = 0;

@@ -386,8 +386,9 @@ enum TargetKey {
 #[derive(Debug, Clone)]
 struct Cached {
     decision: Decision,
-    program: String,
-    peer: Option<String>,
+    // Shared: a hit clones the entry.
+    program: Arc<str>,
+    peer: Option<Arc<str>>,
 }
 
 /// What a request offers a cache key besides itself.
@@ -966,8 +967,8 @@ impl Engine {
                         exact,
                         Cached {
                             decision: d.clone(),
-                            program: req.program.sha256.clone(),
-                            peer: peer.as_ref().map(|p| p.program.to_owned()),
+                            program: req.program.sha256.as_str().into(),
+                            peer: peer.as_ref().map(|p| p.program.into()),
                         },
                     );
                 }
@@ -1042,8 +1043,8 @@ impl Engine {
             let classy = !d.outcome.reasons.is_empty() && d.outcome.errors == 0;
             let cached = || Cached {
                 decision: d.clone(),
-                program: req.program.sha256.clone(),
-                peer: peer_program.map(str::to_owned),
+                program: req.program.sha256.as_str().into(),
+                peer: peer_program.map(Into::into),
             };
             for k in [if classy { class_key } else { None }, exact_key]
                 .into_iter()
@@ -1170,7 +1171,7 @@ impl Engine {
             }
         }
         let peer_program = p.peer.map(|x| x.program);
-        let noted = (c.program == req.program.sha256 && c.peer.as_deref() == peer_program)
+        let noted = (*c.program == *req.program.sha256 && c.peer.as_deref() == peer_program)
             || self.note(snap, req, peer_program, &d);
         if !noted {
             d.cacheable = false;

@@ -50,6 +50,7 @@ use crate::proto::backstop;
 use crate::proto::fairq::{FairQueue, Full, Place};
 use crate::proto::seal::{self, BareRule};
 use crate::proto::{self, ChannelKey, Decision, DecodeError, Header, HelloAck, Kind, Mode, Record, Verdict};
+use crate::files;
 use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin, SessionMac};
 
 /// Places in the queue to the agent: requests waiting for a verdict
@@ -599,6 +600,17 @@ impl Channel {
     /// Acts on one record the agent wrote.
     fn take_record(&self, buf: &[u8]) -> Result {
         let (header, record) = proto::decode(buf).map_err(|e| reject(&e))?;
+        // Sealed paths are walked before the channel's lock is taken: a
+        // path walk takes inode locks, which the file hooks hold while
+        // they take the module's. A record refused below wasted a walk.
+        let resolved = match &record {
+            Record::FileSetPaths(f) => Some(files::resolve(f)?),
+            Record::Sealed(x) => match proto::decode(x.inner()) {
+                Ok((_, Record::FileSetPaths(f))) => Some(files::resolve(&f)?),
+                _ => None,
+            },
+            _ => None,
+        };
         let mut st = self.state.lock();
         match record {
             Record::Sealed(x) => {
@@ -628,7 +640,7 @@ impl Channel {
                 }
                 if let Some(i) = slot {
                     let last = st.last_seq.get(i).copied().unwrap_or(u64::MAX);
-                    if !seal::order_fresh(last, x.seq) {
+                    if !seal::order_fresh(inner_header.kind, last, x.seq) {
                         bump(&STATS.bad_seal);
                         pr_warn!("refused a replayed {:?} order (seq {} after {})\n", inner_header.kind, x.seq, last);
                         return Err(EPERM);
@@ -637,14 +649,22 @@ impl Channel {
                         *l = x.seq;
                     }
                 }
-                self.apply(&mut st, inner_header, inner, true)
+                self.apply(&mut st, inner_header, inner, true, resolved)
             }
-            other => self.apply(&mut st, header, other, false),
+            other => self.apply(&mut st, header, other, false, resolved),
         }
     }
 
-    /// Acts on one record, `sealed` by the appliance or not.
-    fn apply(&self, st: &mut State, header: Header, record: Record<'_>, sealed: bool) -> Result {
+    /// Acts on one record, `sealed` by the appliance or not; `resolved`
+    /// holds a `FileSetPaths` record's paths, walked before.
+    fn apply(
+        &self,
+        st: &mut State,
+        header: Header,
+        record: Record<'_>,
+        sealed: bool,
+        resolved: Option<files::Resolved>,
+    ) -> Result {
         let rule = match (&st.auth, sealed) {
             (Some(_), false) => seal::bare_rule(record.kind()),
             _ => BareRule::Accept,
@@ -778,9 +798,23 @@ impl Channel {
             },
             Record::FileSets(f) => {
                 crate::SHARED
-                    .with(|s| s.files.set_sets(&f))
+                    .with(|s| s.files.set_agent_sets(&f))
                     .unwrap_or(Err(ENODEV))?;
-                pr_info!("protected file identities: {}\n", f.len());
+                pr_info!("protected file identities from the agent: {}\n", f.len());
+            }
+            Record::FileSetPaths(f) => {
+                let r = resolved.ok_or(EINVAL)?;
+                let changed = crate::SHARED
+                    .with(|s| s.files.set_sealed(r))
+                    .unwrap_or(Err(ENODEV))?;
+                if let Some(n) = changed {
+                    pr_info!(
+                        "protected paths{}: {}, resolved to {} identities\n",
+                        if sealed { " (sealed)" } else { "" },
+                        f.len(),
+                        n
+                    );
+                }
             }
             Record::Generation(g) => {
                 // Protected services are kept (T-29): a service that

@@ -6,9 +6,13 @@
 //! `_mkdir`, `_mknod`, `_symlink`, `_unlink`, `_rmdir`, `_rename`, `_link`
 //! and `_setattr` for a truncate) call [`gate`] for every open, create,
 //! delete, rename, link and truncate by a user task. Only operations on
-//! protected files are decided ([`Files::set_sets`], from the agent's
-//! `FileSets`): the file, or any directory above it on its file system, is
-//! listed (`proto/src/files.rs`). Everything else costs one lookup.
+//! protected files are decided: the file, or any directory above it on its
+//! file system, is listed (`proto/src/files.rs`). Everything else costs
+//! one lookup. The list is the union of the identities of the appliance's
+//! sealed paths, which the module resolves itself from init's root
+//! ([`resolve`], [`Files::set_sealed`]: root cannot empty them, T-102),
+//! and the agent's `FileSets` ([`Files::set_agent_sets`]: the roots of
+//! mounts below a protected directory, which the module cannot list).
 //!
 //! The hooks run under VFS locks or with preemption disabled, so [`gate`]
 //! never sleeps: it answers from the verdict cache or from the answer the
@@ -27,9 +31,9 @@
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use kernel::alloc::{KVVec, KVec};
-use kernel::new_spinlock;
 use kernel::prelude::*;
-use kernel::sync::SpinLock;
+use kernel::sync::{Mutex, SpinLock};
+use kernel::{new_mutex, new_spinlock};
 
 use crate::device::{Answer as Reply, Wait};
 use crate::exec::{Refusal, Refusals};
@@ -37,7 +41,8 @@ use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache
 use crate::proto::files::{self, Answer, Answers, Outcome, ProtectedSet, MAX_DEPTH};
 use crate::proto::lineage::ProcId;
 use crate::proto::{
-    Decision, FileAccess, FileRequest, FileSets, Mode, Record, Verdict, FILE_CREATE, FILE_LINK,
+    Decision, FileAccess, FileRequest, FileSetPaths, FileSets, Mode, Record, Verdict, FILE_CREATE, FILE_LINK,
+    FILE_PATH_NAMED, FILE_TO_NAMED,
     FILE_TRUNCATE, MAX_PATH_LEN,
 };
 use crate::sys::{self, Dentry, FileIdent, FileOp, TaskIds};
@@ -64,9 +69,155 @@ pub(crate) enum Gate {
     Ask,
 }
 
+/// Where the protected identities come from.
+struct Sources {
+    /// The appliance's sealed paths, as the module resolved them.
+    sealed: Resolved,
+    /// The agent's `FileSets` (with a session: only additions, such as the
+    /// roots of mounts below a protected directory).
+    agent: KVec<(u64, u64)>,
+}
+
+/// One resolved path: its identity, and where its text is in
+/// [`Resolved::text`] (offset, length).
+type Named = ((u64, u64), usize, usize);
+
+/// The appliance's sealed paths resolved from init's root.
+pub(crate) struct Resolved {
+    /// Their identities, ascending and unique.
+    ids: KVec<(u64, u64)>,
+    /// The same identities with the first path that resolved to each.
+    names: KVec<Named>,
+    /// The paths as the record holds them (each with its NUL).
+    text: KVec<u8>,
+    /// Paths not found.
+    missing: usize,
+}
+
+impl Resolved {
+    const EMPTY: fn() -> Resolved = || Resolved {
+        ids: KVec::new(),
+        names: KVec::new(),
+        text: KVec::new(),
+        missing: 0,
+    };
+
+    /// The appliance's path of identity `id`, if it is one of its paths.
+    fn name_of(&self, id: (u64, u64)) -> Option<&[u8]> {
+        let i = self.names.binary_search_by(|n| n.0.cmp(&id)).ok()?;
+        let &(_, off, len) = self.names.get(i)?;
+        self.text.get(off..off + len)
+    }
+}
+
+/// Most mounts below the appliance's directories one resolution takes.
+const MAX_MOUNTS: usize = 256;
+/// Largest mount table read (`/proc/1/mountinfo`).
+const MOUNTINFO_MAX: usize = 1 << 20;
+
+/// Resolves the sealed `paths` from init's root ([`sys::init_path_ident`]),
+/// and for each directory among them the root of every mount at or below
+/// it in init's mount table (the walk up from a file stops at its file
+/// system's root, so a file system mounted below a protected directory
+/// is listed by its root), named by its mount point. A path not found now
+/// is found at a later resolution (the agent sends the order again every
+/// 30 s), and so is a mount made since. Sleeps: call with no lock held.
+pub(crate) fn resolve(paths: &FileSetPaths<'_>) -> Result<Resolved> {
+    let mut found: KVec<Named> = KVec::with_capacity(paths.len(), GFP_KERNEL)?;
+    let mut text = KVec::with_capacity(paths.as_bytes().len(), GFP_KERNEL)?;
+    text.extend_from_slice(paths.as_bytes(), GFP_KERNEL)?;
+    let mut dirs: KVec<(usize, usize)> = KVec::new();
+    let mut missing = 0;
+    let mut off = 0;
+    for p in paths.iter_c() {
+        let len = p.len().saturating_sub(1);
+        match sys::init_path_ident(p) {
+            // The offset orders paths of one identity: the first wins.
+            Ok((id, dir)) => {
+                found.push((id, off, len), GFP_KERNEL)?;
+                if dir {
+                    dirs.push((off, len), GFP_KERNEL)?;
+                }
+            }
+            Err(_) => missing += 1,
+        }
+        off += p.len();
+    }
+    if !dirs.is_empty() {
+        mounts_below(&dirs, &mut text, &mut found)?;
+    }
+    let n = crate::proto::sorted::sort_unique(&mut found);
+    let mut ids = KVec::with_capacity(n, GFP_KERNEL)?;
+    let mut names = KVec::with_capacity(n, GFP_KERNEL)?;
+    for &e in found.iter().take(n) {
+        if ids.last() != Some(&e.0) {
+            ids.push(e.0, GFP_KERNEL)?;
+            names.push(e, GFP_KERNEL)?;
+        }
+    }
+    Ok(Resolved {
+        ids,
+        names,
+        text,
+        missing,
+    })
+}
+
+/// Adds to `found` the root of every mount in init's mount table whose
+/// mount point is at or below one of `dirs` (offset and length of a
+/// directory's path in `text`), named by its mount point (appended to
+/// `text`); at most [`MAX_MOUNTS`]. A table that cannot be read adds
+/// nothing (said once in a while): the next resolution tries again.
+fn mounts_below(dirs: &[(usize, usize)], text: &mut KVec<u8>, found: &mut KVec<Named>) -> Result {
+    let mut table = KVVec::from_elem(0u8, MOUNTINFO_MAX, GFP_KERNEL)?;
+    let n = match sys::init_mountinfo(&mut table) {
+        Ok(n) => n,
+        Err(e) => {
+            if sys::log_ratelimit() {
+                pr_warn!("init's mount table not read (errno {}): mounts below protected directories not added\n", e.to_errno());
+            }
+            return Ok(());
+        }
+    };
+    let mut point = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
+    let mut added = 0;
+    for field in files::mount_point_fields(table.get(..n).unwrap_or(&[])) {
+        let Some(len) = point
+            .get_mut(..MAX_PATH_LEN)
+            .and_then(|p| files::unescape_mountinfo(field, p))
+        else {
+            continue;
+        };
+        let below = point.get(..len).is_some_and(|pt| {
+            !pt.contains(&0)
+                && dirs
+                    .iter()
+                    .any(|&(o, l)| text.get(o..o + l).is_some_and(|d| files::at_or_below(pt, d)))
+        });
+        if !below {
+            continue;
+        }
+        if added == MAX_MOUNTS {
+            break;
+        }
+        if let Some(nul) = point.get_mut(len) {
+            *nul = 0;
+        }
+        if let Ok((id, _)) = sys::init_path_ident(point.get(..=len).unwrap_or(&[])) {
+            let off = text.len();
+            text.extend_from_slice(point.get(..=len).unwrap_or(&[]), GFP_KERNEL)?;
+            found.push((id, off, len), GFP_KERNEL)?;
+            added += 1;
+        }
+    }
+    Ok(())
+}
+
 /// The protected set, the file verdict cache and the answers.
 #[pin_data]
 pub(crate) struct Files {
+    #[pin]
+    sources: Mutex<Sources>,
     #[pin]
     set: SpinLock<ProtectedSet<KVec<(u64, u64)>>>,
     /// Entries in the set: 0 turns the gate off without a lock.
@@ -90,7 +241,12 @@ impl Files {
         let mut a = KVVec::new();
         a.extend_with(ANSWER_SLOTS, Answer::EMPTY, GFP_KERNEL)?;
         let answers = Answers::new(a).ok_or(EINVAL)?;
+        let sources = Sources {
+            sealed: (Resolved::EMPTY)(),
+            agent: KVec::new(),
+        };
         Ok(try_pin_init!(Self {
+            sources <- new_mutex!(sources, "trustbind_file_sources"),
             set <- new_spinlock!(set, "trustbind_file_set"),
             armed: AtomicUsize::new(0),
             dev_hint: AtomicU64::new(MANY_DEVS),
@@ -99,13 +255,45 @@ impl Files {
         }? Error))
     }
 
-    /// The agent's `FileSets`: these identities are protected from now on.
-    pub(crate) fn set_sets(&self, sets: &FileSets<'_>) -> Result {
-        let mut v = KVec::with_capacity(sets.len(), GFP_KERNEL)?;
+    /// The agent's `FileSets`: these identities are protected from now
+    /// on, with the sealed paths'.
+    pub(crate) fn set_agent_sets(&self, sets: &FileSets<'_>) -> Result {
+        let mut agent = KVec::with_capacity(sets.len(), GFP_KERNEL)?;
         for e in sets.iter() {
+            agent.push(e, GFP_KERNEL)?;
+        }
+        let mut src = self.sources.lock();
+        self.publish(&src.sealed.ids, &agent)?;
+        src.agent = agent;
+        Ok(())
+    }
+
+    /// The appliance's sealed paths, resolved: these identities are
+    /// protected from now on, with the agent's. Returns their count if it
+    /// differs from the last resolution's identities.
+    pub(crate) fn set_sealed(&self, r: Resolved) -> Result<Option<usize>> {
+        let mut src = self.sources.lock();
+        let n = r.ids.len();
+        let changed = src.sealed.ids.as_slice() != r.ids.as_slice();
+        if changed {
+            self.publish(&r.ids, &src.agent)?;
+        }
+        let missing = r.missing;
+        src.sealed = r;
+        // CAST: at most MAX_FILE_SET_PATHS each.
+        STATS.paths_resolved.store(n as u64, Ordering::Relaxed);
+        STATS.paths_missing.store(missing as u64, Ordering::Relaxed);
+        Ok(changed.then_some(n))
+    }
+
+    /// Protects the union of `sealed` and `agent` (each ascending and
+    /// unique) from now on.
+    fn publish(&self, sealed: &[(u64, u64)], agent: &[(u64, u64)]) -> Result {
+        let mut v = KVec::with_capacity(sealed.len() + agent.len(), GFP_KERNEL)?;
+        for e in files::union(sealed, agent) {
             v.push(e, GFP_KERNEL)?;
         }
-        // `FileSets::new` checked the order; checked again, cheaply.
+        // Ascending and unique by construction; checked again, cheaply.
         let new = ProtectedSet::new(v).ok_or(EINVAL)?;
         let n = new.len();
         let hint = match new.one_dev() {
@@ -117,7 +305,7 @@ impl Files {
         self.dev_hint.store(hint, Ordering::Relaxed);
         self.armed.store(n, Ordering::Release);
         drop(guard);
-        // CAST: at most MAX_FILE_SET_ENTRIES.
+        // CAST: at most MAX_FILE_SET_ENTRIES + MAX_FILE_SET_PATHS.
         STATS.protected.store(n as u64, Ordering::Relaxed);
         drop(old);
         Ok(())
@@ -169,6 +357,29 @@ impl Files {
         }
     }
 
+    /// The path of `d` (with `from_parent`, a new name in its directory)
+    /// as the appliance names it, into `out`: the appliance's path of the
+    /// nearest of its protected files and directories the walk up from
+    /// `d` meets, then the components of `fs_path` (`d`'s path from its
+    /// file system's root) below it. `None` when the walk meets none (the
+    /// file is protected through the agent's identities only), goes
+    /// deeper than it looks, or the parts do not agree (a rename raced).
+    /// Sleeps (the sources' mutex): from the task work only.
+    #[inline(never)]
+    fn named(&self, d: Dentry<'_>, from_parent: bool, fs_path: &[u8], out: &mut [u8]) -> Option<usize> {
+        let mut inos = [0u64; MAX_DEPTH];
+        let mut devs = [0u64; MAX_DEPTH];
+        let n = d.ancestors(from_parent, &mut inos, Some(&mut devs))?;
+        let src = self.sources.lock();
+        let (k, base) = devs
+            .iter()
+            .zip(inos.iter())
+            .take(n)
+            .enumerate()
+            .find_map(|(k, (&dev, &ino))| Some((k, src.sealed.name_of((dev, ino))?)))?;
+        files::named_path(base, fs_path, k + usize::from(from_parent), out)
+    }
+
     /// What `op` is about, if it touches a protected file.
     fn plan(&self, op: &FileOp) -> Plan {
         let d = op.object();
@@ -200,7 +411,12 @@ impl Files {
             return Plan::Pass;
         }
         match d.ident(from_parent) {
-            Some(id) => Plan::Decide(Target { id, access, flags }),
+            Some(id) => Plan::Decide(Target {
+                id,
+                access,
+                flags,
+                from_parent,
+            }),
             // A negative dentry where a file was expected: nothing to
             // decide (the VFS fails the operation itself).
             None => Plan::Pass,
@@ -215,6 +431,8 @@ struct Target {
     id: FileIdent,
     access: FileAccess,
     flags: u8,
+    /// The object is a new name: the walk starts at its directory.
+    from_parent: bool,
 }
 
 enum Plan {
@@ -227,6 +445,10 @@ enum Plan {
 pub(crate) struct Stats {
     /// Protected identities (gauge).
     pub(crate) protected: AtomicU64,
+    /// Identities the module resolved from the appliance's paths (gauge).
+    pub(crate) paths_resolved: AtomicU64,
+    /// The appliance's paths not found at their last resolution (gauge).
+    pub(crate) paths_missing: AtomicU64,
     /// Operations on protected files decided.
     pub(crate) checked: AtomicU64,
     /// Of these, answered by the cache.
@@ -253,6 +475,8 @@ pub(crate) struct Stats {
 
 pub(crate) static STATS: Stats = Stats {
     protected: AtomicU64::new(0),
+    paths_resolved: AtomicU64::new(0),
+    paths_missing: AtomicU64::new(0),
     checked: AtomicU64::new(0),
     cache_hits: AtomicU64::new(0),
     answers_used: AtomicU64::new(0),
@@ -382,6 +606,7 @@ pub(crate) fn gate(s: &Shared, op: &FileOp) -> Result<Gate> {
                 }),
                 access: FileAccess::Write,
                 flags: FILE_LINK,
+                from_parent: false,
             };
             return STATS
                 .refusals
@@ -488,14 +713,36 @@ pub(crate) fn ask(s: &Shared, op: &FileOp) -> Result {
     let key = key_of(&t, &program, &ids);
     let mut path = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
     let mut to = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
-    let path = op.object().path(&mut path)?;
+    let mut path_named = KVec::from_elem(0u8, MAX_PATH_LEN, GFP_KERNEL)?;
+    let mut to_named = KVec::from_elem(0u8, MAX_PATH_LEN, GFP_KERNEL)?;
+    let mut flags = t.flags;
+    // The paths as the appliance named its protected sets, where the walk
+    // meets one of its paths (T-102); otherwise from the file system's
+    // root, for the agent to map.
+    let fs_path = op.object().path(&mut path)?;
+    let path = match s.files.named(op.object(), t.from_parent, fs_path, &mut path_named) {
+        Some(n) => {
+            flags |= FILE_PATH_NAMED;
+            path_named.get(..n).unwrap_or(&[])
+        }
+        None => fs_path,
+    };
     let to: &[u8] = match op.new_name() {
-        Some(n) if matches!(op.op, sys::FOP_RENAME | sys::FOP_LINK) => n.path(&mut to)?,
+        Some(n) if matches!(op.op, sys::FOP_RENAME | sys::FOP_LINK) => {
+            let fs_to = n.path(&mut to)?;
+            match s.files.named(n, true, fs_to, &mut to_named) {
+                Some(len) => {
+                    flags |= FILE_TO_NAMED;
+                    to_named.get(..len).unwrap_or(&[])
+                }
+                None => fs_to,
+            }
+        }
         _ => &[],
     };
     let rec = Record::FileRequest(FileRequest {
         access: t.access,
-        flags: t.flags,
+        flags,
         sha256: program,
         program_source: source,
         uid: ids.uid,

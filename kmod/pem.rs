@@ -244,6 +244,8 @@ impl kernel::Module for Trustbind {
             (c_str!("unix_busy"), &net::UNIX_STATS.refusals.busy),
             (c_str!("unix_exe_hashed"), &net::UNIX_STATS.exe_hashed),
             (c_str!("file_protected"), &files::STATS.protected),
+            (c_str!("file_paths_resolved"), &files::STATS.paths_resolved),
+            (c_str!("file_paths_missing"), &files::STATS.paths_missing),
             (c_str!("file_checked"), &files::STATS.checked),
             (c_str!("file_cache_hits"), &files::STATS.cache_hits),
             (c_str!("file_answers_used"), &files::STATS.answers_used),

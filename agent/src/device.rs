@@ -177,11 +177,16 @@ pub struct FileEvent {
     pub dev: u64,
     /// Its inode number.
     pub ino: u64,
-    /// Its path from the root of its file system (lossy UTF-8), as the
-    /// module gives it; the run loop makes it absolute on this host.
+    /// Its path (lossy UTF-8) as the module gives it: absolute when
+    /// `named`, otherwise from the root of its file system, which the run
+    /// loop makes absolute on this host.
     pub path: String,
     /// The new path of a rename or hard link.
     pub to: Option<String>,
+    /// `path` is the module's own (`FILE_PATH_NAMED`): passed on as it is.
+    pub named: bool,
+    /// The same for `to` (`FILE_TO_NAMED`).
+    pub to_named: bool,
 }
 
 impl FileEvent {
@@ -202,6 +207,8 @@ impl FileEvent {
             ino: r.ino,
             path: lossy(r.path),
             to: (r.access == FileAccess::Rename || link).then(|| lossy(r.to)),
+            named: r.flags & proto::FILE_PATH_NAMED != 0,
+            to_named: r.flags & proto::FILE_TO_NAMED != 0,
         }
     }
 }
@@ -438,6 +445,15 @@ impl DeviceWriter {
                 source,
             }),
         }
+    }
+
+    /// A writer on a descriptor of its own (`dup`), for a write that may
+    /// take long (the module walks sealed paths) without holding this one.
+    pub fn try_clone(&self) -> io::Result<DeviceWriter> {
+        Ok(DeviceWriter {
+            path: self.path.clone(),
+            file: self.file.try_clone()?,
+        })
     }
 
     /// Answers request `id`. `Ok(false)` if the module no longer waits for

@@ -22,7 +22,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use trustbind_api::pb;
 use trustbind_proto::MAX_FILE_SET_ENTRIES;
 
 /// How often the sets are resolved again (paths created, mounts changed).
@@ -72,38 +71,13 @@ pub enum ResolveError {
     TooMany(usize),
 }
 
-/// Every path of the pushed sets, in order, without repeats.
-pub fn paths_of(sets: &pb::FileSets) -> Vec<String> {
-    let mut seen = BTreeSet::new();
-    sets.sets
-        .iter()
-        .flat_map(|s| s.paths.iter())
-        .filter(|p| seen.insert(p.as_str()))
-        .cloned()
-        .collect()
-}
-
-/// Undoes the kernel's octal escapes in a mountinfo field (`\040` space,
-/// `\011` tab, `\012` newline, `\134` backslash); anything else stays.
+/// Undoes the kernel's octal escapes in a mountinfo field
+/// ([`trustbind_proto::files::unescape_mountinfo`]).
 fn unescape(field: &str) -> OsString {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        let octal = b.get(i + 1..i + 4).filter(|d| {
-            c == b'\\' && d.iter().all(|x| (b'0'..=b'7').contains(x)) && d.first() <= Some(&b'3')
-        });
-        match octal {
-            Some(d) => {
-                out.push(d.iter().fold(0u8, |n, x| n * 8 + (x - b'0')));
-                i += 4;
-            }
-            None => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
+    let mut out = vec![0u8; field.len()];
+    // Unescaping never lengthens a field.
+    let n = trustbind_proto::files::unescape_mountinfo(field.as_bytes(), &mut out).unwrap_or(0);
+    out.truncate(n);
     OsString::from_vec(out)
 }
 
@@ -553,26 +527,6 @@ mod tests {
         // Back under the limit: the previous set still stands, nothing sent.
         assert_eq!(t.plan(resolution(&[(1, 2)], &[])), Plan::default());
         assert!(t.plan(Err(ResolveError::TooMany(501))).error.is_some());
-    }
-
-    #[test]
-    fn pushed_sets_give_their_paths_once() {
-        let sets = pb::FileSets {
-            sets: vec![
-                pb::FileSet {
-                    name: "db".into(),
-                    paths: paths(&["/srv/data", "/etc/db.conf"]),
-                },
-                pb::FileSet {
-                    name: "logs".into(),
-                    paths: paths(&["/var/log/audit", "/srv/data"]),
-                },
-            ],
-        };
-        assert_eq!(
-            paths_of(&sets),
-            paths(&["/srv/data", "/etc/db.conf", "/var/log/audit"])
-        );
     }
 
     #[test]

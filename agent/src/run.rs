@@ -253,7 +253,7 @@ struct Shared {
     keys: Keys,
     /// The protected paths last pushed (or saved from an earlier run):
     /// resolved by [`file_sets`] into the module's identities.
-    file_paths: watch::Sender<Option<Vec<String>>>,
+    file_paths: watch::Sender<Option<FilePaths>>,
     /// Program path -> owning Debian package ([`packages_index`]).
     packages: std::sync::RwLock<Arc<Packages>>,
     /// The module's session public key when it has an authority key: the
@@ -410,7 +410,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         bundle_again: AtomicBool::new(false),
         bundle_last: Mutex::new(None),
         keys: Keys::new(),
-        file_paths: watch::Sender::new(load_file_paths(&opts_state)),
+        file_paths: watch::Sender::new(load_file_paths(&opts_state).map(|paths| FilePaths {
+            paths,
+            order: Vec::new(),
+        })),
         packages: std::sync::RwLock::new(Arc::new(Packages::default())),
         session: device.session(),
     });
@@ -425,10 +428,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             let sent = match device.next_event() {
                 Ok(Event::Exec(ev)) => tx.blocking_send(Asked::Exec(ev)).is_ok(),
                 Ok(Event::File(mut ev)) => {
-                    // The module names the file from its file system's
-                    // root; policy and file sets use host paths.
-                    ev.path = crate::files::absolute_here(ev.dev, &ev.path);
-                    if let Some(to) = ev.to.as_mut() {
+                    // Unless the module named the file by the appliance's
+                    // path, it names it from its file system's root;
+                    // policy and file sets use host paths.
+                    if !ev.named {
+                        ev.path = crate::files::absolute_here(ev.dev, &ev.path);
+                    }
+                    if let Some(to) = ev.to.as_mut().filter(|_| !ev.to_named) {
                         *to = crate::files::absolute_here(ev.dev, to);
                     }
                     tx.blocking_send(Asked::File(ev)).is_ok()
@@ -658,6 +664,17 @@ impl Asked {
     }
 }
 
+/// The protected paths the appliance pushed last.
+#[derive(Debug, Clone)]
+struct FilePaths {
+    /// Every path of the sets, in order, without repeats.
+    paths: Vec<String>,
+    /// With a module session: the appliance's sealed `FileSetPaths` order
+    /// for the module (empty without). Not saved: it is sealed to this
+    /// module session, and the appliance sends it again on `Subscribe`.
+    order: Vec<u8>,
+}
+
 /// The last pushed protected paths, in the state directory.
 const FILE_SETS_FILE: &str = "file_sets.json";
 
@@ -673,7 +690,10 @@ fn load_file_paths(state: &std::path::Path) -> Option<Vec<String>> {
 /// [`files::RESOLVE_EVERY`]) and gives the module the result whenever it
 /// changed. The module starts empty when it is loaded again, and the
 /// agent with it (a closed device stops the agent; its restart sends the
-/// saved sets at once).
+/// saved sets at once). With a module session it also writes the
+/// appliance's sealed order of the paths each time: the module resolves
+/// them itself (the identities root cannot take away, T-102), and the
+/// agent's identities only add the roots of mounts below them.
 async fn file_sets(shared: Arc<Shared>) {
     let mut paths_rx = shared.file_paths.subscribe();
     let mut tick = tokio::time::interval(files::RESOLVE_EVERY);
@@ -683,9 +703,12 @@ async fn file_sets(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             changed = paths_rx.changed() => if changed.is_err() { return },
         }
-        let Some(paths) = paths_rx.borrow_and_update().clone() else {
+        let Some(FilePaths { paths, order }) = paths_rx.borrow_and_update().clone() else {
             continue;
         };
+        if !order.is_empty() {
+            sealed_paths(&shared, order).await;
+        }
         // stat may block (a hung network file system): off the runtime.
         let Ok(res) = tokio::task::spawn_blocking(move || files::resolve_here(&paths)).await else {
             continue;
@@ -723,6 +746,28 @@ async fn file_sets(shared: Arc<Shared>) {
                 }
             }
         }
+    }
+}
+
+/// Writes the appliance's sealed `FileSetPaths` order to the module, on a
+/// descriptor of its own off the runtime: the module walks the paths
+/// during the write, which a hung network file system can stall, and
+/// verdicts must not wait behind it.
+async fn sealed_paths(shared: &Arc<Shared>, order: Vec<u8>) {
+    let writer = shared.lock().writer.try_clone();
+    let sent = match writer {
+        Ok(mut w) => {
+            tokio::task::spawn_blocking(move || w.sealed(&order, "write sealed FileSetPaths"))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = sent {
+        shared.error(format!(
+            "the appliance's protected paths not given to the module: {e}"
+        ));
     }
 }
 
@@ -1609,7 +1654,7 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             tracing::info!("protected hosts: {}", addrs.len());
         }
         push::Kind::FileSets(f) => {
-            let paths = files::paths_of(&f);
+            let paths = tbm::paths_of(&f);
             tracing::info!(
                 "protected file sets: {} ({} paths)",
                 f.sets.len(),
@@ -1621,7 +1666,10 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             if let Err(e) = write_atomic(&shared.opts.state.join(FILE_SETS_FILE), &json, 0o600) {
                 shared.error(format!("cannot save the protected file sets: {e}"));
             }
-            shared.file_paths.send_replace(Some(paths));
+            shared.file_paths.send_replace(Some(FilePaths {
+                paths,
+                order: f.module_order,
+            }));
         }
         push::Kind::Ping(_) => {}
     }
@@ -1913,6 +1961,8 @@ mod tests {
             ino: 42,
             path: "/srv/db/data".into(),
             to: to.map(str::to_owned),
+            named: false,
+            to_named: false,
         }
     }
 

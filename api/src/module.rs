@@ -258,6 +258,53 @@ pub fn parse_peers(addrs: &[String]) -> (Vec<IpAddr>, Vec<String>) {
     (ok, bad)
 }
 
+/// Every path of the pushed file sets, in order, without repeats: what
+/// the agent resolves and what the appliance seals for the module.
+pub fn paths_of(sets: &pb::FileSets) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    sets.sets
+        .iter()
+        .flat_map(|s| s.paths.iter())
+        .filter(|p| seen.insert(p.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// The body of a [`proto::FileSetPaths`] record for `paths`: each path
+/// followed by a NUL. Refused whole (a cut list would protect an arbitrary
+/// part): a path that is not absolute, holds a NUL or is longer than
+/// [`proto::MAX_PATH_LEN`], or more than [`proto::MAX_FILE_SET_PATHS`].
+pub fn file_set_paths(paths: &[String]) -> Result<Vec<u8>, String> {
+    if paths.len() > proto::MAX_FILE_SET_PATHS {
+        return Err(format!(
+            "{} protected paths, more than the module's {}: name fewer, higher directories",
+            paths.len(),
+            proto::MAX_FILE_SET_PATHS
+        ));
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if !p.starts_with('/') || p.contains('\0') || p.len() > proto::MAX_PATH_LEN {
+            return Err(format!(
+                "protected path `{}`: not an absolute path of at most {} bytes",
+                p.escape_debug(),
+                proto::MAX_PATH_LEN
+            ));
+        }
+        out.extend_from_slice(p.as_bytes());
+        out.push(0);
+    }
+    if out.len() > proto::MAX_FILE_SET_PATH_BYTES {
+        return Err(format!(
+            "the protected paths take {} bytes, more than the module's {}: name fewer, higher directories",
+            out.len(),
+            proto::MAX_FILE_SET_PATH_BYTES
+        ));
+    }
+    proto::FileSetPaths::new(&out).map_err(|e| format!("protected paths: {e}"))?;
+    Ok(out)
+}
+
 /// A whole record, encoded with `request_id`.
 pub fn encode(rec: &Record<'_>, request_id: u64) -> Result<Vec<u8>, proto::EncodeError> {
     let mut buf = vec![0u8; rec.encoded_len()];
@@ -271,6 +318,49 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    fn strings(p: &[&str]) -> Vec<String> {
+        p.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn pushed_sets_give_their_paths_once() {
+        let sets = pb::FileSets {
+            sets: vec![
+                pb::FileSet {
+                    name: "db".into(),
+                    paths: strings(&["/srv/data", "/etc/db.conf"]),
+                },
+                pb::FileSet {
+                    name: "logs".into(),
+                    paths: strings(&["/var/log/audit", "/srv/data"]),
+                },
+            ],
+            module_order: Vec::new(),
+        };
+        assert_eq!(
+            paths_of(&sets),
+            strings(&["/srv/data", "/etc/db.conf", "/var/log/audit"])
+        );
+    }
+
+    #[test]
+    fn file_set_paths_are_the_modules_record_or_refused_whole() {
+        let body = file_set_paths(&strings(&["/srv/www", "/etc/a b"])).unwrap();
+        assert_eq!(body, b"/srv/www\0/etc/a b\0");
+        let f = proto::FileSetPaths::new(&body).unwrap();
+        assert_eq!(f.len(), 2);
+        assert!(file_set_paths(&[]).unwrap().is_empty());
+        for bad in [
+            strings(&["/ok", "relative"]),
+            strings(&["/a\0b"]),
+            vec![format!("/{}", "x".repeat(proto::MAX_PATH_LEN))],
+            vec!["/a".to_owned(); proto::MAX_FILE_SET_PATHS + 1],
+            vec![format!("/{}", "y".repeat(4000)); 3],
+        ] {
+            assert!(file_set_paths(&bad).is_err(), "{bad:?}");
+        }
+    }
 
     fn result(verdict: pb::Verdict, encrypt: bool, channel_id: u64) -> pb::Result {
         let mut obligations = HashMap::new();

@@ -28,6 +28,7 @@ pub mod admin;
 pub mod agent_api;
 pub mod alerts;
 pub mod audit_seal;
+pub mod casign;
 pub mod channels;
 pub mod gate;
 pub mod grow;

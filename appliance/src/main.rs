@@ -3,6 +3,9 @@
 //! ```text
 //! trustbind-appliance [--data-dir DIR] serve [--agent-listen ADDR] [--enrol-listen ADDR]
 //!                                            [--admin-listen ADDR] [--server-name NAME]...
+//!                                            [--ca-signer SOCKET]
+//! trustbind-appliance [--data-dir DIR] ca-signer (--stdin | --listen SOCKET --allow-uid UID)
+//!                                          the CA signer (`serve` starts one itself)
 //! trustbind-appliance [--data-dir DIR] ca-fingerprint      print the CA's SHA-256
 //! trustbind-appliance [--data-dir DIR] authority           print the authority key (hex)
 //! trustbind-appliance [--data-dir DIR] admin-cert --name N --out DIR [--role admin|read-only]
@@ -23,6 +26,7 @@
 //! variable: `TRUSTBIND_DATA_DIR`, `TRUSTBIND_AGENT_LISTEN`,
 //! `TRUSTBIND_ENROL_LISTEN`, `TRUSTBIND_ADMIN_LISTEN`,
 //! `TRUSTBIND_SERVER_NAMES` (comma-separated), `TRUSTBIND_TIME_ZONE`,
+//! `TRUSTBIND_CA_SIGNER`,
 //! `TRUSTBIND_ADMIN_NAME`,
 //! `TRUSTBIND_ADMIN_OUT`, `TRUSTBIND_ADMIN_TOKEN_TTL_MIN`; an empty one
 //! counts as unset. Flags win; a flag given twice, the last one.
@@ -132,10 +136,33 @@ enum Cmd {
         #[arg(long, value_name = "N", env = "TRUSTBIND_CONNECTIONS_PER_ADDRESS", default_value_t = 16,
               value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         connections_per_address: u32,
+        /// The CA signer's socket (`ca-signer --listen`, started apart, as
+        /// the CA key's owner). Without it `serve` starts its own signer as
+        /// a child (`ca-signer --stdin`). Either way `serve` never reads
+        /// the CA key.
+        #[arg(long, value_name = "SOCKET", env = "TRUSTBIND_CA_SIGNER")]
+        ca_signer: Option<PathBuf>,
         #[command(flatten)]
         alerts: AlertArgs,
         #[command(flatten)]
         retention: RetentionArgs,
+    },
+    /// The CA signer: the one process that reads the CA key (`ca.key`) and
+    /// signs with it, for `serve` (threat model T-76). It checks every
+    /// request itself, rate-limits, and logs each signature to stderr and
+    /// `ca-signatures.jsonl`.
+    #[command(group(clap::ArgGroup::new("how").required(true).args(["stdin", "listen"])))]
+    CaSigner {
+        /// Serve the UNIX socket on standard input, whose peer must be the
+        /// parent process (how `serve` starts it).
+        #[arg(long)]
+        stdin: bool,
+        /// Listen on this UNIX socket (made anew) for `serve --ca-signer`.
+        #[arg(long, value_name = "SOCKET", requires = "allow_uid")]
+        listen: Option<PathBuf>,
+        /// The only uid whose connections are served (`SO_PEERCRED`).
+        #[arg(long, value_name = "UID")]
+        allow_uid: Option<u32>,
     },
     /// Prints the CA's SHA-256 fingerprint.
     CaFingerprint,
@@ -510,6 +537,7 @@ const FLAG_ENV: &[&str] = &[
     "TRUSTBIND_DISK_RESERVE_MIB",
     "TRUSTBIND_RETENTION_INTERVAL",
     "TRUSTBIND_EXPORT_SYSLOG",
+    "TRUSTBIND_CA_SIGNER",
 ];
 
 fn main() -> ExitCode {
@@ -553,6 +581,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
             time_zone,
             handshakes_per_address,
             connections_per_address,
+            ca_signer,
             alerts,
             retention,
         } => {
@@ -577,11 +606,26 @@ fn run(cli: Cli) -> Result<(), Fail> {
             serve(
                 &data_dir,
                 [agent_listen, enrol_listen, admin_listen],
-                names,
+                (names, ca_signer),
                 limits,
                 (sinks, alerts.alert_queue as usize),
                 (retention.config(), retention.export_syslog),
             )
+        }
+        Cmd::CaSigner {
+            stdin,
+            listen,
+            allow_uid,
+        } => {
+            init_log();
+            match (stdin, listen, allow_uid) {
+                (true, _, _) => trustbind_appliance::casign::serve_stdin(&data_dir)?,
+                (false, Some(socket), Some(uid)) => {
+                    trustbind_appliance::casign::serve_listener(&data_dir, &socket, uid)?;
+                }
+                _ => return Err(usage("give --stdin, or --listen with --allow-uid")),
+            }
+            Ok(())
         }
         Cmd::CaFingerprint => {
             println!("{}", existing_pki(&data_dir)?.fingerprint());
@@ -963,7 +1007,7 @@ fn init_log() {
 fn serve(
     data_dir: &Path,
     listen: [SocketAddr; 3],
-    names: ServerNames,
+    (names, ca_signer): (ServerNames, Option<PathBuf>),
     ports: Arc<agent_api::tls::PortLimits>,
     (sinks, queue): (Vec<alerts::Sink>, usize),
     (keep, export_syslog): (retention::Config, bool),
@@ -981,7 +1025,21 @@ fn serve(
     retention::release_reserve_at_start(data_dir, keep.reserve_bytes.max(1 << 20));
     let store = Arc::new(open_store(data_dir)?);
     let names = names.or_default(&listen);
-    let pki = Arc::new(Pki::open_or_create(data_dir, &names)?);
+    // The CA key stays with the signer (T-76): this process never reads it.
+    let (signer_exit, signer) = match &ca_signer {
+        Some(socket) => {
+            let client = trustbind_appliance::casign::Client::connect(socket)?;
+            tracing::info!("CA signer: {}", socket.display());
+            (None::<tokio::sync::oneshot::Receiver<String>>, client)
+        }
+        None => {
+            let exe = std::env::current_exe()?;
+            let (child, client) = trustbind_appliance::casign::spawn_child(&exe, data_dir)?;
+            tracing::info!("CA signer: child process {}", child.id());
+            (Some(watch_signer(child)), client)
+        }
+    };
+    let pki = Arc::new(Pki::open_with_signer(data_dir, &names, signer)?);
     let engine = Arc::new(Engine::new(Arc::clone(&store), SCHEMA)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1101,7 +1159,7 @@ fn serve(
             router,
             admin_limits,
         ));
-        wait_for_signals(&pki).await?;
+        wait_for_signals(&pki, signer_exit).await?;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         // Open calls get a bounded time to finish.
@@ -1131,6 +1189,19 @@ fn serve(
     })
 }
 
+/// Waits for the CA signer child in a thread of its own; the receiver gets
+/// how it ended. (It ends by itself when `serve` exits: its socket closes.)
+fn watch_signer(mut child: std::process::Child) -> tokio::sync::oneshot::Receiver<String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let how = child
+            .wait()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        let _ = tx.send(how);
+    });
+    rx
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener, Fail> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         Fail(
@@ -1141,7 +1212,19 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener, F
 }
 
 /// Returns on SIGTERM or SIGINT; reloads the server certificate on SIGHUP.
-async fn wait_for_signals(pki: &Pki) -> Result<(), Fail> {
+/// Fails when the CA signer child ends (`signer_exit`): without it nothing
+/// can be signed, and the supervisor restarts both.
+async fn wait_for_signals(
+    pki: &Pki,
+    signer_exit: Option<tokio::sync::oneshot::Receiver<String>>,
+) -> Result<(), Fail> {
+    let signer_gone = async move {
+        match signer_exit {
+            Some(rx) => rx.await.unwrap_or_else(|_| "unknown".into()),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(signer_gone);
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -1150,6 +1233,9 @@ async fn wait_for_signals(pki: &Pki) -> Result<(), Fail> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
+            how = &mut signer_gone => {
+                return Err(Fail(EXIT_FAILED, format!("the CA signer exited ({how}): stopping")));
+            }
             _ = hup.recv() => match pki.reload_server_cert() {
                 Ok(serial) => tracing::info!("server certificate {serial} loaded"),
                 Err(e) => tracing::error!("server certificate not reloaded: {e}"),

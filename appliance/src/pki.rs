@@ -12,6 +12,10 @@
 //!                   (`crate::seal::Authority`: P-256, not the CA's key)
 //! ```
 //!
+//! The CA key is read and used by `crate::casign` alone; `serve` does not
+//! read it but asks the CA signer process (`Pki::open_with_signer`, threat
+//! model T-76).
+//!
 //! Every file is written atomically (temporary file, fsync, rename, fsync of
 //! the directory), so a crash leaves either the old or the new file.
 //!
@@ -29,11 +33,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
-    PKCS_ECDSA_P256_SHA256,
-};
+use rcgen::{CertificateParams, DnType, KeyPair, SerialNumber, PKCS_ECDSA_P256_SHA256};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -45,8 +45,8 @@ use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConf
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::casign::{self, Authorisation, CaKey, SignRequest};
 use crate::store::hex;
-use trustbind_policy::cert::serial_hex;
 pub use trustbind_policy::cert::{peer_cert, CertKind, PeerCert};
 
 /// CA certificate file name in the data directory.
@@ -57,11 +57,6 @@ pub const CA_KEY_FILE: &str = "ca.key";
 pub const SERVER_CERT_FILE: &str = "server.pem";
 /// Server key file name in the data directory (mode 0600).
 pub const SERVER_KEY_FILE: &str = "server.key";
-
-/// Validity of the CA certificate, in days.
-const CA_DAYS: i64 = 20 * 366;
-/// Validity of host, admin and server certificates, in days.
-const LEAF_DAYS: i64 = 2 * 366;
 
 /// What went wrong in the PKI. Never carries key material.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +95,12 @@ pub enum PkiError {
     /// Building a TLS configuration failed.
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// The CA signer refused to sign.
+    #[error("CA signer: {0}")]
+    Refused(String),
+    /// The CA signer could not be asked (gone, or no answer in time).
+    #[error("CA signer unavailable: {0}")]
+    SignerUnavailable(String),
     /// A lock was poisoned by a panic in another thread.
     #[error("PKI lock poisoned")]
     Poisoned,
@@ -186,7 +187,7 @@ impl CertAllowlist for EnrolledHosts {
 }
 
 /// A certificate issued to a host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IssuedCert {
     /// The certificate, PEM.
     pub cert_pem: String,
@@ -194,6 +195,23 @@ pub struct IssuedCert {
     pub serial: String,
     /// Its `notAfter`, milliseconds since the Unix epoch.
     pub expires_ms: i64,
+}
+
+/// Who signs with the CA key: this process (`open_or_create`: tests and
+/// the operator's commands) or the CA signer process (`serve`).
+#[derive(Debug)]
+enum Ca {
+    Local(Box<CaKey>),
+    Signer(casign::Client),
+}
+
+impl Ca {
+    fn sign(&self, req: &SignRequest) -> Result<IssuedCert, PkiError> {
+        match self {
+            Self::Local(key) => key.sign(req, true),
+            Self::Signer(client) => client.sign(req),
+        }
+    }
 }
 
 /// Swappable server certificate: listeners keep this resolver, rotation
@@ -220,7 +238,7 @@ pub struct Pki {
     dir: PathBuf,
     ca_pem: String,
     ca_der: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
+    ca: Ca,
     fingerprint: String,
     server_names: Vec<String>,
     server: Arc<SwapResolver>,
@@ -247,51 +265,30 @@ impl Pki {
     /// server certificate is kept; `server_names` is used when it is missing
     /// and by [`Pki::rotate_server_cert`].
     pub fn open_or_create(dir: &Path, server_names: &[String]) -> Result<Self, PkiError> {
-        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let ca_cert_path = dir.join(CA_CERT_FILE);
-        let ca_key_path = dir.join(CA_KEY_FILE);
-        let (ca_pem, ca_key) = if ca_cert_path.exists() || ca_key_path.exists() {
-            let pem = read_string(&ca_cert_path)?;
-            let key_pem = Zeroizing::new(read_string(&ca_key_path)?);
-            let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadFile {
-                path: ca_key_path.clone(),
-                why: format!("not a usable private key ({e})"),
-            })?;
-            (pem, key)
-        } else {
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-            let mut params = CertificateParams::default();
-            params.distinguished_name = rcgen::DistinguishedName::new();
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "Trustbind appliance CA");
-            params
-                .distinguished_name
-                .push(DnType::OrganizationName, "Trustbind");
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            params.serial_number = Some(random_serial()?);
-            set_validity(&mut params, CA_DAYS);
-            let cert = params.self_signed(&key)?;
-            let key_pem = Zeroizing::new(key.serialize_pem());
-            write_atomic(&ca_key_path, key_pem.as_bytes(), true)?;
-            write_atomic(&ca_cert_path, cert.pem().as_bytes(), false)?;
-            (cert.pem(), key)
-        };
-        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
-            .map_err(|e| PkiError::BadFile {
-                path: ca_cert_path.clone(),
-                why: format!("not a PEM certificate ({e})"),
-            })?
-            .into_owned();
-        let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key).map_err(|e| PkiError::BadFile {
-            path: ca_cert_path.clone(),
-            why: format!("not a usable CA certificate ({e})"),
-        })?;
+        let key = CaKey::open_or_create(dir)?;
+        let ca_pem = key.ca_pem().to_owned();
+        Self::open_with(dir, server_names, ca_pem, Ca::Local(Box::new(key)))
+    }
+
+    /// As [`Pki::open_or_create`], but every certificate is signed by the
+    /// CA signer behind `signer` (`crate::casign`): this process never
+    /// reads the CA key. The signer made the CA if it was missing.
+    pub fn open_with_signer(
+        dir: &Path,
+        server_names: &[String],
+        signer: casign::Client,
+    ) -> Result<Self, PkiError> {
+        let ca_pem = signer.ca_pem().to_owned();
+        Self::open_with(dir, server_names, ca_pem, Ca::Signer(signer))
+    }
+
+    fn open_with(
+        dir: &Path,
+        server_names: &[String],
+        ca_pem: String,
+        ca: Ca,
+    ) -> Result<Self, PkiError> {
+        let ca_der = casign::ca_der(&ca_pem, &dir.join(CA_CERT_FILE))?;
         let fingerprint = hex(&Sha256::digest(ca_der.as_ref()));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
 
@@ -302,7 +299,7 @@ impl Pki {
             dir: dir.to_owned(),
             ca_pem,
             ca_der,
-            issuer,
+            ca,
             fingerprint,
             server_names: server_names.to_vec(),
             server: Arc::new(SwapResolver {
@@ -368,28 +365,22 @@ impl Pki {
         } else {
             self.server_names.clone()
         };
-        let mut params = CertificateParams::new(names)?;
-        let cn = params
-            .subject_alt_names
-            .first()
-            .map(|n| match n {
-                rcgen::SanType::DnsName(d) => d.as_str().to_owned(),
-                rcgen::SanType::IpAddress(ip) => ip.to_string(),
-                _ => "trustbind-appliance".to_owned(),
-            })
-            .unwrap_or_default();
-        params.distinguished_name = marked_name(CertKind::Server, &cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.serial_number = Some(random_serial()?);
-        params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, LEAF_DAYS);
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let csr = CertificateParams::new(Vec::<String>::new())?
+            .serialize_request(&key)?
+            .pem()?;
+        let mut req = SignRequest::new(
+            CertKind::Server,
+            names.first().map_or("localhost", String::as_str),
+            &csr,
+            Authorisation::None,
+        );
+        req.names = names;
+        let cert = self.ca.sign(&req)?;
         let key_pem = Zeroizing::new(key.serialize_pem());
         let cert_path = self.dir.join(SERVER_CERT_FILE);
         write_atomic(&self.dir.join(SERVER_KEY_FILE), key_pem.as_bytes(), true)?;
-        write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
-        self.install_server(&cert.pem(), &key_pem, &cert_path)
+        write_atomic(&cert_path, cert.cert_pem.as_bytes(), false)?;
+        self.install_server(&cert.cert_pem, &key_pem, &cert_path)
     }
 
     /// Re-reads `server.pem` and `server.key` from the data directory (after
@@ -470,58 +461,47 @@ impl Pki {
     /// subject and extensions are the appliance's: CN = `host`,
     /// OU = `trustbind-host`, client-auth EKU.
     pub fn issue_host(&self, host: &str, csr_pem: &str) -> Result<IssuedCert, PkiError> {
-        self.issue_from_csr(CertKind::Host, host, csr_pem)
+        self.ca.sign(&SignRequest::new(
+            CertKind::Host,
+            host,
+            csr_pem,
+            Authorisation::None,
+        ))
     }
 
     /// Issues an admin client certificate for `name` from the admin's
     /// PKCS#10 CSR (PEM), so the private key never leaves the admin's
-    /// machine. As for [`Pki::issue_host`], only the CSR's public key is
-    /// used: CN = `name`, OU = `trustbind-admin`, client-auth EKU.
-    pub fn issue_admin_csr(&self, name: &str, csr_pem: &str) -> Result<IssuedCert, PkiError> {
-        self.issue_from_csr(CertKind::Admin, name, csr_pem)
-    }
-
-    fn issue_from_csr(
+    /// machine, on the strength of `auth` (an enrolment token or a
+    /// renewal, checked by the CA signer). As for [`Pki::issue_host`],
+    /// only the CSR's public key is used: CN = `name`,
+    /// OU = `trustbind-admin`, client-auth EKU.
+    pub fn issue_admin_csr(
         &self,
-        kind: CertKind,
         name: &str,
         csr_pem: &str,
+        auth: Authorisation,
     ) -> Result<IssuedCert, PkiError> {
-        check_name(name)?;
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| PkiError::Csr(e.to_string()))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = marked_name(kind, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
-        let serial = random_serial()?;
-        let serial_text = serial_hex(&serial.to_bytes());
-        params.serial_number = Some(serial);
-        let expires_ms = set_validity(&mut params, LEAF_DAYS);
-        csr.params = params;
-        let cert = csr.signed_by(&self.issuer)?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            serial: serial_text,
-            expires_ms,
-        })
+        self.ca
+            .sign(&SignRequest::new(CertKind::Admin, name, csr_pem, auth))
     }
 
     /// Issues an admin client certificate for `name` with a fresh key:
-    /// returns (certificate PEM, private key PEM).
+    /// returns (certificate PEM, private key PEM). The operator's
+    /// (`admin-cert`): only with the CA key in this process, never through
+    /// a signer.
     pub fn issue_admin(&self, name: &str) -> Result<(String, Zeroizing<String>), PkiError> {
         check_name(name)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = marked_name(CertKind::Admin, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial()?);
-        set_validity(&mut params, LEAF_DAYS);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
+        let csr = CertificateParams::new(Vec::<String>::new())?
+            .serialize_request(&key)?
+            .pem()?;
+        let cert = self.ca.sign(&SignRequest::new(
+            CertKind::Admin,
+            name,
+            &csr,
+            Authorisation::Operator,
+        ))?;
+        Ok((cert.cert_pem, Zeroizing::new(key.serialize_pem())))
     }
 
     fn config_with(
@@ -662,7 +642,7 @@ impl ClientCertVerifier for MarkedVerifier {
 }
 
 /// Subject `CN = cn, OU = <kind marker>, O = Trustbind`.
-fn marked_name(kind: CertKind, cn: &str) -> rcgen::DistinguishedName {
+pub(crate) fn marked_name(kind: CertKind, cn: &str) -> rcgen::DistinguishedName {
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
     dn.push(DnType::OrganizationalUnitName, kind.marker());
@@ -691,7 +671,7 @@ pub fn check_name(name: &str) -> Result<(), PkiError> {
 
 /// 16 random bytes, positive and without a leading zero byte, so the DER
 /// encoding is exactly these bytes.
-fn random_serial() -> Result<SerialNumber, PkiError> {
+pub(crate) fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut b = [0_u8; 16];
     getrandom::getrandom(&mut b).map_err(|e| PkiError::Tls(format!("OS random source: {e}")))?;
     if let Some(first) = b.first_mut() {
@@ -702,7 +682,7 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
 
 /// Sets `notBefore` an hour ago and `notAfter` in `days`; returns
 /// `notAfter` in milliseconds since the Unix epoch.
-fn set_validity(params: &mut CertificateParams, days: i64) -> i64 {
+pub(crate) fn set_validity(params: &mut CertificateParams, days: i64) -> i64 {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(days);
@@ -729,14 +709,14 @@ fn placeholder_key() -> Result<CertifiedKey, PkiError> {
     Ok(CertifiedKey::new(vec![cert.der().clone()], signer))
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> PkiError {
+pub(crate) fn io_err(path: &Path, source: std::io::Error) -> PkiError {
     PkiError::Io {
         path: path.to_owned(),
         source,
     }
 }
 
-fn read_string(path: &Path) -> Result<String, PkiError> {
+pub(crate) fn read_string(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(|e| io_err(path, e))
 }
 

@@ -17,7 +17,8 @@
 //!   request whose bytes the agent forwarded (`Request.module_request`),
 //!   sealed to their SHA-256 with sequence 0. [`check_request`] refuses a
 //!   request whose gRPC fields say otherwise than those bytes.
-//! - Orders ([`OrderSeal`]): `Config` (with `HostMode`) and `Peers`, digest
+//! - Orders ([`OrderSeal`]): `Config` (with `HostMode`), `Peers` and
+//!   `FileSetPaths` (with `FileSets`: the module resolves them), digest
 //!   zero, sequence [`next_seq`] (strictly increasing, also across
 //!   restarts: microseconds since the epoch at least).
 //!
@@ -401,7 +402,8 @@ impl OrderSeal {
         self.verdict_timeout_ms
     }
 
-    /// `msg` with its sealed order set, for a `HostMode` or `Peers` push;
+    /// `msg` with its sealed order set, for a `HostMode`, `Peers` or
+    /// `FileSets` push;
     /// `None` for any other push (sent as it is). A mode this code does
     /// not know is not sealed (the module keeps its mode).
     pub fn seal_push(&self, msg: &push::Kind) -> Option<push::Kind> {
@@ -438,6 +440,21 @@ impl OrderSeal {
                 Some(push::Kind::Peers(pb::Peers {
                     addrs: p.addrs.clone(),
                     module_order: order(&Record::Peers(peers))?,
+                }))
+            }
+            push::Kind::FileSets(f) => {
+                // The module resolves the paths itself (T-102). Paths that
+                // do not fit one record go unsealed: the agent's
+                // identities are then all the module gets.
+                let body = module::file_set_paths(&module::paths_of(f))
+                    .map_err(|e| {
+                        tracing::error!("the protected paths cannot be sealed for the module: {e}")
+                    })
+                    .ok()?;
+                let paths = proto::FileSetPaths::new(&body).ok()?;
+                Some(push::Kind::FileSets(pb::FileSets {
+                    sets: f.sets.clone(),
+                    module_order: order(&Record::FileSetPaths(paths))?,
                 }))
             }
             _ => None,
@@ -609,16 +626,24 @@ pub fn check_request(r: &pb::Request, rec: &Record<'_>) -> Result<(), String> {
             )
         }
         Record::FileRequest(f) => {
-            // The paths are not compared: the module names the file from
-            // the root of its file system, and the agent maps that to an
-            // absolute path on the host (bind mounts, namespaces), which
-            // only the host knows. The file's identity (`dev`, `ino`) is
-            // not in the gRPC request either; the protected sets are
-            // resolved to identities by the agent (THREAT-MODEL.md T-102).
-            let (create, truncate, link) = match &r.target {
-                Some(pb::request::Target::File(t)) => (t.create, t.truncate, t.link),
+            // A path the module named by the appliance's own path of the
+            // protected set it matched (`FILE_PATH_NAMED`) must arrive as
+            // it is. Any other path is from the root of the file's file
+            // system, and the agent maps it to an absolute path on the
+            // host (bind mounts, namespaces), which only the host knows:
+            // not compared (THREAT-MODEL.md T-102).
+            let t = match &r.target {
+                Some(pb::request::Target::File(t)) => t,
                 _ => return Err("module_request: `target` is not `file`".into()),
             };
+            let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            if f.flags & proto::FILE_PATH_NAMED != 0 {
+                same("file.path", t.path.clone(), lossy(f.path))?;
+            }
+            if f.flags & proto::FILE_TO_NAMED != 0 {
+                same("file.to", t.to.clone(), Some(lossy(f.to)))?;
+            }
+            let (create, truncate, link) = (t.create, t.truncate, t.link);
             same("file.create", create, f.flags & proto::FILE_CREATE != 0)?;
             same(
                 "file.truncate",
@@ -774,5 +799,90 @@ mod tests {
             OrderSeal::new(k(), u32::MAX, true).verdict_timeout_ms(),
             proto::MAX_VERDICT_TIMEOUT_MS
         );
+    }
+
+    /// A file request record with `flags`, `path` and `to`, and the gRPC
+    /// request an agent makes of it with `grpc_path` and `grpc_to`.
+    fn file_pair(
+        flags: u8,
+        path: &'static [u8],
+        to: &'static [u8],
+        grpc_path: &str,
+        grpc_to: Option<&str>,
+    ) -> (pb::Request, Vec<u8>) {
+        let rec = Record::FileRequest(proto::FileRequest {
+            access: if to.is_empty() {
+                proto::FileAccess::Read
+            } else {
+                proto::FileAccess::Rename
+            },
+            flags,
+            sha256: [7; 32],
+            program_source: proto::ProgramSource::Lineage,
+            uid: 1000,
+            euid: 1000,
+            gid: 1000,
+            loginuid: 1000,
+            sessionid: 3,
+            pid: 400,
+            ppid: 1,
+            dev: 0x803,
+            ino: 12,
+            ancestry: proto::Ancestry::from_bytes(&[]).unwrap(),
+            path,
+            to,
+        });
+        let action = module::action(&rec).unwrap() as i32;
+        let req = pb::Request {
+            id: 1,
+            action,
+            subject: Some(pb::Subject {
+                user: "u".into(),
+                uid: 1000,
+                euid: 1000,
+                gid: 1000,
+                loginuid: 1000,
+                session: 3,
+                pid: 400,
+                ancestry: Vec::new(),
+            }),
+            program: Some(pb::Program {
+                sha256: vec![7; 32],
+                ..pb::Program::default()
+            }),
+            target: Some(pb::request::Target::File(pb::FileTarget {
+                path: grpc_path.into(),
+                to: grpc_to.map(str::to_owned),
+                create: false,
+                truncate: false,
+                link: false,
+            })),
+            ..pb::Request::default()
+        };
+        (req, module::encode(&rec, 1).unwrap())
+    }
+
+    fn checked(req: &pb::Request, bytes: &[u8]) -> Result<(), String> {
+        check_request(req, &proto::decode(bytes).unwrap().1)
+    }
+
+    #[test]
+    fn a_path_the_module_named_must_arrive_as_it_is() {
+        use proto::{FILE_PATH_NAMED as P, FILE_TO_NAMED as T};
+        // Named by the module: the agent may not restate it (T-102).
+        let (ok, b) = file_pair(P, b"/srv/www/x", b"", "/srv/www/x", None);
+        checked(&ok, &b).unwrap();
+        let (bad, b) = file_pair(P, b"/srv/www/x", b"", "/tmp/x", None);
+        assert!(checked(&bad, &b).unwrap_err().contains("file.path"));
+        // Not named (from the file system's root): the agent maps it.
+        let (mapped, b) = file_pair(0, b"/www/x", b"", "/srv/www/x", None);
+        checked(&mapped, &b).unwrap();
+        // A rename's new name, named or not.
+        let (ok, b) = file_pair(P | T, b"/srv/a", b"/srv/b", "/srv/a", Some("/srv/b"));
+        checked(&ok, &b).unwrap();
+        let (bad, b) = file_pair(P | T, b"/srv/a", b"/srv/b", "/srv/a", Some("/tmp/b"));
+        assert!(checked(&bad, &b).unwrap_err().contains("file.to"));
+        let (mapped, b) = file_pair(P, b"/srv/a", b"/b", "/srv/a", Some("/mnt/b"));
+        checked(&mapped, &b).unwrap();
     }
 }

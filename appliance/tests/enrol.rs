@@ -312,40 +312,15 @@ async fn rotated_server_certificate_is_used_for_new_handshakes() {
 /// clean exit on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_binary_enrols_and_stops_on_sigterm() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
+    use std::process::Command;
 
     use rustls::pki_types::pem::PemObject;
     use sha2::Digest;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_trustbind-appliance"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args([
-            "serve",
-            "--agent-listen",
-            "127.0.0.1:0",
-            "--enrol-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--server-name",
-            "localhost",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = |prefix: &str| -> String {
-        let l = lines.next().unwrap().unwrap();
-        assert!(l.starts_with(prefix), "{l}");
-        l.rsplit(' ').next().unwrap().to_owned()
-    };
-    let agent: std::net::SocketAddr = addr("agent port").parse().unwrap();
-    let enrol: std::net::SocketAddr = addr("enrol port").parse().unwrap();
-    let _admin: std::net::SocketAddr = addr("admin port").parse().unwrap();
-    let fingerprint = addr("CA fingerprint");
+    let mut serve = common::ServeBinary::start(dir.path(), &[]);
+    let (agent, enrol) = (serve.agent, serve.enrol);
+    let fingerprint = serve.fingerprint.clone();
 
     let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
     let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
@@ -410,7 +385,7 @@ async fn serve_binary_enrols_and_stops_on_sigterm() {
         Some(push::Kind::HostMode(_))
     ));
     // SIGTERM with the stream still open: the stream ends, the process exits.
-    let pid = child.id().to_string();
+    let pid = serve.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -421,7 +396,7 @@ async fn serve_binary_enrols_and_stops_on_sigterm() {
             break;
         }
     }
-    let status = child.wait().unwrap();
+    let status = serve.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     drop(client);
 }

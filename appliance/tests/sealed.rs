@@ -681,3 +681,96 @@ async fn channel_keys_are_sealed_to_the_halves_that_asked() {
     assert!(next_key(&mut sa).await.module_answer.is_empty());
     assert!(next_key(&mut sb).await.module_answer.is_empty());
 }
+
+/// The next `FileSets` push.
+async fn next_file_sets(s: &mut Streaming<Push>) -> pb::FileSets {
+    next_push(s, "file sets", |k| match k {
+        push::Kind::FileSets(f) => Some(f),
+        _ => None,
+    })
+    .await
+}
+
+/// The protected paths reach a module with a session as a sealed
+/// `FileSetPaths` order (every path of the sets, in order, once), which
+/// the module resolves itself (T-102); a stream without a session gets
+/// the sets unsealed. Paths that would not fit one record are refused
+/// when the admin names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_set_paths_are_sealed_orders() {
+    use trustbind_appliance::store::FileSetEdit;
+    let (app, mut c, m) = setup().await;
+    let store = &app.api.store;
+    let mut sealed = c
+        .subscribe(Hello {
+            agent_version: "t".into(),
+            module_session: m.public.to_vec(),
+            qualify_net: true,
+            ..Hello::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut plain = c.subscribe(Hello::default()).await.unwrap().into_inner();
+    // First, the empty sets: an empty order, sealed all the same.
+    let f = next_file_sets(&mut sealed).await;
+    let o = m.open(&f.module_order, &[0; 32]).unwrap();
+    let Record::FileSetPaths(p) = proto::decode(&o.inner).unwrap().1 else {
+        panic!("not FileSetPaths")
+    };
+    assert!(p.is_empty());
+    let first_seq = o.seq;
+    for (name, paths) in [
+        (
+            "pgdata",
+            vec!["/srv/pgdata".to_owned(), "/etc/postgresql".to_owned()],
+        ),
+        (
+            "logs",
+            vec!["/var/log/app".to_owned(), "/srv/pgdata".to_owned()],
+        ),
+    ] {
+        store
+            .edit_file_set(name, FileSetEdit::Add, &paths, "admin:test")
+            .unwrap();
+    }
+    let want: &[&[u8]] = &[b"/etc/postgresql", b"/srv/pgdata", b"/var/log/app"];
+    let order = loop {
+        let f = next_file_sets(&mut sealed).await;
+        let o = m.open(&f.module_order, &[0; 32]).unwrap();
+        assert!(o.seq > first_seq, "{} after {first_seq}", o.seq);
+        let Record::FileSetPaths(p) = proto::decode(&o.inner).unwrap().1 else {
+            panic!("not FileSetPaths")
+        };
+        if p.len() == 3 {
+            let mut got: Vec<&[u8]> = p.iter().collect();
+            let named: Vec<String> = module::paths_of(&f);
+            assert_eq!(got, named.iter().map(|s| s.as_bytes()).collect::<Vec<_>>());
+            got.sort();
+            assert_eq!(got, want);
+            break f.module_order;
+        }
+    };
+    // Forged: one byte of a path changed, the seal no longer opens.
+    let mut forged = order.clone();
+    let n = forged.len();
+    forged[n - 3] ^= 1;
+    assert!(m.open(&forged, &[0; 32]).is_err());
+    // Without a session: no order.
+    loop {
+        let f = next_file_sets(&mut plain).await;
+        assert!(f.module_order.is_empty());
+        if module::paths_of(&f).len() == 3 {
+            break;
+        }
+    }
+    // More path bytes than one sealed record holds: refused, nothing kept.
+    let long: Vec<String> = (0..3)
+        .map(|i| format!("/{i}{}", "x".repeat(3000)))
+        .collect();
+    let e = store
+        .edit_file_set("big", FileSetEdit::Add, &long, "admin:test")
+        .unwrap_err();
+    assert!(e.to_string().contains("bytes of paths"), "{e}");
+    assert!(store.file_set("big").unwrap().is_none());
+}

@@ -34,6 +34,8 @@
 #include <linux/moduleparam.h>
 #include <linux/namei.h>
 #include <linux/fs_struct.h>
+#include <linux/pid_namespace.h>
+#include <linux/sched/task.h>
 #include <linux/mutex.h>
 #include <linux/dcache.h>
 #include <linux/elf.h>
@@ -2591,6 +2593,72 @@ u64 tb_dentry_dev(const struct dentry *d)
 	if (d->d_sb->s_magic == BTRFS_SUPER_MAGIC)
 		return 0;
 	return new_encode_dev(d->d_sb->s_dev);
+}
+
+/* Init's (pid 1's) root, referenced. */
+static int tb_init_root(struct path *root)
+{
+	/* pid 1 never exits (the kernel panics), so its task is not pinned. */
+	struct task_struct *init = READ_ONCE(init_pid_ns.child_reaper);
+
+	if (!init)
+		return -ESRCH;
+	task_lock(init);
+	if (!init->fs) {
+		task_unlock(init);
+		return -ESRCH;
+	}
+	get_fs_root(init->fs, root);
+	task_unlock(init);
+	return 0;
+}
+
+int tb_init_path_ident(const char *path, u64 *dev, u64 *ino, bool *dir)
+{
+	struct path root, p;
+	int err = tb_init_root(&root);
+
+	if (err)
+		return err;
+	/* An absolute path starts at root, and so do absolute symlinks. */
+	err = vfs_path_lookup(root.dentry, root.mnt, path, LOOKUP_FOLLOW, &p);
+	path_put(&root);
+	if (err)
+		return err;
+	*dev = tb_inode_dev(p.dentry, d_inode(p.dentry));
+	*ino = d_inode(p.dentry)->i_ino;
+	*dir = d_is_dir(p.dentry);
+	path_put(&p);
+	return 0;
+}
+
+ssize_t tb_init_mountinfo(char *buf, size_t len)
+{
+	struct path root;
+	struct file *f;
+	loff_t pos = 0;
+	ssize_t total = 0;
+	int err = tb_init_root(&root);
+
+	if (err)
+		return err;
+	f = file_open_root(&root, "/proc/1/mountinfo", O_RDONLY, 0);
+	path_put(&root);
+	if (IS_ERR(f))
+		return PTR_ERR(f);
+	while ((size_t)total < len) {
+		ssize_t n = kernel_read(f, buf + total, len - total, &pos);
+
+		if (n < 0)
+			total = n;
+		if (n <= 0)
+			break;
+		total += n;
+	}
+	fput(f);
+	if ((size_t)total == len)
+		return -E2BIG;
+	return total;
 }
 
 bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev,

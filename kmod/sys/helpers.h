@@ -656,6 +656,16 @@ bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev,
 /* The device stat(2) reports for every inode of d's file system (st_dev
  * encoding), or 0 if it varies (btrfs: each subvolume has its own). */
 u64 tb_dentry_dev(const struct dentry *d);
+/* The identity of the file at path (absolute, NUL-terminated) as init
+ * (pid 1) names it: walked from init's root in init's mount namespace,
+ * every symlink followed (LOOKUP_FOLLOW). *dev as stat(2) reports it
+ * (st_dev encoding), *ino its inode number, *dir whether it is a
+ * directory. 0 or -errno. Sleeps: call with no lock held. */
+int tb_init_path_ident(const char *path, u64 *dev, u64 *ino, bool *dir);
+/* Init's mount table: /proc/1/mountinfo, opened from init's root, into
+ * buf. The length, -E2BIG if it does not fit in len, or -errno. Sleeps:
+ * call with no lock held. */
+ssize_t tb_init_mountinfo(char *buf, size_t len);
 /* The inode numbers of d (if from_parent is false) and of every dentry
  * above it on its file system, nearest first, at most max; the count, or
  * max + 1 if the tree goes deeper. With devs, also each one's device as

@@ -37,7 +37,7 @@ use bindings::{
     linux_binprm, tb_backstop_debugfs, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp, tb_bprm_setid,
     tb_bprm_file, tb_bprm_head, tb_bprm_is_native_elf, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove,
     tb_debugfs_u64, tb_dev_deregister, tb_log_ratelimit, tb_dev_register, tb_dev_wake_readers, tb_exec_register,
-    tb_exec_unregister, tb_file_id_of, tb_file_read, tb_hash_current_exe, tb_hash_file, tb_hash_open, tb_hash_task_exe,
+    tb_exec_unregister, tb_file_id_of, tb_file_read, tb_init_mountinfo, tb_init_path_ident, tb_hash_current_exe, tb_hash_file, tb_hash_open, tb_hash_task_exe,
     tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
     tb_hashers_free, tb_idle_kick, tb_ktls_install, tb_ktls_prepare, tb_loader_hooks_start,
     tb_loader_hooks_stop, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
@@ -47,6 +47,36 @@ use bindings::{
     tb_connect_hold, tb_connect_unhold, tb_connect_abandon, tb_connect_established, tb_sock_is_mptcp,
     tb_sock_abort, tb_accept_call, tb_accept_info, tb_accept_refuse, tb_sock_listening,
 };
+
+/// The identity `(st_dev, st_ino)` of the file at the absolute `path`
+/// (NUL-terminated, no NUL before) as init (pid 1) names it, and whether
+/// it is a directory: walked from init's root in its mount namespace,
+/// every symlink followed. Sleeps (a path walk takes inode locks): call
+/// with no lock held.
+pub(crate) fn init_path_ident(path: &[u8]) -> Result<((u64, u64), bool)> {
+    match path.split_last() {
+        Some((0, head)) if head.first() == Some(&b'/') && !head.contains(&0) => {}
+        _ => return Err(EINVAL),
+    }
+    let (mut dev, mut ino, mut dir) = (0u64, 0u64, false);
+    // SAFETY: `path` is a C string (checked above) that outlives the call;
+    // the helper reads it and writes only the three out-parameters, which
+    // live on this stack. It takes its own references on init's root and
+    // on what it finds, and drops them before returning.
+    to_result(unsafe { tb_init_path_ident(path.as_ptr().cast(), &mut dev, &mut ino, &mut dir) })?;
+    Ok(((dev, ino), dir))
+}
+
+/// Init's mount table (`/proc/1/mountinfo` from init's root) into `buf`;
+/// its length. `E2BIG` when it does not fit. Sleeps: call with no lock
+/// held.
+pub(crate) fn init_mountinfo(buf: &mut [u8]) -> Result<usize> {
+    // SAFETY: `buf` is writable for `buf.len()` bytes for the call; the
+    // helper writes only within it, and opens and closes the file itself.
+    let n = unsafe { tb_init_mountinfo(buf.as_mut_ptr().cast(), buf.len()) };
+    // CAST: a negative errno fits an i32.
+    usize::try_from(n).map_err(|_| Error::from_errno(n as i32))
+}
 
 /// One UNIX-domain connect the wrapper asks about.
 pub(crate) use bindings::tb_unix_info as UnixInfo;

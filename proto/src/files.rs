@@ -118,6 +118,109 @@ pub fn entries_of(sets: &FileSets<'_>, out: &mut [(u64, u64)]) -> usize {
     n
 }
 
+/// The entries of two ascending, unique lists, ascending and unique:
+/// the module protects the identities of the appliance's sealed paths and
+/// the agent's additions together.
+pub fn union<'a>(
+    a: &'a [(u64, u64)],
+    b: &'a [(u64, u64)],
+) -> impl Iterator<Item = (u64, u64)> + 'a {
+    let (mut a, mut b) = (a.iter().copied().peekable(), b.iter().copied().peekable());
+    core::iter::from_fn(move || match (a.peek().copied(), b.peek().copied()) {
+        (Some(x), Some(y)) if x < y => a.next(),
+        (Some(x), Some(y)) if y < x => b.next(),
+        (Some(_), Some(_)) => {
+            b.next();
+            a.next()
+        }
+        (Some(_), None) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
+/// The path the appliance names a file by, as the module builds it: `base`
+/// (the appliance's path of the protected directory or file the walk
+/// matched, `below` levels above the file) then the last `below`
+/// components of `fs_path` (the file's path from its file system's root),
+/// into `out`. Its length, or `None` when `fs_path` has fewer components
+/// or the result does not fit `out`.
+pub fn named_path(base: &[u8], fs_path: &[u8], below: usize, out: &mut [u8]) -> Option<usize> {
+    // The start of the last `below` components of `fs_path`.
+    let mut start = fs_path.len();
+    for _ in 0..below {
+        while start > 0 && fs_path.get(start - 1) == Some(&b'/') {
+            start -= 1;
+        }
+        if start == 0 {
+            return None;
+        }
+        while start > 0 && fs_path.get(start - 1) != Some(&b'/') {
+            start -= 1;
+        }
+    }
+    let tail = fs_path.get(start..)?;
+    let base = match base {
+        b"/" => &b""[..],
+        b => b,
+    };
+    let mut len = 0;
+    let mut put = |part: &[u8]| -> Option<()> {
+        out.get_mut(len..len + part.len())?.copy_from_slice(part);
+        len += part.len();
+        Some(())
+    };
+    put(base)?;
+    if below > 0 {
+        put(b"/")?;
+        put(tail)?;
+    } else if base.is_empty() {
+        put(b"/")?;
+    }
+    Some(len)
+}
+
+/// Undoes the kernel's octal escapes in a `/proc/<pid>/mountinfo` field
+/// (`\040` space, `\011` tab, `\012` newline, `\134` backslash; anything
+/// else stays) into `out`; the length, or `None` if `out` is too short.
+/// The agent and the module read mount points with it.
+pub fn unescape_mountinfo(field: &[u8], out: &mut [u8]) -> Option<usize> {
+    let mut i = 0;
+    let mut n = 0;
+    while let Some(&c) = field.get(i) {
+        let octal = field.get(i + 1..i + 4).filter(|d| {
+            c == b'\\' && d.iter().all(|x| (b'0'..=b'7').contains(x)) && d.first() <= Some(&b'3')
+        });
+        let (byte, used) = match octal {
+            Some(d) => (d.iter().fold(0u8, |v, x| v * 8 + (x - b'0')), 4),
+            None => (c, 1),
+        };
+        *out.get_mut(n)? = byte;
+        n += 1;
+        i += used;
+    }
+    Some(n)
+}
+
+/// The mount point field (the fifth, escaped) of each line of
+/// `/proc/<pid>/mountinfo` text.
+pub fn mount_point_fields(mountinfo: &[u8]) -> impl Iterator<Item = &[u8]> {
+    mountinfo
+        .split(|&b| b == b'\n')
+        .filter_map(|l| l.split(|&b| b == b' ').nth(4))
+}
+
+/// Whether absolute path `p` is `dir` or lies below it, component-wise
+/// (`/srv/data` covers `/srv/data/x`, not `/srv/database`; `/` covers
+/// everything).
+pub fn at_or_below(p: &[u8], dir: &[u8]) -> bool {
+    let dir = match dir {
+        b"/" => &b""[..],
+        d => d,
+    };
+    p.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.first() == Some(&b'/'))
+}
+
 /// What the walk found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protection {
@@ -395,7 +498,113 @@ mod tests {
         assert!(Answers::new(Vec::<Answer>::new()).is_none());
     }
 
+    fn named(base: &str, fs_path: &str, below: usize) -> Option<String> {
+        let mut out = [0u8; 64];
+        let n = named_path(base.as_bytes(), fs_path.as_bytes(), below, &mut out)?;
+        Some(String::from_utf8(out[..n].to_vec()).unwrap())
+    }
+
+    #[test]
+    fn mountinfo_fields_are_read_and_unescaped() {
+        let mi = b"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                   30 22 0:40 / /srv/a\\040b rw - tmpfs none rw\n\
+                   31 22 0:41 / /x\\134y\\012z rw - tmpfs none rw\n\
+                   short line\n";
+        let got: Vec<Vec<u8>> = mount_point_fields(mi)
+            .map(|f| {
+                let mut out = [0u8; 64];
+                let n = unescape_mountinfo(f, &mut out).unwrap();
+                out[..n].to_vec()
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![b"/".to_vec(), b"/srv/a b".to_vec(), b"/x\\y\nz".to_vec()]
+        );
+        // Not an escape: kept as it is.
+        let mut out = [0u8; 8];
+        let n = unescape_mountinfo(b"\\9x\\4", &mut out).unwrap();
+        assert_eq!(&out[..n], b"\\9x\\4");
+        assert_eq!(unescape_mountinfo(b"/long", &mut [0u8; 3]), None);
+    }
+
+    #[test]
+    fn below_is_by_whole_components() {
+        assert!(at_or_below(b"/srv/data", b"/srv/data"));
+        assert!(at_or_below(b"/srv/data/x/y", b"/srv/data"));
+        assert!(!at_or_below(b"/srv/database", b"/srv/data"));
+        assert!(!at_or_below(b"/srv", b"/srv/data"));
+        assert!(at_or_below(b"/anything", b"/"));
+        assert!(at_or_below(b"/", b"/"));
+    }
+
+    #[test]
+    fn named_paths_join_the_appliances_path_and_the_components_below() {
+        // /srv/www on its own file system, matched at the file's parent.
+        assert_eq!(
+            named("/srv/www", "/sub/f", 2).as_deref(),
+            Some("/srv/www/sub/f")
+        );
+        assert_eq!(
+            named("/srv/www", "/sub/f", 1).as_deref(),
+            Some("/srv/www/f")
+        );
+        // The protected file itself.
+        assert_eq!(
+            named("/etc/app.key", "/etc/app.key", 0).as_deref(),
+            Some("/etc/app.key")
+        );
+        // The root of everything.
+        assert_eq!(named("/", "/a/b", 2).as_deref(), Some("/a/b"));
+        assert_eq!(named("/", "/", 0).as_deref(), Some("/"));
+        // Fewer components than the walk went up: inconsistent, none.
+        assert_eq!(named("/srv", "/f", 2), None);
+        assert_eq!(named("/srv", "/", 1), None);
+        // Too long for the buffer.
+        assert_eq!(named(&"/x".repeat(40), "/f", 1), None);
+    }
+
     proptest! {
+        /// A named path is the base, then exactly the last `below`
+        /// components of the file system path.
+        #[test]
+        fn named_path_model(
+            base in proptest::collection::vec("[a-z]{1,3}", 0..4),
+            comps in proptest::collection::vec("[a-z.]{1,3}", 0..6),
+            below in 0usize..8,
+        ) {
+            let base = format!("/{}", base.join("/"));
+            let fs_path = format!("/{}", comps.join("/"));
+            let mut out = [0u8; 256];
+            let got = named_path(base.as_bytes(), fs_path.as_bytes(), below, &mut out)
+                .map(|n| String::from_utf8(out[..n].to_vec()).unwrap());
+            if below > comps.len() {
+                prop_assert_eq!(got, None);
+            } else {
+                let tail = comps[comps.len() - below..].join("/");
+                let want = match (base.as_str(), below) {
+                    (b, 0) => b.to_owned(),
+                    ("/", _) => format!("/{tail}"),
+                    (b, _) => format!("{b}/{tail}"),
+                };
+                prop_assert_eq!(got, Some(want));
+            }
+        }
+
+        /// The union of two sorted sets is their set union, sorted, and a
+        /// valid protected set.
+        #[test]
+        fn union_is_the_set_union(
+            a in proptest::collection::btree_set((0u64..4, 0u64..32), 0..40),
+            b in proptest::collection::btree_set((0u64..4, 0u64..32), 0..40),
+        ) {
+            let (va, vb): (Vec<_>, Vec<_>) = (a.iter().copied().collect(), b.iter().copied().collect());
+            let got: Vec<_> = union(&va, &vb).collect();
+            let want: Vec<_> = a.union(&b).copied().collect();
+            prop_assert_eq!(&got, &want);
+            prop_assert!(ProtectedSet::new(got).is_some());
+        }
+
         /// The classification agrees with a plain search of the chain.
         #[test]
         fn classify_matches_a_linear_search(

@@ -99,6 +99,10 @@ pub enum Kind {
     /// appliance under the module's session key ([`seal`]): the agent
     /// carries it and can neither forge nor change it.
     Sealed = 14,
+    /// Agent → module, sealed by the appliance: the protected file sets
+    /// as absolute paths, which the module resolves itself from init's
+    /// root (replacing the previous sealed paths).
+    FileSetPaths = 15,
 }
 
 impl Kind {
@@ -119,6 +123,7 @@ impl Kind {
             12 => Some(Kind::FileRequest),
             13 => Some(Kind::FileSets),
             14 => Some(Kind::Sealed),
+            15 => Some(Kind::FileSetPaths),
             _ => None,
         }
     }
@@ -740,8 +745,17 @@ pub const FILE_CREATE: u8 = 1;
 pub const FILE_TRUNCATE: u8 = 2;
 /// [`FileRequest::flags`]: a new hard link to `path` named `to`.
 pub const FILE_LINK: u8 = 4;
+/// [`FileRequest::flags`]: `path` is the module's own: the appliance's
+/// path of the protected directory or file its walk matched
+/// ([`FileSetPaths`], which the module resolved), then the components
+/// below it. Absolute in the initial mount namespace; the agent passes it
+/// on as it is and the appliance checks that it did (T-102).
+pub const FILE_PATH_NAMED: u8 = 8;
+/// [`FileRequest::flags`]: the same for `to`.
+pub const FILE_TO_NAMED: u8 = 16;
 /// Every flag bit this version defines.
-const FILE_FLAGS_KNOWN: u8 = FILE_CREATE | FILE_TRUNCATE | FILE_LINK;
+const FILE_FLAGS_KNOWN: u8 =
+    FILE_CREATE | FILE_TRUNCATE | FILE_LINK | FILE_PATH_NAMED | FILE_TO_NAMED;
 
 /// One operation on a protected file, as the kernel saw it.
 ///
@@ -753,7 +767,8 @@ const FILE_FLAGS_KNOWN: u8 = FILE_CREATE | FILE_TRUNCATE | FILE_LINK;
 pub struct FileRequest<'a> {
     /// What is asked.
     pub access: FileAccess,
-    /// [`FILE_CREATE`], [`FILE_TRUNCATE`], [`FILE_LINK`] or 0.
+    /// [`FILE_CREATE`], [`FILE_TRUNCATE`], [`FILE_LINK`],
+    /// [`FILE_PATH_NAMED`], [`FILE_TO_NAMED`] or 0.
     pub flags: u8,
     /// SHA-256 of the program the process runs.
     pub sha256: [u8; SHA256_LEN],
@@ -782,7 +797,9 @@ pub struct FileRequest<'a> {
     pub ino: u64,
     /// The process's ancestry, as in [`NetRequest::ancestry`].
     pub ancestry: Ancestry<'a>,
-    /// The file's path (no NUL).
+    /// The file's path (no NUL): with [`FILE_PATH_NAMED`] absolute, as
+    /// the appliance named the protected set; otherwise from the root of
+    /// the file system `dev` (the agent maps it).
     pub path: &'a [u8],
     /// [`FileAccess::Rename`] and [`FILE_LINK`]: the new path; otherwise
     /// empty.
@@ -1241,6 +1258,81 @@ impl<'a> Peers<'a> {
     }
 }
 
+/// Most paths in one [`FileSetPaths`] record.
+pub const MAX_FILE_SET_PATHS: usize = 256;
+/// Most bytes of paths (each with its NUL) in one [`FileSetPaths`]
+/// record, so that it fits a [`Sealed`] record: what is left of
+/// [`MAX_RECORD_LEN`] after two headers, the seal (sequence and MAC) and
+/// the count.
+pub const MAX_FILE_SET_PATH_BYTES: usize = MAX_RECORD_LEN - 2 * HEADER_LEN - 8 - seal::MAC_LEN - 8;
+
+/// Agent → module, an order the appliance seals: the protected files and
+/// directories by absolute path, as the host's initial mount namespace
+/// names them, replacing the previous paths. The module resolves each
+/// path itself, from the root of init (pid 1), following symlinks, so
+/// the identities it protects are the appliance's word and not the
+/// agent's (THREAT-MODEL.md T-102). Each path is absolute, at most
+/// [`MAX_PATH_LEN`] bytes, ends with a NUL and holds none before it; at
+/// most [`MAX_FILE_SET_PATHS`] paths and [`MAX_FILE_SET_PATH_BYTES`]
+/// bytes, checked on construction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileSetPaths<'a> {
+    paths: &'a [u8],
+    count: usize,
+}
+
+impl<'a> FileSetPaths<'a> {
+    /// Checks `paths` (absolute paths, each followed by one NUL).
+    pub fn new(paths: &'a [u8]) -> Result<Self, DecodeError> {
+        if paths.len() > MAX_FILE_SET_PATH_BYTES {
+            return Err(DecodeError::InvalidField("file_set_path_bytes"));
+        }
+        let mut count = 0;
+        let mut rest = paths;
+        while !rest.is_empty() {
+            let end = rest
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or(DecodeError::InvalidField("file_set_path"))?;
+            let (path, tail) = rest.split_at(end);
+            if path.first() != Some(&b'/') || path.len() > MAX_PATH_LEN {
+                return Err(DecodeError::InvalidField("file_set_path"));
+            }
+            count += 1;
+            if count > MAX_FILE_SET_PATHS {
+                return Err(DecodeError::InvalidField("file_set_path_count"));
+            }
+            rest = tail.get(1..).unwrap_or(&[]);
+        }
+        Ok(Self { paths, count })
+    }
+
+    /// How many paths.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The raw paths, each followed by a NUL.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.paths
+    }
+
+    /// Each path, without its NUL.
+    pub fn iter(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.paths.split(|&b| b == 0).take(self.count)
+    }
+
+    /// Each path with its NUL (a C string).
+    pub fn iter_c(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.paths.split_inclusive(|&b| b == 0)
+    }
+}
+
 /// Agent → module: a record the appliance sealed for this module
 /// ([`seal`]). `inner` is a whole record (header and body) of a kind
 /// [`seal::sealable`] allows; its MAC covers `inner` exactly, the order
@@ -1304,6 +1396,8 @@ pub enum Record<'a> {
     FileSets(FileSets<'a>),
     /// See [`Sealed`].
     Sealed(Sealed<'a>),
+    /// See [`FileSetPaths`].
+    FileSetPaths(FileSetPaths<'a>),
 }
 
 impl Record<'_> {
@@ -1324,6 +1418,7 @@ impl Record<'_> {
             Record::FileRequest(_) => Kind::FileRequest,
             Record::FileSets(_) => Kind::FileSets,
             Record::Sealed(_) => Kind::Sealed,
+            Record::FileSetPaths(_) => Kind::FileSetPaths,
         }
     }
 
@@ -1346,6 +1441,7 @@ impl Record<'_> {
             }
             Record::FileSets(f) => 8 + f.as_bytes().len(),
             Record::Sealed(x) => 8 + seal::MAC_LEN + x.inner.len(),
+            Record::FileSetPaths(f) => 8 + f.as_bytes().len(),
         }
     }
 
@@ -1469,6 +1565,13 @@ impl Record<'_> {
                 w.u64(x.seq);
                 w.bytes(&x.mac);
                 w.bytes(x.inner);
+            }
+            Record::FileSetPaths(f) => {
+                // CAST: at most MAX_FILE_SET_PATHS, checked in `FileSetPaths::new`.
+                w.u16(f.len() as u16);
+                w.u16(0);
+                w.u32(0);
+                w.bytes(f.as_bytes());
             }
             Record::Peers(p) => {
                 // CAST: at most MAX_PEERS, checked in `Peers::new`.
@@ -1907,6 +2010,17 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
             let mac = r.array().map_err(short)?;
             let inner = r.bytes(r.remaining()).map_err(short)?;
             Record::Sealed(Sealed::new(seq, mac, inner)?)
+        }
+        Kind::FileSetPaths => {
+            let n = r.u16().map_err(short)? as usize;
+            if r.u16().map_err(short)? != 0 || r.u32().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            let f = FileSetPaths::new(r.bytes(r.remaining()).map_err(short)?)?;
+            if f.len() != n {
+                return Err(DecodeError::InvalidField("file_set_path_count"));
+            }
+            Record::FileSetPaths(f)
         }
         Kind::FileSets => {
             let n = r.u16().map_err(short)? as usize;

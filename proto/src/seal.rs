@@ -84,7 +84,7 @@ pub fn prefix(digest: &[u8; DIGEST_LEN], seq: u64) -> [u8; PREFIX_LEN] {
 pub const fn sealable(kind: Kind) -> bool {
     matches!(
         kind,
-        Kind::Verdict | Kind::ChannelKey | Kind::Config | Kind::Peers
+        Kind::Verdict | Kind::ChannelKey | Kind::Config | Kind::Peers | Kind::FileSetPaths
     )
 }
 
@@ -94,12 +94,13 @@ pub const fn order_slot(kind: Kind) -> Option<usize> {
     match kind {
         Kind::Config => Some(0),
         Kind::Peers => Some(1),
+        Kind::FileSetPaths => Some(2),
         _ => None,
     }
 }
 
 /// Number of order slots.
-pub const ORDER_SLOTS: usize = 2;
+pub const ORDER_SLOTS: usize = 3;
 
 /// What a module with an authority key does with a record that arrived
 /// without a seal.
@@ -125,9 +126,13 @@ pub const fn bare_rule(kind: Kind) -> BareRule {
         Kind::ChannelKey => BareRule::RefuseAnswer,
         Kind::Config => BareRule::UnlessWeakening,
         Kind::Peers => BareRule::Refuse,
-        // File sets are resolved to inode identities by the agent, which
-        // the appliance cannot seal: see THREAT-MODEL.md T-102.
+        // The sealed paths the module resolves itself
+        // ([`crate::FileSetPaths`]) are the appliance's word; the agent's
+        // identities only add to them (mounts below a protected
+        // directory, which the module cannot list): see THREAT-MODEL.md
+        // T-102.
         Kind::FileSets => BareRule::Accept,
+        Kind::FileSetPaths => BareRule::Refuse,
         _ => BareRule::Accept,
     }
 }
@@ -155,10 +160,17 @@ pub const fn config_weakens(
     strictness(new_mode) < strictness(current) || (current_net && !new_net)
 }
 
-/// Whether an order with sequence `seq` may follow the last one taken
-/// (`last`, 0 before any).
-pub const fn order_fresh(last: u64, seq: u64) -> bool {
-    seq > last
+/// Whether an order of `kind` with sequence `seq` may follow the last one
+/// of its kind taken (`last`, 0 before any). Orders are strictly
+/// increasing, except that the latest [`Kind::FileSetPaths`] may come
+/// again: the agent re-sends it so that the module resolves the paths
+/// again (created since, mounts changed). The appliance never seals two
+/// orders with one sequence, so an equal sequence is the same order.
+pub const fn order_fresh(kind: Kind, last: u64, seq: u64) -> bool {
+    match kind {
+        Kind::FileSetPaths => seq >= last && seq > 0,
+        _ => seq > last,
+    }
 }
 
 /// Parses the module parameter `authority=`: 128 hex digits (the P-256
@@ -224,9 +236,15 @@ mod tests {
         assert_eq!(bare_rule(Kind::Peers), BareRule::Refuse);
         assert_eq!(bare_rule(Kind::Generation), BareRule::Accept);
         assert_eq!(bare_rule(Kind::Hello), BareRule::Accept);
-        for k in [Kind::Config, Kind::Peers] {
+        assert_eq!(bare_rule(Kind::FileSetPaths), BareRule::Refuse);
+        assert_eq!(bare_rule(Kind::FileSets), BareRule::Accept);
+        let mut slots = std::vec::Vec::new();
+        for k in [Kind::Config, Kind::Peers, Kind::FileSetPaths] {
             assert!(sealable(k) && order_slot(k).is_some_and(|s| s < ORDER_SLOTS));
+            slots.push(order_slot(k));
         }
+        slots.dedup();
+        assert_eq!(slots.len(), 3, "one slot per order kind");
         for k in [Kind::Verdict, Kind::ChannelKey] {
             assert!(sealable(k) && order_slot(k).is_none());
         }
@@ -239,6 +257,22 @@ mod tests {
         ] {
             assert!(!sealable(k));
         }
+    }
+
+    #[test]
+    fn only_the_latest_file_paths_order_may_come_again() {
+        // Config and Peers: strictly increasing.
+        for k in [Kind::Config, Kind::Peers] {
+            assert!(order_fresh(k, 0, 1));
+            assert!(!order_fresh(k, 5, 5));
+            assert!(!order_fresh(k, 5, 4));
+        }
+        // The sealed paths: the latest again (re-resolve), never older,
+        // never sequence 0.
+        assert!(order_fresh(Kind::FileSetPaths, 5, 5));
+        assert!(order_fresh(Kind::FileSetPaths, 5, 6));
+        assert!(!order_fresh(Kind::FileSetPaths, 5, 4));
+        assert!(!order_fresh(Kind::FileSetPaths, 0, 0));
     }
 
     proptest! {

@@ -209,6 +209,8 @@ fn every_kind_round_trips() {
         sample_ipc(b"/run/app.sock", &anc),
         sample_ipc(b"@abstract@name", &[]),
         Record::Peers(Peers::new(&peer_bytes).unwrap()),
+        Record::FileSetPaths(FileSetPaths::new(b"/srv/www\0/etc/app/secret.key\0").unwrap()),
+        Record::FileSetPaths(FileSetPaths::new(b"").unwrap()),
     ];
     for (i, rec) in records.iter().enumerate() {
         let buf = enc(rec, i as u64 + 100);
@@ -703,7 +705,7 @@ fn channel_closed_layout_and_checks() {
         assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
     }
     assert_eq!(Kind::from_wire(9), Some(Kind::ChannelClosed));
-    assert_eq!(Kind::from_wire(15), None);
+    assert_eq!(Kind::from_wire(16), None);
 }
 
 #[test]
@@ -1015,4 +1017,66 @@ fn set_uid_programs_run_with_their_owners_euid() {
     // No set-uid bit (set-gid alone does not change the euid).
     assert_eq!(exec_euid(1000, 0o102755, 0, true), 1000);
     assert_eq!(exec_euid(1000, 0o100755, 0, true), 1000);
+}
+
+#[test]
+fn file_set_paths_are_absolute_nul_terminated_and_counted() {
+    let f = FileSetPaths::new(b"/srv/www\0/\0/etc/a b\0").unwrap();
+    assert_eq!(f.len(), 3);
+    let got: Vec<&[u8]> = f.iter().collect();
+    assert_eq!(got, vec![&b"/srv/www"[..], b"/", b"/etc/a b"]);
+    let c: Vec<&[u8]> = f.iter_c().collect();
+    assert_eq!(c, vec![&b"/srv/www\0"[..], b"/\0", b"/etc/a b\0"]);
+    assert!(FileSetPaths::new(b"").unwrap().is_empty());
+    for bad in [
+        &b"srv/www\0"[..], // relative
+        b"/srv/www",       // no NUL
+        b"/srv\0\0",       // an empty path
+        b"/srv\0tail",     // garbage after the last NUL
+    ] {
+        assert_eq!(
+            FileSetPaths::new(bad).unwrap_err(),
+            DecodeError::InvalidField("file_set_path"),
+            "{bad:?}"
+        );
+    }
+    let mut long = vec![b'/'; MAX_PATH_LEN + 1];
+    long.push(0);
+    assert!(FileSetPaths::new(&long).is_err());
+    let mut big: Vec<u8> = (0..2)
+        .flat_map(|_| {
+            let mut p = vec![b'/'; MAX_PATH_LEN - 1];
+            p.push(0);
+            p
+        })
+        .collect();
+    big.extend_from_slice(b"/x\0");
+    assert_eq!(
+        FileSetPaths::new(&big).unwrap_err(),
+        DecodeError::InvalidField("file_set_path_bytes")
+    );
+    // The largest record sealed still fits.
+    let mut fits = vec![b'/'; MAX_PATH_LEN];
+    fits.push(0);
+    fits.resize(MAX_FILE_SET_PATH_BYTES - 1, b'/');
+    fits.push(0);
+    let inner = enc(&Record::FileSetPaths(FileSetPaths::new(&fits).unwrap()), 0);
+    let sealed = Record::Sealed(Sealed::new(1, [0; seal::MAC_LEN], &inner).unwrap());
+    assert_eq!(sealed.encoded_len(), MAX_RECORD_LEN);
+    let many: Vec<u8> = (0..=MAX_FILE_SET_PATHS).flat_map(|_| *b"/a\0").collect();
+    assert_eq!(
+        FileSetPaths::new(&many).unwrap_err(),
+        DecodeError::InvalidField("file_set_path_count")
+    );
+    // The count in the body must match the paths.
+    let buf = enc(&Record::FileSetPaths(f), 0);
+    assert_eq!(&buf[6..8], &15u16.to_le_bytes());
+    let mut bad = buf.clone();
+    bad[HEADER_LEN] = 2;
+    assert_eq!(
+        decode(&bad).unwrap_err(),
+        DecodeError::InvalidField("file_set_path_count")
+    );
+    // Sealable: an order.
+    assert!(seal::sealable(Kind::FileSetPaths));
 }

@@ -256,6 +256,28 @@ pub fn start_agent(host: &mut Vm) -> Result<()> {
     Ok(())
 }
 
+/// Root's own program on `/dev/trustbind` (the attacks on a sealed module,
+/// T-44, T-101, T-102): starts `/tb/tb-fakeagent` with `args` in the
+/// background, logging to `/run/rogue.log`, and waits until it is ready
+/// (its log on failure). Run it once while the real agent runs, so its
+/// exec is cached, and stop the real agent first.
+pub fn start_rogue_agent(host: &mut Vm, args: &str) -> Result<()> {
+    host.spawn_bg(&format!(
+        "exec /tb/tb-fakeagent {args} --log /run/rogue.log"
+    ))?;
+    if let Err(e) = wait_for(host, "root's agent", "grep -q ready /run/rogue.log", 60) {
+        let log = host.run("cat /run/rogue.log /run/tb-bg-*.log")?;
+        bail!("{e}\nroot's agent's logs: {log:?}");
+    }
+    Ok(())
+}
+
+/// Stops root's program ([`start_rogue_agent`]) and waits until it exited.
+pub fn stop_rogue_agent(host: &mut Vm) -> Result<()> {
+    host.run_ok("kill -TERM $(pidof tb-fakeagent)")?;
+    wait_for(host, "root's agent to exit", "! pidof tb-fakeagent", 60)
+}
+
 /// The admin CLI's audit export (JSON lines).
 pub fn export_audit(admin: &Admin) -> Result<String> {
     Ok(admin.run(&["audit", "export"])?)

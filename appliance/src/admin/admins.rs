@@ -204,8 +204,21 @@ pub(super) async fn renew(
     })?;
     st.run(move |s| {
         let issued = pki
-            .issue_admin_csr(&id.cn, &body.csr_pem)
-            .map_err(|e| ApiError::invalid("csr_pem", format!("`csr_pem`: {e}")))?;
+            .issue_admin_csr(
+                &id.cn,
+                &body.csr_pem,
+                crate::casign::Authorisation::AdminRenewal {
+                    old_serial: id.serial.clone(),
+                },
+            )
+            .map_err(|e| match e {
+                crate::pki::PkiError::SignerUnavailable(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    e.to_string(),
+                ),
+                e => ApiError::invalid("csr_pem", format!("`csr_pem`: {e}")),
+            })?;
         let cert = s.renew_admin_cert(&id.serial, &issued.serial, issued.expires_ms, &actor.0)?;
         Ok(Json(json!({
             "cert_pem": issued.cert_pem,

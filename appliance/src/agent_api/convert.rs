@@ -344,6 +344,7 @@ pub fn request(
 /// The `FileSets` push of the protected file sets.
 pub fn file_sets(sets: &[crate::files::FileSet]) -> pb::push::Kind {
     pb::push::Kind::FileSets(pb::FileSets {
+        module_order: Vec::new(),
         sets: sets
             .iter()
             .map(|s| pb::FileSet {

@@ -322,12 +322,13 @@ impl EnrolService {
                 )),
             ));
         }
-        let issued = api.pki.issue_admin_csr(&name, &r.csr_pem).map_err(|e| {
-            refuse(
-                &name,
-                Status::invalid_argument(format!("field `csr_pem`: {e}")),
-            )
-        })?;
+        let auth = crate::casign::Authorisation::AdminToken {
+            token_sha256: token.token_sha256.clone(),
+        };
+        let issued = api
+            .pki
+            .issue_admin_csr(&name, &r.csr_pem, auth)
+            .map_err(|e| refuse(&name, super::not_issued(&e)))?;
         match api.store.use_admin_token(
             token.id,
             &name,
@@ -434,13 +435,10 @@ impl EnrolService {
                 )),
             ));
         }
-        let issued = api.pki.issue_host(host, &r.csr_pem).map_err(|e| {
-            self.refuse(
-                host,
-                remote,
-                Status::invalid_argument(format!("field `csr_pem`: {e}")),
-            )
-        })?;
+        let issued = api
+            .pki
+            .issue_host(host, &r.csr_pem)
+            .map_err(|e| self.refuse(host, remote, super::not_issued(&e)))?;
         match api.store.enrol_host(host, &token_sha, &issued.serial) {
             Ok(()) => {}
             Err(StoreError::Conflict(_)) => {

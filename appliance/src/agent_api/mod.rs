@@ -36,6 +36,16 @@ use crate::pki::{EnrolledHosts, Pki, PkiError};
 use crate::ratelimit::{KeyedLimiter, Rate};
 use crate::store::{AuditWriter, Mode, Store, StoreError};
 
+/// The status of a certificate not issued from a request's `csr_pem`: the
+/// CA signer out of reach is `unavailable` (try again later); anything else
+/// is the request's (its CSR, name, or a refusal by the signer).
+pub(crate) fn not_issued(e: &PkiError) -> tonic::Status {
+    match e {
+        PkiError::SignerUnavailable(_) => tonic::Status::unavailable(e.to_string()),
+        _ => tonic::Status::invalid_argument(format!("field `csr_pem`: {e}")),
+    }
+}
+
 /// Largest gRPC message tonic decodes on the agent port, in bytes (a hard
 /// stop; `Qualify` refuses more than [`service::MAX_BATCH_BYTES`] with a
 /// clear INVALID_ARGUMENT).

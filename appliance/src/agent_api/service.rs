@@ -409,7 +409,7 @@ impl Agent for AgentService {
             let issued = api
                 .pki
                 .issue_host(&peer.name, &csr)
-                .map_err(|e| Status::invalid_argument(format!("field `csr_pem`: {e}")))?;
+                .map_err(|e| super::not_issued(&e))?;
             let allowed = api
                 .store
                 .renew_host_cert(&peer.name, &peer.serial, &issued.serial)

@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{bump_data, now_ms, AuditEvent, Store, StoreError};
 use crate::files::{check_path, FileSet, MAX_FILE_SETS, MAX_FILE_SET_PATHS};
+use trustbind_proto::MAX_FILE_SET_PATH_BYTES;
 
 /// How [`Store::edit_file_set`] changes a set's paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +197,18 @@ impl Store {
                     "INSERT INTO file_set_paths (set_name, path) VALUES (?1, ?2)",
                     params![name, p],
                 )?;
+            }
+            // The module gets the paths as one sealed record (T-102).
+            let bytes: i64 = tx.query_row(
+                "SELECT coalesce(sum(length(CAST(path AS BLOB)) + 1), 0) \
+                 FROM (SELECT DISTINCT path FROM file_set_paths)",
+                [],
+                |r| r.get(0),
+            )?;
+            if usize::try_from(bytes).unwrap_or(usize::MAX) > MAX_FILE_SET_PATH_BYTES {
+                return Err(StoreError::Conflict(format!(
+                    "file sets would hold {bytes} bytes of paths in all, at most {MAX_FILE_SET_PATH_BYTES} (the module gets them in one sealed record); name fewer, higher directories"
+                )));
             }
             bump_data(tx)?;
             let ev = AuditEvent::new(

@@ -439,3 +439,62 @@ pub async fn start_with_policy_in(
     late.set(trustbind_appliance::policy::engine::Engine::new(Arc::clone(store), SCHEMA).unwrap());
     app
 }
+
+/// The `serve` binary on loopback ports, its state in a directory; its
+/// addresses and CA fingerprint read off its first lines of output.
+pub struct ServeBinary {
+    pub child: std::process::Child,
+    pub agent: SocketAddr,
+    pub enrol: SocketAddr,
+    pub admin: SocketAddr,
+    pub fingerprint: String,
+    /// The rest of its output (kept open: `serve` fails on a closed stdout).
+    pub stdout: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Drop for ServeBinary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ServeBinary {
+    /// `trustbind-appliance --data-dir DIR serve ... EXTRA`.
+    pub fn start(dir: &std::path::Path, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trustbind-appliance"))
+            .arg("--data-dir")
+            .arg(dir)
+            .args([
+                "serve",
+                "--agent-listen",
+                "127.0.0.1:0",
+                "--enrol-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--server-name",
+                "localhost",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = |prefix: &str| -> String {
+            let l = lines.next().unwrap().unwrap();
+            assert!(l.starts_with(prefix), "{l}");
+            l.rsplit(' ').next().unwrap().to_owned()
+        };
+        Self {
+            agent: addr("agent port").parse().unwrap(),
+            enrol: addr("enrol port").parse().unwrap(),
+            admin: addr("admin port").parse().unwrap(),
+            fingerprint: addr("CA fingerprint"),
+            child,
+            stdout: lines,
+        }
+    }
+}

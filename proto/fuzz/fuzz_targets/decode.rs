@@ -10,7 +10,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use trustbind_proto::{
-    decode, Family, Record, HEADER_LEN, MAX_ANCESTRY, MAX_PATH_LEN, MAX_PEERS,
+    decode, Family, Record, HEADER_LEN, MAX_ANCESTRY, MAX_PATH_LEN, MAX_FILE_SET_PATHS, MAX_PEERS,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -41,6 +41,14 @@ fuzz_target!(|data: &[u8]| {
             Record::Peers(p) => {
                 assert!(p.len() <= MAX_PEERS);
                 assert_eq!(p.iter().count(), p.len());
+            }
+            Record::FileSetPaths(f) => {
+                assert!(f.len() <= MAX_FILE_SET_PATHS);
+                assert_eq!(f.iter().count(), f.len());
+                assert_eq!(f.iter_c().count(), f.len());
+                for p in f.iter() {
+                    assert!(p.first() == Some(&b'/') && p.len() <= MAX_PATH_LEN && !p.contains(&0));
+                }
             }
             Record::ChannelClosed(_) => {
                 let mut out = vec![0u8; record.encoded_len()];

@@ -14,7 +14,8 @@
 //!              [--unix-allow CLIENT_FILE:SERVER_FILE]...
 //!              [--pause-file FILE] [--delay-path PATH:MS]...
 //!              [--no-cache-path PATH]...
-//!              [--file-protect PATH]... [--file-deny PREFIX]...
+//!              [--file-protect PATH]... [--file-sets-clear]
+//!              [--file-path PATH]... [--file-paths-clear] [--file-deny PREFIX]...
 //!              [--file-deny-write PREFIX]... [--file-allow-prog FILE]...
 //!              --log FILE
 //! ```
@@ -61,7 +62,10 @@
 //! `closed <channel id> <key id hex> connect|accept sent=<n> received=<n> ms=<n> closed|idle`.
 //! With `--file-protect` it sends the module the identities (`st_dev`,
 //! `st_ino`) of the named files and directories as its protected file
-//! sets. File requests are allowed unless their path (from the root of
+//! sets (`--file-sets-clear`: an empty `FileSets`, as root would send);
+//! with `--file-path` (`--file-paths-clear`: none) an unsealed
+//! `FileSetPaths` record of the named paths, which the module resolves
+//! itself. File requests are allowed unless their path (from the root of
 //! the file's file system) starts with a `--file-deny` prefix (any access)
 //! or a `--file-deny-write` prefix (write, delete, rename), and the
 //! program is not one named by `--file-allow-prog` (by hash); each becomes
@@ -70,6 +74,8 @@
 //! File verdicts are cacheable unless `--no-cache`.
 //! SIGUSR1 moves the policy generation by one (a `Generation` record, logged
 //! as `generation <n>`), as the appliance does on a policy switch.
+//! SIGUSR2 sends the `--file-path` record again (logged as `paths sent`),
+//! as the agent does every 30 s, so the module resolves the paths again.
 //! On SIGTERM or SIGINT it sets the module to disabled mode before it
 //! exits, so the VM stays usable.
 
@@ -89,10 +95,13 @@ use trustbind_proto::{
 
 static STOP: AtomicBool = AtomicBool::new(false);
 static BUMP: AtomicBool = AtomicBool::new(false);
+static RESEND: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     if sig == libc::SIGUSR1 {
         BUMP.store(true, Ordering::SeqCst);
+    } else if sig == libc::SIGUSR2 {
+        RESEND.store(true, Ordering::SeqCst);
     } else {
         STOP.store(true, Ordering::SeqCst);
     }
@@ -256,6 +265,8 @@ fn run() -> Result<(), String> {
     let mut no_cache_paths: HashSet<String> = HashSet::new();
     let mut file_protect: Vec<(u64, u64)> = Vec::new();
     let mut file_deny: Vec<String> = Vec::new();
+    let mut file_sets_clear = false;
+    let mut file_paths: Option<Vec<String>> = None;
     let mut file_deny_write: Vec<String> = Vec::new();
     let mut file_allow_prog: HashSet<[u8; 32]> = HashSet::new();
     let mut args = std::env::args().skip(1);
@@ -328,6 +339,14 @@ fn run() -> Result<(), String> {
                 let m = std::fs::metadata(&v).map_err(|e| format!("--file-protect {v}: {e}"))?;
                 file_protect.push((m.dev(), m.ino()));
             }
+            "--file-sets-clear" => file_sets_clear = true,
+            "--file-path" => {
+                let v = val()?;
+                file_paths.get_or_insert_with(Vec::new).push(v);
+            }
+            "--file-paths-clear" => {
+                file_paths.get_or_insert_with(Vec::new);
+            }
             "--file-deny" => file_deny.push(val()?),
             "--file-deny-write" => file_deny_write.push(val()?),
             "--file-allow-prog" => {
@@ -358,6 +377,7 @@ fn run() -> Result<(), String> {
         libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
         libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
         libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut());
     }
     let mut dev = OpenOptions::new()
         .read(true)
@@ -394,7 +414,27 @@ fn run() -> Result<(), String> {
             .collect();
         let sets = FileSets::new(&bytes).map_err(|e| format!("file sets: {e}"))?;
         send(&mut dev, &Record::FileSets(sets), 5)?;
+    } else if file_sets_clear {
+        send(
+            &mut dev,
+            &Record::FileSets(FileSets::new(&[]).expect("empty")),
+            5,
+        )?;
     }
+    let paths_body: Option<Vec<u8>> = file_paths.as_ref().map(|paths| {
+        paths
+            .iter()
+            .flat_map(|p| p.bytes().chain(std::iter::once(0)))
+            .collect()
+    });
+    let send_paths = |dev: &mut File| -> Result<(), String> {
+        let Some(body) = &paths_body else {
+            return Ok(());
+        };
+        let rec = proto::FileSetPaths::new(body).map_err(|e| format!("file paths: {e}"))?;
+        send(dev, &Record::FileSetPaths(rec), 6)
+    };
+    send_paths(&mut dev)?;
     writeln!(
         log,
         "ready mode={mode:?} allowlist={} net={net} net_allowlist={}",
@@ -421,6 +461,11 @@ fn run() -> Result<(), String> {
                 libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
             }
             draining = true;
+        }
+        if RESEND.swap(false, Ordering::SeqCst) {
+            send_paths(&mut dev)?;
+            writeln!(log, "paths sent").ok();
+            log.flush().ok();
         }
         if BUMP.swap(false, Ordering::SeqCst) {
             generation += 1;

@@ -29,8 +29,8 @@
 use anyhow::{ensure, Result};
 
 use crate::common::{
-    self, denied, enrol_host, export_audit, says_true, start_agent, stop_agent, switch_mode,
-    wait_for, wait_new_agent, STATE,
+    self, denied, enrol_host, export_audit, says_true, start_agent, start_rogue_agent, stop_agent,
+    stop_rogue_agent, switch_mode, wait_for, wait_new_agent, STATE,
 };
 
 /// Policy besides [`common::SYSTEM_PROGRAMS`]: role admin may run the
@@ -295,15 +295,9 @@ fn exec_control_end_to_end() -> Result<()> {
     // 2. Root's program answers "allow" to everything it is asked (it
     //    keeps connects qualified: turning that off is refused too): the
     //    module takes an unsealed allow as a refusal.
-    host.spawn_bg(
-        "exec /tb/tb-fakeagent --mode enforce --net --timeout-ms 10000 --allow-dir /root \
-         --allow-dir /usr/bin --log /run/rogue.log",
-    )?;
-    wait_for(
+    start_rogue_agent(
         &mut host,
-        "root's agent",
-        "grep -q ready /run/rogue.log",
-        60,
+        "--mode enforce --net --timeout-ms 10000 --allow-dir /root --allow-dir /usr/bin",
     )?;
     let out = host.run("/root/rogue")?;
     ensure!(
@@ -312,13 +306,7 @@ fn exec_control_end_to_end() -> Result<()> {
     );
     host.run_ok("grep -q 'rogue.*-> allow' /run/rogue.log")?;
     host.run_ok("grep -qv '^0$' /sys/kernel/debug/trustbind/unsealed_refused")?;
-    host.run_ok("kill -TERM $(pidof tb-fakeagent)")?;
-    wait_for(
-        &mut host,
-        "root's agent to exit",
-        "! pidof tb-fakeagent",
-        60,
-    )?;
+    stop_rogue_agent(&mut host)?;
     host.run_ok("grep -qx enforce /sys/module/trustbind/parameters/current_mode")?;
     // The real agent, restarted (the pinned binary), is the appliance's
     // courier again.

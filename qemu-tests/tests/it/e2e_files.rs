@@ -19,7 +19,10 @@
 use anyhow::{ensure, Result};
 use trustbind_qemu_tests::Output;
 
-use crate::common::{self, enrol_host, export_audit, says_true, wait_for, STATE};
+use crate::common::{
+    self, enrol_host, export_audit, says_true, start_agent, start_rogue_agent, stop_agent,
+    stop_rogue_agent, wait_for, wait_new_agent, STATE,
+};
 
 const FILE_POLICY: &str = r#"
 @id("editor-runs")
@@ -77,6 +80,10 @@ fn file_control_end_to_end() -> Result<()> {
     let editor_file = work.path().join("editor");
     std::fs::write(&editor_file, editor)?;
     admin.run(&["sig", "add", "-g", "editors", &path(&editor_file)])?;
+    // tb-fakeagent plays root's own program on /dev/trustbind below (an
+    // approved program, as python would be).
+    let rogue_tool = trustbind_qemu_tests::workspace_bin("tb-fakeagent")?;
+    admin.run(&["sig", "add", "-g", "system", &path(&rogue_tool)])?;
     admin.run(&["user", "set", "root", "-r", "webadmin"])?;
     admin.run(&["fileset", "add", "webroot", "/srv/www"])?;
     admin.run(&["fileset", "add", "app-logs", "/srv/log"])?;
@@ -98,6 +105,13 @@ fn file_control_end_to_end() -> Result<()> {
         &mut host,
         "the protected identities",
         "[ $(cat /sys/kernel/debug/trustbind/file_protected) -ge 2 ]",
+        120,
+    )?;
+    // The module resolved the appliance's sealed paths itself.
+    wait_for(
+        &mut host,
+        "the sealed paths resolved",
+        "[ $(cat /sys/kernel/debug/trustbind/file_paths_resolved) -eq 2 ]",
         120,
     )?;
 
@@ -169,6 +183,45 @@ fn file_control_end_to_end() -> Result<()> {
             "no audited {action} decision about {file}"
         );
     }
+
+    // Root without the appliance's consent (T-102): with the agent
+    // stopped, root's program holds /dev/trustbind, takes the agent's
+    // identities away (an empty FileSets, taken: the agent's only add)
+    // and answers "allow" to every question. An unsealed FileSetPaths
+    // naming nothing is refused; the sealed paths stay protected, and an
+    // unsealed allow counts as a refusal.
+    // What the harness runs meanwhile must be in the kernel's exec cache:
+    // root's program answers "allow", which counts as a refusal.
+    let _ = host.run("/tb/tb-fakeagent")?; // no arguments: exits at once
+    host.run_ok(
+        "grep -q x /dev/null || :; cat /dev/null; head -c 0 /dev/null; pidof init >/dev/null || :; \
+         echo eA== | base64 -d >/dev/null; setsid true",
+    )?;
+    let pid = stop_agent(&mut host, "KILL")?;
+    let out =
+        host.run("/tb/tb-fakeagent --mode enforce --net --file-paths-clear --log /run/rogue.log")?;
+    ensure!(
+        out.status != 0
+            && out
+                .stderr
+                .contains("write FileSetPaths: Operation not permitted"),
+        "root's empty FileSetPaths was not refused: {out:?}"
+    );
+    start_rogue_agent(
+        &mut host,
+        "--mode enforce --net --timeout-ms 10000 --file-sets-clear",
+    )?;
+    host.run_ok("[ $(cat /sys/kernel/debug/trustbind/file_protected) -eq 2 ]")?;
+    // (A read no verdict is cached for: root's program is asked.)
+    let out = host.run("head -c 64 /srv/www/new.html")?;
+    ensure!(
+        refused(&out),
+        "root's agent got head to read the web root: {out:?}"
+    );
+    host.run_ok("grep -q 'file read /srv/www/new.html.*-> allow' /run/rogue.log")?;
+    stop_rogue_agent(&mut host)?;
+    start_agent(&mut host)?;
+    wait_new_agent(&mut host, Some(&pid))?;
 
     // Permissive: the read goes through and is audited as a would-deny.
     admin.run(&["host", "group", "set", "hosts", "--mode", "permissive"])?;

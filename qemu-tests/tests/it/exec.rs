@@ -33,11 +33,20 @@ fn start_agent(vm: &mut Vm, mode: &str) -> Result<()> {
 
 /// Same, with `extra` arguments for tb-fakeagent.
 pub(crate) fn start_agent_with(vm: &mut Vm, mode: &str, extra: &str) -> Result<()> {
+    start_agent_in(vm, "{}", mode, extra)
+}
+
+/// Same, the agent's command line put in the shell command `wrap` in place
+/// of its `{}`.
+pub(crate) fn start_agent_in(vm: &mut Vm, wrap: &str, mode: &str, extra: &str) -> Result<()> {
     vm.run_ok(&format!("rm -f {AGENT_LOG}"))?;
-    vm.spawn_bg(&format!(
-        "exec /tb/tb-fakeagent --mode {mode} --timeout-ms 10000 \
+    vm.spawn_bg(&wrap.replace(
+        "{}",
+        &format!(
+            "exec /tb/tb-fakeagent --mode {mode} --timeout-ms 10000 \
          --allow-dir /usr/bin --allow-dir /usr/sbin --allow-dir /tb --allow {LOADER} \
          {extra} --log {AGENT_LOG}"
+        ),
     ))?;
     for _ in 0..120 {
         if vm.run(&format!("grep -q '^ready' {AGENT_LOG}"))?.status == 0 {

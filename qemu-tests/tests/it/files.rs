@@ -11,7 +11,9 @@
 use anyhow::{ensure, Result};
 use trustbind_qemu_tests::{Output, Vm};
 
-use crate::exec::{counter, host_with_module, start_agent_with, stop_agent, AGENT_LOG};
+use crate::exec::{
+    counter, host_with_module, start_agent_in, start_agent_with, stop_agent, AGENT_LOG,
+};
 
 /// A modified copy of `cat` (one byte longer): runs, but is not approved
 /// for the protected files.
@@ -298,6 +300,113 @@ fn file_gate_btrfs_subvolumes() -> Result<()> {
     );
     stop_agent(&mut vm)?;
     vm.run_ok("umount /srv/v /mnt/bt && rmmod trustbind")?;
+    vm.check_health()?;
+    vm.shutdown()?;
+    Ok(())
+}
+
+/// The module resolves protected paths itself (`FileSetPaths`, the order
+/// the appliance seals, T-102): from init's root and mount namespace,
+/// symlinks followed, whatever the agent's own mount namespace shows.
+/// Root's agent runs in a mount namespace of its own with a tmpfs over
+/// `/srv` (it cannot see `/srv/data` at all, so it could not have resolved
+/// it) and names `/srv/data`, a symlink to it and a path that does not
+/// exist yet: the module protects the real directory, once, and names
+/// requests under it by the first of the two paths; the missing
+/// path is counted, and protected once it exists and the paths come again
+/// (as the agent sends them every 30 s). A protected directory on a file
+/// system of its own (`/mnt/t/data`, a tmpfs) is asked about by the path
+/// the appliance named (`FILE_PATH_NAMED`), not the one from the file
+/// system's root (`/data/f`), which the fake agent's prefix would miss.
+/// A file system mounted below a protected directory (`/srv/data/m`)
+/// is protected too, found by the module in init's mount table (the fake
+/// agent sends no identities at all), and named by its mount point.
+#[test]
+fn file_gate_paths_resolved_by_the_module() -> Result<()> {
+    let mut vm = host_with_module()?;
+    setup(&mut vm)?;
+    vm.run_ok(
+        "ln -s /srv/data /srv/link && mkdir -p /mnt/t && mount -t tmpfs none /mnt/t \
+         && mkdir /mnt/t/data && echo m >/mnt/t/data/f \
+         && mkdir /srv/data/m && mount -t tmpfs none /srv/data/m && echo mm >/srv/data/m/f",
+    )?;
+    start_agent_in(
+        &mut vm,
+        "exec unshare -m sh -c 'mount -t tmpfs none /srv && {}'",
+        "enforce",
+        &format!(
+            "--allow {EVIL} --file-path /srv/data --file-path /srv/link --file-path /srv/later \
+             --file-path /mnt/t/data --file-deny /srv/data --file-deny /srv/later \
+             --file-deny /mnt/t/data --file-allow-prog /usr/bin/cat"
+        ),
+    )?;
+    let out = vm.run("nsenter -t $(pidof tb-fakeagent) -m ls /srv/data")?;
+    ensure!(
+        out.status != 0,
+        "the agent's mount namespace shows /srv/data: {out:?}"
+    );
+    let (resolved, missing, protected) = (
+        counter(&mut vm, "file_paths_resolved")?,
+        counter(&mut vm, "file_paths_missing")?,
+        counter(&mut vm, "file_protected")?,
+    );
+    ensure!(
+        (resolved, missing, protected) == (3, 1, 3),
+        "resolved {resolved}, missing {missing}, protected {protected}: want 3, 1, 3"
+    );
+    let out = vm.run_ok("cat /srv/data/db")?;
+    ensure!(out.stdout.trim() == "secret", "approved read: {out:?}");
+    for path in ["/srv/data/db", "/srv/link/db", "/srv/data/sub/f"] {
+        let out = vm.run(&format!("{EVIL} {path}"))?;
+        ensure!(refused(&out), "{EVIL} {path} was not refused: {out:?}");
+    }
+    let out = vm.run_ok(&format!("{EVIL} /srv/pub/x"))?;
+    ensure!(out.stdout.trim() == "open", "unprotected read: {out:?}");
+    for path in ["/mnt/t/data/f", "/srv/data/m/f", "/srv/link/m/f"] {
+        let out = vm.run(&format!("{EVIL} {path}"))?;
+        ensure!(refused(&out), "{EVIL} {path} was not refused: {out:?}");
+    }
+    let out = vm.run("echo x >/mnt/t/data/new")?;
+    ensure!(
+        refused(&out),
+        "a new file in /mnt/t/data was not refused: {out:?}"
+    );
+    let lines = file_lines(&mut vm)?;
+    for want in [
+        "file read /mnt/t/data/f flags=8 ",
+        "file write /mnt/t/data/new flags=9 ",
+        "file read /srv/data/m/f flags=8 ",
+    ] {
+        ensure!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(want) && l.ends_with("-> deny")),
+            "no denied request `{want}...`: {lines:?}"
+        );
+    }
+
+    // The missing path appears; once the paths come again it is protected.
+    vm.run_ok("mkdir /srv/later && echo new >/srv/later/f")?;
+    let out = vm.run_ok(&format!("{EVIL} /srv/later/f"))?;
+    ensure!(out.stdout.trim() == "new", "not protected yet: {out:?}");
+    vm.run_ok(&format!(
+        "kill -USR2 $(pidof tb-fakeagent) && for i in $(seq 100); do grep -q '^paths sent' {AGENT_LOG} && break; sleep 0.2; done"
+    ))?;
+    let (resolved, missing) = (
+        counter(&mut vm, "file_paths_resolved")?,
+        counter(&mut vm, "file_paths_missing")?,
+    );
+    ensure!(
+        (resolved, missing) == (4, 0),
+        "after the re-send: resolved {resolved}, missing {missing}: want 4, 0"
+    );
+    let out = vm.run(&format!("{EVIL} /srv/later/f"))?;
+    ensure!(
+        refused(&out),
+        "{EVIL} /srv/later/f was not refused: {out:?}"
+    );
+    stop_agent(&mut vm)?;
+    vm.run_ok("umount /mnt/t /srv/data/m && rmmod trustbind")?;
     vm.check_health()?;
     vm.shutdown()?;
     Ok(())

@@ -13,12 +13,19 @@
 //! Runs: sliced with the cache off (cold), sliced with the cache on after
 //! one warm-up pass (warm), and unsliced with the cache off on the same
 //! data (fewer decisions: it is slow), giving the sliced/unsliced ratio.
+//! `TB_BENCH_RUNS=unseen`: a stream of requests drawn like the pool's but
+//! never repeated, through a fresh engine with the exact-request cache and
+//! one with the class cache (`EngineOptions::class_cache`).
+//! `TB_BENCH_RUNS=audit`: the cold run with every decision's audit row
+//! (`decision_event`, as the agent API builds it) appended to the store's
+//! chain by a writer thread in batches of up to 1 024 (what
+//! `AuditWriter` does), its CPU time counted with the workers'.
 //! `TB_BENCH_SCALE=0.1` shortens the runs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use trustbind_appliance::policy::engine::{Engine, EngineOptions};
+use trustbind_appliance::policy::engine::{decision_event, Engine, EngineOptions};
 use trustbind_appliance::request::{
     Action, FiveTuple, Program, Proto, QualifyRequest, Subject, Target,
 };
@@ -186,8 +193,13 @@ fn setup(dir: &std::path::Path) -> Arc<Store> {
 }
 
 fn pool() -> Vec<QualifyRequest> {
-    let mut r = Rng(0x1234_5678_9abc_def1);
-    (0..POOL)
+    requests(0x1234_5678_9abc_def1, POOL)
+}
+
+/// `n` requests drawn like the pool's, from `seed`.
+fn requests(seed: u64, n: usize) -> Vec<QualifyRequest> {
+    let mut r = Rng(seed);
+    (0..n)
         .map(|_| {
             let g = r.below(GROUPS);
             let prog = if r.below(100) < 5 {
@@ -314,11 +326,48 @@ fn run(
     pool: &[QualifyRequest],
     per_thread: usize,
 ) -> Run {
+    run_audited(name, engine, pool, per_thread, None)
+}
+
+/// Most audit events appended in one transaction (`store::writer::MAX_BATCH`).
+const AUDIT_BATCH: usize = 1024;
+
+/// [`run`], each decision's audit row appended to `audit`'s chain by a
+/// writer thread (its CPU time added to the workers'). A decision's
+/// latency is the engine's and building its audit event, not the wait
+/// for the commit.
+fn run_audited(
+    name: &'static str,
+    engine: &Arc<Engine>,
+    pool: &[QualifyRequest],
+    per_thread: usize,
+    audit: Option<&Arc<Store>>,
+) -> Run {
     let start = Instant::now();
+    let (tx, rx) = std::sync::mpsc::sync_channel(65_536);
+    let mut writer_cpu = Duration::ZERO;
     let results: Vec<ThreadResult> = std::thread::scope(|s| {
+        let writer = audit.map(|store| {
+            s.spawn(move || {
+                let cpu0 = thread_cpu();
+                let mut rows = 0usize;
+                while let Ok(ev) = rx.recv() {
+                    let mut batch = vec![ev];
+                    while batch.len() < AUDIT_BATCH {
+                        match rx.try_recv() {
+                            Ok(ev) => batch.push(ev),
+                            Err(_) => break,
+                        }
+                    }
+                    rows += store.append_audit_batch(&batch).expect("audit").len();
+                }
+                (rows, thread_cpu().saturating_sub(cpu0))
+            })
+        });
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
                 let engine = Arc::clone(engine);
+                let tx = audit.map(|_| tx.clone());
                 s.spawn(move || {
                     let mut lat = Vec::with_capacity(per_thread);
                     let mut allows = 0;
@@ -328,6 +377,9 @@ fn run(
                         let q = &pool[(offset + i) % pool.len()];
                         let t0 = Instant::now();
                         let d = engine.decide(q).expect("decide");
+                        if let Some(tx) = &tx {
+                            tx.send(decision_event(q, &d)).expect("audit queue");
+                        }
                         lat.push((
                             q.action,
                             u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX),
@@ -343,10 +395,17 @@ fn run(
                 })
             })
             .collect();
-        handles
+        drop(tx);
+        let results = handles
             .into_iter()
             .map(|h| h.join().expect("join"))
-            .collect()
+            .collect();
+        if let Some(w) = writer {
+            let (rows, cpu) = w.join().expect("join writer");
+            assert_eq!(rows, per_thread * THREADS, "every decision audited");
+            writer_cpu = cpu;
+        }
+        results
     });
     let wall = start.elapsed();
     let mut lat: Vec<u64> = results
@@ -373,7 +432,7 @@ fn run(
         lat,
         by_action,
         allows: results.iter().map(|(_, a, _)| a).sum(),
-        cpu: results.iter().map(|(_, _, c)| *c).sum(),
+        cpu: results.iter().map(|(_, _, c)| *c).sum::<Duration>() + writer_cpu,
     }
 }
 
@@ -389,10 +448,12 @@ fn main() {
     let setup_s = t.elapsed().as_secs_f64();
     let pool = pool();
 
-    let which = std::env::var("TB_BENCH_RUNS").unwrap_or_else(|_| "cold,warm,unsliced".into());
+    let which =
+        std::env::var("TB_BENCH_RUNS").unwrap_or_else(|_| "cold,audit,warm,unseen,unsliced".into());
     let opts = |slicing, cache_capacity| EngineOptions {
         slicing,
         cache_capacity,
+        ..EngineOptions::default()
     };
     let load = |o: EngineOptions| {
         let t = Instant::now();
@@ -410,6 +471,16 @@ fn main() {
         let cold = load(opts(true, 0));
         runs.push(run("sliced, cache off (cold)", &cold, &pool, n(200_000.0)));
     }
+    if which.contains("audit") {
+        let cold = load(opts(true, 0));
+        runs.push(run_audited(
+            "sliced, cache off (cold), audit rows",
+            &cold,
+            &pool,
+            n(200_000.0),
+            Some(&store),
+        ));
+    }
     if which.contains("warm") {
         let warm = load(opts(true, 65_536));
         // One pass over the pool fills the cache.
@@ -424,6 +495,29 @@ fn main() {
             100.0 * hits as f64 / (hits + misses).max(1) as f64,
             after.entries
         );
+    }
+    if which.contains("unseen") {
+        // Requests the cache has not seen: a fresh engine, one pass over
+        // a stream drawn like the pool (almost every request distinct), so
+        // an exact-request cache nearly never hits and the class cache
+        // hits when a request's class was seen.
+        let stream = requests(0x0ddb_a11c_afe0_f00d, n(200_000.0));
+        for (name, class_cache) in [
+            ("unseen, exact-request cache", false),
+            ("unseen, class cache", true),
+        ] {
+            let e = load(EngineOptions {
+                class_cache,
+                ..opts(true, 65_536)
+            });
+            runs.push(run(name, &e, &stream, stream.len() / THREADS));
+            let st = e.cache_stats();
+            println!(
+                "{name}: hit rate {:.1} % ({} entries)",
+                100.0 * st.hits as f64 / (st.hits + st.misses).max(1) as f64,
+                st.entries
+            );
+        }
     }
     if which.contains("unsliced") {
         let whole = load(opts(false, 0));

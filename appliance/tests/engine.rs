@@ -710,6 +710,9 @@ use trustbind_appliance::policy::engine::EngineOptions;
 const UNSLICED: EngineOptions = EngineOptions {
     slicing: false,
     cache_capacity: 0,
+    class_cache: true,
+    // The reference: every request decided by Cedar.
+    compiled: false,
 };
 
 #[test]
@@ -978,6 +981,7 @@ fn cache_hits_repeat_requests_and_flushes_on_generation_move() {
     assert_eq!(d2.outcome, d1.outcome);
     assert_eq!(e.cache_stats().hits, 1);
     assert_eq!(e.cache_stats().misses, 1);
+    // Its slice is decided without Cedar: kept under the request only.
     assert_eq!(e.cache_stats().entries, 1);
 
     // Keyed by hour and weekday where a candidate policy reads them.
@@ -1023,6 +1027,8 @@ fn clock_reading_decisions_are_never_cached() {
         EngineOptions {
             slicing: true,
             cache_capacity: 0,
+            class_cache: true,
+            compiled: true,
         },
     )
     .unwrap();

@@ -34,7 +34,9 @@ pub mod audit_seal;
 mod cache;
 pub mod cert;
 pub mod check;
+pub mod class;
 pub mod clock;
+pub mod compiled;
 pub mod engine;
 mod err;
 pub mod explain;
@@ -258,11 +260,34 @@ pub fn outcome_with<M: std::borrow::Borrow<PolicyMeta>>(
     mode: Mode,
     meta: impl Fn(&cedar_policy::PolicyId) -> Option<M>,
 ) -> Outcome {
+    outcome_of(
+        resp.decision() == Decision::Allow,
+        resp.diagnostics().reason().collect(),
+        resp.diagnostics().errors().count(),
+        mode,
+        meta,
+    )
+}
+
+/// [`outcome_with`] from its parts: whether Cedar allowed, the
+/// determining policies and the number of evaluation errors (a decision
+/// made without Cedar, [`compiled`], has the same parts).
+pub fn outcome_of<M: std::borrow::Borrow<PolicyMeta>>(
+    allow: bool,
+    mut ids: Vec<&cedar_policy::PolicyId>,
+    errors: usize,
+    mode: Mode,
+    meta: impl Fn(&cedar_policy::PolicyId) -> Option<M>,
+) -> Outcome {
+    let decision = if allow {
+        Decision::Allow
+    } else {
+        Decision::Deny
+    };
     let mut reasons = Vec::new();
     let mut alerts = Vec::new();
     let mut obligations = BTreeMap::new();
     // Sorted, so that obligations and reasons do not depend on hash order.
-    let mut ids: Vec<&cedar_policy::PolicyId> = resp.diagnostics().reason().collect();
     ids.sort_unstable();
     for id in ids {
         let m = meta(id);
@@ -271,14 +296,13 @@ pub fn outcome_with<M: std::borrow::Borrow<PolicyMeta>>(
         if mode != Mode::Disabled {
             alerts.extend(m.and_then(|m| m.alert.clone()));
         }
-        if resp.decision() == Decision::Allow {
+        if decision == Decision::Allow {
             for (k, v) in m.map(|m| m.obligations.as_slice()).unwrap_or_default() {
                 obligations.insert((*k).to_owned(), v.clone());
             }
         }
     }
-    let errors = resp.diagnostics().errors().count();
-    let (verdict, would_deny) = match (mode, resp.decision()) {
+    let (verdict, would_deny) = match (mode, decision) {
         (Mode::Disabled, _) => (Verdict::Allow, false),
         (_, Decision::Allow) if obligations.is_empty() => (Verdict::Allow, false),
         (_, Decision::Allow) => (Verdict::AllowWithConditions { obligations }, false),

@@ -67,7 +67,7 @@ impl Reads {
         !self.clock() && !self.any(Reads::SESSION.with(Reads::ANCESTRY).with(Reads::FILE_OP))
     }
 
-    fn attr(name: &str) -> Reads {
+    pub(crate) fn attr(name: &str) -> Reads {
         match name {
             "time" => Reads::TIME,
             "hour" => Reads::HOUR,

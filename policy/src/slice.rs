@@ -28,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicyId, PolicySet, ResourceConstraint};
 use serde_json::Value;
 
+use super::class::{self, Shape};
+use super::compiled::{self, Compiled, FastSlice};
 use super::explain::Permits;
 use super::reads::{self, Reads};
 use super::PolicyMeta;
@@ -47,18 +49,40 @@ pub struct Slice {
     pub reads: Reads,
     /// Number of policies.
     pub len: usize,
+    /// Unique among the slices of the process: part of a decision-cache
+    /// key, naming the policies evaluated.
+    pub id: u64,
+    /// What the policies read of a request ([`class`]): the decision
+    /// cache's key holds only that.
+    pub class: Shape,
+    /// The slice decided without Cedar, when every policy compiled
+    /// ([`compiled`]).
+    pub fast: Option<FastSlice>,
 }
 
 /// What each policy reads, computed once per policy set (turning a policy
 /// into JSON re-parses its text, far too slow for the request path).
-type ReadsOf = HashMap<PolicyId, Reads>;
+type ReadsOf = HashMap<PolicyId, (Reads, Shape, Option<Compiled>)>;
+
+/// Source of [`Slice::id`].
+static NEXT_SLICE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Slice {
     fn of(policies: &[Policy], reads_of: &ReadsOf) -> Self {
         let mut set = PolicySet::new();
         let mut r = Reads::NONE;
+        let mut shape = Shape::default();
         for p in policies {
-            r = r.with(reads_of.get(p.id()).copied().unwrap_or(Reads::ALL));
+            match reads_of.get(p.id()) {
+                Some((reads, s, _)) => {
+                    r = r.with(*reads);
+                    shape.add(s);
+                }
+                None => {
+                    r = Reads::ALL;
+                    shape.add(&Shape::all());
+                }
+            }
             // Ids are unique in the source set, so adding cannot fail.
             let _ = set.add(p.clone());
         }
@@ -66,6 +90,11 @@ impl Slice {
             set,
             reads: r,
             len: policies.len(),
+            id: NEXT_SLICE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            class: shape,
+            fast: FastSlice::new(policies, |id| {
+                reads_of.get(id).and_then(|(_, _, c)| c.as_ref())
+            }),
         }
     }
 }
@@ -134,7 +163,10 @@ impl Index {
             .map(|(p, e)| {
                 (
                     p.id().clone(),
-                    e.as_ref().map_or(Reads::ALL, reads::of_json),
+                    e.as_ref().map_or_else(
+                        || (Reads::ALL, Shape::all(), None),
+                        |e| (reads::of_json(e), class::of_json(e), compiled::of_json(e)),
+                    ),
                 )
             })
             .collect();

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::files::FileSet;
 
 /// Mode of a host group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Deny what the policy denies.

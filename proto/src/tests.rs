@@ -877,8 +877,14 @@ fn file_request_layout_and_checks() {
     let mut bad = buf.clone();
     bad[HEADER_LEN] = 5;
     assert_eq!(decode(&bad), Err(DecodeError::InvalidField("access")));
+    // The named-path flags are known; the next bit is not.
+    for known in [FILE_PATH_NAMED, FILE_TO_NAMED] {
+        let mut ok = buf.clone();
+        ok[HEADER_LEN + 1] = known;
+        assert!(decode(&ok).is_ok());
+    }
     let mut bad = buf.clone();
-    bad[HEADER_LEN + 1] = 8;
+    bad[HEADER_LEN + 1] = 32;
     assert_eq!(decode(&bad), Err(DecodeError::InvalidField("flags")));
     let mut bad = buf.clone();
     let last = bad.len() - 1;

@@ -600,20 +600,26 @@ impl Channel {
     /// Acts on one record the agent wrote.
     fn take_record(&self, buf: &[u8]) -> Result {
         let (header, record) = proto::decode(buf).map_err(|e| reject(&e))?;
+        // A sealed record's inner record, decoded once; its seal is checked
+        // under the lock.
+        let (header, record, seal) = match record {
+            Record::Sealed(x) => {
+                let (h, r) = proto::decode(x.inner()).map_err(|e| reject(&e))?;
+                (h, r, Some(x))
+            }
+            other => (header, other, None),
+        };
         // Sealed paths are walked before the channel's lock is taken: a
         // path walk takes inode locks, which the file hooks hold while
         // they take the module's. A record refused below wasted a walk.
         let resolved = match &record {
             Record::FileSetPaths(f) => Some(files::resolve(f)?),
-            Record::Sealed(x) => match proto::decode(x.inner()) {
-                Ok((_, Record::FileSetPaths(f))) => Some(files::resolve(&f)?),
-                _ => None,
-            },
             _ => None,
         };
         let mut st = self.state.lock();
-        match record {
-            Record::Sealed(x) => {
+        match seal {
+            Some(x) => {
+                let inner_header = header;
                 if !st.greeted {
                     return Err(EINVAL);
                 }
@@ -621,7 +627,6 @@ impl Channel {
                     pr_warn!("sealed record, but no authority key was given at load\n");
                     return Err(EINVAL);
                 };
-                let (inner_header, inner) = proto::decode(x.inner()).map_err(|e| reject(&e))?;
                 let slot = seal::order_slot(inner_header.kind);
                 let digest = match slot {
                     Some(_) => [0; seal::DIGEST_LEN],
@@ -649,9 +654,9 @@ impl Channel {
                         *l = x.seq;
                     }
                 }
-                self.apply(&mut st, inner_header, inner, true, resolved)
+                self.apply(&mut st, inner_header, record, true, resolved)
             }
-            other => self.apply(&mut st, header, other, false, resolved),
+            None => self.apply(&mut st, header, record, false, resolved),
         }
     }
 

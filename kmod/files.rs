@@ -10,9 +10,10 @@
 //! file system, is listed (`proto/src/files.rs`). Everything else costs
 //! one lookup. The list is the union of the identities of the appliance's
 //! sealed paths, which the module resolves itself from init's root
+//! with the roots of the mounts below them from init's mount table
 //! ([`resolve`], [`Files::set_sealed`]: root cannot empty them, T-102),
-//! and the agent's `FileSets` ([`Files::set_agent_sets`]: the roots of
-//! mounts below a protected directory, which the module cannot list).
+//! and the agent's `FileSets` ([`Files::set_agent_sets`], which only add;
+//! all a module without a session has).
 //!
 //! The hooks run under VFS locks or with preemption disabled, so [`gate`]
 //! never sleeps: it answers from the verdict cache or from the answer the
@@ -95,12 +96,15 @@ pub(crate) struct Resolved {
 }
 
 impl Resolved {
-    const EMPTY: fn() -> Resolved = || Resolved {
-        ids: KVec::new(),
-        names: KVec::new(),
-        text: KVec::new(),
-        missing: 0,
-    };
+    /// Nothing resolved.
+    fn empty() -> Resolved {
+        Resolved {
+            ids: KVec::new(),
+            names: KVec::new(),
+            text: KVec::new(),
+            missing: 0,
+        }
+    }
 
     /// The appliance's path of identity `id`, if it is one of its paths.
     fn name_of(&self, id: (u64, u64)) -> Option<&[u8]> {
@@ -242,7 +246,7 @@ impl Files {
         a.extend_with(ANSWER_SLOTS, Answer::EMPTY, GFP_KERNEL)?;
         let answers = Answers::new(a).ok_or(EINVAL)?;
         let sources = Sources {
-            sealed: (Resolved::EMPTY)(),
+            sealed: Resolved::empty(),
             agent: KVec::new(),
         };
         Ok(try_pin_init!(Self {
@@ -714,7 +718,7 @@ pub(crate) fn ask(s: &Shared, op: &FileOp) -> Result {
     let mut path = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
     let mut to = KVec::from_elem(0u8, MAX_PATH_LEN + 1, GFP_KERNEL)?;
     let mut path_named = KVec::from_elem(0u8, MAX_PATH_LEN, GFP_KERNEL)?;
-    let mut to_named = KVec::from_elem(0u8, MAX_PATH_LEN, GFP_KERNEL)?;
+    let mut to_named = KVec::new();
     let mut flags = t.flags;
     // The paths as the appliance named its protected sets, where the walk
     // meets one of its paths (T-102); otherwise from the file system's
@@ -730,6 +734,7 @@ pub(crate) fn ask(s: &Shared, op: &FileOp) -> Result {
     let to: &[u8] = match op.new_name() {
         Some(n) if matches!(op.op, sys::FOP_RENAME | sys::FOP_LINK) => {
             let fs_to = n.path(&mut to)?;
+            to_named.extend_with(MAX_PATH_LEN, 0u8, GFP_KERNEL)?;
             match s.files.named(n, true, fs_to, &mut to_named) {
                 Some(len) => {
                     flags |= FILE_TO_NAMED;

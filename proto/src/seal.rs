@@ -126,10 +126,9 @@ pub const fn bare_rule(kind: Kind) -> BareRule {
         Kind::ChannelKey => BareRule::RefuseAnswer,
         Kind::Config => BareRule::UnlessWeakening,
         Kind::Peers => BareRule::Refuse,
-        // The sealed paths the module resolves itself
-        // ([`crate::FileSetPaths`]) are the appliance's word; the agent's
-        // identities only add to them (mounts below a protected
-        // directory, which the module cannot list): see THREAT-MODEL.md
+        // The sealed paths the module resolves itself, with the mounts
+        // below them ([`crate::FileSetPaths`]), are the appliance's word;
+        // the agent's identities only add to them: see THREAT-MODEL.md
         // T-102.
         Kind::FileSets => BareRule::Accept,
         Kind::FileSetPaths => BareRule::Refuse,

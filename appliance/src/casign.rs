@@ -453,12 +453,16 @@ impl Signer {
         let key = CaKey::open_or_create(dir)?;
         let log_path = dir.join(LOG_FILE);
         let mut used = HashSet::new();
-        if let Ok(f) = fs::File::open(&log_path) {
-            for line in BufReader::new(f).lines() {
-                let line = line.map_err(|e| crate::pki::io_err(&log_path, e))?;
-                if let Ok(l) = serde_json::from_str::<LogLine>(&line) {
-                    used.insert(l.auth);
-                }
+        // Read once: the authorisations it names, and whether its last
+        // line was cut short by a crash.
+        let text = match fs::read_to_string(&log_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(crate::pki::io_err(&log_path, e)),
+        };
+        for line in text.lines() {
+            if let Ok(l) = serde_json::from_str::<LogLine>(line) {
+                used.insert(l.auth);
             }
         }
         used.remove(&Authorisation::None);
@@ -469,10 +473,7 @@ impl Signer {
             .open(&log_path)
             .map_err(|e| crate::pki::io_err(&log_path, e))?;
         // A line cut short by a crash is ended, so the next one is whole.
-        let torn = fs::read(&log_path)
-            .map(|b| b.last().is_some_and(|c| *c != b'\n'))
-            .unwrap_or(false);
-        if torn {
+        if !text.is_empty() && !text.ends_with('\n') {
             log.write_all(b"\n")
                 .map_err(|e| crate::pki::io_err(&log_path, e))?;
         }
@@ -537,11 +538,19 @@ impl Signer {
             peer_pid,
         };
         let text = serde_json::to_string(&line).map_err(|e| refused(e.to_string()))?;
-        // Not logged, not handed out.
-        self.log
+        // Not logged, not handed out. A line half written (a full disk)
+        // is cut off again, so the next one does not run into it.
+        let before = self.log.metadata().map(|m| m.len());
+        if let Err(e) = self
+            .log
             .write_all(format!("{text}\n").as_bytes())
             .and_then(|()| self.log.sync_data())
-            .map_err(|e| crate::pki::io_err(&self.log_path, e))?;
+        {
+            if let Ok(len) = before {
+                let _ = self.log.set_len(len);
+            }
+            return Err(crate::pki::io_err(&self.log_path, e));
+        }
         if req.auth != Authorisation::None {
             self.used.insert(req.auth.clone());
         }

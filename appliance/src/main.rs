@@ -949,10 +949,8 @@ fn hostname() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Host name, `localhost`, and the given listen IPs (unspecified ones skipped).
-/// The PKI of a data directory that has one (made by the first `serve`
-/// or `admin-cert`), for the commands that only read it.
-/// Fails unless `data_dir` holds a CA certificate.
+/// Fails unless `data_dir` holds a CA certificate (made by the first
+/// `serve` or `admin-cert`), for the commands that only read it.
 fn existing_pki_dir(data_dir: &std::path::Path) -> Result<(), Fail> {
     if !data_dir.join(pki::CA_CERT_FILE).exists() {
         return Err(Fail(
@@ -966,6 +964,7 @@ fn existing_pki_dir(data_dir: &std::path::Path) -> Result<(), Fail> {
     Ok(())
 }
 
+/// Host name, `localhost`, and the given listen IPs (unspecified ones skipped).
 fn default_names(listen: &[SocketAddr]) -> Vec<String> {
     let mut names: Vec<String> = hostname().into_iter().collect();
     names.push("localhost".into());

@@ -263,12 +263,13 @@ impl fmt::Debug for Pki {
 /// and admins pin), from `ca.pem` alone: the CA key is not read (T-76).
 pub fn ca_fingerprint(dir: &Path) -> Result<String, PkiError> {
     let path = dir.join(CA_CERT_FILE);
-    let pem = fs::read_to_string(&path).map_err(|e| PkiError::Io {
-        path: path.clone(),
-        source: e,
-    })?;
-    let der = casign::ca_der(&pem, &path)?;
-    Ok(hex(&Sha256::digest(der.as_ref())))
+    let der = casign::ca_der(&read_string(&path)?, &path)?;
+    Ok(fingerprint_of(&der))
+}
+
+/// The fingerprint of a CA certificate: the SHA-256 of its DER, hex.
+fn fingerprint_of(der: &[u8]) -> String {
+    hex(&Sha256::digest(der))
 }
 
 impl Pki {
@@ -301,7 +302,7 @@ impl Pki {
         ca: Ca,
     ) -> Result<Self, PkiError> {
         let ca_der = casign::ca_der(&ca_pem, &dir.join(CA_CERT_FILE))?;
-        let fingerprint = hex(&Sha256::digest(ca_der.as_ref()));
+        let fingerprint = fingerprint_of(ca_der.as_ref());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
 
         let authority = Arc::new(crate::seal::Authority::open_or_create(dir)?);

@@ -399,7 +399,7 @@ fn handled(op: &str, inner: &Value, s: &mut Shape) -> bool {
                 // A membership test: the literal is named (or, for an
                 // identity type, read), the variable's identity is not.
                 if let Some(attr) = context_attr(l) {
-                    s.exact = s.exact.with(reads_attr(attr));
+                    s.exact = s.exact.with(Reads::attr(attr));
                 }
                 literals(r, s);
                 return true;
@@ -411,7 +411,7 @@ fn handled(op: &str, inner: &Value, s: &mut Shape) -> bool {
             let attr = inner.get("attr").and_then(Value::as_str).unwrap_or("");
             match l.get("Var").and_then(Value::as_str) {
                 Some("context") => {
-                    s.exact = s.exact.with(reads_attr(attr));
+                    s.exact = s.exact.with(Reads::attr(attr));
                     if op == "." {
                         // The value itself: an identity for an entity attribute.
                         s.ids = s.ids.with(match attr {
@@ -457,16 +457,6 @@ fn handled(op: &str, inner: &Value, s: &mut Shape) -> bool {
             }
         }
         _ => false,
-    }
-}
-
-/// The context attribute as [`Reads`] when read for its value; the
-/// entity attributes (host, program, peers) are identities, handled by
-/// [`Ids`], and `mode` is always in the key.
-fn reads_attr(attr: &str) -> Reads {
-    match attr {
-        "host" | "program" | "peer_host" | "peer_program" | "mode" | "loader_direct" => Reads::NONE,
-        other => Reads::attr(other),
     }
 }
 

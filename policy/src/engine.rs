@@ -957,14 +957,14 @@ impl Engine {
         let by_cedar = slice.fast.is_none() || !self.options.compiled;
         let class_key = (cache_on && self.options.class_cache && by_cedar)
             .then(|| cache_key(req, &parts, &slice, false));
-        if let (Some(k), Some(exact)) = (&class_key, exact_key.clone()) {
+        if let (Some(k), Some(exact)) = (&class_key, &exact_key) {
             if let Some(c) = snap.cache.get(k) {
                 let (d, noted) = self.hit(snap, c, req, &parts);
                 if noted {
                     // The ledger knows this answer for the request's own
                     // programs now.
                     snap.cache.insert(
-                        exact,
+                        exact.clone(),
                         Cached {
                             decision: d.clone(),
                             program: req.program.sha256.as_str().into(),

@@ -39,7 +39,7 @@ use kernel::{new_mutex, new_spinlock};
 use crate::device::{Answer as Reply, Wait};
 use crate::exec::{Refusal, Refusals};
 use crate::proto::cache::{ContextClass, ExecKey, Slot as CacheSlot, VerdictCache};
-use crate::proto::files::{self, Answer, Answers, Outcome, ProtectedSet, MAX_DEPTH};
+use crate::proto::files::{self, Answer, Answers, Outcome, ProtectedSet, Seen, SeenPlaces, MAX_DEPTH};
 use crate::proto::lineage::ProcId;
 use crate::proto::{
     Decision, FileAccess, FileRequest, FileSetPaths, FileSets, Mode, Record, Verdict, FILE_CREATE, FILE_LINK,
@@ -58,6 +58,13 @@ const ANSWER_SLOTS: usize = 256;
 
 /// [`Files::dev_hint`] when the entries are on several devices (or none).
 const MANY_DEVS: u64 = u64::MAX;
+
+/// The walk's first try looks at this many dentries; deeper files take a
+/// second walk with room for [`MAX_DEPTH`].
+const SHALLOW: usize = 16;
+
+/// Places remembered with what their walk found (about 48 bytes each).
+const SEEN_PLACES: usize = 4096;
 
 /// The program of a process whose executable could not be hashed.
 const NO_PROGRAM: [u8; 32] = [0; 32];
@@ -233,6 +240,14 @@ pub(crate) struct Files {
     cache: SpinLock<VerdictCache<KVVec<CacheSlot>>>,
     #[pin]
     answers: SpinLock<Answers<KVVec<Answer>>>,
+    /// What the walk from a place found (see [`Place`]).
+    #[pin]
+    seen: SpinLock<SeenPlaces<KVVec<Seen>>>,
+    /// Moves whenever a remembered place may no longer be unprotected
+    /// without the dentry tree's version moving: the protected set
+    /// changed, or a directory was removed (its inode number may come
+    /// back inside a protected set).
+    epoch: AtomicU64,
 }
 
 impl Files {
@@ -245,6 +260,9 @@ impl Files {
         let mut a = KVVec::new();
         a.extend_with(ANSWER_SLOTS, Answer::EMPTY, GFP_KERNEL)?;
         let answers = Answers::new(a).ok_or(EINVAL)?;
+        let mut places = KVVec::new();
+        places.extend_with(SEEN_PLACES, Seen::EMPTY, GFP_KERNEL)?;
+        let seen = SeenPlaces::new(places).ok_or(EINVAL)?;
         let sources = Sources {
             sealed: Resolved::empty(),
             agent: KVec::new(),
@@ -256,6 +274,8 @@ impl Files {
             dev_hint: AtomicU64::new(MANY_DEVS),
             cache <- new_spinlock!(cache, "trustbind_file_cache"),
             answers <- new_spinlock!(answers, "trustbind_file_answers"),
+            seen <- new_spinlock!(seen, "trustbind_file_seen"),
+            epoch: AtomicU64::new(0),
         }? Error))
     }
 
@@ -308,6 +328,10 @@ impl Files {
         let old = core::mem::replace(&mut *guard, new);
         self.dev_hint.store(hint, Ordering::Relaxed);
         self.armed.store(n, Ordering::Release);
+        // After the new set is in place: a walk of the old set that
+        // finishes later remembers its place under the old epoch, which no
+        // lookup asks for again.
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         drop(guard);
         // CAST: at most MAX_FILE_SET_ENTRIES + MAX_FILE_SET_PATHS.
         STATS.protected.store(n as u64, Ordering::Relaxed);
@@ -324,21 +348,53 @@ impl Files {
         }
     }
 
+    /// A directory is being removed.
+    pub(crate) fn dir_removed(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn protection(&self, d: Dentry<'_>, from_parent: bool) -> bool {
-        let mut inos = [0u64; MAX_DEPTH];
         let Some(dev) = d.dev() else {
-            return self.protection_varied(d, from_parent, &mut inos);
+            return self.protection_varied(d, from_parent);
         };
         let hint = self.dev_hint.load(Ordering::Relaxed);
         if hint != MANY_DEVS && hint != dev {
             return false;
         }
-        match d.ancestors(from_parent, &mut inos, None) {
-            Some(n) => self
-                .set
-                .lock()
-                .classify(dev, inos.iter().take(n).copied())
-                .asks(),
+        // A file opened before: one lookup, no walk.
+        let place = d.place(from_parent, dev, self.epoch.load(Ordering::Acquire));
+        if let Some(p) = &place {
+            if let Some(asks) = self.seen.lock().get(p) {
+                bump(&STATS.places_seen);
+                return asks;
+            }
+        }
+        // Most files are a few directories deep: a short array first (an
+        // array is zeroed on every call).
+        let mut inos = [0u64; SHALLOW];
+        let mut tree = 0;
+        let asks = match d.ancestors(from_parent, &mut inos, None, Some(&mut tree)) {
+            Some(n) => self.classify(dev, inos.iter().take(n).copied()),
+            None => return self.protection_deep(d, from_parent, dev),
+        };
+        // Remembered only if the walk saw the tree the place was read in.
+        if let Some(p) = place.filter(|p| p.tree == tree) {
+            self.seen.lock().put(&p, asks);
+        }
+        asks
+    }
+
+    fn classify(&self, dev: u64, inos: impl Iterator<Item = u64>) -> bool {
+        self.set.lock().classify(dev, inos).asks()
+    }
+
+    /// [`Self::protection`] for a file deeper than [`SHALLOW`] (or
+    /// disconnected).
+    #[inline(never)]
+    fn protection_deep(&self, d: Dentry<'_>, from_parent: bool, dev: u64) -> bool {
+        let mut inos = [0u64; MAX_DEPTH];
+        match d.ancestors(from_parent, &mut inos, None, None) {
+            Some(n) => self.classify(dev, inos.iter().take(n).copied()),
             // Deeper than the walk goes, or disconnected: fail closed.
             None => true,
         }
@@ -347,11 +403,11 @@ impl Files {
     /// [`Self::protection`] on a file system whose inodes report devices
     /// of their own (btrfs subvolumes, T-98): every dentry of the walk
     /// with its own device. Kept out of line so the common walk's frame
-    /// holds one array.
+    /// holds one short array.
     #[inline(never)]
-    fn protection_varied(&self, d: Dentry<'_>, from_parent: bool, inos: &mut [u64; MAX_DEPTH]) -> bool {
-        let mut devs = [0u64; MAX_DEPTH];
-        match d.ancestors(from_parent, inos, Some(&mut devs)) {
+    fn protection_varied(&self, d: Dentry<'_>, from_parent: bool) -> bool {
+        let (mut inos, mut devs) = ([0u64; MAX_DEPTH], [0u64; MAX_DEPTH]);
+        match d.ancestors(from_parent, &mut inos, Some(&mut devs), None) {
             Some(n) => self
                 .set
                 .lock()
@@ -373,7 +429,7 @@ impl Files {
     fn named(&self, d: Dentry<'_>, from_parent: bool, fs_path: &[u8], out: &mut [u8]) -> Option<usize> {
         let mut inos = [0u64; MAX_DEPTH];
         let mut devs = [0u64; MAX_DEPTH];
-        let n = d.ancestors(from_parent, &mut inos, Some(&mut devs))?;
+        let n = d.ancestors(from_parent, &mut inos, Some(&mut devs), None)?;
         let src = self.sources.lock();
         let (k, base) = devs
             .iter()
@@ -453,6 +509,8 @@ pub(crate) struct Stats {
     pub(crate) paths_resolved: AtomicU64,
     /// The appliance's paths not found at their last resolution (gauge).
     pub(crate) paths_missing: AtomicU64,
+    /// Walks answered by a remembered place.
+    pub(crate) places_seen: AtomicU64,
     /// Operations on protected files decided.
     pub(crate) checked: AtomicU64,
     /// Of these, answered by the cache.
@@ -481,6 +539,7 @@ pub(crate) static STATS: Stats = Stats {
     protected: AtomicU64::new(0),
     paths_resolved: AtomicU64::new(0),
     paths_missing: AtomicU64::new(0),
+    places_seen: AtomicU64::new(0),
     checked: AtomicU64::new(0),
     cache_hits: AtomicU64::new(0),
     answers_used: AtomicU64::new(0),

@@ -246,6 +246,7 @@ impl kernel::Module for Trustbind {
             (c_str!("file_protected"), &files::STATS.protected),
             (c_str!("file_paths_resolved"), &files::STATS.paths_resolved),
             (c_str!("file_paths_missing"), &files::STATS.paths_missing),
+            (c_str!("file_places_seen"), &files::STATS.places_seen),
             (c_str!("file_checked"), &files::STATS.checked),
             (c_str!("file_cache_hits"), &files::STATS.cache_hits),
             (c_str!("file_answers_used"), &files::STATS.answers_used),

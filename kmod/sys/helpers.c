@@ -2683,7 +2683,7 @@ bool tb_dentry_ident(const struct dentry *d, bool parent, u64 *dev,
 }
 
 int tb_dentry_chain(const struct dentry *d, bool from_parent, u64 *inos,
-		    u64 *devs, int max)
+		    u64 *devs, int max, u32 *tree)
 {
 	const struct dentry *p;
 	unsigned int seq;
@@ -2720,7 +2720,36 @@ int tb_dentry_chain(const struct dentry *d, bool from_parent, u64 *inos,
 		}
 	} while (read_seqretry(&rename_lock, seq));
 	rcu_read_unlock();
+	if (tree)
+		*tree = seq;
 	return n;
+}
+
+bool tb_dentry_place(const struct dentry *d, bool from_parent, u64 *ino,
+		     u64 *parent_ino, u64 *gens, u32 *tree)
+{
+	const struct dentry *p, *q;
+	const struct super_block *sb;
+	struct inode *pi, *qi;
+	unsigned int seq;
+	bool ok = false;
+
+	rcu_read_lock();
+	seq = read_seqbegin(&rename_lock);
+	p = from_parent ? READ_ONCE(d->d_parent) : d;
+	q = READ_ONCE(p->d_parent);
+	sb = p->d_sb;
+	pi = d_inode_rcu(p);
+	qi = d_inode_rcu(q);
+	if (pi && qi && q != p && (sb->s_bdev || sb->s_magic == TMPFS_MAGIC)) {
+		*ino = pi->i_ino;
+		*parent_ino = qi->i_ino;
+		*gens = (u64)pi->i_generation << 32 | qi->i_generation;
+		*tree = seq;
+		ok = !read_seqretry(&rename_lock, seq);
+	}
+	rcu_read_unlock();
+	return ok;
 }
 
 int tb_dentry_path(const struct dentry *d, char *buf, int len,
@@ -2874,6 +2903,7 @@ enum tb_fhook_kind {
 	TB_FH_OPEN,		/* security_file_open(file) */
 	TB_FH_NEW1,		/* (dir, dentry, ...): a new name, arg 1 */
 	TB_FH_DELETE1,		/* (dir, dentry): arg 1 removed */
+	TB_FH_RMDIR,		/* TB_FH_DELETE1, arg 1 a directory */
 	TB_FH_RENAME,		/* (old_dir, old, new_dir, new, flags) */
 	TB_FH_LINK,		/* (old, dir, new) */
 	TB_FH_SETATTR,		/* (idmap, dentry, iattr) */
@@ -2898,6 +2928,10 @@ static void notrace tb_file_hook(unsigned long ip, unsigned long parent_ip,
 	const struct file *f;
 	const struct iattr *ia;
 
+	/* Kernel threads' too (nfsd): the gate's remembered places must not
+	 * outlive a directory whose inode number comes back elsewhere. */
+	if (h->kind == TB_FH_RMDIR)
+		trustbind_file_dir_removed();
 	if (current->flags & PF_KTHREAD)
 		return;
 	switch (h->kind) {
@@ -2929,6 +2963,7 @@ static void notrace tb_file_hook(unsigned long ip, unsigned long parent_ip,
 		op.d = (void *)ftrace_regs_get_argument(fregs, 1);
 		break;
 	case TB_FH_DELETE1:
+	case TB_FH_RMDIR:
 		op.op = TB_FOP_DELETE;
 		op.d = (void *)ftrace_regs_get_argument(fregs, 1);
 		break;
@@ -2974,7 +3009,7 @@ static struct tb_fhook tb_fhooks[] = {
 	TB_FHOOK(security_inode_mknod, TB_FH_NEW1, false),
 	TB_FHOOK(security_inode_symlink, TB_FH_NEW1, false),
 	TB_FHOOK(security_inode_unlink, TB_FH_DELETE1, false),
-	TB_FHOOK(security_inode_rmdir, TB_FH_DELETE1, false),
+	TB_FHOOK(security_inode_rmdir, TB_FH_RMDIR, false),
 	TB_FHOOK(security_inode_rename, TB_FH_RENAME, false),
 	TB_FHOOK(security_inode_link, TB_FH_LINK, false),
 	TB_FHOOK(security_inode_setattr, TB_FH_SETATTR, false),

@@ -670,9 +670,25 @@ ssize_t tb_init_mountinfo(char *buf, size_t len);
  * above it on its file system, nearest first, at most max; the count, or
  * max + 1 if the tree goes deeper. With devs, also each one's device as
  * stat(2) reports it (st_dev encoding). A consistent snapshot
- * (rename_lock retried). Any context. */
+ * (rename_lock retried); with tree, the version of the dentry tree it
+ * saw (rename_lock's sequence). Any context. */
 int tb_dentry_chain(const struct dentry *d, bool from_parent, u64 *inos,
-		    u64 *devs, int max);
+		    u64 *devs, int max, u32 *tree);
+/* Where d (or, from_parent, its directory) sits: its inode number, its
+ * parent's, both generations (d's in the high half of *gens) and the
+ * dentry tree's version (rename_lock's sequence), read as one snapshot.
+ * False where the gate does not remember places: a negative dentry, a
+ * file system's root or a disconnected dentry, and file systems whose
+ * directories can change without this kernel's hooks seeing it (those
+ * with no block device but tmpfs: network file systems, FUSE). Any
+ * context. */
+bool tb_dentry_place(const struct dentry *d, bool from_parent, u64 *ino,
+		     u64 *parent_ino, u64 *gens, u32 *tree);
+
+/* Rust: a directory is being removed (its inode number may come back
+ * elsewhere). Any context, kernel threads' calls included; never
+ * sleeps. */
+void trustbind_file_dir_removed(void);
 /* The path of d from the root of its file system into buf (at most len
  * bytes); *out points at it, the length is returned, or -errno. */
 int tb_dentry_path(const struct dentry *d, char *buf, int len,

@@ -13,6 +13,7 @@ use crate::proto::bound::{BoundSocket, BoundTable, Slot as BoundSlot};
 use crate::proto::backstop;
 use crate::proto::marks::{MarkMap, Unmarked};
 use crate::proto::sorted::NetEnd;
+use crate::proto::files::Place;
 use crate::proto::lineage::ProcId;
 use kernel::error::to_result;
 use kernel::ffi::c_int;
@@ -791,6 +792,7 @@ check_callbacks! {
     trustbind_file_unasked in self: unsafe extern "C" fn(*const FileOp) -> c_int;
     trustbind_file_ask in self: unsafe extern "C" fn(*const FileOp);
     trustbind_socket_create in self: unsafe extern "C" fn(c_int, c_int) -> c_int;
+    trustbind_file_dir_removed in self: unsafe extern "C" fn();
 }
 
 /// The SHA-256 and SHA-1 transforms, allocated once at load.
@@ -2268,8 +2270,15 @@ impl Dentry<'_> {
     /// `inos`, and with `devs` each one's device as `stat` reports it;
     /// the count, or `None` if the tree is deeper than `inos` (and `devs`,
     /// which is at least as long) or the dentry is disconnected from the
-    /// root. Any context.
-    pub(crate) fn ancestors(&self, from_parent: bool, inos: &mut [u64], devs: Option<&mut [u64]>) -> Option<usize> {
+    /// root. With `tree`, the version of the dentry tree the walk saw
+    /// (see [`Place::tree`]). Any context.
+    pub(crate) fn ancestors(
+        &self,
+        from_parent: bool,
+        inos: &mut [u64],
+        devs: Option<&mut [u64]>,
+        tree: Option<&mut u32>,
+    ) -> Option<usize> {
         let mut max = inos.len();
         let devs = match devs {
             Some(d) => {
@@ -2280,15 +2289,41 @@ impl Dentry<'_> {
         };
         // CAST: the arrays are small stack arrays.
         let max = max.min(i32::MAX as usize) as c_int;
+        let tree = match tree {
+            Some(t) => t as *mut u32,
+            None => core::ptr::null_mut(),
+        };
         // SAFETY: As in `ident`; the helper writes at most `max` entries
         // of `inos` and of `devs` (when not null; both are at least `max`
-        // long) and walks the parents under RCU and `rename_lock`.
-        let n = unsafe { bindings::tb_dentry_chain(self.ptr, from_parent, inos.as_mut_ptr(), devs, max) };
+        // long), `*tree` when not null (a valid `u32`), and walks the
+        // parents under RCU and `rename_lock`.
+        let n = unsafe { bindings::tb_dentry_chain(self.ptr, from_parent, inos.as_mut_ptr(), devs, max, tree) };
         // `n` is between 0 and `max + 1`, which means deeper.
         if n > max {
             return None;
         }
         usize::try_from(n).ok()
+    }
+
+    /// Where this dentry (or, `from_parent`, its directory) sits on file
+    /// system `dev`, with `epoch` (see [`Place`]); `None` where places are
+    /// not remembered (see `tb_dentry_place` in `helpers.h`). Any context.
+    pub(crate) fn place(&self, from_parent: bool, dev: u64, epoch: u64) -> Option<Place> {
+        let (mut ino, mut parent_ino, mut gens, mut tree) = (0, 0, 0, 0);
+        // SAFETY: As in `ident`: a live dentry; the helper reads it and its
+        // parent under RCU and `rename_lock` and writes only the four
+        // out-parameters.
+        let ok = unsafe {
+            bindings::tb_dentry_place(self.ptr, from_parent, &mut ino, &mut parent_ino, &mut gens, &mut tree)
+        };
+        ok.then_some(Place {
+            dev,
+            ino,
+            parent_ino,
+            gens,
+            tree,
+            epoch,
+        })
     }
 
     /// The path of this dentry from the root of its file system, into
@@ -2335,6 +2370,13 @@ impl Drop for FileHooks {
         // works hold a module reference each, so unload waits for them.)
         unsafe { bindings::tb_file_hooks_stop() }
     }
+}
+
+/// Called by the `security_inode_rmdir` hook, kernel threads' calls
+/// included (any context, never sleeps).
+#[no_mangle]
+extern "C" fn trustbind_file_dir_removed() {
+    crate::SHARED.with(|s| s.files.dir_removed());
 }
 
 /// Called by the `security_socket_create` hook for a user socket (any

@@ -379,6 +379,96 @@ impl<S: core::ops::DerefMut<Target = [Answer]>> Answers<S> {
     }
 }
 
+/// Where a file sits, as the file gate's walk saw it: the file (or, for a
+/// new name, its directory) and the directory above it, each by inode
+/// number and generation, on device `dev`, with the dentry tree's version
+/// (the kernel's `rename_lock` sequence, which every move of a dentry
+/// changes) and the module's epoch (which every change of the protected
+/// set and every removed directory changes). Two equal places have the
+/// same ancestors: a directory has one parent, and its parent's own
+/// ancestors cannot change without the tree's version changing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub dev: u64,
+    pub ino: u64,
+    pub parent_ino: u64,
+    /// The two inodes' generations, the file's in the high half.
+    pub gens: u64,
+    pub tree: u32,
+    pub epoch: u64,
+}
+
+/// One remembered [`Place`] and what its walk found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    place: Place,
+    protected: bool,
+    used: bool,
+}
+
+impl Seen {
+    /// An unused slot.
+    pub const EMPTY: Seen = Seen {
+        place: Place {
+            dev: 0,
+            ino: 0,
+            parent_ino: 0,
+            gens: 0,
+            tree: 0,
+            epoch: 0,
+        },
+        protected: false,
+        used: false,
+    };
+}
+
+/// What the walk up from a place found, direct-mapped by place: an open of
+/// a file opened before costs one lookup here, not a walk up its
+/// directories. Only the exact place answers (every field compared), so a
+/// stale or colliding slot can only cost a walk, never call a protected
+/// file unprotected; a newer place takes the slot.
+pub struct SeenPlaces<S> {
+    slots: S,
+}
+
+impl<S: core::ops::DerefMut<Target = [Seen]>> SeenPlaces<S> {
+    /// Wraps the storage (any non-zero length).
+    pub fn new(slots: S) -> Option<Self> {
+        if slots.is_empty() {
+            None
+        } else {
+            Some(Self { slots })
+        }
+    }
+
+    fn index(&self, p: &Place) -> Option<usize> {
+        let h = (p.ino ^ p.parent_ino.rotate_left(29) ^ u64::from(p.tree).rotate_left(47))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // CAST: the top 32 bits of the mix fit `usize`.
+        ((h >> 32) as usize).checked_rem(self.slots.len())
+    }
+
+    /// Whether the walk from `p` met a protected file or directory, if
+    /// remembered.
+    pub fn get(&self, p: &Place) -> Option<bool> {
+        self.index(p)
+            .and_then(|i| self.slots.get(i))
+            .filter(|s| s.used && s.place == *p)
+            .map(|s| s.protected)
+    }
+
+    /// Remembers what the walk from `p` found.
+    pub fn put(&mut self, p: &Place, protected: bool) {
+        if let Some(s) = self.index(p).and_then(|i| self.slots.get_mut(i)) {
+            *s = Seen {
+                place: *p,
+                protected,
+                used: true,
+            };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,7 +654,79 @@ mod tests {
         assert_eq!(named(&"/x".repeat(40), "/f", 1), None);
     }
 
+    fn place(ino: u64) -> Place {
+        Place {
+            dev: 8,
+            ino,
+            parent_ino: 2,
+            gens: 7 << 32 | 9,
+            tree: 4,
+            epoch: 1,
+        }
+    }
+
+    #[test]
+    fn a_seen_place_answers_only_when_every_field_agrees() {
+        let mut c = SeenPlaces::new(vec![Seen::EMPTY; 64]).unwrap();
+        let p = place(12);
+        assert_eq!(c.get(&p), None);
+        c.put(&p, false);
+        assert_eq!(c.get(&p), Some(false));
+        c.put(&p, true);
+        assert_eq!(c.get(&p), Some(true));
+        let changed = [
+            Place { dev: 9, ..p },
+            Place { ino: 13, ..p },
+            Place { parent_ino: 3, ..p },
+            Place {
+                gens: 7 << 32 | 10,
+                ..p
+            },
+            Place {
+                gens: 8 << 32 | 9,
+                ..p
+            },
+            Place { tree: 6, ..p },
+            Place { epoch: 2, ..p },
+        ];
+        for q in changed {
+            assert_eq!(c.get(&q), None, "{q:?} answered for {p:?}");
+        }
+        assert!(SeenPlaces::new(Vec::<Seen>::new()).is_none());
+    }
+
+    #[test]
+    fn an_empty_slot_never_answers_even_for_a_zero_place() {
+        let c = SeenPlaces::new(vec![Seen::EMPTY; 4]).unwrap();
+        assert_eq!(c.get(&Seen::EMPTY.place), None);
+    }
+
     proptest! {
+        /// Whatever was remembered, a place answers only what was last
+        /// remembered for it (a slot holds one exact place), and the last
+        /// place remembered always answers.
+        #[test]
+        fn a_place_answers_only_what_was_remembered_for_it(
+            put in proptest::collection::vec((0u64..6, 0u64..6, 0u32..3, 0u64..2, any::<bool>()), 1..60),
+            asked in proptest::collection::vec((0u64..6, 0u64..6, 0u32..3, 0u64..2), 0..60),
+        ) {
+            let mk = |(ino, parent_ino, tree, epoch): (u64, u64, u32, u64)| Place {
+                dev: 1, ino, parent_ino, gens: 0, tree, epoch,
+            };
+            let mut c = SeenPlaces::new(vec![Seen::EMPTY; 8]).unwrap();
+            for &(i, pi, t, e, prot) in &put {
+                c.put(&mk((i, pi, t, e)), prot);
+            }
+            let &(i, pi, t, e, prot) = put.last().unwrap();
+            prop_assert_eq!(c.get(&mk((i, pi, t, e))), Some(prot));
+            for &a in &asked {
+                if let Some(got) = c.get(&mk(a)) {
+                    let last = put.iter().rev().find(|p| (p.0, p.1, p.2, p.3) == a);
+                    prop_assert_eq!(last.map(|p| p.4), Some(got));
+                }
+            }
+        }
+
         /// A named path is the base, then exactly the last `below`
         /// components of the file system path.
         #[test]

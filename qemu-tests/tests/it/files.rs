@@ -411,3 +411,66 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
     vm.shutdown()?;
     Ok(())
 }
+
+/// The gate remembers what the walk up from a file found, so a file
+/// opened before costs one lookup, and the answer is never used once it
+/// may have changed: a directory moved into the protected set (the same
+/// file, the same directory, now below `/srv/data`), or the set itself
+/// changed. Without the dentry tree's version or the epoch in the
+/// remembered place, the unapproved program would read both files below.
+#[test]
+fn file_gate_remembered_places_follow_renames_and_set_changes() -> Result<()> {
+    let mut vm = host_with_module()?;
+    setup(&mut vm)?;
+    vm.run_ok("mkdir -p /srv/pub/d && echo moved >/srv/pub/d/f && echo later >/srv/pub/y")?;
+    let protect = |dirs: &[&str]| {
+        let sets: String = dirs
+            .iter()
+            .map(|d| format!(" --file-protect {d} --file-deny {d}"))
+            .collect();
+        format!("--allow {EVIL}{sets} --file-allow-prog /usr/bin/cat --file-allow-prog /usr/bin/mv")
+    };
+    start_agent_with(&mut vm, "enforce", &protect(&["/srv/data"]))?;
+    let before = counter(&mut vm, "file_places_seen")?;
+    for _ in 0..2 {
+        vm.run_ok(&format!("{EVIL} /srv/pub/d/f"))?;
+    }
+    ensure!(
+        counter(&mut vm, "file_places_seen")? > before,
+        "the second read was not answered by a remembered place"
+    );
+
+    // Moved into the set by an approved program: protected from now on.
+    vm.run_ok("mv /srv/pub/d /srv/data/d")?;
+    let out = vm.run(&format!("{EVIL} /srv/data/d/f"))?;
+    ensure!(
+        refused(&out),
+        "a file whose directory moved into the set was read: {out:?}"
+    );
+    let out = vm.run_ok("cat /srv/data/d/f")?;
+    ensure!(out.stdout.trim() == "moved", "approved read: {out:?}");
+
+    // The set grows to /srv/pub: a file read a moment ago (its place
+    // remembered after the move above) is protected.
+    let before = counter(&mut vm, "file_places_seen")?;
+    for _ in 0..2 {
+        vm.run_ok(&format!("{EVIL} /srv/pub/y"))?;
+    }
+    ensure!(
+        counter(&mut vm, "file_places_seen")? > before,
+        "the second read was not answered by a remembered place"
+    );
+    stop_agent(&mut vm)?;
+    start_agent_with(&mut vm, "enforce", &protect(&["/srv/data", "/srv/pub"]))?;
+    let out = vm.run(&format!("{EVIL} /srv/pub/y"))?;
+    ensure!(
+        refused(&out),
+        "a file of a newly protected set was read: {out:?}"
+    );
+
+    stop_agent(&mut vm)?;
+    vm.run_ok("rmmod trustbind")?;
+    vm.check_health()?;
+    vm.shutdown()?;
+    Ok(())
+}

@@ -2100,5 +2100,6 @@ pub mod lineage;
 pub mod marks;
 pub mod seal;
 pub mod sorted;
+pub mod ticket;
 pub mod unixconnect;
 pub mod unqualifiable;

@@ -64,7 +64,8 @@ Commands:
                 kernel, by its own `make bindeb-pkg`, cached),
                 trustbind-modules-<release>, trustbind-agent, trustbind-cli
                 (release binaries; --debug: the dev-profile ones)
-  fuzz [SECS]   fuzz the proto record decoder with cargo-fuzz (default 60 s)
+  fuzz [SECS]   fuzz the proto record decoder and the channel ticket parsers
+                with cargo-fuzz (SECS each, default 60)
   help          this text
 
 Environment:
@@ -426,15 +427,22 @@ fn fuzz(ctx: &Ctx, secs: Option<&str>) -> Result<()> {
     }
     // cargo-fuzz passes -Z sanitizer flags; the stable toolchain accepts
     // them with RUSTC_BOOTSTRAP (its sanitizer runtimes ship with rust-std).
-    sh::run(
-        "fuzz: cargo fuzz run decode",
-        Command::new(&bin)
-            .current_dir(ctx.root.join("proto"))
-            .env("RUSTC_BOOTSTRAP", "1")
-            .args(["fuzz", "run", "decode", "--"])
-            .arg(format!("-max_total_time={secs}")),
-    )
+    for target in FUZZ_TARGETS {
+        sh::run(
+            &format!("fuzz: cargo fuzz run {target} ({secs} s)"),
+            Command::new(&bin)
+                .current_dir(ctx.root.join("proto"))
+                .env("RUSTC_BOOTSTRAP", "1")
+                .args(["fuzz", "run", target, "--"])
+                .arg(format!("-max_total_time={secs}")),
+        )?;
+    }
+    Ok(())
 }
+
+/// `proto/fuzz/fuzz_targets/`: the record decoder and the channel ticket
+/// parsers.
+const FUZZ_TARGETS: [&str; 2] = ["decode", "ticket"];
 
 fn main() {
     let started = Instant::now();

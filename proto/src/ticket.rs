@@ -1,0 +1,788 @@
+// SPDX-License-Identifier: GPL-2.0
+//! Channel tickets (channel keys v2, `docs/CHANNEL-KEYS-V2.md`): the
+//! formats and checks the kernel module and the appliance share. Not used
+//! by either yet: the design is under review and this is its first brick.
+//!
+//! No cryptography is done here. The caller seals and opens tickets with
+//! AES-256-GCM (the kernel crypto API in the module, a RustCrypto crate on
+//! the appliance) over the layouts below, and derives keys with
+//! HKDF-SHA256 from the salts and infos built here, so both sides agree on
+//! every byte without sharing code beyond this file.
+//!
+//! # The in-band message
+//!
+//! The client's kernel sends it in plaintext right after the handshake,
+//! before the first TLS record (all integers little-endian):
+//!
+//! ```text
+//! 0       4         5       6        8               24      28       40           40+PLAIN_LEN
+//! | "TBT2" | version | flags | length | client nonce | epoch | GCM nonce | ciphertext | tag (16) |
+//! ```
+//!
+//! `length` counts every byte after itself. The GCM additional data is the
+//! message's first 28 bytes (magic to epoch), so neither the nonce nor the
+//! host key's epoch can be changed on the way.
+
+use super::SHA256_LEN;
+
+/// The message's first four bytes.
+pub const MAGIC: [u8; 4] = *b"TBT2";
+/// The message version this code speaks.
+pub const VERSION: u8 = 1;
+/// Bytes of the client's nonce.
+pub const CLIENT_NONCE_LEN: usize = 16;
+/// Bytes of a GCM nonce.
+pub const GCM_NONCE_LEN: usize = 12;
+/// Bytes of a GCM tag.
+pub const GCM_TAG_LEN: usize = 16;
+/// Bytes of a host's id (its certificate's identifier, hashed).
+pub const HOST_ID_LEN: usize = 16;
+/// Bytes of a ticket's id.
+pub const TICKET_ID_LEN: usize = 16;
+/// Bytes of a pair secret.
+pub const PAIR_SECRET_LEN: usize = 32;
+/// Most addresses of the client host a ticket lists.
+pub const MAX_CLIENT_ADDRS: usize = 8;
+/// Most server programs a ticket allows.
+pub const MAX_SERVER_PROGRAMS: usize = 4;
+
+/// An address as the module reports ends (`proto::addr`): family 4 or 6,
+/// IPv4 in the first four bytes, IPv4-mapped IPv6 reported as IPv4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Addr {
+    pub family: u8,
+    pub bytes: [u8; 16],
+}
+
+/// A ticket's plaintext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub id: [u8; TICKET_ID_LEN],
+    pub pair_secret: [u8; PAIR_SECRET_LEN],
+    pub client_host: [u8; HOST_ID_LEN],
+    pub client_program: [u8; SHA256_LEN],
+    pub client_uid: u32,
+    pub client_loginuid: u32,
+    /// The first `n_client_addrs` count.
+    pub client_addrs: [Addr; MAX_CLIENT_ADDRS],
+    pub n_client_addrs: u8,
+    pub server_host: [u8; HOST_ID_LEN],
+    pub port: u16,
+    /// The first `n_server_programs` count.
+    pub server_programs: [[u8; SHA256_LEN]; MAX_SERVER_PROGRAMS],
+    pub n_server_programs: u8,
+    pub generation: u64,
+    /// Wall-clock seconds (Unix time) after which it is refused.
+    pub expires_s: u64,
+    /// Channel terms: [`TERM_TLS12`], [`TERM_OFFLOAD`].
+    pub terms: u8,
+    /// Seconds a channel may stay idle, 0 for no limit.
+    pub idle_s: u32,
+}
+
+/// TLS 1.2 records (for NIC offload) instead of TLS 1.3.
+pub const TERM_TLS12: u8 = 1;
+/// The channel asks for NIC offload.
+pub const TERM_OFFLOAD: u8 = 2;
+
+/// Bytes of a ticket's plaintext.
+pub const PLAIN_LEN: usize = TICKET_ID_LEN
+    + PAIR_SECRET_LEN
+    + HOST_ID_LEN
+    + SHA256_LEN
+    + 4
+    + 4
+    + MAX_CLIENT_ADDRS * 17
+    + 1
+    + HOST_ID_LEN
+    + 2
+    + MAX_SERVER_PROGRAMS * SHA256_LEN
+    + 1
+    + 8
+    + 8
+    + 1
+    + 4;
+/// Bytes before the client nonce.
+const HEAD_LEN: usize = 8;
+/// Bytes of the additional data: the head, the nonce and the epoch.
+pub const AAD_LEN: usize = HEAD_LEN + CLIENT_NONCE_LEN + 4;
+/// Bytes of a whole message.
+pub const MESSAGE_LEN: usize = AAD_LEN + GCM_NONCE_LEN + PLAIN_LEN + GCM_TAG_LEN;
+
+/// Why bytes are not a ticket, or a ticket is not accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TicketError {
+    /// The stream does not start with a ticket message (a plain client).
+    NotATicket,
+    /// A version this code does not speak.
+    Version(u8),
+    /// The length field is not this version's.
+    Length(u16),
+    /// Flags this version does not define.
+    Flags(u8),
+    /// A count above its maximum.
+    Count,
+    /// The ticket names another host.
+    WrongHost,
+    /// The ticket is for another port.
+    WrongPort,
+    /// The accepting program is none the ticket allows.
+    WrongProgram,
+    /// The connection comes from none of the client's addresses.
+    WrongPeer,
+    /// Past its expiry.
+    Expired,
+    /// Issued under a generation below the lowest still valid.
+    OldGeneration,
+    /// The client host or the ticket was revoked.
+    Revoked,
+}
+
+/// A whole message, split (borrowed from the stream's bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub client_nonce: &'a [u8; CLIENT_NONCE_LEN],
+    /// The host key's epoch the ticket is sealed under.
+    pub epoch: u32,
+    /// The GCM additional data ([`AAD_LEN`] bytes).
+    pub aad: &'a [u8; AAD_LEN],
+    pub gcm_nonce: &'a [u8; GCM_NONCE_LEN],
+    /// The ciphertext ([`PLAIN_LEN`] bytes) and its tag.
+    pub ciphertext: &'a [u8; PLAIN_LEN],
+    pub tag: &'a [u8; GCM_TAG_LEN],
+}
+
+/// The message at the start of `buf` (a stream's first bytes, as many as
+/// have arrived): `Ok(None)` while more must arrive, an error as soon as
+/// the bytes cannot be a message (so a plain client is told apart at its
+/// first byte). Never reads past [`MESSAGE_LEN`]: what follows is the
+/// first TLS record.
+pub fn message(buf: &[u8]) -> Result<Option<Message<'_>>, TicketError> {
+    let seen = buf.len().min(MAGIC.len());
+    if buf.get(..seen) != MAGIC.get(..seen) {
+        return Err(TicketError::NotATicket);
+    }
+    let Some(head) = buf.get(..HEAD_LEN) else {
+        return Ok(None);
+    };
+    let [_, _, _, _, version, flags, l0, l1] = *head else {
+        return Err(TicketError::NotATicket);
+    };
+    if version != VERSION {
+        return Err(TicketError::Version(version));
+    }
+    if flags != 0 {
+        return Err(TicketError::Flags(flags));
+    }
+    let len = u16::from_le_bytes([l0, l1]);
+    if usize::from(len) != MESSAGE_LEN - HEAD_LEN {
+        return Err(TicketError::Length(len));
+    }
+    let Some(all) = buf.get(..MESSAGE_LEN) else {
+        return Ok(None);
+    };
+    let (aad, rest) = all.split_at(AAD_LEN);
+    let (gcm_nonce, rest) = rest.split_at(GCM_NONCE_LEN);
+    let (ciphertext, tag) = rest.split_at(PLAIN_LEN);
+    let (client_nonce, epoch) = (
+        aad.get(HEAD_LEN..HEAD_LEN + CLIENT_NONCE_LEN),
+        aad.get(HEAD_LEN + CLIENT_NONCE_LEN..),
+    );
+    let bad = TicketError::NotATicket;
+    Ok(Some(Message {
+        client_nonce: client_nonce.and_then(|s| s.try_into().ok()).ok_or(bad)?,
+        epoch: u32::from_le_bytes(epoch.and_then(|s| s.try_into().ok()).ok_or(bad)?),
+        aad: aad.try_into().map_err(|_| bad)?,
+        gcm_nonce: gcm_nonce.try_into().map_err(|_| bad)?,
+        ciphertext: ciphertext.try_into().map_err(|_| bad)?,
+        tag: tag.try_into().map_err(|_| bad)?,
+    }))
+}
+
+/// The additional data of a message with this nonce and epoch (what
+/// [`message`] returns as [`Message::aad`]).
+pub fn aad(client_nonce: &[u8; CLIENT_NONCE_LEN], epoch: u32) -> [u8; AAD_LEN] {
+    let mut a = [0u8; AAD_LEN];
+    let mut w = Writer::new(&mut a);
+    w.put(&MAGIC);
+    w.put(&[VERSION, 0]);
+    // CAST: MESSAGE_LEN is a few hundred bytes (a const assertion below).
+    w.put(&((MESSAGE_LEN - HEAD_LEN) as u16).to_le_bytes());
+    w.put(client_nonce);
+    w.put(&epoch.to_le_bytes());
+    a
+}
+
+/// Assembles a message from its parts (the client's kernel; the
+/// appliance's tests).
+pub fn assemble(
+    aad: &[u8; AAD_LEN],
+    gcm_nonce: &[u8; GCM_NONCE_LEN],
+    ciphertext: &[u8; PLAIN_LEN],
+    tag: &[u8; GCM_TAG_LEN],
+) -> [u8; MESSAGE_LEN] {
+    let mut m = [0u8; MESSAGE_LEN];
+    let mut w = Writer::new(&mut m);
+    w.put(aad);
+    w.put(gcm_nonce);
+    w.put(ciphertext);
+    w.put(tag);
+    m
+}
+
+const _: () = assert!(MESSAGE_LEN <= u16::MAX as usize);
+
+/// Writes into a fixed buffer whose size the caller computed.
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn new(buf: &'a mut [u8]) -> Self {
+        Writer { buf, at: 0 }
+    }
+
+    fn put(&mut self, b: &[u8]) {
+        if let Some(d) = self.buf.get_mut(self.at..self.at + b.len()) {
+            d.copy_from_slice(b);
+        }
+        self.at += b.len();
+    }
+}
+
+/// Reads from a buffer of the right size.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        if let Some((head, rest)) = self.buf.split_first_chunk::<N>() {
+            out = *head;
+            self.buf = rest;
+        }
+        out
+    }
+
+    fn u8(&mut self) -> u8 {
+        let [b] = self.take::<1>();
+        b
+    }
+}
+
+impl Ticket {
+    /// The plaintext's bytes.
+    pub fn encode(&self) -> [u8; PLAIN_LEN] {
+        let mut p = [0u8; PLAIN_LEN];
+        let mut w = Writer::new(&mut p);
+        w.put(&self.id);
+        w.put(&self.pair_secret);
+        w.put(&self.client_host);
+        w.put(&self.client_program);
+        w.put(&self.client_uid.to_le_bytes());
+        w.put(&self.client_loginuid.to_le_bytes());
+        for a in &self.client_addrs {
+            w.put(&[a.family]);
+            w.put(&a.bytes);
+        }
+        w.put(&[self.n_client_addrs]);
+        w.put(&self.server_host);
+        w.put(&self.port.to_le_bytes());
+        for p in &self.server_programs {
+            w.put(p);
+        }
+        w.put(&[self.n_server_programs]);
+        w.put(&self.generation.to_le_bytes());
+        w.put(&self.expires_s.to_le_bytes());
+        w.put(&[self.terms]);
+        w.put(&self.idle_s.to_le_bytes());
+        p
+    }
+
+    /// A plaintext's ticket (after the GCM open succeeded: the bytes are
+    /// the appliance's, but the counts are still checked).
+    pub fn decode(p: &[u8; PLAIN_LEN]) -> Result<Ticket, TicketError> {
+        let mut r = Reader { buf: p };
+        let id = r.take();
+        let pair_secret = r.take();
+        let client_host = r.take();
+        let client_program = r.take();
+        let client_uid = u32::from_le_bytes(r.take());
+        let client_loginuid = u32::from_le_bytes(r.take());
+        let mut client_addrs = [Addr::default(); MAX_CLIENT_ADDRS];
+        for a in &mut client_addrs {
+            a.family = r.u8();
+            a.bytes = r.take();
+        }
+        let n_client_addrs = r.u8();
+        let server_host = r.take();
+        let port = u16::from_le_bytes(r.take());
+        let mut server_programs = [[0u8; SHA256_LEN]; MAX_SERVER_PROGRAMS];
+        for p in &mut server_programs {
+            *p = r.take();
+        }
+        let n_server_programs = r.u8();
+        let t = Ticket {
+            id,
+            pair_secret,
+            client_host,
+            client_program,
+            client_uid,
+            client_loginuid,
+            client_addrs,
+            n_client_addrs,
+            server_host,
+            port,
+            server_programs,
+            n_server_programs,
+            generation: u64::from_le_bytes(r.take()),
+            expires_s: u64::from_le_bytes(r.take()),
+            terms: r.u8(),
+            idle_s: u32::from_le_bytes(r.take()),
+        };
+        if usize::from(t.n_client_addrs) > MAX_CLIENT_ADDRS
+            || usize::from(t.n_server_programs) > MAX_SERVER_PROGRAMS
+            || t.terms & !(TERM_TLS12 | TERM_OFFLOAD) != 0
+        {
+            return Err(TicketError::Count);
+        }
+        Ok(t)
+    }
+
+    fn addrs(&self) -> &[Addr] {
+        self.client_addrs
+            .get(..usize::from(self.n_client_addrs))
+            .unwrap_or(&[])
+    }
+
+    fn programs(&self) -> &[[u8; SHA256_LEN]] {
+        self.server_programs
+            .get(..usize::from(self.n_server_programs))
+            .unwrap_or(&[])
+    }
+}
+
+/// What the server's kernel knows about a connection it accepted.
+#[derive(Clone, Copy, Debug)]
+pub struct Accepting<'a> {
+    /// This host's id.
+    pub host: &'a [u8; HOST_ID_LEN],
+    /// The listener's port.
+    pub port: u16,
+    /// The accepting listener's program.
+    pub program: &'a [u8; SHA256_LEN],
+    /// The connection's peer address.
+    pub peer: Addr,
+    /// Wall-clock seconds now.
+    pub now_s: u64,
+    /// The lowest generation the appliance declared valid.
+    pub min_generation: u64,
+}
+
+/// Whether the server's kernel may key a connection with `t`: every
+/// check of `docs/CHANNEL-KEYS-V2.md` "What the ticket holds", in order;
+/// `revoked(client_host, ticket_id)` answers from the pushed revocations.
+pub fn check(
+    t: &Ticket,
+    a: &Accepting<'_>,
+    revoked: impl Fn(&[u8; HOST_ID_LEN], &[u8; TICKET_ID_LEN]) -> bool,
+) -> Result<(), TicketError> {
+    if t.server_host != *a.host {
+        return Err(TicketError::WrongHost);
+    }
+    if t.port != a.port {
+        return Err(TicketError::WrongPort);
+    }
+    if !t.programs().contains(a.program) {
+        return Err(TicketError::WrongProgram);
+    }
+    if !t.addrs().contains(&a.peer) {
+        return Err(TicketError::WrongPeer);
+    }
+    if a.now_s > t.expires_s {
+        return Err(TicketError::Expired);
+    }
+    if t.generation < a.min_generation {
+        return Err(TicketError::OldGeneration);
+    }
+    if revoked(&t.client_host, &t.id) {
+        return Err(TicketError::Revoked);
+    }
+    Ok(())
+}
+
+/// HKDF salt of the host keys (the farm secret is the input key).
+pub const HOST_KEY_SALT: &[u8] = b"trustbind host key v2";
+/// HKDF info of the connection keys' expansion, before its fields.
+pub const CONN_KEY_LABEL: &[u8] = b"trustbind conn v2";
+
+/// HKDF info of host `host`'s key of `epoch`.
+pub fn host_key_info(host: &[u8; HOST_ID_LEN], epoch: u32) -> [u8; HOST_ID_LEN + 4] {
+    let mut i = [0u8; HOST_ID_LEN + 4];
+    let mut w = Writer::new(&mut i);
+    w.put(host);
+    w.put(&epoch.to_le_bytes());
+    i
+}
+
+/// HKDF salt of a connection's key: the client's nonce and both initial
+/// sequence numbers, so every connection's key is fresh even when a
+/// 5-tuple comes back.
+pub fn conn_salt(
+    client_nonce: &[u8; CLIENT_NONCE_LEN],
+    isn_client: u32,
+    isn_server: u32,
+) -> [u8; CLIENT_NONCE_LEN + 8] {
+    let mut s = [0u8; CLIENT_NONCE_LEN + 8];
+    let mut w = Writer::new(&mut s);
+    w.put(client_nonce);
+    w.put(&isn_client.to_le_bytes());
+    w.put(&isn_server.to_le_bytes());
+    s
+}
+
+/// Bytes of [`conn_info`].
+pub const CONN_INFO_LEN: usize = CONN_KEY_LABEL.len() + TICKET_ID_LEN + 1 + 16 + 2 + 16 + 2;
+
+/// HKDF info of a connection's key: the label, the ticket's id and the
+/// connection's ends (`client` is the connecting side).
+pub fn conn_info(
+    ticket_id: &[u8; TICKET_ID_LEN],
+    client: (Addr, u16),
+    server: (Addr, u16),
+) -> [u8; CONN_INFO_LEN] {
+    let mut i = [0u8; CONN_INFO_LEN];
+    let mut w = Writer::new(&mut i);
+    w.put(CONN_KEY_LABEL);
+    w.put(ticket_id);
+    w.put(&[client.0.family]);
+    w.put(&client.0.bytes);
+    w.put(&client.1.to_le_bytes());
+    w.put(&server.0.bytes);
+    w.put(&server.1.to_le_bytes());
+    i
+}
+
+/// One direction's kTLS material (AES-256-GCM: key, salt, IV).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Direction {
+    pub key: [u8; 32],
+    pub salt: [u8; 4],
+    pub iv: [u8; 8],
+}
+
+/// Bytes of HKDF output a connection needs: both directions.
+pub const CONN_MATERIAL_LEN: usize = 2 * (32 + 4 + 8);
+
+/// Splits a connection's HKDF output into the client-to-server and the
+/// server-to-client directions (separate keys: the nonce spaces cannot
+/// meet).
+pub fn directions(okm: &[u8; CONN_MATERIAL_LEN]) -> (Direction, Direction) {
+    let mut r = Reader { buf: okm };
+    let mut one = || Direction {
+        key: r.take(),
+        salt: r.take(),
+        iv: r.take(),
+    };
+    let to_server = one();
+    let to_client = one();
+    (to_server, to_client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn v4(a: [u8; 4]) -> Addr {
+        let mut bytes = [0u8; 16];
+        bytes[..4].copy_from_slice(&a);
+        Addr { family: 4, bytes }
+    }
+
+    fn ticket() -> Ticket {
+        let mut client_addrs = [Addr::default(); MAX_CLIENT_ADDRS];
+        client_addrs[0] = v4([10, 0, 0, 1]);
+        client_addrs[1] = v4([10, 0, 0, 2]);
+        let mut server_programs = [[0u8; 32]; MAX_SERVER_PROGRAMS];
+        server_programs[0] = [7; 32];
+        Ticket {
+            id: [1; 16],
+            pair_secret: [2; 32],
+            client_host: [3; 16],
+            client_program: [4; 32],
+            client_uid: 1000,
+            client_loginuid: 1000,
+            client_addrs,
+            n_client_addrs: 2,
+            server_host: [5; 16],
+            port: 5432,
+            server_programs,
+            n_server_programs: 1,
+            generation: 9,
+            expires_s: 2_000_000_000,
+            terms: 0,
+            idle_s: 600,
+        }
+    }
+
+    fn accepting<'a>(host: &'a [u8; 16], program: &'a [u8; 32]) -> Accepting<'a> {
+        Accepting {
+            host,
+            port: 5432,
+            program,
+            peer: v4([10, 0, 0, 2]),
+            now_s: 1_900_000_000,
+            min_generation: 9,
+        }
+    }
+
+    #[test]
+    fn a_ticket_survives_its_encoding() {
+        let t = ticket();
+        assert_eq!(Ticket::decode(&t.encode()), Ok(t));
+    }
+
+    #[test]
+    fn counts_past_their_maximum_are_refused() {
+        let mut t = ticket();
+        t.n_client_addrs = MAX_CLIENT_ADDRS as u8 + 1;
+        assert_eq!(Ticket::decode(&t.encode()), Err(TicketError::Count));
+        let mut t = ticket();
+        t.n_server_programs = MAX_SERVER_PROGRAMS as u8 + 1;
+        assert_eq!(Ticket::decode(&t.encode()), Err(TicketError::Count));
+        let mut t = ticket();
+        t.terms = 4;
+        assert_eq!(Ticket::decode(&t.encode()), Err(TicketError::Count));
+    }
+
+    fn whole() -> [u8; MESSAGE_LEN] {
+        let nonce = [6; CLIENT_NONCE_LEN];
+        assemble(&aad(&nonce, 3), &[8; 12], &ticket().encode(), &[9; 16])
+    }
+
+    #[test]
+    fn a_message_is_found_only_once_whole_and_split_as_assembled() {
+        let m = whole();
+        for n in 0..MESSAGE_LEN {
+            assert_eq!(message(&m[..n]), Ok(None), "{n} bytes");
+        }
+        let mut stream = m.to_vec();
+        stream.extend_from_slice(b"\x17\x03\x03 the first TLS record");
+        let got = message(&stream).unwrap().unwrap();
+        assert_eq!(got.client_nonce, &[6; CLIENT_NONCE_LEN]);
+        assert_eq!(got.epoch, 3);
+        assert_eq!(got.aad, &aad(&[6; CLIENT_NONCE_LEN], 3));
+        assert_eq!(got.gcm_nonce, &[8; 12]);
+        assert_eq!(got.ciphertext, &ticket().encode());
+        assert_eq!(got.tag, &[9; 16]);
+    }
+
+    #[test]
+    fn a_plain_client_is_told_apart_at_its_first_byte() {
+        assert_eq!(message(b"G"), Err(TicketError::NotATicket));
+        assert_eq!(message(b"TBX"), Err(TicketError::NotATicket));
+        assert_eq!(message(b"\x16\x03\x01"), Err(TicketError::NotATicket));
+        let mut m = whole();
+        m[4] = 2;
+        assert_eq!(message(&m), Err(TicketError::Version(2)));
+        let mut m = whole();
+        m[5] = 1;
+        assert_eq!(message(&m), Err(TicketError::Flags(1)));
+        let mut m = whole();
+        m[6] ^= 1;
+        assert!(matches!(message(&m), Err(TicketError::Length(_))));
+    }
+
+    #[test]
+    fn each_check_refuses_what_it_is_for() {
+        let (host, prog) = ([5u8; 16], [7u8; 32]);
+        let ok = accepting(&host, &prog);
+        let t = ticket();
+        let never = |_: &[u8; 16], _: &[u8; 16]| false;
+        assert_eq!(check(&t, &ok, never), Ok(()));
+        let other_host = [6u8; 16];
+        assert_eq!(
+            check(
+                &t,
+                &Accepting {
+                    host: &other_host,
+                    ..ok
+                },
+                never
+            ),
+            Err(TicketError::WrongHost)
+        );
+        assert_eq!(
+            check(&t, &Accepting { port: 5433, ..ok }, never),
+            Err(TicketError::WrongPort)
+        );
+        let other_prog = [8u8; 32];
+        assert_eq!(
+            check(
+                &t,
+                &Accepting {
+                    program: &other_prog,
+                    ..ok
+                },
+                never
+            ),
+            Err(TicketError::WrongProgram)
+        );
+        // An address in a slot past the count is not the client's.
+        let mut hidden = t;
+        hidden.client_addrs[2] = v4([10, 0, 0, 9]);
+        assert_eq!(
+            check(
+                &hidden,
+                &Accepting {
+                    peer: v4([10, 0, 0, 9]),
+                    ..ok
+                },
+                never
+            ),
+            Err(TicketError::WrongPeer)
+        );
+        // The same bytes as IPv6 are another address.
+        let mut v6 = v4([10, 0, 0, 2]);
+        v6.family = 6;
+        assert_eq!(
+            check(&t, &Accepting { peer: v6, ..ok }, never),
+            Err(TicketError::WrongPeer)
+        );
+        assert_eq!(
+            check(
+                &t,
+                &Accepting {
+                    now_s: t.expires_s + 1,
+                    ..ok
+                },
+                never
+            ),
+            Err(TicketError::Expired)
+        );
+        assert_eq!(
+            check(
+                &t,
+                &Accepting {
+                    now_s: t.expires_s,
+                    ..ok
+                },
+                never
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                &t,
+                &Accepting {
+                    min_generation: 10,
+                    ..ok
+                },
+                never
+            ),
+            Err(TicketError::OldGeneration)
+        );
+        assert_eq!(
+            check(&t, &ok, |h, _| *h == [3; 16]),
+            Err(TicketError::Revoked)
+        );
+        assert_eq!(
+            check(&t, &ok, |_, id| *id == [1; 16]),
+            Err(TicketError::Revoked)
+        );
+        // A program in a slot past the count is not allowed.
+        let mut t2 = t;
+        t2.server_programs[1] = [8; 32];
+        assert_eq!(
+            check(
+                &t2,
+                &Accepting {
+                    program: &other_prog,
+                    ..ok
+                },
+                never
+            ),
+            Err(TicketError::WrongProgram)
+        );
+    }
+
+    #[test]
+    fn key_derivation_inputs_differ_whenever_a_part_does() {
+        let n = [1u8; CLIENT_NONCE_LEN];
+        let s = conn_salt(&n, 10, 20);
+        assert_ne!(s, conn_salt(&n, 11, 20));
+        assert_ne!(s, conn_salt(&n, 10, 21));
+        assert_ne!(s, conn_salt(&[2; CLIENT_NONCE_LEN], 10, 20));
+        let (c, sv) = ((v4([10, 0, 0, 1]), 40000), (v4([10, 0, 0, 2]), 5432));
+        let i = conn_info(&[1; 16], c, sv);
+        assert!(i.starts_with(CONN_KEY_LABEL));
+        assert_ne!(i, conn_info(&[2; 16], c, sv));
+        assert_ne!(i, conn_info(&[1; 16], sv, c));
+        assert_ne!(i, conn_info(&[1; 16], (c.0, 40001), sv));
+        assert_ne!(host_key_info(&[1; 16], 1), host_key_info(&[1; 16], 2));
+        assert_ne!(host_key_info(&[1; 16], 1), host_key_info(&[2; 16], 1));
+    }
+
+    #[test]
+    fn the_directions_take_disjoint_parts_of_the_material() {
+        let mut okm = [0u8; CONN_MATERIAL_LEN];
+        for (i, b) in okm.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let (up, down) = directions(&okm);
+        assert_eq!(up.key[0], 0);
+        assert_eq!(up.salt[0], 32);
+        assert_eq!(up.iv[0], 36);
+        assert_eq!(down.key[0], 44);
+        assert_eq!(down.iv[7], 87);
+    }
+
+    proptest! {
+        /// Whatever arrives, the parser neither panics nor reads past the
+        /// message; anything it accepts is exactly the first
+        /// [`MESSAGE_LEN`] bytes.
+        #[test]
+        fn the_parser_takes_only_whole_messages(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            keep_head in any::<bool>(),
+        ) {
+            let mut b = bytes;
+            if keep_head && b.len() >= HEAD_LEN {
+                b[..HEAD_LEN].copy_from_slice(&whole()[..HEAD_LEN]);
+            }
+            if let Ok(Some(m)) = message(&b) {
+                prop_assert!(b.len() >= MESSAGE_LEN);
+                prop_assert_eq!(&m.aad[..], &b[..AAD_LEN]);
+                prop_assert_eq!(&m.tag[..], &b[MESSAGE_LEN - GCM_TAG_LEN..MESSAGE_LEN]);
+            }
+        }
+
+        /// Every ticket whose counts are within bounds survives its
+        /// encoding.
+        #[test]
+        fn tickets_round_trip(
+            secret in any::<[u8; 32]>(),
+            n_addrs in 0u8..=MAX_CLIENT_ADDRS as u8,
+            n_progs in 0u8..=MAX_SERVER_PROGRAMS as u8,
+            port in any::<u16>(),
+            generation in any::<u64>(),
+            expires in any::<u64>(),
+            terms in 0u8..4,
+        ) {
+            let t = Ticket {
+                pair_secret: secret,
+                n_client_addrs: n_addrs,
+                n_server_programs: n_progs,
+                port,
+                generation,
+                expires_s: expires,
+                terms,
+                ..ticket()
+            };
+            prop_assert_eq!(Ticket::decode(&t.encode()), Ok(t));
+        }
+    }
+}

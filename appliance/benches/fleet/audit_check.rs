@@ -15,10 +15,12 @@
 //! code (`Store::audit_rows`) once the appliance has stopped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use trustbind_appliance::store::Store;
+use trustbind_appliance::policy::audit::{read_export_files, ExportLine};
+use trustbind_appliance::store::{AuditRow, Store};
 
 /// The database file in the data directory (as `trustbind-appliance`).
 const DB_FILE: &str = "appliance.db";
@@ -72,8 +74,10 @@ pub struct AuditCheck {
     pub verify_output: String,
     /// `PRAGMA integrity_check`.
     pub integrity: String,
-    /// Rows in the store (first, last seq).
+    /// Rows read (from the export files and the store; first, last seq).
     pub rows: u64,
+    /// Of which from the export files (pruned from the store).
+    pub exported: u64,
     pub first_seq: i64,
     pub head_seq: i64,
     /// Requests and records sent, by kind.
@@ -109,16 +113,16 @@ impl AuditCheck {
         if !self.verify_ok {
             why.push(format!(
                 "the audit chain does not verify: {}",
-                self.verify_output.trim()
+                self.verify_output
             ));
         }
         if self.integrity != "ok" {
             why.push(format!("integrity_check: {}", self.integrity));
         }
-        if self.first_seq > 1 {
+        if self.first_seq != 1 || i64::try_from(self.rows).ok() != Some(self.head_seq) {
             why.push(format!(
-                "rows before seq {} were pruned during the run: the check reads the store only",
-                self.first_seq
+                "the rows read ({}, seq {}..={}) are not the whole chain",
+                self.rows, self.first_seq, self.head_seq
             ));
         }
         if !self.missing.is_empty() {
@@ -144,8 +148,93 @@ impl AuditCheck {
     }
 }
 
+/// Runs `trustbind-appliance --data-dir DATA ARGS`: whether it passed,
+/// and its output.
+fn appliance_says(bin: &Path, data: &Path, args: &[&OsStr]) -> Result<(bool, String), String> {
+    let out = super::appliance_command(bin, data)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text.trim().replace('\n', " / ")))
+}
+
+/// The audit rows the retention task exported before pruning them
+/// (`<data>/export/audit-NNNNNNNN.jsonl`), oldest file first.
+fn export_files(data: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data.join("export"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// The rows of the fleet's requests, counted by key.
+struct Rows<'a> {
+    index: HashMap<&'a str, u32>,
+    sent: HashSet<Key>,
+    found: HashMap<Key, u32>,
+    /// Sequence numbers read (the export files may repeat rows still in
+    /// the store: a crash between export and prune).
+    seqs: HashSet<i64>,
+}
+
+impl Rows<'_> {
+    fn take(&mut self, c: &mut AuditCheck, r: &AuditRow) -> Result<(), String> {
+        if !self.seqs.insert(r.seq) {
+            return Ok(());
+        }
+        let kind = match r.kind.as_str() {
+            "decision" => Kind::Decision,
+            k if k.strip_prefix("agent.") == Some(REPORT_WHAT) => Kind::Report,
+            _ => return Ok(()),
+        };
+        let Some(&host) = self.index.get(r.actor.as_str()) else {
+            c.strays += 1;
+            return Ok(());
+        };
+        let detail: serde_json::Value = serde_json::from_str(&r.detail)
+            .map_err(|e| format!("audit row {}: detail: {e}", r.seq))?;
+        let id = match kind {
+            Kind::Decision => detail["id"].as_u64(),
+            Kind::Report => detail["report_id"]
+                .as_str()
+                .and_then(|s| s.rsplit_once('-'))
+                .and_then(|(_, n)| n.parse().ok()),
+        };
+        let key = id.map(|id| Key { kind, host, id });
+        match key.filter(|k| self.sent.contains(k)) {
+            None => c.strays += 1,
+            Some(k) => {
+                let n = self.found.entry(k).or_insert(0);
+                *n += 1;
+                if *n > 1 {
+                    c.duplicates += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks the data directory `data` of a stopped appliance (binary `bin`)
-/// against `ledger`; `hosts` are the agents' names by index.
+/// against `ledger`; `hosts` are the agents' names by index. Rows the
+/// appliance's retention pruned during the run (a disk under its alarm
+/// threshold) are read from its export files, which
+/// `trustbind-appliance audit verify-export` must pass as well.
 pub fn check(
     bin: &Path,
     data: &Path,
@@ -153,26 +242,39 @@ pub fn check(
     ledger: &Ledger,
 ) -> Result<AuditCheck, String> {
     let mut c = AuditCheck::default();
-    let out = super::appliance_command(bin, data)
-        .args(["audit", "verify"])
-        .output()
-        .map_err(|e| format!("cannot run {} audit verify: {e}", bin.display()))?;
-    c.verify_ok = out.status.success();
-    c.verify_output = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    (c.verify_ok, c.verify_output) =
+        appliance_says(bin, data, &["audit".as_ref(), "verify".as_ref()])?;
+    let exports = export_files(data);
+    let mut rows = Rows {
+        index: hosts
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i as u32))
+            .collect(),
+        sent: ledger.sent.iter().copied().collect(),
+        found: HashMap::new(),
+        seqs: HashSet::new(),
+    };
+    if !exports.is_empty() {
+        let mut args: Vec<&OsStr> = vec!["audit".as_ref(), "verify-export".as_ref()];
+        args.extend(exports.iter().map(|p| p.as_os_str()));
+        let (ok, out) = appliance_says(bin, data, &args)?;
+        c.verify_ok &= ok;
+        c.verify_output = format!("{} / {out}", c.verify_output);
+        let lines =
+            read_export_files(&exports).map_err(|(f, e)| format!("{}: {e}", f.display()))?;
+        for l in lines.iter().filter(|l| !l.trim().is_empty()) {
+            let line: ExportLine =
+                serde_json::from_str(l).map_err(|e| format!("export line: {e}"))?;
+            if let ExportLine::Row(r) = line {
+                rows.take(&mut c, &r)?;
+                c.exported += 1;
+            }
+        }
+    }
 
     let store = Store::open(&data.join(DB_FILE)).map_err(|e| format!("store: {e}"))?;
     c.integrity = store.integrity_check().map_err(|e| format!("store: {e}"))?;
-    let index: HashMap<&str, u32> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.as_str(), i as u32))
-        .collect();
-    let sent: HashSet<Key> = ledger.sent.iter().copied().collect();
-    let mut rows: HashMap<Key, u32> = HashMap::new();
     let mut after = 0;
     loop {
         let page = store
@@ -180,46 +282,14 @@ pub fn check(
             .map_err(|e| format!("store: {e}"))?;
         let Some(last) = page.last() else { break };
         after = last.seq;
-        if c.first_seq == 0 {
-            c.first_seq = page.first().map_or(0, |r| r.seq);
-        }
         c.head_seq = last.seq;
-        c.rows += page.len() as u64;
         for r in &page {
-            let kind = match r.kind.as_str() {
-                "decision" => Kind::Decision,
-                k if k.strip_prefix("agent.") == Some(REPORT_WHAT) => Kind::Report,
-                _ => continue,
-            };
-            let Some(&host) = index.get(r.actor.as_str()) else {
-                c.strays += 1;
-                continue;
-            };
-            let detail: serde_json::Value = serde_json::from_str(&r.detail)
-                .map_err(|e| format!("audit row {}: detail: {e}", r.seq))?;
-            let id = match kind {
-                Kind::Decision => detail["id"].as_u64(),
-                Kind::Report => detail["report_id"]
-                    .as_str()
-                    .and_then(|s| s.rsplit_once('-'))
-                    .and_then(|(_, n)| n.parse().ok()),
-            };
-            let Some(id) = id else {
-                c.strays += 1;
-                continue;
-            };
-            let key = Key { kind, host, id };
-            if !sent.contains(&key) {
-                c.strays += 1;
-                continue;
-            }
-            let n = rows.entry(key).or_insert(0);
-            *n += 1;
-            if *n > 1 {
-                c.duplicates += 1;
-            }
+            rows.take(&mut c, r)?;
         }
     }
+    c.rows = rows.seqs.len() as u64;
+    c.first_seq = rows.seqs.iter().copied().min().unwrap_or(0);
+    let (sent, rows) = (rows.sent, rows.found);
     let acked: HashSet<Key> = ledger.acked.iter().copied().collect();
     for k in &sent {
         *c.sent.entry(name(k.kind)).or_insert(0) += 1;
@@ -247,13 +317,14 @@ impl fmt::Display for AuditCheck {
         let get = |m: &BTreeMap<&'static str, u64>, k: Kind| m.get(name(k)).copied().unwrap_or(0);
         writeln!(
             f,
-            "audit check: chain {} ({}); integrity {}; {} rows, seq {}..={}",
+            "audit check: chain {} ({}); integrity {}; {} rows, seq {}..={} ({} from export files)",
             if self.verify_ok { "verifies" } else { "BROKEN" },
-            self.verify_output.trim().replace('\n', " / "),
+            self.verify_output,
             self.integrity,
             self.rows,
             self.first_seq,
-            self.head_seq
+            self.head_seq,
+            self.exported
         )?;
         for k in [Kind::Decision, Kind::Report] {
             let missing = self.missing.iter().filter(|m| m.kind == k).count();

@@ -1,7 +1,8 @@
 //! The fleet load generator (`benches/fleet/`), short: 20 agents for 5 s
 //! against a real `trustbind-appliance serve` on 127.0.0.1. Fails unless
 //! every agent enrolled and stayed connected, decisions came back, channel
-//! pairs got their keys pushed to both ends, and nothing failed.
+//! pairs got their keys pushed to both ends, nothing failed, and every
+//! answered decision has its audit row (`--check-audit`).
 
 #[allow(dead_code)]
 #[path = "../benches/fleet/generator.rs"]
@@ -21,6 +22,7 @@ fn twenty_agents_for_five_seconds_get_decisions() {
         .unwrap()
         .unwrap()
         .mix,
+        check_audit: true,
         ..generator::Options::default()
     };
     let r = generator::run(opts, env!("CARGO_BIN_EXE_trustbind-appliance").as_ref())
@@ -42,6 +44,13 @@ fn twenty_agents_for_five_seconds_get_decisions() {
     assert!(r.end.rss_kib > 0 && r.end.fds > 20, "{r}");
     let rows = r.audit_rows.unwrap_or(0);
     assert!(rows >= r.decisions, "every decision is audited: {r}");
+    // Every answered decision and report record has its row, by id.
+    let a = r.audit.as_ref().expect("the audit was checked");
+    assert!(
+        a.acked.get("decisions").copied().unwrap_or(0) >= r.decisions,
+        "{r}"
+    );
+    assert_eq!(r.failure(), None, "{r}");
 }
 
 #[test]

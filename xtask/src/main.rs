@@ -50,7 +50,10 @@ Commands:
                 with N enrolled agents over mutual TLS (release build; no
                 VM); prints connected agents, decisions/s, p50/p99/max,
                 appliance RSS, fds, CPU and audit bytes per decision;
-                `cargo xtask fleet --help` lists every option
+                `--kill-at T [--kills K]` SIGKILLs and restarts the
+                appliance under load, then checks that every decision an
+                agent got is in the audit log and the chain verifies
+                (exit 1 if not); `cargo xtask fleet --help` lists every option
   soak [MINUTES]
                 build, then the soak with faults for MINUTES (default 10):
                 exec, TCP, channel and UNIX load from several users on a

@@ -27,6 +27,16 @@
 //! (refused connections, errors, an exit) are findings in the report, not
 //! a crash of the generator.
 //!
+//! With `--kill-at T [--kills K]` the appliance is killed (SIGKILL) T
+//! seconds into the run, and every T seconds after, and started again on
+//! the same data directory and ports (fixed, below the ephemeral range);
+//! the agents find their push streams gone and reconnect with their own
+//! certificates, with backoff. After the run (and with `--check-audit`
+//! alone) the appliance is stopped and its audit log checked against what
+//! the agents sent and were answered ([`audit_check`]); the report gives,
+//! per kill, the time until the restarted appliance listened and until the
+//! agents were answered again.
+//!
 //! The appliance keeps the open-file limit the generator was started with;
 //! the generator raises its own soft limit (it holds one connection per
 //! agent) up to the hard limit.
@@ -37,7 +47,10 @@ use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicI64, AtomicU64, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +63,10 @@ use tokio::task::JoinSet;
 use tonic::transport::Channel;
 use trustbind_agent::link::{self, Enrolment};
 use trustbind_api::pb::{self, agent_client::AgentClient};
+
+#[path = "audit_check.rs"]
+pub mod audit_check;
+use audit_check::{request_id, AuditCheck, Kind, Ledger};
 
 /// Longest any one gRPC or admin call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -109,6 +126,17 @@ options:
   --appliance-nofile N
                       set the appliance's open-file limit (soft and hard) to
                       N; default: the limit the generator was started with
+  --kill-at T         SIGKILL the appliance T seconds into the run (and
+                      every T seconds after, --kills times), restarting it
+                      each time on the same data directory and ports; the
+                      agents reconnect with their certificates. Implies
+                      --check-audit; the report gives the time from each
+                      kill to the agents being answered again
+  --kills K           how many kills (1)
+  --check-audit       after the run, stop the appliance and check its audit
+                      log: the chain verifies (`trustbind-appliance audit
+                      verify`) and every decision and report record an agent
+                      got an answer for has its row; exits 1 if not
 ";
 
 /// Operation weights.
@@ -235,6 +263,11 @@ pub struct Options {
     pub setup_timeout: Duration,
     pub interval: Duration,
     pub appliance_nofile: Option<u64>,
+    /// Kill the appliance this far into the run, and every as much again.
+    pub kill_at: Option<Duration>,
+    pub kills: u32,
+    /// Check the audit log against the acknowledgements after the run.
+    pub check_audit: bool,
 }
 
 impl Default for Options {
@@ -252,6 +285,9 @@ impl Default for Options {
             setup_timeout: Duration::from_secs(900),
             interval: Duration::from_secs(5),
             appliance_nofile: None,
+            kill_at: None,
+            kills: 1,
+            check_audit: false,
         }
     }
 }
@@ -275,6 +311,10 @@ impl Options {
             let flag = a
                 .strip_prefix("--")
                 .ok_or_else(|| format!("unexpected argument `{a}`"))?;
+            if flag == "check-audit" {
+                o.check_audit = true;
+                continue;
+            }
             let v = it.next().ok_or_else(|| format!("--{flag} needs a value"))?;
             match flag {
                 "agents" => o.agents = number(flag, v, |n| (1..=1_000_000).contains(n))?,
@@ -307,8 +347,24 @@ impl Options {
                 "appliance-nofile" => {
                     o.appliance_nofile = Some(number(flag, v, |n| (64..=1 << 20).contains(n))?);
                 }
+                "kill-at" => {
+                    let t: f64 = number(flag, v, |t: &f64| *t >= 0.1 && *t <= 86_400.0)?;
+                    o.kill_at = Some(Duration::from_secs_f64(t));
+                }
+                "kills" => o.kills = number(flag, v, |n| (1..=1000).contains(n))?,
                 _ => return Err(format!("unknown option --{flag}")),
             }
+        }
+        if let Some(t) = o.kill_at {
+            if t * o.kills >= Duration::from_secs(o.seconds) {
+                return Err(format!(
+                    "--kill-at {} with --kills {}: the last kill must come before the run's end ({} s)",
+                    t.as_secs_f64(),
+                    o.kills,
+                    o.seconds
+                ));
+            }
+            o.check_audit = true;
         }
         Ok(Some(o))
     }
@@ -406,6 +462,58 @@ struct Appliance {
     agent: SocketAddr,
     enrol: SocketAddr,
     admin: SocketAddr,
+    bin: PathBuf,
+    nofile: Option<u64>,
+}
+
+/// Environment variables of `trustbind-appliance` the generator sets by flags.
+const APPLIANCE_ENV: [&str; 5] = [
+    "TRUSTBIND_DATA_DIR",
+    "TRUSTBIND_AGENT_LISTEN",
+    "TRUSTBIND_ENROL_LISTEN",
+    "TRUSTBIND_ADMIN_LISTEN",
+    "TRUSTBIND_SERVER_NAMES",
+];
+
+/// `trustbind-appliance --data-dir DATA`, with none of its settings from
+/// the environment.
+fn appliance_command(bin: &Path, data: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    for v in APPLIANCE_ENV {
+        cmd.env_remove(v);
+    }
+    cmd.arg("--data-dir").arg(data);
+    cmd
+}
+
+/// Three free ports on `ip` below the kernel's ephemeral range, so that
+/// while a killed appliance is down no agent's reconnect can take one as
+/// its source port (as it could take a port of the ephemeral range).
+fn fixed_ports(ip: IpAddr) -> Result<[SocketAddr; 3], String> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low <= 11_000 {
+        return Err(format!(
+            "the ephemeral port range starts at {low}: no room below it for the appliance's ports"
+        ));
+    }
+    let mut rng = Rng::new();
+    let mut found = Vec::new();
+    for _ in 0..1000 {
+        let addr = SocketAddr::new(ip, rng.u16(10_000..low));
+        if found.contains(&addr) {
+            continue;
+        }
+        if std::net::TcpListener::bind(addr).is_ok() {
+            found.push(addr);
+            if let Ok(ports) = <[SocketAddr; 3]>::try_from(found.as_slice()) {
+                return Ok(ports);
+            }
+        }
+    }
+    Err(format!("no three free ports on {ip} below {low}"))
 }
 
 impl Appliance {
@@ -423,9 +531,7 @@ impl Appliance {
 
     /// The last lines of the appliance's stderr.
     fn log_tail(&self) -> String {
-        let t = std::fs::read_to_string(self.log()).unwrap_or_default();
-        let lines: Vec<&str> = t.lines().collect();
-        lines[lines.len().saturating_sub(10)..].join("\n")
+        tail(&self.log())
     }
 
     /// `Some(status)` once the process has exited.
@@ -438,29 +544,16 @@ impl Appliance {
     }
 
     /// Makes the data directory and the admin certificate, then starts
-    /// `serve` on `ip` (ephemeral ports) and reads its ports off stdout.
-    fn start(bin: &Path, ip: IpAddr, nofile: Option<u64>) -> Result<Self, String> {
+    /// `serve` on `ip`: on ephemeral ports, or with `fixed` on ports it
+    /// keeps across restarts ([`fixed_ports`]).
+    fn start(bin: &Path, ip: IpAddr, nofile: Option<u64>, fixed: bool) -> Result<Self, String> {
         let root = tempfile::Builder::new()
             .prefix("trustbind-fleet-")
             .tempdir()
             .map_err(|e| format!("temporary directory: {e}"))?;
         let data = root.path().join("data");
         let admin = root.path().join("admin");
-        let base = |cmd: &mut Command| {
-            for v in [
-                "TRUSTBIND_DATA_DIR",
-                "TRUSTBIND_AGENT_LISTEN",
-                "TRUSTBIND_ENROL_LISTEN",
-                "TRUSTBIND_ADMIN_LISTEN",
-                "TRUSTBIND_SERVER_NAMES",
-            ] {
-                cmd.env_remove(v);
-            }
-            cmd.arg("--data-dir").arg(&data);
-        };
-        let mut cert = Command::new(bin);
-        base(&mut cert);
-        let out = cert
+        let out = appliance_command(bin, &data)
             .args(["admin-cert", "--name", "fleet", "--out"])
             .arg(&admin)
             .output()
@@ -472,110 +565,173 @@ impl Appliance {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        let log_path = root.path().join("appliance.log");
-        let log =
-            std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let listen = SocketAddr::new(ip, 0).to_string();
-        let mut cmd = Command::new(bin);
-        base(&mut cmd);
-        cmd.arg("serve");
-        for flag in ["--agent-listen", "--enrol-listen", "--admin-listen"] {
-            cmd.args([flag, &listen]);
-        }
-        // The whole simulated fleet shares one loopback address: lift the
-        // per-address admission limits a real fleet spreads over its hosts.
-        cmd.args(["--handshakes-per-address", "256"]);
-        cmd.args(["--connections-per-address", "100000"]);
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let pid = child.id();
-        if let Some(n) = nofile {
-            let limit = rustix::process::Rlimit {
-                current: Some(n),
-                maximum: Some(n),
-            };
-            let set = rustix::process::Pid::from_raw(pid as i32)
-                .ok_or_else(|| "the appliance has no pid".to_owned())
-                .and_then(|p| {
-                    rustix::process::prlimit(Some(p), rustix::process::Resource::Nofile, limit)
-                        .map_err(|e| e.to_string())
-                });
-            if let Err(e) = set {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "cannot set the appliance's open-file limit to {n}: {e}"
-                ));
-            }
-        }
-        let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            // Forward lines, then keep draining so serve never blocks on stdout.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut a = Appliance {
-            child,
-            pid,
-            root,
-            agent: SocketAddr::new(ip, 0),
-            enrol: SocketAddr::new(ip, 0),
-            admin: SocketAddr::new(ip, 0),
+        let listen = if fixed {
+            fixed_ports(ip)?
+        } else {
+            [SocketAddr::new(ip, 0); 3]
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut seen = 0;
-        while seen < 3 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok(l) => l,
-                Err(_) => {
-                    if let Some(s) = a.exited() {
-                        return Err(format!(
-                            "the appliance exited before serving ({s}); its log:\n{}",
-                            a.log_tail()
-                        ));
-                    }
-                    if left.is_zero() {
-                        return Err(format!(
-                            "the appliance printed no ports within 60 s; its log:\n{}",
-                            a.log_tail()
-                        ));
-                    }
-                    continue;
-                }
-            };
-            let Some((what, addr)) = line.rsplit_once(": ") else {
-                continue;
-            };
-            let Ok(addr) = addr.trim().parse::<SocketAddr>() else {
-                continue;
-            };
-            if !addr.ip().is_loopback() {
-                return Err(format!(
-                    "the appliance listens on {addr}, not loopback; stopped"
-                ));
-            }
-            let slot = if what.starts_with("agent port") {
-                &mut a.agent
-            } else if what.starts_with("enrol port") {
-                &mut a.enrol
-            } else if what.starts_with("admin port") {
-                &mut a.admin
-            } else {
-                continue;
-            };
-            *slot = addr;
-            seen += 1;
-        }
-        Ok(a)
+        let (child, [agent, enrol, admin]) = launch(bin, root.path(), listen, nofile)?;
+        Ok(Appliance {
+            pid: child.id(),
+            child,
+            root,
+            agent,
+            enrol,
+            admin,
+            bin: bin.to_owned(),
+            nofile,
+        })
     }
 
+    /// SIGKILL, and waits for the process to be gone.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts `serve` again on the same data directory and ports (a few
+    /// tries: a port may still be held for a moment).
+    fn restart(&mut self) -> Result<(), String> {
+        let listen = [self.agent, self.enrol, self.admin];
+        let mut last = String::new();
+        for _ in 0..10 {
+            match launch(&self.bin, self.root.path(), listen, self.nofile) {
+                Ok((child, _)) => {
+                    self.pid = child.id();
+                    self.child = child;
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(format!("the appliance did not restart: {last}"))
+    }
+}
+
+/// The last lines of the file at `path`.
+fn tail(path: &Path) -> String {
+    let t = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// Starts `serve` with the data directory under `root` on `listen` and
+/// reads the ports it serves on off its stdout; its stderr is appended to
+/// `root/appliance.log`.
+fn launch(
+    bin: &Path,
+    root: &Path,
+    listen: [SocketAddr; 3],
+    nofile: Option<u64>,
+) -> Result<(Child, [SocketAddr; 3]), String> {
+    let log_path = root.join("appliance.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let mut cmd = appliance_command(bin, &root.join("data"));
+    cmd.arg("serve");
+    for (flag, addr) in ["--agent-listen", "--enrol-listen", "--admin-listen"]
+        .into_iter()
+        .zip(listen)
+    {
+        cmd.args([flag, &addr.to_string()]);
+    }
+    // The whole simulated fleet shares one loopback address: lift the
+    // per-address admission limits a real fleet spreads over its hosts.
+    cmd.args(["--handshakes-per-address", "256"]);
+    cmd.args(["--connections-per-address", "100000"]);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let pid = child.id();
+    let fail = |child: &mut Child, why: String| {
+        let _ = child.kill();
+        let _ = child.wait();
+        format!("{why}; its log:\n{}", tail(&log_path))
+    };
+    if let Some(n) = nofile {
+        let limit = rustix::process::Rlimit {
+            current: Some(n),
+            maximum: Some(n),
+        };
+        let set = rustix::process::Pid::from_raw(pid as i32)
+            .ok_or_else(|| "the appliance has no pid".to_owned())
+            .and_then(|p| {
+                rustix::process::prlimit(Some(p), rustix::process::Resource::Nofile, limit)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = set {
+            return Err(fail(
+                &mut child,
+                format!("cannot set the appliance's open-file limit to {n}: {e}"),
+            ));
+        }
+    }
+    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        // Forward lines, then keep draining so serve never blocks on stdout.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut ports = listen;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = 0;
+    while seen < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(l) => l,
+            Err(_) => {
+                if let Ok(Some(s)) = child.try_wait() {
+                    return Err(fail(
+                        &mut child,
+                        format!("the appliance exited before serving ({s})"),
+                    ));
+                }
+                if left.is_zero() {
+                    return Err(fail(
+                        &mut child,
+                        "the appliance printed no ports within 60 s".into(),
+                    ));
+                }
+                continue;
+            }
+        };
+        let Some((what, addr)) = line.rsplit_once(": ") else {
+            continue;
+        };
+        let Ok(addr) = addr.trim().parse::<SocketAddr>() else {
+            continue;
+        };
+        if !addr.ip().is_loopback() {
+            return Err(fail(
+                &mut child,
+                format!("the appliance listens on {addr}, not loopback; stopped"),
+            ));
+        }
+        let slot = if what.starts_with("agent port") {
+            &mut ports[0]
+        } else if what.starts_with("enrol port") {
+            &mut ports[1]
+        } else if what.starts_with("admin port") {
+            &mut ports[2]
+        } else {
+            continue;
+        };
+        *slot = addr;
+        seen += 1;
+    }
+    Ok((child, ports))
+}
+
+impl Appliance {
     /// SIGTERM, a bounded wait, then SIGKILL.
     fn stop(&mut self) {
         if self.exited().is_some() {
@@ -847,12 +1003,15 @@ fn net_request(
     }
 }
 
-/// Qualifies one request; its result (counted).
+/// Qualifies one request as host `host` (the agent `c` is connected
+/// as); its result (counted).
 async fn qualify_one(
     sh: &Shared,
+    host: usize,
     c: &mut AgentClient<Channel>,
     req: pb::Request,
 ) -> Result<pb::Result, tonic::Status> {
+    sh.note(host, Kind::Decision, [req.id], false);
     let r = c
         .qualify(timed(pb::QualifyBatch {
             requests: vec![req],
@@ -860,6 +1019,7 @@ async fn qualify_one(
         }))
         .await?
         .into_inner();
+    sh.note(host, Kind::Decision, r.results.iter().map(|r| r.id), true);
     sh.verdicts(&r.results);
     r.results
         .into_iter()
@@ -903,6 +1063,16 @@ struct Shared {
     reconnecting: AtomicI64,
     refused: AtomicU64,
     errors: Mutex<BTreeMap<String, (u64, String)>>,
+    /// What each host (by agent index) was asked and answered.
+    ledgers: Vec<Mutex<Ledger>>,
+    /// The time every `*_us` figure counts from.
+    t0: Instant,
+    /// Kills so far, and when each killed appliance was gone (µs).
+    epoch: AtomicUsize,
+    gone_us: Vec<AtomicU64>,
+    /// Per kill: when each agent got its first answer from the restarted
+    /// appliance (µs).
+    served: Vec<Mutex<Vec<u64>>>,
 }
 
 /// Microseconds, 1 µs .. 10 min, 3 significant digits.
@@ -933,6 +1103,48 @@ impl Shared {
             } else {
                 self.allowed.fetch_add(1, Relaxed);
             }
+        }
+    }
+
+    /// Notes requests (or report records) `ids` of host `host` as sent,
+    /// or as answered (`acked`).
+    fn note(&self, host: usize, kind: Kind, ids: impl IntoIterator<Item = u64>, acked: bool) {
+        let Some(l) = self.ledgers.get(host) else {
+            return;
+        };
+        let mut l = l.lock().unwrap_or_else(|e| e.into_inner());
+        let list = if acked { &mut l.acked } else { &mut l.sent };
+        list.extend(ids.into_iter().map(|id| audit_check::Key {
+            kind,
+            host: host as u32,
+            id,
+        }));
+    }
+
+    /// Microseconds from `t0` to `t`.
+    fn us(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.t0).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// An agent's call that started at `start` was answered: if it is the
+    /// first one the appliance restarted after the last kill answered
+    /// (`seen`: the kills the agent has been answered after), notes when.
+    fn answered(&self, seen: &mut usize, start: Instant) {
+        let e = self.epoch.load(Acquire);
+        if e == 0 || e <= *seen {
+            return;
+        }
+        let Some(gone) = self.gone_us.get(e - 1) else {
+            return;
+        };
+        if self.us(start) < gone.load(Relaxed) {
+            return;
+        }
+        *seen = e;
+        if let Some(s) = self.served.get(e - 1) {
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.us(Instant::now()));
         }
     }
 
@@ -1026,6 +1238,9 @@ struct Agent {
     /// When this agent last asked for a signed bundle: like the real agent
     /// it asks at most once per the appliance's per-host allowance.
     last_sign: Option<std::time::Instant>,
+    /// Kills after which this agent has been answered (see
+    /// [`Shared::answered`]).
+    seen_kills: usize,
 }
 
 impl Agent {
@@ -1045,12 +1260,14 @@ impl Agent {
             next_id: 1,
             work,
             last_sign: None,
+            seen_kills: 0,
         }
     }
 
+    /// A request (or record) id no other agent uses.
     fn id(&mut self) -> u64 {
         self.next_id += 1;
-        self.next_id
+        request_id(self.i, self.next_id)
     }
 
     /// Runs one operation: whether it was done (a pair needs a connected
@@ -1075,6 +1292,7 @@ impl Agent {
                     })
                     .collect();
                 let n = reqs.len();
+                sh.note(self.i, Kind::Decision, reqs.iter().map(|r| r.id), false);
                 let r = c
                     .qualify(timed(pb::QualifyBatch {
                         requests: reqs,
@@ -1088,6 +1306,7 @@ impl Agent {
                         r.results.len()
                     )));
                 }
+                sh.note(self.i, Kind::Decision, r.results.iter().map(|r| r.id), true);
                 sh.verdicts(&r.results);
             }
             Op::Connect => {
@@ -1100,24 +1319,24 @@ impl Agent {
                     ("10.255.0.1".into(), PLAIN_PORT),
                     false,
                 );
-                qualify_one(sh, c, req).await?;
+                qualify_one(sh, self.i, c, req).await?;
             }
             Op::Pair => return self.pair(sh, c).await,
             Op::Report => {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                let records = (0..REPORT_RECORDS)
-                    .map(|_| {
-                        let n = self.id();
-                        pb::AuditRecord {
-                            id: format!("fleet-{}-{n}", self.i),
-                            at_ms: now,
-                            what: "fleet.load".into(),
-                            detail_json: format!("{{\"n\":{n}}}"),
-                        }
+                let ids: Vec<u64> = (0..REPORT_RECORDS).map(|_| self.id()).collect();
+                let records = ids
+                    .iter()
+                    .map(|n| pb::AuditRecord {
+                        id: format!("fleet-{}-{n}", self.i),
+                        at_ms: now,
+                        what: audit_check::REPORT_WHAT.into(),
+                        detail_json: format!("{{\"n\":{n}}}"),
                     })
                     .collect();
+                sh.note(self.i, Kind::Report, ids.iter().copied(), false);
                 let r = c
                     .report(timed(pb::AuditBatch { records }))
                     .await?
@@ -1128,6 +1347,7 @@ impl Agent {
                         r.stored, r.duplicates
                     )));
                 }
+                sh.note(self.i, Kind::Report, ids, true);
             }
             Op::Sign => {
                 let entries = self
@@ -1181,7 +1401,7 @@ impl Agent {
             server.clone(),
             false,
         );
-        qualify_one(sh, c, first).await?;
+        qualify_one(sh, self.i, c, first).await?;
         let established = net_request(
             self.id(),
             pb::Action::Connect,
@@ -1190,7 +1410,7 @@ impl Agent {
             server.clone(),
             true,
         );
-        let r = qualify_one(sh, c, established).await?;
+        let r = qualify_one(sh, self.i, c, established).await?;
         let channel = r.channel_id;
         if channel == 0 {
             return Err(tonic::Status::failed_precondition(
@@ -1198,7 +1418,7 @@ impl Agent {
             ));
         }
         let accept = net_request(self.id(), pb::Action::Accept, 3, me, server, false);
-        let a = qualify_one(sh, &mut peer, accept).await?;
+        let a = qualify_one(sh, j, &mut peer, accept).await?;
         match a {
             a if a.channel_id == channel && a.verdict != pb::Verdict::Deny as i32 => {
                 sh.pairs.fetch_add(1, Relaxed);
@@ -1245,6 +1465,13 @@ async fn run_agent(
             if now >= end {
                 break;
             }
+        }
+        // The push stream ended (the appliance went away): reconnect, as
+        // the agent does when its `Subscribe` stream ends.
+        if conn.as_ref().is_some_and(|c| c.reader.is_finished()) {
+            sh.set_client(i, None);
+            conn = None;
+            failures += 1;
         }
         let Some(cur) = conn.as_mut() else {
             tokio::time::sleep(backoff(&mut a.rng, failures)).await;
@@ -1299,7 +1526,10 @@ async fn run_agent(
         }
         let mut client = cur.client.clone();
         match a.op(&sh, &mut client, op).await {
-            Ok(true) => sh.record(op, t.elapsed()),
+            Ok(true) => {
+                sh.record(op, t.elapsed());
+                sh.answered(&mut a.seen_kills, t);
+            }
             Ok(false) => {}
             Err(s) => {
                 sh.error(
@@ -1377,12 +1607,59 @@ pub struct Report {
     pub refused: u64,
     pub errors: BTreeMap<String, (u64, String)>,
     pub exited: Option<String>,
+    /// The kills (`--kill-at`), in order.
+    pub kills: Vec<Kill>,
+    /// The agents' names, by index; what they were asked and answered.
+    pub hosts: Vec<String>,
+    pub ledger: Ledger,
+    /// The audit check (`--check-audit`), once the appliance stopped.
+    pub audit: Option<AuditCheck>,
+}
+
+/// One kill of the appliance and the fleet's return.
+#[derive(Debug, Clone, Default)]
+pub struct Kill {
+    /// Seconds into the run.
+    pub at_s: f64,
+    /// The kill, µs from the generator's clock origin.
+    pub kill_us: u64,
+    /// From the kill to the restarted appliance listening.
+    pub restart_s: f64,
+    /// Agents in the run.
+    pub agents: usize,
+    /// For each agent answered again before the next kill or the run's
+    /// end: seconds from the kill to its first answer from the restarted
+    /// appliance, sorted.
+    pub served_s: Vec<f64>,
+}
+
+impl Kill {
+    /// Seconds from the kill until a share `q` (0..=1) of all agents had been
+    /// answered again; `None` if fewer were.
+    pub fn served_by(&self, q: f64) -> Option<f64> {
+        let need = ((self.agents as f64 * q).ceil() as usize).max(1);
+        self.served_s.get(need - 1).copied()
+    }
 }
 
 impl Report {
     /// Decisions per second over the measured run.
     pub fn rate(&self) -> f64 {
         self.decisions as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Why the run failed its checks: a kill the appliance did not come
+    /// back from, or the audit check (anything acknowledged lost, the
+    /// chain broken).
+    pub fn failure(&self) -> Option<String> {
+        let mut why = Vec::new();
+        if let Some(e) = self.exited.as_ref().filter(|_| !self.kills.is_empty()) {
+            why.push(e.clone());
+        }
+        if let Some(f) = self.audit.as_ref().and_then(AuditCheck::failure) {
+            why.push(f);
+        }
+        (!why.is_empty()).then(|| why.join("; "))
     }
 }
 
@@ -1468,13 +1745,21 @@ impl fmt::Display for Report {
             self.nofile
         )?;
         let cpu = self.end.cpu_s - self.start.cpu_s;
-        writeln!(
-            f,
-            "appliance CPU: {:.2} s = {:.3} s per 1,000 decisions; generator CPU {:.2} s (same machine)",
-            cpu,
-            cpu * 1000.0 / (self.decisions.max(1) as f64),
-            self.generator_cpu_s
-        )?;
+        if self.kills.is_empty() {
+            writeln!(
+                f,
+                "appliance CPU: {:.2} s = {:.3} s per 1,000 decisions; generator CPU {:.2} s (same machine)",
+                cpu,
+                cpu * 1000.0 / (self.decisions.max(1) as f64),
+                self.generator_cpu_s
+            )?;
+        } else {
+            writeln!(
+                f,
+                "appliance CPU: not measured across restarts; generator CPU {:.2} s",
+                self.generator_cpu_s
+            )?;
+        }
         writeln!(
             f,
             "audit: data dir +{:.2} MiB = {:.0} bytes per decision; audit rows +{}",
@@ -1482,6 +1767,25 @@ impl fmt::Display for Report {
             self.data_growth as f64 / (self.decisions_all.max(1) as f64),
             self.audit_rows.map_or("?".into(), |r| r.to_string())
         )?;
+        for (i, k) in self.kills.iter().enumerate() {
+            let s = |q: f64| k.served_by(q).map_or("-".into(), |s| format!("{s:.2}"));
+            writeln!(
+                f,
+                "kill {} at {:.1} s: listening again after {:.2} s; agents answered again after (s from the kill): first {}, 50 % {}, 99 % {}, all {} ({} of {})",
+                i + 1,
+                k.at_s,
+                k.restart_s,
+                k.served_s.first().map_or("-".into(), |s| format!("{s:.2}")),
+                s(0.5),
+                s(0.99),
+                s(1.0),
+                k.served_s.len(),
+                k.agents
+            )?;
+        }
+        if let Some(a) = &self.audit {
+            writeln!(f, "{a}")?;
+        }
         if let Some(s) = &self.exited {
             writeln!(f, "FINDING: the appliance exited during the run: {s}")?;
         }
@@ -1599,7 +1903,12 @@ where
 /// Runs the generator against the `trustbind-appliance` binary `bin`.
 pub fn run(opts: Options, bin: &Path) -> Result<Report, String> {
     // Started before the limit is raised: it keeps the machine's limit.
-    let mut app = Appliance::start(bin, opts.listen, opts.appliance_nofile)?;
+    let mut app = Appliance::start(
+        bin,
+        opts.listen,
+        opts.appliance_nofile,
+        opts.kill_at.is_some(),
+    )?;
     eprintln!(
         "fleet: appliance pid {} serving on {} (agent), {} (enrol), {} (admin); data {}",
         app.pid,
@@ -1615,9 +1924,21 @@ pub fn run(opts: Options, bin: &Path) -> Result<Report, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
+    let check = opts.check_audit;
     let result = rt.block_on(drive(&mut app, opts));
     app.stop();
-    result
+    let mut report = result?;
+    if check {
+        eprintln!("fleet: checking the audit log against what the agents got");
+        let ledger = std::mem::take(&mut report.ledger);
+        report.audit = Some(audit_check::check(
+            bin,
+            &app.data(),
+            &report.hosts,
+            &ledger,
+        )?);
+    }
+    Ok(report)
 }
 
 async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
@@ -1687,6 +2008,11 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
         ));
     }
     let n = idents.len();
+    let kills = if opts.kill_at.is_some() {
+        opts.kills as usize
+    } else {
+        0
+    };
     let sh = Arc::new(Shared {
         opts: opts.clone(),
         agent_addr,
@@ -1702,6 +2028,11 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
         reconnecting: AtomicI64::new(0),
         refused: AtomicU64::new(0),
         errors: Mutex::new(errors),
+        ledgers: (0..n).map(|_| Mutex::new(Ledger::default())).collect(),
+        t0: Instant::now(),
+        epoch: AtomicUsize::new(0),
+        gone_us: (0..kills).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        served: (0..kills).map(|_| Mutex::new(Vec::new())).collect(),
     });
 
     // Connect every agent (TLS handshake + Subscribe).
@@ -1762,10 +2093,26 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
     let mut last_dec = 0;
     let mut last_t = start;
     let mut tick = tokio::time::interval_at((start + opts.interval).into(), opts.interval);
+    let kill_at = |k: usize| {
+        opts.kill_at
+            .filter(|_| k < kills)
+            .map(|t| start + t * (k as u32 + 1))
+    };
     while Instant::now() < end {
+        let next_kill = kill_at(report.kills.len());
         tokio::select! {
             _ = tick.tick() => {}
             _ = tokio::time::sleep_until(end.into()) => break,
+            _ = tokio::time::sleep_until(next_kill.unwrap_or(end).into()), if next_kill.is_some() => {
+                match kill_and_restart(app, &sh, start) {
+                    Ok(k) => report.kills.push(k),
+                    Err(e) => {
+                        report.exited = Some(e);
+                        break;
+                    }
+                }
+                continue;
+            }
         }
         if let Some(s) = app.exited() {
             report.exited = Some(s);
@@ -1829,5 +2176,51 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
     }
     report.decision_latency = latency(&decision_hist);
     report.errors = std::mem::take(&mut *sh.errors.lock().unwrap_or_else(|e| e.into_inner()));
+    for (k, served) in report.kills.iter_mut().zip(&sh.served) {
+        let mut s = std::mem::take(&mut *served.lock().unwrap_or_else(|e| e.into_inner()));
+        s.sort_unstable();
+        k.agents = n;
+        k.served_s = s
+            .iter()
+            .map(|us| us.saturating_sub(k.kill_us) as f64 / 1e6)
+            .collect();
+    }
+    for l in &sh.ledgers {
+        report.ledger.merge(std::mem::take(
+            &mut *l.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
+    }
+    report.hosts = sh.idents.iter().map(|id| id.name.clone()).collect();
     Ok(report)
+}
+
+/// SIGKILLs the appliance, waits until it is gone, marks the kill for the
+/// agents ([`Shared::answered`]) and starts it again on the same data
+/// directory and ports.
+fn kill_and_restart(app: &mut Appliance, sh: &Shared, start: Instant) -> Result<Kill, String> {
+    let k = sh.epoch.load(Relaxed);
+    let killed = Instant::now();
+    app.kill();
+    if let Some(g) = sh.gone_us.get(k) {
+        g.store(sh.us(Instant::now()), Relaxed);
+    }
+    sh.epoch.store(k + 1, Release);
+    eprintln!(
+        "fleet: {:>5.1} s  killed the appliance (SIGKILL, kill {}); restarting it",
+        killed.duration_since(start).as_secs_f64(),
+        k + 1
+    );
+    app.restart()?;
+    let restart_s = killed.elapsed().as_secs_f64();
+    eprintln!(
+        "fleet: {:>5.1} s  the appliance serves again (pid {}, {restart_s:.2} s after the kill)",
+        start.elapsed().as_secs_f64(),
+        app.pid
+    );
+    Ok(Kill {
+        at_s: killed.duration_since(start).as_secs_f64(),
+        kill_us: sh.us(killed),
+        restart_s,
+        ..Kill::default()
+    })
 }

@@ -3,7 +3,10 @@
 //! the agent gRPC protocol over mutual TLS. See [`generator`] and
 //! `docs/BENCHMARKS.md` ("Fleet load").
 //!
-//! `cargo xtask fleet [--agents N] [--seconds S] [--rate R] ...`, or
+//! `cargo xtask fleet [--agents N] [--seconds S] [--rate R] ...`
+//! (`--kill-at T [--kills K]`: SIGKILL and restart the appliance under
+//! load, then check that nothing acknowledged is missing from its audit
+//! log; exits 1 if something is), or
 //! `cargo bench -p trustbind-appliance --bench fleet -- [OPTIONS]`
 //! (`--help` lists them). Without options (as in `cargo bench
 //! --workspace`): 100 agents for 10 s.
@@ -32,7 +35,13 @@ fn main() -> ExitCode {
     match generator::run(opts, env!("CARGO_BIN_EXE_trustbind-appliance").as_ref()) {
         Ok(report) => {
             println!("{report}");
-            ExitCode::SUCCESS
+            match report.failure() {
+                None => ExitCode::SUCCESS,
+                Some(why) => {
+                    eprintln!("fleet: FAILED: {why}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(e) => {
             eprintln!("fleet: {e}");

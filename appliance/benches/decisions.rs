@@ -350,7 +350,7 @@ fn run_audited(
         let writer = audit.map(|store| {
             s.spawn(move || {
                 let cpu0 = thread_cpu();
-                let mut rows = 0usize;
+                let (mut rows, mut commits) = (0usize, 0usize);
                 while let Ok(ev) = rx.recv() {
                     let mut batch = vec![ev];
                     while batch.len() < AUDIT_BATCH {
@@ -360,8 +360,9 @@ fn run_audited(
                         }
                     }
                     rows += store.append_audit_batch(&batch).expect("audit").len();
+                    commits += 1;
                 }
-                (rows, thread_cpu().saturating_sub(cpu0))
+                (rows, commits, thread_cpu().saturating_sub(cpu0))
             })
         });
         let handles: Vec<_> = (0..THREADS)
@@ -401,8 +402,15 @@ fn run_audited(
             .map(|h| h.join().expect("join"))
             .collect();
         if let Some(w) = writer {
-            let (rows, cpu) = w.join().expect("join writer");
+            let (rows, commits, cpu) = w.join().expect("join writer");
             assert_eq!(rows, per_thread * THREADS, "every decision audited");
+            println!(
+                "{name}: {rows} audit rows in {commits} commits ({:.0} a commit), \
+                 writer thread {:.2} CPU-s ({:.1} µs a row)",
+                rows as f64 / commits.max(1) as f64,
+                cpu.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / rows.max(1) as f64
+            );
             writer_cpu = cpu;
         }
         results

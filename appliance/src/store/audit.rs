@@ -12,42 +12,93 @@ pub use trustbind_policy::audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 
 use super::{ChainError, StoreError};
 
+/// The chain's newest row, `(seq, hash)`, as `audit_head` holds it (0
+/// and the genesis for an empty chain).
+fn head(tx: &Transaction<'_>) -> Result<(i64, String), StoreError> {
+    // Cached statements: a decision's row is appended thousands of times a
+    // second, and preparing the statements cost more than running them.
+    Ok(tx
+        .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .unwrap_or((0, GENESIS.to_owned())))
+}
+
+/// Writes `audit_head` (the newest row's `seq` and `hash`).
+fn set_head(tx: &Transaction<'_>, seq: i64, hash: &str) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+    )?
+    .execute(params![seq, hash])?;
+    Ok(())
+}
+
+/// The row insert ([`insert`] binds it).
+const INSERT: &str = "INSERT INTO audit (seq, at_ms, kind, actor, detail, prev_hash, hash) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+
+/// Inserts `ev` through `stmt` ([`INSERT`]) as the row after `prev`
+/// (`seq`, `hash`), returning it; `audit_head` is left to the caller.
+fn insert(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    prev: (i64, String),
+    at_ms: i64,
+    ev: &AuditEvent,
+) -> Result<AuditRow, StoreError> {
+    let (prev_seq, prev_hash) = prev;
+    let seq = prev_seq
+        .checked_add(1)
+        .ok_or(StoreError::Unreachable("audit sequence overflow"))?;
+    let hash = row_hash(&prev_hash, seq, at_ms, &ev.kind, &ev.actor, &ev.detail);
+    stmt.execute(params![
+        seq, at_ms, ev.kind, ev.actor, ev.detail, prev_hash, hash
+    ])?;
+    Ok(AuditRow {
+        seq,
+        at_ms,
+        kind: ev.kind.clone(),
+        actor: ev.actor.clone(),
+        detail: ev.detail.clone(),
+        prev_hash,
+        hash,
+    })
+}
+
 /// Appends `ev` inside `tx` (the caller commits), returning the new row.
 pub(super) fn append(
     tx: &Transaction<'_>,
     at_ms: i64,
     ev: &AuditEvent,
 ) -> Result<AuditRow, StoreError> {
-    // Cached statements: a decision's row is appended thousands of times a
-    // second, and preparing the three statements cost more than running them.
-    let head: Option<(i64, String)> = tx
-        .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    let (prev_seq, prev_hash) = head.unwrap_or((0, GENESIS.to_owned()));
-    let seq = prev_seq
-        .checked_add(1)
-        .ok_or(StoreError::Unreachable("audit sequence overflow"))?;
-    let detail = serde_json::to_string(&ev.detail)?;
-    let hash = row_hash(&prev_hash, seq, at_ms, &ev.kind, &ev.actor, &detail);
-    tx.prepare_cached(
-        "INSERT INTO audit (seq, at_ms, kind, actor, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![seq, at_ms, ev.kind, ev.actor, detail, prev_hash, hash])?;
-    tx.prepare_cached(
-        "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?1, ?2)
-         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-    )?
-    .execute(params![seq, hash])?;
-    Ok(AuditRow {
-        seq,
-        at_ms,
-        kind: ev.kind.clone(),
-        actor: ev.actor.clone(),
-        detail,
-        prev_hash,
-        hash,
-    })
+    let row = insert(&mut tx.prepare_cached(INSERT)?, head(tx)?, at_ms, ev)?;
+    set_head(tx, row.seq, &row.hash)?;
+    Ok(row)
+}
+
+/// Appends `events` in order inside `tx` (the caller commits), all at
+/// `at_ms`, returning the new rows: the head is read once before the
+/// first and written once after the last (one transaction, so a commit
+/// holds the rows and the head that names the last of them, or neither),
+/// and the insert is looked up once.
+pub(super) fn append_all(
+    tx: &Transaction<'_>,
+    at_ms: i64,
+    events: &[AuditEvent],
+) -> Result<Vec<AuditRow>, StoreError> {
+    let mut prev = head(tx)?;
+    let mut stmt = tx.prepare_cached(INSERT)?;
+    let mut rows = Vec::with_capacity(events.len());
+    for ev in events {
+        let row = insert(&mut stmt, prev, at_ms, ev)?;
+        prev = (row.seq, row.hash.clone());
+        rows.push(row);
+    }
+    drop(stmt);
+    if let Some(last) = rows.last() {
+        set_head(tx, last.seq, &last.hash)?;
+    }
+    Ok(rows)
 }
 
 /// Checks one row against the state carried from its predecessor.
@@ -82,13 +133,7 @@ impl AuditTx<'_, '_> {
     /// The head: the last row's sequence number and hash (0 and the
     /// genesis for an empty chain).
     pub fn head(&self) -> Result<(i64, String), StoreError> {
-        Ok(self
-            .tx
-            .query_row("SELECT seq, hash FROM audit_head WHERE id = 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?
-            .unwrap_or((0, GENESIS.to_owned())))
+        head(self.tx)
     }
 
     /// Appends `ev` with the time `at_ms`.

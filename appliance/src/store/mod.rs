@@ -405,10 +405,7 @@ impl Store {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let gap = self.append_gap(&tx)?;
             let at = now_ms();
-            let rows = events
-                .iter()
-                .map(|ev| audit::append(&tx, at, ev))
-                .collect::<Result<Vec<_>, _>>()
+            let rows = audit::append_all(&tx, at, events)
                 .and_then(|rows| Ok(tx.commit().map(|()| rows)?));
             if rows.is_err() {
                 self.restore_gap(gap);

@@ -34,36 +34,9 @@ fn set_head(tx: &Transaction<'_>, seq: i64, hash: &str) -> Result<(), StoreError
     Ok(())
 }
 
-/// The row insert ([`insert`] binds it).
+/// The row insert ([`append_all`] binds it).
 const INSERT: &str = "INSERT INTO audit (seq, at_ms, kind, actor, detail, prev_hash, hash) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
-
-/// Inserts `ev` through `stmt` ([`INSERT`]) as the row after `prev`
-/// (`seq`, `hash`), returning it; `audit_head` is left to the caller.
-fn insert(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    prev: (i64, String),
-    at_ms: i64,
-    ev: &AuditEvent,
-) -> Result<AuditRow, StoreError> {
-    let (prev_seq, prev_hash) = prev;
-    let seq = prev_seq
-        .checked_add(1)
-        .ok_or(StoreError::Unreachable("audit sequence overflow"))?;
-    let hash = row_hash(&prev_hash, seq, at_ms, &ev.kind, &ev.actor, &ev.detail);
-    stmt.execute(params![
-        seq, at_ms, ev.kind, ev.actor, ev.detail, prev_hash, hash
-    ])?;
-    Ok(AuditRow {
-        seq,
-        at_ms,
-        kind: ev.kind.clone(),
-        actor: ev.actor.clone(),
-        detail: ev.detail.clone(),
-        prev_hash,
-        hash,
-    })
-}
 
 /// Appends `ev` inside `tx` (the caller commits), returning the new row.
 pub(super) fn append(
@@ -71,34 +44,88 @@ pub(super) fn append(
     at_ms: i64,
     ev: &AuditEvent,
 ) -> Result<AuditRow, StoreError> {
-    let row = insert(&mut tx.prepare_cached(INSERT)?, head(tx)?, at_ms, ev)?;
-    set_head(tx, row.seq, &row.hash)?;
-    Ok(row)
+    append_all(tx, at_ms, std::slice::from_ref(ev))?
+        .rows([(ev.kind.clone(), ev.actor.clone(), ev.detail.clone())])
+        .pop()
+        .ok_or(StoreError::Unreachable("one event, no row"))
 }
 
 /// Appends `events` in order inside `tx` (the caller commits), all at
-/// `at_ms`, returning the new rows: the head is read once before the
-/// first and written once after the last (one transaction, so a commit
-/// holds the rows and the head that names the last of them, or neither),
-/// and the insert is looked up once.
+/// `at_ms`: the head is read once before the first and written once
+/// after the last (one transaction, so a commit holds the rows and the
+/// head that names the last of them, or neither), and the insert is
+/// looked up once. What was chained, for [`Chained::rows`].
 pub(super) fn append_all(
     tx: &Transaction<'_>,
     at_ms: i64,
     events: &[AuditEvent],
-) -> Result<Vec<AuditRow>, StoreError> {
-    let mut prev = head(tx)?;
+) -> Result<Chained, StoreError> {
+    let (before_seq, before_hash) = head(tx)?;
     let mut stmt = tx.prepare_cached(INSERT)?;
-    let mut rows = Vec::with_capacity(events.len());
+    let mut hashes: Vec<String> = Vec::with_capacity(events.len());
+    let mut seq = before_seq;
     for ev in events {
-        let row = insert(&mut stmt, prev, at_ms, ev)?;
-        prev = (row.seq, row.hash.clone());
-        rows.push(row);
+        seq = seq
+            .checked_add(1)
+            .ok_or(StoreError::Unreachable("audit sequence overflow"))?;
+        let prev_hash = hashes.last().unwrap_or(&before_hash);
+        let hash = row_hash(prev_hash, seq, at_ms, &ev.kind, &ev.actor, &ev.detail);
+        stmt.execute(params![
+            seq, at_ms, ev.kind, ev.actor, ev.detail, prev_hash, hash
+        ])?;
+        hashes.push(hash);
     }
     drop(stmt);
-    if let Some(last) = rows.last() {
-        set_head(tx, last.seq, &last.hash)?;
+    if let Some(last) = hashes.last() {
+        set_head(tx, seq, last)?;
     }
-    Ok(rows)
+    Ok(Chained {
+        first_seq: before_seq.saturating_add(1),
+        at_ms,
+        prev_hash: before_hash,
+        hashes,
+    })
+}
+
+/// Rows [`append_all`] chained: their sequence numbers, time and hashes.
+/// The rows themselves are made from the events afterwards
+/// ([`Chained::rows`]), by moving their text where the caller owns them.
+#[derive(Debug)]
+pub(super) struct Chained {
+    first_seq: i64,
+    at_ms: i64,
+    /// The hash the first row chained from.
+    prev_hash: String,
+    hashes: Vec<String>,
+}
+
+impl Chained {
+    /// The stored rows, given each event's `(kind, actor, detail)` in
+    /// the order appended.
+    pub(super) fn rows(
+        self,
+        events: impl IntoIterator<Item = (String, String, String)>,
+    ) -> Vec<AuditRow> {
+        let mut prev_hash = self.prev_hash;
+        let mut seq = self.first_seq;
+        events
+            .into_iter()
+            .zip(self.hashes)
+            .map(|((kind, actor, detail), hash)| {
+                let row = AuditRow {
+                    seq,
+                    at_ms: self.at_ms,
+                    kind,
+                    actor,
+                    detail,
+                    prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
+                    hash,
+                };
+                seq = seq.saturating_add(1);
+                row
+            })
+            .collect()
+    }
 }
 
 /// Checks one row against the state carried from its predecessor.

@@ -20,6 +20,8 @@
 //! (`decision_event`, as the agent API builds it) appended to the store's
 //! chain by a writer thread in batches of up to 1 024 (what
 //! `AuditWriter` does), its CPU time counted with the workers'.
+//! `TB_BENCH_RUNS=writer`: the audit writer alone, appending decision
+//! events made beforehand in batches of 1 024 on one thread.
 //! `TB_BENCH_SCALE=0.1` shortens the runs.
 
 use std::sync::Arc;
@@ -350,7 +352,7 @@ fn run_audited(
         let writer = audit.map(|store| {
             s.spawn(move || {
                 let cpu0 = thread_cpu();
-                let mut rows = 0usize;
+                let (mut rows, mut commits) = (0usize, 0usize);
                 while let Ok(ev) = rx.recv() {
                     let mut batch = vec![ev];
                     while batch.len() < AUDIT_BATCH {
@@ -359,9 +361,10 @@ fn run_audited(
                             Err(_) => break,
                         }
                     }
-                    rows += store.append_audit_batch(&batch).expect("audit").len();
+                    rows += store.append_audit_owned(batch).expect("audit").len();
+                    commits += 1;
                 }
-                (rows, thread_cpu().saturating_sub(cpu0))
+                (rows, commits, thread_cpu().saturating_sub(cpu0))
             })
         });
         let handles: Vec<_> = (0..THREADS)
@@ -401,8 +404,15 @@ fn run_audited(
             .map(|h| h.join().expect("join"))
             .collect();
         if let Some(w) = writer {
-            let (rows, cpu) = w.join().expect("join writer");
+            let (rows, commits, cpu) = w.join().expect("join writer");
             assert_eq!(rows, per_thread * THREADS, "every decision audited");
+            println!(
+                "{name}: {rows} audit rows in {commits} commits ({:.0} a commit), \
+                 writer thread {:.2} CPU-s ({:.1} µs a row)",
+                rows as f64 / commits.max(1) as f64,
+                cpu.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / rows.max(1) as f64
+            );
             writer_cpu = cpu;
         }
         results
@@ -448,8 +458,8 @@ fn main() {
     let setup_s = t.elapsed().as_secs_f64();
     let pool = pool();
 
-    let which =
-        std::env::var("TB_BENCH_RUNS").unwrap_or_else(|_| "cold,audit,warm,unseen,unsliced".into());
+    let which = std::env::var("TB_BENCH_RUNS")
+        .unwrap_or_else(|_| "cold,audit,writer,warm,unseen,unsliced".into());
     let opts = |slicing, cache_capacity| EngineOptions {
         slicing,
         cache_capacity,
@@ -480,6 +490,41 @@ fn main() {
             n(200_000.0),
             Some(&store),
         ));
+    }
+    if which.contains("writer") {
+        // The audit writer alone: the pool's decision events, made
+        // beforehand, appended by one thread in batches of AUDIT_BATCH
+        // (one transaction and commit each), as fast as it can.
+        let cold = load(opts(true, 0));
+        let rows = n(200_000.0);
+        let events: Vec<_> = pool
+            .iter()
+            .cycle()
+            .take(rows)
+            .map(|q| decision_event(q, &cold.decide(q).expect("decide")))
+            .collect();
+        let bytes: usize = events.iter().map(|e| e.detail.len()).sum();
+        let (t, cpu0) = (Instant::now(), thread_cpu());
+        let mut commits = Vec::new();
+        let mut it = events.into_iter().peekable();
+        while it.peek().is_some() {
+            let batch: Vec<_> = it.by_ref().take(AUDIT_BATCH).collect();
+            let c = Instant::now();
+            store.append_audit_owned(batch).expect("audit");
+            commits.push(u64::try_from(c.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        }
+        let (wall, cpu) = (t.elapsed(), thread_cpu().saturating_sub(cpu0));
+        commits.sort_unstable();
+        println!(
+            "audit writer alone: {rows} rows (detail {:.0} bytes on average) in {} commits: \
+             {:.0} rows/s (wall), {:.0} rows per CPU-s, a batch of {AUDIT_BATCH} p50 {:.1} ms, p99 {:.1} ms",
+            bytes as f64 / rows as f64,
+            commits.len(),
+            rows as f64 / wall.as_secs_f64(),
+            rows as f64 / cpu.as_secs_f64().max(0.01),
+            pct(&commits, 0.5) / 1000.0,
+            pct(&commits, 0.99) / 1000.0,
+        );
     }
     if which.contains("warm") {
         let warm = load(opts(true, 65_536));

@@ -417,7 +417,7 @@ pub fn seal_with(
         let ev = seal_event(&p, reason)?;
         t.append(now_ms, &ev)?;
         let sealed = Sealed {
-            seal: serde_json::from_value(ev.detail).map_err(StoreError::from)?,
+            seal: serde_json::from_str(&ev.detail).map_err(StoreError::from)?,
             recovered,
         };
         Ok((sealed, next))

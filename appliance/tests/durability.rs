@@ -24,7 +24,7 @@ fn child(db: &str) {
                 let ev = AuditEvent {
                     kind: "decision".into(),
                     actor: format!("w{t}"),
-                    detail: serde_json::json!({ "t": t }),
+                    detail: serde_json::json!({ "t": t }).to_string(),
                 };
                 let row = store.append_audit(&ev).unwrap();
                 println!("acked {}", row.seq);

@@ -19,7 +19,7 @@ fn ev(i: u32) -> AuditEvent {
     AuditEvent {
         kind: "decision".into(),
         actor: format!("host{i}"),
-        detail: serde_json::json!({ "n": i }),
+        detail: serde_json::json!({ "n": i }).to_string(),
     }
 }
 

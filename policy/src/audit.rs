@@ -20,20 +20,55 @@ use crate::cert::{peer_cert, CertKind};
 /// `prev_hash` of the first row.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// An event to append. `detail` is free-form JSON; it must never carry key material.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// An event to append: its detail already serialised, as it will be
+/// stored and hashed (it must never carry key material).
+///
+/// The detail is written to text once, when the event is made: from a
+/// `serde_json::Value` ([`AuditEvent::new`], for the rare events) or
+/// straight from a borrowed `Serialize` struct ([`AuditEvent::serialized`],
+/// for decisions: no `Value` tree to build, serialise and drop). Both give
+/// the same bytes for the same fields in the same order (objects keep
+/// their insertion order: `serde_json`'s `preserve_order`, which
+/// `cedar-policy-core` turns on), as rows written before always had.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEvent {
     /// Category, e.g. `decision`, `enrol`, `policy.activate`.
     pub kind: String,
     /// Who caused it: a host name, `admin:<cn>` or `appliance`.
     pub actor: String,
-    /// Event-specific fields.
-    pub detail: serde_json::Value,
+    /// Event-specific fields: the text of a JSON object, as stored.
+    pub detail: String,
 }
 
 impl AuditEvent {
-    /// An event of `kind` caused by `actor`.
+    /// An event of `kind` caused by `actor`, `detail` serialised.
     pub fn new(kind: &str, actor: &str, detail: serde_json::Value) -> Self {
+        AuditEvent {
+            kind: kind.to_owned(),
+            actor: actor.to_owned(),
+            // `Value`'s `Display` is its compact serialisation (what
+            // `serde_json::to_string` gives), and cannot fail.
+            detail: detail.to_string(),
+        }
+    }
+
+    /// An event of `kind` caused by `actor`, its detail `detail`
+    /// serialised straight to text (fields in declaration order).
+    ///
+    /// Serialising to text fails only for a map whose keys are not
+    /// strings or a `Serialize` impl that fails; no audit detail has
+    /// either. Should one ever, the row records the error rather than
+    /// losing the event (and debug builds panic).
+    pub fn serialized<T: Serialize + ?Sized>(kind: &str, actor: &str, detail: &T) -> Self {
+        let mut text = Vec::with_capacity(DETAIL_CAPACITY);
+        let detail = match serde_json::to_writer(&mut text, detail) {
+            Ok(()) => String::from_utf8(text)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            Err(e) => {
+                debug_assert!(false, "audit detail not serialisable: {e}");
+                serde_json::json!({ "unserialisable": e.to_string() }).to_string()
+            }
+        };
         AuditEvent {
             kind: kind.to_owned(),
             actor: actor.to_owned(),
@@ -41,6 +76,10 @@ impl AuditEvent {
         }
     }
 }
+
+/// Bytes reserved for a detail serialised by [`AuditEvent::serialized`]:
+/// a decision's is ≈ 0.5–1.5 KiB, so most need no reallocation.
+const DETAIL_CAPACITY: usize = 1024;
 
 /// A stored audit row, as exported (one JSON object per line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

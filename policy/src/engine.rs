@@ -1593,17 +1593,27 @@ fn cedar_errors(index: &Index, resp: &cedar_policy::Response) -> Vec<String> {
 /// "generation", "cacheable", "cache_hit", "groups" }`. The replay tool
 /// reads `request` back as a [`QualifyRequest`].
 pub fn decision_event(req: &QualifyRequest, d: &Decision) -> AuditEvent {
-    AuditEvent::new(
+    /// The detail, borrowed: serialised straight to text, in this order.
+    #[derive(serde::Serialize)]
+    struct Detail<'a> {
+        request: &'a QualifyRequest,
+        outcome: &'a Outcome,
+        generation: i64,
+        cacheable: bool,
+        cache_hit: bool,
+        groups: &'a [String],
+    }
+    AuditEvent::serialized(
         "decision",
         &req.host,
-        serde_json::json!({
-            "request": req,
-            "outcome": d.outcome,
-            "generation": d.generation,
-            "cacheable": d.cacheable,
-            "cache_hit": d.cache_hit,
-            "groups": d.groups,
-        }),
+        &Detail {
+            request: req,
+            outcome: &d.outcome,
+            generation: d.generation,
+            cacheable: d.cacheable,
+            cache_hit: d.cache_hit,
+            groups: &d.groups,
+        },
     )
 }
 
@@ -1611,16 +1621,25 @@ pub fn decision_event(req: &QualifyRequest, d: &Decision) -> AuditEvent {
 /// connecting host, detail `{ "connect": …, "accept": …, "outcome": …,
 /// "generation", "groups" }`.
 pub fn pair_event(connect: &QualifyRequest, accept: &QualifyRequest, d: &Decision) -> AuditEvent {
-    AuditEvent::new(
+    /// The detail, borrowed: serialised straight to text, in this order.
+    #[derive(serde::Serialize)]
+    struct Detail<'a> {
+        connect: &'a QualifyRequest,
+        accept: &'a QualifyRequest,
+        outcome: &'a Outcome,
+        generation: i64,
+        groups: &'a [String],
+    }
+    AuditEvent::serialized(
         "decision.pair",
         &connect.host,
-        serde_json::json!({
-            "connect": connect,
-            "accept": accept,
-            "outcome": d.outcome,
-            "generation": d.generation,
-            "groups": d.groups,
-        }),
+        &Detail {
+            connect,
+            accept,
+            outcome: &d.outcome,
+            generation: d.generation,
+            groups: &d.groups,
+        },
     )
 }
 

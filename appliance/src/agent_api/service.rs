@@ -554,18 +554,7 @@ fn decide_batch(
         if let Some((seen, mode)) = crate::learn::seen(r, &a) {
             learned.push((i, seen, mode));
         }
-        events.push(AuditEvent::new(
-            "decision",
-            host,
-            serde_json::json!({
-                "id": id,
-                "request": r,
-                "outcome": a.outcome,
-                "generation": a.generation,
-                "cacheable": a.cacheable,
-                "channel_id": a.channel_id,
-            }),
-        ));
+        events.push(decision_event(host, *id, r, &a));
         let mut result = convert::result(*id, &a);
         if let Some(Ok(ask)) = ask {
             result.module_answer = ask.seal_result(&result).map_err(|e| {
@@ -581,6 +570,34 @@ fn decide_batch(
         )));
     }
     Ok((results, events, alerting, learned))
+}
+
+/// The audit event of the answer `a` to request `id`, `r`, of `host`:
+/// kind `decision`, detail `{ "id", "request", "outcome", "generation",
+/// "cacheable", "channel_id" }`, serialised straight to text.
+fn decision_event(host: &str, id: u64, r: &QualifyRequest, a: &Answer) -> AuditEvent {
+    /// The detail, borrowed, in this order.
+    #[derive(serde::Serialize)]
+    struct Detail<'a> {
+        id: u64,
+        request: &'a QualifyRequest,
+        outcome: &'a Outcome,
+        generation: i64,
+        cacheable: bool,
+        channel_id: Option<u64>,
+    }
+    AuditEvent::serialized(
+        "decision",
+        host,
+        &Detail {
+            id,
+            request: r,
+            outcome: &a.outcome,
+            generation: a.generation,
+            cacheable: a.cacheable,
+            channel_id: a.channel_id,
+        },
+    )
 }
 
 /// Appends `events` through the group-commit audit writer (concurrent calls
@@ -649,6 +666,68 @@ mod tests {
 
     fn exec_request() -> QualifyRequest {
         QualifyRequest::exec("web1", "bob", "1".repeat(64), "/bin/x")
+    }
+
+    /// The decision event is serialised straight to text; its bytes are
+    /// what the code before wrote from a `json!` object (the chain hashes
+    /// them, so rows old and new read and hash alike).
+    #[test]
+    fn decision_event_keeps_the_bytes_it_had() {
+        let mut deny = crate::policy::Outcome::bare(crate::policy::Verdict::Deny);
+        deny.reasons = vec!["no \"exec\"\n".into()];
+        deny.alerts = vec!["é".into()];
+        deny.explain = Some(Arc::new(crate::policy::Diagnosis {
+            host_group: "hg".into(),
+            roles: vec!["ops".into()],
+            groups: vec![],
+            missing: vec!["a permit for g1".into()],
+            errors: vec!["p: boom".into()],
+        }));
+        let mut conditions = Answer::refused("r".into(), 3);
+        conditions.outcome.verdict = crate::policy::Verdict::AllowWithConditions {
+            obligations: [("encrypt".to_owned(), "required".to_owned())].into(),
+        };
+        let answers = [
+            Answer::refused("no licence".into(), 9),
+            Answer {
+                outcome: deny,
+                generation: -1,
+                cacheable: true,
+                channel_id: Some(u64::MAX),
+                cache_hit: true,
+                mode: Some(crate::store::Mode::Permissive),
+            },
+            conditions,
+        ];
+        let mut file = exec_request();
+        file.target = crate::request::Target::File {
+            path: "/etc/\"x\"".into(),
+            to: Some("/tmp/\u{1}".into()),
+            create: true,
+            truncate: false,
+            link: true,
+        };
+        let requests = [exec_request(), file];
+        for (r, a) in requests
+            .iter()
+            .flat_map(|r| answers.iter().map(move |a| (r, a)))
+        {
+            for id in [0, 7, u64::MAX] {
+                let before = AuditEvent::new(
+                    "decision",
+                    "web1",
+                    serde_json::json!({
+                        "id": id,
+                        "request": r,
+                        "outcome": a.outcome,
+                        "generation": a.generation,
+                        "cacheable": a.cacheable,
+                        "channel_id": a.channel_id,
+                    }),
+                );
+                assert_eq!(decision_event("web1", id, r, a), before);
+            }
+        }
     }
 
     #[tokio::test]

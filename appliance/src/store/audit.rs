@@ -12,42 +12,120 @@ pub use trustbind_policy::audit::{row_hash, AuditEvent, AuditRow, GENESIS};
 
 use super::{ChainError, StoreError};
 
+/// The chain's newest row, `(seq, hash)`, as `audit_head` holds it (0
+/// and the genesis for an empty chain).
+fn head(tx: &Transaction<'_>) -> Result<(i64, String), StoreError> {
+    // Cached statements: a decision's row is appended thousands of times a
+    // second, and preparing the statements cost more than running them.
+    Ok(tx
+        .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .unwrap_or((0, GENESIS.to_owned())))
+}
+
+/// Writes `audit_head` (the newest row's `seq` and `hash`).
+fn set_head(tx: &Transaction<'_>, seq: i64, hash: &str) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+    )?
+    .execute(params![seq, hash])?;
+    Ok(())
+}
+
+/// The row insert ([`append_all`] binds it).
+const INSERT: &str = "INSERT INTO audit (seq, at_ms, kind, actor, detail, prev_hash, hash) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+
 /// Appends `ev` inside `tx` (the caller commits), returning the new row.
 pub(super) fn append(
     tx: &Transaction<'_>,
     at_ms: i64,
     ev: &AuditEvent,
 ) -> Result<AuditRow, StoreError> {
-    // Cached statements: a decision's row is appended thousands of times a
-    // second, and preparing the three statements cost more than running them.
-    let head: Option<(i64, String)> = tx
-        .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    let (prev_seq, prev_hash) = head.unwrap_or((0, GENESIS.to_owned()));
-    let seq = prev_seq
-        .checked_add(1)
-        .ok_or(StoreError::Unreachable("audit sequence overflow"))?;
-    let detail = serde_json::to_string(&ev.detail)?;
-    let hash = row_hash(&prev_hash, seq, at_ms, &ev.kind, &ev.actor, &detail);
-    tx.prepare_cached(
-        "INSERT INTO audit (seq, at_ms, kind, actor, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![seq, at_ms, ev.kind, ev.actor, detail, prev_hash, hash])?;
-    tx.prepare_cached(
-        "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?1, ?2)
-         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-    )?
-    .execute(params![seq, hash])?;
-    Ok(AuditRow {
-        seq,
+    append_all(tx, at_ms, std::slice::from_ref(ev))?
+        .rows([(ev.kind.clone(), ev.actor.clone(), ev.detail.clone())])
+        .pop()
+        .ok_or(StoreError::Unreachable("one event, no row"))
+}
+
+/// Appends `events` in order inside `tx` (the caller commits), all at
+/// `at_ms`: the head is read once before the first and written once
+/// after the last (one transaction, so a commit holds the rows and the
+/// head that names the last of them, or neither), and the insert is
+/// looked up once. What was chained, for [`Chained::rows`].
+pub(super) fn append_all(
+    tx: &Transaction<'_>,
+    at_ms: i64,
+    events: &[AuditEvent],
+) -> Result<Chained, StoreError> {
+    let (before_seq, before_hash) = head(tx)?;
+    let mut stmt = tx.prepare_cached(INSERT)?;
+    let mut hashes: Vec<String> = Vec::with_capacity(events.len());
+    let mut seq = before_seq;
+    for ev in events {
+        seq = seq
+            .checked_add(1)
+            .ok_or(StoreError::Unreachable("audit sequence overflow"))?;
+        let prev_hash = hashes.last().unwrap_or(&before_hash);
+        let hash = row_hash(prev_hash, seq, at_ms, &ev.kind, &ev.actor, &ev.detail);
+        stmt.execute(params![
+            seq, at_ms, ev.kind, ev.actor, ev.detail, prev_hash, hash
+        ])?;
+        hashes.push(hash);
+    }
+    drop(stmt);
+    if let Some(last) = hashes.last() {
+        set_head(tx, seq, last)?;
+    }
+    Ok(Chained {
+        first_seq: before_seq.saturating_add(1),
         at_ms,
-        kind: ev.kind.clone(),
-        actor: ev.actor.clone(),
-        detail,
-        prev_hash,
-        hash,
+        prev_hash: before_hash,
+        hashes,
     })
+}
+
+/// Rows [`append_all`] chained: their sequence numbers, time and hashes.
+/// The rows themselves are made from the events afterwards
+/// ([`Chained::rows`]), by moving their text where the caller owns them.
+#[derive(Debug)]
+pub(super) struct Chained {
+    first_seq: i64,
+    at_ms: i64,
+    /// The hash the first row chained from.
+    prev_hash: String,
+    hashes: Vec<String>,
+}
+
+impl Chained {
+    /// The stored rows, given each event's `(kind, actor, detail)` in
+    /// the order appended.
+    pub(super) fn rows(
+        self,
+        events: impl IntoIterator<Item = (String, String, String)>,
+    ) -> Vec<AuditRow> {
+        let mut prev_hash = self.prev_hash;
+        let mut seq = self.first_seq;
+        events
+            .into_iter()
+            .zip(self.hashes)
+            .map(|((kind, actor, detail), hash)| {
+                let row = AuditRow {
+                    seq,
+                    at_ms: self.at_ms,
+                    kind,
+                    actor,
+                    detail,
+                    prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
+                    hash,
+                };
+                seq = seq.saturating_add(1);
+                row
+            })
+            .collect()
+    }
 }
 
 /// Checks one row against the state carried from its predecessor.
@@ -82,13 +160,7 @@ impl AuditTx<'_, '_> {
     /// The head: the last row's sequence number and hash (0 and the
     /// genesis for an empty chain).
     pub fn head(&self) -> Result<(i64, String), StoreError> {
-        Ok(self
-            .tx
-            .query_row("SELECT seq, hash FROM audit_head WHERE id = 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?
-            .unwrap_or((0, GENESIS.to_owned())))
+        head(self.tx)
     }
 
     /// Appends `ev` with the time `at_ms`.

@@ -91,7 +91,7 @@ async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Pending>, counters: Arc<C
             batch.drain(..).map(|p| (p.ev, p.done)).unzip();
         let s = Arc::clone(&store);
         let n = events.len() as u64;
-        let result = tokio::task::spawn_blocking(move || s.append_audit_batch(&events)).await;
+        let result = tokio::task::spawn_blocking(move || s.append_audit_owned(events)).await;
         match result {
             Ok(Ok(rows)) => {
                 counters.appended.fetch_add(n, Ordering::Relaxed);

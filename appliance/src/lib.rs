@@ -43,6 +43,7 @@ pub mod retention;
 pub mod seal;
 pub mod store;
 pub mod sys;
+pub mod tickets;
 
 // The policy engine, the request model, file sets and the time zone live in
 // `trustbind-policy` (shared with the CLI), under their old paths here.

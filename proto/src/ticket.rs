@@ -19,9 +19,12 @@
 //! | "TBT2" | version | flags | length | client nonce | epoch | GCM nonce | ciphertext | tag (16) |
 //! ```
 //!
-//! `length` counts every byte after itself. The GCM additional data is the
-//! message's first 28 bytes (magic to epoch), so neither the nonce nor the
-//! host key's epoch can be changed on the way.
+//! `length` counts every byte after itself. The appliance seals the ticket
+//! once per grant, before any connection, so the GCM additional data
+//! ([`sealing_aad`]) is the head and the epoch, not the client nonce,
+//! which the client's module draws per connection: the nonce enters the
+//! connection key's salt instead, so a nonce changed on the way leaves the
+//! two ends with different keys and the first record fails.
 
 use super::SHA256_LEN;
 
@@ -52,6 +55,17 @@ pub const MAX_SERVER_PROGRAMS: usize = 4;
 pub struct Addr {
     pub family: u8,
     pub bytes: [u8; 16],
+}
+
+impl Addr {
+    /// An IPv4 address.
+    pub fn v4(a: [u8; 4]) -> Addr {
+        let [w, x, y, z] = a;
+        Addr {
+            family: 4,
+            bytes: [w, x, y, z, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
 }
 
 /// A ticket's plaintext.
@@ -104,10 +118,12 @@ pub const PLAIN_LEN: usize = TICKET_ID_LEN
     + 4;
 /// Bytes before the client nonce.
 const HEAD_LEN: usize = 8;
-/// Bytes of the additional data: the head, the nonce and the epoch.
-pub const AAD_LEN: usize = HEAD_LEN + CLIENT_NONCE_LEN + 4;
+/// Bytes before the GCM nonce: the head, the client nonce and the epoch.
+const CLEAR_LEN: usize = HEAD_LEN + CLIENT_NONCE_LEN + 4;
+/// Bytes of the GCM additional data: the head and the epoch.
+pub const AAD_LEN: usize = HEAD_LEN + 4;
 /// Bytes of a whole message.
-pub const MESSAGE_LEN: usize = AAD_LEN + GCM_NONCE_LEN + PLAIN_LEN + GCM_TAG_LEN;
+pub const MESSAGE_LEN: usize = CLEAR_LEN + GCM_NONCE_LEN + PLAIN_LEN + GCM_TAG_LEN;
 
 /// Why bytes are not a ticket, or a ticket is not accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,8 +160,6 @@ pub struct Message<'a> {
     pub client_nonce: &'a [u8; CLIENT_NONCE_LEN],
     /// The host key's epoch the ticket is sealed under.
     pub epoch: u32,
-    /// The GCM additional data ([`AAD_LEN`] bytes).
-    pub aad: &'a [u8; AAD_LEN],
     pub gcm_nonce: &'a [u8; GCM_NONCE_LEN],
     /// The ciphertext ([`PLAIN_LEN`] bytes) and its tag.
     pub ciphertext: &'a [u8; PLAIN_LEN],
@@ -181,49 +195,55 @@ pub fn message(buf: &[u8]) -> Result<Option<Message<'_>>, TicketError> {
     let Some(all) = buf.get(..MESSAGE_LEN) else {
         return Ok(None);
     };
-    let (aad, rest) = all.split_at(AAD_LEN);
+    let (clear, rest) = all.split_at(CLEAR_LEN);
     let (gcm_nonce, rest) = rest.split_at(GCM_NONCE_LEN);
     let (ciphertext, tag) = rest.split_at(PLAIN_LEN);
     let (client_nonce, epoch) = (
-        aad.get(HEAD_LEN..HEAD_LEN + CLIENT_NONCE_LEN),
-        aad.get(HEAD_LEN + CLIENT_NONCE_LEN..),
+        clear.get(HEAD_LEN..HEAD_LEN + CLIENT_NONCE_LEN),
+        clear.get(HEAD_LEN + CLIENT_NONCE_LEN..),
     );
     let bad = TicketError::NotATicket;
     Ok(Some(Message {
         client_nonce: client_nonce.and_then(|s| s.try_into().ok()).ok_or(bad)?,
         epoch: u32::from_le_bytes(epoch.and_then(|s| s.try_into().ok()).ok_or(bad)?),
-        aad: aad.try_into().map_err(|_| bad)?,
         gcm_nonce: gcm_nonce.try_into().map_err(|_| bad)?,
         ciphertext: ciphertext.try_into().map_err(|_| bad)?,
         tag: tag.try_into().map_err(|_| bad)?,
     }))
 }
 
-/// The additional data of a message with this nonce and epoch (what
-/// [`message`] returns as [`Message::aad`]).
-pub fn aad(client_nonce: &[u8; CLIENT_NONCE_LEN], epoch: u32) -> [u8; AAD_LEN] {
+/// The message's head.
+fn head() -> [u8; HEAD_LEN] {
+    // CAST: MESSAGE_LEN is a few hundred bytes (a const assertion below).
+    let [l0, l1] = ((MESSAGE_LEN - HEAD_LEN) as u16).to_le_bytes();
+    let [m0, m1, m2, m3] = MAGIC;
+    [m0, m1, m2, m3, VERSION, 0, l0, l1]
+}
+
+/// The GCM additional data of a ticket sealed under `epoch`: the
+/// message's head and the epoch.
+pub fn sealing_aad(epoch: u32) -> [u8; AAD_LEN] {
     let mut a = [0u8; AAD_LEN];
     let mut w = Writer::new(&mut a);
-    w.put(&MAGIC);
-    w.put(&[VERSION, 0]);
-    // CAST: MESSAGE_LEN is a few hundred bytes (a const assertion below).
-    w.put(&((MESSAGE_LEN - HEAD_LEN) as u16).to_le_bytes());
-    w.put(client_nonce);
+    w.put(&head());
     w.put(&epoch.to_le_bytes());
     a
 }
 
-/// Assembles a message from its parts (the client's kernel; the
-/// appliance's tests).
+/// Assembles a message from its parts (the client's kernel, with a fresh
+/// nonce per connection; the appliance's tests).
 pub fn assemble(
-    aad: &[u8; AAD_LEN],
+    client_nonce: &[u8; CLIENT_NONCE_LEN],
+    epoch: u32,
     gcm_nonce: &[u8; GCM_NONCE_LEN],
     ciphertext: &[u8; PLAIN_LEN],
     tag: &[u8; GCM_TAG_LEN],
 ) -> [u8; MESSAGE_LEN] {
     let mut m = [0u8; MESSAGE_LEN];
     let mut w = Writer::new(&mut m);
-    w.put(aad);
+    w.put(&head());
+    w.put(client_nonce);
+    w.put(&epoch.to_le_bytes());
     w.put(gcm_nonce);
     w.put(ciphertext);
     w.put(tag);
@@ -497,9 +517,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn v4(a: [u8; 4]) -> Addr {
-        let mut bytes = [0u8; 16];
-        bytes[..4].copy_from_slice(&a);
-        Addr { family: 4, bytes }
+        Addr::v4(a)
     }
 
     fn ticket() -> Ticket {
@@ -559,8 +577,13 @@ mod tests {
     }
 
     fn whole() -> [u8; MESSAGE_LEN] {
-        let nonce = [6; CLIENT_NONCE_LEN];
-        assemble(&aad(&nonce, 3), &[8; 12], &ticket().encode(), &[9; 16])
+        assemble(
+            &[6; CLIENT_NONCE_LEN],
+            3,
+            &[8; 12],
+            &ticket().encode(),
+            &[9; 16],
+        )
     }
 
     #[test]
@@ -574,7 +597,9 @@ mod tests {
         let got = message(&stream).unwrap().unwrap();
         assert_eq!(got.client_nonce, &[6; CLIENT_NONCE_LEN]);
         assert_eq!(got.epoch, 3);
-        assert_eq!(got.aad, &aad(&[6; CLIENT_NONCE_LEN], 3));
+        assert_eq!(&m[..HEAD_LEN], &sealing_aad(3)[..HEAD_LEN]);
+        assert_eq!(&sealing_aad(3)[HEAD_LEN..], &3u32.to_le_bytes());
+        assert_ne!(sealing_aad(3), sealing_aad(4));
         assert_eq!(got.gcm_nonce, &[8; 12]);
         assert_eq!(got.ciphertext, &ticket().encode());
         assert_eq!(got.tag, &[9; 16]);
@@ -755,7 +780,7 @@ mod tests {
             }
             if let Ok(Some(m)) = message(&b) {
                 prop_assert!(b.len() >= MESSAGE_LEN);
-                prop_assert_eq!(&m.aad[..], &b[..AAD_LEN]);
+                prop_assert_eq!(&m.client_nonce[..], &b[HEAD_LEN..HEAD_LEN + CLIENT_NONCE_LEN]);
                 prop_assert_eq!(&m.tag[..], &b[MESSAGE_LEN - GCM_TAG_LEN..MESSAGE_LEN]);
             }
         }

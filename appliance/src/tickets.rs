@@ -1,0 +1,382 @@
+//! Channel keys v2 (`docs/CHANNEL-KEYS-V2.md`): the farm secret, the host
+//! keys derived from it, and grants with their tickets. Written ahead of
+//! its use: `serve` still pairs halves (`channels.rs`), and no module
+//! opens tickets yet. What is here is the appliance's half of the
+//! cryptography and the reference the kernel's half will be tested
+//! against: [`open`] and [`connection_keys`] do what the server's and the
+//! client's kernels will do.
+//!
+//! Formats and checks are `trustbind_proto::ticket`'s; here, AES-256-GCM
+//! (`ring`) and HKDF-SHA256 (`hkdf`) over them.
+
+use hkdf::Hkdf;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use sha2::Sha256;
+use trustbind_proto::ticket::{
+    self, Addr, Direction, Ticket, TicketError, CLIENT_NONCE_LEN, CONN_MATERIAL_LEN, GCM_NONCE_LEN,
+    GCM_TAG_LEN, HOST_ID_LEN, MESSAGE_LEN, PLAIN_LEN,
+};
+use zeroize::{Zeroize, Zeroizing};
+
+/// Bytes of the farm secret and of a host key.
+pub const KEY_LEN: usize = 32;
+
+/// The secret every appliance of a farm shares; every host key derives
+/// from it, so appliances holding it issue tickets any of them can key,
+/// with no state in common.
+pub struct Farm {
+    secret: Zeroizing<[u8; KEY_LEN]>,
+}
+
+/// A host's key of one epoch (sent to its module, sealed).
+pub struct HostKey {
+    pub host: [u8; HOST_ID_LEN],
+    pub epoch: u32,
+    key: Zeroizing<[u8; KEY_LEN]>,
+}
+
+/// What a client's module gets for a first connect: the pair secret, kept
+/// until the grant expires, and the ticket message's sealed part, sent
+/// in-band (with a fresh client nonce) on every connection.
+pub struct Grant {
+    pub pair_secret: Zeroizing<[u8; ticket::PAIR_SECRET_LEN]>,
+    pub ticket_id: [u8; ticket::TICKET_ID_LEN],
+    pub epoch: u32,
+    pub expires_s: u64,
+    /// GCM nonce ‖ ciphertext ‖ tag, as the message carries them.
+    pub sealed: Vec<u8>,
+}
+
+/// Why a ticket could not be sealed or opened.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("the system's random source failed")]
+    Random,
+    #[error("the ticket does not open under this host's key (wrong host, wrong epoch, or changed on the way)")]
+    Open,
+    #[error("the ticket is not acceptable: {0:?}")]
+    Ticket(TicketError),
+}
+
+fn random<const N: usize>() -> Result<[u8; N], Error> {
+    let mut b = [0u8; N];
+    getrandom::getrandom(&mut b).map_err(|_| Error::Random)?;
+    Ok(b)
+}
+
+impl Farm {
+    /// The farm of `secret`.
+    pub fn new(secret: [u8; KEY_LEN]) -> Self {
+        Farm {
+            secret: Zeroizing::new(secret),
+        }
+    }
+
+    /// A new farm secret from the OS.
+    pub fn generate() -> Result<Self, Error> {
+        Ok(Farm::new(random()?))
+    }
+
+    /// Host `host`'s key of `epoch`: HKDF-SHA256 of the farm secret.
+    pub fn host_key(&self, host: &[u8; HOST_ID_LEN], epoch: u32) -> HostKey {
+        let hk = Hkdf::<Sha256>::new(Some(ticket::HOST_KEY_SALT), &self.secret[..]);
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        // A 32-byte output is always within HKDF-SHA256's limit.
+        let _ = hk.expand(&ticket::host_key_info(host, epoch), &mut key[..]);
+        HostKey {
+            host: *host,
+            epoch,
+            key,
+        }
+    }
+
+    /// Seals `t` (its id and pair secret drawn here, replacing whatever
+    /// `t` held) to the server host's key of `epoch`.
+    pub fn grant(&self, mut t: Ticket, epoch: u32) -> Result<Grant, Error> {
+        t.pair_secret = random()?;
+        t.id = random()?;
+        let key = self.host_key(&t.server_host, epoch);
+        let gcm_nonce: [u8; GCM_NONCE_LEN] = random()?;
+        let mut buf = Zeroizing::new(t.encode().to_vec());
+        // Random GCM nonces under one host key of one epoch: far fewer
+        // than the 2^32 seals that bound their collision risk.
+        let tag = sealing_key(&key)
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(gcm_nonce),
+                Aad::from(ticket::sealing_aad(epoch)),
+                &mut buf[..],
+            )
+            .map_err(|_| Error::Random)?;
+        let mut sealed = Vec::with_capacity(GCM_NONCE_LEN + PLAIN_LEN + GCM_TAG_LEN);
+        sealed.extend_from_slice(&gcm_nonce);
+        sealed.extend_from_slice(&buf);
+        sealed.extend_from_slice(tag.as_ref());
+        let pair_secret = Zeroizing::new(t.pair_secret);
+        t.pair_secret.zeroize();
+        Ok(Grant {
+            pair_secret,
+            ticket_id: t.id,
+            epoch,
+            expires_s: t.expires_s,
+            sealed,
+        })
+    }
+}
+
+fn sealing_key(k: &HostKey) -> LessSafeKey {
+    // AES-256 takes any 32 bytes.
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k.key[..]).unwrap_or_else(|_| unreachable!()))
+}
+
+impl Grant {
+    /// The in-band message for one connection with `client_nonce`.
+    pub fn message(&self, client_nonce: &[u8; CLIENT_NONCE_LEN]) -> Option<[u8; MESSAGE_LEN]> {
+        let (nonce, rest) = self.sealed.split_first_chunk::<GCM_NONCE_LEN>()?;
+        let (ct, tag) = rest.split_first_chunk::<PLAIN_LEN>()?;
+        let tag: &[u8; GCM_TAG_LEN] = tag.try_into().ok()?;
+        Some(ticket::assemble(client_nonce, self.epoch, nonce, ct, tag))
+    }
+}
+
+impl HostKey {
+    /// Opens a message's ticket, as the server's module will: the bytes
+    /// must open under this key.
+    pub fn open(&self, m: &ticket::Message<'_>) -> Result<Ticket, Error> {
+        if m.epoch != self.epoch {
+            return Err(Error::Open);
+        }
+        let mut buf = Zeroizing::new([0u8; PLAIN_LEN + GCM_TAG_LEN]);
+        let (ct, tag) = buf.split_at_mut(PLAIN_LEN);
+        ct.copy_from_slice(m.ciphertext);
+        tag.copy_from_slice(m.tag);
+        let plain = sealing_key(self)
+            .open_in_place(
+                Nonce::assume_unique_for_key(*m.gcm_nonce),
+                Aad::from(ticket::sealing_aad(m.epoch)),
+                &mut buf[..],
+            )
+            .map_err(|_| Error::Open)?;
+        let plain: &[u8; PLAIN_LEN] = (&*plain).try_into().map_err(|_| Error::Open)?;
+        Ticket::decode(plain).map_err(Error::Ticket)
+    }
+}
+
+/// Opens and checks the message at the start of `stream` as the server's
+/// module will (the reference for the kernel's tests): the ticket and the
+/// client's nonce, if every check of `trustbind_proto::ticket::check`
+/// passes.
+pub fn open(
+    key: &HostKey,
+    stream: &[u8],
+    accepting: &ticket::Accepting<'_>,
+    revoked: impl Fn(&[u8; HOST_ID_LEN], &[u8; ticket::TICKET_ID_LEN]) -> bool,
+) -> Result<(Ticket, [u8; CLIENT_NONCE_LEN]), Error> {
+    let m = ticket::message(stream)
+        .map_err(Error::Ticket)?
+        .ok_or(Error::Ticket(TicketError::NotATicket))?;
+    let t = key.open(&m)?;
+    ticket::check(&t, accepting, revoked).map_err(Error::Ticket)?;
+    Ok((t, *m.client_nonce))
+}
+
+/// Both directions' kTLS material of one connection, as both modules
+/// derive it: HKDF-SHA256 of the pair secret with the client's nonce and
+/// both initial sequence numbers as salt, the ticket id and the ends as
+/// info.
+pub fn connection_keys(
+    pair_secret: &[u8; ticket::PAIR_SECRET_LEN],
+    ticket_id: &[u8; ticket::TICKET_ID_LEN],
+    client_nonce: &[u8; CLIENT_NONCE_LEN],
+    isn: (u32, u32),
+    client: (Addr, u16),
+    server: (Addr, u16),
+) -> (Direction, Direction) {
+    let salt = ticket::conn_salt(client_nonce, isn.0, isn.1);
+    let hk = Hkdf::<Sha256>::new(Some(&salt), pair_secret);
+    let mut okm = Zeroizing::new([0u8; CONN_MATERIAL_LEN]);
+    // 88 bytes are within HKDF-SHA256's limit.
+    let _ = hk.expand(&ticket::conn_info(ticket_id, client, server), &mut okm[..]);
+    ticket::directions(&okm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trustbind_proto::ticket::{Accepting, MAX_CLIENT_ADDRS, MAX_SERVER_PROGRAMS};
+
+    fn v4(a: [u8; 4]) -> Addr {
+        Addr::v4(a)
+    }
+
+    const CLIENT: [u8; 16] = [3; 16];
+    const SERVER: [u8; 16] = [5; 16];
+    const PSQL: [u8; 32] = [7; 32];
+
+    fn request() -> Ticket {
+        let mut client_addrs = [Addr::default(); MAX_CLIENT_ADDRS];
+        client_addrs[0] = v4([10, 0, 0, 1]);
+        let mut server_programs = [[0u8; 32]; MAX_SERVER_PROGRAMS];
+        server_programs[0] = PSQL;
+        Ticket {
+            id: [0; 16],
+            pair_secret: [0; 32],
+            client_host: CLIENT,
+            client_program: [4; 32],
+            client_uid: 1000,
+            client_loginuid: 1000,
+            client_addrs,
+            n_client_addrs: 1,
+            server_host: SERVER,
+            port: 5432,
+            server_programs,
+            n_server_programs: 1,
+            generation: 9,
+            expires_s: 2_000_000_000,
+            terms: 0,
+            idle_s: 600,
+        }
+    }
+
+    fn accepting() -> Accepting<'static> {
+        Accepting {
+            host: &SERVER,
+            port: 5432,
+            program: &PSQL,
+            peer: v4([10, 0, 0, 1]),
+            now_s: 1_900_000_000,
+            min_generation: 9,
+        }
+    }
+
+    const NEVER: fn(&[u8; 16], &[u8; 16]) -> bool = |_, _| false;
+
+    /// Issue 15 item 4: two appliances that share only the farm secret
+    /// serve the two ends of one channel: A grants the client, B gives the
+    /// server its host key, and both ends derive the same keys.
+    #[test]
+    fn two_appliances_with_one_farm_secret_serve_the_two_ends_of_a_channel() {
+        let secret = [42u8; KEY_LEN];
+        let (a, b) = (Farm::new(secret), Farm::new(secret));
+        let grant = a.grant(request(), 7).unwrap();
+        let server_key = b.host_key(&SERVER, 7);
+        let nonce = [9u8; CLIENT_NONCE_LEN];
+        let mut stream = grant.message(&nonce).unwrap().to_vec();
+        stream.extend_from_slice(b"\x17\x03\x03...");
+        let (t, got_nonce) = open(&server_key, &stream, &accepting(), NEVER).unwrap();
+        assert_eq!(got_nonce, nonce);
+        assert_eq!(t.client_host, CLIENT);
+        assert_eq!(t.id, grant.ticket_id);
+        let ends = ((v4([10, 0, 0, 1]), 40000), (v4([10, 0, 0, 2]), 5432));
+        let client = connection_keys(
+            &grant.pair_secret,
+            &grant.ticket_id,
+            &nonce,
+            (11, 22),
+            ends.0,
+            ends.1,
+        );
+        let server = connection_keys(&t.pair_secret, &t.id, &got_nonce, (11, 22), ends.0, ends.1);
+        assert_eq!(client, server);
+        assert_ne!(client.0.key, client.1.key, "the two directions share a key");
+    }
+
+    #[test]
+    fn another_farm_another_host_or_another_epoch_cannot_open_a_ticket() {
+        let grant = Farm::new([42; KEY_LEN]).grant(request(), 7).unwrap();
+        let stream = grant.message(&[9; CLIENT_NONCE_LEN]).unwrap();
+        let other_farm = Farm::new([43; KEY_LEN]).host_key(&SERVER, 7);
+        let other_host = Farm::new([42; KEY_LEN]).host_key(&CLIENT, 7);
+        let other_epoch = Farm::new([42; KEY_LEN]).host_key(&SERVER, 8);
+        for k in [other_farm, other_host, other_epoch] {
+            assert_eq!(
+                open(&k, &stream, &accepting(), NEVER).err(),
+                Some(Error::Open)
+            );
+        }
+    }
+
+    /// The epoch, the GCM nonce, the ciphertext and the tag are all
+    /// covered: a flipped bit in any of them is refused. (The client
+    /// nonce is covered by the connection key instead: see
+    /// `every_connection_of_a_grant_has_its_own_keys`.)
+    #[test]
+    fn a_changed_byte_of_the_sealed_part_or_the_epoch_is_refused() {
+        let farm = Farm::new([42; KEY_LEN]);
+        let key = farm.host_key(&SERVER, 7);
+        let grant = farm.grant(request(), 7).unwrap();
+        let good = grant.message(&[9; CLIENT_NONCE_LEN]).unwrap();
+        assert!(open(&key, &good, &accepting(), NEVER).is_ok());
+        for i in 8 + CLIENT_NONCE_LEN..MESSAGE_LEN {
+            let mut m = good;
+            m[i] ^= 0x20;
+            assert!(
+                open(&key, &m, &accepting(), NEVER).is_err(),
+                "byte {i} changed and accepted"
+            );
+        }
+    }
+
+    /// A replayed ticket (another connection, or another client nonce)
+    /// gives the server a key the replayer cannot compute: it lacks the
+    /// pair secret, and a new ISN or nonce changes the key.
+    #[test]
+    fn every_connection_of_a_grant_has_its_own_keys() {
+        let farm = Farm::new([42; KEY_LEN]);
+        let g = farm.grant(request(), 7).unwrap();
+        let ends = ((v4([10, 0, 0, 1]), 40000), (v4([10, 0, 0, 2]), 5432));
+        let k = |nonce: [u8; 16], isn: (u32, u32), c: (Addr, u16)| {
+            connection_keys(&g.pair_secret, &g.ticket_id, &nonce, isn, c, ends.1)
+        };
+        let base = k([1; 16], (1, 2), ends.0);
+        assert_ne!(base, k([2; 16], (1, 2), ends.0));
+        assert_ne!(base, k([1; 16], (1, 3), ends.0));
+        assert_ne!(base, k([1; 16], (4, 2), ends.0));
+        assert_ne!(base, k([1; 16], (1, 2), (ends.0 .0, 40001)));
+        let other = farm.grant(request(), 7).unwrap();
+        assert_ne!(other.ticket_id, g.ticket_id);
+        assert_ne!(&other.pair_secret[..], &g.pair_secret[..]);
+    }
+
+    #[test]
+    fn the_server_checks_come_after_the_ticket_opens() {
+        let farm = Farm::new([42; KEY_LEN]);
+        let key = farm.host_key(&SERVER, 7);
+        let stream = farm.grant(request(), 7).unwrap().message(&[9; 16]).unwrap();
+        let a = accepting();
+        let other = [8u8; 32];
+        assert_eq!(
+            open(
+                &key,
+                &stream,
+                &Accepting {
+                    program: &other,
+                    ..a
+                },
+                NEVER
+            )
+            .err(),
+            Some(Error::Ticket(TicketError::WrongProgram))
+        );
+        assert_eq!(
+            open(
+                &key,
+                &stream,
+                &Accepting {
+                    peer: v4([10, 0, 0, 66]),
+                    ..a
+                },
+                NEVER
+            )
+            .err(),
+            Some(Error::Ticket(TicketError::WrongPeer))
+        );
+        assert_eq!(
+            open(&key, &stream, &a, |h, _| *h == CLIENT).err(),
+            Some(Error::Ticket(TicketError::Revoked))
+        );
+        assert_eq!(
+            open(&key, b"GET / HTTP/1.1\r\n", &a, NEVER).err(),
+            Some(Error::Ticket(TicketError::NotATicket))
+        );
+    }
+}

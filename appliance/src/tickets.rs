@@ -202,7 +202,7 @@ pub fn connection_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trustbind_proto::ticket::{Accepting, MAX_CLIENT_ADDRS, MAX_SERVER_PROGRAMS};
+    use trustbind_proto::ticket::Accepting;
 
     fn v4(a: [u8; 4]) -> Addr {
         Addr::v4(a)
@@ -212,29 +212,27 @@ mod tests {
     const SERVER: [u8; 16] = [5; 16];
     const PSQL: [u8; 32] = [7; 32];
 
+    /// What `serve` would ask for: the client, its address, the
+    /// registered server program, the terms (the id and pair secret are
+    /// the grant's to draw).
     fn request() -> Ticket {
-        let mut client_addrs = [Addr::default(); MAX_CLIENT_ADDRS];
-        client_addrs[0] = v4([10, 0, 0, 1]);
-        let mut server_programs = [[0u8; 32]; MAX_SERVER_PROGRAMS];
-        server_programs[0] = PSQL;
-        Ticket {
-            id: [0; 16],
-            pair_secret: [0; 32],
+        let mut t = Ticket {
             client_host: CLIENT,
             client_program: [4; 32],
             client_uid: 1000,
             client_loginuid: 1000,
-            client_addrs,
             n_client_addrs: 1,
             server_host: SERVER,
             port: 5432,
-            server_programs,
             n_server_programs: 1,
             generation: 9,
             expires_s: 2_000_000_000,
-            terms: 0,
             idle_s: 600,
-        }
+            ..Ticket::default()
+        };
+        t.client_addrs[0] = v4([10, 0, 0, 1]);
+        t.server_programs[0] = PSQL;
+        t
     }
 
     fn accepting() -> Accepting<'static> {

@@ -325,6 +325,10 @@ struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
+    fn new(buf: &'a mut [u8]) -> Self {
+        Writer { buf, pos: 0 }
+    }
+
     fn bytes(&mut self, b: &[u8]) {
         // Callers size the buffer first (see `encode_record`), so a short
         // write cannot happen; if it did, the length check at the end of
@@ -1494,7 +1498,7 @@ impl Record<'_> {
                 have: out.len(),
             });
         }
-        let mut w = Writer { buf: out, pos: 0 };
+        let mut w = Writer::new(out);
         w.u32(MAGIC);
         w.u16(VERSION);
         w.u16(self.kind() as u16);

@@ -26,7 +26,7 @@
 //! connection key's salt instead, so a nonce changed on the way leaves the
 //! two ends with different keys and the first record fails.
 
-use super::SHA256_LEN;
+use super::{DecodeError, SHA256_LEN};
 
 /// The message's first four bytes.
 pub const MAGIC: [u8; 4] = *b"TBT2";
@@ -68,8 +68,8 @@ impl Addr {
     }
 }
 
-/// A ticket's plaintext.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A ticket's plaintext (the default: all zero, nothing listed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Ticket {
     pub id: [u8; TICKET_ID_LEN],
     pub pair_secret: [u8; PAIR_SECRET_LEN],
@@ -224,9 +224,9 @@ fn head() -> [u8; HEAD_LEN] {
 /// message's head and the epoch.
 pub fn sealing_aad(epoch: u32) -> [u8; AAD_LEN] {
     let mut a = [0u8; AAD_LEN];
-    let mut w = Writer::new(&mut a);
-    w.put(&head());
-    w.put(&epoch.to_le_bytes());
+    let mut w = super::Writer::new(&mut a);
+    w.bytes(&head());
+    w.u32(epoch);
     a
 }
 
@@ -240,134 +240,89 @@ pub fn assemble(
     tag: &[u8; GCM_TAG_LEN],
 ) -> [u8; MESSAGE_LEN] {
     let mut m = [0u8; MESSAGE_LEN];
-    let mut w = Writer::new(&mut m);
-    w.put(&head());
-    w.put(client_nonce);
-    w.put(&epoch.to_le_bytes());
-    w.put(gcm_nonce);
-    w.put(ciphertext);
-    w.put(tag);
+    let mut w = super::Writer::new(&mut m);
+    w.bytes(&head());
+    w.bytes(client_nonce);
+    w.u32(epoch);
+    w.bytes(gcm_nonce);
+    w.bytes(ciphertext);
+    w.bytes(tag);
     m
 }
 
 const _: () = assert!(MESSAGE_LEN <= u16::MAX as usize);
 
-/// Writes into a fixed buffer whose size the caller computed.
-struct Writer<'a> {
-    buf: &'a mut [u8],
-    at: usize,
-}
-
-impl<'a> Writer<'a> {
-    fn new(buf: &'a mut [u8]) -> Self {
-        Writer { buf, at: 0 }
-    }
-
-    fn put(&mut self, b: &[u8]) {
-        if let Some(d) = self.buf.get_mut(self.at..self.at + b.len()) {
-            d.copy_from_slice(b);
-        }
-        self.at += b.len();
-    }
-}
-
-/// Reads from a buffer of the right size.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        if let Some((head, rest)) = self.buf.split_first_chunk::<N>() {
-            out = *head;
-            self.buf = rest;
-        }
-        out
-    }
-
-    fn u8(&mut self) -> u8 {
-        let [b] = self.take::<1>();
-        b
-    }
-}
-
 impl Ticket {
     /// The plaintext's bytes.
     pub fn encode(&self) -> [u8; PLAIN_LEN] {
         let mut p = [0u8; PLAIN_LEN];
-        let mut w = Writer::new(&mut p);
-        w.put(&self.id);
-        w.put(&self.pair_secret);
-        w.put(&self.client_host);
-        w.put(&self.client_program);
-        w.put(&self.client_uid.to_le_bytes());
-        w.put(&self.client_loginuid.to_le_bytes());
+        let mut w = super::Writer::new(&mut p);
+        w.bytes(&self.id);
+        w.bytes(&self.pair_secret);
+        w.bytes(&self.client_host);
+        w.bytes(&self.client_program);
+        w.u32(self.client_uid);
+        w.u32(self.client_loginuid);
         for a in &self.client_addrs {
-            w.put(&[a.family]);
-            w.put(&a.bytes);
+            w.u8(a.family);
+            w.bytes(&a.bytes);
         }
-        w.put(&[self.n_client_addrs]);
-        w.put(&self.server_host);
-        w.put(&self.port.to_le_bytes());
+        w.u8(self.n_client_addrs);
+        w.bytes(&self.server_host);
+        w.u16(self.port);
         for p in &self.server_programs {
-            w.put(p);
+            w.bytes(p);
         }
-        w.put(&[self.n_server_programs]);
-        w.put(&self.generation.to_le_bytes());
-        w.put(&self.expires_s.to_le_bytes());
-        w.put(&[self.terms]);
-        w.put(&self.idle_s.to_le_bytes());
+        w.u8(self.n_server_programs);
+        w.u64(self.generation);
+        w.u64(self.expires_s);
+        w.u8(self.terms);
+        w.u32(self.idle_s);
         p
     }
 
     /// A plaintext's ticket (after the GCM open succeeded: the bytes are
     /// the appliance's, but the counts are still checked).
     pub fn decode(p: &[u8; PLAIN_LEN]) -> Result<Ticket, TicketError> {
-        let mut r = Reader { buf: p };
-        let id = r.take();
-        let pair_secret = r.take();
-        let client_host = r.take();
-        let client_program = r.take();
-        let client_uid = u32::from_le_bytes(r.take());
-        let client_loginuid = u32::from_le_bytes(r.take());
-        let mut client_addrs = [Addr::default(); MAX_CLIENT_ADDRS];
-        for a in &mut client_addrs {
-            a.family = r.u8();
-            a.bytes = r.take();
-        }
-        let n_client_addrs = r.u8();
-        let server_host = r.take();
-        let port = u16::from_le_bytes(r.take());
-        let mut server_programs = [[0u8; SHA256_LEN]; MAX_SERVER_PROGRAMS];
-        for p in &mut server_programs {
-            *p = r.take();
-        }
-        let n_server_programs = r.u8();
-        let t = Ticket {
-            id,
-            pair_secret,
-            client_host,
-            client_program,
-            client_uid,
-            client_loginuid,
-            client_addrs,
-            n_client_addrs,
-            server_host,
-            port,
-            server_programs,
-            n_server_programs,
-            generation: u64::from_le_bytes(r.take()),
-            expires_s: u64::from_le_bytes(r.take()),
-            terms: r.u8(),
-            idle_s: u32::from_le_bytes(r.take()),
-        };
+        // A plaintext of PLAIN_LEN bytes holds every field exactly (the
+        // round-trip tests read it to its end), so the reader cannot fail.
+        let t = Ticket::fields(p).map_err(|_| TicketError::NotATicket)?;
         if usize::from(t.n_client_addrs) > MAX_CLIENT_ADDRS
             || usize::from(t.n_server_programs) > MAX_SERVER_PROGRAMS
             || t.terms & !(TERM_TLS12 | TERM_OFFLOAD) != 0
         {
             return Err(TicketError::Count);
         }
+        Ok(t)
+    }
+
+    fn fields(p: &[u8]) -> Result<Ticket, DecodeError> {
+        let mut r = super::Reader::new(p);
+        let mut t = Ticket {
+            id: r.array()?,
+            pair_secret: r.array()?,
+            client_host: r.array()?,
+            client_program: r.array()?,
+            client_uid: r.u32()?,
+            client_loginuid: r.u32()?,
+            ..Ticket::default()
+        };
+        for a in &mut t.client_addrs {
+            a.family = r.u8()?;
+            a.bytes = r.array()?;
+        }
+        t.n_client_addrs = r.u8()?;
+        t.server_host = r.array()?;
+        t.port = r.u16()?;
+        for p in &mut t.server_programs {
+            *p = r.array()?;
+        }
+        t.n_server_programs = r.u8()?;
+        t.generation = r.u64()?;
+        t.expires_s = r.u64()?;
+        t.terms = r.u8()?;
+        t.idle_s = r.u32()?;
+        r.finish()?;
         Ok(t)
     }
 
@@ -441,9 +396,9 @@ pub const CONN_KEY_LABEL: &[u8] = b"trustbind conn v2";
 /// HKDF info of host `host`'s key of `epoch`.
 pub fn host_key_info(host: &[u8; HOST_ID_LEN], epoch: u32) -> [u8; HOST_ID_LEN + 4] {
     let mut i = [0u8; HOST_ID_LEN + 4];
-    let mut w = Writer::new(&mut i);
-    w.put(host);
-    w.put(&epoch.to_le_bytes());
+    let mut w = super::Writer::new(&mut i);
+    w.bytes(host);
+    w.u32(epoch);
     i
 }
 
@@ -456,10 +411,10 @@ pub fn conn_salt(
     isn_server: u32,
 ) -> [u8; CLIENT_NONCE_LEN + 8] {
     let mut s = [0u8; CLIENT_NONCE_LEN + 8];
-    let mut w = Writer::new(&mut s);
-    w.put(client_nonce);
-    w.put(&isn_client.to_le_bytes());
-    w.put(&isn_server.to_le_bytes());
+    let mut w = super::Writer::new(&mut s);
+    w.bytes(client_nonce);
+    w.u32(isn_client);
+    w.u32(isn_server);
     s
 }
 
@@ -474,19 +429,19 @@ pub fn conn_info(
     server: (Addr, u16),
 ) -> [u8; CONN_INFO_LEN] {
     let mut i = [0u8; CONN_INFO_LEN];
-    let mut w = Writer::new(&mut i);
-    w.put(CONN_KEY_LABEL);
-    w.put(ticket_id);
-    w.put(&[client.0.family]);
-    w.put(&client.0.bytes);
-    w.put(&client.1.to_le_bytes());
-    w.put(&server.0.bytes);
-    w.put(&server.1.to_le_bytes());
+    let mut w = super::Writer::new(&mut i);
+    w.bytes(CONN_KEY_LABEL);
+    w.bytes(ticket_id);
+    w.u8(client.0.family);
+    w.bytes(&client.0.bytes);
+    w.u16(client.1);
+    w.bytes(&server.0.bytes);
+    w.u16(server.1);
     i
 }
 
 /// One direction's kTLS material (AES-256-GCM: key, salt, IV).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Direction {
     pub key: [u8; 32],
     pub salt: [u8; 4],
@@ -500,14 +455,17 @@ pub const CONN_MATERIAL_LEN: usize = 2 * (32 + 4 + 8);
 /// server-to-client directions (separate keys: the nonce spaces cannot
 /// meet).
 pub fn directions(okm: &[u8; CONN_MATERIAL_LEN]) -> (Direction, Direction) {
-    let mut r = Reader { buf: okm };
-    let mut one = || Direction {
-        key: r.take(),
-        salt: r.take(),
-        iv: r.take(),
+    let mut r = super::Reader::new(okm);
+    let mut one = || -> Result<Direction, DecodeError> {
+        Ok(Direction {
+            key: r.array()?,
+            salt: r.array()?,
+            iv: r.array()?,
+        })
     };
-    let to_server = one();
-    let to_client = one();
+    // CONN_MATERIAL_LEN holds exactly the two.
+    let to_server = one().unwrap_or_default();
+    let to_client = one().unwrap_or_default();
     (to_server, to_client)
 }
 
@@ -521,29 +479,26 @@ mod tests {
     }
 
     fn ticket() -> Ticket {
-        let mut client_addrs = [Addr::default(); MAX_CLIENT_ADDRS];
-        client_addrs[0] = v4([10, 0, 0, 1]);
-        client_addrs[1] = v4([10, 0, 0, 2]);
-        let mut server_programs = [[0u8; 32]; MAX_SERVER_PROGRAMS];
-        server_programs[0] = [7; 32];
-        Ticket {
+        let mut t = Ticket {
             id: [1; 16],
             pair_secret: [2; 32],
             client_host: [3; 16],
             client_program: [4; 32],
             client_uid: 1000,
             client_loginuid: 1000,
-            client_addrs,
             n_client_addrs: 2,
             server_host: [5; 16],
             port: 5432,
-            server_programs,
             n_server_programs: 1,
             generation: 9,
             expires_s: 2_000_000_000,
-            terms: 0,
             idle_s: 600,
-        }
+            ..Ticket::default()
+        };
+        t.client_addrs[0] = v4([10, 0, 0, 1]);
+        t.client_addrs[1] = v4([10, 0, 0, 2]);
+        t.server_programs[0] = [7; 32];
+        t
     }
 
     fn accepting<'a>(host: &'a [u8; 16], program: &'a [u8; 32]) -> Accepting<'a> {

@@ -45,7 +45,7 @@ pub(super) fn append(
     ev: &AuditEvent,
 ) -> Result<AuditRow, StoreError> {
     append_all(tx, at_ms, std::slice::from_ref(ev))?
-        .rows([(ev.kind.clone(), ev.actor.clone(), ev.detail.clone())])
+        .rows([ev.clone()])
         .pop()
         .ok_or(StoreError::Unreachable("one event, no row"))
 }
@@ -100,24 +100,21 @@ pub(super) struct Chained {
 }
 
 impl Chained {
-    /// The stored rows, given each event's `(kind, actor, detail)` in
-    /// the order appended.
-    pub(super) fn rows(
-        self,
-        events: impl IntoIterator<Item = (String, String, String)>,
-    ) -> Vec<AuditRow> {
+    /// The stored rows, given the events in the order appended (their
+    /// text moves into the rows).
+    pub(super) fn rows(self, events: impl IntoIterator<Item = AuditEvent>) -> Vec<AuditRow> {
         let mut prev_hash = self.prev_hash;
         let mut seq = self.first_seq;
         events
             .into_iter()
             .zip(self.hashes)
-            .map(|((kind, actor, detail), hash)| {
+            .map(|(ev, hash)| {
                 let row = AuditRow {
                     seq,
                     at_ms: self.at_ms,
-                    kind,
-                    actor,
-                    detail,
+                    kind: ev.kind,
+                    actor: ev.actor,
+                    detail: ev.detail,
                     prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
                     hash,
                 };

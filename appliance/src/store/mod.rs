@@ -399,43 +399,33 @@ impl Store {
     /// nothing, durable when this returns `Ok`. A full disk counts every
     /// event in the audit gap, as for [`Store::append_audit`].
     pub fn append_audit_batch(&self, events: &[AuditEvent]) -> Result<Vec<AuditRow>, StoreError> {
-        let chained = self.append_chained(events)?;
-        Ok(chained.rows(
-            events
-                .iter()
-                .map(|e| (e.kind.clone(), e.actor.clone(), e.detail.clone())),
-        ))
+        self.append_audit_owned(events.to_vec())
     }
 
     /// [`Store::append_audit_batch`], the rows made of the events' own
     /// text rather than copies. Used by [`AuditWriter`].
     pub fn append_audit_owned(&self, events: Vec<AuditEvent>) -> Result<Vec<AuditRow>, StoreError> {
-        let chained = self.append_chained(&events)?;
-        Ok(chained.rows(events.into_iter().map(|e| (e.kind, e.actor, e.detail))))
-    }
-
-    /// Appends and commits `events` (see [`Store::append_audit_batch`]).
-    fn append_chained(&self, events: &[AuditEvent]) -> Result<audit::Chained, StoreError> {
         let mut conn = self.lock()?;
         let r = (|| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let gap = self.append_gap(&tx)?;
             let at = now_ms();
             let chained =
-                audit::append_all(&tx, at, events).and_then(|c| Ok(tx.commit().map(|()| c)?));
+                audit::append_all(&tx, at, &events).and_then(|c| Ok(tx.commit().map(|()| c)?));
             if chained.is_err() {
                 self.restore_gap(gap);
             }
             chained
         })();
         match r {
+            Ok(chained) => Ok(chained.rows(events)),
             Err(e) if prune::is_disk_full(&e) => {
-                for ev in events {
+                for ev in &events {
                     self.note_audit_gap(&ev.kind, 1);
                 }
                 Err(StoreError::DiskFull)
             }
-            r => r,
+            Err(e) => Err(e),
         }
     }
 

@@ -20,6 +20,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use trustbind_appliance::policy::audit::{read_export_files, ExportLine};
+use trustbind_appliance::retention;
 use trustbind_appliance::store::{AuditRow, Store};
 
 /// The database file in the data directory (as `trustbind-appliance`).
@@ -164,22 +165,13 @@ fn appliance_says(bin: &Path, data: &Path, args: &[&OsStr]) -> Result<(bool, Str
 }
 
 /// The audit rows the retention task exported before pruning them
-/// (`<data>/export/audit-NNNNNNNN.jsonl`), oldest file first.
-fn export_files(data: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(data.join("export"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
+/// (`<data>/export/audit-NNNNNNNN.jsonl`), oldest file first; none if it
+/// exported nothing.
+fn export_files(data: &Path) -> Result<Vec<PathBuf>, String> {
+    match retention::export_files(&data.join("export"), "audit") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        r => r.map_err(|e| format!("export files: {e}")),
+    }
 }
 
 /// The rows of the fleet's requests, counted by key.
@@ -244,7 +236,7 @@ pub fn check(
     let mut c = AuditCheck::default();
     (c.verify_ok, c.verify_output) =
         appliance_says(bin, data, &["audit".as_ref(), "verify".as_ref()])?;
-    let exports = export_files(data);
+    let exports = export_files(data)?;
     let mut rows = Rows {
         index: hosts
             .iter()

@@ -412,6 +412,20 @@ fn file_gate_paths_resolved_by_the_module() -> Result<()> {
     Ok(())
 }
 
+/// The unapproved program reads `path` twice; the second read must be
+/// answered by a remembered place.
+fn read_twice_remembered(vm: &mut Vm, path: &str) -> Result<()> {
+    let before = counter(vm, "file_places_seen")?;
+    for _ in 0..2 {
+        vm.run_ok(&format!("{EVIL} {path}"))?;
+    }
+    ensure!(
+        counter(vm, "file_places_seen")? > before,
+        "the second read of {path} was not answered by a remembered place"
+    );
+    Ok(())
+}
+
 /// The gate remembers what the walk up from a file found, so a file
 /// opened before costs one lookup, and the answer is never used once it
 /// may have changed: a directory moved into the protected set (the same
@@ -431,14 +445,7 @@ fn file_gate_remembered_places_follow_renames_and_set_changes() -> Result<()> {
         format!("--allow {EVIL}{sets} --file-allow-prog /usr/bin/cat --file-allow-prog /usr/bin/mv")
     };
     start_agent_with(&mut vm, "enforce", &protect(&["/srv/data"]))?;
-    let before = counter(&mut vm, "file_places_seen")?;
-    for _ in 0..2 {
-        vm.run_ok(&format!("{EVIL} /srv/pub/d/f"))?;
-    }
-    ensure!(
-        counter(&mut vm, "file_places_seen")? > before,
-        "the second read was not answered by a remembered place"
-    );
+    read_twice_remembered(&mut vm, "/srv/pub/d/f")?;
 
     // Moved into the set by an approved program: protected from now on.
     vm.run_ok("mv /srv/pub/d /srv/data/d")?;
@@ -452,14 +459,7 @@ fn file_gate_remembered_places_follow_renames_and_set_changes() -> Result<()> {
 
     // The set grows to /srv/pub: a file read a moment ago (its place
     // remembered after the move above) is protected.
-    let before = counter(&mut vm, "file_places_seen")?;
-    for _ in 0..2 {
-        vm.run_ok(&format!("{EVIL} /srv/pub/y"))?;
-    }
-    ensure!(
-        counter(&mut vm, "file_places_seen")? > before,
-        "the second read was not answered by a remembered place"
-    );
+    read_twice_remembered(&mut vm, "/srv/pub/y")?;
     stop_agent(&mut vm)?;
     start_agent_with(&mut vm, "enforce", &protect(&["/srv/data", "/srv/pub"]))?;
     let out = vm.run(&format!("{EVIL} /srv/pub/y"))?;

@@ -2883,12 +2883,12 @@ static void notrace tb_file_decide(struct ftrace_regs *fregs,
 {
 	int r;
 
-	op->restartable = tb_file_restartable();
 	r = trustbind_file_gate(op);
 	if (r == TB_GATE_PASS)
 		return;
 	if (r == TB_GATE_ASK) {
-		if (op->restartable && !tb_file_ask_later(op)) {
+		/* Asked only on a miss: most calls never need to know. */
+		if (tb_file_restartable() && !tb_file_ask_later(op)) {
 			tb_file_redirect(fregs, tb_file_restart);
 			return;
 		}

@@ -629,9 +629,6 @@ struct tb_file_op {
 	u32 op;			/* TB_FOP_* */
 	u32 write;		/* TB_FOP_OPEN: opened for writing */
 	u32 trunc;		/* TB_FOP_OPEN: O_TRUNC */
-	/* The hook runs in a system call the gate can restart (see
-	 * tb_file_restartable()). */
-	u32 restartable;
 	struct dentry *d;
 	struct dentry *d2;
 };

@@ -51,7 +51,7 @@ use crate::proto::fairq::{FairQueue, Full, Place};
 use crate::proto::seal::{self, BareRule};
 use crate::proto::{self, ChannelKey, Decision, DecodeError, Header, HelloAck, Kind, Mode, Record, Verdict};
 use crate::files;
-use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin, SessionMac};
+use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin, Hmac};
 
 /// Places in the queue to the agent: requests waiting for a verdict
 /// (queued or read) and notifications not yet read.
@@ -186,7 +186,7 @@ struct State {
 /// The session with the appliance (module parameter `authority`).
 struct Auth {
     /// HMAC-SHA256 under the session key.
-    mac: SessionMac,
+    mac: Hmac,
     /// The module's session public key, for `HelloAck`.
     session: [u8; seal::SESSION_PUB_LEN],
 }
@@ -340,7 +340,7 @@ impl Channel {
                 pr_err!("authority=: want 128 hex digits (the appliance's P-256 key x||y)\n");
                 return Err(EINVAL);
             };
-            let (mac, session) = SessionMac::agree(&key).inspect_err(|e| {
+            let (mac, session) = Hmac::agree(&key).inspect_err(|e| {
                 pr_err!("authority=: no session with that key: errno {}\n", e.to_errno())
             })?;
             Some(Auth { mac, session })
@@ -635,7 +635,7 @@ impl Channel {
                         None => return Err(ENOENT),
                     },
                 };
-                let mac = auth.mac.mac2(&seal::prefix(&digest, x.seq), x.inner())?;
+                let mac = auth.mac.mac(&[&seal::prefix(&digest, x.seq), x.inner()])?;
                 if !sys::mac_eq(&mac, &x.mac) {
                     bump(&STATS.bad_seal);
                     if sys::log_ratelimit() {

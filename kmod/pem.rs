@@ -18,6 +18,7 @@ mod exec;
 mod files;
 mod net;
 mod sys;
+mod tickets;
 
 // The wire records, shared with user space. Items the module does not use
 // yet (request kinds of later parts) are not dead in the agent.
@@ -150,6 +151,7 @@ impl kernel::Module for Trustbind {
             hashers.sha1_driver()
         );
         self_test(&hashers)?;
+        tickets::self_test();
         let channel = Channel::new(&hashers)?;
         let exec_cache = exec::Cache::new()?;
         let lineage = exec::Lineage::new()?;
@@ -263,6 +265,7 @@ impl kernel::Module for Trustbind {
             (c_str!("file_timeouts"), &files::STATS.refusals.timeouts),
             (c_str!("file_unreadable"), &files::STATS.refusals.unreadable),
             (c_str!("file_busy"), &files::STATS.refusals.busy),
+            (c_str!("ticket_self_test"), &tickets::SELF_TEST),
         ]);
         let loader = LoaderHooks::new()?;
         let exec = ExecRegistration::new();

@@ -10,6 +10,9 @@
 #include <crypto/ecdh.h>
 #include <crypto/internal/ecc.h>
 #include <crypto/algapi.h>
+#include <crypto/aead.h>
+#include <crypto/gcm.h>
+#include <linux/scatterlist.h>
 #include <linux/audit.h>
 #include <linux/binfmts.h>
 #include <linux/debugfs.h>
@@ -682,22 +685,78 @@ void tb_hmac_free(struct crypto_shash *tfm)
 	crypto_free_shash(tfm);
 }
 
-/* HMAC of a || b into out (32 bytes). 0 or -errno. */
-int tb_hmac2(struct crypto_shash *tfm, const u8 *a, size_t alen,
-	     const u8 *b, size_t blen, u8 *out)
+int tb_hmacv(struct crypto_shash *tfm, const u8 *const *parts,
+	     const size_t *lens, unsigned int n, u8 *out)
 {
 	SHASH_DESC_ON_STACK(desc, tfm);
+	unsigned int i;
 	int ret;
 
 	desc->tfm = tfm;
 	ret = crypto_shash_init(desc);
-	if (!ret)
-		ret = crypto_shash_update(desc, a, alen);
-	if (!ret)
-		ret = crypto_shash_update(desc, b, blen);
+	for (i = 0; !ret && i < n; i++)
+		ret = crypto_shash_update(desc, parts[i], lens[i]);
 	if (!ret)
 		ret = crypto_shash_final(desc, out);
 	shash_desc_zero(desc);
+	return ret;
+}
+
+/*
+ * One "gcm(aes)" transform per call: tickets are opened on a worker, once
+ * per accepted connection, never in atomic context. The AEAD reads one
+ * scatterlist of aad || ct || tag and decrypts in place, so the three are
+ * copied into one kmalloc'd buffer (never the stack: the scatterlist
+ * needs linear-mapped memory), which is wiped before it is freed.
+ */
+int tb_gcm_open(const u8 *key, const u8 *nonce, const u8 *aad,
+		unsigned int aad_len, const u8 *ct, unsigned int ct_len,
+		const u8 *tag, u8 *out)
+{
+	DECLARE_CRYPTO_WAIT(wait);
+	struct crypto_aead *tfm;
+	struct aead_request *req;
+	struct scatterlist sg;
+	u8 iv[GCM_AES_IV_SIZE];
+	size_t len = (size_t)aad_len + ct_len + 16;
+	u8 *buf;
+	int ret;
+
+	tfm = crypto_alloc_aead("gcm(aes)", 0, 0);
+	if (IS_ERR(tfm))
+		return PTR_ERR(tfm);
+	ret = crypto_aead_setkey(tfm, key, 32);
+	if (!ret)
+		ret = crypto_aead_setauthsize(tfm, 16);
+	if (ret)
+		goto free_tfm;
+	ret = -ENOMEM;
+	buf = kmalloc(len, GFP_KERNEL);
+	if (!buf)
+		goto free_tfm;
+	req = aead_request_alloc(tfm, GFP_KERNEL);
+	if (!req)
+		goto free_buf;
+	memcpy(buf, aad, aad_len);
+	memcpy(buf + aad_len, ct, ct_len);
+	memcpy(buf + aad_len + ct_len, tag, 16);
+	memcpy(iv, nonce, sizeof(iv));
+	sg_init_one(&sg, buf, len);
+	aead_request_set_callback(req, CRYPTO_TFM_REQ_MAY_BACKLOG |
+				  CRYPTO_TFM_REQ_MAY_SLEEP,
+				  crypto_req_done, &wait);
+	aead_request_set_ad(req, aad_len);
+	aead_request_set_crypt(req, &sg, &sg, ct_len + 16, iv);
+	ret = crypto_wait_req(crypto_aead_decrypt(req), &wait);
+	if (!ret)
+		memcpy(out, buf + aad_len, ct_len);
+	else
+		memzero_explicit(out, ct_len);
+	aead_request_free(req);
+free_buf:
+	kfree_sensitive(buf);
+free_tfm:
+	crypto_free_aead(tfm);
 	return ret;
 }
 

@@ -570,7 +570,7 @@ const char *tb_param_mode(void);
 const char *tb_param_agent(void);
 const char *tb_param_authority(void);
 
-/* --- Sealed records (session key agreement, HMAC-SHA256) --------------- */
+/* --- Sealed records and tickets (key agreement, HMAC-SHA256, GCM) ------- */
 
 struct crypto_shash;
 /* Ephemeral P-256 pair: public key (x||y, 64 bytes) and the ECDH secret
@@ -579,9 +579,17 @@ int tb_ecdh_p256(const u8 *peer, u8 *pub_out, u8 *secret_out);
 /* A keyed "hmac(sha256)" transform into *out. 0 or -errno. */
 int tb_hmac_new(const u8 *key, unsigned int keylen, struct crypto_shash **out);
 void tb_hmac_free(struct crypto_shash *tfm);
-/* HMAC-SHA256 of a || b into out[32]. 0 or -errno. */
-int tb_hmac2(struct crypto_shash *tfm, const u8 *a, size_t alen,
-	     const u8 *b, size_t blen, u8 *out);
+/* HMAC-SHA256 of the concatenation of the n parts (parts[i], lens[i]
+ * bytes) into out[32]. 0 or -errno. */
+int tb_hmacv(struct crypto_shash *tfm, const u8 *const *parts,
+	     const size_t *lens, unsigned int n, u8 *out);
+/* AES-256-GCM: opens ct (ct_len bytes) with its 16-byte tag under key (32
+ * bytes), the 12-byte nonce and aad, into out (ct_len bytes). -EBADMSG
+ * when the tag does not match (out is then zeroed). Process context: it
+ * allocates and may sleep. */
+int tb_gcm_open(const u8 *key, const u8 *nonce, const u8 *aad,
+		unsigned int aad_len, const u8 *ct, unsigned int ct_len,
+		const u8 *tag, u8 *out);
 /* SHA-256 of data into out[32]. */
 void tb_sha256(const u8 *data, size_t len, u8 *out);
 /* Constant time: whether the n bytes differ. */

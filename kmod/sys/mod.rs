@@ -42,7 +42,7 @@ use bindings::{
     tb_hashers as RawHashers, tb_hashers_alloc, tb_hashers_digest, tb_hashers_driver,
     tb_hashers_free, tb_idle_kick, tb_ktls_install, tb_ktls_prepare, tb_loader_hooks_start,
     tb_loader_hooks_stop, tb_module_pin, tb_module_unpin, tb_net_hooks_start,
-    tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_authority, tb_param_mode, tb_ecdh_p256, tb_hmac_new, tb_hmac_free, tb_hmac2, tb_sha256, tb_memneq, tb_wipe, crypto_shash as RawShash, tb_publish_mode, tb_set_nice_current, tb_sock_counts,
+    tb_net_hooks_stop, tb_now_ms, tb_open_info, tb_open_name, tb_param_agent, tb_param_authority, tb_param_mode, tb_ecdh_p256, tb_hmac_new, tb_hmac_free, tb_hmacv, tb_gcm_open, tb_sha256, tb_memneq, tb_wipe, crypto_shash as RawShash, tb_publish_mode, tb_set_nice_current, tb_sock_counts,
     tb_sk_closed, tb_sock_id, tb_sock_idle_end, tb_sock_is_tcp, tb_sock_ref, tb_sock_unref, tb_accept_hold, tb_accept_give, tb_accept_drop, tb_accept_defer, tb_sk_wake, tb_unix_hooks_start,
     tb_unix_hooks_stop, tb_unix_connect_round, tb_unix_ask, tb_unix_accept_ask, tb_sk_owner, tb_connect_info, tb_connect_call,
     tb_connect_hold, tb_connect_unhold, tb_connect_abandon, tb_connect_established, tb_sock_is_mptcp,
@@ -105,6 +105,13 @@ pub(crate) fn econnreset() -> Error {
 pub(crate) fn econnrefused() -> Error {
     // CAST: errno values are small positive integers.
     Error::from_errno(-(kernel::bindings::ECONNREFUSED as i32))
+}
+
+/// `EBADMSG` (not among the kernel crate's named codes in 6.12): what
+/// the crypto API returns when a GCM tag does not match.
+pub(crate) fn ebadmsg() -> Error {
+    // CAST: errno values are small positive integers.
+    Error::from_errno(-(kernel::bindings::EBADMSG as i32))
 }
 
 /// Sets what the netfilter backstop does from now on.
@@ -2061,22 +2068,24 @@ pub(crate) fn param_authority() -> &'static CStr {
     unsafe { CStr::from_char_ptr(tb_param_authority()) }
 }
 
-/// An HMAC-SHA256 transform keyed with a session key (kernel crypto API).
+/// An HMAC-SHA256 transform keyed once (kernel crypto API): a session's
+/// key (sealed records), or an HKDF step's (tickets).
 ///
 /// INVARIANT: `ptr` is a live, keyed `hmac(sha256)` transform owned by
 /// this value.
-pub(crate) struct SessionMac {
+pub(crate) struct Hmac {
     ptr: NonNull<RawShash>,
 }
 
 // SAFETY: A keyed shash transform is immutable after `setkey`; each MAC
 // uses its own on-stack descriptor, so it may be used from any thread.
-unsafe impl Send for SessionMac {}
+unsafe impl Send for Hmac {}
 // SAFETY: See `Send`.
-unsafe impl Sync for SessionMac {}
+unsafe impl Sync for Hmac {}
 
-impl SessionMac {
-    fn keyed(key: &[u8]) -> Result<Self> {
+impl Hmac {
+    /// A transform keyed with `key`. Process context (allocates).
+    pub(crate) fn keyed(key: &[u8]) -> Result<Self> {
         let mut raw: *mut RawShash = core::ptr::null_mut();
         let len = u32::try_from(key.len()).map_err(|_| EINVAL)?;
         // SAFETY: `key` is valid for `len` bytes (the transform copies
@@ -2084,7 +2093,7 @@ impl SessionMac {
         to_result(unsafe { tb_hmac_new(key.as_ptr(), len, &mut raw) })?;
         let ptr = NonNull::new(raw).ok_or(ENOMEM)?;
         // INVARIANT: `ptr` is the keyed transform just made.
-        Ok(SessionMac { ptr })
+        Ok(Hmac { ptr })
     }
 
     /// Agrees a session with the appliance's `authority` key (P-256
@@ -2104,7 +2113,7 @@ impl SessionMac {
         });
         let key = agreed.and_then(|()| {
             let derive = Self::keyed(&z)?;
-            derive.mac2(&crate::proto::seal::session_info(&public), &[])
+            derive.mac(&[&crate::proto::seal::session_info(&public)])
         });
         wipe(&mut z);
         let mut key = key?;
@@ -2113,19 +2122,69 @@ impl SessionMac {
         Ok((mac?, public))
     }
 
-    /// HMAC-SHA256 of `a || b`.
-    pub(crate) fn mac2(&self, a: &[u8], b: &[u8]) -> Result<[u8; 32]> {
+    /// HMAC-SHA256 of the concatenation of `parts` (at most
+    /// [`MAC_PARTS`]).
+    pub(crate) fn mac(&self, parts: &[&[u8]]) -> Result<[u8; 32]> {
+        if parts.len() > MAC_PARTS {
+            return Err(EINVAL);
+        }
+        let mut ptrs = [core::ptr::null::<u8>(); MAC_PARTS];
+        let mut lens = [0usize; MAC_PARTS];
+        for (i, p) in parts.iter().enumerate() {
+            ptrs[i] = p.as_ptr();
+            lens[i] = p.len();
+        }
         let mut out = [0u8; 32];
-        // SAFETY: `self.ptr` is live by the type invariant; `a` and `b`
-        // are valid slices for their lengths; `out` holds a SHA-256 MAC.
+        // SAFETY: `self.ptr` is live by the type invariant; the first
+        // `parts.len()` entries of `ptrs` and `lens` describe the valid
+        // slices of `parts`, which outlive the call; `out` holds a
+        // SHA-256 MAC.
         to_result(unsafe {
-            tb_hmac2(self.ptr.as_ptr(), a.as_ptr(), a.len(), b.as_ptr(), b.len(), out.as_mut_ptr())
+            // CAST: parts.len() <= MAC_PARTS (checked above).
+            tb_hmacv(self.ptr.as_ptr(), ptrs.as_ptr(), lens.as_ptr(), parts.len() as u32, out.as_mut_ptr())
         })?;
         Ok(out)
     }
 }
 
-impl Drop for SessionMac {
+/// Most parts [`Hmac::mac`] takes.
+pub(crate) const MAC_PARTS: usize = 4;
+
+/// AES-256-GCM: opens `ct` with `tag` under `key`, `nonce` and `aad` into
+/// `out` (as long as `ct`); `EBADMSG` when the tag does not match (then
+/// `out` is zeroed). Process context (allocates, may sleep).
+pub(crate) fn gcm_open(
+    key: &[u8; 32],
+    nonce: &[u8; 12],
+    aad: &[u8],
+    ct: &[u8],
+    tag: &[u8; 16],
+    out: &mut [u8],
+) -> Result {
+    if out.len() != ct.len() {
+        return Err(EINVAL);
+    }
+    let aad_len = u32::try_from(aad.len()).map_err(|_| EINVAL)?;
+    let ct_len = u32::try_from(ct.len()).map_err(|_| EINVAL)?;
+    // SAFETY: `key` (32 bytes), `nonce` (12) and `tag` (16) are the sizes
+    // the helper reads; `aad` and `ct` are valid for the lengths passed;
+    // `out` is writable for `ct.len()` bytes (checked above). The helper
+    // copies them into its own buffer and writes only `out`.
+    to_result(unsafe {
+        tb_gcm_open(
+            key.as_ptr(),
+            nonce.as_ptr(),
+            aad.as_ptr(),
+            aad_len,
+            ct.as_ptr(),
+            ct_len,
+            tag.as_ptr(),
+            out.as_mut_ptr(),
+        )
+    })
+}
+
+impl Drop for Hmac {
     fn drop(&mut self) {
         // SAFETY: `self.ptr` is live and owned (type invariant); it is
         // freed once, here (the transform wipes its key).

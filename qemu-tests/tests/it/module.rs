@@ -30,6 +30,10 @@ fn load(vm: &mut Vm) -> Result<()> {
     for want in [
         format!("trustbind: self-test sha256(\"abc\") = {SHA256_ABC} ok"),
         format!("trustbind: self-test sha1(\"abc\") = {SHA1_ABC} ok"),
+        // The crypto API reproduces the appliance's channel ticket
+        // (`proto::ticket_kat`): HKDF-SHA256 and AES-256-GCM agree.
+        "trustbind: channel tickets: known answer passed (HKDF-SHA256, AES-256-GCM via the crypto API)"
+            .to_string(),
         format!(
             "trustbind: /dev/trustbind ready (protocol v{})",
             trustbind_proto::VERSION
@@ -37,6 +41,10 @@ fn load(vm: &mut Vm) -> Result<()> {
     ] {
         ensure!(has(&want), "dmesg lacks `{want}`; dmesg:\n{dmesg}");
     }
+    ensure!(
+        crate::exec::counter(vm, "ticket_self_test")? == 1,
+        "debugfs ticket_self_test is not 1 (passed)"
+    );
     let kind = vm.run_ok("stat -c %F /dev/trustbind")?.stdout;
     ensure!(
         kind.trim() == "character special file",

@@ -65,6 +65,23 @@ pub fn scaled(base: Duration) -> Duration {
     base.mul_f64(scale)
 }
 
+/// Whether the VM benchmarks run as a smoke (`TRUSTBIND_BENCH_SMOKE` set,
+/// as `cargo xtask test` does): one round of a few iterations, so every
+/// benchmark's code runs in CI and cannot rot. Its numbers mean nothing.
+pub fn bench_smoke() -> bool {
+    std::env::var_os("TRUSTBIND_BENCH_SMOKE").is_some_and(|v| !v.is_empty())
+}
+
+/// A benchmark's `full` size (iterations, rounds, seconds), or `smoke`
+/// in a smoke run ([`bench_smoke`]).
+pub fn bench_size<T>(full: T, smoke: T) -> T {
+    if bench_smoke() {
+        smoke
+    } else {
+        full
+    }
+}
+
 /// A binary of this workspace (`target/debug/NAME`), beside the running
 /// program or, for a test binary (`target/debug/deps/`), its directory's
 /// parent; built by `cargo xtask test` (or `build`) first.

@@ -32,8 +32,11 @@ Commands:
                 kernel, initramfs and a GPT disk.img (see image/README.md)
   test [FILTER] build, then run every test: unit tests, then the QEMU tests
                 (protected hosts on the debug kernel; a checker's report
-                fails the test); with FILTER, only the QEMU tests whose
-                names contain it (e.g. `cargo xtask test file_`)
+                fails the test), then one smoke round of each VM
+                benchmark (a few iterations: they cannot rot; the
+                numbers mean nothing); with FILTER, only the QEMU tests
+                whose names contain it (e.g. `cargo xtask test file_`;
+                `bench_…` runs those benchmarks' smoke)
   demo [--shell]
                 build, boot the appliance and two protected hosts, set them
                 up with the trustbind CLI and show exec control, an
@@ -238,6 +241,9 @@ fn test(ctx: &Ctx, filter: Option<&str>) -> Result<()> {
         Flavor::Debug,
         filter.is_none_or(|f| DEB_TEST.contains(f)),
     )?;
+    if let Some(f) = filter.filter(|f| f.starts_with("bench_")) {
+        return bench_smoke(&a, f);
+    }
     if let Some(f) = filter {
         println!("test: QEMU integration tests matching `{f}`");
         return sh::run("test: QEMU tests", &mut qemu_tests(&a, Some(f), &[], true));
@@ -248,7 +254,19 @@ fn test(ctx: &Ctx, filter: Option<&str>) -> Result<()> {
         cargo().args(["test", "--workspace", "--exclude", "trustbind-qemu-tests"]),
     )?;
     println!("test: QEMU integration tests");
-    sh::run("test: QEMU tests", &mut qemu_tests(&a, None, &[], true))
+    sh::run("test: QEMU tests", &mut qemu_tests(&a, None, &[], true))?;
+    bench_smoke(&a, "bench_")
+}
+
+/// The VM benchmarks matching `filter` (`bench_…`) once each, as a smoke
+/// (one round of a few iterations, `trustbind_qemu_tests::bench_smoke`):
+/// their code runs in CI and cannot rot; their numbers mean nothing
+/// (`cargo xtask bench` measures).
+fn bench_smoke(a: &Artifacts, filter: &str) -> Result<()> {
+    println!("test: VM benchmarks matching `{filter}`, one smoke round each");
+    let mut c = qemu_tests(a, Some(filter), &["--ignored", "--nocapture"], true);
+    c.env("TRUSTBIND_BENCH_SMOKE", "1");
+    sh::run("test: VM benchmark smoke", &mut c)
 }
 
 /// `cargo xtask image [--kernel BZIMAGE]`: the appliance image, with our

@@ -12,11 +12,14 @@
 //! emulation times; the ratios within the run are what counts.
 
 use anyhow::{Context, Result};
-use trustbind_qemu_tests::{Artifacts, Network, Vm};
+use trustbind_qemu_tests::{bench_size, Artifacts, Network, Vm};
 
 const N: usize = 400;
 /// Distinct copies exec'd cold (on tmpfs: the guest's root is small).
 const COLD: usize = 100;
+/// Of each, in a smoke run (`trustbind_qemu_tests::bench_smoke`).
+const N_SMOKE: usize = 10;
+const COLD_SMOKE: usize = 5;
 const AGENT_LOG: &str = "/run/fakeagent.log";
 
 /// Seconds taken by `cmd` in the guest (`date +%s%N` around it).
@@ -38,6 +41,7 @@ fn timed(vm: &mut Vm, cmd: &str) -> Result<f64> {
 #[test]
 #[ignore = "benchmark: run by `cargo xtask bench`"]
 fn bench_exec_overhead() -> Result<()> {
+    let (n, cold_n) = (bench_size(N, N_SMOKE), bench_size(COLD, COLD_SMOKE));
     let art = Artifacts::from_env()?;
     let net = Network::new()?;
     let mut vm = net
@@ -45,13 +49,13 @@ fn bench_exec_overhead() -> Result<()> {
         .file("tb-fakeagent", env!("CARGO_BIN_EXE_tb-fakeagent"), 0o755)
         .memory_mib(1024)
         .boot(&art)?;
-    let loop_true = format!("i=0; while [ $i -lt {N} ]; do /root/b/busybox true; i=$((i+1)); done");
-    let loop_dyn = format!("i=0; while [ $i -lt {N} ]; do /usr/bin/true; i=$((i+1)); done");
+    let loop_true = format!("i=0; while [ $i -lt {n} ]; do /root/b/busybox true; i=$((i+1)); done");
+    let loop_dyn = format!("i=0; while [ $i -lt {n} ]; do /usr/bin/true; i=$((i+1)); done");
     let loop_cold =
-        format!("i=0; while [ $i -lt {COLD} ]; do /tmp/c/$i/busybox true; i=$((i+1)); done");
+        format!("i=0; while [ $i -lt {cold_n} ]; do /tmp/c/$i/busybox true; i=$((i+1)); done");
     vm.run_ok(&format!(
         "mkdir -p /root/b /tmp/c && cp /bin/busybox /root/b/busybox && \
-         i=0; while [ $i -lt {COLD} ]; do mkdir -p /tmp/c/$i && cp /bin/busybox /tmp/c/$i/busybox && printf $i >>/tmp/c/$i/busybox; i=$((i+1)); done; \
+         i=0; while [ $i -lt {cold_n} ]; do mkdir -p /tmp/c/$i && cp /bin/busybox /tmp/c/$i/busybox && printf $i >>/tmp/c/$i/busybox; i=$((i+1)); done; \
          mkdir -p /tmp/big && cp /bin/busybox /tmp/big/busybox && head -c 67108864 /dev/zero >>/tmp/big/busybox && chmod 755 /tmp/big/busybox /tmp/c/*/busybox"
     ))?;
     let size = vm
@@ -71,7 +75,7 @@ fn bench_exec_overhead() -> Result<()> {
     vm.spawn_bg(&format!(
         "exec /tb/tb-fakeagent --mode enforce --timeout-ms 30000 --allow-dir /usr/bin \
          --allow-dir /bin --allow-dir /usr/sbin --allow /lib64/ld-linux-x86-64.so.2 --allow-dir /root/b --allow /tmp/big/busybox \
-         $(i=0; while [ $i -lt {COLD} ]; do printf -- '--allow /tmp/c/%s/busybox ' $i; i=$((i+1)); done) \
+         $(i=0; while [ $i -lt {cold_n} ]; do printf -- '--allow /tmp/c/%s/busybox ' $i; i=$((i+1)); done) \
          --log {AGENT_LOG}"
     ))?;
     for _ in 0..600 {
@@ -86,7 +90,7 @@ fn bench_exec_overhead() -> Result<()> {
     let dyn_warm = timed(&mut vm, &loop_dyn)?;
     let cold = timed(&mut vm, &loop_cold)?;
     // A cold small exec, for the hashing estimate.
-    let small_cold = cold / COLD as f64;
+    let small_cold = cold / cold_n as f64;
     let big_cold = timed(&mut vm, "/tmp/big/busybox true")?;
     let hits = vm.run_ok("mount -t debugfs none /sys/kernel/debug 2>/dev/null; cat /sys/kernel/debug/trustbind/exec_cache_hits")?;
     vm.run_ok("pkill -TERM -x tb-fakeagent; sleep 1")?;
@@ -96,10 +100,10 @@ fn bench_exec_overhead() -> Result<()> {
     // The module-absent time, bracketing the module runs.
     let absent = (absent_before + absent_after) / 2.0;
     let dyn_absent = (dyn_absent_before + dyn_absent_after) / 2.0;
-    let per = |t: f64| t / N as f64 * 1e6;
+    let per = |t: f64| t / n as f64 * 1e6;
     let mib_s = 64.0 / (big_cold - small_cold).max(1e-9);
     println!(
-        "exec of a static binary ({size} bytes, busybox true), {N} execs warm/absent, {COLD} distinct copies cold, one VM run (TCG):"
+        "exec of a static binary ({size} bytes, busybox true), {n} execs warm/absent, {cold_n} distinct copies cold, one VM run (TCG):"
     );
     println!(
         "  module absent:            {:>9.1} µs/exec  (before {:.1}, after {:.1})",
@@ -115,7 +119,7 @@ fn bench_exec_overhead() -> Result<()> {
     println!(
         "  module, cold (hash+ask):  {:>9.1} µs/exec  ({:.2}x absent)",
         small_cold * 1e6,
-        small_cold / (absent / N as f64)
+        small_cold / (absent / n as f64)
     );
     println!(
         "  dynamic /usr/bin/true:    {:>9.1} µs/exec absent (before {:.1}, after {:.1}), {:.1} warm ({:+.1} %)",
@@ -137,6 +141,10 @@ fn bench_exec_overhead() -> Result<()> {
 const FORKS: usize = 2000;
 /// Rounds per configuration, alternating absent / loaded in one VM.
 const ROUNDS: usize = 3;
+/// A smoke run's forks, opens and rounds.
+const FORKS_SMOKE: usize = 50;
+const OPENS_SMOKE: usize = 200;
+const ROUNDS_SMOKE: usize = 1;
 
 /// What following every process costs: with the module loaded every fork
 /// copies the parent's lineage entry (an rbtree node, under one spinlock)
@@ -149,21 +157,25 @@ const ROUNDS: usize = 3;
 #[test]
 #[ignore = "benchmark: run by `cargo xtask bench`"]
 fn bench_fork_lineage() -> Result<()> {
+    let (forks_n, rounds) = (
+        bench_size(FORKS, FORKS_SMOKE),
+        bench_size(ROUNDS, ROUNDS_SMOKE),
+    );
     let art = Artifacts::from_env()?;
     let mode = trustbind_qemu_tests::accel(art.kernel())?.name();
     let net = Network::new()?;
     let mut vm = net.vm("bench").boot(&art)?;
-    let forks = format!("i=0; while [ $i -lt {FORKS} ]; do ( : ); i=$((i+1)); done");
+    let forks = format!("i=0; while [ $i -lt {forks_n} ]; do ( : ); i=$((i+1)); done");
     // Warm-up: QEMU translates the paths once; not measured.
     timed(&mut vm, &forks)?;
     let (mut absent, mut loaded) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         absent.push(timed(&mut vm, &forks)?);
         vm.run_ok("insmod /tb/trustbind.ko")?;
         loaded.push(timed(&mut vm, &forks)?);
         vm.run_ok("rmmod trustbind")?;
     }
-    let per = |t: f64| t / FORKS as f64 * 1e6;
+    let per = |t: f64| t / forks_n as f64 * 1e6;
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -171,7 +183,7 @@ fn bench_fork_lineage() -> Result<()> {
     let spread = |v: &[f64]| (v[v.len() - 1] / v[0] - 1.0) * 100.0;
     let (a, l) = (median(&mut absent), median(&mut loaded));
     println!(
-        "fork + exit of a subshell, {FORKS} per round, {ROUNDS} rounds alternating, guest clock ({mode}):"
+        "fork + exit of a subshell, {forks_n} per round, {rounds} rounds alternating, guest clock ({mode}):"
     );
     println!(
         "  module absent: {:>8.1} µs/fork (median; rounds spread {:.1} %)",
@@ -217,6 +229,10 @@ const OPENS: usize = 20_000;
 #[test]
 #[ignore = "benchmark: run by `cargo xtask bench`"]
 fn bench_file_open() -> Result<()> {
+    let (opens_n, rounds) = (
+        bench_size(OPENS, OPENS_SMOKE),
+        bench_size(ROUNDS, ROUNDS_SMOKE),
+    );
     use base64::Engine as _;
     let art = Artifacts::from_env()?;
     let mode = trustbind_qemu_tests::accel(art.kernel())?.name();
@@ -243,7 +259,7 @@ fn bench_file_open() -> Result<()> {
     // exec, which a loaded module hashes and records) is taken out: the
     // same command with no opens, timed right after in the same state.
     let opens = |vm: &mut Vm, path: &str| -> Result<f64> {
-        let t = timed(vm, &format!("/tmp/x/open_loop {OPENS} {path}"))?;
+        let t = timed(vm, &format!("/tmp/x/open_loop {opens_n} {path}"))?;
         let empty = timed(vm, &format!("/tmp/x/open_loop 0 {path}"))?;
         Ok(t - empty)
     };
@@ -253,7 +269,7 @@ fn bench_file_open() -> Result<()> {
     calls(&mut vm)?;
     let (mut absent, mut unprotected, mut cached) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ctl_absent, mut ctl_loaded) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         absent.push(opens(&mut vm, "/srv/pub/x")?);
         ctl_absent.push(calls(&mut vm)?);
         vm.run_ok("insmod /tb/trustbind.ko")?;
@@ -270,7 +286,7 @@ fn bench_file_open() -> Result<()> {
         crate::exec::stop_agent(&mut vm)?;
         vm.run_ok("rmmod trustbind")?;
     }
-    let per = |t: f64| t / OPENS as f64 * 1e6;
+    let per = |t: f64| t / opens_n as f64 * 1e6;
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -278,7 +294,7 @@ fn bench_file_open() -> Result<()> {
     let spread = |v: &[f64]| (v[v.len() - 1] / v[0] - 1.0) * 100.0;
     let a = median(&mut absent);
     println!(
-        "open() + close() of one file, {OPENS} per round, {ROUNDS} rounds alternating, guest clock ({mode}):"
+        "open() + close() of one file, {opens_n} per round, {rounds} rounds alternating, guest clock ({mode}):"
     );
     println!(
         "  module absent:              {:>7.2} µs (median; rounds spread {:.1} %)",
@@ -298,7 +314,7 @@ fn bench_file_open() -> Result<()> {
         );
     }
     let (ca, cl) = (median(&mut ctl_absent), median(&mut ctl_loaded));
-    println!("control: getppid(), no hook of the module on its path, {OPENS} per round:");
+    println!("control: getppid(), no hook of the module on its path, {opens_n} per round:");
     println!(
         "  module absent:              {:>7.3} µs (median; rounds spread {:.1} %)",
         per(ca),

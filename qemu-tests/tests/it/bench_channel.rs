@@ -22,10 +22,14 @@ use trustbind_qemu_tests::Vm;
 use crate::channel_e2e::{setup, Setup};
 use crate::common::{wait_for, STATE};
 
-/// Seconds per iperf3 run.
-const SECONDS: u32 = 8;
-/// Sequential connects per latency run.
-const CONNECTS: u32 = 20;
+/// Seconds per iperf3 run (a smoke run's: 1).
+fn seconds() -> u32 {
+    trustbind_qemu_tests::bench_size(8, 1)
+}
+/// Sequential connects per latency run (a smoke run's: 3).
+fn connects() -> u32 {
+    trustbind_qemu_tests::bench_size(20, 3)
+}
 
 /// Plaintext on 5201 and 7203, channels on 7201 and 7202, a TLS 1.2
 /// (`@encrypt("offload")`) channel on 7204 (iperf3 and the perl pair are
@@ -98,7 +102,10 @@ when {
 /// iperf3 from `a` to `server`:`port` (a server already listens); the
 /// receiver's Mbit/s.
 fn iperf(a: &mut Vm, server: &str, port: u16) -> Result<f64> {
-    let out = a.run_ok(&format!("iperf3 -c {server} -p {port} -t {SECONDS} -f m"))?;
+    let out = a.run_ok(&format!(
+        "iperf3 -c {server} -p {port} -t {} -f m",
+        seconds()
+    ))?;
     let line = out
         .stdout
         .lines()
@@ -123,7 +130,7 @@ fn iperf_server(b: &mut Vm, port: u16) -> Result<()> {
     )
 }
 
-/// Mean milliseconds per connect of [`CONNECTS`] sequential connects from
+/// Mean milliseconds per connect of [`connects`] sequential connects from
 /// `a` to a perl server on `b` at `port` (accepts and closes).
 fn connect_ms(a: &mut Vm, b: &mut Vm, port: u16) -> Result<f64> {
     b.spawn_bg(&format!(
@@ -150,7 +157,7 @@ fn connect_ms(a: &mut Vm, b: &mut Vm, port: u16) -> Result<f64> {
     };
     let out = a.run_ok(&format!(
         "s=$(date +%s%N); {}; m=$(date +%s%N); {}; e=$(date +%s%N); echo $((m - s)) $((e - m))",
-        script(CONNECTS),
+        script(connects()),
         script(0)
     ))?;
     b.run_ok(&format!(
@@ -165,7 +172,7 @@ fn connect_ms(a: &mut Vm, b: &mut Vm, port: u16) -> Result<f64> {
     let [with, without] = ns[..] else {
         anyhow::bail!("connect timing: {:?}", out.stdout)
     };
-    Ok((with - without) / 1e6 / f64::from(CONNECTS))
+    Ok((with - without) / 1e6 / f64::from(connects()))
 }
 
 /// Sets both hosts' group mode and waits until both agents applied it.
@@ -234,8 +241,9 @@ fn bench_channel() -> Result<()> {
     let off = connect_ms(&mut s.a, &mut s.b, 7203)?;
 
     eprintln!(
-        "\nchannel benchmark (TCG emulation unless KVM was used; {SECONDS} s per iperf3 run; \
-         kTLS AEAD driver {aead:?})"
+        "\nchannel benchmark (TCG emulation unless KVM was used; {} s per iperf3 run; \
+         kTLS AEAD driver {aead:?})",
+        seconds()
     );
     eprintln!("| path | Mbit/s | vs plaintext |");
     eprintln!("|---|---:|---:|");
@@ -247,7 +255,10 @@ fn bench_channel() -> Result<()> {
         "channel / WireGuard: {:.2}",
         rows[1].1 / rows[2].1.max(f64::MIN_POSITIVE)
     );
-    eprintln!("\n| connect ({CONNECTS} sequential, a → b) | ms each | vs PEM off |");
+    eprintln!(
+        "\n| connect ({} sequential, a → b) | ms each | vs PEM off |",
+        connects()
+    );
     eprintln!("|---|---:|---:|");
     for (name, ms) in [
         ("PEM off (host group disabled)", off),

@@ -1148,6 +1148,17 @@ fn serve(
         Arc::clone(&gate) as Arc<dyn agent_api::Decider>,
     )?;
     let _ = api_slot.set(Arc::clone(&api));
+    // Channel keys v2: the farm secret of this data directory (made on
+    // first start; shared by a farm through `farm-secret export | import`).
+    let farm = trustbind_appliance::tickets::Farm::open_or_create(data_dir)
+        .map_err(|e| Fail(EXIT_FAILED, e.to_string()))?;
+    api.set_grants(Arc::new(trustbind_appliance::grants::Grants::new(
+        farm,
+        Arc::clone(&engine),
+        Arc::clone(&store),
+        Arc::clone(&api.hub),
+        Some(Arc::clone(&limits)),
+    )));
     for s in &sinks {
         tracing::info!("alerts go to {s}");
     }

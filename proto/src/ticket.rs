@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 //! Channel tickets (channel keys v2, `docs/CHANNEL-KEYS-V2.md`): the
-//! formats and checks the kernel module and the appliance share. Not used
-//! by either yet: the design is under review and this is its first brick.
+//! formats and checks the kernel module and the appliance share. The
+//! appliance seals tickets and hands out host keys and revocations in
+//! these layouts (`appliance/src/grants.rs`); the module does not use them
+//! yet.
 //!
 //! No cryptography is done here. The caller seals and opens tickets with
 //! AES-256-GCM (the kernel crypto API in the module, a RustCrypto crate on

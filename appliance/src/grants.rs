@@ -328,6 +328,13 @@ impl Grants {
             )));
         }
         let addrs = self.client_addrs(&connect.host, server_ip.is_loopback())?;
+        if addrs.is_empty() {
+            // The ticket would list no peer the server could accept.
+            return Ok(Granted::No(format!(
+                "no address of host `{}` is known (`trustbind host addresses` assigns addresses to a host)",
+                connect.host
+            )));
+        }
         let mut connect = connect.clone();
         if let Target::Net(t) = &mut connect.target {
             t.src_addr = addrs

@@ -336,6 +336,15 @@ async fn a_grant_is_the_callers_for_a_registered_program_and_opens_only_at_the_s
         !g.granted && g.reason.contains("no enrolled host owns"),
         "{g:?}"
     );
+    // A client whose address the appliance does not know (its agent calls
+    // from loopback, nothing assigned) gets no ticket no server accepts.
+    let cfg = v.app.enrolled_in("c", "fleet", Mode::Enforce).await;
+    let mut c = v.app.agent_client(cfg).await.unwrap();
+    let g = grant(&mut c, "psql", "10.99.0.12", 5432).await;
+    assert!(
+        !g.granted && g.reason.contains("no address of host `c`"),
+        "{g:?}"
+    );
     // A revoked server (which may still hold its keys) gets nothing sealed
     // to it.
     v.app.api.revoke_host("b", "admin:t").unwrap();

@@ -549,7 +549,10 @@ impl Grants {
 
     /// `host`'s own keys of this epoch and the last, as a push.
     pub fn host_keys(&self, host: &str) -> push::Kind {
-        let epoch = tickets::epoch_of(now_s());
+        self.host_keys_at(host, tickets::epoch_of(now_s()))
+    }
+
+    fn host_keys_at(&self, host: &str, epoch: u32) -> push::Kind {
         let record = self.farm.host_keys(&tickets::host_id(host), epoch);
         push::Kind::HostKeys(pb::HostKeys {
             record: record.to_vec(),
@@ -560,10 +563,14 @@ impl Grants {
     /// Pushes each connected host its keys when the epoch moved past
     /// `last`; the epoch now.
     pub fn rotate(&self, last: u32) -> u32 {
-        let epoch = tickets::epoch_of(now_s());
+        self.rotate_to(last, tickets::epoch_of(now_s()))
+    }
+
+    /// [`Grants::rotate`] with `epoch` the epoch now.
+    fn rotate_to(&self, last: u32, epoch: u32) -> u32 {
         if epoch != last {
             for host in self.hub.connected_hosts() {
-                self.hub.push(&host, self.host_keys(&host));
+                self.hub.push(&host, self.host_keys_at(&host, epoch));
             }
         }
         epoch
@@ -708,6 +715,35 @@ mod tests {
         g.state().revoked_hosts.iter_mut().for_each(|(_, u)| *u = 0);
         let (min, hosts, _) = record(&g);
         assert_eq!((min, hosts.len()), (0, 0));
+    }
+
+    /// A new epoch pushes each connected host its own new keys, once.
+    #[tokio::test]
+    async fn each_connected_host_gets_its_own_keys_when_the_epoch_moves() {
+        let (_dir, g) = grants();
+        let (_wa, mut a) = g.hub.subscribe("a", Vec::new(), None);
+        let (_wb, mut b) = g.hub.subscribe("b", Vec::new(), None);
+        assert_eq!(g.rotate_to(6, 6), 6);
+        assert_eq!(g.rotate_to(6, 7), 7);
+        for (name, rx) in [("a", &mut a), ("b", &mut b)] {
+            let got = tokio::time::timeout(Duration::from_secs(1), rx.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            let Some(push::Kind::HostKeys(k)) = got.kind else {
+                panic!("not host keys: {got:?}")
+            };
+            let keys = ticket::HostKeys::decode(&k.record).unwrap();
+            assert_eq!(
+                (keys.host, keys.epoch, k.epoch),
+                (tickets::host_id(name), 7, 7)
+            );
+            assert_eq!(&k.record[..], &g.farm.host_keys(&keys.host, 7)[..]);
+            // Nothing for the epoch that did not move.
+            let more = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await;
+            assert!(more.is_err(), "{more:?}");
+        }
     }
 
     #[test]

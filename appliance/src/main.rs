@@ -16,6 +16,9 @@
 //! trustbind-appliance grow-data --disk DEV [--partition 3] [--name trustbind-data]
 //!                                          grow the data partition to the disk's end
 //! trustbind-appliance grow-data --fs DIR   grow the ext4 mounted at DIR to its partition
+//! trustbind-appliance [--data-dir DIR] farm-secret export --out FILE
+//! trustbind-appliance [--data-dir DIR] farm-secret import --from FILE [--replace]
+//!                                          move channel keys v2's farm secret
 //! trustbind-appliance [--data-dir DIR] init                create or migrate the database
 //! trustbind-appliance [--data-dir DIR] audit verify        check the audit hash chain
 //! trustbind-appliance [--data-dir DIR] audit export        write the audit log as JSON lines

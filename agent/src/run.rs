@@ -1672,6 +1672,10 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             }));
         }
         push::Kind::Ping(_) => {}
+        // Channel keys v2 (docs/CHANNEL-KEYS-V2.md): the module does not
+        // open tickets yet; the host keys' bytes are wiped unread.
+        push::Kind::HostKeys(mut k) => zeroize::Zeroize::zeroize(&mut k.record),
+        push::Kind::Revocations(_) => {}
     }
     Ok(())
 }

@@ -7,8 +7,9 @@
 //! frame and drops it: prost messages have no `Drop` that could wipe them,
 //! so without this codec every pushed key's bytes were freed as they were.
 //! [`WipingEncoder`] encodes exactly as `tonic_prost::ProstEncoder` and then
-//! zeroizes [`Push`]'s key fields ([`wipe_push`]) before the message is
-//! dropped. Decoding is prost's, unchanged (the agent wipes what it
+//! zeroizes [`Push`]'s key fields ([`wipe_push`]: a `ChannelKey`'s, a
+//! `HostKeys` record) and a `GrantReply`'s pair secret before the message
+//! is dropped. Decoding is prost's, unchanged (the agent wipes what it
 //! receives itself). The encoded frame bytes are tonic's, h2's and
 //! rustls's buffers, outside what this crate can wipe.
 //!
@@ -25,7 +26,7 @@ use tonic::Status;
 use tonic_prost::ProstDecoder;
 use zeroize::Zeroize;
 
-use crate::pb::{push, ChannelKey, Push};
+use crate::pb::{push, ChannelKey, GrantReply, Push};
 
 /// Prost's codec, wiping channel keys once encoded.
 #[derive(Debug, Clone)]
@@ -91,17 +92,22 @@ fn encode_wiping<T: Message + 'static>(
 
 /// Wipes `item`'s key bytes if it is a [`Push`].
 fn wipe_any<T: 'static>(item: &mut T) {
-    if let Some(p) = (item as &mut dyn Any).downcast_mut::<Push>() {
+    let any = item as &mut dyn Any;
+    if let Some(p) = any.downcast_mut::<Push>() {
         if let Some(k) = p.kind.as_mut() {
             wipe_push(k);
         }
+    } else if let Some(g) = any.downcast_mut::<GrantReply>() {
+        g.pair_secret.zeroize();
     }
 }
 
-/// Wipes the key bytes of a pushed message (a `ChannelKey`).
+/// Wipes the key bytes of a pushed message (a `ChannelKey`, `HostKeys`).
 pub fn wipe_push(msg: &mut push::Kind) {
-    if let push::Kind::ChannelKey(k) = msg {
-        wipe_channel_key(k);
+    match msg {
+        push::Kind::ChannelKey(k) => wipe_channel_key(k),
+        push::Kind::HostKeys(k) => k.record.zeroize(),
+        _ => {}
     }
 }
 
@@ -179,5 +185,32 @@ mod tests {
         };
         encode_wiping(&mut other, &mut Vec::new()).unwrap();
         assert_eq!(other.key, vec![1; 32], "only Push is wiped by the codec");
+    }
+
+    #[test]
+    fn host_keys_and_a_grants_pair_secret_are_wiped_once_encoded() {
+        let mut keys = Push {
+            kind: Some(push::Kind::HostKeys(crate::pb::HostKeys {
+                record: vec![9; 88],
+                epoch: 3,
+            })),
+        };
+        let want = keys.encode_to_vec();
+        let mut out = Vec::new();
+        encode_wiping(&mut keys, &mut out).unwrap();
+        assert_eq!(out, want);
+        let Some(push::Kind::HostKeys(k)) = &keys.kind else {
+            panic!("not host keys")
+        };
+        assert!(k.record.is_empty() && k.epoch == 3, "{k:?}");
+        let mut g = GrantReply {
+            granted: true,
+            pair_secret: vec![7; 32],
+            ticket: vec![1; 10],
+            ..GrantReply::default()
+        };
+        encode_wiping(&mut g, &mut Vec::new()).unwrap();
+        assert!(g.pair_secret.is_empty());
+        assert_eq!(g.ticket, vec![1; 10], "only the secret is wiped");
     }
 }

@@ -206,17 +206,10 @@ impl Gate {
         let now = Instant::now();
         let mut failed = None;
         let owned = hostaddr::owns(local, |a| {
-            let owner = self.store.address_owner(a).unwrap_or_else(|e| {
+            hostaddr::standing(&self.store, self.hub.addrs(), &r.host, a, now).unwrap_or_else(|e| {
                 failed = Some(e);
-                None
-            });
-            let (observed_here, observed_elsewhere) = self.hub.addrs().seen(&r.host, a, now);
-            Standing {
-                assigned_here: owner.as_deref() == Some(r.host.as_str()),
-                assigned_elsewhere: owner.is_some_and(|o| o != r.host),
-                observed_here,
-                observed_elsewhere,
-            }
+                Standing::default()
+            })
         });
         if let Some(e) = failed {
             return Err(DecideError(format!("store: {e}")));

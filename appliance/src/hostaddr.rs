@@ -156,6 +156,25 @@ pub fn owns(addr: &str, standing: impl FnOnce(IpAddr) -> Standing) -> Result<Own
     }
 }
 
+/// How `host` stands to `a` at `now`: assigned addresses from `store`,
+/// observed ones from `observed`.
+pub fn standing(
+    store: &crate::store::Store,
+    observed: &Observed,
+    host: &str,
+    a: IpAddr,
+    now: Instant,
+) -> Result<Standing, crate::store::StoreError> {
+    let owner = store.address_owner(a)?;
+    let (observed_here, observed_elsewhere) = observed.seen(host, a, now);
+    Ok(Standing {
+        assigned_here: owner.as_deref() == Some(host),
+        assigned_elsewhere: owner.is_some_and(|o| o != host),
+        observed_here,
+        observed_elsewhere,
+    })
+}
+
 #[derive(Debug, Default)]
 struct Seen {
     /// Per host: its addresses, most recent last.
@@ -239,6 +258,24 @@ impl Observed {
         let here = m.get(host).is_some_and(fresh);
         let elsewhere = m.iter().any(|(h, t)| h != host && fresh(t));
         (here, elsewhere)
+    }
+
+    /// The hosts that connected from `addr` within [`OBSERVED_FOR`]
+    /// before `now`.
+    pub fn hosts_at(&self, addr: IpAddr, now: Instant) -> Vec<String> {
+        let addr = addr.to_canonical();
+        let Ok(s) = self.seen.lock() else {
+            return Vec::new();
+        };
+        s.by_addr
+            .get(&addr)
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, t)| now.saturating_duration_since(**t) < OBSERVED_FOR)
+                    .map(|(h, _)| h.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The addresses `host` connected from within [`OBSERVED_FOR`] before
@@ -432,6 +469,17 @@ mod tests {
                 }
                 let name = format!("h{h}");
                 prop_assert!(o.of(&name, t0).len() <= MAX_OBSERVED_PER_HOST);
+            }
+            // Who connects from an address is what `seen` says of each host.
+            for a in 0..12u8 {
+                let mut at = o.hosts_at(addr(a), t0);
+                at.sort();
+                let here: Vec<String> = (0..3u8)
+                    .map(|h| format!("h{h}"))
+                    .filter(|h| o.seen(h, addr(a), t0).0)
+                    .collect();
+                prop_assert_eq!(at, here);
+                prop_assert!(o.hosts_at(addr(a), t0 + OBSERVED_FOR).is_empty());
             }
         }
     }

@@ -31,6 +31,7 @@ pub mod audit_seal;
 pub mod casign;
 pub mod channels;
 pub mod gate;
+pub mod grants;
 pub mod grow;
 pub mod hostaddr;
 pub mod learn;

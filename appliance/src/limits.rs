@@ -163,6 +163,68 @@ pub enum LimitExceeded {
     },
 }
 
+/// Judges one more call under `t` (license `id`, subject `name`) with
+/// `calls` counted and `recent` the steady times of the last minute's
+/// calls (pruned here): `Err` refuses without revoking (not yet valid, a
+/// clock jump), `Ok(Some)` is an excess that revokes, `Ok(None)` allows.
+fn judge(
+    t: &LicenseTerms,
+    id: i64,
+    name: &str,
+    calls: u64,
+    recent: &mut VecDeque<i64>,
+    at: LicenseTime,
+) -> Result<Option<LimitExceeded>, LimitExceeded> {
+    let (now_ms, steady_ms) = (at.wall_ms, at.steady_ms);
+    let name = name.to_owned();
+    if let Some(nb) = t.not_before_ms.filter(|nb| now_ms < *nb) {
+        return Err(LimitExceeded::NotYetValid {
+            id,
+            subject: name,
+            not_before_ms: nb,
+        });
+    }
+    while recent
+        .front()
+        .is_some_and(|f| *f <= steady_ms.saturating_sub(MINUTE_MS))
+    {
+        recent.pop_front();
+    }
+    if let Some(na) = t.not_after_ms.filter(|na| now_ms >= *na) {
+        if steady_ms.saturating_add(CLOCK_TOLERANCE_MS) < na {
+            return Err(LimitExceeded::ClockJump {
+                id,
+                subject: name,
+                not_after_ms: na,
+                ahead_ms: now_ms.saturating_sub(steady_ms),
+            });
+        }
+    }
+    Ok(
+        if let Some(na) = t.not_after_ms.filter(|na| now_ms >= *na) {
+            Some(LimitExceeded::Expired {
+                id,
+                subject: name,
+                not_after_ms: na,
+            })
+        } else if let Some(m) = t.max_calls.filter(|m| calls >= *m) {
+            Some(LimitExceeded::MaxCalls {
+                id,
+                subject: name,
+                max_calls: m,
+            })
+        } else {
+            t.max_per_minute
+                .filter(|m| recent.len() >= usize::try_from(*m).unwrap_or(usize::MAX))
+                .map(|m| LimitExceeded::Rate {
+                    id,
+                    subject: name,
+                    max_per_minute: m,
+                })
+        },
+    )
+}
+
 /// A license with its live call count, as listed by the admin API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LicenseView {
@@ -202,11 +264,22 @@ impl Entry {
     }
 }
 
+/// One holder's share of a license (channel keys v2: a client host's
+/// share of a pair license), in memory.
+#[derive(Debug, Default)]
+struct Share {
+    calls: u64,
+    recent: VecDeque<i64>,
+    exceeded: Option<String>,
+}
+
 /// The in-memory license table in front of the store.
 pub struct Limits {
     store: Arc<Store>,
     on_change: Option<ChangeHook>,
     entries: Mutex<HashMap<String, Entry>>,
+    /// (subject id, holder) -> that holder's share.
+    shares: Mutex<HashMap<(String, String), Share>>,
 }
 
 impl std::fmt::Debug for Limits {
@@ -232,6 +305,7 @@ impl Limits {
             store,
             on_change: None,
             entries: Mutex::new(entries),
+            shares: Mutex::new(HashMap::new()),
         })
     }
 
@@ -257,7 +331,6 @@ impl Limits {
     /// `at.steady_ms`, validity on `at.wall_ms`, an expiry revoking only when
     /// both clocks agree (see the module documentation).
     pub fn check_at(&self, subject: &LicenseKey, at: LicenseTime) -> Result<(), LimitExceeded> {
-        let now_ms = at.wall_ms;
         let steady_ms = at.steady_ms;
         let sid = subject.subject_id();
         let mut map = match self.lock() {
@@ -283,52 +356,7 @@ impl Limits {
             });
         }
         let t = e.row.terms;
-        if let Some(nb) = t.not_before_ms.filter(|nb| now_ms < *nb) {
-            return Err(LimitExceeded::NotYetValid {
-                id,
-                subject: name,
-                not_before_ms: nb,
-            });
-        }
-        while e
-            .recent
-            .front()
-            .is_some_and(|f| *f <= steady_ms.saturating_sub(MINUTE_MS))
-        {
-            e.recent.pop_front();
-        }
-        if let Some(na) = t.not_after_ms.filter(|na| now_ms >= *na) {
-            if steady_ms.saturating_add(CLOCK_TOLERANCE_MS) < na {
-                return Err(LimitExceeded::ClockJump {
-                    id,
-                    subject: name,
-                    not_after_ms: na,
-                    ahead_ms: now_ms.saturating_sub(steady_ms),
-                });
-            }
-        }
-        let excess = if let Some(na) = t.not_after_ms.filter(|na| now_ms >= *na) {
-            Some(LimitExceeded::Expired {
-                id,
-                subject: name.clone(),
-                not_after_ms: na,
-            })
-        } else if let Some(m) = t.max_calls.filter(|m| e.calls >= *m) {
-            Some(LimitExceeded::MaxCalls {
-                id,
-                subject: name.clone(),
-                max_calls: m,
-            })
-        } else {
-            t.max_per_minute
-                .filter(|m| e.recent.len() >= usize::try_from(*m).unwrap_or(usize::MAX))
-                .map(|m| LimitExceeded::Rate {
-                    id,
-                    subject: name.clone(),
-                    max_per_minute: m,
-                })
-        };
-        if let Some(x) = excess {
+        if let Some(x) = judge(&t, id, &name, e.calls, &mut e.recent, at)? {
             let reason = x.to_string();
             e.row.exceeded = Some(reason.clone());
             drop(map);
@@ -360,6 +388,70 @@ impl Limits {
         Ok(())
     }
 
+    /// Counts one call of `subject` by `holder` against `holder`'s own
+    /// share, or refuses it (channel keys v2 grants, T-70): the license's
+    /// terms apply to each holder's calls apart, so a holder that exhausts
+    /// its share is refused from then on while the license, and every
+    /// other holder's share, stay good. A license exceeded as a whole
+    /// refuses every holder. Shares live in memory (a restart starts them
+    /// anew, as the per-minute window) and are reset with the license.
+    pub fn check_share_at(
+        &self,
+        subject: &LicenseKey,
+        holder: &str,
+        at: LicenseTime,
+    ) -> Result<(), LimitExceeded> {
+        let sid = subject.subject_id();
+        let unavailable = |why: String| LimitExceeded::Unavailable {
+            id: 0,
+            subject: subject.to_string(),
+            why,
+        };
+        let (id, terms) = {
+            let map = self.lock().map_err(|e| unavailable(e.to_string()))?;
+            let Some(e) = map.get(&sid) else {
+                return Ok(());
+            };
+            if let Some(reason) = &e.row.exceeded {
+                return Err(LimitExceeded::Revoked {
+                    id: e.row.id,
+                    subject: subject.to_string(),
+                    reason: reason.clone(),
+                });
+            }
+            (e.row.id, e.row.terms)
+        };
+        let name = format!("{subject}, client host `{holder}`'s share");
+        let mut shares = self
+            .shares
+            .lock()
+            .map_err(|_| unavailable(StoreError::Poisoned.to_string()))?;
+        let sh = shares.entry((sid, holder.to_owned())).or_default();
+        if let Some(reason) = &sh.exceeded {
+            return Err(LimitExceeded::Revoked {
+                id,
+                subject: name,
+                reason: reason.clone(),
+            });
+        }
+        if let Some(x) = judge(&terms, id, &name, sh.calls, &mut sh.recent, at)? {
+            sh.exceeded = Some(x.to_string());
+            crate::metrics::metrics().record_limit_exceeded();
+            return Err(x);
+        }
+        sh.calls = sh.calls.saturating_add(1);
+        if terms.max_per_minute.is_some() {
+            sh.recent.push_back(at.steady_ms);
+        }
+        Ok(())
+    }
+
+    fn forget_shares(&self, sid: &str) {
+        if let Ok(mut m) = self.shares.lock() {
+            m.retain(|(s, _), _| s != sid);
+        }
+    }
+
     /// Persists an excess and revokes. Failures leave the in-memory mark,
     /// so the subject stays refused until restart.
     fn revoke(&self, id: i64, subject: &LicenseKey, reason: &str) {
@@ -389,6 +481,9 @@ impl Limits {
         let mut map = self.lock()?;
         let row = self.store.put_license(subject, terms, reset, actor)?;
         let sid = subject.subject_id();
+        if reset {
+            self.forget_shares(&sid);
+        }
         let view = match map.get_mut(&sid) {
             Some(e) if !reset => {
                 e.row = row;
@@ -409,6 +504,7 @@ impl Limits {
     pub fn remove(&self, id: i64, actor: &str) -> Result<LicenseView, StoreError> {
         let mut map = self.lock()?;
         let row = self.store.remove_license(id, actor)?;
+        self.forget_shares(&row.subject.subject_id());
         let view = map
             .remove(&row.subject.subject_id())
             .map_or_else(|| Entry::new(row).view(), |e| e.view());

@@ -16,6 +16,9 @@
 //! trustbind-appliance grow-data --disk DEV [--partition 3] [--name trustbind-data]
 //!                                          grow the data partition to the disk's end
 //! trustbind-appliance grow-data --fs DIR   grow the ext4 mounted at DIR to its partition
+//! trustbind-appliance [--data-dir DIR] farm-secret export --out FILE
+//! trustbind-appliance [--data-dir DIR] farm-secret import --from FILE [--replace]
+//!                                          move channel keys v2's farm secret
 //! trustbind-appliance [--data-dir DIR] init                create or migrate the database
 //! trustbind-appliance [--data-dir DIR] audit verify        check the audit hash chain
 //! trustbind-appliance [--data-dir DIR] audit export        write the audit log as JSON lines
@@ -249,10 +252,40 @@ enum Cmd {
     },
     /// Creates or migrates the database.
     Init,
+    /// The farm secret of channel keys v2 (`farm.key` in the data
+    /// directory, 0600): every appliance of a farm holds the same one, so
+    /// any of them can serve either end of a channel.
+    FarmSecret {
+        #[command(subcommand)]
+        cmd: FarmCmd,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
         cmd: AuditCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FarmCmd {
+    /// Writes this appliance's farm secret (made now if there is none) to
+    /// a new file (0600), for `farm-secret import` on another appliance.
+    /// Move it only over a channel you trust, then delete it.
+    Export {
+        /// The file to create (it must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Makes the farm secret in FILE (another appliance's export) this
+    /// appliance's; restart `serve` to use it.
+    Import {
+        /// The exported secret.
+        #[arg(long = "from", value_name = "FILE")]
+        from: PathBuf,
+        /// Replace a different secret already here (tickets sealed under
+        /// it stop opening).
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -640,6 +673,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
             println!("{}", a.public_hex());
             Ok(())
         }
+        Cmd::FarmSecret { cmd } => farm_secret(&data_dir, cmd),
         Cmd::RotateServerCert { names } => {
             let pki = Pki::open_or_create(&data_dir, &names.or_default(&[]))?;
             let serial = pki.rotate_server_cert()?;
@@ -1009,6 +1043,44 @@ fn init_log() {
         .init();
 }
 
+/// `farm-secret export | import`. The secret itself is never printed.
+fn farm_secret(data_dir: &Path, cmd: FarmCmd) -> Result<(), Fail> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use trustbind_appliance::tickets::Farm;
+    let failed = |e: trustbind_appliance::tickets::FarmFileError| Fail(EXIT_FAILED, e.to_string());
+    match cmd {
+        FarmCmd::Export { out } => {
+            let farm = Farm::open_or_create(data_dir).map_err(failed)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", out.display())))?;
+            f.write_all(farm.export().as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| Fail(EXIT_FAILED, format!("{}: {e}", out.display())))?;
+            eprintln!(
+                "farm secret written to {}: import it on the farm's other appliances, then delete it",
+                out.display()
+            );
+        }
+        FarmCmd::Import { from, replace } => {
+            let changed = Farm::import(data_dir, &from, replace).map_err(failed)?;
+            eprintln!(
+                "{}",
+                if changed {
+                    "farm secret imported; restart `serve` to use it"
+                } else {
+                    "this appliance already holds that farm secret"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
 fn serve(
     data_dir: &Path,
     listen: [SocketAddr; 3],
@@ -1079,6 +1151,17 @@ fn serve(
         Arc::clone(&gate) as Arc<dyn agent_api::Decider>,
     )?;
     let _ = api_slot.set(Arc::clone(&api));
+    // Channel keys v2: the farm secret of this data directory (made on
+    // first start; shared by a farm through `farm-secret export | import`).
+    let farm = trustbind_appliance::tickets::Farm::open_or_create(data_dir)
+        .map_err(|e| Fail(EXIT_FAILED, e.to_string()))?;
+    api.set_grants(Arc::new(trustbind_appliance::grants::Grants::new(
+        farm,
+        Arc::clone(&engine),
+        Arc::clone(&store),
+        Arc::clone(&api.hub),
+        Some(Arc::clone(&limits)),
+    )));
     for s in &sinks {
         tracing::info!("alerts go to {s}");
     }

@@ -10,6 +10,8 @@
 //! DIR/server.key   its private key, mode 0600
 //! DIR/authority.key the authority key of sealed records, mode 0600
 //!                   (`crate::seal::Authority`: P-256, not the CA's key)
+//! DIR/farm.key     channel keys v2's farm secret, mode 0600
+//!                  (`crate::tickets::Farm`, not written here)
 //! ```
 //!
 //! The CA key is read and used by `crate::casign` alone; `serve` does not

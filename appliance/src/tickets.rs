@@ -1,17 +1,21 @@
 //! Channel keys v2 (`docs/CHANNEL-KEYS-V2.md`): the farm secret, the host
-//! keys derived from it, and grants with their tickets. Written ahead of
-//! its use: `serve` still pairs halves (`channels.rs`), and no module
-//! opens tickets yet. What is here is the appliance's half of the
-//! cryptography and the reference the kernel's half will be tested
-//! against: [`open`] and [`connection_keys`] do what the server's and the
-//! client's kernels will do.
+//! keys derived from it, and grants with their tickets. `serve` loads the
+//! farm secret from its data directory ([`Farm::open_or_create`]; an
+//! administrator moves it between the appliances of a farm with
+//! `trustbind-appliance farm-secret export | import`) and issues grants
+//! with it (`crate::grants`); no module opens tickets yet. [`open`] and
+//! [`connection_keys`] do what the server's and the client's kernels will
+//! do: the reference the kernel's half will be tested against.
 //!
 //! Formats and checks are `trustbind_proto::ticket`'s; here, AES-256-GCM
 //! (`ring`) and HKDF-SHA256 (`hkdf`) over them.
 
+use std::io::Write as _;
+use std::path::Path;
+
 use hkdf::Hkdf;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use sha2::Sha256;
+use sha2::{Digest as _, Sha256};
 use trustbind_proto::ticket::{
     self, Addr, Direction, Ticket, TicketError, CLIENT_NONCE_LEN, CONN_MATERIAL_LEN, GCM_NONCE_LEN,
     GCM_TAG_LEN, HOST_ID_LEN, MESSAGE_LEN, PLAIN_LEN,
@@ -20,6 +24,96 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// Bytes of the farm secret and of a host key.
 pub const KEY_LEN: usize = 32;
+/// The farm secret's file in the data directory (64 hex digits, mode 0600).
+pub const FARM_SECRET_FILE: &str = "farm.key";
+/// Seconds of one host-key epoch: keys rotate daily.
+pub const EPOCH_SECS: u64 = 86_400;
+
+/// The host-key epoch of wall-clock second `now_s`.
+pub fn epoch_of(now_s: u64) -> u32 {
+    u32::try_from(now_s / EPOCH_SECS).unwrap_or(u32::MAX)
+}
+
+/// A host's id in tickets and host keys: the first 16 bytes of SHA-256
+/// over a label and its name (its certificate's CN, kept across
+/// renewals), so every appliance of a farm names a host alike.
+pub fn host_id(name: &str) -> [u8; HOST_ID_LEN] {
+    let d = Sha256::new()
+        .chain_update(b"trustbind host id v2\0")
+        .chain_update(name.as_bytes())
+        .finalize();
+    let (id, _) = d
+        .split_first_chunk::<HOST_ID_LEN>()
+        .unwrap_or((&[0; HOST_ID_LEN], &[]));
+    *id
+}
+
+/// Why the farm secret's file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FarmFileError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}: not a farm secret (64 hex digits)")]
+    Bad(std::path::PathBuf),
+    #[error("the system's random source failed")]
+    Random,
+    #[error("{0} holds another farm secret; give --replace to replace it (tickets sealed under the old one stop opening)")]
+    Differs(std::path::PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FarmFileError + '_ {
+    move |source| FarmFileError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The secret a farm-secret file holds.
+fn read_secret(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, FarmFileError> {
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io_err(path))?);
+    let mut secret = Zeroizing::new([0u8; KEY_LEN]);
+    hex::decode_to_slice(text.trim(), &mut secret[..])
+        .map_err(|_| FarmFileError::Bad(path.to_owned()))?;
+    Ok(secret)
+}
+
+/// Writes `secret` to `path` (mode 0600, synced) through a temporary file
+/// in the same directory: renamed over `path` when `replace`, otherwise
+/// linked only if `path` does not exist yet (`Ok(false)` when it does).
+fn write_secret(path: &Path, secret: &[u8; KEY_LEN], replace: bool) -> Result<bool, FarmFileError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut f = tempfile::Builder::new()
+        .prefix(".tmp-farm-")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    let tmp = f.path().to_owned();
+    f.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(&tmp))?;
+    let mut text = Zeroizing::new(hex::encode(secret));
+    text.push('\n');
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.as_file().sync_all())
+        .map_err(io_err(&tmp))?;
+    let done = if replace {
+        f.persist(path).map(|_| true).map_err(|e| e.error)
+    } else {
+        match f.persist_noclobber(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e.error),
+        }
+    }
+    .map_err(io_err(path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(done)
+}
 
 /// The secret every appliance of a farm shares; every host key derives
 /// from it, so appliances holding it issue tickets any of them can key,
@@ -77,6 +171,51 @@ impl Farm {
         Ok(Farm::new(random()?))
     }
 
+    /// The farm secret of the data directory `dir` ([`FARM_SECRET_FILE`]),
+    /// drawn and written (0600, never over an existing file: two
+    /// processes starting at once end up with the one that was written
+    /// first) when there is none.
+    pub fn open_or_create(dir: &Path) -> Result<Self, FarmFileError> {
+        let path = dir.join(FARM_SECRET_FILE);
+        if !path.exists() {
+            let fresh: Zeroizing<[u8; KEY_LEN]> =
+                Zeroizing::new(random().map_err(|_| FarmFileError::Random)?);
+            write_secret(&path, &fresh, false)?;
+        }
+        Ok(Farm {
+            secret: read_secret(&path)?,
+        })
+    }
+
+    /// Makes the farm secret in the file `from` (an export of another
+    /// appliance of the farm) this data directory's. Refused when another
+    /// secret is there, unless `replace`. Returns whether it changed.
+    pub fn import(dir: &Path, from: &Path, replace: bool) -> Result<bool, FarmFileError> {
+        let secret = read_secret(from)?;
+        let path = dir.join(FARM_SECRET_FILE);
+        if path.exists() {
+            let have = read_secret(&path)?;
+            if bool::from(subtle::ConstantTimeEq::ct_eq(&have[..], &secret[..])) {
+                return Ok(false);
+            }
+            if !replace {
+                return Err(FarmFileError::Differs(path));
+            }
+        }
+        if !write_secret(&path, &secret, replace)? {
+            return Err(FarmFileError::Differs(path));
+        }
+        Ok(true)
+    }
+
+    /// The farm secret as its file holds it (64 hex digits and a newline),
+    /// for `farm-secret export`.
+    pub fn export(&self) -> Zeroizing<String> {
+        let mut text = Zeroizing::new(hex::encode(&self.secret[..]));
+        text.push('\n');
+        text
+    }
+
     /// Host `host`'s key of `epoch`: HKDF-SHA256 of the farm secret.
     pub fn host_key(&self, host: &[u8; HOST_ID_LEN], epoch: u32) -> HostKey {
         let hk = Hkdf::<Sha256>::new(Some(ticket::HOST_KEY_SALT), &self.secret[..]);
@@ -121,11 +260,42 @@ impl Farm {
             sealed,
         })
     }
+
+    /// Host `host`'s keys of `epoch` and the epoch before, as the record
+    /// (`ticket::HostKeys`) its module is given.
+    pub fn host_keys(
+        &self,
+        host: &[u8; HOST_ID_LEN],
+        epoch: u32,
+    ) -> Zeroizing<[u8; ticket::HOST_KEYS_LEN]> {
+        let prev_epoch = epoch.saturating_sub(1);
+        let mut k = ticket::HostKeys {
+            host: *host,
+            epoch,
+            key: *self.host_key(host, epoch).key,
+            prev_epoch,
+            prev_key: *self.host_key(host, prev_epoch).key,
+        };
+        let record = Zeroizing::new(k.encode());
+        k.wipe();
+        record
+    }
 }
 
 fn sealing_key(k: &HostKey) -> LessSafeKey {
     // AES-256 takes any 32 bytes.
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k.key[..]).unwrap_or_else(|_| unreachable!()))
+}
+
+impl std::fmt::Debug for Grant {
+    /// Never the pair secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("ticket_id", &hex::encode(self.ticket_id))
+            .field("epoch", &self.epoch)
+            .field("expires_s", &self.expires_s)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Grant {
@@ -139,6 +309,16 @@ impl Grant {
 }
 
 impl HostKey {
+    /// The key of `epoch` from a host's keys record, as its module holds
+    /// them.
+    pub fn from_record(k: &ticket::HostKeys, epoch: u32) -> Option<HostKey> {
+        Some(HostKey {
+            host: k.host,
+            epoch,
+            key: Zeroizing::new(*k.of_epoch(epoch)?),
+        })
+    }
+
     /// Opens a message's ticket, as the server's module will: the bytes
     /// must open under this key.
     pub fn open(&self, m: &ticket::Message<'_>) -> Result<Ticket, Error> {
@@ -376,5 +556,60 @@ mod tests {
             open(&key, b"GET / HTTP/1.1\r\n", &a, NEVER).err(),
             Some(Error::Ticket(TicketError::NotATicket))
         );
+    }
+
+    /// The farm secret is made once per data directory, 0600, and read
+    /// back the same; another appliance takes it by import, which refuses
+    /// to replace a different one unless told to.
+    #[test]
+    fn the_farm_secret_file_is_made_once_and_moves_by_export_and_import() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let fa = Farm::open_or_create(a.path()).unwrap();
+        let path = a.path().join(FARM_SECRET_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = Farm::open_or_create(a.path()).unwrap();
+        assert_eq!(fa.export(), again.export());
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(a.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        let fb = Farm::open_or_create(b.path()).unwrap();
+        assert_ne!(fa.export(), fb.export(), "two data directories, two farms");
+        let out = a.path().join("export");
+        std::fs::write(&out, fa.export().as_bytes()).unwrap();
+        assert!(matches!(
+            Farm::import(b.path(), &out, false),
+            Err(FarmFileError::Differs(_))
+        ));
+        assert!(Farm::import(b.path(), &out, true).unwrap());
+        assert!(
+            !Farm::import(b.path(), &out, false).unwrap(),
+            "the same one"
+        );
+        let fb = Farm::open_or_create(b.path()).unwrap();
+        assert_eq!(fa.export(), fb.export());
+        // Both derive the same host keys; a record holds two epochs.
+        let rec = fb.host_keys(&SERVER, 7);
+        let keys = ticket::HostKeys::decode(&rec[..]).unwrap();
+        let grant = fa.grant(request(), 6).unwrap();
+        let stream = grant.message(&[1; 16]).unwrap();
+        let prev = HostKey::from_record(&keys, 6).unwrap();
+        assert!(open(&prev, &stream, &accepting(), NEVER).is_ok());
+        assert!(HostKey::from_record(&keys, 8).is_none());
+        std::fs::write(&out, "not hex\n").unwrap();
+        assert!(matches!(
+            Farm::import(b.path(), &out, true),
+            Err(FarmFileError::Bad(_))
+        ));
+    }
+
+    #[test]
+    fn host_ids_differ_by_name_and_epochs_by_day() {
+        assert_ne!(host_id("a"), host_id("b"));
+        assert_eq!(host_id("a"), host_id("a"));
+        assert_eq!(epoch_of(0), 0);
+        assert_eq!(epoch_of(EPOCH_SECS - 1), 0);
+        assert_eq!(epoch_of(EPOCH_SECS), 1);
     }
 }

@@ -28,18 +28,9 @@ use trustbind_appliance::store::{Mode, Store};
 
 const SCHEMA: &str = include_str!("../../policies/trustbind.cedarschema");
 
-const POLICY: &str = r#"
-@id("clients-may-connect-to-5432")
-@encrypt("required")
-permit (principal, action == Trustbind::Action::"connect", resource)
-when {
-    context.program in Trustbind::ProgramGroup::"clients" &&
-    resource.port == 5432 &&
-    (if context has peer_program
-        then context.peer_program in Trustbind::ProgramGroup::"servers"
-        else true)
-};
-
+const POLICY: &str = concat!(
+    connect_5432_policy!(),
+    r#"
 @id("servers-accept-clients")
 @encrypt("required")
 permit (principal, action == Trustbind::Action::"accept", resource)
@@ -48,7 +39,8 @@ when {
     context has peer_program &&
     context.peer_program in Trustbind::ProgramGroup::"clients"
 };
-"#;
+"#
+);
 
 fn sig(store: &Store, name: &str, group: &str) -> String {
     common::named_sig(store, name, group)

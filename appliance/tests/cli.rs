@@ -1,6 +1,7 @@
 //! `trustbind-appliance`'s arguments (clap): help, usage errors (exit 64),
 //! `--data-dir` on either side of the command, empty environment variables
-//! counting as unset, the last of a repeated flag winning.
+//! counting as unset, the last of a repeated flag winning; `farm-secret
+//! export | import` moving a farm secret between two data directories.
 
 use std::process::{Command, Output};
 
@@ -35,6 +36,7 @@ fn help_lists_every_command_and_exits_0() {
             "rotate-server-cert",
             "init",
             "audit",
+            "farm-secret",
             "--data-dir",
         ] {
             assert!(text.contains(cmd), "{cmd} missing from:\n{text}");
@@ -186,4 +188,79 @@ fn data_dir_before_or_after_the_command_env_and_last_flag() {
         .map(|n| n.to_string())
         .collect();
     assert_eq!(names, ["DNSName(one.example)", "DNSName(two.example)"]);
+}
+
+/// Channel keys v2: the farm secret moves between two appliances' data
+/// directories by export and import; it is never printed, the export is a
+/// new 0600 file, and an import over another secret needs `--replace`.
+#[test]
+fn farm_secret_export_and_import() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (da, db) = (a.path().to_str().unwrap(), b.path().to_str().unwrap());
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("farm");
+    let out_s = out.to_str().unwrap();
+    let o = appliance(
+        &["--data-dir", da, "farm-secret", "export", "--out", out_s],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let secret = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(secret.trim().len(), 64);
+    assert!(
+        !stdout(&o).contains(secret.trim())
+            && !String::from_utf8_lossy(&o.stderr).contains(secret.trim())
+    );
+    for f in [out.clone(), a.path().join("farm.key")] {
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // The export never overwrites.
+    let o = appliance(
+        &["--data-dir", da, "farm-secret", "export", "--out", out_s],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    // b made its own; importing a's needs --replace.
+    let o = appliance(
+        &[
+            "--data-dir",
+            db,
+            "farm-secret",
+            "export",
+            "--out",
+            &format!("{out_s}-b"),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let o = appliance(
+        &["--data-dir", db, "farm-secret", "import", "--from", out_s],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--replace"),
+        "{o:?}"
+    );
+    let o = appliance(
+        &[
+            "--data-dir",
+            db,
+            "farm-secret",
+            "import",
+            "--from",
+            out_s,
+            "--replace",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(
+        std::fs::read_to_string(b.path().join("farm.key")).unwrap(),
+        secret
+    );
 }

@@ -301,3 +301,58 @@ fn clock_jumps_neither_revoke_nor_trip_the_rate_limit() {
     assert!(matches!(e, LimitExceeded::Expired { .. }), "{e}");
     assert_eq!(s.host("web1").unwrap().unwrap().0, HostState::Revoked);
 }
+
+/// Channel keys v2 (T-70): each holder has its own share of a license:
+/// one holder's excess refuses only that holder and revokes nothing; the
+/// license's other limits still hold; a reset gives every share back.
+#[test]
+fn each_holder_has_its_own_share_of_a_license() {
+    use trustbind_appliance::limits::LicenseTime;
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let (l, seen) = with_hook(Limits::new(Arc::clone(&s)).unwrap());
+    let terms = LicenseTerms {
+        max_calls: Some(2),
+        ..LicenseTerms::default()
+    };
+    l.set(&pair(), &terms, false, "admin").unwrap();
+    let at = LicenseTime::at(T0);
+    for _ in 0..2 {
+        l.check_share_at(&pair(), "rogue", at).unwrap();
+    }
+    let e = l.check_share_at(&pair(), "rogue", at).unwrap_err();
+    assert!(matches!(e, LimitExceeded::MaxCalls { .. }), "{e}");
+    assert!(e.to_string().contains("client host `rogue`'s share"), "{e}");
+    assert!(matches!(
+        l.check_share_at(&pair(), "rogue", at),
+        Err(LimitExceeded::Revoked { .. })
+    ));
+    // Others keep theirs; the license is not exceeded, nothing revoked.
+    for _ in 0..2 {
+        l.check_share_at(&pair(), "a", at).unwrap();
+    }
+    assert!(l.list().unwrap()[0].license.exceeded.is_none());
+    assert!(seen.lock().unwrap().is_empty());
+    assert!(s.licenses().unwrap()[0].exceeded.is_none());
+    // Unlicensed pairs are not limited.
+    let other = LicenseKey::Pair {
+        client: "d".repeat(64),
+        server: "e".repeat(64),
+    };
+    for _ in 0..5 {
+        l.check_share_at(&other, "rogue", at).unwrap();
+    }
+    // Validity still holds for every share, without revoking.
+    let later = LicenseTerms {
+        not_before_ms: Some(T0 + 1),
+        ..terms
+    };
+    l.set(&pair(), &later, true, "admin").unwrap();
+    assert!(matches!(
+        l.check_share_at(&pair(), "b", at),
+        Err(LimitExceeded::NotYetValid { .. })
+    ));
+    // A reset gave the rogue its share back.
+    l.check_share_at(&pair(), "rogue", LicenseTime::at(T0 + 1))
+        .unwrap();
+}

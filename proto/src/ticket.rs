@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 //! Channel tickets (channel keys v2, `docs/CHANNEL-KEYS-V2.md`): the
-//! formats and checks the kernel module and the appliance share. Not used
-//! by either yet: the design is under review and this is its first brick.
+//! formats and checks the kernel module and the appliance share. The
+//! appliance seals tickets and hands out host keys and revocations in
+//! these layouts (`appliance/src/grants.rs`); the module does not use them
+//! yet.
 //!
 //! No cryptography is done here. The caller seals and opens tickets with
 //! AES-256-GCM (the kernel crypto API in the module, a RustCrypto crate on
@@ -469,6 +471,175 @@ pub fn directions(okm: &[u8; CONN_MATERIAL_LEN]) -> (Direction, Direction) {
     (to_server, to_client)
 }
 
+/// Bytes of a host key.
+pub const HOST_KEY_LEN: usize = 32;
+/// Bytes of a [`HostKeys`] record.
+pub const HOST_KEYS_LEN: usize = HOST_ID_LEN + 2 * (4 + HOST_KEY_LEN);
+
+/// A host's own keys, as the appliance hands them to that host only (over
+/// its mutual-TLS session): the current epoch's and the previous one's, so
+/// tickets sealed just before a rotation still open.
+///
+/// ```text
+/// 0      16      20     52           56           88
+/// | host | epoch | key | prev epoch | prev key |
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HostKeys {
+    pub host: [u8; HOST_ID_LEN],
+    pub epoch: u32,
+    pub key: [u8; HOST_KEY_LEN],
+    pub prev_epoch: u32,
+    pub prev_key: [u8; HOST_KEY_LEN],
+}
+
+impl HostKeys {
+    /// The record's bytes.
+    pub fn encode(&self) -> [u8; HOST_KEYS_LEN] {
+        let mut b = [0u8; HOST_KEYS_LEN];
+        let mut w = super::Writer::new(&mut b);
+        w.bytes(&self.host);
+        w.u32(self.epoch);
+        w.bytes(&self.key);
+        w.u32(self.prev_epoch);
+        w.bytes(&self.prev_key);
+        b
+    }
+
+    /// A record's keys; the previous epoch must be the one before.
+    pub fn decode(b: &[u8]) -> Result<HostKeys, DecodeError> {
+        let mut r = super::Reader::new(b);
+        let k = HostKeys {
+            host: r.array()?,
+            epoch: r.u32()?,
+            key: r.array()?,
+            prev_epoch: r.u32()?,
+            prev_key: r.array()?,
+        };
+        r.finish()?;
+        if k.epoch.checked_sub(1) != Some(k.prev_epoch) {
+            return Err(DecodeError::InvalidField("prev_epoch"));
+        }
+        Ok(k)
+    }
+
+    /// Overwrites both keys with zeros (the fence keeps the stores from
+    /// being dropped as dead).
+    pub fn wipe(&mut self) {
+        self.key = [0; HOST_KEY_LEN];
+        self.prev_key = [0; HOST_KEY_LEN];
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The key of `epoch`, if it is one of the two.
+    pub fn of_epoch(&self, epoch: u32) -> Option<&[u8; HOST_KEY_LEN]> {
+        if epoch == self.epoch {
+            Some(&self.key)
+        } else if epoch == self.prev_epoch {
+            Some(&self.prev_key)
+        } else {
+            None
+        }
+    }
+}
+
+/// Most revoked hosts, and most revoked tickets, one [`Revocations`]
+/// record lists (the record stays within `MAX_RECORD_LEN`).
+pub const MAX_REVOKED: usize = 240;
+/// Bytes of a [`Revocations`] record's fixed part.
+pub const REVOCATIONS_HEAD_LEN: usize = 8 + 2 + 2;
+/// Largest [`Revocations`] record.
+pub const MAX_REVOCATIONS_LEN: usize =
+    REVOCATIONS_HEAD_LEN + MAX_REVOKED * (HOST_ID_LEN + TICKET_ID_LEN);
+
+/// What the appliance declared no longer valid, pushed to every connected
+/// host on a policy change, a host revocation or an exhausted licence: a
+/// whole record replaces the last one.
+///
+/// ```text
+/// 0                8         10          12
+/// | min generation | n hosts | n tickets | hosts (16 each) | ticket ids (16 each) |
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Revocations<'a> {
+    /// Tickets issued under a lower generation are refused.
+    pub min_generation: u64,
+    hosts: &'a [u8],
+    tickets: &'a [u8],
+}
+
+impl<'a> Revocations<'a> {
+    /// Reads a record (the counts checked before any list is read).
+    pub fn decode(b: &'a [u8]) -> Result<Revocations<'a>, DecodeError> {
+        let mut r = super::Reader::new(b);
+        let min_generation = r.u64()?;
+        let n_hosts = usize::from(r.u16()?);
+        let n_tickets = usize::from(r.u16()?);
+        if n_hosts > MAX_REVOKED {
+            return Err(DecodeError::InvalidField("n_hosts"));
+        }
+        if n_tickets > MAX_REVOKED {
+            return Err(DecodeError::InvalidField("n_tickets"));
+        }
+        let hosts = r.bytes(n_hosts * HOST_ID_LEN)?;
+        let tickets = r.bytes(n_tickets * TICKET_ID_LEN)?;
+        r.finish()?;
+        Ok(Revocations {
+            min_generation,
+            hosts,
+            tickets,
+        })
+    }
+
+    /// Writes a record listing `hosts` and `tickets` into `out`; its
+    /// length, or `None` when a list is over [`MAX_REVOKED`] or `out` too
+    /// short.
+    pub fn encode(
+        min_generation: u64,
+        hosts: &[[u8; HOST_ID_LEN]],
+        tickets: &[[u8; TICKET_ID_LEN]],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        if hosts.len() > MAX_REVOKED || tickets.len() > MAX_REVOKED {
+            return None;
+        }
+        let len = REVOCATIONS_HEAD_LEN + hosts.len() * HOST_ID_LEN + tickets.len() * TICKET_ID_LEN;
+        let out = out.get_mut(..len)?;
+        let mut w = super::Writer::new(out);
+        w.u64(min_generation);
+        // CAST: both at most MAX_REVOKED, checked above.
+        w.u16(hosts.len() as u16);
+        w.u16(tickets.len() as u16);
+        for h in hosts {
+            w.bytes(h);
+        }
+        for t in tickets {
+            w.bytes(t);
+        }
+        Some(len)
+    }
+
+    /// The revoked hosts' ids.
+    pub fn hosts(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.hosts.chunks_exact(HOST_ID_LEN)
+    }
+
+    /// The revoked tickets' ids.
+    pub fn tickets(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.tickets.chunks_exact(TICKET_ID_LEN)
+    }
+
+    /// Whether a ticket of `client_host` with id `ticket_id` is revoked:
+    /// the `revoked` argument of [`check`].
+    pub fn revoked(
+        &self,
+        client_host: &[u8; HOST_ID_LEN],
+        ticket_id: &[u8; TICKET_ID_LEN],
+    ) -> bool {
+        self.hosts().any(|h| h == client_host) || self.tickets().any(|t| t == ticket_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -763,6 +934,100 @@ mod tests {
                 ..ticket()
             };
             prop_assert_eq!(Ticket::decode(&t.encode()), Ok(t));
+        }
+    }
+
+    #[test]
+    fn host_keys_survive_their_encoding_and_answer_by_epoch() {
+        let k = HostKeys {
+            host: [1; 16],
+            epoch: 20_000,
+            key: [2; 32],
+            prev_epoch: 19_999,
+            prev_key: [3; 32],
+        };
+        let b = k.encode();
+        assert_eq!(HostKeys::decode(&b), Ok(k));
+        assert_eq!(k.of_epoch(20_000), Some(&[2; 32]));
+        assert_eq!(k.of_epoch(19_999), Some(&[3; 32]));
+        assert_eq!(k.of_epoch(20_001), None);
+        assert_eq!(k.of_epoch(19_998), None);
+        // Not the epoch before: refused.
+        let odd = HostKeys { prev_epoch: 5, ..k };
+        assert_eq!(
+            HostKeys::decode(&odd.encode()),
+            Err(DecodeError::InvalidField("prev_epoch"))
+        );
+        assert!(HostKeys::decode(&b[..HOST_KEYS_LEN - 1]).is_err());
+        let mut long = b.to_vec();
+        long.push(0);
+        assert_eq!(HostKeys::decode(&long), Err(DecodeError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn revocations_list_what_they_revoke_and_nothing_else() {
+        let mut buf = [0u8; MAX_REVOCATIONS_LEN];
+        let n = Revocations::encode(9, &[[3; 16]], &[[1; 16], [4; 16]], &mut buf).unwrap();
+        let r = Revocations::decode(&buf[..n]).unwrap();
+        assert_eq!(r.min_generation, 9);
+        assert!(r.revoked(&[3; 16], &[0; 16]));
+        assert!(r.revoked(&[0; 16], &[4; 16]));
+        assert!(!r.revoked(&[1; 16], &[3; 16]));
+        // The record answers `check` directly.
+        let (host, prog) = ([5u8; 16], [7u8; 32]);
+        assert_eq!(
+            check(&ticket(), &accepting(&host, &prog), |h, id| r
+                .revoked(h, id)),
+            Err(TicketError::Revoked)
+        );
+        let too_many = [[0u8; 16]; MAX_REVOKED + 1];
+        assert_eq!(Revocations::encode(0, &too_many, &[], &mut buf), None);
+        assert_eq!(
+            Revocations::encode(0, &[[0; 16]], &[], &mut [0u8; 20]),
+            None
+        );
+        // A count past the maximum is refused before the lists are read.
+        let mut bad = buf;
+        bad[8..10].copy_from_slice(&(MAX_REVOKED as u16 + 1).to_le_bytes());
+        assert_eq!(
+            Revocations::decode(&bad[..n]),
+            Err(DecodeError::InvalidField("n_hosts"))
+        );
+        assert!(Revocations::decode(&buf[..n - 1]).is_err());
+    }
+
+    proptest! {
+        /// Whatever arrives, the revocation reader neither panics nor
+        /// accepts a record of another length than its counts say.
+        #[test]
+        fn revocations_read_only_whole_records(
+            bytes in proptest::collection::vec(any::<u8>(), 0..700),
+        ) {
+            if let Ok(r) = Revocations::decode(&bytes) {
+                let len = REVOCATIONS_HEAD_LEN
+                    + r.hosts().count() * HOST_ID_LEN
+                    + r.tickets().count() * TICKET_ID_LEN;
+                prop_assert_eq!(len, bytes.len());
+            }
+        }
+
+        /// Every record within bounds survives its encoding.
+        #[test]
+        fn revocations_round_trip(
+            min in any::<u64>(),
+            hosts in proptest::collection::vec(any::<[u8; 16]>(), 0..20),
+            tickets in proptest::collection::vec(any::<[u8; 16]>(), 0..20),
+        ) {
+            let mut buf = [0u8; MAX_REVOCATIONS_LEN];
+            let n = Revocations::encode(min, &hosts, &tickets, &mut buf).unwrap();
+            let r = Revocations::decode(&buf[..n]).unwrap();
+            prop_assert_eq!(r.min_generation, min);
+            let got_h: Vec<&[u8]> = r.hosts().collect();
+            let want_h: Vec<&[u8]> = hosts.iter().map(|h| &h[..]).collect();
+            prop_assert_eq!(got_h, want_h);
+            let got_t: Vec<&[u8]> = r.tickets().collect();
+            let want_t: Vec<&[u8]> = tickets.iter().map(|t| &t[..]).collect();
+            prop_assert_eq!(got_t, want_t);
         }
     }
 }

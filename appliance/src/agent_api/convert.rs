@@ -341,6 +341,85 @@ pub fn request(
     ))
 }
 
+/// A TCP port other than 0 (`field`).
+fn service_port(field: String, p: u32) -> Result<u16, Status> {
+    match port(field.clone(), p)? {
+        0 => Err(bad(field, "0 is no service's port")),
+        p => Ok(p),
+    }
+}
+
+/// A channel keys v2 request's side as a connect or accept request of
+/// `host` from `src` to `dst` (no peer): what the engine decides.
+fn v2_half(
+    host: &str,
+    action: Action,
+    s: Option<&pb::Subject>,
+    p: Option<&pb::Program>,
+    (src_addr, dst_addr): (&str, String),
+    dst_port: u16,
+    at_ms: i64,
+) -> Result<QualifyRequest, Status> {
+    Ok(QualifyRequest {
+        host: host.to_owned(),
+        action,
+        subject: subject("request", s)?,
+        program: program("request", action, p)?,
+        target: Target::Net(FiveTuple {
+            proto: Proto::Tcp,
+            src_addr: src_addr.to_owned(),
+            src_port: 0,
+            dst_addr,
+            dst_port,
+            established: false,
+        }),
+        at_ms,
+        peer: None,
+    })
+}
+
+/// A `Listen` of `host` as the accept half it registers: its program on
+/// `port` of any of its addresses, from anyone (`0.0.0.0`), no peer.
+pub fn listen(r: &pb::ListenRequest, host: &str, at_ms: i64) -> Result<QualifyRequest, Status> {
+    let port = service_port("request.port".into(), r.port)?;
+    v2_half(
+        host,
+        Action::Accept,
+        r.subject.as_ref(),
+        r.program.as_ref(),
+        ("0.0.0.0", "0.0.0.0".into()),
+        port,
+        at_ms,
+    )
+}
+
+/// A `Grant` of `host` as the connect half it decides, before the SYN
+/// (the client's address is the appliance's to fill in).
+pub fn grant(r: &pb::GrantRequest, host: &str, at_ms: i64) -> Result<QualifyRequest, Status> {
+    let port = service_port("request.port".into(), r.port)?;
+    let server = text(
+        "request.server_addr".into(),
+        &r.server_addr,
+        MAX_ADDR,
+        false,
+    )?;
+    let Some(a) = crate::hostaddr::parse(&server) else {
+        return Err(bad(
+            "request.server_addr".into(),
+            format_args!("`{server}` is not an IP address"),
+        ));
+    };
+    v2_half(
+        host,
+        Action::Connect,
+        r.subject.as_ref(),
+        r.program.as_ref(),
+        ("0.0.0.0", a.to_string()),
+        port,
+        at_ms,
+    )
+}
+
 /// The `FileSets` push of the protected file sets.
 pub fn file_sets(sets: &[crate::files::FileSet]) -> pb::push::Kind {
     pb::push::Kind::FileSets(pb::FileSets {

@@ -5,7 +5,8 @@
 //!   `Enrolment.Enrol`: a pending host's one-time token and CSR buy a host
 //!   certificate ([`enrol`]);
 //! - the **agent port** (mutual TLS) serves `Agent.Qualify`,
-//!   `Agent.Subscribe` and `Agent.Report` ([`service`]). Its verifier
+//!   `Agent.Subscribe`, `Agent.Report` and the channel keys v2 calls
+//!   `Agent.Listen` and `Agent.Grant` ([`service`], `crate::grants`). Its verifier
 //!   refuses, at the handshake, any certificate that is not a host
 //!   certificate of this CA whose serial belongs to an enrolled host; every
 //!   call re-checks, so a host revoked while connected is refused on its
@@ -91,6 +92,9 @@ pub struct AgentApi {
     pub quotas: HostQuotas,
     /// Where `@alert`s of audited decisions go (none until set).
     alerts: std::sync::OnceLock<crate::alerts::Alerts>,
+    /// Channel keys v2: registrations, grants, host keys, revocations
+    /// (`Listen` and `Grant` are refused until set).
+    grants: std::sync::OnceLock<Arc<crate::grants::Grants>>,
 }
 
 /// Bytes of `Report` a host may send at once ...
@@ -173,6 +177,7 @@ impl AgentApi {
             learn,
             quotas: HostQuotas::default(),
             alerts: std::sync::OnceLock::new(),
+            grants: std::sync::OnceLock::new(),
         }))
     }
 
@@ -180,6 +185,17 @@ impl AgentApi {
     /// on (once; a second call is ignored and returns false).
     pub fn set_alerts(&self, alerts: crate::alerts::Alerts) -> bool {
         self.alerts.set(alerts).is_ok()
+    }
+
+    /// Serves channel keys v2 with `grants` from now on (once; a second
+    /// call is ignored and returns false).
+    pub fn set_grants(&self, grants: Arc<crate::grants::Grants>) -> bool {
+        self.grants.set(grants).is_ok()
+    }
+
+    /// Channel keys v2, if set.
+    pub fn grants(&self) -> Option<&Arc<crate::grants::Grants>> {
+        self.grants.get()
     }
 
     /// The alert sinks, if set.
@@ -202,6 +218,10 @@ impl AgentApi {
     pub fn disconnect_host(&self, host: &str) {
         self.hosts.revoke(host);
         self.hub.revoke(host);
+        // Its tickets are refused by every connected host from now on.
+        if let Some(g) = self.grants() {
+            g.revoke_host(host);
+        }
     }
 
     /// The mode of `host`'s host group (`enforce` when the group has none
@@ -296,6 +316,7 @@ pub const GENERATION_POLL: Duration = Duration::from_millis(200);
 async fn watch_generation(api: Arc<AgentApi>) {
     let mut seen = api.store.generation_hint();
     let mut sets = api.file_sets().ok();
+    let mut epoch = crate::tickets::epoch_of(crate::grants::now_s());
     let mut tick = tokio::time::interval(GENERATION_POLL);
     loop {
         tick.tick().await;
@@ -344,6 +365,14 @@ async fn watch_generation(api: Arc<AgentApi>) {
                 );
             }
             api.announce_generation(g);
+            // Tickets of earlier generations are refused from now on.
+            if let Some(grants) = api.grants() {
+                grants.generation_moved(g);
+            }
+        }
+        // A new host-key epoch: each connected host gets its new keys.
+        if let Some(grants) = api.grants() {
+            epoch = grants.rotate(epoch);
         }
         let n = api.hub.connected_hosts().len();
         crate::metrics::metrics().set_agents_connected(u64::try_from(n).unwrap_or(u64::MAX));

@@ -1,4 +1,5 @@
-//! The `Agent` service (agent port): Qualify, Subscribe, Report.
+//! The `Agent` service (agent port): Qualify, Subscribe, Report,
+//! SignBundle, Renew, and channel keys v2's Listen and Grant.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,8 +13,9 @@ use tonic::{Request, Response, Status};
 
 use super::pb::agent_server::Agent;
 use super::pb::{
-    self, push, AuditBatch, BundleRequest, Hello, Push, QualifyBatch, QualifyReply, RenewReply,
-    RenewRequest, ReportReply, SignedBundle,
+    self, push, AuditBatch, BundleRequest, GrantReply, GrantRequest, Hello, ListenReply,
+    ListenRequest, Push, QualifyBatch, QualifyReply, RenewReply, RenewRequest, ReportReply,
+    SignedBundle,
 };
 use super::tls::ConnInfo;
 use super::{convert, AgentApi};
@@ -295,7 +297,7 @@ impl Agent for AgentService {
             .api
             .file_sets()
             .map_err(|e| Status::unavailable(format!("store: {e}")))?;
-        let first = vec![
+        let mut first = vec![
             push::Kind::HostMode(pb::HostMode {
                 mode: mode.as_str().to_owned(),
                 module_order: Vec::new(),
@@ -304,6 +306,12 @@ impl Agent for AgentService {
             self.api.hub.peers(),
             file_sets,
         ];
+        // Channel keys v2: this host's own keys (named by its certificate,
+        // never by the Hello) and the revocations in force.
+        if let Some(g) = self.api.grants() {
+            first.push(g.host_keys(&host));
+            first.push(g.revocations());
+        }
         let (weak, rx) = self.api.hub.subscribe(&host, first, seal);
         if new_peer {
             // Every host's module learns the new protected address.
@@ -396,6 +404,14 @@ impl Agent for AgentService {
         Ok(Response::new(signed))
     }
 
+    async fn listen(&self, req: Request<ListenRequest>) -> Result<Response<ListenReply>, Status> {
+        self.do_listen(req).await.map(Response::new)
+    }
+
+    async fn grant(&self, req: Request<GrantRequest>) -> Result<Response<GrantReply>, Status> {
+        self.do_grant(req).await.map(Response::new)
+    }
+
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewReply>, Status> {
         let peer = self.peer(&req)?;
         let csr = req.into_inner().csr_pem;
@@ -427,6 +443,89 @@ impl Agent for AgentService {
         .await
         .map_err(|e| Status::internal(format!("renewal task failed: {e}")))?
     }
+}
+
+impl AgentService {
+    /// Channel keys v2, or UNIMPLEMENTED.
+    fn grants(&self) -> Result<Arc<crate::grants::Grants>, Status> {
+        self.api
+            .grants()
+            .cloned()
+            .ok_or_else(|| Status::unimplemented("channel keys v2 are not served here"))
+    }
+
+    /// `Listen`, from `Agent::listen`.
+    async fn do_listen(&self, req: Request<ListenRequest>) -> Result<ListenReply, Status> {
+        let host = self.host(&req)?;
+        let grants = self.grants()?;
+        let listen = convert::listen(req.get_ref(), &host, now_ms())?;
+        let l = audited(&self.api, "listen", move || {
+            let l = grants.listen(&listen)?;
+            let ev = crate::grants::listen_event(&listen, &l);
+            Ok((l, ev))
+        })
+        .await?;
+        Ok(ListenReply {
+            allowed: l.allowed,
+            reasons: l.reasons,
+            generation: l.generation,
+        })
+    }
+
+    /// `Grant`, from `Agent::grant`.
+    async fn do_grant(&self, req: Request<GrantRequest>) -> Result<GrantReply, Status> {
+        let host = self.host(&req)?;
+        let grants = self.grants()?;
+        // The address this host calls from: one it owns (`hostaddr`).
+        if let Some(c) = req.extensions().get::<ConnInfo>() {
+            self.api
+                .hub
+                .addrs()
+                .observe(&host, c.remote.ip(), Instant::now());
+        }
+        let connect = convert::grant(req.get_ref(), &host, now_ms())?;
+        // Audited before the secret leaves.
+        let g = audited(&self.api, "grant", move || {
+            let g = grants.grant(&connect)?;
+            let ev = crate::grants::grant_event(&connect, &g);
+            Ok((g, ev))
+        })
+        .await?;
+        Ok(match g {
+            crate::grants::Granted::No(reason) => GrantReply {
+                granted: false,
+                reason,
+                ..GrantReply::default()
+            },
+            crate::grants::Granted::Yes(m) => GrantReply {
+                granted: true,
+                reason: String::new(),
+                ticket: m.grant.sealed.clone(),
+                epoch: m.grant.epoch,
+                // Wiped by the codec once encoded.
+                pair_secret: m.grant.pair_secret.to_vec(),
+                expires_s: m.grant.expires_s,
+                generation: m.generation,
+                ticket_id: m.grant.ticket_id.to_vec(),
+            },
+        })
+    }
+}
+
+/// Runs `work` (a decision and its audit event) on a blocking thread and
+/// appends the event through the group-commit writer, as decisions are,
+/// before the caller replies; `what` names the call in errors.
+async fn audited<T: Send + 'static>(
+    api: &AgentApi,
+    what: &str,
+    work: impl FnOnce() -> Result<(T, AuditEvent), String> + Send + 'static,
+) -> Result<T, Status> {
+    let (t, ev) = tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Status::internal(format!("{what} task failed: {e}")))?
+        .map_err(|e| Status::unavailable(format!("no decision for the {what}: {e}")))?;
+    record(api, vec![ev]).await?;
+    Ok(t)
 }
 
 /// Longest CSR `Renew` accepts, in bytes.

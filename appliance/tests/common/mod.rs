@@ -19,6 +19,28 @@ use trustbind_appliance::agent_api::{self, AgentApi, Decider};
 use trustbind_appliance::pki::Pki;
 use trustbind_appliance::store::{hex, Mode, Store};
 
+/// The channel tests' permit of connects (`channels.rs`, `grants.rs`):
+/// programs of group `clients` may connect to port 5432, to a program of
+/// group `servers` when the peer is known; each test adds its accept rule
+/// (`concat!(connect_5432_policy!(), ...)`).
+#[macro_export]
+macro_rules! connect_5432_policy {
+    () => {
+        r#"
+@id("clients-may-connect-to-5432")
+@encrypt("required")
+permit (principal, action == Trustbind::Action::"connect", resource)
+when {
+    context.program in Trustbind::ProgramGroup::"clients" &&
+    resource.port == 5432 &&
+    (if context has peer_program
+        then context.peer_program in Trustbind::ProgramGroup::"servers"
+        else true)
+};
+"#
+    };
+}
+
 /// A running appliance.
 pub struct Appliance {
     pub dir: tempfile::TempDir,

@@ -44,6 +44,35 @@ fn open_sets_wal_and_latest_schema_and_reopens() {
     assert_eq!(store.integrity_check().unwrap(), "ok");
 }
 
+/// A new store's file has `PAGE_SIZE` pages; a file made before with
+/// SQLite's 4 KiB default keeps them (and its rows) when opened.
+#[test]
+fn a_new_store_has_large_pages_and_an_old_one_keeps_its_own() {
+    let page_size = |path: &std::path::Path| -> u32 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap()
+    };
+    let (_d, path, store) = fresh();
+    store.append_audit(&ev(1)).unwrap();
+    drop(store);
+    assert_eq!(page_size(&path), trustbind_appliance::store::PAGE_SIZE);
+
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.db");
+    {
+        let c = Connection::open(&old).unwrap();
+        c.pragma_update(None, "journal_mode", "WAL").unwrap();
+    }
+    assert_eq!(page_size(&old), 4096);
+    let store = Store::open(&old).unwrap();
+    store.append_audit(&ev(2)).unwrap();
+    assert!(store.verify_audit().unwrap().is_ok());
+    drop(store);
+    assert_eq!(page_size(&old), 4096);
+}
+
 #[test]
 fn newer_schema_is_refused() {
     let (_d, path, store) = fresh();

@@ -135,7 +135,14 @@ pub fn row_hash(
         h.update((field.len() as u64).to_le_bytes());
         h.update(field);
     }
-    hex::encode(h.finalize())
+    // Lower-case hex, as `hex::encode` writes it, without its iterator of
+    // `char`s (the writer hashes every row it stores).
+    let digest = h.finalize();
+    let mut text = [0_u8; 64];
+    if hex::encode_to_slice(digest, &mut text).is_err() {
+        return hex::encode(digest); // not reached: 32 bytes make 64 digits
+    }
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 /// Domain separation of a checkpoint signature (unmistakable for a TLS 1.3

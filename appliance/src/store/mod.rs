@@ -151,6 +151,15 @@ pub struct Store {
     gap: Mutex<prune::Gap>,
 }
 
+/// Page size of a new store's file. The audit chain is most of what is
+/// written (≈ 1 KiB a decision row, appended in batches of up to
+/// [`writer::MAX_BATCH`]); 16 KiB pages take a quarter of the WAL frames,
+/// `pwrite`s and checkpoint copies of SQLite's 4 KiB default for the same
+/// rows (docs/BENCHMARKS.md, "Audit rows on the cold path", 2026-12-07
+/// later). Stores made before keep 4 KiB: SQLite changes a WAL file's
+/// page size only by a rebuild.
+pub const PAGE_SIZE: u32 = 16_384;
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -164,6 +173,9 @@ impl Store {
     /// runs pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut conn = Connection::open(path)?;
+        // Takes effect only for a new file (before WAL mode writes its
+        // header); an existing store keeps its page size.
+        conn.pragma_update(None, "page_size", PAGE_SIZE)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", true)?;

@@ -421,10 +421,11 @@ pub fn conn_salt(
 }
 
 /// Bytes of [`conn_info`].
-pub const CONN_INFO_LEN: usize = CONN_KEY_LABEL.len() + TICKET_ID_LEN + 1 + 16 + 2 + 16 + 2;
+pub const CONN_INFO_LEN: usize = CONN_KEY_LABEL.len() + TICKET_ID_LEN + 2 * (1 + 16 + 2);
 
 /// HKDF info of a connection's key: the label, the ticket's id and the
-/// connection's ends (`client` is the connecting side).
+/// connection's ends (`client` is the connecting side), each with its
+/// family, so no two different pairs of ends give the same bytes.
 pub fn conn_info(
     ticket_id: &[u8; TICKET_ID_LEN],
     client: (Addr, u16),
@@ -437,6 +438,7 @@ pub fn conn_info(
     w.u8(client.0.family);
     w.bytes(&client.0.bytes);
     w.u16(client.1);
+    w.u8(server.0.family);
     w.bytes(&server.0.bytes);
     w.u16(server.1);
     i
@@ -873,6 +875,10 @@ mod tests {
         assert_ne!(i, conn_info(&[2; 16], c, sv));
         assert_ne!(i, conn_info(&[1; 16], sv, c));
         assert_ne!(i, conn_info(&[1; 16], (c.0, 40001), sv));
+        // The same bytes as another family, at either end.
+        let as_v6 = |a: Addr| Addr { family: 6, ..a };
+        assert_ne!(i, conn_info(&[1; 16], c, (as_v6(sv.0), sv.1)));
+        assert_ne!(i, conn_info(&[1; 16], (as_v6(c.0), c.1), sv));
         assert_ne!(host_key_info(&[1; 16], 1), host_key_info(&[1; 16], 2));
         assert_ne!(host_key_info(&[1; 16], 1), host_key_info(&[2; 16], 1));
     }

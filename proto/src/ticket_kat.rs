@@ -88,9 +88,9 @@ const MESSAGE_HEX: &str = concat!(
     "6b0515d1c671d32f8f16f9a10ccad90116",
 );
 const TO_SERVER_HEX: &str =
-    "c8840a3703a7a7189fc6c3f9b402206a7ce047ca6183cc51b4ee4daa4a109988b1c0e9cb97e64f65464479b0";
+    "40d7d30511bf3c7a068f2efba7a83efa4d9cea24a4cdddfd02b3c3328f2a3f530650e34eda617353f4310578";
 const TO_CLIENT_HEX: &str =
-    "ed25269cb96434f8a969da5ecb5f0e482937ac634cf683c75a7dbb2800d35a9816268863d05f3fd68f691e8b";
+    "16b10ccdef4660ebb1019b1c0d9c00312635b719a21e7d6e1cb49792becd3e5458da0c79a8495fe91037145a";
 
 /// `s`'s bytes (two hex digits each); a wrong length or digit fails the
 /// build, since every use is a constant (no code of it runs at run time,

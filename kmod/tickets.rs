@@ -23,35 +23,18 @@ use crate::sys::{self, Hmac};
 /// The known answer's result: 0 not run, 1 passed, 2 failed.
 pub(crate) static SELF_TEST: AtomicU64 = AtomicU64::new(0);
 
-/// Longest HMAC key an HKDF step here uses (a salt or a pseudorandom key).
-const MAX_KEY: usize = 64;
+impl hkdf::Mac for Hmac {
+    type Error = Error;
+    fn mac(&self, parts: &[&[u8]]) -> Result<[u8; hkdf::HASH_LEN]> {
+        Hmac::mac(self, parts)
+    }
+}
 
 /// HKDF-SHA256 of `ikm` with `salt` and `info` into `out`, with the
-/// crypto API's `hmac(sha256)`. One transform per key: extract keys one
-/// with the salt, every expansion block shares one keyed with the
-/// pseudorandom key. Process context (allocates).
+/// crypto API's `hmac(sha256)`: one transform keyed with the salt, one
+/// with the pseudorandom key for every block. Process context (allocates).
 pub(crate) fn hkdf(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) -> Result {
-    let mut keyed: Option<([u8; MAX_KEY], usize, Hmac)> = None;
-    let r = {
-        let mut mac = |key: &[u8], parts: &[&[u8]]| -> Result<[u8; hkdf::HASH_LEN]> {
-            if !matches!(&keyed, Some((k, n, _)) if k.get(..*n) == Some(key)) {
-                let mut k = [0u8; MAX_KEY];
-                k.get_mut(..key.len()).ok_or(EINVAL)?.copy_from_slice(key);
-                let h = Hmac::keyed(key);
-                if let Some((old, ..)) = keyed.as_mut() {
-                    sys::wipe(old);
-                }
-                keyed = Some((k, key.len(), h?));
-                sys::wipe(&mut k);
-            }
-            keyed.as_ref().ok_or(EINVAL)?.2.mac(parts)
-        };
-        hkdf::derive(&mut mac, salt, ikm, info, out)
-    };
-    if let Some((k, ..)) = keyed.as_mut() {
-        sys::wipe(k);
-    }
-    r.map_err(|e| match e {
+    hkdf::derive(Hmac::keyed, salt, ikm, info, out).map_err(|e| match e {
         HkdfError::TooLong => EINVAL,
         HkdfError::Mac(e) => e,
     })

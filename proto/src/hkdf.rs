@@ -4,8 +4,9 @@
 //! the appliance agree on it because both are tested against RFC 5869's
 //! vectors and against each other (`ticket::kat`).
 //!
-//! `mac(key, parts)` is HMAC-SHA256 under `key` of the concatenation of
-//! `parts`; its error is passed through.
+//! The caller keys its HMAC (`keyed(key)`) once per key: extract keys
+//! one with the salt, every block of an expansion shares one keyed with
+//! the pseudorandom key. Its errors are passed through.
 
 /// Bytes of SHA-256's output (HKDF's `HashLen`).
 pub const HASH_LEN: usize = 32;
@@ -21,23 +22,26 @@ pub enum HkdfError<E> {
     Mac(E),
 }
 
-/// RFC 5869 2.2: the pseudorandom key of `ikm` with `salt` (an empty salt
-/// is HMAC's all-zero key, as the RFC's absent salt).
-pub fn extract<E>(
-    mac: &mut impl FnMut(&[u8], &[&[u8]]) -> Result<[u8; HASH_LEN], E>,
-    salt: &[u8],
-    ikm: &[u8],
-) -> Result<[u8; HASH_LEN], E> {
-    mac(salt, &[ikm])
+/// HMAC-SHA256 under one key, as the caller provides it.
+pub trait Mac {
+    type Error;
+    /// The MAC of the concatenation of `parts`.
+    fn mac(&self, parts: &[&[u8]]) -> Result<[u8; HASH_LEN], Self::Error>;
 }
 
-/// RFC 5869 2.3: fills `out` from `prk` and `info`.
-pub fn expand<E>(
-    mac: &mut impl FnMut(&[u8], &[&[u8]]) -> Result<[u8; HASH_LEN], E>,
-    prk: &[u8; HASH_LEN],
-    info: &[u8],
-    out: &mut [u8],
-) -> Result<(), HkdfError<E>> {
+/// RFC 5869 2.2: the pseudorandom key of `ikm` with `salt` (an empty salt
+/// is HMAC's all-zero key, as the RFC's absent salt).
+pub fn extract<M: Mac>(
+    keyed: impl FnOnce(&[u8]) -> Result<M, M::Error>,
+    salt: &[u8],
+    ikm: &[u8],
+) -> Result<[u8; HASH_LEN], M::Error> {
+    keyed(salt)?.mac(&[ikm])
+}
+
+/// RFC 5869 2.3: fills `out` from `info` with `prk`, the HMAC keyed with
+/// the pseudorandom key.
+pub fn expand<M: Mac>(prk: &M, info: &[u8], out: &mut [u8]) -> Result<(), HkdfError<M::Error>> {
     if out.len() > MAX_OUTPUT {
         return Err(HkdfError::TooLong);
     }
@@ -47,7 +51,7 @@ pub fn expand<E>(
     for (i, chunk) in out.chunks_mut(HASH_LEN).enumerate() {
         // CAST: at most 255 chunks (checked above), counted from 1.
         let counter = [(i + 1) as u8];
-        match mac(prk, &[t.get(..t_len).unwrap_or_default(), info, &counter]) {
+        match prk.mac(&[t.get(..t_len).unwrap_or_default(), info, &counter]) {
             Ok(next) => t = next,
             Err(e) => {
                 r = Err(HkdfError::Mac(e));
@@ -67,16 +71,19 @@ pub fn expand<E>(
 }
 
 /// Extract, then expand into `out`: HKDF-SHA256 of `ikm` with `salt` and
-/// `info`. The pseudorandom key is wiped before returning.
-pub fn derive<E>(
-    mac: &mut impl FnMut(&[u8], &[&[u8]]) -> Result<[u8; HASH_LEN], E>,
+/// `info`, with HMACs `keyed` makes. The pseudorandom key is wiped before
+/// returning.
+pub fn derive<M: Mac>(
+    mut keyed: impl FnMut(&[u8]) -> Result<M, M::Error>,
     salt: &[u8],
     ikm: &[u8],
     info: &[u8],
     out: &mut [u8],
-) -> Result<(), HkdfError<E>> {
-    let mut prk = extract(mac, salt, ikm).map_err(HkdfError::Mac)?;
-    let r = expand(mac, &prk, info, out);
+) -> Result<(), HkdfError<M::Error>> {
+    let mut prk = extract(&mut keyed, salt, ikm).map_err(HkdfError::Mac)?;
+    let r = keyed(&prk)
+        .map_err(HkdfError::Mac)
+        .and_then(|m| expand(&m, info, out));
     wipe(&mut prk);
     r
 }
@@ -95,12 +102,35 @@ mod tests {
     use proptest::prelude::*;
     use sha2::Sha256;
 
-    fn mac(key: &[u8], parts: &[&[u8]]) -> Result<[u8; HASH_LEN], ()> {
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| ())?;
-        for p in parts {
-            m.update(p);
+    /// RustCrypto's HMAC-SHA256; `fail_at` makes its n-th MAC (from 1)
+    /// fail.
+    struct Rc {
+        key: Hmac<Sha256>,
+        fail_at: Option<usize>,
+        calls: core::cell::Cell<usize>,
+    }
+
+    impl super::Mac for Rc {
+        type Error = usize;
+        fn mac(&self, parts: &[&[u8]]) -> Result<[u8; HASH_LEN], usize> {
+            self.calls.set(self.calls.get() + 1);
+            if self.fail_at == Some(self.calls.get()) {
+                return Err(self.calls.get());
+            }
+            let mut m = self.key.clone();
+            for p in parts {
+                m.update(p);
+            }
+            Ok(m.finalize().into_bytes().into())
         }
-        Ok(m.finalize().into_bytes().into())
+    }
+
+    fn mac(key: &[u8]) -> Result<Rc, usize> {
+        Ok(Rc {
+            key: <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| 0usize)?,
+            fail_at: None,
+            calls: core::cell::Cell::new(0),
+        })
     }
 
     fn hex(s: &str) -> Vec<u8> {
@@ -146,44 +176,33 @@ mod tests {
         ];
         for (ikm, salt, info, prk, okm) in cases {
             let (ikm, salt, info) = (hex(ikm), hex(salt), hex(info));
-            let got = extract(&mut mac, &salt, &ikm).unwrap();
+            let got = extract(mac, &salt, &ikm).unwrap();
             assert_eq!(got.to_vec(), hex(prk));
             let want = hex(okm);
             let mut out = vec![0u8; want.len()];
-            expand(&mut mac, &got, &info, &mut out).unwrap();
+            expand(&mac(&got).unwrap(), &info, &mut out).unwrap();
             assert_eq!(out, want);
             let mut again = vec![0u8; want.len()];
-            derive(&mut mac, &salt, &ikm, &info, &mut again).unwrap();
+            derive(mac, &salt, &ikm, &info, &mut again).unwrap();
             assert_eq!(again, want);
         }
     }
 
     #[test]
     fn too_long_and_failing_macs_are_refused_and_leave_nothing() {
-        let prk = [1u8; HASH_LEN];
+        let prk = mac(&[1u8; HASH_LEN]).unwrap();
         let mut big = vec![0u8; MAX_OUTPUT + 1];
-        assert_eq!(
-            expand(&mut mac, &prk, b"", &mut big),
-            Err(HkdfError::TooLong)
-        );
+        assert_eq!(expand(&prk, b"", &mut big), Err(HkdfError::TooLong));
         let mut exactly = vec![0u8; MAX_OUTPUT];
-        assert_eq!(expand(&mut mac, &prk, b"", &mut exactly), Ok(()));
+        assert_eq!(expand(&prk, b"", &mut exactly), Ok(()));
         // A MAC that fails on its second call: nothing of the first block
         // is left in the output.
-        let mut calls = 0;
-        let mut flaky = |k: &[u8], p: &[&[u8]]| {
-            calls += 1;
-            if calls == 2 {
-                Err(7)
-            } else {
-                mac(k, p).map_err(|_| 0)
-            }
+        let flaky = Rc {
+            fail_at: Some(2),
+            ..mac(&[1u8; HASH_LEN]).unwrap()
         };
         let mut out = [0xaau8; 64];
-        assert_eq!(
-            expand(&mut flaky, &prk, b"x", &mut out),
-            Err(HkdfError::Mac(7))
-        );
+        assert_eq!(expand(&flaky, b"x", &mut out), Err(HkdfError::Mac(2)));
         assert_eq!(out, [0u8; 64]);
     }
 
@@ -197,7 +216,7 @@ mod tests {
             len in 0usize..200,
         ) {
             let mut ours = vec![0u8; len];
-            derive(&mut mac, &salt, &ikm, &info, &mut ours).unwrap();
+            derive(mac, &salt, &ikm, &info, &mut ours).unwrap();
             let mut theirs = vec![0u8; len];
             hkdf::Hkdf::<Sha256>::new(Some(&salt), &ikm).expand(&info, &mut theirs).unwrap();
             prop_assert_eq!(ours, theirs);

@@ -732,6 +732,7 @@ fn check_as(s: &Shared, info: &mut NetInfo, program: Option<Program>) -> Result 
         NetKind::Connect => "connect",
         NetKind::Accept => "accept",
         NetKind::Established => "channel connect",
+        NetKind::Listen => "listen",
     };
     let subject = Connection {
         pid: info.tgid,
@@ -913,7 +914,7 @@ fn qualify(
     };
     bump(match kind {
         NetKind::Connect | NetKind::Established => &STATS.connect_asked,
-        NetKind::Accept => &STATS.accept_asked,
+        NetKind::Accept | NetKind::Listen => &STATS.accept_asked,
     });
     let rec = Record::NetRequest(NetRequest {
         kind,

@@ -1186,6 +1186,7 @@ fn kind_name(k: NetKind) -> &'static str {
         NetKind::Connect => "connect",
         NetKind::Established => "established",
         NetKind::Accept => "accept",
+        NetKind::Listen => "listen",
     }
 }
 

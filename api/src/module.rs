@@ -56,7 +56,8 @@ pub fn file_action(a: FileAccess) -> pb::Action {
 /// connect asked again).
 pub fn net_action(k: NetKind) -> pb::Action {
     match k {
-        NetKind::Accept => pb::Action::Accept,
+        // A listen is decided as the accept half alone (`Agent.Listen`).
+        NetKind::Accept | NetKind::Listen => pb::Action::Accept,
         NetKind::Connect | NetKind::Established => pb::Action::Connect,
     }
 }
@@ -175,7 +176,7 @@ pub fn answer(asked: Asked, r: &pb::Result) -> Answer {
             v.cacheable = false;
             let allowed = v.decision != Decision::Deny;
             match kind {
-                NetKind::Connect => Answer::Verdict(v),
+                NetKind::Connect | NetKind::Listen => Answer::Verdict(v),
                 NetKind::Established | NetKind::Accept if allowed && r.channel_id != 0 => {
                     Answer::Channel {
                         channel_id: r.channel_id,

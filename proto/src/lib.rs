@@ -103,6 +103,15 @@ pub enum Kind {
     /// as absolute paths, which the module resolves itself from init's
     /// root (replacing the previous sealed paths).
     FileSetPaths = 15,
+    /// Agent → module, sealed by the appliance (an order): this host's own
+    /// channel keys v2 host keys ([`ticket::HostKeys`]), replacing the last.
+    HostKeys = 16,
+    /// Agent → module, sealed by the appliance (an order): what is no
+    /// longer valid ([`ticket::Revocations`]), replacing the last.
+    Revocations = 17,
+    /// Agent → module, sealed by the appliance (an answer to a
+    /// [`NetKind::Connect`]): a channel keys v2 grant ([`Grant`]).
+    Grant = 18,
 }
 
 impl Kind {
@@ -124,6 +133,9 @@ impl Kind {
             13 => Some(Kind::FileSets),
             14 => Some(Kind::Sealed),
             15 => Some(Kind::FileSetPaths),
+            16 => Some(Kind::HostKeys),
+            17 => Some(Kind::Revocations),
+            18 => Some(Kind::Grant),
             _ => None,
         }
     }
@@ -562,6 +574,11 @@ pub enum NetKind {
     /// [`ChannelKey`]; any [`Verdict`] (or none in time) resets the
     /// connection, since it must not carry plaintext.
     Established = 3,
+    /// Channel keys v2: a program listens (`listen(2)`) on `dst` (this
+    /// host's address, or all zero for any, and the port; `src` all zero),
+    /// asked so that the appliance registers it as the server program of
+    /// that port. Answered by a [`Verdict`]: allow = registered.
+    Listen = 4,
 }
 
 impl NetKind {
@@ -571,6 +588,7 @@ impl NetKind {
             1 => Some(NetKind::Connect),
             2 => Some(NetKind::Accept),
             3 => Some(NetKind::Established),
+            4 => Some(NetKind::Listen),
             _ => None,
         }
     }
@@ -1062,6 +1080,84 @@ impl ChannelKey {
     }
 }
 
+/// The first [`HelloAck::module_version`] that speaks channel keys v2
+/// (`docs/CHANNEL-KEYS-V2.md`): it registers listeners
+/// ([`NetKind::Listen`]), takes [`Grant`] answers to its connects, and
+/// [`Kind::HostKeys`] and [`Kind::Revocations`] orders.
+pub const MODULE_VERSION_TICKETS: u32 = 0x0001_0100;
+
+/// Agent → module, sealed by the appliance: the answer to a
+/// [`NetKind::Connect`] whose connection must be a channel and whose
+/// service a channel keys v2 module registered. The client's module keeps
+/// it (for at most `valid_s` seconds, or until a [`Kind::Revocations`]
+/// or a new generation drops it) and keys every connection of this
+/// program pair from it with no further question: it sends
+/// [`ticket::assemble`]`(nonce, epoch, gcm_nonce, ciphertext, tag)` in-band after the
+/// handshake and derives the connection's key from `pair_secret`.
+///
+/// Not `Copy`: it carries the pair secret ([`Grant::wipe`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The ticket's id, as audited, revoked and reported at close.
+    pub ticket_id: [u8; ticket::TICKET_ID_LEN],
+    /// The pair secret (also inside the sealed ticket).
+    pub pair_secret: [u8; ticket::PAIR_SECRET_LEN],
+    /// Wall-clock seconds (Unix time) after which the server refuses it.
+    pub expires_s: u64,
+    /// Seconds from its arrival the client may use it (the appliance's
+    /// `expires_s` less its clock then, so a client whose clock differs
+    /// still stops in time by its own monotonic clock).
+    pub valid_s: u32,
+    /// The policy generation it was decided under.
+    pub generation: u64,
+    /// The server host key's epoch the ticket is sealed under.
+    pub epoch: u32,
+    /// The kTLS record version to install.
+    pub tls: ChannelTls,
+    /// End the channel after this many seconds without a byte; 0: never.
+    pub idle_timeout_s: u32,
+    /// The sealed ticket's GCM nonce.
+    pub gcm_nonce: [u8; ticket::GCM_NONCE_LEN],
+    /// The sealed ticket ([`ticket::Ticket`] encrypted under the server's
+    /// host key of `epoch`).
+    pub ciphertext: [u8; ticket::PLAIN_LEN],
+    /// Its GCM tag.
+    pub tag: [u8; ticket::GCM_TAG_LEN],
+}
+
+impl Grant {
+    /// Overwrites the pair secret with zeros.
+    pub fn wipe(&mut self) {
+        self.pair_secret = [0; ticket::PAIR_SECRET_LEN];
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The channel id its connections are reported under: the ticket id's
+    /// first eight bytes, little-endian.
+    pub fn channel_id(&self) -> u64 {
+        let mut b = [0u8; 8];
+        for (d, s) in b.iter_mut().zip(self.ticket_id.iter()) {
+            *d = *s;
+        }
+        u64::from_le_bytes(b)
+    }
+}
+
+impl fmt::Debug for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the pair secret.
+        f.debug_struct("Grant")
+            .field("ticket_id", &self.ticket_id)
+            .field("expires_s", &self.expires_s)
+            .field("valid_s", &self.valid_s)
+            .field("generation", &self.generation)
+            .field("epoch", &self.epoch)
+            .field("tls", &self.tls)
+            .field("idle_timeout_s", &self.idle_timeout_s)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The first `Hello::agent_version` that reads [`ChannelClosed`] records:
 /// the module sends them only to such agents, so an older agent of the same
 /// protocol version never sees a kind it does not know.
@@ -1402,6 +1498,12 @@ pub enum Record<'a> {
     Sealed(Sealed<'a>),
     /// See [`FileSetPaths`].
     FileSetPaths(FileSetPaths<'a>),
+    /// See [`ticket::HostKeys`].
+    HostKeys(ticket::HostKeys),
+    /// See [`ticket::Revocations`].
+    Revocations(ticket::Revocations<'a>),
+    /// See [`Grant`].
+    Grant(Grant),
 }
 
 impl Record<'_> {
@@ -1423,6 +1525,9 @@ impl Record<'_> {
             Record::FileSets(_) => Kind::FileSets,
             Record::Sealed(_) => Kind::Sealed,
             Record::FileSetPaths(_) => Kind::FileSetPaths,
+            Record::HostKeys(_) => Kind::HostKeys,
+            Record::Revocations(_) => Kind::Revocations,
+            Record::Grant(_) => Kind::Grant,
         }
     }
 
@@ -1446,6 +1551,9 @@ impl Record<'_> {
             Record::FileSets(f) => 8 + f.as_bytes().len(),
             Record::Sealed(x) => 8 + seal::MAC_LEN + x.inner.len(),
             Record::FileSetPaths(f) => 8 + f.as_bytes().len(),
+            Record::HostKeys(_) => ticket::HOST_KEYS_LEN,
+            Record::Revocations(r) => r.encoded_len(),
+            Record::Grant(_) => GRANT_BODY_LEN,
         }
     }
 
@@ -1647,6 +1755,23 @@ impl Record<'_> {
                 w.u16(0);
                 w.u32(k.idle_timeout_s);
             }
+            Record::HostKeys(k) => w.bytes(&k.encode()),
+            Record::Revocations(r) => r.write(&mut w),
+            Record::Grant(g) => {
+                w.bytes(&g.ticket_id);
+                w.bytes(&g.pair_secret);
+                w.u64(g.expires_s);
+                w.u64(g.generation);
+                w.u32(g.valid_s);
+                w.u32(g.epoch);
+                w.u8(g.tls as u8);
+                w.u8(0);
+                w.u16(0);
+                w.u32(g.idle_timeout_s);
+                w.bytes(&g.gcm_nonce);
+                w.bytes(&g.ciphertext);
+                w.bytes(&g.tag);
+            }
             Record::ChannelClosed(c) => {
                 w.u64(c.channel_id);
                 w.bytes(&c.key_id);
@@ -1725,6 +1850,24 @@ const CHANNEL_KEY_BODY_LEN: usize = 8
     + 1
     + 2
     + 4;
+
+/// Grant body: ticket id, pair secret, expiry, generation, validity,
+/// epoch, TLS version, three pads, idle timeout, the sealed ticket.
+const GRANT_BODY_LEN: usize = ticket::TICKET_ID_LEN
+    + ticket::PAIR_SECRET_LEN
+    + 8
+    + 8
+    + 4
+    + 4
+    + 1
+    + 1
+    + 2
+    + 4
+    + ticket::GCM_NONCE_LEN
+    + ticket::PLAIN_LEN
+    + ticket::GCM_TAG_LEN;
+const _: () = assert!(HEADER_LEN + GRANT_BODY_LEN <= MAX_RECORD_LEN);
+const _: () = assert!(HEADER_LEN + ticket::MAX_REVOCATIONS_LEN <= MAX_RECORD_LEN);
 
 /// Channel closed body: channel id, key id, role, reason, two pads, bytes sent,
 /// bytes received, duration.
@@ -1921,6 +2064,40 @@ pub fn decode(buf: &[u8]) -> Result<(Header, Record<'_>), DecodeError> {
                 rx_iv,
                 tls,
                 idle_timeout_s: r.u32().map_err(short)?,
+            })
+        }
+        Kind::HostKeys => {
+            let b = r.bytes(r.remaining()).map_err(short)?;
+            Record::HostKeys(ticket::HostKeys::decode(b)?)
+        }
+        Kind::Revocations => {
+            let b = r.bytes(r.remaining()).map_err(short)?;
+            Record::Revocations(ticket::Revocations::decode(b)?)
+        }
+        Kind::Grant => {
+            let ticket_id = r.array().map_err(short)?;
+            let pair_secret = r.array().map_err(short)?;
+            let expires_s = r.u64().map_err(short)?;
+            let generation = r.u64().map_err(short)?;
+            let valid_s = r.u32().map_err(short)?;
+            let epoch = r.u32().map_err(short)?;
+            let tls = ChannelTls::from_wire(r.u8().map_err(short)?)
+                .ok_or(DecodeError::InvalidField("tls"))?;
+            if r.u8().map_err(short)? != 0 || r.u16().map_err(short)? != 0 {
+                return Err(DecodeError::InvalidField("reserved"));
+            }
+            Record::Grant(Grant {
+                ticket_id,
+                pair_secret,
+                expires_s,
+                valid_s,
+                generation,
+                epoch,
+                tls,
+                idle_timeout_s: r.u32().map_err(short)?,
+                gcm_nonce: r.array().map_err(short)?,
+                ciphertext: r.array().map_err(short)?,
+                tag: r.array().map_err(short)?,
             })
         }
         Kind::ChannelClosed => {

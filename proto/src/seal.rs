@@ -84,7 +84,14 @@ pub fn prefix(digest: &[u8; DIGEST_LEN], seq: u64) -> [u8; PREFIX_LEN] {
 pub const fn sealable(kind: Kind) -> bool {
     matches!(
         kind,
-        Kind::Verdict | Kind::ChannelKey | Kind::Config | Kind::Peers | Kind::FileSetPaths
+        Kind::Verdict
+            | Kind::ChannelKey
+            | Kind::Config
+            | Kind::Peers
+            | Kind::FileSetPaths
+            | Kind::HostKeys
+            | Kind::Revocations
+            | Kind::Grant
     )
 }
 
@@ -95,12 +102,14 @@ pub const fn order_slot(kind: Kind) -> Option<usize> {
         Kind::Config => Some(0),
         Kind::Peers => Some(1),
         Kind::FileSetPaths => Some(2),
+        Kind::HostKeys => Some(3),
+        Kind::Revocations => Some(4),
         _ => None,
     }
 }
 
 /// Number of order slots.
-pub const ORDER_SLOTS: usize = 3;
+pub const ORDER_SLOTS: usize = 5;
 
 /// What a module with an authority key does with a record that arrived
 /// without a seal.
@@ -132,6 +141,11 @@ pub const fn bare_rule(kind: Kind) -> BareRule {
         // T-102.
         Kind::FileSets => BareRule::Accept,
         Kind::FileSetPaths => BareRule::Refuse,
+        // Channel keys v2: host keys open tickets and revocations only
+        // narrow, but an unsealed one could replace the appliance's list
+        // with an empty one; a grant is a channel key's equivalent.
+        Kind::HostKeys | Kind::Revocations => BareRule::Refuse,
+        Kind::Grant => BareRule::RefuseAnswer,
         _ => BareRule::Accept,
     }
 }

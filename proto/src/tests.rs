@@ -114,6 +114,71 @@ fn sample_key() -> ChannelKey {
     }
 }
 
+fn sample_host_keys() -> ticket::HostKeys {
+    ticket::HostKeys {
+        host: [0x31; ticket::HOST_ID_LEN],
+        epoch: 20_000,
+        key: [0x32; ticket::HOST_KEY_LEN],
+        prev_epoch: 19_999,
+        prev_key: [0x33; ticket::HOST_KEY_LEN],
+    }
+}
+
+fn sample_grant() -> Grant {
+    Grant {
+        ticket_id: [0x41; ticket::TICKET_ID_LEN],
+        pair_secret: [0x42; ticket::PAIR_SECRET_LEN],
+        expires_s: 1_800_000_000,
+        valid_s: 600,
+        generation: 77,
+        epoch: 20_000,
+        tls: ChannelTls::Tls13,
+        idle_timeout_s: 30,
+        gcm_nonce: [0x43; ticket::GCM_NONCE_LEN],
+        ciphertext: [0x44; ticket::PLAIN_LEN],
+        tag: [0x45; ticket::GCM_TAG_LEN],
+    }
+}
+
+#[test]
+fn v2_records_are_checked() {
+    // A host-keys record whose previous epoch is not the one before.
+    let mut b = enc(&Record::HostKeys(sample_host_keys()), 1);
+    let at = HEADER_LEN + ticket::HOST_ID_LEN + 4 + ticket::HOST_KEY_LEN;
+    b[at] ^= 1;
+    assert_eq!(
+        decode(&b).unwrap_err(),
+        DecodeError::InvalidField("prev_epoch")
+    );
+    // A grant with an unknown TLS version or a reserved byte set.
+    let g = enc(&Record::Grant(sample_grant()), 1);
+    let tls_at = HEADER_LEN + ticket::TICKET_ID_LEN + ticket::PAIR_SECRET_LEN + 8 + 8 + 4 + 4;
+    let mut b = g.clone();
+    b[tls_at] = 7;
+    assert_eq!(decode(&b).unwrap_err(), DecodeError::InvalidField("tls"));
+    let mut b = g.clone();
+    b[tls_at + 1] = 1;
+    assert_eq!(
+        decode(&b).unwrap_err(),
+        DecodeError::InvalidField("reserved")
+    );
+    // Never the secrets in a debug print.
+    let text = format!("{:?} {:?}", sample_grant(), sample_host_keys());
+    assert!(!text.contains("66") && !text.contains("50, 50"), "{text}");
+    // The channel id is the ticket id's head.
+    assert_eq!(sample_grant().channel_id(), 0x4141_4141_4141_4141);
+    // Sealable; host keys and revocations are orders with their own slot.
+    for k in [Kind::HostKeys, Kind::Revocations, Kind::Grant] {
+        assert!(seal::sealable(k));
+    }
+    assert_eq!(seal::order_slot(Kind::HostKeys), Some(3));
+    assert_eq!(seal::order_slot(Kind::Revocations), Some(4));
+    assert_eq!(seal::order_slot(Kind::Grant), None);
+    assert_eq!(seal::bare_rule(Kind::Grant), seal::BareRule::RefuseAnswer);
+    assert_eq!(seal::bare_rule(Kind::HostKeys), seal::BareRule::Refuse);
+    assert_eq!(seal::bare_rule(Kind::Revocations), seal::BareRule::Refuse);
+}
+
 #[test]
 fn header_layout_is_as_documented() {
     let buf = enc(
@@ -141,6 +206,13 @@ fn every_kind_round_trips() {
         &[10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
     );
     let anc = [7u8; 64];
+    let mut revocations_bytes = [0u8; ticket::MAX_REVOCATIONS_LEN];
+    let n = ticket::Revocations::encode(9, &[[1; 16], [2; 16]], &[[3; 16]], &mut revocations_bytes)
+        .unwrap();
+    let revocations_bytes = &revocations_bytes[..n];
+    let mut no_revocations = [0u8; 64];
+    let n = ticket::Revocations::encode(0, &[], &[], &mut no_revocations).unwrap();
+    let no_revocations = &no_revocations[..n];
     let ack = Record::HelloAck(HelloAck {
         module_version: 1,
         max_record_len: MAX_RECORD_LEN as u32,
@@ -211,6 +283,25 @@ fn every_kind_round_trips() {
         Record::Peers(Peers::new(&peer_bytes).unwrap()),
         Record::FileSetPaths(FileSetPaths::new(b"/srv/www\0/etc/app/secret.key\0").unwrap()),
         Record::FileSetPaths(FileSetPaths::new(b"").unwrap()),
+        Record::NetRequest(NetRequest {
+            kind: NetKind::Listen,
+            src_addr: [0; 16],
+            src_port: 0,
+            dst_port: 443,
+            ..match sample_net(&[]) {
+                Record::NetRequest(r) => r,
+                _ => unreachable!(),
+            }
+        }),
+        Record::HostKeys(sample_host_keys()),
+        Record::Revocations(ticket::Revocations::decode(revocations_bytes).unwrap()),
+        Record::Revocations(ticket::Revocations::decode(no_revocations).unwrap()),
+        Record::Grant(sample_grant()),
+        Record::Grant(Grant {
+            tls: ChannelTls::Tls12,
+            idle_timeout_s: 0,
+            ..sample_grant()
+        }),
     ];
     for (i, rec) in records.iter().enumerate() {
         let buf = enc(rec, i as u64 + 100);
@@ -396,7 +487,7 @@ fn bad_net_fields_are_named() {
     let good = enc(&sample_net(&anc), 5);
     let body = HEADER_LEN;
     let cases: [(usize, u8, &str); 6] = [
-        (body, 4, "net_kind"),
+        (body, 5, "net_kind"),
         (body + 1, 5, "family"),
         (body + 2, 1, "reserved"),
         (body + 8 + 4, 1, "address"), // byte 4 of an IPv4 source
@@ -705,7 +796,7 @@ fn channel_closed_layout_and_checks() {
         assert_eq!(decode(&bad).unwrap_err(), DecodeError::InvalidField(field));
     }
     assert_eq!(Kind::from_wire(9), Some(Kind::ChannelClosed));
-    assert_eq!(Kind::from_wire(16), None);
+    assert_eq!(Kind::from_wire(19), None);
 }
 
 #[test]

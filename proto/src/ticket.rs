@@ -486,13 +486,24 @@ pub const HOST_KEYS_LEN: usize = HOST_ID_LEN + 2 * (4 + HOST_KEY_LEN);
 /// 0      16      20     52           56           88
 /// | host | epoch | key | prev epoch | prev key |
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub struct HostKeys {
     pub host: [u8; HOST_ID_LEN],
     pub epoch: u32,
     pub key: [u8; HOST_KEY_LEN],
     pub prev_epoch: u32,
     pub prev_key: [u8; HOST_KEY_LEN],
+}
+
+impl core::fmt::Debug for HostKeys {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // Never the keys.
+        f.debug_struct("HostKeys")
+            .field("host", &self.host)
+            .field("epoch", &self.epoch)
+            .field("prev_epoch", &self.prev_epoch)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HostKeys {
@@ -619,6 +630,21 @@ impl<'a> Revocations<'a> {
             w.bytes(t);
         }
         Some(len)
+    }
+
+    /// Bytes of this record.
+    pub fn encoded_len(&self) -> usize {
+        REVOCATIONS_HEAD_LEN + self.hosts.len() + self.tickets.len()
+    }
+
+    /// Writes this record (as read) again, e.g. into a device record.
+    pub(crate) fn write(&self, w: &mut super::Writer<'_>) {
+        w.u64(self.min_generation);
+        // CAST: both at most MAX_REVOKED entries, checked by `decode`.
+        w.u16((self.hosts.len() / HOST_ID_LEN) as u16);
+        w.u16((self.tickets.len() / TICKET_ID_LEN) as u16);
+        w.bytes(self.hosts);
+        w.bytes(self.tickets);
     }
 
     /// The revoked hosts' ids.

@@ -161,6 +161,7 @@ fn net_line(r: &NetRequest<'_>, allowed: bool) -> String {
             NetKind::Connect => "connect",
             NetKind::Accept => "accept",
             NetKind::Established => "established",
+            NetKind::Listen => "listen",
         },
         endpoint(r.family, &r.src_addr, r.src_port),
         endpoint(r.family, &r.dst_addr, r.dst_port),
@@ -499,7 +500,7 @@ fn run() -> Result<(), String> {
                 let keyed = net_bind
                     && allowed
                     && match r.kind {
-                        NetKind::Connect => false,
+                        NetKind::Connect | NetKind::Listen => false,
                         NetKind::Established => !net_no_key,
                         NetKind::Accept => true,
                     };

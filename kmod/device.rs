@@ -49,7 +49,7 @@ use kernel::uaccess::UserSlice;
 use crate::proto::backstop;
 use crate::proto::fairq::{FairQueue, Full, Place};
 use crate::proto::seal::{self, BareRule};
-use crate::proto::{self, ChannelKey, Decision, DecodeError, Header, HelloAck, Kind, Mode, Record, Verdict};
+use crate::proto::{self, ChannelKey, Decision, Grant, DecodeError, Header, HelloAck, Kind, Mode, Record, Verdict};
 use crate::files;
 use crate::sys::{self, ExecInfo, FileId, Hashers, ModulePin, Hmac};
 
@@ -68,7 +68,7 @@ const MODULE_UID: u32 = u32::MAX;
 const DEFAULT_VERDICT_TIMEOUT_MS: u32 = 5000;
 
 /// The module version carried in `HelloAck` (`major << 16 | minor << 8 | patch`).
-const MODULE_VERSION: u32 = 0x00_01_00;
+const MODULE_VERSION: u32 = proto::MODULE_VERSION_TICKETS;
 
 /// The records queued for the agent, by place (see `proto::fairq`).
 struct Outbox {
@@ -204,6 +204,7 @@ struct Pending {
 enum Reply {
     Verdict(Verdict),
     Key(ChannelKey),
+    Grant(Grant),
 }
 
 impl State {
@@ -211,7 +212,7 @@ impl State {
     fn take_pending(&mut self, id: u64) -> Option<Reply> {
         let slot = self.pending.get_mut(&id)?;
         let v = slot.reply.take();
-        if matches!(v, Some(Reply::Key(_))) {
+        if matches!(v, Some(Reply::Key(_)) | Some(Reply::Grant(_))) {
             // Key material must not survive in the freed node: overwrite
             // the node's value whole before it goes.
             slot.reply = Some(Reply::Key(ChannelKey::ZERO));
@@ -224,8 +225,10 @@ impl State {
     /// Removes request `id` unanswered (timed out, interrupted, agent
     /// gone): a key that arrived meanwhile is wiped.
     fn drop_pending(&mut self, id: u64) {
-        if let Some(Reply::Key(mut k)) = self.take_pending(id) {
-            k.wipe();
+        match self.take_pending(id) {
+            Some(Reply::Key(mut k)) => k.wipe(),
+            Some(Reply::Grant(mut g)) => g.wipe(),
+            _ => {}
         }
     }
 }
@@ -248,6 +251,9 @@ pub(crate) enum Answer {
     /// The agent answered with a channel key (net requests only); the
     /// receiver installs it and wipes it.
     Key(ChannelKey),
+    /// The appliance answered a connect with a channel keys v2 grant; the
+    /// receiver keeps it and wipes its copy.
+    Grant(Grant),
     /// No agent is connected (or it left before answering).
     NoAgent,
     /// The agent did not answer in time.
@@ -422,6 +428,9 @@ impl Channel {
         self.agent_tgid.store(0, Ordering::Release);
         // Waiters see the new epoch and give up on their requests.
         self.verdicts.notify_all();
+        // No revocation can reach this module now: grants go (a new
+        // session asks again).
+        crate::SHARED.with(|s| s.v2.forget_grants());
     }
 
     /// The current enforcement mode.
@@ -516,6 +525,7 @@ impl Channel {
                 match st.take_pending(id) {
                     Some(Reply::Verdict(v)) => break Answer::Verdict(v),
                     Some(Reply::Key(k)) => break Answer::Key(k),
+                    Some(Reply::Grant(g)) => break Answer::Grant(g),
                     None => {}
                 }
             }
@@ -549,6 +559,12 @@ impl Channel {
             return false;
         }
         self.enqueue(&mut st, rec, 0).is_ok()
+    }
+
+    /// Whether the connected agent speaks channel keys v2.
+    pub(crate) fn agent_speaks_tickets(&self) -> bool {
+        let st = self.state.lock();
+        st.agent.is_some() && st.agent_version >= proto::AGENT_VERSION_TICKETS
     }
 
     fn readable(&self) -> bool {
@@ -587,8 +603,9 @@ impl Channel {
         UserSlice::new(ubuf, len).read_all(&mut buf, GFP_KERNEL)?;
         let r = self.take_record(&buf);
         let kind = buf.get(6..8);
-        if kind == Some(&(Kind::ChannelKey as u16).to_le_bytes()[..])
-            || kind == Some(&(Kind::Sealed as u16).to_le_bytes()[..])
+        if [Kind::ChannelKey, Kind::Sealed, Kind::Grant, Kind::HostKeys]
+            .iter()
+            .any(|k| kind == Some(&(*k as u16).to_le_bytes()[..]))
         {
             // Key material: the only copy left is the pending slot's.
             buf.fill(0);
@@ -744,6 +761,41 @@ impl Channel {
                 k.wipe();
                 self.verdicts.notify_all();
             }
+            Record::Grant(mut g) => {
+                let Some(Pending { reply: slot @ None, .. }) = st.pending.get_mut(&header.request_id) else {
+                    g.wipe();
+                    pr_warn!("grant for unknown, expired or answered request {}\n", header.request_id);
+                    return Err(ENOENT);
+                };
+                if rule == BareRule::RefuseAnswer {
+                    g.wipe();
+                    bump(&STATS.unsealed);
+                    pr_warn!("refused an unsealed grant for request {}\n", header.request_id);
+                    *slot = Some(Reply::Verdict(Verdict::deny(0)));
+                    self.verdicts.notify_all();
+                    return Ok(());
+                }
+                *slot = Some(Reply::Grant(g.clone()));
+                g.wipe();
+                self.verdicts.notify_all();
+            }
+            Record::HostKeys(k) => {
+                crate::SHARED.with(|s| s.v2.set_keys(k)).ok_or(ENODEV)?;
+                pr_info!(
+                    "channel host keys: epoch {}{}\n",
+                    k.epoch,
+                    if sealed { " (sealed)" } else { "" }
+                );
+            }
+            Record::Revocations(r) => {
+                crate::SHARED.with(|s| s.v2.set_revocations(&r)).ok_or(ENODEV)?;
+                pr_info!(
+                    "channel revocations: lowest generation {}, {} hosts, {} tickets\n",
+                    r.min_generation,
+                    r.hosts().count(),
+                    r.tickets().count()
+                );
+            }
             Record::Config(c) => {
                 if rule == BareRule::UnlessWeakening
                     && seal::config_weakens(self.mode(), self.qualifies_net(), c.mode, c.qualify_net)
@@ -830,6 +882,7 @@ impl Channel {
                 crate::SHARED.with(|s| {
                     s.exec_cache.set_generation(g.policy_generation);
                     s.files.set_generation(g.policy_generation);
+                    s.v2.set_generation(g.policy_generation);
                 });
                 pr_info!("policy generation {}\n", g.policy_generation);
             }

@@ -824,6 +824,11 @@ fn qualify(s: &Shared, subj: &mut impl Subject, interp_round: bool) -> Result<()
             pr_warn!("agent answered an exec request with a channel key\n");
             Err(Ok(Refusal::Denied))
         }
+        Answer::Grant(mut g) => {
+            g.wipe();
+            pr_warn!("agent answered an exec request with a grant\n");
+            Err(Ok(Refusal::Denied))
+        }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
         Answer::Busy => Err(Ok(Refusal::Busy)),

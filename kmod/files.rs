@@ -833,6 +833,10 @@ pub(crate) fn ask(s: &Shared, op: &FileOp) -> Result {
             k.wipe();
             Outcome::Denied
         }
+        Reply::Grant(mut g) => {
+            g.wipe();
+            Outcome::Denied
+        }
         Reply::NoAgent => Outcome::NoAgent,
         Reply::TimedOut => Outcome::TimedOut,
         Reply::Busy => Outcome::Busy,

@@ -158,14 +158,17 @@ use crate::proto::hold::HoldSet;
 use crate::proto::sorted::{sort_unique, NetEnd, SortedSet};
 use crate::proto::lineage::{Chain, ProcId};
 use crate::proto::unixconnect::{accept_asks, Connect, Next};
+use crate::proto::grants::GrantKey;
+use crate::proto::ticket::{self, Addr};
 use crate::proto::{
-    Ancestry, ChannelClosed, ChannelKey, ChannelRole, CloseReason, Decision, Family, IpcRequest,
-    Mode, NetKind, NetRequest, Peers, ProgramSource, Record,
+    Ancestry, ChannelClosed, ChannelKey, ChannelRole, ChannelTls, CloseReason, Decision, Family, Grant,
+    IpcRequest, Mode, NetKind, NetRequest, Peers, ProgramSource, Record, CHANNEL_KEY_ID_LEN,
 };
 use crate::sys::{
-    self, AcceptJob, HeldConn, NetInfo, RcuCell, SockRef, SockTable, TcpCounts, UnixInfo, NET_CONNECT,
-    NET_ESTABLISHED,
+    self, AcceptJob, HeldConn, KtlsKeys, NetInfo, RcuCell, SockRef, SockTable, TcpCounts, TicketRead, UnixInfo,
+    NET_CONNECT, NET_ESTABLISHED, NET_LISTEN,
 };
+use crate::tickets::{self, STATS as V2_STATS};
 use crate::Shared;
 
 /// What the net path did since load (shown in debugfs, see `pem.rs`).
@@ -581,9 +584,10 @@ fn bump(c: &AtomicU64) {
 }
 
 /// An address and port for log lines.
-struct Endpoint<'a>(Family, &'a [u8; 16], u16);
+#[derive(Clone, Copy)]
+struct Endpoint(Family, [u8; 16], u16);
 
-impl core::fmt::Display for Endpoint<'_> {
+impl core::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let Endpoint(family, a, port) = self;
         match family {
@@ -603,13 +607,14 @@ impl core::fmt::Display for Endpoint<'_> {
 }
 
 /// A process's connection end for log lines: `pid N client -> server`.
-struct Connection<'a> {
+#[derive(Clone, Copy)]
+struct Connection {
     pid: u32,
-    src: Endpoint<'a>,
-    dst: Endpoint<'a>,
+    src: Endpoint,
+    dst: Endpoint,
 }
 
-impl core::fmt::Display for Connection<'_> {
+impl core::fmt::Display for Connection {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "pid {} {} -> {}", self.pid, self.src, self.dst)
     }
@@ -634,7 +639,17 @@ enum Granted {
     Plain { encrypt: bool },
     /// A bound channel: install this key.
     Key(ChannelKey),
+    /// Channel keys v2: a grant for this connect's program pair (the
+    /// program it was asked for, to key the cache).
+    Grant(Grant, [u8; 32]),
 }
+
+/// `NetInfo::bind` of a connect that must be bound with a v1 key (asked
+/// again once established).
+const BIND_V1: u32 = 1;
+/// `NetInfo::bind` of a connect bound from a v2 grant (the grants cache
+/// holds it).
+const BIND_TICKET: u32 = 2;
 
 /// Decides one connection end: `Ok` lets it go on. A connect may set
 /// `info.bind`; an accept or an established connect answered with a key is
@@ -659,11 +674,299 @@ pub(crate) fn connect(s: &Shared, c: &sys::Connecting) -> Result<Connected> {
         return Ok(Connected::Plain);
     };
     let mut info = unmapped(info);
-    check(s, &mut info)?;
-    if info.bind == 0 {
-        return Ok(Connected::Plain);
+    // Channel keys v2: a grant for this program pair keys the connection
+    // with no question to the appliance.
+    let cached = cached_grant(s, &mut info);
+    let grant = match cached {
+        Some(g) => Some(g),
+        None => {
+            check(s, &mut info)?;
+            match info.bind {
+                0 => return Ok(Connected::Plain),
+                BIND_TICKET => Some(grant_of(s, &info).ok_or(EACCES)?),
+                _ => None,
+            }
+        }
+    };
+    let bound = match grant {
+        Some(g) => connect_ticket(s, c, &mut info, g),
+        None => connect_bound(s, c, &mut info),
+    };
+    bound.map(|()| Connected::Bound)
+}
+
+/// The cache key of a connect's grant: its program (from the lineage
+/// table, else hashed now), its user, the server end.
+fn grant_key(s: &Shared, info: &NetInfo) -> Option<GrantKey> {
+    let (program, _, _) = program_of_current(s, info).ok()?;
+    Some(GrantKey {
+        program,
+        uid: info.uid,
+        // CAST: 4 or 6.
+        family: info.family as u8,
+        addr: info.dst_addr,
+        port: info.dst_port,
+    })
+}
+
+/// The grant the cache holds for this connect, if any.
+fn grant_of(s: &Shared, info: &NetInfo) -> Option<Grant> {
+    s.v2.grant(&grant_key(s, info)?)
+}
+
+/// A connect that a cached grant lets go on without asking: marked and
+/// protected as an allowed channel connect is. `None` when it must ask.
+fn cached_grant(s: &Shared, info: &mut NetInfo) -> Option<Grant> {
+    if !asks(s, s.channel.mode(), info.tgid) || sys::is_mptcp(info) {
+        return None;
     }
-    connect_bound(s, c, &mut info).map(|()| Connected::Bound)
+    let g = grant_of(s, info)?;
+    let _ = sys::backstop_mark(info, Mark::Channel);
+    bump(&STATS.bind_required);
+    bump(&V2_STATS.grant_hits);
+    info.bind = BIND_TICKET;
+    protect(s, info);
+    Some(g)
+}
+
+/// Connects a socket whose program pair holds a grant: the handshake
+/// (waited for, the program's sends held, as [`connect_bound`]), then the
+/// ticket in-band and the keys derived here ([`send_ticket`]); anything
+/// else aborts the connection.
+fn connect_ticket(s: &Shared, c: &sys::Connecting, info: &mut NetInfo, mut g: Grant) -> Result {
+    let r = c.hold().and_then(|()| {
+        let r = match c.connect_blocking() {
+            Err(e) => {
+                c.abandon();
+                Err(e)
+            }
+            Ok(()) => {
+                c.established(info);
+                *info = unmapped(*info);
+                send_ticket(s, info, &g).inspect_err(|_| c.reset())
+            }
+        };
+        c.unhold();
+        r
+    });
+    g.wipe();
+    r
+}
+
+/// `info`'s ends as the ticket's layouts name them: (client, server).
+fn ends(info: &NetInfo) -> ((Addr, u16), (Addr, u16)) {
+    // CAST: 4 or 6.
+    let family = info.family as u8;
+    (
+        (
+            Addr {
+                family,
+                bytes: info.src_addr,
+            },
+            info.src_port,
+        ),
+        (
+            Addr {
+                family,
+                bytes: info.dst_addr,
+            },
+            info.dst_port,
+        ),
+    )
+}
+
+/// The client's half of a v2 channel, just established: sends the
+/// ticket message (a fresh nonce), derives the connection's keys from the
+/// pair secret, both initial sequence numbers and the nonce, and binds.
+fn send_ticket(s: &Shared, info: &NetInfo, g: &Grant) -> Result {
+    let subject = subject_of(info);
+    let _ = sys::ktls_prepare(info);
+    let (isn_c, isn_s) = sys::tcp_isns(info);
+    let mut nonce = [0u8; ticket::CLIENT_NONCE_LEN];
+    sys::random(&mut nonce);
+    let message = ticket::assemble(&nonce, g.epoch, &g.gcm_nonce, &g.ciphertext, &g.tag);
+    // The ticket is this connection's only plaintext: the socket is
+    // allowed it for that one send (the program's own sends are held
+    // until it is bound), then marked bound (in `bind`) before any key
+    // is in. Sent first, right behind the handshake's last ACK, so the
+    // server's accept finds it at once; the keys are derived meanwhile.
+    sys::backstop_mark(info, Mark::Plain)?;
+    sys::ticket_send(info, &message).inspect_err(|e| {
+        pr_warn!("channel connect reset: {} (ticket not sent: errno {})\n", subject, e.to_errno())
+    })?;
+    bump(&V2_STATS.tickets_sent);
+    let (client, server) = ends(info);
+    let (to_server, to_client) =
+        tickets::connection_keys(&g.pair_secret, &g.ticket_id, &nonce, (isn_c, isn_s), client, server)
+            .inspect_err(|e| pr_warn!("channel connect reset: {} (key derivation: errno {})\n", subject, e.to_errno()))?;
+    let keys = KtlsKeys {
+        tx: to_server,
+        rx: to_client,
+        tls12: g.tls == ChannelTls::Tls12,
+    };
+    let material = Material {
+        channel_id: g.channel_id(),
+        key_id: g.ticket_id,
+        keys,
+        idle_timeout_s: g.idle_timeout_s,
+    };
+    bind(s, info, NetKind::Established, &material, &subject, "channel connect")
+}
+
+/// How long an accept on a registered service waits for its client's
+/// ticket before asking the appliance as for a v1 client (which sends
+/// nothing before its key).
+const TICKET_WAIT_MS: u32 = 2000;
+
+/// What an accept's ticket came to.
+enum TicketOutcome {
+    /// Keyed and bound.
+    Bound,
+    /// No ticket: asked as v1.
+    Absent,
+}
+
+/// The server's half of a v2 channel, on an accept of a registered
+/// service: reads the client's ticket message (waiting for it at most
+/// [`TICKET_WAIT_MS`]), opens it with this host's key of its epoch,
+/// checks it (this host, this port, the accepting program, the peer's
+/// address, expiry, generation, revocations), derives the keys and
+/// binds. No appliance round trip. `Err`: refused (reset, every mode: the
+/// client holds a key, so plaintext could not follow).
+fn accept_ticket(s: &Shared, info: &NetInfo, program: &Program) -> Result<TicketOutcome> {
+    let subject = subject_of(info);
+    let Some(mut hk) = s.v2.keys() else {
+        return Ok(TicketOutcome::Absent);
+    };
+    let r = accept_ticket_with(s, info, program, &hk, &subject);
+    hk.wipe();
+    match &r {
+        Ok(TicketOutcome::Bound) => bump(&V2_STATS.tickets_accepted),
+        Ok(TicketOutcome::Absent) => bump(&V2_STATS.tickets_absent),
+        Err(_) => bump(&V2_STATS.tickets_refused),
+    }
+    r
+}
+
+fn accept_ticket_with(
+    s: &Shared,
+    info: &NetInfo,
+    program: &Program,
+    hk: &ticket::HostKeys,
+    subject: &Connection,
+) -> Result<TicketOutcome> {
+    let _ = sys::ktls_prepare(info);
+    let (isn_s, isn_c) = sys::tcp_isns(info);
+    let mut buf = [0u8; ticket::MESSAGE_LEN];
+    match sys::ticket_read(info, &mut buf, TICKET_WAIT_MS) {
+        Ok(TicketRead::Read) => {}
+        Ok(TicketRead::Other) => return Ok(TicketOutcome::Absent),
+        Err(e) if e.to_errno() == -(kernel::bindings::ETIMEDOUT as i32) => return Ok(TicketOutcome::Absent),
+        Err(e) => {
+            pr_warn!("accept reset: {} (reading its ticket: errno {})\n", subject, e.to_errno());
+            return Err(e);
+        }
+    }
+    let refuse = |why: &str| {
+        pr_warn!("accept reset: {} (ticket refused: {})\n", subject, why);
+        sys::econnreset()
+    };
+    let m = match ticket::message(&buf) {
+        Ok(Some(m)) => m,
+        _ => return Err(refuse("malformed")),
+    };
+    let key = hk.of_epoch(m.epoch).ok_or_else(|| refuse("sealed under an epoch this host has no key of"))?;
+    let mut t = tickets::open(key, &m).map_err(|_| refuse("does not open under this host's key"))?;
+    let (client, server) = ends(info);
+    let accepting = ticket::Accepting {
+        host: &hk.host,
+        port: info.dst_port,
+        program: &program.0,
+        peer: client.0,
+        now_s: sys::real_seconds(),
+        min_generation: s.v2.min_generation(),
+    };
+    let checked = ticket::check(&t, &accepting, |h, id| s.v2.revoked(h, id));
+    let r = match checked {
+        Err(e) => Err(refuse(e.reason())),
+        Ok(()) => tickets::connection_keys(&t.pair_secret, &t.id, m.client_nonce, (isn_c, isn_s), client, server)
+            .and_then(|(to_server, to_client)| {
+                let mut key_id = [0u8; CHANNEL_KEY_ID_LEN];
+                key_id.copy_from_slice(&t.id);
+                let material = Material {
+                    channel_id: u64::from_le_bytes([t.id[0], t.id[1], t.id[2], t.id[3], t.id[4], t.id[5], t.id[6], t.id[7]]),
+                    key_id,
+                    keys: KtlsKeys {
+                        tx: to_client,
+                        rx: to_server,
+                        tls12: t.terms & ticket::TERM_TLS12 != 0,
+                    },
+                    idle_timeout_s: t.idle_s,
+                };
+                bind(s, info, NetKind::Accept, &material, subject, "accept")
+            })
+            .map(|()| TicketOutcome::Bound),
+    };
+    sys::wipe(&mut t.pair_secret);
+    r
+}
+
+/// A `listen()` that succeeded: with channel keys v2, the program is
+/// registered with the appliance as the server of its port, so clients
+/// get grants for it; a registration whose verdict carries the `encrypt`
+/// obligation makes this host's accepts on that port look for tickets. A
+/// refusal changes nothing here (the listen stands; its accepts are asked
+/// as before).
+pub(crate) fn listen(s: &Shared, info: &mut NetInfo) {
+    if !asks(s, s.channel.mode(), info.tgid)
+        || tickets::SELF_TEST.load(Ordering::Acquire) != 1
+        || !s.channel.agent_speaks_tickets()
+    {
+        return;
+    }
+    let family = if info.family == 6 {
+        Family::Ipv6
+    } else {
+        Family::Ipv4
+    };
+    *info = unmapped(*info);
+    let subject = subject_of(info);
+    match qualify(s, info, NetKind::Listen, family, None) {
+        // Only a service whose accepts the policy binds to channels
+        // (`@encrypt` on the permit) looks for tickets: a plaintext one
+        // never waits for a ticket that cannot come.
+        Ok(Granted::Plain { encrypt: true }) => {
+            s.v2.register(info.dst_port);
+            pr_info!("listen registered for channels: {}\n", subject.dst);
+        }
+        Ok(Granted::Plain { encrypt: false }) => {}
+        Ok(Granted::Key(mut k)) => k.wipe(),
+        Ok(Granted::Grant(mut g, _)) => g.wipe(),
+        Err(Ok(r)) => pr_info!("listen not registered: {} ({})\n", subject.dst, r),
+        Err(Err(_)) => {}
+    }
+}
+
+/// The key material and the identities of a channel being bound.
+struct Material {
+    channel_id: u64,
+    key_id: [u8; CHANNEL_KEY_ID_LEN],
+    keys: KtlsKeys,
+    idle_timeout_s: u32,
+}
+
+/// The connection `info` names, for log lines.
+fn subject_of(info: &NetInfo) -> Connection {
+    let family = if info.family == 6 {
+        Family::Ipv6
+    } else {
+        Family::Ipv4
+    };
+    Connection {
+        pid: info.tgid,
+        src: Endpoint(family, info.src_addr, info.src_port),
+        dst: Endpoint(family, info.dst_addr, info.dst_port),
+    }
 }
 
 /// Connects a socket whose connect was qualified with `info.bind`: waits
@@ -713,6 +1016,7 @@ fn check_as(s: &Shared, info: &mut NetInfo, program: Option<Program>) -> Result 
     let kind = match info.kind {
         NET_CONNECT => NetKind::Connect,
         NET_ESTABLISHED => NetKind::Established,
+        NET_LISTEN => NetKind::Listen,
         _ => NetKind::Accept,
     };
     if !asks(s, mode, info.tgid) {
@@ -736,8 +1040,8 @@ fn check_as(s: &Shared, info: &mut NetInfo, program: Option<Program>) -> Result 
     };
     let subject = Connection {
         pid: info.tgid,
-        src: Endpoint(family, &info.src_addr, info.src_port),
-        dst: Endpoint(family, &info.dst_addr, info.dst_port),
+        src: Endpoint(family, info.src_addr, info.src_port),
+        dst: Endpoint(family, info.dst_addr, info.dst_port),
     };
     if kind == NetKind::Established
         || (kind == NetKind::Accept && s.backstop.is_protected(info))
@@ -756,6 +1060,39 @@ fn check_as(s: &Shared, info: &mut NetInfo, program: Option<Program>) -> Result 
         // when a key comes.
         let _ = sys::ktls_prepare(info);
     }
+    if kind == NetKind::Accept
+        && s.v2.serves(info.dst_port)
+        && s.v2.serving()
+        && s.channel.agent_speaks_tickets()
+    {
+        // Channel keys v2: a registered service's client sends its ticket
+        // first; only a connection without one is asked about.
+        let p = match program {
+            Some(p) => Some(p),
+            None => program_of_current(s, info).ok(),
+        };
+        if let Some(p) = p {
+            match accept_ticket(s, info, &p)? {
+                TicketOutcome::Bound => return Ok(()),
+                TicketOutcome::Absent => return check_asked(s, info, kind, family, Some(p), mode, &subject, what),
+            }
+        }
+    }
+    check_asked(s, info, kind, family, program, mode, &subject, what)
+}
+
+/// [`check_as`] once it is to ask the appliance.
+#[allow(clippy::too_many_arguments)]
+fn check_asked(
+    s: &Shared,
+    info: &mut NetInfo,
+    kind: NetKind,
+    family: Family,
+    program: Option<Program>,
+    mode: Mode,
+    subject: &Connection,
+    what: &str,
+) -> Result {
     let refusal = match qualify(s, info, kind, family, program) {
         Ok(Granted::Plain { encrypt }) => match kind {
             NetKind::Connect if encrypt && sys::is_mptcp(info) => {
@@ -782,7 +1119,7 @@ fn check_as(s: &Shared, info: &mut NetInfo, program: Option<Program>) -> Result 
                 );
                 if encrypt {
                     bump(&STATS.bind_required);
-                    info.bind = 1;
+                    info.bind = BIND_V1;
                     protect(s, info);
                 }
                 return Ok(());
@@ -798,14 +1135,41 @@ fn check_as(s: &Shared, info: &mut NetInfo, program: Option<Program>) -> Result 
             _ => Refusal::Unbound,
         },
         Ok(Granted::Key(mut key)) => {
-            let r = bind(s, info, kind, &key, &subject, what);
+            let material = Material {
+                channel_id: key.channel_id,
+                key_id: key.key_id,
+                keys: KtlsKeys::of_v1(&key),
+                idle_timeout_s: key.idle_timeout_s,
+            };
             key.wipe();
-            return r;
+            return bind(s, info, kind, &material, subject, what);
+        }
+        Ok(Granted::Grant(g, program)) if kind == NetKind::Connect && !sys::is_mptcp(info) => {
+            // Channel keys v2: kept for this program pair's connects, and
+            // this one's after its handshake (`connect`).
+            let key = GrantKey {
+                program,
+                uid: info.uid,
+                // CAST: 4 or 6.
+                family: info.family as u8,
+                addr: info.dst_addr,
+                port: info.dst_port,
+            };
+            s.v2.keep(key, g);
+            let _ = sys::backstop_mark(info, Mark::Channel);
+            bump(&STATS.bind_required);
+            info.bind = BIND_TICKET;
+            protect(s, info);
+            return Ok(());
+        }
+        Ok(Granted::Grant(mut g, _)) => {
+            g.wipe();
+            Refusal::Unbound
         }
         Err(Err(e)) => return Err(e),
         Err(Ok(r)) => r,
     };
-    STATS.refusals.apply(mode, &refusal, what, subject)
+    STATS.refusals.apply(mode, &refusal, what, *subject)
 }
 
 /// Installs `key` on the socket and remembers it for its close; any
@@ -814,8 +1178,8 @@ fn bind(
     s: &Shared,
     info: &NetInfo,
     kind: NetKind,
-    key: &ChannelKey,
-    subject: &Connection<'_>,
+    key: &Material,
+    subject: &Connection,
     what: &str,
 ) -> Result {
     if kind == NetKind::Connect {
@@ -832,7 +1196,7 @@ fn bind(
         bump(&STATS.bind_failed);
         return Err(EACCES);
     }
-    match sys::ktls_install(info, key) {
+    match sys::ktls_install(info, &key.keys) {
         Ok(()) => {
             bump(&STATS.bound);
             protect(s, info);
@@ -890,7 +1254,7 @@ fn protect(s: &Shared, info: &NetInfo) {
                 } else {
                     Family::Ipv4
                 },
-                &info.dst_addr,
+                info.dst_addr,
                 info.dst_port
             )
         ),
@@ -955,6 +1319,10 @@ fn qualify(
         Answer::Key(k) => {
             bump(&STATS.allowed);
             Ok(Granted::Key(k))
+        }
+        Answer::Grant(g) => {
+            bump(&STATS.allowed);
+            Ok(Granted::Grant(g, sha256))
         }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),
         Answer::TimedOut => Err(Ok(Refusal::TimedOut)),
@@ -1318,7 +1686,7 @@ struct UnixConnection<'a> {
     peer_pid: u32,
 }
 
-impl core::fmt::Display for UnixConnection<'_> {
+impl core::fmt::Display for UnixConnection {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "pid {} -> ", self.pid)?;
         for &b in self.path.iter().take(256) {
@@ -1456,6 +1824,10 @@ fn unix_qualify(s: &Shared, info: &UnixInfo, path: &[u8]) -> Result<(), Result<R
         // Not an answer to a UNIX connect.
         Answer::Key(mut k) => {
             k.wipe();
+            Err(Ok(Refusal::Denied))
+        }
+        Answer::Grant(mut g) => {
+            g.wipe();
             Err(Ok(Refusal::Denied))
         }
         Answer::NoAgent => Err(Ok(Refusal::NoAgent)),

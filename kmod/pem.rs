@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     pub(crate) unix_rounds: net::UnixRounds,
     #[pin]
     pub(crate) files: files::Files,
+    #[pin]
+    pub(crate) v2: tickets::V2,
 }
 
 /// The state the C callbacks (file operations, binfmt handler) reach.
@@ -158,6 +160,7 @@ impl kernel::Module for Trustbind {
         let loader = exec::LoaderState::new()?;
         let bound = net::Bound::new()?;
         let file_state = files::Files::new()?;
+        let v2 = tickets::V2::new()?;
         let shared = KBox::pin_init(
             try_pin_init!(Shared {
                 hashers,
@@ -170,6 +173,7 @@ impl kernel::Module for Trustbind {
                 deferred <- net::Deferred::new(),
                 unix_rounds <- net::UnixRounds::new(),
                 files <- file_state,
+                v2 <- v2,
             }? Error),
             GFP_KERNEL,
         )?;
@@ -266,6 +270,14 @@ impl kernel::Module for Trustbind {
             (c_str!("file_unreadable"), &files::STATS.refusals.unreadable),
             (c_str!("file_busy"), &files::STATS.refusals.busy),
             (c_str!("ticket_self_test"), &tickets::SELF_TEST),
+            (c_str!("v2_grants_received"), &tickets::STATS.grants_received),
+            (c_str!("v2_grant_hits"), &tickets::STATS.grant_hits),
+            (c_str!("v2_tickets_sent"), &tickets::STATS.tickets_sent),
+            (c_str!("v2_tickets_accepted"), &tickets::STATS.tickets_accepted),
+            (c_str!("v2_tickets_refused"), &tickets::STATS.tickets_refused),
+            (c_str!("v2_tickets_absent"), &tickets::STATS.tickets_absent),
+            (c_str!("v2_listens_registered"), &tickets::STATS.listens_registered),
+            (c_str!("v2_grants_dropped"), &tickets::STATS.grants_dropped),
         ]);
         let loader = LoaderHooks::new()?;
         let exec = ExecRegistration::new();

@@ -6,14 +6,23 @@
 //! layouts and the HKDF construction `proto::ticket` and `proto::hkdf`
 //! define once for the module and the appliance.
 //!
-//! Not yet on any connection's path: the listen hook, the grants cache
-//! and the in-band ticket are still to come. What runs today is
-//! [`self_test`] at load: the crypto API must reproduce the known answer
-//! the appliance's reference made (`proto::ticket_kat`), or no ticket is
-//! ever opened (`ticket_self_test` in debugfs: 1 passed, 2 failed).
+//! [`V2`] keeps what the paths in `net.rs` need between connections:
+//! this host's keys and the appliance's revocations (sealed orders), the
+//! client's grants and the registered services (`proto::grants`).
+//!
+//! [`self_test`] runs at load: the crypto API must reproduce the known
+//! answer the appliance's reference made (`proto::ticket_kat`), or no
+//! ticket is ever opened (`ticket_self_test` in debugfs: 1 passed, 2
+//! failed) and accepts ask the appliance as v1's do.
 
 use core::sync::atomic::{AtomicU64, Ordering};
+use kernel::new_spinlock;
 use kernel::prelude::*;
+use kernel::sync::SpinLock;
+
+use crate::proto::grants::{Entry, GrantKey, Grants, Revoked, Services};
+use crate::proto::ticket::{HostKeys, Revocations};
+use crate::proto::Grant;
 
 use crate::proto::hkdf::{self, HkdfError};
 use crate::proto::ticket::{self, Addr, Direction, Message, Ticket, CLIENT_NONCE_LEN, CONN_MATERIAL_LEN};
@@ -141,5 +150,160 @@ pub(crate) fn self_test() {
     match r {
         Ok(()) => pr_info!("channel tickets: known answer passed (HKDF-SHA256, AES-256-GCM via the crypto API)\n"),
         Err(e) => pr_err!("channel tickets: known answer FAILED ({e:?}): no ticket will be opened\n"),
+    }
+}
+
+/// Grants a client keeps at most (about 600 bytes each).
+const GRANTS: usize = 64;
+/// Registered services at most.
+const SERVICES: usize = 64;
+
+/// Channel keys v2's state between connections.
+#[pin_data]
+pub(crate) struct V2 {
+    /// This host's keys (current and previous epoch), from the sealed
+    /// order; `None` before the first.
+    #[pin]
+    keys: SpinLock<Option<HostKeys>>,
+    #[pin]
+    revoked: SpinLock<Revoked<KVec<u8>>>,
+    #[pin]
+    grants: SpinLock<Grants<KVec<Option<Entry>>>>,
+    #[pin]
+    services: SpinLock<Services<SERVICES>>,
+}
+
+/// What v2 did since load (debugfs `v2_*`).
+pub(crate) struct Stats {
+    /// Grants received from the appliance.
+    pub(crate) grants_received: AtomicU64,
+    /// Connects keyed from a cached grant (no appliance round trip).
+    pub(crate) grant_hits: AtomicU64,
+    /// Tickets sent (client).
+    pub(crate) tickets_sent: AtomicU64,
+    /// Tickets accepted and keyed (server).
+    pub(crate) tickets_accepted: AtomicU64,
+    /// Tickets refused (server): the connection was reset.
+    pub(crate) tickets_refused: AtomicU64,
+    /// Accepts on a registered service whose client sent no ticket
+    /// (asked as v1).
+    pub(crate) tickets_absent: AtomicU64,
+    /// Listens registered with the appliance.
+    pub(crate) listens_registered: AtomicU64,
+    /// Grants dropped by a generation or a revocation.
+    pub(crate) grants_dropped: AtomicU64,
+}
+
+pub(crate) static STATS: Stats = Stats {
+    grants_received: AtomicU64::new(0),
+    grant_hits: AtomicU64::new(0),
+    tickets_sent: AtomicU64::new(0),
+    tickets_accepted: AtomicU64::new(0),
+    tickets_refused: AtomicU64::new(0),
+    tickets_absent: AtomicU64::new(0),
+    listens_registered: AtomicU64::new(0),
+    grants_dropped: AtomicU64::new(0),
+};
+
+fn count(c: &AtomicU64, n: usize) {
+    // CAST: a count of grants, at most GRANTS.
+    c.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+impl V2 {
+    /// Nothing yet; the grants' and revocations' storage allocated here
+    /// (about 46 KiB), never on a connection's path.
+    pub(crate) fn new() -> Result<impl PinInit<Self, Error>> {
+        let mut slots = KVec::with_capacity(GRANTS, GFP_KERNEL)?;
+        for _ in 0..GRANTS {
+            slots.push(None, GFP_KERNEL)?;
+        }
+        let mut buf = KVec::new();
+        buf.extend_with(ticket::MAX_REVOCATIONS_LEN, 0u8, GFP_KERNEL)?;
+        let revoked = Revoked::new(buf).ok_or(EINVAL)?;
+        Ok(try_pin_init!(Self {
+            keys <- new_spinlock!(None, "trustbind_v2_keys"),
+            revoked <- new_spinlock!(revoked, "trustbind_v2_revoked"),
+            grants <- new_spinlock!(Grants::new(slots), "trustbind_v2_grants"),
+            services <- new_spinlock!(Services::new(), "trustbind_v2_services"),
+        }? Error))
+    }
+
+    /// Whether tickets can be opened here: the known answer passed and
+    /// the appliance gave this host its keys.
+    pub(crate) fn serving(&self) -> bool {
+        SELF_TEST.load(Ordering::Acquire) == 1 && self.keys.lock().is_some()
+    }
+
+    /// Replaces this host's keys (the old ones wiped).
+    pub(crate) fn set_keys(&self, mut k: HostKeys) {
+        let mut g = self.keys.lock();
+        if let Some(old) = g.as_mut() {
+            old.wipe();
+        }
+        *g = Some(k);
+        drop(g);
+        k.wipe();
+    }
+
+    /// A copy of this host's keys (the caller wipes it).
+    pub(crate) fn keys(&self) -> Option<HostKeys> {
+        *self.keys.lock()
+    }
+
+    /// Takes the appliance's revocations: kept for the server's checks,
+    /// and the client's grants they name dropped.
+    pub(crate) fn set_revocations(&self, r: &Revocations<'_>) {
+        let own = self.keys.lock().map(|k| k.host);
+        self.revoked.lock().set(r);
+        count(&STATS.grants_dropped, self.grants.lock().revoke(r, own.as_ref()));
+    }
+
+    /// The policy generation moved: grants decided before are dropped.
+    pub(crate) fn set_generation(&self, generation: u64) {
+        count(&STATS.grants_dropped, self.grants.lock().drop_below(generation));
+    }
+
+    /// The agent left or the mode changed: grants are dropped (a new
+    /// session asks again).
+    pub(crate) fn forget_grants(&self) {
+        count(&STATS.grants_dropped, self.grants.lock().clear());
+    }
+
+    /// The lowest valid generation and whether a ticket is revoked.
+    pub(crate) fn min_generation(&self) -> u64 {
+        self.revoked.lock().min_generation()
+    }
+
+    pub(crate) fn revoked(&self, host: &[u8; ticket::HOST_ID_LEN], id: &[u8; ticket::TICKET_ID_LEN]) -> bool {
+        self.revoked.lock().revoked(host, id)
+    }
+
+    /// A copy of the grant for `key`, if one is held and valid now.
+    pub(crate) fn grant(&self, key: &GrantKey) -> Option<Grant> {
+        let now = sys::now_ms();
+        self.grants.lock().find(key, now)
+    }
+
+    /// Keeps a grant the appliance just gave (unless its generation is
+    /// already revoked).
+    pub(crate) fn keep(&self, key: GrantKey, g: Grant) {
+        count(&STATS.grants_received, 1);
+        if g.generation < self.min_generation() {
+            return;
+        }
+        let now = sys::now_ms();
+        self.grants.lock().insert(key, g, now);
+    }
+
+    /// Registers a port a listen of this host may serve channels on.
+    pub(crate) fn register(&self, port: u16) {
+        count(&STATS.listens_registered, 1);
+        self.services.lock().register(port);
+    }
+
+    /// Whether accepts on `port` look for a ticket.
+    pub(crate) fn serves(&self, port: u16) -> bool {
+        self.services.lock().serves(port)
     }
 }

@@ -1356,7 +1356,7 @@ int tb_ktls_install(struct socket *sock, struct tb_channel_key *key)
 	struct tls12_crypto_info_aes_gcm_256 ci;
 	int err;
 
-	BUILD_BUG_ON(sizeof(ci.key) != sizeof(key->key));
+	BUILD_BUG_ON(sizeof(ci.key) != sizeof(key->tx_key));
 	BUILD_BUG_ON(sizeof(ci.salt) != sizeof(key->tx_salt));
 	BUILD_BUG_ON(sizeof(ci.iv) != sizeof(key->tx_iv));
 	memset(&ci, 0, sizeof(ci));
@@ -1367,13 +1367,14 @@ int tb_ktls_install(struct socket *sock, struct tb_channel_key *key)
 		goto out;
 	ci.info.version = key->tls12 ? TLS_1_2_VERSION : TLS_1_3_VERSION;
 	ci.info.cipher_type = TLS_CIPHER_AES_GCM_256;
-	memcpy(ci.key, key->key, sizeof(ci.key));
+	memcpy(ci.key, key->tx_key, sizeof(ci.key));
 	memcpy(ci.salt, key->tx_salt, sizeof(ci.salt));
 	memcpy(ci.iv, key->tx_iv, sizeof(ci.iv));
 	err = sock->ops->setsockopt(sock, SOL_TLS, TLS_TX, KERNEL_SOCKPTR(&ci),
 				    sizeof(ci));
 	if (err)
 		goto out;
+	memcpy(ci.key, key->rx_key, sizeof(ci.key));
 	memcpy(ci.salt, key->rx_salt, sizeof(ci.salt));
 	memcpy(ci.iv, key->rx_iv, sizeof(ci.iv));
 	err = sock->ops->setsockopt(sock, SOL_TLS, TLS_RX, KERNEL_SOCKPTR(&ci),
@@ -1381,6 +1382,108 @@ int tb_ktls_install(struct socket *sock, struct tb_channel_key *key)
 out:
 	memzero_explicit(&ci, sizeof(ci));
 	memzero_explicit(key, sizeof(*key));
+	return err;
+}
+
+int tb_ticket_send(struct socket *sock, const u8 *buf, u32 len)
+{
+	struct kvec v = { .iov_base = (void *)buf, .iov_len = len };
+	struct msghdr msg = { .msg_flags = MSG_DONTWAIT | MSG_NOSIGNAL };
+	int sent;
+
+	iov_iter_kvec(&msg.msg_iter, ITER_SOURCE, &v, 1, len);
+	lock_sock(sock->sk);
+	/* Called from this module: the tcp_sendmsg_locked() hook lets it
+	 * through although the socket is held. */
+	sent = tcp_sendmsg_locked(sock->sk, &msg, len);
+	release_sock(sock->sk);
+	if (sent < 0)
+		return sent;
+	return (u32)sent == len ? 0 : -EAGAIN;
+}
+
+void tb_tcp_isns(struct socket *sock, u32 *local, u32 *remote)
+{
+	const struct tcp_sock *tp = tcp_sk(sock->sk);
+
+	lock_sock(sock->sk);
+	*local = READ_ONCE(tp->write_seq) - 1;
+	*remote = READ_ONCE(tp->copied_seq) - 1;
+	release_sock(sock->sk);
+}
+
+static int tb_recv(struct socket *sock, u8 *buf, u32 len, int flags)
+{
+	struct kvec v = { .iov_base = buf, .iov_len = len };
+	struct msghdr msg = { 0 };
+
+	return kernel_recvmsg(sock, &msg, &v, 1, len, flags | MSG_WAITALL);
+}
+
+int tb_ticket_read(struct socket *sock, u8 *buf, u32 len, const u8 *magic,
+		   u32 timeout_ms)
+{
+	struct sock *sk = sock->sk;
+	long saved = READ_ONCE(sk->sk_rcvtimeo);
+	int n, err;
+
+	if (len < 4)
+		return -EINVAL;
+	/* The program has not got the socket yet: its timeout is ours. */
+	WRITE_ONCE(sk->sk_rcvtimeo, msecs_to_jiffies(timeout_ms) ?: 1);
+	n = tb_recv(sock, buf, 4, MSG_PEEK);
+	if (n == 4 && memcmp(buf, magic, 4)) {
+		err = 0;
+		goto out;
+	}
+	if (n != 4) {
+		/* Nothing (or less than the magic) in time: no ticket. */
+		err = n < 0 && n != -EAGAIN ? n : -ETIMEDOUT;
+		goto out;
+	}
+	/* A ticket: all of it must come now (a stream cut short in it is
+	 * refused, never asked about as if none came). */
+	n = tb_recv(sock, buf, len, 0);
+	err = n >= 0 && (u32)n == len ? 1 : -EPROTO;
+out:
+	WRITE_ONCE(sk->sk_rcvtimeo, saved);
+	return err;
+}
+
+void tb_random(u8 *buf, u32 len)
+{
+	get_random_bytes(buf, len);
+}
+
+u64 tb_real_seconds(void)
+{
+	return ktime_get_real_seconds();
+}
+
+int tb_listen_info(struct socket *sock, struct tb_net_info *info)
+{
+	struct sock *sk = sock->sk;
+
+	memset(info, 0, sizeof(*info));
+	if (!tb_net_watched(sk) || sk->sk_protocol != IPPROTO_TCP ||
+	    READ_ONCE(sk->sk_state) != TCP_LISTEN)
+		return 0;
+	info->kind = TB_NET_LISTEN;
+	info->family = sk->sk_family == AF_INET6 ? 6 : 4;
+	tb_sock_end(sk, false, info->dst_addr, &info->dst_port);
+	TB_FILL_TASK(info);
+	info->net = sock_net(sk)->net_cookie;
+	info->sock = sock;
+	return 1;
+}
+
+static int tb_inet_listen(struct socket *sock, int backlog)
+{
+	int err = inet_listen(sock, backlog);
+
+	if (!err)
+		trustbind_listen(sock);
+	tb_net_leave();
 	return err;
 }
 
@@ -2169,6 +2272,12 @@ static struct ftrace_ops tb_connect_ops = {
 	.private = tb_inet_stream_connect,
 };
 
+static struct ftrace_ops tb_listen_ops = {
+	.func = tb_net_redirect,
+	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
+	.private = tb_inet_listen,
+};
+
 static struct ftrace_ops tb_accept_ops = {
 	.func = tb_net_redirect,
 	.flags = FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_PERMANENT,
@@ -2321,9 +2430,14 @@ int tb_net_hooks_start(void)
 	err = tb_hook_one(&tb_poll_ops, "tcp_poll");
 	if (err)
 		goto unhook_getsockopt;
+	err = tb_hook_one(&tb_listen_ops, "inet_listen");
+	if (err)
+		goto unhook_poll;
 	err = tb_mptcp_hook_start();
 	if (!err)
 		return 0;
+	tb_unhook_one(&tb_listen_ops);
+unhook_poll:
 	tb_unhook_one(&tb_poll_ops);
 unhook_getsockopt:
 	tb_unhook_one(&tb_getsockopt_ops);
@@ -2348,6 +2462,7 @@ void tb_net_hooks_stop(void)
 {
 	if (tb_mptcp_accept_orig)
 		tb_unhook_one(&tb_mptcp_accept_ops);
+	tb_unhook_one(&tb_listen_ops);
 	tb_unhook_one(&tb_poll_ops);
 	tb_unhook_one(&tb_getsockopt_ops);
 	tb_unhook_one(&tb_close_ops);

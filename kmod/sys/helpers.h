@@ -180,7 +180,8 @@ struct tb_net_info {
 
 /* The key material of one channel from this end's point of view. */
 struct tb_channel_key {
-	u8 key[32];		/* AES-256-GCM, both directions */
+	u8 tx_key[32];		/* AES-256-GCM, what this end sends */
+	u8 rx_key[32];		/* and what it receives (v1: the same key) */
 	u8 tx_salt[4];
 	u8 tx_iv[8];
 	u8 rx_salt[4];
@@ -201,6 +202,34 @@ int tb_ktls_prepare(struct socket *sock);
  * once TLS_RX is set. Zeroes *key (and its own copies) before returning.
  * 0 or -errno (a partly bound socket must then be reset). */
 int tb_ktls_install(struct socket *sock, struct tb_channel_key *key);
+
+/* Channel keys v2 (kmod/tickets.rs, docs/CHANNEL-KEYS-V2.md). */
+#define TB_NET_LISTEN 4
+/* Sends len bytes of buf on the connected socket as plain TCP (the
+ * module's own ticket, before any key: tcp_sendmsg_locked() called from
+ * here, so the held-send hook lets it through). 0 once all are queued,
+ * else -errno. Process context. */
+int tb_ticket_send(struct socket *sock, const u8 *buf, u32 len);
+/* The connection's initial sequence numbers, this end's and the peer's,
+ * as long as nothing was sent or read yet (write_seq - 1, copied_seq - 1).
+ * Process context. */
+void tb_tcp_isns(struct socket *sock, u32 *local, u32 *remote);
+/* Reads the stream's first len bytes into buf if they start with magic
+ * (4 bytes), waiting at most timeout_ms for each part: 1 read (consumed),
+ * 0 the stream starts otherwise (nothing consumed), -ETIMEDOUT when not
+ * even the magic came (nothing consumed), -EPROTO when the rest did not
+ * (part consumed), or -errno. Process context. */
+int tb_ticket_read(struct socket *sock, u8 *buf, u32 len, const u8 *magic,
+		   u32 timeout_ms);
+/* Random bytes (get_random_bytes). */
+void tb_random(u8 *buf, u32 len);
+/* Wall-clock seconds (ktime_get_real_seconds). */
+u64 tb_real_seconds(void);
+/* A listening socket's local end into info (kind TB_NET_LISTEN, the
+ * current task); 0 when it is no watched TCP listener. */
+int tb_listen_info(struct socket *sock, struct tb_net_info *info);
+/* Implemented in Rust (net.rs): a listen() that succeeded. */
+void trustbind_listen(struct socket *sock);
 /* Aborts a TCP connection: a reset is sent if it was synchronised, and the
  * socket reports err. */
 void tb_sock_abort(struct socket *sock, int err);

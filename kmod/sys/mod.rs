@@ -94,6 +94,8 @@ pub(crate) use bindings::tb_net_info as NetInfo;
 pub(crate) const NET_CONNECT: u32 = bindings::TB_NET_CONNECT;
 /// `NetInfo::kind` of a bound connect once established.
 pub(crate) const NET_ESTABLISHED: u32 = bindings::TB_NET_ESTABLISHED;
+/// `NetInfo::kind` of a listen (channel keys v2).
+pub(crate) const NET_LISTEN: u32 = bindings::TB_NET_LISTEN;
 
 /// `ECONNRESET` (not among the kernel crate's named codes in 6.12).
 pub(crate) fn econnreset() -> Error {
@@ -380,20 +382,138 @@ pub(crate) fn ktls_prepare(info: &NetInfo) -> Result {
 /// (TLS 1.3 AES-256-GCM, both directions). Every copy of the key material
 /// made here is zeroed before returning, whatever the outcome; on an error
 /// the socket may be partly bound and must be reset.
-pub(crate) fn ktls_install(info: &NetInfo, key: &crate::proto::ChannelKey) -> Result {
+pub(crate) fn ktls_install(info: &NetInfo, keys: &KtlsKeys) -> Result {
     let mut raw = bindings::tb_channel_key {
-        key: key.key,
-        tx_salt: key.tx_salt,
-        tx_iv: key.tx_iv,
-        rx_salt: key.rx_salt,
-        rx_iv: key.rx_iv,
-        tls12: u8::from(key.tls == crate::proto::ChannelTls::Tls12),
+        tx_key: keys.tx.key,
+        rx_key: keys.rx.key,
+        tx_salt: keys.tx.salt,
+        tx_iv: keys.tx.iv,
+        rx_salt: keys.rx.salt,
+        rx_iv: keys.rx.iv,
+        tls12: u8::from(keys.tls12),
     };
     // SAFETY: `info.sock` is the live socket of the connect or accept
     // wrapper running this call (it holds a reference on it until it
     // returns); `raw` is a valid, exclusive key the helper zeroes. Process
     // context, no spinlock held (the wrappers' contract).
     to_result(unsafe { tb_ktls_install(info.sock, &mut raw) })
+}
+
+/// One channel's kTLS material from this end's point of view: v1's key
+/// serves both directions, v2 derives one per direction.
+pub(crate) struct KtlsKeys {
+    pub(crate) tx: crate::proto::ticket::Direction,
+    pub(crate) rx: crate::proto::ticket::Direction,
+    pub(crate) tls12: bool,
+}
+
+impl KtlsKeys {
+    /// A v1 channel key's material.
+    pub(crate) fn of_v1(k: &crate::proto::ChannelKey) -> KtlsKeys {
+        use crate::proto::ticket::Direction;
+        KtlsKeys {
+            tx: Direction {
+                key: k.key,
+                salt: k.tx_salt,
+                iv: k.tx_iv,
+            },
+            rx: Direction {
+                key: k.key,
+                salt: k.rx_salt,
+                iv: k.rx_iv,
+            },
+            tls12: k.tls == crate::proto::ChannelTls::Tls12,
+        }
+    }
+
+    /// Overwrites both directions with zeros.
+    pub(crate) fn wipe(&mut self) {
+        for d in [&mut self.tx, &mut self.rx] {
+            wipe(&mut d.key);
+            wipe(&mut d.salt);
+            wipe(&mut d.iv);
+        }
+    }
+}
+
+impl Drop for KtlsKeys {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
+/// Sends `buf` on the connected socket `info` names as plain TCP, past
+/// its hold (the module's own ticket, before any key). Process context.
+pub(crate) fn ticket_send(info: &NetInfo, buf: &[u8]) -> Result {
+    let len = u32::try_from(buf.len()).map_err(|_| EINVAL)?;
+    // SAFETY: `info.sock` is the live, connected socket of the connect
+    // wrapper running this call (it holds a reference on it until it
+    // returns); `buf` is valid for `len` bytes. Process context.
+    to_result(unsafe { tb_ticket_send(info.sock, buf.as_ptr(), len) })
+}
+
+/// The connection's initial sequence numbers (this end's, the peer's),
+/// read before anything was sent or read on it. Process context.
+pub(crate) fn tcp_isns(info: &NetInfo) -> (u32, u32) {
+    let (mut local, mut remote) = (0u32, 0u32);
+    // SAFETY: `info.sock` is the live, connected socket of the wrapper or
+    // worker running this call; both out-pointers are valid. Process
+    // context.
+    unsafe { tb_tcp_isns(info.sock, &mut local, &mut remote) };
+    (local, remote)
+}
+
+/// What [`ticket_read`] found at the start of the stream.
+pub(crate) enum TicketRead {
+    /// The message, read (consumed).
+    Read,
+    /// The stream starts otherwise: not a v2 client (nothing consumed).
+    Other,
+}
+
+/// Reads a whole ticket message (`buf.len()` bytes) from the start of
+/// the accepted stream `info` names, waiting at most `timeout_ms`.
+/// Process context, no lock held.
+pub(crate) fn ticket_read(info: &NetInfo, buf: &mut [u8], timeout_ms: u32) -> Result<TicketRead> {
+    let len = u32::try_from(buf.len()).map_err(|_| EINVAL)?;
+    let magic = crate::proto::ticket::MAGIC;
+    // SAFETY: `info.sock` is the live accepted socket of the wrapper or
+    // worker running this call, which the program does not have yet;
+    // `buf` is valid and exclusive for `len` bytes, `magic` for 4.
+    // Process context, no lock held (it may sleep).
+    let r = unsafe { tb_ticket_read(info.sock, buf.as_mut_ptr(), len, magic.as_ptr(), timeout_ms) };
+    match r {
+        1 => Ok(TicketRead::Read),
+        0 => Ok(TicketRead::Other),
+        e => Err(Error::from_errno(e)),
+    }
+}
+
+/// Fills `buf` with random bytes.
+pub(crate) fn random(buf: &mut [u8]) {
+    // CAST: callers pass small buffers (nonces).
+    let len = buf.len() as u32;
+    // SAFETY: `buf` is valid and exclusive for `len` bytes.
+    unsafe { tb_random(buf.as_mut_ptr(), len) }
+}
+
+/// Wall-clock seconds (Unix time).
+pub(crate) fn real_seconds() -> u64 {
+    // SAFETY: Reading the clock has no precondition.
+    unsafe { tb_real_seconds() }
+}
+
+/// A `listen()` that succeeded, inside its wrapper: the socket is the
+/// wrapper's, live for the call; process context, no lock held.
+#[no_mangle]
+unsafe extern "C" fn trustbind_listen(sock: *mut bindings::socket) {
+    let mut info = NetInfo::default();
+    // SAFETY: `sock` is the wrapper's live listening socket; `info` is a
+    // valid place for the result.
+    if unsafe { tb_listen_info(sock, &mut info) } == 0 {
+        return;
+    }
+    let _ = crate::SHARED.with(|s| crate::net::listen(s, &mut info));
 }
 
 /// An owned reference on a socket (`sock_hold`), put when dropped.

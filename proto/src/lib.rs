@@ -1163,6 +1163,12 @@ impl fmt::Debug for Grant {
 /// protocol version never sees a kind it does not know.
 pub const AGENT_VERSION_CLOSE_RECORDS: u32 = 0x0001_0100;
 
+/// The first `Hello::agent_version` that carries channel keys v2: it
+/// answers [`NetKind::Listen`] through the appliance's registration (not
+/// as a plain accept), carries [`Grant`] answers, and relays host keys
+/// and revocations. The module asks `Listen` only of such an agent.
+pub const AGENT_VERSION_TICKETS: u32 = 0x0001_0200;
+
 /// Which end of a channel a host's socket is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -2276,6 +2282,7 @@ pub mod deferred;
 pub mod elf;
 pub mod fairq;
 pub mod files;
+pub mod grants;
 pub mod hkdf;
 pub mod hold;
 pub mod lineage;

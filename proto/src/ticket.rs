@@ -156,6 +156,26 @@ pub enum TicketError {
     Revoked,
 }
 
+impl TicketError {
+    /// A short reason for log lines and audit.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TicketError::NotATicket => "not a ticket",
+            TicketError::Version(_) => "unknown version",
+            TicketError::Length(_) => "wrong length",
+            TicketError::Flags(_) => "unknown flags",
+            TicketError::Count => "a count over its maximum",
+            TicketError::WrongHost => "names another host",
+            TicketError::WrongPort => "for another port",
+            TicketError::WrongProgram => "the accepting program is not one it allows",
+            TicketError::WrongPeer => "the peer is none of the client's addresses",
+            TicketError::Expired => "expired",
+            TicketError::OldGeneration => "issued under a generation no longer valid",
+            TicketError::Revoked => "revoked",
+        }
+    }
+}
+
 /// A whole message, split (borrowed from the stream's bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Message<'a> {

@@ -34,7 +34,7 @@ use trustbind_qemu_tests::{Admin, ApplianceImage, Artifacts, Boot, Network, Vm};
 use crate::common::{self, enrol_host, export_audit, wait_for};
 
 /// The service port of the test.
-const PORT: u16 = 7200;
+pub(crate) const PORT: u16 = 7200;
 
 /// Plaintext marker: in the file sent, never on the wire.
 const CANARY: &str = "TRUSTBIND-CHANNEL-CANARY";

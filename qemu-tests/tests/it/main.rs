@@ -8,6 +8,7 @@ mod attacks;
 mod bench;
 mod bench_channel;
 mod channel_e2e;
+mod channel_v2;
 mod common;
 mod deb;
 mod e2e;

@@ -2228,6 +2228,65 @@ mod tests {
         );
     }
 
+    /// A listen is asked of `Agent.Listen` with the module's record and
+    /// the session only when there is a record.
+    #[test]
+    fn listens_are_spelled_for_the_appliance() {
+        let mut e = ev(NetKind::Listen, "0.0.0.0", 0);
+        let r = listen_request_of(&e, "postgres".into(), vec![4; 64]);
+        assert_eq!(r.port, 5432);
+        assert_eq!(r.program.unwrap().sha256, vec![0xab; 32]);
+        assert_eq!(r.subject.unwrap().user, "postgres");
+        assert!(r.module_request.is_empty() && r.module_session.is_empty());
+        e.module_request = vec![1, 2, 3];
+        let r = listen_request_of(&e, "postgres".into(), vec![4; 64]);
+        assert_eq!(
+            (r.module_request, r.module_session),
+            (vec![1, 2, 3], vec![4; 64])
+        );
+    }
+
+    /// A result with a grant (a module without a session) is written as a
+    /// bare grant; a sealed answer is kept as it is; a grant that makes no
+    /// record is a deny.
+    #[test]
+    fn grants_in_results_become_the_modules_grant_or_a_deny() {
+        use trustbind_proto::ticket::{GCM_NONCE_LEN, GCM_TAG_LEN, PLAIN_LEN};
+        let reply = pb::GrantReply {
+            granted: true,
+            ticket: vec![1; GCM_NONCE_LEN + PLAIN_LEN + GCM_TAG_LEN],
+            epoch: 3,
+            pair_secret: vec![9; 32],
+            expires_s: 100,
+            generation: 5,
+            ticket_id: vec![2; 16],
+            valid_s: 60,
+            ..pb::GrantReply::default()
+        };
+        let e = ev(NetKind::Connect, "0.0.0.0", 0);
+        let mut r = result(pb::Verdict::AllowWithConditions, true, 0);
+        r.grant = Some(reply.clone());
+        let (answer, _, sealed, grant) = net_plan(&e, r);
+        let Some(g) = grant else { panic!("no grant") };
+        assert_eq!((g.pair_secret, g.epoch, g.valid_s), ([9; 32], 3, 60));
+        assert!(sealed.is_empty());
+        assert!(matches!(answer, tbm::Answer::Verdict(v) if v.decision != Decision::Deny));
+        // Sealed: the answer as it came, no grant of the agent's making.
+        let mut r = result(pb::Verdict::AllowWithConditions, true, 0);
+        r.module_answer = vec![7; 40];
+        let (_, _, sealed, grant) = net_plan(&e, r);
+        assert_eq!((sealed, grant), (vec![7; 40], None));
+        // A ticket cut short: refused.
+        let mut r = result(pb::Verdict::AllowWithConditions, true, 0);
+        r.grant = Some(pb::GrantReply {
+            ticket: vec![1; 5],
+            ..reply
+        });
+        let (answer, why, _, grant) = net_plan(&e, r);
+        assert!(grant.is_none() && why.contains("not usable"), "{why}");
+        assert!(matches!(answer, tbm::Answer::Verdict(v) if v.decision == Decision::Deny));
+    }
+
     #[test]
     fn the_net_margin_is_bounded() {
         assert_eq!(

@@ -436,7 +436,14 @@ impl DeviceWriter {
     /// (`trustbind_proto::seal`). `Ok(false)` if the module no longer
     /// waits for the request it answers (`ENOENT`).
     pub fn sealed(&mut self, bytes: &[u8], what: &'static str) -> Result<bool, DeviceError> {
-        match self.file.write_all(bytes) {
+        let written = self.file.write_all(bytes);
+        self.answered(written, what)
+    }
+
+    /// What the write of an answer did: `Ok(false)` if the module no
+    /// longer waits for the request it answers (`ENOENT`).
+    fn answered(&self, written: io::Result<()>, what: &'static str) -> Result<bool, DeviceError> {
+        match written {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(source) => Err(DeviceError::Io {
@@ -474,22 +481,64 @@ impl DeviceWriter {
     pub fn channel_key(&mut self, id: u64, key: &mut ChannelKey) -> Result<bool, DeviceError> {
         let mut rec = Record::ChannelKey(key.clone());
         key.wipe();
-        let buf = encode(&rec, id);
+        let written = self.send_secret(&rec, id, "write ChannelKey");
         if let Record::ChannelKey(k) = &mut rec {
             k.wipe();
         }
-        let mut buf = buf?;
+        written
+    }
+
+    /// Writes `rec`, which holds key material, with request id `id`, and
+    /// wipes its encoding. `Ok(false)` if the module no longer waits for
+    /// the request it answers (`ENOENT`).
+    fn send_secret(
+        &mut self,
+        rec: &Record<'_>,
+        id: u64,
+        what: &'static str,
+    ) -> Result<bool, DeviceError> {
+        let mut buf = encode(rec, id)?;
         let written = self.file.write_all(&buf);
         buf.zeroize();
-        match written {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(DeviceError::Io {
-                path: self.path.clone(),
-                what: "write ChannelKey",
-                source,
-            }),
+        self.answered(written, what)
+    }
+
+    /// Answers connect `id` with the channel keys v2 grant `grant` (an
+    /// unsealed one: a module without an authority key), then wipes its
+    /// pair secret and the encoded copy. `Ok(false)` if the module no
+    /// longer waits for it.
+    pub fn grant(&mut self, id: u64, grant: &mut proto::Grant) -> Result<bool, DeviceError> {
+        let mut rec = Record::Grant(grant.clone());
+        grant.wipe();
+        let written = self.send_secret(&rec, id, "write Grant");
+        if let Record::Grant(g) = &mut rec {
+            g.wipe();
         }
+        written
+    }
+
+    /// Gives a module without an authority key this host's channel keys
+    /// v2 host keys: `record` is a `proto::ticket::HostKeys` record as the
+    /// appliance pushed it. Every copy of the keys made here is wiped.
+    pub fn host_keys(&mut self, record: &[u8]) -> Result<(), DeviceError> {
+        let keys = proto::ticket::HostKeys::decode(record)
+            .map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
+        let mut rec = Record::HostKeys(keys);
+        let written = self.send_secret(&rec, 6, "write HostKeys");
+        if let Record::HostKeys(k) = &mut rec {
+            k.key.zeroize();
+            k.prev_key.zeroize();
+        }
+        written.map(drop)
+    }
+
+    /// Gives a module without an authority key the channel keys v2
+    /// revocations in force (`record`: a `proto::ticket::Revocations`
+    /// record as the appliance pushed it).
+    pub fn revocations(&mut self, record: &[u8]) -> Result<(), DeviceError> {
+        let r = proto::ticket::Revocations::decode(record)
+            .map_err(|e| DeviceError::Decode(e, self.path.clone()))?;
+        self.send(&Record::Revocations(r), 7, "write Revocations")
     }
 
     /// Sets the module's mode and verdict wait, and whether it asks this
@@ -734,5 +783,53 @@ mod tests {
             .collect();
         assert!(w.file_sets(&many).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+
+    /// The bare channel keys v2 records a module without an authority key
+    /// is given: as the appliance's records say, the caller's copies of
+    /// the secrets wiped; a record that does not decode is not written.
+    #[test]
+    fn channel_keys_v2_records_are_written_as_the_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let mut w = DeviceWriter {
+            path: path.clone(),
+            file: File::create(&path).unwrap(),
+        };
+        let keys = proto::ticket::HostKeys {
+            host: [1; 16],
+            epoch: 9,
+            key: [2; 32],
+            prev_epoch: 8,
+            prev_key: [3; 32],
+        };
+        w.host_keys(&keys.encode()).unwrap();
+        let mut revoked = vec![0u8; proto::ticket::MAX_REVOCATIONS_LEN];
+        let n = proto::ticket::Revocations::encode(5, &[[4; 16]], &[], &mut revoked).unwrap();
+        w.revocations(&revoked[..n]).unwrap();
+        let mut grant = proto::Grant {
+            ticket_id: [5; 16],
+            pair_secret: [6; 32],
+            expires_s: 100,
+            valid_s: 60,
+            generation: 5,
+            epoch: 9,
+            tls: proto::ChannelTls::Tls13,
+            idle_timeout_s: 0,
+            gcm_nonce: [7; proto::ticket::GCM_NONCE_LEN],
+            ciphertext: [8; proto::ticket::PLAIN_LEN],
+            tag: [9; proto::ticket::GCM_TAG_LEN],
+        };
+        let want = grant.clone();
+        assert!(w.grant(41, &mut grant).unwrap());
+        assert_eq!(grant.pair_secret, [0; 32], "the caller's copy is wiped");
+        assert!(w.host_keys(&[0; 5]).is_err());
+        let bytes = std::fs::read(&path).unwrap();
+        // The three records, one after the other, as the module reads them.
+        let revocations = proto::ticket::Revocations::decode(&revoked[..n]).unwrap();
+        let mut want_bytes = encode(&Record::HostKeys(keys), 6).unwrap();
+        want_bytes.extend(encode(&Record::Revocations(revocations), 7).unwrap());
+        want_bytes.extend(encode(&Record::Grant(want), 41).unwrap());
+        assert_eq!(bytes, want_bytes);
     }
 }

@@ -260,6 +260,10 @@ struct Shared {
     /// appliance then seals what the module is to believe, and this agent
     /// only carries it (`trustbind_proto::seal`).
     session: Option<[u8; trustbind_proto::seal::SESSION_PUB_LEN]>,
+    /// The module's `HelloAck.module_version`: told to the appliance with
+    /// every batch; from [`trustbind_proto::MODULE_VERSION_TICKETS`] the
+    /// module takes channel keys v2 records.
+    module_version: u32,
 }
 
 impl Shared {
@@ -280,6 +284,35 @@ impl Shared {
     fn error(&self, msg: String) {
         tracing::error!("{msg}");
         self.lock().status.last_error = msg;
+    }
+
+    /// Gives the module a channel keys v2 order: the appliance's sealed
+    /// one (`sealed`) as it is, or for a module without a session the bare
+    /// record `bare` writes; nothing to a module older than v2 (it knows
+    /// no such record), nor a bare one to a module with a session (it
+    /// takes only sealed ones).
+    fn v2_order(
+        &self,
+        sealed: &[u8],
+        what: &'static str,
+        bare: impl FnOnce(&mut DeviceWriter) -> Result<(), crate::device::DeviceError>,
+    ) {
+        if self.module_version < trustbind_proto::MODULE_VERSION_TICKETS {
+            return;
+        }
+        let mut g = self.lock();
+        let written = if !sealed.is_empty() {
+            g.writer.sealed(sealed, what).map(drop)
+        } else if self.session.is_none() {
+            bare(&mut g.writer)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = written {
+            g.status.last_error = e.to_string();
+            drop(g);
+            tracing::error!("{what}: {e}");
+        }
     }
 
     /// Puts the module in `mode`: the appliance's sealed order (`sealed`,
@@ -416,6 +449,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         })),
         packages: std::sync::RwLock::new(Arc::new(Packages::default())),
         session: device.session(),
+        module_version: device.ack.module_version,
     });
 
     let (tx, rx) = mpsc::channel::<Asked>(4096);
@@ -943,6 +977,34 @@ fn apply_cpu_limit(pid: u32, seconds: u32) -> Result<(), String> {
         .map_err(|e| format!("prlimit(RLIMIT_CPU) on pid {pid:?}: {e}"))
 }
 
+/// Makes the call `call` (named `what`) on the appliance, within
+/// `timeout`. `Err(None)`: no session at the moment of asking.
+async fn ask<T, F, Fut>(
+    shared: &Shared,
+    timeout: Duration,
+    what: &str,
+    call: F,
+) -> Result<T, Option<String>>
+where
+    F: FnOnce(AgentClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let client = shared.client.read().await.clone();
+    let Some(client) = client else {
+        return Err(None);
+    };
+    match tokio::time::timeout(timeout, call(client)).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(Some(format!("{what}: {}: {}", s.code(), s.message()))),
+        Err(_) => Err(Some(format!("{what}: deadline exceeded"))),
+    }
+}
+
+/// The module's session public key, for the appliance to seal for.
+fn module_session(shared: &Shared) -> Vec<u8> {
+    shared.session.map(|s| s.to_vec()).unwrap_or_default()
+}
+
 /// Asks the appliance, within `timeout`. `Err(None)`: no session at the
 /// moment of asking.
 async fn qualify(
@@ -950,20 +1012,52 @@ async fn qualify(
     requests: Vec<pb::Request>,
     timeout: Duration,
 ) -> Result<Vec<pb::Result>, Option<String>> {
-    let client = shared.client.read().await.clone();
-    let Some(mut client) = client else {
-        return Err(None);
-    };
     let mut req = tonic::Request::new(pb::QualifyBatch {
         requests,
-        module_session: shared.session.map(|s| s.to_vec()).unwrap_or_default(),
+        module_session: module_session(shared),
+        module_version: shared.module_version,
     });
     req.set_timeout(timeout);
-    match tokio::time::timeout(timeout, client.qualify(req)).await {
-        Ok(Ok(r)) => Ok(r.into_inner().results),
-        Ok(Err(s)) => Err(Some(format!("Qualify: {}: {}", s.code(), s.message()))),
-        Err(_) => Err(Some("Qualify: deadline exceeded".into())),
+    ask(shared, timeout, "Qualify", |mut c| async move {
+        c.qualify(req).await
+    })
+    .await
+    .map(|b| b.results)
+}
+
+/// The `Listen` call for a channel keys v2 listen `ev`: the module's
+/// record with the fields made of it.
+pub fn listen_request_of(ev: &NetEvent, user: String, session: Vec<u8>) -> pb::ListenRequest {
+    let sealed = !ev.module_request.is_empty();
+    pb::ListenRequest {
+        subject: Some(subject_of(&ev.process, user)),
+        program: Some(program_by_hash(&ev.sha256)),
+        port: u32::from(ev.dst_port),
+        module_request: ev.module_request.clone(),
+        module_session: if sealed { session } else { Vec::new() },
     }
+}
+
+/// Registers the listen `ev` with the appliance (`Agent.Listen`), within
+/// `timeout`: the verdict, why, and the sealed answer (empty for a module
+/// without a session). `Err(None)`: no session at the moment of asking.
+async fn listen(
+    shared: &Shared,
+    ev: &NetEvent,
+    user: String,
+    timeout: Duration,
+) -> Result<(Verdict, String, Vec<u8>), Option<String>> {
+    let mut req = tonic::Request::new(listen_request_of(ev, user, module_session(shared)));
+    req.set_timeout(timeout);
+    let r = ask(shared, timeout, "Listen", |mut c| async move {
+        c.listen(req).await
+    })
+    .await?;
+    Ok((
+        tbm::listen_verdict(r.allowed, r.generation),
+        refusal::online_reason(&r.reasons),
+        r.module_answer,
+    ))
 }
 
 async fn answer(shared: &Shared, batch: Vec<Asked>) {
@@ -1237,23 +1331,21 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
     let budget = deadline
         .saturating_duration_since(tokio::time::Instant::now())
         .max(Duration::from_millis(1));
-    let plan = match qualify(&shared, vec![req], budget).await {
-        Ok(results) => results
-            .into_iter()
-            .find(|r| r.id == ev.request_id)
-            .map(|mut r| {
-                let asked = if ev.ipc.is_some() {
-                    tbm::Asked::Ipc
-                } else {
-                    tbm::Asked::Net(ev.kind)
-                };
-                let sealed = std::mem::take(&mut r.module_answer);
-                (
-                    tbm::answer(asked, &r),
-                    refusal::online_reason(&r.reasons),
-                    sealed,
-                )
-            }),
+    let asked = if ev.kind == NetKind::Listen && ev.ipc.is_none() {
+        // Channel keys v2: registered, not qualified.
+        listen(&shared, &ev, user.clone(), budget)
+            .await
+            .map(|(v, why, sealed)| Some((tbm::Answer::Verdict(v), why, sealed, None)))
+    } else {
+        qualify(&shared, vec![req], budget).await.map(|results| {
+            results
+                .into_iter()
+                .find(|r| r.id == ev.request_id)
+                .map(|r| net_plan(&ev, r))
+        })
+    };
+    let plan = match asked {
+        Ok(plan) => plan,
         Err(e) => {
             if let Some(e) = e {
                 tracing::warn!(
@@ -1266,8 +1358,8 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
             None
         }
     };
-    let (answer, why, sealed) = match plan {
-        Some((tbm::Answer::Verdict(v), why, sealed)) => (Ok(v), why, sealed),
+    let (answer, why, mut sealed, mut grant) = match plan {
+        Some((tbm::Answer::Verdict(v), why, sealed, grant)) => (Ok(v), why, sealed, grant),
         Some((
             tbm::Answer::Channel {
                 channel_id,
@@ -1275,14 +1367,16 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
             },
             _,
             _,
+            _,
         )) => match shared.keys.wait(channel_id, deadline).await {
-            Some(Pushed::Key(h)) => (Err(h), String::new(), Vec::new()),
+            Some(Pushed::Key(h)) => (Err(h), String::new(), Vec::new(), None),
             Some(Pushed::Denied(why)) => {
                 tracing::info!("channel {channel_id} refused: {why}");
                 (
                     Ok(deny(generation)),
                     format!("channel {channel_id} refused by the appliance: {why}"),
                     Vec::new(),
+                    None,
                 )
             }
             None => {
@@ -1291,6 +1385,7 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
                     Ok(deny(generation)),
                     format!("channel {channel_id}: no key from the appliance in time"),
                     Vec::new(),
+                    None,
                 )
             }
         },
@@ -1339,10 +1434,15 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
                     net_refusal(&ev, &user, &why);
                 }
             }
-            if sealed.is_empty() {
+            // A sealed answer is a verdict or (channel keys v2) a grant;
+            // an unsealed grant is written bare.
+            if let Some(grant) = grant.as_mut() {
+                g.status.channel_keys += 1;
+                g.writer.grant(ev.request_id, grant)
+            } else if sealed.is_empty() {
                 g.writer.verdict(ev.request_id, v)
             } else {
-                g.writer.sealed(&sealed, "write sealed Verdict")
+                g.writer.sealed(&sealed, "write sealed answer")
             }
         }
         Err(mut h) => {
@@ -1357,7 +1457,49 @@ async fn answer_net(shared: Arc<Shared>, ev: NetEvent, received: tokio::time::In
         }
     };
     note_sent(&mut g, sent);
+    drop(g);
+    // A sealed grant holds the pair secret.
+    zeroize::Zeroize::zeroize(&mut sealed);
+    if let Some(grant) = grant.as_mut() {
+        grant.wipe();
+    }
 }
+
+/// What the appliance's result `r` to the net request `ev` makes the
+/// module's answer: the answer, why, the sealed answer (a verdict, or a
+/// channel keys v2 grant: written as it is) and an unsealed grant (for a
+/// module without a session, written bare). The result's copies of the
+/// pair secret are wiped; a grant that does not make a record is a deny.
+fn net_plan(ev: &NetEvent, mut r: pb::Result) -> NetPlan {
+    let asked = if ev.ipc.is_some() {
+        tbm::Asked::Ipc
+    } else {
+        tbm::Asked::Net(ev.kind)
+    };
+    let sealed = std::mem::take(&mut r.module_answer);
+    let why = refusal::online_reason(&r.reasons);
+    let answer = tbm::answer(asked, &r);
+    let Some(mut reply) = r.grant.take() else {
+        return (answer, why, sealed, None);
+    };
+    let grant = tbm::grant_of(&reply);
+    zeroize::Zeroize::zeroize(&mut reply.pair_secret);
+    match grant {
+        Ok(g) => (answer, why, sealed, Some(g)),
+        Err(e) => {
+            let generation = u64::try_from(r.generation).unwrap_or(0);
+            (
+                tbm::Answer::Verdict(deny(generation)),
+                format!("the appliance's grant is not usable: {e}"),
+                Vec::new(),
+                None,
+            )
+        }
+    }
+}
+
+/// See [`net_plan`].
+type NetPlan = (tbm::Answer, String, Vec<u8>, Option<trustbind_proto::Grant>);
 
 /// Logs a refused network request (the module gives its program by hash only).
 fn net_refusal(ev: &NetEvent, user: &str, why: &str) {
@@ -1673,10 +1815,21 @@ fn on_push(shared: &Shared, kind: push::Kind) -> Result<(), String> {
             }));
         }
         push::Kind::Ping(_) => {}
-        // Channel keys v2 (docs/CHANNEL-KEYS-V2.md): the module does not
-        // open tickets yet; the host keys' bytes are wiped unread.
-        push::Kind::HostKeys(mut k) => zeroize::Zeroize::zeroize(&mut k.record),
-        push::Kind::Revocations(_) => {}
+        // Channel keys v2 (docs/CHANNEL-KEYS-V2.md): to the module as the
+        // appliance sealed them, or bare for a module without a session;
+        // the host keys' bytes are wiped once written. Never logged.
+        push::Kind::HostKeys(mut k) => {
+            shared.v2_order(&k.module_order, "write sealed HostKeys", |w| {
+                w.host_keys(&k.record)
+            });
+            zeroize::Zeroize::zeroize(&mut k.record);
+            zeroize::Zeroize::zeroize(&mut k.module_order);
+        }
+        push::Kind::Revocations(r) => {
+            shared.v2_order(&r.module_order, "write sealed Revocations", |w| {
+                w.revocations(&r.record)
+            });
+        }
     }
     Ok(())
 }
@@ -1852,6 +2005,7 @@ mod tests {
             cacheable: true,
             would_deny: false,
             channel_id,
+            grant: None,
         }
     }
 
@@ -2072,6 +2226,65 @@ mod tests {
                 "create": false, "truncate": false, "link": false,
             })
         );
+    }
+
+    /// A listen is asked of `Agent.Listen` with the module's record and
+    /// the session only when there is a record.
+    #[test]
+    fn listens_are_spelled_for_the_appliance() {
+        let mut e = ev(NetKind::Listen, "0.0.0.0", 0);
+        let r = listen_request_of(&e, "postgres".into(), vec![4; 64]);
+        assert_eq!(r.port, 5432);
+        assert_eq!(r.program.unwrap().sha256, vec![0xab; 32]);
+        assert_eq!(r.subject.unwrap().user, "postgres");
+        assert!(r.module_request.is_empty() && r.module_session.is_empty());
+        e.module_request = vec![1, 2, 3];
+        let r = listen_request_of(&e, "postgres".into(), vec![4; 64]);
+        assert_eq!(
+            (r.module_request, r.module_session),
+            (vec![1, 2, 3], vec![4; 64])
+        );
+    }
+
+    /// A result with a grant (a module without a session) is written as a
+    /// bare grant; a sealed answer is kept as it is; a grant that makes no
+    /// record is a deny.
+    #[test]
+    fn grants_in_results_become_the_modules_grant_or_a_deny() {
+        use trustbind_proto::ticket::{GCM_NONCE_LEN, GCM_TAG_LEN, PLAIN_LEN};
+        let reply = pb::GrantReply {
+            granted: true,
+            ticket: vec![1; GCM_NONCE_LEN + PLAIN_LEN + GCM_TAG_LEN],
+            epoch: 3,
+            pair_secret: vec![9; 32],
+            expires_s: 100,
+            generation: 5,
+            ticket_id: vec![2; 16],
+            valid_s: 60,
+            ..pb::GrantReply::default()
+        };
+        let e = ev(NetKind::Connect, "0.0.0.0", 0);
+        let mut r = result(pb::Verdict::AllowWithConditions, true, 0);
+        r.grant = Some(reply.clone());
+        let (answer, _, sealed, grant) = net_plan(&e, r);
+        let Some(g) = grant else { panic!("no grant") };
+        assert_eq!((g.pair_secret, g.epoch, g.valid_s), ([9; 32], 3, 60));
+        assert!(sealed.is_empty());
+        assert!(matches!(answer, tbm::Answer::Verdict(v) if v.decision != Decision::Deny));
+        // Sealed: the answer as it came, no grant of the agent's making.
+        let mut r = result(pb::Verdict::AllowWithConditions, true, 0);
+        r.module_answer = vec![7; 40];
+        let (_, _, sealed, grant) = net_plan(&e, r);
+        assert_eq!((sealed, grant), (vec![7; 40], None));
+        // A ticket cut short: refused.
+        let mut r = result(pb::Verdict::AllowWithConditions, true, 0);
+        r.grant = Some(pb::GrantReply {
+            ticket: vec![1; 5],
+            ..reply
+        });
+        let (answer, why, _, grant) = net_plan(&e, r);
+        assert!(grant.is_none() && why.contains("not usable"), "{why}");
+        assert!(matches!(answer, tbm::Answer::Verdict(v) if v.decision == Decision::Deny));
     }
 
     #[test]

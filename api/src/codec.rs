@@ -8,8 +8,9 @@
 //! so without this codec every pushed key's bytes were freed as they were.
 //! [`WipingEncoder`] encodes exactly as `tonic_prost::ProstEncoder` and then
 //! zeroizes [`Push`]'s key fields ([`wipe_push`]: a `ChannelKey`'s, a
-//! `HostKeys` record) and a `GrantReply`'s pair secret before the message
-//! is dropped. Decoding is prost's, unchanged (the agent wipes what it
+//! `HostKeys` record and its sealed order), a `GrantReply`'s pair secret
+//! and a `QualifyReply`'s grants (a result's `GrantReply` and its sealed
+//! answer, which holds the pair secret too) before the message is dropped. Decoding is prost's, unchanged (the agent wipes what it
 //! receives itself). The encoded frame bytes are tonic's, h2's and
 //! rustls's buffers, outside what this crate can wipe.
 //!
@@ -26,7 +27,7 @@ use tonic::Status;
 use tonic_prost::ProstDecoder;
 use zeroize::Zeroize;
 
-use crate::pb::{push, ChannelKey, GrantReply, Push};
+use crate::pb::{push, ChannelKey, GrantReply, Push, QualifyReply};
 
 /// Prost's codec, wiping channel keys once encoded.
 #[derive(Debug, Clone)]
@@ -99,14 +100,29 @@ fn wipe_any<T: 'static>(item: &mut T) {
         }
     } else if let Some(g) = any.downcast_mut::<GrantReply>() {
         g.pair_secret.zeroize();
+    } else if let Some(q) = any.downcast_mut::<QualifyReply>() {
+        q.results.iter_mut().for_each(wipe_result);
     }
+}
+
+/// Wipes a `Qualify` result's grant: its pair secret, and the sealed
+/// answer (a sealed `Grant` record carries the pair secret; a sealed
+/// verdict holds nothing secret, wiped all the same).
+pub fn wipe_result(r: &mut crate::pb::Result) {
+    if let Some(g) = r.grant.as_mut() {
+        g.pair_secret.zeroize();
+    }
+    r.module_answer.zeroize();
 }
 
 /// Wipes the key bytes of a pushed message (a `ChannelKey`, `HostKeys`).
 pub fn wipe_push(msg: &mut push::Kind) {
     match msg {
         push::Kind::ChannelKey(k) => wipe_channel_key(k),
-        push::Kind::HostKeys(k) => k.record.zeroize(),
+        push::Kind::HostKeys(k) => {
+            k.record.zeroize();
+            k.module_order.zeroize();
+        }
         _ => {}
     }
 }
@@ -193,6 +209,7 @@ mod tests {
             kind: Some(push::Kind::HostKeys(crate::pb::HostKeys {
                 record: vec![9; 88],
                 epoch: 3,
+                module_order: vec![8; 150],
             })),
         };
         let want = keys.encode_to_vec();
@@ -202,7 +219,10 @@ mod tests {
         let Some(push::Kind::HostKeys(k)) = &keys.kind else {
             panic!("not host keys")
         };
-        assert!(k.record.is_empty() && k.epoch == 3, "{k:?}");
+        assert!(
+            k.record.is_empty() && k.module_order.is_empty() && k.epoch == 3,
+            "{k:?}"
+        );
         let mut g = GrantReply {
             granted: true,
             pair_secret: vec![7; 32],
@@ -212,5 +232,25 @@ mod tests {
         encode_wiping(&mut g, &mut Vec::new()).unwrap();
         assert!(g.pair_secret.is_empty());
         assert_eq!(g.ticket, vec![1; 10], "only the secret is wiped");
+        let mut q = QualifyReply {
+            results: vec![crate::pb::Result {
+                id: 4,
+                module_answer: vec![6; 700],
+                grant: Some(GrantReply {
+                    pair_secret: vec![7; 32],
+                    ticket: vec![1; 10],
+                    ..GrantReply::default()
+                }),
+                ..crate::pb::Result::default()
+            }],
+        };
+        let want = q.encode_to_vec();
+        let mut out = Vec::new();
+        encode_wiping(&mut q, &mut out).unwrap();
+        assert_eq!(out, want);
+        let r = &q.results[0];
+        let g = r.grant.as_ref().unwrap();
+        assert!(r.module_answer.is_empty() && g.pair_secret.is_empty());
+        assert_eq!((r.id, &g.ticket[..]), (4, &[1u8; 10][..]));
     }
 }

@@ -306,6 +306,57 @@ pub fn file_set_paths(paths: &[String]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// The answer to a channel keys v2 listen (`NetKind::Listen`): allow when
+/// the program is registered, else a deny; never cached (the module keeps
+/// its registration per listener itself), no obligation.
+pub fn listen_verdict(registered: bool, generation: i64) -> Verdict {
+    let g = u64::try_from(generation).unwrap_or(0);
+    if registered {
+        Verdict {
+            decision: Decision::Allow,
+            policy_generation: g,
+            cacheable: false,
+            obligations: Obligations::default(),
+        }
+    } else {
+        deny(g)
+    }
+}
+
+/// The module's [`proto::Grant`] of a granted [`pb::GrantReply`] (the
+/// sealed ticket split into its GCM nonce, ciphertext and tag). It holds
+/// the pair secret: the caller wipes it ([`proto::Grant::wipe`]) and the
+/// reply.
+pub fn grant_of(g: &pb::GrantReply) -> Result<proto::Grant, String> {
+    use proto::ticket::{GCM_NONCE_LEN, GCM_TAG_LEN, PLAIN_LEN};
+    if !g.granted {
+        return Err(format!("not granted: {}", g.reason));
+    }
+    let want = GCM_NONCE_LEN + PLAIN_LEN + GCM_TAG_LEN;
+    if g.ticket.len() != want {
+        return Err(format!("ticket: {} bytes, expected {want}", g.ticket.len()));
+    }
+    let (gcm_nonce, rest) = g.ticket.split_at(GCM_NONCE_LEN);
+    let (ciphertext, tag) = rest.split_at(PLAIN_LEN);
+    Ok(proto::Grant {
+        ticket_id: fixed("ticket_id", &g.ticket_id)?,
+        pair_secret: fixed("pair_secret", &g.pair_secret)?,
+        expires_s: g.expires_s,
+        valid_s: g.valid_s,
+        generation: u64::try_from(g.generation).unwrap_or(0),
+        epoch: g.epoch,
+        tls: if g.tls12 {
+            ChannelTls::Tls12
+        } else {
+            ChannelTls::Tls13
+        },
+        idle_timeout_s: g.idle_timeout_s,
+        gcm_nonce: fixed("ticket", gcm_nonce)?,
+        ciphertext: fixed("ticket", ciphertext)?,
+        tag: fixed("ticket", tag)?,
+    })
+}
+
 /// A whole record, encoded with `request_id`.
 pub fn encode(rec: &Record<'_>, request_id: u64) -> Result<Vec<u8>, proto::EncodeError> {
     let mut buf = vec![0u8; rec.encoded_len()];
@@ -476,6 +527,58 @@ mod tests {
             panic!()
         };
         assert!(!v.obligations.encrypt && !v.cacheable);
+    }
+
+    /// A granted reply becomes the module's record field for field, the
+    /// ticket split as the in-band message carries it; anything else is
+    /// refused.
+    #[test]
+    fn a_grant_reply_is_the_modules_grant() {
+        use proto::ticket::{GCM_NONCE_LEN, GCM_TAG_LEN, PLAIN_LEN};
+        let mut ticket = vec![1u8; GCM_NONCE_LEN];
+        ticket.extend(std::iter::repeat_n(2u8, PLAIN_LEN));
+        ticket.extend(std::iter::repeat_n(3u8, GCM_TAG_LEN));
+        let reply = pb::GrantReply {
+            granted: true,
+            reason: String::new(),
+            ticket,
+            epoch: 7,
+            pair_secret: vec![9; 32],
+            expires_s: 1000,
+            generation: 4,
+            ticket_id: vec![5; 16],
+            tls12: true,
+            idle_timeout_s: 30,
+            valid_s: 600,
+        };
+        let mut g = grant_of(&reply).unwrap();
+        assert_eq!((g.ticket_id, g.pair_secret), ([5; 16], [9; 32]));
+        assert_eq!(
+            (g.expires_s, g.valid_s, g.generation, g.epoch),
+            (1000, 600, 4, 7)
+        );
+        assert_eq!((g.tls, g.idle_timeout_s), (ChannelTls::Tls12, 30));
+        assert!(g.gcm_nonce.iter().all(|&b| b == 1) && g.tag.iter().all(|&b| b == 3));
+        assert!(g.ciphertext.iter().all(|&b| b == 2));
+        let bytes = encode(&Record::Grant(g.clone()), 8).unwrap();
+        let (h, Record::Grant(back)) = proto::decode(&bytes).unwrap() else {
+            panic!("not a grant")
+        };
+        assert_eq!((h.request_id, &back), (8, &g));
+        g.wipe();
+        assert_eq!(g.pair_secret, [0; 32]);
+        let short = pb::GrantReply {
+            ticket: vec![0; 10],
+            ..reply.clone()
+        };
+        assert!(grant_of(&short).unwrap_err().starts_with("ticket"));
+        let refused = pb::GrantReply {
+            granted: false,
+            ..reply
+        };
+        assert!(grant_of(&refused).is_err());
+        assert_eq!(listen_verdict(true, 3).decision, Decision::Allow);
+        assert_eq!(listen_verdict(false, 3), deny(3));
     }
 
     #[test]

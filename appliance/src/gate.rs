@@ -121,7 +121,13 @@ fn allows(d: &Decision) -> bool {
 /// Whether an allowing decision requires the connection to be a channel
 /// (obligation `encrypt = required` or `offload`).
 fn requires_encrypt(d: &Decision) -> bool {
-    matches!(&d.outcome.verdict, Verdict::AllowWithConditions { obligations }
+    requires_channel(&d.outcome.verdict)
+}
+
+/// Whether verdict `v` requires the connection to be a channel (an allow
+/// with obligation `encrypt = required` or `offload`).
+pub fn requires_channel(v: &Verdict) -> bool {
+    matches!(v, Verdict::AllowWithConditions { obligations }
         if obligations.get("encrypt").is_some_and(|v| ENCRYPT_VALUES.contains(&v.as_str())))
 }
 

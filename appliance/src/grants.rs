@@ -43,7 +43,7 @@ use crate::hostaddr;
 use crate::limits::{LicenseKey, LicenseTime, Limits};
 use crate::policy::engine::{Decision, Engine};
 use crate::policy::{Outcome, Verdict};
-use crate::request::{QualifyRequest, Target};
+use crate::request::{FiveTuple, QualifyRequest, Target};
 use crate::store::{hex, AuditEvent, HostState, Store};
 use crate::tickets::{self, Farm};
 
@@ -103,6 +103,17 @@ pub struct GrantMade {
     pub server_programs: Vec<String>,
     /// The client's addresses the ticket lists.
     pub client_addrs: Vec<String>,
+    /// The channel's terms (from the first allowing pair decision).
+    pub terms: ChannelTerms,
+}
+
+/// The server end of a connect as a v2 service: the host that owns its
+/// address and the programs registered there on its port.
+#[derive(Debug)]
+struct Service {
+    host: String,
+    ip: IpAddr,
+    programs: Vec<Registered>,
 }
 
 /// What a listen answers.
@@ -280,9 +291,49 @@ impl Grants {
         Ok(out)
     }
 
+    /// The v2 service at the server end of `t` (`dst_addr`, `dst_port`)
+    /// for a connect of `client`, or why there is none: the address is no
+    /// enrolled host's, or nothing is registered on its port there.
+    fn service(&self, client: &str, t: &FiveTuple) -> Result<Result<Service, String>, String> {
+        let Some(server_ip) = hostaddr::parse(&t.dst_addr) else {
+            return Ok(Err(format!("`{}` is not an IP address", t.dst_addr)));
+        };
+        let Some(server_host) = self.server_host(client, server_ip)? else {
+            return Ok(Err(format!(
+                "no enrolled host owns {server_ip} (`trustbind host addresses` assigns addresses to a host)"
+            )));
+        };
+        // A revoked server may still hold its host keys: nothing is sealed
+        // to it any more.
+        let server_state = self.store.host(&server_host).map_err(|e| e.to_string())?;
+        if !matches!(server_state, Some((HostState::Enrolled, _))) {
+            return Ok(Err(format!(
+                "host `{server_host}`, which owns {server_ip}, is not enrolled"
+            )));
+        }
+        let programs = self
+            .state()
+            .services
+            .get(&(server_host.clone(), t.dst_port))
+            .cloned()
+            .unwrap_or_default();
+        if programs.is_empty() {
+            return Ok(Err(format!(
+                "no server program is registered on host `{server_host}` port {}",
+                t.dst_port
+            )));
+        }
+        Ok(Ok(Service {
+            host: server_host,
+            ip: server_ip,
+            programs,
+        }))
+    }
+
     /// A grant for `connect` (a connect request of the calling host:
     /// `dst_addr`, `dst_port` the server end; its `src_addr` is replaced
-    /// by what the appliance knows of the host).
+    /// by what the appliance knows of the host): `Agent.Grant`. One call
+    /// of the host's licence.
     pub fn grant(&self, connect: &QualifyRequest) -> Result<Granted, String> {
         let Target::Net(t) = &connect.target else {
             return Err("not a network request".into());
@@ -296,37 +347,41 @@ impl Grants {
                 return Ok(Granted::No(format!("license: {e}")));
             }
         }
-        let Some(server_ip) = hostaddr::parse(&t.dst_addr) else {
-            return Ok(Granted::No(format!(
-                "`{}` is not an IP address",
-                t.dst_addr
-            )));
-        };
-        let Some(server_host) = self.server_host(&connect.host, server_ip)? else {
-            return Ok(Granted::No(format!(
-                "no enrolled host owns {server_ip} (`trustbind host addresses` assigns addresses to a host)"
-            )));
-        };
-        // A revoked server may still hold its host keys: nothing is sealed
-        // to it any more.
-        let server_state = self.store.host(&server_host).map_err(|e| e.to_string())?;
-        if !matches!(server_state, Some((HostState::Enrolled, _))) {
-            return Ok(Granted::No(format!(
-                "host `{server_host}`, which owns {server_ip}, is not enrolled"
-            )));
+        match self.service(&connect.host, t)? {
+            Ok(service) => self.issue(connect, t, service),
+            Err(why) => Ok(Granted::No(why)),
         }
-        let registered = self
-            .state()
-            .services
-            .get(&(server_host.clone(), t.dst_port))
-            .cloned()
-            .unwrap_or_default();
-        if registered.is_empty() {
-            return Ok(Granted::No(format!(
-                "no server program is registered on host `{server_host}` port {}",
-                t.dst_port
-            )));
+    }
+
+    /// A grant for `connect` as `Qualify` answers a channel keys v2
+    /// module's connect (already decided, and charged as a request, by
+    /// the caller): `None` when its server end is no registered service
+    /// (a v1 server: the connect is answered as before), else what
+    /// [`Grants::grant`] would answer.
+    pub fn grant_registered(&self, connect: &QualifyRequest) -> Result<Option<Granted>, String> {
+        let Target::Net(t) = &connect.target else {
+            return Ok(None);
+        };
+        match self.service(&connect.host, t)? {
+            Ok(service) => self.issue(connect, t, service).map(Some),
+            Err(_) => Ok(None),
         }
+    }
+
+    /// The grant for `connect` to `service`: each registered program
+    /// decided with the client as a pair, the pair licences charged to
+    /// the client host's share, the ticket sealed to the server's host key.
+    fn issue(
+        &self,
+        connect: &QualifyRequest,
+        t: &FiveTuple,
+        service: Service,
+    ) -> Result<Granted, String> {
+        let Service {
+            host: server_host,
+            ip: server_ip,
+            programs: registered,
+        } = service;
         let addrs = self.client_addrs(&connect.host, server_ip.is_loopback())?;
         if addrs.is_empty() {
             // The ticket would list no peer the server could accept.
@@ -421,6 +476,7 @@ impl Grants {
             server_host,
             server_programs: allowed.into_iter().map(|(s, _)| s).collect(),
             client_addrs: addrs.iter().map(ToString::to_string).collect(),
+            terms,
         })))
     }
 
@@ -540,6 +596,7 @@ impl Grants {
         push::Kind::Revocations(pb::TicketRevocations {
             record,
             min_generation,
+            module_order: Vec::new(),
         })
     }
 
@@ -557,6 +614,7 @@ impl Grants {
         push::Kind::HostKeys(pb::HostKeys {
             record: record.to_vec(),
             epoch,
+            module_order: Vec::new(),
         })
     }
 
@@ -583,6 +641,32 @@ fn pair_subject(connect: &QualifyRequest, server_sha: &str) -> String {
         server: server_sha.to_owned(),
     }
     .subject_id()
+}
+
+/// The reply to a grant (`Agent.Grant`; `Qualify`'s grants are made of it
+/// too). It holds the pair secret: wiped by the codec once encoded, or by
+/// whoever takes it apart.
+pub fn reply(g: Granted) -> pb::GrantReply {
+    match g {
+        Granted::No(reason) => pb::GrantReply {
+            granted: false,
+            reason,
+            ..pb::GrantReply::default()
+        },
+        Granted::Yes(m) => pb::GrantReply {
+            granted: true,
+            reason: String::new(),
+            ticket: m.grant.sealed.clone(),
+            epoch: m.grant.epoch,
+            pair_secret: m.grant.pair_secret.to_vec(),
+            expires_s: m.grant.expires_s,
+            generation: m.generation,
+            ticket_id: m.grant.ticket_id.to_vec(),
+            tls12: m.terms.tls12,
+            idle_timeout_s: m.terms.idle_timeout_s,
+            valid_s: u32::try_from(m.grant.expires_s.saturating_sub(now_s())).unwrap_or(u32::MAX),
+        },
+    }
 }
 
 /// The audit event of a listen: kind `channel.listen`.

@@ -37,7 +37,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use trustbind_api::module::{self, Asked};
 use trustbind_proto::seal::{self as spec, DIGEST_LEN, KEY_LEN, MAC_LEN, SESSION_PUB_LEN};
-use trustbind_proto::{self as proto, Record};
+use trustbind_proto::{self as proto, ticket, NetKind, Record};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::agent_api::pb::{self, push};
@@ -344,12 +344,27 @@ impl ModuleAsk {
     /// [`ModuleAsk::seal_channel_key`]).
     pub fn seal_result(&self, result: &pb::Result) -> Result<Vec<u8>, String> {
         match module::answer(self.asked, result) {
-            module::Answer::Verdict(v) => {
-                self.key
-                    .seal(&self.digest, 0, &Record::Verdict(v), self.request_id)
-            }
+            module::Answer::Verdict(v) => self.seal_verdict(v),
             module::Answer::Channel { .. } => Ok(Vec::new()),
         }
+    }
+
+    /// The verdict `v` sealed as the answer to this request.
+    pub fn seal_verdict(&self, v: proto::Verdict) -> Result<Vec<u8>, String> {
+        self.key
+            .seal(&self.digest, 0, &Record::Verdict(v), self.request_id)
+    }
+
+    /// The granted `g` as a sealed `Grant` record answering this request
+    /// (channel keys v2). The record's copy of the pair secret is wiped;
+    /// the sealed bytes hold it too: the caller wipes them once sent.
+    pub fn seal_grant(&self, g: &pb::GrantReply) -> Result<Vec<u8>, String> {
+        let mut rec = Record::Grant(module::grant_of(g)?);
+        let sealed = self.key.seal(&self.digest, 0, &rec, self.request_id);
+        if let Record::Grant(g) = &mut rec {
+            g.wipe();
+        }
+        sealed
     }
 
     /// Sets `k.module_answer` to `k` as a sealed `ChannelKey` record
@@ -402,8 +417,8 @@ impl OrderSeal {
         self.verdict_timeout_ms
     }
 
-    /// `msg` with its sealed order set, for a `HostMode`, `Peers` or
-    /// `FileSets` push;
+    /// `msg` with its sealed order set, for a `HostMode`, `Peers`,
+    /// `FileSets`, `HostKeys` or `TicketRevocations` push;
     /// `None` for any other push (sent as it is). A mode this code does
     /// not know is not sealed (the module keeps its mode).
     pub fn seal_push(&self, msg: &push::Kind) -> Option<push::Kind> {
@@ -457,6 +472,32 @@ impl OrderSeal {
                     module_order: order(&Record::FileSetPaths(paths))?,
                 }))
             }
+            push::Kind::HostKeys(k) => {
+                let keys = ticket::HostKeys::decode(&k.record)
+                    .map_err(|e| tracing::error!("cannot seal the host keys: {e}"))
+                    .ok()?;
+                let mut rec = Record::HostKeys(keys);
+                let sealed = order(&rec);
+                if let Record::HostKeys(k) = &mut rec {
+                    k.key.zeroize();
+                    k.prev_key.zeroize();
+                }
+                Some(push::Kind::HostKeys(pb::HostKeys {
+                    record: k.record.clone(),
+                    epoch: k.epoch,
+                    module_order: sealed?,
+                }))
+            }
+            push::Kind::Revocations(r) => {
+                let rec = ticket::Revocations::decode(&r.record)
+                    .map_err(|e| tracing::error!("cannot seal the revocations: {e}"))
+                    .ok()?;
+                Some(push::Kind::Revocations(pb::TicketRevocations {
+                    record: r.record.clone(),
+                    min_generation: r.min_generation,
+                    module_order: order(&Record::Revocations(rec))?,
+                }))
+            }
             _ => None,
         }
     }
@@ -499,6 +540,21 @@ fn same_subject(
         return Err("module_request: `subject.ancestry` differs from the module's request".into());
     }
     Ok(())
+}
+
+/// [`same_subject`] for a module's TCP request (a connect, an accept, a
+/// listen).
+fn same_net_subject(s: Option<&pb::Subject>, n: &proto::NetRequest<'_>) -> Result<(), String> {
+    same_subject(
+        s,
+        n.uid,
+        n.euid,
+        n.gid,
+        n.loginuid,
+        n.sessionid,
+        n.pid,
+        n.ancestry,
+    )
 }
 
 fn action_of(r: &pb::Request) -> pb::Action {
@@ -588,16 +644,7 @@ pub fn check_request(r: &pb::Request, rec: &Record<'_>) -> Result<(), String> {
                 program_of(r)?.sha256.as_slice(),
                 &n.sha256[..],
             )?;
-            same_subject(
-                r.subject.as_ref(),
-                n.uid,
-                n.euid,
-                n.gid,
-                n.loginuid,
-                n.sessionid,
-                n.pid,
-                n.ancestry,
-            )
+            same_net_subject(r.subject.as_ref(), n)
         }
         Record::IpcRequest(c) => {
             let t = net_of(r)?;
@@ -687,17 +734,8 @@ pub fn ask_of(
         return None;
     }
     Some((|| {
-        let key = match session {
-            None => {
-                return Err(
-                    "module_session: missing (needed to answer a module_request sealed)".into(),
-                )
-            }
-            Some(Err(e)) => return Err(format!("module_session: {e}")),
-            Some(Ok(k)) => Arc::clone(k),
-        };
-        let (header, rec) = proto::decode(&r.module_request)
-            .map_err(|e| format!("module_request: not a module record ({e})"))?;
+        let key = session_of(session)?;
+        let (header, rec) = module_record(&r.module_request)?;
         let asked = Asked::of(&rec).ok_or_else(|| {
             format!(
                 "module_request: a {:?} record is not a request",
@@ -711,6 +749,63 @@ pub fn ask_of(
             asked,
             key,
         }))
+    })())
+}
+
+/// The session a module request is sealed for, or why there is none.
+fn session_of(
+    session: Option<&Result<Arc<SessionKey>, String>>,
+) -> Result<Arc<SessionKey>, String> {
+    match session {
+        None => Err("module_session: missing (needed to answer a module_request sealed)".into()),
+        Some(Err(e)) => Err(format!("module_session: {e}")),
+        Some(Ok(k)) => Ok(Arc::clone(k)),
+    }
+}
+
+fn module_record(bytes: &[u8]) -> Result<(proto::Header, Record<'_>), String> {
+    proto::decode(bytes).map_err(|e| format!("module_request: not a module record ({e})"))
+}
+
+/// What to do with a `Listen` call (channel keys v2): `None` when it
+/// carries no module request (registered and answered as before); the
+/// sealing context when its module request is a `NetRequest` of kind
+/// `Listen` that says what the call's fields say (port = its `dst_port`,
+/// program = its SHA-256, the subject's ids = its ids) for a usable
+/// session; else why the call is refused.
+pub fn listen_ask(
+    authority: &Authority,
+    r: &pb::ListenRequest,
+) -> Option<Result<ModuleAsk, String>> {
+    if r.module_request.is_empty() {
+        return None;
+    }
+    Some((|| {
+        let session = (!r.module_session.is_empty()).then(|| authority.session(&r.module_session));
+        let key = session_of(session.as_ref())?;
+        let (header, rec) = module_record(&r.module_request)?;
+        let n = match &rec {
+            Record::NetRequest(n) if n.kind == NetKind::Listen => n,
+            other => {
+                return Err(format!(
+                    "module_request: a {:?} record is not a listen",
+                    other.kind()
+                ))
+            }
+        };
+        same("port", r.port, u32::from(n.dst_port))?;
+        let program = r
+            .program
+            .as_ref()
+            .ok_or("module_request: `program` missing")?;
+        same("program.sha256", program.sha256.as_slice(), &n.sha256[..])?;
+        same_net_subject(r.subject.as_ref(), n)?;
+        Ok(ModuleAsk {
+            request_id: header.request_id,
+            digest: digest(&r.module_request),
+            asked: Asked::Net(NetKind::Listen),
+            key,
+        })
     })())
 }
 

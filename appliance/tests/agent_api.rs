@@ -102,6 +102,7 @@ fn batch(requests: Vec<pb::Request>) -> QualifyBatch {
     QualifyBatch {
         requests,
         module_session: Vec::new(),
+        module_version: 0,
     }
 }
 

@@ -235,6 +235,7 @@ async fn alerts_reach_the_webhook_and_syslog_with_their_audit_rows() {
                 exec(4, UNKNOWN, "/tmp/x"),
             ],
             module_session: Vec::new(),
+            module_version: 0,
         })
         .await
         .unwrap()

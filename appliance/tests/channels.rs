@@ -176,6 +176,7 @@ async fn qualify(
         .qualify(pb::QualifyBatch {
             requests: vec![r],
             module_session: Vec::new(),
+            module_version: 0,
         })
         .await
         .unwrap()

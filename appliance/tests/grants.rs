@@ -9,6 +9,10 @@
 
 mod common;
 
+use common::sealing::{digest, Module};
+use trustbind_api::module;
+use trustbind_proto::{self as proto, Record, MODULE_VERSION_TICKETS};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,12 +92,24 @@ type Client = AgentClient<Channel>;
 
 /// Enrols `host` with `addr` assigned; its client and push stream.
 async fn host(app: &Appliance, name: &str, addr: &str) -> (Client, Streaming<Push>) {
+    host_with(app, name, addr, Vec::new()).await
+}
+
+/// [`host`], its stream's orders sealed for the module session
+/// `module_session` (none if empty).
+async fn host_with(
+    app: &Appliance,
+    name: &str,
+    addr: &str,
+    module_session: Vec<u8>,
+) -> (Client, Streaming<Push>) {
     let cfg = app.enrolled_in(name, "fleet", Mode::Enforce).await;
     app.assign(name, &[addr]);
     let mut c = app.agent_client(cfg).await.unwrap();
     let s = c
         .subscribe(Hello {
             agent_version: "test".into(),
+            module_session,
             ..Hello::default()
         })
         .await
@@ -136,6 +152,7 @@ async fn listen(c: &mut Client, program_name: &str, port: u32) -> pb::ListenRepl
         subject: Some(subject()),
         program: Some(program(program_name)),
         port,
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -547,4 +564,357 @@ async fn grants_and_listens_are_audited_without_their_secrets() {
         rows.iter().all(|r| !r.detail.contains(&secret)),
         "a pair secret was audited"
     );
+}
+
+// ---- Channel keys v2 between the appliance and the module: `Qualify`
+// answers a v2 module's connect with a sealed grant, `Listen` answers the
+// module's listen sealed, the host keys and revocations pushes carry
+// sealed orders. The test plays the modules (`common::sealing`).
+
+/// The module's `NetRequest` of `kind` by `program_name` (the test's
+/// subject) to `dst`:`port`, from nowhere yet (source all zero).
+fn net_record(kind: proto::NetKind, program_name: &str, dst: [u8; 4], port: u16) -> Vec<u8> {
+    let mut dst_addr = [0u8; 16];
+    dst_addr[..4].copy_from_slice(&dst);
+    let s = subject();
+    let rec = Record::NetRequest(proto::NetRequest {
+        kind,
+        family: proto::Family::Ipv4,
+        src_addr: [0; 16],
+        src_port: 0,
+        dst_addr,
+        dst_port: port,
+        sha256: sha(program_name),
+        program_source: proto::ProgramSource::Lineage,
+        uid: s.uid,
+        euid: s.euid,
+        gid: s.gid,
+        loginuid: s.loginuid,
+        sessionid: s.session,
+        pid: s.pid,
+        ppid: 1,
+        ancestry: proto::Ancestry::from_bytes(&[]).unwrap(),
+    });
+    module::encode(&rec, 70).unwrap()
+}
+
+/// A connect (before the SYN) of `program_name` to `dst`:5432 as an agent
+/// asks it, with the module's bytes when `sealed`.
+fn connect(program_name: &str, dst: [u8; 4], sealed: bool) -> pb::Request {
+    pb::Request {
+        id: 9,
+        action: pb::Action::Connect as i32,
+        subject: Some(subject()),
+        program: Some(program(program_name)),
+        target: Some(pb::request::Target::Net(pb::NetTarget {
+            proto: pb::Proto::Tcp as i32,
+            src_addr: "0.0.0.0".into(),
+            src_port: 0,
+            dst_addr: std::net::Ipv4Addr::from(dst).to_string(),
+            dst_port: 5432,
+            established: false,
+        })),
+        peer: None,
+        module_request: if sealed {
+            net_record(proto::NetKind::Connect, program_name, dst, 5432)
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// `r` asked alone in a batch from a module of `module_version` whose
+/// session is `m` (none: unsealed).
+async fn qualify_one(
+    c: &mut Client,
+    r: pb::Request,
+    m: Option<&Module>,
+    module_version: u32,
+) -> pb::Result {
+    c.qualify(pb::QualifyBatch {
+        requests: vec![r],
+        module_session: m.map(|m| m.public.to_vec()).unwrap_or_default(),
+        module_version,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .results
+    .remove(0)
+}
+
+/// The record `m` finds sealed in `answer` for the request `r`: an answer
+/// (sequence 0) to the module's request id.
+fn sealed_answer(m: &Module, answer: &[u8], request: &[u8]) -> Vec<u8> {
+    let opened = m.open(answer, &digest(request)).unwrap();
+    assert_eq!((opened.request_id, opened.seq), (70, 0));
+    opened.inner
+}
+
+fn verdict_of(inner: &[u8]) -> proto::Verdict {
+    match proto::decode(inner).unwrap().1 {
+        Record::Verdict(v) => v,
+        other => panic!("not a verdict: {:?}", other.kind()),
+    }
+}
+
+fn grant_of(inner: &[u8]) -> proto::Grant {
+    match proto::decode(inner).unwrap().1 {
+        Record::Grant(g) => g,
+        other => panic!("not a grant: {:?}", other.kind()),
+    }
+}
+
+/// What `b`'s kernel finds in the ticket of `g` sent by 10.99.0.11.
+fn open_at_b(b_keys: &HostKeys, g: &proto::Grant) -> wire::Ticket {
+    let key = HostKey::from_record(b_keys, g.epoch).unwrap();
+    let nonce = [3u8; 16];
+    let m = wire::assemble(&nonce, g.epoch, &g.gcm_nonce, &g.ciphertext, &g.tag);
+    let (bid, pg) = (tickets::host_id("b"), sha("postgres"));
+    tickets::open(&key, &m, &accepting(&bid, &pg, v4([10, 99, 0, 11])), NEVER)
+        .unwrap()
+        .0
+}
+
+/// A v2 module's connect that must be a channel, to a registered service,
+/// is answered with a sealed grant (its MAC under the session key, the
+/// ticket opening under the server's host key, naming the caller); a v1
+/// module's, or one to an unregistered service, gets today's verdict; a
+/// module without a session gets the grant's fields; audited as a grant.
+#[tokio::test]
+async fn a_v2_modules_connect_to_a_registered_service_is_answered_with_a_sealed_grant() {
+    let v = appliance(false).await;
+    let ma = Module::new(&v.app.api.pki.authority().public());
+    let (mut a, _sa) = host_with(&v.app, "a", "10.99.0.11", ma.public.to_vec()).await;
+    let (mut b, mut sb) = host(&v.app, "b", "10.99.0.12").await;
+    let (_c, _sc) = host(&v.app, "c", "10.99.0.13").await;
+    assert!(listen(&mut b, "postgres", 5432).await.allowed);
+    let b_keys = host_keys(&mut sb).await;
+
+    let req = connect("psql", [10, 99, 0, 12], true);
+    let r = qualify_one(&mut a, req.clone(), Some(&ma), MODULE_VERSION_TICKETS).await;
+    assert_eq!(r.verdict(), pb::Verdict::AllowWithConditions, "{r:?}");
+    assert!(r.grant.is_none(), "sealed: no grant in the clear");
+    let g = grant_of(&sealed_answer(&ma, &r.module_answer, &req.module_request));
+    assert!(g.valid_s > 0 && g.valid_s <= 600, "{g:?}");
+    assert_eq!(g.tls, proto::ChannelTls::Tls13);
+    let t = open_at_b(&b_keys, &g);
+    assert_eq!(t.client_host, tickets::host_id("a"));
+    assert_eq!(t.client_program, sha("psql"));
+    assert_eq!((t.id, t.pair_secret), (g.ticket_id, g.pair_secret));
+    assert_eq!((t.expires_s, t.generation), (g.expires_s, g.generation));
+    // Another module's session does not open it.
+    let other = Module::new(&v.app.api.pki.authority().public());
+    assert!(other
+        .open(&r.module_answer, &digest(&req.module_request))
+        .is_err());
+
+    // A v1 module: today's verdict, sealed.
+    let r = qualify_one(&mut a, req.clone(), Some(&ma), MODULE_VERSION_TICKETS - 1).await;
+    let verdict = verdict_of(&sealed_answer(&ma, &r.module_answer, &req.module_request));
+    assert!(verdict.obligations.encrypt && verdict.decision != proto::Decision::Deny);
+    // A service nobody registered (c listens on nothing): the same.
+    let to_c = connect("psql", [10, 99, 0, 13], true);
+    let r = qualify_one(&mut a, to_c.clone(), Some(&ma), MODULE_VERSION_TICKETS).await;
+    let verdict = verdict_of(&sealed_answer(&ma, &r.module_answer, &to_c.module_request));
+    assert!(verdict.obligations.encrypt && verdict.decision != proto::Decision::Deny);
+    assert!(r.grant.is_none());
+
+    // A v2 module without a session: the grant's fields, for a bare record.
+    let r = qualify_one(
+        &mut a,
+        connect("psql", [10, 99, 0, 12], false),
+        None,
+        MODULE_VERSION_TICKETS,
+    )
+    .await;
+    assert!(r.module_answer.is_empty());
+    let reply = r.grant.expect("a grant");
+    let g2 = module::grant_of(&reply).unwrap();
+    assert_eq!(open_at_b(&b_keys, &g2).client_host, tickets::host_id("a"));
+    assert_ne!(g2.ticket_id, g.ticket_id);
+
+    let rows = v.app.api.store.audit_rows(0, u32::MAX).unwrap();
+    let grants: Vec<_> = rows.iter().filter(|r| r.kind == "channel.grant").collect();
+    assert_eq!(grants.len(), 2, "one per grant: {grants:?}");
+    assert!(grants[0].detail.contains(&hex::encode(g.ticket_id)));
+    assert!(rows
+        .iter()
+        .all(|r| !r.detail.contains(&hex::encode(g.pair_secret))));
+}
+
+/// A v2 connect whose pair policy refuses (b's postgres accepts no
+/// client from the rogue) is answered with a sealed deny naming why.
+#[tokio::test]
+async fn a_refused_pair_is_answered_with_a_sealed_deny() {
+    let v = appliance(false).await;
+    let store = &v.app.api.store;
+    let policy = concat!(
+        connect_5432_policy!(),
+        r#"
+@id("servers-accept-clients")
+@encrypt("required")
+permit (principal, action == Trustbind::Action::"accept", resource)
+when { context.program in Trustbind::ProgramGroup::"servers" };
+@id("not-from-the-rogue")
+forbid (principal, action == Trustbind::Action::"accept", resource)
+when { context has peer_host && context.peer_host == Trustbind::Host::"rogue" };
+"#
+    );
+    let id = store.create_policy_draft(policy, "", "admin:t").unwrap();
+    store.activate_policy(id, "admin:t").unwrap();
+    let m = Module::new(&v.app.api.pki.authority().public());
+    let (mut rogue, _sr) = host_with(&v.app, "rogue", "10.99.0.66", m.public.to_vec()).await;
+    let (mut b, _sb) = host(&v.app, "b", "10.99.0.12").await;
+    assert!(listen(&mut b, "postgres", 5432).await.allowed);
+    let req = connect("psql", [10, 99, 0, 12], true);
+    let r = qualify_one(&mut rogue, req.clone(), Some(&m), MODULE_VERSION_TICKETS).await;
+    assert_eq!(r.verdict(), pb::Verdict::Deny, "{r:?}");
+    assert!(r.reasons[0].contains("denied by policy"), "{r:?}");
+    let verdict = verdict_of(&sealed_answer(&m, &r.module_answer, &req.module_request));
+    assert_eq!(verdict.decision, proto::Decision::Deny);
+    assert!(!verdict.cacheable);
+}
+
+/// `Listen` with the module's record answers a sealed verdict bound to
+/// its digest (allow: registered; deny: not); a record that says
+/// otherwise than the fields, or no session, is refused.
+#[tokio::test]
+async fn a_listen_with_the_modules_record_is_answered_sealed() {
+    let v = appliance(false).await;
+    let m = Module::new(&v.app.api.pki.authority().public());
+    let (mut b, _sb) = host_with(&v.app, "b", "10.99.0.12", m.public.to_vec()).await;
+    let ask = |name: &str, port: u32, record: Vec<u8>, session: Vec<u8>| pb::ListenRequest {
+        subject: Some(subject()),
+        program: Some(program(name)),
+        port,
+        module_request: record,
+        module_session: session,
+    };
+    let pg = net_record(proto::NetKind::Listen, "postgres", [0; 4], 5432);
+    let l = b
+        .listen(ask("postgres", 5432, pg.clone(), m.public.to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(l.allowed, "{l:?}");
+    let verdict = verdict_of(&sealed_answer(&m, &l.module_answer, &pg));
+    assert_eq!(verdict.decision, proto::Decision::Allow);
+    let nc = net_record(proto::NetKind::Listen, "nc", [0; 4], 5432);
+    let l = b
+        .listen(ask("nc", 5432, nc.clone(), m.public.to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!l.allowed);
+    assert_eq!(
+        verdict_of(&sealed_answer(&m, &l.module_answer, &nc)).decision,
+        proto::Decision::Deny
+    );
+    // The fields say otherwise than the record: refused, nothing registered.
+    let contradicting = [
+        ask("postgres", 5433, pg.clone(), m.public.to_vec()),
+        ask("nc", 5432, pg.clone(), m.public.to_vec()),
+        ask(
+            "postgres",
+            5432,
+            net_record(proto::NetKind::Connect, "postgres", [0; 4], 5432),
+            m.public.to_vec(),
+        ),
+        ask("postgres", 5432, pg.clone(), Vec::new()),
+    ];
+    for r in contradicting {
+        let st = b.listen(r).await.unwrap_err();
+        assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    }
+    let mut other = subject();
+    other.uid = 0;
+    let st = b
+        .listen(pb::ListenRequest {
+            subject: Some(other),
+            ..ask("postgres", 5432, pg, m.public.to_vec())
+        })
+        .await
+        .unwrap_err();
+    assert!(st.message().contains("subject.uid"), "{st:?}");
+}
+
+/// The sealed order in a push (`module_order`), opened by `m`: its
+/// sequence and record.
+fn order(m: &Module, sealed: &[u8]) -> (u64, Vec<u8>) {
+    let opened = m.open(sealed, &[0; 32]).unwrap();
+    assert_eq!(opened.request_id, 0);
+    (opened.seq, opened.inner)
+}
+
+/// The next host keys push: its order's sequence, the keys, the order.
+async fn sealed_host_keys(s: &mut Streaming<Push>, m: &Module) -> (u64, HostKeys, Vec<u8>) {
+    let k = next(s, |k| match k {
+        push::Kind::HostKeys(k) => Some(k),
+        _ => None,
+    })
+    .await;
+    let (seq, inner) = order(m, &k.module_order);
+    let Record::HostKeys(keys) = proto::decode(&inner).unwrap().1 else {
+        panic!("not host keys")
+    };
+    assert_eq!(&keys.encode()[..], &k.record[..]);
+    (seq, keys, k.module_order)
+}
+
+async fn sealed_revocations(s: &mut Streaming<Push>, m: &Module) -> (u64, Vec<Vec<u8>>) {
+    let r = revocations(s).await;
+    let (seq, inner) = order(m, &r.module_order);
+    let Record::Revocations(rec) = proto::decode(&inner).unwrap().1 else {
+        panic!("not revocations")
+    };
+    assert_eq!(rec.min_generation, r.min_generation);
+    (seq, rec.hosts().map(<[u8]>::to_vec).collect())
+}
+
+/// The host keys and revocations pushes carry sealed orders for the
+/// subscriber's module, each kind with increasing sequences, the host
+/// keys only the subscriber's own; a subscriber without a session gets
+/// none.
+#[tokio::test]
+async fn host_keys_and_revocations_are_sealed_orders_for_the_subscribers_module() {
+    let v = appliance(false).await;
+    let authority = v.app.api.pki.authority().public();
+    let (ma, mb) = (Module::new(&authority), Module::new(&authority));
+    let (_a, mut sa) = host_with(&v.app, "a", "10.99.0.11", ma.public.to_vec()).await;
+    let (_b, mut sb) = host_with(&v.app, "b", "10.99.0.12", mb.public.to_vec()).await;
+    let (_c, mut sc) = host(&v.app, "c", "10.99.0.13").await;
+    let (a_seq, a_keys, _) = sealed_host_keys(&mut sa, &ma).await;
+    let (b_seq, b_keys, _) = sealed_host_keys(&mut sb, &mb).await;
+    assert_eq!(a_keys.host, tickets::host_id("a"));
+    assert_eq!(b_keys.host, tickets::host_id("b"));
+    assert!(a_seq > 0 && b_seq > 0);
+    let (a_rseq, _) = sealed_revocations(&mut sa, &ma).await;
+    let (b_rseq, _) = sealed_revocations(&mut sb, &mb).await;
+    assert!(a_rseq > a_seq && b_rseq > b_seq);
+    // Unsealed for a subscriber without a session.
+    let k = next(&mut sc, |k| match k {
+        push::Kind::HostKeys(k) => Some(k),
+        _ => None,
+    })
+    .await;
+    assert!(k.module_order.is_empty() && !k.record.is_empty());
+    assert!(revocations(&mut sc).await.module_order.is_empty());
+    drain(&mut sa).await;
+    drain(&mut sb).await;
+    let grants = v.app.api.grants().unwrap();
+    grants.revoke_host("rogue");
+    let (a_next, hosts) = sealed_revocations(&mut sa, &ma).await;
+    assert!(a_next > a_rseq);
+    assert_eq!(hosts, vec![tickets::host_id("rogue").to_vec()]);
+    let (b_next, _) = sealed_revocations(&mut sb, &mb).await;
+    assert!(b_next > b_rseq);
+    // A new epoch: each its own keys again, sealed with a later sequence.
+    grants.rotate(0);
+    let (a_again, keys, _) = sealed_host_keys(&mut sa, &ma).await;
+    assert!(a_again > a_next && keys.host == tickets::host_id("a"));
+    let (b_again, keys, b_order) = sealed_host_keys(&mut sb, &mb).await;
+    assert!(b_again > b_next && keys.host == tickets::host_id("b"));
+    // Sealed for b's module only.
+    assert!(ma.open(&b_order, &[0; 32]).is_err());
 }

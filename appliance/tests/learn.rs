@@ -176,6 +176,7 @@ async fn a_bad_package_name_is_refused_naming_the_field() {
             .qualify(pb::QualifyBatch {
                 requests: vec![run(1, APP, "bob", "/opt/app/run", bad)],
                 module_session: Vec::new(),
+                module_version: 0,
             })
             .await
             .unwrap_err();

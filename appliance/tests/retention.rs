@@ -408,6 +408,7 @@ async fn decisions_go_on_when_the_disk_is_full_and_the_gap_is_audited_once_space
             .qualify(QualifyBatch {
                 requests: vec![exec(i, LS), exec(100 + i, [0x99; 32])],
                 module_session: Vec::new(),
+                module_version: 0,
             })
             .await
             .expect("decided with a full disk")
@@ -442,6 +443,7 @@ async fn decisions_go_on_when_the_disk_is_full_and_the_gap_is_audited_once_space
         .qualify(QualifyBatch {
             requests: vec![exec(999, LS)],
             module_session: Vec::new(),
+            module_version: 0,
         })
         .await
         .unwrap()
@@ -583,6 +585,7 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
             .qualify(QualifyBatch {
                 requests: reqs,
                 module_session: Vec::new(),
+                module_version: 0,
             })
             .await
             .unwrap();
@@ -599,6 +602,7 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
             .qualify(QualifyBatch {
                 requests: vec![exec(10_000 + i, LS)],
                 module_session: Vec::new(),
+                module_version: 0,
             })
             .await
             .expect("answered on a full disk");
@@ -615,6 +619,7 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
             .qualify(QualifyBatch {
                 requests: vec![exec(20_000 + i, [0x99; 32])],
                 module_session: Vec::new(),
+                module_version: 0,
             })
             .await
             .expect("answered on a full disk");
@@ -634,6 +639,7 @@ async fn on_a_really_full_disk_decisions_go_on_and_the_reserve_lets_retention_re
         .qualify(QualifyBatch {
             requests: vec![exec(30_000, LS)],
             module_session: Vec::new(),
+            module_version: 0,
         })
         .await
         .unwrap();

@@ -21,10 +21,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::sealing::{digest, Module};
 use common::{exec, start_with, start_with_policy, subject, Appliance};
-use hmac::{Hmac, Mac};
 use rustls::ClientConfig;
-use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Streaming;
@@ -34,7 +33,6 @@ use trustbind_appliance::agent_api::pb::{self, push, Hello, Push, QualifyBatch, 
 use trustbind_appliance::gate::Gate;
 use trustbind_appliance::policy::engine::Engine;
 use trustbind_appliance::store::{Mode, Store};
-use trustbind_proto::seal::{prefix, session_info};
 use trustbind_proto::{self as proto, Record};
 
 const POLICY: &str = r#"
@@ -44,94 +42,6 @@ permit (principal, action == Trustbind::Action::"exec", resource in Trustbind::P
 
 const LS: [u8; 32] = [0x11; 32];
 const UNKNOWN: [u8; 32] = [0x99; 32];
-
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
-    for p in parts {
-        m.update(p);
-    }
-    m.finalize().into_bytes().into()
-}
-
-/// The module's side of a session, written from the spec
-/// (`proto::seal`), not from the appliance's code.
-struct Module {
-    public: [u8; 64],
-    k: [u8; 32],
-}
-
-/// What a sealed record holds once its seal checks.
-#[derive(Debug)]
-struct Opened {
-    request_id: u64,
-    seq: u64,
-    inner: Vec<u8>,
-}
-
-impl Module {
-    /// A module loaded with `authority` (`EnrolReply.authority`).
-    fn new(authority: &[u8]) -> Self {
-        use p256::elliptic_curve::sec1::ToEncodedPoint;
-        assert_eq!(authority.len(), 64);
-        let secret = p256::SecretKey::random(&mut Rng);
-        let point = secret.public_key().to_encoded_point(false);
-        let public: [u8; 64] = point.as_bytes()[1..].try_into().unwrap();
-        let mut sec1 = vec![4u8];
-        sec1.extend_from_slice(authority);
-        let authority = p256::PublicKey::from_sec1_bytes(&sec1).unwrap();
-        let z = p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), authority.as_affine());
-        let k = hmac(z.raw_secret_bytes(), &[&session_info(&public)]);
-        Self { public, k }
-    }
-
-    /// Checks the seal of `bytes` (a whole `Sealed` record) for `digest`.
-    fn open(&self, bytes: &[u8], digest: &[u8; 32]) -> Result<Opened, String> {
-        let (h, rec) = proto::decode(bytes).map_err(|e| e.to_string())?;
-        let Record::Sealed(s) = rec else {
-            return Err(format!("not sealed: {:?}", h.kind));
-        };
-        if hmac(&self.k, &[&prefix(digest, s.seq), s.inner()]) != s.mac {
-            return Err("bad seal".into());
-        }
-        Ok(Opened {
-            request_id: h.request_id,
-            seq: s.seq,
-            inner: s.inner().to_vec(),
-        })
-    }
-}
-
-/// `rand_core` randomness from the OS, for the module's key.
-struct Rng;
-
-impl p256::elliptic_curve::rand_core::RngCore for Rng {
-    fn next_u32(&mut self) -> u32 {
-        let mut b = [0u8; 4];
-        self.fill_bytes(&mut b);
-        u32::from_le_bytes(b)
-    }
-    fn next_u64(&mut self) -> u64 {
-        let mut b = [0u8; 8];
-        self.fill_bytes(&mut b);
-        u64::from_le_bytes(b)
-    }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        getrandom::getrandom(dest).unwrap();
-    }
-    fn try_fill_bytes(
-        &mut self,
-        dest: &mut [u8],
-    ) -> Result<(), p256::elliptic_curve::rand_core::Error> {
-        self.fill_bytes(dest);
-        Ok(())
-    }
-}
-
-impl p256::elliptic_curve::rand_core::CryptoRng for Rng {}
-
-fn digest(b: &[u8]) -> [u8; 32] {
-    Sha256::digest(b).into()
-}
 
 /// Enrols `host` (group `group` in `mode`): its client config and the
 /// authority key the enrolment returned.
@@ -192,6 +102,7 @@ async fn qualify(
     c.qualify(QualifyBatch {
         requests,
         module_session: session.to_vec(),
+        module_version: 0,
     })
     .await
     .unwrap()

@@ -1016,6 +1016,7 @@ async fn qualify_one(
         .qualify(timed(pb::QualifyBatch {
             requests: vec![req],
             module_session: Vec::new(),
+            module_version: 0,
         }))
         .await?
         .into_inner();
@@ -1297,6 +1298,7 @@ impl Agent {
                     .qualify(timed(pb::QualifyBatch {
                         requests: reqs,
                         module_session: Vec::new(),
+                        module_version: 0,
                     }))
                     .await?
                     .into_inner();

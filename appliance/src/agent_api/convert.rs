@@ -466,6 +466,7 @@ pub fn result(id: u64, a: &Answer) -> pb::Result {
         would_deny: a.outcome.would_deny,
         channel_id: a.channel_id.unwrap_or(0),
         module_answer: Vec::new(),
+        grant: None,
     }
 }
 

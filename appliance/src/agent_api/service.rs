@@ -218,7 +218,8 @@ impl Agent for AgentService {
             // The module's requests: checked against the gRPC ones and
             // bound to their session (ECDH once per module session).
             let asks = module_asks(&api, &batch);
-            decide_batch(&api, &asker, &reqs, &asks, deadline, &gone)
+            let v2 = batch.module_version >= trustbind_proto::MODULE_VERSION_TICKETS;
+            decide_batch(&api, &asker, &reqs, (&asks, v2), deadline, &gone)
                 .map(|(r, e, a, l)| (r, e, a, reqs, l))
         })
         .await
@@ -459,16 +460,31 @@ impl AgentService {
         let host = self.host(&req)?;
         let grants = self.grants()?;
         let listen = convert::listen(req.get_ref(), &host, now_ms())?;
+        // The module's own listen record: the fields must say what it
+        // says, and the answer is sealed to it.
+        let ask = seal::listen_ask(self.api.pki.authority(), req.get_ref())
+            .transpose()
+            .map_err(Status::invalid_argument)?;
         let l = audited(&self.api, "listen", move || {
             let l = grants.listen(&listen)?;
             let ev = crate::grants::listen_event(&listen, &l);
             Ok((l, ev))
         })
         .await?;
+        let module_answer = match &ask {
+            Some(ask) => ask
+                .seal_verdict(trustbind_api::module::listen_verdict(
+                    l.allowed,
+                    l.generation,
+                ))
+                .map_err(|e| Status::internal(format!("cannot seal the listen's answer: {e}")))?,
+            None => Vec::new(),
+        };
         Ok(ListenReply {
             allowed: l.allowed,
             reasons: l.reasons,
             generation: l.generation,
+            module_answer,
         })
     }
 
@@ -491,24 +507,8 @@ impl AgentService {
             Ok((g, ev))
         })
         .await?;
-        Ok(match g {
-            crate::grants::Granted::No(reason) => GrantReply {
-                granted: false,
-                reason,
-                ..GrantReply::default()
-            },
-            crate::grants::Granted::Yes(m) => GrantReply {
-                granted: true,
-                reason: String::new(),
-                ticket: m.grant.sealed.clone(),
-                epoch: m.grant.epoch,
-                // Wiped by the codec once encoded.
-                pair_secret: m.grant.pair_secret.to_vec(),
-                expires_s: m.grant.expires_s,
-                generation: m.generation,
-                ticket_id: m.grant.ticket_id.to_vec(),
-            },
-        })
+        // The pair secret is wiped by the codec once encoded.
+        Ok(crate::grants::reply(g))
     }
 }
 
@@ -594,7 +594,10 @@ type Decided = (
 /// What the module's requests of `batch` are (in order): see
 /// [`seal::ask_of`]. The session is derived (or found in the cache) only
 /// when some request carries module bytes.
-pub(crate) type Asks = Vec<Option<Result<Arc<ModuleAsk>, String>>>;
+pub(crate) type Asks = Vec<Ask>;
+
+/// One request's [`seal::ask_of`].
+pub(crate) type Ask = Option<Result<Arc<ModuleAsk>, String>>;
 
 fn module_asks(api: &AgentApi, batch: &QualifyBatch) -> Asks {
     let session = (!batch.module_session.is_empty()
@@ -611,7 +614,10 @@ fn module_asks(api: &AgentApi, batch: &QualifyBatch) -> Asks {
 /// decisions that raise alerts (when alert sinks are set). A request whose
 /// module bytes (`asks`, in the order of `reqs`; missing entries are
 /// `None`) are refused is denied for that reason, without asking the
-/// decider; a sealed one gets its answer sealed (`Result.module_answer`). Stops (nothing
+/// decider; a sealed one gets its answer sealed (`Result.module_answer`).
+/// When the batch's module speaks channel keys v2 (`v2`), a connect that
+/// must be a channel to a registered service gets a grant instead
+/// ([`channel_grant`]). Stops (nothing
 /// decided further, nothing audited) as soon as the caller has gone or
 /// `deadline` passes; if the deadline passed by the end, fails with
 /// DEADLINE_EXCEEDED so that nothing is audited (the agent would not see
@@ -620,7 +626,7 @@ fn decide_batch(
     api: &AgentApi,
     host: &str,
     reqs: &[(u64, QualifyRequest)],
-    asks: &[Option<Result<Arc<ModuleAsk>, String>>],
+    (asks, v2): (&[Ask], bool),
     deadline: Instant,
     gone: &Gone,
 ) -> Result<Decided, Status> {
@@ -655,10 +661,34 @@ fn decide_batch(
         }
         events.push(decision_event(host, *id, r, &a));
         let mut result = convert::result(*id, &a);
-        if let Some(Ok(ask)) = ask {
-            result.module_answer = ask.seal_result(&result).map_err(|e| {
-                Status::internal(format!("cannot seal the answer to request {id}: {e}"))
-            })?;
+        let sealed =
+            |e: String| Status::internal(format!("cannot seal the answer to request {id}: {e}"));
+        let granted = if v2 { channel_grant(api, r, &a)? } else { None };
+        let ask = ask.and_then(|a| a.as_ref().ok());
+        match (granted, ask) {
+            (Some(g), ask) => {
+                events.push(crate::grants::grant_event(r, &g));
+                let mut reply = crate::grants::reply(g);
+                if !reply.granted {
+                    // Refused: a deny with the grant's reason.
+                    let why = std::mem::take(&mut reply.reason);
+                    result = convert::result(*id, &Answer::refused(why, a.generation));
+                    if let Some(ask) = ask {
+                        result.module_answer = ask.seal_result(&result).map_err(sealed)?;
+                    }
+                } else if let Some(ask) = ask {
+                    let answer = ask.seal_grant(&reply);
+                    zeroize::Zeroize::zeroize(&mut reply.pair_secret);
+                    result.module_answer = answer.map_err(sealed)?;
+                } else {
+                    // Wiped by the codec once encoded.
+                    result.grant = Some(reply);
+                }
+            }
+            (None, Some(ask)) => {
+                result.module_answer = ask.seal_result(&result).map_err(sealed)?;
+            }
+            (None, None) => {}
         }
         results.push(result);
     }
@@ -669,6 +699,31 @@ fn decide_batch(
         )));
     }
     Ok((results, events, alerting, learned))
+}
+
+/// Channel keys v2: the grant for `r` when it is a connect (before the
+/// SYN) that policy allows only as a channel (`a`) to a service a program
+/// registered with `Listen` (`Grants::grant_registered`); `None` when it is
+/// not (answered as before: a v1 server takes today's channel path).
+fn channel_grant(
+    api: &AgentApi,
+    r: &QualifyRequest,
+    a: &Answer,
+) -> Result<Option<crate::grants::Granted>, Status> {
+    let Some(grants) = api.grants() else {
+        return Ok(None);
+    };
+    let connect = matches!(&r.target, crate::request::Target::Net(t)
+        if t.proto == crate::request::Proto::Tcp && !t.established);
+    if r.action != crate::request::Action::Connect
+        || !connect
+        || !crate::gate::requires_channel(&a.outcome.verdict)
+    {
+        return Ok(None);
+    }
+    grants
+        .grant_registered(r)
+        .map_err(|e| Status::unavailable(format!("no grant for the connect: {e}")))
 }
 
 /// The audit event of the answer `a` to request `id`, `r`, of `host`:
@@ -850,8 +905,15 @@ mod tests {
         let api = AgentApi::new(Arc::clone(&store), pki, engine).unwrap();
         let before = store.audit_rows(0, 1000).unwrap().len();
         let reqs = vec![(1, exec_request())];
-        let err =
-            decide_batch(&api, "web1", &reqs, &[], Instant::now(), &Gone::default()).unwrap_err();
+        let err = decide_batch(
+            &api,
+            "web1",
+            &reqs,
+            (&[], false),
+            Instant::now(),
+            &Gone::default(),
+        )
+        .unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
         // With time left the same batch is decided (default deny) and audited.
@@ -859,7 +921,7 @@ mod tests {
         // The caller has gone: nothing is decided.
         let gone = Gone::default();
         gone.set();
-        let err = decide_batch(&api, "web1", &reqs, &[], far, &gone).unwrap_err();
+        let err = decide_batch(&api, "web1", &reqs, (&[], false), far, &gone).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Cancelled);
         assert!(
             err.message().contains("before item 0 of 1"),
@@ -867,7 +929,7 @@ mod tests {
             err.message()
         );
         let (results, events, _, _) =
-            decide_batch(&api, "web1", &reqs, &[], far, &Gone::default()).unwrap();
+            decide_batch(&api, "web1", &reqs, (&[], false), far, &Gone::default()).unwrap();
         assert_eq!(results[0].verdict(), pb::Verdict::Deny);
         assert_eq!(store.audit_rows(0, 1000).unwrap().len(), before);
         record(&api, events).await.unwrap();

@@ -2,6 +2,8 @@
 //! and enrol ports on 127.0.0.1) and real TLS clients.
 #![allow(dead_code)]
 
+pub mod sealing;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -242,6 +244,7 @@ pub async fn qualify_all(
         .qualify(trustbind_appliance::agent_api::pb::QualifyBatch {
             requests,
             module_session: Vec::new(),
+            module_version: 0,
         })
         .await
         .unwrap()

@@ -1686,7 +1686,7 @@ struct UnixConnection<'a> {
     peer_pid: u32,
 }
 
-impl core::fmt::Display for UnixConnection {
+impl core::fmt::Display for UnixConnection<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "pid {} -> ", self.pid)?;
         for &b in self.path.iter().take(256) {

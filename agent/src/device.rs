@@ -300,8 +300,9 @@ fn encode(rec: &Record<'_>, id: u64) -> Result<Vec<u8>, DeviceError> {
 }
 
 impl Device {
-    /// Opens `path` and greets the module.
-    pub fn open(path: &Path) -> Result<Self, DeviceError> {
+    /// Opens `path` and greets the module, announcing channel keys v2
+    /// when `tickets` (`proto::AGENT_VERSION_TICKETS`).
+    pub fn open(path: &Path, tickets: bool) -> Result<Self, DeviceError> {
         let io_err = |what| {
             move |source| DeviceError::Io {
                 path: path.to_owned(),
@@ -316,7 +317,11 @@ impl Device {
             .map_err(io_err("open"))?;
         let hello = Record::Hello(Hello {
             agent_pid: std::process::id(),
-            agent_version: AGENT_VERSION,
+            agent_version: if tickets {
+                proto::AGENT_VERSION_TICKETS
+            } else {
+                AGENT_VERSION
+            },
         });
         file.write_all(&encode(&hello, 1)?)
             .map_err(io_err("write Hello"))?;

@@ -96,6 +96,14 @@ enum Cmd {
         /// key is handed to the module.
         #[arg(long)]
         no_net: bool,
+        /// Channel keys v2 (docs/CHANNEL-KEYS-V2.md): the module registers
+        /// this host's channel services when they listen, keys repeat
+        /// connects of a program pair from a cached grant with no appliance
+        /// round trip, and opens its clients' tickets itself. Off by
+        /// default until every host of a fleet runs it (a v1 peer still
+        /// works: unregistered services keep v1's channels).
+        #[arg(long)]
+        channels_v2: bool,
         /// Renew the host certificate over the agent connection when fewer
         /// than this many days of validity remain.
         #[arg(long, value_name = "DAYS", default_value_t = trustbind_agent::link::RENEW_BEFORE_DAYS)]
@@ -207,6 +215,7 @@ fn main() -> ExitCode {
             verdict_timeout_ms,
             call_timeout_ms,
             no_net,
+            channels_v2,
             renew_days,
             dpkg_info,
         } => {
@@ -226,6 +235,7 @@ fn main() -> ExitCode {
                 batch_wait: Duration::from_millis(2),
                 call_timeout: Duration::from_millis(call_timeout_ms),
                 qualify_net: !no_net,
+                channels_v2,
                 renew_days,
                 dpkg_info,
             };

@@ -88,6 +88,9 @@ pub struct RunOptions {
     /// Whether the module asks about TCP connects and accepts (`Config`'s
     /// `qualify_net`; `--no-net` turns it off).
     pub qualify_net: bool,
+    /// Whether this agent announces channel keys v2 to its module
+    /// (`--channels-v2`): the module then asks `Listen`.
+    pub channels_v2: bool,
     /// Renew the host certificate when fewer than this many days remain.
     pub renew_days: u32,
     /// dpkg's file lists (`/var/lib/dpkg/info`): the package owning each
@@ -368,7 +371,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .ok()
         .and_then(|m| parse_mode(m.trim()))
         .unwrap_or(opts.mode);
-    let mut device = Device::open(&opts.device)?;
+    let mut device = Device::open(&opts.device, opts.channels_v2)?;
     let mut writer = device.writer()?;
     let mut mode = mode;
     match writer.config(mode, opts.verdict_timeout_ms, opts.qualify_net) {
@@ -1054,7 +1057,7 @@ async fn listen(
     })
     .await?;
     Ok((
-        tbm::listen_verdict(r.allowed, r.generation),
+        tbm::listen_verdict(r.allowed, r.channel, r.generation),
         refusal::online_reason(&r.reasons),
         r.module_answer,
     ))

@@ -308,15 +308,24 @@ pub fn file_set_paths(paths: &[String]) -> Result<Vec<u8>, String> {
 
 /// The answer to a channel keys v2 listen (`NetKind::Listen`): allow when
 /// the program is registered, else a deny; never cached (the module keeps
-/// its registration per listener itself), no obligation.
-pub fn listen_verdict(registered: bool, generation: i64) -> Verdict {
+/// its registration per listener itself); the `encrypt` obligation when
+/// the policy binds the service's accepts to channels (`channel`: the
+/// module then looks for tickets on them).
+pub fn listen_verdict(registered: bool, channel: bool, generation: i64) -> Verdict {
     let g = u64::try_from(generation).unwrap_or(0);
     if registered {
         Verdict {
-            decision: Decision::Allow,
+            decision: if channel {
+                Decision::AllowWithConditions
+            } else {
+                Decision::Allow
+            },
             policy_generation: g,
             cacheable: false,
-            obligations: Obligations::default(),
+            obligations: Obligations {
+                encrypt: channel,
+                ..Obligations::default()
+            },
         }
     } else {
         deny(g)
@@ -577,8 +586,11 @@ mod tests {
             ..reply
         };
         assert!(grant_of(&refused).is_err());
-        assert_eq!(listen_verdict(true, 3).decision, Decision::Allow);
-        assert_eq!(listen_verdict(false, 3), deny(3));
+        assert_eq!(listen_verdict(true, false, 3).decision, Decision::Allow);
+        let channel = listen_verdict(true, true, 3);
+        assert!(channel.obligations.encrypt && channel.decision == Decision::AllowWithConditions);
+        assert_eq!(listen_verdict(false, false, 3), deny(3));
+        assert_eq!(listen_verdict(false, true, 3), deny(3));
     }
 
     #[test]

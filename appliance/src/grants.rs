@@ -121,6 +121,8 @@ struct Service {
 pub struct Listened {
     /// Registered (policy lets the program serve there).
     pub allowed: bool,
+    /// Registered, and the decision requires a channel (`@encrypt`).
+    pub channel: bool,
     /// The decision's reasons (why not, or the determining policies).
     pub reasons: Vec<String>,
     /// Its generation.
@@ -223,6 +225,7 @@ impl Grants {
             {
                 return Ok(Listened {
                     allowed: false,
+                    channel: false,
                     reasons: vec![format!(
                         "host `{}` registers {MAX_SERVICES_PER_HOST} services, its most",
                         listen.host
@@ -244,6 +247,7 @@ impl Grants {
         }
         Ok(Listened {
             allowed,
+            channel: allowed && crate::gate::requires_channel(&d.outcome.verdict),
             reasons: d.outcome.reasons,
             generation: d.generation,
         })

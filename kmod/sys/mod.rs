@@ -34,6 +34,7 @@ mod bindings {
 }
 
 use bindings::{
+    tb_listen_info, tb_random, tb_real_seconds, tb_tcp_isns, tb_ticket_read, tb_ticket_send,
     tb_rcu_read_lock, tb_rcu_read_unlock,
     linux_binprm, tb_backstop_debugfs, tb_backstop_set_mode, tb_bprm_info, tb_bprm_is_interp, tb_bprm_setid,
     tb_bprm_file, tb_bprm_head, tb_bprm_is_native_elf, tb_bprm_path, tb_current_exe_id, tb_debugfs_dir, tb_debugfs_remove,

@@ -12,15 +12,15 @@
 //!   place (the fullest cache drops the one that expires first). Every
 //!   grant that leaves has its pair secret wiped.
 //! - [`Services`]: the ports a listen of this host registered (an allowed
-//!   [`crate::NetKind::Listen`]): only an accept on one of them looks for
+//!   [`super::NetKind::Listen`]): only an accept on one of them looks for
 //!   a ticket before asking the appliance.
 //! - [`Revoked`]: a copy of the last [`Revocations`] record, which the
 //!   server's ticket check consults.
 
 use core::ops::DerefMut;
 
-use crate::ticket::{Revocations, HOST_ID_LEN, MAX_REVOCATIONS_LEN, TICKET_ID_LEN};
-use crate::{Grant, SHA256_LEN};
+use super::ticket::{Revocations, HOST_ID_LEN, MAX_REVOCATIONS_LEN, TICKET_ID_LEN};
+use super::{Grant, SHA256_LEN};
 
 /// What a grant is for: the client program and its user, the server end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,7 +209,7 @@ impl<B: DerefMut<Target = [u8]>> Revoked<B> {
 
     /// Replaces the record with `r`.
     pub fn set(&mut self, r: &Revocations<'_>) {
-        let mut w = crate::Writer::new(&mut self.buf);
+        let mut w = super::Writer::new(&mut self.buf);
         r.write(&mut w);
         self.len = r.encoded_len();
     }

@@ -658,7 +658,7 @@ impl<'a> Revocations<'a> {
     }
 
     /// Writes this record (as read) again, e.g. into a device record.
-    pub(crate) fn write(&self, w: &mut super::Writer<'_>) {
+    pub(super) fn write(&self, w: &mut super::Writer<'_>) {
         w.u64(self.min_generation);
         // CAST: both at most MAX_REVOKED entries, checked by `decode`.
         w.u16((self.hosts.len() / HOST_ID_LEN) as u16);

@@ -475,6 +475,7 @@ impl AgentService {
             Some(ask) => ask
                 .seal_verdict(trustbind_api::module::listen_verdict(
                     l.allowed,
+                    l.channel,
                     l.generation,
                 ))
                 .map_err(|e| Status::internal(format!("cannot seal the listen's answer: {e}")))?,
@@ -482,6 +483,7 @@ impl AgentService {
         };
         Ok(ListenReply {
             allowed: l.allowed,
+            channel: l.channel,
             reasons: l.reasons,
             generation: l.generation,
             module_answer,

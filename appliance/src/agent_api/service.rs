@@ -173,8 +173,9 @@ type PushStream = Pin<Box<dyn Stream<Item = Result<Push, Status>> + Send>>;
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn qualify(&self, req: Request<QualifyBatch>) -> Result<Response<QualifyReply>, Status> {
+        let started = Instant::now();
         let host = self.host(&req)?;
-        let deadline = Instant::now() + call_budget(&req);
+        let deadline = started + call_budget(&req);
         // The address this host calls from: what it may name as its own
         // end of a channel (`crate::hostaddr`).
         if let Some(c) = req.extensions().get::<ConnInfo>() {
@@ -214,6 +215,7 @@ impl Agent for AgentService {
         let gone = Gone::default();
         let _on_drop = GoneOnDrop(gone.clone());
         let asker = host.clone();
+        let deciding = Instant::now();
         let (results, events, alerting, reqs, learned) = tokio::task::spawn_blocking(move || {
             // The module's requests: checked against the gRPC ones and
             // bound to their session (ECDH once per module session).
@@ -223,7 +225,9 @@ impl Agent for AgentService {
         })
         .await
         .map_err(|e| Status::internal(format!("decision task failed: {e}")))??;
+        let auditing = Instant::now();
         let rows = record(&self.api, events).await?;
+        let audited = Instant::now();
         // Learning mode, once audited: merged in memory, written later.
         if !learned.is_empty() {
             let noted: Vec<crate::learn::Noted<'_>> = learned
@@ -247,6 +251,11 @@ impl Agent for AgentService {
                 }
             }
         }
+        metrics::metrics().record_qualify(
+            started.elapsed(),
+            auditing - deciding,
+            audited - auditing,
+        );
         Ok(Response::new(QualifyReply { results }))
     }
 

@@ -91,7 +91,13 @@ async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Pending>, counters: Arc<C
             batch.drain(..).map(|p| (p.ev, p.done)).unzip();
         let s = Arc::clone(&store);
         let n = events.len() as u64;
-        let result = tokio::task::spawn_blocking(move || s.append_audit_owned(events)).await;
+        let result = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let r = s.append_audit_owned(events);
+            crate::metrics::metrics().record_audit_commit(t.elapsed(), n as usize);
+            r
+        })
+        .await;
         match result {
             Ok(Ok(rows)) => {
                 counters.appended.fetch_add(n, Ordering::Relaxed);

@@ -561,6 +561,15 @@ impl Decider for Gate {
         self.engine.generation()
     }
 
+    /// Not a connect or an accept (they pair, wait for their partner and
+    /// write channel rows), no license that a check could write to the
+    /// store, and the engine's snapshot current.
+    fn decides_at_once(&self, r: &QualifyRequest) -> bool {
+        !matches!(r.action, Action::Connect | Action::Accept)
+            && !self.limits.as_ref().is_some_and(|l| l.any())
+            && self.engine.is_current()
+    }
+
     /// The policy's verdict alone: licenses are not charged (a bundle is no
     /// call) and connect/accept are not offered for pairing.
     fn redecide(&self, r: &QualifyRequest) -> Result<Answer, DecideError> {

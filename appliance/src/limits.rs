@@ -327,6 +327,12 @@ impl Limits {
         self.check_at(subject, LicenseTime::at(now_ms))
     }
 
+    /// Whether any license is set: without one a check neither writes to
+    /// the store nor refuses anything.
+    pub fn any(&self) -> bool {
+        self.lock().map_or(true, |m| !m.is_empty())
+    }
+
     /// [`Limits::check`] at `at`: the window and calls per minute on
     /// `at.steady_ms`, validity on `at.wall_ms`, an expiry revoking only when
     /// both clocks agree (see the module documentation).

@@ -45,6 +45,17 @@ const LATENCY_BUCKETS_US: [u64; 12] = [
     25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
 ];
 
+/// Upper bounds of the buckets of the `Qualify` stage and audit commit
+/// histograms, in microseconds (finer than [`LATENCY_BUCKETS_US`] around
+/// the 5 ms goal of a decision through TLS).
+const STAGE_BUCKETS_US: [u64; 18] = [
+    50, 100, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 4_000, 5_000, 7_500, 10_000, 25_000,
+    50_000, 100_000, 1_000_000,
+];
+
+/// Upper bounds of the buckets of rows per audit commit.
+const BATCH_BUCKETS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+
 /// The content type of [`Metrics::render`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -69,6 +80,30 @@ pub struct Metrics {
     refused: Family<Labels<1>, Counter>,
     alerts: Family<Labels<2>, Counter>,
     retention: Retention,
+    stages: Stages,
+}
+
+/// Where a `Qualify` spends its time, and the audit writer's commits.
+#[derive(Debug)]
+struct Stages {
+    qualify: Histogram,
+    decide: Histogram,
+    audit_wait: Histogram,
+    commit: Histogram,
+    batch_rows: Histogram,
+}
+
+impl Stages {
+    fn new() -> Self {
+        let seconds = || Histogram::new(STAGE_BUCKETS_US.iter().map(|us| *us as f64 / 1e6));
+        Self {
+            qualify: seconds(),
+            decide: seconds(),
+            audit_wait: seconds(),
+            commit: seconds(),
+            batch_rows: Histogram::new(BATCH_BUCKETS.iter().map(|n| *n as f64)),
+        }
+    }
 }
 
 /// Tables retention prunes (the `table` label).
@@ -169,6 +204,7 @@ impl Metrics {
             refused: Family::default(),
             alerts: Family::default(),
             retention: Retention::default(),
+            stages: Stages::new(),
         };
         for t in RETENTION_TABLES {
             let _ = m.retention.exported.get_or_create(&[("table", t)]);
@@ -273,6 +309,36 @@ impl Metrics {
             "Connected agents whose module has no session with this appliance (loaded without its authority key): root on those hosts can switch enforcement off",
             m.agents_unsealed.clone(),
         );
+        let st = &m.stages;
+        for (name, help, h) in [
+            (
+                "trustbind_qualify_seconds",
+                "Qualify calls: from the handler's start to the reply (TLS and HTTP/2 not included)",
+                &st.qualify,
+            ),
+            (
+                "trustbind_qualify_decide_seconds",
+                "Qualify calls: deciding the batch, the wait for a blocking thread included",
+                &st.decide,
+            ),
+            (
+                "trustbind_audit_wait_seconds",
+                "Qualify calls: waiting for the batch's audit rows to commit (queue and commit)",
+                &st.audit_wait,
+            ),
+            (
+                "trustbind_audit_commit_seconds",
+                "Audit writer: one transaction of queued rows, fsync included",
+                &st.commit,
+            ),
+            (
+                "trustbind_audit_batch_rows",
+                "Audit writer: rows per transaction",
+                &st.batch_rows,
+            ),
+        ] {
+            r.register(name, help, h.clone());
+        }
         let t = &m.retention;
         r.register(
             "trustbind_retention_exported_rows",
@@ -498,6 +564,20 @@ impl Metrics {
         self.latency.observe(elapsed.as_secs_f64());
     }
 
+    /// Times one `Qualify` call: `total` from the handler's start to the
+    /// reply, `decide` of it deciding, `audit` of it waiting for the commit.
+    pub fn record_qualify(&self, total: Duration, decide: Duration, audit: Duration) {
+        self.stages.qualify.observe(total.as_secs_f64());
+        self.stages.decide.observe(decide.as_secs_f64());
+        self.stages.audit_wait.observe(audit.as_secs_f64());
+    }
+
+    /// Times one audit transaction of `rows` rows.
+    pub fn record_audit_commit(&self, elapsed: Duration, rows: usize) {
+        self.stages.commit.observe(elapsed.as_secs_f64());
+        self.stages.batch_rows.observe(rows as f64);
+    }
+
     /// Counts one decision-cache lookup.
     pub fn record_cache(&self, hit: bool) {
         if hit {
@@ -697,10 +777,19 @@ mod tests {
             "trustbind_agents_connected",
             "trustbind_agents_unsealed",
             "trustbind_alerts_total",
+            "trustbind_audit_batch_rows_bucket",
+            "trustbind_audit_batch_rows_count",
+            "trustbind_audit_batch_rows_sum",
             "trustbind_audit_checkpoints",
+            "trustbind_audit_commit_seconds_bucket",
+            "trustbind_audit_commit_seconds_count",
+            "trustbind_audit_commit_seconds_sum",
             "trustbind_audit_gap_events_total",
             "trustbind_audit_seal_epoch",
             "trustbind_audit_seals_total",
+            "trustbind_audit_wait_seconds_bucket",
+            "trustbind_audit_wait_seconds_count",
+            "trustbind_audit_wait_seconds_sum",
             "trustbind_cache_hits_total",
             "trustbind_cache_misses_total",
             "trustbind_data_free_bytes",
@@ -715,6 +804,12 @@ mod tests {
             "trustbind_enrolments_total",
             "trustbind_keys_issued_total",
             "trustbind_limits_exceeded_total",
+            "trustbind_qualify_decide_seconds_bucket",
+            "trustbind_qualify_decide_seconds_count",
+            "trustbind_qualify_decide_seconds_sum",
+            "trustbind_qualify_seconds_bucket",
+            "trustbind_qualify_seconds_count",
+            "trustbind_qualify_seconds_sum",
             "trustbind_refused_total",
             "trustbind_retention_checkpoints_consolidated_total",
             "trustbind_retention_export_file_bytes",

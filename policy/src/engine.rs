@@ -741,6 +741,15 @@ impl Engine {
         self.refresh_with(true)
     }
 
+    /// Whether the snapshot decisions use is the store's current one: a
+    /// decision made now then needs no refresh (no re-reading of the
+    /// store's data), and reads the store at most once, for a program not
+    /// seen under this snapshot (one indexed read on a reader connection,
+    /// which never waits for the writer).
+    pub fn is_current(&self) -> bool {
+        self.current.load().versions == self.store.versions_hint()
+    }
+
     /// `compile`: false on a decision's first try: a policy set that was
     /// not prepared is compiled on a background thread and the old
     /// snapshot answers meanwhile. A refresh under way on another thread

@@ -2081,6 +2081,7 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
 
     // The measured run.
     let audit_start = admin.audit_head().await;
+    let metrics_start = admin.metrics().await.ok();
     let data_start = dir_bytes(&app.data());
     report.start = proc_stats(app.pid)?;
     let gen_start = proc_stats(std::process::id())?.cpu_s;
@@ -2147,6 +2148,11 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
         report.fds_peak = fds_peak.max(report.end.fds);
         report.nofile = nofile_limit(app.pid);
         report.appliance_gauge = admin.agents_connected().await;
+        if let (Some(a), Ok(b)) = (&metrics_start, admin.metrics().await) {
+            for line in stage_lines(a, &b) {
+                eprintln!("fleet: appliance {line}");
+            }
+        }
     }
     report.generator_cpu_s = proc_stats(std::process::id())?.cpu_s - gen_start;
     // Calls in flight end within their timeout.
@@ -2194,6 +2200,114 @@ async fn drive(app: &mut Appliance, opts: Options) -> Result<Report, String> {
     }
     report.hosts = sh.idents.iter().map(|id| id.name.clone()).collect();
     Ok(report)
+}
+
+/// The appliance's own histograms of where a `Qualify` spends its time
+/// (absent from builds that have none), over the run: what grew between
+/// two scrapes of `/metrics`, as count, mean and the bucket bounds that
+/// hold the median and the 99th percentile.
+const STAGES: [(&str, &str); 5] = [
+    (
+        "trustbind_qualify_seconds",
+        "Qualify handler, call to reply",
+    ),
+    (
+        "trustbind_qualify_decide_seconds",
+        "  deciding (blocking-pool wait included)",
+    ),
+    (
+        "trustbind_audit_wait_seconds",
+        "  waiting for the audit commit",
+    ),
+    (
+        "trustbind_audit_commit_seconds",
+        "audit writer: one commit (insert, fsync)",
+    ),
+    (
+        "trustbind_audit_batch_rows",
+        "audit writer: rows per commit",
+    ),
+];
+
+/// One line per stage of [`STAGES`] found in both scrapes.
+fn stage_lines(before: &str, after: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, what) in STAGES {
+        let (Some(a), Some(b)) = (histogram_of(before, name), histogram_of(after, name)) else {
+            continue;
+        };
+        let count = b.count.saturating_sub(a.count);
+        if count == 0 {
+            continue;
+        }
+        let sum = b.sum - a.sum;
+        let buckets: Vec<(f64, u64)> = b
+            .buckets
+            .iter()
+            .zip(&a.buckets)
+            .map(|(&(le, nb), &(_, na))| (le, nb.saturating_sub(na)))
+            .collect();
+        let at = |q: f64| {
+            let rank = (q * count as f64).ceil() as u64;
+            buckets
+                .iter()
+                .find(|(_, n)| *n >= rank)
+                .map_or(f64::INFINITY, |(le, _)| *le)
+        };
+        let unit = |v: f64| {
+            if name.ends_with("_rows") {
+                format!("{v:.0}")
+            } else {
+                format!("{:.2} ms", v * 1e3)
+            }
+        };
+        out.push(format!(
+            "{what}: {count}, mean {}, p50 <= {}, p99 <= {}",
+            unit(sum / count as f64),
+            unit(at(0.5)),
+            unit(at(0.99))
+        ));
+    }
+    out
+}
+
+/// A histogram of an OpenMetrics text: cumulative buckets `(le, count)`.
+struct Hist {
+    count: u64,
+    sum: f64,
+    buckets: Vec<(f64, u64)>,
+}
+
+fn histogram_of(text: &str, name: &str) -> Option<Hist> {
+    let mut h = Hist {
+        count: 0,
+        sum: 0.0,
+        buckets: Vec::new(),
+    };
+    let mut found = false;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (key, value) = rest.rsplit_once(' ')?;
+        if key == "_count" {
+            h.count = value.parse::<f64>().ok()? as u64;
+            found = true;
+        } else if key == "_sum" {
+            h.sum = value.parse().ok()?;
+        } else if let Some(le) = key
+            .strip_prefix("_bucket{le=\"")
+            .and_then(|k| k.strip_suffix("\"}"))
+        {
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            h.buckets.push((le, value.parse::<f64>().ok()? as u64));
+        }
+    }
+    found.then_some(h)
 }
 
 /// SIGKILLs the appliance, waits until it is gone, marks the kill for the

@@ -9,7 +9,9 @@
 //! log; exits 1 if something is), or
 //! `cargo bench -p trustbind-appliance --bench fleet -- [OPTIONS]`
 //! (`--help` lists them). Without options (as in `cargo bench
-//! --workspace`): 100 agents for 10 s.
+//! --workspace`): 100 agents for 10 s. `TB_FLEET_APPLIANCE=PATH` runs
+//! another build of `trustbind-appliance` (a copy of an earlier build, to
+//! compare before and after in one session).
 
 mod generator;
 
@@ -32,7 +34,14 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    match generator::run(opts, env!("CARGO_BIN_EXE_trustbind-appliance").as_ref()) {
+    // `TB_FLEET_APPLIANCE=PATH`: another build of the appliance (a
+    // before/after comparison in one session); by default the one built
+    // with this generator.
+    let bin: std::path::PathBuf = std::env::var_os("TB_FLEET_APPLIANCE").map_or_else(
+        || env!("CARGO_BIN_EXE_trustbind-appliance").into(),
+        Into::into,
+    );
+    match generator::run(opts, &bin) {
         Ok(report) => {
             println!("{report}");
             match report.failure() {

@@ -55,12 +55,16 @@ impl std::fmt::Debug for Pending {
 }
 
 impl AuditWriter {
-    /// Starts the writer task on the current tokio runtime (must be called
-    /// from within one). The task ends when every handle is dropped.
+    /// Starts the writer on a thread of its own, which waits on its queue
+    /// (no hand-off to a blocking pool per commit). The thread ends when
+    /// every handle is dropped.
     pub fn spawn(store: Arc<Store>) -> AuditWriter {
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
-        tokio::spawn(run(store, rx, Arc::clone(&counters)));
+        let c = Arc::clone(&counters);
+        // Like tokio's own blocking threads, a thread the OS cannot start
+        // is a panic here (the appliance cannot audit without it).
+        std::thread::spawn(move || run(&store, rx, &c));
         AuditWriter { tx, counters }
     }
 
@@ -84,37 +88,43 @@ impl AuditWriter {
     }
 }
 
-async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Pending>, counters: Arc<Counters>) {
-    let mut batch: Vec<Pending> = Vec::new();
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+fn run(store: &Store, mut rx: mpsc::Receiver<Pending>, counters: &Counters) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
         let (events, dones): (Vec<AuditEvent>, Vec<_>) =
-            batch.drain(..).map(|p| (p.ev, p.done)).unzip();
-        let s = Arc::clone(&store);
-        let n = events.len() as u64;
-        let result = tokio::task::spawn_blocking(move || s.append_audit_owned(events)).await;
+            batch.into_iter().map(|p| (p.ev, p.done)).unzip();
+        let n = events.len();
+        let t = std::time::Instant::now();
+        // A panic fails this batch's callers, not the writer (as a failed
+        // blocking task did before the writer had its own thread).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.append_audit_owned(events)
+        }))
+        .unwrap_or_else(|_| Err(StoreError::Batch("the audit writer panicked".into())));
+        crate::metrics::metrics().record_audit_commit(t.elapsed(), n);
         match result {
-            Ok(Ok(rows)) => {
-                counters.appended.fetch_add(n, Ordering::Relaxed);
+            Ok(rows) => {
+                counters.appended.fetch_add(n as u64, Ordering::Relaxed);
                 counters.batches.fetch_add(1, Ordering::Relaxed);
                 for (done, row) in dones.into_iter().zip(rows) {
                     // The caller may have gone away; the row is stored anyway.
                     let _ = done.send(Ok(row));
                 }
             }
-            Ok(Err(StoreError::DiskFull)) => {
+            Err(StoreError::DiskFull) => {
                 // Counted in the audit gap by the store.
                 for done in dones {
                     let _ = done.send(Err(StoreError::DiskFull));
                 }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 let why = e.to_string();
-                for done in dones {
-                    let _ = done.send(Err(StoreError::Batch(why.clone())));
-                }
-            }
-            Err(join) => {
-                let why = format!("audit writer thread failed: {join}");
                 for done in dones {
                     let _ = done.send(Err(StoreError::Batch(why.clone())));
                 }

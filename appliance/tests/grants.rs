@@ -797,9 +797,12 @@ async fn a_listen_with_the_modules_record_is_answered_sealed() {
         .await
         .unwrap()
         .into_inner();
-    assert!(l.allowed, "{l:?}");
+    assert!(l.allowed && l.channel, "{l:?}");
+    // A channel service (its accept permit has @encrypt): the module is
+    // told so, and looks for tickets on its accepts.
     let verdict = verdict_of(&sealed_answer(&m, &l.module_answer, &pg));
-    assert_eq!(verdict.decision, proto::Decision::Allow);
+    assert_eq!(verdict.decision, proto::Decision::AllowWithConditions);
+    assert!(verdict.obligations.encrypt);
     let nc = net_record(proto::NetKind::Listen, "nc", [0; 4], 5432);
     let l = b
         .listen(ask("nc", 5432, nc.clone(), m.public.to_vec()))

@@ -28,16 +28,17 @@ const CANARY: &str = "TRUSTBIND-CHANNEL-CANARY";
 /// Restarts `vm`'s agent speaking channel keys v2 and waits until it is
 /// connected again.
 fn agent_v2(vm: &mut trustbind_qemu_tests::Vm) -> Result<()> {
-    vm.run_ok(
-        "pkill -x trustbind-agent; while pidof trustbind-agent >/dev/null; do sleep 0.2; done",
-    )?;
+    // As channel_e2e restarts a killed agent: its binary is pinned, and
+    // the status file is emptied with a shell redirection (no agent
+    // answers for other programs meanwhile).
+    vm.run_ok("pkill -9 -x trustbind-agent || true")?;
     vm.run_ok(&format!(": >{}/status.json", common::STATE))?;
-    vm.spawn_bg(&format!(
+    let bg = vm.spawn_bg(&format!(
         "exec /tb/trustbind-agent --state {} run --channels-v2 --verdict-timeout-ms 30000 \
-         --call-timeout-ms 25000 >>/run/agent.log 2>&1",
+         --call-timeout-ms 25000 >>/run/agent-v2.log 2>&1",
         common::STATE
     ))?;
-    wait_for(
+    if let Err(e) = wait_for(
         vm,
         "the v2 agent to connect",
         &format!(
@@ -45,7 +46,13 @@ fn agent_v2(vm: &mut trustbind_qemu_tests::Vm) -> Result<()> {
             common::STATE
         ),
         120,
-    )?;
+    ) {
+        let logs = vm.run(&format!(
+            "cat /run/agent-v2.log {}; dmesg | tail -30",
+            bg.log
+        ))?;
+        anyhow::bail!("{e}\nthe v2 agent's logs: {logs:?}");
+    }
     // Its module has this host's keys (the sealed HostKeys order).
     wait_for(
         vm,

@@ -734,21 +734,7 @@ fn cached_grant(s: &Shared, info: &mut NetInfo) -> Option<Grant> {
 /// ticket in-band and the keys derived here ([`send_ticket`]); anything
 /// else aborts the connection.
 fn connect_ticket(s: &Shared, c: &sys::Connecting, info: &mut NetInfo, mut g: Grant) -> Result {
-    let r = c.hold().and_then(|()| {
-        let r = match c.connect_blocking() {
-            Err(e) => {
-                c.abandon();
-                Err(e)
-            }
-            Ok(()) => {
-                c.established(info);
-                *info = unmapped(*info);
-                send_ticket(s, info, &g).inspect_err(|_| c.reset())
-            }
-        };
-        c.unhold();
-        r
-    });
+    let r = connect_held(c, info, |info| send_ticket(s, info, &g));
     g.wipe();
     r
 }
@@ -894,7 +880,7 @@ fn accept_ticket_with(
                 let mut key_id = [0u8; CHANNEL_KEY_ID_LEN];
                 key_id.copy_from_slice(&t.id);
                 let material = Material {
-                    channel_id: u64::from_le_bytes([t.id[0], t.id[1], t.id[2], t.id[3], t.id[4], t.id[5], t.id[6], t.id[7]]),
+                    channel_id: ticket::channel_id(&t.id),
                     key_id,
                     keys: KtlsKeys {
                         tx: to_client,
@@ -979,6 +965,13 @@ fn subject_of(info: &NetInfo) -> Connection {
 /// (T-40; the set has room for 256 sockets at once, past that connects
 /// wait for a leave).
 fn connect_bound(s: &Shared, c: &sys::Connecting, info: &mut NetInfo) -> Result {
+    connect_held(c, info, |info| check(s, info))
+}
+
+/// The handshake of a connect that must be bound, the program's sends
+/// held from before the SYN until `bind` (keying the established
+/// connection) is done; a failure of `bind` resets the connection.
+fn connect_held(c: &sys::Connecting, info: &mut NetInfo, bind: impl FnOnce(&mut NetInfo) -> Result) -> Result {
     c.hold()?;
     let r = match c.connect_blocking() {
         // Interrupted or timed out (`SO_SNDTIMEO`) while the handshake
@@ -991,7 +984,7 @@ fn connect_bound(s: &Shared, c: &sys::Connecting, info: &mut NetInfo) -> Result 
         Ok(()) => {
             c.established(info);
             *info = unmapped(*info);
-            check(s, info).inspect_err(|_| c.reset())
+            bind(info).inspect_err(|_| c.reset())
         }
     };
     c.unhold();

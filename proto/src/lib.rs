@@ -1135,11 +1135,7 @@ impl Grant {
     /// The channel id its connections are reported under: the ticket id's
     /// first eight bytes, little-endian.
     pub fn channel_id(&self) -> u64 {
-        let mut b = [0u8; 8];
-        for (d, s) in b.iter_mut().zip(self.ticket_id.iter()) {
-            *d = *s;
-        }
-        u64::from_le_bytes(b)
+        ticket::channel_id(&self.ticket_id)
     }
 }
 

@@ -30,6 +30,16 @@
 
 use super::{DecodeError, SHA256_LEN};
 
+/// The channel id a ticket's connections are reported under (both ends
+/// alike): its id's first eight bytes, little-endian.
+pub fn channel_id(id: &[u8; TICKET_ID_LEN]) -> u64 {
+    let mut b = [0u8; 8];
+    for (d, s) in b.iter_mut().zip(id.iter()) {
+        *d = *s;
+    }
+    u64::from_le_bytes(b)
+}
+
 /// The message's first four bytes.
 pub const MAGIC: [u8; 4] = *b"TBT2";
 /// The message version this code speaks.
